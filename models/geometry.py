@@ -1,0 +1,104 @@
+"""Camera and grid geometry shared by the model, the data generator, the loader and the ROS node.
+
+Conventions (one place, used everywhere):
+- World frame: gravity aligned, z up, metres. ``cam_pose`` is the 4x4 camera->world transform.
+- Camera frame: OpenCV / ROS optical frame (x right, y down, z forward).
+- Grid: 60 x 60 x 36 voxels of 0.08 m (4.8 x 4.8 x 2.88 m), axis aligned in the world frame; voxel
+  (i, j, k) indexes (x, y, z) and its centre is ``voxel_origin + (idx + 0.5) * voxel_size``.
+- Normalised grid coordinates: ``p in [0, 1]^3`` with ``world = voxel_origin + p * grid_extent``.
+  The network predicts points in normalised grid coordinates.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+VOXEL_SIZE = 0.08
+GRID_SHAPE = (60, 60, 36)
+GRID_EXTENT = tuple(n * VOXEL_SIZE for n in GRID_SHAPE)  # (4.8, 4.8, 2.88) metres
+
+# Grid placement rule (used when a sample has no voxel_origin: synthetic data and the robot).
+# The grid is world-axis aligned; its bottom face lies at ``floor_z``; its x-y centre is
+# ``forward_distance`` metres in front of the camera along the horizontal viewing direction.
+DEFAULT_FORWARD_DISTANCE = 0.5 * GRID_EXTENT[0]
+
+
+def place_grid(
+    cam_pose: np.ndarray,
+    floor_z: float = 0.0,
+    forward_distance: float = DEFAULT_FORWARD_DISTANCE,
+    voxel_size: float = VOXEL_SIZE,
+    grid_shape: tuple[int, int, int] = GRID_SHAPE,
+) -> np.ndarray:
+    """World xyz of the grid corner (``voxel_origin``) for a camera pose, by the documented rule.
+
+    The horizontal viewing direction is the camera z axis projected on the world x-y plane; when the
+    camera looks straight up or down it falls back to the image "up" direction (minus camera y).
+    """
+    pose = np.asarray(cam_pose, dtype=np.float64)
+    if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
+        raise ValueError(f"cam_pose must be a finite 4x4 matrix, got shape {pose.shape}")
+    forward = pose[:3, 2].copy()
+    forward[2] = 0.0
+    if np.linalg.norm(forward) < 1e-6:
+        forward = -pose[:3, 1].copy()
+        forward[2] = 0.0
+    if np.linalg.norm(forward) < 1e-6:
+        forward = np.array([1.0, 0.0, 0.0])
+    forward /= np.linalg.norm(forward)
+    extent = np.asarray(grid_shape, dtype=np.float64) * voxel_size
+    centre_xy = pose[:2, 3] + forward_distance * forward[:2]
+    return np.array([centre_xy[0] - extent[0] / 2, centre_xy[1] - extent[1] / 2, floor_z])
+
+
+def voxel_centers(
+    voxel_origin: np.ndarray, voxel_size: float = VOXEL_SIZE, grid_shape: tuple[int, int, int] = GRID_SHAPE
+) -> np.ndarray:
+    """World coordinates of every voxel centre, shape (X, Y, Z, 3), indexed [i, j, k] = (x, y, z)."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in grid_shape], indexing="ij"), axis=-1)
+    return np.asarray(voxel_origin, dtype=np.float64) + (idx + 0.5) * voxel_size
+
+
+def grid_to_image_matrix(
+    intrinsic: np.ndarray,
+    cam_pose: np.ndarray,
+    voxel_origin: np.ndarray,
+    voxel_size: float = VOXEL_SIZE,
+    grid_shape: tuple[int, int, int] = GRID_SHAPE,
+) -> np.ndarray:
+    """4x4 matrix mapping homogeneous normalised grid coordinates to ``[u*z, v*z, z, 1]``.
+
+    ``grid2img = K4 @ inv(cam_pose) @ G`` where ``G`` scales [0,1]^3 to metres and adds voxel_origin.
+    ``intrinsic`` is the 3x3 K already scaled to the image the pixels refer to.
+    """
+    k4 = np.eye(4)
+    k4[:3, :3] = np.asarray(intrinsic, dtype=np.float64)[:3, :3]
+    g = np.eye(4)
+    g[:3, :3] = np.diag(np.asarray(grid_shape, dtype=np.float64) * voxel_size)
+    g[:3, 3] = np.asarray(voxel_origin, dtype=np.float64)
+    return k4 @ np.linalg.inv(np.asarray(cam_pose, dtype=np.float64)) @ g
+
+
+def project_points(grid2img: torch.Tensor, points: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project normalised grid points to pixels.
+
+    grid2img: (B, 4, 4); points: (B, ..., 3) in [0, 1].
+    Returns (uv (B, ..., 2) in pixels, depth (B, ..., 1) camera z in metres). Points behind the
+    camera get depth <= eps; callers mask them with ``depth > eps``.
+    """
+    b = points.shape[0]
+    flat = points.reshape(b, -1, 3)
+    homo = torch.cat([flat, torch.ones_like(flat[..., :1])], dim=-1)  # (B, N, 4)
+    cam = torch.einsum("bij,bnj->bni", grid2img, homo)  # (B, N, 4)
+    depth = cam[..., 2:3]
+    uv = cam[..., :2] / depth.clamp(min=eps)
+    return uv.reshape(*points.shape[:-1], 2), depth.reshape(*points.shape[:-1], 1)
+
+
+def scale_intrinsic(intrinsic: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
+    """Scale a 3x3 K from an image of size src_hw=(H, W) to dst_hw (resize without crop)."""
+    k = np.array(intrinsic, dtype=np.float64)[:3, :3].copy()
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    k[0, :] *= sx
+    k[1, :] *= sy
+    return k

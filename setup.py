@@ -1,0 +1,48 @@
+"""Install as a ROS 2 ament_python package (colcon build) or a plain pip package (pip install -e .)."""
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "discene_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="DiScene: real-time sparse semantic occupancy with multi-level distillation, for ROS 2",
+    packages=find_packages(include=["models", "models.*", "training", "training.*", "export", "export.*",
+                                    "discene_ros", "discene_ros.*"]),
+    package_data={"discene_ros": ["data/*", "data/**/*"], "training": ["configs/*.yaml"]},
+    include_package_data=True,
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        # ros2 run / launch look for executables in lib/<package>; pip users get console scripts on PATH.
+        (f"lib/{PACKAGE}", ["scripts/occupancy_node"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
+    ],
+    python_requires=">=3.10",
+    # torch is deliberately not listed: install the CPU wheel (pip install torch==2.13.0) or the
+    # robot's own CUDA/Jetson build first, so that pip never pulls a multi-GB CUDA build by itself.
+    install_requires=["numpy>=1.24", "pyyaml>=6.0", "pillow>=9.0", "tqdm>=4.60"],
+    extras_require={
+        "train": ["scipy>=1.10", "tensorboard>=2.14"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "ros": ["rosbags>=0.10"],
+        "dev": ["pytest>=8.0", "ruff>=0.5", "scipy>=1.10", "tensorboard>=2.14", "onnx>=1.16",
+                "onnxruntime>=1.18", "rosbags>=0.10"],
+    },
+    zip_safe=True,
+    entry_points={
+        "console_scripts": [
+            "occupancy_node = discene_ros.node:main",
+            "discene-replay = discene_ros.replay:main",
+            "discene-dataset-to-bag = discene_ros.dataset_to_bag:main",
+            "discene-export = export.cli:main",
+            "discene-synth = training.synth:main",
+            "discene-train = training.train:main",
+            "discene-eval = training.evaluate:main",
+        ],
+    },
+)
