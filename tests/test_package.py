@@ -1,0 +1,56 @@
+"""The package metadata is what colcon and pip need: package.xml, setup.py entry points, data files."""
+from __future__ import annotations
+
+import ast
+import importlib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_call() -> ast.Call:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            return node
+    raise AssertionError("setup.py has no setup() call")
+
+
+def test_package_xml_is_format3_ament_python_with_ros_dependencies():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.tag == "package" and root.attrib["format"] == "3"
+    assert root.findtext("name") == "discene_ros"
+    assert root.find("export/build_type").text == "ament_python"
+    deps = {e.text for e in root if e.tag.endswith("depend")}
+    for needed in ("rclpy", "sensor_msgs", "visualization_msgs", "diagnostic_msgs", "tf2_ros", "cv_bridge",
+                   "launch_ros"):
+        assert needed in deps, needed
+    assert (ROOT / "resource" / "discene_ros").is_file()
+
+
+def test_console_scripts_point_at_existing_functions():
+    call = _setup_call()
+    entry_points = next(k.value for k in call.keywords if k.arg == "entry_points")
+    scripts = ast.literal_eval(entry_points)["console_scripts"]
+    assert scripts, "no console scripts declared"
+    for spec in scripts:
+        name, target = (s.strip() for s in spec.split("="))
+        module_name, func = target.split(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, func)), f"{name} -> {target} is not callable"
+
+
+def test_data_files_exist_and_cover_launch_config_rviz():
+    launch = list((ROOT / "launch").glob("*.launch.py"))
+    assert [p.name for p in launch] == ["occupancy.launch.py"]
+    assert list((ROOT / "config").glob("*.yaml")), "config/*.yaml missing"
+    assert list((ROOT / "rviz").glob("*.rviz")), "rviz/*.rviz missing"
+    assert (ROOT / "scripts" / "occupancy_node").stat().st_mode & 0o111, "node wrapper must be executable"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    command = ci[-1].strip()
+    assert command in readme, f"README does not contain the CI test command: {command}"
