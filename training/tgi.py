@@ -1,0 +1,55 @@
+"""Teacher-Guided Initialisation (paper section III-C) and the frozen teacher.
+
+TGI copies the teacher's decoder (``.decoder``: layers, heads, depth branch) into the student's;
+the backbone, neck and learned initial positions (``.query_init``) stay the student's own.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def teacher_guided_init(student: nn.Module, teacher: nn.Module) -> int:
+    """Copy ``teacher.decoder`` weights into ``student.decoder`` exactly; returns the number of tensors copied.
+
+    Raises ValueError naming every missing, unexpected or mismatched key; the student is unchanged then.
+    """
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(getattr(model, "decoder", None), nn.Module):
+            raise ValueError(f"TGI: the {name} has no .decoder module")
+    src = teacher.decoder.state_dict()
+    dst = student.decoder.state_dict()
+    missing = sorted(set(dst) - set(src))
+    unexpected = sorted(set(src) - set(dst))
+    mismatched = sorted(f"{k}: student {tuple(dst[k].shape)} vs teacher {tuple(src[k].shape)}"
+                        for k in set(src) & set(dst) if src[k].shape != dst[k].shape)
+    if missing or unexpected or mismatched:
+        problems = []
+        if mismatched:
+            problems.append(f"shape mismatch: {mismatched}")
+        if missing:
+            problems.append(f"keys only in the student decoder: {missing}")
+        if unexpected:
+            problems.append(f"keys only in the teacher decoder: {unexpected}")
+        raise ValueError("TGI: teacher and student decoders differ; " + "; ".join(problems))
+    student.decoder.load_state_dict({k: v.detach().clone() for k, v in src.items()}, strict=True)
+    return len(src)
+
+
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every teacher parameter (the public code's train-mode bug is not copied)."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def teacher_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """no_grad plus autocast on CUDA (when a mixed-precision dtype is given) for teacher forward passes."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    if device.type == "cuda" and dtype is not None:
+        stack.enter_context(torch.autocast("cuda", dtype=dtype))
+    return stack
