@@ -1,0 +1,123 @@
+"""Sparse query decoder (OPUS design, DESIGN.md section 2): layers of point-set refinement.
+
+Each layer: position encoding of the (detached) previous points -> [depth branch] -> adaptive
+sampling -> adaptive mixing -> distance-biased self-attention -> FFN -> class / regression heads.
+Layer l predicts ``num_refines[l]`` points per query around the mean of the previous points.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .depth_branch import DepthBranch
+from .mixing import AdaptiveMixing
+from .sampling import AdaptiveSampling
+
+
+class DistanceBiasedAttention(nn.Module):
+    """Multi-head self-attention with additive bias ``-distance(centres) * temperature_h``."""
+
+    def __init__(self, embed_dims: int, num_heads: int, grid_extent: list[float], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.h, self.dh = num_heads, embed_dims // num_heads
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
+        self.out = nn.Linear(embed_dims, embed_dims)
+        self.temperature = nn.Parameter(torch.ones(num_heads))  # per head, per metre
+        self.register_buffer("extent", torch.tensor(grid_extent, dtype=torch.float32), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # 3 x (B,H,N,dh)
+        metric = centres * self.extent.to(centres.dtype)
+        dist = (metric.unsqueeze(2) - metric.unsqueeze(1)).square().sum(-1).clamp_min(1e-12).sqrt()  # (B,N,N)
+        bias = -dist.unsqueeze(1) * self.temperature.to(x.dtype).view(1, self.h, 1, 1)
+        attn = (torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dh) + bias).softmax(dim=-1)
+        y = torch.matmul(self.dropout(attn), v).transpose(1, 2).reshape(b, n, d)
+        return self.out(y)
+
+
+class DecoderLayer(nn.Module):
+    """One refinement layer: R_prev points per query in, R points per query out."""
+
+    def __init__(self, config: ModelConfig, in_points: int, out_points: int, num_levels: int) -> None:
+        super().__init__()
+        dec = config.decoder
+        d, self.r, self.num_classes = dec.embed_dims, out_points, config.num_classes
+        self.offset_scale = dec.offset_scale
+        self.pos_encoder = nn.Sequential(nn.Linear(in_points * 3, d), nn.ReLU(inplace=True), nn.Linear(d, d))
+        self.depth_branch = DepthBranch(d) if config.use_depth else None
+        self.sampling = AdaptiveSampling(d, dec.num_groups, dec.num_points, num_levels)
+        self.mixing = AdaptiveMixing(d, dec.num_groups, dec.num_points, dec.out_points)
+        self.norm_mix = nn.LayerNorm(d)
+        extent = [n * config.voxel_size for n in config.grid_shape]
+        self.self_attn = DistanceBiasedAttention(d, dec.num_heads, extent, dec.dropout)
+        self.norm_attn = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, dec.ffn_dims), nn.ReLU(inplace=True), nn.Dropout(dec.dropout),
+                                 nn.Linear(dec.ffn_dims, d))
+        self.norm_ffn = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dec.dropout)
+        self.cls_head = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU(inplace=True),
+                                      nn.Linear(d, out_points * config.num_classes))
+        self.reg_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, out_points * 3))
+        nn.init.constant_(self.cls_head[-1].bias, -math.log(99.0))  # focal-loss prior: p = 0.01
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        prev_points: torch.Tensor,
+        features: list[torch.Tensor],
+        grid2img: torch.Tensor,
+        image_hw: tuple[int, int],
+        depth: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query (B,N,D), prev_points (B,N,R_prev,3) -> query, points (B,N,R,3), logits (B,N,R,C)."""
+        b, n = query.shape[:2]
+        prev_points = prev_points.detach()
+        centre = prev_points.mean(dim=2)
+        query = query + self.pos_encoder(prev_points.reshape(b, n, -1))
+        if self.depth_branch is not None:
+            query = query + self.depth_branch(centre, grid2img, depth)
+        sampled = self.sampling(query, prev_points, features, grid2img, image_hw)
+        query = self.norm_mix(query + self.dropout(self.mixing(sampled, query)))
+        query = self.norm_attn(query + self.dropout(self.self_attn(query, centre)))
+        query = self.norm_ffn(query + self.dropout(self.ffn(query)))
+        logits = self.cls_head(query).reshape(b, n, self.r, self.num_classes)
+        offsets = self.reg_head(query).reshape(b, n, self.r, 3)
+        points = centre.unsqueeze(2) + self.offset_scale * offsets
+        return query, points, logits
+
+
+class SparseDecoder(nn.Module):
+    """All decoder layers (with heads and depth branches): the part TGI copies teacher -> student."""
+
+    def __init__(self, config: ModelConfig, num_levels: int) -> None:
+        super().__init__()
+        refines = list(config.decoder.num_refines)
+        self.embed_dims = config.decoder.embed_dims
+        self.use_depth = config.use_depth
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, r_in, r_out, num_levels) for r_in, r_out in zip([1] + refines[:-1], refines, strict=True)
+        )
+
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        grid2img: torch.Tensor,
+        init_points: torch.Tensor,
+        image_hw: tuple[int, int],
+        depth: torch.Tensor | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """init_points (B,N,3) -> per layer {"points", "logits", "centers", "query_features"}."""
+        b, n = init_points.shape[:2]
+        query = init_points.new_zeros(b, n, self.embed_dims)
+        points = init_points.unsqueeze(2)  # (B, N, 1, 3)
+        outputs = []
+        for layer in self.layers:
+            query, points, logits = layer(query, points, features, grid2img, image_hw, depth)
+            outputs.append({"points": points, "logits": logits, "centers": points.mean(dim=2),
+                            "query_features": query})
+        return outputs

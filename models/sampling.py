@@ -1,0 +1,87 @@
+"""Adaptive sampling of image features around each query's point set (OPUS design, plain PyTorch).
+
+Sampling points = centre + offsets * scale, with centre the mean and scale the per-axis standard
+deviation of the query's previous points (0 for a single point). They are projected with
+``grid2img`` and read bilinearly from every FPN level with 4-D ``grid_sample`` (TensorRT supports
+only 4-D GridSample), then summed over levels with per-point softmax weights. Points behind the
+camera or outside the image contribute zeros.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .geometry import project_points
+
+MIN_DEPTH = 1e-3  # metres; points closer than this (or behind the camera) are invalid
+GRID_CLAMP = 2.0  # normalised image coordinates are clamped here: still outside, but finite in FP16
+
+
+def pixels_to_grid(uv: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel coordinates -> grid_sample coordinates in [-1, 1] (align_corners=True), clamped."""
+    h, w = image_hw
+    scale = uv.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
+    return (uv * scale - 1.0).clamp(-GRID_CLAMP, GRID_CLAMP)
+
+
+def sample_levels(
+    features: list[torch.Tensor], grid: torch.Tensor, level_weights: torch.Tensor, num_groups: int
+) -> torch.Tensor:
+    """Bilinear multi-level sampling, channels split into groups.
+
+    features: L maps (B, C, H_l, W_l); grid: (B, N, G, P, 2) in [-1, 1];
+    level_weights: (B, N, G, P, L) summing to 1 over L. Returns (B, N, G, P, C/G).
+    """
+    b, n, g, p, _ = grid.shape
+    grid_g = grid.permute(0, 2, 1, 3, 4).reshape(b * g, n, p, 2)
+    out = None
+    for lvl, feat in enumerate(features):
+        c, h, w = feat.shape[1:]
+        sampled = F.grid_sample(feat.reshape(b * g, c // g, h, w), grid_g, mode="bilinear",
+                                padding_mode="zeros", align_corners=True)  # (B*G, C/G, N, P)
+        sampled = sampled.reshape(b, g, c // g, n, p).permute(0, 3, 1, 4, 2)  # (B, N, G, P, C/G)
+        term = sampled * level_weights[..., lvl : lvl + 1]
+        out = term if out is None else out + term
+    return out
+
+
+class AdaptiveSampling(nn.Module):
+    """Query-conditioned sampling offsets and level weights; returns sampled features (B,N,G,P,C/G)."""
+
+    def __init__(self, embed_dims: int, num_groups: int, num_points: int, num_levels: int) -> None:
+        super().__init__()
+        self.num_groups, self.num_points, self.num_levels = num_groups, num_points, num_levels
+        self.offsets = nn.Linear(embed_dims, num_groups * num_points * 3)
+        self.level_weights = nn.Linear(embed_dims, num_groups * num_points * num_levels)
+        nn.init.zeros_(self.offsets.weight)
+        # fixed initial spread of the sampling points, in units of the point-set std
+        with torch.no_grad():
+            self.offsets.bias.uniform_(-1.0, 1.0)
+        nn.init.zeros_(self.level_weights.weight)
+        nn.init.zeros_(self.level_weights.bias)
+
+    def sampling_points(self, query: torch.Tensor, prev_points: torch.Tensor) -> torch.Tensor:
+        """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
+        b, n = query.shape[:2]
+        centre = prev_points.mean(dim=2)  # (B, N, 3)
+        scale = (prev_points - centre.unsqueeze(2)).square().mean(dim=2).sqrt()  # (B, N, 3); 0 for R = 1
+        offsets = self.offsets(query).reshape(b, n, self.num_groups, self.num_points, 3)
+        return centre[:, :, None, None] + offsets * scale[:, :, None, None]
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        prev_points: torch.Tensor,
+        features: list[torch.Tensor],
+        grid2img: torch.Tensor,
+        image_hw: tuple[int, int],
+    ) -> torch.Tensor:
+        b, n = query.shape[:2]
+        points = self.sampling_points(query, prev_points)
+        uv, depth = project_points(grid2img, points)  # (B,N,G,P,2), (B,N,G,P,1)
+        grid = pixels_to_grid(uv, image_hw)
+        weights = self.level_weights(query).reshape(b, n, self.num_groups, self.num_points, self.num_levels)
+        weights = weights.softmax(dim=-1)
+        sampled = sample_levels(features, grid, weights, self.num_groups)
+        return sampled * (depth > MIN_DEPTH).to(sampled.dtype)
