@@ -1,0 +1,58 @@
+"""Exception types for bad input frames; the node and the replay skip and count them by class."""
+from __future__ import annotations
+
+
+class FrameError(ValueError):
+    """A frame (or one of its messages) that cannot be used; ``reason`` is the counter key."""
+
+    reason = "bad_frame"
+
+
+class UnsupportedEncodingError(FrameError):
+    reason = "unsupported_encoding"
+
+
+class ImageSizeError(FrameError):
+    """Image dimensions, step and data length disagree."""
+
+    reason = "bad_image_size"
+
+
+class DecodeError(FrameError):
+    """Compressed image bytes that neither cv2 nor PIL can decode."""
+
+    reason = "decode_failed"
+
+
+class CameraInfoError(FrameError):
+    """Invalid intrinsics, or a camera info whose resolution does not match the image."""
+
+    reason = "bad_camera_info"
+
+
+class MissingCameraInfoError(FrameError):
+    reason = "missing_camera_info"
+
+
+class DepthError(FrameError):
+    """Depth image unusable: wrong encoding or size, no valid pixel, or missing when required."""
+
+    reason = "bad_depth"
+
+
+class TransformError(FrameError):
+    """Invalid transform message (non-finite, zero quaternion)."""
+
+    reason = "bad_transform"
+
+
+class MissingTransformError(FrameError):
+    """No camera pose in the world frame and no fallback configured."""
+
+    reason = "missing_tf"
+
+
+class CloudFormatError(FrameError):
+    """A PointCloud2 without the fields or layout this package expects."""
+
+    reason = "bad_cloud"
