@@ -1,0 +1,91 @@
+"""Checkpoints: atomic ``torch.save`` of ``{"config": ModelConfig.to_dict(), "model": state_dict, ...}``."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, incomplete or does not fit the model."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with torch.save to a temp file in the same directory, then os.replace (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary shared files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(path: str | Path, model: nn.Module, config: ModelConfig, **extra: Any) -> None:
+    """Save a model with its config (plus training state such as optimizer, step, epoch in ``extra``)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(path, {"config": config.to_dict(), "model": state, **extra})
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict; CheckpointError if the file is missing, corrupt, truncated or incomplete."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean an unusable file
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
+    missing = [k for k in ("config", "model") if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the keys {missing} (has {sorted(payload)})")
+    return payload
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict(strict) with an error naming the first missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, first {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[:3]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches, first {shapes[:3]}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
+    """Build the model from the checkpoint's config and load its weights; returns (model in eval mode, config)."""
+    from . import build_model
+
+    payload = load_checkpoint(path, map_location)
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid config: {exc}") from exc
+    config.backbone.pretrained = None  # the checkpoint's weights replace any ImageNet initialisation
+    model = build_model(config)
+    load_state_strict(model, payload["model"], f"checkpoint {path}")
+    return model.eval(), config
