@@ -1,0 +1,71 @@
+"""Inference backends behind one interface, selected by name with ``create_backend``."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from models.config import ModelConfig
+
+from .base import INPUT_NAMES, OUTPUT_NAMES, Backend, input_feed, input_names, input_shapes, output_shapes, require
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAMES = {"torch": "torch", "pytorch": "torch", "onnxruntime": "onnxruntime", "ort": "onnxruntime",
+                 "tensorrt": "tensorrt", "trt": "tensorrt"}
+
+__all__ = ["Backend", "BACKEND_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "create_backend", "input_feed",
+           "input_names", "input_shapes", "output_shapes", "require"]
+
+
+def _onnx_config(path: Path, config: ModelConfig | None) -> ModelConfig:
+    if config is not None:
+        return config
+    from ..sidecar import read_sidecar
+
+    sidecar = read_sidecar(path)
+    if not sidecar or "config" not in sidecar:
+        raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
+                         f"pass config=... or re-export with discene-export onnx")
+    return ModelConfig.from_dict(sidecar["config"])
+
+
+def create_backend(name: str, model_path: str | Path | None, config: ModelConfig | None = None,
+                   device: str | None = None, fp16: bool = False, providers: list[str] | None = None) -> Backend:
+    """Backend by name: ``torch`` (checkpoint .pt), ``onnxruntime`` (.onnx) or ``tensorrt`` (.engine).
+
+    ``torch`` without ``model_path`` builds ``config`` with random weights (warned; demos and tests only).
+    ``tensorrt`` given a ``.onnx`` builds ``<name>.engine`` beside it on first use.
+    """
+    key = BACKEND_NAMES.get(str(name).lower())
+    if key is None:
+        raise ValueError(f"unknown backend '{name}'; choose one of {sorted(set(BACKEND_NAMES.values()))}")
+    path = Path(model_path) if model_path is not None else None
+    if key == "torch":
+        from .torch_backend import TorchBackend
+
+        if path is None:
+            if config is None:
+                raise ValueError("the torch backend needs a checkpoint path or a config")
+            from models import build_model
+
+            log.warning("torch backend without a checkpoint: RANDOM weights for config '%s'", config.name)
+            return TorchBackend(build_model(config), config, device=device, fp16=fp16)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        return TorchBackend.from_checkpoint(path, device=device, fp16=fp16, config=config)
+    if path is None:
+        raise ValueError(f"the {key} backend needs a model file path")
+    if key == "onnxruntime":
+        from .ort_backend import OrtBackend
+
+        return OrtBackend(path, _onnx_config(path, config), providers=providers, fp16=fp16)
+    from .trt_backend import TensorRTBackend
+
+    if path.suffix == ".onnx":
+        engine = path.with_suffix(".engine")
+        if not engine.is_file():
+            from ..trt_build import build_engine
+
+            build_engine(path, engine, fp16=fp16, timing_cache=path.with_suffix(".timing.cache"))
+        path = engine
+    return TensorRTBackend(path, config=config)

@@ -1,0 +1,87 @@
+"""ONNX Runtime backend with a configurable execution-provider preference list.
+
+Providers are tried in the order given (default TensorRT EP, CUDA EP, CPU EP); the first one that this
+onnxruntime build offers is used and logged. Short aliases: ``tensorrt``, ``cuda``, ``cpu``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig
+
+from .base import Backend, input_feed, require
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def select_providers(requested: list[str] | tuple[str, ...] | None, available: list[str]) -> list[str]:
+    """Requested providers (aliases resolved) that this onnxruntime build offers, in the requested order.
+
+    Raises ValueError when none of the requested providers is available.
+    """
+    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or DEFAULT_PROVIDERS)]
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise ValueError(f"none of the requested onnxruntime providers {wanted} is available; this onnxruntime "
+                         f"offers {available} (GPU providers need the 'onnxruntime-gpu' package)")
+    return chosen
+
+
+class OrtBackend(Backend):
+    """Runs ``model.onnx`` in an ``onnxruntime.InferenceSession``; outputs cast to float32."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, config: ModelConfig, providers: list[str] | None = None,
+                 fp16: bool = False, threads: int = 0):
+        ort = require("onnxruntime", "onnxruntime", "the onnxruntime backend")
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"ONNX model {onnx_path} not found")
+        chosen = select_providers(providers, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        provider_args = [(p, self._provider_options(p, onnx_path, fp16)) for p in chosen]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=provider_args)
+        except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"onnxruntime could not load {onnx_path} (corrupt or not an ONNX model?): {exc}") from exc
+        used = self.session.get_providers()
+        log.info("onnxruntime %s: using %s (requested %s)", ort.__version__, used[0], chosen)
+        super().__init__(config, used[0])
+        self.providers = used
+        self._inputs = [i.name for i in self.session.get_inputs()]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        missing = {"points", "scores"} - set(self._outputs)
+        if missing:
+            raise ValueError(f"{onnx_path} lacks outputs {sorted(missing)}; was it exported by discene-export?")
+
+    @staticmethod
+    def _provider_options(provider: str, onnx_path: Path, fp16: bool) -> dict[str, Any]:
+        if provider == "TensorrtExecutionProvider":
+            cache = onnx_path.parent / "ort_trt_cache"
+            return {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
+        return {}
+
+    def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        feed = input_feed(inputs, self.config)
+        unknown = set(self._inputs) - set(feed)
+        if unknown:
+            raise ValueError(f"the ONNX model needs inputs {sorted(unknown)} that config '{self.config.name}' "
+                             f"does not provide (use_depth mismatch?)")
+        values = self.session.run(self._outputs, {k: feed[k] for k in self._inputs})
+        return self._check_outputs(dict(zip(self._outputs, values, strict=True)))
+
+    def close(self) -> None:
+        self.session = None

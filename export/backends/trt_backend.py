@@ -1,0 +1,123 @@
+"""TensorRT 10 backend: deserialised engine run with the tensor API on a CUDA stream.
+
+Per engine: IO tensors from ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode``; one device
+buffer per tensor (torch CUDA tensors when torch has CUDA, else cuda-python or pycuda), bound once
+with ``set_tensor_address``; per frame: host->device copies, ``execute_async_v3(stream)``,
+device->host copies, stream synchronise. The engine's sidecar is checked first: an engine built for
+another GPU or TensorRT version is rebuilt from the ONNX beside it, or refused.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig
+
+from ..cuda_mem import create_device_memory
+from ..sidecar import read_sidecar
+from ..trt_build import build_engine, engine_mismatches
+from .base import Backend, input_feed, input_shapes, output_shapes, require
+
+log = logging.getLogger(__name__)
+
+
+def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | None, path: Path) -> ModelConfig:
+    if config is not None:
+        return config
+    if sidecar and "config" in sidecar:
+        return ModelConfig.from_dict(sidecar["config"])
+    raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
+                     f"pass config=... or re-export with discene-export")
+
+
+class TensorRTBackend(Backend):
+    """Runs a serialised TensorRT engine (``model.engine`` + ``model.engine.json``)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, config: ModelConfig | None = None, rebuild: bool = True,
+                 memory: str | None = None, workspace_mb: int | None = None):
+        trt = require("tensorrt", "tensorrt", "the tensorrt backend")
+        self.trt = trt
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise FileNotFoundError(f"TensorRT engine {engine_path} not found (build it with `discene-export trt`)")
+        self.mem = create_device_memory(memory)
+        sidecar = read_sidecar(engine_path)
+        config = _config_from_sidecar(sidecar, config, engine_path)
+        super().__init__(config, f"cuda ({self.mem.gpu_info()['name']}, TensorRT {trt.__version__})")
+        if sidecar is None:
+            log.warning("%s has no sidecar: cannot check that it was built for this GPU and TensorRT", engine_path)
+        else:
+            self._ensure_compatible(engine_path, sidecar, rebuild, workspace_mb)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise ValueError(f"TensorRT could not deserialise {engine_path}: the file is corrupt, truncated or not "
+                             f"an engine of TensorRT {trt.__version__}; rebuild it with `discene-export trt`")
+        self.context = self.engine.create_execution_context()
+        self._bind()
+
+    def _ensure_compatible(self, engine_path: Path, sidecar: dict[str, Any], rebuild: bool,
+                           workspace_mb: int | None) -> None:
+        reasons = engine_mismatches(sidecar, self.trt.__version__, self.mem.gpu_info())
+        if not reasons:
+            return
+        onnx_path = engine_path.parent / sidecar.get("source_onnx", engine_path.with_suffix(".onnx").name)
+        what = f"engine {engine_path} does not match this machine: " + "; ".join(reasons)
+        if not rebuild:
+            raise RuntimeError(f"{what}. Rebuilding is disabled; build a new engine here with `discene-export trt`")
+        if not onnx_path.is_file():
+            raise RuntimeError(f"{what}. No ONNX model {onnx_path.name} beside it to rebuild from; copy the ONNX next "
+                               f"to the engine or build one here with `discene-export trt --onnx ...`")
+        log.warning("%s; rebuilding from %s", what, onnx_path)
+        build_engine(onnx_path, engine_path, fp16=sidecar.get("precision") == "fp16",
+                     workspace_mb=workspace_mb or int(sidecar.get("workspace_mb", 4096)),
+                     timing_cache=engine_path.with_suffix(".timing.cache"))
+
+    def _bind(self) -> None:
+        """Allocate one device buffer per IO tensor and bind its address to the context."""
+        trt, engine = self.trt, self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        expected_in = input_shapes(self.config)
+        if sorted(self.inputs) != sorted(expected_in):
+            raise ValueError(f"engine inputs {self.inputs} do not match config '{self.config.name}' "
+                             f"(expected {sorted(expected_in)}); was it built from this model's ONNX?")
+        missing = set(output_shapes(self.config)) - set(self.outputs)
+        if missing:
+            raise ValueError(f"engine lacks outputs {sorted(missing)}; was it built from a discene-export ONNX?")
+        for name in self.inputs:
+            self.context.set_input_shape(name, expected_in[name])
+        self.buffers = {}
+        for name in names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise ValueError(f"engine tensor '{name}' has unresolved shape {shape}")
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            self.buffers[name] = self.mem.alloc(shape, dtype)
+            if not self.context.set_tensor_address(name, self.buffers[name].ptr):
+                raise RuntimeError(f"set_tensor_address failed for '{name}'")
+
+    def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        feed = input_feed(inputs, self.config)
+        for name in self.inputs:
+            self.mem.upload(self.buffers[name], feed[name])
+        if not self.context.execute_async_v3(self.mem.stream_handle()):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        out = {name: self.mem.download(self.buffers[name]) for name in self.outputs}
+        return self._check_outputs(out)
+
+    def close(self) -> None:
+        if getattr(self, "mem", None) is not None:
+            self.mem.synchronize()
+            self.context = None
+            self.engine = None
+            self.buffers = {}
+            self.mem.close()
+            self.mem = None
