@@ -1,0 +1,202 @@
+"""Occ-ScanNet loader (real data or ``discene-synth`` output): a torch Dataset plus its collate function.
+
+Each item is prepared exactly like an inference frame (``models.preprocess.preprocess``: resize to
+``image_size``, scale K, ImageNet normalisation, ``grid2img``) and carries its label grid:
+
+    image        (3,H,W) float32, ImageNet-normalised RGB
+    depth        (1,H,W) float32 metres, 0 = invalid (nearest-neighbour resized)
+    intrinsic    (3,3)   float32, K scaled to (H, W)
+    cam_pose     (4,4)   float32 camera->world
+    voxel_origin (3,)    float64 world xyz of the grid corner
+    grid2img     (4,4)   float32 ``K4 @ inv(cam_pose) @ G`` (models.geometry.grid_to_image_matrix)
+    target       (60,60,36) int64 indexed (x, y, z): 0 empty, 1..11 classes, 255 unknown
+    sample_id    str ``<scene>/<frame>``
+    rgb          (H,W,3) uint8 resized image (only with ``return_rgb=True``, for renders)
+
+Axis convention: the stored ``target_1_4`` is read with ``target_layout`` (default ``"yxz"``, see
+``training/scene_format.py``) and returned as (x, y, z). Training-time remap: none by default (255
+stays unknown and is ignored by losses and metrics); ``unknown_as_empty=True`` reproduces the
+ISO/EmbodiedOcc training remap 255 -> 0.
+
+Bad samples (missing files, truncated pkl, wrong shapes, unknown labels, all-unknown or empty targets)
+raise ``BadSampleError`` naming the sample id; with ``skip_bad=True`` they are logged, counted in
+``skipped`` and replaced by the next good sample, so a long run never crashes on one broken file.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from models.geometry import GRID_SHAPE, scale_intrinsic
+from models.preprocess import preprocess
+
+from .scene_format import DEPTH_SCALE, STORED_LAYOUT, UNKNOWN, from_stored, read_split, sample_paths
+
+log = logging.getLogger(__name__)
+REQUIRED_KEYS = ("cam_pose", "intrinsic", "voxel_origin", "target_1_4")
+MAX_LABEL = 11
+
+
+class BadSampleError(RuntimeError):
+    """A sample that cannot be used; the message names the sample id and the problem."""
+
+
+class OccScanNetDataset(Dataset):
+    """Occ-ScanNet-format frames of one split (``train``/``val`` list under root, or a list-file path)."""
+
+    def __init__(self, root: str | Path, split: str = "train", image_size: tuple[int, int] | list[int] = (480, 640),
+                 config: Any = None, target_layout: str = STORED_LAYOUT, skip_bad: bool = False,
+                 unknown_as_empty: bool = False, max_samples: int | None = None, return_rgb: bool = False,
+                 load_depth: bool = True) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"Occ-ScanNet root '{self.root}' does not exist")
+        if config is None:
+            from models.config import ModelConfig
+
+            config = ModelConfig(image_size=[int(image_size[0]), int(image_size[1])])
+        self.config = config
+        self.image_size = (int(config.image_size[0]), int(config.image_size[1]))
+        self.target_layout = target_layout
+        from_stored(np.zeros((1, 1, 1)), target_layout)  # validates the layout name
+        self.skip_bad = skip_bad
+        self.unknown_as_empty = unknown_as_empty
+        self.return_rgb = return_rgb
+        self.load_depth = load_depth
+        self.ids = read_split(self.root, split)
+        if max_samples is not None:
+            self.ids = self.ids[:max_samples]
+        if not self.ids:
+            raise ValueError(f"split '{split}' under '{self.root}' lists no samples")
+        self.skipped: dict[str, str] = {}  # sample id -> reason (this process only)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self.skip_bad:
+            return self.load(self.ids[index])
+        for step in range(len(self.ids)):
+            sample_id = self.ids[(index + step) % len(self.ids)]
+            if sample_id in self.skipped:
+                continue
+            try:
+                return self.load(sample_id)
+            except BadSampleError as exc:
+                self.skipped[sample_id] = str(exc)
+                log.warning("skipping bad sample (%d skipped so far): %s", len(self.skipped), exc)
+        raise BadSampleError(f"all {len(self.ids)} samples of '{self.root}' are bad; first: "
+                             f"{next(iter(self.skipped.values()), '?')}")
+
+    # ------------------------------------------------------------------ reading
+    def read_pickle(self, sample_id: str) -> dict[str, Any]:
+        """The raw pkl dict of a sample, checked for keys and shapes."""
+        pkl = sample_paths(self.root, sample_id)[0]
+        if not pkl.is_file():
+            raise BadSampleError(f"sample {sample_id}: missing file {pkl}")
+        try:
+            with open(pkl, "rb") as f:
+                data = pickle.load(f)
+        except Exception as exc:  # truncated / corrupt pickles raise many different types
+            raise BadSampleError(f"sample {sample_id}: cannot read {pkl} ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(data, dict):
+            raise BadSampleError(f"sample {sample_id}: {pkl} holds a {type(data).__name__}, expected a dict")
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise BadSampleError(f"sample {sample_id}: {pkl} lacks keys {missing}")
+        checks = [(np.asarray(data["cam_pose"]).shape == (4, 4), "cam_pose must be 4x4"),
+                  (np.asarray(data["intrinsic"]).ndim == 2 and min(np.asarray(data["intrinsic"]).shape) >= 3,
+                   "intrinsic must be 3x3 or 4x4"),
+                  (np.asarray(data["voxel_origin"]).size == 3, "voxel_origin must have 3 values"),
+                  (np.asarray(data["target_1_4"]).shape == GRID_SHAPE, f"target_1_4 must be {GRID_SHAPE}")]
+        for ok, message in checks:
+            if not ok:
+                raise BadSampleError(f"sample {sample_id}: {message}")
+        for key in ("cam_pose", "intrinsic", "voxel_origin"):
+            if not np.all(np.isfinite(np.asarray(data[key], dtype=np.float64))):
+                raise BadSampleError(f"sample {sample_id}: {key} has non-finite values")
+        return data
+
+    def read_target(self, sample_id: str, data: dict | None = None) -> np.ndarray:
+        """The (x, y, z) uint8 label grid of a sample (validated; no remap)."""
+        data = self.read_pickle(sample_id) if data is None else data
+        target = from_stored(np.asarray(data["target_1_4"]).astype(np.uint8), self.target_layout)
+        bad = (target > MAX_LABEL) & (target != UNKNOWN)
+        if bad.any():
+            raise BadSampleError(f"sample {sample_id}: target has labels {sorted(np.unique(target[bad]))[:5]} "
+                                 f"outside 0..{MAX_LABEL} and {UNKNOWN}")
+        if np.all(target == UNKNOWN):
+            raise BadSampleError(f"sample {sample_id}: target is all unknown (255)")
+        if not np.any((target > 0) & (target <= MAX_LABEL)):
+            raise BadSampleError(f"sample {sample_id}: target has no occupied voxel")
+        return target
+
+    def _image_path(self, sample_id: str, data: dict, key: str, suffix: str) -> Path:
+        path = sample_paths(self.root, sample_id)[1 if suffix == ".jpg" else 2]
+        if path.is_file():
+            return path
+        stored = data.get(key)
+        for candidate in ([Path(stored), self.root / str(stored)] if stored else []):
+            if candidate.is_file():
+                return candidate
+        raise BadSampleError(f"sample {sample_id}: missing file {path}")
+
+    def _read_image(self, sample_id: str, path: Path, mode: str) -> np.ndarray:
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert(mode) if im.mode != mode else im.copy())
+        except Exception as exc:
+            raise BadSampleError(f"sample {sample_id}: cannot decode {path} ({type(exc).__name__}: {exc})") from exc
+
+    def load(self, sample_id: str) -> dict[str, Any]:
+        """Read and prepare one sample (raises BadSampleError)."""
+        data = self.read_pickle(sample_id)
+        target = self.read_target(sample_id, data)
+        rgb = self._read_image(sample_id, self._image_path(sample_id, data, "img", ".jpg"), "RGB")
+        depth = None
+        if self.load_depth:
+            raw = self._read_image(sample_id, self._image_path(sample_id, data, "depth_gt", ".png"), "I")
+            depth = raw.astype(np.float32) / DEPTH_SCALE
+        intrinsic = np.asarray(data["intrinsic"], dtype=np.float64)[:3, :3]
+        cam_pose = np.asarray(data["cam_pose"], dtype=np.float64)
+        origin = np.asarray(data["voxel_origin"], dtype=np.float64).reshape(3)
+        try:
+            frame = preprocess(rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=origin)
+        except ValueError as exc:
+            raise BadSampleError(f"sample {sample_id}: {exc}") from exc
+        if self.unknown_as_empty:
+            target = np.where(target == UNKNOWN, 0, target)
+        out = {
+            "image": torch.from_numpy(frame.image[0]),
+            "depth": torch.from_numpy(frame.depth[0]) if frame.depth is not None
+            else torch.zeros(1, *self.image_size),
+            "intrinsic": torch.from_numpy(scale_intrinsic(intrinsic, rgb.shape[:2], self.image_size).astype(np.float32)),
+            "cam_pose": torch.from_numpy(cam_pose.astype(np.float32)),
+            "voxel_origin": torch.from_numpy(origin),
+            "grid2img": torch.from_numpy(frame.grid2img[0]),
+            "target": torch.from_numpy(target.astype(np.int64)),
+            "sample_id": sample_id,
+        }
+        if self.return_rgb:
+            from models.preprocess import resize_image
+
+            out["rgb"] = torch.from_numpy(np.array(resize_image(rgb, self.image_size), dtype=np.uint8))
+        return out
+
+
+def collate_occscannet(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors of a list of samples along a new batch axis; strings become lists."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
