@@ -49,6 +49,7 @@ class OrtBackend(Backend):
         chosen = select_providers(providers, ort.get_available_providers())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: FP16 graphs make the CPU EP warn about every fallback
         if threads:
             options.intra_op_num_threads = threads
         provider_args = [(p, self._provider_options(p, onnx_path, fp16)) for p in chosen]

@@ -1,0 +1,136 @@
+"""FP32 -> FP16 ONNX graph pass for TensorRT strongly typed networks (TensorRT >= 10.12, DESIGN.md 7).
+
+A strongly typed network runs every tensor in the type the ONNX graph gives it, so precision is
+chosen here, once: float tensors become FLOAT16 except around ops that lose accuracy in half
+precision, which keep FLOAT32 inputs and outputs with Casts inserted at the boundary:
+LayerNormalization and Softmax (variance / exp-sum reductions) and Einsum (the grid -> image
+projection carries pixel*depth values in the thousands). Network inputs and outputs stay FLOAT32,
+so every backend feeds and reads the same arrays. Only onnx itself is used (no onnxconverter-common).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+KEEP_FP32_OPS = frozenset({"LayerNormalization", "Softmax", "Einsum"})
+# (op_type, input index) slots whose type the ONNX spec fixes to float32 whatever the data type.
+FP32_SLOTS = frozenset({("Resize", 2)})
+F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = inferred.graph
+    types = {init.name: init.data_type for init in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _to_f16_tensor(t: TensorProto) -> TensorProto:
+    arr = numpy_helper.to_array(t)
+    if np.isfinite(arr).all() and np.abs(arr).max(initial=0) > 65504:
+        raise ValueError(f"tensor '{t.name}' has values beyond the FP16 range (max |x| = {np.abs(arr).max():.3g})")
+    return numpy_helper.from_array(arr.astype(np.float16), t.name)
+
+
+class _Converter:
+    def __init__(self, model: onnx.ModelProto, keep_ops: frozenset[str]):
+        self.model, self.keep_ops = model, keep_ops
+        self.orig_types = _elem_types(model)
+        self.cur: dict[str, int] = {}  # tensor name -> element type after conversion
+        self.casts: dict[tuple[str, int], str] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.init_by_name = {i.name: i for i in model.graph.initializer}
+
+    def typed(self, name: str, want: int) -> str:
+        """Name of ``name`` as element type ``want``, inserting (or reusing) a Cast when needed."""
+        have = self.cur.get(name)
+        if not name or have not in (F32, F16) or have == want:
+            return name
+        key = (name, want)
+        if key not in self.casts:
+            if name in self.init_by_name:  # a second copy of the weight in the other precision
+                arr = numpy_helper.to_array(self.init_by_name[name])
+                new = f"{name}__{'fp16' if want == F16 else 'fp32'}"
+                self.inits.append(numpy_helper.from_array(arr.astype(np.float16 if want == F16 else np.float32), new))
+            else:
+                new = f"{name}__cast{'16' if want == F16 else '32'}"
+                self.nodes.append(helper.make_node("Cast", [name], [new], to=want, name=f"{new}_node"))
+            self.casts[key] = new
+        return self.casts[key]
+
+    def run(self) -> onnx.ModelProto:
+        g = self.model.graph
+        for inp in g.input:
+            self.cur[inp.name] = inp.type.tensor_type.elem_type
+        for init in g.initializer:
+            if init.data_type == F32:
+                self.inits.append(_to_f16_tensor(init))
+                self.cur[init.name] = F16
+            else:
+                self.inits.append(init)
+                self.cur[init.name] = init.data_type
+        for node in g.node:
+            self.convert_node(node)
+        outputs = []
+        for out in g.output:
+            name = self.typed(out.name, F32) if self.cur.get(out.name) == F16 else out.name
+            if name != out.name:  # rename so that the graph output keeps its public name
+                self.rename_output(name, out.name)
+            outputs.append(out)
+        new_graph = helper.make_graph(self.nodes, g.name, list(g.input), outputs, self.inits)
+        new = helper.make_model(new_graph, opset_imports=list(self.model.opset_import),
+                                producer_name=self.model.producer_name + "+discene-fp16")
+        new.ir_version = self.model.ir_version
+        return new
+
+    def rename_output(self, produced: str, public: str) -> None:
+        """The FP32 Cast made for a graph output writes the public name; the FP16 tensor is renamed."""
+        internal = f"{public}__fp16"
+        for n in self.nodes:
+            n.input[:] = [internal if x == public else x for x in n.input]
+            n.output[:] = [internal if x == public else (public if x == produced else x) for x in n.output]
+
+    def convert_node(self, node: onnx.NodeProto) -> None:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        keep = node.op_type in self.keep_ops
+        for i, name in enumerate(node.input):
+            want = F32 if keep or (node.op_type, i) in FP32_SLOTS else F16
+            if self.cur.get(name) in (F32, F16) and node.op_type != "Cast":
+                node.input[i] = self.typed(name, want)
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to" and a.i == F32:
+                    a.i = F16
+        elif node.op_type in ("Constant", "ConstantOfShape"):
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == F32:
+                    a.t.CopyFrom(_to_f16_tensor(a.t))
+        self.nodes.append(node)
+        for out in node.output:
+            t = self.orig_types.get(out)
+            self.cur[out] = F32 if (keep and t == F32) else (F16 if t == F32 else t)
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32_ops: frozenset[str] = KEEP_FP32_OPS) -> onnx.ModelProto:
+    """FP16 copy of an FP32 model: FP32 I/O, FP16 weights/activations, ``keep_fp32_ops`` in FP32."""
+    new = _Converter(model, frozenset(keep_fp32_ops)).run()
+    onnx.checker.check_model(new)
+    onnx.shape_inference.infer_shapes(new, strict_mode=True)  # raises on any type inconsistency
+    return new
+
+
+def convert_file_to_fp16(src: str | Path, dst: str | Path) -> Path:
+    """Read an FP32 ONNX file, write its FP16 version; returns ``dst``."""
+    from .sidecar import atomic_write_bytes
+
+    model = onnx.load(str(src))
+    new = convert_to_fp16(model)
+    atomic_write_bytes(dst, new.SerializeToString())
+    return Path(dst)
