@@ -366,6 +366,39 @@ def cloud_to_label_grid(msg: Any, voxel_origin: np.ndarray, voxel_size: float,
     return grid
 
 
+def label_grid_to_png(factory: MessageFactory, labels: np.ndarray, frame_id: str, stamp_ns: int) -> Any:
+    """Dense (X, Y, Z) uint8 label grid -> lossless mono8 PNG CompressedImage of shape (X, Y*Z).
+
+    Pixel (row x, column y*Z + z) holds label (x, y, z), 255 unknown included: a few kB per frame,
+    where a cloud of the unknown voxels would take megabytes.
+    """
+    from PIL import Image
+
+    grid = np.asarray(labels, dtype=np.uint8)
+    if grid.ndim != 3:
+        raise ValueError(f"label grid must be (X, Y, Z), got shape {grid.shape}")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(grid.reshape(grid.shape[0], -1))).save(out, format="PNG")
+    return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
+                       format="png", data=factory.uint8_array(out.getvalue()))
+
+
+def png_to_label_grid(msg: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
+    """Inverse of :func:`label_grid_to_png` for a grid of ``grid_shape``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(_byte_buffer(msg.data).tobytes())) as img:
+            flat = np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise CloudFormatError(f"ground-truth label image is not a readable PNG: {exc}") from exc
+    x, y, z = (int(n) for n in grid_shape)
+    if flat.dtype != np.uint8 or flat.shape != (x, y * z):
+        raise CloudFormatError(f"ground-truth label image is {flat.dtype} {flat.shape}, expected uint8 ({x}, {y * z}) "
+                               f"for a {x}x{y}x{z} grid")
+    return flat.reshape(x, y, z)
+
+
 # ----------------------------------------------------------------------------- RViz markers, pose, diagnostics
 def _pose(factory: MessageFactory, position: np.ndarray | None = None) -> Any:
     x, y, z = (float(v) for v in (position if position is not None else (0.0, 0.0, 0.0)))

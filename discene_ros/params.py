@@ -1,0 +1,97 @@
+"""Node parameters in one table: names, defaults, descriptions and ranges.
+
+``node.py`` declares them from this table (with ParameterDescriptor and ranges) and
+``config/occupancy.yaml`` mirrors the defaults; a test keeps the two in step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NODE_NAME = "discene_occupancy"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_MODEL = DATA_DIR / "lite_distilled.pt"
+
+# Output topics (relative to the node namespace; remap in the launch file if needed).
+TOPIC_CLOUD = "occupancy/points"
+TOPIC_MARKERS = "occupancy/markers"
+TOPIC_GRID_POSE = "occupancy/grid_pose"
+TOPIC_DIAGNOSTICS = "/diagnostics"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    range: tuple[float, float] | None = None   # inclusive, for int/float parameters
+
+    @property
+    def kind(self) -> str:
+        return {bool: "bool", int: "int", float: "float", str: "string"}[type(self.default)]
+
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec("model_path", "", "Checkpoint (.pt, torch), ONNX (.onnx, onnxruntime/tensorrt) or engine (.engine); "
+              "empty = the shipped lite_distilled.pt"),
+    ParamSpec("backend", "torch", "Inference backend: torch, onnxruntime or tensorrt"),
+    ParamSpec("device", "auto", "torch device: auto, cpu or cuda[:N]"),
+    ParamSpec("fp16", False, "Half precision inference (CUDA torch autocast / FP16 engine)"),
+    ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image)"),
+    ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
+              "instead of the raw image"),
+    ParamSpec("camera_info_topic", "/camera/color/camera_info", "CameraInfo of the RGB image (any resolution, K is rescaled)"),
+    ParamSpec("depth_topic", "/camera/aligned_depth_to_color/image_raw",
+              "Depth aligned to the RGB image (16UC1 mm or 32FC1 m); used only when use_depth is true"),
+    ParamSpec("use_depth", False, "Subscribe to depth and feed it to the depth branch (needs a DiScene-dagger model)"),
+    ParamSpec("depth_max_offset_s", 0.05, "Largest stamp difference between the colour and depth images, seconds",
+              (0.0, 1.0)),
+    ParamSpec("world_frame", "odom", "Gravity-aligned frame (z up) of the grid and of all outputs"),
+    ParamSpec("tf_timeout_s", 0.05, "How long to wait for the camera pose in TF, seconds", (0.0, 1.0)),
+    ParamSpec("use_fallback_pose", True, "Without TF, use a fixed camera pose (fallback_camera_height/pitch) "
+              "in world_frame instead of skipping the frame"),
+    ParamSpec("fallback_camera_height", 1.0, "Fallback: camera height above the floor, metres", (0.05, 3.0)),
+    ParamSpec("fallback_camera_pitch_deg", 15.0, "Fallback: camera pitch below the horizon, degrees (looking along +x)",
+              (-45.0, 89.0)),
+    ParamSpec("floor_z", 0.0, "World z of the floor: the bottom face of the grid, metres", (-10.0, 10.0)),
+    ParamSpec("score_threshold", 0.5, "Points whose best class score is at most this are empty", (0.0, 0.99)),
+    ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz"),
+    ParamSpec("diagnostics_period_s", 1.0, "Period of the DiagnosticArray on /diagnostics, seconds", (0.1, 60.0)),
+    ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),
+)
+PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}
+
+
+def defaults() -> dict[str, Any]:
+    return {p.name: p.default for p in PARAMETERS}
+
+
+def load_yaml_params(path: str | Path) -> dict[str, Any]:
+    """``ros__parameters`` of a ROS 2 parameter file (first node entry, usually ``/**``)."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path} is not a ROS 2 parameter file (top level must map node names to ros__parameters)")
+    entry = next(iter(data.values()))
+    if not isinstance(entry, dict) or "ros__parameters" not in entry:
+        raise ValueError(f"{path}: the node entry has no 'ros__parameters'")
+    return dict(entry["ros__parameters"])
+
+
+def validate(values: dict[str, Any]) -> dict[str, Any]:
+    """Check names, types and ranges against the table; returns the merged parameters."""
+    out = defaults()
+    for name, value in values.items():
+        spec = PARAMS_BY_NAME.get(name)
+        if spec is None:
+            raise ValueError(f"unknown parameter '{name}'; known: {sorted(PARAMS_BY_NAME)}")
+        if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(spec.default):
+            raise ValueError(f"parameter '{name}' must be {spec.kind}, got {value!r}")
+        if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
+            raise ValueError(f"parameter '{name}'={value} is outside [{spec.range[0]}, {spec.range[1]}]")
+        out[name] = value
+    return out

@@ -1,0 +1,253 @@
+"""The node's logic without ROS: newest-frame slot, statistics, throttled warnings, frame processing.
+
+The rclpy node (``node.py``) and the bag replay (``replay.py``) both drive these classes, so what
+is tested here is what runs on the robot.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import conversions as conv
+from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError
+
+
+class LatestFrameSlot:
+    """Holds at most one pending frame: a new frame replaces an unprocessed one, which counts as dropped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Any) -> bool:
+        """Store ``item``; returns True when it replaced (dropped) an unprocessed frame."""
+        with self._cond:
+            replaced = self._item is not None
+            self.dropped += int(replaced)
+            self._item = item
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> Any:
+        """The pending frame (removing it), waiting up to ``timeout`` s; None when none came or closed."""
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        """Wake any waiting ``take`` (shutdown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def latency_percentiles(values_ms: Any) -> dict[str, float]:
+    """p50/p90/p99/mean of latencies in ms (zeros when empty)."""
+    arr = np.asarray(list(values_ms), dtype=np.float64)
+    if arr.size == 0:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(arr.mean())}
+
+
+class FrameStats:
+    """Thread-safe counters (received, processed, dropped, skipped by reason), FPS and latency window."""
+
+    def __init__(self, window: int = 200, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.received = 0
+        self.processed = 0
+        self.dropped = 0
+        self.skipped: Counter[str] = Counter()
+        self.latencies_ms: deque[float] = deque(maxlen=window)
+        self._done_times: deque[float] = deque(maxlen=window)
+        self._window_processed = 0
+        self._window_skipped = 0
+
+    def on_received(self, dropped_previous: bool = False) -> None:
+        with self._lock:
+            self.received += 1
+            self.dropped += int(dropped_previous)
+
+    def on_skipped(self, reason: str) -> None:
+        with self._lock:
+            self.skipped[reason] += 1
+            self._window_skipped += 1
+
+    def on_processed(self, latency_ms: float) -> None:
+        with self._lock:
+            self.processed += 1
+            self._window_processed += 1
+            self.latencies_ms.append(float(latency_ms))
+            self._done_times.append(self._clock())
+
+    def fps(self) -> float:
+        """Processed frames per second over the recent window of completions."""
+        with self._lock:
+            times = list(self._done_times)
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def snapshot(self, reset_window: bool = True) -> dict[str, Any]:
+        """Summary dict (what diagnostics publish); ``window_*`` count since the previous snapshot."""
+        fps = self.fps()
+        with self._lock:
+            out = {
+                "fps": fps, "latency_ms": latency_percentiles(self.latencies_ms), "received": self.received,
+                "processed": self.processed, "dropped": self.dropped, "skipped": dict(self.skipped),
+                "window_processed": self._window_processed, "window_skipped": self._window_skipped,
+            }
+            if reset_window:
+                self._window_processed = self._window_skipped = 0
+        return out
+
+
+class WarnThrottle:
+    """Allows one message per key every ``period_s`` seconds, and counts what it suppressed."""
+
+    def __init__(self, period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.period_s = float(period_s)
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self.suppressed: Counter[str] = Counter()
+
+    def allow(self, key: str) -> bool:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.period_s:
+            self.suppressed[key] += 1
+            return False
+        self._last[key] = now
+        return True
+
+
+def fallback_camera_pose(height: float, pitch_deg: float, floor_z: float = 0.0) -> np.ndarray:
+    """Camera->world pose used without TF: camera ``height`` m above the floor, looking along world +x,
+    pitched down by ``pitch_deg`` degrees, no roll (optical frame: x right, y down, z forward)."""
+    p = math.radians(pitch_deg)
+    forward = np.array([math.cos(p), 0.0, -math.sin(p)])
+    right = np.array([0.0, -1.0, 0.0])
+    down = np.cross(forward, right)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2] = right, down, forward
+    pose[:3, 3] = [0.0, 0.0, floor_z + height]
+    return pose
+
+
+@dataclass
+class ProcessorSettings:
+    """Frame-processing parameters (mirrors the node parameters of the same names)."""
+
+    use_depth: bool = False
+    depth_max_offset_s: float = 0.05     # a depth image further than this from the colour stamp is stale
+    use_fallback_pose: bool = True       # use the fixed height/pitch pose when TF has no camera pose
+    fallback_camera_height: float = 1.0
+    fallback_camera_pitch_deg: float = 15.0
+    floor_z: float = 0.0
+
+
+@dataclass
+class FrameInput:
+    """One colour frame and what goes with it, as received (messages are decoded by the processor)."""
+
+    image: Any                            # sensor_msgs/Image or CompressedImage
+    camera_info: Any = None
+    depth: Any = None                     # aligned depth Image, or None
+    cam_pose: np.ndarray | None = None    # 4x4 camera->world from TF, None when TF had none
+    voxel_origin: np.ndarray | None = None  # given grid origin (replay with ground truth), else place_grid
+    received_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def stamp_ns(self) -> int:
+        return conv.stamp_to_ns(self.image.header.stamp)
+
+
+@dataclass
+class ProcessedFrame:
+    occupancy: Any              # models.postprocess.OccupancyFrame
+    cam_pose: np.ndarray
+    used_fallback_pose: bool
+    rgb: np.ndarray
+    timings_ms: dict[str, float]
+
+
+class FrameProcessor:
+    """Decode + check a FrameInput, then run the shared OccupancyPipeline. Bad input raises FrameError."""
+
+    def __init__(self, pipeline: Any, settings: ProcessorSettings | None = None) -> None:
+        self.pipeline = pipeline
+        self.settings = settings or ProcessorSettings()
+        self.model_uses_depth = bool(pipeline.config.use_depth)
+        if self.model_uses_depth and not self.settings.use_depth:
+            raise ValueError(f"model '{pipeline.config.name}' has a depth branch (use_depth=True): enable use_depth "
+                             "and give a depth topic, or use an RGB-only model")
+        self.fallback_pose = fallback_camera_pose(self.settings.fallback_camera_height,
+                                                  self.settings.fallback_camera_pitch_deg, self.settings.floor_z)
+
+    def decode(self, frame: FrameInput) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, bool]:
+        """-> (rgb HxWx3 uint8, K 3x3 for that image, depth metres or None, cam_pose 4x4, used_fallback)."""
+        rgb = conv.any_image_to_rgb(frame.image)
+        if frame.camera_info is None:
+            raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
+        k = conv.camera_info_to_k(frame.camera_info, rgb.shape[:2])
+        depth = self._depth(frame, rgb.shape[:2]) if self.model_uses_depth else None
+        pose, fallback = frame.cam_pose, False
+        if pose is None:
+            if not self.settings.use_fallback_pose:
+                raise MissingTransformError("no camera pose in the world frame from TF and the fallback pose is disabled")
+            pose, fallback = self.fallback_pose, True
+        return rgb, k, depth, pose, fallback
+
+    def _depth(self, frame: FrameInput, image_hw: tuple[int, int]) -> np.ndarray:
+        if frame.depth is None:
+            raise DepthError("the model needs depth but no depth image was received")
+        offset = abs(conv.stamp_to_ns(frame.depth.header.stamp) - frame.stamp_ns) * 1e-9
+        if offset > self.settings.depth_max_offset_s:
+            raise DepthError(f"newest depth image is {offset * 1e3:.0f} ms away from the colour image "
+                             f"(limit {self.settings.depth_max_offset_s * 1e3:.0f} ms)")
+        depth = conv.depth_to_metres(frame.depth)
+        dh, dw = depth.shape
+        if abs((dw / dh) / (image_hw[1] / image_hw[0]) - 1.0) > 0.01:
+            raise DepthError(f"depth {dw}x{dh} is not aligned with the colour image {image_hw[1]}x{image_hw[0]}")
+        return depth
+
+    def process(self, frame: FrameInput) -> ProcessedFrame:
+        """Full frame: decode, checks, pipeline (preprocess -> infer -> postprocess)."""
+        t0 = time.perf_counter()
+        rgb, k, depth, pose, fallback = self.decode(frame)
+        t1 = time.perf_counter()
+        try:
+            occ = self.pipeline.process(rgb, k, pose, depth=depth, voxel_origin=frame.voxel_origin,
+                                        floor_z=self.settings.floor_z)
+        except ValueError as exc:  # preprocess rejects malformed inputs with ValueError
+            if isinstance(exc, FrameError):
+                raise
+            raise FrameError(f"pipeline rejected the frame: {exc}") from exc
+        timings = {"decode_ms": (t1 - t0) * 1e3, **self.pipeline.last_timings.as_dict()}
+        return ProcessedFrame(occ, pose, fallback, rgb, timings)
+
+
+def build_outputs(factory: Any, processed: ProcessedFrame, world_frame: str, stamp_ns: int,
+                  markers: bool = True) -> dict[str, Any]:
+    """Messages published for one frame: ``cloud`` (PointCloud2), ``grid_pose``, and ``markers`` if asked."""
+    occ = processed.occupancy
+    out = {
+        "cloud": conv.occupancy_to_pointcloud2(factory, occ, world_frame, stamp_ns),
+        "grid_pose": conv.grid_pose_msg(factory, occ.voxel_origin, world_frame, stamp_ns),
+    }
+    if markers:
+        out["markers"] = conv.occupancy_to_marker_array(factory, occ, world_frame, stamp_ns)
+    return out
