@@ -98,31 +98,7 @@ class OccScanNetDataset(Dataset):
     # ------------------------------------------------------------------ reading
     def read_pickle(self, sample_id: str) -> dict[str, Any]:
         """The raw pkl dict of a sample, checked for keys and shapes."""
-        pkl = sample_paths(self.root, sample_id)[0]
-        if not pkl.is_file():
-            raise BadSampleError(f"sample {sample_id}: missing file {pkl}")
-        try:
-            with open(pkl, "rb") as f:
-                data = pickle.load(f)
-        except Exception as exc:  # truncated / corrupt pickles raise many different types
-            raise BadSampleError(f"sample {sample_id}: cannot read {pkl} ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(data, dict):
-            raise BadSampleError(f"sample {sample_id}: {pkl} holds a {type(data).__name__}, expected a dict")
-        missing = [k for k in REQUIRED_KEYS if k not in data]
-        if missing:
-            raise BadSampleError(f"sample {sample_id}: {pkl} lacks keys {missing}")
-        checks = [(np.asarray(data["cam_pose"]).shape == (4, 4), "cam_pose must be 4x4"),
-                  (np.asarray(data["intrinsic"]).ndim == 2 and min(np.asarray(data["intrinsic"]).shape) >= 3,
-                   "intrinsic must be 3x3 or 4x4"),
-                  (np.asarray(data["voxel_origin"]).size == 3, "voxel_origin must have 3 values"),
-                  (np.asarray(data["target_1_4"]).shape == GRID_SHAPE, f"target_1_4 must be {GRID_SHAPE}")]
-        for ok, message in checks:
-            if not ok:
-                raise BadSampleError(f"sample {sample_id}: {message}")
-        for key in ("cam_pose", "intrinsic", "voxel_origin"):
-            if not np.all(np.isfinite(np.asarray(data[key], dtype=np.float64))):
-                raise BadSampleError(f"sample {sample_id}: {key} has non-finite values")
-        return data
+        return read_pickle(self.root, sample_id)
 
     def read_target(self, sample_id: str, data: dict | None = None) -> np.ndarray:
         """The (x, y, z) uint8 label grid of a sample (validated; no remap)."""
@@ -138,31 +114,14 @@ class OccScanNetDataset(Dataset):
             raise BadSampleError(f"sample {sample_id}: target has no occupied voxel")
         return target
 
-    def _image_path(self, sample_id: str, data: dict, key: str, suffix: str) -> Path:
-        path = sample_paths(self.root, sample_id)[1 if suffix == ".jpg" else 2]
-        if path.is_file():
-            return path
-        stored = data.get(key)
-        for candidate in ([Path(stored), self.root / str(stored)] if stored else []):
-            if candidate.is_file():
-                return candidate
-        raise BadSampleError(f"sample {sample_id}: missing file {path}")
-
-    def _read_image(self, sample_id: str, path: Path, mode: str) -> np.ndarray:
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert(mode) if im.mode != mode else im.copy())
-        except Exception as exc:
-            raise BadSampleError(f"sample {sample_id}: cannot decode {path} ({type(exc).__name__}: {exc})") from exc
-
     def load(self, sample_id: str) -> dict[str, Any]:
         """Read and prepare one sample (raises BadSampleError)."""
         data = self.read_pickle(sample_id)
         target = self.read_target(sample_id, data)
-        rgb = self._read_image(sample_id, self._image_path(sample_id, data, "img", ".jpg"), "RGB")
+        rgb = read_image(sample_id, find_image(self.root, sample_id, data, "img"), "RGB")
         depth = None
         if self.load_depth:
-            raw = self._read_image(sample_id, self._image_path(sample_id, data, "depth_gt", ".png"), "I")
+            raw = read_image(sample_id, find_image(self.root, sample_id, data, "depth_gt"), "I")
             depth = raw.astype(np.float32) / DEPTH_SCALE
         intrinsic = np.asarray(data["intrinsic"], dtype=np.float64)[:3, :3]
         cam_pose = np.asarray(data["cam_pose"], dtype=np.float64)
@@ -189,6 +148,56 @@ class OccScanNetDataset(Dataset):
 
             out["rgb"] = torch.from_numpy(np.array(resize_image(rgb, self.image_size), dtype=np.uint8))
         return out
+
+
+def read_pickle(root: str | Path, sample_id: str) -> dict[str, Any]:
+    """The raw pkl dict of a sample, checked for keys, shapes and finite geometry (BadSampleError)."""
+    pkl = sample_paths(root, sample_id)[0]
+    if not pkl.is_file():
+        raise BadSampleError(f"sample {sample_id}: missing file {pkl}")
+    try:
+        with open(pkl, "rb") as f:
+            data = pickle.load(f)
+    except Exception as exc:  # truncated / corrupt pickles raise many different types
+        raise BadSampleError(f"sample {sample_id}: cannot read {pkl} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict):
+        raise BadSampleError(f"sample {sample_id}: {pkl} holds a {type(data).__name__}, expected a dict")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise BadSampleError(f"sample {sample_id}: {pkl} lacks keys {missing}")
+    checks = [(np.asarray(data["cam_pose"]).shape == (4, 4), "cam_pose must be 4x4"),
+              (np.asarray(data["intrinsic"]).ndim == 2 and min(np.asarray(data["intrinsic"]).shape) >= 3,
+               "intrinsic must be 3x3 or 4x4"),
+              (np.asarray(data["voxel_origin"]).size == 3, "voxel_origin must have 3 values"),
+              (np.asarray(data["target_1_4"]).shape == GRID_SHAPE, f"target_1_4 must be {GRID_SHAPE}")]
+    for ok, message in checks:
+        if not ok:
+            raise BadSampleError(f"sample {sample_id}: {message}")
+    for key in ("cam_pose", "intrinsic", "voxel_origin"):
+        if not np.all(np.isfinite(np.asarray(data[key], dtype=np.float64))):
+            raise BadSampleError(f"sample {sample_id}: {key} has non-finite values")
+    return data
+
+
+def find_image(root: str | Path, sample_id: str, data: dict, key: str) -> Path:
+    """posed_images/<id>.jpg (key 'img') or .png (key 'depth_gt'); else the path stored in the pkl."""
+    path = sample_paths(root, sample_id)[1 if key == "img" else 2]
+    if path.is_file():
+        return path
+    stored = data.get(key)
+    for candidate in ([Path(stored), Path(root) / str(stored)] if stored else []):
+        if candidate.is_file():
+            return candidate
+    raise BadSampleError(f"sample {sample_id}: missing file {path}")
+
+
+def read_image(sample_id: str, path: Path, mode: str) -> np.ndarray:
+    """Decode an image file to a numpy array in PIL mode ``mode`` ('RGB', or 'I' for 16-bit depth)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode) if im.mode != mode else im.copy())
+    except Exception as exc:
+        raise BadSampleError(f"sample {sample_id}: cannot decode {path} ({type(exc).__name__}: {exc})") from exc
 
 
 def collate_occscannet(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,198 @@
+"""Synthetic generator, Occ-ScanNet loader, axis convention and bad samples (tiny images, 2 cores)."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.config import lite
+from models.geometry import grid_to_image_matrix, place_grid, scale_intrinsic
+from training.check_axes import depth_agreement, layout_scores
+from training.check_axes import main as check_axes_main
+from training.occscannet import BadSampleError, OccScanNetDataset, collate_occscannet
+from training.scene_format import downsample_labels, from_stored, read_split, sample_paths, to_stored
+from training.synth import generate
+from training.synth import main as synth_main
+
+W, H = 160, 120
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, scenes=3, frames_per_scene=2, seed=7, width=W, height=H, progress=False)
+    return root
+
+
+def test_format_matches_occscannet(dataset_root):
+    train, val = read_split(dataset_root, "train"), read_split(dataset_root, "val")
+    assert len(train) == 4 and len(val) == 2 and not set(train) & set(val)
+    assert (dataset_root / "train_subscenes.txt").read_text().splitlines()[0] == "gathered_data/scene0000_00/00000.pkl"
+    for sample_id in train + val:
+        pkl, jpg, png = sample_paths(dataset_root, sample_id)
+        with open(pkl, "rb") as f:
+            data = pickle.load(f)
+        assert data["cam_pose"].shape == (4, 4) and data["intrinsic"].shape == (4, 4)
+        np.testing.assert_allclose(data["cam_pose"][3], [0, 0, 0, 1])
+        assert data["target_1_4"].shape == (60, 60, 36) and data["target_1_4"].dtype == np.uint8
+        assert data["target_1_16"].shape == (15, 15, 9) and data["target_1_16"].dtype == np.uint8
+        np.testing.assert_allclose(data["voxel_origin"], place_grid(data["cam_pose"], floor_z=0.0))
+        labels = set(np.unique(data["target_1_4"]).tolist())
+        assert {0, 2, 3, 255} <= labels <= set(range(12)) | {255}
+        depth = np.asarray(Image.open(png))
+        assert depth.dtype == np.uint16 and depth.shape == (H, W) and depth.max() > 500  # millimetres
+        assert Image.open(jpg).size == (W, H)
+        # cameras at robot / human height, small pitch (optical z axis close to horizontal)
+        assert 0.35 <= data["cam_pose"][2, 3] <= 1.75 and abs(data["cam_pose"][2, 2]) < 0.7
+
+
+def test_generator_is_deterministic(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for root, seed in ((a, 3), (b, 3), (c, 4)):
+        generate(root, scenes=1, frames_per_scene=2, seed=seed, width=64, height=48, progress=False)
+    for rel in ["posed_images/scene0000_00/00001.jpg", "posed_images/scene0000_00/00001.png"]:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+        assert (a / rel).read_bytes() != (c / rel).read_bytes()
+    with open(a / "gathered_data/scene0000_00/00001.pkl", "rb") as f1, \
+            open(b / "gathered_data/scene0000_00/00001.pkl", "rb") as f2:
+        da, db = pickle.load(f1), pickle.load(f2)
+    for key in ("cam_pose", "intrinsic", "voxel_origin", "target_1_4", "target_1_16"):
+        assert np.array_equal(da[key], db[key]), key
+
+
+def test_cli_writes_dataset(tmp_path):
+    rc = synth_main(["--out", str(tmp_path / "d"), "--scenes", "1", "--frames-per-scene", "1", "--seed", "1",
+                     "--width", "64", "--height", "48"])
+    assert rc == 0 and (tmp_path / "d/gathered_data/scene0000_00/00000.pkl").is_file()
+    assert synth_main(["--out", str(tmp_path / "e"), "--scenes", "0"]) == 2
+
+
+def test_loader_outputs(dataset_root):
+    cfg = lite()
+    ds = OccScanNetDataset(dataset_root, "train", config=cfg, return_rgb=True)
+    sample = ds[1]
+    h, w = cfg.image_size
+    assert sample["image"].shape == (3, h, w) and sample["image"].dtype == torch.float32
+    assert sample["depth"].shape == (1, h, w) and float(sample["depth"].max()) > 0.5
+    assert sample["target"].shape == (60, 60, 36) and sample["target"].dtype == torch.int64
+    assert sample["rgb"].shape == (h, w, 3)
+    with open(sample_paths(dataset_root, ds.ids[1])[0], "rb") as f:
+        raw = pickle.load(f)
+    np.testing.assert_array_equal(sample["target"].numpy(), np.swapaxes(raw["target_1_4"], 0, 1))
+    k = scale_intrinsic(raw["intrinsic"], (H, W), (h, w))
+    np.testing.assert_allclose(sample["intrinsic"].numpy(), k, rtol=1e-5)
+    g2i = grid_to_image_matrix(k, raw["cam_pose"], raw["voxel_origin"])
+    np.testing.assert_allclose(sample["grid2img"].numpy(), g2i, rtol=1e-4, atol=1e-3)
+    # ImageNet normalisation: roughly zero-centred values, not raw [0, 1]
+    assert float(sample["image"].min()) < -0.5
+    batch = collate_occscannet([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, h, w) and batch["target"].shape == (2, 60, 60, 36)
+    assert batch["sample_id"] == ds.ids[:2]
+    remapped = OccScanNetDataset(dataset_root, "train", config=cfg, unknown_as_empty=True)[1]["target"]
+    assert not (remapped == 255).any() and (sample["target"] == 255).any()
+
+
+def test_axis_convention_on_synthetic_samples(dataset_root):
+    """Occupied voxels agree with the depth image in the loader's (x,y,z) order; the transpose does not."""
+    ds = OccScanNetDataset(dataset_root, "val", config=lite())
+    for i in range(len(ds)):
+        s = ds[i]
+        right = depth_agreement(s["target"].numpy(), s["depth"][0].numpy(), s["intrinsic"].numpy(),
+                                s["cam_pose"].numpy().astype(np.float64), s["voxel_origin"].numpy())
+        wrong = depth_agreement(s["target"].numpy().transpose(1, 0, 2), s["depth"][0].numpy(),
+                                s["intrinsic"].numpy(), s["cam_pose"].numpy().astype(np.float64),
+                                s["voxel_origin"].numpy())
+        assert right[1] > 100 and right[0] > 0.95, (s["sample_id"], right)
+        assert wrong[0] < 0.85 and wrong[0] < right[0] - 0.15, (s["sample_id"], right, wrong)
+
+
+def test_check_axes_command(dataset_root, capsys):
+    assert check_axes_main(["--root", str(dataset_root), "--split", "train", "--n", "3"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert check_axes_main(["--root", str(dataset_root / "nowhere")]) == 2
+
+
+def test_layout_scores_detect_transposed_files(dataset_root):
+    with open(sample_paths(dataset_root, "scene0000_00/00000")[0], "rb") as f:
+        raw = pickle.load(f)
+    depth = np.asarray(Image.open(sample_paths(dataset_root, "scene0000_00/00000")[2])).astype(np.float32) / 1000
+    xyz_file = from_stored(raw["target_1_4"])  # a file written in (x, y, z) order
+    scores = layout_scores(xyz_file, depth, raw["intrinsic"], raw["cam_pose"], raw["voxel_origin"])
+    assert scores["xyz"][0] > scores["yxz"][0] + 0.15
+
+
+def test_stored_layout_roundtrip_and_downsample():
+    grid = np.random.default_rng(0).integers(0, 12, (60, 60, 36)).astype(np.uint8)
+    assert np.array_equal(from_stored(to_stored(grid)), grid)
+    assert to_stored(grid).shape == (60, 60, 36) and to_stored(grid)[3, 5, 0] == grid[5, 3, 0]
+    labels = np.zeros((8, 8, 4), np.uint8)
+    labels[:4, :4, :4] = 255            # block 0: all unknown -> 255
+    labels[4:, :4, :] = 3               # block 1: wall -> 3
+    labels[:4, 4:, :] = 0
+    labels[0, 4, 0] = 5                 # block 2: one chair voxel among 63 empty -> empty (0.95 rule)
+    labels[4:, 4:, :2] = 7              # block 3: half sofa, half empty -> sofa
+    out = downsample_labels(labels, 4)
+    assert out.shape == (2, 2, 1)
+    assert out[0, 0, 0] == 255 and out[1, 0, 0] == 3 and out[0, 1, 0] == 0 and out[1, 1, 0] == 7
+
+
+@pytest.fixture()
+def damaged_root(dataset_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(dataset_root, root)
+    ids = read_split(root, "train")
+    sample_paths(root, ids[0])[1].unlink()                                   # missing image
+    pkl = sample_paths(root, ids[1])[0]
+    pkl.write_bytes(pkl.read_bytes()[:200])                                  # truncated pickle
+    with open(sample_paths(root, ids[2])[0], "rb") as f:
+        data = pickle.load(f)
+    data["target_1_4"][:] = 255                                              # all unknown
+    with open(sample_paths(root, ids[2])[0], "wb") as f:
+        pickle.dump(data, f)
+    return root, ids
+
+
+def test_bad_samples_raise_with_id(damaged_root):
+    root, ids = damaged_root
+    ds = OccScanNetDataset(root, "train", config=lite())
+    for i, needle in enumerate(["missing file", "cannot read", "all unknown"]):
+        with pytest.raises(BadSampleError, match=needle) as info:
+            ds[i]
+        assert ids[i] in str(info.value)
+    assert ds[3]["sample_id"] == ids[3]
+    with pytest.raises(FileNotFoundError, match="split list"):
+        OccScanNetDataset(root, "test", config=lite())
+
+
+def test_skip_bad_returns_next_good_sample(damaged_root):
+    root, ids = damaged_root
+    ds = OccScanNetDataset(root, "train", config=lite(), skip_bad=True)
+    assert [ds[i]["sample_id"] for i in range(4)] == [ids[3]] * 4
+    assert sorted(ds.skipped) == sorted(ids[:3])
+    sample_paths(root, ids[3])[2].unlink()  # now all bad -> a clear error, not an endless loop
+    ds2 = OccScanNetDataset(root, "train", config=lite(), skip_bad=True)
+    with pytest.raises(BadSampleError, match="all 4 samples"):
+        ds2[0]
+
+
+def test_wrong_shapes_and_empty_targets_are_named(damaged_root):
+    root, ids = damaged_root
+    ds = OccScanNetDataset(root, "train", config=lite())
+    pkl = sample_paths(root, ids[3])[0]
+    with open(pkl, "rb") as f:
+        good = pickle.load(f)
+    cases = [({"target_1_4": good["target_1_4"][:, :, :30]}, "target_1_4 must be"),
+             ({"target_1_4": np.where(good["target_1_4"] == 255, 255, 0).astype(np.uint8)}, "no occupied voxel"),
+             ({"target_1_4": np.full((60, 60, 36), 40, np.uint8)}, "outside 0..11"),
+             ({"cam_pose": np.eye(3)}, "cam_pose must be 4x4")]
+    for change, needle in cases:
+        with open(pkl, "wb") as f:
+            pickle.dump({**good, **change}, f)
+        with pytest.raises(BadSampleError, match=needle) as info:
+            ds[3]
+        assert ids[3] in str(info.value)
