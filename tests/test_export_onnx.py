@@ -1,0 +1,134 @@
+"""Real lite export: ONNX graph, sidecar, onnxruntime-vs-torch parity, FP16 companion, pipeline, CLI."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import models
+from export.backends import create_backend
+from export.cli import main as cli_main
+from export.onnx_export import example_frame, export_onnx
+from export.op_check import check_model
+from export.pipeline import OccupancyPipeline
+from export.sidecar import read_sidecar, sha256_file, sha256_state_dict
+from models.checkpoint import save_model
+from models.classes import CLASS_NAMES
+
+# Parity tolerances enforced on the lite export (float32 ORT CPU vs eager torch CPU).
+MAX_ABS_DIFF_FP32 = 1e-4
+MAX_POINTS_DIFF_FP16 = 0.05       # normalised grid units: 0.05 * 4.8 m = 0.24 m worst point
+MIN_LABEL_AGREEMENT_FP16 = 0.99
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A lite model whose class heads predict occupancy (random weights would predict p=0.01 everywhere),
+    saved as a checkpoint and exported with its FP16 companion."""
+    config = models.load_config("lite")
+    torch.manual_seed(1)
+    model = models.build_model(config).eval()
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            head = layer.cls_head[-1]
+            head.weight.normal_(0.0, 0.5)
+            head.bias.fill_(0.5)
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "lite_test.pt"
+    save_model(ckpt, model, config)
+    out = root / "lite.onnx"
+    sidecar = export_onnx("lite", out, checkpoint=ckpt, fp16=True)
+    return {"config": config, "model": model, "ckpt": ckpt, "onnx": out, "sidecar": sidecar}
+
+
+def test_onnx_graph_inputs_outputs_and_opset(exported):
+    m = onnx.load(str(exported["onnx"]))
+    onnx.checker.check_model(m, full_check=True)
+    assert [(i.domain, i.version) for i in m.opset_import if i.domain in ("", "ai.onnx")] == [("", 17)]
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(m.graph.input) + list(m.graph.output)}
+    q, r = 240, 16
+    assert dims == {"image": [1, 3, 192, 256], "grid2img": [1, 4, 4], "points": [1, q, r, 3], "scores": [1, q, r, 11]}
+
+
+def test_lite_export_has_no_tensorrt_flags(exported):
+    report = check_model(exported["onnx"])
+    assert report.ok, report.summary()
+    assert ("", "GridSample") in report.ops  # per-level 2-D sampling is in the graph, and accepted as 4-D
+
+
+def test_sidecar_content(exported):
+    side = read_sidecar(exported["onnx"], required=True)
+    assert side == json.loads(json.dumps(exported["sidecar"]))
+    assert side["config"] == exported["config"].to_dict() and side["config_name"] == "lite"
+    assert side["class_names"] == list(CLASS_NAMES) and side["input_size"] == [192, 256]
+    assert side["opset"] == 17 and side["random_weights"] is False and side["checkpoint"] == "lite_test.pt"
+    assert side["weights_sha256"] == sha256_state_dict(exported["model"].state_dict())
+    assert side["onnx_sha256"] == sha256_file(exported["onnx"])
+    assert side["trt_unsupported_ops"] == []
+    assert [i["name"] for i in side["inputs"]] == ["image", "grid2img"]
+    assert [(o["name"], o["shape"]) for o in side["outputs"]] == [("points", [1, 240, 16, 3]),
+                                                                    ("scores", [1, 240, 16, 11])]
+
+
+def test_parity_fp32_enforced(exported):
+    parity = exported["sidecar"]["parity"]
+    assert parity["occupied_voxels_torch"] > 50  # the label comparison is not trivially all-empty
+    assert parity["max_abs_diff"] < MAX_ABS_DIFF_FP32
+    assert parity["label_agreement"] == 1.0 and parity["occupied_label_agreement"] > 0.999
+
+
+def test_onnxruntime_backend_matches_torch_backend_on_another_frame(exported):
+    config = exported["config"]
+    frame = example_frame(config, seed=7)
+    torch_backend = create_backend("torch", exported["ckpt"], device="cpu")
+    ort_backend = create_backend("onnxruntime", exported["onnx"], providers=["cpu"])  # config from sidecar
+    assert ort_backend.device == "CPUExecutionProvider" and ort_backend.config.to_dict() == config.to_dict()
+    a, b = torch_backend.infer(frame), ort_backend.infer(frame)
+    for key in ("points", "scores"):
+        assert b[key].dtype == np.float32
+        np.testing.assert_allclose(b[key], a[key], atol=MAX_ABS_DIFF_FP32)
+
+
+def test_fp16_companion(exported):
+    path = exported["onnx"].with_name("lite.fp16.onnx")
+    side = read_sidecar(path, required=True)
+    m = onnx.load(str(path))
+    assert side["precision"] == "fp16" and side["trt_unsupported_ops"] == []
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in list(m.graph.input) + list(m.graph.output))
+    assert side["parity"]["max_abs_diff_points"] < MAX_POINTS_DIFF_FP16
+    assert side["parity"]["label_agreement"] >= MIN_LABEL_AGREEMENT_FP16
+
+
+def test_pipeline_runs_onnxruntime_end_to_end(exported):
+    from conftest import CAM_POSE, IMAGE_HW, INTRINSIC
+
+    backend = create_backend("onnxruntime", exported["onnx"], providers=["cpu"])
+    pipe = OccupancyPipeline(backend, exported["config"])
+    image = np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
+    frame = pipe.process(image, INTRINSIC, CAM_POSE, floor_z=0.0)
+    assert frame.labels.shape == (60, 60, 36) and frame.labels.dtype == np.uint8
+    assert len(frame.voxel_labels) == len(frame.voxel_indices) == int((frame.labels > 0).sum())
+    t = pipe.last_timings
+    assert t.infer_ms > 0 and t.preprocess_ms > 0 and t.postprocess_ms > 0
+    assert t.total_ms >= t.infer_ms
+    assert set(pipe.timing_summary()) == {"preprocess", "infer", "postprocess", "total"}
+    np.testing.assert_allclose(frame.voxel_origin[2], 0.0)
+    pipe.close()
+
+
+def test_cli_export_without_checkpoint_warns_and_check_command(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rand.onnx"
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert cli_main(["onnx", "--config", "lite", "--out", str(out), "--no-parity", "--simplify"]) == 0
+    side = read_sidecar(out, required=True)
+    assert side["random_weights"] is True and side["simplified"] is False and "parity" not in side
+    assert cli_main(["check", "--onnx", str(out)]) == 0
+    assert "no op flagged for TensorRT" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on this CI machine: no TensorRT
+    assert cli_main(["trt", "--onnx", str(out), "--out", str(tmp_path / "x.engine")]) == 2
+    assert "tensorrt" in capsys.readouterr().err
