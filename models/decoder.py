@@ -31,7 +31,7 @@ class DistanceBiasedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)  # 3 x (B,H,N,dh)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,N,dh) each
         metric = centres * self.extent.to(centres.dtype)
         dist = (metric.unsqueeze(2) - metric.unsqueeze(1)).square().sum(-1).clamp_min(1e-12).sqrt()  # (B,N,N)
         bias = -dist.unsqueeze(1) * self.temperature.to(x.dtype).view(1, self.h, 1, 1)

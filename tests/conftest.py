@@ -1,0 +1,36 @@
+"""Shared fixtures: the lite model config/network and one hand-checkable camera set-up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models import geometry
+
+# Camera 1.5 m above the floor at the world origin, looking horizontally along world +y.
+# Columns of the rotation are the camera x (right), y (down), z (forward) axes in world coordinates.
+CAM_POSE = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 1.5], [0.0, 0.0, 0.0, 1.0]])
+# K of a 512x384 image; the lite network input is 256x192, so fx = fy = 100, cx = 128, cy = 96 there.
+INTRINSIC = np.array([[200.0, 0.0, 256.0], [0.0, 200.0, 192.0], [0.0, 0.0, 1.0]])
+IMAGE_HW = (384, 512)
+
+
+@pytest.fixture(scope="session")
+def lite_config() -> models.ModelConfig:
+    return models.load_config("lite")
+
+
+@pytest.fixture(scope="session")
+def lite_model(lite_config) -> torch.nn.Module:
+    """A randomly initialised lite network in eval mode (shared: do not modify it in tests)."""
+    torch.manual_seed(0)
+    return models.build_model(lite_config).eval()
+
+
+@pytest.fixture()
+def lite_grid2img(lite_config) -> torch.Tensor:
+    """(1,4,4) grid2img of the reference camera at the lite input size, grid placed by place_grid."""
+    k = geometry.scale_intrinsic(INTRINSIC, IMAGE_HW, tuple(lite_config.image_size))
+    origin = geometry.place_grid(CAM_POSE)
+    return torch.tensor(geometry.grid_to_image_matrix(k, CAM_POSE, origin), dtype=torch.float32)[None]
