@@ -1,0 +1,127 @@
+"""Post-processing on constructed point sets: threshold, centre distance, voxel mean score, closing."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from models.postprocess import labels_batch, points_to_occupancy
+
+SHAPE = np.array([60, 60, 36])
+ORIGIN = np.array([1.0, -2.0, 0.5])
+
+
+def _centre(i, j, k):
+    """Normalised coordinates of the centre of voxel (i, j, k)."""
+    return (np.array([i, j, k]) + 0.5) / SHAPE
+
+
+def _empty(q, r, c=11):
+    return np.zeros((q, r, 3), np.float32), np.zeros((q, r, c), np.float32)
+
+
+def test_voxel_score_is_the_mean_of_its_points_score_vectors(lite_config):
+    points, scores = _empty(2, 2)
+    points[:] = _centre(10, 20, 5)
+    scores[0, 0, [2, 4]] = [0.9, 0.2]
+    scores[0, 1, [2, 4]] = [0.55, 0.8]
+    scores[1, 0, [2, 4]] = [0.6, 0.1]
+    scores[1, 1, [2, 4]] = [0.3, 0.9]
+    frame = points_to_occupancy(points, scores, ORIGIN, lite_config)
+    # class 2 mean (0.9+0.55+0.6+0.3)/4 = 0.5875 beats class 4 mean 0.5 -> label 3
+    np.testing.assert_array_equal(frame.voxel_indices, [[10, 20, 5]])
+    np.testing.assert_array_equal(frame.voxel_labels, [3])
+    np.testing.assert_allclose(frame.voxel_scores, [0.5875], rtol=1e-6)
+    assert frame.labels.shape == (60, 60, 36) and frame.labels.dtype == np.uint8
+    assert frame.labels[10, 20, 5] == 3 and np.count_nonzero(frame.labels) == 1
+    assert frame.voxel_indices.dtype == np.int32 and frame.voxel_scores.dtype == np.float32
+    np.testing.assert_allclose(frame.centers_world(), [ORIGIN + (np.array([10, 20, 5]) + 0.5) * 0.08])
+    np.testing.assert_array_equal(frame.voxel_origin, ORIGIN)
+
+
+def test_score_threshold_drops_points_at_or_below_it(lite_config):
+    points, scores = _empty(1, 3)
+    points[0] = [_centre(1, 1, 1), _centre(2, 2, 2), _centre(3, 3, 3)]
+    scores[0, :, 0] = [0.5, 0.51, 0.2]
+    scores[0, 2, 7] = 0.49
+    frame = points_to_occupancy(points, scores, ORIGIN, lite_config)
+    np.testing.assert_array_equal(frame.voxel_indices, [[2, 2, 2]])
+    low = dataclasses.replace(lite_config, score_threshold=0.3)
+    np.testing.assert_array_equal(points_to_occupancy(points, scores, ORIGIN, low).voxel_indices,
+                                  [[1, 1, 1], [2, 2, 2], [3, 3, 3]])
+    np.testing.assert_array_equal(points_to_occupancy(points, scores, ORIGIN, low).voxel_labels, [1, 1, 8])
+
+
+def test_points_far_from_their_query_centre_are_dropped(lite_config):
+    # one query, 4 points: three at x = 0.1 m, one at x = 1.3 m (metric grid coordinates, y, z fixed)
+    # centre x = 0.4 m: distances 0.3, 0.3, 0.3 and 0.9 m -> only the last exceeds 0.6 m
+    points, scores = _empty(1, 4)
+    xs = np.array([0.1, 0.1, 0.1, 1.3])
+    points[0, :, 0] = xs / 4.8
+    points[0, :, 1] = 1.0 / 4.8
+    points[0, :, 2] = 1.0 / 2.88
+    scores[0, :, 5] = 0.9
+    frame = points_to_occupancy(points, scores, ORIGIN, lite_config)
+    np.testing.assert_array_equal(frame.voxel_indices, [[1, 12, 12]])
+    wide = dataclasses.replace(lite_config, max_center_dist=1.0)
+    np.testing.assert_array_equal(points_to_occupancy(points, scores, ORIGIN, wide).voxel_indices,
+                                  [[1, 12, 12], [16, 12, 12]])
+    # distance is metric: the same normalised spread (0.25) along z (2.88 m extent) is 0.72 m, so the
+    # far point is 0.54 m from the centre and kept
+    along_z = np.full_like(points, 0.5)
+    along_z[0, :, 2] = xs / 4.8
+    assert len(points_to_occupancy(along_z, scores, ORIGIN, lite_config).voxel_labels) == 2
+
+
+def test_points_outside_the_grid_are_ignored_and_inputs_accept_torch_and_batch_of_one(lite_config):
+    points, scores = _empty(3, 1)
+    points[:, 0] = [_centre(0, 0, 0), [1.0001, 0.5, 0.5], [0.5, -0.001, 0.5]]
+    scores[:, 0, 9] = 0.8
+    frame = points_to_occupancy(torch.from_numpy(points)[None], torch.from_numpy(scores)[None], ORIGIN, lite_config)
+    np.testing.assert_array_equal(frame.voxel_indices, [[0, 0, 0]])
+    np.testing.assert_array_equal(frame.voxel_labels, [10])
+
+
+def test_closing_fills_a_one_voxel_hole(lite_config):
+    ring = [(i, j, 10) for i in (4, 5, 6) for j in (4, 5, 6) if (i, j) != (5, 5)]
+    ring += [(5, 5, 9), (5, 5, 11)]
+    points, scores = _empty(len(ring), 1)
+    points[:, 0] = [_centre(*v) for v in ring]
+    scores[:, 0, 2] = 0.9
+    scores[:4, 0, 2] = 0.7
+    plain = points_to_occupancy(points, scores, ORIGIN, lite_config)
+    assert plain.labels[5, 5, 10] == 0
+    closed = points_to_occupancy(points, scores, ORIGIN, dataclasses.replace(lite_config, closing=True))
+    assert closed.labels[5, 5, 10] == 3
+    assert np.all(closed.labels[plain.labels > 0] == plain.labels[plain.labels > 0])  # nothing removed
+    assert len(closed.voxel_labels) == len(plain.voxel_labels) + 1
+    np.testing.assert_allclose(closed.voxel_scores[closed.voxel_indices.tolist().index([5, 5, 10])], 0.9)
+
+
+def test_batch_variant_matches_single_frames(lite_config):
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0.2, 0.8, (2, 30, 4, 3)).astype(np.float32)
+    points[:, :, 1:] = points[:, :, :1] + rng.normal(0, 0.01, (2, 30, 3, 3)).astype(np.float32)
+    scores = rng.uniform(0, 1, (2, 30, 4, 11)).astype(np.float32)
+    labels = labels_batch(torch.from_numpy(points), torch.from_numpy(scores), lite_config)
+    assert labels.shape == (2, 60, 60, 36)
+    for b in range(2):
+        frame = points_to_occupancy(points[b], scores[b], ORIGIN, lite_config)
+        assert frame.labels.any()
+        np.testing.assert_array_equal(labels[b].numpy(), frame.labels)
+
+
+def test_bad_inputs_are_rejected(lite_config):
+    points, scores = _empty(2, 3)
+    with pytest.raises(ValueError, match="points must be"):
+        points_to_occupancy(points[..., :2], scores, ORIGIN, lite_config)
+    with pytest.raises(ValueError, match="scores must be"):
+        points_to_occupancy(points, scores[..., :5], ORIGIN, lite_config)
+    with pytest.raises(ValueError, match="disagree"):
+        points_to_occupancy(points, scores[:1], ORIGIN, lite_config)
+    with pytest.raises(ValueError, match="voxel_origin"):
+        points_to_occupancy(points, scores, [0.0, 0.0], lite_config)
+    with pytest.raises(ValueError, match="one frame"):
+        points_to_occupancy(np.stack([points, points]), np.stack([scores, scores]), ORIGIN, lite_config)
