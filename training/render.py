@@ -1,0 +1,197 @@
+"""Renders of label grids and comparison panels (numpy + PIL only), for READMEs, evaluation and debugging.
+
+``render_grid`` draws occupied voxels as shaded cubes in an oblique orthographic view (painter's
+algorithm over exposed faces, standard class colours); ``render_panel`` puts the input image, its
+depth, the ground truth and a prediction side by side with a class legend.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES
+from models.geometry import VOXEL_SIZE
+
+FACE_SHADE = (0.72, 0.86, 1.0)  # x faces, y faces, z faces (tops brightest)
+BACKGROUND = (255, 255, 255)
+_CORNERS = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=np.float64)
+
+
+def _view(azimuth_deg: float, elevation_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Orthographic view basis: (right, up, forward, to_viewer) for a viewer at azimuth/elevation."""
+    az, el = np.radians(azimuth_deg), np.radians(elevation_deg)
+    to_viewer = np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
+    forward = -to_viewer
+    right = np.cross(forward, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    return right, up, forward, to_viewer
+
+
+def camera_azimuth(cam_pose: np.ndarray, offset_deg: float = 35.0) -> float:
+    """Azimuth of a viewer behind the camera (looking where it looks), turned by ``offset_deg``."""
+    forward = np.asarray(cam_pose, np.float64)[:3, 2]
+    return float(np.degrees(np.arctan2(-forward[1], -forward[0])) + offset_deg)
+
+
+def _exposed_faces(labels: np.ndarray, drawn: np.ndarray, to_viewer: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """(voxel indices (M,3), axis, sign) of faces that look at the viewer and have no drawn neighbour."""
+    faces = []
+    for axis in range(3):
+        sign = 1 if to_viewer[axis] > 0 else -1
+        if abs(to_viewer[axis]) < 1e-6:
+            continue
+        neighbour = np.zeros_like(drawn)
+        src = [slice(None)] * 3
+        dst = [slice(None)] * 3
+        if sign > 0:
+            src[axis], dst[axis] = slice(1, None), slice(None, -1)
+        else:
+            src[axis], dst[axis] = slice(None, -1), slice(1, None)
+        neighbour[tuple(dst)] = drawn[tuple(src)]
+        faces.append((np.argwhere(drawn & ~neighbour), axis, sign))
+    return faces
+
+
+def render_grid(labels: np.ndarray, size: tuple[int, int] = (480, 360), azimuth: float = -125.0,
+                elevation: float = 40.0, hide: tuple[int, ...] = (1,), cam_pose: np.ndarray | None = None,
+                voxel_origin: np.ndarray | None = None, supersample: int = 2) -> Image.Image:
+    """Render an (X,Y,Z) label grid (0 empty, 1..11, 255 unknown; ``hide`` labels skipped, default the
+    ceiling) as shaded cubes. With cam_pose and voxel_origin the view is taken from behind the camera
+    and the camera is marked. Returns an RGB image of ``size`` = (width, height)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"render_grid expects an (X,Y,Z) label grid, got shape {labels.shape}")
+    if cam_pose is not None:
+        azimuth = camera_azimuth(cam_pose)
+    right, up, forward, to_viewer = _view(azimuth, elevation)
+    drawn = (labels > 0) & (labels <= NUM_CLASSES) & ~np.isin(labels, hide)
+    width, height = size[0] * supersample, size[1] * supersample
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+
+    # Fit the whole grid box (and the camera) into the image, identically for every grid of this shape.
+    box = np.array([[i, j, k] for i in (0, labels.shape[0]) for j in (0, labels.shape[1]) for k in (0, labels.shape[2])],
+                   dtype=np.float64)
+    cam_vox = None
+    if cam_pose is not None and voxel_origin is not None:
+        cam_vox = (np.asarray(cam_pose, np.float64)[:3, 3] - np.asarray(voxel_origin, np.float64)) / VOXEL_SIZE
+        box = np.vstack([box, cam_vox])
+    sx, sy = box @ right, -(box @ up)
+    scale = 0.92 * min(width / (sx.max() - sx.min()), height / (sy.max() - sy.min()))
+    ox = width / 2 - scale * (sx.max() + sx.min()) / 2
+    oy = height / 2 - scale * (sy.max() + sy.min()) / 2
+
+    def project(points: np.ndarray) -> np.ndarray:
+        return np.stack([ox + scale * (points @ right), oy - scale * (points @ up)], axis=-1)
+
+    polys, depths, colours = [], [], []
+    for idx, axis, sign in _exposed_faces(labels, drawn, to_viewer):
+        if len(idx) == 0:
+            continue
+        b, c = (axis + 1) % 3, (axis + 2) % 3
+        corners = np.repeat(idx[:, None, :].astype(np.float64), 4, axis=1)  # (M,4,3)
+        corners[:, :, axis] += 1.0 if sign > 0 else 0.0
+        corners[:, :, b] += _CORNERS[:, 0]
+        corners[:, :, c] += _CORNERS[:, 1]
+        polys.append(project(corners))
+        depths.append((idx + 0.5) @ forward)
+        rgb = CLASS_COLORS[labels[tuple(idx.T)]].astype(np.float64) * FACE_SHADE[axis]
+        colours.append(rgb)
+    if polys:
+        polys_a, depths_a, colours_a = np.concatenate(polys), np.concatenate(depths), np.concatenate(colours)
+        outline = scale >= 5.0  # voxel edges only where cubes are large enough to show them
+        for i in np.argsort(-depths_a, kind="stable"):  # far to near
+            fill = tuple(int(v) for v in colours_a[i])
+            edge = tuple(int(v * 0.7) for v in colours_a[i]) if outline else None
+            draw.polygon([tuple(p) for p in polys_a[i]], fill=fill, outline=edge)
+    if cam_vox is not None:
+        _draw_camera(draw, project, cam_vox, np.asarray(cam_pose, np.float64), scale)
+    return image.resize(size, Image.LANCZOS) if supersample > 1 else image
+
+
+def _draw_camera(draw: ImageDraw.ImageDraw, project, cam_vox: np.ndarray, cam_pose: np.ndarray, scale: float) -> None:
+    """A small frustum marker at the camera position, pointing along its optical axis."""
+    r = cam_pose[:3, :3]
+    tip = cam_vox
+    far = [cam_vox + 6.0 * (r[:, 2] + 0.5 * sx * r[:, 0] + 0.4 * sy * r[:, 1]) for sx, sy in
+           ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    p_tip = project(tip[None])[0]
+    p_far = project(np.array(far))
+    width = max(1, int(scale * 0.15))
+    for p in p_far:
+        draw.line([tuple(p_tip), tuple(p)], fill=(20, 20, 20), width=width)
+    draw.polygon([tuple(p) for p in p_far], outline=(20, 20, 20), width=width)
+
+
+def colorize_depth(depth: np.ndarray, max_depth: float | None = None) -> np.ndarray:
+    """(H,W) metres -> (H,W,3) uint8 with a perceptual ramp (near warm, far cool); invalid = black."""
+    depth = np.asarray(depth, np.float64)
+    valid = depth > 0
+    if max_depth is None:
+        max_depth = float(np.percentile(depth[valid], 99)) if valid.any() else 1.0
+    t = np.clip(depth / max(max_depth, 1e-6), 0.0, 1.0)
+    anchors = np.array([[253, 231, 37], [94, 201, 98], [33, 145, 140], [59, 82, 139], [68, 1, 84]], np.float64)
+    pos = t * (len(anchors) - 1)
+    lo = np.floor(pos).astype(np.int64).clip(0, len(anchors) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = anchors[lo] * (1 - frac) + anchors[lo + 1] * frac
+    rgb[~valid] = 0
+    return rgb.astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def legend(width: int, classes: tuple[int, ...] = tuple(range(1, NUM_CLASSES + 1)), font_size: int = 14) -> Image.Image:
+    """A strip of colour swatches with class names."""
+    font = _font(font_size)
+    cell = max(110, font_size * 8)
+    per_row = max(1, width // cell)
+    rows = (len(classes) + per_row - 1) // per_row
+    strip = Image.new("RGB", (width, rows * (font_size + 10) + 6), BACKGROUND)
+    draw = ImageDraw.Draw(strip)
+    for n, c in enumerate(classes):
+        x, y = 8 + (n % per_row) * cell, 4 + (n // per_row) * (font_size + 10)
+        draw.rectangle([x, y + 2, x + font_size, y + font_size + 2], fill=tuple(int(v) for v in CLASS_COLORS[c]),
+                       outline=(60, 60, 60))
+        draw.text((x + font_size + 6, y), CLASS_NAMES[c], fill=(20, 20, 20), font=font)
+    return strip
+
+
+def render_panel(rgb: np.ndarray, depth: np.ndarray | None, gt: np.ndarray | None, pred: np.ndarray | None = None,
+                 cam_pose: np.ndarray | None = None, voxel_origin: np.ndarray | None = None,
+                 tile: tuple[int, int] = (400, 300), title: str | None = None,
+                 out_path: str | Path | None = None) -> Image.Image:
+    """Input image | depth | ground truth | prediction (those given), with titles and a class legend.
+
+    rgb (H,W,3) uint8; depth (H,W) metres; gt / pred (X,Y,Z) label grids. Saves a PNG if out_path.
+    """
+    font = _font(16)
+    tiles: list[tuple[str, Image.Image]] = [("input image", Image.fromarray(np.asarray(rgb, np.uint8)).resize(tile))]
+    if depth is not None:
+        tiles.append(("depth", Image.fromarray(colorize_depth(depth)).resize(tile, Image.NEAREST)))
+    for name, grid in (("ground truth", gt), ("prediction", pred)):
+        if grid is not None:
+            tiles.append((name, render_grid(grid, tile, cam_pose=cam_pose, voxel_origin=voxel_origin)))
+    head = 26 if title else 0
+    label_h = 24
+    strip = legend(tile[0] * len(tiles))
+    panel = Image.new("RGB", (tile[0] * len(tiles), head + label_h + tile[1] + strip.height), BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    if title:
+        draw.text((8, 4), title, fill=(0, 0, 0), font=font)
+    for n, (name, im) in enumerate(tiles):
+        draw.text((n * tile[0] + 8, head + 3), name, fill=(0, 0, 0), font=font)
+        panel.paste(im, (n * tile[0], head + label_h))
+    panel.paste(strip, (0, head + label_h + tile[1]))
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        panel.save(out_path)
+    return panel
