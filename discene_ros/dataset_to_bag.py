@@ -35,20 +35,18 @@ def _sample_ids(root: Path, split: str) -> list[str]:
 
 def _read_frame(dataset: Any, sample_id: str, resize_hw: tuple[int, int] | None) -> dict[str, Any]:
     """Raw frame of a sample: rgb, jpeg bytes (None after resizing), depth metres, K, pose, origin, target."""
-    from PIL import Image
-
     from models.geometry import scale_intrinsic
     from models.preprocess import resize_depth, resize_image
-    from training.scene_format import DEPTH_SCALE, sample_paths
+    from training.occscannet import find_image, read_image
+    from training.scene_format import DEPTH_SCALE
 
     data = dataset.read_pickle(sample_id)
     target = dataset.read_target(sample_id, data)
-    _, jpg, png = sample_paths(dataset.root, sample_id)
-    jpeg_bytes = jpg.read_bytes()
-    with Image.open(jpg) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    with Image.open(png) as im:
-        depth = np.asarray(im).astype(np.float32) / DEPTH_SCALE
+    jpg = find_image(dataset.root, sample_id, data, "img")
+    rgb = read_image(sample_id, jpg, "RGB")
+    jpeg_bytes = jpg.read_bytes() if jpg.suffix.lower() in (".jpg", ".jpeg") else None
+    depth = read_image(sample_id, find_image(dataset.root, sample_id, data, "depth_gt"), "I").astype(np.float32)
+    depth /= DEPTH_SCALE
     k = np.asarray(data["intrinsic"], dtype=np.float64)[:3, :3]
     if resize_hw is not None and rgb.shape[:2] != tuple(resize_hw):
         k = scale_intrinsic(k, rgb.shape[:2], resize_hw)

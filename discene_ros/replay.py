@@ -1,0 +1,396 @@
+"""``discene-replay``: run a ROS 2 bag (mcap or sqlite3) through the node's pipeline and evaluate it.
+
+Every colour image goes through the same ``FrameProcessor`` + ``OccupancyPipeline`` as the node,
+at full speed or, with ``--realtime``, at the recorded rate with the node's newest-frame-wins
+dropping. Predictions are written to an output bag; IoU/mIoU (SSCMetrics protocol) are computed
+against the ground-truth topics when the bag has them (see ``bag_io``); ``report.md``, PNG renders
+and an optional JSON summary are written. Without ``--bag`` the shipped sample bag is replayed
+with the shipped model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import bag_io
+from . import conversions as conv
+from .errors import FrameError
+from .msg_factory import TypestoreFactory
+from .params import DATA_DIR, DEFAULT_MODEL
+from .processing import (
+    FrameInput,
+    FrameProcessor,
+    FrameStats,
+    LatestFrameSlot,
+    ProcessorSettings,
+    build_outputs,
+    latency_percentiles,
+)
+
+SAMPLE_BAG = DATA_DIR / "sample_bag"
+
+
+@dataclass
+class GroundTruth:
+    labels: np.ndarray          # (X, Y, Z) uint8, 255 unknown
+    voxel_origin: np.ndarray    # (3,)
+    has_unknown: bool           # False when only the occupied-voxel cloud was available
+
+
+@dataclass
+class ReplayResult:
+    summary: dict[str, Any]
+    renders: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_pipeline(model: str | Path | None, backend: str = "torch", device: str | None = "cpu", fp16: bool = False,
+                   score_threshold: float | None = None) -> Any:
+    """Backend + OccupancyPipeline, as the node builds them. The default model is the shipped one."""
+    from export.backends import create_backend
+    from export.pipeline import OccupancyPipeline
+
+    path = Path(model) if model else DEFAULT_MODEL
+    if not path.is_file():
+        hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; pass --model "
+                "PATH (a checkpoint .pt, .onnx or .engine)") if not model else "check --model"
+        raise FileNotFoundError(f"model file {path} not found: {hint}")
+    be = create_backend(backend, path, device=device, fp16=fp16)
+    if score_threshold is not None:
+        be.config.score_threshold = float(score_threshold)
+    return OccupancyPipeline(be)
+
+
+# ----------------------------------------------------------------------------- reading the bag
+def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size: float,
+                      errors: list[str]) -> dict[int, GroundTruth]:
+    """Ground truth per header stamp (ns) from the labels/cloud + grid pose topics; empty when absent."""
+    wanted = (bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC, bag_io.GT_POSE_TOPIC)
+    conns = [c for c in reader.connections if c.topic in wanted]
+    if not any(c.topic == bag_io.GT_POSE_TOPIC for c in conns):
+        return {}
+    origins: dict[int, np.ndarray] = {}
+    labels: dict[int, Any] = {}
+    clouds: dict[int, Any] = {}
+    try:
+        for conn, _, raw in reader.messages(connections=conns):
+            msg = reader.deserialize(raw, conn.msgtype)
+            stamp = conv.stamp_to_ns(msg.header.stamp)
+            if conn.topic == bag_io.GT_POSE_TOPIC:
+                origins[stamp] = conv.grid_origin_from_pose(msg)
+            elif conn.topic == bag_io.GT_LABELS_TOPIC:
+                labels[stamp] = msg
+            else:
+                clouds[stamp] = msg
+    except Exception as exc:  # truncated/corrupt bag: keep what was read
+        errors.append(f"reading ground truth stopped: {type(exc).__name__}: {exc}")
+    out = {}
+    for stamp, origin in origins.items():
+        try:
+            if stamp in labels:
+                out[stamp] = GroundTruth(conv.png_to_label_grid(labels[stamp], grid_shape), origin, True)
+            elif stamp in clouds:
+                out[stamp] = GroundTruth(conv.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape),
+                                         origin, False)
+        except FrameError as exc:
+            errors.append(f"ground truth at {stamp} ns unusable: {exc}")
+    return out
+
+
+class BagFrames:
+    """Colour frames of a bag with the newest camera info, depth and TF at their stamp.
+
+    An image is completed once a later-stamped message (or the end) arrives, so messages written with
+    the same stamp in any order belong to it. A read error ends the iteration and is kept in ``error``.
+    """
+
+    def __init__(self, reader: Any, image_topic: str, info_topic: str | None, depth_topic: str | None,
+                 world_frame: str, ground_truth: dict[int, GroundTruth]) -> None:
+        self.reader = reader
+        self.image_topic, self.info_topic, self.depth_topic = image_topic, info_topic, depth_topic
+        self.world_frame = world_frame
+        self.ground_truth = ground_truth
+        self.tf = bag_io.TfTree()
+        self.info: Any = None
+        self.depth: Any = None
+        self.error: str | None = None
+        self.images = 0
+        topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
+        self.connections = [c for c in reader.connections if c.topic in topics]
+
+    def _complete(self, image: Any, bag_t: int) -> tuple[FrameInput, int]:
+        stamp = conv.stamp_to_ns(image.header.stamp)
+        gt = self.ground_truth.get(stamp)
+        pose = self.tf.lookup(self.world_frame, image.header.frame_id)
+        frame = FrameInput(image=image, camera_info=self.info, depth=self.depth, cam_pose=pose,
+                           voxel_origin=None if gt is None else gt.voxel_origin)
+        return frame, bag_t
+
+    def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
+        pending: tuple[Any, int] | None = None
+        messages = self.reader.messages(connections=self.connections)
+        while True:
+            try:
+                item = next(messages, None)
+                if item is None:
+                    break
+                conn, bag_t, raw = item
+                msg = self.reader.deserialize(raw, conn.msgtype)
+            except Exception as exc:  # truncated chunk, bad CDR, sqlite errors ...
+                self.error = f"bag read failed after {self.images} images: {type(exc).__name__}: {exc}"
+                break
+            if pending is not None and bag_t > pending[1]:
+                yield self._complete(*pending)
+                pending = None
+            if conn.topic == self.image_topic:
+                self.images += 1
+                pending = (msg, bag_t)
+            elif conn.topic == self.info_topic:
+                self.info = msg
+            elif conn.topic == self.depth_topic:
+                self.depth = msg
+            else:
+                try:
+                    self.tf.add_message(msg)
+                except FrameError as exc:
+                    self.error = f"bad transform in the bag: {exc}"
+        if pending is not None:
+            yield self._complete(*pending)
+
+
+# ----------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Accumulates SSCMetrics (training.metrics, imported lazily) over the frames with ground truth."""
+
+    def __init__(self, num_classes: int) -> None:
+        from training.metrics import SSCMetrics
+
+        self.metrics = SSCMetrics(num_classes + 1)
+        self.frames = 0
+        self.unknown_missing = False
+
+    def add(self, pred_labels: np.ndarray, gt: GroundTruth) -> None:
+        self.metrics.add_batch(pred_labels, gt.labels)
+        self.frames += 1
+        self.unknown_missing |= not gt.has_unknown
+
+    def result(self) -> dict[str, Any]:
+        from models.classes import CLASS_NAMES
+
+        stats = self.metrics.compute()
+        per_class = [float(v) for v in stats["per_class_iou"]]  # index 0 = empty
+        return {"iou": stats["iou"], "miou": stats["miou"], "precision": stats["precision"], "recall": stats["recall"],
+                "per_class_iou": {CLASS_NAMES[i]: per_class[i] for i in range(1, len(CLASS_NAMES))}}
+
+
+# ----------------------------------------------------------------------------- the replay loop
+class Replayer:
+    """Runs the frames of one bag through a FrameProcessor and collects outputs, stats and metrics."""
+
+    def __init__(self, processor: FrameProcessor, writer: Any, factory: TypestoreFactory, world_frame: str,
+                 ground_truth: dict[int, GroundTruth], evaluator: Evaluator | None, n_renders: int = 3) -> None:
+        self.processor, self.writer, self.factory = processor, writer, factory
+        self.world_frame = world_frame
+        self.ground_truth = ground_truth
+        self.evaluator = evaluator
+        self.n_renders = n_renders
+        self.stats = FrameStats(window=100_000)
+        self.renders: list[dict[str, Any]] = []
+        self.stage_ms: dict[str, list[float]] = {}
+
+    def handle(self, frame: FrameInput) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self.processor.process(frame)
+            msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
+        except FrameError as exc:
+            self.stats.on_skipped(exc.reason)
+            return
+        latency = (time.perf_counter() - t0) * 1e3
+        self.stats.on_processed(latency)
+        for key, value in result.timings_ms.items():
+            self.stage_ms.setdefault(key, []).append(value)
+        self.writer.write(bag_io.PRED_TOPIC, msgs["cloud"], frame.stamp_ns)
+        self.writer.write(bag_io.PRED_POSE_TOPIC, msgs["grid_pose"], frame.stamp_ns)
+        gt = self.ground_truth.get(frame.stamp_ns)
+        if gt is not None and self.evaluator is not None:
+            self.evaluator.add(result.occupancy.labels, gt)
+        if len(self.renders) < self.n_renders:
+            k = conv.camera_info_to_k(frame.camera_info, result.rgb.shape[:2])
+            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "intrinsic": k,
+                                 "cam_pose": result.cam_pose, "pred": result.occupancy.labels.copy(),
+                                 "gt": None if gt is None else gt.labels, "voxel_origin": result.occupancy.voxel_origin})
+
+    def run_full_speed(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
+        for frame, _ in frames:
+            self.stats.on_received()
+            self.handle(frame)
+            bar.update(1)
+            if max_frames is not None and self.stats.received >= max_frames:
+                break
+
+    def run_realtime(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
+        """A reader thread plays frames at their recorded times into the newest-frame slot, like a topic."""
+        slot, done = LatestFrameSlot(), threading.Event()
+
+        def play() -> None:
+            start_wall, start_bag = time.monotonic(), None
+            try:
+                for frame, bag_t in frames:
+                    start_bag = bag_t if start_bag is None else start_bag
+                    delay = (bag_t - start_bag) * 1e-9 - (time.monotonic() - start_wall)
+                    if delay > 0:
+                        time.sleep(delay)
+                    frame.received_s = time.monotonic()
+                    self.stats.on_received(slot.put(frame))
+                    bar.update(1)
+                    if max_frames is not None and self.stats.received >= max_frames:
+                        break
+            finally:
+                done.set()
+                slot.close()
+
+        player = threading.Thread(target=play, name="bag_player", daemon=True)
+        player.start()
+        while True:
+            frame = slot.take(timeout=0.1)
+            if frame is not None:
+                self.handle(frame)
+            elif done.is_set():
+                break
+        player.join()
+
+
+def replay(bag: str | Path | None = None, model: str | Path | None = None, backend: str = "torch",
+           device: str | None = "cpu", out: str | Path = "discene_replay", realtime: bool = False,
+           max_frames: int | None = None, storage: str = "mcap", image_topic: str | None = None,
+           world_frame: str = bag_io.WORLD_FRAME, score_threshold: float | None = None, use_fallback_pose: bool = True,
+           n_renders: int = 3, progress: bool = True, pipeline: Any = None) -> ReplayResult:
+    """Replay a bag; returns the summary (``frames``, ``fps``, ``latency_ms``, ``iou``, ``miou``, ...).
+
+    Raises BagError when the bag cannot be opened; a bag that fails part-way ends the replay early
+    with ``summary["error"]`` set (the report covers what was processed).
+    """
+    from tqdm import tqdm
+
+    bag = Path(bag) if bag is not None else SAMPLE_BAG
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = bag_io.open_reader(bag)
+    try:
+        pipeline = pipeline if pipeline is not None else build_pipeline(model, backend, device,
+                                                                        score_threshold=score_threshold)
+        config = pipeline.config
+        topic = bag_io.pick_topic(reader, image_topic, bag_io.IMAGE_TYPES,
+                                  prefer=(bag_io.IMAGE_TOPIC, bag_io.COMPRESSED_TOPIC), exclude_word="depth")
+        if topic is None:
+            raise bag_io.BagError(f"bag {bag} has no sensor_msgs/Image or CompressedImage topic")
+        info_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/CameraInfo",), prefer=(bag_io.CAMERA_INFO_TOPIC,))
+        depth_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/Image",), prefer=(bag_io.DEPTH_TOPIC,)) \
+            if config.use_depth else None
+        errors: list[str] = []
+        gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
+        evaluator = Evaluator(config.num_classes) if gt else None
+        processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=config.use_depth,
+                                                               use_fallback_pose=use_fallback_pose))
+        frames = BagFrames(reader, topic, info_topic, depth_topic, world_frame, gt)
+        out_bag = out / "occupancy_bag"
+        if out_bag.exists():
+            shutil.rmtree(out_bag)
+        factory = TypestoreFactory(bag_io.typestore())
+        total = sum(c.msgcount for c in reader.connections if c.topic == topic)
+        start = time.perf_counter()
+        with bag_io.BagWriter(out_bag, storage, factory.typestore) as writer, \
+                tqdm(total=min(total, max_frames or total), unit="frame", desc="discene-replay",
+                     disable=not progress) as bar:
+            rep = Replayer(processor, writer, factory, world_frame, gt, evaluator, n_renders)
+            (rep.run_realtime if realtime else rep.run_full_speed)(iter(frames), max_frames, bar)
+        wall = time.perf_counter() - start
+        if frames.error:
+            errors.append(frames.error)
+        summary = _summary(bag, pipeline, rep, wall, realtime, evaluator, errors, out_bag, topic, gt)
+        return ReplayResult(summary, rep.renders)
+    finally:
+        reader.close()
+
+
+def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
+             errors: list[str], out_bag: Path, topic: str, gt: dict) -> dict[str, Any]:
+    snap = rep.stats.snapshot()
+    metrics: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None}
+    if evaluator is not None and evaluator.frames:
+        metrics = evaluator.result()
+    skipped = dict(snap["skipped"])
+    return {
+        "bag": str(bag), "image_topic": topic, "model_config": pipeline.config.name,
+        "backend": pipeline.backend.describe(), "realtime": realtime,
+        "images": snap["received"], "frames": snap["processed"],
+        "fps": snap["processed"] / wall if wall > 0 else 0.0,
+        "latency_ms": latency_percentiles(rep.stats.latencies_ms),
+        "stage_ms": {k: latency_percentiles(v) for k, v in rep.stage_ms.items()},
+        **metrics,
+        "evaluated_frames": 0 if evaluator is None else evaluator.frames,
+        "unknown_voxels_known": bool(gt) and all(g.has_unknown for g in gt.values()),
+        "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "dropped": snap["dropped"],
+        "output_bag": str(out_bag), "error": "; ".join(errors) if errors else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="discene-replay", description=__doc__.splitlines()[0])
+    parser.add_argument("--bag", default=None, help="ROS 2 bag directory (mcap or sqlite3); default: the shipped sample bag")
+    parser.add_argument("--model", default=None, help="checkpoint/.onnx/.engine; default: the shipped lite_distilled.pt")
+    parser.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, auto)")
+    parser.add_argument("--out", default="discene_replay", help="output directory (report, renders, output bag)")
+    parser.add_argument("--storage", choices=bag_io.STORAGES, default="mcap", help="output bag storage")
+    parser.add_argument("--realtime", action="store_true", help="play at the recorded rate, dropping stale frames")
+    parser.add_argument("--json", default=None, help="write the summary as JSON here")
+    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
+    parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME)
+    parser.add_argument("--score-threshold", type=float, default=None)
+    parser.add_argument("--renders", type=int, default=3, help="frames rendered into the report")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from .report import write_report
+
+    out = Path(args.out)
+    try:
+        result = replay(args.bag, args.model, args.backend, None if args.device == "auto" else args.device, out,
+                        args.realtime, args.max_frames, args.storage, args.image_topic, args.world_frame,
+                        args.score_threshold, n_renders=args.renders, progress=not args.no_progress)
+    except (bag_io.BagError, FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+        print(f"discene-replay: error: {exc}", file=sys.stderr)
+        return 2
+    report = write_report(out, result.summary, result.renders)
+    s = result.summary
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(s, indent=1) + "\n")
+    lat = s["latency_ms"]
+    print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}), "
+          f"{s['fps']:.2f} FPS, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
+          f"[{s['backend']}]")
+    if s["iou"] is not None:
+        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")
+    else:
+        print("no ground truth in the bag: IoU/mIoU not computed")
+    print(f"report: {report}\noutput bag: {s['output_bag']}")
+    if s["error"]:
+        print(f"discene-replay: the bag ended early: {s['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

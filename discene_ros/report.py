@@ -1,0 +1,78 @@
+"""Replay report: ``report.md`` with the summary table, per-class IoU and PNG renders of a few frames."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def render_frames(out_dir: Path, renders: list[dict[str, Any]]) -> tuple[list[Path], str | None]:
+    """PNG per kept frame (image | prediction | ground truth) with training.render; (paths, note if none)."""
+    if not renders:
+        return [], None
+    try:
+        from training import render
+    except ImportError as exc:
+        return [], f"renders skipped: training.render is not importable ({exc})"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, item in enumerate(renders):
+        path = out_dir / f"frame_{i:02d}_{item['stamp_ns']}.png"
+        render.render_comparison(path, item["rgb"], item["pred"], item["gt"], item["intrinsic"], item["cam_pose"],
+                                 item["voxel_origin"])
+        paths.append(path)
+    return paths, None
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dict[str, Any]]) -> Path:
+    """Write ``report.md`` (+ ``renders/*.png``) under ``out_dir``; returns the report path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs, note = render_frames(out_dir / "renders", renders)
+    lat = summary.get("latency_ms") or {}
+    lines = [
+        "# DiScene replay report", "",
+        f"- bag: `{summary.get('bag')}` (image topic `{summary.get('image_topic')}`)",
+        f"- model: `{summary.get('model_config')}` on {summary.get('backend')}",
+        f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
+        f"- output bag: `{summary.get('output_bag')}`", "",
+    ]
+    if summary.get("error"):
+        lines += [f"**The replay ended early:** {summary['error']}", "",
+                  "The figures below cover the frames processed before that point.", ""]
+    lines += [
+        "| frames processed | images read | skipped | dropped | FPS | latency p50 / p90 / p99 / mean (ms) |",
+        "|---|---|---|---|---|---|",
+        f"| {summary.get('frames', 0)} | {summary.get('images', 0)} | {summary.get('skipped', 0)} | "
+        f"{summary.get('dropped', 0)} | {summary.get('fps', 0.0):.2f} | "
+        f"{lat.get('p50', 0):.1f} / {lat.get('p90', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('mean', 0):.1f} |", "",
+    ]
+    if summary.get("skipped_by_reason"):
+        lines += ["Skipped frames by reason: " + ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()), ""]
+    stages = summary.get("stage_ms") or {}
+    if stages:
+        lines += ["| stage | p50 ms | mean ms |", "|---|---|---|"]
+        lines += [f"| {name.removesuffix('_ms')} | {v['p50']:.1f} | {v['mean']:.1f} |" for name, v in stages.items()]
+        lines.append("")
+    if summary.get("iou") is None:
+        lines += ["No ground truth in the bag: IoU/mIoU not computed.", ""]
+    else:
+        lines += [f"## Occupancy metrics ({summary.get('evaluated_frames', 0)} frames, SSCMetrics protocol)", "",
+                  f"IoU **{_pct(summary['iou'])}**, mIoU **{_pct(summary['miou'])}**", ""]
+        if not summary.get("unknown_voxels_known", True):
+            lines += ["Note: the bag has no dense label topic, so unknown voxels counted as empty.", ""]
+        per_class = summary.get("per_class_iou") or {}
+        lines += ["| " + " | ".join(per_class) + " |", "|" + "---|" * len(per_class),
+                  "| " + " | ".join(_pct(v) for v in per_class.values()) + " |", ""]
+    if pngs:
+        lines += ["## Renders (image | prediction | ground truth)", ""]
+        lines += [f"![{p.stem}](renders/{p.name})" for p in pngs]
+        lines.append("")
+    elif note:
+        lines += [note, ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,173 @@
+"""The node's ROS-free logic, for real: newest-frame slot, stats, throttling, fallback pose, bad frames."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from rosbags.typesys import Stores, get_typestore
+from test_ros_support import BlockBackend, pipeline_for
+
+from discene_ros import conversions as conv
+from discene_ros.errors import (
+    CameraInfoError,
+    DepthError,
+    MissingCameraInfoError,
+    MissingTransformError,
+    UnsupportedEncodingError,
+)
+from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.processing import (
+    FrameInput,
+    FrameProcessor,
+    FrameStats,
+    LatestFrameSlot,
+    ProcessorSettings,
+    WarnThrottle,
+    build_outputs,
+    fallback_camera_pose,
+)
+from models.config import lite
+from models.geometry import place_grid
+
+F = TypestoreFactory(get_typestore(Stores.ROS2_JAZZY))
+K = np.array([[120.0, 0, 64], [0, 120, 48], [0, 0, 1]])
+STAMP = 5_000_000_000
+
+
+def _frame(encoding="rgb8", hw=(96, 128), info_hw=(96, 128), pose=np.eye(4), depth=None, stamp=STAMP):
+    rgb = np.full(hw + (3,), 100, np.uint8)
+    image = conv.rgb_to_image(F, rgb, "cam", stamp, "rgb8")
+    image.encoding = encoding
+    info = conv.k_to_camera_info(F, K, info_hw[0], info_hw[1], "cam", stamp) if info_hw else None
+    return FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose)
+
+
+def test_latest_frame_slot_keeps_newest_and_counts_drops():
+    slot = LatestFrameSlot()
+    assert slot.take(timeout=0.01) is None
+    assert slot.put(1) is False
+    assert slot.put(2) is True and slot.put(3) is True
+    assert slot.dropped == 2
+    assert slot.take() == 3 and slot.take(timeout=0.01) is None
+    waiter = []
+    t = threading.Thread(target=lambda: waiter.append(slot.take(timeout=5)))
+    t.start()
+    slot.put(7)
+    t.join(2)
+    assert waiter == [7]
+    slot.close()
+    assert slot.take(timeout=5) is None  # closed: returns at once
+
+
+def test_stats_and_throttle_with_fake_clock():
+    now = [100.0]
+    stats = FrameStats(clock=lambda: now[0])
+    for i in range(11):
+        stats.on_received(dropped_previous=i % 2 == 1)
+        stats.on_processed(10.0 + i)
+        now[0] += 0.1
+    stats.on_skipped("bad_image_size")
+    snap = stats.snapshot()
+    assert snap["fps"] == pytest.approx(10.0)
+    assert snap["received"] == 11 and snap["processed"] == 11 and snap["dropped"] == 5
+    assert snap["latency_ms"]["p50"] == pytest.approx(15.0) and snap["latency_ms"]["mean"] == pytest.approx(15.0)
+    assert snap["skipped"] == {"bad_image_size": 1} and snap["window_skipped"] == 1
+    assert stats.snapshot()["window_processed"] == 0  # window reset by the previous snapshot
+    throttle = WarnThrottle(5.0, clock=lambda: now[0])
+    assert throttle.allow("a") and not throttle.allow("a") and throttle.allow("b")
+    now[0] += 5.0
+    assert throttle.allow("a") and throttle.suppressed["a"] == 1
+
+
+def test_fallback_pose_geometry():
+    pose = fallback_camera_pose(1.2, 30.0, floor_z=0.5)
+    rot = pose[:3, :3]
+    np.testing.assert_allclose(rot.T @ rot, np.eye(3), atol=1e-12)
+    assert np.linalg.det(rot) == pytest.approx(1.0)
+    np.testing.assert_allclose(pose[:3, 3], [0, 0, 1.7])
+    np.testing.assert_allclose(rot[:, 2], [np.cos(np.pi / 6), 0, -0.5], atol=1e-12)  # forward, pitched down
+    assert rot[2, 1] < 0 and rot[1, 0] == pytest.approx(-1.0)  # image down has a -z part; image right is -y
+    origin = place_grid(pose, floor_z=0.5)
+    assert origin[2] == 0.5 and origin[0] > -0.1  # grid on the floor, in front of the camera (+x)
+
+
+def test_processor_good_frame_and_outputs():
+    proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
+    result = proc.process(_frame())
+    assert not result.used_fallback_pose and len(result.occupancy.voxel_labels) == 40
+    assert set(result.timings_ms) >= {"decode_ms", "preprocess_ms", "infer_ms", "postprocess_ms"}
+    msgs = build_outputs(F, result, "odom", STAMP)
+    assert msgs["cloud"].width == 40 and msgs["cloud"].header.frame_id == "odom"
+    assert len(msgs["markers"].markers) == 2  # DELETEALL + one class
+    np.testing.assert_allclose(conv.grid_origin_from_pose(msgs["grid_pose"]), result.occupancy.voxel_origin)
+
+
+def test_processor_rescales_camera_info_and_rejects_bad_frames():
+    proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
+    proc.process(_frame(info_hw=(192, 256)))  # info at twice the resolution: K is rescaled
+    with pytest.raises(UnsupportedEncodingError):
+        proc.process(_frame(encoding="yuv422"))
+    with pytest.raises(CameraInfoError, match="does not match"):
+        proc.process(_frame(info_hw=(96, 96)))
+    with pytest.raises(MissingCameraInfoError):
+        proc.process(_frame(info_hw=None))
+    with pytest.raises(MissingTransformError):
+        proc.process(_frame(pose=None))
+    fallback = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=True))
+    assert fallback.process(_frame(pose=None)).used_fallback_pose
+
+
+def test_processor_depth_rules():
+    cfg = lite()
+    cfg.use_depth = True
+    with pytest.raises(ValueError, match="use_depth"):
+        FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(use_depth=False))
+    proc = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(use_depth=True))
+    with pytest.raises(DepthError, match="no depth"):
+        proc.process(_frame())
+    nan_depth = conv.depth_to_image(F, np.full((96, 128), np.nan), "cam", STAMP, "32FC1")
+    with pytest.raises(DepthError, match="no valid pixel"):
+        proc.process(_frame(depth=nan_depth))
+    stale = conv.depth_to_image(F, np.ones((96, 128)), "cam", STAMP - 500_000_000)
+    with pytest.raises(DepthError, match="ms away"):
+        proc.process(_frame(depth=stale))
+    skewed = conv.depth_to_image(F, np.ones((96, 96)), "cam", STAMP)
+    with pytest.raises(DepthError, match="aligned"):
+        proc.process(_frame(depth=skewed))
+    partial = np.ones((48, 64))
+    partial[:10] = np.nan  # NaN pixels are invalid (0), the frame is still used
+    assert proc.process(_frame(depth=conv.depth_to_image(F, partial, "cam", STAMP, "32FC1"))).occupancy is not None
+
+
+def test_slow_backend_drops_stale_frames_newest_wins():
+    """A producer at ~100 Hz against a 50 ms backend: most frames are dropped, never queued."""
+    backend = BlockBackend(delay_s=0.05)
+    proc = FrameProcessor(pipeline_for(backend), ProcessorSettings())
+    slot, stats, done, processed = LatestFrameSlot(), FrameStats(), threading.Event(), []
+
+    def worker():
+        while True:
+            frame = slot.take(timeout=0.05)
+            if frame is None:
+                if done.is_set():
+                    return
+                continue
+            proc.process(frame)
+            processed.append(frame.stamp_ns)
+            stats.on_processed(1.0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    frames = [_frame(stamp=STAMP + i) for i in range(30)]
+    for frame in frames:
+        stats.on_received(slot.put(frame))
+        time.sleep(0.01)
+    done.set()  # the worker still takes what is in the slot, then stops
+    t.join(10)
+    snap = stats.snapshot()
+    assert snap["received"] == 30
+    assert snap["dropped"] >= 10 and snap["processed"] == len(processed) == backend.calls
+    assert snap["processed"] + snap["dropped"] == 30
+    assert processed == sorted(processed) and processed[-1] == STAMP + 29  # the newest frame is processed
