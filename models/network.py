@@ -34,7 +34,7 @@ class DiSceneNet(nn.Module):
 
     def extract_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,H,W) normalised RGB -> FPN maps, finest first."""
-        if image.dim() != 4 or image.shape[1] != 3:
+        if not torch.jit.is_tracing() and (image.dim() != 4 or image.shape[1] != 3):
             raise ValueError(f"image must be (B,3,H,W), got {tuple(image.shape)}")
         return self.neck(self.backbone(image))
 
@@ -49,21 +49,26 @@ class DiSceneNet(nn.Module):
         b = features[0].shape[0]
         h, w = features[0].shape[-2:]
         image_hw = (int(h) * self.neck.strides[0], int(w) * self.neck.strides[0])
-        if grid2img.shape[-2:] != (4, 4) or grid2img.shape[0] != b:
+        if init_points is None:
+            init_points = self.query_init.weight.unsqueeze(0).expand(b, -1, -1)
+        if not self.config.use_depth:
+            depth = None  # depth is only read by the depth branch
+        if not torch.jit.is_tracing():  # shapes are fixed while tracing for export
+            self._check_inputs(b, image_hw, grid2img, depth, init_points)
+        layers = self.decoder(features, grid2img, init_points, image_hw, depth)
+        return {"init_points": init_points, "layers": layers}
+
+    def _check_inputs(self, b: int, image_hw: tuple[int, int], grid2img: torch.Tensor,
+                      depth: torch.Tensor | None, init_points: torch.Tensor) -> None:
+        if tuple(grid2img.shape) != (b, 4, 4):
             raise ValueError(f"grid2img must be ({b},4,4), got {tuple(grid2img.shape)}")
         if self.config.use_depth:
             if depth is None:
                 raise ValueError(f"config '{self.config.name}' uses the depth branch: depth (B,1,H,W) is required")
-            if depth.dim() != 4 or depth.shape[1] != 1 or tuple(depth.shape[-2:]) != image_hw:
+            if tuple(depth.shape) != (b, 1, *image_hw):
                 raise ValueError(f"depth must be ({b},1,{image_hw[0]},{image_hw[1]}), got {tuple(depth.shape)}")
-        else:
-            depth = None  # depth is only read by the depth branch
-        if init_points is None:
-            init_points = self.query_init.weight.unsqueeze(0).expand(b, -1, -1)
-        elif init_points.dim() != 3 or init_points.shape[0] != b or init_points.shape[-1] != 3:
+        if init_points.dim() != 3 or init_points.shape[0] != b or init_points.shape[-1] != 3:
             raise ValueError(f"init_points must be ({b},N,3), got {tuple(init_points.shape)}")
-        layers = self.decoder(features, grid2img, init_points, image_hw, depth)
-        return {"init_points": init_points, "layers": layers}
 
     def forward(
         self,
