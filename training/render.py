@@ -57,10 +57,12 @@ def _exposed_faces(labels: np.ndarray, drawn: np.ndarray, to_viewer: np.ndarray)
 
 def render_grid(labels: np.ndarray, size: tuple[int, int] = (480, 360), azimuth: float = -125.0,
                 elevation: float = 40.0, hide: tuple[int, ...] = (1,), cam_pose: np.ndarray | None = None,
-                voxel_origin: np.ndarray | None = None, supersample: int = 2) -> Image.Image:
+                voxel_origin: np.ndarray | None = None, supersample: int = 2,
+                bounds: tuple[np.ndarray, np.ndarray] | None = None) -> Image.Image:
     """Render an (X,Y,Z) label grid (0 empty, 1..11, 255 unknown; ``hide`` labels skipped, default the
     ceiling) as shaded cubes. With cam_pose and voxel_origin the view is taken from behind the camera
-    and the camera is marked. Returns an RGB image of ``size`` = (width, height)."""
+    and the camera is marked. The view is fitted to ``bounds`` = (lo, hi) voxel corners (default: the
+    drawn voxels, or the whole grid when none). Returns an RGB image of ``size`` = (width, height)."""
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"render_grid expects an (X,Y,Z) label grid, got shape {labels.shape}")
@@ -72,9 +74,11 @@ def render_grid(labels: np.ndarray, size: tuple[int, int] = (480, 360), azimuth:
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
 
-    # Fit the whole grid box (and the camera) into the image, identically for every grid of this shape.
-    box = np.array([[i, j, k] for i in (0, labels.shape[0]) for j in (0, labels.shape[1]) for k in (0, labels.shape[2])],
-                   dtype=np.float64)
+    # Fit the bounds (and the camera) into the image; panels pass shared bounds so renders compare.
+    if bounds is None:
+        bounds = occupied_bounds(drawn)
+    lo, hi = np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)
+    box = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     cam_vox = None
     if cam_pose is not None and voxel_origin is not None:
         cam_vox = (np.asarray(cam_pose, np.float64)[:3, 3] - np.asarray(voxel_origin, np.float64)) / VOXEL_SIZE
@@ -112,6 +116,14 @@ def render_grid(labels: np.ndarray, size: tuple[int, int] = (480, 360), azimuth:
     return image.resize(size, Image.LANCZOS) if supersample > 1 else image
 
 
+def occupied_bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) voxel-corner bounds of the True voxels of a mask (the whole grid when none)."""
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return np.zeros(3), np.asarray(mask.shape, np.float64)
+    return idx.min(axis=0).astype(np.float64), idx.max(axis=0).astype(np.float64) + 1.0
+
+
 def _draw_camera(draw: ImageDraw.ImageDraw, project, cam_vox: np.ndarray, cam_pose: np.ndarray, scale: float) -> None:
     """A small frustum marker at the camera position, pointing along its optical axis."""
     r = cam_pose[:3, :3]
@@ -121,6 +133,8 @@ def _draw_camera(draw: ImageDraw.ImageDraw, project, cam_vox: np.ndarray, cam_po
     p_tip = project(tip[None])[0]
     p_far = project(np.array(far))
     width = max(1, int(scale * 0.15))
+    foot = project(np.array([[cam_vox[0], cam_vox[1], 0.0]]))[0]  # a pole down to the floor shows the position
+    draw.line([tuple(p_tip), tuple(foot)], fill=(200, 30, 30), width=width)
     for p in p_far:
         draw.line([tuple(p_tip), tuple(p)], fill=(20, 20, 20), width=width)
     draw.polygon([tuple(p) for p in p_far], outline=(20, 20, 20), width=width)
@@ -177,9 +191,14 @@ def render_panel(rgb: np.ndarray, depth: np.ndarray | None, gt: np.ndarray | Non
     tiles: list[tuple[str, Image.Image]] = [("input image", Image.fromarray(np.asarray(rgb, np.uint8)).resize(tile))]
     if depth is not None:
         tiles.append(("depth", Image.fromarray(colorize_depth(depth)).resize(tile, Image.NEAREST)))
-    for name, grid in (("ground truth", gt), ("prediction", pred)):
-        if grid is not None:
-            tiles.append((name, render_grid(grid, tile, cam_pose=cam_pose, voxel_origin=voxel_origin)))
+    grids = [(name, np.asarray(g)) for name, g in (("ground truth", gt), ("prediction", pred)) if g is not None]
+    if grids:
+        union = np.zeros(grids[0][1].shape, bool)
+        for _, g in grids:
+            union |= (g > 0) & (g <= NUM_CLASSES) & (g != 1)
+        bounds = occupied_bounds(union)
+        for name, g in grids:
+            tiles.append((name, render_grid(g, tile, cam_pose=cam_pose, voxel_origin=voxel_origin, bounds=bounds)))
     head = 26 if title else 0
     label_h = 24
     strip = legend(tile[0] * len(tiles))
@@ -195,3 +214,41 @@ def render_panel(rgb: np.ndarray, depth: np.ndarray | None, gt: np.ndarray | Non
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         panel.save(out_path)
     return panel
+
+
+def render_sample(root: str | Path, sample_id: str, out_path: str | Path | None = None,
+                  tile: tuple[int, int] = (400, 300)) -> Image.Image:
+    """Panel (image, depth, ground truth) of one sample of an Occ-ScanNet-format dataset."""
+    from .occscannet import find_image, read_image, read_pickle
+    from .scene_format import DEPTH_SCALE, STORED_LAYOUT, from_stored
+
+    data = read_pickle(root, sample_id)
+    rgb = read_image(sample_id, find_image(root, sample_id, data, "img"), "RGB")
+    depth = read_image(sample_id, find_image(root, sample_id, data, "depth_gt"), "I").astype(np.float32) / DEPTH_SCALE
+    gt = from_stored(np.asarray(data["target_1_4"]), STORED_LAYOUT)
+    return render_panel(rgb, depth, gt, None, data["cam_pose"], data["voxel_origin"], tile, sample_id, out_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render image | depth | ground truth panels of dataset samples.")
+    parser.add_argument("--root", required=True, help="Occ-ScanNet-format dataset root")
+    parser.add_argument("--samples", nargs="+", required=True, help="sample ids <scene>/<frame>")
+    parser.add_argument("--out", required=True, help="output PNG (panels stacked vertically)")
+    parser.add_argument("--tile", type=int, nargs=2, default=(400, 300), metavar=("W", "H"))
+    args = parser.parse_args(argv)
+    panels = [render_sample(args.root, s, tile=tuple(args.tile)) for s in args.samples]
+    out = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), BACKGROUND)
+    y = 0
+    for p in panels:
+        out.paste(p, (0, y))
+        y += p.height
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.out, optimize=True)
+    print(f"wrote {args.out} ({out.width}x{out.height})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
