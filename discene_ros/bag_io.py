@@ -108,8 +108,10 @@ def open_reader(path: str | Path) -> Any:
         reader = AnyReader([path], default_typestore=typestore())
         reader.open()
     except Exception as exc:  # rosbags raises several reader errors, plus sqlite/mcap/yaml ones
-        raise BagError(f"cannot open bag {path}: {type(exc).__name__}: {exc} (is it a complete ROS 2 bag directory "
-                       "with metadata.yaml?)") from exc
+        hint = (" (a truncated mcap file can be salvaged with `mcap recover in.mcap -o fixed.mcap`)"
+                if "magic" in str(exc).lower() else "")
+        raise BagError(f"cannot open bag {path}: {type(exc).__name__}: {str(exc).rstrip('.')}. The bag is truncated or corrupt, or "
+                       "not a ROS 2 bag directory (metadata.yaml + .mcap/.db3)" + hint) from exc
     return reader
 
 

@@ -225,9 +225,7 @@ class Replayer:
         if gt is not None and self.evaluator is not None:
             self.evaluator.add(result.occupancy.labels, gt)
         if len(self.renders) < self.n_renders:
-            k = conv.camera_info_to_k(frame.camera_info, result.rgb.shape[:2])
-            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "intrinsic": k,
-                                 "cam_pose": result.cam_pose, "pred": result.occupancy.labels.copy(),
+            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose, "pred": result.occupancy.labels.copy(),
                                  "gt": None if gt is None else gt.labels, "voxel_origin": result.occupancy.voxel_origin})
 
     def run_full_speed(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
@@ -345,6 +343,20 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
     }
 
 
+def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
+    """Summary of a replay that could not read a single frame."""
+    return {"bag": str(bag), "image_topic": None, "model_config": None, "backend": None, "realtime": False,
+            "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
+            "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
+            "skipped_by_reason": {}, "dropped": 0, "output_bag": None, "error": error}
+
+
+def _write_json(path: str | None, summary: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="discene-replay", description=__doc__.splitlines()[0])
     parser.add_argument("--bag", default=None, help="ROS 2 bag directory (mcap or sqlite3); default: the shipped sample bag")
@@ -365,18 +377,23 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_report
 
     out = Path(args.out)
+    bag = args.bag if args.bag is not None else str(SAMPLE_BAG)
     try:
         result = replay(args.bag, args.model, args.backend, None if args.device == "auto" else args.device, out,
                         args.realtime, args.max_frames, args.storage, args.image_topic, args.world_frame,
                         args.score_threshold, n_renders=args.renders, progress=not args.no_progress)
-    except (bag_io.BagError, FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+    except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so
+        summary = empty_summary(bag, str(exc))
+        report = write_report(out, summary, [])
+        _write_json(args.json, summary)
+        print(f"discene-replay: error: {exc}\nreport: {report}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
         print(f"discene-replay: error: {exc}", file=sys.stderr)
         return 2
     report = write_report(out, result.summary, result.renders)
     s = result.summary
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(s, indent=1) + "\n")
+    _write_json(args.json, s)
     lat = s["latency_ms"]
     print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}), "
           f"{s['fps']:.2f} FPS, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "

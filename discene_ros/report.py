@@ -17,8 +17,9 @@ def render_frames(out_dir: Path, renders: list[dict[str, Any]]) -> tuple[list[Pa
     paths = []
     for i, item in enumerate(renders):
         path = out_dir / f"frame_{i:02d}_{item['stamp_ns']}.png"
-        render.render_comparison(path, item["rgb"], item["pred"], item["gt"], item["intrinsic"], item["cam_pose"],
-                                 item["voxel_origin"])
+        render.render_panel(item["rgb"], None, item["gt"], item["pred"], cam_pose=item["cam_pose"],
+                            voxel_origin=item["voxel_origin"], tile=(320, 240),
+                            title=f"stamp {item['stamp_ns'] * 1e-9:.3f} s", out_path=path)
         paths.append(path)
     return paths, None
 

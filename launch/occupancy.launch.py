@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (ruff takes the repository folder launch/ for the launch package)
 """Launch the DiScene occupancy node (and optionally RViz 2 with the shipped config).
 
     ros2 launch discene_ros occupancy.launch.py image_topic:=/camera/color/image_raw world_frame:=odom rviz:=true
@@ -5,14 +6,13 @@
 Parameters come from ``config/occupancy.yaml`` (``params_file``); the launch arguments below
 override the most common ones. Their defaults equal the YAML defaults.
 """
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 PACKAGE = "discene_ros"
 

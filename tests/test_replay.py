@@ -1,0 +1,182 @@
+"""Dataset -> bag -> replay end to end, on mcap and sqlite3 bags; realtime dropping; corrupt bags; CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_ros_support import BlockBackend, OracleBackend, pipeline_for
+
+from discene_ros import bag_io, replay
+from discene_ros import conversions as conv
+from discene_ros.dataset_to_bag import dataset_to_bag
+from discene_ros.dataset_to_bag import main as to_bag_main
+from discene_ros.msg_factory import TypestoreFactory
+
+SUMMARY_KEYS = {"frames", "fps", "latency_ms", "iou", "miou", "per_class_iou", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from training.occscannet import OccScanNetDataset
+    from training.synth import generate
+
+    root = tmp_path_factory.mktemp("occ") / "ds"
+    generate(root, scenes=1, frames_per_scene=2, width=64, height=48, val_fraction=0.0, progress=False)
+    ds = OccScanNetDataset(root, "train")
+    frames = {}
+    for sample_id in ds.ids:
+        data = ds.read_pickle(sample_id)
+        frames[sample_id] = (ds.read_target(sample_id, data), np.asarray(data["voxel_origin"], np.float64).reshape(3),
+                             np.asarray(data["cam_pose"], np.float64), np.asarray(data["intrinsic"])[:3, :3])
+    return root, frames
+
+
+@pytest.fixture(scope="module")
+def bags(dataset, tmp_path_factory):
+    root, _ = dataset
+    out = tmp_path_factory.mktemp("bags")
+    assert to_bag_main(["--dataset", str(root), "--out", str(out / "raw_mcap")]) == 0
+    assert dataset_to_bag(root, out / "jpeg_sqlite", storage="sqlite3", compressed=True) == 2
+    return {"mcap": out / "raw_mcap", "sqlite3": out / "jpeg_sqlite"}
+
+
+def _oracle(frames):
+    return OracleBackend({tuple(np.round(origin, 6)): grid for grid, origin, _, _ in frames.values()})
+
+
+def test_dataset_bag_contents(dataset, bags):
+    _, frames = dataset
+    (target, origin, pose, k), *_ = frames.values()
+    reader = bag_io.open_reader(bags["mcap"])
+    try:
+        topics = {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}
+        assert topics == {
+            bag_io.IMAGE_TOPIC: ("sensor_msgs/msg/Image", 2), bag_io.CAMERA_INFO_TOPIC: ("sensor_msgs/msg/CameraInfo", 2),
+            bag_io.DEPTH_TOPIC: ("sensor_msgs/msg/Image", 2), bag_io.TF_TOPIC: ("tf2_msgs/msg/TFMessage", 2),
+            bag_io.GT_TOPIC: ("sensor_msgs/msg/PointCloud2", 2),
+            bag_io.GT_LABELS_TOPIC: ("sensor_msgs/msg/CompressedImage", 2),
+            bag_io.GT_POSE_TOPIC: ("geometry_msgs/msg/PoseStamped", 2)}
+        first = {}
+        for conn, _, raw in reader.messages():
+            first.setdefault(conn.topic, reader.deserialize(raw, conn.msgtype))
+    finally:
+        reader.close()
+    np.testing.assert_array_equal(conv.png_to_label_grid(first[bag_io.GT_LABELS_TOPIC], target.shape), target)
+    cloud_grid = conv.cloud_to_label_grid(first[bag_io.GT_TOPIC], origin, 0.08, target.shape)
+    np.testing.assert_array_equal(cloud_grid, np.where(target == 255, 0, target))
+    np.testing.assert_allclose(conv.grid_origin_from_pose(first[bag_io.GT_POSE_TOPIC]), origin)
+    np.testing.assert_allclose(conv.transform_to_matrix(first[bag_io.TF_TOPIC].transforms[0]), pose, atol=1e-9)
+    np.testing.assert_allclose(conv.camera_info_to_k(first[bag_io.CAMERA_INFO_TOPIC], (48, 64)), k)
+    assert conv.image_to_rgb(first[bag_io.IMAGE_TOPIC]).shape == (48, 64, 3)
+    assert conv.depth_to_metres(first[bag_io.DEPTH_TOPIC]).max() > 0.3
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, storage):
+    """Replaying ground truth as prediction must give IoU 1: checks topics, TF, grid origin, metrics."""
+    _, frames = dataset
+    result = replay.replay(bags[storage], out=tmp_path, storage=storage, pipeline=pipeline_for(_oracle(frames)),
+                           n_renders=1, progress=False)
+    s = result.summary
+    assert SUMMARY_KEYS <= set(s) and s["error"] is None
+    assert s["frames"] == 2 and s["evaluated_frames"] == 2 and s["skipped"] == 0 and s["unknown_voxels_known"]
+    assert s["iou"] == pytest.approx(1.0)
+    present = {int(v) for grid, *_ in frames.values() for v in np.unique(grid) if 0 < v < 255}
+    for i, name in enumerate(s["per_class_iou"], start=1):
+        assert s["per_class_iou"][name] == pytest.approx(1.0 if i in present else 0.0, abs=1e-4)
+    out_reader = bag_io.open_reader(s["output_bag"])
+    try:
+        counts = {c.topic: c.msgcount for c in out_reader.connections}
+        assert counts == {bag_io.PRED_TOPIC: 2, bag_io.PRED_POSE_TOPIC: 2}
+        assert len(list(Path(s["output_bag"]).glob("*.db3" if storage == "sqlite3" else "*.mcap"))) == 1
+    finally:
+        out_reader.close()
+    from discene_ros.report import write_report
+
+    report = write_report(tmp_path, s, result.renders)
+    text = report.read_text()
+    assert "IoU **100.00**" in text and "renders/frame_00_" in text
+    assert len(list((tmp_path / "renders").glob("*.png"))) == 1
+
+
+def _fast_bag(path, n=15, rate_hz=100.0):
+    """A bag with n colour frames at rate_hz (+ camera info, TF) and no ground truth."""
+    f = TypestoreFactory(bag_io.typestore())
+    k = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
+    with bag_io.BagWriter(path, "mcap", f.typestore) as w:
+        for i in range(n):
+            t = 10**18 + int(i * 1e9 / rate_hz)
+            w.write(bag_io.TF_TOPIC, f.new("tf2_msgs/msg/TFMessage", transforms=[
+                conv.matrix_to_transform_stamped(f, np.eye(4), "world", "cam", t)]), t)
+            w.write(bag_io.CAMERA_INFO_TOPIC, conv.k_to_camera_info(f, k, 48, 64, "cam", t), t)
+            w.write(bag_io.IMAGE_TOPIC, conv.rgb_to_image(f, np.zeros((48, 64, 3), np.uint8), "cam", t, "bgr8"), t)
+    return path
+
+
+def test_realtime_replay_drops_frames_like_the_node(tmp_path):
+    bag = _fast_bag(tmp_path / "fast")
+    backend = BlockBackend(delay_s=0.06)
+    s = replay.replay(bag, out=tmp_path / "out", realtime=True, pipeline=pipeline_for(backend), n_renders=0,
+                      progress=False).summary
+    assert s["images"] == 15 and s["frames"] == backend.calls
+    assert s["dropped"] >= 5 and s["frames"] + s["dropped"] == 15
+    assert s["iou"] is None and s["evaluated_frames"] == 0
+    full = replay.replay(bag, out=tmp_path / "out2", pipeline=pipeline_for(BlockBackend()), n_renders=0,
+                         progress=False, max_frames=4).summary
+    assert full["frames"] == 4 and full["dropped"] == 0 and full["fps"] > 0
+
+
+def test_truncated_mcap_bag_gives_clear_error_and_report(bags, tmp_path, capsys):
+    bad = tmp_path / "truncated"
+    shutil.copytree(bags["mcap"], bad)
+    (mcap,) = bad.glob("*.mcap")
+    with open(mcap, "r+b") as fh:
+        fh.truncate(os.path.getsize(mcap) * 6 // 10)
+    with pytest.raises(bag_io.BagError, match="truncated or corrupt"):
+        replay.replay(bad, out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()), progress=False)
+    rc = replay.main(["--bag", str(bad), "--out", str(tmp_path / "o2"), "--json", str(tmp_path / "s.json"),
+                      "--no-progress"])
+    assert rc == 2 and "mcap recover" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"] == 0 and "truncated or corrupt" in summary["error"]
+    assert "ended early" in (tmp_path / "o2" / "report.md").read_text()
+
+
+def test_corrupt_sqlite_bag_reports_what_was_processed(bags, tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(bags["sqlite3"], bad)
+    (db,) = bad.glob("*.db3")
+    with open(db, "r+b") as fh:
+        fh.seek(os.path.getsize(db) * 7 // 10)
+        fh.write(b"\xff" * 4096)
+    s = replay.replay(bad, out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()), n_renders=0,
+                      progress=False).summary
+    assert s["error"] and "malformed" in s["error"]
+    assert s["frames"] <= 2 and s["images"] == s["frames"] + s["skipped"]
+
+
+def test_cli_with_checkpoint_json_and_missing_model(bags, tmp_path, monkeypatch, capsys):
+    from models import build_model
+    from models.checkpoint import save_model
+    from models.config import lite
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "lite.pt"
+    save_model(ckpt, build_model(lite()), lite())
+    out_json = tmp_path / "summary.json"
+    rc = replay.main(["--bag", str(bags["mcap"]), "--model", str(ckpt), "--out", str(tmp_path / "out"), "--json",
+                      str(out_json), "--max-frames", "1", "--renders", "0", "--no-progress", "--storage", "sqlite3"])
+    assert rc == 0
+    s = json.loads(out_json.read_text())
+    assert SUMMARY_KEYS <= set(s) and s["frames"] == 1 and set(s["latency_ms"]) == {"p50", "p90", "p99", "mean"}
+    assert 0.0 <= s["iou"] <= 1.0 and len(s["per_class_iou"]) == 11
+    printed = capsys.readouterr().out
+    assert "FPS" in printed and "report:" in printed and "IoU" in printed
+    monkeypatch.setattr(replay, "DEFAULT_MODEL", tmp_path / "lite_distilled.pt")  # shipped model absent
+    rc = replay.main(["--bag", str(bags["mcap"]), "--out", str(tmp_path / "o3"), "--no-progress"])
+    assert rc == 2 and "lite_distilled.pt is missing" in capsys.readouterr().err
