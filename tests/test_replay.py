@@ -180,3 +180,17 @@ def test_cli_with_checkpoint_json_and_missing_model(bags, tmp_path, monkeypatch,
     monkeypatch.setattr(replay, "DEFAULT_MODEL", tmp_path / "lite_distilled.pt")  # shipped model absent
     rc = replay.main(["--bag", str(bags["mcap"]), "--out", str(tmp_path / "o3"), "--no-progress"])
     assert rc == 2 and "lite_distilled.pt is missing" in capsys.readouterr().err
+
+
+def test_shipped_sample_bag_is_small_and_complete():
+    bag = replay.SAMPLE_BAG
+    assert sum(p.stat().st_size for p in bag.iterdir()) < 3_000_000
+    reader = bag_io.open_reader(bag)
+    try:
+        topics = {c.topic: c.msgcount for c in reader.connections}
+    finally:
+        reader.close()
+    assert topics[bag_io.COMPRESSED_TOPIC] >= 2
+    for topic in (bag_io.CAMERA_INFO_TOPIC, bag_io.DEPTH_TOPIC, bag_io.TF_TOPIC, bag_io.GT_LABELS_TOPIC,
+                  bag_io.GT_POSE_TOPIC, bag_io.GT_TOPIC):
+        assert topics[topic] == topics[bag_io.COMPRESSED_TOPIC], topic
