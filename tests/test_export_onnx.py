@@ -132,3 +132,22 @@ def test_cli_export_without_checkpoint_warns_and_check_command(tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # as on this CI machine: no TensorRT
     assert cli_main(["trt", "--onnx", str(out), "--out", str(tmp_path / "x.engine")]) == 2
     assert "tensorrt" in capsys.readouterr().err
+
+
+def test_depth_model_exports_with_depth_input_and_parity(tmp_path):
+    """use_depth adds the named 'depth' input; small config to keep the test fast."""
+    base = models.load_config("lite").to_dict()
+    base.update(name="tiny_depth", use_depth=True, image_size=[96, 128])
+    base["decoder"].update(num_queries=48)
+    config = models.ModelConfig.from_dict(base)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        side = export_onnx(config, tmp_path / "d.onnx")
+    assert [i["name"] for i in side["inputs"]] == ["image", "grid2img", "depth"]
+    assert side["inputs"][2]["shape"] == [1, 1, 96, 128]
+    assert side["parity"]["max_abs_diff"] < MAX_ABS_DIFF_FP32 and side["trt_unsupported_ops"] == []
+    backend = create_backend("onnxruntime", tmp_path / "d.onnx", providers=["cpu"])
+    frame = example_frame(config, seed=3)
+    assert frame.depth is not None and (frame.depth > 0).any()
+    frame.depth = None
+    with pytest.raises(ValueError, match="needs input 'depth'"):
+        backend.infer(frame)
