@@ -11,7 +11,7 @@ from training.losses import (
     class_weights_from_frequencies,
     distance_weight,
     ground_truth_from_voxels,
-    nearest_neighbour,
+    nearest_neighbours,
 )
 
 EXTENT = torch.tensor([4.8, 4.8, 2.88])
@@ -44,10 +44,14 @@ def test_ground_truth_from_voxels_centres_and_labels():
 def test_chunked_nearest_neighbour_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     src, dst = torch.rand(301, 3, generator=g), torch.rand(97, 3, generator=g)
-    d, i = nearest_neighbour(src, dst, max_elements=500)  # forces many chunks
-    bd, bi = torch.cdist(src, dst).min(1)
+    d, i, rd, ri = nearest_neighbours(src, dst, max_elements=500)  # forces many chunks
+    full = torch.cdist(src, dst)
+    bd, bi = full.min(1)
     torch.testing.assert_close(d, bd)
     assert torch.equal(i, bi)
+    rbd, rbi = full.min(0)
+    torch.testing.assert_close(rd, rbd)
+    assert torch.equal(ri, rbi)
 
 
 def test_exact_fit_gives_zero_chamfer_and_small_focal():

@@ -98,24 +98,36 @@ def ground_truth_from_voxels(target: torch.Tensor, voxel_size: float = VOXEL_SIZ
 
 
 @torch.no_grad()
-def nearest_neighbour(src: torch.Tensor, dst: torch.Tensor, max_elements: int = MAX_CDIST_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of src (N,3) the distance to and index of its nearest row of dst (M,3).
+def nearest_neighbours(src: torch.Tensor, dst: torch.Tensor, max_elements: int = MAX_CDIST_ELEMENTS
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest neighbours both ways between src (N,3) and dst (M,3), from one chunked ``torch.cdist`` pass.
 
-    Chunked ``torch.cdist`` so at most ``max_elements`` distances exist at once. M must be > 0.
+    Returns (src->dst distance (N,), index (N,), dst->src distance (M,), index (M,)); at most
+    ``max_elements`` distances exist at once. Both sets must be non-empty.
     """
-    if dst.shape[0] == 0:
-        raise ValueError("nearest_neighbour needs a non-empty destination set")
+    if src.shape[0] == 0 or dst.shape[0] == 0:
+        raise ValueError(f"nearest_neighbours needs non-empty sets, got {src.shape[0]} and {dst.shape[0]} points")
     src, dst = src.detach().float(), dst.detach().float()
     rows = max(1, max_elements // dst.shape[0])
-    dists, idxs = [], []
+    s_dist, s_idx = [], []
+    d_dist = dst.new_full((dst.shape[0],), float("inf"))
+    d_idx = torch.zeros(dst.shape[0], dtype=torch.long, device=dst.device)
     for start in range(0, src.shape[0], rows):
-        d = torch.cdist(src[start:start + rows], dst)
+        d = torch.cdist(src[start:start + rows], dst)  # (rows, M)
         best, arg = d.min(dim=1)
-        dists.append(best)
-        idxs.append(arg)
-    if not dists:
-        return src.new_zeros(0), torch.zeros(0, dtype=torch.long, device=src.device)
-    return torch.cat(dists), torch.cat(idxs)
+        s_dist.append(best)
+        s_idx.append(arg)
+        col_best, col_arg = d.min(dim=0)
+        better = col_best < d_dist
+        d_dist = torch.where(better, col_best, d_dist)
+        d_idx = torch.where(better, col_arg + start, d_idx)
+    return torch.cat(s_dist), torch.cat(s_idx), d_dist, d_idx
+
+
+def nearest_neighbour(src: torch.Tensor, dst: torch.Tensor, max_elements: int = MAX_CDIST_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of src (N,3) the distance to and index of its nearest row of dst (M,3)."""
+    dist, idx, _, _ = nearest_neighbours(src, dst, max_elements)
+    return dist, idx
 
 
 def distance_weight(points: torch.Tensor, extent: Sequence[float] = GRID_EXTENT, max_weight: float = 1.5) -> torch.Tensor:
@@ -129,20 +141,19 @@ def smooth_l1_chamfer(
     pred: torch.Tensor,
     gt: torch.Tensor,
     pred_weight: torch.Tensor,
-    gt_weight_fn,
+    gt_weight: torch.Tensor,
+    p2g: torch.Tensor,
+    g2p: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
     """Two-sided SmoothL1 Chamfer between pred (N,3) and gt (M,3), metres; returns a scalar.
 
-    Pred side: each prediction to its nearest GT, weighted by ``pred_weight`` (N,). GT side: each GT
-    voxel to its nearest prediction, weighted by ``gt_weight_fn(nn_distance)`` (M,). Each side is the
-    weighted sum divided by its number of points.
+    Pred side: each prediction to its nearest GT (index ``p2g``), weighted by ``pred_weight`` (N,). GT
+    side: each GT voxel to its nearest prediction (``g2p``), weighted by ``gt_weight`` (M,). Each side
+    is the weighted sum divided by its number of points.
     """
-    _, p2g = nearest_neighbour(pred, gt)
-    g_dist, g2p = nearest_neighbour(gt, pred)
     loss_pred = F.smooth_l1_loss(pred, gt[p2g], beta=beta, reduction="none").sum(-1)
     loss_gt = F.smooth_l1_loss(pred[g2p], gt, beta=beta, reduction="none").sum(-1)
-    gt_weight = gt_weight_fn(g_dist)
     return (loss_pred * pred_weight).sum() / pred.shape[0] + (loss_gt * gt_weight).sum() / gt.shape[0]
 
 
@@ -175,15 +186,12 @@ class TaskLoss(torch.nn.Module):
     def to_metres(self, points: torch.Tensor) -> torch.Tensor:
         return points * points.new_tensor(self.extent)
 
-    def _gt_weight_fn(self, gt: GroundTruth):
+    def _gt_weight(self, gt: GroundTruth, nn_dist: torch.Tensor) -> torch.Tensor:
+        """GT-side weights (M,): distance weight, x far_weight when the nearest prediction is far, rare floor."""
         cfg = self.config
-        base = distance_weight(gt.points, self.extent, cfg.max_distance_weight)
-        rare = self.rare[gt.labels - 1]
-
-        def weight(nn_dist: torch.Tensor) -> torch.Tensor:
-            w = base * torch.where(nn_dist > cfg.far_threshold, cfg.far_weight, 1.0)
-            return torch.where(rare, w.clamp(min=cfg.rare_min_weight), w)
-        return weight
+        w = distance_weight(gt.points, self.extent, cfg.max_distance_weight)
+        w = w * torch.where(nn_dist > cfg.far_threshold, cfg.far_weight, 1.0)
+        return torch.where(self.rare[gt.labels - 1], w.clamp(min=cfg.rare_min_weight), w)
 
     def layer_loss(self, points: torch.Tensor, logits: torch.Tensor | None, gt: GroundTruth) -> tuple[torch.Tensor, torch.Tensor]:
         """(chamfer, focal) of one sample: points (P,3) normalised, logits (P,C) or None."""
@@ -193,11 +201,11 @@ class TaskLoss(torch.nn.Module):
             return zero, zero if logits is None else logits.sum() * 0.0
         pred = self.to_metres(points.float())
         pred_w = distance_weight(pred, self.extent, cfg.max_distance_weight)
-        chamfer = smooth_l1_chamfer(pred, gt.points, pred_w, self._gt_weight_fn(gt), cfg.chamfer_beta)
+        _, p2g, g_dist, g2p = nearest_neighbours(pred, gt.points)
+        chamfer = smooth_l1_chamfer(pred, gt.points, pred_w, self._gt_weight(gt, g_dist), p2g, g2p, cfg.chamfer_beta)
         if logits is None:
             return chamfer * cfg.chamfer_weight, zero
-        _, nn_idx = nearest_neighbour(pred, gt.points)
-        labels = gt.labels[nn_idx]
+        labels = gt.labels[p2g]
         focal = sigmoid_focal_loss(logits.float(), labels, cfg.focal_gamma, cfg.focal_alpha)
         w = pred_w * self.class_weights[labels - 1]
         return chamfer * cfg.chamfer_weight, (focal * w).sum() / points.shape[0] * cfg.focal_weight

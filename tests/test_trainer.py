@@ -1,0 +1,155 @@
+"""Trainer on a tiny synthetic dataset: overfit, exact resume, NaN stop, distillation with TGI, CLI, DDP."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from models.checkpoint import load_model
+from training.evaluate import build_dataset
+from training.losses import TaskLoss
+from training.train_config import TrainConfig
+from training.trainer import NonFiniteLossError, Trainer
+
+TINY = {"decoder": {"num_queries": 32, "num_refines": [2, 4]}, "image_size": [96, 128]}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from training.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, scenes=3, frames_per_scene=2, seed=3, width=128, height=96, val_fraction=0.34, progress=False)
+    return root
+
+
+def tiny_config(root, out, **kw) -> TrainConfig:
+    kw = {"max_steps": 4, **kw}
+    cfg = TrainConfig(name="tiny", model="lite", model_overrides=TINY, out_dir=str(out), progress=False,
+                      device="cpu", ckpt_every=2, log_every=1, **kw)
+    cfg.data.root, cfg.data.workers, cfg.data.frequency_frames = str(root), 0, 4
+    cfg.optim.warmup_iters = 1
+    return cfg.validate()
+
+
+def datasets(cfg):
+    m = cfg.model_config()
+    return build_dataset(cfg.data.root, "train", m), build_dataset(cfg.data.root, "val", m)
+
+
+def test_overfit_one_frame_drives_loss_down(data_root, tmp_path):
+    cfg = tiny_config(data_root, tmp_path, max_steps=25)
+    cfg.optim.lr, cfg.optim.backbone_lr_mult, cfg.optim.warmup_iters, cfg.optim.min_lr_ratio = 3e-3, 1.0, 0, 1.0
+    train, _ = datasets(cfg)
+    train.ids = train.ids[:1]
+    trainer = Trainer(cfg, train)
+    batch = next(iter(trainer._loader()))
+    losses = [trainer.train_step(batch)["loss"] for _ in range(25)]
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+
+
+def teacher_checkpoint(data_root, out):
+    cfg = tiny_config(data_root, out, mode="teacher", max_steps=2)
+    train, _ = datasets(cfg)
+    return Trainer(cfg, train).fit()
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def deterministic():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_resume_continues_exactly_in_distill_mode(data_root, tmp_path, deterministic):
+    teacher = teacher_checkpoint(data_root, tmp_path / "teacher")
+    exact = {"mode": "distill", "teacher_checkpoint": str(teacher), "max_steps": 5, "deterministic": True}
+    cfg = tiny_config(data_root, tmp_path / "full", **exact)
+    train, _ = datasets(cfg)
+    full = Trainer(cfg, train)
+    t_model, _ = load_model(teacher)
+    for k, v in t_model.decoder.state_dict().items():  # TGI copied the teacher decoder
+        assert torch.equal(full.student.decoder.state_dict()[k], v)
+    full.fit()
+    part_cfg = tiny_config(data_root, tmp_path / "part", **exact)
+    Trainer(part_cfg, train).fit(stop_at_step=3)
+    resumed = Trainer(part_cfg, train)
+    resumed.resume(tmp_path / "part" / "last.pt")
+    assert resumed.step == 3
+    resumed.fit()
+    assert resumed.step == full.step == 5
+    a, b = params(full.student), params(resumed.student)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.scheduler.state_dict()["last_epoch"] == full.scheduler.state_dict()["last_epoch"]
+    model, mcfg = load_model(tmp_path / "part" / "final.pt")  # the format export and the node read
+    assert mcfg.decoder.num_queries == 32 and all(torch.equal(model.state_dict()[k], b[k]) for k in b)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+    cfg = tiny_config(data_root, tmp_path, max_steps=6)
+    train, _ = datasets(cfg)
+    original, calls = TaskLoss.forward, {"n": 0}
+
+    def poisoned(self, outputs, gts):
+        terms = original(self, outputs, gts)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["focal_1"] = terms["focal_1"] * float("nan")
+            terms["task"] = terms["task"] + terms["focal_1"]
+        return terms
+
+    monkeypatch.setattr(TaskLoss, "forward", poisoned)
+    trainer = Trainer(cfg, train)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*focal_1=nan"):
+        trainer.fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["step"] == 2 and trainer.step == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_cli_trains_and_evaluates(data_root, tmp_path, capsys):
+    import yaml
+
+    from training import evaluate, train
+
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=2).to_dict()
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert train.main(["--config", str(tmp_path / "cfg.yaml"), "--set", "distill.prior=false"]) == 0
+    for name in ("final.pt", "last.pt", "best.pt", "train_config.yaml"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert list((tmp_path / "run" / "tb").glob("events.*"))
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "final.pt"), "--data", str(data_root),
+                          "--json", str(tmp_path / "m.json")]) == 0
+    assert "mIoU" in capsys.readouterr().out and (tmp_path / "m.json").is_file()
+    assert train.main(["--config", str(tmp_path / "cfg.yaml"), "--set", "mode=distill"]) == 2  # no teacher: clear error
+
+
+def _ddp_worker(rank, world, port, root, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    cfg = tiny_config(root, out, max_steps=3)
+    train, _ = datasets(cfg)
+    trainer = Trainer(cfg, train)
+    trainer.fit()
+    torch.save(params(trainer.student), os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_gloo_keep_parameters_identical(data_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(data_root), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    init = params(Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0]).student)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # they did train

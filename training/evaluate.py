@@ -1,0 +1,104 @@
+"""``discene-eval``: evaluate a checkpoint on an Occ-ScanNet-format split with SSCMetrics (IoU, mIoU)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.config import ModelConfig
+from models.postprocess import labels_batch
+
+
+def build_dataset(root: str, split: str, model_cfg: ModelConfig, max_frames: int | None = None,
+                  skip_bad: bool = True) -> Dataset:
+    """An Occ-ScanNet-format split prepared for ``model_cfg`` (depth read only when the model uses it)."""
+    from .occscannet import OccScanNetDataset
+
+    return OccScanNetDataset(root, split, config=model_cfg, skip_bad=skip_bad, max_samples=max_frames,
+                             load_depth=model_cfg.use_depth)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelConfig, device: torch.device | str = "cpu",
+                   batch_size: int = 1, workers: int = 0, amp: str = "none") -> dict[str, Any]:
+    """Run the model on every frame, post-process the last layer to label grids, accumulate SSCMetrics.
+
+    Returns SSCMetrics.compute() plus ``frames`` and ``seconds``. The model's train/eval mode is restored.
+    """
+    from .metrics import SSCMetrics
+    from .trainer import collate_frames, prepare_inputs
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_frames)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
+    frames, start = 0, time.perf_counter()
+    try:
+        for batch in loader:
+            inputs = prepare_inputs(batch, device, model_cfg.use_depth)
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+                out = model(inputs["image"], inputs["grid2img"], inputs["depth"])
+            last = out["layers"][-1]
+            labels = labels_batch(last["points"].float(), last["logits"].float().sigmoid(), model_cfg)
+            metrics.add_batch(labels.cpu().numpy(), inputs["target"].cpu().numpy())
+            frames += labels.shape[0]
+    finally:
+        model.train(was_training)
+    result = dict(metrics.compute())
+    result.update(frames=frames, seconds=time.perf_counter() - start)
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="discene-eval", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint (final.pt, best.pt, last.pt)")
+    parser.add_argument("--data", required=True, help="Occ-ScanNet-format dataset root")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    args = parser.parse_args(argv)
+    from models.checkpoint import load_model
+
+    try:
+        model, cfg = load_model(args.checkpoint, map_location="cpu")
+        dataset = build_dataset(args.data, args.split, cfg, args.max_frames)
+        result = evaluate_model(model.to(args.device), dataset, cfg, args.device, args.batch_size, args.workers, args.amp)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"discene-eval: error: {exc}", file=sys.stderr)
+        return 2
+    from models.classes import CLASS_NAMES
+
+    print(f"{args.checkpoint} on {args.data} [{args.split}], {result['frames']} frames: "
+          f"IoU {100 * result['iou']:.2f}  mIoU {100 * result['miou']:.2f}")
+    per_class = result.get("per_class_iou")
+    if per_class is not None:
+        print("  " + "  ".join(f"{n} {100 * float(v):.1f}" for n, v in zip(CLASS_NAMES[1:], list(per_class)[1:], strict=False)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Training configuration: dataclasses with YAML load/save, command-line overrides and validation.
+
+A YAML file has the sections ``data``, ``optim``, ``loss``, ``distill`` and top-level run settings
+(see training/configs/*.yaml). Unknown keys are rejected by name.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.config import ModelConfig, load_config
+
+from .distill import DistillConfig
+from .losses import TaskLossConfig
+
+MODES = ("teacher", "student", "distill")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Occ-ScanNet-format dataset (real or synthetic) and loader settings."""
+
+    root: str = "data/occscannet"
+    train_split: str = "train"
+    val_split: str = "val"
+    max_train_frames: int | None = None  # first N frames of the split (None: all)
+    max_val_frames: int | None = None
+    workers: int = 2
+    frequency_frames: int = 200          # frames read to count class frequencies when loss.class_frequencies is unset
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a lower backbone lr, linear warm-up then cosine decay, gradient clipping."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    backbone_lr_mult: float = 0.1
+    warmup_iters: int = 500
+    warmup_ratio: float = 1.0 / 3.0      # lr factor at step 0 of the warm-up
+    min_lr_ratio: float = 1e-3           # final lr factor of the cosine
+    grad_clip: float = 35.0              # max gradient norm (0 disables)
+
+
+@dataclass
+class TrainConfig:
+    """One training run: teacher, plain student, or distilled student."""
+
+    name: str = "run"
+    mode: str = "student"                # teacher | student | distill
+    model: str = "lite"                  # named model config or YAML path
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # nested keys merged into the model config
+    teacher_checkpoint: str | None = None  # distill mode: trained teacher (models.checkpoint format)
+    tgi: bool = True                     # distill mode: Teacher-Guided Initialisation
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    loss: TaskLossConfig = field(default_factory=TaskLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 10
+    max_steps: int | None = None         # total optimiser steps; overrides epochs when set
+    batch_size: int = 1                  # per process (per GPU)
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    amp: str = "none"                    # none | bf16 | fp16 (CUDA only)
+    seed: int = 0
+    deterministic: bool = False          # torch.use_deterministic_algorithms (bitwise-repeatable runs and resumes)
+    out_dir: str = "runs/run"
+    log_every: int = 10                  # steps between TensorBoard scalars
+    eval_every: int = 0                  # steps between evaluations (0: at the end only)
+    ckpt_every: int = 500                # steps between last.pt checkpoints (and at the end)
+    progress: bool = True                # tqdm bar on rank 0
+    find_unused_parameters: bool = False  # DDP
+
+    def model_config(self) -> ModelConfig:
+        """The network config: the named/YAML config with ``model_overrides`` merged in."""
+        base = load_config(self.model).to_dict()
+        merged = _deep_merge(base, self.model_overrides)
+        if self.model_overrides and "name" not in self.model_overrides:
+            merged["name"] = f"{base['name']}+overrides"
+        return ModelConfig.from_dict(merged)
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
+            (self.mode != "distill" or bool(self.teacher_checkpoint), "mode 'distill' needs teacher_checkpoint"),
+            (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be positive"),
+            (self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
+            (self.optim.lr > 0, f"optim.lr must be positive, got {self.optim.lr}"),
+            (self.optim.warmup_iters >= 0, "optim.warmup_iters must be >= 0"),
+            (self.log_every > 0 and self.ckpt_every > 0 and self.eval_every >= 0, "log_every/ckpt_every must be > 0, eval_every >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid train config '{self.name}': {message}")
+        self.distill.validate()
+        self.model_config()  # raises on a bad model name or override
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = copy.deepcopy(data)
+        _reject_unknown(cls, data, "train")
+        sections = {"distill": DistillConfig, "loss": TaskLossConfig, "data": DataConfig, "optim": OptimConfig}
+        built = {}
+        for key, sub in sections.items():
+            value = data.pop(key, {}) or {}
+            if not isinstance(value, dict):
+                raise ValueError(f"train config section '{key}' must be a mapping, got {type(value).__name__}")
+            _reject_unknown(sub, value, key)
+            built[key] = sub(**value)
+        return cls(**data, **built).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {where} config keys {unknown}; known keys: {sorted(known)}")
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'``, creating mappings on the way."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML train config; ``overrides`` are ``key.sub=value`` strings (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        packaged = Path(__file__).parent / "configs" / f"{path.name if path.suffix else path.name + '.yaml'}"
+        if not packaged.is_file():
+            raise ValueError(f"train config {path} not found (also looked for {packaged})")
+        path = packaged
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"train config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"train config {path} must hold a mapping at the top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,504 @@
+"""Trainer for the teacher, the plain student and the distilled student (single process or torchrun DDP).
+
+One optimiser step: (distill mode) frozen teacher forward under no_grad -> student forward (main,
+prior and anchor passes) -> task loss + eq. 10 -> finite check -> backward -> clip -> AdamW ->
+warm-up/cosine lr. Checkpoints (last.pt, best.pt, final.pt) are written atomically by rank 0 and
+hold everything ``--resume`` needs to continue exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import models
+from models.checkpoint import load_model, save_checkpoint
+from models.config import ModelConfig
+from models.preprocess import normalize_image
+
+from .distill import Distiller, sample_anchors
+from .losses import TaskLoss, class_frequencies_from_targets, ground_truth_from_voxels
+from .tgi import freeze_teacher, teacher_context, teacher_guided_init
+from .train_config import TrainConfig
+
+BATCH_KEYS = ("image", "grid2img", "depth", "target")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term is NaN or inf; the last good checkpoint is left in place."""
+
+
+# ----------------------------------------------------------------------------------------- data
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch order depends only on (seed, epoch) and that can skip a prefix.
+
+    Works with world size 1 too, so single-process and DDP runs shuffle the same way.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
+def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
+    """Stack the network inputs and targets of a list of frames (depth may be missing)."""
+    out: dict[str, torch.Tensor | None] = {}
+    for key in BATCH_KEYS:
+        values = [item.get(key) for item in items]
+        if all(v is None for v in values):
+            out[key] = None
+            continue
+        if any(v is None for v in values):
+            raise ValueError(f"some frames of the batch have no '{key}'")
+        out[key] = torch.stack([torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for v in values])
+    if out["image"] is None or out["grid2img"] is None or out["target"] is None:
+        raise ValueError(f"frames must provide image, grid2img and target; got keys {sorted(items[0])}")
+    return out
+
+
+def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, use_depth: bool) -> dict[str, Any]:
+    """Batch -> device tensors: normalised image (uint8 images are normalised here), grid2img, depth, target."""
+    image = batch["image"]
+    image = normalize_image(image) if image.dtype == torch.uint8 else image.float()
+    depth = batch["depth"]
+    if use_depth and depth is None:
+        raise ValueError("the model uses the depth branch but the dataset gives no depth")
+    if depth is not None:
+        depth = depth.float().to(device)
+        depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
+    return {"image": image.to(device), "grid2img": batch["grid2img"].float().to(device),
+            "depth": depth if use_depth else None, "target": batch["target"].to(device)}
+
+
+def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
+    """Inputs for a network of another input size: resized image/depth and grid2img with K scaled."""
+    h, w = inputs["image"].shape[-2:]
+    if (h, w) == tuple(size_hw):
+        return inputs
+    scale = torch.diag(inputs["grid2img"].new_tensor([size_hw[1] / w, size_hw[0] / h, 1.0, 1.0]))
+    out = dict(inputs)
+    out["image"] = F.interpolate(inputs["image"], size=tuple(size_hw), mode="bilinear", align_corners=False)
+    out["grid2img"] = scale @ inputs["grid2img"]
+    if inputs["depth"] is not None:
+        out["depth"] = F.interpolate(inputs["depth"], size=tuple(size_hw), mode="nearest")
+    return out
+
+
+# ---------------------------------------------------------------------------------- modules
+class TrainModule(nn.Module):
+    """Student + task loss (+ distiller): one forward gives every loss term, so DDP syncs all of it."""
+
+    def __init__(self, student: nn.Module, task_loss: TaskLoss, distiller: Distiller | None) -> None:
+        super().__init__()
+        self.student = student
+        self.task_loss = task_loss
+        self.distiller = distiller
+
+    def forward(self, image: torch.Tensor, grid2img: torch.Tensor, depth: torch.Tensor | None, target: torch.Tensor,
+                teacher: dict | None = None, prior_init: torch.Tensor | None = None,
+                anchors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.student(image, grid2img, depth)
+        terms = self.task_loss(out, ground_truth_from_voxels(target))
+        total = terms["task"]
+        if self.distiller is not None and teacher is not None:
+            if prior_init is not None:
+                out["prior_layers"] = self.student.decode(out["features"], grid2img, depth, prior_init)["layers"]
+            out["anchor_layers"] = None
+            if anchors is not None:
+                feats = [f[keep] for f in out["features"]]
+                sub_depth = depth[keep] if depth is not None else None
+                out["anchor_layers"] = self.student.decode(feats, grid2img[keep], sub_depth, anchors)["layers"]
+            dterms = self.distiller(out, teacher)
+            terms.update(dterms)
+            total = total + dterms["distill"]
+        terms["loss"] = total
+        return terms
+
+
+class WarmupCosine:
+    """lr factor: linear warm-up from ``warmup_ratio`` to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+
+    def __init__(self, total: int, warmup: int, warmup_ratio: float, min_ratio: float) -> None:
+        self.total, self.warmup, self.warmup_ratio, self.min_ratio = total, warmup, warmup_ratio, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.warmup_ratio + (1.0 - self.warmup_ratio) * step / self.warmup
+        span = max(1, self.total - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------- helpers
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{device_name}' requested but CUDA is not available")
+        device = torch.device("cuda", local_rank if world > 1 or device_name == "cuda" else int(device_name.split(":")[1]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, device
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# Occ-ScanNet training frames: counts from a subset are scaled to this many frames, so the OPUS class
+# weights (1/ln(count) - 0.05) * 400 do not depend on how many frames were counted.
+REFERENCE_FRAMES = 45755
+
+
+def class_frequencies(dataset: Dataset, frames: int) -> list[float]:
+    """Voxel counts of classes 1..C, counted on the first ``frames`` frames and scaled to REFERENCE_FRAMES."""
+    n = min(frames, len(dataset))
+    if hasattr(dataset, "read_target") and hasattr(dataset, "ids"):  # OccScanNetDataset: labels only, no images
+        targets = (t for t in (_target_or_none(dataset, i) for i in range(n)) if t is not None)
+    else:
+        targets = (dataset[i]["target"] for i in range(n))
+    counts = class_frequencies_from_targets(targets)
+    return [c * REFERENCE_FRAMES / max(1, n) for c in counts]
+
+
+def _target_or_none(dataset: Any, index: int) -> Any:
+    try:
+        return dataset.read_target(dataset.ids[index])
+    except RuntimeError:  # a bad sample (BadSampleError) does not count
+        return None
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds models, optimiser and data from a TrainConfig and runs the training loop."""
+
+    def __init__(self, config: TrainConfig, train_set: Dataset, val_set: Dataset | None = None) -> None:
+        self.cfg = config.validate()
+        self.rank, self.world, self.device = setup_distributed(config.device)
+        self.is_main = self.rank == 0
+        self.train_set, self.val_set = train_set, val_set
+        if len(train_set) < self.world * config.batch_size:
+            raise ValueError(f"training set has {len(train_set)} frames, fewer than one batch on each of {self.world} processes")
+        self.out_dir = Path(config.out_dir)
+        seed_everything(config.seed)
+        if config.deterministic:
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.model_cfg = config.model_config()
+        self.student = models.build_model(self.model_cfg).to(self.device)
+        self.teacher, self.teacher_cfg = self._load_teacher()
+        self.task_loss = self._build_task_loss()
+        self.distiller = self._build_distiller()
+        module = TrainModule(self.student, self.task_loss, self.distiller).to(self.device)
+        self.module = module
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(module, device_ids=ids,
+                                                              find_unused_parameters=config.find_unused_parameters)
+        self.optimizer = self._build_optimizer(module)
+        self.sampler = ResumableSampler(train_set, self.world, self.rank, config.seed)
+        self.steps_per_epoch = len(self.sampler) // config.batch_size
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        o = config.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.best_miou = -1.0
+        self.writer = None
+
+    # ---- construction
+    def _load_teacher(self) -> tuple[nn.Module | None, ModelConfig | None]:
+        if self.cfg.mode != "distill":
+            return None, None
+        path = self.cfg.teacher_checkpoint
+        if not path or not Path(path).is_file():
+            raise ValueError(f"distill mode: teacher checkpoint '{path}' not found")
+        teacher, tcfg = load_model(path, map_location="cpu")
+        teacher = freeze_teacher(teacher.to(self.device))
+        if self.cfg.tgi:
+            teacher_guided_init(self.student, teacher)
+        return teacher, tcfg
+
+    def _build_task_loss(self) -> TaskLoss:
+        loss_cfg = self.cfg.loss
+        if loss_cfg.class_frequencies is None and self.cfg.data.frequency_frames > 0:
+            loss_cfg.class_frequencies = class_frequencies(self.train_set, self.cfg.data.frequency_frames)
+        return TaskLoss(loss_cfg, self.model_cfg.num_classes, self.model_cfg.grid_shape, self.model_cfg.voxel_size)
+
+    def _build_distiller(self) -> Distiller | None:
+        if self.teacher is None or not self.cfg.distill.any_enabled:
+            return None
+        s, t = self.model_cfg, self.teacher_cfg
+        if s.num_levels != t.num_levels and self.cfg.distill.efa:
+            raise ValueError(f"EFA needs equal FPN levels: student {s.num_levels}, teacher {t.num_levels}")
+        extent = [n * s.voxel_size for n in s.grid_shape]
+        return Distiller(self.cfg.distill, s.fpn_channels, t.fpn_channels, s.num_levels,
+                         s.decoder.embed_dims, t.decoder.embed_dims, extent)
+
+    def _build_optimizer(self, module: TrainModule) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        backbone = [p for n, p in module.named_parameters() if n.startswith("student.backbone.") and p.requires_grad]
+        rest = [p for n, p in module.named_parameters() if not n.startswith("student.backbone.") and p.requires_grad]
+        groups = [{"params": rest, "lr": o.lr}, {"params": backbone, "lr": o.lr * o.backbone_lr_mult}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay, foreach=True)
+
+    # ---- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.model_cfg.to_dict(),
+            "model": self.student.state_dict(),
+            "distiller": self.distiller.state_dict() if self.distiller is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "best_miou": self.best_miou,
+            "rng": rng_state(),
+            "train_config": self.cfg.to_dict(),
+        }
+
+    def save(self, name: str) -> Path:
+        path = self.out_dir / name
+        if self.is_main:
+            save_checkpoint(path, self.state_dict())
+        return path
+
+    def save_final(self) -> Path:
+        """Model-only checkpoint (config + weights) that models.checkpoint.load_model, export and the node read."""
+        path = self.out_dir / "final.pt"
+        if self.is_main:
+            save_checkpoint(path, {"config": self.model_cfg.to_dict(), "model": self.student.state_dict(),
+                                   "step": self.step, "train_config": self.cfg.to_dict()})
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, distiller, optimiser, scheduler, scaler, position and RNG from a last.pt."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for key in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_step", "rng"):
+            if key not in state:
+                raise ValueError(f"checkpoint {path} cannot be resumed: it has no '{key}' (model-only checkpoint?)")
+        if state.get("config") != self.model_cfg.to_dict():
+            raise ValueError(f"checkpoint {path} was trained with another model config than '{self.model_cfg.name}'")
+        self.student.load_state_dict(state["model"])
+        if self.distiller is not None:
+            if state.get("distiller") is None:
+                raise ValueError(f"checkpoint {path} has no distiller state but this run distils")
+            self.distiller.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.best_miou = state.get("best_miou", -1.0)
+        set_rng_state(state["rng"])
+
+    # ---- one step
+    def _teacher_outputs(self, inputs: dict[str, Any], step: int) -> tuple[dict | None, dict[str, Any]]:
+        """Frozen teacher passes (main + anchors) and the extra student inputs (prior init, anchors)."""
+        extra: dict[str, Any] = {}
+        if self.distiller is None:
+            return None, extra
+        dcfg = self.cfg.distill
+        t_in = resize_inputs(inputs, self.teacher_cfg.image_size)
+        b = inputs["image"].shape[0]
+        with teacher_context(self.device, self.amp_dtype):
+            teacher = self.teacher(t_in["image"], t_in["grid2img"], t_in["depth"])
+            teacher["anchor_layers"] = None
+            if dcfg.prior:
+                extra["prior_init"] = self.teacher.init_positions().detach().float().unsqueeze(0).expand(b, -1, -1).contiguous()
+            if dcfg.anchor:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * self.world + self.rank)
+                count = dcfg.num_anchors or self.model_cfg.decoder.num_queries
+                anchors, keep = sample_anchors(inputs["target"], count, self.task_loss.class_weights, gen)
+                if anchors is not None:
+                    feats = [f[keep] for f in teacher["features"]]
+                    depth = t_in["depth"][keep] if t_in["depth"] is not None else None
+                    teacher["anchor_layers"] = self.teacher.decode(feats, t_in["grid2img"][keep], depth, anchors)["layers"]
+                    extra["anchors"], extra["keep"] = anchors, keep
+        teacher = _detach_float(teacher)
+        return teacher, extra
+
+    def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
+        self.module.train()
+        inputs = prepare_inputs(batch, self.device, self.model_cfg.use_depth)
+        teacher, extra = self._teacher_outputs(inputs, self.step)
+        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else _null()
+        with autocast:
+            terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
+                                teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        bad = torch.tensor(0.0 if all(math.isfinite(v) for v in values.values()) else 1.0, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
+                f"checkpoint {self.out_dir / 'last.pt'} is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip))
+            if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm at step {self.step + 1} (loss {values['loss']:.4g}); training stopped, "
+                    f"the last good checkpoint {self.out_dir / 'last.pt'} is kept")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return values
+
+    # ---- loop
+    def _loader(self) -> DataLoader:
+        self.sampler.set_position(self.epoch, self.epoch_step * self.cfg.batch_size)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
+        workers = self.cfg.data.workers
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
+                          collate_fn=collate_frames, drop_last=True, generator=gen,
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+
+    def fit(self, stop_at_step: int | None = None) -> Path:
+        """Train until ``total_steps`` (or ``stop_at_step``, to simulate an interruption); returns final.pt."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.cfg.save(self.out_dir / "train_config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out_dir / "tb"))
+        end = min(self.total_steps, stop_at_step) if stop_at_step is not None else self.total_steps
+        bar = None
+        if self.is_main and self.cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
+        samples_per_step = self.cfg.batch_size * self.world
+        try:
+            while self.step < end:
+                tick = time.perf_counter()
+                for batch in self._loader():
+                    values = self.train_step(batch)
+                    self.epoch_step += 1
+                    rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
+                    tick = time.perf_counter()
+                    self._log(values, rate, bar)
+                    if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                        self.evaluate_and_keep_best()
+                    if self.step % self.cfg.ckpt_every == 0 and self.step < end:
+                        self.save("last.pt")
+                    if self.step >= end:
+                        break
+                if self.epoch_step >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.epoch_step = 0
+            if self.step >= self.total_steps:
+                self.evaluate_and_keep_best()
+            self.save("last.pt")
+            final = self.save_final()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.writer is not None:
+                self.writer.close()
+            if self.world > 1:
+                dist.barrier()
+        return final
+
+    def _log(self, values: dict[str, float], rate: float, bar) -> None:
+        if not self.is_main:
+            return
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.2f}")
+        if self.writer is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
+            for key, value in values.items():
+                self.writer.add_scalar(f"loss/{key}" if key != "grad_norm" else "train/grad_norm", value, self.step)
+            self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
+            self.writer.add_scalar("train/samples_per_s", rate, self.step)
+
+    def evaluate_and_keep_best(self) -> dict[str, Any] | None:
+        """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU."""
+        result = None
+        if self.is_main and self.val_set is not None and len(self.val_set) > 0:
+            from .evaluate import evaluate_model
+            result = evaluate_model(self.student, self.val_set, self.model_cfg, self.device,
+                                    batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp=self.cfg.amp)
+            if self.writer is not None:
+                self.writer.add_scalar("val/iou", result["iou"], self.step)
+                self.writer.add_scalar("val/miou", result["miou"], self.step)
+            if result["miou"] > self.best_miou:
+                self.best_miou = result["miou"]
+                self.save("best.pt")
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+
+def _detach_float(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().float()
+    if isinstance(value, dict):
+        return {k: _detach_float(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_detach_float(v) for v in value]
+    return value
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
