@@ -93,28 +93,30 @@ def render_rgbd(room: Room, cam_pose: np.ndarray, intrinsic: np.ndarray, height:
     boxes = room.arrays()
     room_from_cam = np.linalg.inv(room.room_to_world()) @ np.asarray(cam_pose, np.float64)
     origin = room_from_cam[:3, 3]
-    dirs = camera_rays(intrinsic, height, width) @ room_from_cam[:3, :3].T  # (R,3) room frame
+    dirs = (camera_rays(intrinsic, height, width) @ room_from_cam[:3, :3].T).astype(np.float32)  # (R,3) room
     t, box, axis = cast_tiled(origin, dirs, boxes["lo"], boxes["hi"], room_from_cam, intrinsic, height, width)
     valid = np.isfinite(t)
     t = np.where(valid, t, 0.0).astype(np.float32)
-    point = origin[None] + dirs * t[:, None]  # (R,3)
-    rows = np.arange(len(t))
-    normal = np.zeros_like(point)
-    normal[rows, axis] = -np.sign(dirs[rows, axis])
-    s_axis, t_axis = (axis + 1) % 3, (axis + 2) % 3
-    s_coord, t_coord = point[rows, s_axis], point[rows, t_axis]
+    point = origin.astype(np.float32)[None] + dirs * t[:, None]  # (R,3)
+    normal = np.where(axis[:, None] == np.arange(3)[None], -np.sign(dirs), 0.0).astype(np.float32)
+    s_idx, t_idx = ((axis + 1) % 3)[:, None], ((axis + 2) % 3)[:, None]
+    s_coord = np.take_along_axis(point, s_idx, 1)[:, 0]
+    t_coord = np.take_along_axis(point, t_idx, 1)[:, 0]
     lo, hi = boxes["lo"][box], boxes["hi"][box]
-    edge = np.minimum.reduce([s_coord - lo[rows, s_axis], hi[rows, s_axis] - s_coord,
-                              t_coord - lo[rows, t_axis], hi[rows, t_axis] - t_coord])
+    edge = np.minimum.reduce([s_coord - np.take_along_axis(lo, s_idx, 1)[:, 0],
+                              np.take_along_axis(hi, s_idx, 1)[:, 0] - s_coord,
+                              t_coord - np.take_along_axis(lo, t_idx, 1)[:, 0],
+                              np.take_along_axis(hi, t_idx, 1)[:, 0] - t_coord])
     tex = texture(boxes["texture"][box], box, s_coord, t_coord, point[:, 2], edge)
-    light = _light_direction(rng)
+    light = _light_direction(rng).astype(np.float32)
     shade = 0.55 + 0.45 * np.clip(normal @ light, 0, 1) + 0.08 * (normal[:, 2] > 0.5)
     shade = shade / (1.0 + 0.015 * t**2)
-    rgb = boxes["color"][box] * (tex * shade)[:, None] * rng.uniform(0.85, 1.15)
-    rgb = rgb + rng.normal(0.0, 0.015, rgb.shape)
-    rgb = np.where(valid[:, None], rgb, 0.0)
+    gain = np.float32(rng.uniform(0.85, 1.15))
+    rgb = boxes["color"][box] * (tex * shade * gain)[:, None]
+    rgb += np.float32(0.015) * rng.standard_normal(rgb.shape, dtype=np.float32)
+    rgb[~valid] = 0.0
     rgb8 = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(height, width, 3)
-    depth = t * (1.0 + rng.normal(0.0, 0.002, t.shape))
+    depth = t * (1.0 + np.float32(0.002) * rng.standard_normal(t.shape, dtype=np.float32))
     depth = np.where(valid & (depth < 10.0), depth, 0.0).astype(np.float32).reshape(height, width)
     return rgb8, depth
 
