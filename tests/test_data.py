@@ -196,3 +196,52 @@ def test_wrong_shapes_and_empty_targets_are_named(damaged_root):
         with pytest.raises(BadSampleError, match=needle) as info:
             ds[3]
         assert ids[3] in str(info.value)
+
+
+def test_rooms_cover_all_classes_and_yaws():
+    from training.scene_layout import build_room
+
+    labels, yaws = set(), []
+    for i in range(20):
+        room = build_room(np.random.default_rng([11, i]))
+        labels |= set(room.arrays()["label"].tolist())
+        yaws.append(room.yaw)
+    assert labels == set(range(1, 12))
+    assert np.ptp(yaws) > 3.0  # room axes are not aligned with the world axes
+
+
+def test_shipped_sample_loads_and_passes_axis_check():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "discene_ros" / "data" / "sample_dataset"
+    ids = []
+    for split in ("train", "val"):
+        ds = OccScanNetDataset(root, split, config=lite())
+        ids += ds.ids
+        sample = ds[0]
+        assert sample["target"].shape == (60, 60, 36) and sample["image"].shape == (3, 192, 256)
+    assert len(ids) == 4
+    assert check_axes_main(["--root", str(root), "--split", "val", "--n", "2"]) == 0
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 2_000_000
+
+
+def test_public_style_absolute_image_paths_are_re_rooted(dataset_root, tmp_path):
+    """Public pkl files hold absolute paths of another machine; the loader finds the files under root."""
+    import shutil
+
+    root = tmp_path / "public"
+    shutil.copytree(dataset_root, root)
+    sample_id = read_split(root, "train")[0]
+    pkl, jpg, png = sample_paths(root, sample_id)
+    scene = sample_id.split("/")[0]
+    jpg.rename(jpg.parent / "000120.jpg")  # image numbering differs from the pkl numbering
+    png.rename(png.parent / "000120.png")
+    with open(pkl, "rb") as f:
+        data = pickle.load(f)
+    data["img"] = f"/home/someone/data/scannet/posed_images/{scene}/000120.jpg"
+    data["depth_gt"] = f"/home/someone/data/scannet/posed_images/{scene}/000120.png"
+    with open(pkl, "wb") as f:
+        pickle.dump(data, f)
+    sample = OccScanNetDataset(root, "train", config=lite())[0]
+    assert sample["sample_id"] == sample_id and float(sample["depth"].max()) > 0

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from models.geometry import GRID_SHAPE, scale_intrinsic
 from models.preprocess import preprocess
 
-from .scene_format import DEPTH_SCALE, STORED_LAYOUT, UNKNOWN, from_stored, read_split, sample_paths
+from .scene_format import DEPTH_SCALE, IMAGES, STORED_LAYOUT, UNKNOWN, from_stored, read_split, sample_paths
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("cam_pose", "intrinsic", "voxel_origin", "target_1_4")
@@ -180,15 +180,24 @@ def read_pickle(root: str | Path, sample_id: str) -> dict[str, Any]:
 
 
 def find_image(root: str | Path, sample_id: str, data: dict, key: str) -> Path:
-    """posed_images/<id>.jpg (key 'img') or .png (key 'depth_gt'); else the path stored in the pkl."""
-    path = sample_paths(root, sample_id)[1 if key == "img" else 2]
-    if path.is_file():
-        return path
+    """Image ('img') or depth ('depth_gt') file of a sample.
+
+    The public pkl files store absolute paths of their authors' machines (``.../posed_images/<scene>/<file>``),
+    so the stored path is tried as is, then re-rooted under ``root/posed_images``, then relative to root;
+    without a stored path, ``posed_images/<sample id>.jpg`` / ``.png`` is used.
+    """
+    root = Path(root)
+    default = sample_paths(root, sample_id)[1 if key == "img" else 2]
     stored = data.get(key)
-    for candidate in ([Path(stored), Path(root) / str(stored)] if stored else []):
+    candidates = []
+    if isinstance(stored, (str, Path)) and str(stored):
+        stored = Path(stored)
+        candidates = [stored, root / IMAGES / stored.parent.name / stored.name, root / stored]
+    for candidate in candidates + [default]:
         if candidate.is_file():
             return candidate
-    raise BadSampleError(f"sample {sample_id}: missing file {path}")
+    tried = ", ".join(str(c) for c in dict.fromkeys(candidates + [default]))
+    raise BadSampleError(f"sample {sample_id}: missing file (tried {tried})")
 
 
 def read_image(sample_id: str, path: Path, mode: str) -> np.ndarray:
