@@ -243,3 +243,14 @@ def test_rviz_config_has_occupancy_displays():
     # setup.py installs these files where ros2 launch finds them
     setup = (ROOT / "setup.py").read_text()
     assert "launch/*.launch.py" in setup and "rviz/*.rviz" in setup and "config/*.yaml" in setup
+
+
+def test_robot_side_modules_do_not_import_training_or_rosbags():
+    """A robot installs no training extras and needs no rosbags: the node side must not import them."""
+    import subprocess
+
+    code = ("import sys, discene_ros.node, discene_ros.processing, discene_ros.conversions, discene_ros.msg_factory; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'training', 'rosbags', 'rclpy', 'cv2', 'scipy'}); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
