@@ -42,10 +42,14 @@ def _as_batch(x: np.ndarray | torch.Tensor, name: str, last: int | None) -> torc
     return t.detach().float()
 
 
-def voxel_scores_batch(
+def occupied_voxels(
     points: torch.Tensor, scores: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,Q,R,3) normalised points, (B,Q,R,C) sigmoid scores -> mean scores (B,X,Y,Z,C), occupied (B,X,Y,Z)."""
+    """(B,Q,R,3) normalised points, (B,Q,R,C) sigmoid scores -> occupied voxels, sorted.
+
+    Returns ``ids`` (M,) long, the flat index ``b * X*Y*Z + (i * Y + j) * Z + k``, and ``mean``
+    (M, C), the mean score vector of the kept points in each voxel (closing applied if configured).
+    """
     if points.shape[:3] != scores.shape[:3]:
         raise ValueError(f"points {tuple(points.shape)} and scores {tuple(scores.shape)} disagree on (B,Q,R)")
     b, c = points.shape[0], scores.shape[-1]
@@ -56,37 +60,50 @@ def voxel_scores_batch(
     keep = (dist <= config.max_center_dist) & (scores.max(dim=-1).values > config.score_threshold)
     idx = torch.floor(points * shape).long()  # (B, Q, R, 3)
     keep &= ((idx >= 0) & (idx < shape)).all(dim=-1)
-    idx = torch.minimum(idx.clamp_min(0), shape - 1)
     nx, ny, nz = config.grid_shape
-    num_voxels = nx * ny * nz
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
-    linear = batch * num_voxels + (idx[..., 0] * ny + idx[..., 1]) * nz + idx[..., 2]
-    dump = b * num_voxels  # dropped points land in one extra row that is discarded
-    linear = torch.where(keep, linear, torch.full_like(linear, dump)).reshape(-1)
-    sums = scores.new_zeros(dump + 1, c).index_add_(0, linear, scores.reshape(-1, c))
-    counts = scores.new_zeros(dump + 1).index_add_(0, linear, torch.ones_like(linear, dtype=scores.dtype))
-    mean = (sums[:dump] / counts[:dump].clamp_min(1.0).unsqueeze(-1)).reshape(b, nx, ny, nz, c)
-    occupied = (counts[:dump] > 0).reshape(b, nx, ny, nz)
+    linear = batch * (nx * ny * nz) + (idx[..., 0] * ny + idx[..., 1]) * nz + idx[..., 2]
+    ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
+    sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores[keep])
+    mean = sums / torch.bincount(inverse, minlength=len(ids)).clamp_min(1).unsqueeze(-1).to(sums.dtype)
     if config.closing:
-        mean, occupied = close_holes(mean, occupied)
-    return mean, occupied
+        ids, mean = close_holes(ids, mean, b, config.grid_shape)
+    return ids, mean
 
 
-def close_holes(mean: torch.Tensor, occupied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """3x3x3 closing of the occupancy; filled voxels take the per-class max score of their neighbours."""
-    occ = occupied.float().unsqueeze(1)  # (B, 1, X, Y, Z)
+def close_holes(
+    ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3x3x3 closing (dilation then erosion) of the occupied voxels.
+
+    Filled voxels take the per-class maximum score vector of their occupied neighbours; original
+    voxels are never removed (the erosion does not erode at the grid border).
+    """
+    nx, ny, nz = grid_shape
+    c = mean.shape[-1]
+    occ = torch.zeros(batch * nx * ny * nz, dtype=mean.dtype, device=mean.device)
+    occ[ids] = 1.0
+    occ = occ.view(batch, 1, nx, ny, nz)
     dilated = F.max_pool3d(occ, 3, stride=1, padding=1)
-    closed = -F.max_pool3d(-dilated, 3, stride=1, padding=1)  # erosion; the border is not eroded
-    filled = (closed[:, 0] > 0.5) & ~occupied
-    neighbour = F.max_pool3d(mean.permute(0, 4, 1, 2, 3), 3, stride=1, padding=1).permute(0, 2, 3, 4, 1)
-    mean = torch.where(filled.unsqueeze(-1), neighbour, mean)
-    return mean, occupied | filled
+    closed = -F.max_pool3d(-dilated, 3, stride=1, padding=1)  # max_pool pads with -inf: border kept
+    filled = ((closed > 0.5) & (occ < 0.5)).view(-1).nonzero()[:, 0]
+    if len(filled) == 0:
+        return ids, mean
+    dense = torch.zeros(batch * nx * ny * nz, c, dtype=mean.dtype, device=mean.device)
+    dense[ids] = mean
+    dense = dense.view(batch, nx, ny, nz, c).permute(0, 4, 1, 2, 3)
+    neighbour = F.max_pool3d(dense, 3, stride=1, padding=1).permute(0, 2, 3, 4, 1).reshape(-1, c)
+    all_ids, order = torch.sort(torch.cat([ids, filled]))
+    return all_ids, torch.cat([mean, neighbour[filled]])[order]
 
 
 def labels_batch(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Torch batch variant for evaluation: (B,Q,R,3), (B,Q,R,C) sigmoid scores -> (B,X,Y,Z) long labels."""
-    mean, occupied = voxel_scores_batch(_as_batch(points, "points", 3), _as_batch(scores, "scores", None), config)
-    return torch.where(occupied, mean.argmax(dim=-1) + 1, torch.zeros_like(occupied, dtype=torch.long))
+    pts, scr = _as_batch(points, "points", 3), _as_batch(scores, "scores", None)
+    ids, mean = occupied_voxels(pts, scr, config)
+    labels = torch.zeros(pts.shape[0] * int(np.prod(config.grid_shape)), dtype=torch.long, device=pts.device)
+    labels[ids] = mean.argmax(dim=-1) + 1
+    return labels.view(pts.shape[0], *config.grid_shape)
 
 
 def points_to_occupancy(
@@ -103,16 +120,18 @@ def points_to_occupancy(
     origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
-    mean, occupied = voxel_scores_batch(pts, scr, config)
-    best, label = mean[0].max(dim=-1)
-    occ = occupied[0]
-    labels = torch.where(occ, label + 1, torch.zeros_like(label)).to(torch.uint8)
-    indices = occ.nonzero()  # (M, 3), C-order = sorted by (i, j, k)
+    ids, mean = occupied_voxels(pts, scr, config)
+    best, label = mean.max(dim=-1)
+    nx, ny, nz = config.grid_shape
+    indices = torch.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], dim=-1)  # (M, 3), C-order sorted
+    voxel_labels = (label + 1).to(torch.uint8)
+    labels = torch.zeros(nx * ny * nz, dtype=torch.uint8, device=ids.device)
+    labels[ids] = voxel_labels
     return OccupancyFrame(
-        labels=labels.cpu().numpy(),
+        labels=labels.view(nx, ny, nz).cpu().numpy(),
         voxel_indices=indices.to(torch.int32).cpu().numpy(),
-        voxel_labels=labels[occ].cpu().numpy(),
-        voxel_scores=best[occ].cpu().numpy().astype(np.float32),
+        voxel_labels=voxel_labels.cpu().numpy(),
+        voxel_scores=best.cpu().numpy().astype(np.float32),
         voxel_origin=origin,
         voxel_size=float(config.voxel_size),
     )
