@@ -63,6 +63,16 @@ def test_generator_is_deterministic(tmp_path):
         assert np.array_equal(da[key], db[key]), key
 
 
+def test_output_does_not_depend_on_worker_count(tmp_path):
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    generate(serial, scenes=2, frames_per_scene=1, seed=5, width=48, height=32, workers=1, progress=False)
+    generate(parallel, scenes=2, frames_per_scene=1, seed=5, width=48, height=32, workers=2, progress=False)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert len(files) == 9  # 2 x (pkl, jpg, png) + 2 split lists + meta
+    for rel in files:
+        assert (serial / rel).read_bytes() == (parallel / rel).read_bytes(), rel
+
+
 def test_cli_writes_dataset(tmp_path):
     rc = synth_main(["--out", str(tmp_path / "d"), "--scenes", "1", "--frames-per-scene", "1", "--seed", "1",
                      "--width", "64", "--height", "48"])

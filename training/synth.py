@@ -137,8 +137,8 @@ def scene_name(index: int) -> str:
     return f"scene{index:04d}_00"
 
 
-def generate_scene(args: tuple) -> list[str]:
-    """Generate all frames of scene ``index``; returns the sample ids written."""
+def generate_scene(args: tuple, on_frame=None) -> list[str]:
+    """Generate all frames of scene ``index``; returns the sample ids written (``on_frame()`` after each)."""
     root, seed, index, frames, width, height, quality = args
     rng = np.random.default_rng([seed, index])
     room = build_room(rng)
@@ -147,6 +147,8 @@ def generate_scene(args: tuple) -> list[str]:
         sample_id = f"{scene_name(index)}/{f:05d}"
         write_frame(Path(root), sample_id, make_frame(room, rng, width, height), quality)
         ids.append(sample_id)
+        if on_frame is not None:
+            on_frame()
     return ids
 
 
@@ -181,8 +183,7 @@ def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0,
                 bar.update(len(ids))
     else:
         for i, job in enumerate(jobs):
-            ids_per_scene[i] = generate_scene(job)
-            bar.update(len(ids_per_scene[i]))
+            ids_per_scene[i] = generate_scene(job, on_frame=lambda: bar.update(1))
     bar.close()
     train, val = split_scenes(scenes, val_fraction)
     splits = {"train": [s for i in train for s in ids_per_scene[i]], "val": [s for i in val for s in ids_per_scene[i]]}
