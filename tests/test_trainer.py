@@ -140,7 +140,8 @@ def _ddp_worker(rank, world, port, root, out):
     train, _ = datasets(cfg)
     trainer = Trainer(cfg, train)
     trainer.fit()
-    torch.save(params(trainer.student), os.path.join(out, f"rank{rank}.pt"))
+    # parameters (not BatchNorm running statistics, which are per-rank buffers)
+    torch.save({k: v.detach().clone() for k, v in trainer.student.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
