@@ -119,9 +119,12 @@ def test_axis_convention_on_synthetic_samples(dataset_root):
         assert wrong[0] < 0.85 and wrong[0] < right[0] - 0.15, (s["sample_id"], right, wrong)
 
 
-def test_check_axes_command(dataset_root, capsys):
-    assert check_axes_main(["--root", str(dataset_root), "--split", "train", "--n", "3"]) == 0
+def test_check_axes_command(dataset_root, capsys, tmp_path):
+    assert check_axes_main(["--root", str(dataset_root), "--split", "train", "--n", "3",
+                            "--render", str(tmp_path / "r")]) == 0
     assert "OK" in capsys.readouterr().out
+    pngs = sorted((tmp_path / "r").glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).size == (3 * 320, 240)
     assert check_axes_main(["--root", str(dataset_root / "nowhere")]) == 2
 
 

@@ -57,3 +57,20 @@ def test_colorize_depth_marks_invalid_black():
     rgb = colorize_depth(depth)
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
     assert (rgb[0, 0] == 0).all() and (rgb[1, 1] != rgb[0, 1]).any()
+
+
+def test_project_labels_puts_a_block_ahead_at_the_image_centre():
+    from training.render import project_labels
+
+    pose = np.eye(4)
+    pose[:3, :3] = [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]  # OpenCV camera looking along world +x
+    pose[:3, 3] = [0.0, 2.4, 1.2]
+    g = np.zeros((60, 60, 36), np.uint8)
+    g[35:38, 28:32, 13:17] = 7  # around x = 2.9 m, y = 2.4 m, z = 1.2 m: straight ahead
+    g[35:38, 50:54, 13:17] = 9  # y = 4.2 m: to the camera's left
+    k = np.array([[100.0, 0, 80], [0, 100.0, 60], [0, 0, 1]])
+    img = project_labels(g, k, pose, np.zeros(3), (120, 160))
+    assert img[60, 80] == 7
+    ys, xs = np.nonzero(img == 9)
+    assert len(xs) and xs.max() < 80  # left half of the image
+    assert (img == 0).mean() > 0.5

@@ -6,7 +6,7 @@ near the observed surface (|z - depth| <= tol) or hidden behind it; voxels float
 observed surface (z < depth - tol) mean the camera sees through them, i.e. a wrong layout. The
 score of a layout is ``near / (near + in_front)``; the stored layout of the loader should win.
 
-    python -m training.check_axes --root DIR [--split val] [--n 20] [--tol 0.2]
+    python -m training.check_axes --root DIR [--split val] [--n 20] [--tol 0.2] [--render DIR]
 """
 from __future__ import annotations
 
@@ -87,8 +87,34 @@ def load_raw(root: str | Path, sample_id: str) -> dict:
     return data
 
 
-def check_dataset(root: str | Path, split: str = "val", n: int = 20, tol: float = 0.2, seed: int = 0) -> dict:
-    """Score both layouts on n random samples of a split; returns per-sample and mean scores."""
+def render_layouts(root: str | Path, sample_id: str, data: dict, out_path: Path) -> None:
+    """PNG: the RGB image next to the grid projected into it with each candidate layout."""
+    from models.classes import label_colors
+
+    from .occscannet import find_image, read_image
+    from .render import project_labels
+
+    rgb = read_image(sample_id, find_image(root, sample_id, data, "img"), "RGB")
+    scale = 320 / rgb.shape[1]
+    hw = (max(1, round(rgb.shape[0] * scale)), 320)
+    k = scale_intrinsic(np.asarray(data["intrinsic"])[:3, :3], rgb.shape[:2], hw)
+    tiles = [np.asarray(Image.fromarray(rgb).resize(hw[::-1]))]
+    for layout in LAYOUTS:
+        labels = project_labels(from_stored(np.asarray(data["target_1_4"]), layout), k, data["cam_pose"],
+                                data["voxel_origin"], hw, hide=(1,))
+        colours = label_colors(labels)
+        colours[labels == 0] = 255
+        tiles.append(colours)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(out_path)
+
+
+def check_dataset(root: str | Path, split: str = "val", n: int = 20, tol: float = 0.2, seed: int = 0,
+                  render_dir: str | Path | None = None) -> dict:
+    """Score both layouts on n random samples of a split; returns per-sample and mean scores.
+
+    With ``render_dir``, also writes one PNG per sample: image | grid projected as 'yxz' | as 'xyz'.
+    """
     from .scene_format import read_split
 
     ids = read_split(root, split)
@@ -100,6 +126,8 @@ def check_dataset(root: str | Path, split: str = "val", n: int = 20, tol: float 
         scores = layout_scores(np.asarray(data["target_1_4"]), data["depth"], data["depth_intrinsic"],
                                data["cam_pose"], data["voxel_origin"], tol)
         rows.append((sample_id, scores))
+        if render_dir is not None:
+            render_layouts(root, sample_id, data, Path(render_dir) / (sample_id.replace("/", "_") + ".png"))
     means = {layout: float(np.nanmean([s[layout][0] for _, s in rows])) if rows else float("nan")
              for layout in LAYOUTS}
     best = max(LAYOUTS, key=lambda k: -1.0 if np.isnan(means[k]) else means[k])
@@ -113,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=20, help="samples to check")
     parser.add_argument("--tol", type=float, default=0.2, help="metres between voxel centre and depth")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", default=None, metavar="DIR",
+                        help="write image | projected grid (yxz) | projected grid (xyz) PNGs here")
     args = parser.parse_args(argv)
     try:
-        report = check_dataset(args.root, args.split, args.n, args.tol, args.seed)
+        report = check_dataset(args.root, args.split, args.n, args.tol, args.seed, args.render)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"check_axes: error: {exc}", file=sys.stderr)
         return 2

@@ -140,6 +140,49 @@ def _draw_camera(draw: ImageDraw.ImageDraw, project, cam_vox: np.ndarray, cam_po
     draw.polygon([tuple(p) for p in p_far], outline=(20, 20, 20), width=width)
 
 
+def project_labels(labels: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray, voxel_origin: np.ndarray,
+                   size_hw: tuple[int, int], hide: tuple[int, ...] = ()) -> np.ndarray:
+    """Label image (H,W) uint8 of the nearest occupied voxel along each pixel ray (0 = none).
+
+    Voxel centres are projected with K (of an image of ``size_hw``) and splatted as squares of their
+    projected size, z-buffered; comparing this with the RGB image shows the grid's axis convention.
+    """
+    from models.geometry import voxel_centers
+
+    labels = np.asarray(labels)
+    h, w = size_hw
+    occupied = (labels > 0) & (labels <= NUM_CLASSES) & ~np.isin(labels, hide)
+    centres = voxel_centers(voxel_origin, VOXEL_SIZE, labels.shape)[occupied]
+    lab = labels[occupied]
+    world_to_cam = np.linalg.inv(np.asarray(cam_pose, np.float64))
+    cam = centres @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+    k = np.asarray(intrinsic, np.float64)[:3, :3]
+    front = cam[:, 2] > 0.05
+    cam, lab = cam[front], lab[front]
+    z = cam[:, 2]
+    u, v = k[0, 0] * cam[:, 0] / z + k[0, 2], k[1, 1] * cam[:, 1] / z + k[1, 2]
+    radius = np.clip(np.ceil(0.5 * VOXEL_SIZE * k[0, 0] / z), 1, 12).astype(np.int64)
+    out = np.zeros((h, w), np.uint8)
+    if len(z) == 0:
+        return out
+    pix, depth, lbl = [], [], []
+    for dy in range(-12, 13):
+        for dx in range(-12, 13):
+            sel = (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
+            uu, vv = np.round(u[sel]).astype(np.int64) + dx, np.round(v[sel]).astype(np.int64) + dy
+            ok = (uu >= 0) & (uu < w) & (vv >= 0) & (vv < h)
+            pix.append(vv[ok] * w + uu[ok])
+            depth.append(z[sel][ok])
+            lbl.append(lab[sel][ok])
+    pix, depth, lbl = np.concatenate(pix), np.concatenate(depth), np.concatenate(lbl)
+    order = np.lexsort((depth, pix))  # by pixel, nearest first
+    pix, lbl = pix[order], lbl[order]
+    first = np.ones(len(pix), bool)
+    first[1:] = pix[1:] != pix[:-1]
+    out.reshape(-1)[pix[first]] = lbl[first]
+    return out
+
+
 def colorize_depth(depth: np.ndarray, max_depth: float | None = None) -> np.ndarray:
     """(H,W) metres -> (H,W,3) uint8 with a perceptual ramp (near warm, far cool); invalid = black."""
     depth = np.asarray(depth, np.float64)
