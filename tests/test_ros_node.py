@@ -254,3 +254,19 @@ def test_robot_side_modules_do_not_import_training_or_rosbags():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_with_real_rclpy_where_installed():
+    """On a machine with ROS 2 sourced: the node starts under real rclpy with its declared parameters."""
+    rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed here")
+    rclpy.init()
+    try:
+        node = node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend()))
+        try:
+            assert node.get_parameter("world_frame").value == P.defaults()["world_frame"]
+            rng = node.describe_parameter("score_threshold").floating_point_range[0]
+            assert (rng.from_value, rng.to_value) == P.PARAMS_BY_NAME["score_threshold"].range
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
