@@ -175,14 +175,14 @@ def make_node_class() -> type:
             if self.pub_markers is not None:
                 self.pub_markers.publish(msgs["markers"])
             if result.used_fallback_pose and self.throttle.allow("fallback_pose"):
-                self.get_logger().warn(f"no TF from '{frame.image.header.frame_id}' to '{self.cfg['world_frame']}': "
+                self.get_logger().warning(f"no TF from '{frame.image.header.frame_id}' to '{self.cfg['world_frame']}': "
                                        "using the fallback camera pose")
             self.stats.on_processed((time.monotonic() - frame.received_s) * 1e3)
 
         def _skip(self, reason: str, text: str) -> None:
             self.stats.on_skipped(reason)
             if self.throttle.allow(reason):
-                self.get_logger().warn(f"skipped frame ({reason}): {text}")
+                self.get_logger().warning(f"skipped frame ({reason}): {text}")
 
         def lookup_pose(self, camera_frame: str, stamp_ns: int) -> Any:
             """camera->world 4x4 from TF at the image stamp, or None when TF has none."""

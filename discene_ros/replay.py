@@ -205,6 +205,7 @@ class Replayer:
         self.n_renders = n_renders
         self.stats = FrameStats(window=100_000)
         self.renders: list[dict[str, Any]] = []
+        self.fallback_pose_frames = 0
         self.stage_ms: dict[str, list[float]] = {}
 
     def handle(self, frame: FrameInput) -> None:
@@ -217,6 +218,7 @@ class Replayer:
             return
         latency = (time.perf_counter() - t0) * 1e3
         self.stats.on_processed(latency)
+        self.fallback_pose_frames += int(result.used_fallback_pose)
         for key, value in result.timings_ms.items():
             self.stage_ms.setdefault(key, []).append(value)
         self.writer.write(bag_io.PRED_TOPIC, msgs["cloud"], frame.stamp_ns)
@@ -339,7 +341,8 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         "evaluated_frames": 0 if evaluator is None else evaluator.frames,
         "unknown_voxels_known": bool(gt) and all(g.has_unknown for g in gt.values()),
         "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "dropped": snap["dropped"],
-        "output_bag": str(out_bag), "error": "; ".join(errors) if errors else None,
+        "fallback_pose_frames": rep.fallback_pose_frames, "output_bag": str(out_bag),
+        "error": "; ".join(errors) if errors else None,
     }
 
 
@@ -348,7 +351,8 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
     return {"bag": str(bag), "image_topic": None, "model_config": None, "backend": None, "realtime": False,
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
-            "skipped_by_reason": {}, "dropped": 0, "output_bag": None, "error": error}
+            "skipped_by_reason": {}, "dropped": 0, "fallback_pose_frames": 0, "output_bag": None,
+            "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> None:

@@ -53,6 +53,9 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     ]
     if summary.get("skipped_by_reason"):
         lines += ["Skipped frames by reason: " + ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()), ""]
+    if summary.get("fallback_pose_frames"):
+        lines += [f"{summary['fallback_pose_frames']} frames had no camera pose in TF and used the fallback pose "
+                  "(their metrics are not meaningful).", ""]
     stages = summary.get("stage_ms") or {}
     if stages:
         lines += ["| stage | p50 ms | mean ms |", "|---|---|---|"]
