@@ -195,8 +195,15 @@ def make_tv_stand(rng):
     th = tw * 0.58
     x0 = (w - tw) / 2
     return [((0, 0, 0), (w, d, h), "furniture", _pick(rng, WOOD_COLORS), TEX_WOOD),
-            ((x0, 0.1, h), (x0 + tw, 0.16, h + th), "tv", _jitter(rng, (0.08, 0.08, 0.1), 0.02), TEX_SCREEN),
+            ((x0, 0.1, h), (x0 + tw, 0.18, h + th), "tv", _jitter(rng, (0.08, 0.08, 0.1), 0.02), TEX_SCREEN),
             ((w / 2 - 0.15, 0.05, h), (w / 2 + 0.15, 0.25, h + 0.04), "tv", (0.1, 0.1, 0.1), TEX_PLAIN)], (w, d)
+
+
+def make_wall_tv(rng):
+    tw = rng.uniform(0.8, 1.6)
+    z0 = rng.uniform(0.9, 1.3)
+    return [((0, 0, z0), (tw, 0.09, z0 + tw * 0.58), "tv", _jitter(rng, (0.08, 0.08, 0.1), 0.02), TEX_SCREEN)], \
+        (tw, 0.09)
 
 
 def make_floor_object(rng):
@@ -205,7 +212,7 @@ def make_floor_object(rng):
 
 
 AGAINST_WALL = {"bed": make_bed, "sofa": make_sofa, "cabinet": make_cabinet, "shelf": make_shelf,
-                "tv_stand": make_tv_stand}
+                "tv_stand": make_tv_stand, "wall_tv": make_wall_tv}
 
 
 def _rotate_parts(parts, k: int, size) -> list:
@@ -293,7 +300,8 @@ def _objects_on_top(room: Room, rng: np.random.Generator, footprint, n: int) -> 
 def furnish(room: Room, rng: np.random.Generator) -> None:
     """Add furniture of all 11 classes with random counts: wall items, table groups, small objects."""
     kinds = ["bed"] * int(rng.random() < 0.5) + ["sofa"] * int(rng.random() < 0.6) + \
-        ["tv_stand"] * int(rng.random() < 0.5) + ["cabinet"] * int(rng.integers(0, 3)) + \
+        ["tv_stand"] * int(rng.random() < 0.6) + ["wall_tv"] * int(rng.random() < 0.4) + \
+        ["cabinet"] * int(rng.integers(0, 3)) + \
         ["shelf"] * int(rng.integers(0, 3))
     rng.shuffle(kinds)
     for kind in kinds:
