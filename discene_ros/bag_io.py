@@ -116,8 +116,9 @@ def open_reader(path: str | Path) -> Any:
 
 
 def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: tuple[str, ...] = (),
-               exclude_word: str | None = None) -> str | None:
-    """Topic to read: ``wanted`` if given (must exist), else a preferred name, else the first of ``types``."""
+               exclude_word: str | None = None, include_word: str | None = None) -> str | None:
+    """Topic to read: ``wanted`` if given (must exist), else a preferred name, else the first of ``types``
+    (whose name lacks ``exclude_word`` / contains ``include_word``)."""
     topics = {c.topic: c.msgtype for c in reader.connections}
     if wanted is not None:
         if wanted not in topics:
@@ -129,7 +130,7 @@ def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: 
         if topics.get(name) in types:
             return name
     for name, msgtype in sorted(topics.items()):
-        if msgtype in types and not (exclude_word and exclude_word in name):
+        if msgtype in types and not (exclude_word and exclude_word in name) and (include_word or "") in name:
             return name
     return None
 

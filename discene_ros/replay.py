@@ -295,8 +295,8 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
         if topic is None:
             raise bag_io.BagError(f"bag {bag} has no sensor_msgs/Image or CompressedImage topic")
         info_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/CameraInfo",), prefer=(bag_io.CAMERA_INFO_TOPIC,))
-        depth_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/Image",), prefer=(bag_io.DEPTH_TOPIC,)) \
-            if config.use_depth else None
+        depth_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/Image",), prefer=(bag_io.DEPTH_TOPIC,),
+                                        include_word="depth") if config.use_depth else None
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None

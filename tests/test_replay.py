@@ -104,6 +104,21 @@ def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, stor
     assert len(list((tmp_path / "renders").glob("*.png"))) == 1
 
 
+def test_replay_feeds_depth_to_depth_models(bags, tmp_path):
+    cfg = BlockBackend().config
+    cfg.use_depth = True
+    seen = []
+
+    class DepthProbe(BlockBackend):
+        def infer(self, inputs):
+            seen.append(float(inputs.depth.max()))
+            return super().infer(inputs)
+
+    s = replay.replay(bags["sqlite3"], out=tmp_path, pipeline=pipeline_for(DepthProbe(cfg)), n_renders=0,
+                      progress=False).summary
+    assert s["frames"] == 2 and s["skipped"] == 0 and len(seen) == 2 and min(seen) > 0.3
+
+
 def _fast_bag(path, n=15, rate_hz=100.0):
     """A bag with n colour frames at rate_hz (+ camera info, TF) and no ground truth."""
     f = TypestoreFactory(bag_io.typestore())
