@@ -209,3 +209,22 @@ def test_shipped_sample_bag_is_small_and_complete():
     for topic in (bag_io.CAMERA_INFO_TOPIC, bag_io.DEPTH_TOPIC, bag_io.TF_TOPIC, bag_io.GT_LABELS_TOPIC,
                   bag_io.GT_POSE_TOPIC, bag_io.GT_TOPIC):
         assert topics[topic] == topics[bag_io.COMPRESSED_TOPIC], topic
+
+
+def test_dataset_to_bag_options_and_errors(dataset, tmp_path, capsys):
+    root, _ = dataset
+    out = tmp_path / "small"
+    assert to_bag_main(["--dataset", str(root), "--out", str(out), "--compressed", "--resize", "24x32",
+                        "--max-frames", "1", "--storage", "sqlite3"]) == 0
+    reader = bag_io.open_reader(out)
+    try:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+        (conn,) = [c for c in reader.connections if c.topic == bag_io.DEPTH_TOPIC]
+        depth = reader.deserialize(next(reader.messages(connections=[conn]))[2], conn.msgtype)
+    finally:
+        reader.close()
+    assert counts[bag_io.COMPRESSED_TOPIC] == 1 and (depth.height, depth.width) == (24, 32)
+    assert to_bag_main(["--dataset", str(root), "--out", str(out)]) == 2  # output exists
+    assert "already exists" in capsys.readouterr().err
+    assert to_bag_main(["--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
