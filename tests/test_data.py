@@ -258,3 +258,17 @@ def test_public_style_absolute_image_paths_are_re_rooted(dataset_root, tmp_path)
         pickle.dump(data, f)
     sample = OccScanNetDataset(root, "train", config=lite())[0]
     assert sample["sample_id"] == sample_id and float(sample["depth"].max()) > 0
+
+
+def test_depth_at_another_resolution_than_rgb(dataset_root, tmp_path):
+    """ScanNet ships 1296x968 colour with 640x480 depth: loader and axis check rescale K for the depth."""
+    import shutil
+
+    root = tmp_path / "halfdepth"
+    shutil.copytree(dataset_root, root)
+    for png in (root / "posed_images").rglob("*.png"):
+        d = np.asarray(Image.open(png))
+        Image.fromarray(np.ascontiguousarray(d[::2, ::2])).save(png)
+    assert check_axes_main(["--root", str(root), "--split", "val", "--n", "2"]) == 0
+    sample = OccScanNetDataset(root, "val", config=lite())[0]
+    assert sample["depth"].shape == (1, 192, 256) and float(sample["depth"].max()) > 0.5
