@@ -11,6 +11,7 @@ Run: ``ros2 run discene_ros occupancy_node --ros-args --params-file config/occup
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 import time
 from pathlib import Path
@@ -73,7 +74,6 @@ def build_pipeline(cfg: dict[str, Any]) -> Any:
         raise FileNotFoundError(f"model file {path} not found (parameter model_path)")
     backend = create_backend(cfg["backend"], path, device=None if cfg["device"] == "auto" else cfg["device"],
                              fp16=cfg["fp16"])
-    backend.config.score_threshold = float(cfg["score_threshold"])  # post-processing only, same network
     return OccupancyPipeline(backend)
 
 
@@ -93,6 +93,8 @@ def make_node_class() -> type:
             self.cfg = declare_parameters(self)
             self.factory = RclpyFactory()
             self.pipeline = pipeline if pipeline is not None else build_pipeline(self.cfg)
+            # the threshold only affects post-processing: same network, same backend config object
+            self.pipeline.config.score_threshold = float(self.cfg["score_threshold"])
             settings = ProcessorSettings(
                 use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["depth_max_offset_s"],
                 use_fallback_pose=self.cfg["use_fallback_pose"],
@@ -213,12 +215,16 @@ def make_node_class() -> type:
     return OccupancyNode
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point (``ros2 run discene_ros occupancy_node``)."""
+def main(args: list[str] | None = None) -> int:
+    """Entry point (``ros2 run discene_ros occupancy_node``); 1 when the node cannot start."""
     rclpy = _ros("rclpy")
     rclpy.init(args=args)  # not `with rclpy.init()`: that fails on Humble/Jazzy (DESIGN.md section 7)
     try:
-        node = make_node_class()()
+        try:
+            node = make_node_class()()
+        except (FileNotFoundError, ValueError, ImportError) as exc:  # configuration errors, not input errors
+            print(f"occupancy_node: cannot start: {exc}", file=sys.stderr)
+            return 1
         stop = (KeyboardInterrupt, getattr(_ros("rclpy.executors"), "ExternalShutdownException", KeyboardInterrupt))
         try:
             rclpy.spin(node)
@@ -226,10 +232,11 @@ def main(args: list[str] | None = None) -> None:
             pass
         finally:
             node.destroy_node()
+        return 0
     finally:
         # try_shutdown tolerates the context already shut down by the SIGINT handler (Jazzy)
         getattr(rclpy, "try_shutdown", rclpy.shutdown)()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -72,6 +72,7 @@ def test_parameters_qos_topics(fake_node):
         if spec.range:
             (rng,) = descriptor.floating_point_range
             assert (rng.from_value, rng.to_value) == spec.range
+    assert node.pipeline.config.score_threshold == P.defaults()["score_threshold"]
     assert node.cfg["world_frame"] == "map"
     subs = {topic: (t.msgtype, qos) for t, topic, _, qos in node.subscriptions}
     assert set(subs) == {"/camera/color/image_raw", "/camera/color/camera_info"}  # no depth: use_depth false
@@ -164,9 +165,17 @@ def test_main_init_spin_shutdown_order(monkeypatch):
     ros = FakeRos(STORE)
     install_fake_rclpy(monkeypatch, ros)
     monkeypatch.setattr(node_mod, "build_pipeline", lambda cfg: pipeline_for(BlockBackend()))
-    node_mod.main([])
+    assert node_mod.main([]) == 0
     assert ros.calls == ["init", "spin", "try_shutdown"]
     assert ros.nodes[0].destroyed
+
+
+def test_main_reports_a_missing_model_and_shuts_down(monkeypatch, tmp_path, capsys):
+    ros = FakeRos(STORE, overrides={"model_path": str(tmp_path / "missing.pt")})
+    install_fake_rclpy(monkeypatch, ros)
+    assert node_mod.main([]) == 1
+    assert ros.calls == ["init", "try_shutdown"]
+    assert "missing.pt not found" in capsys.readouterr().err
 
 
 def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):
