@@ -32,15 +32,31 @@ class StageTimings:
         return asdict(self)
 
 
+# Post-processing settings a deployment may tune without re-exporting (e.g. from ROS parameters).
+POSTPROCESS_FIELDS = ("name", "score_threshold", "max_center_dist", "closing")
+
+
+def _network_fields(config: ModelConfig) -> dict:
+    d = config.to_dict()
+    d["backbone"] = {k: v for k, v in d["backbone"].items() if k not in ("pretrained", "frozen_stages")}
+    return {k: v for k, v in d.items() if k not in POSTPROCESS_FIELDS}
+
+
 class OccupancyPipeline:
-    """Wires preprocess, a ``Backend`` and post-processing; keeps the last ``window`` frames' timings."""
+    """Wires preprocess, a ``Backend`` and post-processing; keeps the last ``window`` frames' timings.
+
+    ``config`` may differ from the backend's in post-processing settings only (score threshold,
+    centre distance, closing); anything that changes the network's inputs or outputs is refused.
+    """
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100):
         self.backend = backend
         self.config = config or backend.config
-        if self.config.to_dict() != backend.config.to_dict():
+        mine, theirs = _network_fields(self.config), _network_fields(backend.config)
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ValueError(f"pipeline config '{self.config.name}' differs from the backend's model config "
-                             f"'{backend.config.name}': the preprocessing would not match the network")
+                             f"'{backend.config.name}' in {diff}: inputs or outputs would not match the network")
         self.last_timings = StageTimings()
         self.history: deque[StageTimings] = deque(maxlen=window)
 

@@ -122,3 +122,14 @@ def test_weights_hash_tracks_values_not_object_identity(lite_model):
     first = next(k for k, v in state.items() if v.is_floating_point())
     state[first] = state[first] + 1e-3
     assert sha256_state_dict(state) != h
+
+
+def test_pipeline_accepts_postprocess_overrides_but_not_network_changes(lite_model, lite_config):
+    from export.pipeline import OccupancyPipeline
+
+    backend = TorchBackend(lite_model, lite_config, device="cpu")
+    tuned = type(lite_config).from_dict(dict(lite_config.to_dict(), score_threshold=0.3, closing=True))
+    assert OccupancyPipeline(backend, tuned).config.score_threshold == 0.3
+    other = type(lite_config).from_dict(dict(lite_config.to_dict(), image_size=[96, 128]))
+    with pytest.raises(ValueError, match="image_size"):
+        OccupancyPipeline(backend, other)
