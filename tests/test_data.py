@@ -78,6 +78,8 @@ def test_cli_writes_dataset(tmp_path):
                      "--width", "64", "--height", "48"])
     assert rc == 0 and (tmp_path / "d/gathered_data/scene0000_00/00000.pkl").is_file()
     assert synth_main(["--out", str(tmp_path / "e"), "--scenes", "0"]) == 2
+    assert synth_main(["--out", str(tmp_path / "e"), "--val-fraction", "1.5"]) == 2
+    assert synth_main(["--out", str(tmp_path / "e"), "--workers", "0"]) == 2
 
 
 def test_loader_outputs(dataset_root):

@@ -169,6 +169,12 @@ def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0,
         raise ValueError(f"need at least one scene and one frame, got scenes={scenes}, frames={frames_per_scene}")
     if width < 32 or height < 32:
         raise ValueError(f"image size {width}x{height} is too small (minimum 32x32)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg quality must be 1..100, got {jpeg_quality}")
     from tqdm import tqdm
 
     root = Path(out)
