@@ -151,6 +151,9 @@ def test_stored_layout_roundtrip_and_downsample():
     labels[4:, 4:, :2] = 7              # block 3: half sofa, half empty -> sofa
     out = downsample_labels(labels, 4)
     assert out.shape == (2, 2, 1)
+    tie = np.zeros((4, 4, 4), np.uint8)
+    tie[:2] = 255                       # 32 unknown, 32 empty -> unknown
+    assert downsample_labels(tie, 4)[0, 0, 0] == 255
     assert out[0, 0, 0] == 255 and out[1, 0, 0] == 3 and out[0, 1, 0] == 0 and out[1, 1, 0] == 7
 
 

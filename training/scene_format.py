@@ -54,8 +54,9 @@ def _check_layout(layout: str) -> None:
 def downsample_labels(labels: np.ndarray, factor: int = 4, empty_ratio: float = 0.95) -> np.ndarray:
     """Block-downsample a label grid (0 empty, 1..254 classes, 255 unknown), SSC-style.
 
-    A block whose empty + unknown voxels exceed ``empty_ratio`` of its size becomes empty (or unknown
-    when unknown voxels outnumber empty ones); otherwise it takes the most frequent class label.
+    A block whose empty + unknown voxels exceed ``empty_ratio`` of its size becomes empty when empty
+    voxels outnumber unknown ones, else unknown; otherwise it takes its most frequent class label
+    (the smallest on ties), as the SSC literature's 1:16 targets.
     """
     x, y, z = labels.shape
     if x % factor or y % factor or z % factor:
@@ -69,7 +70,7 @@ def downsample_labels(labels: np.ndarray, factor: int = 4, empty_ratio: float = 
     classes = counts[:, 1:UNKNOWN]
     out = (classes.argmax(axis=1) + 1).astype(np.uint8)
     mostly_free = (n_empty + n_unknown) > empty_ratio * size
-    out[mostly_free] = np.where(n_unknown[mostly_free] > n_empty[mostly_free], UNKNOWN, 0)
+    out[mostly_free] = np.where(n_empty[mostly_free] > n_unknown[mostly_free], 0, UNKNOWN)
     return out.reshape(x // factor, y // factor, z // factor)
 
 
