@@ -100,6 +100,8 @@ def test_merge_reset_and_errors():
         a.add_batch(np.zeros((60, 60, 36)), np.zeros((60, 60, 35)))
     with pytest.raises(ValueError, match="outside"):
         a.add_batch(grid([0]), grid([12]))
+    with pytest.raises(ValueError, match=">= 0"):
+        a.add_batch(np.array([-1, 0]).reshape(2, 1, 1), grid([1, 0]))
 
 
 def test_table_lists_every_class():

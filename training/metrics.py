@@ -47,8 +47,10 @@ class SSCMetrics:
         if bad.any():
             raise ValueError(f"ground truth has labels {np.unique(gt[bad])[:5].tolist()} outside "
                              f"0..{self.num_classes - 1} and {UNKNOWN}")
+        if pred.size and pred.min() < 0:
+            raise ValueError(f"predictions must be labels >= 0, got {int(pred.min())}")
         c = self.num_classes
-        pred = np.where((pred >= 0) & (pred < c), pred, c)
+        pred = np.where(pred < c, pred, c)
         self.confusion += np.bincount(gt * (c + 1) + pred, minlength=c * (c + 1)).reshape(c, c + 1)
 
     def merge(self, other: SSCMetrics) -> None:
