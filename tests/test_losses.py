@@ -12,6 +12,7 @@ from training.losses import (
     distance_weight,
     ground_truth_from_voxels,
     nearest_neighbours,
+    nearest_neighbours_kdtree,
 )
 
 EXTENT = torch.tensor([4.8, 4.8, 2.88])
@@ -52,6 +53,20 @@ def test_chunked_nearest_neighbour_matches_brute_force():
     rbd, rbi = full.min(0)
     torch.testing.assert_close(rd, rbd)
     assert torch.equal(ri, rbi)
+    kd, ki, krd, kri = nearest_neighbours_kdtree(src, dst)
+    torch.testing.assert_close(kd, bd)
+    torch.testing.assert_close(krd, rbd)
+    assert torch.equal(ki, bi) and torch.equal(kri, rbi)
+
+
+def test_cdist_and_kdtree_backends_give_the_same_loss():
+    g = torch.Generator().manual_seed(2)
+    gt = [GroundTruth(torch.rand(300, 3, generator=g) * 3, torch.randint(1, 12, (300,), generator=g))]
+    out = outputs_from(torch.rand(1, 40, 4, 3, generator=g), torch.randn(1, 40, 4, 11, generator=g))
+    a = TaskLoss(TaskLossConfig(nn_backend="cdist"))(out, gt)
+    b = TaskLoss(TaskLossConfig(nn_backend="kdtree"))(out, gt)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
 def test_exact_fit_gives_zero_chamfer_and_small_focal():
