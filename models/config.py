@@ -64,7 +64,7 @@ class ModelConfig:
     def num_points_out(self) -> int:
         return self.decoder.num_queries * self.decoder.num_refines[-1]
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Raise ValueError with a clear message for inconsistent settings; returns self."""
         b, d = self.backbone, self.decoder
         checks = [
@@ -94,7 +94,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a nested dict, rejecting unknown keys by name."""
         data = dict(data)
         _reject_unknown(cls, data, "model")
