@@ -31,6 +31,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; exported models are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
