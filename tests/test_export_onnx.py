@@ -58,6 +58,11 @@ def test_lite_export_has_no_tensorrt_flags(exported):
     report = check_model(exported["onnx"])
     assert report.ok, report.summary()
     assert ("", "GridSample") in report.ops  # per-level 2-D sampling is in the graph, and accepted as 4-D
+    from export.op_check import _ranks
+
+    m = onnx.load(str(exported["onnx"]))
+    ranks = _ranks(m)
+    assert {ranks.get(n.input[0]) for n in m.graph.node if n.op_type == "GridSample"} == {4}  # verified, not unknown
 
 
 def test_sidecar_content(exported):
