@@ -124,6 +124,25 @@ def write_markdown(path: Path, summary: dict, command: str, args: argparse.Names
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_results(runs: dict[str, list[dict]], seeds: dict[str, list[int]], command: str,
+                  args: argparse.Namespace, start: float) -> dict:
+    """Write ablation.json (percent) and ablation.md for the runs finished so far; returns the summary."""
+    summary = summarise(runs, seeds)
+    minutes = (time.perf_counter() - start) / 60
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    as_percent = {name: {"iou": round(100 * s["iou"], 2), "miou": round(100 * s["miou"], 2),
+                         "iou_std": round(100 * s["iou_std"], 2), "miou_std": round(100 * s["miou_std"], 2),
+                         "seeds": s["seeds"],
+                         "per_seed": [{"seed": seed, "iou": round(100 * r["iou"], 2), "miou": round(100 * r["miou"], 2),
+                                       "steps": r["steps"], "seconds_per_step": r["seconds_per_step"]}
+                                      for seed, r in zip(s["seeds"], s["per_seed"], strict=True)]}
+                  for name, s in summary.items()}
+    (results / "ablation.json").write_text(json.dumps(as_percent, indent=1) + "\n")
+    write_markdown(results / "ablation.md", summary, command, args, minutes)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -163,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         teacher_cfg = make_config("lite_teacher.yaml", [], args, "teacher", args.seeds[0], args.teacher_steps)
         runs["teacher"] = [train_and_eval(teacher_cfg)]
+        seeds["teacher"] = [args.seeds[0]]
+        write_results(runs, seeds, command, args, start)
         teacher_path = Path(runs["teacher"][0]["checkpoint"])
     seeds["teacher"] = [args.seeds[0]]
     for seed in args.seeds:
@@ -171,25 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(base, overrides, args, f"{name}_s{seed}", seed, args.steps, teacher)
             runs.setdefault(name, []).append(train_and_eval(cfg))
             seeds.setdefault(name, []).append(seed)
-    summary = summarise(runs, seeds)
-    minutes = (time.perf_counter() - start) / 60
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    as_percent = {name: {"iou": round(100 * s["iou"], 2), "miou": round(100 * s["miou"], 2),
-                         "iou_std": round(100 * s["iou_std"], 2), "miou_std": round(100 * s["miou_std"], 2),
-                         "seeds": s["seeds"],
-                         "per_seed": [{"seed": seed, "iou": round(100 * r["iou"], 2), "miou": round(100 * r["miou"], 2),
-                                       "steps": r["steps"], "seconds_per_step": r["seconds_per_step"]}
-                                      for seed, r in zip(s["seeds"], s["per_seed"], strict=True)]}
-                  for name, s in summary.items()}
-    (results / "ablation.json").write_text(json.dumps(as_percent, indent=1) + "\n")
-    write_markdown(results / "ablation.md", summary, command, args, minutes)
+            write_results(runs, seeds, command, args, start)
+    summary = write_results(runs, seeds, command, args, start)
     if args.ship:
         best = max(runs["distilled"], key=lambda r: r["miou"])
         Path(args.ship).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best["checkpoint"], args.ship)
         print(f"shipped {best['checkpoint']} (mIoU {100 * best['miou']:.2f}) to {args.ship}")
-    print(f"wrote {results / 'ablation.md'} and ablation.json in {minutes:.1f} min")
+    print(f"wrote {Path(args.results) / 'ablation.md'} and ablation.json in {(time.perf_counter() - start) / 60:.1f} min")
     for name in ("teacher", "student", "student_tgi", "distilled"):
         s = summary[name]
         print(f"  {name:<12} IoU {100 * s['iou']:6.2f} +- {100 * s['iou_std']:.2f}   "
