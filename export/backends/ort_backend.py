@@ -52,6 +52,9 @@ class OrtBackend(Backend):
         options.log_severity_level = 3  # errors only: FP16 graphs make the CPU EP warn about every fallback
         if threads:
             options.intra_op_num_threads = threads
+        # No busy-waiting between runs: on a robot the CPU is shared with ROS, the camera driver and
+        # any other backend in the process (spinning ORT threads made torch 5-15x slower beside it).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider_args = [(p, self._provider_options(p, onnx_path, fp16)) for p in chosen]
         try:
             self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=provider_args)
