@@ -228,3 +228,25 @@ def test_dataset_to_bag_options_and_errors(dataset, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert to_bag_main(["--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_shipped_sample_bag_matches_the_shipped_dataset():
+    """The sample bag must be regenerated (discene-dataset-to-bag) whenever the sample dataset changes."""
+    from training.occscannet import OccScanNetDataset
+
+    root = replay.DATA_DIR / "sample_dataset"
+    targets = {}
+    for split in ("train", "val"):
+        ds = OccScanNetDataset(root, split)
+        for sample_id in ds.ids:
+            data = ds.read_pickle(sample_id)
+            targets[tuple(np.round(np.asarray(data["voxel_origin"], np.float64).reshape(3), 5))] = ds.read_target(
+                sample_id, data)
+    reader = bag_io.open_reader(replay.SAMPLE_BAG)
+    try:
+        gt = replay.read_ground_truth(reader, (60, 60, 36), 0.08, errors := [])
+    finally:
+        reader.close()
+    assert not errors and len(gt) == len(targets)
+    for item in gt.values():
+        np.testing.assert_array_equal(item.labels, targets[tuple(np.round(item.voxel_origin, 5))])
