@@ -152,6 +152,17 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value as YAML, with numbers like ``2e-3`` (a string in YAML 1.1) read as floats."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML train config; ``overrides`` are ``key.sub=value`` strings (values parsed as YAML)."""
     path = Path(path)
@@ -170,5 +181,5 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        set_dotted(data, key.strip(), parse_value(raw))
     return TrainConfig.from_dict(data)
