@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-frames", type=int, default=400)
     parser.add_argument("--val-frames", type=int, default=80)
     parser.add_argument("--workers", type=int, default=1, help="data loader workers (and synth processes)")
-    parser.add_argument("--data", default=str(ROOT / "data" / "synth_ablation"), help="synthetic dataset root")
+    parser.add_argument("--data", default=str(ROOT / "runs" / "synth_ablation"),
+                        help="synthetic dataset root (generated when missing)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "ablation"), help="run directories")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results"), help="where ablation.md/.json go")
     parser.add_argument("--ship", default=str(ROOT / "discene_ros" / "data" / "lite_distilled.pt"),
