@@ -16,12 +16,13 @@ from models.postprocess import labels_batch
 
 
 def build_dataset(root: str, split: str, model_cfg: ModelConfig, max_frames: int | None = None,
-                  skip_bad: bool = True) -> Dataset:
-    """An Occ-ScanNet-format split prepared for ``model_cfg`` (depth read only when the model uses it)."""
+                  skip_bad: bool = True, load_depth: bool | None = None) -> Dataset:
+    """An Occ-ScanNet-format split prepared for ``model_cfg`` (depth read only when the model uses it,
+    unless ``load_depth`` says otherwise, e.g. for a depth-using teacher)."""
     from .occscannet import OccScanNetDataset
 
     return OccScanNetDataset(root, split, config=model_cfg, skip_bad=skip_bad, max_samples=max_frames,
-                             load_depth=model_cfg.use_depth)
+                             load_depth=model_cfg.use_depth if load_depth is None else load_depth)
 
 
 @torch.no_grad()

@@ -372,7 +372,8 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
         """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
         self.module.train()
-        inputs = prepare_inputs(batch, self.device, self.model_cfg.use_depth)
+        needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
+        inputs = prepare_inputs(batch, self.device, needs_depth)
         teacher, extra = self._teacher_outputs(inputs, self.step)
         autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else _null()
         with autocast:
