@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="Occ-ScanNet-format root (default: generate 4 synthetic frames)")
     parser.add_argument("--model", default="lite")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data
         if root is None:
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         dist_t, match_t = time_steps(distill, batches, args.repeats)
     p, d, m = statistics.median(plain_t), statistics.median(dist_t), statistics.median(match_t)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"device {args.device} ({name}), model {args.model}, teacher {args.model}+{TEACHER_OVERRIDES}, "
+    print(f"device {args.device} ({name}, {torch.get_num_threads()} CPU threads), model {args.model}, teacher {args.model}+{TEACHER_OVERRIDES}, "
           f"amp {args.amp}, median of {args.repeats} steps")
     print(f"{'step':<28}{'ms':>10}")
     print(f"{'plain student':<28}{1000 * p:>10.1f}")

@@ -1,10 +1,12 @@
 """Miniature reproduction of the paper's Table III on synthetic scenes (CPU-sized, about an hour on 2 cores).
 
-    python benchmarks/reproduce_ablation.py [--device cpu] [--steps 1000] [--teacher-steps 4000] [--seeds 0 1]
+    python benchmarks/reproduce_ablation.py [--device cpu] [--steps 800] [--teacher-steps 3200] [--seeds 0 1]
 
-Budget (measured on the idle 2-core build machine): lite student 0.27 s/step, lite teacher 0.33 s/step,
-distillation step 1.84x a plain step; defaults give about 22 min of teacher training plus 2 seeds x
-(1000 + 1000 + 1000 distillation) student steps (about 35 min), plus data generation and evaluation.
+Budget (measured on the 2-core build machine, one torch thread): lite teacher about 0.4 s/step, lite
+student about 0.3 s/step, a distillation step about 1.8x a plain step. The defaults give about 22 min of
+teacher training plus 2 seeds x (800 + 800 + 800 distillation) student steps (about 30 min), plus data
+generation (about 1.5 min) and evaluation. One torch thread and no loader workers by default: on a
+shared 2-core machine, oversubscribed OpenMP threads made steps up to 25x slower.
 
 Trains the lite teacher (bigger backbone, longer schedule) once, then with the same budget per seed:
 the lite student without distillation (``student``), with Teacher-Guided Initialisation only
@@ -22,6 +24,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -151,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps of every student configuration")
+    parser.add_argument("--steps", type=int, default=800, help="optimiser steps of every student configuration")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 4 x --steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-frames", type=int, default=400)
     parser.add_argument("--val-frames", type=int, default=80)
-    parser.add_argument("--workers", type=int, default=1, help="data loader workers (and synth processes)")
+    parser.add_argument("--workers", type=int, default=0, help="data loader workers (synth uses at least 1 process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", default=str(ROOT / "runs" / "synth_ablation"),
                         help="synthetic dataset root (generated when missing)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "ablation"), help="run directories")
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.teacher_steps = args.teacher_steps or 4 * args.steps
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if len(args.seeds) < 1:
         parser.error("give at least one seed")
     command = "python benchmarks/reproduce_ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
