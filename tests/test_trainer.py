@@ -89,6 +89,7 @@ def test_resume_continues_exactly_in_distill_mode(data_root, tmp_path, determini
     assert resumed.scheduler.state_dict()["last_epoch"] == full.scheduler.state_dict()["last_epoch"]
     model, mcfg = load_model(tmp_path / "part" / "final.pt")  # the format export and the node read
     assert mcfg.decoder.num_queries == 32 and all(torch.equal(model.state_dict()[k], b[k]) for k in b)
+    load_model(tmp_path / "part" / "last.pt")  # full training checkpoints load with weights_only=True too
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
@@ -108,7 +109,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     trainer = Trainer(cfg, train)
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*focal_1=nan"):
         trainer.fit()
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2 and trainer.step == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 

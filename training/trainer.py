@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import models
-from models.checkpoint import load_model, save_checkpoint
+from models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from models.config import ModelConfig
 from models.preprocess import normalize_image
 
@@ -172,7 +172,11 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain Python values, so checkpoints stay loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -180,7 +184,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -325,7 +330,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Restore model, distiller, optimiser, scheduler, scaler, position and RNG from a last.pt."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, map_location="cpu")
         for key in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_step", "rng"):
             if key not in state:
                 raise ValueError(f"checkpoint {path} cannot be resumed: it has no '{key}' (model-only checkpoint?)")
