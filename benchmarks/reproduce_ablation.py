@@ -1,12 +1,13 @@
 """Miniature reproduction of the paper's Table III on synthetic scenes (CPU-sized, about an hour on 2 cores).
 
-    python benchmarks/reproduce_ablation.py [--device cpu] [--steps 800] [--teacher-steps 3200] [--seeds 0 1]
+    python benchmarks/reproduce_ablation.py [--device cpu] [--steps 1000] [--teacher-steps 4000] [--seeds 0 1]
 
-Budget (measured on the 2-core build machine, one torch thread): lite teacher about 0.4 s/step, lite
-student about 0.3 s/step, a distillation step about 1.8x a plain step. The defaults give about 22 min of
-teacher training plus 2 seeds x (800 + 800 + 800 distillation) student steps (about 30 min), plus data
-generation (about 1.5 min) and evaluation. One torch thread and no loader workers by default: on a
-shared 2-core machine, oversubscribed OpenMP threads made steps up to 25x slower.
+Budget (measured on the 2-core build machine, one torch thread, other jobs running): lite teacher
+0.31 s/step (4000 steps in 20.7 min), lite student 0.19-0.21 s/step, distillation step 0.38 s/step. The
+defaults give about 21 min of teacher training plus 2 seeds x (1000 + 1000 + 1000 distillation) student
+steps (about 26 min), plus data generation (about 1.5 min) and evaluation: about 50-55 min. One torch
+thread and no loader workers by default: on the shared 2-core machine, oversubscribed OpenMP threads
+made steps up to 25x slower.
 
 Trains the lite teacher (bigger backbone, longer schedule) once, then with the same budget per seed:
 the lite student without distillation (``student``), with Teacher-Guided Initialisation only
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=800, help="optimiser steps of every student configuration")
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps of every student configuration")
     parser.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default 4 x --steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-frames", type=int, default=400)
