@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-threshold", type=float, default=0.3,
                         help="post-processing score threshold of every model here (design default 0.5; the "
                              "short schedules leave the focal-loss scores under-confident)")
+    parser.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for the distilled runs, e.g. distill.lambdas=[2,0.4,0.4,1]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.teacher_steps = args.teacher_steps or 4 * args.steps
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for name, (base, overrides) in VARIANTS.items():
             teacher = teacher_path if base == "lite_distill.yaml" else None
-            cfg = make_config(base, overrides, args, f"{name}_s{seed}", seed, args.steps, teacher)
+            extra = args.distill_set if name == "distilled" else []
+            cfg = make_config(base, overrides + extra, args, f"{name}_s{seed}", seed, args.steps, teacher)
             runs.setdefault(name, []).append(train_and_eval(cfg))
             seeds.setdefault(name, []).append(seed)
             write_results(runs, seeds, command, args, start)
