@@ -131,12 +131,16 @@ def paper_teacher() -> ModelConfig:
 
 
 def lite() -> ModelConfig:
-    """Small network for CPU tests and demos: ResNet-18 at 1/4 width, 3 layers, 192x256 input."""
+    """Small network for CPU tests and demos: ResNet-18 at 1/4 width, 3 layers, 192x256 input.
+
+    Like the paper's student it ends with 15,360 points (240 queries x 64): fewer points cannot cover
+    the 10-20k occupied voxels of an indoor frame, which capped recall near 6% with 240 x 16.
+    """
     return ModelConfig(
         name="lite",
         backbone=BackboneConfig(depth=18, base_channels=16),
         fpn_channels=64,
-        decoder=DecoderConfig(num_queries=240, num_refines=[2, 8, 16], embed_dims=64, num_heads=4,
+        decoder=DecoderConfig(num_queries=240, num_refines=[2, 16, 64], embed_dims=64, num_heads=4,
                               num_groups=4, num_points=4, out_points=16, ffn_dims=128),
         image_size=[192, 256],
     ).validate()

@@ -50,7 +50,7 @@ def test_onnx_graph_inputs_outputs_and_opset(exported):
     onnx.checker.check_model(m, full_check=True)
     assert [(i.domain, i.version) for i in m.opset_import if i.domain in ("", "ai.onnx")] == [("", 17)]
     dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(m.graph.input) + list(m.graph.output)}
-    q, r = 240, 16
+    q, r = exported["config"].decoder.num_queries, exported["config"].decoder.num_refines[-1]
     assert dims == {"image": [1, 3, 192, 256], "grid2img": [1, 4, 4], "points": [1, q, r, 3], "scores": [1, q, r, 11]}
 
 
@@ -75,8 +75,8 @@ def test_sidecar_content(exported):
     assert side["onnx_sha256"] == sha256_file(exported["onnx"])
     assert side["trt_unsupported_ops"] == []
     assert [i["name"] for i in side["inputs"]] == ["image", "grid2img"]
-    assert [(o["name"], o["shape"]) for o in side["outputs"]] == [("points", [1, 240, 16, 3]),
-                                                                    ("scores", [1, 240, 16, 11])]
+    q, r = exported["config"].decoder.num_queries, exported["config"].decoder.num_refines[-1]
+    assert [(o["name"], o["shape"]) for o in side["outputs"]] == [("points", [1, q, r, 3]), ("scores", [1, q, r, 11])]
 
 
 def test_parity_fp32_enforced(exported):
