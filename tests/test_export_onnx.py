@@ -20,7 +20,7 @@ from models.checkpoint import save_model
 from models.classes import CLASS_NAMES
 
 # Parity tolerances enforced on the lite export (float32 ORT CPU vs eager torch CPU).
-MAX_ABS_DIFF_FP32 = 1e-4
+MAX_ABS_DIFF_FP32 = 2e-4        # scores, and points in normalised grid units (2e-4 * 4.8 m ~ 1 mm)
 MAX_POINTS_DIFF_FP16 = 0.05       # normalised grid units: 0.05 * 4.8 m = 0.24 m worst point
 MIN_LABEL_AGREEMENT_FP16 = 0.99
 
