@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import state_dict_diff
 from .config import BackboneConfig
 
 # blocks per stage and block type of each supported depth
@@ -168,14 +169,11 @@ def load_torchvision_state_dict(model: ResNet, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"backbone.pretrained: {path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    diff = state_dict_diff(model.state_dict(), state)
+    if diff:
+        shapes = [f"{k}: file {theirs} vs model {mine}" for k, mine, theirs in diff.mismatched]
         raise ValueError(
             f"backbone.pretrained {path} does not match the configured ResNet: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+            f"missing {diff.missing[:5]}, unexpected {diff.unexpected[:5]}, shape mismatches {shapes[:5]}"
         )
     model.load_state_dict(state, strict=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +58,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+@dataclass
+class StateDiff:
+    """How a state dict differs from a module's: keys missing from it, extra keys, shape mismatches."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (key, module shape, state shape)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def state_dict_diff(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> StateDiff:
+    """Compare ``state`` against the module state dict ``own`` (keys and shapes)."""
+    return StateDiff(
+        missing=[k for k in own if k not in state],
+        unexpected=[k for k in state if k not in own],
+        mismatched=[(k, tuple(own[k].shape), tuple(state[k].shape))
+                    for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)],
+    )
+
+
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """load_state_dict(strict) with an error naming the first missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    diff = state_dict_diff(model.state_dict(), state)
+    if diff:
+        shapes = [f"{k} {theirs} vs model {mine}" for k, mine, theirs in diff.mismatched]
         parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys, first {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[:3]}")
+        if diff.missing:
+            parts.append(f"{len(diff.missing)} missing keys, first {diff.missing[:3]}")
+        if diff.unexpected:
+            parts.append(f"{len(diff.unexpected)} unexpected keys, first {diff.unexpected[:3]}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches, first {shapes[:3]}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))

@@ -97,7 +97,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a nested dict, rejecting unknown keys by name."""
         data = dict(data)
-        _reject_unknown(cls, data, "model")
+        reject_unknown_keys(cls, data, "model")
         backbone = BackboneConfig(**_checked(BackboneConfig, data.pop("backbone", {}), "backbone"))
         decoder = DecoderConfig(**_checked(DecoderConfig, data.pop("decoder", {}), "decoder"))
         return cls(backbone=backbone, decoder=decoder, **data).validate()
@@ -106,7 +106,8 @@ class ModelConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+def reject_unknown_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    """Raise ValueError naming keys of ``data`` that are not fields of the dataclass ``cls``."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -116,7 +117,7 @@ def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
 def _checked(cls: type, data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"'{where}' must be a mapping, got {type(data).__name__}")
-    _reject_unknown(cls, data, where)
+    reject_unknown_keys(cls, data, where)
     return data
 
 

@@ -10,6 +10,8 @@ import contextlib
 import torch
 from torch import nn
 
+from models.checkpoint import state_dict_diff
+
 
 def teacher_guided_init(student: nn.Module, teacher: nn.Module) -> int:
     """Copy ``teacher.decoder`` weights into ``student.decoder`` exactly; returns the number of tensors copied.
@@ -20,19 +22,15 @@ def teacher_guided_init(student: nn.Module, teacher: nn.Module) -> int:
         if not isinstance(getattr(model, "decoder", None), nn.Module):
             raise ValueError(f"TGI: the {name} has no .decoder module")
     src = teacher.decoder.state_dict()
-    dst = student.decoder.state_dict()
-    missing = sorted(set(dst) - set(src))
-    unexpected = sorted(set(src) - set(dst))
-    mismatched = sorted(f"{k}: student {tuple(dst[k].shape)} vs teacher {tuple(src[k].shape)}"
-                        for k in set(src) & set(dst) if src[k].shape != dst[k].shape)
-    if missing or unexpected or mismatched:
+    diff = state_dict_diff(student.decoder.state_dict(), src)
+    if diff:
         problems = []
-        if mismatched:
-            problems.append(f"shape mismatch: {mismatched}")
-        if missing:
-            problems.append(f"keys only in the student decoder: {missing}")
-        if unexpected:
-            problems.append(f"keys only in the teacher decoder: {unexpected}")
+        if diff.mismatched:
+            problems.append(f"shape mismatch: {sorted(f'{k}: student {mine} vs teacher {theirs}' for k, mine, theirs in diff.mismatched)}")
+        if diff.missing:
+            problems.append(f"keys only in the student decoder: {sorted(diff.missing)}")
+        if diff.unexpected:
+            problems.append(f"keys only in the teacher decoder: {sorted(diff.unexpected)}")
         raise ValueError("TGI: teacher and student decoders differ; " + "; ".join(problems))
     student.decoder.load_state_dict({k: v.detach().clone() for k, v in src.items()}, strict=True)
     return len(src)

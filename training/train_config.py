@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from models.config import ModelConfig, load_config
+from models.config import ModelConfig, load_config, reject_unknown_keys
 
 from .distill import DistillConfig
 from .losses import TaskLossConfig
@@ -109,26 +109,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = copy.deepcopy(data)
-        _reject_unknown(cls, data, "train")
+        reject_unknown_keys(cls, data, "train")
         sections = {"distill": DistillConfig, "loss": TaskLossConfig, "data": DataConfig, "optim": OptimConfig}
         built = {}
         for key, sub in sections.items():
             value = data.pop(key, {}) or {}
             if not isinstance(value, dict):
                 raise ValueError(f"train config section '{key}' must be a mapping, got {type(value).__name__}")
-            _reject_unknown(sub, value, key)
+            reject_unknown_keys(sub, value, key)
             built[key] = sub(**value)
         return cls(**data, **built).validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {where} config keys {unknown}; known keys: {sorted(known)}")
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
