@@ -8,11 +8,15 @@ closest stand-in for rclpy here.
 
     python benchmarks/bench_node_overhead.py [--device cpu|cuda] [--iters 20] [--json out.json]
 
-Measured (random lite weights, threshold 0, ~885 voxels; medians, ms):
-  NVIDIA H200, torch CUDA FP32: bgr8 Image decode 0.09, preprocess 8.2, infer 14.7, postprocess 3.4,
-  PointCloud2 0.46 -> overhead 83% of inference; jpeg input (decode 4.6) -> 111%.
-  Same machine, 16 CPU threads: infer 23 ms, overhead 49% (bgr8) / 65% (jpeg).
-  Preprocess is dominated by the antialiased PIL resize of 640x480 to 256x192 (about 4-5 ms).
+Measured (random lite weights, score threshold 0; medians, ms):
+  Current lite (15,360 points, ~3,800 voxels), shared 2-core CPU (noisy: other jobs running):
+    bgr8 Image: decode 0.14, preprocess 9.7, infer 176, postprocess 7.8, PointCloud2 0.6 -> 10% of inference;
+    jpeg: decode 8.9, preprocess 7.6, infer 136, postprocess 18.7 -> 27%. MarkerArray adds 15-22 ms.
+  Previous lite (3,840 points, ~885 voxels) on an NVIDIA H200, torch CUDA FP32: bgr8 decode 0.09,
+    preprocess 8.2, infer 14.7, postprocess 3.4, PointCloud2 0.46 -> 83% of inference (jpeg: 111%);
+    same machine, 16 CPU threads: infer 23 ms -> 49% (bgr8) / 65% (jpeg).
+  Preprocess is dominated by the antialiased PIL resize of 640x480 to 256x192 (about 4-5 ms): on a
+  GPU the CPU-side work, not the network, bounds the frame rate of the lite model.
 """
 from __future__ import annotations
 
