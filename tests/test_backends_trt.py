@@ -21,7 +21,10 @@ from export.backends import create_backend, output_shapes
 from export.backends.trt_backend import TensorRTBackend
 from export.sidecar import read_sidecar, sha256_file, write_sidecar
 from export.trt_build import build_engine
+from models.config import lite
 from models.preprocess import FrameInputs
+
+Q, R = lite().decoder.num_queries, lite().decoder.num_refines[-1]  # output shape of the lite engine
 
 ENGINE_MAGIC = b"FAKE-TRT-ENGINE:"
 GPU = {"name": "Fake Orin", "compute_capability": "8.7"}
@@ -201,7 +204,7 @@ def make_fake_trt(version="10.3.0", memory=None, parse_ok=True):
 
         def get_tensor_shape(self, name):
             if name in ("points", "scores"):
-                return (1, 240, 16, 3) if name == "points" else (1, 240, 16, 11)
+                return (1, Q, R, 3) if name == "points" else (1, Q, R, 11)
             return self.shapes[name]
 
         def set_tensor_address(self, name, ptr):
@@ -251,19 +254,19 @@ def fake(monkeypatch):
 @pytest.fixture()
 def onnx_file(tmp_path, lite_config):
     """A tiny valid ONNX with the lite IO names/shapes and one float weight; sidecar with the config."""
-    w = numpy_helper.from_array(np.ones((1, 240, 16, 3), np.float32), "w")
+    w = numpy_helper.from_array(np.ones((1, Q, R, 3), np.float32), "w")
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=1),
              helper.make_node("Mul", ["m", "w"], ["points"]),
              helper.make_node("ReduceSum", ["grid2img"], ["s"], keepdims=1),
              helper.make_node("Sigmoid", ["s"], ["sg"]),
              helper.make_node("Expand", ["sg", "shape"], ["scores"])]
-    shape = numpy_helper.from_array(np.array([1, 240, 16, 11], np.int64), "shape")
+    shape = numpy_helper.from_array(np.array([1, Q, R, 11], np.int64), "shape")
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 192, 256]),
          helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
-        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, 240, 16, 3]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 240, 16, 11])], [w, shape])
+        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, Q, R, 3]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, Q, R, 11])], [w, shape])
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     write_sidecar(path, {"config": lite_config.to_dict(), "class_names": ["empty"]})
