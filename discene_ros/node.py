@@ -94,7 +94,8 @@ def make_node_class() -> type:
             self.factory = RclpyFactory()
             self.pipeline = pipeline if pipeline is not None else build_pipeline(self.cfg)
             # the threshold only affects post-processing: same network, same backend config object
-            self.pipeline.config.score_threshold = float(self.cfg["score_threshold"])
+            if self.cfg["score_threshold"] >= 0.0:
+                self.pipeline.config.score_threshold = float(self.cfg["score_threshold"])
             settings = ProcessorSettings(
                 use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["depth_max_offset_s"],
                 use_fallback_pose=self.cfg["use_fallback_pose"],

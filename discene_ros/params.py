@@ -57,7 +57,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("fallback_camera_pitch_deg", 15.0, "Fallback: camera pitch below the horizon, degrees (looking along +x)",
               (-45.0, 89.0)),
     ParamSpec("floor_z", 0.0, "World z of the floor: the bottom face of the grid, metres", (-10.0, 10.0)),
-    ParamSpec("score_threshold", 0.5, "Points whose best class score is at most this are empty", (0.0, 0.99)),
+    ParamSpec("score_threshold", -1.0, "Points whose best class score is at most this are empty; "
+              "negative = the model's own threshold (from its checkpoint or sidecar)", (-1.0, 0.99)),
     ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz"),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the DiagnosticArray on /diagnostics, seconds", (0.1, 60.0)),
     ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),

@@ -28,7 +28,7 @@ ARGUMENTS = (
     ("use_depth", "false", bool, "Use the depth topic (DiScene-dagger models)"),
     ("world_frame", "odom", str, "Gravity-aligned frame of the grid and outputs"),
     ("use_fallback_pose", "true", bool, "Use the fixed camera height/pitch when TF has no camera pose"),
-    ("score_threshold", "0.5", float, "Occupancy score threshold"),
+    ("score_threshold", "-1.0", float, "Occupancy score threshold; negative = the model's own"),
     ("rviz", "false", None, "Start RViz 2 with rviz/discene.rviz"),
 )
 

@@ -72,7 +72,8 @@ def test_parameters_qos_topics(fake_node):
         if spec.range:
             (rng,) = descriptor.floating_point_range
             assert (rng.from_value, rng.to_value) == spec.range
-    assert node.pipeline.config.score_threshold == P.defaults()["score_threshold"]
+    assert P.defaults()["score_threshold"] < 0  # default: keep the model's own threshold
+    assert node.pipeline.config.score_threshold == node.pipeline.backend.config.score_threshold == 0.5
     assert node.cfg["world_frame"] == "map"
     subs = {topic: (t.msgtype, qos) for t, topic, _, qos in node.subscriptions}
     assert set(subs) == {"/camera/color/image_raw", "/camera/color/camera_info"}  # no depth: use_depth false
@@ -104,6 +105,15 @@ def test_bad_parameter_value_is_refused(monkeypatch):
     install_fake_rclpy(monkeypatch, FakeRos(STORE, overrides={"score_threshold": 1.5}))
     with pytest.raises(ValueError, match="score_threshold"):
         node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend()))
+
+
+def test_non_negative_score_threshold_overrides_the_models(monkeypatch):
+    install_fake_rclpy(monkeypatch, FakeRos(STORE, overrides={"score_threshold": 0.3}))
+    node = node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend()))
+    try:
+        assert node.pipeline.config.score_threshold == 0.3
+    finally:
+        node.destroy_node()
 
 
 def test_frames_flow_drop_and_publish(fake_node):
