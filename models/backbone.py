@@ -90,6 +90,7 @@ class ResNet(nn.Module):
                              f"got {config.width_per_group}")
         base = config.base_channels
         self.frozen_stages = config.frozen_stages
+        self.norm_eval = config.norm_eval
         self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(base)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -135,10 +136,14 @@ class ResNet(nn.Module):
                 p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> ResNet:
-        """Frozen stages keep their BatchNorm statistics fixed (eval) even in training mode."""
+        """Frozen stages (and every BatchNorm with ``norm_eval``) keep their statistics fixed in training mode."""
         super().train(mode)
         for m in self._frozen_modules():
             m.eval()
+        if self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

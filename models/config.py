@@ -26,6 +26,7 @@ class BackboneConfig:
     width_per_group: int = 64       # 128 gives torchvision's wide_resnet*_2
     pretrained: str | None = None   # local torchvision-format state dict (.pth), never downloaded
     frozen_stages: int = -1         # -1: train all; k: freeze stem and the first k stages
+    norm_eval: bool = False         # keep every BatchNorm in eval mode while training (pretrained, batch 1/GPU)
 
 
 @dataclass

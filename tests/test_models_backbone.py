@@ -112,3 +112,13 @@ def test_feature_strides_and_fpn_levels():
     assert [tuple(o.shape) for o in outs] == [(1, 16, 16, 24), (1, 16, 8, 12), (1, 16, 4, 6), (1, 16, 2, 3)]
     three = FPN(backbone.out_channels, 16, num_levels=3)
     assert three.strides == [8, 16, 32] and len(three(feats)) == 3
+
+
+def test_norm_eval_keeps_batchnorm_statistics_fixed_in_training_mode():
+    net = ResNet(BackboneConfig(depth=18, base_channels=8, norm_eval=True)).train()
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    before = bns[0].running_mean.clone()
+    net(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, bns[0].running_mean)
+    assert ResNet(BackboneConfig(depth=18, base_channels=8)).train().bn1.training  # default: BN trains
