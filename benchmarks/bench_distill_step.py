@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.checkpoint import save_checkpoint  # noqa: E402
+from models.checkpoint import save_model  # noqa: E402
 from training import matcher  # noqa: E402
 from training.evaluate import build_dataset  # noqa: E402
 from training.train_config import TrainConfig  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_cfg = config(mode="teacher", model_overrides=TEACHER_OVERRIDES)
         teacher = Trainer(teacher_cfg, build_dataset(root, "train", teacher_cfg.model_config()))
         teacher_path = Path(tmp) / "teacher.pt"
-        save_checkpoint(teacher_path, {"config": teacher.model_cfg.to_dict(), "model": teacher.student.state_dict()})
+        save_model(teacher_path, teacher.student, teacher.model_cfg)
         train = build_dataset(root, "train", student_cfg.model_config())
         batches = [collate_frames([train[i]]) for i in range(min(4, len(train)))]
         plain = Trainer(student_cfg, train)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from models.checkpoint import atomic_write
 
 SIDECAR_SUFFIX = ".json"
 
@@ -22,21 +22,8 @@ def sidecar_path(artefact: str | Path) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; exported models are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` via a temp file in the same folder and ``os.replace``: readers never see half a file."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_sidecar(artefact: str | Path, data: dict[str, Any]) -> Path:

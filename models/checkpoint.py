@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -17,22 +18,27 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, incomplete or does not fit the model."""
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with torch.save to a temp file in the same directory, then os.replace (atomic)."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temp file in the same directory, fsync, then os.replace: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary shared files
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and exports are ordinary shared files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with torch.save atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def save_model(path: str | Path, model: nn.Module, config: ModelConfig, **extra: Any) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import models
-from models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from models.config import ModelConfig
 from models.preprocess import normalize_image
 
@@ -324,8 +324,7 @@ class Trainer:
         """Model-only checkpoint (config + weights) that models.checkpoint.load_model, export and the node read."""
         path = self.out_dir / "final.pt"
         if self.is_main:
-            save_checkpoint(path, {"config": self.model_cfg.to_dict(), "model": self.student.state_dict(),
-                                   "step": self.step, "train_config": self.cfg.to_dict()})
+            save_model(path, self.student, self.model_cfg, step=self.step, train_config=self.cfg.to_dict())
         return path
 
     def resume(self, path: str | Path) -> None:
