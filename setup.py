@@ -31,7 +31,8 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
         "ros": ["rosbags>=0.10"],
         "dev": ["pytest>=8.0", "ruff>=0.5", "scipy>=1.10", "tensorboard>=2.14", "onnx>=1.16",
-                "onnxruntime>=1.18", "rosbags>=0.10"],
+                "onnxruntime>=1.18", "rosbags>=0.10",
+                "cuda-bindings>=12.8"],  # cuda-python runtime (8 MB wheel): tests probe its call conventions
     },
     zip_safe=True,
     entry_points={

@@ -3,11 +3,16 @@
 Preference: PyTorch CUDA tensors (torch owns the memory; usual on a robot that also has torch), then
 cuda-python (``cuda.bindings.runtime``, what TensorRT's own samples use since 10.x), then pycuda.
 All three expose the same small interface: ``alloc``, ``upload``, ``download``, ``stream_handle``,
-``synchronize``, ``gpu_info`` and ``close``.
+``synchronize``, ``gpu_info`` and ``close``. Every upload checks the host array against the buffer
+(shape, dtype kind, byte count) before any copy, so a wrong frame can neither over-read host memory
+nor overrun a device buffer. Binding errors (cuda-python error codes, ``pycuda.driver.Error``) are
+raised as RuntimeError with the CUDA error text.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,29 @@ class DeviceBuffer:
     owner: Any = None
 
 
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    if any(int(d) < 0 for d in shape):
+        raise ValueError(f"cannot allocate a buffer of unresolved shape {tuple(shape)}")
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def host_for_upload(buf: DeviceBuffer, host: Any) -> np.ndarray:
+    """``host`` as a C-contiguous array of the buffer's dtype, or ValueError before any copy.
+
+    The shape must equal the buffer's; the dtype must cast to the buffer's within its kind
+    (float64 -> float32 is accepted, strings, objects or complex values are not).
+    """
+    arr = np.asarray(host)
+    if arr.shape != tuple(buf.shape):
+        raise ValueError(f"host array of shape {arr.shape} does not fit the device buffer of shape {tuple(buf.shape)}")
+    if not np.can_cast(arr.dtype, buf.dtype, casting="same_kind"):
+        raise ValueError(f"host array of dtype {arr.dtype} cannot be copied into a {np.dtype(buf.dtype)} device buffer")
+    arr = np.ascontiguousarray(arr, dtype=buf.dtype)
+    if arr.nbytes != buf.nbytes:
+        raise ValueError(f"host array has {arr.nbytes} bytes, the device buffer {buf.nbytes}")
+    return arr
+
+
 class TorchCudaMemory:
     """Buffers owned by torch CUDA tensors; a dedicated ``torch.cuda.Stream``."""
 
@@ -40,17 +68,18 @@ class TorchCudaMemory:
         self.stream = torch.cuda.Stream(device=self.device)
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceBuffer:
+        nbytes = _nbytes(shape, dtype)
         t = self.torch.empty(tuple(shape), dtype=_torch_dtype(self.torch, dtype), device=self.device)
-        return DeviceBuffer(int(t.data_ptr()), t.numel() * t.element_size(), tuple(shape), np.dtype(dtype), t)
+        return DeviceBuffer(int(t.data_ptr()), nbytes, tuple(shape), np.dtype(dtype), t)
 
     def upload(self, buf: DeviceBuffer, host: np.ndarray) -> None:
+        src = self.torch.from_numpy(host_for_upload(buf, host))
         with self.torch.cuda.stream(self.stream):
-            buf.owner.copy_(self.torch.from_numpy(np.ascontiguousarray(host, dtype=buf.dtype)), non_blocking=True)
+            buf.owner.copy_(src, non_blocking=False)  # pageable host memory: a synchronous copy is no slower
 
     def download(self, buf: DeviceBuffer) -> np.ndarray:
         with self.torch.cuda.stream(self.stream):
-            host = buf.owner.to("cpu", non_blocking=True)
-        self.synchronize()
+            host = buf.owner.to("cpu")
         return host.numpy()
 
     def stream_handle(self) -> int:
@@ -64,48 +93,66 @@ class TorchCudaMemory:
         return {"name": self.torch.cuda.get_device_name(self.device), "compute_capability": f"{major}.{minor}"}
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
         self.stream = None
 
 
 class CudaPythonMemory:
-    """Buffers from ``cudaMalloc`` through cuda-python (``cuda.bindings.runtime`` or legacy ``cuda.cudart``)."""
+    """Buffers from ``cudaMalloc`` through cuda-python (``cuda.bindings.runtime`` or legacy ``cuda.cudart``).
+
+    cuda-python returns a tuple ``(cudaError_t, *results)`` from every call; ``_check`` turns a
+    non-zero error into RuntimeError with ``cudaGetErrorString``'s text and unpacks the result.
+    """
 
     name = "cuda-python"
 
-    def __init__(self, device_index: int = 0):
-        try:
-            self.rt = importlib.import_module("cuda.bindings.runtime")
-        except ImportError:
-            self.rt = importlib.import_module("cuda.cudart")
-        self.device_index = device_index
-        self._check(self.rt.cudaSetDevice(device_index), "cudaSetDevice")
-        self.stream = self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+    def __init__(self, device_index: int = 0, runtime: Any = None):
+        if runtime is None:
+            try:
+                runtime = importlib.import_module("cuda.bindings.runtime")
+            except ImportError:
+                runtime = importlib.import_module("cuda.cudart")
+        self.rt = runtime
+        self.device_index = int(device_index)
+        self.stream = None
         self._buffers: list[DeviceBuffer] = []
         self._pending: list[np.ndarray] = []
+        self._check(self.rt.cudaSetDevice(self.device_index), "cudaSetDevice")
+        self.stream = self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
+
+    def _error_text(self, err: Any) -> str:
+        try:
+            code, text = self.rt.cudaGetErrorString(err)
+            if int(code) == 0:
+                return f"{getattr(err, 'name', err)}: {text.decode(errors='replace') if isinstance(text, bytes) else text}"
+        except Exception:  # noqa: BLE001 - the message is best effort, the error itself is raised below
+            pass
+        return str(err)
 
     def _check(self, result: Any, what: str) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
-            raise RuntimeError(f"{what} failed: {err}")
+            raise RuntimeError(f"cuda-python {what} failed: {self._error_text(err)}")
         return rest[0] if len(rest) == 1 else (rest or None)
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceBuffer:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        nbytes = _nbytes(shape, dtype)
         ptr = self._check(self.rt.cudaMalloc(nbytes), "cudaMalloc")
         buf = DeviceBuffer(int(ptr), nbytes, tuple(shape), np.dtype(dtype), ptr)
         self._buffers.append(buf)
         return buf
 
     def upload(self, buf: DeviceBuffer, host: np.ndarray) -> None:
-        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        host = host_for_upload(buf, host)
         self._pending.append(host)  # keep alive until the stream is synchronised
-        self._check(self.rt.cudaMemcpyAsync(buf.ptr, host.ctypes.data, buf.nbytes,
+        self._check(self.rt.cudaMemcpyAsync(buf.ptr, host.ctypes.data, host.nbytes,
                                             self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
                     "cudaMemcpyAsync H2D")
 
     def download(self, buf: DeviceBuffer) -> np.ndarray:
         host = np.empty(buf.shape, dtype=buf.dtype)
-        self._check(self.rt.cudaMemcpyAsync(host.ctypes.data, buf.ptr, buf.nbytes,
+        self._check(self.rt.cudaMemcpyAsync(host.ctypes.data, buf.ptr, host.nbytes,
                                             self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
                     "cudaMemcpyAsync D2H")
         self.synchronize()
@@ -121,61 +168,115 @@ class CudaPythonMemory:
     def gpu_info(self) -> dict[str, str]:
         props = self._check(self.rt.cudaGetDeviceProperties(self.device_index), "cudaGetDeviceProperties")
         name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+        return {"name": name.split("\x00")[0], "compute_capability": f"{props.major}.{props.minor}"}
 
     def close(self) -> None:
-        for buf in self._buffers:
-            self.rt.cudaFree(buf.owner)
-        self._buffers = []
+        errors = []
         if self.stream is not None:
-            self.rt.cudaStreamDestroy(self.stream)
+            errors.append(self.rt.cudaStreamSynchronize(self.stream))
+        for buf in self._buffers:
+            errors.append(self.rt.cudaFree(buf.owner))
+        self._buffers, self._pending = [], []
+        if self.stream is not None:
+            errors.append(self.rt.cudaStreamDestroy(self.stream))
             self.stream = None
+        for result in errors:  # everything is released first, then the first failure is reported
+            self._check(result, "release")
 
 
 class PyCudaMemory:
-    """Buffers from ``pycuda.driver.mem_alloc`` in a context this object creates and pops."""
+    """Buffers from ``pycuda.driver.mem_alloc`` in a context of its own, usable from any thread.
+
+    The context is created with ``make_context`` (which makes it current on the creating thread),
+    popped right away and then pushed around every call, so the node's worker thread can use it;
+    ``close`` frees the buffers and ``detach``es the context. ``pycuda.driver.Error`` (which is not
+    a Python RuntimeError) is re-raised as RuntimeError.
+    """
 
     name = "pycuda"
 
-    def __init__(self, device_index: int = 0):
-        self.cuda = importlib.import_module("pycuda.driver")
-        self.cuda.init()
-        self.dev = self.cuda.Device(device_index)
-        self.ctx = self.dev.make_context()
-        self.stream = self.cuda.Stream()
+    def __init__(self, device_index: int = 0, driver: Any = None):
+        self.cuda = driver if driver is not None else importlib.import_module("pycuda.driver")
+        self.ctx = None
+        self._buffers: list[DeviceBuffer] = []
         self._pending: list[np.ndarray] = []
+        try:
+            self.cuda.init()
+            self.dev = self.cuda.Device(device_index)
+            self.ctx = self.dev.make_context()
+            try:
+                self.stream = self.cuda.Stream()
+            finally:
+                self.cuda.Context.pop()
+        except self.cuda.Error as exc:
+            self._detach()
+            raise RuntimeError(f"pycuda could not set up device {device_index}: {type(exc).__name__}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _active(self, what: str) -> Iterator[None]:
+        if self.ctx is None:
+            raise RuntimeError(f"pycuda {what}: device memory already closed")
+        try:
+            self.ctx.push()
+        except self.cuda.Error as exc:
+            raise RuntimeError(f"pycuda {what}: cannot make the context current: {exc}") from exc
+        try:
+            yield
+        except self.cuda.Error as exc:
+            raise RuntimeError(f"pycuda {what} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.cuda.Context.pop()
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> DeviceBuffer:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        mem = self.cuda.mem_alloc(nbytes)
-        return DeviceBuffer(int(mem), nbytes, tuple(shape), np.dtype(dtype), mem)
+        nbytes = _nbytes(shape, dtype)
+        with self._active("mem_alloc"):
+            mem = self.cuda.mem_alloc(nbytes)
+        buf = DeviceBuffer(int(mem), nbytes, tuple(shape), np.dtype(dtype), mem)
+        self._buffers.append(buf)
+        return buf
 
     def upload(self, buf: DeviceBuffer, host: np.ndarray) -> None:
-        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        host = host_for_upload(buf, host)  # pycuda copies len(host) bytes: it must be exactly the buffer
         self._pending.append(host)  # keep alive until the stream is synchronised
-        self.cuda.memcpy_htod_async(buf.owner, host, self.stream)
+        with self._active("memcpy_htod_async"):
+            self.cuda.memcpy_htod_async(buf.owner, host, self.stream)
 
     def download(self, buf: DeviceBuffer) -> np.ndarray:
         host = np.empty(buf.shape, dtype=buf.dtype)
-        self.cuda.memcpy_dtoh_async(host, buf.owner, self.stream)
-        self.synchronize()
+        with self._active("memcpy_dtoh_async"):
+            self.cuda.memcpy_dtoh_async(host, buf.owner, self.stream)
+            self.stream.synchronize()
+        self._pending = []
         return host
 
     def stream_handle(self) -> int:
         return int(self.stream.handle)
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
+        with self._active("synchronize"):
+            self.stream.synchronize()
         self._pending = []
 
     def gpu_info(self) -> dict[str, str]:
         major, minor = self.dev.compute_capability()
         return {"name": self.dev.name(), "compute_capability": f"{major}.{minor}"}
 
-    def close(self) -> None:
+    def _detach(self) -> None:
         if self.ctx is not None:
-            self.ctx.pop()
-            self.ctx = None
+            ctx, self.ctx = self.ctx, None
+            ctx.detach()
+
+    def close(self) -> None:
+        if self.ctx is None:
+            return
+        try:
+            with self._active("close"):
+                self.stream.synchronize()
+                for buf in self._buffers:
+                    buf.owner.free()
+        finally:
+            self._buffers, self._pending = [], []
+            self._detach()
 
 
 def _torch_dtype(torch: Any, dtype: np.dtype) -> Any:
@@ -210,7 +311,7 @@ def create_device_memory(prefer: str | None = None, device_index: int = 0):
                 return CudaPythonMemory(device_index)
             if name == "pycuda":
                 return PyCudaMemory(device_index)
-            raise ValueError(f"unknown device memory provider '{name}'")
+            raise ValueError(f"unknown device memory provider '{name}'; choose torch, cuda-python or pycuda")
         except (ImportError, RuntimeError) as exc:
             errors.append(f"{name}: {exc}")
     raise ImportError("the tensorrt backend needs CUDA device memory from one of: a CUDA build of 'torch', "

@@ -1,13 +1,14 @@
 """List every op of an ONNX graph and flag what TensorRT's ONNX parser cannot build, without a GPU.
 
 The supported-op table is the operator support matrix of onnx-tensorrt (``docs/operators.md``) as
-published for TensorRT 10.15 (opset 9..24). Ops marked "N" there are simply absent from the set
-below. A few ops near the end of the table (Attention, RMSNormalization, RotaryEmbedding,
-TensorScatter) arrived with opsets 23/24 and late TensorRT 10 releases: JetPack 6.2 ships
-TensorRT 10.3, so they are flagged as "newer than TensorRT 10.3" rather than accepted silently.
-Besides op names, the constraints that DESIGN.md section 7 lists are checked per node: GridSample
-on 4-D inputs only, TopK with a constant K < 3840, ScatterND without reduction, UINT8 only as
-network I/O.
+published for TensorRT 10.15 (opset 9..24). Ops marked "N" there are absent from the set below.
+Ops added during TensorRT 10 (TensorRT CHANGELOG: window functions 10.4, STFT 10.5, Attention
+10.14, RMSNormalization/RotaryEmbedding/TensorScatter 10.15, Einsum with ellipsis or diagonal
+10.12) are accepted by default and flagged with ``allow_newer=False`` (``--strict-jetpack``), which
+checks against TensorRT 10.3 (JetPack 6.2), whose opset range is the 9..20 documented for 10.0/10.1.
+Per node, the parser's documented limits are checked: GridSample on 4-D inputs only, TopK with
+``sorted=1`` and a constant K < 3840 (a runtime K is accepted since TensorRT 8.6 but must stay below
+3840), ScatterND without reduction, Resize modes/attributes, UINT8 only as network I/O.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from onnx import numpy_helper
 TRT_OPS_VERSION = "10.15"
 TRT_OPSET_RANGE = (9, 24)
 TRT_OLDEST_SUPPORTED = "10.3"  # JetPack 6.2
+TRT_OLDEST_OPSET_RANGE = (9, 20)  # onnx-tensorrt operators.md for 10.0/10.1; no later opset bump up to 10.3
 TRT_TOPK_MAX_K = 3840  # K must be strictly less than this
 
 # Default ONNX domain ops marked "Y" in onnx-tensorrt docs/operators.md for TensorRT 10.15.
@@ -42,8 +44,17 @@ Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter Threshol
 Transpose Trilu Unsqueeze Upsample Where Xor
 """.split())
 
+# First TensorRT release whose parser imports the op (TensorRT CHANGELOG.md); older ops are in 10.0.
+TRT_OP_SINCE = {"BlackmanWindow": (10, 4), "HammingWindow": (10, 4), "HannWindow": (10, 4), "STFT": (10, 5),
+                "Attention": (10, 14), "RMSNormalization": (10, 15), "RotaryEmbedding": (10, 15),
+                "TensorScatter": (10, 15)}
+TRT_EINSUM_ELLIPSIS_SINCE = (10, 12)  # ellipsis, diagonal and broadcasting in Einsum equations
+_OLDEST = (10, 3)
 # Supported by the 10.15 parser but too new for the oldest TensorRT this project targets.
-TRT_NEWER_THAN_OLDEST = frozenset({"Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter"})
+TRT_NEWER_THAN_OLDEST = frozenset(op for op, since in TRT_OP_SINCE.items() if since > _OLDEST)
+
+RESIZE_MODES = ("nearest", "linear", "cubic")
+RESIZE_COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners")
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -140,24 +151,70 @@ def _attr(node: onnx.NodeProto, name: str):
     return None
 
 
-def _node_constraints(node, consts, ranks) -> list[str]:
-    """Constraint violations of one default-domain node (DESIGN.md section 7)."""
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _topk_reasons(node, consts) -> list[str]:
+    reasons = []
+    k = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if k is not None and int(np.max(k)) >= TRT_TOPK_MAX_K:
+        reasons.append(f"TopK K={int(np.max(k))}; TensorRT needs K < {TRT_TOPK_MAX_K}")
+    if _attr(node, "sorted") == 0:
+        reasons.append("TopK sorted=0; TensorRT supports sorted=1 only")
+    return reasons
+
+
+def _resize_reasons(node, opset: int) -> list[str]:
+    """Resize limits of the onnx-tensorrt op checker."""
+    reasons = []
+    mode = _text(_attr(node, "mode")) or "nearest"
+    if mode not in RESIZE_MODES:
+        reasons.append(f"Resize mode='{mode}'; TensorRT supports {', '.join(RESIZE_MODES)}")
+    if opset >= 11:
+        coord = _text(_attr(node, "coordinate_transformation_mode")) or "half_pixel"
+        if coord not in RESIZE_COORDINATE_MODES:
+            reasons.append(f"Resize coordinate_transformation_mode='{coord}'; TensorRT supports "
+                           f"{', '.join(RESIZE_COORDINATE_MODES)}")
+        nearest = _text(_attr(node, "nearest_mode")) or "round_prefer_floor"
+        if coord == "tf_half_pixel_for_nn" and nearest != "round_prefer_floor":
+            reasons.append(f"Resize tf_half_pixel_for_nn with nearest_mode='{nearest}'; TensorRT needs round_prefer_floor")
+    if _attr(node, "antialias") not in (None, 0):
+        reasons.append("Resize antialias=1; TensorRT does not support antialiasing")
+    policy = _text(_attr(node, "keep_aspect_ratio_policy")) or "stretch"
+    if policy != "stretch":
+        reasons.append(f"Resize keep_aspect_ratio_policy='{policy}'; TensorRT supports 'stretch' only")
+    axes = _attr(node, "axes")
+    if axes is not None and len(set(axes)) != len(axes):
+        reasons.append(f"Resize axes {list(axes)} are not unique")
+    return reasons
+
+
+def _einsum_needs_newer(node) -> bool:
+    """Ellipsis or a repeated index inside one operand (diagonal): TensorRT >= 10.12."""
+    equation = (_text(_attr(node, "equation")) or "").replace(" ", "")
+    operands = equation.split("->")[0].split(",")
+    return "..." in equation or any(len(set(op)) != len(op) for op in operands)
+
+
+def _node_constraints(node, consts, ranks, opset: int = 17, allow_newer: bool = True) -> list[str]:
+    """Constraint violations of one default-domain node (DESIGN.md section 7, onnx-tensorrt limits)."""
     reasons = []
     if node.op_type == "GridSample":
         rank = ranks.get(node.input[0])
         if rank is not None and rank != 4:
             reasons.append(f"GridSample input is {rank}-D; TensorRT accepts 4-D inputs only")
     elif node.op_type == "TopK":
-        k = consts.get(node.input[1]) if len(node.input) > 1 else None
-        if k is None:
-            reasons.append("TopK K is not a constant; TensorRT needs K as an initializer")
-        elif int(np.max(k)) >= TRT_TOPK_MAX_K:
-            reasons.append(f"TopK K={int(np.max(k))}; TensorRT needs K < {TRT_TOPK_MAX_K}")
+        reasons += _topk_reasons(node, consts)
     elif node.op_type == "ScatterND":
-        reduction = _attr(node, "reduction")
-        if reduction not in (None, b"none", "none"):
-            red = reduction.decode() if isinstance(reduction, bytes) else reduction
-            reasons.append(f"ScatterND reduction='{red}'; TensorRT supports reduction='none' only")
+        reduction = _text(_attr(node, "reduction"))
+        if reduction not in (None, "none"):
+            reasons.append(f"ScatterND reduction='{reduction}'; TensorRT supports reduction='none' only")
+    elif node.op_type == "Resize":
+        reasons += _resize_reasons(node, opset)
+    elif node.op_type == "Einsum" and not allow_newer and _einsum_needs_newer(node):
+        reasons.append(f"Einsum '{_text(_attr(node, 'equation'))}' uses an ellipsis or a diagonal: needs TensorRT "
+                       f">= {'.'.join(map(str, TRT_EINSUM_ELLIPSIS_SINCE))}")
     return reasons
 
 
@@ -175,7 +232,8 @@ def _uint8_inside(model: onnx.ModelProto) -> list[OpIssue]:
 def check_model(model: onnx.ModelProto | str | Path, allow_newer: bool = True) -> OpReport:
     """List the ops of ``model`` and flag those TensorRT's ONNX parser would reject.
 
-    ``allow_newer=False`` also flags ops that need a TensorRT newer than 10.3 (JetPack 6.2).
+    ``allow_newer=False`` checks against TensorRT 10.3 (JetPack 6.2): ops and Einsum forms added later
+    and opsets above 20 are flagged too.
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
@@ -183,8 +241,10 @@ def check_model(model: onnx.ModelProto | str | Path, allow_newer: bool = True) -
     consts, ranks = _constant_values(model), _ranks(model)
     ops: dict[tuple[str, str], int] = {}
     issues: list[OpIssue] = []
-    if opset and not TRT_OPSET_RANGE[0] <= opset <= TRT_OPSET_RANGE[1]:
-        issues.append(OpIssue("", "<opset>", "", f"opset {opset} outside TensorRT's range {TRT_OPSET_RANGE}"))
+    lo, hi = TRT_OPSET_RANGE if allow_newer else TRT_OLDEST_OPSET_RANGE
+    if opset and not lo <= opset <= hi:
+        target = TRT_OPS_VERSION if allow_newer else TRT_OLDEST_SUPPORTED
+        issues.append(OpIssue("", "<opset>", "", f"opset {opset} outside TensorRT {target}'s range {(lo, hi)}"))
     for node in _iter_nodes(model.graph):
         key = (node.domain, node.op_type)
         ops[key] = ops.get(key, 0) + 1
@@ -195,9 +255,11 @@ def check_model(model: onnx.ModelProto | str | Path, allow_newer: bool = True) -
             issues.append(OpIssue(node.domain, node.op_type, node.name,
                                   f"not supported by the TensorRT {TRT_OPS_VERSION} ONNX parser"))
         elif not allow_newer and node.op_type in TRT_NEWER_THAN_OLDEST:
+            since = ".".join(map(str, TRT_OP_SINCE[node.op_type]))
             issues.append(OpIssue(node.domain, node.op_type, node.name,
-                                  f"needs a TensorRT newer than {TRT_OLDEST_SUPPORTED}"))
+                                  f"needs TensorRT >= {since}, newer than {TRT_OLDEST_SUPPORTED}"))
         else:
-            issues += [OpIssue(node.domain, node.op_type, node.name, r) for r in _node_constraints(node, consts, ranks)]
+            issues += [OpIssue(node.domain, node.op_type, node.name, r)
+                       for r in _node_constraints(node, consts, ranks, opset, allow_newer)]
     issues += _uint8_inside(model)
     return OpReport(ops=ops, opset=opset, issues=issues)

@@ -1,26 +1,29 @@
-"""Build a TensorRT engine from the exported ONNX with the TensorRT 10 Python API.
+"""Build a TensorRT engine from the exported ONNX with the TensorRT 10/11 Python API.
 
-Steps: ``Builder`` -> ``NetworkDefinition`` filled by ``OnnxParser`` (every parser error reported) ->
-``BuilderConfig`` (workspace memory-pool limit, precision, timing cache loaded from and saved back to
-a file so rebuilds skip tactic timing) -> ``build_serialized_network`` -> engine written atomically,
-with ``model.engine.json`` recording TensorRT version, GPU name and compute capability and the source
-ONNX sha256 (engines only run on the GPU model and TensorRT version that built them).
+Steps: the GPU is identified first (a CUDA binding is needed to record it) -> ``Builder`` ->
+``NetworkDefinition`` filled by ``OnnxParser`` (every parser error reported with node name and op) ->
+``BuilderConfig`` (workspace memory-pool limit, precision, timing cache loaded from a file; a cache
+from another GPU or TensorRT is refused by ``set_timing_cache`` and replaced by a fresh one) ->
+``build_serialized_network``. Only when everything succeeded are the engine, its sidecar
+``model.engine.json`` and the timing cache written, each atomically. The sidecar records TensorRT
+version, GPU name and compute capability, the source ONNX sha256, precision and the engine's own
+sha256, so a stale, foreign or half-replaced engine is detected before it runs (``engine_problems``).
 
-Precision (DESIGN.md section 7): for TensorRT < 10.12 ``--fp16`` sets ``BuilderFlag.FP16`` on an FP32
-ONNX (the path JetPack 6.2 / TensorRT 10.3 needs). From 10.12 that flag is deprecated (removed in 11):
-the network is created STRONGLY_TYPED from an FP16 ONNX (``export.fp16``, LayerNorm/Softmax kept in
-FP32), converted on the fly to ``<name>.fp16.onnx`` when an FP32 ONNX is given.
-
-Equivalent ``trtexec`` command (TensorRT 10)::
-
-    trtexec --onnx=model.onnx --saveEngine=model.engine --memPoolSize=workspace:4096M \\
-            --timingCacheFile=timing.cache --fp16                     # TensorRT < 10.12
-    trtexec --onnx=model.fp16.onnx --saveEngine=model.engine --memPoolSize=workspace:4096M \\
-            --timingCacheFile=timing.cache --stronglyTyped            # TensorRT >= 10.12
+Precision policy (DESIGN.md section 7), the same on every TensorRT version: ``fp16`` means FP16
+everywhere except LayerNormalization, Softmax and Einsum, which stay FP32.
+- TensorRT >= 10.12 (default there, and the only way on 11.x, where the builder FP16 flag no longer
+  exists): a strongly typed network from an FP16 ONNX (``export.fp16`` keeps those ops in FP32),
+  written to ``<name>.fp16.onnx`` when an FP32 ONNX is given.
+- TensorRT < 10.12 (JetPack 6.2 ships 10.3): ``BuilderFlag.FP16`` on the FP32 ONNX, with the
+  Normalization, SoftMax and Einsum layers pinned to FP32 and ``OBEY_PRECISION_CONSTRAINTS``.
+  Strongly typed (``strongly_typed=True``) works on 10.3 too.
+Asking for the flag path where the flag does not exist (11.x) is refused with one clear line.
+``trtexec`` equivalents are in ``export/README.md``.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -34,6 +37,8 @@ from .sidecar import atomic_write_bytes, read_sidecar, sha256_file, write_sideca
 log = logging.getLogger(__name__)
 
 STRONGLY_TYPED_SINCE = (10, 12)
+ENGINE_FORMAT = "discene-tensorrt-engine/1"
+FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "EINSUM")  # trt.LayerType names kept in FP32 under FP16
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -53,14 +58,44 @@ def gpu_info() -> dict[str, str]:
 
 
 def engine_mismatches(sidecar: dict[str, Any], trt_version: str, gpu: dict[str, str]) -> list[str]:
-    """Reasons an engine described by ``sidecar`` cannot run here (empty list: compatible)."""
+    """Reasons an engine described by ``sidecar`` cannot run on this machine (empty list: compatible)."""
     reasons = []
     if sidecar.get("tensorrt_version") != trt_version:
         reasons.append(f"built with TensorRT {sidecar.get('tensorrt_version')}, this machine has {trt_version}")
-    built_gpu = sidecar.get("gpu", {})
+    built_gpu = sidecar.get("gpu") if isinstance(sidecar.get("gpu"), dict) else {}
     if built_gpu.get("compute_capability") != gpu.get("compute_capability") or built_gpu.get("name") != gpu.get("name"):
         reasons.append(f"built for GPU {built_gpu.get('name')} (sm {built_gpu.get('compute_capability')}), "
                        f"this machine has {gpu.get('name')} (sm {gpu.get('compute_capability')})")
+    return reasons
+
+
+def source_onnx_path(engine_path: str | Path, sidecar: dict[str, Any] | None) -> Path:
+    """The ONNX an engine was built from: ``source_onnx`` of its sidecar, else ``<name>.onnx`` beside it."""
+    engine_path = Path(engine_path)
+    name = (sidecar or {}).get("source_onnx") or engine_path.with_suffix(".onnx").name
+    return engine_path.parent / Path(str(name)).name
+
+
+def engine_staleness(engine_path: str | Path, sidecar: dict[str, Any], fp16: bool | None = None) -> list[str]:
+    """Reasons the engine no longer matches what it should have been built from (empty list: current).
+
+    Checks the engine bytes against the sidecar's ``engine_sha256`` (an engine replaced without its
+    sidecar), the ONNX beside it against ``source_onnx_sha256`` (re-exported model) and, when ``fp16``
+    is given, the requested precision against the sidecar's ``precision``.
+    """
+    engine_path = Path(engine_path)
+    reasons = []
+    recorded = sidecar.get("engine_sha256")
+    if recorded and sha256_file(engine_path) != recorded:
+        reasons.append(f"{engine_path.name} is not the engine its sidecar describes (sha256 differs)")
+    onnx_path = source_onnx_path(engine_path, sidecar)
+    recorded_onnx = sidecar.get("source_onnx_sha256")
+    if onnx_path.is_file() and recorded_onnx and sha256_file(onnx_path) != recorded_onnx:
+        reasons.append(f"{onnx_path.name} changed since the engine was built (re-exported?)")
+    if fp16 is not None:
+        wanted = "fp16" if fp16 else "fp32"
+        if sidecar.get("precision") != wanted:
+            reasons.append(f"engine precision is {sidecar.get('precision')}, {wanted} was requested")
     return reasons
 
 
@@ -68,17 +103,81 @@ def _is_fp16_onnx(model: onnx.ModelProto) -> bool:
     return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
 
 
+def has_fp16_builder_flag(trt: Any) -> bool:
+    """``BuilderFlag.FP16`` exists (TensorRT 10.x; removed in 11 where networks are always strongly typed)."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+def precision_plan(trt: Any, fp16: bool, strongly_typed: bool | None) -> bool:
+    """Whether to build strongly typed, following the module policy; ValueError where it cannot work."""
+    version = parse_version(trt.__version__)
+    flag = has_fp16_builder_flag(trt)
+    if not flag:  # TensorRT 11: strongly typed always (the creation flag is kept but ignored)
+        if strongly_typed is False and fp16:
+            raise ValueError(f"TensorRT {trt.__version__} has no builder FP16 flag (networks are always strongly "
+                             f"typed): drop --strongly-typed no, an FP16 ONNX is built instead")
+        return True
+    if strongly_typed is None:
+        return bool(fp16) and version >= STRONGLY_TYPED_SINCE
+    if strongly_typed is False and fp16 and version >= STRONGLY_TYPED_SINCE:
+        log.warning("TensorRT %s deprecates the builder FP16 flag; prefer strongly typed FP16", trt.__version__)
+    return bool(strongly_typed)
+
+
+def _error_line(error: Any) -> str:
+    """One parser error as text: code, node index, name and op when the error belongs to a node."""
+    node = int(error.node())
+    name = error.node_name() if hasattr(error, "node_name") else ""
+    op = error.node_operator() if hasattr(error, "node_operator") else ""
+    where = f"node {node} '{name}' ({op})" if node >= 0 else "graph"
+    return f"[{str(error.code()).split('.')[-1]}] {where}: {error.desc()}"
+
+
 def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool) -> Any:
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    ok = parser.parse(onnx_path.read_bytes(), str(onnx_path))
-    if not ok:
-        errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        lines = [f"  [{e.code()}] node {e.node()}: {e.desc()}" for e in errors]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path} ({len(errors)} errors):\n" + "\n".join(lines)
-                           + "\nrun `discene-export check --onnx ...` to list ops TensorRT does not support")
+    if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
+        errors = [_error_line(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT {trt.__version__} could not parse {onnx_path} ({len(errors)} errors): "
+                           + "; ".join(errors) + " (`discene-export check --onnx ...` lists unsupported ops)")
     return network, parser
+
+
+def pin_fp32_layers(trt: Any, network: Any) -> list[str]:
+    """Flag-path FP16: keep Normalization, SoftMax and Einsum layers (and their outputs) in FP32."""
+    kinds = {getattr(trt.LayerType, k) for k in FP32_LAYER_TYPES if hasattr(trt.LayerType, k)}
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in kinds:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned.append(layer.name)
+    return pinned
+
+
+def _attach_timing_cache(config: Any, cache_path: Path | None) -> Any:
+    """Load the cache file into ``config``; a corrupt or foreign cache is replaced by a fresh one."""
+    data = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(data) if data else None
+    if cache is not None and config.set_timing_cache(cache, False):
+        return cache
+    if data:
+        log.warning("timing cache %s is corrupt or from another GPU/TensorRT; starting a fresh one", cache_path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        log.warning("TensorRT refused an empty timing cache; building without one")
+        return None
+    return cache
+
+
+def _write(path: Path, data: bytes, what: str) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise RuntimeError(f"could not write the {what} {path}: {exc}") from exc
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = False, workspace_mb: int = 4096,
@@ -86,7 +185,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
                  verbose: bool = False) -> dict[str, Any]:
     """Build ``engine_path`` from ``onnx_path``; returns the engine sidecar dict (also written to disk).
 
-    ``strongly_typed=None`` picks strongly typed FP16 for TensorRT >= 10.12 when ``fp16`` is set.
+    ``strongly_typed=None`` follows the precision policy of this module. Nothing is written unless the
+    build succeeded; a failure leaves any previous engine, sidecar and timing cache untouched.
     """
     trt = require("tensorrt", "tensorrt", "building a TensorRT engine")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -96,9 +196,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf DecodeError and friends
         raise ValueError(f"{onnx_path} is not a readable ONNX model (corrupt or truncated?): {exc}") from exc
+    if int(workspace_mb) <= 0:
+        raise ValueError(f"workspace_mb must be positive, got {workspace_mb}")
+    gpu = gpu_info()  # before building: an engine must never be left without its sidecar
     version = trt.__version__
-    if strongly_typed is None:
-        strongly_typed = fp16 and parse_version(version) >= STRONGLY_TYPED_SINCE
+    strongly_typed = precision_plan(trt, fp16, strongly_typed)
     source = onnx_path
     if strongly_typed and fp16 and not _is_fp16_onnx(model):
         from .fp16 import convert_file_to_fp16
@@ -112,38 +214,53 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
     network, _parser = _parse(trt, builder, logger, source, strongly_typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    pinned: list[str] = []
     if fp16 and not strongly_typed:
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):
             log.warning("this GPU has no fast FP16; building with the FP16 flag anyway")
         config.set_flag(trt.BuilderFlag.FP16)
+        pinned = pin_fp32_layers(trt, network)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     cache_path = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)
+    cache = _attach_timing_cache(config, cache_path)
     log.info("building TensorRT %s engine from %s (fp16=%s, strongly_typed=%s, workspace %d MiB, cache %s)",
              version, source, fp16, strongly_typed, workspace_mb, cache_path or "none")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {source}; rerun with --verbose for the log")
-    atomic_write_bytes(engine_path, bytes(memoryview(serialized)))
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    engine_bytes = bytes(memoryview(serialized))
+    cache_bytes = None
+    if cache_path is not None and cache is not None:
+        updated = config.get_timing_cache()
+        if updated is None:
+            log.warning("TensorRT returned no timing cache after the build; %s left as it was", cache_path)
+        else:
+            cache_bytes = bytes(memoryview(updated.serialize()))
 
     onnx_side = read_sidecar(onnx_path) or {}
     sidecar = {
-        "format": "discene-tensorrt-engine/1",
+        "format": ENGINE_FORMAT,
         "tensorrt_version": version,
-        "gpu": gpu_info(),
+        "gpu": gpu,
         "source_onnx": onnx_path.name,
         "source_onnx_sha256": sha256_file(onnx_path),
         "built_from": source.name,
-        "precision": "fp16" if fp16 else "fp32",
+        "precision": "fp16" if fp16 or _is_fp16_onnx(model) else "fp32",
         "strongly_typed": bool(strongly_typed),
+        "fp32_pinned_layers": len(pinned),
         "workspace_mb": int(workspace_mb),
+        "engine_sha256": hashlib.sha256(engine_bytes).hexdigest(),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     for key in ("config", "class_names", "inputs", "outputs", "weights_sha256"):
         if key in onnx_side:
             sidecar[key] = onnx_side[key]
-    write_sidecar(engine_path, sidecar)
+    _write(engine_path, engine_bytes, "engine")
+    try:
+        write_sidecar(engine_path, sidecar)
+    except OSError as exc:
+        raise RuntimeError(f"could not write the engine sidecar beside {engine_path}: {exc}") from exc
+    if cache_bytes is not None:
+        _write(cache_path, cache_bytes, "timing cache")
     return sidecar

@@ -1,276 +1,95 @@
-"""TensorRT builder and backend against the TensorRT 10 Python API contract, with a recording fake module.
+"""TensorRT builder and backend against fakes that follow the real TensorRT 10.3 / 10.16 / 11.1 Python API.
 
-The fake enforces what the real API requires: the parser fills a network created with the right flags,
-the timing cache is created from the file's bytes and attached before building, every IO tensor gets
-``set_tensor_address`` with a buffer of the right size before ``execute_async_v3``, which must get the
-stream handle; outputs are computed from the bound input buffers, so wrong pointers give wrong results.
+The fake (tests/fake_tensorrt.py) is derived from NVIDIA/TensorRT's binding sources: enums with the
+per-version members, ``set_input_shape`` / ``set_timing_cache`` returning False, ``get_timing_cache``
+able to return None, ``nptype`` raising TypeError, ``size_t`` arguments. The backend runs on the real
+``export.cuda_mem.CudaPythonMemory`` provider over a cuda-python runtime shim, so copies, pointers and
+stream handles go through the same code as on a robot; the fake engine computes its outputs from the
+bound device buffers, so a wrong pointer gives a wrong result.
 """
 from __future__ import annotations
 
+import json
 import sys
-import types
 
 import numpy as np
 import onnx
 import pytest
+from fake_tensorrt import CACHE_MAGIC, GPU, STREAM, VARIANTS, CudaRuntimeShim, DeviceHeap, make_fake_trt
 from onnx import TensorProto, helper, numpy_helper
 
 import export.backends.trt_backend as trt_backend_mod
 import export.trt_build as trt_build_mod
+from export import cli
 from export.backends import create_backend, output_shapes
 from export.backends.trt_backend import TensorRTBackend
+from export.cuda_mem import CudaPythonMemory
 from export.sidecar import read_sidecar, sha256_file, write_sidecar
 from export.trt_build import build_engine
 from models.config import lite
 from models.preprocess import FrameInputs
 
 Q, R = lite().decoder.num_queries, lite().decoder.num_refines[-1]  # output shape of the lite engine
-
-ENGINE_MAGIC = b"FAKE-TRT-ENGINE:"
-GPU = {"name": "Fake Orin", "compute_capability": "8.7"}
-STREAM = 0xC0FFEE
+ALL = list(VARIANTS)
 
 
-class FakeMemory:
-    """Device memory: pointers index numpy arrays, copies are recorded."""
+class Machine:
+    """One fake robot: a TensorRT variant, device memory and the cuda-python provider over it."""
 
-    name = "fake"
-
-    def __init__(self, gpu=GPU):
-        self.arrays: dict[int, np.ndarray] = {}
-        self.next_ptr = 0x1000
+    def __init__(self, monkeypatch, version="10.3", gpu=GPU, **trt_kwargs):
+        self.heap = DeviceHeap()
+        self.trt = make_fake_trt(version, heap=self.heap, gpu=gpu, **trt_kwargs)
         self.gpu = dict(gpu)
-        self.calls: list[tuple] = []
+        self.providers: list[CudaPythonMemory] = []
+        monkeypatch.setitem(sys.modules, "tensorrt", self.trt)
+        monkeypatch.setattr(trt_backend_mod, "create_device_memory", self.memory)
+        monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: dict(self.gpu))
 
-    def alloc(self, shape, dtype):
-        from export.cuda_mem import DeviceBuffer
+    def memory(self, prefer=None):
+        mem = CudaPythonMemory(runtime=CudaRuntimeShim(self.heap, gpu=self.gpu))
+        self.providers.append(mem)
+        return mem
 
-        arr = np.zeros(shape, dtype)
-        ptr = self.next_ptr
-        self.next_ptr += arr.nbytes + 256
-        self.arrays[ptr] = arr
-        return DeviceBuffer(ptr, arr.nbytes, tuple(shape), np.dtype(dtype), arr)
-
-    def upload(self, buf, host):
-        self.calls.append(("upload", buf.ptr))
-        self.arrays[buf.ptr][...] = host
-
-    def download(self, buf):
-        self.calls.append(("download", buf.ptr))
-        return self.arrays[buf.ptr].copy()
-
-    def stream_handle(self):
-        return STREAM
-
-    def synchronize(self):
-        self.calls.append(("sync",))
-
-    def gpu_info(self):
-        return dict(self.gpu)
-
-    def close(self):
-        self.calls.append(("close",))
+    def calls(self, name):
+        return [c for c in self.trt.log if c[0] == name]
 
 
-def make_fake_trt(version="10.3.0", memory=None, parse_ok=True):
-    """A ``tensorrt`` module double recording calls in ``trt.log``."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
-    trt.log = []
-    trt.memory = memory
-
-    class Logger:
-        WARNING, VERBOSE = "WARNING", "VERBOSE"
-
-        def __init__(self, severity):
-            self.severity = severity
-
-    class TensorIOMode:
-        INPUT, OUTPUT = "INPUT", "OUTPUT"
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 1
-
-    class MemoryPoolType:
-        WORKSPACE = "WORKSPACE"
-
-    class BuilderFlag:
-        FP16 = "FP16"
-
-    class TimingCache:
-        def __init__(self, data):
-            self.data = bytes(data)
-
-        def serialize(self):
-            return memoryview(self.data + b"+timings")
-
-    class ParserError:
-        def code(self):
-            return "UNSUPPORTED_NODE"
-
-        def node(self):
-            return 3
-
-        def desc(self):
-            return "No importer registered for op: FancyOp"
-
-    class Network:
-        def __init__(self, flags):
-            self.flags, self.parsed = flags, None
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network = network
-            self.num_errors = 0
-
-        def parse(self, data, path):
-            model = onnx.load_from_string(bytes(data))  # the parser gets the serialised model bytes
-            trt.log.append(("parse", path, {i.data_type for i in model.graph.initializer}))
-            if not parse_ok:
-                self.num_errors = 1
-                return False
-            self.network.parsed = model
-            return True
-
-        def get_error(self, i):
-            return ParserError()
-
-    class BuilderConfig:
-        def __init__(self):
-            self.flags, self.pool, self.cache = set(), {}, None
-
-        def set_memory_pool_limit(self, pool, size):
-            self.pool[pool] = size
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def create_timing_cache(self, data):
-            trt.log.append(("create_timing_cache", bytes(data)))
-            return TimingCache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            assert ignore_mismatch is False
-            self.cache = cache
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        platform_has_fast_fp16 = True
-
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            trt.log.append(("create_network", flags))
-            return Network(flags)
-
-        def create_builder_config(self):
-            return BuilderConfig()
-
-        def build_serialized_network(self, network, config):
-            assert network.parsed is not None, "build before a successful parse"
-            assert config.cache is not None, "timing cache not attached"
-            trt.log.append(("build", network.flags, sorted(config.flags), dict(config.pool)))
-            return memoryview(ENGINE_MAGIC + version.encode())
-
-    class Engine:
-        io = [("image", "INPUT"), ("grid2img", "INPUT"), ("points", "OUTPUT"), ("scores", "OUTPUT")]
-
-        def __init__(self):
-            self.num_io_tensors = len(self.io)
-
-        def get_tensor_name(self, i):
-            return self.io[i][0]
-
-        def get_tensor_mode(self, name):
-            return dict(self.io)[name]
-
-        def get_tensor_dtype(self, name):
-            return "FLOAT"
-
-        def create_execution_context(self):
-            return Context()
-
-    class Context:
-        def __init__(self):
-            self.shapes, self.addresses = {}, {}
-
-        def set_input_shape(self, name, shape):
-            trt.log.append(("set_input_shape", name, tuple(shape)))
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            if name in ("points", "scores"):
-                return (1, Q, R, 3) if name == "points" else (1, Q, R, 11)
-            return self.shapes[name]
-
-        def set_tensor_address(self, name, ptr):
-            trt.log.append(("set_tensor_address", name, ptr))
-            self.addresses[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream_handle):
-            trt.log.append(("execute_async_v3", stream_handle))
-            mem = trt.memory
-            for name, _ in Engine.io:
-                assert name in self.addresses, f"no address bound for {name}"
-            assert set(self.shapes) == {"image", "grid2img"}
-            image, g = mem.arrays[self.addresses["image"]], mem.arrays[self.addresses["grid2img"]]
-            mem.arrays[self.addresses["points"]][...] = image.mean()
-            mem.arrays[self.addresses["scores"]][...] = 1.0 / (1.0 + np.exp(-g.sum()))
-            return True
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            trt.log.append(("deserialize", bytes(data[:len(ENGINE_MAGIC)])))
-            return Engine() if bytes(data).startswith(ENGINE_MAGIC) else None
-
-    def nptype(dtype):
-        return {"FLOAT": np.float32, "HALF": np.float16}[dtype]
-
-    for obj in (Logger, TensorIOMode, NetworkDefinitionCreationFlag, MemoryPoolType, BuilderFlag, OnnxParser,
-                Builder, Runtime, nptype):
-        setattr(trt, obj.__name__, obj)
-    return trt
+@pytest.fixture(params=ALL)
+def machine(request, monkeypatch):
+    return Machine(monkeypatch, request.param)
 
 
-@pytest.fixture()
-def fake(monkeypatch):
-    """Install a fake tensorrt (10.3) and fake device memory; returns the module."""
-    memory = FakeMemory()
-    trt = make_fake_trt(memory=memory)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_backend_mod, "create_device_memory", lambda prefer=None: memory)
-    monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: dict(memory.gpu))
-    return trt
+def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None):
+    w = numpy_helper.from_array(np.ones((1, Q, R, 3), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, Q, R, 11], np.int64), "shape")
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=1, name="mean"),
+             helper.make_node("Mul", ["m", "w"], ["points"], name="mul"),
+             helper.make_node("Softmax", ["grid2img"], ["sm"], axis=-1, name="attn_softmax"),
+             helper.make_node("ReduceSum", ["sm"], ["s"], keepdims=1, name="sum"),
+             helper.make_node("Sigmoid", ["s"], ["sg"], name="sigmoid"),
+             helper.make_node("Expand", ["sg", "shape"], ["e"], name="expand")]
+    nodes.append(helper.make_node("Cast", ["e"], ["scores"], to=out_type, name="cast_out"))
+    if extra_op:
+        nodes.insert(0, helper.make_node(extra_op, ["image"], ["x"], name="fancy_node"))
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, *image_hw]),
+         helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
+        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, Q, R, 3]),
+         helper.make_tensor_value_info("scores", out_type, [1, Q, R, 11])], [w, shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _write_onnx(path, config, **kwargs):
+    onnx.save(_graph_model(**kwargs), str(path))
+    write_sidecar(path, {"config": config.to_dict(), "class_names": ["empty"]})
+    return path
 
 
 @pytest.fixture()
 def onnx_file(tmp_path, lite_config):
-    """A tiny valid ONNX with the lite IO names/shapes and one float weight; sidecar with the config."""
-    w = numpy_helper.from_array(np.ones((1, Q, R, 3), np.float32), "w")
-    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=1),
-             helper.make_node("Mul", ["m", "w"], ["points"]),
-             helper.make_node("ReduceSum", ["grid2img"], ["s"], keepdims=1),
-             helper.make_node("Sigmoid", ["s"], ["sg"]),
-             helper.make_node("Expand", ["sg", "shape"], ["scores"])]
-    shape = numpy_helper.from_array(np.array([1, Q, R, 11], np.int64), "shape")
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 192, 256]),
-         helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
-        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, Q, R, 3]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, Q, R, 11])], [w, shape])
-    path = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    write_sidecar(path, {"config": lite_config.to_dict(), "class_names": ["empty"]})
-    return path
+    """A tiny valid ONNX with the lite IO names/shapes, a Softmax and one float weight; sidecar with the config."""
+    return _write_onnx(tmp_path / "model.onnx", lite_config)
 
 
 def _frame(config, seed=0):
@@ -281,88 +100,192 @@ def _frame(config, seed=0):
                        voxel_origin=np.zeros(3))
 
 
-def test_build_fp16_flag_path_before_10_12_with_timing_cache(fake, onnx_file, tmp_path):
-    cache = tmp_path / "timing.cache"
-    engine = tmp_path / "model.engine"
-    side = build_engine(onnx_file, engine, fp16=True, workspace_mb=512, timing_cache=cache)
-    build = [c for c in fake.log if c[0] == "build"][0]
-    assert build[1] == 0 and build[2] == ["FP16"] and build[3] == {"WORKSPACE": 512 << 20}
-    assert ("create_timing_cache", b"") in fake.log  # no cache file yet: empty cache
-    assert cache.read_bytes() == b"+timings"
-    assert engine.read_bytes() == ENGINE_MAGIC + b"10.3.0"
-    assert side == read_sidecar(engine)
-    assert side["tensorrt_version"] == "10.3.0" and side["gpu"] == GPU and side["precision"] == "fp16"
-    assert side["source_onnx_sha256"] == sha256_file(onnx_file) and side["strongly_typed"] is False
-    assert side["config"]["name"] == "lite"
-    fake.log.clear()
-    build_engine(onnx_file, engine, fp16=True, timing_cache=cache)  # second build reuses the saved cache
-    assert ("create_timing_cache", b"+timings") in fake.log
+def _one_line(exc_info) -> str:
+    text = str(exc_info.value)
+    assert "\n" not in text, text
+    return text
 
 
-def test_build_strongly_typed_fp16_onnx_from_10_12(monkeypatch, onnx_file, tmp_path):
-    trt = make_fake_trt(version="10.13.0")
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: GPU)
+# ---- the fake itself follows the bindings --------------------------------------------------------
+
+def test_fake_follows_the_binding_sources():
+    t3, t16, t11 = (make_fake_trt(v) for v in ALL)
+    assert int(t3.BuilderFlag.FP16) == 0 and int(t3.BuilderFlag.OBEY_PRECISION_CONSTRAINTS) == 9
+    assert int(t16.BuilderFlag.FP16) == 0 and int(t16.BuilderFlag.EDITABLE_TIMING_CACHE) == 27
+    assert not hasattr(t11.BuilderFlag, "FP16") and not hasattr(t11.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
+    assert int(t11.BuilderFlag.EDITABLE_TIMING_CACHE) == 26
+    assert int(t3.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 1
+    assert int(t11.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+    assert hasattr(t16.Builder, "platform_has_fast_fp16") and not hasattr(t11.Builder, "platform_has_fast_fp16")
+    assert not hasattr(t3.DataType, "FP4") and int(t16.DataType.FP4) == 10
+    assert t3.TensorIOMode.INPUT != "INPUT" and int(t3.TensorIOMode.OUTPUT) == 2
+    assert str(t3.DataType.HALF) == "DataType.HALF" and str(t3.ErrorCode.UNSUPPORTED_NODE) == "UNSUPPORTED_NODE"
+    assert t3.nptype(t3.DataType.HALF) is np.float16
+    for dt in (t3.DataType.BF16, t3.DataType.FP8, t3.DataType.INT4):
+        with pytest.raises(TypeError):
+            t3.nptype(dt)
+    config = t3.Builder(t3.Logger()).create_builder_config()
+    with pytest.raises(TypeError):
+        config.set_flag("FP16")  # strings are not BuilderFlag
+    foreign = config.create_timing_cache(CACHE_MAGIC + json.dumps(["NVIDIA A100", 5]).encode())
+    assert config.set_timing_cache(foreign, False) is False and config.get_timing_cache() is None
+    assert config.set_timing_cache(foreign, True) is True
+    assert config.create_timing_cache(b"garbage") is None
+
+
+# ---- building: precision policy per version ------------------------------------------------------
+
+def test_fp32_build_writes_engine_sidecar_and_cache(machine, onnx_file, tmp_path):
+    cache, engine = tmp_path / "timing.cache", tmp_path / "model.engine"
+    side = build_engine(onnx_file, engine, workspace_mb=512, timing_cache=cache)
+    (build,) = machine.calls("build")
+    assert build[2] == [] and build[3] == {"WORKSPACE": 512 << 20}
+    assert cache.read_bytes().startswith(CACHE_MAGIC) and GPU["name"] in cache.read_text()
+    assert side == read_sidecar(engine) and side["precision"] == "fp32" and side["gpu"] == GPU
+    assert side["source_onnx_sha256"] == sha256_file(onnx_file) and side["engine_sha256"] == sha256_file(engine)
+    assert side["strongly_typed"] is (machine.trt.__version__.startswith("11"))
+    machine.trt.log.clear()
+    build_engine(onnx_file, engine, timing_cache=cache)  # second build reuses the saved cache
+    assert ("set_timing_cache", GPU["name"], False, True) in machine.trt.log
+
+
+def test_fp16_flag_path_pins_softmax_to_fp32_on_10_3(monkeypatch, onnx_file, tmp_path):
+    m = Machine(monkeypatch, "10.3")
     side = build_engine(onnx_file, tmp_path / "m.engine", fp16=True)
-    assert ("create_network", 1 << 1) in trt.log  # 1 << int(STRONGLY_TYPED)
-    build = [c for c in trt.log if c[0] == "build"][0]
-    assert build[2] == []  # no deprecated FP16 builder flag
-    parse = [c for c in trt.log if c[0] == "parse"][0]
+    assert m.calls("create_network") == [("create_network", 0)]
+    (build,) = m.calls("build")
+    assert build[2] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"] and build[4] == ["attn_softmax"]
+    assert side["strongly_typed"] is False and side["fp32_pinned_layers"] == 1 and side["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("version,bit", [("10.16", 1), ("11.1", 0)])
+def test_fp16_strongly_typed_from_fp16_onnx_from_10_12(monkeypatch, onnx_file, tmp_path, version, bit):
+    m = Machine(monkeypatch, version)
+    side = build_engine(onnx_file, tmp_path / "m.engine", fp16=True)
+    assert m.calls("create_network") == [("create_network", 1 << bit)]  # 1 << int(STRONGLY_TYPED)
+    (build,) = m.calls("build")
+    assert build[2] == [] and build[4] == []  # no FP16 builder flag, no layer precisions
+    (parse,) = m.calls("parse")
     assert parse[1].endswith("model.fp16.onnx") and TensorProto.FLOAT16 in parse[2]
     assert side["strongly_typed"] is True and side["built_from"] == "model.fp16.onnx"
 
 
-def test_parse_errors_are_reported(monkeypatch, onnx_file, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(parse_ok=False))
-    with pytest.raises(RuntimeError, match=r"(?s)could not parse.*UNSUPPORTED_NODE\] node 3: .*FancyOp"):
+def test_strongly_typed_works_on_10_3_and_flag_path_still_on_10_16(monkeypatch, onnx_file, tmp_path):
+    m = Machine(monkeypatch, "10.3")
+    assert build_engine(onnx_file, tmp_path / "a.engine", fp16=True, strongly_typed=True)["strongly_typed"]
+    assert m.calls("create_network") == [("create_network", 1 << 1)]
+    m = Machine(monkeypatch, "10.16")
+    side = build_engine(onnx_file, tmp_path / "b.engine", fp16=True, strongly_typed=False)
+    assert side["strongly_typed"] is False and m.calls("build")[0][2] == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+
+
+def test_flag_path_on_tensorrt_11_is_refused_in_one_line(monkeypatch, onnx_file, tmp_path):
+    m = Machine(monkeypatch, "11.1")
+    with pytest.raises(ValueError, match="no builder FP16 flag") as exc:
+        build_engine(onnx_file, tmp_path / "m.engine", fp16=True, strongly_typed=False)
+    _one_line(exc)
+    assert not m.calls("build") and not (tmp_path / "m.engine").exists()
+
+
+# ---- timing cache, atomic writes, CUDA binding first ---------------------------------------------
+
+@pytest.mark.parametrize("cache_bytes", [CACHE_MAGIC + json.dumps(["NVIDIA A100", 7]).encode(), b"\x00corrupt"],
+                         ids=["foreign", "corrupt"])
+def test_foreign_or_corrupt_timing_cache_falls_back_and_engine_is_not_rebuilt_again(
+        machine, onnx_file, tmp_path, cache_bytes):
+    cache, engine = tmp_path / "timing.cache", tmp_path / "model.engine"
+    cache.write_bytes(cache_bytes)
+    build_engine(onnx_file, engine, timing_cache=cache)
+    assert ("set_timing_cache", GPU["name"], False, True) in machine.trt.log  # fresh cache attached
+    assert json.loads(cache.read_bytes()[len(CACHE_MAGIC):])[0] == GPU["name"]  # rewritten for this GPU
+    machine.trt.log.clear()
+    TensorRTBackend(engine).close()
+    assert not machine.calls("build")  # sidecar current: no rebuild at the next start
+
+
+def test_missing_timing_cache_after_build_keeps_engine_and_sidecar(monkeypatch, onnx_file, tmp_path):
+    Machine(monkeypatch, "10.3", lose_timing_cache=True)
+    cache, engine = tmp_path / "timing.cache", tmp_path / "model.engine"
+    cache.write_bytes(b"old")
+    side = build_engine(onnx_file, engine, timing_cache=cache)
+    assert read_sidecar(engine) == side and cache.read_bytes() == b"old"
+
+
+def test_failed_build_leaves_previous_engine_sidecar_and_cache(monkeypatch, onnx_file, tmp_path, lite_config):
+    Machine(monkeypatch, "10.3")
+    cache, engine = tmp_path / "timing.cache", tmp_path / "model.engine"
+    build_engine(onnx_file, engine, timing_cache=cache)
+    before = {p: p.read_bytes() for p in (engine, tmp_path / "model.engine.json", cache)}
+    _write_onnx(onnx_file, lite_config, extra_op="FancyOp")
+    with pytest.raises(RuntimeError) as exc:
+        build_engine(onnx_file, engine, timing_cache=cache)
+    text = _one_line(exc)
+    assert "node 0 'fancy_node' (FancyOp)" in text and "[UNSUPPORTED_NODE]" in text and "FancyOp" in text
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_no_cuda_binding_is_found_before_building(monkeypatch, onnx_file, tmp_path):
+    m = Machine(monkeypatch, "10.3")
+
+    def no_binding():
+        raise ImportError("the tensorrt backend needs CUDA device memory from one of: ...")
+
+    monkeypatch.setattr(trt_build_mod, "gpu_info", no_binding)
+    with pytest.raises(ImportError):
         build_engine(onnx_file, tmp_path / "m.engine")
-    assert not (tmp_path / "m.engine").exists()
+    assert not m.calls("build") and not m.calls("create_network") and not list(tmp_path.glob("m.engine*"))
 
 
-def test_corrupt_onnx_refused_by_builder(fake, tmp_path):
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"\xff\xfe not protobuf")
-    with pytest.raises(ValueError, match="not a readable ONNX model"):
-        build_engine(bad, tmp_path / "m.engine")
+# ---- stale engines -------------------------------------------------------------------------------
 
-
-def test_backend_binds_every_tensor_and_runs_on_the_stream(fake, onnx_file, tmp_path, lite_config):
+def test_reexported_onnx_rebuilds_the_engine_or_is_refused(machine, onnx_file, tmp_path, lite_config):
     engine = tmp_path / "model.engine"
-    build_engine(onnx_file, engine)
-    fake.log.clear()
-    backend = create_backend("tensorrt", engine)  # config from the engine sidecar
-    mem = fake.memory
-    addresses = {c[1]: c[2] for c in fake.log if c[0] == "set_tensor_address"}
-    assert set(addresses) == {"image", "grid2img", "points", "scores"}
-    for name, ptr in addresses.items():
-        assert ptr == backend.buffers[name].ptr and mem.arrays[ptr].shape == backend.buffers[name].shape
-    assert len(set(addresses.values())) == 4
-    assert ("set_input_shape", "image", (1, 3, 192, 256)) in fake.log
-    assert ("set_input_shape", "grid2img", (1, 4, 4)) in fake.log
-    frame = _frame(lite_config)
-    out = backend.infer(frame)
-    assert ("execute_async_v3", STREAM) in fake.log
-    assert mem.calls.index(("upload", addresses["image"])) < mem.calls.index(("download", addresses["points"]))
-    shapes = output_shapes(lite_config)
-    assert out["points"].shape == shapes["points"] and out["scores"].shape == shapes["scores"]
-    np.testing.assert_allclose(out["points"], frame.image.mean(), rtol=1e-5)
-    np.testing.assert_allclose(out["scores"], 1 / (1 + np.exp(-frame.grid2img.sum())), rtol=1e-5)
+    create_backend("tensorrt", onnx_file).close()  # first use builds
+    assert len(machine.calls("build")) == 1
+    create_backend("tensorrt", onnx_file).close()  # current: reused
+    assert len(machine.calls("build")) == 1
+    model = _graph_model()
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((1, Q, R, 3), 2, np.float32), "w"))
+    onnx.save(model, str(onnx_file))  # re-exported with new weights
+    with pytest.raises(RuntimeError, match="changed since the engine was built.*Rebuilding is disabled") as exc:
+        TensorRTBackend(engine, rebuild=False)
+    _one_line(exc)
+    create_backend("tensorrt", onnx_file).close()
+    assert len(machine.calls("build")) == 2
+    assert read_sidecar(engine)["source_onnx_sha256"] == sha256_file(onnx_file)
+
+
+def test_precision_change_rebuilds(machine, onnx_file, tmp_path):
+    create_backend("tensorrt", onnx_file).close()
+    backend = create_backend("tensorrt", onnx_file, fp16=True)
+    assert len(machine.calls("build")) == 2 and read_sidecar(tmp_path / "model.engine")["precision"] == "fp16"
     backend.close()
-    assert ("close",) in mem.calls
+    with pytest.raises(RuntimeError, match="engine precision is fp16, fp32 was requested"):
+        TensorRTBackend(tmp_path / "model.engine", fp16=False, rebuild=False)
 
 
-def test_engine_for_other_gpu_is_rebuilt_from_onnx_beside_it(fake, onnx_file, tmp_path):
+def test_engine_replaced_without_its_sidecar_is_detected(machine, onnx_file, tmp_path):
     engine = tmp_path / "model.engine"
     build_engine(onnx_file, engine)
-    side = read_sidecar(engine)
-    write_sidecar(engine, dict(side, gpu={"name": "NVIDIA A100", "compute_capability": "8.0"}))
-    fake.log.clear()
-    TensorRTBackend(engine)
-    assert any(c[0] == "build" for c in fake.log)
-    assert read_sidecar(engine)["gpu"] == GPU
+    engine.write_bytes(engine.read_bytes() + b" ")  # e.g. copied from elsewhere, sidecar left behind
+    onnx_file.unlink()
+    with pytest.raises(RuntimeError, match="not the engine its sidecar describes.*No ONNX model") as exc:
+        TensorRTBackend(engine)
+    _one_line(exc)
+    assert all(p.stream is None for p in machine.providers)  # refused engine: memory released
 
 
-def test_engine_for_other_tensorrt_without_onnx_is_refused(fake, onnx_file, tmp_path):
+def test_engine_for_other_gpu_is_rebuilt_from_onnx_beside_it(machine, onnx_file, tmp_path):
+    engine = tmp_path / "model.engine"
+    build_engine(onnx_file, engine)
+    write_sidecar(engine, dict(read_sidecar(engine), gpu={"name": "NVIDIA A100", "compute_capability": "8.0"}))
+    machine.trt.log.clear()
+    TensorRTBackend(engine).close()
+    assert machine.calls("build") and read_sidecar(engine)["gpu"] == GPU
+
+
+def test_engine_for_other_tensorrt_without_onnx_is_refused(machine, onnx_file, tmp_path):
     engine = tmp_path / "model.engine"
     build_engine(onnx_file, engine)
     write_sidecar(engine, dict(read_sidecar(engine), tensorrt_version="8.6.1"))
@@ -373,9 +296,92 @@ def test_engine_for_other_tensorrt_without_onnx_is_refused(fake, onnx_file, tmp_
         TensorRTBackend(engine, rebuild=False)
 
 
-def test_corrupt_engine_is_refused(fake, onnx_file, tmp_path):
+def test_corrupt_engine_is_refused(machine, onnx_file, tmp_path):
     engine = tmp_path / "model.engine"
     build_engine(onnx_file, engine)
+    (tmp_path / "model.engine.json").unlink()
     engine.write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="could not deserialise.*corrupt"):
-        TensorRTBackend(engine)
+    with pytest.raises(ValueError, match="could not deserialise.*corrupt") as exc:
+        TensorRTBackend(engine, config=lite())
+    _one_line(exc)
+
+
+# ---- running: binding, validation, dtypes --------------------------------------------------------
+
+def test_backend_binds_every_tensor_and_runs_on_the_stream(machine, onnx_file, tmp_path, lite_config):
+    engine = tmp_path / "model.engine"
+    build_engine(onnx_file, engine)
+    machine.trt.log.clear()
+    backend = create_backend("tensorrt", engine)  # config from the engine sidecar
+    addresses = {c[1]: c[2] for c in machine.calls("set_tensor_address")}
+    assert set(addresses) == {"image", "grid2img", "points", "scores"} and len(set(addresses.values())) == 4
+    for name, ptr in addresses.items():
+        assert type(ptr) is int and ptr == backend.buffers[name].ptr
+        assert machine.heap.allocs[ptr].size == backend.buffers[name].nbytes
+    assert ("set_input_shape", "image", (1, 3, 192, 256)) in machine.trt.log
+    frame = _frame(lite_config)
+    out = backend.infer(frame)
+    assert ("execute_async_v3", STREAM) in machine.trt.log
+    copies = [c for c in machine.heap.log if c[0] == "memcpy"]
+    assert copies[:2] == [("memcpy", 1, frame.image.nbytes), ("memcpy", 1, frame.grid2img.nbytes)]
+    shapes = output_shapes(lite_config)
+    assert out["points"].shape == shapes["points"] and out["scores"].shape == shapes["scores"]
+    np.testing.assert_allclose(out["points"], frame.image.mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["scores"], 1 / (1 + np.exp(-frame.grid2img.sum())), rtol=1e-5)
+    backend.close()
+    assert machine.heap.allocs == {}  # every buffer freed
+
+
+def test_wrong_frame_is_refused_before_any_copy(machine, onnx_file, tmp_path, lite_config):
+    backend = create_backend("tensorrt", onnx_file)
+    machine.heap.log.clear()
+    frame = _frame(lite_config)
+    frame.image = frame.image[:, :, :96]
+    with pytest.raises(ValueError, match="input 'image' has shape") as exc:
+        backend.infer(frame)
+    _one_line(exc)
+    assert machine.heap.log == [] and not machine.calls("execute_async_v3")
+    backend.close()
+
+
+def test_engine_for_another_input_size_is_refused_by_set_input_shape(machine, tmp_path, lite_config):
+    path = _write_onnx(tmp_path / "model.onnx", lite_config, image_hw=(96, 128))
+    with pytest.raises(ValueError, match="engine rejects input 'image' of shape") as exc:
+        create_backend("tensorrt", path)
+    _one_line(exc)
+    assert ("set_input_shape", "image", (1, 3, 192, 256)) in machine.trt.log
+    assert machine.heap.allocs == {}
+
+
+def test_output_without_numpy_dtype_is_a_clear_error(machine, tmp_path, lite_config):
+    path = _write_onnx(tmp_path / "model.onnx", lite_config, out_type=TensorProto.BFLOAT16)
+    with pytest.raises(ValueError, match="'scores' has type DataType.BF16, which has no numpy equivalent") as exc:
+        create_backend("tensorrt", path)
+    _one_line(exc)
+
+
+# ---- command line: one clear line in every case --------------------------------------------------
+
+def _cli_error(capsys, argv):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_cli_trt_fails_with_one_line(monkeypatch, capsys, onnx_file, tmp_path, lite_config):
+    out = str(tmp_path / "m.engine")
+    m = Machine(monkeypatch, "11.1")
+    line = _cli_error(capsys, ["trt", "--onnx", str(onnx_file), "--out", out, "--fp16", "--strongly-typed", "no"])
+    assert "no builder FP16 flag" in line
+    monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: (_ for _ in ()).throw(ImportError("no CUDA binding")))
+    assert "no CUDA binding" in _cli_error(capsys, ["trt", "--onnx", str(onnx_file), "--out", out])
+    monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: dict(m.gpu))
+    bad = _write_onnx(tmp_path / "bad.onnx", lite_config, extra_op="FancyOp")
+    assert "(FancyOp)" in _cli_error(capsys, ["trt", "--onnx", str(bad), "--out", out])
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xfe not protobuf")
+    assert "not a readable ONNX" in _cli_error(capsys, ["trt", "--onnx", str(tmp_path / "junk.onnx"), "--out", out])
+    assert "not found" in _cli_error(capsys, ["trt", "--onnx", str(tmp_path / "none.onnx"), "--out", out])
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
+    assert "needs the Python package 'tensorrt'" in _cli_error(capsys, ["trt", "--onnx", str(onnx_file), "--out", out])
+    assert not (tmp_path / "m.engine").exists()

@@ -74,6 +74,60 @@ def test_opset_outside_tensorrt_range_is_flagged():
     assert check_model(m).unsupported_ops == ["<opset>"]
 
 
+def test_strict_jetpack_checks_against_tensorrt_10_3():
+    def single(op, opset=17, **attrs):
+        return _model([helper.make_node(op, ["x"], ["y"], **attrs)], [_vi("x", [4], TensorProto.INT64)],
+                      [_vi("y", [None])], opset=opset)
+
+    for op, since in [("HannWindow", "10.4"), ("HammingWindow", "10.4"), ("BlackmanWindow", "10.4")]:
+        assert check_model(single(op)).ok  # supported by the 10.15 parser
+        (issue,) = check_model(single(op), allow_newer=False).issues
+        assert f"needs TensorRT >= {since}, newer than 10.3" in issue.reason
+    stft = _model([helper.make_node("STFT", ["x", "step"], ["y"])], [_vi("x", [1, 64, 1]), _vi("step", [], TensorProto.INT64)],
+                  [_vi("y", [None])])
+    assert check_model(stft).ok and ">= 10.5" in check_model(stft, allow_newer=False).issues[0].reason
+    relu21 = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=21)
+    assert check_model(relu21).ok  # 10.15: opset 9..24
+    assert "TensorRT 10.3's range (9, 20)" in check_model(relu21, allow_newer=False).issues[0].reason
+
+
+def test_topk_runtime_k_and_sorted():
+    def topk(k_input, **attrs):
+        return _model([helper.make_node("TopK", ["x", "k"], ["v", "i"], **attrs)], [_vi("x", [1, 50]), k_input],
+                      [_vi("v", [1, None]), _vi("i", [1, None], TensorProto.INT64)])
+
+    assert check_model(topk(_vi("k", [1], TensorProto.INT64))).ok  # runtime K: fine since TensorRT 8.6
+    (issue,) = check_model(topk(_vi("k", [1], TensorProto.INT64), sorted=0)).issues
+    assert "sorted=1" in issue.reason
+
+
+def test_resize_limits():
+    def resize(**attrs):
+        scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+        return _model([helper.make_node("Resize", ["x", "", "scales"], ["y"], **attrs)], [_vi("x", [1, 1, 4, 4])],
+                      [_vi("y", [1, 1, 8, 8])], [scales], opset=19)
+
+    assert check_model(resize(mode="cubic", coordinate_transformation_mode="align_corners")).ok
+    assert check_model(resize(mode="nearest", coordinate_transformation_mode="tf_half_pixel_for_nn")).ok
+    cases = {"antialias": dict(mode="linear", antialias=1),
+             "keep_aspect_ratio_policy": dict(keep_aspect_ratio_policy="not_larger"),
+             "tf_crop_and_resize": dict(coordinate_transformation_mode="tf_crop_and_resize"),
+             "round_prefer_floor": dict(coordinate_transformation_mode="tf_half_pixel_for_nn", nearest_mode="floor")}
+    for word, attrs in cases.items():
+        (issue,) = check_model(resize(**attrs)).issues
+        assert word in issue.reason
+
+
+def test_einsum_ellipsis_needs_10_12_under_strict_jetpack():
+    def einsum(eq):
+        return _model([helper.make_node("Einsum", ["a", "b"], ["y"], equation=eq)],
+                      [_vi("a", [2, 3, 4]), _vi("b", [2, 4, 5])], [_vi("y", [2, 3, 5])], opset=17)
+
+    assert check_model(einsum("...ij,...jk->...ik")).ok
+    assert "10.12" in check_model(einsum("...ij,...jk->...ik"), allow_newer=False).issues[0].reason
+    assert check_model(einsum("bij,bjk->bik"), allow_newer=False).ok
+
+
 def _fp16_test_model():
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")

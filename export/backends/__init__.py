@@ -34,7 +34,8 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
     """Backend by name: ``torch`` (checkpoint .pt), ``onnxruntime`` (.onnx) or ``tensorrt`` (.engine).
 
     ``torch`` without ``model_path`` builds ``config`` with random weights (warned; demos and tests only).
-    ``tensorrt`` given a ``.onnx`` builds ``<name>.engine`` beside it on first use.
+    ``tensorrt`` given a ``.onnx`` builds ``<name>.engine`` beside it on first use and rebuilds it when
+    the ONNX or ``fp16`` changed; given a ``.engine``, ``fp16`` is the precision it must have.
     """
     key = BACKEND_NAMES.get(str(name).lower())
     if key is None:
@@ -62,10 +63,28 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
     from .trt_backend import TensorRTBackend
 
     if path.suffix == ".onnx":
-        engine = path.with_suffix(".engine")
-        if not engine.is_file():
-            from ..trt_build import build_engine
+        path = _engine_for_onnx(path, fp16)
+    return TensorRTBackend(path, config=config, fp16=fp16)
 
-            build_engine(path, engine, fp16=fp16, timing_cache=path.with_suffix(".timing.cache"))
-        path = engine
-    return TensorRTBackend(path, config=config)
+
+def _engine_for_onnx(onnx_path: Path, fp16: bool) -> Path:
+    """``<name>.engine`` beside ``onnx_path``, (re)built unless it is current for this ONNX and precision.
+
+    Foreign engines (other GPU or TensorRT version) are rebuilt by the backend itself.
+    """
+    from ..sidecar import read_sidecar
+    from ..trt_build import build_engine, engine_staleness
+
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX model {onnx_path} not found")
+    engine = onnx_path.with_suffix(".engine")
+    reasons = ["no engine built yet"]
+    if engine.is_file():
+        sidecar = read_sidecar(engine)
+        reasons = ["its sidecar is missing"] if sidecar is None else engine_staleness(engine, sidecar, fp16)
+        if sidecar is not None and sidecar.get("source_onnx") != onnx_path.name:
+            reasons.append(f"it was built from {sidecar.get('source_onnx')}, not {onnx_path.name}")
+    if reasons:
+        log.info("building %s from %s: %s", engine, onnx_path, "; ".join(reasons))
+        build_engine(onnx_path, engine, fp16=fp16, timing_cache=onnx_path.with_suffix(".timing.cache"))
+    return engine
