@@ -130,7 +130,21 @@ def _error_line(error: Any) -> str:
     name = error.node_name() if hasattr(error, "node_name") else ""
     op = error.node_operator() if hasattr(error, "node_operator") else ""
     where = f"node {node} '{name}' ({op})" if node >= 0 else "graph"
-    return f"[{str(error.code()).split('.')[-1]}] {where}: {error.desc()}"
+    return f"[{str(error.code()).split('.')[-1]}] {where}: {one_line(error.desc())}"
+
+
+def one_line(text: object) -> str:
+    """``text`` with runs of whitespace (newlines included) collapsed: error messages stay on one line."""
+    return " ".join(str(text).split())
+
+
+def create_builder(trt: Any, logger: Any) -> Any:
+    """``trt.Builder``; pybind11 raises TypeError when TensorRT cannot initialise CUDA (factory returned nullptr)."""
+    try:
+        return trt.Builder(logger)
+    except TypeError as exc:
+        raise RuntimeError(f"TensorRT {trt.__version__} could not create a builder (no usable GPU or CUDA driver?): "
+                           f"{one_line(exc)}") from exc
 
 
 def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool) -> Any:
@@ -207,10 +221,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
 
         source = onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
         log.info("TensorRT %s: strongly typed FP16 needs an FP16 ONNX; writing %s", version, source)
-        convert_file_to_fp16(onnx_path, source)
+        try:
+            convert_file_to_fp16(onnx_path, source)
+        except Exception as exc:  # noqa: BLE001 - onnx shape inference, range checks and I/O, one line each
+            raise ValueError(f"could not convert {onnx_path} to the FP16 ONNX a strongly typed build needs: "
+                             f"{one_line(exc)}") from exc
 
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = create_builder(trt, logger)
     network, _parser = _parse(trt, builder, logger, source, strongly_typed)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)

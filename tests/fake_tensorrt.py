@@ -153,12 +153,14 @@ def _enum(name: str, members: dict[str, int]):
 
 
 def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: dict | None = None,
-                  unsupported_op: str | None = None, lose_timing_cache: bool = False) -> types.ModuleType:
+                  unsupported_op: str | None = None, lose_timing_cache: bool = False,
+                  no_cuda: bool = False) -> types.ModuleType:
     """A ``tensorrt`` module of variant ``version`` ("10.3", "10.16" or "11.1"); calls logged in ``trt.log``.
 
     ``heap`` is the device memory ``execute_async_v3`` reads and writes; ``gpu`` the device the builder
     runs on (timing caches are tagged with its name); ``unsupported_op`` an ONNX op the parser rejects;
-    ``lose_timing_cache`` makes ``get_timing_cache`` return None.
+    ``lose_timing_cache`` makes ``get_timing_cache`` return None; ``no_cuda`` makes ``Builder`` and
+    ``Runtime`` fail as pybind11 does when the C++ factory returns nullptr (TypeError).
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = VARIANTS[version]
@@ -319,8 +321,13 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
         def get_timing_cache(self):
             return None if lose_timing_cache else self.cache
 
+    def no_device():
+        if no_cuda:
+            raise TypeError("pybind11::init(): factory function returned nullptr")
+
     class Builder:
         def __init__(self, logger):
+            no_device()
             self.logger = logger
 
         def create_network(self, flags=0):
@@ -420,6 +427,7 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
 
     class Runtime:
         def __init__(self, logger):
+            no_device()
             self.logger = logger
 
         def deserialize_cuda_engine(self, serialized_engine):

@@ -59,8 +59,8 @@ def machine(request, monkeypatch):
     return Machine(monkeypatch, request.param)
 
 
-def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None):
-    w = numpy_helper.from_array(np.ones((1, Q, R, 3), np.float32), "w")
+def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None, weight=1.0):
+    w = numpy_helper.from_array(np.full((1, Q, R, 3), weight, np.float32), "w")
     shape = numpy_helper.from_array(np.array([1, Q, R, 11], np.int64), "shape")
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=1, name="mean"),
              helper.make_node("Mul", ["m", "w"], ["points"], name="mul"),
@@ -296,6 +296,17 @@ def test_engine_for_other_tensorrt_without_onnx_is_refused(machine, onnx_file, t
         TensorRTBackend(engine, rebuild=False)
 
 
+def test_tensorrt_without_usable_cuda_is_one_line(monkeypatch, onnx_file, tmp_path):
+    Machine(monkeypatch, "10.3")
+    engine = tmp_path / "model.engine"
+    build_engine(onnx_file, engine)
+    m = Machine(monkeypatch, "10.3", no_cuda=True)
+    with pytest.raises(RuntimeError, match="could not create a runtime") as exc:
+        TensorRTBackend(engine)
+    _one_line(exc)
+    assert all(p.stream is None for p in m.providers)
+
+
 def test_corrupt_engine_is_refused(machine, onnx_file, tmp_path):
     engine = tmp_path / "model.engine"
     build_engine(onnx_file, engine)
@@ -374,6 +385,9 @@ def test_cli_trt_fails_with_one_line(monkeypatch, capsys, onnx_file, tmp_path, l
     m = Machine(monkeypatch, "11.1")
     line = _cli_error(capsys, ["trt", "--onnx", str(onnx_file), "--out", out, "--fp16", "--strongly-typed", "no"])
     assert "no builder FP16 flag" in line
+    huge = _write_onnx(tmp_path / "huge.onnx", lite_config, weight=1e6)  # beyond the FP16 range
+    line = _cli_error(capsys, ["trt", "--onnx", str(huge), "--out", out, "--fp16"])
+    assert "could not convert" in line and "beyond the FP16 range" in line
     monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: (_ for _ in ()).throw(ImportError("no CUDA binding")))
     assert "no CUDA binding" in _cli_error(capsys, ["trt", "--onnx", str(onnx_file), "--out", out])
     monkeypatch.setattr(trt_build_mod, "gpu_info", lambda: dict(m.gpu))
@@ -382,6 +396,9 @@ def test_cli_trt_fails_with_one_line(monkeypatch, capsys, onnx_file, tmp_path, l
     (tmp_path / "junk.onnx").write_bytes(b"\xff\xfe not protobuf")
     assert "not a readable ONNX" in _cli_error(capsys, ["trt", "--onnx", str(tmp_path / "junk.onnx"), "--out", out])
     assert "not found" in _cli_error(capsys, ["trt", "--onnx", str(tmp_path / "none.onnx"), "--out", out])
+    Machine(monkeypatch, "10.16", no_cuda=True)
+    assert "could not create a builder (no usable GPU" in _cli_error(capsys, ["trt", "--onnx", str(onnx_file),
+                                                                            "--out", out])
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
     assert "needs the Python package 'tensorrt'" in _cli_error(capsys, ["trt", "--onnx", str(onnx_file), "--out", out])
     assert not (tmp_path / "m.engine").exists()

@@ -66,7 +66,11 @@ class TensorRTBackend(Backend):
         else:
             self._ensure_current(engine_path, sidecar, rebuild, workspace_mb, fp16)
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
+        try:
+            self.runtime = trt.Runtime(self.logger)
+        except TypeError as exc:  # pybind11: the factory returned nullptr (CUDA could not be initialised)
+            raise RuntimeError(f"TensorRT {trt.__version__} could not create a runtime (no usable GPU or CUDA "
+                               f"driver?): {exc}") from exc
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise ValueError(f"TensorRT could not deserialise {engine_path}: the file is corrupt, truncated or not "
