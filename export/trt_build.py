@@ -148,7 +148,9 @@ def create_builder(trt: Any, logger: Any) -> Any:
 
 
 def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool) -> Any:
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    # TensorRT 11: always strongly typed, the creation flag is deprecated and ignored, so none is passed
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) \
+        if strongly_typed and has_fp16_builder_flag(trt) else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
