@@ -97,7 +97,7 @@ def call(tmp_path, data, out: str, *extra: str) -> dict:
     argv = ["--config", "lite_student", "--name", "tiny", "--out", str(tmp_path / out), "--work", str(tmp_path / "work"),
             "--data", str(data), "--scenes", "3", "--frames-per-scene", "2", "--width", "128", "--height", "96",
             "--val-fraction", "0.34", "--synth-workers", "1", "--synth-seed", "3", "--device", "cpu",
-            "--steps", "5", "--batch", "2", "--workers", "1", "--part-mib", "0.5",
+            "--steps", "5", "--batch", "2", "--workers", "1", "--part-mib", "8",
             "--set", f"model_overrides={TINY}", "--set", "data.frequency_frames=4", "--set", "optim.warmup_iters=1",
             "--set", "deterministic=true", "--set", "ckpt_every=2", *extra]
     assert device_run.main(argv) == 0
@@ -116,7 +116,8 @@ def test_three_budgeted_calls_end_with_the_weights_of_one_run(tmp_path, determin
     assert (third["call"], third["start_step"], third["end_step"], third["finished"]) == (3, 3, 5, True)
     assert third["metrics"] == full["metrics"]
     out = tmp_path / "o3" / "tiny"
-    assert max(f.stat().st_size for f in out.iterdir()) <= 0.5 * 2**20
+    assert max(f.stat().st_size for f in out.iterdir()) <= 8 * 2**20 and len(list(out.iterdir())) <= 8
+    assert "last.pt.parts.json" in first["handed_back"] and third["left_out"] == []
     assert [r["end_step"] for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())] == [1, 3, 5]
     a, _ = load_model(device_run.find_checkpoint(tmp_path / "full" / "tiny", "final.pt", tmp_path / "ja"))
     b, _ = load_model(device_run.find_checkpoint(out, "final.pt", tmp_path / "jb"))
@@ -124,3 +125,16 @@ def test_three_budgeted_calls_end_with_the_weights_of_one_run(tmp_path, determin
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert device_run.main(["--config", "lite_student", "--name", "x", "--out", str(tmp_path / "e"), "--data", str(data),
                             "--scenes", "4", "--work", str(tmp_path / "work")]) == 2  # another synthetic set: clear error
+
+
+def test_hand_back_keeps_within_the_return_limits(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "last.pt").write_bytes(b"l" * 3000)   # 3 parts of 1 KiB + manifest
+    (work / "final.pt").write_bytes(b"f" * 1000)  # 1 part + manifest
+    written, notes = device_run.hand_back(work, tmp_path / "out", False, 1024 / 2**20, max_files=5, max_total_mib=1)
+    assert written == ["last.pt.part000", "last.pt.part001", "last.pt.part002", "last.pt.parts.json"]
+    assert len(notes) == 1 and notes[0].startswith("final.pt")
+    written, notes = device_run.hand_back(work, tmp_path / "out", True, 1024 / 2**20, max_files=5, max_total_mib=1)
+    assert written == ["final.pt.part000", "final.pt.parts.json"] and notes[0].startswith("last.pt")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)

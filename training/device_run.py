@@ -182,21 +182,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_s": round(steps * cfg.batch_size / train_s, 2) if steps else None,
         "metrics": metrics,
     }
-    record["wall_seconds"] = round(time.perf_counter() - t0, 1)  # without the copy into --out (seconds)
-    hand_back(work, out, args.part_mib, history + [record])
+    written, notes = hand_back(work, out, finished, args.part_mib, args.max_files, args.max_total_mib)
+    record.update(handed_back=written, left_out=notes, wall_seconds=round(time.perf_counter() - t0, 1))
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history + [record]))
+    for note in notes:
+        print(f"device_run: warning: {note}", file=sys.stderr)
     return record
 
 
-def hand_back(work: Path, out: Path, part_mib: float, records: list[dict[str, Any]]) -> None:
-    """Copy what the next call and the results need into ``out`` (checkpoints in parts of <= part_mib)."""
+def hand_back(work: Path, out: Path, finished: bool, part_mib: float, max_files: int,
+              max_total_mib: float) -> tuple[list[str], list[str]]:
+    """Split the checkpoints of ``work`` into ``out`` within the device tool's return limits.
+
+    A finished run hands back final.pt first, an unfinished one last.pt (what the next call needs);
+    one file is kept for runs.jsonl. Returns (files written, notes on checkpoints left out).
+    """
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     part_bytes = int(part_mib * 2**20)
-    for name in ("last.pt", "final.pt"):
-        split_file(work / name, out, part_bytes)
-    shutil.copyfile(work / "train_config.yaml", out / "train_config.yaml")
-    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    files_left, bytes_left = max_files - 1, int(max_total_mib * 2**20)
+    written: list[str] = []
+    notes: list[str] = []
+    for name in ("final.pt", "last.pt") if finished else ("last.pt", "final.pt"):
+        size = (work / name).stat().st_size
+        needed = -(-size // part_bytes) + 1  # parts + manifest
+        if needed > files_left or size > bytes_left:
+            notes.append(f"{name} ({size / 2**20:.1f} MiB, {needed} files) left out: over the return limits "
+                         f"({max_files} files, {max_total_mib:g} MiB)")
+            continue
+        written += [f.name for f in split_file(work / name, out, part_bytes)]
+        files_left, bytes_left = files_left - needed, bytes_left - size
+    return written, notes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reserve-s", type=float, default=45.0, help="part of the budget kept for eval and saving")
     parser.add_argument("--stop-at-step", type=int, default=None, help="stop this call at this step")
     parser.add_argument("--eval-each-call", action="store_true", help="evaluate on val even when not finished")
-    parser.add_argument("--part-mib", type=float, default=15.0, help="largest file handed back, MiB")
+    parser.add_argument("--part-mib", type=float, default=15.0, help="largest file handed back, MiB (tool: 16)")
+    parser.add_argument("--max-files", type=int, default=8, help="most files handed back (tool: 8)")
+    parser.add_argument("--max-total-mib", type=float, default=60.0, help="most MiB handed back (tool: 64)")
     parser.add_argument("--data", default="runs/device/synth", help="synthetic dataset root (generated if missing)")
     parser.add_argument("--scenes", type=int, default=120)
     parser.add_argument("--frames-per-scene", type=int, default=8)
