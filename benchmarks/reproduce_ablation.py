@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import load_model  # noqa: E402
+from training.device_run import find_checkpoint  # noqa: E402
 from training.evaluate import build_dataset, evaluate_model  # noqa: E402
 from training.scene_format import SPLIT_FILES, parse_split_line  # noqa: E402
 from training.synth import generate  # noqa: E402
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(ROOT / "runs" / "ablation"), help="run folders and results/")
     parser.add_argument("--publish", action="store_true",
                         help="replace docs/results/ablation.{md,json} and discene_ros/data/lite_distilled.pt")
-    parser.add_argument("--teacher", default=None, help="reuse this trained teacher checkpoint instead of training one")
+    parser.add_argument("--teacher", default=None,
+                        help="reuse this trained teacher (a checkpoint, or a device run's folder) instead of training one")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="post-processing score threshold of every model (the paper's 0.5)")
     parser.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
@@ -272,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     ensure_dataset(args)
 
     runs: dict[str, list[tuple[int, dict]]] = {}
+    if args.teacher and Path(args.teacher).is_dir():  # a device run's handed-back folder (final.pt in parts)
+        joined = find_checkpoint(Path(args.teacher), "final.pt", Path(args.out) / "teacher_joined")
+        if joined is None:
+            parser.error(f"--teacher {args.teacher} holds no final.pt (whole or in parts)")
+        args.teacher = str(joined)
     if args.teacher:
         model, model_cfg = load_model(args.teacher)
         model_cfg.score_threshold = args.score_threshold
