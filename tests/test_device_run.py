@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler
 from models.checkpoint import load_model
 from training import device_run
 from training.data import EpochBatchSampler, build_train_loader
-from training.trainer import autocast_dtype
+from training.trainer import Trainer, autocast_dtype
 
 TINY = '{"decoder": {"num_queries": 32, "num_refines": [2, 4]}, "image_size": [96, 128]}'
 
@@ -104,7 +104,7 @@ def call(tmp_path, data, out: str, *extra: str) -> dict:
     return json.loads((tmp_path / out / "tiny" / "runs.jsonl").read_text().splitlines()[-1])
 
 
-def test_three_budgeted_calls_end_with_the_weights_of_one_run(tmp_path, deterministic):
+def test_budgeted_and_interrupted_calls_end_with_the_weights_of_one_run(tmp_path, deterministic, monkeypatch):
     data = tmp_path / "synth"
     full = call(tmp_path, data, "full")
     assert full["finished"] and full["end_step"] == 5 and full["metrics"]["val_frames"] == 2
@@ -123,6 +123,20 @@ def test_three_budgeted_calls_end_with_the_weights_of_one_run(tmp_path, determin
     b, _ = load_model(device_run.find_checkpoint(out, "final.pt", tmp_path / "jb"))
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    sa = a.state_dict()
+
+    def interrupt_at_step_3(self, batch, original=Trainer.train_step):  # the wrapper's timeout, mid-run
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_3)
+    cut = call(tmp_path, data, "i1")  # ckpt_every=2: last.pt of step 2 is what comes back
+    assert (cut["end_step"], cut["interrupted"], cut["handed_back"][-1]) == (2, True, "last.pt.parts.json")
+    monkeypatch.undo()
+    call(tmp_path, data, "i2", "--resume", str(tmp_path / "i1" / "tiny"))
+    c, _ = load_model(device_run.find_checkpoint(tmp_path / "i2" / "tiny", "final.pt", tmp_path / "jc"))
+    assert all(torch.equal(sa[k], v) for k, v in c.state_dict().items())
     assert device_run.main(["--config", "lite_student", "--name", "x", "--out", str(tmp_path / "e"), "--data", str(data),
                             "--scenes", "4", "--work", str(tmp_path / "work")]) == 2  # another synthetic set: clear error
 

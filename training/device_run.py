@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from models.checkpoint import load_checkpoint
+
 from .evaluate import build_dataset, evaluate_model
 from .synth import generate
 from .train_config import TrainConfig, load_train_config
@@ -117,6 +119,11 @@ def build_config(args: argparse.Namespace, work: Path) -> TrainConfig:
     return load_train_config(args.config, sets)
 
 
+def saved_step(path: Path, default: int) -> int:
+    """The step of a resumable checkpoint (``default`` when none was written)."""
+    return int(load_checkpoint(path)["step"]) if path.is_file() else default
+
+
 def previous_records(resume: Path | None) -> list[dict[str, Any]]:
     log = resume / "runs.jsonl" if resume is not None else None
     if log is None or not log.is_file():
@@ -144,8 +151,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_cfg = cfg.model_config()
     load_depth = model_cfg.use_depth
     if cfg.mode == "distill":
-        from models.checkpoint import load_checkpoint
-
         load_depth = load_depth or bool(load_checkpoint(cfg.teacher_checkpoint)["config"].get("use_depth", False))
     train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames, load_depth=load_depth)
     val = build_dataset(cfg.data.root, cfg.data.val_split, model_cfg, cfg.data.max_val_frames)
@@ -162,25 +167,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.budget_s is not None:
         budget = max(0.0, args.budget_s - args.reserve_s - (time.perf_counter() - t0))
     t_train = time.perf_counter()
-    trainer.fit(stop_at_step=args.stop_at_step, time_budget_s=budget)
+    interrupted = False
+    try:
+        trainer.fit(stop_at_step=args.stop_at_step, time_budget_s=budget)
+    except KeyboardInterrupt:  # the wrapper's timeout (SIGINT): hand back the last periodic checkpoint
+        interrupted = True
     train_s = time.perf_counter() - t_train
-    finished = trainer.step >= trainer.total_steps
+    end_step = saved_step(work / "last.pt", start_step) if interrupted else trainer.step
+    finished = end_step >= trainer.total_steps
     metrics = None
-    if finished or args.eval_each_call:
+    if not interrupted and (finished or args.eval_each_call):
         result = evaluate_model(trainer.student, val, model_cfg, trainer.device, batch_size=cfg.batch_size,
                                 workers=cfg.data.workers, amp=cfg.amp)
         metrics = {"iou": round(100 * float(result["iou"]), 2), "miou": round(100 * float(result["miou"]), 2),
                    "val_frames": int(result["frames"]), "score_threshold": model_cfg.score_threshold}
-    steps = trainer.step - start_step
+    steps = end_step - start_step
     record = {
         "call": len(history) + 1, "name": cfg.name, "config": cfg.to_dict(), "device": device_name(trainer.device),
-        "torch": torch.__version__, "start_step": start_step, "end_step": trainer.step,
+        "torch": torch.__version__, "start_step": start_step, "end_step": end_step,
         "total_steps": trainer.total_steps, "finished": finished, "batch_size": cfg.batch_size, "amp": cfg.amp,
         "data": {"root": str(args.data), **{k: meta[k] for k in ("generator", "seed", "scenes", "frames_per_scene",
                                                                   "width", "height", "train", "val")}},
         "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
         "samples_per_s": round(steps * cfg.batch_size / train_s, 2) if steps else None,
-        "metrics": metrics,
+        "metrics": metrics, "interrupted": interrupted,
     }
     written, notes = hand_back(work, out, finished, args.part_mib, args.max_files, args.max_total_mib)
     record.update(handed_back=written, left_out=notes, wall_seconds=round(time.perf_counter() - t0, 1))
@@ -205,6 +215,9 @@ def hand_back(work: Path, out: Path, finished: bool, part_mib: float, max_files:
     written: list[str] = []
     notes: list[str] = []
     for name in ("final.pt", "last.pt") if finished else ("last.pt", "final.pt"):
+        if not (work / name).is_file():
+            notes.append(f"{name}: not written in this call")
+            continue
         size = (work / name).stat().st_size
         needed = -(-size // part_bytes) + 1  # parts + manifest
         if needed > files_left or size > bytes_left:
