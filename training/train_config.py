@@ -31,7 +31,9 @@ class DataConfig:
     val_split: str = "val"
     max_train_frames: int | None = None  # first N frames of the split (None: all)
     max_val_frames: int | None = None
-    workers: int = 2
+    workers: int = 2                     # loader worker processes, forked once per fit() and kept (persistent)
+    prefetch_factor: int = 2             # batches each worker keeps ready (workers > 0)
+    pin_memory: bool = True              # page-locked batches for non-blocking copies (CUDA only)
     frequency_frames: int = 200          # frames read to count class frequencies when loss.class_frequencies is unset
 
 
@@ -66,7 +68,8 @@ class TrainConfig:
     max_steps: int | None = None         # total optimiser steps; overrides epochs when set
     batch_size: int = 1                  # per process (per GPU)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    amp: str = "none"                    # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"                    # none | bf16 | fp16 (autocast on CUDA)
+    amp_on_cpu: bool = False             # also autocast (bf16) on CPU; otherwise CPU runs stay fp32
     seed: int = 0
     deterministic: bool = False          # torch.use_deterministic_algorithms (bitwise-repeatable runs and resumes)
     out_dir: str = "runs/run"
@@ -90,6 +93,7 @@ class TrainConfig:
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (self.mode != "distill" or bool(self.teacher_checkpoint), "mode 'distill' needs teacher_checkpoint"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.data.workers >= 0 and self.data.prefetch_factor > 0, "data.workers must be >= 0, data.prefetch_factor > 0"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be positive"),
             (self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}"),
             (self.optim.lr > 0, f"optim.lr must be positive, got {self.optim.lr}"),

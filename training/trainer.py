@@ -7,12 +7,10 @@ hold everything ``--resume`` needs to continue exactly.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +19,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 import models
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from models.config import ModelConfig
 from models.preprocess import normalize_image
 
+# BATCH_KEYS and collate_frames are re-exported for evaluate.py and the benchmarks.
+from .data import BATCH_KEYS, EpochBatchSampler, build_train_loader, collate_frames  # noqa: F401
 from .distill import Distiller, sample_anchors
 from .losses import TaskLoss, class_frequencies_from_targets, ground_truth_from_voxels
 from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
-
-BATCH_KEYS = ("image", "grid2img", "depth", "target")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,55 +39,22 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------- data
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler whose epoch order depends only on (seed, epoch) and that can skip a prefix.
-
-    Works with world size 1 too, so single-process and DDP runs shuffle the same way.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_position(self, epoch: int, skip: int) -> None:
-        self.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.skip)
-
-
-def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
-    """Stack the network inputs and targets of a list of frames (depth may be missing)."""
-    out: dict[str, torch.Tensor | None] = {}
-    for key in BATCH_KEYS:
-        values = [item.get(key) for item in items]
-        if all(v is None for v in values):
-            out[key] = None
-            continue
-        if any(v is None for v in values):
-            raise ValueError(f"some frames of the batch have no '{key}'")
-        out[key] = torch.stack([torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for v in values])
-    if out["image"] is None or out["grid2img"] is None or out["target"] is None:
-        raise ValueError(f"frames must provide image, grid2img and target; got keys {sorted(items[0])}")
-    return out
-
-
 def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, use_depth: bool) -> dict[str, Any]:
-    """Batch -> device tensors: normalised image (uint8 images are normalised here), grid2img, depth, target."""
-    image = batch["image"]
+    """Batch -> device tensors: normalised image (uint8 images are normalised here), grid2img, depth, target.
+
+    uint8 images cross to the device as uint8 (a quarter of the float bytes) and are normalised there;
+    copies are non-blocking, which overlaps them with compute when the loader pins its batches.
+    """
+    image = batch["image"].to(device, non_blocking=True)
     image = normalize_image(image) if image.dtype == torch.uint8 else image.float()
     depth = batch["depth"]
     if use_depth and depth is None:
         raise ValueError("the model uses the depth branch but the dataset gives no depth")
     if depth is not None:
-        depth = depth.float().to(device)
+        depth = depth.to(device, non_blocking=True).float()
         depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
-    return {"image": image.to(device), "grid2img": batch["grid2img"].float().to(device),
-            "depth": depth if use_depth else None, "target": batch["target"].to(device)}
+    return {"image": image, "grid2img": batch["grid2img"].to(device, non_blocking=True).float(),
+            "depth": depth if use_depth else None, "target": batch["target"].to(device, non_blocking=True)}
 
 
 def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
@@ -191,6 +156,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def autocast_dtype(amp: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype of a run: ``amp`` on CUDA; on CPU fp32 (None) unless ``on_cpu`` asks for bf16."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type == "cuda" or dtype is None:
+        return dtype
+    if not on_cpu:
+        return None
+    if dtype != torch.bfloat16:
+        raise ValueError(f"mixed precision on {device.type} supports bf16 only, got amp={amp!r}")
+    return dtype
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -249,17 +226,17 @@ class Trainer:
             self.module = nn.parallel.DistributedDataParallel(module, device_ids=ids,
                                                               find_unused_parameters=config.find_unused_parameters)
         self.optimizer = self._build_optimizer(module)
-        self.sampler = ResumableSampler(train_set, self.world, self.rank, config.seed)
-        self.steps_per_epoch = len(self.sampler) // config.batch_size
+        self.steps_per_epoch = EpochBatchSampler(len(train_set), config.batch_size, self.world, self.rank).steps_per_epoch
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         o = config.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio))
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
+        self.amp_dtype = autocast_dtype(config.amp, self.device, config.amp_on_cpu)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou = -1.0
         self.writer = None
+        self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
 
     # ---- construction
     def _load_teacher(self) -> tuple[nn.Module | None, ModelConfig | None]:
@@ -360,7 +337,9 @@ class Trainer:
             teacher = self.teacher(t_in["image"], t_in["grid2img"], t_in["depth"])
             teacher["anchor_layers"] = None
             if dcfg.prior:
-                extra["prior_init"] = self.teacher.init_positions().detach().float().unsqueeze(0).expand(b, -1, -1).contiguous()
+                if self._prior_init is None:
+                    self._prior_init = self.teacher.init_positions().detach().float()
+                extra["prior_init"] = self._prior_init.unsqueeze(0).expand(b, -1, -1).contiguous()
             if dcfg.anchor:
                 gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * self.world + self.rank)
                 count = dcfg.num_anchors or self.model_cfg.decoder.num_queries
@@ -379,7 +358,7 @@ class Trainer:
         needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
         inputs = prepare_inputs(batch, self.device, needs_depth)
         teacher, extra = self._teacher_outputs(inputs, self.step)
-        autocast = torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None else _null()
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else _null()
         with autocast:
             terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
                                 teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
@@ -410,16 +389,38 @@ class Trainer:
 
     # ---- loop
     def _loader(self) -> DataLoader:
-        self.sampler.set_position(self.epoch, self.epoch_step * self.cfg.batch_size)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
-        workers = self.cfg.data.workers
-        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler, num_workers=workers,
-                          collate_fn=collate_frames, drop_last=True, generator=gen,
-                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+        """The run's loader, starting at the current (epoch, epoch_step); it never runs out (see EpochBatchSampler)."""
+        sampler = EpochBatchSampler(len(self.train_set), self.cfg.batch_size, self.world, self.rank, self.cfg.seed,
+                                    start_epoch=self.epoch, start_step=self.epoch_step)
+        data = self.cfg.data
+        return build_train_loader(self.train_set, sampler, data.workers, data.pin_memory and self.device.type == "cuda",
+                                  data.prefetch_factor, self.cfg.seed * 7919 + self.epoch)
 
-    def fit(self, stop_at_step: int | None = None) -> Path:
-        """Train until ``total_steps`` (or ``stop_at_step``, to simulate an interruption); returns final.pt."""
+    def _advance_position(self) -> None:
+        self.epoch_step += 1
+        if self.epoch_step >= self.steps_per_epoch:
+            self.epoch, self.epoch_step = self.epoch + 1, 0
+
+    def _out_of_time(self, start: float, budget_s: float | None) -> bool:
+        """True once ``budget_s`` seconds have passed since ``start`` (on any rank, so all ranks stop together)."""
+        if budget_s is None:
+            return False
+        late = time.perf_counter() - start >= budget_s
+        if self.world == 1:
+            return late
+        late = torch.tensor(float(late), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item() > 0)
+
+    def fit(self, stop_at_step: int | None = None, time_budget_s: float | None = None) -> Path:
+        """Train until ``total_steps``, ``stop_at_step`` or ``time_budget_s`` seconds, whichever comes first.
+
+        Stopping early (an interruption, or the end of a device call) leaves a resumable last.pt; the
+        lr schedule still runs to ``total_steps``. Returns the model-only final.pt.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         if self.is_main:
             self.cfg.save(self.out_dir / "train_config.yaml")
             from torch.utils.tensorboard import SummaryWriter
@@ -430,24 +431,25 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
         samples_per_step = self.cfg.batch_size * self.world
+        loader = batches = None
         try:
+            if self.step < end:
+                loader = self._loader()
+                batches = iter(loader)
+            tick = time.perf_counter()
             while self.step < end:
+                values = self.train_step(next(batches))
+                self._advance_position()
+                rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
                 tick = time.perf_counter()
-                for batch in self._loader():
-                    values = self.train_step(batch)
-                    self.epoch_step += 1
-                    rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
-                    tick = time.perf_counter()
-                    self._log(values, rate, bar)
-                    if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
-                        self.evaluate_and_keep_best()
-                    if self.step % self.cfg.ckpt_every == 0 and self.step < end:
-                        self.save("last.pt")
-                    if self.step >= end:
-                        break
-                if self.epoch_step >= self.steps_per_epoch:
-                    self.epoch += 1
-                    self.epoch_step = 0
+                self._log(values, rate, bar)
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate_and_keep_best()
+                if self.step % self.cfg.ckpt_every == 0 and self.step < end:
+                    self.save("last.pt")
+                if self._out_of_time(started, time_budget_s):
+                    break
+            del batches, loader  # shuts the loader workers down
             if self.step >= self.total_steps:
                 self.evaluate_and_keep_best()
             self.save("last.pt")

@@ -1,0 +1,142 @@
+"""Training throughput: samples per second of the lite student step and the distillation step, through the real loader.
+
+    python benchmarks/bench_train_throughput.py [--device cuda] [--batch 8 32] [--amp bf16] [--workers 12] \\
+        [--modes student distill] [--steps 30] [--json docs/results/train_throughput_cuda.json]
+
+Each row builds the Trainer from training/configs/lite_student.yaml or lite_distill.yaml (the
+teacher of the distillation rows is a randomly initialised lite_teacher network: its speed, not its
+accuracy, matters here), iterates the run's own loader (persistent workers, prefetch, pinned
+batches) and times ``--steps`` full optimiser steps after ``--warmup`` steps, loader waits
+included. ``data_ms`` is the part of a step spent waiting for the next batch. Without ``--data``
+a synthetic set of 256x192 frames is generated in a temporary folder (training.synth). On CPU,
+``--amp bf16`` sets the config's ``amp_on_cpu`` (CPU runs are fp32 otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from models.checkpoint import save_model  # noqa: E402
+from training.evaluate import build_dataset  # noqa: E402
+from training.synth import generate  # noqa: E402
+from training.train_config import TrainConfig, load_train_config  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
+
+CONFIGS = ROOT / "training" / "configs"
+BASE = {"student": "lite_student.yaml", "distill": "lite_distill.yaml"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_teacher(path: Path) -> None:
+    """A randomly initialised lite_teacher network (bigger backbone, lite decoder) saved as a model checkpoint."""
+    cfg = load_train_config(CONFIGS / "lite_teacher.yaml").model_config()
+    torch.manual_seed(0)
+    save_model(path, models.build_model(cfg), cfg)
+
+
+def row_config(mode: str, args: argparse.Namespace, batch: int, amp: str, workers: int, out: Path,
+               teacher: Path) -> TrainConfig:
+    sets = [f"device={args.device}", f"batch_size={batch}", f"amp={amp}", f"data.workers={workers}",
+            f"amp_on_cpu={amp != 'none'}",
+            f"data.root={args.data}", f"out_dir={out}", "progress=false", "max_steps=100000",
+            f"data.frequency_frames={min(16, args.frames)}", f"model={args.model}"]
+    if mode == "distill":
+        sets.append(f"teacher_checkpoint={teacher}")
+    return load_train_config(BASE[mode], sets)
+
+
+def measure(cfg: TrainConfig, steps: int, warmup: int) -> dict:
+    """samples/s, ms per step and ms per step waiting on the loader, over ``steps`` steps after ``warmup``."""
+    model_cfg = cfg.model_config()
+    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, load_depth=model_cfg.use_depth)
+    trainer = Trainer(cfg, train)
+    batches = iter(trainer._loader())
+    for _ in range(warmup):
+        trainer.train_step(next(batches))
+    _sync(trainer.device)
+    waited, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        tick = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - tick
+        trainer.train_step(batch)
+    _sync(trainer.device)
+    elapsed = time.perf_counter() - start
+    del batches
+    return {"samples_per_s": round(steps * cfg.batch_size / elapsed, 2), "step_ms": round(1000 * elapsed / steps, 1),
+            "data_ms": round(1000 * waited / steps, 1), "steps": steps, "warmup": warmup}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="lite")
+    parser.add_argument("--modes", nargs="+", default=["student", "distill"], choices=sorted(BASE))
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--amp", nargs="+", default=["none"], choices=["none", "bf16", "fp16"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0], help="loader worker processes")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--data", default=None, help="Occ-ScanNet-format root (default: generate --frames frames)")
+    parser.add_argument("--frames", type=int, default=16, help="synthetic training frames to generate")
+    parser.add_argument("--synth-workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.frames < max(args.batch):
+        parser.error(f"--frames {args.frames} is smaller than the largest --batch {max(args.batch)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data is None:
+            args.data = str(Path(tmp) / "synth")
+            scenes = -(-args.frames // 8)
+            generate(args.data, scenes=scenes + 1, frames_per_scene=8, seed=0, width=256, height=192,
+                     val_fraction=1.0 / (scenes + 1), workers=args.synth_workers, progress=False)
+        teacher = Path(tmp) / "teacher.pt"
+        if "distill" in args.modes:
+            make_teacher(teacher)
+        for mode in args.modes:
+            for amp, workers, batch in itertools.product(args.amp, args.workers, args.batch):
+                cfg = row_config(mode, args, batch, amp, workers, Path(tmp) / "out", teacher)
+                row = {"config": cfg.name, "model": args.model, "mode": mode, "batch": batch, "amp": amp,
+                       "workers": workers, "image_size": cfg.model_config().image_size,
+                       **measure(cfg, args.steps, args.warmup)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    result = {"device": device_name(args.device), "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "frames": args.frames, "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

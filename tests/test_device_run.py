@@ -1,0 +1,154 @@
+"""Training plumbing for the device runs: endless resumable batch order, split checkpoints, resume across calls."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from models.checkpoint import load_model
+from training import device_run
+from training.data import EpochBatchSampler, build_train_loader
+from training.trainer import Trainer, autocast_dtype
+
+TINY = '{"decoder": {"num_queries": 32, "num_refines": [2, 4]}, "image_size": [96, 128]}'
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_batch_order_matches_distributed_sampler_across_epochs(world):
+    size, batch, seed = 11, 2, 5
+    for rank in range(world):
+        sampler = EpochBatchSampler(size, batch, world, rank, seed)
+        endless = iter(sampler)
+        for epoch in range(3):
+            reference = DistributedSampler(range(size), num_replicas=world, rank=rank, seed=seed, drop_last=True)
+            reference.set_epoch(epoch)
+            order = list(reference)
+            expected = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+            assert [next(endless) for _ in range(sampler.steps_per_epoch)] == expected
+
+
+def test_batch_order_started_mid_run_continues_the_full_order():
+    full = iter(EpochBatchSampler(10, 3, seed=1))
+    batches = [next(full) for _ in range(8)]  # 3 steps per epoch: epochs 0, 1 and part of 2
+    resumed = iter(EpochBatchSampler(10, 3, seed=1, start_epoch=1, start_step=2))
+    assert [next(resumed) for _ in range(3)] == batches[5:8]
+    with pytest.raises(ValueError, match="outside an epoch"):
+        EpochBatchSampler(10, 3, start_step=3)
+    with pytest.raises(ValueError, match="no full batch"):
+        EpochBatchSampler(3, 2, num_replicas=2)
+
+
+class PidFrames(torch.utils.data.Dataset):
+    """Frame i carries its index and the id of the process that loaded it."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.tensor([index]), "grid2img": torch.tensor([os.getpid()]), "target": torch.zeros(1)}
+
+
+def test_loader_forks_its_worker_once_for_all_epochs():
+    sampler = EpochBatchSampler(6, 2, seed=0)
+    loader = build_train_loader(PidFrames(), sampler, workers=1, pin_memory=False, prefetch_factor=2, seed=0)
+    batches = iter(loader)
+    got = [next(batches) for _ in range(3 * sampler.steps_per_epoch)]  # three epochs from one iterator
+    order = iter(sampler)
+    assert [b["image"].flatten().tolist() for b in got] == [next(order) for _ in got]
+    pids = {int(p) for b in got for p in b["grid2img"].flatten()}
+    assert len(pids) == 1 and os.getpid() not in pids
+    del batches
+
+
+def test_split_and_join_checkpoint_parts(tmp_path):
+    blob = bytes(range(256)) * 41  # 10,496 bytes -> 3 parts of <= 4 KiB
+    (tmp_path / "last.pt").write_bytes(blob)
+    files = device_run.split_file(tmp_path / "last.pt", tmp_path / "out", 4096)
+    assert [f.name for f in files] == ["last.pt.part000", "last.pt.part001", "last.pt.part002", "last.pt.parts.json"]
+    assert max(f.stat().st_size for f in files[:-1]) <= 4096
+    joined = device_run.find_checkpoint(tmp_path / "out", "last.pt", tmp_path / "scratch")
+    assert joined.read_bytes() == blob
+    part = tmp_path / "out" / "last.pt.part001"
+    part.write_bytes(b"x" + part.read_bytes()[1:])
+    with pytest.raises(ValueError, match="does not match"):
+        device_run.join_file(tmp_path / "out" / "last.pt.parts.json", tmp_path / "again.pt")
+    assert device_run.find_checkpoint(tmp_path / "nothing", "last.pt", tmp_path / "scratch") is None
+
+
+def test_cpu_autocast_only_when_asked():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("bf16", cpu) is None
+    assert autocast_dtype("bf16", cpu, on_cpu=True) == torch.bfloat16
+    assert autocast_dtype("none", cpu, on_cpu=True) is None
+    with pytest.raises(ValueError, match="bf16 only"):
+        autocast_dtype("fp16", cpu, on_cpu=True)
+
+
+@pytest.fixture
+def deterministic():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def call(tmp_path, data, out: str, *extra: str) -> dict:
+    argv = ["--config", "lite_student", "--name", "tiny", "--out", str(tmp_path / out), "--work", str(tmp_path / "work"),
+            "--data", str(data), "--scenes", "3", "--frames-per-scene", "2", "--width", "128", "--height", "96",
+            "--val-fraction", "0.34", "--synth-workers", "1", "--synth-seed", "3", "--device", "cpu",
+            "--steps", "5", "--batch", "2", "--workers", "1", "--part-mib", "8",
+            "--set", f"model_overrides={TINY}", "--set", "data.frequency_frames=4", "--set", "optim.warmup_iters=1",
+            "--set", "deterministic=true", "--set", "ckpt_every=2", *extra]
+    assert device_run.main(argv) == 0
+    return json.loads((tmp_path / out / "tiny" / "runs.jsonl").read_text().splitlines()[-1])
+
+
+def test_budgeted_and_interrupted_calls_end_with_the_weights_of_one_run(tmp_path, deterministic, monkeypatch):
+    data = tmp_path / "synth"
+    full = call(tmp_path, data, "full")
+    assert full["finished"] and full["end_step"] == 5 and full["metrics"]["val_frames"] == 2
+    first = call(tmp_path, data, "o1", "--budget-s", "0", "--reserve-s", "0")  # stops after its first step
+    assert (first["start_step"], first["end_step"], first["finished"], first["metrics"]) == (0, 1, False, None)
+    second = call(tmp_path, data, "o2", "--resume", str(tmp_path / "o1" / "tiny"), "--stop-at-step", "3")
+    assert (second["call"], second["start_step"], second["end_step"]) == (2, 1, 3)
+    third = call(tmp_path, data, "o3", "--resume", str(tmp_path / "o2" / "tiny"))
+    assert (third["call"], third["start_step"], third["end_step"], third["finished"]) == (3, 3, 5, True)
+    assert third["metrics"] == full["metrics"]
+    out = tmp_path / "o3" / "tiny"
+    assert max(f.stat().st_size for f in out.iterdir()) <= 8 * 2**20 and len(list(out.iterdir())) <= 8
+    assert "last.pt.parts.json" in first["handed_back"] and third["left_out"] == []
+    assert [r["end_step"] for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())] == [1, 3, 5]
+    a, _ = load_model(device_run.find_checkpoint(tmp_path / "full" / "tiny", "final.pt", tmp_path / "ja"))
+    b, _ = load_model(device_run.find_checkpoint(out, "final.pt", tmp_path / "jb"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    sa = a.state_dict()
+
+    def interrupt_at_step_3(self, batch, original=Trainer.train_step):  # the wrapper's timeout, mid-run
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_3)
+    cut = call(tmp_path, data, "i1")  # ckpt_every=2: last.pt of step 2 is what comes back
+    assert (cut["end_step"], cut["interrupted"], cut["handed_back"][-1]) == (2, True, "last.pt.parts.json")
+    monkeypatch.undo()
+    call(tmp_path, data, "i2", "--resume", str(tmp_path / "i1" / "tiny"))
+    c, _ = load_model(device_run.find_checkpoint(tmp_path / "i2" / "tiny", "final.pt", tmp_path / "jc"))
+    assert all(torch.equal(sa[k], v) for k, v in c.state_dict().items())
+    assert device_run.main(["--config", "lite_student", "--name", "x", "--out", str(tmp_path / "e"), "--data", str(data),
+                            "--scenes", "4", "--work", str(tmp_path / "work")]) == 2  # another synthetic set: clear error
+
+
+def test_hand_back_keeps_within_the_return_limits(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "last.pt").write_bytes(b"l" * 3000)   # 3 parts of 1 KiB + manifest
+    (work / "final.pt").write_bytes(b"f" * 1000)  # 1 part + manifest
+    written, notes = device_run.hand_back(work, tmp_path / "out", False, 1024 / 2**20, max_files=5, max_total_mib=1)
+    assert written == ["last.pt.part000", "last.pt.part001", "last.pt.part002", "last.pt.parts.json"]
+    assert len(notes) == 1 and notes[0].startswith("final.pt")
+    written, notes = device_run.hand_back(work, tmp_path / "out", True, 1024 / 2**20, max_files=5, max_total_mib=1)
+    assert written == ["final.pt.part000", "final.pt.parts.json"] and notes[0].startswith("last.pt")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
