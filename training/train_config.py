@@ -121,7 +121,11 @@ class TrainConfig:
         return cls(**data, **built).validate()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML atomically (a crash never leaves half a file)."""
+        from models.checkpoint import atomic_write
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
