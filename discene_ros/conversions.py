@@ -177,9 +177,9 @@ def _compressed_size(msg: Any, buf: np.ndarray) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(buf.tobytes())) as img:
                 return int(img.size[0]), int(img.size[1])
-    except Image.DecompressionBombError:
-        raise ImageSizeError(f"compressed {msg.format!r} image header claims more than "
-                             f"{2 * Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Image.DecompressionBombError as exc:  # PIL's own, larger limit, raised while reading the header
+        raise ImageSizeError(f"compressed {msg.format!r} image header claims too many pixels ({exc}); the limit "
+                             f"is {MAX_IMAGE_PIXELS} pixels") from None
     except Exception as exc:  # noqa: BLE001 - a header PIL cannot parse
         raise DecodeError(f"compressed {msg.format!r} image has an unreadable header ({buf.size} bytes): "
                           f"{type(exc).__name__}: {exc}") from exc
@@ -398,10 +398,12 @@ def points_to_pointcloud2(factory: MessageFactory, points: np.ndarray, frame_id:
         fields.append(factory.new("sensor_msgs/msg/PointField", name=name, offset=int(offset),
                                   datatype=int(datatype), count=1))
     step = points.dtype.itemsize
+    xyz = [points[name] for name in ("x", "y", "z") if name in points.dtype.names]
+    dense = all(bool(np.isfinite(c).all()) for c in xyz)  # PointCloud2: is_dense means no invalid points
     return factory.new(
         "sensor_msgs/msg/PointCloud2", header=make_header(factory, stamp_ns, frame_id), height=1,
         width=len(points), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(points),
-        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=True,
+        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=dense,
     )
 
 

@@ -67,10 +67,25 @@ def build_pipeline(model: str | Path | None, backend: str = "torch", device: str
         hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; pass --model "
                 "PATH (a checkpoint .pt, .onnx or .engine)") if not model else "check --model"
         raise FileNotFoundError(f"model file {path} not found: {hint}")
+    if path.suffix == ".onnx":
+        check_onnx_file(path)
     be = create_backend(backend, path, device=device, fp16=fp16)
     if score_threshold is not None:
         be.config.score_threshold = float(score_threshold)
     return OccupancyPipeline(be)
+
+
+def check_onnx_file(path: Path) -> None:
+    """ValueError naming the file when it is not a readable ONNX model (before any sidecar is looked for)."""
+    try:
+        import onnx
+    except ImportError:
+        return  # the onnxruntime backend reports its own missing dependency
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, truncated files, ...
+        raise ValueError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); export one with "
+                         "discene-export onnx") from None
 
 
 # ----------------------------------------------------------------------------- reading the bag
