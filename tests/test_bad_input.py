@@ -103,6 +103,8 @@ def test_replay_skips_bomb_and_zero_quaternion_frames_and_exits_0(tmp_path, monk
     assert s["images"] == 4 and s["frames"] == 2 and s["error"] is None
     assert s["skipped_by_reason"] == {"bad_image_size": 1, "bad_transform": 1}
     assert s["fallback_pose_frames"] == 0  # the zero-quaternion frame did not silently get another pose
+    assert s["first_frame_ms"] > 0 and s["fps_after_first_frame"] > 0  # warm-up reported apart (item 19)
+    assert "one-off warm-up" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_replay_interrupted_midway_keeps_previous_outputs_consistent(tmp_path, monkeypatch):
