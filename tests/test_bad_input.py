@@ -10,7 +10,6 @@ import os
 import pickle
 import shutil
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 from rosbags.typesys import Stores, get_typestore
+from test_fuzz_frames import _png_header_claiming
 from test_ros_support import BlockBackend, pipeline_for
 from test_trainer import data_root, tiny_config  # noqa: F401 - data_root is a fixture
 
@@ -46,14 +46,6 @@ F = TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
 K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 99)) + chunk(b"IEND", b"")
-
-
 def _compressed(data: bytes, fmt: str, stamp: int = 0) -> object:
     return F.new("sensor_msgs/msg/CompressedImage", header=conv.make_header(F, stamp, "cam"), format=fmt,
                  data=np.frombuffer(data, np.uint8))
@@ -62,7 +54,7 @@ def _compressed(data: bytes, fmt: str, stamp: int = 0) -> object:
 # ----------------------------------------------------------------------------- 1: decompression bombs
 def test_compressed_header_claiming_20000_squared_is_refused_before_decoding():
     with pytest.raises(ImageSizeError, match="400000000 pixels"):
-        conv.compressed_to_rgb(_compressed(_png_claiming(20000, 20000), "png"))
+        conv.compressed_to_rgb(_compressed(_png_header_claiming(20000, 20000), "png"))
     out = io.BytesIO()
     Image.new("RGB", (16, 16)).save(out, format="JPEG")
     jpeg = bytearray(out.getvalue())
@@ -71,7 +63,7 @@ def test_compressed_header_claiming_20000_squared_is_refused_before_decoding():
     with pytest.raises(ImageSizeError, match="limit"):
         conv.compressed_to_rgb(_compressed(bytes(jpeg), "jpeg"))
     with pytest.raises(DecodeError, match="could not decode"):  # a header that parses, then too little image data
-        conv.compressed_to_rgb(_compressed(_png_claiming(16, 16), "png"))
+        conv.compressed_to_rgb(_compressed(_png_header_claiming(16, 16), "png"))
 
 
 # ----------------------------------------------------------------------------- 1, 5, 12: replay goes on
@@ -86,7 +78,7 @@ def _bag_with_bad_frames(path: Path) -> Path:
                 tf.transform.rotation.w = 0.0
             w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, conv.k_to_camera_info(F, K, 48, 64, bag_io.CAMERA_FRAME, t), t)
-            image = (_compressed(_png_claiming(20000, 20000), "png", t) if i == 1 else
+            image = (_compressed(_png_header_claiming(20000, 20000), "png", t) if i == 1 else
                      conv.rgb_to_compressed(F, rgb, bag_io.CAMERA_FRAME, t))
             image.header.frame_id = bag_io.CAMERA_FRAME
             w.write(bag_io.COMPRESSED_TOPIC, image, t)

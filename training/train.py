@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .train_config import TrainConfig, load_train_config, parse_value, set_dotted
+from .train_config import TrainConfig, apply_overrides, load_train_config
 
 RUN_FILES = ("last.pt", "best.pt", "final.pt", "train_config.yaml")  # what a run writes into its out_dir
 
@@ -81,12 +81,7 @@ def resume_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
     if not isinstance(saved, dict) or "step" not in state:
         raise ValueError(f"checkpoint {checkpoint} cannot be resumed: it has no saved train config or step "
                          "(a model-only checkpoint such as final.pt?); resume from the run's last.pt")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        set_dotted(saved, key.strip(), parse_value(raw))
-    cfg = TrainConfig.from_dict(saved)
+    cfg = TrainConfig.from_dict(apply_overrides(saved, overrides))
     step = int(state["step"])
     if cfg.max_steps is not None and cfg.max_steps < step:
         raise ValueError(f"--steps {cfg.max_steps} is below the step {step} checkpoint {checkpoint} is at; give at "
