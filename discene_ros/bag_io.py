@@ -22,7 +22,10 @@ missing from it count as empty. Replay output bags hold ``/discene/occupancy/poi
 """
 from __future__ import annotations
 
+import struct
 from collections import deque
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +99,11 @@ class BagWriter:
 
 
 def open_reader(path: str | Path) -> Any:
-    """An opened rosbags AnyReader on a ROS 2 bag directory (or a single .mcap / .db3 file)."""
+    """An opened reader on a ROS 2 bag directory (or a single .mcap / .db3 file).
+
+    A rosbags AnyReader normally; an mcap bag that rosbags refuses (truncated: no summary or end magic) is
+    read sequentially up to the damage by :class:`McapPrefixReader`, whose ``damage`` says where it stopped.
+    """
     from rosbags.highlevel import AnyReader
 
     path = Path(path)
@@ -108,11 +115,209 @@ def open_reader(path: str | Path) -> Any:
         reader = AnyReader([path], default_typestore=typestore())
         reader.open()
     except Exception as exc:  # rosbags raises several reader errors, plus sqlite/mcap/yaml ones
+        reason = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+        mcaps = sorted(path.glob("*.mcap"))
+        if mcaps:
+            prefix = McapPrefixReader(mcaps, reason)
+            if prefix.messages_found:
+                return prefix
+            reason += f"; sequential reading found no message either ({prefix.damage})"
         hint = (" (a truncated mcap file can be salvaged with `mcap recover in.mcap -o fixed.mcap`)"
-                if "magic" in str(exc).lower() else "")
-        raise BagError(f"cannot open bag {path}: {type(exc).__name__}: {str(exc).rstrip('.')}. The bag is truncated or corrupt, or "
+                if "magic" in reason.lower() else "")
+        raise BagError(f"cannot open bag {path}: {reason}. The bag is truncated or corrupt, or "
                        "not a ROS 2 bag directory (metadata.yaml + .mcap/.db3)" + hint) from exc
     return reader
+
+
+# ----------------------------------------------------------------------------- sequential mcap reading
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+_OP_SCHEMA, _OP_CHANNEL, _OP_MESSAGE, _OP_CHUNK, _OP_DATA_END, _OP_FOOTER = 0x03, 0x04, 0x05, 0x06, 0x0F, 0x02
+
+
+class McapDamage(Exception):
+    """Where and why sequential mcap reading stopped."""
+
+
+@dataclass
+class PrefixConnection:
+    """The parts of a rosbags Connection the replay uses."""
+
+    id: int
+    topic: str
+    msgtype: str
+    msgcount: int = 0
+
+
+class _Cursor:
+    """Little-endian field reader over one record's bytes; running past the end is McapDamage."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise McapDamage(f"{self.what} record is malformed (field of {n} bytes at {self.pos} of {len(self.data)})")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def uint(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "little")
+
+    def string(self) -> str:
+        try:
+            return self.take(self.uint(4)).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise McapDamage(f"{self.what} record holds a non-UTF-8 string") from exc
+
+
+def _records(data: bytes, start: int, end: int, where: str) -> Iterator[tuple[int, bytes, int]]:
+    """(opcode, content, offset) of the records in ``data[start:end]``; McapDamage at the first bad one."""
+    pos = start
+    while pos < end:
+        if pos + 9 > end:
+            raise McapDamage(f"{where}: record header cut off at byte {pos}")
+        opcode = data[pos]
+        length = struct.unpack_from("<Q", data, pos + 1)[0]
+        if opcode == _OP_CHUNK and pos + 9 + length > end:  # a cut-off chunk: its complete records still count
+            yield opcode, data[pos + 9:end], pos
+            return
+        if opcode == 0 or pos + 9 + length > end:
+            raise McapDamage(f"{where}: record at byte {pos} (opcode {opcode:#x}, {length} bytes) is cut off or invalid")
+        yield opcode, data[pos + 9:pos + 9 + length], pos
+        pos += 9 + length
+
+
+def _decompress(compression: str, blob: bytes, size: int) -> bytes:
+    if compression == "":
+        return blob
+    try:
+        if compression == "lz4":
+            import lz4.frame
+
+            return lz4.frame.decompress(blob)
+        if compression == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+    except ImportError as exc:
+        raise McapDamage(f"chunk compressed with {compression} needs the Python package for it ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt compressed chunk
+        raise McapDamage(f"{compression} chunk does not decompress ({type(exc).__name__}: {exc})") from exc
+    raise McapDamage(f"unknown chunk compression {compression!r}")
+
+
+class McapPrefixReader:
+    """Reads the messages of (possibly truncated or damaged) mcap files front to back, up to the damage.
+
+    Same interface as the parts of rosbags' AnyReader the replay uses (``connections``, ``messages``,
+    ``deserialize``, ``close``). Messages come in file order (rosbags and rosbag2 write them in time
+    order). ``damage`` describes where reading stopped, ``messages_found`` counts what precedes it.
+    An uncompressed chunk cut off in the middle still yields the complete messages it holds.
+    """
+
+    def __init__(self, paths: list[Path], open_error: str = "") -> None:
+        self.paths = [Path(p) for p in paths]
+        self.store = typestore()
+        self._schemas: dict[tuple[int, int], str] = {}
+        self._conns: dict[tuple[int, int], PrefixConnection] = {}
+        self.damage: str | None = None
+        self.messages_found = 0
+        for _ in self._scan(count=True):
+            pass
+        self.connections = list(self._conns.values())
+        if self.damage is None and open_error:
+            self.damage = open_error
+        if self.damage is not None:
+            self.damage = f"bag damaged, read sequentially up to the damage: {self.damage}"
+
+    def _scan(self, count: bool) -> Iterator[tuple[PrefixConnection, int, bytes]]:
+        for file_no, path in enumerate(self.paths):
+            data = path.read_bytes()
+            try:
+                if data[:8] != MCAP_MAGIC:
+                    raise McapDamage(f"{path.name} does not start with the mcap magic")
+                for opcode, content, offset in _records(data, 8, len(data), path.name):
+                    if opcode == _OP_CHUNK:
+                        yield from self._chunk(file_no, content, f"{path.name} chunk at byte {offset}", count)
+                    elif opcode in (_OP_DATA_END, _OP_FOOTER):
+                        break
+                    else:
+                        yield from self._record(file_no, opcode, content, count)
+            except McapDamage as exc:
+                if count:
+                    self.damage = f"{exc} (after {self.messages_found} messages)"
+                return
+
+    def _chunk(self, file_no: int, content: bytes, where: str, count: bool) -> Iterator[tuple[PrefixConnection, int, bytes]]:
+        cur = _Cursor(content, where)
+        cur.take(16)
+        size = cur.uint(8)
+        cur.take(4)
+        compression = cur.string()
+        length = cur.uint(8)
+        blob = cur.data[cur.pos:cur.pos + length]
+        cut = len(blob) < length
+        if cut and compression:
+            raise McapDamage(f"{where} is cut off ({len(blob)} of {length} bytes, {compression}-compressed)")
+        records = _decompress(compression, blob, size)
+        try:
+            for opcode, record, _ in _records(records, 0, len(records), where):
+                yield from self._record(file_no, opcode, record, count)
+        except McapDamage:
+            if not cut:
+                raise
+        if cut:
+            raise McapDamage(f"{where} is cut off ({len(blob)} of {length} bytes)")
+
+    def _record(self, file_no: int, opcode: int, content: bytes, count: bool) -> Iterator[tuple[PrefixConnection, int, bytes]]:
+        if opcode == _OP_SCHEMA:
+            cur = _Cursor(content, "schema")
+            sid, name, encoding = cur.uint(2), cur.string(), cur.string()
+            text = cur.take(cur.uint(4))
+            self._schemas[(file_no, sid)] = name
+            if count and encoding == "ros2msg" and name not in self.store.types:
+                self._register(name, text)
+        elif opcode == _OP_CHANNEL:
+            cur = _Cursor(content, "channel")
+            cid, sid, topic = cur.uint(2), cur.uint(2), cur.string()
+            if count and (file_no, cid) not in self._conns:
+                msgtype = self._schemas.get((file_no, sid), "")
+                self._conns[(file_no, cid)] = PrefixConnection(len(self._conns), topic, msgtype)
+        elif opcode == _OP_MESSAGE:
+            cur = _Cursor(content, "message")
+            cid = cur.uint(2)
+            cur.take(4)
+            log_time = cur.uint(8)
+            cur.take(8)
+            conn = self._conns.get((file_no, cid))
+            if conn is None:
+                raise McapDamage(f"message on channel {cid}, which no channel record defined")
+            if count:
+                conn.msgcount += 1
+                self.messages_found += 1
+            yield conn, log_time, content[cur.pos:]
+
+    def _register(self, name: str, text: bytes) -> None:
+        from rosbags.typesys import get_types_from_msg
+
+        try:
+            self.store.register(get_types_from_msg(text.decode("utf-8"), name))
+        except Exception:  # noqa: BLE001,S110 - a type we cannot parse is reported when its topic is read
+            pass
+
+    def messages(self, connections: Collection[Any] = ()) -> Iterator[tuple[PrefixConnection, int, bytes]]:
+        """(connection, log time ns, raw CDR) of the readable messages on ``connections`` (all if empty)."""
+        wanted = {c.id for c in connections}
+        for conn, log_time, raw in self._scan(count=False):
+            if not wanted or conn.id in wanted:
+                yield conn, log_time, raw
+
+    def deserialize(self, rawdata: bytes, typ: str) -> Any:
+        return self.store.deserialize_cdr(rawdata, typ)
+
+    def close(self) -> None:
+        """Nothing stays open between reads."""
 
 
 def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: tuple[str, ...] = (),

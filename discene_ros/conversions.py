@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_colors
 from models.geometry import scale_intrinsic
@@ -29,6 +31,7 @@ from .errors import (
     DecodeError,
     DepthError,
     ImageSizeError,
+    PoseError,
     TransformError,
     UnsupportedEncodingError,
 )
@@ -53,6 +56,15 @@ _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
     1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8",
 }
 _FIELD_DATATYPE = {"<f4": 7, "u1": 2}
+
+# Limits on what a frame may claim (see check_intrinsics / check_pose / compressed_to_rgb).
+MAX_IMAGE_PIXELS = 64_000_000    # a compressed header claiming more is refused before decoding (8K is 33 Mpx)
+FOCAL_RANGE = (0.1, 50.0)        # focal length / image size along its axis: 157 deg .. 1.1 deg field of view
+PRINCIPAL_MARGIN = 0.25          # principal point may lie this fraction of the size outside the image
+MAX_SKEW_RATIO = 0.1             # |K[0,1]| / fx
+ROTATION_TOL = 1e-3              # max |R^T R - I| entry and |det R - 1| of a camera pose
+MAX_TRANSLATION_M = 1e5          # |t| of a camera pose; beyond it float32 voxel centres lose centimetres
+QUATERNION_NORM2_TOL = 0.01      # | |q|^2 - 1 | allowed in TF, the tolerance tf2's BufferCore uses
 
 
 # ----------------------------------------------------------------------------- stamps and headers
@@ -135,22 +147,42 @@ def compressed_to_rgb(msg: Any) -> np.ndarray:
     is_png = bytes(buf[:8]) == b"\x89PNG\r\n\x1a\n"
     if not (is_jpeg or is_png):
         raise UnsupportedEncodingError(f"compressed image format {msg.format!r}: data is neither JPEG nor PNG")
+    width, height = _compressed_size(msg, buf)
+    if width <= 0 or height <= 0 or width * height > MAX_IMAGE_PIXELS:
+        raise ImageSizeError(f"compressed {msg.format!r} image header claims {width}x{height} pixels; the limit "
+                             f"is {MAX_IMAGE_PIXELS} pixels")
     try:
         import cv2
     except ImportError:
         cv2 = None
-    if cv2 is not None:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise DecodeError(f"cv2 could not decode the {msg.format!r} compressed image ({buf.size} bytes)")
-        return bgr[..., ::-1]
-    from PIL import Image, UnidentifiedImageError
-
     try:
+        if cv2 is not None:
+            bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise DecodeError(f"cv2 could not decode the {msg.format!r} compressed image ({buf.size} bytes)")
+            return bgr[..., ::-1]
         with Image.open(io.BytesIO(buf.tobytes())) as img:
             return np.asarray(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DecodeError(f"could not decode the {msg.format!r} compressed image ({buf.size} bytes): {exc}") from exc
+    except DecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (truncation, bombs, libjpeg errors) skips the frame
+        raise DecodeError(f"could not decode the {msg.format!r} compressed image ({buf.size} bytes): "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _compressed_size(msg: Any, buf: np.ndarray) -> tuple[int, int]:
+    """(width, height) from the JPEG/PNG header only (PIL's ``open`` parses the header, decodes nothing)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(buf.tobytes())) as img:
+                return int(img.size[0]), int(img.size[1])
+    except Image.DecompressionBombError as exc:  # PIL's own, larger limit, raised while reading the header
+        raise ImageSizeError(f"compressed {msg.format!r} image header claims too many pixels ({exc}); the limit "
+                             f"is {MAX_IMAGE_PIXELS} pixels") from None
+    except Exception as exc:  # noqa: BLE001 - a header PIL cannot parse
+        raise DecodeError(f"compressed {msg.format!r} image has an unreadable header ({buf.size} bytes): "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def any_image_to_rgb(msg: Any) -> np.ndarray:
@@ -177,10 +209,61 @@ def depth_to_metres(msg: Any) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- camera info and TF
+def check_intrinsics(k: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Raise CameraInfoError unless ``k`` is a pinhole K that makes sense for a ``width`` x ``height`` image.
+
+    K[2] must be [0 0 1] and K[1,0] zero; fx/width and fy/height in :data:`FOCAL_RANGE` (fields of view
+    between about 1 and 157 degrees); the principal point within :data:`PRINCIPAL_MARGIN` of the image;
+    |skew| at most :data:`MAX_SKEW_RATIO` * fx. Returns ``k`` as a (3, 3) float64 array.
+    """
+    k = np.asarray(k, dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(k)):
+        raise CameraInfoError(f"K has non-finite values: {k.reshape(-1).tolist()}")
+    if abs(k[2, 2] - 1.0) > 1e-6 or abs(k[2, 0]) > 1e-9 or abs(k[2, 1]) > 1e-9 or abs(k[1, 0]) > 1e-9:
+        raise CameraInfoError(f"K is not a pinhole camera matrix: last row {k[2].tolist()} must be [0, 0, 1] "
+                              f"and K[1,0]={k[1, 0]} must be 0")
+    fx, fy, skew, cx, cy = k[0, 0], k[1, 1], k[0, 1], k[0, 2], k[1, 2]
+    if fx <= 0 or fy <= 0:
+        raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={fx}, fy={fy} must be > 0")
+    lo, hi = FOCAL_RANGE
+    if not (lo <= fx / width <= hi and lo <= fy / height <= hi):
+        raise CameraInfoError(f"focal lengths fx={fx:.6g}, fy={fy:.6g} are outside {lo}..{hi} times the image "
+                              f"size {width}x{height}")
+    m = PRINCIPAL_MARGIN
+    if not (-m * width <= cx <= (1 + m) * width and -m * height <= cy <= (1 + m) * height):
+        raise CameraInfoError(f"principal point ({cx:.6g}, {cy:.6g}) lies far outside the {width}x{height} image")
+    if abs(skew) > MAX_SKEW_RATIO * fx:
+        raise CameraInfoError(f"skew K[0,1]={skew:.6g} exceeds {MAX_SKEW_RATIO} * fx = {MAX_SKEW_RATIO * fx:.6g}")
+    return k
+
+
+def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
+    """Raise PoseError unless ``pose`` is a rigid 4x4 transform: finite, bottom row [0 0 0 1], rotation
+    orthonormal with det +1 (within :data:`ROTATION_TOL`), |translation| <= :data:`MAX_TRANSLATION_M`."""
+    m = np.asarray(pose, dtype=np.float64)
+    if m.shape != (4, 4):
+        raise PoseError(f"{what} must be 4x4, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise PoseError(f"{what} has non-finite values")
+    if np.max(np.abs(m[3] - [0.0, 0.0, 0.0, 1.0])) > 1e-9:
+        raise PoseError(f"{what} is projective: bottom row {m[3].tolist()} must be [0, 0, 0, 1]")
+    rot = m[:3, :3]
+    ortho = float(np.max(np.abs(rot.T @ rot - np.eye(3))))
+    det = float(np.linalg.det(rot))
+    if ortho > ROTATION_TOL or abs(det - 1.0) > ROTATION_TOL:
+        kind = "a reflection" if det < 0 else "not a rotation (scaled or sheared)"
+        raise PoseError(f"{what} is {kind}: max |R^T R - I| = {ortho:.3g}, det R = {det:.6g} (tolerance {ROTATION_TOL})")
+    dist = float(np.linalg.norm(m[:3, 3]))
+    if dist > MAX_TRANSLATION_M:
+        raise PoseError(f"{what} translation is {dist:.3g} m from the origin (limit {MAX_TRANSLATION_M:g} m)")
+    return m
+
+
 def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01) -> np.ndarray:
     """CameraInfo -> 3x3 K for an image of size ``image_hw`` (H, W), rescaled from the info resolution.
 
     Binning is applied first; a different aspect ratio (beyond ``aspect_tol``) is a mismatch, not a resize.
+    K is checked (:func:`check_intrinsics`) against the info resolution when it has one.
     """
     k = np.asarray(getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None), dtype=np.float64)
     if k.size != 9 or not np.all(np.isfinite(k)):
@@ -188,10 +271,12 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
     k = k.reshape(3, 3)
     if k[0, 0] <= 0 or k[1, 1] <= 0:
         raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0")
-    if image_hw is None:
-        return k
     bx, by = max(int(getattr(msg, "binning_x", 0)), 1), max(int(getattr(msg, "binning_y", 0)), 1)
     width, height = int(msg.width) // bx, int(msg.height) // by
+    if width > 0 and height > 0:
+        check_intrinsics(k, int(msg.width), int(msg.height))
+    if image_hw is None:
+        return k
     if width <= 0 or height <= 0:
         raise CameraInfoError(f"camera info has no resolution ({msg.width}x{msg.height}); cannot check the image size")
     k = k.copy()
@@ -207,12 +292,16 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
 
 
 def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
-    """Unit quaternion (normalised here) -> 3x3 rotation matrix."""
+    """Unit quaternion -> 3x3 rotation matrix; normalised here once |q|^2 is within
+    :data:`QUATERNION_NORM2_TOL` of 1 (tf2's rule), otherwise TransformError."""
     q = np.array([x, y, z, w], dtype=np.float64)
-    norm = np.linalg.norm(q)
-    if not np.isfinite(norm) or norm < 1e-9:
-        raise TransformError(f"rotation quaternion {q.tolist()} is zero or not finite")
-    x, y, z, w = q / norm
+    if not np.all(np.isfinite(q)):
+        raise TransformError(f"rotation quaternion {q.tolist()} is not finite")
+    norm2 = float(q @ q)
+    if abs(norm2 - 1.0) > QUATERNION_NORM2_TOL:
+        what = "zero" if norm2 < 1e-18 else f"not unit (|q|^2 = {norm2:.6g})"
+        raise TransformError(f"rotation quaternion {q.tolist()} is {what}")
+    x, y, z, w = q / math.sqrt(norm2)
     return np.array([
         [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
@@ -221,7 +310,11 @@ def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
 
 
 def transform_to_matrix(msg: Any) -> np.ndarray:
-    """geometry_msgs/Transform or TransformStamped -> 4x4 (child -> parent, i.e. camera -> world)."""
+    """geometry_msgs/Transform or TransformStamped -> 4x4 (child -> parent, i.e. camera -> world).
+
+    Raises TransformError (a FrameError: the frame it belongs to is skipped) for a zero, non-finite or
+    non-unit quaternion or a non-finite translation.
+    """
     tf = msg.transform if hasattr(msg, "transform") else msg
     t, r = tf.translation, tf.rotation
     out = np.eye(4)
@@ -305,10 +398,12 @@ def points_to_pointcloud2(factory: MessageFactory, points: np.ndarray, frame_id:
         fields.append(factory.new("sensor_msgs/msg/PointField", name=name, offset=int(offset),
                                   datatype=int(datatype), count=1))
     step = points.dtype.itemsize
+    xyz = [points[name] for name in ("x", "y", "z") if name in points.dtype.names]
+    dense = all(bool(np.isfinite(c).all()) for c in xyz)  # PointCloud2: is_dense means no invalid points
     return factory.new(
         "sensor_msgs/msg/PointCloud2", header=make_header(factory, stamp_ns, frame_id), height=1,
         width=len(points), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(points),
-        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=True,
+        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=dense,
     )
 
 
@@ -372,8 +467,6 @@ def label_grid_to_png(factory: MessageFactory, labels: np.ndarray, frame_id: str
     Pixel (row x, column y*Z + z) holds label (x, y, z), 255 unknown included: a few kB per frame,
     where a cloud of the unknown voxels would take megabytes.
     """
-    from PIL import Image
-
     grid = np.asarray(labels, dtype=np.uint8)
     if grid.ndim != 3:
         raise ValueError(f"label grid must be (X, Y, Z), got shape {grid.shape}")
@@ -385,8 +478,6 @@ def label_grid_to_png(factory: MessageFactory, labels: np.ndarray, frame_id: str
 
 def png_to_label_grid(msg: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
     """Inverse of :func:`label_grid_to_png` for a grid of ``grid_shape``."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(_byte_buffer(msg.data).tobytes())) as img:
             flat = np.asarray(img)
@@ -504,8 +595,6 @@ def rgb_to_image(factory: MessageFactory, rgb: np.ndarray, frame_id: str, stamp_
 def rgb_to_compressed(factory: MessageFactory, rgb: np.ndarray, frame_id: str, stamp_ns: int,
                       fmt: str = "jpeg", quality: int = 90) -> Any:
     """(H, W, 3) uint8 RGB -> sensor_msgs/CompressedImage (jpeg or png, encoded with PIL)."""
-    from PIL import Image
-
     if fmt not in ("jpeg", "png"):
         raise UnsupportedEncodingError(f"compressed format must be 'jpeg' or 'png', got {fmt!r}")
     out = io.BytesIO()

@@ -41,9 +41,21 @@ class DepthError(FrameError):
 
 
 class TransformError(FrameError):
-    """Invalid transform message (non-finite, zero quaternion)."""
+    """Invalid transform message (non-finite, zero or non-unit quaternion)."""
 
     reason = "bad_transform"
+
+
+class PoseError(FrameError):
+    """Camera pose that is not a rigid transform (scaled, sheared, reflected, projective, non-finite, far away)."""
+
+    reason = "bad_pose"
+
+
+class NonFiniteOutputError(FrameError):
+    """The network or post-processing produced NaN/inf voxel centres or scores: nothing is published."""
+
+    reason = "non_finite_output"
 
 
 class MissingTransformError(FrameError):

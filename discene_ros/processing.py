@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import conversions as conv
-from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError
+from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
 
 
 class LatestFrameSlot:
@@ -168,6 +168,7 @@ class FrameInput:
     depth: Any = None                     # aligned depth Image, or None
     cam_pose: np.ndarray | None = None    # 4x4 camera->world from TF, None when TF had none
     voxel_origin: np.ndarray | None = None  # given grid origin (replay with ground truth), else place_grid
+    pose_error: FrameError | None = None  # TF gave an invalid transform for this frame: it is skipped with it
     received_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -204,8 +205,12 @@ class FrameProcessor:
             raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
         k = conv.camera_info_to_k(frame.camera_info, rgb.shape[:2])
         depth = self._depth(frame, rgb.shape[:2]) if self.model_uses_depth else None
+        if frame.pose_error is not None:
+            raise frame.pose_error
         pose, fallback = frame.cam_pose, False
-        if pose is None:
+        if pose is not None:
+            pose = conv.check_pose(pose)
+        else:
             if not self.settings.use_fallback_pose:
                 raise MissingTransformError("no camera pose in the world frame from TF and the fallback pose is disabled")
             pose, fallback = self.fallback_pose, True
@@ -236,8 +241,23 @@ class FrameProcessor:
             if isinstance(exc, FrameError):
                 raise
             raise FrameError(f"pipeline rejected the frame: {exc}") from exc
+        check_outputs(occ)
         timings = {"decode_ms": (t1 - t0) * 1e3, **self.pipeline.last_timings.as_dict()}
         return ProcessedFrame(occ, pose, fallback, rgb, timings)
+
+
+def check_outputs(occ: Any) -> None:
+    """Raise NonFiniteOutputError unless the voxel centres (as float32, what PointCloud2 carries), scores
+    and grid origin of an OccupancyFrame are all finite: a cloud of NaN/inf points is never published."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        centers = np.asarray(occ.centers_world(), dtype=np.float64).astype(np.float32)
+    bad = {"voxel centres": int(np.sum(~np.isfinite(centers).all(axis=-1))) if centers.size else 0,
+           "scores": int(np.sum(~np.isfinite(np.asarray(occ.voxel_scores, dtype=np.float32)))),
+           "grid origin": int(np.sum(~np.isfinite(np.asarray(occ.voxel_origin, dtype=np.float64))))}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        raise NonFiniteOutputError("non-finite output, nothing published: "
+                                   + ", ".join(f"{n} {k}" for k, n in bad.items()))
 
 
 def build_outputs(factory: Any, processed: ProcessedFrame, world_frame: str, stamp_ns: int,

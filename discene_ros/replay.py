@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from models.checkpoint import atomic_write
 
 from . import bag_io
 from . import conversions as conv
@@ -64,10 +67,25 @@ def build_pipeline(model: str | Path | None, backend: str = "torch", device: str
         hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; pass --model "
                 "PATH (a checkpoint .pt, .onnx or .engine)") if not model else "check --model"
         raise FileNotFoundError(f"model file {path} not found: {hint}")
+    if path.suffix == ".onnx":
+        check_onnx_file(path)
     be = create_backend(backend, path, device=device, fp16=fp16)
     if score_threshold is not None:
         be.config.score_threshold = float(score_threshold)
     return OccupancyPipeline(be)
+
+
+def check_onnx_file(path: Path) -> None:
+    """ValueError naming the file when it is not a readable ONNX model (before any sidecar is looked for)."""
+    try:
+        import onnx
+    except ImportError:
+        return  # the onnxruntime backend reports its own missing dependency
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, truncated files, ...
+        raise ValueError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); export one with "
+                         "discene-export onnx") from None
 
 
 # ----------------------------------------------------------------------------- reading the bag
@@ -123,6 +141,7 @@ class BagFrames:
         self.info: Any = None
         self.depth: Any = None
         self.error: str | None = None
+        self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
         self.images = 0
         topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
         self.connections = [c for c in reader.connections if c.topic in topics]
@@ -132,7 +151,8 @@ class BagFrames:
         gt = self.ground_truth.get(stamp)
         pose = self.tf.lookup(self.world_frame, image.header.frame_id)
         frame = FrameInput(image=image, camera_info=self.info, depth=self.depth, cam_pose=pose,
-                           voxel_origin=None if gt is None else gt.voxel_origin)
+                           voxel_origin=None if gt is None else gt.voxel_origin, pose_error=self.tf_error)
+        self.tf_error = None
         return frame, bag_t
 
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
@@ -162,7 +182,7 @@ class BagFrames:
                 try:
                     self.tf.add_message(msg)
                 except FrameError as exc:
-                    self.error = f"bad transform in the bag: {exc}"
+                    self.tf_error = exc
         if pending is not None:
             yield self._complete(*pending)
 
@@ -207,6 +227,8 @@ class Replayer:
         self.renders: list[dict[str, Any]] = []
         self.fallback_pose_frames = 0
         self.stage_ms: dict[str, list[float]] = {}
+        self.internal_errors: list[str] = []
+        self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
 
     def handle(self, frame: FrameInput) -> None:
         t0 = time.perf_counter()
@@ -216,7 +238,13 @@ class Replayer:
         except FrameError as exc:
             self.stats.on_skipped(exc.reason)
             return
-        latency = (time.perf_counter() - t0) * 1e3
+        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input: skip it as the node does, say so
+            self.stats.on_skipped("internal_error")
+            self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {type(exc).__name__}: {exc}")
+            return
+        done = time.perf_counter()
+        latency = (done - t0) * 1e3
+        self.first_done = done if self.first_done is None else self.first_done
         self.stats.on_processed(latency)
         self.fallback_pose_frames += int(result.used_fallback_pose)
         for key, value in result.timings_ms.items():
@@ -270,15 +298,57 @@ class Replayer:
         player.join()
 
 
+OUTPUTS = ("occupancy_bag", "report.md", "renders")  # what a replay owns in its output directory
+
+
+def publish_outputs(stage: Path, out: Path) -> None:
+    """Move a finished run's outputs from ``stage`` into ``out``, replacing all of the previous run's.
+
+    Every name of :data:`OUTPUTS` present in ``out`` is moved aside first (also when this run did not
+    make it, e.g. no renders), so report, renders and bag always come from the same run; each step is
+    a rename within one directory.
+    """
+    old = Path(tempfile.mkdtemp(prefix=".discene_replay-old-", dir=out))
+    try:
+        for name in OUTPUTS:
+            if (out / name).exists():
+                (out / name).rename(old / name)
+        for name in OUTPUTS:
+            if (stage / name).exists():
+                (stage / name).rename(out / name)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(out: str | Path, summary: dict[str, Any], renders: list[dict[str, Any]],
+                  stage: Path | None = None) -> Path:
+    """Write the report (into ``stage``, which may already hold the output bag) and publish it into ``out``."""
+    from .report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    own_stage = stage is None
+    stage = Path(tempfile.mkdtemp(prefix=".discene_replay-", dir=out)) if stage is None else stage
+    try:
+        write_report(stage, summary, renders)
+        publish_outputs(stage, out)
+    finally:
+        if own_stage:
+            shutil.rmtree(stage, ignore_errors=True)
+    return out / "report.md"
+
+
 def replay(bag: str | Path | None = None, model: str | Path | None = None, backend: str = "torch",
            device: str | None = "cpu", out: str | Path = "discene_replay", realtime: bool = False,
            max_frames: int | None = None, storage: str = "mcap", image_topic: str | None = None,
            world_frame: str = bag_io.WORLD_FRAME, score_threshold: float | None = None, use_fallback_pose: bool = True,
-           n_renders: int = 3, progress: bool = True, pipeline: Any = None) -> ReplayResult:
+           n_renders: int = 3, progress: bool = True, pipeline: Any = None, report: bool = False) -> ReplayResult:
     """Replay a bag; returns the summary (``frames``, ``fps``, ``latency_ms``, ``iou``, ``miou``, ...).
 
     Raises BagError when the bag cannot be opened; a bag that fails part-way ends the replay early
-    with ``summary["error"]`` set (the report covers what was processed).
+    with ``summary["error"]`` set (the report covers what was processed). The output bag (and with
+    ``report=True`` the report) is written into a temporary folder under ``out`` and moved into place
+    at the end, so an interrupted replay leaves the previous run's outputs as they were.
     """
     from tqdm import tqdm
 
@@ -286,6 +356,7 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reader = bag_io.open_reader(bag)
+    stage = Path(tempfile.mkdtemp(prefix=".discene_replay-", dir=out))
     try:
         pipeline = pipeline if pipeline is not None else build_pipeline(model, backend, device,
                                                                         score_threshold=score_threshold)
@@ -303,24 +374,31 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=config.use_depth,
                                                                use_fallback_pose=use_fallback_pose))
         frames = BagFrames(reader, topic, info_topic, depth_topic, world_frame, gt)
-        out_bag = out / "occupancy_bag"
-        if out_bag.exists():
-            shutil.rmtree(out_bag)
         factory = TypestoreFactory(bag_io.typestore())
         total = sum(c.msgcount for c in reader.connections if c.topic == topic)
         start = time.perf_counter()
-        with bag_io.BagWriter(out_bag, storage, factory.typestore) as writer, \
+        with bag_io.BagWriter(stage / "occupancy_bag", storage, factory.typestore) as writer, \
                 tqdm(total=min(total, max_frames or total), unit="frame", desc="discene-replay",
                      disable=not progress) as bar:
             rep = Replayer(processor, writer, factory, world_frame, gt, evaluator, n_renders)
             (rep.run_realtime if realtime else rep.run_full_speed)(iter(frames), max_frames, bar)
-        wall = time.perf_counter() - start
-        if frames.error:
-            errors.append(frames.error)
-        summary = _summary(bag, pipeline, rep, wall, realtime, evaluator, errors, out_bag, topic, gt)
-        return ReplayResult(summary, rep.renders)
+        end = time.perf_counter()
+        wall = end - start
+        damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
+        errors += [e for e in (frames.error, damage) if e]
+        if rep.internal_errors:
+            errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
+        summary = _summary(bag, pipeline, rep, wall, realtime, evaluator, errors, out / "occupancy_bag", topic, gt)
+        summary.update(_warm_up(rep, end))
+        result = ReplayResult(summary, rep.renders)
+        if report:
+            write_outputs(out, summary, rep.renders, stage)
+        else:
+            publish_outputs(stage, out)
+        return result
     finally:
         reader.close()
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
@@ -346,19 +424,29 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
     }
 
 
+def _warm_up(rep: Replayer, end: float) -> dict[str, float | None]:
+    """The first frame carries the one-off warm-up (allocations, kernel selection): its latency, and the
+    frame rate of the frames after it, reported separately from the overall FPS."""
+    lat = list(rep.stats.latencies_ms)
+    after = None
+    if len(lat) > 1 and rep.first_done is not None and end > rep.first_done:
+        after = (len(lat) - 1) / (end - rep.first_done)
+    return {"first_frame_ms": lat[0] if lat else None, "fps_after_first_frame": after}
+
+
 def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
     """Summary of a replay that could not read a single frame."""
     return {"bag": str(bag), "image_topic": None, "model_config": None, "backend": None, "realtime": False,
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "dropped": 0, "fallback_pose_frames": 0, "output_bag": None,
-            "error": error}
+            "first_frame_ms": None, "fps_after_first_frame": None, "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(summary, indent=1) + "\n")
+        text = json.dumps(summary, indent=1) + "\n"
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,40 +455,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint/.onnx/.engine; default: the shipped lite_distilled.pt")
     parser.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, auto)")
-    parser.add_argument("--out", default="discene_replay", help="output directory (report, renders, output bag)")
+    parser.add_argument("--out", default="discene_replay",
+                        help="output directory for report.md, renders/ and occupancy_bag/ (default: ./discene_replay); "
+                             "a finished run replaces the previous run's outputs there")
     parser.add_argument("--storage", choices=bag_io.STORAGES, default="mcap", help="output bag storage")
     parser.add_argument("--realtime", action="store_true", help="play at the recorded rate, dropping stale frames")
     parser.add_argument("--json", default=None, help="write the summary as JSON here")
-    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after this many colour images (default: all)")
     parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
-    parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME)
-    parser.add_argument("--score-threshold", type=float, default=None)
+    parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME,
+                        help=f"TF frame the camera pose is looked up in and outputs are published in (default: {bag_io.WORLD_FRAME})")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="occupancy score threshold (default: the model config's)")
     parser.add_argument("--renders", type=int, default=3, help="frames rendered into the report")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from .report import write_report
-
     out = Path(args.out)
     bag = args.bag if args.bag is not None else str(SAMPLE_BAG)
     try:
         result = replay(args.bag, args.model, args.backend, None if args.device == "auto" else args.device, out,
                         args.realtime, args.max_frames, args.storage, args.image_topic, args.world_frame,
-                        args.score_threshold, n_renders=args.renders, progress=not args.no_progress)
+                        args.score_threshold, n_renders=args.renders, progress=not args.no_progress, report=True)
     except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so
         summary = empty_summary(bag, str(exc))
-        report = write_report(out, summary, [])
+        report = write_outputs(out, summary, [])
         _write_json(args.json, summary)
         print(f"discene-replay: error: {exc}\nreport: {report}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
         print(f"discene-replay: error: {exc}", file=sys.stderr)
         return 2
-    report = write_report(out, result.summary, result.renders)
+    report = out / "report.md"
     s = result.summary
     _write_json(args.json, s)
     lat = s["latency_ms"]
+    warm = (f" ({s['fps_after_first_frame']:.2f} FPS after the first frame, which took {s['first_frame_ms']:.0f} ms "
+            "with the warm-up)") if s.get("fps_after_first_frame") else ""
     print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}), "
-          f"{s['fps']:.2f} FPS, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
+          f"{s['fps']:.2f} FPS{warm}, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
           f"[{s['backend']}]")
     if s["iou"] is not None:
         print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")

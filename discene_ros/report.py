@@ -6,7 +6,7 @@ from typing import Any
 
 
 def render_frames(out_dir: Path, renders: list[dict[str, Any]]) -> tuple[list[Path], str | None]:
-    """PNG per kept frame (image | prediction | ground truth) with training.render; (paths, note if none)."""
+    """PNG per kept frame (image | ground truth | prediction) with training.render; (paths, note if none)."""
     if not renders:
         return [], None
     try:
@@ -51,6 +51,9 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         f"{summary.get('dropped', 0)} | {summary.get('fps', 0.0):.2f} | "
         f"{lat.get('p50', 0):.1f} / {lat.get('p90', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('mean', 0):.1f} |", "",
     ]
+    if summary.get("fps_after_first_frame"):
+        lines += [f"The first frame took {summary['first_frame_ms']:.0f} ms (one-off warm-up); the frames after it "
+                  f"ran at {summary['fps_after_first_frame']:.2f} FPS.", ""]
     if summary.get("skipped_by_reason"):
         lines += ["Skipped frames by reason: " + ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()), ""]
     if summary.get("fallback_pose_frames"):
@@ -72,7 +75,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         lines += ["| " + " | ".join(per_class) + " |", "|" + "---|" * len(per_class),
                   "| " + " | ".join(_pct(v) for v in per_class.values()) + " |", ""]
     if pngs:
-        lines += ["## Renders (image | prediction | ground truth)", ""]
+        lines += ["## Renders (image | ground truth | prediction)", ""]
         lines += [f"![{p.stem}](renders/{p.name})" for p in pngs]
         lines.append("")
     elif note:

@@ -75,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         print(f"discene-export {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - e.g. protobuf's DecodeError for a file that is not ONNX
+        if args.verbose:
+            raise
+        path = getattr(args, "onnx", None) or getattr(args, "checkpoint", None) or ""
+        print(f"discene-export {args.command}: error: cannot read {path} ({type(exc).__name__}: {exc}); "
+              "run with -v for the traceback", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

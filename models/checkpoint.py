@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,13 +56,35 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean an unusable file
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated, or holds objects other than tensors and "
+                              f"plain data, which are refused ({type(exc).__name__}: {_without_unsafe_advice(exc)})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
     missing = [k for k in ("config", "model") if k not in payload]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks the keys {missing} (has {sorted(payload)})")
+    if not isinstance(payload["config"], dict):
+        raise CheckpointError(f"checkpoint {path}: 'config' is a {type(payload['config']).__name__}, expected a "
+                              "mapping of model settings (as written by save_model)")
+    if not isinstance(payload["model"], dict):
+        raise CheckpointError(f"checkpoint {path}: 'model' is a {type(payload['model']).__name__}, expected a state dict")
+    bad = [k for k, v in payload["model"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors, first "
+                              f"{bad[:3]}: the run that wrote it diverged; use an earlier checkpoint")
     return payload
+
+
+# Sentences of PyTorch's refusal that advise weights_only=False (arbitrary code execution): not for robot users.
+_UNSAFE_ADVICE = re.compile(r"weights_only|Weights only load failed|trusted source|torch\.load", re.IGNORECASE)
+
+
+def _without_unsafe_advice(exc: BaseException) -> str:
+    """The exception text without the sentences that suggest loading with ``weights_only=False``."""
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", str(exc))
+    kept = [x.strip() for x in sentences if x.strip() and not _UNSAFE_ADVICE.search(x)]
+    return " ".join(kept) or "not a plain-data checkpoint"
 
 
 @dataclass

@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="discene-eval", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="model checkpoint (final.pt, best.pt, last.pt)")
     parser.add_argument("--data", required=True, help="Occ-ScanNet-format dataset root")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--max-frames", type=int, default=None)
+    parser.add_argument("--split", default="val",
+                        help="split to evaluate: 'train', 'val' (list files under the root) or a list-file path")
+    parser.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N frames of the split")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="occupancy score threshold (default: the checkpoint config's); short runs whose scores "
+                             "stay below the default need a lower one, as in discene-replay")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, cfg = load_model(args.checkpoint, map_location="cpu")
+        if args.score_threshold is not None:
+            if not 0.0 <= args.score_threshold < 1.0:
+                raise ValueError(f"--score-threshold must be in [0, 1), got {args.score_threshold}")
+            cfg.score_threshold = float(args.score_threshold)
         dataset = build_dataset(args.data, args.split, cfg, args.max_frames)
         result = evaluate_model(model.to(args.device), dataset, cfg, args.device, args.batch_size, args.workers, args.amp)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

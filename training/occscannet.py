@@ -18,12 +18,17 @@ Axis convention: the stored ``target_1_4`` is read with ``target_layout`` (defau
 stays unknown and is ignored by losses and metrics); ``unknown_as_empty=True`` reproduces the
 ISO/EmbodiedOcc training remap 255 -> 0.
 
-Bad samples (missing files, truncated pkl, wrong shapes, unknown labels, all-unknown or empty targets)
-raise ``BadSampleError`` naming the sample id; with ``skip_bad=True`` they are logged, counted in
+The ``.pkl`` files are read with :class:`SafeUnpickler`, which builds only plain containers, numbers,
+strings and numpy arrays: a pickle that references anything else (e.g. ``os.system``) is refused
+before any of it runs.
+
+Bad samples (missing files, truncated or unsafe pkl, wrong shapes or dtypes, non-finite geometry,
+labels outside 0..11 and 255, all-unknown or empty targets) raise ``BadSampleError`` naming the sample id; with ``skip_bad=True`` they are logged, counted in
 ``skipped`` and replaced by the next good sample, so a long run never crashes on one broken file.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import pickle
 from pathlib import Path
@@ -46,6 +51,66 @@ MAX_LABEL = 11
 
 class BadSampleError(RuntimeError):
     """A sample that cannot be used; the message names the sample id and the problem."""
+
+
+def _numpy_globals() -> dict[str, Any]:
+    """The numpy callables real array pickles reference, under their numpy 1.x and 2.x module names.
+
+    Resolved from numpy's own ``__reduce__`` output, so the same objects load under either numpy.
+    """
+    reconstruct = np.zeros(1).__reduce__()[0]              # multiarray._reconstruct (protocol <= 4)
+    scalar = np.float64(0).__reduce__()[0]                  # multiarray.scalar (numpy scalars)
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]            # numeric._frombuffer (protocol 5)
+    out: dict[str, Any] = {"numpy ndarray": np.ndarray, "numpy dtype": np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        out[f"{core}.multiarray _reconstruct"] = reconstruct
+        out[f"{core}.multiarray scalar"] = scalar
+        out[f"{core}.numeric _frombuffer"] = frombuffer
+    return out
+
+
+SAFE_GLOBALS: dict[str, Any] = {
+    **_numpy_globals(),
+    "builtins set": set, "builtins frozenset": frozenset, "builtins complex": complex, "builtins bytearray": bytearray,
+    "_codecs encode": codecs.encode,  # bytes in protocol-2 pickles
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler for dataset samples: only dicts, lists, tuples, strings, numbers and numpy arrays/dtypes.
+
+    Any other global (a function or class the pickle would call) raises pickle.UnpicklingError naming it,
+    so a malicious ``.pkl`` cannot run code.
+    """
+
+    def __init__(self, file: Any, source: str = "pickle") -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = SAFE_GLOBALS.get(f"{module} {name}")
+        if found is None:
+            raise pickle.UnpicklingError(f"{self.source} references the global {module}.{name}, which a dataset "
+                                         "sample never needs; refused (only dicts, lists, strings, numbers and "
+                                         "numpy arrays are loaded)")
+        return found
+
+
+def safe_load_pickle(path: str | Path) -> Any:
+    """Load a dataset ``.pkl`` with :class:`SafeUnpickler`."""
+    with open(path, "rb") as f:
+        return SafeUnpickler(f, str(path)).load()
+
+
+def _numeric_array(sample_id: str, key: str, value: Any) -> np.ndarray:
+    """``value`` as a numeric numpy array, or BadSampleError (strings, ragged lists, objects)."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested sequences
+        raise BadSampleError(f"sample {sample_id}: {key} is not a regular numeric array ({exc})") from exc
+    if arr.dtype.kind not in "biuf":
+        raise BadSampleError(f"sample {sample_id}: {key} has dtype {arr.dtype}, expected numbers")
+    return arr
 
 
 class OccScanNetDataset(Dataset):
@@ -103,11 +168,16 @@ class OccScanNetDataset(Dataset):
     def read_target(self, sample_id: str, data: dict | None = None) -> np.ndarray:
         """The (x, y, z) uint8 label grid of a sample (validated; no remap)."""
         data = self.read_pickle(sample_id) if data is None else data
-        target = from_stored(np.asarray(data["target_1_4"]).astype(np.uint8), self.target_layout)
-        bad = (target > MAX_LABEL) & (target != UNKNOWN)
+        raw = _numeric_array(sample_id, "target_1_4", data["target_1_4"])
+        if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+            raise BadSampleError(f"sample {sample_id}: target_1_4 has {int(np.sum(~np.isfinite(raw)))} non-finite values")
+        if raw.dtype.kind == "f" and not np.all(raw == np.round(raw)):
+            raise BadSampleError(f"sample {sample_id}: target_1_4 has non-integer labels")
+        bad = (raw < 0) | ((raw > MAX_LABEL) & (raw != UNKNOWN))  # checked before the uint8 cast wraps them
         if bad.any():
-            raise BadSampleError(f"sample {sample_id}: target has labels {sorted(np.unique(target[bad]))[:5]} "
-                                 f"outside 0..{MAX_LABEL} and {UNKNOWN}")
+            shown = [v.item() for v in np.unique(raw[bad])[:5]]
+            raise BadSampleError(f"sample {sample_id}: target has labels {shown} outside 0..{MAX_LABEL} and {UNKNOWN}")
+        target = from_stored(raw.astype(np.uint8), self.target_layout)
         if np.all(target == UNKNOWN):
             raise BadSampleError(f"sample {sample_id}: target is all unknown (255)")
         if not np.any((target > 0) & (target <= MAX_LABEL)):
@@ -156,8 +226,7 @@ def read_pickle(root: str | Path, sample_id: str) -> dict[str, Any]:
     if not pkl.is_file():
         raise BadSampleError(f"sample {sample_id}: missing file {pkl}")
     try:
-        with open(pkl, "rb") as f:
-            data = pickle.load(f)
+        data = safe_load_pickle(pkl)
     except Exception as exc:  # truncated / corrupt pickles raise many different types
         raise BadSampleError(f"sample {sample_id}: cannot read {pkl} ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict):
@@ -165,16 +234,16 @@ def read_pickle(root: str | Path, sample_id: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise BadSampleError(f"sample {sample_id}: {pkl} lacks keys {missing}")
-    checks = [(np.asarray(data["cam_pose"]).shape == (4, 4), "cam_pose must be 4x4"),
-              (np.asarray(data["intrinsic"]).ndim == 2 and min(np.asarray(data["intrinsic"]).shape) >= 3,
-               "intrinsic must be 3x3 or 4x4"),
-              (np.asarray(data["voxel_origin"]).size == 3, "voxel_origin must have 3 values"),
-              (np.asarray(data["target_1_4"]).shape == GRID_SHAPE, f"target_1_4 must be {GRID_SHAPE}")]
+    arrays = {key: _numeric_array(sample_id, key, data[key]) for key in REQUIRED_KEYS}
+    checks = [(arrays["cam_pose"].shape == (4, 4), "cam_pose must be 4x4"),
+              (arrays["intrinsic"].ndim == 2 and min(arrays["intrinsic"].shape) >= 3, "intrinsic must be 3x3 or 4x4"),
+              (arrays["voxel_origin"].size == 3, "voxel_origin must have 3 values"),
+              (arrays["target_1_4"].shape == GRID_SHAPE, f"target_1_4 must be {GRID_SHAPE}")]
     for ok, message in checks:
         if not ok:
             raise BadSampleError(f"sample {sample_id}: {message}")
     for key in ("cam_pose", "intrinsic", "voxel_origin"):
-        if not np.all(np.isfinite(np.asarray(data[key], dtype=np.float64))):
+        if not np.all(np.isfinite(arrays[key].astype(np.float64))):
             raise BadSampleError(f"sample {sample_id}: {key} has non-finite values")
     return data
 

@@ -205,9 +205,9 @@ def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="discene-synth", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="dataset root to write")
-    parser.add_argument("--scenes", type=int, default=10)
-    parser.add_argument("--frames-per-scene", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenes", type=int, default=10, help="number of synthetic scenes (rooms) to generate")
+    parser.add_argument("--frames-per-scene", type=int, default=10, help="camera frames rendered per scene")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same dataset")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of scenes in val_subscenes.txt")

@@ -2,23 +2,33 @@
 
 Single process:  discene-train --config training/configs/lite_student.yaml
 Multi-GPU:       torchrun --nproc_per_node 8 -m training.train --config training/configs/paper_distill.yaml
-Resume exactly:  discene-train --config CFG --resume runs/NAME/last.pt
+Resume exactly:  discene-train --resume runs/NAME/last.pt   (the run's own config, data root and step budget)
+Start over:      discene-train --config CFG --overwrite       (replaces the checkpoints in an existing out_dir)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
-from .train_config import TrainConfig, load_train_config
+from .train_config import TrainConfig, apply_overrides, load_train_config
+
+RUN_FILES = ("last.pt", "best.pt", "final.pt", "train_config.yaml")  # what a run writes into its out_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="discene-train", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", required=True, help="train config YAML (path, or a name under training/configs)")
-    parser.add_argument("--resume", default=None, help="continue exactly from a last.pt of the same config")
+    parser.add_argument("--config", default=None,
+                        help="train config YAML (path, or a name under training/configs); required unless --resume")
+    parser.add_argument("--resume", default=None,
+                        help="continue exactly from a last.pt: its saved train config (data root, step budget, "
+                             "out_dir) is used, command-line options still override it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in an out_dir that already holds checkpoints (they are deleted)")
     parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
     parser.add_argument("--data", default=None, help="dataset root (overrides data.root)")
     parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides epochs)")
@@ -32,14 +42,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     for flag, key in (("out", "out_dir"), ("data", "data.root"), ("steps", "max_steps"), ("device", "device"),
                       ("seed", "seed"), ("teacher", "teacher_checkpoint")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_train_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the YAML (fresh run) or the checkpoint's saved train config (``--resume``), with the
+    command-line overrides applied. ValueError for a fresh run into an out_dir holding another run's files
+    (without ``--overwrite``) and for ``--steps`` below the step a resumed checkpoint is at."""
+    if args.resume:
+        return resume_config(args.resume, _overrides(args))
+    if not args.config:
+        raise ValueError("--config is required (or --resume runs/NAME/last.pt to continue a run)")
+    cfg = load_train_config(args.config, _overrides(args))
+    existing = [name for name in RUN_FILES if (Path(cfg.out_dir) / name).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"output folder {cfg.out_dir} already holds {', '.join(existing)} of another run; continue it "
+                         f"with --resume {Path(cfg.out_dir) / 'last.pt'}, start over with --overwrite, or choose "
+                         "another --out")
+    if existing and os.environ.get("RANK", "0") == "0":
+        for name in existing:
+            (Path(cfg.out_dir) / name).unlink()
+    return cfg
+
+
+def resume_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
+    """The train config saved in ``checkpoint`` (a last.pt) with ``overrides``; checks the step budget."""
+    from models.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    saved = state.get("train_config")
+    if not isinstance(saved, dict) or "step" not in state:
+        raise ValueError(f"checkpoint {checkpoint} cannot be resumed: it has no saved train config or step "
+                         "(a model-only checkpoint such as final.pt?); resume from the run's last.pt")
+    cfg = TrainConfig.from_dict(apply_overrides(saved, overrides))
+    step = int(state["step"])
+    if cfg.max_steps is not None and cfg.max_steps < step:
+        raise ValueError(f"--steps {cfg.max_steps} is below the step {step} checkpoint {checkpoint} is at; give at "
+                         f"least {step} (or leave --steps out to keep the run's budget)")
+    return cfg
 
 
 def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None) -> str:

@@ -125,7 +125,11 @@ class TrainConfig:
         return cls(**data, **built).validate()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML atomically (a crash never leaves half a file)."""
+        from models.checkpoint import atomic_write
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +178,14 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         raise ValueError(f"train config {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"train config {path} must hold a mapping at the top level")
+    return TrainConfig.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a config dict, in place; returns it."""
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         set_dotted(data, key.strip(), parse_value(raw))
-    return TrainConfig.from_dict(data)
+    return data

@@ -1,0 +1,384 @@
+"""Issue 13, item by item: bad input never crashes, never publishes nonsense, never loses work.
+
+(The seeded frame fuzz is tests/test_fuzz_frames.py.)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from rosbags.typesys import Stores, get_typestore
+from test_fuzz_frames import _png_header_claiming
+from test_ros_support import BlockBackend, pipeline_for
+from test_trainer import data_root, tiny_config  # noqa: F401 - data_root is a fixture
+
+from discene_ros import bag_io, replay
+from discene_ros import conversions as conv
+from discene_ros.errors import (
+    CameraInfoError,
+    DecodeError,
+    ImageSizeError,
+    NonFiniteOutputError,
+    PoseError,
+    TransformError,
+)
+from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.processing import FrameInput, FrameProcessor, check_outputs
+from models import build_model
+from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
+from models.config import lite
+from models.postprocess import OccupancyFrame
+from training import evaluate, train
+from training.occscannet import BadSampleError, OccScanNetDataset, read_pickle, safe_load_pickle
+from training.scene_format import sample_paths
+
+F = TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
+K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
+
+
+def _compressed(data: bytes, fmt: str, stamp: int = 0) -> object:
+    return F.new("sensor_msgs/msg/CompressedImage", header=conv.make_header(F, stamp, "cam"), format=fmt,
+                 data=np.frombuffer(data, np.uint8))
+
+
+# ----------------------------------------------------------------------------- 1: decompression bombs
+def test_compressed_header_claiming_20000_squared_is_refused_before_decoding():
+    with pytest.raises(ImageSizeError, match="400000000 pixels"):
+        conv.compressed_to_rgb(_compressed(_png_header_claiming(20000, 20000), "png"))
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, format="JPEG")
+    jpeg = bytearray(out.getvalue())
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
+    with pytest.raises(ImageSizeError, match="limit"):
+        conv.compressed_to_rgb(_compressed(bytes(jpeg), "jpeg"))
+    with pytest.raises(DecodeError, match="could not decode"):  # a header that parses, then too little image data
+        conv.compressed_to_rgb(_compressed(_png_header_claiming(16, 16), "png"))
+
+
+# ----------------------------------------------------------------------------- 1, 5, 12: replay goes on
+def _bag_with_bad_frames(path: Path) -> Path:
+    """4 frames: good, PNG bomb, zero quaternion in TF, good."""
+    rgb = np.full((48, 64, 3), 90, np.uint8)
+    with bag_io.BagWriter(path, "mcap") as w:
+        for i in range(4):
+            t = 1_000_000_000 + i * 100_000_000
+            tf = conv.matrix_to_transform_stamped(F, np.eye(4), "world", bag_io.CAMERA_FRAME, t)
+            if i == 2:
+                tf.transform.rotation.w = 0.0
+            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
+            w.write(bag_io.CAMERA_INFO_TOPIC, conv.k_to_camera_info(F, K, 48, 64, bag_io.CAMERA_FRAME, t), t)
+            image = (_compressed(_png_header_claiming(20000, 20000), "png", t) if i == 1 else
+                     conv.rgb_to_compressed(F, rgb, bag_io.CAMERA_FRAME, t))
+            image.header.frame_id = bag_io.CAMERA_FRAME
+            w.write(bag_io.COMPRESSED_TOPIC, image, t)
+    return path
+
+
+def test_replay_skips_bomb_and_zero_quaternion_frames_and_exits_0(tmp_path, monkeypatch, capsys):
+    bag = _bag_with_bad_frames(tmp_path / "bad_bag")
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    rc = replay.main(["--bag", str(bag), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "s.json"),
+                      "--no-progress", "--renders", "0"])
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert rc == 0, capsys.readouterr().err
+    assert s["images"] == 4 and s["frames"] == 2 and s["error"] is None
+    assert s["skipped_by_reason"] == {"bad_image_size": 1, "bad_transform": 1}
+    assert s["fallback_pose_frames"] == 0  # the zero-quaternion frame did not silently get another pose
+    assert s["first_frame_ms"] > 0 and s["fps_after_first_frame"] > 0  # warm-up reported apart (item 19)
+    assert "one-off warm-up" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_replay_interrupted_midway_keeps_previous_outputs_consistent(tmp_path, monkeypatch):
+    bag = _bag_with_bad_frames(tmp_path / "bag")
+    out = tmp_path / "out"
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    assert replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--renders", "0"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path("report.md") in before and any(p.suffix == ".mcap" for p in before)
+    calls = {"n": 0}
+    original = replay.Replayer.handle
+
+    def dies_on_second(self, frame):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, frame)
+
+    monkeypatch.setattr(replay.Replayer, "handle", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--renders", "0"])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the previous report and bag, untouched, and no staging folder left behind
+    assert [p.name for p in out.iterdir()] and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- 3: finite outputs only
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_non_finite_outputs_are_never_published():
+    occ = OccupancyFrame(labels=np.zeros((60, 60, 36), np.uint8), voxel_indices=np.array([[1, 2, 3]], np.int32),
+                         voxel_labels=np.array([2], np.uint8), voxel_scores=np.array([0.9], np.float32),
+                         voxel_origin=np.array([1e300, 0.0, 0.0]), voxel_size=0.08)
+    with pytest.raises(NonFiniteOutputError, match="1 voxel centres"):
+        check_outputs(occ)
+    occ.voxel_origin, occ.voxel_scores = np.zeros(3), np.array([np.nan], np.float32)
+    with pytest.raises(NonFiniteOutputError, match="1 scores"):
+        check_outputs(occ)
+    occ.voxel_scores = np.array([0.9], np.float32)
+    check_outputs(occ)
+    # through the processor: a grid origin 1e300 away (a pose check cannot see it) is skipped, not published
+    image = conv.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", 0)
+    frame = FrameInput(image=image, camera_info=conv.k_to_camera_info(F, K, 48, 64, "cam", 0), cam_pose=np.eye(4),
+                       voxel_origin=np.array([1e300, 1e300, 1e300]))
+    with pytest.raises(NonFiniteOutputError) as info:
+        FrameProcessor(pipeline_for(BlockBackend())).process(frame)
+    assert info.value.reason == "non_finite_output"
+
+
+def test_is_dense_says_whether_the_cloud_is_finite():
+    points = conv.cloud_points(np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]), np.array([1, 2]), np.array([0.5, 0.5]))
+    assert conv.points_to_pointcloud2(F, points, "world", 0).is_dense
+    points["y"][1] = np.nan
+    assert not conv.points_to_pointcloud2(F, points, "world", 0).is_dense
+
+
+# ----------------------------------------------------------------------------- 4: degenerate K and poses
+@pytest.mark.parametrize("edit, match", [
+    ((2, 2, 0.0), "pinhole"), ((2, 2, 1e6), "pinhole"), ((0, 0, 1e-300), "focal"), ((0, 0, 1e300), "focal"),
+    ((0, 1, 1e300), "skew"), ((0, 2, 1e5), "principal point"), ((1, 2, -400.0), "principal point"),
+])
+def test_degenerate_intrinsics_are_rejected(edit, match):
+    k = K.copy()
+    k[edit[0], edit[1]] = edit[2]
+    with pytest.raises(CameraInfoError, match=match):
+        conv.camera_info_to_k(conv.k_to_camera_info(F, k, 48, 64, "cam", 0), (48, 64))
+    np.testing.assert_allclose(conv.camera_info_to_k(conv.k_to_camera_info(F, K, 48, 64, "cam", 0), (96, 128)), 2 * K
+                               - np.diag([0, 0, 1]))
+
+
+def _scaled(p):
+    p[:3, :3] *= 1.01
+    return p
+
+
+def _sheared(p):
+    p[0, 1] = 0.2
+    return p
+
+
+def _reflected(p):
+    p[:3, 2] *= -1
+    return p
+
+
+def _projective(p):
+    p[3, 0] = 0.1
+    return p
+
+
+@pytest.mark.parametrize("edit, match", [(_scaled, "scaled or sheared"), (_sheared, "scaled or sheared"),
+                                         (_reflected, "reflection"), (_projective, "projective")])
+def test_non_rigid_poses_are_rejected(edit, match):
+    with pytest.raises(PoseError, match=match):
+        conv.check_pose(edit(np.eye(4)))
+    rot = conv.quaternion_to_matrix(*(np.array([0.1, 0.2, 0.3, 0.9]) / np.linalg.norm([0.1, 0.2, 0.3, 0.9])))
+    pose = np.eye(4)
+    pose[:3, :3], pose[:3, 3] = rot, [3.0, -2.0, 1.0]
+    np.testing.assert_array_equal(conv.check_pose(pose), pose)
+
+
+# ----------------------------------------------------------------------------- 5: quaternions
+def test_quaternions_follow_tf2s_normalisation_rule():
+    for q, ok in [((0, 0, 0, 0), False), ((0, 0, 0, 1.001), True), ((0, 0, 0, 1.1), False), ((0, 0, np.nan, 1), False),
+                  ((0, 0, 0, 0.996), True), ((0, 0, 0, 0.99), False)]:
+        if ok:
+            np.testing.assert_allclose(conv.quaternion_to_matrix(*q), np.eye(3), atol=1e-12)
+        else:
+            with pytest.raises(TransformError):
+                conv.quaternion_to_matrix(*q)
+
+
+# ----------------------------------------------------------------------------- 2, 6, 8: datasets
+@pytest.fixture()
+def sample_root(tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(Path(replay.DATA_DIR) / "sample_dataset", root)
+    return root
+
+
+def _edit_sample(root: Path, **changes) -> str:
+    ds = OccScanNetDataset(root, "train", image_size=(48, 64))
+    sample_id = ds.ids[0]
+    pkl = sample_paths(root, sample_id)[0]
+    data = safe_load_pickle(pkl)
+    data.update(changes)
+    pkl.write_bytes(pickle.dumps(data, protocol=4))
+    return sample_id
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"cam_pose": np.array([["a"] * 4] * 4)}, "cam_pose has dtype"),
+    ({"cam_pose": [[1, 0, 0, 0], [0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]]}, "cam_pose is not a regular numeric array"),
+    ({"target_1_4": np.full((60, 36, 60), None, dtype=object)}, "target_1_4 has dtype object"),
+    ({"voxel_origin": np.array([np.nan, 0.0, 0.0])}, "voxel_origin has non-finite"),
+])
+def test_bad_sample_arrays_name_the_sample(sample_root, changes, match):
+    sample_id = _edit_sample(sample_root, **changes)
+    with pytest.raises(BadSampleError, match=f"sample {sample_id}: {match}"):
+        read_pickle(sample_root, sample_id)
+    ds = OccScanNetDataset(sample_root, "train", image_size=(48, 64), skip_bad=True, load_depth=False)
+    assert ds[0]["sample_id"] != sample_id and sample_id in ds.skipped
+
+
+@pytest.mark.parametrize("value, match", [(np.nan, "non-finite"), (-1, r"labels \[-1\]"), (300, r"labels \[300\]"),
+                                          (2.5, "non-integer")])
+def test_bad_target_labels_are_rejected_with_their_value(sample_root, value, match):
+    ds = OccScanNetDataset(sample_root, "train", image_size=(48, 64))
+    target = np.asarray(safe_load_pickle(sample_paths(sample_root, ds.ids[0])[0])["target_1_4"]).astype(np.float64)
+    target[0, 0, 0] = value
+    sample_id = _edit_sample(sample_root, target_1_4=target if np.isnan(value) or value == 2.5 else target.astype(np.int64))
+    with pytest.raises(BadSampleError, match=f"sample {sample_id}: .*{match}"):
+        ds.read_target(sample_id)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_dataset_pickles_cannot_run_code(sample_root, tmp_path):
+    marker = tmp_path / "pwned"
+    sample_id = _edit_sample(sample_root, extra=_RunsCode(marker))
+    with pytest.raises(BadSampleError, match=r"references the global (os|posix)\.system"):
+        read_pickle(sample_root, sample_id)
+    assert not marker.exists()
+    assert str(sample_paths(sample_root, sample_id)[0]) in str(pytest.raises(BadSampleError, read_pickle, sample_root,
+                                                                             sample_id).value)
+
+
+def test_numpy_1x_and_protocol_5_pickles_still_load(tmp_path):
+    data = {"a": np.arange(6, dtype=np.int16).reshape(2, 3), "s": np.float64(2.5), "n": np.int64(3), "t": "x",
+            "l": [1.0, (2, 3)], "b": b"raw"}
+    for protocol in (2, 4, 5):
+        raw = pickle.dumps(data, protocol=protocol)
+        if protocol == 2:  # what numpy 1.x writes: numpy.core instead of numpy._core (GLOBAL opcodes are text)
+            raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            assert b"numpy.core.multiarray" in raw
+        (tmp_path / "s.pkl").write_bytes(raw)
+        loaded = safe_load_pickle(tmp_path / "s.pkl")
+        np.testing.assert_array_equal(loaded["a"], data["a"])
+        assert loaded["s"] == 2.5 and loaded["n"] == 3 and loaded["l"] == [1.0, (2, 3)] and loaded["b"] == b"raw"
+
+
+# ----------------------------------------------------------------------------- 7, 9, 13: checkpoints
+def test_checkpoints_with_nan_weights_string_configs_or_code_are_refused(tmp_path):
+    cfg = lite()
+    model = build_model(cfg)
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    save_model(tmp_path / "nan.pt", model, cfg)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_model(tmp_path / "nan.pt")
+    torch.save({"config": "lite", "model": {}}, tmp_path / "str.pt")
+    with pytest.raises(CheckpointError, match="'config' is a str"):
+        load_checkpoint(tmp_path / "str.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"config": {}, "model": {}, "x": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only" not in str(info.value) and "system" in str(info.value) and not marker.exists()
+    assert info.value.__cause__ is None  # PyTorch's advice does not come back through the chained exception
+
+
+# ----------------------------------------------------------------------------- 10, 13: broken mcap bags
+@pytest.mark.parametrize("fraction", [0.35, 0.6, 0.9, 0.999])
+def test_truncated_sample_bag_is_read_up_to_the_damage(tmp_path, fraction):
+    bag = tmp_path / "bag"
+    shutil.copytree(replay.SAMPLE_BAG, bag)
+    (mcap,) = bag.glob("*.mcap")
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[: int(len(data) * fraction)])
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()), n_renders=0,
+                      progress=False).summary
+    assert s["error"] and "read sequentially up to the damage" in s["error"]
+    assert s["frames"] + s["skipped"] == s["images"] >= (4 if fraction > 0.99 else 1)
+    assert (tmp_path / "out" / "occupancy_bag").is_dir()
+
+
+def test_mcap_with_valid_magic_and_garbage_inside_gives_a_clear_error(tmp_path):
+    bag = tmp_path / "bag"
+    shutil.copytree(replay.SAMPLE_BAG, bag)
+    (mcap,) = bag.glob("*.mcap")
+    rng = np.random.default_rng(0)
+    mcap.write_bytes(bag_io.MCAP_MAGIC + rng.bytes(5000) + bag_io.MCAP_MAGIC)
+    with pytest.raises(bag_io.BagError, match="cut off or invalid") as info:
+        bag_io.open_reader(bag)
+    assert "OverflowError" not in str(info.value) or "sequential reading found no message" in str(info.value)
+
+
+def test_garbage_onnx_is_named_as_such(tmp_path, capsys):
+    from export.cli import main as export_main
+
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(np.random.default_rng(1).bytes(300))
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        replay.build_pipeline(onnx_file, backend="onnxruntime")
+    assert export_main(["check", "--onnx", str(onnx_file)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 11, 16, 17: training CLIs
+def test_train_refuses_to_replace_a_run_and_resumes_from_the_checkpoints_own_config(data_root, tmp_path, capsys):  # noqa: F811
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=2).to_dict()
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(tmp_path / "cfg.yaml"), "--set", "distill.prior=false"]
+    assert train.main(args) == 0
+    last = tmp_path / "run" / "last.pt"
+    stamp = last.stat().st_mtime_ns
+    assert train.main(args) == 2 and "--resume" in capsys.readouterr().err and last.stat().st_mtime_ns == stamp
+    assert train.main(["--resume", str(last), "--steps", "1"]) == 2
+    assert "below the step 2" in capsys.readouterr().err
+    # the YAML a user would pass names another data root: resume takes the run's own root and budget
+    broken = dict(cfg, data=dict(cfg["data"], root=str(tmp_path / "nowhere")), max_steps=99)
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(broken))
+    assert train.main(["--config", str(tmp_path / "other.yaml"), "--resume", str(last), "--steps", "3"]) == 0
+    assert torch.load(last, weights_only=True)["step"] == 3
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert saved["data"]["root"] == str(data_root) and saved["max_steps"] == 3
+    assert train.main(args + ["--overwrite"]) == 0 and torch.load(last, weights_only=True)["step"] == 2
+    # 17: a short run scores nothing at the default threshold; --score-threshold makes the CLI usable
+    final = str(tmp_path / "run" / "final.pt")
+    assert evaluate.main(["--checkpoint", final, "--data", str(data_root), "--json", str(tmp_path / "a.json"),
+                          "--score-threshold", "0.0"]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["iou"] > 0
+    assert evaluate.main(["--checkpoint", final, "--data", str(data_root), "--score-threshold", "1.5"]) == 2
+
+
+# ----------------------------------------------------------------------------- 19: help texts
+def test_options_named_in_the_issue_have_help_texts(capsys):
+    from training.synth import main as synth_main
+
+    for main, options in ((synth_main, ("--scenes", "--seed")), (evaluate.main, ("--split", "--max-frames")),
+                          (replay.main, ("--max-frames", "--world-frame", "--out"))):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = capsys.readouterr().out
+        for option in options:
+            line = text[text.index(option):].split("\n  -")[0]
+            assert len(line.split()) > 3, (option, line)
+    with pytest.raises(SystemExit):
+        replay.main(["--help"])
+    assert "./discene_replay" in capsys.readouterr().out
