@@ -7,12 +7,12 @@ and without ROS 2. This module imports neither.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 
 from . import params as P
 
-TORCH_HELP = ("torch is not installed for this Python ({python}): install the robot's own torch build (JetPack / "
+TORCH_HELP = ("torch is not installed for this Python ({python}: {error}): install the robot's own torch build (JetPack / "
               "CUDA), or the CPU wheel in a venv that sees the ROS 2 packages: python3 -m venv "
               "--system-site-packages ~/discene-venv && ~/discene-venv/bin/pip install torch (README, 'On a robot')")
 
@@ -27,8 +27,10 @@ def usage() -> str:
 
 def missing_runtime() -> str | None:
     """What is missing to run the node (one line), or None."""
-    if importlib.util.find_spec("torch") is None:
-        return TORCH_HELP.format(python=sys.executable)
+    try:  # imported here, not at the top: it is exactly the optional dependency being checked
+        importlib.import_module("torch")
+    except ImportError as exc:  # absent, or a build whose libraries do not load
+        return TORCH_HELP.format(python=sys.executable, error=exc)
     return None
 
 

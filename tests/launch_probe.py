@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import sys
 
-from launch import LaunchContext
 from launch.actions import IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.utilities import perform_substitutions
 from launch_ros.actions import Node
+
+from launch import LaunchContext
 
 
 def visit(entity, context, nodes):
