@@ -436,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
     parser.add_argument("--camera-info-topic", default=None, help="CameraInfo topic (default: auto-detect)")
     parser.add_argument("--depth-topic", default=None, help="aligned depth topic (default: auto-detect)")
-    parser.add_argument("--use-depth", action=argparse.BooleanOptionalAction, default=None,
-                        help="feed depth to the model (default: when the model has a depth branch)")
+    depth = parser.add_mutually_exclusive_group()
+    depth.add_argument("--use-depth", dest="use_depth", action="store_true", default=None,
+                       help="pair depth with each image and feed it to the model (default: when the model has a "
+                            "depth branch)")
+    depth.add_argument("--no-depth", dest="use_depth", action="store_false", help="ignore depth topics")
     parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME)
     parser.add_argument("--base-frame", default="base_link",
                         help="robot frame of the camera mount, for the fallback pose when world_frame is not in TF")
