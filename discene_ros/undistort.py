@@ -65,20 +65,35 @@ def undistort_map(k: np.ndarray, model: str, d: np.ndarray, hw: tuple[int, int])
     return (fx * xd + cx).astype(np.float32), (fy * yd + cy).astype(np.float32)
 
 
+class BilinearTable:
+    """Precomputed bilinear sampling of one map: four flat source indices and weights per output pixel
+    (weight 0 outside the image), so a frame costs four gathers and a weighted sum."""
+
+    def __init__(self, map_x: np.ndarray, map_y: np.ndarray, src_hw: tuple[int, int]) -> None:
+        h, w = src_hw
+        x0, y0 = np.floor(map_x).astype(np.int64), np.floor(map_y).astype(np.int64)
+        fx, fy = (map_x - x0).astype(np.float32), (map_y - y0).astype(np.float32)
+        index, weight = [], []
+        for dy, dx, wgt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+            xs, ys = x0 + dx, y0 + dy
+            inside = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
+            index.append((ys.clip(0, h - 1) * w + xs.clip(0, w - 1)).reshape(-1))
+            weight.append(np.where(inside, wgt, 0.0).astype(np.float32).reshape(-1, 1))
+        self.index, self.weight, self.out_hw = index, weight, map_x.shape
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        flat = image.reshape(-1, image.shape[2] if image.ndim == 3 else 1)
+        out = flat[self.index[0]] * self.weight[0]
+        for index, weight in zip(self.index[1:], self.weight[1:], strict=True):
+            out += flat[index] * weight
+        if np.issubdtype(image.dtype, np.integer):
+            out = np.clip(np.rint(out), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
+        return out.astype(image.dtype).reshape(self.out_hw + image.shape[2:])
+
+
 def remap_bilinear(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
     """Bilinear sampling of ``image`` (H, W[, C]) at the maps; samples outside the image are 0."""
-    h, w = image.shape[:2]
-    x0, y0 = np.floor(map_x).astype(np.int64), np.floor(map_y).astype(np.int64)
-    fx, fy = (map_x - x0)[..., None], (map_y - y0)[..., None]
-    img = image.reshape(h, w, -1).astype(np.float32)
-    out = np.zeros(map_x.shape + (img.shape[2],), np.float32)
-    for dy, dx, weight in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-        xs, ys = x0 + dx, y0 + dy
-        ok = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
-        out += np.where(ok[..., None], img[ys.clip(0, h - 1), xs.clip(0, w - 1)], 0.0) * weight
-    if np.issubdtype(image.dtype, np.integer):
-        out = np.clip(np.rint(out), np.iinfo(image.dtype).min, np.iinfo(image.dtype).max)
-    return out.astype(image.dtype).reshape(map_x.shape + image.shape[2:])
+    return BilinearTable(map_x, map_y, image.shape[:2])(image)
 
 
 def remap_nearest(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -90,39 +105,39 @@ def remap_nearest(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, fill:
 
 
 class Undistorter:
-    """Remaps raw images to pinhole ones; one map per (calibration, image size), computed on first use."""
+    """Remaps raw images to pinhole ones; maps and sampling tables per (calibration, image size), built once."""
 
     def __init__(self) -> None:
-        self._maps: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, BilinearTable]] = {}
         self.maps_built = 0
 
-    def maps(self, info: Any, k: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-        """The cached maps for an image of size ``hw`` with intrinsics ``k``; None without distortion."""
+    def maps(self, info: Any, k: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, BilinearTable] | None:
+        """(map_x, map_y, bilinear table) for an image of size ``hw`` with intrinsics ``k``; None without distortion."""
         if not needs_undistortion(info):
             return None
         model, d = distortion_coefficients(info)
         key = (model, tuple(d.tolist()), tuple(np.round(k, 9).reshape(-1).tolist()), tuple(hw))
-        if key not in self._maps:
-            if len(self._maps) > 8:  # a changing calibration must not grow memory without bound
-                self._maps.clear()
-            self._maps[key] = undistort_map(k, model, d, hw)
+        if key not in self._cache:
+            if len(self._cache) > 8:  # a changing calibration must not grow memory without bound
+                self._cache.clear()
+            map_x, map_y = undistort_map(k, model, d, hw)
+            self._cache[key] = (map_x, map_y, BilinearTable(map_x, map_y, hw))
             self.maps_built += 1
-        return self._maps[key]
+        return self._cache[key]
 
     def __call__(self, info: Any, rgb: np.ndarray, k: np.ndarray,
                  depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(rgb, depth) as a pinhole camera with intrinsics ``k`` would see them."""
-        maps = self.maps(info, k, rgb.shape[:2])
-        if maps is None:
+        cached = self.maps(info, k, rgb.shape[:2])
+        if cached is None:
             return rgb, depth
-        rgb = remap_bilinear(rgb, *maps)
+        map_x, map_y, table = cached
+        rgb = table(rgb)
         if depth is not None:
-            if depth.shape == rgb.shape[:2]:
-                depth = remap_nearest(depth, *maps, fill=np.nan)
-            else:  # depth at another resolution than the colour image: its own map (same normalised model)
-                dh, dw = depth.shape
+            if depth.shape != rgb.shape[:2]:  # depth at another resolution: its own map (same normalised model)
                 kd = k.copy()
-                kd[0] *= dw / rgb.shape[1]
-                kd[1] *= dh / rgb.shape[0]
-                depth = remap_nearest(depth, *self.maps(info, kd, (dh, dw)), fill=np.nan)
+                kd[0] *= depth.shape[1] / rgb.shape[1]
+                kd[1] *= depth.shape[0] / rgb.shape[0]
+                map_x, map_y, _ = self.maps(info, kd, depth.shape)
+            depth = remap_nearest(depth, map_x, map_y, fill=np.nan)
         return rgb, depth

@@ -208,3 +208,17 @@ def test_replay_topic_options_must_exist(tmp_path, capsys, monkeypatch):
     assert replay.main(["--bag", str(bag), "--out", str(tmp_path / "o2"), "--no-progress",
                         "--camera-info-topic", "/nope"]) != 0
     assert "/nope is not in the bag" in capsys.readouterr().err
+
+
+def test_frame_processor_undistorts_raw_images_before_the_network():
+    from discene_ros.processing import FrameInput, FrameProcessor
+
+    info = conv.k_to_camera_info(F, K, 48, 64, "cam", 0)
+    info.d = np.array([-0.2, 0.05, 0.001, 0.0, 0.0])
+    ramp = np.tile(np.arange(64, dtype=np.uint8), (48, 1))[..., None].repeat(3, axis=2)
+    image = conv.rgb_to_image(F, ramp, "cam", 0)
+    processor = FrameProcessor(pipeline_for(BlockBackend()))
+    result = processor.process(FrameInput(image=image, camera_info=info, cam_pose=np.eye(4)))
+    expected, _ = Undistorter()(info, ramp, K)
+    np.testing.assert_array_equal(result.rgb, expected)
+    assert not np.array_equal(result.rgb, ramp)
