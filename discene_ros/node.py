@@ -233,6 +233,8 @@ class OccupancyNode(Node):
         frame is skipped (TransformNotReadyError): never a made-up pose for a lagging TF.
         """
         world = self.cfg["world_frame"]
+        if self.fallback_note is not None and not self.tf_buffer.can_transform(world, camera_frame, Time()):
+            return None  # known absent and still absent: no point waiting tf_timeout_s on every frame
         try:
             tf = self.tf_buffer.lookup_transform(world, camera_frame, Time(nanoseconds=stamp_ns),
                                                  timeout=Duration(seconds=self.cfg["tf_timeout_s"]))
@@ -244,6 +246,9 @@ class OccupancyNode(Node):
                                          f"after waiting {self.cfg['tf_timeout_s']} s: {exc}") from exc
         except TransformException as exc:
             raise TransformNotReadyError(f"TF lookup {world} -> {camera_frame} failed: {exc}") from exc
+        if self.fallback_note is not None:
+            self.get_logger().info(f"world frame '{world}' is in TF now: camera poses come from TF again")
+            self.fallback_note, self.mount_found = None, False
         return transform_to_matrix(tf)
 
     def note_fallback(self, camera_frame: str, exc: Exception) -> None:

@@ -314,6 +314,13 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
     values = {kv.key: kv.value for kv in status.values}
     assert values["pose_source"].startswith("FALLBACK") and status.level >= 1
+    assert sum(lookup[:2] == ("odom", "cam") for lookup in fake.tf_lookups) == 1  # no tf_timeout_s wait per frame
+    fake.transforms[("odom", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 20 * MS))
+    assert _wait(lambda: node.stats.processed == 4)
+    node.diagnostics_timer_callback()
+    values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
+    assert values["pose_source"] == "TF"
 
 
 def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):

@@ -454,6 +454,10 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
                 raise found
             return found
 
+        def can_transform(self, target_frame: str, source_frame: str, time: Any, timeout: Any = None) -> bool:
+            found = ros.transforms.get((target_frame, source_frame))
+            return found is not None and not isinstance(found, BaseException)
+
     tf2.TransformException, tf2.Buffer = TransformException, Buffer
     for name, cls in tf_errors.items():
         setattr(tf2, name, cls)
