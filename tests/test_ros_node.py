@@ -248,7 +248,7 @@ def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):
     """A driver publishes aligned depth after the colour image: the newest depth when the colour frame
     arrives is the previous one (67 ms old at 15 Hz). The frame must wait for its own."""
     fake, _ = ros
-    node = make_node(ros, BlockBackend(depth_config()), use_depth=True, world_frame="map", sync_wait_s=1.0)
+    node = make_node(ros, BlockBackend(depth_config()), use_depth=True, world_frame="map", sync_wait_s=2.0)
     fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     depth = np.full((96, 128), 2.0, np.float32)
     previous = 1_000 * MS
@@ -269,7 +269,7 @@ def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):
 
 def test_camera_info_arriving_a_fraction_of_a_ms_later_is_not_skipped(ros):
     fake, _ = ros
-    node = make_node(ros, world_frame="map")
+    node = make_node(ros, world_frame="map", sync_wait_s=2.0)
     fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     stamp = 5_000 * MS
     node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
