@@ -169,7 +169,7 @@ class FrameInput:
     depth: Any = None                     # aligned depth Image, or None
     cam_pose: np.ndarray | None = None    # 4x4 camera->world from TF, None when TF had none
     voxel_origin: np.ndarray | None = None  # given grid origin (replay with ground truth), else place_grid
-    error: FrameError | None = None       # pairing/TF verdict (pairing.py, camera_pose.py): skip with this reason
+    pose_error: FrameError | None = None  # TF or stamp pairing failed for this frame: it is skipped with it
     received_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -202,8 +202,8 @@ class FrameProcessor:
 
     def decode(self, frame: FrameInput) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, bool]:
         """-> (rgb HxWx3 uint8, K 3x3 for that image, depth metres or None, cam_pose 4x4, used_fallback)."""
-        if frame.error is not None:
-            raise frame.error
+        if frame.pose_error is not None:
+            raise frame.pose_error
         rgb = conv.any_image_to_rgb(frame.image)
         if frame.camera_info is None:
             raise MissingCameraInfoError("no CameraInfo received yet for the image topic")

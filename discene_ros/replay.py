@@ -184,7 +184,7 @@ class BagFrames:
             error = exc
         pose, pose_error = self._pose(image)
         frame = FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose,
-                           voxel_origin=None if gt is None else gt.voxel_origin, error=error or pose_error)
+                           voxel_origin=None if gt is None else gt.voxel_origin, pose_error=error or pose_error)
         return frame, bag_t
 
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
