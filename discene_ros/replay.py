@@ -132,6 +132,7 @@ class BagFrames:
         self.tf = bag_io.TfTree()
         self.error: str | None = None
         self.fallback_note: str | None = None
+        self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
         self.images = 0
         topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
         self.connections = [c for c in reader.connections if c.topic in topics]
@@ -184,7 +185,9 @@ class BagFrames:
             error = exc
         pose, pose_error = self._pose(image)
         frame = FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose,
-                           voxel_origin=None if gt is None else gt.voxel_origin, pose_error=error or pose_error)
+                           voxel_origin=None if gt is None else gt.voxel_origin,
+                           pose_error=error or self.tf_error or pose_error)
+        self.tf_error = None
         return frame, bag_t
 
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
@@ -211,7 +214,7 @@ class BagFrames:
                 try:
                     self.tf.add_message(msg, static=conn.topic == bag_io.TF_STATIC_TOPIC)
                 except FrameError as exc:
-                    self.error = f"bad transform in the bag: {exc}"
+                    self.tf_error = exc
             while pending and self._settled(*pending[0], bag_t):
                 yield self._complete(*pending.popleft())
         while pending:
