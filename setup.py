@@ -1,9 +1,18 @@
 """Install as a ROS 2 ament_python package (colcon build) or a plain pip package (pip install -e .)."""
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
 
 PACKAGE = "discene_ros"
+
+
+def files_under(folder: str) -> list[str]:
+    """Every file below ``folder``, relative to it. Listed explicitly: ``data/**/*`` in package_data is
+    not recursive on Ubuntu 22.04's setuptools 59.6, which then leaves the sample dataset out."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names if not name.endswith(".pyc"))
+
 
 setup(
     name=PACKAGE,
@@ -11,7 +20,8 @@ setup(
     description="DiScene: real-time sparse semantic occupancy with multi-level distillation, for ROS 2",
     packages=find_packages(include=["models", "models.*", "training", "training.*", "export", "export.*",
                                     "discene_ros", "discene_ros.*"]),
-    package_data={"discene_ros": ["data/*", "data/**/*"], "training": ["configs/*.yaml"]},
+    package_data={"discene_ros": [os.path.join("data", f) for f in files_under("discene_ros/data")],
+                  "training": ["configs/*.yaml"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -30,14 +40,18 @@ setup(
         "train": ["scipy>=1.10", "tensorboard>=2.14"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
         "ros": ["rosbags>=0.10"],
+        # colcon-* / catkin-pkg: tests build the package with colcon as on a robot; lark / osrf-pycommon:
+        # what the real launch packages in ../shared/ros2-python import (tests load the launch file with them)
         "dev": ["pytest>=8.0", "ruff>=0.5", "scipy>=1.10", "tensorboard>=2.14", "onnx>=1.16",
-                "onnxruntime>=1.18", "rosbags>=0.10",
+                "onnxruntime>=1.18", "rosbags>=0.10", "colcon-core>=0.15", "colcon-ros>=0.4",
+                "colcon-python-setup-py>=0.2.8", "colcon-recursive-crawl>=0.2.1", "catkin-pkg>=1.0",
+                "lark>=1.1", "osrf-pycommon>=2.0",
                 "cuda-bindings>=12.8"],  # cuda-python runtime (8 MB wheel): tests probe its call conventions
     },
     zip_safe=True,
     entry_points={
         "console_scripts": [
-            "occupancy_node = discene_ros.node:main",
+            "occupancy_node = discene_ros.entry:occupancy_node",
             "discene-replay = discene_ros.replay:main",
             "discene-dataset-to-bag = discene_ros.dataset_to_bag:main",
             "discene-export = export.cli:main",

@@ -22,6 +22,8 @@ missing from it count as empty. Replay output bags hold ``/discene/occupancy/poi
 """
 from __future__ import annotations
 
+import bisect
+import math
 import struct
 from collections import deque
 from collections.abc import Collection, Iterator
@@ -31,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .conversions import transform_to_matrix
+from .camera_pose import TransformNotReadyError
+from .conversions import matrix_to_quaternion, quaternion_to_matrix, stamp_to_ns, transform_to_matrix
 
 IMAGE_TOPIC = "/camera/color/image_raw"
 COMPRESSED_TOPIC = "/camera/color/image_raw/compressed"
@@ -341,36 +344,110 @@ def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: 
 
 
 class TfTree:
-    """Latest transforms from /tf and /tf_static; composes chains (no time interpolation)."""
+    """Transforms from /tf (a time history per link, interpolated at a stamp) and /tf_static (timeless).
 
-    def __init__(self) -> None:
-        self._edges: dict[tuple[str, str], np.ndarray] = {}  # (parent, child) -> child->parent 4x4
+    ``lookup(target, source, stamp_ns)`` mirrors tf2: None when no chain of links joins the frames
+    (the transform does not exist), TransformNotReadyError when it exists but a moving link has no
+    transforms on both sides of the stamp (tf2's extrapolation), else the interpolated 4x4.
+    """
 
-    def add_message(self, msg: Any) -> None:
+    def __init__(self, history: int = 1000) -> None:
+        self._static: dict[tuple[str, str], np.ndarray] = {}   # (parent, child) -> child->parent 4x4
+        self._dynamic: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}  # sorted by stamp
+        self.history = history
+
+    def add_message(self, msg: Any, static: bool = False) -> None:
         for tf in msg.transforms:
-            self.add(tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/"), transform_to_matrix(tf))
+            self.add(tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/"), transform_to_matrix(tf),
+                     None if static else stamp_to_ns(tf.header.stamp))
 
-    def add(self, parent: str, child: str, child_to_parent: np.ndarray) -> None:
-        self._edges[(parent, child)] = np.asarray(child_to_parent, dtype=np.float64)
+    def add(self, parent: str, child: str, child_to_parent: np.ndarray, stamp_ns: int | None = None) -> None:
+        """A link; ``stamp_ns`` None = static (valid at every time)."""
+        m = np.asarray(child_to_parent, dtype=np.float64)
+        if stamp_ns is None:
+            self._static[(parent, child)] = m
+            return
+        samples = self._dynamic.setdefault((parent, child), [])
+        samples.insert(bisect.bisect_right([t for t, _ in samples], stamp_ns), (int(stamp_ns), m))
+        del samples[: max(len(samples) - self.history, 0)]
 
-    def lookup(self, target: str, source: str) -> np.ndarray | None:
-        """4x4 mapping ``source`` coordinates to ``target`` (camera->world for target=world), or None."""
+    def newest_stamp(self, parent: str, child: str) -> int | None:
+        samples = self._dynamic.get((parent, child))
+        return samples[-1][0] if samples else None
+
+    def _link_at(self, key: tuple[str, str], stamp_ns: int | None) -> np.ndarray:
+        if key in self._static:
+            return self._static[key]
+        samples = self._dynamic[key]
+        if stamp_ns is None:  # latest, like tf2's Time(0)
+            return samples[-1][1]
+        stamps = [t for t, _ in samples]
+        i = bisect.bisect_left(stamps, stamp_ns)
+        if i < len(stamps) and stamps[i] == stamp_ns:
+            return samples[i][1]
+        if i == 0 or i == len(stamps):
+            side = "before the first" if i == 0 else "after the newest"
+            raise TransformNotReadyError(
+                f"{key[0]} -> {key[1]} at {stamp_ns} ns is {side} transform in TF ({stamps[0]}..{stamps[-1]} ns)")
+        (t0, m0), (t1, m1) = samples[i - 1], samples[i]
+        return interpolate_transform(m0, m1, (stamp_ns - t0) / (t1 - t0))
+
+    def _path(self, target: str, source: str) -> list[tuple[tuple[str, str], bool]] | None:
+        """Links from ``source`` to ``target`` as ((parent, child), inverted) or None when not connected."""
+        graph: dict[str, list[tuple[str, tuple[str, str], bool]]] = {}
+        for parent, child in list(self._static) + list(self._dynamic):
+            graph.setdefault(child, []).append((parent, (parent, child), False))
+            graph.setdefault(parent, []).append((child, (parent, child), True))
+        prev: dict[str, tuple[str, tuple[str, str], bool]] = {}
+        queue, seen = deque([source]), {source}
+        while queue:
+            frame = queue.popleft()
+            if frame == target:
+                path = []
+                while frame != source:
+                    frame, key, inverted = prev[frame]
+                    path.append((key, inverted))
+                return path[::-1]
+            for nxt, key, inverted in graph.get(frame, []):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    prev[nxt] = (frame, key, inverted)
+                    queue.append(nxt)
+        return None
+
+    def has_frame(self, frame: str) -> bool:
+        frame = frame.lstrip("/")
+        return any(frame in key for key in list(self._static) + list(self._dynamic))
+
+    def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray | None:
+        """4x4 mapping ``source`` coordinates to ``target`` (camera->world for target=world) at ``stamp_ns``
+        (None = latest); None when no chain joins the frames."""
         target, source = target.lstrip("/"), source.lstrip("/")
         if target == source:
             return np.eye(4)
-        graph: dict[str, list[tuple[str, np.ndarray]]] = {}
-        for (parent, child), m in self._edges.items():
-            graph.setdefault(child, []).append((parent, m))
-            graph.setdefault(parent, []).append((child, np.linalg.inv(m)))
-        seen, queue = {source}, deque([(source, np.eye(4))])
-        while queue:
-            frame, to_frame = queue.popleft()  # to_frame maps source -> frame
-            for nxt, m in graph.get(frame, []):
-                if nxt in seen:
-                    continue
-                chained = m @ to_frame
-                if nxt == target:
-                    return chained
-                seen.add(nxt)
-                queue.append((nxt, chained))
-        return None
+        path = self._path(target, source)
+        if path is None:
+            return None
+        out = np.eye(4)
+        for key, inverted in path:
+            m = self._link_at(key, stamp_ns)
+            out = (np.linalg.inv(m) if inverted else m) @ out
+        return out
+
+
+def interpolate_transform(m0: np.ndarray, m1: np.ndarray, t: float) -> np.ndarray:
+    """Rigid transform between ``m0`` (t=0) and ``m1`` (t=1): linear translation, slerp rotation."""
+    q0 = np.array(matrix_to_quaternion(m0[:3, :3]))
+    q1 = np.array(matrix_to_quaternion(m1[:3, :3]))
+    dot = float(q0 @ q1)
+    if dot < 0.0:  # the shorter way round
+        q1, dot = -q1, -dot
+    if dot > 0.9995:
+        q = q0 + t * (q1 - q0)
+    else:
+        theta = math.acos(min(dot, 1.0))
+        q = (math.sin((1 - t) * theta) * q0 + math.sin(t * theta) * q1) / math.sin(theta)
+    out = np.eye(4)
+    out[:3, :3] = quaternion_to_matrix(*q)
+    out[:3, 3] = (1 - t) * m0[:3, 3] + t * m1[:3, 3]
+    return out

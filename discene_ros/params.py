@@ -1,7 +1,9 @@
 """Node parameters in one table: names, defaults, descriptions and ranges.
 
-``node.py`` declares them from this table (with ParameterDescriptor and ranges) and
-``config/occupancy.yaml`` mirrors the defaults; a test keeps the two in step.
+``node.py`` declares them from this table (read-only ParameterDescriptor with description and
+range), ``occupancy.launch.py`` offers the common ones as launch arguments and
+``config/occupancy.yaml`` mirrors the defaults; tests keep all three in step. Adding a parameter
+is one ``ParamSpec`` line here plus its line in the YAML.
 """
 from __future__ import annotations
 
@@ -47,15 +49,21 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("depth_topic", "/camera/aligned_depth_to_color/image_raw",
               "Depth aligned to the RGB image (16UC1 mm or 32FC1 m); used only when use_depth is true"),
     ParamSpec("use_depth", False, "Subscribe to depth and feed it to the depth branch (needs a DiScene-dagger model)"),
-    ParamSpec("depth_max_offset_s", 0.05, "Largest stamp difference between the colour and depth images, seconds",
-              (0.0, 1.0)),
+    ParamSpec("sync_tolerance_s", 0.02, "Largest stamp difference between a colour image and its depth image / "
+              "camera info, seconds (pairing by header stamp)", (0.0, 1.0)),
+    ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds",
+              (0.0, 2.0)),
     ParamSpec("world_frame", "odom", "Gravity-aligned frame (z up) of the grid and of all outputs"),
-    ParamSpec("tf_timeout_s", 0.05, "How long to wait for the camera pose in TF, seconds", (0.0, 1.0)),
-    ParamSpec("use_fallback_pose", True, "Without TF, use a fixed camera pose (fallback_camera_height/pitch) "
-              "in world_frame instead of skipping the frame"),
-    ParamSpec("fallback_camera_height", 1.0, "Fallback: camera height above the floor, metres", (0.05, 3.0)),
-    ParamSpec("fallback_camera_pitch_deg", 15.0, "Fallback: camera pitch below the horizon, degrees (looking along +x)",
-              (-45.0, 89.0)),
+    ParamSpec("tf_timeout_s", 0.05, "How long to wait for the camera pose in TF at the image stamp (TF lagging "
+              "the image), seconds; a pose still missing then skips the frame", (0.0, 1.0)),
+    ParamSpec("use_fallback_pose", True, "When world_frame is not in TF at all, use a fallback camera pose (the "
+              "mount base_frame -> camera from TF, else fallback_camera_height/pitch) instead of skipping the frame"),
+    ParamSpec("base_frame", "base_link", "Robot frame on the floor whose static mount to the camera gives the "
+              "fallback pose's height and pitch"),
+    ParamSpec("fallback_camera_height", 1.0, "Fallback without a mount in TF: camera height above the floor, metres",
+              (0.05, 3.0)),
+    ParamSpec("fallback_camera_pitch_deg", 15.0, "Fallback without a mount in TF: camera pitch below the horizon, "
+              "degrees (looking along +x)", (-45.0, 89.0)),
     ParamSpec("floor_z", 0.0, "World z of the floor: the bottom face of the grid, metres", (-10.0, 10.0)),
     ParamSpec("score_threshold", -1.0, "Points whose best class score is at most this are empty; "
               "negative = the model's own threshold (from its checkpoint or sidecar)", (-1.0, 0.99)),

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import conversions as conv
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
+from .undistort import Undistorter
 
 
 class LatestFrameSlot:
@@ -168,7 +169,7 @@ class FrameInput:
     depth: Any = None                     # aligned depth Image, or None
     cam_pose: np.ndarray | None = None    # 4x4 camera->world from TF, None when TF had none
     voxel_origin: np.ndarray | None = None  # given grid origin (replay with ground truth), else place_grid
-    pose_error: FrameError | None = None  # TF gave an invalid transform for this frame: it is skipped with it
+    pose_error: FrameError | None = None  # TF or stamp pairing failed for this frame: it is skipped with it
     received_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -197,9 +198,12 @@ class FrameProcessor:
                              "and give a depth topic, or use an RGB-only model")
         self.fallback_pose = fallback_camera_pose(self.settings.fallback_camera_height,
                                                   self.settings.fallback_camera_pitch_deg, self.settings.floor_z)
+        self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps)
 
     def decode(self, frame: FrameInput) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, bool]:
         """-> (rgb HxWx3 uint8, K 3x3 for that image, depth metres or None, cam_pose 4x4, used_fallback)."""
+        if frame.pose_error is not None:
+            raise frame.pose_error
         rgb = conv.any_image_to_rgb(frame.image)
         if frame.camera_info is None:
             raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
@@ -207,6 +211,7 @@ class FrameProcessor:
         depth = self._depth(frame, rgb.shape[:2]) if self.model_uses_depth else None
         if frame.pose_error is not None:
             raise frame.pose_error
+        rgb, depth = self.undistort(frame.camera_info, rgb, k, depth)
         pose, fallback = frame.cam_pose, False
         if pose is not None:
             pose = conv.check_pose(pose)

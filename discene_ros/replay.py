@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from models.checkpoint import atomic_write
 
 from . import bag_io
 from . import conversions as conv
+from .camera_pose import describe_fallback, mount_fallback_pose
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
+from .pairing import FramePartners
 from .params import DATA_DIR, DEFAULT_MODEL
 from .processing import (
     FrameInput,
@@ -125,38 +128,88 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
 
 
 class BagFrames:
-    """Colour frames of a bag with the newest camera info, depth and TF at their stamp.
+    """Colour frames of a bag, each paired by header stamp with camera info, depth and the TF pose.
 
-    An image is completed once a later-stamped message (or the end) arrives, so messages written with
-    the same stamp in any order belong to it. A read error ends the iteration and is kept in ``error``.
+    Drivers write aligned depth and camera info after their colour image and TF later still, so an
+    image waits (in bag time, at most ``wait_s``) until its partners within ``tolerance_s`` and a TF
+    covering its stamp have been read, or a later message shows none will come (the node's rule,
+    ``pairing.FramePartners``). Without ``world_frame`` in TF the mount ``base_frame`` -> camera sets
+    the processor's fallback pose. A read error ends the iteration and is kept in ``error``.
     """
 
     def __init__(self, reader: Any, image_topic: str, info_topic: str | None, depth_topic: str | None,
-                 world_frame: str, ground_truth: dict[int, GroundTruth]) -> None:
+                 world_frame: str, ground_truth: dict[int, GroundTruth], processor: FrameProcessor | None = None,
+                 tolerance_s: float = 0.02, wait_s: float = 0.5, base_frame: str = "base_link") -> None:
         self.reader = reader
         self.image_topic, self.info_topic, self.depth_topic = image_topic, info_topic, depth_topic
-        self.world_frame = world_frame
+        self.world_frame, self.base_frame = world_frame, base_frame
         self.ground_truth = ground_truth
+        self.processor = processor
+        self.partners = FramePartners(tolerance_s, wait_s, use_depth=depth_topic is not None, maxlen=200)
+        self.wait_ns = int(wait_s * 1e9)
         self.tf = bag_io.TfTree()
-        self.info: Any = None
-        self.depth: Any = None
         self.error: str | None = None
+        self.fallback_note: str | None = None
         self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
         self.images = 0
         topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
         self.connections = [c for c in reader.connections if c.topic in topics]
 
+    def _pose(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
+        """(camera->world at the image stamp or None = no such transform, skip error)."""
+        camera = image.header.frame_id
+        pose, error = self._pose_probe(image)
+        if error is not None:  # TF lags the image or a bad transform: skip, never a made-up pose
+            return None, error
+        if pose is None and self.processor is not None and self.fallback_note is None:
+            try:
+                mount = self.tf.lookup(self.base_frame, camera)
+            except FrameError:
+                mount = None
+            settings = self.processor.settings
+            if mount is not None:
+                self.processor.fallback_pose = mount_fallback_pose(mount, settings.floor_z)
+            self.fallback_note = describe_fallback(self.world_frame, camera, self.base_frame, mount,
+                                                   settings.fallback_camera_height, settings.fallback_camera_pitch_deg)
+        return pose, None
+
+    def _settled(self, image: Any, bag_t: int, now_t: int) -> bool:
+        if now_t - bag_t > self.wait_ns:
+            return True
+        stamp = conv.stamp_to_ns(image.header.stamp)
+        tol = self.partners.tolerance_ns
+        if self.info_topic is not None and not self.partners.info.settled(stamp, tol):
+            return False
+        if self.depth_topic is not None and not self.partners.depth.settled(stamp, tol):
+            return False
+        pose, error = self._pose_probe(image)
+        return pose is not None and error is None
+
+    def _pose_probe(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
+        """TF lookup at the image stamp: (pose or None when not connected, the error when not ready)."""
+        try:
+            return self.tf.lookup(self.world_frame, image.header.frame_id, conv.stamp_to_ns(image.header.stamp)), None
+        except FrameError as exc:
+            return None, exc
+
     def _complete(self, image: Any, bag_t: int) -> tuple[FrameInput, int]:
         stamp = conv.stamp_to_ns(image.header.stamp)
         gt = self.ground_truth.get(stamp)
-        pose = self.tf.lookup(self.world_frame, image.header.frame_id)
-        frame = FrameInput(image=image, camera_info=self.info, depth=self.depth, cam_pose=pose,
-                           voxel_origin=None if gt is None else gt.voxel_origin, pose_error=self.tf_error)
+        error: FrameError | None = None
+        info = depth = None
+        try:
+            info, depth = self.partners.match(stamp, wait=False)
+        except FrameError as exc:
+            error = exc
+        pose, pose_error = self._pose(image)
+        frame = FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose,
+                           voxel_origin=None if gt is None else gt.voxel_origin,
+                           pose_error=error or self.tf_error or pose_error)
         self.tf_error = None
         return frame, bag_t
 
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
-        pending: tuple[Any, int] | None = None
+        pending: deque[tuple[Any, int]] = deque()
         messages = self.reader.messages(connections=self.connections)
         while True:
             try:
@@ -168,23 +221,22 @@ class BagFrames:
             except Exception as exc:  # truncated chunk, bad CDR, sqlite errors ...
                 self.error = f"bag read failed after {self.images} images: {type(exc).__name__}: {exc}"
                 break
-            if pending is not None and bag_t > pending[1]:
-                yield self._complete(*pending)
-                pending = None
             if conn.topic == self.image_topic:
                 self.images += 1
-                pending = (msg, bag_t)
+                pending.append((msg, bag_t))
             elif conn.topic == self.info_topic:
-                self.info = msg
+                self.partners.info.add(msg)
             elif conn.topic == self.depth_topic:
-                self.depth = msg
+                self.partners.depth.add(msg)
             else:
                 try:
-                    self.tf.add_message(msg)
+                    self.tf.add_message(msg, static=conn.topic == bag_io.TF_STATIC_TOPIC)
                 except FrameError as exc:
                     self.tf_error = exc
-        if pending is not None:
-            yield self._complete(*pending)
+            while pending and self._settled(*pending[0], bag_t):
+                yield self._complete(*pending.popleft())
+        while pending:
+            yield self._complete(*pending.popleft())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -342,7 +394,9 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
            device: str | None = "cpu", out: str | Path = "discene_replay", realtime: bool = False,
            max_frames: int | None = None, storage: str = "mcap", image_topic: str | None = None,
            world_frame: str = bag_io.WORLD_FRAME, score_threshold: float | None = None, use_fallback_pose: bool = True,
-           n_renders: int = 3, progress: bool = True, pipeline: Any = None, report: bool = False) -> ReplayResult:
+           n_renders: int = 3, progress: bool = True, pipeline: Any = None, report: bool = False, *,
+           info_topic: str | None = None, depth_topic: str | None = None, use_depth: bool | None = None,
+           sync_tolerance_s: float = 0.02, sync_wait_s: float = 0.5, base_frame: str = "base_link") -> ReplayResult:
     """Replay a bag; returns the summary (``frames``, ``fps``, ``latency_ms``, ``iou``, ``miou``, ...).
 
     Raises BagError when the bag cannot be opened; a bag that fails part-way ends the replay early
@@ -365,15 +419,22 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
                                   prefer=(bag_io.IMAGE_TOPIC, bag_io.COMPRESSED_TOPIC), exclude_word="depth")
         if topic is None:
             raise bag_io.BagError(f"bag {bag} has no sensor_msgs/Image or CompressedImage topic")
-        info_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/CameraInfo",), prefer=(bag_io.CAMERA_INFO_TOPIC,))
-        depth_topic = bag_io.pick_topic(reader, None, ("sensor_msgs/msg/Image",), prefer=(bag_io.DEPTH_TOPIC,),
-                                        include_word="depth") if config.use_depth else None
+        use_depth = config.use_depth if use_depth is None else use_depth
+        if use_depth and not config.use_depth:
+            raise ValueError(f"--use-depth: model '{config.name}' has no depth branch (use a DiScene-dagger model)")
+        info_topic = bag_io.pick_topic(reader, info_topic, ("sensor_msgs/msg/CameraInfo",),
+                                       prefer=(bag_io.CAMERA_INFO_TOPIC,))
+        depth_topic = bag_io.pick_topic(reader, depth_topic, ("sensor_msgs/msg/Image",), prefer=(bag_io.DEPTH_TOPIC,),
+                                        include_word="depth") if use_depth else None
+        if use_depth and depth_topic is None:
+            raise bag_io.BagError(f"bag {bag} has no depth image topic (name containing 'depth'); give --depth-topic")
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
-        processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=config.use_depth,
+        processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth, depth_max_offset_s=sync_tolerance_s,
                                                                use_fallback_pose=use_fallback_pose))
-        frames = BagFrames(reader, topic, info_topic, depth_topic, world_frame, gt)
+        frames = BagFrames(reader, topic, info_topic, depth_topic, world_frame, gt, processor,
+                           sync_tolerance_s, sync_wait_s, base_frame)
         factory = TypestoreFactory(bag_io.typestore())
         total = sum(c.msgcount for c in reader.connections if c.topic == topic)
         start = time.perf_counter()
@@ -390,6 +451,7 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
         summary = _summary(bag, pipeline, rep, wall, realtime, evaluator, errors, out / "occupancy_bag", topic, gt)
         summary.update(_warm_up(rep, end))
+        summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         result = ReplayResult(summary, rep.renders)
         if report:
             write_outputs(out, summary, rep.renders, stage)
@@ -463,8 +525,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the summary as JSON here")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many colour images (default: all)")
     parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
+    parser.add_argument("--camera-info-topic", default=None, help="CameraInfo topic (default: auto-detect)")
+    parser.add_argument("--depth-topic", default=None, help="aligned depth topic (default: auto-detect)")
+    depth = parser.add_mutually_exclusive_group()
+    depth.add_argument("--use-depth", dest="use_depth", action="store_true", default=None,
+                       help="pair depth with each image and feed it to the model (default: when the model has a "
+                            "depth branch)")
+    depth.add_argument("--no-depth", dest="use_depth", action="store_false", help="ignore depth topics")
     parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME,
                         help=f"TF frame the camera pose is looked up in and outputs are published in (default: {bag_io.WORLD_FRAME})")
+    parser.add_argument("--base-frame", default="base_link",
+                        help="robot frame of the camera mount, for the fallback pose when world_frame is not in TF")
+    parser.add_argument("--no-fallback-pose", action="store_true",
+                        help="skip frames without a TF pose instead of using the fallback camera pose")
+    parser.add_argument("--sync-tolerance", type=float, default=0.02,
+                        help="largest stamp difference of colour vs depth / camera info, s")
+    parser.add_argument("--sync-wait", type=float, default=0.5,
+                        help="how long (bag time, s) a colour image waits for its depth, camera info and TF")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="occupancy score threshold (default: the model config's)")
     parser.add_argument("--renders", type=int, default=3, help="frames rendered into the report")
@@ -475,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = replay(args.bag, args.model, args.backend, None if args.device == "auto" else args.device, out,
                         args.realtime, args.max_frames, args.storage, args.image_topic, args.world_frame,
-                        args.score_threshold, n_renders=args.renders, progress=not args.no_progress, report=True)
+                        args.score_threshold, not args.no_fallback_pose, n_renders=args.renders,
+                        progress=not args.no_progress, info_topic=args.camera_info_topic, depth_topic=args.depth_topic,
+                        use_depth=args.use_depth, sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait,
+                        base_frame=args.base_frame, report=True)
     except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so
         summary = empty_summary(bag, str(exc))
         report = write_outputs(out, summary, [])
@@ -499,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("no ground truth in the bag: IoU/mIoU not computed")
     print(f"report: {report}\noutput bag: {s['output_bag']}")
+    if s.get("fallback_pose_note"):
+        print(f"discene-replay: WARNING: {s['fallback_pose_note']}", file=sys.stderr)
+    if s["frames"] == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped_by_reason"].items())) or "no colour image read"
+        print(f"discene-replay: error: no frame was processed ({reasons})", file=sys.stderr)
+        return 3
     if s["error"]:
         print(f"discene-replay: the bag ended early: {s['error']}", file=sys.stderr)
         return 1

@@ -2,48 +2,87 @@
 """Launch the DiScene occupancy node (and optionally RViz 2 with the shipped config).
 
     ros2 launch discene_ros occupancy.launch.py image_topic:=/camera/color/image_raw world_frame:=odom rviz:=true
+    ros2 launch discene_ros occupancy.launch.py params_file:=my_robot.yaml
 
-Parameters come from ``config/occupancy.yaml`` (``params_file``); the launch arguments below
-override the most common ones. Their defaults equal the YAML defaults.
+Parameters come from ``params_file`` (default: the shipped config/occupancy.yaml). The launch
+arguments below override single parameters, and only when given: an argument left out keeps the
+value of ``params_file``. Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
+``world_frame`` as its fixed frame.
 """
+from pathlib import Path
+
+import yaml
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-PACKAGE = "discene_ros"
+from discene_ros.params import NODE_NAME, PARAMS_BY_NAME
 
-# (name, default, type of the node parameter, description); type None = launch-only argument
-ARGUMENTS = (
-    ("model_path", "", str, "Checkpoint (.pt), ONNX (.onnx) or TensorRT engine (.engine); empty = shipped lite model"),
-    ("backend", "torch", str, "torch, onnxruntime or tensorrt"),
-    ("device", "auto", str, "torch device: auto, cpu or cuda"),
-    ("image_topic", "/camera/color/image_raw", str, "RGB image topic"),
-    ("use_compressed", "false", bool, "Subscribe to <image_topic>/compressed instead"),
-    ("camera_info_topic", "/camera/color/camera_info", str, "CameraInfo topic of the RGB image"),
-    ("depth_topic", "/camera/aligned_depth_to_color/image_raw", str, "Aligned depth topic (16UC1 mm / 32FC1 m)"),
-    ("use_depth", "false", bool, "Use the depth topic (DiScene-dagger models)"),
-    ("world_frame", "odom", str, "Gravity-aligned frame of the grid and outputs"),
-    ("use_fallback_pose", "true", bool, "Use the fixed camera height/pitch when TF has no camera pose"),
-    ("score_threshold", "-1.0", float, "Occupancy score threshold; negative = the model's own"),
-    ("rviz", "false", None, "Start RViz 2 with rviz/discene.rviz"),
-)
+PACKAGE = "discene_ros"
+# Node parameters offered as launch arguments (type, description and default come from discene_ros/params.py).
+LAUNCH_PARAMETERS = ("model_path", "backend", "device", "image_topic", "use_compressed", "camera_info_topic",
+                     "depth_topic", "use_depth", "world_frame", "use_fallback_pose", "score_threshold")
+NOT_GIVEN = ""  # default of those arguments: keep the params_file value
+
+
+def typed_value(name: str, text: str):
+    """A launch argument string as the node parameter's type; bool only as true/false. Strings stay
+    strings (launch_ros would otherwise read e.g. a topic "123" as YAML)."""
+    kind = PARAMS_BY_NAME[name].kind
+    if kind == "bool":
+        if text.strip().lower() not in ("true", "false"):
+            raise ValueError(f"launch argument {name}:={text}: booleans are true or false")
+        return text.strip().lower() == "true"
+    if kind == "float":
+        return float(text)
+    if kind == "int":
+        return int(text)
+    return ParameterValue(text, value_type=str)
+
+
+def file_parameters(path: str) -> dict:
+    """ros__parameters of this node in a parameter file (wildcard entries first, then its own name)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    values = {}
+    for key in ("/**", NODE_NAME, "/" + NODE_NAME, "/**/" + NODE_NAME):
+        values.update((data.get(key) or {}).get("ros__parameters", {}))
+    return values
+
+
+def start_nodes(context, *args, **kwargs):
+    """Node and RViz actions from the launch arguments the user actually gave."""
+    params_file = LaunchConfiguration("params_file").perform(context)
+    given = {name: value for name in LAUNCH_PARAMETERS
+             if (value := LaunchConfiguration(name).perform(context)) != NOT_GIVEN}
+    overrides = {name: typed_value(name, value) for name, value in given.items()}
+    world_frame = given.get("world_frame",
+                            file_parameters(params_file).get("world_frame", PARAMS_BY_NAME["world_frame"].default))
+    share = FindPackageShare(PACKAGE)
+    return [
+        # namespace "": the name is then fully qualified, so launch_ros files the overrides under the
+        # node's own name, which rcl applies over /** entries and over earlier files (a given argument wins)
+        Node(package=PACKAGE, executable="occupancy_node", name=NODE_NAME, namespace="", output="screen",
+             parameters=[params_file, overrides] if overrides else [params_file]),
+        Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
+             arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"]), "-f", world_frame],
+             condition=IfCondition(LaunchConfiguration("rviz"))),
+    ]
 
 
 def generate_launch_description() -> LaunchDescription:
     share = FindPackageShare(PACKAGE)
     actions = [DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([share, "config", "occupancy.yaml"]),
                                      description="ROS 2 parameter file of the node")]
-    actions += [DeclareLaunchArgument(name, default_value=default, description=text)
-                for name, default, _, text in ARGUMENTS]
-    overrides = {name: ParameterValue(LaunchConfiguration(name), value_type=kind)
-                 for name, _, kind, _ in ARGUMENTS if kind is not None}
-    actions.append(Node(package=PACKAGE, executable="occupancy_node", name="discene_occupancy", output="screen",
-                        parameters=[LaunchConfiguration("params_file"), overrides]))
-    actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
-                        arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"])],
-                        condition=IfCondition(LaunchConfiguration("rviz"))))
+    for name in LAUNCH_PARAMETERS:
+        spec = PARAMS_BY_NAME[name]
+        actions.append(DeclareLaunchArgument(
+            name, default_value=NOT_GIVEN,
+            description=f"{spec.description} ({spec.kind}; left out: the params_file value, shipped default "
+                        f"{spec.default!r})"))
+    actions.append(DeclareLaunchArgument("rviz", default_value="false", description="Start RViz 2 (true/false)"))
+    actions.append(OpaqueFunction(function=start_nodes))
     return LaunchDescription(actions)

@@ -23,7 +23,7 @@ def test_package_xml_is_format3_ament_python_with_ros_dependencies():
     assert root.findtext("name") == "discene_ros"
     assert root.find("export/build_type").text == "ament_python"
     deps = {e.text for e in root if e.tag.endswith("depend")}
-    for needed in ("rclpy", "sensor_msgs", "visualization_msgs", "diagnostic_msgs", "tf2_ros", "cv_bridge",
+    for needed in ("rclpy", "sensor_msgs", "visualization_msgs", "diagnostic_msgs", "tf2_ros_py", "cv_bridge",
                    "launch_ros"):
         assert needed in deps, needed
     assert (ROOT / "resource" / "discene_ros").is_file()

@@ -1,40 +1,38 @@
-"""rclpy wiring against its API contract (fake rclpy module tree), parameter file, launch file, RViz config.
+"""The rclpy node against a fake rclpy built from the real one, its parameter file, RViz config, package.xml.
 
-No ROS 2 is installed here: these tests check what the node asks of rclpy (parameters with
-descriptors and ranges, QoS, topics, init/shutdown order) and that frames fed to its callbacks
-come out as valid ROS 2 messages (serialised with the real Humble definitions). They do not
-prove behaviour inside a real ROS 2 graph.
+No ROS 2 is installed here. The fake ``rclpy.node.Node`` (test_ros_support) carries every member of
+the real class, read from ../shared/ros2-python/*/rclpy/node.py, and enters ``self.handle`` in
+``__init__`` as rclpy does; declare_parameter raises rclpy's exception classes; publishing after
+shutdown fails as in rclpy. Published messages are serialised with the real Humble definitions.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
+import importlib
+import subprocess
 import sys
+import threading
 import time
-import types
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from rosbags.typesys import Stores, get_typestore
-from test_ros_support import BlockBackend, FakeRos, install_fake_rclpy, pipeline_for
+from test_ros_support import BlockBackend, FakeRos, install_fake_rclpy, pipeline_for, real_node_members
 
+import discene_ros.node
 from discene_ros import conversions as conv
-from discene_ros import node as node_mod
 from discene_ros import params as P
+from discene_ros.camera_pose import mount_height_pitch
 from discene_ros.msg_factory import TypestoreFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = get_typestore(Stores.ROS2_HUMBLE)
 F = TypestoreFactory(STORE)
 K = np.array([[100.0, 0, 64], [0, 100, 48], [0, 0, 1]])
-
-
-def test_module_imports_without_ros():
-    assert "rclpy" not in sys.modules or isinstance(sys.modules["rclpy"], types.ModuleType)
-    with pytest.raises(ImportError, match="source your ROS 2"):
-        node_mod.make_node_class()
+RGB = np.full((96, 128, 3), 90, np.uint8)
+MS = 1_000_000
 
 
 def _wait(predicate, timeout=10.0):
@@ -53,146 +51,327 @@ def _as_numpy_data(msg):
 
 
 @pytest.fixture()
-def fake_node(monkeypatch):
-    ros = FakeRos(STORE, overrides={"world_frame": "map", "warn_throttle_s": 60.0, "use_fallback_pose": False})
-    install_fake_rclpy(monkeypatch, ros)
-    backend = BlockBackend(delay_s=0.03)
-    node = node_mod.make_node_class()(pipeline=pipeline_for(backend))
-    yield ros, node, backend
-    node.destroy_node()
+def ros():
+    """(FakeRos, discene_ros.node reloaded against the fake rclpy); the real module is restored after."""
+    mp = pytest.MonkeyPatch()
+    fake = FakeRos(STORE)
+    install_fake_rclpy(mp, fake)
+    module = importlib.reload(discene_ros.node)
+    yield fake, module
+    for node in fake.nodes:
+        if not node.fake_destroyed and hasattr(node, "stop_event"):
+            node.destroy_node()
+    mp.undo()
+    importlib.reload(discene_ros.node)
 
 
-def test_parameters_qos_topics(fake_node):
-    ros, node, _ = fake_node
-    assert node.name == P.NODE_NAME
-    assert list(node.parameters) == [p.name for p in P.PARAMETERS]
+def make_node(ros, backend=None, **overrides):
+    fake, module = ros
+    fake.overrides.update(overrides)
+    return module.OccupancyNode(pipeline=pipeline_for(backend or BlockBackend()))
+
+
+def depth_config():
+    cfg = BlockBackend().config
+    cfg.use_depth = True
+    return cfg
+
+
+def published(node, topic):
+    return {p.topic: p for p in node.publishers}[topic].published
+
+
+# ----------------------------------------------------------------------------- construction and rclpy's API
+def test_module_imports_without_ros_and_main_says_so(capsys):
+    assert discene_ros.node.ROS_IMPORT_ERROR is not None  # no ROS 2 here
+    assert discene_ros.node.main([]) == 1
+    assert "source your ROS 2" in capsys.readouterr().err
+
+
+def test_node_shadows_no_member_of_rclpys_node(ros):
+    members = real_node_members()
+    if not members:
+        pytest.skip("../shared/ros2-python is absent: rclpy's real Node members are unknown")
+    node = make_node(ros)
+    own_class = set(vars(ros[1].OccupancyNode))
+    own_instance = set(vars(node)) - set(vars(ros[1].Node("plain")))  # what OccupancyNode itself assigns
+    for distro, names in members.items():
+        assert "handle" in names and names["handle"] == "property", distro
+        assert own_class & set(names) <= {"__init__", "destroy_node", "__doc__", "__module__"}, distro
+        assert not own_instance & set(names), distro
+
+
+def test_the_fake_node_catches_a_shadowed_handle(ros):
+    """The defect that shipped: a method named `handle` breaks Node.__init__ (it enters self.handle)."""
+    class Broken(ros[1].OccupancyNode):
+        def handle(self, frame):
+            return None
+
+    with pytest.raises((AttributeError, TypeError)):
+        Broken(pipeline=pipeline_for(BlockBackend()))
+
+
+def test_parameters_qos_topics(ros):
+    node = make_node(ros, world_frame="map")
+    assert node.get_name() == P.NODE_NAME
+    assert list(node._parameters) == [p.name for p in P.PARAMETERS]
     for spec in P.PARAMETERS:
-        default, descriptor = node.parameters[spec.name]
-        assert default == spec.default and descriptor.description == spec.description
+        descriptor = node.describe_parameter(spec.name)
+        assert descriptor.description == spec.description and descriptor.read_only
         if spec.range:
             (rng,) = descriptor.floating_point_range
             assert (rng.from_value, rng.to_value) == spec.range
-    assert P.defaults()["score_threshold"] < 0  # default: keep the model's own threshold
-    assert node.pipeline.config.score_threshold == node.pipeline.backend.config.score_threshold == 0.5
     assert node.cfg["world_frame"] == "map"
-    subs = {topic: (t.msgtype, qos) for t, topic, _, qos in node.subscriptions}
+    assert node.pipeline.config.score_threshold == 0.5  # negative default: the model's own threshold
+    subs = {s.topic: s for s in node.subscriptions}
     assert set(subs) == {"/camera/color/image_raw", "/camera/color/camera_info"}  # no depth: use_depth false
-    assert subs["/camera/color/image_raw"][0] == "sensor_msgs/msg/Image"
-    for _, qos in subs.values():
-        assert qos.depth == 1 and qos.reliability == "best_effort" and qos.history == "keep_last"
-    pubs = {p.topic: p.msg_type.msgtype for p in node.publishers}
-    assert pubs == {P.TOPIC_CLOUD: "sensor_msgs/msg/PointCloud2", P.TOPIC_GRID_POSE: "geometry_msgs/msg/PoseStamped",
-                    P.TOPIC_MARKERS: "visualization_msgs/msg/MarkerArray",
-                    P.TOPIC_DIAGNOSTICS: "diagnostic_msgs/msg/DiagnosticArray"}
+    assert subs["/camera/color/image_raw"].msg_type.msgtype == "sensor_msgs/msg/Image"
+    assert subs["/camera/color/image_raw"].callback == node.image_callback
+    for sub in subs.values():
+        assert sub.qos.depth == 1 and sub.qos.reliability == "best_effort" and sub.qos.history == "keep_last"
+    assert {p.topic: p.msg_type.msgtype for p in node.publishers} == {
+        P.TOPIC_CLOUD: "sensor_msgs/msg/PointCloud2", P.TOPIC_GRID_POSE: "geometry_msgs/msg/PoseStamped",
+        P.TOPIC_MARKERS: "visualization_msgs/msg/MarkerArray", P.TOPIC_DIAGNOSTICS: "diagnostic_msgs/msg/DiagnosticArray"}
     assert node.timers[0][0] == P.defaults()["diagnostics_period_s"]
 
 
-def test_compressed_and_depth_subscriptions(monkeypatch):
-    ros = FakeRos(STORE, overrides={"use_compressed": True, "use_depth": True})
-    install_fake_rclpy(monkeypatch, ros)
-    cfg = BlockBackend().config
-    cfg.use_depth = True
-    node = node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend(cfg)))
-    try:
-        subs = {topic: t.msgtype for t, topic, _, _ in node.subscriptions}
-        assert subs["/camera/color/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
-        assert subs["/camera/aligned_depth_to_color/image_raw"] == "sensor_msgs/msg/Image"
-    finally:
-        node.destroy_node()
+def test_compressed_and_depth_subscriptions(ros):
+    node = make_node(ros, BlockBackend(depth_config()), use_compressed=True, use_depth=True)
+    subs = {s.topic: s.msg_type.msgtype for s in node.subscriptions}
+    assert subs["/camera/color/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
+    assert subs["/camera/aligned_depth_to_color/image_raw"] == "sensor_msgs/msg/Image"
 
 
-def test_bad_parameter_value_is_refused(monkeypatch):
-    install_fake_rclpy(monkeypatch, FakeRos(STORE, overrides={"score_threshold": 1.5}))
-    with pytest.raises(ValueError, match="score_threshold"):
-        node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend()))
+def test_parameter_set_at_runtime_is_refused_not_ignored(ros):
+    """`ros2 param set` must not report success for a parameter the node reads only once."""
+    node = make_node(ros)
+    fake_param = type("P", (), {})()
+    fake_param.name, fake_param.value = "world_frame", "map"
+    (result,) = node.set_parameters([fake_param])
+    assert not result.successful and "read-only" in result.reason
+    assert node.cfg["world_frame"] == "odom"
 
 
-def test_non_negative_score_threshold_overrides_the_models(monkeypatch):
-    install_fake_rclpy(monkeypatch, FakeRos(STORE, overrides={"score_threshold": 0.3}))
-    node = node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend()))
-    try:
-        assert node.pipeline.config.score_threshold == 0.3
-    finally:
-        node.destroy_node()
+def test_non_negative_score_threshold_overrides_the_models(ros):
+    assert make_node(ros, score_threshold=0.3).pipeline.config.score_threshold == 0.3
 
 
-def test_frames_flow_drop_and_publish(fake_node):
-    ros, node, backend = fake_node
-    ros.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
-    info = conv.k_to_camera_info(F, K, 96, 128, "cam", 0)
-    node.on_camera_info(info)
-    rgb = np.full((96, 128, 3), 90, np.uint8)
+@pytest.mark.parametrize("overrides, text", [
+    ({"score_threshold": 1.5}, "out of range"),           # InvalidParameterValueException (descriptor range)
+    ({"sync_wait_s": "long"}, "expecting type"),          # InvalidParameterTypeException
+    ({"backend": "tensorflow"}, "unknown backend"),       # the backend factory's ValueError
+])
+def test_bad_parameters_end_in_cannot_start_not_a_traceback(ros, overrides, text, capsys, monkeypatch):
+    fake, module = ros
+    fake.overrides.update(overrides)
+    if "backend" not in overrides:
+        monkeypatch.setattr(module, "build_pipeline", lambda cfg: pipeline_for(BlockBackend()))
+    assert module.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("occupancy_node: cannot start:") and text in err.lower() and "Traceback" not in err
+    assert fake.calls == ["init", "try_shutdown"]
+
+
+def test_main_init_spin_destroy_shutdown(ros, monkeypatch):
+    fake, module = ros
+    monkeypatch.setattr(module, "build_pipeline", lambda cfg: pipeline_for(BlockBackend()))
+    assert module.main([]) == 0
+    assert fake.calls == ["init", "spin", "try_shutdown"] and fake.nodes[0].fake_destroyed
+    fake.spin_raises = sys.modules["rclpy.executors"].ExternalShutdownException
+    assert module.main([]) == 0
+
+
+def test_main_reports_a_missing_model_and_shuts_down(ros, tmp_path, capsys):
+    fake, module = ros
+    fake.overrides["model_path"] = str(tmp_path / "missing.pt")
+    assert module.main([]) == 1
+    assert fake.calls == ["init", "try_shutdown"]
+    assert "missing.pt not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- frames
+def test_frames_flow_drop_and_publish(ros):
+    fake, _ = ros
+    node = make_node(ros, BlockBackend(delay_s=0.03), world_frame="map", warn_throttle_s=60.0)
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     for i in range(20):  # 20 frames in ~0.1 s against a 30 ms backend
-        node.on_image(conv.rgb_to_image(F, rgb, "cam", 1_000 + i))
+        stamp = 1_000 * MS + i * MS
+        node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+        node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
         time.sleep(0.005)
-    pubs = {p.topic: p for p in node.publishers}
     assert _wait(lambda: node.stats.processed + node.stats.dropped == 20)
-    assert node.stats.dropped > 0 and node.stats.processed == backend.calls
-    clouds = pubs[P.TOPIC_CLOUD].published
-    assert len(clouds) == node.stats.processed and conv.stamp_to_ns(clouds[-1].header.stamp) == 1_019
+    assert node.stats.dropped > 0 and node.stats.processed == node.pipeline.backend.calls
+    clouds = published(node, P.TOPIC_CLOUD)
+    assert len(clouds) == node.stats.processed and conv.stamp_to_ns(clouds[-1].header.stamp) == 1_019 * MS
     cloud = clouds[-1]
-    assert cloud.header.frame_id == "map" and cloud.width == 40
-    assert cloud.data.typecode == "B"  # rclpy's uint8[] type
+    assert cloud.header.frame_id == "map" and cloud.width == 40 and cloud.data.typecode == "B"
     back = STORE.deserialize_cdr(STORE.serialize_cdr(_as_numpy_data(cloud), cloud.__msgtype__), cloud.__msgtype__)
     assert set(conv.pointcloud2_to_array(back)["label"]) == {3}
-    assert len(pubs[P.TOPIC_MARKERS].published) == len(clouds)
-    node.publish_diagnostics()
-    diag = pubs[P.TOPIC_DIAGNOSTICS].published[-1]
+    assert len(published(node, P.TOPIC_MARKERS)) == len(clouds)
+    assert {stamp for _, _, stamp, _ in fake.tf_lookups} <= {1_000 * MS + i * MS for i in range(20)}  # image stamps
+    node.diagnostics_timer_callback()
+    diag = published(node, P.TOPIC_DIAGNOSTICS)[-1]
     values = {kv.key: kv.value for kv in diag.status[0].values}
-    assert int(values["dropped"]) == node.stats.dropped and float(values["fps"]) > 0
+    assert int(values["dropped"]) == node.stats.dropped and float(values["fps"]) > 0 and values["pose_source"] == "TF"
     STORE.serialize_cdr(diag, diag.__msgtype__)
 
 
-def test_bad_frames_are_skipped_counted_and_throttled(fake_node):
-    ros, node, _ = fake_node
-    rgb = np.full((96, 128, 3), 90, np.uint8)
-    node.on_image(conv.rgb_to_image(F, rgb, "cam", 1))  # no camera info yet
+def test_bad_frames_are_skipped_counted_and_throttled(ros):
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", warn_throttle_s=60.0, use_fallback_pose=False, sync_wait_s=0.0)
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 1))  # no camera info yet
     assert _wait(lambda: node.stats.skipped["missing_camera_info"] == 1)
-    node.on_camera_info(conv.k_to_camera_info(F, K, 96, 128, "cam", 0))
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 0))
     for i in range(3):  # no TF and the fallback is disabled
-        node.on_image(conv.rgb_to_image(F, rgb, "cam", 10 + i))
+        node.image_callback(conv.rgb_to_image(F, RGB, "cam", 10 + i))
         assert _wait(lambda i=i: node.stats.skipped["missing_tf"] == i + 1)
-    ros.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
-    bad = conv.rgb_to_image(F, rgb, "cam", 20)
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    bad = conv.rgb_to_image(F, RGB, "cam", 20)
     bad.encoding = "bayer_rggb8"
-    node.on_image(bad)
-    short = conv.rgb_to_image(F, rgb, "cam", 21)
+    node.image_callback(bad)
+    short = conv.rgb_to_image(F, RGB, "cam", 21)
     short.data = short.data[:100]
     time.sleep(0.3)
-    node.on_image(short)
+    node.image_callback(short)
     wrong_size = conv.rgb_to_image(F, np.zeros((50, 128, 3), np.uint8), "cam", 22)
     time.sleep(0.3)
-    node.on_image(wrong_size)
+    node.image_callback(wrong_size)
     assert _wait(lambda: sum(node.stats.skipped.values()) == 7)
     assert node.stats.skipped["unsupported_encoding"] == 1 and node.stats.skipped["bad_image_size"] == 1
     assert node.stats.skipped["bad_camera_info"] == 1 and node.stats.processed == 0
-    warnings = [text for level, text in node.logger.records if level == "warn"]
+    warnings = [text for level, text in node.get_logger().records if level == "warn"]
     assert sum("missing_tf" in w for w in warnings) == 1  # throttled: 3 frames, one warning
     assert len(warnings) == 5
 
 
-def test_main_init_spin_shutdown_order(monkeypatch):
-    ros = FakeRos(STORE)
-    install_fake_rclpy(monkeypatch, ros)
-    monkeypatch.setattr(node_mod, "build_pipeline", lambda cfg: pipeline_for(BlockBackend()))
-    assert node_mod.main([]) == 0
-    assert ros.calls == ["init", "spin", "try_shutdown"]
-    assert ros.nodes[0].destroyed
+def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):
+    """A driver publishes aligned depth after the colour image: the newest depth when the colour frame
+    arrives is the previous one (67 ms old at 15 Hz). The frame must wait for its own."""
+    fake, _ = ros
+    node = make_node(ros, BlockBackend(depth_config()), use_depth=True, world_frame="map", sync_wait_s=2.0)
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    depth = np.full((96, 128), 2.0, np.float32)
+    previous = 1_000 * MS
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", previous))
+    node.depth_callback(conv.depth_to_image(F, depth, "cam", previous))
+    stamp = previous + 67 * MS
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
+    time.sleep(0.05)
+    assert node.stats.processed == 0 and not node.stats.skipped  # waiting for its depth
+    node.depth_callback(conv.depth_to_image(F, depth, "cam", stamp))
+    assert _wait(lambda: node.stats.processed == 1)
+    assert not node.stats.skipped
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp + 67 * MS))  # its depth never comes
+    node.depth_callback(conv.depth_to_image(F, depth, "cam", stamp + 200 * MS))  # a later one: stop waiting
+    assert _wait(lambda: node.stats.skipped["depth_not_synchronised"] == 1)
 
 
-def test_main_reports_a_missing_model_and_shuts_down(monkeypatch, tmp_path, capsys):
-    ros = FakeRos(STORE, overrides={"model_path": str(tmp_path / "missing.pt")})
-    install_fake_rclpy(monkeypatch, ros)
-    assert node_mod.main([]) == 1
-    assert ros.calls == ["init", "try_shutdown"]
-    assert "missing.pt not found" in capsys.readouterr().err
+def test_camera_info_arriving_a_fraction_of_a_ms_later_is_not_skipped(ros):
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", sync_wait_s=2.0)
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    stamp = 5_000 * MS
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
+    time.sleep(0.0003)
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    assert _wait(lambda: node.stats.processed == 1)
+    assert not node.stats.skipped
 
 
-def test_missing_model_is_a_clear_error(monkeypatch, tmp_path):
-    cfg = P.defaults()
-    cfg["model_path"] = str(tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match="model_path"):
-        node_mod.build_pipeline(cfg)
+def test_lagging_tf_skips_the_frame_instead_of_a_made_up_pose(ros):
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", tf_timeout_s=0.02)
+    lag = sys.modules["tf2_ros"].ExtrapolationException("Lookup would require extrapolation into the future")
+    fake.transforms[("map", "cam")] = lag
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 7 * MS))
+    assert _wait(lambda: node.stats.skipped["tf_not_ready"] == 1)
+    assert node.stats.processed == 0
+    target, source, stamp, timeout = fake.tf_lookups[0]
+    assert (target, source, stamp) == ("map", "cam", 7 * MS) and timeout.nanoseconds == 20 * MS
+
+
+def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
+    fake, _ = ros
+    node = make_node(ros, world_frame="odom", warn_throttle_s=60.0)
+    pitch = np.deg2rad(20.0)  # camera 0.62 m above base_link, looking along +x, pitched 20 deg down
+    forward = np.array([np.cos(pitch), 0.0, -np.sin(pitch)])
+    right = np.array([0.0, -1.0, 0.0])
+    mount = np.eye(4)
+    mount[:3, 0], mount[:3, 1], mount[:3, 2] = right, np.cross(forward, right), forward
+    mount[:3, 3] = [0.1, 0.0, 0.62]
+    fake.transforms[("base_link", "cam")] = conv.matrix_to_transform_stamped(F, mount, "base_link", "cam", 0)
+    for i in range(3):
+        node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", (10 + i) * MS))
+        node.image_callback(conv.rgb_to_image(F, RGB, "cam", (10 + i) * MS))
+        assert _wait(lambda i=i: node.stats.processed == i + 1)
+    height, pitch_deg = mount_height_pitch(node.processor.fallback_pose)
+    assert height == pytest.approx(0.62) and pitch_deg == pytest.approx(20.0)
+    errors = [text for level, text in node.get_logger().records if level == "error"]
+    assert len(errors) == 1 and "FALLBACK" in errors[0] and "0.62 m" in errors[0] and "20.0 deg" in errors[0]
+    node.diagnostics_timer_callback()
+    status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
+    values = {kv.key: kv.value for kv in status.values}
+    assert values["pose_source"].startswith("FALLBACK") and status.level >= 1
+    assert sum(lookup[:2] == ("odom", "cam") for lookup in fake.tf_lookups) == 1  # no tf_timeout_s wait per frame
+    fake.transforms[("odom", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
+    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 20 * MS))
+    assert _wait(lambda: node.stats.processed == 4)
+    node.diagnostics_timer_callback()
+    values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
+    assert values["pose_source"] == "TF"
+
+
+def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
+    """rclpy's SIGINT handler shuts the context down before destroy_node: the in-flight frame must not
+    publish on the invalid context nor end the thread with an exception."""
+    fake, _ = ros
+    node = make_node(ros, BlockBackend(delay_s=0.3), world_frame="map")
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    crashes = []
+    previous_hook = threading.excepthook
+    threading.excepthook = crashes.append
+    try:
+        node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 3 * MS))
+        node.image_callback(conv.rgb_to_image(F, RGB, "cam", 3 * MS))
+        assert _wait(lambda: node.pipeline.backend.calls == 1)
+        fake.context.shutdown()  # Ctrl-C
+        node.destroy_node()
+    finally:
+        threading.excepthook = previous_hook
+    assert not node.inference_thread.is_alive() and not crashes
+    assert not node.stats.skipped and not published(node, P.TOPIC_CLOUD)
+
+
+# ----------------------------------------------------------------------------- entry point, files
+def _run_entry(*args: str, block_torch: bool) -> subprocess.CompletedProcess:
+    blocker = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch' or name.startswith('torch.'):\n"
+               "            raise ModuleNotFoundError(\"No module named 'torch'\")\n"
+               "sys.meta_path.insert(0, Block())\n") if block_torch else ""
+    code = blocker + f"from discene_ros.entry import occupancy_node\nsys.exit(occupancy_node({list(args)!r}))\n"
+    return subprocess.run([sys.executable, "-c", "import sys\n" + code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_entry_without_torch_prints_one_clear_line():
+    proc = _run_entry(block_torch=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "torch is not installed" in lines[0] and "--system-site-packages" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_entry_help_needs_neither_torch_nor_ros():
+    proc = _run_entry("--help", block_torch=True)
+    assert proc.returncode == 0 and "usage: ros2 run discene_ros occupancy_node" in proc.stdout
+    assert all(spec.name in proc.stdout for spec in P.PARAMETERS)
+
+
+def test_entry_with_torch_but_without_ros_says_to_source_ros():
+    proc = _run_entry(block_torch=False)
+    assert proc.returncode == 1 and "source your ROS 2" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_yaml_mirrors_the_parameter_table():
@@ -205,52 +384,6 @@ def test_yaml_mirrors_the_parameter_table():
         P.validate({"fallback_camera_pitch_deg": 120.0})
 
 
-class _Recorder:
-    """Fake launch / launch_ros classes: keep their constructor arguments."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-
-def test_launch_file_structure(monkeypatch):
-    """Imports launch/occupancy.launch.py with recording stand-ins of launch and launch_ros."""
-    modules = {}
-    for name, classes in {
-        "launch": ["LaunchDescription"], "launch.actions": ["DeclareLaunchArgument"],
-        "launch.conditions": ["IfCondition"], "launch.substitutions": ["LaunchConfiguration", "PathJoinSubstitution"],
-        "launch_ros": [], "launch_ros.actions": ["Node"], "launch_ros.parameter_descriptions": ["ParameterValue"],
-        "launch_ros.substitutions": ["FindPackageShare"],
-    }.items():
-        mod = types.ModuleType(name)
-        for cls in classes:
-            setattr(mod, cls, type(cls, (_Recorder,), {}))
-        modules[name] = mod
-    for name, mod in modules.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    spec = importlib.util.spec_from_file_location("occupancy_launch", ROOT / "launch" / "occupancy.launch.py")
-    launch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch)
-    desc = launch.generate_launch_description()
-    actions = desc.args[0]
-    declared = {a.args[0]: a.kwargs["default_value"] for a in actions if type(a).__name__ == "DeclareLaunchArgument"}
-    assert {"model_path", "backend", "image_topic", "camera_info_topic", "depth_topic", "use_depth", "world_frame",
-            "score_threshold", "rviz", "params_file"} <= set(declared)
-    yaml_defaults = P.defaults()
-    for name, default, kind, _ in launch.ARGUMENTS:
-        if kind is not None:  # launch defaults equal the YAML defaults, typed like the node parameter
-            assert yaml.safe_load(default or "''") == yaml_defaults[name], name
-            assert P.PARAMS_BY_NAME[name].kind == {str: "string", bool: "bool", float: "float"}[kind]
-    nodes = [a for a in actions if type(a).__name__ == "Node"]
-    occ, rviz = nodes
-    assert (occ.kwargs["package"], occ.kwargs["executable"]) == ("discene_ros", "occupancy_node")
-    params_file, overrides = occ.kwargs["parameters"]
-    assert params_file.args == ("params_file",)
-    assert overrides["use_depth"].kwargs["value_type"] is bool and overrides["model_path"].kwargs["value_type"] is str
-    assert rviz.kwargs["executable"] == "rviz2" and rviz.kwargs["condition"].args[0].args == ("rviz",)
-    assert rviz.kwargs["arguments"][0] == "-d" and rviz.kwargs["arguments"][1].args[0][1:] == ["rviz", "discene.rviz"]
-    ast.parse((ROOT / "launch" / "occupancy.launch.py").read_text())  # and it is plain Python
-
-
 def test_rviz_config_has_occupancy_displays():
     config = yaml.safe_load((ROOT / "rviz" / "discene.rviz").read_text())
     displays = {d["Class"]: d for d in config["Visualization Manager"]["Displays"]}
@@ -258,33 +391,45 @@ def test_rviz_config_has_occupancy_displays():
     assert cloud["Topic"]["Value"] == "/" + P.TOPIC_CLOUD and cloud["Color Transformer"] == "RGB8"
     assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/" + P.TOPIC_MARKERS
     assert displays["rviz_default_plugins/Pose"]["Topic"]["Value"] == "/" + P.TOPIC_GRID_POSE
-    assert config["Visualization Manager"]["Global Options"]["Fixed Frame"] == P.defaults()["world_frame"]
-    # setup.py installs these files where ros2 launch finds them
-    setup = (ROOT / "setup.py").read_text()
-    assert "launch/*.launch.py" in setup and "rviz/*.rviz" in setup and "config/*.yaml" in setup
+
+
+def test_package_xml_uses_only_rosdep_keys_that_exist():
+    """`rosdep install` stops on a key it does not know (ament_python was one): every dependency must be
+    a release package or rosdep key of Humble and Jazzy (tests/data/rosdep_keys.yaml, from rosdistro)."""
+    known = yaml.safe_load((ROOT / "tests" / "data" / "rosdep_keys.yaml").read_text())["distros"]
+    root = ET.parse(ROOT / "package.xml").getroot()
+    deps = [el.text.strip() for el in root if el.tag.endswith("depend")]
+    assert "ament_python" not in deps and "tf2_ros" not in deps  # the C++ package; Python is tf2_ros_py
+    for required in ("tf2_ros_py", "rcl_interfaces", "builtin_interfaces", "ros2launch", "python3-pil"):
+        assert required in deps
+    for distro, keys in known.items():
+        assert not set(deps) - set(keys), (distro, set(deps) - set(keys))
+    assert root.find("export/build_type").text == "ament_python"
 
 
 def test_robot_side_modules_do_not_import_training_or_rosbags():
     """A robot installs no training extras and needs no rosbags: the node side must not import them."""
-    import subprocess
-
-    code = ("import sys, discene_ros.node, discene_ros.processing, discene_ros.conversions, discene_ros.msg_factory; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'training', 'rosbags', 'rclpy', 'cv2', 'scipy'}); "
+    code = ("import sys, discene_ros.node, discene_ros.entry, discene_ros.processing, discene_ros.conversions; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'training', 'rosbags', 'cv2', 'scipy'}); "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_with_real_rclpy_where_installed():
-    """On a machine with ROS 2 sourced: the node starts under real rclpy with its declared parameters."""
+    """On a machine with ROS 2 sourced: the node starts under real rclpy with read-only parameters."""
     rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed here")
+    from rclpy.parameter import Parameter
+
     rclpy.init()
     try:
-        node = node_mod.make_node_class()(pipeline=pipeline_for(BlockBackend()))
+        node = discene_ros.node.OccupancyNode(pipeline=pipeline_for(BlockBackend()))
         try:
             assert node.get_parameter("world_frame").value == P.defaults()["world_frame"]
             rng = node.describe_parameter("score_threshold").floating_point_range[0]
             assert (rng.from_value, rng.to_value) == P.PARAMS_BY_NAME["score_threshold"].range
+            (result,) = node.set_parameters([Parameter("world_frame", value="map")])
+            assert not result.successful
         finally:
             node.destroy_node()
     finally:

@@ -6,9 +6,11 @@ definitions from the rosbags typestore, so published messages can be CDR-seriali
 """
 from __future__ import annotations
 
+import ast
 import sys
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,53 @@ def pipeline_for(backend: Backend) -> OccupancyPipeline:
 
 
 # ----------------------------------------------------------------------------- fake rclpy
+ROS2_PYTHON = Path(__file__).resolve().parents[2] / "shared" / "ros2-python"
+DISTROS = ("humble", "jazzy")
+
+
+def real_node_members() -> dict[str, dict[str, str]]:
+    """{distro: {member: "property" | "method" | "attribute"}} of rclpy's real ``Node`` class, read with
+    ``ast`` from ../shared/ros2-python/<distro>/rclpy/node.py (importing it needs the C extension);
+    attributes are what ``Node.__init__`` and its methods assign on ``self``. Empty when absent."""
+    out: dict[str, dict[str, str]] = {}
+    for distro in DISTROS:
+        path = ROS2_PYTHON / distro / "rclpy" / "node.py"
+        if not path.is_file():
+            continue
+        tree = ast.parse(path.read_text())
+        (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Node"]
+        members: dict[str, str] = {}
+        for item in cls.body:
+            if isinstance(item, ast.FunctionDef):
+                is_property = any(getattr(d, "id", None) == "property" or getattr(d, "attr", None) == "setter"
+                                  for d in item.decorator_list)
+                members[item.name] = "property" if is_property else "method"
+            elif isinstance(item, ast.Assign):
+                members.update({t.id: "attribute" for t in item.targets if isinstance(t, ast.Name)})
+        for node in ast.walk(cls):
+            if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                    and isinstance(node.value, ast.Name) and node.value.id == "self"):
+                name = f"_Node{node.attr}" if node.attr.startswith("__") else node.attr
+                members.setdefault(name, "attribute")
+        out[distro] = {(f"_Node{k}" if k.startswith("__") and not k.endswith("__") else k): v
+                       for k, v in members.items()}
+    return out
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self._ok = False
+
+    def ok(self) -> bool:
+        return self._ok
+
+    def init(self) -> None:
+        self._ok = True
+
+    def shutdown(self) -> None:
+        self._ok = False
+
+
 class FakeRos:
     """Everything the node asked of the fake rclpy, for assertions."""
 
@@ -85,8 +134,13 @@ class FakeRos:
         self.calls: list[str] = []
         self.nodes: list[Any] = []
         self.qos: list[Any] = []
-        self.transforms: dict[tuple[str, str], Any] = {}   # (target, source) -> TransformStamped
+        self.context = FakeContext()
+        self.context.init()  # tests build nodes directly, as after rclpy.init()
+        # (target, source) -> TransformStamped, or an exception instance to raise (e.g. extrapolation)
+        self.transforms: dict[tuple[str, str], Any] = {}
+        self.tf_lookups: list[tuple[str, str, int, Any]] = []
         self.spin_raises: type[BaseException] = KeyboardInterrupt
+        self.spin_hook: Any = None
 
 
 def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
@@ -109,9 +163,54 @@ def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
     return mod
 
 
+def _exceptions_module() -> types.ModuleType:
+    """rclpy.exceptions with the real parameter exception hierarchy (rclpy/exceptions.py)."""
+    mod = types.ModuleType("rclpy.exceptions")
+
+    class ParameterException(Exception):
+        def __init__(self, error_msg: str, parameters: Any) -> None:
+            Exception.__init__(self, f"{error_msg}: {parameters}")
+
+    class InvalidParameterTypeException(ParameterException):
+        def __init__(self, desired_parameter: Any, expected_type: Any) -> None:
+            ParameterException.__init__(
+                self, f"Trying to set parameter '{desired_parameter.name}' to '{desired_parameter.value}' of type "
+                      f"'{type(desired_parameter.value).__name__}', expecting type '{expected_type}'",
+                desired_parameter.name)
+
+    class InvalidParameterValueException(ParameterException):
+        def __init__(self, parameter: str, value: Any, reason: str) -> None:
+            ParameterException.__init__(
+                self, f"Invalid parameter value ({value}) for parameter. Reason: {reason}", parameter)
+
+    class ParameterAlreadyDeclaredException(ParameterException):
+        def __init__(self, parameters: Any) -> None:
+            ParameterException.__init__(self, "Parameter(s) already declared", parameters)
+
+    class ParameterNotDeclaredException(ParameterException):
+        def __init__(self, parameters: Any) -> None:
+            ParameterException.__init__(self, "Invalid access to undeclared parameter(s)", parameters)
+
+    class NotInitializedException(Exception):
+        pass
+
+    for cls in (ParameterException, InvalidParameterTypeException, InvalidParameterValueException,
+                ParameterAlreadyDeclaredException, ParameterNotDeclaredException, NotInitializedException):
+        setattr(mod, cls.__name__, cls)
+    return mod
+
+
+def _not_faked(name: str, kind: str) -> Any:
+    def fail(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"fake rclpy: Node.{name} is a real rclpy member that the fake does not implement")
+
+    return property(fail) if kind == "property" else fail
+
+
 def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
-    """Put rclpy, rclpy.node/qos/time/duration/executors, rcl_interfaces.msg, tf2_ros and message
-    packages into sys.modules for the duration of a test."""
+    """Put rclpy (+ node, qos, time, duration, executors, exceptions), rcl_interfaces.msg, tf2_ros and
+    message packages into sys.modules for the duration of a test."""
+    exc = _exceptions_module()
 
     class Logger:
         def __init__(self) -> None:
@@ -120,83 +219,183 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def info(self, text: str) -> None:
             self.records.append(("info", text))
 
-        def warn(self, text: str) -> None:
+        def warning(self, text: str) -> None:
             self.records.append(("warn", text))
 
-        warning = warn
+        warn = warning
 
         def error(self, text: str) -> None:
             self.records.append(("error", text))
 
     class Publisher:
-        def __init__(self, msg_type: Any, topic: str, qos: Any) -> None:
-            self.msg_type, self.topic, self.qos, self.published = msg_type, topic, qos, []
+        def __init__(self, node: Any, msg_type: Any, topic: str, qos: Any) -> None:
+            self.node, self.msg_type, self.topic, self.qos, self.published = node, msg_type, topic, qos, []
 
         def publish(self, msg: Any) -> None:
+            if not self.node.context.ok():  # what rclpy's C layer raises after shutdown
+                raise RuntimeError("failed to publish: publisher's context is invalid")
             self.published.append(msg)
 
+    class Subscription:
+        def __init__(self, msg_type: Any, topic: str, callback: Any, qos: Any) -> None:
+            self.msg_type, self.topic, self.callback, self.qos = msg_type, topic, callback, qos
+
     class Parameter:
-        def __init__(self, value: Any) -> None:
-            self.value = value
+        def __init__(self, name: str, value: Any) -> None:
+            self.name, self.value = name, value
+
+    class SetParametersResult:
+        def __init__(self, successful: bool, reason: str = "") -> None:
+            self.successful, self.reason = successful, reason
 
     class Clock:
         def now(self) -> Any:
             return types.SimpleNamespace(nanoseconds=time.time_ns())
 
+    class Handle:
+        """rclpy's Node.handle is a context manager (the node's C handle); Node.__init__ enters it."""
+
+        def __enter__(self) -> Handle:
+            return self
+
+        def __exit__(self, *args: Any) -> None:
+            return None
+
     class Node:
-        def __init__(self, name: str, **kwargs: Any) -> None:
-            self.name = name
-            self.parameters: dict[str, tuple[Any, Any]] = {}
-            self.subscriptions: list[tuple[Any, str, Any, Any]] = []
-            self.publishers: list[Publisher] = []
-            self.timers: list[tuple[float, Any]] = []
-            self.logger = Logger()
-            self.destroyed = False
+        def __init__(self, node_name: str, *, context: Any = None, cli_args: Any = None, namespace: Any = None,
+                     use_global_arguments: bool = True, enable_rosout: bool = True,
+                     start_parameter_services: bool = True, parameter_overrides: Any = None,
+                     allow_undeclared_parameters: bool = False,
+                     automatically_declare_parameters_from_overrides: bool = False) -> None:
+            self._context = ros.context if context is None else context
+            self._parameters: dict[str, Any] = {}
+            self._descriptors: dict[str, Any] = {}
+            self._publishers: list[Publisher] = []
+            self._subscriptions: list[Subscription] = []
+            self._timers: list[tuple[float, Any]] = []
+            if not self._context.ok():
+                raise exc.NotInitializedException("cannot create node")
+            with self._context_handle():
+                self._Node__node = types.SimpleNamespace(name=node_name)
+            with self.handle:  # as rclpy does: a subclass shadowing `handle` fails here
+                self._logger = Logger()
+            self._clock = Clock()
+            self.fake_destroyed = False
             ros.nodes.append(self)
+
+        def _context_handle(self) -> Handle:
+            return Handle()
+
+        @property
+        def handle(self) -> Handle:
+            return Handle()
+
+        @property
+        def context(self) -> Any:
+            return self._context
+
+        @property
+        def publishers(self) -> list[Publisher]:
+            return list(self._publishers)
+
+        @property
+        def subscriptions(self) -> list[Subscription]:
+            return list(self._subscriptions)
+
+        @property
+        def timers(self) -> list[tuple[float, Any]]:
+            return list(self._timers)
+
+        def get_name(self) -> str:
+            return self._Node__node.name
 
         def declare_parameter(self, name: str, value: Any = None, descriptor: Any = None,
                               ignore_override: bool = False) -> Parameter:
-            if name in self.parameters:
-                raise RuntimeError(f"parameter {name} declared twice")
-            self.parameters[name] = (value, descriptor)
-            return Parameter(ros.overrides.get(name, value))
+            """Overrides from ``ros.overrides``; type and range checks raise rclpy's exceptions."""
+            if name in self._parameters:
+                raise exc.ParameterAlreadyDeclaredException(name)
+            given = value if ignore_override else ros.overrides.get(name, value)
+            if type(given) is not type(value):
+                raise exc.InvalidParameterTypeException(Parameter(name, given), type(value).__name__.upper())
+            for rng in list(getattr(descriptor, "floating_point_range", [])) + list(
+                    getattr(descriptor, "integer_range", [])):
+                if not rng.from_value <= given <= rng.to_value:
+                    raise exc.InvalidParameterValueException(
+                        name, given, f"Parameter {name} out of range. Min: {rng.from_value}, Max: {rng.to_value}")
+            self._parameters[name] = Parameter(name, given)
+            self._descriptors[name] = descriptor
+            return self._parameters[name]
 
         def get_parameter(self, name: str) -> Parameter:
-            return Parameter(ros.overrides.get(name, self.parameters[name][0]))
+            if name not in self._parameters:
+                raise exc.ParameterNotDeclaredException(name)
+            return self._parameters[name]
 
-        def create_subscription(self, msg_type: Any, topic: str, callback: Any, qos: Any) -> Any:
-            self.subscriptions.append((msg_type, topic, callback, qos))
-            return object()
+        def describe_parameter(self, name: str) -> Any:
+            return self._descriptors[name]
 
-        def create_publisher(self, msg_type: Any, topic: str, qos: Any) -> Publisher:
-            pub = Publisher(msg_type, topic, qos)
-            self.publishers.append(pub)
+        def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+            """What `ros2 param set` ends in; a read-only parameter is refused like rclpy's _apply_descriptor."""
+            results = []
+            for param in parameter_list:
+                if self._descriptors[param.name].read_only:
+                    results.append(SetParametersResult(False, f"Trying to set a read-only parameter: {param.name}."))
+                else:
+                    self._parameters[param.name] = param
+                    results.append(SetParametersResult(True))
+            return results
+
+        def create_subscription(self, msg_type: Any, topic: str, callback: Any, qos_profile: Any, *,
+                                callback_group: Any = None, event_callbacks: Any = None,
+                                qos_overriding_options: Any = None, raw: bool = False) -> Subscription:
+            sub = Subscription(msg_type, topic, callback, qos_profile)
+            self._subscriptions.append(sub)
+            return sub
+
+        def create_publisher(self, msg_type: Any, topic: str, qos_profile: Any, *, callback_group: Any = None,
+                             event_callbacks: Any = None, qos_overriding_options: Any = None,
+                             publisher_class: Any = None) -> Publisher:
+            pub = Publisher(self, msg_type, topic, qos_profile)
+            self._publishers.append(pub)
             return pub
 
-        def create_timer(self, period: float, callback: Any) -> Any:
-            self.timers.append((period, callback))
+        def create_timer(self, timer_period_sec: float, callback: Any, callback_group: Any = None,
+                         clock: Any = None) -> Any:
+            self._timers.append((timer_period_sec, callback))
             return object()
 
         def get_logger(self) -> Logger:
-            return self.logger
+            return self._logger
 
         def get_clock(self) -> Clock:
-            return Clock()
+            return self._clock
 
         def destroy_node(self) -> None:
-            self.destroyed = True
+            self.fake_destroyed = True
+
+    members = {name: kind for distro in real_node_members().values() for name, kind in distro.items()}
+    for name, kind in members.items():
+        if kind != "attribute" and not hasattr(Node, name):
+            setattr(Node, name, _not_faked(name, kind))
 
     rclpy = types.ModuleType("rclpy")
-    rclpy.init = lambda args=None: ros.calls.append("init")
-    rclpy.shutdown = lambda: ros.calls.append("shutdown")
-    rclpy.try_shutdown = lambda: ros.calls.append("try_shutdown")
-    rclpy.ok = lambda: True
+
+    def init(args: Any = None) -> None:
+        ros.calls.append("init")
+        ros.context.init()
+
+    def try_shutdown() -> None:
+        ros.calls.append("try_shutdown")
+        ros.context.shutdown()
 
     def spin(node: Any) -> None:
         ros.calls.append("spin")
+        if ros.spin_hook is not None:
+            ros.spin_hook(node)
         raise ros.spin_raises()
 
-    rclpy.spin = spin
+    rclpy.init, rclpy.try_shutdown, rclpy.spin = init, try_shutdown, spin
+    rclpy.ok = ros.context.ok
     node_mod = types.ModuleType("rclpy.node")
     node_mod.Node = Node
     qos_mod = types.ModuleType("rclpy.qos")
@@ -211,41 +410,61 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
     qos_mod.ReliabilityPolicy = types.SimpleNamespace(BEST_EFFORT="best_effort", RELIABLE="reliable")
     qos_mod.DurabilityPolicy = types.SimpleNamespace(VOLATILE="volatile", TRANSIENT_LOCAL="transient_local")
     time_mod = types.ModuleType("rclpy.time")
-    time_mod.Time = lambda nanoseconds=0, seconds=0: types.SimpleNamespace(nanoseconds=nanoseconds + int(seconds * 1e9))
+    time_mod.Time = lambda seconds=0, nanoseconds=0, clock_type=None: types.SimpleNamespace(
+        nanoseconds=nanoseconds + int(seconds * 1e9))
     dur_mod = types.ModuleType("rclpy.duration")
-    dur_mod.Duration = lambda seconds=0.0, nanoseconds=0: types.SimpleNamespace(seconds=seconds)
+    dur_mod.Duration = lambda seconds=0, nanoseconds=0: types.SimpleNamespace(
+        nanoseconds=nanoseconds + int(seconds * 1e9))
     exec_mod = types.ModuleType("rclpy.executors")
     exec_mod.ExternalShutdownException = type("ExternalShutdownException", (Exception,), {})
 
     rcl_msg = types.ModuleType("rcl_interfaces.msg")
 
     class ParameterDescriptor:
-        def __init__(self, description: str = "", **kw: Any) -> None:
-            self.description = description
-            self.floating_point_range: list[Any] = []
-            self.integer_range: list[Any] = []
+        def __init__(self, name: str = "", type: int = 0, description: str = "", additional_constraints: str = "",
+                     read_only: bool = False, dynamic_typing: bool = False,
+                     floating_point_range: Any = (), integer_range: Any = ()) -> None:
+            self.name, self.type, self.description = name, type, description
+            self.additional_constraints, self.read_only, self.dynamic_typing = additional_constraints, read_only, dynamic_typing
+            self.floating_point_range, self.integer_range = list(floating_point_range), list(integer_range)
 
     rcl_msg.ParameterDescriptor = ParameterDescriptor
-    rcl_msg.FloatingPointRange = lambda **kw: types.SimpleNamespace(**kw)
-    rcl_msg.IntegerRange = lambda **kw: types.SimpleNamespace(**kw)
+    rcl_msg.FloatingPointRange = lambda from_value=0.0, to_value=0.0, step=0.0: types.SimpleNamespace(
+        from_value=from_value, to_value=to_value, step=step)
+    rcl_msg.IntegerRange = lambda from_value=0, to_value=0, step=0: types.SimpleNamespace(
+        from_value=from_value, to_value=to_value, step=step)
 
     tf2 = types.ModuleType("tf2_ros")
 
     class TransformException(Exception):
         pass
 
-    class Buffer:
-        def lookup_transform(self, target: str, source: str, when: Any, timeout: Any = None) -> Any:
-            if (target, source) not in ros.transforms:
-                raise TransformException(f"no transform {source} -> {target}")
-            return ros.transforms[(target, source)]
+    tf_errors = {name: type(name, (TransformException,), {}) for name in (
+        "LookupException", "ConnectivityException", "ExtrapolationException", "InvalidArgumentException",
+        "TimeoutException")}
 
-    tf2.TransformException = TransformException
-    tf2.Buffer = Buffer
+    class Buffer:
+        def lookup_transform(self, target_frame: str, source_frame: str, time: Any, timeout: Any = None) -> Any:
+            ros.tf_lookups.append((target_frame, source_frame, time.nanoseconds, timeout))
+            found = ros.transforms.get((target_frame, source_frame))
+            if found is None:
+                raise tf_errors["LookupException"](f'"{target_frame}" passed to lookupTransform argument target_frame '
+                                                   "does not exist.")
+            if isinstance(found, BaseException):
+                raise found
+            return found
+
+        def can_transform(self, target_frame: str, source_frame: str, time: Any, timeout: Any = None) -> bool:
+            found = ros.transforms.get((target_frame, source_frame))
+            return found is not None and not isinstance(found, BaseException)
+
+    tf2.TransformException, tf2.Buffer = TransformException, Buffer
+    for name, cls in tf_errors.items():
+        setattr(tf2, name, cls)
     tf2.TransformListener = lambda buffer, node, **kw: types.SimpleNamespace(buffer=buffer, node=node)
 
     modules = {"rclpy": rclpy, "rclpy.node": node_mod, "rclpy.qos": qos_mod, "rclpy.time": time_mod,
-               "rclpy.duration": dur_mod, "rclpy.executors": exec_mod,
+               "rclpy.duration": dur_mod, "rclpy.executors": exec_mod, "rclpy.exceptions": exc,
                "rcl_interfaces": types.ModuleType("rcl_interfaces"), "rcl_interfaces.msg": rcl_msg, "tf2_ros": tf2}
     for package in ("sensor_msgs", "geometry_msgs", "visualization_msgs", "diagnostic_msgs", "std_msgs",
                     "builtin_interfaces", "tf2_msgs"):

@@ -1,0 +1,50 @@
+"""Where the camera pose comes from: TF at the image stamp, or a fallback pose from the camera mount.
+
+The fallback is for robots without odometry: the world frame is absent from TF, but the static
+mount (``base_link`` -> optical frame on /tf_static) gives the camera's real height and pitch. It is
+used only when the transform does not exist at all; a TF that merely lags the image is waited for
+(bounded) and the frame skipped if it stays behind, so clouds never land at a made-up pose.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import FrameError
+from .processing import fallback_camera_pose
+
+
+class TransformNotReadyError(FrameError):
+    """The transform exists but not at the image stamp (TF lags or the stamp is too old): skipped."""
+
+    reason = "tf_not_ready"
+
+
+def mount_height_pitch(camera_to_base: np.ndarray) -> tuple[float, float]:
+    """(camera height above the base frame origin in m, pitch below the horizon in degrees) of a mount
+    (4x4 camera optical frame -> base frame; optical z is the viewing direction)."""
+    forward = np.asarray(camera_to_base, dtype=np.float64)[:3, 2]
+    pitch = math.degrees(math.atan2(-forward[2], math.hypot(forward[0], forward[1])))
+    return float(camera_to_base[2, 3]), pitch
+
+
+def mount_fallback_pose(camera_to_base: np.ndarray, floor_z: float = 0.0) -> np.ndarray:
+    """Fallback camera->world pose with the mount's height and pitch (base frame origin on the floor,
+    looking along world +x, no roll)."""
+    height, pitch = mount_height_pitch(camera_to_base)
+    return fallback_camera_pose(height, pitch, floor_z)
+
+
+def describe_fallback(world_frame: str, camera_frame: str, base_frame: str, mount: np.ndarray | None,
+                      height: float, pitch_deg: float) -> str:
+    """One loud line for the console and diagnostics: why and with what pose the fallback is used."""
+    if mount is not None:
+        height, pitch_deg = mount_height_pitch(mount)
+        source = f"the camera mount {base_frame} -> {camera_frame} from TF"
+    else:
+        source = f"the fixed parameters (no TF from {base_frame} to {camera_frame} either)"
+    return (f"world frame '{world_frame}' is not in TF: clouds use a FALLBACK camera pose {height:.2f} m above "
+            f"the floor, pitched {pitch_deg:.1f} deg down, from {source}; they do not follow the robot's motion. "
+            f"Publish {world_frame} -> {camera_frame} in TF (odometry) for real poses, or set "
+            "use_fallback_pose:=false to skip such frames")

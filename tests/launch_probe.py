@@ -1,0 +1,48 @@
+"""Run launch/occupancy.launch.py with the real ``launch`` / ``launch_ros`` as ``ros2 launch`` would, up
+to the point where processes would start; print what each Node action would run, as JSON.
+
+Used by tests/test_ros_launch.py in a subprocess whose PYTHONPATH holds one distro's packages from
+../shared/ros2-python plus a minimal rclpy stub (launch_ros imports a few rclpy names). Arguments:
+the launch file, then NAME:=VALUE launch arguments.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.utilities import perform_substitutions
+from launch_ros.actions import Node
+
+from launch import LaunchContext
+
+
+def visit(entity, context, nodes):
+    if isinstance(entity, Node):
+        if entity.condition is not None and not entity.condition.evaluate(context):
+            return
+        entity._perform_substitutions(context)  # what Node.execute does before starting the process
+        cmd = []
+        for part in entity.cmd:
+            try:
+                cmd.append(perform_substitutions(context, part))
+            except Exception:  # ros_specific_arguments placeholders exist only while executing
+                cmd.append("<ros-specific>")
+        nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "cmd": cmd, "params": entity._Node__expanded_parameter_arguments})
+        return
+    for sub in entity.visit(context) or []:
+        visit(sub, context, nodes)
+
+
+def main(argv):
+    path, args = argv[0], [a.split(":=", 1) for a in argv[1:]]
+    context = LaunchContext()
+    include = IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments=[tuple(a) for a in args])
+    nodes = []
+    visit(include, context, nodes)
+    print(json.dumps(nodes))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

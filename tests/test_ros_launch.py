@@ -1,0 +1,154 @@
+"""launch/occupancy.launch.py run by the real launch / launch_ros of Humble and Jazzy.
+
+The upstream Python packages are in ../shared/ros2-python (see its README); where that folder is
+absent the tests skip. The launch file is included as ``ros2 launch`` does, its Node actions
+expand their parameters, and the node's effective parameters are computed from the parameter
+files it would get with rcl's rule: files in order, later wins, entries for the node's own name
+over ``/**`` wildcards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from discene_ros import params as P
+
+ROOT = Path(__file__).resolve().parents[1]
+ROS2_PYTHON = ROOT.parent / "shared" / "ros2-python"
+DISTROS = ("humble", "jazzy")
+
+STUBS = {  # what launch_ros imports at import time from rclpy and two interface packages; none of it runs here
+    "rclpy/__init__.py": "Context = object\ndef init(*a, **k): pass\ndef shutdown(*a, **k): pass\n"
+                   "def create_node(*a, **k): raise RuntimeError('no rclpy here')\n",
+    "rclpy/executors.py": "class SingleThreadedExecutor:\n    pass\n",
+    "rclpy/parameter.py": "class Parameter:\n    pass\n",
+    "rclpy/validate_namespace.py": "def validate_namespace(namespace):\n    return True\n",
+    "rclpy/validate_node_name.py": "def validate_node_name(node_name):\n    return True\n",
+    "rclpy/logging.py": "def get_logging_directory():\n    return '/tmp'\n",
+    "lifecycle_msgs/__init__.py": "",
+    "lifecycle_msgs/msg.py": "from interface_stub import __getattr__  # noqa: F401\n",
+    "lifecycle_msgs/srv.py": "from interface_stub import __getattr__  # noqa: F401\n",
+    "composition_interfaces/__init__.py": "",
+    "composition_interfaces/srv.py": "from interface_stub import __getattr__  # noqa: F401\n",
+    "interface_stub.py": "class Anything(type):\n    def __getattr__(cls, name):\n        return cls\n\n\n"
+                         "def __getattr__(name):\n    return Anything(name, (), {})\n",
+}
+
+
+@pytest.fixture(scope="module")
+def launch_env(tmp_path_factory):
+    """Environment for the probe: a package prefix with this package's share files, the rclpy stub."""
+    if not ROS2_PYTHON.is_dir():
+        pytest.skip(f"{ROS2_PYTHON} is absent: the real launch/launch_ros sources are needed for these tests")
+    pytest.importorskip("lark", reason="the real launch package imports lark (pip install -e '.[dev]')")
+    pytest.importorskip("osrf_pycommon", reason="the real launch package imports osrf_pycommon")
+    base = tmp_path_factory.mktemp("launch_env")
+    for name, text in STUBS.items():
+        (base / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "stub" / name).write_text(text)
+    prefix = base / "prefix"
+    index = prefix / "share" / "ament_index" / "resource_index" / "packages"
+    index.mkdir(parents=True)
+    (index / "discene_ros").write_text("")
+    (index / "rviz2").write_text("")
+    share = prefix / "share" / "discene_ros"
+    for folder in ("config", "rviz", "launch"):
+        (share / folder).mkdir(parents=True)
+        for f in (ROOT / folder).iterdir():
+            (share / folder / f.name).write_bytes(f.read_bytes())
+    for pkg in ("discene_ros", "rviz2"):  # ExecutableInPackage looks in lib/<package>
+        (prefix / "lib" / pkg).mkdir(parents=True)
+        exe = prefix / "lib" / pkg / ("occupancy_node" if pkg == "discene_ros" else "rviz2")
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    return base, prefix
+
+
+def run_launch(launch_env, distro: str, *args: str) -> dict:
+    """{node name: {"cmd": [...], "params": effective parameters or None}} from the real launch code."""
+    base, prefix = launch_env
+    src = ROS2_PYTHON / distro
+    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix),
+               PYTHONPATH=os.pathsep.join([str(src / "launch"), str(src / "launch_ros"),
+                                           str(src / "ament_index_python"), str(base / "stub"), str(ROOT)]))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "launch_probe.py"),
+                           str(prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=base)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    out = {}
+    for node in json.loads(proc.stdout.strip().splitlines()[-1]):
+        out[node["name"]] = {"cmd": node["cmd"], "params": effective_parameters(node["params"], node["name"])}
+    return out
+
+
+def effective_parameters(arguments: list | None, node_name: str) -> dict | None:
+    """rcl's parameter overrides for a node from its ``--params-file`` arguments (in order)."""
+    if arguments is None:
+        return None
+    wildcard, own = {}, {}
+    for path, is_file in arguments:
+        assert is_file, "the launch file passes parameters as files only"
+        for key, entry in (yaml.safe_load(Path(path).read_text()) or {}).items():
+            target = wildcard if key in ("/**", "/**/*") else own if key.lstrip("/") in (node_name, f"**/{node_name}") else None
+            if target is not None:
+                target.update(entry["ros__parameters"])
+    return {**wildcard, **own}
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_defaults_come_from_the_shipped_params_file(launch_env, distro):
+    nodes = run_launch(launch_env, distro)
+    assert set(nodes) == {P.NODE_NAME}  # rviz is off by default
+    assert nodes[P.NODE_NAME]["params"] == P.defaults()
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_a_users_params_file_is_not_overridden_by_launch_defaults(launch_env, distro, tmp_path):
+    mine = tmp_path / "my_robot.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"world_frame": "map", "use_depth": True,
+                                                                 "score_threshold": 0.4}}}))
+    params = run_launch(launch_env, distro, f"params_file:={mine}")[P.NODE_NAME]["params"]
+    assert params == {"world_frame": "map", "use_depth": True, "score_threshold": 0.4}
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_single_overrides_change_only_themselves(launch_env, distro, tmp_path):
+    nodes = run_launch(launch_env, distro, "world_frame:=map", "use_depth:=true", "score_threshold:=0.3",
+                       "image_topic:=/cam/123", "model_path:=/models/lite.onnx")
+    expected = {**P.defaults(), "world_frame": "map", "use_depth": True, "score_threshold": 0.3,
+                "image_topic": "/cam/123", "model_path": "/models/lite.onnx"}
+    assert nodes[P.NODE_NAME]["params"] == expected
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({P.NODE_NAME: {"ros__parameters": {"world_frame": "map", "backend": "onnxruntime"}}}))
+    params = run_launch(launch_env, distro, f"params_file:={mine}", "world_frame:=odom")[P.NODE_NAME]["params"]
+    assert params == {"world_frame": "odom", "backend": "onnxruntime"}  # the given argument wins over the file
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_booleans_are_true_false_and_1_is_refused_clearly(launch_env, distro):
+    params = run_launch(launch_env, distro, "use_fallback_pose:=false", "use_compressed:=True")[P.NODE_NAME]["params"]
+    assert params["use_fallback_pose"] is False and params["use_compressed"] is True
+    with pytest.raises(RuntimeError, match="booleans are true or false"):
+        run_launch(launch_env, distro, "use_depth:=1")
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_rviz_gets_the_effective_world_frame(launch_env, distro, tmp_path):
+    nodes = run_launch(launch_env, distro, "rviz:=true")
+    cmd = nodes["rviz2"]["cmd"]
+    assert cmd[cmd.index("-f") + 1] == P.defaults()["world_frame"]
+    assert cmd[cmd.index("-d") + 1].endswith("share/discene_ros/rviz/discene.rviz")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"world_frame": "map"}}}))
+    cmd = run_launch(launch_env, distro, "rviz:=true", f"params_file:={mine}")["rviz2"]["cmd"]
+    assert cmd[cmd.index("-f") + 1] == "map"
+    cmd = run_launch(launch_env, distro, "rviz:=true", "world_frame:=camera_init")["rviz2"]["cmd"]
+    assert cmd[cmd.index("-f") + 1] == "camera_init"
+

@@ -1,0 +1,224 @@
+"""Pairing by stamp, TF at the image stamp, the mount fallback and undistortion (node and replay share them)."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+from test_ros_support import BlockBackend, pipeline_for
+
+from discene_ros import bag_io, replay
+from discene_ros import conversions as conv
+from discene_ros.camera_pose import TransformNotReadyError, mount_fallback_pose, mount_height_pitch
+from discene_ros.errors import MissingCameraInfoError
+from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.pairing import DepthSyncError, FramePartners, StampedBuffer
+from discene_ros.undistort import Undistorter, distort_normalised, undistort_map
+
+F = TypestoreFactory(bag_io.typestore())
+K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
+MS = 1_000_000
+
+
+def _header_msg(stamp_ns):
+    return conv.k_to_camera_info(F, K, 48, 64, "cam", stamp_ns)
+
+
+# ----------------------------------------------------------------------------- pairing
+def test_buffer_takes_the_nearest_stamp_within_the_tolerance():
+    buf = StampedBuffer()
+    for t in (0, 33, 66):
+        buf.add(_header_msg(t * MS))
+    assert conv.stamp_to_ns(buf.wait_nearest(34 * MS, 5 * MS, 0.0).header.stamp) == 33 * MS
+    assert buf.wait_nearest(50 * MS, 5 * MS, 0.0) is None
+    assert conv.stamp_to_ns(buf.newest().header.stamp) == 66 * MS
+
+
+def test_buffer_waits_for_a_partner_that_comes_later():
+    buf = StampedBuffer()
+    buf.add(_header_msg(0))  # the previous frame's
+    timer = threading.Timer(0.05, lambda: buf.add(_header_msg(67 * MS)))
+    timer.start()
+    got = buf.wait_nearest(67 * MS, 5 * MS, timeout_s=10.0)
+    timer.join()
+    assert got is not None and conv.stamp_to_ns(got.header.stamp) == 67 * MS
+
+
+def test_buffer_stops_waiting_once_a_newer_message_shows_none_will_come():
+    buf = StampedBuffer()
+    buf.add(_header_msg(200 * MS))
+    start = time.monotonic()
+    assert buf.wait_nearest(67 * MS, 5 * MS, timeout_s=30.0) is None
+    assert time.monotonic() - start < 25.0  # returned without the 30 s wait (generous: never a timing test)
+
+
+def test_partners_camera_info_falls_back_to_the_newest_and_depth_is_strict():
+    partners = FramePartners(tolerance_s=0.005, wait_s=0.0, use_depth=True)
+    with pytest.raises(MissingCameraInfoError):
+        partners.match(0)
+    partners.info.add(_header_msg(0))  # a driver stamping camera info on its own clock: intrinsics still hold
+    partners.depth.add(conv.depth_to_image(F, np.ones((48, 64), np.float32), "cam", 0))
+    with pytest.raises(DepthSyncError, match="67.0 ms away"):
+        partners.match(67 * MS)
+    info, depth = partners.match(1 * MS)
+    assert info is not None and depth is not None
+
+
+# ----------------------------------------------------------------------------- TF at the image stamp
+def _rot_z(deg, t=(0.0, 0.0, 0.0)):
+    a = math.radians(deg)
+    m = np.eye(4)
+    m[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
+    m[:3, 3] = t
+    return m
+
+
+def test_tf_tree_interpolates_at_the_stamp_and_refuses_to_extrapolate():
+    tree = bag_io.TfTree()
+    tree.add("world", "base", _rot_z(0, (0, 0, 0)), 100)
+    tree.add("world", "base", _rot_z(90, (2, 0, 0)), 200)
+    tree.add("base", "cam", _rot_z(0, (0, 0, 1.0)))  # static mount
+    mid = tree.lookup("world", "cam", 150)
+    np.testing.assert_allclose(mid, _rot_z(45, (1, 0, 0)) @ _rot_z(0, (0, 0, 1.0)), atol=1e-9)
+    np.testing.assert_allclose(tree.lookup("world", "cam", 200), _rot_z(90, (2, 0, 1.0)), atol=1e-9)
+    np.testing.assert_allclose(tree.lookup("world", "cam"), _rot_z(90, (2, 0, 1.0)), atol=1e-9)  # latest
+    with pytest.raises(TransformNotReadyError, match="after the newest"):
+        tree.lookup("world", "cam", 250)
+    with pytest.raises(TransformNotReadyError, match="before the first"):
+        tree.lookup("world", "cam", 50)
+    assert tree.lookup("odom", "cam", 150) is None  # no such frame: not an extrapolation
+    np.testing.assert_allclose(tree.lookup("cam", "world", 200), np.linalg.inv(_rot_z(90, (2, 0, 1.0))), atol=1e-9)
+
+
+def test_mount_height_and_pitch():
+    pitch = math.radians(30)
+    forward = np.array([math.cos(pitch), 0.0, -math.sin(pitch)])
+    right = np.array([0.0, -1.0, 0.0])
+    mount = np.eye(4)
+    mount[:3, 0], mount[:3, 1], mount[:3, 2] = right, np.cross(forward, right), forward
+    mount[:3, 3] = [0.2, 0.1, 0.45]
+    assert mount_height_pitch(mount) == pytest.approx((0.45, 30.0))
+    pose = mount_fallback_pose(mount, floor_z=0.1)
+    assert pose[2, 3] == pytest.approx(0.55) and mount_height_pitch(pose)[1] == pytest.approx(30.0)
+
+
+# ----------------------------------------------------------------------------- undistortion
+def test_plumb_bob_map_matches_the_hand_computed_model():
+    d = np.array([0.1, 0.0, 0.0, 0.0, 0.0])
+    map_x, map_y = undistort_map(K, "plumb_bob", d, (48, 64))
+    # output pixel u=62, v=24: x = (62-32)/60 = 0.5, y = 0 -> xd = 0.5 (1 + 0.1 * 0.25) = 0.5125
+    assert map_x[24, 62] == pytest.approx(60 * 0.5125 + 32, abs=1e-4) and map_y[24, 62] == pytest.approx(24)
+    x, y = np.array([0.3]), np.array([-0.2])
+    p1, p2 = 0.01, -0.02
+    xd, yd = distort_normalised(x, y, "plumb_bob", np.array([0, 0, p1, p2, 0]))
+    r2 = 0.13
+    assert xd[0] == pytest.approx(0.3 + 2 * p1 * 0.3 * -0.2 + p2 * (r2 + 2 * 0.09))
+    assert yd[0] == pytest.approx(-0.2 + p1 * (r2 + 2 * 0.04) + 2 * p2 * 0.3 * -0.2)
+    xd, _ = distort_normalised(np.array([0.5]), np.array([0.0]), "rational_polynomial",
+                               np.array([0.1, 0, 0, 0, 0, 0.2, 0, 0]))
+    assert xd[0] == pytest.approx(0.5 * (1 + 0.1 * 0.25) / (1 + 0.2 * 0.25))
+    xd, _ = distort_normalised(np.array([1.0]), np.array([0.0]), "equidistant", np.array([0.05, 0, 0, 0]))
+    theta = math.atan(1.0)
+    assert xd[0] == pytest.approx(theta * (1 + 0.05 * theta**2))
+
+
+def test_undistorter_remaps_images_and_caches_the_maps():
+    info = conv.k_to_camera_info(F, K, 48, 64, "cam", 0)
+    info.d = np.array([-0.2, 0.05, 0.0, 0.0, 0.0])
+    ramp = np.tile(np.arange(64, dtype=np.uint8), (48, 1))[..., None].repeat(3, axis=2)  # value = column
+    undistort = Undistorter()
+    out, _ = undistort(info, ramp, K)
+    map_x, _ = undistort_map(K, "plumb_bob", info.d, (48, 64))
+    inside = (map_x >= 0) & (map_x <= 63)
+    np.testing.assert_allclose(out[..., 0][inside], np.rint(map_x[inside]), atol=1.0)  # bilinear on a ramp
+    assert not np.array_equal(out, ramp)
+    undistort(info, ramp, K)
+    assert undistort.maps_built == 1
+    info.d = np.zeros(5)
+    same, _ = undistort(info, ramp, K)
+    assert same is ramp  # rectified images pass through untouched
+
+
+# ----------------------------------------------------------------------------- replay: a driver's message order
+def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False):
+    """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
+    time), each with the colour image's header stamp, as RealSense + a SLAM node write them."""
+    with bag_io.BagWriter(path, "mcap", F.typestore) as w:
+        if static_mount:
+            w.write(bag_io.TF_STATIC_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
+                conv.matrix_to_transform_stamped(F, _rot_z(0, (0, 0, 0.5)), "base_link", "cam", 0)]), 10**18 - 1)
+        for i in range(n):
+            t = 10**18 + i * 66_666_667
+            w.write(bag_io.IMAGE_TOPIC, conv.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
+            w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
+            w.write(bag_io.DEPTH_TOPIC, conv.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
+                    t + depth_lag_ms * MS)
+            if world:
+                w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
+                    conv.matrix_to_transform_stamped(F, _rot_z(3 * i, (0.1 * i, 0, 1.0)), world, "cam", t)]),
+                    t + tf_lag_ms * MS)
+    return path
+
+
+def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path):
+    cfg = BlockBackend().config
+    cfg.use_depth = True
+    poses = []
+
+    class Probe(BlockBackend):
+        def infer(self, inputs):
+            assert float(inputs.depth.max()) > 1.0
+            return super().infer(inputs)
+
+    bag = _driver_bag(tmp_path / "drive")
+    result = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(Probe(cfg)), world_frame="odom",
+                           n_renders=4, progress=False)
+    s = result.summary
+    assert s["frames"] == 4 and s["skipped"] == 0 and s["fallback_pose_frames"] == 0, s["skipped_by_reason"]
+    poses = [r["cam_pose"] for r in result.renders]
+    np.testing.assert_allclose(poses[2], _rot_z(6, (0.2, 0, 1.0)), atol=1e-9)  # TF of its own stamp
+    rgb_only = replay.replay(bag, out=tmp_path / "out2", pipeline=pipeline_for(BlockBackend()), world_frame="odom",
+                             n_renders=0, progress=False, use_depth=False).summary
+    assert rgb_only["frames"] == 4
+    with pytest.raises(ValueError, match="no depth branch"):
+        replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend()), use_depth=True,
+                      progress=False)
+
+
+def test_replay_without_world_frame_uses_the_mount_or_refuses(tmp_path, capsys, monkeypatch):
+    bag = _driver_bag(tmp_path / "nodom", world=None, static_mount=True)
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()), world_frame="odom",
+                      n_renders=0, progress=False).summary
+    assert s["frames"] == 4 and s["fallback_pose_frames"] == 4
+    assert "0.50 m above the floor" in s["fallback_pose_note"] and "base_link -> cam" in s["fallback_pose_note"]
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    code = replay.main(["--bag", str(bag), "--out", str(tmp_path / "cli"), "--no-progress", "--world-frame", "odom",
+                        "--no-fallback-pose", "--camera-info-topic", bag_io.CAMERA_INFO_TOPIC, "--no-depth"])
+    err = capsys.readouterr().err
+    assert code != 0 and "no frame was processed (missing_tf: 4)" in err
+
+
+def test_replay_topic_options_must_exist(tmp_path, capsys, monkeypatch):
+    bag = _driver_bag(tmp_path / "drive", n=1)
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    assert replay.main(["--bag", str(bag), "--out", str(tmp_path / "o"), "--no-progress",
+                        "--depth-topic", "/nope", "--use-depth"]) != 0
+    assert replay.main(["--bag", str(bag), "--out", str(tmp_path / "o2"), "--no-progress",
+                        "--camera-info-topic", "/nope"]) != 0
+    assert "/nope is not in the bag" in capsys.readouterr().err
+
+
+def test_frame_processor_undistorts_raw_images_before_the_network():
+    from discene_ros.processing import FrameInput, FrameProcessor
+
+    info = conv.k_to_camera_info(F, K, 48, 64, "cam", 0)
+    info.d = np.array([-0.2, 0.05, 0.001, 0.0, 0.0])
+    ramp = np.tile(np.arange(64, dtype=np.uint8), (48, 1))[..., None].repeat(3, axis=2)
+    image = conv.rgb_to_image(F, ramp, "cam", 0)
+    processor = FrameProcessor(pipeline_for(BlockBackend()))
+    result = processor.process(FrameInput(image=image, camera_info=info, cam_pose=np.eye(4)))
+    expected, _ = Undistorter()(info, ramp, K)
+    np.testing.assert_array_equal(result.rgb, expected)
+    assert not np.array_equal(result.rgb, ramp)
