@@ -3,7 +3,9 @@
 Points farther than ``max_center_dist`` metres from their query centre (mean of the query's
 points) and points whose best class score is <= ``score_threshold`` are dropped; the rest are
 voxelised at ``voxel_size``; a voxel's score vector is the mean of its points' score vectors and
-its label is argmax + 1 (0 = empty). Optional closing (3x3x3 dilation then erosion) fills holes.
+its label is argmax + 1 (0 = empty). Closing (on by default, as in the reference: 3x3x3 dilation then
+erosion of the class-score volume) fills holes. Everything runs on the tensors' device; only the
+occupied voxels come back to the host, in one (M, 3) copy.
 """
 from __future__ import annotations
 
@@ -49,52 +51,55 @@ def occupied_voxels(
 
     Returns ``ids`` (M,) long, the flat index ``b * X*Y*Z + (i * Y + j) * Z + k``, and ``mean``
     (M, C), the mean score vector of the kept points in each voxel (closing applied if configured).
+    Runs on the tensors' device; the grid constants are Python numbers (no host-to-device copy).
     """
     if points.shape[:3] != scores.shape[:3]:
         raise ValueError(f"points {tuple(points.shape)} and scores {tuple(scores.shape)} disagree on (B,Q,R)")
     b, c = points.shape[0], scores.shape[-1]
-    shape = torch.tensor(config.grid_shape, device=points.device)
-    extent = shape.float() * config.voxel_size
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    vs = float(config.voxel_size)
     centre = points.mean(dim=2, keepdim=True)
-    dist = ((points - centre) * extent).norm(dim=-1)  # (B, Q, R) metres
+    d = points - centre
+    dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
     keep = (dist <= config.max_center_dist) & (scores.max(dim=-1).values > config.score_threshold)
-    idx = torch.floor(points * shape).long()  # (B, Q, R, 3)
-    keep &= ((idx >= 0) & (idx < shape)).all(dim=-1)
-    nx, ny, nz = config.grid_shape
+    i = torch.floor(points[..., 0] * nx).long()
+    j = torch.floor(points[..., 1] * ny).long()
+    k = torch.floor(points[..., 2] * nz).long()
+    keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
-    linear = batch * (nx * ny * nz) + (idx[..., 0] * ny + idx[..., 1]) * nz + idx[..., 2]
+    linear = batch * (nx * ny * nz) + (i * ny + j) * nz + k
     ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
     sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores[keep])
     mean = sums / torch.bincount(inverse, minlength=len(ids)).clamp_min(1).unsqueeze(-1).to(sums.dtype)
     if config.closing:
-        ids, mean = close_holes(ids, mean, b, config.grid_shape)
+        ids, mean = close_holes(ids, mean, b, config.grid_shape, config.score_threshold)
     return ids, mean
 
 
 def close_holes(
-    ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list[int]
+    ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list[int], score_threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3x3x3 closing (dilation then erosion) of the occupied voxels.
+    """3x3x3 closing of the class-score volume, as the reference post-processing does it.
 
-    Filled voxels take the per-class maximum score vector of their occupied neighbours; original
-    voxels are never removed (the erosion does not erode at the grid border).
+    The dense (B, C, X, Y, Z) volume of voxel mean scores (0 where empty) is dilated (max-pool) and
+    then eroded (min-pool; the -inf padding of max-pool means the grid border is not eroded), per
+    class. Voxels with a class score above ``score_threshold`` keep their own scores; every other
+    voxel takes the eroded scores, and the occupied voxels are those with any class score above the
+    threshold afterwards. So a hole surrounded on all sides is filled with the smallest neighbourhood
+    maximum, and a voxel whose mean score fell to or below the threshold (mixed classes) is empty
+    unless its closed neighbourhood re-fills it.
     """
-    nx, ny, nz = grid_shape
+    nx, ny, nz = (int(n) for n in grid_shape)
     c = mean.shape[-1]
-    occ = torch.zeros(batch * nx * ny * nz, dtype=mean.dtype, device=mean.device)
-    occ[ids] = 1.0
-    occ = occ.view(batch, 1, nx, ny, nz)
-    dilated = F.max_pool3d(occ, 3, stride=1, padding=1)
-    closed = -F.max_pool3d(-dilated, 3, stride=1, padding=1)  # max_pool pads with -inf: border kept
-    filled = ((closed > 0.5) & (occ < 0.5)).view(-1).nonzero()[:, 0]
-    if len(filled) == 0:
-        return ids, mean
-    dense = torch.zeros(batch * nx * ny * nz, c, dtype=mean.dtype, device=mean.device)
+    dense = mean.new_zeros(batch * nx * ny * nz, c)
     dense[ids] = mean
-    dense = dense.view(batch, nx, ny, nz, c).permute(0, 4, 1, 2, 3)
-    neighbour = F.max_pool3d(dense, 3, stride=1, padding=1).permute(0, 2, 3, 4, 1).reshape(-1, c)
-    all_ids, order = torch.sort(torch.cat([ids, filled]))
-    return all_ids, torch.cat([mean, neighbour[filled]])[order]
+    dense = dense.view(batch, nx, ny, nz, c).permute(0, 4, 1, 2, 3)  # (B, C, X, Y, Z)
+    dilated = F.max_pool3d(dense, 3, stride=1, padding=1)
+    eroded = -F.max_pool3d(-dilated, 3, stride=1, padding=1)
+    original = (dense > score_threshold).any(dim=1, keepdim=True)
+    closed = torch.where(original, dense, eroded).permute(0, 2, 3, 4, 1).reshape(-1, c)
+    occupied = (closed > score_threshold).any(dim=-1).nonzero()[:, 0]  # sorted ascending
+    return occupied, closed[occupied]
 
 
 def labels_batch(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -122,16 +127,25 @@ def points_to_occupancy(
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
     ids, mean = occupied_voxels(pts, scr, config)
     best, label = mean.max(dim=-1)
-    nx, ny, nz = config.grid_shape
-    indices = torch.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], dim=-1)  # (M, 3), C-order sorted
-    voxel_labels = (label + 1).to(torch.uint8)
-    labels = torch.zeros(nx * ny * nz, dtype=torch.uint8, device=ids.device)
-    labels[ids] = voxel_labels
+    # one small device-to-host copy: (M, 3) float32 rows [flat id, label, score]; ids < 2**24 are exact
+    packed = torch.stack([ids.float(), (label + 1).float(), best.float()], dim=-1).cpu().numpy()
+    return frame_from_voxels(packed[:, 0].astype(np.int64), packed[:, 1].astype(np.uint8), packed[:, 2], origin, config)
+
+
+def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, voxel_origin: np.ndarray,
+                      config: ModelConfig) -> OccupancyFrame:
+    """OccupancyFrame from host arrays of occupied voxels: flat ids (sorted), labels 1..C, scores."""
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    if nx * ny * nz >= 2**24:
+        raise ValueError(f"grid {config.grid_shape} has too many voxels for float32 voxel ids")
+    dense = np.zeros(nx * ny * nz, dtype=np.uint8)
+    dense[ids] = labels
+    indices = np.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], axis=-1).astype(np.int32).reshape(-1, 3)
     return OccupancyFrame(
-        labels=labels.view(nx, ny, nz).cpu().numpy(),
-        voxel_indices=indices.to(torch.int32).cpu().numpy(),
-        voxel_labels=voxel_labels.cpu().numpy(),
-        voxel_scores=best.cpu().numpy().astype(np.float32),
-        voxel_origin=origin,
+        labels=dense.reshape(nx, ny, nz),
+        voxel_indices=indices,
+        voxel_labels=np.asarray(labels, dtype=np.uint8),
+        voxel_scores=np.asarray(scores, dtype=np.float32),
+        voxel_origin=np.asarray(voxel_origin, dtype=np.float64).reshape(3),
         voxel_size=float(config.voxel_size),
     )

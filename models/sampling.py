@@ -21,8 +21,10 @@ GRID_CLAMP = 2.0  # normalised image coordinates are clamped here: still outside
 def pixels_to_grid(uv: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     """Pixel coordinates -> grid_sample coordinates in [-1, 1] (align_corners=True), clamped."""
     h, w = image_hw
-    scale = uv.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
-    return (uv * scale - 1.0).clamp(-GRID_CLAMP, GRID_CLAMP)
+    # Python-float scales, not a tensor built here: forward makes no host-to-device copy (CUDA graphs)
+    u = uv[..., 0:1] * (2.0 / max(w - 1, 1))
+    v = uv[..., 1:2] * (2.0 / max(h - 1, 1))
+    return (torch.cat([u, v], dim=-1) - 1.0).clamp(-GRID_CLAMP, GRID_CLAMP)
 
 
 def sample_levels(
@@ -64,9 +66,10 @@ class AdaptiveSampling(nn.Module):
     def sampling_points(self, query: torch.Tensor, prev_points: torch.Tensor) -> torch.Tensor:
         """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
         b, n = query.shape[:2]
+        prev_points = prev_points.float()  # sampling locations stay float32 under FP16 autocast
         centre = prev_points.mean(dim=2)  # (B, N, 3)
         scale = (prev_points - centre.unsqueeze(2)).square().mean(dim=2).sqrt()  # (B, N, 3); 0 for R = 1
-        offsets = self.offsets(query).reshape(b, n, self.num_groups, self.num_points, 3)
+        offsets = self.offsets(query).float().reshape(b, n, self.num_groups, self.num_points, 3)
         return centre[:, :, None, None] + offsets * scale[:, :, None, None]
 
     def forward(
