@@ -308,8 +308,13 @@ def points_to_pointcloud2(factory: MessageFactory, points: np.ndarray, frame_id:
     return factory.new(
         "sensor_msgs/msg/PointCloud2", header=make_header(factory, stamp_ns, frame_id), height=1,
         width=len(points), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(points),
-        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=True,
+        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=_all_finite(points),
     )
+
+
+def _all_finite(points: np.ndarray) -> bool:
+    """PointCloud2.is_dense: true only when no point has a NaN/inf float field."""
+    return all(bool(np.isfinite(points[n]).all()) for n in points.dtype.names if points.dtype[n].kind == "f")
 
 
 def occupancy_to_pointcloud2(factory: MessageFactory, frame: Any, frame_id: str, stamp_ns: int) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import params as P
 from .errors import FrameError
+from .msg_factory import EveryNth
 from .processing import (
     FrameInput,
     FrameProcessor,
@@ -73,7 +74,7 @@ def build_pipeline(cfg: dict[str, Any]) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found (parameter model_path)")
     backend = create_backend(cfg["backend"], path, device=None if cfg["device"] == "auto" else cfg["device"],
-                             fp16=cfg["fp16"])
+                             fp16=cfg["fp16"], compile=cfg["compile"], cuda_graph=cfg["cuda_graph"])
     return OccupancyPipeline(backend)
 
 
@@ -96,6 +97,8 @@ def make_node_class() -> type:
             # the threshold only affects post-processing: same network, same backend config object
             if self.cfg["score_threshold"] >= 0.0:
                 self.pipeline.config.score_threshold = float(self.cfg["score_threshold"])
+            self.pipeline.config.closing = bool(self.cfg["closing"])
+            self.marker_schedule = EveryNth(self.cfg["marker_period"])
             settings = ProcessorSettings(
                 use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["depth_max_offset_s"],
                 use_fallback_pose=self.cfg["use_fallback_pose"],
@@ -112,7 +115,8 @@ def make_node_class() -> type:
             self._running = True
             self._worker = threading.Thread(target=self._work, name="discene_inference", daemon=True)
             self._worker.start()
-            self.get_logger().info(f"occupancy node ready: {self.pipeline.backend.describe()}, image "
+            describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
+            self.get_logger().info(f"occupancy node ready: {describe()}, image "
                                    f"{self.image_topic}, world frame '{self.cfg['world_frame']}'")
 
         def _init_tf(self) -> None:
@@ -165,8 +169,8 @@ def make_node_class() -> type:
                 frame.camera_info, frame.depth = self._info, self._depth
                 frame.cam_pose = self.lookup_pose(frame.image.header.frame_id, frame.stamp_ns)
                 result = self.processor.process(frame)
-                msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns,
-                                     markers=self.pub_markers is not None)
+                markers = self.pub_markers is not None and self.marker_schedule.due()
+                msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns, markers=markers)
             except FrameError as exc:
                 self._skip(exc.reason, str(exc))
                 return
@@ -175,7 +179,7 @@ def make_node_class() -> type:
                 return
             self.pub_cloud.publish(msgs["cloud"])
             self.pub_pose.publish(msgs["grid_pose"])
-            if self.pub_markers is not None:
+            if "markers" in msgs:
                 self.pub_markers.publish(msgs["markers"])
             if result.used_fallback_pose and self.throttle.allow("fallback_pose"):
                 self.get_logger().warning(f"no TF from '{frame.image.header.frame_id}' to '{self.cfg['world_frame']}': "
