@@ -260,6 +260,12 @@ class TwoStageRunner:
         if self._on_error is not None:
             self._on_error(item, exc)
 
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Block until no frame waits at either hand-off (stage 1 busy or idle, stage 2 fed): a feeder
+        that calls this before ``submit`` keeps both stages busy without dropping frames."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None, timeout)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted frame is processed, failed or dropped; False on timeout."""
         with self._cond:

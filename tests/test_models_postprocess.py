@@ -203,3 +203,18 @@ def test_closing_drops_a_voxel_whose_mean_score_is_below_the_threshold(lite_conf
     assert points_to_occupancy(points, scores, ORIGIN, lite_config).voxel_labels.size == 0
     plain = points_to_occupancy(points, scores, ORIGIN, dataclasses.replace(lite_config, closing=False))
     assert plain.voxel_labels.size == 1
+
+
+def test_closing_filters_equal_max_pool3d():
+    import torch.nn.functional as F
+
+    from models.postprocess import _filter3
+
+    rng = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 7, 5, 4, 3, generator=rng)
+    v[v < 0.6] = 0
+    dilated = _filter3(v, torch.maximum)
+    ref = F.max_pool3d(v.permute(0, 4, 1, 2, 3), 3, stride=1, padding=1).permute(0, 2, 3, 4, 1)
+    assert torch.equal(dilated, ref)
+    ref_eroded = -F.max_pool3d(-ref.permute(0, 4, 1, 2, 3), 3, stride=1, padding=1).permute(0, 2, 3, 4, 1)
+    assert torch.equal(_filter3(dilated, torch.minimum), ref_eroded)
