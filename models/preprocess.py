@@ -162,6 +162,7 @@ class _Slot:
         self.grid2img: torch.Tensor | None = None
         self.depth: torch.Tensor | None = None
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
+        self.bgr = False  # the staged bytes are in BGR order
 
 
 class TensorPreprocessor:
@@ -198,7 +199,9 @@ class TensorPreprocessor:
         if slot.host_rgb is None or tuple(slot.host_rgb.shape) != image_rgb.shape:
             slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
             slot.dev_rgb = torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin else None
-        np.copyto(slot.host_rgb.numpy(), image_rgb)  # also does BGR -> RGB for a reversed-channel view
+        flipped = image_rgb[..., ::-1]
+        slot.bgr = flipped.flags.c_contiguous  # a bgr8 message seen as RGB: copy the bytes as they are,
+        np.copyto(slot.host_rgb.numpy(), flipped if slot.bgr else image_rgb)  # swap channels after the resize
         if slot.host_g2i is None:
             slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
         slot.host_g2i.numpy()[0] = grid2img
@@ -255,7 +258,7 @@ class TensorPreprocessor:
         else:
             rgb, dep = s.host_rgb, s.host_depth
             s.grid2img.copy_(s.host_g2i)
-        self._resize_normalise(rgb, s.image)
+        self._resize_normalise(rgb, s.image, s.bgr)
         if depth is not None:
             rows, cols = self._nearest_index(depth.shape)
             d = dep.index_select(0, rows).index_select(1, cols)
@@ -263,7 +266,7 @@ class TensorPreprocessor:
             torch.where(bad, torch.zeros((), dtype=d.dtype, device=d.device), d, out=s.depth[0, 0])
         return FrameTensors(s.image, s.grid2img, s.depth if depth is not None else None, voxel_origin, slot)
 
-    def _resize_normalise(self, rgb_hwc: torch.Tensor, out: torch.Tensor) -> None:
+    def _resize_normalise(self, rgb_hwc: torch.Tensor, out: torch.Tensor, bgr: bool = False) -> None:
         x = rgb_hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view
         if tuple(x.shape[-2:]) != self.size_hw:
             if self.uint8_resize:
@@ -271,4 +274,6 @@ class TensorPreprocessor:
                                   mode="bilinear", antialias=True, align_corners=False)
             else:
                 x = F.interpolate(x.float(), size=self.size_hw, mode="bilinear", antialias=True, align_corners=False)
+        if bgr:
+            x = x.flip(1)  # on the network-size image: cheaper than reordering the input bytes on the host
         torch.addcmul(self.shift, x.float(), self.scale, out=out)
