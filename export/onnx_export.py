@@ -13,6 +13,7 @@ normalised grid coordinates and ``scores`` (1,Q,R,C) after the sigmoid, both of 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import warnings
@@ -26,6 +27,7 @@ import torch
 from models.classes import CLASS_NAMES
 from models.config import ModelConfig, load_config
 from models.geometry import place_grid
+from models.sampling import set_sampling_impl
 
 from .backends.base import input_names, input_shapes, output_shapes
 from .op_check import TRT_OPS_VERSION, check_model
@@ -155,11 +157,20 @@ def _io_spec(config: ModelConfig) -> tuple[list[dict], list[dict]]:
 
 def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: str | Path | None = None,
                 simplify: bool = False, fp16: bool = False, opset: int = OPSET,
-                parity: bool = True) -> dict[str, Any]:
-    """Write ``out`` (+ ``out.json``; + ``<stem>.fp16.onnx`` and its sidecar when ``fp16``); returns the sidecar."""
+                parity: bool = True, sampling: str = "grid_sample") -> dict[str, Any]:
+    """Write ``out`` (+ ``out.json``; + ``<stem>.fp16.onnx`` and its sidecar when ``fp16``); returns the sidecar.
+
+    ``sampling``: ``grid_sample`` (GridSample ops: TensorRT) or ``gather`` (the same bilinear read as
+    Gather ops: ONNX Runtime's CPU provider runs it faster than its GridSample kernel; see
+    models/sampling.py). The parity check compares with eager torch in the default grid_sample form.
+    """
     out = Path(out)
     model, cfg = load_for_export(config, checkpoint)
-    wrapper = ExportWrapper(model, cfg.use_depth).eval()
+    export_model = model
+    if sampling != "grid_sample":
+        export_model = copy.deepcopy(model)
+        set_sampling_impl(export_model, sampling)
+    wrapper = ExportWrapper(export_model, cfg.use_depth).eval()
     frame = example_frame(cfg)
     tmp = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +202,7 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
         "weights_sha256": sha256_state_dict(model.state_dict()),
         "onnx_sha256": sha256_file(out),
         "simplified": simplified,
+        "sampling": sampling,
         "inputs": ins,
         "outputs": outs,
         "trt_ops_version": TRT_OPS_VERSION,
