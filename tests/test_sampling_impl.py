@@ -49,3 +49,19 @@ def test_gather_export_has_no_gridsample_and_matches_torch(tmp_path):
     parity = side["parity"]  # onnxruntime (gather graph) vs eager torch (grid_sample)
     assert parity["max_abs_diff"] < 2e-4 and parity["label_agreement"] > 0.999
     assert np.isfinite(parity["max_abs_diff_points"])
+
+
+def test_fp16_agreement_counts_by_hand():
+    from export.fp16 import label_agreement
+
+    ref = np.zeros((2, 2, 2), np.uint8)
+    got = ref.copy()
+    ref[0, 0, 0], got[0, 0, 0] = 3, 3    # occupied in both, same class
+    ref[0, 0, 1], got[0, 0, 1] = 3, 4    # occupied in both, different class
+    ref[0, 1, 0] = 2                     # only FP32
+    got[1, 1, 1] = 5                     # only FP16
+    r = label_agreement([ref], [got])
+    assert r["label_agreement"] == 5 / 8          # the 4 empty-in-both voxels and (0, 0, 0) agree
+    assert r["occupied_label_agreement"] == 1 / 4  # 4 occupied in either, 1 same
+    assert r["occupancy_iou"] == 2 / 4 and r["semantic_agreement"] == 1 / 2
+    assert r["occupied_voxels_fp32"] == 3 and r["frames"] == 1
