@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile on CUDA (tens of seconds per precision)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager instead of the static/CUDA-graph runner")
     parser.add_argument("--marker-period", type=int, default=10)
+    parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
+                        help="post-processing closing: on (the node's default), off, or as the checkpoint says")
     parser.add_argument("--json", default=None)
     parser.add_argument("--append", action="store_true", help="merge rows into an existing --json file")
     args = parser.parse_args(argv)
@@ -175,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             backend, weights = make_backend(name, args.device, precision == "fp16", args.compile,
                                             not args.no_cuda_graph)
+            if args.closing != "model":
+                backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
             print(f"{name} {precision}: {pipe.describe()}; weights {weights}", flush=True)
             for kind in args.inputs:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period)
                 row = {"config": name, "backend": f"torch {backend.mode}", "precision": precision, **row,
-                       "weights": weights, "threads": args.threads if args.device == "cpu" else None}
+                       "weights": weights, "threads": args.threads if args.device == "cpu" else None,
+                       "closing": bool(backend.config.closing)}
                 rows.append(row)
                 s = row["stages_ms"]
                 print(f"  {kind:5s} fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "

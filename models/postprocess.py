@@ -86,18 +86,44 @@ def close_holes(
     voxel takes the eroded scores, and the occupied voxels are those with any class score above the
     threshold afterwards. So a hole surrounded on all sides is filled with the smallest neighbourhood
     maximum, and a voxel whose mean score fell to or below the threshold (mixed classes) is empty
-    unless its closed neighbourhood re-fills it.
+    unless its closed neighbourhood re-fills it. The work is cropped to the occupied box and to the
+    classes above the threshold somewhere, which leaves labels and best scores exactly as above.
     """
     nx, ny, nz = (int(n) for n in grid_shape)
     c = mean.shape[-1]
-    dense = mean.new_zeros(batch * nx * ny * nz, c)
-    dense[ids] = mean
-    dense = dense.view(batch, nx, ny, nz, c)
-    eroded = _filter3(_filter3(dense, torch.maximum), torch.minimum)
-    original = (dense > score_threshold).any(dim=-1, keepdim=True)
-    closed = torch.where(original, dense, eroded).view(-1, c)
-    occupied = (closed > score_threshold).any(dim=-1).nonzero()[:, 0]  # sorted ascending
-    return occupied, closed[occupied]
+    if len(ids) == 0:
+        return ids, mean
+    # Only classes scoring above the threshold somewhere can fill a voxel or win its argmax: the
+    # others are left out of the filters (a filled voxel gets 0 for them; label and best score exact).
+    active = (mean > score_threshold).any(dim=0).nonzero()[:, 0]
+    if len(active) == 0:
+        return ids[:0], mean[:0]
+    # Crop to the occupied box + 2 voxels: the dilation is 0 beyond 1 voxel of it and the erosion
+    # beyond 2, so the crop is exact (clipped at the grid border, where the filters ignore outside).
+    b_idx, i, j, k = ids // (nx * ny * nz), (ids // (ny * nz)) % nx, (ids // nz) % ny, ids % nz
+    lo = torch.stack([b_idx.min(), i.min() - 2, j.min() - 2, k.min() - 2]).clamp_min(0).tolist()
+    hi = torch.stack([b_idx.max() + 1, i.max() + 3, j.max() + 3, k.max() + 3]).tolist()
+    hi = [min(h, n) for h, n in zip(hi, (batch, nx, ny, nz), strict=True)]
+    shape = [h - low for h, low in zip(hi, lo, strict=True)]
+    local = (((b_idx - lo[0]) * shape[1] + i - lo[1]) * shape[2] + j - lo[2]) * shape[3] + k - lo[3]
+    dense = mean.new_zeros(int(np.prod(shape)), len(active))
+    dense[local] = mean[:, active]
+    dense = dense.view(*shape, len(active))
+    eroded = _filter3(_filter3(dense, torch.maximum), torch.minimum).view(-1, len(active))
+    original = torch.zeros(dense.shape[:-1].numel(), dtype=torch.bool, device=mean.device)
+    original[local] = (mean > score_threshold).any(dim=-1)
+    filled = (~original & (eroded > score_threshold).any(dim=-1)).nonzero()[:, 0]
+    # crop-local -> global flat ids of the filled voxels
+    fk = filled % shape[3]
+    fj = (filled // shape[3]) % shape[2]
+    fi = (filled // (shape[3] * shape[2])) % shape[1]
+    fb = filled // (shape[3] * shape[2] * shape[1])
+    filled_ids = (((fb + lo[0]) * nx + fi + lo[1]) * ny + fj + lo[2]) * nz + fk + lo[3]
+    filled_scores = mean.new_zeros(len(filled), c)
+    filled_scores[:, active] = eroded[filled]
+    keep = (mean > score_threshold).any(dim=-1)
+    all_ids, order = torch.sort(torch.cat([ids[keep], filled_ids]))
+    return all_ids, torch.cat([mean[keep], filled_scores])[order]
 
 
 def _filter3(volume: torch.Tensor, op: object) -> torch.Tensor:
