@@ -34,3 +34,25 @@ def test_pointcloud_is_dense_only_when_every_point_is_finite():
     bad = conv.points_to_pointcloud2(F, conv.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
     assert not bad.is_dense
     assert conv.points_to_pointcloud2(F, conv.cloud_points(np.zeros((0, 3)), [], []), "odom", 0).is_dense
+
+
+def test_marker_points_are_grid_local_and_reused_across_frames():
+    from models.postprocess import OccupancyFrame
+
+    labels = np.zeros((60, 60, 36), np.uint8)
+    idx = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.int32)
+    labels[tuple(idx.T)] = [2, 2, 5]
+
+    def frame(origin):
+        return OccupancyFrame(labels=labels, voxel_indices=idx, voxel_labels=np.array([2, 2, 5], np.uint8),
+                              voxel_scores=np.ones(3, np.float32), voxel_origin=np.asarray(origin, float),
+                              voxel_size=0.08)
+
+    a = conv.occupancy_to_marker_array(F, frame([1.0, -2.0, 0.5]), "odom", 0)
+    b = conv.occupancy_to_marker_array(F, frame([3.0, 0.0, 0.0]), "odom", 0)
+    by_id = {m.id: m for m in a.markers[1:]}
+    pose = by_id[2].pose.position
+    assert (pose.x, pose.y, pose.z) == (1.0, -2.0, 0.5)
+    world = [(pose.x + p.x, pose.y + p.y, pose.z + p.z) for p in by_id[2].points]
+    np.testing.assert_allclose(world, frame([1.0, -2.0, 0.5]).centers_world()[:2])
+    assert b.markers[1].points[0] is a.markers[1].points[0]  # same message object, not rebuilt
