@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--append: {path} was measured on {old.get('device')!r}, this run on {out['device']!r}",
                       file=sys.stderr)
                 return 2
-            keep = [r for r in old["rows"] if (r["config"], r["precision"], r["input"]) not in
-                    {(r2["config"], r2["precision"], r2["input"]) for r2 in rows}]
+            key = ("config", "precision", "input", "closing")
+            new_keys = {tuple(r2.get(k) for k in key) for r2 in rows}
+            keep = [r for r in old["rows"] if tuple(r.get(k) for k in key) not in new_keys]
             out["rows"] = keep + rows
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1) + "\n")
