@@ -7,6 +7,10 @@ Times ``Backend.infer`` (host arrays in, host arrays out, i.e. including copies)
 interleaved round-robin across backends (fair on a shared machine), on
 seeded realistic frames (``export.onnx_export.example_frame``). Weights are random unless
 ``--checkpoint`` is given: speed does not depend on them. Ratio = torch-eager median / backend median.
+On the CPU, onnxruntime runs two exports: GridSample ops, and the gather form of the same sampling
+(``--ort-sampling``), which its CPU provider runs faster. On a shared, oversubscribed CPU set
+OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin at barriers and torch eager becomes
+10-20x slower (measured here on 2 cores with other jobs running), which is not what it costs on a robot.
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ def time_interleaved(backends: dict, frames, warmup: int, iters: int) -> dict[st
     return {label: np.array(t) for label, t in times.items()}
 
 
-def candidate_backends(config, model, onnx_path: Path, device: str, fp16: bool):
-    """(label, factory) for every backend that can run here."""
+def candidate_backends(config, model, onnx_path: Path, device: str, fp16: bool, ort_paths: dict | None = None):
+    """(label, factory) for every backend that can run here; ``ort_paths``: CPU ORT graphs by sampling form."""
     out = [(f"torch eager {device} fp32", lambda: TorchBackend(model, config, device=device))]
     if device == "cuda":
         out.append((f"torch eager {device} tf32", lambda: TorchBackend(model, config, device=device, tf32=True)))
@@ -57,8 +61,9 @@ def candidate_backends(config, model, onnx_path: Path, device: str, fp16: bool):
 
         avail = ort.get_available_providers()
         if device == "cpu":
-            out.append(("onnxruntime CPU EP fp32", lambda: create_backend("onnxruntime", onnx_path, config,
-                                                                          providers=["cpu"])))
+            for sampling, path in (ort_paths or {"grid_sample": onnx_path}).items():
+                out.append((f"onnxruntime CPU EP fp32 ({sampling})",
+                            lambda path=path: create_backend("onnxruntime", path, config, providers=["cpu"])))
         else:
             for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
                 if p in avail:
@@ -75,14 +80,21 @@ def bench_config(name: str, args, workdir: Path) -> list[dict]:
         warnings.simplefilter("ignore")
         model, config = load_for_export(name, args.checkpoint)
     onnx_path = workdir / f"{config.name}.onnx"
+    ort_paths = {}
     if any(b != "torch" for b in args.backends):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export_onnx(config, onnx_path, checkpoint=args.checkpoint, parity=False)
+            for sampling in args.ort_sampling:
+                ort_paths[sampling] = onnx_path if sampling == "grid_sample" else \
+                    workdir / f"{config.name}.{sampling}.onnx"
+                if sampling != "grid_sample":
+                    export_onnx(config, ort_paths[sampling], checkpoint=args.checkpoint, parity=False,
+                                sampling=sampling)
     frames = [example_frame(config, seed=s) for s in range(args.frames)]
     iters = args.iters if name == "lite" else args.iters_large
     backends = {}
-    for label, factory in candidate_backends(config, model, onnx_path, args.device, args.fp16):
+    for label, factory in candidate_backends(config, model, onnx_path, args.device, args.fp16, ort_paths):
         if label.split()[0] not in args.backends:
             continue
         try:
@@ -122,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=30, help="timed calls for lite")
     p.add_argument("--iters-large", type=int, default=10, help="timed calls for the other configs")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--ort-sampling", nargs="+", default=["grid_sample", "gather"], choices=["grid_sample", "gather"],
+                   help="ONNX graphs for onnxruntime on the CPU: GridSample ops and/or the gather form")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--workdir", help="where the ONNX/engine files go (default: a temp dir)")
     args = p.parse_args(argv)

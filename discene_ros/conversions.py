@@ -497,24 +497,47 @@ def _pose(factory: MessageFactory, position: np.ndarray | None = None) -> Any:
                        orientation=factory.new("geometry_msgs/msg/Quaternion", x=0.0, y=0.0, z=0.0, w=1.0))
 
 
+# Marker points are grid-local voxel centres (the marker pose is the grid corner), so the Point
+# messages are the same every frame: made once per (point class, voxel size, grid shape), reused.
+_MARKER_POINTS: dict[tuple, dict[int, Any]] = {}
+
+
+def _cached_points(factory: MessageFactory, flat_ids: np.ndarray, indices: np.ndarray, size: float,
+                   grid_shape: tuple[int, ...]) -> list:
+    point_cls = factory.msg_class("geometry_msgs/msg/Point")
+    cache = _MARKER_POINTS.setdefault((id(point_cls), size, grid_shape), {})
+    missing = [n for n, f in enumerate(flat_ids.tolist()) if f not in cache]
+    for n in missing:
+        x, y, z = ((indices[n].astype(np.float64) + 0.5) * size).tolist()
+        cache[int(flat_ids[n])] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
+    return [cache[f] for f in flat_ids.tolist()]
+
+
 def occupancy_to_marker_array(factory: MessageFactory, frame: Any, frame_id: str, stamp_ns: int,
                               ns: str = "discene_occupancy", alpha: float = 1.0) -> Any:
-    """OccupancyFrame -> MarkerArray: a DELETEALL, then one CUBE_LIST per class present (id = label)."""
+    """OccupancyFrame -> MarkerArray: a DELETEALL, then one CUBE_LIST per class present (id = label).
+
+    Each CUBE_LIST's pose is the grid corner (voxel_origin) and its points the voxel centres in grid
+    coordinates (metres), whose Point messages are cached across frames.
+    """
     marker_cls = factory.msg_class("visualization_msgs/msg/Marker")
     header = make_header(factory, stamp_ns, frame_id)
     markers = [factory.new("visualization_msgs/msg/Marker", header=header, ns=ns, id=0, action=marker_cls.DELETEALL,
                            pose=_pose(factory))]
-    centers = np.asarray(frame.centers_world(), dtype=np.float64)
+    indices = np.asarray(frame.voxel_indices, dtype=np.int64).reshape(-1, 3)
     labels = np.asarray(frame.voxel_labels)
     size = float(frame.voxel_size)
+    grid_shape = tuple(int(n) for n in np.shape(frame.labels))
+    flat = (indices[:, 0] * grid_shape[1] + indices[:, 1]) * grid_shape[2] + indices[:, 2]
     for label in np.unique(labels):
         if label == 0 or label > NUM_CLASSES:
             continue
         r, g, b = (float(c) / 255.0 for c in CLASS_COLORS[label])
-        pts = [factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z) for x, y, z in centers[labels == label].tolist()]
+        sel = labels == label
+        pts = _cached_points(factory, flat[sel], indices[sel], size, grid_shape)
         markers.append(factory.new(
             "visualization_msgs/msg/Marker", header=header, ns=ns, id=int(label), type=marker_cls.CUBE_LIST,
-            action=marker_cls.ADD, pose=_pose(factory),
+            action=marker_cls.ADD, pose=_pose(factory, frame.voxel_origin),
             scale=factory.new("geometry_msgs/msg/Vector3", x=size, y=size, z=size),
             color=factory.new("std_msgs/msg/ColorRGBA", r=r, g=g, b=b, a=float(alpha)),
             points=pts, text=CLASS_NAMES[label],

@@ -120,3 +120,20 @@ class RclpyFactory:
     def float64_sequence(self, values: Any) -> array.array:
         # unbounded float64[] fields (CameraInfo.d) are array.array('d') in rclpy
         return array.array("d", np.asarray(values, dtype=np.float64).reshape(-1).tolist())
+
+
+class EveryNth:
+    """Publishing schedule for costly optional outputs (the RViz MarkerArray): due on the first frame
+    and then on every ``period``-th frame; ``period`` 1 = every frame, 0 = never."""
+
+    def __init__(self, period: int) -> None:
+        if int(period) < 0:
+            raise ValueError(f"period must be >= 0 frames (0 = never), got {period}")
+        self.period = int(period)
+        self.count = 0
+
+    def due(self) -> bool:
+        """Count one frame; True when the output should be built and published for it."""
+        due = self.period > 0 and self.count % self.period == 0
+        self.count += 1
+        return due

@@ -26,7 +26,7 @@ from . import params as P
 from .camera_pose import TransformNotReadyError, describe_fallback, mount_fallback_pose
 from .conversions import stats_to_diagnostics, transform_to_matrix
 from .errors import FrameError
-from .msg_factory import RclpyFactory
+from .msg_factory import EveryNth, RclpyFactory
 from .pairing import FramePartners
 from .processing import (
     FrameInput,
@@ -96,7 +96,7 @@ def build_pipeline(cfg: dict[str, Any]) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found (parameter model_path)")
     backend = create_backend(cfg["backend"], path, device=None if cfg["device"] == "auto" else cfg["device"],
-                             fp16=cfg["fp16"])
+                             fp16=cfg["fp16"], compile=cfg["compile"], cuda_graph=cfg["cuda_graph"])
     return OccupancyPipeline(backend)
 
 
@@ -112,6 +112,8 @@ class OccupancyNode(Node):
         self.pipeline = pipeline if pipeline is not None else build_pipeline(self.cfg)
         if self.cfg["score_threshold"] >= 0.0:  # post-processing only: same network and backend
             self.pipeline.config.score_threshold = float(self.cfg["score_threshold"])
+        self.pipeline.config.closing = bool(self.cfg["closing"])
+        self.marker_schedule = EveryNth(self.cfg["marker_period"])
         settings = ProcessorSettings(
             use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["sync_tolerance_s"],
             use_fallback_pose=self.cfg["use_fallback_pose"],
@@ -150,8 +152,9 @@ class OccupancyNode(Node):
 
         self.inference_thread = threading.Thread(target=self.inference_loop, name=INFERENCE_THREAD, daemon=True)
         self.inference_thread.start()
+        describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         self.get_logger().info(
-            f"occupancy node ready: {self.pipeline.backend.describe()}, image {self.image_topic}, world frame "
+            f"occupancy node ready: {describe()}, image {self.image_topic}, world frame "
             f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
             "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
 
@@ -201,8 +204,8 @@ class OccupancyNode(Node):
             self.log_undistortion(frame.camera_info)
             frame.cam_pose = self.camera_pose(frame.image.header.frame_id, frame.stamp_ns)
             result = self.processor.process(frame)
-            msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns,
-                                 markers=self.markers_pub is not None)
+            markers = self.markers_pub is not None and self.marker_schedule.due()
+            msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns, markers=markers)
         except FrameError as exc:
             self.skip_frame(exc.reason, str(exc))
             return
@@ -210,7 +213,7 @@ class OccupancyNode(Node):
             return
         self.cloud_pub.publish(msgs["cloud"])
         self.grid_pose_pub.publish(msgs["grid_pose"])
-        if self.markers_pub is not None:
+        if "markers" in msgs:
             self.markers_pub.publish(msgs["markers"])
         self.stats.on_processed((time.monotonic() - frame.received_s) * 1e3)
 

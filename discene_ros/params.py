@@ -42,6 +42,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("backend", "torch", "Inference backend: torch, onnxruntime or tensorrt"),
     ParamSpec("device", "auto", "torch device: auto, cpu or cuda[:N]"),
     ParamSpec("fp16", False, "Half precision inference (CUDA torch autocast / FP16 engine)"),
+    ParamSpec("cuda_graph", True, "torch backend: static buffers, network captured once per input shape as a CUDA "
+              "graph and replayed per frame (on the CPU: static-buffer eager replay)"),
+    ParamSpec("compile", False, "torch backend on CUDA: torch.compile the network (first frame compiles for tens "
+              "of seconds, cached on disk by inductor); ignored on the CPU, which stays eager"),
     ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image)"),
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
               "instead of the raw image"),
@@ -67,7 +71,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("floor_z", 0.0, "World z of the floor: the bottom face of the grid, metres", (-10.0, 10.0)),
     ParamSpec("score_threshold", -1.0, "Points whose best class score is at most this are empty; "
               "negative = the model's own threshold (from its checkpoint or sidecar)", (-1.0, 0.99)),
+    ParamSpec("closing", True, "3x3x3 closing of the voxel scores in post-processing (the reference's default)"),
     ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz"),
+    ParamSpec("marker_period", 10, "Publish the MarkerArray on every N-th processed frame (1 = every frame; "
+              "it costs more than the point cloud)", (1, 1000)),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the DiagnosticArray on /diagnostics, seconds", (0.1, 60.0)),
     ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),
 )

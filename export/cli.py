@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--out", required=True, help="output .onnx path")
     o.add_argument("--simplify", action="store_true", help="run onnxsim when installed")
     o.add_argument("--fp16", action="store_true", help="also write <out>.fp16.onnx for TensorRT strongly typed builds")
+    o.add_argument("--sampling", choices=["grid_sample", "gather"], default="grid_sample",
+                   help="feature sampling ops: grid_sample (TensorRT) or gather (faster in onnxruntime on the CPU)")
     o.add_argument("--no-parity", action="store_true", help="skip the onnxruntime-vs-torch parity run")
 
     c = sub.add_parser("check", help="list the ops of an ONNX model and flag what TensorRT cannot parse")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             from .onnx_export import export_onnx
 
             side = export_onnx(args.config, args.out, checkpoint=args.checkpoint, simplify=args.simplify,
-                               fp16=args.fp16, parity=not args.no_parity)
+                               fp16=args.fp16, parity=not args.no_parity, sampling=args.sampling)
             print(f"wrote {args.out} (+ .json): opset {side['opset']}, inputs "
                   f"{[i['name'] for i in side['inputs']]}, TensorRT-unsupported ops {side['trt_unsupported_ops']}")
             if "parity" in side:

@@ -10,9 +10,11 @@ so every backend feeds and reads the same arrays. Only onnx itself is used (no o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 KEEP_FP32_OPS = frozenset({"LayerNormalization", "Softmax", "Einsum"})
@@ -38,9 +40,15 @@ def _to_f16_tensor(t: TensorProto) -> TensorProto:
     return numpy_helper.from_array(arr.astype(np.float16), t.name)
 
 
+# Sampling-location arithmetic (point-set mean/std, offsets, projection, pixel -> grid): these
+# element-wise/reduction nodes of the sampling modules stay FP32; the feature reads do not.
+GEOMETRY_SCOPE = "/sampling/"
+GEOMETRY_OPS = frozenset({"ReduceMean", "Sub", "Sqrt", "Div", "Clip", "Concat", "Einsum", "Slice"})
+
+
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, keep_ops: frozenset[str]):
-        self.model, self.keep_ops = model, keep_ops
+    def __init__(self, model: onnx.ModelProto, keep_ops: frozenset[str], keep_geometry: bool = False):
+        self.model, self.keep_ops, self.keep_geometry = model, keep_ops, keep_geometry
         self.orig_types = _elem_types(model)
         self.cur: dict[str, int] = {}  # tensor name -> element type after conversion
         self.casts: dict[tuple[str, int], str] = {}
@@ -99,7 +107,8 @@ class _Converter:
 
     def convert_node(self, node: onnx.NodeProto) -> None:
         node = onnx.NodeProto.FromString(node.SerializeToString())
-        keep = node.op_type in self.keep_ops
+        keep = node.op_type in self.keep_ops or (
+            self.keep_geometry and GEOMETRY_SCOPE in node.name and node.op_type in GEOMETRY_OPS)
         for i, name in enumerate(node.input):
             want = F32 if keep or (node.op_type, i) in FP32_SLOTS else F16
             if self.cur.get(name) in (F32, F16) and node.op_type != "Cast":
@@ -118,19 +127,72 @@ class _Converter:
             self.cur[out] = F32 if (keep and t == F32) else (F16 if t == F32 else t)
 
 
-def convert_to_fp16(model: onnx.ModelProto, keep_fp32_ops: frozenset[str] = KEEP_FP32_OPS) -> onnx.ModelProto:
-    """FP16 copy of an FP32 model: FP32 I/O, FP16 weights/activations, ``keep_fp32_ops`` in FP32."""
-    new = _Converter(model, frozenset(keep_fp32_ops)).run()
+def convert_to_fp16(model: onnx.ModelProto, keep_fp32_ops: frozenset[str] = KEEP_FP32_OPS,
+                    keep_geometry: bool = False) -> onnx.ModelProto:
+    """FP16 copy of an FP32 model: FP32 I/O, FP16 weights/activations, ``keep_fp32_ops`` in FP32, and
+    with ``keep_geometry`` the sampling-location arithmetic too (``GEOMETRY_SCOPE``/``GEOMETRY_OPS``)."""
+    new = _Converter(model, frozenset(keep_fp32_ops), keep_geometry).run()
     onnx.checker.check_model(new)
     onnx.shape_inference.infer_shapes(new, strict_mode=True)  # raises on any type inconsistency
     return new
 
 
-def convert_file_to_fp16(src: str | Path, dst: str | Path) -> Path:
+def convert_file_to_fp16(src: str | Path, dst: str | Path, keep_geometry: bool = False) -> Path:
     """Read an FP32 ONNX file, write its FP16 version; returns ``dst``."""
     from .sidecar import atomic_write_bytes
 
     model = onnx.load(str(src))
-    new = convert_to_fp16(model)
+    new = convert_to_fp16(model, keep_geometry=keep_geometry)
     atomic_write_bytes(dst, new.SerializeToString())
     return Path(dst)
+
+
+def label_agreement(ref_labels: list[np.ndarray], got_labels: list[np.ndarray]) -> dict[str, float | int]:
+    """Voxel-label agreement of two runs over a set of frames (``ref`` is the FP32 reference).
+
+    ``label_agreement``: share of all voxels with the same label (empty included); ``occupied_label_agreement``:
+    the same over voxels occupied in either run; ``occupancy_iou``: IoU of the two occupied sets;
+    ``semantic_agreement``: same class among voxels occupied in both.
+    """
+    same = occupied_either = occupied_both = same_class_both = total = ref_occ = 0
+    for ref, got in zip(ref_labels, got_labels, strict=True):
+        a, b = ref > 0, got > 0
+        total += ref.size
+        same += int((ref == got).sum())
+        occupied_either += int((a | b).sum())
+        occupied_both += int((a & b).sum())
+        same_class_both += int(((ref == got) & a & b).sum())
+        ref_occ += int(a.sum())
+    return {
+        "frames": len(ref_labels),
+        "label_agreement": same / max(total, 1),
+        "occupied_label_agreement": (same - (total - occupied_either)) / occupied_either if occupied_either else 1.0,
+        "occupancy_iou": occupied_both / occupied_either if occupied_either else 1.0,
+        "semantic_agreement": same_class_both / occupied_both if occupied_both else 1.0,
+        "occupied_voxels_fp32": ref_occ,
+    }
+
+
+def fp16_onnx_agreement(fp16_onnx: str | Path, model: torch.nn.Module, config: Any, frames: list[Any],
+                        source: str) -> dict[str, Any]:
+    """FP16 ONNX on onnxruntime's CPU provider against eager FP32 torch on the CPU, over ``frames``
+    (``FrameInputs``), through the same post-processing: see ``label_agreement``."""
+    from models.postprocess import points_to_occupancy
+
+    from .backends.ort_backend import OrtBackend
+    from .backends.torch_backend import TorchBackend
+
+    ref_backend = TorchBackend(model, config, device="cpu")
+    ort_backend = OrtBackend(fp16_onnx, config, providers=["CPUExecutionProvider"])
+    refs, gots, max_points = [], [], 0.0
+    try:
+        for frame in frames:
+            a, b = ref_backend.infer(frame), ort_backend.infer(frame)
+            max_points = max(max_points, float(np.abs(a["points"] - b["points"]).max()))
+            refs.append(points_to_occupancy(a["points"], a["scores"], frame.voxel_origin, config).labels)
+            gots.append(points_to_occupancy(b["points"], b["scores"], frame.voxel_origin, config).labels)
+    finally:
+        ort_backend.close()
+    return {**label_agreement(refs, gots), "max_abs_diff_points": max_points, "frames_source": source,
+            "reference": "torch eager CPU float32", "runtime": "onnxruntime CPUExecutionProvider, FP16 graph",
+            "closing": bool(config.closing), "score_threshold": float(config.score_threshold)}

@@ -2,19 +2,32 @@
 
 Shared by the ROS node, bag replay and the benchmarks so that all of them measure and run the same
 code path (docs/architecture.md, "Inference data flow").
+
+With the torch backend the frame stays on the torch device: ``TensorPreprocessor`` uploads the uint8
+image once and resizes/normalises there, the backend returns device tensors, post-processing runs on
+the device and only the occupied voxels come back. Other backends take the numpy ``preprocess``.
+A frame is split into ``prepare`` (preprocess/upload) and ``complete`` (infer + post-process) so that
+``TwoStageRunner`` can prepare the next frame while the current one is inferred.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from models.config import ModelConfig
 from models.geometry import place_grid
+from models.postprocess import points_to_occupancy
+from models.preprocess import TensorPreprocessor, preprocess
 
 from .backends.base import Backend
+from .backends.torch_backend import TorchBackend
 
 STAGES = ("preprocess", "infer", "postprocess", "total")
 
@@ -30,6 +43,19 @@ class StageTimings:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """A frame after stage 1: network inputs (numpy or device tensors), its preprocess time, and the
+    CUDA event the inference stream waits for (None off CUDA)."""
+
+    inputs: Any
+    preprocess_ms: float
+    ready: Any = None
+
+
+PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 
 
 # Post-processing settings a deployment may tune without re-exporting (e.g. from ROS parameters).
@@ -59,6 +85,63 @@ class OccupancyPipeline:
                              f"'{backend.config.name}' in {diff}: inputs or outputs would not match the network")
         self.last_timings = StageTimings()
         self.history: deque[StageTimings] = deque(maxlen=window)
+        self.tensor_path = isinstance(backend, TorchBackend)
+        self.preprocessor = (TensorPreprocessor(self.config, backend.torch_device, slots=PIPELINE_SLOTS)
+                             if self.tensor_path else None)
+        cuda = self.tensor_path and backend.torch_device.type == "cuda"
+        # the prepare stage runs on its own CUDA stream so that an upload overlaps the previous inference
+        self.upload_stream = torch.cuda.Stream(backend.torch_device) if cuda else None
+
+    def describe(self) -> str:
+        """What runs each stage (logged by the node and the benchmarks at start-up)."""
+        pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, "
+               f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize)"
+               if self.tensor_path else "host preprocessing (numpy + PIL)")
+        return f"{self.backend.describe()}; {pre}; post-processing on {'the device' if self.tensor_path else 'the CPU'}"
+
+    def prepare(self, image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray,
+                depth: np.ndarray | None = None, voxel_origin: np.ndarray | None = None, floor_z: float = 0.0,
+                slot: int = 0) -> Prepared:
+        """Stage 1: checks, grid placement, preprocessing (and upload) into buffer ``slot``."""
+        t0 = time.perf_counter()
+        if voxel_origin is None:
+            voxel_origin = place_grid(cam_pose, floor_z=floor_z, voxel_size=self.config.voxel_size,
+                                      grid_shape=tuple(self.config.grid_shape))
+        event = None
+        if self.preprocessor is None:
+            inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=voxel_origin)
+        elif self.upload_stream is not None:
+            self.upload_stream.wait_stream(torch.cuda.current_stream(self.backend.torch_device))
+            with torch.cuda.stream(self.upload_stream):
+                inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
+                                           slot=slot)
+                event = torch.cuda.Event()
+                event.record()
+        else:
+            inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
+                                       slot=slot)
+        return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
+
+    def complete(self, prepared: Prepared):
+        """Stage 2: inference and post-processing of a prepared frame -> ``OccupancyFrame``."""
+        t1 = time.perf_counter()
+        if self.tensor_path:
+            if prepared.ready is not None:
+                torch.cuda.current_stream(self.backend.torch_device).wait_event(prepared.ready)
+            points, scores = self.backend.run(prepared.inputs)
+            if self.backend.torch_device.type == "cuda":
+                torch.cuda.synchronize(self.backend.torch_device)  # honest infer timing
+        else:
+            raw = self.backend.infer(prepared.inputs)
+            points, scores = raw["points"], raw["scores"]
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            frame = points_to_occupancy(points, scores, prepared.inputs.voxel_origin, self.config)
+        t3 = time.perf_counter()
+        pre = prepared.preprocess_ms
+        self.last_timings = StageTimings(pre, (t2 - t1) * 1e3, (t3 - t2) * 1e3, pre + (t3 - t1) * 1e3)
+        self.history.append(self.last_timings)
+        return frame
 
     def process(self, image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray,
                 depth: np.ndarray | None = None, voxel_origin: np.ndarray | None = None, floor_z: float = 0.0):
@@ -66,22 +149,7 @@ class OccupancyPipeline:
 
         Without ``voxel_origin`` the grid is placed by ``geometry.place_grid(cam_pose, floor_z)``.
         """
-        from models.postprocess import points_to_occupancy
-        from models.preprocess import preprocess
-
-        t0 = time.perf_counter()
-        if voxel_origin is None:
-            voxel_origin = place_grid(cam_pose, floor_z=floor_z, voxel_size=self.config.voxel_size,
-                                      grid_shape=tuple(self.config.grid_shape))
-        inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=voxel_origin)
-        t1 = time.perf_counter()
-        raw = self.backend.infer(inputs)
-        t2 = time.perf_counter()
-        frame = points_to_occupancy(raw["points"], raw["scores"], inputs.voxel_origin, self.config)
-        t3 = time.perf_counter()
-        self.last_timings = StageTimings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t3 - t0) * 1e3)
-        self.history.append(self.last_timings)
-        return frame
+        return self.complete(self.prepare(image_rgb, intrinsic, cam_pose, depth, voxel_origin, floor_z))
 
     def timing_summary(self) -> dict[str, dict[str, float]]:
         """Median, p95 and mean ms per stage over the recent window (empty before the first frame)."""
@@ -96,3 +164,123 @@ class OccupancyPipeline:
 
     def close(self) -> None:
         self.backend.close()
+
+
+class TwoStageRunner:
+    """Two threads: stage 1 (``prepare``: decode + preprocess/upload) of the newest frame runs while
+    stage 2 (``finish``: infer, post-process, publish) works on the previous one.
+
+    Newest frame wins at both hand-offs: a submitted frame that stage 1 has not taken yet, and a
+    prepared frame that stage 2 has not taken yet, are replaced by the newer one and counted in
+    ``dropped``. Every submitted frame ends as exactly one of processed, failed or dropped
+    (``wait_idle``/``close`` finish what is in flight). ``prepare(item, slot)`` gets a buffer
+    slot in ``range(slots)`` that no frame in stage 2 or waiting for it uses.
+    """
+
+    def __init__(self, prepare: Callable[[Any, int], Any], finish: Callable[[Any, Any], None],
+                 on_error: Callable[[Any, BaseException], None] | None = None, slots: int = PIPELINE_SLOTS) -> None:
+        if slots < 3:
+            raise ValueError(f"TwoStageRunner needs 3 buffer slots (in use, waiting, being prepared), got {slots}")
+        self._prepare, self._finish, self._on_error = prepare, finish, on_error
+        self._cond = threading.Condition()
+        self._incoming: Any = None     # submitted, not yet taken by stage 1
+        self._ready: Any = None        # (item, prepared, slot) not yet taken by stage 2
+        self._busy = [False, False]    # stage 1 / stage 2 working on a frame
+        self._free = list(range(slots))
+        self._closed = False
+        self.submitted = self.processed = self.failed = self.dropped = 0
+        self._threads = [threading.Thread(target=self._stage1, name="frame_prepare", daemon=True),
+                         threading.Thread(target=self._stage2, name="frame_infer", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, item: Any) -> bool:
+        """Queue ``item`` (newest wins); True when it replaced a frame stage 1 had not taken (dropped)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("TwoStageRunner is closed")
+            self.submitted += 1
+            replaced = self._incoming is not None
+            self.dropped += int(replaced)
+            self._incoming = item
+            self._cond.notify_all()
+            return replaced
+
+    def _stage1(self) -> None:
+        while True:
+            with self._cond:
+                while self._incoming is None and not self._closed:
+                    self._cond.wait()
+                if self._incoming is None:
+                    return
+                item, self._incoming = self._incoming, None
+                slot = self._free.pop()
+                self._busy[0] = True
+            try:
+                prepared = self._prepare(item, slot)
+            except BaseException as exc:  # bad input: counted, reported, never kills the thread
+                with self._cond:
+                    self.failed += 1
+                    self._free.append(slot)
+                    self._busy[0] = False
+                    self._cond.notify_all()
+                self._report(item, exc)
+                continue
+            with self._cond:
+                if self._ready is not None:  # stage 2 did not take the previous frame: newest wins
+                    self.dropped += 1
+                    self._free.append(self._ready[2])
+                self._ready = (item, prepared, slot)
+                self._busy[0] = False
+                self._cond.notify_all()
+
+    def _stage2(self) -> None:
+        while True:
+            with self._cond:
+                while self._ready is None and not (self._closed and self._incoming is None and not self._busy[0]):
+                    self._cond.wait()
+                if self._ready is None:
+                    return
+                (item, prepared, slot), self._ready = self._ready, None
+                self._busy[1] = True
+            ok = True
+            try:
+                self._finish(item, prepared)
+            except BaseException as exc:
+                ok = False
+                self._report(item, exc)
+            with self._cond:
+                self.processed += int(ok)
+                self.failed += int(not ok)
+                self._free.append(slot)
+                self._busy[1] = False
+                self._cond.notify_all()
+
+    def _report(self, item: Any, exc: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(item, exc)
+
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Block until no frame waits at either hand-off (stage 1 busy or idle, stage 2 fed): a feeder
+        that calls this before ``submit`` keeps both stages busy without dropping frames."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None, timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every submitted frame is processed, failed or dropped; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None and not any(self._busy),
+                                       timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the frames already submitted, then stop both threads."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    def counts(self) -> dict[str, int]:
+        with self._cond:
+            return {"submitted": self.submitted, "processed": self.processed, "failed": self.failed,
+                    "dropped": self.dropped}

@@ -59,7 +59,7 @@ class ModelConfig:
     grid_shape: list[int] = field(default_factory=lambda: list(GRID_SHAPE))
     score_threshold: float = 0.5    # points whose best class score is <= this are empty
     max_center_dist: float = 0.6    # metres; points farther from their query centre are dropped
-    closing: bool = False           # optional 3x3x3 closing of the voxel grid after voxelisation
+    closing: bool = True            # 3x3x3 closing of the class-score volume (reference default)
 
     @property
     def num_points_out(self) -> int:

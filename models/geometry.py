@@ -85,7 +85,14 @@ def project_points(grid2img: torch.Tensor, points: torch.Tensor, eps: float = 1e
     grid2img: (B, 4, 4); points: (B, ..., 3) in [0, 1].
     Returns (uv (B, ..., 2) in pixels, depth (B, ..., 1) camera z in metres). Points behind the
     camera get depth <= eps; callers mask them with ``depth > eps``.
+
+    Always float32, also under FP16 autocast: ``grid2img`` entries and ``u*z``, ``v*z`` run into the
+    hundreds and thousands, where half precision (11-bit mantissa) moves pixels by whole units.
     """
+    device_type = points.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type=device_type, enabled=False):
+            return project_points(grid2img.float(), points.float(), eps)
     b = points.shape[0]
     flat = points.reshape(b, -1, 3)
     homo = torch.cat([flat, torch.ones_like(flat[..., :1])], dim=-1)  # (B, N, 4)

@@ -3,7 +3,9 @@
 Points farther than ``max_center_dist`` metres from their query centre (mean of the query's
 points) and points whose best class score is <= ``score_threshold`` are dropped; the rest are
 voxelised at ``voxel_size``; a voxel's score vector is the mean of its points' score vectors and
-its label is argmax + 1 (0 = empty). Optional closing (3x3x3 dilation then erosion) fills holes.
+its label is argmax + 1 (0 = empty). Closing (on by default, as in the reference: 3x3x3 dilation then
+erosion of the class-score volume) fills holes. Everything runs on the tensors' device; only the
+occupied voxels come back to the host, in one (M, 3) copy.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import ModelConfig
 
@@ -49,52 +50,97 @@ def occupied_voxels(
 
     Returns ``ids`` (M,) long, the flat index ``b * X*Y*Z + (i * Y + j) * Z + k``, and ``mean``
     (M, C), the mean score vector of the kept points in each voxel (closing applied if configured).
+    Runs on the tensors' device; the grid constants are Python numbers (no host-to-device copy).
     """
     if points.shape[:3] != scores.shape[:3]:
         raise ValueError(f"points {tuple(points.shape)} and scores {tuple(scores.shape)} disagree on (B,Q,R)")
     b, c = points.shape[0], scores.shape[-1]
-    shape = torch.tensor(config.grid_shape, device=points.device)
-    extent = shape.float() * config.voxel_size
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    vs = float(config.voxel_size)
     centre = points.mean(dim=2, keepdim=True)
-    dist = ((points - centre) * extent).norm(dim=-1)  # (B, Q, R) metres
+    d = points - centre
+    dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
     keep = (dist <= config.max_center_dist) & (scores.max(dim=-1).values > config.score_threshold)
-    idx = torch.floor(points * shape).long()  # (B, Q, R, 3)
-    keep &= ((idx >= 0) & (idx < shape)).all(dim=-1)
-    nx, ny, nz = config.grid_shape
+    i = torch.floor(points[..., 0] * nx).long()
+    j = torch.floor(points[..., 1] * ny).long()
+    k = torch.floor(points[..., 2] * nz).long()
+    keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
-    linear = batch * (nx * ny * nz) + (idx[..., 0] * ny + idx[..., 1]) * nz + idx[..., 2]
+    linear = batch * (nx * ny * nz) + (i * ny + j) * nz + k
     ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
     sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores[keep])
     mean = sums / torch.bincount(inverse, minlength=len(ids)).clamp_min(1).unsqueeze(-1).to(sums.dtype)
     if config.closing:
-        ids, mean = close_holes(ids, mean, b, config.grid_shape)
+        ids, mean = close_holes(ids, mean, b, config.grid_shape, config.score_threshold)
     return ids, mean
 
 
 def close_holes(
-    ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list[int]
+    ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list[int], score_threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3x3x3 closing (dilation then erosion) of the occupied voxels.
+    """3x3x3 closing of the class-score volume, as the reference post-processing does it.
 
-    Filled voxels take the per-class maximum score vector of their occupied neighbours; original
-    voxels are never removed (the erosion does not erode at the grid border).
+    The dense (B, X, Y, Z, C) volume of voxel mean scores (0 where empty) is dilated (3x3x3 max) and
+    then eroded (3x3x3 min; neighbours outside the grid are ignored, as the -inf padding of the
+    reference's max_pool3d does, so the grid border is not eroded), per class. Voxels with a class score above ``score_threshold`` keep their own scores; every other
+    voxel takes the eroded scores, and the occupied voxels are those with any class score above the
+    threshold afterwards. So a hole surrounded on all sides is filled with the smallest neighbourhood
+    maximum, and a voxel whose mean score fell to or below the threshold (mixed classes) is empty
+    unless its closed neighbourhood re-fills it. The work is cropped to the occupied box and to the
+    classes above the threshold somewhere, which leaves labels and best scores exactly as above.
     """
-    nx, ny, nz = grid_shape
+    nx, ny, nz = (int(n) for n in grid_shape)
     c = mean.shape[-1]
-    occ = torch.zeros(batch * nx * ny * nz, dtype=mean.dtype, device=mean.device)
-    occ[ids] = 1.0
-    occ = occ.view(batch, 1, nx, ny, nz)
-    dilated = F.max_pool3d(occ, 3, stride=1, padding=1)
-    closed = -F.max_pool3d(-dilated, 3, stride=1, padding=1)  # max_pool pads with -inf: border kept
-    filled = ((closed > 0.5) & (occ < 0.5)).view(-1).nonzero()[:, 0]
-    if len(filled) == 0:
+    if len(ids) == 0:
         return ids, mean
-    dense = torch.zeros(batch * nx * ny * nz, c, dtype=mean.dtype, device=mean.device)
-    dense[ids] = mean
-    dense = dense.view(batch, nx, ny, nz, c).permute(0, 4, 1, 2, 3)
-    neighbour = F.max_pool3d(dense, 3, stride=1, padding=1).permute(0, 2, 3, 4, 1).reshape(-1, c)
-    all_ids, order = torch.sort(torch.cat([ids, filled]))
-    return all_ids, torch.cat([mean, neighbour[filled]])[order]
+    # Only classes scoring above the threshold somewhere can fill a voxel or win its argmax: the
+    # others are left out of the filters (a filled voxel gets 0 for them; label and best score exact).
+    active = (mean > score_threshold).any(dim=0).nonzero()[:, 0]
+    if len(active) == 0:
+        return ids[:0], mean[:0]
+    # Crop to the occupied box + 2 voxels: the dilation is 0 beyond 1 voxel of it and the erosion
+    # beyond 2, so the crop is exact (clipped at the grid border, where the filters ignore outside).
+    b_idx, i, j, k = ids // (nx * ny * nz), (ids // (ny * nz)) % nx, (ids // nz) % ny, ids % nz
+    lo = torch.stack([b_idx.min(), i.min() - 2, j.min() - 2, k.min() - 2]).clamp_min(0).tolist()
+    hi = torch.stack([b_idx.max() + 1, i.max() + 3, j.max() + 3, k.max() + 3]).tolist()
+    hi = [min(h, n) for h, n in zip(hi, (batch, nx, ny, nz), strict=True)]
+    shape = [h - low for h, low in zip(hi, lo, strict=True)]
+    local = (((b_idx - lo[0]) * shape[1] + i - lo[1]) * shape[2] + j - lo[2]) * shape[3] + k - lo[3]
+    dense = mean.new_zeros(int(np.prod(shape)), len(active))
+    dense[local] = mean[:, active]
+    dense = dense.view(*shape, len(active))
+    eroded = _filter3(_filter3(dense, torch.maximum), torch.minimum).view(-1, len(active))
+    original = torch.zeros(dense.shape[:-1].numel(), dtype=torch.bool, device=mean.device)
+    original[local] = (mean > score_threshold).any(dim=-1)
+    filled = (~original & (eroded > score_threshold).any(dim=-1)).nonzero()[:, 0]
+    # crop-local -> global flat ids of the filled voxels
+    fk = filled % shape[3]
+    fj = (filled // shape[3]) % shape[2]
+    fi = (filled // (shape[3] * shape[2])) % shape[1]
+    fb = filled // (shape[3] * shape[2] * shape[1])
+    filled_ids = (((fb + lo[0]) * nx + fi + lo[1]) * ny + fj + lo[2]) * nz + fk + lo[3]
+    filled_scores = mean.new_zeros(len(filled), c)
+    filled_scores[:, active] = eroded[filled]
+    keep = (mean > score_threshold).any(dim=-1)
+    all_ids, order = torch.sort(torch.cat([ids[keep], filled_ids]))
+    return all_ids, torch.cat([mean[keep], filled_scores])[order]
+
+
+def _filter3(volume: torch.Tensor, op: object) -> torch.Tensor:
+    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``) filter of a (B, X, Y, Z, C) volume over
+    X, Y, Z, neighbours outside the grid ignored: ``F.max_pool3d(v, 3, 1, 1)`` (and ``-max_pool3d(-v)``)
+    exactly, done as three separable passes of shifted elementwise ops with channels innermost
+    (35x faster than max_pool3d on the CPU for the 60x60x36x11 volume)."""
+    for dim in (1, 2, 3):
+        n = volume.shape[dim]
+        out = volume.clone()
+        if n > 1:
+            lo = out.narrow(dim, 0, n - 1)
+            op(lo, volume.narrow(dim, 1, n - 1), out=lo)
+            hi = out.narrow(dim, 1, n - 1)
+            op(hi, volume.narrow(dim, 0, n - 1), out=hi)
+        volume = out
+    return volume
 
 
 def labels_batch(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -122,16 +168,25 @@ def points_to_occupancy(
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
     ids, mean = occupied_voxels(pts, scr, config)
     best, label = mean.max(dim=-1)
-    nx, ny, nz = config.grid_shape
-    indices = torch.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], dim=-1)  # (M, 3), C-order sorted
-    voxel_labels = (label + 1).to(torch.uint8)
-    labels = torch.zeros(nx * ny * nz, dtype=torch.uint8, device=ids.device)
-    labels[ids] = voxel_labels
+    # one small device-to-host copy: (M, 3) float32 rows [flat id, label, score]; ids < 2**24 are exact
+    packed = torch.stack([ids.float(), (label + 1).float(), best.float()], dim=-1).cpu().numpy()
+    return frame_from_voxels(packed[:, 0].astype(np.int64), packed[:, 1].astype(np.uint8), packed[:, 2], origin, config)
+
+
+def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, voxel_origin: np.ndarray,
+                      config: ModelConfig) -> OccupancyFrame:
+    """OccupancyFrame from host arrays of occupied voxels: flat ids (sorted), labels 1..C, scores."""
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    if nx * ny * nz >= 2**24:
+        raise ValueError(f"grid {config.grid_shape} has too many voxels for float32 voxel ids")
+    dense = np.zeros(nx * ny * nz, dtype=np.uint8)
+    dense[ids] = labels
+    indices = np.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], axis=-1).astype(np.int32).reshape(-1, 3)
     return OccupancyFrame(
-        labels=labels.view(nx, ny, nz).cpu().numpy(),
-        voxel_indices=indices.to(torch.int32).cpu().numpy(),
-        voxel_labels=voxel_labels.cpu().numpy(),
-        voxel_scores=best.cpu().numpy().astype(np.float32),
-        voxel_origin=origin,
+        labels=dense.reshape(nx, ny, nz),
+        voxel_indices=indices,
+        voxel_labels=np.asarray(labels, dtype=np.uint8),
+        voxel_scores=np.asarray(scores, dtype=np.float32),
+        voxel_origin=np.asarray(voxel_origin, dtype=np.float64).reshape(3),
         voxel_size=float(config.voxel_size),
     )

@@ -30,10 +30,12 @@ def _onnx_config(path: Path, config: ModelConfig | None) -> ModelConfig:
 
 
 def create_backend(name: str, model_path: str | Path | None, config: ModelConfig | None = None,
-                   device: str | None = None, fp16: bool = False, providers: list[str] | None = None) -> Backend:
+                   device: str | None = None, fp16: bool = False, providers: list[str] | None = None,
+                   **torch_options: bool) -> Backend:
     """Backend by name: ``torch`` (checkpoint .pt), ``onnxruntime`` (.onnx) or ``tensorrt`` (.engine).
 
-    ``torch`` without ``model_path`` builds ``config`` with random weights (warned; demos and tests only).
+    ``torch`` without ``model_path`` builds ``config`` with random weights (warned; demos and tests only);
+    ``torch_options`` (``compile``, ``cuda_graph``, ``tf32``) go to the torch backend and are ignored by the others.
     ``tensorrt`` given a ``.onnx`` builds ``<name>.engine`` beside it on first use and rebuilds it when
     the ONNX or ``fp16`` changed; given a ``.engine``, ``fp16`` is the precision it must have.
     """
@@ -50,10 +52,10 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
             from models import build_model
 
             log.warning("torch backend without a checkpoint: RANDOM weights for config '%s'", config.name)
-            return TorchBackend(build_model(config), config, device=device, fp16=fp16)
+            return TorchBackend(build_model(config), config, device=device, fp16=fp16, **torch_options)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
-        return TorchBackend.from_checkpoint(path, device=device, fp16=fp16, config=config)
+        return TorchBackend.from_checkpoint(path, device=device, fp16=fp16, config=config, **torch_options)
     if path is None:
         raise ValueError(f"the {key} backend needs a model file path")
     if key == "onnxruntime":

@@ -1,7 +1,21 @@
-"""Eager PyTorch backend (CPU or CUDA, optional FP16 autocast on CUDA): the reference the others match."""
+"""PyTorch backend: eager, or replayed from static buffers (a CUDA graph on CUDA), optionally compiled.
+
+Modes (``describe()`` and the start-up log say which one runs, and why a request fell back):
+- eager: the reference the other backends match (CPU default).
+- ``cuda_graph``: inputs are copied into static buffers and the network is replayed. On CUDA the
+  forward is captured once per input shape into a ``torch.cuda.CUDAGraph`` after a warm-up on a
+  side stream (the forward makes no host-to-device copy and no host sync, which capture requires);
+  on the CPU there are no graphs, and the same static-buffer logic runs the eager forward.
+- ``compile``: ``torch.compile`` (inductor) of the forward, CUDA only (CPU stays eager); it takes
+  tens of seconds on the first frame of each precision, reused from inductor's on-disk FX graph
+  cache on later starts.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +26,11 @@ from torch import nn
 from models.config import ModelConfig
 
 from ..wrapper import ExportWrapper
-from .base import Backend, input_feed
+from .base import Backend, input_feed, input_names, input_shapes
 
 log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuDNN autotuning, lazy allocations)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -28,55 +44,196 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+@dataclass
+class _Captured:
+    """Static inputs/outputs for one input shape, and the CUDA graph that reads and writes them."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: tuple[torch.Tensor, torch.Tensor] = ()
+    graph: Any = None
+    replays: int = 0
+
+
+class StaticRunner:
+    """Runs ``fn(**inputs) -> (points, scores)`` from static input buffers into static output buffers.
+
+    One entry per input-shape signature, created on first use. With ``use_graph`` (CUDA) the entry
+    holds a captured CUDA graph that is replayed; without it (CPU) ``fn`` runs eagerly on the static
+    inputs and its results are copied into the static outputs, so callers see the same contract:
+    the returned tensors are overwritten by the next call.
+    """
+
+    def __init__(self, fn: Any, device: torch.device, use_graph: bool, context: Any) -> None:
+        self.fn, self.device, self.use_graph, self.context = fn, device, use_graph, context
+        self.entries: dict[tuple, _Captured] = {}
+
+    @staticmethod
+    def signature(tensors: dict[str, torch.Tensor]) -> tuple:
+        return tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items())
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self.signature(tensors)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._build(tensors)
+        for name, t in tensors.items():
+            if t.data_ptr() != entry.inputs[name].data_ptr():
+                entry.inputs[name].copy_(t, non_blocking=True)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            with self.context():
+                out = self.fn(**entry.inputs)
+            for dst, src in zip(entry.outputs, out, strict=True):
+                dst.copy_(src)
+        entry.replays += 1
+        return entry.outputs
+
+    def _build(self, tensors: dict[str, torch.Tensor]) -> _Captured:
+        inputs = {n: torch.empty_like(t, device=self.device).copy_(t) for n, t in tensors.items()}
+        if not self.use_graph:
+            with self.context():
+                out = self.fn(**inputs)
+            return _Captured(inputs, tuple(torch.empty_like(o) for o in out))
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), self.context():
+            for _ in range(WARMUP_RUNS):
+                self.fn(**inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), self.context():
+            out = self.fn(**inputs)
+        torch.cuda.synchronize(self.device)
+        log.info("captured a CUDA graph for inputs %s in %.1f s", {n: tuple(t.shape) for n, t in inputs.items()},
+                 time.perf_counter() - t0)
+        return _Captured(inputs, tuple(out), graph)
+
+
 class TorchBackend(Backend):
     """Runs ``DiSceneNet`` through ``ExportWrapper`` in eval mode under ``torch.inference_mode``.
 
     FP16 uses CUDA autocast (matmuls/convs in half, reductions and softmax in float) rather than
-    ``model.half()``, so the camera projection keeps float32 precision. FP32 on CUDA is true FP32:
-    TF32 convolutions/matmuls are switched off during ``infer`` unless ``tf32=True`` (measured on an
-    H100 with random-but-active weights: TF32 moved paper_student points by up to 0.2 grid units and
-    changed half of the occupied voxel labels, IEEE FP32 by 0.001 and 0.2 %).
+    ``model.half()``; the camera projection and the sampling locations stay float32 under autocast
+    (models/geometry.py, models/sampling.py). FP32 on CUDA is true FP32: TF32 convolutions/matmuls are
+    switched off during ``infer`` unless ``tf32=True`` (measured on an H100 with random-but-active
+    weights: TF32 moved paper_student points by up to 0.2 grid units and changed half of the occupied
+    voxel labels, IEEE FP32 by 0.001 and 0.2 %).
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, config: ModelConfig, device: str | None = None, fp16: bool = False,
-                 tf32: bool = False):
+                 tf32: bool = False, compile: bool = False, cuda_graph: bool = False):
         dev = resolve_device(device)
         if fp16 and dev.type != "cuda":
             raise ValueError("fp16 with the torch backend needs a CUDA device (CPU half precision is slow "
-                             "and inaccurate); pass device='cuda' or drop fp16")
-        super().__init__(config, str(dev) + (" fp16" if fp16 else " tf32" if tf32 and dev.type == "cuda" else ""))
+                             "and inaccurate; bfloat16 autocast on the CPU is a different, coarser format); "
+                             "pass device='cuda' or drop fp16")
         self.torch_device = dev
         self.fp16 = fp16
         self.tf32 = tf32
         self.wrapper = ExportWrapper(model, config.use_depth).to(dev).eval()
+        self.notes: list[str] = []
+        fn = self.wrapper
+        self.compiled = False
+        if compile and dev.type != "cuda":
+            self.notes.append("compile requested but the device is the CPU: eager (CPU stays eager)")
+        elif compile:
+            fn = torch.compile(self.wrapper, dynamic=False, fullgraph=False)
+            self.compiled = True
+            self.notes.append("torch.compile on: the first frame compiles (tens of seconds; inductor's FX graph "
+                              "cache makes later starts faster)")
+        self.static = cuda_graph
+        self.runner: StaticRunner | None = None
+        if cuda_graph:
+            graph = dev.type == "cuda"
+            self.runner = StaticRunner(fn, dev, graph, self._context)
+            if not graph:
+                self.notes.append("cuda_graph requested but the device is the CPU: static-buffer eager replay")
+        self._fn = fn
+        self._first_call = True
+        mode = "+".join(m for m, on in (("compile", self.compiled), ("cuda_graph" if dev.type == "cuda" else
+                                        "static", self.static)) if on) or "eager"
+        super().__init__(config, str(dev) + (" fp16" if fp16 else " tf32" if tf32 and dev.type == "cuda" else ""))
+        self.mode = mode
+        for note in self.notes:
+            log.info("torch backend: %s", note)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None, fp16: bool = False,
-                        config: ModelConfig | None = None) -> TorchBackend:
+                        config: ModelConfig | None = None, **options: Any) -> TorchBackend:
         """Load with ``models.checkpoint.load_model`` (which refuses corrupt files) and wrap."""
         from models.checkpoint import load_model
 
         model, ckpt_config = load_model(str(path), map_location="cpu")
         if config is not None and config.to_dict() != ckpt_config.to_dict():
             log.warning("config passed to the torch backend differs from the checkpoint's; using the checkpoint's")
-        return cls(model, ckpt_config, device=device, fp16=fp16)
+        return cls(model, ckpt_config, device=device, fp16=fp16, **options)
 
-    @torch.inference_mode()
-    def infer(self, inputs: Any) -> dict[str, np.ndarray]:
-        feed = input_feed(inputs, self.config)
-        tensors = {k: torch.from_numpy(v).to(self.torch_device, non_blocking=True) for k, v in feed.items()}
+    def describe(self) -> str:
+        notes = f"; {'; '.join(self.notes)}" if self.notes else ""
+        return f"{self.name} {self.mode} on {self.device} ({self.config.name}){notes}"
+
+    @contextlib.contextmanager
+    def _context(self):
+        """TF32 switched as configured, FP16 autocast (its weight-cast cache off: CUDA graph capture needs that)."""
         saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.tf32
         try:
-            with torch.autocast(device_type=self.torch_device.type, dtype=torch.float16, enabled=self.fp16):
-                points, scores = self.wrapper(**tensors)
+            with torch.autocast(device_type=self.torch_device.type, dtype=torch.float16, enabled=self.fp16,
+                                cache_enabled=False if self.static else None):
+                yield
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-        # .cpu() synchronises the CUDA stream, so timings around infer() are honest.
-        return self._check_outputs({"points": points.float().cpu().numpy(), "scores": scores.float().cpu().numpy()})
+
+    def tensors(self, inputs: Any) -> dict[str, torch.Tensor]:
+        """Input tensors on the device: ``FrameTensors`` pass through (checked), numpy is uploaded."""
+        names = input_names(self.config)
+        if all(isinstance(getattr(inputs, n, None), torch.Tensor) for n in names):
+            shapes = input_shapes(self.config)
+            out = {}
+            for n in names:
+                t = getattr(inputs, n)
+                if tuple(t.shape) != shapes[n] or t.dtype != torch.float32:
+                    raise ValueError(f"input '{n}' is {tuple(t.shape)} {t.dtype}, model '{self.config.name}' "
+                                     f"expects {shapes[n]} float32")
+                out[n] = t if t.device == self.torch_device else t.to(self.torch_device, non_blocking=True)
+            return out
+        feed = input_feed(inputs, self.config)
+        return {k: torch.from_numpy(v).to(self.torch_device, non_blocking=True) for k, v in feed.items()}
+
+    @torch.inference_mode()
+    def run(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network outputs on the device (points, sigmoid scores); static buffers when ``cuda_graph``."""
+        tensors = self.tensors(inputs)
+        t0 = time.perf_counter()
+        if self.runner is not None:
+            out = self.runner(tensors)
+        else:
+            with self._context():
+                out = self._fn(**tensors)
+        if self._first_call:
+            self._first_call = False
+            if self.compiled or self.runner is not None:
+                if self.torch_device.type == "cuda":
+                    torch.cuda.synchronize(self.torch_device)
+                log.info("torch backend (%s): first frame took %.1f s (compile/capture)", self.mode,
+                         time.perf_counter() - t0)
+        return out
+
+    def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        points, scores = self.run(inputs)
+        # .cpu() synchronises the CUDA stream, so timings around infer() are honest. Static CPU
+        # buffers are copied: the next frame overwrites them.
+        static_cpu = self.runner is not None and self.torch_device.type == "cpu"
+        points, scores = points.float().cpu(), scores.float().cpu()
+        if static_cpu:
+            points, scores = points.clone(), scores.clone()
+        return self._check_outputs({"points": points.numpy(), "scores": scores.numpy()})
 
     def close(self) -> None:
+        self.runner = None
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,216 @@
+"""The whole frame path: ROS Image message in -> PointCloud2 message out, per stage and end to end.
+
+    python benchmarks/bench_frame_path.py --device {cpu,cuda} --configs lite paper_student --frames N --json F
+
+For each config, precision (CPU: fp32; CUDA: fp32 and fp16) and input (a 640x480 ``bgr8`` Image and
+a JPEG CompressedImage, built with the rosbags typestore factory, the stand-in for rclpy here), frames
+go through the node's code: decode (``conversions.any_image_to_rgb`` + CameraInfo K), preprocess
+(``OccupancyPipeline.prepare``: the device frame path of the torch backend), infer + post-process
+(``complete``), PointCloud2 (``occupancy_to_pointcloud2``), the MarkerArray every ``--marker-period``
+frames. Pipelining is on: ``TwoStageRunner`` prepares frame i+1 while frame i is inferred; the
+feeder hands a new frame over as soon as stage 2 took the previous one (a camera faster than the
+network, no frame dropped), so ``fps`` is the sustained end-to-end throughput over ``--frames``
+frames after ``--warmup``. Stage times are medians of per-frame wall times (ms); ``overhead_ms`` =
+decode + preprocess + post-process + PointCloud2, the CPU-side work per frame.
+
+lite uses the shipped checkpoint (discene_ros/data/lite_distilled.pt) when present; other configs
+run seeded random weights with score threshold 0, the worst case for post-processing and messages.
+``--append`` merges rows into an existing JSON (e.g. a separate, shorter paper_student run on CPU).
+JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms",
+"stages_ms": {...}, ...}]}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from discene_ros import conversions as conv  # noqa: E402
+from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
+from export.backends.torch_backend import TorchBackend  # noqa: E402
+from export.onnx_export import example_camera  # noqa: E402
+from export.pipeline import OccupancyPipeline, TwoStageRunner  # noqa: E402
+from models import build_model  # noqa: E402
+from models.checkpoint import load_model  # noqa: E402
+from models.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {"lite": ROOT / "discene_ros/data/lite_distilled.pt"}
+STAGES = ("decode", "preprocess", "infer", "postprocess", "pointcloud2")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+
+
+def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool):
+    """Torch backend with the shipped weights where there are some, else seeded random weights."""
+    ckpt = SHIPPED.get(config_name)
+    if ckpt is not None and ckpt.is_file():
+        model, cfg = load_model(str(ckpt), map_location="cpu")
+        weights = ckpt.name
+    else:
+        cfg = load_config(config_name)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        cfg.score_threshold = 0.0  # random weights: keep every point (worst case for post-processing)
+        weights = "random (seed 0), score threshold 0"
+    backend = TorchBackend(model.eval(), cfg, device=device, fp16=fp16, compile=compile_, cuda_graph=cuda_graph)
+    return backend, weights
+
+
+def camera_messages(factory: TypestoreFactory, kind: str):
+    """A 640x480 scene-like frame as a bgr8 Image or a JPEG CompressedImage, with its CameraInfo."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, size=(15, 20, 3)).astype(np.float32)
+    rgb = np.clip(np.kron(coarse, np.ones((32, 32, 1), np.float32)) + rng.normal(0, 8, (480, 640, 3)), 0, 255)
+    rgb = rgb.astype(np.uint8)
+    k, pose = example_camera(None)
+    image = (conv.rgb_to_compressed(factory, rgb, "cam", 0, "jpeg") if kind == "jpeg"
+             else conv.rgb_to_image(factory, rgb, "cam", 0, "bgr8"))
+    return image, conv.k_to_camera_info(factory, k, 480, 640, "cam", 0), pose
+
+
+def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
+            marker_period: int) -> dict:
+    image, info, pose = camera_messages(factory, kind)
+    records: list[dict] = []
+    markers_ms: list[float] = []
+    schedule = EveryNth(marker_period)
+    lock = threading.Lock()
+
+    def prepare(item, slot):
+        t0 = time.perf_counter()
+        rgb = conv.any_image_to_rgb(image)
+        k = conv.camera_info_to_k(info, rgb.shape[:2])
+        t1 = time.perf_counter()
+        prepared = pipe.prepare(rgb, k, pose, slot=slot)
+        return {"t_submit": item, "decode": (t1 - t0) * 1e3, "preprocess": (time.perf_counter() - t1) * 1e3,
+                "prepared": prepared}
+
+    def finish(item, p):
+        t0 = time.perf_counter()
+        occ = pipe.complete(p["prepared"])
+        t1 = time.perf_counter()
+        conv.occupancy_to_pointcloud2(factory, occ, "odom", 0)
+        t2 = time.perf_counter()
+        if schedule.due():
+            conv.occupancy_to_marker_array(factory, occ, "odom", 0)
+            markers_ms.append((time.perf_counter() - t2) * 1e3)
+        timings = pipe.last_timings
+        with lock:
+            records.append({"decode": p["decode"], "preprocess": p["preprocess"], "infer": timings.infer_ms,
+                            "postprocess": timings.postprocess_ms, "pointcloud2": (t2 - t1) * 1e3,
+                            "end_to_end": (t2 - item) * 1e3, "done": t2, "voxels": len(occ.voxel_labels),
+                            "stage2": (t2 - t0) * 1e3})
+
+    errors: list[BaseException] = []
+    runner = TwoStageRunner(prepare, finish, on_error=lambda item, exc: errors.append(exc))
+    try:
+        for _ in range(warmup + frames):
+            runner.wait_for_room()
+            runner.submit(time.perf_counter())
+        runner.wait_idle()
+    finally:
+        runner.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} frames failed, first: {errors[0]!r}")
+    counts = runner.counts()
+    timed = records[warmup:]
+    wall = timed[-1]["done"] - records[warmup - 1]["done"] if warmup else timed[-1]["done"] - timed[0]["done"]
+    n = len(timed) if warmup else len(timed) - 1
+    med = {s: float(np.median([r[s] for r in timed])) for s in (*STAGES, "end_to_end", "stage2")}
+    stages = {s: med[s] for s in STAGES}
+    stages["markers_every_n"] = float(np.median(markers_ms)) if markers_ms else 0.0
+    stages["markers_per_frame_amortised"] = float(np.sum(markers_ms) / len(records)) if markers_ms else 0.0
+    stages["end_to_end_latency"] = med["end_to_end"]
+    overhead = med["decode"] + med["preprocess"] + med["postprocess"] + med["pointcloud2"]
+    return {
+        "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
+        "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages,
+        "frames": len(timed), "dropped": counts["dropped"], "voxels_median": int(np.median([r["voxels"] for r in timed])),
+        "marker_period": marker_period,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--configs", nargs="+", default=["lite", "paper_student"])
+    parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--inputs", nargs="+", default=["bgr8", "jpeg"], choices=["bgr8", "jpeg"])
+    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "fp16"],
+                        help="default: fp32 on CPU, fp32 and fp16 on CUDA")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile on CUDA (tens of seconds per precision)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="eager instead of the static/CUDA-graph runner")
+    parser.add_argument("--marker-period", type=int, default=10)
+    parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
+                        help="post-processing closing: on (the node's default), off, or as the checkpoint says")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--append", action="store_true", help="merge rows into an existing --json file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from rosbags.typesys import Stores, get_typestore
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: this torch has no usable CUDA", file=sys.stderr)
+        return 2
+    factory = TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
+    precisions = args.precisions or (["fp32", "fp16"] if args.device == "cuda" else ["fp32"])
+    rows = []
+    for name in args.configs:
+        for precision in precisions:
+            backend, weights = make_backend(name, args.device, precision == "fp16", args.compile,
+                                            not args.no_cuda_graph)
+            if args.closing != "model":
+                backend.config.closing = args.closing == "on"
+            pipe = OccupancyPipeline(backend)
+            print(f"{name} {precision}: {pipe.describe()}; weights {weights}", flush=True)
+            for kind in args.inputs:
+                row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period)
+                row = {"config": name, "backend": f"torch {backend.mode}", "precision": precision, **row,
+                       "weights": weights, "threads": args.threads if args.device == "cpu" else None,
+                       "closing": bool(backend.config.closing)}
+                rows.append(row)
+                s = row["stages_ms"]
+                print(f"  {kind:5s} fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
+                      f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  decode "
+                      f"{s['decode']:.2f} pre {s['preprocess']:.2f} post {s['postprocess']:.2f} cloud "
+                      f"{s['pointcloud2']:.2f} markers/{args.marker_period} {s['markers_every_n']:.1f}  "
+                      f"dropped {row['dropped']}", flush=True)
+            pipe.close()
+    out = {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}
+    if args.json:
+        path = Path(args.json)
+        if args.append and path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("device") != out["device"]:
+                print(f"--append: {path} was measured on {old.get('device')!r}, this run on {out['device']!r}",
+                      file=sys.stderr)
+                return 2
+            key = ("config", "precision", "input", "closing")
+            new_keys = {tuple(r2.get(k) for k in key) for r2 in rows}
+            keep = [r for r in old["rows"] if tuple(r.get(k) for k in key) not in new_keys]
+            out["rows"] = keep + rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

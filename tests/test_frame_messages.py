@@ -1,0 +1,58 @@
+"""Marker publishing period and PointCloud2.is_dense (frame path message side)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rosbags.typesys import Stores, get_typestore
+
+from discene_ros import conversions as conv
+from discene_ros import params as P
+from discene_ros.msg_factory import EveryNth, TypestoreFactory
+
+F = TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
+
+
+@pytest.mark.parametrize("period,expected", [(1, [1] * 7), (3, [1, 0, 0, 1, 0, 0, 1]), (0, [0] * 7)])
+def test_marker_period(period, expected):
+    schedule = EveryNth(period)
+    assert [int(schedule.due()) for _ in range(7)] == expected
+
+
+def test_marker_period_default_and_bad_value():
+    assert P.defaults()["marker_period"] > 1  # markers cost more than the cloud: not every frame by default
+    with pytest.raises(ValueError, match="period"):
+        EveryNth(-1)
+    with pytest.raises(ValueError, match="marker_period"):
+        P.validate({"marker_period": 0})
+
+
+def test_pointcloud_is_dense_only_when_every_point_is_finite():
+    centers = np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    good = conv.points_to_pointcloud2(F, conv.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
+    assert good.is_dense
+    centers[1, 2] = np.nan
+    bad = conv.points_to_pointcloud2(F, conv.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
+    assert not bad.is_dense
+    assert conv.points_to_pointcloud2(F, conv.cloud_points(np.zeros((0, 3)), [], []), "odom", 0).is_dense
+
+
+def test_marker_points_are_grid_local_and_reused_across_frames():
+    from models.postprocess import OccupancyFrame
+
+    labels = np.zeros((60, 60, 36), np.uint8)
+    idx = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.int32)
+    labels[tuple(idx.T)] = [2, 2, 5]
+
+    def frame(origin):
+        return OccupancyFrame(labels=labels, voxel_indices=idx, voxel_labels=np.array([2, 2, 5], np.uint8),
+                              voxel_scores=np.ones(3, np.float32), voxel_origin=np.asarray(origin, float),
+                              voxel_size=0.08)
+
+    a = conv.occupancy_to_marker_array(F, frame([1.0, -2.0, 0.5]), "odom", 0)
+    b = conv.occupancy_to_marker_array(F, frame([3.0, 0.0, 0.0]), "odom", 0)
+    by_id = {m.id: m for m in a.markers[1:]}
+    pose = by_id[2].pose.position
+    assert (pose.x, pose.y, pose.z) == (1.0, -2.0, 0.5)
+    world = [(pose.x + p.x, pose.y + p.y, pose.z + p.z) for p in by_id[2].points]
+    np.testing.assert_allclose(world, frame([1.0, -2.0, 0.5]).centers_world()[:2])
+    assert b.markers[1].points[0] is a.markers[1].points[0]  # same message object, not rebuilt

@@ -1,0 +1,110 @@
+"""TwoStageRunner (newest frame wins, exact counters) and the torch frame path of OccupancyPipeline."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from export.backends.torch_backend import TorchBackend
+from export.onnx_export import example_camera
+from export.pipeline import OccupancyPipeline, TwoStageRunner
+from models.postprocess import points_to_occupancy
+from models.preprocess import preprocess
+
+
+class Gate:
+    """Stage callbacks that block until the test opens them, recording what they saw."""
+
+    def __init__(self) -> None:
+        self.prepare_gate = threading.Event()
+        self.finish_gate = threading.Event()
+        self.prepared: list[int] = []
+        self.finished: list[int] = []
+        self.slots_in_use: set[int] = set()
+        self.slot_clash = False
+        self.lock = threading.Lock()
+        self.in_prepare = threading.Semaphore(0)
+        self.in_finish = threading.Semaphore(0)
+
+    def prepare(self, item: int, slot: int) -> tuple[int, int]:
+        self.in_prepare.release()
+        assert self.prepare_gate.wait(5)
+        if item < 0:
+            raise ValueError("bad frame")
+        with self.lock:
+            self.slot_clash |= slot in self.slots_in_use
+            self.slots_in_use.add(slot)
+            self.prepared.append(item)
+        return item, slot
+
+    def finish(self, item: int, prepared: tuple[int, int]) -> None:
+        self.in_finish.release()
+        assert self.finish_gate.wait(5)
+        with self.lock:
+            self.finished.append(item)
+            self.slots_in_use.discard(prepared[1])
+
+
+def test_newest_frame_wins_and_the_dropped_counter_is_exact():
+    g = Gate()
+    errors = []
+    runner = TwoStageRunner(g.prepare, g.finish, on_error=lambda item, exc: errors.append((item, str(exc))))
+    g.prepare_gate.set()
+    runner.submit(0)
+    assert g.in_prepare.acquire(timeout=5)
+    assert g.in_finish.acquire(timeout=5)        # frame 0 is in stage 2, held there
+    g.prepare_gate.clear()
+    runner.submit(1)
+    assert g.in_prepare.acquire(timeout=5)       # frame 1 is in stage 1, held there
+    assert runner.submit(2) is False             # waits for stage 1
+    assert runner.submit(3) is True              # replaces 2 before stage 1 took it: dropped
+    g.prepare_gate.set()                         # 1 -> ready; stage 1 takes 3 -> replaces ready 1: dropped
+    assert g.in_prepare.acquire(timeout=5)
+    runner.submit(-1)                            # a bad frame fails in stage 1, counted, reported
+    g.finish_gate.set()
+    assert runner.wait_idle(timeout=5)
+    runner.submit(4)
+    runner.close()
+    counts = runner.counts()
+    assert g.finished == [0, 3, 4]
+    assert counts == {"submitted": 6, "processed": 3, "failed": 1, "dropped": 2}
+    assert counts["submitted"] == counts["processed"] + counts["failed"] + counts["dropped"]
+    assert errors == [(-1, "bad frame")]
+    assert not g.slot_clash
+
+
+def test_many_frames_every_one_accounted_for():
+    done = []
+    runner = TwoStageRunner(lambda item, slot: (item, slot), lambda item, prep: done.append(item))
+    for i in range(500):
+        runner.submit(i)
+    runner.close()
+    c = runner.counts()
+    assert c["submitted"] == 500 == c["processed"] + c["dropped"] and c["failed"] == 0
+    assert done == sorted(done) and done[-1] == 499  # in order, and the newest frame is never lost
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.submit(0)
+
+
+def test_torch_frame_path_matches_the_numpy_path(lite_model, lite_config):
+    """Device preprocessing + device post-processing give the labels of numpy preprocess + infer +
+    post-processing; the input is at the network size so no resize tolerance enters."""
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)  # random weights: keep every point
+    h, w = cfg.image_size
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    k, pose = example_camera(cfg)
+    k = k.copy()
+    k[:2] *= w / 640.0
+    backend = TorchBackend(lite_model, cfg, device="cpu")
+    pipe = OccupancyPipeline(backend)
+    assert pipe.tensor_path and "device preprocessing" in pipe.describe()
+    got = pipe.process(image, k, pose)
+    ref_in = preprocess(image, k, pose, cfg)
+    raw = backend.infer(ref_in)
+    ref = points_to_occupancy(raw["points"], raw["scores"], ref_in.voxel_origin, cfg)
+    assert len(ref.voxel_labels) > 50
+    assert (got.labels == ref.labels).mean() > 0.999
+    assert set(pipe.last_timings.as_dict()) == {"preprocess_ms", "infer_ms", "postprocess_ms", "total_ms"}

@@ -1,0 +1,84 @@
+"""TensorPreprocessor (the torch frame path) against the numpy/PIL reference ``preprocess``."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import example_camera
+from models.preprocess import IMAGENET_STD, TensorPreprocessor, preprocess
+
+GREY = 1.0 / (255.0 * min(IMAGENET_STD))  # one grey level in normalised units (largest channel)
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, size=(15, 20, 3)).astype(np.float32)
+    blocky = np.clip(np.kron(coarse, np.ones((32, 32, 1), np.float32)) + rng.normal(0, 8, (480, 640, 3)), 0, 255)
+    return {"blocky": blocky.astype(np.uint8), "noise": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)}
+
+
+@pytest.mark.parametrize("uint8_resize,max_grey,mean_grey", [(False, 1.0, 0.35), (True, 2.0, 0.1)])
+@pytest.mark.parametrize("size", [(192, 256), (384, 512)])
+def test_device_resize_matches_pil_within_the_stated_tolerance(lite_config, uint8_resize, max_grey, mean_grey, size):
+    cfg = dataclasses.replace(lite_config, image_size=list(size))
+    k, pose = example_camera(cfg)
+    pre = TensorPreprocessor(cfg, "cpu", uint8_resize=uint8_resize)
+    for name, img in _images().items():
+        ref = preprocess(img, k, pose, cfg)
+        got = pre(img, k, pose)
+        diff = np.abs(got.image.numpy() - ref.image) / GREY
+        assert diff.max() <= max_grey + 1e-3, (name, diff.max())
+        assert diff.mean() <= mean_grey, (name, diff.mean())
+        np.testing.assert_allclose(got.grid2img.numpy(), ref.grid2img, rtol=1e-6)
+        np.testing.assert_array_equal(got.voxel_origin, ref.voxel_origin)
+
+
+def test_same_size_input_is_only_normalised(lite_config):
+    h, w = lite_config.image_size
+    img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    k, pose = example_camera(lite_config)
+    for uint8_resize in (False, True):
+        got = TensorPreprocessor(lite_config, uint8_resize=uint8_resize)(img, k, pose)
+        np.testing.assert_allclose(got.image.numpy(), preprocess(img, k, pose, lite_config).image, atol=1e-5)
+
+
+def test_bgr_view_depth_and_buffer_reuse(lite_config):
+    k, pose = example_camera(lite_config)
+    rng = np.random.default_rng(2)
+    bgr = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    rgb_view = bgr[..., ::-1]  # what conversions.image_to_rgb returns for bgr8: a view, not a copy
+    depth = rng.uniform(0.2, 5.0, (240, 320)).astype(np.float32)
+    depth[0, :5] = [np.nan, np.inf, -1.0, 0.0, 2.0]
+    pre = TensorPreprocessor(lite_config, slots=2)
+    ref = preprocess(np.ascontiguousarray(rgb_view), k, pose, lite_config, depth=depth)
+    first = pre(rgb_view, k, pose, depth=depth, slot=0)
+    np.testing.assert_array_equal(first.depth.numpy(), ref.depth)  # nearest resize + cleaning: exact
+    assert np.abs(first.image.numpy() - ref.image).max() <= 2 * GREY + 1e-4
+    ptr = first.image.data_ptr()
+    other = pre(np.zeros((480, 640, 3), np.uint8), k, pose, depth=depth, slot=1)
+    assert other.image.data_ptr() != ptr  # slots are independent buffers
+    again = pre(rgb_view, k, pose, depth=depth, slot=0)
+    assert again.image.data_ptr() == ptr and again.depth.data_ptr() == first.depth.data_ptr()  # reused, not reallocated
+
+
+def test_bad_inputs_raise_value_error(lite_config):
+    k, pose = example_camera(lite_config)
+    pre = TensorPreprocessor(lite_config)
+    with pytest.raises(ValueError, match="uint8"):
+        pre(np.zeros((48, 64, 3), np.float32), k, pose)
+    with pytest.raises(ValueError, match="cam_pose"):
+        pre(np.zeros((48, 64, 3), np.uint8), k, np.full((4, 4), np.nan))
+    with pytest.raises(ValueError, match="depth must be float"):
+        pre(np.zeros((48, 64, 3), np.uint8), k, pose, depth=np.zeros((48, 64), np.uint16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned upload path)")
+def test_cuda_path_matches_cpu_path(lite_config):
+    k, pose = example_camera(lite_config)
+    img = _images()["blocky"]
+    got = TensorPreprocessor(lite_config, "cuda")(img, k, pose)
+    ref = TensorPreprocessor(lite_config, "cpu", uint8_resize=False)(img, k, pose)
+    torch.testing.assert_close(got.image.cpu(), ref.image, atol=1e-4, rtol=0)
