@@ -1,10 +1,13 @@
-"""The rclpy occupancy node: wiring around FrameProcessor (processing.py) and the conversions.
+"""The rclpy occupancy node: wiring around ``processing.TwoStageFrames`` and the conversions.
 
-Callbacks only store messages: colour images go to a newest-frame slot, camera info and depth to
-stamp-indexed buffers. A worker thread takes the newest colour frame, pairs it with the camera
-info and depth of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose in TF
-at that stamp, runs the pipeline and publishes. A colour frame replaced before the worker took it
-is dropped and counted. Parameters are read once at start-up and declared read-only.
+Callbacks only store messages: colour images go to the two-stage frame loop, camera info and depth
+to stamp-indexed buffers. Stage 1 (thread ``frame_prepare``) pairs the newest colour frame with the
+camera info and depth of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose
+in TF at that stamp, decodes and preprocesses (uploads) it; stage 2 (``frame_infer``) infers,
+post-processes and publishes, while stage 1 already prepares the next frame. A frame replaced by a
+newer one before a stage took it is dropped and counted; diagnostics carry received, processed,
+skipped by reason, dropped and the frames in flight. Parameters are read once at start-up and
+declared read-only.
 
 ROS 2 is an optional dependency of this package (bag replay and training run without it), so the
 rclpy imports below are guarded; ``main`` (via ``entry.occupancy_node``) reports what is missing.
@@ -15,9 +18,7 @@ Run: ``ros2 run discene_ros occupancy_node --ros-args --params-file config/occup
 from __future__ import annotations
 
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,13 @@ from .processing import (
     FrameInput,
     FrameProcessor,
     FrameStats,
-    LatestFrameSlot,
+    ProcessedFrame,
     ProcessorSettings,
+    TwoStageFrames,
     WarnThrottle,
     build_outputs,
+    build_pipeline,
+    tune_postprocess,
 )
 from .undistort import DISTORTION_MODELS, needs_undistortion
 
@@ -63,7 +67,9 @@ except ImportError as exc:  # the class below is then never instantiated
     Node = object
     ROS_IMPORT_ERROR = exc
 
-INFERENCE_THREAD = "discene_inference"
+# Frames the two stages may hold at once (waiting for stage 1, in it, waiting for stage 2, in it), plus
+# one being submitted and one being counted as dropped: ``in_flight`` beyond this is a counting bug.
+MAX_IN_FLIGHT = 6
 
 
 def sensor_qos() -> Any:
@@ -87,19 +93,6 @@ def parameter_descriptor(spec: P.ParamSpec) -> Any:
     return descriptor
 
 
-def build_pipeline(cfg: dict[str, Any]) -> Any:
-    """Backend + OccupancyPipeline from node parameters."""
-    from export.backends import create_backend
-    from export.pipeline import OccupancyPipeline
-
-    path = Path(cfg["model_path"]) if cfg["model_path"] else P.DEFAULT_MODEL
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} not found (parameter model_path)")
-    backend = create_backend(cfg["backend"], path, device=None if cfg["device"] == "auto" else cfg["device"],
-                             fp16=cfg["fp16"], compile=cfg["compile"], cuda_graph=cfg["cuda_graph"])
-    return OccupancyPipeline(backend)
-
-
 class OccupancyNode(Node):
     """Subscribes RGB (+CameraInfo, +depth), publishes occupancy cloud, markers, grid pose, diagnostics."""
 
@@ -109,10 +102,14 @@ class OccupancyNode(Node):
                                                                  parameter_descriptor(spec)).value
                                for spec in P.PARAMETERS})
         self.factory = RclpyFactory()
-        self.pipeline = pipeline if pipeline is not None else build_pipeline(self.cfg)
-        if self.cfg["score_threshold"] >= 0.0:  # post-processing only: same network and backend
-            self.pipeline.config.score_threshold = float(self.cfg["score_threshold"])
-        self.pipeline.config.closing = bool(self.cfg["closing"])
+        # post-processing only (same network and backend); a negative threshold keeps the model's
+        postprocess = {"closing": self.cfg["closing"],
+                       "score_threshold": self.cfg["score_threshold"] if self.cfg["score_threshold"] >= 0.0 else None}
+        if pipeline is None:
+            pipeline = build_pipeline(self.cfg["model_path"], self.cfg["backend"], self.cfg["device"],
+                                      fp16=self.cfg["fp16"], compile=self.cfg["compile"],
+                                      cuda_graph=self.cfg["cuda_graph"], **postprocess)
+        self.pipeline = tune_postprocess(pipeline, **postprocess)
         self.marker_schedule = EveryNth(self.cfg["marker_period"])
         settings = ProcessorSettings(
             use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["sync_tolerance_s"],
@@ -122,12 +119,10 @@ class OccupancyNode(Node):
         self.processor = FrameProcessor(self.pipeline, settings)
         self.stats = FrameStats()
         self.throttle = WarnThrottle(self.cfg["warn_throttle_s"])
-        self.slot = LatestFrameSlot()
         self.partners = FramePartners(self.cfg["sync_tolerance_s"], self.cfg["sync_wait_s"], self.cfg["use_depth"])
         self.fallback_note: str | None = None
         self.mount_found = False
         self.undistortion_logged = False
-        self.stop_event = threading.Event()
 
         self.tf_buffer = Buffer()
         self.tf_listener = TransformListener(self.tf_buffer, self)
@@ -150,8 +145,9 @@ class OccupancyNode(Node):
                                                      P.TOPIC_DIAGNOSTICS, 1)
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
-        self.inference_thread = threading.Thread(target=self.inference_loop, name=INFERENCE_THREAD, daemon=True)
-        self.inference_thread.start()
+        self.frames = TwoStageFrames(self.processor, self.stats, deliver=self.publish_outputs,
+                                     locate=self.locate_frame, on_skip=self.skip_frame,
+                                     stopping=lambda: not self.context.ok())
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         self.get_logger().info(
             f"occupancy node ready: {describe()}, image {self.image_topic}, world frame "
@@ -160,7 +156,7 @@ class OccupancyNode(Node):
 
     # -- callbacks: store only, never process here
     def image_callback(self, msg: Any) -> None:
-        self.stats.on_received(self.slot.put(FrameInput(image=msg, received_s=time.monotonic())))
+        self.frames.submit(FrameInput(image=msg, received_s=time.monotonic()))
 
     def camera_info_callback(self, msg: Any) -> None:
         self.partners.info.add(msg)
@@ -170,55 +166,41 @@ class OccupancyNode(Node):
 
     def diagnostics_timer_callback(self) -> None:
         stamp = self.get_clock().now().nanoseconds
-        diag = stats_to_diagnostics(self.factory, self.stats.snapshot(), stamp,
-                                    hardware_id=self.pipeline.backend.describe())
+        snapshot = self.stats.snapshot()
+        diag = stats_to_diagnostics(self.factory, snapshot, stamp, hardware_id=self.pipeline.backend.describe())
         status = diag.status[0]
         pose_source = "TF" if self.fallback_note is None else f"FALLBACK: {self.fallback_note}"
-        status.values.append(self.factory.new("diagnostic_msgs/msg/KeyValue", key="pose_source", value=pose_source))
+        # every received frame is processed, skipped or dropped; the rest is still in the two stages
+        in_flight = (snapshot["received"] - snapshot["processed"] - sum(snapshot["skipped"].values())
+                     - snapshot["dropped"])
+        status.values += [self.factory.new("diagnostic_msgs/msg/KeyValue", key=key, value=value)
+                          for key, value in (("pose_source", pose_source), ("in_flight", str(in_flight)))]
         if self.fallback_note is not None:
             status.level = max(status.level, type(status).WARN)
             status.message = "fallback camera pose (world frame not in TF); " + status.message
+        if not 0 <= in_flight <= MAX_IN_FLIGHT:
+            status.level = type(status).ERROR
+            status.message = f"frame counters disagree ({in_flight} frames in flight); " + status.message
         self.diagnostics_pub.publish(diag)
 
-    # -- the inference thread
-    def inference_loop(self) -> None:
-        """Process the newest frame until destroy_node; never ends with a traceback (Ctrl-C included)."""
-        while not self.stop_event.is_set():
-            frame = self.slot.take(timeout=0.2)
-            if frame is None:
-                continue
-            try:
-                self.process_frame(frame)
-            except Exception as exc:  # publishing after rclpy shut the context down, or an internal error
-                if self.shutting_down():
-                    return
-                self.skip_frame("internal_error", f"{type(exc).__name__}: {exc}")
+    # -- the two stages (processing.TwoStageFrames): locate_frame in stage 1, publish_outputs in stage 2
+    def locate_frame(self, frame: FrameInput) -> None:
+        """Stage 1, before decoding: camera info and depth of the image stamp, camera pose from TF."""
+        frame.camera_info, frame.depth = self.partners.match(frame.stamp_ns)
+        self.log_undistortion(frame.camera_info)
+        frame.cam_pose = self.camera_pose(frame.image.header.frame_id, frame.stamp_ns)
 
-    def shutting_down(self) -> bool:
-        return self.stop_event.is_set() or not self.context.ok()
-
-    def process_frame(self, frame: FrameInput) -> None:
-        """Pair, locate and process one frame; bad input is skipped, counted and warned about (throttled)."""
-        try:
-            frame.camera_info, frame.depth = self.partners.match(frame.stamp_ns)
-            self.log_undistortion(frame.camera_info)
-            frame.cam_pose = self.camera_pose(frame.image.header.frame_id, frame.stamp_ns)
-            result = self.processor.process(frame)
-            markers = self.markers_pub is not None and self.marker_schedule.due()
-            msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns, markers=markers)
-        except FrameError as exc:
-            self.skip_frame(exc.reason, str(exc))
-            return
-        if self.shutting_down():  # Ctrl-C: rclpy may have shut the context down already
-            return
+    def publish_outputs(self, frame: FrameInput, result: ProcessedFrame) -> None:
+        """Stage 2: build and publish the frame's messages (never called once destroy_node began)."""
+        markers = self.markers_pub is not None and self.marker_schedule.due()
+        msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns, markers=markers)
         self.cloud_pub.publish(msgs["cloud"])
         self.grid_pose_pub.publish(msgs["grid_pose"])
         if "markers" in msgs:
             self.markers_pub.publish(msgs["markers"])
-        self.stats.on_processed((time.monotonic() - frame.received_s) * 1e3)
 
-    def skip_frame(self, reason: str, text: str) -> None:
-        self.stats.on_skipped(reason)
+    def skip_frame(self, frame: FrameInput, reason: str, text: str) -> None:
+        """A bad frame (already counted by reason): a warning, throttled per reason."""
         if self.throttle.allow(reason):
             self.get_logger().warning(f"skipped frame ({reason}): {text}")
 
@@ -274,11 +256,10 @@ class OccupancyNode(Node):
         self.get_logger().error(f"{self.fallback_note} (TF: {exc})")
 
     def destroy_node(self) -> None:
-        """Stop the inference thread (an in-flight frame is not published), then the rclpy node."""
-        self.stop_event.set()
-        self.slot.close()
-        self.partners.close()
-        self.inference_thread.join(timeout=5.0)
+        """Stop both frame stages (nothing is published from here on; frames in flight are counted as
+        dropped), join their threads, then destroy the rclpy node."""
+        if not self.frames.close(discard=True, timeout=5.0, wake=self.partners.close):
+            self.get_logger().warning("frame threads did not stop within 5 s")
         self.pipeline.close()
         super().destroy_node()
 

@@ -1,7 +1,9 @@
-"""The node's logic without ROS: newest-frame slot, statistics, throttled warnings, frame processing.
+"""The node's logic without ROS: pipeline set-up, statistics, throttled warnings, frame processing.
 
 The rclpy node (``node.py``) and the bag replay (``replay.py``) both drive these classes, so what
-is tested here is what runs on the robot.
+is tested here is what runs on the robot. A frame is processed in two stages (``FrameProcessor.prepare``:
+decode, checks, preprocess/upload; ``complete``: inference, post-processing, output checks), which
+``TwoStageFrames`` runs on two threads so that the next frame is prepared while the current one is inferred.
 """
 from __future__ import annotations
 
@@ -9,48 +11,64 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.backends import create_backend
+from export.pipeline import OccupancyPipeline, TwoStageRunner
+
 from . import conversions as conv
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
+from .params import DEFAULT_MODEL
 from .undistort import Undistorter
 
 
-class LatestFrameSlot:
-    """Holds at most one pending frame: a new frame replaces an unprocessed one, which counts as dropped."""
+def build_pipeline(model: str | Path | None = None, backend: str = "torch", device: str | None = "auto",
+                   fp16: bool = False, compile: bool = False, cuda_graph: bool = False, closing: bool | None = None,
+                   score_threshold: float | None = None) -> OccupancyPipeline:
+    """Backend + OccupancyPipeline for the node and the replay; the default model is the shipped one.
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._closed = False
-        self.dropped = 0
+    ``device`` "auto" (or None) lets the backend choose; ``compile``/``cuda_graph`` apply to the torch
+    backend on CUDA. ``closing`` and ``score_threshold`` (None: the model config's) are post-processing
+    settings, see ``tune_postprocess``.
+    """
+    path = Path(model) if model else DEFAULT_MODEL
+    if not path.is_file():
+        hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; give a model "
+                "path (a checkpoint .pt, .onnx or .engine)") if not model else "check the model path"
+        raise FileNotFoundError(f"model file {path} not found: {hint}")
+    if path.suffix == ".onnx":
+        check_onnx_file(path)
+    be = create_backend(backend, path, device=None if device in (None, "auto") else device, fp16=fp16,
+                        compile=compile, cuda_graph=cuda_graph)
+    return tune_postprocess(OccupancyPipeline(be), closing, score_threshold)
 
-    def put(self, item: Any) -> bool:
-        """Store ``item``; returns True when it replaced (dropped) an unprocessed frame."""
-        with self._cond:
-            replaced = self._item is not None
-            self.dropped += int(replaced)
-            self._item = item
-            self._cond.notify()
-            return replaced
 
-    def take(self, timeout: float | None = None) -> Any:
-        """The pending frame (removing it), waiting up to ``timeout`` s; None when none came or closed."""
-        with self._cond:
-            if self._item is None and not self._closed:
-                self._cond.wait(timeout)
-            item, self._item = self._item, None
-            return item
+def tune_postprocess(pipeline: Any, closing: bool | None = None, score_threshold: float | None = None) -> Any:
+    """Set the post-processing settings a deployment may change without re-exporting; None keeps the model's."""
+    if score_threshold is not None:
+        pipeline.config.score_threshold = float(score_threshold)
+    if closing is not None:
+        pipeline.config.closing = bool(closing)
+    return pipeline
 
-    def close(self) -> None:
-        """Wake any waiting ``take`` (shutdown)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+
+def check_onnx_file(path: Path) -> None:
+    """ValueError naming the file when it is not a readable ONNX model (before any sidecar is looked for)."""
+    try:
+        import onnx
+    except ImportError:
+        return  # the onnxruntime backend reports its own missing dependency
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, truncated files, ...
+        raise ValueError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); export one with "
+                         "discene-export onnx") from None
 
 
 def latency_percentiles(values_ms: Any) -> dict[str, float]:
@@ -81,6 +99,11 @@ class FrameStats:
         with self._lock:
             self.received += 1
             self.dropped += int(dropped_previous)
+
+    def on_dropped(self) -> None:
+        """A received frame replaced by a newer one before it was processed, or abandoned at shutdown."""
+        with self._lock:
+            self.dropped += 1
 
     def on_skipped(self, reason: str) -> None:
         with self._lock:
@@ -178,6 +201,17 @@ class FrameInput:
 
 
 @dataclass
+class PreparedFrame:
+    """A frame after stage 1: decoded, checked, and preprocessed (uploaded) for the network."""
+
+    prepared: Any               # export.pipeline.Prepared
+    cam_pose: np.ndarray
+    used_fallback_pose: bool
+    rgb: np.ndarray
+    decode_ms: float
+
+
+@dataclass
 class ProcessedFrame:
     occupancy: Any              # models.postprocess.OccupancyFrame
     cam_pose: np.ndarray
@@ -234,21 +268,119 @@ class FrameProcessor:
             raise DepthError(f"depth {dw}x{dh} is not aligned with the colour image {image_hw[1]}x{image_hw[0]}")
         return depth
 
-    def process(self, frame: FrameInput) -> ProcessedFrame:
-        """Full frame: decode, checks, pipeline (preprocess -> infer -> postprocess)."""
+    def prepare(self, frame: FrameInput, slot: int = 0) -> PreparedFrame:
+        """Stage 1: decode, checks, preprocess/upload into the pipeline's buffer ``slot``."""
         t0 = time.perf_counter()
         rgb, k, depth, pose, fallback = self.decode(frame)
         t1 = time.perf_counter()
-        try:
-            occ = self.pipeline.process(rgb, k, pose, depth=depth, voxel_origin=frame.voxel_origin,
-                                        floor_z=self.settings.floor_z)
-        except ValueError as exc:  # preprocess rejects malformed inputs with ValueError
-            if isinstance(exc, FrameError):
-                raise
-            raise FrameError(f"pipeline rejected the frame: {exc}") from exc
+        with frame_errors():
+            prepared = self.pipeline.prepare(rgb, k, pose, depth=depth, voxel_origin=frame.voxel_origin,
+                                             floor_z=self.settings.floor_z, slot=slot)
+        return PreparedFrame(prepared, pose, fallback, rgb, (t1 - t0) * 1e3)
+
+    def complete(self, frame: PreparedFrame) -> ProcessedFrame:
+        """Stage 2: inference, post-processing and the output checks of a prepared frame."""
+        with frame_errors():
+            occ = self.pipeline.complete(frame.prepared)
         check_outputs(occ)
-        timings = {"decode_ms": (t1 - t0) * 1e3, **self.pipeline.last_timings.as_dict()}
-        return ProcessedFrame(occ, pose, fallback, rgb, timings)
+        timings = {"decode_ms": frame.decode_ms, **self.pipeline.last_timings.as_dict()}
+        return ProcessedFrame(occ, frame.cam_pose, frame.used_fallback_pose, frame.rgb, timings)
+
+    def process(self, frame: FrameInput) -> ProcessedFrame:
+        """Full frame on the calling thread: ``complete(prepare(frame))``."""
+        return self.complete(self.prepare(frame))
+
+
+@contextmanager
+def frame_errors() -> Iterator[None]:
+    """Turn the ValueError a pipeline stage rejects malformed inputs with into a FrameError (skipped, counted)."""
+    try:
+        yield
+    except FrameError:
+        raise
+    except ValueError as exc:
+        raise FrameError(f"pipeline rejected the frame: {exc}") from exc
+
+
+class TwoStageFrames:
+    """A FrameProcessor on ``export.pipeline.TwoStageRunner``: the node's and the replay's frame loop.
+
+    Stage 1 (thread ``frame_prepare``): ``locate(frame)`` (stamp pairing and TF, which may block a
+    while), then ``FrameProcessor.prepare``; stage 2 (``frame_infer``): ``FrameProcessor.complete``,
+    then ``deliver(frame, result)`` (publish, or write the bag). Newest frame wins at both hand-offs.
+    Every submitted frame ends in ``stats`` as exactly one of processed, skipped (FrameError reason
+    from either stage, ``internal_error`` for anything else) or dropped (replaced by a newer frame, or
+    abandoned at shutdown), so ``received == processed + skipped + dropped`` whenever none is in flight.
+    After ``close`` starts, ``deliver`` is never called again.
+    """
+
+    def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],
+                 locate: Callable[[FrameInput], None] | None = None,
+                 on_skip: Callable[[FrameInput, str, str], None] | None = None,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        self.processor, self.stats = processor, stats
+        self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
+        self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
+        self.closed = False
+        self.runner = TwoStageRunner(self.prepare_stage, self.finish_stage, on_error=self.error_callback,
+                                     on_drop=lambda frame: self.stats.on_dropped())
+
+    def submit(self, frame: FrameInput) -> None:
+        """Count ``frame`` as received and hand it to stage 1 (ignored once closed)."""
+        if self.closed:
+            return
+        self.stats.on_received()
+        try:
+            self.runner.submit(frame)
+        except RuntimeError:  # closed meanwhile (shutdown)
+            self.stats.on_dropped()
+
+    def prepare_stage(self, frame: FrameInput, slot: int) -> PreparedFrame:
+        if self.locate is not None:
+            self.locate(frame)
+        return self.processor.prepare(frame, slot)
+
+    def finish_stage(self, frame: FrameInput, prepared: PreparedFrame) -> None:
+        result = self.processor.complete(prepared)
+        with self.deliver_lock:
+            if self.closed or self.stopping():  # shutting down: the frame is abandoned, not published
+                self.stats.on_dropped()
+                return
+            self.deliver(frame, result)
+        self.stats.on_processed((time.monotonic() - frame.received_s) * 1e3)
+
+    def error_callback(self, frame: FrameInput, exc: BaseException) -> None:
+        if self.closed or self.stopping():  # shutting down (e.g. publishing after Ctrl-C shut rclpy down,
+            self.stats.on_dropped()         # pairing woken by close): abandoned, not a verdict on the frame
+            return
+        if isinstance(exc, FrameError):
+            reason, text = exc.reason, str(exc)
+        else:
+            reason, text = "internal_error", f"{type(exc).__name__}: {exc}"
+        self.stats.on_skipped(reason)
+        if self.on_skip is not None:
+            self.on_skip(frame, reason, text)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every submitted frame is processed, skipped or dropped."""
+        return self.runner.wait_idle(timeout)
+
+    def close(self, discard: bool = False, timeout: float = 10.0, wake: Callable[[], None] | None = None) -> bool:
+        """Stop both threads (True when they ended in time). ``discard`` (shutdown): nothing more is
+        delivered, waiting frames are dropped, then ``wake`` unblocks a stage waiting on input (the
+        node's pairing wait); without it every submitted frame is finished first."""
+        if discard:
+            with self.deliver_lock:
+                self.closed = True
+        if wake is not None:
+            wake()
+        ended = self.runner.close(timeout, discard=discard)
+        self.closed = True
+        return ended
+
+    def alive(self) -> bool:
+        """True while either stage thread runs."""
+        return self.runner.alive()
 
 
 def check_outputs(occ: Any) -> None:

@@ -14,7 +14,6 @@ import json
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -32,14 +31,16 @@ from .camera_pose import describe_fallback, mount_fallback_pose
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR, DEFAULT_MODEL
+from .params import DATA_DIR
 from .processing import (
     FrameInput,
     FrameProcessor,
     FrameStats,
-    LatestFrameSlot,
+    ProcessedFrame,
     ProcessorSettings,
+    TwoStageFrames,
     build_outputs,
+    build_pipeline,
     latency_percentiles,
 )
 
@@ -57,38 +58,6 @@ class GroundTruth:
 class ReplayResult:
     summary: dict[str, Any]
     renders: list[dict[str, Any]] = field(default_factory=list)
-
-
-def build_pipeline(model: str | Path | None, backend: str = "torch", device: str | None = "cpu", fp16: bool = False,
-                   score_threshold: float | None = None) -> Any:
-    """Backend + OccupancyPipeline, as the node builds them. The default model is the shipped one."""
-    from export.backends import create_backend
-    from export.pipeline import OccupancyPipeline
-
-    path = Path(model) if model else DEFAULT_MODEL
-    if not path.is_file():
-        hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; pass --model "
-                "PATH (a checkpoint .pt, .onnx or .engine)") if not model else "check --model"
-        raise FileNotFoundError(f"model file {path} not found: {hint}")
-    if path.suffix == ".onnx":
-        check_onnx_file(path)
-    be = create_backend(backend, path, device=device, fp16=fp16)
-    if score_threshold is not None:
-        be.config.score_threshold = float(score_threshold)
-    return OccupancyPipeline(be)
-
-
-def check_onnx_file(path: Path) -> None:
-    """ValueError naming the file when it is not a readable ONNX model (before any sidecar is looked for)."""
-    try:
-        import onnx
-    except ImportError:
-        return  # the onnxruntime backend reports its own missing dependency
-    try:
-        onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, truncated files, ...
-        raise ValueError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); export one with "
-                         "discene-export onnx") from None
 
 
 # ----------------------------------------------------------------------------- reading the bag
@@ -283,21 +252,23 @@ class Replayer:
         self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
 
     def handle(self, frame: FrameInput) -> None:
+        """Full speed: process one frame on this thread and record it (or count it as skipped)."""
         t0 = time.perf_counter()
         try:
-            result = self.processor.process(frame)
-            msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
+            self.record(frame, self.processor.process(frame))
         except FrameError as exc:
             self.stats.on_skipped(exc.reason)
             return
         except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input: skip it as the node does, say so
             self.stats.on_skipped("internal_error")
-            self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {type(exc).__name__}: {exc}")
+            self.note_skip(frame, "internal_error", f"{type(exc).__name__}: {exc}")
             return
-        done = time.perf_counter()
-        latency = (done - t0) * 1e3
-        self.first_done = done if self.first_done is None else self.first_done
-        self.stats.on_processed(latency)
+        self.stats.on_processed((time.perf_counter() - t0) * 1e3)
+
+    def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
+        """Write a processed frame's messages to the output bag; metrics, stage timings and renders."""
+        msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
+        self.first_done = time.perf_counter() if self.first_done is None else self.first_done
         self.fallback_pose_frames += int(result.used_fallback_pose)
         for key, value in result.timings_ms.items():
             self.stage_ms.setdefault(key, []).append(value)
@@ -307,8 +278,13 @@ class Replayer:
         if gt is not None and self.evaluator is not None:
             self.evaluator.add(result.occupancy.labels, gt)
         if len(self.renders) < self.n_renders:
-            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose, "pred": result.occupancy.labels.copy(),
-                                 "gt": None if gt is None else gt.labels, "voxel_origin": result.occupancy.voxel_origin})
+            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose,
+                                 "pred": result.occupancy.labels.copy(), "gt": None if gt is None else gt.labels,
+                                 "voxel_origin": result.occupancy.voxel_origin})
+
+    def note_skip(self, frame: FrameInput, reason: str, text: str) -> None:
+        if reason == "internal_error":
+            self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
     def run_full_speed(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
         for frame, _ in frames:
@@ -319,35 +295,25 @@ class Replayer:
                 break
 
     def run_realtime(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
-        """A reader thread plays frames at their recorded times into the newest-frame slot, like a topic."""
-        slot, done = LatestFrameSlot(), threading.Event()
-
-        def play() -> None:
-            start_wall, start_bag = time.monotonic(), None
-            try:
-                for frame, bag_t in frames:
-                    start_bag = bag_t if start_bag is None else start_bag
-                    delay = (bag_t - start_bag) * 1e-9 - (time.monotonic() - start_wall)
-                    if delay > 0:
-                        time.sleep(delay)
-                    frame.received_s = time.monotonic()
-                    self.stats.on_received(slot.put(frame))
-                    bar.update(1)
-                    if max_frames is not None and self.stats.received >= max_frames:
-                        break
-            finally:
-                done.set()
-                slot.close()
-
-        player = threading.Thread(target=play, name="bag_player", daemon=True)
-        player.start()
-        while True:
-            frame = slot.take(timeout=0.1)
-            if frame is not None:
-                self.handle(frame)
-            elif done.is_set():
-                break
-        player.join()
+        """Play frames at their recorded times into the node's two-stage frame loop (``TwoStageFrames``),
+        which drops stale frames as the node does; latency runs from a frame's arrival to its output."""
+        loop = TwoStageFrames(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip)
+        start_wall, start_bag = time.monotonic(), None
+        try:
+            for frame, bag_t in frames:
+                start_bag = bag_t if start_bag is None else start_bag
+                delay = (bag_t - start_bag) * 1e-9 - (time.monotonic() - start_wall)
+                if delay > 0:
+                    time.sleep(delay)
+                frame.received_s = time.monotonic()
+                loop.submit(frame)
+                bar.update(1)
+                if max_frames is not None and self.stats.received >= max_frames:
+                    break
+        except BaseException:
+            loop.close(discard=True)
+            raise
+        loop.close()
 
 
 OUTPUTS = ("occupancy_bag", "report.md", "renders")  # what a replay owns in its output directory

@@ -172,22 +172,24 @@ class TwoStageRunner:
 
     Newest frame wins at both hand-offs: a submitted frame that stage 1 has not taken yet, and a
     prepared frame that stage 2 has not taken yet, are replaced by the newer one and counted in
-    ``dropped``. Every submitted frame ends as exactly one of processed, failed or dropped
-    (``wait_idle``/``close`` finish what is in flight). ``prepare(item, slot)`` gets a buffer
-    slot in ``range(slots)`` that no frame in stage 2 or waiting for it uses.
+    ``dropped`` (and passed to ``on_drop``). Every submitted frame ends as exactly one of processed,
+    failed or dropped (``wait_idle``/``close`` finish what is in flight; ``close(discard=True)`` drops
+    what waits instead). ``prepare(item, slot)`` gets a buffer slot in ``range(slots)`` that no frame
+    in stage 2 or waiting for it uses.
     """
 
     def __init__(self, prepare: Callable[[Any, int], Any], finish: Callable[[Any, Any], None],
-                 on_error: Callable[[Any, BaseException], None] | None = None, slots: int = PIPELINE_SLOTS) -> None:
+                 on_error: Callable[[Any, BaseException], None] | None = None, slots: int = PIPELINE_SLOTS,
+                 on_drop: Callable[[Any], None] | None = None) -> None:
         if slots < 3:
             raise ValueError(f"TwoStageRunner needs 3 buffer slots (in use, waiting, being prepared), got {slots}")
-        self._prepare, self._finish, self._on_error = prepare, finish, on_error
+        self._prepare, self._finish, self._on_error, self._on_drop = prepare, finish, on_error, on_drop
         self._cond = threading.Condition()
         self._incoming: Any = None     # submitted, not yet taken by stage 1
         self._ready: Any = None        # (item, prepared, slot) not yet taken by stage 2
         self._busy = [False, False]    # stage 1 / stage 2 working on a frame
         self._free = list(range(slots))
-        self._closed = False
+        self._closed = self._discard = False
         self.submitted = self.processed = self.failed = self.dropped = 0
         self._threads = [threading.Thread(target=self._stage1, name="frame_prepare", daemon=True),
                          threading.Thread(target=self._stage2, name="frame_infer", daemon=True)]
@@ -200,11 +202,12 @@ class TwoStageRunner:
             if self._closed:
                 raise RuntimeError("TwoStageRunner is closed")
             self.submitted += 1
-            replaced = self._incoming is not None
-            self.dropped += int(replaced)
-            self._incoming = item
+            replaced, self._incoming = self._incoming, item
+            self.dropped += int(replaced is not None)
             self._cond.notify_all()
-            return replaced
+        if replaced is not None:
+            self._dropped(replaced)
+        return replaced is not None
 
     def _stage1(self) -> None:
         while True:
@@ -227,12 +230,22 @@ class TwoStageRunner:
                 self._report(item, exc)
                 continue
             with self._cond:
-                if self._ready is not None:  # stage 2 did not take the previous frame: newest wins
+                replaced = self._ready
+                if replaced is not None:  # stage 2 did not take the previous frame: newest wins
                     self.dropped += 1
-                    self._free.append(self._ready[2])
-                self._ready = (item, prepared, slot)
+                    self._free.append(replaced[2])
+                discarded = self._discard  # closed meanwhile: this frame is not finished either
+                if discarded:
+                    self.dropped += 1
+                    self._free.append(slot)
+                else:
+                    self._ready = (item, prepared, slot)
                 self._busy[0] = False
                 self._cond.notify_all()
+            if replaced is not None:
+                self._dropped(replaced[0])
+            if discarded:
+                self._dropped(item)
 
     def _stage2(self) -> None:
         while True:
@@ -260,6 +273,10 @@ class TwoStageRunner:
         if self._on_error is not None:
             self._on_error(item, exc)
 
+    def _dropped(self, item: Any) -> None:
+        if self._on_drop is not None:
+            self._on_drop(item)
+
     def wait_for_room(self, timeout: float | None = None) -> bool:
         """Block until no frame waits at either hand-off (stage 1 busy or idle, stage 2 fed): a feeder
         that calls this before ``submit`` keeps both stages busy without dropping frames."""
@@ -272,13 +289,35 @@ class TwoStageRunner:
             return self._cond.wait_for(lambda: self._incoming is None and self._ready is None and not any(self._busy),
                                        timeout)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Finish the frames already submitted, then stop both threads."""
+    def close(self, timeout: float = 10.0, discard: bool = False) -> bool:
+        """Finish the frames already submitted, then stop both threads; True when both ended in time.
+
+        ``discard``: shutting down, finish only the frame in stage 2; the frame waiting for stage 1,
+        the one waiting for stage 2 and the one stage 1 is preparing are dropped.
+        """
+        waiting: list[Any] = []
         with self._cond:
             self._closed = True
+            if discard:
+                self._discard = True
+                if self._incoming is not None:
+                    waiting.append(self._incoming)
+                    self._incoming = None
+                if self._ready is not None:
+                    waiting.append(self._ready[0])
+                    self._free.append(self._ready[2])
+                    self._ready = None
+                self.dropped += len(waiting)
             self._cond.notify_all()
+        for item in waiting:
+            self._dropped(item)
         for t in self._threads:
             t.join(timeout)
+        return not self.alive()
+
+    def alive(self) -> bool:
+        """True while either stage thread runs (False after ``close`` returned True)."""
+        return any(t.is_alive() for t in self._threads)
 
     def counts(self) -> dict[str, int]:
         with self._cond:

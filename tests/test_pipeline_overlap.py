@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ class Gate:
         self.prepared: list[int] = []
         self.finished: list[int] = []
         self.slots_in_use: set[int] = set()
+        self.slot_of: dict[int, int] = {}
+        self.dropped: list[int] = []
         self.slot_clash = False
         self.lock = threading.Lock()
         self.in_prepare = threading.Semaphore(0)
@@ -36,8 +39,16 @@ class Gate:
         with self.lock:
             self.slot_clash |= slot in self.slots_in_use
             self.slots_in_use.add(slot)
+            self.slot_of[item] = slot
             self.prepared.append(item)
         return item, slot
+
+    def drop(self, item: int) -> None:
+        """on_drop: a prepared frame's slot is free again (one never prepared had none)."""
+        with self.lock:
+            self.dropped.append(item)
+            if item in self.slot_of:
+                self.slots_in_use.discard(self.slot_of[item])
 
     def finish(self, item: int, prepared: tuple[int, int]) -> None:
         self.in_finish.release()
@@ -86,6 +97,45 @@ def test_many_frames_every_one_accounted_for():
     assert done == sorted(done) and done[-1] == 499  # in order, and the newest frame is never lost
     with pytest.raises(RuntimeError, match="closed"):
         runner.submit(0)
+
+
+def test_on_drop_sees_every_dropped_frame_and_close_discard_drops_what_waits():
+    g = Gate()
+    dropped = g.dropped
+    runner = TwoStageRunner(g.prepare, g.finish, on_drop=g.drop)
+    g.prepare_gate.set()
+    runner.submit(0)
+    assert g.in_finish.acquire(timeout=5)        # 0 held in stage 2
+    runner.submit(1)                             # 1 prepared, waiting for stage 2
+    assert _until(lambda: g.prepared == [0, 1])
+    runner.submit(2)                             # 2 prepared, replaces 1 at the stage-2 hand-off
+    assert _until(lambda: dropped == [1])
+    g.prepare_gate.clear()
+    while g.in_prepare.acquire(timeout=0):      # forget the entries of 0, 1 and 2
+        pass
+    runner.submit(3)
+    assert g.in_prepare.acquire(timeout=5)       # 3 held in stage 1 (0 in stage 2, 2 waiting)
+    runner.submit(4)                             # waits for stage 1
+    assert dropped == [1]
+    closer = threading.Thread(target=runner.close, kwargs={"discard": True})
+    closer.start()
+    assert _until(lambda: sorted(dropped) == [1, 2, 4])  # the waiting frames, dropped at once
+    g.prepare_gate.set()                         # 3 finishes stage 1 after close: dropped too
+    g.finish_gate.set()                          # 0 (already in stage 2) is finished
+    closer.join(5)
+    assert not runner.alive() and g.finished == [0] and sorted(dropped) == [1, 2, 3, 4]
+    counts = runner.counts()
+    assert counts == {"submitted": 5, "processed": 1, "failed": 0, "dropped": 4}
+    assert not g.slot_clash
+
+
+def _until(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def test_torch_frame_path_matches_the_numpy_path(lite_model, lite_config):

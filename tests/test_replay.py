@@ -192,7 +192,7 @@ def test_cli_with_checkpoint_json_and_missing_model(bags, tmp_path, monkeypatch,
     assert 0.0 <= s["iou"] <= 1.0 and len(s["per_class_iou"]) == 11
     printed = capsys.readouterr().out
     assert "FPS" in printed and "report:" in printed and "IoU" in printed
-    monkeypatch.setattr(replay, "DEFAULT_MODEL", tmp_path / "lite_distilled.pt")  # shipped model absent
+    monkeypatch.setattr("discene_ros.processing.DEFAULT_MODEL", tmp_path / "lite_distilled.pt")  # shipped model absent
     rc = replay.main(["--bag", str(bags["mcap"]), "--out", str(tmp_path / "o3"), "--no-progress"])
     assert rc == 2 and "lite_distilled.pt is missing" in capsys.readouterr().err
 

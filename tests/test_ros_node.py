@@ -59,7 +59,7 @@ def ros():
     module = importlib.reload(discene_ros.node)
     yield fake, module
     for node in fake.nodes:
-        if not node.fake_destroyed and hasattr(node, "stop_event"):
+        if not node.fake_destroyed and hasattr(node, "frames"):
             node.destroy_node()
     mp.undo()
     importlib.reload(discene_ros.node)
@@ -165,7 +165,7 @@ def test_bad_parameters_end_in_cannot_start_not_a_traceback(ros, overrides, text
     fake, module = ros
     fake.overrides.update(overrides)
     if "backend" not in overrides:
-        monkeypatch.setattr(module, "build_pipeline", lambda cfg: pipeline_for(BlockBackend()))
+        monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
     assert module.main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith("occupancy_node: cannot start:") and text in err.lower() and "Traceback" not in err
@@ -174,7 +174,7 @@ def test_bad_parameters_end_in_cannot_start_not_a_traceback(ros, overrides, text
 
 def test_main_init_spin_destroy_shutdown(ros, monkeypatch):
     fake, module = ros
-    monkeypatch.setattr(module, "build_pipeline", lambda cfg: pipeline_for(BlockBackend()))
+    monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
     assert module.main([]) == 0
     assert fake.calls == ["init", "spin", "try_shutdown"] and fake.nodes[0].fake_destroyed
     fake.spin_raises = sys.modules["rclpy.executors"].ExternalShutdownException
@@ -341,8 +341,115 @@ def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
         node.destroy_node()
     finally:
         threading.excepthook = previous_hook
-    assert not node.inference_thread.is_alive() and not crashes
+    assert not node.frames.alive() and not crashes
     assert not node.stats.skipped and not published(node, P.TOPIC_CLOUD)
+
+
+class InfBackend(BlockBackend):
+    """BlockBackend whose scores are +inf while ``broken`` is set (a frame that fails in stage 2), and
+    whose inference waits for ``gate`` (set: no wait)."""
+
+    broken = False
+
+    def __init__(self, delay_s=0.0):
+        super().__init__(delay_s=delay_s)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def infer(self, inputs):
+        out = super().infer(inputs)
+        assert self.gate.wait(10)
+        if self.broken:
+            out["scores"][:] = np.inf
+        return out
+
+
+def _diagnostics(node):
+    node.diagnostics_timer_callback()
+    status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
+    return status, {kv.key: kv.value for kv in status.values}
+
+
+def _frame(node, stamp, rgb=RGB):
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.image_callback(conv.rgb_to_image(F, rgb, "cam", stamp))
+
+
+def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
+    """A burst against a slow network: the next frame is prepared while one is inferred, stale frames
+    are dropped at either hand-off, every frame is accounted for, the newest is published last."""
+    fake, _ = ros
+    backend = InfBackend(delay_s=0.04)
+    node = make_node(ros, backend, world_frame="map")
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    stamps = [2_000 * MS + i * MS for i in range(40)]
+    for stamp in stamps:
+        _frame(node, stamp)
+        time.sleep(0.002)
+    assert _wait(lambda: node.stats.processed + node.stats.dropped + sum(node.stats.skipped.values()) == 40)
+    assert node.frames.wait_idle(timeout=5)
+    stats = node.stats
+    assert stats.received == 40 and stats.dropped > 0 and not stats.skipped
+    assert stats.processed == node.pipeline.backend.calls == len(published(node, P.TOPIC_CLOUD))
+    published_stamps = [conv.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)]
+    assert published_stamps == sorted(set(published_stamps)) and published_stamps[-1] == stamps[-1]
+    assert set(published_stamps) <= set(stamps)
+    status, values = _diagnostics(node)
+    assert values["received"] == "40" and values["in_flight"] == "0" and status.level == type(status).OK
+    assert int(values["processed"]) + int(values["dropped"]) + int(values["skipped"]) == 40
+    counts = node.frames.runner.counts()  # the runner's own books agree with the node's
+    assert counts["submitted"] == 40 and counts["dropped"] == stats.dropped and counts["processed"] == stats.processed
+
+    # destroy with one frame being inferred and one waiting: neither is published, both count as dropped
+    backend.gate.clear()
+    _frame(node, 3_000 * MS)
+    assert _wait(lambda: backend.calls == stats.processed + 1)  # 3000 held in the network
+    _frame(node, 3_001 * MS)
+    assert _wait(lambda: node.frames.runner.counts()["submitted"] == 42)
+    clouds_before = len(published(node, P.TOPIC_CLOUD))
+    destroy = threading.Thread(target=node.destroy_node)
+    destroy.start()
+    assert _wait(lambda: node.frames.closed)
+    backend.gate.set()  # 3000 leaves the network after destroy_node began: not published
+    destroy.join(10)
+    assert not destroy.is_alive() and not node.frames.alive() and node.fake_destroyed
+    assert len(published(node, P.TOPIC_CLOUD)) == clouds_before
+    assert stats.received == 42 == stats.processed + stats.dropped and not stats.skipped
+    _frame(node, 3_002 * MS)  # a late callback after destroy_node: ignored, no error, nothing published
+    time.sleep(0.1)
+    assert len(published(node, P.TOPIC_CLOUD)) == clouds_before and stats.received == 42
+
+
+def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):
+    fake, _ = ros
+    backend = InfBackend()
+    node = make_node(ros, backend, world_frame="map", warn_throttle_s=60.0)
+    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    _frame(node, 10 * MS)
+    assert _wait(lambda: node.stats.processed == 1)
+    bad = conv.rgb_to_image(F, RGB, "cam", 11 * MS)  # stage 1: decode refuses the encoding
+    bad.encoding = "bayer_rggb8"
+    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 11 * MS))
+    node.image_callback(bad)
+    assert _wait(lambda: node.stats.skipped["unsupported_encoding"] == 1)
+    assert backend.calls == 1  # never reached the network
+    backend.broken = True  # stage 2: the network's scores are not finite
+    _frame(node, 12 * MS)
+    assert _wait(lambda: node.stats.skipped["non_finite_output"] == 1)
+    assert backend.calls == 2
+    backend.broken = False
+    _frame(node, 13 * MS)
+    assert _wait(lambda: node.stats.processed == 2)
+    assert [conv.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)] == [10 * MS, 13 * MS]
+    status, values = _diagnostics(node)
+    assert values["skipped_unsupported_encoding"] == "1" and values["skipped_non_finite_output"] == "1"
+    assert values["received"] == "4" and values["in_flight"] == "0" and values["dropped"] == "0"
+    assert status.level == type(status).WARN  # bad frames in the window
+    warnings = [text for level, text in node.get_logger().records if level == "warn"]
+    assert any("non_finite_output" in w for w in warnings) and any("unsupported_encoding" in w for w in warnings)
+    node.stats.on_dropped()  # a frame counted twice: the diagnostics say the books do not balance
+    status, values = _diagnostics(node)
+    assert values["in_flight"] == "-1" and status.level == type(status).ERROR and "disagree" in status.message
 
 
 # ----------------------------------------------------------------------------- entry point, files

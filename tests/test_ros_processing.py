@@ -1,7 +1,6 @@
 """The node's ROS-free logic, for real: newest-frame slot, stats, throttling, fallback pose, bad frames."""
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -22,8 +21,8 @@ from discene_ros.processing import (
     FrameInput,
     FrameProcessor,
     FrameStats,
-    LatestFrameSlot,
     ProcessorSettings,
+    TwoStageFrames,
     WarnThrottle,
     build_outputs,
     fallback_camera_pose,
@@ -42,23 +41,6 @@ def _frame(encoding="rgb8", hw=(96, 128), info_hw=(96, 128), pose=np.eye(4), dep
     image.encoding = encoding
     info = conv.k_to_camera_info(F, K, info_hw[0], info_hw[1], "cam", stamp) if info_hw else None
     return FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose)
-
-
-def test_latest_frame_slot_keeps_newest_and_counts_drops():
-    slot = LatestFrameSlot()
-    assert slot.take(timeout=0.01) is None
-    assert slot.put(1) is False
-    assert slot.put(2) is True and slot.put(3) is True
-    assert slot.dropped == 2
-    assert slot.take() == 3 and slot.take(timeout=0.01) is None
-    waiter = []
-    t = threading.Thread(target=lambda: waiter.append(slot.take(timeout=5)))
-    t.start()
-    slot.put(7)
-    t.join(2)
-    assert waiter == [7]
-    slot.close()
-    assert slot.take(timeout=5) is None  # closed: returns at once
 
 
 def test_stats_and_throttle_with_fake_clock():
@@ -142,32 +124,24 @@ def test_processor_depth_rules():
 
 
 def test_slow_backend_drops_stale_frames_newest_wins():
-    """A producer at ~100 Hz against a 50 ms backend: most frames are dropped, never queued."""
+    """A producer at ~100 Hz against a 50 ms backend, through the node's two-stage loop: most frames
+    are dropped, never queued; bad frames from either stage are skipped by reason; all are counted."""
     backend = BlockBackend(delay_s=0.05)
-    proc = FrameProcessor(pipeline_for(backend), ProcessorSettings())
-    slot, stats, done, processed = LatestFrameSlot(), FrameStats(), threading.Event(), []
-
-    def worker():
-        while True:
-            frame = slot.take(timeout=0.05)
-            if frame is None:
-                if done.is_set():
-                    return
-                continue
-            proc.process(frame)
-            processed.append(frame.stamp_ns)
-            stats.on_processed(1.0)
-
-    t = threading.Thread(target=worker)
-    t.start()
-    frames = [_frame(stamp=STAMP + i) for i in range(30)]
-    for frame in frames:
-        stats.on_received(slot.put(frame))
+    proc = FrameProcessor(pipeline_for(backend), ProcessorSettings(use_fallback_pose=False))
+    stats, processed, skips = FrameStats(), [], []
+    loop = TwoStageFrames(proc, stats, deliver=lambda frame, result: processed.append(frame.stamp_ns),
+                          on_skip=lambda frame, reason, text: skips.append(reason))
+    for i in range(30):
+        loop.submit(_frame(stamp=STAMP + i))
         time.sleep(0.01)
-    done.set()  # the worker still takes what is in the slot, then stops
-    t.join(10)
+    assert loop.wait_idle(timeout=10)
+    no_pose = _frame(stamp=STAMP + 30)
+    no_pose.cam_pose = None  # fallback disabled: stage 1 refuses it
+    loop.submit(no_pose)
+    loop.close()  # finishes what was submitted
+    assert not loop.alive()
     snap = stats.snapshot()
-    assert snap["received"] == 30
+    assert snap["received"] == 31 and skips == ["missing_tf"] and snap["skipped"] == {"missing_tf": 1}
     assert snap["dropped"] >= 10 and snap["processed"] == len(processed) == backend.calls
     assert snap["processed"] + snap["dropped"] == 30
     assert processed == sorted(processed) and processed[-1] == STAMP + 29  # the newest frame is processed
