@@ -55,7 +55,7 @@ class DistanceBiasedAttention(nn.Module):
 
 
 class PointSetSampling(AdaptiveSampling):
-    """Adaptive sampling with the reference's point-set scale: ``torch.std`` (unbiased) of the previous points.
+    """Adaptive sampling with the reference's point-set scale: the unbiased ``torch.std`` of the previous points.
 
     Offsets start U(-0.5, 0.5) (zero weights); a single previous point has scale 0.
     """
@@ -69,10 +69,11 @@ class PointSetSampling(AdaptiveSampling):
         """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
         b, n = query.shape[:2]
         centre = prev_points.mean(dim=2)  # (B, N, 3)
-        if prev_points.shape[2] == 1:
+        count = int(prev_points.shape[2])  # static per layer
+        if count == 1:
             scale = torch.zeros_like(centre)
-        else:
-            scale = prev_points.std(dim=2)  # per axis; normalised units scale per axis like metres
+        else:  # torch.std (unbiased), spelled out: the exported torch.std uses ReduceProd, which TensorRT lacks
+            scale = ((prev_points - centre.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
         offsets = self.offsets(query).reshape(b, n, self.num_groups, self.num_points, 3)
         return centre[:, :, None, None] + offsets * scale[:, :, None, None]
 

@@ -74,6 +74,11 @@ def test_sampling_scale_is_torch_std_and_zero_for_one_point():
     bias = sampler.offsets.bias.view(2, 3, 3)
     unbiased_std = math.sqrt(2 * 0.1 ** 2 / (2 - 1))  # torch.std divides by R - 1
     torch.testing.assert_close(pts2[0, 0], torch.tensor([0.3, 0.5, 0.5]) + bias * torch.tensor([unbiased_std, 0.0, 0.0]))
+    prev = torch.rand(2, 5, 4, 3)
+    query = torch.randn(2, 5, 8)
+    offsets = sampler.offsets(query).reshape(2, 5, 2, 3, 3)
+    expected = prev.mean(2)[:, :, None, None] + offsets * prev.std(dim=2)[:, :, None, None]
+    torch.testing.assert_close(sampler.sampling_points(query, prev), expected)
 
 
 class _HostTensorSpy(TorchDispatchMode):
