@@ -68,13 +68,14 @@ class PointSetSampling(AdaptiveSampling):
     def sampling_points(self, query: torch.Tensor, prev_points: torch.Tensor) -> torch.Tensor:
         """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
         b, n = query.shape[:2]
+        prev_points = prev_points.float()  # sampling locations stay float32 under FP16 autocast
         centre = prev_points.mean(dim=2)  # (B, N, 3)
         count = int(prev_points.shape[2])  # static per layer
         if count == 1:
             scale = torch.zeros_like(centre)
         else:  # torch.std (unbiased), spelled out: the exported torch.std uses ReduceProd, which TensorRT lacks
             scale = ((prev_points - centre.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
-        offsets = self.offsets(query).reshape(b, n, self.num_groups, self.num_points, 3)
+        offsets = self.offsets(query).float().reshape(b, n, self.num_groups, self.num_points, 3)
         return centre[:, :, None, None] + offsets * scale[:, :, None, None]
 
 
