@@ -41,8 +41,9 @@ class DecoderConfig:
     num_points: int = 16            # sampling points per group
     out_points: int = 32            # AdaMixer point-mixing output points (32 gives the paper's 73.7 M student)
     ffn_dims: int = 512
-    dropout: float = 0.0
-    offset_scale: float = 0.5       # regression offsets are scaled by this before being added
+    dropout: float = 0.1            # attention weights and FFN (as the reference)
+    offset_scale: float = 0.5       # regression offsets (metres) are scaled by this before being added
+    head_layers: int = 2            # hidden layers of the class and regression heads
 
 
 @dataclass
@@ -78,6 +79,8 @@ class ModelConfig:
             (d.embed_dims % d.num_heads == 0, f"embed_dims {d.embed_dims} must be divisible by num_heads {d.num_heads}"),
             (d.embed_dims % d.num_groups == 0, f"embed_dims {d.embed_dims} must be divisible by num_groups {d.num_groups}"),
             (d.num_points > 0 and d.out_points > 0, "decoder.num_points and out_points must be positive"),
+            (0.0 <= d.dropout < 1.0, f"decoder.dropout must be in [0, 1), got {d.dropout}"),
+            (d.head_layers >= 0, f"decoder.head_layers must be >= 0, got {d.head_layers}"),
             (self.num_classes > 0, f"num_classes must be positive, got {self.num_classes}"),
             (len(self.image_size) == 2 and all(s > 0 and s % 32 == 0 for s in self.image_size),
              f"image_size must be [H, W] with both multiples of 32, got {self.image_size}"),

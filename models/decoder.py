@@ -1,8 +1,10 @@
-"""Sparse query decoder (OPUS design, DESIGN.md section 2): layers of point-set refinement.
+"""Sparse query decoder (OPUS / DiScene design, DESIGN.md section 2): layers of point-set refinement.
 
 Each layer: position encoding of the (detached) previous points -> [depth branch] -> adaptive
-sampling -> adaptive mixing -> distance-biased self-attention -> FFN -> class / regression heads.
-Layer l predicts ``num_refines[l]`` points per query around the mean of the previous points.
+sampling -> adaptive mixing -> self-attention biased by minus the centre distance times a
+query-generated temperature -> FFN -> class / regression heads. Layer l predicts
+``num_refines[l]`` points per query: offsets in metres (x ``offset_scale``) added to the mean of the
+previous points in metres.
 """
 from __future__ import annotations
 
@@ -16,28 +18,77 @@ from .depth_branch import DepthBranch
 from .mixing import AdaptiveMixing
 from .sampling import AdaptiveSampling
 
+SAMPLING_OFFSET_INIT = 0.5  # sampling offset biases start U(-0.5, 0.5), in units of the point-set std
+TAU_INIT_MAX = 2.0          # attention temperature biases start U(0, 2) per metre
+
 
 class DistanceBiasedAttention(nn.Module):
-    """Multi-head self-attention with additive bias ``-distance(centres) * temperature_h``."""
+    """Multi-head self-attention with additive bias ``-distance(centre_i, centre_j) * tau_h(query_i)``.
+
+    The temperature of each head is generated from the attending query (``gen_tau``: Linear, zero
+    weights, bias U(0, 2)), so each query chooses how local its attention is. Dropout acts on the
+    attention weights; the residual and the norm are the caller's.
+    """
 
     def __init__(self, embed_dims: int, num_heads: int, grid_extent: list[float], dropout: float = 0.0) -> None:
         super().__init__()
-        self.h, self.dh = num_heads, embed_dims // num_heads
+        self.num_heads, self.head_dims = num_heads, embed_dims // num_heads
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
         self.out = nn.Linear(embed_dims, embed_dims)
-        self.temperature = nn.Parameter(torch.ones(num_heads))  # per head, per metre
+        self.gen_tau = nn.Linear(embed_dims, num_heads)
+        nn.init.zeros_(self.gen_tau.weight)
+        nn.init.uniform_(self.gen_tau.bias, 0.0, TAU_INIT_MAX)
         self.register_buffer("extent", torch.tensor(grid_extent, dtype=torch.float32), persistent=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """x (B,N,D) queries, centres (B,N,3) normalised -> (B,N,D) attended values (no residual)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,N,dh) each
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4).unbind(0)
         metric = centres * self.extent.to(centres.dtype)
         dist = (metric.unsqueeze(2) - metric.unsqueeze(1)).square().sum(-1).clamp_min(1e-12).sqrt()  # (B,N,N)
-        bias = -dist.unsqueeze(1) * self.temperature.to(x.dtype).view(1, self.h, 1, 1)
-        attn = (torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.dh) + bias).softmax(dim=-1)
+        tau = self.gen_tau(x).transpose(1, 2)  # (B,H,N): one temperature per head and attending query
+        bias = -dist.unsqueeze(1).to(x.dtype) * tau.unsqueeze(-1)  # (B,H,N,N)
+        attn = (torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dims) + bias).softmax(dim=-1)
         y = torch.matmul(self.dropout(attn), v).transpose(1, 2).reshape(b, n, d)
         return self.out(y)
+
+
+class PointSetSampling(AdaptiveSampling):
+    """Adaptive sampling with the reference's point-set scale: the unbiased ``torch.std`` of the previous points.
+
+    Offsets start U(-0.5, 0.5) (zero weights); a single previous point has scale 0.
+    """
+
+    def __init__(self, embed_dims: int, num_groups: int, num_points: int, num_levels: int) -> None:
+        super().__init__(embed_dims, num_groups, num_points, num_levels)
+        with torch.no_grad():
+            self.offsets.bias.uniform_(-SAMPLING_OFFSET_INIT, SAMPLING_OFFSET_INIT)
+
+    def sampling_points(self, query: torch.Tensor, prev_points: torch.Tensor) -> torch.Tensor:
+        """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
+        b, n = query.shape[:2]
+        prev_points = prev_points.float()  # sampling locations stay float32 under FP16 autocast
+        centre = prev_points.mean(dim=2)  # (B, N, 3)
+        count = int(prev_points.shape[2])  # static per layer
+        if count == 1:
+            scale = torch.zeros_like(centre)
+        else:  # torch.std (unbiased), spelled out: the exported torch.std uses ReduceProd, which TensorRT lacks
+            scale = ((prev_points - centre.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
+        offsets = self.offsets(query).float().reshape(b, n, self.num_groups, self.num_points, 3)
+        return centre[:, :, None, None] + offsets * scale[:, :, None, None]
+
+
+def _mlp_head(embed_dims: int, out_dims: int, hidden_layers: int, layer_norm: bool) -> nn.Sequential:
+    """``hidden_layers`` x [Linear, (LayerNorm), ReLU] then a Linear to ``out_dims``."""
+    layers: list[nn.Module] = []
+    for _ in range(hidden_layers):
+        layers.append(nn.Linear(embed_dims, embed_dims))
+        if layer_norm:
+            layers.append(nn.LayerNorm(embed_dims))
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.Linear(embed_dims, out_dims))
+    return nn.Sequential(*layers)
 
 
 class DecoderLayer(nn.Module):
@@ -48,21 +99,21 @@ class DecoderLayer(nn.Module):
         dec = config.decoder
         d, self.r, self.num_classes = dec.embed_dims, out_points, config.num_classes
         self.offset_scale = dec.offset_scale
-        self.pos_encoder = nn.Sequential(nn.Linear(in_points * 3, d), nn.ReLU(inplace=True), nn.Linear(d, d))
+        self.pos_encoder = nn.Sequential(nn.Linear(in_points * 3, d), nn.LayerNorm(d), nn.ReLU(inplace=True),
+                                         nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU(inplace=True))
         self.depth_branch = DepthBranch(d) if config.use_depth else None
-        self.sampling = AdaptiveSampling(d, dec.num_groups, dec.num_points, num_levels)
+        self.sampling = PointSetSampling(d, dec.num_groups, dec.num_points, num_levels)
         self.mixing = AdaptiveMixing(d, dec.num_groups, dec.num_points, dec.out_points)
         self.norm_mix = nn.LayerNorm(d)
         extent = [n * config.voxel_size for n in config.grid_shape]
+        self.register_buffer("extent", torch.tensor(extent, dtype=torch.float32), persistent=False)
         self.self_attn = DistanceBiasedAttention(d, dec.num_heads, extent, dec.dropout)
         self.norm_attn = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, dec.ffn_dims), nn.ReLU(inplace=True), nn.Dropout(dec.dropout),
-                                 nn.Linear(dec.ffn_dims, d))
+                                 nn.Linear(dec.ffn_dims, d), nn.Dropout(dec.dropout))
         self.norm_ffn = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dec.dropout)
-        self.cls_head = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU(inplace=True),
-                                      nn.Linear(d, out_points * config.num_classes))
-        self.reg_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, out_points * 3))
+        self.cls_head = _mlp_head(d, out_points * config.num_classes, dec.head_layers, layer_norm=True)
+        self.reg_head = _mlp_head(d, out_points * 3, dec.head_layers, layer_norm=False)
         nn.init.constant_(self.cls_head[-1].bias, -math.log(99.0))  # focal-loss prior: p = 0.01
 
     def forward(
@@ -82,12 +133,13 @@ class DecoderLayer(nn.Module):
         if self.depth_branch is not None:
             query = query + self.depth_branch(centre, grid2img, depth)
         sampled = self.sampling(query, prev_points, features, grid2img, image_hw)
-        query = self.norm_mix(query + self.dropout(self.mixing(sampled, query)))
-        query = self.norm_attn(query + self.dropout(self.self_attn(query, centre)))
-        query = self.norm_ffn(query + self.dropout(self.ffn(query)))
+        query = self.norm_mix(query + self.mixing(sampled, query))
+        query = self.norm_attn(query + self.self_attn(query, centre))
+        query = self.norm_ffn(query + self.ffn(query))
         logits = self.cls_head(query).reshape(b, n, self.r, self.num_classes)
-        offsets = self.reg_head(query).reshape(b, n, self.r, 3)
-        points = centre.unsqueeze(2) + self.offset_scale * offsets
+        offsets = self.reg_head(query).reshape(b, n, self.r, 3)  # metres, before offset_scale
+        extent = self.extent.to(offsets.dtype)
+        points = centre.unsqueeze(2) + self.offset_scale * offsets / extent
         return query, points, logits
 
 

@@ -1,4 +1,7 @@
-"""Distillation levels and TGI on constructed outputs: zero on identity, matching, anchors, adapters."""
+"""Distillation levels and TGI on constructed outputs: every term by hand with the reference's reductions
+and weights, zero on identity, matching in metres, anchors, adapters, the one weight table."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -7,11 +10,15 @@ from training import matcher
 from training.distill import (
     DistillConfig,
     Distiller,
-    distillation_loss,
     encoder_alignment_loss,
     sample_anchors,
 )
+from training.losses import TaskLoss
 from training.tgi import freeze_teacher, teacher_guided_init
+from training.trainer import loss_weights, weighted_terms
+
+EXTENT = (4.8, 4.8, 2.88)
+CFD_TERMS = {"efa", "query_center", "query_feature", "prior_center", "prior_feature", "anchor_center", "anchor_feature"}
 
 
 def fake_outputs(seed, batch=2, queries=12, refines=(1, 4), dims=8, channels=6, classes=11):
@@ -42,22 +49,100 @@ def make_distiller(cfg=None, sc=6, tc=6, sd=8, td=8):
 
 def test_identical_teacher_and_student_give_zero_distillation_loss():
     out = fake_outputs(0)
-    for variant in ("cfd", "fld"):
+    for variant, names in (("cfd", CFD_TERMS),
+                           ("fld", CFD_TERMS - {"query_center", "query_feature"} | {"query_points", "query_logits"})):
         terms = make_distiller(DistillConfig(query_variant=variant))(*full_inputs(out, out))
-        assert set(terms) == {"efa", "query", "prior", "anchor", "distill"}
+        assert set(terms) == names
         for name, value in terms.items():
             assert value.abs().item() < 1e-6, (variant, name, value)
+
+
+def test_weight_table_is_lambda_times_inner_weight_once():
+    d = make_distiller()
+    assert d.weight_dict() == pytest.approx({"efa": 1.0, "query_center": 0.6, "query_feature": 0.4,
+                                             "prior_center": 0.6, "prior_feature": 0.4,
+                                             "anchor_center": 1.5, "anchor_feature": 1.0})
+    table = loss_weights(TaskLoss(), 2, d)
+    assert table["chamfer_1"] == 0.5 and table["focal_0"] == 2.0 and table["anchor_center"] == pytest.approx(1.5)
+    terms = {"efa": torch.tensor(2.0), "query_center": torch.tensor(10.0), "chamfer_init": torch.tensor(4.0)}
+    weighted = weighted_terms(terms, table)
+    assert {k: v.item() for k, v in weighted.items()} == pytest.approx({"efa": 2.0, "query_center": 6.0,
+                                                                         "chamfer_init": 2.0})
+    with pytest.raises(KeyError, match="query_extra"):
+        weighted_terms({"query_extra": torch.tensor(1.0)}, table)
+
+
+def normalised(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def sq_dist(a, b):
+    return sum((x - y) ** 2 for x, y in zip(normalised(a), normalised(b), strict=True))
+
+
+def test_efa_by_hand_sums_channels_and_averages_pixels():
+    # two levels: (B=1, C=2, 1x2) and (B=1, C=2, 1x1)
+    s0, t0 = [[3.0, 1.0], [4.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]
+    s1, t1 = [[1.0], [0.0]], [[0.0], [2.0]]
+    student = [torch.tensor(s0).view(1, 2, 1, 2), torch.tensor(s1).view(1, 2, 1, 1)]
+    teacher = [torch.tensor(t0).view(1, 2, 1, 2), torch.tensor(t1).view(1, 2, 1, 1)]
+    pixel = [sq_dist([s0[0][i], s0[1][i]], [t0[0][i], t0[1][i]]) for i in range(2)]
+    expected = sum(pixel) / 2 + sq_dist([1.0, 0.0], [0.0, 2.0])  # (0.8 ...) / 2 + 2.0
+    assert encoder_alignment_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+
+
+def layer(centers, feats):
+    c = torch.tensor(centers).unsqueeze(0)  # (1, Q, 3) normalised
+    return {"centers": c, "points": c.unsqueeze(2), "logits": torch.zeros(1, c.shape[1], 1, 11),
+            "query_features": torch.tensor(feats).unsqueeze(0)}
+
+
+def metres(p):
+    return [x * e for x, e in zip(p, EXTENT, strict=True)]
+
+
+def l1(a, b):
+    return sum(abs(x - y) for x, y in zip(metres(a), metres(b), strict=True))
+
+
+# Hungarian matching in normalised units pairs (s0, t0), (s1, t1); in metres it pairs (s0, t1), (s1, t0).
+S_C = [[0.7, 0.9, 0.9], [0.9, 0.6, 0.1]]
+T_C = [[0.5, 0.2, 0.0], [0.9, 0.9, 0.0]]
+S_F = [[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]
+T_F = [[2.0, 2.0, 0.0], [1.0, 0.0, 1.0]]
+
+
+def test_query_level_by_hand_matches_in_metres():
+    d = make_distiller(sd=3, td=3)
+    center, feature = d.query_level_loss([layer(S_C, S_F)], [layer(T_C, T_F)])
+    assert center.item() == pytest.approx((l1(S_C[0], T_C[1]) + l1(S_C[1], T_C[0])) / 2, rel=1e-5)
+    assert feature.item() == pytest.approx((sq_dist(S_F[0], T_F[1]) + sq_dist(S_F[1], T_F[0])) / 2, rel=1e-5)
+    by_index = (l1(S_C[0], T_C[0]) + l1(S_C[1], T_C[1])) / 2
+    assert center.item() < by_index  # the normalised-unit matching would have kept this worse pairing
+
+
+def test_prior_and_anchor_levels_by_hand_index_by_index_summed_over_layers():
+    d = make_distiller(sd=3, td=3)
+    student = [layer(S_C, S_F), layer(T_C, S_F)]
+    teacher = [layer(T_C, T_F), layer(T_C, T_F)]
+    center_0 = (l1(S_C[0], T_C[0]) + l1(S_C[1], T_C[1])) / 2  # layer 1 has equal centres
+    feature_0 = (sq_dist(S_F[0], T_F[0]) + sq_dist(S_F[1], T_F[1])) / 2
+    for level in (d.prior_level_loss, d.anchor_level_loss):
+        center, feature = level(student, teacher)
+        assert center.item() == pytest.approx(center_0, rel=1e-5)
+        assert feature.item() == pytest.approx(2 * feature_0, rel=1e-5)
 
 
 def test_permuted_student_gives_zero_query_level_loss_after_matching():
     teacher = fake_outputs(1)
     student = permute(teacher, torch.randperm(12, generator=torch.Generator().manual_seed(3)))
     d = make_distiller()
-    assert d.query_level_loss(student["layers"], teacher["layers"]).item() < 1e-6
+    assert sum(d.query_level_loss(student["layers"], teacher["layers"])).item() < 1e-6
     # without matching (index by index, as the prior level does) the same pair is far from zero
-    assert d.prior_level_loss(student["layers"], teacher["layers"]).item() > 0.1
+    assert sum(d.prior_level_loss(student["layers"], teacher["layers"])).item() > 0.1
     fld = make_distiller(DistillConfig(query_variant="fld"))
-    assert fld.query_level_loss(student["layers"], teacher["layers"]).item() < 1e-6
+    assert sum(fld.query_level_loss(student["layers"], teacher["layers"])).item() < 1e-6
 
 
 def test_hungarian_match_recovers_permutation_and_counts_time():
@@ -71,22 +156,19 @@ def test_hungarian_match_recovers_permutation_and_counts_time():
 def test_distance_grows_query_loss_and_gradients_flow():
     teacher = fake_outputs(4)
     student = fake_outputs(5)
-    for layer in student["layers"]:
-        layer["centers"].requires_grad_()
-        layer["query_features"].requires_grad_()
+    for out_layer in student["layers"]:
+        out_layer["centers"].requires_grad_()
+        out_layer["query_features"].requires_grad_()
     terms = make_distiller()(*full_inputs(student, teacher))
     assert all(v.item() > 0 for v in terms.values())
-    terms["distill"].backward()
+    sum(terms.values()).backward()
     assert student["layers"][0]["centers"].grad.abs().sum() > 0
 
 
-def test_lambdas_and_switches_combine_by_eq10():
-    terms = {"efa": torch.tensor(1.0), "query": torch.tensor(2.0), "prior": torch.tensor(3.0), "anchor": torch.tensor(4.0)}
-    assert distillation_loss(terms, [1, 0.2, 0.2, 0.5]).item() == pytest.approx(1 + 0.4 + 0.6 + 2.0)
+def test_switches_select_terms_and_lambdas_validate():
     teacher, student = fake_outputs(6), fake_outputs(7)
     only_prior = make_distiller(DistillConfig(efa=False, query=False, anchor=False))(*full_inputs(student, teacher))
-    assert set(only_prior) == {"prior", "distill"}
-    assert only_prior["distill"].item() == pytest.approx(0.2 * only_prior["prior"].item())
+    assert set(only_prior) == {"prior_center", "prior_feature"}
     with pytest.raises(ValueError, match="lambdas"):
         DistillConfig(lambdas=[1, 2]).validate()
 
@@ -97,7 +179,7 @@ def test_efa_adapter_and_projection_for_different_widths():
     d = make_distiller(sc=6, tc=10, sd=8, td=16)
     assert d.adapters is not None and isinstance(d.project, nn.Linear)
     terms = d(*full_inputs(student, teacher))
-    terms["distill"].backward()
+    sum(terms.values()).backward()
     assert d.adapters[0].weight.grad is not None and d.project.weight.grad is not None
     with pytest.raises(ValueError, match="channels"):
         encoder_alignment_loss(student["features"], teacher["features"])
@@ -133,7 +215,7 @@ def test_anchor_sampling_small_and_empty_scenes():
     teacher = fake_outputs(10)
     s = dict(teacher, prior_layers=teacher["layers"], anchor_layers=None)
     terms = make_distiller()(s, dict(teacher, anchor_layers=None))
-    assert "anchor" not in terms and torch.isfinite(terms["distill"])
+    assert "anchor_center" not in terms and all(torch.isfinite(v) for v in terms.values())
 
 
 class TinyNet(nn.Module):

@@ -72,7 +72,7 @@ def test_incomplete_or_mismatched_checkpoints_name_the_problem(tmp_path, tiny):
         load_model(path)
     other = dataclasses.replace(cfg, num_classes=5)
     save_checkpoint(path, {"config": other.to_dict(), "model": model.state_dict()})
-    with pytest.raises(CheckpointError, match=r"shape mismatches, first \['decoder\.layers\.0\.cls_head\.3\.weight"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches, first \['decoder\.layers\.0\.cls_head\.6\.weight"):
         load_model(path)
     bad_cfg = cfg.to_dict()
     bad_cfg["decoder"]["embed_dims"] = 63

@@ -93,7 +93,7 @@ def test_gradients_reach_backbone_and_decoder_and_points_are_detached(lite_confi
     layer1 = model.decoder.layers[1]
     assert layer1.sampling.offsets.weight.grad.abs().sum() > 0  # layer 1 has 2 points: non-zero scale
     assert layer1.mixing.param_generator.weight.grad.abs().sum() > 0
-    assert layer1.self_attn.temperature.grad.abs().sum() > 0
+    assert layer1.self_attn.gen_tau.weight.grad.abs().sum() > 0  # the temperature is generated from the query
     # points are detached at the start of every layer: earlier regression heads get no gradient
     # from later layers' outputs (their own losses train them)
     assert model.decoder.layers[0].reg_head[-1].weight.grad is None
@@ -142,7 +142,7 @@ def test_bilinear_sampling_reads_the_pixel_under_the_projected_point():
 def test_distance_bias_with_large_temperature_attends_to_itself():
     attn = DistanceBiasedAttention(embed_dims=8, num_heads=2, grid_extent=[4.8, 4.8, 2.88])
     with torch.no_grad():
-        attn.temperature.fill_(1e4)
+        attn.gen_tau.bias.fill_(1e4)
     x = torch.randn(1, 3, 8)
     centres = torch.tensor([[[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.9, 0.9, 0.9]]])
     v = attn.qkv(x)[..., 16:]

@@ -3,8 +3,12 @@
 Four levels, each its own function: ``encoder_alignment_loss`` (EFA, eq. 3), ``query_level_loss``
 (Hungarian-matched queries, eq. 4-7, coarse CFD or fine FLD), ``prior_level_loss`` (student run from
 the teacher's initial positions, eq. 8) and ``anchor_level_loss`` (queries started from anchors
-sampled on occupied ground truth, eq. 9); ``distillation_loss`` combines them (eq. 10).
-Point-set centres are compared in metres (normalised * grid extent), like the task loss.
+sampled on occupied ground truth, eq. 9). Every term is returned UNWEIGHTED and split into its
+centre and feature parts; ``Distiller.weight_dict`` holds the effective weights of eq. 10 multiplied
+out (lambda x inner weight: EFA 1, query and prior 0.6 / 0.4, anchor 1.5 / 1.0), applied once by the
+trainer. Reductions follow the reference and paper eq. 5: sum over the vector (xyz of a centre,
+channels of a feature), mean over the items (queries, pixels); every layer contributes.
+Point-set centres are compared (and matched) in metres.
 """
 from __future__ import annotations
 
@@ -25,7 +29,11 @@ LEVELS = ("efa", "query", "prior", "anchor")
 
 @dataclass
 class DistillConfig:
-    """Which levels run and their weights; defaults are the paper's (lambda = 1, 0.2, 0.2, 0.5)."""
+    """Which levels run and their weights; defaults are the paper's (lambda = 1, 0.2, 0.2, 0.5).
+
+    ``center_weight`` / ``feature_weight`` are the reference's inner weights (3.0 / 2.0 at every
+    level); lambda multiplies them once, giving the effective weights of ``Distiller.weight_dict``.
+    """
 
     efa: bool = True
     query: bool = True
@@ -33,10 +41,8 @@ class DistillConfig:
     anchor: bool = True
     lambdas: list[float] = field(default_factory=lambda: [1.0, 0.2, 0.2, 0.5])  # eq. 10: EFA, QL, PL, AL
     query_variant: str = "cfd"          # "cfd" (coarse feature-based, eq. 7) or "fld" (fine logit-based)
-    center_weight: float = 0.6          # CFD weights for query and prior level
-    feature_weight: float = 0.4
-    anchor_center_weight: float = 1.5   # CFD weights for anchor level
-    anchor_feature_weight: float = 1.0
+    center_weight: float = 3.0          # inner weight of the centre terms (query, prior, anchor)
+    feature_weight: float = 2.0         # inner weight of the feature terms (query, prior, anchor)
     num_anchors: int | None = None      # None: the student's number of queries
 
     def validate(self) -> DistillConfig:
@@ -46,6 +52,8 @@ class DistillConfig:
             raise ValueError(f"distill.query_variant must be 'cfd' or 'fld', got {self.query_variant!r}")
         if self.num_anchors is not None and self.num_anchors <= 0:
             raise ValueError(f"distill.num_anchors must be positive, got {self.num_anchors}")
+        if self.center_weight < 0 or self.feature_weight < 0:
+            raise ValueError("distill.center_weight and feature_weight must be non-negative")
         return self
 
     @property
@@ -53,13 +61,21 @@ class DistillConfig:
         return any(getattr(self, level) for level in LEVELS)
 
 
-def _normalised_mse(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    return F.mse_loss(F.normalize(a.float(), dim=dim), F.normalize(b.float(), dim=dim))
+def center_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L1 of paired centres (P,3) in metres: summed over xyz, averaged over the P pairs."""
+    return (student.float() - teacher.float()).abs().sum(-1).mean()
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Squared error of L2-normalised features, summed over ``dim`` (channels), averaged over the rest."""
+    diff = F.normalize(student.float(), dim=dim) - F.normalize(teacher.float(), dim=dim)
+    return diff.square().sum(dim).mean()
 
 
 def encoder_alignment_loss(student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
                            adapters: nn.ModuleList | None = None) -> torch.Tensor:
-    """EFA (eq. 3): per FPN level MSE of per-pixel L2-normalised features, summed over levels.
+    """EFA (eq. 3): per FPN level, squared error of per-pixel L2-normalised features summed over channels
+    and averaged over pixels; summed over levels.
 
     A student level is first mapped by its adapter (1x1 conv when channel counts differ); teacher maps
     of another spatial size are resized bilinearly to the student's.
@@ -76,32 +92,24 @@ def encoder_alignment_loss(student_features: Sequence[torch.Tensor], teacher_fea
                              "give adapters")
         if ft.shape[-2:] != fs.shape[-2:]:
             ft = F.interpolate(ft.float(), size=fs.shape[-2:], mode="bilinear", align_corners=False)
-        total = total + _normalised_mse(fs, ft, dim=1)
+        total = total + feature_loss(fs, ft, dim=1)
     return total
 
 
-def cfd_loss(s_centers: torch.Tensor, t_centers: torch.Tensor, s_features: torch.Tensor, t_features: torch.Tensor,
-             center_weight: float, feature_weight: float) -> torch.Tensor:
-    """Coarse feature-based distillation of paired queries (eq. 6): L1 on centres + MSE of normalised features.
+def fld_loss(s_points: torch.Tensor, t_points: torch.Tensor, s_logits: torch.Tensor, t_logits: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine logit-based distillation of paired queries (eq. 6): (L1 on all R points, KL on class logits).
 
-    Centres (P,3) in metres, features (P,D); means over the P pairs.
-    """
-    l1 = F.l1_loss(s_centers.float(), t_centers.float())
-    return center_weight * l1 + feature_weight * _normalised_mse(s_features, t_features, dim=-1)
-
-
-def fld_loss(s_points: torch.Tensor, t_points: torch.Tensor, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-    """Fine logit-based distillation of paired queries (eq. 6): L1 on all R points + KL on class logits.
-
-    Points (P,R,3) metres, logits (P,R,C); KL(teacher || student) of the class distributions per point.
+    Points (P,R,3) metres (summed over xyz, averaged over points); logits (P,R,C): KL(teacher || student)
+    of the class distributions, summed over classes and averaged over points.
     """
     if s_points.shape != t_points.shape:
         raise ValueError(f"FLD needs the same points per query in student and teacher, got {tuple(s_points.shape)} "
                          f"and {tuple(t_points.shape)}")
-    l1 = F.l1_loss(s_points.float(), t_points.float())
+    l1 = center_loss(s_points.reshape(-1, 3), t_points.reshape(-1, 3))
     kl = F.kl_div(F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1),
                   log_target=True, reduction="none").sum(-1).mean()
-    return l1 + kl
+    return l1, kl
 
 
 def _paired_layers(student_layers: Sequence[dict], teacher_layers: Sequence[dict]) -> list[tuple[dict, dict]]:
@@ -129,74 +137,84 @@ class Distiller(nn.Module):
         self.project = nn.Linear(student_dims, teacher_dims) if student_dims != teacher_dims else nn.Identity()
         self.register_buffer("extent", torch.tensor(list(extent), dtype=torch.float32), persistent=False)
 
-    def metres(self, points: torch.Tensor) -> torch.Tensor:
-        return points.float() * self.extent.to(points.device)
+    def weight_dict(self) -> dict[str, float]:
+        """Effective weight of every term ``forward`` can return: lambda x inner weight (eq. 10 multiplied out)."""
+        cfg = self.config
+        lam_efa, lam_query, lam_prior, lam_anchor = cfg.lambdas
+        weights = {"efa": lam_efa}
+        query = ("query_points", "query_logits") if cfg.query_variant == "fld" else ("query_center", "query_feature")
+        for (center, feature), lam in ((query, lam_query), (("prior_center", "prior_feature"), lam_prior),
+                                       (("anchor_center", "anchor_feature"), lam_anchor)):
+            weights[center] = lam * cfg.center_weight
+            weights[feature] = lam * cfg.feature_weight
+        return weights
 
-    def _cfd(self, s: dict, t: dict, center_w: float, feature_w: float,
-             s_idx: torch.Tensor | None = None, t_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def metres(self, points: torch.Tensor) -> torch.Tensor:
+        return points.float() * self.extent
+
+    def _pairs(self, s: dict, t: dict, s_idx: tuple | None = None, t_idx: tuple | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centre loss, feature loss) of the queries of one layer, paired by index or by (s_idx, t_idx)."""
         s_c, t_c = self.metres(s["centers"]), self.metres(t["centers"])
         s_f, t_f = self.project(s["query_features"]), t["query_features"]
         if s_idx is not None:
             s_c, s_f, t_c, t_f = s_c[s_idx], s_f[s_idx], t_c[t_idx], t_f[t_idx]
-        return cfd_loss(s_c.reshape(-1, 3), t_c.reshape(-1, 3), s_f.reshape(-1, s_f.shape[-1]),
-                        t_f.reshape(-1, t_f.shape[-1]), center_w, feature_w)
+        return (center_loss(s_c.reshape(-1, 3), t_c.reshape(-1, 3)),
+                feature_loss(s_f.reshape(-1, s_f.shape[-1]), t_f.reshape(-1, t_f.shape[-1])))
 
-    def query_level_loss(self, student_layers: Sequence[dict], teacher_layers: Sequence[dict]) -> torch.Tensor:
-        """QL (eq. 5-7): per layer and sample, Hungarian matching on centres then CFD (or FLD) on the pairs."""
-        cfg = self.config
-        total = 0.0
+    def query_level_loss(self, student_layers: Sequence[dict], teacher_layers: Sequence[dict]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """QL (eq. 4-7): per layer, Hungarian matching on centres in metres, then (centre, feature) losses
+        of the pairs (CFD) or (points, logits) losses (FLD); summed over layers."""
+        center, feature = 0.0, 0.0
         for s, t in _paired_layers(student_layers, teacher_layers):
-            pairs = matcher.match_batch(s["centers"], t["centers"])
+            pairs = matcher.match_batch(self.metres(s["centers"]), self.metres(t["centers"]))
             b_s = torch.cat([torch.full_like(si, b) for b, (si, _) in enumerate(pairs)])
             s_idx = (b_s, torch.cat([si for si, _ in pairs]))
             t_idx = (b_s, torch.cat([ti for _, ti in pairs]))
-            if cfg.query_variant == "fld":
-                total = total + fld_loss(self.metres(s["points"][s_idx]), self.metres(t["points"][t_idx]),
-                                         s["logits"][s_idx], t["logits"][t_idx])
+            if self.config.query_variant == "fld":
+                c, f = fld_loss(self.metres(s["points"][s_idx]), self.metres(t["points"][t_idx]),
+                                s["logits"][s_idx], t["logits"][t_idx])
             else:
-                total = total + self._cfd(s, t, cfg.center_weight, cfg.feature_weight, s_idx, t_idx)
-        return total
+                c, f = self._pairs(s, t, s_idx, t_idx)
+            center, feature = center + c, feature + f
+        return center, feature
 
-    def prior_level_loss(self, prior_layers: Sequence[dict], teacher_layers: Sequence[dict]) -> torch.Tensor:
-        """PL (eq. 8): student queries started from the teacher's initial positions vs the teacher's, index by index."""
-        cfg = self.config
-        return sum(self._cfd(s, t, cfg.center_weight, cfg.feature_weight)
-                   for s, t in _paired_layers(prior_layers, teacher_layers))
+    def prior_level_loss(self, prior_layers: Sequence[dict], teacher_layers: Sequence[dict]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PL (eq. 8): student queries started from the teacher's initial positions vs the teacher's main
+        queries, index by index; (centre, feature) summed over layers."""
+        parts = [self._pairs(s, t) for s, t in _paired_layers(prior_layers, teacher_layers)]
+        return sum(c for c, _ in parts), sum(f for _, f in parts)
 
-    def anchor_level_loss(self, student_anchor_layers: Sequence[dict], teacher_anchor_layers: Sequence[dict]) -> torch.Tensor:
-        """AL (eq. 9): both decoders started from the same GT anchors, compared index by index."""
-        cfg = self.config
-        return sum(self._cfd(s, t, cfg.anchor_center_weight, cfg.anchor_feature_weight)
-                   for s, t in _paired_layers(student_anchor_layers, teacher_anchor_layers))
+    def anchor_level_loss(self, student_anchor_layers: Sequence[dict], teacher_anchor_layers: Sequence[dict]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """AL (eq. 9): both decoders started from the same GT anchors, index by index; (centre, feature)."""
+        parts = [self._pairs(s, t) for s, t in _paired_layers(student_anchor_layers, teacher_anchor_layers)]
+        return sum(c for c, _ in parts), sum(f for _, f in parts)
 
     def forward(self, student: dict, teacher: dict) -> dict[str, torch.Tensor]:
-        """Loss terms of the enabled levels, from the outputs of both models.
+        """Unweighted terms of the enabled levels, from the outputs of both models.
 
         student: ``features``, ``layers``, and where enabled ``prior_layers`` and ``anchor_layers``;
         teacher: ``features``, ``layers`` and ``anchor_layers``. Anchor terms are skipped when no scene
-        of the batch had an occupied voxel (``anchor_layers`` None). Returns ``efa``, ``query``,
-        ``prior``, ``anchor`` as present and ``distill`` (eq. 10).
+        of the batch had an occupied voxel (``anchor_layers`` None). Returns ``efa``, ``query_center``,
+        ``query_feature`` (``query_points``, ``query_logits`` for FLD), ``prior_*``, ``anchor_*`` as present.
         """
         cfg = self.config
         terms: dict[str, torch.Tensor] = {}
         if cfg.efa:
             terms["efa"] = encoder_alignment_loss(student["features"], teacher["features"], self.adapters)
         if cfg.query:
-            terms["query"] = self.query_level_loss(student["layers"], teacher["layers"])
+            names = ("query_points", "query_logits") if cfg.query_variant == "fld" else ("query_center", "query_feature")
+            terms.update(zip(names, self.query_level_loss(student["layers"], teacher["layers"]), strict=True))
         if cfg.prior:
-            terms["prior"] = self.prior_level_loss(student["prior_layers"], teacher["layers"])
+            terms["prior_center"], terms["prior_feature"] = self.prior_level_loss(student["prior_layers"],
+                                                                                  teacher["layers"])
         if cfg.anchor and student.get("anchor_layers") is not None:
-            terms["anchor"] = self.anchor_level_loss(student["anchor_layers"], teacher["anchor_layers"])
-        terms["distill"] = distillation_loss(terms, cfg.lambdas)
+            terms["anchor_center"], terms["anchor_feature"] = self.anchor_level_loss(student["anchor_layers"],
+                                                                                    teacher["anchor_layers"])
         return terms
-
-
-def distillation_loss(terms: dict[str, torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
-    """Eq. 10: lambda1 L_EFA + lambda2 L_QL + lambda3 L_PL + lambda4 L_AL over the terms present."""
-    parts = [lam * terms[level].float() for level, lam in zip(LEVELS, lambdas, strict=True) if level in terms]
-    if not parts:
-        raise ValueError("distillation_loss: no distillation level is enabled")
-    return torch.stack(parts).sum()
 
 
 def sample_anchors(target: torch.Tensor, num_anchors: int, class_weights: torch.Tensor,

@@ -1,44 +1,55 @@
-"""Task loss of the sparse occupancy decoder (paper eq. 2, DESIGN.md section 3).
+"""Task loss of the sparse occupancy decoder (paper eq. 2, DESIGN.md section 3), batched.
 
-Every decoder layer is supervised by a two-sided weighted Chamfer loss (SmoothL1) between its
-predicted points and the occupied ground-truth voxel centres, plus a sigmoid focal loss where each
-predicted point takes the label of its nearest ground-truth voxel. The initial points get the
-Chamfer loss too. All distances are in metres (grid-local: ``normalised * grid extent``).
+Every decoder layer is supervised by a two-sided weighted Chamfer loss (SmoothL1, beta 0.04)
+between its predicted points and the occupied ground-truth voxel centres, plus a sigmoid focal loss
+where each predicted point takes the label of its nearest ground-truth voxel; the initial points get
+the Chamfer loss too. Distances are in metres (grid-local: ``normalised * grid extent``).
+
+Reference reductions (the public DiScene head): Chamfer sides are weighted sums over xyz and points
+divided by the number of points of the batch (``loss_chamfer``); the focal loss is summed over
+classes and points and divided by the number of predicted points (``loss_focal``). Both weights
+(x5 beyond 0.04 m, rare classes floored at 10) and the N x C class-weight matrix times the distance
+weight of the assigned GT point come from the reference. Every term is returned UNWEIGHTED; the
+loss weights live in one table (``TaskLoss.weight_dict``) that the trainer applies once.
+
+The whole batch and every layer are computed at once: ground truth is padded to the largest scene
+with a mask, nearest neighbours come from one search per layer (batched ``torch.cdist`` chunks on
+GPU, scipy KD-trees on CPU), and the per-layer sums are segment sums over the concatenated points.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from models.classes import NUM_CLASSES, UNKNOWN_LABEL
-from models.geometry import GRID_EXTENT, GRID_SHAPE, VOXEL_SIZE
+from models.geometry import GRID_SHAPE, VOXEL_SIZE
 
 # Largest number of float32 distances one cdist chunk may hold (64 MiB); keeps memory bounded at
 # 15,360 points x tens of thousands of ground-truth voxels.
 MAX_CDIST_ELEMENTS = 16 * 1024 * 1024
+REFERENCE_RARE_CLASSES = (1, 4, 6, 9, 11)  # ceiling, window, bed, tv, objects (public DiScene config)
 
 
 @dataclass
 class TaskLossConfig:
-    """Weights of the task loss; defaults are the public OPUS/DiScene values."""
+    """Task-loss settings; defaults are the public OPUS/DiScene values."""
 
     chamfer_weight: float = 0.5
     chamfer_beta: float = 0.04          # metres, SmoothL1 beta
     focal_weight: float = 2.0
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
-    far_threshold: float = 0.04         # metres: GT voxels whose nearest prediction is farther get x far_weight
+    far_threshold: float = 0.04         # metres: a point whose nearest partner is farther gets x far_weight
     far_weight: float = 5.0
-    rare_min_weight: float = 10.0       # GT-side weight floor for rare classes
-    rare_class_share: float = 0.02      # a class is rare below this share of occupied voxels
-    max_distance_weight: float = 1.5    # distance weight grows from 1 (grid centre) to this (corner)
-    init_points_weight: float = 1.0     # Chamfer on the initial points, relative to the layer loss
-    nn_backend: str = "auto"            # nearest neighbours: "cdist" (chunked torch.cdist), "kdtree" (scipy,
-                                        # CPU tensors only) or "auto" (kdtree on CPU, cdist on GPU); both exact
+    rare_classes: list[int] = field(default_factory=lambda: list(REFERENCE_RARE_CLASSES))
+    rare_min_weight: float = 10.0       # Chamfer weight floor of points of a rare class (both sides)
+    init_points_weight: float = 1.0     # Chamfer on the initial points, relative to a layer's Chamfer
+    nn_backend: str = "auto"            # nearest neighbours: "cdist" (batched torch.cdist chunks), "kdtree" (scipy,
+                                        # CPU) or "auto" (kdtree on CPU, cdist on GPU); both exact
     class_frequencies: list[float] | None = None  # voxel counts of classes 1..C; None: uniform weights
 
 
@@ -48,6 +59,29 @@ class GroundTruth:
 
     points: torch.Tensor
     labels: torch.Tensor
+
+
+@dataclass
+class PaddedGroundTruth:
+    """Occupied voxels of a batch, padded to the largest scene: points (B,M,3) metres, labels (B,M), mask (B,M)."""
+
+    points: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_list(cls, gts: Sequence[GroundTruth], device: torch.device | None = None) -> PaddedGroundTruth:
+        device = device or (gts[0].points.device if gts else torch.device("cpu"))
+        size = max([int(g.points.shape[0]) for g in gts] + [0])
+        points = torch.zeros(len(gts), size, 3, device=device)
+        labels = torch.ones(len(gts), size, dtype=torch.long, device=device)
+        mask = torch.zeros(len(gts), size, dtype=torch.bool, device=device)
+        for b, g in enumerate(gts):
+            m = int(g.points.shape[0])
+            points[b, :m] = g.points.to(device).float()
+            labels[b, :m] = g.labels.to(device).long()
+            mask[b, :m] = True
+        return cls(points, labels, mask)
 
 
 def class_weights_from_frequencies(frequencies: Sequence[float]) -> torch.Tensor:
@@ -67,18 +101,19 @@ def class_weights_from_frequencies(frequencies: Sequence[float]) -> torch.Tensor
     return torch.as_tensor(np.maximum(weights, 1.0), dtype=torch.float32)
 
 
-def rare_class_mask(frequencies: Sequence[float] | None, share: float, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """Boolean (C,) mask of classes whose share of occupied voxels is below ``share``."""
-    if frequencies is None:
-        return torch.zeros(num_classes, dtype=torch.bool)
-    freq = torch.as_tensor(list(frequencies), dtype=torch.float64)
-    total = freq.sum().clamp(min=1.0)
-    return (freq / total) < share
+def rare_class_mask(rare_classes: Sequence[int], num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Boolean (C,) mask over classes 1..C of the listed rare classes."""
+    bad = [c for c in rare_classes if not 1 <= int(c) <= num_classes]
+    if bad:
+        raise ValueError(f"loss.rare_classes must be labels in 1..{num_classes}, got {bad}")
+    mask = torch.zeros(num_classes, dtype=torch.bool)
+    mask[[int(c) - 1 for c in rare_classes]] = True
+    return mask
 
 
 def ground_truth_from_voxels(target: torch.Tensor, voxel_size: float = VOXEL_SIZE,
-                             num_classes: int = NUM_CLASSES) -> list[GroundTruth]:
-    """Per-sample occupied voxel centres (metres, grid-local) and labels from (B,X,Y,Z) label grids.
+                             num_classes: int = NUM_CLASSES) -> PaddedGroundTruth:
+    """Occupied voxel centres (metres, grid-local) and labels of (B,X,Y,Z) label grids, padded per batch.
 
     Occupied = labels 1..C; 0 (empty) and 255 (unknown) are left out. Scenes may have no occupied voxel.
     """
@@ -86,17 +121,24 @@ def ground_truth_from_voxels(target: torch.Tensor, voxel_size: float = VOXEL_SIZ
         target = target.unsqueeze(0)
     if target.dim() != 4:
         raise ValueError(f"target must be (B,X,Y,Z) or (X,Y,Z) labels, got shape {tuple(target.shape)}")
-    out = []
-    for grid in target:
-        grid = grid.long()
-        bad = (grid > num_classes) & (grid != UNKNOWN_LABEL)
-        if bad.any():
-            raise ValueError(f"target holds labels {grid[bad].unique().tolist()}: expected 0..{num_classes} or 255")
-        occupied = (grid > 0) & (grid != UNKNOWN_LABEL)
-        idx = occupied.nonzero()  # (M, 3)
-        points = (idx.float() + 0.5) * voxel_size
-        out.append(GroundTruth(points=points, labels=grid[occupied]))
-    return out
+    grid = target.long()
+    bad = (grid > num_classes) & (grid != UNKNOWN_LABEL)
+    if bad.any():
+        raise ValueError(f"target holds labels {grid[bad].unique().tolist()}: expected 0..{num_classes} or 255")
+    occupied = (grid > 0) & (grid != UNKNOWN_LABEL)
+    counts = occupied.flatten(1).sum(1)  # (B,)
+    idx = occupied.nonzero()  # (K, 4), sorted by batch index
+    size = int(counts.max()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(idx.shape[0], device=grid.device) - starts[idx[:, 0]]
+    b = grid.shape[0]
+    points = torch.zeros(b, size, 3, device=grid.device)
+    labels = torch.ones(b, size, dtype=torch.long, device=grid.device)
+    mask = torch.zeros(b, size, dtype=torch.bool, device=grid.device)
+    points[idx[:, 0], slot] = (idx[:, 1:].float() + 0.5) * voxel_size
+    labels[idx[:, 0], slot] = grid[occupied]
+    mask[idx[:, 0], slot] = True
+    return PaddedGroundTruth(points, labels, mask)
 
 
 @torch.no_grad()
@@ -109,151 +151,228 @@ def nearest_neighbours(src: torch.Tensor, dst: torch.Tensor, max_elements: int =
     """
     if src.shape[0] == 0 or dst.shape[0] == 0:
         raise ValueError(f"nearest_neighbours needs non-empty sets, got {src.shape[0]} and {dst.shape[0]} points")
+    mask = torch.ones(1, dst.shape[0], dtype=torch.bool, device=dst.device)
+    s_idx, d_idx = nearest_neighbours_padded(src[None], [src.shape[0]], dst[None], mask, max_elements)
+    s_idx, d_idx = s_idx[0], d_idx[0, 0]
     src, dst = src.detach().float(), dst.detach().float()
-    rows = max(1, max_elements // dst.shape[0])
-    s_dist, s_idx = [], []
-    d_dist = dst.new_full((dst.shape[0],), float("inf"))
-    d_idx = torch.zeros(dst.shape[0], dtype=torch.long, device=dst.device)
-    for start in range(0, src.shape[0], rows):
-        d = torch.cdist(src[start:start + rows], dst)  # (rows, M)
-        best, arg = d.min(dim=1)
-        s_dist.append(best)
-        s_idx.append(arg)
-        col_best, col_arg = d.min(dim=0)
-        better = col_best < d_dist
-        d_dist = torch.where(better, col_best, d_dist)
-        d_idx = torch.where(better, col_arg + start, d_idx)
-    return torch.cat(s_dist), torch.cat(s_idx), d_dist, d_idx
+    return (src - dst[s_idx]).norm(dim=-1), s_idx, (dst - src[d_idx]).norm(dim=-1), d_idx
 
 
 @torch.no_grad()
-def nearest_neighbours_kdtree(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same result as ``nearest_neighbours`` from two scipy KD-trees: about 10x faster on CPU tensors."""
+def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor,
+                              max_elements: int = MAX_CDIST_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched nearest neighbours between predicted segments and padded ground truth, by ``torch.cdist`` chunks.
+
+    pred (B,P,3) holds S consecutive segments of ``sizes`` points (the initial points and each layer);
+    gt (B,M,3) with gt_mask (B,M). Returns p2g (B,P): index of the nearest valid GT point of each
+    prediction, and g2p (S,B,M): index (into the P rows) of the nearest prediction of each segment
+    for each GT point (0 where padded or the scene is empty).
+    """
+    b, p = pred.shape[:2]
+    m = gt.shape[1]
+    p2g = torch.zeros(b, p, dtype=torch.long, device=pred.device)
+    g2p = torch.zeros(len(sizes), b, m, dtype=torch.long, device=pred.device)
+    if m == 0:
+        return p2g, g2p
+    pred, gt = pred.detach().float(), gt.detach().float()
+    invalid = ~gt_mask[:, None, :]
+    rows = max(1, max_elements // (b * m))
+    start = 0
+    for seg, size in enumerate(sizes):
+        best = gt.new_full((b, m), float("inf"))
+        for lo in range(start, start + size, rows):
+            hi = min(lo + rows, start + size)
+            d = torch.cdist(pred[:, lo:hi], gt).masked_fill_(invalid, float("inf"))  # (B, rows, M)
+            p2g[:, lo:hi] = d.argmin(dim=2)
+            col_best, col_arg = d.min(dim=1)
+            better = col_best < best
+            best = torch.where(better, col_best, best)
+            g2p[seg] = torch.where(better, col_arg + lo, g2p[seg])
+        start += size
+    return p2g, g2p
+
+
+@torch.no_grad()
+def nearest_neighbours_kdtree(pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as ``nearest_neighbours_padded`` from scipy KD-trees (faster on CPU tensors).
+
+    One tree per scene's ground truth serves every segment; one tree per segment answers the GT side.
+    """
     from scipy.spatial import cKDTree
 
-    if src.shape[0] == 0 or dst.shape[0] == 0:
-        raise ValueError(f"nearest_neighbours needs non-empty sets, got {src.shape[0]} and {dst.shape[0]} points")
-    a, b = src.detach().float().cpu().numpy(), dst.detach().float().cpu().numpy()
-    s_dist, s_idx = cKDTree(b).query(a)
-    d_dist, d_idx = cKDTree(a).query(b)
-
-    def t(x, dtype):
-        return torch.as_tensor(x, dtype=dtype, device=src.device)
-    return t(s_dist, torch.float32), t(s_idx, torch.long), t(d_dist, torch.float32), t(d_idx, torch.long)
-
-
-def nearest_neighbour(src: torch.Tensor, dst: torch.Tensor, max_elements: int = MAX_CDIST_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of src (N,3) the distance to and index of its nearest row of dst (M,3)."""
-    dist, idx, _, _ = nearest_neighbours(src, dst, max_elements)
-    return dist, idx
-
-
-def distance_weight(points: torch.Tensor, extent: Sequence[float] = GRID_EXTENT, max_weight: float = 1.5) -> torch.Tensor:
-    """Weight 1 at the grid centre growing linearly to ``max_weight`` at a corner; points (...,3) metres."""
-    ext = points.new_tensor(list(extent))
-    rel = (points.detach() - ext / 2).norm(dim=-1) / (ext / 2).norm()
-    return 1.0 + (max_weight - 1.0) * rel.clamp(max=1.0)
-
-
-def smooth_l1_chamfer(
-    pred: torch.Tensor,
-    gt: torch.Tensor,
-    pred_weight: torch.Tensor,
-    gt_weight: torch.Tensor,
-    p2g: torch.Tensor,
-    g2p: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    """Two-sided SmoothL1 Chamfer between pred (N,3) and gt (M,3), metres; returns a scalar.
-
-    Pred side: each prediction to its nearest GT (index ``p2g``), weighted by ``pred_weight`` (N,). GT
-    side: each GT voxel to its nearest prediction (``g2p``), weighted by ``gt_weight`` (M,). Each side
-    is the weighted sum divided by its number of points.
-    """
-    loss_pred = F.smooth_l1_loss(pred, gt[p2g], beta=beta, reduction="none").sum(-1)
-    loss_gt = F.smooth_l1_loss(pred[g2p], gt, beta=beta, reduction="none").sum(-1)
-    return (loss_pred * pred_weight).sum() / pred.shape[0] + (loss_gt * gt_weight).sum() / gt.shape[0]
+    b, p = pred.shape[:2]
+    m = gt.shape[1]
+    pts = pred.detach().float().cpu().numpy()
+    gts = gt.detach().float().cpu().numpy()
+    counts = gt_mask.sum(1).tolist()
+    p2g = np.zeros((b, p), dtype=np.int64)
+    g2p = np.zeros((len(sizes), b, m), dtype=np.int64)
+    for i in range(b):
+        n = int(counts[i])
+        if n == 0:
+            continue
+        valid = gt_mask[i].cpu().numpy()
+        kept = np.flatnonzero(valid)
+        _, near = cKDTree(gts[i][kept]).query(pts[i])
+        p2g[i] = kept[near]
+        start = 0
+        for seg, size in enumerate(sizes):
+            _, near = cKDTree(pts[i, start:start + size]).query(gts[i][kept])
+            g2p[seg, i, kept] = near + start
+            start += size
+    return torch.from_numpy(p2g).to(pred.device), torch.from_numpy(g2p).to(pred.device)
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
-    """Per-point sigmoid focal loss summed over classes; logits (N,C), labels (N,) in 1..C. Returns (N,)."""
+    """Element-wise sigmoid focal loss (mmdet formula); logits (...,C), labels (...) in 1..C. Returns (...,C)."""
     target = F.one_hot(labels - 1, logits.shape[-1]).to(logits.dtype)
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = prob * target + (1 - prob) * (1 - target)
+    one_minus_pt = prob * (1 - target) + (1 - prob) * target
     alpha_t = alpha * target + (1 - alpha) * (1 - target)
-    return (alpha_t * (1 - p_t) ** gamma * ce).sum(-1)
+    return alpha_t * one_minus_pt.pow(gamma) * ce
 
 
 class TaskLoss(torch.nn.Module):
-    """Chamfer + focal loss over every decoder layer plus Chamfer on the initial points (eq. 2)."""
+    """Chamfer + focal loss over every decoder layer plus Chamfer on the initial points (eq. 2).
+
+    ``forward`` returns the unweighted terms ``chamfer_init``, ``chamfer_<l>``, ``focal_<l>``;
+    ``weight_dict`` gives their effective weights.
+    """
 
     def __init__(self, config: TaskLossConfig | None = None, num_classes: int = NUM_CLASSES,
                  grid_shape: Sequence[int] = GRID_SHAPE, voxel_size: float = VOXEL_SIZE) -> None:
         super().__init__()
         self.config = config or TaskLossConfig()
         self.num_classes = num_classes
-        self.extent = [n * voxel_size for n in grid_shape]
+        self.voxel_size = voxel_size
         freq = self.config.class_frequencies
         if self.config.nn_backend not in ("auto", "cdist", "kdtree"):
             raise ValueError(f"loss.nn_backend must be auto, cdist or kdtree, got {self.config.nn_backend!r}")
         if freq is not None and len(freq) != num_classes:
             raise ValueError(f"class_frequencies needs {num_classes} counts (classes 1..{num_classes}), got {len(freq)}")
         weights = class_weights_from_frequencies(freq) if freq is not None else torch.ones(num_classes)
+        extent = torch.tensor([n * voxel_size for n in grid_shape], dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
-        self.register_buffer("rare", rare_class_mask(freq, self.config.rare_class_share, num_classes), persistent=False)
+        self.register_buffer("rare", rare_class_mask(self.config.rare_classes, num_classes), persistent=False)
+        self.register_buffer("extent", extent, persistent=False)
+        self.register_buffer("centre_xy", extent[:2] / 2, persistent=False)
+        self.diagonal_xy = float(extent[:2].norm())  # full x-y diagonal: distance weights run 1 .. 1.5
+        self._segments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def to_metres(self, points: torch.Tensor) -> torch.Tensor:
-        return points * points.new_tensor(self.extent)
-
-    def _gt_weight(self, gt: GroundTruth, nn_dist: torch.Tensor) -> torch.Tensor:
-        """GT-side weights (M,): distance weight, x far_weight when the nearest prediction is far, rare floor."""
+    def weight_dict(self, num_layers: int) -> dict[str, float]:
+        """Effective weight of every term ``forward`` returns (the reference's loss_weight values)."""
         cfg = self.config
-        w = distance_weight(gt.points, self.extent, cfg.max_distance_weight)
-        w = w * torch.where(nn_dist > cfg.far_threshold, cfg.far_weight, 1.0)
-        return torch.where(self.rare[gt.labels - 1], w.clamp(min=cfg.rare_min_weight), w)
+        weights = {"chamfer_init": cfg.chamfer_weight * cfg.init_points_weight}
+        for layer in range(num_layers):
+            weights[f"chamfer_{layer}"] = cfg.chamfer_weight
+            weights[f"focal_{layer}"] = cfg.focal_weight
+        return weights
 
-    def layer_loss(self, points: torch.Tensor, logits: torch.Tensor | None, gt: GroundTruth) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chamfer, focal) of one sample: points (P,3) normalised, logits (P,C) or None."""
+    def distance_weight(self, points: torch.Tensor) -> torch.Tensor:
+        """``1 + |xy - grid centre xy| / |grid diagonal in xy|`` of points (...,3) in metres: 1 .. 1.5."""
+        return 1.0 + (points[..., :2] - self.centre_xy).norm(dim=-1) / self.diagonal_xy
+
+    def segment_index(self, sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row -> segment index (P,), segment sizes (S,)) cached per layout, built once on the device."""
+        key = (sizes, device)
+        if key not in self._segments:
+            counts = torch.tensor(sizes, dtype=torch.long)
+            index = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+            self._segments[key] = (index.to(device), counts.to(device=device, dtype=torch.float32))
+        return self._segments[key]
+
+    def _search(self, pred: torch.Tensor, sizes: Sequence[int], gt: PaddedGroundTruth) -> tuple[torch.Tensor, torch.Tensor]:
+        backend = self.config.nn_backend
+        if backend == "kdtree" or (backend == "auto" and pred.device.type == "cpu"):
+            return nearest_neighbours_kdtree(pred, sizes, gt.points, gt.mask)
+        return nearest_neighbours_padded(pred, sizes, gt.points, gt.mask)
+
+    def _point_weight(self, dist: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Chamfer weights: x far_weight beyond far_threshold, floored at rare_min_weight for rare classes."""
         cfg = self.config
-        zero = points.sum() * 0.0  # keeps the graph (and DDP) happy on empty scenes
-        if gt.points.shape[0] == 0:
-            return zero, zero if logits is None else logits.sum() * 0.0
-        pred = self.to_metres(points.float())
-        pred_w = distance_weight(pred, self.extent, cfg.max_distance_weight)
-        use_tree = cfg.nn_backend == "kdtree" or (cfg.nn_backend == "auto" and pred.device.type == "cpu")
-        search = nearest_neighbours_kdtree if use_tree else nearest_neighbours
-        _, p2g, g_dist, g2p = search(pred, gt.points)
-        chamfer = smooth_l1_chamfer(pred, gt.points, pred_w, self._gt_weight(gt, g_dist), p2g, g2p, cfg.chamfer_beta)
-        if logits is None:
-            return chamfer * cfg.chamfer_weight, zero
-        labels = gt.labels[p2g]
-        focal = sigmoid_focal_loss(logits.float(), labels, cfg.focal_gamma, cfg.focal_alpha)
-        w = pred_w * self.class_weights[labels - 1]
-        return chamfer * cfg.chamfer_weight, (focal * w).sum() / points.shape[0] * cfg.focal_weight
+        w = torch.where(dist > cfg.far_threshold, cfg.far_weight, 1.0)
+        return torch.where(self.rare[labels - 1], w.clamp(min=cfg.rare_min_weight), w)
 
-    def forward(self, outputs: dict, gts: list[GroundTruth]) -> dict[str, torch.Tensor]:
-        """Loss terms ``chamfer_init``, ``chamfer_<l>``, ``focal_<l>`` (batch means) and ``task`` (their sum).
+    def loss_chamfer(self, pred: torch.Tensor, sizes: tuple[int, ...], gt: PaddedGroundTruth,
+                     p2g: torch.Tensor, g2p: torch.Tensor) -> torch.Tensor:
+        """Two-sided weighted SmoothL1 Chamfer per segment (S,): pred (B,P,3) metres, segments of ``sizes`` rows.
+
+        Prediction side: sum over xyz and the segment's points of the batch, divided by their number;
+        GT side: the same over the GT points of the batch. Scenes without GT add nothing.
+        """
+        cfg = self.config
+        seg, seg_size = self.segment_index(sizes, pred.device)
+        scene = gt.mask.any(dim=1)  # (B,)
+        idx3 = p2g.unsqueeze(-1).expand(-1, -1, 3)
+        matched_gt = torch.gather(gt.points, 1, idx3)  # (B,P,3)
+        with torch.no_grad():
+            w_pred = self._point_weight((pred - matched_gt).norm(dim=-1), torch.gather(gt.labels, 1, p2g))
+            w_pred = w_pred * scene[:, None]
+        per_row = F.smooth_l1_loss(pred, matched_gt, beta=cfg.chamfer_beta, reduction="none").sum(-1) * w_pred
+        pred_side = torch.zeros_like(seg_size).index_add(0, seg, per_row.sum(0))
+        pred_side = pred_side / (seg_size * scene.sum()).clamp(min=1)
+        s, b, m = g2p.shape
+        matched_pred = torch.gather(pred.unsqueeze(0).expand(s, -1, -1, -1), 2,
+                                    g2p.unsqueeze(-1).expand(-1, -1, -1, 3))  # (S,B,M,3)
+        with torch.no_grad():
+            w_gt = self._point_weight((gt.points - matched_pred).norm(dim=-1), gt.labels.expand(s, -1, -1))
+            w_gt = w_gt * gt.mask
+        per_gt = F.smooth_l1_loss(matched_pred, gt.points.expand(s, -1, -1, -1), beta=cfg.chamfer_beta,
+                                  reduction="none").sum(-1) * w_gt
+        gt_side = per_gt.flatten(1).sum(1) / gt.mask.sum().clamp(min=1)
+        return pred_side + gt_side
+
+    def loss_focal(self, logits: torch.Tensor, sizes: tuple[int, ...], gt: PaddedGroundTruth,
+                   p2g: torch.Tensor) -> torch.Tensor:
+        """Sigmoid focal loss per layer (L,): logits (B,P,C) of the layers' points, p2g (B,P) their nearest GT.
+
+        Every logit column c is weighted by ``class_weights[c]`` times the distance weight of the
+        assigned GT point (an N x C matrix); summed over classes and the layer's points of the batch,
+        divided by their number.
+        """
+        cfg = self.config
+        seg, seg_size = self.segment_index(sizes, logits.device)
+        scene = gt.mask.any(dim=1)
+        labels = torch.gather(gt.labels, 1, p2g)
+        with torch.no_grad():
+            assigned = torch.gather(gt.points, 1, p2g.unsqueeze(-1).expand(-1, -1, 3))
+            row_weight = self.distance_weight(assigned) * scene[:, None]  # (B,P)
+        focal = sigmoid_focal_loss(logits, labels, cfg.focal_gamma, cfg.focal_alpha)  # (B,P,C)
+        per_row = (focal * self.class_weights).sum(-1) * row_weight
+        total = torch.zeros_like(seg_size).index_add(0, seg, per_row.sum(0))
+        return total / (seg_size * scene.sum()).clamp(min=1)
+
+    def forward(self, outputs: dict, gts: PaddedGroundTruth | Sequence[GroundTruth]) -> dict[str, torch.Tensor]:
+        """Unweighted terms ``chamfer_init``, ``chamfer_<l>``, ``focal_<l>``.
 
         outputs: the network dict (``init_points`` (B,N,3), ``layers`` with ``points`` (B,N,R,3) and
-        ``logits`` (B,N,R,C)); gts: one GroundTruth per sample (centres in metres).
+        ``logits`` (B,N,R,C)); gts: padded ground truth (or one GroundTruth per sample), centres in metres.
         """
+        init = outputs["init_points"]
+        device = init.device
+        if not isinstance(gts, PaddedGroundTruth):
+            gts = PaddedGroundTruth.from_list(list(gts), device)
+        batch = init.shape[0]
+        if gts.points.shape[0] != batch:
+            raise ValueError(f"got {gts.points.shape[0]} ground-truth scenes for a batch of {batch}")
         layers = outputs["layers"]
-        batch = outputs["init_points"].shape[0]
-        if len(gts) != batch:
-            raise ValueError(f"got {len(gts)} ground-truth scenes for a batch of {batch}")
-        gts = [GroundTruth(g.points.to(outputs["init_points"].device).float(),
-                           g.labels.to(outputs["init_points"].device).long()) for g in gts]
-        terms: dict[str, torch.Tensor] = {}
-        init = [self.layer_loss(outputs["init_points"][b], None, gts[b])[0] for b in range(batch)]
-        terms["chamfer_init"] = torch.stack(init).mean() * self.config.init_points_weight
-        for index, layer in enumerate(layers):
-            pts = layer["points"].flatten(1, 2)   # (B, N*R, 3)
-            log = layer["logits"].flatten(1, 2)   # (B, N*R, C)
-            per = [self.layer_loss(pts[b], log[b], gts[b]) for b in range(batch)]
-            terms[f"chamfer_{index}"] = torch.stack([c for c, _ in per]).mean()
-            terms[f"focal_{index}"] = torch.stack([f for _, f in per]).mean()
-        terms["task"] = torch.stack(list(terms.values())).sum()
+        points = [init.float()] + [layer["points"].flatten(1, 2).float() for layer in layers]
+        sizes = tuple(int(p.shape[1]) for p in points)
+        pred = torch.cat(points, dim=1) * self.extent  # (B, P, 3) metres
+        gt = PaddedGroundTruth(gts.points.to(device).float(), gts.labels.to(device).long(), gts.mask.to(device))
+        if gt.points.shape[1] == 0:  # no occupied voxel in the batch: zero terms that keep the graph (DDP)
+            zero = pred.sum() * 0.0 + sum(layer["logits"].sum() for layer in layers) * 0.0
+            return {key: zero for key in self.weight_dict(len(layers))}
+        p2g, g2p = self._search(pred, sizes, gt)
+        chamfer = self.loss_chamfer(pred, sizes, gt, p2g, g2p)
+        logits = torch.cat([layer["logits"].flatten(1, 2).float() for layer in layers], dim=1)
+        focal = self.loss_focal(logits, sizes[1:], gt, p2g[:, sizes[0]:])
+        terms = {"chamfer_init": chamfer[0]}
+        for index in range(len(layers)):
+            terms[f"chamfer_{index}"] = chamfer[index + 1]
+            terms[f"focal_{index}"] = focal[index]
         return terms
 
 

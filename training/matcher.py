@@ -1,7 +1,8 @@
 """Hungarian matching of student and teacher queries on their point-set centres (paper eq. 4).
 
 The cost of pairing student query i with teacher query j is the L2 distance of their point-set
-centres; scipy's ``linear_sum_assignment`` gives the optimal one-to-one assignment.
+centres, which the caller gives in metres (the grid is anisotropic in normalised units: 4.8 m in
+x and y, 2.88 m in z); scipy's ``linear_sum_assignment`` gives the optimal one-to-one assignment.
 """
 from __future__ import annotations
 

@@ -44,6 +44,7 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.01
     backbone_lr_mult: float = 0.1
+    sampling_offsets_lr_mult: float = 0.1  # decoder sampling offsets (the reference's paramwise custom key)
     warmup_iters: int = 500
     warmup_ratio: float = 1.0 / 3.0      # lr factor at step 0 of the warm-up
     min_lr_ratio: float = 1e-3           # final lr factor of the cosine

@@ -33,6 +33,8 @@ from .losses import TaskLoss, class_frequencies_from_targets, ground_truth_from_
 from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
+TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term is NaN or inf; the last good checkpoint is left in place."""
@@ -73,7 +75,7 @@ def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- modules
 class TrainModule(nn.Module):
-    """Student + task loss (+ distiller): one forward gives every loss term, so DDP syncs all of it."""
+    """Student + task loss (+ distiller): one forward gives every UNWEIGHTED loss term, so DDP syncs all of it."""
 
     def __init__(self, student: nn.Module, task_loss: TaskLoss, distiller: Distiller | None) -> None:
         super().__init__()
@@ -86,7 +88,6 @@ class TrainModule(nn.Module):
                 anchors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.student(image, grid2img, depth)
         terms = self.task_loss(out, ground_truth_from_voxels(target))
-        total = terms["task"]
         if self.distiller is not None and teacher is not None:
             if prior_init is not None:
                 out["prior_layers"] = self.student.decode(out["features"], grid2img, depth, prior_init)["layers"]
@@ -95,11 +96,24 @@ class TrainModule(nn.Module):
                 feats = [f[keep] for f in out["features"]]
                 sub_depth = depth[keep] if depth is not None else None
                 out["anchor_layers"] = self.student.decode(feats, grid2img[keep], sub_depth, anchors)["layers"]
-            dterms = self.distiller(out, teacher)
-            terms.update(dterms)
-            total = total + dterms["distill"]
-        terms["loss"] = total
+            terms.update(self.distiller(out, teacher))
         return terms
+
+
+def loss_weights(task_loss: TaskLoss, num_layers: int, distiller: Distiller | None) -> dict[str, float]:
+    """The one weight table: effective weight of every loss term (task terms, then eq. 10 multiplied out)."""
+    weights = task_loss.weight_dict(num_layers)
+    if distiller is not None:
+        weights.update(distiller.weight_dict())
+    return weights
+
+
+def weighted_terms(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Each term times its weight (terms without a weight are an error: a term nobody weighs is a bug)."""
+    missing = sorted(set(terms) - set(weights))
+    if missing:
+        raise KeyError(f"loss terms without a weight in the weight table: {missing}")
+    return {key: value * weights[key] for key, value in terms.items()}
 
 
 class WarmupCosine:
@@ -225,6 +239,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(module, device_ids=ids,
                                                               find_unused_parameters=config.find_unused_parameters)
+        self.loss_weights = loss_weights(self.task_loss, len(self.model_cfg.decoder.num_refines), self.distiller)
         self.optimizer = self._build_optimizer(module)
         self.steps_per_epoch = EpochBatchSampler(len(train_set), config.batch_size, self.world, self.rank).steps_per_epoch
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
@@ -268,11 +283,22 @@ class Trainer:
                          s.decoder.embed_dims, t.decoder.embed_dims, extent)
 
     def _build_optimizer(self, module: TrainModule) -> torch.optim.Optimizer:
+        """AdamW with three lr groups: the rest, the backbone (x backbone_lr_mult) and the decoder's sampling
+        offsets (x sampling_offsets_lr_mult), as the reference's paramwise custom keys."""
         o = self.cfg.optim
-        backbone = [p for n, p in module.named_parameters() if n.startswith("student.backbone.") and p.requires_grad]
-        rest = [p for n, p in module.named_parameters() if not n.startswith("student.backbone.") and p.requires_grad]
-        groups = [{"params": rest, "lr": o.lr}, {"params": backbone, "lr": o.lr * o.backbone_lr_mult}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, weight_decay=o.weight_decay, foreach=True)
+        groups: dict[str, list[nn.Parameter]] = {"rest": [], "backbone": [], "offsets": []}
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("student.backbone."):
+                groups["backbone"].append(param)
+            elif name.startswith("student.decoder.") and ".sampling.offsets." in name:
+                groups["offsets"].append(param)
+            else:
+                groups["rest"].append(param)
+        mult = {"rest": 1.0, "backbone": o.backbone_lr_mult, "offsets": o.sampling_offsets_lr_mult}
+        param_groups = [{"params": params, "lr": o.lr * mult[key], "name": key} for key, params in groups.items() if params]
+        return torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay, foreach=True)
 
     # ---- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -362,7 +388,12 @@ class Trainer:
         with autocast:
             terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
                                 teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
+        weighted = weighted_terms(terms, self.loss_weights)
+        loss = torch.stack([v.float() for v in weighted.values()]).sum()
         values = {k: float(v.detach()) for k, v in terms.items()}
+        values["task"] = sum(float(v.detach()) for k, v in weighted.items() if k.startswith(TASK_PREFIXES))
+        values["distill"] = sum(float(v.detach()) for k, v in weighted.items() if not k.startswith(TASK_PREFIXES))
+        values["loss"] = float(loss.detach())
         bad = torch.tensor(0.0 if all(math.isfinite(v) for v in values.values()) else 1.0, device=self.device)
         if self.world > 1:
             dist.all_reduce(bad)
@@ -372,7 +403,7 @@ class Trainer:
                 f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
                 f"checkpoint {self.out_dir / 'last.pt'} is kept")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip))

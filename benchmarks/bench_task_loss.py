@@ -1,0 +1,89 @@
+"""Task-loss throughput: one batched call vs one call per sample (what the loss did before issue 12).
+
+Synthetic network outputs of the lite (or paper) decoder and random ground truth with unequal numbers of
+occupied voxels per scene; forward + backward, median over repeats, both nearest-neighbour backends.
+
+    python benchmarks/bench_task_loss.py --config lite --batch 8 [--device cuda] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from training.losses import GroundTruth, TaskLoss, TaskLossConfig  # noqa: E402
+
+
+def make_case(cfg: models.ModelConfig, batch: int, device: torch.device, seed: int = 0):
+    """Network-like outputs (requires_grad) and ground truth of 8k-16k voxels per scene."""
+    g = torch.Generator().manual_seed(seed)
+    q, c = cfg.decoder.num_queries, cfg.num_classes
+    layers = [{"points": torch.rand(batch, q, r, 3, generator=g).to(device).requires_grad_(),
+               "logits": torch.randn(batch, q, r, c, generator=g).to(device).requires_grad_()}
+              for r in cfg.decoder.num_refines]
+    outputs = {"init_points": torch.rand(batch, q, 3, generator=g).to(device).requires_grad_(), "layers": layers}
+    extent = torch.tensor([n * cfg.voxel_size for n in cfg.grid_shape])
+    gts = []
+    for _ in range(batch):
+        m = int(torch.randint(8000, 16000, (1,), generator=g))
+        gts.append(GroundTruth((torch.rand(m, 3, generator=g) * extent).to(device),
+                               torch.randint(1, c + 1, (m,), generator=g).to(device)))
+    return outputs, gts
+
+
+def run(loss: TaskLoss, outputs: dict, gts: list[GroundTruth], per_sample: bool, device: torch.device) -> float:
+    start = time.perf_counter()
+    if per_sample:
+        total = 0.0
+        for b in range(len(gts)):
+            one = {"init_points": outputs["init_points"][b:b + 1],
+                   "layers": [{k: v[b:b + 1] for k, v in layer.items()} for layer in outputs["layers"]]}
+            total = total + sum(loss(one, [gts[b]]).values())
+    else:
+        total = sum(loss(outputs, gts).values())
+    total.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="lite")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backends", default=None,
+                        help="comma list of cdist,kdtree; default: kdtree on CPU (cdist there is ~30x slower), cdist on CUDA")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = models.load_config(args.config)
+    outputs, gts = make_case(cfg, args.batch, device)
+    backends = args.backends.split(",") if args.backends else (["kdtree"] if device.type == "cpu" else ["cdist"])
+    result = {"config": args.config, "batch": args.batch, "device": str(device), "threads": torch.get_num_threads()}
+    for backend in backends:
+        loss = TaskLoss(TaskLossConfig(nn_backend=backend)).to(device)
+        for per_sample in (False, True):
+            run(loss, outputs, gts, per_sample, device)  # warm-up
+            times = [run(loss, outputs, gts, per_sample, device) for _ in range(args.repeats)]
+            key = f"{backend}_{'per_sample' if per_sample else 'batched'}_s"
+            result[key] = statistics.median(times)
+            print(f"{backend:7s} {'per-sample' if per_sample else 'batched':10s} {result[key] * 1e3:8.1f} ms "
+                  f"({args.batch / result[key]:.1f} samples/s)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
