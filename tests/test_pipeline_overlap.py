@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 
 import numpy as np
 import pytest
+from test_ros_support import wait_until
 
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
@@ -107,9 +107,9 @@ def test_on_drop_sees_every_dropped_frame_and_close_discard_drops_what_waits():
     runner.submit(0)
     assert g.in_finish.acquire(timeout=5)        # 0 held in stage 2
     runner.submit(1)                             # 1 prepared, waiting for stage 2
-    assert _until(lambda: g.prepared == [0, 1])
+    assert wait_until(lambda: g.prepared == [0, 1])
     runner.submit(2)                             # 2 prepared, replaces 1 at the stage-2 hand-off
-    assert _until(lambda: dropped == [1])
+    assert wait_until(lambda: dropped == [1])
     g.prepare_gate.clear()
     while g.in_prepare.acquire(timeout=0):      # forget the entries of 0, 1 and 2
         pass
@@ -119,7 +119,7 @@ def test_on_drop_sees_every_dropped_frame_and_close_discard_drops_what_waits():
     assert dropped == [1]
     closer = threading.Thread(target=runner.close, kwargs={"discard": True})
     closer.start()
-    assert _until(lambda: sorted(dropped) == [1, 2, 4])  # the waiting frames, dropped at once
+    assert wait_until(lambda: sorted(dropped) == [1, 2, 4])  # the waiting frames, dropped at once
     g.prepare_gate.set()                         # 3 finishes stage 1 after close: dropped too
     g.finish_gate.set()                          # 0 (already in stage 2) is finished
     closer.join(5)
@@ -129,13 +129,6 @@ def test_on_drop_sees_every_dropped_frame_and_close_discard_drops_what_waits():
     assert not g.slot_clash
 
 
-def _until(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def test_torch_frame_path_matches_the_numpy_path(lite_model, lite_config):

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 import yaml
 from rosbags.typesys import Stores, get_typestore
-from test_ros_support import BlockBackend, FakeRos, install_fake_rclpy, pipeline_for, real_node_members
+from test_ros_support import (
+    BlockBackend,
+    FakeRos,
+    install_fake_rclpy,
+    pipeline_for,
+    real_node_members,
+    wait_until,
+)
 
 import discene_ros.node
 from discene_ros import conversions as conv
@@ -33,15 +40,6 @@ F = TypestoreFactory(STORE)
 K = np.array([[100.0, 0, 64], [0, 100, 48], [0, 0, 1]])
 RGB = np.full((96, 128, 3), 90, np.uint8)
 MS = 1_000_000
-
-
-def _wait(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _as_numpy_data(msg):
@@ -199,7 +197,7 @@ def test_frames_flow_drop_and_publish(ros):
         node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
         node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
         time.sleep(0.005)
-    assert _wait(lambda: node.stats.processed + node.stats.dropped == 20)
+    assert wait_until(lambda: node.stats.processed + node.stats.dropped == 20)
     assert node.stats.dropped > 0 and node.stats.processed == node.pipeline.backend.calls
     clouds = published(node, P.TOPIC_CLOUD)
     assert len(clouds) == node.stats.processed and conv.stamp_to_ns(clouds[-1].header.stamp) == 1_019 * MS
@@ -221,11 +219,11 @@ def test_bad_frames_are_skipped_counted_and_throttled(ros):
     fake, _ = ros
     node = make_node(ros, world_frame="map", warn_throttle_s=60.0, use_fallback_pose=False, sync_wait_s=0.0)
     node.image_callback(conv.rgb_to_image(F, RGB, "cam", 1))  # no camera info yet
-    assert _wait(lambda: node.stats.skipped["missing_camera_info"] == 1)
+    assert wait_until(lambda: node.stats.skipped["missing_camera_info"] == 1)
     node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 0))
     for i in range(3):  # no TF and the fallback is disabled
         node.image_callback(conv.rgb_to_image(F, RGB, "cam", 10 + i))
-        assert _wait(lambda i=i: node.stats.skipped["missing_tf"] == i + 1)
+        assert wait_until(lambda i=i: node.stats.skipped["missing_tf"] == i + 1)
     fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     bad = conv.rgb_to_image(F, RGB, "cam", 20)
     bad.encoding = "bayer_rggb8"
@@ -237,7 +235,7 @@ def test_bad_frames_are_skipped_counted_and_throttled(ros):
     wrong_size = conv.rgb_to_image(F, np.zeros((50, 128, 3), np.uint8), "cam", 22)
     time.sleep(0.3)
     node.image_callback(wrong_size)
-    assert _wait(lambda: sum(node.stats.skipped.values()) == 7)
+    assert wait_until(lambda: sum(node.stats.skipped.values()) == 7)
     assert node.stats.skipped["unsupported_encoding"] == 1 and node.stats.skipped["bad_image_size"] == 1
     assert node.stats.skipped["bad_camera_info"] == 1 and node.stats.processed == 0
     warnings = [text for level, text in node.get_logger().records if level == "warn"]
@@ -261,11 +259,11 @@ def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):
     time.sleep(0.05)
     assert node.stats.processed == 0 and not node.stats.skipped  # waiting for its depth
     node.depth_callback(conv.depth_to_image(F, depth, "cam", stamp))
-    assert _wait(lambda: node.stats.processed == 1)
+    assert wait_until(lambda: node.stats.processed == 1)
     assert not node.stats.skipped
     node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp + 67 * MS))  # its depth never comes
     node.depth_callback(conv.depth_to_image(F, depth, "cam", stamp + 200 * MS))  # a later one: stop waiting
-    assert _wait(lambda: node.stats.skipped["depth_not_synchronised"] == 1)
+    assert wait_until(lambda: node.stats.skipped["depth_not_synchronised"] == 1)
 
 
 def test_camera_info_arriving_a_fraction_of_a_ms_later_is_not_skipped(ros):
@@ -276,7 +274,7 @@ def test_camera_info_arriving_a_fraction_of_a_ms_later_is_not_skipped(ros):
     node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
     time.sleep(0.0003)
     node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
-    assert _wait(lambda: node.stats.processed == 1)
+    assert wait_until(lambda: node.stats.processed == 1)
     assert not node.stats.skipped
 
 
@@ -287,7 +285,7 @@ def test_lagging_tf_skips_the_frame_instead_of_a_made_up_pose(ros):
     fake.transforms[("map", "cam")] = lag
     node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
     node.image_callback(conv.rgb_to_image(F, RGB, "cam", 7 * MS))
-    assert _wait(lambda: node.stats.skipped["tf_not_ready"] == 1)
+    assert wait_until(lambda: node.stats.skipped["tf_not_ready"] == 1)
     assert node.stats.processed == 0
     target, source, stamp, timeout = fake.tf_lookups[0]
     assert (target, source, stamp) == ("map", "cam", 7 * MS) and timeout.nanoseconds == 20 * MS
@@ -306,7 +304,7 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     for i in range(3):
         node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", (10 + i) * MS))
         node.image_callback(conv.rgb_to_image(F, RGB, "cam", (10 + i) * MS))
-        assert _wait(lambda i=i: node.stats.processed == i + 1)
+        assert wait_until(lambda i=i: node.stats.processed == i + 1)
     height, pitch_deg = mount_height_pitch(node.processor.fallback_pose)
     assert height == pytest.approx(0.62) and pitch_deg == pytest.approx(20.0)
     errors = [text for level, text in node.get_logger().records if level == "error"]
@@ -318,7 +316,7 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     assert sum(lookup[:2] == ("odom", "cam") for lookup in fake.tf_lookups) == 1  # no tf_timeout_s wait per frame
     fake.transforms[("odom", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
     node.image_callback(conv.rgb_to_image(F, RGB, "cam", 20 * MS))
-    assert _wait(lambda: node.stats.processed == 4)
+    assert wait_until(lambda: node.stats.processed == 4)
     node.diagnostics_timer_callback()
     values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
     assert values["pose_source"] == "TF"
@@ -336,7 +334,7 @@ def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
     try:
         node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 3 * MS))
         node.image_callback(conv.rgb_to_image(F, RGB, "cam", 3 * MS))
-        assert _wait(lambda: node.pipeline.backend.calls == 1)
+        assert wait_until(lambda: node.pipeline.backend.calls == 1)
         fake.context.shutdown()  # Ctrl-C
         node.destroy_node()
     finally:
@@ -386,7 +384,7 @@ def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
     for stamp in stamps:
         _frame(node, stamp)
         time.sleep(0.002)
-    assert _wait(lambda: node.stats.processed + node.stats.dropped + sum(node.stats.skipped.values()) == 40)
+    assert wait_until(lambda: node.stats.processed + node.stats.dropped + sum(node.stats.skipped.values()) == 40)
     assert node.frames.wait_idle(timeout=5)
     stats = node.stats
     assert stats.received == 40 and stats.dropped > 0 and not stats.skipped
@@ -403,13 +401,13 @@ def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
     # destroy with one frame being inferred and one waiting: neither is published, both count as dropped
     backend.gate.clear()
     _frame(node, 3_000 * MS)
-    assert _wait(lambda: backend.calls == stats.processed + 1)  # 3000 held in the network
+    assert wait_until(lambda: backend.calls == stats.processed + 1)  # 3000 held in the network
     _frame(node, 3_001 * MS)
-    assert _wait(lambda: node.frames.runner.counts()["submitted"] == 42)
+    assert wait_until(lambda: node.frames.runner.counts()["submitted"] == 42)
     clouds_before = len(published(node, P.TOPIC_CLOUD))
     destroy = threading.Thread(target=node.destroy_node)
     destroy.start()
-    assert _wait(lambda: node.frames.closed)
+    assert wait_until(lambda: node.frames.closed)
     backend.gate.set()  # 3000 leaves the network after destroy_node began: not published
     destroy.join(10)
     assert not destroy.is_alive() and not node.frames.alive() and node.fake_destroyed
@@ -426,20 +424,20 @@ def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):
     node = make_node(ros, backend, world_frame="map", warn_throttle_s=60.0)
     fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     _frame(node, 10 * MS)
-    assert _wait(lambda: node.stats.processed == 1)
+    assert wait_until(lambda: node.stats.processed == 1)
     bad = conv.rgb_to_image(F, RGB, "cam", 11 * MS)  # stage 1: decode refuses the encoding
     bad.encoding = "bayer_rggb8"
     node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 11 * MS))
     node.image_callback(bad)
-    assert _wait(lambda: node.stats.skipped["unsupported_encoding"] == 1)
+    assert wait_until(lambda: node.stats.skipped["unsupported_encoding"] == 1)
     assert backend.calls == 1  # never reached the network
     backend.broken = True  # stage 2: the network's scores are not finite
     _frame(node, 12 * MS)
-    assert _wait(lambda: node.stats.skipped["non_finite_output"] == 1)
+    assert wait_until(lambda: node.stats.skipped["non_finite_output"] == 1)
     assert backend.calls == 2
     backend.broken = False
     _frame(node, 13 * MS)
-    assert _wait(lambda: node.stats.processed == 2)
+    assert wait_until(lambda: node.stats.processed == 2)
     assert [conv.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)] == [10 * MS, 13 * MS]
     status, values = _diagnostics(node)
     assert values["skipped_unsupported_encoding"] == "1" and values["skipped_non_finite_output"] == "1"

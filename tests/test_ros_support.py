@@ -10,6 +10,7 @@ import ast
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,16 @@ class OracleBackend(Backend):
         points[0, : len(idx), 0] = (idx + 0.5) / np.asarray(self.config.grid_shape)
         scores[0, np.arange(len(idx)), 0, grid[tuple(idx.T)].astype(int) - 1] = 1.0
         return {"points": points, "scores": scores}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False); for threaded tests."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def pipeline_for(backend: Backend) -> OccupancyPipeline:
