@@ -92,6 +92,20 @@ def test_resume_continues_exactly_in_distill_mode(data_root, tmp_path, determini
     load_model(tmp_path / "part" / "last.pt")  # full training checkpoints load with weights_only=True too
 
 
+def test_resume_accepts_other_post_processing_settings_but_not_another_network(data_root, tmp_path):
+    """A changed score threshold or closing default must not block a resume; a changed network must."""
+    cfg = tiny_config(data_root, tmp_path, max_steps=2)
+    train, _ = datasets(cfg)
+    Trainer(cfg, train).fit()
+    other_post = tiny_config(data_root, tmp_path, max_steps=3)
+    other_post.model_overrides = {**TINY, "score_threshold": 0.2, "closing": not cfg.model_config().closing}
+    Trainer(other_post, train).resume(tmp_path / "last.pt")
+    other_net = tiny_config(data_root, tmp_path, max_steps=3)
+    other_net.model_overrides = {**TINY, "decoder": {"num_queries": 16, "num_refines": [2, 4]}}
+    with pytest.raises(ValueError, match="another model config"):
+        Trainer(other_net, train).resume(tmp_path / "last.pt")
+
+
 def test_param_groups_lower_the_lr_of_backbone_and_sampling_offsets(data_root, tmp_path):
     cfg = tiny_config(data_root, tmp_path)
     cfg.optim.backbone_lr_mult, cfg.optim.sampling_offsets_lr_mult = 0.1, 0.1

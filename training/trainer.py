@@ -36,6 +36,15 @@ from .train_config import TrainConfig
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
 
 
+# Post-processing settings: they change what inference keeps, not the network or its training.
+POSTPROCESS_FIELDS = ("score_threshold", "max_center_dist", "closing")
+
+
+def _network_fields(config: dict | None) -> dict | None:
+    """A model config without its post-processing settings: what must match for an exact resume."""
+    return None if config is None else {k: v for k, v in config.items() if k not in POSTPROCESS_FIELDS}
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term is NaN or inf; the last good checkpoint is left in place."""
 
@@ -336,7 +345,7 @@ class Trainer:
         for key in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_step", "rng"):
             if key not in state:
                 raise ValueError(f"checkpoint {path} cannot be resumed: it has no '{key}' (model-only checkpoint?)")
-        if state.get("config") != self.model_cfg.to_dict():
+        if _network_fields(state.get("config")) != _network_fields(self.model_cfg.to_dict()):
             raise ValueError(f"checkpoint {path} was trained with another model config than '{self.model_cfg.name}'")
         self.student.load_state_dict(state["model"])
         if self.distiller is not None:
