@@ -371,10 +371,6 @@ class TfTree:
         samples.insert(bisect.bisect_right([t for t, _ in samples], stamp_ns), (int(stamp_ns), m))
         del samples[: max(len(samples) - self.history, 0)]
 
-    def newest_stamp(self, parent: str, child: str) -> int | None:
-        samples = self._dynamic.get((parent, child))
-        return samples[-1][0] if samples else None
-
     def _link_at(self, key: tuple[str, str], stamp_ns: int | None) -> np.ndarray:
         if key in self._static:
             return self._static[key]
@@ -414,10 +410,6 @@ class TfTree:
                     prev[nxt] = (frame, key, inverted)
                     queue.append(nxt)
         return None
-
-    def has_frame(self, frame: str) -> bool:
-        frame = frame.lstrip("/")
-        return any(frame in key for key in list(self._static) + list(self._dynamic))
 
     def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray | None:
         """4x4 mapping ``source`` coordinates to ``target`` (camera->world for target=world) at ``stamp_ns``

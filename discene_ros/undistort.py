@@ -91,11 +91,6 @@ class BilinearTable:
         return out.astype(image.dtype).reshape(self.out_hw + image.shape[2:])
 
 
-def remap_bilinear(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
-    """Bilinear sampling of ``image`` (H, W[, C]) at the maps; samples outside the image are 0."""
-    return BilinearTable(map_x, map_y, image.shape[:2])(image)
-
-
 def remap_nearest(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, fill: float = 0.0) -> np.ndarray:
     """Nearest-neighbour sampling (depth: never blend across an edge); outside -> ``fill``."""
     h, w = image.shape[:2]
