@@ -243,8 +243,6 @@ class FrameProcessor:
             raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
         k = conv.camera_info_to_k(frame.camera_info, rgb.shape[:2])
         depth = self._depth(frame, rgb.shape[:2]) if self.model_uses_depth else None
-        if frame.pose_error is not None:
-            raise frame.pose_error
         rgb, depth = self.undistort(frame.camera_info, rgb, k, depth)
         pose, fallback = frame.cam_pose, False
         if pose is not None:
