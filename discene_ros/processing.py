@@ -173,7 +173,8 @@ def fallback_camera_pose(height: float, pitch_deg: float, floor_z: float = 0.0) 
 
 @dataclass
 class ProcessorSettings:
-    """Frame-processing parameters (mirrors the node parameters of the same names)."""
+    """Frame-processing parameters (mirrors the node parameters of the same names; ``depth_max_offset_s``
+    is the node's ``sync_tolerance_s``, which ``pairing.FramePartners`` already applies when it pairs)."""
 
     use_depth: bool = False
     depth_max_offset_s: float = 0.05     # a depth image further than this from the colour stamp is stale
@@ -258,7 +259,7 @@ class FrameProcessor:
             raise DepthError("the model needs depth but no depth image was received")
         offset = abs(conv.stamp_to_ns(frame.depth.header.stamp) - frame.stamp_ns) * 1e-9
         if offset > self.settings.depth_max_offset_s:
-            raise DepthError(f"newest depth image is {offset * 1e3:.0f} ms away from the colour image "
+            raise DepthError(f"the depth image is {offset * 1e3:.0f} ms away from the colour image "
                              f"(limit {self.settings.depth_max_offset_s * 1e3:.0f} ms)")
         depth = conv.depth_to_metres(frame.depth)
         dh, dw = depth.shape
