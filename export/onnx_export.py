@@ -249,7 +249,7 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
 def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Module, cfg: ModelConfig,
                           frame: Any, parity: bool) -> Path:
     """``<stem>.fp16.onnx`` for TensorRT strongly typed builds, with its own sidecar and parity figures."""
-    from .fp16 import KEEP_FP32_OPS, convert_file_to_fp16
+    from .fp16 import KEEP_FP32_OPS, convert_file_to_fp16, fp16_onnx_agreement
 
     # sampling-location arithmetic kept FP32: measured on the shipped lite and the sample dataset
     # (4 frames), occupied-voxel label agreement with FP32 96.5 % instead of 95.3 %
@@ -262,8 +262,6 @@ def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Mo
     side["op_counts"] = {op: n for (_, op), n in sorted(report.ops.items())}
     if parity:
         side["parity"] = measure_parity(path, model, cfg, frame)
-        from .fp16 import fp16_onnx_agreement
-
         frames, source = agreement_frames(cfg)
         side["fp16_agreement"] = fp16_onnx_agreement(path, model, cfg, frames, source)
     write_sidecar(path, side)
