@@ -8,6 +8,7 @@ used only when the transform does not exist at all; a TF that merely lags the im
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,18 @@ def mount_fallback_pose(camera_to_base: np.ndarray, floor_z: float = 0.0) -> np.
     looking along world +x, no roll)."""
     height, pitch = mount_height_pitch(camera_to_base)
     return fallback_camera_pose(height, pitch, floor_z)
+
+
+def use_fallback(processor: Any, mount: np.ndarray | None, world_frame: str, camera_frame: str,
+                 base_frame: str) -> str:
+    """The fallback pose of ``processor`` (a ``processing.FrameProcessor``) from the camera ``mount``
+    when TF has it (else it keeps the one from its height/pitch settings); returns :func:`describe_fallback`'s
+    line. Node and replay both call it when the world frame is absent from TF."""
+    settings = processor.settings
+    if mount is not None:
+        processor.fallback_pose = mount_fallback_pose(mount, settings.floor_z)
+    return describe_fallback(world_frame, camera_frame, base_frame, mount, settings.fallback_camera_height,
+                             settings.fallback_camera_pitch_deg)
 
 
 def describe_fallback(world_frame: str, camera_frame: str, base_frame: str, mount: np.ndarray | None,

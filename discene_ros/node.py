@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import params as P
-from .camera_pose import TransformNotReadyError, describe_fallback, mount_fallback_pose
+from .camera_pose import TransformNotReadyError, use_fallback
 from .conversions import stats_to_diagnostics, transform_to_matrix
 from .errors import FrameError
 from .msg_factory import EveryNth, RclpyFactory
@@ -245,14 +245,11 @@ class OccupancyNode(Node):
             mount = transform_to_matrix(self.tf_buffer.lookup_transform(self.cfg["base_frame"], camera_frame, Time()))
         except (TransformException, FrameError):
             pass
-        if mount is not None:
-            self.mount_found = True
-            self.processor.fallback_pose = mount_fallback_pose(mount, self.cfg["floor_z"])
-        elif self.fallback_note is not None:
-            return
-        self.fallback_note = describe_fallback(self.cfg["world_frame"], camera_frame, self.cfg["base_frame"], mount,
-                                               self.cfg["fallback_camera_height"],
-                                               self.cfg["fallback_camera_pitch_deg"])
+        if mount is None and self.fallback_note is not None:
+            return  # the fixed-parameter fallback was announced already
+        self.mount_found = mount is not None
+        self.fallback_note = use_fallback(self.processor, mount, self.cfg["world_frame"], camera_frame,
+                                          self.cfg["base_frame"])
         self.get_logger().error(f"{self.fallback_note} (TF: {exc})")
 
     def destroy_node(self) -> None:

@@ -27,7 +27,7 @@ from models.checkpoint import atomic_write
 
 from . import bag_io
 from . import conversions as conv
-from .camera_pose import describe_fallback, mount_fallback_pose
+from .camera_pose import use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
@@ -135,11 +135,7 @@ class BagFrames:
                 mount = self.tf.lookup(self.base_frame, camera)
             except FrameError:
                 mount = None
-            settings = self.processor.settings
-            if mount is not None:
-                self.processor.fallback_pose = mount_fallback_pose(mount, settings.floor_z)
-            self.fallback_note = describe_fallback(self.world_frame, camera, self.base_frame, mount,
-                                                   settings.fallback_camera_height, settings.fallback_camera_pitch_deg)
+            self.fallback_note = use_fallback(self.processor, mount, self.world_frame, camera, self.base_frame)
         return pose, None
 
     def _settled(self, image: Any, bag_t: int, now_t: int) -> bool:
