@@ -10,12 +10,14 @@ so every backend feeds and reads the same arrays. Only onnx itself is used (no o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:  # the graph pass needs only onnx; torch is imported by the agreement check's backends
+    import torch
 
 KEEP_FP32_OPS = frozenset({"LayerNormalization", "Softmax", "Einsum"})
 # (op_type, input index) slots whose type the ONNX spec fixes to float32 whatever the data type.
