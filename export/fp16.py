@@ -130,16 +130,18 @@ class _Converter:
 
 
 def convert_to_fp16(model: onnx.ModelProto, keep_fp32_ops: frozenset[str] = KEEP_FP32_OPS,
-                    keep_geometry: bool = False) -> onnx.ModelProto:
+                    keep_geometry: bool = True) -> onnx.ModelProto:
     """FP16 copy of an FP32 model: FP32 I/O, FP16 weights/activations, ``keep_fp32_ops`` in FP32, and
-    with ``keep_geometry`` the sampling-location arithmetic too (``GEOMETRY_SCOPE``/``GEOMETRY_OPS``)."""
+    with ``keep_geometry`` (the default, so that the export's FP16 companion and the FP16 ONNX a
+    strongly typed TensorRT build writes are the same graph) the sampling-location arithmetic too
+    (``GEOMETRY_SCOPE``/``GEOMETRY_OPS``)."""
     new = _Converter(model, frozenset(keep_fp32_ops), keep_geometry).run()
     onnx.checker.check_model(new)
     onnx.shape_inference.infer_shapes(new, strict_mode=True)  # raises on any type inconsistency
     return new
 
 
-def convert_file_to_fp16(src: str | Path, dst: str | Path, keep_geometry: bool = False) -> Path:
+def convert_file_to_fp16(src: str | Path, dst: str | Path, keep_geometry: bool = True) -> Path:
     """Read an FP32 ONNX file, write its FP16 version; returns ``dst``."""
     from .sidecar import atomic_write_bytes
 

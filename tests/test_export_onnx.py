@@ -128,6 +128,16 @@ def test_fp16_companion(exported):
     assert side["parity"]["label_agreement"] >= MIN_LABEL_AGREEMENT_FP16
 
 
+def test_fp16_conversion_has_one_policy(exported, tmp_path):
+    """The FP16 ONNX a strongly typed TensorRT build writes (convert_file_to_fp16 with its defaults) is
+    the export's FP16 companion, sampling-location arithmetic in FP32 included: not a second policy."""
+    from export.fp16 import convert_file_to_fp16
+
+    default = convert_file_to_fp16(exported["onnx"], tmp_path / "default.fp16.onnx")
+    companion = exported["onnx"].with_name("lite.fp16.onnx")
+    assert onnx.load(str(default)).graph == onnx.load(str(companion)).graph
+
+
 def test_pipeline_runs_onnxruntime_end_to_end(exported):
     from conftest import CAM_POSE, IMAGE_HW, INTRINSIC
 
