@@ -449,8 +449,7 @@ class Trainer:
         if self.world == 1:
             return late
         late = torch.tensor(float(late), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
         return bool(late.item() > 0)
 
     def fit(self, stop_at_step: int | None = None, time_budget_s: float | None = None) -> Path:
