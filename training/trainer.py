@@ -398,11 +398,16 @@ class Trainer:
             terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
                                 teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
         weighted = weighted_terms(terms, self.loss_weights)
-        loss = torch.stack([v.float() for v in weighted.values()]).sum()
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        values["task"] = sum(float(v.detach()) for k, v in weighted.items() if k.startswith(TASK_PREFIXES))
-        values["distill"] = sum(float(v.detach()) for k, v in weighted.items() if not k.startswith(TASK_PREFIXES))
-        values["loss"] = float(loss.detach())
+        parts = torch.stack([v.float() for v in weighted.values()])
+        loss = parts.sum()
+        # every logged number crosses to the host in one copy, not one device sync per term
+        logged = torch.cat([torch.stack([v.detach().float() for v in terms.values()]), parts.detach(),
+                            loss.detach()[None]]).tolist()
+        values = dict(zip(terms, logged[:len(terms)], strict=True))
+        scaled = list(zip(weighted, logged[len(terms):-1], strict=True))
+        values["task"] = sum(x for k, x in scaled if k.startswith(TASK_PREFIXES))
+        values["distill"] = sum(x for k, x in scaled if not k.startswith(TASK_PREFIXES))
+        values["loss"] = logged[-1]
         bad = torch.tensor(0.0 if all(math.isfinite(v) for v in values.values()) else 1.0, device=self.device)
         if self.world > 1:
             dist.all_reduce(bad)
