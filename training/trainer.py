@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import models
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
-from models.config import ModelConfig
+from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.preprocess import normalize_image
 
 # BATCH_KEYS and collate_frames are re-exported for evaluate.py and the benchmarks.
@@ -34,10 +34,6 @@ from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
-
-
-# Post-processing settings: they change what inference keeps, not the network or its training.
-POSTPROCESS_FIELDS = ("score_threshold", "max_center_dist", "closing")
 
 
 def _network_fields(config: dict | None) -> dict | None:
