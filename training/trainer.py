@@ -383,8 +383,8 @@ class Trainer:
         teacher = _detach_float(teacher)
         return teacher, extra
 
-    def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
-        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
+    def loss_terms(self, batch: dict[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The forward half of a training step (train mode, autocast): (unweighted terms, weighted terms)."""
         self.module.train()
         needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
         inputs = prepare_inputs(batch, self.device, needs_depth)
@@ -393,7 +393,11 @@ class Trainer:
         with autocast:
             terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
                                 teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
-        weighted = weighted_terms(terms, self.loss_weights)
+        return terms, weighted_terms(terms, self.loss_weights)
+
+    def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
+        terms, weighted = self.loss_terms(batch)
         parts = torch.stack([v.float() for v in weighted.values()])
         loss = parts.sum()
         # every logged number crosses to the host in one copy, not one device sync per term
