@@ -7,6 +7,7 @@ hold everything ``--resume`` needs to continue exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -389,7 +390,7 @@ class Trainer:
         needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
         inputs = prepare_inputs(batch, self.device, needs_depth)
         teacher, extra = self._teacher_outputs(inputs, self.step)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else _null()
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
         with autocast:
             terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
                                 teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
@@ -545,11 +546,3 @@ def _detach_float(value: Any) -> Any:
     if isinstance(value, list):
         return [_detach_float(v) for v in value]
     return value
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
