@@ -65,7 +65,7 @@ def row_config(mode: str, args: argparse.Namespace, batch: int, amp: str, worker
 def measure(cfg: TrainConfig, steps: int, warmup: int) -> dict:
     """samples/s, ms per step and ms per step waiting on the loader, over ``steps`` steps after ``warmup``."""
     model_cfg = cfg.model_config()
-    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, load_depth=model_cfg.use_depth)
+    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, load_depth=cfg.needs_depth())
     trainer = Trainer(cfg, train)
     batches = iter(trainer._loader())
     for _ in range(warmup):

@@ -27,7 +27,7 @@ import models  # noqa: E402
 from models.checkpoint import save_model  # noqa: E402
 from training.evaluate import build_dataset  # noqa: E402
 from training.train_config import TrainConfig  # noqa: E402
-from training.trainer import TASK_PREFIXES, Trainer, prepare_inputs, weighted_terms  # noqa: E402
+from training.trainer import TASK_PREFIXES, Trainer  # noqa: E402
 
 GROUPS = {  # printed name -> weighted terms summed into it
     "task": None,
@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.root, cfg.data.workers, cfg.data.frequency_frames = args.data, 0, 4
         train = build_dataset(args.data, "train", cfg.model_config())
         trainer = Trainer(cfg.validate(), train)
-        batch = next(iter(trainer._loader()))
-        trainer.module.train()
-        inputs = prepare_inputs(batch, trainer.device, trainer.model_cfg.use_depth)
-        teacher, extra = trainer._teacher_outputs(inputs, 0)
-        terms = trainer.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"], teacher,
-                               extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
-        weighted = weighted_terms(terms, trainer.loss_weights)
+        _, weighted = trainer.loss_terms(next(iter(trainer._loader())))
         params = [p for p in trainer.student.parameters() if p.requires_grad]
         result = {}
         for name, keys in GROUPS.items():

@@ -121,7 +121,8 @@ def evaluate(model: torch.nn.Module, model_cfg, args: argparse.Namespace, device
 def train_and_eval(cfg: TrainConfig, args: argparse.Namespace) -> dict:
     """Train one configuration from scratch and evaluate its final model on the val split."""
     model_cfg = cfg.model_config()
-    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames)
+    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames,
+                          load_depth=cfg.needs_depth())
     start = time.perf_counter()
     trainer = Trainer(cfg, train, None)
     final = trainer.fit()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.config import ModelConfig
+from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.geometry import place_grid
 from models.postprocess import points_to_occupancy
 from models.preprocess import TensorPreprocessor, preprocess
@@ -58,14 +58,14 @@ class Prepared:
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 
 
-# Post-processing settings a deployment may tune without re-exporting (e.g. from ROS parameters).
-POSTPROCESS_FIELDS = ("name", "score_threshold", "max_center_dist", "closing")
+# Settings a deployment may tune without re-exporting (e.g. from ROS parameters): the name and post-processing.
+TUNABLE_FIELDS = ("name", *POSTPROCESS_FIELDS)
 
 
 def _network_fields(config: ModelConfig) -> dict:
     d = config.to_dict()
     d["backbone"] = {k: v for k, v in d["backbone"].items() if k not in ("pretrained", "frozen_stages")}
-    return {k: v for k, v in d.items() if k not in POSTPROCESS_FIELDS}
+    return {k: v for k, v in d.items() if k not in TUNABLE_FIELDS}
 
 
 class OccupancyPipeline:

@@ -46,6 +46,11 @@ class DecoderConfig:
     head_layers: int = 2            # hidden layers of the class and regression heads
 
 
+# ModelConfig fields that only post-process the network's output (what inference keeps): they may
+# differ between a checkpoint and the config that resumes or deploys it.
+POSTPROCESS_FIELDS = ("score_threshold", "max_center_dist", "closing")
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"

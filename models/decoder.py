@@ -65,18 +65,13 @@ class PointSetSampling(AdaptiveSampling):
         with torch.no_grad():
             self.offsets.bias.uniform_(-SAMPLING_OFFSET_INIT, SAMPLING_OFFSET_INIT)
 
-    def sampling_points(self, query: torch.Tensor, prev_points: torch.Tensor) -> torch.Tensor:
-        """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
-        b, n = query.shape[:2]
-        prev_points = prev_points.float()  # sampling locations stay float32 under FP16 autocast
-        centre = prev_points.mean(dim=2)  # (B, N, 3)
+    def point_scale(self, prev_points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        """The unbiased std (B,N,3) of the previous points (B,N,R,3); 0 for a single point."""
         count = int(prev_points.shape[2])  # static per layer
         if count == 1:
-            scale = torch.zeros_like(centre)
-        else:  # torch.std (unbiased), spelled out: the exported torch.std uses ReduceProd, which TensorRT lacks
-            scale = ((prev_points - centre.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
-        offsets = self.offsets(query).float().reshape(b, n, self.num_groups, self.num_points, 3)
-        return centre[:, :, None, None] + offsets * scale[:, :, None, None]
+            return torch.zeros_like(centre)
+        # torch.std (unbiased), spelled out: the exported torch.std uses ReduceProd, which TensorRT lacks
+        return ((prev_points - centre.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
 
 
 def _mlp_head(embed_dims: int, out_dims: int, hidden_layers: int, layer_norm: bool) -> nn.Sequential:

@@ -94,6 +94,17 @@ def _check_inputs(image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.nda
             raise ValueError(f"depth must be float metres, got dtype {depth.dtype} (convert 16-bit millimetres first)")
 
 
+def _frame_origin(voxel_origin: np.ndarray | None, cam_pose: np.ndarray, voxel_size: float,
+                  grid_shape: tuple[int, ...]) -> np.ndarray:
+    """The grid origin (3,) float64: ``voxel_origin`` checked, or placed by ``place_grid`` when None."""
+    if voxel_origin is None:
+        voxel_origin = place_grid(cam_pose, voxel_size=voxel_size, grid_shape=grid_shape)
+    voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
+    if voxel_origin.shape != (3,) or not np.all(np.isfinite(voxel_origin)):
+        raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
+    return voxel_origin
+
+
 def preprocess(
     image_rgb: np.ndarray,
     intrinsic: np.ndarray,
@@ -113,11 +124,7 @@ def preprocess(
     _check_inputs(image_rgb, intrinsic, cam_pose, depth)
     size_hw = (int(config.image_size[0]), int(config.image_size[1]))
     grid_shape = tuple(int(n) for n in config.grid_shape)
-    if voxel_origin is None:
-        voxel_origin = place_grid(cam_pose, voxel_size=config.voxel_size, grid_shape=grid_shape)
-    voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
-    if voxel_origin.shape != (3,) or not np.all(np.isfinite(voxel_origin)):
-        raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
+    voxel_origin = _frame_origin(voxel_origin, cam_pose, config.voxel_size, grid_shape)
 
     k = scale_intrinsic(intrinsic[:3, :3], image_rgb.shape[:2], size_hw)
     grid2img = grid_to_image_matrix(k, cam_pose, voxel_origin, config.voxel_size, grid_shape)
@@ -238,11 +245,7 @@ class TensorPreprocessor:
         _check_inputs(image_rgb, intrinsic, cam_pose, depth)
         if depth is not None and depth.ndim == 3:
             depth = depth[..., 0]
-        if voxel_origin is None:
-            voxel_origin = place_grid(cam_pose, voxel_size=self.config.voxel_size, grid_shape=self.grid_shape)
-        voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
-        if voxel_origin.shape != (3,) or not np.all(np.isfinite(voxel_origin)):
-            raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
+        voxel_origin = _frame_origin(voxel_origin, cam_pose, self.config.voxel_size, self.grid_shape)
         # 4x4 geometry in float64 on the host (16 numbers), uploaded with the image
         k = scale_intrinsic(intrinsic[:3, :3], image_rgb.shape[:2], self.size_hw)
         g2i = grid_to_image_matrix(k, cam_pose, voxel_origin, self.config.voxel_size, self.grid_shape)

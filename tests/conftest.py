@@ -1,4 +1,4 @@
-"""Shared fixtures: the lite model config/network and one hand-checkable camera set-up."""
+"""Shared fixtures: the lite model config/network, one hand-checkable camera set-up, deterministic mode."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,3 +34,10 @@ def lite_grid2img(lite_config) -> torch.Tensor:
     k = geometry.scale_intrinsic(INTRINSIC, IMAGE_HW, tuple(lite_config.image_size))
     origin = geometry.place_grid(CAM_POSE)
     return torch.tensor(geometry.grid_to_image_matrix(k, CAM_POSE, origin), dtype=torch.float32)[None]
+
+
+@pytest.fixture()
+def deterministic():
+    """For tests whose runs set ``deterministic: true``: switches torch's deterministic algorithms off after."""
+    yield
+    torch.use_deterministic_algorithms(False)

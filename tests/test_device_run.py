@@ -87,12 +87,6 @@ def test_cpu_autocast_only_when_asked():
         autocast_dtype("fp16", cpu, on_cpu=True)
 
 
-@pytest.fixture
-def deterministic():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def call(tmp_path, data, out: str, *extra: str) -> dict:
     argv = ["--config", "lite_student", "--name", "tiny", "--out", str(tmp_path / out), "--work", str(tmp_path / "work"),
             "--data", str(data), "--scenes", "3", "--frames-per-scene", "2", "--width", "128", "--height", "96",

@@ -61,12 +61,6 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture
-def deterministic():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def test_resume_continues_exactly_in_distill_mode(data_root, tmp_path, deterministic):
     teacher = teacher_checkpoint(data_root, tmp_path / "teacher")
     exact = {"mode": "distill", "teacher_checkpoint": str(teacher), "max_steps": 5, "deterministic": True}

@@ -149,10 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.teacher = str(teacher)
     cfg = build_config(args, work)
     model_cfg = cfg.model_config()
-    load_depth = model_cfg.use_depth
-    if cfg.mode == "distill":
-        load_depth = load_depth or bool(load_checkpoint(cfg.teacher_checkpoint)["config"].get("use_depth", False))
-    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames, load_depth=load_depth)
+    train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames,
+                          load_depth=cfg.needs_depth())
     val = build_dataset(cfg.data.root, cfg.data.val_split, model_cfg, cfg.data.max_val_frames)
     trainer = Trainer(cfg, train, None)
     resume = Path(args.resume) if args.resume else None

@@ -60,6 +60,11 @@ class DistillConfig:
     def any_enabled(self) -> bool:
         return any(getattr(self, level) for level in LEVELS)
 
+    @property
+    def query_terms(self) -> tuple[str, str]:
+        """Names of the query level's two terms: (centre, feature) for CFD, (points, logits) for FLD."""
+        return ("query_points", "query_logits") if self.query_variant == "fld" else ("query_center", "query_feature")
+
 
 def center_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """L1 of paired centres (P,3) in metres: summed over xyz, averaged over the P pairs."""
@@ -142,8 +147,7 @@ class Distiller(nn.Module):
         cfg = self.config
         lam_efa, lam_query, lam_prior, lam_anchor = cfg.lambdas
         weights = {"efa": lam_efa}
-        query = ("query_points", "query_logits") if cfg.query_variant == "fld" else ("query_center", "query_feature")
-        for (center, feature), lam in ((query, lam_query), (("prior_center", "prior_feature"), lam_prior),
+        for (center, feature), lam in ((cfg.query_terms, lam_query), (("prior_center", "prior_feature"), lam_prior),
                                        (("anchor_center", "anchor_feature"), lam_anchor)):
             weights[center] = lam * cfg.center_weight
             weights[feature] = lam * cfg.feature_weight
@@ -206,8 +210,7 @@ class Distiller(nn.Module):
         if cfg.efa:
             terms["efa"] = encoder_alignment_loss(student["features"], teacher["features"], self.adapters)
         if cfg.query:
-            names = ("query_points", "query_logits") if cfg.query_variant == "fld" else ("query_center", "query_feature")
-            terms.update(zip(names, self.query_level_loss(student["layers"], teacher["layers"]), strict=True))
+            terms.update(zip(cfg.query_terms, self.query_level_loss(student["layers"], teacher["layers"]), strict=True))
         if cfg.prior:
             terms["prior_center"], terms["prior_feature"] = self.prior_level_loss(student["prior_layers"],
                                                                                   teacher["layers"])

@@ -246,7 +246,6 @@ class TaskLoss(torch.nn.Module):
         super().__init__()
         self.config = config or TaskLossConfig()
         self.num_classes = num_classes
-        self.voxel_size = voxel_size
         freq = self.config.class_frequencies
         if self.config.nn_backend not in ("auto", "cdist", "kdtree"):
             raise ValueError(f"loss.nn_backend must be auto, cdist or kdtree, got {self.config.nn_backend!r}")

@@ -95,13 +95,8 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
     from .trainer import Trainer
 
     model_cfg = cfg.model_config()
-    depth = model_cfg.use_depth
-    if cfg.mode == "distill" and cfg.teacher_checkpoint:  # a depth-using teacher needs depth in the batches
-        from models.checkpoint import load_checkpoint
-
-        depth = depth or bool(load_checkpoint(cfg.teacher_checkpoint)["config"].get("use_depth", False))
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames,
-                              load_depth=depth)
+                              load_depth=cfg.needs_depth())
     try:
         val_set = build_dataset(cfg.data.root, cfg.data.val_split, model_cfg, cfg.data.max_val_frames)
     except (ValueError, FileNotFoundError) as exc:

@@ -88,6 +88,16 @@ class TrainConfig:
             merged["name"] = f"{base['name']}+overrides"
         return ModelConfig.from_dict(merged)
 
+    def needs_depth(self) -> bool:
+        """Whether training batches must carry depth: the student's depth branch, or (distill) the teacher's."""
+        if self.model_config().use_depth:
+            return True
+        if self.mode == "distill" and self.teacher_checkpoint:
+            from models.checkpoint import load_checkpoint
+
+            return bool(load_checkpoint(self.teacher_checkpoint)["config"].get("use_depth", False))
+        return False
+
     def validate(self) -> TrainConfig:
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),

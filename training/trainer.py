@@ -7,6 +7,7 @@ hold everything ``--resume`` needs to continue exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import models
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
-from models.config import ModelConfig
+from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.preprocess import normalize_image
 
 # BATCH_KEYS and collate_frames are re-exported for evaluate.py and the benchmarks.
@@ -34,10 +35,6 @@ from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
-
-
-# Post-processing settings: they change what inference keeps, not the network or its training.
-POSTPROCESS_FIELDS = ("score_threshold", "max_center_dist", "closing")
 
 
 def _network_fields(config: dict | None) -> dict | None:
@@ -387,22 +384,31 @@ class Trainer:
         teacher = _detach_float(teacher)
         return teacher, extra
 
-    def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
-        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
+    def loss_terms(self, batch: dict[str, torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The forward half of a training step (train mode, autocast): (unweighted terms, weighted terms)."""
         self.module.train()
         needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
         inputs = prepare_inputs(batch, self.device, needs_depth)
         teacher, extra = self._teacher_outputs(inputs, self.step)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else _null()
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
         with autocast:
             terms = self.module(inputs["image"], inputs["grid2img"], inputs["depth"], inputs["target"],
                                 teacher, extra.get("prior_init"), extra.get("anchors"), extra.get("keep"))
-        weighted = weighted_terms(terms, self.loss_weights)
-        loss = torch.stack([v.float() for v in weighted.values()]).sum()
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        values["task"] = sum(float(v.detach()) for k, v in weighted.items() if k.startswith(TASK_PREFIXES))
-        values["distill"] = sum(float(v.detach()) for k, v in weighted.items() if not k.startswith(TASK_PREFIXES))
-        values["loss"] = float(loss.detach())
+        return terms, weighted_terms(terms, self.loss_weights)
+
+    def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
+        terms, weighted = self.loss_terms(batch)
+        parts = torch.stack([v.float() for v in weighted.values()])
+        loss = parts.sum()
+        # every logged number crosses to the host in one copy, not one device sync per term
+        logged = torch.cat([torch.stack([v.detach().float() for v in terms.values()]), parts.detach(),
+                            loss.detach()[None]]).tolist()
+        values = dict(zip(terms, logged[:len(terms)], strict=True))
+        scaled = list(zip(weighted, logged[len(terms):-1], strict=True))
+        values["task"] = sum(x for k, x in scaled if k.startswith(TASK_PREFIXES))
+        values["distill"] = sum(x for k, x in scaled if not k.startswith(TASK_PREFIXES))
+        values["loss"] = logged[-1]
         bad = torch.tensor(0.0 if all(math.isfinite(v) for v in values.values()) else 1.0, device=self.device)
         if self.world > 1:
             dist.all_reduce(bad)
@@ -449,8 +455,7 @@ class Trainer:
         if self.world == 1:
             return late
         late = torch.tensor(float(late), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
         return bool(late.item() > 0)
 
     def fit(self, stop_at_step: int | None = None, time_budget_s: float | None = None) -> Path:
@@ -541,11 +546,3 @@ def _detach_float(value: Any) -> Any:
     if isinstance(value, list):
         return [_detach_float(v) for v in value]
     return value
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
