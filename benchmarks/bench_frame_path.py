@@ -55,20 +55,21 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
 
 
-def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool):
-    """Torch backend with the shipped weights where there are some, else seeded random weights."""
-    ckpt = SHIPPED.get(config_name)
+def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool,
+                 weights: dict[str, Path] | None = None):
+    """Torch backend with the given or shipped weights where there are some, else seeded random weights."""
+    ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
     if ckpt is not None and ckpt.is_file():
         model, cfg = load_model(str(ckpt), map_location="cpu")
-        weights = ckpt.name
+        label = ckpt.name
     else:
         cfg = load_config(config_name)
         torch.manual_seed(0)
         model = build_model(cfg)
         cfg.score_threshold = 0.0  # random weights: keep every point (worst case for post-processing)
-        weights = "random (seed 0), score threshold 0"
+        label = "random (seed 0), score threshold 0"
     backend = TorchBackend(model.eval(), cfg, device=device, fp16=fp16, compile=compile_, cuda_graph=cuda_graph)
-    return backend, weights
+    return backend, label
 
 
 def camera_messages(factory: TypestoreFactory, kind: str):
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--marker-period", type=int, default=10)
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
                         help="post-processing closing: on (the node's default), off, or as the checkpoint says")
+    parser.add_argument("--weights", nargs="+", default=[], metavar="CONFIG=CHECKPOINT",
+                        help="checkpoint per config (default: the shipped lite; others random)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--append", action="store_true", help="merge rows into an existing --json file")
     args = parser.parse_args(argv)
@@ -171,20 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: this torch has no usable CUDA", file=sys.stderr)
         return 2
     factory = TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
+    weights = {}
+    for item in args.weights:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_file():
+            print(f"--weights {item}: expected CONFIG=CHECKPOINT with an existing file", file=sys.stderr)
+            return 2
+        weights[name] = Path(path)
     precisions = args.precisions or (["fp32", "fp16"] if args.device == "cuda" else ["fp32"])
     rows = []
     for name in args.configs:
         for precision in precisions:
-            backend, weights = make_backend(name, args.device, precision == "fp16", args.compile,
-                                            not args.no_cuda_graph)
+            backend, used = make_backend(name, args.device, precision == "fp16", args.compile,
+                                         not args.no_cuda_graph, weights)
             if args.closing != "model":
                 backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
-            print(f"{name} {precision}: {pipe.describe()}; weights {weights}", flush=True)
+            print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period)
                 row = {"config": name, "backend": f"torch {backend.mode}", "precision": precision, **row,
-                       "weights": weights, "threads": args.threads if args.device == "cpu" else None,
+                       "weights": used, "threads": args.threads if args.device == "cpu" else None,
                        "closing": bool(backend.config.closing)}
                 rows.append(row)
                 s = row["stages_ms"]
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--append: {path} was measured on {old.get('device')!r}, this run on {out['device']!r}",
                       file=sys.stderr)
                 return 2
-            key = ("config", "precision", "input", "closing")
+            key = ("config", "backend", "precision", "input", "closing")
             new_keys = {tuple(r2.get(k) for k in key) for r2 in rows}
             keep = [r for r in old["rows"] if tuple(r.get(k) for k in key) not in new_keys]
             out["rows"] = keep + rows

@@ -177,26 +177,57 @@ def label_agreement(ref_labels: list[np.ndarray], got_labels: list[np.ndarray]) 
     }
 
 
-def fp16_onnx_agreement(fp16_onnx: str | Path, model: torch.nn.Module, config: Any, frames: list[Any],
-                        source: str) -> dict[str, Any]:
-    """FP16 ONNX on onnxruntime's CPU provider against eager FP32 torch on the CPU, over ``frames``
-    (``FrameInputs``), through the same post-processing: see ``label_agreement``."""
+def compare_backends(ref_backend: Any, got_backend: Any, config: Any, frames: list[Any],
+                     labels_out: list[tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Run both backends on ``frames`` through the same post-processing: ``label_agreement`` plus the
+    largest point difference (grid units) and each run's occupied-voxel count. ``labels_out`` (a list)
+    receives each frame's (reference, other) label grids, e.g. for metrics against ground truth."""
     from models.postprocess import points_to_occupancy
 
+    refs, gots, max_points = [], [], 0.0
+    for frame in frames:
+        a, b = ref_backend.infer(frame), got_backend.infer(frame)
+        max_points = max(max_points, float(np.abs(a["points"] - b["points"]).max()))
+        refs.append(points_to_occupancy(a["points"], a["scores"], frame.voxel_origin, config).labels)
+        gots.append(points_to_occupancy(b["points"], b["scores"], frame.voxel_origin, config).labels)
+        if labels_out is not None:
+            labels_out.append((refs[-1], gots[-1]))
+    return {**label_agreement(refs, gots), "max_abs_diff_points": max_points,
+            "occupied_voxels_other": int(sum(int((g > 0).sum()) for g in gots)),
+            "closing": bool(config.closing), "score_threshold": float(config.score_threshold)}
+
+
+def fp16_onnx_agreement(fp16_onnx: str | Path, model: torch.nn.Module, config: Any, frames: list[Any],
+                        source: str, labels_out: list | None = None) -> dict[str, Any]:
+    """FP16 ONNX on onnxruntime's CPU provider against eager FP32 torch on the CPU, over ``frames``
+    (``FrameInputs``), through the same post-processing: see ``label_agreement``."""
     from .backends.ort_backend import OrtBackend
     from .backends.torch_backend import TorchBackend
 
     ref_backend = TorchBackend(model, config, device="cpu")
     ort_backend = OrtBackend(fp16_onnx, config, providers=["CPUExecutionProvider"])
-    refs, gots, max_points = [], [], 0.0
     try:
-        for frame in frames:
-            a, b = ref_backend.infer(frame), ort_backend.infer(frame)
-            max_points = max(max_points, float(np.abs(a["points"] - b["points"]).max()))
-            refs.append(points_to_occupancy(a["points"], a["scores"], frame.voxel_origin, config).labels)
-            gots.append(points_to_occupancy(b["points"], b["scores"], frame.voxel_origin, config).labels)
+        result = compare_backends(ref_backend, ort_backend, config, frames, labels_out)
     finally:
         ort_backend.close()
-    return {**label_agreement(refs, gots), "max_abs_diff_points": max_points, "frames_source": source,
-            "reference": "torch eager CPU float32", "runtime": "onnxruntime CPUExecutionProvider, FP16 graph",
-            "closing": bool(config.closing), "score_threshold": float(config.score_threshold)}
+    return {**result, "frames_source": source, "reference": "torch eager CPU float32",
+            "runtime": "onnxruntime CPUExecutionProvider, FP16 graph"}
+
+
+def torch_autocast_agreement(model: torch.nn.Module, config: Any, frames: list[Any], source: str,
+                             device: str = "cuda", cuda_graph: bool = True,
+                             labels_out: list | None = None) -> dict[str, Any]:
+    """The torch backend's FP16 autocast against its FP32 (TF32 off) on one CUDA device, both replayed
+    as CUDA graphs by default (the node's path), over ``frames``: see ``label_agreement``."""
+    from .backends.torch_backend import TorchBackend
+
+    ref_backend = TorchBackend(model, config, device=device, cuda_graph=cuda_graph)
+    fp16_backend = TorchBackend(model, config, device=device, fp16=True, cuda_graph=cuda_graph)
+    try:
+        result = compare_backends(ref_backend, fp16_backend, config, frames, labels_out)
+    finally:
+        ref_backend.close()
+        fp16_backend.close()
+    mode = "CUDA graph" if cuda_graph else "eager"
+    return {**result, "frames_source": source, "reference": f"torch {mode} {device} float32 (TF32 off)",
+            "runtime": f"torch {mode} {device}, FP16 autocast"}

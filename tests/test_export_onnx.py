@@ -185,3 +185,33 @@ def test_depth_model_exports_with_depth_input_and_parity(tmp_path):
     frame.depth = None
     with pytest.raises(ValueError, match="needs input 'depth'"):
         backend.infer(frame)
+
+
+def test_compare_backends_counts_label_disagreement(exported):
+    """The precision-agreement check: identical runs agree fully; a run whose scores are shifted for one
+    class shows exactly the voxels that changed, and the labels handed out are the ones compared."""
+    from export.fp16 import compare_backends, torch_autocast_agreement
+
+    config = exported["config"]
+    frames = [example_frame(config, seed=s) for s in (3, 4)]
+    ref = create_backend("torch", exported["ckpt"], device="cpu")
+
+    class Shifted:  # the same network, class 0's score raised: more voxels become class 1
+        def infer(self, frame):
+            out = ref.infer(frame)
+            out["scores"] = out["scores"].copy()
+            out["scores"][..., 0] += 0.5
+            return out
+
+    same = compare_backends(ref, ref, config, frames)
+    assert same["label_agreement"] == 1.0 and same["occupancy_iou"] == 1.0 and same["max_abs_diff_points"] == 0.0
+    assert same["occupied_voxels_fp32"] == same["occupied_voxels_other"] > 0
+    pairs: list = []
+    diff = compare_backends(ref, Shifted(), config, frames, pairs)
+    assert len(pairs) == 2
+    changed = sum(int((a != b).sum()) for a, b in pairs)
+    total = sum(a.size for a, _ in pairs)
+    assert changed > 0 and diff["label_agreement"] == pytest.approx(1 - changed / total)
+    assert diff["occupied_voxels_other"] == sum(int((b > 0).sum()) for _, b in pairs)
+    with pytest.raises(ValueError, match="needs a CUDA device"):  # torch FP16 is offered on CUDA only
+        torch_autocast_agreement(ref.wrapper.model, config, frames, "test", device="cpu")

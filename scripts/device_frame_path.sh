@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Issue 10's GPU measurements, as two calls of the device tool (docs/results/frame_path.md):
+#
+#   bash scripts/device_frame_path.sh bench   # CUDA tests, frame path (CUDA graphs; then torch.compile),
+#                                             # FP16 agreement of the shipped lite on its val split
+#   bash scripts/device_frame_path.sh train   # paper_student trained a few hundred steps on the GPU,
+#                                             # its FP16 agreement and its frame path
+#
+# Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
+# split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
+# does not stop the next; everything lands under $OUT (at most 8 files per call).
+set -uo pipefail
+stage=${1:?usage: $0 bench|train}
+out=${OUT:-out/device}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+log=$out/$stage.log
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, log its wall time and exit code
+    local limit=$1 name=$2
+    shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s)" | tee -a "$log"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "=== $name: rc ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$log"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import torch, numpy, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'numpy', numpy.__version__, 'ort', onnxruntime.__version__)"; nproc; } 2>&1 | tee -a "$log"
+
+case $stage in
+bench)
+    step 90 "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
+        -p no:cacheprovider tests/test_preprocess_device.py tests/test_cuda_mem.py tests/test_backends.py \
+        -k "device or cuda or static or graph"
+    step 170 "frame path, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs lite paper_student --frames 300 --json "$out/frame_path_gpu.json"
+    step 75 "FP16 agreement, shipped lite, val split" python3 benchmarks/fp16_agreement.py \
+        --checkpoint discene_ros/data/lite_distilled.pt --data .devdata/synth_lite_val --device cuda \
+        --onnx --onnx-frames 80 --json "$out/fp16_agreement.json"
+    step 150 "frame path, torch.compile + CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs paper_student lite --frames 300 --compile --json "$out/frame_path_gpu.json" --append
+    ;;
+train)
+    step 215 "paper_student, a few hundred steps" python3 -m training.device_run --config paper_student \
+        --name paper_student --steps 400 --batch 8 --amp bf16 --workers 12 --device cuda --budget-s 195 \
+        --reserve-s 35 --scenes 60 --out /tmp/handback --work /tmp/work --data /tmp/synth \
+        --set optim.warmup_iters=50 --set log_every=25 --set ckpt_every=200 --set progress=false
+    cp /tmp/handback/paper_student/runs.jsonl "$out/paper_student_runs.jsonl" 2>/dev/null
+    ckpt=/tmp/work/paper_student/final.pt
+    [ -f "$ckpt" ] || ckpt=/tmp/work/paper_student/last.pt
+    step 100 "FP16 agreement, trained paper_student, val split" python3 benchmarks/fp16_agreement.py \
+        --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 --onnx --onnx-frames 8 \
+        --score-threshold 0.3 --json "$out/fp16_agreement_paper.json"
+    step 120 "frame path, trained paper_student, compile + CUDA graphs" python3 benchmarks/bench_frame_path.py \
+        --device cuda --configs paper_student --weights "paper_student=$ckpt" --frames 300 --compile \
+        --json "$out/frame_path_gpu_trained.json"
+    ;;
+*)
+    echo "unknown stage $stage (bench|train)" >&2
+    exit 2
+    ;;
+esac
