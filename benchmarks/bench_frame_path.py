@@ -13,6 +13,11 @@ network, no frame dropped), so ``fps`` is the sustained end-to-end throughput ov
 frames after ``--warmup``. Stage times are medians of per-frame wall times (ms); ``overhead_ms`` =
 decode + preprocess + post-process + PointCloud2, the CPU-side work per frame.
 
+On CUDA with CUDA graphs (the default), post-processing is captured in the network's graph and the
+runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GPU time of that graph
+(network + post-processing, from CUDA events) and ``postprocess`` the host time from the copied
+(X,Y,Z) grids to the frame; elsewhere ``infer`` and ``postprocess`` are wall times of each step.
+
 lite uses the shipped checkpoint (discene_ros/data/lite_distilled.pt) when present; other configs
 run seeded random weights with score threshold 0, the worst case for post-processing and messages.
 ``--append`` merges rows into an existing JSON (e.g. a separate, shorter paper_student run on CPU).
@@ -101,9 +106,13 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         return {"t_submit": item, "decode": (t1 - t0) * 1e3, "preprocess": (time.perf_counter() - t1) * 1e3,
                 "prepared": prepared}
 
+    def launch(item, p):
+        p["launched"] = pipe.launch(p["prepared"])
+        return p
+
     def finish(item, p):
         t0 = time.perf_counter()
-        occ = pipe.complete(p["prepared"])
+        occ = pipe.collect(p["launched"]) if "launched" in p else pipe.complete(p["prepared"])
         t1 = time.perf_counter()
         conv.occupancy_to_pointcloud2(factory, occ, "odom", 0)
         t2 = time.perf_counter()
@@ -118,7 +127,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                             "stage2": (t2 - t0) * 1e3})
 
     errors: list[BaseException] = []
-    runner = TwoStageRunner(prepare, finish, on_error=lambda item, exc: errors.append(exc))
+    ahead = {"launch": launch, "launched_done": lambda p: pipe.launched_done(p["launched"])} if pipe.launch_ahead else {}
+    runner = TwoStageRunner(prepare, finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots, **ahead)
     try:
         for _ in range(warmup + frames):
             runner.wait_for_room()
@@ -193,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period)
-                row = {"config": name, "backend": f"torch {backend.mode}", "precision": precision, **row,
+                row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
+                       "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
                        "closing": bool(backend.config.closing)}
                 rows.append(row)

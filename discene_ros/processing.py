@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from export.backends import create_backend
-from export.pipeline import OccupancyPipeline, TwoStageRunner
+from export.pipeline import PIPELINE_SLOTS, OccupancyPipeline, TwoStageRunner
 
 from . import conversions as conv
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
@@ -210,6 +210,7 @@ class PreparedFrame:
     used_fallback_pose: bool
     rgb: np.ndarray
     decode_ms: float
+    launched: Any = None        # export.pipeline.Launched once its device work is queued (launch-ahead)
 
 
 @dataclass
@@ -277,10 +278,21 @@ class FrameProcessor:
                                              floor_z=self.settings.floor_z, slot=slot)
         return PreparedFrame(prepared, pose, fallback, rgb, (t1 - t0) * 1e3)
 
-    def complete(self, frame: PreparedFrame) -> ProcessedFrame:
-        """Stage 2: inference, post-processing and the output checks of a prepared frame."""
+    def launch(self, frame: PreparedFrame) -> PreparedFrame:
+        """Stage 2a (launch-ahead pipelines): queue the frame's device work; ``complete`` collects it."""
         with frame_errors():
-            occ = self.pipeline.complete(frame.prepared)
+            frame.launched = self.pipeline.launch(frame.prepared)
+        return frame
+
+    def launched_done(self, frame: PreparedFrame) -> bool:
+        """True when ``complete`` of a launched frame will not wait for the device."""
+        return self.pipeline.launched_done(frame.launched)
+
+    def complete(self, frame: PreparedFrame) -> ProcessedFrame:
+        """Stage 2: inference, post-processing and the output checks of a prepared frame (launched or not)."""
+        with frame_errors():
+            occ = (self.pipeline.collect(frame.launched) if frame.launched is not None
+                   else self.pipeline.complete(frame.prepared))
         check_outputs(occ)
         timings = {"decode_ms": frame.decode_ms, **self.pipeline.last_timings.as_dict()}
         return ProcessedFrame(occ, frame.cam_pose, frame.used_fallback_pose, frame.rgb, timings)
@@ -321,8 +333,12 @@ class TwoStageFrames:
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
         self.closed = False
-        self.runner = TwoStageRunner(self.prepare_stage, self.finish_stage, on_error=self.error_callback,
-                                     on_drop=lambda frame: self.stats.on_dropped())
+        ahead = bool(getattr(processor.pipeline, "launch_ahead", False))
+        self.runner = TwoStageRunner(
+            self.prepare_stage, self.finish_stage, on_error=self.error_callback,
+            on_drop=lambda frame: self.stats.on_dropped(), slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
+            launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
+            launched_done=processor.launched_done)
 
     def submit(self, frame: FrameInput) -> None:
         """Count ``frame`` as received and hand it to stage 1 (ignored once closed)."""

@@ -7,10 +7,16 @@ With the torch backend the frame stays on the torch device: ``TensorPreprocessor
 image once and resizes/normalises there, the backend returns device tensors, post-processing runs on
 the device and only the occupied voxels come back. Other backends take the numpy ``preprocess``.
 A frame is split into ``prepare`` (preprocess/upload) and ``complete`` (infer + post-process) so that
-``TwoStageRunner`` can prepare the next frame while the current one is inferred.
+``TwoStageRunner`` can prepare the next frame while the current one is inferred. On CUDA with the
+torch backend's CUDA graph, post-processing is the fixed-shape ``dense_occupancy`` captured in the
+network's graph (``fused``), and ``complete`` splits again into ``launch`` (replay, one asynchronous
+copy of the (X,Y,Z) label and score grids into pinned memory) and ``collect`` (wait, host arrays), so
+the runner can launch the next frame before it turns the current one into messages.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 import time
 from collections import deque
@@ -23,7 +29,7 @@ import torch
 
 from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.geometry import place_grid
-from models.postprocess import points_to_occupancy
+from models.postprocess import dense_occupancy, frame_from_dense, points_to_occupancy
 from models.preprocess import TensorPreprocessor, preprocess
 
 from .backends.base import Backend
@@ -55,7 +61,24 @@ class Prepared:
     ready: Any = None
 
 
+@dataclass
+class Launched:
+    """A frame whose device work is queued (fused path): the pinned host grids it is copied into, the
+    event that marks the copy done, and CUDA events around the graph replay."""
+
+    prepared: Prepared
+    labels: torch.Tensor   # (1, X, Y, Z) uint8, pinned
+    best: torch.Tensor     # (1, X, Y, Z) float32, pinned
+    copied: Any
+    start: Any
+    end: Any
+    t_launch: float
+
+
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
+LAUNCH_AHEAD_SLOTS = 4  # with launch-ahead one more: launched while the previous one is collected
+LAUNCH_POLL_S = 0.0002  # launch-ahead: how often stage 2 looks whether the launched frame's results are in
+RESULT_SETS = 3  # pinned host grids: launched frames not yet collected (at most 2) + one spare
 
 
 # Settings a deployment may tune without re-exporting (e.g. from ROS parameters): the name and post-processing.
@@ -68,14 +91,40 @@ def _network_fields(config: ModelConfig) -> dict:
     return {k: v for k, v in d.items() if k not in TUNABLE_FIELDS}
 
 
+class _HostEvent:
+    """The part of ``torch.cuda.Event`` the fused path uses, for the CPU (work is done when recorded)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: _HostEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def _event(device: torch.device, timing: bool) -> Any:
+    return torch.cuda.Event(enable_timing=timing) if device.type == "cuda" else _HostEvent()
+
+
 class OccupancyPipeline:
     """Wires preprocess, a ``Backend`` and post-processing; keeps the last ``window`` frames' timings.
 
     ``config`` may differ from the backend's in post-processing settings only (score threshold,
     centre distance, closing); anything that changes the network's inputs or outputs is refused.
+    ``fuse`` (default: on CUDA with the torch backend's CUDA graph) runs post-processing inside the
+    captured graph with launch/collect; on the CPU it is for tests (the sparse path is faster there).
     """
 
-    def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100):
+    def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100,
+                 fuse: bool | None = None):
         self.backend = backend
         self.config = config or backend.config
         mine, theirs = _network_fields(self.config), _network_fields(backend.config)
@@ -86,18 +135,32 @@ class OccupancyPipeline:
         self.last_timings = StageTimings()
         self.history: deque[StageTimings] = deque(maxlen=window)
         self.tensor_path = isinstance(backend, TorchBackend)
-        self.preprocessor = (TensorPreprocessor(self.config, backend.torch_device, slots=PIPELINE_SLOTS)
-                             if self.tensor_path else None)
         cuda = self.tensor_path and backend.torch_device.type == "cuda"
+        self.fused = bool(self.tensor_path and backend.can_fuse and (cuda if fuse is None else fuse))
+        slots = LAUNCH_AHEAD_SLOTS if self.fused else PIPELINE_SLOTS
+        self.slots = slots
+        self.preprocessor = (TensorPreprocessor(self.config, backend.torch_device, slots=slots)
+                             if self.tensor_path else None)
         # the prepare stage runs on its own CUDA stream so that an upload overlaps the previous inference
         self.upload_stream = torch.cuda.Stream(backend.torch_device) if cuda else None
+        self._posts: dict[tuple, Any] = {}  # post-processing settings -> dense_occupancy bound to a copy of them
+        self._results: list[tuple[torch.Tensor, torch.Tensor, Any]] = []  # pinned grids + copy event, a ring
+        self._next_result = 0
 
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
         pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, "
                f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize)"
                if self.tensor_path else "host preprocessing (numpy + PIL)")
-        return f"{self.backend.describe()}; {pre}; post-processing on {'the device' if self.tensor_path else 'the CPU'}"
+        where = "in its CUDA graph" if self.backend.torch_device.type == "cuda" else "(static buffers)" if self.fused else ""
+        post = (f"fused with the network {where}, launch-ahead" if self.fused else
+                "on the device" if self.tensor_path else "on the CPU")
+        return f"{self.backend.describe()}; {pre}; post-processing {post}"
+
+    @property
+    def launch_ahead(self) -> bool:
+        """True when ``launch``/``collect`` let the next frame's device work start before this one's host work."""
+        return self.fused
 
     def prepare(self, image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray,
                 depth: np.ndarray | None = None, voxel_origin: np.ndarray | None = None, floor_z: float = 0.0,
@@ -122,8 +185,75 @@ class OccupancyPipeline:
                                        slot=slot)
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
+    def launch(self, prepared: Prepared) -> Launched:
+        """Fused path, stage 2a: replay network + post-processing and queue the copy of the grids to the
+        host; returns without waiting. At most ``RESULT_SETS - 1`` frames may be launched and not collected."""
+        if not self.fused:
+            raise RuntimeError("launch/collect need the fused CUDA-graph path (see OccupancyPipeline.fused)")
+        t0 = time.perf_counter()
+        dev = self.backend.torch_device
+        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+        if prepared.ready is not None:
+            stream.wait_event(prepared.ready)
+        index = self._next_result
+        self._next_result = (index + 1) % RESULT_SETS
+        labels_host, best_host, previous = self._result_sets()[index]
+        if previous is not None:
+            previous.synchronize()  # that set's last copy is done (its frame was collected long ago)
+        start, end, copied = _event(dev, True), _event(dev, True), _event(dev, False)
+        start.record(stream)
+        labels, best = self.backend.run_fused(prepared.inputs, self._post_fn())
+        end.record(stream)
+        labels_host.copy_(labels, non_blocking=True)
+        best_host.copy_(best, non_blocking=True)
+        copied.record(stream)
+        self._results[index] = (labels_host, best_host, copied)
+        return Launched(prepared, labels_host, best_host, copied, start, end, t0)
+
+    def _result_sets(self) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """The ring of pinned (labels, best) grids with each one's last copy event, allocated on first use."""
+        if not self._results:
+            shape = (1, *(int(n) for n in self.config.grid_shape))
+            pin = self.backend.torch_device.type == "cuda"
+            self._results = [(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
+                              torch.empty(shape, dtype=torch.float32, pin_memory=pin), None)
+                             for _ in range(RESULT_SETS)]
+        return self._results
+
+    def _post_fn(self) -> Any:
+        """``dense_occupancy`` for the current post-processing settings: the graph bakes them in, so a
+        change (e.g. ``tune_postprocess``) gets its own function, hence its own captured graph."""
+        key = tuple(repr(getattr(self.config, f)) for f in POSTPROCESS_FIELDS)
+        post = self._posts.get(key)
+        if post is None:
+            post = self._posts[key] = functools.partial(dense_occupancy, config=copy.deepcopy(self.config))
+        return post
+
+    @staticmethod
+    def launched_done(launched: Launched) -> bool:
+        """True when the launched frame's grids are on the host (``collect`` will not wait)."""
+        return bool(launched.copied.query())
+
+    def collect(self, launched: Launched):
+        """Fused path, stage 2b: wait for the copy, then the host ``OccupancyFrame``. ``infer_ms`` is the
+        GPU time of the captured graph (network + post-processing, CUDA events); ``postprocess_ms`` the
+        host time from the copied grids to the frame."""
+        launched.copied.synchronize()
+        t2 = time.perf_counter()
+        prepared = launched.prepared
+        frame = frame_from_dense(launched.labels[0].numpy(), launched.best[0].numpy(),
+                                 prepared.inputs.voxel_origin, self.config)
+        t3 = time.perf_counter()
+        pre = prepared.preprocess_ms
+        self.last_timings = StageTimings(pre, launched.start.elapsed_time(launched.end), (t3 - t2) * 1e3,
+                                         pre + (t3 - launched.t_launch) * 1e3)
+        self.history.append(self.last_timings)
+        return frame
+
     def complete(self, prepared: Prepared):
         """Stage 2: inference and post-processing of a prepared frame -> ``OccupancyFrame``."""
+        if self.fused:
+            return self.collect(self.launch(prepared))
         t1 = time.perf_counter()
         if self.tensor_path:
             if prepared.ready is not None:
@@ -176,14 +306,27 @@ class TwoStageRunner:
     failed or dropped (``wait_idle``/``close`` finish what is in flight; ``close(discard=True)`` drops
     what waits instead). ``prepare(item, slot)`` gets a buffer slot in ``range(slots)`` that no frame
     in stage 2 or waiting for it uses.
+
+    With ``launch`` (launch-ahead), stage 2 calls ``launch(item, prepared)`` (queue the device work)
+    and later ``finish(item, launched)``; when the next prepared frame is already waiting, it is
+    launched before the current one is finished, so the device works on frame i+1 while the host turns
+    frame i into messages. While a launched frame's device work runs (``launched_done(handle)`` False,
+    polled every ``LAUNCH_POLL_S``), a frame that becomes ready is launched behind it; once the work is
+    done the frame is finished at once, so no frame waits for a newer one. Frames finish in order.
+    That needs a fourth slot.
     """
 
     def __init__(self, prepare: Callable[[Any, int], Any], finish: Callable[[Any, Any], None],
                  on_error: Callable[[Any, BaseException], None] | None = None, slots: int = PIPELINE_SLOTS,
-                 on_drop: Callable[[Any], None] | None = None) -> None:
-        if slots < 3:
-            raise ValueError(f"TwoStageRunner needs 3 buffer slots (in use, waiting, being prepared), got {slots}")
+                 on_drop: Callable[[Any], None] | None = None,
+                 launch: Callable[[Any, Any], Any] | None = None,
+                 launched_done: Callable[[Any], bool] = lambda handle: True) -> None:
+        need = LAUNCH_AHEAD_SLOTS if launch is not None else PIPELINE_SLOTS
+        if slots < need:
+            raise ValueError(f"TwoStageRunner needs {need} buffer slots (in use, waiting, being prepared"
+                             f"{', launched ahead' if launch is not None else ''}), got {slots}")
         self._prepare, self._finish, self._on_error, self._on_drop = prepare, finish, on_error, on_drop
+        self._launch, self._launched_done = launch, launched_done
         self._cond = threading.Condition()
         self._incoming: Any = None     # submitted, not yet taken by stage 1
         self._ready: Any = None        # (item, prepared, slot) not yet taken by stage 2
@@ -191,8 +334,9 @@ class TwoStageRunner:
         self._free = list(range(slots))
         self._closed = self._discard = False
         self.submitted = self.processed = self.failed = self.dropped = 0
+        stage2 = self._stage2 if launch is None else self._stage2_launch_ahead
         self._threads = [threading.Thread(target=self._stage1, name="frame_prepare", daemon=True),
-                         threading.Thread(target=self._stage2, name="frame_infer", daemon=True)]
+                         threading.Thread(target=stage2, name="frame_infer", daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -268,6 +412,52 @@ class TwoStageRunner:
                 self._free.append(slot)
                 self._busy[1] = False
                 self._cond.notify_all()
+
+    def _stage2_launch_ahead(self) -> None:
+        pending = None  # (item, launched, slot): launched, not finished yet
+        while True:
+            with self._cond:
+                # with a frame on the device, wait for the next prepared frame or for that frame's results,
+                # whichever comes first: its results are not delayed, and a next frame gets queued behind it
+                while not (self._ready is not None or (pending is not None and self._launched_done(pending[1]))
+                           or (pending is None and self._closed and self._incoming is None and not self._busy[0])):
+                    self._cond.wait(LAUNCH_POLL_S if pending is not None else None)
+                if pending is None and self._ready is None:
+                    return
+                taken, self._ready = self._ready, None
+                self._busy[1] = True
+            launched = None
+            if taken is not None:
+                item, prepared, slot = taken
+                try:
+                    launched = (item, self._launch(item, prepared), slot)
+                except BaseException as exc:
+                    self._stage2_done(item, slot, exc)
+            if pending is not None and (launched is not None or taken is None or self._launched_done(pending[1])):
+                item, handle, slot = pending
+                try:
+                    self._finish(item, handle)
+                except BaseException as exc:
+                    self._stage2_done(item, slot, exc)
+                else:
+                    self._stage2_done(item, slot, None)
+                pending = None
+            if launched is not None:
+                pending = launched
+            if pending is None:
+                with self._cond:
+                    self._busy[1] = False
+                    self._cond.notify_all()
+
+    def _stage2_done(self, item: Any, slot: int, exc: BaseException | None) -> None:
+        """Count a frame stage 2 ended (processed, or failed with ``exc``) and free its slot."""
+        if exc is not None:
+            self._report(item, exc)
+        with self._cond:
+            self.processed += int(exc is None)
+            self.failed += int(exc is not None)
+            self._free.append(slot)
+            self._cond.notify_all()
 
     def _report(self, item: Any, exc: BaseException) -> None:
         if self._on_error is not None:

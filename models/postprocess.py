@@ -190,3 +190,61 @@ def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, v
         voxel_origin=np.asarray(voxel_origin, dtype=np.float64).reshape(3),
         voxel_size=float(config.voxel_size),
     )
+
+
+def dense_occupancy(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``occupied_voxels`` + argmax as fixed-shape tensor ops with no host synchronisation, so that it
+    can be captured in the network's CUDA graph: (B,Q,R,3), (B,Q,R,C) -> labels (B,X,Y,Z) uint8 (0 empty)
+    and the best class score (B,X,Y,Z) float32 (0 empty).
+
+    Same result as ``occupied_voxels`` (tests compare them): dropped points are summed into a spare
+    row instead of being removed, and closing filters the whole grid with ``max_pool3d``, whose -inf
+    padding ignores neighbours outside the grid as ``_filter3`` does.
+    """
+    pts, scr = points.float(), scores.float()
+    b, c = pts.shape[0], scr.shape[-1]
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    n = nx * ny * nz
+    vs = float(config.voxel_size)
+    d = pts - pts.mean(dim=2, keepdim=True)
+    dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
+    keep = (dist <= config.max_center_dist) & (scr.max(dim=-1).values > config.score_threshold)
+    i = torch.floor(pts[..., 0] * nx).long()
+    j = torch.floor(pts[..., 1] * ny).long()
+    k = torch.floor(pts[..., 2] * nz).long()
+    keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
+    batch = torch.arange(b, device=pts.device).view(b, 1, 1)
+    linear = torch.where(keep, batch * n + (i * ny + j) * nz + k, b * n).view(-1)  # b * n: the spare row
+    sums = scr.new_zeros(b * n + 1, c).index_add_(0, linear, scr.reshape(-1, c))[:-1]
+    counts = scr.new_zeros(b * n + 1).index_add_(0, linear, keep.view(-1).to(scr.dtype))[:-1]
+    mean = sums / counts.clamp_min(1).unsqueeze(-1)  # (B*N, C), 0 where no point
+    occupied = counts > 0
+    if config.closing:
+        volume = mean.view(b, nx, ny, nz, c).permute(0, 4, 1, 2, 3)  # (B, C, X, Y, Z)
+        dilated = torch.nn.functional.max_pool3d(volume, 3, 1, 1)
+        eroded = -torch.nn.functional.max_pool3d(-dilated, 3, 1, 1)
+        eroded = eroded.permute(0, 2, 3, 4, 1).reshape(b * n, c)
+        original = (mean > config.score_threshold).any(dim=-1)  # voxels with points that stay as they are
+        filled = ~original & (eroded > config.score_threshold).any(dim=-1)
+        mean = torch.where(original.unsqueeze(-1), mean, eroded)
+        occupied = original | filled
+    best, label = mean.max(dim=-1)
+    labels = torch.where(occupied, label + 1, 0).to(torch.uint8).view(b, nx, ny, nz)
+    return labels, torch.where(occupied, best, 0.0).view(b, nx, ny, nz)
+
+
+def frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndarray,
+                     config: ModelConfig) -> OccupancyFrame:
+    """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores."""
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
+    ids = np.flatnonzero(flat)
+    indices = np.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], axis=-1).astype(np.int32).reshape(-1, 3)
+    return OccupancyFrame(
+        labels=flat.reshape(nx, ny, nz).copy(),
+        voxel_indices=indices,
+        voxel_labels=flat[ids],
+        voxel_scores=np.asarray(best, dtype=np.float32).reshape(-1)[ids],
+        voxel_origin=np.asarray(voxel_origin, dtype=np.float64).reshape(3),
+        voxel_size=float(config.voxel_size),
+    )

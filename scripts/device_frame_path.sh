@@ -5,6 +5,7 @@
 #                                             # FP16 agreement of the shipped lite on its val split
 #   bash scripts/device_frame_path.sh train   # paper_student trained a few hundred steps on the GPU,
 #                                             # its FP16 agreement and its frame path
+#   bash scripts/device_frame_path.sh all     # tests, CUDA graphs, lite compiled, then train (one call)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -32,22 +33,27 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log its wall ti
   python3 -c "import torch, numpy, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'numpy', numpy.__version__, 'ort', onnxruntime.__version__)"; nproc; } 2>&1 | tee -a "$log"
 
-case $stage in
-bench)
+tests() {
     step 90 "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
         -p no:cacheprovider tests/test_preprocess_device.py tests/test_cuda_mem.py tests/test_backends.py \
-        -k "device or cuda or static or graph"
+        tests/test_fused_postprocess.py -k "device or cuda or static or graph or fused or launch or dense"
+}
+graphs() {  # both configs, CUDA graphs (post-processing fused), fp32 + fp16, bgr8 + jpeg
     step 170 "frame path, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
-        --configs lite paper_student --frames 300 --json "$out/frame_path_gpu.json"
+        --configs lite paper_student --frames 300 --json "$out/frame_path_gpu.json" --append
+}
+agreement_lite() {
     step 75 "FP16 agreement, shipped lite, val split" python3 benchmarks/fp16_agreement.py \
         --checkpoint discene_ros/data/lite_distilled.pt --data .devdata/synth_lite_val --device cuda \
-        --onnx --onnx-frames 80 --json "$out/fp16_agreement.json"
-    step 150 "frame path, torch.compile + CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
-        --configs paper_student lite --frames 300 --compile --json "$out/frame_path_gpu.json" --append
-    ;;
-train)
-    step 215 "paper_student, a few hundred steps" python3 -m training.device_run --config paper_student \
-        --name paper_student --steps 400 --batch 8 --amp bf16 --workers 12 --device cuda --budget-s 195 \
+        --onnx --onnx-frames 80 --json "$out/fp16_agreement.json" --append
+}
+compiled() {  # torch.compile + CUDA graphs for the given configs
+    step 150 "frame path, torch.compile + CUDA graphs ($*)" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs "$@" --frames 300 --compile --json "$out/frame_path_gpu.json" --append
+}
+train_paper() {  # paper_student a few hundred steps; its FP16 agreement and its frame path
+    step 200 "paper_student, a few hundred steps" python3 -m training.device_run --config paper_student \
+        --name paper_student --steps 400 --batch 8 --amp bf16 --workers 12 --device cuda --budget-s 180 \
         --reserve-s 35 --scenes 60 --out /tmp/handback --work /tmp/work --data /tmp/synth \
         --set optim.warmup_iters=50 --set log_every=25 --set ckpt_every=200 --set progress=false
     cp /tmp/handback/paper_student/runs.jsonl "$out/paper_student_runs.jsonl" 2>/dev/null
@@ -55,13 +61,18 @@ train)
     [ -f "$ckpt" ] || ckpt=/tmp/work/paper_student/last.pt
     step 100 "FP16 agreement, trained paper_student, val split" python3 benchmarks/fp16_agreement.py \
         --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 --onnx --onnx-frames 8 \
-        --score-threshold 0.3 --json "$out/fp16_agreement_paper.json"
+        --score-threshold 0.3 --json "$out/fp16_agreement.json" --append
     step 120 "frame path, trained paper_student, compile + CUDA graphs" python3 benchmarks/bench_frame_path.py \
         --device cuda --configs paper_student --weights "paper_student=$ckpt" --frames 300 --compile \
         --json "$out/frame_path_gpu_trained.json"
-    ;;
+}
+
+case $stage in
+bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
+train) train_paper ;;
+all) tests; graphs; compiled lite; train_paper ;;
 *)
-    echo "unknown stage $stage (bench|train)" >&2
+    echo "unknown stage $stage (bench|train|all)" >&2
     exit 2
     ;;
 esac

@@ -9,6 +9,8 @@ Modes (``describe()`` and the start-up log say which one runs, and why a request
 - ``compile``: ``torch.compile`` (inductor) of the forward, CUDA only (CPU stays eager); it takes
   tens of seconds on the first frame of each precision, reused from inductor's on-disk FX graph
   cache on later starts.
+- ``run_fused``: with a CUDA graph, a fixed-shape post-processing function (``dense_occupancy``) is
+  captured in the same graph as the network, so one replay gives the voxel grid with no host sync.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class _Captured:
     """Static inputs/outputs for one input shape, and the CUDA graph that reads and writes them."""
 
     inputs: dict[str, torch.Tensor]
-    outputs: tuple[torch.Tensor, torch.Tensor] = ()
+    outputs: tuple[torch.Tensor, ...] = ()
     graph: Any = None
     replays: int = 0
 
@@ -71,7 +73,7 @@ class StaticRunner:
     def signature(tensors: dict[str, torch.Tensor]) -> tuple:
         return tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items())
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         key = self.signature(tensors)
         entry = self.entries.get(key)
         if entry is None:
@@ -154,6 +156,7 @@ class TorchBackend(Backend):
                 self.notes.append("cuda_graph requested but the device is the CPU: static-buffer eager replay")
         self._fn = fn
         self._first_call = True
+        self._fused: dict[Any, StaticRunner] = {}
         mode = "+".join(m for m, on in (("compile", self.compiled), ("cuda_graph" if dev.type == "cuda" else
                                         "static", self.static)) if on) or "eager"
         super().__init__(config, str(dev) + (" fp16" if fp16 else " tf32" if tf32 and dev.type == "cuda" else ""))
@@ -223,6 +226,32 @@ class TorchBackend(Backend):
                          time.perf_counter() - t0)
         return out
 
+    @property
+    def can_fuse(self) -> bool:
+        """True in the static-buffer mode: ``run_fused`` then captures post-processing into the network's
+        CUDA graph (on the CPU: runs both eagerly into static outputs, the same contract)."""
+        return self.runner is not None
+
+    @torch.inference_mode()
+    def run_fused(self, inputs: Any, post: Any) -> tuple[torch.Tensor, ...]:
+        """``post(points, scores)`` of the network's outputs, captured with the network in one CUDA graph
+        (``can_fuse``), replayed without a host sync; the returned static tensors are overwritten by the
+        next call. ``post`` must be fixed-shape and sync-free; one graph per ``post`` object."""
+        if not self.can_fuse:
+            raise RuntimeError(f"run_fused needs the static-buffer (cuda_graph) mode, this backend runs {self.mode}")
+        runner = self._fused.get(post)
+        if runner is None:
+            network = self._fn
+
+            def fused(**tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                points, scores = network(**tensors)
+                with torch.autocast(device_type=self.torch_device.type, enabled=False):  # post-processing in FP32
+                    return post(points, scores)
+
+            graph = self.torch_device.type == "cuda"
+            runner = self._fused[post] = StaticRunner(fused, self.torch_device, graph, self._context)
+        return runner(self.tensors(inputs))
+
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
         points, scores = self.run(inputs)
         # .cpu() synchronises the CUDA stream, so timings around infer() are honest. Static CPU
@@ -235,5 +264,6 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self.runner = None
+        self._fused.clear()
         if self.torch_device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,258 @@
+"""The fused frame path: ``dense_occupancy`` (post-processing with fixed shapes, captured in the network's
+CUDA graph) against ``occupied_voxels``, OccupancyPipeline launch/collect, and the runner's launch-ahead."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_ros_support import wait_until
+
+from export.backends.torch_backend import TorchBackend
+from export.onnx_export import example_camera
+from export.pipeline import LAUNCH_AHEAD_SLOTS, OccupancyPipeline, TwoStageRunner
+from models.postprocess import dense_occupancy, frame_from_dense, labels_batch, points_to_occupancy
+
+ORIGIN = np.array([1.0, -2.0, 0.5])
+
+
+def _query_sets(seed: int, config, b: int = 1, q: int = 120, r: int = 16, spread: float = 0.03):
+    """Clustered query point sets with skewed class scores; some points fall outside the grid."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(b, q, 1, 3, generator=g) * 1.1 - 0.05
+    points = centres + torch.randn(b, q, r, 3, generator=g) * spread
+    scores = torch.rand(b, q, r, config.num_classes, generator=g) ** 3
+    return points, scores
+
+
+@pytest.mark.parametrize("closing", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_occupancy_equals_the_sparse_post_processing(lite_config, closing, threshold, seed):
+    """Same labels, same best scores (bit for bit on the CPU: the same sums in the same order), same
+    voxels; also with every point dropped (threshold 1.0) and points outside the grid."""
+    cfg = dataclasses.replace(lite_config, closing=closing, score_threshold=threshold)
+    points, scores = _query_sets(seed, cfg)
+    ref = points_to_occupancy(points, scores, ORIGIN, cfg)
+    labels, best = dense_occupancy(points, scores, cfg)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, *cfg.grid_shape) and best.shape == labels.shape
+    got = frame_from_dense(labels[0].numpy(), best[0].numpy(), ORIGIN, cfg)
+    assert np.array_equal(got.labels, ref.labels)
+    assert np.array_equal(got.voxel_indices, ref.voxel_indices)
+    assert np.array_equal(got.voxel_labels, ref.voxel_labels)
+    assert np.array_equal(got.voxel_scores, ref.voxel_scores)
+    assert np.array_equal(got.voxel_origin, ref.voxel_origin) and got.voxel_size == ref.voxel_size
+    if threshold < 1.0:
+        assert len(ref.voxel_labels) > 100
+    else:
+        assert len(got.voxel_labels) == 0 and not best.any()
+
+
+def test_dense_occupancy_batches_like_the_batch_variant(lite_config):
+    points, scores = _query_sets(5, lite_config, b=3)
+    labels, _ = dense_occupancy(points, scores, lite_config)
+    assert torch.equal(labels.long(), labels_batch(points, scores, lite_config))
+
+
+def _frame(config, seed: int):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    k, pose = example_camera(config)
+    return image, k, pose
+
+
+def _same_frames(ref, got, exact: bool) -> None:
+    if exact:
+        assert np.array_equal(ref.labels, got.labels) and np.array_equal(ref.voxel_scores, got.voxel_scores)
+    else:  # CUDA: index_add_ sums with atomics in any order, so a voxel at a tie may flip
+        assert (ref.labels == got.labels).mean() > 0.999
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the captured graph)"))])
+def test_fused_pipeline_gives_the_frames_of_the_plain_path(lite_model, lite_config, device):
+    """launch/collect (forced on the CPU) = complete of the plain static path, frame by frame, with two
+    frames launched before either is collected (the pinned result ring), and a changed post-processing
+    setting takes effect (its own fused function, so its own captured graph on CUDA)."""
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)
+    model = lite_model if device == "cpu" else copy.deepcopy(lite_model)  # the backend moves it to CUDA
+    backend = TorchBackend(model, cfg, device=device, cuda_graph=True)
+    plain = OccupancyPipeline(backend, dataclasses.replace(cfg), fuse=False)
+    fused = OccupancyPipeline(backend, cfg, fuse=True)
+    assert not plain.fused and fused.fused and fused.launch_ahead and fused.slots == LAUNCH_AHEAD_SLOTS
+    frames = [_frame(cfg, s) for s in (0, 1)]
+    refs = [plain.complete(plain.prepare(*f, slot=i)) for i, f in enumerate(frames)]
+    launched = [fused.launch(fused.prepare(*f, slot=i)) for i, f in enumerate(frames)]
+    if device == "cpu":
+        assert all(fused.launched_done(x) for x in launched)
+    gots = [fused.collect(x) for x in launched]
+    for ref, got in zip(refs, gots, strict=True):
+        assert len(ref.voxel_labels) > 50
+        _same_frames(ref, got, exact=device == "cpu")
+    t = fused.last_timings
+    assert t.infer_ms > 0 and t.postprocess_ms > 0 and t.total_ms >= t.postprocess_ms
+    fused.config.score_threshold = plain.config.score_threshold = 0.45  # e.g. tune_postprocess
+    ref = plain.complete(plain.prepare(*frames[0]))
+    got = fused.complete(fused.prepare(*frames[0]))
+    _same_frames(ref, got, exact=device == "cpu")
+    assert len(got.voxel_labels) < len(gots[0].voxel_labels)
+    assert len(backend._fused) == 2
+
+
+def test_run_fused_needs_the_static_mode(lite_model, lite_config):
+    backend = TorchBackend(lite_model, lite_config, device="cpu")
+    assert not backend.can_fuse and not OccupancyPipeline(backend, fuse=True).fused
+    with pytest.raises(RuntimeError, match="static-buffer"):
+        backend.run_fused(None, lambda p, s: (p, s))
+
+
+class Device:
+    """Launch/finish callbacks around a pretend device: a launched frame's work is 'running' until the
+    test completes it, so the test decides when launch-ahead may happen."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, int]] = []
+        self.running: dict[int, threading.Event] = {}
+        self.slots: dict[int, int] = {}
+        self.clash = False
+
+    def prepare(self, item: int, slot: int) -> int:
+        with self.lock:
+            self.clash |= slot in self.slots.values()
+            self.slots[item] = slot
+        return item
+
+    def launch(self, item: int, prepared: int) -> int:
+        if item < 0:
+            raise ValueError("bad frame")
+        with self.lock:
+            self.running[item] = threading.Event()
+            self.events.append(("launch", item))
+        return item
+
+    def release(self, item: int) -> None:
+        """A frame that ended without finishing (dropped, or its launch failed): its slot is free again."""
+        with self.lock:
+            self.slots.pop(item, None)
+
+    def done(self, handle: int) -> bool:
+        return self.running[handle].is_set()
+
+    def finish(self, item: int, handle: int) -> None:
+        assert self.running[handle].wait(5)
+        with self.lock:
+            self.events.append(("finish", item))
+            del self.slots[item]
+        if item == 13:
+            raise RuntimeError("publishing failed")
+
+    def complete(self, item: int) -> None:
+        wait_until(lambda: item in self.running)
+        self.running[item].set()
+
+
+def test_launch_ahead_queues_the_next_frame_behind_a_running_one():
+    dev = Device()
+    runner = TwoStageRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
+                            launched_done=dev.done)
+    try:
+        runner.submit(1)
+        wait_until(lambda: ("launch", 1) in dev.events)
+        runner.submit(2)  # frame 1 still on the device: 2 is launched behind it before 1 is finished
+        wait_until(lambda: ("launch", 2) in dev.events)
+        assert dev.events == [("launch", 1), ("launch", 2)]
+        dev.complete(1)
+        wait_until(lambda: ("finish", 1) in dev.events)
+        dev.complete(2)  # nothing waits: 2 is finished as soon as its work is done, not held for a newer one
+        assert runner.wait_idle(5)
+        assert dev.events == [("launch", 1), ("launch", 2), ("finish", 1), ("finish", 2)]
+        assert runner.counts() == {"submitted": 2, "processed": 2, "failed": 0, "dropped": 0}
+    finally:
+        runner.close()
+
+
+def test_launch_ahead_counts_every_frame_and_keeps_order():
+    dev = Device()
+    errors: list[int] = []
+    runner = TwoStageRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
+                            launched_done=dev.done, on_drop=dev.release,
+                            on_error=lambda item, exc: (errors.append(item), dev.release(item)))
+    stop = threading.Event()
+
+    def device_loop() -> None:  # completes launched work in launch order, like one CUDA stream
+        n = 0
+        while not stop.is_set():
+            with dev.lock:
+                launched = [i for kind, i in dev.events if kind == "launch"]
+            for item in launched[n:]:
+                dev.running[item].set()
+            n = len(launched)
+            stop.wait(0.0005)
+
+    worker = threading.Thread(target=device_loop, daemon=True)
+    worker.start()
+    items = [*range(1, 40), -1, *range(40, 60)]  # -1: launch fails; 13: finish fails
+    try:
+        for item in items:
+            runner.submit(item)
+            if item % 3 == 0 or item in (-1, 13):  # the others may be replaced by the next one (dropped)
+                assert runner.wait_for_room(5)
+        assert runner.wait_idle(10)
+    finally:
+        stop.set()
+        runner.close()
+        worker.join(5)
+    c = runner.counts()
+    assert c["submitted"] == len(items) == c["processed"] + c["failed"] + c["dropped"]
+    assert c["failed"] == 2 and sorted(errors) == [-1, 13]
+    finished = [i for kind, i in dev.events if kind == "finish"]
+    assert finished == sorted(finished) and not dev.clash and not dev.slots
+    assert c["processed"] == len(finished) - 1  # 13 reached finish and failed there
+
+
+def test_launch_ahead_needs_a_fourth_slot():
+    with pytest.raises(ValueError, match="needs 4 buffer slots"):
+        TwoStageRunner(lambda i, s: i, lambda i, p: None, slots=3, launch=lambda i, p: p)
+
+
+def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lite_config):
+    """The node's and replay's loop (TwoStageFrames) takes the launch/collect path when the pipeline
+    offers it, and delivers the frames the plain path gives; a bad frame is skipped and counted."""
+    from rosbags.typesys import Stores, get_typestore
+
+    from discene_ros import conversions as conv
+    from discene_ros.msg_factory import TypestoreFactory
+    from discene_ros.processing import FrameInput, FrameProcessor, FrameStats, ProcessorSettings, TwoStageFrames
+
+    factory = TypestoreFactory(get_typestore(Stores.ROS2_JAZZY))
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)
+    backend = TorchBackend(lite_model, cfg, device="cpu", cuda_graph=True)
+    fused, plain = OccupancyPipeline(backend, cfg, fuse=True), OccupancyPipeline(backend, dataclasses.replace(cfg))
+
+    def frame(seed: int, encoding: str = "rgb8") -> FrameInput:
+        image, k, pose = _frame(cfg, seed)
+        msg = conv.rgb_to_image(factory, image, "cam", seed, "rgb8")
+        msg.encoding = encoding
+        return FrameInput(image=msg, camera_info=conv.k_to_camera_info(factory, k, 480, 640, "cam", seed),
+                          depth=None, cam_pose=pose)
+
+    proc = FrameProcessor(fused, ProcessorSettings(use_fallback_pose=False))
+    stats, delivered, skipped = FrameStats(), {}, []
+    loop = TwoStageFrames(proc, stats, deliver=lambda f, result: delivered.setdefault(f.stamp_ns, result),
+                          on_skip=lambda f, reason, text: skipped.append(reason))
+    assert loop.runner._launch is not None
+    for seed in (0, 1, 2):
+        loop.submit(frame(seed, "bogus" if seed == 1 else "rgb8"))
+        assert loop.runner.wait_for_room(10)
+    assert loop.wait_idle(20)
+    loop.close()
+    assert sorted(delivered) == [0, 2] and skipped == ["unsupported_encoding"]
+    snap = stats.snapshot()
+    assert snap["received"] == 3 and snap["processed"] == 2 and sum(snap["skipped"].values()) == 1
+    ref = FrameProcessor(plain, ProcessorSettings(use_fallback_pose=False)).process(frame(2))
+    assert np.array_equal(delivered[2].occupancy.labels, ref.occupancy.labels)
+    assert delivered[2].timings_ms["infer_ms"] > 0
