@@ -152,7 +152,7 @@ class OccupancyPipeline:
         pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, "
                f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize)"
                if self.tensor_path else "host preprocessing (numpy + PIL)")
-        where = "in its CUDA graph" if self.backend.torch_device.type == "cuda" else "(static buffers)" if self.fused else ""
+        where = "in its CUDA graph" if self.fused and self.backend.torch_device.type == "cuda" else "(static buffers)"
         post = (f"fused with the network {where}, launch-ahead" if self.fused else
                 "on the device" if self.tensor_path else "on the CPU")
         return f"{self.backend.describe()}; {pre}; post-processing {post}"
