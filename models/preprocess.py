@@ -14,7 +14,9 @@ Two implementations of the same function:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .geometry import grid_to_image_matrix, place_grid, scale_intrinsic
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -170,6 +174,7 @@ class _Slot:
         self.depth: torch.Tensor | None = None
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
         self.bgr = False  # the staged bytes are in BGR order
+        self.graphs: dict[tuple, Any] = {}  # (image shape, bgr, depth shape) -> CUDA graph of the device work
 
 
 class TensorPreprocessor:
@@ -178,17 +183,20 @@ class TensorPreprocessor:
     ``slots`` independent buffer sets let a pipelined caller prepare the next frame while the
     previous one is still being read (the caller says which slot to write). ``uint8_resize``
     (default: on CPU only) resizes uint8 directly with torch's CPU antialias kernel; otherwise the
-    image is resized in float32 (the only antialiased mode CUDA offers).
+    image is resized in float32 (the only antialiased mode CUDA offers). ``graphs`` (default: on
+    CUDA) captures each slot's device work (uploads from its pinned buffers, resize, normalisation,
+    depth) as one CUDA graph per input shape, replayed per frame: a dozen launches become one.
     """
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cpu", slots: int = 3,
-                 uint8_resize: bool | None = None) -> None:
+                 uint8_resize: bool | None = None, graphs: bool | None = None) -> None:
         self.config = config
         self.device = torch.device(device)
         self.size_hw = (int(config.image_size[0]), int(config.image_size[1]))
         self.grid_shape = tuple(int(n) for n in config.grid_shape)
         self.pin = self.device.type == "cuda"
         self.uint8_resize = (self.device.type == "cpu") if uint8_resize is None else bool(uint8_resize)
+        self.graphs = self.pin if graphs is None else bool(graphs) and self.pin
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
         # normalised = x * scale + shift, x in 0..255 (constants uploaded once, here)
         self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
@@ -204,6 +212,7 @@ class TensorPreprocessor:
         if slot.uploaded is not None:
             slot.uploaded.synchronize()  # the previous upload from these host buffers has finished
         if slot.host_rgb is None or tuple(slot.host_rgb.shape) != image_rgb.shape:
+            slot.graphs.clear()  # captured graphs read the old buffers
             slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
             slot.dev_rgb = torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin else None
         flipped = image_rgb[..., ::-1]
@@ -214,6 +223,7 @@ class TensorPreprocessor:
         slot.host_g2i.numpy()[0] = grid2img
         if depth is not None:
             if slot.host_depth is None or tuple(slot.host_depth.shape) != depth.shape:
+                slot.graphs.clear()
                 slot.host_depth = self._empty_host(depth.shape, torch.float32)
                 slot.dev_depth = torch.empty(depth.shape, dtype=torch.float32, device=self.device) if self.pin else None
             np.copyto(slot.host_depth.numpy(), depth, casting="same_kind")
@@ -252,22 +262,56 @@ class TensorPreprocessor:
         s = self.slots[slot % len(self.slots)]
         self._stage(s, image_rgb, depth, g2i)
         self._outputs(s, depth is not None)
+        depth_hw = None if depth is None else tuple(depth.shape)
+        graph = self._graph(s, depth_hw) if self.graphs else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._device_work(s, depth_hw)
+        if self.pin:
+            s.uploaded = torch.cuda.Event()
+            s.uploaded.record()
+        return FrameTensors(s.image, s.grid2img, s.depth if depth is not None else None, voxel_origin, slot)
+
+    def _device_work(self, s: _Slot, depth_hw: tuple[int, int] | None) -> None:
+        """Uploads (CUDA) and resize / normalise / depth resize of slot ``s`` into its output buffers."""
         if self.pin:
             rgb = s.dev_rgb.copy_(s.host_rgb, non_blocking=True)
             s.grid2img.copy_(s.host_g2i, non_blocking=True)
-            dep = None if depth is None else s.dev_depth.copy_(s.host_depth, non_blocking=True)
-            s.uploaded = torch.cuda.Event()
-            s.uploaded.record()
+            dep = None if depth_hw is None else s.dev_depth.copy_(s.host_depth, non_blocking=True)
         else:
             rgb, dep = s.host_rgb, s.host_depth
             s.grid2img.copy_(s.host_g2i)
         self._resize_normalise(rgb, s.image, s.bgr)
-        if depth is not None:
-            rows, cols = self._nearest_index(depth.shape)
+        if depth_hw is not None:
+            rows, cols = self._nearest_index(depth_hw)
             d = dep.index_select(0, rows).index_select(1, cols)
             bad = ~torch.isfinite(d) | (d < 0)
             torch.where(bad, torch.zeros((), dtype=d.dtype, device=d.device), d, out=s.depth[0, 0])
-        return FrameTensors(s.image, s.grid2img, s.depth if depth is not None else None, voxel_origin, slot)
+
+    def _graph(self, s: _Slot, depth_hw: tuple[int, int] | None) -> Any:
+        """The slot's captured device work for this input shape (captured on first use); None, with the
+        preprocessor back on eager launches for good, if capture fails."""
+        key = (tuple(s.host_rgb.shape), s.bgr, depth_hw)
+        graph = s.graphs.get(key)
+        if graph is not None:
+            return graph
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: lazy allocations and the index tables outside capture
+                self._device_work(s, depth_hw)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the pipeline's other thread may allocate or synchronise meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._device_work(s, depth_hw)
+        except RuntimeError as exc:
+            log.warning("preprocessing: CUDA graph capture failed (%s); eager launches from now on", exc)
+            self.graphs = False
+            return None
+        s.graphs[key] = graph
+        return graph
 
     def _resize_normalise(self, rgb_hwc: torch.Tensor, out: torch.Tensor, bgr: bool = False) -> None:
         x = rgb_hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view

@@ -105,7 +105,8 @@ class StaticRunner:
                 self.fn(**inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self.context():
+        # thread_local: the frame pipeline's other thread may upload, allocate or synchronise meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), self.context():
             out = self.fn(**inputs)
         torch.cuda.synchronize(self.device)
         log.info("captured a CUDA graph for inputs %s in %.1f s", {n: tuple(t.shape) for n, t in inputs.items()},
