@@ -42,10 +42,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("backend", "torch", "Inference backend: torch, onnxruntime or tensorrt"),
     ParamSpec("device", "auto", "torch device: auto, cpu or cuda[:N]"),
     ParamSpec("fp16", False, "Half precision inference (CUDA torch autocast / FP16 engine)"),
-    ParamSpec("cuda_graph", True, "torch backend: static buffers, network captured once per input shape as a CUDA "
-              "graph and replayed per frame (on the CPU: static-buffer eager replay)"),
+    ParamSpec("cuda_graph", True, "torch backend: static buffers, network and post-processing captured once per "
+              "input shape as a CUDA graph and replayed per frame, next frame launched ahead (on the CPU: "
+              "static-buffer eager replay)"),
     ParamSpec("compile", False, "torch backend on CUDA: torch.compile the network (first frame compiles for tens "
-              "of seconds, cached on disk by inductor); ignored on the CPU, which stays eager"),
+              "of seconds, cached on disk by inductor; with fp16 the paper-size student goes from 133 to 230 FPS on an "
+              "H200); ignored on the CPU, which stays eager"),
     ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image)"),
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
               "instead of the raw image"),
