@@ -293,6 +293,7 @@ class OccupancyPipeline:
         return out
 
     def close(self) -> None:
+        self._results, self._posts = [], {}
         self.backend.close()
 
 
