@@ -9,6 +9,7 @@ occupied voxels come back to the host, in one (M, 3) copy.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,8 +68,9 @@ def occupied_voxels(
     keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
     linear = batch * (nx * ny * nz) + (i * ny + j) * nz + k
-    ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
-    sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores[keep])
+    kept = keep.view(-1).nonzero()[:, 0]  # one nonzero, then index_select (cheaper than two masks)
+    ids, inverse = torch.unique(linear.view(-1).index_select(0, kept), sorted=True, return_inverse=True)
+    sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores.reshape(-1, c).index_select(0, kept))
     mean = sums / torch.bincount(inverse, minlength=len(ids)).clamp_min(1).unsqueeze(-1).to(sums.dtype)
     if config.closing:
         ids, mean = close_holes(ids, mean, b, config.grid_shape, config.score_threshold)
@@ -82,22 +84,27 @@ def close_holes(
 
     The dense (B, X, Y, Z, C) volume of voxel mean scores (0 where empty) is dilated (3x3x3 max) and
     then eroded (3x3x3 min; neighbours outside the grid are ignored, as the -inf padding of the
-    reference's max_pool3d does, so the grid border is not eroded), per class. Voxels with a class score above ``score_threshold`` keep their own scores; every other
-    voxel takes the eroded scores, and the occupied voxels are those with any class score above the
-    threshold afterwards. So a hole surrounded on all sides is filled with the smallest neighbourhood
-    maximum, and a voxel whose mean score fell to or below the threshold (mixed classes) is empty
-    unless its closed neighbourhood re-fills it. The work is cropped to the occupied box and to the
-    classes above the threshold somewhere, which leaves labels and best scores exactly as above.
+    reference's max_pool3d does, so the grid border is not eroded), per class. Voxels with a class
+    score above ``score_threshold`` keep their own scores; every other voxel takes the eroded scores,
+    and the occupied voxels are those with any class score above the threshold afterwards. So a hole
+    surrounded on all sides is filled with the smallest neighbourhood maximum, and a voxel whose mean
+    score fell to or below the threshold (mixed classes) is empty unless its closed neighbourhood
+    re-fills it. The work is cropped to the occupied box and to the classes above the threshold
+    somewhere, which leaves labels and best scores exactly as above (the other classes of a filled
+    voxel are 0). Which voxels are filled is found on packed bits (``_closed_above``), their scores
+    by the float filters; the dense volumes live in per-thread buffers reused across frames.
     """
     nx, ny, nz = (int(n) for n in grid_shape)
     c = mean.shape[-1]
     if len(ids) == 0:
         return ids, mean
+    above = mean > score_threshold
     # Only classes scoring above the threshold somewhere can fill a voxel or win its argmax: the
     # others are left out of the filters (a filled voxel gets 0 for them; label and best score exact).
-    active = (mean > score_threshold).any(dim=0).nonzero()[:, 0]
+    active = above.any(dim=0).nonzero()[:, 0]
     if len(active) == 0:
         return ids[:0], mean[:0]
+    kept = above.any(dim=-1).nonzero()[:, 0]
     # Crop to the occupied box + 2 voxels: the dilation is 0 beyond 1 voxel of it and the erosion
     # beyond 2, so the crop is exact (clipped at the grid border, where the filters ignore outside).
     b_idx, i, j, k = ids // (nx * ny * nz), (ids // (ny * nz)) % nx, (ids // nz) % ny, ids % nz
@@ -106,34 +113,91 @@ def close_holes(
     hi = [min(h, n) for h, n in zip(hi, (batch, nx, ny, nz), strict=True)]
     shape = [h - low for h, low in zip(hi, lo, strict=True)]
     local = (((b_idx - lo[0]) * shape[1] + i - lo[1]) * shape[2] + j - lo[2]) * shape[3] + k - lo[3]
-    dense = mean.new_zeros(int(np.prod(shape)), len(active))
-    dense[local] = mean[:, active]
-    dense = dense.view(*shape, len(active))
-    eroded = _filter3(_filter3(dense, torch.maximum), torch.minimum).view(-1, len(active))
-    original = torch.zeros(dense.shape[:-1].numel(), dtype=torch.bool, device=mean.device)
-    original[local] = (mean > score_threshold).any(dim=-1)
-    filled = (~original & (eroded > score_threshold).any(dim=-1)).nonzero()[:, 0]
-    # crop-local -> global flat ids of the filled voxels
+    ca, nvox = len(active), int(np.prod(shape))
+    mean = mean.detach()  # thresholds and filters: nothing to differentiate
+    # filled: not above the threshold before (empty, or occupied with only low class means), above after
+    hit = _closed_above(above.index_select(1, active), local, shape)
+    hit.index_fill_(0, local.index_select(0, kept), False)
+    filled = hit.nonzero()[:, 0]
+    # their scores: the closing of the score volume itself, read at the filled voxels only
+    w0, w1, w2 = _workspace(mean.device, mean.dtype, nvox * ca)
+    dense = w0.zero_().view(*shape, ca)
+    dense.view(nvox, ca).index_copy_(0, local, mean.index_select(1, active))
+    dilated = _filter3(dense, torch.maximum, (w1, w2))    # result in w1
+    eroded = _filter3(dilated, torch.minimum, (w0, w2)).view(nvox, ca)  # w0 (dense is consumed)
     fk = filled % shape[3]
     fj = (filled // shape[3]) % shape[2]
     fi = (filled // (shape[3] * shape[2])) % shape[1]
     fb = filled // (shape[3] * shape[2] * shape[1])
     filled_ids = (((fb + lo[0]) * nx + fi + lo[1]) * ny + fj + lo[2]) * nz + fk + lo[3]
-    filled_scores = mean.new_zeros(len(filled), c)
-    filled_scores[:, active] = eroded[filled]
-    keep = (mean > score_threshold).any(dim=-1)
-    all_ids, order = torch.sort(torch.cat([ids[keep], filled_ids]))
-    return all_ids, torch.cat([mean[keep], filled_scores])[order]
+    # merge the two sorted, disjoint id lists: an id's place is its own rank plus the other list's ids below it
+    kept_ids = ids.index_select(0, kept)
+    at_kept = torch.arange(len(kept), device=ids.device) + torch.searchsorted(filled_ids, kept_ids)
+    at_filled = torch.arange(len(filled), device=ids.device) + torch.searchsorted(kept_ids, filled_ids)
+    out_ids = ids.new_empty(len(kept) + len(filled)).index_copy_(0, at_kept, kept_ids).index_copy_(0, at_filled, filled_ids)
+    filled_scores = mean.new_zeros(len(filled), c).index_copy_(1, active, eroded.index_select(0, filled))
+    out = mean.new_empty(len(out_ids), c).index_copy_(0, at_kept, mean.index_select(0, kept))
+    return out_ids, out.index_copy_(0, at_filled, filled_scores)
 
 
-def _filter3(volume: torch.Tensor, op: object) -> torch.Tensor:
-    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``) filter of a (B, X, Y, Z, C) volume over
+def _closed_above(above: torch.Tensor, local: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """(M, A) bool "class score above the threshold" of the voxels at crop-local ``local`` -> (V,) bool:
+    is any class's closed score above the threshold, for every voxel of the crop.
+
+    Max and min commute with a threshold (``max(a, b) > t`` iff ``a > t or b > t``), so the closing of
+    the scores is above the threshold exactly where the same closing of the above-threshold bits is
+    set: one bit per class, 8 classes to a byte, so the filters run on 1 byte per voxel (not A floats)
+    and finding the filled voxels costs the same for any number of classes.
+    """
+    m, a = above.shape
+    nbytes = (a + 7) // 8
+    bits = above.new_zeros(m, nbytes * 8)
+    bits[:, :a] = above
+    weights = torch.arange(8, device=above.device)
+    packed = (bits.view(m, nbytes, 8).long() << weights).sum(dim=-1).to(torch.uint8)  # (M, nbytes)
+    nvox = int(np.prod(shape))
+    w0, w1, w2 = _workspace(above.device, torch.uint8, nvox * nbytes)
+    dense = w0.zero_().view(*shape, nbytes)
+    dense.view(nvox, nbytes).index_copy_(0, local, packed)
+    dilated = _filter3(dense, torch.bitwise_or, (w1, w2))
+    closed = _filter3(dilated, torch.bitwise_and, (w0, w2)).view(nvox, nbytes)
+    anyset = closed[:, 0]
+    for byte in range(1, nbytes):
+        anyset = anyset | closed[:, byte]
+    return anyset != 0
+
+
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX = 1 << 22  # elements per buffer kept between frames (16 MB float32); larger ones are not kept
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
+    """Three flat buffers of ``numel`` elements for the closing, reused across frames by this thread.
+
+    Fresh multi-megabyte tensors each frame cost page faults on the CPU (about 900 per frame, as much
+    time as the filters themselves); per-thread buffers keep concurrent callers apart.
+    """
+    if numel > _WORKSPACE_MAX:
+        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(3)]
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    bufs = cache.get((device, dtype))
+    if bufs is None or bufs[0].numel() < numel:
+        with torch.inference_mode(False):  # normal tensors: writable in and outside inference mode
+            bufs = cache[(device, dtype)] = [torch.empty(numel, dtype=dtype, device=device) for _ in range(3)]
+    return [b[:numel] for b in bufs]
+
+
+def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``; or ``bitwise_or``/``bitwise_and`` on
+    packed bits) filter of a (B, X, Y, Z, C) volume over
     X, Y, Z, neighbours outside the grid ignored: ``F.max_pool3d(v, 3, 1, 1)`` (and ``-max_pool3d(-v)``)
     exactly, done as three separable passes of shifted elementwise ops with channels innermost
-    (35x faster than max_pool3d on the CPU for the 60x60x36x11 volume)."""
-    for dim in (1, 2, 3):
+    (35x faster than max_pool3d on the CPU for the 60x60x36x11 volume). With ``buffers`` (two flat
+    tensors of ``volume.numel()`` elements, neither aliasing ``volume``) the passes write there
+    alternately and the result is ``buffers[0]`` viewed as the volume; without, they allocate."""
+    for n_pass, dim in enumerate((1, 2, 3)):
         n = volume.shape[dim]
-        out = volume.clone()
+        out = volume.clone() if buffers is None else buffers[n_pass % 2].view(volume.shape).copy_(volume)
         if n > 1:
             lo = out.narrow(dim, 0, n - 1)
             op(lo, volume.narrow(dim, 1, n - 1), out=lo)
