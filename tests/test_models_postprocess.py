@@ -328,3 +328,27 @@ def test_closing_buffers_are_per_thread():
     for t in threads:
         t.join()
     assert results[0] == [True] * 30 and results[1] == [True] * 30
+
+
+@pytest.mark.parametrize("closing", [True, False])
+def test_occupied_labels_are_argmax_and_max_of_occupied_voxels(lite_config, closing):
+    # The outputs' path (labels and best scores without the closed score matrix) against occupied_voxels,
+    # exactly, on random point sets dense enough for the closing to fill and to drop voxels.
+    from models.postprocess import occupied_labels, occupied_voxels
+
+    cfg = dataclasses.replace(lite_config, closing=closing, score_threshold=0.5)
+    g = torch.Generator().manual_seed(11)
+    filled = 0
+    for n in range(6):
+        b = 1 + n % 2
+        centre = torch.rand(b, 40, 1, 3, generator=g) * 0.6 + 0.2
+        points = centre + torch.randn(b, 40, 64, 3, generator=g) * (0.02 + 0.01 * n)
+        scores = torch.rand(b, 40, 64, 11, generator=g) ** (1 + n)
+        scores[..., 2] *= 0.4  # a class never above the threshold: the closing leaves it out
+        ids, mean = occupied_voxels(points, scores, cfg)
+        got_ids, label, best = occupied_labels(points, scores, cfg)
+        assert len(ids) > 20 and torch.equal(got_ids, ids)
+        if closing:
+            filled += len(ids) - len(occupied_voxels(points, scores, dataclasses.replace(cfg, closing=False))[0])
+        assert torch.equal(label, mean.argmax(dim=-1) + 1) and torch.equal(best, mean.amax(dim=-1))
+    assert filled > 0 or not closing
