@@ -251,12 +251,16 @@ def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torc
     alternately and the result is ``buffers[0]`` viewed as the volume; without, they allocate."""
     for n_pass, dim in enumerate((1, 2, 3)):
         n = volume.shape[dim]
-        out = volume.clone() if buffers is None else buffers[n_pass % 2].view(volume.shape).copy_(volume)
-        if n > 1:
-            lo = out.narrow(dim, 0, n - 1)
-            op(lo, volume.narrow(dim, 1, n - 1), out=lo)
-            hi = out.narrow(dim, 1, n - 1)
-            op(hi, volume.narrow(dim, 0, n - 1), out=hi)
+        out = torch.empty_like(volume) if buffers is None else buffers[n_pass % 2].view(volume.shape)
+        if n == 1:
+            out.copy_(volume)
+        else:  # out[i] = op(v[i-1], v[i], v[i+1]) inside, op(v[0], v[1]) and op(v[n-2], v[n-1]) at the ends
+            op(volume.narrow(dim, 0, 1), volume.narrow(dim, 1, 1), out=out.narrow(dim, 0, 1))
+            op(volume.narrow(dim, n - 2, 1), volume.narrow(dim, n - 1, 1), out=out.narrow(dim, n - 1, 1))
+            if n > 2:
+                mid = out.narrow(dim, 1, n - 2)
+                op(volume.narrow(dim, 0, n - 2), volume.narrow(dim, 2, n - 2), out=mid)
+                op(mid, volume.narrow(dim, 1, n - 2), out=mid)
         volume = out
     return volume
 
