@@ -99,15 +99,18 @@ def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig
     keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
     linear = batch * (nx * ny * nz) + (i * ny + j) * nz + k
-    # dropped points go to one id past every voxel (last after sorting, cut off below): every point is
-    # summed in its order without first gathering the kept ones
-    outside = b * nx * ny * nz
-    ids, inverse = torch.unique(torch.where(keep, linear, outside).view(-1), sorted=True, return_inverse=True)
-    sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores.reshape(-1, c))
-    mean = sums / torch.bincount(inverse, minlength=len(ids)).clamp_min(1).unsqueeze(-1).to(sums.dtype)
-    if not bool(keep.all()):
-        ids, mean = ids[:-1], mean[:-1]
-    return ids, mean
+    # Voxels by counting, not sorting (2x faster than torch.unique here): dropped points go to one cell
+    # past the grid, whose row is cut off below, so every point is summed in its order without first
+    # gathering the kept ones.
+    cells = b * nx * ny * nz
+    linear = torch.where(keep, linear, cells).view(-1)
+    counts = torch.bincount(linear, minlength=cells + 1)
+    ids = counts[:cells].nonzero()[:, 0]
+    rank = _workspace(points.device, torch.long, cells + 1, count=1)[0]
+    rank[cells] = len(ids)
+    rank.index_copy_(0, ids, torch.arange(len(ids), device=ids.device))
+    sums = scores.new_zeros(len(ids) + 1, c).index_add_(0, rank.index_select(0, linear), scores.reshape(-1, c))
+    return ids, sums[:-1] / counts.index_select(0, ids).unsqueeze(-1).to(sums.dtype)
 
 
 def close_holes(
@@ -225,20 +228,21 @@ _WORKSPACE = threading.local()
 _WORKSPACE_MAX = 1 << 22  # elements per buffer kept between frames (16 MB float32); larger ones are not kept
 
 
-def _workspace(device: torch.device, dtype: torch.dtype, numel: int) -> list[torch.Tensor]:
-    """Three flat buffers of ``numel`` elements for the closing, reused across frames by this thread.
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int = 3) -> list[torch.Tensor]:
+    """``count`` flat buffers of ``numel`` elements (no more than 3 per device and dtype), reused across
+    frames by this thread; their contents are whatever the previous user left.
 
     Fresh multi-megabyte tensors each frame cost page faults on the CPU (about 900 per frame, as much
     time as the filters themselves); per-thread buffers keep concurrent callers apart.
     """
     if numel > _WORKSPACE_MAX:
-        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(3)]
+        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
     cache = _WORKSPACE.__dict__.setdefault("buffers", {})
     bufs = cache.get((device, dtype))
     if bufs is None or bufs[0].numel() < numel:
         with torch.inference_mode(False):  # normal tensors: writable in and outside inference mode
             bufs = cache[(device, dtype)] = [torch.empty(numel, dtype=dtype, device=device) for _ in range(3)]
-    return [b[:numel] for b in bufs]
+    return [b[:numel] for b in bufs[:count]]
 
 
 def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

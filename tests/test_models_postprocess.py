@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.postprocess import labels_batch, points_to_occupancy
+from models.postprocess import labels_batch, occupied_voxels, points_to_occupancy
 
 SHAPE = np.array([60, 60, 36])
 ORIGIN = np.array([1.0, -2.0, 0.5])
@@ -352,3 +352,29 @@ def test_occupied_labels_are_argmax_and_max_of_occupied_voxels(lite_config, clos
             filled += len(ids) - len(occupied_voxels(points, scores, dataclasses.replace(cfg, closing=False))[0])
         assert torch.equal(label, mean.argmax(dim=-1) + 1) and torch.equal(best, mean.amax(dim=-1))
     assert filled > 0 or not closing
+
+
+def test_voxel_means_equal_a_unique_based_reference(lite_config):
+    # Voxels found by counting equal torch.unique + index_add_ over the kept points, bit for bit
+    # (the same points summed in the same order), with and without dropped points, batch 1 and 2.
+    cfg = dataclasses.replace(lite_config, closing=False, score_threshold=0.5)
+    g = torch.Generator().manual_seed(5)
+    for n in range(6):
+        b = 1 + n % 2
+        points = torch.rand(b, 30, 64, 3, generator=g) * 1.2 - 0.1  # some outside the grid
+        scores = torch.rand(b, 30, 64, 11, generator=g) * (0.5 if n == 5 else 1.0)
+        if n == 4:
+            scores[:] = 0.9  # nothing dropped by the threshold
+            points = points.clamp(0.0, 0.99)
+        got_ids, got = occupied_voxels(points, scores, dataclasses.replace(cfg, max_center_dist=1e9 if n == 4 else 0.6))
+        nx, ny, nz = cfg.grid_shape
+        centre_d = (points - points.mean(dim=2, keepdim=True)) * torch.tensor([nx, ny, nz]) * cfg.voxel_size
+        keep = (centre_d.norm(dim=-1) <= (1e9 if n == 4 else 0.6)) & (scores.max(dim=-1).values > 0.5)
+        ijk = torch.floor(points * torch.tensor([nx, ny, nz])).long()
+        keep &= ((ijk >= 0) & (ijk < torch.tensor([nx, ny, nz]))).all(dim=-1)
+        linear = torch.arange(b).view(b, 1, 1) * (nx * ny * nz) + (ijk[..., 0] * ny + ijk[..., 1]) * nz + ijk[..., 2]
+        ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
+        sums = torch.zeros(len(ids), 11).index_add_(0, inverse, scores[keep])
+        ref = sums / torch.bincount(inverse, minlength=len(ids)).unsqueeze(-1).float()
+        assert torch.equal(got_ids, ids) and torch.equal(got, ref)
+        assert (len(ids) == 0) == (n == 5) and (bool(keep.all()) == (n == 4))
