@@ -167,33 +167,33 @@ def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list
     # Crop to the occupied box + 2 voxels: the dilation is 0 beyond 1 voxel of it and the erosion
     # beyond 2, so the crop is exact (clipped at the grid border, where the filters ignore outside).
     b_idx, i, j, k = ids // (nx * ny * nz), (ids // (ny * nz)) % nx, (ids // nz) % ny, ids % nz
-    lo = torch.stack([b_idx.min(), i.min() - 2, j.min() - 2, k.min() - 2]).clamp_min(0).tolist()
-    hi = torch.stack([b_idx.max() + 1, i.max() + 3, j.max() + 3, k.max() + 3]).tolist()
-    hi = [min(h, n) for h, n in zip(hi, (batch, nx, ny, nz), strict=True)]
+    box = torch.aminmax(torch.stack([b_idx, i, j, k]), dim=1)
+    first, last = torch.stack(box).tolist()  # one host read for the box
+    lo = [first[0]] + [max(v - 2, 0) for v in first[1:]]
+    hi = [min(v + m, n) for v, m, n in zip(last, (1, 3, 3, 3), (batch, nx, ny, nz), strict=True)]
     shape = [h - low for h, low in zip(hi, lo, strict=True)]
     local = (((b_idx - lo[0]) * shape[1] + i - lo[1]) * shape[2] + j - lo[2]) * shape[3] + k - lo[3]
     ca, nvox = len(active), int(np.prod(shape))
     mean = mean.detach()  # thresholds and filters: nothing to differentiate
-    # filled: not above the threshold before (empty, or occupied with only low class means), above after
-    hit = _closed_above(above.index_select(1, active), local, shape)
-    hit.index_fill_(0, local.index_select(0, kept), False)
-    filled = hit.nonzero()[:, 0]
+    # every voxel above the threshold after the closing, in id order; the kept ones are among them (a
+    # closing never lowers a score), the others are filled (empty before, or occupied with low means)
+    out_local = _closed_above(above.index_select(1, active), local, shape).nonzero()[:, 0]
+    at_kept = torch.searchsorted(out_local, local.index_select(0, kept))
+    at_filled = torch.ones(len(out_local), dtype=torch.bool, device=ids.device).index_fill_(0, at_kept, False)
+    at_filled = at_filled.nonzero()[:, 0]
+    filled = out_local.index_select(0, at_filled)
     # their scores: the closing of the score volume itself, read at the filled voxels only
     w0, w1, w2 = _workspace(mean.device, mean.dtype, nvox * ca)
     dense = w0.zero_().view(*shape, ca)
     dense.view(nvox, ca).index_copy_(0, local, mean.index_select(1, active))
     dilated = _filter3(dense, torch.maximum, (w1, w2))    # result in w1
     eroded = _filter3(dilated, torch.minimum, (w0, w2)).view(nvox, ca)  # w0 (dense is consumed)
-    fk = filled % shape[3]
-    fj = (filled // shape[3]) % shape[2]
-    fi = (filled // (shape[3] * shape[2])) % shape[1]
-    fb = filled // (shape[3] * shape[2] * shape[1])
-    filled_ids = (((fb + lo[0]) * nx + fi + lo[1]) * ny + fj + lo[2]) * nz + fk + lo[3]
-    # merge the two sorted, disjoint id lists: an id's place is its own rank plus the other list's ids below it
-    kept_ids = ids.index_select(0, kept)
-    at_kept = torch.arange(len(kept), device=ids.device) + torch.searchsorted(filled_ids, kept_ids)
-    at_filled = torch.arange(len(filled), device=ids.device) + torch.searchsorted(kept_ids, filled_ids)
-    out_ids = ids.new_empty(len(kept) + len(filled)).index_copy_(0, at_kept, kept_ids).index_copy_(0, at_filled, filled_ids)
+    # crop-local -> global flat ids
+    ok = out_local % shape[3]
+    oj = (out_local // shape[3]) % shape[2]
+    oi = (out_local // (shape[3] * shape[2])) % shape[1]
+    ob = out_local // (shape[3] * shape[2] * shape[1])
+    out_ids = (((ob + lo[0]) * nx + oi + lo[1]) * ny + oj + lo[2]) * nz + ok + lo[3]
     return _Closed(out_ids, kept, at_kept, at_filled, eroded.index_select(0, filled), active)
 
 
