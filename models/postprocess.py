@@ -229,8 +229,8 @@ _WORKSPACE_MAX = 1 << 22  # elements per buffer kept between frames (16 MB float
 
 
 def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int = 3) -> list[torch.Tensor]:
-    """``count`` flat buffers of ``numel`` elements (no more than 3 per device and dtype), reused across
-    frames by this thread; their contents are whatever the previous user left.
+    """``count`` flat buffers of ``numel`` elements per device and dtype, reused across frames by this
+    thread; their contents are whatever the previous user left.
 
     Fresh multi-megabyte tensors each frame cost page faults on the CPU (about 900 per frame, as much
     time as the filters themselves); per-thread buffers keep concurrent callers apart.
@@ -238,10 +238,12 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int 
     if numel > _WORKSPACE_MAX:
         return [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
     cache = _WORKSPACE.__dict__.setdefault("buffers", {})
-    bufs = cache.get((device, dtype))
-    if bufs is None or bufs[0].numel() < numel:
+    bufs = cache.get((device, dtype), [])
+    if len(bufs) < count or bufs[0].numel() < numel:
+        size = max([numel] + [buf.numel() for buf in bufs])
         with torch.inference_mode(False):  # normal tensors: writable in and outside inference mode
-            bufs = cache[(device, dtype)] = [torch.empty(numel, dtype=dtype, device=device) for _ in range(3)]
+            bufs = cache[(device, dtype)] = [torch.empty(size, dtype=dtype, device=device)
+                                             for _ in range(max(count, len(bufs)))]
     return [b[:numel] for b in bufs[:count]]
 
 
