@@ -164,15 +164,20 @@ def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list
     if len(active) == 0:
         return None
     kept = above.any(dim=-1).nonzero()[:, 0]
-    # Crop to the occupied box + 2 voxels: the dilation is 0 beyond 1 voxel of it and the erosion
-    # beyond 2, so the crop is exact (clipped at the grid border, where the filters ignore outside).
-    b_idx, i, j, k = ids // (nx * ny * nz), (ids // (ny * nz)) % nx, (ids // nz) % ny, ids % nz
-    box = torch.aminmax(torch.stack([b_idx, i, j, k]), dim=1)
-    first, last = torch.stack(box).tolist()  # one host read for the box
-    lo = [first[0]] + [max(v - 2, 0) for v in first[1:]]
-    hi = [min(v + m, n) for v, m, n in zip(last, (1, 3, 3, 3), (batch, nx, ny, nz), strict=True)]
-    shape = [h - low for h, low in zip(hi, lo, strict=True)]
-    local = (((b_idx - lo[0]) * shape[1] + i - lo[1]) * shape[2] + j - lo[2]) * shape[3] + k - lo[3]
+    # Crop to the x planes of the occupied voxels + 2 (one frame) or to the frames they span (a batch):
+    # the dilation is 0 beyond 1 voxel of them and the erosion beyond 2, so the crop is exact (clipped at
+    # the grid border, where the filters ignore outside). A crop of whole planes is one contiguous range
+    # of flat ids, so crop-local ids are the ids minus ``base``, both ways.
+    plane = ny * nz
+    first, last = torch.stack([ids[0], ids[-1]]).tolist()  # sorted ids: one host read for the crop
+    if first // (nx * plane) == last // (nx * plane):
+        lo = max(first // plane % nx - 2, 0)
+        shape = [1, min(last // plane % nx + 3, nx) - lo, ny, nz]
+        base = (first // (nx * plane) * nx + lo) * plane
+    else:
+        shape = [last // (nx * plane) - first // (nx * plane) + 1, nx, ny, nz]
+        base = first // (nx * plane) * nx * plane
+    local = ids - base
     ca, nvox = len(active), int(np.prod(shape))
     mean = mean.detach()  # thresholds and filters: nothing to differentiate
     # every voxel above the threshold after the closing, in id order; the kept ones are among them (a
@@ -188,13 +193,7 @@ def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list
     dense.view(nvox, ca).index_copy_(0, local, mean.index_select(1, active))
     dilated = _filter3(dense, torch.maximum, (w1, w2))    # result in w1
     eroded = _filter3(dilated, torch.minimum, (w0, w2)).view(nvox, ca)  # w0 (dense is consumed)
-    # crop-local -> global flat ids
-    ok = out_local % shape[3]
-    oj = (out_local // shape[3]) % shape[2]
-    oi = (out_local // (shape[3] * shape[2])) % shape[1]
-    ob = out_local // (shape[3] * shape[2] * shape[1])
-    out_ids = (((ob + lo[0]) * nx + oi + lo[1]) * ny + oj + lo[2]) * nz + ok + lo[3]
-    return _Closed(out_ids, kept, at_kept, at_filled, eroded.index_select(0, filled), active)
+    return _Closed(out_local + base, kept, at_kept, at_filled, eroded.index_select(0, filled), active)
 
 
 def _closed_above(above: torch.Tensor, local: torch.Tensor, shape: list[int]) -> torch.Tensor:
