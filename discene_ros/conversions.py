@@ -71,7 +71,7 @@ QUATERNION_NORM2_TOL = 0.01      # | |q|^2 - 1 | allowed in TF, the tolerance tf
 # the network input in both axes; measured on the sample dataset's train frames (640x480, lite
 # 256x192), the network input then differs from full decode + the same resize by mean 0.45-0.53, max
 # 15-16 grey levels (at 1.0x: mean 0.92, max 34), and the shipped lite model's labels agree on 99.97 %
-# of the voxels (occupied IoU 99.8 %). tests/test_conversions.py holds mean <= 0.6 and max <= 20.
+# of the voxels (occupied IoU 99.8 %). tests/test_jpeg_reduced.py holds mean <= 0.6 and max <= 20.
 JPEG_REDUCE_MARGIN = 1.25
 
 

@@ -231,7 +231,7 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int 
     """``count`` flat buffers of ``numel`` elements per device and dtype, reused across frames by this
     thread; their contents are whatever the previous user left.
 
-    Fresh multi-megabyte tensors each frame cost page faults on the CPU (about 900 per frame, as much
+    Fresh multi-megabyte tensors each frame cost page faults on the CPU (900-1700 per frame, as much
     time as the filters themselves); per-thread buffers keep concurrent callers apart.
     """
     if numel > _WORKSPACE_MAX:
