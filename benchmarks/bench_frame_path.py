@@ -97,9 +97,11 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     schedule = EveryNth(marker_period)
     lock = threading.Lock()
 
+    decode_min_hw = conv.reduced_decode_size(pipe.config.image_size)  # as the node's FrameProcessor decodes
+
     def prepare(item, slot):
         t0 = time.perf_counter()
-        rgb = conv.any_image_to_rgb(image)
+        rgb = conv.any_image_to_rgb(image, decode_min_hw)
         k = conv.camera_info_to_k(info, rgb.shape[:2])
         t1 = time.perf_counter()
         prepared = pipe.prepare(rgb, k, pose, slot=slot)

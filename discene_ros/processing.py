@@ -182,6 +182,7 @@ class ProcessorSettings:
     fallback_camera_height: float = 1.0
     fallback_camera_pitch_deg: float = 15.0
     floor_z: float = 0.0
+    reduced_jpeg_decode: bool = True     # decode JPEGs at 1/2..1/8 scale when still >= 1.25x the network input
 
 
 @dataclass
@@ -235,12 +236,14 @@ class FrameProcessor:
         self.fallback_pose = fallback_camera_pose(self.settings.fallback_camera_height,
                                                   self.settings.fallback_camera_pitch_deg, self.settings.floor_z)
         self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps)
+        self.decode_min_hw = (conv.reduced_decode_size(pipeline.config.image_size)
+                              if self.settings.reduced_jpeg_decode else None)
 
     def decode(self, frame: FrameInput) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, bool]:
         """-> (rgb HxWx3 uint8, K 3x3 for that image, depth metres or None, cam_pose 4x4, used_fallback)."""
         if frame.pose_error is not None:
             raise frame.pose_error
-        rgb = conv.any_image_to_rgb(frame.image)
+        rgb = conv.any_image_to_rgb(frame.image, self.decode_min_hw)  # K below is scaled to its size
         if frame.camera_info is None:
             raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
         k = conv.camera_info_to_k(frame.camera_info, rgb.shape[:2])

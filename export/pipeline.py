@@ -34,6 +34,7 @@ from models.preprocess import TensorPreprocessor, preprocess
 
 from .backends.base import Backend
 from .backends.torch_backend import TorchBackend
+from .host_threads import intra_op_threads
 
 STAGES = ("preprocess", "infer", "postprocess", "total")
 
@@ -121,11 +122,15 @@ class OccupancyPipeline:
     centre distance, closing); anything that changes the network's inputs or outputs is refused.
     ``fuse`` (default: on CUDA with the torch backend's CUDA graph) runs post-processing inside the
     captured graph with launch/collect; on the CPU it is for tests (the sparse path is faster there).
+    ``host_threads``: torch intra-op threads for the CPU-side torch work of preprocessing and
+    post-processing, set for the calling thread only (``host_threads.intra_op_threads``); 1 by default,
+    which keeps those many small ops off the cores the inference uses. None keeps torch's setting.
     """
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100,
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, host_threads: int | None = 1):
         self.backend = backend
+        self.host_threads = host_threads
         self.config = config or backend.config
         mine, theirs = _network_fields(self.config), _network_fields(backend.config)
         if mine != theirs:
@@ -171,18 +176,19 @@ class OccupancyPipeline:
             voxel_origin = place_grid(cam_pose, floor_z=floor_z, voxel_size=self.config.voxel_size,
                                       grid_shape=tuple(self.config.grid_shape))
         event = None
-        if self.preprocessor is None:
-            inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=voxel_origin)
-        elif self.upload_stream is not None:
-            self.upload_stream.wait_stream(torch.cuda.current_stream(self.backend.torch_device))
-            with torch.cuda.stream(self.upload_stream):
+        with intra_op_threads(self.host_threads):
+            if self.preprocessor is None:
+                inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=voxel_origin)
+            elif self.upload_stream is not None:
+                self.upload_stream.wait_stream(torch.cuda.current_stream(self.backend.torch_device))
+                with torch.cuda.stream(self.upload_stream):
+                    inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
+                                               slot=slot)
+                    event = torch.cuda.Event()
+                    event.record()
+            else:
                 inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
                                            slot=slot)
-                event = torch.cuda.Event()
-                event.record()
-        else:
-            inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
-                                       slot=slot)
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:
@@ -265,7 +271,7 @@ class OccupancyPipeline:
             raw = self.backend.infer(prepared.inputs)
             points, scores = raw["points"], raw["scores"]
         t2 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), intra_op_threads(self.host_threads):
             frame = points_to_occupancy(points, scores, prepared.inputs.voxel_origin, self.config)
         t3 = time.perf_counter()
         pre = prepared.preprocess_ms

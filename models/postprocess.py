@@ -9,7 +9,9 @@ occupied voxels come back to the host, in one (M, 3) copy.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +54,36 @@ def occupied_voxels(
     (M, C), the mean score vector of the kept points in each voxel (closing applied if configured).
     Runs on the tensors' device; the grid constants are Python numbers (no host-to-device copy).
     """
+    ids, mean = _voxel_means(points, scores, config)
+    if config.closing:
+        ids, mean = close_holes(ids, mean, points.shape[0], config.grid_shape, config.score_threshold)
+    return ids, mean
+
+
+def occupied_labels(
+    points: torch.Tensor, scores: torch.Tensor, config: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``occupied_voxels`` reduced to what the outputs use: ``ids``, ``label`` (M,) long 1..C (argmax + 1)
+    and ``best`` (M,) score of that class, exactly as taken from ``mean``; the (M, C) score matrix of
+    the voxels the closing fills is never built (a third of the post-processing time on the CPU)."""
+    ids, mean = _voxel_means(points, scores, config)
+    if not config.closing:
+        best, label = mean.max(dim=-1)
+        return ids, label + 1, best
+    closed = _closing(ids, mean, points.shape[0], config.grid_shape, config.score_threshold)
+    if closed is None:  # no voxel mean above the threshold: the closing leaves nothing
+        return ids[:0], ids[:0], mean.new_zeros(0)
+    kept_best, kept_label = mean.index_select(0, closed.kept).max(dim=-1)
+    filled_best, filled_arg = closed.filled_scores.max(dim=-1)  # > threshold: never an all-zero class
+    best = mean.new_empty(len(closed.ids)).index_copy_(0, closed.at_kept, kept_best)
+    label = ids.new_empty(len(closed.ids)).index_copy_(0, closed.at_kept, kept_label)
+    best.index_copy_(0, closed.at_filled, filled_best)
+    label.index_copy_(0, closed.at_filled, closed.active.index_select(0, filled_arg))
+    return closed.ids, label + 1, best
+
+
+def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occupied voxels before closing: sorted flat ``ids`` and the ``mean`` score vectors of their points."""
     if points.shape[:3] != scores.shape[:3]:
         raise ValueError(f"points {tuple(points.shape)} and scores {tuple(scores.shape)} disagree on (B,Q,R)")
     b, c = points.shape[0], scores.shape[-1]
@@ -60,19 +92,25 @@ def occupied_voxels(
     centre = points.mean(dim=2, keepdim=True)
     d = points - centre
     dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
-    keep = (dist <= config.max_center_dist) & (scores.max(dim=-1).values > config.score_threshold)
+    keep = (dist <= config.max_center_dist) & (scores.amax(dim=-1) > config.score_threshold)
     i = torch.floor(points[..., 0] * nx).long()
     j = torch.floor(points[..., 1] * ny).long()
     k = torch.floor(points[..., 2] * nz).long()
     keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
     linear = batch * (nx * ny * nz) + (i * ny + j) * nz + k
-    ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
-    sums = scores.new_zeros(len(ids), c).index_add_(0, inverse, scores[keep])
-    mean = sums / torch.bincount(inverse, minlength=len(ids)).clamp_min(1).unsqueeze(-1).to(sums.dtype)
-    if config.closing:
-        ids, mean = close_holes(ids, mean, b, config.grid_shape, config.score_threshold)
-    return ids, mean
+    # Voxels by counting, not sorting (2x faster than torch.unique here): dropped points go to one cell
+    # past the grid, whose row is cut off below, so every point is summed in its order without first
+    # gathering the kept ones.
+    cells = b * nx * ny * nz
+    linear = torch.where(keep, linear, cells).view(-1)
+    counts = torch.bincount(linear, minlength=cells + 1)
+    ids = counts[:cells].nonzero()[:, 0]
+    rank = _workspace(points.device, torch.long, cells + 1, count=1)[0]
+    rank[cells] = len(ids)
+    rank.index_copy_(0, ids, torch.arange(len(ids), device=ids.device))
+    sums = scores.new_zeros(len(ids) + 1, c).index_add_(0, rank.index_select(0, linear), scores.reshape(-1, c))
+    return ids, sums[:-1] / counts.index_select(0, ids).unsqueeze(-1).to(sums.dtype)
 
 
 def close_holes(
@@ -82,63 +120,152 @@ def close_holes(
 
     The dense (B, X, Y, Z, C) volume of voxel mean scores (0 where empty) is dilated (3x3x3 max) and
     then eroded (3x3x3 min; neighbours outside the grid are ignored, as the -inf padding of the
-    reference's max_pool3d does, so the grid border is not eroded), per class. Voxels with a class score above ``score_threshold`` keep their own scores; every other
-    voxel takes the eroded scores, and the occupied voxels are those with any class score above the
-    threshold afterwards. So a hole surrounded on all sides is filled with the smallest neighbourhood
-    maximum, and a voxel whose mean score fell to or below the threshold (mixed classes) is empty
-    unless its closed neighbourhood re-fills it. The work is cropped to the occupied box and to the
-    classes above the threshold somewhere, which leaves labels and best scores exactly as above.
+    reference's max_pool3d does, so the grid border is not eroded), per class. Voxels with a class
+    score above ``score_threshold`` keep their own scores; every other voxel takes the eroded scores,
+    and the occupied voxels are those with any class score above the threshold afterwards. So a hole
+    surrounded on all sides is filled with the smallest neighbourhood maximum, and a voxel whose mean
+    score fell to or below the threshold (mixed classes) is empty unless its closed neighbourhood
+    re-fills it. The work is cropped to the occupied box and to the classes above the threshold
+    somewhere, which leaves labels and best scores exactly as above (the other classes of a filled
+    voxel are 0). Which voxels are filled is found on packed bits (``_closed_above``), their scores
+    by the float filters; the dense volumes live in per-thread buffers reused across frames.
     """
+    closed = _closing(ids, mean, batch, grid_shape, score_threshold)
+    if closed is None:
+        return (ids, mean) if len(ids) == 0 else (ids[:0], mean[:0])
+    filled = mean.new_zeros(len(closed.at_filled), mean.shape[-1]).index_copy_(1, closed.active, closed.filled_scores)
+    out = mean.new_empty(len(closed.ids), mean.shape[-1]).index_copy_(0, closed.at_kept, mean.index_select(0, closed.kept))
+    return closed.ids, out.index_copy_(0, closed.at_filled, filled)
+
+
+class _Closed(NamedTuple):
+    """The closing's result in pieces: output ``ids`` (sorted); the input rows ``kept`` (above the
+    threshold) go to places ``at_kept``; the filled voxels go to ``at_filled`` with ``filled_scores``
+    (F, A), their closed scores of the ``active`` classes (those above the threshold somewhere)."""
+
+    ids: torch.Tensor
+    kept: torch.Tensor
+    at_kept: torch.Tensor
+    at_filled: torch.Tensor
+    filled_scores: torch.Tensor
+    active: torch.Tensor
+
+
+def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list[int],
+             score_threshold: float) -> _Closed | None:
+    """``close_holes`` without assembling the score matrix; None when nothing is above the threshold."""
     nx, ny, nz = (int(n) for n in grid_shape)
-    c = mean.shape[-1]
     if len(ids) == 0:
-        return ids, mean
+        return None
+    above = mean > score_threshold
     # Only classes scoring above the threshold somewhere can fill a voxel or win its argmax: the
     # others are left out of the filters (a filled voxel gets 0 for them; label and best score exact).
-    active = (mean > score_threshold).any(dim=0).nonzero()[:, 0]
+    active = above.any(dim=0).nonzero()[:, 0]
     if len(active) == 0:
-        return ids[:0], mean[:0]
-    # Crop to the occupied box + 2 voxels: the dilation is 0 beyond 1 voxel of it and the erosion
-    # beyond 2, so the crop is exact (clipped at the grid border, where the filters ignore outside).
-    b_idx, i, j, k = ids // (nx * ny * nz), (ids // (ny * nz)) % nx, (ids // nz) % ny, ids % nz
-    lo = torch.stack([b_idx.min(), i.min() - 2, j.min() - 2, k.min() - 2]).clamp_min(0).tolist()
-    hi = torch.stack([b_idx.max() + 1, i.max() + 3, j.max() + 3, k.max() + 3]).tolist()
-    hi = [min(h, n) for h, n in zip(hi, (batch, nx, ny, nz), strict=True)]
-    shape = [h - low for h, low in zip(hi, lo, strict=True)]
-    local = (((b_idx - lo[0]) * shape[1] + i - lo[1]) * shape[2] + j - lo[2]) * shape[3] + k - lo[3]
-    dense = mean.new_zeros(int(np.prod(shape)), len(active))
-    dense[local] = mean[:, active]
-    dense = dense.view(*shape, len(active))
-    eroded = _filter3(_filter3(dense, torch.maximum), torch.minimum).view(-1, len(active))
-    original = torch.zeros(dense.shape[:-1].numel(), dtype=torch.bool, device=mean.device)
-    original[local] = (mean > score_threshold).any(dim=-1)
-    filled = (~original & (eroded > score_threshold).any(dim=-1)).nonzero()[:, 0]
-    # crop-local -> global flat ids of the filled voxels
-    fk = filled % shape[3]
-    fj = (filled // shape[3]) % shape[2]
-    fi = (filled // (shape[3] * shape[2])) % shape[1]
-    fb = filled // (shape[3] * shape[2] * shape[1])
-    filled_ids = (((fb + lo[0]) * nx + fi + lo[1]) * ny + fj + lo[2]) * nz + fk + lo[3]
-    filled_scores = mean.new_zeros(len(filled), c)
-    filled_scores[:, active] = eroded[filled]
-    keep = (mean > score_threshold).any(dim=-1)
-    all_ids, order = torch.sort(torch.cat([ids[keep], filled_ids]))
-    return all_ids, torch.cat([mean[keep], filled_scores])[order]
+        return None
+    kept = above.any(dim=-1).nonzero()[:, 0]
+    # Crop to the x planes of the occupied voxels + 2 (one frame) or to the frames they span (a batch):
+    # the dilation is 0 beyond 1 voxel of them and the erosion beyond 2, so the crop is exact (clipped at
+    # the grid border, where the filters ignore outside). A crop of whole planes is one contiguous range
+    # of flat ids, so crop-local ids are the ids minus ``base``, both ways.
+    plane = ny * nz
+    first, last = torch.stack([ids[0], ids[-1]]).tolist()  # sorted ids: one host read for the crop
+    if first // (nx * plane) == last // (nx * plane):
+        lo = max(first // plane % nx - 2, 0)
+        shape = [1, min(last // plane % nx + 3, nx) - lo, ny, nz]
+        base = (first // (nx * plane) * nx + lo) * plane
+    else:
+        shape = [last // (nx * plane) - first // (nx * plane) + 1, nx, ny, nz]
+        base = first // (nx * plane) * nx * plane
+    local = ids - base
+    ca, nvox = len(active), int(np.prod(shape))
+    mean = mean.detach()  # thresholds and filters: nothing to differentiate
+    # every voxel above the threshold after the closing, in id order; the kept ones are among them (a
+    # closing never lowers a score), the others are filled (empty before, or occupied with low means)
+    out_local = _closed_above(above.index_select(1, active), local, shape).nonzero()[:, 0]
+    at_kept = torch.searchsorted(out_local, local.index_select(0, kept))
+    at_filled = torch.ones(len(out_local), dtype=torch.bool, device=ids.device).index_fill_(0, at_kept, False)
+    at_filled = at_filled.nonzero()[:, 0]
+    filled = out_local.index_select(0, at_filled)
+    # their scores: the closing of the score volume itself, read at the filled voxels only
+    w0, w1, w2 = _workspace(mean.device, mean.dtype, nvox * ca)
+    dense = w0.zero_().view(*shape, ca)
+    dense.view(nvox, ca).index_copy_(0, local, mean.index_select(1, active))
+    dilated = _filter3(dense, torch.maximum, (w1, w2))    # result in w1
+    eroded = _filter3(dilated, torch.minimum, (w0, w2)).view(nvox, ca)  # w0 (dense is consumed)
+    return _Closed(out_local + base, kept, at_kept, at_filled, eroded.index_select(0, filled), active)
 
 
-def _filter3(volume: torch.Tensor, op: object) -> torch.Tensor:
-    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``) filter of a (B, X, Y, Z, C) volume over
+def _closed_above(above: torch.Tensor, local: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """(M, A) bool "class score above the threshold" of the voxels at crop-local ``local`` -> (V,) bool:
+    is any class's closed score above the threshold, for every voxel of the crop.
+
+    Max and min commute with a threshold (``max(a, b) > t`` iff ``a > t or b > t``), so the closing of
+    the scores is above the threshold exactly where the same closing of the above-threshold bits is
+    set: one bit per class, 8 classes to a byte, so the filters run on 1 byte per voxel (not A floats)
+    and finding the filled voxels costs the same for any number of classes.
+    """
+    a = above.shape[1]
+    nbytes = (a + 7) // 8
+    # class c -> bit c % 8 of byte c // 8, as one small matmul (sums of distinct powers of 2 <= 255: exact)
+    cls = torch.arange(a, device=above.device)
+    weights = torch.zeros(a, nbytes, device=above.device).index_put_((cls, cls // 8), (cls % 8).float().exp2())
+    packed = (above.float() @ weights).to(torch.uint8)  # (M, nbytes)
+    nvox = int(np.prod(shape))
+    w0, w1, w2 = _workspace(above.device, torch.uint8, nvox * nbytes)
+    dense = w0.zero_().view(*shape, nbytes)
+    dense.view(nvox, nbytes).index_copy_(0, local, packed)
+    dilated = _filter3(dense, torch.bitwise_or, (w1, w2))
+    closed = _filter3(dilated, torch.bitwise_and, (w0, w2)).view(nvox, nbytes)
+    anyset = closed[:, 0]
+    for byte in range(1, nbytes):
+        anyset = anyset | closed[:, byte]
+    return anyset != 0
+
+
+_WORKSPACE = threading.local()
+_WORKSPACE_MAX = 1 << 22  # elements per buffer kept between frames (16 MB float32); larger ones are not kept
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int = 3) -> list[torch.Tensor]:
+    """``count`` flat buffers of ``numel`` elements per device and dtype, reused across frames by this
+    thread; their contents are whatever the previous user left.
+
+    Fresh multi-megabyte tensors each frame cost page faults on the CPU (900-1700 per frame, as much
+    time as the filters themselves); per-thread buffers keep concurrent callers apart.
+    """
+    if numel > _WORKSPACE_MAX:
+        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    bufs = cache.get((device, dtype), [])
+    if len(bufs) < count or bufs[0].numel() < numel:
+        size = max([numel] + [buf.numel() for buf in bufs])
+        with torch.inference_mode(False):  # normal tensors: writable in and outside inference mode
+            bufs = cache[(device, dtype)] = [torch.empty(size, dtype=dtype, device=device)
+                                             for _ in range(max(count, len(bufs)))]
+    return [b[:numel] for b in bufs[:count]]
+
+
+def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``; or ``bitwise_or``/``bitwise_and`` on
+    packed bits) filter of a (B, X, Y, Z, C) volume over
     X, Y, Z, neighbours outside the grid ignored: ``F.max_pool3d(v, 3, 1, 1)`` (and ``-max_pool3d(-v)``)
     exactly, done as three separable passes of shifted elementwise ops with channels innermost
-    (35x faster than max_pool3d on the CPU for the 60x60x36x11 volume)."""
-    for dim in (1, 2, 3):
+    (35x faster than max_pool3d on the CPU for the 60x60x36x11 volume). With ``buffers`` (two flat
+    tensors of ``volume.numel()`` elements, neither aliasing ``volume``) the passes write there
+    alternately and the result is ``buffers[0]`` viewed as the volume; without, they allocate."""
+    for n_pass, dim in enumerate((1, 2, 3)):
         n = volume.shape[dim]
-        out = volume.clone()
-        if n > 1:
-            lo = out.narrow(dim, 0, n - 1)
-            op(lo, volume.narrow(dim, 1, n - 1), out=lo)
-            hi = out.narrow(dim, 1, n - 1)
-            op(hi, volume.narrow(dim, 0, n - 1), out=hi)
+        out = torch.empty_like(volume) if buffers is None else buffers[n_pass % 2].view(volume.shape)
+        if n == 1:
+            out.copy_(volume)
+        else:  # out[i] = op(v[i-1], v[i], v[i+1]) inside, op(v[0], v[1]) and op(v[n-2], v[n-1]) at the ends
+            op(volume.narrow(dim, 0, 1), volume.narrow(dim, 1, 1), out=out.narrow(dim, 0, 1))
+            op(volume.narrow(dim, n - 2, 1), volume.narrow(dim, n - 1, 1), out=out.narrow(dim, n - 1, 1))
+            if n > 2:
+                mid = out.narrow(dim, 1, n - 2)
+                op(volume.narrow(dim, 0, n - 2), volume.narrow(dim, 2, n - 2), out=mid)
+                op(mid, volume.narrow(dim, 1, n - 2), out=mid)
         volume = out
     return volume
 
@@ -146,9 +273,9 @@ def _filter3(volume: torch.Tensor, op: object) -> torch.Tensor:
 def labels_batch(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Torch batch variant for evaluation: (B,Q,R,3), (B,Q,R,C) sigmoid scores -> (B,X,Y,Z) long labels."""
     pts, scr = _as_batch(points, "points", 3), _as_batch(scores, "scores", None)
-    ids, mean = occupied_voxels(pts, scr, config)
+    ids, label, _ = occupied_labels(pts, scr, config)
     labels = torch.zeros(pts.shape[0] * int(np.prod(config.grid_shape)), dtype=torch.long, device=pts.device)
-    labels[ids] = mean.argmax(dim=-1) + 1
+    labels[ids] = label
     return labels.view(pts.shape[0], *config.grid_shape)
 
 
@@ -166,10 +293,9 @@ def points_to_occupancy(
     origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
-    ids, mean = occupied_voxels(pts, scr, config)
-    best, label = mean.max(dim=-1)
+    ids, label, best = occupied_labels(pts, scr, config)
     # one small device-to-host copy: (M, 3) float32 rows [flat id, label, score]; ids < 2**24 are exact
-    packed = torch.stack([ids.float(), (label + 1).float(), best.float()], dim=-1).cpu().numpy()
+    packed = torch.stack([ids.float(), label.float(), best.float()], dim=-1).cpu().numpy()
     return frame_from_voxels(packed[:, 0].astype(np.int64), packed[:, 1].astype(np.uint8), packed[:, 2], origin, config)
 
 

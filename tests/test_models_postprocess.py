@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from models.postprocess import labels_batch, points_to_occupancy
+from models.postprocess import labels_batch, occupied_voxels, points_to_occupancy
 
 SHAPE = np.array([60, 60, 36])
 ORIGIN = np.array([1.0, -2.0, 0.5])
@@ -254,3 +255,126 @@ def test_cropped_class_pruned_closing_equals_the_dense_reference(seed):
     assert torch.equal(got_ids, ref_ids)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(got.max(-1).values, ref.max(-1).values)
+
+
+def _closing_case(g: torch.Generator, kind: str):
+    """A random (ids, mean, batch, shape) for the closing: random density, or empty / full / one voxel /
+    grid faces only; a class that never passes the threshold, and scores exactly at the threshold."""
+    shape = tuple(int(s) for s in torch.randint(1, 9, (3,), generator=g))
+    batch = int(torch.randint(1, 3, (1,), generator=g))
+    n = batch * shape[0] * shape[1] * shape[2]
+    if kind == "empty":
+        ids = torch.zeros(0, dtype=torch.long)
+    elif kind == "full":
+        ids = torch.arange(n)
+    elif kind == "one":
+        ids = torch.randint(0, n, (1,), generator=g)
+    elif kind == "faces":
+        flat = torch.arange(n)
+        i, j, k = (flat // (shape[1] * shape[2])) % shape[0], (flat // shape[2]) % shape[1], flat % shape[2]
+        face = (i == 0) | (i == shape[0] - 1) | (j == 0) | (j == shape[1] - 1) | (k == 0) | (k == shape[2] - 1)
+        ids = flat[face & (torch.rand(n, generator=g) < 0.5)]
+    else:
+        ids = torch.randperm(n, generator=g)[: int(n * float(torch.rand(1, generator=g)) * 0.7)].sort().values
+    c = int(torch.randint(1, 12, (1,), generator=g))
+    mean = torch.rand(len(ids), c, generator=g) * 0.9
+    mean[torch.rand(mean.shape, generator=g) < 0.1] = 0.5  # at the threshold: not above it
+    if c > 1:
+        mean[:, int(torch.randint(0, c, (1,), generator=g))] = 0.2  # never above the threshold
+    return ids, mean, batch, shape
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "full", "one", "faces"])
+def test_closing_equals_the_dense_reference_exactly_on_random_grids(kind):
+    # Every id and every score of the classes that pass the threshold somewhere, bit for bit; the other
+    # classes of a filled voxel are 0 (a kept voxel keeps its own mean), which leaves labels unchanged.
+    from models.postprocess import close_holes
+
+    g = torch.Generator().manual_seed(sum(map(ord, kind)))
+    for _ in range(40 if kind in ("random", "faces", "one") else 8):
+        ids, mean, batch, shape = _closing_case(g, kind)
+        got_ids, got = close_holes(ids, mean, batch, list(shape), 0.5)
+        if len(ids) == 0:
+            assert len(got_ids) == 0
+            continue
+        ref_ids, ref = _reference_closing(ids, mean, batch, shape, 0.5)
+        assert torch.equal(got_ids, ref_ids)
+        inactive = ~(mean > 0.5).any(dim=0)
+        kept = torch.isin(ref_ids, ids[(mean > 0.5).any(dim=-1)])
+        ref[:, inactive] = torch.where(kept[:, None], ref[:, inactive], 0.0)
+        assert torch.equal(got, ref)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_closing_buffers_are_per_thread():
+    # The closing reuses per-thread work buffers: two threads closing different grids at the same time
+    # each get the single-threaded result.
+    from models.postprocess import close_holes
+
+    g = torch.Generator().manual_seed(7)
+    cases = [_closing_case(g, "random") for _ in range(2)]
+    expected = [close_holes(ids, mean, b, list(s), 0.5) for ids, mean, b, s in cases]
+    results: list[list[bool]] = [[], []]
+
+    def work(n: int) -> None:
+        ids, mean, b, s = cases[n]
+        for _ in range(30):
+            got = close_holes(ids, mean, b, list(s), 0.5)
+            results[n].append(torch.equal(got[0], expected[n][0]) and torch.equal(got[1], expected[n][1]))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == [True] * 30 and results[1] == [True] * 30
+
+
+@pytest.mark.parametrize("closing", [True, False])
+def test_occupied_labels_are_argmax_and_max_of_occupied_voxels(lite_config, closing):
+    # The outputs' path (labels and best scores without the closed score matrix) against occupied_voxels,
+    # exactly, on random point sets dense enough for the closing to fill and to drop voxels.
+    from models.postprocess import occupied_labels, occupied_voxels
+
+    cfg = dataclasses.replace(lite_config, closing=closing, score_threshold=0.5)
+    g = torch.Generator().manual_seed(11)
+    filled = 0
+    for n in range(6):
+        b = 1 + n % 2
+        centre = torch.rand(b, 40, 1, 3, generator=g) * 0.6 + 0.2
+        points = centre + torch.randn(b, 40, 64, 3, generator=g) * (0.02 + 0.01 * n)
+        scores = torch.rand(b, 40, 64, 11, generator=g) ** (1 + n)
+        scores[..., 2] *= 0.4  # a class never above the threshold: the closing leaves it out
+        ids, mean = occupied_voxels(points, scores, cfg)
+        got_ids, label, best = occupied_labels(points, scores, cfg)
+        assert len(ids) > 20 and torch.equal(got_ids, ids)
+        if closing:
+            filled += len(ids) - len(occupied_voxels(points, scores, dataclasses.replace(cfg, closing=False))[0])
+        assert torch.equal(label, mean.argmax(dim=-1) + 1) and torch.equal(best, mean.amax(dim=-1))
+    assert filled > 0 or not closing
+
+
+def test_voxel_means_equal_a_unique_based_reference(lite_config):
+    # Voxels found by counting equal torch.unique + index_add_ over the kept points, bit for bit
+    # (the same points summed in the same order), with and without dropped points, batch 1 and 2.
+    cfg = dataclasses.replace(lite_config, closing=False, score_threshold=0.5)
+    g = torch.Generator().manual_seed(5)
+    for n in range(6):
+        b = 1 + n % 2
+        points = torch.rand(b, 30, 64, 3, generator=g) * 1.2 - 0.1  # some outside the grid
+        scores = torch.rand(b, 30, 64, 11, generator=g) * (0.5 if n == 5 else 1.0)
+        if n == 4:
+            scores[:] = 0.9  # nothing dropped by the threshold
+            points = points.clamp(0.0, 0.99)
+        got_ids, got = occupied_voxels(points, scores, dataclasses.replace(cfg, max_center_dist=1e9 if n == 4 else 0.6))
+        nx, ny, nz = cfg.grid_shape
+        centre_d = (points - points.mean(dim=2, keepdim=True)) * torch.tensor([nx, ny, nz]) * cfg.voxel_size
+        keep = (centre_d.norm(dim=-1) <= (1e9 if n == 4 else 0.6)) & (scores.max(dim=-1).values > 0.5)
+        ijk = torch.floor(points * torch.tensor([nx, ny, nz])).long()
+        keep &= ((ijk >= 0) & (ijk < torch.tensor([nx, ny, nz]))).all(dim=-1)
+        linear = torch.arange(b).view(b, 1, 1) * (nx * ny * nz) + (ijk[..., 0] * ny + ijk[..., 1]) * nz + ijk[..., 2]
+        ids, inverse = torch.unique(linear[keep], sorted=True, return_inverse=True)
+        sums = torch.zeros(len(ids), 11).index_add_(0, inverse, scores[keep])
+        ref = sums / torch.bincount(inverse, minlength=len(ids)).unsqueeze(-1).float()
+        assert torch.equal(got_ids, ids) and torch.equal(got, ref)
+        assert (len(ids) == 0) == (n == 5) and (bool(keep.all()) == (n == 4))

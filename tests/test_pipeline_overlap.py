@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from test_ros_support import wait_until
 
 from export.backends.torch_backend import TorchBackend
@@ -151,3 +152,53 @@ def test_torch_frame_path_matches_the_numpy_path(lite_model, lite_config):
     assert len(ref.voxel_labels) > 50
     assert (got.labels == ref.labels).mean() > 0.999
     assert set(pipe.last_timings.as_dict()) == {"preprocess_ms", "infer_ms", "postprocess_ms", "total_ms"}
+
+
+def test_pre_and_post_processing_run_on_host_threads_without_touching_other_threads(lite_model, lite_config,
+                                                                                      monkeypatch):
+    """The pipeline's CPU-side torch work runs with ``host_threads`` intra-op threads for its own thread
+    only: a thread that is inferring meanwhile keeps torch's count, and so does the caller afterwards."""
+    import export.pipeline as pipeline_mod
+    from export.host_threads import _openmp, intra_op_threads
+
+    if _openmp() is None:
+        pytest.skip("torch's intra-op backend is not OpenMP")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: dict[str, int] = {}
+        other_ready, release = threading.Event(), threading.Event()
+
+        def other() -> None:  # e.g. the inference stage: started before, busy during the block
+            torch.get_num_threads()
+            other_ready.set()
+            release.wait(5)
+            seen["other"] = torch.get_num_threads()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert other_ready.wait(5)
+        with intra_op_threads(1):
+            seen["inside"] = torch.get_num_threads()
+            release.set()
+            thread.join(5)
+        seen["after"] = torch.get_num_threads()
+        assert seen == {"inside": 1, "other": 2, "after": 2}
+
+        real = pipeline_mod.points_to_occupancy
+
+        def spy(*args, **kwargs):
+            seen["post"] = torch.get_num_threads()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline_mod, "points_to_occupancy", spy)
+        cfg = dataclasses.replace(lite_config, score_threshold=0.0)
+        k, pose = example_camera(cfg)
+        pipe = OccupancyPipeline(TorchBackend(lite_model, cfg, device="cpu"))
+        image = np.zeros((*cfg.image_size, 3), np.uint8)
+        pipe.process(image, k, pose)
+        assert seen["post"] == 1 and torch.get_num_threads() == 2
+        OccupancyPipeline(TorchBackend(lite_model, cfg, device="cpu"), host_threads=None).process(image, k, pose)
+        assert seen["post"] == 2
+    finally:
+        torch.set_num_threads(before)
