@@ -82,15 +82,16 @@ def occupied_labels(
     return closed.ids, label + 1, best
 
 
-def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Occupied voxels before closing: sorted flat ``ids`` and the ``mean`` score vectors of their points."""
+def point_cells(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, int]:
+    """The voxel of every point, flat (B*Q*R,) ``b * X*Y*Z + (i * Y + j) * Z + k``, and the number of
+    cells B*X*Y*Z, which is also the index given to dropped points: beyond ``max_center_dist`` from
+    their query centre, best score at or below the threshold, or outside the grid."""
     if points.shape[:3] != scores.shape[:3]:
         raise ValueError(f"points {tuple(points.shape)} and scores {tuple(scores.shape)} disagree on (B,Q,R)")
-    b, c = points.shape[0], scores.shape[-1]
+    b = points.shape[0]
     nx, ny, nz = (int(n) for n in config.grid_shape)
     vs = float(config.voxel_size)
-    centre = points.mean(dim=2, keepdim=True)
-    d = points - centre
+    d = points - points.mean(dim=2, keepdim=True)
     dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
     keep = (dist <= config.max_center_dist) & (scores.amax(dim=-1) > config.score_threshold)
     i = torch.floor(points[..., 0] * nx).long()
@@ -98,12 +99,17 @@ def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig
     k = torch.floor(points[..., 2] * nz).long()
     keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
     batch = torch.arange(b, device=points.device).view(b, 1, 1)
-    linear = batch * (nx * ny * nz) + (i * ny + j) * nz + k
+    cells = b * nx * ny * nz
+    return torch.where(keep, batch * (nx * ny * nz) + (i * ny + j) * nz + k, cells).view(-1), cells
+
+
+def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occupied voxels before closing: sorted flat ``ids`` and the ``mean`` score vectors of their points."""
+    c = scores.shape[-1]
     # Voxels by counting, not sorting (2x faster than torch.unique here): dropped points go to one cell
     # past the grid, whose row is cut off below, so every point is summed in its order without first
     # gathering the kept ones.
-    cells = b * nx * ny * nz
-    linear = torch.where(keep, linear, cells).view(-1)
+    linear, cells = point_cells(points, scores, config)
     counts = torch.bincount(linear, minlength=cells + 1)
     ids = counts[:cells].nonzero()[:, 0]
     rank = _workspace(points.device, torch.long, cells + 1, count=1)[0]
@@ -331,18 +337,9 @@ def dense_occupancy(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
     b, c = pts.shape[0], scr.shape[-1]
     nx, ny, nz = (int(n) for n in config.grid_shape)
     n = nx * ny * nz
-    vs = float(config.voxel_size)
-    d = pts - pts.mean(dim=2, keepdim=True)
-    dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
-    keep = (dist <= config.max_center_dist) & (scr.max(dim=-1).values > config.score_threshold)
-    i = torch.floor(pts[..., 0] * nx).long()
-    j = torch.floor(pts[..., 1] * ny).long()
-    k = torch.floor(pts[..., 2] * nz).long()
-    keep &= (i >= 0) & (i < nx) & (j >= 0) & (j < ny) & (k >= 0) & (k < nz)
-    batch = torch.arange(b, device=pts.device).view(b, 1, 1)
-    linear = torch.where(keep, batch * n + (i * ny + j) * nz + k, b * n).view(-1)  # b * n: the spare row
-    sums = scr.new_zeros(b * n + 1, c).index_add_(0, linear, scr.reshape(-1, c))[:-1]
-    counts = scr.new_zeros(b * n + 1).index_add_(0, linear, keep.view(-1).to(scr.dtype))[:-1]
+    linear, cells = point_cells(pts, scr, config)  # dropped points in the spare row ``cells``
+    sums = scr.new_zeros(cells + 1, c).index_add_(0, linear, scr.reshape(-1, c))[:-1]
+    counts = scr.new_zeros(cells + 1).index_add_(0, linear, (linear < cells).to(scr.dtype))[:-1]
     mean = sums / counts.clamp_min(1).unsqueeze(-1)  # (B*N, C), 0 where no point
     occupied = counts > 0
     if config.closing:
