@@ -6,6 +6,7 @@
 #   bash scripts/device_frame_path.sh train   # paper_student trained a few hundred steps on the GPU,
 #                                             # its FP16 agreement and its frame path
 #   bash scripts/device_frame_path.sh all     # tests, CUDA graphs, lite compiled, then train (one call)
+#   bash scripts/device_frame_path.sh final   # tests, CUDA graphs, lite compiled, paper_student FP16 compiled
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -71,8 +72,9 @@ case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
 all) tests; graphs; compiled lite; train_paper ;;
+final) tests; graphs; compiled lite; compiled paper_student --precisions fp16 ;;
 *)
-    echo "unknown stage $stage (bench|train|all)" >&2
+    echo "unknown stage $stage (bench|train|all|final)" >&2
     exit 2
     ;;
 esac
