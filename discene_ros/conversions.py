@@ -67,7 +67,8 @@ MAX_TRANSLATION_M = 1e5          # |t| of a camera pose; beyond it float32 voxel
 QUATERNION_NORM2_TOL = 0.01      # | |q|^2 - 1 | allowed in TF, the tolerance tf2's BufferCore uses
 
 # Reduced JPEG decoding (compressed_to_rgb's ``min_size_hw``): libjpeg scales by 1/2, 1/4 or 1/8 inside
-# the inverse DCT, 2-2.5x faster for 640x480 -> 320x240. The image is decoded at least this many times
+# the inverse DCT, about 2x faster for 640x480 -> 320x240 on the sample frames (less on noisy images,
+# whose Huffman decoding it does not shorten). The image is decoded at least this many times
 # the network input in both axes; measured on the sample dataset's train frames (640x480, lite
 # 256x192), the network input then differs from full decode + the same resize by mean 0.45-0.53, max
 # 15-16 grey levels (at 1.0x: mean 0.92, max 34), and the shipped lite model's labels agree on 99.97 %

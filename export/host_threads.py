@@ -40,7 +40,8 @@ def _openmp() -> ctypes.CDLL | None:
             paths = {line.split()[-1] for line in maps if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
     except OSError:
         paths = set()
-    for path in sorted(paths):
+    torch_dir = os.path.dirname(torch.__file__)
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):  # torch's own copy first
         if os.path.basename(path).startswith(_OPENMP_LIBS):
             lib = ctypes.CDLL(path)  # already loaded: dlopen returns the same instance
             if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):

@@ -253,13 +253,13 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int 
 
 
 def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``; or ``bitwise_or``/``bitwise_and`` on
-    packed bits) filter of a (B, X, Y, Z, C) volume over
-    X, Y, Z, neighbours outside the grid ignored: ``F.max_pool3d(v, 3, 1, 1)`` (and ``-max_pool3d(-v)``)
-    exactly, done as three separable passes of shifted elementwise ops with channels innermost
-    (35x faster than max_pool3d on the CPU for the 60x60x36x11 volume). With ``buffers`` (two flat
-    tensors of ``volume.numel()`` elements, neither aliasing ``volume``) the passes write there
-    alternately and the result is ``buffers[0]`` viewed as the volume; without, they allocate."""
+    """3x3x3 max (``torch.maximum``) or min (``torch.minimum``; ``bitwise_or``/``bitwise_and`` on packed
+    bits) filter of a (B, X, Y, Z, C) volume over X, Y, Z, neighbours outside the grid ignored:
+    ``F.max_pool3d(v, 3, 1, 1)`` (and ``-max_pool3d(-v)``) exactly, done as three separable passes of
+    shifted elementwise ops with channels innermost (35x faster than max_pool3d on the CPU for the
+    60x60x36x11 volume). With ``buffers`` (two flat tensors of ``volume.numel()`` elements, neither
+    aliasing ``volume``) the passes write there alternately and the result is ``buffers[0]`` viewed as
+    the volume; without, they allocate."""
     for n_pass, dim in enumerate((1, 2, 3)):
         n = volume.shape[dim]
         out = torch.empty_like(volume) if buffers is None else buffers[n_pass % 2].view(volume.shape)
