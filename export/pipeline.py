@@ -407,18 +407,7 @@ class TwoStageRunner:
                     return
                 (item, prepared, slot), self._ready = self._ready, None
                 self._busy[1] = True
-            ok = True
-            try:
-                self._finish(item, prepared)
-            except BaseException as exc:
-                ok = False
-                self._report(item, exc)
-            with self._cond:
-                self.processed += int(ok)
-                self.failed += int(not ok)
-                self._free.append(slot)
-                self._busy[1] = False
-                self._cond.notify_all()
+            self._finish_counted(item, prepared, slot, idle=True)
 
     def _stage2_launch_ahead(self) -> None:
         pending = None  # (item, launched, slot): launched, not finished yet
@@ -441,13 +430,7 @@ class TwoStageRunner:
                 except BaseException as exc:
                     self._stage2_done(item, slot, exc)
             if pending is not None and (launched is not None or taken is None or self._launched_done(pending[1])):
-                item, handle, slot = pending
-                try:
-                    self._finish(item, handle)
-                except BaseException as exc:
-                    self._stage2_done(item, slot, exc)
-                else:
-                    self._stage2_done(item, slot, None)
+                self._finish_counted(*pending)
                 pending = None
             if launched is not None:
                 pending = launched
@@ -456,14 +439,26 @@ class TwoStageRunner:
                     self._busy[1] = False
                     self._cond.notify_all()
 
-    def _stage2_done(self, item: Any, slot: int, exc: BaseException | None) -> None:
-        """Count a frame stage 2 ended (processed, or failed with ``exc``) and free its slot."""
+    def _finish_counted(self, item: Any, handle: Any, slot: int, idle: bool = False) -> None:
+        """``finish`` a frame (a failure is reported, never raised), then ``_stage2_done``."""
+        try:
+            self._finish(item, handle)
+        except BaseException as exc:  # bad input or a failed publish: counted, never kills the thread
+            self._stage2_done(item, slot, exc, idle)
+        else:
+            self._stage2_done(item, slot, None, idle)
+
+    def _stage2_done(self, item: Any, slot: int, exc: BaseException | None, idle: bool = False) -> None:
+        """Count a frame stage 2 ended (processed, or failed with ``exc``) and free its slot; ``idle``:
+        stage 2 holds no other frame now."""
         if exc is not None:
             self._report(item, exc)
         with self._cond:
             self.processed += int(exc is None)
             self.failed += int(exc is not None)
             self._free.append(slot)
+            if idle:
+                self._busy[1] = False
             self._cond.notify_all()
 
     def _report(self, item: Any, exc: BaseException) -> None:

@@ -359,15 +359,6 @@ def dense_occupancy(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
 def frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndarray,
                      config: ModelConfig) -> OccupancyFrame:
     """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores."""
-    nx, ny, nz = (int(n) for n in config.grid_shape)
     flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
     ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
-    indices = np.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], axis=-1).astype(np.int32).reshape(-1, 3)
-    return OccupancyFrame(
-        labels=flat.reshape(nx, ny, nz).copy(),
-        voxel_indices=indices,
-        voxel_labels=flat[ids],
-        voxel_scores=np.asarray(best, dtype=np.float32).reshape(-1)[ids],
-        voxel_origin=np.asarray(voxel_origin, dtype=np.float64).reshape(3),
-        voxel_size=float(config.voxel_size),
-    )
+    return frame_from_voxels(ids, flat[ids], np.asarray(best, dtype=np.float32).reshape(-1)[ids], voxel_origin, config)
