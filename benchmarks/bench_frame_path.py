@@ -24,7 +24,8 @@ run seeded random weights with score threshold 0, the worst case for post-proces
 ``--append`` merges rows into an existing JSON (e.g. a separate, shorter paper_student run on CPU).
 ``--tf32`` / ``--cudnn-benchmark`` pass the torch backend's options of those names (CUDA only; FP32 is
 IEEE with cuDNN's heuristic algorithms without them); each row records both as booleans, as they ran
-(false on the CPU, where they change nothing).
+(false on the CPU, where they change nothing). Run each variant as a process of its own (cuDNN's
+plan cache does not key on cudnn.benchmark; scripts/device_frame_path.sh fp32 does so).
 JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms",
 "stages_ms": {...}, "tf32", "cudnn_benchmark", ...}]}.
 """

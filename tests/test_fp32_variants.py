@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import export.backends.torch_backend as torch_backend_module
-from export.fp16 import TORCH_VARIANTS, torch_variant_agreement
+from export.fp16 import TORCH_VARIANTS, OwnThread, torch_variant_agreement
 
 ROOT = Path(__file__).resolve().parents[1]
 LITE = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
@@ -112,3 +113,27 @@ def test_agreement_rows_per_variant_with_the_backends_on_the_cpu(tmp_path, monke
     variant_options = [o for o in made if o.get("cuda_graph") and set(o) != {"cuda_graph"}]
     assert variant_options == [{"cuda_graph": True, **TORCH_VARIANTS[v]} for v in ("tf32", "tf32_cudnn_benchmark")]
     assert sum(o == {"cuda_graph": True} for o in made) == 3  # two references + the graph-vs-eager row
+
+
+def test_each_compared_backend_runs_on_one_thread_of_its_own():
+    """cuDNN's plan cache is per thread: every call of one backend on the same thread, not the caller's,
+    and two backends on two threads."""
+    class Recorder:
+        def __init__(self):
+            self.threads: list[int] = []
+
+        def infer(self, frame):
+            self.threads.append(threading.get_ident())
+            return {"frame": frame}
+
+        def close(self):
+            self.threads.append(threading.get_ident())
+
+    a, b = Recorder(), Recorder()
+    wa, wb = OwnThread(a), OwnThread(b)
+    assert [wa.infer(i)["frame"] for i in range(3)] == [0, 1, 2]
+    wb.infer(0)
+    wa.close()
+    wb.close()
+    assert len(set(a.threads)) == 1 and len(a.threads) == 4 and threading.get_ident() not in a.threads
+    assert set(a.threads) != set(b.threads)
