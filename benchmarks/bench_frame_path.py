@@ -22,8 +22,12 @@ runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GP
 lite uses the shipped checkpoint (discene_ros/data/lite_distilled.pt) when present; other configs
 run seeded random weights with score threshold 0, the worst case for post-processing and messages.
 ``--append`` merges rows into an existing JSON (e.g. a separate, shorter paper_student run on CPU).
+``--tf32`` / ``--cudnn-benchmark`` pass the torch backend's options of those names (CUDA only; FP32 is
+IEEE with cuDNN's heuristic algorithms without them); each row records both as booleans, as they ran
+(false on the CPU, where they change nothing). Run each variant as a process of its own (cuDNN's
+plan cache does not key on cudnn.benchmark; scripts/device_frame_path.sh fp32 does so).
 JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms",
-"stages_ms": {...}, ...}]}.
+"stages_ms": {...}, "tf32", "cudnn_benchmark", ...}]}.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def device_name(device: str) -> str:
 
 
 def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool,
-                 weights: dict[str, Path] | None = None):
+                 weights: dict[str, Path] | None = None, tf32: bool = False, cudnn_benchmark: bool = False):
     """Torch backend with the given or shipped weights where there are some, else seeded random weights."""
     ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
     if ckpt is not None and ckpt.is_file():
@@ -74,7 +78,8 @@ def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda
         model = build_model(cfg)
         cfg.score_threshold = 0.0  # random weights: keep every point (worst case for post-processing)
         label = "random (seed 0), score threshold 0"
-    backend = TorchBackend(model.eval(), cfg, device=device, fp16=fp16, compile=compile_, cuda_graph=cuda_graph)
+    backend = TorchBackend(model.eval(), cfg, device=device, fp16=fp16, compile=compile_, cuda_graph=cuda_graph,
+                           tf32=tf32, cudnn_benchmark=cudnn_benchmark)
     return backend, label
 
 
@@ -159,6 +164,13 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     }
 
 
+def append_key(row: dict) -> tuple:
+    """What makes two rows the same measurement for ``--append``; rows from before ``tf32`` and
+    ``cudnn_benchmark`` were recorded ran with both off."""
+    return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
+            bool(row.get("tf32", False)), bool(row.get("cudnn_benchmark", False)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -171,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="torch.compile on CUDA (tens of seconds per precision)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager instead of the static/CUDA-graph runner")
+    parser.add_argument("--tf32", action="store_true", help="TF32 convolutions/matmuls in FP32 (CUDA; default IEEE)")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
     parser.add_argument("--marker-period", type=int, default=10)
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
                         help="post-processing closing: on (the node's default), off, or as the checkpoint says")
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs:
         for precision in precisions:
             backend, used = make_backend(name, args.device, precision == "fp16", args.compile,
-                                         not args.no_cuda_graph, weights)
+                                         not args.no_cuda_graph, weights, args.tf32, args.cudnn_benchmark)
             if args.closing != "model":
                 backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
@@ -209,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
-                       "closing": bool(backend.config.closing)}
+                       "closing": bool(backend.config.closing),  # tf32/cudnn_benchmark: as they ran (CUDA only)
+                       "tf32": bool(backend.tf32 and args.device == "cuda"), "cudnn_benchmark": backend.cudnn_benchmark}
                 rows.append(row)
                 s = row["stages_ms"]
                 print(f"  {kind:5s} fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
@@ -227,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--append: {path} was measured on {old.get('device')!r}, this run on {out['device']!r}",
                       file=sys.stderr)
                 return 2
-            key = ("config", "backend", "precision", "input", "closing")
-            new_keys = {tuple(r2.get(k) for k in key) for r2 in rows}
-            keep = [r for r in old["rows"] if tuple(r.get(k) for k in key) not in new_keys]
+            new_keys = {append_key(r2) for r2 in rows}
+            keep = [r for r in old["rows"] if append_key(r) not in new_keys]
             out["rows"] = keep + rows
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1) + "\n")

@@ -1,11 +1,14 @@
-"""FP16 against FP32 on trained weights, over a dataset split: voxel-label agreement and IoU (issue 10).
+"""FP16 (or TF32) against FP32 on trained weights, over a dataset split: voxel-label agreement and IoU (issue 10).
 
     python benchmarks/fp16_agreement.py --checkpoint discene_ros/data/lite_distilled.pt \\
-        --data runs/synth_lite --split val --device cuda [--onnx] --json F [--append]
+        --data runs/synth_lite --split val --device cuda [--compare fp16 tf32 ...] [--onnx] --json F [--append]
 
 Compares, through the node's post-processing (``export.fp16.compare_backends``):
-- ``torch_autocast``: the torch backend's FP16 autocast against its FP32 (TF32 off), both as CUDA
-  graphs (CUDA only);
+- ``torch_autocast`` (``--compare fp16``, the default): the torch backend's FP16 autocast against its
+  FP32 (TF32 off), both as CUDA graphs (CUDA only);
+- ``torch_tf32``, ``torch_cudnn_benchmark``, ``torch_tf32_cudnn_benchmark`` (``--compare tf32`` ...):
+  the torch backend with those options against its IEEE FP32, both as CUDA graphs (CUDA only;
+  ``export.fp16.TORCH_VARIANTS``);
 - ``cuda_graph_vs_eager``: the FP32 CUDA-graph replay against eager FP32 on the same device (they
   must agree exactly up to kernel choice);
 - ``onnx_fp16`` (``--onnx``): the FP16 ONNX companion that ``discene-export --fp16`` writes, on
@@ -29,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.backends.torch_backend import TorchBackend  # noqa: E402
-from export.fp16 import compare_backends, fp16_onnx_agreement, torch_autocast_agreement  # noqa: E402
+from export.fp16 import TORCH_VARIANTS, compare_backends, fp16_onnx_agreement, torch_variant_agreement  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.preprocess import FrameInputs  # noqa: E402
@@ -74,9 +77,10 @@ def guarded(out: dict[str, Any], name: str, row: Any) -> None:
         out["rows"][name] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def autocast_row(model: Any, cfg: ModelConfig, frames: list, targets: list, source: str) -> dict[str, Any]:
+def variant_row(model: Any, cfg: ModelConfig, frames: list, targets: list, source: str,
+                variant: str) -> dict[str, Any]:
     pairs: list = []
-    row = torch_autocast_agreement(model, cfg, frames, source, labels_out=pairs)
+    row = torch_variant_agreement(model, cfg, frames, source, variant, labels_out=pairs)
     return with_metrics(row, pairs, targets, cfg)
 
 
@@ -105,6 +109,11 @@ def onnx_row(args: argparse.Namespace, model: Any, cfg: ModelConfig, frames: lis
     return with_metrics(row, pairs, targets, cfg)
 
 
+def row_name(variant: str) -> str:
+    """JSON row of a ``--compare`` variant (``torch_autocast`` for fp16, as in the earlier results)."""
+    return "torch_autocast" if variant == "fp16" else f"torch_{variant}"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model, cfg = load_model(args.checkpoint, map_location="cpu")
     if args.score_threshold is not None:
@@ -117,7 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "data": source, "torch": torch.__version__, "rows": {}}
     if args.device == "cuda":
         out["device"] = torch.cuda.get_device_name()
-        guarded(out, "torch_autocast", lambda: autocast_row(model, cfg, frames, targets, source))
+        for variant in args.compare:
+            guarded(out, row_name(variant), lambda v=variant: variant_row(model, cfg, frames, targets, source, v))
         guarded(out, "cuda_graph_vs_eager", lambda: graph_row(model, cfg, frames))
     if args.onnx:
         guarded(out, "onnx_fp16", lambda: onnx_row(args, model, cfg, frames, targets, source))
@@ -131,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--max-frames", type=int, default=None)
     parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"],
-                        help="cuda: torch autocast rows; cpu: only --onnx (torch FP16 runs on CUDA only)")
+                        help="cuda: torch rows (--compare); cpu: only --onnx (torch FP16/TF32 run on CUDA only)")
+    parser.add_argument("--compare", nargs="+", default=None, choices=sorted(TORCH_VARIANTS),
+                        help="torch variants against IEEE FP32 on CUDA (default fp16)")
     parser.add_argument("--onnx", action="store_true", help="also the FP16 ONNX on onnxruntime CPU")
     parser.add_argument("--onnx-frames", type=int, default=16)
     parser.add_argument("--score-threshold", type=float, default=None, help="default: the checkpoint's")
@@ -140,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--append", action="store_true", help="add to a list of results in --json")
     args = parser.parse_args(argv)
+    if args.device == "cpu" and args.compare:
+        parser.error(f"--compare {' '.join(args.compare)} needs --device cuda: FP16 autocast, TF32 and "
+                     f"cudnn.benchmark are CUDA modes of the torch backend (on the CPU: --onnx only)")
+    args.compare = args.compare or ["fp16"]
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: this torch has no usable CUDA", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ so every backend feeds and reads the same arrays. Only onnx itself is used (no o
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,20 +215,71 @@ def fp16_onnx_agreement(fp16_onnx: str | Path, model: torch.nn.Module, config: A
             "runtime": "onnxruntime CPUExecutionProvider, FP16 graph"}
 
 
+# Torch backend options compared with its IEEE FP32 (TF32 off, cuDNN's heuristic algorithms) on CUDA.
+TORCH_VARIANTS: dict[str, dict[str, bool]] = {
+    "fp16": {"fp16": True},
+    "tf32": {"tf32": True},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
+    "tf32_cudnn_benchmark": {"tf32": True, "cudnn_benchmark": True},
+}
+_VARIANT_LABELS = {"fp16": "FP16 autocast", "tf32": "TF32", "cudnn_benchmark": "cudnn.benchmark"}
+
+
+class OwnThread:
+    """A backend whose ``infer`` calls all run on one thread of its own.
+
+    PyTorch's cuDNN (v8 API, the default) keeps the convolution plan it chose per thread, keyed by
+    shapes, dtype and the TF32 flag but not by ``cudnn.benchmark``: two backends warmed up on the same
+    thread would share plans, so a benchmarked variant would silently reuse the reference's heuristic
+    choice (or the reverse). With ``TORCH_CUDNN_V8_API_DISABLED=1`` the cache is process-wide and this
+    does not separate them.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agreement-backend")
+
+    def infer(self, frame: Any) -> dict[str, np.ndarray]:
+        return self.pool.submit(self.backend.infer, frame).result()
+
+    def close(self) -> None:
+        try:
+            self.pool.submit(self.backend.close).result()
+        finally:
+            self.pool.shutdown()
+
+
+def torch_variant_agreement(model: torch.nn.Module, config: Any, frames: list[Any], source: str,
+                            variant: str = "fp16", device: str = "cuda", cuda_graph: bool = True,
+                            labels_out: list | None = None) -> dict[str, Any]:
+    """The torch backend with the options of ``TORCH_VARIANTS[variant]`` (FP16 autocast, TF32,
+    cudnn.benchmark) against its IEEE FP32 on one CUDA device, both replayed as CUDA graphs by default
+    (the node's path), over ``frames``: see ``label_agreement``. All of them are CUDA modes (on the CPU
+    the TF32/benchmark runs would be the reference itself), so another device is refused. Each backend
+    runs on its own thread (``OwnThread``: cuDNN's plan choice stays its own)."""
+    from .backends.torch_backend import TorchBackend
+
+    options = TORCH_VARIANTS.get(variant)
+    if options is None:
+        raise ValueError(f"unknown torch variant '{variant}'; choose one of {sorted(TORCH_VARIANTS)}")
+    if str(device).split(":")[0] != "cuda":
+        raise ValueError(f"the torch '{variant}' comparison needs a CUDA device ({device} given): FP16 autocast, "
+                         f"TF32 and cudnn.benchmark are CUDA modes of the torch backend")
+    ref_backend = OwnThread(TorchBackend(model, config, device=device, cuda_graph=cuda_graph))
+    other_backend = OwnThread(TorchBackend(model, config, device=device, cuda_graph=cuda_graph, **options))
+    try:
+        result = compare_backends(ref_backend, other_backend, config, frames, labels_out)
+    finally:
+        ref_backend.close()
+        other_backend.close()
+    mode = "CUDA graph" if cuda_graph else "eager"
+    return {**result, "frames_source": source, "variant": variant,
+            "reference": f"torch {mode} {device} float32 (TF32 off)",
+            "runtime": f"torch {mode} {device}, " + " + ".join(_VARIANT_LABELS[k] for k in options)}
+
+
 def torch_autocast_agreement(model: torch.nn.Module, config: Any, frames: list[Any], source: str,
                              device: str = "cuda", cuda_graph: bool = True,
                              labels_out: list | None = None) -> dict[str, Any]:
-    """The torch backend's FP16 autocast against its FP32 (TF32 off) on one CUDA device, both replayed
-    as CUDA graphs by default (the node's path), over ``frames``: see ``label_agreement``."""
-    from .backends.torch_backend import TorchBackend
-
-    ref_backend = TorchBackend(model, config, device=device, cuda_graph=cuda_graph)
-    fp16_backend = TorchBackend(model, config, device=device, fp16=True, cuda_graph=cuda_graph)
-    try:
-        result = compare_backends(ref_backend, fp16_backend, config, frames, labels_out)
-    finally:
-        ref_backend.close()
-        fp16_backend.close()
-    mode = "CUDA graph" if cuda_graph else "eager"
-    return {**result, "frames_source": source, "reference": f"torch {mode} {device} float32 (TF32 off)",
-            "runtime": f"torch {mode} {device}, FP16 autocast"}
+    """The torch backend's FP16 autocast against its FP32: ``torch_variant_agreement(..., "fp16")``."""
+    return torch_variant_agreement(model, config, frames, source, "fp16", device, cuda_graph, labels_out)

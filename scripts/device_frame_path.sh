@@ -7,12 +7,17 @@
 #                                             # its FP16 agreement and its frame path
 #   bash scripts/device_frame_path.sh all     # tests, CUDA graphs, lite compiled, then train (one call)
 #   bash scripts/device_frame_path.sh final   # tests, CUDA graphs, lite compiled, paper_student FP16 compiled
+#   bash scripts/device_frame_path.sh fp32    # tests, paper_student trained as in `train`, its TF32 /
+#                                             # cudnn.benchmark agreement with IEEE FP32, then its FP32
+#                                             # frame path (compile + graphs) IEEE, cudnn.benchmark, TF32,
+#                                             # TF32 + cudnn.benchmark (time limits 40 + 200 + 60 + 4 x 62 s;
+#                                             # earlier H200 call: training 140 s, 83 s for two compiled precisions)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train}
+stage=${1:?usage: $0 bench|train|all|final|fp32}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -34,8 +39,8 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log its wall ti
   python3 -c "import torch, numpy, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'numpy', numpy.__version__, 'ort', onnxruntime.__version__)"; nproc; } 2>&1 | tee -a "$log"
 
-tests() {
-    step 90 "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
+tests() {  # tests [SECONDS]
+    step "${1:-90}" "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
         -p no:cacheprovider tests/test_preprocess_device.py tests/test_cuda_mem.py tests/test_backends.py \
         tests/test_fused_postprocess.py -k "device or cuda or static or graph or fused or launch or dense"
 }
@@ -52,7 +57,7 @@ compiled() {  # torch.compile + CUDA graphs for the given configs
     step 150 "frame path, torch.compile + CUDA graphs ($*)" python3 benchmarks/bench_frame_path.py --device cuda \
         --configs "$@" --frames 300 --compile --json "$out/frame_path_gpu.json" --append
 }
-train_paper() {  # paper_student a few hundred steps; its FP16 agreement and its frame path
+train_student() {  # paper_student a few hundred steps; sets $ckpt
     step 200 "paper_student, a few hundred steps" python3 -m training.device_run --config paper_student \
         --name paper_student --steps 400 --batch 8 --amp bf16 --workers 12 --device cuda --budget-s 180 \
         --reserve-s 35 --scenes 60 --out /tmp/handback --work /tmp/work --data /tmp/synth \
@@ -60,6 +65,9 @@ train_paper() {  # paper_student a few hundred steps; its FP16 agreement and its
     cp /tmp/handback/paper_student/runs.jsonl "$out/paper_student_runs.jsonl" 2>/dev/null
     ckpt=/tmp/work/paper_student/final.pt
     [ -f "$ckpt" ] || ckpt=/tmp/work/paper_student/last.pt
+}
+train_paper() {  # paper_student a few hundred steps; its FP16 agreement and its frame path
+    train_student
     step 100 "FP16 agreement, trained paper_student, val split" python3 benchmarks/fp16_agreement.py \
         --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 --onnx --onnx-frames 8 \
         --score-threshold 0.3 --json "$out/fp16_agreement.json" --append
@@ -67,14 +75,28 @@ train_paper() {  # paper_student a few hundred steps; its FP16 agreement and its
         --device cuda --configs paper_student --weights "paper_student=$ckpt" --frames 300 --compile \
         --json "$out/frame_path_gpu_trained.json"
 }
+fp32_paper() {  # trained paper_student in FP32: TF32/cudnn.benchmark agreement, then FP32 frame path per variant
+    train_student
+    step 60 "TF32 / cudnn.benchmark agreement with IEEE FP32, trained paper_student, val split" \
+        python3 benchmarks/fp16_agreement.py --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 \
+        --compare tf32 tf32_cudnn_benchmark cudnn_benchmark --score-threshold 0.3 --json "$out/tf32_agreement.json"
+    local flags
+    for flags in "" "--tf32 --cudnn-benchmark" "--cudnn-benchmark" "--tf32"; do
+        # shellcheck disable=SC2086  # $flags: zero to two separate options
+        step 62 "frame path, trained paper_student FP32, compile + CUDA graphs, ${flags:-IEEE}" \
+            python3 benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 \
+            --weights "paper_student=$ckpt" --frames 300 --compile $flags --json "$out/frame_path_gpu_fp32.json" --append
+    done
+}
 
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
 all) tests; graphs; compiled lite; train_paper ;;
 final) tests; graphs; compiled lite; compiled paper_student --precisions fp16 ;;
+fp32) tests 40; fp32_paper ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final)" >&2
+    echo "unknown stage $stage (bench|train|all|final|fp32)" >&2
     exit 2
     ;;
 esac

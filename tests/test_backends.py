@@ -191,3 +191,77 @@ def test_forward_builds_no_host_tensor(lite_model, lite_config):
         g2i.new_tensor([1.0, 2.0])
         g2i.sum().item()
     assert any("lift_fresh" in op for op in probe.ops) and any("_local_scalar_dense" in op for op in probe.ops)
+
+
+def _flags() -> tuple[bool, bool, bool]:
+    return torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture()
+def restore_cudnn_flags():
+    saved = _flags()
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cudnn_benchmark_option_reaches_the_backend_and_does_nothing_on_the_cpu(lite_config, restore_cudnn_flags):
+    backend = create_backend("torch", None, config=lite_config, device="cpu", cuda_graph=True, cudnn_benchmark=True)
+    assert "cudnn_benchmark requested but the device is the CPU: no effect" in backend.describe()
+    assert backend.cudnn_benchmark is False  # what runs: the flag only acts on CUDA
+    plain = create_backend("torch", None, config=lite_config, device="cpu")
+    assert plain.cudnn_benchmark is False and "cudnn" not in plain.describe()
+    for outside in (False, True):  # the CPU backend and the option off both leave the global flag alone
+        torch.backends.cudnn.benchmark = outside
+        for b in (backend, plain):
+            with b._context():
+                assert torch.backends.cudnn.benchmark is outside
+            assert torch.backends.cudnn.benchmark is outside
+
+
+def test_context_sets_and_restores_cudnn_benchmark_around_every_run(lite_model, lite_config, restore_cudnn_flags):
+    """With the option in force (as on CUDA; the flags themselves need no GPU), cudnn.benchmark is on
+    in every forward of the backend (static-buffer build and replay, eager) and restored after,
+    also when the forward raises; the TF32 flags are set and restored beside it."""
+    seen: list[tuple[bool, bool, bool]] = []
+    hook = lite_model.register_forward_pre_hook(lambda *_: seen.append(_flags()))
+    try:
+        for cuda_graph in (True, False):
+            backend = TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=cuda_graph, tf32=True)
+            backend.cudnn_benchmark = True  # what __init__ sets on a CUDA device
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+            seen.clear()
+            backend.infer(_frame(lite_config))
+            backend.infer(_frame(lite_config, seed=1))
+            assert seen and all(s == (True, True, True) for s in seen), seen
+            assert _flags() == (False, False, False)
+    finally:
+        hook.remove()
+    torch.backends.cudnn.benchmark = True
+    with pytest.raises(RuntimeError, match="boom"), backend._context():
+        raise RuntimeError("boom")
+    assert _flags() == (True, False, False)  # restored to what it was, not switched off
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tf32_and_cudnn_benchmark_capture_and_agreement(lite_model, lite_config, restore_cudnn_flags):
+    """On CUDA: the flags are on while the graph is warmed up and captured, restored after; the
+    TF32 / cudnn.benchmark agreement rows run and count label agreement against IEEE FP32."""
+    from export.fp16 import torch_variant_agreement
+
+    seen: list[tuple[bool, bool, bool]] = []
+    torch.backends.cudnn.benchmark = False
+    hook = lite_model.register_forward_pre_hook(lambda *_: seen.append(_flags()))
+    try:
+        backend = TorchBackend(lite_model, lite_config, device="cuda", cuda_graph=True, tf32=True, cudnn_benchmark=True)
+        out = backend.infer(_frame(lite_config))
+        backend.close()
+    finally:
+        hook.remove()
+    assert seen and all(s == (True, True, True) for s in seen) and np.isfinite(out["points"]).all()
+    assert _flags()[0] is False
+    frames = [_frame(lite_config, seed=s) for s in (0, 1)]
+    for variant in ("tf32", "cudnn_benchmark", "tf32_cudnn_benchmark"):
+        row = torch_variant_agreement(lite_model, lite_config, frames, "test", variant)
+        assert row["variant"] == variant and row["frames"] == 2 and 0.0 <= row["label_agreement"] <= 1.0
+    assert "TF32 + cudnn.benchmark" in row["runtime"] and "(TF32 off)" in row["reference"]

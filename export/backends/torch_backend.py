@@ -9,6 +9,9 @@ Modes (``describe()`` and the start-up log say which one runs, and why a request
 - ``compile``: ``torch.compile`` (inductor) of the forward, CUDA only (CPU stays eager); it takes
   tens of seconds on the first frame of each precision, reused from inductor's on-disk FX graph
   cache on later starts.
+- ``cudnn_benchmark`` (off by default): on CUDA, ``torch.backends.cudnn.benchmark`` is on while this
+  backend runs, so cuDNN times its convolution algorithms during the warm-up and the captured graph
+  keeps the fastest; off, cuDNN's heuristic choice is used (and the global flag is left alone).
 - ``run_fused``: with a CUDA graph, a fixed-shape post-processing function (``dense_occupancy``) is
   captured in the same graph as the network, so one replay gives the voxel grid with no host sync.
 """
@@ -122,13 +125,16 @@ class TorchBackend(Backend):
     (models/geometry.py, models/sampling.py). FP32 on CUDA is true FP32: TF32 convolutions/matmuls are
     switched off during ``infer`` unless ``tf32=True`` (measured on an H100 with random-but-active
     weights: TF32 moved paper_student points by up to 0.2 grid units and changed half of the occupied
-    voxel labels, IEEE FP32 by 0.001 and 0.2 %).
+    voxel labels, IEEE FP32 by 0.001 and 0.2 %; on trained weights not measured yet:
+    ``benchmarks/fp16_agreement.py --compare tf32``). ``cudnn_benchmark=True`` autotunes cuDNN's
+    convolution algorithms on CUDA (see the module docstring); neither option changes anything on the CPU.
     """
 
     name = "torch"
 
     def __init__(self, model: nn.Module, config: ModelConfig, device: str | None = None, fp16: bool = False,
-                 tf32: bool = False, compile: bool = False, cuda_graph: bool = False):
+                 tf32: bool = False, compile: bool = False, cuda_graph: bool = False,
+                 cudnn_benchmark: bool = False):
         dev = resolve_device(device)
         if fp16 and dev.type != "cuda":
             raise ValueError("fp16 with the torch backend needs a CUDA device (CPU half precision is slow "
@@ -137,8 +143,13 @@ class TorchBackend(Backend):
         self.torch_device = dev
         self.fp16 = fp16
         self.tf32 = tf32
+        self.cudnn_benchmark = cudnn_benchmark and dev.type == "cuda"
         self.wrapper = ExportWrapper(model, config.use_depth).to(dev).eval()
         self.notes: list[str] = []
+        if cudnn_benchmark:
+            self.notes.append("cudnn.benchmark on: cuDNN times its convolution algorithms on the first frames"
+                              if self.cudnn_benchmark else "cudnn_benchmark requested but the device is the CPU: "
+                              "no effect")
         fn = self.wrapper
         self.compiled = False
         if compile and dev.type != "cuda":
@@ -182,15 +193,21 @@ class TorchBackend(Backend):
 
     @contextlib.contextmanager
     def _context(self):
-        """TF32 switched as configured, FP16 autocast (its weight-cast cache off: CUDA graph capture needs that)."""
+        """TF32 switched as configured, cudnn.benchmark on where configured (CUDA; else left as it is),
+        FP16 autocast (its weight-cast cache off: CUDA graph capture needs that)."""
         saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        saved_benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        if self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         try:
             with torch.autocast(device_type=self.torch_device.type, dtype=torch.float16, enabled=self.fp16,
                                 cache_enabled=False if self.static else None):
                 yield
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+            if self.cudnn_benchmark:
+                torch.backends.cudnn.benchmark = saved_benchmark
 
     def tensors(self, inputs: Any) -> dict[str, torch.Tensor]:
         """Input tensors on the device: ``FrameTensors`` pass through (checked), numpy is uploaded."""

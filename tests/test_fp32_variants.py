@@ -1,0 +1,139 @@
+"""The FP32 speed options (TF32, cudnn.benchmark) in the two issue-10 benchmarks, on the CPU.
+
+bench_frame_path: ``--tf32``/``--cudnn-benchmark`` reach the backend, rows record them as they ran,
+``--append`` keeps rows that differ only in them. fp16_agreement: ``--compare`` refuses the CPU with a
+clear message; its rows are built and named per variant (run here with the backends pinned to the
+CPU, where the flags change nothing, so each variant agrees fully with the reference).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import export.backends.torch_backend as torch_backend_module
+from export.fp16 import TORCH_VARIANTS, OwnThread, torch_variant_agreement
+
+ROOT = Path(__file__).resolve().parents[1]
+LITE = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
+SAMPLE = ROOT / "discene_ros" / "data" / "sample_dataset"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_frame_path")
+agreement = _load("fp16_agreement")
+
+
+@pytest.fixture()
+def keep_threads():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
+    backend, _ = bench.make_backend("lite", "cpu", False, False, True, tf32=True, cudnn_benchmark=True)
+    assert backend.tf32 is True and "cudnn_benchmark requested but the device is the CPU" in backend.describe()
+    row = {"config": "paper_student", "backend": "torch compile+cuda_graph fused", "precision": "fp32",
+           "input": "bgr8", "closing": True}
+    keys = {bench.append_key({**row, "tf32": t, "cudnn_benchmark": c}) for t in (False, True) for c in (False, True)}
+    assert len(keys) == 4
+    assert bench.append_key(row) == bench.append_key({**row, "tf32": False, "cudnn_benchmark": False})
+
+
+@pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
+def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, keep_threads):
+    pytest.importorskip("rosbags")
+    path = tmp_path / "rows.json"
+    args = ["--device", "cpu", "--configs", "lite", "--frames", "2", "--warmup", "1", "--inputs", "bgr8",
+            "--threads", "1", "--marker-period", "1000", "--json", str(path)]
+    assert bench.main([*args, "--tf32", "--cudnn-benchmark"]) == 0
+    first = json.loads(path.read_text())
+    (row,) = first["rows"]
+    assert row["tf32"] is False and row["cudnn_benchmark"] is False  # as they ran: the CPU has neither
+    for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
+        assert field in row
+    old = {k: v for k, v in row.items() if k not in ("tf32", "cudnn_benchmark")}  # a row from before the fields
+    first["rows"] = [{**old, "fps": -1.0}, {**row, "tf32": True, "fps": -2.0}, {**row, "cudnn_benchmark": True,
+                                                                               "fps": -3.0}]
+    path.write_text(json.dumps(first))
+    assert bench.main([*args, "--append"]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted(r["fps"] for r in rows if r["fps"] < 0) == [-3.0, -2.0]  # the IEEE row replaced, the others kept
+    assert len(rows) == 3 and sum(not r["tf32"] and not r["cudnn_benchmark"] for r in rows) == 1
+
+
+def test_agreement_variants_need_cuda(lite_model, lite_config, capsys):
+    with pytest.raises(ValueError, match="'tf32' comparison needs a CUDA device"):
+        torch_variant_agreement(lite_model, lite_config, [], "test", "tf32", device="cpu")
+    with pytest.raises(ValueError, match="unknown torch variant 'bf16'"):
+        torch_variant_agreement(lite_model, lite_config, [], "test", "bf16")
+    with pytest.raises(SystemExit) as exc:
+        agreement.main(["--checkpoint", "x.pt", "--data", "d", "--device", "cpu", "--compare", "tf32"])
+    assert exc.value.code == 2
+    assert "--compare tf32 needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (LITE.is_file() and SAMPLE.is_dir()), reason="shipped lite checkpoint or sample dataset missing")
+def test_agreement_rows_per_variant_with_the_backends_on_the_cpu(tmp_path, monkeypatch):
+    """The --compare path end to end with every backend pinned to the CPU: one row per variant, named
+    and labelled, built from a reference without options and the variant's options."""
+    made: list[dict] = []
+
+    class PinnedToCpu(torch_backend_module.TorchBackend):
+        def __init__(self, model, config, device=None, **options):
+            made.append(options)
+            super().__init__(model, config, device="cpu", **options)
+
+    monkeypatch.setattr(torch_backend_module, "TorchBackend", PinnedToCpu)
+    monkeypatch.setattr(agreement, "TorchBackend", PinnedToCpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
+    out = tmp_path / "agreement.json"
+    assert agreement.main(["--checkpoint", str(LITE), "--data", str(SAMPLE), "--split", "val", "--device", "cuda",
+                           "--compare", "tf32", "tf32_cudnn_benchmark", "--max-frames", "2", "--score-threshold",
+                           "0.3", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert set(result["rows"]) == {"torch_tf32", "torch_tf32_cudnn_benchmark", "cuda_graph_vs_eager"}
+    for variant in ("tf32", "tf32_cudnn_benchmark"):
+        row = result["rows"][f"torch_{variant}"]
+        assert row["variant"] == variant and row["frames"] == 2 and row["label_agreement"] == 1.0
+        assert row["gt_metrics_reference"] == row["gt_metrics_other"]
+    assert result["rows"]["torch_tf32_cudnn_benchmark"]["runtime"].endswith("TF32 + cudnn.benchmark")
+    variant_options = [o for o in made if o.get("cuda_graph") and set(o) != {"cuda_graph"}]
+    assert variant_options == [{"cuda_graph": True, **TORCH_VARIANTS[v]} for v in ("tf32", "tf32_cudnn_benchmark")]
+    assert sum(o == {"cuda_graph": True} for o in made) == 3  # two references + the graph-vs-eager row
+
+
+def test_each_compared_backend_runs_on_one_thread_of_its_own():
+    """cuDNN's plan cache is per thread: every call of one backend on the same thread, not the caller's,
+    and two backends on two threads."""
+    class Recorder:
+        def __init__(self):
+            self.threads: list[int] = []
+
+        def infer(self, frame):
+            self.threads.append(threading.get_ident())
+            return {"frame": frame}
+
+        def close(self):
+            self.threads.append(threading.get_ident())
+
+    a, b = Recorder(), Recorder()
+    wa, wb = OwnThread(a), OwnThread(b)
+    assert [wa.infer(i)["frame"] for i in range(3)] == [0, 1, 2]
+    wb.infer(0)
+    wa.close()
+    wb.close()
+    assert len(set(a.threads)) == 1 and len(a.threads) == 4 and threading.get_ident() not in a.threads
+    assert set(a.threads) != set(b.threads)
