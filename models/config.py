@@ -86,7 +86,8 @@ class ModelConfig:
             (d.num_points > 0 and d.out_points > 0, "decoder.num_points and out_points must be positive"),
             (0.0 <= d.dropout < 1.0, f"decoder.dropout must be in [0, 1), got {d.dropout}"),
             (d.head_layers >= 0, f"decoder.head_layers must be >= 0, got {d.head_layers}"),
-            (self.num_classes > 0, f"num_classes must be positive, got {self.num_classes}"),
+            (0 < self.num_classes < 256, f"num_classes must be in 1..255 (voxel labels are uint8, 0 = empty), "
+                                         f"got {self.num_classes}"),
             (len(self.image_size) == 2 and all(s > 0 and s % 32 == 0 for s in self.image_size),
              f"image_size must be [H, W] with both multiples of 32, got {self.image_size}"),
             (len(self.grid_shape) == 3 and all(s > 0 for s in self.grid_shape), f"grid_shape must be 3 positive ints, got {self.grid_shape}"),

@@ -9,6 +9,7 @@ occupied voxels come back to the host, in one (M, 3) copy.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -65,21 +66,34 @@ def occupied_labels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``occupied_voxels`` reduced to what the outputs use: ``ids``, ``label`` (M,) long 1..C (argmax + 1)
     and ``best`` (M,) score of that class, exactly as taken from ``mean``; the (M, C) score matrix of
-    the voxels the closing fills is never built (a third of the post-processing time on the CPU)."""
+    the voxels the closing fills is never built, and the outputs are gathered from label and score
+    arrays over the crop (no sorting or searching to merge kept and filled voxels)."""
     ids, mean = _voxel_means(points, scores, config)
+    best, label = mean.max(dim=-1)
     if not config.closing:
-        best, label = mean.max(dim=-1)
         return ids, label + 1, best
     closed = _closing(ids, mean, points.shape[0], config.grid_shape, config.score_threshold)
     if closed is None:  # no voxel mean above the threshold: the closing leaves nothing
         return ids[:0], ids[:0], mean.new_zeros(0)
-    kept_best, kept_label = mean.index_select(0, closed.kept).max(dim=-1)
+    at = closed.local.index_select(0, closed.kept)
+    crop_label = torch.zeros(closed.nvox, dtype=torch.uint8, device=ids.device)
+    crop_best = mean.new_zeros(closed.nvox)
+    crop_label.index_copy_(0, at, (label.index_select(0, closed.kept) + 1).to(torch.uint8))
+    crop_best.index_copy_(0, at, best.index_select(0, closed.kept))
     filled_best, filled_arg = closed.filled_scores.max(dim=-1)  # > threshold: never an all-zero class
-    best = mean.new_empty(len(closed.ids)).index_copy_(0, closed.at_kept, kept_best)
-    label = ids.new_empty(len(closed.ids)).index_copy_(0, closed.at_kept, kept_label)
-    best.index_copy_(0, closed.at_filled, filled_best)
-    label.index_copy_(0, closed.at_filled, closed.active.index_select(0, filled_arg))
-    return closed.ids, label + 1, best
+    crop_label.index_copy_(0, closed.filled, (closed.active.index_select(0, filled_arg) + 1).to(torch.uint8))
+    crop_best.index_copy_(0, closed.filled, filled_best)
+    out = _nonzero(crop_label)
+    return out + closed.base, crop_label.index_select(0, out).long(), crop_best.index_select(0, out)
+
+
+def _nonzero(values: torch.Tensor) -> torch.Tensor:
+    """Sorted indices (N,) long of the nonzero entries of a 1-D tensor; on the CPU numpy's ``flatnonzero``
+    of a bool mask, 3x faster than torch's ``nonzero`` (numpy's compare too, against torch's on int64)."""
+    if values.device.type != "cpu":
+        return values.nonzero()[:, 0]
+    array = values.detach().numpy()
+    return torch.from_numpy(np.flatnonzero(array if array.dtype == np.bool_ else array != 0))
 
 
 def point_cells(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, int]:
@@ -92,8 +106,10 @@ def point_cells(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig)
     nx, ny, nz = (int(n) for n in config.grid_shape)
     vs = float(config.voxel_size)
     d = points - points.mean(dim=2, keepdim=True)
-    dist = torch.stack([d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)], -1).norm(dim=-1)
-    keep = (dist <= config.max_center_dist) & (scores.amax(dim=-1) > config.score_threshold)
+    dx, dy, dz = d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)  # metres
+    # squared distance: elementwise ops (a norm over the last dim of 3 is a slow reduction on the CPU)
+    keep = dx * dx + dy * dy + dz * dz <= config.max_center_dist ** 2
+    keep &= scores.amax(dim=-1) > config.score_threshold
     i = torch.floor(points[..., 0] * nx).long()
     j = torch.floor(points[..., 1] * ny).long()
     k = torch.floor(points[..., 2] * nz).long()
@@ -106,17 +122,19 @@ def point_cells(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig)
 def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Occupied voxels before closing: sorted flat ``ids`` and the ``mean`` score vectors of their points."""
     c = scores.shape[-1]
-    # Voxels by counting, not sorting (2x faster than torch.unique here): dropped points go to one cell
+    # Voxels by marking, not sorting (2x faster than torch.unique here): dropped points go to one cell
     # past the grid, whose row is cut off below, so every point is summed in its order without first
     # gathering the kept ones.
     linear, cells = point_cells(points, scores, config)
-    counts = torch.bincount(linear, minlength=cells + 1)
-    ids = counts[:cells].nonzero()[:, 0]
+    hit = _workspace(points.device, torch.bool, cells + 1, count=1)[0].zero_().index_fill_(0, linear, True)
+    ids = _nonzero(hit[:cells])
     rank = _workspace(points.device, torch.long, cells + 1, count=1)[0]
     rank[cells] = len(ids)
     rank.index_copy_(0, ids, torch.arange(len(ids), device=ids.device))
-    sums = scores.new_zeros(len(ids) + 1, c).index_add_(0, rank.index_select(0, linear), scores.reshape(-1, c))
-    return ids, sums[:-1] / counts.index_select(0, ids).unsqueeze(-1).to(sums.dtype)
+    row = rank.index_select(0, linear)  # (B*Q*R,) row of each point's voxel, len(ids) if dropped
+    counts = torch.bincount(row, minlength=len(ids) + 1)[:-1]
+    sums = scores.new_zeros(len(ids) + 1, c).index_add_(0, row, scores.reshape(-1, c))
+    return ids, sums[:-1] / counts.unsqueeze(-1).to(sums.dtype)
 
 
 def close_holes(
@@ -139,20 +157,23 @@ def close_holes(
     closed = _closing(ids, mean, batch, grid_shape, score_threshold)
     if closed is None:
         return (ids, mean) if len(ids) == 0 else (ids[:0], mean[:0])
-    filled = mean.new_zeros(len(closed.at_filled), mean.shape[-1]).index_copy_(1, closed.active, closed.filled_scores)
-    out = mean.new_empty(len(closed.ids), mean.shape[-1]).index_copy_(0, closed.at_kept, mean.index_select(0, closed.kept))
-    return closed.ids, out.index_copy_(0, closed.at_filled, filled)
+    filled = mean.new_zeros(len(closed.filled), mean.shape[-1]).index_copy_(1, closed.active, closed.filled_scores)
+    local, order = torch.cat([closed.local.index_select(0, closed.kept), closed.filled]).sort()
+    rows = torch.cat([mean.index_select(0, closed.kept), filled]).index_select(0, order)
+    return local + closed.base, rows
 
 
 class _Closed(NamedTuple):
-    """The closing's result in pieces: output ``ids`` (sorted); the input rows ``kept`` (above the
-    threshold) go to places ``at_kept``; the filled voxels go to ``at_filled`` with ``filled_scores``
+    """The closing's result in pieces, in crop-local voxel ids (flat id = local id + ``base``; the crop
+    has ``nvox`` voxels): the input voxels are at ``local``, and its rows ``kept`` (a class above the
+    threshold) keep their scores; the voxels at ``filled`` (sorted) are filled with ``filled_scores``
     (F, A), their closed scores of the ``active`` classes (those above the threshold somewhere)."""
 
-    ids: torch.Tensor
+    base: int
+    nvox: int
+    local: torch.Tensor
     kept: torch.Tensor
-    at_kept: torch.Tensor
-    at_filled: torch.Tensor
+    filled: torch.Tensor
     filled_scores: torch.Tensor
     active: torch.Tensor
 
@@ -166,10 +187,11 @@ def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list
     above = mean > score_threshold
     # Only classes scoring above the threshold somewhere can fill a voxel or win its argmax: the
     # others are left out of the filters (a filled voxel gets 0 for them; label and best score exact).
-    active = above.any(dim=0).nonzero()[:, 0]
+    # (A max over dim 0 of the bytes: 2x faster than ``any`` here.)
+    active = _nonzero(above.view(torch.uint8).amax(dim=0))
     if len(active) == 0:
         return None
-    kept = above.any(dim=-1).nonzero()[:, 0]
+    kept = _nonzero(above.view(torch.uint8).amax(dim=-1))
     # Crop to the x planes of the occupied voxels + 2 (one frame) or to the frames they span (a batch):
     # the dilation is 0 beyond 1 voxel of them and the erosion beyond 2, so the crop is exact (clipped at
     # the grid border, where the filters ignore outside). A crop of whole planes is one contiguous range
@@ -186,47 +208,75 @@ def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list
     local = ids - base
     ca, nvox = len(active), int(np.prod(shape))
     mean = mean.detach()  # thresholds and filters: nothing to differentiate
-    # every voxel above the threshold after the closing, in id order; the kept ones are among them (a
-    # closing never lowers a score), the others are filled (empty before, or occupied with low means)
-    out_local = _closed_above(above.index_select(1, active), local, shape).nonzero()[:, 0]
-    at_kept = torch.searchsorted(out_local, local.index_select(0, kept))
-    at_filled = torch.ones(len(out_local), dtype=torch.bool, device=ids.device).index_fill_(0, at_kept, False)
-    at_filled = at_filled.nonzero()[:, 0]
-    filled = out_local.index_select(0, at_filled)
+    # every voxel above the threshold after the closing; the kept ones are among them (a closing never
+    # lowers a score), the others are filled (empty before, or occupied with low means)
+    closed = _closed_above(above.index_select(1, active), local, shape)
+    closed.index_fill_(0, local.index_select(0, kept), False)
+    filled = _nonzero(closed)
     # their scores: the closing of the score volume itself, read at the filled voxels only
     w0, w1, w2 = _workspace(mean.device, mean.dtype, nvox * ca)
     dense = w0.zero_().view(*shape, ca)
     dense.view(nvox, ca).index_copy_(0, local, mean.index_select(1, active))
     dilated = _filter3(dense, torch.maximum, (w1, w2))    # result in w1
     eroded = _filter3(dilated, torch.minimum, (w0, w2)).view(nvox, ca)  # w0 (dense is consumed)
-    return _Closed(out_local + base, kept, at_kept, at_filled, eroded.index_select(0, filled), active)
+    return _Closed(base, nvox, local, kept, filled, eroded.index_select(0, filled), active)
+
+
+_ZBITS = 62  # z bits per int64 word: a shift left by one stays clear of the sign bit
 
 
 def _closed_above(above: torch.Tensor, local: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """(M, A) bool "class score above the threshold" of the voxels at crop-local ``local`` -> (V,) bool:
-    is any class's closed score above the threshold, for every voxel of the crop.
+    is any class's closed score above the threshold, for every voxel of the (B, X, Y, Z) crop.
 
     Max and min commute with a threshold (``max(a, b) > t`` iff ``a > t or b > t``), so the closing of
     the scores is above the threshold exactly where the same closing of the above-threshold bits is
-    set: one bit per class, 8 classes to a byte, so the filters run on 1 byte per voxel (not A floats)
-    and finding the filled voxels costs the same for any number of classes.
+    set. The bits are packed along z, 62 to an int64 word (bit j of word k of a column is z = 62k + j),
+    so the z pass is two shifts and the x and y passes run on one word per column and class: 1/36 of
+    the voxels for a 36-high grid.
     """
-    a = above.shape[1]
-    nbytes = (a + 7) // 8
-    # class c -> bit c % 8 of byte c // 8, as one small matmul (sums of distinct powers of 2 <= 255: exact)
-    cls = torch.arange(a, device=above.device)
-    weights = torch.zeros(a, nbytes, device=above.device).index_put_((cls, cls // 8), (cls % 8).float().exp2())
-    packed = (above.float() @ weights).to(torch.uint8)  # (M, nbytes)
-    nvox = int(np.prod(shape))
-    w0, w1, w2 = _workspace(above.device, torch.uint8, nvox * nbytes)
-    dense = w0.zero_().view(*shape, nbytes)
-    dense.view(nvox, nbytes).index_copy_(0, local, packed)
-    dilated = _filter3(dense, torch.bitwise_or, (w1, w2))
-    closed = _filter3(dilated, torch.bitwise_and, (w0, w2)).view(nvox, nbytes)
-    anyset = closed[:, 0]
-    for byte in range(1, nbytes):
-        anyset = anyset | closed[:, byte]
-    return anyset != 0
+    nb, nxc, ny, nz = shape
+    nw, a = -(-nz // _ZBITS), above.shape[1]
+    column, z = local // nz, local % nz
+    bits = above.long() << (z % _ZBITS).unsqueeze(1)  # (M, A)
+    # every (voxel, class) bit is distinct, so summing the bits of a word is or-ing them
+    words = torch.zeros(nb * nxc * ny * nw, a, dtype=torch.long, device=above.device)
+    words.index_add_(0, column * nw + z // _ZBITS, bits)
+    volume = words.view(nb, nxc, ny, nw, a)
+    volume = _z_pass(_filter3(volume, torch.bitwise_or, dims=(1, 2)), nz, torch.bitwise_or)
+    volume = _z_pass(_filter3(volume, torch.bitwise_and, dims=(1, 2)), nz, torch.bitwise_and)
+    anyset = volume[..., 0]
+    for cls in range(1, a):
+        anyset = anyset | volume[..., cls]
+    # unpack each word's bytes (little-endian) with a table: (columns, words, 64 bits) -> (columns, z)
+    table = _byte_bits(above.device)
+    unpacked = table.index_select(0, anyset.contiguous().view(torch.uint8).reshape(-1).long()).view(-1, nw, 64)
+    return unpacked[..., :_ZBITS].reshape(-1, nw * _ZBITS)[:, :nz].reshape(-1)
+
+
+@functools.cache
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """(256, 8) bool: the bits of every byte value, least significant first."""
+    return ((torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1).bool()
+
+
+def _z_pass(words: torch.Tensor, nz: int, op: object) -> torch.Tensor:
+    """``op`` (``bitwise_or`` to dilate, ``bitwise_and`` to erode) of every z bit with its neighbours
+    z - 1 and z + 1, on z-packed words (..., W, A); neighbours outside the grid are ignored (taken as
+    0 by the dilation and as 1 by the erosion). Bits carry between the words of a column."""
+    nw = words.shape[-2]
+    top = nz - _ZBITS * (nw - 1)  # bits used in the last word
+    below = words << 1  # bit j <- bit j - 1
+    above = words >> 1  # bit j <- bit j + 1
+    if nw > 1:
+        below[..., 1:, :] |= words[..., :-1, :] >> (_ZBITS - 1)
+        above[..., :-1, :] |= (words[..., 1:, :] & 1) << (_ZBITS - 1)
+        below[..., :-1, :] &= (1 << _ZBITS) - 1
+    below[..., -1, :] &= (1 << top) - 1
+    if op is torch.bitwise_and:
+        below[..., 0, :] |= 1
+        above[..., -1, :] |= 1 << (top - 1)
+    return op(op(words, below), above)
 
 
 _WORKSPACE = threading.local()
@@ -252,15 +302,17 @@ def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int 
     return [b[:numel] for b in bufs[:count]]
 
 
-def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+             dims: tuple[int, ...] = (1, 2, 3)) -> torch.Tensor:
     """3x3x3 max (``torch.maximum``) or min (``torch.minimum``; ``bitwise_or``/``bitwise_and`` on packed
-    bits) filter of a (B, X, Y, Z, C) volume over X, Y, Z, neighbours outside the grid ignored:
+    bits) filter of a (B, X, Y, Z, C) volume over X, Y, Z (or the given ``dims``), neighbours outside the
+    grid ignored:
     ``F.max_pool3d(v, 3, 1, 1)`` (and ``-max_pool3d(-v)``) exactly, done as three separable passes of
     shifted elementwise ops with channels innermost (35x faster than max_pool3d on the CPU for the
     60x60x36x11 volume). With ``buffers`` (two flat tensors of ``volume.numel()`` elements, neither
     aliasing ``volume``) the passes write there alternately and the result is ``buffers[0]`` viewed as
     the volume; without, they allocate."""
-    for n_pass, dim in enumerate((1, 2, 3)):
+    for n_pass, dim in enumerate(dims):
         n = volume.shape[dim]
         out = torch.empty_like(volume) if buffers is None else buffers[n_pass % 2].view(volume.shape)
         if n == 1:
@@ -300,6 +352,8 @@ def points_to_occupancy(
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
     ids, label, best = occupied_labels(pts, scr, config)
+    if ids.device.type == "cpu":
+        return frame_from_voxels(ids.numpy(), label.numpy().astype(np.uint8), best.numpy(), origin, config)
     # one small device-to-host copy: (M, 3) float32 rows [flat id, label, score]; ids < 2**24 are exact
     packed = torch.stack([ids.float(), label.float(), best.float()], dim=-1).cpu().numpy()
     return frame_from_voxels(packed[:, 0].astype(np.int64), packed[:, 1].astype(np.uint8), packed[:, 2], origin, config)
@@ -313,7 +367,8 @@ def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, v
         raise ValueError(f"grid {config.grid_shape} has too many voxels for float32 voxel ids")
     dense = np.zeros(nx * ny * nz, dtype=np.uint8)
     dense[ids] = labels
-    indices = np.stack([ids // (ny * nz), (ids // nz) % ny, ids % nz], axis=-1).astype(np.int32).reshape(-1, 3)
+    column, k = np.divmod(np.asarray(ids, dtype=np.int32), nz)  # int32: 1.5x faster than int64 here
+    indices = np.stack([*np.divmod(column, ny), k], axis=-1).reshape(-1, 3)
     return OccupancyFrame(
         labels=dense.reshape(nx, ny, nz),
         voxel_indices=indices,

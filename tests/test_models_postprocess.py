@@ -259,8 +259,12 @@ def test_cropped_class_pruned_closing_equals_the_dense_reference(seed):
 
 def _closing_case(g: torch.Generator, kind: str):
     """A random (ids, mean, batch, shape) for the closing: random density, or empty / full / one voxel /
-    grid faces only; a class that never passes the threshold, and scores exactly at the threshold."""
+    grid faces only, or a tall grid (z packed into several words, across the 62-bit word boundaries);
+    a class that never passes the threshold, and scores exactly at the threshold."""
     shape = tuple(int(s) for s in torch.randint(1, 9, (3,), generator=g))
+    if kind == "tall":
+        z = (1, 2, 61, 62, 63, 64, 123, 124, 125, 140)[int(torch.randint(0, 10, (1,), generator=g))]
+        shape = (*(int(s) for s in torch.randint(1, 5, (2,), generator=g)), z)
     batch = int(torch.randint(1, 3, (1,), generator=g))
     n = batch * shape[0] * shape[1] * shape[2]
     if kind == "empty":
@@ -284,14 +288,14 @@ def _closing_case(g: torch.Generator, kind: str):
     return ids, mean, batch, shape
 
 
-@pytest.mark.parametrize("kind", ["random", "empty", "full", "one", "faces"])
+@pytest.mark.parametrize("kind", ["random", "empty", "full", "one", "faces", "tall"])
 def test_closing_equals_the_dense_reference_exactly_on_random_grids(kind):
     # Every id and every score of the classes that pass the threshold somewhere, bit for bit; the other
     # classes of a filled voxel are 0 (a kept voxel keeps its own mean), which leaves labels unchanged.
     from models.postprocess import close_holes
 
     g = torch.Generator().manual_seed(sum(map(ord, kind)))
-    for _ in range(40 if kind in ("random", "faces", "one") else 8):
+    for _ in range(40 if kind in ("random", "faces", "one", "tall") else 8):
         ids, mean, batch, shape = _closing_case(g, kind)
         got_ids, got = close_holes(ids, mean, batch, list(shape), 0.5)
         if len(ids) == 0:
