@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import shutil
 import sys
 import tempfile
@@ -120,6 +121,7 @@ class BagFrames:
         self.error: str | None = None
         self.fallback_note: str | None = None
         self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
+        self._settled_pose: tuple[Any, np.ndarray] | None = None  # (image, pose) found by the last _settled
         self.images = 0
         topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
         self.connections = [c for c in reader.connections if c.topic in topics]
@@ -127,7 +129,8 @@ class BagFrames:
     def _pose(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
         """(camera->world at the image stamp or None = no such transform, skip error)."""
         camera = image.header.frame_id
-        pose, error = self._pose_probe(image)
+        probed, self._settled_pose = self._settled_pose, None
+        pose, error = (probed[1], None) if probed is not None and probed[0] is image else self._pose_probe(image)
         if error is not None:  # TF lags the image or a bad transform: skip, never a made-up pose
             return None, error
         if pose is None and self.processor is not None and self.fallback_note is None:
@@ -139,6 +142,7 @@ class BagFrames:
         return pose, None
 
     def _settled(self, image: Any, bag_t: int, now_t: int) -> bool:
+        self._settled_pose = None
         if now_t - bag_t > self.wait_ns:
             return True
         stamp = conv.stamp_to_ns(image.header.stamp)
@@ -148,7 +152,10 @@ class BagFrames:
         if self.depth_topic is not None and not self.partners.depth.settled(stamp, tol):
             return False
         pose, error = self._pose_probe(image)
-        return pose is not None and error is None
+        if pose is None or error is not None:
+            return False
+        self._settled_pose = (image, pose)  # the frame is completed next: its TF lookup is not repeated
+        return True
 
     def _pose_probe(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
         """TF lookup at the image stamp: (pose or None when not connected, the error when not ready)."""
@@ -231,7 +238,11 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------- the replay loop
 class Replayer:
-    """Runs the frames of one bag through a FrameProcessor and collects outputs, stats and metrics."""
+    """Runs the frames of one bag through a FrameProcessor and collects outputs, stats and metrics.
+
+    Frames are processed on the frame loop's threads; their output messages are written to the bag by
+    the thread that opened the writer (``flush``), since a sqlite3 bag may only be used from that thread.
+    """
 
     def __init__(self, processor: FrameProcessor, writer: Any, factory: TypestoreFactory, world_frame: str,
                  ground_truth: dict[int, GroundTruth], evaluator: Evaluator | None, n_renders: int = 3) -> None:
@@ -246,20 +257,7 @@ class Replayer:
         self.stage_ms: dict[str, list[float]] = {}
         self.internal_errors: list[str] = []
         self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
-
-    def handle(self, frame: FrameInput) -> None:
-        """Full speed: process one frame on this thread and record it (or count it as skipped)."""
-        t0 = time.perf_counter()
-        try:
-            self.record(frame, self.processor.process(frame))
-        except FrameError as exc:
-            self.stats.on_skipped(exc.reason)
-            return
-        except Exception as exc:  # noqa: BLE001 - a bug or an unforeseen input: skip it as the node does, say so
-            self.stats.on_skipped("internal_error")
-            self.note_skip(frame, "internal_error", f"{type(exc).__name__}: {exc}")
-            return
-        self.stats.on_processed((time.perf_counter() - t0) * 1e3)
+        self.outbox: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()  # (topic, message, stamp) to write
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Write a processed frame's messages to the output bag; metrics, stage timings and renders."""
@@ -268,8 +266,8 @@ class Replayer:
         self.fallback_pose_frames += int(result.used_fallback_pose)
         for key, value in result.timings_ms.items():
             self.stage_ms.setdefault(key, []).append(value)
-        self.writer.write(bag_io.PRED_TOPIC, msgs["cloud"], frame.stamp_ns)
-        self.writer.write(bag_io.PRED_POSE_TOPIC, msgs["grid_pose"], frame.stamp_ns)
+        self.outbox.put((bag_io.PRED_TOPIC, msgs["cloud"], frame.stamp_ns))
+        self.outbox.put((bag_io.PRED_POSE_TOPIC, msgs["grid_pose"], frame.stamp_ns))
         gt = self.ground_truth.get(frame.stamp_ns)
         if gt is not None and self.evaluator is not None:
             self.evaluator.add(result.occupancy.labels, gt)
@@ -278,38 +276,54 @@ class Replayer:
                                  "pred": result.occupancy.labels.copy(), "gt": None if gt is None else gt.labels,
                                  "voxel_origin": result.occupancy.voxel_origin})
 
+    def flush(self) -> None:
+        """Write the messages of the frames delivered so far (on the writer's thread)."""
+        while True:
+            try:
+                topic, msg, stamp_ns = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            self.writer.write(topic, msg, stamp_ns)
+
     def note_skip(self, frame: FrameInput, reason: str, text: str) -> None:
         if reason == "internal_error":
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
     def run_full_speed(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
-        for frame, _ in frames:
-            self.stats.on_received()
-            self.handle(frame)
-            bar.update(1)
-            if max_frames is not None and self.stats.received >= max_frames:
-                break
+        """Every frame, as fast as the model goes, through the node's two-stage loop: reading the next
+        frame from the bag and preparing it overlap the inference of the previous one, and the loop is
+        fed only when it has room, so no frame is dropped. Latency runs from a frame being read to its output."""
+        self._run(frames, max_frames, bar, realtime=False)
 
     def run_realtime(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
         """Play frames at their recorded times into the node's two-stage frame loop (``TwoStageFrames``),
         which drops stale frames as the node does; latency runs from a frame's arrival to its output."""
+        self._run(frames, max_frames, bar, realtime=True)
+
+    def _run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool) -> None:
         loop = TwoStageFrames(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip)
         start_wall, start_bag = time.monotonic(), None
         try:
             for frame, bag_t in frames:
-                start_bag = bag_t if start_bag is None else start_bag
-                delay = (bag_t - start_bag) * 1e-9 - (time.monotonic() - start_wall)
-                if delay > 0:
-                    time.sleep(delay)
+                if realtime:
+                    start_bag = bag_t if start_bag is None else start_bag
+                    delay = (bag_t - start_bag) * 1e-9 - (time.monotonic() - start_wall)
+                    if delay > 0:
+                        time.sleep(delay)
+                else:
+                    loop.runner.wait_for_room()
                 frame.received_s = time.monotonic()
                 loop.submit(frame)
                 bar.update(1)
+                self.flush()
                 if max_frames is not None and self.stats.received >= max_frames:
                     break
         except BaseException:
             loop.close(discard=True)
+            self.flush()  # what was processed is kept
             raise
         loop.close()
+        self.flush()
 
 
 OUTPUTS = ("occupancy_bag", "report.md", "renders")  # what a replay owns in its output directory

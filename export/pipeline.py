@@ -470,10 +470,14 @@ class TwoStageRunner:
             self._on_drop(item)
 
     def wait_for_room(self, timeout: float | None = None) -> bool:
-        """Block until no frame waits at either hand-off (stage 1 busy or idle, stage 2 fed): a feeder
-        that calls this before ``submit`` keeps both stages busy without dropping frames."""
+        """Block until stage 1 is idle and no frame waits at either hand-off: a feeder that calls this
+        before ``submit`` drops no frame and still overlaps the stages (stage 1 prepares the new frame
+        while stage 2 works on the one it just took). Waiting only for the hand-offs is not enough: a
+        frame submitted while stage 1 prepares the previous one replaces it at the second hand-off
+        when stage 2 is still busy."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None, timeout)
+            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None and not self._busy[0],
+                                       timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted frame is processed, failed or dropped; False on timeout."""

@@ -107,15 +107,15 @@ def test_replay_interrupted_midway_keeps_previous_outputs_consistent(tmp_path, m
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert Path("report.md") in before and any(p.suffix == ".mcap" for p in before)
     calls = {"n": 0}
-    original = replay.Replayer.handle
+    original = replay.TwoStageFrames.submit
 
-    def dies_on_second(self, frame):
+    def dies_on_second(self, frame):  # Ctrl-C in the replay's main thread while it feeds the second frame
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
         return original(self, frame)
 
-    monkeypatch.setattr(replay.Replayer, "handle", dies_on_second)
+    monkeypatch.setattr(replay.TwoStageFrames, "submit", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--renders", "0"])
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

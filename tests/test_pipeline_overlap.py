@@ -202,3 +202,38 @@ def test_pre_and_post_processing_run_on_host_threads_without_touching_other_thre
         assert seen["post"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
+    """Both stages slow, stage 2 slower (then stage 1 slower, half way): every frame submitted after
+    ``wait_for_room`` is processed, in order, none dropped, and the stages still overlap. (Waiting only
+    for the hand-offs let a frame submitted during stage 1's work replace the previous one.)"""
+    finished: list[int] = []
+    overlap = threading.Event()
+    in_finish = threading.Event()
+
+    def prepare(item: int, slot: int) -> int:
+        if in_finish.is_set():
+            overlap.set()  # stage 1 working while stage 2 is inside finish
+        threading.Event().wait(0.005 if item >= 20 else 0.003)
+        return item
+
+    def finish(item: int, prepared: int) -> None:
+        in_finish.set()
+        threading.Event().wait(0.001 if item >= 20 else 0.005)
+        finished.append(item)
+        in_finish.clear()
+
+    ahead_args = {"launch": lambda item, prepared: prepared} if ahead else {}
+    runner = TwoStageRunner(prepare, finish, slots=4, **ahead_args)
+    try:
+        for item in range(40):
+            assert runner.wait_for_room(5)
+            runner.submit(item)
+        assert runner.wait_idle(10)
+    finally:
+        runner.close()
+    assert runner.counts() == {"submitted": 40, "processed": 40, "failed": 0, "dropped": 0}
+    assert finished == list(range(40))
+    assert overlap.is_set()
