@@ -96,10 +96,10 @@ class _HostEvent:
     """The part of ``torch.cuda.Event`` the fused path uses, for the CPU (work is done when recorded)."""
 
     def __init__(self) -> None:
-        self.t = 0.0
+        self.recorded_s = 0.0
 
     def record(self, stream: Any = None) -> None:
-        self.t = time.perf_counter()
+        self.recorded_s = time.perf_counter()
 
     def synchronize(self) -> None:
         pass
@@ -108,7 +108,7 @@ class _HostEvent:
         return True
 
     def elapsed_time(self, end: _HostEvent) -> float:
-        return (end.t - self.t) * 1e3
+        return (end.recorded_s - self.recorded_s) * 1e3
 
 
 def _event(device: torch.device, timing: bool) -> Any:

@@ -92,7 +92,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, in_points: int, out_points: int, num_levels: int) -> None:
         super().__init__()
         dec = config.decoder
-        d, self.r, self.num_classes = dec.embed_dims, out_points, config.num_classes
+        d, self.out_points, self.num_classes = dec.embed_dims, out_points, config.num_classes
         self.offset_scale = dec.offset_scale
         self.pos_encoder = nn.Sequential(nn.Linear(in_points * 3, d), nn.LayerNorm(d), nn.ReLU(inplace=True),
                                          nn.Linear(d, d), nn.LayerNorm(d), nn.ReLU(inplace=True))
@@ -131,8 +131,8 @@ class DecoderLayer(nn.Module):
         query = self.norm_mix(query + self.mixing(sampled, query))
         query = self.norm_attn(query + self.self_attn(query, centre))
         query = self.norm_ffn(query + self.ffn(query))
-        logits = self.cls_head(query).reshape(b, n, self.r, self.num_classes)
-        offsets = self.reg_head(query).reshape(b, n, self.r, 3)  # metres, before offset_scale
+        logits = self.cls_head(query).reshape(b, n, self.out_points, self.num_classes)
+        offsets = self.reg_head(query).reshape(b, n, self.out_points, 3)  # metres, before offset_scale
         extent = self.extent.to(offsets.dtype)
         points = centre.unsqueeze(2) + self.offset_scale * offsets / extent
         return query, points, logits

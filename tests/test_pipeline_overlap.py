@@ -214,9 +214,9 @@ def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
     in_finish = threading.Event()
 
     def prepare(item: int, slot: int) -> int:
-        if in_finish.is_set():
-            overlap.set()  # stage 1 working while stage 2 is inside finish
         threading.Event().wait(0.005 if item >= 20 else 0.003)
+        if in_finish.is_set():
+            overlap.set()  # stage 1 still working while stage 2 is inside finish
         return item
 
     def finish(item: int, prepared: int) -> None:
