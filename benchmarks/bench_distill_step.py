@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.checkpoint import save_model  # noqa: E402
 from training import matcher  # noqa: E402
-from training.evaluate import build_dataset  # noqa: E402
+from training.data import build_dataset, collate_frames  # noqa: E402
 from training.train_config import TrainConfig  # noqa: E402
-from training.trainer import Trainer, collate_frames  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 TEACHER_OVERRIDES = {"backbone": {"depth": 34, "base_channels": 32}}
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from models.checkpoint import save_model  # noqa: E402
-from training.evaluate import build_dataset  # noqa: E402
+from training.data import build_dataset  # noqa: E402
 from training.synth import generate  # noqa: E402
 from training.train_config import TrainConfig, load_train_config  # noqa: E402
 from training.trainer import Trainer  # noqa: E402

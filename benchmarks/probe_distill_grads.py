@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from models.checkpoint import save_model  # noqa: E402
-from training.evaluate import build_dataset  # noqa: E402
+from training.data import build_dataset  # noqa: E402
 from training.train_config import TrainConfig  # noqa: E402
 from training.trainer import TASK_PREFIXES, Trainer  # noqa: E402
 

@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import load_model  # noqa: E402
+from training.data import build_dataset  # noqa: E402
 from training.device_run import find_checkpoint  # noqa: E402
-from training.evaluate import build_dataset, evaluate_model  # noqa: E402
+from training.evaluate import evaluate_model  # noqa: E402
 from training.scene_format import SPLIT_FILES, parse_split_line  # noqa: E402
 from training.synth import generate  # noqa: E402
 from training.train_config import TrainConfig, load_train_config  # noqa: E402

@@ -11,7 +11,8 @@ from torch.utils.data import DistributedSampler
 from models.checkpoint import load_model
 from training import device_run
 from training.data import EpochBatchSampler, build_train_loader
-from training.trainer import Trainer, autocast_dtype
+from training.distributed import autocast_dtype
+from training.trainer import Trainer
 
 TINY = '{"decoder": {"num_queries": 32, "num_refines": [2, 4]}, "image_size": [96, 128]}'
 

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from models.checkpoint import load_model
-from training.evaluate import build_dataset
+from training.data import build_dataset
 from training.losses import TaskLoss
 from training.train_config import TrainConfig
 from training.trainer import NonFiniteLossError, Trainer

@@ -1,8 +1,9 @@
-"""Training data plumbing: frame collation, an endless resumable batch order, and the loader built once per run.
+"""Data plumbing of training and evaluation: datasets, frame collation, batch -> network inputs, class
+frequencies, an endless resumable batch order, and the loader built once per run.
 
-The loader is created once per ``Trainer.fit`` call and iterated across epoch boundaries, so worker
-processes are forked once (not once per epoch), keep their prefetch queue full, and hand pinned
-batches to the GPU. The batch order depends only on (seed, epoch, rank), so a resumed run that
+The training loader is created once per ``Trainer.fit`` call and iterated across epoch boundaries,
+so worker processes are forked once (not once per epoch), keep their prefetch queue full, and hand
+pinned batches to the GPU. The batch order depends only on (seed, epoch, rank), so a resumed run that
 starts the sampler at the saved (epoch, step) sees exactly the batches the uninterrupted run saw.
 """
 from __future__ import annotations
@@ -12,9 +13,28 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from models.config import ModelConfig
+from models.preprocess import normalize_image
+
+from .losses import class_frequencies_from_targets
+from .occscannet import OccScanNetDataset
+
 BATCH_KEYS = ("image", "grid2img", "depth", "target")
+
+# Occ-ScanNet training frames: counts from a subset are scaled to this many frames, so the OPUS class
+# weights (1/ln(count) - 0.05) * 400 do not depend on how many frames were counted.
+REFERENCE_FRAMES = 45755
+
+
+def build_dataset(root: str, split: str, model_cfg: ModelConfig, max_frames: int | None = None,
+                  skip_bad: bool = True, load_depth: bool | None = None) -> Dataset:
+    """An Occ-ScanNet-format split prepared for ``model_cfg`` (depth read only when the model uses it,
+    unless ``load_depth`` says otherwise, e.g. for a depth-using teacher)."""
+    return OccScanNetDataset(root, split, config=model_cfg, skip_bad=skip_bad, max_samples=max_frames,
+                             load_depth=model_cfg.use_depth if load_depth is None else load_depth)
 
 
 def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
@@ -31,6 +51,56 @@ def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None
     if out["image"] is None or out["grid2img"] is None or out["target"] is None:
         raise ValueError(f"frames must provide image, grid2img and target; got keys {sorted(items[0])}")
     return out
+
+
+def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, use_depth: bool) -> dict[str, Any]:
+    """Batch -> device tensors: normalised image (uint8 images are normalised here), grid2img, depth, target.
+
+    uint8 images cross to the device as uint8 (a quarter of the float bytes) and are normalised there;
+    copies are non-blocking, which overlaps them with compute when the loader pins its batches.
+    """
+    image = batch["image"].to(device, non_blocking=True)
+    image = normalize_image(image) if image.dtype == torch.uint8 else image.float()
+    depth = batch["depth"]
+    if use_depth and depth is None:
+        raise ValueError("the model uses the depth branch but the dataset gives no depth")
+    if depth is not None:
+        depth = depth.to(device, non_blocking=True).float()
+        depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
+    return {"image": image, "grid2img": batch["grid2img"].to(device, non_blocking=True).float(),
+            "depth": depth if use_depth else None, "target": batch["target"].to(device, non_blocking=True)}
+
+
+def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
+    """Inputs for a network of another input size: resized image/depth and grid2img with K scaled."""
+    h, w = inputs["image"].shape[-2:]
+    if (h, w) == tuple(size_hw):
+        return inputs
+    scale = torch.diag(inputs["grid2img"].new_tensor([size_hw[1] / w, size_hw[0] / h, 1.0, 1.0]))
+    out = dict(inputs)
+    out["image"] = F.interpolate(inputs["image"], size=tuple(size_hw), mode="bilinear", align_corners=False)
+    out["grid2img"] = scale @ inputs["grid2img"]
+    if inputs["depth"] is not None:
+        out["depth"] = F.interpolate(inputs["depth"], size=tuple(size_hw), mode="nearest")
+    return out
+
+
+def class_frequencies(dataset: Dataset, frames: int) -> list[float]:
+    """Voxel counts of classes 1..C, counted on the first ``frames`` frames and scaled to REFERENCE_FRAMES."""
+    n = min(frames, len(dataset))
+    if hasattr(dataset, "read_target") and hasattr(dataset, "ids"):  # OccScanNetDataset: labels only, no images
+        targets = (t for t in (_target_or_none(dataset, i) for i in range(n)) if t is not None)
+    else:
+        targets = (dataset[i]["target"] for i in range(n))
+    counts = class_frequencies_from_targets(targets)
+    return [c * REFERENCE_FRAMES / max(1, n) for c in counts]
+
+
+def _target_or_none(dataset: Any, index: int) -> Any:
+    try:
+        return dataset.read_target(dataset.ids[index])
+    except RuntimeError:  # a bad sample (BadSampleError) does not count
+        return None
 
 
 class EpochBatchSampler(Sampler[list[int]]):

@@ -30,7 +30,8 @@ import torch
 
 from models.checkpoint import load_checkpoint
 
-from .evaluate import build_dataset, evaluate_model
+from .data import build_dataset
+from .evaluate import evaluate_model
 from .synth import generate
 from .train_config import TrainConfig, load_train_config
 from .trainer import Trainer

@@ -11,18 +11,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from models.checkpoint import load_model
+from models.classes import CLASS_NAMES
 from models.config import ModelConfig
 from models.postprocess import labels_batch
 
-
-def build_dataset(root: str, split: str, model_cfg: ModelConfig, max_frames: int | None = None,
-                  skip_bad: bool = True, load_depth: bool | None = None) -> Dataset:
-    """An Occ-ScanNet-format split prepared for ``model_cfg`` (depth read only when the model uses it,
-    unless ``load_depth`` says otherwise, e.g. for a depth-using teacher)."""
-    from .occscannet import OccScanNetDataset
-
-    return OccScanNetDataset(root, split, config=model_cfg, skip_bad=skip_bad, max_samples=max_frames,
-                             load_depth=model_cfg.use_depth if load_depth is None else load_depth)
+from .data import build_dataset, collate_frames, prepare_inputs
+from .distributed import autocast_dtype
+from .metrics import SSCMetrics
 
 
 @torch.no_grad()
@@ -31,16 +27,14 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     """Run the model on every frame, post-process the last layer to label grids, accumulate SSCMetrics.
 
     Returns SSCMetrics.compute() plus ``frames`` and ``seconds``. The model's train/eval mode is restored.
+    Autocast only on CUDA (``amp``); CPU evaluation stays fp32.
     """
-    from .metrics import SSCMetrics
-    from .trainer import collate_frames, prepare_inputs
-
     device = torch.device(device)
     was_training = model.training
     model.eval()
     metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_frames)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
+    dtype = autocast_dtype(amp, device)
     frames, start = 0, time.perf_counter()
     try:
         for batch in loader:
@@ -84,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
     args = parser.parse_args(argv)
-    from models.checkpoint import load_model
-
     try:
         model, cfg = load_model(args.checkpoint, map_location="cpu")
         if args.score_threshold is not None:
@@ -97,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"discene-eval: error: {exc}", file=sys.stderr)
         return 2
-    from models.classes import CLASS_NAMES
-
     print(f"{args.checkpoint} on {args.data} [{args.split}], {result['frames']} frames: "
           f"IoU {100 * result['iou']:.2f}  mIoU {100 * result['miou']:.2f}")
     per_class = result.get("per_class_iou")

@@ -12,9 +12,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
+from models.checkpoint import load_checkpoint
 
+from .data import build_dataset
+from .distributed import is_main_process, teardown_distributed
 from .train_config import TrainConfig, apply_overrides, load_train_config
+from .trainer import NonFiniteLossError, Trainer
 
 RUN_FILES = ("last.pt", "best.pt", "final.pt", "train_config.yaml")  # what a run writes into its out_dir
 
@@ -74,8 +77,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def resume_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
     """The train config saved in ``checkpoint`` (a last.pt) with ``overrides``; checks the step budget."""
-    from models.checkpoint import load_checkpoint
-
     state = load_checkpoint(checkpoint, map_location="cpu")
     saved = state.get("train_config")
     if not isinstance(saved, dict) or "step" not in state:
@@ -91,9 +92,6 @@ def resume_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
 
 def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None) -> str:
     """Build datasets from the config, train, and return the path of the final model checkpoint."""
-    from .evaluate import build_dataset
-    from .trainer import Trainer
-
     model_cfg = cfg.model_config()
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames,
                               load_depth=cfg.needs_depth())
@@ -110,13 +108,11 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .trainer import NonFiniteLossError
-
     code = 0
     try:
         cfg = config_from_args(args)
         final = run(cfg, args.resume, args.stop_at_step)
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_main_process():
             print(f"discene-train: done; model checkpoint {final}")
     except NonFiniteLossError as exc:
         print(f"discene-train: stopped: {exc}", file=sys.stderr)
@@ -125,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"discene-train: error: {exc}", file=sys.stderr)
         code = 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
     return code
 
 

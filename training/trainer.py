@@ -4,33 +4,43 @@ One optimiser step: (distill mode) frozen teacher forward under no_grad -> stude
 prior and anchor passes) -> task loss + eq. 10 -> finite check -> backward -> clip -> AdamW ->
 warm-up/cosine lr. Checkpoints (last.pt, best.pt, final.pt) are written atomically by rank 0 and
 hold everything ``--resume`` needs to continue exactly.
+
+This module is the loop (``TrainModule``, ``Trainer``), the weight table and the lr schedule; batches
+and datasets come from training/data.py, process group, seeding and RNG state from
+training/distributed.py, validation from training/evaluate.py. The entry points (training/train.py,
+training/device_run.py) build the datasets and run a Trainer.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 import models
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from models.config import POSTPROCESS_FIELDS, ModelConfig
-from models.preprocess import normalize_image
 
-# BATCH_KEYS and collate_frames are re-exported for evaluate.py and the benchmarks.
-from .data import BATCH_KEYS, EpochBatchSampler, build_train_loader, collate_frames  # noqa: F401
+from .data import EpochBatchSampler, build_train_loader, class_frequencies, prepare_inputs, resize_inputs
 from .distill import Distiller, sample_anchors
-from .losses import TaskLoss, class_frequencies_from_targets, ground_truth_from_voxels
+from .distributed import (
+    any_rank,
+    autocast_dtype,
+    barrier,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    use_deterministic_algorithms,
+)
+from .evaluate import evaluate_model
+from .losses import TaskLoss, ground_truth_from_voxels
 from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
@@ -44,39 +54,6 @@ def _network_fields(config: dict | None) -> dict | None:
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term is NaN or inf; the last good checkpoint is left in place."""
-
-
-# ----------------------------------------------------------------------------------------- data
-def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, use_depth: bool) -> dict[str, Any]:
-    """Batch -> device tensors: normalised image (uint8 images are normalised here), grid2img, depth, target.
-
-    uint8 images cross to the device as uint8 (a quarter of the float bytes) and are normalised there;
-    copies are non-blocking, which overlaps them with compute when the loader pins its batches.
-    """
-    image = batch["image"].to(device, non_blocking=True)
-    image = normalize_image(image) if image.dtype == torch.uint8 else image.float()
-    depth = batch["depth"]
-    if use_depth and depth is None:
-        raise ValueError("the model uses the depth branch but the dataset gives no depth")
-    if depth is not None:
-        depth = depth.to(device, non_blocking=True).float()
-        depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
-    return {"image": image, "grid2img": batch["grid2img"].to(device, non_blocking=True).float(),
-            "depth": depth if use_depth else None, "target": batch["target"].to(device, non_blocking=True)}
-
-
-def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
-    """Inputs for a network of another input size: resized image/depth and grid2img with K scaled."""
-    h, w = inputs["image"].shape[-2:]
-    if (h, w) == tuple(size_hw):
-        return inputs
-    scale = torch.diag(inputs["grid2img"].new_tensor([size_hw[1] / w, size_hw[0] / h, 1.0, 1.0]))
-    out = dict(inputs)
-    out["image"] = F.interpolate(inputs["image"], size=tuple(size_hw), mode="bilinear", align_corners=False)
-    out["grid2img"] = scale @ inputs["grid2img"]
-    if inputs["depth"] is not None:
-        out["depth"] = F.interpolate(inputs["depth"], size=tuple(size_hw), mode="nearest")
-    return out
 
 
 # ---------------------------------------------------------------------------------- modules
@@ -136,87 +113,6 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------------------------- helpers
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device_name}' requested but CUDA is not available")
-        device = torch.device("cuda", local_rank if world > 1 or device_name == "cuda" else int(device_name.split(":")[1]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return rank, world, device
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain Python values, so checkpoints stay loadable with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def autocast_dtype(amp: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
-    """The autocast dtype of a run: ``amp`` on CUDA; on CPU fp32 (None) unless ``on_cpu`` asks for bf16."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if device.type == "cuda" or dtype is None:
-        return dtype
-    if not on_cpu:
-        return None
-    if dtype != torch.bfloat16:
-        raise ValueError(f"mixed precision on {device.type} supports bf16 only, got amp={amp!r}")
-    return dtype
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# Occ-ScanNet training frames: counts from a subset are scaled to this many frames, so the OPUS class
-# weights (1/ln(count) - 0.05) * 400 do not depend on how many frames were counted.
-REFERENCE_FRAMES = 45755
-
-
-def class_frequencies(dataset: Dataset, frames: int) -> list[float]:
-    """Voxel counts of classes 1..C, counted on the first ``frames`` frames and scaled to REFERENCE_FRAMES."""
-    n = min(frames, len(dataset))
-    if hasattr(dataset, "read_target") and hasattr(dataset, "ids"):  # OccScanNetDataset: labels only, no images
-        targets = (t for t in (_target_or_none(dataset, i) for i in range(n)) if t is not None)
-    else:
-        targets = (dataset[i]["target"] for i in range(n))
-    counts = class_frequencies_from_targets(targets)
-    return [c * REFERENCE_FRAMES / max(1, n) for c in counts]
-
-
-def _target_or_none(dataset: Any, index: int) -> Any:
-    try:
-        return dataset.read_target(dataset.ids[index])
-    except RuntimeError:  # a bad sample (BadSampleError) does not count
-        return None
-
-
 # ---------------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds models, optimiser and data from a TrainConfig and runs the training loop."""
@@ -231,9 +127,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         seed_everything(config.seed)
         if config.deterministic:
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            use_deterministic_algorithms(self.device)
         self.model_cfg = config.model_config()
         self.student = models.build_model(self.model_cfg).to(self.device)
         self.teacher, self.teacher_cfg = self._load_teacher()
@@ -409,10 +303,7 @@ class Trainer:
         values["task"] = sum(x for k, x in scaled if k.startswith(TASK_PREFIXES))
         values["distill"] = sum(x for k, x in scaled if not k.startswith(TASK_PREFIXES))
         values["loss"] = logged[-1]
-        bad = torch.tensor(0.0 if all(math.isfinite(v) for v in values.values()) else 1.0, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
+        if any_rank(not all(math.isfinite(v) for v in values.values()), self.device):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
@@ -451,12 +342,7 @@ class Trainer:
         """True once ``budget_s`` seconds have passed since ``start`` (on any rank, so all ranks stop together)."""
         if budget_s is None:
             return False
-        late = time.perf_counter() - start >= budget_s
-        if self.world == 1:
-            return late
-        late = torch.tensor(float(late), device=self.device)
-        dist.all_reduce(late, op=dist.ReduceOp.MAX)
-        return bool(late.item() > 0)
+        return any_rank(time.perf_counter() - start >= budget_s, self.device)
 
     def fit(self, stop_at_step: int | None = None, time_budget_s: float | None = None) -> Path:
         """Train until ``total_steps``, ``stop_at_step`` or ``time_budget_s`` seconds, whichever comes first.
@@ -473,7 +359,6 @@ class Trainer:
         end = min(self.total_steps, stop_at_step) if stop_at_step is not None else self.total_steps
         bar = None
         if self.is_main and self.cfg.progress:
-            from tqdm import tqdm
             bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
         samples_per_step = self.cfg.batch_size * self.world
         loader = batches = None
@@ -504,8 +389,7 @@ class Trainer:
                 bar.close()
             if self.writer is not None:
                 self.writer.close()
-            if self.world > 1:
-                dist.barrier()
+            barrier()
         return final
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
@@ -524,7 +408,6 @@ class Trainer:
         """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU."""
         result = None
         if self.is_main and self.val_set is not None and len(self.val_set) > 0:
-            from .evaluate import evaluate_model
             result = evaluate_model(self.student, self.val_set, self.model_cfg, self.device,
                                     batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp=self.cfg.amp)
             if self.writer is not None:
@@ -533,8 +416,7 @@ class Trainer:
             if result["miou"] > self.best_miou:
                 self.best_miou = result["miou"]
                 self.save("best.pt")
-        if self.world > 1:
-            dist.barrier()
+        barrier()
         return result
 
 

@@ -1,0 +1,111 @@
+"""Process and device set-up of a run: torchrun process group, rank helpers, seeding, RNG state, autocast dtype.
+
+Single process runs need none of the process-group calls: the helpers below are no-ops (or return the
+local answer) unless a process group of more than one process is initialised.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{device_name}' requested but CUDA is not available")
+        device = torch.device("cuda", local_rank if world > 1 or device_name == "cuda" else int(device_name.split(":")[1]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, device
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group if one was initialised (end of a torchrun run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that prints, logs and writes checkpoints."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any process, so that all processes take the same branch."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process run)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_deterministic_algorithms(device: torch.device) -> None:
+    """Bitwise-repeatable kernels (cuBLAS needs a fixed workspace for that on CUDA)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain Python values, so checkpoints stay loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (the CUDA states only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast_dtype(amp: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
+    """The autocast dtype of a run: ``amp`` on CUDA; on CPU fp32 (None) unless ``on_cpu`` asks for bf16."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type == "cuda" or dtype is None:
+        return dtype
+    if not on_cpu:
+        return None
+    if dtype != torch.bfloat16:
+        raise ValueError(f"mixed precision on {device.type} supports bf16 only, got amp={amp!r}")
+    return dtype
