@@ -1,6 +1,6 @@
 """Message factories: build ROS 2 messages the same way for rclpy and for the rosbags typestore.
 
-The conversions never import a message package themselves; they receive a factory with
+The message builders (``msg_encode``) never import a message package themselves; they receive a factory with
 ``new(msgtype, **fields)`` plus helpers for numeric array fields, whose Python types differ between
 rclpy (``array.array`` / numpy for fixed arrays) and rosbags (numpy arrays everywhere).
 """
@@ -20,7 +20,7 @@ _NUMPY_BASE = {
 
 
 class MessageFactory(Protocol):
-    """What the conversions need to create messages (rclpy or rosbags typestore)."""
+    """What ``msg_encode`` needs to create messages (rclpy or rosbags typestore)."""
 
     def new(self, msgtype: str, **fields: Any) -> Any: ...
 
