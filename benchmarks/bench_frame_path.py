@@ -4,7 +4,7 @@
 
 For each config, precision (CPU: fp32; CUDA: fp32 and fp16) and input (a 640x480 ``bgr8`` Image and
 a JPEG CompressedImage, built with the rosbags typestore factory, the stand-in for rclpy here), frames
-go through the node's code: decode (``conversions.any_image_to_rgb`` + CameraInfo K), preprocess
+go through the node's code: decode (``msg_decode.any_image_to_rgb`` + CameraInfo K), preprocess
 (``OccupancyPipeline.prepare``: the device frame path of the torch backend), infer + post-process
 (``complete``), PointCloud2 (``occupancy_to_pointcloud2``), the MarkerArray every ``--marker-period``
 frames. Pipelining is on: ``TwoStageRunner`` prepares frame i+1 while frame i is inferred; the
@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from discene_ros import conversions as conv  # noqa: E402
+from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
@@ -90,9 +90,9 @@ def camera_messages(factory: TypestoreFactory, kind: str):
     rgb = np.clip(np.kron(coarse, np.ones((32, 32, 1), np.float32)) + rng.normal(0, 8, (480, 640, 3)), 0, 255)
     rgb = rgb.astype(np.uint8)
     k, pose = example_camera(None)
-    image = (conv.rgb_to_compressed(factory, rgb, "cam", 0, "jpeg") if kind == "jpeg"
-             else conv.rgb_to_image(factory, rgb, "cam", 0, "bgr8"))
-    return image, conv.k_to_camera_info(factory, k, 480, 640, "cam", 0), pose
+    image = (msg_encode.rgb_to_compressed(factory, rgb, "cam", 0, "jpeg") if kind == "jpeg"
+             else msg_encode.rgb_to_image(factory, rgb, "cam", 0, "bgr8"))
+    return image, msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", 0), pose
 
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
@@ -103,12 +103,12 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     schedule = EveryNth(marker_period)
     lock = threading.Lock()
 
-    decode_min_hw = conv.reduced_decode_size(pipe.config.image_size)  # as the node's FrameProcessor decodes
+    decode_min_hw = msg_decode.reduced_decode_size(pipe.config.image_size)  # as the node's FrameProcessor decodes
 
     def prepare(item, slot):
         t0 = time.perf_counter()
-        rgb = conv.any_image_to_rgb(image, decode_min_hw)
-        k = conv.camera_info_to_k(info, rgb.shape[:2])
+        rgb = msg_decode.any_image_to_rgb(image, decode_min_hw)
+        k = msg_decode.camera_info_to_k(info, rgb.shape[:2])
         t1 = time.perf_counter()
         prepared = pipe.prepare(rgb, k, pose, slot=slot)
         return {"t_submit": item, "decode": (t1 - t0) * 1e3, "preprocess": (time.perf_counter() - t1) * 1e3,
@@ -122,10 +122,10 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         t0 = time.perf_counter()
         occ = pipe.collect(p["launched"]) if "launched" in p else pipe.complete(p["prepared"])
         t1 = time.perf_counter()
-        conv.occupancy_to_pointcloud2(factory, occ, "odom", 0)
+        msg_encode.occupancy_to_pointcloud2(factory, occ, "odom", 0)
         t2 = time.perf_counter()
         if schedule.due():
-            conv.occupancy_to_marker_array(factory, occ, "odom", 0)
+            msg_encode.occupancy_to_marker_array(factory, occ, "odom", 0)
             markers_ms.append((time.perf_counter() - t2) * 1e3)
         timings = pipe.last_timings
         with lock:

@@ -52,14 +52,14 @@ def _pipeline(model: str | None, device: str, threshold: float | None):
 
 
 def _messages(factory, compressed: bool):
-    from discene_ros import conversions as conv
+    from discene_ros import msg_encode
 
     rng = np.random.default_rng(0)
     rgb = np.clip(rng.normal(120, 40, (480, 640, 3)), 0, 255).astype(np.uint8)
     k = np.array([[520.0, 0, 320], [0, 520, 240], [0, 0, 1]])
-    image = conv.rgb_to_compressed(factory, rgb, "cam", 0, "jpeg") if compressed else \
-        conv.rgb_to_image(factory, rgb, "cam", 0, "bgr8")
-    return image, conv.k_to_camera_info(factory, k, 480, 640, "cam", 0)
+    image = msg_encode.rgb_to_compressed(factory, rgb, "cam", 0, "jpeg") if compressed else \
+        msg_encode.rgb_to_image(factory, rgb, "cam", 0, "bgr8")
+    return image, msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", 0)
 
 
 def measure(pipeline, factory, compressed: bool, iters: int, warmup: int = 3) -> dict:

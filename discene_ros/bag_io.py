@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from .camera_pose import TransformNotReadyError
-from .conversions import matrix_to_quaternion, quaternion_to_matrix, stamp_to_ns, transform_to_matrix
+from .msg_decode import quaternion_to_matrix, stamp_to_ns, transform_to_matrix
+from .msg_encode import matrix_to_quaternion
 
 IMAGE_TOPIC = "/camera/color/image_raw"
 COMPRESSED_TOPIC = "/camera/color/image_raw/compressed"

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import bag_io
-from . import conversions as conv
+from . import bag_io, msg_encode
 from .msg_factory import TypestoreFactory
 
 
@@ -63,29 +62,29 @@ def frame_messages(factory: TypestoreFactory, frame: dict[str, Any], stamp_ns: i
     if compressed:
         if frame["jpeg"] is not None:
             image = factory.new("sensor_msgs/msg/CompressedImage",
-                                header=conv.make_header(factory, stamp_ns, bag_io.CAMERA_FRAME), format="jpeg",
+                                header=msg_encode.make_header(factory, stamp_ns, bag_io.CAMERA_FRAME), format="jpeg",
                                 data=factory.uint8_array(frame["jpeg"]))
         else:
-            image = conv.rgb_to_compressed(factory, frame["rgb"], bag_io.CAMERA_FRAME, stamp_ns, "jpeg", jpeg_quality)
+            image = msg_encode.rgb_to_compressed(factory, frame["rgb"], bag_io.CAMERA_FRAME, stamp_ns, "jpeg", jpeg_quality)
         image_topic = bag_io.COMPRESSED_TOPIC
     else:
-        image = conv.rgb_to_image(factory, frame["rgb"], bag_io.CAMERA_FRAME, stamp_ns, "rgb8")
+        image = msg_encode.rgb_to_image(factory, frame["rgb"], bag_io.CAMERA_FRAME, stamp_ns, "rgb8")
         image_topic = bag_io.IMAGE_TOPIC
     h, w = frame["rgb"].shape[:2]
     target = frame["target"]
     idx = np.argwhere((target > 0) & (target != 255))  # occupied voxels; the labels topic has the unknown ones
     labels = target[tuple(idx.T)]
     centers = frame["voxel_origin"] + (idx + 0.5) * voxel_size
-    gt = conv.points_to_pointcloud2(factory, conv.cloud_points(centers, labels, np.ones(len(idx), np.float32)),
+    gt = msg_encode.points_to_pointcloud2(factory, msg_encode.cloud_points(centers, labels, np.ones(len(idx), np.float32)),
                                     bag_io.WORLD_FRAME, stamp_ns)
-    tf = conv.matrix_to_transform_stamped(factory, frame["cam_pose"], bag_io.WORLD_FRAME, bag_io.CAMERA_FRAME, stamp_ns)
+    tf = msg_encode.matrix_to_transform_stamped(factory, frame["cam_pose"], bag_io.WORLD_FRAME, bag_io.CAMERA_FRAME, stamp_ns)
     return {
-        bag_io.GT_POSE_TOPIC: conv.grid_pose_msg(factory, frame["voxel_origin"], bag_io.WORLD_FRAME, stamp_ns),
+        bag_io.GT_POSE_TOPIC: msg_encode.grid_pose_msg(factory, frame["voxel_origin"], bag_io.WORLD_FRAME, stamp_ns),
         bag_io.GT_TOPIC: gt,
-        bag_io.GT_LABELS_TOPIC: conv.label_grid_to_png(factory, target, bag_io.WORLD_FRAME, stamp_ns),
+        bag_io.GT_LABELS_TOPIC: msg_encode.label_grid_to_png(factory, target, bag_io.WORLD_FRAME, stamp_ns),
         bag_io.TF_TOPIC: factory.new("tf2_msgs/msg/TFMessage", transforms=[tf]),
-        bag_io.CAMERA_INFO_TOPIC: conv.k_to_camera_info(factory, frame["k"], h, w, bag_io.CAMERA_FRAME, stamp_ns),
-        bag_io.DEPTH_TOPIC: conv.depth_to_image(factory, frame["depth"], bag_io.CAMERA_FRAME, stamp_ns, "16UC1"),
+        bag_io.CAMERA_INFO_TOPIC: msg_encode.k_to_camera_info(factory, frame["k"], h, w, bag_io.CAMERA_FRAME, stamp_ns),
+        bag_io.DEPTH_TOPIC: msg_encode.depth_to_image(factory, frame["depth"], bag_io.CAMERA_FRAME, stamp_ns, "16UC1"),
         image_topic: image,
     }
 

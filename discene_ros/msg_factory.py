@@ -1,6 +1,6 @@
 """Message factories: build ROS 2 messages the same way for rclpy and for the rosbags typestore.
 
-The conversions never import a message package themselves; they receive a factory with
+The message builders (``msg_encode``) never import a message package themselves; they receive a factory with
 ``new(msgtype, **fields)`` plus helpers for numeric array fields, whose Python types differ between
 rclpy (``array.array`` / numpy for fixed arrays) and rosbags (numpy arrays everywhere).
 """
@@ -20,7 +20,7 @@ _NUMPY_BASE = {
 
 
 class MessageFactory(Protocol):
-    """What the conversions need to create messages (rclpy or rosbags typestore)."""
+    """What ``msg_encode`` needs to create messages (rclpy or rosbags typestore)."""
 
     def new(self, msgtype: str, **fields: Any) -> Any: ...
 
@@ -38,6 +38,7 @@ class TypestoreFactory:
 
     def __init__(self, typestore: Any) -> None:
         self.typestore = typestore
+        self._layouts: dict[str, tuple[type, list, frozenset[str]]] = {}
 
     def msg_class(self, msgtype: str) -> type:
         try:
@@ -46,15 +47,18 @@ class TypestoreFactory:
             raise KeyError(f"message type {msgtype!r} is not in the rosbags typestore") from exc
 
     def new(self, msgtype: str, **fields: Any) -> Any:
-        cls = self.msg_class(msgtype)
-        _, defs = self.typestore.fielddefs[msgtype]
-        names = {name for name, _ in defs}
-        unknown = sorted(set(fields) - names)
-        if unknown:
-            raise TypeError(f"{msgtype} has no fields {unknown}")
-        for name, node in defs:
-            if name not in fields:
-                fields[name] = self._default(node)
+        layout = self._layouts.get(msgtype)
+        if layout is None:  # class and field definitions looked up once per type (new runs ~10 times a frame)
+            _, defs = self.typestore.fielddefs[msgtype]
+            layout = self._layouts[msgtype] = (self.msg_class(msgtype), defs, frozenset(name for name, _ in defs))
+        cls, defs, names = layout
+        if len(fields) != len(names) or not names.issuperset(fields):
+            unknown = sorted(set(fields) - names)
+            if unknown:
+                raise TypeError(f"{msgtype} has no fields {unknown}")
+            for name, node in defs:
+                if name not in fields:
+                    fields[name] = self._default(node)
         return cls(**fields)
 
     def _default(self, node: tuple) -> Any:
@@ -107,10 +111,11 @@ class RclpyFactory:
         return self.msg_class(msgtype)(**fields)
 
     def uint8_array(self, buf: bytes | np.ndarray) -> array.array:
-        # rclpy stores uint8[] as array.array('B'); building it from bytes is one memcpy, whereas a
-        # numpy array or list would be checked element by element by the generated setter.
+        # rclpy stores uint8[] as array.array('B'), which the generated setter takes as it is, whereas a
+        # numpy array or list would be checked element by element. frombytes reads the numpy buffer
+        # directly: one memcpy (``tobytes`` first would make it two).
         data = array.array("B")
-        data.frombytes(buf.tobytes() if isinstance(buf, np.ndarray) else bytes(buf))
+        data.frombytes(np.ascontiguousarray(buf).reshape(-1).view(np.uint8) if isinstance(buf, np.ndarray) else buf)
         return data
 
     def float64_array(self, values: Any) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The rclpy occupancy node: wiring around ``processing.TwoStageFrames`` and the conversions.
+"""The rclpy occupancy node: wiring around ``processing.TwoStageFrames`` and the message
+conversions (``msg_decode``, ``msg_encode``).
 
 Callbacks only store messages: colour images go to the two-stage frame loop, camera info and depth
 to stamp-indexed buffers. Stage 1 (thread ``frame_prepare``) pairs the newest colour frame with the
@@ -25,8 +26,9 @@ import numpy as np
 
 from . import params as P
 from .camera_pose import TransformNotReadyError, use_fallback
-from .conversions import stats_to_diagnostics, transform_to_matrix
 from .errors import FrameError
+from .msg_decode import transform_to_matrix
+from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
 from .pairing import FramePartners
 from .processing import (

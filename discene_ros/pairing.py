@@ -12,8 +12,8 @@ import time
 from collections import deque
 from typing import Any
 
-from .conversions import stamp_to_ns
 from .errors import DepthError, MissingCameraInfoError
+from .msg_decode import stamp_to_ns
 
 
 class DepthSyncError(DepthError):

@@ -22,7 +22,7 @@ import numpy as np
 from export.backends import create_backend
 from export.pipeline import PIPELINE_SLOTS, OccupancyPipeline, TwoStageRunner
 
-from . import conversions as conv
+from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
 from .params import DEFAULT_MODEL
 from .undistort import Undistorter
@@ -199,7 +199,7 @@ class FrameInput:
 
     @property
     def stamp_ns(self) -> int:
-        return conv.stamp_to_ns(self.image.header.stamp)
+        return msg_decode.stamp_to_ns(self.image.header.stamp)
 
 
 @dataclass
@@ -236,22 +236,22 @@ class FrameProcessor:
         self.fallback_pose = fallback_camera_pose(self.settings.fallback_camera_height,
                                                   self.settings.fallback_camera_pitch_deg, self.settings.floor_z)
         self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps)
-        self.decode_min_hw = (conv.reduced_decode_size(pipeline.config.image_size)
+        self.decode_min_hw = (msg_decode.reduced_decode_size(pipeline.config.image_size)
                               if self.settings.reduced_jpeg_decode else None)
 
     def decode(self, frame: FrameInput) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, bool]:
         """-> (rgb HxWx3 uint8, K 3x3 for that image, depth metres or None, cam_pose 4x4, used_fallback)."""
         if frame.pose_error is not None:
             raise frame.pose_error
-        rgb = conv.any_image_to_rgb(frame.image, self.decode_min_hw)  # K below is scaled to its size
+        rgb = msg_decode.any_image_to_rgb(frame.image, self.decode_min_hw)  # K below is scaled to its size
         if frame.camera_info is None:
             raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
-        k = conv.camera_info_to_k(frame.camera_info, rgb.shape[:2])
+        k = msg_decode.camera_info_to_k(frame.camera_info, rgb.shape[:2])
         depth = self._depth(frame, rgb.shape[:2]) if self.model_uses_depth else None
         rgb, depth = self.undistort(frame.camera_info, rgb, k, depth)
         pose, fallback = frame.cam_pose, False
         if pose is not None:
-            pose = conv.check_pose(pose)
+            pose = msg_decode.check_pose(pose)
         else:
             if not self.settings.use_fallback_pose:
                 raise MissingTransformError("no camera pose in the world frame from TF and the fallback pose is disabled")
@@ -261,11 +261,11 @@ class FrameProcessor:
     def _depth(self, frame: FrameInput, image_hw: tuple[int, int]) -> np.ndarray:
         if frame.depth is None:
             raise DepthError("the model needs depth but no depth image was received")
-        offset = abs(conv.stamp_to_ns(frame.depth.header.stamp) - frame.stamp_ns) * 1e-9
+        offset = abs(msg_decode.stamp_to_ns(frame.depth.header.stamp) - frame.stamp_ns) * 1e-9
         if offset > self.settings.depth_max_offset_s:
             raise DepthError(f"the depth image is {offset * 1e3:.0f} ms away from the colour image "
                              f"(limit {self.settings.depth_max_offset_s * 1e3:.0f} ms)")
-        depth = conv.depth_to_metres(frame.depth)
+        depth = msg_decode.depth_to_metres(frame.depth)
         dh, dw = depth.shape
         if abs((dw / dh) / (image_hw[1] / image_hw[0]) - 1.0) > 0.01:
             raise DepthError(f"depth {dw}x{dh} is not aligned with the colour image {image_hw[1]}x{image_hw[0]}")
@@ -420,9 +420,9 @@ def build_outputs(factory: Any, processed: ProcessedFrame, world_frame: str, sta
     """Messages published for one frame: ``cloud`` (PointCloud2), ``grid_pose``, and ``markers`` if asked."""
     occ = processed.occupancy
     out = {
-        "cloud": conv.occupancy_to_pointcloud2(factory, occ, world_frame, stamp_ns),
-        "grid_pose": conv.grid_pose_msg(factory, occ.voxel_origin, world_frame, stamp_ns),
+        "cloud": msg_encode.occupancy_to_pointcloud2(factory, occ, world_frame, stamp_ns),
+        "grid_pose": msg_encode.grid_pose_msg(factory, occ.voxel_origin, world_frame, stamp_ns),
     }
     if markers:
-        out["markers"] = conv.occupancy_to_marker_array(factory, occ, world_frame, stamp_ns)
+        out["markers"] = msg_encode.occupancy_to_marker_array(factory, occ, world_frame, stamp_ns)
     return out

@@ -26,8 +26,7 @@ import numpy as np
 
 from models.checkpoint import atomic_write
 
-from . import bag_io
-from . import conversions as conv
+from . import bag_io, msg_decode
 from .camera_pose import use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
@@ -75,9 +74,9 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
     try:
         for conn, _, raw in reader.messages(connections=conns):
             msg = reader.deserialize(raw, conn.msgtype)
-            stamp = conv.stamp_to_ns(msg.header.stamp)
+            stamp = msg_decode.stamp_to_ns(msg.header.stamp)
             if conn.topic == bag_io.GT_POSE_TOPIC:
-                origins[stamp] = conv.grid_origin_from_pose(msg)
+                origins[stamp] = msg_decode.grid_origin_from_pose(msg)
             elif conn.topic == bag_io.GT_LABELS_TOPIC:
                 labels[stamp] = msg
             else:
@@ -88,9 +87,9 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
     for stamp, origin in origins.items():
         try:
             if stamp in labels:
-                out[stamp] = GroundTruth(conv.png_to_label_grid(labels[stamp], grid_shape), origin, True)
+                out[stamp] = GroundTruth(msg_decode.png_to_label_grid(labels[stamp], grid_shape), origin, True)
             elif stamp in clouds:
-                out[stamp] = GroundTruth(conv.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape),
+                out[stamp] = GroundTruth(msg_decode.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape),
                                          origin, False)
         except FrameError as exc:
             errors.append(f"ground truth at {stamp} ns unusable: {exc}")
@@ -145,7 +144,7 @@ class BagFrames:
         self._settled_pose = None
         if now_t - bag_t > self.wait_ns:
             return True
-        stamp = conv.stamp_to_ns(image.header.stamp)
+        stamp = msg_decode.stamp_to_ns(image.header.stamp)
         tol = self.partners.tolerance_ns
         if self.info_topic is not None and not self.partners.info.settled(stamp, tol):
             return False
@@ -160,12 +159,12 @@ class BagFrames:
     def _pose_probe(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
         """TF lookup at the image stamp: (pose or None when not connected, the error when not ready)."""
         try:
-            return self.tf.lookup(self.world_frame, image.header.frame_id, conv.stamp_to_ns(image.header.stamp)), None
+            return self.tf.lookup(self.world_frame, image.header.frame_id, msg_decode.stamp_to_ns(image.header.stamp)), None
         except FrameError as exc:
             return None, exc
 
     def _complete(self, image: Any, bag_t: int) -> tuple[FrameInput, int]:
-        stamp = conv.stamp_to_ns(image.header.stamp)
+        stamp = msg_decode.stamp_to_ns(image.header.stamp)
         gt = self.ground_truth.get(stamp)
         error: FrameError | None = None
         info = depth = None

@@ -22,8 +22,7 @@ from test_fuzz_frames import _png_header_claiming
 from test_ros_support import BlockBackend, pipeline_for
 from test_trainer import data_root, tiny_config  # noqa: F401 - data_root is a fixture
 
-from discene_ros import bag_io, replay
-from discene_ros import conversions as conv
+from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.errors import (
     CameraInfoError,
     DecodeError,
@@ -47,23 +46,23 @@ K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
 
 
 def _compressed(data: bytes, fmt: str, stamp: int = 0) -> object:
-    return F.new("sensor_msgs/msg/CompressedImage", header=conv.make_header(F, stamp, "cam"), format=fmt,
+    return F.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(F, stamp, "cam"), format=fmt,
                  data=np.frombuffer(data, np.uint8))
 
 
 # ----------------------------------------------------------------------------- 1: decompression bombs
 def test_compressed_header_claiming_20000_squared_is_refused_before_decoding():
     with pytest.raises(ImageSizeError, match="400000000 pixels"):
-        conv.compressed_to_rgb(_compressed(_png_header_claiming(20000, 20000), "png"))
+        msg_decode.compressed_to_rgb(_compressed(_png_header_claiming(20000, 20000), "png"))
     out = io.BytesIO()
     Image.new("RGB", (16, 16)).save(out, format="JPEG")
     jpeg = bytearray(out.getvalue())
     sof = jpeg.index(b"\xff\xc0")
     jpeg[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
     with pytest.raises(ImageSizeError, match="limit"):
-        conv.compressed_to_rgb(_compressed(bytes(jpeg), "jpeg"))
+        msg_decode.compressed_to_rgb(_compressed(bytes(jpeg), "jpeg"))
     with pytest.raises(DecodeError, match="could not decode"):  # a header that parses, then too little image data
-        conv.compressed_to_rgb(_compressed(_png_header_claiming(16, 16), "png"))
+        msg_decode.compressed_to_rgb(_compressed(_png_header_claiming(16, 16), "png"))
 
 
 # ----------------------------------------------------------------------------- 1, 5, 12: replay goes on
@@ -73,13 +72,13 @@ def _bag_with_bad_frames(path: Path) -> Path:
     with bag_io.BagWriter(path, "mcap") as w:
         for i in range(4):
             t = 1_000_000_000 + i * 100_000_000
-            tf = conv.matrix_to_transform_stamped(F, np.eye(4), "world", bag_io.CAMERA_FRAME, t)
+            tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", bag_io.CAMERA_FRAME, t)
             if i == 2:
                 tf.transform.rotation.w = 0.0
             w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
-            w.write(bag_io.CAMERA_INFO_TOPIC, conv.k_to_camera_info(F, K, 48, 64, bag_io.CAMERA_FRAME, t), t)
+            w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(F, K, 48, 64, bag_io.CAMERA_FRAME, t), t)
             image = (_compressed(_png_header_claiming(20000, 20000), "png", t) if i == 1 else
-                     conv.rgb_to_compressed(F, rgb, bag_io.CAMERA_FRAME, t))
+                     msg_encode.rgb_to_compressed(F, rgb, bag_io.CAMERA_FRAME, t))
             image.header.frame_id = bag_io.CAMERA_FRAME
             w.write(bag_io.COMPRESSED_TOPIC, image, t)
     return path
@@ -137,8 +136,8 @@ def test_non_finite_outputs_are_never_published():
     occ.voxel_scores = np.array([0.9], np.float32)
     check_outputs(occ)
     # through the processor: a grid origin 1e300 away (a pose check cannot see it) is skipped, not published
-    image = conv.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", 0)
-    frame = FrameInput(image=image, camera_info=conv.k_to_camera_info(F, K, 48, 64, "cam", 0), cam_pose=np.eye(4),
+    image = msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", 0)
+    frame = FrameInput(image=image, camera_info=msg_encode.k_to_camera_info(F, K, 48, 64, "cam", 0), cam_pose=np.eye(4),
                        voxel_origin=np.array([1e300, 1e300, 1e300]))
     with pytest.raises(NonFiniteOutputError) as info:
         FrameProcessor(pipeline_for(BlockBackend())).process(frame)
@@ -146,10 +145,10 @@ def test_non_finite_outputs_are_never_published():
 
 
 def test_is_dense_says_whether_the_cloud_is_finite():
-    points = conv.cloud_points(np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]), np.array([1, 2]), np.array([0.5, 0.5]))
-    assert conv.points_to_pointcloud2(F, points, "world", 0).is_dense
+    points = msg_encode.cloud_points(np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]), np.array([1, 2]), np.array([0.5, 0.5]))
+    assert msg_encode.points_to_pointcloud2(F, points, "world", 0).is_dense
     points["y"][1] = np.nan
-    assert not conv.points_to_pointcloud2(F, points, "world", 0).is_dense
+    assert not msg_encode.points_to_pointcloud2(F, points, "world", 0).is_dense
 
 
 # ----------------------------------------------------------------------------- 4: degenerate K and poses
@@ -161,8 +160,8 @@ def test_degenerate_intrinsics_are_rejected(edit, match):
     k = K.copy()
     k[edit[0], edit[1]] = edit[2]
     with pytest.raises(CameraInfoError, match=match):
-        conv.camera_info_to_k(conv.k_to_camera_info(F, k, 48, 64, "cam", 0), (48, 64))
-    np.testing.assert_allclose(conv.camera_info_to_k(conv.k_to_camera_info(F, K, 48, 64, "cam", 0), (96, 128)), 2 * K
+        msg_decode.camera_info_to_k(msg_encode.k_to_camera_info(F, k, 48, 64, "cam", 0), (48, 64))
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(msg_encode.k_to_camera_info(F, K, 48, 64, "cam", 0), (96, 128)), 2 * K
                                - np.diag([0, 0, 1]))
 
 
@@ -190,11 +189,11 @@ def _projective(p):
                                          (_reflected, "reflection"), (_projective, "projective")])
 def test_non_rigid_poses_are_rejected(edit, match):
     with pytest.raises(PoseError, match=match):
-        conv.check_pose(edit(np.eye(4)))
-    rot = conv.quaternion_to_matrix(*(np.array([0.1, 0.2, 0.3, 0.9]) / np.linalg.norm([0.1, 0.2, 0.3, 0.9])))
+        msg_decode.check_pose(edit(np.eye(4)))
+    rot = msg_decode.quaternion_to_matrix(*(np.array([0.1, 0.2, 0.3, 0.9]) / np.linalg.norm([0.1, 0.2, 0.3, 0.9])))
     pose = np.eye(4)
     pose[:3, :3], pose[:3, 3] = rot, [3.0, -2.0, 1.0]
-    np.testing.assert_array_equal(conv.check_pose(pose), pose)
+    np.testing.assert_array_equal(msg_decode.check_pose(pose), pose)
 
 
 # ----------------------------------------------------------------------------- 5: quaternions
@@ -202,10 +201,10 @@ def test_quaternions_follow_tf2s_normalisation_rule():
     for q, ok in [((0, 0, 0, 0), False), ((0, 0, 0, 1.001), True), ((0, 0, 0, 1.1), False), ((0, 0, np.nan, 1), False),
                   ((0, 0, 0, 0.996), True), ((0, 0, 0, 0.99), False)]:
         if ok:
-            np.testing.assert_allclose(conv.quaternion_to_matrix(*q), np.eye(3), atol=1e-12)
+            np.testing.assert_allclose(msg_decode.quaternion_to_matrix(*q), np.eye(3), atol=1e-12)
         else:
             with pytest.raises(TransformError):
-                conv.quaternion_to_matrix(*q)
+                msg_decode.quaternion_to_matrix(*q)
 
 
 # ----------------------------------------------------------------------------- 2, 6, 8: datasets

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image as PILImage
 from rosbags.typesys import Stores, get_typestore
 
-from discene_ros import conversions as conv
+from discene_ros import msg_decode, msg_encode
 from discene_ros.errors import (
     CameraInfoError,
     CloudFormatError,
@@ -39,7 +39,7 @@ def _raw_image(factory, pixels, encoding, step_pad=0, bigendian=False):
     row = pixels.reshape(h, -1).view(np.uint8)
     padded = np.zeros((h, row.shape[1] + step_pad), np.uint8)
     padded[:, : row.shape[1]] = row
-    return factory.new("sensor_msgs/msg/Image", header=conv.make_header(factory, STAMP, "cam"), height=h, width=w,
+    return factory.new("sensor_msgs/msg/Image", header=msg_encode.make_header(factory, STAMP, "cam"), height=h, width=w,
                        encoding=encoding, is_bigendian=bigendian, step=padded.shape[1],
                        data=factory.uint8_array(padded))
 
@@ -48,12 +48,12 @@ def _raw_image(factory, pixels, encoding, step_pad=0, bigendian=False):
 @pytest.mark.parametrize("pad", [0, 3])
 def test_image_encodings_round_trip(factory, encoding, pad):
     rgb = _rgb()
-    msg = conv.rgb_to_image(factory, rgb, "cam", STAMP, encoding)
+    msg = msg_encode.rgb_to_image(factory, rgb, "cam", STAMP, encoding)
     if pad:  # same pixels with padded rows: step must be honoured
         h, w = rgb.shape[:2]
         channels = msg.step // w
         msg = _raw_image(factory, np.asarray(msg.data).reshape(h, w, channels), encoding, step_pad=pad)
-    out = conv.image_to_rgb(msg)
+    out = msg_decode.image_to_rgb(msg)
     assert out.shape == rgb.shape and out.dtype == np.uint8
     expected = np.repeat(rgb.mean(-1).round().astype(np.uint8)[..., None], 3, -1) if encoding == "mono8" else rgb
     np.testing.assert_array_equal(out, expected)
@@ -62,22 +62,22 @@ def test_image_encodings_round_trip(factory, encoding, pad):
 
 def test_image_bad_inputs(factory):
     rgb = _rgb()
-    msg = conv.rgb_to_image(factory, rgb, "cam", STAMP)
+    msg = msg_encode.rgb_to_image(factory, rgb, "cam", STAMP)
     msg.step = 5  # smaller than width*3
     with pytest.raises(ImageSizeError, match="step"):
-        conv.image_to_rgb(msg)
-    msg = conv.rgb_to_image(factory, rgb, "cam", STAMP)
+        msg_decode.image_to_rgb(msg)
+    msg = msg_encode.rgb_to_image(factory, rgb, "cam", STAMP)
     msg.data = msg.data[:-1]
     with pytest.raises(ImageSizeError, match="bytes"):
-        conv.image_to_rgb(msg)
-    msg = conv.rgb_to_image(factory, rgb, "cam", STAMP)
+        msg_decode.image_to_rgb(msg)
+    msg = msg_encode.rgb_to_image(factory, rgb, "cam", STAMP)
     msg.encoding = "yuv422"  # no cv_bridge on this machine
     with pytest.raises(UnsupportedEncodingError, match="cv_bridge"):
-        conv.image_to_rgb(msg)
+        msg_decode.image_to_rgb(msg)
     msg.width = 0
     msg.encoding = "rgb8"
     with pytest.raises(ImageSizeError):
-        conv.image_to_rgb(msg)
+        msg_decode.image_to_rgb(msg)
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "png"])
@@ -85,8 +85,8 @@ def test_compressed_images(factory, fmt):
     rgb = np.zeros((16, 32, 3), np.uint8)
     rgb[:, :16] = (200, 30, 40)
     rgb[:, 16:] = (10, 220, 90)
-    msg = conv.rgb_to_compressed(factory, rgb, "cam", STAMP, fmt)
-    out = conv.any_image_to_rgb(msg)
+    msg = msg_encode.rgb_to_compressed(factory, rgb, "cam", STAMP, fmt)
+    out = msg_decode.any_image_to_rgb(msg)
     assert out.shape == rgb.shape
     err = np.abs(out.astype(int) - rgb.astype(int)).max(-1)
     if fmt == "png":
@@ -96,64 +96,64 @@ def test_compressed_images(factory, fmt):
 
 
 def test_compressed_bad_inputs(factory):
-    good = conv.rgb_to_compressed(factory, _rgb(8, 8), "cam", STAMP, "jpeg")
+    good = msg_encode.rgb_to_compressed(factory, _rgb(8, 8), "cam", STAMP, "jpeg")
     truncated = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg",
                             data=good.data[: len(good.data) // 3])
     with pytest.raises(DecodeError):
-        conv.compressed_to_rgb(truncated)
+        msg_decode.compressed_to_rgb(truncated)
     garbage = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg",
                           data=factory.uint8_array(b"not an image at all"))
     with pytest.raises(UnsupportedEncodingError, match="neither JPEG nor PNG"):
-        conv.compressed_to_rgb(garbage)
+        msg_decode.compressed_to_rgb(garbage)
     depth = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="16UC1; compressedDepth png",
                         data=good.data)
     with pytest.raises(UnsupportedEncodingError, match="depth"):
-        conv.compressed_to_rgb(depth)
+        msg_decode.compressed_to_rgb(depth)
 
 
 @pytest.mark.parametrize("bigendian", [False, True])
 def test_depth_16uc1_and_32fc1(factory, bigendian):
     mm = np.array([[0, 1000, 2500], [65535, 1, 3000]], dtype=np.uint16)
     msg = _raw_image(factory, mm.astype(">u2" if bigendian else "<u2")[..., None], "16UC1", bigendian=bigendian)
-    np.testing.assert_allclose(conv.depth_to_metres(msg), mm.astype(np.float32) / 1000.0, rtol=1e-6)
+    np.testing.assert_allclose(msg_decode.depth_to_metres(msg), mm.astype(np.float32) / 1000.0, rtol=1e-6)
     metres = np.array([[np.nan, 1.5, np.inf], [-1.0, 0.0, 2.25]], dtype=np.float32)
     msg = _raw_image(factory, metres.astype(">f4" if bigendian else "<f4")[..., None], "32FC1", step_pad=4,
                      bigendian=bigendian)
-    out = conv.depth_to_metres(msg)
+    out = msg_decode.depth_to_metres(msg)
     np.testing.assert_array_equal(out, [[0, 1.5, 0], [0, 0, 2.25]])
 
 
 def test_depth_bad_inputs(factory):
-    msg = conv.depth_to_image(factory, np.full((2, 3), np.nan), "cam", STAMP, "32FC1")
+    msg = msg_encode.depth_to_image(factory, np.full((2, 3), np.nan), "cam", STAMP, "32FC1")
     with pytest.raises(DepthError, match="no valid pixel"):
-        conv.depth_to_metres(msg)
-    msg = conv.rgb_to_image(factory, _rgb(2, 3), "cam", STAMP)
+        msg_decode.depth_to_metres(msg)
+    msg = msg_encode.rgb_to_image(factory, _rgb(2, 3), "cam", STAMP)
     with pytest.raises(DepthError, match="rgb8"):
-        conv.depth_to_metres(msg)
+        msg_decode.depth_to_metres(msg)
     # builders round trip
     depth = np.array([[0.5, 0.0], [1.234, 3.0]])
-    np.testing.assert_allclose(conv.depth_to_metres(conv.depth_to_image(factory, depth, "c", STAMP)), depth, atol=5e-4)
-    np.testing.assert_allclose(conv.depth_to_metres(conv.depth_to_image(factory, depth, "c", STAMP, "32FC1")), depth,
+    np.testing.assert_allclose(msg_decode.depth_to_metres(msg_encode.depth_to_image(factory, depth, "c", STAMP)), depth, atol=5e-4)
+    np.testing.assert_allclose(msg_decode.depth_to_metres(msg_encode.depth_to_image(factory, depth, "c", STAMP, "32FC1")), depth,
                                rtol=1e-6)
 
 
 def test_camera_info_k_rescaling(factory):
     k = np.array([[500.0, 0, 320], [0, 510, 240], [0, 0, 1]])
-    info = conv.k_to_camera_info(factory, k, 480, 640, "cam", STAMP)
-    np.testing.assert_allclose(conv.camera_info_to_k(info), k)
-    np.testing.assert_allclose(conv.camera_info_to_k(info, (480, 640)), k)
-    half = conv.camera_info_to_k(info, (240, 320))
+    info = msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", STAMP)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info), k)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640)), k)
+    half = msg_decode.camera_info_to_k(info, (240, 320))
     np.testing.assert_allclose(half, [[250, 0, 160], [0, 255, 120], [0, 0, 1]])
     with pytest.raises(CameraInfoError, match="aspect"):
-        conv.camera_info_to_k(info, (480, 480))
+        msg_decode.camera_info_to_k(info, (480, 480))
     info.binning_x = info.binning_y = 2  # binned image of a 640x480 calibration
-    np.testing.assert_allclose(conv.camera_info_to_k(info, (240, 320)), half)
-    bad = conv.k_to_camera_info(factory, np.zeros((3, 3)), 480, 640, "cam", STAMP)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (240, 320)), half)
+    bad = msg_encode.k_to_camera_info(factory, np.zeros((3, 3)), 480, 640, "cam", STAMP)
     with pytest.raises(CameraInfoError, match="uncalibrated"):
-        conv.camera_info_to_k(bad)
-    nores = conv.k_to_camera_info(factory, k, 0, 0, "cam", STAMP)
+        msg_decode.camera_info_to_k(bad)
+    nores = msg_encode.k_to_camera_info(factory, k, 0, 0, "cam", STAMP)
     with pytest.raises(CameraInfoError, match="resolution"):
-        conv.camera_info_to_k(nores, (480, 640))
+        msg_decode.camera_info_to_k(nores, (480, 640))
 
 
 def test_transform_round_trip(factory):
@@ -163,43 +163,43 @@ def test_transform_round_trip(factory):
         pose = np.eye(4)
         pose[:3, :3] = q * np.sign(np.linalg.det(q))
         pose[:3, 3] = rng.normal(size=3)
-        msg = conv.matrix_to_transform_stamped(factory, pose, "world", "camera", STAMP)
-        np.testing.assert_allclose(conv.transform_to_matrix(msg), pose, atol=1e-9)
-        np.testing.assert_allclose(conv.transform_to_matrix(msg.transform), pose, atol=1e-9)
+        msg = msg_encode.matrix_to_transform_stamped(factory, pose, "world", "camera", STAMP)
+        np.testing.assert_allclose(msg_decode.transform_to_matrix(msg), pose, atol=1e-9)
+        np.testing.assert_allclose(msg_decode.transform_to_matrix(msg.transform), pose, atol=1e-9)
     msg.transform.rotation.w = msg.transform.rotation.x = msg.transform.rotation.y = msg.transform.rotation.z = 0.0
     with pytest.raises(TransformError, match="zero"):
-        conv.transform_to_matrix(msg)
+        msg_decode.transform_to_matrix(msg)
     assert issubclass(TransformError, FrameError)
 
 
 def test_rgb_packing_matches_pcl_convention():
     colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3]], np.uint8)
-    packed = conv.pack_rgb(colors)
+    packed = msg_encode.pack_rgb(colors)
     assert packed.dtype == np.float32
     np.testing.assert_array_equal(packed.view(np.uint32), [0xFF0000, 0x00FF00, 0x0000FF, 0x010203])
-    np.testing.assert_array_equal(conv.unpack_rgb(packed), colors)
+    np.testing.assert_array_equal(msg_decode.unpack_rgb(packed), colors)
 
 
 def test_pointcloud_layout_and_parse(factory):
     centers = np.array([[0.1, 0.2, 0.3], [1.0, -2.0, 0.5], [3.0, 3.0, 3.0]])
     labels = np.array([2, 5, 11], np.uint8)
     scores = np.array([0.9, 0.6, 0.75], np.float32)
-    msg = conv.points_to_pointcloud2(factory, conv.cloud_points(centers, labels, scores), "world", STAMP)
+    msg = msg_encode.points_to_pointcloud2(factory, msg_encode.cloud_points(centers, labels, scores), "world", STAMP)
     layout = [(f.name, f.offset, f.datatype, f.count) for f in msg.fields]
     assert layout == [("x", 0, 7, 1), ("y", 4, 7, 1), ("z", 8, 7, 1), ("rgb", 12, 7, 1), ("label", 16, 2, 1),
                       ("score", 20, 7, 1)]
     assert (msg.height, msg.width, msg.point_step, msg.row_step) == (1, 3, 24, 72)
     assert msg.is_dense and not msg.is_bigendian and len(msg.data) == 72
-    assert msg.header.frame_id == "world" and conv.stamp_to_ns(msg.header.stamp) == STAMP
+    assert msg.header.frame_id == "world" and msg_decode.stamp_to_ns(msg.header.stamp) == STAMP
     raw = np.asarray(msg.data)
     np.testing.assert_array_equal(raw[12:16].view("<u4"), [(43 << 16) | (160 << 8) | 4])  # floor colour
-    back = conv.pointcloud2_to_array(msg)
+    back = msg_decode.pointcloud2_to_array(msg)
     np.testing.assert_allclose(np.stack([back["x"], back["y"], back["z"]], -1), centers, rtol=1e-6)
     np.testing.assert_array_equal(back["label"], labels)
-    np.testing.assert_array_equal(conv.unpack_rgb(back["rgb"]), CLASS_COLORS[labels])
+    np.testing.assert_array_equal(msg_decode.unpack_rgb(back["rgb"]), CLASS_COLORS[labels])
     msg.data = msg.data[:-5]
     with pytest.raises(CloudFormatError, match="too few"):
-        conv.pointcloud2_to_array(msg)
+        msg_decode.pointcloud2_to_array(msg)
 
 
 def test_cloud_to_label_grid(factory):
@@ -208,16 +208,16 @@ def test_cloud_to_label_grid(factory):
     grid[1, 2, 3], grid[5, 4, 0], grid[0, 0, 0] = 3, 255, 7
     idx = np.argwhere(grid > 0)
     centers = origin + (idx + 0.5) * 0.08
-    msg = conv.points_to_pointcloud2(factory, conv.cloud_points(centers, grid[tuple(idx.T)], np.ones(len(idx))),
+    msg = msg_encode.points_to_pointcloud2(factory, msg_encode.cloud_points(centers, grid[tuple(idx.T)], np.ones(len(idx))),
                                      "world", STAMP)
-    np.testing.assert_array_equal(conv.cloud_to_label_grid(msg, origin, 0.08, grid.shape), grid)
+    np.testing.assert_array_equal(msg_decode.cloud_to_label_grid(msg, origin, 0.08, grid.shape), grid)
     with pytest.raises(CloudFormatError, match="outside"):
-        conv.cloud_to_label_grid(msg, origin + 1.0, 0.08, grid.shape)
+        msg_decode.cloud_to_label_grid(msg, origin + 1.0, 0.08, grid.shape)
 
 
 def test_pil_decoder_handles_grey_png(factory):
     out = io.BytesIO()
     PILImage.fromarray(np.full((4, 4), 77, np.uint8)).save(out, format="PNG")
-    msg = factory.new("sensor_msgs/msg/CompressedImage", header=conv.make_header(factory, STAMP, "c"), format="png",
+    msg = factory.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "c"), format="png",
                       data=factory.uint8_array(out.getvalue()))
-    assert (conv.compressed_to_rgb(msg) == 77).all()
+    assert (msg_decode.compressed_to_rgb(msg) == 77).all()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from rosbags.typesys import Stores, get_typestore
 
-from discene_ros import conversions as conv
+from discene_ros import msg_encode
 from discene_ros import params as P
 from discene_ros.msg_factory import EveryNth, TypestoreFactory
 
@@ -28,12 +28,12 @@ def test_marker_period_default_and_bad_value():
 
 def test_pointcloud_is_dense_only_when_every_point_is_finite():
     centers = np.array([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
-    good = conv.points_to_pointcloud2(F, conv.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
+    good = msg_encode.points_to_pointcloud2(F, msg_encode.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
     assert good.is_dense
     centers[1, 2] = np.nan
-    bad = conv.points_to_pointcloud2(F, conv.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
+    bad = msg_encode.points_to_pointcloud2(F, msg_encode.cloud_points(centers, [1, 2], [0.9, 0.8]), "odom", 0)
     assert not bad.is_dense
-    assert conv.points_to_pointcloud2(F, conv.cloud_points(np.zeros((0, 3)), [], []), "odom", 0).is_dense
+    assert msg_encode.points_to_pointcloud2(F, msg_encode.cloud_points(np.zeros((0, 3)), [], []), "odom", 0).is_dense
 
 
 def test_marker_points_are_grid_local_and_reused_across_frames():
@@ -48,8 +48,8 @@ def test_marker_points_are_grid_local_and_reused_across_frames():
                               voxel_scores=np.ones(3, np.float32), voxel_origin=np.asarray(origin, float),
                               voxel_size=0.08)
 
-    a = conv.occupancy_to_marker_array(F, frame([1.0, -2.0, 0.5]), "odom", 0)
-    b = conv.occupancy_to_marker_array(F, frame([3.0, 0.0, 0.0]), "odom", 0)
+    a = msg_encode.occupancy_to_marker_array(F, frame([1.0, -2.0, 0.5]), "odom", 0)
+    b = msg_encode.occupancy_to_marker_array(F, frame([3.0, 0.0, 0.0]), "odom", 0)
     by_id = {m.id: m for m in a.markers[1:]}
     pose = by_id[2].pose.position
     assert (pose.x, pose.y, pose.z) == (1.0, -2.0, 0.5)

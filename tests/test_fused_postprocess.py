@@ -224,7 +224,7 @@ def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lit
     offers it, and delivers the frames the plain path gives; a bad frame is skipped and counted."""
     from rosbags.typesys import Stores, get_typestore
 
-    from discene_ros import conversions as conv
+    from discene_ros import msg_encode
     from discene_ros.msg_factory import TypestoreFactory
     from discene_ros.processing import FrameInput, FrameProcessor, FrameStats, ProcessorSettings, TwoStageFrames
 
@@ -235,9 +235,9 @@ def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lit
 
     def frame(seed: int, encoding: str = "rgb8") -> FrameInput:
         image, k, pose = _frame(cfg, seed)
-        msg = conv.rgb_to_image(factory, image, "cam", seed, "rgb8")
+        msg = msg_encode.rgb_to_image(factory, image, "cam", seed, "rgb8")
         msg.encoding = encoding
-        return FrameInput(image=msg, camera_info=conv.k_to_camera_info(factory, k, 480, 640, "cam", seed),
+        return FrameInput(image=msg, camera_info=msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", seed),
                           depth=None, cam_pose=pose)
 
     proc = FrameProcessor(fused, ProcessorSettings(use_fallback_pose=False))

@@ -23,7 +23,7 @@ from PIL import Image
 from rosbags.typesys import Stores, get_typestore
 from test_ros_support import BlockBackend, pipeline_for
 
-from discene_ros import conversions as conv
+from discene_ros import msg_decode, msg_encode
 from discene_ros.errors import FrameError
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import FrameInput, FrameProcessor, ProcessorSettings, build_outputs
@@ -50,7 +50,7 @@ def _k(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.normal(size=4)
-    return conv.quaternion_to_matrix(*(q / np.linalg.norm(q)))
+    return msg_decode.quaternion_to_matrix(*(q / np.linalg.norm(q)))
 
 
 def _pose(rng: np.random.Generator) -> np.ndarray:
@@ -66,8 +66,8 @@ def _rgb(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 def _frame(rng: np.random.Generator, image=None, hw=None, k=None, info=True, pose="random", depth=None,
            pose_error=None) -> FrameInput:
     h, w = hw or _size(rng)
-    image = image if image is not None else conv.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
-    camera_info = conv.k_to_camera_info(F, _k(h, w, rng) if k is None else k, h, w, "cam", STAMP) if info else None
+    image = image if image is not None else msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
+    camera_info = msg_encode.k_to_camera_info(F, _k(h, w, rng) if k is None else k, h, w, "cam", STAMP) if info else None
     cam_pose = _pose(rng) if isinstance(pose, str) else pose
     return FrameInput(image=image, camera_info=camera_info, depth=depth, cam_pose=cam_pose, pose_error=pose_error)
 
@@ -92,7 +92,7 @@ def _jpeg_claiming(width: int, height: int) -> bytes:
 
 
 def _compressed(data: bytes, fmt: str = "jpeg") -> object:
-    return F.new("sensor_msgs/msg/CompressedImage", header=conv.make_header(F, STAMP, "cam"), format=fmt,
+    return F.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(F, STAMP, "cam"), format=fmt,
                  data=np.frombuffer(data, np.uint8))
 
 
@@ -106,14 +106,14 @@ def _tf(q: tuple[float, float, float, float], t: tuple[float, float, float] = (0
     transform = F.new("geometry_msgs/msg/Transform",
                       translation=F.new("geometry_msgs/msg/Vector3", x=t[0], y=t[1], z=t[2]),
                       rotation=F.new("geometry_msgs/msg/Quaternion", x=q[0], y=q[1], z=q[2], w=q[3]))
-    return F.new("geometry_msgs/msg/TransformStamped", header=conv.make_header(F, STAMP, "world"),
+    return F.new("geometry_msgs/msg/TransformStamped", header=msg_encode.make_header(F, STAMP, "world"),
                  child_frame_id="cam", transform=transform)
 
 
 def _pose_from_tf(rng: np.random.Generator, tf: object) -> FrameInput:
     """What the replay does with a TF message: a valid one gives the pose, a bad one skips the frame."""
     try:
-        return _frame(rng, pose=conv.transform_to_matrix(tf))
+        return _frame(rng, pose=msg_decode.transform_to_matrix(tf))
     except FrameError as exc:
         return _frame(rng, pose=None, pose_error=exc)
 
@@ -123,15 +123,15 @@ def encodings(rng: np.random.Generator) -> Case:
     h, w = _size(rng)
     if rng.random() < 0.6:
         encoding = str(rng.choice(["rgb8", "bgr8", "rgba8", "bgra8", "mono8"]))
-        return _frame(rng, conv.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, encoding), (h, w)), OK, False
-    image = conv.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
+        return _frame(rng, msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, encoding), (h, w)), OK, False
+    image = msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
     image.encoding = str(rng.choice(["yuv422", "bayer_rggb8", "16UC1", "32FC1", "", "RGB8 ", "jpeg"]))
     return _frame(rng, image, (h, w)), "unsupported_encoding", False
 
 
 def sizes(rng: np.random.Generator) -> Case:
     h, w = _size(rng)
-    image = conv.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
+    image = msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
     kind = int(rng.integers(4))
     if kind == 0:
         image.step = w * 3 - int(rng.integers(1, 3))           # step smaller than a row
@@ -147,7 +147,7 @@ def sizes(rng: np.random.Generator) -> Case:
 def padding(rng: np.random.Generator) -> Case:
     h, w = _size(rng)
     encoding = str(rng.choice(["rgb8", "bgra8", "mono8"]))
-    image = conv.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, encoding)
+    image = msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, encoding)
     row = image.step
     pad = int(rng.integers(1, 40))
     rows = np.frombuffer(image.data.tobytes(), np.uint8).reshape(h, row)
@@ -159,12 +159,12 @@ def padding(rng: np.random.Generator) -> Case:
 def zero_and_huge(rng: np.random.Generator) -> Case:
     kind = int(rng.integers(5))
     if kind == 0:
-        image = conv.rgb_to_image(F, _rgb(8, 8, rng), "cam", STAMP, "rgb8")
+        image = msg_encode.rgb_to_image(F, _rgb(8, 8, rng), "cam", STAMP, "rgb8")
         image.width = 0 if rng.random() < 0.5 else image.width
         image.height = 0 if image.width else image.height
         return _frame(rng, image, (8, 8)), "bad_image_size", False
     if kind == 1:  # raw image claiming 20000x20000 with a few bytes of data
-        image = conv.rgb_to_image(F, _rgb(8, 8, rng), "cam", STAMP, "rgb8")
+        image = msg_encode.rgb_to_image(F, _rgb(8, 8, rng), "cam", STAMP, "rgb8")
         image.height = image.width = 20000
         image.step = 60000
         return _frame(rng, image, (20000, 20000)), "bad_image_size", False
@@ -215,7 +215,7 @@ def camera_info(rng: np.random.Generator) -> Case:
     elif kind == 7:
         bad = np.zeros((3, 3))
     elif kind == 8:  # camera info for another aspect ratio
-        info = conv.k_to_camera_info(F, k, h, 2 * w + 3, "cam", STAMP)
+        info = msg_encode.k_to_camera_info(F, k, h, 2 * w + 3, "cam", STAMP)
         frame = _frame(rng, hw=(h, w))
         frame.camera_info = info
         return frame, "bad_camera_info", False
@@ -229,24 +229,24 @@ def depth(rng: np.random.Generator) -> Case:
     metres = rng.uniform(0.3, 5.0, (h, w))
     kind = int(rng.integers(7))
     if kind == 0:
-        msg = conv.depth_to_image(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
+        msg = msg_encode.depth_to_image(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
         return _frame(rng, hw=(h, w), depth=msg), OK, True
     if kind == 1:
         return _frame(rng, hw=(h, w), depth=None), "bad_depth", True
     if kind == 2:  # stale: 0.5 s away from the colour image
-        msg = conv.depth_to_image(F, metres, "cam", STAMP + 500_000_000)
+        msg = msg_encode.depth_to_image(F, metres, "cam", STAMP + 500_000_000)
         return _frame(rng, hw=(h, w), depth=msg), "bad_depth", True
     if kind == 3:
-        msg = conv.depth_to_image(F, np.zeros((h, w)), "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
+        msg = msg_encode.depth_to_image(F, np.zeros((h, w)), "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
         return _frame(rng, hw=(h, w), depth=msg), "bad_depth", True
     if kind == 4:
-        msg = conv.depth_to_image(F, metres, "cam", STAMP)
+        msg = msg_encode.depth_to_image(F, metres, "cam", STAMP)
         msg.encoding = str(rng.choice(["mono8", "rgb8", "16SC1"]))
         return _frame(rng, hw=(h, w), depth=msg), "bad_depth", True
     if kind == 5:  # another aspect ratio
-        msg = conv.depth_to_image(F, rng.uniform(0.3, 5.0, (h, 2 * w + 3)), "cam", STAMP)
+        msg = msg_encode.depth_to_image(F, rng.uniform(0.3, 5.0, (h, 2 * w + 3)), "cam", STAMP)
         return _frame(rng, hw=(h, w), depth=msg), "bad_depth", True
-    msg = conv.depth_to_image(F, metres, "cam", STAMP)
+    msg = msg_encode.depth_to_image(F, metres, "cam", STAMP)
     msg.data = msg.data[: msg.data.size // 2]
     return _frame(rng, hw=(h, w), depth=msg), "bad_image_size", True
 
@@ -301,7 +301,7 @@ def mixtures(rng: np.random.Generator) -> Case:
     bad_pose[:3, :3] *= 2.0
     kind = int(rng.integers(4))
     if kind == 0:
-        image = conv.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
+        image = msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
         image.encoding = "yuv422"
         return _frame(rng, image, (h, w), k=bad_k, pose=bad_pose), "unsupported_encoding", False
     if kind == 1:
@@ -345,7 +345,7 @@ def test_fuzzed_frames_never_escape_and_are_counted_exactly(processors):
             processed += 1
             if reason is not None:
                 escapes.append(f"{category.__name__} #{i}: processed, expected skip {reason}")
-            cloud = conv.pointcloud2_to_array(msgs["cloud"])
+            cloud = msg_decode.pointcloud2_to_array(msgs["cloud"])
             xyz = np.stack([cloud["x"], cloud["y"], cloud["z"]], -1)
             assert len(cloud) > 0 and np.isfinite(xyz).all() and msgs["cloud"].is_dense
     assert escapes == [], "\n".join(escapes)

@@ -11,11 +11,12 @@ from PIL import Image
 from rosbags.typesys import Stores, get_typestore
 from test_ros_support import BlockBackend, pipeline_for
 
-from discene_ros import conversions as conv
+from discene_ros import msg_decode, msg_encode
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import FrameInput, FrameProcessor, ProcessorSettings
 from export.onnx_export import example_camera
 from models.config import lite
+from models.geometry import scale_intrinsic
 from models.preprocess import IMAGENET_STD, TensorPreprocessor
 
 F = TypestoreFactory(get_typestore(Stores.ROS2_JAZZY))
@@ -24,7 +25,7 @@ SAMPLE_JPEG = Path(__file__).resolve().parents[1] / "discene_ros/data/sample_dat
 
 
 def _compressed(data: bytes, fmt: str = "jpeg"):
-    msg = conv.rgb_to_compressed(F, np.zeros((8, 8, 3), np.uint8), "cam", 0, fmt)
+    msg = msg_encode.rgb_to_compressed(F, np.zeros((8, 8, 3), np.uint8), "cam", 0, fmt)
     msg.data = np.frombuffer(data, np.uint8)
     return msg
 
@@ -36,42 +37,42 @@ def _jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
 
 
 def test_reduction_keeps_the_image_at_least_the_margin_times_the_network_input_and_divides_exactly():
-    need = conv.reduced_decode_size((192, 256))
+    need = msg_decode.reduced_decode_size((192, 256))
     assert need == (240, 320)
-    assert conv.jpeg_reduction(640, 480, need) == 2
-    assert conv.jpeg_reduction(1280, 960, need) == 4
-    assert conv.jpeg_reduction(2560, 1920, need) == 8
-    assert conv.jpeg_reduction(512, 384, need) == 1       # 256x192 would be below 1.25x the input
-    assert conv.jpeg_reduction(641, 480, need) == 1       # not a whole number of half pixels
-    assert conv.jpeg_reduction(1282, 960, need) == 2      # 1282 / 4 is not whole; / 2 is
-    assert conv.jpeg_reduction(640, 480, None) == 1
+    assert msg_decode.jpeg_reduction(640, 480, need) == 2
+    assert msg_decode.jpeg_reduction(1280, 960, need) == 4
+    assert msg_decode.jpeg_reduction(2560, 1920, need) == 8
+    assert msg_decode.jpeg_reduction(512, 384, need) == 1       # 256x192 would be below 1.25x the input
+    assert msg_decode.jpeg_reduction(641, 480, need) == 1       # not a whole number of half pixels
+    assert msg_decode.jpeg_reduction(1282, 960, need) == 2      # 1282 / 4 is not whole; / 2 is
+    assert msg_decode.jpeg_reduction(640, 480, None) == 1
 
 
 def test_reduced_jpeg_matches_full_decode_and_resize_within_the_stated_tolerance():
     # The network input (TensorPreprocessor, the torch frame path) from a 320x240 DCT-scaled decode
     # against the one from the full 640x480 decode, in grey levels: mean <= 0.6, max <= 20
-    # (measured 0.53 / 16 on this frame; conversions.JPEG_REDUCE_MARGIN).
+    # (measured 0.53 / 16 on this frame; msg_decode.JPEG_REDUCE_MARGIN).
     msg = _compressed(SAMPLE_JPEG.read_bytes())
     cfg = lite()
-    full = conv.compressed_to_rgb(msg)
-    small = conv.compressed_to_rgb(msg, conv.reduced_decode_size(cfg.image_size))
+    full = msg_decode.compressed_to_rgb(msg)
+    small = msg_decode.compressed_to_rgb(msg, msg_decode.reduced_decode_size(cfg.image_size))
     assert full.shape == (480, 640, 3) and small.shape == (240, 320, 3)
     k, pose = example_camera(cfg)
     pre = TensorPreprocessor(cfg, "cpu", slots=2)
-    a = pre(full, conv.scale_intrinsic(k, (480, 640), full.shape[:2]), pose, slot=0).image
-    b = pre(small, conv.scale_intrinsic(k, (480, 640), small.shape[:2]), pose, slot=1).image
+    a = pre(full, scale_intrinsic(k, (480, 640), full.shape[:2]), pose, slot=0).image
+    b = pre(small, scale_intrinsic(k, (480, 640), small.shape[:2]), pose, slot=1).image
     grey = (a - b).abs() * 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert 0.05 < float(grey.mean()) <= 0.6 and float(grey.max()) <= 20.0
 
 
 def test_png_and_raw_images_are_never_reduced():
     rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    png = conv.rgb_to_compressed(F, rgb, "cam", 0, "png")
-    np.testing.assert_array_equal(conv.any_image_to_rgb(png, (240, 320)), rgb)
-    raw = conv.rgb_to_image(F, rgb, "cam", 0, "bgr8")
-    assert conv.any_image_to_rgb(raw, (240, 320)).shape == (480, 640, 3)
+    png = msg_encode.rgb_to_compressed(F, rgb, "cam", 0, "png")
+    np.testing.assert_array_equal(msg_decode.any_image_to_rgb(png, (240, 320)), rgb)
+    raw = msg_encode.rgb_to_image(F, rgb, "cam", 0, "bgr8")
+    assert msg_decode.any_image_to_rgb(raw, (240, 320)).shape == (480, 640, 3)
     odd = _compressed(_jpeg(rgb[:479]))
-    assert conv.any_image_to_rgb(odd, (240, 320)).shape == (479, 640, 3)
+    assert msg_decode.any_image_to_rgb(odd, (240, 320)).shape == (479, 640, 3)
 
 
 @pytest.mark.parametrize("reduced", [True, False])
@@ -80,7 +81,7 @@ def test_the_node_path_scales_k_by_the_decoded_size(reduced):
     # camera_info_to_k scales K to that size, so the network's grid-to-image matrix is the full decode's.
     cfg = lite()
     k, pose = example_camera(cfg)
-    info = conv.k_to_camera_info(F, k, 480, 640, "cam", 0)
+    info = msg_encode.k_to_camera_info(F, k, 480, 640, "cam", 0)
     rgb = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     frame = FrameInput(image=_compressed(_jpeg(rgb)), camera_info=info, cam_pose=pose)
     proc = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(reduced_jpeg_decode=reduced))

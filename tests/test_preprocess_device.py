@@ -49,7 +49,7 @@ def test_bgr_view_depth_and_buffer_reuse(lite_config):
     k, pose = example_camera(lite_config)
     rng = np.random.default_rng(2)
     bgr = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    rgb_view = bgr[..., ::-1]  # what conversions.image_to_rgb returns for bgr8: a view, not a copy
+    rgb_view = bgr[..., ::-1]  # what msg_decode.image_to_rgb returns for bgr8: a view, not a copy
     depth = rng.uniform(0.2, 5.0, (240, 320)).astype(np.float32)
     depth[0, :5] = [np.nan, np.inf, -1.0, 0.0, 2.0]
     pre = TensorPreprocessor(lite_config, slots=2)

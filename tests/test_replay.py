@@ -11,8 +11,7 @@ import pytest
 import torch
 from test_ros_support import BlockBackend, OracleBackend, pipeline_for
 
-from discene_ros import bag_io, replay
-from discene_ros import conversions as conv
+from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.dataset_to_bag import dataset_to_bag
 from discene_ros.dataset_to_bag import main as to_bag_main
 from discene_ros.msg_factory import TypestoreFactory
@@ -66,14 +65,14 @@ def test_dataset_bag_contents(dataset, bags):
             first.setdefault(conn.topic, reader.deserialize(raw, conn.msgtype))
     finally:
         reader.close()
-    np.testing.assert_array_equal(conv.png_to_label_grid(first[bag_io.GT_LABELS_TOPIC], target.shape), target)
-    cloud_grid = conv.cloud_to_label_grid(first[bag_io.GT_TOPIC], origin, 0.08, target.shape)
+    np.testing.assert_array_equal(msg_decode.png_to_label_grid(first[bag_io.GT_LABELS_TOPIC], target.shape), target)
+    cloud_grid = msg_decode.cloud_to_label_grid(first[bag_io.GT_TOPIC], origin, 0.08, target.shape)
     np.testing.assert_array_equal(cloud_grid, np.where(target == 255, 0, target))
-    np.testing.assert_allclose(conv.grid_origin_from_pose(first[bag_io.GT_POSE_TOPIC]), origin)
-    np.testing.assert_allclose(conv.transform_to_matrix(first[bag_io.TF_TOPIC].transforms[0]), pose, atol=1e-9)
-    np.testing.assert_allclose(conv.camera_info_to_k(first[bag_io.CAMERA_INFO_TOPIC], (48, 64)), k)
-    assert conv.image_to_rgb(first[bag_io.IMAGE_TOPIC]).shape == (48, 64, 3)
-    assert conv.depth_to_metres(first[bag_io.DEPTH_TOPIC]).max() > 0.3
+    np.testing.assert_allclose(msg_decode.grid_origin_from_pose(first[bag_io.GT_POSE_TOPIC]), origin)
+    np.testing.assert_allclose(msg_decode.transform_to_matrix(first[bag_io.TF_TOPIC].transforms[0]), pose, atol=1e-9)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(first[bag_io.CAMERA_INFO_TOPIC], (48, 64)), k)
+    assert msg_decode.image_to_rgb(first[bag_io.IMAGE_TOPIC]).shape == (48, 64, 3)
+    assert msg_decode.depth_to_metres(first[bag_io.DEPTH_TOPIC]).max() > 0.3
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
@@ -127,9 +126,9 @@ def _fast_bag(path, n=15, rate_hz=100.0):
         for i in range(n):
             t = 10**18 + int(i * 1e9 / rate_hz)
             w.write(bag_io.TF_TOPIC, f.new("tf2_msgs/msg/TFMessage", transforms=[
-                conv.matrix_to_transform_stamped(f, np.eye(4), "world", "cam", t)]), t)
-            w.write(bag_io.CAMERA_INFO_TOPIC, conv.k_to_camera_info(f, k, 48, 64, "cam", t), t)
-            w.write(bag_io.IMAGE_TOPIC, conv.rgb_to_image(f, np.zeros((48, 64, 3), np.uint8), "cam", t, "bgr8"), t)
+                msg_encode.matrix_to_transform_stamped(f, np.eye(4), "world", "cam", t)]), t)
+            w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(f, k, 48, 64, "cam", t), t)
+            w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(f, np.zeros((48, 64, 3), np.uint8), "cam", t, "bgr8"), t)
     return path
 
 

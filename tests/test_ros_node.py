@@ -29,7 +29,7 @@ from test_ros_support import (
 )
 
 import discene_ros.node
-from discene_ros import conversions as conv
+from discene_ros import msg_decode, msg_encode
 from discene_ros import params as P
 from discene_ros.camera_pose import mount_height_pitch
 from discene_ros.msg_factory import TypestoreFactory
@@ -191,20 +191,20 @@ def test_main_reports_a_missing_model_and_shuts_down(ros, tmp_path, capsys):
 def test_frames_flow_drop_and_publish(ros):
     fake, _ = ros
     node = make_node(ros, BlockBackend(delay_s=0.03), world_frame="map", warn_throttle_s=60.0)
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     for i in range(20):  # 20 frames in ~0.1 s against a 30 ms backend
         stamp = 1_000 * MS + i * MS
-        node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
-        node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
         time.sleep(0.005)
     assert wait_until(lambda: node.stats.processed + node.stats.dropped == 20)
     assert node.stats.dropped > 0 and node.stats.processed == node.pipeline.backend.calls
     clouds = published(node, P.TOPIC_CLOUD)
-    assert len(clouds) == node.stats.processed and conv.stamp_to_ns(clouds[-1].header.stamp) == 1_019 * MS
+    assert len(clouds) == node.stats.processed and msg_decode.stamp_to_ns(clouds[-1].header.stamp) == 1_019 * MS
     cloud = clouds[-1]
     assert cloud.header.frame_id == "map" and cloud.width == 40 and cloud.data.typecode == "B"
     back = STORE.deserialize_cdr(STORE.serialize_cdr(_as_numpy_data(cloud), cloud.__msgtype__), cloud.__msgtype__)
-    assert set(conv.pointcloud2_to_array(back)["label"]) == {3}
+    assert set(msg_decode.pointcloud2_to_array(back)["label"]) == {3}
     period = P.defaults()["marker_period"]
     assert len(published(node, P.TOPIC_MARKERS)) == -(-len(clouds) // period)  # first frame, then every N-th
     assert {stamp for _, _, stamp, _ in fake.tf_lookups} <= {1_000 * MS + i * MS for i in range(20)}  # image stamps
@@ -218,21 +218,21 @@ def test_frames_flow_drop_and_publish(ros):
 def test_bad_frames_are_skipped_counted_and_throttled(ros):
     fake, _ = ros
     node = make_node(ros, world_frame="map", warn_throttle_s=60.0, use_fallback_pose=False, sync_wait_s=0.0)
-    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 1))  # no camera info yet
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 1))  # no camera info yet
     assert wait_until(lambda: node.stats.skipped["missing_camera_info"] == 1)
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 0))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 0))
     for i in range(3):  # no TF and the fallback is disabled
-        node.image_callback(conv.rgb_to_image(F, RGB, "cam", 10 + i))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 10 + i))
         assert wait_until(lambda i=i: node.stats.skipped["missing_tf"] == i + 1)
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
-    bad = conv.rgb_to_image(F, RGB, "cam", 20)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    bad = msg_encode.rgb_to_image(F, RGB, "cam", 20)
     bad.encoding = "bayer_rggb8"
     node.image_callback(bad)
-    short = conv.rgb_to_image(F, RGB, "cam", 21)
+    short = msg_encode.rgb_to_image(F, RGB, "cam", 21)
     short.data = short.data[:100]
     time.sleep(0.3)
     node.image_callback(short)
-    wrong_size = conv.rgb_to_image(F, np.zeros((50, 128, 3), np.uint8), "cam", 22)
+    wrong_size = msg_encode.rgb_to_image(F, np.zeros((50, 128, 3), np.uint8), "cam", 22)
     time.sleep(0.3)
     node.image_callback(wrong_size)
     assert wait_until(lambda: sum(node.stats.skipped.values()) == 7)
@@ -248,32 +248,32 @@ def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):
     arrives is the previous one (67 ms old at 15 Hz). The frame must wait for its own."""
     fake, _ = ros
     node = make_node(ros, BlockBackend(depth_config()), use_depth=True, world_frame="map", sync_wait_s=2.0)
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     depth = np.full((96, 128), 2.0, np.float32)
     previous = 1_000 * MS
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", previous))
-    node.depth_callback(conv.depth_to_image(F, depth, "cam", previous))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", previous))
+    node.depth_callback(msg_encode.depth_to_image(F, depth, "cam", previous))
     stamp = previous + 67 * MS
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
-    node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
     time.sleep(0.05)
     assert node.stats.processed == 0 and not node.stats.skipped  # waiting for its depth
-    node.depth_callback(conv.depth_to_image(F, depth, "cam", stamp))
+    node.depth_callback(msg_encode.depth_to_image(F, depth, "cam", stamp))
     assert wait_until(lambda: node.stats.processed == 1)
     assert not node.stats.skipped
-    node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp + 67 * MS))  # its depth never comes
-    node.depth_callback(conv.depth_to_image(F, depth, "cam", stamp + 200 * MS))  # a later one: stop waiting
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp + 67 * MS))  # its depth never comes
+    node.depth_callback(msg_encode.depth_to_image(F, depth, "cam", stamp + 200 * MS))  # a later one: stop waiting
     assert wait_until(lambda: node.stats.skipped["depth_not_synchronised"] == 1)
 
 
 def test_camera_info_arriving_a_fraction_of_a_ms_later_is_not_skipped(ros):
     fake, _ = ros
     node = make_node(ros, world_frame="map", sync_wait_s=2.0)
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     stamp = 5_000 * MS
-    node.image_callback(conv.rgb_to_image(F, RGB, "cam", stamp))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
     time.sleep(0.0003)
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
     assert wait_until(lambda: node.stats.processed == 1)
     assert not node.stats.skipped
 
@@ -283,8 +283,8 @@ def test_lagging_tf_skips_the_frame_instead_of_a_made_up_pose(ros):
     node = make_node(ros, world_frame="map", tf_timeout_s=0.02)
     lag = sys.modules["tf2_ros"].ExtrapolationException("Lookup would require extrapolation into the future")
     fake.transforms[("map", "cam")] = lag
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
-    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 7 * MS))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 7 * MS))
     assert wait_until(lambda: node.stats.skipped["tf_not_ready"] == 1)
     assert node.stats.processed == 0
     target, source, stamp, timeout = fake.tf_lookups[0]
@@ -300,10 +300,10 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     mount = np.eye(4)
     mount[:3, 0], mount[:3, 1], mount[:3, 2] = right, np.cross(forward, right), forward
     mount[:3, 3] = [0.1, 0.0, 0.62]
-    fake.transforms[("base_link", "cam")] = conv.matrix_to_transform_stamped(F, mount, "base_link", "cam", 0)
+    fake.transforms[("base_link", "cam")] = msg_encode.matrix_to_transform_stamped(F, mount, "base_link", "cam", 0)
     for i in range(3):
-        node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", (10 + i) * MS))
-        node.image_callback(conv.rgb_to_image(F, RGB, "cam", (10 + i) * MS))
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", (10 + i) * MS))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", (10 + i) * MS))
         assert wait_until(lambda i=i: node.stats.processed == i + 1)
     height, pitch_deg = mount_height_pitch(node.processor.fallback_pose)
     assert height == pytest.approx(0.62) and pitch_deg == pytest.approx(20.0)
@@ -314,8 +314,8 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     values = {kv.key: kv.value for kv in status.values}
     assert values["pose_source"].startswith("FALLBACK") and status.level >= 1
     assert sum(lookup[:2] == ("odom", "cam") for lookup in fake.tf_lookups) == 1  # no tf_timeout_s wait per frame
-    fake.transforms[("odom", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
-    node.image_callback(conv.rgb_to_image(F, RGB, "cam", 20 * MS))
+    fake.transforms[("odom", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 20 * MS))
     assert wait_until(lambda: node.stats.processed == 4)
     node.diagnostics_timer_callback()
     values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
@@ -327,13 +327,13 @@ def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
     publish on the invalid context nor end the thread with an exception."""
     fake, _ = ros
     node = make_node(ros, BlockBackend(delay_s=0.3), world_frame="map")
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     crashes = []
     previous_hook = threading.excepthook
     threading.excepthook = crashes.append
     try:
-        node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 3 * MS))
-        node.image_callback(conv.rgb_to_image(F, RGB, "cam", 3 * MS))
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 3 * MS))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 3 * MS))
         assert wait_until(lambda: node.pipeline.backend.calls == 1)
         fake.context.shutdown()  # Ctrl-C
         node.destroy_node()
@@ -369,8 +369,8 @@ def _diagnostics(node):
 
 
 def _frame(node, stamp, rgb=RGB):
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", stamp))
-    node.image_callback(conv.rgb_to_image(F, rgb, "cam", stamp))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.image_callback(msg_encode.rgb_to_image(F, rgb, "cam", stamp))
 
 
 def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
@@ -379,7 +379,7 @@ def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
     fake, _ = ros
     backend = InfBackend(delay_s=0.04)
     node = make_node(ros, backend, world_frame="map")
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     stamps = [2_000 * MS + i * MS for i in range(40)]
     for stamp in stamps:
         _frame(node, stamp)
@@ -389,7 +389,7 @@ def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
     stats = node.stats
     assert stats.received == 40 and stats.dropped > 0 and not stats.skipped
     assert stats.processed == node.pipeline.backend.calls == len(published(node, P.TOPIC_CLOUD))
-    published_stamps = [conv.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)]
+    published_stamps = [msg_decode.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)]
     assert published_stamps == sorted(set(published_stamps)) and published_stamps[-1] == stamps[-1]
     assert set(published_stamps) <= set(stamps)
     status, values = _diagnostics(node)
@@ -422,12 +422,12 @@ def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):
     fake, _ = ros
     backend = InfBackend()
     node = make_node(ros, backend, world_frame="map", warn_throttle_s=60.0)
-    fake.transforms[("map", "cam")] = conv.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     _frame(node, 10 * MS)
     assert wait_until(lambda: node.stats.processed == 1)
-    bad = conv.rgb_to_image(F, RGB, "cam", 11 * MS)  # stage 1: decode refuses the encoding
+    bad = msg_encode.rgb_to_image(F, RGB, "cam", 11 * MS)  # stage 1: decode refuses the encoding
     bad.encoding = "bayer_rggb8"
-    node.camera_info_callback(conv.k_to_camera_info(F, K, 96, 128, "cam", 11 * MS))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 11 * MS))
     node.image_callback(bad)
     assert wait_until(lambda: node.stats.skipped["unsupported_encoding"] == 1)
     assert backend.calls == 1  # never reached the network
@@ -438,7 +438,7 @@ def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):
     backend.broken = False
     _frame(node, 13 * MS)
     assert wait_until(lambda: node.stats.processed == 2)
-    assert [conv.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)] == [10 * MS, 13 * MS]
+    assert [msg_decode.stamp_to_ns(c.header.stamp) for c in published(node, P.TOPIC_CLOUD)] == [10 * MS, 13 * MS]
     status, values = _diagnostics(node)
     assert values["skipped_unsupported_encoding"] == "1" and values["skipped_non_finite_output"] == "1"
     assert values["received"] == "4" and values["in_flight"] == "0" and values["dropped"] == "0"
@@ -515,7 +515,8 @@ def test_package_xml_uses_only_rosdep_keys_that_exist():
 
 def test_robot_side_modules_do_not_import_training_or_rosbags():
     """A robot installs no training extras and needs no rosbags: the node side must not import them."""
-    code = ("import sys, discene_ros.node, discene_ros.entry, discene_ros.processing, discene_ros.conversions; "
+    code = ("import sys, discene_ros.node, discene_ros.entry, discene_ros.processing, "
+            "discene_ros.msg_decode, discene_ros.msg_encode; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'training', 'rosbags', 'cv2', 'scipy'}); "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

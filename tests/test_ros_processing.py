@@ -8,7 +8,7 @@ import pytest
 from rosbags.typesys import Stores, get_typestore
 from test_ros_support import BlockBackend, pipeline_for
 
-from discene_ros import conversions as conv
+from discene_ros import msg_decode, msg_encode
 from discene_ros.errors import (
     CameraInfoError,
     DepthError,
@@ -37,9 +37,9 @@ STAMP = 5_000_000_000
 
 def _frame(encoding="rgb8", hw=(96, 128), info_hw=(96, 128), pose=np.eye(4), depth=None, stamp=STAMP):
     rgb = np.full(hw + (3,), 100, np.uint8)
-    image = conv.rgb_to_image(F, rgb, "cam", stamp, "rgb8")
+    image = msg_encode.rgb_to_image(F, rgb, "cam", stamp, "rgb8")
     image.encoding = encoding
-    info = conv.k_to_camera_info(F, K, info_hw[0], info_hw[1], "cam", stamp) if info_hw else None
+    info = msg_encode.k_to_camera_info(F, K, info_hw[0], info_hw[1], "cam", stamp) if info_hw else None
     return FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose)
 
 
@@ -83,7 +83,7 @@ def test_processor_good_frame_and_outputs():
     msgs = build_outputs(F, result, "odom", STAMP)
     assert msgs["cloud"].width == 40 and msgs["cloud"].header.frame_id == "odom"
     assert len(msgs["markers"].markers) == 2  # DELETEALL + one class
-    np.testing.assert_allclose(conv.grid_origin_from_pose(msgs["grid_pose"]), result.occupancy.voxel_origin)
+    np.testing.assert_allclose(msg_decode.grid_origin_from_pose(msgs["grid_pose"]), result.occupancy.voxel_origin)
 
 
 def test_processor_rescales_camera_info_and_rejects_bad_frames():
@@ -109,18 +109,18 @@ def test_processor_depth_rules():
     proc = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(use_depth=True))
     with pytest.raises(DepthError, match="no depth"):
         proc.process(_frame())
-    nan_depth = conv.depth_to_image(F, np.full((96, 128), np.nan), "cam", STAMP, "32FC1")
+    nan_depth = msg_encode.depth_to_image(F, np.full((96, 128), np.nan), "cam", STAMP, "32FC1")
     with pytest.raises(DepthError, match="no valid pixel"):
         proc.process(_frame(depth=nan_depth))
-    stale = conv.depth_to_image(F, np.ones((96, 128)), "cam", STAMP - 500_000_000)
+    stale = msg_encode.depth_to_image(F, np.ones((96, 128)), "cam", STAMP - 500_000_000)
     with pytest.raises(DepthError, match="ms away"):
         proc.process(_frame(depth=stale))
-    skewed = conv.depth_to_image(F, np.ones((96, 96)), "cam", STAMP)
+    skewed = msg_encode.depth_to_image(F, np.ones((96, 96)), "cam", STAMP)
     with pytest.raises(DepthError, match="aligned"):
         proc.process(_frame(depth=skewed))
     partial = np.ones((48, 64))
     partial[:10] = np.nan  # NaN pixels are invalid (0), the frame is still used
-    assert proc.process(_frame(depth=conv.depth_to_image(F, partial, "cam", STAMP, "32FC1"))).occupancy is not None
+    assert proc.process(_frame(depth=msg_encode.depth_to_image(F, partial, "cam", STAMP, "32FC1"))).occupancy is not None
 
 
 def test_slow_backend_drops_stale_frames_newest_wins():

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from test_ros_support import BlockBackend, pipeline_for
 
-from discene_ros import bag_io, replay
-from discene_ros import conversions as conv
+from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.camera_pose import TransformNotReadyError, mount_fallback_pose, mount_height_pitch
 from discene_ros.errors import MissingCameraInfoError
 from discene_ros.msg_factory import TypestoreFactory
@@ -23,7 +22,7 @@ MS = 1_000_000
 
 
 def _header_msg(stamp_ns):
-    return conv.k_to_camera_info(F, K, 48, 64, "cam", stamp_ns)
+    return msg_encode.k_to_camera_info(F, K, 48, 64, "cam", stamp_ns)
 
 
 # ----------------------------------------------------------------------------- pairing
@@ -31,9 +30,9 @@ def test_buffer_takes_the_nearest_stamp_within_the_tolerance():
     buf = StampedBuffer()
     for t in (0, 33, 66):
         buf.add(_header_msg(t * MS))
-    assert conv.stamp_to_ns(buf.wait_nearest(34 * MS, 5 * MS, 0.0).header.stamp) == 33 * MS
+    assert msg_decode.stamp_to_ns(buf.wait_nearest(34 * MS, 5 * MS, 0.0).header.stamp) == 33 * MS
     assert buf.wait_nearest(50 * MS, 5 * MS, 0.0) is None
-    assert conv.stamp_to_ns(buf.newest().header.stamp) == 66 * MS
+    assert msg_decode.stamp_to_ns(buf.newest().header.stamp) == 66 * MS
 
 
 def test_buffer_waits_for_a_partner_that_comes_later():
@@ -43,7 +42,7 @@ def test_buffer_waits_for_a_partner_that_comes_later():
     timer.start()
     got = buf.wait_nearest(67 * MS, 5 * MS, timeout_s=10.0)
     timer.join()
-    assert got is not None and conv.stamp_to_ns(got.header.stamp) == 67 * MS
+    assert got is not None and msg_decode.stamp_to_ns(got.header.stamp) == 67 * MS
 
 
 def test_buffer_stops_waiting_once_a_newer_message_shows_none_will_come():
@@ -59,7 +58,7 @@ def test_partners_camera_info_falls_back_to_the_newest_and_depth_is_strict():
     with pytest.raises(MissingCameraInfoError):
         partners.match(0)
     partners.info.add(_header_msg(0))  # a driver stamping camera info on its own clock: intrinsics still hold
-    partners.depth.add(conv.depth_to_image(F, np.ones((48, 64), np.float32), "cam", 0))
+    partners.depth.add(msg_encode.depth_to_image(F, np.ones((48, 64), np.float32), "cam", 0))
     with pytest.raises(DepthSyncError, match="67.0 ms away"):
         partners.match(67 * MS)
     info, depth = partners.match(1 * MS)
@@ -125,7 +124,7 @@ def test_plumb_bob_map_matches_the_hand_computed_model():
 
 
 def test_undistorter_remaps_images_and_caches_the_maps():
-    info = conv.k_to_camera_info(F, K, 48, 64, "cam", 0)
+    info = msg_encode.k_to_camera_info(F, K, 48, 64, "cam", 0)
     info.d = np.array([-0.2, 0.05, 0.0, 0.0, 0.0])
     ramp = np.tile(np.arange(64, dtype=np.uint8), (48, 1))[..., None].repeat(3, axis=2)  # value = column
     undistort = Undistorter()
@@ -148,16 +147,16 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
     with bag_io.BagWriter(path, "mcap", F.typestore) as w:
         if static_mount:
             w.write(bag_io.TF_STATIC_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
-                conv.matrix_to_transform_stamped(F, _rot_z(0, (0, 0, 0.5)), "base_link", "cam", 0)]), 10**18 - 1)
+                msg_encode.matrix_to_transform_stamped(F, _rot_z(0, (0, 0, 0.5)), "base_link", "cam", 0)]), 10**18 - 1)
         for i in range(n):
             t = 10**18 + i * 66_666_667
-            w.write(bag_io.IMAGE_TOPIC, conv.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
+            w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
-            w.write(bag_io.DEPTH_TOPIC, conv.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
+            w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
                     t + depth_lag_ms * MS)
             if world:
                 w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
-                    conv.matrix_to_transform_stamped(F, _rot_z(3 * i, (0.1 * i, 0, 1.0)), world, "cam", t)]),
+                    msg_encode.matrix_to_transform_stamped(F, _rot_z(3 * i, (0.1 * i, 0, 1.0)), world, "cam", t)]),
                     t + tf_lag_ms * MS)
     return path
 
@@ -213,10 +212,10 @@ def test_replay_topic_options_must_exist(tmp_path, capsys, monkeypatch):
 def test_frame_processor_undistorts_raw_images_before_the_network():
     from discene_ros.processing import FrameInput, FrameProcessor
 
-    info = conv.k_to_camera_info(F, K, 48, 64, "cam", 0)
+    info = msg_encode.k_to_camera_info(F, K, 48, 64, "cam", 0)
     info.d = np.array([-0.2, 0.05, 0.001, 0.0, 0.0])
     ramp = np.tile(np.arange(64, dtype=np.uint8), (48, 1))[..., None].repeat(3, axis=2)
-    image = conv.rgb_to_image(F, ramp, "cam", 0)
+    image = msg_encode.rgb_to_image(F, ramp, "cam", 0)
     processor = FrameProcessor(pipeline_for(BlockBackend()))
     result = processor.process(FrameInput(image=image, camera_info=info, cam_pose=np.eye(4)))
     expected, _ = Undistorter()(info, ramp, K)

@@ -1,28 +1,20 @@
-"""ROS message <-> numpy conversions, free of any ROS import.
+"""ROS message -> numpy: what the node needs to read a frame, free of any ROS import.
 
-Inputs are duck-typed (rclpy messages, rosbags typestore messages and ROS 1 style upper-case
-``K`` all work); outputs are built through a :mod:`discene_ros.msg_factory` factory. Every bad input
-raises a :class:`discene_ros.errors.FrameError` subclass that names the problem.
-
-Published layouts (documented in README / DESIGN.md section 5):
-- occupancy PointCloud2: one point per occupied voxel centre, height 1, little endian, 24-byte
-  points ``x y z`` float32 at 0/4/8, ``rgb`` float32 at 12 (bits of ``r<<16 | g<<8 | b``), ``label``
-  uint8 at 16, ``score`` float32 at 20.
-- grid pose: ``geometry_msgs/PoseStamped`` whose position is ``voxel_origin`` (the world corner of
-  voxel (0,0,0)), identity orientation (the grid is world-axis aligned).
+Inputs are duck-typed (rclpy messages, rosbags typestore messages and ROS 1 style upper-case ``K``
+all work). Every bad input raises a :class:`discene_ros.errors.FrameError` subclass that names the
+problem, so that the frame is skipped and counted. The other direction (numpy -> message, for the
+node's outputs, bags and tests) is :mod:`discene_ros.msg_encode`.
 """
 from __future__ import annotations
 
 import io
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_colors
 from models.geometry import scale_intrinsic
 
 from .errors import (
@@ -35,7 +27,6 @@ from .errors import (
     TransformError,
     UnsupportedEncodingError,
 )
-from .msg_factory import MessageFactory
 
 # encoding -> (channels, channel slice giving RGB) for the zero-copy colour path (slices are views)
 _COLOR_ENCODINGS: dict[str, tuple[int, slice]] = {
@@ -45,17 +36,9 @@ _COLOR_ENCODINGS: dict[str, tuple[int, slice]] = {
 SUPPORTED_IMAGE_ENCODINGS = tuple(_COLOR_ENCODINGS)
 SUPPORTED_DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
 
-# PointCloud2 layout of occupied voxels (also used for the ground truth in bags, score 1.0)
-CLOUD_DTYPE = np.dtype({
-    "names": ["x", "y", "z", "rgb", "label", "score"],
-    "formats": ["<f4", "<f4", "<f4", "<f4", "u1", "<f4"],
-    "offsets": [0, 4, 8, 12, 16, 20],
-    "itemsize": 24,
-})
 _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
     1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 8: "f8",
 }
-_FIELD_DATATYPE = {"<f4": 7, "u1": 2}
 
 # Limits on what a frame may claim (see check_intrinsics / check_pose / compressed_to_rgb).
 MAX_IMAGE_PIXELS = 64_000_000    # a compressed header claiming more is refused before decoding (8K is 33 Mpx)
@@ -76,17 +59,10 @@ QUATERNION_NORM2_TOL = 0.01      # | |q|^2 - 1 | allowed in TF, the tolerance tf
 JPEG_REDUCE_MARGIN = 1.25
 
 
-# ----------------------------------------------------------------------------- stamps and headers
+# ----------------------------------------------------------------------------- stamps
 def stamp_to_ns(stamp: Any) -> int:
     """builtin_interfaces/Time (sec, nanosec) -> integer nanoseconds."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-def make_header(factory: MessageFactory, stamp_ns: int, frame_id: str) -> Any:
-    """std_msgs/Header for a stamp in nanoseconds."""
-    stamp = factory.new("builtin_interfaces/msg/Time", sec=int(stamp_ns // 1_000_000_000),
-                        nanosec=int(stamp_ns % 1_000_000_000))
-    return factory.new("std_msgs/msg/Header", stamp=stamp, frame_id=str(frame_id))
 
 
 # ----------------------------------------------------------------------------- images
@@ -361,96 +337,11 @@ def transform_to_matrix(msg: Any) -> np.ndarray:
     return out
 
 
-def matrix_to_quaternion(rot: np.ndarray) -> tuple[float, float, float, float]:
-    """3x3 rotation -> (x, y, z, w), the robust branch-on-largest-diagonal form."""
-    m = np.asarray(rot, dtype=np.float64)
-    trace = m[0, 0] + m[1, 1] + m[2, 2]
-    if trace > 0:
-        s = 2.0 * math.sqrt(trace + 1.0)
-        q = ((m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, 0.25 * s)
-    else:
-        i = int(np.argmax(np.diag(m)))
-        j, k = (i + 1) % 3, (i + 2) % 3
-        s = 2.0 * math.sqrt(max(1.0 + m[i, i] - m[j, j] - m[k, k], 1e-12))
-        v = [0.0, 0.0, 0.0]
-        v[i] = 0.25 * s
-        v[j] = (m[j, i] + m[i, j]) / s
-        v[k] = (m[k, i] + m[i, k]) / s
-        q = (v[0], v[1], v[2], (m[k, j] - m[j, k]) / s)
-    return tuple(float(c) for c in q)  # type: ignore[return-value]
-
-
-def matrix_to_transform_stamped(factory: MessageFactory, pose: np.ndarray, parent: str, child: str,
-                                stamp_ns: int) -> Any:
-    """4x4 child->parent pose -> geometry_msgs/TransformStamped (for /tf in bags)."""
-    qx, qy, qz, qw = matrix_to_quaternion(pose[:3, :3])
-    tx, ty, tz = (float(v) for v in pose[:3, 3])
-    transform = factory.new(
-        "geometry_msgs/msg/Transform",
-        translation=factory.new("geometry_msgs/msg/Vector3", x=tx, y=ty, z=tz),
-        rotation=factory.new("geometry_msgs/msg/Quaternion", x=qx, y=qy, z=qz, w=qw),
-    )
-    return factory.new("geometry_msgs/msg/TransformStamped", header=make_header(factory, stamp_ns, parent),
-                       child_frame_id=child, transform=transform)
-
-
-# ----------------------------------------------------------------------------- point clouds
-def pack_rgb(colors: np.ndarray) -> np.ndarray:
-    """(N, 3) uint8 RGB -> (N,) float32 whose bits are ``r<<16 | g<<8 | b`` (the PCL/RViz convention)."""
-    c = np.asarray(colors, dtype=np.uint32)
-    packed = (c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]
-    return packed.astype("<u4").view("<f4")
-
-
+# ----------------------------------------------------------------------------- point clouds, ground-truth grids, grid pose
 def unpack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_rgb`: (N,) float32 -> (N, 3) uint8."""
+    """Inverse of :func:`discene_ros.msg_encode.pack_rgb`: (N,) float32 -> (N, 3) uint8."""
     packed = np.ascontiguousarray(rgb, dtype="<f4").view("<u4")
     return np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.uint8)
-
-
-# packed colour of every uint8 label: one table lookup per point instead of colour rows + packing (5x faster)
-_LABEL_RGB = pack_rgb(label_colors(np.arange(256, dtype=np.uint8)))
-
-
-def cloud_points(centers: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Structured (M,) array in :data:`CLOUD_DTYPE` from voxel centres, labels and scores."""
-    centers = np.asarray(centers)
-    labels = np.asarray(labels, dtype=np.uint8).reshape(-1)
-    if centers.ndim != 2 or centers.shape[1] != 3 or len(centers) != len(labels) or len(labels) != len(scores):
-        raise ValueError(f"cloud inputs disagree: centers {centers.shape}, labels {labels.shape}, scores {np.shape(scores)}")
-    points = np.zeros(len(labels), dtype=CLOUD_DTYPE)
-    points["x"], points["y"], points["z"] = centers[:, 0], centers[:, 1], centers[:, 2]
-    points["rgb"] = _LABEL_RGB[labels]
-    points["label"] = labels
-    points["score"] = np.asarray(scores, dtype=np.float32).reshape(-1)
-    return points
-
-
-def points_to_pointcloud2(factory: MessageFactory, points: np.ndarray, frame_id: str, stamp_ns: int) -> Any:
-    """Structured (M,) array -> sensor_msgs/PointCloud2 (height 1), data filled in one copy."""
-    field_cls = factory.msg_class("sensor_msgs/msg/PointField")
-    fields = []
-    for name in points.dtype.names:
-        dt, offset = points.dtype.fields[name][:2]
-        datatype = {"f4": field_cls.FLOAT32, "u1": field_cls.UINT8, "u4": field_cls.UINT32}.get(dt.str[1:])
-        if datatype is None:
-            raise ValueError(f"field {name!r} has dtype {dt} with no PointField equivalent used here")
-        fields.append(factory.new("sensor_msgs/msg/PointField", name=name, offset=int(offset),
-                                  datatype=int(datatype), count=1))
-    step = points.dtype.itemsize
-    xyz = [points[name] for name in ("x", "y", "z") if name in points.dtype.names]
-    dense = all(bool(np.isfinite(c).all()) for c in xyz)  # PointCloud2: is_dense means no invalid points
-    return factory.new(
-        "sensor_msgs/msg/PointCloud2", header=make_header(factory, stamp_ns, frame_id), height=1,
-        width=len(points), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(points),
-        data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=dense,
-    )
-
-
-def occupancy_to_pointcloud2(factory: MessageFactory, frame: Any, frame_id: str, stamp_ns: int) -> Any:
-    """OccupancyFrame -> PointCloud2 of occupied voxel centres (x, y, z, rgb, label, score) in frame_id."""
-    points = cloud_points(frame.centers_world(), frame.voxel_labels, frame.voxel_scores)
-    return points_to_pointcloud2(factory, points, frame_id, stamp_ns)
 
 
 def pointcloud2_to_array(msg: Any) -> np.ndarray:
@@ -501,23 +392,8 @@ def cloud_to_label_grid(msg: Any, voxel_origin: np.ndarray, voxel_size: float,
     return grid
 
 
-def label_grid_to_png(factory: MessageFactory, labels: np.ndarray, frame_id: str, stamp_ns: int) -> Any:
-    """Dense (X, Y, Z) uint8 label grid -> lossless mono8 PNG CompressedImage of shape (X, Y*Z).
-
-    Pixel (row x, column y*Z + z) holds label (x, y, z), 255 unknown included: a few kB per frame,
-    where a cloud of the unknown voxels would take megabytes.
-    """
-    grid = np.asarray(labels, dtype=np.uint8)
-    if grid.ndim != 3:
-        raise ValueError(f"label grid must be (X, Y, Z), got shape {grid.shape}")
-    out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(grid.reshape(grid.shape[0], -1))).save(out, format="PNG")
-    return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
-                       format="png", data=factory.uint8_array(out.getvalue()))
-
-
 def png_to_label_grid(msg: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
-    """Inverse of :func:`label_grid_to_png` for a grid of ``grid_shape``."""
+    """Inverse of :func:`discene_ros.msg_encode.label_grid_to_png` for a grid of ``grid_shape``."""
     try:
         with Image.open(io.BytesIO(_byte_buffer(msg.data).tobytes())) as img:
             flat = np.asarray(img)
@@ -530,167 +406,8 @@ def png_to_label_grid(msg: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
     return flat.reshape(x, y, z)
 
 
-# ----------------------------------------------------------------------------- RViz markers, pose, diagnostics
-def _pose(factory: MessageFactory, position: np.ndarray | None = None) -> Any:
-    x, y, z = (float(v) for v in (position if position is not None else (0.0, 0.0, 0.0)))
-    return factory.new("geometry_msgs/msg/Pose", position=factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z),
-                       orientation=factory.new("geometry_msgs/msg/Quaternion", x=0.0, y=0.0, z=0.0, w=1.0))
-
-
-# Marker points are grid-local voxel centres (the marker pose is the grid corner), so the Point
-# messages are the same every frame: made once per (point class, voxel size, grid shape), reused.
-_MARKER_POINTS: dict[tuple, dict[int, Any]] = {}
-
-
-def _cached_points(factory: MessageFactory, flat_ids: np.ndarray, indices: np.ndarray, size: float,
-                   grid_shape: tuple[int, ...]) -> list:
-    point_cls = factory.msg_class("geometry_msgs/msg/Point")
-    cache = _MARKER_POINTS.setdefault((id(point_cls), size, grid_shape), {})
-    missing = [n for n, f in enumerate(flat_ids.tolist()) if f not in cache]
-    for n in missing:
-        x, y, z = ((indices[n].astype(np.float64) + 0.5) * size).tolist()
-        cache[int(flat_ids[n])] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
-    return [cache[f] for f in flat_ids.tolist()]
-
-
-def occupancy_to_marker_array(factory: MessageFactory, frame: Any, frame_id: str, stamp_ns: int,
-                              ns: str = "discene_occupancy", alpha: float = 1.0) -> Any:
-    """OccupancyFrame -> MarkerArray: a DELETEALL, then one CUBE_LIST per class present (id = label).
-
-    Each CUBE_LIST's pose is the grid corner (voxel_origin) and its points the voxel centres in grid
-    coordinates (metres), whose Point messages are cached across frames.
-    """
-    marker_cls = factory.msg_class("visualization_msgs/msg/Marker")
-    header = make_header(factory, stamp_ns, frame_id)
-    markers = [factory.new("visualization_msgs/msg/Marker", header=header, ns=ns, id=0, action=marker_cls.DELETEALL,
-                           pose=_pose(factory))]
-    indices = np.asarray(frame.voxel_indices, dtype=np.int64).reshape(-1, 3)
-    labels = np.asarray(frame.voxel_labels)
-    size = float(frame.voxel_size)
-    grid_shape = tuple(int(n) for n in np.shape(frame.labels))
-    flat = (indices[:, 0] * grid_shape[1] + indices[:, 1]) * grid_shape[2] + indices[:, 2]
-    for label in np.unique(labels):
-        if label == 0 or label > NUM_CLASSES:
-            continue
-        r, g, b = (float(c) / 255.0 for c in CLASS_COLORS[label])
-        sel = labels == label
-        pts = _cached_points(factory, flat[sel], indices[sel], size, grid_shape)
-        markers.append(factory.new(
-            "visualization_msgs/msg/Marker", header=header, ns=ns, id=int(label), type=marker_cls.CUBE_LIST,
-            action=marker_cls.ADD, pose=_pose(factory, frame.voxel_origin),
-            scale=factory.new("geometry_msgs/msg/Vector3", x=size, y=size, z=size),
-            color=factory.new("std_msgs/msg/ColorRGBA", r=r, g=g, b=b, a=float(alpha)),
-            points=pts, text=CLASS_NAMES[label],
-        ))
-    return factory.new("visualization_msgs/msg/MarkerArray", markers=markers)
-
-
-def grid_pose_msg(factory: MessageFactory, voxel_origin: np.ndarray, frame_id: str, stamp_ns: int) -> Any:
-    """PoseStamped of the grid: position = voxel_origin (corner of voxel (0,0,0)), identity orientation."""
-    origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
-    if origin.size != 3 or not np.all(np.isfinite(origin)):
-        raise ValueError(f"voxel_origin must be 3 finite numbers, got {origin.tolist()}")
-    return factory.new("geometry_msgs/msg/PoseStamped", header=make_header(factory, stamp_ns, frame_id),
-                       pose=_pose(factory, origin))
-
-
 def grid_origin_from_pose(msg: Any) -> np.ndarray:
-    """Inverse of :func:`grid_pose_msg` (PoseStamped or Pose) -> voxel_origin (3,)."""
+    """Inverse of :func:`discene_ros.msg_encode.grid_pose_msg` (PoseStamped or Pose) -> voxel_origin (3,)."""
     pose = msg.pose if hasattr(msg, "pose") else msg
     p = pose.position
     return np.array([p.x, p.y, p.z], dtype=np.float64)
-
-
-def stats_to_diagnostics(factory: MessageFactory, stats: Mapping[str, Any], stamp_ns: int,
-                         name: str = "discene_ros: occupancy", hardware_id: str = "discene_ros") -> Any:
-    """Stats snapshot (``FrameStats.snapshot()``) -> DiagnosticArray with one status.
-
-    Level OK while frames are processed, WARN when none was processed in the window or frames were
-    skipped in it.
-    """
-    status_cls = factory.msg_class("diagnostic_msgs/msg/DiagnosticStatus")
-    lat = stats.get("latency_ms", {})
-    skipped = stats.get("skipped", {})
-    window_processed = int(stats.get("window_processed", stats.get("processed", 0)))
-    window_skipped = int(stats.get("window_skipped", 0))
-    if window_processed == 0:
-        level, message = status_cls.WARN, "no frame processed in the last period"
-    elif window_skipped > 0:
-        level, message = status_cls.WARN, f"{stats.get('fps', 0.0):.1f} FPS, {window_skipped} bad frames skipped"
-    else:
-        level, message = status_cls.OK, f"{stats.get('fps', 0.0):.1f} FPS, p50 latency {lat.get('p50', 0.0):.1f} ms"
-    values = {
-        "fps": f"{stats.get('fps', 0.0):.2f}",
-        **{f"latency_{k}_ms": f"{v:.2f}" for k, v in lat.items()},
-        "received": str(stats.get("received", 0)),
-        "processed": str(stats.get("processed", 0)),
-        "dropped": str(stats.get("dropped", 0)),
-        "skipped": str(sum(skipped.values())),
-        **{f"skipped_{reason}": str(count) for reason, count in sorted(skipped.items())},
-    }
-    kvs = [factory.new("diagnostic_msgs/msg/KeyValue", key=k, value=v) for k, v in values.items()]
-    status = factory.new("diagnostic_msgs/msg/DiagnosticStatus", level=level, name=name, message=message,
-                         hardware_id=hardware_id, values=kvs)
-    return factory.new("diagnostic_msgs/msg/DiagnosticArray", header=make_header(factory, stamp_ns, ""), status=[status])
-
-
-# ----------------------------------------------------------------------------- building input messages (bags, tests)
-def rgb_to_image(factory: MessageFactory, rgb: np.ndarray, frame_id: str, stamp_ns: int, encoding: str = "rgb8") -> Any:
-    """(H, W, 3) uint8 RGB -> sensor_msgs/Image in rgb8, bgr8, rgba8, bgra8 or mono8."""
-    rgb = np.asarray(rgb, dtype=np.uint8)
-    if encoding == "rgb8":
-        pixels = rgb
-    elif encoding == "bgr8":
-        pixels = rgb[..., ::-1]
-    elif encoding in ("rgba8", "bgra8"):
-        alpha = np.full(rgb.shape[:2] + (1,), 255, np.uint8)
-        pixels = np.concatenate([rgb if encoding == "rgba8" else rgb[..., ::-1], alpha], axis=-1)
-    elif encoding == "mono8":
-        pixels = rgb.mean(axis=-1).round().astype(np.uint8)[..., None]
-    else:
-        raise UnsupportedEncodingError(f"cannot build an image in encoding {encoding!r}")
-    h, w, c = pixels.shape
-    return factory.new("sensor_msgs/msg/Image", header=make_header(factory, stamp_ns, frame_id), height=h, width=w,
-                       encoding=encoding, is_bigendian=False, step=w * c,
-                       data=factory.uint8_array(np.ascontiguousarray(pixels)))
-
-
-def rgb_to_compressed(factory: MessageFactory, rgb: np.ndarray, frame_id: str, stamp_ns: int,
-                      fmt: str = "jpeg", quality: int = 90) -> Any:
-    """(H, W, 3) uint8 RGB -> sensor_msgs/CompressedImage (jpeg or png, encoded with PIL)."""
-    if fmt not in ("jpeg", "png"):
-        raise UnsupportedEncodingError(f"compressed format must be 'jpeg' or 'png', got {fmt!r}")
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(out, format="JPEG" if fmt == "jpeg" else "PNG",
-                                                          **({"quality": quality} if fmt == "jpeg" else {}))
-    return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
-                       format=fmt, data=factory.uint8_array(out.getvalue()))
-
-
-def depth_to_image(factory: MessageFactory, depth_m: np.ndarray, frame_id: str, stamp_ns: int,
-                   encoding: str = "16UC1") -> Any:
-    """(H, W) metres -> depth Image, 16UC1 (mm, 0 invalid) or 32FC1 (m, NaN invalid)."""
-    depth = np.asarray(depth_m, dtype=np.float64)
-    valid = np.isfinite(depth) & (depth > 0)
-    if encoding == "16UC1":
-        pixels = np.where(valid, np.clip(np.round(depth * 1000.0), 0, 65535), 0).astype("<u2")
-    elif encoding == "32FC1":
-        pixels = np.where(valid, depth, np.nan).astype("<f4")
-    else:
-        raise DepthError(f"cannot build a depth image in encoding {encoding!r}")
-    h, w = pixels.shape
-    return factory.new("sensor_msgs/msg/Image", header=make_header(factory, stamp_ns, frame_id), height=h, width=w,
-                       encoding=encoding, is_bigendian=False, step=w * pixels.itemsize,
-                       data=factory.uint8_array(np.ascontiguousarray(pixels)))
-
-
-def k_to_camera_info(factory: MessageFactory, k: np.ndarray, height: int, width: int, frame_id: str,
-                     stamp_ns: int) -> Any:
-    """3x3 K -> CameraInfo (plumb_bob, zero distortion, identity R, P = [K | 0])."""
-    k = np.asarray(k, dtype=np.float64).reshape(3, 3)
-    p = np.zeros((3, 4))
-    p[:, :3] = k
-    return factory.new("sensor_msgs/msg/CameraInfo", header=make_header(factory, stamp_ns, frame_id),
-                       height=int(height), width=int(width), distortion_model="plumb_bob",
-                       d=factory.float64_sequence(np.zeros(5)), k=factory.float64_array(k),
-                       r=factory.float64_array(np.eye(3)), p=factory.float64_array(p))
