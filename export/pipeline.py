@@ -407,6 +407,7 @@ class TwoStageRunner:
                     return
                 (item, prepared, slot), self._ready = self._ready, None
                 self._busy[1] = True
+                self._cond.notify_all()  # the hand-off is free: a feeder in wait_for_room may go on
             self._finish_counted(item, prepared, slot, idle=True)
 
     def _stage2_launch_ahead(self) -> None:
@@ -422,6 +423,8 @@ class TwoStageRunner:
                     return
                 taken, self._ready = self._ready, None
                 self._busy[1] = True
+                if taken is not None:
+                    self._cond.notify_all()  # the hand-off is free: a feeder in wait_for_room may go on
             launched = None
             if taken is not None:
                 item, prepared, slot = taken

@@ -208,7 +208,9 @@ def test_pre_and_post_processing_run_on_host_threads_without_touching_other_thre
 def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
     """Both stages slow, stage 2 slower (then stage 1 slower, half way): every frame submitted after
     ``wait_for_room`` is processed, in order, none dropped, and the stages still overlap. (Waiting only
-    for the hand-offs let a frame submitted during stage 1's work replace the previous one.)"""
+    for the hand-offs let a frame submitted during stage 1's work replace the previous one; and unless
+    stage 2 wakes the feeder when it takes a frame, the feeder could sleep through the free hand-off
+    until that frame was finished, and the stages ran one after the other.)"""
     finished: list[int] = []
     overlap = threading.Event()
     in_finish = threading.Event()
