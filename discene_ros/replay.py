@@ -10,6 +10,7 @@ with the shipped model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import shutil
@@ -259,7 +260,8 @@ class Replayer:
         self.outbox: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()  # (topic, message, stamp) to write
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
-        """Write a processed frame's messages to the output bag; metrics, stage timings and renders."""
+        """Queue a processed frame's messages for the output bag (``flush`` writes them); metrics, stage
+        timings and renders."""
         msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
         self.first_done = time.perf_counter() if self.first_done is None else self.first_done
         self.fallback_pose_frames += int(result.used_fallback_pose)
@@ -319,7 +321,8 @@ class Replayer:
                     break
         except BaseException:
             loop.close(discard=True)
-            self.flush()  # what was processed is kept
+            with contextlib.suppress(Exception):  # keep what was processed, unless writing is what failed
+                self.flush()
             raise
         loop.close()
         self.flush()
