@@ -49,10 +49,37 @@ SAMPLE_BAG = DATA_DIR / "sample_bag"
 
 
 @dataclass
-class GroundTruth:
+class GroundTruthGrid:
+    """A bag's ground truth for one frame: the label grid and where it lies (not training's point targets)."""
+
     labels: np.ndarray          # (X, Y, Z) uint8, 255 unknown
     voxel_origin: np.ndarray    # (3,)
     has_unknown: bool           # False when only the occupied-voxel cloud was available
+
+
+@dataclass
+class ReplaySettings:
+    """How to replay a bag: model and backend, topics, pairing and pose, speed, outputs."""
+
+    model: str | Path | None = None     # checkpoint/.onnx/.engine; None: the shipped lite_distilled.pt
+    backend: str = "torch"              # torch, onnxruntime or tensorrt
+    device: str | None = "cpu"          # torch device; None: CUDA when present
+    score_threshold: float | None = None  # None: the model config's
+    image_topic: str | None = None      # None: auto-detect (also the two below)
+    info_topic: str | None = None
+    depth_topic: str | None = None
+    use_depth: bool | None = None       # None: when the model has a depth branch
+    world_frame: str = bag_io.WORLD_FRAME
+    base_frame: str = "base_link"       # camera mount frame, for the fallback pose
+    use_fallback_pose: bool = True      # False: skip frames without a TF pose
+    sync_tolerance_s: float = 0.02      # largest stamp difference of colour vs depth / camera info
+    sync_wait_s: float = 0.5            # how long (bag time) an image waits for its partners and TF
+    realtime: bool = False              # the recorded rate, newest frame wins; else every frame, full speed
+    max_frames: int | None = None       # stop after this many colour images
+    storage: str = "mcap"               # output bag storage
+    n_renders: int = 3                  # frames rendered into the report
+    progress: bool = True               # progress bar
+    report: bool = False                # write report.md and renders
 
 
 @dataclass
@@ -63,7 +90,7 @@ class ReplayResult:
 
 # ----------------------------------------------------------------------------- reading the bag
 def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size: float,
-                      errors: list[str]) -> dict[int, GroundTruth]:
+                      errors: list[str]) -> dict[int, GroundTruthGrid]:
     """Ground truth per header stamp (ns) from the labels/cloud + grid pose topics; empty when absent."""
     wanted = (bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC, bag_io.GT_POSE_TOPIC)
     conns = [c for c in reader.connections if c.topic in wanted]
@@ -88,10 +115,10 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
     for stamp, origin in origins.items():
         try:
             if stamp in labels:
-                out[stamp] = GroundTruth(msg_decode.png_to_label_grid(labels[stamp], grid_shape), origin, True)
+                out[stamp] = GroundTruthGrid(msg_decode.png_to_label_grid(labels[stamp], grid_shape), origin, True)
             elif stamp in clouds:
-                out[stamp] = GroundTruth(msg_decode.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape),
-                                         origin, False)
+                grid = msg_decode.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape)
+                out[stamp] = GroundTruthGrid(grid, origin, False)
         except FrameError as exc:
             errors.append(f"ground truth at {stamp} ns unusable: {exc}")
     return out
@@ -108,7 +135,7 @@ class BagFrames:
     """
 
     def __init__(self, reader: Any, image_topic: str, info_topic: str | None, depth_topic: str | None,
-                 world_frame: str, ground_truth: dict[int, GroundTruth], processor: FrameProcessor | None = None,
+                 world_frame: str, ground_truth: dict[int, GroundTruthGrid], processor: FrameProcessor | None = None,
                  tolerance_s: float = 0.02, wait_s: float = 0.5, base_frame: str = "base_link") -> None:
         self.reader = reader
         self.image_topic, self.info_topic, self.depth_topic = image_topic, info_topic, depth_topic
@@ -222,7 +249,7 @@ class Evaluator:
         self.frames = 0
         self.unknown_missing = False
 
-    def add(self, pred_labels: np.ndarray, gt: GroundTruth) -> None:
+    def add(self, pred_labels: np.ndarray, gt: GroundTruthGrid) -> None:
         self.metrics.add_batch(pred_labels, gt.labels)
         self.frames += 1
         self.unknown_missing |= not gt.has_unknown
@@ -245,7 +272,7 @@ class Replayer:
     """
 
     def __init__(self, processor: FrameProcessor, writer: Any, factory: TypestoreFactory, world_frame: str,
-                 ground_truth: dict[int, GroundTruth], evaluator: Evaluator | None, n_renders: int = 3) -> None:
+                 ground_truth: dict[int, GroundTruthGrid], evaluator: Evaluator | None, n_renders: int = 3) -> None:
         self.processor, self.writer, self.factory = processor, writer, factory
         self.world_frame = world_frame
         self.ground_truth = ground_truth
@@ -368,14 +395,11 @@ def write_outputs(out: str | Path, summary: dict[str, Any], renders: list[dict[s
     return out / "report.md"
 
 
-def replay(bag: str | Path | None = None, model: str | Path | None = None, backend: str = "torch",
-           device: str | None = "cpu", out: str | Path = "discene_replay", realtime: bool = False,
-           max_frames: int | None = None, storage: str = "mcap", image_topic: str | None = None,
-           world_frame: str = bag_io.WORLD_FRAME, score_threshold: float | None = None, use_fallback_pose: bool = True,
-           n_renders: int = 3, progress: bool = True, pipeline: Any = None, report: bool = False, *,
-           info_topic: str | None = None, depth_topic: str | None = None, use_depth: bool | None = None,
-           sync_tolerance_s: float = 0.02, sync_wait_s: float = 0.5, base_frame: str = "base_link") -> ReplayResult:
-    """Replay a bag; returns the summary (``frames``, ``fps``, ``latency_ms``, ``iou``, ``miou``, ...).
+def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", settings: ReplaySettings | None = None,
+           pipeline: Any = None) -> ReplayResult:
+    """Replay a bag (default: the shipped sample bag) with ``settings`` (default: ``ReplaySettings()``), on
+    ``pipeline`` if given (else one built from the settings' model); returns the summary (``frames``,
+    ``fps``, ``latency_ms``, ``iou``, ``miou``, ...).
 
     Raises BagError when the bag cannot be opened; a bag that fails part-way ends the replay early
     with ``summary["error"]`` set (the report covers what was processed). The output bag (and with
@@ -384,54 +408,58 @@ def replay(bag: str | Path | None = None, model: str | Path | None = None, backe
     """
     from tqdm import tqdm
 
+    settings = settings if settings is not None else ReplaySettings()
     bag = Path(bag) if bag is not None else SAMPLE_BAG
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reader = bag_io.open_reader(bag)
     stage = Path(tempfile.mkdtemp(prefix=".discene_replay-", dir=out))
     try:
-        pipeline = pipeline if pipeline is not None else build_pipeline(model, backend, device,
-                                                                        score_threshold=score_threshold)
+        if pipeline is None:
+            pipeline = build_pipeline(settings.model, settings.backend, settings.device,
+                                      score_threshold=settings.score_threshold)
         config = pipeline.config
-        topic = bag_io.pick_topic(reader, image_topic, bag_io.IMAGE_TYPES,
+        topic = bag_io.pick_topic(reader, settings.image_topic, bag_io.IMAGE_TYPES,
                                   prefer=(bag_io.IMAGE_TOPIC, bag_io.COMPRESSED_TOPIC), exclude_word="depth")
         if topic is None:
             raise bag_io.BagError(f"bag {bag} has no sensor_msgs/Image or CompressedImage topic")
-        use_depth = config.use_depth if use_depth is None else use_depth
+        use_depth = config.use_depth if settings.use_depth is None else settings.use_depth
         if use_depth and not config.use_depth:
             raise ValueError(f"--use-depth: model '{config.name}' has no depth branch (use a DiScene-dagger model)")
-        info_topic = bag_io.pick_topic(reader, info_topic, ("sensor_msgs/msg/CameraInfo",),
+        info_topic = bag_io.pick_topic(reader, settings.info_topic, ("sensor_msgs/msg/CameraInfo",),
                                        prefer=(bag_io.CAMERA_INFO_TOPIC,))
-        depth_topic = bag_io.pick_topic(reader, depth_topic, ("sensor_msgs/msg/Image",), prefer=(bag_io.DEPTH_TOPIC,),
-                                        include_word="depth") if use_depth else None
+        depth_topic = bag_io.pick_topic(reader, settings.depth_topic, ("sensor_msgs/msg/Image",),
+                                        prefer=(bag_io.DEPTH_TOPIC,), include_word="depth") if use_depth else None
         if use_depth and depth_topic is None:
             raise bag_io.BagError(f"bag {bag} has no depth image topic (name containing 'depth'); give --depth-topic")
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
-        processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth, depth_max_offset_s=sync_tolerance_s,
-                                                               use_fallback_pose=use_fallback_pose))
-        frames = BagFrames(reader, topic, info_topic, depth_topic, world_frame, gt, processor,
-                           sync_tolerance_s, sync_wait_s, base_frame)
+        processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
+                                                               depth_max_offset_s=settings.sync_tolerance_s,
+                                                               use_fallback_pose=settings.use_fallback_pose))
+        frames = BagFrames(reader, topic, info_topic, depth_topic, settings.world_frame, gt, processor,
+                           settings.sync_tolerance_s, settings.sync_wait_s, settings.base_frame)
         factory = TypestoreFactory(bag_io.typestore())
         total = sum(c.msgcount for c in reader.connections if c.topic == topic)
         start = time.perf_counter()
-        with bag_io.BagWriter(stage / "occupancy_bag", storage, factory.typestore) as writer, \
-                tqdm(total=min(total, max_frames or total), unit="frame", desc="discene-replay",
-                     disable=not progress) as bar:
-            rep = Replayer(processor, writer, factory, world_frame, gt, evaluator, n_renders)
-            (rep.run_realtime if realtime else rep.run_full_speed)(iter(frames), max_frames, bar)
+        with bag_io.BagWriter(stage / "occupancy_bag", settings.storage, factory.typestore) as writer, \
+                tqdm(total=min(total, settings.max_frames or total), unit="frame", desc="discene-replay",
+                     disable=not settings.progress) as bar:
+            rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
+            (rep.run_realtime if settings.realtime else rep.run_full_speed)(iter(frames), settings.max_frames, bar)
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
         errors += [e for e in (frames.error, damage) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
-        summary = _summary(bag, pipeline, rep, wall, realtime, evaluator, errors, out / "occupancy_bag", topic, gt)
+        summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors, out / "occupancy_bag",
+                           topic, gt)
         summary.update(_warm_up(rep, end))
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         result = ReplayResult(summary, rep.renders)
-        if report:
+        if settings.report:
             write_outputs(out, summary, rep.renders, stage)
         else:
             publish_outputs(stage, out)
@@ -528,12 +556,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     bag = args.bag if args.bag is not None else str(SAMPLE_BAG)
     try:
-        result = replay(args.bag, args.model, args.backend, None if args.device == "auto" else args.device, out,
-                        args.realtime, args.max_frames, args.storage, args.image_topic, args.world_frame,
-                        args.score_threshold, not args.no_fallback_pose, n_renders=args.renders,
-                        progress=not args.no_progress, info_topic=args.camera_info_topic, depth_topic=args.depth_topic,
-                        use_depth=args.use_depth, sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait,
-                        base_frame=args.base_frame, report=True)
+        settings = ReplaySettings(
+            model=args.model, backend=args.backend, device=None if args.device == "auto" else args.device,
+            score_threshold=args.score_threshold, image_topic=args.image_topic, info_topic=args.camera_info_topic,
+            depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
+            base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,
+            sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait, realtime=args.realtime,
+            max_frames=args.max_frames, storage=args.storage, n_renders=args.renders,
+            progress=not args.no_progress, report=True)
+        result = replay(args.bag, out, settings)
     except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so
         summary = empty_summary(bag, str(exc))
         report = write_outputs(out, summary, [])

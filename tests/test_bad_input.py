@@ -33,6 +33,7 @@ from discene_ros.errors import (
 )
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import FrameInput, FrameProcessor, check_outputs
+from discene_ros.replay import ReplaySettings
 from models import build_model
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
 from models.config import lite
@@ -310,8 +311,8 @@ def test_truncated_sample_bag_is_read_up_to_the_damage(tmp_path, fraction):
     (mcap,) = bag.glob("*.mcap")
     data = mcap.read_bytes()
     mcap.write_bytes(data[: int(len(data) * fraction)])
-    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()), n_renders=0,
-                      progress=False).summary
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert s["error"] and "read sequentially up to the damage" in s["error"]
     assert s["frames"] + s["skipped"] == s["images"] >= (4 if fraction > 0.99 else 1)
     assert (tmp_path / "out" / "occupancy_bag").is_dir()

@@ -15,6 +15,7 @@ from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.dataset_to_bag import dataset_to_bag
 from discene_ros.dataset_to_bag import main as to_bag_main
 from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.replay import ReplaySettings
 
 SUMMARY_KEYS = {"frames", "fps", "latency_ms", "iou", "miou", "per_class_iou", "skipped"}
 
@@ -79,8 +80,8 @@ def test_dataset_bag_contents(dataset, bags):
 def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, storage):
     """Replaying ground truth as prediction must give IoU 1: checks topics, TF, grid origin, metrics."""
     _, frames = dataset
-    result = replay.replay(bags[storage], out=tmp_path, storage=storage, pipeline=pipeline_for(_oracle(frames)),
-                           n_renders=1, progress=False)
+    result = replay.replay(bags[storage], out=tmp_path, pipeline=pipeline_for(_oracle(frames)),
+                           settings=ReplaySettings(storage=storage, n_renders=1, progress=False))
     s = result.summary
     assert SUMMARY_KEYS <= set(s) and s["error"] is None
     assert s["frames"] == 2 and s["evaluated_frames"] == 2 and s["skipped"] == 0 and s["unknown_voxels_known"]
@@ -113,8 +114,8 @@ def test_replay_feeds_depth_to_depth_models(bags, tmp_path):
             seen.append(float(inputs.depth.max()))
             return super().infer(inputs)
 
-    s = replay.replay(bags["sqlite3"], out=tmp_path, pipeline=pipeline_for(DepthProbe(cfg)), n_renders=0,
-                      progress=False).summary
+    s = replay.replay(bags["sqlite3"], out=tmp_path, pipeline=pipeline_for(DepthProbe(cfg)),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert s["frames"] == 2 and s["skipped"] == 0 and len(seen) == 2 and min(seen) > 0.3
 
 
@@ -135,17 +136,17 @@ def _fast_bag(path, n=15, rate_hz=100.0):
 def test_realtime_replay_drops_frames_like_the_node(tmp_path):
     bag = _fast_bag(tmp_path / "fast")
     backend = BlockBackend(delay_s=0.06)
-    s = replay.replay(bag, out=tmp_path / "out", realtime=True, pipeline=pipeline_for(backend), n_renders=0,
-                      progress=False).summary
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(backend),
+                      settings=ReplaySettings(realtime=True, n_renders=0, progress=False)).summary
     assert s["images"] == 15 and s["frames"] == backend.calls
     assert s["dropped"] >= 5 and s["frames"] + s["dropped"] == 15
     assert s["iou"] is None and s["evaluated_frames"] == 0
-    full = replay.replay(bag, out=tmp_path / "out2", pipeline=pipeline_for(BlockBackend()), n_renders=0,
-                         progress=False, max_frames=4).summary
+    full = replay.replay(bag, out=tmp_path / "out2", pipeline=pipeline_for(BlockBackend()),
+                         settings=ReplaySettings(n_renders=0, progress=False, max_frames=4)).summary
     assert full["frames"] == 4 and full["dropped"] == 0 and full["fps"] > 0
     # full speed with a slow model: the pipelined loop waits for room, so every frame is processed
-    slow = replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend(delay_s=0.02)), n_renders=0,
-                         progress=False).summary
+    slow = replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend(delay_s=0.02)),
+                         settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert slow["frames"] == 15 and slow["dropped"] == 0 and slow["skipped"] == 0
 
 
@@ -156,7 +157,8 @@ def test_mcap_truncated_before_any_message_gives_clear_error_and_report(bags, tm
     with open(mcap, "r+b") as fh:
         fh.truncate(200)  # header and the start of the first chunk: no complete message
     with pytest.raises(bag_io.BagError, match="truncated or corrupt"):
-        replay.replay(bad, out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()), progress=False)
+        replay.replay(bad, out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(progress=False))
     rc = replay.main(["--bag", str(bad), "--out", str(tmp_path / "o2"), "--json", str(tmp_path / "s.json"),
                       "--no-progress"])
     assert rc == 2 and "mcap recover" in capsys.readouterr().err
@@ -172,8 +174,8 @@ def test_corrupt_sqlite_bag_reports_what_was_processed(bags, tmp_path):
     with open(db, "r+b") as fh:
         fh.seek(os.path.getsize(db) * 7 // 10)
         fh.write(b"\xff" * 4096)
-    s = replay.replay(bad, out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()), n_renders=0,
-                      progress=False).summary
+    s = replay.replay(bad, out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert s["error"] and "malformed" in s["error"]
     assert s["frames"] <= 2 and s["images"] == s["frames"] + s["skipped"]
 
@@ -261,6 +263,6 @@ def test_replay_looks_up_each_frames_pose_once(tmp_path, monkeypatch):
     calls = []
     original = bag_io.TfTree.lookup
     monkeypatch.setattr(bag_io.TfTree, "lookup", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
-    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()), n_renders=0,
-                      progress=False).summary
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert s["frames"] == 15 and len(calls) == 15

@@ -14,6 +14,7 @@ from discene_ros.camera_pose import TransformNotReadyError, mount_fallback_pose,
 from discene_ros.errors import MissingCameraInfoError
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.pairing import DepthSyncError, FramePartners, StampedBuffer
+from discene_ros.replay import ReplaySettings
 from discene_ros.undistort import Undistorter, distort_normalised, undistort_map
 
 F = TypestoreFactory(bag_io.typestore())
@@ -172,24 +173,25 @@ def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path):
             return super().infer(inputs)
 
     bag = _driver_bag(tmp_path / "drive")
-    result = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(Probe(cfg)), world_frame="odom",
-                           n_renders=4, progress=False)
+    result = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(Probe(cfg)),
+                           settings=ReplaySettings(world_frame="odom", n_renders=4, progress=False))
     s = result.summary
     assert s["frames"] == 4 and s["skipped"] == 0 and s["fallback_pose_frames"] == 0, s["skipped_by_reason"]
     poses = [r["cam_pose"] for r in result.renders]
     np.testing.assert_allclose(poses[2], _rot_z(6, (0.2, 0, 1.0)), atol=1e-9)  # TF of its own stamp
-    rgb_only = replay.replay(bag, out=tmp_path / "out2", pipeline=pipeline_for(BlockBackend()), world_frame="odom",
-                             n_renders=0, progress=False, use_depth=False).summary
+    rgb_only = replay.replay(bag, out=tmp_path / "out2", pipeline=pipeline_for(BlockBackend()),
+                             settings=ReplaySettings(world_frame="odom", n_renders=0, progress=False,
+                                                     use_depth=False)).summary
     assert rgb_only["frames"] == 4
     with pytest.raises(ValueError, match="no depth branch"):
-        replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend()), use_depth=True,
-                      progress=False)
+        replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(use_depth=True, progress=False))
 
 
 def test_replay_without_world_frame_uses_the_mount_or_refuses(tmp_path, capsys, monkeypatch):
     bag = _driver_bag(tmp_path / "nodom", world=None, static_mount=True)
-    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()), world_frame="odom",
-                      n_renders=0, progress=False).summary
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(world_frame="odom", n_renders=0, progress=False)).summary
     assert s["frames"] == 4 and s["fallback_pose_frames"] == 4
     assert "0.50 m above the floor" in s["fallback_pose_note"] and "base_link -> cam" in s["fallback_pose_note"]
     monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
