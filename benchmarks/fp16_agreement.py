@@ -35,18 +35,18 @@ from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.fp16 import TORCH_VARIANTS, compare_backends, fp16_onnx_agreement, torch_variant_agreement  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.preprocess import FrameInputs  # noqa: E402
+from models.preprocess import NetworkInputs  # noqa: E402
 from training.metrics import SSCMetrics  # noqa: E402
 from training.occscannet import OccScanNetDataset  # noqa: E402
 
 
-def split_frames(root: str, split: str, config: ModelConfig, max_frames: int | None) -> tuple[list[FrameInputs], list]:
+def split_frames(root: str, split: str, config: ModelConfig, max_frames: int | None) -> tuple[list[NetworkInputs], list]:
     """Network inputs and ground-truth label grids of the first ``max_frames`` frames of a split."""
     ds = OccScanNetDataset(root, split, config=config, load_depth=config.use_depth, max_samples=max_frames)
     frames, targets = [], []
     for i in range(len(ds)):
         s = ds[i]
-        frames.append(FrameInputs(image=s["image"][None].numpy(), grid2img=s["grid2img"][None].numpy(),
+        frames.append(NetworkInputs(image=s["image"][None].numpy(), grid2img=s["grid2img"][None].numpy(),
                                   depth=s["depth"][None].numpy() if config.use_depth else None,
                                   voxel_origin=s["voxel_origin"].numpy()))
         targets.append(s["target"].numpy())

@@ -201,7 +201,7 @@ def compare_backends(ref_backend: Any, got_backend: Any, config: Any, frames: li
 def fp16_onnx_agreement(fp16_onnx: str | Path, model: torch.nn.Module, config: Any, frames: list[Any],
                         source: str, labels_out: list | None = None) -> dict[str, Any]:
     """FP16 ONNX on onnxruntime's CPU provider against eager FP32 torch on the CPU, over ``frames``
-    (``FrameInputs``), through the same post-processing: see ``label_agreement``."""
+    (``NetworkInputs``), through the same post-processing: see ``label_agreement``."""
     from .backends.ort_backend import OrtBackend
     from .backends.torch_backend import TorchBackend
 

@@ -51,7 +51,7 @@ def example_camera(config: ModelConfig, height: float = 1.4, pitch_deg: float = 
 
 
 def example_frame(config: ModelConfig, seed: int = PARITY_SEED):
-    """Seeded realistic ``FrameInputs``: smooth colour image, the example camera, floor-plane depth."""
+    """Seeded realistic ``NetworkInputs``: smooth colour image, the example camera, floor-plane depth."""
     from models.preprocess import preprocess
 
     rng = np.random.default_rng(seed)
@@ -79,7 +79,7 @@ def agreement_frames(config: ModelConfig, root: str | Path | None = SAMPLE_DATAS
     package (both splits, real images and poses) when it is readable, else seeded example frames."""
     if root is not None and Path(root).is_dir():
         try:
-            from models.preprocess import FrameInputs
+            from models.preprocess import NetworkInputs
             from training.occscannet import OccScanNetDataset
 
             frames = []
@@ -87,7 +87,7 @@ def agreement_frames(config: ModelConfig, root: str | Path | None = SAMPLE_DATAS
                 ds = OccScanNetDataset(root, split, config=config, load_depth=config.use_depth)
                 for i in range(len(ds)):
                     s = ds[i]
-                    frames.append(FrameInputs(image=s["image"][None].numpy(), grid2img=s["grid2img"][None].numpy(),
+                    frames.append(NetworkInputs(image=s["image"][None].numpy(), grid2img=s["grid2img"][None].numpy(),
                                               depth=s["depth"][None].numpy() if config.use_depth else None,
                                               voxel_origin=s["voxel_origin"].numpy()))
             if frames:

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 from .config import BackboneConfig, DecoderConfig, ModelConfig, load_config
 from .postprocess import OccupancyFrame, labels_batch, points_to_occupancy
-from .preprocess import FrameInputs, normalize_image, preprocess
+from .preprocess import NetworkInputs, normalize_image, preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -20,5 +20,5 @@ def build_model(config: ModelConfig | str) -> torch.nn.Module:
     return DiSceneNet(config.validate())
 
 
-__all__ = ["BackboneConfig", "DecoderConfig", "FrameInputs", "ModelConfig", "OccupancyFrame", "build_model",
+__all__ = ["BackboneConfig", "DecoderConfig", "NetworkInputs", "ModelConfig", "OccupancyFrame", "build_model",
            "labels_batch", "load_config", "normalize_image", "points_to_occupancy", "preprocess"]

@@ -32,7 +32,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class FrameInputs:
+class NetworkInputs:
     """Network inputs of one frame (numpy): image (1,3,h,w) f32, grid2img (1,4,4) f32,
     depth (1,1,h,w) f32 metres (0 = invalid) or None, voxel_origin (3,) f64."""
 
@@ -116,8 +116,8 @@ def preprocess(
     config: ModelConfig,
     depth: np.ndarray | None = None,
     voxel_origin: np.ndarray | None = None,
-) -> FrameInputs:
-    """uint8 HxWx3 RGB + 3x3 K (of that image) + 4x4 camera->world [+ HxW depth metres] -> FrameInputs.
+) -> NetworkInputs:
+    """uint8 HxWx3 RGB + 3x3 K (of that image) + 4x4 camera->world [+ HxW depth metres] -> NetworkInputs.
 
     The grid is placed by ``geometry.place_grid`` when ``voxel_origin`` is None. Depth may have
     another resolution than the image (same field of view); it is resized nearest-neighbour.
@@ -138,7 +138,7 @@ def preprocess(
     if depth is not None:
         depth2d = depth[..., 0] if depth.ndim == 3 else depth
         depth_out = resize_depth(clean_depth(depth2d), size_hw)[None, None]
-    return FrameInputs(
+    return NetworkInputs(
         image=np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32),
         grid2img=grid2img[None].astype(np.float32),
         depth=None if depth_out is None else np.ascontiguousarray(depth_out, dtype=np.float32),
@@ -148,7 +148,7 @@ def preprocess(
 
 @dataclass
 class FrameTensors:
-    """Network inputs of one frame as tensors on the inference device (same fields as FrameInputs).
+    """Network inputs of one frame as tensors on the inference device (same fields as NetworkInputs).
 
     The tensors are the preprocessor's reused buffers of one slot: valid until that slot is reused.
     """

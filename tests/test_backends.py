@@ -11,14 +11,14 @@ from export.backends import create_backend, input_feed, input_shapes, output_sha
 from export.backends.ort_backend import select_providers
 from export.backends.torch_backend import TorchBackend
 from export.sidecar import read_sidecar, sha256_state_dict, sidecar_path, write_sidecar
-from models.preprocess import FrameInputs
+from models.preprocess import NetworkInputs
 
 
 def _frame(config, depth=False, seed=0):
     rng = np.random.default_rng(seed)
     shapes = input_shapes(config)
     h, w = config.image_size
-    return FrameInputs(image=rng.standard_normal(shapes["image"]).astype(np.float32),
+    return NetworkInputs(image=rng.standard_normal(shapes["image"]).astype(np.float32),
                        grid2img=np.eye(4, dtype=np.float32)[None],
                        depth=rng.uniform(0.5, 3, (1, 1, h, w)).astype(np.float32) if depth else None,
                        voxel_origin=np.zeros(3))

@@ -27,7 +27,7 @@ from export.cuda_mem import CudaPythonMemory
 from export.sidecar import read_sidecar, sha256_file, write_sidecar
 from export.trt_build import build_engine
 from models.config import lite
-from models.preprocess import FrameInputs
+from models.preprocess import NetworkInputs
 
 Q, R = lite().decoder.num_queries, lite().decoder.num_refines[-1]  # output shape of the lite engine
 ALL = list(VARIANTS)
@@ -95,7 +95,7 @@ def onnx_file(tmp_path, lite_config):
 def _frame(config, seed=0):
     rng = np.random.default_rng(seed)
     h, w = config.image_size
-    return FrameInputs(image=rng.standard_normal((1, 3, h, w)).astype(np.float32),
+    return NetworkInputs(image=rng.standard_normal((1, 3, h, w)).astype(np.float32),
                        grid2img=rng.standard_normal((1, 4, 4)).astype(np.float32), depth=None,
                        voxel_origin=np.zeros(3))
 

@@ -1,6 +1,6 @@
 """The one inference interface every backend (torch, onnxruntime, tensorrt) implements.
 
-``Backend.infer(FrameInputs) -> {"points": (1,Q,R,3), "scores": (1,Q,R,C)}`` numpy float32, points in
+``Backend.infer(NetworkInputs) -> {"points": (1,Q,R,3), "scores": (1,Q,R,C)}`` numpy float32, points in
 normalised grid coordinates and scores after the sigmoid (last decoder layer), so that
 ``models.postprocess.points_to_occupancy`` gets the same arrays whatever runs the network.
 """
@@ -46,7 +46,7 @@ def output_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def input_feed(inputs: Any, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Validated float32 arrays by input name from a ``FrameInputs`` (or any object with those fields)."""
+    """Validated float32 arrays by input name from a ``NetworkInputs`` (or any object with those fields)."""
     feed = {}
     for name, shape in input_shapes(config).items():
         value = getattr(inputs, name, None)
@@ -72,7 +72,7 @@ class Backend(ABC):
 
     @abstractmethod
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
-        """``FrameInputs`` -> {"points": (1,Q,R,3), "scores": (1,Q,R,C)} numpy float32 (scores after sigmoid)."""
+        """``NetworkInputs`` -> {"points": (1,Q,R,3), "scores": (1,Q,R,C)} numpy float32 (scores after sigmoid)."""
 
     def close(self) -> None:
         """Release sessions, engines and device memory. Safe to call twice."""
