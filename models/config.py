@@ -71,6 +71,11 @@ class ModelConfig:
     def num_points_out(self) -> int:
         return self.decoder.num_queries * self.decoder.num_refines[-1]
 
+    @property
+    def grid_extent(self) -> list[float]:
+        """Size of the voxel grid in metres along x, y, z (grid_shape * voxel_size)."""
+        return [n * self.voxel_size for n in self.grid_shape]
+
     def validate(self) -> ModelConfig:
         """Raise ValueError with a clear message for inconsistent settings; returns self."""
         b, d = self.backbone, self.decoder

@@ -100,7 +100,7 @@ class DecoderLayer(nn.Module):
         self.sampling = PointSetSampling(d, dec.num_groups, dec.num_points, num_levels)
         self.mixing = AdaptiveMixing(d, dec.num_groups, dec.num_points, dec.out_points)
         self.norm_mix = nn.LayerNorm(d)
-        extent = [n * config.voxel_size for n in config.grid_shape]
+        extent = config.grid_extent
         self.register_buffer("extent", torch.tensor(extent, dtype=torch.float32), persistent=False)
         self.self_attn = DistanceBiasedAttention(d, dec.num_heads, extent, dec.dropout)
         self.norm_attn = nn.LayerNorm(d)

@@ -104,9 +104,9 @@ def point_cells(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig)
         raise ValueError(f"points {tuple(points.shape)} and scores {tuple(scores.shape)} disagree on (B,Q,R)")
     b = points.shape[0]
     nx, ny, nz = (int(n) for n in config.grid_shape)
-    vs = float(config.voxel_size)
+    ex, ey, ez = (float(e) for e in config.grid_extent)
     d = points - points.mean(dim=2, keepdim=True)
-    dx, dy, dz = d[..., 0] * (nx * vs), d[..., 1] * (ny * vs), d[..., 2] * (nz * vs)  # metres
+    dx, dy, dz = d[..., 0] * ex, d[..., 1] * ey, d[..., 2] * ez  # metres
     # squared distance: elementwise ops (a norm over the last dim of 3 is a slow reduction on the CPU)
     keep = dx * dx + dy * dy + dz * dz <= config.max_center_dist ** 2
     keep &= scores.amax(dim=-1) > config.score_threshold

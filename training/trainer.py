@@ -178,9 +178,8 @@ class Trainer:
         s, t = self.model_cfg, self.teacher_cfg
         if s.num_levels != t.num_levels and self.cfg.distill.efa:
             raise ValueError(f"EFA needs equal FPN levels: student {s.num_levels}, teacher {t.num_levels}")
-        extent = [n * s.voxel_size for n in s.grid_shape]
         return Distiller(self.cfg.distill, s.fpn_channels, t.fpn_channels, s.num_levels,
-                         s.decoder.embed_dims, t.decoder.embed_dims, extent)
+                         s.decoder.embed_dims, t.decoder.embed_dims, s.grid_extent)
 
     def _build_optimizer(self, module: TrainModule) -> torch.optim.Optimizer:
         """AdamW with three lr groups: the rest, the backbone (x backbone_lr_mult) and the decoder's sampling
