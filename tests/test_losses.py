@@ -278,3 +278,17 @@ def test_gradient_descent_on_points_reduces_task_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_task_loss_ground_truth_uses_its_own_voxel_size_and_classes():
+    # The trainer builds ground truth through its TaskLoss, so a config with other voxels or classes
+    # gets targets in its own metres (not the default 0.08 m) and its own label range.
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    target[0, 1, 0, 2] = 5
+    loss = TaskLoss(TaskLossConfig(rare_classes=[]), num_classes=5, grid_shape=[4, 4, 4], voxel_size=0.16)
+    gt = loss.ground_truth(target)
+    torch.testing.assert_close(gt.points[0, 0], torch.tensor([1.5, 0.5, 2.5]) * 0.16)
+    assert gt.labels[0, 0].item() == 5 and gt.mask.tolist() == [[True]]
+    target[0, 0, 0, 0] = 6
+    with pytest.raises(ValueError, match="expected 0..5"):
+        loss.ground_truth(target)

@@ -246,6 +246,7 @@ class TaskLoss(torch.nn.Module):
         super().__init__()
         self.config = config or TaskLossConfig()
         self.num_classes = num_classes
+        self.voxel_size = float(voxel_size)
         freq = self.config.class_frequencies
         if self.config.nn_backend not in ("auto", "cdist", "kdtree"):
             raise ValueError(f"loss.nn_backend must be auto, cdist or kdtree, got {self.config.nn_backend!r}")
@@ -259,6 +260,11 @@ class TaskLoss(torch.nn.Module):
         self.register_buffer("centre_xy", extent[:2] / 2, persistent=False)
         self.diagonal_xy = float(extent[:2].norm())  # full x-y diagonal: distance weights run 1 .. 1.5
         self._segments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def ground_truth(self, target: torch.Tensor) -> PaddedGroundTruth:
+        """(B,X,Y,Z) label grids -> this loss's ground truth: voxel centres in metres at its voxel size,
+        labels checked against its class count."""
+        return ground_truth_from_voxels(target, self.voxel_size, self.num_classes)
 
     def weight_dict(self, num_layers: int) -> dict[str, float]:
         """Effective weight of every term ``forward`` returns (the reference's loss_weight values)."""

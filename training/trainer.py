@@ -40,7 +40,7 @@ from .distributed import (
     use_deterministic_algorithms,
 )
 from .evaluate import evaluate_model
-from .losses import TaskLoss, ground_truth_from_voxels
+from .losses import TaskLoss
 from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
@@ -70,7 +70,7 @@ class TrainModule(nn.Module):
                 teacher: dict | None = None, prior_init: torch.Tensor | None = None,
                 anchors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = self.student(image, grid2img, depth)
-        terms = self.task_loss(out, ground_truth_from_voxels(target))
+        terms = self.task_loss(out, self.task_loss.ground_truth(target))
         if self.distiller is not None and teacher is not None:
             if prior_init is not None:
                 out["prior_layers"] = self.student.decode(out["features"], grid2img, depth, prior_init)["layers"]
