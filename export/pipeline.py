@@ -34,7 +34,7 @@ from models.preprocess import TensorPreprocessor, preprocess
 
 from .backends.base import Backend
 from .backends.torch_backend import TorchBackend
-from .host_threads import intra_op_threads
+from .host_threads import intra_op_threads, release_openmp_team
 
 STAGES = ("preprocess", "infer", "postprocess", "total")
 
@@ -342,6 +342,7 @@ class TwoStageRunner:
         self._closed = self._discard = False
         self.submitted = self.processed = self.failed = self.dropped = 0
         stage2 = self._stage2 if launch is None else self._stage2_launch_ahead
+        release_openmp_team()  # the stages' threads do the torch work now (export/host_threads.py)
         self._threads = [threading.Thread(target=self._stage1, name="frame_prepare", daemon=True),
                          threading.Thread(target=stage2, name="frame_infer", daemon=True)]
         for t in self._threads:

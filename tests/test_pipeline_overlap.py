@@ -239,3 +239,33 @@ def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
     assert runner.counts() == {"submitted": 40, "processed": 40, "failed": 0, "dropped": 0}
     assert finished == list(range(40))
     assert overlap.is_set()
+
+
+def test_a_frame_loop_frees_the_openmp_workers_of_the_thread_that_built_it():
+    """The thread that starts a TwoStageRunner (the one that loaded the model) gives up its OpenMP
+    worker threads, so the frame loop's inference does not share the cores with an idle pool (with
+    more pool threads than cores every pool sleeps in the kernel between the ops of a forward)."""
+    import os
+
+    from export.host_threads import _openmp
+
+    lib = _openmp()
+    if lib is None or not hasattr(lib, "omp_pause_resource_all"):
+        pytest.skip("torch's intra-op backend is not OpenMP with omp_pause_resource_all")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.relu(torch.ones(1_000_000))  # a parallel op: this thread now owns a worker thread
+
+        def threads() -> int:
+            return len(os.listdir("/proc/self/task"))
+
+        with_pool = threads()
+        runner = TwoStageRunner(lambda item, slot: item, lambda item, prepared: None)
+        try:
+            # the two stage threads started and this thread's worker left
+            assert wait_until(lambda: threads() == with_pool + 2 - 1, timeout=5)
+        finally:
+            runner.close()
+    finally:
+        torch.set_num_threads(before)
