@@ -22,6 +22,9 @@ runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GP
 lite uses the shipped checkpoint (discene_ros/data/lite_distilled.pt) when present; other configs
 run seeded random weights with score threshold 0, the worst case for post-processing and messages.
 ``--append`` merges rows into an existing JSON (e.g. a separate, shorter paper_student run on CPU).
+Each row records ``OMP_WAIT_POLICY`` as ``omp_wait_policy``; measure the CPU without it (the node's
+setting): ``PASSIVE`` sends every parallel region's wake-up through the kernel and makes lite's
+inference about 2x slower on the 2-core build machine.
 ``--tf32`` / ``--cudnn-benchmark`` pass the torch backend's options of those names (CUDA only; FP32 is
 IEEE with cuDNN's heuristic algorithms without them); each row records both as booleans, as they ran
 (false on the CPU, where they change nothing). Run each variant as a process of its own (cuDNN's
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import threading
@@ -166,9 +170,11 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
 
 def append_key(row: dict) -> tuple:
     """What makes two rows the same measurement for ``--append``; rows from before ``tf32`` and
-    ``cudnn_benchmark`` were recorded ran with both off."""
+    ``cudnn_benchmark`` were recorded ran with both off; rows without ``omp_wait_policy`` are taken as
+    the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
-            bool(row.get("tf32", False)), bool(row.get("cudnn_benchmark", False)))
+            bool(row.get("tf32", False)), bool(row.get("cudnn_benchmark", False)),
+            row.get("omp_wait_policy", "default"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
                        "closing": bool(backend.config.closing),  # tf32/cudnn_benchmark: as they ran (CUDA only)
-                       "tf32": bool(backend.tf32 and args.device == "cuda"), "cudnn_benchmark": backend.cudnn_benchmark}
+                       "tf32": bool(backend.tf32 and args.device == "cuda"), "cudnn_benchmark": backend.cudnn_benchmark,
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
                 rows.append(row)
                 s = row["stages_ms"]
                 print(f"  {kind:5s} fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "

@@ -5,7 +5,9 @@ inference) are many small torch ops. With 2 intra-op threads every op above torc
 (32768 elements) wakes a second OpenMP thread, which on a 2-core machine is the one the inference of
 the other pipeline stage runs on; under ``OMP_WAIT_POLICY=PASSIVE`` each wake-up also goes through
 the kernel. Measured on the 2-core build machine (lite, bgr8, 80 frames): preprocess 1.87 -> 1.37 ms,
-post-process 10.4 -> 7.4 ms per frame with these stages on one thread, inference unchanged.
+post-process 10.4 -> 7.4 ms per frame with these stages on one thread, inference unchanged. One
+thread also keeps the prepare thread from owning an OpenMP worker pool of its own, which would
+halve the inference's speed (``release_openmp_team``).
 
 ``torch.set_num_threads`` cannot do this: it is process-wide (it also sets the count that threads
 started later inherit, and resizes torch's pthreadpool). With ATen's OpenMP backend, torch asks
