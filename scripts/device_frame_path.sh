@@ -7,6 +7,8 @@
 #                                             # its FP16 agreement and its frame path
 #   bash scripts/device_frame_path.sh all     # tests, CUDA graphs, lite compiled, then train (one call)
 #   bash scripts/device_frame_path.sh final   # tests, CUDA graphs, lite compiled, paper_student FP16 compiled
+#   bash scripts/device_frame_path.sh recheck # tests, CUDA graphs: the rows again after the feeder and
+#                                             # OpenMP-pool fixes (docs/results/frame_path.md, GPU section)
 #   bash scripts/device_frame_path.sh fp32    # tests, paper_student trained as in `train`, its TF32 /
 #                                             # cudnn.benchmark agreement with IEEE FP32, then its FP32
 #                                             # frame path (compile + graphs) IEEE, cudnn.benchmark, TF32,
@@ -17,7 +19,7 @@
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train|all|final|fp32}
+stage=${1:?usage: $0 bench|train|all|final|recheck|fp32}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -94,9 +96,10 @@ bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
 all) tests; graphs; compiled lite; train_paper ;;
 final) tests; graphs; compiled lite; compiled paper_student --precisions fp16 ;;
+recheck) tests; graphs ;;
 fp32) tests 40; fp32_paper ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final|fp32)" >&2
+    echo "unknown stage $stage (bench|train|all|final|recheck|fp32)" >&2
     exit 2
     ;;
 esac
