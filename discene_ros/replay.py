@@ -317,18 +317,12 @@ class Replayer:
         if reason == "internal_error":
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
-    def run_full_speed(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
-        """Every frame, as fast as the model goes, through the node's two-stage loop: reading the next
-        frame from the bag and preparing it overlap the inference of the previous one, and the loop is
-        fed only when it has room, so no frame is dropped. Latency runs from a frame being read to its output."""
-        self._run(frames, max_frames, bar, realtime=False)
-
-    def run_realtime(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any) -> None:
-        """Play frames at their recorded times into the node's two-stage frame loop (``TwoStageFrames``),
-        which drops stale frames as the node does; latency runs from a frame's arrival to its output."""
-        self._run(frames, max_frames, bar, realtime=True)
-
-    def _run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool) -> None:
+    def run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool) -> None:
+        """Frames through the node's two-stage loop (``TwoStageFrames``). ``realtime``: at their recorded
+        times, stale frames dropped as the node drops them; latency from a frame's arrival to its output.
+        Else every frame as fast as the model goes: the loop is fed only when it has room (no drops), so
+        reading and preparing the next frame overlap the inference of the previous one; latency from a
+        frame being read to its output."""
         loop = TwoStageFrames(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip)
         start_wall, start_bag = time.monotonic(), None
         try:
@@ -447,7 +441,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                 tqdm(total=min(total, settings.max_frames or total), unit="frame", desc="discene-replay",
                      disable=not settings.progress) as bar:
             rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
-            (rep.run_realtime if settings.realtime else rep.run_full_speed)(iter(frames), settings.max_frames, bar)
+            rep.run(iter(frames), settings.max_frames, bar, settings.realtime)
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
