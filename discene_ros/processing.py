@@ -379,6 +379,10 @@ class TwoStageFrames:
         if self.on_skip is not None:
             self.on_skip(frame, reason, text)
 
+    def wait_for_room(self, timeout: float | None = None) -> bool:
+        """Block until a frame submitted now would not replace another (``TwoStageRunner.wait_for_room``)."""
+        return self.runner.wait_for_room(timeout)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted frame is processed, skipped or dropped."""
         return self.runner.wait_idle(timeout)

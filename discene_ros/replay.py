@@ -333,7 +333,7 @@ class Replayer:
                     if delay > 0:
                         time.sleep(delay)
                 else:
-                    loop.runner.wait_for_room()
+                    loop.wait_for_room()
                 frame.received_s = time.monotonic()
                 loop.submit(frame)
                 bar.update(1)
