@@ -207,25 +207,24 @@ def test_pre_and_post_processing_run_on_host_threads_without_touching_other_thre
 @pytest.mark.parametrize("ahead", [False, True])
 def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
     """Both stages slow, stage 2 slower (then stage 1 slower, half way): every frame submitted after
-    ``wait_for_room`` is processed, in order, none dropped, and the stages still overlap. (Waiting only
-    for the hand-offs let a frame submitted during stage 1's work replace the previous one; and unless
-    stage 2 wakes the feeder when it takes a frame, the feeder could sleep through the free hand-off
-    until that frame was finished, and the stages ran one after the other.)"""
+    ``wait_for_room`` is processed, in order, none dropped, and for every frame k stage 1 begins frame
+    k + 1 before stage 2 has finished k (finish waits for that). Unless stage 2 wakes the feeder when it
+    takes a frame, the feeder sleeps through the free hand-off until that frame is finished and the
+    stages run one after the other: this test then fails."""
     finished: list[int] = []
-    overlap = threading.Event()
-    in_finish = threading.Event()
+    started = [threading.Event() for _ in range(40)]
+    overlapped: list[bool] = []  # per frame k: stage 1 began frame k + 1 before finish(k) ended
 
     def prepare(item: int, slot: int) -> int:
+        started[item].set()
         threading.Event().wait(0.005 if item >= 20 else 0.003)
-        if in_finish.is_set():
-            overlap.set()  # stage 1 still working while stage 2 is inside finish
         return item
 
     def finish(item: int, prepared: int) -> None:
-        in_finish.set()
-        threading.Event().wait(0.001 if item >= 20 else 0.005)
+        if item + 1 < len(started) and all(overlapped):  # after a first miss, no more waiting
+            overlapped.append(started[item + 1].wait(2))
+        threading.Event().wait(0.001 if item >= 20 else 0.008)
         finished.append(item)
-        in_finish.clear()
 
     ahead_args = {"launch": lambda item, prepared: prepared} if ahead else {}
     runner = TwoStageRunner(prepare, finish, slots=4, **ahead_args)
@@ -238,7 +237,7 @@ def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
         runner.close()
     assert runner.counts() == {"submitted": 40, "processed": 40, "failed": 0, "dropped": 0}
     assert finished == list(range(40))
-    assert overlap.is_set()
+    assert len(overlapped) == 39 and all(overlapped)
 
 
 def test_a_frame_loop_frees_the_openmp_workers_of_the_thread_that_built_it():
