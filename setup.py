@@ -2,7 +2,7 @@
 import os
 from glob import glob
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 PACKAGE = "discene_ros"
 
@@ -32,6 +32,11 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
     ],
+    # The CPU post-processing kernel (models/native_postprocess.py). Optional: without a C compiler the
+    # install still succeeds and post-processing runs as torch ops. -ffp-contract=off: no fused
+    # multiply-adds, so that its float32 results are the torch path's bit for bit.
+    ext_modules=[Extension("models._occupancy_native", ["models/_occupancy_native.c"],
+                           extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"], optional=True)],
     python_requires=">=3.10",
     # torch is deliberately not listed: install the CPU wheel (pip install torch==2.13.0) or the
     # robot's own CUDA/Jetson build first, so that pip never pulls a multi-GB CUDA build by itself.
@@ -48,7 +53,7 @@ setup(
                 "lark>=1.1", "osrf-pycommon>=2.0",
                 "cuda-bindings>=12.8"],  # cuda-python runtime (8 MB wheel): tests probe its call conventions
     },
-    zip_safe=True,
+    zip_safe=False,  # a compiled extension
     entry_points={
         "console_scripts": [
             "occupancy_node = discene_ros.entry:occupancy_node",

@@ -472,7 +472,7 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
     skipped = dict(snap["skipped"])
     return {
         "bag": str(bag), "image_topic": topic, "model_config": pipeline.config.name,
-        "backend": pipeline.backend.describe(), "realtime": realtime,
+        "backend": pipeline.backend.describe(), "pipeline": pipeline.describe(), "realtime": realtime,
         "images": snap["received"], "frames": snap["processed"],
         "fps": snap["processed"] / wall if wall > 0 else 0.0,
         "latency_ms": latency_percentiles(rep.stats.latencies_ms),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import native_postprocess
 from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.geometry import place_grid
 from models.postprocess import dense_occupancy, frame_from_dense, points_to_occupancy
@@ -158,8 +159,11 @@ class OccupancyPipeline:
                f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize)"
                if self.tensor_path else "host preprocessing (numpy + PIL)")
         where = "in its CUDA graph" if self.fused and self.backend.torch_device.type == "cuda" else "(static buffers)"
+        on_cpu = not self.tensor_path or self.backend.torch_device.type == "cpu"
+        native = ("native kernel" if native_postprocess.available() else
+                  f"torch ops; native kernel {native_postprocess.unavailable_reason()}")
         post = (f"fused with the network {where}, launch-ahead" if self.fused else
-                "on the device" if self.tensor_path else "on the CPU")
+                f"on the CPU ({native})" if on_cpu else "on the device")
         return f"{self.backend.describe()}; {pre}; post-processing {post}"
 
     @property

@@ -5,7 +5,8 @@ points) and points whose best class score is <= ``score_threshold`` are dropped;
 voxelised at ``voxel_size``; a voxel's score vector is the mean of its points' score vectors and
 its label is argmax + 1 (0 = empty). Closing (on by default, as in the reference: 3x3x3 dilation then
 erosion of the class-score volume) fills holes. Everything runs on the tensors' device; only the
-occupied voxels come back to the host, in one (M, 3) copy.
+occupied voxels come back to the host, in one (M, 3) copy. On the CPU the native kernel
+(``native_postprocess``, same results bit for bit) replaces the torch ops where it is built.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import native_postprocess
 from .config import ModelConfig
 
 
@@ -62,12 +64,18 @@ def occupied_voxels(
 
 
 def occupied_labels(
-    points: torch.Tensor, scores: torch.Tensor, config: ModelConfig
+    points: torch.Tensor, scores: torch.Tensor, config: ModelConfig, native: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``occupied_voxels`` reduced to what the outputs use: ``ids``, ``label`` (M,) long 1..C (argmax + 1)
     and ``best`` (M,) score of that class, exactly as taken from ``mean``; the (M, C) score matrix of
     the voxels the closing fills is never built, and the outputs are gathered from label and score
-    arrays over the crop (no sorting or searching to merge kept and filled voxels)."""
+    arrays over the crop (no sorting or searching to merge kept and filled voxels).
+
+    On the CPU the native kernel computes the same (``native_postprocess``; ``native=False``: torch ops)."""
+    found = native_postprocess.occupied_labels(points, scores, config) if native else None
+    if found is not None:
+        ids, label, best = (torch.from_numpy(a) for a in found)
+        return ids, label.long(), best
     ids, mean = _voxel_means(points, scores, config)
     best, label = mean.max(dim=-1)
     if not config.closing:
@@ -351,7 +359,10 @@ def points_to_occupancy(
     origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
-    ids, label, best = occupied_labels(pts, scr, config)
+    found = native_postprocess.occupied_labels(pts, scr, config)
+    if found is not None:
+        return frame_from_voxels(*found, origin, config)
+    ids, label, best = occupied_labels(pts, scr, config, native=False)
     if ids.device.type == "cpu":
         return frame_from_voxels(ids.numpy(), label.numpy().astype(np.uint8), best.numpy(), origin, config)
     # one small device-to-host copy: (M, 3) float32 rows [flat id, label, score]; ids < 2**24 are exact

@@ -8,10 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from models import native_postprocess
 from models.postprocess import labels_batch, occupied_voxels, points_to_occupancy
 
 SHAPE = np.array([60, 60, 36])
 ORIGIN = np.array([1.0, -2.0, 0.5])
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def cpu_path(request, monkeypatch):
+    """Every rule below must hold for both CPU implementations: the native kernel and the torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(native_postprocess, "_kernel", None)
+    else:
+        assert native_postprocess.available(), native_postprocess.unavailable_reason()
+    return request.param
 
 
 @pytest.fixture()
@@ -165,6 +176,19 @@ def test_closing_labels_a_filled_voxel_from_the_eroded_score_volume(lite_config)
     # original voxels above the threshold keep their own scores (the 0.6 voxel is not raised to 0.9)
     low = frame.voxel_indices.tolist().index([4, 4, 10])
     np.testing.assert_allclose(frame.voxel_scores[low], 0.6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("closing", [True, False])
+def test_ties_go_to_the_lowest_class_in_kept_and_filled_voxels(lite_config, closing):
+    # torch's max returns the first index of equal maxima: classes 2 and 5 score alike in every voxel of
+    # a ring around the hole (5, 5, 10) (plus the voxels above and below it), so each kept voxel and the
+    # filled hole get class 2 (label 3), never class 5
+    ring = [(i, j, 10) for i in (4, 5, 6) for j in (4, 5, 6) if (i, j) != (5, 5)] + [(5, 5, 9), (5, 5, 11)]
+    cells = [(v, {2: 0.8, 5: 0.8}) for v in ring]
+    frame = points_to_occupancy(*_dense_case(cells), ORIGIN, dataclasses.replace(lite_config, closing=closing))
+    assert len(frame.voxel_labels) == len(ring) + closing
+    assert set(frame.voxel_labels.tolist()) == {3}
+    assert (frame.labels[5, 5, 10] == 3) == closing
 
 
 def test_closing_erosion_uses_the_smallest_neighbourhood_maximum(lite_config):

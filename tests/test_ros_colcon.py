@@ -44,7 +44,7 @@ def _copy_package(dest: Path) -> None:
                                timeout=60).stdout.decode().split("\0")
     except (OSError, subprocess.CalledProcessError):
         shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "build", "install", "log", "__pycache__",
-                                                                  "*.egg-info", ".pytest_cache"))
+                                                                  "*.egg-info", ".pytest_cache", "*.so"))
         return
     for name in filter(None, files):
         src = ROOT / name
@@ -80,3 +80,9 @@ def test_colcon_build_installs_launch_config_rviz_node_and_data(tmp_path):
     shipped = {str(p.relative_to(DATA)) for p in DATA.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert installed == shipped
     assert (site / "discene_ros" / "node.py").is_file() and (site / "models" / "network.py").is_file()
+    # the CPU post-processing kernel is compiled by the build (optional: a failure would only log)
+    assert list((site / "models").glob("_occupancy_native*.so")), proc.stdout[-3000:]
+    probe = subprocess.run([sys.executable, "-c", "from models import native_postprocess as n; "
+                            "print(n.available(), n.__file__)"], cwd=tmp_path, capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": str(site)}, timeout=120)
+    assert probe.stdout.split() == ["True", str(site / "models" / "native_postprocess.py")], probe.stderr[-2000:]

@@ -1,0 +1,476 @@
+/* Post-processing of one batch of point sets on the CPU in a few passes over plain arrays.
+ *
+ * The same function as models/postprocess.py's torch path (``occupied_labels``): points far from their
+ * query centre or with no class score above the threshold are dropped, the rest are averaged per voxel,
+ * and (optionally) the 3x3x3 closing of the class-score volume fills holes. The torch path runs about
+ * sixty small tensor ops per frame, and their dispatch costs more than the arithmetic on a 2-core CPU;
+ * here each step is one loop. Results are bit-identical to the torch path on x86-64 (tests compare
+ * them): the same float32 operations in the same order, built with -ffp-contract=off.
+ *
+ * Built by setup.py as an optional extension; models/native_postprocess.py loads it and falls back to
+ * the torch path when it is missing or out of date.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Bumped whenever the call signature or the semantics change; the Python side checks it. */
+#define ABI_VERSION 1
+
+#define NONFINITE_SCORE (-1)
+#define OUT_OF_MEMORY (-2)
+
+typedef struct {
+    int nx, ny, nz, num_classes, closing;
+    float ex, ey, ez;         /* grid extent in metres (points are normalised to [0, 1)) */
+    float max_center_dist_sq; /* metres^2 */
+    float threshold;
+} Params;
+
+typedef struct { int lo[3], hi[3]; } Box; /* inclusive voxel bounds */
+
+static void box_reset(Box *b) {
+    for (int a = 0; a < 3; a++) { b->lo[a] = INT32_MAX; b->hi[a] = -1; }
+}
+
+static void box_add(Box *b, const int v[3]) {
+    for (int a = 0; a < 3; a++) {
+        if (v[a] < b->lo[a]) b->lo[a] = v[a];
+        if (v[a] > b->hi[a]) b->hi[a] = v[a];
+    }
+}
+
+/* ``b`` grown by ``margin`` voxels on every side, clipped to the grid. */
+static Box box_grow(const Box *b, int margin, const int shape[3]) {
+    Box g;
+    for (int a = 0; a < 3; a++) {
+        g.lo[a] = b->lo[a] - margin < 0 ? 0 : b->lo[a] - margin;
+        g.hi[a] = b->hi[a] + margin >= shape[a] ? shape[a] - 1 : b->hi[a] + margin;
+    }
+    return g;
+}
+
+static int64_t box_size(const Box *b, int a) { return (int64_t)b->hi[a] - b->lo[a] + 1; }
+static int64_t box_volume(const Box *b) { return box_size(b, 0) * box_size(b, 1) * box_size(b, 2); }
+
+/* Flat index of grid voxel ``v`` inside box ``b`` (x slowest, z fastest: the grid's own order). */
+static int64_t box_index(const Box *b, const int v[3]) {
+    return ((int64_t)(v[0] - b->lo[0]) * box_size(b, 1) + (v[1] - b->lo[1])) * box_size(b, 2) + (v[2] - b->lo[2]);
+}
+
+#define KEPT 1
+#define DROPPED 0
+#define KEPT_NONFINITE (-1)
+
+/* The voxel of one point into ``v``: KEPT, DROPPED (beyond the centre distance, best score not above the
+ * threshold, or outside the grid; a NaN score drops the point, as torch's amax propagates NaN), or
+ * KEPT_NONFINITE (kept with an infinite score, which the torch path handles). Each float32 step is the
+ * torch path's, in its order. */
+static int point_voxel(const float *pt, const float *centre, const float *score, const Params *p, int v[3]) {
+    float dx = (pt[0] - centre[0]) * p->ex;
+    float dy = (pt[1] - centre[1]) * p->ey;
+    float dz = (pt[2] - centre[2]) * p->ez;
+    float d2 = dx * dx + dy * dy;
+    d2 = d2 + dz * dz;
+    if (!(d2 <= p->max_center_dist_sq)) return DROPPED;
+    float best = score[0];
+    int finite = 1;
+    for (int c = 0; c < p->num_classes; c++) { /* branch-free: every score is read once */
+        float x = score[c];
+        finite &= fabsf(x) <= FLT_MAX; /* false for NaN and +-inf */
+        best = x > best ? x : best;
+    }
+    if (!finite) { /* rare: a NaN drops the point (torch's amax is NaN), an infinity is left to torch */
+        for (int c = 0; c < p->num_classes; c++)
+            if (isnan(score[c])) return DROPPED;
+    }
+    if (!(best > p->threshold)) return DROPPED;
+    /* floor(x) in [0, n) exactly when x in [0, n): no floor needed (nor SSE4.1's roundss) */
+    float x = pt[0] * (float)p->nx, y = pt[1] * (float)p->ny, z = pt[2] * (float)p->nz;
+    if (!(x >= 0.0f && x < (float)p->nx && y >= 0.0f && y < (float)p->ny && z >= 0.0f && z < (float)p->nz))
+        return DROPPED;
+    v[0] = (int)x; v[1] = (int)y; v[2] = (int)z;
+    return finite ? KEPT : KEPT_NONFINITE;
+}
+
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define MIN2(a, b) ((a) < (b) ? (a) : (b))
+
+/* out[o][i][j] = op over in[o][i-1..i+1][j] for arrays laid out [outer][n][inner]; neighbours beyond the
+ * ends are ignored. Two copies (max, min) so that the compiler vectorises each inner loop. */
+#define DEFINE_PASS(name, OP)                                                                            \
+    static void name(const float *in, float *out, int64_t outer, int64_t n, int64_t inner) {            \
+        for (int64_t o = 0; o < outer; o++) {                                                          \
+            const float *v = in + o * n * inner;                                                       \
+            float *w = out + o * n * inner;                                                            \
+            if (n == 1) { memcpy(w, v, (size_t)inner * sizeof(float)); continue; }                     \
+            if (inner == 1) { /* along a contiguous line */                                            \
+                w[0] = OP(v[0], v[1]);                                                                 \
+                for (int64_t i = 1; i < n - 1; i++) w[i] = OP(OP(v[i - 1], v[i + 1]), v[i]);           \
+                w[n - 1] = OP(v[n - 2], v[n - 1]);                                                     \
+                continue;                                                                              \
+            }                                                                                          \
+            for (int64_t j = 0; j < inner; j++) w[j] = OP(v[j], v[inner + j]);                         \
+            for (int64_t i = 1; i < n - 1; i++) {                                                      \
+                const float *a = v + (i - 1) * inner, *b = v + i * inner, *c = v + (i + 1) * inner;    \
+                float *d = w + i * inner;                                                              \
+                for (int64_t j = 0; j < inner; j++) d[j] = OP(OP(a[j], c[j]), b[j]);                   \
+            }                                                                                          \
+            for (int64_t j = 0; j < inner; j++)                                                        \
+                w[(n - 1) * inner + j] = OP(v[(n - 2) * inner + j], v[(n - 1) * inner + j]);           \
+        }                                                                                              \
+    }
+DEFINE_PASS(pass_max, MAX2)
+DEFINE_PASS(pass_min, MIN2)
+
+/* Per-thread buffers reused across frames: fresh multi-megabyte allocations would cost page faults
+ * every frame (as much time as the filters). Freed when the thread ends. */
+typedef struct {
+    size_t size; /* bytes */
+    void *data;
+} Buffer;
+
+enum { POINT_CELL, POINT_VOXEL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, NUM_BUFFERS };
+
+typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void scratch_destroy(void *ptr) {
+    Scratch *s = ptr;
+    for (int i = 0; i < NUM_BUFFERS; i++) free(s->b[i].data);
+    free(s);
+}
+
+static void scratch_make_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_destroy) == 0; }
+
+/* This thread's scratch, or NULL when out of memory. Called with the GIL held or not: no Python API. */
+static Scratch *thread_scratch(void) {
+    pthread_once(&scratch_once, scratch_make_key);
+    if (!scratch_key_ok) return NULL;
+    Scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof(*s));
+        if (s && pthread_setspecific(scratch_key, s) != 0) { free(s); s = NULL; }
+    }
+    return s;
+}
+
+/* Buffer ``which`` with room for ``count`` items of ``item`` bytes (contents undefined), or NULL. */
+static void *scratch_get(Scratch *s, int which, int64_t count, size_t item) {
+    size_t need = (size_t)(count > 0 ? count : 1) * item;
+    Buffer *b = &s->b[which];
+    if (b->size < need) {
+        free(b->data);
+        b->data = malloc(need);
+        b->size = b->data ? need : 0;
+    }
+    return b->data;
+}
+
+typedef struct { int v[3]; } Voxel;
+
+/* Voxel means of the kept points: rows sorted by voxel, in ``s``'s ROW_CELL / ROW_VOXEL / MEAN buffers.
+ * Returns M, or a negative code. */
+static int64_t voxel_means(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
+                           const Params *p, Scratch *s) {
+    const int C = p->num_classes;
+    int64_t n = nq * nr;
+    int64_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int64_t));
+    Voxel *voxel = scratch_get(s, POINT_VOXEL, n, sizeof(Voxel));
+    if (!cell || !voxel) return OUT_OF_MEMORY;
+    Box box;
+    box_reset(&box);
+    int64_t kept = 0;
+    for (int64_t q = 0; q < nq; q++) {
+        for (int64_t r = 0; r < nr; r++) {
+            int64_t i = q * nr + r;
+            int state = point_voxel(pts + 3 * i, centres + 3 * q, scores + C * i, p, voxel[i].v);
+            if (state == KEPT_NONFINITE) return NONFINITE_SCORE;
+            cell[i] = state == KEPT ? 0 : -1;
+            if (state != KEPT) continue;
+            box_add(&box, voxel[i].v);
+            kept++;
+        }
+    }
+    if (kept == 0) return 0;
+    /* mark the kept points' voxels in their box, then number them in the box's flat order (the grid's) */
+    int64_t volume = box_volume(&box);
+    uint8_t *mark = scratch_get(s, MARK, volume, 1);
+    int32_t *rank = scratch_get(s, RANK, volume, sizeof(int32_t)); /* set at marked voxels only */
+    int64_t *row_cell = scratch_get(s, ROW_CELL, kept, sizeof(int64_t)); /* kept >= M */
+    Voxel *row_voxel = scratch_get(s, ROW_VOXEL, kept, sizeof(Voxel));
+    if (!mark || !rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
+    memset(mark, 0, (size_t)volume);
+    for (int64_t i = 0; i < n; i++) {
+        if (cell[i] < 0) continue;
+        cell[i] = box_index(&box, voxel[i].v); /* from here on: the point's voxel in the box */
+        mark[cell[i]] = 1;
+    }
+    int64_t m = 0, at = 0, sz = box_size(&box, 2);
+    for (int x = box.lo[0]; x <= box.hi[0]; x++) {
+        for (int y = box.lo[1]; y <= box.hi[1]; y++, at += sz) {
+            const uint8_t *line = mark + at;
+            if (!memchr(line, 1, (size_t)sz)) continue;
+            int64_t column = ((int64_t)x * p->ny + y) * p->nz;
+            for (int64_t z = 0; z < sz; z++) {
+                if (!line[z]) continue;
+                rank[at + z] = (int32_t)m;
+                row_cell[m] = column + box.lo[2] + z;
+                row_voxel[m] = (Voxel){{x, y, box.lo[2] + (int)z}};
+                m++;
+            }
+        }
+    }
+    int32_t *counts = scratch_get(s, COUNTS, m, sizeof(int32_t));
+    float *mean = scratch_get(s, MEAN, m * C, sizeof(float));
+    if (!counts || !mean) return OUT_OF_MEMORY;
+    /* sums in point order, as torch's index_add_ adds them */
+    memset(counts, 0, (size_t)m * sizeof(int32_t));
+    memset(mean, 0, (size_t)(m * C) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        if (cell[i] < 0) continue;
+        int32_t k = rank[cell[i]];
+        counts[k]++;
+        float *acc = mean + (int64_t)k * C;
+        const float *sc = scores + C * i;
+        for (int c = 0; c < C; c++) acc[c] += sc[c];
+    }
+    for (int64_t k = 0; k < m; k++) {
+        float count = (float)counts[k];
+        for (int c = 0; c < C; c++) mean[k * C + c] /= count;
+    }
+    return m;
+}
+
+/* First index of the largest of ``n`` values. */
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int c = 1; c < n; c++)
+        if (v[c] > v[best]) best = c;
+    return best;
+}
+
+static int any_above(const float *v, int n, float threshold) {
+    for (int c = 0; c < n; c++)
+        if (v[c] > threshold) return 1;
+    return 0;
+}
+
+/* 3x3 filter of ``count`` planes of ``sy`` x ``sz`` (each [y][z]) from ``in`` into ``out``, via ``tmp``. */
+static void filter_yz(const float *in, float *tmp, float *out, int64_t count, int64_t sy, int64_t sz, int is_max) {
+    void (*pass)(const float *, float *, int64_t, int64_t, int64_t) = is_max ? pass_max : pass_min;
+    pass(in, tmp, count, sy, sz);      /* along y */
+    pass(tmp, out, count * sy, sz, 1); /* along z */
+}
+
+/* out = op(planes[x - 1], planes[x], planes[x + 1]) over the ``n`` floats of a plane, planes beyond
+ * [x0, x1] ignored; ``planes`` is a ring of three, plane x in slot x % 3. */
+static void filter_x(float *const planes[3], int x, int x0, int x1, float *out, int64_t n, int is_max) {
+    memcpy(out, planes[x % 3], (size_t)n * sizeof(float));
+    for (int side = -1; side <= 1; side += 2) {
+        if (x + side < x0 || x + side > x1) continue;
+        const float *v = planes[(x + side) % 3];
+        if (is_max)
+            for (int64_t i = 0; i < n; i++) out[i] = MAX2(out[i], v[i]);
+        else
+            for (int64_t i = 0; i < n; i++) out[i] = MIN2(out[i], v[i]);
+    }
+}
+
+/* Closing of the voxel means (see postprocess.close_holes): writes the occupied voxels, ids ascending.
+ *
+ * The work is cropped to the box of the voxels above the threshold grown by 2, exactly: only voxels within
+ * 1 of that box can be occupied afterwards, and their eroded scores read the dilation within 2, which
+ * ignores the means beyond the crop; those are all at or below the threshold, and such values never
+ * reach an output (a closed score above the threshold is a min of maxima above it, each attained by a
+ * mean above it, and a class at or below it never wins a voxel whose best class is above). The 3x3x3 filters stream through the box one x plane at a time
+ * (planes of the active classes, [class][y][z]): plane x's means are dilated in y and z, the dilation of
+ * plane x - 1 is completed in x and eroded in y and z, and the erosion of plane x - 2 is completed and
+ * read. Everything stays in a few cache-sized planes. Returns the number of voxels written, or a code. */
+static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, int64_t *out_id,
+                       uint8_t *out_label, float *out_best) {
+    const int C = p->num_classes;
+    const int shape[3] = {p->nx, p->ny, p->nz};
+    const float *mean = s->b[MEAN].data;
+    const Voxel *row_voxel = s->b[ROW_VOXEL].data;
+    const int64_t *row_cell = s->b[ROW_CELL].data;
+    uint8_t *row_kept = scratch_get(s, ROW_KEPT, m, 1);
+    if (!row_kept) return OUT_OF_MEMORY;
+    int active[256], na = 0;
+    int is_active[256] = {0};
+    Box above;
+    box_reset(&above);
+    for (int64_t row = 0; row < m; row++) {
+        row_kept[row] = (uint8_t)any_above(mean + row * C, C, p->threshold);
+        if (!row_kept[row]) continue;
+        box_add(&above, row_voxel[row].v);
+        for (int c = 0; c < C; c++)
+            if (mean[row * C + c] > p->threshold) is_active[c] = 1;
+    }
+    if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
+    for (int c = 0; c < C; c++)
+        if (is_active[c]) active[na++] = c;
+    const Box crop = box_grow(&above, 2, shape), out = box_grow(&above, 1, shape);
+    const int x0 = crop.lo[0], x1 = crop.hi[0];
+    const int64_t sy = box_size(&crop, 1), sz = box_size(&crop, 2), ps = sy * sz, n = na * ps;
+    /* planes of n floats: means, tmp, dilated (a ring of 3, by x), dilation done, eroded (a ring of 3),
+     * erosion done; then its max over the classes (ps floats) */
+    float *buf = scratch_get(s, PLANES, 10 * n + ps, sizeof(float));
+    if (!buf) return OUT_OF_MEMORY;
+    float *means = buf, *tmp = buf + n, *dilated_done = buf + 5 * n, *eroded_done = buf + 9 * n;
+    float *const dilated[3] = {buf + 2 * n, buf + 3 * n, buf + 4 * n};
+    float *const eroded[3] = {buf + 6 * n, buf + 7 * n, buf + 8 * n};
+    float *closed_max = buf + 10 * n;
+    int64_t build = 0, scan = 0, written = 0; /* next row to put in a means plane / to merge in the output */
+    for (int t = x0; t <= x1 + 2; t++) {
+        if (t <= x1) { /* means of plane t, dilated in y and z */
+            memset(means, 0, (size_t)n * sizeof(float));
+            for (; build < m && row_voxel[build].v[0] <= t; build++) {
+                const int *v = row_voxel[build].v;
+                if (v[0] < t || v[1] < crop.lo[1] || v[1] > crop.hi[1] || v[2] < crop.lo[2] || v[2] > crop.hi[2])
+                    continue;
+                int64_t at = (v[1] - crop.lo[1]) * sz + (v[2] - crop.lo[2]);
+                for (int a = 0; a < na; a++) means[a * ps + at] = mean[build * C + active[a]];
+            }
+            filter_yz(means, tmp, dilated[t % 3], na, sy, sz, 1);
+        }
+        int xd = t - 1; /* dilation of plane xd completed in x, then eroded in y and z */
+        if (xd >= x0 && xd <= x1) {
+            filter_x(dilated, xd, x0, x1, dilated_done, n, 1);
+            filter_yz(dilated_done, tmp, eroded[xd % 3], na, sy, sz, 0);
+        }
+        int xo = t - 2; /* erosion of plane xo completed in x: the output plane */
+        if (xo < out.lo[0] || xo > out.hi[0]) continue;
+        filter_x(eroded, xo, x0, x1, eroded_done, n, 0);
+        memcpy(closed_max, eroded_done, (size_t)ps * sizeof(float));
+        for (int a = 1; a < na; a++)
+            for (int64_t i = 0; i < ps; i++) closed_max[i] = MAX2(closed_max[i], eroded_done[a * ps + i]);
+        while (scan < m && row_voxel[scan].v[0] < xo) scan++;
+        for (int y = out.lo[1]; y <= out.hi[1]; y++) {
+            int64_t column = ((int64_t)xo * p->ny + y) * p->nz;
+            for (int z = out.lo[2]; z <= out.hi[2]; z++) {
+                while (scan < m && row_cell[scan] < column + z) scan++; /* rows are sorted by voxel */
+                int64_t at = (y - crop.lo[1]) * sz + (z - crop.lo[2]);
+                int label;
+                float best;
+                if (scan < m && row_cell[scan] == column + z && row_kept[scan]) { /* kept: its own scores */
+                    label = argmax(mean + scan * C, C);
+                    best = mean[scan * C + label];
+                } else if (closed_max[at] > p->threshold) { /* filled: the first class at the closed max */
+                    best = closed_max[at];
+                    int a = 0;
+                    while (eroded_done[a * ps + at] != best) a++;
+                    label = active[a];
+                } else {
+                    continue;
+                }
+                out_id[written] = id_base + column + z;
+                out_label[written] = (uint8_t)(label + 1);
+                out_best[written] = best;
+                written++;
+            }
+        }
+    }
+    return written;
+}
+
+/* One frame: writes its occupied voxels (ids offset by ``id_base``). Returns their number or a code. */
+static int64_t frame_labels(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
+                            const Params *p, int64_t id_base, int64_t *out_id, uint8_t *out_label, float *out_best) {
+    Scratch *s = thread_scratch();
+    if (!s) return OUT_OF_MEMORY;
+    int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s);
+    if (m <= 0) return m;
+    if (p->closing) return closing(m, p, s, id_base, out_id, out_label, out_best);
+    const float *mean = s->b[MEAN].data;
+    const int64_t *row_cell = s->b[ROW_CELL].data;
+    for (int64_t row = 0; row < m; row++) {
+        int label = argmax(mean + row * p->num_classes, p->num_classes);
+        out_id[row] = id_base + row_cell[row];
+        out_label[row] = (uint8_t)(label + 1);
+        out_best[row] = mean[row * p->num_classes + label];
+    }
+    return m;
+}
+
+static int check_buffer(const Py_buffer *b, const char *name, Py_ssize_t itemsize, Py_ssize_t count) {
+    if (b->len != itemsize * count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes (%zd items of %zd), got %zd", name,
+                     itemsize * count, count, itemsize, b->len);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer pts, centres, scores, out_id, out_label, out_best;
+    Py_ssize_t nb, nq, nr;
+    Params p;
+    double ex, ey, ez, max_dist_sq, threshold;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*nnniiiipddddd", &pts, &centres, &scores, &out_id, &out_label,
+                          &out_best, &nb, &nq, &nr, &p.num_classes, &p.nx, &p.ny, &p.nz, &p.closing, &ex, &ey,
+                          &ez, &max_dist_sq, &threshold))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t cells = (int64_t)p.nx * p.ny * p.nz;
+    if (nb < 0 || nq < 0 || nr < 0 || p.num_classes < 1 || p.num_classes > 255 || p.nx < 1 || p.ny < 1 ||
+        p.nz < 1) {
+        PyErr_SetString(PyExc_ValueError, "occupied_labels: bad sizes");
+        goto done;
+    }
+    if (!check_buffer(&pts, "points", 4, nb * nq * nr * 3) || !check_buffer(&centres, "centres", 4, nb * nq * 3) ||
+        !check_buffer(&scores, "scores", 4, nb * nq * nr * p.num_classes) ||
+        !check_buffer(&out_id, "out_id", 8, nb * cells) || !check_buffer(&out_label, "out_label", 1, nb * cells) ||
+        !check_buffer(&out_best, "out_best", 4, nb * cells))
+        goto done;
+    /* the torch path's float32 constants: Python scalars meet float32 tensors as float32 */
+    p.ex = (float)ex; p.ey = (float)ey; p.ez = (float)ez;
+    p.max_center_dist_sq = (float)max_dist_sq;
+    p.threshold = (float)threshold;
+    int64_t total = 0, code = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t b = 0; b < nb && code >= 0; b++) {
+        code = frame_labels((const float *)pts.buf + b * nq * nr * 3, (const float *)centres.buf + b * nq * 3,
+                            (const float *)scores.buf + b * nq * nr * p.num_classes, nq, nr, &p, b * cells,
+                            (int64_t *)out_id.buf + total, (uint8_t *)out_label.buf + total,
+                            (float *)out_best.buf + total);
+        if (code >= 0) total += code;
+    }
+    Py_END_ALLOW_THREADS
+    if (code == OUT_OF_MEMORY)
+        PyErr_NoMemory();
+    else
+        result = PyLong_FromLongLong(code == NONFINITE_SCORE ? -1 : total);
+done:
+    PyBuffer_Release(&pts); PyBuffer_Release(&centres); PyBuffer_Release(&scores);
+    PyBuffer_Release(&out_id); PyBuffer_Release(&out_label); PyBuffer_Release(&out_best);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"occupied_labels", occupied_labels, METH_VARARGS,
+     "occupied_labels(points, centres, scores, out_id, out_label, out_best, B, Q, R, C, nx, ny, nz, closing, "
+     "ex, ey, ez, max_center_dist_sq, threshold) -> number of occupied voxels written, or -1 when a kept "
+     "point has a non-finite score (use the torch path)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_occupancy_native", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__occupancy_native(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (mod && PyModule_AddIntConstant(mod, "ABI_VERSION", ABI_VERSION) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,69 @@
+"""The CPU post-processing kernel (``models/_occupancy_native.c``): ``occupied_labels`` in a few loops.
+
+On a 2-core CPU the torch path spends most of its 3-4 ms per lite frame dispatching about sixty small
+ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. It is an
+optional extension built by ``pip install`` / ``colcon build``; where it is missing or stale (source
+changed, not rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and
+``models.postprocess`` uses the torch path. ``DISCENE_NATIVE_POSTPROCESS=0`` in the environment switches
+it off (to compare, or to rule it out).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+
+ABI_VERSION = 1  # must match ABI_VERSION in _occupancy_native.c
+
+try:
+    from . import _occupancy_native as _kernel
+except ImportError as exc:  # not built (no compiler when installed), or built for another Python
+    _kernel, _REASON = None, f"not built ({exc}); reinstall with a C compiler (pip install -e . / colcon build)"
+else:
+    _REASON = None
+    if os.environ.get("DISCENE_NATIVE_POSTPROCESS", "1") == "0":
+        _kernel, _REASON = None, "switched off by DISCENE_NATIVE_POSTPROCESS=0"
+    elif getattr(_kernel, "ABI_VERSION", None) != ABI_VERSION:
+        _kernel, _REASON = None, (f"stale build (ABI {getattr(_kernel, 'ABI_VERSION', None)}, this code needs "
+                                  f"{ABI_VERSION}); rebuild with pip install -e . / colcon build")
+
+
+def available() -> bool:
+    """True when the kernel is built and matches this code."""
+    return _kernel is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used (None when it can)."""
+    return _REASON
+
+
+def occupied_labels(points: torch.Tensor, scores: torch.Tensor,
+                    config: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """CPU (B,Q,R,3) normalised points and (B,Q,R,C) scores -> flat voxel ids (M,) int64 ascending, labels
+    (M,) uint8 1..C and best scores (M,) float32, as ``postprocess.occupied_labels``. None when the kernel
+    cannot take the input: not built, or a kept point with a non-finite score (the torch path decides)."""
+    if _kernel is None or points.device.type != "cpu" or points.shape[:3] != scores.shape[:3]:
+        return None  # the torch path raises the shape error
+    nb, nq, nr, c = scores.shape
+    nx, ny, nz = (int(n) for n in config.grid_shape)
+    cells = nx * ny * nz
+    if cells >= 2**31:
+        return None
+    points = points.detach().float().contiguous()
+    # the query centres by the very op of the torch path, so that the two agree bit for bit
+    centres = points.mean(dim=2).contiguous()
+    scores = scores.detach().float().contiguous()
+    ids = np.empty(nb * cells, dtype=np.int64)
+    labels = np.empty(nb * cells, dtype=np.uint8)
+    best = np.empty(nb * cells, dtype=np.float32)
+    ex, ey, ez = (float(e) for e in config.grid_extent)
+    count = _kernel.occupied_labels(
+        points.numpy(), centres.numpy(), scores.numpy(), ids, labels, best, nb, nq, nr, c, nx, ny, nz,
+        bool(config.closing), ex, ey, ez, float(config.max_center_dist) ** 2, float(config.score_threshold))
+    if count < 0:
+        return None
+    return ids[:count].copy(), labels[:count].copy(), best[:count].copy()

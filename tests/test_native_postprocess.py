@@ -1,0 +1,190 @@
+"""The native CPU post-processing kernel against the torch path: the same voxels, labels and scores, bit
+for bit, on random point sets, on the shipped model's outputs, in batches and from several threads; the
+inputs it leaves to the torch path, and its own argument checks."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import native_postprocess
+from models.postprocess import labels_batch, occupied_labels, points_to_occupancy
+
+ROOT = Path(__file__).resolve().parents[1]
+LITE = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
+SAMPLE = ROOT / "discene_ros" / "data" / "sample_dataset"
+
+
+@pytest.fixture(autouse=True)
+def kernel_built():
+    # CI builds the package with `pip install -e .`: a kernel that silently failed to build fails here
+    assert native_postprocess.available(), native_postprocess.unavailable_reason()
+
+
+def _case(seed: int, batch: int = 1, queries: int = 60, per_query: int = 16, classes: int = 11,
+          spread: float = 0.04) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered point sets as the decoder makes them (some points outside the grid) and skewed scores."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0.0, 1.0, (batch, queries, 1, 3))
+    points = centres + rng.normal(0.0, spread, (batch, queries, per_query, 3))
+    scores = rng.uniform(0.0, 1.0, (batch, queries, per_query, classes)) ** 3
+    return torch.from_numpy(points.astype(np.float32)), torch.from_numpy(scores.astype(np.float32))
+
+
+def _assert_same(points: torch.Tensor, scores: torch.Tensor, config) -> int:
+    ids, label, best = occupied_labels(points, scores, config, native=False)
+    found = native_postprocess.occupied_labels(points, scores, config)
+    assert found is not None
+    got_ids, got_label, got_best = found
+    np.testing.assert_array_equal(got_ids, ids.numpy())
+    np.testing.assert_array_equal(got_label, label.numpy())
+    # bit for bit, not within a tolerance
+    np.testing.assert_array_equal(got_best.view(np.int32), best.numpy().view(np.int32))
+    return len(ids)
+
+
+@pytest.mark.parametrize("closing", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5])
+@pytest.mark.parametrize("shape", [(60, 60, 36), (7, 5, 3), (1, 1, 1), (3, 1, 70)])
+def test_kernel_equals_the_torch_path_on_random_point_sets(lite_config, closing, threshold, shape):
+    cfg = dataclasses.replace(lite_config, grid_shape=list(shape), closing=closing, score_threshold=threshold,
+                              max_center_dist=0.3)
+    occupied = [_assert_same(*_case(seed), cfg) for seed in range(4)]
+    # the cases are not all empty (one voxel averages every point: its means stay below 0.3)
+    assert max(occupied) > 0 or (shape == (1, 1, 1) and threshold > 0)
+
+
+def test_kernel_equals_the_torch_path_in_a_batch(lite_config):
+    points, scores = _case(7, batch=3, queries=120)
+    points[1] = 5.0  # a frame with every point outside the grid
+    assert _assert_same(points, scores, lite_config) > 0
+    with_kernel = labels_batch(points, scores, lite_config)
+    assert torch.equal(with_kernel[1], torch.zeros_like(with_kernel[1]))
+
+
+def test_kernel_equals_the_torch_path_at_the_centre_distance_limit(lite_config):
+    # many points at almost exactly the limit: the squared distance must be the torch path's float32 steps
+    points, scores = _case(3, queries=200, spread=0.05)
+    d = (points - points.mean(dim=2, keepdim=True)) * torch.tensor(lite_config.grid_extent, dtype=torch.float32)
+    limit = float(d.norm(dim=-1).median())
+    assert _assert_same(points, scores, dataclasses.replace(lite_config, max_center_dist=limit)) > 0
+
+
+@pytest.mark.skipif(not LITE.is_file() or not SAMPLE.is_dir(), reason="shipped lite checkpoint or sample missing")
+def test_kernel_equals_the_torch_path_on_the_shipped_models_outputs():
+    from models.checkpoint import load_model
+    from training.data import build_dataset, collate_frames, prepare_inputs
+
+    model, cfg = load_model(str(LITE))
+    frames = build_dataset(str(SAMPLE), "val", cfg, max_frames=2)
+    batch = prepare_inputs(collate_frames([frames[i] for i in range(len(frames))]), torch.device("cpu"), False)
+    with torch.inference_mode():
+        last = model.eval()(batch["image"], batch["grid2img"], None)["layers"][-1]
+    points, scores = last["points"].float(), last["logits"].float().sigmoid()
+    for closing in (True, False):
+        assert _assert_same(points, scores, dataclasses.replace(cfg, closing=closing)) > 100
+
+
+def test_kernel_nan_points_and_scores_are_dropped_like_the_torch_path(lite_config):
+    points, scores = _case(11)
+    points[0, 0, :4, 0] = float("nan")   # NaN points
+    points[0, 1, 0] = float("nan")       # ... which also make their query's centre NaN
+    scores[0, 2, :5, 3] = float("nan")   # a NaN score: torch's amax is NaN, the point is dropped
+    assert _assert_same(points, scores, lite_config) > 0
+
+
+def test_kernel_leaves_infinite_scores_to_the_torch_path(lite_config):
+    points, scores = _case(12)
+    ids, _, _ = occupied_labels(points, scores, lite_config, native=False)
+    cell = ids[0].item()
+    # an infinite score on a point that is kept: the kernel declines, the result is still the torch path's
+    keep = (torch.floor(points[0] * torch.tensor(lite_config.grid_shape)).long()
+            == torch.tensor(np.unravel_index(cell, lite_config.grid_shape))).all(dim=-1)
+    q, r = (int(i) for i in keep.nonzero()[0])
+    scores[0, q, r, 0] = float("inf")
+    assert native_postprocess.occupied_labels(points, scores, lite_config) is None
+    frame = points_to_occupancy(points, scores, np.zeros(3), lite_config)
+    ref_ids, ref_label, _ = occupied_labels(points, scores, lite_config, native=False)
+    np.testing.assert_array_equal(frame.voxel_labels, ref_label.numpy())
+    assert len(frame.voxel_labels) == len(ref_ids)
+
+
+def test_kernel_empty_inputs(lite_config):
+    points, scores = _case(5)
+    nothing = native_postprocess.occupied_labels(points, scores * 0, lite_config)
+    assert nothing is not None and all(len(a) == 0 for a in nothing)
+    outside = native_postprocess.occupied_labels(points + 3.0, scores, lite_config)
+    assert outside is not None and all(len(a) == 0 for a in outside)
+    none = native_postprocess.occupied_labels(points[:, :0], scores[:, :0], lite_config)
+    assert none is not None and all(len(a) == 0 for a in none)
+
+
+def test_kernel_runs_in_several_threads_at_once(lite_config):
+    # per-thread scratch buffers, and the GIL released while it runs
+    cases = [(_case(seed, queries=200), dataclasses.replace(lite_config, grid_shape=shape))
+             for seed, shape in enumerate([[60, 60, 36], [30, 20, 10], [60, 60, 36], [8, 8, 70]])]
+    expected = [native_postprocess.occupied_labels(*case, cfg) for case, cfg in cases]
+    errors: list[str] = []
+
+    def work(index: int) -> None:
+        case, cfg = cases[index]
+        for _ in range(30):
+            got = native_postprocess.occupied_labels(*case, cfg)
+            if not all(np.array_equal(a, b) for a, b in zip(got, expected[index], strict=True)):
+                errors.append(f"thread {index} got another result")
+                return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_kernel_checks_its_buffers():
+    from models import _occupancy_native as kernel
+
+    points = np.zeros((1, 2, 3, 3), np.float32)
+    centres = np.zeros((1, 2, 3), np.float32)
+    scores = np.zeros((1, 2, 3, 4), np.float32)
+    cells = 2 * 2 * 2
+    out = (np.empty(cells, np.int64), np.empty(cells, np.uint8), np.empty(cells, np.float32))
+    args = (1, 2, 3, 4, 2, 2, 2, True, 1.0, 1.0, 1.0, 1.0, 0.5)
+    assert kernel.occupied_labels(points, centres, scores, *out, *args) == 0
+    with pytest.raises(ValueError, match="scores"):
+        kernel.occupied_labels(points, centres, np.ascontiguousarray(scores[..., :3]), *out, *args)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.occupied_labels(points, centres, scores[:, ::-1], *out, *args)
+    with pytest.raises(ValueError, match="out_id"):
+        kernel.occupied_labels(points, centres, scores, out[0][:4], *out[1:], *args)
+    with pytest.raises(ValueError, match="bad sizes"):
+        kernel.occupied_labels(points, centres, scores, *out, *args[:3], 300, *args[4:])
+    with pytest.raises(TypeError):  # read-only outputs
+        kernel.occupied_labels(points, centres, scores, bytes(cells * 8), *out[1:], *args)
+
+
+def test_environment_switch_and_the_pipelines_start_up_line():
+    code = ("from models import native_postprocess as n; from export.pipeline import OccupancyPipeline; "
+            "print(n.available(), n.unavailable_reason())")
+    env = {**os.environ, "DISCENE_NATIVE_POSTPROCESS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.startswith("False switched off by DISCENE_NATIVE_POSTPROCESS=0")
+
+
+def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
+    from export.backends.torch_backend import TorchBackend
+    from export.pipeline import OccupancyPipeline
+
+    pipe = OccupancyPipeline(TorchBackend(lite_model, lite_config))
+    assert "post-processing on the CPU (native kernel)" in pipe.describe()
+    monkeypatch.setattr(native_postprocess, "_kernel", None)
+    monkeypatch.setattr(native_postprocess, "_REASON", "not built (test)")
+    assert "post-processing on the CPU (torch ops; native kernel not built (test))" in pipe.describe()
