@@ -21,7 +21,7 @@
 #include <string.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -128,6 +128,24 @@ static int point_voxel(const float *pt, const float *centre, const float *score,
     }
 DEFINE_PASS(pass_max, MAX2)
 DEFINE_PASS(pass_min, MIN2)
+
+/* Where the occupied voxels go: per voxel its flat id, label 1..C, best score and (x, y, z); and its label
+ * in the frame's dense grid (zero on entry). */
+typedef struct {
+    int64_t *id;
+    uint8_t *label;
+    float *best;
+    int32_t *index; /* (N, 3) */
+    uint8_t *dense; /* (X*Y*Z,) this frame's grid */
+} Outputs;
+
+static void emit(const Outputs *o, int64_t at, int64_t id_base, int64_t cell, const int v[3], int label, float best) {
+    o->id[at] = id_base + cell;
+    o->label[at] = (uint8_t)(label + 1);
+    o->best[at] = best;
+    for (int a = 0; a < 3; a++) o->index[3 * at + a] = v[a];
+    o->dense[cell] = (uint8_t)(label + 1);
+}
 
 /* Per-thread buffers reused across frames: fresh multi-megabyte allocations would cost page faults
  * every frame (as much time as the filters). Freed when the thread ends. */
@@ -296,8 +314,7 @@ static void filter_x(float *const planes[3], int x, int x0, int x1, float *out, 
  * (planes of the active classes, [class][y][z]): plane x's means are dilated in y and z, the dilation of
  * plane x - 1 is completed in x and eroded in y and z, and the erosion of plane x - 2 is completed and
  * read. Everything stays in a few cache-sized planes. Returns the number of voxels written, or a code. */
-static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, int64_t *out_id,
-                       uint8_t *out_label, float *out_best) {
+static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, const Outputs *outputs) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
@@ -319,7 +336,7 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
     for (int c = 0; c < C; c++)
         if (is_active[c]) active[na++] = c;
-    const Box crop = box_grow(&above, 2, shape), out = box_grow(&above, 1, shape);
+    const Box crop = box_grow(&above, 2, shape), reach = box_grow(&above, 1, shape);
     const int x0 = crop.lo[0], x1 = crop.hi[0];
     const int64_t sy = box_size(&crop, 1), sz = box_size(&crop, 2), ps = sy * sz, n = na * ps;
     /* planes of n floats: means, tmp, dilated (a ring of 3, by x), dilation done, eroded (a ring of 3),
@@ -349,15 +366,15 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
             filter_yz(dilated_done, tmp, eroded[xd % 3], na, sy, sz, 0);
         }
         int xo = t - 2; /* erosion of plane xo completed in x: the output plane */
-        if (xo < out.lo[0] || xo > out.hi[0]) continue;
+        if (xo < reach.lo[0] || xo > reach.hi[0]) continue;
         filter_x(eroded, xo, x0, x1, eroded_done, n, 0);
         memcpy(closed_max, eroded_done, (size_t)ps * sizeof(float));
         for (int a = 1; a < na; a++)
             for (int64_t i = 0; i < ps; i++) closed_max[i] = MAX2(closed_max[i], eroded_done[a * ps + i]);
         while (scan < m && row_voxel[scan].v[0] < xo) scan++;
-        for (int y = out.lo[1]; y <= out.hi[1]; y++) {
+        for (int y = reach.lo[1]; y <= reach.hi[1]; y++) {
             int64_t column = ((int64_t)xo * p->ny + y) * p->nz;
-            for (int z = out.lo[2]; z <= out.hi[2]; z++) {
+            for (int z = reach.lo[2]; z <= reach.hi[2]; z++) {
                 while (scan < m && row_cell[scan] < column + z) scan++; /* rows are sorted by voxel */
                 int64_t at = (y - crop.lo[1]) * sz + (z - crop.lo[2]);
                 int label;
@@ -373,10 +390,8 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
                 } else {
                     continue;
                 }
-                out_id[written] = id_base + column + z;
-                out_label[written] = (uint8_t)(label + 1);
-                out_best[written] = best;
-                written++;
+                const int v[3] = {xo, y, z};
+                emit(outputs, written++, id_base, column + z, v, label, best);
             }
         }
     }
@@ -385,19 +400,18 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
 
 /* One frame: writes its occupied voxels (ids offset by ``id_base``). Returns their number or a code. */
 static int64_t frame_labels(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
-                            const Params *p, int64_t id_base, int64_t *out_id, uint8_t *out_label, float *out_best) {
+                            const Params *p, int64_t id_base, const Outputs *out) {
     Scratch *s = thread_scratch();
     if (!s) return OUT_OF_MEMORY;
     int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s);
     if (m <= 0) return m;
-    if (p->closing) return closing(m, p, s, id_base, out_id, out_label, out_best);
+    if (p->closing) return closing(m, p, s, id_base, out);
     const float *mean = s->b[MEAN].data;
     const int64_t *row_cell = s->b[ROW_CELL].data;
+    const Voxel *row_voxel = s->b[ROW_VOXEL].data;
     for (int64_t row = 0; row < m; row++) {
         int label = argmax(mean + row * p->num_classes, p->num_classes);
-        out_id[row] = id_base + row_cell[row];
-        out_label[row] = (uint8_t)(label + 1);
-        out_best[row] = mean[row * p->num_classes + label];
+        emit(out, row, id_base, row_cell[row], row_voxel[row].v, label, mean[row * p->num_classes + label]);
     }
     return m;
 }
@@ -412,13 +426,15 @@ static int check_buffer(const Py_buffer *b, const char *name, Py_ssize_t itemsiz
 }
 
 static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer pts, centres, scores, out_id, out_label, out_best;
+    enum { POINTS, CENTRES, SCORES, OUT_ID, OUT_LABEL, OUT_BEST, OUT_INDEX, OUT_DENSE, NUM_ARRAYS };
+    Py_buffer buf[NUM_ARRAYS];
     Py_ssize_t nb, nq, nr;
     Params p;
     double ex, ey, ez, max_dist_sq, threshold;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*nnniiiipddddd", &pts, &centres, &scores, &out_id, &out_label,
-                          &out_best, &nb, &nq, &nr, &p.num_classes, &p.nx, &p.ny, &p.nz, &p.closing, &ex, &ey,
-                          &ez, &max_dist_sq, &threshold))
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*w*nnniiiipddddd", &buf[POINTS], &buf[CENTRES], &buf[SCORES],
+                          &buf[OUT_ID], &buf[OUT_LABEL], &buf[OUT_BEST], &buf[OUT_INDEX], &buf[OUT_DENSE], &nb, &nq,
+                          &nr, &p.num_classes, &p.nx, &p.ny, &p.nz, &p.closing, &ex, &ey, &ez, &max_dist_sq,
+                          &threshold))
         return NULL;
     PyObject *result = NULL;
     int64_t cells = (int64_t)p.nx * p.ny * p.nz;
@@ -427,10 +443,13 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "occupied_labels: bad sizes");
         goto done;
     }
-    if (!check_buffer(&pts, "points", 4, nb * nq * nr * 3) || !check_buffer(&centres, "centres", 4, nb * nq * 3) ||
-        !check_buffer(&scores, "scores", 4, nb * nq * nr * p.num_classes) ||
-        !check_buffer(&out_id, "out_id", 8, nb * cells) || !check_buffer(&out_label, "out_label", 1, nb * cells) ||
-        !check_buffer(&out_best, "out_best", 4, nb * cells))
+    if (!check_buffer(&buf[POINTS], "points", 4, nb * nq * nr * 3) ||
+        !check_buffer(&buf[CENTRES], "centres", 4, nb * nq * 3) ||
+        !check_buffer(&buf[SCORES], "scores", 4, nb * nq * nr * p.num_classes) ||
+        !check_buffer(&buf[OUT_ID], "out_id", 8, nb * cells) || !check_buffer(&buf[OUT_LABEL], "out_label", 1, nb * cells) ||
+        !check_buffer(&buf[OUT_BEST], "out_best", 4, nb * cells) ||
+        !check_buffer(&buf[OUT_INDEX], "out_index", 4, nb * cells * 3) ||
+        !check_buffer(&buf[OUT_DENSE], "out_dense", 1, nb * cells))
         goto done;
     /* the torch path's float32 constants: Python scalars meet float32 tensors as float32 */
     p.ex = (float)ex; p.ey = (float)ey; p.ez = (float)ez;
@@ -439,10 +458,12 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
     int64_t total = 0, code = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t b = 0; b < nb && code >= 0; b++) {
-        code = frame_labels((const float *)pts.buf + b * nq * nr * 3, (const float *)centres.buf + b * nq * 3,
-                            (const float *)scores.buf + b * nq * nr * p.num_classes, nq, nr, &p, b * cells,
-                            (int64_t *)out_id.buf + total, (uint8_t *)out_label.buf + total,
-                            (float *)out_best.buf + total);
+        const Outputs out = {(int64_t *)buf[OUT_ID].buf + total, (uint8_t *)buf[OUT_LABEL].buf + total,
+                             (float *)buf[OUT_BEST].buf + total, (int32_t *)buf[OUT_INDEX].buf + 3 * total,
+                             (uint8_t *)buf[OUT_DENSE].buf + b * cells};
+        code = frame_labels((const float *)buf[POINTS].buf + b * nq * nr * 3,
+                            (const float *)buf[CENTRES].buf + b * nq * 3,
+                            (const float *)buf[SCORES].buf + b * nq * nr * p.num_classes, nq, nr, &p, b * cells, &out);
         if (code >= 0) total += code;
     }
     Py_END_ALLOW_THREADS
@@ -451,16 +472,15 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
     else
         result = PyLong_FromLongLong(code == NONFINITE_SCORE ? -1 : total);
 done:
-    PyBuffer_Release(&pts); PyBuffer_Release(&centres); PyBuffer_Release(&scores);
-    PyBuffer_Release(&out_id); PyBuffer_Release(&out_label); PyBuffer_Release(&out_best);
+    for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
-     "occupied_labels(points, centres, scores, out_id, out_label, out_best, B, Q, R, C, nx, ny, nz, closing, "
-     "ex, ey, ez, max_center_dist_sq, threshold) -> number of occupied voxels written, or -1 when a kept "
-     "point has a non-finite score (use the torch path)"},
+     "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
+     "nx, ny, nz, closing, ex, ey, ez, max_center_dist_sq, threshold) -> number of occupied voxels written, "
+     "or -1 when a kept point has a non-finite score (use the torch path). out_dense must be zero."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,13 +10,15 @@ it off (to compare, or to rule it out).
 from __future__ import annotations
 
 import os
+import threading
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 1  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 2  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -41,29 +43,55 @@ def unavailable_reason() -> str | None:
     return _REASON
 
 
-def occupied_labels(points: torch.Tensor, scores: torch.Tensor,
-                    config: ModelConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """CPU (B,Q,R,3) normalised points and (B,Q,R,C) scores -> flat voxel ids (M,) int64 ascending, labels
-    (M,) uint8 1..C and best scores (M,) float32, as ``postprocess.occupied_labels``. None when the kernel
-    cannot take the input: not built, or a kept point with a non-finite score (the torch path decides)."""
+_OUTPUTS = threading.local()
+_OUTPUTS_KEPT = 1 << 20  # voxels (25 MB of buffers); larger batches allocate theirs per call
+
+
+def _outputs(capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's output buffers for up to ``capacity`` voxels (ids, labels, best, (N, 3) indices), kept
+    across frames: fresh ones would cost page faults on every frame (the (N, 3) one is 1.5 MB for lite)."""
+    bufs = getattr(_OUTPUTS, "bufs", None)
+    if bufs is None or len(bufs[0]) < capacity:
+        bufs = (np.empty(capacity, np.int64), np.empty(capacity, np.uint8), np.empty(capacity, np.float32),
+                np.empty((capacity, 3), np.int32))
+        if capacity <= _OUTPUTS_KEPT:
+            _OUTPUTS.bufs = bufs
+    return tuple(b[:capacity] for b in bufs)
+
+
+class NativeVoxels(NamedTuple):
+    """The kernel's output: flat voxel ids (M,) int64 ascending, labels (M,) uint8 1..C, best scores (M,)
+    float32, grid indices (M, 3) int32, and the dense label grids (B, X, Y, Z) uint8 (0 empty)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    best: np.ndarray
+    indices: np.ndarray
+    dense: np.ndarray
+
+
+def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> NativeVoxels | None:
+    """CPU (B,Q,R,3) normalised points and (B,Q,R,C) scores -> the occupied voxels as
+    ``postprocess.occupied_labels`` finds them. None when the kernel cannot take the input: not built, or a
+    kept point with a non-finite score (the torch path decides)."""
     if _kernel is None or points.device.type != "cpu" or points.shape[:3] != scores.shape[:3]:
         return None  # the torch path raises the shape error
     nb, nq, nr, c = scores.shape
     nx, ny, nz = (int(n) for n in config.grid_shape)
     cells = nx * ny * nz
-    if cells >= 2**31:
+    if nb * cells >= 2**31:
         return None
     points = points.detach().float().contiguous()
     # the query centres by the very op of the torch path, so that the two agree bit for bit
     centres = points.mean(dim=2).contiguous()
     scores = scores.detach().float().contiguous()
-    ids = np.empty(nb * cells, dtype=np.int64)
-    labels = np.empty(nb * cells, dtype=np.uint8)
-    best = np.empty(nb * cells, dtype=np.float32)
+    ids, labels, best, indices = _outputs(nb * cells)
+    dense = np.zeros((nb, nx, ny, nz), dtype=np.uint8)
     ex, ey, ez = (float(e) for e in config.grid_extent)
     count = _kernel.occupied_labels(
-        points.numpy(), centres.numpy(), scores.numpy(), ids, labels, best, nb, nq, nr, c, nx, ny, nz,
-        bool(config.closing), ex, ey, ez, float(config.max_center_dist) ** 2, float(config.score_threshold))
+        points.numpy(), centres.numpy(), scores.numpy(), ids, labels, best, indices, dense, nb, nq, nr, c,
+        nx, ny, nz, bool(config.closing), ex, ey, ez, float(config.max_center_dist) ** 2,
+        float(config.score_threshold))
     if count < 0:
         return None
-    return ids[:count].copy(), labels[:count].copy(), best[:count].copy()
+    return NativeVoxels(ids[:count].copy(), labels[:count].copy(), best[:count].copy(), indices[:count].copy(), dense)

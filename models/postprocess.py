@@ -74,8 +74,7 @@ def occupied_labels(
     On the CPU the native kernel computes the same (``native_postprocess``; ``native=False``: torch ops)."""
     found = native_postprocess.occupied_labels(points, scores, config) if native else None
     if found is not None:
-        ids, label, best = (torch.from_numpy(a) for a in found)
-        return ids, label.long(), best
+        return torch.from_numpy(found.ids), torch.from_numpy(found.labels).long(), torch.from_numpy(found.best)
     ids, mean = _voxel_means(points, scores, config)
     best, label = mean.max(dim=-1)
     if not config.closing:
@@ -361,7 +360,8 @@ def points_to_occupancy(
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
     found = native_postprocess.occupied_labels(pts, scr, config)
     if found is not None:
-        return frame_from_voxels(*found, origin, config)
+        return OccupancyFrame(labels=found.dense[0], voxel_indices=found.indices, voxel_labels=found.labels,
+                              voxel_scores=found.best, voxel_origin=origin, voxel_size=float(config.voxel_size))
     ids, label, best = occupied_labels(pts, scr, config, native=False)
     if ids.device.type == "cpu":
         return frame_from_voxels(ids.numpy(), label.numpy().astype(np.uint8), best.numpy(), origin, config)

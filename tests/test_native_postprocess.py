@@ -42,11 +42,16 @@ def _assert_same(points: torch.Tensor, scores: torch.Tensor, config) -> int:
     ids, label, best = occupied_labels(points, scores, config, native=False)
     found = native_postprocess.occupied_labels(points, scores, config)
     assert found is not None
-    got_ids, got_label, got_best = found
-    np.testing.assert_array_equal(got_ids, ids.numpy())
-    np.testing.assert_array_equal(got_label, label.numpy())
+    np.testing.assert_array_equal(found.ids, ids.numpy())
+    np.testing.assert_array_equal(found.labels, label.numpy())
     # bit for bit, not within a tolerance
-    np.testing.assert_array_equal(got_best.view(np.int32), best.numpy().view(np.int32))
+    np.testing.assert_array_equal(found.best.view(np.int32), best.numpy().view(np.int32))
+    # the same voxels as grid indices and in the dense grids
+    cells = int(np.prod(config.grid_shape))
+    np.testing.assert_array_equal(found.indices, np.stack(np.unravel_index(found.ids % cells, config.grid_shape), -1))
+    dense = np.zeros(points.shape[0] * cells, np.uint8)
+    dense[found.ids] = found.labels
+    np.testing.assert_array_equal(found.dense.reshape(-1), dense)
     return len(ids)
 
 
@@ -118,12 +123,10 @@ def test_kernel_leaves_infinite_scores_to_the_torch_path(lite_config):
 
 def test_kernel_empty_inputs(lite_config):
     points, scores = _case(5)
-    nothing = native_postprocess.occupied_labels(points, scores * 0, lite_config)
-    assert nothing is not None and all(len(a) == 0 for a in nothing)
-    outside = native_postprocess.occupied_labels(points + 3.0, scores, lite_config)
-    assert outside is not None and all(len(a) == 0 for a in outside)
-    none = native_postprocess.occupied_labels(points[:, :0], scores[:, :0], lite_config)
-    assert none is not None and all(len(a) == 0 for a in none)
+    for found in (native_postprocess.occupied_labels(points, scores * 0, lite_config),
+                  native_postprocess.occupied_labels(points + 3.0, scores, lite_config),  # outside the grid
+                  native_postprocess.occupied_labels(points[:, :0], scores[:, :0], lite_config)):  # no points
+        assert found is not None and len(found.ids) == len(found.indices) == 0 and not found.dense.any()
 
 
 def test_kernel_runs_in_several_threads_at_once(lite_config):
@@ -156,7 +159,8 @@ def test_kernel_checks_its_buffers():
     centres = np.zeros((1, 2, 3), np.float32)
     scores = np.zeros((1, 2, 3, 4), np.float32)
     cells = 2 * 2 * 2
-    out = (np.empty(cells, np.int64), np.empty(cells, np.uint8), np.empty(cells, np.float32))
+    out = (np.empty(cells, np.int64), np.empty(cells, np.uint8), np.empty(cells, np.float32),
+           np.empty((cells, 3), np.int32), np.zeros(cells, np.uint8))
     args = (1, 2, 3, 4, 2, 2, 2, True, 1.0, 1.0, 1.0, 1.0, 0.5)
     assert kernel.occupied_labels(points, centres, scores, *out, *args) == 0
     with pytest.raises(ValueError, match="scores"):
@@ -165,6 +169,8 @@ def test_kernel_checks_its_buffers():
         kernel.occupied_labels(points, centres, scores[:, ::-1], *out, *args)
     with pytest.raises(ValueError, match="out_id"):
         kernel.occupied_labels(points, centres, scores, out[0][:4], *out[1:], *args)
+    with pytest.raises(ValueError, match="out_index"):
+        kernel.occupied_labels(points, centres, scores, *out[:3], out[3][:, :2].copy(), out[4], *args)
     with pytest.raises(ValueError, match="bad sizes"):
         kernel.occupied_labels(points, centres, scores, *out, *args[:3], 300, *args[4:])
     with pytest.raises(TypeError):  # read-only outputs
