@@ -54,7 +54,7 @@ from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
 from export.pipeline import OccupancyPipeline, TwoStageRunner  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, native_postprocess  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
 
@@ -174,7 +174,13 @@ def append_key(row: dict) -> tuple:
     the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("cudnn_benchmark", False)),
-            row.get("omp_wait_policy", "default"))
+            row.get("omp_wait_policy", "default"), postprocess_impl(row))
+
+
+def postprocess_impl(row: dict) -> str:
+    """Which post-processing a row ran: "fused" (in the CUDA graph), "native" (the CPU kernel) or "torch"
+    (torch ops; every row from before the kernel that was not fused)."""
+    return row.get("postprocess_impl") or ("fused" if row.get("fused_postprocess") else "torch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
                        "closing": bool(backend.config.closing),  # tf32/cudnn_benchmark: as they ran (CUDA only)
                        "tf32": bool(backend.tf32 and args.device == "cuda"), "cudnn_benchmark": backend.cudnn_benchmark,
-                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                       "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
+                                            and backend.torch_device.type == "cpu" else "torch")}
                 rows.append(row)
                 s = row["stages_ms"]
-                print(f"  {kind:5s} fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
+                print(f"  {kind:5s} [{row['postprocess_impl']} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
                       f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  decode "
                       f"{s['decode']:.2f} pre {s['preprocess']:.2f} post {s['postprocess']:.2f} cloud "
                       f"{s['pointcloud2']:.2f} markers/{args.marker_period} {s['markers_every_n']:.1f}  "

@@ -49,6 +49,12 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     keys = {bench.append_key({**row, "tf32": t, "cudnn_benchmark": c}) for t in (False, True) for c in (False, True)}
     assert len(keys) == 4
     assert bench.append_key(row) == bench.append_key({**row, "tf32": False, "cudnn_benchmark": False})
+    # CPU post-processing by the native kernel or by torch ops: two measurements; rows from before the
+    # kernel ran torch ops unless fused
+    cpu = {**row, "backend": "torch static"}
+    assert bench.append_key({**cpu, "postprocess_impl": "native"}) != bench.append_key(cpu)
+    assert bench.append_key({**cpu, "postprocess_impl": "torch"}) == bench.append_key(cpu)
+    assert bench.append_key({**cpu, "fused_postprocess": True}) == bench.append_key({**cpu, "postprocess_impl": "fused"})
 
 
 @pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
@@ -61,9 +67,11 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     first = json.loads(path.read_text())
     (row,) = first["rows"]
     assert row["tf32"] is False and row["cudnn_benchmark"] is False  # as they ran: the CPU has neither
+    assert row["postprocess_impl"] == "native"
     for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
         assert field in row
     old = {k: v for k, v in row.items() if k not in ("tf32", "cudnn_benchmark")}  # a row from before the fields
+    old["postprocess_impl"] = "native"
     first["rows"] = [{**old, "fps": -1.0}, {**row, "tf32": True, "fps": -2.0}, {**row, "cudnn_benchmark": True,
                                                                                "fps": -3.0}]
     path.write_text(json.dumps(first))
