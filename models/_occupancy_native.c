@@ -21,7 +21,7 @@
 #include <string.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -154,7 +154,8 @@ typedef struct {
     void *data;
 } Buffer;
 
-enum { POINT_CELL, POINT_VOXEL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, NUM_BUFFERS };
+enum { POINT_CELL, POINT_VOXEL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, BEST, BEST_CLASS,
+       NUM_BUFFERS };
 
 typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
 
@@ -304,94 +305,123 @@ static void filter_x(float *const planes[3], int x, int x0, int x1, float *out, 
     }
 }
 
+/* The closing of one class's scores, streamed through its box one x plane at a time: plane x's scores
+ * are dilated in y and z, the dilation of plane x - 1 is completed in x and eroded in y and z, and the
+ * erosion of plane x - 2 is completed and read, so everything stays in a few cache-sized planes. Only the
+ * scores above the threshold go in (see ``closing``). Where the closed score beats ``best`` (over
+ * ``reach``, initialised to the threshold), it and class ``c`` are recorded. */
+static int close_class(int c, const Box *box, const Box *reach, int64_t m, const Params *p, Scratch *s,
+                       float *best, uint8_t *best_class) {
+    const int C = p->num_classes;
+    const int shape[3] = {p->nx, p->ny, p->nz};
+    const float *mean = s->b[MEAN].data;
+    const Voxel *row_voxel = s->b[ROW_VOXEL].data;
+    const Box crop = box_grow(box, 2, shape), own = box_grow(box, 1, shape);
+    const int x0 = crop.lo[0], x1 = crop.hi[0];
+    const int64_t sy = box_size(&crop, 1), sz = box_size(&crop, 2), n = sy * sz;
+    const int64_t ry = box_size(reach, 1), rz = box_size(reach, 2);
+    /* planes of n floats: scores, tmp, dilated (a ring of 3, by x), dilation done, eroded (a ring of 3),
+     * erosion done */
+    float *buf = scratch_get(s, PLANES, 10 * n, sizeof(float));
+    if (!buf) return OUT_OF_MEMORY;
+    float *scores = buf, *tmp = buf + n, *dilated_done = buf + 5 * n, *eroded_done = buf + 9 * n;
+    float *const dilated[3] = {buf + 2 * n, buf + 3 * n, buf + 4 * n};
+    float *const eroded[3] = {buf + 6 * n, buf + 7 * n, buf + 8 * n};
+    int64_t build = 0; /* the next row to put in a plane (rows are sorted by voxel, so by x) */
+    for (int t = x0; t <= x1 + 2; t++) {
+        if (t <= x1) {
+            memset(scores, 0, (size_t)n * sizeof(float));
+            for (; build < m && row_voxel[build].v[0] <= t; build++) {
+                const int *v = row_voxel[build].v;
+                float score = mean[build * C + c];
+                if (v[0] < t || !(score > p->threshold) || v[1] < crop.lo[1] || v[1] > crop.hi[1] ||
+                    v[2] < crop.lo[2] || v[2] > crop.hi[2])
+                    continue;
+                scores[(v[1] - crop.lo[1]) * sz + (v[2] - crop.lo[2])] = score;
+            }
+            filter_yz(scores, tmp, dilated[t % 3], 1, sy, sz, 1);
+        }
+        int xd = t - 1;
+        if (xd >= x0 && xd <= x1) {
+            filter_x(dilated, xd, x0, x1, dilated_done, n, 1);
+            filter_yz(dilated_done, tmp, eroded[xd % 3], 1, sy, sz, 0);
+        }
+        int xo = t - 2;
+        if (xo < own.lo[0] || xo > own.hi[0]) continue;
+        filter_x(eroded, xo, x0, x1, eroded_done, n, 0);
+        for (int y = own.lo[1]; y <= own.hi[1]; y++) {
+            const float *closed = eroded_done + (y - crop.lo[1]) * sz - crop.lo[2];
+            int64_t line = ((int64_t)(xo - reach->lo[0]) * ry + (y - reach->lo[1])) * rz - reach->lo[2];
+            for (int z = own.lo[2]; z <= own.hi[2]; z++) {
+                if (closed[z] > best[line + z]) { /* strictly: the lowest class keeps a tie */
+                    best[line + z] = closed[z];
+                    best_class[line + z] = (uint8_t)c;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* Closing of the voxel means (see postprocess.close_holes): writes the occupied voxels, ids ascending.
  *
- * The work is cropped to the box of the voxels above the threshold grown by 2, exactly: only voxels within
- * 1 of that box can be occupied afterwards, and their eroded scores read the dilation within 2, which
- * ignores the means beyond the crop; those are all at or below the threshold, and such values never
- * reach an output (a closed score above the threshold is a min of maxima above it, each attained by a
- * mean above it, and a class at or below it never wins a voxel whose best class is above). The 3x3x3 filters stream through the box one x plane at a time
- * (planes of the active classes, [class][y][z]): plane x's means are dilated in y and z, the dilation of
- * plane x - 1 is completed in x and eroded in y and z, and the erosion of plane x - 2 is completed and
- * read. Everything stays in a few cache-sized planes. Returns the number of voxels written, or a code. */
+ * Voxels with a class above the threshold keep their own scores; every other voxel is filled when a
+ * class's closed score is above the threshold, with the best such class. Only the scores above the
+ * threshold matter: a closed score above it is a min of maxima above it, each attained by a score above
+ * it, and a class at or below it never wins a voxel whose best class is above. So each class is closed
+ * on its own, over the box of its voxels above the threshold grown by 2 (exact: only voxels within 1 of
+ * that box can get a closed score above it, and their erosion reads the dilation within 2, which reads
+ * nothing else that matters), and the scores at or below the threshold are left out. Returns the number
+ * of voxels written, or a code. */
 static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, const Outputs *outputs) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
-    const int64_t *row_cell = s->b[ROW_CELL].data;
     uint8_t *row_kept = scratch_get(s, ROW_KEPT, m, 1);
     if (!row_kept) return OUT_OF_MEMORY;
-    int active[256], na = 0;
-    int is_active[256] = {0};
-    Box above;
+    Box above, box[256];
     box_reset(&above);
+    for (int c = 0; c < C; c++) box_reset(&box[c]);
     for (int64_t row = 0; row < m; row++) {
-        row_kept[row] = (uint8_t)any_above(mean + row * C, C, p->threshold);
-        if (!row_kept[row]) continue;
-        box_add(&above, row_voxel[row].v);
-        for (int c = 0; c < C; c++)
-            if (mean[row * C + c] > p->threshold) is_active[c] = 1;
+        row_kept[row] = 0;
+        for (int c = 0; c < C; c++) {
+            if (!(mean[row * C + c] > p->threshold)) continue;
+            box_add(&box[c], row_voxel[row].v);
+            row_kept[row] = 1;
+        }
+        if (row_kept[row]) box_add(&above, row_voxel[row].v);
     }
     if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
-    for (int c = 0; c < C; c++)
-        if (is_active[c]) active[na++] = c;
-    const Box crop = box_grow(&above, 2, shape), reach = box_grow(&above, 1, shape);
-    const int x0 = crop.lo[0], x1 = crop.hi[0];
-    const int64_t sy = box_size(&crop, 1), sz = box_size(&crop, 2), ps = sy * sz, n = na * ps;
-    /* planes of n floats: means, tmp, dilated (a ring of 3, by x), dilation done, eroded (a ring of 3),
-     * erosion done; then its max over the classes (ps floats) */
-    float *buf = scratch_get(s, PLANES, 10 * n + ps, sizeof(float));
-    if (!buf) return OUT_OF_MEMORY;
-    float *means = buf, *tmp = buf + n, *dilated_done = buf + 5 * n, *eroded_done = buf + 9 * n;
-    float *const dilated[3] = {buf + 2 * n, buf + 3 * n, buf + 4 * n};
-    float *const eroded[3] = {buf + 6 * n, buf + 7 * n, buf + 8 * n};
-    float *closed_max = buf + 10 * n;
-    int64_t build = 0, scan = 0, written = 0; /* next row to put in a means plane / to merge in the output */
-    for (int t = x0; t <= x1 + 2; t++) {
-        if (t <= x1) { /* means of plane t, dilated in y and z */
-            memset(means, 0, (size_t)n * sizeof(float));
-            for (; build < m && row_voxel[build].v[0] <= t; build++) {
-                const int *v = row_voxel[build].v;
-                if (v[0] < t || v[1] < crop.lo[1] || v[1] > crop.hi[1] || v[2] < crop.lo[2] || v[2] > crop.hi[2])
-                    continue;
-                int64_t at = (v[1] - crop.lo[1]) * sz + (v[2] - crop.lo[2]);
-                for (int a = 0; a < na; a++) means[a * ps + at] = mean[build * C + active[a]];
-            }
-            filter_yz(means, tmp, dilated[t % 3], na, sy, sz, 1);
-        }
-        int xd = t - 1; /* dilation of plane xd completed in x, then eroded in y and z */
-        if (xd >= x0 && xd <= x1) {
-            filter_x(dilated, xd, x0, x1, dilated_done, n, 1);
-            filter_yz(dilated_done, tmp, eroded[xd % 3], na, sy, sz, 0);
-        }
-        int xo = t - 2; /* erosion of plane xo completed in x: the output plane */
-        if (xo < reach.lo[0] || xo > reach.hi[0]) continue;
-        filter_x(eroded, xo, x0, x1, eroded_done, n, 0);
-        memcpy(closed_max, eroded_done, (size_t)ps * sizeof(float));
-        for (int a = 1; a < na; a++)
-            for (int64_t i = 0; i < ps; i++) closed_max[i] = MAX2(closed_max[i], eroded_done[a * ps + i]);
-        while (scan < m && row_voxel[scan].v[0] < xo) scan++;
+    const Box reach = box_grow(&above, 1, shape);
+    int64_t volume = box_volume(&reach);
+    float *best = scratch_get(s, BEST, volume, sizeof(float));
+    uint8_t *best_class = scratch_get(s, BEST_CLASS, volume, 1);
+    if (!best || !best_class) return OUT_OF_MEMORY;
+    for (int64_t i = 0; i < volume; i++) best[i] = p->threshold;
+    for (int c = 0; c < C; c++) {
+        if (box[c].hi[0] < 0) continue; /* never above the threshold */
+        if (close_class(c, &box[c], &reach, m, p, s, best, best_class) < 0) return OUT_OF_MEMORY;
+    }
+    /* voxels with a class above the threshold keep their own label and score (above it too) */
+    const int64_t ry = box_size(&reach, 1), rz = box_size(&reach, 2);
+    for (int64_t row = 0; row < m; row++) {
+        if (!row_kept[row]) continue;
+        const int *v = row_voxel[row].v;
+        int64_t at = ((int64_t)(v[0] - reach.lo[0]) * ry + (v[1] - reach.lo[1])) * rz + (v[2] - reach.lo[2]);
+        int label = argmax(mean + row * C, C);
+        best[at] = mean[row * C + label];
+        best_class[at] = (uint8_t)label;
+    }
+    /* the occupied voxels are those scoring above the threshold now, in the grid's order */
+    int64_t written = 0, at = 0;
+    for (int x = reach.lo[0]; x <= reach.hi[0]; x++) {
         for (int y = reach.lo[1]; y <= reach.hi[1]; y++) {
-            int64_t column = ((int64_t)xo * p->ny + y) * p->nz;
-            for (int z = reach.lo[2]; z <= reach.hi[2]; z++) {
-                while (scan < m && row_cell[scan] < column + z) scan++; /* rows are sorted by voxel */
-                int64_t at = (y - crop.lo[1]) * sz + (z - crop.lo[2]);
-                int label;
-                float best;
-                if (scan < m && row_cell[scan] == column + z && row_kept[scan]) { /* kept: its own scores */
-                    label = argmax(mean + scan * C, C);
-                    best = mean[scan * C + label];
-                } else if (closed_max[at] > p->threshold) { /* filled: the first class at the closed max */
-                    best = closed_max[at];
-                    int a = 0;
-                    while (eroded_done[a * ps + at] != best) a++;
-                    label = active[a];
-                } else {
-                    continue;
-                }
-                const int v[3] = {xo, y, z};
-                emit(outputs, written++, id_base, column + z, v, label, best);
+            int64_t column = ((int64_t)x * p->ny + y) * p->nz;
+            for (int z = reach.lo[2]; z <= reach.hi[2]; z++, at++) {
+                if (!(best[at] > p->threshold)) continue;
+                const int v[3] = {x, y, z};
+                emit(outputs, written++, id_base, column + z, v, best_class[at], best[at]);
             }
         }
     }

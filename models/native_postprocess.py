@@ -18,7 +18,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 2  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 3  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
