@@ -38,6 +38,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         "# DiScene replay report", "",
         f"- bag: `{summary.get('bag')}` (image topic `{summary.get('image_topic')}`)",
         f"- model: `{summary.get('model_config')}` on {summary.get('backend')}",
+        *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
         f"- output bag: `{summary.get('output_bag')}`", "",
     ]

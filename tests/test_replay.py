@@ -101,6 +101,7 @@ def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, stor
     report = write_report(tmp_path, s, result.renders)
     text = report.read_text()
     assert "IoU **100.00**" in text and "renders/frame_00_" in text
+    assert f"- frame path: {s['pipeline']}" in text and "post-processing on the CPU (native kernel)" in s["pipeline"]
     assert len(list((tmp_path / "renders").glob("*.png"))) == 1
 
 
