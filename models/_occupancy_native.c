@@ -278,12 +278,6 @@ static int argmax(const float *v, int n) {
     return best;
 }
 
-static int any_above(const float *v, int n, float threshold) {
-    for (int c = 0; c < n; c++)
-        if (v[c] > threshold) return 1;
-    return 0;
-}
-
 /* 3x3 filter of ``count`` planes of ``sy`` x ``sz`` (each [y][z]) from ``in`` into ``out``, via ``tmp``. */
 static void filter_yz(const float *in, float *tmp, float *out, int64_t count, int64_t sy, int64_t sz, int is_max) {
     void (*pass)(const float *, float *, int64_t, int64_t, int64_t) = is_max ? pass_max : pass_min;

@@ -29,6 +29,9 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 log=$out/$stage.log
+# the CPU post-processing kernel (models/native_postprocess.py) for the host-side paths; where it cannot
+# be built the torch ops run (the benchmarks' start-up lines say which)
+python3 setup.py -q build_ext --inplace >> "$log" 2>&1 || echo "native post-processing kernel not built" | tee -a "$log"
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, log its wall time and exit code
     local limit=$1 name=$2
     shift 2

@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from export.backends.torch_backend import TorchBackend
+from export.pipeline import OccupancyPipeline
 from models import native_postprocess
+from models.checkpoint import load_model
 from models.postprocess import labels_batch, occupied_labels, points_to_occupancy
+from training.data import build_dataset, collate_frames, prepare_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 LITE = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
@@ -84,9 +88,6 @@ def test_kernel_equals_the_torch_path_at_the_centre_distance_limit(lite_config):
 
 @pytest.mark.skipif(not LITE.is_file() or not SAMPLE.is_dir(), reason="shipped lite checkpoint or sample missing")
 def test_kernel_equals_the_torch_path_on_the_shipped_models_outputs():
-    from models.checkpoint import load_model
-    from training.data import build_dataset, collate_frames, prepare_inputs
-
     model, cfg = load_model(str(LITE))
     frames = build_dataset(str(SAMPLE), "val", cfg, max_frames=2)
     batch = prepare_inputs(collate_frames([frames[i] for i in range(len(frames))]), torch.device("cpu"), False)
@@ -153,7 +154,7 @@ def test_kernel_runs_in_several_threads_at_once(lite_config):
 
 
 def test_kernel_checks_its_buffers():
-    from models import _occupancy_native as kernel
+    from models import _occupancy_native as kernel  # the extension itself (kernel_built says it is there)
 
     points = np.zeros((1, 2, 3, 3), np.float32)
     centres = np.zeros((1, 2, 3), np.float32)
@@ -186,9 +187,6 @@ def test_environment_switch_and_the_pipelines_start_up_line():
 
 
 def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
-    from export.backends.torch_backend import TorchBackend
-    from export.pipeline import OccupancyPipeline
-
     pipe = OccupancyPipeline(TorchBackend(lite_model, lite_config))
     assert "post-processing on the CPU (native kernel)" in pipe.describe()
     monkeypatch.setattr(native_postprocess, "_kernel", None)
