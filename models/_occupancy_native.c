@@ -344,12 +344,12 @@ static int close_class(int c, const Box *box, const Box *reach, int64_t m, const
         if (xo < own.lo[0] || xo > own.hi[0]) continue;
         filter_x(eroded, xo, x0, x1, eroded_done, n, 0);
         for (int y = own.lo[1]; y <= own.hi[1]; y++) {
-            const float *closed = eroded_done + (y - crop.lo[1]) * sz - crop.lo[2];
-            int64_t line = ((int64_t)(xo - reach->lo[0]) * ry + (y - reach->lo[1])) * rz - reach->lo[2];
-            for (int z = own.lo[2]; z <= own.hi[2]; z++) {
-                if (closed[z] > best[line + z]) { /* strictly: the lowest class keeps a tie */
-                    best[line + z] = closed[z];
-                    best_class[line + z] = (uint8_t)c;
+            const float *closed = eroded_done + (y - crop.lo[1]) * sz + (own.lo[2] - crop.lo[2]);
+            int64_t at = ((int64_t)(xo - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
+            for (int64_t k = 0; k < box_size(&own, 2); k++) {
+                if (closed[k] > best[at + k]) { /* strictly: the lowest class keeps a tie */
+                    best[at + k] = closed[k];
+                    best_class[at + k] = (uint8_t)c;
                 }
             }
         }
