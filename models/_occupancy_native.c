@@ -59,11 +59,6 @@ static Box box_grow(const Box *b, int margin, const int shape[3]) {
 static int64_t box_size(const Box *b, int a) { return (int64_t)b->hi[a] - b->lo[a] + 1; }
 static int64_t box_volume(const Box *b) { return box_size(b, 0) * box_size(b, 1) * box_size(b, 2); }
 
-/* Flat index of grid voxel ``v`` inside box ``b`` (x slowest, z fastest: the grid's own order). */
-static int64_t box_index(const Box *b, const int v[3]) {
-    return ((int64_t)(v[0] - b->lo[0]) * box_size(b, 1) + (v[1] - b->lo[1])) * box_size(b, 2) + (v[2] - b->lo[2]);
-}
-
 #define KEPT 1
 #define DROPPED 0
 #define KEPT_NONFINITE (-1)
@@ -154,7 +149,7 @@ typedef struct {
     void *data;
 } Buffer;
 
-enum { POINT_CELL, POINT_VOXEL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, BEST, BEST_CLASS,
+enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, BEST, BEST_CLASS,
        NUM_BUFFERS };
 
 typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
@@ -202,49 +197,40 @@ typedef struct { int v[3]; } Voxel;
 static int64_t voxel_means(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
                            const Params *p, Scratch *s) {
     const int C = p->num_classes;
-    int64_t n = nq * nr;
-    int64_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int64_t));
-    Voxel *voxel = scratch_get(s, POINT_VOXEL, n, sizeof(Voxel));
-    if (!cell || !voxel) return OUT_OF_MEMORY;
-    Box box;
-    box_reset(&box);
+    const int64_t n = nq * nr, cells = (int64_t)p->nx * p->ny * p->nz;
+    int32_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int32_t)); /* the point's voxel, -1 dropped */
+    uint8_t *mark = scratch_get(s, MARK, cells, 1);
+    if (!cell || !mark) return OUT_OF_MEMORY;
+    memset(mark, 0, (size_t)cells);
     int64_t kept = 0;
     for (int64_t q = 0; q < nq; q++) {
         for (int64_t r = 0; r < nr; r++) {
             int64_t i = q * nr + r;
-            int state = point_voxel(pts + 3 * i, centres + 3 * q, scores + C * i, p, voxel[i].v);
+            int v[3];
+            int state = point_voxel(pts + 3 * i, centres + 3 * q, scores + C * i, p, v);
             if (state == KEPT_NONFINITE) return NONFINITE_SCORE;
-            cell[i] = state == KEPT ? 0 : -1;
+            cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
             if (state != KEPT) continue;
-            box_add(&box, voxel[i].v);
+            mark[cell[i]] = 1;
             kept++;
         }
     }
     if (kept == 0) return 0;
-    /* mark the kept points' voxels in their box, then number them in the box's flat order (the grid's) */
-    int64_t volume = box_volume(&box);
-    uint8_t *mark = scratch_get(s, MARK, volume, 1);
-    int32_t *rank = scratch_get(s, RANK, volume, sizeof(int32_t)); /* set at marked voxels only */
+    /* number the marked voxels in the grid's order */
+    int32_t *rank = scratch_get(s, RANK, cells, sizeof(int32_t)); /* set at marked voxels only */
     int64_t *row_cell = scratch_get(s, ROW_CELL, kept, sizeof(int64_t)); /* kept >= M */
     Voxel *row_voxel = scratch_get(s, ROW_VOXEL, kept, sizeof(Voxel));
-    if (!mark || !rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
-    memset(mark, 0, (size_t)volume);
-    for (int64_t i = 0; i < n; i++) {
-        if (cell[i] < 0) continue;
-        cell[i] = box_index(&box, voxel[i].v); /* from here on: the point's voxel in the box */
-        mark[cell[i]] = 1;
-    }
-    int64_t m = 0, at = 0, sz = box_size(&box, 2);
-    for (int x = box.lo[0]; x <= box.hi[0]; x++) {
-        for (int y = box.lo[1]; y <= box.hi[1]; y++, at += sz) {
-            const uint8_t *line = mark + at;
-            if (!memchr(line, 1, (size_t)sz)) continue;
-            int64_t column = ((int64_t)x * p->ny + y) * p->nz;
-            for (int64_t z = 0; z < sz; z++) {
+    if (!rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
+    int64_t m = 0, column = 0;
+    for (int x = 0; x < p->nx; x++) {
+        for (int y = 0; y < p->ny; y++, column += p->nz) {
+            const uint8_t *line = mark + column;
+            if (!memchr(line, 1, (size_t)p->nz)) continue;
+            for (int z = 0; z < p->nz; z++) {
                 if (!line[z]) continue;
-                rank[at + z] = (int32_t)m;
-                row_cell[m] = column + box.lo[2] + z;
-                row_voxel[m] = (Voxel){{x, y, box.lo[2] + (int)z}};
+                rank[column + z] = (int32_t)m;
+                row_cell[m] = column + z;
+                row_voxel[m] = (Voxel){{x, y, z}};
                 m++;
             }
         }
