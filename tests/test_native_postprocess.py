@@ -178,12 +178,23 @@ def test_kernel_checks_its_buffers():
         kernel.occupied_labels(points, centres, scores, bytes(cells * 8), *out[1:], *args)
 
 
-def test_environment_switch_and_the_pipelines_start_up_line():
-    code = ("from models import native_postprocess as n; from export.pipeline import OccupancyPipeline; "
-            "print(n.available(), n.unavailable_reason())")
+def test_environment_switch_turns_the_kernel_off():
+    code = "from models import native_postprocess as n; print(n.available(), n.unavailable_reason())"
     env = {**os.environ, "DISCENE_NATIVE_POSTPROCESS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.startswith("False switched off by DISCENE_NATIVE_POSTPROCESS=0")
+
+
+def test_missing_or_stale_kernel_falls_back_with_its_reason():
+    code = ("import sys, types; sys.modules['models._occupancy_native'] = {module}; "
+            "from models import native_postprocess as n; print(n.available(), n.unavailable_reason())")
+    missing = subprocess.run([sys.executable, "-c", code.format(module="None")], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+    assert missing.stdout.startswith("False not built (")
+    stale = "types.SimpleNamespace(ABI_VERSION=0)"
+    old = subprocess.run([sys.executable, "-c", code.format(module=stale)], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    assert old.stdout.startswith(f"False stale build (ABI 0, this code needs {native_postprocess.ABI_VERSION})")
 
 
 def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
