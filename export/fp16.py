@@ -276,10 +276,3 @@ def torch_variant_agreement(model: torch.nn.Module, config: Any, frames: list[An
     return {**result, "frames_source": source, "variant": variant,
             "reference": f"torch {mode} {device} float32 (TF32 off)",
             "runtime": f"torch {mode} {device}, " + " + ".join(_VARIANT_LABELS[k] for k in options)}
-
-
-def torch_autocast_agreement(model: torch.nn.Module, config: Any, frames: list[Any], source: str,
-                             device: str = "cuda", cuda_graph: bool = True,
-                             labels_out: list | None = None) -> dict[str, Any]:
-    """The torch backend's FP16 autocast against its FP32: ``torch_variant_agreement(..., "fp16")``."""
-    return torch_variant_agreement(model, config, frames, source, "fp16", device, cuda_graph, labels_out)

@@ -249,7 +249,7 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
 def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Module, cfg: ModelConfig,
                           frame: Any, parity: bool) -> Path:
     """``<stem>.fp16.onnx`` for TensorRT strongly typed builds, with its own sidecar and parity figures."""
-    from .fp16 import KEEP_FP32_OPS, convert_file_to_fp16, fp16_onnx_agreement, torch_autocast_agreement
+    from .fp16 import KEEP_FP32_OPS, convert_file_to_fp16, fp16_onnx_agreement, torch_variant_agreement
 
     # sampling-location arithmetic kept FP32: measured on the shipped lite and the sample dataset
     # (4 frames), occupied-voxel label agreement with FP32 96.5 % instead of 95.3 %
@@ -265,6 +265,7 @@ def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Mo
         frames, source = agreement_frames(cfg)
         side["fp16_agreement"] = fp16_onnx_agreement(path, model, cfg, frames, source)
         if torch.cuda.is_available():  # the torch backend's FP16 (autocast) runs on CUDA only
-            side["fp16_agreement_torch_autocast"] = torch_autocast_agreement(copy.deepcopy(model), cfg, frames, source)
+            side["fp16_agreement_torch_autocast"] = torch_variant_agreement(copy.deepcopy(model), cfg, frames,
+                                                                             source, "fp16")
     write_sidecar(path, side)
     return path

@@ -190,7 +190,7 @@ def test_depth_model_exports_with_depth_input_and_parity(tmp_path):
 def test_compare_backends_counts_label_disagreement(exported):
     """The precision-agreement check: identical runs agree fully; a run whose scores are shifted for one
     class shows exactly the voxels that changed, and the labels handed out are the ones compared."""
-    from export.fp16 import compare_backends, torch_autocast_agreement
+    from export.fp16 import compare_backends, torch_variant_agreement
 
     config = exported["config"]
     frames = [example_frame(config, seed=s) for s in (3, 4)]
@@ -214,4 +214,4 @@ def test_compare_backends_counts_label_disagreement(exported):
     assert changed > 0 and diff["label_agreement"] == pytest.approx(1 - changed / total)
     assert diff["occupied_voxels_other"] == sum(int((b > 0).sum()) for _, b in pairs)
     with pytest.raises(ValueError, match="needs a CUDA device"):  # torch FP16 is offered on CUDA only
-        torch_autocast_agreement(ref.wrapper.model, config, frames, "test", device="cpu")
+        torch_variant_agreement(ref.wrapper.model, config, frames, "test", "fp16", device="cpu")
