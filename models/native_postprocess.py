@@ -10,13 +10,13 @@ it off (to compare, or to rule it out).
 from __future__ import annotations
 
 import os
-import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .config import ModelConfig
+from .workspace import workspace
 
 ABI_VERSION = 3  # must match ABI_VERSION in _occupancy_native.c
 
@@ -41,22 +41,6 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be used (None when it can)."""
     return _REASON
-
-
-_OUTPUTS = threading.local()
-_OUTPUTS_KEPT = 1 << 20  # voxels (25 MB of buffers); larger batches allocate theirs per call
-
-
-def _outputs(capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's output buffers for up to ``capacity`` voxels (ids, labels, best, (N, 3) indices), kept
-    across frames: fresh ones would cost page faults on every frame (the (N, 3) one is 1.5 MB for lite)."""
-    bufs = getattr(_OUTPUTS, "bufs", None)
-    if bufs is None or len(bufs[0]) < capacity:
-        bufs = (np.empty(capacity, np.int64), np.empty(capacity, np.uint8), np.empty(capacity, np.float32),
-                np.empty((capacity, 3), np.int32))
-        if capacity <= _OUTPUTS_KEPT:
-            _OUTPUTS.bufs = bufs
-    return tuple(b[:capacity] for b in bufs)
 
 
 class NativeVoxels(NamedTuple):
@@ -85,7 +69,11 @@ def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
     # the query centres by the very op of the torch path, so that the two agree bit for bit
     centres = points.mean(dim=2).contiguous()
     scores = scores.detach().float().contiguous()
-    ids, labels, best, indices = _outputs(nb * cells)
+    # outputs for up to every voxel, in this thread's reused buffers (fresh ones: page faults every frame)
+    cpu = torch.device("cpu")
+    ids, labels, best = (workspace(cpu, dtype, nb * cells, count=1)[0].numpy()
+                         for dtype in (torch.int64, torch.uint8, torch.float32))
+    indices = workspace(cpu, torch.int32, nb * cells * 3, count=1)[0].numpy().reshape(-1, 3)
     dense = np.zeros((nb, nx, ny, nz), dtype=np.uint8)
     ex, ey, ez = (float(e) for e in config.grid_extent)
     count = _kernel.occupied_labels(

@@ -11,7 +11,6 @@ occupied voxels come back to the host, in one (M, 3) copy. On the CPU the native
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +19,7 @@ import torch
 
 from . import native_postprocess
 from .config import ModelConfig
+from .workspace import workspace
 
 
 @dataclass
@@ -133,9 +133,9 @@ def _voxel_means(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig
     # past the grid, whose row is cut off below, so every point is summed in its order without first
     # gathering the kept ones.
     linear, cells = point_cells(points, scores, config)
-    hit = _workspace(points.device, torch.bool, cells + 1, count=1)[0].zero_().index_fill_(0, linear, True)
+    hit = workspace(points.device, torch.bool, cells + 1, count=1)[0].zero_().index_fill_(0, linear, True)
     ids = _nonzero(hit[:cells])
-    rank = _workspace(points.device, torch.long, cells + 1, count=1)[0]
+    rank = workspace(points.device, torch.long, cells + 1, count=1)[0]
     rank[cells] = len(ids)
     rank.index_copy_(0, ids, torch.arange(len(ids), device=ids.device))
     row = rank.index_select(0, linear)  # (B*Q*R,) row of each point's voxel, len(ids) if dropped
@@ -221,7 +221,7 @@ def _closing(ids: torch.Tensor, mean: torch.Tensor, batch: int, grid_shape: list
     closed.index_fill_(0, local.index_select(0, kept), False)
     filled = _nonzero(closed)
     # their scores: the closing of the score volume itself, read at the filled voxels only
-    w0, w1, w2 = _workspace(mean.device, mean.dtype, nvox * ca)
+    w0, w1, w2 = workspace(mean.device, mean.dtype, nvox * ca)
     dense = w0.zero_().view(*shape, ca)
     dense.view(nvox, ca).index_copy_(0, local, mean.index_select(1, active))
     dilated = _filter3(dense, torch.maximum, (w1, w2))    # result in w1
@@ -284,29 +284,6 @@ def _z_pass(words: torch.Tensor, nz: int, op: object) -> torch.Tensor:
         below[..., 0, :] |= 1
         above[..., -1, :] |= 1 << (top - 1)
     return op(op(words, below), above)
-
-
-_WORKSPACE = threading.local()
-_WORKSPACE_MAX = 1 << 22  # elements per buffer kept between frames (16 MB float32); larger ones are not kept
-
-
-def _workspace(device: torch.device, dtype: torch.dtype, numel: int, count: int = 3) -> list[torch.Tensor]:
-    """``count`` flat buffers of ``numel`` elements per device and dtype, reused across frames by this
-    thread; their contents are whatever the previous user left.
-
-    Fresh multi-megabyte tensors each frame cost page faults on the CPU (900-1700 per frame, as much
-    time as the filters themselves); per-thread buffers keep concurrent callers apart.
-    """
-    if numel > _WORKSPACE_MAX:
-        return [torch.empty(numel, dtype=dtype, device=device) for _ in range(count)]
-    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
-    bufs = cache.get((device, dtype), [])
-    if len(bufs) < count or bufs[0].numel() < numel:
-        size = max([numel] + [buf.numel() for buf in bufs])
-        with torch.inference_mode(False):  # normal tensors: writable in and outside inference mode
-            bufs = cache[(device, dtype)] = [torch.empty(size, dtype=dtype, device=device)
-                                             for _ in range(max(count, len(bufs)))]
-    return [b[:numel] for b in bufs[:count]]
 
 
 def _filter3(volume: torch.Tensor, op: object, buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
