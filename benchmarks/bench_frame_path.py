@@ -8,11 +8,11 @@ go through the node's code: decode (``msg_decode.any_image_to_rgb`` + CameraInfo
 (``OccupancyPipeline.prepare``: the device frame path of the torch backend), infer + post-process
 (``complete``), PointCloud2 (``occupancy_to_pointcloud2``), the MarkerArray every ``--marker-period``
 frames. Pipelining is on: ``TwoStageRunner`` prepares frame i+1 while frame i is inferred; the
-feeder hands a new frame over as soon as no frame waits at either hand-off (a camera faster than the
-network). A frame prepared before stage 2 took the previous prepared one replaces it (``dropped``;
-a few per 300 where stage 1 is the faster stage); ``fps`` is the sustained end-to-end throughput of
-the processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms); ``overhead_ms`` =
-decode + preprocess + post-process + PointCloud2, the CPU-side work per frame.
+feeder hands a new frame over as soon as stage 1 is idle and no frame waits at either hand-off
+(``TwoStageRunner.wait_for_room``: a camera faster than the network, and no frame dropped; rows
+count ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the processed frames over
+``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms);
+``overhead_ms`` = decode + preprocess + post-process + PointCloud2, the CPU-side work per frame.
 
 On CUDA with CUDA graphs (the default), post-processing is captured in the network's graph and the
 runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GPU time of that graph
