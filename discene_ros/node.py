@@ -110,7 +110,7 @@ class OccupancyNode(Node):
         if pipeline is None:
             pipeline = build_pipeline(self.cfg["model_path"], self.cfg["backend"], self.cfg["device"],
                                       fp16=self.cfg["fp16"], compile=self.cfg["compile"],
-                                      cuda_graph=self.cfg["cuda_graph"])
+                                      cuda_graph=self.cfg["cuda_graph"], tf32=self.cfg["tf32"])
         self.pipeline = tune_postprocess(pipeline, **postprocess)
         self.marker_schedule = EveryNth(self.cfg["marker_period"])
         settings = ProcessorSettings(

@@ -64,6 +64,10 @@ class ReplaySettings:
     model: str | Path | None = None     # checkpoint/.onnx/.engine; None: the shipped lite_distilled.pt
     backend: str = "torch"              # torch, onnxruntime or tensorrt
     device: str | None = "cpu"          # torch device; None: CUDA when present
+    fp16: bool = False                  # torch backend options, as the node's parameters of these names
+    cuda_graph: bool = True
+    compile: bool = False
+    tf32: bool = False
     score_threshold: float | None = None  # None: the model config's
     image_topic: str | None = None      # None: auto-detect (also the two below)
     info_topic: str | None = None
@@ -410,7 +414,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
     stage = Path(tempfile.mkdtemp(prefix=".discene_replay-", dir=out))
     try:
         if pipeline is None:
-            pipeline = build_pipeline(settings.model, settings.backend, settings.device,
+            pipeline = build_pipeline(settings.model, settings.backend, settings.device, fp16=settings.fp16,
+                                      compile=settings.compile, cuda_graph=settings.cuda_graph, tf32=settings.tf32,
                                       score_threshold=settings.score_threshold)
         config = pipeline.config
         topic = bag_io.pick_topic(reader, settings.image_topic, bag_io.IMAGE_TYPES,
@@ -517,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint/.onnx/.engine; default: the shipped lite_distilled.pt")
     parser.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, auto)")
+    parser.add_argument("--fp16", action="store_true", help="half precision (CUDA torch autocast / FP16 engine)")
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="torch backend: eager launches instead of the CUDA graph (CPU: static buffers)")
+    parser.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the network")
+    parser.add_argument("--tf32", action="store_true", help="torch backend on CUDA in FP32: TF32 tensor cores")
     parser.add_argument("--out", default="discene_replay",
                         help="output directory for report.md, renders/ and occupancy_bag/ (default: ./discene_replay); "
                              "a finished run replaces the previous run's outputs there")
@@ -552,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ReplaySettings(
             model=args.model, backend=args.backend, device=None if args.device == "auto" else args.device,
+            fp16=args.fp16, cuda_graph=args.cuda_graph, compile=args.compile, tf32=args.tf32,
             score_threshold=args.score_threshold, image_topic=args.image_topic, info_topic=args.camera_info_topic,
             depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,

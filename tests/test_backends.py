@@ -265,3 +265,23 @@ def test_cuda_tf32_and_cudnn_benchmark_capture_and_agreement(lite_model, lite_co
         row = torch_variant_agreement(lite_model, lite_config, frames, "test", variant)
         assert row["variant"] == variant and row["frames"] == 2 and 0.0 <= row["label_agreement"] <= 1.0
     assert "TF32 + cudnn.benchmark" in row["runtime"] and "(TF32 off)" in row["reference"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tf32_stays_off_with_fp16(lite_model, lite_config, restore_cudnn_flags):
+    """fp16 + tf32: TF32 off while the autocast graph runs (its float32 geometry stays IEEE), said in describe()."""
+    seen: list[tuple[bool, bool, bool]] = []
+    hook = lite_model.register_forward_pre_hook(lambda *_: seen.append(_flags()))
+    try:
+        backend = TorchBackend(lite_model, lite_config, device="cuda", fp16=True, cuda_graph=True, tf32=True)
+        backend.infer(_frame(lite_config))
+        backend.close()
+    finally:
+        hook.remove()
+    assert seen and not any(s[1] or s[2] for s in seen)
+    assert backend.tf32 is False and "tf32 requested with fp16: off" in backend.describe()
+
+
+def test_tf32_on_the_cpu_is_said_to_do_nothing(lite_model, lite_config):
+    backend = TorchBackend(lite_model, lite_config, device="cpu", tf32=True)
+    assert "tf32 requested but the device is the CPU: no effect" in backend.describe()

@@ -179,6 +179,21 @@ def test_main_init_spin_destroy_shutdown(ros, monkeypatch):
     assert module.main([]) == 0
 
 
+def test_backend_parameters_reach_the_pipeline_builder(ros, monkeypatch):
+    fake, module = ros
+    seen = {}
+
+    def build(*args, **kwargs):
+        seen.update(kwargs)
+        return pipeline_for(BlockBackend())
+
+    monkeypatch.setattr(module, "build_pipeline", build)
+    fake.overrides.update(fp16=True, compile=True, cuda_graph=False, tf32=True)
+    module.OccupancyNode()
+    assert {k: seen[k] for k in ("fp16", "compile", "cuda_graph", "tf32")} == {
+        "fp16": True, "compile": True, "cuda_graph": False, "tf32": True}
+
+
 def test_main_reports_a_missing_model_and_shuts_down(ros, tmp_path, capsys):
     fake, module = ros
     fake.overrides["model_path"] = str(tmp_path / "missing.pt")
