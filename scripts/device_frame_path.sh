@@ -14,12 +14,16 @@
 #                                             # frame path (compile + graphs) IEEE, cudnn.benchmark, TF32,
 #                                             # TF32 + cudnn.benchmark (time limits 40 + 200 + 60 + 4 x 62 s;
 #                                             # earlier H200 call: training 140 s, 83 s for two compiled precisions)
+#   bash scripts/device_frame_path.sh fp32-recheck # fp32, then the CUDA-graph rows and lite compiled again
+#                                             # with the fixed feeder (one call, ~7 min)
+#   bash scripts/device_frame_path.sh replay  # tests, discene-replay on CUDA (defaults, --tf32, --fp16), then
+#                                             # paper_student compiled FP16 and TF32 with the fixed feeder (~3 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train|all|final|recheck|fp32}
+stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -94,6 +98,21 @@ fp32_paper() {  # trained paper_student in FP32: TF32/cudnn.benchmark agreement,
     done
 }
 
+replay_cuda() {  # the replay CLI on the sample bag, on CUDA: the node's defaults, then the speed options
+    local flags
+    for flags in "" "--tf32" "--fp16"; do
+        # shellcheck disable=SC2086  # $flags: zero or one option
+        step 60 "discene-replay on CUDA ${flags:-(defaults)}" python3 -m discene_ros.replay --device cuda $flags \
+            --out "/tmp/replay${flags}" --json "$out/replay_cuda${flags}.json" --renders 0 --no-progress
+    done
+}
+compiled_paper() {  # paper_student (random weights, threshold 0), compiled + graphs: FP16, then FP32 with TF32
+    compiled paper_student --precisions fp16
+    step 75 "frame path, torch.compile + CUDA graphs (paper_student FP32, TF32)" python3 benchmarks/bench_frame_path.py \
+        --device cuda --configs paper_student --precisions fp32 --tf32 --frames 300 --compile \
+        --json "$out/frame_path_gpu.json" --append
+}
+
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
@@ -101,8 +120,10 @@ all) tests; graphs; compiled lite; train_paper ;;
 final) tests; graphs; compiled lite; compiled paper_student --precisions fp16 ;;
 recheck) tests; graphs ;;
 fp32) tests 40; fp32_paper ;;
+fp32-recheck) tests 40; fp32_paper; graphs; compiled lite ;;
+replay) tests 40; replay_cuda; compiled_paper ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final|recheck|fp32)" >&2
+    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay)" >&2
     exit 2
     ;;
 esac
