@@ -51,7 +51,9 @@ setup(
                 "onnxruntime>=1.18", "rosbags>=0.10", "colcon-core>=0.15", "colcon-ros>=0.4",
                 "colcon-python-setup-py>=0.2.8", "colcon-recursive-crawl>=0.2.1", "catkin-pkg>=1.0",
                 "lark>=1.1", "osrf-pycommon>=2.0",
-                "cuda-bindings>=12.8"],  # cuda-python runtime (8 MB wheel): tests probe its call conventions
+                "cuda-bindings>=12.8",  # cuda-python runtime (8 MB wheel): tests probe its call conventions
+                # the node's JPEG/PNG decoder on a robot (package.xml: python3-opencv); tests run it and PIL's
+                "opencv-python-headless>=4.8"],
     },
     zip_safe=False,  # a compiled extension
     entry_points={

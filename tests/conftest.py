@@ -1,6 +1,8 @@
 """Shared fixtures: the lite model config/network, one hand-checkable camera set-up, deterministic mode."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -41,3 +43,14 @@ def deterministic():
     """For tests whose runs set ``deterministic: true``: switches torch's deterministic algorithms off after."""
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(params=["cv2", "pil"])
+def image_decoder(request, monkeypatch) -> str:
+    """Run a test with each compressed-image decoder of ``msg_decode``: cv2 (where it is installed, as on
+    a robot: package.xml depends on python3-opencv), and PIL with cv2 hidden (its fallback)."""
+    if request.param == "cv2":
+        pytest.importorskip("cv2", reason="opencv-python-headless is in the dev extras")
+    else:
+        monkeypatch.setitem(sys.modules, "cv2", None)  # ``import cv2`` raises ImportError
+    return request.param

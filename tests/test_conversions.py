@@ -81,7 +81,7 @@ def test_image_bad_inputs(factory):
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "png"])
-def test_compressed_images(factory, fmt):
+def test_compressed_images(factory, fmt, image_decoder):
     rgb = np.zeros((16, 32, 3), np.uint8)
     rgb[:, :16] = (200, 30, 40)
     rgb[:, 16:] = (10, 220, 90)
@@ -95,12 +95,22 @@ def test_compressed_images(factory, fmt):
         assert err[:, :14].max() <= 4 and err[:, 18:].max() <= 4
 
 
-def test_compressed_bad_inputs(factory):
+def test_compressed_bad_inputs(factory, image_decoder):
     good = msg_encode.rgb_to_compressed(factory, _rgb(8, 8), "cam", STAMP, "jpeg")
     truncated = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg",
                             data=good.data[: len(good.data) // 3])
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match="truncated"):
         msg_decode.compressed_to_rgb(truncated)
+    no_end = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg", data=good.data[:-2])
+    with pytest.raises(DecodeError, match="end-of-image"):
+        msg_decode.compressed_to_rgb(no_end)
+    padded = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg",
+                         data=factory.uint8_array(bytes(good.data) + bytes(16)))  # zero padding after the marker
+    assert msg_decode.compressed_to_rgb(padded).shape == (8, 8, 3)
+    cut_body = bytes(good.data)[: len(good.data) // 2] + b"\xff\xd9"  # cut, with an end marker after the cut
+    with pytest.raises(DecodeError):
+        msg_decode.compressed_to_rgb(factory.new("sensor_msgs/msg/CompressedImage", header=good.header,
+                                                 format="jpeg", data=factory.uint8_array(cut_body)))
     garbage = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg",
                           data=factory.uint8_array(b"not an image at all"))
     with pytest.raises(UnsupportedEncodingError, match="neither JPEG nor PNG"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_reduction_keeps_the_image_at_least_the_margin_times_the_network_input_a
     assert msg_decode.jpeg_reduction(640, 480, None) == 1
 
 
-def test_reduced_jpeg_matches_full_decode_and_resize_within_the_stated_tolerance():
+def test_reduced_jpeg_matches_full_decode_and_resize_within_the_stated_tolerance(image_decoder):
     # The network input (TensorPreprocessor, the torch frame path) from a 320x240 DCT-scaled decode
     # against the one from the full 640x480 decode, in grey levels: mean <= 0.6, max <= 20
     # (measured 0.53 / 16 on this frame; msg_decode.JPEG_REDUCE_MARGIN).
@@ -65,7 +66,7 @@ def test_reduced_jpeg_matches_full_decode_and_resize_within_the_stated_tolerance
     assert 0.05 < float(grey.mean()) <= 0.6 and float(grey.max()) <= 20.0
 
 
-def test_png_and_raw_images_are_never_reduced():
+def test_png_and_raw_images_are_never_reduced(image_decoder):
     rgb = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     png = msg_encode.rgb_to_compressed(F, rgb, "cam", 0, "png")
     np.testing.assert_array_equal(msg_decode.any_image_to_rgb(png, (240, 320)), rgb)
@@ -93,3 +94,36 @@ def test_the_node_path_scales_k_by_the_decoded_size(reduced):
     full = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(reduced_jpeg_decode=False))
     g2i = proc.prepare(frame).prepared.inputs.grid2img
     np.testing.assert_allclose(g2i, full.prepare(frame).prepared.inputs.grid2img, rtol=1e-6, atol=1e-6)
+
+
+def _noise_jpeg(h: int = 480, w: int = 640, **options) -> bytes:
+    rgb = np.clip(np.random.default_rng(2).normal(128, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size_hw", [None, (240, 320), (120, 160), (60, 80)])  # reduce 1, 2, 4, 8 of 640x480
+def test_cv2_and_pil_decode_the_same_pixels(size_hw, monkeypatch):
+    # libjpeg(-turbo) DCT scaling in both (cv2's IMREAD_REDUCED_COLOR_r, PIL's draft): measured identical on
+    # these images with opencv-python-headless 5.0 and Pillow 13; allowed: 1 grey level (other builds)
+    pytest.importorskip("cv2", reason="opencv-python-headless is in the dev extras")
+    sources = [SAMPLE_JPEG.read_bytes(), _noise_jpeg(quality=90), _noise_jpeg(quality=75, subsampling=0)]
+    for data in sources:
+        with_cv2 = msg_decode.compressed_to_rgb(_compressed(data), size_hw)
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "cv2", None)
+            with_pil = msg_decode.compressed_to_rgb(_compressed(data), size_hw)
+        assert with_cv2.shape == with_pil.shape == (*(size_hw or (480, 640)), 3)
+        assert np.abs(with_cv2.astype(int) - with_pil.astype(int)).max() <= 1
+
+
+def test_exif_orientation_is_ignored(image_decoder):
+    # CameraInfo (and K) describe the sensor's pixel layout: a rotate-90 EXIF tag must not turn the image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    plain, tagged = _noise_jpeg(96, 128, quality=90), _noise_jpeg(96, 128, quality=90, exif=exif.tobytes())
+    assert plain != tagged  # the same pixels, one with the tag
+    decoded = msg_decode.compressed_to_rgb(_compressed(tagged))
+    assert decoded.shape == (96, 128, 3)
+    np.testing.assert_array_equal(decoded, msg_decode.compressed_to_rgb(_compressed(plain)))
