@@ -17,6 +17,7 @@ import functools
 import io
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -219,19 +220,30 @@ def _pose(factory: MessageFactory, position: np.ndarray | None = None) -> Any:
 
 
 # Marker points are grid-local voxel centres (the marker pose is the grid corner), so the Point
-# messages are the same every frame: made once per (point class, voxel size, grid shape), reused.
-_MARKER_POINTS: dict[tuple, dict[int, Any]] = {}
+# messages are the same every frame: made once per (point class, voxel size, grid shape), reused, and
+# looked up with numpy (an object array over the grid cells) instead of a dict per point.
+@dataclass
+class _PointCache:
+    points: np.ndarray  # (X*Y*Z,) object: the Point message of each grid cell, None until first used
+    made: np.ndarray    # (X*Y*Z,) bool
+
+
+_MARKER_POINTS: dict[tuple, _PointCache] = {}
 
 
 def _cached_points(factory: MessageFactory, flat_ids: np.ndarray, indices: np.ndarray, size: float,
                    grid_shape: tuple[int, ...]) -> list:
     point_cls = factory.msg_class("geometry_msgs/msg/Point")
-    cache = _MARKER_POINTS.setdefault((id(point_cls), size, grid_shape), {})
-    missing = [n for n, f in enumerate(flat_ids.tolist()) if f not in cache]
-    for n in missing:
-        x, y, z = ((indices[n].astype(np.float64) + 0.5) * size).tolist()
-        cache[int(flat_ids[n])] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
-    return [cache[f] for f in flat_ids.tolist()]
+    key = (id(point_cls), size, grid_shape)
+    cache = _MARKER_POINTS.get(key)
+    if cache is None:
+        cells = int(np.prod(grid_shape))
+        cache = _MARKER_POINTS[key] = _PointCache(np.empty(cells, dtype=object), np.zeros(cells, dtype=bool))
+    missing = np.flatnonzero(~cache.made[flat_ids])
+    for n, (x, y, z) in zip(missing.tolist(), ((indices[missing] + 0.5) * size).tolist(), strict=True):
+        cache.points[flat_ids[n]] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
+    cache.made[flat_ids[missing]] = True
+    return cache.points[flat_ids].tolist()
 
 
 def occupancy_to_marker_array(factory: MessageFactory, frame: Any, frame_id: str, stamp_ns: int,

@@ -56,3 +56,26 @@ def test_marker_points_are_grid_local_and_reused_across_frames():
     world = [(pose.x + p.x, pose.y + p.y, pose.z + p.z) for p in by_id[2].points]
     np.testing.assert_allclose(world, frame([1.0, -2.0, 0.5]).centers_world()[:2])
     assert b.markers[1].points[0] is a.markers[1].points[0]  # same message object, not rebuilt
+
+
+def test_marker_points_are_right_when_some_are_cached_and_some_are_new():
+    from models.postprocess import OccupancyFrame
+
+    rng = np.random.default_rng(3)
+    grid = (60, 60, 36)
+    cells = rng.choice(np.prod(grid), size=900, replace=False)
+    idx = np.stack(np.unravel_index(cells, grid), axis=-1).astype(np.int32)
+    size = 0.07  # a voxel size no other test uses: starts with an empty cache
+    for part in (slice(0, 300), slice(200, 900)):  # the second frame: 100 cached voxels, 600 new ones
+        sub = idx[part]
+        labels_1d = rng.integers(1, 12, len(sub)).astype(np.uint8)
+        labels = np.zeros(grid, np.uint8)
+        labels[tuple(sub.T)] = labels_1d
+        frame = OccupancyFrame(labels=labels, voxel_indices=sub, voxel_labels=labels_1d,
+                               voxel_scores=np.ones(len(sub), np.float32), voxel_origin=np.zeros(3),
+                               voxel_size=size)
+        markers = msg_encode.occupancy_to_marker_array(F, frame, "odom", 0).markers[1:]
+        for m in markers:
+            want = (sub[labels_1d == m.id] + 0.5) * size
+            np.testing.assert_array_equal([(p.x, p.y, p.z) for p in m.points], want)
+        assert sum(len(m.points) for m in markers) == len(sub)
