@@ -34,8 +34,8 @@ def build_pipeline(model: str | Path | None = None, backend: str = "torch", devi
     """Backend + OccupancyPipeline for the node and the replay; the default model is the shipped one.
 
     ``device`` "auto" (or None) lets the backend choose; ``compile``/``cuda_graph``/``tf32`` apply to the
-    torch backend (``cuda_graph`` on the CPU: static buffers, eager). ``closing`` and ``score_threshold`` (None: the model config's) are post-processing
-    settings, see ``tune_postprocess``.
+    torch backend (``cuda_graph`` on the CPU: static buffers, eager). ``closing`` and ``score_threshold``
+    (None: the model config's) are post-processing settings, see ``tune_postprocess``.
     """
     path = Path(model) if model else DEFAULT_MODEL
     if not path.is_file():

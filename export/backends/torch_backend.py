@@ -125,8 +125,8 @@ class TorchBackend(Backend):
     (models/geometry.py, models/sampling.py). FP32 on CUDA is IEEE FP32: TF32 convolutions/matmuls are
     switched off during ``infer`` unless ``tf32=True``. TF32 (``benchmarks/fp16_agreement.py --compare
     tf32``, H200, val split): 99.77 % of the voxel labels of IEEE FP32 for a trained paper_student, 99.95 %
-    for the shipped lite, SSC IoU/mIoU within 0.01; on random-but-active weights it changed half of the
-    occupied labels. With ``fp16`` TF32 stays off, so the float32 geometry under autocast stays IEEE.
+    for the shipped lite, SSC IoU/mIoU within 0.01 (on random-but-active weights, an earlier H100 run: half
+    of the occupied labels changed). With ``fp16`` TF32 stays off, so the float32 geometry under autocast stays IEEE.
     ``cudnn_benchmark=True`` autotunes cuDNN's convolution algorithms on CUDA (see the module
     docstring); neither option changes anything on the CPU.
     """
