@@ -63,7 +63,7 @@ class ReplaySettings:
 
     model: str | Path | None = None     # checkpoint/.onnx/.engine; None: the shipped lite_distilled.pt
     backend: str = "torch"              # torch, onnxruntime or tensorrt
-    device: str | None = "cpu"          # torch device; None: CUDA when present
+    device: str | None = None           # torch device; None: CUDA when present (as the node's "auto")
     fp16: bool = False                  # torch backend options, as the node's parameters of these names
     cuda_graph: bool = True
     compile: bool = False
@@ -521,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bag", default=None, help="ROS 2 bag directory (mcap or sqlite3); default: the shipped sample bag")
     parser.add_argument("--model", default=None, help="checkpoint/.onnx/.engine; default: the shipped lite_distilled.pt")
     parser.add_argument("--backend", default="torch", help="torch, onnxruntime or tensorrt")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, auto)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when present, as the node), "
+                        "cpu or cuda[:N]")
     parser.add_argument("--fp16", action="store_true", help="half precision (CUDA torch autocast / FP16 engine)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                         help="torch backend: eager launches instead of the CUDA graph (CPU: static buffers)")

@@ -206,19 +206,20 @@ def test_cli_with_checkpoint_json_and_missing_model(bags, tmp_path, monkeypatch,
 def test_cli_backend_options_reach_the_pipeline_builder(bags, tmp_path, monkeypatch):
     seen = []
 
-    def build(*args, **kwargs):
-        seen.append(kwargs)
+    def build(model, backend, device, **kwargs):
+        seen.append({"device": device, **kwargs})
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(replay, "build_pipeline", build)
     args = ["--bag", str(bags["mcap"]), "--no-progress"]
     assert replay.main([*args, "--out", str(tmp_path / "a")]) == 2
-    assert replay.main([*args, "--out", str(tmp_path / "b"), "--fp16", "--compile", "--tf32", "--no-cuda-graph"]) == 2
-    options = ("fp16", "compile", "cuda_graph", "tf32")
-    # the default is the node's: static buffers / CUDA graph on, the rest off
+    assert replay.main([*args, "--out", str(tmp_path / "b"), "--fp16", "--compile", "--tf32", "--no-cuda-graph",
+                        "--device", "cpu"]) == 2
+    options = ("device", "fp16", "compile", "cuda_graph", "tf32")
+    # the defaults are the node's: CUDA when present, static buffers / CUDA graph on, the rest off
     assert [{k: kw[k] for k in options} for kw in seen] == [
-        {"fp16": False, "compile": False, "cuda_graph": True, "tf32": False},
-        {"fp16": True, "compile": True, "cuda_graph": False, "tf32": True}]
+        {"device": None, "fp16": False, "compile": False, "cuda_graph": True, "tf32": False},
+        {"device": "cpu", "fp16": True, "compile": True, "cuda_graph": False, "tf32": True}]
 
 
 def test_shipped_sample_bag_is_small_and_complete():
