@@ -7,6 +7,7 @@ node's outputs, bags and tests) is :mod:`discene_ros.msg_encode`.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -138,6 +139,17 @@ def jpeg_reduction(width: int, height: int, min_size_hw: tuple[int, int] | None)
     return 1
 
 
+@functools.cache
+def opencv() -> Any | None:
+    """cv2 where it is installed (the decoder on a robot: package.xml depends on python3-opencv), else
+    None and PIL decodes; imported on first use, not with this module."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
 def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> np.ndarray:
     """sensor_msgs/CompressedImage (jpeg or png) -> (H, W, 3) uint8 RGB, via cv2 if present else PIL.
 
@@ -167,10 +179,7 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
         raise ImageSizeError(f"compressed {msg.format!r} image header claims {width}x{height} pixels; the limit "
                              f"is {MAX_IMAGE_PIXELS} pixels")
     reduce = jpeg_reduction(width, height, min_size_hw) if is_jpeg else 1
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
+    cv2 = opencv()
     try:
         if cv2 is not None:  # one call that releases the GIL throughout; 20 % faster than PIL here
             flags = (cv2.IMREAD_COLOR if reduce == 1 else getattr(cv2, f"IMREAD_REDUCED_COLOR_{reduce}"))

@@ -1,8 +1,6 @@
 """Shared fixtures: the lite model config/network, one hand-checkable camera set-up, deterministic mode."""
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -49,8 +47,10 @@ def deterministic():
 def image_decoder(request, monkeypatch) -> str:
     """Run a test with each compressed-image decoder of ``msg_decode``: cv2 (where it is installed, as on
     a robot: package.xml depends on python3-opencv), and PIL with cv2 hidden (its fallback)."""
+    from discene_ros import msg_decode
+
     if request.param == "cv2":
         pytest.importorskip("cv2", reason="opencv-python-headless is in the dev extras")
     else:
-        monkeypatch.setitem(sys.modules, "cv2", None)  # ``import cv2`` raises ImportError
+        monkeypatch.setattr(msg_decode, "opencv", lambda: None)
     return request.param
