@@ -46,8 +46,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "input shape as a CUDA graph and replayed per frame, next frame launched ahead (on the CPU: "
               "static-buffer eager replay)"),
     ParamSpec("compile", False, "torch backend on CUDA: torch.compile the network (first frame compiles for tens "
-              "of seconds, cached on disk by inductor; with fp16 the paper-size student goes from 133 to 230 FPS on an "
-              "H200); ignored on the CPU, which stays eager"),
+              "of seconds, cached on disk by inductor; with fp16 the paper-size student goes from 133 to 204-232 FPS "
+              "on an H200); ignored on the CPU, which stays eager"),
     ParamSpec("tf32", False, "torch backend on CUDA in FP32: TF32 tensor-core convolutions and matmuls (paper-size "
               "student 89 -> 220 FPS on an H200 with compile; 99.8 % of the voxel labels of IEEE FP32 on trained "
               "weights); off: IEEE FP32. No effect with fp16 or on the CPU"),
