@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models
+from discene_ros import msg_decode
 from models import geometry
 
 # Camera 1.5 m above the floor at the world origin, looking horizontally along world +y.
@@ -47,8 +48,6 @@ def deterministic():
 def image_decoder(request, monkeypatch) -> str:
     """Run a test with each compressed-image decoder of ``msg_decode``: cv2 (where it is installed, as on
     a robot: package.xml depends on python3-opencv), and PIL with cv2 hidden (its fallback)."""
-    from discene_ros import msg_decode
-
     if request.param == "cv2":
         pytest.importorskip("cv2", reason="opencv-python-headless is in the dev extras")
     else:
