@@ -18,12 +18,16 @@
 #                                             # with the fixed feeder (one call, ~7 min)
 #   bash scripts/device_frame_path.sh replay  # tests, discene-replay on CUDA (defaults, --tf32, --fp16), then
 #                                             # paper_student compiled FP16 and TF32 with the fixed feeder (~3 min)
+#   bash scripts/device_frame_path.sh profile # py-spy samples (native stacks, idle threads too) of the frame
+#                                             # loop, lite fp32 CUDA graph, bgr8 + JPEG: where the host time of
+#                                             # each stage thread goes, GIL waits included (~1 min; needs the
+#                                             # py-spy wheel in .whl)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay}
+stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -113,6 +117,18 @@ compiled_paper() {  # paper_student (random weights, threshold 0), compiled + gr
         --json "$out/frame_path_gpu.json" --append
 }
 
+profile_loop() {  # py-spy over the frame loop; raw stacks (gzip) come back for flamegraph.pl or a grep
+    local spy=/tmp/site/bin/py-spy
+    if [ ! -x "$spy" ]; then
+        echo "py-spy is not installed: carry its wheel in .whl" | tee -a "$log"
+        return
+    fi
+    step 120 "py-spy over the frame loop (lite fp32, CUDA graph)" "$spy" record --threads --idle --native \
+        --rate 1000 --format raw -o /tmp/frame_loop_spy.txt -- python3 benchmarks/bench_frame_path.py \
+        --device "${PROFILE_DEVICE:-cuda}" --configs lite --precisions fp32 --frames 300
+    gzip -c /tmp/frame_loop_spy.txt > "$out/frame_loop_spy.txt.gz"
+}
+
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
@@ -122,8 +138,9 @@ recheck) tests; graphs ;;
 fp32) tests 40; fp32_paper ;;
 fp32-recheck) tests 40; fp32_paper; graphs; compiled lite ;;
 replay) tests 40; replay_cuda; compiled_paper ;;
+profile) profile_loop ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay)" >&2
+    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile)" >&2
     exit 2
     ;;
 esac
