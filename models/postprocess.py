@@ -348,13 +348,16 @@ def points_to_occupancy(
 
 
 def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, voxel_origin: np.ndarray,
-                      config: ModelConfig) -> OccupancyFrame:
-    """OccupancyFrame from host arrays of occupied voxels: flat ids (sorted), labels 1..C, scores."""
+                      config: ModelConfig, dense: np.ndarray | None = None) -> OccupancyFrame:
+    """OccupancyFrame from host arrays of occupied voxels: flat ids (sorted), labels 1..C, scores.
+    ``dense``: the flat (X*Y*Z,) uint8 label grid of the same voxels when the caller has it (the frame
+    keeps it); else it is built from ``ids`` and ``labels``."""
     nx, ny, nz = (int(n) for n in config.grid_shape)
     if nx * ny * nz >= 2**24:
         raise ValueError(f"grid {config.grid_shape} has too many voxels for float32 voxel ids")
-    dense = np.zeros(nx * ny * nz, dtype=np.uint8)
-    dense[ids] = labels
+    if dense is None:
+        dense = np.zeros(nx * ny * nz, dtype=np.uint8)
+        dense[ids] = labels
     column, k = np.divmod(np.asarray(ids, dtype=np.int32), nz)  # int32: 1.5x faster than int64 here
     indices = np.stack([*np.divmod(column, ny), k], axis=-1).reshape(-1, 3)
     return OccupancyFrame(
@@ -404,4 +407,6 @@ def frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndar
     """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores."""
     flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
     ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
-    return frame_from_voxels(ids, flat[ids], np.asarray(best, dtype=np.float32).reshape(-1)[ids], voxel_origin, config)
+    # the frame keeps a copy of the grid (the caller's buffer is reused): 4 us, against 35 us to rebuild it
+    return frame_from_voxels(ids, flat[ids], np.asarray(best, dtype=np.float32).reshape(-1)[ids], voxel_origin, config,
+                             dense=flat.copy())
