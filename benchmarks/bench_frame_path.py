@@ -25,12 +25,14 @@ run seeded random weights with score threshold 0, the worst case for post-proces
 Each row records ``OMP_WAIT_POLICY`` as ``omp_wait_policy``; measure the CPU without it (the node's
 setting): ``PASSIVE`` sends every parallel region's wake-up through the kernel and makes lite's
 inference about 2x slower on the 2-core build machine.
-``--tf32`` / ``--cudnn-benchmark`` pass the torch backend's options of those names (CUDA only; FP32 is
-IEEE with cuDNN's heuristic algorithms without them); each row records both as booleans, as they ran
+``--tf32`` / ``--tf32-convolutions`` / ``--cudnn-benchmark`` pass the torch backend's options of those names
+(CUDA only; FP32 is IEEE with cuDNN's heuristic algorithms without them); each row records them as booleans
+(``tf32_convolutions`` is true with ``tf32`` too: the convolutions run in TF32 either way), as they ran
 (false on the CPU, where they change nothing). Run each variant as a process of its own (cuDNN's
 plan cache does not key on cudnn.benchmark; scripts/device_frame_path.sh fp32 does so).
 JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms",
-"stages_ms": {...}, "tf32", "cudnn_benchmark", ...}]}.
+"stages_ms": {...}, "tf32", "tf32_convolutions", "cudnn_benchmark", "jpeg_decoder" (JPEG rows: "opencv <version>" where cv2 is
+installed, as on a robot, else "PIL <version>"; rows without it decoded with PIL), ...}]}.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,7 +73,8 @@ def device_name(device: str) -> str:
 
 
 def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool,
-                 weights: dict[str, Path] | None = None, tf32: bool = False, cudnn_benchmark: bool = False):
+                 weights: dict[str, Path] | None = None, tf32: bool = False, cudnn_benchmark: bool = False,
+                 tf32_convolutions: bool = False):
     """Torch backend with the given or shipped weights where there are some, else seeded random weights."""
     ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
     if ckpt is not None and ckpt.is_file():
@@ -83,7 +87,7 @@ def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda
         cfg.score_threshold = 0.0  # random weights: keep every point (worst case for post-processing)
         label = "random (seed 0), score threshold 0"
     backend = TorchBackend(model.eval(), cfg, device=device, fp16=fp16, compile=compile_, cuda_graph=cuda_graph,
-                           tf32=tf32, cudnn_benchmark=cudnn_benchmark)
+                           tf32=tf32, cudnn_benchmark=cudnn_benchmark, tf32_convolutions=tf32_convolutions)
     return backend, label
 
 
@@ -168,12 +172,19 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     }
 
 
+def jpeg_decoder() -> str:
+    """The library that decodes the JPEG rows, as the node would (rows without this field used PIL)."""
+    cv2 = msg_decode.opencv()
+    return f"opencv {cv2.__version__}" if cv2 is not None else f"PIL {PIL.__version__}"
+
+
 def append_key(row: dict) -> tuple:
-    """What makes two rows the same measurement for ``--append``; rows from before ``tf32`` and
-    ``cudnn_benchmark`` were recorded ran with both off; rows without ``omp_wait_policy`` are taken as
+    """What makes two rows the same measurement for ``--append``; rows from before ``tf32``,
+    ``tf32_convolutions`` and ``cudnn_benchmark`` were recorded ran with them off; rows without ``omp_wait_policy`` are taken as
     the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
-            bool(row.get("tf32", False)), bool(row.get("cudnn_benchmark", False)),
+            bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
+            bool(row.get("cudnn_benchmark", False)),
             row.get("omp_wait_policy", "default"), postprocess_impl(row))
 
 
@@ -196,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile on CUDA (tens of seconds per precision)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager instead of the static/CUDA-graph runner")
     parser.add_argument("--tf32", action="store_true", help="TF32 convolutions/matmuls in FP32 (CUDA; default IEEE)")
+    parser.add_argument("--tf32-convolutions", action="store_true",
+                        help="TF32 convolutions, IEEE matmuls in FP32: PyTorch's default (CUDA; default IEEE)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
     parser.add_argument("--marker-period", type=int, default=10)
@@ -229,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs:
         for precision in precisions:
             backend, used = make_backend(name, args.device, precision == "fp16", args.compile,
-                                         not args.no_cuda_graph, weights, args.tf32, args.cudnn_benchmark)
+                                         not args.no_cuda_graph, weights, args.tf32, args.cudnn_benchmark,
+                                         args.tf32_convolutions)
             if args.closing != "model":
                 backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
@@ -240,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
                        "closing": bool(backend.config.closing),  # tf32/cudnn_benchmark: as they ran (CUDA only)
-                       "tf32": bool(backend.tf32 and args.device == "cuda"), "cudnn_benchmark": backend.cudnn_benchmark,
+                       "tf32": bool(backend.tf32 and args.device == "cuda"),
+                       "tf32_convolutions": bool(backend.tf32_convolutions and args.device == "cuda"),
+                       "cudnn_benchmark": backend.cudnn_benchmark,
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                       "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
                                             and backend.torch_device.type == "cpu" else "torch")}
                 rows.append(row)

@@ -6,7 +6,8 @@
 Compares, through the node's post-processing (``export.fp16.compare_backends``):
 - ``torch_autocast`` (``--compare fp16``, the default): the torch backend's FP16 autocast against its
   FP32 (TF32 off), both as CUDA graphs (CUDA only);
-- ``torch_tf32``, ``torch_cudnn_benchmark``, ``torch_tf32_cudnn_benchmark`` (``--compare tf32`` ...):
+- ``torch_tf32``, ``torch_tf32_convolutions``, ``torch_cudnn_benchmark``, ``torch_tf32_cudnn_benchmark``
+  (``--compare tf32`` ...):
   the torch backend with those options against its IEEE FP32, both as CUDA graphs (CUDA only;
   ``export.fp16.TORCH_VARIANTS``);
 - ``cuda_graph_vs_eager``: the FP32 CUDA-graph replay against eager FP32 on the same device (they

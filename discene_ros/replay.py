@@ -68,6 +68,7 @@ class ReplaySettings:
     cuda_graph: bool = True
     compile: bool = False
     tf32: bool = False
+    tf32_convolutions: bool = False
     score_threshold: float | None = None  # None: the model config's
     image_topic: str | None = None      # None: auto-detect (also the two below)
     info_topic: str | None = None
@@ -416,6 +417,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         if pipeline is None:
             pipeline = build_pipeline(settings.model, settings.backend, settings.device, fp16=settings.fp16,
                                       compile=settings.compile, cuda_graph=settings.cuda_graph, tf32=settings.tf32,
+                                      tf32_convolutions=settings.tf32_convolutions,
                                       score_threshold=settings.score_threshold)
         config = pipeline.config
         topic = bag_io.pick_topic(reader, settings.image_topic, bag_io.IMAGE_TYPES,
@@ -528,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch backend: eager launches instead of the CUDA graph (CPU: static buffers)")
     parser.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the network")
     parser.add_argument("--tf32", action="store_true", help="torch backend on CUDA in FP32: TF32 tensor cores")
+    parser.add_argument("--tf32-convolutions", action="store_true",
+                        help="torch backend on CUDA in FP32: TF32 for the convolutions only (PyTorch's default FP32)")
     parser.add_argument("--out", default="discene_replay",
                         help="output directory for report.md, renders/ and occupancy_bag/ (default: ./discene_replay); "
                              "a finished run replaces the previous run's outputs there")
@@ -564,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ReplaySettings(
             model=args.model, backend=args.backend, device=None if args.device == "auto" else args.device,
             fp16=args.fp16, cuda_graph=args.cuda_graph, compile=args.compile, tf32=args.tf32,
+            tf32_convolutions=args.tf32_convolutions,
             score_threshold=args.score_threshold, image_topic=args.image_topic, info_topic=args.camera_info_topic,
             depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,

@@ -219,10 +219,12 @@ def fp16_onnx_agreement(fp16_onnx: str | Path, model: torch.nn.Module, config: A
 TORCH_VARIANTS: dict[str, dict[str, bool]] = {
     "fp16": {"fp16": True},
     "tf32": {"tf32": True},
+    "tf32_convolutions": {"tf32_convolutions": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "tf32_cudnn_benchmark": {"tf32": True, "cudnn_benchmark": True},
 }
-_VARIANT_LABELS = {"fp16": "FP16 autocast", "tf32": "TF32", "cudnn_benchmark": "cudnn.benchmark"}
+_VARIANT_LABELS = {"fp16": "FP16 autocast", "tf32": "TF32", "tf32_convolutions": "TF32 convolutions (matmuls IEEE)",
+                   "cudnn_benchmark": "cudnn.benchmark"}
 
 
 class OwnThread:
@@ -252,8 +254,8 @@ class OwnThread:
 def torch_variant_agreement(model: torch.nn.Module, config: Any, frames: list[Any], source: str,
                             variant: str = "fp16", device: str = "cuda", cuda_graph: bool = True,
                             labels_out: list | None = None) -> dict[str, Any]:
-    """The torch backend with the options of ``TORCH_VARIANTS[variant]`` (FP16 autocast, TF32,
-    cudnn.benchmark) against its IEEE FP32 on one CUDA device, both replayed as CUDA graphs by default
+    """The torch backend with the options of ``TORCH_VARIANTS[variant]`` (FP16 autocast, TF32, TF32
+    convolutions only, cudnn.benchmark) against its IEEE FP32 on one CUDA device, both replayed as CUDA graphs by default
     (the node's path), over ``frames``: see ``label_agreement``. All of them are CUDA modes (on the CPU
     the TF32/benchmark runs would be the reference itself), so another device is refused. Each backend
     runs on its own thread (``OwnThread``: cuDNN's plan choice stays its own)."""

@@ -261,27 +261,56 @@ def test_cuda_tf32_and_cudnn_benchmark_capture_and_agreement(lite_model, lite_co
     assert seen and all(s == (True, True, True) for s in seen) and np.isfinite(out["points"]).all()
     assert _flags()[0] is False
     frames = [_frame(lite_config, seed=s) for s in (0, 1)]
-    for variant in ("tf32", "cudnn_benchmark", "tf32_cudnn_benchmark"):
+    for variant in ("tf32", "tf32_convolutions", "cudnn_benchmark", "tf32_cudnn_benchmark"):
         row = torch_variant_agreement(lite_model, lite_config, frames, "test", variant)
         assert row["variant"] == variant and row["frames"] == 2 and 0.0 <= row["label_agreement"] <= 1.0
     assert "TF32 + cudnn.benchmark" in row["runtime"] and "(TF32 off)" in row["reference"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tf32_stays_off_with_fp16(lite_model, lite_config, restore_cudnn_flags):
-    """fp16 + tf32: TF32 off while the autocast graph runs (its float32 geometry stays IEEE), said in describe()."""
+@pytest.mark.parametrize("option", ["tf32", "tf32_convolutions"])
+def test_cuda_tf32_stays_off_with_fp16(lite_model, lite_config, restore_cudnn_flags, option):
+    """fp16 + tf32 (or tf32_convolutions): TF32 off while the autocast graph runs (its float32 geometry stays
+    IEEE), said in describe()."""
     seen: list[tuple[bool, bool, bool]] = []
     hook = lite_model.register_forward_pre_hook(lambda *_: seen.append(_flags()))
     try:
-        backend = TorchBackend(lite_model, lite_config, device="cuda", fp16=True, cuda_graph=True, tf32=True)
+        backend = TorchBackend(lite_model, lite_config, device="cuda", fp16=True, cuda_graph=True, **{option: True})
         backend.infer(_frame(lite_config))
         backend.close()
     finally:
         hook.remove()
     assert seen and not any(s[1] or s[2] for s in seen)
-    assert backend.tf32 is False and "tf32 requested with fp16: off" in backend.describe()
+    assert backend.tf32 is False and backend.tf32_convolutions is False
+    assert f"{option} requested with fp16: off" in backend.describe() and backend.device == "cuda fp16"
 
 
 def test_tf32_on_the_cpu_is_said_to_do_nothing(lite_model, lite_config):
     backend = TorchBackend(lite_model, lite_config, device="cpu", tf32=True)
     assert "tf32 requested but the device is the CPU: no effect" in backend.describe()
+    backend = TorchBackend(lite_model, lite_config, device="cpu", tf32_convolutions=True)
+    assert "tf32_convolutions requested but the device is the CPU: no effect" in backend.describe()
+    assert backend.device == "cpu"  # the label names a TF32 mode only where it runs
+
+
+@pytest.mark.parametrize("options, expected, math", [
+    ({}, (False, False), "ieee"),
+    ({"tf32_convolutions": True}, (True, False), "tf32 convolutions"),  # PyTorch's own default FP32
+    ({"tf32": True}, (True, True), "tf32"),
+    ({"tf32": True, "tf32_convolutions": True}, (True, True), "tf32"),
+])
+def test_tf32_modes_set_the_convolution_and_matmul_flags_in_every_forward(
+        lite_model, lite_config, restore_cudnn_flags, options, expected, math):
+    """IEEE, TF32 convolutions only, or TF32 for both: the two flags inside every forward (set as on CUDA;
+    setting them needs no GPU), the previous values restored after."""
+    seen: list[tuple[bool, bool]] = []
+    hook = lite_model.register_forward_pre_hook(lambda *_: seen.append(_flags()[1:]))
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = (not expected[0], not expected[1])
+    try:
+        backend = TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=True, **options)
+        backend.infer(_frame(lite_config))
+    finally:
+        hook.remove()
+    assert seen and all(s == expected for s in seen), seen
+    assert _flags()[1:] == (not expected[0], not expected[1])
+    assert backend.fp32_math == math

@@ -46,9 +46,14 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     assert backend.tf32 is True and "cudnn_benchmark requested but the device is the CPU" in backend.describe()
     row = {"config": "paper_student", "backend": "torch compile+cuda_graph fused", "precision": "fp32",
            "input": "bgr8", "closing": True}
-    keys = {bench.append_key({**row, "tf32": t, "cudnn_benchmark": c}) for t in (False, True) for c in (False, True)}
-    assert len(keys) == 4
+    keys = {bench.append_key({**row, "tf32": t, "tf32_convolutions": t or v, "cudnn_benchmark": c})
+            for t in (False, True) for v in (False, True) for c in (False, True)}
+    assert len(keys) == 6  # IEEE, TF32 convolutions, TF32; each with and without cudnn.benchmark
     assert bench.append_key(row) == bench.append_key({**row, "tf32": False, "cudnn_benchmark": False})
+    # a TF32 row from before tf32_convolutions was recorded ran its convolutions in TF32 too
+    assert bench.append_key({**row, "tf32": True}) == bench.append_key({**row, "tf32": True, "tf32_convolutions": True})
+    backend, _ = bench.make_backend("lite", "cpu", False, False, True, tf32_convolutions=True)
+    assert backend.tf32_convolutions is True and backend.tf32 is False
     # CPU post-processing by the native kernel or by torch ops: two measurements; rows from before the
     # kernel ran torch ops unless fused
     cpu = {**row, "backend": "torch static"}
@@ -63,10 +68,11 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     path = tmp_path / "rows.json"
     args = ["--device", "cpu", "--configs", "lite", "--frames", "2", "--warmup", "1", "--inputs", "bgr8",
             "--threads", "1", "--marker-period", "1000", "--json", str(path)]
-    assert bench.main([*args, "--tf32", "--cudnn-benchmark"]) == 0
+    assert bench.main([*args, "--tf32", "--tf32-convolutions", "--cudnn-benchmark"]) == 0
     first = json.loads(path.read_text())
     (row,) = first["rows"]
-    assert row["tf32"] is False and row["cudnn_benchmark"] is False  # as they ran: the CPU has neither
+    # as they ran: the CPU has none of them
+    assert row["tf32"] is False and row["tf32_convolutions"] is False and row["cudnn_benchmark"] is False
     assert row["postprocess_impl"] == "native"
     for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
         assert field in row
@@ -109,18 +115,21 @@ def test_agreement_rows_per_variant_with_the_backends_on_the_cpu(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
     out = tmp_path / "agreement.json"
     assert agreement.main(["--checkpoint", str(LITE), "--data", str(SAMPLE), "--split", "val", "--device", "cuda",
-                           "--compare", "tf32", "tf32_cudnn_benchmark", "--max-frames", "2", "--score-threshold",
+                           "--compare", "tf32", "tf32_convolutions", "tf32_cudnn_benchmark", "--max-frames", "2", "--score-threshold",
                            "0.3", "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())
-    assert set(result["rows"]) == {"torch_tf32", "torch_tf32_cudnn_benchmark", "cuda_graph_vs_eager"}
-    for variant in ("tf32", "tf32_cudnn_benchmark"):
+    assert set(result["rows"]) == {"torch_tf32", "torch_tf32_convolutions", "torch_tf32_cudnn_benchmark",
+                                   "cuda_graph_vs_eager"}
+    for variant in ("tf32", "tf32_convolutions", "tf32_cudnn_benchmark"):
         row = result["rows"][f"torch_{variant}"]
         assert row["variant"] == variant and row["frames"] == 2 and row["label_agreement"] == 1.0
         assert row["gt_metrics_reference"] == row["gt_metrics_other"]
     assert result["rows"]["torch_tf32_cudnn_benchmark"]["runtime"].endswith("TF32 + cudnn.benchmark")
     variant_options = [o for o in made if o.get("cuda_graph") and set(o) != {"cuda_graph"}]
-    assert variant_options == [{"cuda_graph": True, **TORCH_VARIANTS[v]} for v in ("tf32", "tf32_cudnn_benchmark")]
-    assert sum(o == {"cuda_graph": True} for o in made) == 3  # two references + the graph-vs-eager row
+    assert variant_options == [{"cuda_graph": True, **TORCH_VARIANTS[v]}
+                               for v in ("tf32", "tf32_convolutions", "tf32_cudnn_benchmark")]
+    assert sum(o == {"cuda_graph": True} for o in made) == 4  # three references + the graph-vs-eager row
+    assert result["rows"]["torch_tf32_convolutions"]["runtime"].endswith("TF32 convolutions (matmuls IEEE)")
 
 
 def test_each_compared_backend_runs_on_one_thread_of_its_own():

@@ -134,9 +134,9 @@ def test_single_overrides_change_only_themselves(launch_env, distro, tmp_path):
 @pytest.mark.parametrize("distro", DISTROS)
 def test_speed_options_are_launch_arguments(launch_env, distro):
     params = run_launch(launch_env, distro, "fp16:=true", "compile:=true", "tf32:=true",
-                        "cuda_graph:=false")[P.NODE_NAME]["params"]
-    assert {k: params[k] for k in ("fp16", "compile", "tf32", "cuda_graph")} == {
-        "fp16": True, "compile": True, "tf32": True, "cuda_graph": False}
+                        "tf32_convolutions:=true", "cuda_graph:=false")[P.NODE_NAME]["params"]
+    assert {k: params[k] for k in ("fp16", "compile", "tf32", "tf32_convolutions", "cuda_graph")} == {
+        "fp16": True, "compile": True, "tf32": True, "tf32_convolutions": True, "cuda_graph": False}
 
 
 @pytest.mark.parametrize("distro", DISTROS)

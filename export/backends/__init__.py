@@ -35,8 +35,8 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
     """Backend by name: ``torch`` (checkpoint .pt), ``onnxruntime`` (.onnx) or ``tensorrt`` (.engine).
 
     ``torch`` without ``model_path`` builds ``config`` with random weights (warned; demos and tests only);
-    ``torch_options`` (``compile``, ``cuda_graph``, ``tf32``, ``cudnn_benchmark``) go to the torch backend and are
-    ignored by the others.
+    ``torch_options`` (``compile``, ``cuda_graph``, ``tf32``, ``tf32_convolutions``, ``cudnn_benchmark``) go to the
+    torch backend and are ignored by the others.
     ``tensorrt`` given a ``.onnx`` builds ``<name>.engine`` beside it on first use and rebuilds it when
     the ONNX or ``fp16`` changed; given a ``.engine``, ``fp16`` is the precision it must have.
     """

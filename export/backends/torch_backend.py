@@ -9,6 +9,8 @@ Modes (``describe()`` and the start-up log say which one runs, and why a request
 - ``compile``: ``torch.compile`` (inductor) of the forward, CUDA only (CPU stays eager); it takes
   tens of seconds on the first frame of each precision, reused from inductor's on-disk FX graph
   cache on later starts.
+- ``tf32`` / ``tf32_convolutions`` (off by default): FP32 on CUDA is IEEE; ``tf32_convolutions`` runs the cuDNN
+  convolutions on TF32 tensor cores and keeps the matmuls IEEE (PyTorch's own default FP32), ``tf32`` both.
 - ``cudnn_benchmark`` (off by default): on CUDA, ``torch.backends.cudnn.benchmark`` is on while this
   backend runs, so cuDNN times its convolution algorithms during the warm-up and the captured graph
   keeps the fastest; off, cuDNN's heuristic choice is used (and the global flag is left alone).
@@ -122,11 +124,13 @@ class TorchBackend(Backend):
 
     FP16 uses CUDA autocast (matmuls/convs in half, reductions and softmax in float) rather than
     ``model.half()``; the camera projection and the sampling locations stay float32 under autocast
-    (models/geometry.py, models/sampling.py). FP32 on CUDA is IEEE FP32: TF32 convolutions/matmuls are
-    switched off during ``infer`` unless ``tf32=True``. TF32 (``benchmarks/fp16_agreement.py --compare
-    tf32``, H200, val split): 99.77 % of the voxel labels of IEEE FP32 for a trained paper_student, 99.95 %
-    for the shipped lite, SSC IoU/mIoU within 0.01 (on random-but-active weights, an earlier H100 run: half
-    of the occupied labels changed). With ``fp16`` TF32 stays off, so the float32 geometry under autocast stays IEEE.
+    (models/geometry.py, models/sampling.py). FP32 on CUDA is IEEE FP32: TF32 is switched off during
+    ``infer`` unless ``tf32=True`` (convolutions and matmuls) or ``tf32_convolutions=True`` (convolutions
+    only, PyTorch's default). Agreement with IEEE (``benchmarks/fp16_agreement.py --compare tf32
+    tf32_convolutions``, H200, val split), trained paper_student / shipped lite: TF32 99.77 / 99.95 % of the
+    voxel labels, TF32 convolutions only 99.993 / 99.999 %, SSC IoU/mIoU within 0.01 (on random-but-active
+    weights, an earlier H100 run: TF32 changed half of the occupied labels). With ``fp16`` both stay off,
+    so the float32 geometry under autocast stays IEEE.
     ``cudnn_benchmark=True`` autotunes cuDNN's convolution algorithms on CUDA (see the module
     docstring); neither option changes anything on the CPU.
     """
@@ -135,7 +139,7 @@ class TorchBackend(Backend):
 
     def __init__(self, model: nn.Module, config: ModelConfig, device: str | None = None, fp16: bool = False,
                  tf32: bool = False, compile: bool = False, cuda_graph: bool = False,
-                 cudnn_benchmark: bool = False):
+                 cudnn_benchmark: bool = False, tf32_convolutions: bool = False):
         dev = resolve_device(device)
         if fp16 and dev.type != "cuda":
             raise ValueError("fp16 with the torch backend needs a CUDA device (CPU half precision is slow "
@@ -144,12 +148,14 @@ class TorchBackend(Backend):
         self.torch_device = dev
         self.fp16 = fp16
         self.tf32 = tf32 and not fp16
+        self.tf32_convolutions = (tf32 or tf32_convolutions) and not fp16
         self.cudnn_benchmark = cudnn_benchmark and dev.type == "cuda"
         self.wrapper = ExportWrapper(model, config.use_depth).to(dev).eval()
         self.notes: list[str] = []
-        if tf32 and (fp16 or dev.type != "cuda"):
-            self.notes.append("tf32 requested with fp16: off (the float32 geometry stays IEEE)" if fp16 else
-                              "tf32 requested but the device is the CPU: no effect")
+        requested = "tf32" if tf32 else "tf32_convolutions" if tf32_convolutions else None
+        if requested and (fp16 or dev.type != "cuda"):
+            self.notes.append(f"{requested} requested with fp16: off (the float32 geometry stays IEEE)" if fp16 else
+                              f"{requested} requested but the device is the CPU: no effect")
         if cudnn_benchmark:
             self.notes.append("cudnn.benchmark on: cuDNN times its convolution algorithms on the first frames"
                               if self.cudnn_benchmark else "cudnn_benchmark requested but the device is the CPU: "
@@ -175,7 +181,8 @@ class TorchBackend(Backend):
         self._fused: dict[Any, StaticRunner] = {}
         mode = "+".join(m for m, on in (("compile", self.compiled), ("cuda_graph" if dev.type == "cuda" else
                                         "static", self.static)) if on) or "eager"
-        super().__init__(config, str(dev) + (" fp16" if fp16 else " tf32" if tf32 and dev.type == "cuda" else ""))
+        super().__init__(config, str(dev) + (" fp16" if fp16 else f" {self.fp32_math}" if dev.type == "cuda" and
+                                             self.tf32_convolutions else ""))
         self.mode = mode
         for note in self.notes:
             log.info("torch backend: %s", note)
@@ -191,6 +198,11 @@ class TorchBackend(Backend):
             log.warning("config passed to the torch backend differs from the checkpoint's; using the checkpoint's")
         return cls(model, ckpt_config, device=device, fp16=fp16, **options)
 
+    @property
+    def fp32_math(self) -> str:
+        """What FP32 runs as on CUDA: "tf32", "tf32 convolutions" (matmuls IEEE) or "ieee"."""
+        return "tf32" if self.tf32 else "tf32 convolutions" if self.tf32_convolutions else "ieee"
+
     def describe(self) -> str:
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
         return f"{self.name} {self.mode} on {self.device} ({self.config.name}){notes}"
@@ -201,7 +213,8 @@ class TorchBackend(Backend):
         FP16 autocast (its weight-cast cache off: CUDA graph capture needs that)."""
         saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         saved_benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32_convolutions
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
         if self.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         try:
