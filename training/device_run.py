@@ -104,10 +104,19 @@ def ensure_synth(root: Path, scenes: int, frames_per_scene: int, seed: int, widt
 
 
 # ---------------------------------------------------------------------------------- run
+def usable_cpus() -> int:
+    """CPUs this process may run on: the device machine lets its container use 4 of 16 cores, and
+    ``os.cpu_count()`` counts all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"CPU {platform.processor() or platform.machine()} ({usable_cpus()} usable cores, {torch.get_num_threads()} threads)"
 
 
 def build_config(args: argparse.Namespace, work: Path) -> TrainConfig:
@@ -259,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=192)
     parser.add_argument("--val-fraction", type=float, default=0.125)
-    parser.add_argument("--synth-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--synth-workers", type=int, default=usable_cpus(), help="default: the usable CPUs")
     return parser
 
 
