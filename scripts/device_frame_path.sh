@@ -18,16 +18,21 @@
 #                                             # with the fixed feeder (one call, ~7 min)
 #   bash scripts/device_frame_path.sh replay  # tests, discene-replay on CUDA (defaults, --tf32, --fp16), then
 #                                             # paper_student compiled FP16 and TF32 with the fixed feeder (~3 min)
-#   bash scripts/device_frame_path.sh profile # py-spy samples (native stacks, idle threads too) of the frame
-#                                             # loop, lite fp32 CUDA graph, bgr8 + JPEG: where the host time of
-#                                             # each stage thread goes, GIL waits included (~1 min; needs the
+#   bash scripts/device_frame_path.sh profile # py-spy samples (Python stacks) of the frame loop, lite fp32 CUDA
+#                                             # graph, bgr8 + JPEG: every thread idle or not, then the GIL holder
+#                                             # only: where each stage thread's time goes (~1 min; needs the
 #                                             # py-spy wheel in .whl)
+#   bash scripts/device_frame_path.sh remeasure # final, then profile, then PyTorch's default FP32 (TF32 convolutions,
+#                                             # IEEE matmuls: --tf32-convolutions) on paper_student, its lite
+#                                             # agreement (~6 min; call 7 ran it through a probe, before the option)
+#   bash scripts/device_frame_path.sh profile-conv # profile, then paper_student trained as in `train` and its
+#                                             # TF32-convolutions agreement with IEEE (~4 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile}
+stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -117,16 +122,34 @@ compiled_paper() {  # paper_student (random weights, threshold 0), compiled + gr
         --json "$out/frame_path_gpu.json" --append
 }
 
-profile_loop() {  # py-spy over the frame loop; raw stacks (gzip) come back for flamegraph.pl or a grep
-    local spy=/tmp/site/bin/py-spy
+profile_loop() {  # py-spy over the frame loop, Python stacks: every thread (idle too), then only the GIL holder
+    # (--native at 1000 Hz slowed the start-up imports so much that the loop never ran in 120 s: H200, 4 CPUs)
+    local spy=/tmp/site/bin/py-spy mode
     if [ ! -x "$spy" ]; then
         echo "py-spy is not installed: carry its wheel in .whl" | tee -a "$log"
         return
     fi
-    step 120 "py-spy over the frame loop (lite fp32, CUDA graph)" "$spy" record --threads --idle --native \
-        --rate 1000 --format raw -o /tmp/frame_loop_spy.txt -- python3 benchmarks/bench_frame_path.py \
-        --device "${PROFILE_DEVICE:-cuda}" --configs lite --precisions fp32 --frames 300
-    gzip -c /tmp/frame_loop_spy.txt > "$out/frame_loop_spy.txt.gz"
+    for mode in idle gil; do
+        step 90 "py-spy --$mode over the frame loop (lite fp32, CUDA graph)" "$spy" record --threads "--$mode" \
+            --rate 250 --format raw -o "/tmp/frame_loop_$mode.txt" -- python3 benchmarks/bench_frame_path.py \
+            --device "${PROFILE_DEVICE:-cuda}" --configs lite --precisions fp32 --frames 300
+        gzip -c "/tmp/frame_loop_$mode.txt" > "$out/frame_loop_$mode.txt.gz"
+    done
+}
+
+conv_tf32() {  # PyTorch's default FP32 (TF32 convolutions, IEEE matmuls): paper_student frame path, lite agreement
+    step 90 "frame path, paper_student FP32 with TF32 convolutions only, compile + CUDA graphs" python3 \
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 --tf32-convolutions \
+        --frames 300 --compile --json "$out/frame_path_gpu.json" --append
+    step 60 "TF32-convolutions agreement with IEEE FP32, shipped lite, val split" python3 benchmarks/fp16_agreement.py \
+        --checkpoint discene_ros/data/lite_distilled.pt --data .devdata/synth_lite_val --device cuda \
+        --compare tf32_convolutions --json "$out/conv_tf32_agreement.json"
+}
+conv_tf32_trained() {  # trained paper_student: TF32 convolutions only against IEEE
+    train_student
+    step 60 "TF32-convolutions agreement with IEEE FP32, trained paper_student, val split" python3 \
+        benchmarks/fp16_agreement.py --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 \
+        --compare tf32_convolutions --score-threshold 0.3 --json "$out/conv_tf32_agreement_trained.json"
 }
 
 case $stage in
@@ -139,8 +162,10 @@ fp32) tests 40; fp32_paper ;;
 fp32-recheck) tests 40; fp32_paper; graphs; compiled lite ;;
 replay) tests 40; replay_cuda; compiled_paper ;;
 profile) profile_loop ;;
+profile-conv) profile_loop; conv_tf32_trained ;;
+remeasure) tests 40; graphs; compiled lite; compiled paper_student --precisions fp16; profile_loop; conv_tf32 ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile)" >&2
+    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv)" >&2
     exit 2
     ;;
 esac
