@@ -31,8 +31,9 @@ inference about 2x slower on the 2-core build machine.
 (false on the CPU, where they change nothing). Run each variant as a process of its own (cuDNN's
 plan cache does not key on cudnn.benchmark; scripts/device_frame_path.sh fp32 does so).
 JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms",
-"stages_ms": {...}, "tf32", "tf32_convolutions", "cudnn_benchmark", "jpeg_decoder" (JPEG rows: "opencv <version>" where cv2 is
-installed, as on a robot, else "PIL <version>"; rows without it decoded with PIL), ...}]}.
+"stages_ms": {...}, "tf32", "tf32_convolutions", "cudnn_benchmark", "jpeg_decoder" (JPEG rows:
+"opencv <version>" where cv2 is installed, as on a robot, else "PIL <version>"; rows without it
+decoded with PIL), ...}]}.
 """
 from __future__ import annotations
 
@@ -180,8 +181,8 @@ def jpeg_decoder() -> str:
 
 def append_key(row: dict) -> tuple:
     """What makes two rows the same measurement for ``--append``; rows from before ``tf32``,
-    ``tf32_convolutions`` and ``cudnn_benchmark`` were recorded ran with them off; rows without ``omp_wait_policy`` are taken as
-    the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
+    ``tf32_convolutions`` and ``cudnn_benchmark`` were recorded ran with them off (a ``tf32`` row's
+    convolutions in TF32); rows without ``omp_wait_policy`` are taken as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),

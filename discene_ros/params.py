@@ -52,7 +52,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "student 89 -> 220 FPS on an H200 with compile; 99.8 % of the voxel labels of IEEE FP32 on trained "
               "weights); off: IEEE FP32. No effect with fp16 or on the CPU"),
     ParamSpec("tf32_convolutions", False, "torch backend on CUDA in FP32: TF32 for the convolutions only, matmuls "
-              "IEEE, as PyTorch's default FP32 (paper-size student 89 -> 145 FPS on an H200 with compile; 99.99 % of "
+              "IEEE, as PyTorch's default FP32 (paper-size student 89 -> 146 FPS on an H200 with compile; 99.99 % of "
               "the voxel labels of IEEE FP32 on trained weights); implied by tf32. No effect with fp16 or on the CPU"),
     ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image)"),
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
