@@ -9,11 +9,11 @@
 #   bash scripts/device_frame_path.sh final   # tests, CUDA graphs, lite compiled, paper_student FP16 compiled
 #   bash scripts/device_frame_path.sh recheck # tests, CUDA graphs: the rows again after the feeder and
 #                                             # OpenMP-pool fixes (docs/results/frame_path.md, GPU section)
-#   bash scripts/device_frame_path.sh fp32    # tests, paper_student trained as in `train`, its TF32 /
-#                                             # cudnn.benchmark agreement with IEEE FP32, then its FP32
-#                                             # frame path (compile + graphs) IEEE, cudnn.benchmark, TF32,
-#                                             # TF32 + cudnn.benchmark (time limits 40 + 200 + 60 + 4 x 62 s;
-#                                             # earlier H200 call: training 140 s, 83 s for two compiled precisions)
+#   bash scripts/device_frame_path.sh fp32    # tests, paper_student trained as in `train`, its TF32 and
+#                                             # TF32-convolutions agreement with IEEE FP32, then its FP32
+#                                             # frame path (compile + graphs) IEEE, TF32 convolutions, TF32
+#                                             # (time limits 40 + 200 + 60 + 3 x 62 s; earlier H200 calls:
+#                                             # training 131-154 s, 26-60 s per compiled variant)
 #   bash scripts/device_frame_path.sh fp32-recheck # fp32, then the CUDA-graph rows and lite compiled again
 #                                             # with the fixed feeder (one call, ~7 min)
 #   bash scripts/device_frame_path.sh replay  # tests, discene-replay on CUDA (defaults, --tf32, --fp16), then
@@ -93,14 +93,14 @@ train_paper() {  # paper_student a few hundred steps; its FP16 agreement and its
         --device cuda --configs paper_student --weights "paper_student=$ckpt" --frames 300 --compile \
         --json "$out/frame_path_gpu_trained.json"
 }
-fp32_paper() {  # trained paper_student in FP32: TF32/cudnn.benchmark agreement, then FP32 frame path per variant
+fp32_paper() {  # trained paper_student in FP32: TF32 agreement, then FP32 frame path per variant
     train_student
-    step 60 "TF32 / cudnn.benchmark agreement with IEEE FP32, trained paper_student, val split" \
+    step 60 "TF32 / TF32-convolutions agreement with IEEE FP32, trained paper_student, val split" \
         python3 benchmarks/fp16_agreement.py --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 \
-        --compare tf32 tf32_cudnn_benchmark cudnn_benchmark --score-threshold 0.3 --json "$out/tf32_agreement.json"
-    local flags
-    for flags in "" "--tf32 --cudnn-benchmark" "--cudnn-benchmark" "--tf32"; do
-        # shellcheck disable=SC2086  # $flags: zero to two separate options
+        --compare tf32 tf32_convolutions --score-threshold 0.3 --json "$out/tf32_agreement.json"
+    local flags  # cudnn.benchmark is left out since call 4 measured it changing nothing (tf32_agreement_gpu.json)
+    for flags in "" "--tf32-convolutions" "--tf32"; do
+        # shellcheck disable=SC2086  # $flags: zero or one option
         step 62 "frame path, trained paper_student FP32, compile + CUDA graphs, ${flags:-IEEE}" \
             python3 benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 \
             --weights "paper_student=$ckpt" --frames 300 --compile $flags --json "$out/frame_path_gpu_fp32.json" --append
