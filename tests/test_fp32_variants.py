@@ -76,6 +76,8 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert row["postprocess_impl"] == "native"
     for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
         assert field in row
+    assert set(row["stages_cpu_ms"]) == {"decode", "preprocess", "pointcloud2"}  # thread CPU time beside the wall time
+    assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
     old = {k: v for k, v in row.items() if k not in ("tf32", "cudnn_benchmark")}  # a row from before the fields
     old["postprocess_impl"] = "native"
     first["rows"] = [{**old, "fps": -1.0}, {**row, "tf32": True, "fps": -2.0}, {**row, "cudnn_benchmark": True,
@@ -154,3 +156,9 @@ def test_each_compared_backend_runs_on_one_thread_of_its_own():
     wb.close()
     assert len(set(a.threads)) == 1 and len(a.threads) == 4 and threading.get_ident() not in a.threads
     assert set(a.threads) != set(b.threads)
+
+
+def test_bench_rows_name_the_jpeg_decoder_that_ran(image_decoder):
+    """JPEG rows say which library decoded them: OpenCV where installed (the node's decoder), else PIL."""
+    expected = "opencv " if image_decoder == "cv2" else "PIL "
+    assert bench.jpeg_decoder().startswith(expected)
