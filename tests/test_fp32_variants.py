@@ -1,6 +1,6 @@
-"""The FP32 speed options (TF32, cudnn.benchmark) in the two issue-10 benchmarks, on the CPU.
+"""The FP32 speed options (TF32, TF32 convolutions, cudnn.benchmark) in the two issue-10 benchmarks, on the CPU.
 
-bench_frame_path: ``--tf32``/``--cudnn-benchmark`` reach the backend, rows record them as they ran,
+bench_frame_path: ``--tf32``/``--tf32-convolutions``/``--cudnn-benchmark`` reach the backend, rows record them as they ran,
 ``--append`` keeps rows that differ only in them. fp16_agreement: ``--compare`` refuses the CPU with a
 clear message; its rows are built and named per variant (run here with the backends pinned to the
 CPU, where the flags change nothing, so each variant agrees fully with the reference).
@@ -78,7 +78,8 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
         assert field in row
     assert set(row["stages_cpu_ms"]) == {"decode", "preprocess", "pointcloud2"}  # thread CPU time beside the wall time
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
-    old = {k: v for k, v in row.items() if k not in ("tf32", "cudnn_benchmark")}  # a row from before the fields
+    old = {k: v for k, v in row.items()  # a row from before the fields
+           if k not in ("tf32", "tf32_convolutions", "cudnn_benchmark")}
     old["postprocess_impl"] = "native"
     first["rows"] = [{**old, "fps": -1.0}, {**row, "tf32": True, "fps": -2.0}, {**row, "cudnn_benchmark": True,
                                                                                "fps": -3.0}]
@@ -117,8 +118,8 @@ def test_agreement_rows_per_variant_with_the_backends_on_the_cpu(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test device")
     out = tmp_path / "agreement.json"
     assert agreement.main(["--checkpoint", str(LITE), "--data", str(SAMPLE), "--split", "val", "--device", "cuda",
-                           "--compare", "tf32", "tf32_convolutions", "tf32_cudnn_benchmark", "--max-frames", "2", "--score-threshold",
-                           "0.3", "--json", str(out)]) == 0
+                           "--compare", "tf32", "tf32_convolutions", "tf32_cudnn_benchmark", "--max-frames", "2",
+                           "--score-threshold", "0.3", "--json", str(out)]) == 0
     (result,) = json.loads(out.read_text())
     assert set(result["rows"]) == {"torch_tf32", "torch_tf32_convolutions", "torch_tf32_cudnn_benchmark",
                                    "cuda_graph_vs_eager"}
