@@ -120,10 +120,9 @@ def _as_points(words: np.ndarray) -> np.ndarray:
 def cloud_points(centers: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Structured (M,) array in :data:`CLOUD_DTYPE` from voxel centres, labels and scores."""
     centers = np.asarray(centers)
-    labels = np.asarray(labels, dtype=np.uint8).reshape(-1)
-    if centers.ndim != 2 or centers.shape[1] != 3 or len(centers) != len(labels) or len(labels) != len(scores):
-        raise ValueError(f"cloud inputs disagree: centers {centers.shape}, labels {labels.shape}, scores {np.shape(scores)}")
-    words = _cloud_words(len(centers))
+    if centers.ndim != 2 or centers.shape[1] != 3:
+        raise ValueError(f"cloud inputs disagree: centers {centers.shape} are not (M, 3)")
+    words = _cloud_words(len(centers))  # labels and scores are checked against its M by _fill_attributes
     for axis in range(3):
         words[:, axis] = centers[:, axis]
     _fill_attributes(words, labels, scores)
