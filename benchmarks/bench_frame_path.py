@@ -7,12 +7,13 @@ a JPEG CompressedImage, built with the rosbags typestore factory, the stand-in f
 go through the node's code: decode (``msg_decode.any_image_to_rgb`` + CameraInfo K), preprocess
 (``OccupancyPipeline.prepare``: the device frame path of the torch backend), infer + post-process
 (``complete``), PointCloud2 (``occupancy_to_pointcloud2``), the MarkerArray every ``--marker-period``
-frames. Pipelining is on: ``TwoStageRunner`` prepares frame i+1 while frame i is inferred; the
-feeder hands a new frame over as soon as stage 1 is idle and no frame waits at either hand-off
-(``TwoStageRunner.wait_for_room``: a camera faster than the network, and no frame dropped; rows
-count ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the processed frames over
-``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms);
-``overhead_ms`` = decode + preprocess + post-process + PointCloud2, the CPU-side work per frame.
+frames. Pipelining is on, as in the node: ``FrameRunner`` decodes frame i+2 and prepares frame i+1 while
+frame i is inferred (``--no-decode-stage``: decode and prepare one after the other on one thread, the
+loop before session 7); the runner is lossless (a camera faster than the network, and no frame
+dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the
+processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame
+wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + PointCloud2, the CPU-side work
+per frame; the latency runs from the first stage taking a frame to its PointCloud2.
 
 On CUDA with CUDA graphs (the default), post-processing is captured in the network's graph and the
 runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GPU time of that graph
@@ -33,7 +34,8 @@ plan cache does not key on cudnn.benchmark; scripts/device_frame_path.sh fp32 do
 JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms",
 "stages_ms": {...}, "tf32", "tf32_convolutions", "cudnn_benchmark", "jpeg_decoder" (JPEG rows:
 "opencv <version>" where cv2 is installed, as on a robot, else "PIL <version>"; rows without it
-decoded with PIL), ...}]}.
+decoded with PIL), "decode_stage" (rows without it: no decode stage, fed by waiting for an idle
+pipeline rather than by the lossless runner), ...}]}.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
-from export.pipeline import OccupancyPipeline, TwoStageRunner  # noqa: E402
+from export.pipeline import FrameRunner, OccupancyPipeline  # noqa: E402
 from models import build_model, native_postprocess  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
@@ -106,7 +108,7 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
-            marker_period: int) -> dict:
+            marker_period: int, decode_stage: bool = True) -> dict:
     image, info, pose = camera_messages(factory, kind)
     records: list[dict] = []
     markers_ms: list[float] = []
@@ -115,15 +117,18 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
 
     decode_min_hw = msg_decode.reduced_decode_size(pipe.config.image_size)  # as the node's FrameProcessor decodes
 
-    def prepare(item, slot):
+    def decode(item):
         t0, c0 = time.perf_counter(), time.thread_time()
         rgb = msg_decode.any_image_to_rgb(image, decode_min_hw)
         k = msg_decode.camera_info_to_k(info, rgb.shape[:2])
+        return {"t_taken": t0, "decode": (time.perf_counter() - t0) * 1e3,
+                "decode_cpu": (time.thread_time() - c0) * 1e3, "rgb": rgb, "k": k}
+
+    def prepare(decoded, slot):
         t1, c1 = time.perf_counter(), time.thread_time()
-        prepared = pipe.prepare(rgb, k, pose, slot=slot)
-        return {"t_submit": item, "decode": (t1 - t0) * 1e3, "preprocess": (time.perf_counter() - t1) * 1e3,
-                "decode_cpu": (c1 - c0) * 1e3, "preprocess_cpu": (time.thread_time() - c1) * 1e3,
-                "prepared": prepared}
+        prepared = pipe.prepare(decoded.pop("rgb"), decoded.pop("k"), pose, slot=slot)
+        return {**decoded, "preprocess": (time.perf_counter() - t1) * 1e3,
+                "preprocess_cpu": (time.thread_time() - c1) * 1e3, "prepared": prepared}
 
     def launch(item, p):
         p["launched"] = pipe.launch(p["prepared"])
@@ -144,16 +149,18 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                             "postprocess": timings.postprocess_ms, "pointcloud2": (t2 - t1) * 1e3,
                             "decode_cpu": p["decode_cpu"], "preprocess_cpu": p["preprocess_cpu"],
                             "pointcloud2_cpu": (c2 - c1) * 1e3,
-                            "end_to_end": (t2 - item) * 1e3, "done": t2, "voxels": len(occ.voxel_labels),
+                            "end_to_end": (t2 - p["t_taken"]) * 1e3, "done": t2, "voxels": len(occ.voxel_labels),
                             "stage2": (t2 - t0) * 1e3})
 
     errors: list[BaseException] = []
     ahead = {"launch": launch, "launched_done": lambda p: pipe.launched_done(p["launched"])} if pipe.launch_ahead else {}
-    runner = TwoStageRunner(prepare, finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots, **ahead)
+    stages = ({"prepare": prepare, "decode": decode} if decode_stage
+              else {"prepare": lambda item, slot: prepare(decode(item), slot)})
+    runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
+                         lossless=True, **stages, **ahead)
     try:
-        for _ in range(warmup + frames):
-            runner.wait_for_room()
-            runner.submit(time.perf_counter())
+        for i in range(warmup + frames):
+            runner.submit(i)
         runner.wait_idle()
     finally:
         runner.close()
@@ -175,7 +182,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     return {
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
         "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
-        "frames": len(timed), "dropped": counts["dropped"], "voxels_median": int(np.median([r["voxels"] for r in timed])),
+        "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "voxels_median": int(np.median([r["voxels"] for r in timed])),
         "marker_period": marker_period,
     }
 
@@ -188,12 +195,12 @@ def jpeg_decoder() -> str:
 
 def append_key(row: dict) -> tuple:
     """What makes two rows the same measurement for ``--append``; rows from before ``tf32``,
-    ``tf32_convolutions`` and ``cudnn_benchmark`` were recorded ran with them off (a ``tf32`` row's
+    ``tf32_convolutions``, ``cudnn_benchmark`` and ``decode_stage`` were recorded ran with them off (a ``tf32`` row's
     convolutions in TF32); rows without ``omp_wait_policy`` are taken as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),
-            row.get("omp_wait_policy", "default"), postprocess_impl(row))
+            row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="TF32 convolutions, IEEE matmuls in FP32: PyTorch's default (CUDA; default IEEE)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
+    parser.add_argument("--no-decode-stage", action="store_true",
+                        help="decode in the prepare stage's thread instead of a stage of its own (the node's)")
     parser.add_argument("--marker-period", type=int, default=10)
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
                         help="post-processing closing: on (the node's default), off, or as the checkpoint says")
@@ -257,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = OccupancyPipeline(backend)
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
-                row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period)
+                row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
+                              not args.no_decode_stage)
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,

@@ -1,12 +1,13 @@
-"""The rclpy occupancy node: wiring around ``processing.TwoStageFrames`` and the message
+"""The rclpy occupancy node: wiring around ``processing.FrameLoop`` and the message
 conversions (``msg_decode``, ``msg_encode``).
 
-Callbacks only store messages: colour images go to the two-stage frame loop, camera info and depth
-to stamp-indexed buffers. Stage 1 (thread ``frame_prepare``) pairs the newest colour frame with the
-camera info and depth of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose
-in TF at that stamp, decodes and preprocesses (uploads) it; stage 2 (``frame_infer``) infers,
-post-processes and publishes, while stage 1 already prepares the next frame. A frame replaced by a
-newer one before a stage took it is dropped and counted; diagnostics carry received, processed,
+Callbacks only store messages: colour images go to the frame loop, camera info and depth to
+stamp-indexed buffers. The decode stage (thread ``frame_decode``) pairs the newest colour frame with
+the camera info and depth of its header stamp (bounded wait, ``pairing.py``), looks up the camera
+pose in TF at that stamp and decodes it; the prepare stage (``frame_prepare``) preprocesses
+(uploads) it; the finish stage (``frame_infer``) infers, post-processes and publishes, while the
+stages before it already work on the next frames. A frame replaced by a newer one before a stage
+took it is dropped and counted; diagnostics carry received, processed,
 skipped by reason, dropped and the frames in flight. Parameters are read once at start-up and
 declared read-only.
 
@@ -33,11 +34,11 @@ from .msg_factory import EveryNth, RclpyFactory
 from .pairing import FramePartners
 from .processing import (
     FrameInput,
+    FrameLoop,
     FrameProcessor,
     FrameStats,
     ProcessedFrame,
     ProcessorSettings,
-    TwoStageFrames,
     WarnThrottle,
     build_outputs,
     build_pipeline,
@@ -69,9 +70,10 @@ except ImportError as exc:  # the class below is then never instantiated
     Node = object
     ROS_IMPORT_ERROR = exc
 
-# Frames the two stages may hold at once (waiting for stage 1, in it, waiting for stage 2, in it), plus
-# one being submitted and one being counted as dropped: ``in_flight`` beyond this is a counting bug.
-MAX_IN_FLIGHT = 6
+# Frames the frame loop may hold at once (waiting for each of its three stages and in it, one more
+# launched ahead), plus one being submitted and one being counted as dropped: ``in_flight`` beyond this
+# is a counting bug.
+MAX_IN_FLIGHT = 9
 
 
 def sensor_qos() -> Any:
@@ -148,9 +150,9 @@ class OccupancyNode(Node):
                                                      P.TOPIC_DIAGNOSTICS, 1)
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
-        self.frames = TwoStageFrames(self.processor, self.stats, deliver=self.publish_outputs,
-                                     locate=self.locate_frame, on_skip=self.skip_frame,
-                                     stopping=lambda: not self.context.ok())
+        self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
+                                locate=self.locate_frame, on_skip=self.skip_frame,
+                                stopping=lambda: not self.context.ok())
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         self.get_logger().info(
             f"occupancy node ready: {describe()}, image {self.image_topic}, world frame "
@@ -173,7 +175,7 @@ class OccupancyNode(Node):
         diag = stats_to_diagnostics(self.factory, snapshot, stamp, hardware_id=self.pipeline.backend.describe())
         status = diag.status[0]
         pose_source = "TF" if self.fallback_note is None else f"FALLBACK: {self.fallback_note}"
-        # every received frame is processed, skipped or dropped; the rest is still in the two stages
+        # every received frame is processed, skipped or dropped; the rest is still in the frame loop
         in_flight = (snapshot["received"] - snapshot["processed"] - sum(snapshot["skipped"].values())
                      - snapshot["dropped"])
         status.values += [self.factory.new("diagnostic_msgs/msg/KeyValue", key=key, value=value)
@@ -186,15 +188,16 @@ class OccupancyNode(Node):
             status.message = f"frame counters disagree ({in_flight} frames in flight); " + status.message
         self.diagnostics_pub.publish(diag)
 
-    # -- the two stages (processing.TwoStageFrames): locate_frame in stage 1, publish_outputs in stage 2
+    # -- the frame loop's stages (processing.FrameLoop): locate_frame in the decode stage, publish_outputs
+    # in the finish stage
     def locate_frame(self, frame: FrameInput) -> None:
-        """Stage 1, before decoding: camera info and depth of the image stamp, camera pose from TF."""
+        """Decode stage, before decoding: camera info and depth of the image stamp, camera pose from TF."""
         frame.camera_info, frame.depth = self.partners.match(frame.stamp_ns)
         self.log_undistortion(frame.camera_info)
         frame.cam_pose = self.camera_pose(frame.image.header.frame_id, frame.stamp_ns)
 
     def publish_outputs(self, frame: FrameInput, result: ProcessedFrame) -> None:
-        """Stage 2: build and publish the frame's messages (never called once destroy_node began)."""
+        """Finish stage: build and publish the frame's messages (never called once destroy_node began)."""
         markers = self.markers_pub is not None and self.marker_schedule.due()
         msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns, markers=markers)
         self.cloud_pub.publish(msgs["cloud"])

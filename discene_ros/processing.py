@@ -1,9 +1,10 @@
 """The node's logic without ROS: pipeline set-up, statistics, throttled warnings, frame processing.
 
 The rclpy node (``node.py``) and the bag replay (``replay.py``) both drive these classes, so what
-is tested here is what runs on the robot. A frame is processed in two stages (``FrameProcessor.prepare``:
-decode, checks, preprocess/upload; ``complete``: inference, post-processing, output checks), which
-``TwoStageFrames`` runs on two threads so that the next frame is prepared while the current one is inferred.
+is tested here is what runs on the robot. A frame is processed in three stages
+(``FrameProcessor.decode_frame``: decode and checks; ``prepare_decoded``: preprocess/upload;
+``complete``: inference, post-processing, output checks), which ``FrameLoop`` runs on three threads so
+that the next frame is prepared, and the one after it decoded, while the current one is inferred.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from export.backends import create_backend
-from export.pipeline import PIPELINE_SLOTS, OccupancyPipeline, TwoStageRunner
+from export.pipeline import PIPELINE_SLOTS, FrameRunner, OccupancyPipeline
 
 from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
@@ -204,8 +205,21 @@ class FrameInput:
 
 
 @dataclass
+class DecodedFrame:
+    """A frame after the decode stage: the image, its K, depth and camera pose, checked."""
+
+    rgb: np.ndarray             # HxWx3 uint8, undistorted
+    k: np.ndarray               # 3x3 of ``rgb``
+    depth: np.ndarray | None    # metres, or None
+    cam_pose: np.ndarray        # 4x4 camera->world
+    used_fallback_pose: bool
+    voxel_origin: np.ndarray | None
+    decode_ms: float
+
+
+@dataclass
 class PreparedFrame:
-    """A frame after stage 1: decoded, checked, and preprocessed (uploaded) for the network."""
+    """A frame after the prepare stage: decoded, checked, and preprocessed (uploaded) for the network."""
 
     prepared: Any               # export.pipeline.Prepared
     cam_pose: np.ndarray
@@ -272,18 +286,26 @@ class FrameProcessor:
             raise DepthError(f"depth {dw}x{dh} is not aligned with the colour image {image_hw[1]}x{image_hw[0]}")
         return depth
 
-    def prepare(self, frame: FrameInput, slot: int = 0) -> PreparedFrame:
-        """Stage 1: decode, checks, preprocess/upload into the pipeline's buffer ``slot``."""
+    def decode_frame(self, frame: FrameInput) -> DecodedFrame:
+        """Decode stage: ``decode`` with its wall time."""
         t0 = time.perf_counter()
         rgb, k, depth, pose, fallback = self.decode(frame)
-        t1 = time.perf_counter()
+        return DecodedFrame(rgb, k, depth, pose, fallback, frame.voxel_origin, (time.perf_counter() - t0) * 1e3)
+
+    def prepare_decoded(self, decoded: DecodedFrame, slot: int = 0) -> PreparedFrame:
+        """Prepare stage: preprocess/upload a decoded frame into the pipeline's buffer ``slot``."""
         with frame_errors():
-            prepared = self.pipeline.prepare(rgb, k, pose, depth=depth, voxel_origin=frame.voxel_origin,
-                                             floor_z=self.settings.floor_z, slot=slot)
-        return PreparedFrame(prepared, pose, fallback, rgb, (t1 - t0) * 1e3)
+            prepared = self.pipeline.prepare(decoded.rgb, decoded.k, decoded.cam_pose, depth=decoded.depth,
+                                             voxel_origin=decoded.voxel_origin, floor_z=self.settings.floor_z,
+                                             slot=slot)
+        return PreparedFrame(prepared, decoded.cam_pose, decoded.used_fallback_pose, decoded.rgb, decoded.decode_ms)
+
+    def prepare(self, frame: FrameInput, slot: int = 0) -> PreparedFrame:
+        """Decode and prepare stages on the calling thread."""
+        return self.prepare_decoded(self.decode_frame(frame), slot)
 
     def launch(self, frame: PreparedFrame) -> PreparedFrame:
-        """Stage 2a (launch-ahead pipelines): queue the frame's device work; ``complete`` collects it."""
+        """Finish stage, first half (launch-ahead pipelines): queue the frame's device work; ``complete`` collects it."""
         with frame_errors():
             frame.launched = self.pipeline.launch(frame.prepared)
         return frame
@@ -293,7 +315,7 @@ class FrameProcessor:
         return self.pipeline.launched_done(frame.launched)
 
     def complete(self, frame: PreparedFrame) -> ProcessedFrame:
-        """Stage 2: inference, post-processing and the output checks of a prepared frame (launched or not)."""
+        """Finish stage: inference, post-processing and the output checks of a prepared frame (launched or not)."""
         with frame_errors():
             occ = (self.pipeline.collect(frame.launched) if frame.launched is not None
                    else self.pipeline.complete(frame.prepared))
@@ -317,14 +339,17 @@ def frame_errors() -> Iterator[None]:
         raise FrameError(f"pipeline rejected the frame: {exc}") from exc
 
 
-class TwoStageFrames:
-    """A FrameProcessor on ``export.pipeline.TwoStageRunner``: the node's and the replay's frame loop.
+class FrameLoop:
+    """A FrameProcessor on ``export.pipeline.FrameRunner``: the node's and the replay's frame loop.
 
-    Stage 1 (thread ``frame_prepare``): ``locate(frame)`` (stamp pairing and TF, which may block a
-    while), then ``FrameProcessor.prepare``; stage 2 (``frame_infer``): ``FrameProcessor.complete``,
-    then ``deliver(frame, result)`` (publish, or write the bag). Newest frame wins at both hand-offs.
+    Decode stage (thread ``frame_decode``): ``locate(frame)`` (stamp pairing and TF, which may block a
+    while), then ``FrameProcessor.decode_frame``; prepare stage (``frame_prepare``):
+    ``FrameProcessor.prepare_decoded``; finish stage (``frame_infer``): ``FrameProcessor.complete``, then
+    ``deliver(frame, result)`` (publish, or write the bag). The newest frame wins at every hand-off;
+    ``lossless`` (the full-speed replay): ``submit`` and the stages wait instead, nothing is dropped, and
+    a frame's latency runs from the decode stage taking it rather than from its ``received_s``.
     Every submitted frame ends in ``stats`` as exactly one of processed, skipped (FrameError reason
-    from either stage, ``internal_error`` for anything else) or dropped (replaced by a newer frame, or
+    from any stage, ``internal_error`` for anything else) or dropped (replaced by a newer frame, or
     abandoned at shutdown), so ``received == processed + skipped + dropped`` whenever none is in flight.
     After ``close`` starts, ``deliver`` is never called again.
     """
@@ -332,20 +357,21 @@ class TwoStageFrames:
     def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],
                  locate: Callable[[FrameInput], None] | None = None,
                  on_skip: Callable[[FrameInput, str, str], None] | None = None,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, lossless: bool = False) -> None:
         self.processor, self.stats = processor, stats
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
-        self.closed = False
+        self.closed, self.lossless = False, lossless
         ahead = bool(getattr(processor.pipeline, "launch_ahead", False))
-        self.runner = TwoStageRunner(
-            self.prepare_stage, self.finish_stage, on_error=self.error_callback,
+        self.runner = FrameRunner(
+            processor.prepare_decoded, self.finish_stage, on_error=self.error_callback,
             on_drop=lambda frame: self.stats.on_dropped(), slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
-            launched_done=processor.launched_done)
+            launched_done=processor.launched_done, decode=self.decode_stage, lossless=lossless)
 
     def submit(self, frame: FrameInput) -> None:
-        """Count ``frame`` as received and hand it to stage 1 (ignored once closed)."""
+        """Count ``frame`` as received and hand it to the decode stage (ignored once closed); lossless:
+        waits until that stage took the previous frame."""
         if self.closed:
             return
         self.stats.on_received()
@@ -354,10 +380,12 @@ class TwoStageFrames:
         except RuntimeError:  # closed meanwhile (shutdown)
             self.stats.on_dropped()
 
-    def prepare_stage(self, frame: FrameInput, slot: int) -> PreparedFrame:
+    def decode_stage(self, frame: FrameInput) -> DecodedFrame:
+        if self.lossless:
+            frame.received_s = time.monotonic()  # taken now: the wait to get in is the feeder's
         if self.locate is not None:
             self.locate(frame)
-        return self.processor.prepare(frame, slot)
+        return self.processor.decode_frame(frame)
 
     def finish_stage(self, frame: FrameInput, prepared: PreparedFrame) -> None:
         result = self.processor.complete(prepared)
@@ -380,16 +408,12 @@ class TwoStageFrames:
         if self.on_skip is not None:
             self.on_skip(frame, reason, text)
 
-    def wait_for_room(self, timeout: float | None = None) -> bool:
-        """Block until a frame submitted now would not replace another (``TwoStageRunner.wait_for_room``)."""
-        return self.runner.wait_for_room(timeout)
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted frame is processed, skipped or dropped."""
         return self.runner.wait_idle(timeout)
 
     def close(self, discard: bool = False, timeout: float = 10.0, wake: Callable[[], None] | None = None) -> bool:
-        """Stop both threads (True when they ended in time). ``discard`` (shutdown): nothing more is
+        """Stop the stage threads (True when they ended in time). ``discard`` (shutdown): nothing more is
         delivered, waiting frames are dropped, then ``wake`` unblocks a stage waiting on input (the
         node's pairing wait); without it every submitted frame is finished first."""
         if discard:
@@ -402,7 +426,7 @@ class TwoStageFrames:
         return ended
 
     def alive(self) -> bool:
-        """True while either stage thread runs."""
+        """True while a stage thread runs."""
         return self.runner.alive()
 
 

@@ -35,11 +35,11 @@ from .pairing import FramePartners
 from .params import DATA_DIR
 from .processing import (
     FrameInput,
+    FrameLoop,
     FrameProcessor,
     FrameStats,
     ProcessedFrame,
     ProcessorSettings,
-    TwoStageFrames,
     build_outputs,
     build_pipeline,
     latency_percentiles,
@@ -323,12 +323,13 @@ class Replayer:
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
     def run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool) -> None:
-        """Frames through the node's two-stage loop (``TwoStageFrames``). ``realtime``: at their recorded
-        times, stale frames dropped as the node drops them; latency from a frame's arrival to its output.
-        Else every frame as fast as the model goes: the loop is fed only when it has room (no drops), so
-        reading and preparing the next frame overlap the inference of the previous one; latency from a
-        frame being read to its output."""
-        loop = TwoStageFrames(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip)
+        """Frames through the node's frame loop (``FrameLoop``). ``realtime``: at their recorded times,
+        stale frames dropped as the node drops them; latency from a frame's arrival to its output. Else
+        every frame as fast as the model goes: the loop is lossless (reading waits for room, nothing is
+        dropped), so reading, decoding and preparing the next frames overlap the inference of the
+        previous one; latency from the loop taking a frame to its output."""
+        loop = FrameLoop(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip,
+                         lossless=not realtime)
         start_wall, start_bag = time.monotonic(), None
         try:
             for frame, bag_t in frames:
@@ -337,8 +338,6 @@ class Replayer:
                     delay = (bag_t - start_bag) * 1e-9 - (time.monotonic() - start_wall)
                     if delay > 0:
                         time.sleep(delay)
-                else:
-                    loop.wait_for_room()
                 frame.received_s = time.monotonic()
                 loop.submit(frame)
                 bar.update(1)

@@ -53,9 +53,9 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         f"{lat.get('p50', 0):.1f} / {lat.get('p90', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('mean', 0):.1f} |", "",
     ]
     if not summary.get("realtime"):
-        lines += ["Latency runs from a frame being read from the bag to its output. At full speed each frame is "
-                  "read as soon as the two-stage loop has room, so it waits for the frame ahead of it: about two "
-                  "frame times; one frame's own processing is the `total` stage below.", ""]
+        lines += ["Latency runs from the frame loop taking a frame to its output. At full speed the loop takes "
+                  "a frame as soon as its decode stage is free, so the frame then waits for the frames ahead of "
+                  "it: about two frame times; one frame's own processing is the `total` stage below.", ""]
     if summary.get("fps_after_first_frame"):
         lines += [f"The first frame took {summary['first_frame_ms']:.0f} ms (one-off warm-up); the frames after it "
                   f"ran at {summary['fps_after_first_frame']:.2f} FPS.", ""]

@@ -7,7 +7,8 @@ With the torch backend the frame stays on the torch device: ``TensorPreprocessor
 image once and resizes/normalises there, the backend returns device tensors, post-processing runs on
 the device and only the occupied voxels come back. Other backends take the numpy ``preprocess``.
 A frame is split into ``prepare`` (preprocess/upload) and ``complete`` (infer + post-process) so that
-``TwoStageRunner`` can prepare the next frame while the current one is inferred. On CUDA with the
+``FrameRunner`` can prepare the next frame (and decode the one after it) while the current one is
+inferred. On CUDA with the
 torch backend's CUDA graph, post-processing is the fixed-shape ``dense_occupancy`` captured in the
 network's graph (``fused``), and ``complete`` splits again into ``launch`` (replay, one asynchronous
 copy of the (X,Y,Z) label and score grids into pinned memory) and ``collect`` (wait, host arrays), so
@@ -55,7 +56,7 @@ class StageTimings:
 
 @dataclass
 class Prepared:
-    """A frame after stage 1: network inputs (numpy or device tensors), its preprocess time, and the
+    """A frame after the prepare stage: network inputs (numpy or device tensors), its preprocess time, and the
     CUDA event the inference stream waits for (None off CUDA)."""
 
     inputs: Any
@@ -79,7 +80,7 @@ class Launched:
 
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 LAUNCH_AHEAD_SLOTS = 4  # with launch-ahead one more: launched while the previous one is collected
-LAUNCH_POLL_S = 0.0002  # launch-ahead: how often stage 2 looks whether the launched frame's results are in
+LAUNCH_POLL_S = 0.0002  # launch-ahead: how often the finish stage looks whether the launched frame's results are in
 RESULT_SETS = 3  # pinned host grids: launched frames not yet collected (at most 2) + one spare
 
 
@@ -174,7 +175,7 @@ class OccupancyPipeline:
     def prepare(self, image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray,
                 depth: np.ndarray | None = None, voxel_origin: np.ndarray | None = None, floor_z: float = 0.0,
                 slot: int = 0) -> Prepared:
-        """Stage 1: checks, grid placement, preprocessing (and upload) into buffer ``slot``."""
+        """Prepare stage: checks, grid placement, preprocessing (and upload) into buffer ``slot``."""
         t0 = time.perf_counter()
         if voxel_origin is None:
             voxel_origin = place_grid(cam_pose, floor_z=floor_z, voxel_size=self.config.voxel_size,
@@ -196,7 +197,7 @@ class OccupancyPipeline:
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:
-        """Fused path, stage 2a: replay network + post-processing and queue the copy of the grids to the
+        """Fused path, finish stage (a): replay network + post-processing and queue the copy of the grids to the
         host; returns without waiting. At most ``RESULT_SETS - 1`` frames may be launched and not collected."""
         if not self.fused:
             raise RuntimeError("launch/collect need the fused CUDA-graph path (see OccupancyPipeline.fused)")
@@ -245,7 +246,7 @@ class OccupancyPipeline:
         return bool(launched.copied.query())
 
     def collect(self, launched: Launched):
-        """Fused path, stage 2b: wait for the copy, then the host ``OccupancyFrame``. ``infer_ms`` is the
+        """Fused path, finish stage (b): wait for the copy, then the host ``OccupancyFrame``. ``infer_ms`` is the
         GPU time of the captured graph (network + post-processing, CUDA events); ``postprocess_ms`` the
         host time from the copied grids to the frame."""
         launched.copied.synchronize()
@@ -261,7 +262,7 @@ class OccupancyPipeline:
         return frame
 
     def complete(self, prepared: Prepared):
-        """Stage 2: inference and post-processing of a prepared frame -> ``OccupancyFrame``."""
+        """Finish stage: inference and post-processing of a prepared frame -> ``OccupancyFrame``."""
         if self.fused:
             return self.collect(self.launch(prepared))
         t1 = time.perf_counter()
@@ -307,19 +308,29 @@ class OccupancyPipeline:
         self.backend.close()
 
 
-class TwoStageRunner:
-    """Two threads: stage 1 (``prepare``: decode + preprocess/upload) of the newest frame runs while
-    stage 2 (``finish``: infer, post-process, publish) works on the previous one.
+class FrameRunner:
+    """A frame loop on three threads: ``decode`` (optional), ``prepare`` (preprocess/upload into a buffer
+    slot) and ``finish`` (infer, post-process, publish), each on the next frame while the one after it
+    works on the previous frame.
 
-    Newest frame wins at both hand-offs: a submitted frame that stage 1 has not taken yet, and a
-    prepared frame that stage 2 has not taken yet, are replaced by the newer one and counted in
-    ``dropped`` (and passed to ``on_drop``). Every submitted frame ends as exactly one of processed,
-    failed or dropped (``wait_idle``/``close`` finish what is in flight; ``close(discard=True)`` drops
-    what waits instead). ``prepare(item, slot)`` gets a buffer slot in ``range(slots)`` that no frame
-    in stage 2 or waiting for it uses.
+    Frames pass three hand-offs: submitted -> decode, decoded -> prepare, prepared -> finish (without
+    ``decode`` the first two are one). What happens when a frame reaches a hand-off that still holds the
+    previous one depends on ``lossless``:
+    - off (live camera, the node): the newest frame wins. The waiting frame is replaced, counted in
+      ``dropped`` and passed to ``on_drop``.
+    - on (bag replay, benchmarks): ``submit`` waits until the first stage took the previous frame, and a
+      stage takes its next frame only while no frame waits at a hand-off after it, so no frame is
+      dropped, every stage still works on its own frame at once, and at most one frame waits between
+      the first stage and the last (a deeper queue would only add latency where the finish stage is
+      the slowest).
+    Every submitted frame ends as exactly one of processed, failed or dropped (``wait_idle``/``close``
+    finish what is in flight; ``close(discard=True)`` drops what waits instead). ``decode(item)`` returns
+    what ``prepare(decoded, slot)`` takes (``prepare(item, slot)`` without ``decode``); ``finish``,
+    ``on_error`` and ``on_drop`` always get the submitted item. ``slot`` is in ``range(slots)`` and no
+    frame in the finish stage or waiting for it uses it.
 
-    With ``launch`` (launch-ahead), stage 2 calls ``launch(item, prepared)`` (queue the device work)
-    and later ``finish(item, launched)``; when the next prepared frame is already waiting, it is
+    With ``launch`` (launch-ahead), the finish stage calls ``launch(item, prepared)`` (queue the device
+    work) and later ``finish(item, launched)``; when the next prepared frame is already waiting, it is
     launched before the current one is finished, so the device works on frame i+1 while the host turns
     frame i into messages. While a launched frame's device work runs (``launched_done(handle)`` False,
     polled every ``LAUNCH_POLL_S``), a frame that becomes ready is launched behind it; once the work is
@@ -331,32 +342,40 @@ class TwoStageRunner:
                  on_error: Callable[[Any, BaseException], None] | None = None, slots: int = PIPELINE_SLOTS,
                  on_drop: Callable[[Any], None] | None = None,
                  launch: Callable[[Any, Any], Any] | None = None,
-                 launched_done: Callable[[Any], bool] = lambda handle: True) -> None:
+                 launched_done: Callable[[Any], bool] = lambda handle: True,
+                 decode: Callable[[Any], Any] | None = None, lossless: bool = False) -> None:
         need = LAUNCH_AHEAD_SLOTS if launch is not None else PIPELINE_SLOTS
         if slots < need:
-            raise ValueError(f"TwoStageRunner needs {need} buffer slots (in use, waiting, being prepared"
+            raise ValueError(f"FrameRunner needs {need} buffer slots (in use, waiting, being prepared"
                              f"{', launched ahead' if launch is not None else ''}), got {slots}")
         self._prepare, self._finish, self._on_error, self._on_drop = prepare, finish, on_error, on_drop
-        self._launch, self._launched_done = launch, launched_done
+        self._launch, self._launched_done, self._decode = launch, launched_done, decode
+        self.lossless = bool(lossless)
         self._cond = threading.Condition()
-        self._incoming: Any = None     # submitted, not yet taken by stage 1
-        self._ready: Any = None        # (item, prepared, slot) not yet taken by stage 2
-        self._busy = [False, False]    # stage 1 / stage 2 working on a frame
+        self._incoming: Any = None     # submitted, not yet taken by the first stage
+        self._decoded: Any = None      # (item, decoded, None) not yet taken by the prepare stage
+        self._ready: Any = None        # (item, prepared, slot) not yet taken by the finish stage
+        self._busy = [False, False, False]  # the decode / prepare / finish stage works on a frame
         self._free = list(range(slots))
         self._closed = self._discard = False
         self.submitted = self.processed = self.failed = self.dropped = 0
-        stage2 = self._stage2 if launch is None else self._stage2_launch_ahead
+        finish_stage = self._finish_stage if launch is None else self._finish_stage_launch_ahead
         release_openmp_team()  # the stages' threads do the torch work now (export/host_threads.py)
-        self._threads = [threading.Thread(target=self._stage1, name="frame_prepare", daemon=True),
-                         threading.Thread(target=stage2, name="frame_infer", daemon=True)]
+        stages = [(self._prepare_stage, "frame_prepare"), (finish_stage, "frame_infer")]
+        if decode is not None:
+            stages.insert(0, (self._decode_stage, "frame_decode"))
+        self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in stages]
         for t in self._threads:
             t.start()
 
     def submit(self, item: Any) -> bool:
-        """Queue ``item`` (newest wins); True when it replaced a frame stage 1 had not taken (dropped)."""
+        """Queue ``item``; True when it replaced a frame the first stage had not taken (dropped). Lossless:
+        waits until the first stage took the previous frame instead (RuntimeError if closed meanwhile)."""
         with self._cond:
+            if self.lossless:
+                self._cond.wait_for(lambda: self._incoming is None or self._closed)
             if self._closed:
-                raise RuntimeError("TwoStageRunner is closed")
+                raise RuntimeError("FrameRunner is closed")
             self.submitted += 1
             replaced, self._incoming = self._incoming, item
             self.dropped += int(replaced is not None)
@@ -365,78 +384,121 @@ class TwoStageRunner:
             self._dropped(replaced)
         return replaced is not None
 
-    def _stage1(self) -> None:
+    def _upstream_idle(self, stage: int) -> bool:
+        """No frame waits at a hand-off up to ``stage``'s own (stages: 0 decode, 1 prepare, 2 finish) and
+        no stage before it works on one."""
+        waiting = (self._incoming, self._decoded, self._ready)[:stage + 1]
+        return all(w is None for w in waiting) and not any(self._busy[:stage])
+
+    def _decode_stage(self) -> None:
         while True:
             with self._cond:
-                while self._incoming is None and not self._closed:
+                while (not self._can_take(self._incoming, self._decoded, self._ready)
+                       and not (self._closed and self._incoming is None)):
                     self._cond.wait()
                 if self._incoming is None:
                     return
                 item, self._incoming = self._incoming, None
-                slot = self._free.pop()
                 self._busy[0] = True
+                self._cond.notify_all()  # the input is free: a lossless submit may go on
             try:
-                prepared = self._prepare(item, slot)
+                decoded = self._decode(item)
             except BaseException as exc:  # bad input: counted, reported, never kills the thread
-                with self._cond:
-                    self.failed += 1
-                    self._free.append(slot)
-                    self._busy[0] = False
-                    self._cond.notify_all()
-                self._report(item, exc)
+                self._stage_failed(0, item, None, exc)
                 continue
-            with self._cond:
-                replaced = self._ready
-                if replaced is not None:  # stage 2 did not take the previous frame: newest wins
-                    self.dropped += 1
-                    self._free.append(replaced[2])
-                discarded = self._discard  # closed meanwhile: this frame is not finished either
-                if discarded:
-                    self.dropped += 1
-                    self._free.append(slot)
-                else:
-                    self._ready = (item, prepared, slot)
-                self._busy[0] = False
-                self._cond.notify_all()
-            if replaced is not None:
-                self._dropped(replaced[0])
-            if discarded:
-                self._dropped(item)
+            self._hand_over(0, "_decoded", (item, decoded, None))
 
-    def _stage2(self) -> None:
+    def _prepare_stage(self) -> None:
+        source = "_incoming" if self._decode is None else "_decoded"
         while True:
             with self._cond:
-                while self._ready is None and not (self._closed and self._incoming is None and not self._busy[0]):
+                while (not self._can_take(getattr(self, source), self._ready)
+                       and not (self._closed and self._upstream_idle(1))):
+                    self._cond.wait()
+                taken = getattr(self, source)
+                if taken is None:
+                    return
+                setattr(self, source, None)
+                item, payload = (taken, taken) if self._decode is None else taken[:2]
+                slot = self._free.pop()
+                self._busy[1] = True
+                self._cond.notify_all()  # the hand-off is free: the stage or submit before it may go on
+            try:
+                prepared = self._prepare(payload, slot)
+            except BaseException as exc:
+                self._stage_failed(1, item, slot, exc)
+                continue
+            self._hand_over(1, "_ready", (item, prepared, slot))
+
+    def _can_take(self, source: Any, *after: Any) -> bool:
+        """A stage may take ``source`` (its hand-off's frame, None when empty): lossless, only while the
+        hand-offs ``after`` it are free, so that what it makes never replaces a frame there."""
+        return source is not None and (not self.lossless or all(a is None for a in after))
+
+    def _hand_over(self, stage: int, place: str, entry: tuple[Any, Any, int | None]) -> None:
+        """Put ``entry`` (item, payload, slot) at hand-off ``place`` as stage ``stage`` ends it; the newest
+        frame wins: one still waiting there is dropped (never when lossless, see ``_can_take``)."""
+        with self._cond:
+            replaced = getattr(self, place)
+            drops = [] if replaced is None else [replaced]
+            discarded = self._discard  # closed meanwhile: this frame is not finished either
+            if discarded:
+                drops.append(entry)
+            else:
+                setattr(self, place, entry)
+            for _, _, slot in drops:
+                if slot is not None:
+                    self._free.append(slot)
+            self.dropped += len(drops)
+            self._busy[stage] = False
+            self._cond.notify_all()
+        for dropped in drops:
+            self._dropped(dropped[0])
+
+    def _stage_failed(self, stage: int, item: Any, slot: int | None, exc: BaseException) -> None:
+        """Count a frame that failed in the decode or prepare stage, free its slot, report it."""
+        with self._cond:
+            self.failed += 1
+            if slot is not None:
+                self._free.append(slot)
+            self._busy[stage] = False
+            self._cond.notify_all()
+        self._report(item, exc)
+
+    def _finish_stage(self) -> None:
+        while True:
+            with self._cond:
+                while self._ready is None and not (self._closed and self._upstream_idle(2)):
                     self._cond.wait()
                 if self._ready is None:
                     return
                 (item, prepared, slot), self._ready = self._ready, None
-                self._busy[1] = True
-                self._cond.notify_all()  # the hand-off is free: a feeder in wait_for_room may go on
+                self._busy[2] = True
+                self._cond.notify_all()  # the hand-off is free: the prepare stage may go on
             self._finish_counted(item, prepared, slot, idle=True)
 
-    def _stage2_launch_ahead(self) -> None:
+    def _finish_stage_launch_ahead(self) -> None:
         pending = None  # (item, launched, slot): launched, not finished yet
         while True:
             with self._cond:
                 # with a frame on the device, wait for the next prepared frame or for that frame's results,
                 # whichever comes first: its results are not delayed, and a next frame gets queued behind it
                 while not (self._ready is not None or (pending is not None and self._launched_done(pending[1]))
-                           or (pending is None and self._closed and self._incoming is None and not self._busy[0])):
+                           or (pending is None and self._closed and self._upstream_idle(2))):
                     self._cond.wait(LAUNCH_POLL_S if pending is not None else None)
                 if pending is None and self._ready is None:
                     return
                 taken, self._ready = self._ready, None
-                self._busy[1] = True
+                self._busy[2] = True
                 if taken is not None:
-                    self._cond.notify_all()  # the hand-off is free: a feeder in wait_for_room may go on
+                    self._cond.notify_all()  # the hand-off is free: the prepare stage may go on
             launched = None
             if taken is not None:
                 item, prepared, slot = taken
                 try:
                     launched = (item, self._launch(item, prepared), slot)
                 except BaseException as exc:
-                    self._stage2_done(item, slot, exc)
+                    self._finish_done(item, slot, exc)
             if pending is not None and (launched is not None or taken is None or self._launched_done(pending[1])):
                 self._finish_counted(*pending)
                 pending = None
@@ -444,21 +506,21 @@ class TwoStageRunner:
                 pending = launched
             if pending is None:
                 with self._cond:
-                    self._busy[1] = False
+                    self._busy[2] = False
                     self._cond.notify_all()
 
     def _finish_counted(self, item: Any, handle: Any, slot: int, idle: bool = False) -> None:
-        """``finish`` a frame (a failure is reported, never raised), then ``_stage2_done``."""
+        """``finish`` a frame (a failure is reported, never raised), then ``_finish_done``."""
         try:
             self._finish(item, handle)
         except BaseException as exc:  # bad input or a failed publish: counted, never kills the thread
-            self._stage2_done(item, slot, exc, idle)
+            self._finish_done(item, slot, exc, idle)
         else:
-            self._stage2_done(item, slot, None, idle)
+            self._finish_done(item, slot, None, idle)
 
-    def _stage2_done(self, item: Any, slot: int, exc: BaseException | None, idle: bool = False) -> None:
-        """Count a frame stage 2 ended (processed, or failed with ``exc``) and free its slot; ``idle``:
-        stage 2 holds no other frame now."""
+    def _finish_done(self, item: Any, slot: int, exc: BaseException | None, idle: bool = False) -> None:
+        """Count a frame the finish stage ended (processed, or failed with ``exc``) and free its slot;
+        ``idle``: the stage holds no other frame now."""
         if exc is not None:
             self._report(item, exc)
         with self._cond:
@@ -466,7 +528,7 @@ class TwoStageRunner:
             self.failed += int(exc is not None)
             self._free.append(slot)
             if idle:
-                self._busy[1] = False
+                self._busy[2] = False
             self._cond.notify_all()
 
     def _report(self, item: Any, exc: BaseException) -> None:
@@ -477,27 +539,17 @@ class TwoStageRunner:
         if self._on_drop is not None:
             self._on_drop(item)
 
-    def wait_for_room(self, timeout: float | None = None) -> bool:
-        """Block until stage 1 is idle and no frame waits at either hand-off: a feeder that calls this
-        before ``submit`` drops no frame and still overlaps the stages (stage 1 prepares the new frame
-        while stage 2 works on the one it just took). Waiting only for the hand-offs is not enough: a
-        frame submitted while stage 1 prepares the previous one replaces it at the second hand-off
-        when stage 2 is still busy."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None and not self._busy[0],
-                                       timeout)
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted frame is processed, failed or dropped; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._incoming is None and self._ready is None and not any(self._busy),
+            return self._cond.wait_for(lambda: self._upstream_idle(2) and self._ready is None and not self._busy[2],
                                        timeout)
 
     def close(self, timeout: float = 10.0, discard: bool = False) -> bool:
-        """Finish the frames already submitted, then stop both threads; True when both ended in time.
+        """Finish the frames already submitted, then stop the threads; True when all ended in time.
 
-        ``discard``: shutting down, finish only the frame in stage 2; the frame waiting for stage 1,
-        the one waiting for stage 2 and the one stage 1 is preparing are dropped.
+        ``discard``: shutting down, finish only the frame in the finish stage; the frames waiting at the
+        hand-offs and those being decoded or prepared are dropped.
         """
         waiting: list[Any] = []
         with self._cond:
@@ -507,10 +559,13 @@ class TwoStageRunner:
                 if self._incoming is not None:
                     waiting.append(self._incoming)
                     self._incoming = None
-                if self._ready is not None:
-                    waiting.append(self._ready[0])
-                    self._free.append(self._ready[2])
-                    self._ready = None
+                for place in ("_decoded", "_ready"):
+                    entry = getattr(self, place)
+                    if entry is not None:
+                        waiting.append(entry[0])
+                        if entry[2] is not None:
+                            self._free.append(entry[2])
+                        setattr(self, place, None)
                 self.dropped += len(waiting)
             self._cond.notify_all()
         for item in waiting:
@@ -520,7 +575,7 @@ class TwoStageRunner:
         return not self.alive()
 
     def alive(self) -> bool:
-        """True while either stage thread runs (False after ``close`` returned True)."""
+        """True while a stage thread runs (False after ``close`` returned True)."""
         return any(t.is_alive() for t in self._threads)
 
     def counts(self) -> dict[str, int]:

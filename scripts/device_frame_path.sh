@@ -27,12 +27,16 @@
 #                                             # agreement (~6 min; call 7 ran it through a probe, before the option)
 #   bash scripts/device_frame_path.sh profile-conv # profile, then paper_student trained as in `train` and its
 #                                             # TF32-convolutions agreement with IEEE (~4 min)
+#   bash scripts/device_frame_path.sh decode-stage # tests; lite with and without the decode stage of its own
+#                                             # (CUDA graphs fp32 + fp16, then compiled fp32), side by side
+#                                             # in one call; paper_student compiled FP16 and FP32 with the
+#                                             # tf32_convolutions option itself (~7 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv}
+stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -151,6 +155,18 @@ conv_tf32_trained() {  # trained paper_student: TF32 convolutions only against I
         benchmarks/fp16_agreement.py --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 \
         --compare tf32_convolutions --score-threshold 0.3 --json "$out/conv_tf32_agreement_trained.json"
 }
+decode_stage_pairs() {  # lite with its decode stage (the node's loop) and without, one after the other
+    local flags
+    for flags in "" "--no-decode-stage"; do
+        # shellcheck disable=SC2086  # $flags: zero or one option
+        step 80 "frame path, lite, CUDA graphs ${flags:-(decode stage)}" python3 benchmarks/bench_frame_path.py \
+            --device cuda --configs lite --frames 300 $flags --json "$out/frame_path_gpu.json" --append
+        # shellcheck disable=SC2086
+        step 80 "frame path, lite fp32, compile + CUDA graphs ${flags:-(decode stage)}" python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs lite --precisions fp32 --compile --frames 300 \
+            $flags --json "$out/frame_path_gpu.json" --append
+    done
+}
 
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
@@ -164,8 +180,9 @@ replay) tests 40; replay_cuda; compiled_paper ;;
 profile) profile_loop ;;
 profile-conv) profile_loop; conv_tf32_trained ;;
 remeasure) tests 40; graphs; compiled lite; compiled paper_student --precisions fp16; profile_loop; conv_tf32 ;;
+decode-stage) tests 40; decode_stage_pairs; compiled paper_student --precisions fp16; conv_tf32 ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv)" >&2
+    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage)" >&2
     exit 2
     ;;
 esac

@@ -107,7 +107,7 @@ def test_replay_interrupted_midway_keeps_previous_outputs_consistent(tmp_path, m
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert Path("report.md") in before and any(p.suffix == ".mcap" for p in before)
     calls = {"n": 0}
-    original = replay.TwoStageFrames.submit
+    original = replay.FrameLoop.submit
 
     def dies_on_second(self, frame):  # Ctrl-C in the replay's main thread while it feeds the second frame
         calls["n"] += 1
@@ -115,7 +115,7 @@ def test_replay_interrupted_midway_keeps_previous_outputs_consistent(tmp_path, m
             raise KeyboardInterrupt
         return original(self, frame)
 
-    monkeypatch.setattr(replay.TwoStageFrames, "submit", dies_on_second)
+    monkeypatch.setattr(replay.FrameLoop, "submit", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--renders", "0"])
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -60,6 +60,9 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     assert bench.append_key({**cpu, "postprocess_impl": "native"}) != bench.append_key(cpu)
     assert bench.append_key({**cpu, "postprocess_impl": "torch"}) == bench.append_key(cpu)
     assert bench.append_key({**cpu, "fused_postprocess": True}) == bench.append_key({**cpu, "postprocess_impl": "fused"})
+    # with a decode stage of its own or not: two measurements; rows from before the field had none
+    assert bench.append_key({**row, "decode_stage": True}) != bench.append_key(row)
+    assert bench.append_key({**row, "decode_stage": False}) == bench.append_key(row)
 
 
 @pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
@@ -78,6 +81,7 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
         assert field in row
     assert set(row["stages_cpu_ms"]) == {"decode", "preprocess", "pointcloud2"}  # thread CPU time beside the wall time
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
+    assert row["decode_stage"] is True and row["dropped"] == 0  # the node's loop, fed losslessly
     old = {k: v for k, v in row.items()  # a row from before the fields
            if k not in ("tf32", "tf32_convolutions", "cudnn_benchmark")}
     old["postprocess_impl"] = "native"
@@ -88,6 +92,9 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     rows = json.loads(path.read_text())["rows"]
     assert sorted(r["fps"] for r in rows if r["fps"] < 0) == [-3.0, -2.0]  # the IEEE row replaced, the others kept
     assert len(rows) == 3 and sum(not r["tf32"] and not r["cudnn_benchmark"] for r in rows) == 1
+    assert bench.main([*args, "--append", "--no-decode-stage"]) == 0  # another measurement: appended
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 4 and sorted(r["decode_stage"] for r in rows if r["fps"] > 0) == [False, True]
 
 
 def test_agreement_variants_need_cuda(lite_model, lite_config, capsys):

@@ -13,7 +13,7 @@ from test_ros_support import wait_until
 
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
-from export.pipeline import LAUNCH_AHEAD_SLOTS, OccupancyPipeline, TwoStageRunner
+from export.pipeline import LAUNCH_AHEAD_SLOTS, FrameRunner, OccupancyPipeline
 from models.postprocess import dense_occupancy, frame_from_dense, labels_batch, points_to_occupancy
 
 ORIGIN = np.array([1.0, -2.0, 0.5])
@@ -159,8 +159,8 @@ class Device:
 
 def test_launch_ahead_queues_the_next_frame_behind_a_running_one():
     dev = Device()
-    runner = TwoStageRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
-                            launched_done=dev.done)
+    runner = FrameRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
+                         launched_done=dev.done)
     try:
         runner.submit(1)
         wait_until(lambda: ("launch", 1) in dev.events)
@@ -180,9 +180,9 @@ def test_launch_ahead_queues_the_next_frame_behind_a_running_one():
 def test_launch_ahead_counts_every_frame_and_keeps_order():
     dev = Device()
     errors: list[int] = []
-    runner = TwoStageRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
-                            launched_done=dev.done, on_drop=dev.release,
-                            on_error=lambda item, exc: (errors.append(item), dev.release(item)))
+    runner = FrameRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
+                         launched_done=dev.done, on_drop=dev.release,
+                         on_error=lambda item, exc: (errors.append(item), dev.release(item)))
     stop = threading.Event()
 
     def device_loop() -> None:  # completes launched work in launch order, like one CUDA stream
@@ -202,7 +202,7 @@ def test_launch_ahead_counts_every_frame_and_keeps_order():
         for item in items:
             runner.submit(item)
             if item % 3 == 0 or item in (-1, 13):  # the others may be replaced by the next one (dropped)
-                assert runner.wait_for_room(5)
+                assert runner.wait_idle(5)
         assert runner.wait_idle(10)
     finally:
         stop.set()
@@ -218,17 +218,17 @@ def test_launch_ahead_counts_every_frame_and_keeps_order():
 
 def test_launch_ahead_needs_a_fourth_slot():
     with pytest.raises(ValueError, match="needs 4 buffer slots"):
-        TwoStageRunner(lambda i, s: i, lambda i, p: None, slots=3, launch=lambda i, p: p)
+        FrameRunner(lambda i, s: i, lambda i, p: None, slots=3, launch=lambda i, p: p)
 
 
 def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lite_config):
-    """The node's and replay's loop (TwoStageFrames) takes the launch/collect path when the pipeline
+    """The node's and replay's loop (FrameLoop) takes the launch/collect path when the pipeline
     offers it, and delivers the frames the plain path gives; a bad frame is skipped and counted."""
     from rosbags.typesys import Stores, get_typestore
 
     from discene_ros import msg_encode
     from discene_ros.msg_factory import TypestoreFactory
-    from discene_ros.processing import FrameInput, FrameProcessor, FrameStats, ProcessorSettings, TwoStageFrames
+    from discene_ros.processing import FrameInput, FrameLoop, FrameProcessor, FrameStats, ProcessorSettings
 
     factory = TypestoreFactory(get_typestore(Stores.ROS2_JAZZY))
     cfg = dataclasses.replace(lite_config, score_threshold=0.0)
@@ -244,12 +244,11 @@ def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lit
 
     proc = FrameProcessor(fused, ProcessorSettings(use_fallback_pose=False))
     stats, delivered, skipped = FrameStats(), {}, []
-    loop = TwoStageFrames(proc, stats, deliver=lambda f, result: delivered.setdefault(f.stamp_ns, result),
-                          on_skip=lambda f, reason, text: skipped.append(reason))
+    loop = FrameLoop(proc, stats, deliver=lambda f, result: delivered.setdefault(f.stamp_ns, result),
+                     on_skip=lambda f, reason, text: skipped.append(reason), lossless=True)
     assert loop.runner._launch is not None
     for seed in (0, 1, 2):
         loop.submit(frame(seed, "bogus" if seed == 1 else "rgb8"))
-        assert loop.runner.wait_for_room(10)
     assert loop.wait_idle(20)
     loop.close()
     assert sorted(delivered) == [0, 2] and skipped == ["unsupported_encoding"]

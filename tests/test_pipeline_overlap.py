@@ -1,4 +1,4 @@
-"""TwoStageRunner (newest frame wins, exact counters) and the torch frame path of OccupancyPipeline."""
+"""FrameRunner (newest frame wins or lossless, exact counters) and the torch frame path of OccupancyPipeline."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ from test_ros_support import wait_until
 
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
-from export.pipeline import OccupancyPipeline, TwoStageRunner
+from export.pipeline import FrameRunner, OccupancyPipeline
 from models.postprocess import points_to_occupancy
 from models.preprocess import preprocess
 
@@ -62,7 +62,7 @@ class Gate:
 def test_newest_frame_wins_and_the_dropped_counter_is_exact():
     g = Gate()
     errors = []
-    runner = TwoStageRunner(g.prepare, g.finish, on_error=lambda item, exc: errors.append((item, str(exc))))
+    runner = FrameRunner(g.prepare, g.finish, on_error=lambda item, exc: errors.append((item, str(exc))))
     g.prepare_gate.set()
     runner.submit(0)
     assert g.in_prepare.acquire(timeout=5)
@@ -89,7 +89,7 @@ def test_newest_frame_wins_and_the_dropped_counter_is_exact():
 
 def test_many_frames_every_one_accounted_for():
     done = []
-    runner = TwoStageRunner(lambda item, slot: (item, slot), lambda item, prep: done.append(item))
+    runner = FrameRunner(lambda item, slot: (item, slot), lambda item, prep: done.append(item))
     for i in range(500):
         runner.submit(i)
     runner.close()
@@ -103,7 +103,7 @@ def test_many_frames_every_one_accounted_for():
 def test_on_drop_sees_every_dropped_frame_and_close_discard_drops_what_waits():
     g = Gate()
     dropped = g.dropped
-    runner = TwoStageRunner(g.prepare, g.finish, on_drop=g.drop)
+    runner = FrameRunner(g.prepare, g.finish, on_drop=g.drop)
     g.prepare_gate.set()
     runner.submit(0)
     assert g.in_finish.acquire(timeout=5)        # 0 held in stage 2
@@ -205,43 +205,134 @@ def test_pre_and_post_processing_run_on_host_threads_without_touching_other_thre
 
 
 @pytest.mark.parametrize("ahead", [False, True])
-def test_a_feeder_that_waits_for_room_drops_no_frame(ahead):
-    """Both stages slow, stage 2 slower (then stage 1 slower, half way): every frame submitted after
-    ``wait_for_room`` is processed, in order, none dropped, and for every frame k stage 1 begins frame
-    k + 1 before stage 2 has finished k (finish waits for that). Unless stage 2 wakes the feeder when it
-    takes a frame, the feeder sleeps through the free hand-off until that frame is finished and the
-    stages run one after the other: this test then fails."""
+@pytest.mark.parametrize("with_decode", [False, True])
+def test_a_lossless_runner_drops_no_frame_and_overlaps_its_stages(ahead, with_decode):
+    """A feeder faster than every stage, the stages slow, the finish stage slower (then the prepare stage
+    slower, half way): every frame is processed, in order, none dropped; for every frame k the prepare
+    stage begins frame k + 1 before finish(k) has ended, and the decode stage begins frame k + 1 before
+    prepare(k) has ended (each callback waits for that, so a runner that serialises them fails here)."""
+    n = 40
     finished: list[int] = []
-    started = [threading.Event() for _ in range(40)]
-    overlapped: list[bool] = []  # per frame k: stage 1 began frame k + 1 before finish(k) ended
+    prepare_began = [threading.Event() for _ in range(n)]
+    decode_began = [threading.Event() for _ in range(n)]
+    overlapped = {"prepare": [], "decode": []}  # per frame k: the next stage-start came before k's end
+
+    def wait_for(began: list[threading.Event], item: int, kind: str) -> None:
+        if item + 1 < n and all(overlapped[kind]):  # after a first miss, no more waiting
+            overlapped[kind].append(began[item + 1].wait(2))
+
+    def decode(item: int) -> int:
+        decode_began[item].set()
+        threading.Event().wait(0.002)
+        return item
 
     def prepare(item: int, slot: int) -> int:
-        started[item].set()
+        prepare_began[item].set()
+        if with_decode:
+            wait_for(decode_began, item, "decode")
         threading.Event().wait(0.005 if item >= 20 else 0.003)
         return item
 
     def finish(item: int, prepared: int) -> None:
-        if item + 1 < len(started) and all(overlapped):  # after a first miss, no more waiting
-            overlapped.append(started[item + 1].wait(2))
+        wait_for(prepare_began, item, "prepare")
         threading.Event().wait(0.001 if item >= 20 else 0.008)
         finished.append(item)
 
-    ahead_args = {"launch": lambda item, prepared: prepared} if ahead else {}
-    runner = TwoStageRunner(prepare, finish, slots=4, **ahead_args)
+    extra = {"launch": lambda item, prepared: prepared} if ahead else {}
+    runner = FrameRunner(prepare, finish, slots=4, lossless=True, decode=decode if with_decode else None, **extra)
     try:
-        for item in range(40):
-            assert runner.wait_for_room(5)
-            runner.submit(item)
+        for item in range(n):
+            runner.submit(item)  # waits while the first stage has not taken the previous frame
         assert runner.wait_idle(10)
     finally:
         runner.close()
-    assert runner.counts() == {"submitted": 40, "processed": 40, "failed": 0, "dropped": 0}
-    assert finished == list(range(40))
-    assert len(overlapped) == 39 and all(overlapped)
+    assert runner.counts() == {"submitted": n, "processed": n, "failed": 0, "dropped": 0}
+    assert finished == list(range(n))
+    assert len(overlapped["prepare"]) == n - 1 and all(overlapped["prepare"])
+    assert overlapped["decode"] == ([True] * (n - 1) if with_decode else [])
+
+
+def test_with_a_decode_stage_the_newest_frame_wins_at_every_hand_off():
+    """Decode, prepare and finish on three threads: a frame waiting at the decoded hand-off and one
+    waiting at the prepared hand-off are each replaced by the newer one and counted; a frame that fails
+    to decode is counted as failed and reported with the submitted item."""
+    g = Gate()
+    decode_gate = threading.Event()
+    decoded: list[int] = []
+    errors = []
+
+    def decode(item: int) -> int:
+        assert decode_gate.wait(5)
+        if item == -2:
+            raise ValueError("corrupt JPEG")
+        decoded.append(item)
+        return item
+
+    runner = FrameRunner(g.prepare, g.finish, on_error=lambda item, exc: errors.append((item, str(exc))),
+                         on_drop=g.drop, decode=decode)
+    assert {t.name for t in runner._threads} == {"frame_decode", "frame_prepare", "frame_infer"}
+    decode_gate.set()
+    g.prepare_gate.set()
+    runner.submit(0)
+    assert g.in_finish.acquire(timeout=5)        # 0 held in the finish stage
+    g.prepare_gate.clear()
+    runner.submit(1)
+    assert g.in_prepare.acquire(timeout=5)       # (0's entry)
+    assert g.in_prepare.acquire(timeout=5)       # 1 held in the prepare stage
+    runner.submit(2)
+    assert wait_until(lambda: decoded == [0, 1, 2])  # 2 decoded, waiting for the prepare stage
+    runner.submit(3)
+    assert wait_until(lambda: g.dropped == [2])  # 3 decoded: replaces 2 there
+    g.prepare_gate.set()                         # 1 -> ready; 3 prepared -> replaces 1 at the next hand-off
+    assert wait_until(lambda: g.dropped == [2, 1])
+    runner.submit(-2)                            # fails in the decode stage
+    assert wait_until(lambda: len(errors) == 1)
+    g.finish_gate.set()
+    assert runner.wait_idle(timeout=5)
+    runner.close()
+    assert g.finished == [0, 3] and errors == [(-2, "corrupt JPEG")]
+    assert runner.counts() == {"submitted": 5, "processed": 2, "failed": 1, "dropped": 2}
+    assert not g.slot_clash
+
+
+def test_a_lossless_runner_closed_with_discard_drops_what_waits_and_refuses_a_blocked_submit():
+    """Lossless, finish stage held: one frame waits for it, the next one waits for the decode stage (which
+    takes no frame while one waits after it), and a feeder blocks in ``submit``; ``close(discard=True)``
+    drops the two waiting frames, the blocked submit raises, and the frame in the finish stage is finished."""
+    g = Gate()
+    g.prepare_gate.set()
+    decoded: list[int] = []
+    runner = FrameRunner(g.prepare, g.finish, on_drop=g.drop, decode=lambda item: decoded.append(item) or item,
+                         lossless=True)
+    for item in range(3):                        # 0 in finish, 1 prepared, 2 submitted
+        runner.submit(item)
+    assert g.in_finish.acquire(timeout=5)
+    assert wait_until(lambda: g.prepared == [0, 1])
+    blocked: list[BaseException] = []
+
+    def feeder() -> None:
+        try:
+            runner.submit(3)
+        except RuntimeError as exc:
+            blocked.append(exc)
+
+    thread = threading.Thread(target=feeder)
+    thread.start()
+    assert not wait_until(lambda: not thread.is_alive(), timeout=0.2)  # no room: submit waits
+    assert decoded == [0, 1]                     # 2 is not decoded while 1 waits for the finish stage
+    closer = threading.Thread(target=runner.close, kwargs={"discard": True})
+    closer.start()
+    assert wait_until(lambda: sorted(g.dropped) == [1, 2])
+    thread.join(5)
+    assert len(blocked) == 1 and "closed" in str(blocked[0])
+    g.finish_gate.set()
+    closer.join(5)
+    assert not runner.alive() and g.finished == [0] and g.prepared == [0, 1] and decoded == [0, 1]
+    assert runner.counts() == {"submitted": 3, "processed": 1, "failed": 0, "dropped": 2}
 
 
 def test_a_frame_loop_frees_the_openmp_workers_of_the_thread_that_built_it():
-    """The thread that starts a TwoStageRunner (the one that loaded the model) gives up its OpenMP
+    """The thread that starts a FrameRunner (the one that loaded the model) gives up its OpenMP
     worker threads, so the frame loop's inference does not share the cores with an idle pool (with
     more pool threads than cores every pool sleeps in the kernel between the ops of a forward)."""
     import os
@@ -264,7 +355,7 @@ def test_a_frame_loop_frees_the_openmp_workers_of_the_thread_that_built_it():
         torch.relu(torch.ones(1_000_000))  # a parallel op: this thread now owns a worker thread
         workers = threads() - bare
         assert workers  # the pool's worker thread(s)
-        runner = TwoStageRunner(lambda item, slot: item, lambda item, prepared: None)
+        runner = FrameRunner(lambda item, slot: item, lambda item, prepared: None)
         try:
             assert wait_until(lambda: not workers & threads(), timeout=5)  # the workers left
         finally:

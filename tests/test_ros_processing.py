@@ -19,10 +19,10 @@ from discene_ros.errors import (
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import (
     FrameInput,
+    FrameLoop,
     FrameProcessor,
     FrameStats,
     ProcessorSettings,
-    TwoStageFrames,
     WarnThrottle,
     build_outputs,
     fallback_camera_pose,
@@ -124,19 +124,19 @@ def test_processor_depth_rules():
 
 
 def test_slow_backend_drops_stale_frames_newest_wins():
-    """A producer at ~100 Hz against a 50 ms backend, through the node's two-stage loop: most frames
-    are dropped, never queued; bad frames from either stage are skipped by reason; all are counted."""
+    """A producer at ~100 Hz against a 50 ms backend, through the node's frame loop: most frames are
+    dropped, never queued; bad frames from any stage are skipped by reason; all are counted."""
     backend = BlockBackend(delay_s=0.05)
     proc = FrameProcessor(pipeline_for(backend), ProcessorSettings(use_fallback_pose=False))
     stats, processed, skips = FrameStats(), [], []
-    loop = TwoStageFrames(proc, stats, deliver=lambda frame, result: processed.append(frame.stamp_ns),
-                          on_skip=lambda frame, reason, text: skips.append(reason))
+    loop = FrameLoop(proc, stats, deliver=lambda frame, result: processed.append(frame.stamp_ns),
+                     on_skip=lambda frame, reason, text: skips.append(reason))
     for i in range(30):
         loop.submit(_frame(stamp=STAMP + i))
         time.sleep(0.01)
     assert loop.wait_idle(timeout=10)
     no_pose = _frame(stamp=STAMP + 30)
-    no_pose.cam_pose = None  # fallback disabled: stage 1 refuses it
+    no_pose.cam_pose = None  # fallback disabled: the decode stage refuses it
     loop.submit(no_pose)
     loop.close()  # finishes what was submitted
     assert not loop.alive()
