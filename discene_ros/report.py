@@ -54,8 +54,9 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     ]
     if not summary.get("realtime"):
         lines += ["Latency runs from the frame loop taking a frame to its output. At full speed the loop takes "
-                  "a frame as soon as its decode stage is free, so the frame then waits for the frames ahead of "
-                  "it: about two frame times; one frame's own processing is the `total` stage below.", ""]
+                  "a frame as soon as its decode stage may take one, so the frame then waits for the frames ahead "
+                  "of it: about three frame times where the inference is the slowest stage; one frame's own "
+                  "processing is the `total` stage below.", ""]
     if summary.get("fps_after_first_frame"):
         lines += [f"The first frame took {summary['first_frame_ms']:.0f} ms (one-off warm-up); the frames after it "
                   f"ran at {summary['fps_after_first_frame']:.2f} FPS.", ""]

@@ -320,9 +320,10 @@ class FrameRunner:
       ``dropped`` and passed to ``on_drop``.
     - on (bag replay, benchmarks): ``submit`` waits until the first stage took the previous frame, and a
       stage takes its next frame only while no frame waits at a hand-off after it, so no frame is
-      dropped, every stage still works on its own frame at once, and at most one frame waits between
-      the first stage and the last (a deeper queue would only add latency where the finish stage is
-      the slowest).
+      dropped and every stage still works on its own frame at once. Where the finish stage is the
+      slowest, a decoded and a prepared frame wait for it, so a frame spends about three of its frame
+      times in the loop (two without a decode stage): the price of decoding frame i+2 while frame i+1
+      is prepared, which a decode-bound loop needs.
     Every submitted frame ends as exactly one of processed, failed or dropped (``wait_idle``/``close``
     finish what is in flight; ``close(discard=True)`` drops what waits instead). ``decode(item)`` returns
     what ``prepare(decoded, slot)`` takes (``prepare(item, slot)`` without ``decode``); ``finish``,
