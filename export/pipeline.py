@@ -8,9 +8,8 @@ image once and resizes/normalises there, the backend returns device tensors, pos
 the device and only the occupied voxels come back. Other backends take the numpy ``preprocess``.
 A frame is split into ``prepare`` (preprocess/upload) and ``complete`` (infer + post-process) so that
 ``FrameRunner`` can prepare the next frame (and decode the one after it) while the current one is
-inferred. On CUDA with the
-torch backend's CUDA graph, post-processing is the fixed-shape ``dense_occupancy`` captured in the
-network's graph (``fused``), and ``complete`` splits again into ``launch`` (replay, one asynchronous
+inferred. On CUDA with the torch backend's CUDA graph, post-processing is the fixed-shape
+``dense_occupancy`` captured in the network's graph (``fused``), and ``complete`` splits again into ``launch`` (replay, one asynchronous
 copy of the (X,Y,Z) label and score grids into pinned memory) and ``collect`` (wait, host arrays), so
 the runner can launch the next frame before it turns the current one into messages.
 """
@@ -56,8 +55,8 @@ class StageTimings:
 
 @dataclass
 class Prepared:
-    """A frame after the prepare stage: network inputs (numpy or device tensors), its preprocess time, and the
-    CUDA event the inference stream waits for (None off CUDA)."""
+    """A frame after the prepare stage: network inputs (numpy or device tensors), its preprocess time,
+    and the CUDA event the inference stream waits for (None off CUDA)."""
 
     inputs: Any
     preprocess_ms: float
@@ -80,7 +79,7 @@ class Launched:
 
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 LAUNCH_AHEAD_SLOTS = 4  # with launch-ahead one more: launched while the previous one is collected
-LAUNCH_POLL_S = 0.0002  # launch-ahead: how often the finish stage looks whether the launched frame's results are in
+LAUNCH_POLL_S = 0.0002  # launch-ahead: how often the finish stage looks whether a launched frame's results are in
 RESULT_SETS = 3  # pinned host grids: launched frames not yet collected (at most 2) + one spare
 
 
@@ -197,8 +196,9 @@ class OccupancyPipeline:
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:
-        """Fused path, finish stage (a): replay network + post-processing and queue the copy of the grids to the
-        host; returns without waiting. At most ``RESULT_SETS - 1`` frames may be launched and not collected."""
+        """Fused path, finish stage (a): replay network + post-processing and queue the copy of the grids
+        to the host; returns without waiting. At most ``RESULT_SETS - 1`` frames may be launched and not
+        collected."""
         if not self.fused:
             raise RuntimeError("launch/collect need the fused CUDA-graph path (see OccupancyPipeline.fused)")
         t0 = time.perf_counter()
@@ -246,9 +246,9 @@ class OccupancyPipeline:
         return bool(launched.copied.query())
 
     def collect(self, launched: Launched):
-        """Fused path, finish stage (b): wait for the copy, then the host ``OccupancyFrame``. ``infer_ms`` is the
-        GPU time of the captured graph (network + post-processing, CUDA events); ``postprocess_ms`` the
-        host time from the copied grids to the frame."""
+        """Fused path, finish stage (b): wait for the copy, then the host ``OccupancyFrame``. ``infer_ms``
+        is the GPU time of the captured graph (network + post-processing, CUDA events); ``postprocess_ms``
+        the host time from the copied grids to the frame."""
         launched.copied.synchronize()
         t2 = time.perf_counter()
         prepared = launched.prepared
@@ -309,9 +309,9 @@ class OccupancyPipeline:
 
 
 class FrameRunner:
-    """A frame loop on three threads: ``decode`` (optional), ``prepare`` (preprocess/upload into a buffer
-    slot) and ``finish`` (infer, post-process, publish), each on the next frame while the one after it
-    works on the previous frame.
+    """A frame loop on a thread per stage: ``decode`` (optional), ``prepare`` (preprocess/upload into a
+    buffer slot) and ``finish`` (infer, post-process, publish). While the finish stage works on frame i,
+    the prepare stage works on frame i+1 and the decode stage on frame i+2.
 
     Frames pass three hand-offs: submitted -> decode, decoded -> prepare, prepared -> finish (without
     ``decode`` the first two are one). What happens when a frame reaches a hand-off that still holds the
@@ -543,8 +543,7 @@ class FrameRunner:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every submitted frame is processed, failed or dropped; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._upstream_idle(2) and self._ready is None and not self._busy[2],
-                                       timeout)
+            return self._cond.wait_for(lambda: self._upstream_idle(2) and not self._busy[2], timeout)
 
     def close(self, timeout: float = 10.0, discard: bool = False) -> bool:
         """Finish the frames already submitted, then stop the threads; True when all ended in time.
