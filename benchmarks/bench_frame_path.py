@@ -13,7 +13,10 @@ loop before session 7); the runner is lossless (a camera faster than the network
 dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the
 processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame
 wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + PointCloud2, the CPU-side work
-per frame; the latency runs from the first stage taking a frame to its PointCloud2.
+per frame; the latency runs from the first stage taking a frame to its PointCloud2. ``--camera-hz R``
+measures the node's situation instead: a camera publishing R frames per second into the loop as the
+node runs it (the newest frame wins, ``dropped`` counts the rest), the latency from a frame's
+arrival to its PointCloud2 (``end_to_end_latency`` median, ``end_to_end_latency_p90``).
 
 On CUDA with CUDA graphs (the default), post-processing is captured in the network's graph and the
 runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GPU time of that graph
@@ -108,7 +111,9 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
-            marker_period: int, decode_stage: bool = True) -> dict:
+            marker_period: int, decode_stage: bool = True, camera_hz: float | None = None) -> dict:
+    """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
+    newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
     image, info, pose = camera_messages(factory, kind)
     records: list[dict] = []
     markers_ms: list[float] = []
@@ -149,7 +154,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                             "postprocess": timings.postprocess_ms, "pointcloud2": (t2 - t1) * 1e3,
                             "decode_cpu": p["decode_cpu"], "preprocess_cpu": p["preprocess_cpu"],
                             "pointcloud2_cpu": (c2 - c1) * 1e3,
-                            "end_to_end": (t2 - p["t_taken"]) * 1e3, "done": t2, "voxels": len(occ.voxel_labels),
+                            "end_to_end": (t2 - (item if camera_hz else p["t_taken"])) * 1e3, "done": t2, "voxels": len(occ.voxel_labels),
                             "stage2": (t2 - t0) * 1e3})
 
     errors: list[BaseException] = []
@@ -157,10 +162,13 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
-                         lossless=True, **stages, **ahead)
+                         lossless=camera_hz is None, **stages, **ahead)
     try:
+        start = time.perf_counter()
         for i in range(warmup + frames):
-            runner.submit(i)
+            if camera_hz:
+                time.sleep(max(0.0, start + i / camera_hz - time.perf_counter()))
+            runner.submit(time.perf_counter())
         runner.wait_idle()
     finally:
         runner.close()
@@ -168,6 +176,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         raise RuntimeError(f"{len(errors)} frames failed, first: {errors[0]!r}")
     counts = runner.counts()
     timed = records[warmup:]
+    if len(timed) < 2:
+        raise RuntimeError(f"only {len(records)} of {warmup + frames} frames processed: too few to time")
     wall = timed[-1]["done"] - records[warmup - 1]["done"] if warmup else timed[-1]["done"] - timed[0]["done"]
     n = len(timed) if warmup else len(timed) - 1
     med = {s: float(np.median([r[s] for r in timed])) for s in (*STAGES, "end_to_end", "stage2")}
@@ -175,6 +185,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     stages["markers_every_n"] = float(np.median(markers_ms)) if markers_ms else 0.0
     stages["markers_per_frame_amortised"] = float(np.sum(markers_ms) / len(records)) if markers_ms else 0.0
     stages["end_to_end_latency"] = med["end_to_end"]
+    stages["end_to_end_latency_p90"] = float(np.percentile([r["end_to_end"] for r in timed], 90))
     overhead = med["decode"] + med["preprocess"] + med["postprocess"] + med["pointcloud2"]
     # the same stages in CPU time of their thread: below the wall time by what the thread spent waiting
     # (for a core, the GIL or the device) rather than working
@@ -182,7 +193,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     return {
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
         "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
-        "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "voxels_median": int(np.median([r["voxels"] for r in timed])),
+        "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz, "voxels_median": int(np.median([r["voxels"] for r in timed])),
         "marker_period": marker_period,
     }
 
@@ -194,13 +205,15 @@ def jpeg_decoder() -> str:
 
 
 def append_key(row: dict) -> tuple:
-    """What makes two rows the same measurement for ``--append``; rows from before ``tf32``,
-    ``tf32_convolutions``, ``cudnn_benchmark`` and ``decode_stage`` were recorded ran with them off (a ``tf32`` row's
-    convolutions in TF32); rows without ``omp_wait_policy`` are taken as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
+    """What makes two rows the same measurement for ``--append``. Rows from before ``tf32``,
+    ``tf32_convolutions``, ``cudnn_benchmark``, ``decode_stage`` and ``camera_hz`` were recorded ran
+    with them off (a ``tf32`` row's convolutions in TF32); rows without ``omp_wait_policy`` are taken
+    as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),
-            row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)))
+            row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)),
+            row.get("camera_hz"))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -228,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
     parser.add_argument("--no-decode-stage", action="store_true",
                         help="decode in the prepare stage's thread instead of a stage of its own (the node's)")
+    parser.add_argument("--camera-hz", type=float, default=None,
+                        help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
     parser.add_argument("--marker-period", type=int, default=10)
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
                         help="post-processing closing: on (the node's default), off, or as the checkpoint says")
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
-                              not args.no_decode_stage)
+                              not args.no_decode_stage, args.camera_hz)
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,

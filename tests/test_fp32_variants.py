@@ -63,6 +63,7 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     # with a decode stage of its own or not: two measurements; rows from before the field had none
     assert bench.append_key({**row, "decode_stage": True}) != bench.append_key(row)
     assert bench.append_key({**row, "decode_stage": False}) == bench.append_key(row)
+    assert bench.append_key({**row, "camera_hz": 30.0}) != bench.append_key(row)  # fed by a camera, or flat out
 
 
 @pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
@@ -95,6 +96,11 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert bench.main([*args, "--append", "--no-decode-stage"]) == 0  # another measurement: appended
     rows = json.loads(path.read_text())["rows"]
     assert len(rows) == 4 and sorted(r["decode_stage"] for r in rows if r["fps"] > 0) == [False, True]
+    assert bench.main([*args, "--append", "--camera-hz", "5"]) == 0  # the node's mode: a 5 Hz camera
+    (camera,) = [r for r in json.loads(path.read_text())["rows"] if r["camera_hz"] == 5.0]
+    assert camera["decode_stage"] is True
+    assert camera["fps"] < 6.0  # paced by the camera, not flat out
+    assert camera["stages_ms"]["end_to_end_latency_p90"] >= camera["stages_ms"]["end_to_end_latency"] > 0
 
 
 def test_agreement_variants_need_cuda(lite_model, lite_config, capsys):
