@@ -29,8 +29,10 @@
 #                                             # TF32-convolutions agreement with IEEE (~4 min)
 #   bash scripts/device_frame_path.sh decode-stage # tests; lite with and without the decode stage of its own
 #                                             # (CUDA graphs fp32 + fp16, then compiled fp32), side by side
-#                                             # in one call; paper_student compiled FP16 and FP32 with the
-#                                             # tf32_convolutions option itself (~7 min)
+#                                             # in one call; lite fed by a 30 Hz camera (the node's latency);
+#                                             # paper_student compiled FP16 and FP32 with the
+#                                             # tf32_convolutions option itself (~6 min: call 7 took 17 s for
+#                                             # the tests, 25 s for both configs' graphs, 67 s for lite compiled)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -167,6 +169,11 @@ decode_stage_pairs() {  # lite with its decode stage (the node's loop) and witho
             $flags --json "$out/frame_path_gpu.json" --append
     done
 }
+camera_rate() {  # the node's situation: a 30 Hz camera, newest frame wins; latency from arrival
+    step 60 "frame path, lite fp32, CUDA graphs, a 30 Hz camera" python3 benchmarks/bench_frame_path.py \
+        --device cuda --configs lite --precisions fp32 --frames 300 --camera-hz 30 \
+        --json "$out/frame_path_gpu.json" --append
+}
 
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
@@ -180,7 +187,7 @@ replay) tests 40; replay_cuda; compiled_paper ;;
 profile) profile_loop ;;
 profile-conv) profile_loop; conv_tf32_trained ;;
 remeasure) tests 40; graphs; compiled lite; compiled paper_student --precisions fp16; profile_loop; conv_tf32 ;;
-decode-stage) tests 40; decode_stage_pairs; compiled paper_student --precisions fp16; conv_tf32 ;;
+decode-stage) tests 40; decode_stage_pairs; camera_rate; compiled paper_student --precisions fp16; conv_tf32 ;;
 *)
     echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage)" >&2
     exit 2
