@@ -100,6 +100,81 @@ def test_many_frames_every_one_accounted_for():
         runner.submit(0)
 
 
+@pytest.mark.parametrize("lossless", [False, True])
+@pytest.mark.parametrize("with_decode", [False, True])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lossless, with_decode, ahead):
+    """Random short delays and a failure now and then in every stage: each frame is processed, failed
+    or dropped exactly once (``on_drop``/``on_error`` see each one once), frames finish in order, no two
+    frames share a buffer slot, and a lossless runner drops nothing."""
+    rng_lock = threading.Lock()
+    rng = np.random.default_rng(7)
+    fails = {"decode": {11, 57}, "prepare": {23, 88}, "launch": {40}, "finish": {66}}
+    seen: dict[str, list[int]] = {"finished": [], "failed": [], "dropped": []}
+    in_use: dict[int, int] = {}
+    clash = []
+
+    def pause() -> None:
+        with rng_lock:
+            delay = float(rng.uniform(0, 0.0015))
+        threading.Event().wait(delay)
+
+    def stage(name: str, item: int) -> None:
+        pause()
+        if item in fails[name]:
+            raise ValueError(f"{name} failed")
+
+    def prepare(payload: int, slot: int) -> tuple[int, int]:
+        stage("prepare", payload)
+        with rng_lock:
+            clash.extend([slot] if slot in in_use.values() else [])
+            in_use[payload] = slot
+        return payload, slot
+
+    def release(item: int) -> None:
+        with rng_lock:
+            in_use.pop(item, None)
+
+    def launch(item: int, prepared: tuple[int, int]) -> tuple[int, int]:
+        stage("launch", item)
+        return prepared
+
+    def finish(item: int, prepared: tuple[int, int]) -> None:
+        release(item)
+        stage("finish", item)
+        seen["finished"].append(item)
+
+    def on_error(item: int, exc: BaseException) -> None:
+        release(item)
+        seen["failed"].append(item)
+
+    def on_drop(item: int) -> None:
+        release(item)
+        seen["dropped"].append(item)
+
+    extra = {"launch": launch} if ahead else {}
+    runner = FrameRunner(prepare, finish, on_error=on_error, on_drop=on_drop, slots=4, lossless=lossless,
+                         decode=(lambda item: stage("decode", item) or item) if with_decode else None, **extra)
+    try:
+        for item in range(120):
+            runner.submit(item)
+            if item % 4 == 0:
+                pause()
+        assert runner.wait_idle(20)
+    finally:
+        runner.close()
+    c = runner.counts()
+    assert c == {"submitted": 120, "processed": len(seen["finished"]), "failed": len(seen["failed"]),
+                 "dropped": len(seen["dropped"])}
+    assert sorted(seen["finished"] + seen["failed"] + seen["dropped"]) == list(range(120))  # each exactly once
+    assert seen["finished"] == sorted(seen["finished"]) and not clash
+    expected_failures = fails["prepare"] | fails["finish"] | (fails["decode"] if with_decode else set()) | (
+        fails["launch"] if ahead else set())
+    assert set(seen["failed"]) <= expected_failures
+    if lossless:
+        assert c["dropped"] == 0 and set(seen["failed"]) == expected_failures
+
+
 def test_on_drop_sees_every_dropped_frame_and_close_discard_drops_what_waits():
     g = Gate()
     dropped = g.dropped
