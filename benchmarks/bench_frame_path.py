@@ -154,8 +154,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                             "postprocess": timings.postprocess_ms, "pointcloud2": (t2 - t1) * 1e3,
                             "decode_cpu": p["decode_cpu"], "preprocess_cpu": p["preprocess_cpu"],
                             "pointcloud2_cpu": (c2 - c1) * 1e3,
-                            "end_to_end": (t2 - (item if camera_hz else p["t_taken"])) * 1e3, "done": t2, "voxels": len(occ.voxel_labels),
-                            "stage2": (t2 - t0) * 1e3})
+                            "end_to_end": (t2 - (item if camera_hz else p["t_taken"])) * 1e3, "done": t2,
+                            "voxels": len(occ.voxel_labels), "stage2": (t2 - t0) * 1e3})
 
     errors: list[BaseException] = []
     ahead = {"launch": launch, "launched_done": lambda p: pipe.launched_done(p["launched"])} if pipe.launch_ahead else {}
@@ -193,8 +193,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     return {
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
         "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
-        "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz, "voxels_median": int(np.median([r["voxels"] for r in timed])),
-        "marker_period": marker_period,
+        "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
+        "voxels_median": int(np.median([r["voxels"] for r in timed])), "marker_period": marker_period,
     }
 
 
@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
     parser.add_argument("--no-decode-stage", action="store_true",
-                        help="decode in the prepare stage's thread instead of a stage of its own (the node's)")
+                        help="decode in the prepare stage's thread (the loop before session 7), not in a stage "
+                             "of its own as the node does")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
     parser.add_argument("--marker-period", type=int, default=10)
