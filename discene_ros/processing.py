@@ -305,7 +305,8 @@ class FrameProcessor:
         return self.prepare_decoded(self.decode_frame(frame), slot)
 
     def launch(self, frame: PreparedFrame) -> PreparedFrame:
-        """Finish stage, first half (launch-ahead pipelines): queue the frame's device work; ``complete`` collects it."""
+        """Finish stage, first half (launch-ahead pipelines): queue the frame's device work; ``complete``
+        collects it."""
         with frame_errors():
             frame.launched = self.pipeline.launch(frame.prepared)
         return frame

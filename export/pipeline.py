@@ -9,9 +9,10 @@ the device and only the occupied voxels come back. Other backends take the numpy
 A frame is split into ``prepare`` (preprocess/upload) and ``complete`` (infer + post-process) so that
 ``FrameRunner`` can prepare the next frame (and decode the one after it) while the current one is
 inferred. On CUDA with the torch backend's CUDA graph, post-processing is the fixed-shape
-``dense_occupancy`` captured in the network's graph (``fused``), and ``complete`` splits again into ``launch`` (replay, one asynchronous
-copy of the (X,Y,Z) label and score grids into pinned memory) and ``collect`` (wait, host arrays), so
-the runner can launch the next frame before it turns the current one into messages.
+``dense_occupancy`` captured in the network's graph (``fused``), and ``complete`` splits again into
+``launch`` (replay, one asynchronous copy of the (X,Y,Z) label and score grids into pinned memory)
+and ``collect`` (wait, host arrays), so the runner can launch the next frame before it turns the
+current one into messages.
 """
 from __future__ import annotations
 

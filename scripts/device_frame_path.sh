@@ -38,7 +38,8 @@
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stage=${1:?usage: $0 bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage}
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage"
+stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -189,7 +190,7 @@ profile-conv) profile_loop; conv_tf32_trained ;;
 remeasure) tests 40; graphs; compiled lite; compiled paper_student --precisions fp16; profile_loop; conv_tf32 ;;
 decode-stage) tests 40; decode_stage_pairs; camera_rate; compiled paper_student --precisions fp16; conv_tf32 ;;
 *)
-    echo "unknown stage $stage (bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage)" >&2
+    echo "unknown stage $stage ($stages)" >&2
     exit 2
     ;;
 esac
