@@ -363,10 +363,11 @@ class FrameRunner:
         self.submitted = self.processed = self.failed = self.dropped = 0
         finish_stage = self._finish_stage if launch is None else self._finish_stage_launch_ahead
         release_openmp_team()  # the stages' threads do the torch work now (export/host_threads.py)
-        stages = [(self._prepare_stage, "frame_prepare"), (finish_stage, "frame_infer")]
+        stages = [(self._relay_stage, (1,), "frame_prepare"), (finish_stage, (), "frame_infer")]
         if decode is not None:
-            stages.insert(0, (self._decode_stage, "frame_decode"))
-        self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in stages]
+            stages.insert(0, (self._relay_stage, (0,), "frame_decode"))
+        self._threads = [threading.Thread(target=target, args=args, name=name, daemon=True)
+                         for target, args, name in stages]
         for t in self._threads:
             t.start()
 
@@ -392,45 +393,31 @@ class FrameRunner:
         waiting = (self._incoming, self._decoded, self._ready)[:stage + 1]
         return all(w is None for w in waiting) and not any(self._busy[:stage])
 
-    def _decode_stage(self) -> None:
+    def _relay_stage(self, stage: int) -> None:
+        """The decode (0) or prepare (1) stage: take the frame waiting before it, work on it (a failure is
+        counted and reported), hand the result on to the next stage."""
+        source = "_incoming" if stage == 0 or self._decode is None else "_decoded"
+        place = "_decoded" if stage == 0 else "_ready"
+        after = ("_decoded", "_ready")[stage:]  # the hand-offs after this stage
         while True:
             with self._cond:
-                while (not self._can_take(self._incoming, self._decoded, self._ready)
-                       and not (self._closed and self._incoming is None)):
-                    self._cond.wait()
-                if self._incoming is None:
-                    return
-                item, self._incoming = self._incoming, None
-                self._busy[0] = True
-                self._cond.notify_all()  # the input is free: a lossless submit may go on
-            try:
-                decoded = self._decode(item)
-            except BaseException as exc:  # bad input: counted, reported, never kills the thread
-                self._stage_failed(0, item, None, exc)
-                continue
-            self._hand_over(0, "_decoded", (item, decoded, None))
-
-    def _prepare_stage(self) -> None:
-        source = "_incoming" if self._decode is None else "_decoded"
-        while True:
-            with self._cond:
-                while (not self._can_take(getattr(self, source), self._ready)
-                       and not (self._closed and self._upstream_idle(1))):
+                while (not self._can_take(getattr(self, source), *(getattr(self, a) for a in after))
+                       and not (self._closed and self._upstream_idle(stage))):
                     self._cond.wait()
                 taken = getattr(self, source)
                 if taken is None:
                     return
                 setattr(self, source, None)
-                item, payload = (taken, taken) if self._decode is None else taken[:2]
-                slot = self._free.pop()
-                self._busy[1] = True
+                item, payload = (taken, taken) if source == "_incoming" else taken[:2]
+                slot = self._free.pop() if stage == 1 else None
+                self._busy[stage] = True
                 self._cond.notify_all()  # the hand-off is free: the stage or submit before it may go on
             try:
-                prepared = self._prepare(payload, slot)
-            except BaseException as exc:
-                self._stage_failed(1, item, slot, exc)
+                result = self._decode(payload) if stage == 0 else self._prepare(payload, slot)
+            except BaseException as exc:  # bad input: counted, reported, never kills the thread
+                self._stage_failed(stage, item, slot, exc)
                 continue
-            self._hand_over(1, "_ready", (item, prepared, slot))
+            self._hand_over(stage, place, (item, result, slot))
 
     def _can_take(self, source: Any, *after: Any) -> bool:
         """A stage may take ``source`` (its hand-off's frame, None when empty): lossless, only while the
