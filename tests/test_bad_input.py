@@ -32,7 +32,7 @@ from discene_ros.errors import (
     TransformError,
 )
 from discene_ros.msg_factory import TypestoreFactory
-from discene_ros.processing import FrameInput, FrameProcessor, check_outputs
+from discene_ros.processing import FrameInput, FrameProcessor, check_outputs, nonfinite_centres
 from discene_ros.replay import ReplaySettings
 from models import build_model
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
@@ -143,6 +143,29 @@ def test_non_finite_outputs_are_never_published():
     with pytest.raises(NonFiniteOutputError) as info:
         FrameProcessor(pipeline_for(BlockBackend())).process(frame)
     assert info.value.reason == "non_finite_output"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_nonfinite_centres_counts_as_the_full_check():
+    """The two-end shortcut of ``nonfinite_centres`` against every centre rounded to float32, including
+    origins where only the far voxels overflow float32."""
+    rng = np.random.default_rng(3)
+    indices = rng.integers(0, 60, size=(500, 3)).astype(np.int32)
+    occ = OccupancyFrame(labels=np.zeros((60, 60, 36), np.uint8), voxel_indices=indices,
+                         voxel_labels=np.ones(500, np.uint8), voxel_scores=np.ones(500, np.float32),
+                         voxel_origin=np.zeros(3), voxel_size=0.08)
+    f32_max = float(np.finfo(np.float32).max)
+    partial = 0
+    for origin, size in [((0.0, -3.0, 1.0), 0.08), ((1e300, 0.0, 0.0), 0.08), ((np.nan, 0.0, 0.0), 0.08),
+                         ((0.0, -np.inf, 0.0), 0.08), ((f32_max - 2e32, 0.0, 0.0), 1e31),
+                         ((0.0, 0.0, -f32_max + 3e32), -1e31), ((0.0, 0.0, 0.0), np.nan)]:
+        occ.voxel_origin, occ.voxel_size = np.array(origin), size
+        full = int(np.sum(~np.isfinite(occ.centers_world().astype(np.float32)).all(axis=-1)))
+        assert nonfinite_centres(occ) == full, (origin, size)
+        partial += 0 < full < len(indices)
+    assert partial == 2  # the float32-edge origins overflow some voxels, not all
+    occ.voxel_indices = np.zeros((0, 3), np.int32)
+    assert nonfinite_centres(occ) == 0
 
 
 def test_is_dense_says_whether_the_cloud_is_finite():
