@@ -4,16 +4,17 @@
 
 For each config, precision (CPU: fp32; CUDA: fp32 and fp16) and input (a 640x480 ``bgr8`` Image and
 a JPEG CompressedImage, built with the rosbags typestore factory, the stand-in for rclpy here), frames
-go through the node's code: decode (``msg_decode.any_image_to_rgb`` + CameraInfo K), preprocess
-(``OccupancyPipeline.prepare``: the device frame path of the torch backend), infer + post-process
-(``complete``), PointCloud2 (``occupancy_to_pointcloud2``), the MarkerArray every ``--marker-period``
-frames. Pipelining is on, as in the node: ``FrameRunner`` decodes frame i+2 and prepares frame i+1 while
+go through the node's code, ``processing.FrameProcessor``: decode (``decode_frame``: the image, K from
+CameraInfo, the pose check), preprocess (``prepare_decoded``: the device frame path of the torch
+backend), infer + post-process + the output checks (``complete``), then ``build_outputs`` (PointCloud2
+and grid pose), the MarkerArray every ``--marker-period`` frames. Pipelining is on, as in the node: ``FrameRunner`` decodes frame i+2 and prepares frame i+1 while
 frame i is inferred (``--no-decode-stage``: decode and prepare one after the other on one thread, the
 loop before session 7); the runner is lossless (a camera faster than the network, and no frame
 dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the
 processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame
-wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + PointCloud2, the CPU-side work
-per frame; the latency runs from the first stage taking a frame to its PointCloud2. ``--camera-hz R``
+wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + output check + PointCloud2,
+the CPU-side work per frame (rows without ``output_check`` in ``stages_ms`` did not run the node's
+output checks, which took 0.4 ms per 12k voxels until session 8); the latency runs from the first stage taking a frame to its PointCloud2. ``--camera-hz R``
 measures the node's situation instead: a camera publishing R frames per second into the loop as the
 node runs it (the newest frame wins, ``dropped`` counts the rest), the latency from a frame's
 arrival to its PointCloud2 (``end_to_end_latency`` median, ``end_to_end_latency_p90``).
@@ -60,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
+from discene_ros.processing import FrameInput, FrameProcessor, build_outputs  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
 from export.pipeline import FrameRunner, OccupancyPipeline  # noqa: E402
@@ -69,7 +71,8 @@ from models.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"lite": ROOT / "discene_ros/data/lite_distilled.pt"}
-STAGES = ("decode", "preprocess", "infer", "postprocess", "pointcloud2")
+STAGES = ("decode", "preprocess", "infer", "postprocess", "output_check", "pointcloud2")
+OVERHEAD_STAGES = ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")  # CPU-side work per frame
 CPU_TIMED_STAGES = ("decode", "preprocess", "pointcloud2")  # also timed in thread CPU time (``stages_cpu_ms``)
 
 
@@ -120,45 +123,46 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     schedule = EveryNth(marker_period)
     lock = threading.Lock()
 
-    decode_min_hw = msg_decode.reduced_decode_size(pipe.config.image_size)  # as the node's FrameProcessor decodes
+    processor = FrameProcessor(pipe)  # the node's: frame checks, reduced JPEG decoding, output checks
 
     def decode(item):
         t0, c0 = time.perf_counter(), time.thread_time()
-        rgb = msg_decode.any_image_to_rgb(image, decode_min_hw)
-        k = msg_decode.camera_info_to_k(info, rgb.shape[:2])
+        decoded = processor.decode_frame(FrameInput(image, info, cam_pose=pose))
         return {"t_taken": t0, "decode": (time.perf_counter() - t0) * 1e3,
-                "decode_cpu": (time.thread_time() - c0) * 1e3, "rgb": rgb, "k": k}
+                "decode_cpu": (time.thread_time() - c0) * 1e3, "decoded": decoded}
 
     def prepare(decoded, slot):
         t1, c1 = time.perf_counter(), time.thread_time()
-        prepared = pipe.prepare(decoded.pop("rgb"), decoded.pop("k"), pose, slot=slot)
+        prepared = processor.prepare_decoded(decoded.pop("decoded"), slot)
         return {**decoded, "preprocess": (time.perf_counter() - t1) * 1e3,
                 "preprocess_cpu": (time.thread_time() - c1) * 1e3, "prepared": prepared}
 
     def launch(item, p):
-        p["launched"] = pipe.launch(p["prepared"])
+        processor.launch(p["prepared"])
         return p
 
     def finish(item, p):
         t0 = time.perf_counter()
-        occ = pipe.collect(p["launched"]) if "launched" in p else pipe.complete(p["prepared"])
+        result = processor.complete(p["prepared"])  # collect or infer, post-process, output checks
         t1, c1 = time.perf_counter(), time.thread_time()
-        msg_encode.occupancy_to_pointcloud2(factory, occ, "odom", 0)
+        build_outputs(factory, result, "odom", 0, markers=False)  # PointCloud2 + grid pose, as the node
         t2, c2 = time.perf_counter(), time.thread_time()
         if schedule.due():
-            msg_encode.occupancy_to_marker_array(factory, occ, "odom", 0)
+            msg_encode.occupancy_to_marker_array(factory, result.occupancy, "odom", 0)
             markers_ms.append((time.perf_counter() - t2) * 1e3)
-        timings = pipe.last_timings
+        timings = result.timings_ms
         with lock:
-            records.append({"decode": p["decode"], "preprocess": p["preprocess"], "infer": timings.infer_ms,
-                            "postprocess": timings.postprocess_ms, "pointcloud2": (t2 - t1) * 1e3,
+            records.append({"decode": p["decode"], "preprocess": p["preprocess"], "infer": timings["infer_ms"],
+                            "postprocess": timings["postprocess_ms"], "output_check": timings["output_check_ms"],
+                            "pointcloud2": (t2 - t1) * 1e3,
                             "decode_cpu": p["decode_cpu"], "preprocess_cpu": p["preprocess_cpu"],
                             "pointcloud2_cpu": (c2 - c1) * 1e3,
                             "end_to_end": (t2 - (item if camera_hz else p["t_taken"])) * 1e3, "done": t2,
-                            "voxels": len(occ.voxel_labels), "stage2": (t2 - t0) * 1e3})
+                            "voxels": len(result.occupancy.voxel_labels), "stage2": (t2 - t0) * 1e3})
 
     errors: list[BaseException] = []
-    ahead = {"launch": launch, "launched_done": lambda p: pipe.launched_done(p["launched"])} if pipe.launch_ahead else {}
+    ahead = ({"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])}
+             if pipe.launch_ahead else {})
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
@@ -186,7 +190,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     stages["markers_per_frame_amortised"] = float(np.sum(markers_ms) / len(records)) if markers_ms else 0.0
     stages["end_to_end_latency"] = med["end_to_end"]
     stages["end_to_end_latency_p90"] = float(np.percentile([r["end_to_end"] for r in timed], 90))
-    overhead = med["decode"] + med["preprocess"] + med["postprocess"] + med["pointcloud2"]
+    overhead = sum(med[s] for s in OVERHEAD_STAGES)
     # the same stages in CPU time of their thread: below the wall time by what the thread spent waiting
     # (for a core, the GIL or the device) rather than working
     cpu = {s: float(np.median([r[f"{s}_cpu"] for r in timed])) for s in CPU_TIMED_STAGES}

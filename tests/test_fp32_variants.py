@@ -81,6 +81,11 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
         assert field in row
     assert set(row["stages_cpu_ms"]) == {"decode", "preprocess", "pointcloud2"}  # thread CPU time beside the wall time
+    # the node's finish stage: its output checks are CPU-side work, counted in the overhead
+    stages = row["stages_ms"]
+    assert stages["output_check"] > 0
+    assert row["overhead_ms"] == pytest.approx(sum(stages[s] for s in
+                                                   ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")))
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
     assert row["decode_stage"] is True and row["dropped"] == 0  # the node's loop, fed losslessly
     old = {k: v for k, v in row.items()  # a row from before the fields
