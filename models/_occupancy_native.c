@@ -7,6 +7,10 @@
  * here each step is one loop. Results are bit-identical to the torch path on x86-64 (tests compare
  * them): the same float32 operations in the same order, built with -ffp-contract=off.
  *
+ * Two smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
+ * grid (the fused CUDA path copies the grids to the host), cloud_words writes the PointCloud2 rows;
+ * both run with the GIL released, beside the frame loop's other Python threads.
+ *
  * Built by setup.py as an optional extension; models/native_postprocess.py loads it and falls back to
  * the torch path when it is missing or out of date.
  */
@@ -21,7 +25,7 @@
 #include <string.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -486,11 +490,122 @@ done:
     return result;
 }
 
+/* Occupied voxels of a dense (X,Y,Z) label grid in flat-id order: what models/postprocess.py's
+ * frame_from_dense computes with flatnonzero, gathers and divmods, in one pass. */
+static int64_t grid_voxels(const uint8_t *restrict labels, const float *restrict best, int nx, int ny, int nz,
+                           int64_t capacity, int64_t *restrict out_id, uint8_t *restrict out_label, float *restrict out_best,
+                           int32_t *restrict out_index) {
+    int64_t cells = (int64_t)nx * ny * nz, m = 0, id = 0;
+    for (; id < cells; id++) {
+        if (!(id & 7) && id + 8 <= cells) { /* skip empty runs eight cells at a time */
+            uint64_t word;
+            memcpy(&word, labels + id, 8);
+            if (!word) {
+                id += 7;
+                continue;
+            }
+        }
+        if (!labels[id]) continue;
+        if (m == capacity) return -1;
+        int64_t column = id / nz;
+        out_id[m] = id;
+        out_label[m] = labels[id];
+        out_best[m] = best[id];
+        out_index[3 * m] = (int32_t)(column / ny);
+        out_index[3 * m + 1] = (int32_t)(column % ny);
+        out_index[3 * m + 2] = (int32_t)(id % nz);
+        m++;
+    }
+    return m;
+}
+
+static PyObject *dense_voxels(PyObject *Py_UNUSED(self), PyObject *args) {
+    enum { LABELS, BEST, OUT_ID, OUT_LABEL, OUT_BEST, OUT_INDEX, NUM_ARRAYS };
+    Py_buffer buf[NUM_ARRAYS];
+    int nx, ny, nz;
+    Py_ssize_t capacity;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*w*w*iiin", &buf[LABELS], &buf[BEST], &buf[OUT_ID], &buf[OUT_LABEL],
+                          &buf[OUT_BEST], &buf[OUT_INDEX], &nx, &ny, &nz, &capacity))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t cells = (int64_t)nx * ny * nz;
+    if (nx < 1 || ny < 1 || nz < 1 || capacity < 0) {
+        PyErr_SetString(PyExc_ValueError, "dense_voxels: bad grid shape or capacity");
+        goto done;
+    }
+    if (!check_buffer(&buf[LABELS], "labels", 1, cells) || !check_buffer(&buf[BEST], "best", 4, cells) ||
+        !check_buffer(&buf[OUT_ID], "out_id", 8, capacity) || !check_buffer(&buf[OUT_LABEL], "out_label", 1, capacity) ||
+        !check_buffer(&buf[OUT_BEST], "out_best", 4, capacity) ||
+        !check_buffer(&buf[OUT_INDEX], "out_index", 4, capacity * 3))
+        goto done;
+    int64_t m;
+    Py_BEGIN_ALLOW_THREADS
+    m = grid_voxels((const uint8_t *)buf[LABELS].buf, (const float *)buf[BEST].buf, nx, ny, nz, capacity,
+                    (int64_t *)buf[OUT_ID].buf, (uint8_t *)buf[OUT_LABEL].buf, (float *)buf[OUT_BEST].buf,
+                    (int32_t *)buf[OUT_INDEX].buf);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromLongLong(m);
+done:
+    for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
+    return result;
+}
+
+/* Voxel centres as rows of six 4-byte words (x, y, z float32; packed rgb; label as a uint32; score float32),
+ * the layout of discene_ros/msg_encode.py's CLOUD_DTYPE. Each coordinate is the float64
+ * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. */
+static void cloud_rows(const int32_t *index, const uint8_t *label, const float *score, const uint32_t *rgb_bits,
+                       const double origin[3], double size, int64_t m, uint32_t *out) {
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t *row = out + 6 * i;
+        for (int a = 0; a < 3; a++) {
+            float c = (float)(origin[a] + ((double)index[3 * i + a] + 0.5) * size);
+            memcpy(&row[a], &c, 4);
+        }
+        row[3] = rgb_bits[label[i]];
+        row[4] = label[i];
+        memcpy(&row[5], &score[i], 4);
+    }
+}
+
+static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
+    enum { INDEX, LABEL, SCORE, RGB, OUT, NUM_ARRAYS };
+    Py_buffer buf[NUM_ARRAYS];
+    Py_ssize_t m;
+    double origin[3], size;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*ndddd", &buf[INDEX], &buf[LABEL], &buf[SCORE], &buf[RGB], &buf[OUT], &m,
+                          &origin[0], &origin[1], &origin[2], &size))
+        return NULL;
+    PyObject *result = NULL;
+    if (m < 0) {
+        PyErr_SetString(PyExc_ValueError, "cloud_words: negative count");
+        goto done;
+    }
+    if (!check_buffer(&buf[INDEX], "index", 4, m * 3) || !check_buffer(&buf[LABEL], "label", 1, m) ||
+        !check_buffer(&buf[SCORE], "score", 4, m) || !check_buffer(&buf[RGB], "rgb_bits", 4, 256) ||
+        !check_buffer(&buf[OUT], "out", 4, m * 6))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    cloud_rows((const int32_t *)buf[INDEX].buf, (const uint8_t *)buf[LABEL].buf, (const float *)buf[SCORE].buf,
+               (const uint32_t *)buf[RGB].buf, origin, size, m, (uint32_t *)buf[OUT].buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
      "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
      "nx, ny, nz, closing, ex, ey, ez, max_center_dist_sq, threshold) -> number of occupied voxels written, "
      "or -1 when a kept point has a non-finite score (use the torch path). out_dense must be zero."},
+    {"dense_voxels", dense_voxels, METH_VARARGS,
+     "dense_voxels(labels, best, out_id, out_label, out_best, out_index, nx, ny, nz, capacity) -> number of "
+     "occupied (label != 0) voxels of the (nx, ny, nz) grid written, in flat-id order; -1 when more than "
+     "capacity."},
+    {"cloud_words", cloud_words, METH_VARARGS,
+     "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
+     "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,8 @@
 """The CPU post-processing kernel (``models/_occupancy_native.c``): ``occupied_labels`` in a few loops.
 
 On a 2-core CPU the torch path spends most of its 3-4 ms per lite frame dispatching about sixty small
-ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. It is an
+ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. Two small
+helpers (``dense_voxels``, ``cloud_words``) do the host side of every frame, GIL released. It is an
 optional extension built by ``pip install`` / ``colcon build``; where it is missing or stale (source
 changed, not rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and
 ``models.postprocess`` uses the torch path. ``DISCENE_NATIVE_POSTPROCESS=0`` in the environment switches
@@ -18,7 +19,7 @@ import torch
 from .config import ModelConfig
 from .workspace import workspace
 
-ABI_VERSION = 3  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 4  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -83,3 +84,33 @@ def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
     if count < 0:
         return None
     return NativeVoxels(ids[:count].copy(), labels[:count].copy(), best[:count].copy(), indices[:count].copy(), dense)
+
+
+def dense_voxels(labels: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """Occupied voxels of one dense (X,Y,Z) uint8 label grid and its float32 best-score grid, in flat-id
+    order, in one pass with the GIL released: ids (M,) int64, labels (M,) uint8, best (M,) float32,
+    indices (M, 3) int32, as ``postprocess.frame_from_dense`` finds them with numpy. None without the kernel."""
+    if _kernel is None or labels.ndim != 3 or best.shape != labels.shape:
+        return None
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    best = np.ascontiguousarray(best, dtype=np.float32)
+    m = int(np.count_nonzero(labels))  # exact-size outputs: no copy out of a grid-size buffer
+    ids, out_labels, out_best = np.empty(m, np.int64), np.empty(m, np.uint8), np.empty(m, np.float32)
+    indices = np.empty((m, 3), np.int32)
+    if _kernel.dense_voxels(labels, best, ids, out_labels, out_best, indices, *labels.shape, m) != m:
+        raise RuntimeError("dense_voxels: the grid changed while it was read")  # another thread wrote it
+    return ids, out_labels, out_best, indices
+
+
+def cloud_words(indices: np.ndarray, labels: np.ndarray, scores: np.ndarray, rgb_bits: np.ndarray,
+                origin: np.ndarray, size: float, out: np.ndarray) -> bool:
+    """Fill ``out`` (M, 6) 4-byte words with point rows x, y, z, rgb, label, score (the PointCloud2 layout
+    of ``discene_ros.msg_encode``): each centre the float64 ``origin + (index + 0.5) * size`` rounded to
+    float32, the colour ``rgb_bits[label]``. GIL released. False without the kernel (the caller uses numpy)."""
+    if _kernel is None:
+        return False
+    m = len(out)
+    _kernel.cloud_words(np.ascontiguousarray(indices, dtype=np.int32), np.ascontiguousarray(labels, dtype=np.uint8),
+                        np.ascontiguousarray(scores, dtype=np.float32),
+                        np.ascontiguousarray(rgb_bits, dtype=np.uint32), out, m, *(float(o) for o in origin), float(size))
+    return True

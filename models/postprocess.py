@@ -348,18 +348,21 @@ def points_to_occupancy(
 
 
 def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, voxel_origin: np.ndarray,
-                      config: ModelConfig, dense: np.ndarray | None = None) -> OccupancyFrame:
+                      config: ModelConfig, dense: np.ndarray | None = None,
+                      indices: np.ndarray | None = None) -> OccupancyFrame:
     """OccupancyFrame from host arrays of occupied voxels: flat ids (sorted), labels 1..C, scores.
     ``dense``: the flat (X*Y*Z,) uint8 label grid of the same voxels when the caller has it (the frame
-    keeps it); else it is built from ``ids`` and ``labels``."""
+    keeps it); else it is built from ``ids`` and ``labels``. ``indices``: their (M, 3) grid indices when
+    the caller has them; else computed from ``ids``."""
     nx, ny, nz = (int(n) for n in config.grid_shape)
     if nx * ny * nz >= 2**24:
         raise ValueError(f"grid {config.grid_shape} has too many voxels for float32 voxel ids")
     if dense is None:
         dense = np.zeros(nx * ny * nz, dtype=np.uint8)
         dense[ids] = labels
-    column, k = np.divmod(np.asarray(ids, dtype=np.int32), nz)  # int32: 1.5x faster than int64 here
-    indices = np.stack([*np.divmod(column, ny), k], axis=-1).reshape(-1, 3)
+    if indices is None:
+        column, k = np.divmod(np.asarray(ids, dtype=np.int32), nz)  # int32: 1.5x faster than int64 here
+        indices = np.stack([*np.divmod(column, ny), k], axis=-1).reshape(-1, 3)
     return OccupancyFrame(
         labels=dense.reshape(nx, ny, nz),
         voxel_indices=indices,
@@ -406,7 +409,11 @@ def frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndar
                      config: ModelConfig) -> OccupancyFrame:
     """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores."""
     flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
-    ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
     # the frame keeps a copy of the grid (the caller's buffer is reused): 4 us, against 35 us to rebuild it
+    found = native_postprocess.dense_voxels(labels, best)  # one GIL-free pass: 0.03 against 0.14 ms for 12k voxels
+    if found is not None:
+        ids, voxel_labels, scores, indices = found
+        return frame_from_voxels(ids, voxel_labels, scores, voxel_origin, config, dense=flat.copy(), indices=indices)
+    ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
     return frame_from_voxels(ids, flat[ids], np.asarray(best, dtype=np.float32).reshape(-1)[ids], voxel_origin, config,
                              dense=flat.copy())

@@ -13,6 +13,7 @@ from rosbags.typesys import Stores, get_typestore
 
 from discene_ros import msg_encode
 from discene_ros.msg_factory import RclpyFactory, TypestoreFactory
+from models import native_postprocess
 from models.postprocess import OccupancyFrame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +72,14 @@ OVERFLOW = "ignore:overflow encountered in cast:RuntimeWarning"  # the "float32 
 
 
 @pytest.mark.filterwarnings(OVERFLOW)
+@pytest.mark.parametrize("native", [True, False], ids=["C rows", "numpy columns"])
 @pytest.mark.parametrize("name", list(FRAMES))
-def test_occupancy_cloud_has_the_reference_bytes(name):
+def test_occupancy_cloud_has_the_reference_bytes(name, native, monkeypatch):
+    """Both builders of the rows: the native kernel's loop where it is built, numpy's columns without it."""
+    if native and not native_postprocess.available():
+        pytest.skip(f"native kernel: {native_postprocess.unavailable_reason()}")
+    if not native:
+        monkeypatch.setattr(native_postprocess, "_kernel", None)
     frame = FRAMES[name]()
     points = msg_encode.occupancy_points(frame)
     assert points.dtype == msg_encode.CLOUD_DTYPE
