@@ -1,7 +1,7 @@
 """One call of a training run on a lent accelerator machine: data, train within a wall-time budget, hand back.
 
     python -m training.device_run --config lite_student --name lite_student --steps 4000 \\
-        --batch 32 --amp bf16 --workers 12 --device cuda --budget-s 510 \\
+        --batch 32 --amp bf16 --workers "$(nproc)" --device cuda --budget-s 510 \\
         --out "$OUT" [--resume runs/device/lite_student] [--teacher runs/device/teacher/final.pt]
 
 Each call (a) generates the synthetic dataset from a fixed seed on all cores unless ``--data``
