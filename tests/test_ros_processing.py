@@ -79,7 +79,11 @@ def test_processor_good_frame_and_outputs():
     proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
     result = proc.process(_frame())
     assert not result.used_fallback_pose and len(result.occupancy.voxel_labels) == 40
-    assert set(result.timings_ms) >= {"decode_ms", "preprocess_ms", "infer_ms", "postprocess_ms"}
+    # the stages in their order; the frame's own total includes the output check
+    assert list(result.timings_ms) == ["decode_ms", "preprocess_ms", "infer_ms", "postprocess_ms", "output_check_ms",
+                                       "total_ms"]
+    assert result.timings_ms["total_ms"] >= result.timings_ms["output_check_ms"] > 0
+    assert result.timings_ms["total_ms"] >= sum(result.timings_ms[k] for k in ("infer_ms", "output_check_ms"))
     msgs = build_outputs(F, result, "odom", STAMP)
     assert msgs["cloud"].width == 40 and msgs["cloud"].header.frame_id == "odom"
     assert len(msgs["markers"].markers) == 2  # DELETEALL + one class
