@@ -338,6 +338,11 @@ class FrameRunner:
     polled every ``LAUNCH_POLL_S``), a frame that becomes ready is launched behind it; once the work is
     done the frame is finished at once, so no frame waits for a newer one. Frames finish in order.
     That needs a fourth slot.
+
+    ``serial``: one frame in the loop at a time. A stage takes a frame only while no stage after it works
+    and no frame waits after it, so the stages still run on their threads (the node's callbacks never
+    block) but never overlap. For a CPU whose inference already uses every core: there, overlapping
+    host work only slows the inference down, and each frame waits for no other frame's stages.
     """
 
     def __init__(self, prepare: Callable[[Any, int], Any], finish: Callable[[Any, Any], None],
@@ -345,14 +350,14 @@ class FrameRunner:
                  on_drop: Callable[[Any], None] | None = None,
                  launch: Callable[[Any, Any], Any] | None = None,
                  launched_done: Callable[[Any], bool] = lambda handle: True,
-                 decode: Callable[[Any], Any] | None = None, lossless: bool = False) -> None:
+                 decode: Callable[[Any], Any] | None = None, lossless: bool = False, serial: bool = False) -> None:
         need = LAUNCH_AHEAD_SLOTS if launch is not None else PIPELINE_SLOTS
         if slots < need:
             raise ValueError(f"FrameRunner needs {need} buffer slots (in use, waiting, being prepared"
                              f"{', launched ahead' if launch is not None else ''}), got {slots}")
         self._prepare, self._finish, self._on_error, self._on_drop = prepare, finish, on_error, on_drop
         self._launch, self._launched_done, self._decode = launch, launched_done, decode
-        self.lossless = bool(lossless)
+        self.lossless, self.serial = bool(lossless), bool(serial)
         self._cond = threading.Condition()
         self._incoming: Any = None     # submitted, not yet taken by the first stage
         self._decoded: Any = None      # (item, decoded, None) not yet taken by the prepare stage
@@ -401,7 +406,7 @@ class FrameRunner:
         after = ("_decoded", "_ready")[stage:]  # the hand-offs after this stage
         while True:
             with self._cond:
-                while (not self._can_take(getattr(self, source), *(getattr(self, a) for a in after))
+                while (not self._can_take(stage, getattr(self, source), *(getattr(self, a) for a in after))
                        and not (self._closed and self._upstream_idle(stage))):
                     self._cond.wait()
                 taken = getattr(self, source)
@@ -419,10 +424,15 @@ class FrameRunner:
                 continue
             self._hand_over(stage, place, (item, result, slot))
 
-    def _can_take(self, source: Any, *after: Any) -> bool:
-        """A stage may take ``source`` (its hand-off's frame, None when empty): lossless, only while the
-        hand-offs ``after`` it are free, so that what it makes never replaces a frame there."""
-        return source is not None and (not self.lossless or all(a is None for a in after))
+    def _can_take(self, stage: int, source: Any, *after: Any) -> bool:
+        """Stage ``stage`` may take ``source`` (its hand-off's frame, None when empty): lossless, only while
+        the hand-offs ``after`` it are free, so that what it makes never replaces a frame there; serial,
+        only while moreover no stage after it works."""
+        if source is None:
+            return False
+        if self.serial:
+            return all(a is None for a in after) and not any(self._busy[stage + 1:])
+        return not self.lossless or all(a is None for a in after)
 
     def _hand_over(self, stage: int, place: str, entry: tuple[Any, Any, int | None]) -> None:
         """Put ``entry`` (item, payload, slot) at hand-off ``place`` as stage ``stage`` ends it; the newest

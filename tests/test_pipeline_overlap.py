@@ -100,10 +100,11 @@ def test_many_frames_every_one_accounted_for():
         runner.submit(0)
 
 
+@pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("lossless", [False, True])
 @pytest.mark.parametrize("with_decode", [False, True])
 @pytest.mark.parametrize("ahead", [False, True])
-def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lossless, with_decode, ahead):
+def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lossless, with_decode, ahead, serial):
     """Random short delays and a failure now and then in every stage: each frame is processed, failed
     or dropped exactly once (``on_drop``/``on_error`` see each one once), frames finish in order, no two
     frames share a buffer slot, and a lossless runner drops nothing."""
@@ -154,7 +155,8 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
 
     extra = {"launch": launch} if ahead else {}
     runner = FrameRunner(prepare, finish, on_error=on_error, on_drop=on_drop, slots=4, lossless=lossless,
-                         decode=(lambda item: stage("decode", item) or item) if with_decode else None, **extra)
+                         decode=(lambda item: stage("decode", item) or item) if with_decode else None,
+                         serial=serial, **extra)
     try:
         for item in range(120):
             runner.submit(item)
@@ -325,6 +327,43 @@ def test_a_lossless_runner_drops_no_frame_and_overlaps_its_stages(ahead, with_de
     assert finished == list(range(n))
     assert len(overlapped["prepare"]) == n - 1 and all(overlapped["prepare"])
     assert overlapped["decode"] == ([True] * (n - 1) if with_decode else [])
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+@pytest.mark.parametrize("with_decode", [False, True])
+def test_a_serial_runner_never_has_two_frames_in_its_stages(lossless, with_decode):
+    """``serial``: at no moment do two stage callbacks run (one frame in the loop at a time); every frame
+    is still accounted for, a lossless one drops none, and a live one always ends with the newest frame."""
+    lock = threading.Lock()
+    active, peak, finished = [0], [0], []
+
+    def busy(item: int) -> int:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threading.Event().wait(0.001)
+        with lock:
+            active[0] -= 1
+        return item
+
+    def finish(item: int, prepared: int) -> None:
+        busy(item)
+        finished.append(item)
+
+    runner = FrameRunner(lambda item, slot: busy(item), finish, slots=3, lossless=lossless, serial=True,
+                         decode=busy if with_decode else None)
+    try:
+        for item in range(60):
+            runner.submit(item)
+            threading.Event().wait(0.0005)
+        assert runner.wait_idle(10)
+    finally:
+        runner.close()
+    c = runner.counts()
+    assert peak[0] == 1
+    assert c["submitted"] == 60 == c["processed"] + c["dropped"] and c["failed"] == 0
+    assert finished == sorted(finished) and finished[-1] == 59
+    assert c["dropped"] == 0 if lossless else c["dropped"] > 0
 
 
 def test_with_a_decode_stage_the_newest_frame_wins_at_every_hand_off():
