@@ -41,6 +41,7 @@ from .processing import (
     WarnThrottle,
     build_outputs,
     build_pipeline,
+    frame_loop_mode,
     tune_postprocess,
 )
 from .undistort import DISTORTION_MODELS, needs_undistortion
@@ -93,6 +94,8 @@ def parameter_descriptor(spec: P.ParamSpec) -> Any:
                                                               to_value=float(spec.range[1]), step=0.0)]
     elif spec.range is not None and spec.kind == "int":
         descriptor.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=1)]
+    if spec.choices is not None:
+        descriptor.additional_constraints = "one of: " + ", ".join(spec.choices)
     return descriptor
 
 
@@ -149,12 +152,13 @@ class OccupancyNode(Node):
                                                      P.TOPIC_DIAGNOSTICS, 1)
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
+        pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
-                                stopping=lambda: not self.context.ok())
+                                stopping=lambda: not self.context.ok(), pipelined=pipelined)
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         self.get_logger().info(
-            f"occupancy node ready: {describe()}, image {self.image_topic}, world frame "
+            f"occupancy node ready: {describe()}, frame loop {loop_mode}, image {self.image_topic}, world frame "
             f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
             "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
 

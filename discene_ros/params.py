@@ -30,6 +30,7 @@ class ParamSpec:
     default: Any
     description: str
     range: tuple[float, float] | None = None   # inclusive, for int/float parameters
+    choices: tuple[str, ...] | None = None     # the values a string parameter may take
 
     @property
     def kind(self) -> str:
@@ -83,6 +84,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz"),
     ParamSpec("marker_period", 10, "Publish the MarkerArray on every N-th processed frame (1 = every frame; "
               "it costs more than the point cloud)", (1, 1000)),
+    ParamSpec("pipelining", "auto", "Frame loop: on = the next frames' decoding and preprocessing overlap this "
+              "frame's inference on threads of their own (what a GPU needs to be kept busy); off = one frame at a "
+              "time (a CPU whose inference uses every core: overlapping host work only slows the inference; on the "
+              "2-core build machine the same or a higher frame rate and a third of the latency); auto = on where the "
+              "network runs on a GPU, off on the CPU", choices=("auto", "on", "off")),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the DiagnosticArray on /diagnostics, seconds", (0.1, 60.0)),
     ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),
 )
@@ -117,5 +123,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"parameter '{name}' must be {spec.kind}, got {value!r}")
         if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
             raise ValueError(f"parameter '{name}'={value} is outside [{spec.range[0]}, {spec.range[1]}]")
+        if spec.choices is not None and value not in spec.choices:
+            raise ValueError(f"parameter '{name}'={value!r} is not one of {', '.join(spec.choices)}")
         out[name] = value
     return out

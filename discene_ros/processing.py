@@ -344,6 +344,20 @@ def frame_errors() -> Iterator[None]:
         raise FrameError(f"pipeline rejected the frame: {exc}") from exc
 
 
+def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:
+    """(pipelined, why) for the ``pipelining`` parameter (auto, on, off): auto overlaps frames where the
+    network runs on a GPU, and runs one frame at a time on the CPU, whose cores its inference already
+    uses (docs/results/frame_path.md, session 8)."""
+    if pipelining not in ("auto", "on", "off"):
+        raise ValueError(f"pipelining must be auto, on or off, got {pipelining!r}")
+    if pipelining != "auto":
+        return pipelining == "on", f"pipelining {pipelining}"
+    device = str(getattr(getattr(pipeline, "backend", None), "device", "cpu"))
+    if device.lower().startswith("cpu"):
+        return False, "one frame at a time (pipelining auto: the network runs on the CPU, whose cores it uses)"
+    return True, f"pipelined (pipelining auto: the network runs on {device})"
+
+
 class FrameLoop:
     """A FrameProcessor on ``export.pipeline.FrameRunner``: the node's and the replay's frame loop.
 
@@ -356,13 +370,15 @@ class FrameLoop:
     Every submitted frame ends in ``stats`` as exactly one of processed, skipped (FrameError reason
     from any stage, ``internal_error`` for anything else) or dropped (replaced by a newer frame, or
     abandoned at shutdown), so ``received == processed + skipped + dropped`` whenever none is in flight.
-    After ``close`` starts, ``deliver`` is never called again.
+    After ``close`` starts, ``deliver`` is never called again. ``pipelined=False``: the same stages and
+    threads, one frame in them at a time (``FrameRunner(serial=True)``; see ``frame_loop_mode``).
     """
 
     def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],
                  locate: Callable[[FrameInput], None] | None = None,
                  on_skip: Callable[[FrameInput, str, str], None] | None = None,
-                 stopping: Callable[[], bool] = lambda: False, lossless: bool = False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, lossless: bool = False,
+                 pipelined: bool = True) -> None:
         self.processor, self.stats = processor, stats
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
@@ -372,7 +388,8 @@ class FrameLoop:
             processor.prepare_decoded, self.finish_stage, on_error=self.error_callback,
             on_drop=lambda frame: self.stats.on_dropped(), slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
-            launched_done=processor.launched_done, decode=self.decode_stage, lossless=lossless)
+            launched_done=processor.launched_done, decode=self.decode_stage, lossless=lossless,
+            serial=not pipelined)
 
     def submit(self, frame: FrameInput) -> None:
         """Count ``frame`` as received and hand it to the decode stage (ignored once closed); lossless:

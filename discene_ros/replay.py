@@ -42,6 +42,7 @@ from .processing import (
     ProcessorSettings,
     build_outputs,
     build_pipeline,
+    frame_loop_mode,
     latency_percentiles,
 )
 
@@ -80,6 +81,7 @@ class ReplaySettings:
     sync_tolerance_s: float = 0.02      # largest stamp difference of colour vs depth / camera info
     sync_wait_s: float = 0.5            # how long (bag time) an image waits for its partners and TF
     realtime: bool = False              # the recorded rate, newest frame wins; else every frame, full speed
+    pipelining: str = "auto"            # the node's parameter: auto, on or off (processing.frame_loop_mode)
     max_frames: int | None = None       # stop after this many colour images
     storage: str = "mcap"               # output bag storage
     n_renders: int = 3                  # frames rendered into the report
@@ -322,14 +324,15 @@ class Replayer:
         if reason == "internal_error":
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
-    def run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool) -> None:
+    def run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool,
+            pipelined: bool = True) -> None:
         """Frames through the node's frame loop (``FrameLoop``). ``realtime``: at their recorded times,
         stale frames dropped as the node drops them; latency from a frame's arrival to its output. Else
         every frame as fast as the model goes: the loop is lossless (reading waits for room, nothing is
-        dropped), so reading, decoding and preparing the next frames overlap the inference of the
-        previous one; latency from the loop taking a frame to its output."""
+        dropped), so, ``pipelined``, reading, decoding and preparing the next frames overlap the inference
+        of the previous one; latency from the loop taking a frame to its output."""
         loop = FrameLoop(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip,
-                         lossless=not realtime)
+                         lossless=not realtime, pipelined=pipelined)
         start_wall, start_bag = time.monotonic(), None
         try:
             for frame, bag_t in frames:
@@ -435,6 +438,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
+        pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
                                                                depth_max_offset_s=settings.sync_tolerance_s,
                                                                use_fallback_pose=settings.use_fallback_pose))
@@ -447,7 +451,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                 tqdm(total=min(total, settings.max_frames or total), unit="frame", desc="discene-replay",
                      disable=not settings.progress) as bar:
             rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
-            rep.run(iter(frames), settings.max_frames, bar, settings.realtime)
+            rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined)
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
@@ -456,7 +460,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors, out / "occupancy_bag",
                            topic, gt)
-        summary.update(_warm_up(rep, end))
+        summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined)
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         result = ReplayResult(summary, rep.renders)
         if settings.report:
@@ -536,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
                              "a finished run replaces the previous run's outputs there")
     parser.add_argument("--storage", choices=bag_io.STORAGES, default="mcap", help="output bag storage")
     parser.add_argument("--realtime", action="store_true", help="play at the recorded rate, dropping stale frames")
+    parser.add_argument("--pipelining", choices=("auto", "on", "off"), default="auto",
+                        help="overlap consecutive frames' stages (on), one frame at a time (off), or on only where "
+                             "the network runs on a GPU (auto, the node's default)")
     parser.add_argument("--json", default=None, help="write the summary as JSON here")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many colour images (default: all)")
     parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
@@ -572,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,
             sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait, realtime=args.realtime,
-            max_frames=args.max_frames, storage=args.storage, n_renders=args.renders,
+            pipelining=args.pipelining, max_frames=args.max_frames, storage=args.storage, n_renders=args.renders,
             progress=not args.no_progress, report=True)
         result = replay(args.bag, out, settings)
     except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so

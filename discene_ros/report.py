@@ -40,6 +40,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         f"- model: `{summary.get('model_config')}` on {summary.get('backend')}",
         *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
+        *([f"- frame loop: {summary['frame_loop']}"] if summary.get("frame_loop") else []),
         f"- output bag: `{summary.get('output_bag')}`", "",
     ]
     if summary.get("error"):
@@ -52,11 +53,14 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         f"{summary.get('dropped', 0)} | {summary.get('fps', 0.0):.2f} | "
         f"{lat.get('p50', 0):.1f} / {lat.get('p90', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('mean', 0):.1f} |", "",
     ]
-    if not summary.get("realtime"):
-        lines += ["Latency runs from the frame loop taking a frame to its output. At full speed the loop takes "
-                  "a frame as soon as its decode stage may take one, so the frame then waits for the frames ahead "
-                  "of it: about three frame times where the inference is the slowest stage; one frame's own "
-                  "processing is the `total` stage below.", ""]
+    if not summary.get("realtime") and summary.get("pipelined", True):
+        lines += ["Latency runs from the frame loop taking a frame to its output. At full speed the pipelined "
+                  "loop takes a frame as soon as its decode stage may take one, so the frame then waits for the "
+                  "frames ahead of it: about three frame times where the inference is the slowest stage; one "
+                  "frame's own processing is the `total` stage below.", ""]
+    elif not summary.get("realtime"):
+        lines += ["Latency runs from the frame loop taking a frame to its output: one frame at a time, so it is "
+                  "the frame's own decoding, processing and output.", ""]
     if summary.get("fps_after_first_frame"):
         lines += [f"The first frame took {summary['first_frame_ms']:.0f} ms (one-off warm-up); the frames after it "
                   f"ran at {summary['fps_after_first_frame']:.2f} FPS.", ""]

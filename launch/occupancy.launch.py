@@ -26,7 +26,7 @@ PACKAGE = "discene_ros"
 # Node parameters offered as launch arguments (type, description and default come from discene_ros/params.py).
 LAUNCH_PARAMETERS = ("model_path", "backend", "device", "fp16", "cuda_graph", "compile", "tf32",
                      "tf32_convolutions", "image_topic", "use_compressed", "camera_info_topic", "depth_topic",
-                     "use_depth", "world_frame", "use_fallback_pose", "score_threshold")
+                     "use_depth", "world_frame", "use_fallback_pose", "score_threshold", "pipelining")
 NOT_GIVEN = ""  # default of those arguments: keep the params_file value
 
 

@@ -203,6 +203,24 @@ def test_cli_with_checkpoint_json_and_missing_model(bags, tmp_path, monkeypatch,
     assert rc == 2 and "lite_distilled.pt is missing" in capsys.readouterr().err
 
 
+def test_full_speed_replay_pipelined_or_one_frame_at_a_time(tmp_path, monkeypatch):
+    """``pipelining``: auto runs the CPU test backend one frame at a time; both loops process every frame
+    at full speed, and the report says which loop ran (and explains the latency of the pipelined one)."""
+    bag = _fast_bag(tmp_path / "fast")
+    for mode, pipelined in (("auto", False), ("on", True), ("off", False)):
+        s = replay.replay(bag, out=tmp_path / mode, pipeline=pipeline_for(BlockBackend(delay_s=0.01)),
+                          settings=ReplaySettings(n_renders=0, progress=False, pipelining=mode, report=True)).summary
+        assert s["frames"] == 15 and s["dropped"] == 0 and s["skipped"] == 0 and s["pipelined"] is pipelined
+        text = (tmp_path / mode / "report.md").read_text()
+        assert f"- frame loop: {s['frame_loop']}" in text
+        assert ("about three frame times" in text) is pipelined
+    seen = []
+    monkeypatch.setattr(replay, "replay", lambda bag, out, settings: seen.append(settings.pipelining) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        replay.main(["--bag", str(bag), "--out", str(tmp_path / "cli"), "--pipelining", "on", "--no-progress"])
+    assert seen == ["on"]
+
+
 def test_cli_backend_options_reach_the_pipeline_builder(bags, tmp_path, monkeypatch):
     seen = []
 

@@ -119,6 +119,7 @@ def test_parameters_qos_topics(ros):
         if spec.range:
             (rng,) = descriptor.floating_point_range if spec.kind == "float" else descriptor.integer_range
             assert (rng.from_value, rng.to_value) == spec.range
+        assert descriptor.additional_constraints == ("one of: " + ", ".join(spec.choices) if spec.choices else "")
     assert node.cfg["world_frame"] == "map"
     assert node.pipeline.config.score_threshold == 0.5  # negative default: the model's own threshold
     subs = {s.topic: s for s in node.subscriptions}
@@ -131,6 +132,17 @@ def test_parameters_qos_topics(ros):
         P.TOPIC_CLOUD: "sensor_msgs/msg/PointCloud2", P.TOPIC_GRID_POSE: "geometry_msgs/msg/PoseStamped",
         P.TOPIC_MARKERS: "visualization_msgs/msg/MarkerArray", P.TOPIC_DIAGNOSTICS: "diagnostic_msgs/msg/DiagnosticArray"}
     assert node.timers[0][0] == P.defaults()["diagnostics_period_s"]
+
+
+@pytest.mark.parametrize("pipelining, serial, said", [
+    ("auto", True, "frame loop one frame at a time (pipelining auto: the network runs on the CPU"),
+    ("on", False, "frame loop pipelining on"), ("off", True, "frame loop pipelining off")])
+def test_pipelining_parameter_sets_the_frame_loop_and_says_so(ros, pipelining, serial, said):
+    """On the CPU (where the test backend runs) auto means one frame at a time; the start-up log says which."""
+    node = make_node(ros, pipelining=pipelining)
+    assert node.frames.runner.serial is serial
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    assert said in ready
 
 
 def test_compressed_and_depth_subscriptions(ros):
@@ -158,6 +170,7 @@ def test_non_negative_score_threshold_overrides_the_models(ros):
     ({"score_threshold": 1.5}, "out of range"),           # InvalidParameterValueException (descriptor range)
     ({"sync_wait_s": "long"}, "expecting type"),          # InvalidParameterTypeException
     ({"backend": "tensorflow"}, "unknown backend"),       # the backend factory's ValueError
+    ({"pipelining": "sometimes"}, "not one of auto, on, off"),  # params.validate: a string outside its choices
 ])
 def test_bad_parameters_end_in_cannot_start_not_a_traceback(ros, overrides, text, capsys, monkeypatch):
     fake, module = ros
@@ -388,12 +401,13 @@ def _frame(node, stamp, rgb=RGB):
     node.image_callback(msg_encode.rgb_to_image(F, rgb, "cam", stamp))
 
 
-def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros):
-    """A burst against a slow network: the next frame is prepared while one is inferred, stale frames
-    are dropped at either hand-off, every frame is accounted for, the newest is published last."""
+@pytest.mark.parametrize("pipelining", ["on", "off"])
+def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros, pipelining):
+    """A burst against a slow network: pipelined, the next frame is prepared while one is inferred; either
+    way stale frames are dropped, every frame is accounted for, the newest is published last."""
     fake, _ = ros
     backend = InfBackend(delay_s=0.04)
-    node = make_node(ros, backend, world_frame="map")
+    node = make_node(ros, backend, world_frame="map", pipelining=pipelining)
     fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     stamps = [2_000 * MS + i * MS for i in range(40)]
     for stamp in stamps:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from discene_ros.processing import (
     WarnThrottle,
     build_outputs,
     fallback_camera_pose,
+    frame_loop_mode,
 )
 from models.config import lite
 from models.geometry import place_grid
@@ -149,3 +151,18 @@ def test_slow_backend_drops_stale_frames_newest_wins():
     assert snap["dropped"] >= 10 and snap["processed"] == len(processed) == backend.calls
     assert snap["processed"] + snap["dropped"] == 30
     assert processed == sorted(processed) and processed[-1] == STAMP + 29  # the newest frame is processed
+
+
+@pytest.mark.parametrize("device, on_gpu", [("cpu fp32", False), ("CPUExecutionProvider", False),
+                                            ("cuda:0 fp16", True), ("CUDAExecutionProvider", True),
+                                            ("cuda (NVIDIA H200, TensorRT 10.0)", True)])
+def test_frame_loop_mode_overlaps_frames_only_where_the_network_runs_on_a_gpu(device, on_gpu):
+    """auto: pipelined on a GPU (the backends' ``device`` strings), one frame at a time on the CPU."""
+    pipeline = SimpleNamespace(backend=SimpleNamespace(device=device))
+    pipelined, why = frame_loop_mode("auto", pipeline)
+    assert pipelined is on_gpu
+    assert (device in why) if on_gpu else ("the CPU" in why)
+    assert frame_loop_mode("on", pipeline) == (True, "pipelining on")
+    assert frame_loop_mode("off", pipeline) == (False, "pipelining off")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        frame_loop_mode("yes", pipeline)
