@@ -7,14 +7,18 @@ a JPEG CompressedImage, built with the rosbags typestore factory, the stand-in f
 go through the node's code, ``processing.FrameProcessor``: decode (``decode_frame``: the image, K from
 CameraInfo, the pose check), preprocess (``prepare_decoded``: the device frame path of the torch
 backend), infer + post-process + the output checks (``complete``), then ``build_outputs`` (PointCloud2
-and grid pose), the MarkerArray every ``--marker-period`` frames. Pipelining is on, as in the node: ``FrameRunner`` decodes frame i+2 and prepares frame i+1 while
-frame i is inferred (``--no-decode-stage``: decode and prepare one after the other on one thread, the
-loop before session 7); the runner is lossless (a camera faster than the network, and no frame
-dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the
-processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame
-wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + output check + PointCloud2,
-the CPU-side work per frame (rows without ``output_check`` in ``stages_ms`` did not run the node's
-output checks, which took 0.4 ms per 12k voxels until session 8); the latency runs from the first stage taking a frame to its PointCloud2. ``--camera-hz R``
+and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop is the node's. With
+``--pipelining`` auto (the node's default) it is pipelined where the network runs on a GPU:
+``FrameRunner`` decodes frame i+2 and prepares frame i+1 while frame i is inferred
+(``--no-decode-stage``: decode and prepare one after the other on one thread, the loop before session
+7). On the CPU it takes one frame at a time (rows say ``serial``; before session 8 the CPU rows were
+pipelined). The runner is lossless (a camera faster than the network, and no frame dropped; rows count
+``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the processed frames over
+``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms);
+``overhead_ms`` = decode + preprocess + post-process + output check + PointCloud2, the CPU-side work
+per frame (rows without ``output_check`` in ``stages_ms`` did not run the node's output checks, which
+took 0.4 ms per 12k voxels until session 8); the latency runs from the first stage taking a frame to
+its PointCloud2. ``--camera-hz R``
 measures the node's situation instead: a camera publishing R frames per second into the loop as the
 node runs it (the newest frame wins, ``dropped`` counts the rest), the latency from a frame's
 arrival to its PointCloud2 (``end_to_end_latency`` median, ``end_to_end_latency_p90``).
@@ -61,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
-from discene_ros.processing import FrameInput, FrameProcessor, build_outputs  # noqa: E402
+from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, frame_loop_mode  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
 from export.pipeline import FrameRunner, OccupancyPipeline  # noqa: E402
@@ -114,7 +118,8 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
-            marker_period: int, decode_stage: bool = True, camera_hz: float | None = None) -> dict:
+            marker_period: int, decode_stage: bool = True, camera_hz: float | None = None,
+            serial: bool = False) -> dict:
     """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
     newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
     image, info, pose = camera_messages(factory, kind)
@@ -166,7 +171,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
-                         lossless=camera_hz is None, **stages, **ahead)
+                         lossless=camera_hz is None, serial=serial, **stages, **ahead)
     try:
         start = time.perf_counter()
         for i in range(warmup + frames):
@@ -198,6 +203,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
         "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
         "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
+        "serial": serial,
         "voxels_median": int(np.median([r["voxels"] for r in timed])), "marker_period": marker_period,
     }
 
@@ -210,14 +216,14 @@ def jpeg_decoder() -> str:
 
 def append_key(row: dict) -> tuple:
     """What makes two rows the same measurement for ``--append``. Rows from before ``tf32``,
-    ``tf32_convolutions``, ``cudnn_benchmark``, ``decode_stage`` and ``camera_hz`` were recorded ran
+    ``tf32_convolutions``, ``cudnn_benchmark``, ``decode_stage``, ``camera_hz`` and ``serial`` were recorded ran
     with them off (a ``tf32`` row's convolutions in TF32); rows without ``omp_wait_policy`` are taken
     as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),
             row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)),
-            row.get("camera_hz"))
+            row.get("camera_hz"), bool(row.get("serial", False)))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -246,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-decode-stage", action="store_true",
                         help="decode in the prepare stage's thread (the loop before session 7), not in a stage "
                              "of its own as the node does")
+    parser.add_argument("--pipelining", choices=("auto", "on", "off"), default="auto",
+                        help="the node's parameter: overlap consecutive frames' stages (on) or one frame at a time "
+                             "(off); auto (the node's default): on where the network runs on a GPU")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
     parser.add_argument("--marker-period", type=int, default=10)
@@ -287,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
-                              not args.no_decode_stage, args.camera_hz)
+                              not args.no_decode_stage, args.camera_hz,
+                              serial=not frame_loop_mode(args.pipelining, pipe)[0])
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,

@@ -64,6 +64,8 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     assert bench.append_key({**row, "decode_stage": True}) != bench.append_key(row)
     assert bench.append_key({**row, "decode_stage": False}) == bench.append_key(row)
     assert bench.append_key({**row, "camera_hz": 30.0}) != bench.append_key(row)  # fed by a camera, or flat out
+    assert bench.append_key({**row, "serial": True}) != bench.append_key(row)  # one frame at a time, or pipelined
+    assert bench.append_key({**row, "serial": False}) == bench.append_key(row)  # rows before the field: pipelined
 
 
 @pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
@@ -88,6 +90,7 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
                                                    ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")))
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
     assert row["decode_stage"] is True and row["dropped"] == 0  # the node's loop, fed losslessly
+    assert row["serial"] is True  # pipelining auto: one frame at a time on the CPU, as the node
     old = {k: v for k, v in row.items()  # a row from before the fields
            if k not in ("tf32", "tf32_convolutions", "cudnn_benchmark")}
     old["postprocess_impl"] = "native"
@@ -101,6 +104,9 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert bench.main([*args, "--append", "--no-decode-stage"]) == 0  # another measurement: appended
     rows = json.loads(path.read_text())["rows"]
     assert len(rows) == 4 and sorted(r["decode_stage"] for r in rows if r["fps"] > 0) == [False, True]
+    assert bench.main([*args, "--append", "--pipelining", "on"]) == 0  # the pipelined loop: appended too
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 5 and sorted(r["serial"] for r in rows if r["fps"] > 0 and r["decode_stage"]) == [False, True]
     # the node's mode: a 2 Hz camera. The rate is timed from the warm-up frame's end, so a slow first
     # frame (capture) shortens the span: at 2 Hz it may take up to 0.7 s before the rate passes 6 FPS
     assert bench.main([*args, "--append", "--camera-hz", "2"]) == 0
