@@ -479,7 +479,8 @@ def nonfinite_centres(occ: Any) -> int:
         return 0
     with np.errstate(over="ignore", invalid="ignore"):
         ends = np.array([[indices.min()], [indices.max()]], dtype=np.float64)  # (2, 1): lowest, highest index
-        if np.isfinite((occ.voxel_origin + (ends + 0.5) * occ.voxel_size).astype(np.float32)).all():
+        origin = np.asarray(occ.voxel_origin, dtype=np.float64)
+        if np.isfinite((origin + (ends + 0.5) * occ.voxel_size).astype(np.float32)).all():
             return 0
         centers = np.asarray(occ.centers_world(), dtype=np.float64).astype(np.float32)
     return int(np.sum(~np.isfinite(centers).all(axis=-1)))
