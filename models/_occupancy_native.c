@@ -529,7 +529,7 @@ static PyObject *dense_voxels(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     int64_t cells = (int64_t)nx * ny * nz;
-    if (nx < 1 || ny < 1 || nz < 1 || capacity < 0) {
+    if (nx < 1 || ny < 1 || nz < 1 || capacity < 0 || capacity > PY_SSIZE_T_MAX / 12) {
         PyErr_SetString(PyExc_ValueError, "dense_voxels: bad grid shape or capacity");
         goto done;
     }
@@ -576,8 +576,8 @@ static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
                           &origin[0], &origin[1], &origin[2], &size))
         return NULL;
     PyObject *result = NULL;
-    if (m < 0) {
-        PyErr_SetString(PyExc_ValueError, "cloud_words: negative count");
+    if (m < 0 || m > PY_SSIZE_T_MAX / 24) {
+        PyErr_SetString(PyExc_ValueError, "cloud_words: bad count");
         goto done;
     }
     if (!check_buffer(&buf[INDEX], "index", 4, m * 3) || !check_buffer(&buf[LABEL], "label", 1, m) ||

@@ -216,6 +216,15 @@ def test_dense_voxels_checks_its_buffers():
         kernel.dense_voxels(labels, best, *out[:3], out[3][:, :2].copy(), 2, 2, 2, 1)
     with pytest.raises(ValueError, match="bad grid shape"):
         kernel.dense_voxels(labels, best, *out, 0, 2, 2, 1)
+    with pytest.raises(ValueError, match="capacity"):  # a count whose byte size would overflow
+        kernel.dense_voxels(labels, best, *out, 2, 2, 2, 2**62)
+    rows = np.empty((1, 6), np.uint32)
+    args = (np.zeros((1, 3), np.int32), np.ones(1, np.uint8), np.ones(1, np.float32), np.zeros(256, np.uint32), rows)
+    kernel.cloud_words(*args, 1, 0.0, 0.0, 0.0, 0.08)
+    assert rows[0].view(np.float32)[:3].tolist() == [np.float32(0.04)] * 3 and rows[0, 4] == 1
+    for count, match in ((2, "index"), (-1, "bad count"), (2**61, "bad count")):
+        with pytest.raises(ValueError, match=match):
+            kernel.cloud_words(*args, count, 0.0, 0.0, 0.0, 0.08)
 
 
 def test_environment_switch_turns_the_kernel_off():
