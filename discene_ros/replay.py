@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             "with the warm-up)") if s.get("fps_after_first_frame") else ""
     print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}), "
           f"{s['fps']:.2f} FPS{warm}, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
-          f"[{s['backend']}]")
+          f"[{s['backend']}; frame loop {s.get('frame_loop')}]")
     if s["iou"] is not None:
         print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")
     else:

@@ -198,6 +198,7 @@ def test_cli_with_checkpoint_json_and_missing_model(bags, tmp_path, monkeypatch,
     assert 0.0 <= s["iou"] <= 1.0 and len(s["per_class_iou"]) == 11
     printed = capsys.readouterr().out
     assert "FPS" in printed and "report:" in printed and "IoU" in printed
+    assert f"frame loop {s['frame_loop']}]" in printed and not s["pipelined"]  # the CPU: one frame at a time
     monkeypatch.setattr("discene_ros.processing.DEFAULT_MODEL", tmp_path / "lite_distilled.pt")  # shipped model absent
     rc = replay.main(["--bag", str(bags["mcap"]), "--out", str(tmp_path / "o3"), "--no-progress"])
     assert rc == 2 and "lite_distilled.pt is missing" in capsys.readouterr().err
