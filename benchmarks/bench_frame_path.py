@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
+from discene_ros.params import PIPELINING_MODES  # noqa: E402
 from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, frame_loop_mode  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-decode-stage", action="store_true",
                         help="decode in the prepare stage's thread (the loop before session 7), not in a stage "
                              "of its own as the node does")
-    parser.add_argument("--pipelining", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="the node's parameter: overlap consecutive frames' stages (on) or one frame at a time "
                              "(off); auto (the node's default): on where the network runs on a GPU")
     parser.add_argument("--camera-hz", type=float, default=None,

@@ -25,7 +25,7 @@ from export.pipeline import PIPELINE_SLOTS, FrameRunner, OccupancyPipeline
 
 from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
-from .params import DEFAULT_MODEL
+from .params import DEFAULT_MODEL, PIPELINING_MODES
 from .undistort import Undistorter
 
 
@@ -348,7 +348,7 @@ def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:
     """(pipelined, why) for the ``pipelining`` parameter (auto, on, off): auto overlaps frames where the
     network runs on a GPU, and runs one frame at a time on the CPU, whose cores its inference already
     uses (docs/results/frame_path.md, session 8)."""
-    if pipelining not in ("auto", "on", "off"):
+    if pipelining not in PIPELINING_MODES:
         raise ValueError(f"pipelining must be auto, on or off, got {pipelining!r}")
     if pipelining != "auto":
         return pipelining == "on", f"pipelining {pipelining}"

@@ -32,7 +32,7 @@ from .camera_pose import use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR
+from .params import DATA_DIR, PIPELINING_MODES
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                              "a finished run replaces the previous run's outputs there")
     parser.add_argument("--storage", choices=bag_io.STORAGES, default="mcap", help="output bag storage")
     parser.add_argument("--realtime", action="store_true", help="play at the recorded rate, dropping stale frames")
-    parser.add_argument("--pipelining", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="overlap consecutive frames' stages (on), one frame at a time (off), or on only where "
                              "the network runs on a GPU (auto, the node's default)")
     parser.add_argument("--json", default=None, help="write the summary as JSON here")
