@@ -153,7 +153,7 @@ def occupancy_points(frame: Any) -> np.ndarray:
         column *= size
         np.add(origin[axis], column, out=column)  # origin first, as in centers_world (NaN payloads)
         words[:, axis] = column
-    _fill_attributes(words, frame.voxel_labels, frame.voxel_scores)
+    _fill_attributes(words, labels, scores)
     return _as_points(words)
 
 
