@@ -403,10 +403,9 @@ class FrameRunner:
         counted and reported), hand the result on to the next stage."""
         source = "_incoming" if stage == 0 or self._decode is None else "_decoded"
         place = "_decoded" if stage == 0 else "_ready"
-        after = ("_decoded", "_ready")[stage:]  # the hand-offs after this stage
         while True:
             with self._cond:
-                while (not self._can_take(stage, getattr(self, source), *(getattr(self, a) for a in after))
+                while (not self._can_take(stage, getattr(self, source))
                        and not (self._closed and self._upstream_idle(stage))):
                     self._cond.wait()
                 taken = getattr(self, source)
@@ -424,12 +423,13 @@ class FrameRunner:
                 continue
             self._hand_over(stage, place, (item, result, slot))
 
-    def _can_take(self, stage: int, source: Any, *after: Any) -> bool:
-        """Stage ``stage`` may take ``source`` (its hand-off's frame, None when empty): lossless, only while
-        the hand-offs ``after`` it are free, so that what it makes never replaces a frame there; serial,
-        only while moreover no stage after it works."""
+    def _can_take(self, stage: int, source: Any) -> bool:
+        """Stage ``stage`` (0 decode, 1 prepare) may take ``source`` (its hand-off's frame, None when empty):
+        lossless, only while the hand-offs after it are free, so that what it makes never replaces a frame
+        there; serial, only while moreover no stage after it works."""
         if source is None:
             return False
+        after = (self._decoded, self._ready)[stage:]
         if self.serial:
             return all(a is None for a in after) and not any(self._busy[stage + 1:])
         return not self.lossless or all(a is None for a in after)
