@@ -9,9 +9,10 @@ CameraInfo, the pose check), preprocess (``prepare_decoded``: the device frame p
 backend), infer + post-process + the output checks (``complete``), then ``build_outputs`` (PointCloud2
 and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop is the node's. With
 ``--pipelining`` auto (the node's default) it is pipelined where the network runs on a GPU:
-``FrameRunner`` decodes frame i+2 and prepares frame i+1 while frame i is inferred
-(``--no-decode-stage``: decode and prepare one after the other on one thread, the loop before session
-7). On the CPU it takes one frame at a time (rows say ``serial``; before session 8 the CPU rows were
+``FrameRunner`` prepares frame i+1 while frame i is inferred, and with a decode stage decodes frame
+i+2 meanwhile (``--decode-stage`` auto, the node's rule: for JPEG rows only, a raw Image is decoded at
+the start of the prepare stage; on / off: every row; until session 9 every row had one unless
+``--no-decode-stage``, now ``--decode-stage off``). On the CPU it takes one frame at a time (rows say ``serial``; before session 8 the CPU rows were
 pipelined). The runner is lossless (a camera faster than the network, and no frame dropped; rows count
 ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the processed frames over
 ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms);
@@ -250,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="TF32 convolutions, IEEE matmuls in FP32: PyTorch's default (CUDA; default IEEE)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
-    parser.add_argument("--no-decode-stage", action="store_true",
-                        help="decode in the prepare stage's thread (the loop before session 7), not in a stage "
-                             "of its own as the node does")
+    parser.add_argument("--decode-stage", choices=("auto", "on", "off"), default="auto",
+                        help="decode on a thread of its own: auto (the node's rule) for JPEG rows only, on or off "
+                             "for every row (off: the loop before session 7)")
     parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="the node's parameter: overlap consecutive frames' stages (on) or one frame at a time "
                              "(off); auto (the node's default): on where the network runs on a GPU")
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
-                              not args.no_decode_stage, args.camera_hz,
+                              args.decode_stage == "on" or (args.decode_stage == "auto" and kind == "jpeg"),
+                              args.camera_hz,
                               serial=not frame_loop_mode(args.pipelining, pipe)[0])
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,

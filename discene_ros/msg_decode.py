@@ -274,17 +274,20 @@ def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
     m = np.asarray(pose, dtype=np.float64)
     if m.shape != (4, 4):
         raise PoseError(f"{what} must be 4x4, got shape {m.shape}")
-    if not np.all(np.isfinite(m)):
+    # on Python floats: 16 numbers, once per frame, 5x faster than the numpy calls (4 against 18 us)
+    (a, b, c, x), (d, e, f, y), (g, h, i, z), bottom = m.tolist()
+    if not all(map(math.isfinite, (a, b, c, x, d, e, f, y, g, h, i, z, *bottom))):
         raise PoseError(f"{what} has non-finite values")
-    if np.max(np.abs(m[3] - [0.0, 0.0, 0.0, 1.0])) > 1e-9:
-        raise PoseError(f"{what} is projective: bottom row {m[3].tolist()} must be [0, 0, 0, 1]")
-    rot = m[:3, :3]
-    ortho = float(np.max(np.abs(rot.T @ rot - np.eye(3))))
-    det = float(np.linalg.det(rot))
+    if max(abs(v - w) for v, w in zip(bottom, (0.0, 0.0, 0.0, 1.0))) > 1e-9:
+        raise PoseError(f"{what} is projective: bottom row {bottom} must be [0, 0, 0, 1]")
+    cols = ((a, d, g), (b, e, h), (c, f, i))  # of R; R^T R holds their dot products
+    ortho = max(abs(p[0] * q[0] + p[1] * q[1] + p[2] * q[2] - float(j == k))
+                for j, p in enumerate(cols) for k, q in enumerate(cols))
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
     if ortho > ROTATION_TOL or abs(det - 1.0) > ROTATION_TOL:
         kind = "a reflection" if det < 0 else "not a rotation (scaled or sheared)"
         raise PoseError(f"{what} is {kind}: max |R^T R - I| = {ortho:.3g}, det R = {det:.6g} (tolerance {ROTATION_TOL})")
-    dist = float(np.linalg.norm(m[:3, 3]))
+    dist = math.hypot(x, y, z)
     if dist > MAX_TRANSLATION_M:
         raise PoseError(f"{what} translation is {dist:.3g} m from the origin (limit {MAX_TRANSLATION_M:g} m)")
     return m

@@ -182,16 +182,23 @@ def _xyz_finite(points: np.ndarray) -> bool:
     return all(bool(np.isfinite(points[name]).all()) for name in ("x", "y", "z") if name in points.dtype.names)
 
 
+@functools.lru_cache(maxsize=32)
+def _point_fields(factory: MessageFactory, dtype: np.dtype) -> tuple[Any, ...]:
+    """The PointField messages of a structured point dtype, built once per factory and dtype: every cloud
+    of a run shares them (publishing only reads them)."""
+    field_cls = factory.msg_class("sensor_msgs/msg/PointField")
+    return tuple(factory.new("sensor_msgs/msg/PointField", name=name, offset=offset,
+                             datatype=int(getattr(field_cls, constant)), count=1)
+                 for name, offset, constant in _field_layout(dtype))
+
+
 def points_to_pointcloud2(factory: MessageFactory, points: np.ndarray, frame_id: str, stamp_ns: int) -> Any:
     """Structured (M,) array -> sensor_msgs/PointCloud2 (height 1), data filled in one copy."""
-    field_cls = factory.msg_class("sensor_msgs/msg/PointField")
-    fields = [factory.new("sensor_msgs/msg/PointField", name=name, offset=offset,
-                          datatype=int(getattr(field_cls, constant)), count=1)
-              for name, offset, constant in _field_layout(points.dtype)]
     step = points.dtype.itemsize
     return factory.new(
         "sensor_msgs/msg/PointCloud2", header=make_header(factory, stamp_ns, frame_id), height=1,
-        width=len(points), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(points),
+        width=len(points), fields=list(_point_fields(factory, points.dtype)), is_bigendian=False, point_step=step,
+        row_step=step * len(points),
         data=factory.uint8_array(np.ascontiguousarray(points).view(np.uint8)), is_dense=_xyz_finite(points),
     )
 

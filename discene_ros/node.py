@@ -2,10 +2,10 @@
 conversions (``msg_decode``, ``msg_encode``).
 
 Callbacks only store messages: colour images go to the frame loop, camera info and depth to
-stamp-indexed buffers. The decode stage (thread ``frame_decode``) pairs the newest colour frame with
-the camera info and depth of its header stamp (bounded wait, ``pairing.py``), looks up the camera
-pose in TF at that stamp and decodes it; the prepare stage (``frame_prepare``) preprocesses
-(uploads) it; the finish stage (``frame_infer``) infers, post-processes and publishes, while the
+stamp-indexed buffers. The decode stage pairs the newest colour frame with the camera info and depth
+of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose in TF at that stamp and
+decodes it (on thread ``frame_decode`` for compressed images; a raw Image is decoded at the start of
+the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage (``frame_infer``) infers, post-processes and publishes, while the
 stages before it already work on the next frames. A frame replaced by a newer one before a stage
 took it is dropped and counted; diagnostics carry received, processed, skipped by reason, dropped
 and the frames in flight. Parameters are read once at start-up and declared read-only.
@@ -155,7 +155,8 @@ class OccupancyNode(Node):
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
-                                stopping=lambda: not self.context.ok(), pipelined=pipelined)
+                                stopping=lambda: not self.context.ok(), pipelined=pipelined,
+                                decode_thread=self.cfg["use_compressed"])  # JPEGs only: see FrameLoop
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         self.get_logger().info(
             f"occupancy node ready: {describe()}, frame loop {loop_mode}, image {self.image_topic}, world frame "

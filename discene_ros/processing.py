@@ -372,24 +372,29 @@ class FrameLoop:
     abandoned at shutdown), so ``received == processed + skipped + dropped`` whenever none is in flight.
     After ``close`` starts, ``deliver`` is never called again. ``pipelined=False``: the same stages and
     threads, one frame in them at a time (``FrameRunner(serial=True)``; see ``frame_loop_mode``).
+    ``decode_thread=False``: no ``frame_decode`` thread; the prepare stage locates and decodes the frame
+    first. The node and the replay give compressed images a thread of their own (a JPEG takes 1.5–2.8 ms
+    to decode) and decode a raw Image (0.2 ms) in the prepare stage, where a third thread costs more than
+    it overlaps (H200, lite bgr8: 0.3–0.5 ms less host time per frame, docs/results/frame_path.md).
     """
 
     def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],
                  locate: Callable[[FrameInput], None] | None = None,
                  on_skip: Callable[[FrameInput, str, str], None] | None = None,
                  stopping: Callable[[], bool] = lambda: False, lossless: bool = False,
-                 pipelined: bool = True) -> None:
+                 pipelined: bool = True, decode_thread: bool = True) -> None:
         self.processor, self.stats = processor, stats
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
         self.closed, self.lossless = False, lossless
         ahead = bool(getattr(processor.pipeline, "launch_ahead", False))
         self.runner = FrameRunner(
-            processor.prepare_decoded, self.finish_stage, on_error=self.error_callback,
-            on_drop=lambda frame: self.stats.on_dropped(), slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
+            processor.prepare_decoded if decode_thread else self.decode_and_prepare, self.finish_stage,
+            on_error=self.error_callback, on_drop=lambda frame: self.stats.on_dropped(),
+            slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
-            launched_done=processor.launched_done, decode=self.decode_stage, lossless=lossless,
-            serial=not pipelined)
+            launched_done=processor.launched_done, decode=self.decode_stage if decode_thread else None,
+            lossless=lossless, serial=not pipelined)
 
     def submit(self, frame: FrameInput) -> None:
         """Count ``frame`` as received and hand it to the decode stage (ignored once closed); lossless:
@@ -408,6 +413,10 @@ class FrameLoop:
         if self.locate is not None:
             self.locate(frame)
         return self.processor.decode_frame(frame)
+
+    def decode_and_prepare(self, frame: FrameInput, slot: int) -> PreparedFrame:
+        """The prepare stage without a decode thread: both stages' work on the calling thread."""
+        return self.processor.prepare_decoded(self.decode_stage(frame), slot)
 
     def finish_stage(self, frame: FrameInput, prepared: PreparedFrame) -> None:
         result = self.processor.complete(prepared)

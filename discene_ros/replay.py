@@ -325,14 +325,14 @@ class Replayer:
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
     def run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool,
-            pipelined: bool = True) -> None:
+            pipelined: bool = True, decode_thread: bool = True) -> None:
         """Frames through the node's frame loop (``FrameLoop``). ``realtime``: at their recorded times,
         stale frames dropped as the node drops them; latency from a frame's arrival to its output. Else
         every frame as fast as the model goes: the loop is lossless (reading waits for room, nothing is
         dropped), so, ``pipelined``, reading, decoding and preparing the next frames overlap the inference
         of the previous one; latency from the loop taking a frame to its output."""
         loop = FrameLoop(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip,
-                         lossless=not realtime, pipelined=pipelined)
+                         lossless=not realtime, pipelined=pipelined, decode_thread=decode_thread)
         start_wall, start_bag = time.monotonic(), None
         try:
             for frame, bag_t in frames:
@@ -451,7 +451,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                 tqdm(total=min(total, settings.max_frames or total), unit="frame", desc="discene-replay",
                      disable=not settings.progress) as bar:
             rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
-            rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined)
+            compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
+            rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined, decode_thread=compressed)
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap

@@ -55,8 +55,8 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     ]
     if not summary.get("realtime") and summary.get("pipelined", True):
         lines += ["Latency runs from the frame loop taking a frame to its output. At full speed the pipelined "
-                  "loop takes a frame as soon as its decode stage may take one, so the frame then waits for the "
-                  "frames ahead of it: about three frame times where the inference is the slowest stage; one "
+                  "loop takes a frame as soon as its first stage may take one, so the frame then waits for the "
+                  "frames ahead of it: two or three frame times where the inference is the slowest stage; one "
                   "frame's own processing is the `total` stage below.", ""]
     elif not summary.get("realtime"):
         lines += ["Latency runs from the frame loop taking a frame to its output: one frame at a time, so it is "

@@ -78,6 +78,19 @@ class Launched:
     t_launch: float
 
 
+@dataclass
+class _ResultSet:
+    """Pinned (labels, best) grids that one launched frame's results are copied into, and the CUDA events
+    of its launch (timing and copy done), made once and re-recorded each time the set is used."""
+
+    labels: torch.Tensor
+    best: torch.Tensor
+    start: Any
+    end: Any
+    copied: Any
+    used: bool = False
+
+
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 LAUNCH_AHEAD_SLOTS = 4  # with launch-ahead one more: launched while the previous one is collected
 LAUNCH_POLL_S = 0.0002  # launch-ahead: how often the finish stage looks whether a launched frame's results are in
@@ -151,8 +164,10 @@ class OccupancyPipeline:
         # the prepare stage runs on its own CUDA stream so that an upload overlaps the previous inference
         self.upload_stream = torch.cuda.Stream(backend.torch_device) if cuda else None
         self._posts: dict[tuple, Any] = {}  # post-processing settings -> dense_occupancy bound to a copy of them
-        self._results: list[tuple[torch.Tensor, torch.Tensor, Any]] = []  # pinned grids + copy event, a ring
+        self._results: list[_ResultSet] = []  # a ring
         self._next_result = 0
+        self._ready = ([torch.cuda.Event() for _ in range(slots)]  # per buffer slot: its upload is done
+                       if self.upload_stream is not None else [])
 
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
@@ -181,19 +196,21 @@ class OccupancyPipeline:
             voxel_origin = place_grid(cam_pose, floor_z=floor_z, voxel_size=self.config.voxel_size,
                                       grid_shape=tuple(self.config.grid_shape))
         event = None
-        with intra_op_threads(self.host_threads):
-            if self.preprocessor is None:
-                inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=voxel_origin)
-            elif self.upload_stream is not None:
-                self.upload_stream.wait_stream(torch.cuda.current_stream(self.backend.torch_device))
-                with torch.cuda.stream(self.upload_stream):
-                    inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
-                                               slot=slot)
-                    event = torch.cuda.Event()
-                    event.record()
-            else:
+        if self.upload_stream is not None:  # CUDA: no CPU torch ops here, so no intra-op threads to set
+            self.upload_stream.wait_stream(torch.cuda.current_stream(self.backend.torch_device))
+            with torch.cuda.stream(self.upload_stream):
                 inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
                                            slot=slot)
+                event = self._ready[slot % len(self._ready)]  # the slot's frame is done with it: reusable
+                event.record()
+        else:
+            with intra_op_threads(self.host_threads):
+                if self.preprocessor is None:
+                    inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth,
+                                        voxel_origin=voxel_origin)
+                else:
+                    inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
+                                               slot=slot)
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:
@@ -209,26 +226,27 @@ class OccupancyPipeline:
             stream.wait_event(prepared.ready)
         index = self._next_result
         self._next_result = (index + 1) % RESULT_SETS
-        labels_host, best_host, previous = self._result_sets()[index]
-        if previous is not None:
-            previous.synchronize()  # that set's last copy is done (its frame was collected long ago)
-        start, end, copied = _event(dev, True), _event(dev, True), _event(dev, False)
-        start.record(stream)
+        out = self._result_sets()[index]
+        if out.used:
+            out.copied.synchronize()  # that set's last copy is done (its frame was collected long ago)
+        out.used = True
+        out.start.record(stream)
         labels, best = self.backend.run_fused(prepared.inputs, self._post_fn())
-        end.record(stream)
-        labels_host.copy_(labels, non_blocking=True)
-        best_host.copy_(best, non_blocking=True)
-        copied.record(stream)
-        self._results[index] = (labels_host, best_host, copied)
-        return Launched(prepared, labels_host, best_host, copied, start, end, t0)
+        out.end.record(stream)
+        out.labels.copy_(labels, non_blocking=True)
+        out.best.copy_(best, non_blocking=True)
+        out.copied.record(stream)
+        return Launched(prepared, out.labels, out.best, out.copied, out.start, out.end, t0)
 
-    def _result_sets(self) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
-        """The ring of pinned (labels, best) grids with each one's last copy event, allocated on first use."""
+    def _result_sets(self) -> list[_ResultSet]:
+        """The ring of pinned (labels, best) grids with their events, allocated on first use."""
         if not self._results:
+            dev = self.backend.torch_device
             shape = (1, *(int(n) for n in self.config.grid_shape))
-            pin = self.backend.torch_device.type == "cuda"
-            self._results = [(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
-                              torch.empty(shape, dtype=torch.float32, pin_memory=pin), None)
+            pin = dev.type == "cuda"
+            self._results = [_ResultSet(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
+                                        torch.empty(shape, dtype=torch.float32, pin_memory=pin),
+                                        _event(dev, True), _event(dev, True), _event(dev, False))
                              for _ in range(RESULT_SETS)]
         return self._results
 

@@ -272,7 +272,8 @@ class TensorPreprocessor:
         else:
             self._device_work(s, depth_hw)
         if self.pin:
-            s.uploaded = torch.cuda.Event()
+            if s.uploaded is None:
+                s.uploaded = torch.cuda.Event()  # one per slot, re-recorded each frame
             s.uploaded.record()
         return FrameTensors(s.image, s.grid2img, s.depth if depth is not None else None, voxel_origin, slot)
 

@@ -34,12 +34,18 @@
 #                                             # paper_student compiled FP16 and FP32 with the
 #                                             # tf32_convolutions option itself (~6 min: call 7 took 17 s for
 #                                             # the tests, 25 s for both configs' graphs, 67 s for lite compiled)
+#   bash scripts/device_frame_path.sh trims   # tests; the previous commit (.before: git archive of it) and this
+#                                             # tree side by side, interleaved, two rounds: lite CUDA graphs, this
+#                                             # tree with its decode rule and with a decode stage for every input;
+#                                             # paper_student CUDA graphs before/after; each host step alone
+#                                             # (docs/results/device_runs/issue10_call10_probe.py) in both trees;
+#                                             # paper_student compiled FP16 and FP32 (TF32 convolutions) (~6 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -161,7 +167,7 @@ conv_tf32_trained() {  # trained paper_student: TF32 convolutions only against I
 }
 decode_stage_pairs() {  # lite with its decode stage (the node's loop) and without, one after the other
     local flags
-    for flags in "" "--no-decode-stage"; do
+    for flags in "--decode-stage on" "--decode-stage off"; do
         # shellcheck disable=SC2086  # $flags: zero or one option
         step 80 "frame path, lite, CUDA graphs ${flags:-(decode stage)}" python3 benchmarks/bench_frame_path.py \
             --device cuda --configs lite --frames 300 $flags --json "$out/frame_path_gpu.json" --append
@@ -182,6 +188,39 @@ serial_rows() {  # one frame at a time (pipelining off, the CPU's default) again
         --json "$out/frame_path_gpu.json" --append
 }
 
+before_after() {  # .before (the previous commit) and this tree, interleaved; rows of both in the log,
+    # this tree's last round in frame_path_gpu.json, every round's JSON in rounds.tgz
+    if [ ! -d .before ]; then
+        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
+        return
+    fi
+    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
+    mkdir -p /tmp/rounds
+    local round flags
+    for round in 1 2; do
+        step 45 "BEFORE, lite, CUDA graphs (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 --json /tmp/rounds/before_$round.json"
+        for flags in "--decode-stage on" "--decode-stage auto"; do
+            # shellcheck disable=SC2086  # $flags: one option and its value
+            step 45 "AFTER, lite, CUDA graphs $flags (round $round)" python3 benchmarks/bench_frame_path.py \
+                --device cuda --configs lite --frames 300 $flags --json "/tmp/rounds/after_${flags##* }_$round.json"
+        done
+    done
+    step 50 "BEFORE, paper_student, CUDA graphs" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --frames 300 --json /tmp/rounds/before_paper.json"
+    step 50 "AFTER, paper_student, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs paper_student --frames 300 --json /tmp/rounds/after_paper.json
+    step 30 "BEFORE, each host step alone (lite fp32, CUDA graph)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site \
+        python3 ../docs/results/device_runs/issue10_call10_probe.py cuda"
+    step 30 "AFTER, each host step alone (lite fp32, CUDA graph)" python3 docs/results/device_runs/issue10_call10_probe.py cuda
+    python3 - "$out/frame_path_gpu.json" /tmp/rounds/after_auto_2.json /tmp/rounds/after_paper.json <<'PY'
+import json, sys
+rows = [r for path in sys.argv[2:] for r in json.load(open(path))["rows"]]
+json.dump({"device": json.load(open(sys.argv[2]))["device"], "rows": rows}, open(sys.argv[1], "w"), indent=1)
+PY
+    tar czf "$out/rounds.tgz" -C /tmp rounds
+}
+
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
@@ -196,6 +235,10 @@ profile-conv) profile_loop; conv_tf32_trained ;;
 remeasure) tests 40; graphs; compiled lite; compiled paper_student --precisions fp16; profile_loop; conv_tf32 ;;
 decode-stage) tests 40; decode_stage_pairs; camera_rate; serial_rows; compiled paper_student --precisions fp16
     conv_tf32 ;;
+trims) tests 40; before_after; compiled paper_student --precisions fp16
+    step 75 "frame path, torch.compile + CUDA graphs (paper_student FP32, TF32 convolutions)" python3 \
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 --tf32-convolutions \
+        --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

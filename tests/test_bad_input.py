@@ -209,6 +209,39 @@ def _projective(p):
     return p
 
 
+def test_pose_check_agrees_with_the_matrix_formulas():
+    """The pose check runs on Python floats; it accepts and rejects exactly as max |R^T R - I|, det R and
+    |t| computed with numpy say, and reports those values, on rotations perturbed around the tolerance."""
+    rng = np.random.default_rng(3)
+    verdicts = set()
+    for noise in np.repeat([1e-5, 3e-4, 1e-3, 3e-3, 1e-1], 40):
+        q = rng.normal(size=4)
+        pose = np.eye(4)
+        pose[:3, :3] = msg_decode.quaternion_to_matrix(*(q / np.linalg.norm(q))) + rng.normal(0, noise, (3, 3))
+        if rng.random() < 0.2:
+            pose[:3, 2] *= -1
+        pose[:3, 3] = rng.normal(0, 1, 3) * (1e5 if rng.random() < 0.1 else 3.0)
+        rot = pose[:3, :3]
+        ortho, det = np.max(np.abs(rot.T @ rot - np.eye(3))), np.linalg.det(rot)
+        ok = (ortho <= msg_decode.ROTATION_TOL and abs(det - 1) <= msg_decode.ROTATION_TOL
+              and np.linalg.norm(pose[:3, 3]) <= msg_decode.MAX_TRANSLATION_M)
+        try:
+            msg_decode.check_pose(pose)
+            verdicts.add(True)
+            assert ok
+        except PoseError as exc:
+            verdicts.add(False)
+            assert not ok
+            if "|R^T R - I|" in str(exc):
+                assert f"{ortho:.3g}" in str(exc) and f"{det:.6g}" in str(exc)
+    assert verdicts == {True, False}
+    for bad in (np.nan, np.inf):
+        pose = np.eye(4)
+        pose[1, 3] = bad
+        with pytest.raises(PoseError, match="non-finite"):
+            msg_decode.check_pose(pose)
+
+
 @pytest.mark.parametrize("edit, match", [(_scaled, "scaled or sheared"), (_sheared, "scaled or sheared"),
                                          (_reflected, "reflection"), (_projective, "projective")])
 def test_non_rigid_poses_are_rejected(edit, match):

@@ -89,7 +89,8 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert row["overhead_ms"] == pytest.approx(sum(stages[s] for s in
                                                    ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")))
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
-    assert row["decode_stage"] is True and row["dropped"] == 0  # the node's loop, fed losslessly
+    assert row["decode_stage"] is False and row["dropped"] == 0  # the node's loop (a raw Image: no decode
+    # thread), fed losslessly
     assert row["serial"] is True  # pipelining auto: one frame at a time on the CPU, as the node
     old = {k: v for k, v in row.items()  # a row from before the fields
            if k not in ("tf32", "tf32_convolutions", "cudnn_benchmark")}
@@ -101,17 +102,18 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     rows = json.loads(path.read_text())["rows"]
     assert sorted(r["fps"] for r in rows if r["fps"] < 0) == [-3.0, -2.0]  # the IEEE row replaced, the others kept
     assert len(rows) == 3 and sum(not r["tf32"] and not r["cudnn_benchmark"] for r in rows) == 1
-    assert bench.main([*args, "--append", "--no-decode-stage"]) == 0  # another measurement: appended
+    assert bench.main([*args, "--append", "--decode-stage", "on"]) == 0  # another measurement: appended
     rows = json.loads(path.read_text())["rows"]
     assert len(rows) == 4 and sorted(r["decode_stage"] for r in rows if r["fps"] > 0) == [False, True]
     assert bench.main([*args, "--append", "--pipelining", "on"]) == 0  # the pipelined loop: appended too
     rows = json.loads(path.read_text())["rows"]
-    assert len(rows) == 5 and sorted(r["serial"] for r in rows if r["fps"] > 0 and r["decode_stage"]) == [False, True]
+    assert len(rows) == 5 and sorted(r["serial"] for r in rows if r["fps"] > 0 and not r["decode_stage"]) == [False,
+                                                                                                              True]
     # the node's mode: a 2 Hz camera. The rate is timed from the warm-up frame's end, so a slow first
     # frame (capture) shortens the span: at 2 Hz it may take up to 0.7 s before the rate passes 6 FPS
     assert bench.main([*args, "--append", "--camera-hz", "2"]) == 0
     (camera,) = [r for r in json.loads(path.read_text())["rows"] if r["camera_hz"] == 2.0]
-    assert camera["decode_stage"] is True
+    assert camera["decode_stage"] is False
     assert camera["fps"] < 6.0  # paced by the camera, not flat out
     assert camera["stages_ms"]["end_to_end_latency_p90"] >= camera["stages_ms"]["end_to_end_latency"] > 0
 

@@ -150,6 +150,12 @@ def test_compressed_and_depth_subscriptions(ros):
     subs = {s.topic: s.msg_type.msgtype for s in node.subscriptions}
     assert subs["/camera/color/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
     assert subs["/camera/aligned_depth_to_color/image_raw"] == "sensor_msgs/msg/Image"
+    assert "frame_decode" in {t.name for t in node.frames.runner._threads}  # JPEGs: a decode thread
+
+
+def test_raw_images_are_decoded_in_the_prepare_stage(ros):
+    node = make_node(ros)
+    assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
 
 
 def test_parameter_set_at_runtime_is_refused_not_ignored(ros):

@@ -1,6 +1,7 @@
 """The node's ROS-free logic, for real: newest-frame slot, stats, throttling, fallback pose, bad frames."""
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -151,6 +152,30 @@ def test_slow_backend_drops_stale_frames_newest_wins():
     assert snap["dropped"] >= 10 and snap["processed"] == len(processed) == backend.calls
     assert snap["processed"] + snap["dropped"] == 30
     assert processed == sorted(processed) and processed[-1] == STAMP + 29  # the newest frame is processed
+
+
+@pytest.mark.parametrize("decode_thread", [True, False])
+def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thread):
+    """``decode_thread``: a ``frame_decode`` thread, or none and the prepare stage locates and decodes;
+    either way every frame is located, decoded, processed in order, and a bad one skipped by reason."""
+    proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
+    stats, processed, located, skips = FrameStats(), [], [], []
+    loop = FrameLoop(proc, stats, deliver=lambda frame, result: processed.append(frame.stamp_ns),
+                     locate=lambda frame: located.append(threading.current_thread().name),
+                     on_skip=lambda frame, reason, text: skips.append(reason), lossless=True,
+                     decode_thread=decode_thread)
+    names = {t.name for t in loop.runner._threads}
+    assert ("frame_decode" in names) is decode_thread and {"frame_prepare", "frame_infer"} <= names
+    for i in range(6):
+        loop.submit(_frame(stamp=STAMP + i))
+    no_pose = _frame(stamp=STAMP + 6)
+    no_pose.cam_pose = None
+    loop.submit(no_pose)
+    loop.close()
+    assert processed == [STAMP + i for i in range(6)] and skips == ["missing_tf"]
+    assert set(located) == {"frame_decode" if decode_thread else "frame_prepare"} and len(located) == 7
+    snap = stats.snapshot()
+    assert snap["received"] == 7 and snap["processed"] == 6 and snap["dropped"] == 0
 
 
 @pytest.mark.parametrize("device, on_gpu", [("cpu fp32", False), ("CPUExecutionProvider", False),

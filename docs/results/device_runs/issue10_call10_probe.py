@@ -1,0 +1,59 @@
+"""Device probe (issue 10, call 10): each host step of the node's frame path timed alone, hot, on the
+device's host, so that the frame loop's stage times can be split into the steps' own cost and what the
+loop adds. Tree-agnostic: run from the root of the tree to measure (the previous commit or this one).
+
+    python3 issue10_call10_probe.py [cuda|cpu]
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(Path.cwd()), str(Path.cwd() / "benchmarks")]
+import bench_frame_path as bench  # noqa: E402
+from rosbags.typesys import Stores, get_typestore  # noqa: E402
+
+from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, check_outputs  # noqa: E402
+from export.pipeline import OccupancyPipeline  # noqa: E402
+
+dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+factory = bench.TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
+backend, _ = bench.make_backend("lite", dev, False, False, True)
+pipe = OccupancyPipeline(backend, fuse=True)
+proc = FrameProcessor(pipe)
+print(pipe.describe(), flush=True)
+
+
+def med(f, n=400, between=sync):
+    ts = []
+    for i in range(n):
+        between()
+        t0 = time.perf_counter()
+        f(i)
+        ts.append(time.perf_counter() - t0)
+    return f"median {np.median(ts) * 1e3:.3f} ms  p10 {np.percentile(ts, 10) * 1e3:.3f}  p90 {np.percentile(ts, 90) * 1e3:.3f}"
+
+
+for kind in ("bgr8", "jpeg"):
+    image, info, pose = bench.camera_messages(factory, kind)
+    frame = FrameInput(image, info, cam_pose=pose)
+    decoded = proc.decode_frame(frame)
+    for i in range(10):  # warm-up, graph capture
+        proc.complete(proc.launch(proc.prepare_decoded(decoded, i % pipe.slots)))
+    sync()
+    prepared = proc.prepare_decoded(decoded, 0)
+    launched = proc.launch(prepared)
+    done = proc.complete(launched)
+    print(f"--- {kind}", flush=True)
+    print("decode_frame      ", med(lambda i: proc.decode_frame(FrameInput(image, info, cam_pose=pose))), flush=True)
+    print("prepare_decoded   ", med(lambda i: proc.prepare_decoded(decoded, i % pipe.slots)), flush=True)
+    p = [proc.prepare_decoded(decoded, i) for i in range(pipe.slots)]
+    sync()
+    print("launch            ", med(lambda i: proc.launch(p[i % len(p)])), flush=True)
+    print("launch + complete ", med(lambda i: proc.complete(proc.launch(p[i % len(p)]))), flush=True)
+    print("check_outputs     ", med(lambda i: check_outputs(done.occupancy)), flush=True)
+    print("build_outputs     ", med(lambda i: build_outputs(factory, done, "odom", 0, markers=False)), flush=True)
+pipe.close()
