@@ -278,7 +278,7 @@ def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
     (a, b, c, x), (d, e, f, y), (g, h, i, z), bottom = m.tolist()
     if not all(map(math.isfinite, (a, b, c, x, d, e, f, y, g, h, i, z, *bottom))):
         raise PoseError(f"{what} has non-finite values")
-    if max(abs(v - w) for v, w in zip(bottom, (0.0, 0.0, 0.0, 1.0))) > 1e-9:
+    if max(abs(v - w) for v, w in zip(bottom, (0.0, 0.0, 0.0, 1.0), strict=True)) > 1e-9:
         raise PoseError(f"{what} is projective: bottom row {bottom} must be [0, 0, 0, 1]")
     cols = ((a, d, g), (b, e, h), (c, f, i))  # of R; R^T R holds their dot products
     ortho = max(abs(p[0] * q[0] + p[1] * q[1] + p[2] * q[2] - float(j == k))

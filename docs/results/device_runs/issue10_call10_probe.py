@@ -37,23 +37,24 @@ def med(f, n=400, between=sync):
     return f"median {np.median(ts) * 1e3:.3f} ms  p10 {np.percentile(ts, 10) * 1e3:.3f}  p90 {np.percentile(ts, 90) * 1e3:.3f}"
 
 
-for kind in ("bgr8", "jpeg"):
+def probe(kind: str) -> None:
     image, info, pose = bench.camera_messages(factory, kind)
-    frame = FrameInput(image, info, cam_pose=pose)
-    decoded = proc.decode_frame(frame)
+    decoded = proc.decode_frame(FrameInput(image, info, cam_pose=pose))
     for i in range(10):  # warm-up, graph capture
         proc.complete(proc.launch(proc.prepare_decoded(decoded, i % pipe.slots)))
     sync()
-    prepared = proc.prepare_decoded(decoded, 0)
-    launched = proc.launch(prepared)
-    done = proc.complete(launched)
+    done = proc.complete(proc.launch(proc.prepare_decoded(decoded, 0)))
+    p = [proc.prepare_decoded(decoded, i) for i in range(pipe.slots)]
+    sync()
     print(f"--- {kind}", flush=True)
     print("decode_frame      ", med(lambda i: proc.decode_frame(FrameInput(image, info, cam_pose=pose))), flush=True)
     print("prepare_decoded   ", med(lambda i: proc.prepare_decoded(decoded, i % pipe.slots)), flush=True)
-    p = [proc.prepare_decoded(decoded, i) for i in range(pipe.slots)]
-    sync()
     print("launch            ", med(lambda i: proc.launch(p[i % len(p)])), flush=True)
     print("launch + complete ", med(lambda i: proc.complete(proc.launch(p[i % len(p)]))), flush=True)
     print("check_outputs     ", med(lambda i: check_outputs(done.occupancy)), flush=True)
     print("build_outputs     ", med(lambda i: build_outputs(factory, done, "odom", 0, markers=False)), flush=True)
+
+
+for kind in ("bgr8", "jpeg"):
+    probe(kind)
 pipe.close()
