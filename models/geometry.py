@@ -73,8 +73,7 @@ def grid_to_image_matrix(
     """
     k4 = np.eye(4)
     k4[:3, :3] = np.asarray(intrinsic, dtype=np.float64)[:3, :3]
-    g = np.eye(4)
-    g[:3, :3] = np.diag(np.asarray(grid_shape, dtype=np.float64) * voxel_size)
+    g = np.diag([float(n) * voxel_size for n in grid_shape] + [1.0])  # built per frame: one call, not three
     g[:3, 3] = np.asarray(voxel_origin, dtype=np.float64)
     return k4 @ np.linalg.inv(np.asarray(cam_pose, dtype=np.float64)) @ g
 

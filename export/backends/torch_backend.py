@@ -33,7 +33,7 @@ from torch import nn
 from models.config import ModelConfig
 
 from ..wrapper import ExportWrapper
-from .base import Backend, input_feed, input_names, input_shapes
+from .base import Backend, input_feed, input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class TorchBackend(Backend):
                              "and inaccurate; bfloat16 autocast on the CPU is a different, coarser format); "
                              "pass device='cuda' or drop fp16")
         self.torch_device = dev
+        self._input_shapes = input_shapes(config)  # by input name, in input order (checked every frame)
         self.fp16 = fp16
         self.tf32 = tf32 and not fp16
         self.tf32_convolutions = (tf32 or tf32_convolutions) and not fp16
@@ -228,11 +229,10 @@ class TorchBackend(Backend):
 
     def tensors(self, inputs: Any) -> dict[str, torch.Tensor]:
         """Input tensors on the device: ``FrameTensors`` pass through (checked), numpy is uploaded."""
-        names = input_names(self.config)
-        if all(isinstance(getattr(inputs, n, None), torch.Tensor) for n in names):
-            shapes = input_shapes(self.config)
+        shapes = self._input_shapes
+        if all(isinstance(getattr(inputs, n, None), torch.Tensor) for n in shapes):
             out = {}
-            for n in names:
+            for n in shapes:
                 t = getattr(inputs, n)
                 if tuple(t.shape) != shapes[n] or t.dtype != torch.float32:
                     raise ValueError(f"input '{n}' is {tuple(t.shape)} {t.dtype}, model '{self.config.name}' "
