@@ -242,18 +242,20 @@ class _PointCache:
 _MARKER_POINTS: dict[tuple, _PointCache] = {}
 
 
-def _cached_points(factory: MessageFactory, flat_ids: np.ndarray, indices: np.ndarray, size: float,
-                   grid_shape: tuple[int, ...]) -> list:
+def _cached_points(factory: MessageFactory, flat_ids: np.ndarray, size: float, grid_shape: tuple[int, ...]) -> list:
+    """The Point messages of the grid cells ``flat_ids`` (unique), made for the cells seen for the first time."""
     point_cls = factory.msg_class("geometry_msgs/msg/Point")
     key = (id(point_cls), size, grid_shape)
     cache = _MARKER_POINTS.get(key)
     if cache is None:
         cells = int(np.prod(grid_shape))
         cache = _MARKER_POINTS[key] = _PointCache(np.empty(cells, dtype=object), np.zeros(cells, dtype=bool))
-    missing = np.flatnonzero(~cache.made[flat_ids])
-    for n, (x, y, z) in zip(missing.tolist(), ((indices[missing] + 0.5) * size).tolist(), strict=True):
-        cache.points[flat_ids[n]] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
-    cache.made[flat_ids[missing]] = True
+    missing = flat_ids[~cache.made[flat_ids]]
+    if len(missing):
+        centres = (np.stack(np.unravel_index(missing, grid_shape), axis=-1) + 0.5) * size  # grid-local metres
+        for n, (x, y, z) in zip(missing.tolist(), centres.tolist(), strict=True):
+            cache.points[n] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
+        cache.made[missing] = True
     return cache.points[flat_ids].tolist()
 
 
@@ -269,22 +271,26 @@ def occupancy_to_marker_array(factory: MessageFactory, frame: Any, frame_id: str
     markers = [factory.new("visualization_msgs/msg/Marker", header=header, ns=ns, id=0, action=marker_cls.DELETEALL,
                            pose=_pose(factory))]
     indices = np.asarray(frame.voxel_indices, dtype=np.int64).reshape(-1, 3)
-    labels = np.asarray(frame.voxel_labels)
+    labels = np.asarray(frame.voxel_labels).reshape(-1)
     size = float(frame.voxel_size)
     grid_shape = tuple(int(n) for n in np.shape(frame.labels))
     flat = (indices[:, 0] * grid_shape[1] + indices[:, 1]) * grid_shape[2] + indices[:, 2]
-    for label in np.unique(labels):
-        if label == 0 or label > NUM_CLASSES:
+    # the voxels grouped by class (each class in the frame's order), their points looked up in one go and
+    # sliced per class: one pass instead of a mask, two gathers and a lookup per class (0.83 -> 0.33 ms here)
+    order = np.argsort(labels, kind="stable")
+    points = _cached_points(factory, flat[order], size, grid_shape)
+    end = 0
+    for label, count in enumerate(np.bincount(labels).tolist()):
+        begin, end = end, end + count
+        if count == 0 or label == 0 or label > NUM_CLASSES:
             continue
         r, g, b = (float(c) / 255.0 for c in CLASS_COLORS[label])
-        sel = labels == label
-        pts = _cached_points(factory, flat[sel], indices[sel], size, grid_shape)
         markers.append(factory.new(
-            "visualization_msgs/msg/Marker", header=header, ns=ns, id=int(label), type=marker_cls.CUBE_LIST,
+            "visualization_msgs/msg/Marker", header=header, ns=ns, id=label, type=marker_cls.CUBE_LIST,
             action=marker_cls.ADD, pose=_pose(factory, frame.voxel_origin),
             scale=factory.new("geometry_msgs/msg/Vector3", x=size, y=size, z=size),
             color=factory.new("std_msgs/msg/ColorRGBA", r=r, g=g, b=b, a=float(alpha)),
-            points=pts, text=CLASS_NAMES[label],
+            points=points[begin:end], text=CLASS_NAMES[label],
         ))
     return factory.new("visualization_msgs/msg/MarkerArray", markers=markers)
 

@@ -79,3 +79,5 @@ def test_marker_points_are_right_when_some_are_cached_and_some_are_new():
             want = (sub[labels_1d == m.id] + 0.5) * size
             np.testing.assert_array_equal([(p.x, p.y, p.z) for p in m.points], want)
         assert sum(len(m.points) for m in markers) == len(sub)
+        assert [m.id for m in markers] == sorted(set(labels_1d.tolist()))  # one CUBE_LIST per class, in order
+        assert all(m.text == msg_encode.CLASS_NAMES[m.id] for m in markers)
