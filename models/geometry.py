@@ -40,15 +40,16 @@ def place_grid(
         raise ValueError(f"cam_pose must be a finite 4x4 matrix, got shape {pose.shape}")
     forward = pose[:3, 2].copy()
     forward[2] = 0.0
-    if np.linalg.norm(forward) < 1e-6:
+    norm = np.linalg.norm(forward)  # each norm taken once (this runs per frame on the robot)
+    if norm < 1e-6:
         forward = -pose[:3, 1].copy()
         forward[2] = 0.0
-    if np.linalg.norm(forward) < 1e-6:
-        forward = np.array([1.0, 0.0, 0.0])
-    forward /= np.linalg.norm(forward)
-    extent = np.asarray(grid_shape, dtype=np.float64) * voxel_size
-    centre_xy = pose[:2, 3] + forward_distance * forward[:2]
-    return np.array([centre_xy[0] - extent[0] / 2, centre_xy[1] - extent[1] / 2, floor_z])
+        norm = np.linalg.norm(forward)
+    if norm < 1e-6:
+        forward, norm = np.array([1.0, 0.0, 0.0]), 1.0
+    forward /= norm
+    centre_x, centre_y = (pose[:2, 3] + forward_distance * forward[:2]).tolist()
+    return np.array([centre_x - grid_shape[0] * voxel_size / 2, centre_y - grid_shape[1] * voxel_size / 2, floor_z])
 
 
 def voxel_centers(
