@@ -1,4 +1,4 @@
-"""Device probe (issue 10, call 10): each host step of the node's frame path timed alone, hot, on the
+"""Host-step probe (issue 10; written for device call 10, which was not lent, and run on the CPU): each host step of the node's frame path timed alone, hot, on the
 device's host, so that the frame loop's stage times can be split into the steps' own cost and what the
 loop adds. Tree-agnostic: run from the root of the tree to measure (the previous commit or this one).
 
@@ -15,6 +15,7 @@ sys.path[:0] = [str(Path.cwd()), str(Path.cwd() / "benchmarks")]
 import bench_frame_path as bench  # noqa: E402
 from rosbags.typesys import Stores, get_typestore  # noqa: E402
 
+from discene_ros import msg_encode  # noqa: E402
 from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, check_outputs  # noqa: E402
 from export.pipeline import OccupancyPipeline  # noqa: E402
 
@@ -49,8 +50,11 @@ def probe(kind: str) -> None:
     print(f"--- {kind}", flush=True)
     print("decode_frame      ", med(lambda i: proc.decode_frame(FrameInput(image, info, cam_pose=pose))), flush=True)
     print("prepare_decoded   ", med(lambda i: proc.prepare_decoded(decoded, i % pipe.slots)), flush=True)
-    print("launch            ", med(lambda i: proc.launch(p[i % len(p)])), flush=True)
-    print("launch + complete ", med(lambda i: proc.complete(proc.launch(p[i % len(p)]))), flush=True)
+    if dev == "cuda":  # on the CPU these are the inference
+        print("launch            ", med(lambda i: proc.launch(p[i % len(p)])), flush=True)
+        print("launch + complete ", med(lambda i: proc.complete(proc.launch(p[i % len(p)]))), flush=True)
+    print("markers           ", med(lambda i: msg_encode.occupancy_to_marker_array(factory, done.occupancy, "odom", 0)),
+          flush=True)
     print("check_outputs     ", med(lambda i: check_outputs(done.occupancy)), flush=True)
     print("build_outputs     ", med(lambda i: build_outputs(factory, done, "odom", 0, markers=False)), flush=True)
 
