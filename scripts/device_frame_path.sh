@@ -39,7 +39,10 @@
 #                                             # tree with its decode rule and with a decode stage for every input;
 #                                             # paper_student CUDA graphs before/after; each host step alone
 #                                             # (docs/results/device_runs/issue10_call10_probe.py) in both trees;
-#                                             # paper_student compiled FP16 and FP32 (TF32 convolutions) (~6 min)
+#                                             # paper_student compiled FP16 and FP32 (TF32 convolutions) (~6 min).
+#                                             # Before it: echo /.before/ >> .git/info/exclude;
+#                                             # mkdir .before; git archive 79bf64f | tar -x -C .before
+#                                             # (session 8's code), and carry .whl and .before
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
