@@ -12,8 +12,8 @@ and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop
 ``FrameRunner`` prepares frame i+1 while frame i is inferred, and with a decode stage decodes frame
 i+2 meanwhile (``--decode-stage`` auto, the node's rule: for JPEG rows only, a raw Image is decoded at
 the start of the prepare stage; on / off: every row; until session 9 every row had one unless
-``--no-decode-stage``, now ``--decode-stage off``). On the CPU it takes one frame at a time (rows say ``serial``; before session 8 the CPU rows were
-pipelined). The runner is lossless (a camera faster than the network, and no frame dropped; rows count
+``--no-decode-stage``, now ``--decode-stage off``). On the CPU it takes one frame at a time (rows say
+``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than the network, and no frame dropped; rows count
 ``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the processed frames over
 ``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms);
 ``overhead_ms`` = decode + preprocess + post-process + output check + PointCloud2, the CPU-side work

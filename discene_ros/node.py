@@ -5,10 +5,10 @@ Callbacks only store messages: colour images go to the frame loop, camera info a
 stamp-indexed buffers. The decode stage pairs the newest colour frame with the camera info and depth
 of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose in TF at that stamp and
 decodes it (on thread ``frame_decode`` for compressed images; a raw Image is decoded at the start of
-the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage (``frame_infer``) infers, post-processes and publishes, while the
-stages before it already work on the next frames. A frame replaced by a newer one before a stage
-took it is dropped and counted; diagnostics carry received, processed, skipped by reason, dropped
-and the frames in flight. Parameters are read once at start-up and declared read-only.
+the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage
+(``frame_infer``) infers, post-processes and publishes, while the stages before it already work on
+the next frames. A frame replaced by a newer one before a stage took it is dropped and counted;
+diagnostics carry received, processed, skipped by reason, dropped and the frames in flight. Parameters are read once at start-up and declared read-only.
 
 ROS 2 is an optional dependency of this package (bag replay and training run without it), so the
 rclpy imports below are guarded; ``main`` (via ``entry.occupancy_node``) reports what is missing.
