@@ -67,7 +67,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
 from discene_ros.params import PIPELINING_MODES  # noqa: E402
-from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, frame_loop_mode  # noqa: E402
+from discene_ros.processing import (  # noqa: E402
+    FrameInput,
+    FrameProcessor,
+    build_outputs,
+    frame_loop_mode,
+    freeze_startup_objects,
+)
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
 from export.pipeline import FrameRunner, OccupancyPipeline  # noqa: E402
@@ -172,6 +178,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
              if pipe.launch_ahead else {})
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
+    freeze_startup_objects()  # as the node does after start-up
     runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
                          lossless=camera_hz is None, serial=serial, **stages, **ahead)
     try:

@@ -42,6 +42,7 @@ from .processing import (
     build_outputs,
     build_pipeline,
     frame_loop_mode,
+    freeze_startup_objects,
     tune_postprocess,
 )
 from .undistort import DISTORTION_MODELS, needs_undistortion
@@ -158,8 +159,10 @@ class OccupancyNode(Node):
                                 stopping=lambda: not self.context.ok(), pipelined=pipelined,
                                 decode_thread=self.cfg["use_compressed"])  # JPEGs only: see FrameLoop
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
+        frozen = freeze_startup_objects()  # no full garbage collection pauses the frames for their sake
         self.get_logger().info(
-            f"occupancy node ready: {describe()}, frame loop {loop_mode}, image {self.image_topic}, world frame "
+            f"occupancy node ready: {describe()}, frame loop {loop_mode}, {frozen} start-up objects frozen out of "
+            f"the garbage collector, image {self.image_topic}, world frame "
             f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
             "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
 

@@ -8,6 +8,7 @@ that the next frame is prepared, and the one after it decoded, while the current
 """
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -459,6 +460,17 @@ class FrameLoop:
     def alive(self) -> bool:
         """True while a stage thread runs."""
         return self.runner.alive()
+
+
+def freeze_startup_objects() -> int:
+    """Collect, then move every object alive now (modules, the model, caches built at start-up) out of the
+    cyclic garbage collector's reach, so that a full collection scans only what the frame loop adds:
+    with lite loaded, a full collection took 91–95 ms before and under 0.1 ms after (build machine, 209k
+    tracked objects), a pause of several frames a running node would otherwise take now and then.
+    Called once by the node and the replay after start-up; returns the number of frozen objects."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def check_outputs(occ: Any) -> None:

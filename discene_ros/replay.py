@@ -43,6 +43,7 @@ from .processing import (
     build_outputs,
     build_pipeline,
     frame_loop_mode,
+    freeze_startup_objects,
     latency_percentiles,
 )
 
@@ -446,6 +447,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                            settings.sync_tolerance_s, settings.sync_wait_s, settings.base_frame)
         factory = TypestoreFactory(bag_io.typestore())
         total = sum(c.msgcount for c in reader.connections if c.topic == topic)
+        freeze_startup_objects()  # as the node: no full garbage collection of the start-up objects mid-run
         start = time.perf_counter()
         with bag_io.BagWriter(stage / "occupancy_bag", settings.storage, factory.typestore) as writer, \
                 tqdm(total=min(total, settings.max_frames or total), unit="frame", desc="discene-replay",

@@ -1,6 +1,8 @@
 """Shared fixtures: the lite model config/network, one hand-checkable camera set-up, deterministic mode."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,14 @@ CAM_POSE = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0
 # K of a 512x384 image; the lite network input is 256x192, so fx = fy = 100, cx = 128, cy = 96 there.
 INTRINSIC = np.array([[200.0, 0.0, 256.0], [0.0, 200.0, 192.0], [0.0, 0.0, 1.0]])
 IMAGE_HW = (384, 512)
+
+
+@pytest.fixture(autouse=True)
+def unfreeze_objects():
+    """The node and the replay freeze their start-up objects out of the garbage collector
+    (``processing.freeze_startup_objects``); each test ends with them collectable again."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

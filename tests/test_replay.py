@@ -1,6 +1,7 @@
 """Dataset -> bag -> replay end to end, on mcap and sqlite3 bags; realtime dropping; corrupt bags; CLI."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -121,6 +122,7 @@ def test_replay_decodes_jpeg_bags_on_a_thread_of_their_own(bags, tmp_path, monke
                           settings=ReplaySettings(n_renders=0, progress=False)).summary
         assert s["frames"] == 2 and s["skipped"] == 0
     assert threads == [["frame_infer", "frame_prepare"], ["frame_decode", "frame_infer", "frame_prepare"]]
+    assert gc.get_freeze_count() > 10_000  # as the node: start-up objects frozen out of the garbage collector
 
 
 def test_replay_feeds_depth_to_depth_models(bags, tmp_path):

@@ -153,6 +153,23 @@ def test_compressed_and_depth_subscriptions(ros):
     assert "frame_decode" in {t.name for t in node.frames.runner._threads}  # JPEGs: a decode thread
 
 
+def test_start_up_objects_are_frozen_out_of_the_garbage_collector(ros):
+    """A full collection must not scan the model and the modules mid-run: the node freezes what start-up
+    made (gc.freeze) and says how much; what the frame loop makes afterwards stays collectable."""
+    import gc
+    import re
+
+    gc.unfreeze()
+    node = make_node(ros)
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    said = int(re.search(r"(\d+) start-up objects frozen out of the garbage collector", ready).group(1))
+    frozen = gc.get_freeze_count()  # frozen objects freed since (by reference counting) have left it
+    assert 10_000 < frozen <= said  # torch, numpy, the model: far more than a frame loop makes
+    later = [object() for _ in range(3)], {}
+    assert gc.is_tracked(later) and gc.get_freeze_count() <= frozen  # objects made after start-up: not frozen
+    assert len(gc.get_objects()) < frozen  # what a full collection scans leaves the frozen ones out
+
+
 def test_raw_images_are_decoded_in_the_prepare_stage(ros):
     node = make_node(ros)
     assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
