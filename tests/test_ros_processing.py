@@ -166,16 +166,15 @@ def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thr
                      decode_thread=decode_thread)
     names = {t.name for t in loop.runner._threads}
     assert ("frame_decode" in names) is decode_thread and {"frame_prepare", "frame_infer"} <= names
-    for i in range(6):
-        loop.submit(_frame(stamp=STAMP + i))
-    no_pose = _frame(stamp=STAMP + 6)
-    no_pose.cam_pose = None
-    loop.submit(no_pose)
+    for i in range(12):  # every other frame refused by the decode: more of them than buffer slots
+        frame = _frame(stamp=STAMP + i)
+        frame.cam_pose = frame.cam_pose if i % 2 else None
+        loop.submit(frame)
     loop.close()
-    assert processed == [STAMP + i for i in range(6)] and skips == ["missing_tf"]
-    assert set(located) == {"frame_decode" if decode_thread else "frame_prepare"} and len(located) == 7
+    assert processed == [STAMP + i for i in range(1, 12, 2)] and skips == ["missing_tf"] * 6
+    assert set(located) == {"frame_decode" if decode_thread else "frame_prepare"} and len(located) == 12
     snap = stats.snapshot()
-    assert snap["received"] == 7 and snap["processed"] == 6 and snap["dropped"] == 0
+    assert snap["received"] == 12 and snap["processed"] == 6 and snap["dropped"] == 0
 
 
 @pytest.mark.parametrize("device, on_gpu", [("cpu fp32", False), ("CPUExecutionProvider", False),
