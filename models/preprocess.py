@@ -172,7 +172,6 @@ class _Slot:
         self.image: torch.Tensor | None = None
         self.grid2img: torch.Tensor | None = None
         self.depth: torch.Tensor | None = None
-        self.channel: torch.Tensor | None = None  # one channel of ``image``: room to swap two of them
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
         self.bgr = False  # the staged bytes are in BGR order
         self.graphs: dict[tuple, Any] = {}  # (image shape, bgr, depth shape) -> CUDA graph of the device work
@@ -202,7 +201,7 @@ class TensorPreprocessor:
         # normalised = x * scale + shift, x in 0..255 (constants uploaded once, here)
         self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
         self.shift = (-torch.tensor(IMAGENET_MEAN, dtype=torch.float32) / std).view(1, 3, 1, 1).to(self.device)
-        self.scale_bgr, self.shift_bgr = self.scale.flip(1), self.shift.flip(1)  # for bytes in BGR order
+        self.bgr_to_rgb = torch.tensor([2, 1, 0], device=self.device)  # channel order of staged BGR bytes
         self.slots = [_Slot() for _ in range(max(1, int(slots)))]
         self._depth_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -234,7 +233,6 @@ class TensorPreprocessor:
         h, w = self.size_hw
         if slot.image is None:
             slot.image = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
-            slot.channel = torch.empty((1, h, w), dtype=torch.float32, device=self.device)
             slot.grid2img = torch.empty((1, 4, 4), dtype=torch.float32, device=self.device)
         if with_depth and slot.depth is None:
             slot.depth = torch.empty((1, 1, h, w), dtype=torch.float32, device=self.device)
@@ -327,13 +325,10 @@ class TensorPreprocessor:
                                   mode="bilinear", antialias=True, align_corners=False)
             else:
                 x = F.interpolate(x.float(), size=self.size_hw, mode="bilinear", antialias=True, align_corners=False)
-        if not s.bgr:
-            torch.addcmul(self.shift, x.float(), self.scale, out=out)
-            return
-        # BGR: normalise each channel with its own constants, then swap blue and red in place (on the
-        # network-size image: cheaper than reordering the input bytes on the host, and than flipping the
-        # channels-last resize output, 0.18 -> 0.10 ms on the CPU)
-        torch.addcmul(self.shift_bgr, x.float(), self.scale_bgr, out=out)
-        s.channel.copy_(out[:, 0])
-        out[:, 0].copy_(out[:, 2])
-        out[:, 2].copy_(s.channel)
+        if s.bgr:  # reorder the channels of the network-size image: cheaper than the input bytes on the host
+            x = x.index_select(1, self.bgr_to_rgb)  # contiguous (1, 3, h, w)
+        # a multiply and an add: on the CPU 2.5x faster than one addcmul with the broadcast constants (the
+        # BGR path 0.10 -> 0.04 ms with the reorder, one thread); each is one rounding, so results may differ
+        # from addcmul's in the last bit
+        torch.mul(x.float(), self.scale, out=out)
+        out.add_(self.shift)

@@ -57,7 +57,7 @@ def test_bgr_view_depth_and_buffer_reuse(lite_config):
     first = pre(rgb_view, k, pose, depth=depth, slot=0)
     np.testing.assert_array_equal(first.depth.numpy(), ref.depth)  # nearest resize + cleaning: exact
     assert np.abs(first.image.numpy() - ref.image).max() <= 2 * GREY + 1e-4
-    # BGR bytes (normalised, then blue and red swapped) give exactly what the same bytes in RGB order give
+    # BGR bytes (channels reordered after the resize) give exactly what the same bytes in RGB order give
     same = TensorPreprocessor(lite_config)(np.ascontiguousarray(rgb_view), k, pose, depth=depth)
     np.testing.assert_array_equal(first.image.numpy(), same.image.numpy())
     ptr = first.image.data_ptr()
