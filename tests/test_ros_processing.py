@@ -177,6 +177,29 @@ def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thr
     assert snap["received"] == 12 and snap["processed"] == 6 and snap["dropped"] == 0
 
 
+def test_frame_loop_freezes_what_its_first_frame_made():
+    """The first processed frame compiles and captures the network (torch.compile made 344k objects for
+    lite): the loop then freezes everything alive out of the garbage collector, once; a refused frame
+    before it does not count."""
+    import gc
+
+    gc.unfreeze()
+    proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
+    loop = FrameLoop(proc, FrameStats(), deliver=lambda frame, result: None, lossless=True)
+    refused = _frame(stamp=STAMP)
+    refused.cam_pose = None
+    loop.submit(refused)
+    assert loop.wait_idle(timeout=10)
+    assert not loop.warm and gc.get_freeze_count() == 0
+    loop.submit(_frame(stamp=STAMP + 1))
+    assert loop.wait_idle(timeout=10)
+    frozen = gc.get_freeze_count()
+    assert loop.warm and frozen > 10_000
+    loop.submit(_frame(stamp=STAMP + 2))
+    loop.close()
+    assert gc.get_freeze_count() <= frozen  # not again: frozen objects only leave (freed), none are added
+
+
 @pytest.mark.parametrize("device, on_gpu", [("cpu fp32", False), ("CPUExecutionProvider", False),
                                             ("cuda:0 fp16", True), ("CUDAExecutionProvider", True),
                                             ("cuda (NVIDIA H200, TensorRT 10.0)", True)])
