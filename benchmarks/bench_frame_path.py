@@ -13,16 +13,18 @@ and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop
 i+2 meanwhile (``--decode-stage`` auto, the node's rule: for JPEG rows only, a raw Image is decoded at
 the start of the prepare stage; on / off: every row; until session 9 every row had one unless
 ``--no-decode-stage``, now ``--decode-stage off``). On the CPU it takes one frame at a time (rows say
-``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than the network, and no frame dropped; rows count
-``dropped`` anyway); ``fps`` is the sustained end-to-end throughput of the processed frames over
-``--frames`` frames after ``--warmup``. Stage times are medians of per-frame wall times (ms);
-``overhead_ms`` = decode + preprocess + post-process + output check + PointCloud2, the CPU-side work
-per frame (rows without ``output_check`` in ``stages_ms`` did not run the node's output checks, which
-took 0.4 ms per 12k voxels until session 8); the latency runs from the first stage taking a frame to
-its PointCloud2. ``--camera-hz R``
-measures the node's situation instead: a camera publishing R frames per second into the loop as the
-node runs it (the newest frame wins, ``dropped`` counts the rest), the latency from a frame's
-arrival to its PointCloud2 (``end_to_end_latency`` median, ``end_to_end_latency_p90``).
+``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than
+the network, and no frame dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end
+throughput of the processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians
+of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + output check +
+PointCloud2, the CPU-side work per frame (rows without ``output_check`` in ``stages_ms`` did not run
+the node's output checks, which took 0.4 ms per 12k voxels until session 8); the latency runs from the
+first stage taking a frame to its PointCloud2. ``--camera-hz R`` measures the node's situation instead:
+a camera publishing R frames per second into the loop as the node runs it (the newest frame wins,
+``dropped`` counts the rest), the latency from a frame's arrival to its PointCloud2
+(``end_to_end_latency`` median, ``end_to_end_latency_p90``). As the node, each row freezes the
+objects alive before its loop, and again after its first frame, out of the garbage collector
+(``processing.freeze_startup_objects``).
 
 On CUDA with CUDA graphs (the default), post-processing is captured in the network's graph and the
 runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GPU time of that graph
