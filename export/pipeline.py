@@ -166,8 +166,9 @@ class OccupancyPipeline:
         self._posts: dict[tuple, Any] = {}  # post-processing settings -> dense_occupancy bound to a copy of them
         self._results: list[_ResultSet] = []  # a ring
         self._next_result = 0
-        self._ready = ([torch.cuda.Event() for _ in range(slots)]  # per buffer slot: its upload is done
-                       if self.upload_stream is not None else [])
+        # per buffer slot, re-recorded each frame: the work queued before its upload, and its upload, are done
+        self._queued = [torch.cuda.Event() for _ in range(slots)] if self.upload_stream is not None else []
+        self._ready = [torch.cuda.Event() for _ in range(slots)] if self.upload_stream is not None else []
 
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
@@ -197,12 +198,13 @@ class OccupancyPipeline:
                                       grid_shape=tuple(self.config.grid_shape))
         event = None
         if self.upload_stream is not None:  # CUDA: no CPU torch ops here, so no intra-op threads to set
-            self.upload_stream.wait_stream(torch.cuda.current_stream(self.backend.torch_device))
+            queued, event = self._queued[slot % len(self._queued)], self._ready[slot % len(self._ready)]
+            queued.record(torch.cuda.current_stream(self.backend.torch_device))  # wait_stream, minus a new event
+            self.upload_stream.wait_event(queued)
             with torch.cuda.stream(self.upload_stream):
                 inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
                                            slot=slot)
-                event = self._ready[slot % len(self._ready)]  # the slot's frame is done with it: reusable
-                event.record()
+                event.record()  # the slot's previous frame is done with both events: reusable
         else:
             with intra_op_threads(self.host_threads):
                 if self.preprocessor is None:
