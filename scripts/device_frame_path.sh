@@ -117,7 +117,7 @@ fp32_paper() {  # trained paper_student in FP32: TF32 agreement, then FP32 frame
         --compare tf32 tf32_convolutions --score-threshold 0.3 --json "$out/tf32_agreement.json"
     local flags  # cudnn.benchmark is left out since call 4 measured it changing nothing (tf32_agreement_gpu.json)
     for flags in "" "--tf32-convolutions" "--tf32"; do
-        # shellcheck disable=SC2086  # $flags: zero or one option
+        # shellcheck disable=SC2086  # $flags: an option and its value
         step 62 "frame path, trained paper_student FP32, compile + CUDA graphs, ${flags:-IEEE}" \
             python3 benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 \
             --weights "paper_student=$ckpt" --frames 300 --compile $flags --json "$out/frame_path_gpu_fp32.json" --append
@@ -127,7 +127,7 @@ fp32_paper() {  # trained paper_student in FP32: TF32 agreement, then FP32 frame
 replay_cuda() {  # the replay CLI on the sample bag, on CUDA: the node's defaults, then the speed options
     local flags
     for flags in "" "--tf32" "--fp16"; do
-        # shellcheck disable=SC2086  # $flags: zero or one option
+        # shellcheck disable=SC2086  # $flags: an option and its value
         step 60 "discene-replay on CUDA ${flags:-(defaults)}" python3 -m discene_ros.replay --device cuda $flags \
             --out "/tmp/replay${flags}" --json "$out/replay_cuda${flags}.json" --renders 0 --no-progress
     done
@@ -168,10 +168,10 @@ conv_tf32_trained() {  # trained paper_student: TF32 convolutions only against I
         benchmarks/fp16_agreement.py --checkpoint "$ckpt" --data /tmp/synth --device cuda --max-frames 64 \
         --compare tf32_convolutions --score-threshold 0.3 --json "$out/conv_tf32_agreement_trained.json"
 }
-decode_stage_pairs() {  # lite with its decode stage (the node's loop) and without, one after the other
+decode_stage_pairs() {  # lite with a decode stage for every input and without, one after the other
     local flags
     for flags in "--decode-stage on" "--decode-stage off"; do
-        # shellcheck disable=SC2086  # $flags: zero or one option
+        # shellcheck disable=SC2086  # $flags: an option and its value
         step 80 "frame path, lite, CUDA graphs ${flags:-(decode stage)}" python3 benchmarks/bench_frame_path.py \
             --device cuda --configs lite --frames 300 $flags --json "$out/frame_path_gpu.json" --append
         # shellcheck disable=SC2086
