@@ -117,7 +117,7 @@ fp32_paper() {  # trained paper_student in FP32: TF32 agreement, then FP32 frame
         --compare tf32 tf32_convolutions --score-threshold 0.3 --json "$out/tf32_agreement.json"
     local flags  # cudnn.benchmark is left out since call 4 measured it changing nothing (tf32_agreement_gpu.json)
     for flags in "" "--tf32-convolutions" "--tf32"; do
-        # shellcheck disable=SC2086  # $flags: an option and its value
+        # shellcheck disable=SC2086  # $flags: zero or one option
         step 62 "frame path, trained paper_student FP32, compile + CUDA graphs, ${flags:-IEEE}" \
             python3 benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 \
             --weights "paper_student=$ckpt" --frames 300 --compile $flags --json "$out/frame_path_gpu_fp32.json" --append
@@ -127,7 +127,7 @@ fp32_paper() {  # trained paper_student in FP32: TF32 agreement, then FP32 frame
 replay_cuda() {  # the replay CLI on the sample bag, on CUDA: the node's defaults, then the speed options
     local flags
     for flags in "" "--tf32" "--fp16"; do
-        # shellcheck disable=SC2086  # $flags: an option and its value
+        # shellcheck disable=SC2086  # $flags: zero or one option
         step 60 "discene-replay on CUDA ${flags:-(defaults)}" python3 -m discene_ros.replay --device cuda $flags \
             --out "/tmp/replay${flags}" --json "$out/replay_cuda${flags}.json" --renders 0 --no-progress
     done
