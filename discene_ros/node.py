@@ -8,7 +8,8 @@ decodes it (on thread ``frame_decode`` for compressed images; a raw Image is dec
 the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage
 (``frame_infer``) infers, post-processes and publishes, while the stages before it already work on
 the next frames. A frame replaced by a newer one before a stage took it is dropped and counted;
-diagnostics carry received, processed, skipped by reason, dropped and the frames in flight. Parameters are read once at start-up and declared read-only.
+diagnostics carry received, processed, skipped by reason, dropped and the frames in flight.
+Parameters are read once at start-up and declared read-only.
 
 ROS 2 is an optional dependency of this package (bag replay and training run without it), so the
 rclpy imports below are guarded; ``main`` (via ``entry.occupancy_node``) reports what is missing.

@@ -88,8 +88,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("pipelining", "auto", "Frame loop: on = the next frames' decoding and preprocessing overlap this "
               "frame's inference on threads of their own (what a GPU needs to be kept busy); off = one frame at a "
               "time (a CPU whose inference uses every core: overlapping host work only slows the inference; on the "
-              "2-core build machine the same or a higher frame rate and a third to a half of the latency); auto = on where the "
-              "network runs on a GPU, off on the CPU", choices=PIPELINING_MODES),
+              "2-core build machine the same or a higher frame rate and a third to a half of the latency); "
+              "auto = on where the network runs on a GPU, off on the CPU", choices=PIPELINING_MODES),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the DiagnosticArray on /diagnostics, seconds", (0.1, 60.0)),
     ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),
 )

@@ -255,8 +255,8 @@ def torch_variant_agreement(model: torch.nn.Module, config: Any, frames: list[An
                             variant: str = "fp16", device: str = "cuda", cuda_graph: bool = True,
                             labels_out: list | None = None) -> dict[str, Any]:
     """The torch backend with the options of ``TORCH_VARIANTS[variant]`` (FP16 autocast, TF32, TF32
-    convolutions only, cudnn.benchmark) against its IEEE FP32 on one CUDA device, both replayed as CUDA graphs by default
-    (the node's path), over ``frames``: see ``label_agreement``. All of them are CUDA modes (on the CPU
+    convolutions only, cudnn.benchmark) against its IEEE FP32 on one CUDA device, both replayed as CUDA
+    graphs by default (the node's path), over ``frames``: see ``label_agreement``. All of them are CUDA modes (on the CPU
     the TF32/benchmark runs would be the reference itself), so another device is refused. Each backend
     runs on its own thread (``OwnThread``: cuDNN's plan choice stays its own)."""
     from .backends.torch_backend import TorchBackend

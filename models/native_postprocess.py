@@ -112,5 +112,6 @@ def cloud_words(indices: np.ndarray, labels: np.ndarray, scores: np.ndarray, rgb
     m = len(out)
     _kernel.cloud_words(np.ascontiguousarray(indices, dtype=np.int32), np.ascontiguousarray(labels, dtype=np.uint8),
                         np.ascontiguousarray(scores, dtype=np.float32),
-                        np.ascontiguousarray(rgb_bits, dtype=np.uint32), out, m, *(float(o) for o in origin), float(size))
+                        np.ascontiguousarray(rgb_bits, dtype=np.uint32), out, m, *(float(o) for o in origin),
+                        float(size))
     return True

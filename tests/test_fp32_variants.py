@@ -1,7 +1,7 @@
 """The FP32 speed options (TF32, TF32 convolutions, cudnn.benchmark) in the two issue-10 benchmarks, on the CPU.
 
-bench_frame_path: ``--tf32``/``--tf32-convolutions``/``--cudnn-benchmark`` reach the backend, rows record them as they ran,
-``--append`` keeps rows that differ only in them. fp16_agreement: ``--compare`` refuses the CPU with a
+bench_frame_path: ``--tf32``/``--tf32-convolutions``/``--cudnn-benchmark`` reach the backend, rows record
+them as they ran, ``--append`` keeps rows that differ only in them. fp16_agreement: ``--compare`` refuses the CPU with a
 clear message; its rows are built and named per variant (run here with the backends pinned to the
 CPU, where the flags change nothing, so each variant agrees fully with the reference).
 """
@@ -86,8 +86,8 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     # the node's finish stage: its output checks are CPU-side work, counted in the overhead
     stages = row["stages_ms"]
     assert stages["output_check"] > 0
-    assert row["overhead_ms"] == pytest.approx(sum(stages[s] for s in
-                                                   ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")))
+    overhead_stages = ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")
+    assert row["overhead_ms"] == pytest.approx(sum(stages[s] for s in overhead_stages))
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
     assert row["decode_stage"] is False and row["dropped"] == 0  # the node's loop (a raw Image: no decode
     # thread), fed losslessly

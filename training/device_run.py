@@ -116,7 +116,8 @@ def usable_cpus() -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({usable_cpus()} usable cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu} ({usable_cpus()} usable cores, {torch.get_num_threads()} threads)"
 
 
 def build_config(args: argparse.Namespace, work: Path) -> TrainConfig:

@@ -1,5 +1,5 @@
-"""Host-step probe (issue 10; written for device call 10, which was not lent, and run on the CPU): each host step of the node's frame path timed alone, hot, on the
-device's host, so that the frame loop's stage times can be split into the steps' own cost and what the
+"""Host-step probe (issue 10; written for device call 10, which was not lent, and run on the CPU):
+each host step of the node's frame path timed alone, hot, on the device's host, so that the frame loop's stage times can be split into the steps' own cost and what the
 loop adds. Tree-agnostic: run from the root of the tree to measure (the previous commit or this one).
 
     python3 issue10_call10_probe.py [cuda|cpu]
@@ -35,7 +35,8 @@ def med(f, n=400, between=sync):
         t0 = time.perf_counter()
         f(i)
         ts.append(time.perf_counter() - t0)
-    return f"median {np.median(ts) * 1e3:.3f} ms  p10 {np.percentile(ts, 10) * 1e3:.3f}  p90 {np.percentile(ts, 90) * 1e3:.3f}"
+    p10, p50, p90 = np.percentile(ts, [10, 50, 90]) * 1e3
+    return f"median {p50:.3f} ms  p10 {p10:.3f}  p90 {p90:.3f}"
 
 
 def probe(kind: str) -> None:

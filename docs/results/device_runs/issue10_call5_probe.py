@@ -1,5 +1,6 @@
-"""Issue 10, device call 5 (docs/results/frame_path.md), run from the repo root on CUDA: where the frame path's CPU-side preprocessing time goes on CUDA, quiet and
-beside a busy Python thread, and the GIL switch interval's effect on the benchmark rows."""
+"""Issue 10, device call 5 (docs/results/frame_path.md), run from the repo root on CUDA: where the
+frame path's CPU-side preprocessing time goes on CUDA, quiet and beside a busy Python thread, and the
+GIL switch interval's effect on the benchmark rows."""
 # ruff: noqa: B023  (each lambda is timed inside the loop iteration that defines it)
 import os
 import sys
@@ -83,7 +84,8 @@ for kind in ("bgr8", "jpeg"):
         th = threading.Thread(target=busy, args=(occ,), daemon=True)
         th.start()
         time.sleep(0.05)
-        print(f"busy thread, switch {interval * 1e3:.1f} ms: decode ", med(lambda i: msg_decode.any_image_to_rgb(image, hw)),
+        print(f"busy thread, switch {interval * 1e3:.1f} ms: decode ",
+              med(lambda i: msg_decode.any_image_to_rgb(image, hw)),
               " prepare ", med(lambda i: pipe.prepare(rgb, k, pose, slot=i % pipe.slots), between=sync), flush=True)
         stop.set()
         th.join()
