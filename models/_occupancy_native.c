@@ -63,6 +63,9 @@ static Box box_grow(const Box *b, int margin, const int shape[3]) {
 static int64_t box_size(const Box *b, int a) { return (int64_t)b->hi[a] - b->lo[a] + 1; }
 static int64_t box_volume(const Box *b) { return box_size(b, 0) * box_size(b, 1) * box_size(b, 2); }
 
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define MIN2(a, b) ((a) < (b) ? (a) : (b))
+
 #define KEPT 1
 #define DROPPED 0
 #define KEPT_NONFINITE (-1)
@@ -78,13 +81,23 @@ static int point_voxel(const float *pt, const float *centre, const float *score,
     float d2 = dx * dx + dy * dy;
     d2 = d2 + dz * dz;
     if (!(d2 <= p->max_center_dist_sq)) return DROPPED;
-    float best = score[0];
-    int finite = 1;
-    for (int c = 0; c < p->num_classes; c++) { /* branch-free: every score is read once */
-        float x = score[c];
-        finite &= fabsf(x) <= FLT_MAX; /* false for NaN and +-inf */
-        best = x > best ? x : best;
+    /* branch-free, every score read once, in four running maxima: one would be a chain of dependent
+     * comparisons; without NaNs (handled below) the order of a max does not change it */
+    float most[4] = {score[0], score[0], score[0], score[0]};
+    int finite = 1, c = 0;
+    for (; c + 4 <= p->num_classes; c += 4) {
+        for (int j = 0; j < 4; j++) {
+            float x = score[c + j];
+            finite &= fabsf(x) <= FLT_MAX; /* false for NaN and +-inf */
+            most[j] = x > most[j] ? x : most[j];
+        }
     }
+    for (; c < p->num_classes; c++) {
+        float x = score[c];
+        finite &= fabsf(x) <= FLT_MAX;
+        most[0] = x > most[0] ? x : most[0];
+    }
+    float best = MAX2(MAX2(most[0], most[1]), MAX2(most[2], most[3]));
     if (!finite) { /* rare: a NaN drops the point (torch's amax is NaN), an infinity is left to torch */
         for (int c = 0; c < p->num_classes; c++)
             if (isnan(score[c])) return DROPPED;
@@ -98,35 +111,46 @@ static int point_voxel(const float *pt, const float *centre, const float *score,
     return finite ? KEPT : KEPT_NONFINITE;
 }
 
-#define MAX2(a, b) ((a) > (b) ? (a) : (b))
-#define MIN2(a, b) ((a) < (b) ? (a) : (b))
-
 /* out[o][i][j] = op over in[o][i-1..i+1][j] for arrays laid out [outer][n][inner]; neighbours beyond the
- * ends are ignored. Two copies (max, min) so that the compiler vectorises each inner loop. */
-#define DEFINE_PASS(name, OP)                                                                            \
-    static void name(const float *in, float *out, int64_t outer, int64_t n, int64_t inner) {            \
+ * ends are ignored. Each loop runs over as many contiguous elements as it can (the lines are short: 36
+ * voxels along z), and there is one copy per element type and op, so that the compiler vectorises them. */
+#define DEFINE_PASS(name, T, OP)                                                                         \
+    static void name(const T *restrict in, T *restrict out, int64_t outer, int64_t n, int64_t inner) {  \
+        if (n == 1) {                                                                                  \
+            memcpy(out, in, (size_t)(outer * inner) * sizeof(T));                                      \
+            return;                                                                                    \
+        }                                                                                              \
+        if (inner == 1) { /* contiguous lines: all of them in one pass, then each line's two ends */   \
+            const int64_t total = outer * n;                                                           \
+            for (int64_t i = 1; i < total - 1; i++) out[i] = OP(OP(in[i - 1], in[i + 1]), in[i]);      \
+            for (int64_t o = 0; o < total; o += n) {                                                   \
+                out[o] = OP(in[o], in[o + 1]);                                                         \
+                out[o + n - 1] = OP(in[o + n - 2], in[o + n - 1]);                                     \
+            }                                                                                          \
+            return;                                                                                    \
+        }                                                                                              \
         for (int64_t o = 0; o < outer; o++) {                                                          \
-            const float *v = in + o * n * inner;                                                       \
-            float *w = out + o * n * inner;                                                            \
-            if (n == 1) { memcpy(w, v, (size_t)inner * sizeof(float)); continue; }                     \
-            if (inner == 1) { /* along a contiguous line */                                            \
-                w[0] = OP(v[0], v[1]);                                                                 \
-                for (int64_t i = 1; i < n - 1; i++) w[i] = OP(OP(v[i - 1], v[i + 1]), v[i]);           \
-                w[n - 1] = OP(v[n - 2], v[n - 1]);                                                     \
-                continue;                                                                              \
-            }                                                                                          \
+            const T *restrict v = in + o * n * inner;                                                  \
+            T *restrict w = out + o * n * inner;                                                       \
             for (int64_t j = 0; j < inner; j++) w[j] = OP(v[j], v[inner + j]);                         \
-            for (int64_t i = 1; i < n - 1; i++) {                                                      \
-                const float *a = v + (i - 1) * inner, *b = v + i * inner, *c = v + (i + 1) * inner;    \
-                float *d = w + i * inner;                                                              \
-                for (int64_t j = 0; j < inner; j++) d[j] = OP(OP(a[j], c[j]), b[j]);                   \
-            }                                                                                          \
-            for (int64_t j = 0; j < inner; j++)                                                        \
-                w[(n - 1) * inner + j] = OP(v[(n - 2) * inner + j], v[(n - 1) * inner + j]);           \
+            for (int64_t k = inner; k < (n - 1) * inner; k++)                                          \
+                w[k] = OP(OP(v[k - inner], v[k + inner]), v[k]);                                       \
+            for (int64_t j = (n - 1) * inner; j < n * inner; j++) w[j] = OP(v[j - inner], v[j]);       \
         }                                                                                              \
     }
-DEFINE_PASS(pass_max, MAX2)
-DEFINE_PASS(pass_min, MIN2)
+DEFINE_PASS(pass_max, float, MAX2)
+DEFINE_PASS(pass_min, float, MIN2)
+
+/* 3x3x3 filter of an (sx, sy, sz) volume in ``a``, neighbours beyond it ignored: along x into ``b``, along y
+ * back into ``a``, along z into ``b``, which holds the result. */
+#define DEFINE_FILTER3(name, T, pass)                                                                    \
+    static void name(T *a, T *b, int64_t sx, int64_t sy, int64_t sz) {                                   \
+        pass(a, b, 1, sx, sy * sz);                                                                      \
+        pass(b, a, sx, sy, sz);                                                                          \
+        pass(a, b, sx * sy, sz, 1);                                                                      \
+    }
+DEFINE_FILTER3(dilate3, float, pass_max)
+DEFINE_FILTER3(erode3, float, pass_min)
 
 /* Where the occupied voxels go: per voxel its flat id, label 1..C, best score and (x, y, z); and its label
  * in the frame's dense grid (zero on entry). */
@@ -153,7 +177,7 @@ typedef struct {
     void *data;
 } Buffer;
 
-enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, BEST, BEST_CLASS,
+enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, VOLUME, BEST, BEST_CLASS,
        NUM_BUFFERS };
 
 typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
@@ -196,6 +220,14 @@ static void *scratch_get(Scratch *s, int which, int64_t count, size_t item) {
 
 typedef struct { int v[3]; } Voxel;
 
+/* ``mark`` values: no point in the voxel, kept points, and kept points whose mean has a class above the
+ * threshold (set by ``closing``) */
+#define MARK_EMPTY 0
+#define MARK_POINTS 1
+#define MARK_ABOVE 2
+/* ``best_class`` of a voxel no class has won yet */
+#define NO_CLASS 0xFF
+
 /* Voxel means of the kept points: rows sorted by voxel, in ``s``'s ROW_CELL / ROW_VOXEL / MEAN buffers.
  * Returns M, or a negative code. */
 static int64_t voxel_means(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
@@ -205,7 +237,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     int32_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int32_t)); /* the point's voxel, -1 dropped */
     uint8_t *mark = scratch_get(s, MARK, cells, 1);
     if (!cell || !mark) return OUT_OF_MEMORY;
-    memset(mark, 0, (size_t)cells);
+    memset(mark, MARK_EMPTY, (size_t)cells);
     int64_t kept = 0;
     for (int64_t q = 0; q < nq; q++) {
         for (int64_t r = 0; r < nr; r++) {
@@ -215,7 +247,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
             if (state == KEPT_NONFINITE) return NONFINITE_SCORE;
             cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
             if (state != KEPT) continue;
-            mark[cell[i]] = 1;
+            mark[cell[i]] = MARK_POINTS;
             kept++;
         }
     }
@@ -225,19 +257,22 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     int64_t *row_cell = scratch_get(s, ROW_CELL, kept, sizeof(int64_t)); /* kept >= M */
     Voxel *row_voxel = scratch_get(s, ROW_VOXEL, kept, sizeof(Voxel));
     if (!rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
-    int64_t m = 0, column = 0;
-    for (int x = 0; x < p->nx; x++) {
-        for (int y = 0; y < p->ny; y++, column += p->nz) {
-            const uint8_t *line = mark + column;
-            if (!memchr(line, 1, (size_t)p->nz)) continue;
-            for (int z = 0; z < p->nz; z++) {
-                if (!line[z]) continue;
-                rank[column + z] = (int32_t)m;
-                row_cell[m] = column + z;
-                row_voxel[m] = (Voxel){{x, y, z}};
-                m++;
+    int64_t m = 0;
+    for (int64_t id = 0; id < cells; id++) {
+        if (!(id & 7) && id + 8 <= cells) { /* skip eight empty voxels at a time */
+            uint64_t word;
+            memcpy(&word, mark + id, 8);
+            if (!word) {
+                id += 7;
+                continue;
             }
         }
+        if (!mark[id]) continue;
+        const int64_t column = id / p->nz;
+        rank[id] = (int32_t)m;
+        row_cell[m] = id;
+        row_voxel[m] = (Voxel){{(int)(column / p->ny), (int)(column % p->ny), (int)(id % p->nz)}};
+        m++;
     }
     int32_t *counts = scratch_get(s, COUNTS, m, sizeof(int32_t));
     float *mean = scratch_get(s, MEAN, m * C, sizeof(float));
@@ -268,76 +303,43 @@ static int argmax(const float *v, int n) {
     return best;
 }
 
-/* 3x3 filter of ``count`` planes of ``sy`` x ``sz`` (each [y][z]) from ``in`` into ``out``, via ``tmp``. */
-static void filter_yz(const float *in, float *tmp, float *out, int64_t count, int64_t sy, int64_t sz, int is_max) {
-    void (*pass)(const float *, float *, int64_t, int64_t, int64_t) = is_max ? pass_max : pass_min;
-    pass(in, tmp, count, sy, sz);      /* along y */
-    pass(tmp, out, count * sy, sz, 1); /* along z */
-}
-
-/* out = op(planes[x - 1], planes[x], planes[x + 1]) over the ``n`` floats of a plane, planes beyond
- * [x0, x1] ignored; ``planes`` is a ring of three, plane x in slot x % 3. */
-static void filter_x(float *const planes[3], int x, int x0, int x1, float *out, int64_t n, int is_max) {
-    memcpy(out, planes[x % 3], (size_t)n * sizeof(float));
-    for (int side = -1; side <= 1; side += 2) {
-        if (x + side < x0 || x + side > x1) continue;
-        const float *v = planes[(x + side) % 3];
-        if (is_max)
-            for (int64_t i = 0; i < n; i++) out[i] = MAX2(out[i], v[i]);
-        else
-            for (int64_t i = 0; i < n; i++) out[i] = MIN2(out[i], v[i]);
-    }
-}
-
-/* The closing of one class's scores, streamed through its box one x plane at a time: plane x's scores
- * are dilated in y and z, the dilation of plane x - 1 is completed in x and eroded in y and z, and the
- * erosion of plane x - 2 is completed and read, so everything stays in a few cache-sized planes. Only the
- * scores above the threshold go in (see ``closing``). Where the closed score beats ``best`` (over
- * ``reach``, initialised to the threshold), it and class ``c`` are recorded. */
+/* The closing of one class's scores, over their box grown by 2 (``crop``): the scores above the threshold
+ * (the others do not matter, see ``closing``) are dilated, then eroded, each as three passes over the whole
+ * crop. Voxels within 1 of the box whose closed score is above the threshold and which have no class
+ * above it of their own (MARK_ABOVE: they keep their scores) are filled by this class where its closed
+ * score beats the best so far (over ``reach``); classes come in ascending order, so a tie keeps the lower
+ * one, as torch's max does. */
 static int close_class(int c, const Box *box, const Box *reach, int64_t m, const Params *p, Scratch *s,
                        float *best, uint8_t *best_class) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
+    const uint8_t *mark = s->b[MARK].data;
     const Box crop = box_grow(box, 2, shape), own = box_grow(box, 1, shape);
-    const int x0 = crop.lo[0], x1 = crop.hi[0];
-    const int64_t sy = box_size(&crop, 1), sz = box_size(&crop, 2), n = sy * sz;
-    const int64_t ry = box_size(reach, 1), rz = box_size(reach, 2);
-    /* planes of n floats: scores, tmp, dilated (a ring of 3, by x), dilation done, eroded (a ring of 3),
-     * erosion done */
-    float *buf = scratch_get(s, PLANES, 10 * n, sizeof(float));
-    if (!buf) return OUT_OF_MEMORY;
-    float *scores = buf, *tmp = buf + n, *dilated_done = buf + 5 * n, *eroded_done = buf + 9 * n;
-    float *const dilated[3] = {buf + 2 * n, buf + 3 * n, buf + 4 * n};
-    float *const eroded[3] = {buf + 6 * n, buf + 7 * n, buf + 8 * n};
-    int64_t build = 0; /* the next row to put in a plane (rows are sorted by voxel, so by x) */
-    for (int t = x0; t <= x1 + 2; t++) {
-        if (t <= x1) {
-            memset(scores, 0, (size_t)n * sizeof(float));
-            for (; build < m && row_voxel[build].v[0] <= t; build++) {
-                const int *v = row_voxel[build].v;
-                float score = mean[build * C + c];
-                if (v[0] < t || !(score > p->threshold) || v[1] < crop.lo[1] || v[1] > crop.hi[1] ||
-                    v[2] < crop.lo[2] || v[2] > crop.hi[2])
-                    continue;
-                scores[(v[1] - crop.lo[1]) * sz + (v[2] - crop.lo[2])] = score;
-            }
-            filter_yz(scores, tmp, dilated[t % 3], 1, sy, sz, 1);
-        }
-        int xd = t - 1;
-        if (xd >= x0 && xd <= x1) {
-            filter_x(dilated, xd, x0, x1, dilated_done, n, 1);
-            filter_yz(dilated_done, tmp, eroded[xd % 3], 1, sy, sz, 0);
-        }
-        int xo = t - 2;
-        if (xo < own.lo[0] || xo > own.hi[0]) continue;
-        filter_x(eroded, xo, x0, x1, eroded_done, n, 0);
+    const int64_t sx = box_size(&crop, 0), sy = box_size(&crop, 1), sz = box_size(&crop, 2), n = sx * sy * sz;
+    float *scores = scratch_get(s, VOLUME, 2 * n, sizeof(float));
+    if (!scores) return OUT_OF_MEMORY;
+    float *work = scores + n;
+    memset(scores, 0, (size_t)n * sizeof(float)); /* scores at or below the threshold do not matter: 0 */
+    for (int64_t row = 0; row < m; row++) {
+        float score = mean[row * C + c];
+        if (!(score > p->threshold)) continue; /* every voxel above it lies in ``box`` */
+        const int *v = row_voxel[row].v;
+        scores[((v[0] - crop.lo[0]) * sy + (v[1] - crop.lo[1])) * sz + (v[2] - crop.lo[2])] = score;
+    }
+    dilate3(scores, work, sx, sy, sz);  /* the dilation in ``work`` */
+    erode3(work, scores, sx, sy, sz);   /* its erosion in ``scores`` */
+    /* only voxels within 1 of the box can be filled; their neighbours all lie in ``crop`` */
+    const int64_t ry = box_size(reach, 1), rz = box_size(reach, 2), oz = box_size(&own, 2);
+    for (int x = own.lo[0]; x <= own.hi[0]; x++) {
         for (int y = own.lo[1]; y <= own.hi[1]; y++) {
-            const float *closed = eroded_done + (y - crop.lo[1]) * sz + (own.lo[2] - crop.lo[2]);
-            int64_t at = ((int64_t)(xo - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
-            for (int64_t k = 0; k < box_size(&own, 2); k++) {
-                if (closed[k] > best[at + k]) { /* strictly: the lowest class keeps a tie */
+            const float *closed = scores + ((x - crop.lo[0]) * sy + (y - crop.lo[1])) * sz + (own.lo[2] - crop.lo[2]);
+            const uint8_t *marks = mark + ((int64_t)x * p->ny + y) * p->nz + own.lo[2];
+            int64_t at = ((int64_t)(x - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
+            for (int64_t k = 0; k < oz; k++) {
+                if (!(closed[k] > p->threshold) || marks[k] == MARK_ABOVE) continue;
+                if (best_class[at + k] == NO_CLASS || closed[k] > best[at + k]) { /* strictly: a tie keeps the lower class */
                     best[at + k] = closed[k];
                     best_class[at + k] = (uint8_t)c;
                 }
@@ -362,6 +364,8 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
+    const int64_t *row_cell = s->b[ROW_CELL].data;
+    uint8_t *mark = s->b[MARK].data;
     uint8_t *row_kept = scratch_get(s, ROW_KEPT, m, 1);
     if (!row_kept) return OUT_OF_MEMORY;
     Box above, box[256];
@@ -374,15 +378,18 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
             box_add(&box[c], row_voxel[row].v);
             row_kept[row] = 1;
         }
-        if (row_kept[row]) box_add(&above, row_voxel[row].v);
+        if (row_kept[row]) {
+            box_add(&above, row_voxel[row].v);
+            mark[row_cell[row]] = MARK_ABOVE;
+        }
     }
     if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
     const Box reach = box_grow(&above, 1, shape);
     int64_t volume = box_volume(&reach);
-    float *best = scratch_get(s, BEST, volume, sizeof(float));
+    float *best = scratch_get(s, BEST, volume, sizeof(float)); /* set where best_class is */
     uint8_t *best_class = scratch_get(s, BEST_CLASS, volume, 1);
     if (!best || !best_class) return OUT_OF_MEMORY;
-    for (int64_t i = 0; i < volume; i++) best[i] = p->threshold;
+    memset(best_class, NO_CLASS, (size_t)volume);
     for (int c = 0; c < C; c++) {
         if (box[c].hi[0] < 0) continue; /* never above the threshold */
         if (close_class(c, &box[c], &reach, m, p, s, best, best_class) < 0) return OUT_OF_MEMORY;
@@ -397,15 +404,25 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
         best[at] = mean[row * C + label];
         best_class[at] = (uint8_t)label;
     }
-    /* the occupied voxels are those scoring above the threshold now, in the grid's order */
-    int64_t written = 0, at = 0;
+    /* the occupied voxels are those with a class now, in the grid's order */
+    int64_t written = 0;
     for (int x = reach.lo[0]; x <= reach.hi[0]; x++) {
         for (int y = reach.lo[1]; y <= reach.hi[1]; y++) {
-            int64_t column = ((int64_t)x * p->ny + y) * p->nz;
-            for (int z = reach.lo[2]; z <= reach.hi[2]; z++, at++) {
-                if (!(best[at] > p->threshold)) continue;
-                const int v[3] = {x, y, z};
-                emit(outputs, written++, id_base, column + z, v, best_class[at], best[at]);
+            const int64_t at = ((int64_t)(x - reach.lo[0]) * ry + (y - reach.lo[1])) * rz;
+            const int64_t column = ((int64_t)x * p->ny + y) * p->nz;
+            const uint8_t *line = best_class + at;
+            for (int64_t k = 0; k < rz; k++) {
+                if (!(k & 7) && k + 8 <= rz) { /* skip eight empty voxels at a time */
+                    uint64_t word;
+                    memcpy(&word, line + k, 8);
+                    if (word == UINT64_MAX) {
+                        k += 7;
+                        continue;
+                    }
+                }
+                if (line[k] == NO_CLASS) continue;
+                const int v[3] = {x, y, reach.lo[2] + (int)k};
+                emit(outputs, written++, id_base, column + v[2], v, line[k], best[at + k]);
             }
         }
     }
