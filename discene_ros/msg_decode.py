@@ -293,6 +293,19 @@ def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
     return m
 
 
+def camera_info_key(msg: Any) -> tuple:
+    """The fields of a CameraInfo that K and the undistortion depend on, as a hashable value: two messages
+    with equal keys give the same K (a camera publishes the same calibration with every image)."""
+    def raw(values: Any) -> bytes:
+        try:
+            return memoryview(values).tobytes()  # numpy and array.array fields (rclpy): no conversion
+        except TypeError:  # lists and tuples
+            return np.asarray(values, dtype=np.float64).tobytes()
+    k = getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None)
+    return (raw(k), raw(getattr(msg, "d", ())), str(getattr(msg, "distortion_model", "")), int(msg.width),
+            int(msg.height), int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)))
+
+
 def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01) -> np.ndarray:
     """CameraInfo -> 3x3 K for an image of size ``image_hw`` (H, W), rescaled from the info resolution.
 

@@ -15,6 +15,7 @@ Two implementations of the same function:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +85,11 @@ def _check_inputs(image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.nda
         raise ValueError(f"image_rgb must be HxWx3 (RGB), got shape {image_rgb.shape}")
     if intrinsic.shape[0] < 3 or intrinsic.shape[1] < 3 or intrinsic.ndim != 2:
         raise ValueError(f"intrinsic must be 3x3 (or 3x4 / 4x4 with K top-left), got shape {intrinsic.shape}")
-    k = intrinsic[:3, :3]
-    if not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise ValueError(f"intrinsic must be finite with positive focal lengths, got fx={k[0, 0]}, fy={k[1, 1]}")
-    if cam_pose.shape != (4, 4) or not np.all(np.isfinite(cam_pose)):
+    # on Python floats: this runs per frame, where a numpy call costs ten times its warm time (geometry.place_grid)
+    k = intrinsic[:3, :3].tolist()
+    if not all(map(math.isfinite, (*k[0], *k[1], *k[2]))) or k[0][0] <= 0 or k[1][1] <= 0:
+        raise ValueError(f"intrinsic must be finite with positive focal lengths, got fx={k[0][0]}, fy={k[1][1]}")
+    if cam_pose.shape != (4, 4) or not all(map(math.isfinite, cam_pose.reshape(-1).tolist())):
         raise ValueError(f"cam_pose must be a finite 4x4 camera->world matrix, got shape {cam_pose.shape}")
     if depth is not None:
         if depth.ndim == 3 and depth.shape[2] == 1:
@@ -104,7 +106,7 @@ def _frame_origin(voxel_origin: np.ndarray | None, cam_pose: np.ndarray, voxel_s
     if voxel_origin is None:
         voxel_origin = place_grid(cam_pose, voxel_size=voxel_size, grid_shape=grid_shape)
     voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
-    if voxel_origin.shape != (3,) or not np.all(np.isfinite(voxel_origin)):
+    if voxel_origin.shape != (3,) or not all(map(math.isfinite, voxel_origin.tolist())):
         raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
     return voxel_origin
 
@@ -174,6 +176,7 @@ class _Slot:
         self.depth: torch.Tensor | None = None
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
         self.bgr = False  # the staged bytes are in BGR order
+        self.frame_rgb: torch.Tensor | None = None  # CPU: the frame's own bytes, viewed, until resized
         self.graphs: dict[tuple, Any] = {}  # (image shape, bgr, depth shape) -> CUDA graph of the device work
 
 
@@ -217,8 +220,13 @@ class TensorPreprocessor:
             slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
             slot.dev_rgb = torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin else None
         flipped = image_rgb[..., ::-1]
-        slot.bgr = flipped.flags.c_contiguous  # a bgr8 message seen as RGB: copy the bytes as they are,
-        np.copyto(slot.host_rgb.numpy(), flipped if slot.bgr else image_rgb)  # swap channels after the resize
+        slot.bgr = flipped.flags.c_contiguous  # a bgr8 message seen as RGB: take the bytes as they are,
+        source = flipped if slot.bgr else image_rgb  # swap channels after the resize
+        if not self.pin and source.flags.writeable and min(source.strides) >= 0:
+            slot.frame_rgb = torch.from_numpy(source)  # CPU: the resize reads the frame's own bytes, no copy
+        else:  # CUDA (pinned staging for the upload), or bytes torch cannot view (read-only, broadcast)
+            slot.frame_rgb = None
+            np.copyto(slot.host_rgb.numpy(), source)
         if slot.host_g2i is None:
             slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
         slot.host_g2i.numpy()[0] = grid2img
@@ -282,9 +290,11 @@ class TensorPreprocessor:
             s.grid2img.copy_(s.host_g2i, non_blocking=True)
             dep = None if depth_hw is None else s.dev_depth.copy_(s.host_depth, non_blocking=True)
         else:
-            rgb, dep = s.host_rgb, s.host_depth
+            rgb = s.host_rgb if s.frame_rgb is None else s.frame_rgb
+            dep = s.host_depth
             s.grid2img.copy_(s.host_g2i)
         self._resize_normalise(rgb, s)
+        s.frame_rgb = None  # the slot does not keep the frame's message alive
         if depth_hw is not None:
             rows, cols = self._nearest_index(depth_hw)
             d = dep.index_select(0, rows).index_select(1, cols)
@@ -330,5 +340,5 @@ class TensorPreprocessor:
         # a multiply and an add: on the CPU 2.5x faster than one addcmul with the broadcast constants (the
         # BGR path 0.10 -> 0.04 ms with the reorder, one thread); each is one rounding, so results may differ
         # from addcmul's in the last bit
-        torch.mul(x.float(), self.scale, out=out)
+        torch.mul(x, self.scale, out=out)  # uint8 (CPU) or float32 in, float32 out
         out.add_(self.shift)

@@ -158,12 +158,14 @@ def test_nonfinite_centres_counts_as_the_full_check():
     partial = 0
     for origin, size in [((0.0, -3.0, 1.0), 0.08), ((1e300, 0.0, 0.0), 0.08), ((np.nan, 0.0, 0.0), 0.08),
                          ((0.0, -np.inf, 0.0), 0.08), ((f32_max - 2e32, 0.0, 0.0), 1e31),
-                         ((0.0, 0.0, -f32_max + 3e32), -1e31), ((0.0, 0.0, 0.0), np.nan)]:
+                         ((0.0, 0.0, -f32_max + 3e32), -1e31), ((0.0, 0.0, 0.0), np.nan),
+                         # the far centre just past half an ulp beyond the float32 maximum: it rounds to inf
+                         ((2.0**128 - 2.0**102 - 59.5e31, 0.0, 0.0), 1e31)]:
         occ.voxel_origin, occ.voxel_size = np.array(origin), size
         full = int(np.sum(~np.isfinite(occ.centers_world().astype(np.float32)).all(axis=-1)))
         assert nonfinite_centres(occ) == full, (origin, size)
         partial += 0 < full < len(indices)
-    assert partial == 2  # the float32-edge origins overflow some voxels, not all
+    assert partial == 3  # the float32-edge origins overflow some voxels, not all
     occ.voxel_indices = np.zeros((0, 3), np.int32)
     assert nonfinite_centres(occ) == 0
 

@@ -108,3 +108,29 @@ def test_bad_frames_are_rejected(lite_config, kwargs, message):
             "config": lite_config, **kwargs}
     with pytest.raises(ValueError, match=message):
         preprocess(**args)
+
+
+def test_grid_to_image_matrix_equals_the_numpy_product():
+    # the float path (affine poses) against K4 @ inv(pose) @ G: rigid, sheared, and a projective pose
+    rng = np.random.default_rng(5)
+    k = np.array([[500.0, 0.3, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    for case in range(200):
+        pose = _pose(rng.uniform(-5, 5, 3), rng.uniform(0, 360), rng.uniform(-89, 89))
+        if case % 2:
+            pose[:3, :3] += rng.normal(0, 0.05, (3, 3))
+        if case == 199:
+            pose[3] = [0.01, 0.0, 0.0, 1.0]
+        origin = rng.uniform(-3, 3, 3)
+        k4, grid = np.eye(4), np.diag([4.8, 4.8, 2.88, 1.0])
+        k4[:3, :3], grid[:3, 3] = k, origin
+        expected = k4 @ np.linalg.inv(pose) @ grid
+        got = geometry.grid_to_image_matrix(k, pose, origin)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-9 * np.abs(expected).max())
+    # and the placement rule on floats against its numpy statement
+    for _ in range(200):
+        pose = _pose(rng.uniform(-5, 5, 3), rng.uniform(0, 360), rng.uniform(-89, 89))
+        forward = pose[:3, 2] * [1.0, 1.0, 0.0]
+        centre = pose[:2, 3] + 2.4 * forward[:2] / np.linalg.norm(forward)
+        np.testing.assert_allclose(geometry.place_grid(pose, floor_z=0.2), [*(centre - 2.4), 0.2], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="finite 4x4"):
+        geometry.place_grid(np.full((4, 4), np.nan))

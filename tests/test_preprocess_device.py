@@ -110,3 +110,27 @@ def test_cuda_graph_replay_reads_each_new_frame(lite_config):
         if d is not None:
             torch.testing.assert_close(got.depth, ref.depth, atol=0, rtol=0)
     assert graphed.graphs and len(graphed.slots[0].graphs) >= 1
+
+
+def test_cpu_reads_the_frame_in_place_or_copies_it_with_the_same_result(lite_config):
+    # writable bytes are resized where they are; read-only, row-padded and broadcast (mono8) ones are
+    # copied first: the same tensors either way, and no slot keeps the frame afterwards
+    k, pose = example_camera(lite_config)
+    rng = np.random.default_rng(3)
+    bgr = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    padded = np.zeros((480, 700, 3), np.uint8)[:, :640]  # rows with a step, as a padded Image message
+    padded[:] = bgr
+    locked = bgr.copy()
+    locked.flags.writeable = False
+    grey = np.broadcast_to(bgr[..., :1], bgr.shape)  # mono8 seen as RGB: read-only, zero channel stride
+    pre = TensorPreprocessor(lite_config)
+    for view in (bgr[..., ::-1], bgr):
+        inplace = pre(view, k, pose).image.clone()
+        assert pre.slots[0].frame_rgb is None
+        frozen = locked[..., ::-1] if view.strides[2] < 0 else locked
+        np.testing.assert_array_equal(pre(frozen, k, pose).image.numpy(), inplace.numpy())
+        np.testing.assert_array_equal(pre(np.ascontiguousarray(view), k, pose).image.numpy(), inplace.numpy())
+    rgb_from_padded = pre(padded, k, pose).image.clone()
+    np.testing.assert_array_equal(rgb_from_padded.numpy(), pre(bgr, k, pose).image.numpy())
+    np.testing.assert_array_equal(pre(grey, k, pose).image.numpy(),
+                                  pre(np.ascontiguousarray(grey), k, pose).image.numpy())

@@ -108,6 +108,34 @@ def test_processor_rescales_camera_info_and_rejects_bad_frames():
     assert fallback.process(_frame(pose=None)).used_fallback_pose
 
 
+def test_processor_checks_each_calibration_once(monkeypatch):
+    # a camera publishes the same CameraInfo (a new message object) with every image: its K is derived and
+    # checked once; another calibration or image size is checked again, and a bad one raises every time
+    calls = []
+    real = msg_decode.camera_info_to_k
+    monkeypatch.setattr(msg_decode, "camera_info_to_k", lambda *a, **kw: calls.append(a[1:]) or real(*a, **kw))
+    proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
+    for _ in range(3):
+        decoded = proc.decode_frame(_frame())
+    assert calls == [((96, 128),)]
+    np.testing.assert_array_equal(decoded.k, real(_frame().camera_info, (96, 128)))
+    assert not decoded.k.flags.writeable  # shared by the frames of this calibration
+    proc.decode_frame(_frame(info_hw=(192, 256)))  # another calibration (K at twice the resolution)
+    other = _frame()
+    other.camera_info.k = np.array([[110.0, 0, 64], [0, 110, 48], [0, 0, 1]]).reshape(-1)
+    assert proc.decode_frame(other).k[0, 0] == 110.0
+    assert len(calls) == 3
+    bad = _frame()
+    bad.camera_info.k = np.zeros(9)
+    for _ in range(2):
+        with pytest.raises(CameraInfoError):
+            proc.decode_frame(bad)
+    assert len(calls) == 5
+    distorted = _frame()
+    distorted.camera_info.d = np.array([0.1, 0.0, 0.0, 0.0, 0.0])
+    assert proc.decode_frame(distorted).rgb.shape == (96, 128, 3) and proc.undistort.maps_built == 1
+
+
 def test_processor_depth_rules():
     cfg = lite()
     cfg.use_depth = True
