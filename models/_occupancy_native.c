@@ -177,7 +177,7 @@ typedef struct {
     void *data;
 } Buffer;
 
-enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, VOLUME, BEST, BEST_CLASS,
+enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, VOLUME, WINS, BEST, BEST_CLASS,
        NUM_BUFFERS };
 
 typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
@@ -220,11 +220,6 @@ static void *scratch_get(Scratch *s, int which, int64_t count, size_t item) {
 
 typedef struct { int v[3]; } Voxel;
 
-/* ``mark`` values: no point in the voxel, kept points, and kept points whose mean has a class above the
- * threshold (set by ``closing``) */
-#define MARK_EMPTY 0
-#define MARK_POINTS 1
-#define MARK_ABOVE 2
 /* ``best_class`` of a voxel no class has won yet */
 #define NO_CLASS 0xFF
 
@@ -237,7 +232,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     int32_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int32_t)); /* the point's voxel, -1 dropped */
     uint8_t *mark = scratch_get(s, MARK, cells, 1);
     if (!cell || !mark) return OUT_OF_MEMORY;
-    memset(mark, MARK_EMPTY, (size_t)cells);
+    memset(mark, 0, (size_t)cells);
     int64_t kept = 0;
     for (int64_t q = 0; q < nq; q++) {
         for (int64_t r = 0; r < nr; r++) {
@@ -247,7 +242,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
             if (state == KEPT_NONFINITE) return NONFINITE_SCORE;
             cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
             if (state != KEPT) continue;
-            mark[cell[i]] = MARK_POINTS;
+            mark[cell[i]] = 1;
             kept++;
         }
     }
@@ -303,23 +298,34 @@ static int argmax(const float *v, int n) {
     return best;
 }
 
+/* Where ``closed`` beats ``best`` (initialised to the threshold; strictly: a tie keeps the lower class),
+ * take its value and class ``c``. Two branch-free loops the compiler vectorises: most voxels are not
+ * filled, and a branch per voxel mispredicts on the rest. */
+static void fill_line(const float *restrict closed, float *restrict best, uint8_t *restrict best_class,
+                      uint8_t *restrict wins, int64_t n, uint8_t c) {
+    for (int64_t k = 0; k < n; k++) {
+        wins[k] = closed[k] > best[k];
+        best[k] = MAX2(closed[k], best[k]);
+    }
+    for (int64_t k = 0; k < n; k++) best_class[k] = wins[k] ? c : best_class[k];
+}
+
 /* The closing of one class's scores, over their box grown by 2 (``crop``): the scores above the threshold
  * (the others do not matter, see ``closing``) are dilated, then eroded, each as three passes over the whole
- * crop. Voxels within 1 of the box whose closed score is above the threshold and which have no class
- * above it of their own (MARK_ABOVE: they keep their scores) are filled by this class where its closed
- * score beats the best so far (over ``reach``); classes come in ascending order, so a tie keeps the lower
- * one, as torch's max does. */
+ * crop. Voxels within 1 of the box whose closed score beats the best so far (over ``reach``) take it and
+ * class ``c``; classes come in ascending order, so a tie keeps the lower one, as torch's max does. (The
+ * voxels with a class above the threshold of their own are overwritten afterwards.) */
 static int close_class(int c, const Box *box, const Box *reach, int64_t m, const Params *p, Scratch *s,
                        float *best, uint8_t *best_class) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
-    const uint8_t *mark = s->b[MARK].data;
     const Box crop = box_grow(box, 2, shape), own = box_grow(box, 1, shape);
     const int64_t sx = box_size(&crop, 0), sy = box_size(&crop, 1), sz = box_size(&crop, 2), n = sx * sy * sz;
     float *scores = scratch_get(s, VOLUME, 2 * n, sizeof(float));
-    if (!scores) return OUT_OF_MEMORY;
+    uint8_t *wins = scratch_get(s, WINS, box_size(&own, 2), 1);
+    if (!scores || !wins) return OUT_OF_MEMORY;
     float *work = scores + n;
     memset(scores, 0, (size_t)n * sizeof(float)); /* scores at or below the threshold do not matter: 0 */
     for (int64_t row = 0; row < m; row++) {
@@ -335,15 +341,8 @@ static int close_class(int c, const Box *box, const Box *reach, int64_t m, const
     for (int x = own.lo[0]; x <= own.hi[0]; x++) {
         for (int y = own.lo[1]; y <= own.hi[1]; y++) {
             const float *closed = scores + ((x - crop.lo[0]) * sy + (y - crop.lo[1])) * sz + (own.lo[2] - crop.lo[2]);
-            const uint8_t *marks = mark + ((int64_t)x * p->ny + y) * p->nz + own.lo[2];
-            int64_t at = ((int64_t)(x - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
-            for (int64_t k = 0; k < oz; k++) {
-                if (!(closed[k] > p->threshold) || marks[k] == MARK_ABOVE) continue;
-                if (best_class[at + k] == NO_CLASS || closed[k] > best[at + k]) { /* strictly: a tie keeps the lower class */
-                    best[at + k] = closed[k];
-                    best_class[at + k] = (uint8_t)c;
-                }
-            }
+            const int64_t at = ((int64_t)(x - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
+            fill_line(closed, best + at, best_class + at, wins, oz, (uint8_t)c);
         }
     }
     return 0;
@@ -364,8 +363,6 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
-    const int64_t *row_cell = s->b[ROW_CELL].data;
-    uint8_t *mark = s->b[MARK].data;
     uint8_t *row_kept = scratch_get(s, ROW_KEPT, m, 1);
     if (!row_kept) return OUT_OF_MEMORY;
     Box above, box[256];
@@ -378,10 +375,7 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
             box_add(&box[c], row_voxel[row].v);
             row_kept[row] = 1;
         }
-        if (row_kept[row]) {
-            box_add(&above, row_voxel[row].v);
-            mark[row_cell[row]] = MARK_ABOVE;
-        }
+        if (row_kept[row]) box_add(&above, row_voxel[row].v);
     }
     if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
     const Box reach = box_grow(&above, 1, shape);
@@ -390,6 +384,7 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     uint8_t *best_class = scratch_get(s, BEST_CLASS, volume, 1);
     if (!best || !best_class) return OUT_OF_MEMORY;
     memset(best_class, NO_CLASS, (size_t)volume);
+    for (int64_t i = 0; i < volume; i++) best[i] = p->threshold; /* a class fills a voxel by beating it */
     for (int c = 0; c < C; c++) {
         if (box[c].hi[0] < 0) continue; /* never above the threshold */
         if (close_class(c, &box[c], &reach, m, p, s, best, best_class) < 0) return OUT_OF_MEMORY;

@@ -11,13 +11,13 @@ it off (to compare, or to rule it out).
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .config import ModelConfig
-from .workspace import workspace
 
 ABI_VERSION = 4  # must match ABI_VERSION in _occupancy_native.c
 
@@ -66,15 +66,10 @@ def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
     cells = nx * ny * nz
     if nb * cells >= 2**31:
         return None
-    points = points.detach().float().contiguous()
+    points, scores = _float32(points), _float32(scores)
     # the query centres by the very op of the torch path, so that the two agree bit for bit
     centres = points.mean(dim=2).contiguous()
-    scores = scores.detach().float().contiguous()
-    # outputs for up to every voxel, in this thread's reused buffers (fresh ones: page faults every frame)
-    cpu = torch.device("cpu")
-    ids, labels, best = (workspace(cpu, dtype, nb * cells, count=1)[0].numpy()
-                         for dtype in (torch.int64, torch.uint8, torch.float32))
-    indices = workspace(cpu, torch.int32, nb * cells * 3, count=1)[0].numpy().reshape(-1, 3)
+    ids, labels, best, indices = (out[:nb * cells] for out in _outputs(nb * cells))
     dense = np.zeros((nb, nx, ny, nz), dtype=np.uint8)
     ex, ey, ez = (float(e) for e in config.grid_extent)
     count = _kernel.occupied_labels(
@@ -84,6 +79,32 @@ def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
     if count < 0:
         return None
     return NativeVoxels(ids[:count].copy(), labels[:count].copy(), best[:count].copy(), indices[:count].copy(), dense)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor without grad; the frame path's already is, and then this
+    dispatches no torch op (each costs tens of microseconds right after the inference)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+_SCRATCH = threading.local()
+KEPT_VOXELS_MAX = 1 << 22  # voxels of output buffers kept between calls (about 100 MB)
+
+
+def _outputs(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's output buffers for up to ``size`` voxels (ids, labels, best, (size, 3) indices), reused
+    across frames: fresh grid-size arrays would cost page faults every frame."""
+    bufs = getattr(_SCRATCH, "outputs", None)
+    if bufs is None or len(bufs[0]) < size:
+        bufs = (np.empty(size, np.int64), np.empty(size, np.uint8), np.empty(size, np.float32),
+                np.empty((size, 3), np.int32))
+        if size <= KEPT_VOXELS_MAX:  # larger ones (big batches) are not kept
+            _SCRATCH.outputs = bufs
+    return bufs
 
 
 def dense_voxels(labels: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...] | None:
