@@ -7,9 +7,10 @@
  * here each step is one loop. Results are bit-identical to the torch path on x86-64 (tests compare
  * them): the same float32 operations in the same order, built with -ffp-contract=off.
  *
- * Two smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
- * grid (the fused CUDA path copies the grids to the host), cloud_words writes the PointCloud2 rows;
- * both run with the GIL released, beside the frame loop's other Python threads.
+ * Three smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
+ * grid (the fused CUDA path copies the grids to the host), cloud_words writes the PointCloud2 rows, and
+ * normalise_image turns the CPU preprocessing's resized uint8 planes into the network's input; all run
+ * with the GIL released, beside the frame loop's other Python threads.
  *
  * Built by setup.py as an optional extension; models/native_postprocess.py loads it and falls back to
  * the torch path when it is missing or out of date.
@@ -25,7 +26,7 @@
 #include <string.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 4
+#define ABI_VERSION 5
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -606,6 +607,47 @@ done:
     return result;
 }
 
+/* Three resized uint8 planes (3, h, w) -> normalised float32 planes: plane c is input plane order[c]
+ * times scale[c] plus shift[c], two float32 roundings as torch's mul and add. One pass instead of three
+ * torch ops (the channel reorder, the multiply, the add). */
+static void normalise_planes(const uint8_t *restrict in, float *restrict out, int64_t pixels, const int order[3],
+                             const float scale[3], const float shift[3]) {
+    for (int c = 0; c < 3; c++) {
+        const uint8_t *src = in + order[c] * pixels;
+        float *dst = out + c * pixels;
+        const float a = scale[c], b = shift[c];
+        for (int64_t i = 0; i < pixels; i++) {
+            float v = (float)src[i] * a;
+            dst[i] = v + b;
+        }
+    }
+}
+
+static PyObject *normalise_image(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer in, out;
+    Py_ssize_t pixels;
+    int order[3];
+    float scale[3], shift[3];
+    if (!PyArg_ParseTuple(args, "y*w*n(iii)(fff)(fff)", &in, &out, &pixels, &order[0], &order[1], &order[2],
+                          &scale[0], &scale[1], &scale[2], &shift[0], &shift[1], &shift[2]))
+        return NULL;
+    PyObject *result = NULL;
+    if (pixels < 0 || pixels > PY_SSIZE_T_MAX / 12 || order[0] < 0 || order[0] > 2 || order[1] < 0 || order[1] > 2 ||
+        order[2] < 0 || order[2] > 2) {
+        PyErr_SetString(PyExc_ValueError, "normalise_image: bad pixel count or channel order");
+        goto done;
+    }
+    if (!check_buffer(&in, "planes", 1, pixels * 3) || !check_buffer(&out, "out", 4, pixels * 3)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    normalise_planes((const uint8_t *)in.buf, (float *)out.buf, pixels, order, scale, shift);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
      "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
@@ -615,6 +657,9 @@ static PyMethodDef methods[] = {
      "dense_voxels(labels, best, out_id, out_label, out_best, out_index, nx, ny, nz, capacity) -> number of "
      "occupied (label != 0) voxels of the (nx, ny, nz) grid written, in flat-id order; -1 when more than "
      "capacity."},
+    {"normalise_image", normalise_image, METH_VARARGS,
+     "normalise_image(planes, out, pixels, order, scale, shift): (3, h, w) uint8 -> (3, h, w) float32, "
+     "plane c = planes[order[c]] * scale[c] + shift[c]."},
     {"cloud_words", cloud_words, METH_VARARGS,
      "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
      "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32."},

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from export.onnx_export import example_camera
+from models import native_postprocess
 from models.preprocess import IMAGENET_STD, TensorPreprocessor, preprocess
 
 GREY = 1.0 / (255.0 * min(IMAGENET_STD))  # one grey level in normalised units (largest channel)
@@ -134,3 +135,20 @@ def test_cpu_reads_the_frame_in_place_or_copies_it_with_the_same_result(lite_con
     np.testing.assert_array_equal(rgb_from_padded.numpy(), pre(bgr, k, pose).image.numpy())
     np.testing.assert_array_equal(pre(grey, k, pose).image.numpy(),
                                   pre(np.ascontiguousarray(grey), k, pose).image.numpy())
+
+
+@pytest.mark.parametrize("bgr", [True, False])
+def test_cpu_normalisation_kernel_equals_the_torch_ops_bit_for_bit(lite_config, monkeypatch, bgr):
+    # the native one-pass normalisation (reorder, multiply, add) against torch's index_select, mul and add_
+    assert native_postprocess.available(), native_postprocess.unavailable_reason()
+    k, pose = example_camera(lite_config)
+    frame = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    view = frame[..., ::-1] if bgr else frame
+    calls = []
+    real = native_postprocess.normalise_image
+    monkeypatch.setattr(native_postprocess, "normalise_image", lambda *a: calls.append(a[2]) or real(*a))
+    native = TensorPreprocessor(lite_config)(view, k, pose).image.clone()
+    assert calls == [(2, 1, 0) if bgr else (0, 1, 2)]
+    monkeypatch.setattr(native_postprocess, "normalise_image", lambda *a: False)  # no kernel: torch ops
+    torch_ops = TensorPreprocessor(lite_config)(view, k, pose).image
+    assert torch.equal(native, torch_ops)
