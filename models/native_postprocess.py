@@ -130,12 +130,17 @@ def cloud_words(indices: np.ndarray, labels: np.ndarray, scores: np.ndarray, rgb
     float32, the colour ``rgb_bits[label]``. GIL released. False without the kernel (the caller uses numpy)."""
     if _kernel is None:
         return False
-    m = len(out)
-    _kernel.cloud_words(np.ascontiguousarray(indices, dtype=np.int32), np.ascontiguousarray(labels, dtype=np.uint8),
-                        np.ascontiguousarray(scores, dtype=np.float32),
-                        np.ascontiguousarray(rgb_bits, dtype=np.uint32), out, m, *(float(o) for o in origin),
-                        float(size))
+    ox, oy, oz = np.asarray(origin, dtype=np.float64).reshape(3).tolist()
+    _kernel.cloud_words(_contiguous(indices, np.int32), _contiguous(labels, np.uint8), _contiguous(scores, np.float32),
+                        _contiguous(rgb_bits, np.uint32), out, len(out), ox, oy, oz, float(size))
     return True
+
+
+def _contiguous(array: np.ndarray, dtype: type) -> np.ndarray:
+    """``array`` itself when it already is C-contiguous ``dtype`` (the frame path's are: no numpy call)."""
+    if isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 def normalise_image(planes: np.ndarray, out: np.ndarray, order: tuple[int, int, int],

@@ -244,7 +244,9 @@ class TensorPreprocessor:
         h, w = self.size_hw
         if slot.image is None:
             slot.image = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
-            slot.grid2img = torch.empty((1, 4, 4), dtype=torch.float32, device=self.device)
+            # on the CPU the staged matrix is the input itself (no copy per frame)
+            slot.grid2img = (torch.empty((1, 4, 4), dtype=torch.float32, device=self.device) if self.pin
+                             else slot.host_g2i)
         if with_depth and slot.depth is None:
             slot.depth = torch.empty((1, 1, h, w), dtype=torch.float32, device=self.device)
 
@@ -295,7 +297,6 @@ class TensorPreprocessor:
         else:
             rgb = s.host_rgb if s.frame_rgb is None else s.frame_rgb
             dep = s.host_depth
-            s.grid2img.copy_(s.host_g2i)
         self._resize_normalise(rgb, s)
         s.frame_rgb = None  # the slot does not keep the frame's message alive
         if depth_hw is not None:
