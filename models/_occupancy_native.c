@@ -26,7 +26,7 @@
 #include <string.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 5
+#define ABI_VERSION 6
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -565,19 +565,23 @@ done:
 
 /* Voxel centres as rows of six 4-byte words (x, y, z float32; packed rgb; label as a uint32; score float32),
  * the layout of discene_ros/msg_encode.py's CLOUD_DTYPE. Each coordinate is the float64
- * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. */
-static void cloud_rows(const int32_t *index, const uint8_t *label, const float *score, const uint32_t *rgb_bits,
-                       const double origin[3], double size, int64_t m, uint32_t *out) {
+ * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. Returns whether
+ * every x, y and z is finite (PointCloud2's is_dense), seen on the way. */
+static int cloud_rows(const int32_t *index, const uint8_t *label, const float *score, const uint32_t *rgb_bits,
+                      const double origin[3], double size, int64_t m, uint32_t *out) {
+    int finite = 1;
     for (int64_t i = 0; i < m; i++) {
         uint32_t *row = out + 6 * i;
         for (int a = 0; a < 3; a++) {
             float c = (float)(origin[a] + ((double)index[3 * i + a] + 0.5) * size);
+            finite &= fabsf(c) <= FLT_MAX; /* false for NaN and +-inf */
             memcpy(&row[a], &c, 4);
         }
         row[3] = rgb_bits[label[i]];
         row[4] = label[i];
         memcpy(&row[5], &score[i], 4);
     }
+    return finite;
 }
 
 static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -597,11 +601,12 @@ static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
         !check_buffer(&buf[SCORE], "score", 4, m) || !check_buffer(&buf[RGB], "rgb_bits", 4, 256) ||
         !check_buffer(&buf[OUT], "out", 4, m * 6))
         goto done;
+    int finite;
     Py_BEGIN_ALLOW_THREADS
-    cloud_rows((const int32_t *)buf[INDEX].buf, (const uint8_t *)buf[LABEL].buf, (const float *)buf[SCORE].buf,
-               (const uint32_t *)buf[RGB].buf, origin, size, m, (uint32_t *)buf[OUT].buf);
+    finite = cloud_rows((const int32_t *)buf[INDEX].buf, (const uint8_t *)buf[LABEL].buf, (const float *)buf[SCORE].buf,
+                        (const uint32_t *)buf[RGB].buf, origin, size, m, (uint32_t *)buf[OUT].buf);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
+    result = PyBool_FromLong(finite);
 done:
     for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
     return result;
@@ -662,7 +667,8 @@ static PyMethodDef methods[] = {
      "plane c = planes[order[c]] * scale[c] + shift[c]."},
     {"cloud_words", cloud_words, METH_VARARGS,
      "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
-     "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32."},
+     "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32; returns whether "
+     "every x, y and z is finite."},
     {NULL, NULL, 0, NULL},
 };
 
