@@ -46,7 +46,9 @@ def _as_batch(x: np.ndarray | torch.Tensor, name: str, last: int | None) -> torc
     if t.dim() != 4 or (last is not None and t.shape[-1] != last):
         want = f"(B,Q,R,{last})" if last is not None else "(B,Q,R,C)"
         raise ValueError(f"{name} must be {want} or without B, got {tuple(t.shape)}")
-    return t.detach().float()
+    if t.requires_grad:  # the frame path's tensors need neither call: each torch op costs tens of
+        t = t.detach()   # microseconds right after the inference (native_postprocess._float32)
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def occupied_voxels(
