@@ -215,13 +215,10 @@ class TensorPreprocessor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
     def _stage(self, slot: _Slot, image_rgb: np.ndarray, depth: np.ndarray | None, grid2img: np.ndarray) -> None:
-        """Copy the frame into the slot's host buffers (reallocated only when the input size changes)."""
+        """Stage the frame in the slot's host buffers (reallocated only when the input size changes); on the
+        CPU a writable frame is viewed where it is instead."""
         if slot.uploaded is not None:
             slot.uploaded.synchronize()  # the previous upload from these host buffers has finished
-        if slot.host_rgb is None or tuple(slot.host_rgb.shape) != image_rgb.shape:
-            slot.graphs.clear()  # captured graphs read the old buffers
-            slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
-            slot.dev_rgb = torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin else None
         flipped = image_rgb[..., ::-1]
         slot.bgr = flipped.flags.c_contiguous  # a bgr8 message seen as RGB: take the bytes as they are,
         source = flipped if slot.bgr else image_rgb  # swap channels after the resize
@@ -229,6 +226,11 @@ class TensorPreprocessor:
             slot.frame_rgb = torch.from_numpy(source)  # CPU: the resize reads the frame's own bytes, no copy
         else:  # CUDA (pinned staging for the upload), or bytes torch cannot view (read-only, broadcast)
             slot.frame_rgb = None
+            if slot.host_rgb is None or tuple(slot.host_rgb.shape) != image_rgb.shape:
+                slot.graphs.clear()  # captured graphs read the old buffers
+                slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
+                slot.dev_rgb = (torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin
+                                else None)
             np.copyto(slot.host_rgb.numpy(), source)
         if slot.host_g2i is None:
             slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
