@@ -219,6 +219,21 @@ static void *scratch_get(Scratch *s, int which, int64_t count, size_t item) {
     return b->data;
 }
 
+/* The first index from ``i`` on whose byte is not zero (``n`` when there is none): occupied voxels are
+ * few, so the empty runs are skipped eight bytes at a time. */
+static int64_t next_nonzero(const uint8_t *v, int64_t i, int64_t n) {
+    for (; i < n && (i & 7); i++)
+        if (v[i]) return i;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t word;
+        memcpy(&word, v + i, 8);
+        if (word) break;
+    }
+    for (; i < n; i++)
+        if (v[i]) return i;
+    return n;
+}
+
 typedef struct { int v[3]; } Voxel;
 
 /* ``best_class`` of a voxel no class has won yet */
@@ -254,16 +269,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     Voxel *row_voxel = scratch_get(s, ROW_VOXEL, kept, sizeof(Voxel));
     if (!rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
     int64_t m = 0;
-    for (int64_t id = 0; id < cells; id++) {
-        if (!(id & 7) && id + 8 <= cells) { /* skip eight empty voxels at a time */
-            uint64_t word;
-            memcpy(&word, mark + id, 8);
-            if (!word) {
-                id += 7;
-                continue;
-            }
-        }
-        if (!mark[id]) continue;
+    for (int64_t id = next_nonzero(mark, 0, cells); id < cells; id = next_nonzero(mark, id + 1, cells)) {
         const int64_t column = id / p->nz;
         rank[id] = (int32_t)m;
         row_cell[m] = id;
@@ -508,17 +514,8 @@ done:
 static int64_t grid_voxels(const uint8_t *restrict labels, const float *restrict best, int nx, int ny, int nz,
                            int64_t capacity, int64_t *restrict out_id, uint8_t *restrict out_label, float *restrict out_best,
                            int32_t *restrict out_index) {
-    int64_t cells = (int64_t)nx * ny * nz, m = 0, id = 0;
-    for (; id < cells; id++) {
-        if (!(id & 7) && id + 8 <= cells) { /* skip empty runs eight cells at a time */
-            uint64_t word;
-            memcpy(&word, labels + id, 8);
-            if (!word) {
-                id += 7;
-                continue;
-            }
-        }
-        if (!labels[id]) continue;
+    int64_t cells = (int64_t)nx * ny * nz, m = 0;
+    for (int64_t id = next_nonzero(labels, 0, cells); id < cells; id = next_nonzero(labels, id + 1, cells)) {
         if (m == capacity) return -1;
         int64_t column = id / nz;
         out_id[m] = id;
