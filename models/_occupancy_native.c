@@ -348,7 +348,8 @@ static int close_class(int c, const Box *box, const Box *reach, int64_t m, const
     for (int x = own.lo[0]; x <= own.hi[0]; x++) {
         for (int y = own.lo[1]; y <= own.hi[1]; y++) {
             const float *closed = scores + ((x - crop.lo[0]) * sy + (y - crop.lo[1])) * sz + (own.lo[2] - crop.lo[2]);
-            const int64_t at = ((int64_t)(x - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
+            const int64_t at =
+                ((int64_t)(x - reach->lo[0]) * ry + (y - reach->lo[1])) * rz + (own.lo[2] - reach->lo[2]);
             fill_line(closed, best + at, best_class + at, wins, oz, (uint8_t)c);
         }
     }
@@ -387,7 +388,7 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
     const Box reach = box_grow(&above, 1, shape);
     int64_t volume = box_volume(&reach);
-    float *best = scratch_get(s, BEST, volume, sizeof(float)); /* set where best_class is */
+    float *best = scratch_get(s, BEST, volume, sizeof(float));
     uint8_t *best_class = scratch_get(s, BEST_CLASS, volume, 1);
     if (!best || !best_class) return OUT_OF_MEMORY;
     memset(best_class, NO_CLASS, (size_t)volume);

@@ -37,7 +37,7 @@ def place_grid(
     The horizontal viewing direction is the camera z axis projected on the world x-y plane; when the
     camera looks straight up or down it falls back to the image "up" direction (minus camera y).
     On Python floats: it runs per frame on the robot, right after the inference, where each numpy call
-    costs ten times its warm time (0.05 against 0.15 ms in the node's frame loop, docs/results/frame_path.md).
+    costs about ten times its warm time (0.05 against 0.15 ms there, docs/results/frame_path.md).
     """
     rows = _float_rows(cam_pose, 4, "cam_pose")
     fx, fy = rows[0][2], rows[1][2]

@@ -5,8 +5,8 @@ ops; the kernel gives the same voxels, labels and scores, bit for bit, in a frac
 helpers (``dense_voxels``, ``cloud_words``, ``normalise_image``) do the host side of every frame, GIL
 released. It is an optional extension built by ``pip install`` / ``colcon build``; where it is missing or
 stale (source changed, not rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and
-``models.postprocess`` and ``models.preprocess`` use torch ops. ``DISCENE_NATIVE_POSTPROCESS=0`` in the environment switches
-it off (to compare, or to rule it out).
+``models.postprocess`` and ``models.preprocess`` use torch ops. ``DISCENE_NATIVE_POSTPROCESS=0`` in the
+environment switches it off (to compare, or to rule it out).
 """
 from __future__ import annotations
 

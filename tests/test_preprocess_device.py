@@ -114,8 +114,8 @@ def test_cuda_graph_replay_reads_each_new_frame(lite_config):
 
 
 def test_cpu_reads_the_frame_in_place_or_copies_it_with_the_same_result(lite_config):
-    # writable bytes are resized where they are; read-only, row-padded and broadcast (mono8) ones are
-    # copied first: the same tensors either way, and no slot keeps the frame afterwards
+    # writable bytes (row-padded ones too) are resized where they are; read-only and broadcast (mono8)
+    # ones are copied first: the same tensors either way, and no slot keeps the frame afterwards
     k, pose = example_camera(lite_config)
     rng = np.random.default_rng(3)
     bgr = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
