@@ -19,7 +19,9 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ from export.pipeline import OccupancyPipeline  # noqa: E402
 from models.postprocess import points_to_occupancy  # noqa: E402
 
 
-def steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory) -> tuple[dict, callable]:
+def steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory) -> tuple[dict[str, Callable[[], Any]], Callable[[], Any]]:
     """The host steps of one bgr8 frame as callables, and the inference that precedes them in the loop."""
     proc = FrameProcessor(pipe)
     image, info, pose = bench.camera_messages(factory, "bgr8")
