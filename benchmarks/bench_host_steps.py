@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_frame_path as bench  # noqa: E402
 
-from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, check_outputs  # noqa: E402
+from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, checked_cloud  # noqa: E402
 from export.host_threads import intra_op_threads  # noqa: E402
 from export.pipeline import OccupancyPipeline  # noqa: E402
 from models.postprocess import points_to_occupancy  # noqa: E402
@@ -57,7 +57,7 @@ def steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory) -> tuple[dic
         "decode": lambda: proc.decode_frame(frame),
         "preprocess": lambda: proc.prepare_decoded(decoded, 1),
         "postprocess": post,
-        "output_check": lambda: check_outputs(processed.occupancy),
+        "output_check": lambda: checked_cloud(processed.occupancy),  # as FrameProcessor.complete: rows + check
         "pointcloud2": lambda: build_outputs(factory, processed, "odom", 0, markers=False),
     }, lambda: pipe.backend.run(inputs)
 

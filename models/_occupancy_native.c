@@ -26,7 +26,7 @@
 #include <string.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 6
+#define ABI_VERSION 7
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -563,11 +563,13 @@ done:
 
 /* Voxel centres as rows of six 4-byte words (x, y, z float32; packed rgb; label as a uint32; score float32),
  * the layout of discene_ros/msg_encode.py's CLOUD_DTYPE. Each coordinate is the float64
- * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. Returns whether
- * every x, y and z is finite (PointCloud2's is_dense), seen on the way. */
-static int cloud_rows(const int32_t *index, const uint8_t *label, const float *score, const uint32_t *rgb_bits,
-                      const double origin[3], double size, int64_t m, uint32_t *out) {
-    int finite = 1;
+ * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. Sets whether
+ * every x, y and z is finite (PointCloud2's is_dense) and whether every score is, seen on the way: the
+ * node's output check reads them instead of passing over the frame again. */
+static void cloud_rows(const int32_t *index, const uint8_t *label, const float *score, const uint32_t *rgb_bits,
+                       const double origin[3], double size, int64_t m, uint32_t *out, int *xyz_finite,
+                       int *scores_finite) {
+    int finite = 1, finite_score = 1;
     for (int64_t i = 0; i < m; i++) {
         uint32_t *row = out + 6 * i;
         for (int a = 0; a < 3; a++) {
@@ -577,9 +579,11 @@ static int cloud_rows(const int32_t *index, const uint8_t *label, const float *s
         }
         row[3] = rgb_bits[label[i]];
         row[4] = label[i];
+        finite_score &= fabsf(score[i]) <= FLT_MAX;
         memcpy(&row[5], &score[i], 4);
     }
-    return finite;
+    *xyz_finite = finite;
+    *scores_finite = finite_score;
 }
 
 static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -599,12 +603,12 @@ static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
         !check_buffer(&buf[SCORE], "score", 4, m) || !check_buffer(&buf[RGB], "rgb_bits", 4, 256) ||
         !check_buffer(&buf[OUT], "out", 4, m * 6))
         goto done;
-    int finite;
+    int xyz_finite, scores_finite;
     Py_BEGIN_ALLOW_THREADS
-    finite = cloud_rows((const int32_t *)buf[INDEX].buf, (const uint8_t *)buf[LABEL].buf, (const float *)buf[SCORE].buf,
-                        (const uint32_t *)buf[RGB].buf, origin, size, m, (uint32_t *)buf[OUT].buf);
+    cloud_rows((const int32_t *)buf[INDEX].buf, (const uint8_t *)buf[LABEL].buf, (const float *)buf[SCORE].buf,
+               (const uint32_t *)buf[RGB].buf, origin, size, m, (uint32_t *)buf[OUT].buf, &xyz_finite, &scores_finite);
     Py_END_ALLOW_THREADS
-    result = PyBool_FromLong(finite);
+    result = Py_BuildValue("(NN)", PyBool_FromLong(xyz_finite), PyBool_FromLong(scores_finite));
 done:
     for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
     return result;
@@ -665,8 +669,8 @@ static PyMethodDef methods[] = {
      "plane c = planes[order[c]] * scale[c] + shift[c]."},
     {"cloud_words", cloud_words, METH_VARARGS,
      "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
-     "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32; returns whether "
-     "every x, y and z is finite."},
+     "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32; returns "
+     "(every x, y and z finite, every score finite)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 6  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 7  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -124,11 +124,12 @@ def dense_voxels(labels: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...]
 
 
 def cloud_words(indices: np.ndarray, labels: np.ndarray, scores: np.ndarray, rgb_bits: np.ndarray,
-                origin: np.ndarray, size: float, out: np.ndarray) -> bool | None:
+                origin: np.ndarray, size: float, out: np.ndarray) -> tuple[bool, bool] | None:
     """Fill ``out`` (M, 6) 4-byte words with point rows x, y, z, rgb, label, score (the PointCloud2 layout
     of ``discene_ros.msg_encode``): each centre the float64 ``origin + (index + 0.5) * size`` rounded to
-    float32, the colour ``rgb_bits[label]``. GIL released. Returns whether every x, y and z is finite (seen
-    on the way: the cloud's ``is_dense``), or None without the kernel (the caller uses numpy)."""
+    float32, the colour ``rgb_bits[label]``. GIL released. Returns (every x, y and z finite, every score
+    finite), seen on the way (the cloud's ``is_dense``, and the node's output check), or None without the
+    kernel (the caller uses numpy)."""
     if _kernel is None:
         return None
     ox, oy, oz = np.asarray(origin, dtype=np.float64).reshape(3).tolist()

@@ -32,9 +32,9 @@ from discene_ros.errors import (
     TransformError,
 )
 from discene_ros.msg_factory import TypestoreFactory
-from discene_ros.processing import FrameInput, FrameProcessor, check_outputs, nonfinite_centres
+from discene_ros.processing import FrameInput, FrameProcessor, check_outputs, checked_cloud, nonfinite_centres
 from discene_ros.replay import ReplaySettings
-from models import build_model
+from models import build_model, native_postprocess
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
 from models.config import lite
 from models.postprocess import OccupancyFrame
@@ -143,6 +143,55 @@ def test_non_finite_outputs_are_never_published():
     with pytest.raises(NonFiniteOutputError) as info:
         FrameProcessor(pipeline_for(BlockBackend())).process(frame)
     assert info.value.reason == "non_finite_output"
+
+
+def _check_frames() -> dict[str, OccupancyFrame]:
+    """Frames of 300 voxels (one of them bad, where one is) for the output check."""
+    rng = np.random.default_rng(4)
+    indices = rng.integers(0, 60, size=(300, 3)).astype(np.int32)
+    indices[0] = (59, 59, 35)  # the far corner, which overflows first
+
+    def frame(origin=(0.5, -1.0, 0.0), size=0.08, bad_score=None, scores_dtype=np.float32, n=300):
+        scores = np.full(n, 0.75, scores_dtype)
+        if bad_score is not None:
+            scores[7] = bad_score
+        return OccupancyFrame(labels=np.zeros((60, 60, 36), np.uint8), voxel_indices=indices[:n],
+                              voxel_labels=np.ones(n, np.uint8), voxel_scores=scores,
+                              voxel_origin=np.array(origin, np.float64), voxel_size=size)
+
+    return {"finite": frame(), "NaN origin": frame(origin=(np.nan, 0.0, 0.0)),
+            "origin 1e300": frame(origin=(0.0, 1e300, 0.0)), "far voxel past float32": frame(origin=(2.0**128 - 2.0**102 - 59.5e31, 0.0, 0.0), size=1e31),
+            "NaN size": frame(size=np.nan), "NaN score": frame(bad_score=np.nan), "inf score": frame(bad_score=np.inf),
+            "-inf score": frame(bad_score=-np.inf), "float64 score past float32": frame(bad_score=1e39,
+                                                                                       scores_dtype=np.float64),
+            "empty": frame(n=0), "empty, inf origin": frame(origin=(0.0, 0.0, np.inf), n=0)}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("native", [True, False], ids=["C rows", "numpy columns"])
+def test_the_checked_cloud_refuses_what_the_full_check_refuses(native, monkeypatch):
+    """``checked_cloud`` (the node's output check) trusts what the rows' writer saw: on every frame it raises
+    exactly when the full check does, with its message, and otherwise returns the frame's cloud rows."""
+    if native and not native_postprocess.available():
+        pytest.skip(f"native kernel: {native_postprocess.unavailable_reason()}")
+    if not native:
+        monkeypatch.setattr(native_postprocess, "_kernel", None)
+    refused = 0
+    for name, occ in _check_frames().items():
+        try:
+            check_outputs(occ)
+            expected = None
+        except NonFiniteOutputError as exc:
+            expected, refused = str(exc), refused + 1
+        try:
+            cloud = checked_cloud(occ)
+        except NonFiniteOutputError as exc:
+            assert str(exc) == expected, name
+            continue
+        assert expected is None, name
+        assert cloud.points.tobytes() == msg_encode.occupancy_points(occ).tobytes(), name
+        assert (cloud.xyz_finite, cloud.scores_finite) == ((True, True) if native else (None, None)), name
+    assert refused == 9
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")

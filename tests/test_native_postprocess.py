@@ -220,8 +220,12 @@ def test_dense_voxels_checks_its_buffers():
         kernel.dense_voxels(labels, best, *out, 2, 2, 2, 2**62)
     rows = np.empty((1, 6), np.uint32)
     args = (np.zeros((1, 3), np.int32), np.ones(1, np.uint8), np.ones(1, np.float32), np.zeros(256, np.uint32), rows)
-    kernel.cloud_words(*args, 1, 0.0, 0.0, 0.0, 0.08)
+    assert kernel.cloud_words(*args, 1, 0.0, 0.0, 0.0, 0.08) == (True, True)  # (x, y, z finite; scores finite)
     assert rows[0].view(np.float32)[:3].tolist() == [np.float32(0.04)] * 3 and rows[0, 4] == 1
+    assert kernel.cloud_words(*args, 1, 0.0, np.inf, 0.0, 0.08) == (False, True)
+    args[2][0] = np.nan
+    assert kernel.cloud_words(*args, 1, 0.0, 0.0, 0.0, 0.08) == (True, False)
+    args[2][0] = 1.0
     for count, match in ((2, "index"), (-1, "bad count"), (2**61, "bad count")):
         with pytest.raises(ValueError, match=match):
             kernel.cloud_words(*args, count, 0.0, 0.0, 0.0, 0.08)
