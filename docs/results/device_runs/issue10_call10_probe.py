@@ -16,7 +16,12 @@ import bench_frame_path as bench  # noqa: E402
 from rosbags.typesys import Stores, get_typestore  # noqa: E402
 
 from discene_ros import msg_encode  # noqa: E402
-from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, check_outputs  # noqa: E402
+from discene_ros.processing import FrameInput, FrameProcessor, build_outputs  # noqa: E402
+
+try:  # the node's output check since session 11: the cloud rows, whose writer reports their finiteness
+    from discene_ros.processing import checked_cloud as output_check  # noqa: E402
+except ImportError:  # older trees: the check on its own, the rows built by build_outputs
+    from discene_ros.processing import check_outputs as output_check  # noqa: E402
 from export.pipeline import OccupancyPipeline  # noqa: E402
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -56,7 +61,7 @@ def probe(kind: str) -> None:
         print("launch + complete ", med(lambda i: proc.complete(proc.launch(p[i % len(p)]))), flush=True)
     print("markers           ", med(lambda i: msg_encode.occupancy_to_marker_array(factory, done.occupancy, "odom", 0)),
           flush=True)
-    print("check_outputs     ", med(lambda i: check_outputs(done.occupancy)), flush=True)
+    print("output check      ", med(lambda i: output_check(done.occupancy)), flush=True)
     print("build_outputs     ", med(lambda i: build_outputs(factory, done, "odom", 0, markers=False)), flush=True)
 
 
