@@ -126,3 +126,74 @@ def test_exif_orientation_is_ignored(image_decoder):
     decoded = msg_decode.compressed_to_rgb(_compressed(tagged))
     assert decoded.shape == (96, 128, 3)
     np.testing.assert_array_equal(decoded, msg_decode.compressed_to_rgb(_compressed(plain)))
+
+
+def _encodings() -> dict[str, bytes]:
+    """JPEGs and PNGs as encoders write them: baseline and progressive, grey and CMYK, EXIF and ICC
+    segments before the frame header (the EXIF one holding a thumbnail JPEG of another size), OpenCV's,
+    odd sizes, fill bytes before a marker."""
+    import cv2
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    out: dict[str, bytes] = {}
+
+    def pil(name: str, image: Image.Image, fmt: str, **kw) -> None:
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        out[name] = buf.getvalue()
+
+    im = Image.fromarray(rgb)
+    pil("baseline", im, "JPEG")
+    pil("progressive", im, "JPEG", progressive=True, optimize=True)
+    pil("grey", im.convert("L"), "JPEG")
+    pil("cmyk", im.convert("CMYK"), "JPEG")
+    pil("1x1", im.resize((1, 1)), "JPEG")
+    pil("wide", Image.new("RGB", (4000, 3)), "JPEG")
+    thumb = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(thumb, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pil("exif, icc", im, "JPEG", exif=exif.tobytes() + thumb.getvalue(), icc_profile=b"\0" * 3000)
+    out["opencv jpeg"] = cv2.imencode(".jpg", rgb)[1].tobytes()
+    data = bytearray(out["baseline"])
+    sof = data.index(b"\xff\xc0")
+    out["fill bytes"] = bytes(data[:sof] + b"\xff\xff\xff" + data[sof:])
+    pil("png", im, "PNG")
+    pil("png, palette", im.convert("P"), "PNG")
+    pil("png, 16 bit grey", Image.fromarray(rng.integers(0, 65535, (5, 7), dtype=np.uint16)), "PNG")
+    out["opencv png"] = cv2.imencode(".png", rgb)[1].tobytes()
+    return out
+
+
+def _pil_size(data: bytes) -> tuple[int, int] | None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return tuple(img.size)
+    except Exception:  # noqa: BLE001 - what PIL cannot open
+        return None
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL on the EXIF segments with a byte changed
+def test_header_sizes_are_pils():
+    """The sizes ``compressed_to_rgb`` reads from the JPEG frame header or the PNG IHDR are the ones PIL's
+    ``open`` gives, on what encoders write and on headers with a byte changed (where the walk gives up,
+    PIL parses, as before)."""
+    rng = np.random.default_rng(6)
+    read = 0
+    for name, data in _encodings().items():
+        buf = np.frombuffer(data, np.uint8)
+        expected = _pil_size(data)
+        assert expected is not None, name
+        assert msg_decode._compressed_size(_compressed(data), buf) == expected, name
+        fast = msg_decode._jpeg_header_size if data[0] == 0xFF else msg_decode._png_header_size
+        assert fast(memoryview(buf)) == expected, name  # read by the walk, not by PIL
+        for _ in range(40):  # a byte of the header changed: the walk reads PIL's size or leaves it to PIL
+            bad = bytearray(data)
+            bad[int(rng.integers(2, min(len(bad), 200)))] = int(rng.integers(256))
+            got = fast(memoryview(np.frombuffer(bytes(bad), np.uint8)))
+            pil_size = _pil_size(bytes(bad))
+            if got is not None and pil_size is not None:
+                assert got == pil_size, name
+                read += 1
+    assert read > 300
