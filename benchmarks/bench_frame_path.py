@@ -18,7 +18,8 @@ the network, and no frame dropped; rows count ``dropped`` anyway); ``fps`` is th
 throughput of the processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians
 of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + output check +
 PointCloud2, the CPU-side work per frame (rows without ``output_check`` in ``stages_ms`` did not run
-the node's output checks, which took 0.4 ms per 12k voxels until session 8); the latency runs from the
+the node's output checks, which took 0.4 ms per 12k voxels until session 8; since session 11 the check
+builds the cloud's rows, which PointCloud2 then only wraps); the latency runs from the
 first stage taking a frame to its PointCloud2. ``--camera-hz R`` measures the node's situation instead:
 a camera publishing R frames per second into the loop as the node runs it (the newest frame wins,
 ``dropped`` counts the rest), the latency from a frame's arrival to its PointCloud2
