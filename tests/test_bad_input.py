@@ -146,7 +146,7 @@ def test_non_finite_outputs_are_never_published():
 
 
 def _check_frames() -> dict[str, OccupancyFrame]:
-    """Frames of 300 voxels (one of them bad, where one is) for the output check."""
+    """Frames of 300 voxels for the output check: all finite, or one origin, size or score that is not."""
     rng = np.random.default_rng(4)
     indices = rng.integers(0, 60, size=(300, 3)).astype(np.int32)
     indices[0] = (59, 59, 35)  # the far corner, which overflows first
@@ -159,12 +159,19 @@ def _check_frames() -> dict[str, OccupancyFrame]:
                               voxel_labels=np.ones(n, np.uint8), voxel_scores=scores,
                               voxel_origin=np.array(origin, np.float64), voxel_size=size)
 
-    return {"finite": frame(), "NaN origin": frame(origin=(np.nan, 0.0, 0.0)),
-            "origin 1e300": frame(origin=(0.0, 1e300, 0.0)), "far voxel past float32": frame(origin=(2.0**128 - 2.0**102 - 59.5e31, 0.0, 0.0), size=1e31),
-            "NaN size": frame(size=np.nan), "NaN score": frame(bad_score=np.nan), "inf score": frame(bad_score=np.inf),
-            "-inf score": frame(bad_score=-np.inf), "float64 score past float32": frame(bad_score=1e39,
-                                                                                       scores_dtype=np.float64),
-            "empty": frame(n=0), "empty, inf origin": frame(origin=(0.0, 0.0, np.inf), n=0)}
+    return {
+        "finite": frame(),
+        "NaN origin": frame(origin=(np.nan, 0.0, 0.0)),
+        "origin 1e300": frame(origin=(0.0, 1e300, 0.0)),
+        "far voxel past float32": frame(origin=(2.0**128 - 2.0**102 - 59.5e31, 0.0, 0.0), size=1e31),
+        "NaN size": frame(size=np.nan),
+        "NaN score": frame(bad_score=np.nan),
+        "inf score": frame(bad_score=np.inf),
+        "-inf score": frame(bad_score=-np.inf),
+        "float64 score past float32": frame(bad_score=1e39, scores_dtype=np.float64),
+        "empty": frame(n=0),
+        "empty, inf origin": frame(origin=(0.0, 0.0, np.inf), n=0),
+    }
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
