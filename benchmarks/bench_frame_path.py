@@ -116,12 +116,17 @@ def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda
     return backend, label
 
 
-def camera_messages(factory: TypestoreFactory, kind: str):
-    """A 640x480 scene-like frame as a bgr8 Image or a JPEG CompressedImage, with its CameraInfo."""
+def camera_rgb() -> np.ndarray:
+    """The benchmark's 640x480 RGB frame: 32-pixel blocks of random colour under Gaussian noise (sigma 8)."""
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, size=(15, 20, 3)).astype(np.float32)
     rgb = np.clip(np.kron(coarse, np.ones((32, 32, 1), np.float32)) + rng.normal(0, 8, (480, 640, 3)), 0, 255)
-    rgb = rgb.astype(np.uint8)
+    return rgb.astype(np.uint8)
+
+
+def camera_messages(factory: TypestoreFactory, kind: str):
+    """A 640x480 scene-like frame as a bgr8 Image or a JPEG CompressedImage, with its CameraInfo."""
+    rgb = camera_rgb()
     k, pose = example_camera(None)
     image = (msg_encode.rgb_to_compressed(factory, rgb, "cam", 0, "jpeg") if kind == "jpeg"
              else msg_encode.rgb_to_image(factory, rgb, "cam", 0, "bgr8"))

@@ -1,7 +1,9 @@
 """Reduced JPEG decoding (libjpeg DCT scaling) on the frame path: size rule, tolerance, intrinsics."""
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +199,23 @@ def test_header_sizes_are_pils():
                 assert got == pil_size, name
                 read += 1
     assert read > 300
+
+
+def test_decode_benchmark_decodes_at_the_scales_it_names(tmp_path):
+    """bench_jpeg_decode: every variant decodes the image at the scale in its name (the 1/8 rows are
+    the entropy-decoding bound of the docs), and the JSON holds every image and variant."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_jpeg_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_jpeg_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    variants = bench.decoders(bench.encode(bench.bench.camera_rgb()))
+    assert {f"pil 1/{s}" for s in bench.SCALES} <= set(variants)
+    for name, run in variants.items():
+        scale = int(name.rsplit("/", 1)[1])
+        decoded = np.asarray(run())
+        assert decoded.shape[:2] == (480 // scale, 640 // scale), name
+        assert decoded.ndim == (2 if "grey" in name else 3), name
+    assert bench.main(["--calls", "1", "--json", str(tmp_path / "decode.json")]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert len(rows) == 1 + len(bench.SAMPLE_FRAMES) == 5
+    assert all(set(row["decode_ms"]) == set(variants) and row["bytes"] > 0 for row in rows)
