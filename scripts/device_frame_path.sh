@@ -39,7 +39,8 @@
 #                                             # tree with its decode rule and with a decode stage for every input;
 #                                             # paper_student CUDA graphs before/after; each host step alone
 #                                             # (docs/results/device_runs/issue10_call10_probe.py) in both trees;
-#                                             # paper_student compiled FP16 and FP32 (TF32 convolutions) (~6 min).
+#                                             # paper_student compiled FP16 and FP32 (TF32 convolutions); before
+#                                             # all that, JPEG decoding per DCT scale on that host (~6 min).
 #                                             # Before it: echo /.before/ >> .git/info/exclude;
 #                                             # mkdir .before; git archive 79bf64f | tar -x -C .before
 #                                             # (session 8's code), and carry .whl and .before
@@ -191,6 +192,11 @@ serial_rows() {  # one frame at a time (pipelining off, the CPU's default) again
         --json "$out/frame_path_gpu.json" --append
 }
 
+jpeg_decode() {  # libjpeg's decode per DCT scale on the device's host, JSON into rounds.tgz (before_after)
+    mkdir -p /tmp/rounds
+    step 40 "JPEG decode per DCT scale, one thread" python3 benchmarks/bench_jpeg_decode.py --calls 100 \
+        --json /tmp/rounds/jpeg_decode.json
+}
 before_after() {  # .before (the previous commit) and this tree, interleaved; rows of both in the log,
     # this tree's last round in frame_path_gpu.json, every round's JSON in rounds.tgz
     if [ ! -d .before ]; then
@@ -238,7 +244,7 @@ profile-conv) profile_loop; conv_tf32_trained ;;
 remeasure) tests 40; graphs; compiled lite; compiled paper_student --precisions fp16; profile_loop; conv_tf32 ;;
 decode-stage) tests 40; decode_stage_pairs; camera_rate; serial_rows; compiled paper_student --precisions fp16
     conv_tf32 ;;
-trims) tests 40; before_after; compiled paper_student --precisions fp16
+trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions fp16
     step 75 "frame path, torch.compile + CUDA graphs (paper_student FP32, TF32 convolutions)" python3 \
         benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 --tf32-convolutions \
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
