@@ -10,10 +10,11 @@ backend), infer + post-process + the output checks (``complete``), then ``build_
 and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop is the node's. With
 ``--pipelining`` auto (the node's default) it is pipelined where the network runs on a GPU:
 ``FrameRunner`` prepares frame i+1 while frame i is inferred, and with a decode stage decodes frame
-i+2 meanwhile (``--decode-stage`` auto, the node's rule: for JPEG rows only, a raw Image is decoded at
-the start of the prepare stage; on / off: every row; until session 9 every row had one unless
-``--no-decode-stage``, now ``--decode-stage off``). On the CPU it takes one frame at a time (rows say
-``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than
+i+2 meanwhile (``--decode-stage`` auto, the node's rule, ``processing.uses_decode_thread``: for JPEG
+rows in a pipelined loop only, otherwise the image is decoded at the start of the prepare stage; on /
+off: every row; until session 9 every row had one unless ``--no-decode-stage``, now ``--decode-stage
+off``; until session 12 the JPEG rows had one on the CPU too). On the CPU it takes one frame at a time
+(rows say ``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than
 the network, and no frame dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end
 throughput of the processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians
 of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + output check +
@@ -76,6 +77,7 @@ from discene_ros.processing import (  # noqa: E402
     build_outputs,
     frame_loop_mode,
     freeze_startup_objects,
+    uses_decode_thread,
 )
 from export.backends.torch_backend import TorchBackend  # noqa: E402
 from export.onnx_export import example_camera  # noqa: E402
@@ -270,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="cudnn.benchmark while the backend warms up and captures (CUDA; default heuristic)")
     parser.add_argument("--decode-stage", choices=("auto", "on", "off"), default="auto",
-                        help="decode on a thread of its own: auto (the node's rule) for JPEG rows only, on or off "
-                             "for every row (off: the loop before session 7)")
+                        help="decode on a thread of its own: auto (the node's rule) for JPEG rows in a pipelined "
+                             "loop only, on or off for every row (off: the loop before session 7)")
     parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="the node's parameter: overlap consecutive frames' stages (on) or one frame at a time "
                              "(off); auto (the node's default): on where the network runs on a GPU")
@@ -315,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             pipe = OccupancyPipeline(backend)
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
+                pipelined = frame_loop_mode(args.pipelining, pipe)[0]
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
-                              args.decode_stage == "on" or (args.decode_stage == "auto" and kind == "jpeg"),
-                              args.camera_hz,
-                              serial=not frame_loop_mode(args.pipelining, pipe)[0])
+                              args.decode_stage == "on"
+                              or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
+                              args.camera_hz, serial=not pipelined)
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,

@@ -4,8 +4,8 @@ conversions (``msg_decode``, ``msg_encode``).
 Callbacks only store messages: colour images go to the frame loop, camera info and depth to
 stamp-indexed buffers. The decode stage pairs the newest colour frame with the camera info and depth
 of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose in TF at that stamp and
-decodes it (on thread ``frame_decode`` for compressed images; a raw Image is decoded at the start of
-the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage
+decodes it (on thread ``frame_decode`` for compressed images in a pipelined loop; otherwise at the
+start of the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage
 (``frame_infer``) infers, post-processes and publishes, while the stages before it already work on
 the next frames. A frame replaced by a newer one before a stage took it is dropped and counted;
 diagnostics carry received, processed, skipped by reason, dropped and the frames in flight.
@@ -45,6 +45,7 @@ from .processing import (
     frame_loop_mode,
     freeze_startup_objects,
     tune_postprocess,
+    uses_decode_thread,
 )
 from .undistort import DISTORTION_MODELS, needs_undistortion
 
@@ -158,7 +159,7 @@ class OccupancyNode(Node):
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
                                 stopping=lambda: not self.context.ok(), pipelined=pipelined,
-                                decode_thread=self.cfg["use_compressed"])  # JPEGs only: see FrameLoop
+                                decode_thread=uses_decode_thread(self.cfg["use_compressed"], pipelined))
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         frozen = freeze_startup_objects()  # no full garbage collection pauses the frames for their sake
         self.get_logger().info(

@@ -380,6 +380,15 @@ def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:
     return True, f"pipelined (pipelining auto: the network runs on {device})"
 
 
+def uses_decode_thread(compressed: bool, pipelined: bool) -> bool:
+    """Whether the frame loop decodes on a ``frame_decode`` thread of its own: compressed images in a
+    pipelined loop only. A JPEG takes milliseconds to decode, which a thread overlaps with the other
+    stages (H200, lite: 369–412 against 275–314 FPS); a raw Image takes 0.2 ms, less than the third
+    thread costs (0.3–0.5 ms more host time per frame). One frame at a time (the CPU), the thread
+    overlaps nothing and only adds a hand-off (docs/results/frame_path.md, sessions 9 and 12)."""
+    return bool(compressed and pipelined)
+
+
 class FrameLoop:
     """A FrameProcessor on ``export.pipeline.FrameRunner``: the node's and the replay's frame loop.
 
@@ -395,9 +404,8 @@ class FrameLoop:
     After ``close`` starts, ``deliver`` is never called again. ``pipelined=False``: the same stages and
     threads, one frame in them at a time (``FrameRunner(serial=True)``; see ``frame_loop_mode``).
     ``decode_thread=False``: no ``frame_decode`` thread; the prepare stage locates and decodes the frame
-    first. The node and the replay give compressed images a thread of their own (a JPEG takes 1.5–2.8 ms
-    to decode) and decode a raw Image (0.2 ms) in the prepare stage, where a third thread costs more than
-    it overlaps (H200, lite bgr8: 0.3–0.5 ms less host time per frame, docs/results/frame_path.md).
+    first. The node and the replay choose with ``uses_decode_thread``: a thread for compressed images in a
+    pipelined loop, none otherwise.
     """
 
     def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],

@@ -45,6 +45,7 @@ from .processing import (
     frame_loop_mode,
     freeze_startup_objects,
     latency_percentiles,
+    uses_decode_thread,
 )
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
@@ -454,7 +455,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                      disable=not settings.progress) as bar:
             rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
             compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
-            rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined, decode_thread=compressed)
+            rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined,
+                    decode_thread=uses_decode_thread(compressed, pipelined))
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap

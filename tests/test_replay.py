@@ -107,7 +107,8 @@ def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, stor
 
 
 def test_replay_decodes_jpeg_bags_on_a_thread_of_their_own(bags, tmp_path, monkeypatch):
-    """As the node: a compressed image topic gets the decode thread, a raw one is decoded while preparing."""
+    """As the node: a compressed image topic gets the decode thread in a pipelined loop, a raw one is
+    decoded while preparing; one frame at a time (auto, on the CPU) neither gets one."""
     threads = []
     real = replay.FrameLoop
 
@@ -117,11 +118,13 @@ def test_replay_decodes_jpeg_bags_on_a_thread_of_their_own(bags, tmp_path, monke
         return loop
 
     monkeypatch.setattr(replay, "FrameLoop", probe)
-    for name in ("mcap", "sqlite3"):
-        s = replay.replay(bags[name], out=tmp_path / name, pipeline=pipeline_for(BlockBackend()),
-                          settings=ReplaySettings(n_renders=0, progress=False)).summary
-        assert s["frames"] == 2 and s["skipped"] == 0
-    assert threads == [["frame_infer", "frame_prepare"], ["frame_decode", "frame_infer", "frame_prepare"]]
+    for pipelining in ("on", "auto"):
+        for name in ("mcap", "sqlite3"):
+            s = replay.replay(bags[name], out=tmp_path / pipelining / name, pipeline=pipeline_for(BlockBackend()),
+                              settings=ReplaySettings(n_renders=0, progress=False, pipelining=pipelining)).summary
+            assert s["frames"] == 2 and s["skipped"] == 0
+    two = ["frame_infer", "frame_prepare"]
+    assert threads == [two, ["frame_decode", *two], two, two]
     assert gc.get_freeze_count() > 10_000  # as the node: start-up objects frozen out of the garbage collector
 
 

@@ -150,7 +150,13 @@ def test_compressed_and_depth_subscriptions(ros):
     subs = {s.topic: s.msg_type.msgtype for s in node.subscriptions}
     assert subs["/camera/color/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
     assert subs["/camera/aligned_depth_to_color/image_raw"] == "sensor_msgs/msg/Image"
-    assert "frame_decode" in {t.name for t in node.frames.runner._threads}  # JPEGs: a decode thread
+    # on the CPU (auto: one frame at a time) a decode thread would overlap nothing
+    assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
+
+
+def test_compressed_images_get_a_decode_thread_in_a_pipelined_loop(ros):
+    node = make_node(ros, use_compressed=True, pipelining="on")
+    assert "frame_decode" in {t.name for t in node.frames.runner._threads}
 
 
 def test_start_up_objects_are_frozen_out_of_the_garbage_collector(ros):
@@ -170,8 +176,9 @@ def test_start_up_objects_are_frozen_out_of_the_garbage_collector(ros):
     assert len(gc.get_objects()) < frozen  # what a full collection scans leaves the frozen ones out
 
 
-def test_raw_images_are_decoded_in_the_prepare_stage(ros):
-    node = make_node(ros)
+@pytest.mark.parametrize("pipelining", ["auto", "on"])
+def test_raw_images_are_decoded_in_the_prepare_stage(ros, pipelining):
+    node = make_node(ros, pipelining=pipelining)
     assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
 
 
