@@ -156,10 +156,13 @@ class OccupancyNode(Node):
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
+        decode_thread = uses_decode_thread(self.cfg["use_compressed"], pipelined)
+        if decode_thread:
+            loop_mode += ", compressed images decoded on a thread of their own"
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
                                 stopping=lambda: not self.context.ok(), pipelined=pipelined,
-                                decode_thread=uses_decode_thread(self.cfg["use_compressed"], pipelined))
+                                decode_thread=decode_thread)
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         frozen = freeze_startup_objects()  # no full garbage collection pauses the frames for their sake
         self.get_logger().info(

@@ -152,11 +152,15 @@ def test_compressed_and_depth_subscriptions(ros):
     assert subs["/camera/aligned_depth_to_color/image_raw"] == "sensor_msgs/msg/Image"
     # on the CPU (auto: one frame at a time) a decode thread would overlap nothing
     assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    assert "decoded on a thread of their own" not in ready
 
 
 def test_compressed_images_get_a_decode_thread_in_a_pipelined_loop(ros):
     node = make_node(ros, use_compressed=True, pipelining="on")
     assert "frame_decode" in {t.name for t in node.frames.runner._threads}
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    assert "compressed images decoded on a thread of their own" in ready
 
 
 def test_start_up_objects_are_frozen_out_of_the_garbage_collector(ros):
