@@ -87,7 +87,8 @@ def images() -> dict[str, bytes]:
     """The benchmark's frame and the sample frames, JPEG-encoded as the benchmark does."""
     out = {"benchmark frame (noisy blocks)": encode(bench.camera_rgb())}
     for path in SAMPLE_FRAMES:
-        out[f"sample {path.parent.name}/{path.name}"] = encode(np.asarray(Image.open(path).convert("RGB")))
+        with Image.open(path) as img:
+            out[f"sample {path.parent.name}/{path.name}"] = encode(np.asarray(img.convert("RGB")))
     return out
 
 
