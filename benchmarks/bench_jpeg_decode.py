@@ -6,8 +6,8 @@ The frame path decodes a camera's JPEG at the smallest DCT scale that keeps the 
 (``msg_decode.jpeg_reduction``: 1/2 for lite's 256x192 from 640x480). The scale shrinks the inverse DCT,
 the chroma upsampling and the colour conversion, but every coefficient is still Huffman-decoded. So the
 1/8 decode, whose inverse DCT keeps only the DC term, and the greyscale 1/8 decode, which also skips the
-chroma's inverse DCT and the colour conversion, bound from above what the entropy decoding alone costs:
-no choice of scale or output format decodes faster than that. Each image is decoded ``--calls`` times back
+chroma's inverse DCT and the colour conversion, bound from above what the entropy decoding alone costs;
+no choice of scale or output format skips that part. Each image is decoded ``--calls`` times back
 to back on one thread, with OpenCV (``IMREAD_REDUCED_*``, the node's decoder where it is installed) and PIL
 (``draft``), rotating through the variants per call so that all see the same machine; medians in ms.
 
