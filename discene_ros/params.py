@@ -58,7 +58,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "the voxel labels of IEEE FP32 on trained weights); implied by tf32. No effect with fp16 or on the CPU"),
     ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image)"),
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
-              "instead of the raw image; compressed images are decoded on a thread of their own"),
+              "instead of the raw image; compressed images are decoded on a thread of their own where the frame loop "
+              "is pipelined"),
     ParamSpec("camera_info_topic", "/camera/color/camera_info", "CameraInfo of the RGB image (any resolution, K is rescaled)"),
     ParamSpec("depth_topic", "/camera/aligned_depth_to_color/image_raw",
               "Depth aligned to the RGB image (16UC1 mm or 32FC1 m); used only when use_depth is true"),
