@@ -70,6 +70,17 @@ def test_kernel_equals_the_torch_path_on_random_point_sets(lite_config, closing,
     assert max(occupied) > 0 or (shape == (1, 1, 1) and threshold > 0)
 
 
+@pytest.mark.parametrize("shape", [(60, 60, 36), (9, 4, 5)])
+def test_kernel_equals_the_torch_path_where_classes_tie(lite_config, shape):
+    # scores on a coarse ladder: closed scores of different classes tie exactly, and the lower class must
+    # win them in every x plane, as torch's max picks it
+    cfg = dataclasses.replace(lite_config, grid_shape=list(shape), closing=True, score_threshold=0.3,
+                              max_center_dist=0.3)
+    for seed in range(3):
+        points, scores = _case(seed, queries=150, spread=0.08)
+        assert _assert_same(points, (scores * 4).round() / 4, cfg) > 0
+
+
 def test_kernel_equals_the_torch_path_in_a_batch(lite_config):
     points, scores = _case(7, batch=3, queries=120)
     points[1] = 5.0  # a frame with every point outside the grid
