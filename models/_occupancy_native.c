@@ -404,6 +404,62 @@ static const float *closed_plane(ClassPlanes *k, const Rows *r, int x) {
     return k->closed;
 }
 
+/* Plane x of the reach (``best``, ``best_class``: (ry, rz)): each class's closed scores where they beat the
+ * best so far, classes in ascending order so that a tie keeps the lower one as torch's max does; then the
+ * voxels with a class above the threshold keep their own label and score (above it too). */
+static void fill_plane(ClassPlanes *classes, int active, const Rows *r, const uint8_t *row_kept, const Box *reach,
+                       int x, float *best, uint8_t *best_class, uint8_t *wins) {
+    const int C = r->p->num_classes;
+    const int64_t ry = box_size(reach, 1), rz = box_size(reach, 2);
+    memset(best_class, NO_CLASS, (size_t)(ry * rz));
+    for (int64_t i = 0; i < ry * rz; i++) best[i] = r->p->threshold; /* a class fills a voxel by beating it */
+    for (int i = 0; i < active; i++) {
+        ClassPlanes *k = &classes[i];
+        if (x < k->own.lo[0] || x > k->own.hi[0]) continue; /* only voxels within 1 of the box can be filled */
+        const float *closed = closed_plane(k, r, x);
+        const int64_t oz = box_size(&k->own, 2);
+        for (int y = k->own.lo[1]; y <= k->own.hi[1]; y++) {
+            const int64_t at = (int64_t)(y - reach->lo[1]) * rz + (k->own.lo[2] - reach->lo[2]);
+            fill_line(closed + (y - k->crop.lo[1]) * k->sz + (k->own.lo[2] - k->crop.lo[2]), best + at,
+                      best_class + at, wins, oz, (uint8_t)k->c);
+        }
+    }
+    for (int64_t row = r->plane_start[x]; row < r->plane_start[x + 1]; row++) {
+        if (!row_kept[row]) continue;
+        const int *v = r->row_voxel[row].v;
+        const int64_t at = (int64_t)(v[1] - reach->lo[1]) * rz + (v[2] - reach->lo[2]);
+        const int label = argmax(r->mean + row * C, C);
+        best[at] = r->mean[row * C + label];
+        best_class[at] = (uint8_t)label;
+    }
+}
+
+/* Writes plane x's occupied voxels (those with a class now) from ``written`` on, in the grid's order;
+ * returns the new count. */
+static int64_t list_plane(const Params *p, const Box *reach, int x, const float *best, const uint8_t *best_class,
+                          int64_t id_base, const Outputs *outputs, int64_t written) {
+    const int64_t rz = box_size(reach, 2);
+    for (int y = reach->lo[1]; y <= reach->hi[1]; y++) {
+        const int64_t at = (int64_t)(y - reach->lo[1]) * rz;
+        const int64_t column = ((int64_t)x * p->ny + y) * p->nz;
+        const uint8_t *line = best_class + at;
+        for (int64_t k = 0; k < rz; k++) {
+            if (!(k & 7) && k + 8 <= rz) { /* skip eight empty voxels at a time */
+                uint64_t word;
+                memcpy(&word, line + k, 8);
+                if (word == UINT64_MAX) {
+                    k += 7;
+                    continue;
+                }
+            }
+            if (line[k] == NO_CLASS) continue;
+            const int v[3] = {x, y, reach->lo[2] + (int)k};
+            emit(outputs, written++, id_base, column + v[2], v, line[k], best[at + k]);
+        }
+    }
+    return written;
+}
+
 /* Closing of the voxel means (see postprocess.close_holes): writes the occupied voxels, ids ascending.
  *
  * Voxels with a class above the threshold keep their own scores; every other voxel is filled when a
@@ -465,47 +521,8 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     const Rows rows = {p, mean, row_voxel, plane_start};
     int64_t written = 0;
     for (int x = reach.lo[0]; x <= reach.hi[0]; x++) {
-        memset(best_class, NO_CLASS, (size_t)(ry * rz));
-        for (int64_t i = 0; i < ry * rz; i++) best[i] = p->threshold; /* a class fills a voxel by beating it */
-        for (int i = 0; i < active; i++) {
-            ClassPlanes *k = &classes[i];
-            if (x < k->own.lo[0] || x > k->own.hi[0]) continue; /* only voxels within 1 of the box can be filled */
-            const float *closed = closed_plane(k, &rows, x);
-            const int64_t oz = box_size(&k->own, 2);
-            for (int y = k->own.lo[1]; y <= k->own.hi[1]; y++) {
-                const int64_t at = (int64_t)(y - reach.lo[1]) * rz + (k->own.lo[2] - reach.lo[2]);
-                fill_line(closed + (y - k->crop.lo[1]) * k->sz + (k->own.lo[2] - k->crop.lo[2]), best + at,
-                          best_class + at, wins, oz, (uint8_t)k->c);
-            }
-        }
-        /* voxels with a class above the threshold keep their own label and score (above it too) */
-        for (int64_t row = plane_start[x]; row < plane_start[x + 1]; row++) {
-            if (!row_kept[row]) continue;
-            const int *v = row_voxel[row].v;
-            const int64_t at = (int64_t)(v[1] - reach.lo[1]) * rz + (v[2] - reach.lo[2]);
-            const int label = argmax(mean + row * C, C);
-            best[at] = mean[row * C + label];
-            best_class[at] = (uint8_t)label;
-        }
-        /* the occupied voxels are those with a class now, in the grid's order */
-        for (int y = reach.lo[1]; y <= reach.hi[1]; y++) {
-            const int64_t at = (int64_t)(y - reach.lo[1]) * rz;
-            const int64_t column = ((int64_t)x * p->ny + y) * p->nz;
-            const uint8_t *line = best_class + at;
-            for (int64_t k = 0; k < rz; k++) {
-                if (!(k & 7) && k + 8 <= rz) { /* skip eight empty voxels at a time */
-                    uint64_t word;
-                    memcpy(&word, line + k, 8);
-                    if (word == UINT64_MAX) {
-                        k += 7;
-                        continue;
-                    }
-                }
-                if (line[k] == NO_CLASS) continue;
-                const int v[3] = {x, y, reach.lo[2] + (int)k};
-                emit(outputs, written++, id_base, column + v[2], v, line[k], best[at + k]);
-            }
-        }
+        fill_plane(classes, active, &rows, row_kept, &reach, x, best, best_class, wins);
+        written = list_plane(p, &reach, x, best, best_class, id_base, outputs, written);
     }
     return written;
 }
