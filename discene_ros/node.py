@@ -210,7 +210,10 @@ class OccupancyNode(Node):
 
     def publish_outputs(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Finish stage: build and publish the frame's messages (never called once destroy_node began)."""
-        markers = self.markers_pub is not None and self.marker_schedule.due()
+        # markers only for a listener (RViz, a bag recorder): a CUBE_LIST of every voxel costs more to build
+        # and convert than the cloud
+        markers = (self.markers_pub is not None and self.marker_schedule.due()
+                   and self.markers_pub.get_subscription_count() > 0)
         msgs = build_outputs(self.factory, result, self.cfg["world_frame"], frame.stamp_ns, markers=markers)
         self.cloud_pub.publish(msgs["cloud"])
         self.grid_pose_pub.publish(msgs["grid_pose"])

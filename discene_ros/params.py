@@ -83,7 +83,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("score_threshold", -1.0, "Points whose best class score is at most this are empty; "
               "negative = the model's own threshold (from its checkpoint or sidecar)", (-1.0, 0.99)),
     ParamSpec("closing", True, "3x3x3 closing of the voxel scores in post-processing (the reference's default)"),
-    ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz"),
+    ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz; built only "
+              "while something subscribes to it"),
     ParamSpec("marker_period", 10, "Publish the MarkerArray on every N-th processed frame (1 = every frame; "
               "it costs more than the point cloud)", (1, 1000)),
     ParamSpec("pipelining", "auto", "Frame loop: on = the next frames' decoding and preprocessing overlap this "

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from rosbags.typesys import Stores, get_typestore
 from test_ros_support import (
+    RCLPY_PUBLISHER_METHODS,
     BlockBackend,
     FakeRos,
     install_fake_rclpy,
@@ -275,6 +276,35 @@ def test_frames_flow_drop_and_publish(ros):
     values = {kv.key: kv.value for kv in diag.status[0].values}
     assert int(values["dropped"]) == node.stats.dropped and float(values["fps"]) > 0 and values["pose_source"] == "TF"
     STORE.serialize_cdr(diag, diag.__msgtype__)
+
+
+def test_markers_are_built_only_while_something_subscribes(ros):
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", marker_period=2)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    markers_pub = {p.topic: p for p in node.publishers}[P.TOPIC_MARKERS]
+
+    def feed(first: int, count: int) -> None:
+        for i in range(first, first + count):  # one at a time: none dropped
+            stamp = 1_000 * MS + i * MS
+            node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+            node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
+            assert wait_until(lambda i=i: node.stats.processed == i + 1)
+
+    markers_pub.subscribers = 0
+    feed(0, 4)
+    assert len(published(node, P.TOPIC_CLOUD)) == 4 and published(node, P.TOPIC_MARKERS) == []
+    markers_pub.subscribers = 1  # RViz connects: every 2nd frame again
+    feed(4, 4)
+    stamps = [msg_decode.stamp_to_ns(m.markers[0].header.stamp) for m in published(node, P.TOPIC_MARKERS)]
+    assert stamps == [1_004 * MS, 1_006 * MS]
+
+
+def test_fake_publisher_has_only_rclpys_methods(ros):
+    node = make_node(ros)
+    fake_publisher = type(node.publishers[0])
+    methods = {name for name, value in vars(fake_publisher).items() if callable(value) and not name.startswith("_")}
+    assert methods and methods <= RCLPY_PUBLISHER_METHODS
 
 
 def test_bad_frames_are_skipped_counted_and_throttled(ros):

@@ -123,6 +123,12 @@ def real_node_members() -> dict[str, dict[str, str]]:
     return out
 
 
+# The methods and properties of rclpy's ``Publisher`` (rclpy/rclpy/publisher.py of ros2/rclpy, the same on its
+# humble and jazzy branches), which ../shared/ros2-python does not carry: the fake's must be among them.
+RCLPY_PUBLISHER_METHODS = frozenset({"publish", "get_subscription_count", "topic_name", "handle", "destroy",
+                                     "assert_liveliness", "wait_for_all_acked"})
+
+
 class FakeContext:
     def __init__(self) -> None:
         self._ok = False
@@ -240,13 +246,20 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             self.records.append(("error", text))
 
     class Publisher:
+        """Its public methods are rclpy's (``RCLPY_PUBLISHER_METHODS``); ``subscribers`` is what
+        ``get_subscription_count`` reports (one listener unless a test says otherwise)."""
+
         def __init__(self, node: Any, msg_type: Any, topic: str, qos: Any) -> None:
             self.node, self.msg_type, self.topic, self.qos, self.published = node, msg_type, topic, qos, []
+            self.subscribers = 1
 
         def publish(self, msg: Any) -> None:
             if not self.node.context.ok():  # what rclpy's C layer raises after shutdown
                 raise RuntimeError("failed to publish: publisher's context is invalid")
             self.published.append(msg)
+
+        def get_subscription_count(self) -> int:
+            return self.subscribers
 
     class Subscription:
         def __init__(self, msg_type: Any, topic: str, callback: Any, qos: Any) -> None:
