@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discene_ros import msg_decode, msg_encode  # noqa: E402
 from discene_ros.msg_factory import EveryNth, TypestoreFactory  # noqa: E402
-from discene_ros.params import PIPELINING_MODES  # noqa: E402
+from discene_ros.params import PIPELINING_MODES, defaults  # noqa: E402
 from discene_ros.processing import (  # noqa: E402
     FrameInput,
     FrameProcessor,
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(off); auto (the node's default): on where the network runs on a GPU")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
-    parser.add_argument("--marker-period", type=int, default=10)
+    parser.add_argument("--marker-period", type=int, default=defaults()["marker_period"],
+                        help="the node's marker_period (default: its default)")
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
                         help="post-processing closing: on (the node's default), off, or as the checkpoint says")
     parser.add_argument("--weights", nargs="+", default=[], metavar="CONFIG=CHECKPOINT",

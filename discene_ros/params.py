@@ -85,8 +85,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("closing", True, "3x3x3 closing of the voxel scores in post-processing (the reference's default)"),
     ParamSpec("publish_markers", True, "Also publish a MarkerArray (CUBE_LIST per class) for RViz; built only "
               "while something subscribes to it"),
-    ParamSpec("marker_period", 10, "Publish the MarkerArray on every N-th processed frame (1 = every frame; "
-              "it costs more than the point cloud)", (1, 1000)),
+    ParamSpec("marker_period", 20, "Publish the MarkerArray on every N-th processed frame (1 = every frame; "
+              "one costs 7-24x the point cloud to build; every 20th costs about the cloud's time per frame or less)",
+              (1, 1000)),
     ParamSpec("pipelining", "auto", "Frame loop: on = the next frames' decoding and preprocessing overlap this "
               "frame's inference on threads of their own (what a GPU needs to be kept busy); off = one frame at a "
               "time (a CPU whose inference uses every core: overlapping host work only slows the inference; on the "
