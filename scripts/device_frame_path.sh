@@ -206,19 +206,21 @@ before_after() {  # .before (the previous commit) and this tree, interleaved; ro
     (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
     mkdir -p /tmp/rounds
     local round flags
+    local same="--marker-period 10"  # session 8's default marker rate, so that both trees build the same markers
     for round in 1 2; do
         step 45 "BEFORE, lite, CUDA graphs (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
-            benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 --json /tmp/rounds/before_$round.json"
+            benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 $same --json /tmp/rounds/before_$round.json"
         for flags in "--decode-stage on" "--decode-stage auto"; do
-            # shellcheck disable=SC2086  # $flags: one option and its value
+            # shellcheck disable=SC2086  # $flags, $same: an option and its value each
             step 45 "AFTER, lite, CUDA graphs $flags (round $round)" python3 benchmarks/bench_frame_path.py \
-                --device cuda --configs lite --frames 300 $flags --json "/tmp/rounds/after_${flags##* }_$round.json"
+                --device cuda --configs lite --frames 300 $flags $same --json "/tmp/rounds/after_${flags##* }_$round.json"
         done
     done
     step 50 "BEFORE, paper_student, CUDA graphs" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
-        benchmarks/bench_frame_path.py --device cuda --configs paper_student --frames 300 --json /tmp/rounds/before_paper.json"
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --frames 300 $same --json /tmp/rounds/before_paper.json"
+    # shellcheck disable=SC2086  # $same: one option and its value
     step 50 "AFTER, paper_student, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
-        --configs paper_student --frames 300 --json /tmp/rounds/after_paper.json
+        --configs paper_student --frames 300 $same --json /tmp/rounds/after_paper.json
     step 30 "BEFORE, each host step alone (lite fp32, CUDA graph)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site \
         python3 ../docs/results/device_runs/issue10_call10_probe.py cuda"
     step 30 "AFTER, each host step alone (lite fp32, CUDA graph)" python3 docs/results/device_runs/issue10_call10_probe.py cuda
