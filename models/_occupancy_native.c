@@ -113,33 +113,33 @@ static int point_voxel(const float *pt, const float *centre, const float *score,
 
 /* out[o][i][j] = op over in[o][i-1..i+1][j] for arrays laid out [outer][n][inner]; neighbours beyond the
  * ends are ignored. Each loop runs over as many contiguous elements as it can (the lines are short: 36
- * voxels along z), and there is one copy per element type and op, so that the compiler vectorises them. */
-#define DEFINE_PASS(name, T, OP)                                                                         \
-    static void name(const T *restrict in, T *restrict out, int64_t outer, int64_t n, int64_t inner) {  \
-        if (n == 1) {                                                                                  \
-            memcpy(out, in, (size_t)(outer * inner) * sizeof(T));                                      \
-            return;                                                                                    \
-        }                                                                                              \
-        if (inner == 1) { /* contiguous lines: all of them in one pass, then each line's two ends */   \
-            const int64_t total = outer * n;                                                           \
-            for (int64_t i = 1; i < total - 1; i++) out[i] = OP(OP(in[i - 1], in[i + 1]), in[i]);      \
-            for (int64_t o = 0; o < total; o += n) {                                                   \
-                out[o] = OP(in[o], in[o + 1]);                                                         \
-                out[o + n - 1] = OP(in[o + n - 2], in[o + n - 1]);                                     \
-            }                                                                                          \
-            return;                                                                                    \
-        }                                                                                              \
-        for (int64_t o = 0; o < outer; o++) {                                                          \
-            const T *restrict v = in + o * n * inner;                                                  \
-            T *restrict w = out + o * n * inner;                                                       \
-            for (int64_t j = 0; j < inner; j++) w[j] = OP(v[j], v[inner + j]);                         \
-            for (int64_t k = inner; k < (n - 1) * inner; k++)                                          \
-                w[k] = OP(OP(v[k - inner], v[k + inner]), v[k]);                                       \
-            for (int64_t j = (n - 1) * inner; j < n * inner; j++) w[j] = OP(v[j - inner], v[j]);       \
-        }                                                                                              \
+ * voxels along z), and there is one copy per op, so that the compiler vectorises them. */
+#define DEFINE_PASS(name, OP)                                                                                  \
+    static void name(const float *restrict in, float *restrict out, int64_t outer, int64_t n, int64_t inner) { \
+        if (n == 1) {                                                                                          \
+            memcpy(out, in, (size_t)(outer * inner) * sizeof(float));                                          \
+            return;                                                                                            \
+        }                                                                                                      \
+        if (inner == 1) { /* contiguous lines: all of them in one pass, then each line's two ends */           \
+            const int64_t total = outer * n;                                                                   \
+            for (int64_t i = 1; i < total - 1; i++) out[i] = OP(OP(in[i - 1], in[i + 1]), in[i]);              \
+            for (int64_t o = 0; o < total; o += n) {                                                           \
+                out[o] = OP(in[o], in[o + 1]);                                                                 \
+                out[o + n - 1] = OP(in[o + n - 2], in[o + n - 1]);                                             \
+            }                                                                                                  \
+            return;                                                                                            \
+        }                                                                                                      \
+        for (int64_t o = 0; o < outer; o++) {                                                                  \
+            const float *restrict v = in + o * n * inner;                                                      \
+            float *restrict w = out + o * n * inner;                                                           \
+            for (int64_t j = 0; j < inner; j++) w[j] = OP(v[j], v[inner + j]);                                 \
+            for (int64_t k = inner; k < (n - 1) * inner; k++)                                                  \
+                w[k] = OP(OP(v[k - inner], v[k + inner]), v[k]);                                               \
+            for (int64_t j = (n - 1) * inner; j < n * inner; j++) w[j] = OP(v[j - inner], v[j]);               \
+        }                                                                                                      \
     }
-DEFINE_PASS(pass_max, float, MAX2)
-DEFINE_PASS(pass_min, float, MIN2)
+DEFINE_PASS(pass_max, MAX2)
+DEFINE_PASS(pass_min, MIN2)
 
 /* out[i] = op of the planes in[0..count-1] at i (count 1 to 3): the x pass of a 3x3x3 filter, plane by
  * plane, one loop per count so that each vectorises. */
