@@ -25,6 +25,7 @@ from PIL import Image
 
 from models import native_postprocess
 from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_colors
+from models.geometry import finite_origin
 
 from .errors import DepthError, UnsupportedEncodingError
 from .msg_factory import MessageFactory
@@ -322,11 +323,8 @@ def occupancy_to_marker_array(factory: MessageFactory, frame: Any, frame_id: str
 
 def grid_pose_msg(factory: MessageFactory, voxel_origin: np.ndarray, frame_id: str, stamp_ns: int) -> Any:
     """PoseStamped of the grid: position = voxel_origin (corner of voxel (0,0,0)), identity orientation."""
-    origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1).tolist()  # floats: once per frame
-    if len(origin) != 3 or not all(map(math.isfinite, origin)):
-        raise ValueError(f"voxel_origin must be 3 finite numbers, got {origin}")
     return factory.new("geometry_msgs/msg/PoseStamped", header=make_header(factory, stamp_ns, frame_id),
-                       pose=_pose(factory, origin))
+                       pose=_pose(factory, finite_origin(voxel_origin).tolist()))
 
 
 def stats_to_diagnostics(factory: MessageFactory, stats: Mapping[str, Any], stamp_ns: int,

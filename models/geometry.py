@@ -52,6 +52,15 @@ def place_grid(
     return np.array([centre_x - grid_shape[0] * voxel_size / 2, centre_y - grid_shape[1] * voxel_size / 2, floor_z])
 
 
+def finite_origin(voxel_origin: np.ndarray) -> np.ndarray:
+    """``voxel_origin`` as a (3,) float64 array; ValueError unless it is 3 finite numbers (checked on Python
+    floats: it runs per frame, like ``place_grid``)."""
+    origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
+    if origin.shape != (3,) or not all(map(math.isfinite, origin.tolist())):
+        raise ValueError(f"voxel_origin must be 3 finite numbers, got {origin.tolist()}")
+    return origin
+
+
 def _float_rows(matrix: np.ndarray, n: int, name: str) -> list[list[float]]:
     """An n x n matrix as rows of Python floats; ValueError unless it is finite and n x n."""
     m = np.asarray(matrix, dtype=np.float64)

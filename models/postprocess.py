@@ -11,7 +11,6 @@ occupied voxels come back to the host, in one (M, 3) copy. On the CPU the native
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,6 +19,7 @@ import torch
 
 from . import native_postprocess
 from .config import ModelConfig
+from .geometry import finite_origin
 from .workspace import workspace
 
 
@@ -335,9 +335,7 @@ def points_to_occupancy(
     scr = _as_batch(scores, "scores", config.num_classes)
     if pts.shape[0] != 1:
         raise ValueError(f"points_to_occupancy takes one frame, got batch {pts.shape[0]}; use labels_batch")
-    origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
-    if origin.shape != (3,) or not all(map(math.isfinite, origin.tolist())):  # floats: per frame (geometry.place_grid)
-        raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
+    origin = finite_origin(voxel_origin)
     found = native_postprocess.occupied_labels(pts, scr, config)
     if found is not None:
         return OccupancyFrame(labels=found.dense[0], voxel_indices=found.indices, voxel_labels=found.labels,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import native_postprocess
 from .config import ModelConfig
-from .geometry import grid_to_image_matrix, place_grid, scale_intrinsic
+from .geometry import finite_origin, grid_to_image_matrix, place_grid, scale_intrinsic
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,7 @@ def _frame_origin(voxel_origin: np.ndarray | None, cam_pose: np.ndarray, voxel_s
     """The grid origin (3,) float64: ``voxel_origin`` checked, or placed by ``place_grid`` when None."""
     if voxel_origin is None:
         voxel_origin = place_grid(cam_pose, voxel_size=voxel_size, grid_shape=grid_shape)
-    voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(-1)
-    if voxel_origin.shape != (3,) or not all(map(math.isfinite, voxel_origin.tolist())):
-        raise ValueError(f"voxel_origin must be 3 finite numbers, got {voxel_origin}")
-    return voxel_origin
+    return finite_origin(voxel_origin)
 
 
 def preprocess(
