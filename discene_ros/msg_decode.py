@@ -44,7 +44,8 @@ _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
 # Limits on what a frame may claim (see check_intrinsics / check_pose / compressed_to_rgb).
 MAX_IMAGE_PIXELS = 64_000_000    # a compressed header claiming more is refused before decoding (8K is 33 Mpx)
 JPEG_END = b"\xff\xd9"           # JPEG end-of-image marker; encoders may pad a few bytes after it
-JPEG_END_SEARCH = 64             # bytes at the end of a JPEG searched for it
+END_SEARCH = 64                  # bytes at the end of a JPEG or PNG searched for its end marker
+PNG_END = b"IEND\xaeB`\x82"      # PNG's IEND chunk type and its CRC, the file's last eight bytes
 FOCAL_RANGE = (0.1, 50.0)        # focal length / image size along its axis: 157 deg .. 1.1 deg field of view
 PRINCIPAL_MARGIN = 0.25          # principal point may lie this fraction of the size outside the image
 MAX_SKEW_RATIO = 0.1             # |K[0,1]| / fx
@@ -170,10 +171,14 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     is_png = bytes(buf[:8]) == b"\x89PNG\r\n\x1a\n"
     if not (is_jpeg or is_png):
         raise UnsupportedEncodingError(f"compressed image format {msg.format!r}: data is neither JPEG nor PNG")
-    if is_jpeg and JPEG_END not in bytes(buf[-JPEG_END_SEARCH:]):
+    tail = bytes(buf[-END_SEARCH:])
+    if is_jpeg and JPEG_END not in tail:
         # a cut-off JPEG: PIL refuses it, but some cv2 versions decode the part they got and grey the rest
         raise DecodeError(f"compressed {msg.format!r} image is truncated: no JPEG end-of-image marker in its "
-                          f"last {JPEG_END_SEARCH} bytes ({buf.size} bytes)")
+                          f"last {END_SEARCH} bytes ({buf.size} bytes)")
+    if is_png and PNG_END not in tail:  # cut off: said here, not in a libpng warning on stderr
+        raise DecodeError(f"compressed {msg.format!r} image is truncated: no PNG IEND chunk in its last "
+                          f"{END_SEARCH} bytes ({buf.size} bytes)")
     width, height = _compressed_size(msg, buf)
     if width <= 0 or height <= 0 or width * height > MAX_IMAGE_PIXELS:
         raise ImageSizeError(f"compressed {msg.format!r} image header claims {width}x{height} = {width * height} "

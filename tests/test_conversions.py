@@ -111,6 +111,14 @@ def test_compressed_bad_inputs(factory, image_decoder):
     with pytest.raises(DecodeError):
         msg_decode.compressed_to_rgb(factory.new("sensor_msgs/msg/CompressedImage", header=good.header,
                                                  format="jpeg", data=factory.uint8_array(cut_body)))
+    png = bytes(msg_encode.rgb_to_compressed(factory, _rgb(8, 8), "cam", STAMP, "png").data)
+    for cut in (png[:-1], png[: len(png) // 2]):  # the IEND chunk cut off: refused before any decoder sees it
+        with pytest.raises(DecodeError, match="no PNG IEND chunk"):
+            msg_decode.compressed_to_rgb(factory.new("sensor_msgs/msg/CompressedImage", header=good.header,
+                                                     format="png", data=factory.uint8_array(cut)))
+    trailing = png + bytes(16)  # bytes after IEND, which decoders ignore
+    assert msg_decode.compressed_to_rgb(factory.new("sensor_msgs/msg/CompressedImage", header=good.header,
+                                                    format="png", data=factory.uint8_array(trailing))).shape == (8, 8, 3)
     garbage = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format="jpeg",
                           data=factory.uint8_array(b"not an image at all"))
     with pytest.raises(UnsupportedEncodingError, match="neither JPEG nor PNG"):

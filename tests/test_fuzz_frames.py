@@ -44,7 +44,7 @@ def _size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def _k(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    f = w * rng.uniform(0.5, 2.0)
+    f = max(h, w) * rng.uniform(0.5, 2.0)  # within msg_decode.FOCAL_RANGE along both axes, tall images too
     return np.array([[f, 0.0, w / 2], [0.0, f * rng.uniform(0.9, 1.1), h / 2], [0.0, 0.0, 1.0]])
 
 
