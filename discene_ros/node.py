@@ -240,12 +240,16 @@ class OccupancyNode(Node):
         """
         world = self.cfg["world_frame"]
         if self.fallback_note is not None and not self.tf_buffer.can_transform(world, camera_frame, Time()):
-            return None  # known absent and still absent: no point waiting tf_timeout_s on every frame
+            # known absent and still absent: no point waiting tf_timeout_s on every frame; but a mount that
+            # reached TF after the first frames (robot_state_publisher starting late) replaces fixed parameters
+            if not self.mount_found and self.tf_buffer.can_transform(self.cfg["base_frame"], camera_frame, Time()):
+                self.note_fallback(camera_frame, "the camera mount is in TF now")
+            return None
         try:
             tf = self.tf_buffer.lookup_transform(world, camera_frame, Time(nanoseconds=stamp_ns),
                                                  timeout=Duration(seconds=self.cfg["tf_timeout_s"]))
         except (LookupException, ConnectivityException) as exc:
-            self.note_fallback(camera_frame, exc)
+            self.note_fallback(camera_frame, f"TF: {exc}")
             return None
         except ExtrapolationException as exc:
             raise TransformNotReadyError(f"TF {world} -> {camera_frame} is not available at the image stamp "
@@ -257,8 +261,9 @@ class OccupancyNode(Node):
             self.fallback_note, self.mount_found = None, False
         return transform_to_matrix(tf)
 
-    def note_fallback(self, camera_frame: str, exc: Exception) -> None:
-        """World frame absent: take the fallback height and pitch from the camera mount; say so loudly once."""
+    def note_fallback(self, camera_frame: str, why: str) -> None:
+        """World frame absent: take the fallback height and pitch from the camera mount, else the fixed
+        parameters; say so loudly once for each."""
         if not self.cfg["use_fallback_pose"] or self.mount_found:
             return
         mount = None
@@ -271,7 +276,7 @@ class OccupancyNode(Node):
         self.mount_found = mount is not None
         self.fallback_note = use_fallback(self.processor, mount, self.cfg["world_frame"], camera_frame,
                                           self.cfg["base_frame"])
-        self.get_logger().error(f"{self.fallback_note} (TF: {exc})")
+        self.get_logger().error(f"{self.fallback_note} ({why})")
 
     def destroy_node(self) -> None:
         """Stop both frame stages (nothing is published from here on; frames in flight are counted as

@@ -370,28 +370,44 @@ def test_camera_info_arriving_a_fraction_of_a_ms_later_is_not_skipped(ros):
     assert not node.stats.skipped
 
 
-def test_lagging_tf_skips_the_frame_instead_of_a_made_up_pose(ros):
+@pytest.mark.parametrize("error, text", [
+    ("ExtrapolationException", "Lookup would require extrapolation into the future"),
+    # what tf2 says of a ROS 1 style frame id; neither a lag nor an absent frame, still no made-up pose
+    ("InvalidArgumentException", 'Invalid argument "/cam" passed to lookupTransform argument source_frame - '
+                                 "tf2 frame_ids cannot start with a '/'"),
+])
+def test_lagging_or_failing_tf_skips_the_frame_instead_of_a_made_up_pose(ros, error, text):
     fake, _ = ros
     node = make_node(ros, world_frame="map", tf_timeout_s=0.02)
-    lag = sys.modules["tf2_ros"].ExtrapolationException("Lookup would require extrapolation into the future")
-    fake.transforms[("map", "cam")] = lag
+    fake.transforms[("map", "cam")] = getattr(sys.modules["tf2_ros"], error)(text)
     node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
     node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 7 * MS))
     assert wait_until(lambda: node.stats.skipped["tf_not_ready"] == 1)
     assert node.stats.processed == 0
+
+    def warnings() -> list[str]:
+        return [t for level, t in node.get_logger().records if level == "warn" and "tf_not_ready" in t]
+
+    assert wait_until(lambda: len(warnings()) == 1) and text in warnings()[0]
     target, source, stamp, timeout = fake.tf_lookups[0]
     assert (target, source, stamp) == ("map", "cam", 7 * MS) and timeout.nanoseconds == 20 * MS
+
+
+def _mount(height: float, pitch_deg: float) -> np.ndarray:
+    """base_link <- camera: the camera ``height`` m above base_link, looking along +x, pitched down."""
+    pitch = np.deg2rad(pitch_deg)
+    forward = np.array([np.cos(pitch), 0.0, -np.sin(pitch)])
+    right = np.array([0.0, -1.0, 0.0])
+    mount = np.eye(4)
+    mount[:3, 0], mount[:3, 1], mount[:3, 2] = right, np.cross(forward, right), forward
+    mount[:3, 3] = [0.1, 0.0, height]
+    return mount
 
 
 def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     fake, _ = ros
     node = make_node(ros, world_frame="odom", warn_throttle_s=60.0)
-    pitch = np.deg2rad(20.0)  # camera 0.62 m above base_link, looking along +x, pitched 20 deg down
-    forward = np.array([np.cos(pitch), 0.0, -np.sin(pitch)])
-    right = np.array([0.0, -1.0, 0.0])
-    mount = np.eye(4)
-    mount[:3, 0], mount[:3, 1], mount[:3, 2] = right, np.cross(forward, right), forward
-    mount[:3, 3] = [0.1, 0.0, 0.62]
+    mount = _mount(0.62, 20.0)
     fake.transforms[("base_link", "cam")] = msg_encode.matrix_to_transform_stamped(F, mount, "base_link", "cam", 0)
     for i in range(3):
         node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", (10 + i) * MS))
@@ -412,6 +428,33 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     node.diagnostics_timer_callback()
     values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
     assert values["pose_source"] == "TF"
+
+
+def test_a_mount_that_reaches_tf_after_the_first_frames_replaces_the_fixed_fallback(ros):
+    """At start-up the camera's first frames can come before robot_state_publisher's static mount: the
+    fixed-parameter fallback must give way to the mount once TF has it, not stay for the whole run."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="odom", warn_throttle_s=60.0, fallback_camera_height=1.0,
+                     fallback_camera_pitch_deg=15.0)
+
+    def frame(i: int) -> None:
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", (30 + i) * MS))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", (30 + i) * MS))
+        assert wait_until(lambda: node.stats.processed == i + 1)
+
+    for i in range(2):  # neither odom nor the mount in TF: the fixed height and pitch
+        frame(i)
+    assert mount_height_pitch(node.processor.fallback_pose) == pytest.approx((1.0, 15.0))
+    mount = _mount(0.62, 20.0)
+    fake.transforms[("base_link", "cam")] = msg_encode.matrix_to_transform_stamped(F, mount, "base_link", "cam", 0)
+    for i in range(2, 4):
+        frame(i)
+    assert mount_height_pitch(node.processor.fallback_pose) == pytest.approx((0.62, 20.0))
+    errors = [text for level, text in node.get_logger().records if level == "error"]
+    assert len(errors) == 2 and "fixed parameters" in errors[0] and "camera mount" in errors[1]
+    node.diagnostics_timer_callback()
+    values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
+    assert "camera mount" in values["pose_source"] and "0.62 m" in values["pose_source"]
 
 
 def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
