@@ -202,6 +202,7 @@ class FrameInput:
     cam_pose: np.ndarray | None = None    # 4x4 camera->world from TF, None when TF had none
     voxel_origin: np.ndarray | None = None  # given grid origin (replay with ground truth), else place_grid
     pose_error: FrameError | None = None  # TF or stamp pairing failed for this frame: it is skipped with it
+    fallback_pose: np.ndarray | None = None  # without cam_pose: the fallback pose when the frame was read
     received_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -278,7 +279,7 @@ class FrameProcessor:
         else:
             if not self.settings.use_fallback_pose:
                 raise MissingTransformError("no camera pose in the world frame from TF and the fallback pose is disabled")
-            pose, fallback = self.fallback_pose, True
+            pose, fallback = (self.fallback_pose if frame.fallback_pose is None else frame.fallback_pose), True
         return rgb, k, depth, pose, fallback
 
     def _camera(self, info: Any, image_hw: tuple[int, int]) -> tuple[np.ndarray, bool]:

@@ -156,6 +156,7 @@ class BagFrames:
         self.tf = bag_io.TfTree()
         self.error: str | None = None
         self.fallback_note: str | None = None
+        self.mount_found = False  # the fallback pose comes from the camera mount in TF
         self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
         self._settled_pose: tuple[Any, np.ndarray] | None = None  # (image, pose) found by the last _settled
         self.images = 0
@@ -169,12 +170,18 @@ class BagFrames:
         pose, error = (probed[1], None) if probed is not None and probed[0] is image else self._pose_probe(image)
         if error is not None:  # TF lags the image or a bad transform: skip, never a made-up pose
             return None, error
-        if pose is None and self.processor is not None and self.fallback_note is None:
-            try:
+        if pose is None and self.processor is not None and not self.mount_found:
+            try:  # a mount that reaches TF after the first images replaces the fixed parameters from then on
                 mount = self.tf.lookup(self.base_frame, camera)
             except FrameError:
                 mount = None
-            self.fallback_note = use_fallback(self.processor, mount, self.world_frame, camera, self.base_frame)
+            if self.fallback_note is None or mount is not None:
+                note = use_fallback(self.processor, mount, self.world_frame, camera, self.base_frame)
+                stamp_s = msg_decode.stamp_to_ns(image.header.stamp) / 1e9
+                self.fallback_note = (note if self.fallback_note is None else
+                                      f"{note} From the image stamped {stamp_s:.3f} s on; the images before it "
+                                      "used the fixed parameters.")
+                self.mount_found = mount is not None
         return pose, None
 
     def _settled(self, image: Any, bag_t: int, now_t: int) -> bool:
@@ -210,9 +217,12 @@ class BagFrames:
         except FrameError as exc:
             error = exc
         pose, pose_error = self._pose(image)
+        # the fallback pose as of this image: the frame loop decodes it later, when a mount read meanwhile
+        # may have replaced the processor's
+        fallback = self.processor.fallback_pose if pose is None and self.processor is not None else None
         frame = FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose,
                            voxel_origin=None if gt is None else gt.voxel_origin,
-                           pose_error=error or self.tf_error or pose_error)
+                           pose_error=error or self.tf_error or pose_error, fallback_pose=fallback)
         self.tf_error = None
         return frame, bag_t
 

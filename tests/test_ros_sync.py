@@ -142,15 +142,22 @@ def test_undistorter_remaps_images_and_caches_the_maps():
 
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
-def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False):
+def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False,
+                mount_after=None):
     """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
-    time), each with the colour image's header stamp, as RealSense + a SLAM node write them."""
+    time), each with the colour image's header stamp, as RealSense + a SLAM node write them. The static
+    camera mount comes first, or (``mount_after``) just before image ``mount_after``."""
+    def mount(bag_t):
+        w.write(bag_io.TF_STATIC_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
+            msg_encode.matrix_to_transform_stamped(F, _rot_z(0, (0, 0, 0.5)), "base_link", "cam", 0)]), bag_t)
+
     with bag_io.BagWriter(path, "mcap", F.typestore) as w:
         if static_mount:
-            w.write(bag_io.TF_STATIC_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
-                msg_encode.matrix_to_transform_stamped(F, _rot_z(0, (0, 0, 0.5)), "base_link", "cam", 0)]), 10**18 - 1)
+            mount(10**18 - 1)
         for i in range(n):
             t = 10**18 + i * 66_666_667
+            if i == mount_after:
+                mount(t - 1)
             w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
             w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
@@ -199,6 +206,17 @@ def test_replay_without_world_frame_uses_the_mount_or_refuses(tmp_path, capsys, 
                         "--no-fallback-pose", "--camera-info-topic", bag_io.CAMERA_INFO_TOPIC, "--no-depth"])
     err = capsys.readouterr().err
     assert code != 0 and "no frame was processed (missing_tf: 4)" in err
+
+
+def test_replay_switches_from_the_fixed_fallback_to_a_mount_that_comes_later(tmp_path):
+    bag = _driver_bag(tmp_path / "late", world=None, mount_after=2)
+    result = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                           settings=ReplaySettings(world_frame="odom", n_renders=4, progress=False, sync_wait_s=0.0))
+    s = result.summary
+    assert s["frames"] == 4 and s["fallback_pose_frames"] == 4
+    heights = [round(mount_height_pitch(r["cam_pose"])[0], 6) for r in result.renders]
+    assert heights == [1.0, 1.0, 0.5, 0.5]  # the fixed fallback_camera_height, then the mount's
+    assert "base_link -> cam" in s["fallback_pose_note"] and "the images before it used the fixed" in s["fallback_pose_note"]
 
 
 def test_replay_topic_options_must_exist(tmp_path, capsys, monkeypatch):
