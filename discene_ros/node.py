@@ -31,7 +31,7 @@ from .errors import FrameError
 from .msg_decode import transform_to_matrix
 from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
-from .pairing import FramePartners
+from .pairing import STAMP_JUMP_BACK_NS, FramePartners
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -133,6 +133,7 @@ class OccupancyNode(Node):
         self.fallback_note: str | None = None
         self.mount_found = False
         self.undistortion_logged = False
+        self.last_image_stamp_ns: int | None = None
 
         self.tf_buffer = Buffer()
         self.tf_listener = TransformListener(self.tf_buffer, self)
@@ -204,6 +205,7 @@ class OccupancyNode(Node):
     # in the finish stage
     def locate_frame(self, frame: FrameInput) -> None:
         """Decode stage, before decoding: camera info and depth of the image stamp, camera pose from TF."""
+        self.note_time_jump(frame.stamp_ns)
         frame.camera_info, frame.depth = self.partners.match(frame.stamp_ns)
         self.log_undistortion(frame.camera_info)
         frame.cam_pose = self.camera_pose(frame.image.header.frame_id, frame.stamp_ns)
@@ -224,6 +226,18 @@ class OccupancyNode(Node):
         """A bad frame (already counted by reason): a warning, throttled per reason."""
         if self.throttle.allow(reason):
             self.get_logger().warning(f"skipped frame ({reason}): {text}")
+
+    def note_time_jump(self, stamp_ns: int) -> None:
+        """Image stamps that jump back (a bag played with --loop, a simulator reset): tf2 refuses the new time
+        line's transforms while they are more than its cache time (10 s) older than the old line's newest,
+        and mixes the two lines otherwise; its Buffer clears itself only on a jump of the node's clock, and
+        on Humble not even then. So the history is cleared here (static transforms stay). The camera info
+        and depth buffers clear themselves (``pairing.StampedBuffer``)."""
+        last, self.last_image_stamp_ns = self.last_image_stamp_ns, stamp_ns
+        if last is not None and stamp_ns < last - STAMP_JUMP_BACK_NS:
+            self.tf_buffer.clear()
+            self.get_logger().warning(f"image stamps jumped back by {(last - stamp_ns) / 1e9:.1f} s (a bag played "
+                                      "with --loop, or a simulator reset): TF history cleared, static transforms kept")
 
     def log_undistortion(self, info: Any) -> None:
         if not self.undistortion_logged and needs_undistortion(info):

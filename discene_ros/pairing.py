@@ -22,6 +22,11 @@ class DepthSyncError(DepthError):
     reason = "depth_not_synchronised"
 
 
+# a stamp this much older than the one before it on the same topic: the time line restarted (a bag played
+# with --loop, a simulator reset), as tf2's 1 s jump threshold
+STAMP_JUMP_BACK_NS = 1_000_000_000
+
+
 class StampedBuffer:
     """The last ``maxlen`` messages of one topic, searchable by header stamp; thread-safe."""
 
@@ -31,8 +36,11 @@ class StampedBuffer:
         self._closed = False
 
     def add(self, msg: Any) -> None:
+        stamp = stamp_to_ns(msg.header.stamp)
         with self._cond:
-            self._items.append((stamp_to_ns(msg.header.stamp), msg))
+            if self._items and stamp < self._items[-1][0] - STAMP_JUMP_BACK_NS:
+                self._items.clear()  # the old time line's messages would never match, and look "newer" for good
+            self._items.append((stamp, msg))
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -457,6 +457,20 @@ def test_a_mount_that_reaches_tf_after_the_first_frames_replaces_the_fixed_fallb
     assert "camera mount" in values["pose_source"] and "0.62 m" in values["pose_source"]
 
 
+def test_image_stamps_jumping_back_clear_the_tf_history_once(ros):
+    """``ros2 bag play --loop``: the stamps restart, and tf2 would refuse or mix the new loop's transforms."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map")
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    for i, stamp in enumerate((100_000, 100_066, 100_133, 5_000, 5_066)):
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp * MS))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp * MS))
+        assert wait_until(lambda i=i: node.stats.processed == i + 1)
+        assert fake.tf_clears == (1 if stamp < 100_000 else 0)
+    warnings = [t for level, t in node.get_logger().records if level == "warn" and "jumped back" in t]
+    assert len(warnings) == 1 and "95.1 s" in warnings[0]
+
+
 def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
     """rclpy's SIGINT handler shuts the context down before destroy_node: the in-flight frame must not
     publish on the invalid context nor end the thread with an exception."""

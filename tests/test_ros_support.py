@@ -157,6 +157,7 @@ class FakeRos:
         # (target, source) -> TransformStamped, or an exception instance to raise (e.g. extrapolation)
         self.transforms: dict[tuple[str, str], Any] = {}
         self.tf_lookups: list[tuple[str, str, int, Any]] = []
+        self.tf_clears = 0
         self.spin_raises: type[BaseException] = KeyboardInterrupt
         self.spin_hook: Any = None
 
@@ -482,6 +483,9 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def can_transform(self, target_frame: str, source_frame: str, time: Any, timeout: Any = None) -> bool:
             found = ros.transforms.get((target_frame, source_frame))
             return found is not None and not isinstance(found, BaseException)
+
+        def clear(self) -> None:  # tf2.BufferCore.clear: drops the history, keeps static transforms
+            ros.tf_clears += 1
 
     tf2.TransformException, tf2.Buffer = TransformException, Buffer
     for name, cls in tf_errors.items():

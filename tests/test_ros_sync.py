@@ -54,6 +54,22 @@ def test_buffer_stops_waiting_once_a_newer_message_shows_none_will_come():
     assert time.monotonic() - start < 25.0  # returned without the 30 s wait (generous: never a timing test)
 
 
+def test_a_time_line_that_restarts_drops_the_old_one():
+    """A bag played with --loop: depth stamped 100 s, then 5 s. The old messages look newer than every new
+    frame, so they would end each wait at once and never match; they go at the first message of the new line."""
+    partners = FramePartners(tolerance_s=0.005, wait_s=0.0, use_depth=True)
+    for t in (100_000, 100_033, 100_066):
+        partners.depth.add(_header_msg(t * MS))
+        partners.info.add(_header_msg(t * MS))
+    partners.depth.add(_header_msg(5_000 * MS))
+    partners.info.add(_header_msg(5_000 * MS))
+    info, depth = partners.match(5_000 * MS)
+    assert msg_decode.stamp_to_ns(depth.header.stamp) == 5_000 * MS
+    assert not partners.depth.settled(5_033 * MS, 5 * MS)  # its depth may still come: nothing newer is left
+    partners.depth.add(_header_msg(4_500 * MS))  # 0.5 s back: out of order, not a new time line
+    assert msg_decode.stamp_to_ns(partners.depth.wait_nearest(5_000 * MS, 5 * MS, 0.0).header.stamp) == 5_000 * MS
+
+
 def test_partners_camera_info_falls_back_to_the_newest_and_depth_is_strict():
     partners = FramePartners(tolerance_s=0.005, wait_s=0.0, use_depth=True)
     with pytest.raises(MissingCameraInfoError):
