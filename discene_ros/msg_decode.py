@@ -356,14 +356,25 @@ def camera_info_key(msg: Any) -> tuple:
             return np.asarray(values, dtype=np.float64).tobytes()
     k = getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None)
     return (raw(k), raw(getattr(msg, "d", ())), str(getattr(msg, "distortion_model", "")), int(msg.width),
-            int(msg.height), int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)))
+            int(msg.height), int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)), _roi(msg))
+
+
+def _roi(msg: Any) -> tuple[int, int, int, int]:
+    """(x_offset, y_offset, width, height) of CameraInfo's region of interest, in full-resolution (unbinned)
+    pixels; all zero (the default) or a zero size means the full image."""
+    roi = getattr(msg, "roi", None)
+    if roi is None:
+        return 0, 0, 0, 0
+    return int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height)
 
 
 def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01) -> np.ndarray:
     """CameraInfo -> 3x3 K for an image of size ``image_hw`` (H, W), rescaled from the info resolution.
 
-    Binning is applied first; a different aspect ratio (beyond ``aspect_tol``) is a mismatch, not a resize.
-    K is checked (:func:`check_intrinsics`) against the info resolution when it has one.
+    The region of interest and then binning are applied first (as image_geometry does: the principal
+    point moves by the ROI's offset, the image is the ROI's size over the binning); a different aspect
+    ratio (beyond ``aspect_tol``) is a mismatch, not a resize. K is checked (:func:`check_intrinsics`)
+    against the info resolution when it has one.
     """
     k = np.asarray(getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None), dtype=np.float64)
     if k.size != 9 or not np.all(np.isfinite(k)):
@@ -372,14 +383,25 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
     if k[0, 0] <= 0 or k[1, 1] <= 0:
         raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0")
     bx, by = max(int(getattr(msg, "binning_x", 0)), 1), max(int(getattr(msg, "binning_y", 0)), 1)
-    width, height = int(msg.width) // bx, int(msg.height) // by
-    if width > 0 and height > 0:
-        check_intrinsics(k, int(msg.width), int(msg.height))
+    full_w, full_h = int(msg.width), int(msg.height)
+    if full_w > 0 and full_h > 0:
+        check_intrinsics(k, full_w, full_h)
     if image_hw is None:
         return k
-    if width <= 0 or height <= 0:
+    if full_w <= 0 or full_h <= 0:
         raise CameraInfoError(f"camera info has no resolution ({msg.width}x{msg.height}); cannot check the image size")
+    x0, y0, roi_w, roi_h = _roi(msg)
+    if roi_w <= 0 or roi_h <= 0:
+        x0, y0, roi_w, roi_h = 0, 0, full_w, full_h
+    if x0 < 0 or y0 < 0 or x0 + roi_w > full_w or y0 + roi_h > full_h:
+        raise CameraInfoError(f"camera info roi {roi_w}x{roi_h} at ({x0}, {y0}) does not lie in its "
+                              f"{full_w}x{full_h} image")
+    width, height = roi_w // bx, roi_h // by
+    if width <= 0 or height <= 0:
+        raise CameraInfoError(f"camera info roi {roi_w}x{roi_h} binned {bx}x{by} leaves no pixel")
     k = k.copy()
+    k[0, 2] -= x0
+    k[1, 2] -= y0
     k[0, :] /= bx
     k[1, :] /= by
     img_h, img_w = int(image_hw[0]), int(image_hw[1])

@@ -174,6 +174,28 @@ def test_camera_info_k_rescaling(factory):
         msg_decode.camera_info_to_k(nores, (480, 640))
 
 
+def test_camera_info_roi_moves_the_principal_point_instead_of_scaling(factory):
+    """A region of interest is a crop of the sensor: same focal lengths, principal point moved by the
+    offset (image_geometry's rule). Scaling K to the crop's size, as for a resized image, would be wrong
+    wherever the crop has the full image's aspect ratio."""
+    k = np.array([[500.0, 0, 320], [0, 510, 240], [0, 0, 1]])
+    info = msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", STAMP)
+    full_key = msg_decode.camera_info_key(info)
+    info.roi.x_offset, info.roi.y_offset, info.roi.width, info.roi.height = 160, 100, 320, 240
+    assert msg_decode.camera_info_key(info) != full_key  # a cached K of the full image is not reused
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (240, 320)), [[500, 0, 160], [0, 510, 140], [0, 0, 1]])
+    # the ROI decoded at half size (a reduced JPEG decode) scales from the ROI's own size
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (120, 160)), [[250, 0, 80], [0, 255, 70], [0, 0, 1]])
+    info.binning_x = info.binning_y = 2  # the ROI is given in unbinned pixels; the image is 160x120
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (120, 160)), [[250, 0, 80], [0, 255, 70], [0, 0, 1]])
+    info.binning_x = info.binning_y = 0
+    info.roi.width = 0  # a zero size is the full image, whatever the offset says
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640)), k)
+    info.roi.x_offset, info.roi.width = 400, 320  # 400 + 320 > 640
+    with pytest.raises(CameraInfoError, match="does not lie in"):
+        msg_decode.camera_info_to_k(info, (240, 320))
+
+
 def test_transform_round_trip(factory):
     rng = np.random.default_rng(3)
     for _ in range(5):
