@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 import struct
+import zlib
 from collections import deque
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -192,23 +193,37 @@ def _records(data: bytes, start: int, end: int, where: str) -> Iterator[tuple[in
         pos += 9 + length
 
 
-def _decompress(compression: str, blob: bytes, size: int) -> bytes:
-    if compression == "":
-        return blob
+def _zstd() -> Any:
+    """The zstd module rosbags itself decompresses with: the standard library's from Python 3.14, else
+    ``backports.zstd`` (a dependency of rosbags)."""
+    try:
+        from compression import zstd
+    except ImportError:
+        from backports import zstd
+    return zstd
+
+
+def _decompress(compression: str, blob: bytes, size: int, crc: int) -> bytes:
+    """A chunk's records; McapDamage where they do not decompress to ``size`` bytes or miss their CRC-32
+    (rosbag2's mcap writer records one per chunk; 0 means none)."""
+    if compression not in ("", "lz4", "zstd"):
+        raise McapDamage(f"unknown chunk compression {compression!r}")
     try:
         if compression == "lz4":
             import lz4.frame
 
-            return lz4.frame.decompress(blob)
-        if compression == "zstd":
-            import zstandard
-
-            return zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+            records = lz4.frame.decompress(blob)
+        else:
+            records = _zstd().decompress(blob) if compression == "zstd" else blob
     except ImportError as exc:
         raise McapDamage(f"chunk compressed with {compression} needs the Python package for it ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - a corrupt compressed chunk
         raise McapDamage(f"{compression} chunk does not decompress ({type(exc).__name__}: {exc})") from exc
-    raise McapDamage(f"unknown chunk compression {compression!r}")
+    if len(records) != size:
+        raise McapDamage(f"chunk holds {len(records)} bytes of records where its header says {size}")
+    if crc and zlib.crc32(records) != crc:
+        raise McapDamage("chunk checksum (CRC-32) mismatch: its bytes are damaged")
+    return records
 
 
 class McapPrefixReader:
@@ -257,14 +272,15 @@ class McapPrefixReader:
         cur = _Cursor(content, where)
         cur.take(16)
         size = cur.uint(8)
-        cur.take(4)
+        crc = cur.uint(4)
         compression = cur.string()
         length = cur.uint(8)
         blob = cur.data[cur.pos:cur.pos + length]
         cut = len(blob) < length
         if cut and compression:
             raise McapDamage(f"{where} is cut off ({len(blob)} of {length} bytes, {compression}-compressed)")
-        records = _decompress(compression, blob, size)
+        # a cut-off uncompressed chunk: its complete records are read, unchecked (the CRC covers all of them)
+        records = blob if cut else _decompress(compression, blob, size, crc)
         try:
             for opcode, record, _ in _records(records, 0, len(records), where):
                 yield from self._record(file_no, opcode, record, count)

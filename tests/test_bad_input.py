@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -430,6 +431,55 @@ def test_truncated_sample_bag_is_read_up_to_the_damage(tmp_path, fraction):
     assert s["error"] and "read sequentially up to the damage" in s["error"]
     assert s["frames"] + s["skipped"] == s["images"] >= (4 if fraction > 0.99 else 1)
     assert (tmp_path / "out" / "occupancy_bag").is_dir()
+
+
+def test_truncated_zstd_bag_is_read_up_to_the_damage(tmp_path):
+    """``ros2 bag record`` often compresses chunks (zstd); a recording cut by a power loss is then read with
+    the decompressor rosbags itself brings, up to the cut chunk."""
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
+
+    bag, store = tmp_path / "bag", bag_io.typestore()
+    writer = Writer(bag, version=8, storage_plugin=StoragePlugin.MCAP)
+    writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    writer.open()
+    connections = {}
+    with AnyReader([replay.SAMPLE_BAG], default_typestore=store) as reader:
+        for conn, stamp, raw in reader.messages():
+            if conn.topic not in connections:
+                connections[conn.topic] = writer.add_connection(conn.topic, conn.msgtype, typestore=store)
+            writer.write(connections[conn.topic], stamp, raw)
+    writer.close()
+    (mcap,) = bag.glob("*.mcap")
+    mcap.write_bytes(mcap.read_bytes()[: int(mcap.stat().st_size * 0.8)])
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
+    assert "read sequentially up to the damage" in s["error"] and "zstd-compressed" in s["error"]
+    assert 1 <= s["frames"] < 4 and s["skipped"] == 0
+
+
+def test_a_chunk_that_fails_its_crc_ends_sequential_reading_there(tmp_path):
+    """rosbag2's mcap writer records a CRC-32 per chunk: a damaged chunk is refused, not decoded into frames."""
+    bag = tmp_path / "bag"
+    shutil.copytree(replay.SAMPLE_BAG, bag)
+    (mcap,) = bag.glob("*.mcap")
+    data = bytearray(mcap.read_bytes())
+    chunks, end = [], None
+    for opcode, content, offset in bag_io._records(bytes(data), 8, len(data), "sample"):
+        if opcode == bag_io._OP_CHUNK:
+            chunks.append(offset)
+            records = content[40 + struct.unpack_from("<I", content, 28)[0]:]  # after the compression name, length
+            struct.pack_into("<I", data, offset + 9 + 24, zlib.crc32(records))  # as rosbag2 writes it
+        elif opcode == bag_io._OP_DATA_END:
+            end = offset
+            break
+    assert len(chunks) == 2 and end is not None  # the sample's layout, which this test relies on
+    data[chunks[1] + 9 + 200] ^= 0xFF  # one byte of the second chunk's records
+    mcap.write_bytes(bytes(data[:end]))  # no summary or footer: rosbags refuses, the sequential reader reads
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
+    assert "checksum (CRC-32) mismatch" in s["error"]
+    assert 1 <= s["frames"] < 4
 
 
 def test_mcap_with_valid_magic_and_garbage_inside_gives_a_clear_error(tmp_path):
