@@ -458,6 +458,30 @@ def test_truncated_zstd_bag_is_read_up_to_the_damage(tmp_path):
     assert 1 <= s["frames"] < 4 and s["skipped"] == 0
 
 
+def test_truncated_lz4_bag_is_read_up_to_the_damage(tmp_path):
+    """lz4 chunks (rosbags cannot write them): the sample's chunks recompressed by hand, then cut."""
+    import lz4.frame
+
+    bag = tmp_path / "bag"
+    shutil.copytree(replay.SAMPLE_BAG, bag)
+    (mcap,) = bag.glob("*.mcap")
+    data, out, chunk_ends = mcap.read_bytes(), bytearray(bag_io.MCAP_MAGIC), []
+    for opcode, content, _ in bag_io._records(data, 8, len(data), "sample"):
+        if opcode == bag_io._OP_DATA_END:
+            break
+        if opcode == bag_io._OP_CHUNK:
+            assert struct.unpack_from("<I", content, 28)[0] == 0  # the sample's chunks are uncompressed
+            packed = lz4.frame.compress(content[40:])
+            content = content[:28] + struct.pack("<I", 3) + b"lz4" + struct.pack("<Q", len(packed)) + packed
+        out += bytes([opcode]) + struct.pack("<Q", len(content)) + content
+        if opcode == bag_io._OP_CHUNK:
+            chunk_ends.append(len(out))
+    mcap.write_bytes(bytes(out[: chunk_ends[-1] - 100]))  # the last chunk cut off
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
+    assert "lz4-compressed" in s["error"] and 1 <= s["frames"] < 4
+
+
 def test_a_chunk_that_fails_its_crc_ends_sequential_reading_there(tmp_path):
     """rosbag2's mcap writer records a CRC-32 per chunk: a damaged chunk is refused, not decoded into frames."""
     bag = tmp_path / "bag"
