@@ -29,7 +29,8 @@ def visit(entity, context, nodes):
                 cmd.append(perform_substitutions(context, part))
             except Exception:  # ros_specific_arguments placeholders exist only while executing
                 cmd.append("<ros-specific>")
-        nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "cmd": cmd, "params": entity._Node__expanded_parameter_arguments})
+        nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "namespace": entity.expanded_node_namespace,
+                      "cmd": cmd, "params": entity._Node__expanded_parameter_arguments})
         return
     for sub in entity.visit(context) or []:
         visit(sub, context, nodes)

@@ -70,33 +70,37 @@ def launch_env(tmp_path_factory):
     return base, prefix
 
 
-def run_launch(launch_env, distro: str, *args: str) -> dict:
-    """{node name: {"cmd": [...], "params": effective parameters or None}} from the real launch code."""
+def run_launch(launch_env, distro: str, *args: str, launch_file: Path | None = None) -> dict:
+    """{node name: {"namespace", "cmd": [...], "params": effective parameters or None}} from the real launch
+    code, for the shipped launch file or ``launch_file`` (which finds the shipped one in $INNER_LAUNCH)."""
     base, prefix = launch_env
     src = ROS2_PYTHON / distro
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix),
+    shipped = prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
+    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix), INNER_LAUNCH=str(shipped),
                PYTHONPATH=os.pathsep.join([str(src / "launch"), str(src / "launch_ros"),
                                            str(src / "ament_index_python"), str(base / "stub"), str(ROOT)]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "launch_probe.py"),
-                           str(prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"), *args],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "launch_probe.py"), str(launch_file or shipped), *args],
                           capture_output=True, text=True, env=env, timeout=120, cwd=base)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     out = {}
     for node in json.loads(proc.stdout.strip().splitlines()[-1]):
-        out[node["name"]] = {"cmd": node["cmd"], "params": effective_parameters(node["params"], node["name"])}
+        out[node["name"]] = {"namespace": node["namespace"], "cmd": node["cmd"],
+                             "params": effective_parameters(node["params"], node["name"], node["namespace"])}
     return out
 
 
-def effective_parameters(arguments: list | None, node_name: str) -> dict | None:
+def effective_parameters(arguments: list | None, node_name: str, namespace: str = "/") -> dict | None:
     """rcl's parameter overrides for a node from its ``--params-file`` arguments (in order)."""
     if arguments is None:
         return None
+    fqn = namespace.rstrip("/") + "/" + node_name
     wildcard, own = {}, {}
     for path, is_file in arguments:
         assert is_file, "the launch file passes parameters as files only"
         for key, entry in (yaml.safe_load(Path(path).read_text()) or {}).items():
-            target = wildcard if key in ("/**", "/**/*") else own if key.lstrip("/") in (node_name, f"**/{node_name}") else None
+            mine = key == fqn or (namespace == "/" and key.lstrip("/") == node_name) or key == f"/**/{node_name}"
+            target = wildcard if key in ("/**", "/**/*") else own if mine else None
             if target is not None:
                 target.update(entry["ros__parameters"])
     return {**wildcard, **own}
@@ -160,3 +164,28 @@ def test_rviz_gets_the_effective_world_frame(launch_env, distro, tmp_path):
     cmd = run_launch(launch_env, distro, "rviz:=true", "world_frame:=camera_init")["rviz2"]["cmd"]
     assert cmd[cmd.index("-f") + 1] == "camera_init"
 
+
+NAMESPACED = """
+import os
+from launch import LaunchDescription
+from launch.actions import GroupAction, IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch_ros.actions import PushRosNamespace
+
+
+def generate_launch_description():
+    return LaunchDescription([GroupAction([PushRosNamespace("front"), IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(os.environ["INNER_LAUNCH"]), launch_arguments=[("world_frame", "odom")])])])
+"""
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_a_namespace_pushed_by_an_including_launch_file_reaches_the_node(launch_env, distro, tmp_path):
+    """Two cameras = the launch file included twice under PushRosNamespace: each node in its namespace
+    (its outputs are relative topics), the given arguments filed under its own full name."""
+    wrapper = tmp_path / "front.launch.py"
+    wrapper.write_text(NAMESPACED)
+    node = run_launch(launch_env, distro, launch_file=wrapper)[P.NODE_NAME]
+    assert node["namespace"] == "/front"
+    assert node["params"] == {**P.defaults(), "world_frame": "odom"}
+    assert not P.TOPIC_CLOUD.startswith("/") and not P.TOPIC_MARKERS.startswith("/")
