@@ -185,7 +185,9 @@ class OccupancyNode(Node):
     def diagnostics_timer_callback(self) -> None:
         stamp = self.get_clock().now().nanoseconds
         snapshot = self.stats.snapshot()
-        diag = stats_to_diagnostics(self.factory, snapshot, stamp, hardware_id=self.pipeline.backend.describe())
+        # the node's full name keeps the statuses of one node per camera apart (namespaces) in the aggregator
+        diag = stats_to_diagnostics(self.factory, snapshot, stamp, name=f"{self.get_fully_qualified_name()}: occupancy",
+                                    hardware_id=self.pipeline.backend.describe())
         status = diag.status[0]
         pose_source = "TF" if self.fallback_note is None else f"FALLBACK: {self.fallback_note}"
         # every received frame is processed, skipped or dropped; the rest is still in the frame loop

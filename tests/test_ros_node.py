@@ -275,6 +275,7 @@ def test_frames_flow_drop_and_publish(ros):
     diag = published(node, P.TOPIC_DIAGNOSTICS)[-1]
     values = {kv.key: kv.value for kv in diag.status[0].values}
     assert int(values["dropped"]) == node.stats.dropped and float(values["fps"]) > 0 and values["pose_source"] == "TF"
+    assert diag.status[0].name == f"/{P.NODE_NAME}: occupancy"  # the node's full name: one status per camera
     STORE.serialize_cdr(diag, diag.__msgtype__)
 
 

@@ -301,8 +301,9 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             self._timers: list[tuple[float, Any]] = []
             if not self._context.ok():
                 raise exc.NotInitializedException("cannot create node")
+            ns = "/" + (namespace or "").strip("/")
             with self._context_handle():
-                self._Node__node = types.SimpleNamespace(name=node_name)
+                self._Node__node = types.SimpleNamespace(name=node_name, namespace=ns)
             with self.handle:  # as rclpy does: a subclass shadowing `handle` fails here
                 self._logger = Logger()
             self._clock = Clock()
@@ -334,6 +335,12 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
 
         def get_name(self) -> str:
             return self._Node__node.name
+
+        def get_namespace(self) -> str:
+            return self._Node__node.namespace
+
+        def get_fully_qualified_name(self) -> str:  # as rcl_node_get_fully_qualified_name
+            return self.get_namespace().rstrip("/") + "/" + self.get_name()
 
         def declare_parameter(self, name: str, value: Any = None, descriptor: Any = None,
                               ignore_override: bool = False) -> Parameter:
