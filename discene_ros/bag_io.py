@@ -343,7 +343,8 @@ class McapPrefixReader:
 def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: tuple[str, ...] = (),
                exclude_word: str | None = None, include_word: str | None = None) -> str | None:
     """Topic to read: ``wanted`` if given (must exist), else a preferred name, else the first of ``types``
-    (whose name lacks ``exclude_word`` / contains ``include_word``)."""
+    (whose name lacks ``exclude_word`` / contains ``include_word``, either case: "compressedDepth" is a
+    depth topic)."""
     topics = {c.topic: c.msgtype for c in reader.connections}
     if wanted is not None:
         if wanted not in topics:
@@ -355,9 +356,20 @@ def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: 
         if topics.get(name) in types:
             return name
     for name, msgtype in sorted(topics.items()):
-        if msgtype in types and not (exclude_word and exclude_word in name) and (include_word or "") in name:
+        lower = name.lower()
+        if msgtype in types and not (exclude_word and exclude_word in lower) and (include_word or "") in lower:
             return name
     return None
+
+
+def pick_depth_topic(reader: Any, wanted: str | None) -> str | None:
+    """The depth topic: ``wanted`` (an Image, or a compressedDepth CompressedImage), else a raw depth Image
+    (name containing "depth"), else image_transport's compressedDepth topic of one."""
+    if wanted is not None:
+        return pick_topic(reader, wanted, IMAGE_TYPES)
+    return (pick_topic(reader, None, IMAGE_TYPES[:1], prefer=(DEPTH_TOPIC,), include_word="depth")
+            or pick_topic(reader, None, IMAGE_TYPES[1:], prefer=(DEPTH_TOPIC + "/compressedDepth",),
+                          include_word="compresseddepth"))
 
 
 class TfTree:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import struct
 import warnings
 from typing import Any
 
@@ -274,8 +275,15 @@ def any_image_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> np
     return image_to_rgb(msg)
 
 
+# compressed_depth_image_transport's ConfigHeader before the PNG: format (0 = INV_DEPTH), depthQuantA, depthQuantB
+COMPRESSED_DEPTH_HEADER = struct.Struct("<iff")
+
+
 def depth_to_metres(msg: Any) -> np.ndarray:
-    """Depth Image (16UC1/mono16 in mm, 32FC1 in m) -> (H, W) float32 metres; NaN/inf/<=0 -> 0 (invalid)."""
+    """Depth Image (16UC1/mono16 in mm, 32FC1 in m), or image_transport's compressedDepth CompressedImage
+    (``compressed_depth_to_metres``) -> (H, W) float32 metres; NaN/inf/<=0 -> 0 (invalid)."""
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
+        return compressed_depth_to_metres(msg)
     encoding = str(msg.encoding)
     order = ">" if bool(msg.is_bigendian) else "<"
     if encoding in ("16UC1", "mono16"):
@@ -290,6 +298,61 @@ def depth_to_metres(msg: Any) -> np.ndarray:
     if not np.any(depth > 0):
         raise DepthError(f"depth image {msg.width}x{msg.height} has no valid pixel (all zero, NaN or inf)")
     return depth
+
+
+def compressed_depth_to_metres(msg: Any) -> np.ndarray:
+    """compressedDepth CompressedImage -> (H, W) float32 metres, as compressed_depth_image_transport's codec
+    decodes it: format ``"16UC1; compressedDepth[ png]"`` is a 16-bit PNG of millimetres, ``"32FC1; ..."``
+    one of quantised inverse depth, ``depthQuantA / (v - depthQuantB)`` with 0 invalid; both after the
+    12-byte ConfigHeader. The ``rvl`` variant is refused with a clear message."""
+    fmt = str(msg.format)
+    encoding, _, transport = (part.strip() for part in fmt.partition(";"))
+    if "compresseddepth" not in transport.lower():
+        raise DepthError(f"compressed depth format {fmt!r} is not image_transport's compressedDepth "
+                         "(e.g. '16UC1; compressedDepth')")
+    if "rvl" in transport.lower():
+        raise DepthError(f"compressed depth format {fmt!r}: the rvl codec is not supported; publish or record "
+                         "compressedDepth with format png, or raw depth")
+    buf = _byte_buffer(msg.data)
+    png = buf[COMPRESSED_DEPTH_HEADER.size:]
+    if png.size < 8 or bytes(png[:8]) != b"\x89PNG\r\n\x1a\n":
+        raise DepthError(f"compressedDepth image ({buf.size} bytes) holds no PNG after its 12-byte header")
+    if PNG_END not in bytes(png[-END_SEARCH:]):
+        raise DepthError(f"compressedDepth image is truncated: no PNG IEND chunk ({buf.size} bytes)")
+    size = _png_header_size(memoryview(png))
+    if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise DepthError(f"compressedDepth PNG header claims {size or 'no valid size'}; the limit is "
+                         f"{MAX_IMAGE_PIXELS} pixels")
+    raw = _decode_png16(png)
+    if encoding in ("16UC1", "mono16"):
+        depth = raw.astype(np.float32) * np.float32(0.001)
+    elif encoding == "32FC1":
+        _, quant_a, quant_b = COMPRESSED_DEPTH_HEADER.unpack(buf[:COMPRESSED_DEPTH_HEADER.size].tobytes())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            depth = np.float32(quant_a) / (raw.astype(np.float32) - np.float32(quant_b))
+        depth[(raw == 0) | ~np.isfinite(depth) | (depth < 0)] = 0.0
+    else:
+        raise DepthError(f"compressedDepth encoding {encoding!r} is not supported; use 16UC1 or 32FC1")
+    if not np.any(depth > 0):
+        raise DepthError(f"compressedDepth image {raw.shape[1]}x{raw.shape[0]} has no valid pixel")
+    return depth
+
+
+def _decode_png16(png: np.ndarray) -> np.ndarray:
+    """A single-channel 16-bit PNG -> (H, W) uint16, via cv2 where installed, else PIL."""
+    cv2 = opencv()
+    try:
+        if cv2 is not None:
+            raw = cv2.imdecode(png, cv2.IMREAD_UNCHANGED)
+        else:
+            with Image.open(io.BytesIO(png.tobytes())) as img:
+                raw = np.asarray(img)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure skips the frame
+        raise DepthError(f"compressedDepth PNG does not decode: {type(exc).__name__}: {exc}") from exc
+    if raw is None or raw.ndim != 2 or raw.dtype not in (np.uint16, np.int32):
+        raise DepthError(f"compressedDepth PNG is not a single-channel 16-bit image "
+                         f"({None if raw is None else (raw.shape, str(raw.dtype))})")
+    return raw.astype(np.uint16, copy=False)
 
 
 # ----------------------------------------------------------------------------- camera info and TF

@@ -145,8 +145,9 @@ class OccupancyNode(Node):
             self.image_topic = self.cfg["image_topic"]
             self.create_subscription(Image, self.image_topic, self.image_callback, qos)
         self.create_subscription(CameraInfo, self.cfg["camera_info_topic"], self.camera_info_callback, qos)
-        if self.cfg["use_depth"]:
-            self.create_subscription(Image, self.cfg["depth_topic"], self.depth_callback, qos)
+        if self.cfg["use_depth"]:  # image_transport's compressedDepth topic, or a raw depth Image
+            depth_type = CompressedImage if self.cfg["depth_topic"].endswith("/compressedDepth") else Image
+            self.create_subscription(depth_type, self.cfg["depth_topic"], self.depth_callback, qos)
         new_class = self.factory.msg_class
         self.cloud_pub = self.create_publisher(new_class("sensor_msgs/msg/PointCloud2"), P.TOPIC_CLOUD, 1)
         self.grid_pose_pub = self.create_publisher(new_class("geometry_msgs/msg/PoseStamped"), P.TOPIC_GRID_POSE, 1)

@@ -443,10 +443,10 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             raise ValueError(f"--use-depth: model '{config.name}' has no depth branch (use a DiScene-dagger model)")
         info_topic = bag_io.pick_topic(reader, settings.info_topic, ("sensor_msgs/msg/CameraInfo",),
                                        prefer=(bag_io.CAMERA_INFO_TOPIC,))
-        depth_topic = bag_io.pick_topic(reader, settings.depth_topic, ("sensor_msgs/msg/Image",),
-                                        prefer=(bag_io.DEPTH_TOPIC,), include_word="depth") if use_depth else None
+        depth_topic = bag_io.pick_depth_topic(reader, settings.depth_topic) if use_depth else None
         if use_depth and depth_topic is None:
-            raise bag_io.BagError(f"bag {bag} has no depth image topic (name containing 'depth'); give --depth-topic")
+            raise bag_io.BagError(f"bag {bag} has no depth image topic (an Image named '*depth*' or a compressedDepth "
+                                  "CompressedImage); give --depth-topic")
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
@@ -562,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many colour images (default: all)")
     parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
     parser.add_argument("--camera-info-topic", default=None, help="CameraInfo topic (default: auto-detect)")
-    parser.add_argument("--depth-topic", default=None, help="aligned depth topic (default: auto-detect)")
+    parser.add_argument("--depth-topic", default=None,
+                        help="aligned depth topic, a raw Image or image_transport's compressedDepth (default: "
+                             "auto-detect, raw first)")
     depth = parser.add_mutually_exclusive_group()
     depth.add_argument("--use-depth", dest="use_depth", action="store_true", default=None,
                        help="pair depth with each image and feed it to the model (default: when the model has a "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -153,6 +154,62 @@ def test_depth_bad_inputs(factory):
     np.testing.assert_allclose(msg_decode.depth_to_metres(msg_encode.depth_to_image(factory, depth, "c", STAMP)), depth, atol=5e-4)
     np.testing.assert_allclose(msg_decode.depth_to_metres(msg_encode.depth_to_image(factory, depth, "c", STAMP, "32FC1")), depth,
                                rtol=1e-6)
+
+
+def _compressed_depth(factory, pixels: np.ndarray, fmt: str, quant_a: float = 0.0, quant_b: float = 0.0) -> object:
+    """A compressedDepth message built by hand: the 12-byte ConfigHeader, then a 16-bit PNG of ``pixels``."""
+    out = io.BytesIO()
+    PILImage.fromarray(pixels.astype(np.uint16)).save(out, format="PNG")
+    data = struct.pack("<iff", 0, quant_a, quant_b) + out.getvalue()
+    return factory.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+                       format=fmt, data=factory.uint8_array(data))
+
+
+@pytest.mark.parametrize("fmt", ["{}; compressedDepth", "{}; compressedDepth png"])  # Humble's, then Jazzy's
+def test_compressed_depth_is_decoded_as_compressed_depth_image_transport_does(factory, image_decoder, fmt):
+    mm = np.array([[0, 1000, 2500], [65535, 1, 3000]], dtype=np.uint16)
+    out = msg_decode.depth_to_metres(_compressed_depth(factory, mm, fmt.format("16UC1")))
+    np.testing.assert_allclose(out, mm.astype(np.float32) / 1000.0, rtol=1e-6)
+    # 32FC1: quantised inverse depth, codec.cpp's depthQuantA / (v - depthQuantB), 0 invalid; its defaults
+    # depth_quantization 100 and depth_max 10 m give depthQuantA = 100 * 101 and depthQuantB = 1 - 10100 / 10
+    inv = np.array([[0, 300, 1000], [65535, 1, 2]], dtype=np.uint16)
+    out = msg_decode.depth_to_metres(_compressed_depth(factory, inv, fmt.format("32FC1"), 10100.0, -1009.0))
+    expected = [[0.0, 10100 / 1309, 10100 / 2009], [10100 / 66544, 10100 / 1010, 10100 / 1011]]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # the encoder here (as compressed_depth_image_transport's, for bags and tests) round-trips within its
+    # quantisation: 1 mm for 16UC1, d^2 / 10100 for 32FC1; beyond depth_max (10 m) is invalid
+    depth = np.array([[0.3, 1.0, 4.0], [7.5, np.nan, 12.0]])
+    back16 = msg_decode.depth_to_metres(msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, "16UC1"))
+    back32 = msg_decode.depth_to_metres(msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, "32FC1"))
+    valid = np.isfinite(depth) & (depth < 10.0)
+    assert np.abs(back16 - np.nan_to_num(depth))[valid].max() <= 5e-4 and (back16[~valid] == 0).all()
+    assert (np.abs(back32 - np.nan_to_num(depth)) <= depth**2 / 10100 + 1e-6)[valid].all() and (back32[~valid] == 0).all()
+
+
+def test_compressed_depth_bad_inputs(factory):
+    mm = np.full((2, 3), 1500, np.uint16)
+    with pytest.raises(DepthError, match="rvl codec is not supported"):
+        msg_decode.depth_to_metres(_compressed_depth(factory, mm, "16UC1; compressedDepth rvl"))
+    with pytest.raises(DepthError, match="not image_transport's compressedDepth"):
+        msg_decode.depth_to_metres(_compressed_depth(factory, mm, "png"))
+    with pytest.raises(DepthError, match="encoding 'mono8' is not supported"):
+        msg_decode.depth_to_metres(_compressed_depth(factory, mm, "mono8; compressedDepth"))
+    good = _compressed_depth(factory, mm, "16UC1; compressedDepth")
+    cut = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format=good.format,
+                      data=factory.uint8_array(bytes(good.data)[:-20]))
+    with pytest.raises(DepthError, match="truncated"):
+        msg_decode.depth_to_metres(cut)
+    headless = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format=good.format,
+                           data=factory.uint8_array(bytes(good.data)[12:]))  # the PNG without its ConfigHeader
+    with pytest.raises(DepthError, match="no PNG after its 12-byte header"):
+        msg_decode.depth_to_metres(headless)
+    colour = msg_encode.rgb_to_compressed(factory, _rgb(2, 3), "cam", STAMP, "png")
+    eight_bit = factory.new("sensor_msgs/msg/CompressedImage", header=good.header, format=good.format,
+                            data=factory.uint8_array(bytes(12) + bytes(colour.data)))
+    with pytest.raises(DepthError, match="not a single-channel 16-bit"):
+        msg_decode.depth_to_metres(eight_bit)
+    with pytest.raises(DepthError, match="no valid pixel"):
+        msg_decode.depth_to_metres(_compressed_depth(factory, np.zeros((2, 3)), "16UC1; compressedDepth"))
 
 
 def test_camera_info_k_rescaling(factory):

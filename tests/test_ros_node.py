@@ -157,6 +157,29 @@ def test_compressed_and_depth_subscriptions(ros):
     assert "decoded on a thread of their own" not in ready
 
 
+def test_a_compressed_depth_topic_is_subscribed_and_decoded(ros):
+    """depth_topic ending in /compressedDepth: image_transport's compressedDepth CompressedImage, as
+    realsense2_camera publishes it next to the raw topic."""
+    fake, _ = ros
+    topic = "/camera/aligned_depth_to_color/image_raw/compressedDepth"
+    seen = []
+
+    class Probe(BlockBackend):
+        def infer(self, inputs):
+            seen.append(float(inputs.depth.max()))
+            return super().infer(inputs)
+
+    node = make_node(ros, Probe(depth_config()), use_depth=True, world_frame="map", depth_topic=topic)
+    assert {s.topic: s.msg_type.msgtype for s in node.subscriptions}[topic] == "sensor_msgs/msg/CompressedImage"
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    stamp = 2_000 * MS
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.depth_callback(msg_encode.depth_to_compressed_depth(F, np.full((96, 128), 2.5), "cam", stamp, "32FC1"))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
+    assert wait_until(lambda: node.stats.processed == 1) and not node.stats.skipped
+    assert seen == [pytest.approx(2.5, abs=2.5**2 / 10100)]  # within the codec's inverse-depth quantisation
+
+
 def test_compressed_images_get_a_decode_thread_in_a_pipelined_loop(ros):
     node = make_node(ros, use_compressed=True, pipelining="on")
     assert "frame_decode" in {t.name for t in node.frames.runner._threads}

@@ -159,7 +159,7 @@ def test_undistorter_remaps_images_and_caches_the_maps():
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
 def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False,
-                mount_after=None):
+                mount_after=None, compressed_depth=False):
     """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
     time), each with the colour image's header stamp, as RealSense + a SLAM node write them. The static
     camera mount comes first, or (``mount_after``) just before image ``mount_after``."""
@@ -176,8 +176,12 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
                 mount(t - 1)
             w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
-            w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
-                    t + depth_lag_ms * MS)
+            if compressed_depth:  # as `ros2 bag record` of image_transport's compressedDepth topic
+                w.write(bag_io.DEPTH_TOPIC + "/compressedDepth",
+                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), "cam", t), t + depth_lag_ms * MS)
+            else:
+                w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
+                        t + depth_lag_ms * MS)
             if world:
                 w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
                     msg_encode.matrix_to_transform_stamped(F, _rot_z(3 * i, (0.1 * i, 0, 1.0)), world, "cam", t)]),
@@ -185,17 +189,18 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
     return path
 
 
-def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path):
+@pytest.mark.parametrize("compressed_depth", [False, True])
+def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path, compressed_depth):
     cfg = BlockBackend().config
     cfg.use_depth = True
     poses = []
 
     class Probe(BlockBackend):
         def infer(self, inputs):
-            assert float(inputs.depth.max()) > 1.0
+            assert float(inputs.depth.max()) == pytest.approx(2.0)
             return super().infer(inputs)
 
-    bag = _driver_bag(tmp_path / "drive")
+    bag = _driver_bag(tmp_path / "drive", compressed_depth=compressed_depth)
     result = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(Probe(cfg)),
                            settings=ReplaySettings(world_frame="odom", n_renders=4, progress=False))
     s = result.summary
