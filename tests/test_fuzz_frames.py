@@ -227,10 +227,19 @@ def camera_info(rng: np.random.Generator) -> Case:
 def depth(rng: np.random.Generator) -> Case:
     h, w = _size(rng)
     metres = rng.uniform(0.3, 5.0, (h, w))
-    kind = int(rng.integers(7))
+    kind = int(rng.integers(9))
     if kind == 0:
         msg = msg_encode.depth_to_image(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
         return _frame(rng, hw=(h, w), depth=msg), OK, True
+    if kind in (7, 8):  # image_transport's compressedDepth, whole or cut / with its bytes garbled
+        msg = msg_encode.depth_to_compressed_depth(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
+        if kind == 7:
+            return _frame(rng, hw=(h, w), depth=msg), OK, True
+        data = bytearray(msg.data.tobytes()[: int(rng.integers(0, msg.data.size))] if rng.random() < 0.5 else
+                         msg.data.tobytes())
+        data[12:] = rng.bytes(len(data) - 12) if len(data) > 12 else b""  # no PNG after the header
+        msg.data = np.frombuffer(bytes(data), np.uint8)
+        return _frame(rng, hw=(h, w), depth=msg), "bad_depth", True
     if kind == 1:
         return _frame(rng, hw=(h, w), depth=None), "bad_depth", True
     if kind == 2:  # stale: 0.5 s away from the colour image
