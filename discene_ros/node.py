@@ -138,8 +138,11 @@ class OccupancyNode(Node):
         self.tf_buffer = Buffer()
         self.tf_listener = TransformListener(self.tf_buffer, self)
         qos = sensor_qos()
-        if self.cfg["use_compressed"]:
-            self.image_topic = self.cfg["image_topic"].rstrip("/") + "/compressed"
+        # image_transport's naming: a topic ending in /compressed carries CompressedImage, use_compressed or not
+        image_topic = self.cfg["image_topic"].rstrip("/")
+        compressed = self.cfg["use_compressed"] or image_topic.endswith("/compressed")
+        if compressed:
+            self.image_topic = image_topic if image_topic.endswith("/compressed") else image_topic + "/compressed"
             self.create_subscription(CompressedImage, self.image_topic, self.image_callback, qos)
         else:
             self.image_topic = self.cfg["image_topic"]
@@ -158,7 +161,7 @@ class OccupancyNode(Node):
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
-        decode_thread = uses_decode_thread(self.cfg["use_compressed"], pipelined)
+        decode_thread = uses_decode_thread(compressed, pipelined)
         if decode_thread:
             loop_mode += ", compressed images decoded on a thread of their own"
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,

@@ -56,7 +56,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("tf32_convolutions", False, "torch backend on CUDA in FP32: TF32 for the convolutions only, matmuls "
               "IEEE, as PyTorch's default FP32 (paper-size student 89 -> 146 FPS on an H200 with compile; 99.99 % of "
               "the voxel labels of IEEE FP32 on trained weights); implied by tf32. No effect with fp16 or on the CPU"),
-    ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image)"),
+    ParamSpec("image_topic", "/camera/color/image_raw", "RGB image topic (sensor_msgs/Image; one ending in /compressed "
+              "is read as sensor_msgs/CompressedImage)"),
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
               "instead of the raw image; compressed images are decoded on a thread of their own where the frame loop "
               "is pipelined"),

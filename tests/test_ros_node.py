@@ -157,6 +157,15 @@ def test_compressed_and_depth_subscriptions(ros):
     assert "decoded on a thread of their own" not in ready
 
 
+@pytest.mark.parametrize("use_compressed", [False, True])
+def test_an_image_topic_ending_in_compressed_is_subscribed_as_compressed_images(ros, use_compressed):
+    """Users name the transport's topic itself: no '/compressed/compressed', no Image type on it."""
+    node = make_node(ros, image_topic="/camera/color/image_raw/compressed", use_compressed=use_compressed)
+    subs = {s.topic: s.msg_type.msgtype for s in node.subscriptions}
+    assert subs["/camera/color/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
+    assert not any(topic.endswith("/compressed/compressed") for topic in subs)
+
+
 def test_a_compressed_depth_topic_is_subscribed_and_decoded(ros):
     """depth_topic ending in /compressedDepth: image_transport's compressedDepth CompressedImage, as
     realsense2_camera publishes it next to the raw topic."""
