@@ -84,12 +84,18 @@ class BagWriter:
         self._connections: dict[str, Any] = {}
         self.count = 0
 
-    def __enter__(self) -> BagWriter:
+    def open(self) -> None:
         self.writer.open()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self) -> BagWriter:
+        self.open()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.writer.close()
+        self.close()
 
     def write(self, topic: str, msg: Any, stamp_ns: int) -> None:
         msgtype = msg.__msgtype__

@@ -86,6 +86,7 @@ class ReplaySettings:
     pipelining: str = "auto"            # the node's parameter: auto, on or off (processing.frame_loop_mode)
     max_frames: int | None = None       # stop after this many colour images
     storage: str = "mcap"               # output bag storage
+    output_bag: bool = True             # write the predicted clouds and grid poses into occupancy_bag/
     n_renders: int = 3                  # frames rendered into the report
     progress: bool = True               # progress bar
     report: bool = False                # write report.md and renders
@@ -292,7 +293,8 @@ class Replayer:
 
     def __init__(self, processor: FrameProcessor, writer: Any, factory: TypestoreFactory, world_frame: str,
                  ground_truth: dict[int, GroundTruthGrid], evaluator: Evaluator | None, n_renders: int = 3) -> None:
-        self.processor, self.writer, self.factory = processor, writer, factory
+        self.processor, self.writer, self.factory = processor, writer, factory  # writer None: no output bag
+        self.write_error: str | None = None  # writing the output bag failed (disk full): the run goes on without it
         self.world_frame = world_frame
         self.ground_truth = ground_truth
         self.evaluator = evaluator
@@ -324,13 +326,27 @@ class Replayer:
                                  "voxel_origin": result.occupancy.voxel_origin})
 
     def flush(self) -> None:
-        """Write the messages of the frames delivered so far (on the writer's thread)."""
+        """Write the messages of the frames delivered so far (on the writer's thread). A write that fails
+        (disk full, quota) ends the output bag, not the run: the frames' metrics still count."""
         while True:
             try:
                 topic, msg, stamp_ns = self.outbox.get_nowait()
             except queue.Empty:
                 return
-            self.writer.write(topic, msg, stamp_ns)
+            if self.writer is None or self.write_error is not None:
+                continue
+            try:
+                self.writer.write(topic, msg, stamp_ns)
+            except OSError as exc:
+                self.write_error = (f"writing the output bag failed after {self.writer.count} messages "
+                                    f"({type(exc).__name__}: {exc}); it holds the frames before that")
+
+    def close_output_bag(self) -> None:
+        """Close the output bag; a failure (disk full while writing its index) is the run's write error."""
+        try:
+            self.writer.close()
+        except OSError as exc:
+            self.write_error = self.write_error or f"closing the output bag failed ({type(exc).__name__}: {exc})"
 
     def note_skip(self, frame: FrameInput, reason: str, text: str) -> None:
         if reason == "internal_error":
@@ -460,21 +476,26 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         total = sum(c.msgcount for c in reader.connections if c.topic == topic)
         freeze_startup_objects()  # as the node: no full garbage collection of the start-up objects mid-run
         start = time.perf_counter()
-        with bag_io.BagWriter(stage / "occupancy_bag", settings.storage, factory.typestore) as writer, \
-                tqdm(total=min(total, settings.max_frames or total), unit="frame", desc="discene-replay",
-                     disable=not settings.progress) as bar:
-            rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
+        writer = (bag_io.BagWriter(stage / "occupancy_bag", settings.storage, factory.typestore)
+                  if settings.output_bag else None)
+        rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
+        with contextlib.ExitStack() as stack:
+            if writer is not None:
+                writer.open()
+                stack.callback(rep.close_output_bag)
+            bar = stack.enter_context(tqdm(total=min(total, settings.max_frames or total), unit="frame",
+                                           desc="discene-replay", disable=not settings.progress))
             compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
             rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined,
                     decode_thread=uses_decode_thread(compressed, pipelined))
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
-        errors += [e for e in (frames.error, damage) if e]
+        errors += [e for e in (frames.error, damage, rep.write_error) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
-        summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors, out / "occupancy_bag",
-                           topic, gt)
+        summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
+                           out / "occupancy_bag" if writer is not None else None, topic, gt)
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined)
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         result = ReplayResult(summary, rep.renders)
@@ -489,7 +510,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
 
 
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
-             errors: list[str], out_bag: Path, topic: str, gt: dict) -> dict[str, Any]:
+             errors: list[str], out_bag: Path | None, topic: str, gt: dict) -> dict[str, Any]:
     snap = rep.stats.snapshot()
     metrics: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None}
     if evaluator is not None and evaluator.frames:
@@ -506,7 +527,7 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         "evaluated_frames": 0 if evaluator is None else evaluator.frames,
         "unknown_voxels_known": bool(gt) and all(g.has_unknown for g in gt.values()),
         "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "dropped": snap["dropped"],
-        "fallback_pose_frames": rep.fallback_pose_frames, "output_bag": str(out_bag),
+        "fallback_pose_frames": rep.fallback_pose_frames, "output_bag": None if out_bag is None else str(out_bag),
         "error": "; ".join(errors) if errors else None,
     }
 
@@ -554,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="output directory for report.md, renders/ and occupancy_bag/ (default: ./discene_replay); "
                              "a finished run replaces the previous run's outputs there")
     parser.add_argument("--storage", choices=bag_io.STORAGES, default="mcap", help="output bag storage")
+    parser.add_argument("--no-output-bag", dest="output_bag", action="store_false",
+                        help="metrics and report only: no occupancy_bag/ (it takes about 0.25 MB per frame)")
     parser.add_argument("--realtime", action="store_true", help="play at the recorded rate, dropping stale frames")
     parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="overlap consecutive frames' stages (on), one frame at a time (off), or on only where "
@@ -596,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,
             sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait, realtime=args.realtime,
-            pipelining=args.pipelining, max_frames=args.max_frames, storage=args.storage, n_renders=args.renders,
+            pipelining=args.pipelining, max_frames=args.max_frames, storage=args.storage,
+            output_bag=args.output_bag, n_renders=args.renders,
             progress=not args.no_progress, report=True)
         result = replay(args.bag, out, settings)
     except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so
@@ -605,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(args.json, summary)
         print(f"discene-replay: error: {exc}\nreport: {report}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:  # OSError: a missing file, a full disk
         print(f"discene-replay: error: {exc}", file=sys.stderr)
         return 2
     report = out / "report.md"
@@ -621,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")
     else:
         print("no ground truth in the bag: IoU/mIoU not computed")
-    print(f"report: {report}\noutput bag: {s['output_bag']}")
+    print(f"report: {report}\noutput bag: {s['output_bag'] or 'none (--no-output-bag)'}")
     if s.get("fallback_pose_note"):
         print(f"discene-replay: WARNING: {s['fallback_pose_note']}", file=sys.stderr)
     if s["frames"] == 0:
@@ -629,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"discene-replay: error: no frame was processed ({reasons})", file=sys.stderr)
         return 3
     if s["error"]:
-        print(f"discene-replay: the bag ended early: {s['error']}", file=sys.stderr)
+        print(f"discene-replay: the run is incomplete: {s['error']}", file=sys.stderr)
         return 1
     return 0
 

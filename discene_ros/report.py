@@ -41,11 +41,11 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
         *([f"- frame loop: {summary['frame_loop']}"] if summary.get("frame_loop") else []),
-        f"- output bag: `{summary.get('output_bag')}`", "",
+        f"- output bag: `{summary.get('output_bag') or 'none'}`", "",
     ]
     if summary.get("error"):
-        lines += [f"**The replay ended early:** {summary['error']}", "",
-                  "The figures below cover the frames processed before that point.", ""]
+        lines += [f"**The run is incomplete:** {summary['error']}", "",
+                  "The figures below cover the frames processed; the output bag, the frames written to it.", ""]
     lines += [
         "| frames processed | images read | skipped | dropped | FPS | latency p50 / p90 / p99 / mean (ms) |",
         "|---|---|---|---|---|---|",

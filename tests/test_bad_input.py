@@ -124,6 +124,40 @@ def test_replay_interrupted_midway_keeps_previous_outputs_consistent(tmp_path, m
     assert [p.name for p in out.iterdir()] and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_full_disk_ends_the_output_bag_not_the_replay(tmp_path, monkeypatch, capsys):
+    """About 0.25 MB of clouds per frame: a long drive can fill the disk. The frames' metrics still count,
+    the report says where the bag stopped, and the bag holds the frames before it."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    original = bag_io.BagWriter.write
+
+    def fills_up(self, topic, msg, stamp_ns):
+        if self.count >= 3:
+            raise OSError(28, "No space left on device")
+        return original(self, topic, msg, stamp_ns)
+
+    monkeypatch.setattr(bag_io.BagWriter, "write", fills_up)
+    assert replay.main(["--out", str(out), "--no-progress", "--renders", "0", "--json", str(tmp_path / "s.json")]) == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 4 and s["iou"] is not None
+    assert "writing the output bag failed after 3 messages" in s["error"] and "No space left" in s["error"]
+    assert "writing the output bag failed" in (out / "report.md").read_text()
+    assert "the run is incomplete: writing the output bag failed" in capsys.readouterr().err
+    reader = bag_io.open_reader(out / "occupancy_bag")
+    try:
+        assert sum(1 for _ in reader.messages()) == 3  # the clouds and grid poses written before the failure
+    finally:
+        reader.close()
+
+
+def test_no_output_bag_gives_metrics_and_report_only(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    assert replay.main(["--out", str(out), "--no-progress", "--renders", "0", "--no-output-bag"]) == 0
+    assert "output bag: none (--no-output-bag)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
 # ----------------------------------------------------------------------------- 3: finite outputs only
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_non_finite_outputs_are_never_published():

@@ -188,7 +188,7 @@ def test_mcap_truncated_before_any_message_gives_clear_error_and_report(bags, tm
     assert rc == 2 and "mcap recover" in capsys.readouterr().err
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["frames"] == 0 and "truncated or corrupt" in summary["error"]
-    assert "ended early" in (tmp_path / "o2" / "report.md").read_text()
+    assert "The run is incomplete" in (tmp_path / "o2" / "report.md").read_text()
 
 
 def test_corrupt_sqlite_bag_reports_what_was_processed(bags, tmp_path):
