@@ -36,10 +36,11 @@ from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import FrameInput, FrameProcessor, check_outputs, checked_cloud, nonfinite_centres
 from discene_ros.replay import ReplaySettings
 from models import build_model, native_postprocess
-from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
+from models.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model, save_model
 from models.config import lite
 from models.postprocess import OccupancyFrame
 from training import evaluate, train
+from training import trainer as trainer_module
 from training.occscannet import BadSampleError, OccScanNetDataset, read_pickle, safe_load_pickle
 from training.scene_format import sample_paths
 
@@ -587,6 +588,34 @@ def test_train_refuses_to_replace_a_run_and_resumes_from_the_checkpoints_own_con
                           "--score-threshold", "0.0"]) == 0
     assert json.loads((tmp_path / "a.json").read_text())["iou"] > 0
     assert evaluate.main(["--checkpoint", final, "--data", str(data_root), "--score-threshold", "1.5"]) == 2
+
+
+def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(data_root, tmp_path, capsys, monkeypatch):  # noqa: F811
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=4)  # checkpoints at steps 2 and 4
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    saves = {"n": 0}
+    original = trainer_module.save_checkpoint
+
+    def fills_up(path, payload):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the disk fills up half-way through writing the second checkpoint
+
+            def partial(f):
+                f.write(b"\0" * 4096)
+                raise OSError(28, "No space left on device")
+
+            return atomic_write(path, partial)
+        return original(path, payload)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", fills_up)
+    assert train.main(["--config", str(tmp_path / "cfg.yaml")]) == 4
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "--resume" in err and "Traceback" not in err
+    last = tmp_path / "run" / "last.pt"
+    assert torch.load(last, weights_only=True)["step"] == 2  # the checkpoint before the failure, whole
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(trainer_module, "save_checkpoint", original)
+    assert train.main(["--resume", str(last)]) == 0 and torch.load(last, weights_only=True)["step"] == 4
 
 
 # ----------------------------------------------------------------------------- 19: help texts

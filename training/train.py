@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"discene-train: error: {exc}", file=sys.stderr)
         code = 2
+    except OSError as exc:  # a full disk or quota while writing a checkpoint or log
+        print(f"discene-train: stopped: {exc}. Checkpoints written before it are intact (each is replaced "
+              "atomically): free space, then continue with --resume <out_dir>/last.pt", file=sys.stderr)
+        code = 4
     finally:
         teardown_distributed()
     return code
