@@ -46,6 +46,7 @@ _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
 MAX_IMAGE_PIXELS = 64_000_000    # a compressed header claiming more is refused before decoding (8K is 33 Mpx)
 JPEG_END = b"\xff\xd9"           # JPEG end-of-image marker; encoders may pad a few bytes after it
 END_SEARCH = 64                  # bytes at the end of a JPEG or PNG searched for its end marker
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first eight bytes
 PNG_END = b"IEND\xaeB`\x82"      # PNG's IEND chunk type and its CRC, the file's last eight bytes
 FOCAL_RANGE = (0.1, 50.0)        # focal length / image size along its axis: 157 deg .. 1.1 deg field of view
 PRINCIPAL_MARGIN = 0.25          # principal point may lie this fraction of the size outside the image
@@ -169,7 +170,7 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     if buf.size < 8:
         raise DecodeError(f"compressed image has only {buf.size} bytes")
     is_jpeg = buf[0] == 0xFF and buf[1] == 0xD8
-    is_png = bytes(buf[:8]) == b"\x89PNG\r\n\x1a\n"
+    is_png = bytes(buf[:8]) == PNG_SIGNATURE
     if not (is_jpeg or is_png):
         raise UnsupportedEncodingError(f"compressed image format {msg.format!r}: data is neither JPEG nor PNG")
     tail = bytes(buf[-END_SEARCH:])
@@ -315,7 +316,7 @@ def compressed_depth_to_metres(msg: Any) -> np.ndarray:
                          "compressedDepth with format png, or raw depth")
     buf = _byte_buffer(msg.data)
     png = buf[COMPRESSED_DEPTH_HEADER.size:]
-    if png.size < 8 or bytes(png[:8]) != b"\x89PNG\r\n\x1a\n":
+    if bytes(png[:8]) != PNG_SIGNATURE:
         raise DepthError(f"compressedDepth image ({buf.size} bytes) holds no PNG after its 12-byte header")
     if PNG_END not in bytes(png[-END_SEARCH:]):
         raise DepthError(f"compressedDepth image is truncated: no PNG IEND chunk ({buf.size} bytes)")

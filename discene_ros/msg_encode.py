@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,6 +28,7 @@ from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_colors
 from models.geometry import finite_origin
 
 from .errors import DepthError, UnsupportedEncodingError
+from .msg_decode import COMPRESSED_DEPTH_HEADER
 from .msg_factory import MessageFactory
 
 # PointCloud2 layout of occupied voxels (also used for the ground truth in bags, score 1.0)
@@ -394,13 +394,18 @@ def rgb_to_compressed(factory: MessageFactory, rgb: np.ndarray, frame_id: str, s
                        format=fmt, data=factory.uint8_array(out.getvalue()))
 
 
+def _millimetres(depth: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Depth in metres -> whole millimetres in 0..65535 (16UC1's unit), 0 where not ``valid``."""
+    return np.where(valid, np.clip(np.round(depth * 1000.0), 0, 65535), 0)
+
+
 def depth_to_image(factory: MessageFactory, depth_m: np.ndarray, frame_id: str, stamp_ns: int,
                    encoding: str = "16UC1") -> Any:
     """(H, W) metres -> depth Image, 16UC1 (mm, 0 invalid) or 32FC1 (m, NaN invalid)."""
     depth = np.asarray(depth_m, dtype=np.float64)
     valid = np.isfinite(depth) & (depth > 0)
     if encoding == "16UC1":
-        pixels = np.where(valid, np.clip(np.round(depth * 1000.0), 0, 65535), 0).astype("<u2")
+        pixels = _millimetres(depth, valid).astype("<u2")
     elif encoding == "32FC1":
         pixels = np.where(valid, depth, np.nan).astype("<f4")
     else:
@@ -422,7 +427,7 @@ def depth_to_compressed_depth(factory: MessageFactory, depth_m: np.ndarray, fram
     valid = np.isfinite(depth) & (depth > 0)
     quant_a = quant_b = 0.0
     if encoding == "16UC1":
-        mm = np.where(valid, np.clip(np.round(depth * 1000.0), 0, 65535), 0)
+        mm = _millimetres(depth, valid)
         pixels = np.where(mm > int(np.float32(depth_max) * np.float32(1000.0)), 0, mm).astype(np.uint16)
     elif encoding == "32FC1":
         quant_a = float(np.float32(depth_quantization) * np.float32(depth_quantization + 1.0))
@@ -435,7 +440,7 @@ def depth_to_compressed_depth(factory: MessageFactory, depth_m: np.ndarray, fram
         raise DepthError(f"compressedDepth carries 16UC1 or 32FC1 depth, not {encoding!r}")
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")  # PIL writes uint16 as a 16-bit greyscale PNG
-    header = np.frombuffer(struct.pack("<iff", 0, quant_a, quant_b), np.uint8)
+    header = np.frombuffer(COMPRESSED_DEPTH_HEADER.pack(0, quant_a, quant_b), np.uint8)
     return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
                        format=f"{encoding}; compressedDepth",
                        data=factory.uint8_array(np.concatenate([header, np.frombuffer(out.getvalue(), np.uint8)])))
