@@ -175,6 +175,17 @@ class OccupancyNode(Node):
             f"the garbage collector, image {self.image_topic}, world frame "
             f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
             "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
+        self.warn_unknown_parameters()
+
+    def warn_unknown_parameters(self) -> None:
+        """Parameter overrides (parameter files, ``-p``) of names this node never declared: rclpy drops them
+        silently, so a misspelt name would leave its default in force. rclpy keeps the overrides in
+        ``Node._parameter_overrides`` (Humble and Jazzy; there is no public accessor); rclpy's own
+        parameters (``use_sim_time``) are declared and so not reported."""
+        given = [name for name in getattr(self, "_parameter_overrides", {}) if not self.has_parameter(name)]
+        note = P.unknown_parameters_note(given, [spec.name for spec in P.PARAMETERS])
+        if note is not None:
+            self.get_logger().warning(note)
 
     # -- callbacks: store only, never process here
     def image_callback(self, msg: Any) -> None:

@@ -7,6 +7,7 @@ is one ``ParamSpec`` line here plus its line in the YAML.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,19 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"parameter '{name}'={value!r} is not one of {', '.join(spec.choices)}")
         out[name] = value
     return out
+
+
+def unknown_parameters_note(given: list[str] | set[str], known: list[str] | set[str]) -> str | None:
+    """A warning naming the given parameters this node does not have, with the nearest known name of each;
+    None when there are none. rclpy ignores such overrides without a word, so a typo in a parameter file
+    (``scor_threshold``) would otherwise leave the default in force unnoticed."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return None
+    named = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        named.append(f"'{name}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+    return (f"ignoring {len(unknown)} parameter(s) given for this node that it does not have: {', '.join(named)}; "
+            "`occupancy_node --help` lists its parameters")
+

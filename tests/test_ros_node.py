@@ -113,7 +113,8 @@ def test_the_fake_node_catches_a_shadowed_handle(ros):
 def test_parameters_qos_topics(ros):
     node = make_node(ros, world_frame="map")
     assert node.get_name() == P.NODE_NAME
-    assert list(node._parameters) == [p.name for p in P.PARAMETERS]
+    assert list(node._parameters) == ["use_sim_time"] + [p.name for p in P.PARAMETERS]  # rclpy's, then ours
+    assert not [text for level, text in node.get_logger().records if "does not have" in text]
     for spec in P.PARAMETERS:
         descriptor = node.describe_parameter(spec.name)
         assert descriptor.description == spec.description and descriptor.read_only
@@ -133,6 +134,24 @@ def test_parameters_qos_topics(ros):
         P.TOPIC_CLOUD: "sensor_msgs/msg/PointCloud2", P.TOPIC_GRID_POSE: "geometry_msgs/msg/PoseStamped",
         P.TOPIC_MARKERS: "visualization_msgs/msg/MarkerArray", P.TOPIC_DIAGNOSTICS: "diagnostic_msgs/msg/DiagnosticArray"}
     assert node.timers[0][0] == P.defaults()["diagnostics_period_s"]
+
+
+def test_parameters_the_node_does_not_have_are_named_in_one_warning(ros):
+    """rclpy drops overrides of undeclared names silently; a misspelt one in a parameter file is named,
+    with the parameter it was probably meant to be. rclpy's own use_sim_time is not reported."""
+    node = make_node(ros, scor_threshold=0.3, use_sim_time=True, lens_model="wide")
+    (note,) = [text for level, text in node.get_logger().records if level == "warn" and "does not have" in text]
+    assert "'lens_model'" in note and "'scor_threshold' (did you mean 'score_threshold'?)" in note
+    assert "use_sim_time" not in note and "2 parameter(s)" in note
+    assert node.get_parameter("use_sim_time").value is True
+    assert node.cfg["score_threshold"] == P.defaults()["score_threshold"]  # the typo changed nothing
+
+
+def test_unknown_parameters_note():
+    known = [spec.name for spec in P.PARAMETERS]
+    assert P.unknown_parameters_note(["world_frame"], known) is None
+    note = P.unknown_parameters_note(["worldframe", "zzz"], known)
+    assert "'worldframe' (did you mean 'world_frame'?)" in note and "'zzz'," not in note and note.count("did you") == 1
 
 
 @pytest.mark.parametrize("pipelining, serial, said", [

@@ -306,7 +306,10 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
                 self._Node__node = types.SimpleNamespace(name=node_name, namespace=ns)
             with self.handle:  # as rclpy does: a subclass shadowing `handle` fails here
                 self._logger = Logger()
+            # what rclpy reads from --params-file / -p for this node (declared or not), by name
+            self._parameter_overrides = {name: Parameter(name, value) for name, value in ros.overrides.items()}
             self._clock = Clock()
+            self.declare_parameter("use_sim_time", False)  # as rclpy's TimeSource(node=self) does
             self.fake_destroyed = False
             ros.nodes.append(self)
 
@@ -347,7 +350,8 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             """Overrides from ``ros.overrides``; type and range checks raise rclpy's exceptions."""
             if name in self._parameters:
                 raise exc.ParameterAlreadyDeclaredException(name)
-            given = value if ignore_override else ros.overrides.get(name, value)
+            given = value if ignore_override or name not in self._parameter_overrides else (
+                self._parameter_overrides[name].value)
             if type(given) is not type(value):
                 raise exc.InvalidParameterTypeException(Parameter(name, given), type(value).__name__.upper())
             for rng in list(getattr(descriptor, "floating_point_range", [])) + list(
@@ -358,6 +362,9 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             self._parameters[name] = Parameter(name, given)
             self._descriptors[name] = descriptor
             return self._parameters[name]
+
+        def has_parameter(self, name: str) -> bool:
+            return name in self._parameters
 
         def get_parameter(self, name: str) -> Parameter:
             if name not in self._parameters:
