@@ -7,7 +7,9 @@
 Parameters come from ``params_file`` (default: the shipped config/occupancy.yaml). The launch
 arguments below override single parameters, and only when given: an argument left out keeps the
 value of ``params_file``. Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
-``world_frame`` as its fixed frame.
+``world_frame`` as its fixed frame, its camera display follows the effective ``image_topic``, and it
+runs in the node's namespace (included under ``PushRosNamespace``, one per camera). ``use_sim_time``
+goes to both.
 """
 from pathlib import Path
 
@@ -28,6 +30,16 @@ LAUNCH_PARAMETERS = ("model_path", "backend", "device", "fp16", "cuda_graph", "c
                      "tf32_convolutions", "image_topic", "use_compressed", "camera_info_topic", "depth_topic",
                      "use_depth", "world_frame", "use_fallback_pose", "score_threshold", "pipelining")
 NOT_GIVEN = ""  # default of those arguments: keep the params_file value
+# The camera topic of the Image display in rviz/discene.rviz; RViz's subscription to it is remapped to the
+# node's effective image topic. The occupancy displays name relative topics, so a namespaced launch finds them.
+RVIZ_CAMERA_TOPIC = "/camera/color/image_raw"
+
+
+def boolean(name: str, text: str) -> bool:
+    """A boolean launch argument: true or false only (1 / 0 are refused rather than guessed)."""
+    if text.strip().lower() not in ("true", "false"):
+        raise ValueError(f"launch argument {name}:={text}: booleans are true or false")
+    return text.strip().lower() == "true"
 
 
 def typed_value(name: str, text: str):
@@ -35,9 +47,7 @@ def typed_value(name: str, text: str):
     strings (launch_ros would otherwise read e.g. a topic "123" as YAML)."""
     kind = PARAMS_BY_NAME[name].kind
     if kind == "bool":
-        if text.strip().lower() not in ("true", "false"):
-            raise ValueError(f"launch argument {name}:={text}: booleans are true or false")
-        return text.strip().lower() == "true"
+        return boolean(name, text)
     if kind == "float":
         return float(text)
     if kind == "int":
@@ -60,8 +70,18 @@ def start_nodes(context, *args, **kwargs):
     given = {name: value for name in LAUNCH_PARAMETERS
              if (value := LaunchConfiguration(name).perform(context)) != NOT_GIVEN}
     overrides = {name: typed_value(name, value) for name, value in given.items()}
-    world_frame = given.get("world_frame",
-                            file_parameters(params_file).get("world_frame", PARAMS_BY_NAME["world_frame"].default))
+    in_file = file_parameters(params_file)
+
+    def effective(name: str):  # the value the node will run with
+        return given.get(name, in_file.get(name, PARAMS_BY_NAME[name].default))
+
+    # use_sim_time is rclpy's own parameter: given, it goes to the node; given or in the file, to RViz too
+    if (sim_time := LaunchConfiguration("use_sim_time").perform(context)) != NOT_GIVEN:
+        overrides["use_sim_time"] = boolean("use_sim_time", sim_time)
+    rviz_parameters = ([{"use_sim_time": overrides.get("use_sim_time", in_file.get("use_sim_time"))}]
+                       if "use_sim_time" in overrides or "use_sim_time" in in_file else [])
+    # RViz's camera display shows the image the node reads (the raw one where the node reads /compressed)
+    camera_topic = effective("image_topic").rstrip("/").removesuffix("/compressed")
     share = FindPackageShare(PACKAGE)
     return [
         # namespace "": the name is then fully qualified, so launch_ros files the overrides under the
@@ -69,7 +89,8 @@ def start_nodes(context, *args, **kwargs):
         Node(package=PACKAGE, executable="occupancy_node", name=NODE_NAME, namespace="", output="screen",
              parameters=[params_file, overrides] if overrides else [params_file]),
         Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
-             arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"]), "-f", world_frame],
+             arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"]), "-f", effective("world_frame")],
+             parameters=rviz_parameters, remappings=[(RVIZ_CAMERA_TOPIC, camera_topic)],
              condition=IfCondition(LaunchConfiguration("rviz"))),
     ]
 
@@ -85,5 +106,9 @@ def generate_launch_description() -> LaunchDescription:
             description=f"{spec.description} ({spec.kind}; left out: the params_file value, shipped default "
                         f"{spec.default!r})"))
     actions.append(DeclareLaunchArgument("rviz", default_value="false", description="Start RViz 2 (true/false)"))
+    actions.append(DeclareLaunchArgument(
+        "use_sim_time", default_value=NOT_GIVEN,
+        description="Run the node and RViz on /clock (true/false; for `ros2 bag play --clock`); left out: the "
+                    "params_file value, else false"))
     actions.append(OpaqueFunction(function=start_nodes))
     return LaunchDescription(actions)

@@ -30,7 +30,8 @@ def visit(entity, context, nodes):
             except Exception:  # ros_specific_arguments placeholders exist only while executing
                 cmd.append("<ros-specific>")
         nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "namespace": entity.expanded_node_namespace,
-                      "cmd": cmd, "params": entity._Node__expanded_parameter_arguments})
+                      "cmd": cmd, "params": entity._Node__expanded_parameter_arguments,
+                      "remaps": entity.expanded_remapping_rules or []})
         return
     for sub in entity.visit(context) or []:
         visit(sub, context, nodes)

@@ -71,7 +71,8 @@ def launch_env(tmp_path_factory):
 
 
 def run_launch(launch_env, distro: str, *args: str, launch_file: Path | None = None) -> dict:
-    """{node name: {"namespace", "cmd": [...], "params": effective parameters or None}} from the real launch
+    """{node name: {"namespace", "cmd": [...], "params": effective parameters or None, "remaps": {from: to}}}
+    from the real launch
     code, for the shipped launch file or ``launch_file`` (which finds the shipped one in $INNER_LAUNCH)."""
     base, prefix = launch_env
     src = ROS2_PYTHON / distro
@@ -86,7 +87,8 @@ def run_launch(launch_env, distro: str, *args: str, launch_file: Path | None = N
     out = {}
     for node in json.loads(proc.stdout.strip().splitlines()[-1]):
         out[node["name"]] = {"namespace": node["namespace"], "cmd": node["cmd"],
-                             "params": effective_parameters(node["params"], node["name"], node["namespace"])}
+                             "params": effective_parameters(node["params"], node["name"], node["namespace"]),
+                             "remaps": dict(node["remaps"])}
     return out
 
 
@@ -189,3 +191,55 @@ def test_a_namespace_pushed_by_an_including_launch_file_reaches_the_node(launch_
     assert node["namespace"] == "/front"
     assert node["params"] == {**P.defaults(), "world_frame": "odom"}
     assert not P.TOPIC_CLOUD.startswith("/") and not P.TOPIC_MARKERS.startswith("/")
+
+
+def resolve(topic: str, namespace: str) -> str:
+    """rcl's expansion of a topic name for a node in ``namespace`` (no ``~`` or substitutions here)."""
+    return topic if topic.startswith("/") else namespace.rstrip("/") + "/" + topic
+
+
+def rviz_displays() -> dict:
+    config = yaml.safe_load((ROOT / "rviz" / "discene.rviz").read_text())
+    return {d["Class"]: d for d in config["Visualization Manager"]["Displays"]}
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_rviz_under_a_namespace_shows_that_nodes_topics(launch_env, distro, tmp_path):
+    """RViz started by the included launch file runs in the same namespace, and its displays name the
+    node's outputs relative to it: /front/occupancy/points, not the unnamespaced /occupancy/points."""
+    wrapper = tmp_path / "front.launch.py"
+    wrapper.write_text(NAMESPACED.replace('("world_frame", "odom")', '("world_frame", "odom"), ("rviz", "true")'))
+    nodes = run_launch(launch_env, distro, launch_file=wrapper)
+    node_ns, rviz_ns = nodes[P.NODE_NAME]["namespace"], nodes["rviz2"]["namespace"]
+    assert node_ns == rviz_ns == "/front"
+    displays = rviz_displays()
+    for plugin, topic in (("PointCloud2", P.TOPIC_CLOUD), ("MarkerArray", P.TOPIC_MARKERS), ("Pose", P.TOPIC_GRID_POSE)):
+        shown = displays[f"rviz_default_plugins/{plugin}"]["Topic"]["Value"]
+        assert resolve(shown, rviz_ns) == resolve(topic, node_ns) == "/front/" + topic
+    assert resolve(displays["rviz_default_plugins/PointCloud2"]["Topic"]["Value"], "/") == "/" + P.TOPIC_CLOUD
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_rvizs_camera_display_is_remapped_to_the_nodes_image_topic(launch_env, distro, tmp_path):
+    camera = rviz_displays()["rviz_default_plugins/Image"]["Topic"]["Value"]
+    assert run_launch(launch_env, distro, "rviz:=true")["rviz2"]["remaps"] == {camera: P.defaults()["image_topic"]}
+    remaps = run_launch(launch_env, distro, "rviz:=true", "image_topic:=/front_cam/image_raw/compressed")["rviz2"]["remaps"]
+    assert remaps == {camera: "/front_cam/image_raw"}  # the raw image: RViz's Image display subscribes raw
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"image_topic": "/usb_cam/image_raw"}}}))
+    assert run_launch(launch_env, distro, "rviz:=true", f"params_file:={mine}")["rviz2"]["remaps"] == {
+        camera: "/usb_cam/image_raw"}
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_use_sim_time_reaches_the_node_and_rviz(launch_env, distro, tmp_path):
+    nodes = run_launch(launch_env, distro, "rviz:=true")
+    assert "use_sim_time" not in nodes[P.NODE_NAME]["params"] and not nodes["rviz2"]["params"]
+    nodes = run_launch(launch_env, distro, "rviz:=true", "use_sim_time:=true")
+    assert nodes[P.NODE_NAME]["params"]["use_sim_time"] is True and nodes["rviz2"]["params"] == {"use_sim_time": True}
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"use_sim_time": True}}}))
+    nodes = run_launch(launch_env, distro, "rviz:=true", f"params_file:={mine}")
+    assert nodes[P.NODE_NAME]["params"]["use_sim_time"] is True and nodes["rviz2"]["params"] == {"use_sim_time": True}
+    with pytest.raises(RuntimeError, match="booleans are true or false"):
+        run_launch(launch_env, distro, "use_sim_time:=1")

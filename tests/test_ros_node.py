@@ -696,9 +696,10 @@ def test_rviz_config_has_occupancy_displays():
     config = yaml.safe_load((ROOT / "rviz" / "discene.rviz").read_text())
     displays = {d["Class"]: d for d in config["Visualization Manager"]["Displays"]}
     cloud = displays["rviz_default_plugins/PointCloud2"]
-    assert cloud["Topic"]["Value"] == "/" + P.TOPIC_CLOUD and cloud["Color Transformer"] == "RGB8"
-    assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/" + P.TOPIC_MARKERS
-    assert displays["rviz_default_plugins/Pose"]["Topic"]["Value"] == "/" + P.TOPIC_GRID_POSE
+    # relative, as the node's: RViz in the node's namespace finds them (tests/test_ros_launch.py)
+    assert cloud["Topic"]["Value"] == P.TOPIC_CLOUD and cloud["Color Transformer"] == "RGB8"
+    assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == P.TOPIC_MARKERS
+    assert displays["rviz_default_plugins/Pose"]["Topic"]["Value"] == P.TOPIC_GRID_POSE
 
 
 def test_package_xml_uses_only_rosdep_keys_that_exist():
