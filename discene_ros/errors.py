@@ -58,6 +58,12 @@ class NonFiniteOutputError(FrameError):
     reason = "non_finite_output"
 
 
+class FrameIdError(FrameError):
+    """An image whose header names no frame: tf2 cannot place the camera."""
+
+    reason = "bad_frame_id"
+
+
 class MissingTransformError(FrameError):
     """No camera pose in the world frame and no fallback configured."""
 

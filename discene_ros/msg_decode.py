@@ -24,6 +24,7 @@ from .errors import (
     CloudFormatError,
     DecodeError,
     DepthError,
+    FrameIdError,
     ImageSizeError,
     PoseError,
     TransformError,
@@ -69,6 +70,18 @@ JPEG_REDUCE_MARGIN = 1.25
 def stamp_to_ns(stamp: Any) -> int:
     """builtin_interfaces/Time (sec, nanosec) -> integer nanoseconds."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def camera_frame_id(header: Any) -> str:
+    """The frame a message header names, as tf2 stores it: without a leading '/' (tf2 strips it from the
+    transforms it is given but refuses to look one up with it, so a ROS 1 style ``/camera`` would never
+    be found). An empty frame id raises FrameIdError at once: tf2 would refuse it only after the lookup's
+    timeout, and warn on stderr for every ``can_transform``."""
+    frame = str(header.frame_id).lstrip("/")
+    if not frame:
+        raise FrameIdError(f"the image header names no frame (frame_id {header.frame_id!r}): the camera driver "
+                           "must set its optical frame, whose pose TF gives")
+    return frame
 
 
 # ----------------------------------------------------------------------------- images

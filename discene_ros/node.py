@@ -28,7 +28,7 @@ import numpy as np
 from . import params as P
 from .camera_pose import TransformNotReadyError, use_fallback
 from .errors import FrameError
-from .msg_decode import transform_to_matrix
+from .msg_decode import camera_frame_id, transform_to_matrix
 from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
 from .pairing import STAMP_JUMP_BACK_NS, FramePartners
@@ -222,10 +222,11 @@ class OccupancyNode(Node):
     # in the finish stage
     def locate_frame(self, frame: FrameInput) -> None:
         """Decode stage, before decoding: camera info and depth of the image stamp, camera pose from TF."""
+        camera_frame = camera_frame_id(frame.image.header)  # an image naming no frame is skipped before any wait
         self.note_time_jump(frame.stamp_ns)
         frame.camera_info, frame.depth = self.partners.match(frame.stamp_ns)
         self.log_undistortion(frame.camera_info)
-        frame.cam_pose = self.camera_pose(frame.image.header.frame_id, frame.stamp_ns)
+        frame.cam_pose = self.camera_pose(camera_frame, frame.stamp_ns)
 
     def publish_outputs(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Finish stage: build and publish the frame's messages (never called once destroy_node began)."""

@@ -100,6 +100,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),
 )
 PARAMS_BY_NAME = {p.name: p for p in PARAMETERS}
+TF_FRAME_PARAMETERS = ("world_frame", "base_frame")  # looked up in tf2, which refuses "" and a leading "/"
 
 
 def defaults() -> dict[str, Any]:
@@ -133,6 +134,10 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"parameter '{name}'={value!r} is not one of {', '.join(spec.choices)}")
         out[name] = value
+    for name in TF_FRAME_PARAMETERS:  # as tf2 stores frame ids: "/odom" (ROS 1 style) is "odom"
+        out[name] = out[name].lstrip("/")
+        if not out[name]:
+            raise ValueError(f"parameter '{name}' names no TF frame")
     return out
 
 

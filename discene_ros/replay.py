@@ -166,7 +166,7 @@ class BagFrames:
 
     def _pose(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
         """(camera->world at the image stamp or None = no such transform, skip error)."""
-        camera = image.header.frame_id
+        camera = image.header.frame_id.lstrip("/")
         probed, self._settled_pose = self._settled_pose, None
         pose, error = (probed[1], None) if probed is not None and probed[0] is image else self._pose_probe(image)
         if error is not None:  # TF lags the image or a bad transform: skip, never a made-up pose
@@ -204,7 +204,8 @@ class BagFrames:
     def _pose_probe(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
         """TF lookup at the image stamp: (pose or None when not connected, the error when not ready)."""
         try:
-            return self.tf.lookup(self.world_frame, image.header.frame_id, msg_decode.stamp_to_ns(image.header.stamp)), None
+            camera = msg_decode.camera_frame_id(image.header)
+            return self.tf.lookup(self.world_frame, camera, msg_decode.stamp_to_ns(image.header.stamp)), None
         except FrameError as exc:
             return None, exc
 

@@ -445,6 +445,32 @@ def test_lagging_or_failing_tf_skips_the_frame_instead_of_a_made_up_pose(ros, er
     assert (target, source, stamp) == ("map", "cam", 7 * MS) and timeout.nanoseconds == 20 * MS
 
 
+def test_ros1_style_and_empty_camera_frame_ids(ros):
+    """tf2 stores "/cam" as "cam" but refuses to look it up: the node asks for "cam". An image naming no
+    frame is skipped at once as bad_frame_id, before any pairing wait or TF lookup."""
+    fake, _ = ros
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    node = make_node(ros, world_frame="/map", sync_wait_s=1.0)
+    assert node.cfg["world_frame"] == "map"
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "/cam", 7 * MS))
+    assert wait_until(lambda: node.stats.processed == 1) and not node.stats.skipped
+    assert fake.tf_lookups[-1][:2] == ("map", "cam")
+    lookups = len(fake.tf_lookups)
+    started = time.monotonic()
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "", 9 * MS))  # no camera info at 9 ms: pairing would wait 1 s
+    assert wait_until(lambda: node.stats.skipped["bad_frame_id"] == 1)
+    assert time.monotonic() - started < 1.0 and len(fake.tf_lookups) == lookups and not fake.tf_invalid_warnings
+    assert any("names no frame" in t for level, t in node.get_logger().records if level == "warn")
+
+
+def test_tf_frame_parameters_lose_a_leading_slash_and_may_not_be_empty():
+    assert P.validate({"world_frame": "/odom", "base_frame": "//base_link"})["world_frame"] == "odom"
+    assert P.validate({"base_frame": "/base_link"})["base_frame"] == "base_link"
+    with pytest.raises(ValueError, match="'world_frame' names no TF frame"):
+        P.validate({"world_frame": "/"})
+
+
 def _mount(height: float, pitch_deg: float) -> np.ndarray:
     """base_link <- camera: the camera ``height`` m above base_link, looking along +x, pitched down."""
     pitch = np.deg2rad(pitch_deg)

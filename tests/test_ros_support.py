@@ -158,6 +158,7 @@ class FakeRos:
         self.transforms: dict[tuple[str, str], Any] = {}
         self.tf_lookups: list[tuple[str, str, int, Any]] = []
         self.tf_clears = 0
+        self.tf_invalid_warnings = 0  # can_transform calls tf2 would have warned about on stderr
         self.spin_raises: type[BaseException] = KeyboardInterrupt
         self.spin_hook: Any = None
 
@@ -483,9 +484,20 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         "LookupException", "ConnectivityException", "ExtrapolationException", "InvalidArgumentException",
         "TimeoutException")}
 
+    def invalid_frame(function: str, frame: str) -> str | None:  # tf2's BufferCore::validateFrameId
+        if not frame:
+            return f'Invalid argument "" passed to {function} - in tf2 frame_ids cannot be empty'
+        if frame.startswith("/"):
+            return f'Invalid argument "{frame}" passed to {function} - in tf2 frame_ids cannot start with a \'/\''
+        return None
+
     class Buffer:
         def lookup_transform(self, target_frame: str, source_frame: str, time: Any, timeout: Any = None) -> Any:
             ros.tf_lookups.append((target_frame, source_frame, time.nanoseconds, timeout))
+            for function, frame in (("lookupTransform argument target_frame", target_frame),
+                                    ("lookupTransform argument source_frame", source_frame)):
+                if (problem := invalid_frame(function, frame)) is not None:
+                    raise tf_errors["InvalidArgumentException"](problem)
             found = ros.transforms.get((target_frame, source_frame))
             if found is None:
                 raise tf_errors["LookupException"](f'"{target_frame}" passed to lookupTransform argument target_frame '
@@ -495,6 +507,9 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             return found
 
         def can_transform(self, target_frame: str, source_frame: str, time: Any, timeout: Any = None) -> bool:
+            if invalid_frame("canTransform", target_frame) or invalid_frame("canTransform", source_frame):
+                ros.tf_invalid_warnings += 1  # tf2 warns on stderr (CONSOLE_BRIDGE) and answers False
+                return False
             found = ros.transforms.get((target_frame, source_frame))
             return found is not None and not isinstance(found, BaseException)
 

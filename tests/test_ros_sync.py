@@ -159,10 +159,11 @@ def test_undistorter_remaps_images_and_caches_the_maps():
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
 def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False,
-                mount_after=None, compressed_depth=False):
+                mount_after=None, compressed_depth=False, image_frames=None):
     """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
     time), each with the colour image's header stamp, as RealSense + a SLAM node write them. The static
-    camera mount comes first, or (``mount_after``) just before image ``mount_after``."""
+    camera mount comes first, or (``mount_after``) just before image ``mount_after``. ``image_frames``: the
+    frame_id of each colour image (default "cam", as every other message names it)."""
     def mount(bag_t):
         w.write(bag_io.TF_STATIC_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
             msg_encode.matrix_to_transform_stamped(F, _rot_z(0, (0, 0, 0.5)), "base_link", "cam", 0)]), bag_t)
@@ -174,7 +175,8 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
             t = 10**18 + i * 66_666_667
             if i == mount_after:
                 mount(t - 1)
-            w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
+            camera = "cam" if image_frames is None else image_frames[i]
+            w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), camera, t), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
             if compressed_depth:  # as `ros2 bag record` of image_transport's compressedDepth topic
                 w.write(bag_io.DEPTH_TOPIC + "/compressedDepth",
@@ -238,6 +240,15 @@ def test_replay_switches_from_the_fixed_fallback_to_a_mount_that_comes_later(tmp
     heights = [round(mount_height_pitch(r["cam_pose"])[0], 6) for r in result.renders]
     assert heights == [1.0, 1.0, 0.5, 0.5]  # the fixed fallback_camera_height, then the mount's
     assert "base_link -> cam" in s["fallback_pose_note"] and "the images before it used the fixed" in s["fallback_pose_note"]
+
+
+def test_replay_skips_images_naming_no_frame_and_reads_ros1_style_ones(tmp_path):
+    """As the node: "/cam" is tf2's "cam"; an empty frame_id is skipped (bad_frame_id), not given the
+    fallback pose as if the world frame were missing."""
+    bag = _driver_bag(tmp_path / "ids", image_frames=["cam", "/cam", "", "cam"])
+    s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(world_frame="odom", n_renders=0, progress=False, use_depth=False)).summary
+    assert s["frames"] == 3 and s["fallback_pose_frames"] == 0 and s["skipped_by_reason"] == {"bad_frame_id": 1}
 
 
 def test_replay_topic_options_must_exist(tmp_path, capsys, monkeypatch):
