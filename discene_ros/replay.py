@@ -14,6 +14,7 @@ import contextlib
 import json
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -307,6 +308,7 @@ class Replayer:
         self.internal_errors: list[str] = []
         self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
         self.outbox: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()  # (topic, message, stamp) to write
+        self.interrupted = False  # Ctrl-C (or SIGTERM, via main) ended the run early; what was done is kept
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Queue a processed frame's messages for the output bag (``flush`` writes them); metrics, stage
@@ -376,6 +378,11 @@ class Replayer:
                 self.flush()
                 if max_frames is not None and self.stats.received >= max_frames:
                     break
+        except KeyboardInterrupt:  # the user stops a long drive: keep what is done, drop the frames in flight
+            loop.close(discard=True)
+            self.flush()
+            self.interrupted = True
+            return
         except BaseException:
             loop.close(discard=True)
             with contextlib.suppress(Exception):  # keep what was processed, unless writing is what failed
@@ -432,9 +439,10 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
     ``fps``, ``latency_ms``, ``iou``, ``miou``, ...).
 
     Raises BagError when the bag cannot be opened; a bag that fails part-way ends the replay early
-    with ``summary["error"]`` set (the report covers what was processed). The output bag (and with
-    ``report=True`` the report) is written into a temporary folder under ``out`` and moved into place
-    at the end, so an interrupted replay leaves the previous run's outputs as they were.
+    with ``summary["error"]`` set (the report covers what was processed); so does Ctrl-C (KeyboardInterrupt
+    in the reading loop: ``summary["interrupted"]``). The output bag (and with ``report=True`` the report)
+    is written into a temporary folder under ``out`` and moved into place at the end, so a replay killed
+    outright leaves the previous run's outputs as they were.
     """
     from tqdm import tqdm
 
@@ -492,12 +500,14 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
-        errors += [e for e in (frames.error, damage, rep.write_error) if e]
+        interrupted = (f"interrupted after {rep.stats.received} of {total} colour images; the metrics, report and "
+                       "output bag cover the frames processed before that") if rep.interrupted else None
+        errors += [e for e in (interrupted, frames.error, damage, rep.write_error) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None else None, topic, gt)
-        summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined)
+        summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted)
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         result = ReplayResult(summary, rep.renders)
         if settings.report:
@@ -549,7 +559,7 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "dropped": 0, "fallback_pose_frames": 0, "output_bag": None,
-            "first_frame_ms": None, "fps_after_first_frame": None, "error": error}
+            "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> None:
@@ -609,6 +619,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renders", type=int, default=3, help="frames rendered into the report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # a service manager stops us as Ctrl-C
+    try:
+        return run_cli(args)
+    except KeyboardInterrupt:  # before the frames started (loading the model, opening the bag): nothing to keep
+        print("discene-replay: interrupted before the first frame; nothing written", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+
+
+def interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``timeout``, a service manager) ends the replay as Ctrl-C does: its report and
+    output bag keep the frames processed so far."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``main`` after parsing: the replay, its summary on stdout and its exit code."""
     out = Path(args.out)
     bag = args.bag if args.bag is not None else str(SAMPLE_BAG)
     try:
@@ -649,13 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {report}\noutput bag: {s['output_bag'] or 'none (--no-output-bag)'}")
     if s.get("fallback_pose_note"):
         print(f"discene-replay: WARNING: {s['fallback_pose_note']}", file=sys.stderr)
-    if s["frames"] == 0:
+    if s["frames"] == 0 and not s.get("interrupted"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped_by_reason"].items())) or "no colour image read"
         print(f"discene-replay: error: no frame was processed ({reasons})", file=sys.stderr)
         return 3
     if s["error"]:
         print(f"discene-replay: the run is incomplete: {s['error']}", file=sys.stderr)
-        return 1
+        return INTERRUPTED_EXIT if s.get("interrupted") else 1
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ros_support import BlockBackend, OracleBackend, pipeline_for
+from test_ros_support import BlockBackend, OracleBackend, pipeline_for, wait_until
 
 from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.dataset_to_bag import dataset_to_bag
@@ -328,3 +328,41 @@ def test_replay_looks_up_each_frames_pose_once(tmp_path, monkeypatch):
     s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
                       settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert s["frames"] == 15 and len(calls) == 15
+
+
+def test_ctrl_c_keeps_what_was_replayed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) part-way through a long drive: the frames done so far are evaluated, reported
+    and in the output bag; exit code 130. Before, the traceback took the staged outputs with it."""
+    bag = _fast_bag(tmp_path / "drive", n=10)
+    backend = BlockBackend()
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(backend))
+    read = replay.BagFrames.__iter__
+
+    def interrupted_after_four(frames):
+        for i, item in enumerate(read(frames)):
+            if i == 4:
+                assert wait_until(lambda: backend.calls >= 3)
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(replay.BagFrames, "__iter__", interrupted_after_four)
+    out = tmp_path / "out"
+    code = replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--json", str(tmp_path / "s.json"),
+                        "--world-frame", "world"])
+    assert code == replay.INTERRUPTED_EXIT == 130
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["interrupted"] and "interrupted after 4 of 10 colour images" in s["error"]
+    assert s["images"] == 4 and s["frames"] >= 3 and s["frames"] + s["dropped"] + s["skipped"] == 4
+    assert "interrupted after 4" in (out / "report.md").read_text()
+    reader = bag_io.open_reader(out / "occupancy_bag")
+    try:
+        assert sum(c.msgcount for c in reader.connections if c.topic == bag_io.PRED_TOPIC) == s["frames"]
+    finally:
+        reader.close()
+    assert "the run is incomplete: interrupted" in capsys.readouterr().err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_sigterm_is_handled_as_ctrl_c():
+    with pytest.raises(KeyboardInterrupt):
+        replay.interrupt_on_sigterm(15, None)
