@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -128,6 +129,18 @@ def test_budgeted_and_interrupted_calls_end_with_the_weights_of_one_run(tmp_path
     monkeypatch.setattr(Trainer, "train_step", interrupt_at_step_3)
     cut = call(tmp_path, data, "i1")  # ckpt_every=2: last.pt of step 2 is what comes back
     assert (cut["end_step"], cut["interrupted"], cut["handed_back"][-1]) == (2, True, "last.pt.parts.json")
+
+    monkeypatch.undo()
+
+    def signal_in_step_3(self, batch, original=Trainer.train_step):  # the timeout's SIGINT as a signal
+        values = original(self, batch)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return values
+
+    monkeypatch.setattr(Trainer, "train_step", signal_in_step_3)
+    cut = call(tmp_path, data, "s1")  # the step ends and last.pt is saved at it
+    assert (cut["end_step"], cut["interrupted"], cut["handed_back"][-1]) == (3, True, "last.pt.parts.json")
     monkeypatch.undo()
     call(tmp_path, data, "i2", "--resume", str(tmp_path / "i1" / "tiny"))
     c, _ = load_model(device_run.find_checkpoint(tmp_path / "i2" / "tiny", "final.pt", tmp_path / "jc"))

@@ -173,3 +173,73 @@ def test_ddp_two_processes_gloo_keep_parameters_identical(data_root, tmp_path):
     init = params(Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0]).student)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # they did train
+
+
+def test_ctrl_c_stops_after_the_step_saves_last_and_resumes(data_root, tmp_path, monkeypatch, capsys):
+    """SIGINT mid-run: the step finishes, last.pt is saved at it (not at the last ckpt_every), no final.pt,
+    exit 130; --resume finishes the run."""
+    import signal
+
+    import yaml
+
+    from training import train
+
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=6)
+    cfg.ckpt_every, cfg.data.workers = 100, 1  # a loader worker to shut down on the way out
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    original = Trainer.train_step
+
+    def step_and_signal(self, batch):
+        values = original(self, batch)
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return values
+
+    monkeypatch.setattr(Trainer, "train_step", step_and_signal)
+    assert train.main(["--config", str(tmp_path / "cfg.yaml")]) == train.INTERRUPTED_EXIT == 130
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 4 and not (tmp_path / "run" / "final.pt").exists()
+    assert "interrupted by SIGINT at step 4 of 6" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert train.main(["--resume", str(tmp_path / "run" / "last.pt")]) == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 6
+    assert (tmp_path / "run" / "final.pt").is_file()
+
+
+def test_stop_request_second_ctrl_c_interrupts_at_once():
+    import signal
+
+    from training.interrupt import StopRequest
+
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        signal.raise_signal(signal.SIGTERM)  # torchrun's SIGTERM after the terminal's Ctrl-C: ignored
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class _SigintDisposition(torch.utils.data.Dataset):
+    """Frames whose image says whether the loader worker that made them ignores SIGINT."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import signal
+
+        ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        return {"image": torch.tensor(float(ignored)), "grid2img": torch.zeros(1), "target": torch.zeros(1)}
+
+
+def test_loader_workers_leave_ctrl_c_to_the_training_process():
+    """A terminal's Ctrl-C reaches the loader's workers too; one it killed would end the run ("DataLoader
+    worker exited unexpectedly") before the trainer could save."""
+    from training.data import EpochBatchSampler, build_train_loader
+
+    loader = build_train_loader(_SigintDisposition(), EpochBatchSampler(4, 2, 1, 0, 0), workers=1, pin_memory=False,
+                                prefetch_factor=1, seed=0)
+    batch = next(iter(loader))
+    assert batch["image"].tolist() == [1.0, 1.0]

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from models.config import ModelConfig
 from models.preprocess import normalize_image
 
+from .interrupt import ignore_interrupts
 from .losses import class_frequencies_from_targets
 from .occscannet import OccScanNetDataset
 
@@ -152,4 +153,5 @@ def build_train_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: in
     if workers > 0:
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_frames,
-                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **extra)
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_interrupts, **extra)

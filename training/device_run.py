@@ -32,6 +32,7 @@ from models.checkpoint import load_checkpoint
 
 from .data import build_dataset
 from .evaluate import evaluate_model
+from .interrupt import TrainingInterrupted
 from .synth import generate
 from .train_config import TrainConfig, load_train_config
 from .trainer import Trainer
@@ -179,7 +180,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     interrupted = False
     try:
         trainer.fit(stop_at_step=args.stop_at_step, time_budget_s=budget)
-    except KeyboardInterrupt:  # the wrapper's timeout (SIGINT): hand back the last periodic checkpoint
+    except TrainingInterrupted:  # the wrapper's timeout (SIGINT): the step ended and last.pt holds it
+        interrupted = True
+    except KeyboardInterrupt:  # a second SIGINT within a step: hand back the last checkpoint written
         interrupted = True
     train_s = time.perf_counter() - t_train
     end_step = saved_step(work / "last.pt", start_step) if interrupted else trainer.step

@@ -18,6 +18,7 @@ from models.postprocess import labels_batch
 
 from .data import build_dataset, collate_frames, prepare_inputs
 from .distributed import autocast_dtype
+from .interrupt import ignore_interrupts
 from .metrics import SSCMetrics
 
 
@@ -33,7 +34,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     was_training = model.training
     model.eval()
     metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_frames)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_frames,
+                        worker_init_fn=ignore_interrupts)  # Ctrl-C is the training process's to handle
     dtype = autocast_dtype(amp, device)
     frames, start = 0, time.perf_counter()
     try:

@@ -16,6 +16,7 @@ from models.checkpoint import load_checkpoint
 
 from .data import build_dataset
 from .distributed import is_main_process, teardown_distributed
+from .interrupt import TrainingInterrupted
 from .train_config import TrainConfig, apply_overrides, load_train_config
 from .trainer import NonFiniteLossError, Trainer
 
@@ -106,6 +107,9 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
     return str(trainer.fit(stop_at_step=stop_at_step))
 
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code = 0
@@ -120,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"discene-train: error: {exc}", file=sys.stderr)
         code = 2
+    except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: stopped after a step, last.pt saved there
+        if is_main_process():
+            print(f"discene-train: interrupted by {exc}; continue with --resume {exc.checkpoint}", file=sys.stderr)
+        code = INTERRUPTED_EXIT
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("discene-train: interrupted at once; checkpoints written before it are intact (each is replaced "
+              "atomically): continue with --resume <out_dir>/last.pt", file=sys.stderr)
+        code = INTERRUPTED_EXIT
     except OSError as exc:  # a full disk or quota while writing a checkpoint or log
         print(f"discene-train: stopped: {exc}. Checkpoints written before it are intact (each is replaced "
               "atomically): free space, then continue with --resume <out_dir>/last.pt", file=sys.stderr)

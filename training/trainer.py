@@ -40,6 +40,7 @@ from .distributed import (
     use_deterministic_algorithms,
 )
 from .evaluate import evaluate_model
+from .interrupt import StopRequest, TrainingInterrupted
 from .losses import TaskLoss
 from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
@@ -337,17 +338,18 @@ class Trainer:
         if self.epoch_step >= self.steps_per_epoch:
             self.epoch, self.epoch_step = self.epoch + 1, 0
 
-    def _out_of_time(self, start: float, budget_s: float | None) -> bool:
-        """True once ``budget_s`` seconds have passed since ``start`` (on any rank, so all ranks stop together)."""
-        if budget_s is None:
-            return False
-        return any_rank(time.perf_counter() - start >= budget_s, self.device)
+    def _should_stop(self, start: float, budget_s: float | None, stop: StopRequest) -> bool:
+        """True once ``budget_s`` seconds have passed since ``start`` or a stop signal came, on any rank, so
+        that all ranks stop after the same step (one all-reduce of a flag per step when distributed)."""
+        out_of_time = budget_s is not None and time.perf_counter() - start >= budget_s
+        return any_rank(out_of_time or stop.requested, self.device)
 
     def fit(self, stop_at_step: int | None = None, time_budget_s: float | None = None) -> Path:
         """Train until ``total_steps``, ``stop_at_step`` or ``time_budget_s`` seconds, whichever comes first.
 
-        Stopping early (an interruption, or the end of a device call) leaves a resumable last.pt; the
-        lr schedule still runs to ``total_steps``. Returns the model-only final.pt.
+        Stopping early (the end of a device call) leaves a resumable last.pt; the lr schedule still runs to
+        ``total_steps``. Returns the model-only final.pt. Ctrl-C or SIGTERM (``interrupt.StopRequest``)
+        stops after the current step, saves last.pt and raises ``TrainingInterrupted``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -361,34 +363,39 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
         samples_per_step = self.cfg.batch_size * self.world
         loader = batches = None
-        try:
-            if self.step < end:
-                loader = self._loader()
-                batches = iter(loader)
-            tick = time.perf_counter()
-            while self.step < end:
-                values = self.train_step(next(batches))
-                self._advance_position()
-                rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
+        with StopRequest() as stop:
+            try:
+                if self.step < end:
+                    loader = self._loader()
+                    batches = iter(loader)
                 tick = time.perf_counter()
-                self._log(values, rate, bar)
-                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                while self.step < end:
+                    values = self.train_step(next(batches))
+                    self._advance_position()
+                    rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
+                    tick = time.perf_counter()
+                    self._log(values, rate, bar)
+                    if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                        self.evaluate_and_keep_best()
+                    if self.step % self.cfg.ckpt_every == 0 and self.step < end:
+                        self.save("last.pt")
+                    if self._should_stop(started, time_budget_s, stop):
+                        break
+                del batches, loader  # shuts the loader workers down
+                if any_rank(stop.requested, self.device):  # on every rank, whichever got the signal
+                    path = self.save("last.pt")
+                    raise TrainingInterrupted(stop.signal_name or "a stop signal on another rank", self.step,
+                                              self.total_steps, str(path))
+                if self.step >= self.total_steps:
                     self.evaluate_and_keep_best()
-                if self.step % self.cfg.ckpt_every == 0 and self.step < end:
-                    self.save("last.pt")
-                if self._out_of_time(started, time_budget_s):
-                    break
-            del batches, loader  # shuts the loader workers down
-            if self.step >= self.total_steps:
-                self.evaluate_and_keep_best()
-            self.save("last.pt")
-            final = self.save_final()
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.writer is not None:
-                self.writer.close()
-            barrier()
+                self.save("last.pt")
+                final = self.save_final()
+            finally:
+                if bar is not None:
+                    bar.close()
+                if self.writer is not None:
+                    self.writer.close()
+                barrier()
         return final
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
