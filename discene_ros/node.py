@@ -77,6 +77,10 @@ except ImportError as exc:  # the class below is then never instantiated
 # launched ahead), plus one being submitted and one being counted as dropped: ``in_flight`` beyond this
 # is a counting bug.
 MAX_IN_FLIGHT = 9
+# No colour image for this long (since start-up, or since the last one): diagnostics WARN and a log line at
+# most every NO_IMAGE_LOG_PERIOD_S; a wrong topic name or a silent camera otherwise shows nowhere in the log.
+NO_IMAGE_WARN_S = 5.0
+NO_IMAGE_LOG_PERIOD_S = 30.0
 
 
 def sensor_qos() -> Any:
@@ -134,6 +138,8 @@ class OccupancyNode(Node):
         self.mount_found = False
         self.undistortion_logged = False
         self.last_image_stamp_ns: int | None = None
+        self.started_s, self.last_image_s = time.monotonic(), None  # when the node started / got its last image
+        self.idle_throttle = WarnThrottle(NO_IMAGE_LOG_PERIOD_S)
 
         self.tf_buffer = Buffer()
         self.tf_listener = TransformListener(self.tf_buffer, self)
@@ -189,7 +195,8 @@ class OccupancyNode(Node):
 
     # -- callbacks: store only, never process here
     def image_callback(self, msg: Any) -> None:
-        self.frames.submit(FrameInput(image=msg, received_s=time.monotonic()))
+        self.last_image_s = time.monotonic()
+        self.frames.submit(FrameInput(image=msg, received_s=self.last_image_s))
 
     def camera_info_callback(self, msg: Any) -> None:
         self.partners.info.add(msg)
@@ -213,10 +220,28 @@ class OccupancyNode(Node):
         if self.fallback_note is not None:
             status.level = max(status.level, type(status).WARN)
             status.message = "fallback camera pose (world frame not in TF); " + status.message
+        idle = self.no_image_note()
+        if idle is not None:
+            status.level = max(status.level, type(status).WARN)
+            status.message = f"{idle}; {status.message}"
         if not 0 <= in_flight <= MAX_IN_FLIGHT:
             status.level = type(status).ERROR
             status.message = f"frame counters disagree ({in_flight} frames in flight); " + status.message
         self.diagnostics_pub.publish(diag)
+
+    def no_image_note(self) -> str | None:
+        """What to say when no colour image came for NO_IMAGE_WARN_S (logged at most every
+        NO_IMAGE_LOG_PERIOD_S), else None."""
+        since = self.started_s if self.last_image_s is None else self.last_image_s
+        idle_s = time.monotonic() - since
+        if idle_s < NO_IMAGE_WARN_S:
+            return None
+        what = "no image received yet" if self.last_image_s is None else "no image received"
+        note = f"{what} on {self.image_topic} for {idle_s:.0f} s"
+        if self.idle_throttle.allow("no_image"):
+            self.get_logger().warning(f"{note}: is the camera publishing there? `ros2 topic info -v {self.image_topic}` "
+                                      "shows its publishers, message type and QoS")
+        return note
 
     # -- the frame loop's stages (processing.FrameLoop): locate_frame in the decode stage, publish_outputs
     # in the finish stage

@@ -8,6 +8,7 @@ shutdown fails as in rclpy. Published messages are serialised with the real Humb
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 import threading
@@ -547,6 +548,32 @@ def test_image_stamps_jumping_back_clear_the_tf_history_once(ros):
         assert fake.tf_clears == (1 if stamp < 100_000 else 0)
     warnings = [t for level, t in node.get_logger().records if level == "warn" and "jumped back" in t]
     assert len(warnings) == 1 and "95.1 s" in warnings[0]
+
+
+def test_no_image_for_seconds_is_a_diagnostics_warning_and_a_log_line(ros):
+    """A wrong image_topic or a silent camera: nothing would show in the log. After NO_IMAGE_WARN_S the
+    diagnostics say so (WARN) and the log says what to check, at most every NO_IMAGE_LOG_PERIOD_S."""
+    module = ros[1]
+    node = make_node(ros, world_frame="map")
+
+    def no_image_logs():
+        return [t for level, t in node.get_logger().records if level == "warn" and "no image received" in t]
+
+    status, _ = _diagnostics(node)
+    assert "no image" not in status.message  # just started
+    node.started_s -= module.NO_IMAGE_WARN_S + 1
+    status, _ = _diagnostics(node)
+    assert status.level == type(status).WARN
+    assert re.search(r"no image received yet on /camera/color/image_raw for \d+ s", status.message)
+    _diagnostics(node)
+    (logged,) = no_image_logs()  # once, not every period
+    assert "ros2 topic info -v /camera/color/image_raw" in logged
+    _frame(node, 5 * MS)
+    status, _ = _diagnostics(node)
+    assert "no image" not in status.message
+    node.last_image_s -= module.NO_IMAGE_WARN_S + 2  # the camera stopped
+    status, _ = _diagnostics(node)
+    assert re.search(r"^no image received on /camera/color/image_raw for \d+ s", status.message)
 
 
 def test_ctrl_c_with_a_frame_in_flight_ends_without_a_thread_traceback(ros):
