@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from models.geometry import scale_intrinsic
 
+from . import rvl
 from .errors import (
     CameraInfoError,
     CloudFormatError,
@@ -316,28 +317,18 @@ def depth_to_metres(msg: Any) -> np.ndarray:
 
 def compressed_depth_to_metres(msg: Any) -> np.ndarray:
     """compressedDepth CompressedImage -> (H, W) float32 metres, as compressed_depth_image_transport's codec
-    decodes it: format ``"16UC1; compressedDepth[ png]"`` is a 16-bit PNG of millimetres, ``"32FC1; ..."``
-    one of quantised inverse depth, ``depthQuantA / (v - depthQuantB)`` with 0 invalid; both after the
-    12-byte ConfigHeader. The ``rvl`` variant is refused with a clear message."""
+    decodes it: after the 12-byte ConfigHeader, 16-bit pixels as a PNG (``"16UC1; compressedDepth"``,
+    ``"...; compressedDepth png"``) or RVL-coded (``"...; compressedDepth rvl"``, ``rvl.py``); for 16UC1
+    they are millimetres, for 32FC1 quantised inverse depth, ``depthQuantA / (v - depthQuantB)``, 0 invalid."""
     fmt = str(msg.format)
     encoding, _, transport = (part.strip() for part in fmt.partition(";"))
-    if "compresseddepth" not in transport.lower():
-        raise DepthError(f"compressed depth format {fmt!r} is not image_transport's compressedDepth "
-                         "(e.g. '16UC1; compressedDepth')")
-    if "rvl" in transport.lower():
-        raise DepthError(f"compressed depth format {fmt!r}: the rvl codec is not supported; publish or record "
-                         "compressedDepth with format png, or raw depth")
+    codec = compressed_depth_codec(fmt, transport)
     buf = _byte_buffer(msg.data)
-    png = buf[COMPRESSED_DEPTH_HEADER.size:]
-    if bytes(png[:8]) != PNG_SIGNATURE:
-        raise DepthError(f"compressedDepth image ({buf.size} bytes) holds no PNG after its 12-byte header")
-    if PNG_END not in bytes(png[-END_SEARCH:]):
-        raise DepthError(f"compressedDepth image is truncated: no PNG IEND chunk ({buf.size} bytes)")
-    size = _png_header_size(memoryview(png))
-    if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise DepthError(f"compressedDepth PNG header claims {size or 'no valid size'}; the limit is "
-                         f"{MAX_IMAGE_PIXELS} pixels")
-    raw = _decode_png16(png)
+    payload = buf[COMPRESSED_DEPTH_HEADER.size:]
+    if codec == "rvl":
+        raw = rvl.decode(payload, MAX_IMAGE_PIXELS)
+    else:
+        raw = _decode_png16(_checked_png(payload, buf.size))
     if encoding in ("16UC1", "mono16"):
         depth = raw.astype(np.float32) * np.float32(0.001)
     elif encoding == "32FC1":
@@ -350,6 +341,29 @@ def compressed_depth_to_metres(msg: Any) -> np.ndarray:
     if not np.any(depth > 0):
         raise DepthError(f"compressedDepth image {raw.shape[1]}x{raw.shape[0]} has no valid pixel")
     return depth
+
+
+def compressed_depth_codec(fmt: str, transport: str) -> str:
+    """``png`` or ``rvl`` from a compressedDepth format's part after ';', by the codec's own rule (a bare
+    "compressedDepth", as Humble writes it, is png); DepthError for anything else."""
+    words = transport.lower().split()
+    if words[:1] != ["compresseddepth"] or len(words) > 2 or words[1:] not in ([], ["png"], ["rvl"]):
+        raise DepthError(f"compressed depth format {fmt!r} is not image_transport's compressedDepth with png or rvl "
+                         "(e.g. '16UC1; compressedDepth')")
+    return words[1] if len(words) == 2 else "png"
+
+
+def _checked_png(png: np.ndarray, total: int) -> np.ndarray:
+    """The PNG of a compressedDepth image, checked for its signature, end and size before decoding."""
+    if bytes(png[:8]) != PNG_SIGNATURE:
+        raise DepthError(f"compressedDepth image ({total} bytes) holds no PNG after its 12-byte header")
+    if PNG_END not in bytes(png[-END_SEARCH:]):
+        raise DepthError(f"compressedDepth image is truncated: no PNG IEND chunk ({total} bytes)")
+    size = _png_header_size(memoryview(png))
+    if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise DepthError(f"compressedDepth PNG header claims {size or 'no valid size'}; the limit is "
+                         f"{MAX_IMAGE_PIXELS} pixels")
+    return png
 
 
 def _decode_png16(png: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from models import native_postprocess
 from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_colors
 from models.geometry import finite_origin
 
+from . import rvl
 from .errors import DepthError, UnsupportedEncodingError
 from .msg_decode import COMPRESSED_DEPTH_HEADER
 from .msg_factory import MessageFactory
@@ -418,11 +419,12 @@ def depth_to_image(factory: MessageFactory, depth_m: np.ndarray, frame_id: str, 
 
 def depth_to_compressed_depth(factory: MessageFactory, depth_m: np.ndarray, frame_id: str, stamp_ns: int,
                               encoding: str = "16UC1", depth_max: float = 10.0,
-                              depth_quantization: float = 100.0) -> Any:
+                              depth_quantization: float = 100.0, codec: str = "png") -> Any:
     """(H, W) metres -> compressedDepth CompressedImage as compressed_depth_image_transport encodes it (its
-    defaults ``depth_max`` 10 m and ``depth_quantization`` 100): 16UC1 a 16-bit PNG of millimetres up to
-    ``depth_max``; 32FC1 one of inverse depth ``quant_a / d + quant_b`` truncated to uint16 (0 invalid);
-    the 12-byte ConfigHeader first, format ``"<encoding>; compressedDepth"`` (Humble's)."""
+    defaults ``depth_max`` 10 m and ``depth_quantization`` 100): 16UC1 16-bit millimetres up to
+    ``depth_max``; 32FC1 inverse depth ``quant_a / d + quant_b`` truncated to uint16 (0 invalid); the
+    12-byte ConfigHeader, then the pixels as a PNG (format ``"<encoding>; compressedDepth"``, Humble's) or
+    RVL-coded (``codec="rvl"``: ``"<encoding>; compressedDepth rvl"``, Jazzy's)."""
     depth = np.asarray(depth_m, dtype=np.float64)
     valid = np.isfinite(depth) & (depth > 0)
     quant_a = quant_b = 0.0
@@ -438,12 +440,17 @@ def depth_to_compressed_depth(factory: MessageFactory, depth_m: np.ndarray, fram
         pixels = np.where(valid & (d < np.float32(depth_max)), np.trunc(inv), 0).astype(np.uint16)
     else:
         raise DepthError(f"compressedDepth carries 16UC1 or 32FC1 depth, not {encoding!r}")
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")  # PIL writes uint16 as a 16-bit greyscale PNG
-    header = np.frombuffer(COMPRESSED_DEPTH_HEADER.pack(0, quant_a, quant_b), np.uint8)
+    if codec == "rvl":
+        body, fmt = rvl.encode(pixels), f"{encoding}; compressedDepth rvl"
+    elif codec == "png":
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")  # PIL writes uint16 as a 16-bit greyscale PNG
+        body, fmt = out.getvalue(), f"{encoding}; compressedDepth"
+    else:
+        raise ValueError(f"compressedDepth codec must be png or rvl, not {codec!r}")
+    header = COMPRESSED_DEPTH_HEADER.pack(0, quant_a, quant_b)
     return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
-                       format=f"{encoding}; compressedDepth",
-                       data=factory.uint8_array(np.concatenate([header, np.frombuffer(out.getvalue(), np.uint8)])))
+                       format=fmt, data=factory.uint8_array(np.frombuffer(header + body, np.uint8)))
 
 
 def k_to_camera_info(factory: MessageFactory, k: np.ndarray, height: int, width: int, frame_id: str,

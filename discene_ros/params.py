@@ -65,7 +65,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("camera_info_topic", "/camera/color/camera_info", "CameraInfo of the RGB image (any resolution, K is rescaled)"),
     ParamSpec("depth_topic", "/camera/aligned_depth_to_color/image_raw",
               "Depth aligned to the RGB image (16UC1 mm or 32FC1 m; a topic ending in /compressedDepth is read as "
-              "image_transport's compressedDepth, png); used only when use_depth is true"),
+              "image_transport's compressedDepth, png or rvl); used only when use_depth is true"),
     ParamSpec("use_depth", False, "Subscribe to depth and feed it to the depth branch (needs a DiScene-dagger model)"),
     ParamSpec("sync_tolerance_s", 0.02, "Largest stamp difference between a colour image and its depth image / "
               "camera info, seconds (pairing by header stamp)", (0.0, 1.0)),

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image as PILImage
 from rosbags.typesys import Stores, get_typestore
 
-from discene_ros import msg_decode, msg_encode
+from discene_ros import msg_decode, msg_encode, rvl
 from discene_ros.errors import (
     CameraInfoError,
     CloudFormatError,
@@ -188,10 +188,11 @@ def test_compressed_depth_is_decoded_as_compressed_depth_image_transport_does(fa
 
 def test_compressed_depth_bad_inputs(factory):
     mm = np.full((2, 3), 1500, np.uint16)
-    with pytest.raises(DepthError, match="rvl codec is not supported"):
+    for fmt in ("png", "16UC1; compressedDepth zstd", "16UC1; compressedDepthpng"):
+        with pytest.raises(DepthError, match="not image_transport's compressedDepth with png or rvl"):
+            msg_decode.depth_to_metres(_compressed_depth(factory, mm, fmt))
+    with pytest.raises(DepthError, match="claims"):  # a PNG where the format says rvl: its bytes as a size
         msg_decode.depth_to_metres(_compressed_depth(factory, mm, "16UC1; compressedDepth rvl"))
-    with pytest.raises(DepthError, match="not image_transport's compressedDepth"):
-        msg_decode.depth_to_metres(_compressed_depth(factory, mm, "png"))
     with pytest.raises(DepthError, match="encoding 'mono8' is not supported"):
         msg_decode.depth_to_metres(_compressed_depth(factory, mm, "mono8; compressedDepth"))
     good = _compressed_depth(factory, mm, "16UC1; compressedDepth")
@@ -210,6 +211,53 @@ def test_compressed_depth_bad_inputs(factory):
         msg_decode.depth_to_metres(eight_bit)
     with pytest.raises(DepthError, match="no valid pixel"):
         msg_decode.depth_to_metres(_compressed_depth(factory, np.zeros((2, 3)), "16UC1; compressedDepth"))
+
+
+# Words of rvl_codec.cpp's CompressRVL worked out by hand: [0, 0, 5, 5, 0] is zeros 2, non-zeros 2, the
+# differences 5 (zig-zag 10: nibbles 0xA, 0x1) and 0 (0x0), then zeros 1, non-zeros 0: nibbles 2 2 A 1 0 1 0,
+# padded to 0x22A10100, a little-endian int32. [5, 3]: zeros 0, non-zeros 2, 5 (A 1), -2 (zig-zag 3): 0x02A13000.
+RVL_BY_HAND = [([[0, 0, 5, 5, 0]], "0001a122"), ([[5, 3]], "0030a102")]
+
+
+@pytest.mark.parametrize("pixels, words", RVL_BY_HAND)
+def test_rvl_words_match_the_codec_worked_by_hand(pixels, words):
+    image = np.array(pixels, np.uint16)
+    payload = rvl.encode(image)
+    assert payload[:8] == struct.pack("<II", image.shape[1], image.shape[0]) and payload[8:].hex() == words
+    np.testing.assert_array_equal(rvl.decode(payload, 100), image)
+
+
+def test_rvl_round_trips_and_refuses_damage():
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        image = rng.integers(0, 65536, (h, w)).astype(np.uint16)
+        image[rng.random((h, w)) < rng.uniform(0.0, 0.8)] = 0
+        payload = rvl.encode(image)
+        if image.size <= 5 * len(payload):  # denser claims the codec itself refuses as corrupt
+            np.testing.assert_array_equal(rvl.decode(payload, 10**6), image)
+    yy, xx = np.mgrid[0:48, 0:64]
+    depth = (1500 + 800 * np.sin(xx / 5.0)).astype(np.uint16)
+    depth[10:20, 30:40] = 0
+    payload = rvl.encode(depth)
+    for cut in (1, 5, 40):
+        with pytest.raises(DepthError, match="ends (after|inside)"):
+            rvl.decode(payload[:-cut], 10**6)
+    with pytest.raises(DepthError, match="claims 64x48 pixels"):
+        rvl.decode(payload, 1000)  # over the reader's pixel limit
+    overrun = struct.pack("<II", 32, 48) + payload[8:]  # the same runs for an image of half the size
+    with pytest.raises(DepthError, match="runs cover"):
+        rvl.decode(overrun, 10**6)
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
+def test_rvl_compressed_depth_decodes_as_its_png_twin(factory, encoding):
+    """Jazzy's "...; compressedDepth rvl": the same 12-byte ConfigHeader and pixels as the png codec."""
+    depth = np.array([[0.3, 1.0, 4.0, 2.0], [7.5, np.nan, 12.0, 0.0], [1.1, 1.2, 1.3, 1.4]])
+    png = msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, encoding)
+    coded = msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, encoding, codec="rvl")
+    assert coded.format == f"{encoding}; compressedDepth rvl" and bytes(coded.data[:12]) == bytes(png.data[:12])
+    np.testing.assert_array_equal(msg_decode.depth_to_metres(coded), msg_decode.depth_to_metres(png))
 
 
 def test_camera_info_k_rescaling(factory):

@@ -231,13 +231,18 @@ def depth(rng: np.random.Generator) -> Case:
     if kind == 0:
         msg = msg_encode.depth_to_image(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
         return _frame(rng, hw=(h, w), depth=msg), OK, True
-    if kind in (7, 8):  # image_transport's compressedDepth, whole or cut / with its bytes garbled
-        msg = msg_encode.depth_to_compressed_depth(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])))
+    if kind in (7, 8):  # image_transport's compressedDepth (png or rvl), whole or cut / with its bytes garbled
+        codec = str(rng.choice(["png", "rvl"]))
+        msg = msg_encode.depth_to_compressed_depth(F, metres, "cam", STAMP, str(rng.choice(["16UC1", "32FC1"])),
+                                                   codec=codec)
         if kind == 7:
             return _frame(rng, hw=(h, w), depth=msg), OK, True
-        data = bytearray(msg.data.tobytes()[: int(rng.integers(0, msg.data.size))] if rng.random() < 0.5 else
-                         msg.data.tobytes())
-        data[12:] = rng.bytes(len(data) - 12) if len(data) > 12 else b""  # no PNG after the header
+        data = msg.data.tobytes()
+        if codec == "rvl":  # cut anywhere: the runs end before the image does (garbled runs may still decode)
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            data = bytearray(data[: int(rng.integers(0, len(data)))] if rng.random() < 0.5 else data)
+            data[12:] = rng.bytes(len(data) - 12) if len(data) > 12 else b""  # no PNG after the header
         msg.data = np.frombuffer(bytes(data), np.uint8)
         return _frame(rng, hw=(h, w), depth=msg), "bad_depth", True
     if kind == 1:

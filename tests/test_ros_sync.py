@@ -159,7 +159,7 @@ def test_undistorter_remaps_images_and_caches_the_maps():
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
 def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False,
-                mount_after=None, compressed_depth=False, image_frames=None):
+                mount_after=None, compressed_depth=None, image_frames=None):
     """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
     time), each with the colour image's header stamp, as RealSense + a SLAM node write them. The static
     camera mount comes first, or (``mount_after``) just before image ``mount_after``. ``image_frames``: the
@@ -180,7 +180,8 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
             if compressed_depth:  # as `ros2 bag record` of image_transport's compressedDepth topic
                 w.write(bag_io.DEPTH_TOPIC + "/compressedDepth",
-                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), "cam", t), t + depth_lag_ms * MS)
+                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), "cam", t, codec=compressed_depth),
+                        t + depth_lag_ms * MS)
             else:
                 w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
                         t + depth_lag_ms * MS)
@@ -191,7 +192,7 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
     return path
 
 
-@pytest.mark.parametrize("compressed_depth", [False, True])
+@pytest.mark.parametrize("compressed_depth", [None, "png", "rvl"])
 def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path, compressed_depth):
     cfg = BlockBackend().config
     cfg.use_depth = True
