@@ -46,6 +46,18 @@ def test_torch_backend_fp16_needs_cuda(lite_model, lite_config):
         TorchBackend(lite_model, lite_config, device="cpu", fp16=True)
 
 
+def test_a_cuda_device_the_machine_lacks_is_a_clear_error(monkeypatch):
+    """device 'cuda:1' on a one-GPU robot (a config copied from another machine): a ValueError the node
+    reports as 'cannot start', not a CUDA 'invalid device ordinal' traceback on the first upload."""
+    from export.backends.torch_backend import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        resolve_device("cuda:1")
+
+
 def test_input_validation_names_the_problem(lite_config):
     frame = _frame(lite_config)
     frame.image = frame.image[:, :, :64]
