@@ -33,6 +33,7 @@ NOT_GIVEN = ""  # default of those arguments: keep the params_file value
 # The camera topic of the Image display in rviz/discene.rviz; RViz's subscription to it is remapped to the
 # node's effective image topic. The occupancy displays name relative topics, so a namespaced launch finds them.
 RVIZ_CAMERA_TOPIC = "/camera/color/image_raw"
+RESPAWN_DELAY_S = 2.0  # with respawn:=true, the node restarts this long after it ended
 
 
 def boolean(name: str, text: str) -> bool:
@@ -87,7 +88,9 @@ def start_nodes(context, *args, **kwargs):
         # namespace "": the name is then fully qualified, so launch_ros files the overrides under the
         # node's own name, which rcl applies over /** entries and over earlier files (a given argument wins)
         Node(package=PACKAGE, executable="occupancy_node", name=NODE_NAME, namespace="", output="screen",
-             parameters=[params_file, overrides] if overrides else [params_file]),
+             parameters=[params_file, overrides] if overrides else [params_file],
+             respawn=boolean("respawn", LaunchConfiguration("respawn").perform(context)),
+             respawn_delay=RESPAWN_DELAY_S),
         Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
              arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"]), "-f", effective("world_frame")],
              parameters=rviz_parameters, remappings=[(RVIZ_CAMERA_TOPIC, camera_topic)],
@@ -106,6 +109,10 @@ def generate_launch_description() -> LaunchDescription:
             description=f"{spec.description} ({spec.kind}; left out: the params_file value, shipped default "
                         f"{spec.default!r})"))
     actions.append(DeclareLaunchArgument("rviz", default_value="false", description="Start RViz 2 (true/false)"))
+    actions.append(DeclareLaunchArgument(
+        "respawn", default_value="false",
+        description=f"Restart the node {RESPAWN_DELAY_S:g} s after it ends for any reason (true/false); a "
+                    "configuration it refuses then repeats its one-line error at that pace"))
     actions.append(DeclareLaunchArgument(
         "use_sim_time", default_value=NOT_GIVEN,
         description="Run the node and RViz on /clock (true/false; for `ros2 bag play --clock`); left out: the "

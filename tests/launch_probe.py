@@ -13,6 +13,7 @@ import sys
 from launch.actions import IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.utilities import perform_substitutions
+from launch.utilities.type_utils import perform_typed_substitution
 from launch_ros.actions import Node
 
 from launch import LaunchContext
@@ -31,7 +32,9 @@ def visit(entity, context, nodes):
                 cmd.append("<ros-specific>")
         nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "namespace": entity.expanded_node_namespace,
                       "cmd": cmd, "params": entity._Node__expanded_parameter_arguments,
-                      "remaps": entity.expanded_remapping_rules or []})
+                      "remaps": entity.expanded_remapping_rules or [],
+                      "respawn": perform_typed_substitution(context, entity._ExecuteLocal__respawn, bool),
+                      "respawn_delay": entity._ExecuteLocal__respawn_delay})
         return
     for sub in entity.visit(context) or []:
         visit(sub, context, nodes)

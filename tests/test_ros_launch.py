@@ -88,7 +88,7 @@ def run_launch(launch_env, distro: str, *args: str, launch_file: Path | None = N
     for node in json.loads(proc.stdout.strip().splitlines()[-1]):
         out[node["name"]] = {"namespace": node["namespace"], "cmd": node["cmd"],
                              "params": effective_parameters(node["params"], node["name"], node["namespace"]),
-                             "remaps": dict(node["remaps"])}
+                             "remaps": dict(node["remaps"]), "respawn": (node["respawn"], node["respawn_delay"])}
     return out
 
 
@@ -243,3 +243,11 @@ def test_use_sim_time_reaches_the_node_and_rviz(launch_env, distro, tmp_path):
     assert nodes[P.NODE_NAME]["params"]["use_sim_time"] is True and nodes["rviz2"]["params"] == {"use_sim_time": True}
     with pytest.raises(RuntimeError, match="booleans are true or false"):
         run_launch(launch_env, distro, "use_sim_time:=1")
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_respawn_is_off_unless_asked_for(launch_env, distro):
+    assert run_launch(launch_env, distro)[P.NODE_NAME]["respawn"] == (False, 2.0)
+    assert run_launch(launch_env, distro, "respawn:=true")[P.NODE_NAME]["respawn"] == (True, 2.0)
+    with pytest.raises(RuntimeError, match="booleans are true or false"):
+        run_launch(launch_env, distro, "respawn:=yes")
