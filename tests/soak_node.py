@@ -4,9 +4,9 @@ change to the node, the frame loop or the decoders:
 
     python tests/soak_node.py [--seconds 120] [--seed 0]
 
-About 13 % of the frames are hostile: TF to the world frame disappearing and coming back, image stamps
+About 14 % of the frames are hostile: TF to the world frame disappearing and coming back, image stamps
 jumping back (a bag loop), NaN in K, half-size images with their own camera info, rgba8, camera info of
-another resolution, image data cut short. Exits 1 unless the frame loop is alive at the end, every
+another resolution, image data cut short, an empty or ROS 1 style ("/cam") frame id. Exits 1 unless the frame loop is alive at the end, every
 received frame is counted once (processed, skipped by reason or dropped), every published cloud is
 finite, and the resident memory of the second half stays within 10 % of the first reading.
 """
@@ -56,7 +56,7 @@ def camera_pose() -> np.ndarray:
 
 def hostile_frame(rng: np.random.Generator, fake: FakeRos, tf_ok: object, stamp: int, base: np.ndarray,
                   events: dict[str, int]) -> tuple[object, object, int]:
-    """(image, camera info, stamp) of one frame, about 13 % of them hostile; TF is changed in ``fake``."""
+    """(image, camera info, stamp) of one frame, about 14 % of them hostile; TF is changed in ``fake``."""
     r = rng.random()
     rgb, k, info_hw, encoding, event = base, K, (480, 640), "bgr8", None
     if r < 0.03:
@@ -83,6 +83,10 @@ def hostile_frame(rng: np.random.Generator, fake: FakeRos, tf_ok: object, stamp:
     image = msg_encode.rgb_to_image(F, rgb, "cam", stamp, encoding)
     if 0.12 <= r < 0.13:
         event, image.data = "data_cut_short", image.data[: image.data.size // 2]
+    elif 0.13 <= r < 0.135:
+        event, image.header.frame_id = "no_frame_id", ""
+    elif 0.135 <= r < 0.14:
+        event, image.header.frame_id = "ros1_frame_id", "/cam"
     if event is not None:
         events[event] = events.get(event, 0) + 1
     return image, msg_encode.k_to_camera_info(F, k, info_hw[0], info_hw[1], "cam", stamp), stamp
