@@ -33,7 +33,7 @@ from .camera_pose import use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR, PIPELINING_MODES
+from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -91,6 +91,12 @@ class ReplaySettings:
     n_renders: int = 3                  # frames rendered into the report
     progress: bool = True               # progress bar
     report: bool = False                # write report.md and renders
+
+    def __post_init__(self) -> None:
+        for name in TF_FRAME_PARAMETERS:  # as the node's parameters: tf2's names, without a leading "/"
+            setattr(self, name, getattr(self, name).lstrip("/"))
+            if not getattr(self, name):
+                raise ValueError(f"{name} names no TF frame")
 
 
 @dataclass
