@@ -134,11 +134,17 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"parameter '{name}'={value!r} is not one of {', '.join(spec.choices)}")
         out[name] = value
-    for name in TF_FRAME_PARAMETERS:  # as tf2 stores frame ids: "/odom" (ROS 1 style) is "odom"
-        out[name] = out[name].lstrip("/")
-        if not out[name]:
-            raise ValueError(f"parameter '{name}' names no TF frame")
+    for name in TF_FRAME_PARAMETERS:
+        out[name] = tf_frame(name, out[name])
     return out
+
+
+def tf_frame(name: str, value: str) -> str:
+    """A frame parameter as tf2 stores frame ids: "/odom" (ROS 1 style) is "odom"; ValueError when empty."""
+    frame = value.lstrip("/")
+    if not frame:
+        raise ValueError(f"parameter '{name}' names no TF frame")
+    return frame
 
 
 def unknown_parameters_note(given: list[str] | set[str], known: list[str] | set[str]) -> str | None:
@@ -154,4 +160,3 @@ def unknown_parameters_note(given: list[str] | set[str], known: list[str] | set[
         named.append(f"'{name}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
     return (f"ignoring {len(unknown)} parameter(s) given for this node that it does not have: {', '.join(named)}; "
             "`occupancy_node --help` lists its parameters")
-

@@ -33,7 +33,7 @@ from .camera_pose import use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS
+from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, tf_frame
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -94,9 +94,7 @@ class ReplaySettings:
 
     def __post_init__(self) -> None:
         for name in TF_FRAME_PARAMETERS:  # as the node's parameters: tf2's names, without a leading "/"
-            setattr(self, name, getattr(self, name).lstrip("/"))
-            if not getattr(self, name):
-                raise ValueError(f"{name} names no TF frame")
+            setattr(self, name, tf_frame(name, getattr(self, name)))
 
 
 @dataclass

@@ -251,7 +251,7 @@ def test_replay_skips_images_naming_no_frame_and_reads_ros1_style_ones(tmp_path)
                       settings=ReplaySettings(world_frame="odom", n_renders=0, progress=False, use_depth=False)).summary
     assert s["frames"] == 3 and s["fallback_pose_frames"] == 0 and s["skipped_by_reason"] == {"bad_frame_id": 1}
     assert ReplaySettings(world_frame="/odom", base_frame="/base_link").world_frame == "odom"
-    with pytest.raises(ValueError, match="world_frame names no TF frame"):
+    with pytest.raises(ValueError, match="'world_frame' names no TF frame"):
         ReplaySettings(world_frame="/")
 
 
