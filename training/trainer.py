@@ -361,28 +361,10 @@ class Trainer:
         bar = None
         if self.is_main and self.cfg.progress:
             bar = tqdm(total=end, initial=self.step, desc=self.cfg.name, dynamic_ncols=True)
-        samples_per_step = self.cfg.batch_size * self.world
-        loader = batches = None
         with StopRequest() as stop:
             try:
-                if self.step < end:
-                    loader = self._loader()
-                    batches = iter(loader)
-                tick = time.perf_counter()
-                while self.step < end:
-                    values = self.train_step(next(batches))
-                    self._advance_position()
-                    rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
-                    tick = time.perf_counter()
-                    self._log(values, rate, bar)
-                    if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
-                        self.evaluate_and_keep_best()
-                    if self.step % self.cfg.ckpt_every == 0 and self.step < end:
-                        self.save("last.pt")
-                    if self._should_stop(started, time_budget_s, stop):
-                        break
-                del batches, loader  # shuts the loader workers down
-                if any_rank(stop.requested, self.device):  # on every rank, whichever got the signal
+                self._train_steps(end, started, time_budget_s, stop, bar)
+                if self.step < end and any_rank(stop.requested, self.device):  # every rank, whichever got it
                     path = self.save("last.pt")
                     raise TrainingInterrupted(stop.signal_name or "a stop signal on another rank", self.step,
                                               self.total_steps, str(path))
@@ -397,6 +379,27 @@ class Trainer:
                     self.writer.close()
                 barrier()
         return final
+
+    def _train_steps(self, end: int, started: float, budget_s: float | None, stop: StopRequest, bar: Any) -> None:
+        """Steps up to ``end``, until the time budget is spent or a stop signal came; the loader (and its
+        workers) lives as long as this call."""
+        if self.step >= end:
+            return
+        samples_per_step = self.cfg.batch_size * self.world
+        batches = iter(self._loader())
+        tick = time.perf_counter()
+        while self.step < end:
+            values = self.train_step(next(batches))
+            self._advance_position()
+            rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
+            tick = time.perf_counter()
+            self._log(values, rate, bar)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate_and_keep_best()
+            if self.step % self.cfg.ckpt_every == 0 and self.step < end:
+                self.save("last.pt")
+            if self._should_stop(started, budget_s, stop):
+                break
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
         if not self.is_main:
