@@ -210,12 +210,17 @@ def test_ctrl_c_stops_after_the_step_saves_last_and_resumes(data_root, tmp_path,
 def test_stop_request_second_ctrl_c_interrupts_at_once():
     import signal
 
-    from training.interrupt import StopRequest
+    from training.interrupt import REPEAT_WINDOW_S, StopRequest
 
-    with StopRequest() as stop:
+    now = [100.0]
+    with StopRequest(clock=lambda: now[0]) as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signal_name == "SIGINT"
+        now[0] += REPEAT_WINDOW_S / 2
+        signal.raise_signal(signal.SIGINT)  # torchrun's agent passing the terminal's Ctrl-C on: the same request
         signal.raise_signal(signal.SIGTERM)
-        assert stop.signal_name == "SIGTERM"
-        signal.raise_signal(signal.SIGTERM)  # torchrun's SIGTERM after the terminal's Ctrl-C: ignored
+        now[0] += REPEAT_WINDOW_S  # a while later
+        signal.raise_signal(signal.SIGTERM)  # a SIGTERM never interrupts a step
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -3,16 +3,21 @@
 A signal that lands inside a step could leave the optimizer half-way through an update, so the first
 SIGINT or SIGTERM only raises a flag; the training loop sees it after the step, saves ``last.pt`` and
 ends with ``TrainingInterrupted``. A second Ctrl-C interrupts at once (``KeyboardInterrupt``): the last
-checkpoint written before it is intact, since each is replaced atomically. Further SIGTERMs are
-ignored: ``torchrun`` sends one to every worker after the terminal's Ctrl-C has reached them.
+checkpoint written before it is intact, since each is replaced atomically. Under ``torchrun`` the
+terminal's Ctrl-C reaches every worker, and the agent then sends each the signal it got (its
+``SignalException`` handling, torch/distributed/elastic/agent/server/api.py): a repeat within
+``REPEAT_WINDOW_S`` of the first, and any later SIGTERM, count as the same request.
 """
 from __future__ import annotations
 
 import signal
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType, TracebackType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_WINDOW_S = 1.0  # a SIGINT this soon after the first is its echo (torchrun's agent), not a second Ctrl-C
 
 
 class TrainingInterrupted(Exception):
@@ -25,10 +30,12 @@ class TrainingInterrupted(Exception):
 
 class StopRequest:
     """While entered (on the main thread): SIGINT / SIGTERM set ``signal_name`` instead of interrupting;
-    a second SIGINT raises KeyboardInterrupt. Elsewhere (a thread) it installs nothing and never asks."""
+    a second SIGINT, more than REPEAT_WINDOW_S after the first, raises KeyboardInterrupt. Elsewhere (a
+    thread) it installs nothing and never asks."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.signal_name: str | None = None
+        self.clock, self.first_s = clock, 0.0  # when the first signal came
         self._previous: dict[int, object] = {}
 
     @property
@@ -37,8 +44,8 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-        elif signum == signal.SIGINT:
+            self.signal_name, self.first_s = signal.Signals(signum).name, self.clock()
+        elif signum == signal.SIGINT and self.clock() - self.first_s > REPEAT_WINDOW_S:
             raise KeyboardInterrupt
 
     def __enter__(self) -> StopRequest:
