@@ -41,6 +41,7 @@ from .msg_encode import matrix_to_quaternion
 IMAGE_TOPIC = "/camera/color/image_raw"
 COMPRESSED_TOPIC = "/camera/color/image_raw/compressed"
 CAMERA_INFO_TOPIC = "/camera/color/camera_info"
+COLOUR_WORDS = ("color", "colour", "rgb")  # topic names of a colour stream, preferred when picking topics
 DEPTH_TOPIC = "/camera/aligned_depth_to_color/image_raw"
 TF_TOPIC = "/tf"
 TF_STATIC_TOPIC = "/tf_static"
@@ -348,9 +349,8 @@ class McapPrefixReader:
 
 def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: tuple[str, ...] = (),
                exclude_word: str | None = None, include_word: str | None = None) -> str | None:
-    """Topic to read: ``wanted`` if given (must exist), else a preferred name, else the first of ``types``
-    (whose name lacks ``exclude_word`` / contains ``include_word``, either case: "compressedDepth" is a
-    depth topic)."""
+    """Topic to read: ``wanted`` if given (must exist), else a preferred name, else the first of
+    ``candidate_topics`` ("compressedDepth" counts as a depth topic)."""
     topics = {c.topic: c.msgtype for c in reader.connections}
     if wanted is not None:
         if wanted not in topics:
@@ -361,11 +361,19 @@ def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: 
     for name in prefer:
         if topics.get(name) in types:
             return name
-    for name, msgtype in sorted(topics.items()):
-        lower = name.lower()
-        if msgtype in types and not (exclude_word and exclude_word in lower) and (include_word or "") in lower:
-            return name
-    return None
+    found = candidate_topics(reader, types, exclude_word, include_word)
+    return found[0] if found else None
+
+
+def candidate_topics(reader: Any, types: tuple[str, ...], exclude_word: str | None = None,
+                     include_word: str | None = None) -> list[str]:
+    """Topics of ``types`` whose name lacks ``exclude_word`` and contains ``include_word`` (either case), in
+    the order ``pick_topic`` tries them: names with a colour word first (a RealSense's color stream before
+    its infra1 one, depth aligned to color before raw depth), then by name."""
+    found = [c.topic for c in reader.connections if c.msgtype in types]
+    found = [name for name in dict.fromkeys(found) if not (exclude_word and exclude_word in name.lower())
+             and (include_word or "") in name.lower()]
+    return sorted(found, key=lambda name: (not any(word in name.lower() for word in COLOUR_WORDS), name))
 
 
 def pick_depth_topic(reader: Any, wanted: str | None) -> str | None:

@@ -153,7 +153,9 @@ class OccupancyNode(Node):
         else:
             self.image_topic = self.cfg["image_topic"]
             self.create_subscription(Image, self.image_topic, self.image_callback, qos)
-        self.create_subscription(CameraInfo, self.cfg["camera_info_topic"], self.camera_info_callback, qos)
+        # empty: beside the image topic, as image_transport's CameraSubscriber pairs them
+        self.info_topic = self.cfg["camera_info_topic"] or P.camera_info_topic_for(self.image_topic)
+        self.create_subscription(CameraInfo, self.info_topic, self.camera_info_callback, qos)
         if self.cfg["use_depth"]:  # image_transport's compressedDepth topic, or a raw depth Image
             depth_type = CompressedImage if self.cfg["depth_topic"].endswith("/compressedDepth") else Image
             self.create_subscription(depth_type, self.cfg["depth_topic"], self.depth_callback, qos)
@@ -178,7 +180,7 @@ class OccupancyNode(Node):
         frozen = freeze_startup_objects()  # no full garbage collection pauses the frames for their sake
         self.get_logger().info(
             f"occupancy node ready: {describe()}, frame loop {loop_mode}, {frozen} start-up objects frozen out of "
-            f"the garbage collector, image {self.image_topic}, world frame "
+            f"the garbage collector, image {self.image_topic}, camera info {self.info_topic}, world frame "
             f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
             "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
         self.warn_unknown_parameters()

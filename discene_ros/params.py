@@ -62,7 +62,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
               "instead of the raw image; compressed images are decoded on a thread of their own where the frame loop "
               "is pipelined"),
-    ParamSpec("camera_info_topic", "/camera/color/camera_info", "CameraInfo of the RGB image (any resolution, K is rescaled)"),
+    ParamSpec("camera_info_topic", "", "CameraInfo of the RGB image (any resolution, K is rescaled); empty = the "
+              "image topic's camera_info beside it, as image_transport's CameraSubscriber finds it "
+              "(/camera/color/image_raw -> /camera/color/camera_info)"),
     ParamSpec("depth_topic", "/camera/aligned_depth_to_color/image_raw",
               "Depth aligned to the RGB image (16UC1 mm or 32FC1 m; a topic ending in /compressedDepth is read as "
               "image_transport's compressedDepth, png or rvl); used only when use_depth is true"),
@@ -137,6 +139,17 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     for name in TF_FRAME_PARAMETERS:
         out[name] = tf_frame(name, out[name])
     return out
+
+
+def camera_info_topic_for(image_topic: str) -> str:
+    """The CameraInfo topic beside an image topic, image_transport's ``getCameraInfoTopic`` rule (its parent
+    namespace + ``/camera_info``) on the base topic (a ``/compressed`` transport suffix removed); a relative
+    image topic gives a relative one, so that both resolve in the node's namespace alike."""
+    base = image_topic.rstrip("/").removesuffix("/compressed")
+    parent = "/".join(token for token in base.split("/")[:-1] if token)
+    if base.startswith("/"):
+        return f"/{parent}/camera_info" if parent else "/camera_info"
+    return f"{parent}/camera_info" if parent else "camera_info"
 
 
 def tf_frame(name: str, value: str) -> str:

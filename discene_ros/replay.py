@@ -33,7 +33,7 @@ from .camera_pose import use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, tf_frame
+from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, camera_info_topic_for, tf_frame
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -470,8 +470,9 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         use_depth = config.use_depth if settings.use_depth is None else settings.use_depth
         if use_depth and not config.use_depth:
             raise ValueError(f"--use-depth: model '{config.name}' has no depth branch (use a DiScene-dagger model)")
+        # the image topic's own camera_info first, as the node (and image_transport) pairs them
         info_topic = bag_io.pick_topic(reader, settings.info_topic, ("sensor_msgs/msg/CameraInfo",),
-                                       prefer=(bag_io.CAMERA_INFO_TOPIC,))
+                                       prefer=(camera_info_topic_for(topic), bag_io.CAMERA_INFO_TOPIC))
         depth_topic = bag_io.pick_depth_topic(reader, settings.depth_topic) if use_depth else None
         if use_depth and depth_topic is None:
             raise bag_io.BagError(f"bag {bag} has no depth image topic (an Image named '*depth*' or a compressedDepth "
@@ -511,7 +512,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None else None, topic, gt)
-        summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted)
+        summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
+                       info_topic=info_topic, other_image_topics=other_cameras(reader, topic))
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         result = ReplayResult(summary, rep.renders)
         if settings.report:
@@ -522,6 +524,12 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
     finally:
         reader.close()
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def other_cameras(reader: Any, topic: str) -> list[str]:
+    """Colour image topics of the bag other than ``topic`` and its own transports (``.../compressed``)."""
+    return [name for name in bag_io.candidate_topics(reader, bag_io.IMAGE_TYPES, exclude_word="depth")
+            if name != topic and not name.startswith(topic + "/") and not topic.startswith(name + "/")]
 
 
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
@@ -563,7 +571,8 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "dropped": 0, "fallback_pose_frames": 0, "output_bag": None,
-            "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "error": error}
+            "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
+            "other_image_topics": [], "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> None:
@@ -682,6 +691,9 @@ def run_cli(args: argparse.Namespace) -> int:
     else:
         print("no ground truth in the bag: IoU/mIoU not computed")
     print(f"report: {report}\noutput bag: {s['output_bag'] or 'none (--no-output-bag)'}")
+    if s.get("other_image_topics") and args.image_topic is None:
+        print(f"discene-replay: note: read {s['image_topic']} (camera info {s['info_topic']}); the bag has other "
+              f"image topics too: {', '.join(s['other_image_topics'])} (--image-topic chooses)", file=sys.stderr)
     if s.get("fallback_pose_note"):
         print(f"discene-replay: WARNING: {s['fallback_pose_note']}", file=sys.stderr)
     if s["frames"] == 0 and not s.get("interrupted"):

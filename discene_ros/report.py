@@ -36,7 +36,10 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     lat = summary.get("latency_ms") or {}
     lines = [
         "# DiScene replay report", "",
-        f"- bag: `{summary.get('bag')}` (image topic `{summary.get('image_topic')}`)",
+        f"- bag: `{summary.get('bag')}` (image topic `{summary.get('image_topic')}`"
+        + (f", camera info `{summary['info_topic']}`" if summary.get("info_topic") else "") + ")",
+        *([f"- other image topics in the bag, not read: {', '.join(f'`{t}`' for t in summary['other_image_topics'])}"]
+          if summary.get("other_image_topics") else []),
         f"- model: `{summary.get('model_config')}` on {summary.get('backend')}",
         *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",

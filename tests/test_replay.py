@@ -366,3 +366,39 @@ def test_ctrl_c_keeps_what_was_replayed(tmp_path, monkeypatch, capsys):
 def test_sigterm_is_handled_as_ctrl_c():
     with pytest.raises(KeyboardInterrupt):
         replay.interrupt_on_sigterm(15, None)
+
+
+def _two_camera_bag(path, n=3):
+    """A RealSense-like bag whose topics are not the defaults: an infra1 stream (mono8, its own camera info
+    with other intrinsics) and an rgb stream, each with its camera_info beside it."""
+    f = TypestoreFactory(bag_io.typestore())
+    k_rgb, k_ir = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]]), np.array([[45.0, 0, 30], [0, 45, 25], [0, 0, 1]])
+    with bag_io.BagWriter(path, "mcap", f.typestore) as w:
+        for i in range(n):
+            t = 10**18 + i * 50_000_000
+            w.write(bag_io.TF_TOPIC, f.new("tf2_msgs/msg/TFMessage", transforms=[
+                msg_encode.matrix_to_transform_stamped(f, np.eye(4), "world", "cam", t)]), t)
+            for name, k, encoding in (("infra1", k_ir, "mono8"), ("rgb", k_rgb, "rgb8")):
+                w.write(f"/rs/{name}/camera_info", msg_encode.k_to_camera_info(f, k, 48, 64, "cam", t), t)
+                w.write(f"/rs/{name}/image_raw", msg_encode.rgb_to_image(f, np.zeros((48, 64, 3), np.uint8), "cam", t,
+                                                                        encoding), t)
+    return path
+
+
+def test_replay_reads_the_colour_stream_and_its_own_camera_info(tmp_path, monkeypatch, capsys):
+    """Auto-picking by name order took the infra1 stream (and the alphabetically first camera info); a colour
+    word now wins, and camera info comes from beside the image topic, as image_transport pairs them."""
+    bag = _two_camera_bag(tmp_path / "rs")
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    common = ["--bag", str(bag), "--no-progress", "--world-frame", "world", "--renders", "0"]
+    assert replay.main([*common, "--out", str(tmp_path / "a"), "--json", str(tmp_path / "a.json")]) == 0
+    s = json.loads((tmp_path / "a.json").read_text())
+    assert (s["image_topic"], s["info_topic"], s["other_image_topics"]) == (
+        "/rs/rgb/image_raw", "/rs/rgb/camera_info", ["/rs/infra1/image_raw"])
+    assert "other image topics too: /rs/infra1/image_raw (--image-topic chooses)" in capsys.readouterr().err
+    assert "`/rs/infra1/image_raw`" in (tmp_path / "a" / "report.md").read_text()
+    assert replay.main([*common, "--out", str(tmp_path / "b"), "--json", str(tmp_path / "b.json"),
+                        "--image-topic", "/rs/infra1/image_raw"]) == 0
+    s = json.loads((tmp_path / "b.json").read_text())
+    assert (s["image_topic"], s["info_topic"], s["frames"]) == ("/rs/infra1/image_raw", "/rs/infra1/camera_info", 3)
+    assert "other image topics" not in capsys.readouterr().err  # chosen, so nothing to point out

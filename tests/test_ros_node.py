@@ -155,6 +155,25 @@ def test_unknown_parameters_note():
     assert "'worldframe' (did you mean 'world_frame'?)" in note and "'zzz'," not in note and note.count("did you") == 1
 
 
+def test_camera_info_is_found_beside_the_image_topic_unless_given(ros):
+    """image_transport's CameraSubscriber rule: a user who sets only image_topic gets its camera_info."""
+    node = make_node(ros, image_topic="/front/color/image_raw", use_compressed=True)
+    assert {s.topic for s in node.subscriptions} == {"/front/color/image_raw/compressed", "/front/color/camera_info"}
+    assert any("camera info /front/color/camera_info" in t for level, t in node.get_logger().records)
+    node.destroy_node()
+    ros[0].overrides.clear()
+    node = make_node(ros, image_topic="/front/color/image_raw", camera_info_topic="/calib/front")
+    assert {s.topic for s in node.subscriptions} == {"/front/color/image_raw", "/calib/front"}
+
+
+def test_camera_info_topic_for_follows_image_transport():
+    cases = {"/camera/color/image_raw": "/camera/color/camera_info",
+             "/camera/color/image_raw/compressed": "/camera/color/camera_info",  # the base topic's
+             "color/image_raw": "color/camera_info", "image_raw": "camera_info", "/image": "/camera_info",
+             "//a//b/image/": "/a/b/camera_info"}  # getCameraInfoTopic drops empty tokens
+    assert {topic: P.camera_info_topic_for(topic) for topic in cases} == cases
+
+
 @pytest.mark.parametrize("pipelining, serial, said", [
     ("auto", True, "frame loop one frame at a time (pipelining auto: the network runs on the CPU"),
     ("on", False, "frame loop pipelining on"), ("off", True, "frame loop pipelining off")])
