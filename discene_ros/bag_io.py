@@ -50,6 +50,7 @@ GT_POSE_TOPIC = "/discene/ground_truth/grid_pose"
 GT_LABELS_TOPIC = "/discene/ground_truth/labels"
 PRED_TOPIC = "/discene/occupancy/points"
 PRED_POSE_TOPIC = "/discene/occupancy/grid_pose"
+OWN_NAMESPACE = "/discene/"  # the topics above under it are this package's, never a camera's
 WORLD_FRAME = "world"
 CAMERA_FRAME = "camera_color_optical_frame"
 
@@ -367,10 +368,11 @@ def pick_topic(reader: Any, wanted: str | None, types: tuple[str, ...], prefer: 
 
 def candidate_topics(reader: Any, types: tuple[str, ...], exclude_word: str | None = None,
                      include_word: str | None = None) -> list[str]:
-    """Topics of ``types`` whose name lacks ``exclude_word`` and contains ``include_word`` (either case), in
+    """Topics of ``types`` whose name lacks ``exclude_word`` and contains ``include_word`` (either case), none
+    of this package's own (ground truth, predictions, under ``OWN_NAMESPACE``), in
     the order ``pick_topic`` tries them: names with a colour word first (a RealSense's color stream before
     its infra1 one, depth aligned to color before raw depth), then by name."""
-    found = [c.topic for c in reader.connections if c.msgtype in types]
+    found = [c.topic for c in reader.connections if c.msgtype in types and not c.topic.startswith(OWN_NAMESPACE)]
     found = [name for name in dict.fromkeys(found) if not (exclude_word and exclude_word in name.lower())
              and (include_word or "") in name.lower()]
     return sorted(found, key=lambda name: (not any(word in name.lower() for word in COLOUR_WORDS), name))

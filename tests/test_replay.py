@@ -402,3 +402,15 @@ def test_replay_reads_the_colour_stream_and_its_own_camera_info(tmp_path, monkey
     s = json.loads((tmp_path / "b.json").read_text())
     assert (s["image_topic"], s["info_topic"], s["frames"]) == ("/rs/infra1/image_raw", "/rs/infra1/camera_info", 3)
     assert "other image topics" not in capsys.readouterr().err  # chosen, so nothing to point out
+
+
+def test_ground_truth_label_images_are_not_another_camera(bags):
+    """The dataset bags carry ground-truth label images (sensor_msgs/Image under /discene/): neither a
+    camera to pick nor one to point out."""
+    reader = bag_io.open_reader(bags["mcap"])
+    try:
+        assert bag_io.GT_LABELS_TOPIC in {c.topic for c in reader.connections}
+        topic = bag_io.pick_topic(reader, None, bag_io.IMAGE_TYPES, exclude_word="depth")
+        assert not topic.startswith("/discene/") and replay.other_cameras(reader, topic) == []
+    finally:
+        reader.close()
