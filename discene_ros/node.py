@@ -133,7 +133,6 @@ class OccupancyNode(Node):
         self.processor = FrameProcessor(self.pipeline, settings)
         self.stats = FrameStats()
         self.throttle = WarnThrottle(self.cfg["warn_throttle_s"])
-        self.partners = FramePartners(self.cfg["sync_tolerance_s"], self.cfg["sync_wait_s"], self.cfg["use_depth"])
         self.fallback_note: str | None = None
         self.mount_found = False
         self.undistortion_logged = False
@@ -149,12 +148,13 @@ class OccupancyNode(Node):
         compressed = self.cfg["use_compressed"] or image_topic.endswith("/compressed")
         if compressed:
             self.image_topic = image_topic if image_topic.endswith("/compressed") else image_topic + "/compressed"
-            self.create_subscription(CompressedImage, self.image_topic, self.image_callback, qos)
         else:
             self.image_topic = self.cfg["image_topic"]
-            self.create_subscription(Image, self.image_topic, self.image_callback, qos)
         # empty: beside the image topic, as image_transport's CameraSubscriber pairs them
         self.info_topic = self.cfg["camera_info_topic"] or P.camera_info_topic_for(self.image_topic)
+        self.partners = FramePartners(self.cfg["sync_tolerance_s"], self.cfg["sync_wait_s"], self.cfg["use_depth"],
+                                      info_topic=self.info_topic, depth_topic=self.cfg["depth_topic"])
+        self.create_subscription(CompressedImage if compressed else Image, self.image_topic, self.image_callback, qos)
         self.create_subscription(CameraInfo, self.info_topic, self.camera_info_callback, qos)
         if self.cfg["use_depth"]:  # image_transport's compressedDepth topic, or a raw depth Image
             depth_type = CompressedImage if self.cfg["depth_topic"].endswith("/compressedDepth") else Image

@@ -85,10 +85,12 @@ class StampedBuffer:
 class FramePartners:
     """Camera info and depth buffers of one colour stream and the pairing rule shared by node and replay."""
 
-    def __init__(self, tolerance_s: float, wait_s: float, use_depth: bool, maxlen: int = 30) -> None:
+    def __init__(self, tolerance_s: float, wait_s: float, use_depth: bool, maxlen: int = 30,
+                 info_topic: str | None = "the camera info topic", depth_topic: str = "the depth topic") -> None:
         self.tolerance_ns = int(round(tolerance_s * 1e9))
         self.wait_s = float(wait_s)
         self.use_depth = use_depth
+        self.info_topic, self.depth_topic = info_topic, depth_topic  # named in the skip messages
         self.info = StampedBuffer(maxlen)
         self.depth = StampedBuffer(maxlen)
 
@@ -106,13 +108,14 @@ class FramePartners:
         timeout = self.wait_s if wait else 0.0
         info = self.info.wait_nearest(stamp_ns, self.tolerance_ns, timeout) or self.info.newest()
         if info is None:
-            raise MissingCameraInfoError("no CameraInfo received yet for the image topic")
+            raise MissingCameraInfoError(f"no CameraInfo received yet on {self.info_topic}" if self.info_topic else
+                                         "no CameraInfo topic to pair the image with")
         if not self.use_depth:
             return info, None
         depth = self.depth.wait_nearest(stamp_ns, self.tolerance_ns, timeout)
         if depth is None:
             newest = self.depth.newest()
-            seen = ("no depth image received yet" if newest is None else
+            seen = (f"no depth image received yet on {self.depth_topic}" if newest is None else
                     f"the newest depth image is {abs(stamp_to_ns(newest.header.stamp) - stamp_ns) / 1e6:.1f} ms away")
             raise DepthSyncError(f"no depth image within {self.tolerance_ns / 1e6:.1f} ms of the colour image "
                                  f"after waiting {timeout * 1e3:.0f} ms ({seen})")

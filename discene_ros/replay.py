@@ -157,7 +157,8 @@ class BagFrames:
         self.world_frame, self.base_frame = world_frame, base_frame
         self.ground_truth = ground_truth
         self.processor = processor
-        self.partners = FramePartners(tolerance_s, wait_s, use_depth=depth_topic is not None, maxlen=200)
+        self.partners = FramePartners(tolerance_s, wait_s, use_depth=depth_topic is not None, maxlen=200,
+                                      info_topic=info_topic, depth_topic=depth_topic or "")
         self.wait_ns = int(wait_s * 1e9)
         self.tf = bag_io.TfTree()
         self.error: str | None = None

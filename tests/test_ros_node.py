@@ -157,9 +157,13 @@ def test_unknown_parameters_note():
 
 def test_camera_info_is_found_beside_the_image_topic_unless_given(ros):
     """image_transport's CameraSubscriber rule: a user who sets only image_topic gets its camera_info."""
-    node = make_node(ros, image_topic="/front/color/image_raw", use_compressed=True)
+    node = make_node(ros, image_topic="/front/color/image_raw", use_compressed=True, sync_wait_s=0.0)
     assert {s.topic for s in node.subscriptions} == {"/front/color/image_raw/compressed", "/front/color/camera_info"}
     assert any("camera info /front/color/camera_info" in t for level, t in node.get_logger().records)
+    node.image_callback(msg_encode.rgb_to_compressed(F, RGB, "cam", 5 * MS, "jpeg"))  # its camera info never came
+    assert wait_until(lambda: node.stats.skipped["missing_camera_info"] == 1)
+    assert wait_until(lambda: any("no CameraInfo received yet on /front/color/camera_info" in t
+                                  for level, t in node.get_logger().records if level == "warn"))
     node.destroy_node()
     ros[0].overrides.clear()
     node = make_node(ros, image_topic="/front/color/image_raw", camera_info_topic="/calib/front")
