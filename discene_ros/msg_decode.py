@@ -471,6 +471,9 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
     if k.size != 9 or not np.all(np.isfinite(k)):
         raise CameraInfoError(f"camera info K must hold 9 finite numbers, got {k.reshape(-1).tolist()}")
     k = k.reshape(3, 3)
+    if not np.any(k):  # what camera drivers publish without a calibration file
+        raise CameraInfoError("camera info K is all zero: the camera is uncalibrated. Calibrate it (the "
+                              "camera_calibration package) and give its driver the calibration file")
     if k[0, 0] <= 0 or k[1, 1] <= 0:
         raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0")
     bx, by = max(int(getattr(msg, "binning_x", 0)), 1), max(int(getattr(msg, "binning_y", 0)), 1)

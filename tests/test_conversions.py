@@ -272,7 +272,10 @@ def test_camera_info_k_rescaling(factory):
     info.binning_x = info.binning_y = 2  # binned image of a 640x480 calibration
     np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (240, 320)), half)
     bad = msg_encode.k_to_camera_info(factory, np.zeros((3, 3)), 480, 640, "cam", STAMP)
-    with pytest.raises(CameraInfoError, match="uncalibrated"):
+    with pytest.raises(CameraInfoError, match="all zero: the camera is uncalibrated. Calibrate it"):
+        msg_decode.camera_info_to_k(bad)
+    bad.k = np.array([0.0, 0, 320, 0, 0, 240, 0, 0, 1])
+    with pytest.raises(CameraInfoError, match="uncalibrated or invalid: fx=0.0"):
         msg_decode.camera_info_to_k(bad)
     nores = msg_encode.k_to_camera_info(factory, k, 0, 0, "cam", STAMP)
     with pytest.raises(CameraInfoError, match="resolution"):
