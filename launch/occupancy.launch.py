@@ -7,7 +7,8 @@
 Parameters come from ``params_file`` (default: the shipped config/occupancy.yaml). The launch
 arguments below override single parameters, and only when given: an argument left out keeps the
 value of ``params_file``. Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
-``world_frame`` as its fixed frame, its camera display follows the effective ``image_topic``, and it
+``world_frame`` as its fixed frame, its camera display (the occupancy over the image) follows the
+effective ``image_topic`` and camera info, and it
 runs in the node's namespace (included under ``PushRosNamespace``, one per camera). ``use_sim_time``
 goes to both.
 """
@@ -22,7 +23,7 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-from discene_ros.params import NODE_NAME, PARAMS_BY_NAME
+from discene_ros.params import NODE_NAME, PARAMS_BY_NAME, camera_info_topic_for
 
 PACKAGE = "discene_ros"
 # Node parameters offered as launch arguments (type, description and default come from discene_ros/params.py).
@@ -30,9 +31,11 @@ LAUNCH_PARAMETERS = ("model_path", "backend", "device", "fp16", "cuda_graph", "c
                      "tf32_convolutions", "image_topic", "use_compressed", "camera_info_topic", "depth_topic",
                      "use_depth", "world_frame", "use_fallback_pose", "score_threshold", "pipelining")
 NOT_GIVEN = ""  # default of those arguments: keep the params_file value
-# The camera topic of the Image display in rviz/discene.rviz; RViz's subscription to it is remapped to the
-# node's effective image topic. The occupancy displays name relative topics, so a namespaced launch finds them.
+# The image topic of the Camera display in rviz/discene.rviz (the occupancy drawn over the image), and the
+# camera_info RViz finds beside it (image_transport's rule); both are remapped to the node's effective
+# topics. The occupancy displays name relative topics, so a namespaced launch finds them.
 RVIZ_CAMERA_TOPIC = "/camera/color/image_raw"
+RVIZ_CAMERA_INFO_TOPIC = camera_info_topic_for(RVIZ_CAMERA_TOPIC)
 RESPAWN_DELAY_S = 2.0  # with respawn:=true, the node restarts this long after it ended
 
 
@@ -81,8 +84,10 @@ def start_nodes(context, *args, **kwargs):
         overrides["use_sim_time"] = boolean("use_sim_time", sim_time)
     rviz_parameters = ([{"use_sim_time": overrides.get("use_sim_time", in_file.get("use_sim_time"))}]
                        if "use_sim_time" in overrides or "use_sim_time" in in_file else [])
-    # RViz's camera display shows the image the node reads (the raw one where the node reads /compressed)
+    # RViz's camera display shows the image the node reads (the raw one where the node reads /compressed),
+    # with the node's camera info
     camera_topic = effective("image_topic").rstrip("/").removesuffix("/compressed")
+    info_topic = effective("camera_info_topic") or camera_info_topic_for(camera_topic)
     share = FindPackageShare(PACKAGE)
     return [
         # namespace "": the name is then fully qualified, so launch_ros files the overrides under the
@@ -93,7 +98,8 @@ def start_nodes(context, *args, **kwargs):
              respawn_delay=RESPAWN_DELAY_S),
         Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
              arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"]), "-f", effective("world_frame")],
-             parameters=rviz_parameters, remappings=[(RVIZ_CAMERA_TOPIC, camera_topic)],
+             parameters=rviz_parameters,
+             remappings=[(RVIZ_CAMERA_TOPIC, camera_topic), (RVIZ_CAMERA_INFO_TOPIC, info_topic)],
              condition=IfCondition(LaunchConfiguration("rviz"))),
     ]
 

@@ -213,6 +213,8 @@ def test_rviz_under_a_namespace_shows_that_nodes_topics(launch_env, distro, tmp_
     node_ns, rviz_ns = nodes[P.NODE_NAME]["namespace"], nodes["rviz2"]["namespace"]
     assert node_ns == rviz_ns == "/front"
     displays = rviz_displays()
+    names = {d["Name"] for d in displays.values()}
+    assert set(displays["rviz_default_plugins/Camera"]["Visibility"]) <= names | {"Value"}  # display names
     for plugin, topic in (("PointCloud2", P.TOPIC_CLOUD), ("MarkerArray", P.TOPIC_MARKERS), ("Pose", P.TOPIC_GRID_POSE)):
         shown = displays[f"rviz_default_plugins/{plugin}"]["Topic"]["Value"]
         assert resolve(shown, rviz_ns) == resolve(topic, node_ns) == "/front/" + topic
@@ -220,15 +222,20 @@ def test_rviz_under_a_namespace_shows_that_nodes_topics(launch_env, distro, tmp_
 
 
 @pytest.mark.parametrize("distro", DISTROS)
-def test_rvizs_camera_display_is_remapped_to_the_nodes_image_topic(launch_env, distro, tmp_path):
-    camera = rviz_displays()["rviz_default_plugins/Image"]["Topic"]["Value"]
-    assert run_launch(launch_env, distro, "rviz:=true")["rviz2"]["remaps"] == {camera: P.defaults()["image_topic"]}
+def test_rvizs_camera_display_is_remapped_to_the_nodes_image_and_camera_info(launch_env, distro, tmp_path):
+    """The Camera display draws the occupancy over the image; RViz finds its camera_info beside the image
+    topic (image_transport's rule), so both are remapped to what the node reads."""
+    camera = rviz_displays()["rviz_default_plugins/Camera"]["Topic"]["Value"]
+    info = P.camera_info_topic_for(camera)
+    assert run_launch(launch_env, distro, "rviz:=true")["rviz2"]["remaps"] == {
+        camera: P.defaults()["image_topic"], info: "/camera/color/camera_info"}
     remaps = run_launch(launch_env, distro, "rviz:=true", "image_topic:=/front_cam/image_raw/compressed")["rviz2"]["remaps"]
-    assert remaps == {camera: "/front_cam/image_raw"}  # the raw image: RViz's Image display subscribes raw
+    assert remaps == {camera: "/front_cam/image_raw", info: "/front_cam/camera_info"}  # RViz subscribes the raw image
     mine = tmp_path / "mine.yaml"
-    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"image_topic": "/usb_cam/image_raw"}}}))
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"image_topic": "/usb_cam/image_raw",
+                                                                 "camera_info_topic": "/usb_cam/calibration"}}}))
     assert run_launch(launch_env, distro, "rviz:=true", f"params_file:={mine}")["rviz2"]["remaps"] == {
-        camera: "/usb_cam/image_raw"}
+        camera: "/usb_cam/image_raw", info: "/usb_cam/calibration"}
 
 
 @pytest.mark.parametrize("distro", DISTROS)
