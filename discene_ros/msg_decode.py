@@ -77,7 +77,8 @@ def camera_frame_id(header: Any) -> str:
     """The frame a message header names, as tf2 stores it: without a leading '/' (tf2 strips it from the
     transforms it is given but refuses to look one up with it, so a ROS 1 style ``/camera`` would never
     be found). An empty frame id raises FrameIdError at once: tf2 would refuse it only after the lookup's
-    timeout, and warn on stderr for every ``can_transform``."""
+    timeout, and its ``can_transform`` answers False for it, which the fallback pose took for an absent
+    world frame."""
     frame = str(header.frame_id).lstrip("/")
     if not frame:
         raise FrameIdError(f"the image header names no frame (frame_id {header.frame_id!r}): the camera driver "
