@@ -14,6 +14,8 @@ import numpy as np
 
 from .errors import CameraInfoError
 
+MIN_MAP_COVERAGE = 0.5  # share of the pinhole image whose undistortion samples the raw image
+
 DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant")
 
 
@@ -63,6 +65,19 @@ def undistort_map(k: np.ndarray, model: str, d: np.ndarray, hw: tuple[int, int])
     x, y = (u - cx) / fx, (v - cy) / fy
     xd, yd = distort_normalised(x, y, model, d)
     return (fx * xd + cx).astype(np.float32), (fy * yd + cy).astype(np.float32)
+
+
+def check_map_coverage(map_x: np.ndarray, map_y: np.ndarray, hw: tuple[int, int], model: str, d: np.ndarray) -> None:
+    """CameraInfoError when the map samples the raw image for less than MIN_MAP_COVERAGE of the pinhole
+    image: coefficients of another camera or resolution, or garbage, would otherwise give a mostly black
+    image that the network reads as a scene. A real lens leaves at most its corners uncovered."""
+    h, w = hw
+    inside = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)  # NaN compares False
+    coverage = float(inside.mean())
+    if coverage < MIN_MAP_COVERAGE:
+        raise CameraInfoError(f"{model} distortion coefficients {np.round(d, 6).tolist()} map only {100 * coverage:.0f} % "
+                              f"of the {w}x{h} image inside the raw one (at least {100 * MIN_MAP_COVERAGE:.0f} % "
+                              "expected): a calibration of another camera or resolution?")
 
 
 class BilinearTable:
@@ -116,9 +131,17 @@ class Undistorter:
             if len(self._cache) > 8:  # a changing calibration must not grow memory without bound
                 self._cache.clear()
             map_x, map_y = undistort_map(k, model, d, hw)
-            self._cache[key] = (map_x, map_y, BilinearTable(map_x, map_y, hw))
             self.maps_built += 1
-        return self._cache[key]
+            try:
+                check_map_coverage(map_x, map_y, hw, model, d)
+            except CameraInfoError as exc:  # refused once per calibration, not recomputed per frame
+                self._cache[key] = exc
+                raise
+            self._cache[key] = (map_x, map_y, BilinearTable(map_x, map_y, hw))
+        cached = self._cache[key]
+        if isinstance(cached, CameraInfoError):
+            raise cached
+        return cached
 
     def __call__(self, info: Any, rgb: np.ndarray, k: np.ndarray,
                  depth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -11,7 +11,7 @@ from test_ros_support import BlockBackend, pipeline_for
 
 from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.camera_pose import TransformNotReadyError, mount_fallback_pose, mount_height_pitch
-from discene_ros.errors import MissingCameraInfoError
+from discene_ros.errors import CameraInfoError, MissingCameraInfoError
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.pairing import DepthSyncError, FramePartners, StampedBuffer
 from discene_ros.replay import ReplaySettings
@@ -155,6 +155,21 @@ def test_undistorter_remaps_images_and_caches_the_maps():
     info.d = np.zeros(5)
     same, _ = undistort(info, ramp, K)
     assert same is ramp  # rectified images pass through untouched
+
+
+def test_coefficients_that_map_most_of_the_image_outside_are_refused_once():
+    """Garbage D would give a mostly black image that the network reads as a scene: refused as bad camera
+    info, once per calibration (not rebuilt per frame). Even a strong real pincushion keeps most of it."""
+    info = msg_encode.k_to_camera_info(F, K, 48, 64, "cam", 0)
+    info.d = np.array([1e6, 1e6, 0.0, 0.0, 1e6])
+    ramp = np.zeros((48, 64, 3), np.uint8)
+    undistort = Undistorter()
+    for _ in range(2):
+        with pytest.raises(CameraInfoError, match="map only 0 % of the 64x48 image"):
+            undistort(info, ramp, K)
+    assert undistort.maps_built == 1
+    info.d = np.array([0.6, 0.4, 0.0, 0.0, 0.0])
+    undistort(info, ramp, K)
 
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
