@@ -15,6 +15,28 @@ import numpy as np
 from .errors import FrameError
 from .processing import fallback_camera_pose
 
+# The network expects an upright camera. Poses from TF beyond these limits most often mean a frame_id that is
+# not the optical frame (REP 103: z forward, x right, y down), e.g. a camera_link (x forward, z up).
+MAX_ELEVATION_DEG = 45.0   # the optical axis this far above the horizon
+MAX_DOWN_AXIS_UP = 0.3     # z component (up) of the image's down axis (y) in the world: about 110 deg of roll
+
+
+def orientation_problem(camera_to_world: np.ndarray, camera_frame: str) -> str | None:
+    """What looks wrong with a camera pose from TF for this network (looking far up, or upside down), else
+    None. A warning, not a skip: an unusual mount may be meant."""
+    rotation = np.asarray(camera_to_world, dtype=np.float64)[:3, :3]
+    forward_up, down_up = rotation[2, 2], rotation[2, 1]  # world z of the optical axis and of the image's down axis
+    elevation = math.degrees(math.asin(min(max(forward_up, -1.0), 1.0)))
+    if elevation > MAX_ELEVATION_DEG:
+        return (f"camera '{camera_frame}' looks {elevation:.0f} deg above the horizon in TF. Is '{camera_frame}' its "
+                "optical frame (REP 103: z forward, x right, y down)? A body-style frame such as camera_link "
+                "(x forward, z up) gives this; the model expects a camera looking ahead or down")
+    if down_up > MAX_DOWN_AXIS_UP:
+        return (f"camera '{camera_frame}' is upside down in TF (its image's down axis points {down_up:.2f} up): the "
+                "model was trained on upright images; mount it upright or rotate the image (image_rotate), or fix "
+                "the optical frame's orientation in TF")
+    return None
+
 
 class TransformNotReadyError(FrameError):
     """The transform exists but not at the image stamp (TF lags or the stamp is too old): skipped."""

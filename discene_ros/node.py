@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import params as P
-from .camera_pose import TransformNotReadyError, use_fallback
+from .camera_pose import TransformNotReadyError, orientation_problem, use_fallback
 from .errors import FrameError
 from .msg_decode import camera_frame_id, transform_to_matrix
 from .msg_encode import stats_to_diagnostics
@@ -136,6 +136,7 @@ class OccupancyNode(Node):
         self.fallback_note: str | None = None
         self.mount_found = False
         self.undistortion_logged = False
+        self.orientation_checked: set[str] = set()  # camera frames whose pose from TF was checked (camera_pose)
         self.last_image_stamp_ns: int | None = None
         self.started_s, self.last_image_s = time.monotonic(), None  # when the node started / got its last image
         self.idle_throttle = WarnThrottle(NO_IMAGE_LOG_PERIOD_S)
@@ -254,6 +255,11 @@ class OccupancyNode(Node):
         frame.camera_info, frame.depth = self.partners.match(frame.stamp_ns)
         self.log_undistortion(frame.camera_info)
         frame.cam_pose = self.camera_pose(camera_frame, frame.stamp_ns)
+        if frame.cam_pose is not None and camera_frame not in self.orientation_checked:
+            self.orientation_checked.add(camera_frame)  # once per camera frame: a mount does not change
+            problem = orientation_problem(frame.cam_pose, camera_frame)
+            if problem is not None:
+                self.get_logger().warning(problem)
 
     def publish_outputs(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Finish stage: build and publish the frame's messages (never called once destroy_node began)."""

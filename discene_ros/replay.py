@@ -29,7 +29,7 @@ import numpy as np
 from models.checkpoint import atomic_write
 
 from . import bag_io, msg_decode
-from .camera_pose import use_fallback
+from .camera_pose import orientation_problem, use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
@@ -163,6 +163,7 @@ class BagFrames:
         self.tf = bag_io.TfTree()
         self.error: str | None = None
         self.fallback_note: str | None = None
+        self.orientation_note: str | None = None  # camera_pose.orientation_problem of the first TF pose
         self.mount_found = False  # the fallback pose comes from the camera mount in TF
         self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
         self._settled_pose: tuple[Any, np.ndarray] | None = None  # (image, pose) found by the last _settled
@@ -177,6 +178,8 @@ class BagFrames:
         pose, error = (probed[1], None) if probed is not None and probed[0] is image else self._pose_probe(image)
         if error is not None:  # TF lags the image or a bad transform: skip, never a made-up pose
             return None, error
+        if pose is not None and self.orientation_note is None:
+            self.orientation_note = orientation_problem(pose, camera) or ""  # checked once: "" = looked right
         if pose is None and self.processor is not None and not self.mount_found:
             try:  # a mount that reaches TF after the first images replaces the fixed parameters from then on
                 mount = self.tf.lookup(self.base_frame, camera)
@@ -516,6 +519,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
                        info_topic=info_topic, other_image_topics=other_cameras(reader, topic))
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
+        summary["camera_orientation_note"] = frames.orientation_note or None
         result = ReplayResult(summary, rep.renders)
         if settings.report:
             write_outputs(out, summary, rep.renders, stage)
@@ -695,8 +699,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if s.get("other_image_topics") and args.image_topic is None:
         print(f"discene-replay: note: read {s['image_topic']} (camera info {s['info_topic']}); the bag has other "
               f"image topics too: {', '.join(s['other_image_topics'])} (--image-topic chooses)", file=sys.stderr)
-    if s.get("fallback_pose_note"):
-        print(f"discene-replay: WARNING: {s['fallback_pose_note']}", file=sys.stderr)
+    for note in ("fallback_pose_note", "camera_orientation_note"):
+        if s.get(note):
+            print(f"discene-replay: WARNING: {s[note]}", file=sys.stderr)
     if s["frames"] == 0 and not s.get("interrupted"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped_by_reason"].items())) or "no colour image read"
         print(f"discene-replay: error: no frame was processed ({reasons})", file=sys.stderr)

@@ -72,6 +72,8 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     if summary.get("fallback_pose_frames"):
         lines += [f"{summary['fallback_pose_frames']} frames had no camera pose in TF and used the fallback pose "
                   "(their metrics are not meaningful).", ""]
+    if summary.get("camera_orientation_note"):
+        lines += [f"**Camera orientation:** {summary['camera_orientation_note']}", ""]
     stages = summary.get("stage_ms") or {}
     if stages:
         lines += ["| stage | p50 ms | mean ms |", "|---|---|---|"]

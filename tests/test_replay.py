@@ -414,3 +414,29 @@ def test_ground_truth_label_images_are_not_another_camera(bags):
         assert not topic.startswith("/discene/") and replay.other_cameras(reader, topic) == []
     finally:
         reader.close()
+
+
+def test_replay_says_when_the_camera_looks_up_in_tf(tmp_path, monkeypatch, capsys):
+    """_fast_bag's TF is the identity: the optical axis is the world's z, straight up, which is what a
+    camera_link frame_id gives. The run goes on; the summary, report and stderr say so. An upright pose
+    (looking ahead, 15 deg down) draws no note."""
+    from discene_ros.processing import fallback_camera_pose
+
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    bag = _fast_bag(tmp_path / "up", n=2)
+    assert replay.main(["--bag", str(bag), "--out", str(tmp_path / "o"), "--no-progress", "--world-frame", "world",
+                        "--renders", "0", "--json", str(tmp_path / "s.json")]) == 0
+    note = json.loads((tmp_path / "s.json").read_text())["camera_orientation_note"]
+    assert "looks 90 deg above the horizon" in note and "REP 103" in note
+    assert "Camera orientation" in (tmp_path / "o" / "report.md").read_text() and note in capsys.readouterr().err
+    f = TypestoreFactory(bag_io.typestore())
+    k = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
+    with bag_io.BagWriter(tmp_path / "ahead", "mcap", f.typestore) as w:
+        t = 10**18
+        w.write(bag_io.TF_TOPIC, f.new("tf2_msgs/msg/TFMessage", transforms=[msg_encode.matrix_to_transform_stamped(
+            f, fallback_camera_pose(1.0, 15.0, 0.0), "world", "cam", t)]), t)
+        w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(f, k, 48, 64, "cam", t), t)
+        w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(f, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
+    s = replay.replay(tmp_path / "ahead", out=tmp_path / "o2", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(world_frame="world", n_renders=0, progress=False)).summary
+    assert s["frames"] == 1 and s["camera_orientation_note"] is None

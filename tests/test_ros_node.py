@@ -33,7 +33,7 @@ from test_ros_support import (
 import discene_ros.node
 from discene_ros import msg_decode, msg_encode
 from discene_ros import params as P
-from discene_ros.camera_pose import mount_height_pitch
+from discene_ros.camera_pose import mount_height_pitch, orientation_problem
 from discene_ros.msg_factory import TypestoreFactory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -406,7 +406,7 @@ def test_bad_frames_are_skipped_counted_and_throttled(ros):
     assert wait_until(lambda: sum(node.stats.skipped.values()) == 7)
     assert node.stats.skipped["unsupported_encoding"] == 1 and node.stats.skipped["bad_image_size"] == 1
     assert node.stats.skipped["bad_camera_info"] == 1 and node.stats.processed == 0
-    warnings = [text for level, text in node.get_logger().records if level == "warn"]
+    warnings = [text for level, text in node.get_logger().records if level == "warn" and "skipped frame" in text]
     assert sum("missing_tf" in w for w in warnings) == 1  # throttled: 3 frames, one warning
     assert len(warnings) == 5
 
@@ -504,6 +504,30 @@ def _mount(height: float, pitch_deg: float) -> np.ndarray:
     mount[:3, 0], mount[:3, 1], mount[:3, 2] = right, np.cross(forward, right), forward
     mount[:3, 3] = [0.1, 0.0, height]
     return mount
+
+
+def test_a_camera_looking_up_or_upside_down_in_tf_is_warned_about_once(ros):
+    """A frame_id that is not the optical frame (camera_link: x forward, z up) puts the camera looking
+    straight up; the node still runs (an unusual mount may be meant) but says so, once per camera frame."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map")
+    fake.transforms[("map", "camera_link")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "camera_link", 0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, _mount(1.0, 15.0), "map", "cam", 0)
+    for i, frame in enumerate(["camera_link", "camera_link", "cam"]):
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, frame, (i + 1) * MS))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, frame, (i + 1) * MS))
+        assert wait_until(lambda i=i: node.stats.processed == i + 1)
+    (warning,) = [t for level, t in node.get_logger().records if level == "warn" and "above the horizon" in t]
+    assert "camera 'camera_link' looks 90 deg above the horizon" in warning and "REP 103" in warning
+    assert not [t for level, t in node.get_logger().records if "'cam'" in t and "horizon" in t]
+
+
+def test_orientation_problem_limits():
+    assert orientation_problem(_mount(1.0, -30.0), "cam") is None  # 30 deg up: allowed
+    assert orientation_problem(_mount(1.0, 89.0), "cam") is None  # straight down
+    assert "above the horizon" in orientation_problem(_mount(1.0, -50.0), "cam")
+    upside_down = _mount(1.0, 15.0) @ np.diag([-1.0, -1.0, 1.0, 1.0])  # 180 deg about the optical axis
+    assert "upside down" in orientation_problem(upside_down, "cam")
 
 
 def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
