@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ament_index_python.packages import PackageNotFoundError
 from launch.actions import IncludeLaunchDescription
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.utilities import perform_substitutions
@@ -28,6 +29,8 @@ def visit(entity, context, nodes):
         for part in entity.cmd:
             try:
                 cmd.append(perform_substitutions(context, part))
+            except PackageNotFoundError:  # what `ros2 launch` stops on: an executable's package is not installed
+                raise
             except Exception:  # ros_specific_arguments placeholders exist only while executing
                 cmd.append("<ros-specific>")
         nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "namespace": entity.expanded_node_namespace,

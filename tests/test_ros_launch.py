@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,20 @@ def test_respawn_is_off_unless_asked_for(launch_env, distro):
     assert run_launch(launch_env, distro, "respawn:=true")[P.NODE_NAME]["respawn"] == (True, 2.0)
     with pytest.raises(RuntimeError, match="booleans are true or false"):
         run_launch(launch_env, distro, "respawn:=yes")
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_a_headless_robot_without_rviz2_launches_the_node(launch_env, distro, tmp_path):
+    """package.xml does not depend on rviz2 (rosdep would put Qt on every robot): without it installed the
+    node launches, and only rviz:=true fails, naming the package."""
+    base, prefix = launch_env
+    headless = tmp_path / "prefix"
+    shutil.copytree(prefix, headless, symlinks=True)
+    (headless / "share" / "ament_index" / "resource_index" / "packages" / "rviz2").unlink()
+    shutil.rmtree(headless / "lib" / "rviz2")
+    env = (base, headless)
+    assert set(run_launch(env, distro)) == {P.NODE_NAME}
+    with pytest.raises(RuntimeError, match="rviz2"):
+        run_launch(env, distro, "rviz:=true")
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert "rviz2" not in [el.text.strip() for el in root if el.tag.endswith("depend")]
