@@ -131,14 +131,20 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             value = float(value)
         if type(value) is not type(spec.default):
             raise ValueError(f"parameter '{name}' must be {spec.kind}, got {value!r}")
-        if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
-            raise ValueError(f"parameter '{name}'={value} is outside [{spec.range[0]}, {spec.range[1]}]")
+        check_range(name, value)
         if spec.choices is not None and value not in spec.choices:
             raise ValueError(f"parameter '{name}'={value!r} is not one of {', '.join(spec.choices)}")
         out[name] = value
     for name in TF_FRAME_PARAMETERS:
         out[name] = tf_frame(name, out[name])
     return out
+
+
+def check_range(name: str, value: float) -> None:
+    """ValueError when ``value`` lies outside parameter ``name``'s range (NaN lies outside every range)."""
+    spec = PARAMS_BY_NAME[name]
+    if spec.range is not None and not spec.range[0] <= value <= spec.range[1]:
+        raise ValueError(f"parameter '{name}'={value} is outside [{spec.range[0]}, {spec.range[1]}]")
 
 
 def camera_info_topic_for(image_topic: str) -> str:

@@ -33,7 +33,7 @@ from .camera_pose import orientation_problem, use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, camera_info_topic_for, tf_frame
+from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, camera_info_topic_for, check_range, tf_frame
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -93,8 +93,19 @@ class ReplaySettings:
     report: bool = False                # write report.md and renders
 
     def __post_init__(self) -> None:
+        """The node's rules where a setting is one of its parameters; ValueError for a value it would refuse."""
         for name in TF_FRAME_PARAMETERS:  # as the node's parameters: tf2's names, without a leading "/"
             setattr(self, name, tf_frame(name, getattr(self, name)))
+        check_range("sync_tolerance_s", self.sync_tolerance_s)
+        check_range("sync_wait_s", self.sync_wait_s)
+        if self.score_threshold is not None:  # None: the model's own (the node's negative values)
+            check_range("score_threshold", self.score_threshold)
+            if self.score_threshold < 0:
+                raise ValueError(f"score_threshold={self.score_threshold}: give 0 to 0.99, or none for the model's own")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames={self.max_frames}: give at least 1, or none for every frame")
+        if self.n_renders < 0:
+            raise ValueError(f"n_renders={self.n_renders} must not be negative")
 
 
 @dataclass

@@ -440,3 +440,15 @@ def test_replay_says_when_the_camera_looks_up_in_tf(tmp_path, monkeypatch, capsy
     s = replay.replay(tmp_path / "ahead", out=tmp_path / "o2", pipeline=pipeline_for(BlockBackend()),
                       settings=ReplaySettings(world_frame="world", n_renders=0, progress=False)).summary
     assert s["frames"] == 1 and s["camera_orientation_note"] is None
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--max-frames", "0", "max_frames=0: give at least 1"), ("--renders", "-1", "must not be negative"),
+    ("--sync-tolerance", "-1", "'sync_tolerance_s'=-1.0 is outside [0.0, 1.0]"),
+    ("--sync-wait", "5", "'sync_wait_s'=5.0 is outside [0.0, 2.0]"),
+    ("--score-threshold", "2", "'score_threshold'=2.0 is outside"), ("--score-threshold", "nan", "=nan is outside"),
+    ("--score-threshold", "-0.5", "give 0 to 0.99")])
+def test_replay_options_the_node_would_refuse_are_refused(tmp_path, capsys, flag, value, said):
+    """Before, --max-frames 0 replayed one frame, a threshold of 2 or NaN scored IoU 0 without a word."""
+    assert replay.main(["--out", str(tmp_path / "o"), "--no-progress", flag, value]) == 2
+    assert said in capsys.readouterr().err
