@@ -103,6 +103,10 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
         raise FileNotFoundError(f"dataset directory {root} does not exist")
     if rate_hz <= 0:
         raise ValueError(f"--rate must be positive, got {rate_hz}")
+    if max_frames is not None and max_frames < 1:  # a negative slice bound would drop frames from the end
+        raise ValueError(f"--max-frames must be at least 1, got {max_frames}")
+    if not 0 <= jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be 0 to 100 (libjpeg's scale), got {jpeg_quality}")
     ids = _sample_ids(root, split)[:max_frames]
     dataset = _all_split_dataset(root) if split == "all" else OccScanNetDataset(root, split=split)
     factory = TypestoreFactory(bag_io.typestore())

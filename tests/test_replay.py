@@ -295,6 +295,10 @@ def test_dataset_to_bag_options_and_errors(dataset, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert to_bag_main(["--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # -3 used to slice three frames off the end, and 0 wrote an empty bag; a quality of 200 went through
+    for flag, value in (("--max-frames", "-3"), ("--max-frames", "0"), ("--jpeg-quality", "200")):
+        assert to_bag_main(["--dataset", str(root), "--out", str(tmp_path / f"bad{value}"), flag, value]) == 2
+        assert f"{flag} must be" in capsys.readouterr().err and not (tmp_path / f"bad{value}").exists()
 
 
 def test_shipped_sample_bag_matches_the_shipped_dataset():
