@@ -45,6 +45,9 @@ def build_pipeline(model: str | Path | None = None, backend: str = "torch", devi
     (None: the model config's) are post-processing settings, see ``tune_postprocess``.
     """
     path = Path(model) if model else DEFAULT_MODEL
+    if path.is_dir():
+        raise FileNotFoundError(f"model path {path} is a directory: give the model file in it (a checkpoint .pt, "
+                                ".onnx or .engine)")
     if not path.is_file():
         hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; give a model "
                 "path (a checkpoint .pt, .onnx or .engine)") if not model else "check the model path"

@@ -323,6 +323,13 @@ def test_main_reports_a_missing_model_and_shuts_down(ros, tmp_path, capsys):
     assert module.main([]) == 1
     assert fake.calls == ["init", "try_shutdown"]
     assert "missing.pt not found" in capsys.readouterr().err
+    fake.overrides["model_path"] = str(tmp_path)  # a folder of models, not one
+    assert module.main([]) == 1
+    assert "is a directory: give the model file in it" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    fake.overrides["model_path"] = str(tmp_path / "garbage.pt")
+    assert module.main([]) == 1
+    assert "cannot start: checkpoint" in capsys.readouterr().err  # CheckpointError is a ValueError: one line
 
 
 # ----------------------------------------------------------------------------- frames
