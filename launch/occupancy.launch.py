@@ -60,11 +60,24 @@ def typed_value(name: str, text: str):
 
 
 def file_parameters(path: str) -> dict:
-    """ros__parameters of this node in a parameter file (wildcard entries first, then its own name)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """ros__parameters of this node in a parameter file (wildcard entries first, then its own name); a file
+    that is missing or not a ROS 2 parameter file is named in the one line ``ros2 launch`` prints."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"params_file {path} does not exist")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"params_file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    layout = "its top level must map node names to {ros__parameters: {name: value}}"
+    if not isinstance(data, dict):
+        raise ValueError(f"params_file {path} is not a ROS 2 parameter file: {layout}")
     values = {}
     for key in ("/**", NODE_NAME, "/" + NODE_NAME, "/**/" + NODE_NAME):
-        values.update((data.get(key) or {}).get("ros__parameters", {}))
+        entry = data.get(key) or {}
+        parameters = entry.get("ros__parameters", {}) if isinstance(entry, dict) else None
+        if not isinstance(parameters, dict):
+            raise ValueError(f"params_file {path}: entry {key!r} is not a ROS 2 parameter entry: {layout}")
+        values.update(parameters)
     return values
 
 

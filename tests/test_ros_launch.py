@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,18 @@ def test_a_headless_robot_without_rviz2_launches_the_node(launch_env, distro, tm
         run_launch(env, distro, "rviz:=true")
     root = ET.parse(ROOT / "package.xml").getroot()
     assert "rviz2" not in [el.text.strip() for el in root if el.tag.endswith("depend")]
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+@pytest.mark.parametrize("text, said", [
+    (None, "does not exist"), ("- a\n- b\n", "is not a ROS 2 parameter file"),
+    ("a: [1, 2\n", "is not valid YAML: while parsing a flow sequence"),
+    ("/**:\n  ros__parameters: 5\n", "entry '/**' is not a ROS 2 parameter entry")])
+def test_a_bad_params_file_is_named_in_one_line(launch_env, distro, tmp_path, text, said):
+    """ros2 launch prints only the exception's message: before, a list at the top level read
+    "'list' object has no attribute 'get'"."""
+    path = tmp_path / "mine.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(RuntimeError, match=re.escape(f"params_file {path}") + ".*" + re.escape(said)):
+        run_launch(launch_env, distro, f"params_file:={path}")
