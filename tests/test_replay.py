@@ -338,16 +338,21 @@ def test_ctrl_c_keeps_what_was_replayed(tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM) part-way through a long drive: the frames done so far are evaluated, reported
     and in the output bag; exit code 130. Before, the traceback took the staged outputs with it."""
     bag = _fast_bag(tmp_path / "drive", n=10)
-    backend = BlockBackend()
-    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(backend))
-    read = replay.BagFrames.__iter__
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    read, record, recorded = replay.BagFrames.__iter__, replay.Replayer.record, []
+
+    def counted(rep, frame, result):
+        record(rep, frame, result)
+        recorded.append(frame)
 
     def interrupted_after_four(frames):
         for i, item in enumerate(read(frames)):
             if i == 4:
-                assert wait_until(lambda: backend.calls >= 3)
+                assert wait_until(lambda: len(recorded) >= 3)  # three frames delivered: they must be kept
                 raise KeyboardInterrupt
             yield item
+
+    monkeypatch.setattr(replay.Replayer, "record", counted)
 
     monkeypatch.setattr(replay.BagFrames, "__iter__", interrupted_after_four)
     out = tmp_path / "out"

@@ -488,10 +488,9 @@ def test_ros1_style_and_empty_camera_frame_ids(ros):
     assert wait_until(lambda: node.stats.processed == 1) and not node.stats.skipped
     assert fake.tf_lookups[-1][:2] == ("map", "cam")
     lookups = len(fake.tf_lookups)
-    started = time.monotonic()
     node.image_callback(msg_encode.rgb_to_image(F, RGB, "", 9 * MS))  # no camera info at 9 ms: pairing would wait 1 s
-    assert wait_until(lambda: node.stats.skipped["bad_frame_id"] == 1)
-    assert time.monotonic() - started < 1.0 and len(fake.tf_lookups) == lookups and not fake.tf_invalid_queries
+    assert wait_until(lambda: node.stats.skipped["bad_frame_id"] == 1)  # not tf_not_ready after the wait and lookup
+    assert len(fake.tf_lookups) == lookups and not fake.tf_invalid_queries
     assert any("names no frame" in t for level, t in node.get_logger().records if level == "warn")
 
 

@@ -192,7 +192,7 @@ def test_ctrl_c_stops_after_the_step_saves_last_and_resumes(data_root, tmp_path,
     def step_and_signal(self, batch):
         values = original(self, batch)
         if self.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # on this thread, handled before the next step
         return values
 
     monkeypatch.setattr(Trainer, "train_step", step_and_signal)
