@@ -118,7 +118,7 @@ class Undistorter:
     """Remaps raw images to pinhole ones; maps and sampling tables per (calibration, image size), built once."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, BilinearTable]] = {}
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, BilinearTable] | str] = {}  # str: why refused
         self.maps_built = 0
 
     def maps(self, info: Any, k: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, BilinearTable] | None:
@@ -135,12 +135,12 @@ class Undistorter:
             try:
                 check_map_coverage(map_x, map_y, hw, model, d)
             except CameraInfoError as exc:  # refused once per calibration, not recomputed per frame
-                self._cache[key] = exc
+                self._cache[key] = str(exc)
                 raise
             self._cache[key] = (map_x, map_y, BilinearTable(map_x, map_y, hw))
         cached = self._cache[key]
-        if isinstance(cached, CameraInfoError):
-            raise cached
+        if isinstance(cached, str):  # a fresh exception each frame: a re-raised one would grow its traceback
+            raise CameraInfoError(cached)
         return cached
 
     def __call__(self, info: Any, rgb: np.ndarray, k: np.ndarray,
