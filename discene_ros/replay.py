@@ -651,8 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)  # a service manager stops us as Ctrl-C
     try:
         return run_cli(args)
-    except KeyboardInterrupt:  # before the frames started (loading the model, opening the bag): nothing to keep
-        print("discene-replay: interrupted before the first frame; nothing written", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the frame loop (loading the model, writing the report): nothing published
+        print("discene-replay: interrupted before its outputs were written; the previous run's outputs in "
+              f"{args.out} are as they were", file=sys.stderr)
         return INTERRUPTED_EXIT
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
