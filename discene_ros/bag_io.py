@@ -372,10 +372,20 @@ def candidate_topics(reader: Any, types: tuple[str, ...], exclude_word: str | No
     of this package's own (ground truth, predictions, under ``OWN_NAMESPACE``), in
     the order ``pick_topic`` tries them: names with a colour word first (a RealSense's color stream before
     its infra1 one, depth aligned to color before raw depth), then by name."""
-    found = [c.topic for c in reader.connections if c.msgtype in types and not c.topic.startswith(OWN_NAMESPACE)]
-    found = [name for name in dict.fromkeys(found) if not (exclude_word and exclude_word in name.lower())
-             and (include_word or "") in name.lower()]
+    found = {c.topic for c in reader.connections if c.msgtype in types and not c.topic.startswith(OWN_NAMESPACE)
+             and not (exclude_word and exclude_word in c.topic.lower()) and (include_word or "") in c.topic.lower()}
     return sorted(found, key=lambda name: (not any(word in name.lower() for word in COLOUR_WORDS), name))
+
+
+def colour_image_topics(reader: Any) -> list[str]:
+    """The bag's colour image topics (Image or CompressedImage, not depth), in ``candidate_topics``' order."""
+    return candidate_topics(reader, IMAGE_TYPES, exclude_word="depth")
+
+
+def pick_image_topic(reader: Any, wanted: str | None) -> str | None:
+    """The colour image topic: ``wanted``, else the default camera topic (raw, then compressed), else the
+    first of ``colour_image_topics``."""
+    return pick_topic(reader, wanted, IMAGE_TYPES, prefer=(IMAGE_TOPIC, COMPRESSED_TOPIC), exclude_word="depth")
 
 
 def pick_depth_topic(reader: Any, wanted: str | None) -> str | None:

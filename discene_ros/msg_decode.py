@@ -295,6 +295,11 @@ def any_image_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> np
 COMPRESSED_DEPTH_HEADER = struct.Struct("<iff")
 
 
+def _metres(millimetres: np.ndarray) -> np.ndarray:
+    """16UC1 depth (whole millimetres) -> float32 metres, one rounding for raw and compressedDepth alike."""
+    return millimetres.astype(np.float32) * np.float32(0.001)
+
+
 def depth_to_metres(msg: Any) -> np.ndarray:
     """Depth Image (16UC1/mono16 in mm, 32FC1 in m), or image_transport's compressedDepth CompressedImage
     (``compressed_depth_to_metres``) -> (H, W) float32 metres; NaN/inf/<=0 -> 0 (invalid)."""
@@ -304,7 +309,7 @@ def depth_to_metres(msg: Any) -> np.ndarray:
     order = ">" if bool(msg.is_bigendian) else "<"
     if encoding in ("16UC1", "mono16"):
         raw = _rows(msg, 2).copy().view(f"{order}u2").reshape(int(msg.height), int(msg.width))
-        depth = raw.astype(np.float32) * np.float32(0.001)
+        depth = _metres(raw)
     elif encoding == "32FC1":
         raw = _rows(msg, 4).copy().view(f"{order}f4").reshape(int(msg.height), int(msg.width))
         depth = raw.astype(np.float32)
@@ -331,7 +336,7 @@ def compressed_depth_to_metres(msg: Any) -> np.ndarray:
     else:
         raw = _decode_png16(_checked_png(payload, buf.size))
     if encoding in ("16UC1", "mono16"):
-        depth = raw.astype(np.float32) * np.float32(0.001)
+        depth = _metres(raw)
     elif encoding == "32FC1":
         _, quant_a, quant_b = COMPRESSED_DEPTH_HEADER.unpack(buf[:COMPRESSED_DEPTH_HEADER.size].tobytes())
         with np.errstate(divide="ignore", invalid="ignore"):

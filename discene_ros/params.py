@@ -147,11 +147,16 @@ def check_range(name: str, value: float) -> None:
         raise ValueError(f"parameter '{name}'={value} is outside [{spec.range[0]}, {spec.range[1]}]")
 
 
+def base_image_topic(image_topic: str) -> str:
+    """image_transport's base topic of an image topic: without a ``/compressed`` transport suffix."""
+    return image_topic.rstrip("/").removesuffix("/compressed")
+
+
 def camera_info_topic_for(image_topic: str) -> str:
     """The CameraInfo topic beside an image topic, image_transport's ``getCameraInfoTopic`` rule (its parent
-    namespace + ``/camera_info``) on the base topic (a ``/compressed`` transport suffix removed); a relative
-    image topic gives a relative one, so that both resolve in the node's namespace alike."""
-    base = image_topic.rstrip("/").removesuffix("/compressed")
+    namespace + ``/camera_info``) on the base topic; a relative image topic gives a relative one, so that
+    both resolve in the node's namespace alike."""
+    base = base_image_topic(image_topic)
     parent = "/".join(token for token in base.split("/")[:-1] if token)
     if base.startswith("/"):
         return f"/{parent}/camera_info" if parent else "/camera_info"

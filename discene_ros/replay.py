@@ -184,11 +184,11 @@ class BagFrames:
 
     def _pose(self, image: Any) -> tuple[np.ndarray | None, FrameError | None]:
         """(camera->world at the image stamp or None = no such transform, skip error)."""
-        camera = image.header.frame_id.lstrip("/")
         probed, self._settled_pose = self._settled_pose, None
         pose, error = (probed[1], None) if probed is not None and probed[0] is image else self._pose_probe(image)
-        if error is not None:  # TF lags the image or a bad transform: skip, never a made-up pose
+        if error is not None:  # TF lags the image, a bad transform or no frame id: skip, never a made-up pose
             return None, error
+        camera = msg_decode.camera_frame_id(image.header)  # valid: _pose_probe would have said otherwise
         if pose is not None and self.orientation_note is None:
             self.orientation_note = orientation_problem(pose, camera) or ""  # checked once: "" = looked right
         if pose is None and self.processor is not None and not self.mount_found:
@@ -478,8 +478,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                                       tf32_convolutions=settings.tf32_convolutions,
                                       score_threshold=settings.score_threshold)
         config = pipeline.config
-        topic = bag_io.pick_topic(reader, settings.image_topic, bag_io.IMAGE_TYPES,
-                                  prefer=(bag_io.IMAGE_TOPIC, bag_io.COMPRESSED_TOPIC), exclude_word="depth")
+        topic = bag_io.pick_image_topic(reader, settings.image_topic)
         if topic is None:
             raise bag_io.BagError(f"bag {bag} has no sensor_msgs/Image or CompressedImage topic")
         use_depth = config.use_depth if settings.use_depth is None else settings.use_depth
@@ -544,7 +543,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
 
 def other_cameras(reader: Any, topic: str) -> list[str]:
     """Colour image topics of the bag other than ``topic`` and its own transports (``.../compressed``)."""
-    return [name for name in bag_io.candidate_topics(reader, bag_io.IMAGE_TYPES, exclude_word="depth")
+    return [name for name in bag_io.colour_image_topics(reader)
             if name != topic and not name.startswith(topic + "/") and not topic.startswith(name + "/")]
 
 

@@ -23,7 +23,7 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
-from discene_ros.params import NODE_NAME, PARAMS_BY_NAME, camera_info_topic_for
+from discene_ros.params import NODE_NAME, PARAMS_BY_NAME, base_image_topic, camera_info_topic_for
 
 PACKAGE = "discene_ros"
 # Node parameters offered as launch arguments (type, description and default come from discene_ros/params.py).
@@ -99,7 +99,7 @@ def start_nodes(context, *args, **kwargs):
                        if "use_sim_time" in overrides or "use_sim_time" in in_file else [])
     # RViz's camera display shows the image the node reads (the raw one where the node reads /compressed),
     # with the node's camera info
-    camera_topic = effective("image_topic").rstrip("/").removesuffix("/compressed")
+    camera_topic = base_image_topic(effective("image_topic"))
     info_topic = effective("camera_info_topic") or camera_info_topic_for(camera_topic)
     share = FindPackageShare(PACKAGE)
     return [

@@ -419,7 +419,7 @@ def test_ground_truth_label_images_are_not_another_camera(bags):
     reader = bag_io.open_reader(bags["mcap"])
     try:
         assert bag_io.GT_LABELS_TOPIC in {c.topic for c in reader.connections}
-        topic = bag_io.pick_topic(reader, None, bag_io.IMAGE_TYPES, exclude_word="depth")
+        topic = bag_io.pick_image_topic(reader, None)
         assert not topic.startswith("/discene/") and replay.other_cameras(reader, topic) == []
     finally:
         reader.close()
