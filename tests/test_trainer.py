@@ -226,6 +226,21 @@ def test_stop_request_second_ctrl_c_interrupts_at_once():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_loader_worker_outlives_the_first_sigterm_only():
+    """The first SIGTERM is the group-wide stop meant for the training process; a second one (the loader's
+    own terminate() of a worker that did not exit) still ends the worker."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys; from training.interrupt import ignore_interrupts; ignore_interrupts(0); "
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); print('alive', flush=True); "
+            "os.kill(os.getpid(), signal.SIGTERM); print('still alive')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == -signal.SIGTERM and done.stdout == "alive\n", (done.returncode, done.stdout, done.stderr)
+
+
 class _SigintDisposition(torch.utils.data.Dataset):
     """Frames whose image says whether the loader worker that made them ignores SIGINT."""
 
@@ -248,3 +263,59 @@ def test_loader_workers_leave_ctrl_c_to_the_training_process():
                                 prefetch_factor=1, seed=0)
     batch = next(iter(loader))
     assert batch["image"].tolist() == [1.0, 1.0]
+
+
+def _stop_training_run(command: list[str], cfg_path, run_dir, signal_to_group: bool):
+    """Start ``command`` in its own session, wait for its first checkpoint, send SIGTERM to its process
+    group (a scheduler's stop, e.g. scancel) or to it alone (``kill <torchrun pid>``), return (rc, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    proc = subprocess.Popen([*command, "--config", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        (os.killpg if signal_to_group else os.kill)(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("launcher", ["single", "torchrun"])
+def test_sigterm_with_loader_workers_saves_last_at_the_step(data_root, tmp_path, launcher):
+    """The SIGTERM a scheduler sends the process group, or torchrun's agent sends each rank's group
+    (os.killpg), also reaches the loader workers; the run still stops after a step and saves last.pt."""
+    import sys
+
+    import yaml
+
+    cfg = tiny_config(data_root, tmp_path / "run", max_steps=100_000)
+    cfg.ckpt_every, cfg.data.workers = 2, 1
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    module = [sys.executable, "-m", "training.train"]
+    if launcher == "single":
+        rc, err = _stop_training_run(module, tmp_path / "cfg.yaml", tmp_path / "run", signal_to_group=True)
+        assert rc == 130, err
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                    str(_free_port()), "-m", "training.train"]
+        rc, err = _stop_training_run(torchrun, tmp_path / "cfg.yaml", tmp_path / "run", signal_to_group=False)
+        assert "got signal: 15" in err, err  # torchrun itself ends on the signal it got (its own traceback)
+    assert "is killed by signal" not in err and "exited unexpectedly" not in err, err
+    step = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"]
+    assert f"interrupted by SIGTERM at step {step} of 100000" in err, err
+    assert step >= 2 and not (tmp_path / "run" / "final.pt").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

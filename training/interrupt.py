@@ -60,7 +60,16 @@ class StopRequest:
 
 
 def ignore_interrupts(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group, and a loader
-    worker it killed would end the run with "DataLoader worker exited unexpectedly" before the training
-    process could save. The workers leave the signal to that process, which stops them itself."""
+    """DataLoader ``worker_init_fn``: leave a stop to the training process, which then stops its workers.
+
+    A terminal's Ctrl-C reaches the whole process group, and so does the SIGTERM that torchrun's agent
+    sends each rank (``os.killpg``, torch/distributed/elastic/multiprocessing/subprocess_handler); a
+    loader worker either signal killed would end the run with "DataLoader worker ... is killed by signal"
+    before the training process could save. SIGINT is ignored; the first SIGTERM is too, and any later
+    one (the loader's own ``terminate()`` of a worker that did not exit) ends the worker as usual."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _first_sigterm_ignored)
+
+
+def _first_sigterm_ignored(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
