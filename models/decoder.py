@@ -163,7 +163,11 @@ class SparseDecoder(nn.Module):
         query = init_points.new_zeros(b, n, self.embed_dims)
         points = init_points.unsqueeze(2)  # (B, N, 1, 3)
         outputs = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if self.use_depth and i > 0:
+                # the reference's depth variant (DiScene-dagger) also cuts the query features between layers:
+                # each layer's losses train that layer only, as the points do in both variants
+                query = query.detach()
             query, points, logits = layer(query, points, features, grid2img, image_hw, depth)
             outputs.append({"points": points, "logits": logits, "centers": points.mean(dim=2),
                             "query_features": query})

@@ -101,6 +101,23 @@ def test_gradients_reach_backbone_and_decoder_and_points_are_detached(lite_confi
     assert model.decoder.layers[-1].reg_head[-1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("use_depth", [False, True])
+def test_query_features_carry_gradient_to_earlier_layers_only_without_depth(lite_config, lite_grid2img, use_depth):
+    """The reference detaches the query features between layers in its depth variant only
+    (discene_md_transformer.py); the plain decoder passes them on with their gradient."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(lite_config, use_depth=use_depth)
+    model = models.build_model(cfg).train()
+    h, w = cfg.image_size
+    depth = torch.full((1, 1, h, w), 2.0) if use_depth else None
+    out = model(_inputs(cfg, 1), lite_grid2img, depth=depth)
+    out["layers"][-1]["logits"].sigmoid().mean().backward()
+    earlier = model.decoder.layers[0].ffn[0].weight.grad
+    assert (earlier is None) == use_depth
+    assert model.decoder.layers[-1].ffn[0].weight.grad.abs().sum() > 0
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0  # the image features still learn from every layer
+
+
 def test_single_point_has_zero_scale_and_sampling_points_sit_on_the_centre():
     sampler = AdaptiveSampling(embed_dims=8, num_groups=2, num_points=3, num_levels=2)
     query = torch.randn(1, 5, 8)
