@@ -103,6 +103,30 @@ def test_chamfer_by_hand():
     assert plain == pytest.approx(expected_plain, rel=1e-5)
 
 
+def test_occ_scannet_class_weights_are_the_reference_runs_weights():
+    """``class_frequencies: occ_scannet`` gives the weights the reference's Occ-ScanNet configs give (their
+    cls_freq, empty class dropped): worked out by hand to 4 decimals from (1/ln f - 0.05) * 400."""
+    weights = TaskLoss(TaskLossConfig(class_frequencies="occ_scannet")).class_weights
+    by_hand = [9.7187, 2.7162, 2.8794, 6.6138, 3.6683, 4.7177, 4.3272, 3.5759, 12.0448, 3.2147, 4.9227]
+    assert weights.tolist() == pytest.approx(by_hand, abs=1e-4)
+    with pytest.raises(ValueError, match="unknown name 'scannet'"):
+        TaskLoss(TaskLossConfig(class_frequencies="scannet"))
+
+
+def test_counted_class_frequencies_spread_over_the_split():
+    """Counting the first frames would count the first scenes only (2000 frames: 29 of 681 Occ-ScanNet
+    scenes); frames are picked evenly over the split instead, and scaled to the reference's frame count."""
+    from training.data import REFERENCE_FRAMES, class_frequencies
+
+    frames = []
+    for label in range(1, 6):  # frame i holds one voxel of class i + 1
+        target = torch.zeros(4, 4, 4, dtype=torch.uint8)
+        target[0, 0, 0] = label
+        frames.append({"target": target})
+    counts = class_frequencies(frames, 3)  # frames 0, 2, 4
+    assert counts[:5] == [REFERENCE_FRAMES / 3, 0.0, REFERENCE_FRAMES / 3, 0.0, REFERENCE_FRAMES / 3]
+
+
 def test_focal_by_hand_with_class_weight_matrix_and_distance_weight():
     freq = [1e3 * (c + 2) ** 3 for c in range(11)]
     cls_w = [(1 / math.log(f) - 0.05) * 400 for f in freq]

@@ -87,14 +87,16 @@ def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
 
 
 def class_frequencies(dataset: Dataset, frames: int) -> list[float]:
-    """Voxel counts of classes 1..C, counted on the first ``frames`` frames and scaled to REFERENCE_FRAMES."""
+    """Voxel counts of classes 1..C, counted on ``frames`` frames spread evenly over the split (its first
+    frames would be its first few scenes) and scaled to REFERENCE_FRAMES."""
     n = min(frames, len(dataset))
+    picked = np.unique(np.linspace(0, len(dataset) - 1, n).round().astype(int)) if n > 0 else []
     if hasattr(dataset, "read_target") and hasattr(dataset, "ids"):  # OccScanNetDataset: labels only, no images
-        targets = (t for t in (_target_or_none(dataset, i) for i in range(n)) if t is not None)
+        targets = (t for t in (_target_or_none(dataset, int(i)) for i in picked) if t is not None)
     else:
-        targets = (dataset[i]["target"] for i in range(n))
+        targets = (dataset[int(i)]["target"] for i in picked)
     counts = class_frequencies_from_targets(targets)
-    return [c * REFERENCE_FRAMES / max(1, n) for c in counts]
+    return [c * REFERENCE_FRAMES / max(1, len(picked)) for c in counts]
 
 
 def _target_or_none(dataset: Any, index: int) -> Any:

@@ -50,7 +50,8 @@ class TaskLossConfig:
     init_points_weight: float = 1.0     # Chamfer on the initial points, relative to a layer's Chamfer
     nn_backend: str = "auto"            # nearest neighbours: "cdist" (batched torch.cdist chunks), "kdtree" (scipy,
                                         # CPU) or "auto" (kdtree on CPU, cdist on GPU); both exact
-    class_frequencies: list[float] | None = None  # voxel counts of classes 1..C; None: uniform weights
+    class_frequencies: list[float] | str | None = None  # voxel counts of classes 1..C, or a name in
+                                        # NAMED_CLASS_FREQUENCIES; None: uniform weights (the trainer counts them)
 
 
 @dataclass
@@ -82,6 +83,24 @@ class PaddedGroundTruth:
             labels[b, :m] = g.labels.to(device).long()
             mask[b, :m] = True
         return cls(points, labels, mask)
+
+
+# Voxel counts of classes 1..11 over the whole Occ-ScanNet train split (45,755 frames), as the reference's
+# Occ-ScanNet configs give them (their ``cls_freq`` after the empty class): the focal loss's class weights
+# and the anchor sampling come from these in every reference run.
+OCC_SCANNET_CLASS_FREQUENCIES = (700497, 44393812, 39153315, 3367920, 21860824, 10667655, 13832443, 23358785,
+                                 263684, 30415451, 9338079)
+NAMED_CLASS_FREQUENCIES = {"occ_scannet": OCC_SCANNET_CLASS_FREQUENCIES}
+
+
+def resolve_class_frequencies(value: Sequence[float] | str | None) -> list[float] | None:
+    """``loss.class_frequencies`` as counts: a name from NAMED_CLASS_FREQUENCIES, a list, or None."""
+    if isinstance(value, str):
+        if value not in NAMED_CLASS_FREQUENCIES:
+            raise ValueError(f"loss.class_frequencies: unknown name {value!r}; use a list of voxel counts of "
+                             f"classes 1..C, null (counted from the training frames) or one of {sorted(NAMED_CLASS_FREQUENCIES)}")
+        return [float(c) for c in NAMED_CLASS_FREQUENCIES[value]]
+    return None if value is None else [float(c) for c in value]
 
 
 def class_weights_from_frequencies(frequencies: Sequence[float]) -> torch.Tensor:
@@ -247,7 +266,7 @@ class TaskLoss(torch.nn.Module):
         self.config = config or TaskLossConfig()
         self.num_classes = num_classes
         self.voxel_size = float(voxel_size)
-        freq = self.config.class_frequencies
+        freq = resolve_class_frequencies(self.config.class_frequencies)
         if self.config.nn_backend not in ("auto", "cdist", "kdtree"):
             raise ValueError(f"loss.nn_backend must be auto, cdist or kdtree, got {self.config.nn_backend!r}")
         if freq is not None and len(freq) != num_classes:

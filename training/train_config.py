@@ -16,7 +16,7 @@ import yaml
 from models.config import ModelConfig, load_config, reject_unknown_keys
 
 from .distill import DistillConfig
-from .losses import TaskLossConfig
+from .losses import TaskLossConfig, resolve_class_frequencies
 
 MODES = ("teacher", "student", "distill")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -115,6 +115,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"invalid train config '{self.name}': {message}")
         self.distill.validate()
+        try:
+            resolve_class_frequencies(self.loss.class_frequencies)
+        except ValueError as exc:
+            raise ValueError(f"invalid train config '{self.name}': {exc}") from exc
         self.model_config()  # raises on a bad model name or override
         return self
 
