@@ -51,6 +51,30 @@ def test_overfit_one_frame_drives_loss_down(data_root, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
 
 
+def test_lr_schedule_is_the_reference_mmcv_policy_by_hand():
+    """mmcv's CosineAnnealing (by_epoch, the reference's EpochBasedRunner) under its linear warm-up, worked
+    out by hand: 10 epochs of 10 steps, warm-up 10 from 1/3, min ratio 1e-3. The cosine holds within an
+    epoch; the last epoch runs at 1e-3 + 0.999 * (1 + cos(0.9 pi)) / 2 = 0.025447, not at the minimum."""
+    from training.trainer import WarmupCosine
+
+    by_epoch = WarmupCosine(100, 10, 1 / 3, 1e-3, steps_per_epoch=10, by_epoch=True)
+    expected = {0: 1 / 3, 5: 2 / 3, 9: 0.933333, 10: 0.975553, 19: 0.975553, 20: 0.904604, 55: 0.500500,
+                99: 0.025447}
+    assert {step: by_epoch(step) for step in expected} == pytest.approx(expected, abs=1e-6)
+    # per step (mmcv's by_epoch=False): progress from step 0, the warm-up ramp multiplies the cosine
+    per_step = WarmupCosine(100, 10, 1 / 3, 1e-3, steps_per_epoch=10, by_epoch=False)
+    expected = {0: 1 / 3, 5: 0.662567, 10: 0.975553, 50: 0.500500, 100: 1e-3}
+    assert {step: per_step(step) for step in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_trainer_steps_the_cosine_per_epoch_of_its_split(data_root, tmp_path):
+    cfg = tiny_config(data_root, tmp_path, max_steps=10)
+    schedule = Trainer(cfg, datasets(cfg)[0]).scheduler.lr_lambdas[0]
+    assert schedule.by_epoch and schedule.total == 10 and schedule.steps_per_epoch == 4  # 4 training frames
+    cfg.optim.lr_by_epoch = False
+    assert not Trainer(cfg, datasets(cfg)[0]).scheduler.lr_lambdas[0].by_epoch
+
+
 def teacher_checkpoint(data_root, out):
     cfg = tiny_config(data_root, out, mode="teacher", max_steps=2)
     train, _ = datasets(cfg)

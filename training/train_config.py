@@ -39,7 +39,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a lower backbone lr, linear warm-up then cosine decay, gradient clipping."""
+    """AdamW with a lower backbone lr, cosine decay under a linear warm-up (the reference's mmcv policy),
+    gradient clipping."""
 
     lr: float = 2e-4
     weight_decay: float = 0.01
@@ -47,7 +48,9 @@ class OptimConfig:
     sampling_offsets_lr_mult: float = 0.1  # decoder sampling offsets (the reference's paramwise custom key)
     warmup_iters: int = 500
     warmup_ratio: float = 1.0 / 3.0      # lr factor at step 0 of the warm-up
-    min_lr_ratio: float = 1e-3           # final lr factor of the cosine
+    min_lr_ratio: float = 1e-3           # lr factor the cosine heads for at the end of the run
+    lr_by_epoch: bool = True             # cosine stepped once per epoch, as the reference's runner does; false:
+                                         # every step
     grad_clip: float = 35.0              # max gradient norm (0 disables)
 
 

@@ -101,17 +101,29 @@ def weighted_terms(terms: dict[str, torch.Tensor], weights: dict[str, float]) ->
 
 
 class WarmupCosine:
-    """lr factor: linear warm-up from ``warmup_ratio`` to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+    """lr factor at a step, as the reference's mmcv policy (``CosineAnnealing`` with a linear warm-up) gives it.
 
-    def __init__(self, total: int, warmup: int, warmup_ratio: float, min_ratio: float) -> None:
+    The cosine runs from 1 to ``min_ratio`` over the whole run, stepped once per epoch (``by_epoch``, mmcv's
+    default under the reference's EpochBasedRunner: the last of 10 epochs runs at 0.0245, never at the
+    minimum) or at every step; over the first ``warmup`` steps it is scaled by a ramp from ``warmup_ratio``
+    to 1.
+    """
+
+    def __init__(self, total: int, warmup: int, warmup_ratio: float, min_ratio: float,
+                 steps_per_epoch: int = 1, by_epoch: bool = False) -> None:
         self.total, self.warmup, self.warmup_ratio, self.min_ratio = total, warmup, warmup_ratio, min_ratio
+        self.steps_per_epoch, self.by_epoch = max(1, steps_per_epoch), by_epoch
 
     def __call__(self, step: int) -> float:
+        if self.by_epoch:
+            epochs = math.ceil(self.total / self.steps_per_epoch)
+            progress = min(step // self.steps_per_epoch, epochs) / epochs
+        else:
+            progress = min(step, self.total) / max(1, self.total)
+        factor = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if step < self.warmup:
-            return self.warmup_ratio + (1.0 - self.warmup_ratio) * step / self.warmup
-        span = max(1, self.total - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+            factor *= self.warmup_ratio + (1.0 - self.warmup_ratio) * step / self.warmup
+        return factor
 
 
 # ---------------------------------------------------------------------------------- trainer
@@ -146,7 +158,8 @@ class Trainer:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         o = config.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio))
+            self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio,
+                                         self.steps_per_epoch, o.lr_by_epoch))
         self.amp_dtype = autocast_dtype(config.amp, self.device, config.amp_on_cpu)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
