@@ -59,20 +59,24 @@ def mount_fallback_pose(camera_to_base: np.ndarray, floor_z: float = 0.0) -> np.
     return fallback_camera_pose(height, pitch, floor_z)
 
 
+NODE_SKIP_HINT = "set use_fallback_pose:=false"  # how the node's user turns the fallback off
+
+
 def use_fallback(processor: Any, mount: np.ndarray | None, world_frame: str, camera_frame: str,
-                 base_frame: str) -> str:
+                 base_frame: str, skip_hint: str = NODE_SKIP_HINT) -> str:
     """The fallback pose of ``processor`` (a ``processing.FrameProcessor``) from the camera ``mount``
     when TF has it (else it keeps the one from its height/pitch settings); returns :func:`describe_fallback`'s
-    line. Node and replay both call it when the world frame is absent from TF."""
+    line. Node and replay both call it when the world frame is absent from TF, each with its own
+    ``skip_hint`` (a parameter for the node, an option for the replay)."""
     settings = processor.settings
     if mount is not None:
         processor.fallback_pose = mount_fallback_pose(mount, settings.floor_z)
     return describe_fallback(world_frame, camera_frame, base_frame, mount, settings.fallback_camera_height,
-                             settings.fallback_camera_pitch_deg)
+                             settings.fallback_camera_pitch_deg, skip_hint)
 
 
 def describe_fallback(world_frame: str, camera_frame: str, base_frame: str, mount: np.ndarray | None,
-                      height: float, pitch_deg: float) -> str:
+                      height: float, pitch_deg: float, skip_hint: str = NODE_SKIP_HINT) -> str:
     """One loud line for the console and diagnostics: why and with what pose the fallback is used."""
     if mount is not None:
         height, pitch_deg = mount_height_pitch(mount)
@@ -81,5 +85,5 @@ def describe_fallback(world_frame: str, camera_frame: str, base_frame: str, moun
         source = f"the fixed parameters (no TF from {base_frame} to {camera_frame} either)"
     return (f"world frame '{world_frame}' is not in TF: clouds use a FALLBACK camera pose {height:.2f} m above "
             f"the floor, pitched {pitch_deg:.1f} deg down, from {source}; they do not follow the robot's motion. "
-            f"Publish {world_frame} -> {camera_frame} in TF (odometry) for real poses, or set "
-            "use_fallback_pose:=false to skip such frames")
+            f"Publish {world_frame} -> {camera_frame} in TF (odometry) for real poses, or {skip_hint} to skip "
+            "such frames")

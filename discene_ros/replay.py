@@ -50,6 +50,7 @@ from .processing import (
 )
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
+SKIP_HINT = "pass --no-fallback-pose"  # the replay's way to skip frames without a TF pose
 
 
 @dataclass
@@ -197,7 +198,7 @@ class BagFrames:
             except FrameError:
                 mount = None
             if self.fallback_note is None or mount is not None:
-                note = use_fallback(self.processor, mount, self.world_frame, camera, self.base_frame)
+                note = use_fallback(self.processor, mount, self.world_frame, camera, self.base_frame, SKIP_HINT)
                 stamp_s = msg_decode.stamp_to_ns(image.header.stamp) / 1e9
                 self.fallback_note = (note if self.fallback_note is None else
                                       f"{note} From the image stamped {stamp_s:.3f} s on; the images before it "

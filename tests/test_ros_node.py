@@ -549,6 +549,7 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     assert height == pytest.approx(0.62) and pitch_deg == pytest.approx(20.0)
     errors = [text for level, text in node.get_logger().records if level == "error"]
     assert len(errors) == 1 and "FALLBACK" in errors[0] and "0.62 m" in errors[0] and "20.0 deg" in errors[0]
+    assert "set use_fallback_pose:=false to skip" in errors[0]  # the node's parameter
     node.diagnostics_timer_callback()
     status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
     values = {kv.key: kv.value for kv in status.values}

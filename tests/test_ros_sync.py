@@ -243,6 +243,7 @@ def test_replay_without_world_frame_uses_the_mount_or_refuses(tmp_path, capsys, 
                       settings=ReplaySettings(world_frame="odom", n_renders=0, progress=False)).summary
     assert s["frames"] == 4 and s["fallback_pose_frames"] == 4
     assert "0.50 m above the floor" in s["fallback_pose_note"] and "base_link -> cam" in s["fallback_pose_note"]
+    assert "--no-fallback-pose to skip" in s["fallback_pose_note"] and ":=" not in s["fallback_pose_note"]  # an option here
     monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
     code = replay.main(["--bag", str(bag), "--out", str(tmp_path / "cli"), "--no-progress", "--world-frame", "odom",
                         "--no-fallback-pose", "--camera-info-topic", bag_io.CAMERA_INFO_TOPIC, "--no-depth"])
