@@ -391,6 +391,43 @@ def test_bad_sample_arrays_name_the_sample(sample_root, changes, match):
     assert ds[0]["sample_id"] != sample_id and sample_id in ds.skipped
 
 
+def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_unreadable(sample_root):
+    """As the reference's test phase: a frame with no occupied voxel is scored (false positives only), an
+    unreadable one is counted and named, and neither is replaced by its neighbour, which scored that
+    neighbour twice."""
+    from models.postprocess import labels_batch
+    from training.data import collate_frames, prepare_inputs
+    from training.metrics import SSCMetrics
+
+    ids = [line.strip() for name in ("train", "val") for line in (sample_root / f"{name}_subscenes.txt").open()]
+    (sample_root / "all.txt").write_text("\n".join(ids) + "\n")
+    cfg = lite()
+    cfg.image_size = [64, 96]
+    dataset = OccScanNetDataset(sample_root, str(sample_root / "all.txt"), config=cfg, skip_bad=True, load_depth=False)
+    empty_id, bad_id = dataset.ids[0], dataset.ids[2]
+    pkl = safe_load_pickle(sample_paths(sample_root, empty_id)[0])
+    _write_pickle(sample_root, empty_id, dict(pkl, target_1_4=np.zeros_like(np.asarray(pkl["target_1_4"]))))
+    _write_pickle(sample_root, bad_id, dict(pkl, cam_pose=np.full((4, 4), np.nan)))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    cfg.score_threshold = 0.0  # random weights: every point counts
+    result = evaluate.evaluate_model(model, dataset, cfg)
+    assert result["frames"] == 3 and result["skipped_frames"] == 1 and list(result["skipped"]) == [bad_id]
+    expected = SSCMetrics(num_classes=cfg.num_classes + 1)
+    with torch.no_grad():
+        for sample_id in (dataset.ids[0], dataset.ids[1], dataset.ids[3]):
+            inputs = prepare_inputs(collate_frames([dataset.load(sample_id, allow_empty=True)]), torch.device("cpu"), False)
+            last = model(inputs["image"], inputs["grid2img"])["layers"][-1]
+            expected.add_batch(labels_batch(last["points"], last["logits"].sigmoid(), cfg).numpy(), inputs["target"].numpy())
+    assert result["iou"] == expected.compute()["iou"] and result["miou"] == expected.compute()["miou"]
+    with pytest.raises(BadSampleError, match="no occupied voxel"):
+        dataset.load(empty_id)  # training still refuses it
+
+
+def _write_pickle(root: Path, sample_id: str, data: dict) -> None:
+    sample_paths(root, sample_id)[0].write_bytes(pickle.dumps(data, protocol=4))
+
+
 @pytest.mark.parametrize("value, match", [(np.nan, "non-finite"), (-1, r"labels \[-1\]"), (300, r"labels \[300\]"),
                                           (2.5, "non-integer")])
 def test_bad_target_labels_are_rejected_with_their_value(sample_root, value, match):

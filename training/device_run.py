@@ -190,9 +190,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics = None
     if not interrupted and (finished or args.eval_each_call):
         result = evaluate_model(trainer.student, val, model_cfg, trainer.device, batch_size=cfg.batch_size,
-                                workers=cfg.data.workers, amp=cfg.amp)
+                                workers=cfg.data.workers)  # fp32, as the trainer's validation
         metrics = {"iou": round(100 * float(result["iou"]), 2), "miou": round(100 * float(result["miou"]), 2),
-                   "val_frames": int(result["frames"]), "score_threshold": model_cfg.score_threshold}
+                   "val_frames": int(result["frames"]), "val_skipped": int(result["skipped_frames"]),
+                   "score_threshold": model_cfg.score_threshold}
     steps = end_step - start_step
     record = {
         "call": len(history) + 1, "name": cfg.name, "config": cfg.to_dict(), "device": device_name(trainer.device),

@@ -20,6 +20,36 @@ from .data import build_dataset, collate_frames, prepare_inputs
 from .distributed import autocast_dtype
 from .interrupt import ignore_interrupts
 from .metrics import SSCMetrics
+from .occscannet import BadSampleError, OccScanNetDataset
+
+SKIPPED_SHOWN = 20  # unreadable frames named in the result (all are counted)
+
+
+class ScoredFrames(Dataset):
+    """Every frame of a split once, for scoring as the reference's test phase reads them: a frame with no
+    occupied voxel is scored (it can only add false positives), and an unreadable one comes back as
+    ``{"bad": reason}`` to be counted, never replaced by the next frame (which would score that one twice)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not isinstance(self.dataset, OccScanNetDataset):
+            return self.dataset[index]
+        sample_id = self.dataset.ids[index]
+        try:
+            return self.dataset.load(sample_id, allow_empty=True)
+        except BadSampleError as exc:
+            return {"bad": str(exc), "sample_id": sample_id}
+
+
+def collate_scored(items: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(the batch of the readable frames, or None; the unreadable ones' reasons)."""
+    good = [item for item in items if "bad" not in item]
+    return (collate_frames(good) if good else None), [item for item in items if "bad" in item]
 
 
 @torch.no_grad()
@@ -27,19 +57,23 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
                    batch_size: int = 1, workers: int = 0, amp: str = "none") -> dict[str, Any]:
     """Run the model on every frame, post-process the last layer to label grids, accumulate SSCMetrics.
 
-    Returns SSCMetrics.compute() plus ``frames`` and ``seconds``. The model's train/eval mode is restored.
+    Returns SSCMetrics.compute() plus ``frames`` (scored), ``skipped_frames`` (unreadable; the first
+    SKIPPED_SHOWN in ``skipped``, id -> reason) and ``seconds``. The model's train/eval mode is restored.
     Autocast only on CUDA (``amp``); CPU evaluation stays fp32.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_frames,
-                        worker_init_fn=ignore_interrupts)  # Ctrl-C is the training process's to handle
+    loader = DataLoader(ScoredFrames(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_scored, worker_init_fn=ignore_interrupts)  # Ctrl-C: the trainer's
     dtype = autocast_dtype(amp, device)
-    frames, start = 0, time.perf_counter()
+    frames, skipped, start = 0, [], time.perf_counter()
     try:
-        for batch in loader:
+        for batch, bad in loader:
+            skipped += bad
+            if batch is None:
+                continue
             inputs = prepare_inputs(batch, device, model_cfg.use_depth)
             with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                 out = model(inputs["image"], inputs["grid2img"], inputs["depth"])
@@ -49,8 +83,11 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
             frames += labels.shape[0]
     finally:
         model.train(was_training)
+    if frames == 0:
+        raise ValueError(f"no frame could be scored: all {len(skipped)} are unreadable; first: {skipped[0]['bad']}")
     result = dict(metrics.compute())
-    result.update(frames=frames, seconds=time.perf_counter() - start)
+    result.update(frames=frames, skipped_frames=len(skipped), seconds=time.perf_counter() - start,
+                  skipped={item["sample_id"]: item["bad"] for item in skipped[:SKIPPED_SHOWN]})
     return result
 
 
@@ -93,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.checkpoint} on {args.data} [{args.split}], {result['frames']} frames: "
           f"IoU {100 * result['iou']:.2f}  mIoU {100 * result['miou']:.2f}")
+    if result["skipped_frames"]:
+        first_id, reason = next(iter(result["skipped"].items()))
+        print(f"  {result['skipped_frames']} unreadable frames not scored; first: {first_id}: {reason}", file=sys.stderr)
     per_class = result.get("per_class_iou")
     if per_class is not None:
         print("  " + "  ".join(f"{n} {100 * float(v):.1f}" for n, v in zip(CLASS_NAMES[1:], list(per_class)[1:], strict=False)))

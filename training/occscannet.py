@@ -165,8 +165,9 @@ class OccScanNetDataset(Dataset):
         """The raw pkl dict of a sample, checked for keys and shapes."""
         return read_pickle(self.root, sample_id)
 
-    def read_target(self, sample_id: str, data: dict | None = None) -> np.ndarray:
-        """The (x, y, z) uint8 label grid of a sample (validated; no remap)."""
+    def read_target(self, sample_id: str, data: dict | None = None, allow_empty: bool = False) -> np.ndarray:
+        """The (x, y, z) uint8 label grid of a sample (validated; no remap). A grid with no occupied voxel
+        is refused for training (``allow_empty``: scoring takes it, as the reference's test phase does)."""
         data = self.read_pickle(sample_id) if data is None else data
         raw = _numeric_array(sample_id, "target_1_4", data["target_1_4"])
         if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
@@ -178,16 +179,18 @@ class OccScanNetDataset(Dataset):
             shown = [v.item() for v in np.unique(raw[bad])[:5]]
             raise BadSampleError(f"sample {sample_id}: target has labels {shown} outside 0..{MAX_LABEL} and {UNKNOWN}")
         target = from_stored(raw.astype(np.uint8), self.target_layout)
+        if allow_empty:
+            return target
         if np.all(target == UNKNOWN):
             raise BadSampleError(f"sample {sample_id}: target is all unknown (255)")
         if not np.any((target > 0) & (target <= MAX_LABEL)):
             raise BadSampleError(f"sample {sample_id}: target has no occupied voxel")
         return target
 
-    def load(self, sample_id: str) -> dict[str, Any]:
+    def load(self, sample_id: str, allow_empty: bool = False) -> dict[str, Any]:
         """Read and prepare one sample (raises BadSampleError)."""
         data = self.read_pickle(sample_id)
-        target = self.read_target(sample_id, data)
+        target = self.read_target(sample_id, data, allow_empty)
         rgb = read_image(sample_id, find_image(self.root, sample_id, data, "img"), "RGB")
         depth = None
         if self.load_depth:

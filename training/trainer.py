@@ -427,11 +427,13 @@ class Trainer:
             self.writer.add_scalar("train/samples_per_s", rate, self.step)
 
     def evaluate_and_keep_best(self) -> dict[str, Any] | None:
-        """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU."""
+        """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU.
+        In fp32 whatever the training's ``amp``: the reference validates in fp32, and so does discene-eval,
+        whose numbers best.pt's choice should agree with."""
         result = None
         if self.is_main and self.val_set is not None and len(self.val_set) > 0:
             result = evaluate_model(self.student, self.val_set, self.model_cfg, self.device,
-                                    batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp=self.cfg.amp)
+                                    batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp="none")
             if self.writer is not None:
                 self.writer.add_scalar("val/iou", result["iou"], self.step)
                 self.writer.add_scalar("val/miou", result["miou"], self.step)
