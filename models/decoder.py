@@ -35,6 +35,10 @@ class DistanceBiasedAttention(nn.Module):
         self.num_heads, self.head_dims = num_heads, embed_dims // num_heads
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
         self.out = nn.Linear(embed_dims, embed_dims)
+        # as nn.MultiheadAttention (the reference's attention) initialises its packed projection and biases
+        nn.init.xavier_uniform_(self.qkv.weight)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.out.bias)
         self.gen_tau = nn.Linear(embed_dims, num_heads)
         nn.init.zeros_(self.gen_tau.weight)
         nn.init.uniform_(self.gen_tau.bias, 0.0, TAU_INIT_MAX)

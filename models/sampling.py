@@ -98,8 +98,8 @@ class AdaptiveSampling(nn.Module):
         # fixed initial spread of the sampling points, in units of the point-set std
         with torch.no_grad():
             self.offsets.bias.uniform_(-1.0, 1.0)
-        nn.init.zeros_(self.level_weights.weight)
-        nn.init.zeros_(self.level_weights.bias)
+        # level_weights keeps nn.Linear's default init, as the reference's scale_weights does: each group
+        # and point starts with its own random softmax over the levels
 
     def sampling_points(self, query: torch.Tensor, prev_points: torch.Tensor) -> torch.Tensor:
         """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""

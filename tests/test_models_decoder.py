@@ -115,3 +115,19 @@ def test_decoder_forward_builds_no_host_tensor(lite_config, lite_grid2img, monke
         with spy:
             model.decoder(features, lite_grid2img, model.init_positions()[None], tuple(lite_config.image_size))
     assert spy.count == 0
+
+
+def test_initialisation_follows_the_reference_attention_and_level_weights():
+    """The reference's self-attention is nn.MultiheadAttention: xavier-uniform packed q/k/v (bound
+    sqrt(6 / (d + 3d))), zero biases; its level weights (scale_weights) keep nn.Linear's default init, so
+    each group and point starts with its own softmax over the levels, not 1/L everywhere."""
+    torch.manual_seed(0)
+    d = 256
+    attn = DistanceBiasedAttention(d, 8, [4.8, 4.8, 2.88])
+    bound = math.sqrt(6.0 / (d + 3 * d))
+    assert attn.qkv.weight.abs().max() <= bound and attn.qkv.weight.abs().max() > 0.95 * bound
+    assert attn.qkv.bias.abs().sum() == 0 and attn.out.bias.abs().sum() == 0
+    sampler = PointSetSampling(embed_dims=d, num_groups=4, num_points=16, num_levels=4)
+    default_bound = 1.0 / math.sqrt(d)  # nn.Linear's kaiming-uniform(a=sqrt(5)) weight and bias bound
+    assert 0.9 * default_bound < sampler.level_weights.weight.abs().max() <= default_bound
+    assert 0.9 * default_bound < sampler.level_weights.bias.abs().max() <= default_bound
