@@ -75,6 +75,40 @@ def test_trainer_steps_the_cosine_per_epoch_of_its_split(data_root, tmp_path):
     assert not Trainer(cfg, datasets(cfg)[0]).scheduler.lr_lambdas[0].by_epoch
 
 
+def test_training_images_get_the_reference_photometric_distortion_drawn_per_step(data_root, tmp_path, monkeypatch):
+    """Distorted on the device as the reference trains (training/augment.py), from draws seeded by the step:
+    the same step gives the same images (an exact resume), the next step others; off: plain normalising."""
+    from models.preprocess import normalize_image
+    from training import trainer as trainer_module
+    from training.data import pixel_values
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        inputs = prepare_inputs(*args, **kwargs)
+        seen.append(inputs["image"].clone())
+        return inputs
+
+    from training.data import prepare_inputs
+
+    monkeypatch.setattr(trainer_module, "prepare_inputs", recording)
+    cfg = tiny_config(data_root, tmp_path)
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    batch = next(iter(trainer._loader()))
+    trainer.loss_terms(batch)
+    trainer.loss_terms(batch)
+    trainer.step += 1
+    trainer.loss_terms(batch)
+    plain = batch["image"]  # the dataset's images are normalised already
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert not torch.allclose(seen[0], plain, atol=1e-3) or not torch.allclose(seen[2], plain, atol=1e-3)
+    # the way back to pixel values and again is exact to float rounding: an image drawn with no step applied
+    assert torch.allclose(normalize_image(pixel_values(plain) / 255.0), plain, atol=1e-5)
+    cfg.data.photometric = False
+    Trainer(cfg, datasets(cfg)[0]).loss_terms(batch)
+    assert torch.equal(seen[-1], plain)
+
+
 def teacher_checkpoint(data_root, out):
     cfg = tiny_config(data_root, out, mode="teacher", max_steps=2)
     train, _ = datasets(cfg)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.config import ModelConfig
-from models.preprocess import normalize_image
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 
+from .augment import PhotometricDraws, photometric_distortion
 from .interrupt import ignore_interrupts
 from .losses import class_frequencies_from_targets
 from .occscannet import OccScanNetDataset
@@ -54,14 +55,21 @@ def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None
     return out
 
 
-def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, use_depth: bool) -> dict[str, Any]:
+def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, use_depth: bool,
+                   photometric: torch.Generator | None = None) -> dict[str, Any]:
     """Batch -> device tensors: normalised image (uint8 images are normalised here), grid2img, depth, target.
 
     uint8 images cross to the device as uint8 (a quarter of the float bytes) and are normalised there;
-    copies are non-blocking, which overlaps them with compute when the loader pins its batches.
+    copies are non-blocking, which overlaps them with compute when the loader pins its batches. With a
+    ``photometric`` generator (training) the images are distorted on the device first (training/augment.py).
     """
     image = batch["image"].to(device, non_blocking=True)
-    image = normalize_image(image) if image.dtype == torch.uint8 else image.float()
+    if photometric is not None:  # on 0..255 values: uint8 as they come, float ones are normalised already
+        pixels = image.float() if image.dtype == torch.uint8 else pixel_values(image.float())
+        draws = PhotometricDraws.sample(image.shape[0], photometric)
+        image = normalize_image(photometric_distortion(pixels, draws) / 255.0)
+    else:
+        image = normalize_image(image) if image.dtype == torch.uint8 else image.float()
     depth = batch["depth"]
     if use_depth and depth is None:
         raise ValueError("the model uses the depth branch but the dataset gives no depth")
@@ -70,6 +78,13 @@ def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, 
         depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
     return {"image": image, "grid2img": batch["grid2img"].to(device, non_blocking=True).float(),
             "depth": depth if use_depth else None, "target": batch["target"].to(device, non_blocking=True)}
+
+
+def pixel_values(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B,3,H,W) images (the dataset's) -> RGB values on 0..255."""
+    mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (image * std + mean) * 255.0
 
 
 def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:

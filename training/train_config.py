@@ -35,6 +35,8 @@ class DataConfig:
     prefetch_factor: int = 2             # batches each worker keeps ready (workers > 0)
     pin_memory: bool = True              # page-locked batches for non-blocking copies (CUDA only)
     frequency_frames: int = 200          # frames read to count class frequencies when loss.class_frequencies is unset
+    photometric: bool = True             # the reference's photometric distortion of training images
+                                         # (brightness, contrast, saturation, hue; training/augment.py)
 
 
 @dataclass

@@ -295,7 +295,9 @@ class Trainer:
         """The forward half of a training step (train mode, autocast): (unweighted terms, weighted terms)."""
         self.module.train()
         needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
-        inputs = prepare_inputs(batch, self.device, needs_depth)
+        photometric = (torch.Generator().manual_seed(self.cfg.seed * 2_000_029 + self.step * self.world + self.rank)
+                       if self.cfg.data.photometric else None)  # per step: a resumed run draws the same
+        inputs = prepare_inputs(batch, self.device, needs_depth, photometric)
         teacher, extra = self._teacher_outputs(inputs, self.step)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
         with autocast:
