@@ -2,7 +2,7 @@
 mmdet's PhotoMetricDistortion with the default ranges): random brightness, contrast before or after,
 saturation and hue, each applied with probability 1/2, on 0..255 values and never clipped.
 
-It runs on the device on the whole batch (the images cross as uint8), with each image's draws from a
+It runs on the device on the whole batch (``data.prepare_inputs``), with each image's draws from a
 generator the trainer seeds per step, so that a resumed run distorts as an uninterrupted one would.
 The colour space is OpenCV's float HSV (H in degrees, S in [0, 1], V in the image's units), worked out
 per pixel as ``cv2.cvtColor`` does; tests/test_augment.py compares the two.
