@@ -51,8 +51,8 @@ class OptimConfig:
     warmup_iters: int = 500
     warmup_ratio: float = 1.0 / 3.0      # lr factor at step 0 of the warm-up
     min_lr_ratio: float = 1e-3           # lr factor the cosine heads for at the end of the run
-    lr_by_epoch: bool = True             # cosine stepped once per epoch, as the reference's runner does; false:
-                                         # every step
+    lr_by_epoch: bool = False            # true: the cosine stepped once per epoch, as the reference's runner does
+                                         # (paper configs, 10 epochs); false: every step, for runs of few epochs
     grad_clip: float = 35.0              # max gradient norm (0 disables)
 
 

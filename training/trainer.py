@@ -13,6 +13,7 @@ training/device_run.py) build the datasets and run a Trainer.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
+COARSE_SCHEDULE_EPOCHS = 5  # lr_by_epoch over fewer epochs than this draws a warning
+log = logging.getLogger(__name__)
 
 
 def _network_fields(config: dict | None) -> dict | None:
@@ -160,6 +163,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio,
                                          self.steps_per_epoch, o.lr_by_epoch))
+        self._warn_coarse_schedule(self.scheduler.lr_lambdas[0])
         self.amp_dtype = autocast_dtype(config.amp, self.device, config.amp_on_cpu)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
@@ -179,6 +183,15 @@ class Trainer:
         if self.cfg.tgi:
             teacher_guided_init(self.student, teacher)
         return teacher, tcfg
+
+    def _warn_coarse_schedule(self, schedule: WarmupCosine) -> None:
+        """A cosine stepped per epoch over a few epochs keeps a high lr to the end (2 epochs: the second at
+        half of it; 800 lite steps on 2 epochs lost 5 IoU points against stepping it every step)."""
+        epochs = math.ceil(schedule.total / schedule.steps_per_epoch)
+        if schedule.by_epoch and epochs < COARSE_SCHEDULE_EPOCHS and self.is_main:
+            last = schedule((epochs - 1) * schedule.steps_per_epoch)
+            log.warning("optim.lr_by_epoch steps the cosine once per epoch and this run has %d epoch(s): the last "
+                        "runs at %.2f x lr; optim.lr_by_epoch=false steps it every step", epochs, last)
 
     def _build_task_loss(self) -> TaskLoss:
         loss_cfg = self.cfg.loss
