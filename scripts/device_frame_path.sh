@@ -98,7 +98,7 @@ train_student() {  # paper_student a few hundred steps; sets $ckpt
         --name paper_student --steps 400 --batch 8 --amp bf16 --workers "$(nproc)" --device cuda --budget-s 180 \
         --reserve-s 35 --scenes 60 --out /tmp/handback --work /tmp/work --data /tmp/synth \
         --set optim.warmup_iters=50 --set log_every=25 --set ckpt_every=200 --set progress=false \
-        --set loss.class_frequencies=null
+        --set loss.class_frequencies=null --set optim.lr_by_epoch=false
     cp /tmp/handback/paper_student/runs.jsonl "$out/paper_student_runs.jsonl" 2>/dev/null
     ckpt=/tmp/work/paper_student/final.pt
     [ -f "$ckpt" ] || ckpt=/tmp/work/paper_student/last.pt
