@@ -84,7 +84,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     finally:
         model.train(was_training)
     if frames == 0:
-        raise ValueError(f"no frame could be scored: all {len(skipped)} are unreadable; first: {skipped[0]['bad']}")
+        why = f"all {len(skipped)} are unreadable; first: {skipped[0]['bad']}" if skipped else "the split is empty"
+        raise ValueError(f"no frame could be scored: {why}")
     result = dict(metrics.compute())
     result.update(frames=frames, skipped_frames=len(skipped), seconds=time.perf_counter() - start,
                   skipped={item["sample_id"]: item["bad"] for item in skipped[:SKIPPED_SHOWN]})
