@@ -391,7 +391,7 @@ def test_bad_sample_arrays_name_the_sample(sample_root, changes, match):
     assert ds[0]["sample_id"] != sample_id and sample_id in ds.skipped
 
 
-def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_unreadable(sample_root):
+def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_unreadable(sample_root, capsys):
     """As the reference's test phase: a frame with no occupied voxel is scored (false positives only), an
     unreadable one is counted and named, and neither is replaced by its neighbour, which scored that
     neighbour twice."""
@@ -422,6 +422,11 @@ def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_unread
     assert result["iou"] == expected.compute()["iou"] and result["miou"] == expected.compute()["miou"]
     with pytest.raises(BadSampleError, match="no occupied voxel"):
         dataset.load(empty_id)  # training still refuses it
+    save_model(sample_root / "m.pt", model, cfg)
+    assert evaluate.main(["--checkpoint", str(sample_root / "m.pt"), "--data", str(sample_root),
+                          "--split", str(sample_root / "all.txt")]) == 0
+    out, err = capsys.readouterr()
+    assert "3 frames" in out and f"1 unreadable frames not scored; first: {bad_id}: sample {bad_id}" in err
 
 
 def _write_pickle(root: Path, sample_id: str, data: dict) -> None:
