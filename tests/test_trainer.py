@@ -88,7 +88,7 @@ def test_training_images_get_the_reference_photometric_distortion_drawn_per_step
     the same step gives the same images (an exact resume), the next step others; off: plain normalising."""
     from models.preprocess import normalize_image
     from training import trainer as trainer_module
-    from training.data import pixel_values
+    from training.data import pixel_values, prepare_inputs
 
     seen = []
 
@@ -96,8 +96,6 @@ def test_training_images_get_the_reference_photometric_distortion_drawn_per_step
         inputs = prepare_inputs(*args, **kwargs)
         seen.append(inputs["image"].clone())
         return inputs
-
-    from training.data import prepare_inputs
 
     monkeypatch.setattr(trainer_module, "prepare_inputs", recording)
     cfg = tiny_config(data_root, tmp_path)
@@ -231,10 +229,7 @@ def _ddp_worker(rank, world, port, root, out):
 
 
 def test_ddp_two_processes_gloo_keep_parameters_identical(data_root, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(data_root), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     init = params(Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0]).student)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
