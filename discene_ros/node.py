@@ -147,10 +147,7 @@ class OccupancyNode(Node):
         # image_transport's naming: a topic ending in /compressed carries CompressedImage, use_compressed or not
         image_topic = self.cfg["image_topic"].rstrip("/")
         compressed = self.cfg["use_compressed"] or image_topic.endswith("/compressed")
-        if compressed:
-            self.image_topic = image_topic if image_topic.endswith("/compressed") else image_topic + "/compressed"
-        else:
-            self.image_topic = self.cfg["image_topic"]
+        self.image_topic = P.base_image_topic(image_topic) + "/compressed" if compressed else self.cfg["image_topic"]
         # empty: beside the image topic, as image_transport's CameraSubscriber pairs them
         self.info_topic = self.cfg["camera_info_topic"] or P.camera_info_topic_for(self.image_topic)
         self.partners = FramePartners(self.cfg["sync_tolerance_s"], self.cfg["sync_wait_s"], self.cfg["use_depth"],

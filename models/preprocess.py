@@ -54,6 +54,13 @@ def normalize_image(image: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def pixel_values(image: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`normalize_image`: ImageNet-normalised (B,3,H,W) RGB -> float values on 0..255."""
+    mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (image * std + mean) * 255.0
+
+
 def resize_image(image_rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear (antialiased) resize of a uint8 HxWx3 image with PIL."""
     from PIL import Image

@@ -86,9 +86,9 @@ def test_trainer_steps_the_cosine_per_epoch_where_asked_and_warns_on_few_epochs(
 def test_training_images_get_the_reference_photometric_distortion_drawn_per_step(data_root, tmp_path, monkeypatch):
     """Distorted on the device as the reference trains (training/augment.py), from draws seeded by the step:
     the same step gives the same images (an exact resume), the next step others; off: plain normalising."""
-    from models.preprocess import normalize_image
+    from models.preprocess import normalize_image, pixel_values
     from training import trainer as trainer_module
-    from training.data import pixel_values, prepare_inputs
+    from training.data import prepare_inputs
 
     seen = []
 

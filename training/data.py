@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.config import ModelConfig
-from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+from models.preprocess import normalize_image, pixel_values
 
 from .augment import PhotometricDraws, photometric_distortion
 from .interrupt import ignore_interrupts
@@ -78,13 +78,6 @@ def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, 
         depth = depth.unsqueeze(1) if depth.dim() == 3 else depth
     return {"image": image, "grid2img": batch["grid2img"].to(device, non_blocking=True).float(),
             "depth": depth if use_depth else None, "target": batch["target"].to(device, non_blocking=True)}
-
-
-def pixel_values(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised (B,3,H,W) images (the dataset's) -> RGB values on 0..255."""
-    mean = image.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (image * std + mean) * 255.0
 
 
 def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
+ANCHOR_STREAM, PHOTOMETRIC_STREAM = 1_000_003, 2_000_029  # seed multipliers of the per-step generators
 COARSE_SCHEDULE_EPOCHS = 5  # lr_by_epoch over fewer epochs than this draws a warning
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,14 @@ class WarmupCosine:
         self.total, self.warmup, self.warmup_ratio, self.min_ratio = total, warmup, warmup_ratio, min_ratio
         self.steps_per_epoch, self.by_epoch = max(1, steps_per_epoch), by_epoch
 
+    @property
+    def epochs(self) -> int:
+        """Epochs of the run, the last one possibly partial."""
+        return math.ceil(self.total / self.steps_per_epoch)
+
     def __call__(self, step: int) -> float:
         if self.by_epoch:
-            epochs = math.ceil(self.total / self.steps_per_epoch)
-            progress = min(step // self.steps_per_epoch, epochs) / epochs
+            progress = min(step // self.steps_per_epoch, self.epochs) / self.epochs
         else:
             progress = min(step, self.total) / max(1, self.total)
         factor = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -184,10 +189,15 @@ class Trainer:
             teacher_guided_init(self.student, teacher)
         return teacher, tcfg
 
+    def _step_generator(self, step: int, stream: int) -> torch.Generator:
+        """A generator for one use (``stream``) at one step of this rank, seeded from the run's seed: a resumed
+        run draws what an uninterrupted one would."""
+        return torch.Generator().manual_seed(self.cfg.seed * stream + step * self.world + self.rank)
+
     def _warn_coarse_schedule(self, schedule: WarmupCosine) -> None:
         """A cosine stepped per epoch over a few epochs keeps a high lr to the end (2 epochs: the second at
         half of it; 800 lite steps on 2 epochs lost 5 IoU points against stepping it every step)."""
-        epochs = math.ceil(schedule.total / schedule.steps_per_epoch)
+        epochs = schedule.epochs
         if schedule.by_epoch and epochs < COARSE_SCHEDULE_EPOCHS and self.is_main:
             last = schedule((epochs - 1) * schedule.steps_per_epoch)
             log.warning("optim.lr_by_epoch steps the cosine once per epoch and this run has %d epoch(s): the last "
@@ -293,7 +303,7 @@ class Trainer:
                     self._prior_init = self.teacher.init_positions().detach().float()
                 extra["prior_init"] = self._prior_init.unsqueeze(0).expand(b, -1, -1).contiguous()
             if dcfg.anchor:
-                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * self.world + self.rank)
+                gen = self._step_generator(step, ANCHOR_STREAM)
                 count = dcfg.num_anchors or self.model_cfg.decoder.num_queries
                 anchors, keep = sample_anchors(inputs["target"], count, self.task_loss.class_weights, gen)
                 if anchors is not None:
@@ -308,8 +318,7 @@ class Trainer:
         """The forward half of a training step (train mode, autocast): (unweighted terms, weighted terms)."""
         self.module.train()
         needs_depth = self.model_cfg.use_depth or (self.teacher_cfg is not None and self.teacher_cfg.use_depth)
-        photometric = (torch.Generator().manual_seed(self.cfg.seed * 2_000_029 + self.step * self.world + self.rank)
-                       if self.cfg.data.photometric else None)  # per step: a resumed run draws the same
+        photometric = self._step_generator(self.step, PHOTOMETRIC_STREAM) if self.cfg.data.photometric else None
         inputs = prepare_inputs(batch, self.device, needs_depth, photometric)
         teacher, extra = self._teacher_outputs(inputs, self.step)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
