@@ -6,7 +6,8 @@
 
 Parameters come from ``params_file`` (default: the shipped config/occupancy.yaml). The launch
 arguments below override single parameters, and only when given: an argument left out keeps the
-value of ``params_file``. Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
+value of ``params_file`` (``ros2 launch`` refuses an empty value, ``name:=``, and an empty string from
+an including launch file counts as not given). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
 ``world_frame`` as its fixed frame, its camera display (the occupancy over the image) follows the
 effective ``image_topic`` and camera info, and it
 runs in the node's namespace (included under ``PushRosNamespace``, one per camera). ``use_sim_time``

@@ -43,10 +43,19 @@ def visit(entity, context, nodes):
         visit(sub, context, nodes)
 
 
+def launch_arguments(argv: list[str]) -> list[tuple[str, str]]:
+    """NAME:=VALUE pairs, refused where ``ros2 launch`` refuses them (ros2launch/api/api.py,
+    parse_launch_arguments): no ``:=``, no name, or an empty value (``name:=``)."""
+    for arg in argv:
+        if arg.count(":=") == 0 or arg.startswith(":=") or (arg.count(":=") == 1 and arg.endswith(":=")):
+            raise RuntimeError(f"malformed launch argument '{arg}', expected format '<name>:=<value>'")
+    return [tuple(arg.split(":=", 1)) for arg in argv]
+
+
 def main(argv):
-    path, args = argv[0], [a.split(":=", 1) for a in argv[1:]]
+    path, args = argv[0], launch_arguments(argv[1:])
     context = LaunchContext()
-    include = IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments=[tuple(a) for a in args])
+    include = IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments=args)
     nodes = []
     visit(include, context, nodes)
     print(json.dumps(nodes))

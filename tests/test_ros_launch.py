@@ -141,6 +141,23 @@ def test_single_overrides_change_only_themselves(launch_env, distro, tmp_path):
 
 
 @pytest.mark.parametrize("distro", DISTROS)
+def test_an_empty_argument_is_refused_so_a_file_value_is_undone_by_naming_the_default(launch_env, distro, tmp_path):
+    """``ros2 launch`` refuses ``name:=`` (the probe follows ros2launch's rule), so the README tells users to
+    name the value an empty parameter stands for; here the camera_info topic beside the image."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"camera_info_topic": "/other/camera_info"}}}))
+    with pytest.raises(RuntimeError, match="malformed launch argument 'camera_info_topic:='"):
+        run_launch(launch_env, distro, f"params_file:={mine}", "camera_info_topic:=")
+    derived = P.camera_info_topic_for(P.defaults()["image_topic"])
+    params = run_launch(launch_env, distro, f"params_file:={mine}", f"camera_info_topic:={derived}")[P.NODE_NAME]["params"]
+    assert params == {"camera_info_topic": derived}
+    including = tmp_path / "including.launch.py"  # an empty string from an including file: not given
+    including.write_text(NAMESPACED.replace('("world_frame", "odom")', f'("params_file", "{mine}"), ("camera_info_topic", "")'))
+    assert run_launch(launch_env, distro, launch_file=including)[P.NODE_NAME]["params"] == {
+        "camera_info_topic": "/other/camera_info"}
+
+
+@pytest.mark.parametrize("distro", DISTROS)
 def test_speed_options_are_launch_arguments(launch_env, distro):
     params = run_launch(launch_env, distro, "fp16:=true", "compile:=true", "tf32:=true",
                         "tf32_convolutions:=true", "cuda_graph:=false")[P.NODE_NAME]["params"]
