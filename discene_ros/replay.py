@@ -175,7 +175,7 @@ class BagFrames:
         self.tf = bag_io.TfTree()
         self.error: str | None = None
         self.fallback_note: str | None = None
-        self.orientation_note: str | None = None  # camera_pose.orientation_problem of the first TF pose
+        self.orientation_notes: dict[str, str | None] = {}  # camera frame -> orientation_problem of its first TF pose
         self.mount_found = False  # the fallback pose comes from the camera mount in TF
         self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
         self._settled_pose: tuple[Any, np.ndarray] | None = None  # (image, pose) found by the last _settled
@@ -190,8 +190,8 @@ class BagFrames:
         if error is not None:  # TF lags the image, a bad transform or no frame id: skip, never a made-up pose
             return None, error
         camera = msg_decode.camera_frame_id(image.header)  # valid: _pose_probe would have said otherwise
-        if pose is not None and self.orientation_note is None:
-            self.orientation_note = orientation_problem(pose, camera) or ""  # checked once: "" = looked right
+        if pose is not None and camera not in self.orientation_notes:  # once per camera frame, as the node does
+            self.orientation_notes[camera] = orientation_problem(pose, camera)
         if pose is None and self.processor is not None and not self.mount_found:
             try:  # a mount that reaches TF after the first images replaces the fixed parameters from then on
                 mount = self.tf.lookup(self.base_frame, camera)
@@ -530,7 +530,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
                        info_topic=info_topic, other_image_topics=other_cameras(reader, topic))
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
-        summary["camera_orientation_note"] = frames.orientation_note or None
+        summary["camera_orientation_note"] = " ".join(n for n in frames.orientation_notes.values() if n) or None
         result = ReplayResult(summary, rep.renders)
         if settings.report:
             write_outputs(out, summary, rep.renders, stage)

@@ -451,6 +451,29 @@ def test_replay_says_when_the_camera_looks_up_in_tf(tmp_path, monkeypatch, capsy
     assert s["frames"] == 1 and s["camera_orientation_note"] is None
 
 
+def test_replay_checks_the_orientation_once_per_camera_frame_as_the_node_does(tmp_path):
+    """An upright camera frame first, then images naming a body-style frame: the second is still noted
+    (the replay used to check only the first pose of the run)."""
+    from discene_ros.processing import fallback_camera_pose
+
+    f = TypestoreFactory(bag_io.typestore())
+    k = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
+    with bag_io.BagWriter(tmp_path / "two", "mcap", f.typestore) as w:
+        t0 = 10**18
+        w.write(bag_io.TF_STATIC_TOPIC, f.new("tf2_msgs/msg/TFMessage", transforms=[
+            msg_encode.matrix_to_transform_stamped(f, fallback_camera_pose(1.0, 15.0, 0.0), "world", "cam", t0),
+            msg_encode.matrix_to_transform_stamped(f, np.eye(4), "world", "camera_link", t0)]), t0)
+        for i, frame in enumerate(("cam", "cam", "camera_link")):
+            t = t0 + i * 10**8
+            w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(f, k, 48, 64, frame, t), t)
+            w.write(bag_io.IMAGE_TOPIC, msg_encode.rgb_to_image(f, np.zeros((48, 64, 3), np.uint8), frame, t), t)
+    s = replay.replay(tmp_path / "two", out=tmp_path / "o", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(world_frame="world", n_renders=0, progress=False)).summary
+    assert s["frames"] == 3
+    note = s["camera_orientation_note"]
+    assert "camera 'camera_link' looks 90 deg above the horizon" in note and "'cam'" not in note
+
+
 @pytest.mark.parametrize("flag, value, said", [
     ("--max-frames", "0", "max_frames=0: give at least 1"), ("--renders", "-1", "must not be negative"),
     ("--sync-tolerance", "-1", "'sync_tolerance_s'=-1.0 is outside [0.0, 1.0]"),
