@@ -793,6 +793,12 @@ def test_entry_with_torch_but_without_ros_says_to_source_ros():
 def test_yaml_mirrors_the_parameter_table():
     values = P.load_yaml_params(ROOT / "config" / "occupancy.yaml")
     assert values == P.defaults()
+    lines = (ROOT / "config" / "occupancy.yaml").read_text().splitlines()
+    comments = {line.strip().split(":")[0]: above.strip().removeprefix("# ")  # each parameter's comment line
+                for above, line in zip(lines[:-1], lines[1:], strict=True) if above.strip().startswith("# ")}
+    for spec in P.PARAMETERS:
+        in_range = f" [{spec.range[0]}, {spec.range[1]}]" if spec.range else ""
+        assert comments[spec.name] == spec.description + in_range, spec.name
     assert P.validate(values) == P.defaults()
     with pytest.raises(ValueError, match="unknown parameter"):
         P.validate({"imagetopic": "/x"})

@@ -108,7 +108,8 @@ class WarmupCosine:
     """lr factor at a step, as the reference's mmcv policy (``CosineAnnealing`` with a linear warm-up) gives it.
 
     The cosine runs from 1 to ``min_ratio`` over the whole run, stepped once per epoch (``by_epoch``, mmcv's
-    default under the reference's EpochBasedRunner: the last of 10 epochs runs at 0.0245, never at the
+    default under the reference's EpochBasedRunner: the last of 10 epochs runs at 0.0254 with
+    ``min_lr_ratio`` 1e-3, never at the
     minimum) or at every step; over the first ``warmup`` steps it is scaled by a ramp from ``warmup_ratio``
     to 1.
     """
