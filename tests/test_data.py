@@ -42,8 +42,9 @@ def test_format_matches_occscannet(dataset_root):
         np.testing.assert_allclose(data["voxel_origin"], place_grid(data["cam_pose"], floor_z=0.0))
         labels = set(np.unique(data["target_1_4"]).tolist())
         assert {0, 2, 3, 255} <= labels <= set(range(12)) | {255}
+        assert png.read_bytes()[24:26] == b"\x10\x00"  # IHDR: 16-bit greyscale (Pillow < 10 reads it as int32)
         depth = np.asarray(Image.open(png))
-        assert depth.dtype == np.uint16 and depth.shape == (H, W) and depth.max() > 500  # millimetres
+        assert depth.shape == (H, W) and depth.max() > 500  # millimetres
         assert Image.open(jpg).size == (W, H)
         # cameras at robot / human height, small pitch (optical z axis close to horizontal)
         assert 0.35 <= data["cam_pose"][2, 3] <= 1.75 and abs(data["cam_pose"][2, 2]) < 0.7

@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,17 @@ def safe_load_pickle(path: str | Path) -> Any:
         return SafeUnpickler(f, str(path)).load()
 
 
+# numpy before 1.24 makes an object array of ragged nested lists, with this warning, where 1.24 and later raise
+RAGGED_WARNING = getattr(np, "exceptions", np).VisibleDeprecationWarning
+
+
 def _numeric_array(sample_id: str, key: str, value: Any) -> np.ndarray:
     """``value`` as a numeric numpy array, or BadSampleError (strings, ragged lists, objects)."""
     try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:  # ragged nested sequences
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RAGGED_WARNING)
+            arr = np.asarray(value)
+    except (ValueError, TypeError, RAGGED_WARNING) as exc:  # ragged nested sequences
         raise BadSampleError(f"sample {sample_id}: {key} is not a regular numeric array ({exc})") from exc
     if arr.dtype.kind not in "biuf":
         raise BadSampleError(f"sample {sample_id}: {key} has dtype {arr.dtype}, expected numbers")
