@@ -62,6 +62,14 @@ class BagError(RuntimeError):
     """A bag that cannot be opened or read (missing, truncated, corrupt, no image topic)."""
 
 
+def missing_package_note(exc: ImportError) -> str:
+    """A bag tool's error line for ``exc``: for rosbags or tqdm, with the pip command, since rosdep does not
+    install rosbags (no apt package), so a robot that built this package with colcon lacks it at first."""
+    if (exc.name or "").split(".")[0] in ("rosbags", "tqdm"):
+        return f"{exc}: the bag tools need the Python packages rosbags and tqdm: pip install rosbags tqdm"
+    return str(exc)
+
+
 def typestore() -> Any:
     """The rosbags typestore used for writing (ROS 2 Humble definitions; identical for these types in Jazzy)."""
     from rosbags.typesys import Stores, get_typestore

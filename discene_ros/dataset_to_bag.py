@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         n = dataset_to_bag(args.dataset, args.out, args.storage, args.split, args.compressed, args.rate,
                            max_frames=args.max_frames, resize_hw=args.resize, jpeg_quality=args.jpeg_quality,
                            progress=True)
+    except ImportError as exc:
+        print(f"discene-dataset-to-bag: error: {bag_io.missing_package_note(exc)}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"discene-dataset-to-bag: error: {exc}", file=sys.stderr)
         return 2

@@ -691,7 +691,10 @@ def run_cli(args: argparse.Namespace) -> int:
         _write_json(args.json, summary)
         print(f"discene-replay: error: {exc}\nreport: {report}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, ImportError, RuntimeError) as exc:  # OSError: a missing file, a full disk
+    except ImportError as exc:
+        print(f"discene-replay: error: {bag_io.missing_package_note(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as exc:  # OSError: a missing file, a full disk
         print(f"discene-replay: error: {exc}", file=sys.stderr)
         return 2
     report = out / "report.md"

@@ -484,3 +484,17 @@ def test_replay_options_the_node_would_refuse_are_refused(tmp_path, capsys, flag
     """Before, --max-frames 0 replayed one frame, a threshold of 2 or NaN scored IoU 0 without a word."""
     assert replay.main(["--out", str(tmp_path / "o"), "--no-progress", flag, value]) == 2
     assert said in capsys.readouterr().err
+
+
+def test_bag_tools_say_how_to_install_rosbags_where_it_is_missing(tmp_path, monkeypatch, capsys):
+    """rosdep installs no rosbags (it has no apt package), so a robot that built the package with colcon
+    lacks it: both bag tools end in one line with the pip command, not a traceback."""
+    import sys
+
+    for name in ["rosbags", *(m for m in sys.modules if m.startswith("rosbags."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # import of it raises ModuleNotFoundError
+    assert replay.main(["--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "pip install rosbags tqdm" in capsys.readouterr().err
+    sample = Path(replay.__file__).parent / "data" / "sample_dataset"
+    assert to_bag_main(["--dataset", str(sample), "--out", str(tmp_path / "b")]) == 2
+    assert "pip install rosbags tqdm" in capsys.readouterr().err
