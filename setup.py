@@ -40,7 +40,9 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not listed: install the CPU wheel (pip install torch==2.13.0) or the
     # robot's own CUDA/Jetson build first, so that pip never pulls a multi-GB CUDA build by itself.
-    install_requires=["numpy>=1.24", "pyyaml>=6.0", "pillow>=9.0", "tqdm>=4.60"],
+    # Floors = Ubuntu 22.04's apt packages, which a Humble robot runs with (the suite passes with them and with
+    # Jazzy's: docs/results/distro_stacks.md); higher floors would make pip shadow apt's numpy in a venv.
+    install_requires=["numpy>=1.21", "pyyaml>=5.4", "pillow>=9.0", "tqdm>=4.57"],
     extras_require={
         "train": ["scipy>=1.10", "tensorboard>=2.14"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
