@@ -14,6 +14,7 @@ normalised grid coordinates and ``scores`` (1,Q,R,C) after the sigmoid, both of 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import platform
 import warnings
@@ -33,6 +34,9 @@ from .backends.base import input_names, input_shapes, output_shapes
 from .op_check import TRT_OPS_VERSION, check_model
 from .sidecar import atomic_write_bytes, sha256_file, sha256_state_dict, write_sidecar
 from .wrapper import ExportWrapper
+
+# torch 2.5 added ``dynamo`` (and 2.9 made it the default); before 2.5 the TorchScript exporter is the only one
+TORCHSCRIPT_EXPORTER = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +135,7 @@ def _export_graph(wrapper: ExportWrapper, frame: Any, config: ModelConfig, path:
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["points", "scores"],
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+                          opset_version=opset, do_constant_folding=True, **TORCHSCRIPT_EXPORTER)
 
 
 def _simplify(path: Path) -> bool:

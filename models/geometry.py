@@ -24,6 +24,9 @@ GRID_EXTENT = tuple(n * VOXEL_SIZE for n in GRID_SHAPE)  # (4.8, 4.8, 2.88) metr
 # ``forward_distance`` metres in front of the camera along the horizontal viewing direction.
 DEFAULT_FORWARD_DISTANCE = 0.5 * GRID_EXTENT[0]
 
+# torch.is_autocast_enabled(device_type) is torch 2.4's; before it, one query per device (JetPack 6.0 has 2.3)
+AUTOCAST_QUERY_BY_DEVICE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4)
+
 
 def place_grid(
     cam_pose: np.ndarray,
@@ -117,6 +120,13 @@ def grid_to_image_matrix(
     return np.array([*rows, [0.0, 0.0, 0.0, 1.0]])
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` ('cuda' or 'cpu'), on torch before and after 2.4."""
+    if AUTOCAST_QUERY_BY_DEVICE:
+        return torch.is_autocast_enabled(device_type)
+    return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def project_points(grid2img: torch.Tensor, points: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Project normalised grid points to pixels.
 
@@ -128,7 +138,7 @@ def project_points(grid2img: torch.Tensor, points: torch.Tensor, eps: float = 1e
     hundreds and thousands, where half precision (11-bit mantissa) moves pixels by whole units.
     """
     device_type = points.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+    if device_type in ("cuda", "cpu") and autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
             return project_points(grid2img.float(), points.float(), eps)
     b = points.shape[0]

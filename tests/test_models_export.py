@@ -6,6 +6,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export.onnx_export import TORCHSCRIPT_EXPORTER
+
 # ops the network may use; everything here exists in TensorRT's ONNX parser
 ALLOWED_OPS = {
     "Add", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Einsum", "Equal", "Expand",
@@ -29,7 +31,7 @@ def test_lite_exports_to_onnx_opset17_and_matches_torch(tmp_path, lite_model, li
     wrapper = LastLayer(lite_model).eval()
     image = torch.randn(1, 3, *lite_config.image_size, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "lite.onnx"
-    torch.onnx.export(wrapper, (image, lite_grid2img), str(path), opset_version=17, dynamo=False,
+    torch.onnx.export(wrapper, (image, lite_grid2img), str(path), opset_version=17, **TORCHSCRIPT_EXPORTER,
                       input_names=["image", "grid2img"], output_names=["points", "scores"])
     graph = onnx.load(str(path))
     assert graph.opset_import[0].version == 17

@@ -134,3 +134,11 @@ def test_grid_to_image_matrix_equals_the_numpy_product():
         np.testing.assert_allclose(geometry.place_grid(pose, floor_z=0.2), [*(centre - 2.4), 0.2], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="finite 4x4"):
         geometry.place_grid(np.full((4, 4), np.nan))
+
+
+@pytest.mark.parametrize("query_by_device", [True, False])  # torch >= 2.4, and the per-device queries before it
+def test_autocast_enabled_answers_per_device_on_both_torch_apis(monkeypatch, query_by_device):
+    monkeypatch.setattr(geometry, "AUTOCAST_QUERY_BY_DEVICE", query_by_device)
+    assert not geometry.autocast_enabled("cpu") and not geometry.autocast_enabled("cuda")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert geometry.autocast_enabled("cpu") and not geometry.autocast_enabled("cuda")
