@@ -136,6 +136,7 @@ def test_grid_to_image_matrix_equals_the_numpy_product():
         geometry.place_grid(np.full((4, 4), np.nan))
 
 
+@pytest.mark.filterwarnings("ignore:torch.is_autocast_cpu_enabled:DeprecationWarning")  # the old API, on new torch
 @pytest.mark.parametrize("query_by_device", [True, False])  # torch >= 2.4, and the per-device queries before it
 def test_autocast_enabled_answers_per_device_on_both_torch_apis(monkeypatch, query_by_device):
     monkeypatch.setattr(geometry, "AUTOCAST_QUERY_BY_DEVICE", query_by_device)
