@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -489,8 +490,6 @@ def test_replay_options_the_node_would_refuse_are_refused(tmp_path, capsys, flag
 def test_bag_tools_say_how_to_install_rosbags_where_it_is_missing(tmp_path, monkeypatch, capsys):
     """rosdep installs no rosbags (it has no apt package), so a robot that built the package with colcon
     lacks it: both bag tools end in one line with the pip command, not a traceback."""
-    import sys
-
     for name in ["rosbags", *(m for m in sys.modules if m.startswith("rosbags."))]:
         monkeypatch.setitem(sys.modules, name, None)  # import of it raises ModuleNotFoundError
     assert replay.main(["--out", str(tmp_path / "o"), "--no-progress"]) == 2
