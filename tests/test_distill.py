@@ -153,6 +153,39 @@ def test_hungarian_match_recovers_permutation_and_counts_time():
     assert torch.equal(perm[si], ti) and matcher.stats.calls == 1
 
 
+def test_match_batch_is_per_sample_matching_on_a_thread_pool():
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.rand(5, 20, 3, generator=g), torch.rand(5, 16, 3, generator=g)
+    matcher.stats.reset()
+    pairs = matcher.match_batch(student, teacher)
+    assert matcher.stats.calls == 5
+    for (si, ti), s, t in zip(pairs, student, teacher, strict=True):
+        ref_s, ref_t = matcher.hungarian_match(s, t)
+        assert torch.equal(si, ref_s) and torch.equal(ti, ref_t) and si.numel() == 16
+    assert matcher.match_batch(student[:0], teacher[:0]) == []
+    one = matcher.match_batch(student[:1], teacher[:1])
+    assert torch.equal(one[0][1], pairs[0][1])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        matcher.match_batch(student, teacher[:2])
+    with pytest.raises(ValueError, match=r"\(B,N,D\)"):
+        matcher.match_batch(student[0], teacher[0])
+
+
+def test_query_level_loss_matches_every_layer_as_one_batch():
+    """The layers' matchings are solved together; the loss equals matching layer by layer, sample by sample."""
+    teacher, student = fake_outputs(11, batch=3), fake_outputs(12, batch=3)
+    d = make_distiller()
+    center, feature = d.query_level_loss(student["layers"], teacher["layers"])
+    ref_c, ref_f = 0.0, 0.0
+    for s, t in zip(student["layers"], teacher["layers"], strict=True):
+        pairs = [matcher.hungarian_match(d.metres(a), d.metres(b)) for a, b in zip(s["centers"], t["centers"], strict=True)]
+        b_s = torch.cat([torch.full_like(si, b) for b, (si, _) in enumerate(pairs)])
+        c, f = d._pairs(s, t, (b_s, torch.cat([si for si, _ in pairs])), (b_s, torch.cat([ti for _, ti in pairs])))
+        ref_c, ref_f = ref_c + c, ref_f + f
+    torch.testing.assert_close(center, ref_c)
+    torch.testing.assert_close(feature, ref_f)
+
+
 def test_distance_grows_query_loss_and_gradients_flow():
     teacher = fake_outputs(4)
     student = fake_outputs(5)

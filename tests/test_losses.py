@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import (
+    MAX_CDIST_ELEMENTS,
     REFERENCE_RARE_CLASSES,
     GroundTruth,
     PaddedGroundTruth,
     TaskLoss,
     TaskLossConfig,
+    cdist_budget,
     class_frequencies_from_targets,
     class_weights_from_frequencies,
     ground_truth_from_voxels,
@@ -258,6 +260,10 @@ def test_padded_nearest_neighbours_match_brute_force_in_chunks():
             assert torch.equal(p2g[b], d.argmin(1))
             assert torch.equal(g2p[0, b, :m], d[:10].argmin(0))
             assert torch.equal(g2p[1, b, :m], d[10:].argmin(0) + 10)
+    default = nearest_neighbours_padded(pred, sizes, gt, mask)  # the device's budget: one chunk here
+    assert cdist_budget(pred.device) == MAX_CDIST_ELEMENTS
+    assert all(torch.equal(a, b) for a, b in zip(default, nearest_neighbours_padded(pred, sizes, gt, mask, 50),
+                                                 strict=True))
     d, i, rd, ri = nearest_neighbours(pred[0], gt[0], max_elements=40)
     full = torch.cdist(pred[0], gt[0])
     torch.testing.assert_close(d, full.min(1).values)

@@ -171,8 +171,13 @@ class Distiller(nn.Module):
         """QL (eq. 4-7): per layer, Hungarian matching on centres in metres, then (centre, feature) losses
         of the pairs (CFD) or (points, logits) losses (FLD); summed over layers."""
         center, feature = 0.0, 0.0
-        for s, t in _paired_layers(student_layers, teacher_layers):
-            pairs = matcher.match_batch(self.metres(s["centers"]), self.metres(t["centers"]))
+        layers = _paired_layers(student_layers, teacher_layers)
+        # every layer's matching in one batch: (L*B, N, 3) against (L*B, M, 3)
+        every = matcher.match_batch(torch.cat([self.metres(s["centers"]) for s, _ in layers]),
+                                    torch.cat([self.metres(t["centers"]) for _, t in layers]))
+        for index, (s, t) in enumerate(layers):
+            batch = s["centers"].shape[0]
+            pairs = every[index * batch:(index + 1) * batch]
             b_s = torch.cat([torch.full_like(si, b) for b, (si, _) in enumerate(pairs)])
             s_idx = (b_s, torch.cat([si for si, _ in pairs]))
             t_idx = (b_s, torch.cat([ti for _, ti in pairs]))
