@@ -1,7 +1,7 @@
 """Training throughput: samples per second of the lite student step and the distillation step, through the real loader.
 
     python benchmarks/bench_train_throughput.py [--device cuda] [--batch 8 32] [--amp bf16] [--workers 12] \\
-        [--modes student distill] [--steps 30] [--json docs/results/train_throughput_cuda.json]
+        [--modes student distill] [--steps 30] [--json docs/results/train_throughput_cuda.json] [--profile DIR]
 
 Each row builds the Trainer from training/configs/lite_student.yaml or lite_distill.yaml (the
 teacher of the distillation rows is a randomly initialised lite_teacher network: its speed, not its
@@ -62,8 +62,26 @@ def row_config(mode: str, args: argparse.Namespace, batch: int, amp: str, worker
     return load_train_config(BASE[mode], sets)
 
 
-def measure(cfg: TrainConfig, steps: int, warmup: int) -> dict:
-    """samples/s, ms per step and ms per step waiting on the loader, over ``steps`` steps after ``warmup``."""
+def profile_steps(trainer: Trainer, batches, steps: int, path: Path) -> None:
+    """torch.profiler over ``steps`` more steps: the ops by device (GPU) time and by host time, as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+        _sync(trainer.device)
+    table = prof.key_averages()
+    device_key = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps\n\nby device time\n{table.table(sort_by=device_key, row_limit=40)}\n\n"
+                    f"by host time\n{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
+    print(f"wrote {path}", flush=True)
+
+
+def measure(cfg: TrainConfig, steps: int, warmup: int, profile_to: Path | None = None) -> dict:
+    """samples/s, ms per step and ms per step waiting on the loader, over ``steps`` steps after ``warmup``;
+    then, with ``profile_to``, a profiler table of a few more steps."""
     model_cfg = cfg.model_config()
     train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, load_depth=cfg.needs_depth())
     trainer = Trainer(cfg, train)
@@ -79,6 +97,8 @@ def measure(cfg: TrainConfig, steps: int, warmup: int) -> dict:
         trainer.train_step(batch)
     _sync(trainer.device)
     elapsed = time.perf_counter() - start
+    if profile_to is not None:
+        profile_steps(trainer, batches, min(steps, 5), profile_to)
     del batches
     return {"samples_per_s": round(steps * cfg.batch_size / elapsed, 2), "step_ms": round(1000 * elapsed / steps, 1),
             "data_ms": round(1000 * waited / steps, 1), "steps": steps, "warmup": warmup}
@@ -106,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--profile", default=None, help="folder: a torch.profiler table per row, after its timing")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -126,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = row_config(mode, args, batch, amp, workers, Path(tmp) / "out", teacher)
                 row = {"config": cfg.name, "model": args.model, "mode": mode, "batch": batch, "amp": amp,
                        "workers": workers, "image_size": cfg.model_config().image_size,
-                       **measure(cfg, args.steps, args.warmup)}
+                       **measure(cfg, args.steps, args.warmup,
+                                 Path(args.profile) / f"{mode}_b{batch}_{amp}_w{workers}.txt" if args.profile else None)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     result = {"device": device_name(args.device), "torch": torch.__version__,
