@@ -271,6 +271,25 @@ def test_padded_nearest_neighbours_match_brute_force_in_chunks():
     torch.testing.assert_close(rd, full.min(0).values)
 
 
+def test_padded_nearest_neighbours_stay_float32_under_autocast_and_handle_empty_scenes():
+    """The squared-distance GEMM must not run in bf16 inside the trainer's autocast; a scene without GT maps to 0."""
+    g = torch.Generator().manual_seed(1)
+    pred = torch.rand(3, 200, 3, generator=g) * 4.0 + 1.0  # dense enough that bf16 distances pick other points
+    gt = torch.rand(3, 300, 3, generator=g) * 4.0 + 1.0
+    mask = torch.ones(3, 300, dtype=torch.bool)
+    mask[1] = False  # no ground truth in the second scene
+    mask[2, 90:] = False
+    plain = nearest_neighbours_padded(pred, [200], gt, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = nearest_neighbours_padded(pred, [200], gt, mask)
+    assert all(torch.equal(a, b) for a, b in zip(plain, cast, strict=True))
+    p2g, g2p = plain
+    for b, m in ((0, 300), (2, 90)):
+        d = torch.cdist(pred[b].double(), gt[b, :m].double())
+        assert torch.equal(p2g[b], d.argmin(1)) and torch.equal(g2p[0, b, :m], d.argmin(0))
+    assert not p2g[1].any() and not g2p[0, 1].any() and not g2p[0, 2, 90:].any()
+
+
 def test_padded_ground_truth_from_list_round_trip():
     gts = [GroundTruth(torch.rand(3, 3), torch.tensor([1, 2, 3])), GroundTruth(torch.zeros(0, 3), torch.zeros(0).long())]
     padded = PaddedGroundTruth.from_list(gts)
