@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 18's second device call (issue 12): training throughput before and after c0d7aab (batched
 # Hungarian matching on threads, GPU cdist chunks by free memory), side by side on one machine, then a
-# torch.profiler table per row. .tp_before: `git archive 3938550` (the code before), carried.
+# torch.profiler table per row. .tp_before: `git archive 3938550` (the code before), carried; a later
+# session compares against another commit by archiving that one instead.
 # CPU dry run: DEVICE=cpu SIZE="--batch 2 --frames 8 --steps 2 --warmup 1" OUT=/tmp/dry bash scripts/device_session18_throughput.sh
 set -uo pipefail
 out=${OUT:?}
