@@ -3,7 +3,8 @@
     python benchmarks/bench_train_throughput.py [--device cuda] [--batch 8 32] [--amp bf16] [--workers 12] \\
         [--modes student distill] [--steps 30] [--json docs/results/train_throughput_cuda.json] [--profile DIR]
 
-Each row builds the Trainer from training/configs/lite_student.yaml or lite_distill.yaml (the
+Each row builds the Trainer from training/configs/lite_student.yaml, lite_distill.yaml or
+lite_teacher.yaml (``--modes teacher``: the teacher's own training step, to size a teacher run; the
 teacher of the distillation rows is a randomly initialised lite_teacher network: its speed, not its
 accuracy, matters here), iterates the run's own loader (persistent workers, prefetch, pinned
 batches) and times ``--steps`` full optimiser steps after ``--warmup`` steps, loader waits
@@ -36,7 +37,7 @@ from training.train_config import TrainConfig, load_train_config  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
 CONFIGS = ROOT / "training" / "configs"
-BASE = {"student": "lite_student.yaml", "distill": "lite_distill.yaml"}
+BASE = {"student": "lite_student.yaml", "distill": "lite_distill.yaml", "teacher": "lite_teacher.yaml"}
 
 
 def _sync(device: torch.device) -> None:
