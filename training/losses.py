@@ -13,8 +13,9 @@ weight of the assigned GT point come from the reference. Every term is returned 
 loss weights live in one table (``TaskLoss.weight_dict``) that the trainer applies once.
 
 The whole batch and every layer are computed at once: ground truth is padded to the largest scene
-with a mask, nearest neighbours come from one search per layer (batched ``torch.cdist`` chunks on
-GPU, scipy KD-trees on CPU), and the per-layer sums are segment sums over the concatenated points.
+with a mask, nearest neighbours come from one search per layer (chunks of squared distances, one
+GEMM each, on GPU; scipy KD-trees on CPU), and the per-layer sums are segment sums over the
+concatenated points.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from models.classes import NUM_CLASSES, UNKNOWN_LABEL
 from models.geometry import GRID_SHAPE, VOXEL_SIZE
 
-# Largest number of float32 distances one cdist chunk may hold: 64 MiB on the CPU; on a GPU up to 1 GiB
+# Largest number of float32 distances one search chunk may hold: 64 MiB on the CPU; on a GPU up to 1 GiB
 # where the free memory allows (``cdist_budget``). Bounds memory at 15,360 points x tens of thousands
 # of ground-truth voxels; bigger chunks on a GPU mean far fewer kernel launches per step.
 MAX_CDIST_ELEMENTS = 16 * 1024 * 1024
@@ -51,8 +52,8 @@ class TaskLossConfig:
     rare_classes: list[int] = field(default_factory=lambda: list(REFERENCE_RARE_CLASSES))
     rare_min_weight: float = 10.0       # Chamfer weight floor of points of a rare class (both sides)
     init_points_weight: float = 1.0     # Chamfer on the initial points, relative to a layer's Chamfer
-    nn_backend: str = "auto"            # nearest neighbours: "cdist" (batched torch.cdist chunks), "kdtree" (scipy,
-                                        # CPU) or "auto" (kdtree on CPU, cdist on GPU); both exact
+    nn_backend: str = "auto"            # nearest neighbours: "cdist" (chunks of squared distances, one GEMM each),
+                                        # "kdtree" (scipy, CPU) or "auto" (kdtree on CPU, cdist on GPU); both exact
     class_frequencies: list[float] | str | None = None  # voxel counts of classes 1..C, or a name in
                                         # NAMED_CLASS_FREQUENCIES; None: uniform weights (the trainer counts them)
 
@@ -166,7 +167,7 @@ def ground_truth_from_voxels(target: torch.Tensor, voxel_size: float = VOXEL_SIZ
 @torch.no_grad()
 def nearest_neighbours(src: torch.Tensor, dst: torch.Tensor, max_elements: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest neighbours both ways between src (N,3) and dst (M,3), from one chunked ``torch.cdist`` pass.
+    """Nearest neighbours both ways between src (N,3) and dst (M,3), from one ``nearest_neighbours_padded`` search.
 
     Returns (src->dst distance (N,), index (N,), dst->src distance (M,), index (M,)); at most
     ``max_elements`` distances exist at once (default: ``cdist_budget``). Both sets must be non-empty.
@@ -181,8 +182,8 @@ def nearest_neighbours(src: torch.Tensor, dst: torch.Tensor, max_elements: int |
 
 
 def cdist_budget(device: torch.device) -> int:
-    """Distances one cdist chunk may hold on ``device``: 16 Mi on the CPU; on CUDA 1/32 of the free bytes
-    (float32 distances, about two chunks alive at once), within 16 Mi .. 256 Mi."""
+    """Distances one chunk of the nearest-neighbour search may hold on ``device``: 16 Mi on the CPU; on
+    CUDA an eighth of the free memory in float32 distances, within 16 Mi .. 256 Mi."""
     if device.type != "cuda":
         return MAX_CDIST_ELEMENTS
     free, _ = torch.cuda.mem_get_info(device)
