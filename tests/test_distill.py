@@ -251,6 +251,23 @@ def test_anchor_sampling_small_and_empty_scenes():
     assert "anchor_center" not in terms and all(torch.isfinite(v) for v in terms.values())
 
 
+def test_anchor_sampling_draws_each_scene_from_its_own_voxels_in_one_batch():
+    """Scenes with and without replacement in one batch; every anchor of a scene lies on an occupied voxel of it."""
+    grid = torch.zeros(3, 8, 6, 4, dtype=torch.uint8)
+    grid[0, :4] = 2                # 96 voxels: drawn without replacement
+    grid[1, 7, 5, 3] = 5           # one voxel: with replacement
+    grid[2, 4:, 3:, :2] = 9        # 24 voxels: with replacement (30 anchors)
+    anchors, keep = sample_anchors(grid, 30, torch.ones(11), torch.Generator().manual_seed(1))
+    assert keep.tolist() == [0, 1, 2] and anchors.shape == (3, 30, 3)
+    ijk = (anchors * torch.tensor([8.0, 6.0, 4.0]) - 0.5).round().long()
+    for b in range(3):
+        labels = grid[b][ijk[b, :, 0], ijk[b, :, 1], ijk[b, :, 2]]
+        assert (labels == grid[b].max()).all()
+    assert len({tuple(v) for v in ijk[0].tolist()}) == 30  # without replacement: 30 distinct voxels
+    again, _ = sample_anchors(grid, 30, torch.ones(11), torch.Generator().manual_seed(1))
+    assert torch.equal(anchors, again)
+
+
 class TinyNet(nn.Module):
     def __init__(self, width=4, dec=3):
         super().__init__()

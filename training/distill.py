@@ -232,22 +232,35 @@ def sample_anchors(target: torch.Tensor, num_anchors: int, class_weights: torch.
     target (B,X,Y,Z) labels (0 empty, 1..C, 255 unknown); a voxel of class c is drawn with probability
     proportional to ``class_weights[c-1]``. Scenes with fewer occupied voxels than ``num_anchors`` are
     sampled with replacement; scenes with none are skipped. Returns (anchors (B',N,3) normalised voxel
-    centres or None when every scene is empty, keep (B',) indices of the scenes used).
+    centres or None when every scene is empty, keep (B',) indices of the scenes used). The whole batch
+    is drawn at once on the target's device (``generator`` must be on that device) from one padded row
+    of occupied voxels per scene; only the per-scene counts come to the host.
     """
     if target.dim() != 4:
         raise ValueError(f"sample_anchors needs (B,X,Y,Z) targets, got shape {tuple(target.shape)}")
-    shape = torch.tensor(target.shape[1:], dtype=torch.float32)
-    anchors, keep = [], []
-    for b, grid in enumerate(target.cpu().long()):
-        occupied = (grid > 0) & (grid != UNKNOWN_LABEL) & (grid <= class_weights.numel())
-        idx = occupied.nonzero()
-        if idx.shape[0] == 0:
-            continue
-        weights = class_weights.cpu().float()[grid[occupied] - 1]
-        pick = torch.multinomial(weights, num_anchors, replacement=idx.shape[0] < num_anchors, generator=generator)
-        anchors.append((idx[pick].float() + 0.5) / shape)
-        keep.append(b)
-    keep_t = torch.tensor(keep, dtype=torch.long, device=target.device)
-    if not anchors:
+    device, dims = target.device, target.shape[1:]
+    labels = target.reshape(target.shape[0], -1).long()  # (B, X*Y*Z)
+    occupied = (labels > 0) & (labels != UNKNOWN_LABEL) & (labels <= class_weights.numel())
+    scene, voxel = occupied.nonzero(as_tuple=True)  # scene-major, so each scene's voxels are consecutive
+    counts = torch.bincount(scene, minlength=labels.shape[0]).tolist()
+    keep = [b for b, count in enumerate(counts) if count > 0]
+    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+    if not keep:
         return None, keep_t
-    return torch.stack(anchors).to(target.device), keep_t
+    # each kept scene's occupied voxels in one padded row: weights (B', most) zero-padded, and their indices
+    sizes = torch.tensor([counts[b] for b in keep], device=device)
+    row = torch.repeat_interleave(torch.arange(len(keep), device=device), sizes)
+    column = torch.arange(voxel.numel(), device=device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    flat = torch.zeros(len(keep), max(counts), dtype=torch.long, device=device)
+    flat[row, column] = voxel
+    weights = torch.zeros(len(keep), max(counts), device=device)
+    weights[row, column] = class_weights.float().to(device)[labels[scene, voxel] - 1]
+    picks = torch.empty(len(keep), num_anchors, dtype=torch.long, device=device)  # columns of those rows
+    for replacement in (False, True):
+        rows = [j for j, b in enumerate(keep) if (counts[b] < num_anchors) == replacement]
+        if rows:
+            rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+            picks[rows_t] = torch.multinomial(weights[rows_t], num_anchors, replacement=replacement, generator=generator)
+    picks = flat.gather(1, picks)  # flat voxel indices
+    ijk = torch.stack([picks // (dims[1] * dims[2]), picks // dims[2] % dims[1], picks % dims[2]], dim=-1)
+    return (ijk.float() + 0.5) / torch.tensor(dims, dtype=torch.float32, device=device), keep_t

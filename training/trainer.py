@@ -190,10 +190,10 @@ class Trainer:
             teacher_guided_init(self.student, teacher)
         return teacher, tcfg
 
-    def _step_generator(self, step: int, stream: int) -> torch.Generator:
-        """A generator for one use (``stream``) at one step of this rank, seeded from the run's seed: a resumed
-        run draws what an uninterrupted one would."""
-        return torch.Generator().manual_seed(self.cfg.seed * stream + step * self.world + self.rank)
+    def _step_generator(self, step: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator (on ``device``) for one use (``stream``) at one step of this rank, seeded from the run's
+        seed: a resumed run draws what an uninterrupted one would."""
+        return torch.Generator(device=device).manual_seed(self.cfg.seed * stream + step * self.world + self.rank)
 
     def _warn_coarse_schedule(self, schedule: WarmupCosine) -> None:
         """A cosine stepped per epoch over a few epochs keeps a high lr to the end (2 epochs: the second at
@@ -304,7 +304,7 @@ class Trainer:
                     self._prior_init = self.teacher.init_positions().detach().float()
                 extra["prior_init"] = self._prior_init.unsqueeze(0).expand(b, -1, -1).contiguous()
             if dcfg.anchor:
-                gen = self._step_generator(step, ANCHOR_STREAM)
+                gen = self._step_generator(step, ANCHOR_STREAM, inputs["target"].device)
                 count = dcfg.num_anchors or self.model_cfg.decoder.num_queries
                 anchors, keep = sample_anchors(inputs["target"], count, self.task_loss.class_weights, gen)
                 if anchors is not None:
