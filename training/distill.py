@@ -249,8 +249,10 @@ def sample_anchors(target: torch.Tensor, num_anchors: int, class_weights: torch.
         return None, keep_t
     # each kept scene's occupied voxels in one padded row: weights (B', most) zero-padded, and their indices
     sizes = torch.tensor([counts[b] for b in keep], device=device)
-    row = torch.repeat_interleave(torch.arange(len(keep), device=device), sizes)
-    column = torch.arange(voxel.numel(), device=device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    total = voxel.numel()  # known on the host since nonzero: repeat_interleave needs no sync for its size
+    row = torch.repeat_interleave(torch.arange(len(keep), device=device), sizes, output_size=total)
+    column = torch.arange(total, device=device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes,
+                                                                           output_size=total)
     flat = torch.zeros(len(keep), max(counts), dtype=torch.long, device=device)
     flat[row, column] = voxel
     weights = torch.zeros(len(keep), max(counts), device=device)
