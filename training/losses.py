@@ -221,8 +221,9 @@ def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torc
     if m == 0:
         return p2g, g2p
     with torch.autocast(pred.device.type, enabled=False):  # distances stay float32 under bf16/fp16 training
-        centre = pred.detach().float().mean(dim=(0, 1))
-        x = _augmented(pred.detach().float() - centre, "pred")  # (B,P,5)
+        pred = pred.detach().float()
+        centre = pred.mean(dim=(0, 1))
+        x = _augmented(pred - centre, "pred")  # (B,P,5)
         g = _augmented(gt.detach().float() - centre, "gt")  # (B,M,5)
         g[..., 4].masked_fill_(~gt_mask, FAR_SQUARED)
         g = g.mT.contiguous()  # (B,5,M)

@@ -39,14 +39,7 @@ def hungarian_match(student_centers: torch.Tensor, teacher_centers: torch.Tensor
     if student_centers.dim() != 2 or teacher_centers.dim() != 2 or student_centers.shape[-1] != teacher_centers.shape[-1]:
         raise ValueError(f"hungarian_match needs (N,D) and (M,D) centres, got {tuple(student_centers.shape)} "
                          f"and {tuple(teacher_centers.shape)}")
-    start = time.perf_counter()
-    cost = torch.cdist(student_centers.detach().float(), teacher_centers.detach().float())
-    cost = torch.nan_to_num(cost, nan=1e6, posinf=1e6).cpu().numpy()
-    rows, cols = linear_sum_assignment(cost)
-    stats.seconds += time.perf_counter() - start
-    stats.calls += 1
-    device = student_centers.device
-    return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)
+    return match_batch(student_centers[None], teacher_centers[None])[0]
 
 
 def _pool() -> ThreadPoolExecutor:
