@@ -1,7 +1,8 @@
 """Training throughput: samples per second of the lite student step and the distillation step, through the real loader.
 
     python benchmarks/bench_train_throughput.py [--device cuda] [--batch 8 32] [--amp bf16] [--workers 12] \\
-        [--modes student distill] [--steps 30] [--json docs/results/train_throughput_cuda.json] [--profile DIR]
+        [--modes student distill] [--compile none inductor] [--steps 30] [--count-ops] \\
+        [--json docs/results/train_throughput_cuda.json] [--profile DIR]
 
 Each row builds the Trainer from training/configs/lite_student.yaml, lite_distill.yaml or
 lite_teacher.yaml (``--modes teacher``: the teacher's own training step, to size a teacher run; the
@@ -10,7 +11,11 @@ accuracy, matters here), iterates the run's own loader (persistent workers, pref
 batches) and times ``--steps`` full optimiser steps after ``--warmup`` steps, loader waits
 included. ``data_ms`` is the part of a step spent waiting for the next batch. Without ``--data``
 a synthetic set of 256x192 frames is generated in a temporary folder (training.synth). On CPU,
-``--amp bf16`` sets the config's ``amp_on_cpu`` (CPU runs are fp32 otherwise).
+``--amp bf16`` sets the config's ``amp_on_cpu`` (CPU runs are fp32 otherwise). ``--compile`` sets the
+config's ``compile`` (training/compiled.py); its compile time falls in the warm-up steps and is given as
+``first_steps_s``, and ``compiled`` says whether it still ran compiled at the end (a failed compile falls back to
+eager). ``--count-ops`` adds ``ops_per_step`` to the eager rows: the ATen ops one step dispatches (forward,
+backward, optimiser; view ops left out), the host work of an eager step on any device.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,8 +59,9 @@ def make_teacher(path: Path) -> None:
 
 
 def row_config(mode: str, args: argparse.Namespace, batch: int, amp: str, workers: int, out: Path,
-               teacher: Path) -> TrainConfig:
+               teacher: Path, compile_backend: str = "none") -> TrainConfig:
     sets = [f"device={args.device}", f"batch_size={batch}", f"amp={amp}", f"data.workers={workers}",
+            f"compile={compile_backend}",
             f"amp_on_cpu={amp != 'none'}",
             f"data.root={args.data}", f"out_dir={out}", "progress=false", "max_steps=100000",
             f"data.frequency_frames={min(16, args.frames)}", f"model={args.model}"]
@@ -80,16 +87,33 @@ def profile_steps(trainer: Trainer, batches, steps: int, path: Path) -> None:
     print(f"wrote {path}", flush=True)
 
 
-def measure(cfg: TrainConfig, steps: int, warmup: int, profile_to: Path | None = None) -> dict:
-    """samples/s, ms per step and ms per step waiting on the loader, over ``steps`` steps after ``warmup``;
-    then, with ``profile_to``, a profiler table of a few more steps."""
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while it is active, view ops (metadata only, no kernel) left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten._unsafe_view.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(cfg: TrainConfig, steps: int, warmup: int, profile_to: Path | None = None,
+            count_ops: bool = False) -> dict:
+    """samples/s, ms per step and ms per step waiting on the loader, over ``steps`` steps after ``warmup``
+    (``first_steps_s``: the warm-up's wall time, compiling included); then, with ``count_ops``, the ops of one
+    more step, and with ``profile_to`` a profiler table of a few more steps."""
     model_cfg = cfg.model_config()
     train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, load_depth=cfg.needs_depth())
     trainer = Trainer(cfg, train)
     batches = iter(trainer._loader())
+    first = time.perf_counter()
     for _ in range(warmup):
         trainer.train_step(next(batches))
     _sync(trainer.device)
+    first = time.perf_counter() - first
     waited, start = 0.0, time.perf_counter()
     for _ in range(steps):
         tick = time.perf_counter()
@@ -98,11 +122,18 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile_to: Path | None =
         trainer.train_step(batch)
     _sync(trainer.device)
     elapsed = time.perf_counter() - start
+    extra = {"compiled": trainer.module_calls.compiled}
+    if count_ops and cfg.compile == "none":  # compiled graphs cannot run under a Python dispatch mode
+        batch = next(batches)
+        with OpCounter() as counter:
+            trainer.train_step(batch)
+        extra["ops_per_step"] = counter.count
     if profile_to is not None:
         profile_steps(trainer, batches, min(steps, 5), profile_to)
     del batches
     return {"samples_per_s": round(steps * cfg.batch_size / elapsed, 2), "step_ms": round(1000 * elapsed / steps, 1),
-            "data_ms": round(1000 * waited / steps, 1), "steps": steps, "warmup": warmup}
+            "data_ms": round(1000 * waited / steps, 1), "steps": steps, "warmup": warmup,
+            "first_steps_s": round(first, 1), **extra}
 
 
 def device_name(device: str) -> str:
@@ -128,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--profile", default=None, help="folder: a torch.profiler table per row, after its timing")
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=["none", "inductor", "aot_eager"],
+                        help="the train config's compile (one row each)")
+    parser.add_argument("--count-ops", action="store_true", help="count the ops of one more step per row")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.frames < max(args.batch):
         parser.error(f"--frames {args.frames} is smaller than the largest --batch {max(args.batch)}")
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
             args.data = str(Path(tmp) / "synth")
@@ -144,21 +178,32 @@ def main(argv: list[str] | None = None) -> int:
         if "distill" in args.modes:
             make_teacher(teacher)
         for mode in args.modes:
-            for amp, workers, batch in itertools.product(args.amp, args.workers, args.batch):
-                cfg = row_config(mode, args, batch, amp, workers, Path(tmp) / "out", teacher)
+            for amp, workers, batch, backend in itertools.product(args.amp, args.workers, args.batch, args.compile):
+                cfg = row_config(mode, args, batch, amp, workers, Path(tmp) / "out", teacher, backend)
+                name = f"{mode}_b{batch}_{amp}_w{workers}" + ("" if backend == "none" else f"_{backend}")
                 row = {"config": cfg.name, "model": args.model, "mode": mode, "batch": batch, "amp": amp,
-                       "workers": workers, "image_size": cfg.model_config().image_size,
-                       **measure(cfg, args.steps, args.warmup,
-                                 Path(args.profile) / f"{mode}_b{batch}_{amp}_w{workers}.txt" if args.profile else None)}
+                       "workers": workers, "compile": backend, "image_size": cfg.model_config().image_size,
+                       **measure(cfg, args.steps, args.warmup, Path(args.profile) / f"{name}.txt" if args.profile else None,
+                                 args.count_ops)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    result = {"device": device_name(args.device), "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "frames": args.frames, "rows": rows}
+                write_rows(args, rows)  # after every row: a run cut short by a timeout keeps what it measured
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def write_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The rows so far, with the device, to ``--json`` (atomically), when it is given."""
+    if not args.json:
+        return
+    result = {"device": device_name(args.device), "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "frames": args.frames, "rows": rows}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import yaml
 
 from models.config import ModelConfig, load_config, reject_unknown_keys
 
+from .compiled import COMPILE_BACKENDS
 from .distill import DistillConfig
 from .losses import TaskLossConfig, resolve_class_frequencies
 
@@ -78,6 +79,8 @@ class TrainConfig:
     amp_on_cpu: bool = False             # also autocast (bf16) on CPU; otherwise CPU runs stay fp32
     seed: int = 0
     deterministic: bool = False          # torch.use_deterministic_algorithms (bitwise-repeatable runs and resumes)
+    compile: str = "none"                # none | inductor | aot_eager: torch.compile the networks' forward and decode
+                                         # (training/compiled.py; the losses and evaluation stay eager)
     out_dir: str = "runs/run"
     log_every: int = 10                  # steps between TensorBoard scalars
     eval_every: int = 0                  # steps between evaluations (0: at the end only)
@@ -107,6 +110,7 @@ class TrainConfig:
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
+            (self.compile in COMPILE_BACKENDS, f"compile must be one of {COMPILE_BACKENDS}, got {self.compile!r}"),
             (self.mode != "distill" or bool(self.teacher_checkpoint), "mode 'distill' needs teacher_checkpoint"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.data.workers >= 0 and self.data.prefetch_factor > 0, "data.workers must be >= 0, data.prefetch_factor > 0"),

@@ -28,6 +28,7 @@ import models
 from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from models.config import POSTPROCESS_FIELDS, ModelConfig
 
+from .compiled import NetworkCalls, describe_failure, is_compile_error
 from .data import EpochBatchSampler, build_train_loader, class_frequencies, prepare_inputs, resize_inputs
 from .distill import Distiller, sample_anchors
 from .distributed import (
@@ -65,25 +66,27 @@ class NonFiniteLossError(RuntimeError):
 class TrainModule(nn.Module):
     """Student + task loss (+ distiller): one forward gives every UNWEIGHTED loss term, so DDP syncs all of it."""
 
-    def __init__(self, student: nn.Module, task_loss: TaskLoss, distiller: Distiller | None) -> None:
+    def __init__(self, student: nn.Module, task_loss: TaskLoss, distiller: Distiller | None,
+                 compile_backend: str = "none") -> None:
         super().__init__()
         self.student = student
         self.task_loss = task_loss
         self.distiller = distiller
+        self.calls = NetworkCalls(student, compile_backend, "student")  # not a submodule: same state dict
 
     def forward(self, image: torch.Tensor, grid2img: torch.Tensor, depth: torch.Tensor | None, target: torch.Tensor,
                 teacher: dict | None = None, prior_init: torch.Tensor | None = None,
                 anchors: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = self.student(image, grid2img, depth)
+        out = self.calls.forward(image, grid2img, depth)
         terms = self.task_loss(out, self.task_loss.ground_truth(target))
         if self.distiller is not None and teacher is not None:
             if prior_init is not None:
-                out["prior_layers"] = self.student.decode(out["features"], grid2img, depth, prior_init)["layers"]
+                out["prior_layers"] = self.calls.decode(out["features"], grid2img, depth, prior_init)["layers"]
             out["anchor_layers"] = None
             if anchors is not None:
                 feats = [f[keep] for f in out["features"]]
                 sub_depth = depth[keep] if depth is not None else None
-                out["anchor_layers"] = self.student.decode(feats, grid2img[keep], sub_depth, anchors)["layers"]
+                out["anchor_layers"] = self.calls.decode(feats, grid2img[keep], sub_depth, anchors)["layers"]
             terms.update(self.distiller(out, teacher))
         return terms
 
@@ -153,9 +156,13 @@ class Trainer:
         self.model_cfg = config.model_config()
         self.student = models.build_model(self.model_cfg).to(self.device)
         self.teacher, self.teacher_cfg = self._load_teacher()
+        self.teacher_calls = NetworkCalls(self.teacher, config.compile, "teacher") if self.teacher is not None else None
         self.task_loss = self._build_task_loss()
         self.distiller = self._build_distiller()
-        module = TrainModule(self.student, self.task_loss, self.distiller).to(self.device)
+        if config.compile == "inductor" and self.device.type != "cuda" and self.is_main:
+            log.warning("compile=inductor on %s: it is meant for CUDA; on a 2-core CPU it ran slower than eager "
+                        "(docs/results/README.md)", self.device)
+        module = TrainModule(self.student, self.task_loss, self.distiller, config.compile).to(self.device)
         self.module = module
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -235,7 +242,10 @@ class Trainer:
                 groups["rest"].append(param)
         mult = {"rest": 1.0, "backbone": o.backbone_lr_mult, "offsets": o.sampling_offsets_lr_mult}
         param_groups = [{"params": params, "lr": o.lr * mult[key], "name": key} for key, params in groups.items() if params]
-        return torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay, foreach=True)
+        # fused on CUDA: one kernel for every parameter, where foreach takes ~30 launches and a host read of each
+        # parameter's step count (~440 per lite distillation step); foreach elsewhere
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay, foreach=not fused, fused=fused)
 
     # ---- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -297,7 +307,7 @@ class Trainer:
         t_in = resize_inputs(inputs, self.teacher_cfg.image_size)
         b = inputs["image"].shape[0]
         with teacher_context(self.device, self.amp_dtype):
-            teacher = self.teacher(t_in["image"], t_in["grid2img"], t_in["depth"])
+            teacher = self.teacher_calls.forward(t_in["image"], t_in["grid2img"], t_in["depth"])
             teacher["anchor_layers"] = None
             if dcfg.prior:
                 if self._prior_init is None:
@@ -310,7 +320,7 @@ class Trainer:
                 if anchors is not None:
                     feats = [f[keep] for f in teacher["features"]]
                     depth = t_in["depth"][keep] if t_in["depth"] is not None else None
-                    teacher["anchor_layers"] = self.teacher.decode(feats, t_in["grid2img"][keep], depth, anchors)["layers"]
+                    teacher["anchor_layers"] = self.teacher_calls.decode(feats, t_in["grid2img"][keep], depth, anchors)["layers"]
                     extra["anchors"], extra["keep"] = anchors, keep
         teacher = _detach_float(teacher)
         return teacher, extra
@@ -329,7 +339,29 @@ class Trainer:
         return terms, weighted_terms(terms, self.loss_weights)
 
     def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
-        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf."""
+        """One optimiser step; raises NonFiniteLossError (before touching the weights) on NaN/inf.
+
+        With ``compile`` on, a graph that fails to build in the backward pass (forward failures are handled
+        by ``NetworkCalls``) turns compiling off and the step is redone eagerly: the weights are untouched
+        until the optimiser step."""
+        try:
+            return self._train_step(batch)
+        except Exception as exc:
+            calls = [self.module_calls, self.teacher_calls]
+            if not is_compile_error(exc) or not any(c is not None and c.compiled for c in calls):
+                raise
+            for c in calls:
+                if c is not None:
+                    c.disable(f"the backward pass failed to compile: {describe_failure(exc)}")
+            return self._train_step(batch)
+
+    @property
+    def module_calls(self) -> NetworkCalls:
+        """The student's network calls (inside DDP's wrapper where there is one)."""
+        module = self.module.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else self.module
+        return module.calls
+
+    def _train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
         terms, weighted = self.loss_terms(batch)
         parts = torch.stack([v.float() for v in weighted.values()])
         loss = parts.sum()
