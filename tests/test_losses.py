@@ -271,6 +271,15 @@ def test_padded_nearest_neighbours_match_brute_force_in_chunks():
     torch.testing.assert_close(rd, full.min(0).values)
 
 
+def test_gpu_search_chunks_take_an_eighth_of_the_free_memory_up_to_4_gib(monkeypatch):
+    """float32 distances: free // 32 of them fill an eighth of the free memory; at least 16 Mi, at most 1 Gi
+    (an H200's ~139 GiB free gives the cap: lite at batch 32 then searches in 15 chunks, not 55)."""
+    gib = 1024**3
+    for free, expected in ((139 * gib, 1024 * 1024**2), (8 * gib, 256 * 1024**2), (100 * 1024**2, MAX_CDIST_ELEMENTS)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 141 * gib))
+        assert cdist_budget(torch.device("cuda")) == expected
+
+
 def test_padded_nearest_neighbours_stay_float32_under_autocast_and_handle_empty_scenes():
     """The squared-distance GEMM must not run in bf16 inside the trainer's autocast; a scene without GT maps to 0."""
     g = torch.Generator().manual_seed(1)

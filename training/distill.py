@@ -172,15 +172,15 @@ class Distiller(nn.Module):
         of the pairs (CFD) or (points, logits) losses (FLD); summed over layers."""
         center, feature = 0.0, 0.0
         layers = _paired_layers(student_layers, teacher_layers)
-        # every layer's matching in one batch: (L*B, N, 3) against (L*B, M, 3)
-        every = matcher.match_batch(torch.cat([self.metres(s["centers"]) for s, _ in layers]),
-                                    torch.cat([self.metres(t["centers"]) for _, t in layers]))
+        # every layer's matching in one batch: (L*B, N, 3) against (L*B, M, 3), its pairs layer after layer
+        every = matcher.match_flat(torch.cat([self.metres(s["centers"]) for s, _ in layers]),
+                                   torch.cat([self.metres(t["centers"]) for _, t in layers]))
+        end = 0
         for index, (s, t) in enumerate(layers):
             batch = s["centers"].shape[0]
-            pairs = every[index * batch:(index + 1) * batch]
-            b_s = torch.cat([torch.full_like(si, b) for b, (si, _) in enumerate(pairs)])
-            s_idx = (b_s, torch.cat([si for si, _ in pairs]))
-            t_idx = (b_s, torch.cat([ti for _, ti in pairs]))
+            start, end = end, end + sum(every.counts[index * batch:(index + 1) * batch])
+            b_s = every.sample[start:end] - index * batch  # the pair's sample within the layer's batch
+            s_idx, t_idx = (b_s, every.rows[start:end]), (b_s, every.cols[start:end])
             if self.config.query_variant == "fld":
                 c, f = fld_loss(self.metres(s["points"][s_idx]), self.metres(t["points"][t_idx]),
                                 s["logits"][s_idx], t["logits"][t_idx])

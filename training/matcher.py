@@ -10,6 +10,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,12 +55,22 @@ def _pool() -> ThreadPoolExecutor:
 _POOL: ThreadPoolExecutor | None = None
 
 
+class FlatPairs(NamedTuple):
+    """Every sample's pairs of a batched matching, concatenated: ``sample`` (K,) the pair's sample, ``rows``
+    (K,) student and ``cols`` (K,) teacher indices, on the centres' device; ``counts`` the pairs per sample."""
+
+    sample: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    counts: list[int]
+
+
 @torch.no_grad()
-def match_batch(student_centers: torch.Tensor, teacher_centers: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-sample Hungarian matching of (B,N,3) student and (B,M,3) teacher centres (eq. 4).
+def match_flat(student_centers: torch.Tensor, teacher_centers: torch.Tensor) -> FlatPairs:
+    """Per-sample Hungarian matching of (B,N,3) student and (B,M,3) teacher centres (eq. 4), as flat pairs.
 
     The B cost matrices come from one batched cdist and one copy to the host; the B assignments run
-    on a thread pool. Same pairs as ``hungarian_match`` sample by sample.
+    on a thread pool; the pairs come back in one copy. Same pairs as ``hungarian_match`` sample by sample.
     """
     if student_centers.dim() != 3 or teacher_centers.dim() != 3 or student_centers.shape[-1] != teacher_centers.shape[-1]:
         raise ValueError(f"match_batch needs (B,N,D) and (B,M,D) centres, got {tuple(student_centers.shape)} "
@@ -72,9 +83,16 @@ def match_batch(student_centers: torch.Tensor, teacher_centers: torch.Tensor) ->
     solved = list(_pool().map(linear_sum_assignment, cost)) if len(cost) > 1 else [linear_sum_assignment(c) for c in cost]
     stats.seconds += time.perf_counter() - start
     stats.calls += len(solved)
-    if not solved:
-        return []
-    counts = [len(rows) for rows, _ in solved]  # one host-to-device copy for every sample's pairs
-    both = torch.from_numpy(np.stack([np.concatenate([r for r, _ in solved]), np.concatenate([c for _, c in solved])]))
-    rows, cols = both.to(device=student_centers.device, dtype=torch.long)
-    return list(zip(rows.split(counts), cols.split(counts), strict=True))
+    counts = [len(rows) for rows, _ in solved]
+    sample = np.repeat(np.arange(len(solved)), counts)
+    rows = np.concatenate([r for r, _ in solved]) if solved else np.zeros(0, np.int64)
+    cols = np.concatenate([c for _, c in solved]) if solved else np.zeros(0, np.int64)
+    flat = torch.from_numpy(np.stack([sample, rows, cols]).astype(np.int64))
+    sample_t, rows_t, cols_t = flat.to(student_centers.device)  # one host-to-device copy for every pair
+    return FlatPairs(sample_t, rows_t, cols_t, counts)
+
+
+def match_batch(student_centers: torch.Tensor, teacher_centers: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``match_flat`` as one (student_idx, teacher_idx) pair of tensors per sample."""
+    pairs = match_flat(student_centers, teacher_centers)
+    return list(zip(pairs.rows.split(pairs.counts), pairs.cols.split(pairs.counts), strict=True))
