@@ -1,7 +1,7 @@
 """Training throughput: samples per second of the lite student step and the distillation step, through the real loader.
 
     python benchmarks/bench_train_throughput.py [--device cuda] [--batch 8 32] [--amp bf16] [--workers 12] \\
-        [--modes student distill] [--compile none inductor] [--steps 30] [--count-ops] \\
+        [--modes student distill] [--compile none inductor] [--steps 30] [--count-ops] [--set KEY=VALUE ...] \\
         [--json docs/results/train_throughput_cuda.json] [--profile DIR]
 
 Each row builds the Trainer from training/configs/lite_student.yaml, lite_distill.yaml or
@@ -67,6 +67,7 @@ def row_config(mode: str, args: argparse.Namespace, batch: int, amp: str, worker
             f"data.frequency_frames={min(16, args.frames)}", f"model={args.model}"]
     if mode == "distill":
         sets.append(f"teacher_checkpoint={teacher}")
+    sets.extend(args.set)
     return load_train_config(BASE[mode], sets)
 
 
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", nargs="+", default=["none"], choices=["none", "inductor", "aot_eager"],
                         help="the train config's compile (one row each)")
     parser.add_argument("--count-ops", action="store_true", help="count the ops of one more step per row")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="train config overrides for every row, e.g. loss.nn_backend=cdist")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -95,10 +95,13 @@ def test_chamfer_by_hand():
     g2_err = smooth_l1(0.01) + smooth_l1(2.0)  # g2 - p0 = (-0.01, 2.0, 0)
     gt_side = (smooth_l1(0.01) * 1 + smooth_l1(0.1) * 10 + g2_err * 5) / 3
     expected = pred_side + gt_side  # no distance weight on the Chamfer terms
-    for backend in ("cdist", "kdtree"):
-        terms = TaskLoss(TaskLossConfig(nn_backend=backend))(*hand_case())
+    for cfg in (TaskLossConfig(nn_backend="cdist"), TaskLossConfig(nn_backend="kdtree"),
+                TaskLossConfig(nn_backend="cdist", nn_chunk_elements=3)):  # chunks of one prediction row
+        terms = TaskLoss(cfg)(*hand_case())
         assert terms["chamfer_0"].item() == pytest.approx(expected, rel=1e-5)
         assert terms["chamfer_init"].item() == pytest.approx(expected, rel=1e-5)  # same points as the init
+    with pytest.raises(ValueError, match="nn_chunk_elements must be positive"):
+        TaskLoss(TaskLossConfig(nn_chunk_elements=0))
     # without the rare list, the window's weight is only the x5 of the far threshold
     plain = TaskLoss(TaskLossConfig(rare_classes=[]))(*hand_case())["chamfer_0"].item()
     expected_plain = (smooth_l1(0.01) + smooth_l1(0.1) * 5) / 2 + (smooth_l1(0.01) + smooth_l1(0.1) * 5 + g2_err * 5) / 3

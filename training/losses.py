@@ -55,6 +55,7 @@ class TaskLossConfig:
     init_points_weight: float = 1.0     # Chamfer on the initial points, relative to a layer's Chamfer
     nn_backend: str = "auto"            # nearest neighbours: "cdist" (chunks of squared distances, one GEMM each),
                                         # "kdtree" (scipy, CPU) or "auto" (kdtree on CPU, cdist on GPU); both exact
+    nn_chunk_elements: int | None = None  # distances one "cdist" chunk may hold; None: cdist_budget of the device
     class_frequencies: list[float] | str | None = None  # voxel counts of classes 1..C, or a name in
                                         # NAMED_CLASS_FREQUENCIES; None: uniform weights (the trainer counts them)
 
@@ -302,6 +303,8 @@ class TaskLoss(torch.nn.Module):
         freq = resolve_class_frequencies(self.config.class_frequencies)
         if self.config.nn_backend not in ("auto", "cdist", "kdtree"):
             raise ValueError(f"loss.nn_backend must be auto, cdist or kdtree, got {self.config.nn_backend!r}")
+        if self.config.nn_chunk_elements is not None and self.config.nn_chunk_elements < 1:
+            raise ValueError(f"loss.nn_chunk_elements must be positive (or null), got {self.config.nn_chunk_elements}")
         if freq is not None and len(freq) != num_classes:
             raise ValueError(f"class_frequencies needs {num_classes} counts (classes 1..{num_classes}), got {len(freq)}")
         weights = class_weights_from_frequencies(freq) if freq is not None else torch.ones(num_classes)
@@ -344,7 +347,7 @@ class TaskLoss(torch.nn.Module):
         backend = self.config.nn_backend
         if backend == "kdtree" or (backend == "auto" and pred.device.type == "cpu"):
             return nearest_neighbours_kdtree(pred, sizes, gt.points, gt.mask)
-        return nearest_neighbours_padded(pred, sizes, gt.points, gt.mask)
+        return nearest_neighbours_padded(pred, sizes, gt.points, gt.mask, self.config.nn_chunk_elements)
 
     def _point_weight(self, dist: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Chamfer weights: x far_weight beyond far_threshold, floored at rare_min_weight for rare classes."""
