@@ -59,7 +59,7 @@ class NetworkCalls:
     def __init__(self, net: nn.Module, backend: str = "none", name: str = "network") -> None:
         if backend not in COMPILE_BACKENDS:
             raise ValueError(f"compile must be one of {COMPILE_BACKENDS}, got {backend!r}")
-        self.net, self.backend, self.name = net, backend, name
+        self.net, self.name = net, name
         self._compiled: dict[str, Callable[..., Any]] = {}
         if backend != "none":
             self._compiled = {"forward": torch.compile(net, backend=backend, fullgraph=True),

@@ -32,7 +32,7 @@ from models.geometry import GRID_SHAPE, VOXEL_SIZE
 # Largest number of float32 distances one search chunk may hold: 64 MiB on the CPU; on a GPU up to 4 GiB
 # where the free memory allows (``cdist_budget``). Bounds memory at 15,360 points x tens of thousands
 # of ground-truth voxels; bigger chunks on a GPU mean far fewer kernel launches per step (lite, batch 32,
-# ~20k GT voxels a scene: 55 chunks of nine ops at 1 GiB, 15 at 4 GiB).
+# ~20k GT voxels a scene: 55 chunks of nine ops at 1 GiB, 16 at 4 GiB).
 MAX_CDIST_ELEMENTS = 16 * 1024 * 1024
 MAX_CDIST_ELEMENTS_GPU = 1024 * 1024 * 1024
 FAR_SQUARED = 1.0e18  # squared metres given to padded ground truth: never nearest, no inf arithmetic in the GEMM

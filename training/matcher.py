@@ -73,7 +73,7 @@ def match_flat(student_centers: torch.Tensor, teacher_centers: torch.Tensor) -> 
     on a thread pool; the pairs come back in one copy. Same pairs as ``hungarian_match`` sample by sample.
     """
     if student_centers.dim() != 3 or teacher_centers.dim() != 3 or student_centers.shape[-1] != teacher_centers.shape[-1]:
-        raise ValueError(f"match_batch needs (B,N,D) and (B,M,D) centres, got {tuple(student_centers.shape)} "
+        raise ValueError(f"batched matching needs (B,N,D) and (B,M,D) centres, got {tuple(student_centers.shape)} "
                          f"and {tuple(teacher_centers.shape)}")
     if student_centers.shape[0] != teacher_centers.shape[0]:
         raise ValueError(f"batch sizes differ: student {student_centers.shape[0]}, teacher {teacher_centers.shape[0]}")
