@@ -19,8 +19,6 @@ from models.config import lite
 from training.compiled import NetworkCalls, is_compile_error
 from training.trainer import Trainer
 
-TINY_NET = {"decoder": {"num_queries": 16, "num_refines": [2, 4], "dropout": 0.0}, "image_size": [64, 96]}
-
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
