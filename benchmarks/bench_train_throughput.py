@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from models.checkpoint import save_model  # noqa: E402
+from training.compiled import COMPILE_BACKENDS  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 from training.synth import generate  # noqa: E402
 from training.train_config import TrainConfig, load_train_config  # noqa: E402
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--profile", default=None, help="folder: a torch.profiler table per row, after its timing")
-    parser.add_argument("--compile", nargs="+", default=["none"], choices=["none", "inductor", "aot_eager"],
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_BACKENDS,
                         help="the train config's compile (one row each)")
     parser.add_argument("--count-ops", action="store_true", help="count the ops of one more step per row")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

@@ -164,6 +164,7 @@ class Trainer:
                         "(docs/results/README.md)", self.device)
         module = TrainModule(self.student, self.task_loss, self.distiller, config.compile).to(self.device)
         self.module = module
+        self.module_calls = module.calls  # the student's network calls, DDP's wrapper or not
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(module, device_ids=ids,
@@ -354,12 +355,6 @@ class Trainer:
                 if c is not None:
                     c.disable(f"the backward pass failed to compile: {describe_failure(exc)}")
             return self._train_step(batch)
-
-    @property
-    def module_calls(self) -> NetworkCalls:
-        """The student's network calls (inside DDP's wrapper where there is one)."""
-        module = self.module.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else self.module
-        return module.calls
 
     def _train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
         terms, weighted = self.loss_terms(batch)
