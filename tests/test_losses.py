@@ -276,7 +276,7 @@ def test_padded_nearest_neighbours_match_brute_force_in_chunks():
 
 def test_gpu_search_chunks_take_an_eighth_of_the_free_memory_up_to_4_gib(monkeypatch):
     """float32 distances: free // 32 of them fill an eighth of the free memory; at least 16 Mi, at most 1 Gi
-    (an H200's ~139 GiB free gives the cap: lite at batch 32 then searches in 15 chunks, not 55)."""
+    (an H200's ~139 GiB free gives the cap: lite at batch 32 then searches in 16 chunks, not 55)."""
     gib = 1024**3
     for free, expected in ((139 * gib, 1024 * 1024**2), (8 * gib, 256 * 1024**2), (100 * 1024**2, MAX_CDIST_ELEMENTS)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 141 * gib))
