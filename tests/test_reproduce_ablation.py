@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.device_run import split_file
 
@@ -55,3 +56,68 @@ def test_every_row_over_seeds_written_under_out_and_published_only_on_request(tm
     assert shipped["teacher"]["iou"] == result["teacher"]["iou"]  # the same teacher, rejoined and re-evaluated
     assert (tmp_path / "shipped" / "lite_distilled.pt").read_bytes() == \
         (tmp_path / "runs" / "distilled_s3" / "final.pt").read_bytes()
+
+
+def _small(root: Path) -> list[str]:
+    return ["--data", str(root / "synth"), "--steps", "2", "--teacher-steps", "1", "--train-frames", "4",
+            "--val-frames", "2", "--frames-per-scene", "2", "--width", "128", "--height", "96", "--synth-seed", "7",
+            "--batch", "2", "--seeds", "0", "--level-seeds", *TINY]
+
+
+@pytest.fixture(scope="module")
+def in_process_rows(tmp_path_factory) -> Path:
+    """Teacher, student, TGI and full rows of seed 0, each trained in this process (--jobs 1)."""
+    root = tmp_path_factory.mktemp("ablation")
+    assert ablation.main([*_small(root), "--out", str(root / "jobs1")]) == 0
+    return root
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_rows_in_child_processes_train_the_weights_of_the_in_process_rows_within_a_calibrated_budget(in_process_rows):
+    root = in_process_rows
+    teacher = root / "jobs1" / "teacher" / "final.pt"
+    assert ablation.main([*_small(root), "--out", str(root / "jobs2"), "--teacher", str(teacher), "--jobs", "2",
+                          "--fit-s", "900", "--calibrate-steps", "2"]) == 0
+    result = json.loads((root / "jobs2" / "results" / "ablation.json").read_text())
+    calibration = result["setup"]["calibration"]
+    assert result["setup"]["jobs"] == 2 and calibration["waves"] == 2  # three rows, two at a time
+    assert set(calibration["rows"]) == {"distilled_s0", "student_tgi_s0"}  # the first wave: the slowest rows
+    assert calibration["chosen_steps"] == 2 and result["setup"]["steps"] == 2  # --steps caps a generous budget
+    for name in ("student", "student_tgi", "distilled"):
+        run = result[name]["per_seed"][0]
+        assert run["steps"] == 2 and run["finished"]
+        assert (root / "jobs2" / "logs" / f"{name}_s0.log").is_file()
+        ours, theirs = _weights(root / "jobs2" / f"{name}_s0" / "final.pt"), _weights(root / "jobs1" / f"{name}_s0" / "final.pt")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert "failed" not in result
+
+
+def test_a_failing_row_is_listed_the_others_kept_and_nothing_published(in_process_rows, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ablation, "SHIPPED_RESULTS", tmp_path / "shipped_results")
+    monkeypatch.setattr(ablation, "SHIPPED_CHECKPOINT", tmp_path / "lite_distilled.pt")
+    root = in_process_rows
+    out = tmp_path / "runs"
+    code = ablation.main([*_small(root), "--out", str(out), "--teacher", str(root / "jobs1" / "teacher" / "final.pt"),
+                          "--jobs", "2", "--distill-set", "distill.no_such_key=1", "--publish"])
+    assert code == 1
+    result = json.loads((out / "results" / "ablation.json").read_text())
+    assert [(f["row"], f["seed"]) for f in result["failed"]] == [("distilled", 0)]
+    assert result["failed"][0]["exit_code"] != 0 and "no_such_key" in Path(result["failed"][0]["log"]).read_text()
+    assert result["student"]["per_seed"][0]["steps"] == 2 and result["student_tgi"]["per_seed"][0]["steps"] == 2
+    assert "distilled" not in result and "distilled seed 0: failed" in (out / "results" / "ablation.md").read_text()
+    assert "no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "shipped_results").exists() and not (tmp_path / "lite_distilled.pt").exists()
+
+
+def test_a_budget_too_short_for_one_step_runs_no_row(in_process_rows, tmp_path):
+    root = in_process_rows
+    out = tmp_path / "runs"
+    assert ablation.main([*_small(root), "--out", str(out), "--teacher", str(root / "jobs1" / "teacher" / "final.pt"),
+                          "--fit-s", "1", "--calibrate-steps", "2"]) == 1
+    result = json.loads((out / "results" / "ablation.json").read_text())
+    assert result["setup"]["calibration"]["chosen_steps"] == 0 and result["setup"]["calibration"]["seconds_left"] < 0
+    assert set(result["setup"]["calibration"]["rows"]) == {"distilled_s0"}  # --jobs 1: a wave of one, in process
+    assert not any(name in result for name in ("student", "student_tgi", "distilled"))

@@ -182,6 +182,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou = -1.0
+        self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
         self.writer = None
         self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
 
@@ -456,8 +457,10 @@ class Trainer:
         while self.step < end:
             values = self.train_step(next(batches))
             self._advance_position()
-            rate = samples_per_step / max(1e-9, time.perf_counter() - tick)
-            tick = time.perf_counter()
+            now = time.perf_counter()
+            self.step_seconds.append(now - tick)
+            rate = samples_per_step / max(1e-9, now - tick)
+            tick = now
             self._log(values, rate, bar)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
                 self.evaluate_and_keep_best()
