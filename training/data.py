@@ -2,12 +2,13 @@
 frequencies, an endless resumable batch order, and the loader built once per run.
 
 The training loader is created once per ``Trainer.fit`` call and iterated across epoch boundaries,
-so worker processes are forked once (not once per epoch), keep their prefetch queue full, and hand
-pinned batches to the GPU. The batch order depends only on (seed, epoch, rank), so a resumed run that
+so worker processes start once (not once per epoch), keep their prefetch queue full, and hand
+pinned batches to the GPU. Workers start from a fork server, not by forking the training process. The batch order depends only on (seed, epoch, rank), so a resumed run that
 starts the sampler at the saved (epoch, step) sees exactly the batches the uninterrupted run saw.
 """
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 from typing import Any
 
@@ -156,12 +157,25 @@ class EpochBatchSampler(Sampler[list[int]]):
             epoch, step = epoch + 1, 0
 
 
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """Where loader workers start: a fork server (Python 3.14's default on Linux), a process with one thread
+    that imports torch and this package once. Forking the training process itself would copy it while its
+    TensorBoard writer, queue feeders, pin-memory and matching threads run, any of which may hold a lock
+    (Python 3.12 warns about exactly that). None (the platform's default) where there is no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "training.data", "training.evaluate"])
+    return context
+
+
 def build_train_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool,
                        prefetch_factor: int, seed: int) -> DataLoader:
     """One DataLoader for the whole run: persistent workers, prefetch queue, pinned batches (on CUDA)."""
     extra: dict[str, Any] = {}
     if workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
+        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor,
+                 "multiprocessing_context": worker_context()}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_frames,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
                       worker_init_fn=ignore_interrupts, **extra)

@@ -16,7 +16,7 @@ from models.classes import CLASS_NAMES
 from models.config import ModelConfig
 from models.postprocess import labels_batch
 
-from .data import build_dataset, collate_frames, prepare_inputs
+from .data import build_dataset, collate_frames, prepare_inputs, worker_context
 from .distributed import autocast_dtype
 from .interrupt import ignore_interrupts
 from .metrics import SSCMetrics
@@ -66,7 +66,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     model.eval()
     metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
     loader = DataLoader(ScoredFrames(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_scored, worker_init_fn=ignore_interrupts)  # Ctrl-C: the trainer's
+                        collate_fn=collate_scored, worker_init_fn=ignore_interrupts,  # Ctrl-C: the trainer's
+                        multiprocessing_context=worker_context() if workers > 0 else None)
     dtype = autocast_dtype(amp, device)
     frames, skipped, start = 0, [], time.perf_counter()
     try:

@@ -32,7 +32,7 @@ class DataConfig:
     val_split: str = "val"
     max_train_frames: int | None = None  # first N frames of the split (None: all)
     max_val_frames: int | None = None
-    workers: int = 2                     # loader worker processes, forked once per fit() and kept (persistent)
+    workers: int = 2                     # loader worker processes, started once per fit() and kept (persistent)
     prefetch_factor: int = 2             # batches each worker keeps ready (workers > 0)
     pin_memory: bool = True              # page-locked batches for non-blocking copies (CUDA only)
     frequency_frames: int = 200          # frames read to count class frequencies when loss.class_frequencies is unset
