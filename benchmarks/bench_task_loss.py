@@ -1,14 +1,18 @@
-"""Task-loss throughput: one batched call vs one call per sample (what the loss did before issue 12).
+"""Task-loss throughput: one batched call vs one call per sample (what the loss did before issue 12), and
+the nearest-neighbour backends against each other.
 
 Synthetic network outputs of the lite (or paper) decoder and random ground truth with unequal numbers of
-occupied voxels per scene; forward + backward, median over repeats, both nearest-neighbour backends.
+occupied voxels per scene; forward + backward, median over repeats. ``{backend}_first_s`` is the first
+call (for ``fused``, its compile), ``{backend}_loss`` the batched loss, which every exact search gives alike.
 
-    python benchmarks/bench_task_loss.py --config lite --batch 8 [--device cuda] [--json out.json]
+    python benchmarks/bench_task_loss.py --config lite --batch 8 [--device cuda] [--backends cdist,fused] \
+        [--modes batched] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,7 +44,9 @@ def make_case(cfg: models.ModelConfig, batch: int, device: torch.device, seed: i
     return outputs, gts
 
 
-def run(loss: TaskLoss, outputs: dict, gts: list[GroundTruth], per_sample: bool, device: torch.device) -> float:
+def run(loss: TaskLoss, outputs: dict, gts: list[GroundTruth], per_sample: bool, device: torch.device
+        ) -> tuple[float, float]:
+    """(seconds of one forward + backward, the loss)."""
     start = time.perf_counter()
     if per_sample:
         total = 0.0
@@ -53,7 +59,7 @@ def run(loss: TaskLoss, outputs: dict, gts: list[GroundTruth], per_sample: bool,
     total.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, float(total.detach())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,25 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default=None,
-                        help="comma list of cdist,kdtree; default: kdtree on CPU (cdist there is ~30x slower), cdist on CUDA")
+                        help="comma list of cdist,kdtree,fused; default: kdtree on CPU (cdist there is ~30x slower), "
+                             "cdist on CUDA")
+    parser.add_argument("--modes", nargs="+", default=["batched", "per_sample"], choices=["batched", "per_sample"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cfg = models.load_config(args.config)
     outputs, gts = make_case(cfg, args.batch, device)
     backends = args.backends.split(",") if args.backends else (["kdtree"] if device.type == "cpu" else ["cdist"])
-    result = {"config": args.config, "batch": args.batch, "device": str(device), "threads": torch.get_num_threads()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    result = {"config": args.config, "batch": args.batch, "device": name, "torch": torch.__version__,
+              "threads": torch.get_num_threads(),
+              "points_per_scene": cfg.decoder.num_queries * (1 + sum(cfg.decoder.num_refines)),
+              "gt_per_scene": [int(gt.points.shape[0]) for gt in gts]}
     for backend in backends:
         loss = TaskLoss(TaskLossConfig(nn_backend=backend)).to(device)
-        for per_sample in (False, True):
-            run(loss, outputs, gts, per_sample, device)  # warm-up
-            times = [run(loss, outputs, gts, per_sample, device) for _ in range(args.repeats)]
-            key = f"{backend}_{'per_sample' if per_sample else 'batched'}_s"
+        for mode in args.modes:
+            per_sample = mode == "per_sample"
+            first, value = run(loss, outputs, gts, per_sample, device)  # warm-up (and compile)
+            if not per_sample:
+                result[f"{backend}_first_s"], result[f"{backend}_loss"] = first, value
+            times = [run(loss, outputs, gts, per_sample, device)[0] for _ in range(args.repeats)]
+            key = f"{backend}_{mode}_s"
             result[key] = statistics.median(times)
             print(f"{backend:7s} {'per-sample' if per_sample else 'batched':10s} {result[key] * 1e3:8.1f} ms "
                   f"({args.batch / result[key]:.1f} samples/s)", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = row_config(mode, args, batch, amp, workers, Path(tmp) / "out", teacher, backend)
                 name = f"{mode}_b{batch}_{amp}_w{workers}" + ("" if backend == "none" else f"_{backend}")
                 row = {"config": cfg.name, "model": args.model, "mode": mode, "batch": batch, "amp": amp,
-                       "workers": workers, "compile": backend, "image_size": cfg.model_config().image_size,
+                       "workers": workers, "compile": backend, "nn_backend": cfg.loss.nn_backend,
+                       "image_size": cfg.model_config().image_size,
                        **measure(cfg, args.steps, args.warmup, Path(args.profile) / f"{name}.txt" if args.profile else None,
                                  args.count_ops)}
                 print(json.dumps(row), flush=True)
@@ -202,7 +203,7 @@ def write_rows(args: argparse.Namespace, rows: list[dict]) -> None:
     if not args.json:
         return
     result = {"device": device_name(args.device), "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "frames": args.frames, "rows": rows}
+              "torch_threads": torch.get_num_threads(), "frames": args.frames, "set": args.set, "rows": rows}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")

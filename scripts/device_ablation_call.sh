@@ -25,6 +25,7 @@ results=${RESULTS:-runs/ablation}
 publish=${PUBLISH---publish}
 # Nine processes share the GPU's memory: the search chunks are capped at 256 Mi distances (1 GiB) each
 # instead of sized from the free memory, which every process would read before the others allocate.
+# NN=fused where call 1's task_loss_cuda.json found the fused search faster (it stores no chunks at all).
 # SIGINT 40 s after the budget: the rows still running save and stop, and the results are written.
 # shellcheck disable=SC2086  # $FRAMES and $publish: options
 timeout --signal=INT --kill-after=30 $((fit_s + 40)) python3 benchmarks/reproduce_ablation.py \
@@ -32,7 +33,7 @@ timeout --signal=INT --kill-after=30 $((fit_s + 40)) python3 benchmarks/reproduc
     --workers "${WORKERS:-2}" --threads 1 --synth-workers 16 --teacher "${TEACHER:-runs/device/teacher}" \
     --data "${DATA:-runs/device/synth}" ${FRAMES:---train-frames 840 --val-frames 120} \
     --seeds 0 1 --steps 100000 --fit-s "$fit_s" --calibrate-steps "${CAL_STEPS:-30}" \
-    --set loss.nn_chunk_elements=268435456 --out "$results" --quiet $publish "$@"
+    --set loss.nn_chunk_elements=268435456 --set "loss.nn_backend=${NN:-auto}" --out "$results" --quiet $publish "$@"
 status=$?
 cp "$results/results/ablation.md" "$results/results/ablation.json" "$out/" 2>/dev/null
 if [ "$status" -eq 0 ] && [ -n "$publish" ]; then

@@ -1,27 +1,47 @@
 #!/usr/bin/env bash
-# Issue 12's first call of a GPU session: the training throughput at this code (lite teacher step,
-# student step, distillation step; batch 32, bf16), each eager and with compile=inductor
-# (training/compiled.py), then the lite teacher trained in what is left of CALL_S seconds, eager or
-# compiled, whichever the teacher rows say gives more steps in that time (compile time counted), its
-# --steps sized from that row so that its lr schedule ends inside the budget (docs/results/README.md,
-# "Running on the device machine"). The benchmark writes its JSON after every row, so a row cut short by
-# BENCH_S loses only itself. At most 6 files come back: the throughput JSON, teacher.log and teacher/
-# (final.pt in parts, runs.jsonl).
+# Issue 12's first call of a GPU session: the task loss's nearest-neighbour search at batch 32 (the
+# chunked GEMM against the compiled fused reductions, loss.nn_backend cdist / fused; the faster one is
+# used from then on), the training throughput at this code (lite teacher step, student step,
+# distillation step; batch 32, bf16), each eager and with compile=inductor (training/compiled.py), then
+# the lite teacher trained in what is left of CALL_S seconds, eager or compiled, whichever the teacher
+# rows say gives more steps in that time (compile time counted), its --steps sized from that row so that
+# its lr schedule ends inside the budget (docs/results/README.md, "Running on the device machine"). The
+# benchmark writes its JSON after every row, so a row cut short by BENCH_S loses only itself. At most 7
+# files come back: the two benchmark JSONs, teacher.log and teacher/ (final.pt in parts, runs.jsonl).
 # CPU dry run: DEVICE=cpu AMP=none SIZE="--batch 2 --frames 8 --steps 2 --warmup 1" TEACHER_BATCH=2 \
-#     COMPILE="none aot_eager" OUT=/tmp/dry CALL_S=400 BENCH_S=200 \
+#     COMPILE="none aot_eager" SEARCH_BATCH=2 OUT=/tmp/dry CALL_S=400 BENCH_S=200 \
 #     bash scripts/device_teacher_call.sh --scenes 3 --data /tmp/dry_synth --work /tmp/dry_work
 set -uo pipefail
 out=${OUT:?}
 call_s=${CALL_S:-540}  # the tool's limit is 600 s; device_train.sh may overrun its budget by up to 60 s
 batch=${TEACHER_BATCH:-32}
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 # the benchmark's compiled graphs are reused by the teacher run from this cache
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/device/inductor_cache}
+# the search: forward + backward of the lite task loss at batch 32, each backend's first call (the fused
+# one compiles) and median of 5; fused is kept where it is faster and gives the same loss
+timeout --signal=INT --kill-after=10 "${SEARCH_S:-90}" python3 benchmarks/bench_task_loss.py \
+    --device "${DEVICE:-cuda}" --batch "${SEARCH_BATCH:-32}" --backends cdist,fused --modes batched --repeats 5 \
+    --json "$out/task_loss_cuda.json"
+nn=$(python3 - "$out/task_loss_cuda.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+    same = abs(r["fused_loss"] - r["cdist_loss"]) <= 1e-4 * abs(r["cdist_loss"])
+    print("fused" if same and r["fused_batched_s"] < r["cdist_batched_s"] else "auto")
+except (OSError, KeyError, ValueError):
+    print("auto")
+PY
+)
+echo "nearest-neighbour search: loss.nn_backend=${nn}"
+budget_bench=$(( ${BENCH_S:-270} - SECONDS ))
 # shellcheck disable=SC2086  # $SIZE and $COMPILE: options
-timeout --signal=INT --kill-after=15 "${BENCH_S:-270}" python3 benchmarks/bench_train_throughput.py \
+timeout --signal=INT --kill-after=15 "$budget_bench" python3 benchmarks/bench_train_throughput.py \
     --device "${DEVICE:-cuda}" --modes teacher student distill --compile ${COMPILE:-none inductor} \
     ${SIZE:---batch 32 --frames 256 --steps 20 --warmup 5} --amp "${AMP:-bf16}" \
-    --workers 12 --synth-workers 16 --threads 4 --json "$out/train_throughput_cuda.json"
+    --workers 12 --synth-workers 16 --threads 4 --set "loss.nn_backend=${nn}" \
+    --json "$out/train_throughput_cuda.json"
 budget=$((call_s - SECONDS - 20))
 if [ "$budget" -lt 120 ]; then
     echo "teacher not started: ${budget}s left"
@@ -45,4 +65,4 @@ PY
 echo "teacher: ${budget}s budget, ${steps} steps of ${batch}, compile=${backend}"
 OUT=$out BUDGET_S=$budget scripts/device_train.sh teacher training/configs/lite_teacher.yaml \
     --steps "$steps" --batch "$batch" --workers 12 --set data.frequency_frames=200 --set progress=false \
-    --set "compile=${backend}" "$@"
+    --set "compile=${backend}" --set "loss.nn_backend=${nn}" --max-files 5 "$@"  # 5 + 2 JSONs + the log: 8

@@ -1,12 +1,15 @@
 """Task loss: every term computed by hand with the reference's reductions and weights, and the batched
 loss against a straightforward per-sample, per-layer computation."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from training import losses
 from training.losses import (
+    FUSED_SEARCH,
     MAX_CDIST_ELEMENTS,
     REFERENCE_RARE_CLASSES,
     GroundTruth,
@@ -95,7 +98,7 @@ def test_chamfer_by_hand():
     g2_err = smooth_l1(0.01) + smooth_l1(2.0)  # g2 - p0 = (-0.01, 2.0, 0)
     gt_side = (smooth_l1(0.01) * 1 + smooth_l1(0.1) * 10 + g2_err * 5) / 3
     expected = pred_side + gt_side  # no distance weight on the Chamfer terms
-    for cfg in (TaskLossConfig(nn_backend="cdist"), TaskLossConfig(nn_backend="kdtree"),
+    for cfg in (TaskLossConfig(nn_backend="cdist"), TaskLossConfig(nn_backend="kdtree"), TaskLossConfig(nn_backend="fused"),
                 TaskLossConfig(nn_backend="cdist", nn_chunk_elements=3)):  # chunks of one prediction row
         terms = TaskLoss(cfg)(*hand_case())
         assert terms["chamfer_0"].item() == pytest.approx(expected, rel=1e-5)
@@ -227,7 +230,7 @@ def test_batched_loss_equals_per_sample_computation_with_unequal_gt_counts():
     # put some predictions within 4 cm of a GT point so both weights occur
     outputs["layers"][2]["points"][0, :, 0] = gts[0].points[:6] / EXTENT + 0.001
     expected = reference_task_loss(outputs, gts, cfg, class_weights_from_frequencies(freq))
-    for backend in ("cdist", "kdtree"):
+    for backend in ("cdist", "kdtree", "fused"):
         terms = TaskLoss(TaskLossConfig(class_frequencies=freq, nn_backend=backend))(outputs, gts)
         assert set(terms) == set(expected)
         for key, value in expected.items():
@@ -257,7 +260,7 @@ def test_padded_nearest_neighbours_match_brute_force_in_chunks():
     mask[1, 11:] = False  # second scene has 11 points
     sizes = [10, 20]
     for p2g, g2p in (nearest_neighbours_padded(pred, sizes, gt, mask, max_elements=50),
-                     nearest_neighbours_kdtree(pred, sizes, gt, mask)):
+                     nearest_neighbours_kdtree(pred, sizes, gt, mask), FUSED_SEARCH(pred, sizes, gt, mask)):
         for b, m in ((0, 17), (1, 11)):
             d = torch.cdist(pred[b], gt[b, :m])
             assert torch.equal(p2g[b], d.argmin(1))
@@ -294,12 +297,74 @@ def test_padded_nearest_neighbours_stay_float32_under_autocast_and_handle_empty_
     plain = nearest_neighbours_padded(pred, [200], gt, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast = nearest_neighbours_padded(pred, [200], gt, mask)
+        fused = FUSED_SEARCH(pred, [200], gt, mask)
     assert all(torch.equal(a, b) for a, b in zip(plain, cast, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain, fused, strict=True))
     p2g, g2p = plain
     for b, m in ((0, 300), (2, 90)):
         d = torch.cdist(pred[b].double(), gt[b, :m].double())
         assert torch.equal(p2g[b], d.argmin(1)) and torch.equal(g2p[0, b, :m], d.argmin(0))
     assert not p2g[1].any() and not g2p[0, 1].any() and not g2p[0, 2, 90:].any()
+
+
+def _peak_rss_growth(fn, *args):
+    """(bytes by which the process's peak resident memory rose above its current size during ``fn(*args)``,
+    its result). Linux: writing 5 to clear_refs resets the peak, VmHWM."""
+    def status(key: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("the peak resident size cannot be reset here")
+    before = status("VmRSS:")
+    result = fn(*args)
+    return status("VmHWM:") - before, result
+
+
+def test_fused_search_stores_no_distance_volume_and_matches_float64_at_training_scale():
+    """Lite's search at batch 2: 3,000 predictions against up to 20,000 GT centres, where a stored (B,P,M)
+    float32 volume would take 480 MB (the GEMM search's chunks: 64 MiB). The fused reductions store only
+    their results, and pick float64's nearest points both ways (a new GT size reuses the compiled code)."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [600, 1200, 1200]
+    pred = torch.rand(2, 3000, 3, generator=g) * torch.tensor([6.0, 6.0, 3.6])
+    for m in (20000, 17321):
+        gt = torch.rand(2, m, 3, generator=g) * torch.tensor([6.0, 6.0, 3.6])
+        mask = torch.ones(2, m, dtype=torch.bool)
+        mask[1, m // 2:] = False
+        FUSED_SEARCH(pred, sizes, gt, mask)  # compiled (or reused) before the measurement
+        growth, (p2g, g2p) = _peak_rss_growth(FUSED_SEARCH, pred, sizes, gt, mask)
+        assert FUSED_SEARCH.usable and growth < 40e6, growth
+        if m == 20000:  # the measurement itself can tell: the GEMM search's chunks show
+            assert _peak_rss_growth(nearest_neighbours_padded, pred, sizes, gt, mask)[0] > 60e6
+        for b, n in ((0, m), (1, m // 2)):
+            d = torch.cdist(pred[b].double(), gt[b, :n].double())
+            assert (p2g[b] == d.argmin(1)).float().mean() > 0.999
+            for seg, lo in enumerate((0, 600, 1800)):
+                near = d[lo:lo + sizes[seg]].argmin(0) + lo
+                assert (g2p[seg, b, :n] == near).float().mean() > 0.999
+        assert not g2p[:, 1, m // 2:].any()
+
+
+def test_fused_search_falls_back_to_the_gemm_search_when_compiling_fails(monkeypatch, caplog):
+    from torch._dynamo.exc import Unsupported
+
+    search = losses.FusedSearch()
+    monkeypatch.setattr(losses, "FUSED_SEARCH", search)
+    monkeypatch.setattr(search, "_functions", lambda: (_ for _ in ()).throw(Unsupported("no backend here")))
+    outputs, gts = random_case(3)
+    fused = TaskLoss(TaskLossConfig(nn_backend="fused"))(outputs, gts)
+    gemm = TaskLoss(TaskLossConfig(nn_backend="cdist"))(outputs, gts)
+    assert {k: v.item() for k, v in fused.items()} == {k: v.item() for k, v in gemm.items()}
+    assert not search.usable and "nn_backend fused is off from now on" in caplog.text and "no backend here" in caplog.text
+    monkeypatch.setattr(search, "usable", True)
+    monkeypatch.setattr(search, "_functions", lambda: (_ for _ in ()).throw(ValueError("a bug, not a compiler")))
+    with pytest.raises(ValueError, match="a bug"):
+        TaskLoss(TaskLossConfig(nn_backend="fused"))(outputs, gts)
+    with pytest.raises(ValueError, match="nn_backend must be one of auto, cdist, kdtree, fused"):
+        TaskLoss(TaskLossConfig(nn_backend="faiss"))
 
 
 def test_padded_ground_truth_from_list_round_trip():

@@ -14,11 +14,13 @@ loss weights live in one table (``TaskLoss.weight_dict``) that the trainer appli
 
 The whole batch and every layer are computed at once: ground truth is padded to the largest scene
 with a mask, nearest neighbours come from one search per layer (chunks of squared distances, one
-GEMM each, on GPU; scipy KD-trees on CPU), and the per-layer sums are segment sums over the
+GEMM each, on GPU; scipy KD-trees on CPU; or, with ``nn_backend: fused``, one compiled reduction per
+direction that never stores a distance), and the per-layer sums are segment sums over the
 concatenated points.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from models.classes import NUM_CLASSES, UNKNOWN_LABEL
 from models.geometry import GRID_SHAPE, VOXEL_SIZE
 
+from .compiled import describe_failure, is_compile_error
+
 # Largest number of float32 distances one search chunk may hold: 64 MiB on the CPU; on a GPU up to 4 GiB
 # where the free memory allows (``cdist_budget``). Bounds memory at 15,360 points x tens of thousands
 # of ground-truth voxels; bigger chunks on a GPU mean far fewer kernel launches per step (lite, batch 32,
@@ -36,6 +40,9 @@ from models.geometry import GRID_SHAPE, VOXEL_SIZE
 MAX_CDIST_ELEMENTS = 16 * 1024 * 1024
 MAX_CDIST_ELEMENTS_GPU = 1024 * 1024 * 1024
 FAR_SQUARED = 1.0e18  # squared metres given to padded ground truth: never nearest, no inf arithmetic in the GEMM
+FAR_COORDINATE = 1.0e6  # metres, every coordinate of padded ground truth in the fused search (squares stay finite)
+NN_BACKENDS = ("auto", "cdist", "kdtree", "fused")
+log = logging.getLogger(__name__)
 REFERENCE_RARE_CLASSES = (1, 4, 6, 9, 11)  # ceiling, window, bed, tv, objects (public DiScene config)
 
 
@@ -54,7 +61,8 @@ class TaskLossConfig:
     rare_min_weight: float = 10.0       # Chamfer weight floor of points of a rare class (both sides)
     init_points_weight: float = 1.0     # Chamfer on the initial points, relative to a layer's Chamfer
     nn_backend: str = "auto"            # nearest neighbours: "cdist" (chunks of squared distances, one GEMM each),
-                                        # "kdtree" (scipy, CPU) or "auto" (kdtree on CPU, cdist on GPU); both exact
+                                        # "kdtree" (scipy, CPU), "fused" (torch.compile'd reductions, no distance
+                                        # stored) or "auto" (kdtree on CPU, cdist on GPU); all exact
     nn_chunk_elements: int | None = None  # distances one "cdist" chunk may hold; None: cdist_budget of the device
     class_frequencies: list[float] | str | None = None  # voxel counts of classes 1..C, or a name in
                                         # NAMED_CLASS_FREQUENCIES; None: uniform weights (the trainer counts them)
@@ -245,6 +253,69 @@ def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torc
     return p2g.masked_fill_(~gt_mask.any(dim=1, keepdim=True), 0), g2p.masked_fill_(~gt_mask, 0)
 
 
+def _squared_distances(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(B,P,3), (B,M,3) -> (B,P,M) squared distances, as one elementwise expression: compiled, it is computed
+    inside the reduction that reads it and never stored."""
+    return sum((pred[:, :, None, k] - gt[:, None, :, k]) ** 2 for k in range(3))
+
+
+def _nearest_gt(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    return _squared_distances(pred, gt).argmin(dim=2)  # (B,P)
+
+
+def _nearest_pred(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    return _squared_distances(pred, gt).argmin(dim=1)  # (B,M)
+
+
+class FusedSearch:
+    """``nearest_neighbours_padded``'s result from two ``torch.compile``'d reductions (dynamic shapes: the
+    padded GT size changes every batch). The distance chunks of the GEMM search are written to memory and
+    read back by two reductions; here each (point, GT) distance is computed where it is compared, in
+    registers. Eagerly the same expressions would store the whole (B,P,M) volume, so a compile failure
+    turns this search off (logged once) and the caller falls back to the chunked GEMM."""
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._compiled: tuple | None = None  # (nearest_gt, nearest_pred), compiled at the first search
+
+    def _functions(self) -> tuple:
+        if self._compiled is None:
+            self._compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in (_nearest_gt, _nearest_pred))
+        return self._compiled
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(p2g (B,P), g2p (S,B,M)) as ``nearest_neighbours_padded`` returns them, or None once compiling failed."""
+        b, p = pred.shape[:2]
+        m = gt.shape[1]
+        if m == 0:
+            return (torch.zeros(b, p, dtype=torch.long, device=pred.device),
+                    torch.zeros(len(sizes), b, 0, dtype=torch.long, device=pred.device))
+        try:
+            nearest_gt, nearest_pred = self._functions()
+            with torch.autocast(pred.device.type, enabled=False):  # float32 whatever the training's autocast
+                pred = pred.detach().float()
+                centre = pred.mean(dim=(0, 1))
+                x = (pred - centre).contiguous()
+                g = (gt.detach().float() - centre).masked_fill(~gt_mask[..., None], FAR_COORDINATE).contiguous()
+                p2g = nearest_gt(x, g)
+                starts = np.cumsum([0, *sizes[:-1]]).tolist()
+                g2p = torch.stack([nearest_pred(x[:, lo:lo + size].contiguous(), g) + lo
+                                   for lo, size in zip(starts, sizes, strict=True)])
+        except Exception as exc:  # noqa: BLE001 - only compile failures are caught, the rest re-raised
+            if not is_compile_error(exc):
+                raise
+            self.usable = False
+            log.warning("loss.nn_backend fused is off from now on (%s); the chunked GEMM search runs instead",
+                        describe_failure(exc))
+            return None
+        return p2g.masked_fill_(~gt_mask.any(dim=1, keepdim=True), 0), g2p.masked_fill_(~gt_mask, 0)
+
+
+FUSED_SEARCH = FusedSearch()
+
+
 @torch.no_grad()
 def nearest_neighbours_kdtree(pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,8 +372,8 @@ class TaskLoss(torch.nn.Module):
         self.num_classes = num_classes
         self.voxel_size = float(voxel_size)
         freq = resolve_class_frequencies(self.config.class_frequencies)
-        if self.config.nn_backend not in ("auto", "cdist", "kdtree"):
-            raise ValueError(f"loss.nn_backend must be auto, cdist or kdtree, got {self.config.nn_backend!r}")
+        if self.config.nn_backend not in NN_BACKENDS:
+            raise ValueError(f"loss.nn_backend must be one of {', '.join(NN_BACKENDS)}, got {self.config.nn_backend!r}")
         if self.config.nn_chunk_elements is not None and self.config.nn_chunk_elements < 1:
             raise ValueError(f"loss.nn_chunk_elements must be positive (or null), got {self.config.nn_chunk_elements}")
         if freq is not None and len(freq) != num_classes:
@@ -347,6 +418,10 @@ class TaskLoss(torch.nn.Module):
         backend = self.config.nn_backend
         if backend == "kdtree" or (backend == "auto" and pred.device.type == "cpu"):
             return nearest_neighbours_kdtree(pred, sizes, gt.points, gt.mask)
+        if backend == "fused" and FUSED_SEARCH.usable:
+            found = FUSED_SEARCH(pred, sizes, gt.points, gt.mask)
+            if found is not None:
+                return found
         return nearest_neighbours_padded(pred, sizes, gt.points, gt.mask, self.config.nn_chunk_elements)
 
     def _point_weight(self, dist: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
