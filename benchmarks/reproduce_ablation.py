@@ -12,7 +12,11 @@ Rows, every one evaluated with SSCMetrics on the same synthetic val split at one
 - ``student_query`` / ``student_prior`` / ``student_anchor``: one distillation level alone, each
   with EFA, without TGI (Table III rows 1-4; --level-seeds, default the first seed);
 - ``student_tgi``: Teacher-Guided Initialisation alone;
-- ``distilled``: TGI + EFA + query + prior + anchor (DiScene).
+- ``distilled``: TGI + EFA + query + prior + anchor (DiScene);
+- with --depth-rows, for the first seed: ``student_depth`` (the student with its depth branch fed by the
+  dataset's depth, the robot's depth sensor in place of the paper's depth network: OPUS-dagger) and
+  ``distilled_depth`` (DiScene with that student under the RGB teacher; TGI leaves the student's
+  depth branch at its initialisation: the miniature DiScene-dagger, whose paper teacher has depth too).
 
 ``student``, ``student_tgi`` and ``distilled`` run once per --seeds entry with the same step budget.
 Everything is written under --out (default runs/ablation; ablation.md/.json in --out/results).
@@ -61,7 +65,9 @@ from training.trainer import Trainer  # noqa: E402
 
 CONFIGS = ROOT / "training" / "configs"
 SHIPPED_CHECKPOINT = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
+SHIPPED_DEPTH_CHECKPOINT = ROOT / "discene_ros" / "data" / "lite_distilled_depth.pt"  # --depth-rows
 SHIPPED_RESULTS = ROOT / "docs" / "results"
+DEPTH = "model_overrides.use_depth=true"  # the depth branch fed by the dataset's (the robot's) depth
 NO_LEVELS = ["distill.efa=false", "distill.query=false", "distill.prior=false", "distill.anchor=false"]
 
 
@@ -79,13 +85,18 @@ ROWS = {
     "student_anchor": ("lite_distill.yaml", level_alone("anchor"), "Student + anchor level (+ EFA)", "A"),
     "student_tgi": ("lite_distill.yaml", ["tgi=true", *NO_LEVELS], "Student + TGI", "T"),
     "distilled": ("lite_distill.yaml", ["tgi=true"], "Student + TGI + EFA/query/prior/anchor (DiScene)", "QPATE"),
+    "student_depth": ("lite_student.yaml", [DEPTH], "Student + depth sensor, no distillation (OPUS-dagger)", ""),
+    "distilled_depth": ("lite_distill.yaml", ["tgi=true", DEPTH],
+                        "DiScene + depth sensor in the student (DiScene-dagger; RGB teacher)", "QPATE"),
 }
 SEEDED = ("student", "student_tgi", "distilled")     # run for every --seeds entry
 LEVELS = ("student_query", "student_prior", "student_anchor")  # run for every --level-seeds entry
+DEPTH_ROWS = ("student_depth", "distilled_depth")  # --depth-rows: for the first seed
 WARM_STEPS = 5            # steps left out of a run's median step time (start-up, first allocations)
 RESULTS_RESERVE_S = 20.0  # of --fit-s, kept for writing the results and publishing
 CHILD_STOP_S = 30.0       # after Ctrl-C, how long the children get to save their last.pt before they are killed
-ORDER = ("teacher", "student", "student_query", "student_prior", "student_anchor", "student_tgi", "distilled")
+ORDER = ("teacher", "student", "student_query", "student_prior", "student_anchor", "student_tgi", "distilled",
+         *DEPTH_ROWS)
 
 
 def ensure_dataset(args: argparse.Namespace) -> None:
@@ -132,7 +143,7 @@ def make_config(base: str, overrides: list[str], args: argparse.Namespace, name:
 def row_config(name: str, seed: int, args: argparse.Namespace, teacher: Path, steps: int, out: Path) -> TrainConfig:
     """The train config of one Table III row (not the teacher) for one seed, its run folder under ``out``."""
     base, overrides, _, _ = ROWS[name]
-    extra = args.distill_set if name == "distilled" else []
+    extra = args.distill_set if name in ("distilled", "distilled_depth") else []
     return make_config(base, overrides + extra, args, f"{name}_s{seed}", seed, steps,
                        teacher if base == "lite_distill.yaml" else None, out)
 
@@ -378,15 +389,19 @@ def write_results(runs: dict, args: argparse.Namespace, command: str, start: flo
 
 
 def publish(runs: dict, args: argparse.Namespace) -> None:
-    """Replace docs/results/ablation.{md,json} and the shipped lite_distilled.pt (--publish only)."""
+    """Replace docs/results/ablation.{md,json} and the shipped lite_distilled.pt (and, after --depth-rows,
+    lite_distilled_depth.pt) with the best seed's by val mIoU (--publish only)."""
     results = Path(args.out) / "results"
     SHIPPED_RESULTS.mkdir(parents=True, exist_ok=True)
     for name in ("ablation.md", "ablation.json"):
         shutil.copyfile(results / name, SHIPPED_RESULTS / name)
-    best = max((r for _, r in runs["distilled"]), key=lambda r: r["miou"])
-    shutil.copyfile(best["checkpoint"], SHIPPED_CHECKPOINT)
-    print(f"published {SHIPPED_RESULTS}/ablation.md/.json and {best['checkpoint']} "
-          f"(mIoU {100 * best['miou']:.2f}) as {SHIPPED_CHECKPOINT}")
+    for row, shipped in (("distilled", SHIPPED_CHECKPOINT), ("distilled_depth", SHIPPED_DEPTH_CHECKPOINT)):
+        if row not in runs:
+            continue
+        best = max((r for _, r in runs[row]), key=lambda r: r["miou"])
+        shutil.copyfile(best["checkpoint"], shipped)
+        print(f"published {best['checkpoint']} (mIoU {100 * best['miou']:.2f}) as {shipped}")
+    print(f"published {SHIPPED_RESULTS}/ablation.md and ablation.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "--calibrate-steps steps picks the steps per row (at most --steps) so that every row "
                              "ends in time; each row also stops at its share of the time left")
     parser.add_argument("--calibrate-steps", type=int, default=30, help="steps of each calibration run (--fit-s)")
+    parser.add_argument("--depth-rows", action="store_true",
+                        help="also student_depth and distilled_depth (the depth branch fed by the dataset's depth; "
+                             "first seed): the miniature OPUS-dagger and DiScene-dagger")
     parser.add_argument("--row", nargs=2, metavar=("NAME", "SEED"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--record", default=None, help=argparse.SUPPRESS)  # the child's record file
     parser.add_argument("--row-budget-s", type=float, default=None, help=argparse.SUPPRESS)
@@ -491,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     # the distilling rows first: the slowest, so a calibration wave smaller than the plan sees them
     plan = [(seed, name) for seed in args.seeds for name in reversed(SEEDED)]
     plan += [(seed, name) for seed in args.level_seeds for name in LEVELS]
+    if args.depth_rows:
+        plan = [(args.seeds[0], "distilled_depth"), *plan, (args.seeds[0], "student_depth")]
     extra: dict = {"failed": []}
 
     def keep(name: str, seed: int, record: dict) -> None:

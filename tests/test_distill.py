@@ -7,6 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+import models
 from training import matcher
 from training.distill import (
     DistillConfig,
@@ -297,6 +298,23 @@ def test_tgi_rejects_mismatch_with_key_names():
     other.decoder = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="only in the student decoder.*1.weight"):
         teacher_guided_init(TinyNet(), other)
+
+
+def test_tgi_into_a_depth_student_copies_all_but_its_depth_branch():
+    """The miniature DiScene-dagger: a lite student with a depth branch under the RGB lite teacher."""
+    from training.train_config import load_train_config
+
+    student = models.build_model(load_train_config("lite_student", ["model_overrides.use_depth=true"]).model_config())
+    teacher = models.build_model(load_train_config("lite_teacher").model_config())
+    depth_before = {k: v.clone() for k, v in student.decoder.state_dict().items() if "depth_branch." in k}
+    with pytest.raises(ValueError, match="only in the student decoder.*depth_branch"):
+        teacher_guided_init(student, teacher)  # strict unless asked
+    assert teacher_guided_init(student, teacher, keep_student_depth=True) == len(teacher.decoder.state_dict())
+    mine = student.decoder.state_dict()
+    assert len(depth_before) == 12 and all(torch.equal(mine[k], v) for k, v in depth_before.items())
+    assert all(torch.equal(mine[k], v) for k, v in teacher.decoder.state_dict().items())
+    with pytest.raises(ValueError, match="only in the teacher decoder"):  # only the student's depth may be missing
+        teacher_guided_init(teacher, student, keep_student_depth=True)
 
 
 def test_freeze_teacher():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.checkpoint import load_model
 from training.device_run import split_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,7 @@ TINY = ["--set", "model_overrides.decoder.num_queries=32", "--set", "model_overr
 def test_every_row_over_seeds_written_under_out_and_published_only_on_request(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "SHIPPED_RESULTS", tmp_path / "shipped_results")
     monkeypatch.setattr(ablation, "SHIPPED_CHECKPOINT", tmp_path / "shipped" / "lite_distilled.pt")
+    monkeypatch.setattr(ablation, "SHIPPED_DEPTH_CHECKPOINT", tmp_path / "shipped" / "lite_distilled_depth.pt")
     (tmp_path / "shipped").mkdir()
     common = ["--data", str(tmp_path / "synth"), "--out", str(tmp_path / "runs"), "--steps", "1", "--teacher-steps", "1",
               "--train-frames", "4", "--val-frames", "2", "--frames-per-scene", "2", "--width", "128", "--height", "96",
@@ -38,7 +40,8 @@ def test_every_row_over_seeds_written_under_out_and_published_only_on_request(tm
         assert result[name]["seeds"] == [0, 1] and len(result[name]["per_seed"]) == 2
     for name in ("teacher", "student_query", "student_prior", "student_anchor"):
         assert result[name]["seeds"] == [0] and result[name]["per_seed"][0]["steps"] == 1
-    for name in ablation.ORDER:
+    assert not any(name in result for name in ablation.DEPTH_ROWS)  # only with --depth-rows
+    for name in ablation.ORDER[:-len(ablation.DEPTH_ROWS)]:
         row = result[name]
         assert 0.0 <= row["miou"] <= row["iou"] or row["iou"] == 0.0  # percent
         assert row["iou"] == pytest.approx(sum(r["iou"] for r in row["per_seed"]) / len(row["per_seed"]), abs=0.01)
@@ -49,13 +52,21 @@ def test_every_row_over_seeds_written_under_out_and_published_only_on_request(tm
 
     handed_back = tmp_path / "handed_back"  # the teacher as a device run hands it back: final.pt in parts
     split_file(tmp_path / "runs" / "teacher" / "final.pt", handed_back, 2**20)
-    assert ablation.main([*common, "--seeds", "3", "--level-seeds", "--teacher", str(handed_back), "--publish"]) == 0
+    assert ablation.main([*common, "--seeds", "3", "--level-seeds", "--teacher", str(handed_back), "--publish",
+                          "--depth-rows"]) == 0
     shipped = json.loads((tmp_path / "shipped_results" / "ablation.json").read_text())
     assert set(shipped) >= {"teacher", "student", "student_tgi", "distilled"} and "student_query" not in shipped
     assert shipped["distilled"]["seeds"] == [3]
     assert shipped["teacher"]["iou"] == result["teacher"]["iou"]  # the same teacher, rejoined and re-evaluated
     assert (tmp_path / "shipped" / "lite_distilled.pt").read_bytes() == \
         (tmp_path / "runs" / "distilled_s3" / "final.pt").read_bytes()
+    for name in ("student_depth", "distilled_depth"):  # the depth branch fed by the synthetic depth, seed 3
+        assert shipped[name]["seeds"] == [3]
+        assert load_model(str(tmp_path / "runs" / f"{name}_s3" / "final.pt"))[1].use_depth
+    assert (tmp_path / "shipped" / "lite_distilled_depth.pt").read_bytes() == \
+        (tmp_path / "runs" / "distilled_depth_s3" / "final.pt").read_bytes()
+    assert "| DiScene + depth sensor in the student (DiScene-dagger; RGB teacher) | x | x | x | x | x |" in \
+        (tmp_path / "shipped_results" / "ablation.md").read_text()
 
 
 def _small(root: Path) -> list[str]:

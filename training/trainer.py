@@ -196,7 +196,7 @@ class Trainer:
         teacher, tcfg = load_model(path, map_location="cpu")
         teacher = freeze_teacher(teacher.to(self.device))
         if self.cfg.tgi:
-            teacher_guided_init(self.student, teacher)
+            teacher_guided_init(self.student, teacher, keep_student_depth=self.model_cfg.use_depth and not tcfg.use_depth)
         return teacher, tcfg
 
     def _step_generator(self, step: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
