@@ -23,6 +23,8 @@ out=${OUT:?}
 fit_s=${FIT_S:-500}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# with NN=fused every process compiles the search at its start: one compile thread each, not one per core
+export TORCHINDUCTOR_COMPILE_THREADS=1
 results=${RESULTS:-runs/ablation}
 publish=${PUBLISH---publish}
 # Eleven processes share the GPU's memory: the search chunks are capped at 256 Mi distances (1 GiB) each
