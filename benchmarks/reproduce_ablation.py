@@ -183,14 +183,14 @@ class CalibrationError(Exception):
 
 
 class Job(NamedTuple):
-    """One row for one seed, run in this process (``process`` None) or in a child process."""
+    """One row for one seed, training in a child process that writes ``record`` and logs to ``log``."""
 
     name: str
     seed: int
     record: Path
     log: Path
     started: float
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen
 
 
 def child_command(argv: list[str], name: str, seed: int, record: Path, teacher: Path, steps: int, out: Path,
