@@ -20,20 +20,12 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 # the benchmark's compiled graphs are reused by the teacher run from this cache
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/device/inductor_cache}
 # the search: forward + backward of the lite task loss at batch 32, each backend's first call (the fused
-# one compiles) and median of 5; fused is kept where it is faster and gives the same loss
+# one compiles) and median of 5; the faster of the two that gives the same loss ("choice") is kept
 timeout --signal=INT --kill-after=10 "${SEARCH_S:-90}" python3 benchmarks/bench_task_loss.py \
     --device "${DEVICE:-cuda}" --batch "${SEARCH_BATCH:-32}" --backends cdist,fused --modes batched --repeats 5 \
     --json "$out/task_loss_cuda.json"
-nn=$(python3 - "$out/task_loss_cuda.json" <<'PY'
-import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-    same = abs(r["fused_loss"] - r["cdist_loss"]) <= 1e-4 * abs(r["cdist_loss"])
-    print("fused" if same and r["fused_batched_s"] < r["cdist_batched_s"] else "auto")
-except (OSError, KeyError, ValueError):
-    print("auto")
-PY
-)
+nn=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["choice"] or "auto")' \
+    "$out/task_loss_cuda.json" 2>/dev/null) || nn=auto
 echo "nearest-neighbour search: loss.nn_backend=${nn}"
 budget_bench=$(( ${BENCH_S:-270} - SECONDS ))
 # shellcheck disable=SC2086  # $SIZE and $COMPILE: options
