@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from training import losses
 from training.losses import (
@@ -348,6 +349,18 @@ def test_fused_search_stores_no_distance_volume_and_matches_float64_at_training_
         assert not g2p[:, 1, m // 2:].any()
 
 
+class OpLog(TorchDispatchMode):
+    """Records the name of every ATen op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_fused_search_falls_back_to_the_gemm_search_when_compiling_fails(monkeypatch, caplog):
     from torch._dynamo.exc import Unsupported
 
@@ -363,6 +376,11 @@ def test_fused_search_falls_back_to_the_gemm_search_when_compiling_fails(monkeyp
     monkeypatch.setattr(search, "_functions", lambda: (_ for _ in ()).throw(ValueError("a bug, not a compiler")))
     with pytest.raises(ValueError, match="a bug"):
         TaskLoss(TaskLossConfig(nn_backend="fused"))(outputs, gts)
+    monkeypatch.setattr(search, "_functions", lambda: pytest.fail("no compiling under a dispatch mode"))
+    with OpLog() as ops:  # an op counter: dynamo compiles nothing under it, so the GEMM search runs, once
+        counted = TaskLoss(TaskLossConfig(nn_backend="fused"))(outputs, gts)
+    assert {k: v.item() for k, v in counted.items()} == {k: v.item() for k, v in gemm.items()}
+    assert ops.names.count("aten.bmm.default") > 0 and search.usable
     with pytest.raises(ValueError, match="nn_backend must be one of auto, cdist, kdtree, fused"):
         TaskLoss(TaskLossConfig(nn_backend="faiss"))
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from models.classes import NUM_CLASSES, UNKNOWN_LABEL
 from models.geometry import GRID_SHAPE, VOXEL_SIZE
@@ -286,7 +287,10 @@ class FusedSearch:
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(p2g (B,P), g2p (S,B,M)) as ``nearest_neighbours_padded`` returns them, or None once compiling failed."""
+        """(p2g (B,P), g2p (S,B,M)) as ``nearest_neighbours_padded`` returns them; None once compiling failed, and
+        for this call under a Python dispatch mode (an op counter), where dynamo compiles nothing."""
+        if _get_current_dispatch_mode() is not None:
+            return None
         b, p = pred.shape[:2]
         m = gt.shape[1]
         if m == 0:
