@@ -15,7 +15,8 @@ a synthetic set of 256x192 frames is generated in a temporary folder (training.s
 config's ``compile`` (training/compiled.py); its compile time falls in the warm-up steps and is given as
 ``first_steps_s``, and ``compiled`` says whether it still ran compiled at the end (a failed compile falls back to
 eager). ``--count-ops`` adds ``ops_per_step`` to the eager rows: the ATen ops one step dispatches (forward,
-backward, optimiser; view ops left out), the host work of an eager step on any device.
+backward, optimiser; view ops left out), the host work of an eager step on any device (under the counter,
+a ``loss.nn_backend: fused`` search runs as the GEMM search: dynamo compiles nothing under a dispatch mode).
 """
 from __future__ import annotations
 
