@@ -354,7 +354,9 @@ def nearest_neighbours_kdtree(pred: torch.Tensor, sizes: Sequence[int], gt: torc
 
 def sigmoid_focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
     """Element-wise sigmoid focal loss (mmdet formula); logits (...,C), labels (...) in 1..C. Returns (...,C)."""
-    target = F.one_hot(labels - 1, logits.shape[-1]).to(logits.dtype)
+    # a comparison, not F.one_hot, which reads the labels' min and max on the host (two device syncs a step)
+    classes = torch.arange(1, logits.shape[-1] + 1, device=labels.device)
+    target = (labels.unsqueeze(-1) == classes).to(logits.dtype)
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     one_minus_pt = prob * (1 - target) + (1 - prob) * target
