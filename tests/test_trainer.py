@@ -200,6 +200,23 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2 and trainer.step == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    weights = dict(trainer.student.named_parameters())  # untouched by the poisoned step: still step 2's
+    assert all(torch.equal(v, state["model"][k]) for k, v in weights.items())  # (BN statistics did move)
+    assert all(p.grad is None for p in trainer.student.parameters())
+
+
+def test_non_finite_gradient_norm_stops_before_the_optimiser_step(data_root, tmp_path):
+    cfg = tiny_config(data_root, tmp_path, max_steps=6)
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    batches = iter(trainer._loader())
+    trainer.train_step(next(batches))
+    before = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
+    param = next(p for p in trainer.student.parameters() if p.requires_grad)
+    param.register_hook(lambda grad: grad * float("inf"))  # finite loss, infinite gradient
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 2 \(loss \d"):
+        trainer.train_step(next(batches))
+    assert trainer.step == 1 and all(torch.equal(v, before[k]) for k, v in trainer.student.named_parameters())
+    assert all(p.grad is None for p in trainer.student.parameters())
 
 
 def test_cli_trains_and_evaluates(data_root, tmp_path, capsys):

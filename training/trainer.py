@@ -361,24 +361,29 @@ class Trainer:
         terms, weighted = self.loss_terms(batch)
         parts = torch.stack([v.float() for v in weighted.values()])
         loss = parts.sum()
-        # every logged number crosses to the host in one copy, not one device sync per term
-        logged = torch.cat([torch.stack([v.detach().float() for v in terms.values()]), parts.detach(),
-                            loss.detach()[None]]).tolist()
-        values = dict(zip(terms, logged[:len(terms)], strict=True))
-        scaled = list(zip(weighted, logged[len(terms):-1], strict=True))
-        values["task"] = sum(x for k, x in scaled if k.startswith(TASK_PREFIXES))
-        values["distill"] = sum(x for k, x in scaled if not k.startswith(TASK_PREFIXES))
-        values["loss"] = logged[-1]
-        if any_rank(not all(math.isfinite(v) for v in values.values()), self.device):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
-                f"checkpoint {self.out_dir / 'last.pt'} is kept")
+        # every logged number, the gradient norm included, crosses to the host in one copy after the backward
+        # pass is queued: one device sync per step, and none between the forward and the backward pass
+        logged = [torch.stack([v.detach().float() for v in terms.values()]), parts.detach(), loss.detach()[None]]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip))
+            logged.append(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip).float()[None])
+        numbers = torch.cat(logged).tolist()
+        n, w = len(terms), len(weighted)
+        values = dict(zip(terms, numbers[:n], strict=True))
+        scaled = list(zip(weighted, numbers[n:n + w], strict=True))
+        values["task"] = sum(x for k, x in scaled if k.startswith(TASK_PREFIXES))
+        values["distill"] = sum(x for k, x in scaled if not k.startswith(TASK_PREFIXES))
+        values["loss"] = numbers[n + w]
+        if any_rank(not all(math.isfinite(v) for v in values.values()), self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
+                f"checkpoint {self.out_dir / 'last.pt'} is kept")
+        if self.cfg.optim.grad_clip > 0:
+            values["grad_norm"] = numbers[-1]
             if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
