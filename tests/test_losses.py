@@ -349,6 +349,26 @@ def test_fused_search_stores_no_distance_volume_and_matches_float64_at_training_
         assert not g2p[:, 1, m // 2:].any()
 
 
+def test_fused_search_recompiled_too_often_hands_over_to_the_gemm_search(caplog):
+    """Past dynamo's recompile limit an eager run would store the whole distance volume; the search gives up
+    there instead, logs, and the GEMM search takes over (here: a batch of one after a batch of two is a
+    recompile, under a limit of one)."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(4)
+    pred, gt = torch.rand(2, 40, 3, generator=g), torch.rand(2, 30, 3, generator=g)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    search = losses.FusedSearch()
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            assert search(pred, [10, 30], gt, mask) is not None
+            assert search(pred[:1], [10, 30], gt[:1], mask[:1]) is None
+    finally:
+        torch._dynamo.reset()
+    assert not search.usable and "nn_backend fused is off from now on" in caplog.text
+
+
 class OpLog(TorchDispatchMode):
     """Records the name of every ATen op dispatched while active."""
 

@@ -20,6 +20,7 @@ concatenated points.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -284,6 +285,17 @@ class FusedSearch:
             self._compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in (_nearest_gt, _nearest_pred))
         return self._compiled
 
+    @staticmethod
+    def _no_silent_eager():
+        """Past its recompile limit dynamo may run a function eagerly, which here would store the whole distance
+        volume: make that an error, a compile failure, so the GEMM search takes over (torch 2.13 raises there
+        for fullgraph functions anyway; this holds it on versions that do not)."""
+        import torch._dynamo
+
+        if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            return contextlib.nullcontext()
+        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
     @torch.no_grad()
     def __call__(self, pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -298,7 +310,7 @@ class FusedSearch:
                     torch.zeros(len(sizes), b, 0, dtype=torch.long, device=pred.device))
         try:
             nearest_gt, nearest_pred = self._functions()
-            with torch.autocast(pred.device.type, enabled=False):  # float32 whatever the training's autocast
+            with self._no_silent_eager(), torch.autocast(pred.device.type, enabled=False):  # float32 under autocast
                 pred = pred.detach().float()
                 centre = pred.mean(dim=(0, 1))
                 x = (pred - centre).contiguous()
