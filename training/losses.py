@@ -158,12 +158,12 @@ def ground_truth_from_voxels(target: torch.Tensor, voxel_size: float = VOXEL_SIZ
         raise ValueError(f"target must be (B,X,Y,Z) or (X,Y,Z) labels, got shape {tuple(target.shape)}")
     grid = target.long()
     bad = (grid > num_classes) & (grid != UNKNOWN_LABEL)
-    if bad.any():
-        raise ValueError(f"target holds labels {grid[bad].unique().tolist()}: expected 0..{num_classes} or 255")
     occupied = (grid > 0) & (grid != UNKNOWN_LABEL)
     counts = occupied.flatten(1).sum(1)  # (B,)
+    any_bad, size = torch.stack([bad.any().long(), counts.max()]).tolist() if counts.numel() else (0, 0)  # one read
+    if any_bad:
+        raise ValueError(f"target holds labels {grid[bad].unique().tolist()}: expected 0..{num_classes} or 255")
     idx = occupied.nonzero()  # (K, 4), sorted by batch index
-    size = int(counts.max()) if counts.numel() else 0
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(idx.shape[0], device=grid.device) - starts[idx[:, 0]]
     b = grid.shape[0]
