@@ -289,12 +289,14 @@ def calibrate(plan: list[tuple[int, str]], args: argparse.Namespace, argv: list[
     if failures:
         raise CalibrationError(f"calibration failed for {[f['row'] for f in failures]}; see {out / 'logs'}")
     wall = time.perf_counter() - t0
-    step_s = max(r["step_seconds_median"] or r["seconds_per_step"] for r in records.values())
+    step_s = max(r["step_seconds_median"] or r["seconds_per_step"] for r in records.values())  # the slowest row
     overhead = max(0.0, wall - args.calibrate_steps * step_s)
     waves = math.ceil(len(plan) / max(1, args.jobs))
     left = args.fit_s - (time.perf_counter() - start) - RESULTS_RESERVE_S
     steps = int(0.9 * (left - waves * overhead) / (waves * step_s))
+    per_row = [r["step_seconds_median"] or r["seconds_per_step"] for r in records.values()]
     return {"steps": args.calibrate_steps, "wall_seconds": round(wall, 1), "step_seconds": round(step_s, 4),
+            "aggregate_samples_per_s": round(sum(args.batch / t for t in per_row), 1),  # all rows of the wave
             "overhead_seconds": round(overhead, 1), "waves": waves, "seconds_left": round(left, 1),
             "chosen_steps": max(0, min(args.steps, steps)),
             "rows": {key: {"step_seconds_median": r["step_seconds_median"], "seconds_per_step": r["seconds_per_step"]}

@@ -97,6 +97,8 @@ def test_rows_in_child_processes_train_the_weights_of_the_in_process_rows_within
     assert result["setup"]["jobs"] == 2 and calibration["waves"] == 2  # three rows, two at a time
     assert set(calibration["rows"]) == {"distilled_s0", "student_tgi_s0"}  # the first wave: the slowest rows
     assert calibration["chosen_steps"] == 2 and result["setup"]["steps"] == 2  # --steps caps a generous budget
+    assert calibration["aggregate_samples_per_s"] == pytest.approx(
+        sum(2 / r["step_seconds_median"] for r in calibration["rows"].values()), abs=0.1)
     for name in ("student", "student_tgi", "distilled"):
         run = result[name]["per_seed"][0]
         assert run["steps"] == 2 and run["finished"]
