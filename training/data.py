@@ -3,8 +3,9 @@ frequencies, an endless resumable batch order, and the loader built once per run
 
 The training loader is created once per ``Trainer.fit`` call and iterated across epoch boundaries,
 so worker processes start once (not once per epoch), keep their prefetch queue full, and hand
-pinned batches to the GPU. Workers start from a fork server, not by forking the training process. The batch order depends only on (seed, epoch, rank), so a resumed run that
-starts the sampler at the saved (epoch, step) sees exactly the batches the uninterrupted run saw.
+pinned batches to the GPU; they start from a fork server, not by forking the training process. The
+batch order depends only on (seed, epoch, rank), so a resumed run that starts the sampler at the
+saved (epoch, step) sees exactly the batches the uninterrupted run saw.
 """
 from __future__ import annotations
 
