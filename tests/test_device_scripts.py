@@ -1,0 +1,100 @@
+"""The GPU calls' shell scripts, run here with every Python entry point parse-only: each option they pass
+exists, each config override they set is a valid key, and the values read from one step's JSON reach
+the next. A typo in one of them would cost a device session, which no CPU test would otherwise catch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.train_config import load_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Stands in for the entry points: parses the command line with the script's own parser, logs the
+# options, writes what the device scripts read back from a benchmark's --json, and exits.
+HOOK = '''
+import argparse, json, os, runpy, sys
+original = argparse.ArgumentParser.parse_args
+def parse(self, args=None, namespace=None):
+    options = original(self, args, namespace)
+    with open(os.environ["PARSE_LOG"], "a") as log:
+        log.write(json.dumps({"prog": sys.argv[0], "options": vars(options)}, default=str) + "\\n")
+    out = getattr(options, "json", None)
+    if out and sys.argv[0].endswith("bench_task_loss.py"):
+        json.dump({"choice": "fused"}, open(out, "w"))
+    if out and sys.argv[0].endswith("bench_train_throughput.py"):
+        json.dump({"rows": [{"mode": "teacher", "compile": "none", "samples_per_s": 100.0},
+                            {"mode": "teacher", "compile": "inductor", "compiled": True, "samples_per_s": 150.0,
+                             "first_steps_s": 60.0}]}, open(out, "w"))
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+SHIM = '''#!/bin/sh
+case "$1" in
+    benchmarks/*.py|-m) exec "{python}" "{hook}" "$@" ;;
+esac
+exec "{python}" "$@"
+'''
+
+
+def run_script(tmp_path: Path, script: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``script`` from the repository root with ``python3`` parse-only; (its process, the parsed commands)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "hook.py").write_text(HOOK)
+    shim = bin_dir / "python3"
+    shim.write_text(SHIM.format(python=sys.executable, hook=tmp_path / "hook.py"))
+    shim.chmod(0o755)
+    log = tmp_path / "parsed.jsonl"
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PARSE_LOG": str(log),
+                "PYTHONPATH": str(ROOT), "OUT": str(tmp_path / "out"), **env}
+    done = subprocess.run(["bash", script], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    parsed = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    return done, parsed
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "scripts").glob("*.sh")))
+def test_every_script_is_valid_bash(script):
+    subprocess.run(["bash", "-n", script], cwd=ROOT, check=True)
+
+
+def test_teacher_call_passes_the_search_choice_and_the_faster_teacher_row_to_the_teacher_run(tmp_path):
+    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {})
+    assert done.returncode == 0, done.stdout + done.stderr
+    progs = [Path(p["prog"]).name for p in parsed]
+    assert progs == ["bench_task_loss.py", "bench_train_throughput.py", "device_run.py"], progs
+    search, bench, teacher = (p["options"] for p in parsed)
+    assert search["backends"] == "cdist,fused" and search["batch"] == 32 and search["device"] == "cuda"
+    assert bench["set"] == ["loss.nn_backend=fused"] and bench["compile"] == ["none", "inductor"]
+    assert "nearest-neighbour search: loss.nn_backend=fused" in done.stdout
+    # the compiled row gives more samples once its 60 s of compiling are taken off: it trains the teacher
+    assert "compile=inductor" in teacher["overrides"] and "loss.nn_backend=fused" in teacher["overrides"], teacher
+    assert teacher["max_files"] == 5 and teacher["config"] == "training/configs/lite_teacher.yaml"
+    assert int(teacher["steps"]) > 10 and teacher["batch"] == 32
+    load_train_config(teacher["config"], teacher["overrides"])  # every override is a config key
+
+
+def test_ablation_call_runs_every_row_at_once_within_the_budget(tmp_path):
+    done, parsed = run_script(tmp_path, "scripts/device_ablation_call.sh", {"NN": "fused"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [Path(p["prog"]).name for p in parsed] == ["reproduce_ablation.py"]
+    options = parsed[0]["options"]
+    assert options["jobs"] == 11 and options["depth_rows"] and options["seeds"] == [0, 1]
+    assert options["fit_s"] == 500.0 and options["publish"] and options["teacher"] == "runs/device/teacher"
+    assert options["train_frames"] == 840 and options["val_frames"] == 120 and options["batch"] == 32
+    for base in ("lite_student.yaml", "lite_distill.yaml"):  # the overrides every row gets are config keys
+        load_train_config(ROOT / "training" / "configs" / base, [*options["overrides"], "teacher_checkpoint=t.pt"])
+    assert "loss.nn_backend=fused" in options["overrides"]
+    assert (tmp_path / "out" / "ablation_logs.txt").is_file()
