@@ -2,11 +2,12 @@
 # Issue 12's ablation call of a GPU session, once call 1 has trained the teacher (its handed-back folder
 # copied to runs/device/teacher and carried). Every Table III row but the teacher (student, TGI and full
 # DiScene for seeds 0 and 1, the three one-level rows for seed 0) and the two depth rows (student and
-# full DiScene with the depth branch fed by the dataset's depth, seed 0) train at the same time on the
-# one GPU, one process each (benchmarks/reproduce_ablation.py --jobs): a lite step is bound by the host,
-# so the processes fill each other's gaps. A calibration wave of CAL_STEPS steps per row picks the steps per row
-# that end inside FIT_S seconds (data generation and the teacher's evaluation included); the rows then
-# train from scratch. --publish replaces the table and the shipped model only when every row ran.
+# full DiScene with the depth branch fed by the dataset's depth, seed 0) train side by side on the one
+# GPU, one process each (benchmarks/reproduce_ablation.py --jobs; all 11 on an H200, 6 at a time on an
+# H100): a lite step is bound by the host, so the processes fill each other's gaps. A calibration wave
+# of CAL_STEPS steps per row picks the steps per row that end inside FIT_S seconds (data generation and
+# the teacher's evaluation included); the rows then train from scratch. --publish replaces the table
+# and the shipped models only when every row ran.
 # Comes back (5 files): ablation.md, ablation.json, lite_distilled.pt and lite_distilled_depth.pt (if
 # published), ablation_logs.txt.
 #   run: bash scripts/device_ablation_call.sh    carry: ["runs/device/teacher"]    timeout_s: 600
@@ -26,6 +27,10 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_s
 # with NN=fused every process compiles the search at its start: one compile thread each, not one per core
 export TORCHINDUCTOR_COMPILE_THREADS=1
 results=${RESULTS:-runs/ablation}
+# eleven processes at once where the GPU has the H200's memory; six (two waves) with an H100's 78 GiB,
+# since each process may hold several GiB (not measured)
+jobs=${JOBS:-$(python3 -c 'import torch; print(11 if torch.cuda.get_device_properties(0).total_memory > 100 * 2**30 else 6)' \
+    2>/dev/null || echo 6)}
 publish=${PUBLISH---publish}
 # Eleven processes share the GPU's memory: the search chunks are capped at 256 Mi distances (1 GiB) each
 # instead of sized from the free memory, which every process would read before the others allocate.
@@ -33,7 +38,7 @@ publish=${PUBLISH---publish}
 # SIGINT 40 s after the budget: the rows still running save and stop, and the results are written.
 # shellcheck disable=SC2086  # $FRAMES and $publish: options
 timeout --signal=INT --kill-after=30 $((fit_s + 40)) python3 benchmarks/reproduce_ablation.py \
-    --device "${DEVICE:-cuda}" --amp "${AMP:-bf16}" --batch "${BATCH:-32}" --jobs "${JOBS:-11}" \
+    --device "${DEVICE:-cuda}" --amp "${AMP:-bf16}" --batch "${BATCH:-32}" --jobs "$jobs" \
     --workers "${WORKERS:-2}" --threads 1 --synth-workers 16 --teacher "${TEACHER:-runs/device/teacher}" \
     --data "${DATA:-runs/device/synth}" ${FRAMES:---train-frames 840 --val-frames 120} \
     --seeds 0 1 --depth-rows --steps 100000 --fit-s "$fit_s" --calibrate-steps "${CAL_STEPS:-30}" \
