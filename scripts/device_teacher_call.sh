@@ -6,8 +6,10 @@
 # the lite teacher trained in what is left of CALL_S seconds, eager or compiled, whichever the teacher
 # rows say gives more steps in that time (compile time counted), its --steps sized from that row so that
 # its lr schedule ends inside the budget (docs/results/README.md, "Running on the device machine"). The
-# benchmark writes its JSON after every row, so a row cut short by BENCH_S loses only itself. At most 7
-# files come back: the two benchmark JSONs, teacher.log and teacher/ (final.pt in parts, runs.jsonl).
+# benchmark writes its JSON after every row, so a row cut short by BENCH_S loses only itself. First of
+# all, a few seconds: benchmarks/check_cuda_providers.py, issue 14's check of export/cuda_mem.py's
+# providers on a real GPU. 8 files come back, the tool's limit: three JSONs (providers, search,
+# throughput), teacher.log and teacher/ (final.pt in two parts, its manifest, runs.jsonl).
 # CPU dry run: DEVICE=cpu AMP=none SIZE="--batch 2 --frames 8 --steps 2 --warmup 1" TEACHER_BATCH=2 \
 #     COMPILE="none aot_eager" SEARCH_BATCH=2 OUT=/tmp/dry CALL_S=400 BENCH_S=200 \
 #     bash scripts/device_teacher_call.sh --scenes 3 --data /tmp/dry_synth --work /tmp/dry_work
@@ -19,6 +21,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 # the benchmark's compiled graphs are reused by the teacher run from this cache
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/device/inductor_cache}
+timeout --signal=INT --kill-after=5 30 python3 benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
 # the search: forward + backward of the lite task loss at batch 32, each backend's first call (the fused
 # one compiles) and median of 5; the faster of the two that gives the same loss ("choice") is kept
 timeout --signal=INT --kill-after=10 "${SEARCH_S:-90}" python3 benchmarks/bench_task_loss.py \

@@ -74,8 +74,10 @@ def test_teacher_call_passes_the_search_choice_and_the_faster_teacher_row_to_the
     done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {})
     assert done.returncode == 0, done.stdout + done.stderr
     progs = [Path(p["prog"]).name for p in parsed]
-    assert progs == ["bench_task_loss.py", "bench_train_throughput.py", "device_run.py"], progs
-    search, bench, teacher = (p["options"] for p in parsed)
+    assert progs == ["check_cuda_providers.py", "bench_task_loss.py", "bench_train_throughput.py",
+                     "device_run.py"], progs
+    providers, search, bench, teacher = (p["options"] for p in parsed)
+    assert providers["out"] == str(tmp_path / "out" / "cuda_providers.json")
     assert search["backends"] == "cdist,fused" and search["batch"] == 32 and search["device"] == "cuda"
     assert bench["set"] == ["loss.nn_backend=fused"] and bench["compile"] == ["none", "inductor"]
     assert "nearest-neighbour search: loss.nn_backend=fused" in done.stdout
