@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from models.checkpoint import save_model  # noqa: E402
+from models.checkpoint import atomic_write, save_model  # noqa: E402
 from training.compiled import COMPILE_BACKENDS  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 from training.synth import generate  # noqa: E402
@@ -205,11 +205,7 @@ def write_rows(args: argparse.Namespace, rows: list[dict]) -> None:
         return
     result = {"device": device_name(args.device), "torch": torch.__version__,
               "torch_threads": torch.get_num_threads(), "frames": args.frames, "set": args.set, "rows": rows}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(path)
+    atomic_write(args.json, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
 
 
 if __name__ == "__main__":

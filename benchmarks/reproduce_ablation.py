@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import shutil
 import statistics
@@ -53,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import load_model  # noqa: E402
+from models.checkpoint import atomic_write, load_model  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 from training.device_run import find_checkpoint  # noqa: E402
 from training.evaluate import evaluate_model  # noqa: E402
@@ -204,10 +203,7 @@ def child_command(argv: list[str], name: str, seed: int, record: Path, teacher: 
 
 def write_record(path: Path, record: dict) -> None:
     """Write a row's record atomically (the parent reads it once the child has exited)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -289,12 +285,12 @@ def calibrate(plan: list[tuple[int, str]], args: argparse.Namespace, argv: list[
     if failures:
         raise CalibrationError(f"calibration failed for {[f['row'] for f in failures]}; see {out / 'logs'}")
     wall = time.perf_counter() - t0
-    step_s = max(r["step_seconds_median"] or r["seconds_per_step"] for r in records.values())  # the slowest row
+    per_row = [r["step_seconds_median"] or r["seconds_per_step"] for r in records.values()]
+    step_s = max(per_row)  # the slowest row
     overhead = max(0.0, wall - args.calibrate_steps * step_s)
     waves = math.ceil(len(plan) / max(1, args.jobs))
     left = args.fit_s - (time.perf_counter() - start) - RESULTS_RESERVE_S
     steps = int(0.9 * (left - waves * overhead) / (waves * step_s))
-    per_row = [r["step_seconds_median"] or r["seconds_per_step"] for r in records.values()]
     return {"steps": args.calibrate_steps, "wall_seconds": round(wall, 1), "step_seconds": round(step_s, 4),
             "aggregate_samples_per_s": round(sum(args.batch / t for t in per_row), 1),  # all rows of the wave
             "overhead_seconds": round(overhead, 1), "waves": waves, "seconds_left": round(left, 1),

@@ -31,6 +31,7 @@ import torch
 from models.checkpoint import load_checkpoint
 
 from .data import build_dataset
+from .distributed import usable_cpus
 from .evaluate import evaluate_model
 from .interrupt import TrainingInterrupted
 from .synth import generate
@@ -105,15 +106,6 @@ def ensure_synth(root: Path, scenes: int, frames_per_scene: int, seed: int, widt
 
 
 # ---------------------------------------------------------------------------------- run
-def usable_cpus() -> int:
-    """CPUs this process may run on: the device machine lets its container use 4 of 16 cores, and
-    ``os.cpu_count()`` counts all of them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

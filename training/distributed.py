@@ -1,4 +1,4 @@
-"""Process and device set-up of a run: torchrun process group, rank helpers, seeding, RNG state, autocast dtype.
+"""Process and device set-up of a run: usable CPUs, torchrun process group, rank helpers, seeding, RNG state, autocast dtype.
 
 Single process runs need none of the process-group calls: the helpers below are no-ops (or return the
 local answer) unless a process group of more than one process is initialised.
@@ -12,6 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: the device machine lets its container use 4 of 16 cores, and
+    ``os.cpu_count()`` counts all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:

@@ -6,7 +6,6 @@ x and y, 2.88 m in z); scipy's ``linear_sum_assignment`` gives the optimal one-t
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from .distributed import usable_cpus
 
 
 @dataclass
@@ -47,8 +48,7 @@ def _pool() -> ThreadPoolExecutor:
     """Threads for the per-sample assignments: scipy's solver releases the GIL, so samples run in parallel."""
     global _POOL
     if _POOL is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _POOL = ThreadPoolExecutor(max(1, min(8, cpus)), thread_name_prefix="hungarian")
+        _POOL = ThreadPoolExecutor(max(1, min(8, usable_cpus())), thread_name_prefix="hungarian")
     return _POOL
 
 
