@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import atomic_write, load_model  # noqa: E402
+from models.checkpoint import atomic_write, load_checkpoint, load_model  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 from training.device_run import find_checkpoint  # noqa: E402
 from training.evaluate import evaluate_model  # noqa: E402
@@ -322,13 +322,15 @@ def summarise(runs: dict[str, list[tuple[int, dict]]]) -> dict:
 
 def write_markdown(path: Path, result: dict) -> None:
     setup, val = result["setup"], result["val_split"]
+    given = setup.get("teacher_checkpoint")
+    teacher_source = f" (given: {given}, trained before this run)" if given else ""
     lines = [
         "# Miniature ablation (paper Table III) on synthetic scenes",
         "",
         f"Command: `{setup['command']}`",
         "",
         f"Device {setup['device']}; batch {setup['batch']}, amp {setup['amp']}; student budget {setup['steps']} "
-        f"steps per configuration, teacher {setup['teacher_steps']} steps; score threshold "
+        f"steps per configuration, teacher {setup['teacher_steps']} steps{teacher_source}; score threshold "
         f"{result['score_threshold']} for every model; total wall time {setup['minutes']:.1f} min. Val split: "
         f"{val['frames']} frames of {val['scenes']} scenes ({val['generator']}, generator seed "
         f"{val['generator_seed']}, {val['size_wh'][0]}x{val['size_wh'][1]}), the same for every row. IoU / mIoU "
@@ -370,7 +372,7 @@ def write_results(runs: dict, args: argparse.Namespace, command: str, start: flo
         "val_split": split_description(Path(args.data), "val", args.val_frames),
         "train_split": split_description(Path(args.data), "train", args.train_frames),
         "setup": {"command": command, "device": device, "batch": args.batch, "amp": args.amp, "steps": args.steps,
-                  "teacher_steps": args.teacher_steps, "seeds": args.seeds, "level_seeds": args.level_seeds,
+                  "teacher_steps": args.teacher_steps, "teacher_checkpoint": args.teacher, "seeds": args.seeds, "level_seeds": args.level_seeds,
                   "jobs": args.jobs, "fit_s": args.fit_s, "minutes": round((time.perf_counter() - start) / 60, 1)},
         **summarise(runs),
     }
@@ -497,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         model, model_cfg = load_model(str(teacher))
         model_cfg.score_threshold = args.score_threshold
         record = evaluate(model.to(args.device), model_cfg, args, args.device)
-        record.update(checkpoint=str(teacher), steps=0, seconds_per_step=0.0, train_seconds=0.0)
+        # trained elsewhere: its own step count, and no training time of this run
+        args.teacher_steps = int(load_checkpoint(teacher).get("step", 0))
+        record.update(checkpoint=str(teacher), steps=args.teacher_steps, seconds_per_step=0.0, train_seconds=0.0)
         runs["teacher"] = [(args.seeds[0], record)]
     else:
         teacher_cfg = make_config("lite_teacher.yaml", [], args, "teacher", args.seeds[0], args.teacher_steps)

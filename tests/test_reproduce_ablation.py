@@ -97,6 +97,11 @@ def test_rows_in_child_processes_train_the_weights_of_the_in_process_rows_within
     assert result["setup"]["jobs"] == 2 and calibration["waves"] == 2  # three rows, two at a time
     assert set(calibration["rows"]) == {"distilled_s0", "student_tgi_s0"}  # the first wave: the slowest rows
     assert calibration["chosen_steps"] == 2 and result["setup"]["steps"] == 2  # --steps caps a generous budget
+    # the given teacher is reported with the steps it was trained for (1), not this run's default 4 x --steps
+    assert result["setup"]["teacher_steps"] == 1 and result["teacher"]["per_seed"][0]["steps"] == 1
+    assert result["setup"]["teacher_checkpoint"] == str(teacher)
+    assert f"teacher 1 steps (given: {teacher}, trained before this run)" in \
+        (root / "jobs2" / "results" / "ablation.md").read_text()
     assert calibration["aggregate_samples_per_s"] == pytest.approx(
         sum(2 / r["step_seconds_median"] for r in calibration["rows"].values()), abs=0.1)
     for name in ("student", "student_tgi", "distilled"):
