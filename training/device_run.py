@@ -2,7 +2,7 @@
 
     python -m training.device_run --config lite_student --name lite_student --steps 4000 \\
         --batch 32 --amp bf16 --workers "$(nproc)" --device cuda --budget-s 510 \\
-        --out "$OUT" [--resume runs/device/lite_student] [--teacher runs/device/teacher/final.pt] \
+        --out "$OUT" [--resume runs/device/lite_student] [--teacher runs/device/teacher/final.pt] \\
         [--init runs/device/teacher]
 
 Each call (a) generates the synthetic dataset from a fixed seed on all cores unless ``--data``
@@ -212,10 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "val_frames": int(result["frames"]), "val_skipped": int(result["skipped_frames"]),
                    "score_threshold": model_cfg.score_threshold}
     steps = end_step - start_step
+    init_checkpoint = init_given or (history[-1].get("init_checkpoint") if history else None)  # the run's, kept
     record = {
         "call": len(history) + 1, "name": cfg.name, "config": cfg.to_dict(), "device": device_name(trainer.device),
-        "torch": torch.__version__, "init_checkpoint": init_given or (history[-1].get("init_checkpoint") if history else None),
-        "steps_before": trainer.steps_before,
+        "torch": torch.__version__, "init_checkpoint": init_checkpoint, "steps_before": trainer.steps_before,
         "start_step": start_step, "end_step": end_step,
         "total_steps": trainer.total_steps, "finished": finished, "batch_size": cfg.batch_size, "amp": cfg.amp,
         "data": {"root": str(args.data), **{k: meta[k] for k in ("generator", "seed", "scenes", "frames_per_scene",
