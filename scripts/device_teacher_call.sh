@@ -23,7 +23,7 @@
 # teacher run at batch 32, eager, fused search) by the formula below. A folder that also holds a last.pt
 # is refused (device_train.sh would resume it). 6 files come back: cuda_providers.json, teacher.log and
 # teacher/. CPU dry run (a teacher's hand-back copied to runs/device/teacher first):
-#     DEVICE=cpu AMP=none TEACHER_BATCH=2 TEACHER_SAMPLES_S=1 OUT=/tmp/dry CALL_S=300 \
+#     DEVICE=cpu AMP=none TEACHER_BATCH=2 TEACHER_SAMPLES_S=0.2 OUT=/tmp/dry CALL_S=300 \
 #     bash scripts/device_teacher_call.sh --scenes 3 --data /tmp/dry_synth --work /tmp/dry_work
 set -uo pipefail
 out=${OUT:?}
