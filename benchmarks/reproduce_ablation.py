@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import atomic_write, load_checkpoint, load_model  # noqa: E402
+from models.checkpoint import atomic_write, load_checkpoint, load_model, trained_steps  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 from training.device_run import find_checkpoint  # noqa: E402
 from training.evaluate import evaluate_model  # noqa: E402
@@ -499,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         model, model_cfg = load_model(str(teacher))
         model_cfg.score_threshold = args.score_threshold
         record = evaluate(model.to(args.device), model_cfg, args, args.device)
-        # trained elsewhere: its own step count, and no training time of this run
-        args.teacher_steps = int(load_checkpoint(teacher).get("step", 0))
+        # trained elsewhere: its own steps and those of the checkpoints it was warm-started from, and no
+        # training time of this run
+        args.teacher_steps = trained_steps(load_checkpoint(teacher))
         record.update(checkpoint=str(teacher), steps=args.teacher_steps, seconds_per_step=0.0, train_seconds=0.0)
         runs["teacher"] = [(args.seeds[0], record)]
     else:

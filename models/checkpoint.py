@@ -76,6 +76,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def trained_steps(payload: dict[str, Any]) -> int:
+    """Optimiser steps behind a checkpoint's weights: its run's ``step`` plus the ``steps_before`` of the
+    checkpoint that run was warm-started from (0 for a run started from scratch)."""
+    return int(payload.get("step", 0)) + int(payload.get("steps_before", 0))
+
+
 # Sentences of PyTorch's refusal that advise weights_only=False (arbitrary code execution): not for robot users.
 _UNSAFE_ADVICE = re.compile(r"weights_only|Weights only load failed|trusted source|torch\.load", re.IGNORECASE)
 

@@ -13,6 +13,18 @@
 # CPU dry run: DEVICE=cpu AMP=none SIZE="--batch 2 --frames 8 --steps 2 --warmup 1" TEACHER_BATCH=2 \
 #     COMPILE="none aot_eager" SEARCH_BATCH=2 OUT=/tmp/dry CALL_S=400 BENCH_S=200 \
 #     bash scripts/device_teacher_call.sh --scenes 3 --data /tmp/dry_synth --work /tmp/dry_work
+#
+# Continuation: when the carried runs/device/teacher holds a final.pt (whole or final.pt.parts.json; a
+# previous call's hand-back), the search and the throughput were measured already (session 21:
+# docs/results/task_loss_cuda.json, train_throughput_cuda.json), so after the providers check the whole
+# rest of CALL_S trains the teacher on from that final.pt (device_run --init: its weights, a fresh
+# optimiser, lr schedule and step; its records and checkpoints count the steps before as steps_before),
+# eager with loss.nn_backend=NN (fused), --steps sized from TEACHER_SAMPLES_S (296.45: session 21's
+# teacher run at batch 32, eager, fused search) by the formula below. A folder that also holds a last.pt
+# is refused (device_train.sh would resume it). 6 files come back: cuda_providers.json, teacher.log and
+# teacher/. CPU dry run (a teacher's hand-back copied to runs/device/teacher first):
+#     DEVICE=cpu AMP=none TEACHER_BATCH=2 TEACHER_SAMPLES_S=0.2 OUT=/tmp/dry CALL_S=300 \
+#     bash scripts/device_teacher_call.sh --scenes 3 --data /tmp/dry_synth --work /tmp/dry_work
 set -uo pipefail
 out=${OUT:?}
 call_s=${CALL_S:-540}  # the tool's limit is 600 s; device_train.sh may overrun its budget by up to 60 s
@@ -21,7 +33,34 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 # the benchmark's compiled graphs are reused by the teacher run from this cache
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/device/inductor_cache}
+carried=runs/device/teacher
+continuation=
+if [ -f "$carried/final.pt" ] || [ -f "$carried/final.pt.parts.json" ]; then
+    if [ -f "$carried/last.pt" ] || [ -f "$carried/last.pt.parts.json" ]; then
+        echo "$carried holds a last.pt and a final.pt: keep last.pt alone to resume, final.pt alone to continue" >&2
+        exit 2
+    fi
+    continuation=1
+fi
 timeout --signal=INT --kill-after=5 30 python3 benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
+if [ -n "$continuation" ]; then
+    nn=${NN:-fused}
+    rate=${TEACHER_SAMPLES_S:-296.45}
+    budget=$((call_s - SECONDS - 20))
+    if [ "$budget" -lt 120 ]; then
+        echo "teacher not started: ${budget}s left"
+        exit 0
+    fi
+    # 0.9 x the samples of (budget - 75 s) at the measured rate, as the sizing further down
+    steps=$(awk -v r="$rate" -v b="$budget" -v n="$batch" \
+        'BEGIN { s = int(0.9 * r * (b - 75) / n); print (s > 10 ? s : 10) }')
+    echo "teacher: continuing from $carried/final.pt, ${budget}s budget, ${steps} steps of ${batch} at" \
+        "${rate} samples/s, compile=none, loss.nn_backend=${nn}"
+    OUT=$out BUDGET_S=$budget scripts/device_train.sh teacher training/configs/lite_teacher.yaml \
+        --init "$carried" --steps "$steps" --batch "$batch" --workers 12 --set data.frequency_frames=200 \
+        --set progress=false --set compile=none --set "loss.nn_backend=${nn}" --max-files 5 "$@"  # 5 + 1 JSON + the log
+    exit $?
+fi
 # the search: forward + backward of the lite task loss at batch 32, each backend's first call (the fused
 # one compiles) and median of 5; the faster of the two that gives the same loss ("choice") is kept
 timeout --signal=INT --kill-after=10 "${SEARCH_S:-90}" python3 benchmarks/bench_task_loss.py \

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from models.checkpoint import load_model
+from models.checkpoint import load_checkpoint, load_model, trained_steps
 from training import device_run
 from training.data import EpochBatchSampler, build_train_loader
 from training.distributed import autocast_dtype
@@ -147,6 +147,36 @@ def test_budgeted_and_interrupted_calls_end_with_the_weights_of_one_run(tmp_path
     assert all(torch.equal(sa[k], v) for k, v in c.state_dict().items())
     assert device_run.main(["--config", "lite_student", "--name", "x", "--out", str(tmp_path / "e"), "--data", str(data),
                             "--scenes", "4", "--work", str(tmp_path / "work")]) == 2  # another synthetic set: clear error
+
+
+def test_init_from_a_handed_back_folder_warm_starts_a_new_run(tmp_path, monkeypatch, capsys):
+    """A finished run's folder (final.pt in parts) starts a new run from its weights at step 0; the record and the
+    checkpoints count the steps behind them. With a --resume that holds a last.pt, --init is refused."""
+    data = tmp_path / "synth"
+    first = call(tmp_path, data, "g1", "--steps", "2", "--part-mib", "1")
+    parts = tmp_path / "g1" / "tiny"
+    assert first["finished"] and "final.pt.part001" in first["handed_back"]
+    weights = load_checkpoint(device_run.find_checkpoint(parts, "final.pt", tmp_path / "j1"))["model"]
+    original = Trainer.__init__
+
+    def check_start(self, *args, **kwargs):  # the warm-started network, before its first step
+        original(self, *args, **kwargs)
+        assert all(torch.equal(v, weights[k]) for k, v in self.student.state_dict().items())
+
+    monkeypatch.setattr(Trainer, "__init__", check_start)
+    second = call(tmp_path, data, "g2", "--init", str(parts), "--steps", "3")
+    monkeypatch.undo()
+    assert (second["call"], second["start_step"], second["end_step"]) == (1, 0, 3)
+    assert (second["init_checkpoint"], second["steps_before"], second["config"]["init_checkpoint"]) == \
+        (str(parts), 2, str(tmp_path / "work" / "tiny" / "init" / "final.pt"))
+    final = load_checkpoint(device_run.find_checkpoint(tmp_path / "g2" / "tiny", "final.pt", tmp_path / "j2"))
+    assert trained_steps(final) == 5
+    argv = ["--config", "lite_student", "--name", "tiny", "--out", str(tmp_path / "g3"), "--work", str(tmp_path / "w3"),
+            "--data", str(data), "--init", str(parts), "--resume", str(tmp_path / "g2" / "tiny")]
+    assert device_run.main(argv) == 2 and not (tmp_path / "w3").exists()  # refused before any work
+    assert "which holds a last.pt: the resume continues from its weights; drop --init" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor a folder holding final.pt"):
+        device_run.checkpoint_file(tmp_path / "w3", tmp_path / "scratch", "--init")
 
 
 def test_hand_back_keeps_within_the_return_limits(tmp_path):

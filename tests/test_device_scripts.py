@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,18 +50,33 @@ exec "{python}" "$@"
 '''
 
 
-def run_script(tmp_path: Path, script: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """``script`` from the repository root with ``python3`` parse-only; (its process, the parsed commands)."""
+def checkout(tmp_path: Path) -> Path:
+    """The repository's files (links) without its git-ignored runs/: a fresh device machine's working tree, whatever
+    this checkout holds under runs/device (a carried teacher changes what the teacher call does)."""
+    tree = tmp_path / "checkout"
+    tree.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name not in ("runs", ".git"):
+            (tree / entry.name).symlink_to(entry)
+    return tree
+
+
+def run_script(tmp_path: Path, script: str, env: dict[str, str],
+               tree: Path | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``script`` in ``tree`` (default: a fresh ``checkout``) with ``python3`` parse-only; (its process, the
+    parsed commands)."""
+    tree = tree or checkout(tmp_path)
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (tmp_path / "hook.py").write_text(HOOK)
     shim = bin_dir / "python3"
     shim.write_text(SHIM.format(python=sys.executable, hook=tmp_path / "hook.py"))
     shim.chmod(0o755)
     log = tmp_path / "parsed.jsonl"
+    log.unlink(missing_ok=True)
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PARSE_LOG": str(log),
                 "PYTHONPATH": str(ROOT), "OUT": str(tmp_path / "out"), **env}
-    done = subprocess.run(["bash", script], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(["bash", script], cwd=tree, env=full_env, capture_output=True, text=True, timeout=300)
     parsed = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     return done, parsed
 
@@ -86,6 +102,28 @@ def test_teacher_call_passes_the_search_choice_and_the_faster_teacher_row_to_the
     assert teacher["max_files"] == 5 and teacher["config"] == "training/configs/lite_teacher.yaml"
     assert int(teacher["steps"]) > 10 and teacher["batch"] == 32
     load_train_config(teacher["config"], teacher["overrides"])  # every override is a config key
+
+
+def test_teacher_call_with_a_carried_final_pt_continues_the_teacher_for_the_whole_call(tmp_path):
+    """A carried teacher/final.pt: no search and no throughput rows (session 21 measured them), the teacher
+    warm-started from it (--init, never --resume) with --steps sized from session 21's teacher rate."""
+    tree = checkout(tmp_path)
+    carried = tree / "runs" / "device" / "teacher"
+    carried.mkdir(parents=True)
+    (carried / "final.pt.parts.json").write_text("{}")
+    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {}, tree)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [Path(p["prog"]).name for p in parsed] == ["check_cuda_providers.py", "device_run.py"]
+    teacher = parsed[1]["options"]
+    assert teacher["init"] == "runs/device/teacher" and teacher["resume"] is None
+    assert "compile=none" in teacher["overrides"] and "loss.nn_backend=fused" in teacher["overrides"], teacher
+    assert teacher["max_files"] == 5 and teacher["config"] == "training/configs/lite_teacher.yaml"
+    budget = int(re.search(r"(\d+)s budget", done.stdout).group(1))
+    assert budget > 500 and teacher["steps"] == int(0.9 * 296.45 * (budget - 75) / 32) and teacher["batch"] == 32
+    load_train_config(teacher["config"], [*teacher["overrides"], "init_checkpoint=t.pt"])
+    (carried / "last.pt.parts.json").write_text("{}")  # device_train.sh would resume it: refused, nothing runs
+    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {}, tree)
+    assert done.returncode == 2 and parsed == [] and "holds a last.pt and a final.pt" in done.stderr
 
 
 def test_ablation_call_runs_the_rows_side_by_side_within_the_budget(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from models.checkpoint import load_model
+import models
+from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model, trained_steps
 from training.data import build_dataset
 from training.losses import TaskLoss
 from training.train_config import TrainConfig
@@ -162,6 +163,77 @@ def test_resume_accepts_other_post_processing_settings_but_not_another_network(d
     other_net.model_overrides = {**TINY, "decoder": {"num_queries": 16, "num_refines": [2, 4]}}
     with pytest.raises(ValueError, match="another model config"):
         Trainer(other_net, train).resume(tmp_path / "last.pt")
+
+
+def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_them(data_root, tmp_path):
+    """Weights only: the network starts as the checkpoint's, the optimiser, lr schedule and step fresh; every
+    checkpoint the run saves carries the steps behind its weights, summed over generations."""
+    first = teacher_checkpoint(data_root, tmp_path / "g1")  # 2 steps from scratch
+    cfg = tiny_config(data_root, tmp_path / "g2", mode="teacher", max_steps=3, init_checkpoint=str(first))
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    saved = load_checkpoint(first)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.student.state_dict().items())
+    assert (trainer.step, trainer.steps_before, trainer.optimizer.state_dict()["state"]) == (0, 2, {})
+    assert trainer.scheduler.last_epoch == 0 and trainer.optimizer.param_groups[0]["lr"] < cfg.optim.lr  # warm-up
+    second = trainer.fit()
+    for name in ("final.pt", "last.pt"):
+        payload = load_checkpoint(tmp_path / "g2" / name)
+        assert (payload["step"], payload["steps_before"], trained_steps(payload)) == (3, 2, 5), name
+    cfg = tiny_config(data_root, tmp_path / "g3", mode="teacher", max_steps=1, init_checkpoint=str(second))
+    Trainer(cfg, datasets(cfg)[0]).fit()
+    assert trained_steps(load_checkpoint(tmp_path / "g3" / "final.pt")) == 1 + 3 + 2
+    assert trained_steps({"step": 7, "config": {}, "model": {}}) == 7  # a checkpoint of older code: no steps_before
+
+
+def test_resume_restores_its_own_weights_and_lineage_and_never_reloads_init(data_root, tmp_path):
+    init = teacher_checkpoint(data_root, tmp_path / "init")
+    cfg = tiny_config(data_root, tmp_path / "run", mode="teacher", init_checkpoint=str(init))
+    Trainer(cfg, datasets(cfg)[0]).fit(stop_at_step=2)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert not all(torch.equal(v, load_checkpoint(init)["model"][k]) for k, v in last["model"].items())
+    init.rename(tmp_path / "moved.pt")  # a resume needs only its last.pt
+    resumed = Trainer(cfg, datasets(cfg)[0], resume=tmp_path / "run" / "last.pt")
+    assert (resumed.step, resumed.steps_before) == (2, 2)
+    assert all(torch.equal(v, last["model"][k]) for k, v in resumed.student.state_dict().items())
+    resumed.fit()
+    assert load_checkpoint(tmp_path / "run" / "final.pt")["steps_before"] == 2
+
+
+def test_init_checkpoint_of_another_network_is_one_clear_error(data_root, tmp_path):
+    other = tiny_config(data_root, tmp_path)
+    other.model_overrides = {**TINY, "decoder": {"num_queries": 16, "num_refines": [2, 4]}}
+    model_cfg = other.model_config()
+    save_model(tmp_path / "other.pt", models.build_model(model_cfg), model_cfg, step=3)
+    cfg = tiny_config(data_root, tmp_path, init_checkpoint=str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match=r"init_checkpoint .*other\.pt \(model 'lite\+overrides', this run builds "
+                                              r"'lite\+overrides'\) does not match the model: .*shape mismatches"):
+        Trainer(cfg, datasets(cfg)[0])
+
+
+def test_init_checkpoint_and_tgi_are_refused_together_in_distill_mode(data_root, tmp_path):
+    kw = {"mode": "distill", "teacher_checkpoint": "t.pt", "init_checkpoint": "s.pt"}
+    with pytest.raises(ValueError, match="init_checkpoint and tgi would both set the student's weights"):
+        tiny_config(data_root, tmp_path, **kw)
+    assert not tiny_config(data_root, tmp_path, tgi=False, **kw).tgi
+    assert tiny_config(data_root, tmp_path, mode="teacher", init_checkpoint="s.pt").tgi  # tgi is for distill only
+
+
+def test_cli_init_sets_init_checkpoint_and_is_refused_with_resume(data_root, tmp_path, capsys):
+    import yaml
+
+    from training import train
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_config(data_root, tmp_path / "run").to_dict()))
+    args = train.build_parser().parse_args(["--config", str(tmp_path / "cfg.yaml"), "--init", "runs/t/final.pt"])
+    assert train.config_from_args(args).init_checkpoint == "runs/t/final.pt"
+    assert train.main(["--resume", "runs/t/last.pt", "--init", "runs/t/final.pt"]) == 2
+    assert "a resume continues from the weights of its last.pt; give one of the two" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "final.pt").write_bytes(b"x")
+    assert train.main(["--config", str(tmp_path / "cfg.yaml"), "--init", str(tmp_path / "run" / "final.pt"),
+                       "--overwrite"]) == 2
+    assert "is one of the files --overwrite deletes" in capsys.readouterr().err
+    assert (tmp_path / "run" / "final.pt").is_file()
 
 
 def test_param_groups_lower_the_lr_of_backbone_and_sampling_offsets(data_root, tmp_path):

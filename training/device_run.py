@@ -2,7 +2,8 @@
 
     python -m training.device_run --config lite_student --name lite_student --steps 4000 \\
         --batch 32 --amp bf16 --workers "$(nproc)" --device cuda --budget-s 510 \\
-        --out "$OUT" [--resume runs/device/lite_student] [--teacher runs/device/teacher/final.pt]
+        --out "$OUT" [--resume runs/device/lite_student] [--teacher runs/device/teacher/final.pt] \\
+        [--init runs/device/teacher]
 
 Each call (a) generates the synthetic dataset from a fixed seed on all cores unless ``--data``
 already holds the same one, (b) builds the run from a train config, resuming exactly (weights,
@@ -11,7 +12,9 @@ optimiser, lr schedule, scaler, data position, RNG) from the files a previous ca
 ``--out/NAME``: the resumable checkpoint split into parts of at most ``--part-mib`` (the device tool
 returns files up to 16 MiB), the model-only final.pt (split the same way), the train config, and
 ``runs.jsonl`` with one record per call (config, steps, device, wall time, throughput, metrics).
-The next call gets that folder back as ``--resume`` (carried as a git-ignored path).
+The next call gets that folder back as ``--resume`` (carried as a git-ignored path). ``--init`` instead
+starts a new run from a finished one's weights (its final.pt; fresh optimiser, lr schedule and step), and
+its checkpoints and records count the steps behind those weights as ``steps_before``.
 """
 from __future__ import annotations
 
@@ -117,10 +120,26 @@ def build_config(args: argparse.Namespace, work: Path) -> TrainConfig:
     sets = list(args.overrides) + [f"name={args.name}", f"out_dir={work}", f"data.root={args.data}",
                                    f"device={args.device}", "progress=false"]
     for flag, key in (("steps", "max_steps"), ("batch", "batch_size"), ("amp", "amp"), ("workers", "data.workers"),
-                      ("seed", "seed"), ("teacher", "teacher_checkpoint")):
+                      ("seed", "seed"), ("teacher", "teacher_checkpoint"), ("init", "init_checkpoint")):
         if getattr(args, flag) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     return load_train_config(args.config, sets)
+
+
+def checkpoint_file(path: Path, scratch: Path, flag: str) -> Path:
+    """A checkpoint given as a file, or as a run's handed-back folder holding final.pt (whole or in parts)."""
+    if path.is_file():
+        return path
+    found = find_checkpoint(path, "final.pt", scratch) if path.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"{flag} {path} is neither a checkpoint file nor a folder holding final.pt "
+                                "(whole or in parts)")
+    return found
+
+
+def has_last(folder: Path | None) -> bool:
+    """Whether a handed-back folder holds a resumable last.pt (whole or in parts)."""
+    return folder is not None and any((folder / n).is_file() for n in ("last.pt", f"last.pt{MANIFEST_SUFFIX}"))
 
 
 def saved_step(path: Path, default: int) -> int:
@@ -140,6 +159,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(args.out) / args.name
     work = Path(args.work) / args.name
+    resume = Path(args.resume) if args.resume else None
+    if args.init and has_last(resume):
+        raise ValueError(f"--init {args.init} with --resume {resume}, which holds a last.pt: the resume continues "
+                         "from its weights; drop --init")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -151,19 +174,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if teacher is None:
             raise FileNotFoundError(f"--teacher {args.teacher} holds no final.pt (whole or in parts)")
         args.teacher = str(teacher)
+    init_given = args.init
+    if args.init:
+        args.init = str(checkpoint_file(Path(args.init), work / "init", "--init"))
     cfg = build_config(args, work)
     model_cfg = cfg.model_config()
     train = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames,
                           load_depth=cfg.needs_depth())
     val = build_dataset(cfg.data.root, cfg.data.val_split, model_cfg, cfg.data.max_val_frames)
-    trainer = Trainer(cfg, train, None)
-    resume = Path(args.resume) if args.resume else None
     history = previous_records(resume)
+    last = None
     if resume is not None:
         last = find_checkpoint(resume, "last.pt", work / "resume")
         if last is None:
             raise FileNotFoundError(f"--resume {resume} holds no last.pt (whole or in parts)")
-        trainer.resume(last)
+    trainer = Trainer(cfg, train, None, resume=last)
     start_step = trainer.step
     budget = None
     if args.budget_s is not None:
@@ -187,9 +212,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "val_frames": int(result["frames"]), "val_skipped": int(result["skipped_frames"]),
                    "score_threshold": model_cfg.score_threshold}
     steps = end_step - start_step
+    init_checkpoint = init_given or (history[-1].get("init_checkpoint") if history else None)  # the run's, kept
     record = {
         "call": len(history) + 1, "name": cfg.name, "config": cfg.to_dict(), "device": device_name(trainer.device),
-        "torch": torch.__version__, "start_step": start_step, "end_step": end_step,
+        "torch": torch.__version__, "init_checkpoint": init_checkpoint, "steps_before": trainer.steps_before,
+        "start_step": start_step, "end_step": end_step,
         "total_steps": trainer.total_steps, "finished": finished, "batch_size": cfg.batch_size, "amp": cfg.amp,
         "data": {"root": str(args.data), **{k: meta[k] for k in ("generator", "seed", "scenes", "frames_per_scene",
                                                                   "width", "height", "train", "val")}},
@@ -242,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/device/out"), help="what comes back ($OUT)")
     parser.add_argument("--work", default="runs/device/work", help="scratch folder of this call")
     parser.add_argument("--resume", default=None, help="folder a previous call handed back (last.pt parts, runs.jsonl)")
+    parser.add_argument("--init", default=None,
+                        help="warm start from a checkpoint or a run's handed-back folder (its final.pt): its weights, "
+                             "a fresh optimiser, lr schedule and step; not with a --resume holding a last.pt")
     parser.add_argument("--teacher", default=None,
                         help="teacher checkpoint, or a teacher run's handed-back folder (distill configs)")
     parser.add_argument("--steps", type=int, default=None, help="total optimiser steps of the whole run")

@@ -4,6 +4,7 @@ Single process:  discene-train --config training/configs/lite_student.yaml
 Multi-GPU:       torchrun --nproc_per_node 8 -m training.train --config training/configs/paper_distill.yaml
 Resume exactly:  discene-train --resume runs/NAME/last.pt   (the run's own config, data root and step budget)
 Start over:      discene-train --config CFG --overwrite       (replaces the checkpoints in an existing out_dir)
+Warm start:      discene-train --config CFG --init runs/NAME/final.pt  (its weights; optimiser and step fresh)
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (distill mode)")
+    parser.add_argument("--init", default=None,
+                        help="warm start: the weights of this checkpoint (final.pt or last.pt of the same network), "
+                             "with a fresh optimiser, lr schedule and step (sets init_checkpoint)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set distill.prior=false --set optim.lr=1e-4")
     parser.add_argument("--stop-at-step", type=int, default=None,
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     for flag, key in (("out", "out_dir"), ("data", "data.root"), ("steps", "max_steps"), ("device", "device"),
-                      ("seed", "seed"), ("teacher", "teacher_checkpoint")):
+                      ("seed", "seed"), ("teacher", "teacher_checkpoint"), ("init", "init_checkpoint")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -61,6 +65,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     command-line overrides applied. ValueError for a fresh run into an out_dir holding another run's files
     (without ``--overwrite``) and for ``--steps`` below the step a resumed checkpoint is at."""
     if args.resume:
+        if args.init:
+            raise ValueError(f"--init {args.init} with --resume {args.resume}: a resume continues from the weights "
+                             "of its last.pt; give one of the two")
         return resume_config(args.resume, _overrides(args))
     if not args.config:
         raise ValueError("--config is required (or --resume runs/NAME/last.pt to continue a run)")
@@ -70,6 +77,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(f"output folder {cfg.out_dir} already holds {', '.join(existing)} of another run; continue it "
                          f"with --resume {Path(cfg.out_dir) / 'last.pt'}, start over with --overwrite, or choose "
                          "another --out")
+    if cfg.init_checkpoint and any(Path(cfg.init_checkpoint).resolve() == (Path(cfg.out_dir) / name).resolve()
+                                   for name in existing):
+        raise ValueError(f"--init {cfg.init_checkpoint} is one of the files --overwrite deletes; copy it elsewhere "
+                         "first or choose another --out")
     if existing and os.environ.get("RANK", "0") == "0":
         for name in existing:
             (Path(cfg.out_dir) / name).unlink()
@@ -101,9 +112,7 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
     except (ValueError, FileNotFoundError) as exc:
         print(f"discene-train: no evaluation ({exc})", file=sys.stderr)
         val_set = None
-    trainer = Trainer(cfg, train_set, val_set)
-    if resume:
-        trainer.resume(resume)
+    trainer = Trainer(cfg, train_set, val_set, resume=resume)  # a resume never reloads init_checkpoint
     return str(trainer.fit(stop_at_step=stop_at_step))
 
 

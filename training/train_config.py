@@ -67,6 +67,8 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # nested keys merged into the model config
     teacher_checkpoint: str | None = None  # distill mode: trained teacher (models.checkpoint format)
     tgi: bool = True                     # distill mode: Teacher-Guided Initialisation
+    init_checkpoint: str | None = None   # warm start: the trained network's weights from this checkpoint (a
+                                         # final.pt or last.pt); optimiser, lr schedule and step start fresh
     distill: DistillConfig = field(default_factory=DistillConfig)
     loss: TaskLossConfig = field(default_factory=TaskLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +114,9 @@ class TrainConfig:
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (self.compile in COMPILE_BACKENDS, f"compile must be one of {COMPILE_BACKENDS}, got {self.compile!r}"),
             (self.mode != "distill" or bool(self.teacher_checkpoint), "mode 'distill' needs teacher_checkpoint"),
+            (self.mode != "distill" or not (self.tgi and self.init_checkpoint),
+             "init_checkpoint and tgi would both set the student's weights: set tgi=false to warm-start the "
+             "student from init_checkpoint, or drop init_checkpoint"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.data.workers >= 0 and self.data.prefetch_factor > 0, "data.workers must be >= 0, data.prefetch_factor > 0"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "epochs or max_steps must be positive"),

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import models
-from models.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from models.checkpoint import load_checkpoint, load_model, load_state_strict, save_checkpoint, save_model, trained_steps
 from models.config import POSTPROCESS_FIELDS, ModelConfig
 
 from .compiled import NetworkCalls, describe_failure, is_compile_error
@@ -140,9 +140,12 @@ class WarmupCosine:
 
 # ---------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Builds models, optimiser and data from a TrainConfig and runs the training loop."""
+    """Builds models, optimiser and data from a TrainConfig and runs the training loop.
 
-    def __init__(self, config: TrainConfig, train_set: Dataset, val_set: Dataset | None = None) -> None:
+    ``resume`` (a last.pt) restores the run it holds instead of warm-starting from ``init_checkpoint``."""
+
+    def __init__(self, config: TrainConfig, train_set: Dataset, val_set: Dataset | None = None,
+                 resume: str | Path | None = None) -> None:
         self.cfg = config.validate()
         self.rank, self.world, self.device = setup_distributed(config.device)
         self.is_main = self.rank == 0
@@ -156,6 +159,7 @@ class Trainer:
         self.model_cfg = config.model_config()
         self.student = models.build_model(self.model_cfg).to(self.device)
         self.teacher, self.teacher_cfg = self._load_teacher()
+        self.steps_before = self._warm_start() if resume is None else 0  # training behind the initial weights
         self.teacher_calls = NetworkCalls(self.teacher, config.compile, "teacher") if self.teacher is not None else None
         self.task_loss = self._build_task_loss()
         self.distiller = self._build_distiller()
@@ -185,6 +189,8 @@ class Trainer:
         self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
         self.writer = None
         self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
+        if resume is not None:
+            self.resume(resume)
 
     # ---- construction
     def _load_teacher(self) -> tuple[nn.Module | None, ModelConfig | None]:
@@ -198,6 +204,23 @@ class Trainer:
         if self.cfg.tgi:
             teacher_guided_init(self.student, teacher, keep_student_depth=self.model_cfg.use_depth and not tcfg.use_depth)
         return teacher, tcfg
+
+    def _warm_start(self) -> int:
+        """Load ``init_checkpoint``'s weights into the network this run trains (strictly: another architecture
+        is an error naming what differs); returns the steps they were trained for (0 without one)."""
+        path = self.cfg.init_checkpoint
+        if not path:
+            return 0
+        payload = load_checkpoint(path, map_location="cpu")
+        theirs = payload["config"].get("name", "?")
+        load_state_strict(self.student, payload["model"],
+                          f"init_checkpoint {path} (model '{theirs}', this run builds '{self.model_cfg.name}')")
+        mine = _network_fields(self.model_cfg.to_dict())
+        differs = sorted(k for k, v in mine.items() if k != "name" and payload["config"].get(k) != v)
+        if differs and self.is_main:
+            log.warning("init_checkpoint %s: its weights fit, but it was trained with other model settings: %s",
+                        path, ", ".join(differs))
+        return trained_steps(payload)
 
     def _step_generator(self, step: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator (on ``device``) for one use (``stream``) at one step of this rank, seeded from the run's
@@ -262,6 +285,7 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
             "best_miou": self.best_miou,
+            "steps_before": self.steps_before,
             "rng": rng_state(),
             "train_config": self.cfg.to_dict(),
         }
@@ -276,7 +300,8 @@ class Trainer:
         """Model-only checkpoint (config + weights) that models.checkpoint.load_model, export and the node read."""
         path = self.out_dir / "final.pt"
         if self.is_main:
-            save_model(path, self.student, self.model_cfg, step=self.step, train_config=self.cfg.to_dict())
+            save_model(path, self.student, self.model_cfg, step=self.step, steps_before=self.steps_before,
+                       train_config=self.cfg.to_dict())
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -297,6 +322,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best_miou = state.get("best_miou", -1.0)
+        self.steps_before = int(state.get("steps_before", 0))
         set_rng_state(state["rng"])
 
     # ---- one step
