@@ -22,7 +22,9 @@
 # eager with loss.nn_backend=NN (fused), --steps sized from TEACHER_SAMPLES_S (296.45: session 21's
 # teacher run at batch 32, eager, fused search) by the formula below. A folder that also holds a last.pt
 # is refused (device_train.sh would resume it). 6 files come back: cuda_providers.json, teacher.log and
-# teacher/. CPU dry run (a teacher's hand-back copied to runs/device/teacher first):
+# teacher/. TEACHER_FROM=FILE continues from a checkpoint file of the tree instead (committed, so it travels
+# without a carry; session 21's teacher is checkpoints/lite_teacher_gpu_s21.pt); with a carried final.pt
+# too, the call refuses. CPU dry run (a teacher's hand-back copied to runs/device/teacher first):
 #     DEVICE=cpu AMP=none TEACHER_BATCH=2 TEACHER_SAMPLES_S=0.2 OUT=/tmp/dry CALL_S=300 \
 #     bash scripts/device_teacher_call.sh --scenes 3 --data /tmp/dry_synth --work /tmp/dry_work
 set -uo pipefail
@@ -36,11 +38,16 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/device/induc
 carried=runs/device/teacher
 continuation=
 if [ -f "$carried/final.pt" ] || [ -f "$carried/final.pt.parts.json" ]; then
-    if [ -f "$carried/last.pt" ] || [ -f "$carried/last.pt.parts.json" ]; then
-        echo "$carried holds a last.pt and a final.pt: keep last.pt alone to resume, final.pt alone to continue" >&2
-        exit 2
-    fi
-    continuation=1
+    continuation=$carried
+fi
+if [ -n "${TEACHER_FROM:-}" ]; then  # a committed teacher checkpoint (it travels with the tree: no carry)
+    [ -f "$TEACHER_FROM" ] || { echo "TEACHER_FROM=$TEACHER_FROM: no such checkpoint file" >&2; exit 2; }
+    [ -z "$continuation" ] || { echo "TEACHER_FROM and a carried $carried/final.pt: give one of the two" >&2; exit 2; }
+    continuation=$TEACHER_FROM
+fi
+if [ -n "$continuation" ] && { [ -f "$carried/last.pt" ] || [ -f "$carried/last.pt.parts.json" ]; }; then
+    echo "$carried holds a last.pt: keep last.pt alone to resume, or a final.pt alone (or TEACHER_FROM) to continue" >&2
+    exit 2
 fi
 timeout --signal=INT --kill-after=5 30 python3 benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
 if [ -n "$continuation" ]; then
@@ -54,10 +61,10 @@ if [ -n "$continuation" ]; then
     # 0.9 x the samples of (budget - 75 s) at the measured rate, as the sizing further down
     steps=$(awk -v r="$rate" -v b="$budget" -v n="$batch" \
         'BEGIN { s = int(0.9 * r * (b - 75) / n); print (s > 10 ? s : 10) }')
-    echo "teacher: continuing from $carried/final.pt, ${budget}s budget, ${steps} steps of ${batch} at" \
+    echo "teacher: continuing from ${continuation}, ${budget}s budget, ${steps} steps of ${batch} at" \
         "${rate} samples/s, compile=none, loss.nn_backend=${nn}"
     OUT=$out BUDGET_S=$budget scripts/device_train.sh teacher training/configs/lite_teacher.yaml \
-        --init "$carried" --steps "$steps" --batch "$batch" --workers 12 --set data.frequency_frames=200 \
+        --init "$continuation" --steps "$steps" --batch "$batch" --workers 12 --set data.frequency_frames=200 \
         --set progress=false --set compile=none --set "loss.nn_backend=${nn}" --max-files 5 "$@"  # 5 + 1 JSON + the log
     exit $?
 fi
