@@ -211,6 +211,11 @@ def _augmented(points: torch.Tensor, side: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _zero_padded(p2g: torch.Tensor, g2p: torch.Tensor, gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index 0 for the predictions of a scene without GT and for padded GT points, as every search returns them."""
+    return p2g.masked_fill_(~gt_mask.any(dim=1, keepdim=True), 0), g2p.masked_fill_(~gt_mask, 0)
+
+
 def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor,
                               max_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched nearest neighbours between predicted segments and padded ground truth, by squared-distance chunks.
@@ -252,7 +257,7 @@ def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torc
                 best = torch.where(better, col_best, best)
                 g2p[seg] = torch.where(better, col_arg + lo, g2p[seg])
             start += size
-    return p2g.masked_fill_(~gt_mask.any(dim=1, keepdim=True), 0), g2p.masked_fill_(~gt_mask, 0)
+    return _zero_padded(p2g, g2p, gt_mask)
 
 
 def _squared_distances(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -326,7 +331,7 @@ class FusedSearch:
             log.warning("loss.nn_backend fused is off from now on (%s); the chunked GEMM search runs instead",
                         describe_failure(exc))
             return None
-        return p2g.masked_fill_(~gt_mask.any(dim=1, keepdim=True), 0), g2p.masked_fill_(~gt_mask, 0)
+        return _zero_padded(p2g, g2p, gt_mask)
 
 
 FUSED_SEARCH = FusedSearch()
