@@ -50,39 +50,28 @@ if [ -n "$continuation" ] && { [ -f "$carried/last.pt" ] || [ -f "$carried/last.
     exit 2
 fi
 timeout --signal=INT --kill-after=5 30 python3 benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
+init=()
 if [ -n "$continuation" ]; then
     nn=${NN:-fused}
-    rate=${TEACHER_SAMPLES_S:-296.45}
-    budget=$((call_s - SECONDS - 20))
-    if [ "$budget" -lt 120 ]; then
-        echo "teacher not started: ${budget}s left"
-        exit 0
-    fi
-    # 0.9 x the samples of (budget - 75 s) at the measured rate, as the sizing further down
-    steps=$(awk -v r="$rate" -v b="$budget" -v n="$batch" \
-        'BEGIN { s = int(0.9 * r * (b - 75) / n); print (s > 10 ? s : 10) }')
-    echo "teacher: continuing from ${continuation}, ${budget}s budget, ${steps} steps of ${batch} at" \
-        "${rate} samples/s, compile=none, loss.nn_backend=${nn}"
-    OUT=$out BUDGET_S=$budget scripts/device_train.sh teacher training/configs/lite_teacher.yaml \
-        --init "$continuation" --steps "$steps" --batch "$batch" --workers 12 --set data.frequency_frames=200 \
-        --set progress=false --set compile=none --set "loss.nn_backend=${nn}" --max-files 5 "$@"  # 5 + 1 JSON + the log
-    exit $?
+    rows=-  # no benchmark: one eager row at TEACHER_SAMPLES_S
+    init=(--init "$continuation")
+else
+    # the search: forward + backward of the lite task loss at batch 32, each backend's first call (the fused
+    # one compiles) and median of 5; the faster of the two that gives the same loss ("choice") is kept
+    timeout --signal=INT --kill-after=10 "${SEARCH_S:-90}" python3 benchmarks/bench_task_loss.py \
+        --device "${DEVICE:-cuda}" --batch "${SEARCH_BATCH:-32}" --backends cdist,fused --modes batched --repeats 5 \
+        --json "$out/task_loss_cuda.json"
+    nn=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["choice"] or "auto")' \
+        "$out/task_loss_cuda.json" 2>/dev/null) || nn=auto
+    echo "nearest-neighbour search: loss.nn_backend=${nn}"
+    budget_bench=$(( ${BENCH_S:-270} - SECONDS ))
+    rows=$out/train_throughput_cuda.json
+    # shellcheck disable=SC2086  # $SIZE and $COMPILE: options
+    timeout --signal=INT --kill-after=15 "$budget_bench" python3 benchmarks/bench_train_throughput.py \
+        --device "${DEVICE:-cuda}" --modes teacher student distill --compile ${COMPILE:-none inductor} \
+        ${SIZE:---batch 32 --frames 256 --steps 20 --warmup 5} --amp "${AMP:-bf16}" \
+        --workers 12 --synth-workers 16 --threads 4 --set "loss.nn_backend=${nn}" --json "$rows"
 fi
-# the search: forward + backward of the lite task loss at batch 32, each backend's first call (the fused
-# one compiles) and median of 5; the faster of the two that gives the same loss ("choice") is kept
-timeout --signal=INT --kill-after=10 "${SEARCH_S:-90}" python3 benchmarks/bench_task_loss.py \
-    --device "${DEVICE:-cuda}" --batch "${SEARCH_BATCH:-32}" --backends cdist,fused --modes batched --repeats 5 \
-    --json "$out/task_loss_cuda.json"
-nn=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["choice"] or "auto")' \
-    "$out/task_loss_cuda.json" 2>/dev/null) || nn=auto
-echo "nearest-neighbour search: loss.nn_backend=${nn}"
-budget_bench=$(( ${BENCH_S:-270} - SECONDS ))
-# shellcheck disable=SC2086  # $SIZE and $COMPILE: options
-timeout --signal=INT --kill-after=15 "$budget_bench" python3 benchmarks/bench_train_throughput.py \
-    --device "${DEVICE:-cuda}" --modes teacher student distill --compile ${COMPILE:-none inductor} \
-    ${SIZE:---batch 32 --frames 256 --steps 20 --warmup 5} --amp "${AMP:-bf16}" \
-    --workers 12 --synth-workers 16 --threads 4 --set "loss.nn_backend=${nn}" \
-    --json "$out/train_throughput_cuda.json"
 budget=$((call_s - SECONDS - 20))
 if [ "$budget" -lt 120 ]; then
     echo "teacher not started: ${budget}s left"
@@ -90,20 +79,25 @@ if [ "$budget" -lt 120 ]; then
 fi
 # training seconds = budget - 45 s kept for eval and saving - ~30 s of data generation and start-up;
 # a compiled row pays its warm-up time (compiling, at most, with the cache above) once more
-read -r steps backend < <(python3 - "$out/train_throughput_cuda.json" "$budget" "$batch" <<'PY'
+read -r steps backend < <(python3 - "$rows" "$budget" "$batch" "${TEACHER_SAMPLES_S:-296.45}" <<'PY'
 import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))["rows"]  # a compiled row that fell back to eager is left out
-        if r["mode"] == "teacher" and (r.get("compile", "none") == "none" or r.get("compiled"))]
-budget, batch = int(sys.argv[2]), int(sys.argv[3])
-train_s = budget - 75
-def samples(r):
-    return r["samples_per_s"] * (train_s - (r.get("first_steps_s", 0) if r.get("compile", "none") != "none" else 0))
-best = max(rows, key=samples)
-print(max(10, int(0.9 * samples(best) / batch)), best.get("compile", "none"))
+path, budget, batch, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+if path == "-":
+    rows = [{"samples_per_s": rate}]
+else:  # a compiled row that fell back to eager is left out
+    rows = [r for r in json.load(open(path))["rows"]
+            if r["mode"] == "teacher" and (r.get("compile", "none") == "none" or r.get("compiled"))]
+def seconds(r):
+    return budget - 75 - (r.get("first_steps_s", 0) if r.get("compile", "none") != "none" else 0)
+best = max(rows, key=lambda r: r["samples_per_s"] * seconds(r))
+print(max(10, int(0.9 * best["samples_per_s"] * seconds(best) / batch)), best.get("compile", "none"))
 PY
 ) || { echo "no teacher row: teacher not started"; exit 1; }
 [ -n "${steps:-}" ] || { echo "no teacher row: teacher not started"; exit 1; }
-echo "teacher: ${budget}s budget, ${steps} steps of ${batch}, compile=${backend}"
-OUT=$out BUDGET_S=$budget scripts/device_train.sh teacher training/configs/lite_teacher.yaml \
+echo "teacher: ${continuation:+continuing from ${continuation}, }${budget}s budget, ${steps} steps of ${batch}," \
+    "compile=${backend}, loss.nn_backend=${nn}"
+# back: teacher/ (final.pt in two parts, its manifest, runs.jsonl; last.pt is over the limits), the log and
+# the JSONs (providers, search, throughput; a continuation only the first): 8 files at most
+OUT=$out BUDGET_S=$budget scripts/device_train.sh teacher training/configs/lite_teacher.yaml "${init[@]}" \
     --steps "$steps" --batch "$batch" --workers 12 --set data.frequency_frames=200 --set progress=false \
-    --set "compile=${backend}" --set "loss.nn_backend=${nn}" --max-files 5 "$@"  # 5 + 2 JSONs + the log: 8
+    --set "compile=${backend}" --set "loss.nn_backend=${nn}" --max-files 5 "$@"
