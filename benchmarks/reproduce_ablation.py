@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import atomic_write, load_checkpoint, load_model, trained_steps  # noqa: E402
 from training.data import build_dataset  # noqa: E402
-from training.device_run import find_checkpoint  # noqa: E402
+from training.device_run import checkpoint_file  # noqa: E402
 from training.evaluate import evaluate_model  # noqa: E402
 from training.interrupt import TrainingInterrupted  # noqa: E402
 from training.scene_format import SPLIT_FILES, parse_split_line  # noqa: E402
@@ -469,12 +469,10 @@ def resolve_teacher(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """--teacher as one checkpoint file (a device run's handed-back folder has final.pt in parts), or None."""
     if not args.teacher:
         return None
-    if Path(args.teacher).is_dir():
-        joined = find_checkpoint(Path(args.teacher), "final.pt", Path(args.out) / "teacher_joined")
-        if joined is None:
-            parser.error(f"--teacher {args.teacher} holds no final.pt (whole or in parts)")
-        return joined
-    return Path(args.teacher)
+    try:
+        return checkpoint_file(Path(args.teacher), Path(args.out) / "teacher_joined", "--teacher")
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

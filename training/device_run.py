@@ -169,11 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = ensure_synth(Path(args.data), args.scenes, args.frames_per_scene, args.synth_seed, args.width,
                         args.height, args.val_fraction, args.synth_workers)
     data_s = time.perf_counter() - t0
-    if args.teacher and Path(args.teacher).is_dir():  # a teacher run's folder: final.pt, whole or in parts
-        teacher = find_checkpoint(Path(args.teacher), "final.pt", work / "teacher")
-        if teacher is None:
-            raise FileNotFoundError(f"--teacher {args.teacher} holds no final.pt (whole or in parts)")
-        args.teacher = str(teacher)
+    if args.teacher:  # a checkpoint, or a teacher run's folder: final.pt, whole or in parts
+        args.teacher = str(checkpoint_file(Path(args.teacher), work / "teacher", "--teacher"))
     init_given = args.init
     if args.init:
         args.init = str(checkpoint_file(Path(args.init), work / "init", "--init"))
