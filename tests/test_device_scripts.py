@@ -129,19 +129,19 @@ def test_teacher_call_with_a_carried_final_pt_continues_the_teacher_for_the_whol
 def test_teacher_call_continues_from_a_committed_checkpoint_named_by_teacher_from(tmp_path):
     """TEACHER_FROM=FILE (a checkpoint of the tree, no carry) is the continuation's --init; a missing file, or a
     carried final.pt beside it, is refused before anything runs."""
-    tree = checkout(tmp_path)
-    (tree / "checkpoints").mkdir(exist_ok=True)
-    (tree / "checkpoints" / "t.pt").write_bytes(b"")
-    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {"TEACHER_FROM": "checkpoints/t.pt"}, tree)
+    tree = checkout(tmp_path)  # its folders are links into this checkout: the checkpoint goes under its own runs/
+    (tree / "runs").mkdir()
+    (tree / "runs" / "t.pt").write_bytes(b"")
+    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {"TEACHER_FROM": "runs/t.pt"}, tree)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [Path(p["prog"]).name for p in parsed] == ["check_cuda_providers.py", "device_run.py"]
-    assert parsed[1]["options"]["init"] == "checkpoints/t.pt" and parsed[1]["options"]["resume"] is None
-    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {"TEACHER_FROM": "checkpoints/no.pt"}, tree)
+    assert parsed[1]["options"]["init"] == "runs/t.pt" and parsed[1]["options"]["resume"] is None
+    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {"TEACHER_FROM": "runs/no.pt"}, tree)
     assert done.returncode == 2 and parsed == [] and "no such checkpoint file" in done.stderr
     carried = tree / "runs" / "device" / "teacher"
     carried.mkdir(parents=True)
     (carried / "final.pt.parts.json").write_text("{}")
-    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {"TEACHER_FROM": "checkpoints/t.pt"}, tree)
+    done, parsed = run_script(tmp_path, "scripts/device_teacher_call.sh", {"TEACHER_FROM": "runs/t.pt"}, tree)
     assert done.returncode == 2 and parsed == [] and "give one of the two" in done.stderr
 
 
