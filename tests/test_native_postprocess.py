@@ -61,7 +61,7 @@ def _assert_same(points: torch.Tensor, scores: torch.Tensor, config) -> int:
 
 @pytest.mark.parametrize("closing", [True, False])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5])
-@pytest.mark.parametrize("shape", [(60, 60, 36), (7, 5, 3), (1, 1, 1), (3, 1, 70)])
+@pytest.mark.parametrize("shape", [(60, 60, 36), (7, 5, 3), (1, 1, 1), (3, 1, 70), (5, 4, 64)])
 def test_kernel_equals_the_torch_path_on_random_point_sets(lite_config, closing, threshold, shape):
     cfg = dataclasses.replace(lite_config, grid_shape=list(shape), closing=closing, score_threshold=threshold,
                               max_center_dist=0.3)
@@ -79,6 +79,41 @@ def test_kernel_equals_the_torch_path_where_classes_tie(lite_config, shape):
     for seed in range(3):
         points, scores = _case(seed, queries=150, spread=0.08)
         assert _assert_same(points, (scores * 4).round() / 4, cfg) > 0
+
+
+def _room_with_holes(seed: int, shape: tuple[int, int, int], per_query: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A floor (class 1), two walls (2), a box (5) and low-scored clutter, each voxel one point at its centre,
+    with a tenth of the surfaces left out: the holes the closing fills, in rows among others it does not."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    cells = [(x, y, 0, 1) for x in range(nx) for y in range(ny)]
+    cells += [(1, y, z, 2) for y in range(ny) for z in range(1, nz)] + [(x, ny - 2, z, 2) for x in range(nx) for z in range(1, nz)]
+    cells += [(x, y, z, 5) for x in range(nx // 3, nx // 2) for y in range(ny // 3, ny // 2) for z in range(1, nz // 3)
+              if x in (nx // 3, nx // 2 - 1) or y in (ny // 3, ny // 2 - 1) or z == nz // 3 - 1]
+    cells = [c for c in cells if rng.random() > 0.1]
+    cells += [(int(rng.integers(nx)), int(rng.integers(ny)), int(rng.integers(nz)), -1) for _ in range(len(cells) // 20)]
+    rng.shuffle(cells)
+    cells = cells[:len(cells) // per_query * per_query]
+    index = np.array([c[:3] for c in cells], np.float32)
+    points = (index + rng.uniform(0.2, 0.8, index.shape)) / np.array(shape, np.float32)
+    scores = rng.uniform(0.0, 0.25, (len(cells), 11))
+    for row, (_, _, _, cls) in enumerate(cells):
+        if cls >= 0:
+            scores[row, cls] = rng.uniform(0.35, 0.95)
+    return (torch.from_numpy(points.astype(np.float32)).view(1, -1, per_query, 3),
+            torch.from_numpy(scores.astype(np.float32)).view(1, -1, per_query, 11))
+
+
+@pytest.mark.parametrize("shape", [(60, 60, 36), (20, 12, 64), (9, 7, 70)])
+def test_kernel_equals_the_torch_path_where_the_closing_fills_holes(lite_config, shape):
+    # large flat classes with sparse holes: the kernel computes the closed scores only in the rows where the
+    # closing fills a voxel (64 z voxels or fewer; above that every row), and must still agree bit for bit
+    cfg = dataclasses.replace(lite_config, grid_shape=list(shape), closing=True, score_threshold=0.3,
+                              max_center_dist=1e3)
+    for seed in range(2):
+        points, scores = _room_with_holes(seed, shape)
+        filled = _assert_same(points, scores, cfg)
+        assert filled > _assert_same(points, scores, dataclasses.replace(cfg, closing=False))
 
 
 def test_kernel_equals_the_torch_path_in_a_batch(lite_config):
