@@ -590,7 +590,8 @@ static int64_t list_plane(const Params *p, const Box *reach, int x, const float 
  * closed together, one x plane at a time, in ascending order within a plane, so that a tie keeps the
  * lower class as torch's max does. Within a class's box, the float filters run only in the (x, y) rows the
  * fill reads (``class_needs``), found from the closing of its bits, 64 z voxels to a word: on the frame
- * path benchmark's lite frame the first filter runs over 44 % of the boxes' voxels, the last over 21 %. Returns the number of voxels written, or a code. */
+ * path benchmark's lite frame the first filter runs over 44 % of the boxes' voxels, the last over 21 %.
+ * Returns the number of voxels written, or a code. */
 static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, const Outputs *outputs) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
@@ -636,8 +637,10 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
         words = scratch_get(s, WORDS, 2 * most_columns, sizeof(uint64_t));
         if (!kept || !words) return OUT_OF_MEMORY;
         memset(kept, 0, (size_t)p->nx * p->ny * sizeof(uint64_t));
-        for (int64_t row = 0; row < m; row++)
-            if (row_kept[row]) kept[(int64_t)row_voxel[row].v[0] * p->ny + row_voxel[row].v[1]] |= 1ULL << row_voxel[row].v[2];
+        for (int64_t row = 0; row < m; row++) {
+            const int *v = row_voxel[row].v;
+            if (row_kept[row]) kept[(int64_t)v[0] * p->ny + v[1]] |= 1ULL << v[2];
+        }
     }
     const Box reach = box_grow(&above, 1, shape);
     const int64_t ry = box_size(&reach, 1), rz = box_size(&reach, 2);
