@@ -82,7 +82,7 @@ def test_kernel_equals_the_torch_path_where_classes_tie(lite_config, shape):
 
 
 def _room_with_holes(seed: int, shape: tuple[int, int, int], per_query: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """A floor (class 1), two walls (2), a box (5) and low-scored clutter, each voxel one point at its centre,
+    """A floor (class 1), two walls (2), a box (5) and low-scored clutter, one point inside each voxel,
     with a tenth of the surfaces left out: the holes the closing fills, in rows among others it does not."""
     rng = np.random.default_rng(seed)
     nx, ny, nz = shape
