@@ -6,8 +6,9 @@ The machine this project builds on drifts by a quarter from minute to minute, mo
 moves the frame loop, so a change is measured here: each build (a ``_occupancy_native*.so``, e.g. this
 checkout's and one built from an older commit with ``python setup.py build_ext --inplace`` in a worktree)
 is loaded under its own path, and the builds take turns on the same network output (lite with the shipped
-weights, the 640x480 bgr8 frame of ``bench_frame_path``, closing on), ``--calls`` calls per turn. Prints
-each build's median and minimum over the rounds of the per-turn medians, in ms, and checks that every
+weights, the 640x480 bgr8 frame of ``bench_frame_path``, closing on), ``--calls`` calls per turn, each
+through ``models.native_postprocess.occupied_labels`` (what the frame path runs) with that build in place.
+Prints each build's median and minimum over the rounds of the per-turn medians, in ms, and checks that every
 build finds the same voxels. Single-threaded: the kernel is.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -32,15 +35,31 @@ import bench_frame_path as bench  # noqa: E402
 import bench_host_steps  # noqa: E402
 
 from export.pipeline import OccupancyPipeline  # noqa: E402
+from models import native_postprocess  # noqa: E402
 
 
 def load_build(path: str) -> ModuleType:
-    """The kernel extension at ``path``, loaded as its own module (builds of other commits side by side)."""
+    """The kernel extension at ``path``, loaded as its own module (builds of other commits side by side);
+    SystemExit for a build of another ABI than this checkout's wrapper calls."""
     loader = importlib.machinery.ExtensionFileLoader("_occupancy_native", path)
     spec = importlib.util.spec_from_file_location("_occupancy_native", path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
+    if getattr(module, "ABI_VERSION", None) != native_postprocess.ABI_VERSION:
+        raise SystemExit(f"{path}: ABI {getattr(module, 'ABI_VERSION', None)}, this checkout calls "
+                         f"{native_postprocess.ABI_VERSION}")
     return module
+
+
+@contextmanager
+def build_in_place(kernel: ModuleType) -> Iterator[None]:
+    """``native_postprocess`` calling ``kernel`` for the duration."""
+    kept = native_postprocess._kernel
+    native_postprocess._kernel = kernel
+    try:
+        yield
+    finally:
+        native_postprocess._kernel = kept
 
 
 def frame_outputs() -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -67,45 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     points, scores, cfg = frame_outputs()
     kernels = {path: load_build(path) for path in args.builds}
-    nb, nq, nr, c = scores.shape
-    nx, ny, nz = (int(n) for n in cfg.grid_shape)
-    cells = nx * ny * nz
-    arrays = (points.numpy(), points.mean(dim=2).contiguous().numpy(), scores.numpy())
-    outputs = (np.empty(cells, np.int64), np.empty(cells, np.uint8), np.empty(cells, np.float32),
-               np.empty((cells, 3), np.int32))
-    dense = np.zeros((nb, nx, ny, nz), np.uint8)
-    extent = [float(e) for e in cfg.grid_extent]
-
-    def call(kernel: ModuleType) -> int:
-        dense.fill(0)
-        return kernel.occupied_labels(*arrays, *outputs, dense, nb, nq, nr, c, nx, ny, nz, True, *extent,
-                                      float(cfg.max_center_dist) ** 2, float(cfg.score_threshold))
-
     found = {}
     for path, kernel in kernels.items():
-        count = call(kernel)
-        found[path] = (count, outputs[0][:count].copy(), outputs[1][:count].copy(), outputs[2][:count].copy())
-    first = next(iter(found.values()))
+        with build_in_place(kernel):
+            found[path] = native_postprocess.occupied_labels(points, scores, cfg)
+    first = found[args.builds[0]]
     for path, result in found.items():
-        if result[0] != first[0] or not all(np.array_equal(a, b) for a, b in zip(result[1:], first[1:], strict=True)):
+        if not all(np.array_equal(a, b) for a, b in zip(result, first, strict=True)):
             raise SystemExit(f"{path} finds other voxels than {args.builds[0]}")
     medians: dict[str, list[float]] = {path: [] for path in kernels}
     for _ in range(args.rounds):
         for path, kernel in kernels.items():
             times = []
-            for _ in range(args.calls):
-                t0 = time.perf_counter()
-                call(kernel)
-                times.append((time.perf_counter() - t0) * 1e3)
+            with build_in_place(kernel):
+                for _ in range(args.calls):
+                    t0 = time.perf_counter()
+                    native_postprocess.occupied_labels(points, scores, cfg)
+                    times.append((time.perf_counter() - t0) * 1e3)
             medians[path].append(float(np.median(times)))
     rows = [{"build": path, "median_ms": float(np.median(m)), "min_ms": float(np.min(m))} for path, m in medians.items()]
     for row in rows:
         print(f"{row['build']}: median {row['median_ms']:.3f} ms, min {row['min_ms']:.3f} ms "
               f"({row['median_ms'] / rows[0]['median_ms']:.2f}x the first)")
-    print(f"{first[0]} voxels each")
+    print(f"{len(first.ids)} voxels each")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "device": f"CPU {platform.processor() or platform.machine()}", "voxels": int(first[0]),
+            "device": f"CPU {platform.processor() or platform.machine()}", "voxels": len(first.ids),
             "rounds": args.rounds, "calls": args.calls, "rows": rows}, indent=2) + "\n")
     return 0
 
