@@ -17,8 +17,10 @@ off``; until session 12 the JPEG rows had one on the CPU too). On the CPU it tak
 (rows say ``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than
 the network, and no frame dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end
 throughput of the processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians
-of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + post-process + output check +
-PointCloud2, the CPU-side work per frame (rows without ``output_check`` in ``stages_ms`` did not run
+of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + launch + post-process + output check +
+PointCloud2, the CPU-side work per frame (``launch``: the host time of queueing a fused row's device
+work, which since session 23 includes the upload and preprocessing graph; rows without ``launch`` in
+``stages_ms``, before session 23, left it out of the overhead; rows without ``output_check`` did not run
 the node's output checks, which took 0.4 ms per 12k voxels until session 8; since session 11 the check
 builds the cloud's rows, which PointCloud2 then only wraps); the latency runs from the
 first stage taking a frame to its PointCloud2. ``--camera-hz R`` measures the node's situation instead:
@@ -88,8 +90,9 @@ from models.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"lite": ROOT / "discene_ros/data/lite_distilled.pt"}
-STAGES = ("decode", "preprocess", "infer", "postprocess", "output_check", "pointcloud2")
-OVERHEAD_STAGES = ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")  # CPU-side work per frame
+STAGES = ("decode", "preprocess", "launch", "infer", "postprocess", "output_check", "pointcloud2")
+# CPU-side work per frame; ``launch`` (fused rows only: queueing the frame's device work) since session 23
+OVERHEAD_STAGES = ("decode", "preprocess", "launch", "postprocess", "output_check", "pointcloud2")
 CPU_TIMED_STAGES = ("decode", "preprocess", "pointcloud2")  # also timed in thread CPU time (``stages_cpu_ms``)
 
 
@@ -161,7 +164,9 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                 "preprocess_cpu": (time.thread_time() - c1) * 1e3, "prepared": prepared}
 
     def launch(item, p):
+        t0 = time.perf_counter()
         processor.launch(p["prepared"])
+        p["launch"] = (time.perf_counter() - t0) * 1e3
         return p
 
     def finish(item, p):
@@ -175,7 +180,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
             markers_ms.append((time.perf_counter() - t2) * 1e3)
         timings = result.timings_ms
         with lock:
-            records.append({"decode": p["decode"], "preprocess": p["preprocess"], "infer": timings["infer_ms"],
+            records.append({"decode": p["decode"], "preprocess": p["preprocess"], "launch": p.get("launch", 0.0),
+                            "infer": timings["infer_ms"],
                             "postprocess": timings["postprocess_ms"], "output_check": timings["output_check_ms"],
                             "pointcloud2": (t2 - t1) * 1e3,
                             "decode_cpu": p["decode_cpu"], "preprocess_cpu": p["preprocess_cpu"],
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 print(f"  {kind:5s} [{row['postprocess_impl']} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
                       f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  decode "
-                      f"{s['decode']:.2f} pre {s['preprocess']:.2f} post {s['postprocess']:.2f} cloud "
+                      f"{s['decode']:.2f} pre {s['preprocess']:.2f} launch {s['launch']:.2f} post "
+                      f"{s['postprocess']:.2f} check {s['output_check']:.2f} cloud "
                       f"{s['pointcloud2']:.2f} markers/{args.marker_period} {s['markers_every_n']:.1f}  "
                       f"dropped {row['dropped']}  (CPU time: decode {c['decode']:.2f} pre {c['preprocess']:.2f} "
                       f"cloud {c['pointcloud2']:.2f})", flush=True)

@@ -167,11 +167,22 @@ class FrameTensors:
     slot: int = 0
 
 
+@dataclass
+class StagedFrame:
+    """A frame checked and staged in its slot's host buffers (``TensorPreprocessor.stage``), its device work
+    not yet queued: ``TensorPreprocessor.run`` queues it, into the slot's buffers or given ones."""
+
+    slot: int
+    depth_hw: tuple[int, int] | None
+    voxel_origin: np.ndarray
+
+
 class _Slot:
     """Per-slot host staging (pinned on CUDA) and device output buffers, allocated once per input shape."""
 
     def __init__(self) -> None:
         self.host_rgb: torch.Tensor | None = None
+        self.host_rgb_np: np.ndarray | None = None  # numpy view of host_rgb, made once
         self.host_depth: torch.Tensor | None = None
         self.host_g2i: torch.Tensor | None = None
         self.dev_rgb: torch.Tensor | None = None
@@ -180,6 +191,7 @@ class _Slot:
         self.grid2img: torch.Tensor | None = None
         self.depth: torch.Tensor | None = None
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
+        self.g2i_np: np.ndarray | None = None  # numpy view of host_g2i[0]
         self.bgr = False  # the staged bytes are in BGR order
         self.frame_rgb: torch.Tensor | None = None  # CPU: the frame's own bytes, viewed, until resized
         self.graphs: dict[tuple, Any] = {}  # (image shape, bgr, depth shape) -> CUDA graph of the device work
@@ -221,7 +233,7 @@ class TensorPreprocessor:
     def _stage(self, slot: _Slot, image_rgb: np.ndarray, depth: np.ndarray | None, grid2img: np.ndarray) -> None:
         """Stage the frame in the slot's host buffers (reallocated only when the input size changes); on the
         CPU a writable frame is viewed where it is instead."""
-        if slot.uploaded is not None:
+        if slot.uploaded is not None and not slot.uploaded.query():  # query: no GIL round trip when done
             slot.uploaded.synchronize()  # the previous upload from these host buffers has finished
         flipped = image_rgb[..., ::-1]
         slot.bgr = flipped.flags.c_contiguous  # a bgr8 message seen as RGB: take the bytes as they are,
@@ -233,12 +245,14 @@ class TensorPreprocessor:
             if slot.host_rgb is None or tuple(slot.host_rgb.shape) != image_rgb.shape:
                 slot.graphs.clear()  # captured graphs read the old buffers
                 slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
+                slot.host_rgb_np = slot.host_rgb.numpy()
                 slot.dev_rgb = (torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin
                                 else None)
-            np.copyto(slot.host_rgb.numpy(), source)
+            np.copyto(slot.host_rgb_np, source)
         if slot.host_g2i is None:
             slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
-        slot.host_g2i.numpy()[0] = grid2img
+            slot.g2i_np = slot.host_g2i.numpy()[0]
+        slot.g2i_np[...] = grid2img
         if depth is not None:
             if slot.host_depth is None or tuple(slot.host_depth.shape) != depth.shape:
                 slot.graphs.clear()
@@ -246,7 +260,8 @@ class TensorPreprocessor:
                 slot.dev_depth = torch.empty(depth.shape, dtype=torch.float32, device=self.device) if self.pin else None
             np.copyto(slot.host_depth.numpy(), depth, casting="same_kind")
 
-    def _outputs(self, slot: _Slot, with_depth: bool) -> None:
+    def _outputs(self, slot: _Slot, with_depth: bool, voxel_origin: np.ndarray) -> FrameTensors:
+        """The slot's own output buffers (allocated on first use) as the targets of its device work."""
         h, w = self.size_hw
         if slot.image is None:
             slot.image = torch.empty((1, 3, h, w), dtype=torch.float32, device=self.device)
@@ -255,6 +270,7 @@ class TensorPreprocessor:
                              else slot.host_g2i)
         if with_depth and slot.depth is None:
             slot.depth = torch.empty((1, 1, h, w), dtype=torch.float32, device=self.device)
+        return FrameTensors(slot.image, slot.grid2img, slot.depth if with_depth else None, voxel_origin)
 
     def _nearest_index(self, src_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column indices of ``resize_depth`` (pixel centres aligned), cached per source size."""
@@ -268,7 +284,14 @@ class TensorPreprocessor:
     def __call__(self, image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray,
                  depth: np.ndarray | None = None, voxel_origin: np.ndarray | None = None,
                  slot: int = 0) -> FrameTensors:
-        """Same inputs and checks as ``preprocess``; returns the slot's device tensors."""
+        """Same inputs and checks as ``preprocess``; returns the slot's device tensors (``stage`` + ``run``)."""
+        return self.run(self.stage(image_rgb, intrinsic, cam_pose, depth, voxel_origin, slot))
+
+    def stage(self, image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray,
+              depth: np.ndarray | None = None, voxel_origin: np.ndarray | None = None,
+              slot: int = 0) -> StagedFrame:
+        """Host half: the checks, the grid and ``grid2img`` (float64, 16 numbers), and the frame copied into
+        the slot's (pinned) host buffers. Queues no device work."""
         intrinsic = np.asarray(intrinsic, dtype=np.float64)
         cam_pose = np.asarray(cam_pose, dtype=np.float64)
         depth = None if depth is None else np.asarray(depth)
@@ -279,42 +302,53 @@ class TensorPreprocessor:
         # 4x4 geometry in float64 on the host (16 numbers), uploaded with the image
         k = scale_intrinsic(intrinsic[:3, :3], image_rgb.shape[:2], self.size_hw)
         g2i = grid_to_image_matrix(k, cam_pose, voxel_origin, self.config.voxel_size, self.grid_shape)
-        s = self.slots[slot % len(self.slots)]
-        self._stage(s, image_rgb, depth, g2i)
-        self._outputs(s, depth is not None)
-        depth_hw = None if depth is None else tuple(depth.shape)
-        graph = self._graph(s, depth_hw) if self.graphs else None
+        index = slot % len(self.slots)
+        self._stage(self.slots[index], image_rgb, depth, g2i)
+        return StagedFrame(index, None if depth is None else tuple(depth.shape), voxel_origin)
+
+    def run(self, staged: StagedFrame, out: FrameTensors | None = None, stream: Any = None) -> FrameTensors:
+        """Device half: queue the upload, resize and normalisation of a staged frame on the current stream
+        (``stream``, when the caller has it at hand), into ``out``'s tensors (the slot's own buffers by
+        default; e.g. a captured network's static inputs, so that no copy follows). One graph replay per
+        frame where graphs are on; the slot's host buffers may be restaged once that work is done."""
+        s = self.slots[staged.slot]
+        depth_hw = staged.depth_hw
+        target = self._outputs(s, depth_hw is not None, staged.voxel_origin) if out is None else out
+        graph = self._graph(s, depth_hw, target) if self.graphs else None
         if graph is not None:
             graph.replay()
         else:
-            self._device_work(s, depth_hw)
+            self._device_work(s, depth_hw, target)
         if self.pin:
             if s.uploaded is None:
                 s.uploaded = torch.cuda.Event()  # one per slot, re-recorded each frame
-            s.uploaded.record()
-        return FrameTensors(s.image, s.grid2img, s.depth if depth is not None else None, voxel_origin, slot)
+            s.uploaded.record(stream)
+        return FrameTensors(target.image, target.grid2img, target.depth if depth_hw is not None else None,
+                            staged.voxel_origin, staged.slot)
 
-    def _device_work(self, s: _Slot, depth_hw: tuple[int, int] | None) -> None:
-        """Uploads (CUDA) and resize / normalise / depth resize of slot ``s`` into its output buffers."""
+    def _device_work(self, s: _Slot, depth_hw: tuple[int, int] | None, out: FrameTensors) -> None:
+        """Uploads (CUDA) and resize / normalise / depth resize of slot ``s`` into ``out``'s tensors."""
         if self.pin:
             rgb = s.dev_rgb.copy_(s.host_rgb, non_blocking=True)
-            s.grid2img.copy_(s.host_g2i, non_blocking=True)
+            out.grid2img.copy_(s.host_g2i, non_blocking=True)
             dep = None if depth_hw is None else s.dev_depth.copy_(s.host_depth, non_blocking=True)
         else:
             rgb = s.host_rgb if s.frame_rgb is None else s.frame_rgb
             dep = s.host_depth
-        self._resize_normalise(rgb, s)
+            if out.grid2img is not s.host_g2i:
+                out.grid2img.copy_(s.host_g2i)
+        self._resize_normalise(rgb, s, out.image)
         s.frame_rgb = None  # the slot does not keep the frame's message alive
         if depth_hw is not None:
             rows, cols = self._nearest_index(depth_hw)
             d = dep.index_select(0, rows).index_select(1, cols)
             bad = ~torch.isfinite(d) | (d < 0)
-            torch.where(bad, torch.zeros((), dtype=d.dtype, device=d.device), d, out=s.depth[0, 0])
+            torch.where(bad, torch.zeros((), dtype=d.dtype, device=d.device), d, out=out.depth[0, 0])
 
-    def _graph(self, s: _Slot, depth_hw: tuple[int, int] | None) -> Any:
-        """The slot's captured device work for this input shape (captured on first use); None, with the
-        preprocessor back on eager launches for good, if capture fails."""
-        key = (tuple(s.host_rgb.shape), s.bgr, depth_hw)
+    def _graph(self, s: _Slot, depth_hw: tuple[int, int] | None, out: FrameTensors) -> Any:
+        """The slot's captured device work for this input shape and these output tensors (captured on first
+        use); None, with the preprocessor back on eager launches for good, if capture fails."""
+        key = (tuple(s.host_rgb.shape), s.bgr, depth_hw, out.image.data_ptr())
         graph = s.graphs.get(key)
         if graph is not None:
             return graph
@@ -322,12 +356,12 @@ class TensorPreprocessor:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: lazy allocations and the index tables outside capture
-                self._device_work(s, depth_hw)
+                self._device_work(s, depth_hw, out)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the pipeline's other thread may allocate or synchronise meanwhile
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._device_work(s, depth_hw)
+                self._device_work(s, depth_hw, out)
         except RuntimeError as exc:
             log.warning("preprocessing: CUDA graph capture failed (%s); eager launches from now on", exc)
             self.graphs = False
@@ -335,9 +369,8 @@ class TensorPreprocessor:
         s.graphs[key] = graph
         return graph
 
-    def _resize_normalise(self, rgb_hwc: torch.Tensor, s: _Slot) -> None:
-        """Resize + normalise the staged bytes into slot ``s``'s ``image`` (RGB order, whatever the bytes')."""
-        out = s.image
+    def _resize_normalise(self, rgb_hwc: torch.Tensor, s: _Slot, out: torch.Tensor) -> None:
+        """Resize + normalise slot ``s``'s staged bytes into ``out`` (RGB order, whatever the bytes')."""
         x = rgb_hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view
         if tuple(x.shape[-2:]) != self.size_hw:
             if self.uint8_resize:

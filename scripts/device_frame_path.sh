@@ -44,12 +44,20 @@
 #                                             # Before it: echo /.before/ >> .git/info/exclude;
 #                                             # mkdir .before; git archive 79bf64f | tar -x -C .before
 #                                             # (session 8's code), and carry .whl and .before
+#   bash scripts/device_frame_path.sh launch-path # tests; the preprocessing queued at launch into the network's
+#                                             # inputs (session 23) against .before (the commit before it),
+#                                             # interleaved, two rounds of lite CUDA graphs; both trees run
+#                                             # this tree's bench_frame_path.py (it times the launch); each
+#                                             # host step alone in both trees; paper_student CUDA graphs in
+#                                             # both, compiled FP16 in this tree (~7 min). Before it:
+#                                             # mkdir .before; git archive <commit> -- . ':!checkpoints' ':!docs'
+#                                             # | tar -x -C .before; carry .whl and .before
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -233,6 +241,33 @@ PY
     tar czf "$out/rounds.tgz" -C /tmp rounds
 }
 
+launch_path() {  # .before and this tree interleaved, both through this tree's bench (it times the launch)
+    if [ ! -d .before ]; then
+        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
+        return
+    fi
+    cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
+    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
+    mkdir -p /tmp/rounds
+    local round
+    for round in 1 2; do
+        step 50 "BEFORE, lite, CUDA graphs (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 --json /tmp/rounds/before_$round.json"
+        step 50 "AFTER, lite, CUDA graphs (round $round)" python3 benchmarks/bench_frame_path.py --device cuda \
+            --configs lite --frames 300 --json "/tmp/rounds/after_$round.json"
+    done
+    step 30 "BEFORE, each host step alone (lite fp32, CUDA graph)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site \
+        python3 ../docs/results/device_runs/issue10_call10_probe.py cuda"
+    step 30 "AFTER, each host step alone (lite fp32, CUDA graph)" python3 docs/results/device_runs/issue10_call10_probe.py cuda
+    step 50 "BEFORE, paper_student, CUDA graphs" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --frames 300 --json /tmp/rounds/before_paper.json"
+    step 50 "AFTER, paper_student, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs paper_student --frames 300 --json /tmp/rounds/after_paper.json
+    step 90 "AFTER, paper_student FP16, torch.compile + CUDA graphs" python3 benchmarks/bench_frame_path.py \
+        --device cuda --configs paper_student --precisions fp16 --compile --frames 300 --json /tmp/rounds/after_paper_compiled.json
+    tar czf "$out/rounds.tgz" -C /tmp rounds
+}
+
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
@@ -251,6 +286,7 @@ trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions 
     step 75 "frame path, torch.compile + CUDA graphs (paper_student FP32, TF32 convolutions)" python3 \
         benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 --tf32-convolutions \
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
+launch-path) tests 40; launch_path ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

@@ -14,7 +14,9 @@ from test_ros_support import wait_until
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
 from export.pipeline import LAUNCH_AHEAD_SLOTS, FrameRunner, OccupancyPipeline
+from models import build_model
 from models.postprocess import dense_occupancy, frame_from_dense, labels_batch, points_to_occupancy
+from models.preprocess import StagedFrame, TensorPreprocessor
 
 ORIGIN = np.array([1.0, -2.0, 0.5])
 
@@ -102,6 +104,52 @@ def test_fused_pipeline_gives_the_frames_of_the_plain_path(lite_model, lite_conf
     _same_frames(ref, got, exact=device == "cpu")
     assert len(got.voxel_labels) < len(gots[0].voxel_labels)
     assert len(backend._fused) == 2
+
+
+@pytest.mark.parametrize("use_depth", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the captured graphs)"))])
+def test_fused_prepare_stays_on_the_host_and_launch_fills_the_network_inputs(lite_config, device, use_depth,
+                                                                             monkeypatch):
+    """Fused: ``prepare`` only stages the frame (no device tensors, no event to wait for); ``launch`` writes
+    the preprocessed frame straight into the network graph's static inputs (the network gets those very
+    tensors, so nothing is copied), where the plain preprocessor's result is found, for several frames
+    and slots in turn."""
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0, use_depth=use_depth)
+    torch.manual_seed(0)
+    backend = TorchBackend(build_model(cfg).eval(), cfg, device=device, cuda_graph=True)
+    fused = OccupancyPipeline(backend, cfg, fuse=True)
+    given_static = []
+    run_fused = backend.run_fused
+
+    def spy(inputs, post):
+        static = backend.fused_inputs(post)
+        given_static.append(all(getattr(inputs, n).data_ptr() == t.data_ptr() for n, t in static.items()))
+        return run_fused(inputs, post)
+
+    monkeypatch.setattr(backend, "run_fused", spy)
+    plain = TensorPreprocessor(cfg, device, graphs=False)
+    rng = np.random.default_rng(3)
+    for i in range(LAUNCH_AHEAD_SLOTS + 1):
+        image, k, pose = _frame(cfg, 10 + i)
+        view = image[..., ::-1] if i % 2 else image  # a bgr8 message seen as RGB, then RGB bytes
+        depth = rng.uniform(0.3, 6.0, (240, 320)).astype(np.float32) if use_depth else None
+        prepared = fused.prepare(view, k, pose, depth=depth, slot=i % LAUNCH_AHEAD_SLOTS)
+        assert isinstance(prepared.inputs, StagedFrame) and prepared.ready is None
+        launched = fused.launch(prepared)
+        static = backend.fused_inputs(fused._post_fn())
+        assert fused._fused_targets(fused._post_fn()).image is static["image"]
+        ref = plain(view, k, pose, depth=depth)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        tol = {} if device == "cpu" else {"atol": 1e-4, "rtol": 0}  # CUDA: float resize, graph vs eager order
+        torch.testing.assert_close(static["image"], ref.image, **tol)
+        torch.testing.assert_close(static["grid2img"], ref.grid2img, atol=0, rtol=0)
+        if use_depth:
+            torch.testing.assert_close(static["depth"], ref.depth, atol=0, rtol=0)
+        fused.collect(launched)
+    assert given_static == [True] * (LAUNCH_AHEAD_SLOTS + 1)
+    assert len(backend._fused) == 1 and len(next(iter(backend._fused.values())).entries) == 1
 
 
 def test_run_fused_needs_the_static_mode(lite_model, lite_config):

@@ -81,11 +81,20 @@ class StaticRunner:
     def signature(tensors: dict[str, torch.Tensor]) -> tuple:
         return tuple((n, tuple(t.shape), t.dtype) for n, t in tensors.items())
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _entry(self, tensors: dict[str, torch.Tensor]) -> _Captured:
         key = self.signature(tensors)
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = self._build(tensors)
+        return entry
+
+    def static_inputs(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The static input buffers for inputs shaped like ``tensors`` (built, and captured, from their
+        values on first use): a caller that writes its inputs there saves ``__call__`` their copies."""
+        return self._entry(tensors).inputs
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        entry = self._entry(tensors)
         for name, t in tensors.items():
             if t.data_ptr() != entry.inputs[name].data_ptr():
                 entry.inputs[name].copy_(t, non_blocking=True)
@@ -275,6 +284,21 @@ class TorchBackend(Backend):
         """``post(points, scores)`` of the network's outputs, captured with the network in one CUDA graph
         (``can_fuse``), replayed without a host sync; the returned static tensors are overwritten by the
         next call. ``post`` must be fixed-shape and sync-free; one graph per ``post`` object."""
+        return self._fused_runner(post)(self.tensors(inputs))
+
+    def fused_inputs(self, post: Any) -> dict[str, torch.Tensor]:
+        """The static input tensors of ``run_fused(..., post)``'s graph (captured now, from zeros, if it is
+        not yet): inputs written there in stream order before ``run_fused`` are replayed without a copy."""
+        runner = self._fused_runner(post)
+        if not runner.entries:
+            with torch.inference_mode():  # the capture runs the network, as in run_fused
+                runner.static_inputs({n: torch.zeros(shape, dtype=torch.float32, device=self.torch_device)
+                                      for n, shape in self._input_shapes.items()})
+        (entry,) = runner.entries.values()  # one: ``tensors`` admits only the config's shapes, in float32
+        return entry.inputs
+
+    def _fused_runner(self, post: Any) -> StaticRunner:
+        """The static runner of network + ``post`` (one per ``post`` object, made on first use)."""
         if not self.can_fuse:
             raise RuntimeError(f"run_fused needs the static-buffer (cuda_graph) mode, this backend runs {self.mode}")
         runner = self._fused.get(post)
@@ -288,7 +312,7 @@ class TorchBackend(Backend):
 
             graph = self.torch_device.type == "cuda"
             runner = self._fused[post] = StaticRunner(fused, self.torch_device, graph, self._context)
-        return runner(self.tensors(inputs))
+        return runner
 
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
         points, scores = self.run(inputs)
