@@ -193,8 +193,9 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
             freeze_startup_objects()
 
     errors: list[BaseException] = []
-    ahead = ({"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])}
-             if pipe.launch_ahead else {})
+    ahead = {"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])} if pipe.launch_ahead else {}
+    if pipe.launch_ahead and hasattr(processor, "wait_launched"):  # the watcher (trees before session 23 poll)
+        ahead["wait_launched"] = lambda p: processor.wait_launched(p["prepared"])
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     freeze_startup_objects()  # as the node does after start-up

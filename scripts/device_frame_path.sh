@@ -44,14 +44,16 @@
 #                                             # Before it: echo /.before/ >> .git/info/exclude;
 #                                             # mkdir .before; git archive 79bf64f | tar -x -C .before
 #                                             # (session 8's code), and carry .whl and .before
-#   bash scripts/device_frame_path.sh launch-path # tests; the preprocessing queued at launch into the network's
-#                                             # inputs (session 23) against .before (the commit before it),
-#                                             # interleaved, two rounds of lite CUDA graphs; both trees run
+#   bash scripts/device_frame_path.sh launch-path # tests; session 23's two changes (the preprocessing queued
+#                                             # at launch into the network's inputs; the watcher thread) against
+#                                             # .before (the commit before both) and .mid (the first alone),
+#                                             # interleaved, three rounds of lite CUDA graphs, every tree through
 #                                             # this tree's bench_frame_path.py (it times the launch); each
-#                                             # host step alone in both trees; paper_student CUDA graphs in
-#                                             # both, compiled FP16 in this tree (~7 min). Before it:
+#                                             # host step alone in each tree; paper_student CUDA graphs before
+#                                             # and now; this tree with a 30 Hz camera and paper_student
+#                                             # compiled FP16 and FP32 (TF32 convolutions) (~5 min). Before it:
 #                                             # mkdir .before; git archive <commit> -- . ':!checkpoints' ':!docs'
-#                                             # | tar -x -C .before; carry .whl and .before
+#                                             # | tar -x -C .before (likewise .mid); carry .whl, .before, .mid
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -241,30 +243,44 @@ PY
     tar czf "$out/rounds.tgz" -C /tmp rounds
 }
 
-launch_path() {  # .before and this tree interleaved, both through this tree's bench (it times the launch)
+launch_path() {  # .before, .mid (optional) and this tree interleaved, all through this tree's bench (it
+    # times the launch); every run's JSON in rounds.tgz
     if [ ! -d .before ]; then
         echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
         return
     fi
-    cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
-    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
-    mkdir -p /tmp/rounds
-    local round
-    for round in 1 2; do
-        step 50 "BEFORE, lite, CUDA graphs (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
-            benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 --json /tmp/rounds/before_$round.json"
-        step 50 "AFTER, lite, CUDA graphs (round $round)" python3 benchmarks/bench_frame_path.py --device cuda \
-            --configs lite --frames 300 --json "/tmp/rounds/after_$round.json"
+    local tree trees=(.before) round
+    [ -d .mid ] && trees+=(.mid)
+    for tree in "${trees[@]}"; do
+        cp benchmarks/bench_frame_path.py "$tree/benchmarks/bench_frame_path.py"
+        (cd "$tree" && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "$tree: native kernel not built" | tee -a "$log"
     done
-    step 30 "BEFORE, each host step alone (lite fp32, CUDA graph)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site \
-        python3 ../docs/results/device_runs/issue10_call10_probe.py cuda"
-    step 30 "AFTER, each host step alone (lite fp32, CUDA graph)" python3 docs/results/device_runs/issue10_call10_probe.py cuda
-    step 50 "BEFORE, paper_student, CUDA graphs" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
-        benchmarks/bench_frame_path.py --device cuda --configs paper_student --frames 300 --json /tmp/rounds/before_paper.json"
-    step 50 "AFTER, paper_student, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
-        --configs paper_student --frames 300 --json /tmp/rounds/after_paper.json
-    step 90 "AFTER, paper_student FP16, torch.compile + CUDA graphs" python3 benchmarks/bench_frame_path.py \
-        --device cuda --configs paper_student --precisions fp16 --compile --frames 300 --json /tmp/rounds/after_paper_compiled.json
+    trees+=(.)
+    mkdir -p /tmp/rounds
+    for round in 1 2 3; do
+        for tree in "${trees[@]}"; do
+            step 50 "tree $tree, lite, CUDA graphs (round $round)" bash -c "cd $tree && PYTHONPATH=\$PWD:/tmp/site \
+                python3 benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 \
+                --json /tmp/rounds/lite_${tree#.}_$round.json"
+        done
+    done
+    for tree in "${trees[@]}"; do
+        step 30 "tree $tree, each host step alone (lite fp32, CUDA graph)" bash -c "cd $tree && \
+            PYTHONPATH=\$PWD:/tmp/site python3 $PWD/docs/results/device_runs/issue10_call10_probe.py cuda"
+    done
+    for tree in .before .; do
+        step 50 "tree $tree, paper_student, CUDA graphs" bash -c "cd $tree && PYTHONPATH=\$PWD:/tmp/site python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs paper_student --frames 300 \
+            --json /tmp/rounds/paper_${tree#.}.json"
+    done
+    step 30 "this tree, lite fp32, CUDA graphs, a 30 Hz camera" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs lite --precisions fp32 --frames 300 --camera-hz 30 --json /tmp/rounds/lite_camera30.json
+    step 90 "this tree, paper_student FP16, torch.compile + CUDA graphs" python3 benchmarks/bench_frame_path.py \
+        --device cuda --configs paper_student --precisions fp16 --compile --frames 300 \
+        --json /tmp/rounds/paper_compiled_fp16.json
+    step 80 "this tree, paper_student FP32 (TF32 convolutions), torch.compile + CUDA graphs" python3 \
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 --tf32-convolutions \
+        --compile --frames 300 --json /tmp/rounds/paper_compiled_fp32_tf32conv.json
     tar czf "$out/rounds.tgz" -C /tmp rounds
 }
 

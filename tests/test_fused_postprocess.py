@@ -205,10 +205,17 @@ class Device:
         self.running[item].set()
 
 
-def test_launch_ahead_queues_the_next_frame_behind_a_running_one():
+def _watcher(dev: Device, watch: bool) -> dict:
+    """FrameRunner's ``wait_launched`` for the pretend device (a watcher thread), or none (polling)."""
+    return {"wait_launched": lambda handle: dev.running[handle].wait()} if watch else {}
+
+
+@pytest.mark.parametrize("watch", [False, True])
+def test_launch_ahead_queues_the_next_frame_behind_a_running_one(watch):
     dev = Device()
     runner = FrameRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
-                         launched_done=dev.done)
+                         launched_done=dev.done, **_watcher(dev, watch))
+    assert [t.name for t in runner._threads].count("frame_watch") == int(watch)
     try:
         runner.submit(1)
         wait_until(lambda: ("launch", 1) in dev.events)
@@ -225,12 +232,13 @@ def test_launch_ahead_queues_the_next_frame_behind_a_running_one():
         runner.close()
 
 
-def test_launch_ahead_counts_every_frame_and_keeps_order():
+@pytest.mark.parametrize("watch", [False, True])
+def test_launch_ahead_counts_every_frame_and_keeps_order(watch):
     dev = Device()
     errors: list[int] = []
     runner = FrameRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
                          launched_done=dev.done, on_drop=dev.release,
-                         on_error=lambda item, exc: (errors.append(item), dev.release(item)))
+                         on_error=lambda item, exc: (errors.append(item), dev.release(item)), **_watcher(dev, watch))
     stop = threading.Event()
 
     def device_loop() -> None:  # completes launched work in launch order, like one CUDA stream

@@ -103,11 +103,12 @@ def test_many_frames_every_one_accounted_for():
 @pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("lossless", [False, True])
 @pytest.mark.parametrize("with_decode", [False, True])
-@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("ahead", [None, "poll", "watch"])
 def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lossless, with_decode, ahead, serial):
     """Random short delays and a failure now and then in every stage: each frame is processed, failed
     or dropped exactly once (``on_drop``/``on_error`` see each one once), frames finish in order, no two
-    frames share a buffer slot, and a lossless runner drops nothing."""
+    frames share a buffer slot, and a lossless runner drops nothing. Launched frames (``ahead``) take a
+    random time on a pretend device; the finish stage learns of it by polling or from the watcher."""
     rng_lock = threading.Lock()
     rng = np.random.default_rng(7)
     fails = {"decode": {11, 57}, "prepare": {23, 88}, "launch": {40}, "finish": {66}}
@@ -136,11 +137,16 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
         with rng_lock:
             in_use.pop(item, None)
 
-    def launch(item: int, prepared: tuple[int, int]) -> tuple[int, int]:
+    def launch(item: int, prepared: tuple[int, int]) -> tuple[tuple[int, int], threading.Event]:
         stage("launch", item)
-        return prepared
+        done = threading.Event()
+        with rng_lock:
+            threading.Timer(float(rng.uniform(0, 0.002)), done.set).start()  # the device's work
+        return prepared, done
 
-    def finish(item: int, prepared: tuple[int, int]) -> None:
+    def finish(item: int, handle) -> None:
+        if ahead:
+            assert handle[1].wait(5)  # collecting waits for the device's work
         release(item)
         stage("finish", item)
         seen["finished"].append(item)
@@ -153,7 +159,9 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
         release(item)
         seen["dropped"].append(item)
 
-    extra = {"launch": launch} if ahead else {}
+    extra = {"launch": launch, "launched_done": lambda handle: handle[1].is_set()} if ahead else {}
+    if ahead == "watch":
+        extra["wait_launched"] = lambda handle: handle[1].wait()
     runner = FrameRunner(prepare, finish, on_error=on_error, on_drop=on_drop, slots=4, lossless=lossless,
                          decode=(lambda item: stage("decode", item) or item) if with_decode else None,
                          serial=serial, **extra)
