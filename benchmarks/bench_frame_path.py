@@ -20,7 +20,9 @@ throughput of the processed frames over ``--frames`` frames after ``--warmup``. 
 of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + launch + post-process + output check +
 PointCloud2, the CPU-side work per frame (``launch``: the host time of queueing a fused row's device
 work, which since session 23 includes the upload and preprocessing graph; rows without ``launch`` in
-``stages_ms``, before session 23, left it out of the overhead; rows without ``output_check`` did not run
+``stages_ms``, before session 23, left it out of the overhead; ``process_cpu_ms_per_frame``, since then:
+the whole process's user + system CPU time per frame over the timed frames, every thread included, the
+CPU a robot gives this loop; rows without ``output_check`` did not run
 the node's output checks, which took 0.4 ms per 12k voxels until session 8; since session 11 the check
 builds the cloud's rows, which PointCloud2 then only wraps); the latency runs from the
 first stage taking a frame to its PointCloud2. ``--camera-hz R`` measures the node's situation instead:
@@ -59,9 +61,11 @@ import json
 import logging
 import os
 import platform
+import resource
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +97,13 @@ SHIPPED = {"lite": ROOT / "discene_ros/data/lite_distilled.pt"}
 STAGES = ("decode", "preprocess", "launch", "infer", "postprocess", "output_check", "pointcloud2")
 # CPU-side work per frame; ``launch`` (fused rows only: queueing the frame's device work) since session 23
 OVERHEAD_STAGES = ("decode", "preprocess", "launch", "postprocess", "output_check", "pointcloud2")
-CPU_TIMED_STAGES = ("decode", "preprocess", "pointcloud2")  # also timed in thread CPU time (``stages_cpu_ms``)
+CPU_TIMED_STAGES = ("decode", "preprocess", "launch", "pointcloud2")  # also in thread CPU time (``stages_cpu_ms``)
+
+
+def process_cpu_s() -> float:
+    """User + system CPU seconds of this process so far, every thread (torch's and the driver's) included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def device_name(device: str) -> str:
@@ -140,7 +150,7 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
             marker_period: int, decode_stage: bool = True, camera_hz: float | None = None,
-            serial: bool = False) -> dict:
+            serial: bool = False, watch: bool = True) -> dict:
     """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
     newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
     image, info, pose = camera_messages(factory, kind)
@@ -164,9 +174,9 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                 "preprocess_cpu": (time.thread_time() - c1) * 1e3, "prepared": prepared}
 
     def launch(item, p):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         processor.launch(p["prepared"])
-        p["launch"] = (time.perf_counter() - t0) * 1e3
+        p["launch"], p["launch_cpu"] = (time.perf_counter() - t0) * 1e3, (time.thread_time() - c0) * 1e3
         return p
 
     def finish(item, p):
@@ -185,7 +195,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                             "postprocess": timings["postprocess_ms"], "output_check": timings["output_check_ms"],
                             "pointcloud2": (t2 - t1) * 1e3,
                             "decode_cpu": p["decode_cpu"], "preprocess_cpu": p["preprocess_cpu"],
-                            "pointcloud2_cpu": (c2 - c1) * 1e3,
+                            "pointcloud2_cpu": (c2 - c1) * 1e3, "launch_cpu": p.get("launch_cpu", 0.0),
+                            "process_cpu_s": process_cpu_s(),
                             "end_to_end": (t2 - (item if camera_hz else p["t_taken"])) * 1e3, "done": t2,
                             "voxels": len(result.occupancy.voxel_labels), "stage2": (t2 - t0) * 1e3})
             first = len(records) == 1
@@ -194,7 +205,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
 
     errors: list[BaseException] = []
     ahead = {"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])} if pipe.launch_ahead else {}
-    if pipe.launch_ahead and hasattr(processor, "wait_launched"):  # the watcher (trees before session 23 poll)
+    if pipe.launch_ahead and watch and hasattr(processor, "wait_launched"):  # trees before session 23 poll
         ahead["wait_launched"] = lambda p: processor.wait_launched(p["prepared"])
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
@@ -211,7 +222,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     finally:
         runner.close()
     if errors:
-        raise RuntimeError(f"{len(errors)} frames failed, first: {errors[0]!r}")
+        trace = "".join(traceback.format_exception(errors[0]))
+        raise RuntimeError(f"{len(errors)} frames failed, the first with:\n{trace}")
     counts = runner.counts()
     timed = records[warmup:]
     if len(timed) < 2:
@@ -228,9 +240,12 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     # the same stages in CPU time of their thread: below the wall time by what the thread spent waiting
     # (for a core, the GIL or the device) rather than working
     cpu = {s: float(np.median([r[f"{s}_cpu"] for r in timed])) for s in CPU_TIMED_STAGES}
+    first = records[warmup - 1] if warmup else timed[0]  # the process's CPU time over the same frames as ``fps``
+    process_cpu_ms = (timed[-1]["process_cpu_s"] - first["process_cpu_s"]) * 1e3 / n
     return {
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
         "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
+        "process_cpu_ms_per_frame": process_cpu_ms,
         "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
         "serial": serial,
         "voxels_median": int(np.median([r["voxels"] for r in timed])), "marker_period": marker_period,
@@ -247,12 +262,14 @@ def append_key(row: dict) -> tuple:
     """What makes two rows the same measurement for ``--append``. Rows from before ``tf32``,
     ``tf32_convolutions``, ``cudnn_benchmark``, ``decode_stage``, ``camera_hz`` and ``serial`` were recorded ran
     with them off (a ``tf32`` row's convolutions in TF32); rows without ``omp_wait_policy`` are taken
-    as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own)."""
+    as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own);
+    launch-ahead rows without ``launch_wait`` polled."""
+    wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),
             row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)),
-            row.get("camera_hz"), bool(row.get("serial", False)))
+            row.get("camera_hz"), bool(row.get("serial", False)), wait)
 
 
 def postprocess_impl(row: dict) -> str:
@@ -286,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(off); auto (the node's default): on where the network runs on a GPU")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
+    parser.add_argument("--launch-wait", choices=("watch", "poll"), default="watch",
+                        help="launch-ahead: how the finish stage learns a launched frame is done: the watcher "
+                             "thread (the node's, since session 23) or polling every 0.2 ms (before)")
     parser.add_argument("--marker-period", type=int, default=defaults()["marker_period"],
                         help="the node's marker_period (default: its default)")
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
@@ -329,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
                               args.decode_stage == "on"
                               or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
-                              args.camera_hz, serial=not pipelined)
+                              args.camera_hz, serial=not pipelined, watch=args.launch_wait == "watch")
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
@@ -339,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                        "cudnn_benchmark": backend.cudnn_benchmark,
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                        "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
+                       "launch_wait": args.launch_wait if pipe.launch_ahead else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
                                             and backend.torch_device.type == "cpu" else "torch")}
                 rows.append(row)
@@ -349,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{s['postprocess']:.2f} check {s['output_check']:.2f} cloud "
                       f"{s['pointcloud2']:.2f} markers/{args.marker_period} {s['markers_every_n']:.1f}  "
                       f"dropped {row['dropped']}  (CPU time: decode {c['decode']:.2f} pre {c['preprocess']:.2f} "
-                      f"cloud {c['pointcloud2']:.2f})", flush=True)
+                      f"launch {c['launch']:.2f} cloud {c['pointcloud2']:.2f}; process "
+                      f"{row['process_cpu_ms_per_frame']:.2f} ms per frame)", flush=True)
             pipe.close()
     out = {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}
     if args.json:

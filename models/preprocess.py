@@ -14,8 +14,11 @@ Two implementations of the same function:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,9 +229,25 @@ class TensorPreprocessor:
         self.shift_f = tuple(self.shift.reshape(-1).tolist())
         self.slots = [_Slot() for _ in range(max(1, int(slots)))]
         self._depth_index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # ``stage`` and ``run`` may run on two threads (the fused frame loop's prepare and finish stages): a
+        # slot's buffers are (re)allocated, and stale graphs destroyed, on a stream of their own and never
+        # while ``run`` captures a graph. Without both, a bgr8 -> JPEG size change on H200 failed one frame
+        # in three runs out of six with "CUDA error: invalid argument" (session 23, device call 11).
+        self._device_lock = threading.Lock()
+        self._staging_stream = torch.cuda.Stream(self.device) if self.pin else None
 
     def _empty_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    @contextlib.contextmanager
+    def _allocating(self) -> Iterator[None]:
+        """Around every (re)allocation of staging buffers and destruction of captured graphs (CUDA: under
+        the capture lock, on the staging stream; a no-op on the CPU). Only when an input size changes."""
+        if self._staging_stream is None:
+            yield
+            return
+        with self._device_lock, torch.cuda.stream(self._staging_stream):
+            yield
 
     def _stage(self, slot: _Slot, image_rgb: np.ndarray, depth: np.ndarray | None, grid2img: np.ndarray) -> None:
         """Stage the frame in the slot's host buffers (reallocated only when the input size changes); on the
@@ -243,21 +262,25 @@ class TensorPreprocessor:
         else:  # CUDA (pinned staging for the upload), or bytes torch cannot view (read-only, broadcast)
             slot.frame_rgb = None
             if slot.host_rgb is None or tuple(slot.host_rgb.shape) != image_rgb.shape:
-                slot.graphs.clear()  # captured graphs read the old buffers
-                slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
-                slot.host_rgb_np = slot.host_rgb.numpy()
-                slot.dev_rgb = (torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin
-                                else None)
+                with self._allocating():
+                    slot.graphs.clear()  # captured graphs read the old buffers
+                    slot.host_rgb = self._empty_host(image_rgb.shape, torch.uint8)
+                    slot.host_rgb_np = slot.host_rgb.numpy()
+                    slot.dev_rgb = (torch.empty(image_rgb.shape, dtype=torch.uint8, device=self.device) if self.pin
+                                    else None)
             np.copyto(slot.host_rgb_np, source)
         if slot.host_g2i is None:
-            slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
+            with self._allocating():
+                slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
             slot.g2i_np = slot.host_g2i.numpy()[0]
         slot.g2i_np[...] = grid2img
         if depth is not None:
             if slot.host_depth is None or tuple(slot.host_depth.shape) != depth.shape:
-                slot.graphs.clear()
-                slot.host_depth = self._empty_host(depth.shape, torch.float32)
-                slot.dev_depth = torch.empty(depth.shape, dtype=torch.float32, device=self.device) if self.pin else None
+                with self._allocating():
+                    slot.graphs.clear()
+                    slot.host_depth = self._empty_host(depth.shape, torch.float32)
+                    slot.dev_depth = (torch.empty(depth.shape, dtype=torch.float32, device=self.device) if self.pin
+                                      else None)
             np.copyto(slot.host_depth.numpy(), depth, casting="same_kind")
 
     def _outputs(self, slot: _Slot, with_depth: bool, voxel_origin: np.ndarray) -> FrameTensors:
@@ -353,15 +376,16 @@ class TensorPreprocessor:
         if graph is not None:
             return graph
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up: lazy allocations and the index tables outside capture
-                self._device_work(s, depth_hw, out)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the pipeline's other thread may allocate or synchronise meanwhile
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._device_work(s, depth_hw, out)
+            with self._device_lock:  # no staging buffer of another slot is reallocated meanwhile (``_allocating``)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm-up: lazy allocations and the index tables outside capture
+                    self._device_work(s, depth_hw, out)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: the pipeline's other threads may decode, copy or query events meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._device_work(s, depth_hw, out)
         except RuntimeError as exc:
             log.warning("preprocessing: CUDA graph capture failed (%s); eager launches from now on", exc)
             self.graphs = False

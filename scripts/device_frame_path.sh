@@ -54,12 +54,15 @@
 #                                             # compiled FP16 and FP32 (TF32 convolutions) (~5 min). Before it:
 #                                             # mkdir .before; git archive <commit> -- . ':!checkpoints' ':!docs'
 #                                             # | tar -x -C .before (likewise .mid); carry .whl, .before, .mid
+#   bash scripts/device_frame_path.sh launch-fix # tests; after call 11's fix: .before against this tree with
+#                                             # its watcher and polling (--launch-wait), three rounds of lite
+#                                             # CUDA graphs; paper_student CUDA graphs; a 30 Hz camera (~3 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -284,6 +287,31 @@ launch_path() {  # .before, .mid (optional) and this tree interleaved, all throu
     tar czf "$out/rounds.tgz" -C /tmp rounds
 }
 
+launch_fix() {  # after call 11's failure was fixed: .before and this tree (watcher, and polling as before),
+    # interleaved, three rounds of lite CUDA graphs; paper_student CUDA graphs and the 30 Hz camera row
+    if [ ! -d .before ]; then
+        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
+        return
+    fi
+    cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
+    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
+    mkdir -p /tmp/rounds
+    local round wait
+    for round in 1 2 3; do
+        step 50 "BEFORE, lite, CUDA graphs (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 --json /tmp/rounds/before_$round.json"
+        for wait in watch poll; do
+            step 50 "AFTER, lite, CUDA graphs, --launch-wait $wait (round $round)" python3 benchmarks/bench_frame_path.py \
+                --device cuda --configs lite --frames 300 --launch-wait $wait --json "/tmp/rounds/after_${wait}_$round.json"
+        done
+    done
+    step 50 "AFTER, paper_student, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs paper_student --frames 300 --json /tmp/rounds/after_paper.json
+    step 30 "AFTER, lite fp32, CUDA graphs, a 30 Hz camera" python3 benchmarks/bench_frame_path.py --device cuda \
+        --configs lite --precisions fp32 --frames 300 --camera-hz 30 --json /tmp/rounds/after_camera30.json
+    tar czf "$out/rounds.tgz" -C /tmp rounds
+}
+
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
@@ -303,6 +331,7 @@ trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions 
         benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp32 --tf32-convolutions \
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
 launch-path) tests 40; launch_path ;;
+launch-fix) tests 60; launch_fix ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

@@ -60,6 +60,10 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     assert bench.append_key({**cpu, "postprocess_impl": "native"}) != bench.append_key(cpu)
     assert bench.append_key({**cpu, "postprocess_impl": "torch"}) == bench.append_key(cpu)
     assert bench.append_key({**cpu, "fused_postprocess": True}) == bench.append_key({**cpu, "postprocess_impl": "fused"})
+    # launch-ahead rows: the watcher and polling are two measurements; rows from before the watcher polled
+    fused = {**row, "postprocess_impl": "fused"}
+    assert bench.append_key({**fused, "launch_wait": "watch"}) != bench.append_key({**fused, "launch_wait": "poll"})
+    assert bench.append_key({**fused, "launch_wait": "poll"}) == bench.append_key(fused)
     # with a decode stage of its own or not: two measurements; rows from before the field had none
     assert bench.append_key({**row, "decode_stage": True}) != bench.append_key(row)
     assert bench.append_key({**row, "decode_stage": False}) == bench.append_key(row)
@@ -82,11 +86,14 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert row["postprocess_impl"] == "native"
     for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
         assert field in row
-    assert set(row["stages_cpu_ms"]) == {"decode", "preprocess", "pointcloud2"}  # thread CPU time beside the wall time
-    # the node's finish stage: its output checks are CPU-side work, counted in the overhead
+    # thread CPU time beside the wall time
+    assert set(row["stages_cpu_ms"]) == {"decode", "preprocess", "launch", "pointcloud2"}
+    assert row["process_cpu_ms_per_frame"] > 0 and row["launch_wait"] is None  # the CPU does not launch ahead
+    # the node's finish stage: its output checks are CPU-side work, counted in the overhead, and so is a
+    # launch-ahead row's launch (none here: on the CPU the inference is the launch)
     stages = row["stages_ms"]
-    assert stages["output_check"] > 0
-    overhead_stages = ("decode", "preprocess", "postprocess", "output_check", "pointcloud2")
+    assert stages["output_check"] > 0 and stages["launch"] == 0
+    overhead_stages = ("decode", "preprocess", "launch", "postprocess", "output_check", "pointcloud2")
     assert row["overhead_ms"] == pytest.approx(sum(stages[s] for s in overhead_stages))
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
     assert row["decode_stage"] is False and row["dropped"] == 0  # the node's loop (a raw Image: no decode

@@ -152,6 +152,40 @@ def test_fused_prepare_stays_on_the_host_and_launch_fills_the_network_inputs(lit
     assert len(backend._fused) == 1 and len(next(iter(backend._fused.values())).entries) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (captures on one thread, staging on another)")
+def test_fused_cuda_loop_survives_input_size_changes(lite_config):
+    """The pipelined fused loop on CUDA (launch-ahead, the watcher, lossless) through input size changes, as
+    a bgr8 row then a half-size JPEG row of the benchmark: the prepare thread restages slots while the
+    finish thread captures graphs for the new size. Every frame is processed and matches the plain path."""
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)
+    torch.manual_seed(0)
+    backend = TorchBackend(build_model(cfg).eval(), cfg, device="cuda", cuda_graph=True)
+    fused, plain = OccupancyPipeline(backend, cfg, fuse=True), OccupancyPipeline(backend, dataclasses.replace(cfg),
+                                                                                  fuse=False)
+    frames = []
+    for i, (h, w) in enumerate([(480, 640)] * 10 + [(240, 320)] * 10 + [(480, 640)] * 6):
+        image, k, pose = _frame(cfg, 30 + i)
+        image = np.ascontiguousarray(image[:h, :w])
+        k = k.copy()
+        k[:2] *= w / 640
+        frames.append((image[..., ::-1] if h == 480 else image, k, pose))  # bgr8 views, then RGB
+    results, errors = {}, []
+    runner = FrameRunner(lambda i, slot: fused.prepare(*frames[i], slot=slot),
+                         lambda i, launched: results.__setitem__(i, fused.collect(launched)),
+                         on_error=lambda i, exc: errors.append(exc), slots=fused.slots,
+                         launch=lambda i, prepared: fused.launch(prepared), launched_done=fused.launched_done,
+                         wait_launched=fused.wait_launched, lossless=True)
+    try:
+        for i in range(len(frames)):
+            runner.submit(i)
+        assert runner.wait_idle(60)
+    finally:
+        runner.close()
+    assert not errors and sorted(results) == list(range(len(frames)))
+    for i, f in enumerate(frames):
+        _same_frames(plain.complete(plain.prepare(*f)), results[i], exact=False)
+
+
 def test_run_fused_needs_the_static_mode(lite_model, lite_config):
     backend = TorchBackend(lite_model, lite_config, device="cpu")
     assert not backend.can_fuse and not OccupancyPipeline(backend, fuse=True).fused
