@@ -150,7 +150,7 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
             marker_period: int, decode_stage: bool = True, camera_hz: float | None = None,
-            serial: bool = False, watch: bool = True) -> dict:
+            serial: bool = False) -> dict:
     """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
     newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
     image, info, pose = camera_messages(factory, kind)
@@ -205,8 +205,6 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
 
     errors: list[BaseException] = []
     ahead = {"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])} if pipe.launch_ahead else {}
-    if pipe.launch_ahead and watch and hasattr(processor, "wait_launched"):  # trees before session 23 poll
-        ahead["wait_launched"] = lambda p: processor.wait_launched(p["prepared"])
     stages = ({"prepare": prepare, "decode": decode} if decode_stage
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     freeze_startup_objects()  # as the node does after start-up
@@ -263,7 +261,8 @@ def append_key(row: dict) -> tuple:
     ``tf32_convolutions``, ``cudnn_benchmark``, ``decode_stage``, ``camera_hz`` and ``serial`` were recorded ran
     with them off (a ``tf32`` row's convolutions in TF32); rows without ``omp_wait_policy`` are taken
     as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own);
-    launch-ahead rows without ``launch_wait`` polled."""
+    launch-ahead rows without ``launch_wait`` polled (``watch``: session 23's watcher thread, measured in
+    device calls 11 and 12 and dropped, docs/results/frame_path.md)."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -303,9 +302,6 @@ def main(argv: list[str] | None = None) -> int:
                              "(off); auto (the node's default): on where the network runs on a GPU")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
-    parser.add_argument("--launch-wait", choices=("watch", "poll"), default="watch",
-                        help="launch-ahead: how the finish stage learns a launched frame is done: the watcher "
-                             "thread (the node's, since session 23) or polling every 0.2 ms (before)")
     parser.add_argument("--marker-period", type=int, default=defaults()["marker_period"],
                         help="the node's marker_period (default: its default)")
     parser.add_argument("--closing", choices=["on", "off", "model"], default="on",
@@ -349,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
                               args.decode_stage == "on"
                               or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
-                              args.camera_hz, serial=not pipelined, watch=args.launch_wait == "watch")
+                              args.camera_hz, serial=not pipelined)
                 row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
@@ -359,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
                        "cudnn_benchmark": backend.cudnn_benchmark,
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                        "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
-                       "launch_wait": args.launch_wait if pipe.launch_ahead else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
                                             and backend.torch_device.type == "cpu" else "torch")}
                 rows.append(row)

@@ -7,8 +7,7 @@ of its header stamp (bounded wait, ``pairing.py``), looks up the camera pose in 
 decodes it (on thread ``frame_decode`` for compressed images in a pipelined loop; otherwise at the
 start of the prepare stage); the prepare stage (``frame_prepare``) preprocesses (uploads) it; the finish stage
 (``frame_infer``) infers, post-processes and publishes, while the stages before it already work on
-the next frames (on a GPU with launch-ahead, thread ``frame_watch`` waits for each launched frame's
-device work, holding neither the GIL nor a core, and wakes the finish stage when it is done). A frame replaced by a newer one before a stage took it is dropped and counted;
+the next frames. A frame replaced by a newer one before a stage took it is dropped and counted;
 diagnostics carry received, processed, skipped by reason, dropped and the frames in flight.
 Parameters are read once at start-up and declared read-only.
 

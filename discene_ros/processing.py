@@ -341,10 +341,6 @@ class FrameProcessor:
         """True when ``complete`` of a launched frame will not wait for the device."""
         return self.pipeline.launched_done(frame.launched)
 
-    def wait_launched(self, frame: PreparedFrame) -> None:
-        """Block, without the GIL, until ``launched_done`` (the frame loop's watcher thread)."""
-        self.pipeline.wait_launched(frame.launched)
-
     def complete(self, frame: PreparedFrame) -> ProcessedFrame:
         """Finish stage: inference, post-processing and the output checks of a prepared frame (launched or not)."""
         with frame_errors():
@@ -433,7 +429,7 @@ class FrameLoop:
             slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
             launched_done=processor.launched_done, decode=self.decode_stage if decode_thread else None,
-            lossless=lossless, serial=not pipelined, wait_launched=processor.wait_launched if ahead else None)
+            lossless=lossless, serial=not pipelined)
 
     def submit(self, frame: FrameInput) -> None:
         """Count ``frame`` as received and hand it to the decode stage (ignored once closed); lossless:

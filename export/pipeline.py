@@ -129,12 +129,8 @@ class _HostEvent:
         return (end.recorded_s - self.recorded_s) * 1e3
 
 
-def _event(device: torch.device, timing: bool, blocking: bool = False) -> Any:
-    """A CUDA event (``blocking``: its ``synchronize`` sleeps until the device is done instead of spinning a
-    core), or on the CPU a ``_HostEvent``."""
-    if device.type != "cuda":
-        return _HostEvent()
-    return torch.cuda.Event(enable_timing=timing, blocking=blocking)
+def _event(device: torch.device, timing: bool) -> Any:
+    return torch.cuda.Event(enable_timing=timing) if device.type == "cuda" else _HostEvent()
 
 
 class OccupancyPipeline:
@@ -264,7 +260,7 @@ class OccupancyPipeline:
             pin = dev.type == "cuda"
             self._results = [_ResultSet(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
                                         torch.empty(shape, dtype=torch.float32, pin_memory=pin),
-                                        _event(dev, True), _event(dev, True), _event(dev, False, blocking=True))
+                                        _event(dev, True), _event(dev, True), _event(dev, False))
                              for _ in range(RESULT_SETS)]
         return self._results
 
@@ -290,11 +286,6 @@ class OccupancyPipeline:
     def launched_done(launched: Launched) -> bool:
         """True when the launched frame's grids are on the host (``collect`` will not wait)."""
         return bool(launched.copied.query())
-
-    @staticmethod
-    def wait_launched(launched: Launched) -> None:
-        """Block until ``launched_done``: a blocking CUDA event's wait, which holds neither the GIL nor a core."""
-        launched.copied.synchronize()
 
     def collect(self, launched: Launched):
         """Fused path, finish stage (b): wait for the copy, then the host ``OccupancyFrame``. ``infer_ms``
@@ -384,13 +375,10 @@ class FrameRunner:
     With ``launch`` (launch-ahead), the finish stage calls ``launch(item, prepared)`` (queue the device
     work) and later ``finish(item, launched)``; when the next prepared frame is already waiting, it is
     launched before the current one is finished, so the device works on frame i+1 while the host turns
-    frame i into messages. While a launched frame's device work runs (``launched_done(handle)`` False),
-    a frame that becomes ready is launched behind it; once the work is done the frame is finished at
-    once, so no frame waits for a newer one. Frames finish in order. That needs a fourth slot. How the
-    finish stage learns that the work is done: with ``wait_launched(handle)`` (blocks until it is, without
-    holding the GIL, e.g. a CUDA event's ``synchronize``) a watcher thread (``frame_watch``) waits and
-    wakes it once per frame; without it, it polls ``launched_done`` every ``LAUNCH_POLL_S``, taking the
-    GIL about ten times per frame of a 2 ms graph from the thread that prepares the next one.
+    frame i into messages. While a launched frame's device work runs (``launched_done(handle)`` False,
+    polled every ``LAUNCH_POLL_S``), a frame that becomes ready is launched behind it; once the work is
+    done the frame is finished at once, so no frame waits for a newer one. Frames finish in order.
+    That needs a fourth slot.
 
     ``serial``: one frame in the loop at a time. A stage takes a frame only while no stage after it works
     and no frame waits after it, so the stages still run on their threads (the node's callbacks never
@@ -403,18 +391,13 @@ class FrameRunner:
                  on_drop: Callable[[Any], None] | None = None,
                  launch: Callable[[Any, Any], Any] | None = None,
                  launched_done: Callable[[Any], bool] = lambda handle: True,
-                 decode: Callable[[Any], Any] | None = None, lossless: bool = False, serial: bool = False,
-                 wait_launched: Callable[[Any], None] | None = None) -> None:
+                 decode: Callable[[Any], Any] | None = None, lossless: bool = False, serial: bool = False) -> None:
         need = LAUNCH_AHEAD_SLOTS if launch is not None else PIPELINE_SLOTS
         if slots < need:
             raise ValueError(f"FrameRunner needs {need} buffer slots (in use, waiting, being prepared"
                              f"{', launched ahead' if launch is not None else ''}), got {slots}")
         self._prepare, self._finish, self._on_error, self._on_drop = prepare, finish, on_error, on_drop
         self._launch, self._launched_done, self._decode = launch, launched_done, decode
-        self._wait_launched = wait_launched if launch is not None else None
-        self._watch: Any = None        # the launched handle the watcher is to wait for
-        self._watched: Any = None      # the last handle the watcher saw done
-        self._finish_exited = False    # the finish stage returned: the watcher may too
         self.lossless, self.serial = bool(lossless), bool(serial)
         self._cond = threading.Condition()
         self._incoming: Any = None     # submitted, not yet taken by the first stage
@@ -427,8 +410,6 @@ class FrameRunner:
         finish_stage = self._finish_stage if launch is None else self._finish_stage_launch_ahead
         release_openmp_team()  # the stages' threads do the torch work now (export/host_threads.py)
         stages = [(self._relay_stage, (1,), "frame_prepare"), (finish_stage, (), "frame_infer")]
-        if self._wait_launched is not None:
-            stages.append((self._watch_stage, (), "frame_watch"))
         if decode is not None:
             stages.insert(0, (self._relay_stage, (0,), "frame_decode"))
         self._threads = [threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -537,27 +518,14 @@ class FrameRunner:
             self._finish_counted(item, prepared, slot, idle=True)
 
     def _finish_stage_launch_ahead(self) -> None:
-        try:
-            self._launch_ahead_loop()
-        finally:
-            with self._cond:
-                self._finish_exited = True
-                self._cond.notify_all()
-
-    def _seen_done(self, handle: Any) -> bool:
-        """The launched frame's device work is done, as far as the finish stage's wait knows (under the lock)."""
-        return self._watched is handle if self._wait_launched is not None else self._launched_done(handle)
-
-    def _launch_ahead_loop(self) -> None:
         pending = None  # (item, launched, slot): launched, not finished yet
-        poll = None if self._wait_launched is not None else LAUNCH_POLL_S
         while True:
             with self._cond:
                 # with a frame on the device, wait for the next prepared frame or for that frame's results,
                 # whichever comes first: its results are not delayed, and a next frame gets queued behind it
-                while not (self._ready is not None or (pending is not None and self._seen_done(pending[1]))
+                while not (self._ready is not None or (pending is not None and self._launched_done(pending[1]))
                            or (pending is None and self._closed and self._upstream_idle(2))):
-                    self._cond.wait(poll if pending is not None else None)
+                    self._cond.wait(LAUNCH_POLL_S if pending is not None else None)
                 if pending is None and self._ready is None:
                     return
                 taken, self._ready = self._ready, None
@@ -576,32 +544,10 @@ class FrameRunner:
                 pending = None
             if launched is not None:
                 pending = launched
-                if self._wait_launched is not None:
-                    with self._cond:
-                        self._watch = launched[1]
-                        self._cond.notify_all()
             if pending is None:
                 with self._cond:
                     self._busy[2] = False
                     self._cond.notify_all()
-
-    def _watch_stage(self) -> None:
-        """The watcher: wait (GIL-free) for each launched frame the finish stage hands over, then wake it."""
-        while True:
-            with self._cond:
-                while self._watch is None and not self._finish_exited:
-                    self._cond.wait()
-                if self._watch is None:
-                    return
-                handle = self._watch
-            try:
-                self._wait_launched(handle)
-            except BaseException:  # the frame's own failure is reported when the finish stage collects it
-                pass
-            with self._cond:
-                if self._watch is handle:  # not replaced meanwhile by a newer launch
-                    self._watch, self._watched = None, handle
-                self._cond.notify_all()
 
     def _finish_counted(self, item: Any, handle: Any, slot: int, idle: bool = False) -> None:
         """``finish`` a frame (a failure is reported, never raised), then ``_finish_done``."""

@@ -44,8 +44,9 @@
 #                                             # Before it: echo /.before/ >> .git/info/exclude;
 #                                             # mkdir .before; git archive 79bf64f | tar -x -C .before
 #                                             # (session 8's code), and carry .whl and .before
-#   bash scripts/device_frame_path.sh launch-path # tests; session 23's two changes (the preprocessing queued
-#                                             # at launch into the network's inputs; the watcher thread) against
+#   bash scripts/device_frame_path.sh launch-path # call 11: tests; session 23's two changes (the preprocessing
+#                                             # queued at launch into the network's inputs; a watcher thread,
+#                                             # dropped after call 12) against
 #                                             # .before (the commit before both) and .mid (the first alone),
 #                                             # interleaved, three rounds of lite CUDA graphs, every tree through
 #                                             # this tree's bench_frame_path.py (it times the launch); each
@@ -54,9 +55,11 @@
 #                                             # compiled FP16 and FP32 (TF32 convolutions) (~5 min). Before it:
 #                                             # mkdir .before; git archive <commit> -- . ':!checkpoints' ':!docs'
 #                                             # | tar -x -C .before (likewise .mid); carry .whl, .before, .mid
-#   bash scripts/device_frame_path.sh launch-fix # tests; after call 11's fix: .before against this tree with
-#                                             # its watcher and polling (--launch-wait), three rounds of lite
-#                                             # CUDA graphs; paper_student CUDA graphs; a 30 Hz camera (~3 min)
+#   bash scripts/device_frame_path.sh launch-fix # tests; after call 11's fix: .before against this tree, two
+#                                             # rounds of lite CUDA graphs; paper_student CUDA graphs; a 30 Hz
+#                                             # camera (~2.5 min; call 12 ran it with three rounds and this
+#                                             # tree both with the watcher thread and polling, --launch-wait,
+#                                             # before the watcher was dropped)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -287,8 +290,8 @@ launch_path() {  # .before, .mid (optional) and this tree interleaved, all throu
     tar czf "$out/rounds.tgz" -C /tmp rounds
 }
 
-launch_fix() {  # after call 11's failure was fixed: .before and this tree (watcher, and polling as before),
-    # interleaved, three rounds of lite CUDA graphs; paper_student CUDA graphs and the 30 Hz camera row
+launch_fix() {  # after call 11's failure was fixed: .before and this tree interleaved, two rounds of lite CUDA
+    # graphs; paper_student CUDA graphs and the 30 Hz camera row
     if [ ! -d .before ]; then
         echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
         return
@@ -296,14 +299,12 @@ launch_fix() {  # after call 11's failure was fixed: .before and this tree (watc
     cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
     (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
     mkdir -p /tmp/rounds
-    local round wait
-    for round in 1 2 3; do
+    local round
+    for round in 1 2; do
         step 50 "BEFORE, lite, CUDA graphs (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
             benchmarks/bench_frame_path.py --device cuda --configs lite --frames 300 --json /tmp/rounds/before_$round.json"
-        for wait in watch poll; do
-            step 50 "AFTER, lite, CUDA graphs, --launch-wait $wait (round $round)" python3 benchmarks/bench_frame_path.py \
-                --device cuda --configs lite --frames 300 --launch-wait $wait --json "/tmp/rounds/after_${wait}_$round.json"
-        done
+        step 50 "AFTER, lite, CUDA graphs (round $round)" python3 benchmarks/bench_frame_path.py --device cuda \
+            --configs lite --frames 300 --json "/tmp/rounds/after_$round.json"
     done
     step 50 "AFTER, paper_student, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
         --configs paper_student --frames 300 --json /tmp/rounds/after_paper.json

@@ -154,7 +154,7 @@ def test_fused_prepare_stays_on_the_host_and_launch_fills_the_network_inputs(lit
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (captures on one thread, staging on another)")
 def test_fused_cuda_loop_survives_input_size_changes(lite_config):
-    """The pipelined fused loop on CUDA (launch-ahead, the watcher, lossless) through input size changes, as
+    """The pipelined fused loop on CUDA (launch-ahead, lossless) through input size changes, as
     a bgr8 row then a half-size JPEG row of the benchmark: the prepare thread restages slots while the
     finish thread captures graphs for the new size. Every frame is processed and matches the plain path."""
     cfg = dataclasses.replace(lite_config, score_threshold=0.0)
@@ -174,7 +174,7 @@ def test_fused_cuda_loop_survives_input_size_changes(lite_config):
                          lambda i, launched: results.__setitem__(i, fused.collect(launched)),
                          on_error=lambda i, exc: errors.append(exc), slots=fused.slots,
                          launch=lambda i, prepared: fused.launch(prepared), launched_done=fused.launched_done,
-                         wait_launched=fused.wait_launched, lossless=True)
+                         lossless=True)
     try:
         for i in range(len(frames)):
             runner.submit(i)
@@ -239,17 +239,10 @@ class Device:
         self.running[item].set()
 
 
-def _watcher(dev: Device, watch: bool) -> dict:
-    """FrameRunner's ``wait_launched`` for the pretend device (a watcher thread), or none (polling)."""
-    return {"wait_launched": lambda handle: dev.running[handle].wait()} if watch else {}
-
-
-@pytest.mark.parametrize("watch", [False, True])
-def test_launch_ahead_queues_the_next_frame_behind_a_running_one(watch):
+def test_launch_ahead_queues_the_next_frame_behind_a_running_one():
     dev = Device()
     runner = FrameRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
-                         launched_done=dev.done, **_watcher(dev, watch))
-    assert [t.name for t in runner._threads].count("frame_watch") == int(watch)
+                         launched_done=dev.done)
     try:
         runner.submit(1)
         wait_until(lambda: ("launch", 1) in dev.events)
@@ -266,13 +259,12 @@ def test_launch_ahead_queues_the_next_frame_behind_a_running_one(watch):
         runner.close()
 
 
-@pytest.mark.parametrize("watch", [False, True])
-def test_launch_ahead_counts_every_frame_and_keeps_order(watch):
+def test_launch_ahead_counts_every_frame_and_keeps_order():
     dev = Device()
     errors: list[int] = []
     runner = FrameRunner(dev.prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch,
                          launched_done=dev.done, on_drop=dev.release,
-                         on_error=lambda item, exc: (errors.append(item), dev.release(item)), **_watcher(dev, watch))
+                         on_error=lambda item, exc: (errors.append(item), dev.release(item)))
     stop = threading.Event()
 
     def device_loop() -> None:  # completes launched work in launch order, like one CUDA stream

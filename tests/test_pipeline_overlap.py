@@ -103,12 +103,12 @@ def test_many_frames_every_one_accounted_for():
 @pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("lossless", [False, True])
 @pytest.mark.parametrize("with_decode", [False, True])
-@pytest.mark.parametrize("ahead", [None, "poll", "watch"])
+@pytest.mark.parametrize("ahead", [False, True])
 def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lossless, with_decode, ahead, serial):
     """Random short delays and a failure now and then in every stage: each frame is processed, failed
     or dropped exactly once (``on_drop``/``on_error`` see each one once), frames finish in order, no two
     frames share a buffer slot, and a lossless runner drops nothing. Launched frames (``ahead``) take a
-    random time on a pretend device; the finish stage learns of it by polling or from the watcher."""
+    random time on a pretend device, which the finish stage polls."""
     rng_lock = threading.Lock()
     rng = np.random.default_rng(7)
     fails = {"decode": {11, 57}, "prepare": {23, 88}, "launch": {40}, "finish": {66}}
@@ -160,8 +160,6 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
         seen["dropped"].append(item)
 
     extra = {"launch": launch, "launched_done": lambda handle: handle[1].is_set()} if ahead else {}
-    if ahead == "watch":
-        extra["wait_launched"] = lambda handle: handle[1].wait()
     runner = FrameRunner(prepare, finish, on_error=on_error, on_drop=on_drop, slots=4, lossless=lossless,
                          decode=(lambda item: stage("decode", item) or item) if with_decode else None,
                          serial=serial, **extra)
