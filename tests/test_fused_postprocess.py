@@ -186,6 +186,27 @@ def test_fused_cuda_loop_survives_input_size_changes(lite_config):
         _same_frames(plain.complete(plain.prepare(*f)), results[i], exact=False)
 
 
+def test_result_sets_wait_for_their_copy_on_a_sleeping_event(monkeypatch):
+    """On CUDA the results' copy-done event is blocking (its wait sleeps: a spinning one cost a core per frame
+    on H200, session 23) and the two timing events time; checked with torch's CUDA calls stood in for."""
+    made = []
+
+    class Event:
+        def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+            made.append((enable_timing, blocking))
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    pipe = object.__new__(OccupancyPipeline)
+    pipe._results = []
+    pipe.backend = type("B", (), {"torch_device": torch.device("cuda")})()
+    pipe.config = type("C", (), {"grid_shape": (4, 4, 2)})()
+    sets = pipe._result_sets()
+    assert len(sets) == 3 and made == [(True, False), (True, False), (False, True)] * 3
+    assert sets[0].labels.shape == (1, 4, 4, 2) and sets[0].best.dtype == torch.float32
+
+
 def test_run_fused_needs_the_static_mode(lite_model, lite_config):
     backend = TorchBackend(lite_model, lite_config, device="cpu")
     assert not backend.can_fuse and not OccupancyPipeline(backend, fuse=True).fused
