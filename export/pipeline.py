@@ -247,10 +247,13 @@ class OccupancyPipeline:
             out.copied.synchronize()  # that set's last copy is done (its frame was collected long ago)
         out.used = True
         post = self._post_fn()
-        with torch.inference_mode(), intra_op_threads(self.host_threads if stream is None else None):
+        with torch.inference_mode():
+            targets = self._fused_targets(post)
             # the frame's upload, resize and normalisation, straight into the network's static inputs: in
-            # stream order before the network, so no copy and no second stream (one replay on CUDA)
-            inputs = self.preprocessor.run(prepared.inputs, self._fused_targets(post), stream)
+            # stream order before the network, so no copy and no second stream (one replay on CUDA; on the
+            # CPU torch ops on the host threads, the network below on torch's own)
+            with intra_op_threads(self.host_threads if stream is None else None):
+                inputs = self.preprocessor.run(prepared.inputs, targets, stream)
             out.start.record(stream)
             labels, best = self.backend.run_fused(inputs, post)
         out.end.record(stream)

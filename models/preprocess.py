@@ -197,7 +197,8 @@ class _Slot:
         self.g2i_np: np.ndarray | None = None  # numpy view of host_g2i[0]
         self.bgr = False  # the staged bytes are in BGR order
         self.frame_rgb: torch.Tensor | None = None  # CPU: the frame's own bytes, viewed, until resized
-        self.graphs: dict[tuple, Any] = {}  # (image shape, bgr, depth shape) -> CUDA graph of the device work
+        # (image shape, bgr, depth shape, output buffer) -> CUDA graph of the device work
+        self.graphs: dict[tuple, Any] = {}
 
 
 class TensorPreprocessor:
@@ -209,6 +210,9 @@ class TensorPreprocessor:
     image is resized in float32 (the only antialiased mode CUDA offers). ``graphs`` (default: on
     CUDA) captures each slot's device work (uploads from its pinned buffers, resize, normalisation,
     depth) as one CUDA graph per input shape, replayed per frame: a dozen launches become one.
+    ``__call__`` is ``stage`` (host: checks, ``grid2img``, the frame into the slot's buffers) then ``run``
+    (device work, into the slot's outputs or given tensors); the fused frame loop calls the two on its
+    prepare and finish threads.
     """
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cpu", slots: int = 3,
