@@ -131,7 +131,8 @@ class _HostEvent:
 
 def _event(device: torch.device, timing: bool, blocking: bool = False) -> Any:
     """A CUDA event, or on the CPU a ``_HostEvent``. ``blocking``: its ``synchronize`` sleeps until the device
-    is done instead of spinning a core. The copy-done event of the results is one: with a spinning wait the
+    is done instead of spinning a core. The copy-done event of the results is one (and the unfused path's
+    network-done event, whose effect no GPU run has measured yet): with a spinning wait the
     frame loop took 13.7 ms of process CPU time per 13.3 ms paper_student frame on H200 (a core spent
     waiting), 2.6 ms with the sleeping one; lite 2.1-2.4 against 1.2-1.4 ms (docs/results/frame_path.md,
     session 23)."""
@@ -181,6 +182,9 @@ class OccupancyPipeline:
         # per buffer slot, re-recorded each frame: the work queued before its upload, and its upload, are done
         self._queued = [torch.cuda.Event() for _ in range(slots)] if self.upload_stream is not None else []
         self._ready = [torch.cuda.Event() for _ in range(slots)] if self.upload_stream is not None else []
+        # unfused CUDA: the finish stage waits for the network on this sleeping event, not with a spinning
+        # torch.cuda.synchronize (which also waited for the next frame's upload on the other stream)
+        self._inferred = _event(backend.torch_device, False, blocking=True) if self.upload_stream is not None else None
 
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
@@ -322,8 +326,9 @@ class OccupancyPipeline:
             if prepared.ready is not None:
                 torch.cuda.current_stream(self.backend.torch_device).wait_event(prepared.ready)
             points, scores = self.backend.run(prepared.inputs)
-            if self.backend.torch_device.type == "cuda":
-                torch.cuda.synchronize(self.backend.torch_device)  # honest infer timing
+            if self._inferred is not None:  # honest infer timing: wait for the network before t2
+                self._inferred.record(torch.cuda.current_stream(self.backend.torch_device))
+                self._inferred.synchronize()
         else:
             raw = self.backend.infer(prepared.inputs)
             points, scores = raw["points"], raw["scores"]

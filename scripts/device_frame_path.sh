@@ -60,12 +60,17 @@
 #                                             # camera (~2.5 min; call 12 ran it with three rounds and this
 #                                             # tree both with the watcher thread and polling, --launch-wait,
 #                                             # before the watcher was dropped)
+#   bash scripts/device_frame_path.sh unfused-wait # tests; the unfused CUDA path (--no-cuda-graph: eager network,
+#                                             # post-processing as torch ops on the device) of .before against
+#                                             # this tree, interleaved, two rounds, lite and paper_student bgr8:
+#                                             # the finish stage's sleeping event against torch.cuda.synchronize
+#                                             # (frame rate, process CPU per frame; ~3 min). .before as launch-fix
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -313,6 +318,28 @@ launch_fix() {  # after call 11's failure was fixed: .before and this tree inter
     tar czf "$out/rounds.tgz" -C /tmp rounds
 }
 
+unfused_wait() {  # the unfused CUDA path, .before and this tree interleaved, two rounds per config
+    if [ ! -d .before ]; then
+        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
+        return
+    fi
+    cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
+    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
+    mkdir -p /tmp/rounds
+    local round config
+    for round in 1 2; do
+        for config in lite paper_student; do
+            step 60 "BEFORE, $config, unfused (round $round)" bash -c "cd .before && PYTHONPATH=\$PWD:/tmp/site python3 \
+                benchmarks/bench_frame_path.py --device cuda --configs $config --inputs bgr8 --no-cuda-graph \
+                --frames 300 --json /tmp/rounds/unfused_before_${config}_$round.json"
+            step 60 "AFTER, $config, unfused (round $round)" python3 benchmarks/bench_frame_path.py --device cuda \
+                --configs $config --inputs bgr8 --no-cuda-graph --frames 300 \
+                --json "/tmp/rounds/unfused_after_${config}_$round.json"
+        done
+    done
+    tar czf "$out/rounds.tgz" -C /tmp rounds
+}
+
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
 train) train_paper ;;
@@ -333,6 +360,7 @@ trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions 
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
 launch-path) tests 40; launch_path ;;
 launch-fix) tests 60; launch_fix ;;
+unfused-wait) tests 60; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

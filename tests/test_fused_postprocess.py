@@ -13,10 +13,10 @@ from test_ros_support import wait_until
 
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
-from export.pipeline import LAUNCH_AHEAD_SLOTS, FrameRunner, OccupancyPipeline
+from export.pipeline import LAUNCH_AHEAD_SLOTS, FrameRunner, OccupancyPipeline, Prepared
 from models import build_model
 from models.postprocess import dense_occupancy, frame_from_dense, labels_batch, points_to_occupancy
-from models.preprocess import StagedFrame, TensorPreprocessor
+from models.preprocess import FrameTensors, StagedFrame, TensorPreprocessor
 
 ORIGIN = np.array([1.0, -2.0, 0.5])
 
@@ -205,6 +205,59 @@ def test_result_sets_wait_for_their_copy_on_a_sleeping_event(monkeypatch):
     sets = pipe._result_sets()
     assert len(sets) == 3 and made == [(True, False), (True, False), (False, True)] * 3
     assert sets[0].labels.shape == (1, 4, 4, 2) and sets[0].best.dtype == torch.float32
+
+
+def test_unfused_cuda_path_waits_for_the_network_on_a_sleeping_event(monkeypatch, lite_config):
+    """Without the fused graph (``cuda_graph: false``, compile without graphs) the finish stage waits for the
+    network on a blocking event recorded on the inference stream, not with ``torch.cuda.synchronize`` (which
+    spins a core and also waits for the next frame's upload); checked with torch's CUDA calls stood in for."""
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+            self.blocking = blocking
+
+        def record(self, stream=None):
+            calls.append(("record", stream, self.blocking))
+
+        def synchronize(self):
+            calls.append(("wait", self.blocking))
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event):
+            calls.append(("stream waits", event))
+
+    cuda = torch.device("cuda")
+    points, scores = torch.zeros(1, 2, 3), torch.zeros(1, 2, 4)
+
+    class Backend(TorchBackend):  # what the pipeline asks of the torch backend on CUDA, without a model
+        def __init__(self, config):
+            self.config, self.torch_device = config, cuda
+
+        can_fuse = False
+
+        def run(self, inputs):
+            calls.append(("run", inputs))
+            return points, scores
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    inference_stream = Stream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: inference_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("device sync",)))
+    monkeypatch.setattr("export.pipeline.TensorPreprocessor", lambda *a, **k: None)
+    monkeypatch.setattr("export.pipeline.points_to_occupancy", lambda p, s, origin, config: ("frame", p, s))
+    pipe = OccupancyPipeline(Backend(lite_config))
+    assert not pipe.fused and pipe.upload_stream is not None
+    ready = Event()
+    frame = pipe.complete(Prepared(FrameTensors(None, None, None, np.zeros(3)), 1.0, ready))
+    assert frame == ("frame", points, scores)
+    assert calls == [("stream waits", ready), ("run", calls[1][1]), ("record", inference_stream, True),
+                     ("wait", True)]
+    assert pipe.last_timings.preprocess_ms == 1.0
 
 
 def test_run_fused_needs_the_static_mode(lite_model, lite_config):
