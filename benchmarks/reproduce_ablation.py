@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import atomic_write, load_checkpoint, load_model, trained_steps  # noqa: E402
+from models.checkpoint import atomic_write, load_checkpoint, model_from_payload, trained_steps  # noqa: E402
 from training.data import build_dataset  # noqa: E402
 from training.device_run import checkpoint_file  # noqa: E402
 from training.evaluate import evaluate_model  # noqa: E402
@@ -151,6 +151,17 @@ def evaluate(model: torch.nn.Module, model_cfg, args: argparse.Namespace, device
     val = build_dataset(args.data, "val", model_cfg, args.val_frames)
     result = evaluate_model(model, val, model_cfg, device, batch_size=args.batch, workers=args.workers, amp=args.amp)
     return {"iou": float(result["iou"]), "miou": float(result["miou"]), "val_frames": int(result["frames"])}
+
+
+def given_teacher_record(teacher: Path, args: argparse.Namespace) -> dict:
+    """The teacher row of a teacher trained elsewhere (--teacher): evaluated on the val split, with its own steps
+    and those of the checkpoints it was warm-started from, and no training time of this run. Reads the file once."""
+    payload = load_checkpoint(teacher)
+    model, model_cfg = model_from_payload(payload, teacher)
+    model_cfg.score_threshold = args.score_threshold
+    record = evaluate(model.to(args.device), model_cfg, args, args.device)
+    record.update(checkpoint=str(teacher), steps=trained_steps(payload), seconds_per_step=0.0, train_seconds=0.0)
+    return record
 
 
 def train_and_eval(cfg: TrainConfig, args: argparse.Namespace, budget_s: float | None = None) -> dict:
@@ -494,13 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[tuple[int, dict]]] = {}
     teacher = resolve_teacher(args, parser)
     if teacher is not None:
-        model, model_cfg = load_model(str(teacher))
-        model_cfg.score_threshold = args.score_threshold
-        record = evaluate(model.to(args.device), model_cfg, args, args.device)
-        # trained elsewhere: its own steps and those of the checkpoints it was warm-started from, and no
-        # training time of this run
-        args.teacher_steps = trained_steps(load_checkpoint(teacher))
-        record.update(checkpoint=str(teacher), steps=args.teacher_steps, seconds_per_step=0.0, train_seconds=0.0)
+        record = given_teacher_record(teacher, args)
+        args.teacher_steps = record["steps"]
         runs["teacher"] = [(args.seeds[0], record)]
     else:
         teacher_cfg = make_config("lite_teacher.yaml", [], args, "teacher", args.seeds[0], args.teacher_steps)

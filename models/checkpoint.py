@@ -133,9 +133,14 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelConfig]:
     """Build the model from the checkpoint's config and load its weights; returns (model in eval mode, config)."""
+    return model_from_payload(load_checkpoint(path, map_location), path)
+
+
+def model_from_payload(payload: dict[str, Any], path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """``load_model`` of a checkpoint already read (``load_checkpoint``), for callers that also want its other
+    entries (e.g. ``trained_steps``) without reading the file twice; ``path`` names it in errors."""
     from . import build_model
 
-    payload = load_checkpoint(path, map_location)
     try:
         config = ModelConfig.from_dict(payload["config"])
     except (TypeError, ValueError) as exc:

@@ -139,3 +139,29 @@ def test_a_budget_too_short_for_one_step_runs_no_row(in_process_rows, tmp_path):
     assert result["setup"]["calibration"]["chosen_steps"] == 0 and result["setup"]["calibration"]["seconds_left"] < 0
     assert set(result["setup"]["calibration"]["rows"]) == {"distilled_s0"}  # --jobs 1: a wave of one, in process
     assert not any(name in result for name in ("student", "student_tgi", "distilled"))
+
+
+def test_a_given_teacher_is_read_once_and_keeps_its_own_steps(tmp_path, monkeypatch, lite_config, lite_model):
+    """--teacher: the checkpoint is read once for the model and its step count, the row records the steps it
+    was trained for (warm starts included) and no training time of this run."""
+    from models.checkpoint import save_model
+
+    path = tmp_path / "teacher.pt"
+    save_model(path, lite_model, lite_config, step=30, steps_before=200)
+    reads = []
+    real = ablation.load_checkpoint
+    monkeypatch.setattr(ablation, "load_checkpoint", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    seen = {}
+
+    def evaluate(model, model_cfg, args, device):
+        seen.update(threshold=model_cfg.score_threshold, same=all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), lite_model.state_dict().values(), strict=True)))
+        return {"iou": 10.0, "miou": 5.0, "val_frames": 2}
+
+    monkeypatch.setattr(ablation, "evaluate", evaluate)
+    args = ablation.build_parser().parse_args(["--score-threshold", "0.3"])
+    record = ablation.given_teacher_record(path, args)
+    assert reads == [path]
+    assert seen == {"threshold": 0.3, "same": True}
+    assert record == {"iou": 10.0, "miou": 5.0, "val_frames": 2, "checkpoint": str(path), "steps": 230,
+                      "seconds_per_step": 0.0, "train_seconds": 0.0}
