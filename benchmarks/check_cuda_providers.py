@@ -1,7 +1,8 @@
 """Device check: run the torch, cuda-python and pycuda providers of export/cuda_mem.py on a real GPU.
 
 For each installed provider: ``gpu_info``, allocations of the lite network's IO tensors, exact
-host -> device -> host round trips (also from a worker thread, as the ROS node does), the refusal of
+host -> device -> host round trips with the blocking-sync ``wait`` between upload and download, as the
+TensorRT backend waits for its engine (also from a worker thread, as the ROS node does), the refusal of
 a wrong-shaped upload before any copy, ``close`` freeing everything, and the H2D/D2H copy rate of
 the image tensor. TensorRT itself is not exercised (not installable on the device machines).
 Without CUDA every provider is reported as skipped and the exit code is 0.
@@ -31,7 +32,7 @@ def _roundtrip(mem, bufs, rng) -> None:
     for name, buf in bufs.items():
         host = (rng.standard_normal(buf.shape) * 100).astype(buf.dtype)
         mem.upload(buf, host)
-        mem.synchronize()
+        mem.wait()
         back = mem.download(buf)
         if not np.array_equal(back, host):
             raise AssertionError(f"{name}: device round trip changed the data")

@@ -64,7 +64,8 @@
 #                                             # post-processing as torch ops on the device) of .before against
 #                                             # this tree, interleaved, two rounds, lite and paper_student bgr8:
 #                                             # the finish stage's sleeping event against torch.cuda.synchronize
-#                                             # (frame rate, process CPU per frame; ~3 min). .before as launch-fix
+#                                             # (frame rate, process CPU per frame; ~3 min); then
+#                                             # check_cuda_providers.py (the TensorRT path's wait). .before as launch-fix
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -338,6 +339,8 @@ unfused_wait() {  # the unfused CUDA path, .before and this tree interleaved, tw
         done
     done
     tar czf "$out/rounds.tgz" -C /tmp rounds
+    step 30 "TensorRT backend's CUDA memory providers, their blocking wait included" python3 \
+        benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
 }
 
 case $stage in

@@ -40,6 +40,7 @@ ENGINE_MAGIC = b"FAKE-TRT-ENGINE:"
 CACHE_MAGIC = b"FAKE-TRT-CACHE:"
 GPU = {"name": "Fake Orin", "compute_capability": "8.7"}
 STREAM = 0xC0FFEE
+EVENT = 0xE7E47  # handles of the shim's events
 
 
 class DeviceOverrun(AssertionError):
@@ -476,6 +477,9 @@ class CudaRuntimeShim:
             self.cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1,
                                                                    "cudaMemcpyDeviceToHost": 2})
         self.streams: set[int] = set()
+        self.events: dict[int, int] = {}  # handle -> creation flags
+        self.cudaEventBlockingSync, self.cudaEventDisableTiming = ((real.cudaEventBlockingSync, real.cudaEventDisableTiming)
+                                                                   if real is not None else (1, 2))
 
     def _call(self, name, *args):
         self.calls.append((name, *args))
@@ -528,6 +532,29 @@ class CudaRuntimeShim:
 
     def cudaStreamSynchronize(self, stream):
         failed, err = self._call("cudaStreamSynchronize", stream)
+        return (err,)
+
+    def cudaEventCreateWithFlags(self, flags):
+        failed, err = self._call("cudaEventCreateWithFlags", flags)
+        if failed:
+            return err, None
+        handle = EVENT + len(self.events)
+        self.events[handle] = int(flags)
+        return err, (self.real.cudaEvent_t(handle) if self.real is not None else handle)
+
+    def cudaEventRecord(self, event, stream):
+        failed, err = self._call("cudaEventRecord", event, stream)
+        assert int(event) in self.events and int(stream) in self.streams, "record of an unknown event or stream"
+        return (err,)
+
+    def cudaEventSynchronize(self, event):
+        failed, err = self._call("cudaEventSynchronize", event)
+        assert int(event) in self.events, "wait on an unknown event"
+        return (err,)
+
+    def cudaEventDestroy(self, event):
+        failed, err = self._call("cudaEventDestroy", event)
+        self.events.pop(int(event), None)
         return (err,)
 
     def cudaStreamDestroy(self, stream):
@@ -648,6 +675,25 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
             if current() is not self.ctx:
                 raise LogicError("stream used outside its context")
 
+    event_flags = types.SimpleNamespace(DEFAULT=0, BLOCKING_SYNC=1, DISABLE_TIMING=2, INTERPROCESS=4)
+
+    class Event:  # documented: Event(flags=0), record(stream=None) and synchronize() return self
+        def __init__(self, flags=0):
+            self.ctx, self.flags = current(), flags
+            drv.events.append(self)
+
+        def record(self, stream=None):
+            if current() is not self.ctx or (stream is not None and stream.ctx is not self.ctx):
+                raise LogicError("event recorded outside its context")
+            drv.event_log.append(("record", self.flags))
+            return self
+
+        def synchronize(self):
+            if current() is not self.ctx:
+                raise LogicError("event waited on outside its context")
+            drv.event_log.append(("synchronize", self.flags))
+            return self
+
     def init(flags=0):
         drv.initialised = True
 
@@ -667,8 +713,10 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
         heap.log.append(("dtoh", len(out)))
 
     drv.initialised = False
+    drv.events, drv.event_log = [], []
     for name, obj in dict(Error=Error, LogicError=LogicError, MemoryError=MemoryError, LaunchError=LaunchError,
-                          RuntimeError=RuntimeError, Context=Context, Device=Device, Stream=Stream, init=init,
+                          RuntimeError=RuntimeError, Context=Context, Device=Device, Stream=Stream, Event=Event,
+                          event_flags=event_flags, init=init,
                           mem_alloc=mem_alloc, memcpy_htod_async=memcpy_htod_async,
                           memcpy_dtoh_async=memcpy_dtoh_async).items():
         setattr(drv, name, obj)

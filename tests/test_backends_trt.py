@@ -332,10 +332,20 @@ def test_backend_binds_every_tensor_and_runs_on_the_stream(machine, onnx_file, t
         assert machine.heap.allocs[ptr].size == backend.buffers[name].nbytes
     assert ("set_input_shape", "image", (1, 3, 192, 256)) in machine.trt.log
     frame = _frame(lite_config)
+    shim = machine.providers[-1].rt
+    shim.calls.clear()
     out = backend.infer(frame)
     assert ("execute_async_v3", STREAM) in machine.trt.log
     copies = [c for c in machine.heap.log if c[0] == "memcpy"]
     assert copies[:2] == [("memcpy", 1, frame.image.nbytes), ("memcpy", 1, frame.grid2img.nbytes)]
+    # between the uploads and the downloads the host sleeps on a blocking-sync event, not spinning in a copy
+    order = [(c[0], int(c[4]) if c[0] == "cudaMemcpyAsync" else None) for c in shim.calls]
+    to_host = int(shim.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+    to_device = int(shim.cudaMemcpyKind.cudaMemcpyHostToDevice)
+    assert order[:4] == [("cudaMemcpyAsync", to_device)] * 2 + [("cudaEventRecord", None), ("cudaEventSynchronize", None)]
+    assert [c for c in order[4:] if c[0] == "cudaMemcpyAsync"] == [("cudaMemcpyAsync", to_host)] * 2
+    (flags,) = shim.events.values()
+    assert flags == shim.cudaEventBlockingSync | shim.cudaEventDisableTiming
     shapes = output_shapes(lite_config)
     assert out["points"].shape == shapes["points"] and out["scores"].shape == shapes["scores"]
     np.testing.assert_allclose(out["points"], frame.image.mean(), rtol=1e-5)

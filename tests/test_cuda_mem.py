@@ -78,6 +78,9 @@ def test_cuda_python_provider_roundtrip_over_the_shim(real_rt):
     host = np.arange(6, dtype=np.float32).reshape(2, 3)
     mem.upload(a, host)
     mem.upload(b, np.array([1, 2, 3, 4]))
+    mem.wait()  # the real functions take the event and stream objects (passthrough)
+    assert [c[0] for c in shim.calls[-2:]] == ["cudaEventRecord", "cudaEventSynchronize"]
+    assert list(shim.events.values()) == [real_rt.cudaEventBlockingSync | real_rt.cudaEventDisableTiming]
     np.testing.assert_array_equal(mem.download(a), host)
     np.testing.assert_array_equal(mem.download(b), [1, 2, 3, 4])
     assert [c for c in heap.log] == [("memcpy", 1, 24), ("memcpy", 1, 16), ("memcpy", 2, 24), ("memcpy", 2, 16)]
@@ -86,7 +89,15 @@ def test_cuda_python_provider_roundtrip_over_the_shim(real_rt):
         mem.upload(a, np.zeros((3, 3), np.float32))  # would over-read the host / overrun the device
     assert len(heap.log) == 4  # refused before any copy
     mem.close()
-    assert heap.allocs == {} and mem.stream is None
+    assert heap.allocs == {} and mem.stream is None and shim.events == {} and mem.event is None
+
+
+def test_cuda_python_event_failure_releases_the_stream():
+    rt, _ = _real_runtime()
+    shim = CudaRuntimeShim(DeviceHeap(), real=rt, fail={"cudaEventCreateWithFlags": "cudaErrorMemoryAllocation"})
+    with pytest.raises(RuntimeError, match="cudaEventCreateWithFlags failed: cudaErrorMemoryAllocation"):
+        CudaPythonMemory(runtime=shim)
+    assert shim.streams == set()
 
 
 def test_cuda_python_errors_are_runtime_errors_with_the_cuda_text():
@@ -122,6 +133,7 @@ def test_pycuda_provider_works_from_another_thread_and_detaches():
     def worker():  # the ROS node infers on a worker thread
         try:
             mem.upload(buf, np.eye(2))
+            mem.wait()
             result["out"] = mem.download(buf)
             assert drv.context_stack() == []
         except Exception as exc:  # noqa: BLE001 - reported to the main thread
@@ -133,6 +145,8 @@ def test_pycuda_provider_works_from_another_thread_and_detaches():
     assert "error" not in result, result.get("error")
     np.testing.assert_array_equal(result["out"], np.eye(2))
     assert heap.log == [("htod", 16), ("dtoh", 16)]
+    blocking = drv.event_flags.BLOCKING_SYNC | drv.event_flags.DISABLE_TIMING
+    assert drv.event_log == [("record", blocking), ("synchronize", blocking)]  # in the context, on the worker
     with pytest.raises(ValueError, match="does not fit"):
         mem.upload(buf, np.zeros((3, 3), np.float32))  # pycuda would copy all 36 bytes into 16
     assert mem.gpu_info() == GPU

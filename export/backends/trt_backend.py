@@ -145,6 +145,7 @@ class TensorRTBackend(Backend):
             self.mem.upload(self.buffers[name], feed[name])
         if not self.context.execute_async_v3(int(self.mem.stream_handle())):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        self.mem.wait()  # sleep until the engine is done: the copies below would spin a core while it runs
         out = {name: self.mem.download(self.buffers[name]) for name in self.outputs}
         return self._check_outputs(out)
 
