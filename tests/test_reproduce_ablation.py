@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import load_model
+from models.checkpoint import load_model, save_model
 from training.device_run import split_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,8 +144,6 @@ def test_a_budget_too_short_for_one_step_runs_no_row(in_process_rows, tmp_path):
 def test_a_given_teacher_is_read_once_and_keeps_its_own_steps(tmp_path, monkeypatch, lite_config, lite_model):
     """--teacher: the checkpoint is read once for the model and its step count, the row records the steps it
     was trained for (warm starts included) and no training time of this run."""
-    from models.checkpoint import save_model
-
     path = tmp_path / "teacher.pt"
     save_model(path, lite_model, lite_config, step=30, steps_before=200)
     reads = []
