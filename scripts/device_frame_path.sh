@@ -220,12 +220,21 @@ jpeg_decode() {  # libjpeg's decode per DCT scale on the device's host, JSON int
     step 40 "JPEG decode per DCT scale, one thread" python3 benchmarks/bench_jpeg_decode.py --calls 100 \
         --json /tmp/rounds/jpeg_decode.json
 }
+have_before() {  # true when the .before tree (git archive of the commit to compare with) was carried
+    [ -d .before ] && return 0
+    echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
+    return 1
+}
+with_this_bench() {  # TREE...: give each tree this tree's bench (it times what these stages compare) and its kernel
+    local tree
+    for tree in "$@"; do
+        cp benchmarks/bench_frame_path.py "$tree/benchmarks/bench_frame_path.py"
+        (cd "$tree" && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "$tree: native kernel not built" | tee -a "$log"
+    done
+}
 before_after() {  # .before (the previous commit) and this tree, interleaved; rows of both in the log,
     # this tree's last round in frame_path_gpu.json, every round's JSON in rounds.tgz
-    if [ ! -d .before ]; then
-        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
-        return
-    fi
+    have_before || return
     (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
     mkdir -p /tmp/rounds
     local round flags
@@ -257,16 +266,10 @@ PY
 
 launch_path() {  # .before, .mid (optional) and this tree interleaved, all through this tree's bench (it
     # times the launch); every run's JSON in rounds.tgz
-    if [ ! -d .before ]; then
-        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
-        return
-    fi
+    have_before || return
     local tree trees=(.before) round
     [ -d .mid ] && trees+=(.mid)
-    for tree in "${trees[@]}"; do
-        cp benchmarks/bench_frame_path.py "$tree/benchmarks/bench_frame_path.py"
-        (cd "$tree" && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "$tree: native kernel not built" | tee -a "$log"
-    done
+    with_this_bench "${trees[@]}"
     trees+=(.)
     mkdir -p /tmp/rounds
     for round in 1 2 3; do
@@ -298,12 +301,8 @@ launch_path() {  # .before, .mid (optional) and this tree interleaved, all throu
 
 launch_fix() {  # after call 11's failure was fixed: .before and this tree interleaved, two rounds of lite CUDA
     # graphs; paper_student CUDA graphs and the 30 Hz camera row
-    if [ ! -d .before ]; then
-        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
-        return
-    fi
-    cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
-    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
+    have_before || return
+    with_this_bench .before
     mkdir -p /tmp/rounds
     local round
     for round in 1 2; do
@@ -320,12 +319,8 @@ launch_fix() {  # after call 11's failure was fixed: .before and this tree inter
 }
 
 unfused_wait() {  # the unfused CUDA path, .before and this tree interleaved, two rounds per config
-    if [ ! -d .before ]; then
-        echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
-        return
-    fi
-    cp benchmarks/bench_frame_path.py .before/benchmarks/bench_frame_path.py
-    (cd .before && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "before: native kernel not built" | tee -a "$log"
+    have_before || return
+    with_this_bench .before
     mkdir -p /tmp/rounds
     local round config
     for round in 1 2; do
