@@ -65,7 +65,10 @@
 #                                             # this tree, interleaved, two rounds, lite and paper_student bgr8:
 #                                             # the finish stage's sleeping event against torch.cuda.synchronize
 #                                             # (frame rate, process CPU per frame; ~3 min); then
-#                                             # check_cuda_providers.py (the TensorRT path's wait). .before as launch-fix
+#                                             # check_cuda_providers.py (the TensorRT path's wait); then
+#                                             # profile (py-spy: where the fused launch's in-loop wait goes,
+#                                             # the GIL or not; ~2 min). .before as launch-fix; carry .whl
+#                                             # with py-spy's wheel too
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -358,7 +361,7 @@ trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions 
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
 launch-path) tests 40; launch_path ;;
 launch-fix) tests 60; launch_fix ;;
-unfused-wait) tests 60; unfused_wait ;;
+unfused-wait) tests 60; unfused_wait; profile_loop ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2
