@@ -5,10 +5,10 @@ cuda-python (``cuda.bindings.runtime``, what TensorRT's own samples use since 10
 All three expose the same small interface: ``alloc``, ``upload``, ``download``, ``stream_handle``,
 ``wait``, ``synchronize``, ``gpu_info`` and ``close``. ``wait`` sleeps until the stream's queued work is
 done (a blocking-sync CUDA event): a stream synchronisation, or a copy to host memory, may spin a CPU core
-for the whole inference, which a robot's other nodes want (session 23 measured the same change on the
-torch backend's frame path: 13.7 -> 2.6 ms of process CPU time per 13.3 ms frame on H200). Every upload checks the host array against the buffer
-(shape, dtype kind, byte count) before any copy, so a wrong frame can neither over-read host memory
-nor overrun a device buffer. Binding errors (cuda-python error codes, ``pycuda.driver.Error``) are
+for the whole inference, a core the robot's other nodes could use (the same change on the torch backend's
+frame path: 13.7 -> 2.6 ms of process CPU time per 13.3 ms frame on H200, session 23). Every upload checks
+the host array against the buffer (shape, dtype kind, byte count) before any copy, so a wrong frame can
+neither over-read host memory nor overrun a device buffer. Binding errors (cuda-python error codes, ``pycuda.driver.Error``) are
 raised as RuntimeError with the CUDA error text.
 """
 from __future__ import annotations
