@@ -210,12 +210,12 @@ def _augmented(points: torch.Tensor, side: str) -> torch.Tensor:
     return torch.cat([-2 * points, sq, one] if side == "pred" else [points, one, sq], dim=-1)
 
 
-@torch.no_grad()
 def _zero_padded(p2g: torch.Tensor, g2p: torch.Tensor, gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Index 0 for the predictions of a scene without GT and for padded GT points, as every search returns them."""
     return p2g.masked_fill_(~gt_mask.any(dim=1, keepdim=True), 0), g2p.masked_fill_(~gt_mask, 0)
 
 
+@torch.no_grad()
 def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torch.Tensor, gt_mask: torch.Tensor,
                               max_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched nearest neighbours between predicted segments and padded ground truth, by squared-distance chunks.
