@@ -52,7 +52,8 @@ JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "in
 "stages_ms": {...}, "tf32", "tf32_convolutions", "cudnn_benchmark", "jpeg_decoder" (JPEG rows:
 "opencv <version>" where cv2 is installed, as on a robot, else "PIL <version>"; rows without it
 decoded with PIL), "decode_stage" (rows without it: no decode stage, fed by waiting for an idle
-pipeline rather than by the lossless runner), ...}]}.
+pipeline rather than by the lossless runner), "post_threads" (the CPU post-processing kernel's threads;
+``--post-threads``, default the node's rule; rows without it: 1), ...}]}.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ from discene_ros.processing import (  # noqa: E402
     build_outputs,
     frame_loop_mode,
     freeze_startup_objects,
+    post_threads_for,
     uses_decode_thread,
 )
 from export.backends.torch_backend import TorchBackend  # noqa: E402
@@ -262,13 +264,15 @@ def append_key(row: dict) -> tuple:
     with them off (a ``tf32`` row's convolutions in TF32); rows without ``omp_wait_policy`` are taken
     as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own);
     launch-ahead rows without ``launch_wait`` polled (``watch``: session 23's watcher thread, measured in
-    device calls 11 and 12 and dropped, docs/results/frame_path.md)."""
+    device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
+    kernel on one thread (fused rows: none)."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),
             row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)),
-            row.get("camera_hz"), bool(row.get("serial", False)), wait)
+            row.get("camera_hz"), bool(row.get("serial", False)), wait,
+            row.get("post_threads", None if postprocess_impl(row) == "fused" else 1))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -300,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="the node's parameter: overlap consecutive frames' stages (on) or one frame at a time "
                              "(off); auto (the node's default): on where the network runs on a GPU")
+    parser.add_argument("--post-threads", choices=("auto", "1", "2"), default="auto",
+                        help="threads of the CPU post-processing kernel: auto (the node's rule, "
+                             "processing.post_threads_for): 2 one frame at a time, 1 pipelined")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
     parser.add_argument("--marker-period", type=int, default=defaults()["marker_period"],
@@ -342,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
+                pipe.post_threads = post_threads_for(pipelined) if args.post_threads == "auto" else int(args.post_threads)
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
                               args.decode_stage == "on"
                               or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
@@ -355,11 +363,13 @@ def main(argv: list[str] | None = None) -> int:
                        "cudnn_benchmark": backend.cudnn_benchmark,
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                        "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
+                       "post_threads": pipe.post_threads if not pipe.fused else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
                                             and backend.torch_device.type == "cpu" else "torch")}
                 rows.append(row)
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
-                print(f"  {kind:5s} [{row['postprocess_impl']} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
+                post = row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
+                print(f"  {kind:5s} [{post} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
                       f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  decode "
                       f"{s['decode']:.2f} pre {s['preprocess']:.2f} launch {s['launch']:.2f} post "
                       f"{s['postprocess']:.2f} check {s['output_check']:.2f} cloud "

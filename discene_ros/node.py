@@ -44,6 +44,7 @@ from .processing import (
     build_pipeline,
     frame_loop_mode,
     freeze_startup_objects,
+    post_threads_for,
     tune_postprocess,
     uses_decode_thread,
 )
@@ -168,6 +169,7 @@ class OccupancyNode(Node):
 
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
         decode_thread = uses_decode_thread(compressed, pipelined)
+        self.pipeline.post_threads = post_threads_for(pipelined)
         if decode_thread:
             loop_mode += ", compressed images decoded on a thread of their own"
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,

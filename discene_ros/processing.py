@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -391,6 +392,14 @@ def uses_decode_thread(compressed: bool, pipelined: bool) -> bool:
     thread costs (0.3–0.5 ms more host time per frame). One frame at a time (the CPU), the thread
     overlaps nothing and only adds a hand-off (docs/results/frame_path.md, sessions 9 and 12)."""
     return bool(compressed and pipelined)
+
+
+def post_threads_for(pipelined: bool) -> int:
+    """Threads of the CPU post-processing kernel: 2 where frames go one at a time, so that nothing else runs
+    while it does (the inference has just left its cores); 1 in a pipelined loop, whose other stages use the
+    cores meanwhile. Lite on the 2-core build machine: post-processing 1.6-1.8 against 2.1-2.3 ms per frame
+    (docs/results/frame_path.md, session 25)."""
+    return 2 if not pipelined and (os.cpu_count() or 1) >= 2 else 1
 
 
 class FrameLoop:

@@ -46,6 +46,7 @@ from .processing import (
     frame_loop_mode,
     freeze_startup_objects,
     latency_percentiles,
+    post_threads_for,
     uses_decode_thread,
 )
 
@@ -496,6 +497,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
+        pipeline.post_threads = post_threads_for(pipelined)
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
                                                                depth_max_offset_s=settings.sync_tolerance_s,
                                                                use_fallback_pose=settings.use_fallback_pose))

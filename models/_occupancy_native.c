@@ -5,7 +5,9 @@
  * and (optionally) the 3x3x3 closing of the class-score volume fills holes. The torch path runs about
  * sixty small tensor ops per frame, and their dispatch costs more than the arithmetic on a 2-core CPU;
  * here each step is one loop. Results are bit-identical to the torch path on x86-64 (tests compare
- * them): the same float32 operations in the same order, built with -ffp-contract=off.
+ * them): the same float32 operations in the same order, built with -ffp-contract=off. A caller that leaves a
+ * core idle meanwhile (the CPU frame loop, one frame at a time) may ask for two threads: each long loop is
+ * then split in halves between the calling thread and one persistent helper thread, still bit for bit.
  *
  * Three smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
  * grid (the fused CUDA path copies the grids to the host), cloud_words writes the PointCloud2 rows, and
@@ -21,12 +23,14 @@
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 7
+#define ABI_VERSION 8
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -188,6 +192,8 @@ typedef struct {
 
 enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLANES, WINS, BEST, BEST_CLASS,
        PLANE_START, CLASSES, NEEDS, WORDS, KEPT_WORDS,
+       /* the helper's half of the closing (the calling thread owns these too) */
+       PLANES_B, WINS_B, BEST_B, BEST_CLASS_B, CLASSES_B, WORDS_B,
        NUM_BUFFERS };
 
 typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
@@ -228,6 +234,123 @@ static void *scratch_get(Scratch *s, int which, int64_t count, size_t item) {
     return b->data;
 }
 
+/* One helper thread, for a caller that asks for two: the CPU frame loop takes one frame at a time, so its
+ * post-processing runs right after the inference, on cores the inference has just left idle. Each of the
+ * kernel's long loops is then split in two halves, one on the calling thread and one on the helper, so that
+ * every output element is still computed by the same float32 operations in the same order. The helper is
+ * one persistent thread made on first use (one made per call would cost more than a split saves): between
+ * the halves of one call it spins for up to SPIN_NS, then sleeps on a condition variable. One call at a
+ * time owns it; a call made meanwhile on another thread runs alone. A fork's child gets a fresh state. */
+typedef void (*Job)(void *);
+
+typedef struct {
+    pthread_mutex_t lock; /* with ``wake`` / ``done``: sleeping until a job is posted / finished */
+    pthread_cond_t wake, done;
+    pthread_mutex_t owner; /* held by the call that uses the helper */
+    Job job;
+    void *arg;
+    _Atomic uint64_t posted, finished; /* jobs posted and finished so far */
+    int started;
+} Helper;
+
+static Helper helper = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                        PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0};
+
+#define SPIN_NS 200000 /* how long a waiting side polls before it sleeps: the serial steps between halves */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Polls until ``*value == want`` (true) or SPIN_NS passed (false). */
+static int spin_until(_Atomic uint64_t *value, uint64_t want) {
+    const int64_t until = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
+        if (atomic_load_explicit(value, memory_order_acquire) == want) return 1;
+        if (!(i & 63) && now_ns() > until) return 0;
+        CPU_RELAX();
+    }
+}
+
+/* Sleeps until ``*value == want`` (changed under ``helper.lock``, with ``cond`` signalled). */
+static void sleep_until(_Atomic uint64_t *value, uint64_t want, pthread_cond_t *cond) {
+    if (spin_until(value, want)) return;
+    pthread_mutex_lock(&helper.lock);
+    while (atomic_load(value) != want) pthread_cond_wait(cond, &helper.lock);
+    pthread_mutex_unlock(&helper.lock);
+}
+
+static void count_up(_Atomic uint64_t *value, pthread_cond_t *cond) {
+    pthread_mutex_lock(&helper.lock);
+    atomic_store(value, atomic_load(value) + 1);
+    pthread_cond_signal(cond);
+    pthread_mutex_unlock(&helper.lock);
+}
+
+static void *helper_main(void *start) {
+    for (uint64_t taken = (uint64_t)(uintptr_t)start;; taken++) {
+        sleep_until(&helper.posted, taken + 1, &helper.wake);
+        helper.job(helper.arg);
+        count_up(&helper.finished, &helper.done);
+    }
+    return NULL;
+}
+
+static void helper_after_fork(void) { /* the child has no helper thread, and may have inherited held locks */
+    pthread_mutex_init(&helper.lock, NULL);
+    pthread_mutex_init(&helper.owner, NULL);
+    pthread_cond_init(&helper.wake, NULL);
+    pthread_cond_init(&helper.done, NULL);
+    atomic_store(&helper.posted, 0);
+    atomic_store(&helper.finished, 0);
+    helper.started = 0;
+}
+
+/* True when this call owns the helper (made now if need be); ``helper_release`` gives it back. */
+static int helper_acquire(void) {
+    if (pthread_mutex_trylock(&helper.owner) != 0) return 0;
+    if (!helper.started) {
+        pthread_attr_t attr;
+        pthread_t thread;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        void *start = (void *)(uintptr_t)atomic_load(&helper.posted);
+        helper.started = pthread_create(&thread, &attr, helper_main, start) == 0;
+        pthread_attr_destroy(&attr);
+        if (!helper.started) {
+            pthread_mutex_unlock(&helper.owner);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void helper_release(void) { pthread_mutex_unlock(&helper.owner); }
+
+/* ``job`` on ``jobs[0]`` here and, when ``split`` (the helper is this call's), on ``jobs[1]`` there. A caller
+ * that does not split gives ``jobs[0]`` the whole range. */
+static void run_jobs(int split, Job job, void *jobs, size_t size) {
+    if (!split) {
+        job(jobs);
+        return;
+    }
+    helper.job = job;
+    helper.arg = (char *)jobs + size;
+    count_up(&helper.posted, &helper.wake);
+    job(jobs);
+    sleep_until(&helper.finished, atomic_load(&helper.posted), &helper.done);
+}
+
 /* The first index from ``i`` on whose byte is not zero (``n`` when there is none): occupied voxels are
  * few, so the empty runs are skipped eight bytes at a time. */
 static int64_t next_nonzero(const uint8_t *v, int64_t i, int64_t n) {
@@ -248,32 +371,90 @@ typedef struct { int v[3]; } Voxel;
 /* ``best_class`` of a voxel no class has won yet */
 #define NO_CLASS 0xFF
 
+/* The points of queries [q0, q1): each one's voxel in ``cell`` (-1: dropped), and how many are kept. */
+typedef struct {
+    const float *pts, *centres, *scores;
+    const Params *p;
+    int64_t nr, q0, q1;
+    int32_t *cell;
+    int64_t kept;
+    int nonfinite; /* a kept point has a non-finite score: the frame goes to the torch path */
+} Classify;
+
+static void classify_points(void *arg) {
+    Classify *j = arg;
+    const Params *p = j->p;
+    j->kept = 0;
+    j->nonfinite = 0;
+    for (int64_t q = j->q0; q < j->q1; q++) {
+        for (int64_t r = 0; r < j->nr; r++) {
+            const int64_t i = q * j->nr + r;
+            int v[3];
+            const int state = point_voxel(j->pts + 3 * i, j->centres + 3 * q, j->scores + p->num_classes * i, p, v);
+            if (state == KEPT_NONFINITE) {
+                j->nonfinite = 1;
+                return;
+            }
+            j->cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
+            j->kept += state == KEPT;
+        }
+    }
+}
+
+/* Sums and means of the voxels ranked [k0, k1): each voxel's points added in point order, as torch's
+ * index_add_ adds them. */
+typedef struct {
+    const int32_t *cell, *rank;
+    const float *scores;
+    int64_t n;
+    int C;
+    int32_t k0, k1;
+    int32_t *counts;
+    float *mean;
+} Sums;
+
+static void voxel_sums(void *arg) {
+    const Sums *j = arg;
+    const int C = j->C;
+    memset(j->counts + j->k0, 0, (size_t)(j->k1 - j->k0) * sizeof(int32_t));
+    memset(j->mean + (int64_t)j->k0 * C, 0, (size_t)((int64_t)(j->k1 - j->k0) * C) * sizeof(float));
+    for (int64_t i = 0; i < j->n; i++) {
+        if (j->cell[i] < 0) continue;
+        const int32_t k = j->rank[j->cell[i]];
+        if (k < j->k0 || k >= j->k1) continue;
+        j->counts[k]++;
+        float *acc = j->mean + (int64_t)k * C;
+        const float *sc = j->scores + C * i;
+        for (int c = 0; c < C; c++) acc[c] += sc[c];
+    }
+    for (int64_t k = j->k0; k < j->k1; k++) {
+        const float count = (float)j->counts[k];
+        for (int c = 0; c < C; c++) j->mean[k * C + c] /= count;
+    }
+}
+
 /* Voxel means of the kept points: rows sorted by voxel, in ``s``'s ROW_CELL / ROW_VOXEL / MEAN buffers.
- * Returns M, or a negative code. */
+ * ``split``: the point and sum loops in halves, one on the helper. Returns M, or a negative code. */
 static int64_t voxel_means(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
-                           const Params *p, Scratch *s) {
+                           const Params *p, Scratch *s, int split) {
     const int C = p->num_classes;
     const int64_t n = nq * nr, cells = (int64_t)p->nx * p->ny * p->nz;
     int32_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int32_t)); /* the point's voxel, -1 dropped */
     uint8_t *mark = scratch_get(s, MARK, cells, 1);
     if (!cell || !mark) return OUT_OF_MEMORY;
+    Classify halves[2];
+    for (int h = 0; h < 2; h++)
+        halves[h] = (Classify){pts, centres, scores, p, nr, split ? h * (nq / 2) : 0, split && !h ? nq / 2 : nq, cell,
+                               0, 0};
+    run_jobs(split, classify_points, halves, sizeof(Classify));
+    if (halves[0].nonfinite || (split && halves[1].nonfinite)) return NONFINITE_SCORE;
+    if (halves[0].kept + (split ? halves[1].kept : 0) == 0) return 0;
     memset(mark, 0, (size_t)cells);
-    int64_t kept = 0;
-    for (int64_t q = 0; q < nq; q++) {
-        for (int64_t r = 0; r < nr; r++) {
-            int64_t i = q * nr + r;
-            int v[3];
-            int state = point_voxel(pts + 3 * i, centres + 3 * q, scores + C * i, p, v);
-            if (state == KEPT_NONFINITE) return NONFINITE_SCORE;
-            cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
-            if (state != KEPT) continue;
-            mark[cell[i]] = 1;
-            kept++;
-        }
-    }
-    if (kept == 0) return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (cell[i] >= 0) mark[cell[i]] = 1;
     /* number the marked voxels in the grid's order */
     int32_t *rank = scratch_get(s, RANK, cells, sizeof(int32_t)); /* set at marked voxels only */
+    int64_t kept = halves[0].kept + (split ? halves[1].kept : 0);
     int64_t *row_cell = scratch_get(s, ROW_CELL, kept, sizeof(int64_t)); /* kept >= M */
     Voxel *row_voxel = scratch_get(s, ROW_VOXEL, kept, sizeof(Voxel));
     if (!rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
@@ -288,21 +469,11 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     int32_t *counts = scratch_get(s, COUNTS, m, sizeof(int32_t));
     float *mean = scratch_get(s, MEAN, m * C, sizeof(float));
     if (!counts || !mean) return OUT_OF_MEMORY;
-    /* sums in point order, as torch's index_add_ adds them */
-    memset(counts, 0, (size_t)m * sizeof(int32_t));
-    memset(mean, 0, (size_t)(m * C) * sizeof(float));
-    for (int64_t i = 0; i < n; i++) {
-        if (cell[i] < 0) continue;
-        int32_t k = rank[cell[i]];
-        counts[k]++;
-        float *acc = mean + (int64_t)k * C;
-        const float *sc = scores + C * i;
-        for (int c = 0; c < C; c++) acc[c] += sc[c];
-    }
-    for (int64_t k = 0; k < m; k++) {
-        float count = (float)counts[k];
-        for (int c = 0; c < C; c++) mean[k * C + c] /= count;
-    }
+    Sums sums[2];
+    for (int h = 0; h < 2; h++)
+        sums[h] = (Sums){cell, rank, scores, n, C, split ? (int32_t)(h * (m / 2)) : 0,
+                         (int32_t)(split && !h ? m / 2 : m), counts, mean};
+    run_jobs(split, voxel_sums, sums, sizeof(Sums));
     return m;
 }
 
@@ -348,6 +519,14 @@ typedef struct {
 
 #define PLANES_PER_CLASS 10
 
+/* The class's planes from ``memory`` (PLANES_PER_CLASS * plane floats), none computed yet. */
+static void class_planes_place(ClassPlanes *k, float *memory) {
+    float **planes[PLANES_PER_CLASS] = {&k->dilated[0], &k->dilated[1], &k->dilated[2], &k->eroded[0],
+                                        &k->eroded[1], &k->eroded[2], &k->scores, &k->work, &k->across, &k->closed};
+    for (int i = 0; i < PLANES_PER_CLASS; i++) *planes[i] = memory + i * k->plane;
+    for (int i = 0; i < 3; i++) k->dilated_x[i] = k->eroded_x[i] = -1;
+}
+
 static void class_planes_init(ClassPlanes *k, int c, const Box *box, const int shape[3], float *memory,
                               uint8_t *need_memory) {
     k->c = c;
@@ -357,11 +536,8 @@ static void class_planes_init(ClassPlanes *k, int c, const Box *box, const int s
     k->sy = box_size(&k->crop, 1);
     k->sz = box_size(&k->crop, 2);
     k->plane = k->sy * k->sz;
-    float **planes[PLANES_PER_CLASS] = {&k->dilated[0], &k->dilated[1], &k->dilated[2], &k->eroded[0],
-                                        &k->eroded[1], &k->eroded[2], &k->scores, &k->work, &k->across, &k->closed};
-    for (int i = 0; i < PLANES_PER_CLASS; i++) *planes[i] = memory + i * k->plane;
+    class_planes_place(k, memory);
     for (int i = 0; i < NUM_NEEDS; i++) k->need[i] = need_memory + i * k->sx * k->sy;
-    for (int i = 0; i < 3; i++) k->dilated_x[i] = k->eroded_x[i] = -1;
 }
 
 /* What a closing over one frame's voxel means reads: rows in the grid's order, and where each x plane's
@@ -578,6 +754,104 @@ static int64_t list_plane(const Params *p, const Box *reach, int x, const float 
     return written;
 }
 
+/* ``class_needs`` of classes [i0, i1), with scratch ``words`` of their own. */
+typedef struct {
+    ClassPlanes *classes;
+    int i0, i1;
+    const Rows *rows;
+    const uint64_t *kept;
+    uint64_t *words;
+} Needs;
+
+static void classes_needs(void *arg) {
+    const Needs *j = arg;
+    for (int i = j->i0; i < j->i1; i++) class_needs(&j->classes[i], j->rows, j->kept, j->words);
+}
+
+/* Planes x0..x1 of the reach filled and their occupied voxels written, from ``out`` on; the classes' plane
+ * caches are this range's own. */
+typedef struct {
+    ClassPlanes *classes;
+    int active;
+    const Rows *rows;
+    const uint8_t *row_kept;
+    const Box *reach;
+    int x0, x1;
+    float *best;
+    uint8_t *best_class, *wins;
+    int64_t id_base;
+    Outputs out;
+    int64_t written;
+} PlaneRange;
+
+static void close_planes(void *arg) {
+    PlaneRange *j = arg;
+    j->written = 0;
+    for (int x = j->x0; x <= j->x1; x++) {
+        fill_plane(j->classes, j->active, j->rows, j->row_kept, j->reach, x, j->best, j->best_class, j->wins);
+        j->written = list_plane(j->rows->p, j->reach, x, j->best, j->best_class, j->id_base, &j->out, j->written);
+    }
+}
+
+/* Work of plane x: its fill and list over the reach's (y, z) area, and each class's filters in the rows of
+ * the plane they run in (``class_needs``). */
+static int64_t plane_work(const ClassPlanes *classes, int active, const Box *reach, int x) {
+    int64_t work = box_size(reach, 1) * box_size(reach, 2);
+    for (int i = 0; i < active; i++) {
+        const ClassPlanes *k = &classes[i];
+        if (x < k->crop.lo[0] || x > k->crop.hi[0]) continue;
+        int64_t rows = 0;
+        for (int stage = NEED_SZ; stage < NUM_NEEDS; stage++) {
+            const uint8_t *need = needed(k, stage, x);
+            for (int64_t y = 0; y < k->sy; y++) rows += need[y];
+        }
+        work += rows * k->sz;
+    }
+    return work;
+}
+
+/* The first plane of the second half of the reach (lo < mid <= hi): about half of the work on each side. */
+static int reach_middle(const ClassPlanes *classes, int active, const Box *reach) {
+    int64_t total = 0, before = 0;
+    for (int x = reach->lo[0]; x <= reach->hi[0]; x++) total += plane_work(classes, active, reach, x);
+    int mid = reach->lo[0] + 1;
+    for (; mid < reach->hi[0]; mid++) {
+        before += plane_work(classes, active, reach, mid - 1);
+        if (2 * before >= total) break;
+    }
+    return mid;
+}
+
+/* The first class of the second half: the cut that splits the columns ``class_needs`` goes over most evenly. */
+static int classes_middle(const ClassPlanes *classes, int active) {
+    int64_t total = 0, before = 0;
+    for (int i = 0; i < active; i++) total += classes[i].sx * classes[i].sy;
+    int cut = 0;
+    int64_t gap = total; /* |first half - second half| at ``cut`` */
+    for (int i = 1; i <= active; i++) {
+        before += classes[i - 1].sx * classes[i - 1].sy;
+        const int64_t d = 2 * before - total;
+        if ((d < 0 ? -d : d) < gap) {
+            gap = d < 0 ? -d : d;
+            cut = i;
+        }
+    }
+    return cut;
+}
+
+/* ``o`` advanced by ``at`` voxels (the dense grid is the frame's, unchanged). */
+static Outputs outputs_at(const Outputs *o, int64_t at) {
+    return (Outputs){o->id + at, o->label + at, o->best + at, o->index + 3 * at, o->dense};
+}
+
+/* Moves ``count`` voxels written at ``from`` to ``to`` (< from). */
+static void outputs_move(const Outputs *o, int64_t to, int64_t from, int64_t count) {
+    memmove(o->id + to, o->id + from, (size_t)count * sizeof(*o->id));
+    memmove(o->label + to, o->label + from, (size_t)count);
+    memmove(o->best + to, o->best + from, (size_t)count * sizeof(*o->best));
+    memmove(o->index + 3 * to, o->index + 3 * from, (size_t)(3 * count) * sizeof(*o->index));
+}
+
 /* Closing of the voxel means (see postprocess.close_holes): writes the occupied voxels, ids ascending.
  *
  * Voxels with a class above the threshold keep their own scores; every other voxel is filled when a
@@ -592,7 +866,8 @@ static int64_t list_plane(const Params *p, const Box *reach, int x, const float 
  * fill reads (``class_needs``), found from the closing of its bits, 64 z voxels to a word: on the frame
  * path benchmark's lite frame the first filter runs over 44 % of the boxes' voxels, the last over 21 %.
  * Returns the number of voxels written, or a code. */
-static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, const Outputs *outputs) {
+static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, const Outputs *outputs,
+                       int split) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
@@ -648,31 +923,59 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, 
     uint8_t *best_class = scratch_get(s, BEST_CLASS, ry * rz, 1);
     uint8_t *wins = scratch_get(s, WINS, rz, 1);
     if (!memory || !need_memory || !best || !best_class || !wins) return OUT_OF_MEMORY;
+    float *const planes = memory;
     const Rows rows = {p, mean, row_voxel, plane_start};
     for (int c = 0, i = 0; c < C; c++) {
         if (box[c].hi[0] < 0) continue;
         class_planes_init(&classes[i], c, &box[c], shape, memory, need_memory);
-        class_needs(&classes[i], &rows, kept, words);
         memory += PLANES_PER_CLASS * classes[i].plane;
         need_memory += NUM_NEEDS * classes[i].sx * classes[i].sy;
         i++;
     }
-    int64_t written = 0;
-    for (int x = reach.lo[0]; x <= reach.hi[0]; x++) {
-        fill_plane(classes, active, &rows, row_kept, &reach, x, best, best_class, wins);
-        written = list_plane(p, &reach, x, best, best_class, id_base, outputs, written);
+    uint64_t *words_b = split && words ? scratch_get(s, WORDS_B, 2 * most_columns, sizeof(uint64_t)) : NULL;
+    if (split && words && !words_b) return OUT_OF_MEMORY;
+    const int cut = split ? classes_middle(classes, active) : active;
+    Needs needs[2] = {{classes, 0, cut, &rows, kept, words}, {classes, cut, active, &rows, kept, words_b}};
+    run_jobs(split, classes_needs, needs, sizeof(Needs));
+    /* the reach's planes in two ranges, the second with copies of the classes that keep plane caches of
+     * their own (each range recomputes the few planes around the middle that both read) */
+    const int halves = split && reach.hi[0] > reach.lo[0];
+    const int mid = halves ? reach_middle(classes, active, &reach) : reach.hi[0] + 1;
+    PlaneRange ranges[2];
+    ranges[0] = (PlaneRange){classes, active, &rows, row_kept, &reach, reach.lo[0], mid - 1, best, best_class, wins,
+                             id_base, *outputs, 0};
+    const int64_t second_at = (int64_t)(mid - reach.lo[0]) * ry * rz; /* the first range writes fewer voxels */
+    if (halves) {
+        ClassPlanes *classes_b = scratch_get(s, CLASSES_B, active, sizeof(ClassPlanes));
+        float *planes_b = scratch_get(s, PLANES_B, floats, sizeof(float));
+        float *best_b = scratch_get(s, BEST_B, ry * rz, sizeof(float));
+        uint8_t *best_class_b = scratch_get(s, BEST_CLASS_B, ry * rz, 1);
+        uint8_t *wins_b = scratch_get(s, WINS_B, rz, 1);
+        if (!classes_b || !planes_b || !best_b || !best_class_b || !wins_b) return OUT_OF_MEMORY;
+        for (int i = 0; i < active; i++) {
+            classes_b[i] = classes[i];
+            class_planes_place(&classes_b[i], planes_b + (classes[i].dilated[0] - planes));
+        }
+        ranges[1] = (PlaneRange){classes_b, active, &rows, row_kept, &reach, mid, reach.hi[0], best_b, best_class_b,
+                                 wins_b, id_base, outputs_at(outputs, second_at), 0};
+    }
+    run_jobs(halves, close_planes, ranges, sizeof(PlaneRange));
+    int64_t written = ranges[0].written;
+    if (halves) {
+        outputs_move(outputs, written, second_at, ranges[1].written);
+        written += ranges[1].written;
     }
     return written;
 }
 
 /* One frame: writes its occupied voxels (ids offset by ``id_base``). Returns their number or a code. */
 static int64_t frame_labels(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
-                            const Params *p, int64_t id_base, const Outputs *out) {
+                            const Params *p, int64_t id_base, const Outputs *out, int split) {
     Scratch *s = thread_scratch();
     if (!s) return OUT_OF_MEMORY;
-    int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s);
+    int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s, split);
     if (m <= 0) return m;
-    if (p->closing) return closing(m, p, s, id_base, out);
+    if (p->closing) return closing(m, p, s, id_base, out, split);
     const float *mean = s->b[MEAN].data;
     const int64_t *row_cell = s->b[ROW_CELL].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
@@ -698,10 +1001,11 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_ssize_t nb, nq, nr;
     Params p;
     double ex, ey, ez, max_dist_sq, threshold;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*w*nnniiiipddddd", &buf[POINTS], &buf[CENTRES], &buf[SCORES],
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*w*nnniiiipdddddi", &buf[POINTS], &buf[CENTRES], &buf[SCORES],
                           &buf[OUT_ID], &buf[OUT_LABEL], &buf[OUT_BEST], &buf[OUT_INDEX], &buf[OUT_DENSE], &nb, &nq,
                           &nr, &p.num_classes, &p.nx, &p.ny, &p.nz, &p.closing, &ex, &ey, &ez, &max_dist_sq,
-                          &threshold))
+                          &threshold, &threads))
         return NULL;
     PyObject *result = NULL;
     int64_t cells = (int64_t)p.nx * p.ny * p.nz;
@@ -724,15 +1028,18 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
     p.threshold = (float)threshold;
     int64_t total = 0, code = 0;
     Py_BEGIN_ALLOW_THREADS
+    const int split = threads >= 2 && helper_acquire();
     for (Py_ssize_t b = 0; b < nb && code >= 0; b++) {
         const Outputs out = {(int64_t *)buf[OUT_ID].buf + total, (uint8_t *)buf[OUT_LABEL].buf + total,
                              (float *)buf[OUT_BEST].buf + total, (int32_t *)buf[OUT_INDEX].buf + 3 * total,
                              (uint8_t *)buf[OUT_DENSE].buf + b * cells};
         code = frame_labels((const float *)buf[POINTS].buf + b * nq * nr * 3,
                             (const float *)buf[CENTRES].buf + b * nq * 3,
-                            (const float *)buf[SCORES].buf + b * nq * nr * p.num_classes, nq, nr, &p, b * cells, &out);
+                            (const float *)buf[SCORES].buf + b * nq * nr * p.num_classes, nq, nr, &p, b * cells, &out,
+                            split);
         if (code >= 0) total += code;
     }
+    if (split) helper_release();
     Py_END_ALLOW_THREADS
     if (code == OUT_OF_MEMORY)
         PyErr_NoMemory();
@@ -891,8 +1198,9 @@ done:
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
      "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
-     "nx, ny, nz, closing, ex, ey, ez, max_center_dist_sq, threshold) -> number of occupied voxels written, "
-     "or -1 when a kept point has a non-finite score (use the torch path). out_dense must be zero."},
+     "nx, ny, nz, closing, ex, ey, ez, max_center_dist_sq, threshold, threads) -> number of occupied voxels "
+     "written, or -1 when a kept point has a non-finite score (use the torch path). out_dense must be zero. "
+     "threads 2: the loops split in halves with a helper thread (results unchanged, bit for bit)."},
     {"dense_voxels", dense_voxels, METH_VARARGS,
      "dense_voxels(labels, best, out_id, out_label, out_best, out_index, nx, ny, nz, capacity) -> number of "
      "occupied (label != 0) voxels of the (nx, ny, nz) grid written, in flat-id order; -1 when more than "
@@ -909,7 +1217,12 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_occupancy_native", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, helper_after_fork); }
+
 PyMODINIT_FUNC PyInit__occupancy_native(void) {
+    pthread_once(&fork_once, register_fork_handler);
     PyObject *mod = PyModule_Create(&module);
     if (mod && PyModule_AddIntConstant(mod, "ABI_VERSION", ABI_VERSION) < 0) {
         Py_DECREF(mod);

@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 7  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 8  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -55,10 +55,12 @@ class NativeVoxels(NamedTuple):
     dense: np.ndarray
 
 
-def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig) -> NativeVoxels | None:
+def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelConfig,
+                    threads: int = 1) -> NativeVoxels | None:
     """CPU (B,Q,R,3) normalised points and (B,Q,R,C) scores -> the occupied voxels as
     ``postprocess.occupied_labels`` finds them. None when the kernel cannot take the input: not built, or a
-    kept point with a non-finite score (the torch path decides)."""
+    kept point with a non-finite score (the torch path decides). ``threads`` 2: the kernel's loops in halves on
+    this thread and a helper (the same results, bit for bit), for callers whose other cores are idle."""
     if _kernel is None or points.device.type != "cpu" or points.shape[:3] != scores.shape[:3]:
         return None  # the torch path raises the shape error
     nb, nq, nr, c = scores.shape
@@ -75,7 +77,7 @@ def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
     count = _kernel.occupied_labels(
         points.numpy(), centres.numpy(), scores.numpy(), ids, labels, best, indices, dense, nb, nq, nr, c,
         nx, ny, nz, bool(config.closing), ex, ey, ez, float(config.max_center_dist) ** 2,
-        float(config.score_threshold))
+        float(config.score_threshold), int(threads))
     if count < 0:
         return None
     return NativeVoxels(ids[:count].copy(), labels[:count].copy(), best[:count].copy(), indices[:count].copy(), dense)

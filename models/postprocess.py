@@ -329,14 +329,16 @@ def points_to_occupancy(
     scores: np.ndarray | torch.Tensor,
     voxel_origin: np.ndarray,
     config: ModelConfig,
+    threads: int = 1,
 ) -> OccupancyFrame:
-    """One frame: points (1,Q,R,3)/(Q,R,3) normalised, scores after sigmoid -> OccupancyFrame."""
+    """One frame: points (1,Q,R,3)/(Q,R,3) normalised, scores after sigmoid -> OccupancyFrame. ``threads``: the
+    CPU kernel's (``native_postprocess.occupied_labels``), 2 where the caller leaves a core idle meanwhile."""
     pts = _as_batch(points, "points", 3)
     scr = _as_batch(scores, "scores", config.num_classes)
     if pts.shape[0] != 1:
         raise ValueError(f"points_to_occupancy takes one frame, got batch {pts.shape[0]}; use labels_batch")
     origin = finite_origin(voxel_origin)
-    found = native_postprocess.occupied_labels(pts, scr, config)
+    found = native_postprocess.occupied_labels(pts, scr, config, threads=threads)
     if found is not None:
         return OccupancyFrame(labels=found.dense[0], voxel_indices=found.indices, voxel_labels=found.labels,
                               voxel_scores=found.best, voxel_origin=origin, voxel_size=float(config.voxel_size))

@@ -249,7 +249,7 @@ def test_unfused_cuda_path_waits_for_the_network_on_a_sleeping_event(monkeypatch
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: inference_stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("device sync",)))
     monkeypatch.setattr("export.pipeline.TensorPreprocessor", lambda *a, **k: None)
-    monkeypatch.setattr("export.pipeline.points_to_occupancy", lambda p, s, origin, config: ("frame", p, s))
+    monkeypatch.setattr("export.pipeline.points_to_occupancy", lambda p, s, origin, config, threads=1: ("frame", p, s))
     pipe = OccupancyPipeline(Backend(lite_config))
     assert not pipe.fused and pipe.upload_stream is not None
     ready = Event()

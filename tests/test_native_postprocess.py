@@ -1,6 +1,7 @@
 """The native CPU post-processing kernel against the torch path: the same voxels, labels and scores, bit
-for bit, on random point sets, on the shipped model's outputs, in batches and from several threads; the
-inputs it leaves to the torch path, and its own argument checks."""
+for bit, on one thread and split with its helper thread, on random point sets, on the shipped model's outputs,
+in batches and from several threads (and in a forked child); the inputs it leaves to the torch path, and its
+own argument checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,15 @@ def _case(seed: int, batch: int = 1, queries: int = 60, per_query: int = 16, cla
 
 
 def _assert_same(points: torch.Tensor, scores: torch.Tensor, config) -> int:
+    """The kernel, on one thread and in halves with its helper, against the torch path; the voxel count."""
     ids, label, best = occupied_labels(points, scores, config, native=False)
-    found = native_postprocess.occupied_labels(points, scores, config)
+    for threads in (1, 2):
+        _assert_found(native_postprocess.occupied_labels(points, scores, config, threads=threads), ids, label, best,
+                      points.shape[0], config)
+    return len(ids)
+
+
+def _assert_found(found, ids: torch.Tensor, label: torch.Tensor, best: torch.Tensor, batch: int, config) -> None:
     assert found is not None
     np.testing.assert_array_equal(found.ids, ids.numpy())
     np.testing.assert_array_equal(found.labels, label.numpy())
@@ -53,10 +61,9 @@ def _assert_same(points: torch.Tensor, scores: torch.Tensor, config) -> int:
     # the same voxels as grid indices and in the dense grids
     cells = int(np.prod(config.grid_shape))
     np.testing.assert_array_equal(found.indices, np.stack(np.unravel_index(found.ids % cells, config.grid_shape), -1))
-    dense = np.zeros(points.shape[0] * cells, np.uint8)
+    dense = np.zeros(batch * cells, np.uint8)
     dense[found.ids] = found.labels
     np.testing.assert_array_equal(found.dense.reshape(-1), dense)
-    return len(ids)
 
 
 @pytest.mark.parametrize("closing", [True, False])
@@ -162,6 +169,9 @@ def test_kernel_leaves_infinite_scores_to_the_torch_path(lite_config):
     q, r = (int(i) for i in keep.nonzero()[0])
     scores[0, q, r, 0] = float("inf")
     assert native_postprocess.occupied_labels(points, scores, lite_config) is None
+    assert native_postprocess.occupied_labels(points, scores, lite_config, threads=2) is None
+    scores[0, -1, -1, 0] = float("inf")  # the one the helper's half finds too: both halves see one
+    assert native_postprocess.occupied_labels(points, scores, lite_config, threads=2) is None
     frame = points_to_occupancy(points, scores, np.zeros(3), lite_config)
     ref_ids, ref_label, _ = occupied_labels(points, scores, lite_config, native=False)
     np.testing.assert_array_equal(frame.voxel_labels, ref_label.numpy())
@@ -177,7 +187,8 @@ def test_kernel_empty_inputs(lite_config):
 
 
 def test_kernel_runs_in_several_threads_at_once(lite_config):
-    # per-thread scratch buffers, and the GIL released while it runs
+    # per-thread scratch buffers, and the GIL released while it runs; the threads that ask for two share the
+    # one helper: the call that holds it splits, the others run alone, with the same results
     cases = [(_case(seed, queries=200), dataclasses.replace(lite_config, grid_shape=shape))
              for seed, shape in enumerate([[60, 60, 36], [30, 20, 10], [60, 60, 36], [8, 8, 70]])]
     expected = [native_postprocess.occupied_labels(*case, cfg) for case, cfg in cases]
@@ -186,7 +197,7 @@ def test_kernel_runs_in_several_threads_at_once(lite_config):
     def work(index: int) -> None:
         case, cfg = cases[index]
         for _ in range(30):
-            got = native_postprocess.occupied_labels(*case, cfg)
+            got = native_postprocess.occupied_labels(*case, cfg, threads=1 + index % 2 + index // 2)
             if not all(np.array_equal(a, b) for a, b in zip(got, expected[index], strict=True)):
                 errors.append(f"thread {index} got another result")
                 return
@@ -208,8 +219,11 @@ def test_kernel_checks_its_buffers():
     cells = 2 * 2 * 2
     out = (np.empty(cells, np.int64), np.empty(cells, np.uint8), np.empty(cells, np.float32),
            np.empty((cells, 3), np.int32), np.zeros(cells, np.uint8))
-    args = (1, 2, 3, 4, 2, 2, 2, True, 1.0, 1.0, 1.0, 1.0, 0.5)
+    args = (1, 2, 3, 4, 2, 2, 2, True, 1.0, 1.0, 1.0, 1.0, 0.5, 1)
     assert kernel.occupied_labels(points, centres, scores, *out, *args) == 0
+    assert kernel.occupied_labels(points, centres, scores, *out, *args[:-1], 2) == 0
+    with pytest.raises(TypeError):  # the thread count is not optional
+        kernel.occupied_labels(points, centres, scores, *out, *args[:-1])
     with pytest.raises(ValueError, match="scores"):
         kernel.occupied_labels(points, centres, np.ascontiguousarray(scores[..., :3]), *out, *args)
     with pytest.raises(ValueError, match="contiguous"):
@@ -298,7 +312,59 @@ def test_missing_or_stale_kernel_falls_back_with_its_reason():
 
 def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
     pipe = OccupancyPipeline(TorchBackend(lite_model, lite_config))
-    assert "post-processing on the CPU (native kernel)" in pipe.describe()
+    assert "post-processing on the CPU (native kernel, 1 thread)" in pipe.describe()
+    pipe.post_threads = 2
+    assert "post-processing on the CPU (native kernel, 2 threads)" in pipe.describe()
     monkeypatch.setattr(native_postprocess, "_kernel", None)
     monkeypatch.setattr(native_postprocess, "_REASON", "not built (test)")
     assert "post-processing on the CPU (torch ops; native kernel not built (test))" in pipe.describe()
+
+
+def test_kernel_helper_works_in_a_forked_child(lite_config):
+    """A child forked after the helper thread started has no helper thread: the kernel makes it a new one
+    there (a fork handler resets its state) instead of waiting forever for the parent's. The child reports
+    through a pipe; a hung child is killed and fails the test."""
+    points, scores = _case(21, queries=200)
+    expected = native_postprocess.occupied_labels(points, scores, lite_config, threads=2)  # helper running
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, just the answer
+        try:
+            got = native_postprocess.occupied_labels(points, scores, lite_config, threads=2)
+            same = all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+            os.write(write, b"same" if same else b"different")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        import select
+        ready, _, _ = select.select([read], [], [], 60)
+        answer = os.read(read, 16) if ready else b"hung"
+    finally:
+        os.close(read)
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert answer == b"same"
+
+
+@pytest.mark.parametrize("post_threads", [1, 2])
+def test_pipeline_passes_its_post_threads_and_frees_the_inference_cores(lite_model, lite_config, monkeypatch,
+                                                                        post_threads):
+    """With two post-processing threads on the CPU, the torch inference's OpenMP workers are released after
+    it (they would spin on the helper's core) and the kernel is asked for two; with one, neither."""
+    import export.pipeline as pipeline_module
+
+    released, asked = [], []
+    monkeypatch.setattr(pipeline_module, "release_openmp_team", lambda: released.append(1) or True)
+    real = native_postprocess.occupied_labels
+    monkeypatch.setattr(native_postprocess, "occupied_labels",
+                        lambda *a, threads=1, **k: asked.append(threads) or real(*a, threads=threads, **k))
+    pipe = OccupancyPipeline(TorchBackend(lite_model, lite_config), post_threads=post_threads)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    k = np.array([[100.0, 0, 64], [0, 100.0, 48], [0, 0, 1]])
+    for _ in range(2):
+        pipe.process(image, k, np.eye(4))
+    assert asked == [post_threads] * 2
+    assert len(released) == (2 if post_threads == 2 else 0)

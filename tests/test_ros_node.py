@@ -8,6 +8,7 @@ shutdown fails as in rclpy. Published messages are serialised with the real Humb
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from discene_ros import msg_decode, msg_encode
 from discene_ros import params as P
 from discene_ros.camera_pose import mount_height_pitch, orientation_problem
 from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.processing import post_threads_for
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = get_typestore(Stores.ROS2_HUMBLE)
@@ -185,8 +187,10 @@ def test_pipelining_parameter_sets_the_frame_loop_and_says_so(ros, pipelining, s
     """On the CPU (where the test backend runs) auto means one frame at a time; the start-up log says which."""
     node = make_node(ros, pipelining=pipelining)
     assert node.frames.runner.serial is serial
+    # one frame at a time, the post-processing kernel takes the core the inference left (processing.post_threads_for)
+    assert node.pipeline.post_threads == post_threads_for(not serial) == (2 if serial and os.cpu_count() > 1 else 1)
     (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
-    assert said in ready
+    assert said in ready and f"native kernel, {node.pipeline.post_threads} thread" in ready
 
 
 def test_compressed_and_depth_subscriptions(ros):

@@ -29,6 +29,7 @@ from discene_ros.processing import (
     build_outputs,
     fallback_camera_pose,
     frame_loop_mode,
+    post_threads_for,
 )
 from models.config import lite
 from models.geometry import place_grid
@@ -241,3 +242,11 @@ def test_frame_loop_mode_overlaps_frames_only_where_the_network_runs_on_a_gpu(de
     assert frame_loop_mode("off", pipeline) == (False, "pipelining off")
     with pytest.raises(ValueError, match="auto, on or off"):
         frame_loop_mode("yes", pipeline)
+
+
+@pytest.mark.parametrize("cores, pipelined, threads", [(2, False, 2), (16, False, 2), (1, False, 1), (2, True, 1),
+                                                       (16, True, 1), (None, False, 1)])
+def test_post_threads_for_one_frame_at_a_time_only(monkeypatch, cores, pipelined, threads):
+    """The kernel's helper only where frames go one at a time and a second core exists."""
+    monkeypatch.setattr("discene_ros.processing.os.cpu_count", lambda: cores)
+    assert post_threads_for(pipelined) == threads
