@@ -1,6 +1,6 @@
 """Two builds of the native post-processing kernel side by side, interleaved, on the frame path's lite frame.
 
-    python benchmarks/bench_postprocess_kernel.py BUILD.so [BUILD.so ...] [--rounds N] [--json F]
+    python benchmarks/bench_postprocess_kernel.py BUILD.so [BUILD.so ...] [--threads 1 2] [--rounds N] [--json F]
 
 The machine this project builds on drifts by a quarter from minute to minute, more than a kernel change
 moves the frame loop, so a change is measured here: each build (a ``_occupancy_native*.so``, e.g. this
@@ -9,7 +9,9 @@ is loaded under its own path, and the builds take turns on the same network outp
 weights, the 640x480 bgr8 frame of ``bench_frame_path``, closing on), ``--calls`` calls per turn, each
 through ``models.native_postprocess.occupied_labels`` (what the frame path runs) with that build in place.
 Prints each build's median and minimum over the rounds of the per-turn medians, in ms, and checks that every
-build finds the same voxels. Single-threaded: the kernel is.
+build finds the same voxels. ``--threads``: the kernel's thread counts to take turns with too (each build at
+each count; 2 splits its loops with its helper thread, as the CPU frame loop does one frame at a time);
+default 1. torch runs on one thread here, so no OpenMP worker spins beside the helper.
 """
 from __future__ import annotations
 
@@ -81,32 +83,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("builds", nargs="+", help="paths of _occupancy_native*.so builds")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=40, help="calls per build and round")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="kernel thread counts to compare")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     points, scores, cfg = frame_outputs()
+    torch.set_num_threads(1)  # the wrapper's one torch op (the query centres) wakes no OpenMP worker
     kernels = {path: load_build(path) for path in args.builds}
+    turns = [(path, threads) for path in kernels for threads in args.threads]
     found = {}
-    for path, kernel in kernels.items():
-        with build_in_place(kernel):
-            found[path] = native_postprocess.occupied_labels(points, scores, cfg)
-    first = found[args.builds[0]]
-    for path, result in found.items():
+    for path, threads in turns:
+        with build_in_place(kernels[path]):
+            found[(path, threads)] = native_postprocess.occupied_labels(points, scores, cfg, threads=threads)
+    first = found[turns[0]]
+    for turn, result in found.items():
         if not all(np.array_equal(a, b) for a, b in zip(result, first, strict=True)):
-            raise SystemExit(f"{path} finds other voxels than {args.builds[0]}")
-    medians: dict[str, list[float]] = {path: [] for path in kernels}
+            raise SystemExit(f"{turn} finds other voxels than {turns[0]}")
+    medians: dict[tuple[str, int], list[float]] = {turn: [] for turn in turns}
     for _ in range(args.rounds):
-        for path, kernel in kernels.items():
+        for path, threads in turns:
             times = []
-            with build_in_place(kernel):
+            with build_in_place(kernels[path]):
                 for _ in range(args.calls):
                     t0 = time.perf_counter()
-                    native_postprocess.occupied_labels(points, scores, cfg)
+                    native_postprocess.occupied_labels(points, scores, cfg, threads=threads)
                     times.append((time.perf_counter() - t0) * 1e3)
-            medians[path].append(float(np.median(times)))
-    rows = [{"build": path, "median_ms": float(np.median(m)), "min_ms": float(np.min(m))} for path, m in medians.items()]
+            medians[(path, threads)].append(float(np.median(times)))
+    rows = [{"build": path, "threads": threads, "median_ms": float(np.median(m)), "min_ms": float(np.min(m))}
+            for (path, threads), m in medians.items()]
     for row in rows:
-        print(f"{row['build']}: median {row['median_ms']:.3f} ms, min {row['min_ms']:.3f} ms "
+        print(f"{row['build']} x{row['threads']}: median {row['median_ms']:.3f} ms, min {row['min_ms']:.3f} ms "
               f"({row['median_ms'] / rows[0]['median_ms']:.2f}x the first)")
     print(f"{len(first.ids)} voxels each")
     if args.json:

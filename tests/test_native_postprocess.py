@@ -5,6 +5,7 @@ own argument checks."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -368,3 +369,19 @@ def test_pipeline_passes_its_post_threads_and_frees_the_inference_cores(lite_mod
         pipe.process(image, k, np.eye(4))
     assert asked == [post_threads] * 2
     assert len(released) == (2 if post_threads == 2 else 0)
+
+
+@pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
+def test_kernel_benchmark_takes_turns_with_thread_counts(tmp_path):
+    """bench_postprocess_kernel.py --threads 1 2: both counts on the benchmark frame, the same voxels (it exits
+    otherwise), a row each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_postprocess_kernel
+
+    build = native_postprocess._kernel.__file__
+    out = tmp_path / "kernel.json"
+    assert bench_postprocess_kernel.main([build, "--threads", "1", "2", "--rounds", "1", "--calls", "2",
+                                          "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["build"], r["threads"]) for r in result["rows"]] == [(build, 1), (build, 2)]
+    assert result["voxels"] > 0 and all(r["median_ms"] > 0 for r in result["rows"])
