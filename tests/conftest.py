@@ -27,6 +27,16 @@ def unfreeze_objects():
     gc.unfreeze()
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Benchmarks' ``main`` set torch's process-wide thread count; each test ends with the count it began
+    with (a count left at 1 made later in-process training rows differ from their child processes')."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def lite_config() -> models.ModelConfig:
     return models.load_config("lite")

@@ -380,12 +380,9 @@ def test_kernel_benchmark_takes_turns_with_thread_counts(tmp_path):
 
     build = native_postprocess._kernel.__file__
     out = tmp_path / "kernel.json"
-    threads = torch.get_num_threads()
-    try:  # the benchmark sets torch's process-wide thread count; later tests train with the default
-        assert bench_postprocess_kernel.main([build, "--threads", "1", "2", "--rounds", "1", "--calls", "2",
-                                              "--json", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    # (it sets torch's process-wide thread count: conftest's restore_torch_threads sets it back)
+    assert bench_postprocess_kernel.main([build, "--threads", "1", "2", "--rounds", "1", "--calls", "2",
+                                          "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["build"], r["threads"]) for r in result["rows"]] == [(build, 1), (build, 2)]
     assert result["voxels"] > 0 and all(r["median_ms"] > 0 for r in result["rows"])
