@@ -368,14 +368,35 @@ static int64_t next_nonzero(const uint8_t *v, int64_t i, int64_t n) {
 
 typedef struct { int v[3]; } Voxel;
 
+/* The boxes the closing crops to: of each class's voxels above the threshold, and of all of them. */
+typedef struct {
+    Box box[256], above;
+} Boxes;
+
+static void boxes_reset(Boxes *b, int C) {
+    box_reset(&b->above);
+    for (int c = 0; c < C; c++) box_reset(&b->box[c]);
+}
+
+static void box_merge(Box *into, const Box *from) {
+    for (int a = 0; a < 3; a++) {
+        into->lo[a] = MIN2(into->lo[a], from->lo[a]);
+        into->hi[a] = MAX2(into->hi[a], from->hi[a]);
+    }
+}
+
 /* ``best_class`` of a voxel no class has won yet */
 #define NO_CLASS 0xFF
 
-/* The points of queries [q0, q1): each one's voxel in ``cell`` (-1: dropped), and how many are kept. */
+/* The points of the queries this job takes: each one's voxel in ``cell`` (-1: dropped), and how many it kept.
+ * The queries go in chunks from a counter both halves share, so a helper that starts late takes fewer. */
+#define QUERY_CHUNK 8
+
 typedef struct {
     const float *pts, *centres, *scores;
     const Params *p;
-    int64_t nr, q0, q1;
+    int64_t nq, nr;
+    _Atomic int64_t *next; /* the first query no job has taken */
     int32_t *cell;
     int64_t kept;
     int nonfinite; /* a kept point has a non-finite score: the frame goes to the torch path */
@@ -386,17 +407,19 @@ static void classify_points(void *arg) {
     const Params *p = j->p;
     j->kept = 0;
     j->nonfinite = 0;
-    for (int64_t q = j->q0; q < j->q1; q++) {
-        for (int64_t r = 0; r < j->nr; r++) {
-            const int64_t i = q * j->nr + r;
-            int v[3];
-            const int state = point_voxel(j->pts + 3 * i, j->centres + 3 * q, j->scores + p->num_classes * i, p, v);
-            if (state == KEPT_NONFINITE) {
-                j->nonfinite = 1;
-                return;
+    for (int64_t q0; (q0 = atomic_fetch_add(j->next, QUERY_CHUNK)) < j->nq;) {
+        for (int64_t q = q0; q < MIN2(q0 + QUERY_CHUNK, j->nq); q++) {
+            for (int64_t r = 0; r < j->nr; r++) {
+                const int64_t i = q * j->nr + r;
+                int v[3];
+                const int state = point_voxel(j->pts + 3 * i, j->centres + 3 * q, j->scores + p->num_classes * i, p, v);
+                if (state == KEPT_NONFINITE) {
+                    j->nonfinite = 1;
+                    return;
+                }
+                j->cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
+                j->kept += state == KEPT;
             }
-            j->cell[i] = state == KEPT ? (v[0] * p->ny + v[1]) * p->nz + v[2] : -1;
-            j->kept += state == KEPT;
         }
     }
 }
@@ -411,7 +434,28 @@ typedef struct {
     int32_t k0, k1;
     int32_t *counts;
     float *mean;
+    /* for the closing (``boxes`` NULL without it): which of these rows have a class above ``threshold``, and
+     * their boxes */
+    const Voxel *row_voxel;
+    float threshold;
+    uint8_t *row_kept;
+    Boxes *boxes;
 } Sums;
+
+/* ``row_kept`` and the boxes of rows [k0, k1), from their means. */
+static void rows_above(const Sums *j) {
+    const int C = j->C;
+    boxes_reset(j->boxes, C);
+    for (int64_t row = j->k0; row < j->k1; row++) {
+        j->row_kept[row] = 0;
+        for (int c = 0; c < C; c++) {
+            if (!(j->mean[row * C + c] > j->threshold)) continue;
+            box_add(&j->boxes->box[c], j->row_voxel[row].v);
+            j->row_kept[row] = 1;
+        }
+        if (j->row_kept[row]) box_add(&j->boxes->above, j->row_voxel[row].v);
+    }
+}
 
 static void voxel_sums(void *arg) {
     const Sums *j = arg;
@@ -431,21 +475,22 @@ static void voxel_sums(void *arg) {
         const float count = (float)j->counts[k];
         for (int c = 0; c < C; c++) j->mean[k * C + c] /= count;
     }
+    if (j->boxes) rows_above(j);
 }
 
-/* Voxel means of the kept points: rows sorted by voxel, in ``s``'s ROW_CELL / ROW_VOXEL / MEAN buffers.
- * ``split``: the point and sum loops in halves, one on the helper. Returns M, or a negative code. */
+/* Voxel means of the kept points: rows sorted by voxel, in ``s``'s ROW_CELL / ROW_VOXEL / MEAN buffers; with
+ * ``boxes`` (the closing) also ROW_KEPT and the boxes. ``split``: the point and sum loops in halves, one on the
+ * helper. Returns M, or a negative code. */
 static int64_t voxel_means(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
-                           const Params *p, Scratch *s, int split) {
+                           const Params *p, Scratch *s, int split, Boxes *boxes) {
     const int C = p->num_classes;
     const int64_t n = nq * nr, cells = (int64_t)p->nx * p->ny * p->nz;
     int32_t *cell = scratch_get(s, POINT_CELL, n, sizeof(int32_t)); /* the point's voxel, -1 dropped */
     uint8_t *mark = scratch_get(s, MARK, cells, 1);
     if (!cell || !mark) return OUT_OF_MEMORY;
+    _Atomic int64_t next = 0;
     Classify halves[2];
-    for (int h = 0; h < 2; h++)
-        halves[h] = (Classify){pts, centres, scores, p, nr, split ? h * (nq / 2) : 0, split && !h ? nq / 2 : nq, cell,
-                               0, 0};
+    for (int h = 0; h < 2; h++) halves[h] = (Classify){pts, centres, scores, p, nq, nr, &next, cell, 0, 0};
     run_jobs(split, classify_points, halves, sizeof(Classify));
     if (halves[0].nonfinite || (split && halves[1].nonfinite)) return NONFINITE_SCORE;
     if (halves[0].kept + (split ? halves[1].kept : 0) == 0) return 0;
@@ -469,11 +514,19 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     int32_t *counts = scratch_get(s, COUNTS, m, sizeof(int32_t));
     float *mean = scratch_get(s, MEAN, m * C, sizeof(float));
     if (!counts || !mean) return OUT_OF_MEMORY;
+    uint8_t *row_kept = boxes ? scratch_get(s, ROW_KEPT, m, 1) : NULL;
+    if (boxes && !row_kept) return OUT_OF_MEMORY;
+    Boxes second; /* the helper's half's boxes */
     Sums sums[2];
     for (int h = 0; h < 2; h++)
         sums[h] = (Sums){cell, rank, scores, n, C, split ? (int32_t)(h * (m / 2)) : 0,
-                         (int32_t)(split && !h ? m / 2 : m), counts, mean};
+                         (int32_t)(split && !h ? m / 2 : m), counts, mean, row_voxel, p->threshold, row_kept,
+                         boxes && h ? &second : boxes};
     run_jobs(split, voxel_sums, sums, sizeof(Sums));
+    if (boxes && split) {
+        box_merge(&boxes->above, &second.above);
+        for (int c = 0; c < C; c++) box_merge(&boxes->box[c], &second.box[c]);
+    }
     return m;
 }
 
@@ -866,31 +919,20 @@ static void outputs_move(const Outputs *o, int64_t to, int64_t from, int64_t cou
  * fill reads (``class_needs``), found from the closing of its bits, 64 z voxels to a word: on the frame
  * path benchmark's lite frame the first filter runs over 44 % of the boxes' voxels, the last over 21 %.
  * Returns the number of voxels written, or a code. */
-static int64_t closing(int64_t m, const Params *p, Scratch *s, int64_t id_base, const Outputs *outputs,
-                       int split) {
+static int64_t closing(int64_t m, const Params *p, Scratch *s, const Boxes *boxes, int64_t id_base,
+                       const Outputs *outputs, int split) {
     const int C = p->num_classes;
     const int shape[3] = {p->nx, p->ny, p->nz};
     const float *mean = s->b[MEAN].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
-    uint8_t *row_kept = scratch_get(s, ROW_KEPT, m, 1);
+    const uint8_t *row_kept = s->b[ROW_KEPT].data; /* with the boxes, from ``voxel_means`` */
+    const Box *box = boxes->box, above = boxes->above;
     int64_t *plane_start = scratch_get(s, PLANE_START, p->nx + 1, sizeof(int64_t));
     ClassPlanes *classes = scratch_get(s, CLASSES, C, sizeof(ClassPlanes));
-    if (!row_kept || !plane_start || !classes) return OUT_OF_MEMORY;
-    Box above, box[256];
-    box_reset(&above);
-    for (int c = 0; c < C; c++) box_reset(&box[c]);
+    if (!plane_start || !classes) return OUT_OF_MEMORY;
     for (int64_t x = 0, row = 0; x <= p->nx; x++) { /* rows are in the grid's order: x ascending */
         while (row < m && row_voxel[row].v[0] < x) row++;
         plane_start[x] = row;
-    }
-    for (int64_t row = 0; row < m; row++) {
-        row_kept[row] = 0;
-        for (int c = 0; c < C; c++) {
-            if (!(mean[row * C + c] > p->threshold)) continue;
-            box_add(&box[c], row_voxel[row].v);
-            row_kept[row] = 1;
-        }
-        if (row_kept[row]) box_add(&above, row_voxel[row].v);
     }
     if (above.hi[0] < 0) return 0; /* nothing above the threshold: the closing leaves nothing */
     int active = 0;
@@ -973,9 +1015,10 @@ static int64_t frame_labels(const float *pts, const float *centres, const float 
                             const Params *p, int64_t id_base, const Outputs *out, int split) {
     Scratch *s = thread_scratch();
     if (!s) return OUT_OF_MEMORY;
-    int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s, split);
+    Boxes boxes;
+    int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s, split, p->closing ? &boxes : NULL);
     if (m <= 0) return m;
-    if (p->closing) return closing(m, p, s, id_base, out, split);
+    if (p->closing) return closing(m, p, s, &boxes, id_base, out, split);
     const float *mean = s->b[MEAN].data;
     const int64_t *row_cell = s->b[ROW_CELL].data;
     const Voxel *row_voxel = s->b[ROW_VOXEL].data;
