@@ -397,8 +397,8 @@ def uses_decode_thread(compressed: bool, pipelined: bool) -> bool:
 def post_threads_for(pipelined: bool) -> int:
     """Threads of the CPU post-processing kernel: 2 where frames go one at a time, so that nothing else runs
     while it does (the inference has just left its cores); 1 in a pipelined loop, whose other stages use the
-    cores meanwhile. Lite on the 2-core build machine: post-processing 1.6-1.8 against 2.1-2.3 ms per frame
-    (docs/results/frame_path.md, session 25)."""
+    cores meanwhile. Lite on the 2-core build machine: post-processing 3.6-3.7 % of the inference against
+    4.5-4.9 % on one thread (JPEG rows; docs/results/frame_path.md, session 25)."""
     return 2 if not pipelined and (os.cpu_count() or 1) >= 2 else 1
 
 
