@@ -385,6 +385,11 @@ static void box_merge(Box *into, const Box *from) {
     }
 }
 
+static void boxes_merge(Boxes *into, const Boxes *from, int C) {
+    box_merge(&into->above, &from->above);
+    for (int c = 0; c < C; c++) box_merge(&into->box[c], &from->box[c]);
+}
+
 /* ``best_class`` of a voxel no class has won yet */
 #define NO_CLASS 0xFF
 
@@ -491,15 +496,15 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     _Atomic int64_t next = 0;
     Classify halves[2];
     for (int h = 0; h < 2; h++) halves[h] = (Classify){pts, centres, scores, p, nq, nr, &next, cell, 0, 0};
-    run_jobs(split, classify_points, halves, sizeof(Classify));
-    if (halves[0].nonfinite || (split && halves[1].nonfinite)) return NONFINITE_SCORE;
-    if (halves[0].kept + (split ? halves[1].kept : 0) == 0) return 0;
+    run_jobs(split, classify_points, halves, sizeof(Classify)); /* without the helper, halves[1] stays zero */
+    if (halves[0].nonfinite || halves[1].nonfinite) return NONFINITE_SCORE;
+    const int64_t kept = halves[0].kept + halves[1].kept;
+    if (kept == 0) return 0;
     memset(mark, 0, (size_t)cells);
     for (int64_t i = 0; i < n; i++)
         if (cell[i] >= 0) mark[cell[i]] = 1;
     /* number the marked voxels in the grid's order */
     int32_t *rank = scratch_get(s, RANK, cells, sizeof(int32_t)); /* set at marked voxels only */
-    int64_t kept = halves[0].kept + (split ? halves[1].kept : 0);
     int64_t *row_cell = scratch_get(s, ROW_CELL, kept, sizeof(int64_t)); /* kept >= M */
     Voxel *row_voxel = scratch_get(s, ROW_VOXEL, kept, sizeof(Voxel));
     if (!rank || !row_cell || !row_voxel) return OUT_OF_MEMORY;
@@ -523,10 +528,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
                          (int32_t)(split && !h ? m / 2 : m), counts, mean, row_voxel, p->threshold, row_kept,
                          boxes && h ? &second : boxes};
     run_jobs(split, voxel_sums, sums, sizeof(Sums));
-    if (boxes && split) {
-        box_merge(&boxes->above, &second.above);
-        for (int c = 0; c < C; c++) box_merge(&boxes->box[c], &second.box[c]);
-    }
+    if (boxes && split) boxes_merge(boxes, &second, C);
     return m;
 }
 

@@ -171,7 +171,7 @@ def test_kernel_leaves_infinite_scores_to_the_torch_path(lite_config):
     scores[0, q, r, 0] = float("inf")
     assert native_postprocess.occupied_labels(points, scores, lite_config) is None
     assert native_postprocess.occupied_labels(points, scores, lite_config, threads=2) is None
-    scores[0, -1, -1, 0] = float("inf")  # the one the helper's half finds too: both halves see one
+    scores[0, -1, -1, 0] = float("inf")  # a second one in the last chunk of queries, whichever half takes it
     assert native_postprocess.occupied_labels(points, scores, lite_config, threads=2) is None
     frame = points_to_occupancy(points, scores, np.zeros(3), lite_config)
     ref_ids, ref_label, _ = occupied_labels(points, scores, lite_config, native=False)
