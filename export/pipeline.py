@@ -193,8 +193,11 @@ class OccupancyPipeline:
 
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
+        native_resize = (self.preprocessor is not None and self.preprocessor.uint8_resize
+                         and self.backend.torch_device.type == "cpu" and native_postprocess.available())
         pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, "
                f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize"
+               f"{' in the native kernel' if native_resize else ''}"
                f"{', queued at launch into the network inputs' if self.fused else ''})"
                if self.tensor_path else "host preprocessing (numpy + PIL)")
         where = "in its CUDA graph" if self.fused and self.backend.torch_device.type == "cuda" else "(static buffers)"

@@ -30,7 +30,7 @@
 #include <time.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 8
+#define ABI_VERSION 9
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -194,6 +194,8 @@ enum { POINT_CELL, MARK, RANK, ROW_CELL, ROW_VOXEL, ROW_KEPT, COUNTS, MEAN, PLAN
        PLANE_START, CLASSES, NEEDS, WORDS, KEPT_WORDS,
        /* the helper's half of the closing (the calling thread owns these too) */
        PLANES_B, WINS_B, BEST_B, BEST_CLASS_B, CLASSES_B, WORDS_B,
+       /* resize_normalise: the two axes' weights, and each thread's horizontally resized rows */
+       RESIZE_WX, RESIZE_WY, RESIZE_ROWS,
        NUM_BUFFERS };
 
 typedef struct { Buffer b[NUM_BUFFERS]; } Scratch;
@@ -1240,6 +1242,366 @@ done:
     return result;
 }
 
+/* ---- The CPU preprocessing's antialiased resize ------------------------------------------------------------
+ * torch's uint8 antialiased bilinear resize (F.interpolate(..., antialias=True) on a uint8 image, the CPU frame
+ * path's since session 10), bit for bit, then normalise_planes' arithmetic, in one call: the largest step of the
+ * CPU preprocessing. AVX2 loops where the CPU has them, plain loops elsewhere. A caller may ask for two threads
+ * (the output rows in halves with the helper); the frame loop does not: between frames the helper sleeps, and
+ * waking it on an idle core took longer here (about 0.5 ms) than the whole resize on one thread.
+ *
+ * The arithmetic is torch's (PIL's filter): per axis, double weights of the triangle filter widened by the
+ * scale (support = max(scale, 1)), normalised to sum 1, then rounded to int16 with as many fraction bits as
+ * keep the largest below 2^15; each output value is (2^(bits-1) + sum of weight * byte) >> bits, clamped to
+ * 0..255. The horizontal pass runs first into uint8 rows, then the vertical pass. Both are exact integer
+ * arithmetic, so any order of the sums and any split of the rows gives the same bytes. */
+
+typedef struct {
+    int out, taps;   /* outputs, weights per output (even: the AVX2 loops take them in pairs; zeros pad) */
+    int bits;        /* fraction bits of the int16 weights */
+    int32_t *first;  /* (out,) first input index of each output */
+    int32_t *count;  /* (out,) weights from the first that are not all zero after them, rounded up to even */
+    int16_t *weight; /* (out, taps) */
+} AxisWeights;
+
+static double triangle(double x) {
+    x = fabs(x);
+    return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+/* The weights of one axis, resized from ``in`` to ``out`` samples; ``memory`` holds AXIS_DOUBLES(in, out)
+ * doubles (the int16 table reuses it). */
+#define AXIS_TAPS(in, out) ((int)ceil((double)(in) / (out) > 1.0 ? (double)(in) / (out) : 1.0) * 2 + 2)
+#define AXIS_DOUBLES(in, out) ((int64_t)(out) * (AXIS_TAPS(in, out) + 1) + 1)
+
+static void axis_weights(int in, int out, double *memory, AxisWeights *a) {
+    const double scale = (double)in / out;
+    const double support = scale >= 1.0 ? scale : 1.0; /* bilinear: half of 2 taps, widened by the scale */
+    const double invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
+    const int most = (int)ceil(support) * 2 + 1; /* torch's bound on the taps of one output */
+    const int taps = most + (most & 1);
+    double *w = memory;
+    int32_t *first = (int32_t *)(memory + (int64_t)out * taps), *count = first + out;
+    double largest = 0.0;
+    for (int i = 0; i < out; i++) {
+        const double centre = scale * (i + 0.5);
+        int64_t lo = (int64_t)(centre - support + 0.5);
+        if (lo < 0) lo = 0;
+        int64_t hi = (int64_t)(centre + support + 0.5);
+        if (hi > in) hi = in;
+        int64_t size = hi - lo;
+        if (size < 0) size = 0;
+        if (size > most) size = most;
+        double *wi = w + (int64_t)i * taps, total = 0.0;
+        for (int64_t j = 0; j < size; j++) {
+            wi[j] = triangle(((double)(j + lo) - centre + 0.5) * invscale);
+            total += wi[j];
+        }
+        for (int64_t j = 0; j < size; j++) {
+            if (total != 0.0) wi[j] /= total;
+            if (wi[j] > largest) largest = wi[j];
+        }
+        for (int64_t j = size; j < taps; j++) wi[j] = 0.0;
+        /* the padding taps read real bytes (times zero): keep them inside the row */
+        first[i] = (int32_t)(lo + taps <= in ? lo : (in - taps > 0 ? in - taps : 0));
+        if (first[i] != lo) { /* shift the weights right by the same amount */
+            const int64_t by = lo - first[i];
+            for (int64_t j = taps - 1; j >= 0; j--) wi[j] = j >= by ? wi[j - by] : 0.0;
+        }
+        int used = taps;
+        while (used > 0 && wi[used - 1] == 0.0) used--;
+        count[i] = used + (used & 1);
+    }
+    int bits = 0;
+    for (bits = 0; bits < 22; bits++)
+        if ((int)(0.5 + largest * (1 << (bits + 1))) >= (1 << 15)) break;
+    int16_t *w16 = (int16_t *)memory; /* in place: each int16 is written below the doubles still to read */
+    for (int64_t k = 0; k < (int64_t)out * taps; k++) {
+        const double v = w[k] * (1 << bits);
+        w16[k] = (int16_t)(v < 0 ? (int)(-0.5 + v) : (int)(0.5 + v));
+    }
+    a->out = out;
+    a->taps = taps;
+    a->bits = bits;
+    a->weight = w16;
+    a->first = first;
+    a->count = count;
+}
+
+static inline uint8_t clamp_byte(int32_t v) { return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); }
+
+/* One row's horizontal pass: ``in`` (w_in RGB pixels) -> ``out`` (ax->out RGB pixels). */
+static void horizontal_row(const uint8_t *restrict in, uint8_t *restrict out, const AxisWeights *ax) {
+    const int32_t round = 1 << (ax->bits - 1);
+    for (int x = 0; x < ax->out; x++) {
+        const uint8_t *p = in + 3 * (int64_t)ax->first[x];
+        const int16_t *w = ax->weight + (int64_t)x * ax->taps;
+        int32_t r = round, g = round, b = round;
+        for (int k = 0; k < ax->count[x]; k++, p += 3) {
+            r += w[k] * p[0];
+            g += w[k] * p[1];
+            b += w[k] * p[2];
+        }
+        out[3 * x] = clamp_byte(r >> ax->bits);
+        out[3 * x + 1] = clamp_byte(g >> ax->bits);
+        out[3 * x + 2] = clamp_byte(b >> ax->bits);
+    }
+}
+
+/* One output row of the vertical pass: ``rows[k]`` are the taps' input rows (``bytes`` each). */
+static void vertical_row(const uint8_t *const *rows, const int16_t *w, int taps, int bits, uint8_t *restrict out,
+                         int64_t from, int64_t bytes) {
+    const int32_t round = 1 << (bits - 1);
+    for (int64_t i = from; i < bytes; i++) {
+        int32_t v = round;
+        for (int k = 0; k < taps; k++) v += w[k] * rows[k][i];
+        out[i] = clamp_byte(v >> bits);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+/* Two rows' horizontal pass at once, one per 128-bit lane: for each pair of taps, the two pixels' bytes become
+ * int16 pairs (R0 R1 G0 G1 B0 B1 0 0) and one madd adds both taps' products per channel; one 16-byte load
+ * serves four taps. A row's loads end at most 4 bytes past it, which the caller keeps inside the buffer. */
+/* The sums of one output pixel for two rows (one per lane) from their bytes at ``p0`` / ``p1``. */
+__attribute__((target("avx2"))) static inline __m256i horizontal_sums(const uint8_t *p0, const uint8_t *p1,
+                                                                      const int16_t *w, int n, __m256i sum) {
+    /* taps k, k+1 from bytes 0..5 of a load, taps k+2, k+3 from bytes 6..11 */
+    const __m256i pair0 = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
+                                           0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
+    const __m256i pair1 = _mm256_setr_epi8(6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
+                                           6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+    int k = 0;
+    for (; k + 4 <= n; k += 4, p0 += 12, p1 += 12) {
+        int32_t wa, wb;
+        memcpy(&wa, w + k, 4);
+        memcpy(&wb, w + k + 2, 4);
+        const __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)p1), _mm_loadu_si128((const __m128i *)p0));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_shuffle_epi8(v, pair0), _mm256_set1_epi32(wa)));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_shuffle_epi8(v, pair1), _mm256_set1_epi32(wb)));
+    }
+    if (k < n) {
+        int32_t wa;
+        memcpy(&wa, w + k, 4);
+        const __m256i v = _mm256_set_m128i(_mm_loadl_epi64((const __m128i *)p1), _mm_loadl_epi64((const __m128i *)p0));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_shuffle_epi8(v, pair0), _mm256_set1_epi32(wa)));
+    }
+    return sum;
+}
+
+/* Four rows' horizontal pass at once, two per 256-bit register (one per lane): for each pair of taps the two
+ * pixels' bytes become int16 pairs (R0 R1 G0 G1 B0 B1 0 0) and one madd adds both taps' products per channel;
+ * one 16-byte load serves four taps. A row's loads end at most 4 bytes past it, which the caller keeps inside
+ * the buffer. Each pixel is stored as 4 bytes, the 4th overwritten by the next pixel (the last: 3 bytes). */
+__attribute__((target("avx2"))) static void horizontal_rows_avx2(const uint8_t *const in[4], uint8_t *const out[4],
+                                                                   const AxisWeights *ax) {
+    const __m256i round = _mm256_set1_epi32(1 << (ax->bits - 1));
+    const __m128i shift = _mm_cvtsi32_si128(ax->bits);
+    for (int x = 0; x < ax->out; x++) {
+        const int64_t at = 3 * (int64_t)ax->first[x];
+        const int16_t *w = ax->weight + (int64_t)x * ax->taps;
+        const int n = ax->count[x];
+        __m256i s01 = horizontal_sums(in[0] + at, in[1] + at, w, n, round);
+        __m256i s23 = horizontal_sums(in[2] + at, in[3] + at, w, n, round);
+        s01 = _mm256_sra_epi32(s01, shift);
+        s23 = _mm256_sra_epi32(s23, shift);
+        /* lanes: rows 0 | 1 and 2 | 3 as R G B 0 R G B 0 int16, then bytes (rows 0, 2 | 1, 3) */
+        const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(s01, s23), _mm256_setzero_si256());
+        const uint64_t lo = (uint64_t)_mm_cvtsi128_si64(_mm256_castsi256_si128(bytes));
+        const uint64_t hi = (uint64_t)_mm_cvtsi128_si64(_mm256_extracti128_si256(bytes, 1));
+        const uint32_t px[4] = {(uint32_t)lo, (uint32_t)hi, (uint32_t)(lo >> 32), (uint32_t)(hi >> 32)};
+        if (x + 1 < ax->out)
+            for (int r = 0; r < 4; r++) memcpy(out[r] + 3 * x, &px[r], 4);
+        else
+            for (int r = 0; r < 4; r++) memcpy(out[r] + 3 * x, &px[r], 3);
+    }
+}
+
+/* One output row of the vertical pass, 16 bytes at a time: byte i of rows k and k+1 interleaved as int16
+ * pairs, one madd per pair of taps. Returns how many bytes it wrote (the rest: ``vertical_row``). */
+__attribute__((target("avx2"))) static int64_t vertical_row_avx2(const uint8_t *const *rows, const int16_t *w,
+                                                                 int taps, int bits, uint8_t *out, int64_t bytes) {
+    const __m256i round = _mm256_set1_epi32(1 << (bits - 1));
+    const __m128i shift = _mm_cvtsi32_si128(bits);
+    int64_t i = 0;
+    for (; i + 16 <= bytes; i += 16) {
+        __m256i lo = round, hi = round;
+        for (int k = 0; k < taps; k += 2) {
+            int32_t wk;
+            memcpy(&wk, w + k, 4);
+            const __m256i wpair = _mm256_set1_epi32(wk);
+            const __m128i a = _mm_loadu_si128((const __m128i *)(rows[k] + i));
+            const __m128i b = _mm_loadu_si128((const __m128i *)(rows[k + 1] + i));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)), wpair));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)), wpair));
+        }
+        lo = _mm256_sra_epi32(lo, shift); /* bytes 0..7 */
+        hi = _mm256_sra_epi32(hi, shift); /* bytes 8..15 */
+        const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        _mm_storeu_si128((__m128i *)(out + i),
+                         _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+    }
+    return i;
+}
+
+/* normalise_planes' arithmetic on one resized RGB row (``pixels`` pixels), 4 pixels at a time: channel
+ * order[c]'s bytes picked by a shuffle, converted, multiplied and added as the scalar loop does (no fused
+ * multiply-add: two roundings). Returns how many pixels it wrote (the rest: the scalar loop). */
+__attribute__((target("avx2"))) static int64_t normalise_row_avx2(const uint8_t *line, int64_t pixels,
+                                                                  float *const dst[3], const int order[3],
+                                                                  const float scale[3], const float shift[3]) {
+    int64_t x = 0;
+    for (int c = 0; c < 3; c++) {
+        const int o = order[c];
+        const __m128i pick = _mm_setr_epi8((char)o, -1, -1, -1, (char)(o + 3), -1, -1, -1, (char)(o + 6), -1, -1,
+                                           -1, (char)(o + 9), -1, -1, -1);
+        const __m128 a = _mm_set1_ps(scale[c]), b = _mm_set1_ps(shift[c]);
+        for (x = 0; x + 6 <= pixels; x += 4) { /* a 16-byte load from pixel x: 4 bytes past pixel x+3 */
+            const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(line + 3 * x)), pick);
+            _mm_storeu_ps(dst[c] + x, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(v), a), b));
+        }
+    }
+    return x;
+}
+
+/* AVX2 where the CPU has it, unless DISCENE_NATIVE_SIMD=0 (the scalar loops other CPUs run; tests compare). */
+static int use_avx2(void) {
+    static _Atomic int known = -1;
+    if (known < 0) {
+        const char *env = getenv("DISCENE_NATIVE_SIMD");
+        known = __builtin_cpu_supports("avx2") && !(env && strcmp(env, "0") == 0) ? 1 : 0;
+    }
+    return known;
+}
+#else
+#define HAVE_AVX2_PATH 0
+static int use_avx2(void) { return 0; }
+#endif
+
+#define MAX_RESIZE_TAPS 128 /* per output: a downscale by up to 63x (the Python side checks) */
+
+typedef struct {
+    const uint8_t *in;   /* (in_h, in_w, 3) bytes, rows contiguous */
+    const uint8_t *end;  /* one past the input's last byte */
+    int64_t in_w;
+    const AxisWeights *ax, *ay;
+    float *out;          /* (3, ay->out, ax->out) */
+    int order[3];
+    float scale[3], shift[3];
+    int y0, y1;          /* this half's output rows */
+    int avx2, ok;
+} ResizeJob;
+
+/* Output rows y0..y1 of one job: the horizontal pass of the input rows they read (a few rows around the split
+ * are done by both halves), then the vertical pass and the normalisation, a row at a time. */
+static void resize_rows(void *arg) {
+    ResizeJob *j = arg;
+    j->ok = 1;
+    if (j->y0 >= j->y1) return;
+    const AxisWeights *ax = j->ax, *ay = j->ay;
+    const int64_t row_in = 3 * j->in_w, row_out = 3 * (int64_t)ax->out, plane = (int64_t)ay->out * ax->out;
+    const int r0 = ay->first[j->y0], r1 = ay->first[j->y1 - 1] + ay->taps; /* input rows read */
+    Scratch *s = thread_scratch();
+    uint8_t *rows = s ? scratch_get(s, RESIZE_ROWS, (int64_t)(r1 - r0 + 1) * row_out, 1) : NULL;
+    if (!rows) {
+        j->ok = 0;
+        return;
+    }
+    uint8_t *line = rows + (int64_t)(r1 - r0) * row_out; /* one resized row before its normalisation */
+    int r = r0;
+#if HAVE_AVX2_PATH
+    /* four rows' loads end at most 4 bytes past the fourth */
+    for (; j->avx2 && r + 3 < r1 && j->in + (r + 4) * row_in + 4 <= j->end; r += 4) {
+        const uint8_t *const src[4] = {j->in + r * row_in, j->in + (r + 1) * row_in, j->in + (r + 2) * row_in,
+                                       j->in + (r + 3) * row_in};
+        uint8_t *const dst[4] = {rows + (r - r0) * row_out, rows + (r + 1 - r0) * row_out,
+                                 rows + (r + 2 - r0) * row_out, rows + (r + 3 - r0) * row_out};
+        horizontal_rows_avx2(src, dst, ax);
+    }
+#endif
+    for (; r < r1; r++) horizontal_row(j->in + r * row_in, rows + (r - r0) * row_out, ax);
+    const uint8_t *taps[MAX_RESIZE_TAPS];
+    for (int y = j->y0; y < j->y1; y++) {
+        const int16_t *w = ay->weight + (int64_t)y * ay->taps;
+        const int n = ay->count[y];
+        for (int k = 0; k < n; k++) taps[k] = rows + (int64_t)(ay->first[y] + k - r0) * row_out;
+        int64_t done = 0;
+#if HAVE_AVX2_PATH
+        if (j->avx2) done = vertical_row_avx2(taps, w, n, ay->bits, line, row_out);
+#endif
+        vertical_row(taps, w, n, ay->bits, line, done, row_out);
+        float *const dst[3] = {j->out + (int64_t)y * ax->out, j->out + plane + (int64_t)y * ax->out,
+                               j->out + 2 * plane + (int64_t)y * ax->out};
+        int64_t from = 0;
+#if HAVE_AVX2_PATH
+        if (j->avx2) from = normalise_row_avx2(line, ax->out, dst, j->order, j->scale, j->shift);
+#endif
+        for (int c = 0; c < 3; c++) { /* normalise_planes' two roundings */
+            const uint8_t *src = line + j->order[c];
+            const float a = j->scale[c], b = j->shift[c];
+            for (int64_t x = from; x < ax->out; x++) {
+                float v = (float)src[3 * x] * a;
+                dst[c][x] = v + b;
+            }
+        }
+    }
+}
+
+static PyObject *resize_normalise(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer in, out;
+    Py_ssize_t in_h, in_w, out_h, out_w;
+    int order[3], threads;
+    float scale[3], shift[3];
+    if (!PyArg_ParseTuple(args, "y*w*nnnn(iii)(fff)(fff)i", &in, &out, &in_h, &in_w, &out_h, &out_w, &order[0],
+                          &order[1], &order[2], &scale[0], &scale[1], &scale[2], &shift[0], &shift[1], &shift[2],
+                          &threads))
+        return NULL;
+    PyObject *result = NULL;
+    if (in_h < 1 || in_w < 1 || out_h < 1 || out_w < 1 || in_h > INT32_MAX / 4 || in_w > INT32_MAX / 4 ||
+        out_h > INT32_MAX / 4 || out_w > INT32_MAX / 4 || order[0] < 0 || order[0] > 2 || order[1] < 0 ||
+        order[1] > 2 || order[2] < 0 || order[2] > 2) {
+        PyErr_SetString(PyExc_ValueError, "resize_normalise: sizes or channel order out of range");
+        goto done;
+    }
+    if (AXIS_TAPS(in_w, out_w) > in_w || AXIS_TAPS(in_h, out_h) > in_h || AXIS_TAPS(in_h, out_h) > MAX_RESIZE_TAPS) {
+        result = Py_NewRef(Py_False); /* an image smaller than a filter, or a downscale beyond 63x: torch's */
+        goto done;
+    }
+    if (!check_buffer(&in, "image", 1, in_h * in_w * 3) || !check_buffer(&out, "out", 4, out_h * out_w * 3)) goto done;
+    int ok = 0;
+    Py_BEGIN_ALLOW_THREADS
+    Scratch *s = thread_scratch();
+    double *mx = s ? scratch_get(s, RESIZE_WX, AXIS_DOUBLES(in_w, out_w), sizeof(double)) : NULL;
+    double *my = s ? scratch_get(s, RESIZE_WY, AXIS_DOUBLES(in_h, out_h), sizeof(double)) : NULL;
+    if (mx && my) {
+        AxisWeights ax, ay;
+        axis_weights((int)in_w, (int)out_w, mx, &ax);
+        axis_weights((int)in_h, (int)out_h, my, &ay);
+        const int split = threads >= 2 && out_h >= 2 && helper_acquire();
+        ResizeJob jobs[2];
+        for (int h = 0; h < 2; h++) {
+            jobs[h] = (ResizeJob){(const uint8_t *)in.buf, (const uint8_t *)in.buf + in_h * in_w * 3, in_w, &ax, &ay,
+                                  (float *)out.buf, {order[0], order[1], order[2]}, {scale[0], scale[1], scale[2]},
+                                  {shift[0], shift[1], shift[2]}, 0, (int)out_h, use_avx2(), 0};
+        }
+        if (split) jobs[0].y1 = jobs[1].y0 = (int)(out_h / 2);
+        run_jobs(split, resize_rows, jobs, sizeof(ResizeJob));
+        if (split) helper_release();
+        ok = jobs[0].ok && (!split || jobs[1].ok);
+    }
+    Py_END_ALLOW_THREADS
+    if (!ok)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_True);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
      "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
@@ -1253,6 +1615,11 @@ static PyMethodDef methods[] = {
     {"normalise_image", normalise_image, METH_VARARGS,
      "normalise_image(planes, out, pixels, order, scale, shift): (3, h, w) uint8 -> (3, h, w) float32, "
      "plane c = planes[order[c]] * scale[c] + shift[c]."},
+    {"resize_normalise", resize_normalise, METH_VARARGS,
+     "resize_normalise(image, out, in_h, in_w, out_h, out_w, order, scale, shift, threads) -> True, or False for "
+     "sizes it does not take: (in_h, in_w, 3) uint8 -> (3, out_h, out_w) float32, torch's uint8 antialiased "
+     "bilinear resize bit for bit, then plane c = channel order[c] * scale[c] + shift[c]. threads 2: the rows in "
+     "halves with the helper thread."},
     {"cloud_words", cloud_words, METH_VARARGS,
      "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
      "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32; returns "

@@ -206,8 +206,9 @@ class TensorPreprocessor:
 
     ``slots`` independent buffer sets let a pipelined caller prepare the next frame while the
     previous one is still being read (the caller says which slot to write). ``uint8_resize``
-    (default: on CPU only) resizes uint8 directly with torch's CPU antialias kernel; otherwise the
-    image is resized in float32 (the only antialiased mode CUDA offers). ``graphs`` (default: on
+    (default: on CPU only) resizes uint8 directly: torch's CPU antialias kernel, or where built the native
+    kernel's copy of it (``native_postprocess.resize_normalise``: the same bytes, normalised in the same call);
+    otherwise the image is resized in float32 (the only antialiased mode CUDA offers). ``graphs`` (default: on
     CUDA) captures each slot's device work (uploads from its pinned buffers, resize, normalisation,
     depth) as one CUDA graph per input shape, replayed per frame: a dozen launches become one.
     ``__call__`` is ``stage`` (host: checks, ``grid2img``, the frame into the slot's buffers) then ``run``
@@ -400,13 +401,17 @@ class TensorPreprocessor:
     def _resize_normalise(self, rgb_hwc: torch.Tensor, s: _Slot, out: torch.Tensor) -> None:
         """Resize + normalise slot ``s``'s staged bytes into ``out`` (RGB order, whatever the bytes')."""
         x = rgb_hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view
+        order = (2, 1, 0) if s.bgr else (0, 1, 2)
         if tuple(x.shape[-2:]) != self.size_hw:
+            if (self.uint8_resize and rgb_hwc.device.type == "cpu" and rgb_hwc.is_contiguous() and out.is_contiguous()
+                    and native_postprocess.resize_normalise(rgb_hwc.numpy(), out.numpy(), order, self.scale_f,
+                                                            self.shift_f)):
+                return  # torch's uint8 resize bit for bit, and the normalisation below, in one call
             if self.uint8_resize:
                 x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=self.size_hw,
                                   mode="bilinear", antialias=True, align_corners=False)
             else:
                 x = F.interpolate(x.float(), size=self.size_hw, mode="bilinear", antialias=True, align_corners=False)
-        order = (2, 1, 0) if s.bgr else (0, 1, 2)
         if (x.device.type == "cpu" and x.dtype == torch.uint8 and x.is_contiguous()
                 and native_postprocess.normalise_image(x.numpy(), out.numpy(), order, self.scale_f, self.shift_f)):
             return  # reorder, multiply and add in one pass, bit for bit the torch ops below

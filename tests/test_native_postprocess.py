@@ -292,6 +292,71 @@ def test_dense_voxels_checks_its_buffers():
             kernel.cloud_words(*args, count, 0.0, 0.0, 0.0, 0.08)
 
 
+def _torch_resize_normalise(image: np.ndarray, size_hw: tuple[int, int], order, scale, shift) -> np.ndarray:
+    """The reference: torch's uint8 antialiased resize, then the channel reorder, mul and add_ in float32."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
+    y = torch.nn.functional.interpolate(x, size=size_hw, mode="bilinear", antialias=True, align_corners=False)
+    out = torch.mul(y[:, list(order)], torch.tensor(scale).view(1, 3, 1, 1))
+    return out.add_(torch.tensor(shift).view(1, 3, 1, 1)).numpy()
+
+
+RESIZE_CASES = [((480, 640), (192, 256)), ((240, 320), (192, 256)), ((481, 643), (193, 255)),
+                ((1080, 1920), (192, 256)), ((96, 128), (192, 256)), ((192, 256), (192, 256)),
+                ((50, 71), (31, 17)), ((9, 9), (3, 4)), ((300, 7), (64, 6))]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("size_in", "size_out"), RESIZE_CASES)
+def test_resize_normalise_equals_torch_bit_for_bit(size_in, size_out, threads):
+    """Down, up and unchanged along each axis, sizes that split unevenly, and a camera-sized downscale: every
+    float of the output is torch's (resize, reorder, multiply, add), in both row orders and thread counts."""
+    rng = np.random.default_rng(sum(size_in) + threads)
+    image = rng.integers(0, 256, (*size_in, 3), dtype=np.uint8)
+    scale, shift = (0.017, 0.0175, 0.0174), (-2.1, -2.03, -1.8)
+    for order in ((0, 1, 2), (2, 1, 0)):
+        out = np.full((1, 3, *size_out), np.nan, np.float32)
+        assert native_postprocess.resize_normalise(image, out, order, scale, shift, threads)
+        ref = _torch_resize_normalise(image, size_out, order, scale, shift)
+        np.testing.assert_array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def test_resize_normalise_scalar_loops_equal_torch_too():
+    """``DISCENE_NATIVE_SIMD=0``: the scalar loops that CPUs without AVX2 (a Jetson's) run, on every row."""
+    code = ("import numpy as np, sys; sys.path.insert(0, 'tests'); import test_native_postprocess as t; "
+            "from models import native_postprocess as n\n"
+            "for (si, so) in t.RESIZE_CASES:\n"
+            "    img = np.random.default_rng(7).integers(0, 256, (*si, 3), dtype=np.uint8)\n"
+            "    out = np.empty((1, 3, *so), np.float32)\n"
+            "    assert n.resize_normalise(img, out, (2, 1, 0), (0.5, 0.25, 1.0), (1.0, -1.0, 0.0), 2)\n"
+            "    ref = t._torch_resize_normalise(img, so, (2, 1, 0), (0.5, 0.25, 1.0), (1.0, -1.0, 0.0))\n"
+            "    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (si, so)\n"
+            "print('same')")
+    env = {**os.environ, "DISCENE_NATIVE_SIMD": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "same", out.stderr[-2000:]
+
+
+def test_resize_normalise_leaves_what_it_does_not_take_to_torch():
+    """An image smaller than the filter, or a downscale beyond 63x: False, and ``out`` untouched; arguments
+    that make no sense raise."""
+    kernel = native_postprocess._kernel
+    out = np.zeros((1, 3, 4, 4), np.float32)
+    for shape in ((3, 40, 3), (40, 3, 3), (400, 40, 3)):
+        image = np.zeros(shape, np.uint8)
+        small = np.zeros((1, 3, 4 if shape[0] < 400 else 2, 4), np.float32)
+        assert not native_postprocess.resize_normalise(image, small, (0, 1, 2), (1.0,) * 3, (0.0,) * 3)
+        assert not small.any()
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="channel order"):
+        kernel.resize_normalise(image, out, 8, 8, 4, 4, (0, 1, 3), (1.0,) * 3, (0.0,) * 3, 1)
+    with pytest.raises(ValueError, match="image"):
+        kernel.resize_normalise(image, out, 9, 8, 4, 4, (0, 1, 2), (1.0,) * 3, (0.0,) * 3, 1)
+    with pytest.raises(ValueError, match="out"):
+        kernel.resize_normalise(image, out, 8, 8, 5, 4, (0, 1, 2), (1.0,) * 3, (0.0,) * 3, 1)
+    assert not native_postprocess.resize_normalise(np.zeros((8, 8), np.uint8), out, (0, 1, 2), (1.0,) * 3,
+                                                   (0.0,) * 3)
+
+
 def test_environment_switch_turns_the_kernel_off():
     code = "from models import native_postprocess as n; print(n.available(), n.unavailable_reason())"
     env = {**os.environ, "DISCENE_NATIVE_POSTPROCESS": "0"}
@@ -314,11 +379,13 @@ def test_missing_or_stale_kernel_falls_back_with_its_reason():
 def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
     pipe = OccupancyPipeline(TorchBackend(lite_model, lite_config))
     assert "post-processing on the CPU (native kernel, 1 thread)" in pipe.describe()
+    assert "uint8 antialiased resize in the native kernel" in pipe.describe()
     pipe.post_threads = 2
     assert "post-processing on the CPU (native kernel, 2 threads)" in pipe.describe()
     monkeypatch.setattr(native_postprocess, "_kernel", None)
     monkeypatch.setattr(native_postprocess, "_REASON", "not built (test)")
     assert "post-processing on the CPU (torch ops; native kernel not built (test))" in pipe.describe()
+    assert "resize in the native kernel" not in pipe.describe()
 
 
 def test_kernel_helper_works_in_a_forked_child(lite_config):

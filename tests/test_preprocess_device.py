@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,8 +150,47 @@ def test_cpu_normalisation_kernel_equals_the_torch_ops_bit_for_bit(lite_config, 
     calls = []
     real = native_postprocess.normalise_image
     monkeypatch.setattr(native_postprocess, "normalise_image", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(native_postprocess, "resize_normalise", lambda *a: False)  # torch's resize
     native = TensorPreprocessor(lite_config)(view, k, pose).image.clone()
     assert calls == [(2, 1, 0) if bgr else (0, 1, 2)]
     monkeypatch.setattr(native_postprocess, "normalise_image", lambda *a: False)  # no kernel: torch ops
     torch_ops = TensorPreprocessor(lite_config)(view, k, pose).image
     assert torch.equal(native, torch_ops)
+
+
+@pytest.mark.parametrize("bgr", [True, False])
+def test_cpu_native_resize_equals_the_torch_resize_bit_for_bit(lite_config, monkeypatch, bgr):
+    # the native kernel's resize + normalisation in one call against torch's uint8 antialiased resize and the
+    # torch ops, for a camera frame and a JPEG decoded at half size; a row-padded frame (not contiguous) goes
+    # to torch
+    assert native_postprocess.available(), native_postprocess.unavailable_reason()
+    k, pose = example_camera(lite_config)
+    calls = []
+    real = native_postprocess.resize_normalise
+    monkeypatch.setattr(native_postprocess, "resize_normalise", lambda *a: calls.append((a[0].shape, a[2])) or real(*a))
+    for shape in ((480, 640, 3), (240, 320, 3)):
+        frame = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+        view = frame[..., ::-1] if bgr else frame
+        native = TensorPreprocessor(lite_config)(view, k, pose).image.clone()
+        assert calls.pop() == (shape, (2, 1, 0) if bgr else (0, 1, 2))
+        with monkeypatch.context() as torch_only:
+            torch_only.setattr(native_postprocess, "resize_normalise", lambda *a: False)
+            assert torch.equal(native, TensorPreprocessor(lite_config)(view, k, pose).image)
+    padded = np.zeros((480, 700, 3), np.uint8)[:, :640]
+    TensorPreprocessor(lite_config)(padded, k, pose)
+    assert not calls
+
+
+def test_resize_benchmark_compares_the_ways_on_equal_outputs(tmp_path):
+    """bench_resize.py: torch's ops and the native call (one and two threads) on both frames, outputs checked
+    equal before timing, a row each with its ratio to torch's in the same rounds."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_resize
+
+    out = tmp_path / "resize.json"
+    # (it sets torch's process-wide thread count: conftest's restore_torch_threads sets it back)
+    assert bench_resize.main(["--rounds", "1", "--calls", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["input"], r["way"]) for r in rows] == [(i, w) for i in ("bgr8 640x480", "jpeg 320x240")
+                                                      for w in ("torch", "native x1", "native x2")]
+    assert all(r["median_ms"] > 0 for r in rows) and all(r["ratio_to_torch"] == 1.0 for r in rows if r["way"] == "torch")
