@@ -53,7 +53,9 @@ JSON: {"device", "rows": [{"config", "backend", "precision", "input", "fps", "in
 "opencv <version>" where cv2 is installed, as on a robot, else "PIL <version>"; rows without it
 decoded with PIL), "decode_stage" (rows without it: no decode stage, fed by waiting for an idle
 pipeline rather than by the lossless runner), "post_threads" (the CPU post-processing kernel's threads;
-``--post-threads``, default the node's rule; rows without it: 1), ...}]}.
+``--post-threads``, default the node's rule; rows without it: 1), "resize" (CPU rows: "native" for the
+native kernel's resize, the default where it is built, or "torch" for torch's, ``--resize torch``; rows
+without it resized with torch), ...}]}.
 """
 from __future__ import annotations
 
@@ -265,14 +267,15 @@ def append_key(row: dict) -> tuple:
     as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own);
     launch-ahead rows without ``launch_wait`` polled (``watch``: session 23's watcher thread, measured in
     device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
-    kernel on one thread (fused rows: none)."""
+    kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
             bool(row.get("cudnn_benchmark", False)),
             row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)),
             row.get("camera_hz"), bool(row.get("serial", False)), wait,
-            row.get("post_threads", None if postprocess_impl(row) == "fused" else 1))
+            row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
+            row.get("resize", "torch" if row.get("threads") is not None else None))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--post-threads", choices=("auto", "1", "2"), default="auto",
                         help="threads of the CPU post-processing kernel: auto (the node's rule, "
                              "processing.post_threads_for): 2 one frame at a time, 1 pipelined")
+    parser.add_argument("--resize", choices=("native", "torch"), default="native",
+                        help="the CPU preprocessing's resize: the native kernel's (the node's, where built) or "
+                             "torch's (the same bytes; the path before session 26)")
     parser.add_argument("--camera-hz", type=float, default=None,
                         help="feed at this camera rate, newest frame wins (the node); default: lossless, flat out")
     parser.add_argument("--marker-period", type=int, default=defaults()["marker_period"],
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.closing != "model":
                 backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
+            pipe.preprocessor.native_resize = args.resize == "native"
             print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
@@ -365,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                        "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
                        "post_threads": pipe.post_threads if not pipe.fused else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
-                                            and backend.torch_device.type == "cpu" else "torch")}
+                                            and backend.torch_device.type == "cpu" else "torch"),
+                       "resize": (("native" if pipe.preprocessor.native_resize and native_postprocess.available()
+                                   else "torch") if backend.torch_device.type == "cpu" else None)}
                 rows.append(row)
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 post = row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")

@@ -194,7 +194,8 @@ class OccupancyPipeline:
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
         native_resize = (self.preprocessor is not None and self.preprocessor.uint8_resize
-                         and self.backend.torch_device.type == "cpu" and native_postprocess.available())
+                         and self.preprocessor.native_resize and self.backend.torch_device.type == "cpu"
+                         and native_postprocess.available())
         pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, "
                f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize"
                f"{' in the native kernel' if native_resize else ''}"

@@ -207,7 +207,8 @@ class TensorPreprocessor:
     ``slots`` independent buffer sets let a pipelined caller prepare the next frame while the
     previous one is still being read (the caller says which slot to write). ``uint8_resize``
     (default: on CPU only) resizes uint8 directly: torch's CPU antialias kernel, or where built the native
-    kernel's copy of it (``native_postprocess.resize_normalise``: the same bytes, normalised in the same call);
+    kernel's copy of it (``native_postprocess.resize_normalise``: the same bytes, normalised in the same call;
+    ``native_resize`` False keeps torch's, e.g. to compare);
     otherwise the image is resized in float32 (the only antialiased mode CUDA offers). ``graphs`` (default: on
     CUDA) captures each slot's device work (uploads from its pinned buffers, resize, normalisation,
     depth) as one CUDA graph per input shape, replayed per frame: a dozen launches become one.
@@ -224,6 +225,7 @@ class TensorPreprocessor:
         self.grid_shape = tuple(int(n) for n in config.grid_shape)
         self.pin = self.device.type == "cuda"
         self.uint8_resize = (self.device.type == "cpu") if uint8_resize is None else bool(uint8_resize)
+        self.native_resize = True
         self.graphs = self.pin if graphs is None else bool(graphs) and self.pin
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
         # normalised = x * scale + shift, x in 0..255 (constants uploaded once, here)
@@ -403,7 +405,8 @@ class TensorPreprocessor:
         x = rgb_hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8 view
         order = (2, 1, 0) if s.bgr else (0, 1, 2)
         if tuple(x.shape[-2:]) != self.size_hw:
-            if (self.uint8_resize and rgb_hwc.device.type == "cpu" and rgb_hwc.is_contiguous() and out.is_contiguous()
+            if (self.uint8_resize and self.native_resize and rgb_hwc.device.type == "cpu" and rgb_hwc.is_contiguous()
+                    and out.is_contiguous()
                     and native_postprocess.resize_normalise(rgb_hwc.numpy(), out.numpy(), order, self.scale_f,
                                                             self.shift_f)):
                 return  # torch's uint8 resize bit for bit, and the normalisation below, in one call

@@ -60,6 +60,11 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     assert bench.append_key({**cpu, "postprocess_impl": "native"}) != bench.append_key(cpu)
     assert bench.append_key({**cpu, "postprocess_impl": "torch"}) == bench.append_key(cpu)
     assert bench.append_key({**cpu, "fused_postprocess": True}) == bench.append_key({**cpu, "postprocess_impl": "fused"})
+    # the CPU preprocessing's resize by the native kernel or by torch: two measurements; CPU rows (with a
+    # thread count) from before the field resized with torch
+    cpu_row = {**cpu, "threads": 2}
+    assert bench.append_key({**cpu_row, "resize": "native"}) != bench.append_key(cpu_row)
+    assert bench.append_key({**cpu_row, "resize": "torch"}) == bench.append_key(cpu_row)
     # launch-ahead rows: the watcher and polling are two measurements; rows from before the watcher polled
     fused = {**row, "postprocess_impl": "fused"}
     assert bench.append_key({**fused, "launch_wait": "watch"}) != bench.append_key({**fused, "launch_wait": "poll"})
@@ -83,7 +88,7 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     (row,) = first["rows"]
     # as they ran: the CPU has none of them
     assert row["tf32"] is False and row["tf32_convolutions"] is False and row["cudnn_benchmark"] is False
-    assert row["postprocess_impl"] == "native"
+    assert row["postprocess_impl"] == "native" and row["resize"] == "native"
     for field in ("config", "backend", "precision", "input", "fps", "infer_ms", "overhead_ms", "stages_ms"):
         assert field in row
     # thread CPU time beside the wall time
@@ -116,6 +121,9 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     rows = json.loads(path.read_text())["rows"]
     assert len(rows) == 5 and sorted(r["serial"] for r in rows if r["fps"] > 0 and not r["decode_stage"]) == [False,
                                                                                                               True]
+    assert bench.main([*args, "--append", "--resize", "torch"]) == 0  # torch's resize: another measurement
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 6 and sorted(r["resize"] for r in rows if r["fps"] > 0) == ["native"] * 3 + ["torch"]
     # the node's mode: a 2 Hz camera. The rate is timed from the warm-up frame's end, so a slow first
     # frame (capture) shortens the span: at 2 Hz it may take up to 0.7 s before the rate passes 6 FPS
     assert bench.main([*args, "--append", "--camera-hz", "2"]) == 0
