@@ -9,7 +9,11 @@ same frame, ``--calls`` calls each per round:
 - ``torch``: ``F.interpolate(uint8, antialias=True)`` then ``native_postprocess.normalise_image`` (the path
   before session 26, and the path wherever the kernel is not built);
 - ``native x1``: ``native_postprocess.resize_normalise`` (the frame path's since session 26);
-- ``native x2``: the same with the helper thread taking half the rows.
+- ``native x2``: the same with the helper thread taking half the rows;
+and, for the whole preprocessing of a frame (checks, ``grid2img``, resize, normalisation):
+- ``frame: tensor``: ``TensorPreprocessor`` on the CPU (what every backend's frames take since session 26);
+- ``frame: numpy + PIL``: ``models.preprocess.preprocess``, what the onnxruntime and TensorRT backends' frames
+  took before (PIL's resize: other bytes, so these two are timed, not compared).
 ``--gap-ms``: a pause before each call (``time.sleep``), as between the frame loop's resizes: the kernel's
 helper sleeps by then, and waking it is what ``x2`` pays in the loop. Prints each way's median over the rounds
 of the per-turn medians and its ratio to ``torch`` in the same rounds, after checking the outputs are equal.
@@ -33,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_frame_path as bench  # noqa: E402
 
-from models import native_postprocess  # noqa: E402
-from models.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from export.onnx_export import example_camera  # noqa: E402
+from models import load_config, native_postprocess  # noqa: E402
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, TensorPreprocessor, preprocess  # noqa: E402
 
 SIZE_HW = (192, 256)  # lite's network input
 ORDER = (2, 1, 0)  # BGR bytes (a bgr8 message, or OpenCV's decode) into RGB planes
@@ -49,9 +54,18 @@ def frames() -> dict[str, np.ndarray]:
     return {"bgr8 640x480": bgr, "jpeg 320x240": half}
 
 
+COMPARED = ("torch", "native x1", "native x2")  # the same floats; the frame ways are timed only
+
+
 def ways(image: np.ndarray, out: np.ndarray) -> dict:
-    """name -> a call that writes the normalised network input for ``image`` into ``out``."""
+    """name -> a call that writes the normalised network input for ``image`` into ``out`` (the resize ways), or
+    preprocesses the whole frame (the frame ways: ``image`` seen as RGB, as a bgr8 message is)."""
     x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+    config = load_config("lite")
+    k, pose = example_camera(config)
+    k = k.copy()
+    k[:2] *= image.shape[1] / 640  # the calibration of this image size
+    rgb_view, tensor_path = image[..., ::-1], TensorPreprocessor(config)
 
     def torch_ops() -> None:
         y = F.interpolate(x, size=SIZE_HW, mode="bilinear", antialias=True, align_corners=False)
@@ -59,15 +73,18 @@ def ways(image: np.ndarray, out: np.ndarray) -> dict:
 
     return {"torch": torch_ops,
             "native x1": lambda: native_postprocess.resize_normalise(image, out, ORDER, SCALE, SHIFT, 1),
-            "native x2": lambda: native_postprocess.resize_normalise(image, out, ORDER, SCALE, SHIFT, 2)}
+            "native x2": lambda: native_postprocess.resize_normalise(image, out, ORDER, SCALE, SHIFT, 2),
+            "frame: tensor": lambda: tensor_path(rgb_view, k, pose),
+            "frame: numpy + PIL": lambda: preprocess(rgb_view, k, pose, config)}
 
 
 def check_equal(image: np.ndarray) -> None:
     """Every way writes the same floats (SystemExit otherwise)."""
     outputs = {}
     for name, call in ways(image, out := np.empty((1, 3, *SIZE_HW), np.float32)).items():
-        call()
-        outputs[name] = out.copy()
+        if name in COMPARED:
+            call()
+            outputs[name] = out.copy()
     for name, got in outputs.items():
         if not np.array_equal(got.view(np.uint32), outputs["torch"].view(np.uint32)):
             raise SystemExit(f"{name} differs from torch's resize and normalisation")
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = float(np.median(np.array(values) / base))
             rows.append({"input": label, "way": name, "median_ms": float(np.median(values)),
                          "ratio_to_torch": ratio})
-            print(f"{label:13s} {name:10s} median {np.median(values):.3f} ms  {ratio:.2f}x torch's", flush=True)
+            print(f"{label:13s} {name:18s} median {np.median(values):.3f} ms  {ratio:.2f}x torch's", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                          "torch": torch.__version__, "gap_ms": args.gap_ms, "rounds": args.rounds,

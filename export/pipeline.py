@@ -5,7 +5,8 @@ code path (docs/architecture.md, "Inference data flow").
 
 With the torch backend the frame stays on the torch device: ``TensorPreprocessor`` uploads the uint8
 image once and resizes/normalises there, the backend returns device tensors, post-processing runs on
-the device and only the occupied voxels come back. Other backends take the numpy ``preprocess``.
+the device and only the occupied voxels come back. Other backends (ONNX Runtime, TensorRT) take the same
+preprocessing on the CPU, its tensors read as numpy arrays.
 A frame is split into ``prepare`` (preprocess/upload) and ``complete`` (infer + post-process) so that
 ``FrameRunner`` can prepare the next frame (and decode the one after it) while the current one is
 inferred. On CUDA with the torch backend's CUDA graph, post-processing is the fixed-shape
@@ -35,7 +36,7 @@ from models import native_postprocess
 from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.geometry import place_grid
 from models.postprocess import dense_occupancy, frame_from_dense, points_to_occupancy
-from models.preprocess import FrameTensors, TensorPreprocessor, preprocess
+from models.preprocess import FrameTensors, TensorPreprocessor
 
 from .backends.base import Backend
 from .backends.torch_backend import TorchBackend
@@ -59,7 +60,8 @@ class StageTimings:
 
 @dataclass
 class Prepared:
-    """A frame after the prepare stage: network inputs (numpy or device tensors), its preprocess time,
+    """A frame after the prepare stage: network inputs (``FrameTensors``: device tensors, CPU ones for the
+    backends that take host arrays), its preprocess time,
     and the CUDA event the inference stream waits for (None off CUDA)."""
 
     inputs: Any
@@ -175,8 +177,11 @@ class OccupancyPipeline:
         self.fused = bool(self.tensor_path and backend.can_fuse and (cuda if fuse is None else fuse))
         slots = LAUNCH_AHEAD_SLOTS if self.fused else PIPELINE_SLOTS
         self.slots = slots
-        self.preprocessor = (TensorPreprocessor(self.config, backend.torch_device, slots=slots)
-                             if self.tensor_path else None)
+        # the ONNX Runtime and TensorRT backends take host arrays: their frames go through the same preprocessing
+        # as the torch backend's on the CPU, whose tensors they read as numpy without a copy (numpy and PIL,
+        # ``preprocess``, took 5-8 ms for a 640x480 frame against 0.5-1.1 ms: benchmarks/bench_resize.py)
+        self.preprocessor = TensorPreprocessor(self.config, backend.torch_device if self.tensor_path else "cpu",
+                                               slots=slots)
         # unfused CUDA: the prepare stage uploads on its own stream, overlapping the previous inference (fused:
         # the prepare stage only stages the frame on the host, and ``launch`` uploads it before the network)
         self.upload_stream = torch.cuda.Stream(backend.torch_device) if cuda and not self.fused else None
@@ -193,14 +198,13 @@ class OccupancyPipeline:
 
     def describe(self) -> str:
         """What runs each stage (logged by the node and the benchmarks at start-up)."""
-        native_resize = (self.preprocessor is not None and self.preprocessor.uint8_resize
-                         and self.preprocessor.native_resize and self.backend.torch_device.type == "cpu"
-                         and native_postprocess.available())
-        pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, "
-               f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize"
-               f"{' in the native kernel' if native_resize else ''}"
+        native_resize = (self.preprocessor.uint8_resize and self.preprocessor.native_resize
+                         and self.preprocessor.device.type == "cpu" and native_postprocess.available())
+        resize = (f"{'uint8' if self.preprocessor.uint8_resize else 'float'} antialiased resize"
+                  f"{' in the native kernel' if native_resize else ''}")
+        pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, {resize}"
                f"{', queued at launch into the network inputs' if self.fused else ''})"
-               if self.tensor_path else "host preprocessing (numpy + PIL)")
+               if self.tensor_path else f"host preprocessing on the CPU ({resize})")
         where = "in its CUDA graph" if self.fused and self.backend.torch_device.type == "cuda" else "(static buffers)"
         on_cpu = not self.tensor_path or self.backend.torch_device.type == "cpu"
         native = (f"native kernel, {self.post_threads} thread{'s' if self.post_threads > 1 else ''}"
@@ -237,12 +241,8 @@ class OccupancyPipeline:
                 event.record()  # the slot's previous frame is done with both events: reusable
         else:
             with intra_op_threads(self.host_threads):
-                if self.preprocessor is None:
-                    inputs = preprocess(image_rgb, intrinsic, cam_pose, self.config, depth=depth,
-                                        voxel_origin=voxel_origin)
-                else:
-                    inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
-                                               slot=slot)
+                inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
+                                           slot=slot)
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:

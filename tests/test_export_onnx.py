@@ -155,6 +155,27 @@ def test_pipeline_runs_onnxruntime_end_to_end(exported):
     pipe.close()
 
 
+def test_onnxruntime_pipeline_takes_the_torch_backends_cpu_preprocessing(exported):
+    """The backends that take host arrays get the torch backend's CPU preprocessing (the native resize where
+    built), the same input tensors bit for bit, read by onnxruntime as numpy; its output matches torch's."""
+    from conftest import CAM_POSE, IMAGE_HW, INTRINSIC
+
+    from export.backends.torch_backend import TorchBackend
+
+    ort_pipe = OccupancyPipeline(create_backend("onnxruntime", exported["onnx"], providers=["cpu"]), exported["config"])
+    torch_pipe = OccupancyPipeline(TorchBackend(exported["model"], exported["config"]))
+    assert "host preprocessing on the CPU (uint8 antialiased resize in the native kernel)" in ort_pipe.describe()
+    image = np.random.default_rng(1).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)[..., ::-1]  # a bgr8 view
+    got = ort_pipe.prepare(image, INTRINSIC, CAM_POSE).inputs
+    ref = torch_pipe.prepare(image, INTRINSIC, CAM_POSE).inputs
+    assert torch.equal(got.image, ref.image) and torch.equal(got.grid2img, ref.grid2img)
+    raw = ort_pipe.backend.infer(got)
+    points, _ = torch_pipe.backend.run(ref)
+    np.testing.assert_allclose(raw["points"], points.numpy(), atol=1e-4)
+    ort_pipe.close()
+    torch_pipe.close()
+
+
 def test_cli_export_without_checkpoint_warns_and_check_command(tmp_path, capsys, monkeypatch):
     out = tmp_path / "rand.onnx"
     with pytest.warns(UserWarning, match="RANDOM weights"):

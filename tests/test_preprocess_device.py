@@ -183,7 +183,8 @@ def test_cpu_native_resize_equals_the_torch_resize_bit_for_bit(lite_config, monk
 
 def test_resize_benchmark_compares_the_ways_on_equal_outputs(tmp_path):
     """bench_resize.py: torch's ops and the native call (one and two threads) on both frames, outputs checked
-    equal before timing, a row each with its ratio to torch's in the same rounds."""
+    equal before timing, and the two whole-frame preprocessings, a row each with its ratio to torch's resize in
+    the same rounds."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_resize
 
@@ -191,6 +192,7 @@ def test_resize_benchmark_compares_the_ways_on_equal_outputs(tmp_path):
     # (it sets torch's process-wide thread count: conftest's restore_torch_threads sets it back)
     assert bench_resize.main(["--rounds", "1", "--calls", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["input"], r["way"]) for r in rows] == [(i, w) for i in ("bgr8 640x480", "jpeg 320x240")
-                                                      for w in ("torch", "native x1", "native x2")]
+    assert [(r["input"], r["way"]) for r in rows] == [
+        (i, w) for i in ("bgr8 640x480", "jpeg 320x240")
+        for w in ("torch", "native x1", "native x2", "frame: tensor", "frame: numpy + PIL")]
     assert all(r["median_ms"] > 0 for r in rows) and all(r["ratio_to_torch"] == 1.0 for r in rows if r["way"] == "torch")
