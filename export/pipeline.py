@@ -179,7 +179,7 @@ class OccupancyPipeline:
         self.slots = slots
         # the ONNX Runtime and TensorRT backends take host arrays: their frames go through the same preprocessing
         # as the torch backend's on the CPU, whose tensors they read as numpy without a copy (numpy and PIL,
-        # ``preprocess``, took 5-8 ms for a 640x480 frame against 0.5-1.1 ms: benchmarks/bench_resize.py)
+        # ``preprocess``, took 5-8 ms for a 640x480 frame against 0.5-1.2 ms: benchmarks/bench_resize.py)
         self.preprocessor = TensorPreprocessor(self.config, backend.torch_device if self.tensor_path else "cpu",
                                                slots=slots)
         # unfused CUDA: the prepare stage uploads on its own stream, overlapping the previous inference (fused:

@@ -30,7 +30,7 @@
 #include <time.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 9
+#define ABI_VERSION 10
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -241,8 +241,11 @@ static void *scratch_get(Scratch *s, int which, int64_t count, size_t item) {
  * kernel's long loops is then split in two halves, one on the calling thread and one on the helper, so that
  * every output element is still computed by the same float32 operations in the same order. The helper is
  * one persistent thread made on first use (one made per call would cost more than a split saves): between
- * the halves of one call it spins for up to SPIN_NS, then sleeps on a condition variable. One call at a
- * time owns it; a call made meanwhile on another thread runs alone. A fork's child gets a fresh state. */
+ * the halves of one call it spins for up to SPIN_NS, then sleeps on a condition variable. A sleeping helper
+ * may take long to start (about 0.5 ms where the OS has halted its idle core), so the second half goes to
+ * whichever side claims it first: a caller done with its own half before the helper has started runs the
+ * other half too, and a late helper never makes a call slower than one thread. One call at a time owns the
+ * helper; a call made meanwhile on another thread runs alone. A fork's child gets a fresh state. */
 typedef void (*Job)(void *);
 
 typedef struct {
@@ -251,12 +254,15 @@ typedef struct {
     pthread_mutex_t owner; /* held by the call that uses the helper */
     Job job;
     void *arg;
-    _Atomic uint64_t posted, finished; /* jobs posted and finished so far */
+    /* jobs are numbered 1, 2, ...: the last one posted, the last one claimed (by the helper or the caller;
+     * every job is claimed before the next is posted) and the last one the helper finished */
+    _Atomic uint64_t posted, claimed, finished;
+    _Atomic uint64_t on_helper, taken_back; /* second halves the helper ran, and those its caller ran instead */
     int started;
 } Helper;
 
 static Helper helper = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                        PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0};
+                        PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, 0, 0};
 
 #define SPIN_NS 200000 /* how long a waiting side polls before it sleeps: the serial steps between halves */
 
@@ -274,36 +280,45 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Polls until ``*value == want`` (true) or SPIN_NS passed (false). */
-static int spin_until(_Atomic uint64_t *value, uint64_t want) {
+/* Polls until ``(*value == want) == equal`` (true) or SPIN_NS passed (false). */
+static int spin_until(_Atomic uint64_t *value, uint64_t want, int equal) {
     const int64_t until = now_ns() + SPIN_NS;
     for (int i = 1;; i++) {
-        if (atomic_load_explicit(value, memory_order_acquire) == want) return 1;
+        if ((atomic_load_explicit(value, memory_order_acquire) == want) == equal) return 1;
         if (!(i & 63) && now_ns() > until) return 0;
         CPU_RELAX();
     }
 }
 
-/* Sleeps until ``*value == want`` (changed under ``helper.lock``, with ``cond`` signalled). */
-static void sleep_until(_Atomic uint64_t *value, uint64_t want, pthread_cond_t *cond) {
-    if (spin_until(value, want)) return;
+/* Sleeps until ``(*value == want) == equal`` (changed under ``helper.lock``, with ``cond`` signalled). */
+static void sleep_until(_Atomic uint64_t *value, uint64_t want, int equal, pthread_cond_t *cond) {
+    if (spin_until(value, want, equal)) return;
     pthread_mutex_lock(&helper.lock);
-    while (atomic_load(value) != want) pthread_cond_wait(cond, &helper.lock);
+    while ((atomic_load(value) == want) != equal) pthread_cond_wait(cond, &helper.lock);
     pthread_mutex_unlock(&helper.lock);
 }
 
-static void count_up(_Atomic uint64_t *value, pthread_cond_t *cond) {
+static void set_and_signal(_Atomic uint64_t *value, uint64_t to, pthread_cond_t *cond) {
     pthread_mutex_lock(&helper.lock);
-    atomic_store(value, atomic_load(value) + 1);
+    atomic_store(value, to);
     pthread_cond_signal(cond);
     pthread_mutex_unlock(&helper.lock);
 }
 
+/* True when this side claims job ``n`` (the one after ``n - 1``, which is claimed by now). */
+static int claim(uint64_t n) {
+    uint64_t before = n - 1;
+    return atomic_compare_exchange_strong(&helper.claimed, &before, n);
+}
+
 static void *helper_main(void *start) {
-    for (uint64_t taken = (uint64_t)(uintptr_t)start;; taken++) {
-        sleep_until(&helper.posted, taken + 1, &helper.wake);
+    for (uint64_t seen = (uint64_t)(uintptr_t)start;;) {
+        sleep_until(&helper.posted, seen, 0, &helper.wake);
+        seen = atomic_load(&helper.posted); /* the newest: the caller may have claimed several meanwhile */
+        if (!claim(seen)) continue;         /* the caller ran it; its job and arg may already be the next's */
+        atomic_fetch_add_explicit(&helper.on_helper, 1, memory_order_relaxed);
         helper.job(helper.arg);
-        count_up(&helper.finished, &helper.done);
+        set_and_signal(&helper.finished, seen, &helper.done);
     }
     return NULL;
 }
@@ -314,6 +329,7 @@ static void helper_after_fork(void) { /* the child has no helper thread, and may
     pthread_cond_init(&helper.wake, NULL);
     pthread_cond_init(&helper.done, NULL);
     atomic_store(&helper.posted, 0);
+    atomic_store(&helper.claimed, 0);
     atomic_store(&helper.finished, 0);
     helper.started = 0;
 }
@@ -339,8 +355,9 @@ static int helper_acquire(void) {
 
 static void helper_release(void) { pthread_mutex_unlock(&helper.owner); }
 
-/* ``job`` on ``jobs[0]`` here and, when ``split`` (the helper is this call's), on ``jobs[1]`` there. A caller
- * that does not split gives ``jobs[0]`` the whole range. */
+/* ``job`` on ``jobs[0]`` here and, when ``split`` (the helper is this call's), on ``jobs[1]`` on the helper, or
+ * here too when the helper has not started it by the time ``jobs[0]`` is done. A caller that does not split
+ * gives ``jobs[0]`` the whole range. */
 static void run_jobs(int split, Job job, void *jobs, size_t size) {
     if (!split) {
         job(jobs);
@@ -348,9 +365,14 @@ static void run_jobs(int split, Job job, void *jobs, size_t size) {
     }
     helper.job = job;
     helper.arg = (char *)jobs + size;
-    count_up(&helper.posted, &helper.wake);
+    const uint64_t n = atomic_load(&helper.posted) + 1;
+    set_and_signal(&helper.posted, n, &helper.wake);
     job(jobs);
-    sleep_until(&helper.finished, atomic_load(&helper.posted), &helper.done);
+    if (claim(n)) { /* the helper is still waking up */
+        atomic_fetch_add_explicit(&helper.taken_back, 1, memory_order_relaxed);
+        job((char *)jobs + size);
+    } else
+        sleep_until(&helper.finished, n, 1, &helper.done);
 }
 
 /* The first index from ``i`` on whose byte is not zero (``n`` when there is none): occupied voxels are
@@ -1602,6 +1624,11 @@ done:
     return result;
 }
 
+static PyObject *helper_counts(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
+    return Py_BuildValue("(KK)", (unsigned long long)atomic_load(&helper.on_helper),
+                         (unsigned long long)atomic_load(&helper.taken_back));
+}
+
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
      "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
@@ -1620,6 +1647,9 @@ static PyMethodDef methods[] = {
      "sizes it does not take: (in_h, in_w, 3) uint8 -> (3, out_h, out_w) float32, torch's uint8 antialiased "
      "bilinear resize bit for bit, then plane c = channel order[c] * scale[c] + shift[c]. threads 2: the rows in "
      "halves with the helper thread."},
+    {"helper_counts", helper_counts, METH_NOARGS,
+     "helper_counts() -> (second halves the helper thread ran, second halves their caller ran because the helper "
+     "had not started them), since the process started: how often the helper comes late."},
     {"cloud_words", cloud_words, METH_VARARGS,
      "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
      "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32; returns "

@@ -19,7 +19,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 9  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 10  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -170,3 +170,11 @@ def resize_normalise(image: np.ndarray, out: np.ndarray, order: tuple[int, int, 
         return False
     return bool(_kernel.resize_normalise(image, out, image.shape[0], image.shape[1], out.shape[-2], out.shape[-1],
                                          order, scale, shift, int(threads)))
+
+
+def helper_counts() -> tuple[int, int] | None:
+    """(second halves the kernel's helper thread ran, second halves their caller ran itself because the helper had
+    not started them yet) since the process started; None without the kernel. A helper asleep on an idle core
+    can take longer to start than the caller's half (about 0.5 ms on the build machine's VM): its caller then
+    takes the half back, so that a late helper costs a call little more than one thread would."""
+    return None if _kernel is None else tuple(_kernel.helper_counts())

@@ -336,6 +336,39 @@ def test_resize_normalise_scalar_loops_equal_torch_too():
     assert out.stdout.strip() == "same", out.stderr[-2000:]
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the helper needs a core of its own to win a half")
+def test_a_late_helper_leaves_its_half_to_the_caller_and_the_results_stay_exact(lite_config):
+    """A helper asleep when a call posts its half may start later than the caller finishes its own: the caller then
+    runs the second half too (``helper_counts`` counts both ways). A tiny resize after a pause (the helper sleeps)
+    is done before any helper wakes; back-to-back large ones find it spinning. Every output stays torch's, and
+    the post-processing kernel's too, called with pauses between."""
+    import time
+
+    scale, shift = (0.5, 0.25, 1.0), (1.0, -1.0, 0.0)
+    tiny = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    large = np.random.default_rng(1).integers(0, 256, (1080, 1440, 3), dtype=np.uint8)
+    expected = {img.shape: _torch_resize_normalise(img, (4, 4) if img is tiny else (192, 256), (0, 1, 2), scale,
+                                                   shift) for img in (tiny, large)}
+    helper_before, back_before = native_postprocess.helper_counts()
+    for _ in range(20):
+        time.sleep(0.005)
+        out = np.empty((1, 3, 4, 4), np.float32)
+        assert native_postprocess.resize_normalise(tiny, out, (0, 1, 2), scale, shift, 2)
+        np.testing.assert_array_equal(out.view(np.uint32), expected[tiny.shape].view(np.uint32))
+    for _ in range(20):
+        out = np.empty((1, 3, 192, 256), np.float32)
+        assert native_postprocess.resize_normalise(large, out, (0, 1, 2), scale, shift, 2)
+        np.testing.assert_array_equal(out.view(np.uint32), expected[large.shape].view(np.uint32))
+    helper_after, back_after = native_postprocess.helper_counts()
+    assert back_after > back_before and helper_after > helper_before
+    points, scores = _case(5, queries=300)
+    want = native_postprocess.occupied_labels(points, scores, lite_config, threads=1)
+    for pause in (0.0, 0.003, 0.0, 0.003):
+        time.sleep(pause)
+        got = native_postprocess.occupied_labels(points, scores, lite_config, threads=2)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_resize_normalise_leaves_what_it_does_not_take_to_torch():
     """An image smaller than the filter, or a downscale beyond 63x: False, and ``out`` untouched; arguments
     that make no sense raise."""
