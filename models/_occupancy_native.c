@@ -1384,9 +1384,6 @@ static void vertical_row(const uint8_t *const *rows, const int16_t *w, int taps,
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 
-/* Two rows' horizontal pass at once, one per 128-bit lane: for each pair of taps, the two pixels' bytes become
- * int16 pairs (R0 R1 G0 G1 B0 B1 0 0) and one madd adds both taps' products per channel; one 16-byte load
- * serves four taps. A row's loads end at most 4 bytes past it, which the caller keeps inside the buffer. */
 /* The sums of one output pixel for two rows (one per lane) from their bytes at ``p0`` / ``p1``. */
 __attribute__((target("avx2"))) static inline __m256i horizontal_sums(const uint8_t *p0, const uint8_t *p1,
                                                                       const int16_t *w, int n, __m256i sum) {
