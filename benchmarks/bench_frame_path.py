@@ -40,6 +40,8 @@ runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GP
 lite uses the shipped checkpoint (discene_ros/data/lite_distilled.pt) when present; other configs
 run seeded random weights with score threshold 0, the worst case for post-processing and messages.
 ``--append`` merges rows into an existing JSON (e.g. a separate, shorter paper_student run on CPU).
+``--backend onnxruntime`` (CPU, fp32) exports each config with the same weights to a temporary ONNX (gather
+sampling) and runs the same frame path around onnxruntime; its rows' ``backend`` says so.
 Each row records ``OMP_WAIT_POLICY`` as ``omp_wait_policy``; measure the CPU without it (the node's
 setting): ``PASSIVE`` sends every parallel region's wake-up through the kernel and makes lite's
 inference about 2x slower on the 2-core build machine.
@@ -66,9 +68,11 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +93,9 @@ from discene_ros.processing import (  # noqa: E402
     post_threads_for,
     uses_decode_thread,
 )
+from export.backends import create_backend  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
-from export.onnx_export import example_camera  # noqa: E402
+from export.onnx_export import example_camera, export_onnx  # noqa: E402
 from export.pipeline import FrameRunner, OccupancyPipeline  # noqa: E402
 from models import build_model, native_postprocess  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
@@ -114,6 +119,22 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+
+
+def make_ort_backend(config_name: str, weights: dict[str, Path] | None, folder: Path):
+    """onnxruntime on the CPU, the config's model exported (gather sampling: what ONNX Runtime's CPU provider
+    runs fastest, README) into ``folder``; the same weights as ``make_backend`` (random: score threshold 0)."""
+    ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
+    trained = ckpt is not None and ckpt.is_file()
+    path = folder / f"{config_name}.onnx"
+    torch.manual_seed(0)  # random weights: make_backend's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning: the label says so
+        export_onnx(config_name, path, checkpoint=str(ckpt) if trained else None, parity=False, sampling="gather")
+    backend = create_backend("onnxruntime", path, providers=["cpu"])  # the config from the export's sidecar
+    if not trained:
+        backend.config.score_threshold = 0.0
+    return backend, ckpt.name if trained else "random (seed 0), score threshold 0"
 
 
 def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool,
@@ -310,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--post-threads", choices=("auto", "1", "2"), default="auto",
                         help="threads of the CPU post-processing kernel: auto (the node's rule, "
                              "processing.post_threads_for): 2 one frame at a time, 1 pipelined")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (default), or onnxruntime on the CPU: each config exported to a temporary ONNX "
+                             "(gather sampling) with the same weights; fp32 only")
     parser.add_argument("--resize", choices=("native", "torch"), default="native",
                         help="the CPU preprocessing's resize: the native kernel's (the node's, where built) or "
                              "torch's (the same bytes; the path before session 26)")
@@ -343,12 +367,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         weights[name] = Path(path)
     precisions = args.precisions or (["fp32", "fp16"] if args.device == "cuda" else ["fp32"])
+    if args.backend == "onnxruntime" and (args.device != "cpu" or precisions != ["fp32"]):
+        print("--backend onnxruntime: --device cpu and fp32 only", file=sys.stderr)
+        return 2
     rows = []
+    exports = tempfile.TemporaryDirectory(prefix="bench_frame_path_")
     for name in args.configs:
         for precision in precisions:
-            backend, used = make_backend(name, args.device, precision == "fp16", args.compile,
-                                         not args.no_cuda_graph, weights, args.tf32, args.cudnn_benchmark,
-                                         args.tf32_convolutions)
+            if args.backend == "onnxruntime":
+                backend, used = make_ort_backend(name, weights, Path(exports.name))
+            else:
+                backend, used = make_backend(name, args.device, precision == "fp16", args.compile,
+                                             not args.no_cuda_graph, weights, args.tf32, args.cudnn_benchmark,
+                                             args.tf32_convolutions)
             if args.closing != "model":
                 backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
@@ -361,20 +392,22 @@ def main(argv: list[str] | None = None) -> int:
                               args.decode_stage == "on"
                               or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
                               args.camera_hz, serial=not pipelined)
-                row = {"config": name, "backend": f"torch {backend.mode}" + (" fused" if pipe.fused else ""),
+                label = (f"torch {backend.mode}" + (" fused" if pipe.fused else "") if pipe.tensor_path
+                         else f"onnxruntime {backend.device}")
+                row = {"config": name, "backend": label,
                        "precision": precision, "fused_postprocess": pipe.fused, **row,
                        "weights": used, "threads": args.threads if args.device == "cpu" else None,
                        "closing": bool(backend.config.closing),  # tf32/cudnn_benchmark: as they ran (CUDA only)
-                       "tf32": bool(backend.tf32 and args.device == "cuda"),
-                       "tf32_convolutions": bool(backend.tf32_convolutions and args.device == "cuda"),
-                       "cudnn_benchmark": backend.cudnn_benchmark,
+                       "tf32": bool(getattr(backend, "tf32", False) and args.device == "cuda"),
+                       "tf32_convolutions": bool(getattr(backend, "tf32_convolutions", False) and args.device == "cuda"),
+                       "cudnn_benchmark": bool(getattr(backend, "cudnn_benchmark", False)),
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                        "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
                        "post_threads": pipe.post_threads if not pipe.fused else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
-                                            and backend.torch_device.type == "cpu" else "torch"),
+                                            and args.device == "cpu" else "torch"),
                        "resize": (("native" if pipe.preprocessor.native_resize and native_postprocess.available()
-                                   else "torch") if backend.torch_device.type == "cpu" else None)}
+                                   else "torch") if args.device == "cpu" else None)}
                 rows.append(row)
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 post = row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
@@ -387,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"launch {c['launch']:.2f} cloud {c['pointcloud2']:.2f}; process "
                       f"{row['process_cpu_ms_per_frame']:.2f} ms per frame)", flush=True)
             pipe.close()
+    exports.cleanup()
     out = {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}
     if args.json:
         path = Path(args.json)

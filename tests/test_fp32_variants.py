@@ -133,6 +133,22 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert camera["stages_ms"]["end_to_end_latency_p90"] >= camera["stages_ms"]["end_to_end_latency"] > 0
 
 
+@pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
+def test_bench_runs_the_onnxruntime_frame_path_on_the_same_weights(tmp_path, keep_threads):
+    """--backend onnxruntime: the shipped lite exported to a temporary ONNX, the node's frame path around it (the
+    CPU tensor preprocessing, the native kernel); CPU and fp32 only."""
+    pytest.importorskip("rosbags")
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "ort.json"
+    args = ["--device", "cpu", "--configs", "lite", "--frames", "2", "--warmup", "1", "--inputs", "bgr8", "--threads",
+            "1", "--marker-period", "1000", "--backend", "onnxruntime"]
+    assert bench.main([*args, "--json", str(path)]) == 0
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["backend"] == "onnxruntime CPUExecutionProvider" and row["weights"] == LITE.name
+    assert row["postprocess_impl"] == "native" and row["resize"] == "native" and row["dropped"] == 0
+    assert bench.main([*args, "--precisions", "fp16"]) == 2
+
+
 def test_agreement_variants_need_cuda(lite_model, lite_config, capsys):
     with pytest.raises(ValueError, match="'tf32' comparison needs a CUDA device"):
         torch_variant_agreement(lite_model, lite_config, [], "test", "tf32", device="cpu")
