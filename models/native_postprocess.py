@@ -160,9 +160,10 @@ def normalise_image(planes: np.ndarray, out: np.ndarray, order: tuple[int, int, 
 
 def resize_normalise(image: np.ndarray, out: np.ndarray, order: tuple[int, int, int],
                      scale: tuple[float, float, float], shift: tuple[float, float, float], threads: int = 1) -> bool:
-    """Write ``out`` (1 or none, 3, h, w) float32 from the C-contiguous (H, W, 3) uint8 ``image``: torch's uint8
+    """Write ``out`` ((1,) 3, h, w) float32 from the C-contiguous (H, W, 3) uint8 ``image``: torch's uint8
     antialiased bilinear resize to (h, w), bit for bit, then ``normalise_image``'s arithmetic, in one GIL-free
-    call, 0.7-0.8x torch's time for the frame path's 640x480 and 320x240 frames. ``threads`` 2: its rows in
+    call, 0.5-0.85x torch's time for the frame path's 640x480 and 320x240 frames (``bench_resize.py``).
+    ``threads`` 2: its rows in
     halves with the kernel's helper thread, which pays only where that thread is awake (back-to-back calls), not
     in the frame loop. False without the kernel, or for sizes it leaves to torch (an image smaller than the
     filter, or a downscale by more than 63x)."""
