@@ -1223,20 +1223,29 @@ done:
     return result;
 }
 
-/* Three resized uint8 planes (3, h, w) -> normalised float32 planes: plane c is input plane order[c]
- * times scale[c] plus shift[c], two float32 roundings as torch's mul and add. One pass instead of three
- * torch ops (the channel reorder, the multiply, the add). */
-static void normalise_planes(const uint8_t *restrict in, float *restrict out, int64_t pixels, const int order[3],
-                             const float scale[3], const float shift[3]) {
+/* Pixels [from, to) of three uint8 channels -> normalised float32 planes: ``dst[c][i]`` is the byte of channel
+ * order[c] times scale[c] plus shift[c], two float32 roundings as torch's mul and add. Channel k of pixel i is at
+ * ``in[k * channel_step + i * pixel_step]``: planes (step 1) or interleaved RGB (step 3); inlined with either. */
+static inline void normalise_pixels(const uint8_t *restrict in, int64_t channel_step, int64_t pixel_step,
+                                    float *const dst[3], int64_t from, int64_t to, const int order[3],
+                                    const float scale[3], const float shift[3]) {
     for (int c = 0; c < 3; c++) {
-        const uint8_t *src = in + order[c] * pixels;
-        float *dst = out + c * pixels;
+        const uint8_t *src = in + order[c] * channel_step;
+        float *restrict out = dst[c];
         const float a = scale[c], b = shift[c];
-        for (int64_t i = 0; i < pixels; i++) {
-            float v = (float)src[i] * a;
-            dst[i] = v + b;
+        for (int64_t i = from; i < to; i++) {
+            float v = (float)src[i * pixel_step] * a;
+            out[i] = v + b;
         }
     }
+}
+
+/* Three resized uint8 planes (3, h, w) -> normalised float32 planes (``normalise_pixels``). One pass instead
+ * of three torch ops (the channel reorder, the multiply, the add). */
+static void normalise_planes(const uint8_t *restrict in, float *restrict out, int64_t pixels, const int order[3],
+                             const float scale[3], const float shift[3]) {
+    float *const dst[3] = {out, out + pixels, out + 2 * pixels};
+    normalise_pixels(in, pixels, 1, dst, 0, pixels, order, scale, shift);
 }
 
 static PyObject *normalise_image(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -1266,7 +1275,7 @@ done:
 
 /* ---- The CPU preprocessing's antialiased resize ------------------------------------------------------------
  * torch's uint8 antialiased bilinear resize (F.interpolate(..., antialias=True) on a uint8 image, the CPU frame
- * path's since session 10), bit for bit, then normalise_planes' arithmetic, in one call: the largest step of the
+ * path's since session 10), bit for bit, then normalise_pixels' arithmetic, in one call: the largest step of the
  * CPU preprocessing. AVX2 loops where the CPU has them, plain loops elsewhere. A caller may ask for two threads
  * (the output rows in halves with the helper); the frame loop does not: between frames the helper sleeps, and
  * waking it on an idle core took longer here (about 0.5 ms) than the whole resize on one thread.
@@ -1465,7 +1474,7 @@ __attribute__((target("avx2"))) static int64_t vertical_row_avx2(const uint8_t *
     return i;
 }
 
-/* normalise_planes' arithmetic on one resized RGB row (``pixels`` pixels), 4 pixels at a time: channel
+/* normalise_pixels' arithmetic on one resized RGB row (``pixels`` pixels), 4 pixels at a time: channel
  * order[c]'s bytes picked by a shuffle, converted, multiplied and added as the scalar loop does (no fused
  * multiply-add: two roundings). Returns how many pixels it wrote (the rest: the scalar loop). */
 __attribute__((target("avx2"))) static int64_t normalise_row_avx2(const uint8_t *line, int64_t pixels,
@@ -1557,14 +1566,7 @@ static void resize_rows(void *arg) {
 #if HAVE_AVX2_PATH
         if (j->avx2) from = normalise_row_avx2(line, ax->out, dst, j->order, j->scale, j->shift);
 #endif
-        for (int c = 0; c < 3; c++) { /* normalise_planes' two roundings */
-            const uint8_t *src = line + j->order[c];
-            const float a = j->scale[c], b = j->shift[c];
-            for (int64_t x = from; x < ax->out; x++) {
-                float v = (float)src[3 * x] * a;
-                dst[c][x] = v + b;
-            }
-        }
+        normalise_pixels(line, 1, 3, dst, from, ax->out, j->order, j->scale, j->shift);
     }
 }
 
