@@ -121,36 +121,46 @@ def device_name(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
 
 
+RANDOM_WEIGHTS = "random (seed 0), score threshold 0"
+
+
+def checkpoint_for(config_name: str, weights: dict[str, Path] | None) -> Path | None:
+    """The given or shipped checkpoint of a config; None where there is none (seeded random weights, score
+    threshold 0: every point kept, the worst case for post-processing)."""
+    ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
+    return ckpt if ckpt is not None and ckpt.is_file() else None
+
+
 def make_ort_backend(config_name: str, weights: dict[str, Path] | None, folder: Path):
     """onnxruntime on the CPU, the config's model exported (gather sampling: what ONNX Runtime's CPU provider
-    runs fastest, README) into ``folder``; the same weights as ``make_backend`` (random: score threshold 0)."""
-    ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
-    trained = ckpt is not None and ckpt.is_file()
+    runs fastest, README) into ``folder``; the same weights as ``make_backend``."""
+    ckpt = checkpoint_for(config_name, weights)
     path = folder / f"{config_name}.onnx"
     torch.manual_seed(0)  # random weights: make_backend's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-weights warning: the label says so
-        export_onnx(config_name, path, checkpoint=str(ckpt) if trained else None, parity=False, sampling="gather")
+        export_onnx(config_name, path, checkpoint=None if ckpt is None else str(ckpt), parity=False,
+                    sampling="gather")
     backend = create_backend("onnxruntime", path, providers=["cpu"])  # the config from the export's sidecar
-    if not trained:
+    if ckpt is None:
         backend.config.score_threshold = 0.0
-    return backend, ckpt.name if trained else "random (seed 0), score threshold 0"
+    return backend, RANDOM_WEIGHTS if ckpt is None else ckpt.name
 
 
 def make_backend(config_name: str, device: str, fp16: bool, compile_: bool, cuda_graph: bool,
                  weights: dict[str, Path] | None = None, tf32: bool = False, cudnn_benchmark: bool = False,
                  tf32_convolutions: bool = False):
     """Torch backend with the given or shipped weights where there are some, else seeded random weights."""
-    ckpt = (weights or {}).get(config_name, SHIPPED.get(config_name))
-    if ckpt is not None and ckpt.is_file():
+    ckpt = checkpoint_for(config_name, weights)
+    if ckpt is not None:
         model, cfg = load_model(str(ckpt), map_location="cpu")
         label = ckpt.name
     else:
         cfg = load_config(config_name)
         torch.manual_seed(0)
         model = build_model(cfg)
-        cfg.score_threshold = 0.0  # random weights: keep every point (worst case for post-processing)
-        label = "random (seed 0), score threshold 0"
+        cfg.score_threshold = 0.0
+        label = RANDOM_WEIGHTS
     backend = TorchBackend(model.eval(), cfg, device=device, fp16=fp16, compile=compile_, cuda_graph=cuda_graph,
                            tf32=tf32, cudnn_benchmark=cudnn_benchmark, tf32_convolutions=tf32_convolutions)
     return backend, label
