@@ -169,7 +169,7 @@ class OccupancyNode(Node):
 
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
         decode_thread = uses_decode_thread(compressed, pipelined)
-        self.pipeline.post_threads = post_threads_for(pipelined)
+        self.pipeline.post_threads = post_threads_for(pipelined, compressed)
         if decode_thread:
             loop_mode += ", compressed images decoded on a thread of their own"
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,

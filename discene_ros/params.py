@@ -94,10 +94,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "one costs 7-24x the point cloud to build; every 20th costs about the cloud's time per frame or less)",
               (1, 1000)),
     ParamSpec("pipelining", "auto", "Frame loop: on = the next frames' decoding and preprocessing overlap this "
-              "frame's inference on threads of their own (what a GPU needs to be kept busy); off = one frame at a "
-              "time (a CPU whose inference uses every core: overlapping host work only slows the inference; on the "
-              "2-core build machine the same or a higher frame rate and a third to a half of the latency); "
-              "auto = on where the network runs on a GPU, off on the CPU", choices=PIPELINING_MODES),
+              "frame's inference on threads of their own (what a GPU needs to be kept busy); off = the network runs "
+              "alone, and only the next frame's decoding and preprocessing overlap this frame's post-processing and "
+              "publishing (a CPU whose inference uses every core: host work beside the inference only slows it "
+              "down); auto = on where the network runs on a GPU, off on the CPU", choices=PIPELINING_MODES),
     ParamSpec("diagnostics_period_s", 1.0, "Period of the DiagnosticArray on /diagnostics, seconds", (0.1, 60.0)),
     ParamSpec("warn_throttle_s", 5.0, "At most one warning per problem kind in this many seconds", (0.0, 600.0)),
 )

@@ -342,11 +342,12 @@ class FrameProcessor:
         """True when ``complete`` of a launched frame will not wait for the device."""
         return self.pipeline.launched_done(frame.launched)
 
-    def complete(self, frame: PreparedFrame) -> ProcessedFrame:
-        """Finish stage: inference, post-processing and the output checks of a prepared frame (launched or not)."""
+    def complete(self, frame: PreparedFrame, network_done: Callable[[], None] | None = None) -> ProcessedFrame:
+        """Finish stage: inference, post-processing and the output checks of a prepared frame (launched or not);
+        ``network_done()`` between the inference and the post-processing (unlaunched frames)."""
         with frame_errors():
             occ = (self.pipeline.collect(frame.launched) if frame.launched is not None
-                   else self.pipeline.complete(frame.prepared))
+                   else self.pipeline.complete(frame.prepared, network_done))
         t0 = time.perf_counter()
         cloud = checked_cloud(occ)
         check_ms = (time.perf_counter() - t0) * 1e3
@@ -373,15 +374,16 @@ def frame_errors() -> Iterator[None]:
 
 def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:
     """(pipelined, why) for the ``pipelining`` parameter (auto, on, off): auto overlaps frames where the
-    network runs on a GPU, and runs one frame at a time on the CPU, whose cores its inference already
-    uses (docs/results/frame_path.md, session 8)."""
+    network runs on a GPU; on the CPU, whose cores its inference already uses, the network runs alone
+    (docs/results/frame_path.md, sessions 8 and 27), and only the host work of two frames overlaps."""
     if pipelining not in PIPELINING_MODES:
         raise ValueError(f"pipelining must be auto, on or off, got {pipelining!r}")
     if pipelining != "auto":
         return pipelining == "on", f"pipelining {pipelining}"
     device = str(getattr(getattr(pipeline, "backend", None), "device", "cpu"))
     if device.lower().startswith("cpu"):
-        return False, "one frame at a time (pipelining auto: the network runs on the CPU, whose cores it uses)"
+        return False, ("the network alone, the next frame decoded and prepared beside this one's post-processing "
+                       "(pipelining auto: the network runs on the CPU, whose cores it uses)")
     return True, f"pipelined (pipelining auto: the network runs on {device})"
 
 
@@ -389,17 +391,20 @@ def uses_decode_thread(compressed: bool, pipelined: bool) -> bool:
     """Whether the frame loop decodes on a ``frame_decode`` thread of its own: compressed images in a
     pipelined loop only. A JPEG takes milliseconds to decode, which a thread overlaps with the other
     stages (H200, lite: 369–412 against 275–314 FPS); a raw Image takes 0.2 ms, less than the third
-    thread costs (0.3–0.5 ms more host time per frame). One frame at a time (the CPU), the thread
-    overlaps nothing and only adds a hand-off (docs/results/frame_path.md, sessions 9 and 12)."""
+    thread costs (0.3–0.5 ms more host time per frame). Where the network runs alone (the CPU) the prepare
+    stage already decodes the next frame beside the previous one's post-processing, and a decode thread
+    would only add a hand-off (docs/results/frame_path.md, sessions 9, 12 and 27)."""
     return bool(compressed and pipelined)
 
 
-def post_threads_for(pipelined: bool) -> int:
-    """Threads of the CPU post-processing kernel: 2 where frames go one at a time, so that nothing else runs
-    while it does (the inference has just left its cores); 1 in a pipelined loop, whose other stages use the
-    cores meanwhile. Lite on the 2-core build machine: post-processing 3.6-3.7 % of the inference against
-    4.5-4.9 % on one thread (JPEG rows; docs/results/frame_path.md, session 25)."""
-    return 2 if not pipelined and (os.cpu_count() or 1) >= 2 else 1
+def post_threads_for(pipelined: bool, compressed: bool = False) -> int:
+    """Threads of the CPU post-processing kernel: 1 in a pipelined loop, whose other stages use the cores
+    meanwhile. Where the network runs alone, the next frame's decode and preprocessing run beside the
+    post-processing: 2 threads for raw images, whose preprocessing (about 1 ms) leaves the helper a core,
+    1 for compressed ones, whose decode takes that core for longer. Lite on the 2-core build machine,
+    host time between two networks: bgr8 2.9-3.0 ms with 2 threads against 3.4-3.5 with 1; JPEG 3.7-3.8
+    ms with 1 against 4.0-4.2 with 2 (docs/results/frame_path.md, session 27)."""
+    return 2 if not pipelined and not compressed and (os.cpu_count() or 1) >= 2 else 1
 
 
 class FrameLoop:
@@ -415,7 +420,8 @@ class FrameLoop:
     from any stage, ``internal_error`` for anything else) or dropped (replaced by a newer frame, or
     abandoned at shutdown), so ``received == processed + skipped + dropped`` whenever none is in flight.
     After ``close`` starts, ``deliver`` is never called again. ``pipelined=False``: the same stages and
-    threads, one frame in them at a time (``FrameRunner(serial=True)``; see ``frame_loop_mode``).
+    threads, the network alone (``FrameRunner(serial=True)``; see ``frame_loop_mode``): the next frame is
+    decoded and prepared while this one is post-processed and delivered, never while it is inferred.
     ``decode_thread=False``: no ``frame_decode`` thread; the prepare stage locates and decodes the frame
     first. The node and the replay choose with ``uses_decode_thread``: a thread for compressed images in a
     pipelined loop, none otherwise.
@@ -432,6 +438,7 @@ class FrameLoop:
         self.closed, self.lossless = False, lossless
         self.warm = False  # a frame has been processed (and what its compilation made frozen)
         ahead = bool(getattr(processor.pipeline, "launch_ahead", False))
+        self.network_done: Callable[[], None] | None = None  # serial: the next frame's host work may start
         self.runner = FrameRunner(
             processor.prepare_decoded if decode_thread else self.decode_and_prepare, self.finish_stage,
             on_error=self.error_callback, on_drop=lambda frame: self.stats.on_dropped(),
@@ -439,6 +446,8 @@ class FrameLoop:
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
             launched_done=processor.launched_done, decode=self.decode_stage if decode_thread else None,
             lossless=lossless, serial=not pipelined)
+        if not pipelined:
+            self.network_done = self.runner.network_done
 
     def submit(self, frame: FrameInput) -> None:
         """Count ``frame`` as received and hand it to the decode stage (ignored once closed); lossless:
@@ -463,7 +472,7 @@ class FrameLoop:
         return self.processor.prepare_decoded(self.decode_stage(frame), slot)
 
     def finish_stage(self, frame: FrameInput, prepared: PreparedFrame) -> None:
-        result = self.processor.complete(prepared)
+        result = self.processor.complete(prepared, self.network_done)
         with self.deliver_lock:
             if self.closed or self.stopping():  # shutting down: the frame is abandoned, not published
                 self.stats.on_dropped()

@@ -497,7 +497,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
-        pipeline.post_threads = post_threads_for(pipelined)
+        compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
+        pipeline.post_threads = post_threads_for(pipelined, compressed)
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
                                                                depth_max_offset_s=settings.sync_tolerance_s,
                                                                use_fallback_pose=settings.use_fallback_pose))
@@ -516,7 +517,6 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                 stack.callback(rep.close_output_bag)
             bar = stack.enter_context(tqdm(total=min(total, settings.max_frames or total), unit="frame",
                                            desc="discene-replay", disable=not settings.progress))
-            compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
             rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined,
                     decode_thread=uses_decode_thread(compressed, pipelined))
         end = time.perf_counter()
@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="metrics and report only: no occupancy_bag/ (it takes about 0.25 MB per frame)")
     parser.add_argument("--realtime", action="store_true", help="play at the recorded rate, dropping stale frames")
     parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
-                        help="overlap consecutive frames' stages (on), one frame at a time (off), or on only where "
+                        help="overlap consecutive frames' stages (on), run the network alone with only the next "
+                             "frame's decode and preprocessing beside the post-processing (off), or on only where "
                              "the network runs on a GPU (auto, the node's default)")
     parser.add_argument("--json", default=None, help="write the summary as JSON here")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many colour images (default: all)")

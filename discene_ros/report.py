@@ -62,8 +62,10 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
                   "frames ahead of it: two or three frame times where the inference is the slowest stage; one "
                   "frame's own processing is the `total` stage below.", ""]
     elif not summary.get("realtime"):
-        lines += ["Latency runs from the frame loop taking a frame to its output: one frame at a time, so it is "
-                  "the frame's own decoding, processing and output.", ""]
+        lines += ["Latency runs from the frame loop taking a frame to its output. The network runs alone, and a "
+                  "frame is decoded and prepared while the previous one is post-processed and written, so it is "
+                  "the frame's own decoding, processing and output plus at most the rest of the previous frame's.",
+                  ""]
     if summary.get("fps_after_first_frame"):
         lines += [f"The first frame took {summary['first_frame_ms']:.0f} ms (one-off warm-up); the frames after it "
                   f"ran at {summary['fps_after_first_frame']:.2f} FPS.", ""]

@@ -153,10 +153,12 @@ class OccupancyPipeline:
     ``host_threads``: torch intra-op threads for the CPU-side torch work of preprocessing and
     post-processing, set for the calling thread only (``host_threads.intra_op_threads``); 1 by default,
     which keeps those many small ops off the cores the inference uses. None keeps torch's setting.
-    ``post_threads``: threads of the CPU post-processing kernel (``native_postprocess``), 2 for a loop that
-    takes one frame at a time (``post_threads_for``): the inference's cores are idle while it runs. With more
-    than one, a torch CPU inference releases its OpenMP workers when it ends, which would otherwise spin on
-    the core the kernel's helper needs (post-processing took 3.3 instead of 2.2 ms with them spinning).
+    ``post_threads``: threads of the CPU post-processing kernel (``native_postprocess``); ``post_threads_for``
+    chooses them for a frame loop. With more than one, or a ``network_done`` callback (the next frame's host
+    work starts beside the post-processing), a torch CPU inference releases its OpenMP workers when it ends,
+    which would otherwise spin on the core the kernel's helper or that work needs (post-processing took 3.3
+    instead of 2.2 ms with them spinning; on one thread beside the next frame's host work 3.4-4.8 instead of
+    2.9-3.0 ms).
     """
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100,
@@ -327,8 +329,9 @@ class OccupancyPipeline:
         self.history.append(self.last_timings)
         return frame
 
-    def complete(self, prepared: Prepared):
-        """Finish stage: inference and post-processing of a prepared frame -> ``OccupancyFrame``."""
+    def complete(self, prepared: Prepared, network_done: Callable[[], None] | None = None):
+        """Finish stage: inference and post-processing of a prepared frame -> ``OccupancyFrame``;
+        ``network_done()`` is called between the two (``FrameRunner.network_done``)."""
         if self.fused:
             return self.collect(self.launch(prepared))
         t1 = time.perf_counter()
@@ -339,12 +342,14 @@ class OccupancyPipeline:
             if self._inferred is not None:  # honest infer timing: wait for the network before t2
                 self._inferred.record(torch.cuda.current_stream(self.backend.torch_device))
                 self._inferred.synchronize()
-            elif self.post_threads > 1 and self.backend.torch_device.type == "cpu":
-                release_openmp_team()  # its spinning workers would hold the core the kernel's helper needs
+            elif (self.post_threads > 1 or network_done is not None) and self.backend.torch_device.type == "cpu":
+                release_openmp_team()  # its spinning workers would hold the core the host work needs
         else:
             raw = self.backend.infer(prepared.inputs)
             points, scores = raw["points"], raw["scores"]
         t2 = time.perf_counter()
+        if network_done is not None:
+            network_done()
         with torch.inference_mode(), intra_op_threads(self.host_threads):
             frame = points_to_occupancy(points, scores, prepared.inputs.voxel_origin, self.config,
                                         threads=self.post_threads)
@@ -408,10 +413,13 @@ class FrameRunner:
     done the frame is finished at once, so no frame waits for a newer one. Frames finish in order.
     That needs a fourth slot.
 
-    ``serial``: one frame in the loop at a time. A stage takes a frame only while no stage after it works
-    and no frame waits after it, so the stages still run on their threads (the node's callbacks never
-    block) but never overlap. For a CPU whose inference already uses every core: there, overlapping
-    host work only slows the inference down, and each frame waits for no other frame's stages.
+    ``serial``: the network runs alone. A stage takes a frame only while no frame waits after it and no
+    stage after it works, the finish stage counting as working until its frame has left the network:
+    ``finish`` may call ``network_done()`` then, and the stages before it take the next frame while it
+    post-processes and delivers this one (without the call, one frame is in the loop at a time). The
+    stages still run on their threads (the node's callbacks never block). For a CPU whose inference
+    already uses every core: there, host work beside the network only slows it down, while the host
+    work of two frames shares the cores the network has just left.
     """
 
     def __init__(self, prepare: Callable[[Any, int], Any], finish: Callable[[Any, Any], None],
@@ -432,6 +440,7 @@ class FrameRunner:
         self._decoded: Any = None      # (item, decoded, None) not yet taken by the prepare stage
         self._ready: Any = None        # (item, prepared, slot) not yet taken by the finish stage
         self._busy = [False, False, False]  # the decode / prepare / finish stage works on a frame
+        self._network = False  # the finish stage's frame is in the network (until ``network_done``)
         self._free = list(range(slots))
         self._closed = self._discard = False
         self.submitted = self.processed = self.failed = self.dropped = 0
@@ -500,7 +509,8 @@ class FrameRunner:
             return False
         after = (self._decoded, self._ready)[stage:]
         if self.serial:
-            return all(a is None for a in after) and not any(self._busy[stage + 1:])
+            working = [*self._busy[stage + 1:2], self._busy[2] and self._network]
+            return all(a is None for a in after) and not any(working)
         return not self.lossless or all(a is None for a in after)
 
     def _hand_over(self, stage: int, place: str, entry: tuple[Any, Any, int | None]) -> None:
@@ -541,7 +551,7 @@ class FrameRunner:
                 if self._ready is None:
                     return
                 (item, prepared, slot), self._ready = self._ready, None
-                self._busy[2] = True
+                self._busy[2] = self._network = True
                 self._cond.notify_all()  # the hand-off is free: the prepare stage may go on
             self._finish_counted(item, prepared, slot, idle=True)
 
@@ -557,7 +567,7 @@ class FrameRunner:
                 if pending is None and self._ready is None:
                     return
                 taken, self._ready = self._ready, None
-                self._busy[2] = True
+                self._busy[2] = self._network = True  # no ``network_done`` here: the device works ahead
                 if taken is not None:
                     self._cond.notify_all()  # the hand-off is free: the prepare stage may go on
             launched = None
@@ -576,6 +586,13 @@ class FrameRunner:
                 with self._cond:
                     self._busy[2] = False
                     self._cond.notify_all()
+
+    def network_done(self) -> None:
+        """Called from ``finish`` once its frame has left the network (``serial``: the stages before it may
+        take the next frame now; otherwise nothing changes)."""
+        with self._cond:
+            self._network = False
+            self._cond.notify_all()
 
     def _finish_counted(self, item: Any, handle: Any, slot: int, idle: bool = False) -> None:
         """``finish`` a frame (a failure is reported, never raised), then ``_finish_done``."""

@@ -108,7 +108,8 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
     """Random short delays and a failure now and then in every stage: each frame is processed, failed
     or dropped exactly once (``on_drop``/``on_error`` see each one once), frames finish in order, no two
     frames share a buffer slot, and a lossless runner drops nothing. Launched frames (``ahead``) take a
-    random time on a pretend device, which the finish stage polls."""
+    random time on a pretend device, which the finish stage polls; ``finish`` reports its network done
+    half way (serial: the next frame's host work overlaps the rest)."""
     rng_lock = threading.Lock()
     rng = np.random.default_rng(7)
     fails = {"decode": {11, 57}, "prepare": {23, 88}, "launch": {40}, "finish": {66}}
@@ -147,6 +148,8 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
     def finish(item: int, handle) -> None:
         if ahead:
             assert handle[1].wait(5)  # collecting waits for the device's work
+        pause()
+        runner.network_done()  # serial: the next frame's host work may start beside this one's
         release(item)
         stage("finish", item)
         seen["finished"].append(item)
@@ -370,6 +373,62 @@ def test_a_serial_runner_never_has_two_frames_in_its_stages(lossless, with_decod
     assert c["submitted"] == 60 == c["processed"] + c["dropped"] and c["failed"] == 0
     assert finished == sorted(finished) and finished[-1] == 59
     assert c["dropped"] == 0 if lossless else c["dropped"] > 0
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+@pytest.mark.parametrize("with_decode", [False, True])
+def test_a_serial_runner_keeps_the_network_alone_and_overlaps_the_host_work_after_it(lossless, with_decode):
+    """``serial`` with ``network_done``: no other stage works while a frame is in the network (before its
+    ``network_done``), and after it the stages before take the next frame: finish(k) waits until the
+    first stage has begun frame k + 1 (lossless: each frame; live: whichever frame is newest), so a
+    runner that kept one frame in the loop at a time fails here. Every frame is still accounted for."""
+    n = 30
+    lock = threading.Lock()
+    active = {"upstream": 0, "network": 0}
+    clashes: list[str] = []
+    began: list[threading.Event] = [threading.Event() for _ in range(n)]
+    overlapped: list[bool] = []
+    finished: list[int] = []
+    runner: FrameRunner | None = None
+
+    def enter(kind: str) -> None:
+        with lock:
+            other = "network" if kind == "upstream" else "upstream"
+            clashes.extend([kind] if active[other] else [])
+            active[kind] += 1
+        threading.Event().wait(0.001)
+        with lock:
+            active[kind] -= 1
+
+    def upstream(item: int) -> int:
+        began[item].set()
+        enter("upstream")
+        return item
+
+    def finish(item: int, prepared: int) -> None:
+        enter("network")
+        runner.network_done()
+        if item + 1 < n and all(overlapped):  # the next frame's host work starts beside this one's
+            overlapped.append(any(b.wait(2) for b in began[item + 1:item + 2]) if lossless
+                              else wait_until(lambda: any(b.is_set() for b in began[item + 1:]), timeout=2))
+        threading.Event().wait(0.001)
+        finished.append(item)
+
+    runner = FrameRunner(lambda item, slot: upstream(item) if not with_decode else item, finish, slots=3,
+                         lossless=lossless, serial=True, decode=upstream if with_decode else None)
+    try:
+        for item in range(n):
+            runner.submit(item)
+            threading.Event().wait(0.0005)
+        assert runner.wait_idle(20)
+    finally:
+        runner.close()
+    c = runner.counts()
+    assert not clashes and overlapped and all(overlapped)
+    assert c["submitted"] == n == c["processed"] + c["dropped"] and c["failed"] == 0
+    assert finished == sorted(finished) and finished[-1] == n - 1
+    if lossless:
+        assert c["dropped"] == 0
 
 
 def test_with_a_decode_stage_the_newest_frame_wins_at_every_hand_off():

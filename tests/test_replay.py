@@ -105,20 +105,23 @@ def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, stor
     text = report.read_text()
     assert "IoU **100.00**" in text and "renders/frame_00_" in text
     assert f"- frame path: {s['pipeline']}" in text
-    # one frame at a time on the CPU: the kernel with its helper where there are two cores
-    assert f"post-processing on the CPU (native kernel, {post_threads_for(False)} thread" in s["pipeline"]
+    # the network alone on the CPU: the kernel with its helper where there are two cores, for raw images
+    threads = post_threads_for(False, compressed=storage == "sqlite3")  # the JPEG bag
+    assert f"post-processing on the CPU (native kernel, {threads} thread" in s["pipeline"]
     assert len(list((tmp_path / "renders").glob("*.png"))) == 1
 
 
 def test_replay_decodes_jpeg_bags_on_a_thread_of_their_own(bags, tmp_path, monkeypatch):
     """As the node: a compressed image topic gets the decode thread in a pipelined loop, a raw one is
-    decoded while preparing; one frame at a time (auto, on the CPU) neither gets one."""
-    threads = []
+    decoded while preparing; where the network runs alone (auto, on the CPU) neither gets one, and the
+    post-processing kernel gets its helper for the raw one only."""
+    threads, post_threads = [], []
     real = replay.FrameLoop
 
-    def probe(*args, **kwargs):
-        loop = real(*args, **kwargs)
+    def probe(processor, *args, **kwargs):
+        loop = real(processor, *args, **kwargs)
         threads.append(sorted(t.name for t in loop.runner._threads))
+        post_threads.append(processor.pipeline.post_threads)
         return loop
 
     monkeypatch.setattr(replay, "FrameLoop", probe)
@@ -129,6 +132,8 @@ def test_replay_decodes_jpeg_bags_on_a_thread_of_their_own(bags, tmp_path, monke
             assert s["frames"] == 2 and s["skipped"] == 0
     two = ["frame_infer", "frame_prepare"]
     assert threads == [two, ["frame_decode", *two], two, two]
+    # the kernel's helper where the network runs alone, beside a raw image's preprocessing only
+    assert post_threads == [1, 1, post_threads_for(False), post_threads_for(False, compressed=True)]
     assert gc.get_freeze_count() > 10_000  # as the node: start-up objects frozen out of the garbage collector
 
 

@@ -181,16 +181,20 @@ def test_camera_info_topic_for_follows_image_transport():
 
 
 @pytest.mark.parametrize("pipelining, serial, said", [
-    ("auto", True, "frame loop one frame at a time (pipelining auto: the network runs on the CPU"),
+    ("auto", True, "frame loop the network alone, the next frame decoded and prepared beside this one's "
+                   "post-processing (pipelining auto: the network runs on the CPU"),
     ("on", False, "frame loop pipelining on"), ("off", True, "frame loop pipelining off")])
 def test_pipelining_parameter_sets_the_frame_loop_and_says_so(ros, pipelining, serial, said):
-    """On the CPU (where the test backend runs) auto means one frame at a time; the start-up log says which."""
+    """On the CPU (where the test backend runs) auto means the network alone; the start-up log says which."""
     node = make_node(ros, pipelining=pipelining)
     assert node.frames.runner.serial is serial
-    # one frame at a time, the post-processing kernel takes the core the inference left (processing.post_threads_for)
+    assert (node.frames.network_done is not None) is serial  # the next frame's host work beside this one's
+    # the network alone, the post-processing kernel takes the core the inference left (processing.post_threads_for)
     assert node.pipeline.post_threads == post_threads_for(not serial) == (2 if serial and os.cpu_count() > 1 else 1)
     (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
     assert said in ready and f"native kernel, {node.pipeline.post_threads} thread" in ready
+    compressed = make_node(ros, pipelining=pipelining, use_compressed=True)
+    assert compressed.pipeline.post_threads == post_threads_for(not serial, compressed=True) == 1  # the decode's core
 
 
 def test_compressed_and_depth_subscriptions(ros):

@@ -206,6 +206,62 @@ def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thr
     assert snap["received"] == 12 and snap["processed"] == 6 and snap["dropped"] == 0
 
 
+class WatchedBackend(BlockBackend):
+    """BlockBackend that notes whether the frame loop's prepare stage ran while it inferred."""
+
+    def __init__(self, watch: dict) -> None:
+        super().__init__(delay_s=0.002)
+        self.watch = watch
+
+    def infer(self, inputs):
+        with self.watch["lock"]:
+            self.watch["clash"] += self.watch["preparing"]
+            self.watch["network"] = True
+        try:
+            return super().infer(inputs)
+        finally:
+            self.watch["network"] = False
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_cpu_frame_loop_prepares_the_next_frame_beside_the_post_processing_not_the_network(pipelined):
+    """One frame at a time on the CPU (``pipelined=False``): the pipeline tells the runner when the network
+    is done, and the next frame is decoded and prepared while the previous one is post-processed and
+    delivered (each delivery waits for that: a loop that kept one frame at a time fails here), never while
+    the network runs. A pipelined loop gets no such call (``network_done`` None): it overlaps anyway."""
+    watch = {"lock": threading.Lock(), "preparing": 0, "network": False, "clash": 0}
+    pipeline = pipeline_for(WatchedBackend(watch))
+    proc = FrameProcessor(pipeline, ProcessorSettings(use_fallback_pose=False))
+    prepare_decoded = proc.prepare_decoded
+    began: list[threading.Event] = [threading.Event() for _ in range(8)]
+    overlapped: list[bool] = []
+
+    def watched_prepare(decoded, slot):
+        with watch["lock"]:
+            watch["clash"] += watch["network"]
+            watch["preparing"] += 1
+        try:
+            return prepare_decoded(decoded, slot)
+        finally:
+            with watch["lock"]:
+                watch["preparing"] -= 1
+
+    def deliver(frame, result):
+        k = frame.stamp_ns - STAMP
+        if k + 1 < len(began):
+            overlapped.append(began[k + 1].wait(5))
+
+    proc.prepare_decoded = watched_prepare
+    loop = FrameLoop(proc, FrameStats(), deliver=deliver, lossless=True, pipelined=pipelined, decode_thread=False,
+                     locate=lambda frame: began[frame.stamp_ns - STAMP].set())
+    assert (loop.network_done is None) is pipelined
+    for i in range(len(began)):
+        loop.submit(_frame(stamp=STAMP + i))
+    loop.close()
+    assert overlapped == [True] * (len(began) - 1)
+    assert pipelined or watch["clash"] == 0
+
+
 def test_frame_loop_freezes_what_its_first_frame_made():
     """The first processed frame compiles and captures the network (torch.compile made 344k objects for
     lite): the loop then freezes everything alive out of the garbage collector, once; a refused frame
@@ -246,7 +302,9 @@ def test_frame_loop_mode_overlaps_frames_only_where_the_network_runs_on_a_gpu(de
 
 @pytest.mark.parametrize("cores, pipelined, threads", [(2, False, 2), (16, False, 2), (1, False, 1), (2, True, 1),
                                                        (16, True, 1), (None, False, 1)])
-def test_post_threads_for_one_frame_at_a_time_only(monkeypatch, cores, pipelined, threads):
-    """The kernel's helper only where frames go one at a time and a second core exists."""
+def test_post_threads_for_raw_images_where_the_network_runs_alone(monkeypatch, cores, pipelined, threads):
+    """The kernel's helper only where the network runs alone, a second core exists and the next frame's
+    host work beside the kernel is a raw image's (a compressed one's decode takes that core)."""
     monkeypatch.setattr("discene_ros.processing.os.cpu_count", lambda: cores)
-    assert post_threads_for(pipelined) == threads
+    assert post_threads_for(pipelined) == post_threads_for(pipelined, compressed=False) == threads
+    assert post_threads_for(pipelined, compressed=True) == 1
