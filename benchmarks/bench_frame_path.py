@@ -57,11 +57,15 @@ decoded with PIL), "decode_stage" (rows without it: no decode stage, fed by wait
 pipeline rather than by the lossless runner), "post_threads" (the CPU post-processing kernel's threads;
 ``--post-threads``, default the node's rule; rows without it: 1), "resize" (CPU rows: "native" for the
 native kernel's resize, the default where it is built, or "torch" for torch's, ``--resize torch``; rows
-without it resized with torch), ...}]}.
+without it resized with torch), "host_overlap" (serial rows: the next frame decoded and prepared while this
+one is post-processed, ``--host-overlap``; rows without it took one frame at a time), "between_networks_ms"
+(median time from one frame's network end to the next one's start: the host work the frame rate pays for
+where stages overlap; rows without it did not record it), ...}]}.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -185,7 +189,7 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
             marker_period: int, decode_stage: bool = True, camera_hz: float | None = None,
-            serial: bool = False) -> dict:
+            serial: bool = False, overlap: bool = False) -> dict:
     """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
     newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
     image, info, pose = camera_messages(factory, kind)
@@ -215,8 +219,13 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         return p
 
     def finish(item, p):
+        def network_done():  # as FrameLoop's: with ``overlap``, a serial loop takes the next frame now
+            p["net_end"] = time.perf_counter()
+            if overlap:
+                runner.network_done()
+
         t0 = time.perf_counter()
-        result = processor.complete(p["prepared"])  # collect or infer, post-process, output checks
+        result = processor.complete(p["prepared"], network_done)  # infer (or collect), post-process, checks
         t1, c1 = time.perf_counter(), time.thread_time()
         build_outputs(factory, result, "odom", 0, markers=False)  # PointCloud2 + grid pose, as the node
         t2, c2 = time.perf_counter(), time.thread_time()
@@ -233,6 +242,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
                             "pointcloud2_cpu": (c2 - c1) * 1e3, "launch_cpu": p.get("launch_cpu", 0.0),
                             "process_cpu_s": process_cpu_s(),
                             "end_to_end": (t2 - (item if camera_hz else p["t_taken"])) * 1e3, "done": t2,
+                            "net_start": t0, "net_end": p.get("net_end"),
                             "voxels": len(result.occupancy.voxel_labels), "stage2": (t2 - t0) * 1e3})
             first = len(records) == 1
         if first:  # as the node's frame loop after its first frame (compilation, capture): a warm-up frame
@@ -270,6 +280,11 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     stages["end_to_end_latency"] = med["end_to_end"]
     stages["end_to_end_latency_p90"] = float(np.percentile([r["end_to_end"] for r in timed], 90))
     overhead = sum(med[s] for s in OVERHEAD_STAGES)
+    # the network's idle time from one frame's end to the next one's start: the host work the frame rate pays
+    # for where stages overlap (NaN for launched frames, whose network time is the device's)
+    gaps = [(b["net_start"] - a["net_end"]) * 1e3 for a, b in itertools.pairwise(records[max(warmup - 1, 0):])
+            if a["net_end"] is not None]
+    between = float(np.median(gaps)) if gaps else float("nan")
     # the same stages in CPU time of their thread: below the wall time by what the thread spent waiting
     # (for a core, the GIL or the device) rather than working
     cpu = {s: float(np.median([r[f"{s}_cpu"] for r in timed])) for s in CPU_TIMED_STAGES}
@@ -277,10 +292,11 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     process_cpu_ms = (timed[-1]["process_cpu_s"] - first["process_cpu_s"]) * 1e3 / n
     return {
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
-        "overhead_fraction_of_infer": overhead / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
+        "overhead_fraction_of_infer": overhead / med["infer"], "between_networks_ms": between,
+        "between_networks_fraction_of_infer": between / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
         "process_cpu_ms_per_frame": process_cpu_ms,
         "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
-        "serial": serial,
+        "serial": serial, "host_overlap": bool(serial and overlap),
         "voxels_median": int(np.median([r["voxels"] for r in timed])), "marker_period": marker_period,
     }
 
@@ -298,7 +314,8 @@ def append_key(row: dict) -> tuple:
     as the default policy (true of the GPU runs; the older PASSIVE CPU rows live in files of their own);
     launch-ahead rows without ``launch_wait`` polled (``watch``: session 23's watcher thread, measured in
     device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
-    kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch."""
+    kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch; rows without
+    ``host_overlap`` took one frame at a time where serial."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -306,7 +323,8 @@ def append_key(row: dict) -> tuple:
             row.get("omp_wait_policy", "default"), postprocess_impl(row), bool(row.get("decode_stage", False)),
             row.get("camera_hz"), bool(row.get("serial", False)), wait,
             row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
-            row.get("resize", "torch" if row.get("threads") is not None else None))
+            row.get("resize", "torch" if row.get("threads") is not None else None),
+            bool(row.get("host_overlap", False)))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -344,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                         help="torch (default), or onnxruntime on the CPU: each config exported to a temporary ONNX "
                              "(gather sampling) with the same weights; fp32 only")
+    parser.add_argument("--host-overlap", choices=("on", "off"), default="on",
+                        help="where the network runs alone (pipelining off): on (the node's loop), the next frame "
+                             "is decoded and prepared while this one is post-processed; off, one frame at a time "
+                             "(the loop before session 27)")
     parser.add_argument("--resize", choices=("native", "torch"), default="native",
                         help="the CPU preprocessing's resize: the native kernel's (the node's, where built) or "
                              "torch's (the same bytes; the path before session 26)")
@@ -394,14 +416,17 @@ def main(argv: list[str] | None = None) -> int:
                 backend.config.closing = args.closing == "on"
             pipe = OccupancyPipeline(backend)
             pipe.preprocessor.native_resize = args.resize == "native"
-            print(f"{name} {precision}: {pipe.describe()}; weights {used}", flush=True)
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
-                pipe.post_threads = post_threads_for(pipelined) if args.post_threads == "auto" else int(args.post_threads)
+                # one frame at a time (--host-overlap off) the kernel had both cores to itself for either input
+                compressed = kind == "jpeg" and args.host_overlap == "on"
+                pipe.post_threads = (post_threads_for(pipelined, compressed) if args.post_threads == "auto"
+                                     else int(args.post_threads))
+                print(f"{name} {precision} {kind}: {pipe.describe()}; weights {used}", flush=True)
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
                               args.decode_stage == "on"
                               or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
-                              args.camera_hz, serial=not pipelined)
+                              args.camera_hz, serial=not pipelined, overlap=args.host_overlap == "on")
                 label = (f"torch {backend.mode}" + (" fused" if pipe.fused else "") if pipe.tensor_path
                          else f"onnxruntime {backend.device}")
                 row = {"config": name, "backend": label,
@@ -422,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 post = row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
                 print(f"  {kind:5s} [{post} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
-                      f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  decode "
+                      f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  between networks "
+                      f"{row['between_networks_ms']:.2f} ({100 * row['between_networks_fraction_of_infer']:.1f} %)  decode "
                       f"{s['decode']:.2f} pre {s['preprocess']:.2f} launch {s['launch']:.2f} post "
                       f"{s['postprocess']:.2f} check {s['output_check']:.2f} cloud "
                       f"{s['pointcloud2']:.2f} markers/{args.marker_period} {s['markers_every_n']:.1f}  "
