@@ -13,8 +13,10 @@ and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop
 i+2 meanwhile (``--decode-stage`` auto, the node's rule, ``processing.uses_decode_thread``: for JPEG
 rows in a pipelined loop only, otherwise the image is decoded at the start of the prepare stage; on /
 off: every row; until session 9 every row had one unless ``--no-decode-stage``, now ``--decode-stage
-off``; until session 12 the JPEG rows had one on the CPU too). On the CPU it takes one frame at a time
-(rows say ``serial``; before session 8 the CPU rows were pipelined). The runner is lossless (a camera faster than
+off``; until session 12 the JPEG rows had one on the CPU too). On the CPU the network runs alone (rows
+say ``serial``; before session 8 the CPU rows were pipelined), and since session 27 the next frame is
+decoded and prepared while this one is post-processed (rows say ``host_overlap``; ``--host-overlap off``
+takes one frame at a time, as before). The runner is lossless (a camera faster than
 the network, and no frame dropped; rows count ``dropped`` anyway); ``fps`` is the sustained end-to-end
 throughput of the processed frames over ``--frames`` frames after ``--warmup``. Stage times are medians
 of per-frame wall times (ms); ``overhead_ms`` = decode + preprocess + launch + post-process + output check +
