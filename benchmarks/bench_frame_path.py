@@ -283,10 +283,10 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     stages["end_to_end_latency_p90"] = float(np.percentile([r["end_to_end"] for r in timed], 90))
     overhead = sum(med[s] for s in OVERHEAD_STAGES)
     # the network's idle time from one frame's end to the next one's start: the host work the frame rate pays
-    # for where stages overlap (NaN for launched frames, whose network time is the device's)
+    # for where stages overlap (None for launched frames, whose network time is the device's)
     gaps = [(b["net_start"] - a["net_end"]) * 1e3 for a, b in itertools.pairwise(records[max(warmup - 1, 0):])
             if a["net_end"] is not None]
-    between = float(np.median(gaps)) if gaps else float("nan")
+    between = float(np.median(gaps)) if gaps else None
     # the same stages in CPU time of their thread: below the wall time by what the thread spent waiting
     # (for a core, the GIL or the device) rather than working
     cpu = {s: float(np.median([r[f"{s}_cpu"] for r in timed])) for s in CPU_TIMED_STAGES}
@@ -295,7 +295,8 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
     return {
         "input": kind, "fps": n / wall, "infer_ms": med["infer"], "overhead_ms": overhead,
         "overhead_fraction_of_infer": overhead / med["infer"], "between_networks_ms": between,
-        "between_networks_fraction_of_infer": between / med["infer"], "stages_ms": stages, "stages_cpu_ms": cpu,
+        "between_networks_fraction_of_infer": None if between is None else between / med["infer"],
+        "stages_ms": stages, "stages_cpu_ms": cpu,
         "process_cpu_ms_per_frame": process_cpu_ms,
         "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
         "serial": serial, "host_overlap": bool(serial and overlap),
@@ -448,9 +449,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 post = row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
+                between = ("" if row["between_networks_ms"] is None else f"between networks {row['between_networks_ms']:.2f} "
+                           f"({100 * row['between_networks_fraction_of_infer']:.1f} %)  ")
                 print(f"  {kind:5s} [{post} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "
-                      f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  between networks "
-                      f"{row['between_networks_ms']:.2f} ({100 * row['between_networks_fraction_of_infer']:.1f} %)  decode "
+                      f"{row['overhead_ms']:6.2f} ({100 * row['overhead_fraction_of_infer']:.1f} %)  {between}decode "
                       f"{s['decode']:.2f} pre {s['preprocess']:.2f} launch {s['launch']:.2f} post "
                       f"{s['postprocess']:.2f} check {s['output_check']:.2f} cloud "
                       f"{s['pointcloud2']:.2f} markers/{args.marker_period} {s['markers_every_n']:.1f}  "

@@ -75,6 +75,9 @@ def test_bench_backend_gets_the_options_and_the_append_key_separates_them():
     assert bench.append_key({**row, "camera_hz": 30.0}) != bench.append_key(row)  # fed by a camera, or flat out
     assert bench.append_key({**row, "serial": True}) != bench.append_key(row)  # one frame at a time, or pipelined
     assert bench.append_key({**row, "serial": False}) == bench.append_key(row)  # rows before the field: pipelined
+    serial = {**row, "serial": True}  # the next frame's host work beside this one's, or one frame at a time
+    assert bench.append_key({**serial, "host_overlap": True}) != bench.append_key(serial)
+    assert bench.append_key({**serial, "host_overlap": False}) == bench.append_key(serial)  # rows before: one at a time
 
 
 @pytest.mark.skipif(not LITE.is_file(), reason="shipped lite checkpoint missing")
@@ -103,7 +106,9 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert row["jpeg_decoder"] is None  # a bgr8 row decodes nothing
     assert row["decode_stage"] is False and row["dropped"] == 0  # the node's loop (a raw Image: no decode
     # thread), fed losslessly
-    assert row["serial"] is True  # pipelining auto: one frame at a time on the CPU, as the node
+    assert row["serial"] is True and row["host_overlap"] is True  # pipelining auto on the CPU, as the node
+    # the network's wait between frames: the host time the frame rate pays for
+    assert 0 < row["between_networks_ms"] and row["between_networks_fraction_of_infer"] > 0
     old = {k: v for k, v in row.items()  # a row from before the fields
            if k not in ("tf32", "tf32_convolutions", "cudnn_benchmark")}
     old["postprocess_impl"] = "native"
@@ -124,6 +129,9 @@ def test_bench_rows_carry_the_flags_and_append_keeps_other_variants(tmp_path, ke
     assert bench.main([*args, "--append", "--resize", "torch"]) == 0  # torch's resize: another measurement
     rows = json.loads(path.read_text())["rows"]
     assert len(rows) == 6 and sorted(r["resize"] for r in rows if r["fps"] > 0) == ["native"] * 3 + ["torch"]
+    assert bench.main([*args, "--append", "--host-overlap", "off"]) == 0  # one frame at a time: appended
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 7 and sum(r["host_overlap"] is False for r in rows if r["fps"] > 0) == 2  # + pipelined
     # the node's mode: a 2 Hz camera. The rate is timed from the warm-up frame's end, so a slow first
     # frame (capture) shortens the span: at 2 Hz it may take up to 0.7 s before the rate passes 6 FPS
     assert bench.main([*args, "--append", "--camera-hz", "2"]) == 0
