@@ -240,6 +240,45 @@ def test_torch_frame_path_matches_the_numpy_path(lite_model, lite_config):
     assert set(pipe.last_timings.as_dict()) == {"preprocess_ms", "infer_ms", "postprocess_ms", "total_ms"}
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_serial_loop_with_overlapped_host_work_gives_each_frame_its_own_result(lite_model, lite_config,
+                                                                                 cuda_graph):
+    """The real torch pipeline in the CPU loop (serial, ``network_done``): the next frame is preprocessed
+    into its own buffer slot while this one is post-processed from the network's (static, with
+    ``cuda_graph``) outputs, and every frame's occupancy is the one a lone ``process`` call gives."""
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)  # random weights: keep every point
+    k, pose = example_camera(cfg)
+    rng = np.random.default_rng(11)
+    images = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(6)]
+    poses = [pose.copy() for _ in images]
+    for i, p in enumerate(poses):  # each frame's grid somewhere else: an origin taken from another frame shows
+        p[:3, 3] += [0.37 * i, -0.21 * i, 0.0]
+    pipe = OccupancyPipeline(TorchBackend(lite_model, cfg, device="cpu", cuda_graph=cuda_graph))
+    pipe.post_threads = 2
+    got: dict[int, object] = {}
+    runner: FrameRunner | None = None
+
+    def finish(item: int, prepared) -> None:
+        got[item] = pipe.complete(prepared, runner.network_done)
+
+    runner = FrameRunner(lambda item, slot: pipe.prepare(images[item], k, poses[item], slot=slot), finish,
+                         slots=pipe.slots, lossless=True, serial=True)
+    try:
+        for item in range(len(images)):
+            runner.submit(item)
+        assert runner.wait_idle(60)
+    finally:
+        runner.close()
+    assert sorted(got) == list(range(len(images)))
+    for item, image in enumerate(images):
+        alone = pipe.process(image, k, poses[item])
+        assert np.array_equal(got[item].voxel_origin, alone.voxel_origin)
+        assert np.array_equal(got[item].labels, alone.labels)
+        assert np.array_equal(got[item].voxel_labels, alone.voxel_labels)
+        assert np.array_equal(got[item].voxel_scores, alone.voxel_scores)
+    assert not np.array_equal(got[0].labels, got[1].labels)  # the frames differ: a mix-up would show
+
+
 def test_pre_and_post_processing_run_on_host_threads_without_touching_other_threads(lite_model, lite_config,
                                                                                       monkeypatch):
     """The pipeline's CPU-side torch work runs with ``host_threads`` intra-op threads for its own thread
