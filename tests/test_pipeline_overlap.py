@@ -377,6 +377,18 @@ def test_a_lossless_runner_drops_no_frame_and_overlaps_its_stages(ahead, with_de
     assert overlapped["decode"] == ([True] * (n - 1) if with_decode else [])
 
 
+def paced_run(runner: FrameRunner, n: int) -> dict[str, int]:
+    """Submit frames 0..n-1 half a millisecond apart, wait until all are done, close; the runner's counts."""
+    try:
+        for item in range(n):
+            runner.submit(item)
+            threading.Event().wait(0.0005)
+        assert runner.wait_idle(20)
+    finally:
+        runner.close()
+    return runner.counts()
+
+
 @pytest.mark.parametrize("lossless", [False, True])
 @pytest.mark.parametrize("with_decode", [False, True])
 def test_a_serial_runner_never_has_two_frames_in_its_stages(lossless, with_decode):
@@ -400,14 +412,7 @@ def test_a_serial_runner_never_has_two_frames_in_its_stages(lossless, with_decod
 
     runner = FrameRunner(lambda item, slot: busy(item), finish, slots=3, lossless=lossless, serial=True,
                          decode=busy if with_decode else None)
-    try:
-        for item in range(60):
-            runner.submit(item)
-            threading.Event().wait(0.0005)
-        assert runner.wait_idle(10)
-    finally:
-        runner.close()
-    c = runner.counts()
+    c = paced_run(runner, 60)
     assert peak[0] == 1
     assert c["submitted"] == 60 == c["processed"] + c["dropped"] and c["failed"] == 0
     assert finished == sorted(finished) and finished[-1] == 59
@@ -455,14 +460,7 @@ def test_a_serial_runner_keeps_the_network_alone_and_overlaps_the_host_work_afte
 
     runner = FrameRunner(lambda item, slot: upstream(item) if not with_decode else item, finish, slots=3,
                          lossless=lossless, serial=True, decode=upstream if with_decode else None)
-    try:
-        for item in range(n):
-            runner.submit(item)
-            threading.Event().wait(0.0005)
-        assert runner.wait_idle(20)
-    finally:
-        runner.close()
-    c = runner.counts()
+    c = paced_run(runner, n)
     assert not clashes and overlapped and all(overlapped)
     assert c["submitted"] == n == c["processed"] + c["dropped"] and c["failed"] == 0
     assert finished == sorted(finished) and finished[-1] == n - 1
