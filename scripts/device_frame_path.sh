@@ -30,7 +30,7 @@
 #   bash scripts/device_frame_path.sh decode-stage # tests; lite with and without the decode stage of its own
 #                                             # (CUDA graphs fp32 + fp16, then compiled fp32), side by side
 #                                             # in one call; lite fed by a 30 Hz camera (the node's latency);
-#                                             # lite one frame at a time (pipelining off, the CPU's default);
+#                                             # lite with pipelining off (the fused path: one frame at a time);
 #                                             # paper_student compiled FP16 and FP32 with the
 #                                             # tf32_convolutions option itself (~6 min: call 7 took 17 s for
 #                                             # the tests, 25 s for both configs' graphs, 67 s for lite compiled)
@@ -212,7 +212,7 @@ camera_rate() {  # the node's situation: a 30 Hz camera, newest frame wins; late
         --device cuda --configs lite --precisions fp32 --frames 300 --camera-hz 30 \
         --json "$out/frame_path_gpu.json" --append
 }
-serial_rows() {  # one frame at a time (pipelining off, the CPU's default) against the pipelined rows above
+serial_rows() {  # pipelining off (the fused path launches no frame ahead: one at a time) against the rows above
     step 50 "frame path, lite fp32, CUDA graphs, pipelining off" python3 benchmarks/bench_frame_path.py \
         --device cuda --configs lite --precisions fp32 --frames 300 --pipelining off \
         --json "$out/frame_path_gpu.json" --append
