@@ -225,10 +225,10 @@ class WatchedBackend(BlockBackend):
 
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_a_cpu_frame_loop_prepares_the_next_frame_beside_the_post_processing_not_the_network(pipelined):
-    """One frame at a time on the CPU (``pipelined=False``): the pipeline tells the runner when the network
-    is done, and the next frame is decoded and prepared while the previous one is post-processed and
-    delivered (each delivery waits for that: a loop that kept one frame at a time fails here), never while
-    the network runs. A pipelined loop gets no such call (``network_done`` None): it overlaps anyway."""
+    """The CPU's loop (``pipelined=False``): the pipeline tells the runner when the network is done, and the
+    next frame is decoded and prepared while the previous one is post-processed and delivered (each
+    delivery waits for that: a loop that kept one frame at a time fails here), never while the network
+    runs. A pipelined loop gets no such call (``network_done`` None): it overlaps anyway."""
     watch = {"lock": threading.Lock(), "preparing": 0, "network": False, "clash": 0}
     pipeline = pipeline_for(WatchedBackend(watch))
     proc = FrameProcessor(pipeline, ProcessorSettings(use_fallback_pose=False))
