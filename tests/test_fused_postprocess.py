@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from test_ros_support import wait_until
+from test_ros_support import run_frames, wait_until
 
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
@@ -175,12 +175,7 @@ def test_fused_cuda_loop_survives_input_size_changes(lite_config):
                          on_error=lambda i, exc: errors.append(exc), slots=fused.slots,
                          launch=lambda i, prepared: fused.launch(prepared), launched_done=fused.launched_done,
                          lossless=True)
-    try:
-        for i in range(len(frames)):
-            runner.submit(i)
-        assert runner.wait_idle(60)
-    finally:
-        runner.close()
+    run_frames(runner, len(frames), timeout=60)
     assert not errors and sorted(results) == list(range(len(frames)))
     for i, f in enumerate(frames):
         _same_frames(plain.complete(plain.prepare(*f)), results[i], exact=False)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from test_ros_support import wait_until
+from test_ros_support import run_frames, wait_until
 
 from export.backends.torch_backend import TorchBackend
 from export.onnx_export import example_camera
@@ -263,12 +263,7 @@ def test_the_serial_loop_with_overlapped_host_work_gives_each_frame_its_own_resu
 
     runner = FrameRunner(lambda item, slot: pipe.prepare(images[item], k, poses[item], slot=slot), finish,
                          slots=pipe.slots, lossless=True, serial=True)
-    try:
-        for item in range(len(images)):
-            runner.submit(item)
-        assert runner.wait_idle(60)
-    finally:
-        runner.close()
+    run_frames(runner, len(images), timeout=60)
     assert sorted(got) == list(range(len(images)))
     for item, image in enumerate(images):
         alone = pipe.process(image, k, poses[item])
@@ -365,28 +360,11 @@ def test_a_lossless_runner_drops_no_frame_and_overlaps_its_stages(ahead, with_de
 
     extra = {"launch": lambda item, prepared: prepared} if ahead else {}
     runner = FrameRunner(prepare, finish, slots=4, lossless=True, decode=decode if with_decode else None, **extra)
-    try:
-        for item in range(n):
-            runner.submit(item)  # waits while the first stage has not taken the previous frame
-        assert runner.wait_idle(10)
-    finally:
-        runner.close()
-    assert runner.counts() == {"submitted": n, "processed": n, "failed": 0, "dropped": 0}
+    counts = run_frames(runner, n, timeout=10)  # each submit waits while the first stage has not taken the last
+    assert counts == {"submitted": n, "processed": n, "failed": 0, "dropped": 0}
     assert finished == list(range(n))
     assert len(overlapped["prepare"]) == n - 1 and all(overlapped["prepare"])
     assert overlapped["decode"] == ([True] * (n - 1) if with_decode else [])
-
-
-def paced_run(runner: FrameRunner, n: int) -> dict[str, int]:
-    """Submit frames 0..n-1 half a millisecond apart, wait until all are done, close; the runner's counts."""
-    try:
-        for item in range(n):
-            runner.submit(item)
-            threading.Event().wait(0.0005)
-        assert runner.wait_idle(20)
-    finally:
-        runner.close()
-    return runner.counts()
 
 
 @pytest.mark.parametrize("lossless", [False, True])
@@ -412,7 +390,7 @@ def test_a_serial_runner_never_has_two_frames_in_its_stages(lossless, with_decod
 
     runner = FrameRunner(lambda item, slot: busy(item), finish, slots=3, lossless=lossless, serial=True,
                          decode=busy if with_decode else None)
-    c = paced_run(runner, 60)
+    c = run_frames(runner, 60, pause_s=0.0005)
     assert peak[0] == 1
     assert c["submitted"] == 60 == c["processed"] + c["dropped"] and c["failed"] == 0
     assert finished == sorted(finished) and finished[-1] == 59
@@ -460,7 +438,7 @@ def test_a_serial_runner_keeps_the_network_alone_and_overlaps_the_host_work_afte
 
     runner = FrameRunner(lambda item, slot: upstream(item) if not with_decode else item, finish, slots=3,
                          lossless=lossless, serial=True, decode=upstream if with_decode else None)
-    c = paced_run(runner, n)
+    c = run_frames(runner, n, pause_s=0.0005)
     assert not clashes and overlapped and all(overlapped)
     assert c["submitted"] == n == c["processed"] + c["dropped"] and c["failed"] == 0
     assert finished == sorted(finished) and finished[-1] == n - 1

@@ -75,6 +75,20 @@ class OracleBackend(Backend):
         return {"points": points, "scores": scores}
 
 
+def run_frames(runner: Any, n: int, pause_s: float = 0.0, timeout: float = 20.0) -> dict[str, int]:
+    """Submit frames 0..n-1 to a FrameRunner (``pause_s`` after each), wait until every one is done, close
+    it; its counts."""
+    try:
+        for item in range(n):
+            runner.submit(item)
+            if pause_s:
+                time.sleep(pause_s)
+        assert runner.wait_idle(timeout)
+    finally:
+        runner.close()
+    return runner.counts()
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False); for threaded tests."""
     end = time.monotonic() + timeout
