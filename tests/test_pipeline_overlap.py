@@ -431,8 +431,8 @@ def test_a_serial_runner_keeps_the_network_alone_and_overlaps_the_host_work_afte
         enter("network")
         runner.network_done()
         if item + 1 < n and all(overlapped):  # the next frame's host work starts beside this one's
-            overlapped.append(any(b.wait(2) for b in began[item + 1:item + 2]) if lossless
-                              else wait_until(lambda: any(b.is_set() for b in began[item + 1:]), timeout=2))
+            overlapped.append(began[item + 1].wait(5) if lossless
+                              else wait_until(lambda: any(b.is_set() for b in began[item + 1:]), timeout=5))
         threading.Event().wait(0.001)
         finished.append(item)
 
