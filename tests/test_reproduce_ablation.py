@@ -1,8 +1,10 @@
 """benchmarks/reproduce_ablation.py at a tiny scale: every Table III row, seeds, JSON layout, publish only on request."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,25 @@ SPEC.loader.exec_module(ablation)
 
 TINY = ["--set", "model_overrides.decoder.num_queries=32", "--set", "model_overrides.decoder.num_refines=[2,4]",
         "--set", "model_overrides.image_size=[96,128]", "--set", "data.frequency_frames=4",
-        "--set", "optim.warmup_iters=1", "--quiet", "--threads", "0"]
+        "--set", "optim.warmup_iters=1", "--quiet", "--threads", "1"]
+# One torch thread per run, here and in the child processes: two children of two threads each on a 2-core machine
+# took 10x as long per step, and equal weights in and out of process need the same thread count.
+
+
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """``main`` sets torch's thread count for the process (``--threads``): the tests after these keep theirs."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _threads_restored() -> Iterator[None]:
+    with _torch_threads_kept():
+        yield
 
 
 def test_every_row_over_seeds_written_under_out_and_published_only_on_request(tmp_path, monkeypatch):
@@ -79,7 +99,8 @@ def _small(root: Path) -> list[str]:
 def in_process_rows(tmp_path_factory) -> Path:
     """Teacher, student, TGI and full rows of seed 0, each trained in this process (--jobs 1)."""
     root = tmp_path_factory.mktemp("ablation")
-    assert ablation.main([*_small(root), "--out", str(root / "jobs1")]) == 0
+    with _torch_threads_kept():
+        assert ablation.main([*_small(root), "--out", str(root / "jobs1")]) == 0
     return root
 
 
