@@ -66,7 +66,10 @@
 #                                             # the finish stage's sleeping event against torch.cuda.synchronize
 #                                             # (frame rate, process CPU per frame; ~3 min); then
 #                                             # check_cuda_providers.py (the TensorRT path's wait); then
-#                                             # profile (py-spy: where the fused launch's in-loop wait goes,
+#                                             # the whole-frame graph probe (session 28: one graph of upload,
+#                                             # preprocessing, network, post-processing and the copies back,
+#                                             # captured at all? its replay's host time against launch; ~1 min);
+#                                             # then profile (py-spy: where the fused launch's in-loop wait goes,
 #                                             # the GIL or not; ~2 min). .before as launch-fix; carry .whl
 #                                             # with py-spy's wheel too
 #
@@ -340,6 +343,10 @@ unfused_wait() {  # the unfused CUDA path, .before and this tree interleaved, tw
     step 30 "TensorRT backend's CUDA memory providers, their blocking wait included" python3 \
         benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
 }
+whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
+    step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
+        docs/results/device_runs/issue10_whole_frame_graph_probe.py --out "$out/whole_frame_graph.json"
+}
 
 case $stage in
 bench) tests; graphs; agreement_lite; compiled paper_student lite ;;
@@ -361,7 +368,7 @@ trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions 
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
 launch-path) tests 40; launch_path ;;
 launch-fix) tests 60; launch_fix ;;
-unfused-wait) tests 60; unfused_wait; profile_loop ;;
+unfused-wait) tests 60; unfused_wait; whole_frame_graph; profile_loop ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

@@ -1,0 +1,86 @@
+"""The device-run probes that wait for a GPU call still run against this tree: on the CPU, with torch's CUDA calls
+stood in for by eager ones, so that an internal name the probe reaches for cannot drift away unnoticed before
+the call (a probe that fails there costs minutes of a 15-minute device budget)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from discene_ros.processing import FrameProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT / "docs" / "results" / "device_runs" / "issue10_whole_frame_graph_probe.py"
+
+
+class _Graph:
+    def replay(self) -> None:  # the eager "capture" already wrote the outputs
+        pass
+
+
+class _Event:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, *args) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def test_whole_frame_graph_probe_runs_its_capture_body_eagerly_and_gets_the_launch_grids(tmp_path, monkeypatch):
+    """The probe's capture body (upload and preprocessing into the fused graph's inputs, network, post-processing,
+    copies back) run eagerly gives the grids of ``launch`` + ``collect``: the same functions in the same order."""
+    cuda = torch.cuda
+    for name, value in {"is_available": lambda: True, "synchronize": lambda *a: None, "Stream": _Stream,
+                        "current_stream": lambda *a: _Stream(), "stream": lambda s: contextlib.nullcontext(),
+                        "graph": lambda g, **k: contextlib.nullcontext(), "CUDAGraph": _Graph, "Event": _Event,
+                        "get_device_name": lambda *a: "CPU stand-in"}.items():
+        monkeypatch.setattr(cuda, name, value)
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: zeros(*a, **k))
+    decode = FrameProcessor.decode_frame
+
+    def staged_as_on_cuda(self, frame):  # a read-only frame is copied into the slot's buffer, as CUDA stages it
+        decoded = decode(self, frame)
+        decoded.rgb = decoded.rgb.copy()
+        decoded.rgb.flags.writeable = False
+        return decoded
+
+    monkeypatch.setattr(FrameProcessor, "decode_frame", staged_as_on_cuda)
+    spec = importlib.util.spec_from_file_location("whole_frame_graph_probe", PROBE)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    make_backend = probe.bench.make_backend
+    monkeypatch.setattr(probe.bench, "make_backend", lambda config, device, *a, **k: make_backend(config, "cpu", *a, **k))
+    out = tmp_path / "probe.json"
+    assert probe.main(["--configs", "lite", "--calls", "2", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "whole_frame_error" not in row, row.get("whole_frame_traceback")
+    assert row["whole_frame_same_grids"] and row["voxels"] > 0
+
+
+def test_whole_frame_graph_probe_refuses_without_cuda(capsys):
+    spec = importlib.util.spec_from_file_location("whole_frame_graph_probe", PROBE)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the probe would run")
+    assert probe.main(["--configs", "lite"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
