@@ -109,6 +109,24 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         create_backend("torch", bad)
 
 
+@pytest.mark.parametrize("backend, name, match", [
+    ("onnxruntime", "lite_distilled.pt", "lite_distilled.pt is a PyTorch checkpoint, but the onnxruntime backend runs "
+                                         "an ONNX model.*discene-export onnx --checkpoint .*lite_distilled.pt --out "
+                                         "lite_distilled.onnx.*or choose backend torch"),
+    ("tensorrt", "model.PTH", "model.PTH is a PyTorch checkpoint, but the tensorrt backend runs a TensorRT engine"),
+    ("torch", "lite.onnx", "lite.onnx is an ONNX model, but the torch backend loads a PyTorch checkpoint.*choose "
+                           "backend onnxruntime or tensorrt"),
+    ("torch", "lite.engine", "lite.engine is a TensorRT engine.*choose backend tensorrt,"),
+])
+def test_a_model_file_of_another_backend_is_refused_with_what_to_do(tmp_path, lite_config, backend, name, match):
+    """The node's ``model`` and ``backend`` parameters mixed up: the error names the file's kind and the fix, not
+    an unpickling or sidecar error; the file exists and is not read."""
+    path = tmp_path / name
+    path.write_bytes(b"not read")
+    with pytest.raises(ValueError, match=match):
+        create_backend(backend, path, config=lite_config)
+
+
 def test_missing_files_and_config(tmp_path, lite_config):
     with pytest.raises(FileNotFoundError):
         create_backend("torch", tmp_path / "none.pt")

@@ -17,6 +17,26 @@ __all__ = ["Backend", "BACKEND_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "create_ba
            "input_names", "input_shapes", "output_shapes", "require"]
 
 
+# what a model file's name says it holds, for the backends that cannot read it (a common mix-up of the node's
+# ``model`` and ``backend`` parameters, which otherwise ends in an unpickling or sidecar error)
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+_OTHER_KIND = {".onnx": "an ONNX model", ".engine": "a TensorRT engine", ".plan": "a TensorRT engine"}
+
+
+def _check_model_kind(key: str, path: Path) -> None:
+    """Refuse, with what to do instead, a model file whose suffix names a kind that backend ``key`` cannot run."""
+    suffix = path.suffix.lower()
+    if key == "torch" and suffix in _OTHER_KIND:
+        other = "onnxruntime or tensorrt" if suffix == ".onnx" else "tensorrt"
+        raise ValueError(f"{path.name} is {_OTHER_KIND[suffix]}, but the torch backend loads a PyTorch checkpoint "
+                         f"(.pt): choose backend {other}, or give the checkpoint it was exported from")
+    if key != "torch" and suffix in _CHECKPOINT_SUFFIXES:
+        runs = "an ONNX model (.onnx)" if key == "onnxruntime" else "a TensorRT engine (.engine) or an ONNX model"
+        raise ValueError(f"{path.name} is a PyTorch checkpoint, but the {key} backend runs {runs}: export it with "
+                         f"`discene-export onnx --checkpoint {path} --out {path.with_suffix('.onnx').name}`, "
+                         f"or choose backend torch")
+
+
 def _onnx_config(path: Path, config: ModelConfig | None) -> ModelConfig:
     if config is not None:
         return config
@@ -44,6 +64,8 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
     if key is None:
         raise ValueError(f"unknown backend '{name}'; choose one of {sorted(set(BACKEND_NAMES.values()))}")
     path = Path(model_path) if model_path is not None else None
+    if path is not None:
+        _check_model_kind(key, path)
     if key == "torch":
         from .torch_backend import TorchBackend
 
