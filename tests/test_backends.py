@@ -111,12 +111,15 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("backend, name, match", [
     ("onnxruntime", "lite_distilled.pt", "lite_distilled.pt is a PyTorch checkpoint, but the onnxruntime backend runs "
-                                         "an ONNX model.*discene-export onnx --checkpoint .*lite_distilled.pt --out "
-                                         "lite_distilled.onnx.*or choose backend torch"),
-    ("tensorrt", "model.PTH", "model.PTH is a PyTorch checkpoint, but the tensorrt backend runs a TensorRT engine"),
-    ("torch", "lite.onnx", "lite.onnx is an ONNX model, but the torch backend loads a PyTorch checkpoint.*choose "
-                           "backend onnxruntime or tensorrt"),
+                                         "an ONNX model: choose backend torch, or export it with `discene-export onnx "
+                                         "--checkpoint .*lite_distilled.pt --out lite_distilled.onnx`"),
+    ("tensorrt", "model.PTH", "model.PTH is a PyTorch checkpoint, but the tensorrt backend runs a TensorRT engine or "
+                              "an ONNX model: choose backend torch"),
+    ("torch", "lite.onnx", "lite.onnx is an ONNX model, but the torch backend runs a PyTorch checkpoint: choose "
+                           "backend onnxruntime or tensorrt, or give the checkpoint it was exported from"),
     ("torch", "lite.engine", "lite.engine is a TensorRT engine.*choose backend tensorrt,"),
+    ("onnxruntime", "lite.plan", "lite.plan is a TensorRT engine, but the onnxruntime backend runs an ONNX model: "
+                                 "choose backend tensorrt"),
 ])
 def test_a_model_file_of_another_backend_is_refused_with_what_to_do(tmp_path, lite_config, backend, name, match):
     """The node's ``model`` and ``backend`` parameters mixed up: the error names the file's kind and the fix, not

@@ -18,23 +18,24 @@ __all__ = ["Backend", "BACKEND_NAMES", "INPUT_NAMES", "OUTPUT_NAMES", "create_ba
 
 
 # what a model file's name says it holds, for the backends that cannot read it (a common mix-up of the node's
-# ``model`` and ``backend`` parameters, which otherwise ends in an unpickling or sidecar error)
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-_OTHER_KIND = {".onnx": "an ONNX model", ".engine": "a TensorRT engine", ".plan": "a TensorRT engine"}
+# ``model`` and ``backend`` parameters, which otherwise ends in an unpickling, sidecar or parser error)
+_KIND_BY_SUFFIX = {".pt": "checkpoint", ".pth": "checkpoint", ".ckpt": "checkpoint", ".onnx": "onnx",
+                   ".engine": "engine", ".plan": "engine"}
+_KIND_NAMES = {"checkpoint": "a PyTorch checkpoint", "onnx": "an ONNX model", "engine": "a TensorRT engine"}
+_KINDS_RUN = {"torch": ("checkpoint",), "onnxruntime": ("onnx",), "tensorrt": ("engine", "onnx")}
+_BACKENDS_FOR = {"checkpoint": "torch", "onnx": "onnxruntime or tensorrt", "engine": "tensorrt"}
 
 
 def _check_model_kind(key: str, path: Path) -> None:
     """Refuse, with what to do instead, a model file whose suffix names a kind that backend ``key`` cannot run."""
-    suffix = path.suffix.lower()
-    if key == "torch" and suffix in _OTHER_KIND:
-        other = "onnxruntime or tensorrt" if suffix == ".onnx" else "tensorrt"
-        raise ValueError(f"{path.name} is {_OTHER_KIND[suffix]}, but the torch backend loads a PyTorch checkpoint "
-                         f"(.pt): choose backend {other}, or give the checkpoint it was exported from")
-    if key != "torch" and suffix in _CHECKPOINT_SUFFIXES:
-        runs = "an ONNX model (.onnx)" if key == "onnxruntime" else "a TensorRT engine (.engine) or an ONNX model"
-        raise ValueError(f"{path.name} is a PyTorch checkpoint, but the {key} backend runs {runs}: export it with "
-                         f"`discene-export onnx --checkpoint {path} --out {path.with_suffix('.onnx').name}`, "
-                         f"or choose backend torch")
+    kind = _KIND_BY_SUFFIX.get(path.suffix.lower())
+    if kind is None or kind in _KINDS_RUN[key]:
+        return
+    runs = " or ".join(_KIND_NAMES[k] for k in _KINDS_RUN[key])
+    instead = (f"export it with `discene-export onnx --checkpoint {path} --out {path.with_suffix('.onnx').name}`"
+               if kind == "checkpoint" else "give the checkpoint it was exported from")
+    raise ValueError(f"{path.name} is {_KIND_NAMES[kind]}, but the {key} backend runs {runs}: choose backend "
+                     f"{_BACKENDS_FOR[kind]}, or {instead}")
 
 
 def _onnx_config(path: Path, config: ModelConfig | None) -> ModelConfig:
