@@ -73,7 +73,7 @@ def test_whole_frame_graph_probe_runs_its_capture_body_eagerly_and_gets_the_laun
     assert probe.main(["--configs", "lite", "--calls", "2", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert "whole_frame_error" not in row, row.get("whole_frame_traceback")
-    assert row["whole_frame_same_grids"] and row["voxels"] > 0
+    assert row["whole_frame_same_grids"] and row["whole_frame_label_agreement"] == 1.0 and row["voxels"] > 0
 
 
 def test_whole_frame_graph_probe_refuses_without_cuda(capsys):
