@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(off); auto (the node's default): on where the network runs on a GPU")
     parser.add_argument("--post-threads", choices=("auto", "1", "2"), default="auto",
                         help="threads of the CPU post-processing kernel: auto (the node's rule, "
-                             "processing.post_threads_for): 2 one frame at a time, 1 pipelined")
+                             "processing.post_threads_for): 1 pipelined; where the network runs alone 2 for raw "
+                             "images, 1 for JPEG beside its decode")
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                         help="torch (default), or onnxruntime on the CPU: each config exported to a temporary ONNX "
                              "(gather sampling) with the same weights; fp32 only")

@@ -331,6 +331,8 @@ static void helper_after_fork(void) { /* the child has no helper thread, and may
     atomic_store(&helper.posted, 0);
     atomic_store(&helper.claimed, 0);
     atomic_store(&helper.finished, 0);
+    atomic_store(&helper.on_helper, 0); /* helper_counts: since this process started */
+    atomic_store(&helper.taken_back, 0);
     helper.started = 0;
 }
 

@@ -163,9 +163,8 @@ def resize_normalise(image: np.ndarray, out: np.ndarray, order: tuple[int, int, 
     """Write ``out`` ((1,) 3, h, w) float32 from the C-contiguous (H, W, 3) uint8 ``image``: torch's uint8
     antialiased bilinear resize to (h, w), bit for bit, then ``normalise_image``'s arithmetic, in one GIL-free
     call, 0.5-0.85x torch's time for the frame path's 640x480 and 320x240 frames (``bench_resize.py``).
-    ``threads`` 2: its rows in
-    halves with the kernel's helper thread, which pays only where that thread is awake (back-to-back calls), not
-    in the frame loop. False without the kernel, or for sizes it leaves to torch (an image smaller than the
+    ``threads`` 2: its rows in halves with the kernel's helper thread, which pays only where that thread is awake
+    (back-to-back calls), not in the frame loop. False without the kernel, or for sizes it leaves to torch (an image smaller than the
     filter, or a downscale by more than 63x)."""
     if _kernel is None or image.ndim != 3 or image.shape[2] != 3 or out.shape[-3] != 3:
         return False

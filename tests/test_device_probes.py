@@ -44,6 +44,13 @@ class _Stream:
         pass
 
 
+def _load_probe():
+    spec = importlib.util.spec_from_file_location("whole_frame_graph_probe", PROBE)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
 def test_whole_frame_graph_probe_runs_its_capture_body_eagerly_and_gets_the_launch_grids(tmp_path, monkeypatch):
     """The probe's capture body (upload and preprocessing into the fused graph's inputs, network, post-processing,
     copies back) run eagerly gives the grids of ``launch`` + ``collect``: the same functions in the same order."""
@@ -64,9 +71,7 @@ def test_whole_frame_graph_probe_runs_its_capture_body_eagerly_and_gets_the_laun
         return decoded
 
     monkeypatch.setattr(FrameProcessor, "decode_frame", staged_as_on_cuda)
-    spec = importlib.util.spec_from_file_location("whole_frame_graph_probe", PROBE)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _load_probe()
     make_backend = probe.bench.make_backend
     monkeypatch.setattr(probe.bench, "make_backend", lambda config, device, *a, **k: make_backend(config, "cpu", *a, **k))
     out = tmp_path / "probe.json"
@@ -77,9 +82,7 @@ def test_whole_frame_graph_probe_runs_its_capture_body_eagerly_and_gets_the_laun
 
 
 def test_whole_frame_graph_probe_refuses_without_cuda(capsys):
-    spec = importlib.util.spec_from_file_location("whole_frame_graph_probe", PROBE)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _load_probe()
     if torch.cuda.is_available():
         pytest.skip("CUDA is here: the probe would run")
     assert probe.main(["--configs", "lite"]) == 2
