@@ -34,13 +34,16 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs, note = render_frames(out_dir / "renders", renders)
     lat = summary.get("latency_ms") or {}
+    topic = f"`{summary['image_topic']}`" if summary.get("image_topic") else "not chosen: the bag was not read"
+    model = (f"`{summary['model_config']}` on {summary.get('backend')}" if summary.get("model_config")
+             else "not loaded")
     lines = [
         "# DiScene replay report", "",
-        f"- bag: `{summary.get('bag')}` (image topic `{summary.get('image_topic')}`"
+        f"- bag: `{summary.get('bag')}` (image topic {topic}"
         + (f", camera info `{summary['info_topic']}`" if summary.get("info_topic") else "") + ")",
         *([f"- other image topics in the bag, not read: {', '.join(f'`{t}`' for t in summary['other_image_topics'])}"]
           if summary.get("other_image_topics") else []),
-        f"- model: `{summary.get('model_config')}` on {summary.get('backend')}",
+        f"- model: {model}",
         *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
         *([f"- frame loop: {summary['frame_loop']}"] if summary.get("frame_loop") else []),
@@ -56,12 +59,14 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         f"{summary.get('dropped', 0)} | {summary.get('fps', 0.0):.2f} | "
         f"{lat.get('p50', 0):.1f} / {lat.get('p90', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('mean', 0):.1f} |", "",
     ]
-    if not summary.get("realtime") and summary.get("pipelined", True):
+    processed = summary.get("frames", 0) > 0
+    full_speed = processed and not summary.get("realtime")
+    if full_speed and summary.get("pipelined", True):
         lines += ["Latency runs from the frame loop taking a frame to its output. At full speed the pipelined "
                   "loop takes a frame as soon as its first stage may take one, so the frame then waits for the "
                   "frames ahead of it: two or three frame times where the inference is the slowest stage; one "
                   "frame's own processing is the `total` stage below.", ""]
-    elif not summary.get("realtime"):
+    elif full_speed:
         lines += ["Latency runs from the frame loop taking a frame to its output. The network runs alone, and a "
                   "frame is decoded and prepared while the previous one is post-processed and written, so it is "
                   "the frame's own decoding, processing and output plus at most the rest of the previous frame's.",
@@ -81,7 +86,9 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         lines += ["| stage | p50 ms | mean ms |", "|---|---|---|"]
         lines += [f"| {name.removesuffix('_ms')} | {v['p50']:.1f} | {v['mean']:.1f} |" for name, v in stages.items()]
         lines.append("")
-    if summary.get("iou") is None:
+    if not processed:
+        lines += ["No frame was processed: no latency or occupancy metrics.", ""]
+    elif summary.get("iou") is None:
         lines += ["No ground truth in the bag: IoU/mIoU not computed.", ""]
     else:
         lines += [f"## Occupancy metrics ({summary.get('evaluated_frames', 0)} frames, SSCMetrics protocol)", "",

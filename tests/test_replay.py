@@ -197,7 +197,16 @@ def test_mcap_truncated_before_any_message_gives_clear_error_and_report(bags, tm
     assert rc == 2 and "mcap recover" in capsys.readouterr().err
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["frames"] == 0 and "truncated or corrupt" in summary["error"]
-    assert "The run is incomplete" in (tmp_path / "o2" / "report.md").read_text()
+    report = (tmp_path / "o2" / "report.md").read_text()
+    assert "The run is incomplete" in report and "No frame was processed" in report
+    assert "None" not in report and "No ground truth" not in report and "Latency runs" not in report
+
+
+def test_missing_bag_report_names_what_was_not_reached(tmp_path, capsys):
+    assert replay.main(["--bag", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "image topic not chosen" in report and "- model: not loaded" in report and "None" not in report
 
 
 def test_corrupt_sqlite_bag_reports_what_was_processed(bags, tmp_path):
