@@ -94,9 +94,11 @@ def parameter_descriptor(spec: P.ParamSpec) -> Any:
     """Read-only descriptor with the description and range of one ``params.PARAMETERS`` row.
 
     Read-only: the node reads its parameters once, so ``ros2 param set`` must be refused rather
-    than reported as applied while changing nothing.
+    than reported as applied while changing nothing. Dynamically typed where ``spec.dynamic_typing``
+    says so (``params.validate`` then converts and checks the value).
     """
-    descriptor = ParameterDescriptor(description=spec.description, read_only=True)
+    descriptor = ParameterDescriptor(description=spec.description, read_only=True,
+                                     dynamic_typing=spec.dynamic_typing)
     if spec.range is not None and spec.kind == "float":
         descriptor.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
                                                               to_value=float(spec.range[1]), step=0.0)]

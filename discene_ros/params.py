@@ -18,6 +18,8 @@ NODE_NAME = "discene_occupancy"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "lite_distilled.pt"
 PIPELINING_MODES = ("auto", "on", "off")  # the pipelining parameter (processing.frame_loop_mode)
+# rcl's YAML parser (``-p name:=value`` and parameter files), like PyYAML, reads an unquoted on/off as a bool
+BOOL_CHOICE_WORDS = {True: "on", False: "off"}
 
 # Output topics (relative to the node namespace; remap in the launch file if needed).
 TOPIC_CLOUD = "occupancy/points"
@@ -37,6 +39,14 @@ class ParamSpec:
     @property
     def kind(self) -> str:
         return {bool: "bool", int: "int", float: "float", str: "string"}[type(self.default)]
+
+    @property
+    def dynamic_typing(self) -> bool:
+        """Declared with dynamic typing, the type checked by ``validate`` instead of rclpy: rcl types an
+        unquoted value by its spelling, so ``floor_z:=0`` arrives as an integer and ``pipelining:=on`` as a
+        bool, which a statically typed declaration refuses."""
+        return self.kind == "float" or (self.choices is not None
+                                        and set(BOOL_CHOICE_WORDS.values()) <= set(self.choices))
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -129,6 +139,8 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown parameter '{name}'; known: {sorted(PARAMS_BY_NAME)}")
         if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if spec.choices is not None and isinstance(value, bool) and BOOL_CHOICE_WORDS[value] in spec.choices:
+            value = BOOL_CHOICE_WORDS[value]
         if type(value) is not type(spec.default):
             raise ValueError(f"parameter '{name}' must be {spec.kind}, got {value!r}")
         check_range(name, value)

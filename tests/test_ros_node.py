@@ -27,6 +27,7 @@ from test_ros_support import (
     FakeRos,
     install_fake_rclpy,
     pipeline_for,
+    rcl_value,
     real_node_members,
     wait_until,
 )
@@ -270,6 +271,17 @@ def test_raw_images_are_decoded_in_the_prepare_stage(ros, pipelining):
     assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
 
 
+def test_values_as_rcl_types_them_start_the_node(ros):
+    """rcl types an unquoted ``-p``/YAML value by its spelling: ``pipelining:=on`` is a bool and
+    ``floor_z:=0`` an integer, which statically typed string and float declarations refused."""
+    node = make_node(ros, pipelining=rcl_value("on"), floor_z=rcl_value("0"), sync_wait_s=rcl_value("1"),
+                     fallback_camera_pitch_deg=rcl_value("20"))
+    assert node.cfg["pipelining"] == "on" and node.cfg["floor_z"] == 0.0 and node.cfg["sync_wait_s"] == 1.0
+    assert all(type(node.cfg[k]) is float for k in ("floor_z", "sync_wait_s", "fallback_camera_pitch_deg"))
+    node.destroy_node()
+    assert make_node(ros, pipelining=rcl_value("off")).cfg["pipelining"] == "off"
+
+
 def test_parameter_set_at_runtime_is_refused_not_ignored(ros):
     """`ros2 param set` must not report success for a parameter the node reads only once."""
     node = make_node(ros)
@@ -286,7 +298,10 @@ def test_non_negative_score_threshold_overrides_the_models(ros):
 
 @pytest.mark.parametrize("overrides, text", [
     ({"score_threshold": 1.5}, "out of range"),           # InvalidParameterValueException (descriptor range)
-    ({"sync_wait_s": "long"}, "expecting type"),          # InvalidParameterTypeException
+    ({"closing": rcl_value("maybe")}, "expecting type"),  # InvalidParameterTypeException
+    ({"sync_wait_s": rcl_value("long")}, "must be float"),  # dynamically typed: params.validate's type check
+    ({"floor_z": rcl_value("20")}, "outside [-10.0, 10.0]"),  # an integer skips rclpy's float range: validate's
+    ({"floor_z": rcl_value(".nan")}, "out of range"),      # rclpy's float range refuses NaN
     ({"backend": "tensorflow"}, "unknown backend"),       # the backend factory's ValueError
     ({"pipelining": "sometimes"}, "not one of auto, on, off"),  # params.validate: a string outside its choices
 ])

@@ -7,6 +7,8 @@ definitions from the rosbags typestore, so published messages can be CDR-seriali
 from __future__ import annotations
 
 import ast
+import math
+import re
 import sys
 import time
 import types
@@ -175,6 +177,33 @@ class FakeRos:
         self.tf_invalid_queries = 0  # can_transform calls with a frame id tf2 refuses
         self.spin_raises: type[BaseException] = KeyboardInterrupt
         self.spin_hook: Any = None
+
+
+_RCL_TRUE = ("Y", "y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON")
+_RCL_FALSE = ("N", "n", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")
+
+
+def rcl_value(text: str) -> Any:
+    """The value an unquoted ``-p name:=text`` (or parameter-file scalar) reaches rclpy with: rcl's
+    ``rcl_yaml_param_parser`` ``get_value`` tries bool words, then an integer (strtoll, base 0), then a
+    float (strtod), else keeps the string."""
+    if text in _RCL_TRUE or text in _RCL_FALSE:
+        return text in _RCL_TRUE
+    whole = re.fullmatch(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if whole:
+        digits = whole.group(2)
+        base = 16 if digits[:2] in ("0x", "0X") else 8 if digits.startswith("0") else 10
+        return int(whole.group(1) + (digits[2:] if base == 16 else digits), base)
+    if text in (".nan", ".NaN", ".NAN"):
+        return math.nan
+    if text.lstrip("+-") in (".inf", ".Inf", ".INF") and len(text) - len(text.lstrip("+-")) <= 1:
+        return -math.inf if text.startswith("-") else math.inf
+    if "_" not in text:  # Python's float() takes digit separators, strtod does not
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
@@ -362,15 +391,17 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
 
         def declare_parameter(self, name: str, value: Any = None, descriptor: Any = None,
                               ignore_override: bool = False) -> Parameter:
-            """Overrides from ``ros.overrides``; type and range checks raise rclpy's exceptions."""
+            """Overrides from ``ros.overrides``; type and range checks raise rclpy's exceptions, as its
+            ``_apply_descriptor``: no type check under dynamic typing, a range only for a value of its type."""
             if name in self._parameters:
                 raise exc.ParameterAlreadyDeclaredException(name)
             given = value if ignore_override or name not in self._parameter_overrides else (
                 self._parameter_overrides[name].value)
-            if type(given) is not type(value):
+            if type(given) is not type(value) and not getattr(descriptor, "dynamic_typing", False):
                 raise exc.InvalidParameterTypeException(Parameter(name, given), type(value).__name__.upper())
-            for rng in list(getattr(descriptor, "floating_point_range", [])) + list(
-                    getattr(descriptor, "integer_range", [])):
+            ranges = {float: getattr(descriptor, "floating_point_range", []),
+                      int: getattr(descriptor, "integer_range", [])}.get(type(given), [])
+            for rng in ranges:
                 if not rng.from_value <= given <= rng.to_value:
                     raise exc.InvalidParameterValueException(
                         name, given, f"Parameter {name} out of range. Min: {rng.from_value}, Max: {rng.to_value}")
