@@ -64,6 +64,12 @@ class FrameIdError(FrameError):
     reason = "bad_frame_id"
 
 
+class StampError(FrameError):
+    """A header stamp before the epoch: tf2 (rclpy's Time) cannot look a pose up at it."""
+
+    reason = "bad_stamp"
+
+
 class MissingTransformError(FrameError):
     """No camera pose in the world frame and no fallback configured."""
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import params as P
 from .camera_pose import TransformNotReadyError, orientation_problem, use_fallback
-from .errors import FrameError
+from .errors import FrameError, StampError
 from .msg_decode import camera_frame_id, transform_to_matrix
 from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
@@ -311,6 +311,8 @@ class OccupancyNode(Node):
             if not self.mount_found and self.tf_buffer.can_transform(self.cfg["base_frame"], camera_frame, Time()):
                 self.note_fallback(camera_frame, "the camera mount is in TF now")
             return None
+        if stamp_ns < 0:
+            raise StampError(f"image stamp {stamp_ns * 1e-9:.3f} s is before the epoch: no camera pose in TF at it")
         try:
             tf = self.tf_buffer.lookup_transform(world, camera_frame, Time(nanoseconds=stamp_ns),
                                                  timeout=Duration(seconds=self.cfg["tf_timeout_s"]))

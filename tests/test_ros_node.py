@@ -517,6 +517,20 @@ def test_ros1_style_and_empty_camera_frame_ids(ros):
     assert any("names no frame" in t for level, t in node.get_logger().records if level == "warn")
 
 
+def test_stamp_before_the_epoch_is_skipped_as_bad_stamp(ros):
+    """rclpy's Time refuses negative nanoseconds: such a frame is named bad_stamp, not an internal error."""
+    fake, _ = ros
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    node = make_node(ros, world_frame="map")
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", -5 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", -5 * MS))
+    assert wait_until(lambda: node.stats.skipped["bad_stamp"] == 1) and not fake.tf_lookups
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 7 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 7 * MS))
+    assert wait_until(lambda: node.stats.processed == 1) and set(node.stats.skipped) == {"bad_stamp"}
+    assert any("before the epoch" in t for level, t in node.get_logger().records if level == "warn")
+
+
 def test_tf_frame_parameters_lose_a_leading_slash_and_may_not_be_empty():
     assert P.validate({"world_frame": "/odom", "base_frame": "//base_link"})["world_frame"] == "odom"
     assert P.validate({"base_frame": "/base_link"})["base_frame"] == "base_link"

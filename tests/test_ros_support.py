@@ -496,8 +496,13 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
     qos_mod.ReliabilityPolicy = types.SimpleNamespace(BEST_EFFORT="best_effort", RELIABLE="reliable")
     qos_mod.DurabilityPolicy = types.SimpleNamespace(VOLATILE="volatile", TRANSIENT_LOCAL="transient_local")
     time_mod = types.ModuleType("rclpy.time")
-    time_mod.Time = lambda seconds=0, nanoseconds=0, clock_type=None: types.SimpleNamespace(
-        nanoseconds=nanoseconds + int(seconds * 1e9))
+
+    def rclpy_time(*, seconds: float = 0, nanoseconds: int = 0, clock_type: Any = None) -> Any:
+        if seconds < 0 or nanoseconds < 0:  # as rclpy.time.Time
+            raise ValueError(f"{'Seconds' if seconds < 0 else 'Nanoseconds'} value must not be negative")
+        return types.SimpleNamespace(nanoseconds=nanoseconds + int(seconds * 1e9))
+
+    time_mod.Time = rclpy_time
     dur_mod = types.ModuleType("rclpy.duration")
     dur_mod.Duration = lambda seconds=0, nanoseconds=0: types.SimpleNamespace(
         nanoseconds=nanoseconds + int(seconds * 1e9))
