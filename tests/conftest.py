@@ -38,6 +38,16 @@ def restore_torch_threads():
 
 
 @pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A tiny synthetic Occ-ScanNet set (3 scenes x 2 frames, 128x96) for training tests (shared: read only)."""
+    from training.synth import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, scenes=3, frames_per_scene=2, seed=3, width=128, height=96, val_fraction=0.34, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def lite_config() -> models.ModelConfig:
     return models.load_config("lite")
 

@@ -21,7 +21,7 @@ from PIL import Image
 from rosbags.typesys import Stores, get_typestore
 from test_fuzz_frames import _png_header_claiming
 from test_ros_support import BlockBackend, pipeline_for
-from test_trainer import data_root, tiny_config  # noqa: F401 - data_root is a fixture
+from test_trainer import tiny_config
 
 from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.errors import (
@@ -607,7 +607,7 @@ def test_garbage_onnx_is_named_as_such(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- 11, 16, 17: training CLIs
-def test_train_refuses_to_replace_a_run_and_resumes_from_the_checkpoints_own_config(data_root, tmp_path, capsys):  # noqa: F811
+def test_train_refuses_to_replace_a_run_and_resumes_from_the_checkpoints_own_config(data_root, tmp_path, capsys):
     cfg = tiny_config(data_root, tmp_path / "run", max_steps=2).to_dict()
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     args = ["--config", str(tmp_path / "cfg.yaml"), "--set", "distill.prior=false"]
@@ -633,7 +633,7 @@ def test_train_refuses_to_replace_a_run_and_resumes_from_the_checkpoints_own_con
     assert evaluate.main(["--checkpoint", final, "--data", str(data_root), "--score-threshold", "1.5"]) == 2
 
 
-def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(data_root, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(data_root, tmp_path, capsys, monkeypatch):
     cfg = tiny_config(data_root, tmp_path / "run", max_steps=4)  # checkpoints at steps 2 and 4
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     saves = {"n": 0}

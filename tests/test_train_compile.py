@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from test_trainer import data_root, datasets, teacher_checkpoint, tiny_config  # noqa: F401 - fixture
+from test_trainer import datasets, teacher_checkpoint, tiny_config  # noqa: F401 - fixture
 from torch._dynamo.backends.common import aot_autograd
 
 import models
@@ -94,12 +94,12 @@ def test_the_models_own_errors_are_not_taken_for_compile_failures():
     assert not is_compile_error(ValueError("x"))
 
 
-def test_unknown_backend_is_refused(data_root, tmp_path):  # noqa: F811
+def test_unknown_backend_is_refused(data_root, tmp_path):
     with pytest.raises(ValueError, match="compile must be one of"):
         tiny_config(data_root, tmp_path, compile="tensorrt")
 
 
-def test_distill_step_with_compile_equals_the_eager_step_and_keeps_the_checkpoint_format(data_root, tmp_path):  # noqa: F811
+def test_distill_step_with_compile_equals_the_eager_step_and_keeps_the_checkpoint_format(data_root, tmp_path):
     """Same loss terms over two steps and the same gradients at the first (dropout on: the compiled graphs draw
     the same masks on the CPU). Not the weights after it: AdamW moves a weight whose gradient is rounding noise
     (a key bias's, zero in exact arithmetic) by the full lr either way."""
@@ -125,7 +125,7 @@ def test_distill_step_with_compile_equals_the_eager_step_and_keeps_the_checkpoin
     assert compiled.save("last.pt").is_file()
 
 
-def test_a_backward_that_fails_to_compile_redoes_the_step_eagerly(data_root, tmp_path, caplog):  # noqa: F811
+def test_a_backward_that_fails_to_compile_redoes_the_step_eagerly(data_root, tmp_path, caplog):
     cfg = tiny_config(data_root, tmp_path, compile="aot_eager")
     trainer = Trainer(cfg, datasets(cfg)[0])
     failing = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=_failing_backend)

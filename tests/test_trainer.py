@@ -18,15 +18,6 @@ from training.trainer import NonFiniteLossError, Trainer
 TINY = {"decoder": {"num_queries": 32, "num_refines": [2, 4]}, "image_size": [96, 128]}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from training.synth import generate
-
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, scenes=3, frames_per_scene=2, seed=3, width=128, height=96, val_fraction=0.34, progress=False)
-    return root
-
-
 def tiny_config(root, out, **kw) -> TrainConfig:
     kw = {"max_steps": 4, **kw}
     cfg = TrainConfig(name="tiny", model="lite", model_overrides=TINY, out_dir=str(out), progress=False,
@@ -232,7 +223,7 @@ def test_cli_init_sets_init_checkpoint_and_is_refused_with_resume(data_root, tmp
     (tmp_path / "run" / "final.pt").write_bytes(b"x")
     assert train.main(["--config", str(tmp_path / "cfg.yaml"), "--init", str(tmp_path / "run" / "final.pt"),
                        "--overwrite"]) == 2
-    assert "is one of the files --overwrite deletes" in capsys.readouterr().err
+    assert "is one of the files --overwrite replaces" in capsys.readouterr().err
     assert (tmp_path / "run" / "final.pt").is_file()
 
 

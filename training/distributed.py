@@ -24,7 +24,8 @@ def usable_cpus() -> int:
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU)."""
+    """(rank, world size, device); initialises the process group under torchrun (gloo on CPU, nccl on GPU).
+    ValueError for a CUDA device this machine does not have."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -32,8 +33,10 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if device_name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device_name}' requested but CUDA is not available")
+            raise ValueError(f"device '{device_name}' requested but CUDA is not available (use --device cpu)")
         device = torch.device("cuda", local_rank if world > 1 or device_name == "cuda" else int(device_name.split(":")[1]))
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' requested but there are {torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

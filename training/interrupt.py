@@ -10,6 +10,8 @@ terminal's Ctrl-C reaches every worker, and the agent then sends each the signal
 """
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
 import time
@@ -73,3 +75,27 @@ def ignore_interrupts(worker_id: int) -> None:
 
 def _first_sigterm_ignored(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def training_worker_init(trainer_pid: int, worker_id: int) -> None:
+    """``worker_init_fn`` of the training loader: ``ignore_interrupts``, and end with the training process."""
+    ignore_interrupts(worker_id)
+    exit_with(trainer_pid)
+
+
+def exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` ends (Linux pidfd; elsewhere nothing). A loader worker starts
+    from the fork server, which stays while the worker does, and the worker's own check watches the server: a
+    trainer killed outright (SIGKILL, the OOM killer) would leave both holding their memory for good."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux
+        return
+    threading.Thread(target=_exit_when_readable, args=(handle,), name="exit-with-trainer", daemon=True).start()
+
+
+def _exit_when_readable(handle: int) -> None:
+    select.select([handle], [], [])
+    os._exit(1)

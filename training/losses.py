@@ -348,7 +348,9 @@ def nearest_neighbours_kdtree(pred: torch.Tensor, sizes: Sequence[int], gt: torc
 
     b, p = pred.shape[:2]
     m = gt.shape[1]
-    pts = pred.detach().float().cpu().numpy()
+    # a diverged network's NaN/inf positions (which scipy refuses) match anything: the loss stays non-finite,
+    # and the trainer stops on it as it does with the other backends
+    pts = np.nan_to_num(pred.detach().float().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
     gts = gt.detach().float().cpu().numpy()
     counts = gt_mask.sum(1).tolist()
     p2g = np.zeros((b, p), dtype=np.int64)

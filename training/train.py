@@ -9,7 +9,6 @@ Warm start:      discene-train --config CFG --init runs/NAME/final.pt  (its weig
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="train config YAML (path, or a name under training/configs); required unless --resume")
     parser.add_argument("--resume", default=None,
-                        help="continue exactly from a last.pt: its saved train config (data root, step budget, "
-                             "out_dir) is used, command-line options still override it")
+                        help="continue exactly from a last.pt: its saved train config (data root, step budget) is used, "
+                             "command-line options still override it; it writes into the checkpoint's folder "
+                             "unless --out is given")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a fresh run in an out_dir that already holds checkpoints (they are deleted)")
+                        help="write into an out_dir that holds another run's checkpoints (they are replaced once this run "
+                             "writes its first checkpoint)")
     parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
     parser.add_argument("--data", default=None, help="dataset root (overrides data.root)")
     parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides epochs)")
@@ -60,35 +61,58 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
+def previous_run(args: argparse.Namespace, cfg: TrainConfig) -> list[Path]:
+    """Files of another run in ``cfg.out_dir`` that this run would replace (none when resuming in the
+    checkpoint's own folder)."""
+    out = Path(cfg.out_dir)
+    if args.resume and out.resolve() == Path(args.resume).resolve().parent:
+        return []
+    return [out / name for name in RUN_FILES if (out / name).exists()]
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's config: the YAML (fresh run) or the checkpoint's saved train config (``--resume``), with the
-    command-line overrides applied. ValueError for a fresh run into an out_dir holding another run's files
-    (without ``--overwrite``) and for ``--steps`` below the step a resumed checkpoint is at."""
+    """The run's config: the YAML (fresh run) or the checkpoint's saved train config (``--resume``, writing
+    into the checkpoint's folder unless ``--out`` says otherwise), with the command-line overrides applied.
+    ValueError for an out_dir holding another run's files (without ``--overwrite``) and for ``--steps``
+    below the step a resumed checkpoint is at."""
+    for flag in ("resume", "teacher", "init"):
+        path = getattr(args, flag)
+        if path and Path(path).is_dir():
+            name = "last.pt" if flag == "resume" else "final.pt"
+            raise ValueError(f"--{flag} {path} is a directory; give the checkpoint file in it ({Path(path) / name}?)")
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise ValueError(f"--stop-at-step must be a positive step, got {args.stop_at_step}")
     if args.resume:
         if args.init:
             raise ValueError(f"--init {args.init} with --resume {args.resume}: a resume continues from the weights "
                              "of its last.pt; give one of the two")
-        return resume_config(args.resume, _overrides(args))
-    if not args.config:
+        out = [] if args.out else [f"out_dir={Path(args.resume).parent}"]
+        cfg = resume_config(args.resume, out + _overrides(args), args.stop_at_step)
+    elif not args.config:
         raise ValueError("--config is required (or --resume runs/NAME/last.pt to continue a run)")
-    cfg = load_train_config(args.config, _overrides(args))
-    existing = [name for name in RUN_FILES if (Path(cfg.out_dir) / name).exists()]
+    else:
+        cfg = load_train_config(args.config, _overrides(args))
+    folder = Path(cfg.out_dir)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"output folder {cfg.out_dir}: {blocker} is a file, not a folder; choose another --out")
+    if args.teacher and cfg.mode != "distill":
+        raise ValueError(f"--teacher is only used by mode 'distill', and this run's mode is '{cfg.mode}' (add "
+                         "--set mode=distill to distil, or leave --teacher out)")
+    existing = previous_run(args, cfg)
     if existing and not args.overwrite:
-        raise ValueError(f"output folder {cfg.out_dir} already holds {', '.join(existing)} of another run; continue it "
-                         f"with --resume {Path(cfg.out_dir) / 'last.pt'}, start over with --overwrite, or choose "
-                         "another --out")
-    if cfg.init_checkpoint and any(Path(cfg.init_checkpoint).resolve() == (Path(cfg.out_dir) / name).resolve()
-                                   for name in existing):
-        raise ValueError(f"--init {cfg.init_checkpoint} is one of the files --overwrite deletes; copy it elsewhere "
+        hint = f"continue it with --resume {Path(cfg.out_dir) / 'last.pt'}, " if not args.resume else ""
+        raise ValueError(f"output folder {cfg.out_dir} already holds {', '.join(p.name for p in existing)} of "
+                         f"another run; {hint}replace them with --overwrite, or choose another --out")
+    if cfg.init_checkpoint and any(Path(cfg.init_checkpoint).resolve() == path.resolve() for path in existing):
+        raise ValueError(f"--init {cfg.init_checkpoint} is one of the files --overwrite replaces; copy it elsewhere "
                          "first or choose another --out")
-    if existing and os.environ.get("RANK", "0") == "0":
-        for name in existing:
-            (Path(cfg.out_dir) / name).unlink()
     return cfg
 
 
-def resume_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
-    """The train config saved in ``checkpoint`` (a last.pt) with ``overrides``; checks the step budget."""
+def resume_config(checkpoint: str, overrides: list[str], stop_at_step: int | None = None) -> TrainConfig:
+    """The train config saved in ``checkpoint`` (a last.pt) with ``overrides``; checks the step budget and
+    that ``stop_at_step`` lies ahead."""
     state = load_checkpoint(checkpoint, map_location="cpu")
     saved = state.get("train_config")
     if not isinstance(saved, dict) or "step" not in state:
@@ -99,11 +123,16 @@ def resume_config(checkpoint: str, overrides: list[str]) -> TrainConfig:
     if cfg.max_steps is not None and cfg.max_steps < step:
         raise ValueError(f"--steps {cfg.max_steps} is below the step {step} checkpoint {checkpoint} is at; give at "
                          f"least {step} (or leave --steps out to keep the run's budget)")
+    if stop_at_step is not None and stop_at_step <= step:
+        raise ValueError(f"--stop-at-step {stop_at_step} is not after the step {step} checkpoint {checkpoint} is at; "
+                         "give a later step")
     return cfg
 
 
-def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None) -> str:
-    """Build datasets from the config, train, and return the path of the final model checkpoint."""
+def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = None,
+        replaces: list[Path] | None = None) -> str:
+    """Build datasets from the config, train, and return the path of the final model checkpoint; ``replaces``
+    (an earlier run's files) are removed once this run has written its first checkpoint."""
     model_cfg = cfg.model_config()
     train_set = build_dataset(cfg.data.root, cfg.data.train_split, model_cfg, cfg.data.max_train_frames,
                               load_depth=cfg.needs_depth())
@@ -112,7 +141,7 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
     except (ValueError, FileNotFoundError) as exc:
         print(f"discene-train: no evaluation ({exc})", file=sys.stderr)
         val_set = None
-    trainer = Trainer(cfg, train_set, val_set, resume=resume)  # a resume never reloads init_checkpoint
+    trainer = Trainer(cfg, train_set, val_set, resume=resume, replaces=replaces)  # a resume never reloads init_checkpoint
     return str(trainer.fit(stop_at_step=stop_at_step))
 
 
@@ -124,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         cfg = config_from_args(args)
-        final = run(cfg, args.resume, args.stop_at_step)
+        final = run(cfg, args.resume, args.stop_at_step, previous_run(args, cfg))
         if is_main_process():
             print(f"discene-train: done; model checkpoint {final}")
     except NonFiniteLossError as exc:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,9 +112,16 @@ class TrainConfig:
         return False
 
     def validate(self) -> TrainConfig:
+        for prefix, section in (("", self), ("data.", self.data), ("optim.", self.optim), ("loss.", self.loss),
+                                ("distill.", self.distill)):
+            mistyped = _mistyped_field(section)
+            if mistyped:
+                raise ValueError(f"invalid train config '{self.name}': {prefix}{mistyped}")
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
             (self.compile in COMPILE_BACKENDS, f"compile must be one of {COMPILE_BACKENDS}, got {self.compile!r}"),
             (self.mode != "distill" or bool(self.teacher_checkpoint), "mode 'distill' needs teacher_checkpoint"),
             (self.mode != "distill" or not (self.tgi and self.init_checkpoint),
@@ -159,6 +169,23 @@ class TrainConfig:
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         atomic_write(path, lambda f: f.write(text.encode()))
+
+
+NUMBER_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _mistyped_field(section: Any) -> str | None:
+    """'KEY must be KIND, got VALUE' for the first bool / int / float field of a config dataclass (None
+    allowed where annotated) holding anything else; None when all do. Other fields are not checked here."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        value, wanted = getattr(section, name), [k for k in kinds if k in NUMBER_KINDS]
+        if not wanted or (value is None and type(None) in kinds):
+            continue
+        if isinstance(value, bool) != (bool in wanted) or not isinstance(value, (float, int) if float in wanted else wanted[0]):
+            shown = " or ".join(NUMBER_KINDS[k] for k in wanted) + (" or null" if type(None) in kinds else "")
+            return f"{name} must be {shown}, got {value!r}"
+    return None
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

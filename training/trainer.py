@@ -44,6 +44,7 @@ from .distributed import (
 from .evaluate import evaluate_model
 from .interrupt import StopRequest, TrainingInterrupted
 from .losses import TaskLoss
+from .occscannet import BadSampleError
 from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
@@ -142,17 +143,24 @@ class WarmupCosine:
 class Trainer:
     """Builds models, optimiser and data from a TrainConfig and runs the training loop.
 
-    ``resume`` (a last.pt) restores the run it holds instead of warm-starting from ``init_checkpoint``."""
+    ``resume`` (a last.pt) restores the run it holds instead of warm-starting from ``init_checkpoint``;
+    ``replaces`` (an earlier run's files in the out_dir) stay until this run writes its first checkpoint."""
 
     def __init__(self, config: TrainConfig, train_set: Dataset, val_set: Dataset | None = None,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None, replaces: list[Path] | None = None) -> None:
         self.cfg = config.validate()
         self.rank, self.world, self.device = setup_distributed(config.device)
         self.is_main = self.rank == 0
         self.train_set, self.val_set = train_set, val_set
         if len(train_set) < self.world * config.batch_size:
             raise ValueError(f"training set has {len(train_set)} frames, fewer than one batch on each of {self.world} processes")
+        try:
+            train_set[0]  # skips bad frames; fails only when none is readable, which a loader worker says less clearly
+        except BadSampleError as exc:
+            raise ValueError(f"no training frame is readable: {exc}") from exc
         self.out_dir = Path(config.out_dir)
+        self.replaces = list(replaces or [])
+        self.claimed = False  # whether this run's train_config.yaml and first checkpoint are written
         seed_everything(config.seed)
         if config.deterministic:
             use_deterministic_algorithms(self.device)
@@ -294,7 +302,19 @@ class Trainer:
         path = self.out_dir / name
         if self.is_main:
             save_checkpoint(path, self.state_dict())
+            self._claim_out_dir(path)
         return path
+
+    def _claim_out_dir(self, written: Path) -> None:
+        """After this run's first checkpoint (``written``): its train_config.yaml, and the earlier run's other
+        files gone. Until then a run that fails to start leaves that run whole."""
+        if self.claimed:
+            return
+        self.cfg.save(self.out_dir / "train_config.yaml")
+        for path in self.replaces:
+            if path.name not in (written.name, "train_config.yaml"):
+                path.unlink(missing_ok=True)
+        self.claimed = True
 
     def save_final(self) -> Path:
         """Model-only checkpoint (config + weights) that models.checkpoint.load_model, export and the node read."""
@@ -302,6 +322,7 @@ class Trainer:
         if self.is_main:
             save_model(path, self.student, self.model_cfg, step=self.step, steps_before=self.steps_before,
                        train_config=self.cfg.to_dict())
+            self._claim_out_dir(path)
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -451,7 +472,6 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if self.is_main:
-            self.cfg.save(self.out_dir / "train_config.yaml")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out_dir / "tb"))
         end = min(self.total_steps, stop_at_step) if stop_at_step is not None else self.total_steps
@@ -485,20 +505,27 @@ class Trainer:
         samples_per_step = self.cfg.batch_size * self.world
         batches = iter(self._loader())
         tick = time.perf_counter()
-        while self.step < end:
-            values = self.train_step(next(batches))
-            self._advance_position()
-            now = time.perf_counter()
-            self.step_seconds.append(now - tick)
-            rate = samples_per_step / max(1e-9, now - tick)
-            tick = now
-            self._log(values, rate, bar)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
-                self.evaluate_and_keep_best()
-            if self.step % self.cfg.ckpt_every == 0 and self.step < end:
-                self.save("last.pt")
-            if self._should_stop(started, budget_s, stop):
-                break
+        try:
+            while self.step < end:
+                values = self.train_step(next(batches))
+                self._advance_position()
+                now = time.perf_counter()
+                self.step_seconds.append(now - tick)
+                rate = samples_per_step / max(1e-9, now - tick)
+                tick = now
+                self._log(values, rate, bar)
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate_and_keep_best()
+                if self.step % self.cfg.ckpt_every == 0 and self.step < end:
+                    self.save("last.pt")
+                if self._should_stop(started, budget_s, stop):
+                    break
+        finally:
+            # now, not when the iterator is collected: an exception's traceback keeps it alive, and at exit
+            # multiprocessing would wait for workers that ignore its first SIGTERM (interrupt.ignore_interrupts)
+            shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
+            if shutdown is not None:
+                shutdown()
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
         if not self.is_main:
