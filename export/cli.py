@@ -66,15 +66,21 @@ def main(argv: list[str] | None = None) -> int:
             report = check_model(args.onnx, allow_newer=not args.strict_jetpack)
             print(report.summary())
             return 0 if report.ok else 1
+        from models.checkpoint import check_output_file
+
+        from .sidecar import sidecar_path
         from .trt_build import build_engine
 
+        for path in (args.out, sidecar_path(args.out)):
+            check_output_file(path, "--out" if path == args.out else "output", {"--onnx": args.onnx,
+                                                                              "--timing-cache": args.timing_cache})
         strongly = {"auto": None, "yes": True, "no": False}[args.strongly_typed]
         side = build_engine(args.onnx, args.out, fp16=args.fp16, workspace_mb=args.workspace_mb,
                             timing_cache=args.timing_cache, strongly_typed=strongly, verbose=args.verbose)
         print(f"wrote {args.out} (+ .json): TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "
               f"{side['precision']}")
         return 0
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:  # OSError: a full disk, a read-only folder
         print(f"discene-export {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - e.g. protobuf's DecodeError for a file that is not ONNX

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 
+from models.checkpoint import check_output_file
 from models.classes import CLASS_NAMES
 from models.config import ModelConfig, load_config
 from models.geometry import place_grid
@@ -32,7 +33,13 @@ from models.sampling import set_sampling_impl
 
 from .backends.base import input_names, input_shapes, output_shapes
 from .op_check import TRT_OPS_VERSION, check_model
-from .sidecar import atomic_write_bytes, sha256_file, sha256_state_dict, write_sidecar
+from .sidecar import (
+    atomic_write_bytes,
+    sha256_file,
+    sha256_state_dict,
+    sidecar_path,
+    write_sidecar,
+)
 from .wrapper import ExportWrapper
 
 # torch 2.5 added ``dynamo`` (and 2.9 made it the default); before 2.5 the TorchScript exporter is the only one
@@ -197,6 +204,8 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
     models/sampling.py). The parity check compares with eager torch in the default grid_sample form.
     """
     out = Path(out)
+    for path in export_outputs(out, fp16):
+        check_output_file(path, "--out" if path == out else "output", {"--checkpoint": checkpoint})
     model, cfg = load_for_export(config, checkpoint)
     export_model = model
     if sampling != "grid_sample":
@@ -206,18 +215,55 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
     frame = example_frame(cfg)
     tmp = out.with_name(f".{out.name}.partial")
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # the graph stays in tmp until its sidecar is written: both are replaced, or neither
         _export_graph(wrapper, frame, cfg, tmp, opset)
         onnx.checker.check_model(str(tmp), full_check=True)
         simplified = _simplify(tmp) if simplify else False
-        tmp.replace(out)
+        sidecar = _sidecar(tmp, cfg, model, checkpoint, opset, simplified, sampling)
+        if parity:
+            sidecar["parity"] = measure_parity(tmp, model, cfg, frame)
+        _publish(tmp, out, sidecar)
     finally:
         tmp.unlink(missing_ok=True)
-    report = check_model(out)
+    if fp16:
+        export_fp16_companion(out, sidecar, model, cfg, frame, parity)
+    return sidecar
+
+
+def fp16_path(out: Path) -> Path:
+    """``model.onnx`` -> ``model.fp16.onnx``, the FP16 companion's path."""
+    return out.with_name(out.stem + ".fp16.onnx")
+
+
+def export_outputs(out: Path, fp16: bool) -> list[Path]:
+    """Every file an export to ``out`` writes: the ONNX and its sidecar, with ``fp16`` the companion's two."""
+    paths = [out, sidecar_path(out)]
+    return paths + [fp16_path(out), sidecar_path(fp16_path(out))] if fp16 else paths
+
+
+def _publish(tmp: Path, out: Path, sidecar: dict[str, Any]) -> None:
+    """Move the graph in ``tmp`` to ``out`` with its sidecar; on failure the previous pair (if any) stays."""
+    side = sidecar_path(out)
+    previous = side.read_bytes() if side.is_file() else None
+    write_sidecar(out, sidecar)
+    try:
+        tmp.replace(out)
+    except OSError:
+        if previous is None:
+            side.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(side, previous)
+        raise
+
+
+def _sidecar(onnx_file: Path, cfg: ModelConfig, model: torch.nn.Module, checkpoint: str | Path | None,
+             opset: int, simplified: bool, sampling: str) -> dict[str, Any]:
+    """The sidecar of the graph in ``onnx_file`` (not yet at its published path), parity not yet measured."""
+    report = check_model(onnx_file)
     if report.issues:
         log.warning("ops TensorRT %s would reject:\n%s", TRT_OPS_VERSION, report.summary())
     ins, outs = _io_spec(cfg)
-    sidecar: dict[str, Any] = {
+    return {
         "format": "discene-onnx/1",
         "config": cfg.to_dict(),
         "config_name": cfg.name,
@@ -232,7 +278,7 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
         "checkpoint": None if checkpoint is None else Path(checkpoint).name,
         "random_weights": checkpoint is None,
         "weights_sha256": sha256_state_dict(model.state_dict()),
-        "onnx_sha256": sha256_file(out),
+        "onnx_sha256": sha256_file(onnx_file),
         "simplified": simplified,
         "sampling": sampling,
         "inputs": ins,
@@ -242,12 +288,6 @@ def export_onnx(config: str | ModelConfig | None, out: str | Path, checkpoint: s
         "trt_op_issues": [i.to_dict() for i in report.issues],
         "op_counts": {op: n for (_, op), n in sorted(report.ops.items())},
     }
-    if parity:
-        sidecar["parity"] = measure_parity(out, model, cfg, frame)
-    write_sidecar(out, sidecar)
-    if fp16:
-        export_fp16_companion(out, sidecar, model, cfg, frame, parity)
-    return sidecar
 
 
 def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Module, cfg: ModelConfig,
@@ -257,7 +297,7 @@ def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Mo
 
     # sampling-location arithmetic kept FP32: measured on the shipped lite and the sample dataset
     # (4 frames), occupied-voxel label agreement with FP32 96.5 % instead of 95.3 %
-    path = convert_file_to_fp16(out, out.with_name(out.stem + ".fp16.onnx"), keep_geometry=True)
+    path = convert_file_to_fp16(out, fp16_path(out), keep_geometry=True)
     side = dict(sidecar, precision="fp16", fp32_ops=sorted(KEEP_FP32_OPS), fp32_geometry=True, source_onnx=out.name,
                 onnx_sha256=sha256_file(path), simplified=False)
     report = check_model(path)

@@ -233,10 +233,15 @@ def check_model(model: onnx.ModelProto | str | Path, allow_newer: bool = True) -
     """List the ops of ``model`` and flag those TensorRT's ONNX parser would reject.
 
     ``allow_newer=False`` checks against TensorRT 10.3 (JetPack 6.2): ops and Einsum forms added later
-    and opsets above 20 are flagged too.
+    and opsets above 20 are flagged too. ValueError for a model without a graph (an empty or truncated file).
     """
+    name = "the ONNX model"
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+        name = str(model)
+        model = onnx.load(name)
+    if not model.graph.node:
+        size = f"{Path(name).stat().st_size} bytes" if Path(name).is_file() else "a ModelProto"
+        raise ValueError(f"{name} holds no ONNX graph ({size}, no nodes): an empty or truncated file, or not a model")
     opset = _default_opset(model)
     consts, ranks = _constant_values(model), _ranks(model)
     ops: dict[tuple[str, str], int] = {}

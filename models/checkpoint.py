@@ -37,6 +37,29 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def check_output_file(path: str | Path, what: str, inputs: dict[str, str | Path | None] | None = None) -> None:
+    """ValueError, before any work, when file ``path`` (described as ``what``, e.g. ``--out``) cannot be written:
+    it is a folder, a parent is a file or the nearest existing folder takes no new file; or it is the same file as
+    one of ``inputs`` (flag -> path), which writing it would destroy. A missing parent folder is fine (created)."""
+    path = Path(path)
+    for flag, source in (inputs or {}).items():
+        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise ValueError(f"{what} {path} is the input {flag} {source}: writing it would destroy that file; "
+                             "choose another output path")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+    try:  # a real probe: os.access says yes to root for read-only places such as /proc
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write {what} {path}: folder {folder} is not writable ({exc.strerror})") from exc
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` with torch.save atomically (see atomic_write)."""
     atomic_write(path, lambda f: torch.save(payload, f))

@@ -347,3 +347,46 @@ def test_tf32_modes_set_the_convolution_and_matmul_flags_in_every_forward(
     assert seen and all(s == expected for s in seen), seen
     assert _flags()[1:] == (not expected[0], not expected[1])
     assert backend.fp32_math == math
+
+
+def _constant_onnx(path, config, image_hw=None, num_classes=None):
+    """A graph with the export's input and output names whose outputs are constants, at ``config``'s shapes
+    unless ``image_hw`` / ``num_classes`` say otherwise; returns its sha256."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.sidecar import sha256_file
+
+    h, w = image_hw or config.image_size
+    shapes = output_shapes(config)
+    scores = (*shapes["scores"][:-1], num_classes or config.num_classes)
+    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.zeros(shape, np.float32)))
+             for name, shape in (("points", shapes["points"]), ("scores", scores))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, h, w]),
+                                           helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
+                              [helper.make_tensor_value_info("points", TensorProto.FLOAT, list(shapes["points"])),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(scores))])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return sha256_file(path)
+
+
+@pytest.mark.parametrize("graph, says", [({"image_hw": (96, 128)}, r"'image' is \[1, 3, 96, 128\] in the graph but "
+                                                                     r"\[1, 3, 192, 256\]"),
+                                         ({"num_classes": 5}, r"'scores' is \[1, .*, 5\] in the graph but .*, 11\]")])
+def test_onnx_whose_sidecar_config_disagrees_with_the_graph_is_refused_at_load(tmp_path, lite_config, graph, says):
+    path = tmp_path / "m.onnx"
+    sha = _constant_onnx(path, lite_config, **graph)
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
+    with pytest.raises(ValueError, match=f"m.onnx: {says} for config 'lite' from its sidecar m.onnx.json"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+
+
+def test_onnx_replaced_without_its_sidecar_is_refused(tmp_path, lite_config):
+    path = tmp_path / "m.onnx"
+    sha = _constant_onnx(path, lite_config)
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
+    backend = create_backend("onnxruntime", path, providers=["cpu"])  # the pair as exported: loads and runs
+    assert backend.infer(_frame(lite_config))["scores"].shape == output_shapes(lite_config)["scores"]
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="m.onnx is not the ONNX its sidecar m.onnx.json describes.*re-export"):
+        create_backend("onnxruntime", path, providers=["cpu"])

@@ -83,6 +83,36 @@ def test_cli_writes_dataset(tmp_path):
     assert synth_main(["--out", str(tmp_path / "e"), "--workers", "0"]) == 2
 
 
+
+def test_cli_refuses_existing_dataset_unless_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "d")
+    small = ["--width", "48", "--height", "32", "--seed", "1"]
+    assert synth_main(["--out", out, "--scenes", "2", "--frames-per-scene", "2", *small]) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert synth_main(["--out", out, "--scenes", "1", "--frames-per-scene", "1", *small]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not empty" in err and "--overwrite" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()} == before  # untouched
+    # --overwrite replaces it whole: no frame of the old dataset is left on disk, listed or not
+    assert synth_main(["--out", out, "--scenes", "1", "--frames-per-scene", "1", "--overwrite", *small]) == 0
+    assert sorted(p.name for p in (tmp_path / "d/gathered_data").rglob("*.pkl")) == ["00000.pkl"]
+    assert not (tmp_path / "d/posed_images/scene0001_00").exists()
+    # a folder that holds something else is never emptied, --overwrite or not
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/notes.txt").write_text("keep")
+    assert synth_main(["--out", str(tmp_path / "other"), "--overwrite", *small]) == 2
+    assert "no discene-synth dataset" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
+def test_cli_size_and_seed_errors_name_the_flag(tmp_path, capsys):
+    assert synth_main(["--out", str(tmp_path / "e"), "--width", "100000"]) == 2
+    assert "--width" in capsys.readouterr().err
+    assert synth_main(["--out", str(tmp_path / "e"), "--seed", "-5"]) == 2
+    assert "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
 def test_loader_outputs(dataset_root):
     cfg = lite()
     ds = OccScanNetDataset(dataset_root, "train", config=cfg, return_rgb=True)

@@ -242,3 +242,43 @@ def test_compare_backends_counts_label_disagreement(exported):
     assert diff["occupied_voxels_other"] == sum(int((b > 0).sum()) for _, b in pairs)
     with pytest.raises(ValueError, match="needs a CUDA device"):  # torch FP16 is offered on CUDA only
         torch_variant_agreement(ref.wrapper.model, config, frames, "test", "fp16", device="cpu")
+
+
+def test_cli_export_checks_output_paths_first(exported, tmp_path, capsys):
+    """A bad --out is named as the output, before the checkpoint is read; an input is never overwritten."""
+    ckpt = tmp_path / "victim.pt"
+    ckpt.write_bytes(exported["ckpt"].read_bytes())
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "m.onnx.json").mkdir()  # the sidecar's path is taken by a folder
+    for out, says in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "m.onnx", "is a file, not a folder"),
+                      (tmp_path / "side" / "m.onnx", "m.onnx.json is a folder"),
+                      (ckpt, "is the input --checkpoint")):
+        rc = cli_main(["onnx", "--checkpoint", str(ckpt), "--out", str(out), "--no-parity"])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and "cannot read" not in err and "Traceback" not in err, (out, err)
+    assert ckpt.read_bytes() == exported["ckpt"].read_bytes()
+    assert not (tmp_path / "side" / "m.onnx").exists()  # no ONNX without its sidecar
+    onnx_in = tmp_path / "in.onnx"
+    onnx_in.write_bytes(b"onnx")
+    assert cli_main(["trt", "--onnx", str(onnx_in), "--out", str(onnx_in)]) == 2
+    assert "is the input --onnx" in capsys.readouterr().err and onnx_in.read_bytes() == b"onnx"
+
+
+def test_export_replaces_onnx_and_sidecar_together(exported, tmp_path, monkeypatch):
+    """A sidecar that cannot be written leaves the previous export's pair as it was (no new ONNX beside it)."""
+    import export.onnx_export as onnx_export
+
+    out = tmp_path / "m.onnx"
+    out.write_bytes(exported["onnx"].read_bytes())
+    side = tmp_path / "m.onnx.json"
+    side.write_bytes(b'{"old": true}\n')
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_export, "write_sidecar", disk_full)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert cli_main(["onnx", "--config", "lite", "--out", str(out), "--no-parity"]) == 2
+    assert out.read_bytes() == exported["onnx"].read_bytes() and side.read_bytes() == b'{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no partial file left

@@ -69,6 +69,21 @@ def test_topk_k_limit_and_scatternd_reduction_and_uint8():
     assert "UINT8" in check_model(u8).issues[0].reason
 
 
+def test_empty_or_graphless_model_is_an_error_naming_the_file(tmp_path, capsys):
+    from export.cli import main as cli_main
+
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    graphless = tmp_path / "graphless.onnx"
+    graphless.write_bytes(_model([], [], []).SerializeToString())
+    for path in (empty, graphless):
+        with pytest.raises(ValueError, match="no ONNX graph"):
+            check_model(path)
+        assert cli_main(["check", "--onnx", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and "no ONNX graph" in err and "Traceback" not in err
+
+
 def test_opset_outside_tensorrt_range_is_flagged():
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=8)
     assert check_model(m).unsupported_ops == ["<opset>"]

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.checkpoint import load_model
+from export.backends.torch_backend import resolve_device
+from models.checkpoint import atomic_write, check_output_file, load_model
 from models.classes import CLASS_NAMES
 from models.config import ModelConfig
 from models.postprocess import labels_batch
@@ -21,6 +22,7 @@ from .distributed import autocast_dtype
 from .interrupt import ignore_interrupts
 from .metrics import SSCMetrics
 from .occscannet import BadSampleError, OccScanNetDataset
+from .scene_format import SPLIT_FILES
 
 SKIPPED_SHOWN = 20  # unreadable frames named in the result (all are counted)
 
@@ -109,24 +111,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="Occ-ScanNet-format dataset root")
     parser.add_argument("--split", default="val",
                         help="split to evaluate: 'train', 'val' (list files under the root) or a list-file path")
-    parser.add_argument("--max-frames", type=int, default=None, help="evaluate only the first N frames of the split")
+    parser.add_argument("--max-frames", type=int, default=None,
+                        help="evaluate only the first N frames of the split (N >= 1; default: all)")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="occupancy score threshold (default: the checkpoint config's); short runs whose scores "
                              "stay below the default need a lower one, as in discene-replay")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda[:N] or auto (CUDA when present)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
+    parser.add_argument("--json", default=None,
+                        help="write the metrics to this JSON file (its folder is created when missing)")
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
+        try:
+            device = resolve_device(args.device)
+        except (RuntimeError, ValueError) as exc:  # RuntimeError: torch's for a malformed device string
+            raise ValueError(f"--device: {exc}") from exc
         model, cfg = load_model(args.checkpoint, map_location="cpu")
         if args.score_threshold is not None:
             if not 0.0 <= args.score_threshold < 1.0:
                 raise ValueError(f"--score-threshold must be in [0, 1), got {args.score_threshold}")
             cfg.score_threshold = float(args.score_threshold)
         dataset = build_dataset(args.data, args.split, cfg, args.max_frames)
-        result = evaluate_model(model.to(args.device), dataset, cfg, args.device, args.batch_size, args.workers, args.amp)
+        result = evaluate_model(model.to(device), dataset, cfg, device, args.batch_size, args.workers, args.amp)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"discene-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -139,8 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     if per_class is not None:
         print("  " + "  ".join(f"{n} {100 * float(v):.1f}" for n, v in zip(CLASS_NAMES[1:], list(per_class)[1:], strict=False)))
     if args.json:
-        Path(args.json).write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+        text = json.dumps(_jsonable(result), indent=1) + "\n"
+        try:
+            atomic_write(args.json, lambda f: f.write(text.encode()))
+        except OSError as exc:  # a full disk: the checks above ran before the evaluation
+            print(f"discene-eval: error: cannot write --json {args.json}: {exc}", file=sys.stderr)
+            return 2
     return 0
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ValueError for arguments that would fail or mislead only after the evaluation: ``--max-frames``
+    below 1, and a ``--json`` path that cannot be written or is one of the inputs."""
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be at least 1 (leave it out to evaluate all frames), got {args.max_frames}")
+    if args.json:
+        split_list = Path(args.data) / SPLIT_FILES[args.split] if args.split in SPLIT_FILES else Path(args.split)
+        check_output_file(args.json, "--json", {"--checkpoint": args.checkpoint, "--split": split_list})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -23,14 +24,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.checkpoint import atomic_write
 from models.geometry import place_grid
 
-from .scene_format import DEPTH_SCALE, SPLIT_FILES, downsample_labels, sample_paths, split_line, to_stored, write_pickle
+from .scene_format import (
+    DEPTH_SCALE,
+    GATHERED,
+    IMAGES,
+    SPLIT_FILES,
+    downsample_labels,
+    sample_paths,
+    split_line,
+    to_stored,
+    write_pickle,
+)
 from .scene_layout import Room, build_room
 from .synth_render import render_rgbd, voxelize
 
 MIN_KNOWN_FRACTION = 0.35   # a frame's grid must be at least this much inside the room
 MIN_OBJECT_VOXELS = 40      # and hold this many voxels of furniture classes (labels 5..11)
+MAX_IMAGE_SIDE = 4096       # rendering takes ~170 bytes per pixel: 4096x4096 is ~3 GB
+META_FILE = "synth_meta.json"
 
 
 def default_intrinsic(width: int, height: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -163,21 +177,30 @@ def split_scenes(n_scenes: int, val_fraction: float) -> tuple[list[int], list[in
 
 def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0, width: int = 640,
              height: int = 480, val_fraction: float = 0.2, workers: int = 1, jpeg_quality: int = 90,
-             progress: bool = True) -> dict[str, list[str]]:
-    """Write a synthetic Occ-ScanNet-format dataset under ``out``; returns {split: sample ids}."""
+             progress: bool = True, overwrite: bool = False) -> dict[str, list[str]]:
+    """Write a synthetic Occ-ScanNet-format dataset under ``out``; returns {split: sample ids}.
+
+    ``out`` must be absent or empty; with ``overwrite`` it may hold an earlier discene-synth dataset, whose
+    files are deleted first (see ``remove_dataset``). ValueError for bad arguments and any other folder.
+    """
     if scenes < 1 or frames_per_scene < 1:
         raise ValueError(f"need at least one scene and one frame, got scenes={scenes}, frames={frames_per_scene}")
     if width < 32 or height < 32:
-        raise ValueError(f"image size {width}x{height} is too small (minimum 32x32)")
+        raise ValueError(f"image size {width}x{height} is too small (--width and --height at least 32)")
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise ValueError(f"image size {width}x{height} is too large (--width and --height at most {MAX_IMAGE_SIDE})")
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg quality must be 1..100, got {jpeg_quality}")
+    root = Path(out)
+    prepare_output(root, overwrite)
     from tqdm import tqdm
 
-    root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), seed, i, frames_per_scene, width, height, jpeg_quality) for i in range(scenes)]
     bar = tqdm(total=scenes * frames_per_scene, unit="frame", desc="discene-synth", disable=not progress)
@@ -194,12 +217,52 @@ def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0,
     train, val = split_scenes(scenes, val_fraction)
     splits = {"train": [s for i in train for s in ids_per_scene[i]], "val": [s for i in val for s in ids_per_scene[i]]}
     for split, ids in splits.items():
-        (root / SPLIT_FILES[split]).write_text("".join(split_line(s) + "\n" for s in ids))
+        _write_text(root / SPLIT_FILES[split], "".join(split_line(s) + "\n" for s in ids))
     meta = {"generator": "discene-synth", "seed": seed, "scenes": scenes, "frames_per_scene": frames_per_scene,
             "width": width, "height": height, "target_layout": "yxz", "train": len(splits["train"]),
             "val": len(splits["val"])}
-    (root / "synth_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    _write_text(root / META_FILE, json.dumps(meta, indent=1) + "\n")  # last: marks the dataset complete
     return splits
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def prepare_output(root: Path, overwrite: bool) -> None:
+    """Check that ``root`` may receive a new dataset: absent, an empty folder, or (``overwrite``) an earlier
+    discene-synth dataset, which is then removed. ValueError otherwise, before anything is written."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root} is a file, not a folder")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    entries = ", ".join(sorted(p.name for p in root.iterdir())[:5])
+    if not overwrite:
+        raise ValueError(f"--out {root} is not empty (holds {entries}); choose a new folder, or --overwrite to "
+                         "replace the discene-synth dataset there")
+    remove_dataset(root)
+
+
+def remove_dataset(root: Path) -> None:
+    """Delete the files of the discene-synth dataset in ``root`` (per its synth_meta.json: split lists, meta,
+    the scene folders it wrote), leaving anything else; ValueError if ``root`` holds no such dataset."""
+    meta_path = root / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        scenes = int(meta["scenes"]) if meta.get("generator") == "discene-synth" else None
+    except (OSError, ValueError, TypeError, KeyError):
+        scenes = None
+    if scenes is None:
+        raise ValueError(f"--overwrite: {root} holds no discene-synth dataset (no readable {META_FILE}); "
+                         "only such a dataset is replaced: remove the folder's contents yourself or choose another --out")
+    for i in range(scenes):
+        for folder in (GATHERED, IMAGES):
+            shutil.rmtree(root / folder / scene_name(i), ignore_errors=True)
+    for name in (*SPLIT_FILES.values(), META_FILE):
+        (root / name).unlink(missing_ok=True)
+    for folder in (GATHERED, IMAGES):
+        if (root / folder).is_dir() and not any((root / folder).iterdir()):
+            (root / folder).rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.2, help="fraction of scenes in val_subscenes.txt")
     parser.add_argument("--workers", type=int, default=1, help="processes (scenes are split across them)")
     parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the discene-synth dataset already in --out (its files are deleted first)")
     args = parser.parse_args(argv)
     try:
         splits = generate(args.out, args.scenes, args.frames_per_scene, args.seed, args.width, args.height,
-                          args.val_fraction, args.workers, args.jpeg_quality)
+                          args.val_fraction, args.workers, args.jpeg_quality, overwrite=args.overwrite)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"discene-synth: error: {exc}", file=sys.stderr)
         return 2

@@ -38,16 +38,24 @@ def _check_model_kind(key: str, path: Path) -> None:
                      f"{_BACKENDS_FOR[kind]}, or {instead}")
 
 
-def _onnx_config(path: Path, config: ModelConfig | None) -> ModelConfig:
+def _onnx_config(path: Path, config: ModelConfig | None) -> tuple[ModelConfig, str]:
+    """(the config to run ``path`` with, where it came from): ``config``, else the one in its sidecar, which
+    must describe this very file (its ``onnx_sha256``: an ONNX replaced without its sidecar is refused)."""
     if config is not None:
-        return config
-    from ..sidecar import read_sidecar
+        return config, "the given config"
+    from ..sidecar import read_sidecar, sha256_file, sidecar_path
 
     sidecar = read_sidecar(path)
+    side = sidecar_path(path)
     if not sidecar or "config" not in sidecar:
-        raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
+        raise ValueError(f"no model config for {path}: its sidecar {side.name} is missing or has no 'config'; "
                          f"pass config=... or re-export with discene-export onnx")
-    return ModelConfig.from_dict(sidecar["config"])
+    recorded = sidecar.get("onnx_sha256")
+    if recorded and path.is_file() and (actual := sha256_file(path)) != recorded:
+        raise ValueError(f"{path} is not the ONNX its sidecar {side.name} describes (sha256 {actual[:12]}..., the "
+                         f"sidecar records {recorded[:12]}...): the model was replaced without its sidecar; "
+                         "re-export both with discene-export onnx")
+    return ModelConfig.from_dict(sidecar["config"]), f"its sidecar {side.name}"
 
 
 def create_backend(name: str, model_path: str | Path | None, config: ModelConfig | None = None,
@@ -85,7 +93,8 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
     if key == "onnxruntime":
         from .ort_backend import OrtBackend
 
-        return OrtBackend(path, _onnx_config(path, config), providers=providers, fp16=fp16)
+        onnx_config, source = _onnx_config(path, config)
+        return OrtBackend(path, onnx_config, providers=providers, fp16=fp16, config_source=source)
     from .trt_backend import TensorRTBackend
 
     if path.suffix == ".onnx":

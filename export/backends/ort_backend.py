@@ -13,7 +13,7 @@ import numpy as np
 
 from models.config import ModelConfig
 
-from .base import Backend, input_feed, require
+from .base import Backend, input_feed, input_shapes, output_shapes, require
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,32 @@ def select_providers(requested: list[str] | tuple[str, ...] | None, available: l
     return chosen
 
 
+def check_graph_shapes(onnx_path: Path, session: Any, config: ModelConfig, config_source: str) -> None:
+    """ValueError, at load, when the graph's inputs or static input/output shapes are not those ``config``
+    (image_size, num_classes, use_depth, decoder sizes) gives: else every frame would fail."""
+    graph = {v.name: tuple(v.shape) for v in [*session.get_inputs(), *session.get_outputs()]}
+    wanted = {**input_shapes(config), **output_shapes(config)}
+    h, w = config.image_size
+    described = (f"config '{config.name}' from {config_source} (image_size {h}x{w}, num_classes "
+                 f"{config.num_classes}, use_depth {config.use_depth})")
+    inputs = sorted(v.name for v in session.get_inputs())
+    if inputs != sorted(input_shapes(config)):
+        raise ValueError(f"{onnx_path} takes inputs {inputs}, but {described} gives {sorted(input_shapes(config))}")
+    for name, shape in wanted.items():
+        got = graph.get(name)
+        if got is not None and all(isinstance(d, int) for d in got) and got != shape:
+            raise ValueError(f"{onnx_path}: '{name}' is {list(got)} in the graph but {list(shape)} for {described}; "
+                             "the model and its config do not belong together (re-export with discene-export onnx)")
+
+
 class OrtBackend(Backend):
     """Runs ``model.onnx`` in an ``onnxruntime.InferenceSession``; outputs cast to float32."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, config: ModelConfig, providers: list[str] | None = None,
-                 fp16: bool = False, threads: int = 0):
+                 fp16: bool = False, threads: int = 0, config_source: str = "the given config"):
+        """``config_source`` names where ``config`` came from, for the error when the graph disagrees with it."""
         ort = require("onnxruntime", "onnxruntime", "the onnxruntime backend")
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
@@ -69,6 +88,7 @@ class OrtBackend(Backend):
         missing = {"points", "scores"} - set(self._outputs)
         if missing:
             raise ValueError(f"{onnx_path} lacks outputs {sorted(missing)}; was it exported by discene-export?")
+        check_graph_shapes(onnx_path, self.session, config, config_source)
 
     @staticmethod
     def _provider_options(provider: str, onnx_path: Path, fp16: bool) -> dict[str, Any]:
