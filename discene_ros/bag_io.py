@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .camera_pose import TransformNotReadyError
+from .errors import TransformError
 from .msg_decode import quaternion_to_matrix, stamp_to_ns, transform_to_matrix
 from .msg_encode import matrix_to_quaternion
 
@@ -119,34 +120,59 @@ class BagWriter:
         self.count += 1
 
 
+STORAGE_SUFFIXES = (".mcap", ".db3")
+REINDEX_HINT = "`ros2 bag reindex <bag folder>` writes it anew"
+
+
 def open_reader(path: str | Path) -> Any:
     """An opened reader on a ROS 2 bag directory (or a single .mcap / .db3 file).
 
     A rosbags AnyReader normally; an mcap bag that rosbags refuses (truncated: no summary or end magic) is
     read sequentially up to the damage by :class:`McapPrefixReader`, whose ``damage`` says where it stopped.
+    A folder whose metadata.yaml is missing or unreadable (left by a killed ``ros2 bag record``) is read
+    from its one storage file; the reader's ``note`` then says so (``None`` otherwise).
     """
-    from rosbags.highlevel import AnyReader
-
     path = Path(path)
     if not path.exists():
         raise BagError(f"bag {path} does not exist")
-    if path.is_file() and path.suffix in (".mcap", ".db3"):
+    if path.is_file() and path.suffix in STORAGE_SUFFIXES:
         path = path.parent  # rosbag2 bags are directories with metadata.yaml
     try:
-        reader = AnyReader([path], default_typestore=typestore())
-        reader.open()
+        return _any_reader(path, None)
     except Exception as exc:  # rosbags raises several reader errors, plus sqlite/mcap/yaml ones
         reason = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
-        mcaps = sorted(path.glob("*.mcap"))
-        if mcaps:
-            prefix = McapPrefixReader(mcaps, reason)
-            if prefix.messages_found:
-                return prefix
-            reason += f"; sequential reading found no message either ({prefix.damage})"
-        hint = (" (a truncated mcap file can be salvaged with `mcap recover in.mcap -o fixed.mcap`)"
-                if "magic" in reason.lower() else "")
-        raise BagError(f"cannot open bag {path}: {reason}. The bag is truncated or corrupt, or "
-                       "not a ROS 2 bag directory (metadata.yaml + .mcap/.db3)" + hint) from exc
+        open_error = exc
+    files = sorted(f for f in path.iterdir() if f.suffix in STORAGE_SUFFIXES) if path.is_dir() else []
+    metadata = path / "metadata.yaml"
+    if len(files) == 1:  # the metadata may be what failed: read the storage file alone
+        problem = "is missing" if not metadata.exists() else f"cannot be read ({reason})"
+        note = (f"{metadata} {problem}, so the bag was read from its storage file {files[0].name} alone "
+                f"(topics and types from the file; {REINDEX_HINT})")
+        try:
+            return _any_reader(files[0], note)
+        except Exception as exc:  # the storage file is damaged too: sequential reading below
+            reason = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+    elif files and not metadata.exists():
+        reason += f" ({len(files)} storage files and no metadata.yaml: {REINDEX_HINT})"
+    mcaps = [f for f in files if f.suffix == ".mcap"]
+    if mcaps:
+        prefix = McapPrefixReader(mcaps, reason)
+        if prefix.messages_found:
+            return prefix
+        reason += f"; sequential reading found no message either ({prefix.damage})"
+    hint = (" (a truncated mcap file can be salvaged with `mcap recover in.mcap -o fixed.mcap`)"
+            if "magic" in reason.lower() else "")
+    raise BagError(f"cannot open bag {path}: {reason}. The bag is truncated or corrupt, or "
+                   "not a ROS 2 bag directory (metadata.yaml + .mcap/.db3)" + hint) from open_error
+
+
+def _any_reader(path: Path, note: str | None) -> Any:
+    """A rosbags AnyReader on ``path`` (a bag directory or one storage file), opened, with ``note`` set."""
+    from rosbags.highlevel import AnyReader
+
+    reader = AnyReader([path], default_typestore=typestore())
+    reader.open()
+    reader.note = note
     return reader
 
 
@@ -257,6 +283,7 @@ class McapPrefixReader:
         self._schemas: dict[tuple[int, int], str] = {}
         self._conns: dict[tuple[int, int], PrefixConnection] = {}
         self.damage: str | None = None
+        self.note: str | None = None  # as open_reader's AnyReader: nothing to add to the damage
         self.messages_found = 0
         for _ in self._scan(count=True):
             pass
@@ -411,18 +438,32 @@ class TfTree:
 
     ``lookup(target, source, stamp_ns)`` mirrors tf2: None when no chain of links joins the frames
     (the transform does not exist), TransformNotReadyError when it exists but a moving link has no
-    transforms on both sides of the stamp (tf2's extrapolation), else the interpolated 4x4.
+    transforms on both sides of the stamp (tf2's extrapolation), else the interpolated 4x4. A chain
+    that exists only through links whose every transform was invalid is a TransformError naming the
+    link: the transform is in the bag but unusable, which is not the same as absent (no fallback pose).
     """
 
     def __init__(self, history: int = 1000) -> None:
         self._static: dict[tuple[str, str], np.ndarray] = {}   # (parent, child) -> child->parent 4x4
         self._dynamic: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}  # sorted by stamp
+        self._invalid: dict[tuple[str, str], str] = {}  # (parent, child) -> what was wrong with its last transform
         self.history = history
 
     def add_message(self, msg: Any, static: bool = False) -> None:
+        """Add every valid transform of a TFMessage; TransformError (after adding the others) for the
+        first invalid one, naming its link."""
+        first: TransformError | None = None
         for tf in msg.transforms:
-            self.add(tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/"), transform_to_matrix(tf),
-                     None if static else stamp_to_ns(tf.header.stamp))
+            parent, child = tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/")
+            try:
+                matrix = transform_to_matrix(tf)
+            except TransformError as exc:
+                self._invalid[(parent, child)] = str(exc)
+                first = first or TransformError(f"TF {parent} -> {child} in the bag is invalid: {exc}")
+                continue
+            self.add(parent, child, matrix, None if static else stamp_to_ns(tf.header.stamp))
+        if first is not None:
+            raise first
 
     def add(self, parent: str, child: str, child_to_parent: np.ndarray, stamp_ns: int | None = None) -> None:
         """A link; ``stamp_ns`` None = static (valid at every time)."""
@@ -451,10 +492,12 @@ class TfTree:
         (t0, m0), (t1, m1) = samples[i - 1], samples[i]
         return interpolate_transform(m0, m1, (stamp_ns - t0) / (t1 - t0))
 
-    def _path(self, target: str, source: str) -> list[tuple[tuple[str, str], bool]] | None:
-        """Links from ``source`` to ``target`` as ((parent, child), inverted) or None when not connected."""
+    def _path(self, target: str, source: str,
+              invalid: bool = False) -> list[tuple[tuple[str, str], bool]] | None:
+        """Links from ``source`` to ``target`` as ((parent, child), inverted) or None when not connected;
+        ``invalid``: the links with only invalid transforms count too."""
         graph: dict[str, list[tuple[str, tuple[str, str], bool]]] = {}
-        for parent, child in list(self._static) + list(self._dynamic):
+        for parent, child in list(self._static) + list(self._dynamic) + (list(self._invalid) if invalid else []):
             graph.setdefault(child, []).append((parent, (parent, child), False))
             graph.setdefault(parent, []).append((child, (parent, child), True))
         prev: dict[str, tuple[str, tuple[str, str], bool]] = {}
@@ -482,12 +525,25 @@ class TfTree:
             return np.eye(4)
         path = self._path(target, source)
         if path is None:
+            self._check_invalid(target, source)
             return None
         out = np.eye(4)
         for key, inverted in path:
             m = self._link_at(key, stamp_ns)
             out = (np.linalg.inv(m) if inverted else m) @ out
         return out
+
+    def _check_invalid(self, target: str, source: str) -> None:
+        """TransformError when ``target`` and ``source`` are joined only through links whose transforms
+        were all invalid (the bag has the transform, unusable); nothing when they are not joined at all."""
+        if not self._invalid:
+            return
+        path = self._path(target, source, invalid=True)
+        bad = [key for key, _ in path or [] if key not in self._static and key not in self._dynamic]
+        if bad:
+            parent, child = bad[0]
+            raise TransformError(f"TF {target} -> {source} is in the bag but invalid: every transform "
+                                 f"{parent} -> {child} so far was ({self._invalid[bad[0]]})")
 
 
 def interpolate_transform(m0: np.ndarray, m1: np.ndarray, t: float) -> np.ndarray:

@@ -8,6 +8,8 @@ stamps ``--start`` + i / ``--rate``. A dev-machine tool: it reads the dataset wi
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,7 +95,9 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
                    compressed: bool = False, rate_hz: float = 5.0, start_s: float = 1_700_000_000.0,
                    max_frames: int | None = None, resize_hw: tuple[int, int] | None = None,
                    jpeg_quality: int = 90, progress: bool = False) -> int:
-    """Convert a dataset to a bag; returns the number of frames written."""
+    """Convert a dataset to a bag; returns the number of frames written (at least 1: a dataset without a
+    readable sample is a ValueError). A conversion that fails before writing a frame removes the bag folder
+    it made."""
     from tqdm import tqdm
 
     from training.occscannet import BadSampleError, OccScanNetDataset
@@ -101,8 +105,12 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {root} does not exist")
-    if rate_hz <= 0:
-        raise ValueError(f"--rate must be positive, got {rate_hz}")
+    if not (math.isfinite(rate_hz) and rate_hz > 0):
+        raise ValueError(f"--rate must be a positive number of Hz, got {rate_hz}")
+    if not math.isfinite(start_s):
+        raise ValueError(f"the start stamp must be a number of seconds, got {start_s}")
+    if resize_hw is not None and min(resize_hw) < 1:
+        raise ValueError(f"--resize must be at least 1x1, got {resize_hw[0]}x{resize_hw[1]}")
     if max_frames is not None and max_frames < 1:  # a negative slice bound would drop frames from the end
         raise ValueError(f"--max-frames must be at least 1, got {max_frames}")
     if not 0 <= jpeg_quality <= 100:
@@ -111,17 +119,25 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
     dataset = _all_split_dataset(root) if split == "all" else OccScanNetDataset(root, split=split)
     factory = TypestoreFactory(bag_io.typestore())
     written = 0
-    with bag_io.BagWriter(out, storage, factory.typestore) as writer:
-        for i, sample_id in enumerate(tqdm(ids, desc="dataset-to-bag", unit="frame", disable=not progress)):
-            stamp = int(round((start_s + i / rate_hz) * 1e9))
-            try:
-                frame = _read_frame(dataset, sample_id, resize_hw)
-            except (BadSampleError, OSError) as exc:
-                print(f"discene-dataset-to-bag: skipping sample {sample_id}: {exc}", file=sys.stderr)
-                continue
-            for topic, msg in frame_messages(factory, frame, stamp, compressed, jpeg_quality).items():
-                writer.write(topic, msg, stamp)
-            written += 1
+    writer = bag_io.BagWriter(out, storage, factory.typestore)  # refuses an existing path: what is there now is ours
+    try:
+        with writer:
+            for i, sample_id in enumerate(tqdm(ids, desc="dataset-to-bag", unit="frame", disable=not progress)):
+                stamp = int(round((start_s + i / rate_hz) * 1e9))
+                try:
+                    frame = _read_frame(dataset, sample_id, resize_hw)
+                except (BadSampleError, OSError) as exc:
+                    print(f"discene-dataset-to-bag: skipping sample {sample_id}: {exc}", file=sys.stderr)
+                    continue
+                for topic, msg in frame_messages(factory, frame, stamp, compressed, jpeg_quality).items():
+                    writer.write(topic, msg, stamp)
+                written += 1
+        if not written:
+            raise ValueError(f"no readable sample among the {len(ids)} of split '{split}' in {root}: no bag written")
+    except BaseException:
+        if not written:  # an empty bag would only make the next try fail with "already exists"
+            shutil.rmtree(writer.path, ignore_errors=True)
+        raise
     return written
 
 
@@ -139,6 +155,8 @@ def _hw(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected HxW like 240x320, got '{text}'") from exc
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive HxW like 240x320, got '{text}'")
     return h, w
 
 

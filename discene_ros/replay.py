@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import atomic_write
+from models.checkpoint import atomic_write, check_output_file
 
 from . import bag_io, msg_decode
 from .camera_pose import orientation_problem, use_fallback
@@ -114,6 +114,7 @@ class ReplaySettings:
 class ReplayResult:
     summary: dict[str, Any]
     renders: list[dict[str, Any]] = field(default_factory=list)
+    report: Path | None = None  # where report.md went (with report=True): see write_outputs
 
 
 # ----------------------------------------------------------------------------- reading the bag
@@ -327,9 +328,11 @@ class Replayer:
         self.fallback_pose_frames = 0
         self.stage_ms: dict[str, list[float]] = {}
         self.internal_errors: list[str] = []
+        self.first_skips: dict[str, str] = {}  # skip reason -> the first such frame's error text
         self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
         self.outbox: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()  # (topic, message, stamp) to write
         self.interrupted = False  # Ctrl-C (or SIGTERM, via main) ended the run early; what was done is kept
+        self.unfinished = 0  # frames in flight when interrupted: FrameStats counts them dropped, replaced they were not
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Queue a processed frame's messages for the output bag (``flush`` writes them); metrics, stage
@@ -373,6 +376,8 @@ class Replayer:
             self.write_error = self.write_error or f"closing the output bag failed ({type(exc).__name__}: {exc})"
 
     def note_skip(self, frame: FrameInput, reason: str, text: str) -> None:
+        """A skipped frame: the first error text of each reason is kept for the summary, every internal one."""
+        self.first_skips.setdefault(reason, f"frame at {frame.stamp_ns} ns: {text}")
         if reason == "internal_error":
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
@@ -399,8 +404,10 @@ class Replayer:
                 self.flush()
                 if max_frames is not None and self.stats.received >= max_frames:
                     break
-        except KeyboardInterrupt:  # the user stops a long drive: keep what is done, drop the frames in flight
+        except KeyboardInterrupt:  # the user stops a long drive: keep what is done, abandon the frames in flight
+            dropped = self.stats.dropped
             loop.close(discard=True)
+            self.unfinished = self.stats.dropped - dropped
             self.flush()
             self.interrupted = True
             return
@@ -414,18 +421,29 @@ class Replayer:
 
 
 OUTPUTS = ("occupancy_bag", "report.md", "renders")  # what a replay owns in its output directory
+FAILED_REPORT = "report.failed.md"  # the report of a run that processed no frame, beside a previous run's outputs
+
+
+def has_outputs(out: Path) -> bool:
+    """True when ``out`` holds a previous run's outputs (any name of :data:`OUTPUTS`)."""
+    return any((out / name).exists() for name in OUTPUTS)
+
+
+def failed_sibling(path: Path) -> Path:
+    """Where a run that processed no frame writes a file whose previous version it keeps: ``x.failed.json``."""
+    return path.with_name(f"{path.stem}.failed{path.suffix}")
 
 
 def publish_outputs(stage: Path, out: Path) -> None:
     """Move a finished run's outputs from ``stage`` into ``out``, replacing all of the previous run's.
 
     Every name of :data:`OUTPUTS` present in ``out`` is moved aside first (also when this run did not
-    make it, e.g. no renders), so report, renders and bag always come from the same run; each step is
-    a rename within one directory.
+    make it, e.g. no renders), so report, renders and bag always come from the same run; so is an
+    older failed run's :data:`FAILED_REPORT`. Each step is a rename within one directory.
     """
     old = Path(tempfile.mkdtemp(prefix=".discene_replay-old-", dir=out))
     try:
-        for name in OUTPUTS:
+        for name in (*OUTPUTS, FAILED_REPORT):
             if (out / name).exists():
                 (out / name).rename(old / name)
         for name in OUTPUTS:
@@ -437,7 +455,13 @@ def publish_outputs(stage: Path, out: Path) -> None:
 
 def write_outputs(out: str | Path, summary: dict[str, Any], renders: list[dict[str, Any]],
                   stage: Path | None = None) -> Path:
-    """Write the report (into ``stage``, which may already hold the output bag) and publish it into ``out``."""
+    """Write the report (into ``stage``, which may already hold the output bag) and publish it into ``out``;
+    returns the report's path.
+
+    A run that processed no frame replaces nothing (a failed run leaves the previous run's outputs as they
+    were): only its report is written, as ``report.md`` where ``out`` holds no previous outputs, else as
+    :data:`FAILED_REPORT` beside them.
+    """
     from .report import write_report
 
     out = Path(out)
@@ -446,11 +470,17 @@ def write_outputs(out: str | Path, summary: dict[str, Any], renders: list[dict[s
     stage = Path(tempfile.mkdtemp(prefix=".discene_replay-", dir=out)) if stage is None else stage
     try:
         write_report(stage, summary, renders)
-        publish_outputs(stage, out)
+        if summary.get("frames"):
+            publish_outputs(stage, out)
+            return out / "report.md"
+        report = out / (FAILED_REPORT if has_outputs(out) else "report.md")
+        if report.name == "report.md":
+            (out / FAILED_REPORT).unlink(missing_ok=True)  # an older failed run's, not this one's
+        (stage / "report.md").replace(report)
+        return report
     finally:
         if own_stage:
             shutil.rmtree(stage, ignore_errors=True)
-    return out / "report.md"
 
 
 def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", settings: ReplaySettings | None = None,
@@ -463,7 +493,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
     with ``summary["error"]`` set (the report covers what was processed); so does Ctrl-C (KeyboardInterrupt
     in the reading loop: ``summary["interrupted"]``). The output bag (and with ``report=True`` the report)
     is written into a temporary folder under ``out`` and moved into place at the end, so a replay killed
-    outright leaves the previous run's outputs as they were.
+    outright leaves the previous run's outputs as they were; so does one that processed no frame (its
+    report, if any, goes where ``write_outputs`` says: ``result.report``).
     """
     from tqdm import tqdm
 
@@ -522,21 +553,25 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap
-        interrupted = (f"interrupted after {rep.stats.received} of {total} colour images; the metrics, report and "
-                       "output bag cover the frames processed before that") if rep.interrupted else None
+        processed = rep.stats.processed > 0  # else the previous run's outputs stay as they were
+        kept = ("the metrics, report and output bag cover the frames processed before that" if processed else
+                "no frame was processed before that")
+        interrupted = (f"interrupted after {rep.stats.received} of {total} colour images; {kept}"
+                       if rep.interrupted else None)
         errors += [e for e in (interrupted, frames.error, damage, rep.write_error) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
-                           out / "occupancy_bag" if writer is not None else None, topic, gt)
+                           out / "occupancy_bag" if writer is not None and processed else None, topic, gt)
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
                        info_topic=info_topic, other_image_topics=other_cameras(reader, topic))
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         summary["camera_orientation_note"] = " ".join(n for n in frames.orientation_notes.values() if n) or None
+        summary["bag_note"] = getattr(reader, "note", None)  # e.g. read without its metadata.yaml
         result = ReplayResult(summary, rep.renders)
         if settings.report:
-            write_outputs(out, summary, rep.renders, stage)
-        else:
+            result.report = write_outputs(out, summary, rep.renders, stage)
+        elif processed:
             publish_outputs(stage, out)
         return result
     finally:
@@ -567,7 +602,8 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         **metrics,
         "evaluated_frames": 0 if evaluator is None else evaluator.frames,
         "unknown_voxels_known": bool(gt) and all(g.has_unknown for g in gt.values()),
-        "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "dropped": snap["dropped"],
+        "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "first_skip_by_reason": dict(rep.first_skips),
+        "dropped": snap["dropped"] - rep.unfinished, "unfinished": rep.unfinished,
         "fallback_pose_frames": rep.fallback_pose_frames, "output_bag": None if out_bag is None else str(out_bag),
         "error": "; ".join(errors) if errors else None,
     }
@@ -588,15 +624,24 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
     return {"bag": str(bag), "image_topic": None, "model_config": None, "backend": None, "realtime": False,
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
-            "skipped_by_reason": {}, "dropped": 0, "fallback_pose_frames": 0, "output_bag": None,
+            "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
-            "other_image_topics": [], "error": error}
+            "other_image_topics": [], "bag_note": None, "error": error}
 
 
-def _write_json(path: str | None, summary: dict[str, Any]) -> None:
-    if path:
-        text = json.dumps(summary, indent=1) + "\n"
-        atomic_write(path, lambda f: f.write(text.encode()))
+def _write_json(path: str | None, summary: dict[str, Any]) -> Path | None:
+    """Write the summary as JSON to ``path``; returns where it went. A run that processed no frame keeps
+    a previous run's file there and writes beside it (``failed_sibling``), as its report does."""
+    if not path:
+        return None
+    target = Path(path)
+    if not summary.get("frames") and target.exists():
+        target = failed_sibling(target)
+    else:
+        failed_sibling(target).unlink(missing_ok=True)  # an older failed run's, not this one's
+    text = json.dumps(summary, indent=1) + "\n"
+    atomic_write(target, lambda f: f.write(text.encode()))
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -671,10 +716,27 @@ def interrupt_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def kept_outputs_note(out: Path, report: Path, written: Path | None, json_path: str | None) -> str:
+    """The stderr lines of a run that processed no frame: where its report (and JSON) went, and that a
+    previous run's outputs were kept."""
+    lines = [f"report: {report}"]
+    if written is not None and json_path is not None and written != Path(json_path):
+        lines.append(f"summary JSON: {written} (the previous run's {json_path} is kept)")
+    if report.name == FAILED_REPORT:
+        lines.append(f"the previous run's outputs in {out} are as they were")
+    return "\n".join(lines)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """``main`` after parsing: the replay, its summary on stdout and its exit code."""
     out = Path(args.out)
     bag = args.bag if args.bag is not None else str(SAMPLE_BAG)
+    try:
+        if args.json:
+            check_output_file(args.json, "--json", {"--bag": bag, "--model": args.model})
+    except ValueError as exc:
+        print(f"discene-replay: error: {exc}", file=sys.stderr)
+        return 2
     try:
         settings = ReplaySettings(
             model=args.model, backend=args.backend, device=None if args.device == "auto" else args.device,
@@ -691,8 +753,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except bag_io.BagError as exc:  # nothing could be read: still leave a report saying so
         summary = empty_summary(bag, str(exc))
         report = write_outputs(out, summary, [])
-        _write_json(args.json, summary)
-        print(f"discene-replay: error: {exc}\nreport: {report}", file=sys.stderr)
+        written = _write_json(args.json, summary)
+        print(f"discene-replay: error: {exc}\n{kept_outputs_note(out, report, written, args.json)}", file=sys.stderr)
         return 2
     except ImportError as exc:
         print(f"discene-replay: error: {bag_io.missing_package_note(exc)}", file=sys.stderr)
@@ -700,29 +762,37 @@ def run_cli(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:  # OSError: a missing file, a full disk
         print(f"discene-replay: error: {exc}", file=sys.stderr)
         return 2
-    report = out / "report.md"
+    report = result.report or out / "report.md"
     s = result.summary
-    _write_json(args.json, s)
+    written = _write_json(args.json, s)
     lat = s["latency_ms"]
     warm = (f" ({s['fps_after_first_frame']:.2f} FPS after the first frame, which took {s['first_frame_ms']:.0f} ms "
             "with the warm-up)") if s.get("fps_after_first_frame") else ""
-    print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}), "
+    unfinished = f", unfinished {s['unfinished']}" if s.get("unfinished") else ""
+    print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}{unfinished}), "
           f"{s['fps']:.2f} FPS{warm}, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
           f"[{s['backend']}; frame loop {s.get('frame_loop')}]")
     if s["iou"] is not None:
         print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")
     else:
         print("no ground truth in the bag: IoU/mIoU not computed")
-    print(f"report: {report}\noutput bag: {s['output_bag'] or 'none (--no-output-bag)'}")
+    no_bag = "none (--no-output-bag)" if not args.output_bag else "none (no frame was processed)"
+    print(f"report: {report}\noutput bag: {s['output_bag'] or no_bag}")
     if s.get("other_image_topics") and args.image_topic is None:
         print(f"discene-replay: note: read {s['image_topic']} (camera info {s['info_topic']}); the bag has other "
               f"image topics too: {', '.join(s['other_image_topics'])} (--image-topic chooses)", file=sys.stderr)
+    if s.get("bag_note"):
+        print(f"discene-replay: note: {s['bag_note']}", file=sys.stderr)
     for note in ("fallback_pose_note", "camera_orientation_note"):
         if s.get(note):
             print(f"discene-replay: WARNING: {s[note]}", file=sys.stderr)
     if s["frames"] == 0 and not s.get("interrupted"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped_by_reason"].items())) or "no colour image read"
-        print(f"discene-replay: error: no frame was processed ({reasons})", file=sys.stderr)
+        first = "".join(f"\nfirst {k}: {v}" for k, v in sorted(s["first_skip_by_reason"].items())
+                        if k != "internal_error")  # those are in the error, as when some frames were processed
+        error = f"\n{s['error']}" if s["error"] else ""
+        print(f"discene-replay: error: no frame was processed ({reasons}){first}{error}\n"
+              f"{kept_outputs_note(out, report, written, args.json)}", file=sys.stderr)
         return 3
     if s["error"]:
         print(f"discene-replay: the run is incomplete: {s['error']}", file=sys.stderr)

@@ -43,6 +43,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         + (f", camera info `{summary['info_topic']}`" if summary.get("info_topic") else "") + ")",
         *([f"- other image topics in the bag, not read: {', '.join(f'`{t}`' for t in summary['other_image_topics'])}"]
           if summary.get("other_image_topics") else []),
+        *([f"- note: {summary['bag_note']}"] if summary.get("bag_note") else []),
         f"- model: {model}",
         *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
@@ -59,6 +60,9 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         f"{summary.get('dropped', 0)} | {summary.get('fps', 0.0):.2f} | "
         f"{lat.get('p50', 0):.1f} / {lat.get('p90', 0):.1f} / {lat.get('p99', 0):.1f} / {lat.get('mean', 0):.1f} |", "",
     ]
+    if summary.get("unfinished"):
+        lines += [f"{summary['unfinished']} frames were in flight when the run was interrupted and were not finished "
+                  "(not counted as dropped: dropped frames are the ones a newer frame replaced).", ""]
     processed = summary.get("frames", 0) > 0
     full_speed = processed and not summary.get("realtime")
     if full_speed and summary.get("pipelined", True):
@@ -75,7 +79,10 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         lines += [f"The first frame took {summary['first_frame_ms']:.0f} ms (one-off warm-up); the frames after it "
                   f"ran at {summary['fps_after_first_frame']:.2f} FPS.", ""]
     if summary.get("skipped_by_reason"):
-        lines += ["Skipped frames by reason: " + ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()), ""]
+        firsts = {k: v for k, v in (summary.get("first_skip_by_reason") or {}).items()
+                  if k != "internal_error"}  # the error above has those
+        lines += ["Skipped frames by reason: " + ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()),
+                  *(["", "The first of each:", ""] if firsts else []), *(f"- {k}: {v}" for k, v in firsts.items()), ""]
     if summary.get("fallback_pose_frames"):
         lines += [f"{summary['fallback_pose_frames']} frames had no camera pose in TF and used the fallback pose "
                   "(their metrics are not meaningful).", ""]

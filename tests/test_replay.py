@@ -1,6 +1,7 @@
 """Dataset -> bag -> replay end to end, on mcap and sqlite3 bags; realtime dropping; corrupt bags; CLI."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -319,6 +320,27 @@ def test_dataset_to_bag_options_and_errors(dataset, tmp_path, capsys):
         assert f"{flag} must be" in capsys.readouterr().err and not (tmp_path / f"bad{value}").exists()
 
 
+def test_dataset_to_bag_refuses_before_writing_and_leaves_no_bag(dataset, tmp_path, capsys):
+    """Bad numbers are refused up front, and a conversion that writes no frame leaves no bag folder, so
+    that a retry does not fail with "already exists"."""
+    root, _ = dataset
+    for flag, value, said in (("--rate", "nan", "--rate must be a positive number"),
+                              ("--rate", "inf", "--rate must be a positive number"),
+                              ("--resize", "0x0", "expected a positive HxW")):
+        with pytest.raises(SystemExit) if flag == "--resize" else contextlib.nullcontext() as exit_:
+            assert to_bag_main(["--dataset", str(root), "--out", str(tmp_path / "bag"), flag, value]) == 2
+        assert exit_ is None or exit_.value.code == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "bag").exists()
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(root, unreadable)
+    for image in unreadable.rglob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    assert to_bag_main(["--dataset", str(unreadable), "--out", str(tmp_path / "bag")]) == 2
+    err = capsys.readouterr().err
+    assert "skipping sample" in err and "no readable sample among the 2" in err and not (tmp_path / "bag").exists()
+    assert to_bag_main(["--dataset", str(root), "--out", str(tmp_path / "bag")]) == 0  # the retry
+
+
 def test_shipped_sample_bag_matches_the_shipped_dataset():
     """The sample bag must be regenerated (discene-dataset-to-bag) whenever the sample dataset changes."""
     from training.occscannet import OccScanNetDataset
@@ -379,7 +401,8 @@ def test_ctrl_c_keeps_what_was_replayed(tmp_path, monkeypatch, capsys):
     assert code == replay.INTERRUPTED_EXIT == 130
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["interrupted"] and "interrupted after 4 of 10 colour images" in s["error"]
-    assert s["images"] == 4 and s["frames"] >= 3 and s["frames"] + s["dropped"] + s["skipped"] == 4
+    assert s["images"] == 4 and s["frames"] >= 3 and s["frames"] + s["unfinished"] + s["skipped"] == 4
+    assert s["dropped"] == 0  # full speed replaces no frame; those in flight at Ctrl-C are unfinished
     assert "interrupted after 4" in (out / "report.md").read_text()
     reader = bag_io.open_reader(out / "occupancy_bag")
     try:

@@ -1,0 +1,213 @@
+"""discene-replay's outputs and exit codes on bad input: previous outputs kept, bags without metadata,
+arguments checked up front, invalid TF named, internal errors shown; discene-dataset-to-bag's checks."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_ros_support import BlockBackend, pipeline_for, wait_until
+
+from discene_ros import bag_io, msg_encode, replay
+from discene_ros.errors import TransformError
+from discene_ros.msg_factory import TypestoreFactory
+
+F = TypestoreFactory(bag_io.typestore())
+K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
+
+
+def _bag(path: Path, n: int = 2, encoding: str = "rgb8", tf_edit=None, storage: str = "mcap") -> Path:
+    """n colour frames (+ camera info, TF world -> cam); ``encoding`` overrides the image's encoding
+    field, ``tf_edit(transform)`` edits each TF transform."""
+    with bag_io.BagWriter(path, storage, F.typestore) as w:
+        for i in range(n):
+            t = 10**18 + i * 100_000_000
+            tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "cam", t)
+            if tf_edit is not None:
+                tf_edit(tf.transform)
+            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
+            w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(F, K, 48, 64, "cam", t), t)
+            image = msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t)
+            image.encoding = encoding
+            w.write(bag_io.IMAGE_TOPIC, image, t)
+    return path
+
+
+@pytest.fixture()
+def block_model(monkeypatch):
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _run(bag: Path | str, out: Path, *extra: str) -> int:
+    return replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--renders", "1", *extra])
+
+
+# ----------------------------------------------------------------------------- 1: a failed run keeps the outputs
+def test_a_run_that_processes_no_frame_keeps_the_previous_outputs(tmp_path, block_model, capsys):
+    good = _bag(tmp_path / "good")
+    yuv = _bag(tmp_path / "yuv", encoding="yuv422")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "metadata.yaml").write_text("not: [a bag")
+    out, js = tmp_path / "out", tmp_path / "s.json"
+    assert _run(good, out, "--json", str(js)) == 0
+    before = _files(tmp_path)
+    assert {Path("out/report.md"), Path("s.json")} <= set(before) and any(p.suffix == ".png" for p in before)
+    assert any(p.suffix == ".mcap" and p.parts[1] == "occupancy_bag" for p in before)
+    capsys.readouterr()
+    for bag, rc in ((tmp_path / "nonexistent", 2), (unreadable, 2), (yuv, 3)):
+        assert _run(bag, out, "--json", str(js)) == rc
+        err = capsys.readouterr().err
+        after = _files(tmp_path)
+        assert {p: after[p] for p in before} == before  # report, renders, output bag and JSON as they were
+        assert set(after) - set(before) == {Path("out/report.failed.md"), Path("s.failed.json")}
+        assert f"report: {out / 'report.failed.md'}" in err and "are as they were" in err
+        assert f"summary JSON: {tmp_path / 's.failed.json'}" in err
+        assert json.loads((tmp_path / "s.failed.json").read_text())["frames"] == 0
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+    # a run that processes a frame replaces everything, the failed run's report and JSON included
+    assert _run(good, out, "--json", str(js), "--max-frames", "1") == 0
+    assert not (out / "report.failed.md").exists() and not (tmp_path / "s.failed.json").exists()
+    assert json.loads(js.read_text())["frames"] == 1
+    # into an empty folder a failed run writes its report where a report goes, and no empty bag
+    assert _run(yuv, tmp_path / "fresh") == 3
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["report.md"]
+    assert "output bag: none (no frame was processed)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 2: no or broken metadata.yaml
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_a_bag_folder_without_usable_metadata_is_read_from_its_storage_file(tmp_path, storage, block_model, capsys):
+    bag = _bag(tmp_path / "bag", storage=storage)
+    (bag / "metadata.yaml").unlink()  # what a killed `ros2 bag record` leaves
+    (storage_file,) = [p for p in bag.iterdir() if p.suffix in (".mcap", ".db3")]
+    for given in (bag, storage_file):
+        assert _run(given, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 0
+        s = json.loads((tmp_path / "s.json").read_text())
+        assert s["frames"] == 2 and s["error"] is None
+        assert "metadata.yaml is missing" in s["bag_note"] and "ros2 bag reindex" in s["bag_note"]
+        assert "metadata.yaml is missing" in capsys.readouterr().err
+        assert "metadata.yaml is missing" in (tmp_path / "out" / "report.md").read_text()
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: [broken")
+    reader = bag_io.open_reader(bag)
+    try:
+        assert "metadata.yaml cannot be read" in reader.note and len(reader.connections) == 3
+    finally:
+        reader.close()
+    shutil.copy(storage_file, bag / f"second{storage_file.suffix}")  # two files: which one is the bag's?
+    (bag / "metadata.yaml").unlink()
+    if storage == "mcap":  # read front to back as a split bag, and called damaged
+        reader = bag_io.open_reader(bag)
+        reader.close()
+        assert "2 storage files and no metadata.yaml" in reader.damage and "reindex" in reader.damage
+    else:
+        with pytest.raises(bag_io.BagError, match="reindex"):
+            bag_io.open_reader(bag)
+    assert bag_io.open_reader(_bag(tmp_path / "whole", storage=storage)).note is None
+
+
+# ----------------------------------------------------------------------------- 3: --json checked up front
+def test_an_unwritable_json_path_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(replay, "replay", lambda *a, **k: pytest.fail("the replay ran"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for given, said in ((tmp_path / "folder", f"--json {tmp_path / 'folder'} is a folder"),
+                        (tmp_path / "file" / "s.json", f"{tmp_path / 'file'} is a file, not a folder"),
+                        (Path("/proc/discene.json"), "folder /proc is not writable")):
+        assert replay.main(["--out", str(tmp_path / "out"), "--json", str(given), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("discene-replay: error:") and said in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 4: an invalid TF is not an absent one
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda t: setattr(t.rotation, "w", 0.0), "rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero"),
+    (lambda t: [setattr(t.translation, "x", float("nan")), setattr(t.rotation, "w", float("nan"))], "is not finite"),
+])
+def test_a_bag_whose_camera_tf_is_all_invalid_skips_its_frames_and_says_why(tmp_path, block_model, capsys, edit, said):
+    bag = _bag(tmp_path / "bag", n=3, tf_edit=edit)
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 3
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["skipped_by_reason"] == {"bad_transform": 3} and s["fallback_pose_frames"] == 0  # no made-up pose
+    assert s["fallback_pose_note"] is None
+    err = capsys.readouterr().err
+    assert "first bad_transform: frame at" in err and "TF world -> cam" in err and said in err
+    assert "is not in TF" not in err
+    assert "TF world -> cam" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_one_invalid_transform_does_not_drop_the_others_of_its_message():
+    good = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "base_link", "cam", 5)
+    bad = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "base_link", 5)
+    bad.transform.rotation.w = 0.0
+    tree = bag_io.TfTree()
+    with pytest.raises(TransformError, match="TF world -> base_link in the bag is invalid"):
+        tree.add_message(F.new("tf2_msgs/msg/TFMessage", transforms=[bad, good]))
+    np.testing.assert_array_equal(tree.lookup("base_link", "cam", 5), np.eye(4))
+    with pytest.raises(TransformError, match="TF world -> cam is in the bag but invalid: every transform world -> base_link"):
+        tree.lookup("world", "cam", 5)
+    assert tree.lookup("map", "cam", 5) is None  # absent, not invalid: the fallback pose's case
+
+
+# ----------------------------------------------------------------------------- 5: internal errors shown
+class _MismatchedBackend(BlockBackend):
+    """As an ONNX whose sidecar names another input size: onnxruntime refuses every frame."""
+
+    def infer(self, inputs):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: image")
+
+
+def test_frames_that_fail_unexpectedly_show_the_first_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(_MismatchedBackend()))
+    assert _run(_bag(tmp_path / "bag"), tmp_path / "out", "--json", str(tmp_path / "s.json")) == 3
+    said = "RuntimeError: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: image"
+    err = capsys.readouterr().err
+    assert "no frame was processed (internal_error: 2)" in err and "2 frames failed unexpectedly, first: frame" in err
+    assert said in err and said in (tmp_path / "out" / "report.md").read_text()
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert said in s["first_skip_by_reason"]["internal_error"] and said in s["error"]
+
+
+# ----------------------------------------------------------------------------- 7: in flight at Ctrl-C is not dropped
+def test_frames_in_flight_at_ctrl_c_are_unfinished_not_dropped(tmp_path, monkeypatch, capsys):
+    """Dropped means replaced by a newer frame (the full-speed replay drops none); a frame abandoned by
+    Ctrl-C is counted apart."""
+    loops = []
+    real_loop = replay.FrameLoop
+
+    def probe(*args, **kwargs):
+        loops.append(real_loop(*args, **kwargs))
+        return loops[-1]
+
+    class HeldBackend(BlockBackend):
+        def infer(self, inputs):  # the second frame is inferring when Ctrl-C comes, until the loop closes
+            out = super().infer(inputs)
+            if self.calls == 2:
+                assert wait_until(lambda: loops[0].closed)
+            return out
+
+    backend = HeldBackend()
+    read = replay.BagFrames.__iter__
+
+    def interrupted_at_the_third(frames):
+        for i, item in enumerate(read(frames)):
+            if i == 2:
+                assert wait_until(lambda: backend.calls == 2)
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(replay, "FrameLoop", probe)
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(backend))
+    monkeypatch.setattr(replay.BagFrames, "__iter__", interrupted_at_the_third)
+    assert _run(_bag(tmp_path / "bag", n=4), tmp_path / "out", "--json", str(tmp_path / "s.json")) == 130
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["images"], s["frames"], s["dropped"], s["unfinished"], s["skipped"]) == (2, 1, 0, 1, 0)
+    assert "(skipped 0, dropped 0, unfinished 1)" in capsys.readouterr().out
+    assert "1 frames were in flight when the run was interrupted" in (tmp_path / "out" / "report.md").read_text()
