@@ -74,6 +74,8 @@ def save_model(path: str | Path, model: nn.Module, config: ModelConfig, **extra:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint dict; CheckpointError if the file is missing, corrupt, truncated or incomplete."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file in it ({path / 'final.pt'}?)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

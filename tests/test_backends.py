@@ -49,7 +49,7 @@ def test_torch_backend_fp16_needs_cuda(lite_model, lite_config):
 def test_a_cuda_device_the_machine_lacks_is_a_clear_error(monkeypatch):
     """device 'cuda:1' on a one-GPU robot (a config copied from another machine): a ValueError the node
     reports as 'cannot start', not a CUDA 'invalid device ordinal' traceback on the first upload."""
-    from export.backends.torch_backend import resolve_device
+    from models.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -47,6 +47,8 @@ def test_missing_corrupt_and_truncated_files(tmp_path, tiny):
     model, cfg = tiny
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a folder; give the checkpoint file in it"):
+        load_model(tmp_path)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):

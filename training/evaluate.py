@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,15 +13,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from export.backends.torch_backend import resolve_device
 from models.checkpoint import atomic_write, check_output_file, load_model
 from models.classes import CLASS_NAMES
 from models.config import ModelConfig
+from models.device import resolve_device
 from models.postprocess import labels_batch
 
 from .data import build_dataset, collate_frames, prepare_inputs, worker_context
 from .distributed import autocast_dtype
-from .interrupt import ignore_interrupts
+from .interrupt import training_worker_init
 from .metrics import SSCMetrics
 from .occscannet import BadSampleError, OccScanNetDataset
 from .scene_format import SPLIT_FILES
@@ -68,7 +70,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     model.eval()
     metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
     loader = DataLoader(ScoredFrames(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_scored, worker_init_fn=ignore_interrupts,  # Ctrl-C: the trainer's
+                        collate_fn=collate_scored,  # Ctrl-C: the trainer's; a killed trainer ends them
+                        worker_init_fn=functools.partial(training_worker_init, os.getpid()),
                         multiprocessing_context=worker_context() if workers > 0 else None)
     dtype = autocast_dtype(amp, device)
     frames, skipped, start = 0, [], time.perf_counter()

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
+from models.device import resolve_device
 
 from ..wrapper import ExportWrapper
 from .base import Backend, input_feed, input_shapes
@@ -38,20 +39,6 @@ from .base import Backend, input_feed, input_shapes
 log = logging.getLogger(__name__)
 
 WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuDNN autotuning, lazy allocations)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/"auto" -> cuda when available else cpu; an unavailable CUDA device is a clear error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but this PyTorch build has no usable CUDA "
-                         f"(torch {torch.__version__}); use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return dev
 
 
 @dataclass
