@@ -297,19 +297,24 @@ def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Mo
 
     # sampling-location arithmetic kept FP32: measured on the shipped lite and the sample dataset
     # (4 frames), occupied-voxel label agreement with FP32 96.5 % instead of 95.3 %
-    path = convert_file_to_fp16(out, fp16_path(out), keep_geometry=True)
-    side = dict(sidecar, precision="fp16", fp32_ops=sorted(KEEP_FP32_OPS), fp32_geometry=True, source_onnx=out.name,
-                onnx_sha256=sha256_file(path), simplified=False)
-    report = check_model(path)
-    side["trt_unsupported_ops"] = report.unsupported_ops
-    side["trt_op_issues"] = [i.to_dict() for i in report.issues]
-    side["op_counts"] = {op: n for (_, op), n in sorted(report.ops.items())}
-    if parity:
-        side["parity"] = measure_parity(path, model, cfg, frame)
-        frames, source = agreement_frames(cfg)
-        side["fp16_agreement"] = fp16_onnx_agreement(path, model, cfg, frames, source)
-        if torch.cuda.is_available():  # the torch backend's FP16 (autocast) runs on CUDA only
-            side["fp16_agreement_torch_autocast"] = torch_variant_agreement(copy.deepcopy(model), cfg, frames,
-                                                                             source, "fp16")
-    write_sidecar(path, side)
-    return path
+    final = fp16_path(out)
+    path = final.with_name(f".{final.name}.partial")  # published with its sidecar, as the FP32 graph
+    try:
+        convert_file_to_fp16(out, path, keep_geometry=True)
+        side = dict(sidecar, precision="fp16", fp32_ops=sorted(KEEP_FP32_OPS), fp32_geometry=True,
+                    source_onnx=out.name, onnx_sha256=sha256_file(path), simplified=False)
+        report = check_model(path)
+        side["trt_unsupported_ops"] = report.unsupported_ops
+        side["trt_op_issues"] = [i.to_dict() for i in report.issues]
+        side["op_counts"] = {op: n for (_, op), n in sorted(report.ops.items())}
+        if parity:
+            side["parity"] = measure_parity(path, model, cfg, frame)
+            frames, source = agreement_frames(cfg)
+            side["fp16_agreement"] = fp16_onnx_agreement(path, model, cfg, frames, source)
+            if torch.cuda.is_available():  # the torch backend's FP16 (autocast) runs on CUDA only
+                side["fp16_agreement_torch_autocast"] = torch_variant_agreement(copy.deepcopy(model), cfg, frames,
+                                                                                 source, "fp16")
+        _publish(path, final, side)
+    finally:
+        path.unlink(missing_ok=True)
+    return final

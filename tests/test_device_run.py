@@ -190,3 +190,13 @@ def test_hand_back_keeps_within_the_return_limits(tmp_path):
     written, notes = device_run.hand_back(work, tmp_path / "out", True, 1024 / 2**20, max_files=5, max_total_mib=1)
     assert written == ["final.pt.part000", "final.pt.parts.json"] and notes[0].startswith("last.pt")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(written)
+
+
+def test_a_half_written_synthetic_set_is_named_not_written_over(tmp_path):
+    """A folder without synth_meta.json (a stopped generation, or another dataset) is refused by --data."""
+    from training.device_run import ensure_synth
+
+    (tmp_path / "gathered_data").mkdir()
+    with pytest.raises(ValueError, match="--data .* holds no finished synthetic set"):
+        ensure_synth(tmp_path, scenes=1, frames_per_scene=1, seed=0, width=64, height=64, val_fraction=0.0, workers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["gathered_data"]

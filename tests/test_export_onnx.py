@@ -282,3 +282,21 @@ def test_export_replaces_onnx_and_sidecar_together(exported, tmp_path, monkeypat
         assert cli_main(["onnx", "--config", "lite", "--out", str(out), "--no-parity"]) == 2
     assert out.read_bytes() == exported["onnx"].read_bytes() and side.read_bytes() == b'{"old": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # no partial file left
+
+
+def test_fp16_companion_is_published_with_its_sidecar(tmp_path, monkeypatch):
+    """A companion sidecar that cannot be written leaves no ``.fp16.onnx`` without one (a full disk)."""
+    import export.onnx_export as onnx_export
+
+    real = onnx_export.write_sidecar
+
+    def companion_disk_full(artefact, data):
+        if str(artefact).endswith(".fp16.onnx"):
+            raise OSError(28, "No space left on device")
+        return real(artefact, data)
+
+    monkeypatch.setattr(onnx_export, "write_sidecar", companion_disk_full)
+    out = tmp_path / "m.onnx"
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        assert cli_main(["onnx", "--config", "lite", "--out", str(out), "--no-parity", "--fp16"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]  # the FP32 pair, nothing else

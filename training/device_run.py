@@ -103,6 +103,9 @@ def ensure_synth(root: Path, scenes: int, frames_per_scene: int, seed: int, widt
         if all(meta.get(k) == v for k, v in wanted.items()):
             return meta
         raise ValueError(f"{root} holds another synthetic set ({meta}); give a new --data folder for {wanted}")
+    if root.is_dir() and any(root.iterdir()):
+        raise ValueError(f"--data {root} is not empty but holds no finished synthetic set (no synth_meta.json: a "
+                         "generation that was stopped, or another dataset); remove it or give a new --data folder")
     generate(root, scenes, frames_per_scene, seed, width, height, val_fraction, workers=max(1, workers),
              progress=False)
     return json.loads(meta_path.read_text())
