@@ -127,6 +127,16 @@ def test_a_mistyped_setting_names_the_key_and_the_type(data_root, tmp_path, caps
     assert message in err and "Traceback" not in err
 
 
+def test_a_float_yaml_reads_as_text_is_taken_as_a_number(data_root, tmp_path):
+    """PyYAML (YAML 1.1) reads ``lr: 2e-4`` as the string '2e-4'."""
+    path = Path(config_file(data_root, tmp_path))
+    data = yaml.safe_load(path.read_text())
+    data["optim"]["lr"] = "2e-4"
+    path.write_text(yaml.safe_dump(data))
+    assert "  lr: 2e-4\n" in path.read_text()  # unquoted, as a user writes it
+    assert train.config_from_args(train.build_parser().parse_args(["--config", str(path)])).validate().optim.lr == 2e-4
+
+
 def test_teacher_outside_distill_mode_is_refused(data_root, tmp_path, capsys):
     assert train.main(["--config", config_file(data_root, tmp_path), "--teacher", str(tmp_path / "t.pt")]) == 2
     assert "--teacher is only used by mode 'distill', and this run's mode is 'student'" in capsys.readouterr().err

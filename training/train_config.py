@@ -174,17 +174,33 @@ class TrainConfig:
 NUMBER_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
 
 
+def _is_kind(value: Any, kinds: list[type]) -> bool:
+    """Whether ``value`` is one of ``kinds`` (bool, int, float) as YAML gives them: an int is a float too,
+    a bool is neither."""
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    return isinstance(value, float) and float in kinds
+
+
 def _mistyped_field(section: Any) -> str | None:
     """'KEY must be KIND, got VALUE' for the first bool / int / float field of a config dataclass (None
-    allowed where annotated) holding anything else; None when all do. Other fields are not checked here."""
+    allowed where annotated) holding anything else; None when all do. Other fields are not checked here.
+    A float field's number written as YAML 1.1 reads as text (``lr: 2e-4``, without a dot) becomes a float."""
     for name, hint in typing.get_type_hints(type(section)).items():
         kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         value, wanted = getattr(section, name), [k for k in kinds if k in NUMBER_KINDS]
-        if not wanted or (value is None and type(None) in kinds):
+        if float in wanted and isinstance(value, str):
+            try:
+                value = float(value)
+                setattr(section, name, value)
+            except ValueError:
+                pass
+        if not wanted or (value is None and type(None) in kinds) or _is_kind(value, wanted):
             continue
-        if isinstance(value, bool) != (bool in wanted) or not isinstance(value, (float, int) if float in wanted else wanted[0]):
-            shown = " or ".join(NUMBER_KINDS[k] for k in wanted) + (" or null" if type(None) in kinds else "")
-            return f"{name} must be {shown}, got {value!r}"
+        shown = " or ".join(NUMBER_KINDS[k] for k in wanted) + (" or null" if type(None) in kinds else "")
+        return f"{name} must be {shown}, got {value!r}"
     return None
 
 
