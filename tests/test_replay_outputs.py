@@ -48,7 +48,7 @@ def _run(bag: Path | str, out: Path, *extra: str) -> int:
     return replay.main(["--bag", str(bag), "--out", str(out), "--no-progress", "--renders", "1", *extra])
 
 
-# ----------------------------------------------------------------------------- 1: a failed run keeps the outputs
+# ----------------------------------------------------------------------------- a failed run keeps the outputs
 def test_a_run_that_processes_no_frame_keeps_the_previous_outputs(tmp_path, block_model, capsys):
     good = _bag(tmp_path / "good")
     yuv = _bag(tmp_path / "yuv", encoding="yuv422")
@@ -81,7 +81,7 @@ def test_a_run_that_processes_no_frame_keeps_the_previous_outputs(tmp_path, bloc
     assert "output bag: none (no frame was processed)" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 2: no or broken metadata.yaml
+# ----------------------------------------------------------------------------- no or broken metadata.yaml
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
 def test_a_bag_folder_without_usable_metadata_is_read_from_its_storage_file(tmp_path, storage, block_model, capsys):
     bag = _bag(tmp_path / "bag", storage=storage)
@@ -112,7 +112,7 @@ def test_a_bag_folder_without_usable_metadata_is_read_from_its_storage_file(tmp_
     assert bag_io.open_reader(_bag(tmp_path / "whole", storage=storage)).note is None
 
 
-# ----------------------------------------------------------------------------- 3: --json checked up front
+# ----------------------------------------------------------------------------- --json checked up front
 def test_an_unwritable_json_path_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(replay, "replay", lambda *a, **k: pytest.fail("the replay ran"))
     (tmp_path / "folder").mkdir()
@@ -126,7 +126,7 @@ def test_an_unwritable_json_path_is_refused_before_any_work(tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-# ----------------------------------------------------------------------------- 4: an invalid TF is not an absent one
+# ----------------------------------------------------------------------------- an invalid TF is not an absent one
 @pytest.mark.parametrize(("edit", "said"), [
     (lambda t: setattr(t.rotation, "w", 0.0), "rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero"),
     (lambda t: [setattr(t.translation, "x", float("nan")), setattr(t.rotation, "w", float("nan"))], "is not finite"),
@@ -156,7 +156,7 @@ def test_one_invalid_transform_does_not_drop_the_others_of_its_message():
     assert tree.lookup("map", "cam", 5) is None  # absent, not invalid: the fallback pose's case
 
 
-# ----------------------------------------------------------------------------- 5: internal errors shown
+# ----------------------------------------------------------------------------- internal errors shown
 class _MismatchedBackend(BlockBackend):
     """As an ONNX whose sidecar names another input size: onnxruntime refuses every frame."""
 
@@ -175,7 +175,7 @@ def test_frames_that_fail_unexpectedly_show_the_first_error(tmp_path, monkeypatc
     assert said in s["first_skip_by_reason"]["internal_error"] and said in s["error"]
 
 
-# ----------------------------------------------------------------------------- 7: in flight at Ctrl-C is not dropped
+# ----------------------------------------------------------------------------- in flight at Ctrl-C is not dropped
 def test_frames_in_flight_at_ctrl_c_are_unfinished_not_dropped(tmp_path, monkeypatch, capsys):
     """Dropped means replaced by a newer frame (the full-speed replay drops none); a frame abandoned by
     Ctrl-C is counted apart."""
