@@ -421,7 +421,6 @@ class Replayer:
 
 
 OUTPUTS = ("occupancy_bag", "report.md", "renders")  # what a replay owns in its output directory
-FAILED_REPORT = "report.failed.md"  # the report of a run that processed no frame, beside a previous run's outputs
 
 
 def has_outputs(out: Path) -> bool:
@@ -432,6 +431,18 @@ def has_outputs(out: Path) -> bool:
 def failed_sibling(path: Path) -> Path:
     """Where a run that processed no frame writes a file whose previous version it keeps: ``x.failed.json``."""
     return path.with_name(f"{path.stem}.failed{path.suffix}")
+
+
+FAILED_REPORT = failed_sibling(Path("report.md")).name  # a run that processed no frame, beside a previous run's outputs
+
+
+def output_target(path: Path, processed: bool, keep: bool) -> Path:
+    """Where a run writes ``path``: beside it (``failed_sibling``) when the run processed no frame and ``keep``
+    says a previous run's output is there; else ``path`` itself, an older failed run's sibling removed."""
+    if not processed and keep:
+        return failed_sibling(path)
+    failed_sibling(path).unlink(missing_ok=True)
+    return path
 
 
 def publish_outputs(stage: Path, out: Path) -> None:
@@ -473,9 +484,7 @@ def write_outputs(out: str | Path, summary: dict[str, Any], renders: list[dict[s
         if summary.get("frames"):
             publish_outputs(stage, out)
             return out / "report.md"
-        report = out / (FAILED_REPORT if has_outputs(out) else "report.md")
-        if report.name == "report.md":
-            (out / FAILED_REPORT).unlink(missing_ok=True)  # an older failed run's, not this one's
+        report = output_target(out / "report.md", processed=False, keep=has_outputs(out))
         (stage / "report.md").replace(report)
         return report
     finally:
@@ -634,11 +643,7 @@ def _write_json(path: str | None, summary: dict[str, Any]) -> Path | None:
     a previous run's file there and writes beside it (``failed_sibling``), as its report does."""
     if not path:
         return None
-    target = Path(path)
-    if not summary.get("frames") and target.exists():
-        target = failed_sibling(target)
-    else:
-        failed_sibling(target).unlink(missing_ok=True)  # an older failed run's, not this one's
+    target = output_target(Path(path), processed=bool(summary.get("frames")), keep=Path(path).exists())
     text = json.dumps(summary, indent=1) + "\n"
     atomic_write(target, lambda f: f.write(text.encode()))
     return target
