@@ -366,7 +366,9 @@ def _constant_onnx(path, config, image_hw=None, num_classes=None):
                                            helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
                               [helper.make_tensor_value_info("points", TensorProto.FLOAT, list(shapes["points"])),
                                helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(scores))])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what torch's opset-17 export writes; the onnx package's default can be newer than ORT reads
+    onnx.save(model, str(path))
     return sha256_file(path)
 
 
