@@ -35,9 +35,12 @@ objects alive before its loop, and again after its first frame, out of the garba
 (``processing.freeze_startup_objects``).
 
 On CUDA with CUDA graphs (the default), post-processing is captured in the network's graph and the
-runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then the GPU time of that graph
-(network + post-processing, from CUDA events) and ``postprocess`` the host time from the copied
-(X,Y,Z) grids to the frame; elsewhere ``infer`` and ``postprocess`` are wall times of each step.
+runner launches ahead (``OccupancyPipeline.fused``): ``infer_ms`` is then GPU time from CUDA events and
+``postprocess`` the host time from the copied (X,Y,Z) grids to the frame; elsewhere ``infer`` and
+``postprocess`` are wall times of each step. Since session 30 such rows replay one graph per buffer slot
+(``frame_graph``: upload, preprocessing, network, post-processing and the copies back; ``infer_ms`` is that
+graph's GPU time); ``--frame-graph off`` replays the preprocessing's and the network's graphs apart, as
+before (``infer_ms``: the network's graph, network + post-processing).
 
 lite uses the shipped checkpoint (discene_ros/data/lite_distilled.pt) when present; other configs
 run seeded random weights with score threshold 0, the worst case for post-processing and messages.
@@ -62,7 +65,9 @@ native kernel's resize, the default where it is built, or "torch" for torch's, `
 without it resized with torch), "host_overlap" (serial rows: the next frame decoded and prepared while this
 one is post-processed, ``--host-overlap``; rows without it took one frame at a time), "between_networks_ms"
 (median time from one frame's network end to the next one's start: the host work the frame rate pays for
-where stages overlap; rows without it did not record it), ...}]}.
+where stages overlap; rows without it did not record it), "frame_graph" (fused rows: the frame graph ran;
+fused rows without it ran the two graphs), "cuda_peak_allocated_mb" (CUDA: torch's peak allocated memory since
+the row's config and precision were loaded, the rows before it of the same pipeline included), ...}]}.
 """
 from __future__ import annotations
 
@@ -318,7 +323,7 @@ def append_key(row: dict) -> tuple:
     launch-ahead rows without ``launch_wait`` polled (``watch``: session 23's watcher thread, measured in
     device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
     kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch; rows without
-    ``host_overlap`` took one frame at a time where serial."""
+    ``host_overlap`` took one frame at a time where serial; rows without ``frame_graph`` ran without it."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -327,7 +332,7 @@ def append_key(row: dict) -> tuple:
             row.get("camera_hz"), bool(row.get("serial", False)), wait,
             row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
             row.get("resize", "torch" if row.get("threads") is not None else None),
-            bool(row.get("host_overlap", False)))
+            bool(row.get("host_overlap", False)), bool(row.get("frame_graph", False)))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="torch.compile on CUDA (tens of seconds per precision)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager instead of the static/CUDA-graph runner")
+    parser.add_argument("--frame-graph", choices=("on", "off"), default="on",
+                        help="fused CUDA rows: one graph per buffer slot for the whole frame (on), or the "
+                             "preprocessing's and the network's graphs replayed apart (off)")
     parser.add_argument("--tf32", action="store_true", help="TF32 convolutions/matmuls in FP32 (CUDA; default IEEE)")
     parser.add_argument("--tf32-convolutions", action="store_true",
                         help="TF32 convolutions, IEEE matmuls in FP32: PyTorch's default (CUDA; default IEEE)")
@@ -418,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                                              args.tf32_convolutions)
             if args.closing != "model":
                 backend.config.closing = args.closing == "on"
-            pipe = OccupancyPipeline(backend)
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            pipe = OccupancyPipeline(backend, frame_graphs=args.frame_graph == "on")
             pipe.preprocessor.native_resize = args.resize == "native"
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
@@ -443,13 +453,19 @@ def main(argv: list[str] | None = None) -> int:
                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                        "jpeg_decoder": jpeg_decoder() if kind == "jpeg" else None,
                        "post_threads": pipe.post_threads if not pipe.fused else None,
+                       # as it ran: a failed capture falls back to the two graphs
+                       "frame_graph": bool(pipe.fused and pipe.preprocessor.frame_graphs),
+                       # the peak since this config and precision's pipeline was made (its graphs included)
+                       "cuda_peak_allocated_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
+                                                  else None),
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
                                             and args.device == "cpu" else "torch"),
                        "resize": (("native" if pipe.preprocessor.native_resize and native_postprocess.available()
                                    else "torch") if args.device == "cpu" else None)}
                 rows.append(row)
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
-                post = row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
+                post = (row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
+                        + (", frame graph" if row["frame_graph"] else ""))
                 between = ("" if row["between_networks_ms"] is None else f"between networks {row['between_networks_ms']:.2f} "
                            f"({100 * row['between_networks_fraction_of_infer']:.1f} %)  ")
                 print(f"  {kind:5s} [{post} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "

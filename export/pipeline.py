@@ -14,9 +14,13 @@ inferred. On CUDA with the torch backend's CUDA graph, post-processing is the fi
 ``launch`` (replay, one asynchronous copy of the (X,Y,Z) label and score grids into pinned memory)
 and ``collect`` (wait, host arrays), so the runner can launch the next frame before it turns the
 current one into messages. There ``prepare`` stays on the host (checks, ``grid2img``, the frame into a
-pinned slot buffer: no CUDA call but one event query) and ``launch`` queues the upload, resize and
-normalisation (one graph replay) into the network graph's static inputs, then the network: fewer
-Python-side CUDA calls per frame than an upload on a stream of its own (session 23).
+pinned slot buffer: no CUDA call but one event query) and ``launch`` replays one CUDA graph per buffer
+slot (``frame_graphs``) that holds the whole device work of a frame: the upload, resize and
+normalisation into the network's static inputs, the network, the post-processing and the copies of the
+grids into the slot's pinned result buffers; one replay and two event records per frame. Without it
+(``frame_graphs=False``, or where its capture fails) ``launch`` replays the slot's preprocessing graph and
+the network's graph, copies and records four events: 0.17-0.24 ms of host time against 0.08 ms for the
+one replay (lite on H200, session 30).
 """
 from __future__ import annotations
 
@@ -85,8 +89,9 @@ class Launched:
 
 @dataclass
 class _ResultSet:
-    """Pinned (labels, best) grids that one launched frame's results are copied into, and the CUDA events
-    of its launch (timing and copy done), made once and re-recorded each time the set is used."""
+    """A buffer slot's pinned (labels, best) grids that its launched frame's results are copied into, and the
+    CUDA events of its launch (timing, and copy done: timing too, as the frame graph's end), made once and
+    re-recorded each time the slot is launched."""
 
     labels: torch.Tensor
     best: torch.Tensor
@@ -99,7 +104,6 @@ class _ResultSet:
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 LAUNCH_AHEAD_SLOTS = 4  # with launch-ahead one more: launched while the previous one is collected
 LAUNCH_POLL_S = 0.0002  # launch-ahead: how often the finish stage looks whether a launched frame's results are in
-RESULT_SETS = 3  # pinned host grids: launched frames not yet collected (at most 2) + one spare
 
 
 # Settings a deployment may tune without re-exporting (e.g. from ROS parameters): the name and post-processing.
@@ -159,10 +163,16 @@ class OccupancyPipeline:
     which would otherwise spin on the core the kernel's helper or that work needs (post-processing took 3.3
     instead of 2.2 ms with them spinning; on one thread beside the next frame's host work 3.4-4.8 instead of
     2.9-3.0 ms).
+    ``frame_graphs`` (fused path on CUDA; default on): one CUDA graph per buffer slot for the frame's whole
+    device work (module docstring). It captures the network once more per slot, in the memory pool of the
+    network's own graph: they all run one after the other on one stream, and nothing they leave on the
+    device is read after their replay (the grids go to pinned memory). Off, ``launch`` replays the
+    preprocessing's and the network's graphs separately.
     """
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100,
-                 fuse: bool | None = None, host_threads: int | None = 1, post_threads: int = 1):
+                 fuse: bool | None = None, host_threads: int | None = 1, post_threads: int = 1,
+                 frame_graphs: bool = True):
         self.backend = backend
         self.host_threads = host_threads
         self.post_threads = post_threads
@@ -184,13 +194,13 @@ class OccupancyPipeline:
         # ``preprocess``, took 5-8 ms for a 640x480 frame against 0.5-1.2 ms: benchmarks/bench_resize.py)
         self.preprocessor = TensorPreprocessor(self.config, backend.torch_device if self.tensor_path else "cpu",
                                                slots=slots)
+        self.preprocessor.frame_graphs = self.preprocessor.frame_graphs and self.fused and bool(frame_graphs)
         # unfused CUDA: the prepare stage uploads on its own stream, overlapping the previous inference (fused:
         # the prepare stage only stages the frame on the host, and ``launch`` uploads it before the network)
         self.upload_stream = torch.cuda.Stream(backend.torch_device) if cuda and not self.fused else None
         self._posts: dict[tuple, Any] = {}  # post-processing settings -> dense_occupancy bound to a copy of them
         self._targets: dict[Any, FrameTensors] = {}  # fused: post function -> its graph's static inputs
-        self._results: list[_ResultSet] = []  # a ring
-        self._next_result = 0
+        self._results: list[_ResultSet] = []  # one per buffer slot
         # per buffer slot, re-recorded each frame: the work queued before its upload, and its upload, are done
         self._queued = [torch.cuda.Event() for _ in range(slots)] if self.upload_stream is not None else []
         self._ready = [torch.cuda.Event() for _ in range(slots)] if self.upload_stream is not None else []
@@ -207,7 +217,9 @@ class OccupancyPipeline:
         pre = (f"device preprocessing on {self.backend.torch_device} (uint8 upload, {resize}"
                f"{', queued at launch into the network inputs' if self.fused else ''})"
                if self.tensor_path else f"host preprocessing on the CPU ({resize})")
-        where = "in its CUDA graph" if self.fused and self.backend.torch_device.type == "cuda" else "(static buffers)"
+        where = ("in one CUDA graph per buffer slot with the upload and preprocessing" if self.preprocessor.frame_graphs
+                 else "in its CUDA graph" if self.fused and self.backend.torch_device.type == "cuda"
+                 else "(static buffers)")
         on_cpu = not self.tensor_path or self.backend.torch_device.type == "cpu"
         native = (f"native kernel, {self.post_threads} thread{'s' if self.post_threads > 1 else ''}"
                   if native_postprocess.available() else
@@ -248,23 +260,33 @@ class OccupancyPipeline:
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:
-        """Fused path, finish stage (a): replay network + post-processing and queue the copy of the grids
-        to the host; returns without waiting. At most ``RESULT_SETS - 1`` frames may be launched and not
-        collected."""
+        """Fused path, finish stage (a): queue the frame's device work (upload, preprocessing, network,
+        post-processing) and the copy of its grids into its slot's pinned buffers; returns without waiting.
+        The grids stay there until the slot is launched again."""
         if not self.fused:
             raise RuntimeError("launch/collect need the fused CUDA-graph path (see OccupancyPipeline.fused)")
         t0 = time.perf_counter()
         dev = self.backend.torch_device
         stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
-        index = self._next_result
-        self._next_result = (index + 1) % RESULT_SETS
-        out = self._result_sets()[index]
+        slot = prepared.inputs.slot
+        out = self._result_sets()[slot]
         if out.used and not out.copied.query():
-            out.copied.synchronize()  # that set's last copy is done (its frame was collected long ago)
+            out.copied.synchronize()  # the slot's last copy is done (its frame was collected long ago)
         out.used = True
         post = self._post_fn()
         with torch.inference_mode():
             targets = self._fused_targets(post)
+            graph = None
+            if self.preprocessor.frame_graphs:  # captured on the slot's first frame (the tail is made for that)
+                graph = self.preprocessor.frame_graph(prepared.inputs, targets, post,
+                                                      functools.partial(self._frame_tail, post, out),
+                                                      functools.partial(self.backend.fused_pool, post))
+            if graph is not None:  # the whole frame: one replay between the two events
+                out.start.record(stream)
+                graph.replay()
+                out.copied.record(stream)
+                self.preprocessor.staging_done(slot, out.copied)
+                return Launched(prepared, out.labels, out.best, out.copied, out.start, out.copied, t0)
             # the frame's upload, resize and normalisation, straight into the network's static inputs: in
             # stream order before the network, so no copy and no second stream (one replay on CUDA; on the
             # CPU torch ops on the host threads, the network below on torch's own)
@@ -278,16 +300,28 @@ class OccupancyPipeline:
         out.copied.record(stream)
         return Launched(prepared, out.labels, out.best, out.copied, out.start, out.end, t0)
 
+    def _frame_tail(self, post: Any, out: _ResultSet) -> Callable[[], None]:
+        """The frame graph's work after the preprocessing: network + ``post`` on the fused graph's static
+        inputs, then the grids' copies into ``out`` (captured once per slot; made per launch, cheaply)."""
+        step = self.backend.fused_step(post)
+
+        def tail() -> None:
+            labels, best = step()
+            out.labels.copy_(labels, non_blocking=True)
+            out.best.copy_(best, non_blocking=True)
+
+        return tail
+
     def _result_sets(self) -> list[_ResultSet]:
-        """The ring of pinned (labels, best) grids with their events, allocated on first use."""
+        """Per buffer slot, the pinned (labels, best) grids with their events, allocated on first use."""
         if not self._results:
             dev = self.backend.torch_device
             shape = (1, *(int(n) for n in self.config.grid_shape))
             pin = dev.type == "cuda"
             self._results = [_ResultSet(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
                                         torch.empty(shape, dtype=torch.float32, pin_memory=pin),
-                                        _event(dev, True), _event(dev, True), _event(dev, False, blocking=True))
-                             for _ in range(RESULT_SETS)]
+                                        _event(dev, True), _event(dev, True), _event(dev, True, blocking=True))
+                             for _ in range(self.slots)]
         return self._results
 
     def _fused_targets(self, post: Any) -> FrameTensors:
@@ -315,8 +349,9 @@ class OccupancyPipeline:
 
     def collect(self, launched: Launched):
         """Fused path, finish stage (b): wait for the copy, then the host ``OccupancyFrame``. ``infer_ms``
-        is the GPU time of the captured graph (network + post-processing, CUDA events); ``postprocess_ms``
-        the host time from the copied grids to the frame."""
+        is GPU time (CUDA events): with the frame graph, of the frame's whole device work (upload,
+        preprocessing, network, post-processing, copies back); without it, of the network's graph (network +
+        post-processing). ``postprocess_ms`` is the host time from the copied grids to the frame."""
         launched.copied.synchronize()
         t2 = time.perf_counter()
         prepared = launched.prepared
@@ -379,6 +414,8 @@ class OccupancyPipeline:
         return out
 
     def close(self) -> None:
+        for slot in self.preprocessor.slots:
+            slot.graphs.clear()
         self._results, self._posts, self._targets = [], {}, {}
         self.backend.close()
 

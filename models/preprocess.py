@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,22 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def capture_graph(body: Callable[[], Any], device: torch.device, pool: Any = None) -> Any:
+    """``body``'s device work as a ``torch.cuda.CUDAGraph``: run once on a side stream first (lazy allocations,
+    cuDNN's choices, index tables), then captured. ``thread_local``: the frame loop's other threads may
+    decode, copy or query events meanwhile. ``pool``: a memory pool shared with other graphs that never run
+    at the same time."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        body()
+    return graph
 
 
 @dataclass
@@ -194,11 +210,17 @@ class _Slot:
         self.grid2img: torch.Tensor | None = None
         self.depth: torch.Tensor | None = None
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
+        self.uploaded_lent = False  # ``uploaded`` is the frame graph's done event (``staging_done``), not the slot's
         self.g2i_np: np.ndarray | None = None  # numpy view of host_g2i[0]
         self.bgr = False  # the staged bytes are in BGR order
         self.frame_rgb: torch.Tensor | None = None  # CPU: the frame's own bytes, viewed, until resized
-        # (image shape, bgr, depth shape, output buffer) -> CUDA graph of the device work
+        # (image shape, bgr, depth shape, output buffer[, frame key]) -> CUDA graph of the device work (and of
+        # the frame graph's tail); dropped whenever the staging buffers are reallocated
         self.graphs: dict[tuple, Any] = {}
+
+    def staged_shape(self) -> tuple[int, ...]:
+        """Shape of the staged image: the pinned buffer's, or on the CPU the viewed frame's."""
+        return tuple((self.host_rgb if self.frame_rgb is None else self.frame_rgb).shape)
 
 
 class TensorPreprocessor:
@@ -212,6 +234,8 @@ class TensorPreprocessor:
     otherwise the image is resized in float32 (the only antialiased mode CUDA offers). ``graphs`` (default: on
     CUDA) captures each slot's device work (uploads from its pinned buffers, resize, normalisation,
     depth) as one CUDA graph per input shape, replayed per frame: a dozen launches become one.
+    ``frame_graph`` captures that work together with the caller's (the fused path: network, post-processing,
+    copies back) as one graph per slot (``frame_graphs``, default: with ``graphs``).
     ``__call__`` is ``stage`` (host: checks, ``grid2img``, the frame into the slot's buffers) then ``run``
     (device work, into the slot's outputs or given tensors); the fused frame loop calls the two on its
     prepare and finish threads.
@@ -227,6 +251,7 @@ class TensorPreprocessor:
         self.uint8_resize = (self.device.type == "cpu") if uint8_resize is None else bool(uint8_resize)
         self.native_resize = True
         self.graphs = self.pin if graphs is None else bool(graphs) and self.pin
+        self.frame_graphs = self.graphs
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32)
         # normalised = x * scale + shift, x in 0..255 (constants uploaded once, here)
         self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
@@ -350,11 +375,49 @@ class TensorPreprocessor:
         else:
             self._device_work(s, depth_hw, target)
         if self.pin:
-            if s.uploaded is None:
-                s.uploaded = torch.cuda.Event()  # one per slot, re-recorded each frame
+            if s.uploaded is None or s.uploaded_lent:
+                s.uploaded, s.uploaded_lent = torch.cuda.Event(), False  # one per slot, re-recorded each frame
             s.uploaded.record(stream)
         return FrameTensors(target.image, target.grid2img, target.depth if depth_hw is not None else None,
                             staged.voxel_origin, staged.slot)
+
+    def frame_graph(self, staged: StagedFrame, out: FrameTensors, key: Any, make_tail: Callable[[], Callable[[], Any]],
+                    make_pool: Callable[[], Any] = lambda: None) -> Any:
+        """One CUDA graph of slot ``staged.slot``'s device work into ``out`` followed by the work of ``make_tail()``
+        (the fused path: the network, post-processing and the copies back), captured on first use per input
+        shape and ``key`` (the tail must do the same for a key), in the memory pool ``make_pool()`` gives, and
+        dropped with the slot's other graphs when its staging buffers change. None when ``frame_graphs`` is
+        off, or, logged and off from then on, when capture fails: the caller then runs ``run`` and its own
+        work. After a replay the caller passes ``staging_done`` an event recorded after it."""
+        s = self.slots[staged.slot]
+        depth_hw = staged.depth_hw
+        graph_key = ("frame", s.staged_shape(), s.bgr, depth_hw, out.image.data_ptr(), key)
+        graph = s.graphs.get(graph_key)
+        if graph is not None or not self.frame_graphs:
+            return graph
+
+        tail, pool = make_tail(), make_pool()
+
+        def body() -> None:
+            self._device_work(s, depth_hw, out)
+            tail()
+
+        try:
+            with self._device_lock:  # no staging buffer of another slot is reallocated meanwhile (``_allocating``)
+                graph = capture_graph(body, self.device, pool)
+        except RuntimeError as exc:
+            log.warning("frame graph: CUDA graph capture failed (%s); the preprocessing and the network are "
+                        "replayed as two graphs from now on", exc)
+            self.frame_graphs = False
+            return None
+        s.graphs[graph_key] = graph
+        return graph
+
+    def staging_done(self, slot: int, event: Any) -> None:
+        """``event`` (recorded after a frame graph's replay) marks when slot ``slot``'s host staging may be
+        rewritten: ``stage`` waits for it, and ``run`` records a slot event of its own again."""
+        s = self.slots[slot]
+        s.uploaded, s.uploaded_lent = event, True
 
     def _device_work(self, s: _Slot, depth_hw: tuple[int, int] | None, out: FrameTensors) -> None:
         """Uploads (CUDA) and resize / normalise / depth resize of slot ``s`` into ``out``'s tensors."""
@@ -384,15 +447,7 @@ class TensorPreprocessor:
             return graph
         try:
             with self._device_lock:  # no staging buffer of another slot is reallocated meanwhile (``_allocating``)
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):  # warm-up: lazy allocations and the index tables outside capture
-                    self._device_work(s, depth_hw, out)
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the pipeline's other threads may decode, copy or query events meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self._device_work(s, depth_hw, out)
+                graph = capture_graph(lambda: self._device_work(s, depth_hw, out), self.device)
         except RuntimeError as exc:
             log.warning("preprocessing: CUDA graph capture failed (%s); eager launches from now on", exc)
             self.graphs = False

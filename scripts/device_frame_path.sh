@@ -72,12 +72,19 @@
 #                                             # then profile (py-spy: where the fused launch's in-loop wait goes,
 #                                             # the GIL or not; ~2 min). .before as launch-fix; carry .whl
 #                                             # with py-spy's wheel too
+#   bash scripts/device_frame_path.sh frame-graph # session 30: tests; the frame graph (one CUDA graph per buffer
+#                                             # slot: upload, preprocessing, network, post-processing, copies
+#                                             # back) on and off, interleaved, two rounds, lite and paper_student
+#                                             # CUDA graphs; paper_student compiled FP16 with it; then profile
+#                                             # (~6 min; carry .whl)
+#   bash scripts/device_frame_path.sh frame-graph-memory # tests; the frame graphs in the network graph's memory
+#                                             # pool: frame graph on and off, lite and paper_student bgr8 (~2 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -343,6 +350,27 @@ unfused_wait() {  # the unfused CUDA path, .before and this tree interleaved, tw
     step 30 "TensorRT backend's CUDA memory providers, their blocking wait included" python3 \
         benchmarks/check_cuda_providers.py --out "$out/cuda_providers.json"
 }
+frame_graph_pairs() {  # session 30: the frame graph (one graph per slot) against the two graphs, interleaved
+    local round fg
+    for round in 1 2; do
+        for fg in on off; do
+            step 100 "frame graph $fg, CUDA graphs, lite + paper_student (round $round)" python3 \
+                benchmarks/bench_frame_path.py --device cuda --configs lite paper_student --frames 300 \
+                --frame-graph $fg --json "$out/frame_path_gpu.json" --append
+        done
+    done
+    step 150 "frame graph, torch.compile + CUDA graphs (paper_student fp16, lite fp32)" python3 \
+        benchmarks/bench_frame_path.py --device cuda --configs paper_student --precisions fp16 --frames 300 --compile \
+        --json "$out/frame_path_gpu_compiled.json"
+}
+frame_graph_memory() {  # the frame graphs in the network graph's pool: memory and host time, on and off, bgr8
+    local fg
+    for fg in on off; do
+        step 80 "frame graph $fg (network graph's pool), CUDA graphs, lite + paper_student bgr8" python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs lite paper_student --inputs bgr8 --frames 300 \
+            --frame-graph $fg --json "$out/frame_path_gpu_pool.json" --append
+    done
+}
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
     step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
         docs/results/device_runs/issue10_whole_frame_graph_probe.py --out "$out/whole_frame_graph.json"
@@ -368,7 +396,9 @@ trims) tests 40; jpeg_decode; before_after; compiled paper_student --precisions 
         --frames 300 --compile --json "$out/frame_path_gpu.json" --append ;;
 launch-path) tests 40; launch_path ;;
 launch-fix) tests 60; launch_fix ;;
-unfused-wait) tests 60; unfused_wait; whole_frame_graph; profile_loop ;;
+unfused-wait) tests 60; whole_frame_graph; profile_loop; unfused_wait ;;
+frame-graph) tests 60; frame_graph_pairs; profile_loop ;;
+frame-graph-memory) tests 60; frame_graph_memory ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

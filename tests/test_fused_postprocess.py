@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -114,11 +116,11 @@ def test_fused_prepare_stays_on_the_host_and_launch_fills_the_network_inputs(lit
     """Fused: ``prepare`` only stages the frame (no device tensors, no event to wait for); ``launch`` writes
     the preprocessed frame straight into the network graph's static inputs (the network gets those very
     tensors, so nothing is copied), where the plain preprocessor's result is found, for several frames
-    and slots in turn."""
+    and slots in turn. Without frame graphs, so that the network graph is replayed on its own."""
     cfg = dataclasses.replace(lite_config, score_threshold=0.0, use_depth=use_depth)
     torch.manual_seed(0)
     backend = TorchBackend(build_model(cfg).eval(), cfg, device=device, cuda_graph=True)
-    fused = OccupancyPipeline(backend, cfg, fuse=True)
+    fused = OccupancyPipeline(backend, cfg, fuse=True, frame_graphs=False)
     given_static = []
     run_fused = backend.run_fused
 
@@ -181,6 +183,95 @@ def test_fused_cuda_loop_survives_input_size_changes(lite_config):
         _same_frames(plain.complete(plain.prepare(*f)), results[i], exact=False)
 
 
+class _EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: each replay runs the captured body again."""
+
+    def __init__(self, body) -> None:
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
+
+def _frame_graph_frames(cfg, use_depth: bool):
+    """Two rounds of the slots at 640x480 (bgr8 views, then RGB), then slot 0 at 320x240: its staging is
+    reallocated, so its frame graph is captured again."""
+    rng = np.random.default_rng(4)
+    frames = []
+    for i, (h, w) in enumerate([(480, 640)] * (2 * LAUNCH_AHEAD_SLOTS) + [(240, 320)]):
+        image, k, pose = _frame(cfg, 50 + i)
+        image = np.ascontiguousarray(image[:h, :w])
+        k = k.copy()
+        k[:2] *= w / 640
+        depth = rng.uniform(0.3, 6.0, (h // 2, w // 2)).astype(np.float32) if use_depth else None
+        frames.append(((image[..., ::-1] if i % 2 else image), k, pose, depth))
+    return frames
+
+
+@pytest.mark.parametrize("use_depth", [False, True])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the captured graphs)"))])
+def test_frame_graph_per_slot_gives_the_frames_of_the_two_graph_path(lite_config, device, use_depth, monkeypatch):
+    """With frame graphs ``launch`` replays one graph per slot (upload, preprocessing, network, post-processing,
+    copies back), captured at the slot's first frame and again after its input size changed, and never runs
+    the network's own graph; its frames equal those of the two-graph path. On the CPU the capture is stood in
+    for by a graph that runs its body eagerly at each replay."""
+    preprocess = importlib.import_module("models.preprocess")  # the module (``models.preprocess`` is a function)
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0, use_depth=use_depth)
+    torch.manual_seed(0)
+    backend = TorchBackend(build_model(cfg).eval(), cfg, device=device, cuda_graph=True)
+    graphed = OccupancyPipeline(backend, cfg, fuse=True)
+    two = OccupancyPipeline(backend, dataclasses.replace(cfg), fuse=True, frame_graphs=False)
+    assert not two.preprocessor.frame_graphs
+    assert graphed.preprocessor.frame_graphs == (device == "cuda")  # on by default where graphs are
+    captured, real_capture = [], preprocess.capture_graph
+
+    def capture(body, dev, pool=None):
+        captured.append(pool)
+        return real_capture(body, dev, pool) if device == "cuda" else _EagerGraph(body)
+
+    monkeypatch.setattr(preprocess, "capture_graph", capture)
+    graphed.preprocessor.frame_graphs = True
+    network_replays = []
+    run_fused = backend.run_fused
+    monkeypatch.setattr(backend, "run_fused", lambda inputs, post: network_replays.append(post) or run_fused(inputs, post))
+    for i, (image, k, pose, depth) in enumerate(_frame_graph_frames(cfg, use_depth)):
+        slot = i % LAUNCH_AHEAD_SLOTS
+        ref = two.complete(two.prepare(image, k, pose, depth=depth, slot=slot))
+        got = graphed.complete(graphed.prepare(image, k, pose, depth=depth, slot=slot))
+        assert len(ref.voxel_labels) > 50
+        _same_frames(ref, got, exact=device == "cpu")
+        assert graphed.last_timings.infer_ms > 0
+    # on CUDA the frame graphs go into the network graph's pool, the two-graph path's preprocessing graphs not
+    frame_pools = [p for p in captured if device == "cpu" or p is not None]
+    assert len(frame_pools) == LAUNCH_AHEAD_SLOTS + 1  # one per slot, and slot 0's again at the new size
+    assert set(frame_pools) == {backend.fused_pool(graphed._post_fn())}
+    assert set(network_replays) == {two._post_fn()}  # the graphed pipeline never replays the network alone
+
+
+def test_frame_graph_capture_failure_falls_back_to_two_graphs(lite_model, lite_config, monkeypatch, caplog):
+    """A frame graph that cannot be captured is logged once and ``launch`` goes on with the two-graph path,
+    with the same frames."""
+    preprocess = importlib.import_module("models.preprocess")  # the module (``models.preprocess`` is a function)
+    def refuse(body, dev, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(preprocess, "capture_graph", refuse)
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)
+    backend = TorchBackend(lite_model, cfg, device="cpu", cuda_graph=True)
+    graphed, two = OccupancyPipeline(backend, cfg, fuse=True), OccupancyPipeline(backend, cfg, fuse=True,
+                                                                                  frame_graphs=False)
+    graphed.preprocessor.frame_graphs = True
+    with caplog.at_level("WARNING", logger="models.preprocess"):
+        for i in range(3):
+            frame = _frame(cfg, 70 + i)
+            _same_frames(two.complete(two.prepare(*frame, slot=i)), graphed.complete(graphed.prepare(*frame, slot=i)),
+                         exact=True)
+    assert not graphed.preprocessor.frame_graphs
+    (record,) = [r for r in caplog.records if "frame graph" in r.getMessage()]
+    assert "capture failed" in record.getMessage() and "two graphs" in record.getMessage()
+
+
 def test_result_sets_wait_for_their_copy_on_a_sleeping_event(monkeypatch):
     """On CUDA the results' copy-done event is blocking (its wait sleeps: a spinning one cost a core per frame
     on H200, session 23) and the two timing events time; checked with torch's CUDA calls stood in for."""
@@ -195,10 +286,11 @@ def test_result_sets_wait_for_their_copy_on_a_sleeping_event(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
     pipe = object.__new__(OccupancyPipeline)
     pipe._results = []
+    pipe.slots = LAUNCH_AHEAD_SLOTS
     pipe.backend = type("B", (), {"torch_device": torch.device("cuda")})()
     pipe.config = type("C", (), {"grid_shape": (4, 4, 2)})()
-    sets = pipe._result_sets()
-    assert len(sets) == 3 and made == [(True, False), (True, False), (False, True)] * 3
+    sets = pipe._result_sets()  # one per slot; the copy-done event times too: the frame graph's end
+    assert len(sets) == LAUNCH_AHEAD_SLOTS and made == [(True, False), (True, False), (True, True)] * LAUNCH_AHEAD_SLOTS
     assert sets[0].labels.shape == (1, 4, 4, 2) and sets[0].best.dtype == torch.float32
 
 
@@ -243,7 +335,7 @@ def test_unfused_cuda_path_waits_for_the_network_on_a_sleeping_event(monkeypatch
     inference_stream = Stream()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: inference_stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("device sync",)))
-    monkeypatch.setattr("export.pipeline.TensorPreprocessor", lambda *a, **k: None)
+    monkeypatch.setattr("export.pipeline.TensorPreprocessor", lambda *a, **k: types.SimpleNamespace(frame_graphs=True))
     monkeypatch.setattr("export.pipeline.points_to_occupancy", lambda p, s, origin, config, threads=1: ("frame", p, s))
     pipe = OccupancyPipeline(Backend(lite_config))
     assert not pipe.fused and pipe.upload_stream is not None

@@ -284,6 +284,26 @@ class TorchBackend(Backend):
         (entry,) = runner.entries.values()  # one: ``tensors`` admits only the config's shapes, in float32
         return entry.inputs
 
+    def fused_step(self, post: Any) -> Any:
+        """``run_fused``'s work on its static inputs (``fused_inputs``) as a plain call returning the static
+        runner's outputs' values, for capture inside a larger graph (``TensorPreprocessor.frame_graph``):
+        the network and ``post`` under this backend's precision settings."""
+        runner = self._fused_runner(post)
+        static = self.fused_inputs(post)
+
+        def step() -> tuple[torch.Tensor, ...]:
+            with runner.context():
+                return runner.fn(**static)
+
+        return step
+
+    def fused_pool(self, post: Any) -> Any:
+        """The memory pool of ``run_fused(..., post)``'s CUDA graph (None without one): graphs that run the same
+        network one after the other on one stream can share its intermediates' memory (the frame graphs)."""
+        self.fused_inputs(post)
+        (entry,) = self._fused_runner(post).entries.values()
+        return entry.graph.pool() if entry.graph is not None else None
+
     def _fused_runner(self, post: Any) -> StaticRunner:
         """The static runner of network + ``post`` (one per ``post`` object, made on first use)."""
         if not self.can_fuse:
