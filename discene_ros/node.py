@@ -125,7 +125,8 @@ class OccupancyNode(Node):
             pipeline = build_pipeline(self.cfg["model_path"], self.cfg["backend"], self.cfg["device"],
                                       fp16=self.cfg["fp16"], compile=self.cfg["compile"],
                                       cuda_graph=self.cfg["cuda_graph"], tf32=self.cfg["tf32"],
-                                      tf32_convolutions=self.cfg["tf32_convolutions"])
+                                      tf32_convolutions=self.cfg["tf32_convolutions"],
+                                      frame_graph=self.cfg["frame_graph"])
         self.pipeline = tune_postprocess(pipeline, **postprocess)
         self.marker_schedule = EveryNth(self.cfg["marker_period"])
         settings = ProcessorSettings(

@@ -38,11 +38,12 @@ CAMERA_CACHE_SIZE = 8  # calibrations and image sizes FrameProcessor keeps check
 def build_pipeline(model: str | Path | None = None, backend: str = "torch", device: str | None = "auto",
                    fp16: bool = False, compile: bool = False, cuda_graph: bool = False, tf32: bool = False,
                    closing: bool | None = None, score_threshold: float | None = None,
-                   tf32_convolutions: bool = False) -> OccupancyPipeline:
+                   tf32_convolutions: bool = False, frame_graph: bool = True) -> OccupancyPipeline:
     """Backend + OccupancyPipeline for the node and the replay; the default model is the shipped one.
 
     ``device`` "auto" (or None) lets the backend choose; ``compile``/``cuda_graph``/``tf32``/``tf32_convolutions``
-    apply to the torch backend (``cuda_graph`` on the CPU: static buffers, eager). ``closing`` and ``score_threshold``
+    apply to the torch backend (``cuda_graph`` on the CPU: static buffers, eager), ``frame_graph`` to its CUDA graphs
+    (``OccupancyPipeline(frame_graphs=...)``). ``closing`` and ``score_threshold``
     (None: the model config's) are post-processing settings, see ``tune_postprocess``.
     """
     path = Path(model) if model else DEFAULT_MODEL
@@ -57,7 +58,7 @@ def build_pipeline(model: str | Path | None = None, backend: str = "torch", devi
         check_onnx_file(path)
     be = create_backend(backend, path, device=None if device in (None, "auto") else device, fp16=fp16,
                         compile=compile, cuda_graph=cuda_graph, tf32=tf32, tf32_convolutions=tf32_convolutions)
-    return tune_postprocess(OccupancyPipeline(be), closing, score_threshold)
+    return tune_postprocess(OccupancyPipeline(be, frame_graphs=frame_graph), closing, score_threshold)
 
 
 def tune_postprocess(pipeline: Any, closing: bool | None = None, score_threshold: float | None = None) -> Any:

@@ -72,6 +72,7 @@ class ReplaySettings:
     device: str | None = None           # torch device; None: CUDA when present (as the node's "auto")
     fp16: bool = False                  # torch backend options, as the node's parameters of these names
     cuda_graph: bool = True
+    frame_graph: bool = True
     compile: bool = False
     tf32: bool = False
     tf32_convolutions: bool = False
@@ -518,7 +519,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             pipeline = build_pipeline(settings.model, settings.backend, settings.device, fp16=settings.fp16,
                                       compile=settings.compile, cuda_graph=settings.cuda_graph, tf32=settings.tf32,
                                       tf32_convolutions=settings.tf32_convolutions,
-                                      score_threshold=settings.score_threshold)
+                                      score_threshold=settings.score_threshold, frame_graph=settings.frame_graph)
         config = pipeline.config
         topic = bag_io.pick_image_topic(reader, settings.image_topic)
         if topic is None:
@@ -659,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true", help="half precision (CUDA torch autocast / FP16 engine)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                         help="torch backend: eager launches instead of the CUDA graph (CPU: static buffers)")
+    parser.add_argument("--no-frame-graph", dest="frame_graph", action="store_false",
+                        help="torch backend on CUDA: the preprocessing's and the network's CUDA graphs replayed apart, "
+                             "not one graph per buffer slot for the whole frame (less GPU memory, more host time)")
     parser.add_argument("--compile", action="store_true", help="torch backend on CUDA: torch.compile the network")
     parser.add_argument("--tf32", action="store_true", help="torch backend on CUDA in FP32: TF32 tensor cores")
     parser.add_argument("--tf32-convolutions", action="store_true",
@@ -745,7 +749,8 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         settings = ReplaySettings(
             model=args.model, backend=args.backend, device=None if args.device == "auto" else args.device,
-            fp16=args.fp16, cuda_graph=args.cuda_graph, compile=args.compile, tf32=args.tf32,
+            fp16=args.fp16, cuda_graph=args.cuda_graph, frame_graph=args.frame_graph, compile=args.compile,
+            tf32=args.tf32,
             tf32_convolutions=args.tf32_convolutions,
             score_threshold=args.score_threshold, image_topic=args.image_topic, info_topic=args.camera_info_topic,
             depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,

@@ -275,12 +275,14 @@ def test_cli_backend_options_reach_the_pipeline_builder(bags, tmp_path, monkeypa
     args = ["--bag", str(bags["mcap"]), "--no-progress"]
     assert replay.main([*args, "--out", str(tmp_path / "a")]) == 2
     assert replay.main([*args, "--out", str(tmp_path / "b"), "--fp16", "--compile", "--tf32", "--no-cuda-graph",
-                        "--tf32-convolutions", "--device", "cpu"]) == 2
-    options = ("device", "fp16", "compile", "cuda_graph", "tf32", "tf32_convolutions")
-    # the defaults are the node's: CUDA when present, static buffers / CUDA graph on, the rest off
+                        "--tf32-convolutions", "--no-frame-graph", "--device", "cpu"]) == 2
+    options = ("device", "fp16", "compile", "cuda_graph", "tf32", "tf32_convolutions", "frame_graph")
+    # the defaults are the node's: CUDA when present, static buffers / CUDA graph and frame graph on, the rest off
     assert [{k: kw[k] for k in options} for kw in seen] == [
-        {"device": None, "fp16": False, "compile": False, "cuda_graph": True, "tf32": False, "tf32_convolutions": False},
-        {"device": "cpu", "fp16": True, "compile": True, "cuda_graph": False, "tf32": True, "tf32_convolutions": True}]
+        {"device": None, "fp16": False, "compile": False, "cuda_graph": True, "tf32": False, "tf32_convolutions": False,
+         "frame_graph": True},
+        {"device": "cpu", "fp16": True, "compile": True, "cuda_graph": False, "tf32": True, "tf32_convolutions": True,
+         "frame_graph": False}]
 
 
 def test_shipped_sample_bag_is_small_and_complete():

@@ -334,10 +334,12 @@ def test_backend_parameters_reach_the_pipeline_builder(ros, monkeypatch):
         return pipeline_for(BlockBackend())
 
     monkeypatch.setattr(module, "build_pipeline", build)
-    fake.overrides.update(fp16=True, compile=True, cuda_graph=False, tf32=True, tf32_convolutions=True)
+    fake.overrides.update(fp16=True, compile=True, cuda_graph=False, tf32=True, tf32_convolutions=True,
+                          frame_graph=False)
     module.OccupancyNode()
-    assert {k: seen[k] for k in ("fp16", "compile", "cuda_graph", "tf32", "tf32_convolutions")} == {
-        "fp16": True, "compile": True, "cuda_graph": False, "tf32": True, "tf32_convolutions": True}
+    assert {k: seen[k] for k in ("fp16", "compile", "cuda_graph", "tf32", "tf32_convolutions", "frame_graph")} == {
+        "fp16": True, "compile": True, "cuda_graph": False, "tf32": True, "tf32_convolutions": True,
+        "frame_graph": False}
 
 
 def test_main_reports_a_missing_model_and_shuts_down(ros, tmp_path, capsys):
