@@ -60,7 +60,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "static-buffer eager replay)"),
     ParamSpec("frame_graph", True, "torch backend on CUDA with cuda_graph: each buffer slot's whole frame (upload, "
               "preprocessing, network, post-processing, copies back) captured as one CUDA graph: about 0.1 ms "
-              "(0.02-0.19) less host CPU time per frame to launch it on an H200, for 100-400 MB more GPU memory (the "
+              "(0.02-0.17) less host CPU time per frame to launch it on an H200, for 100-400 MB more GPU memory (the "
               "network captured once more per slot); off: the preprocessing's and the network's graphs replayed apart"),
     ParamSpec("compile", False, "torch backend on CUDA: torch.compile the network (first frame compiles for tens "
               "of seconds, cached on disk by inductor; with fp16 the paper-size student goes from 133 to 204-232 FPS "
