@@ -79,12 +79,14 @@
 #                                             # (~6 min; carry .whl)
 #   bash scripts/device_frame_path.sh frame-graph-memory # tests; the frame graphs in the network graph's memory
 #                                             # pool: frame graph on and off, lite and paper_student bgr8 (~2 min)
+#   bash scripts/device_frame_path.sh replay-frame-graph # discene-replay on CUDA, the sample bag, with the frame
+#                                             # graph and without, FP32 and FP16: the same metrics? (~1 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -371,6 +373,14 @@ frame_graph_memory() {  # the frame graphs in the network graph's pool: memory a
             --frame-graph $fg --json "$out/frame_path_gpu_pool.json" --append
     done
 }
+replay_frame_graph() {  # the replay CLI on CUDA with the frame graph (default) and without, FP32 and FP16
+    local flags
+    for flags in "" "--no-frame-graph" "--fp16" "--fp16 --no-frame-graph"; do
+        # shellcheck disable=SC2086  # $flags: zero to two options
+        step 60 "discene-replay on CUDA ${flags:-(defaults)}" python3 -m discene_ros.replay --device cuda $flags \
+            --out "/tmp/replay${flags// /}" --json "$out/replay_cuda${flags// /}.json" --renders 0 --no-progress
+    done
+}
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
     step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
         docs/results/device_runs/issue10_whole_frame_graph_probe.py --out "$out/whole_frame_graph.json"
@@ -399,6 +409,7 @@ launch-fix) tests 60; launch_fix ;;
 unfused-wait) tests 60; whole_frame_graph; profile_loop; unfused_wait ;;
 frame-graph) tests 60; frame_graph_pairs; profile_loop ;;
 frame-graph-memory) tests 60; frame_graph_memory ;;
+replay-frame-graph) replay_frame_graph ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2
