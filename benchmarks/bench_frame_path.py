@@ -67,7 +67,8 @@ one is post-processed, ``--host-overlap``; rows without it took one frame at a t
 (median time from one frame's network end to the next one's start: the host work the frame rate pays for
 where stages overlap; rows without it did not record it), "frame_graph" (fused rows: the frame graph ran;
 fused rows without it ran the two graphs), "cuda_peak_allocated_mb" (CUDA: torch's peak allocated memory since
-the row's config and precision were loaded, the rows before it of the same pipeline included), ...}]}.
+the row's config and precision were loaded, the rows before it of the same pipeline included), "cuda_reserved_mb"
+(CUDA: what torch's allocator holds from the driver after the row, captured graphs' pools included), ...}]}.
 """
 from __future__ import annotations
 
@@ -458,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                        # the peak since this config and precision's pipeline was made (its graphs included)
                        "cuda_peak_allocated_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
                                                   else None),
+                       "cuda_reserved_mb": torch.cuda.memory_reserved() / 2**20 if args.device == "cuda" else None,
                        "postprocess_impl": ("fused" if pipe.fused else "native" if native_postprocess.available()
                                             and args.device == "cpu" else "torch"),
                        "resize": (("native" if pipe.preprocessor.native_resize and native_postprocess.available()

@@ -81,12 +81,16 @@
 #                                             # pool: frame graph on and off, lite and paper_student bgr8 (~2 min)
 #   bash scripts/device_frame_path.sh replay-frame-graph # discene-replay on CUDA, the sample bag, with the frame
 #                                             # graph and without, FP32 and FP16: the same metrics? (~1 min)
+#   bash scripts/device_frame_path.sh next    # what session 30 left: tests, replay-frame-graph, frame-graph-memory
+#                                             # (rows now with cuda_reserved_mb), unfused-wait's comparison (.before
+#                                             # with its own bench) (~5 min; carry .whl with apsw, backports.zstd
+#                                             # and lz4, and .before as launch-fix)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -240,12 +244,18 @@ have_before() {  # true when the .before tree (git archive of the commit to comp
     echo "no .before tree: git archive the previous commit into .before and carry it" | tee -a "$log"
     return 1
 }
+build_native() {  # TREE...: build each tree's native post-processing kernel
+    local tree
+    for tree in "$@"; do
+        (cd "$tree" && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "$tree: native kernel not built" | tee -a "$log"
+    done
+}
 with_this_bench() {  # TREE...: give each tree this tree's bench (it times what these stages compare) and its kernel
     local tree
     for tree in "$@"; do
         cp benchmarks/bench_frame_path.py "$tree/benchmarks/bench_frame_path.py"
-        (cd "$tree" && python3 setup.py -q build_ext --inplace >> "$log" 2>&1) || echo "$tree: native kernel not built" | tee -a "$log"
     done
+    build_native "$@"
 }
 before_after() {  # .before (the previous commit) and this tree, interleaved; rows of both in the log,
     # this tree's last round in frame_path_gpu.json, every round's JSON in rounds.tgz
@@ -334,8 +344,10 @@ launch_fix() {  # after call 11's failure was fixed: .before and this tree inter
 }
 
 unfused_wait() {  # the unfused CUDA path, .before and this tree interleaved, two rounds per config
+    # .before runs its own bench: this tree's imports what 1514074 lacks (call 14); both record fps, infer_ms
+    # and process_cpu_ms_per_frame alike
     have_before || return
-    with_this_bench .before
+    build_native .before
     mkdir -p /tmp/rounds
     local round config
     for round in 1 2; do
@@ -410,6 +422,7 @@ unfused-wait) tests 60; whole_frame_graph; profile_loop; unfused_wait ;;
 frame-graph) tests 60; frame_graph_pairs; profile_loop ;;
 frame-graph-memory) tests 60; frame_graph_memory ;;
 replay-frame-graph) replay_frame_graph ;;
+next) tests 60; replay_frame_graph; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2
