@@ -100,6 +100,11 @@ class _ResultSet:
     copied: Any
     used: bool = False
 
+    def take(self, labels: torch.Tensor, best: torch.Tensor) -> None:
+        """Queue the copies of a frame's device grids into these pinned ones (stream order, no wait)."""
+        self.labels.copy_(labels, non_blocking=True)
+        self.best.copy_(best, non_blocking=True)
+
 
 PIPELINE_SLOTS = 3  # buffer sets: one being inferred, one waiting, one being prepared
 LAUNCH_AHEAD_SLOTS = 4  # with launch-ahead one more: launched while the previous one is collected
@@ -295,8 +300,7 @@ class OccupancyPipeline:
             out.start.record(stream)
             labels, best = self.backend.run_fused(inputs, post)
         out.end.record(stream)
-        out.labels.copy_(labels, non_blocking=True)
-        out.best.copy_(best, non_blocking=True)
+        out.take(labels, best)
         out.copied.record(stream)
         return Launched(prepared, out.labels, out.best, out.copied, out.start, out.end, t0)
 
@@ -304,13 +308,7 @@ class OccupancyPipeline:
         """The frame graph's work after the preprocessing: network + ``post`` on the fused graph's static
         inputs, then the grids' copies into ``out`` (made when the slot's graph is captured)."""
         step = self.backend.fused_step(post)
-
-        def tail() -> None:
-            labels, best = step()
-            out.labels.copy_(labels, non_blocking=True)
-            out.best.copy_(best, non_blocking=True)
-
-        return tail
+        return lambda: out.take(*step())
 
     def _result_sets(self) -> list[_ResultSet]:
         """Per buffer slot, the pinned (labels, best) grids with their events, allocated on first use."""

@@ -70,6 +70,14 @@ def _frame(config, seed: int):
     return image, k, pose
 
 
+def _sized_frame(config, seed: int, h: int, w: int):
+    """``_frame`` cropped to (h, w), K scaled with it (a 640-wide camera seen at width w)."""
+    image, k, pose = _frame(config, seed)
+    k = k.copy()
+    k[:2] *= w / 640
+    return np.ascontiguousarray(image[:h, :w]), k, pose
+
+
 def _same_frames(ref, got, exact: bool) -> None:
     if exact:
         assert np.array_equal(ref.labels, got.labels) and np.array_equal(ref.voxel_scores, got.voxel_scores)
@@ -166,10 +174,7 @@ def test_fused_cuda_loop_survives_input_size_changes(lite_config):
                                                                                   fuse=False)
     frames = []
     for i, (h, w) in enumerate([(480, 640)] * 10 + [(240, 320)] * 10 + [(480, 640)] * 6):
-        image, k, pose = _frame(cfg, 30 + i)
-        image = np.ascontiguousarray(image[:h, :w])
-        k = k.copy()
-        k[:2] *= w / 640
+        image, k, pose = _sized_frame(cfg, 30 + i, h, w)
         frames.append((image[..., ::-1] if h == 480 else image, k, pose))  # bgr8 views, then RGB
     results, errors = {}, []
     runner = FrameRunner(lambda i, slot: fused.prepare(*frames[i], slot=slot),
@@ -199,10 +204,7 @@ def _frame_graph_frames(cfg, use_depth: bool):
     rng = np.random.default_rng(4)
     frames = []
     for i, (h, w) in enumerate([(480, 640)] * (2 * LAUNCH_AHEAD_SLOTS) + [(240, 320)]):
-        image, k, pose = _frame(cfg, 50 + i)
-        image = np.ascontiguousarray(image[:h, :w])
-        k = k.copy()
-        k[:2] *= w / 640
+        image, k, pose = _sized_frame(cfg, 50 + i, h, w)
         depth = rng.uniform(0.3, 6.0, (h // 2, w // 2)).astype(np.float32) if use_depth else None
         frames.append(((image[..., ::-1] if i % 2 else image), k, pose, depth))
     return frames

@@ -276,13 +276,17 @@ class TorchBackend(Backend):
     def fused_inputs(self, post: Any) -> dict[str, torch.Tensor]:
         """The static input tensors of ``run_fused(..., post)``'s graph (captured now, from zeros, if it is
         not yet): inputs written there in stream order before ``run_fused`` are replayed without a copy."""
+        return self._fused_entry(post).inputs
+
+    def _fused_entry(self, post: Any) -> _Captured:
+        """The one entry of ``run_fused(..., post)``'s static runner (captured now, from zeros, if it is not yet)."""
         runner = self._fused_runner(post)
         if not runner.entries:
             with torch.inference_mode():  # the capture runs the network, as in run_fused
                 runner.static_inputs({n: torch.zeros(shape, dtype=torch.float32, device=self.torch_device)
                                       for n, shape in self._input_shapes.items()})
         (entry,) = runner.entries.values()  # one: ``tensors`` admits only the config's shapes, in float32
-        return entry.inputs
+        return entry
 
     def fused_step(self, post: Any) -> Any:
         """``run_fused``'s work on its static inputs (``fused_inputs``) as a plain call returning the static
@@ -300,9 +304,8 @@ class TorchBackend(Backend):
     def fused_pool(self, post: Any) -> Any:
         """The memory pool of ``run_fused(..., post)``'s CUDA graph (None without one): graphs that run the same
         network one after the other on one stream can share its intermediates' memory (the frame graphs)."""
-        self.fused_inputs(post)
-        (entry,) = self._fused_runner(post).entries.values()
-        return entry.graph.pool() if entry.graph is not None else None
+        graph = self._fused_entry(post).graph
+        return graph.pool() if graph is not None else None
 
     def _fused_runner(self, post: Any) -> StaticRunner:
         """The static runner of network + ``post`` (one per ``post`` object, made on first use)."""
