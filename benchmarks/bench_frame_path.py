@@ -11,9 +11,12 @@ and grid pose), the MarkerArray every ``--marker-period`` frames. The frame loop
 ``--pipelining`` auto (the node's default) it is pipelined where the network runs on a GPU:
 ``FrameRunner`` prepares frame i+1 while frame i is inferred, and with a decode stage decodes frame
 i+2 meanwhile (``--decode-stage`` auto, the node's rule, ``processing.uses_decode_thread``: for JPEG
-rows in a pipelined loop only, otherwise the image is decoded at the start of the prepare stage; on /
-off: every row; until session 9 every row had one unless ``--no-decode-stage``, now ``--decode-stage
-off``; until session 12 the JPEG rows had one on the CPU too). On the CPU the network runs alone (rows
+rows in a pipelined loop, and since session 31 for every row without a prepare thread, as the node locates
+frames there; otherwise the image is decoded at the start of the prepare stage; on / off: every row; until
+session 9 every row had one unless ``--no-decode-stage``, now ``--decode-stage off``; until session 12 the
+JPEG rows had one on the CPU too). Since session 31 a launch-ahead loop (below) has no prepare thread by
+default (``--prepare-thread`` auto, the node's rule, ``processing.uses_prepare_thread``; rows record
+``prepare_thread``): the finish stage prepares each frame right before launching it. On the CPU the network runs alone (rows
 say ``serial``; before session 8 the CPU rows were pipelined), and since session 27 the next frame is
 decoded and prepared while this one is post-processed (rows say ``host_overlap``; ``--host-overlap off``
 takes one frame at a time, as before). The runner is lossless (a camera faster than
@@ -68,7 +71,8 @@ one is post-processed, ``--host-overlap``; rows without it took one frame at a t
 where stages overlap; rows without it did not record it), "frame_graph" (fused rows: the frame graph ran;
 fused rows without it ran the two graphs), "cuda_peak_allocated_mb" (CUDA: torch's peak allocated memory since
 the row's config and precision were loaded, the rows before it of the same pipeline included), "cuda_reserved_mb"
-(CUDA: what torch's allocator holds from the driver after the row, captured graphs' pools included), ...}]}.
+(CUDA: what torch's allocator holds from the driver after the row, captured graphs' pools included),
+"prepare_thread" (the loop prepared frames on a thread of its own; rows without it did), ...}]}.
 """
 from __future__ import annotations
 
@@ -104,6 +108,7 @@ from discene_ros.processing import (  # noqa: E402
     freeze_startup_objects,
     post_threads_for,
     uses_decode_thread,
+    uses_prepare_thread,
 )
 from export.backends import create_backend  # noqa: E402
 from export.backends.torch_backend import TorchBackend  # noqa: E402
@@ -197,7 +202,7 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
             marker_period: int, decode_stage: bool = True, camera_hz: float | None = None,
-            serial: bool = False, overlap: bool = False) -> dict:
+            serial: bool = False, overlap: bool = False, prepare_thread: bool = True) -> dict:
     """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
     newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
     image, info, pose = camera_messages(factory, kind)
@@ -262,7 +267,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
               else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     freeze_startup_objects()  # as the node does after start-up
     runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
-                         lossless=camera_hz is None, serial=serial, **stages, **ahead)
+                         lossless=camera_hz is None, serial=serial, prepare_thread=prepare_thread, **stages, **ahead)
     try:
         start = time.perf_counter()
         for i in range(warmup + frames):
@@ -305,7 +310,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         "stages_ms": stages, "stages_cpu_ms": cpu,
         "process_cpu_ms_per_frame": process_cpu_ms,
         "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
-        "serial": serial, "host_overlap": bool(serial and overlap),
+        "serial": serial, "host_overlap": bool(serial and overlap), "prepare_thread": prepare_thread,
         "voxels_median": int(np.median([r["voxels"] for r in timed])), "marker_period": marker_period,
     }
 
@@ -324,7 +329,8 @@ def append_key(row: dict) -> tuple:
     launch-ahead rows without ``launch_wait`` polled (``watch``: session 23's watcher thread, measured in
     device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
     kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch; rows without
-    ``host_overlap`` took one frame at a time where serial; rows without ``frame_graph`` ran without it."""
+    ``host_overlap`` took one frame at a time where serial; rows without ``frame_graph`` ran without it; rows
+    without ``prepare_thread`` had one."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -333,7 +339,8 @@ def append_key(row: dict) -> tuple:
             row.get("camera_hz"), bool(row.get("serial", False)), wait,
             row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
             row.get("resize", "torch" if row.get("threads") is not None else None),
-            bool(row.get("host_overlap", False)), bool(row.get("frame_graph", False)))
+            bool(row.get("host_overlap", False)), bool(row.get("frame_graph", False)),
+            bool(row.get("prepare_thread", True)))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -365,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-stage", choices=("auto", "on", "off"), default="auto",
                         help="decode on a thread of its own: auto (the node's rule) for JPEG rows in a pipelined "
                              "loop only, on or off for every row (off: the loop before session 7)")
+    parser.add_argument("--prepare-thread", choices=("auto", "on", "off"), default="auto",
+                        help="prepare on a thread of its own: auto (the node's rule) everywhere but in a "
+                             "launch-ahead loop, whose finish stage prepares each frame before launching it")
     parser.add_argument("--pipelining", choices=PIPELINING_MODES, default="auto",
                         help="the node's parameter: overlap consecutive frames' stages (on) or one frame at a time "
                              "(off); auto (the node's default): on where the network runs on a GPU")
@@ -433,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.preprocessor.native_resize = args.resize == "native"
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
+                # off only where the loop launches ahead (FrameRunner's rule); the row records what ran
+                prepare_thread = (uses_prepare_thread(pipelined, pipe.launch_ahead) if args.prepare_thread == "auto"
+                                  else args.prepare_thread == "on" or not (pipelined and pipe.launch_ahead))
                 # one frame at a time (--host-overlap off) the kernel had both cores to itself for either input
                 compressed = kind == "jpeg" and args.host_overlap == "on"
                 pipe.post_threads = (post_threads_for(pipelined, compressed) if args.post_threads == "auto"
@@ -440,8 +453,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {precision} {kind}: {pipe.describe()}; weights {used}", flush=True)
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
                               args.decode_stage == "on"
-                              or (args.decode_stage == "auto" and uses_decode_thread(kind == "jpeg", pipelined)),
-                              args.camera_hz, serial=not pipelined, overlap=args.host_overlap == "on")
+                              or (args.decode_stage == "auto"
+                                  and uses_decode_thread(kind == "jpeg", pipelined, prepare_thread, locates=True)),
+                              args.camera_hz, serial=not pipelined, overlap=args.host_overlap == "on",
+                              prepare_thread=prepare_thread)
                 label = (f"torch {backend.mode}" + (" fused" if pipe.fused else "") if pipe.tensor_path
                          else f"onnxruntime {backend.device}")
                 row = {"config": name, "backend": label,
@@ -467,7 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 post = (row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
-                        + (", frame graph" if row["frame_graph"] else ""))
+                        + (", frame graph" if row["frame_graph"] else "")
+                        + (", no prepare thread" if not row["prepare_thread"] else "")
+                        + (", decode thread" if row["decode_stage"] else ""))
                 between = ("" if row["between_networks_ms"] is None else f"between networks {row['between_networks_ms']:.2f} "
                            f"({100 * row['between_networks_fraction_of_infer']:.1f} %)  ")
                 print(f"  {kind:5s} [{post} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "

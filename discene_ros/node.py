@@ -47,6 +47,7 @@ from .processing import (
     post_threads_for,
     tune_postprocess,
     uses_decode_thread,
+    uses_prepare_thread,
 )
 from .undistort import DISTORTION_MODELS, needs_undistortion
 
@@ -171,14 +172,17 @@ class OccupancyNode(Node):
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
-        decode_thread = uses_decode_thread(compressed, pipelined)
+        prepare_thread = uses_prepare_thread(pipelined, bool(getattr(self.pipeline, "launch_ahead", False)))
+        # locating a frame (pairing, TF) may wait: on the decode thread then, never on the finish stage's
+        decode_thread = uses_decode_thread(compressed, pipelined, prepare_thread, locates=True)
         self.pipeline.post_threads = post_threads_for(pipelined, compressed)
         if decode_thread:
-            loop_mode += ", compressed images decoded on a thread of their own"
+            loop_mode += (", compressed images decoded on a thread of their own" if prepare_thread else
+                          ", frames located and decoded on a thread of their own, prepared right before their launch")
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
                                 stopping=lambda: not self.context.ok(), pipelined=pipelined,
-                                decode_thread=decode_thread)
+                                decode_thread=decode_thread, prepare_thread=prepare_thread)
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         frozen = freeze_startup_objects()  # no full garbage collection pauses the frames for their sake
         self.get_logger().info(

@@ -388,14 +388,25 @@ def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:
     return True, f"pipelined (pipelining auto: the network runs on {device})"
 
 
-def uses_decode_thread(compressed: bool, pipelined: bool) -> bool:
-    """Whether the frame loop decodes on a ``frame_decode`` thread of its own: compressed images in a
-    pipelined loop only. A JPEG takes milliseconds to decode, which a thread overlaps with the other
-    stages (H200, lite: 369–412 against 275–314 FPS); a raw Image takes 0.2 ms, less than the third
-    thread costs (0.3–0.5 ms more host time per frame). Where the network runs alone (the CPU) the prepare
-    stage already decodes the next frame beside the previous one's post-processing, and a decode thread
-    would only add a hand-off (docs/results/frame_path.md, sessions 9, 12 and 27)."""
-    return bool(compressed and pipelined)
+def uses_prepare_thread(pipelined: bool, launch_ahead: bool) -> bool:
+    """Whether the frame loop prepares frames on a ``frame_prepare`` thread of its own: everywhere but in a
+    pipelined launch-ahead loop (the fused CUDA path). There preparing is a short host step (checks,
+    ``grid2img``, the frame into pinned memory), and the finish stage does it right before launching the
+    frame: two busy Python threads handing frames over slowed each host step two- to fourfold on the H200's
+    host (docs/results/frame_path.md, session 31)."""
+    return not (pipelined and launch_ahead)
+
+
+def uses_decode_thread(compressed: bool, pipelined: bool, prepare_thread: bool = True, locates: bool = False) -> bool:
+    """Whether the frame loop decodes on a ``frame_decode`` thread of its own, in a pipelined loop only:
+    for compressed images, and where there is no prepare thread and locating a frame may wait (``locates``:
+    the node's stamp pairing and TF lookup, up to ``sync_wait_s`` + ``tf_timeout_s``), for every image, so
+    that such a wait never holds up the finish stage. A JPEG takes milliseconds to decode, which a thread
+    overlaps with the other stages (H200, lite: 369–412 against 275–314 FPS); a raw Image takes 0.2 ms,
+    less than a third thread costs (0.3–0.5 ms more host time per frame). Where the network runs alone (the
+    CPU) the prepare stage already decodes the next frame beside the previous one's post-processing, and a
+    decode thread would only add a hand-off (docs/results/frame_path.md, sessions 9, 12 and 27)."""
+    return bool(pipelined and (compressed or (locates and not prepare_thread)))
 
 
 def post_threads_for(pipelined: bool, compressed: bool = False) -> int:
@@ -424,15 +435,16 @@ class FrameLoop:
     threads, the network alone (``FrameRunner(serial=True)``; see ``frame_loop_mode``): the next frame is
     decoded and prepared while this one is post-processed and delivered, never while it is inferred.
     ``decode_thread=False``: no ``frame_decode`` thread; the prepare stage locates and decodes the frame
-    first. The node and the replay choose with ``uses_decode_thread``: a thread for compressed images in a
-    pipelined loop, none otherwise.
+    first. ``prepare_thread=False`` (launch-ahead pipelines): no ``frame_prepare`` thread; the finish stage
+    prepares each frame right before launching it. The node and the replay choose with
+    ``uses_prepare_thread`` and ``uses_decode_thread``.
     """
 
     def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],
                  locate: Callable[[FrameInput], None] | None = None,
                  on_skip: Callable[[FrameInput, str, str], None] | None = None,
                  stopping: Callable[[], bool] = lambda: False, lossless: bool = False,
-                 pipelined: bool = True, decode_thread: bool = True) -> None:
+                 pipelined: bool = True, decode_thread: bool = True, prepare_thread: bool = True) -> None:
         self.processor, self.stats = processor, stats
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
@@ -446,7 +458,7 @@ class FrameLoop:
             slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
             launched_done=processor.launched_done, decode=self.decode_stage if decode_thread else None,
-            lossless=lossless, serial=not pipelined)
+            lossless=lossless, serial=not pipelined, prepare_thread=prepare_thread)
         if not pipelined:
             self.network_done = self.runner.network_done
 

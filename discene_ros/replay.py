@@ -48,6 +48,7 @@ from .processing import (
     latency_percentiles,
     post_threads_for,
     uses_decode_thread,
+    uses_prepare_thread,
 )
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
@@ -383,14 +384,15 @@ class Replayer:
             self.internal_errors.append(f"frame at {frame.stamp_ns} ns: {text}")
 
     def run(self, frames: Iterator[tuple[FrameInput, int]], max_frames: int | None, bar: Any, realtime: bool,
-            pipelined: bool = True, decode_thread: bool = True) -> None:
+            pipelined: bool = True, decode_thread: bool = True, prepare_thread: bool = True) -> None:
         """Frames through the node's frame loop (``FrameLoop``). ``realtime``: at their recorded times,
         stale frames dropped as the node drops them; latency from a frame's arrival to its output. Else
         every frame as fast as the model goes: the loop is lossless (reading waits for room, nothing is
         dropped), so, ``pipelined``, reading, decoding and preparing the next frames overlap the inference
         of the previous one; latency from the loop taking a frame to its output."""
         loop = FrameLoop(self.processor, self.stats, deliver=self.record, on_skip=self.note_skip,
-                         lossless=not realtime, pipelined=pipelined, decode_thread=decode_thread)
+                         lossless=not realtime, pipelined=pipelined, decode_thread=decode_thread,
+                         prepare_thread=prepare_thread)
         start_wall, start_bag = time.monotonic(), None
         try:
             for frame, bag_t in frames:
@@ -538,6 +540,10 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
+        # the bag reader pairs and locates each frame before the loop gets it: no stage waits for that
+        prepare_thread = uses_prepare_thread(pipelined, bool(getattr(pipeline, "launch_ahead", False)))
+        if not prepare_thread:
+            loop_mode += ", each frame prepared right before its launch"
         compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
         pipeline.post_threads = post_threads_for(pipelined, compressed)
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
@@ -559,7 +565,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             bar = stack.enter_context(tqdm(total=min(total, settings.max_frames or total), unit="frame",
                                            desc="discene-replay", disable=not settings.progress))
             rep.run(iter(frames), settings.max_frames, bar, settings.realtime, pipelined,
-                    decode_thread=uses_decode_thread(compressed, pipelined))
+                    decode_thread=uses_decode_thread(compressed, pipelined, prepare_thread),
+                    prepare_thread=prepare_thread)
         end = time.perf_counter()
         wall = end - start
         damage = getattr(reader, "damage", None)  # McapPrefixReader: a truncated or damaged mcap

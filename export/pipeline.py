@@ -447,6 +447,11 @@ class FrameRunner:
     polled every ``LAUNCH_POLL_S``), a frame that becomes ready is launched behind it; once the work is
     done the frame is finished at once, so no frame waits for a newer one. Frames finish in order.
     That needs a fourth slot.
+    ``prepare_thread=False`` (launch-ahead only): no ``frame_prepare`` thread; the finish stage prepares each
+    frame it takes, right before launching it. Where ``prepare`` is a short host step (the fused CUDA path:
+    checks, ``grid2img``, a copy into pinned memory), a thread of its own costs more than it saves: each hand-off
+    and each GIL switch between two busy Python threads slowed every host step of the frame two- to fourfold
+    on the H200's host (docs/results/frame_path.md, session 31).
 
     ``serial``: the network runs alone. A stage takes a frame only while no frame waits after it and no
     stage after it works, the finish stage counting as working until its frame has left the network:
@@ -462,14 +467,17 @@ class FrameRunner:
                  on_drop: Callable[[Any], None] | None = None,
                  launch: Callable[[Any, Any], Any] | None = None,
                  launched_done: Callable[[Any], bool] = lambda handle: True,
-                 decode: Callable[[Any], Any] | None = None, lossless: bool = False, serial: bool = False) -> None:
+                 decode: Callable[[Any], Any] | None = None, lossless: bool = False, serial: bool = False,
+                 prepare_thread: bool = True) -> None:
         need = LAUNCH_AHEAD_SLOTS if launch is not None else PIPELINE_SLOTS
         if slots < need:
             raise ValueError(f"FrameRunner needs {need} buffer slots (in use, waiting, being prepared"
                              f"{', launched ahead' if launch is not None else ''}), got {slots}")
+        if not prepare_thread and (launch is None or serial):
+            raise ValueError("prepare_thread=False needs a launch-ahead runner (launch given, serial off)")
         self._prepare, self._finish, self._on_error, self._on_drop = prepare, finish, on_error, on_drop
         self._launch, self._launched_done, self._decode = launch, launched_done, decode
-        self.lossless, self.serial = bool(lossless), bool(serial)
+        self.lossless, self.serial, self.prepare_thread = bool(lossless), bool(serial), bool(prepare_thread)
         self._cond = threading.Condition()
         self._incoming: Any = None     # submitted, not yet taken by the first stage
         self._decoded: Any = None      # (item, decoded, None) not yet taken by the prepare stage
@@ -481,7 +489,8 @@ class FrameRunner:
         self.submitted = self.processed = self.failed = self.dropped = 0
         finish_stage = self._finish_stage if launch is None else self._finish_stage_launch_ahead
         release_openmp_team()  # the stages' threads do the torch work now (export/host_threads.py)
-        stages = [(self._relay_stage, (1,), "frame_prepare"), (finish_stage, (), "frame_infer")]
+        stages = [(self._relay_stage, (1,), "frame_prepare")] if prepare_thread else []
+        stages.append((finish_stage, (), "frame_infer"))
         if decode is not None:
             stages.insert(0, (self._relay_stage, (0,), "frame_decode"))
         self._threads = [threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -568,13 +577,15 @@ class FrameRunner:
         for dropped in drops:
             self._dropped(dropped[0])
 
-    def _stage_failed(self, stage: int, item: Any, slot: int | None, exc: BaseException) -> None:
-        """Count a frame that failed in the decode or prepare stage, free its slot, report it."""
+    def _stage_failed(self, stage: int | None, item: Any, slot: int | None, exc: BaseException) -> None:
+        """Count a frame that failed in the decode or prepare stage, free its slot, report it (``stage`` None:
+        prepared by the finish stage, which goes on working)."""
         with self._cond:
             self.failed += 1
             if slot is not None:
                 self._free.append(slot)
-            self._busy[stage] = False
+            if stage is not None:
+                self._busy[stage] = False
             self._cond.notify_all()
         self._report(item, exc)
 
@@ -592,26 +603,27 @@ class FrameRunner:
 
     def _finish_stage_launch_ahead(self) -> None:
         pending = None  # (item, launched, slot): launched, not finished yet
+        # the hand-off this stage takes from: the prepare stage's, or without its thread the one before it
+        source = "_ready" if self.prepare_thread else "_decoded" if self._decode is not None else "_incoming"
         while True:
             with self._cond:
-                # with a frame on the device, wait for the next prepared frame or for that frame's results,
+                # with a frame on the device, wait for the next frame or for that frame's results,
                 # whichever comes first: its results are not delayed, and a next frame gets queued behind it
-                while not (self._ready is not None or (pending is not None and self._launched_done(pending[1]))
+                while not (getattr(self, source) is not None
+                           or (pending is not None and self._launched_done(pending[1]))
                            or (pending is None and self._closed and self._upstream_idle(2))):
                     self._cond.wait(LAUNCH_POLL_S if pending is not None else None)
-                if pending is None and self._ready is None:
+                taken = getattr(self, source)
+                if pending is None and taken is None:
                     return
-                taken, self._ready = self._ready, None
+                setattr(self, source, None)
                 self._busy[2] = self._network = True  # no ``network_done`` here: the device works ahead
                 if taken is not None:
-                    self._cond.notify_all()  # the hand-off is free: the prepare stage may go on
-            launched = None
-            if taken is not None:
-                item, prepared, slot = taken
-                try:
-                    launched = (item, self._launch(item, prepared), slot)
-                except BaseException as exc:
-                    self._finish_done(item, slot, exc)
+                    if not self.prepare_thread:  # (item, payload, slot), as the prepare stage hands them over
+                        item, payload = (taken, taken) if source == "_incoming" else taken[:2]
+                        taken = (item, payload, self._free.pop())
+                    self._cond.notify_all()  # the hand-off is free: the stage before it may go on
+            launched = None if taken is None else self._launch_taken(*taken)
             if pending is not None and (launched is not None or taken is None or self._launched_done(pending[1])):
                 self._finish_counted(*pending)
                 pending = None
@@ -621,6 +633,20 @@ class FrameRunner:
                 with self._cond:
                     self._busy[2] = False
                     self._cond.notify_all()
+
+    def _launch_taken(self, item: Any, payload: Any, slot: int) -> tuple[Any, Any, int] | None:
+        """Launch a frame the launch-ahead finish stage took (preparing it first where no prepare thread did):
+        (item, launched, slot), or None when either step failed (counted and reported)."""
+        try:
+            prepared = payload if self.prepare_thread else self._prepare(payload, slot)
+        except BaseException as exc:  # bad input: counted as the prepare stage's failure
+            self._stage_failed(None, item, slot, exc)
+            return None
+        try:
+            return item, self._launch(item, prepared), slot
+        except BaseException as exc:
+            self._finish_done(item, slot, exc)
+            return None
 
     def network_done(self) -> None:
         """Called from ``finish`` once its frame has left the network (``serial``: the stages before it may

@@ -85,12 +85,21 @@
 #                                             # (rows now with cuda_reserved_mb), unfused-wait's comparison (.before
 #                                             # with its own bench) (~5 min; carry .whl with apsw, backports.zstd
 #                                             # and lz4, and .before as launch-fix)
+#   bash scripts/device_frame_path.sh prepare-thread # session 31: tests; the launch-ahead loop without its prepare
+#                                             # thread (the finish stage prepares each frame before launching it)
+#                                             # against the loop with it, interleaved, two rounds, lite and
+#                                             # paper_student bgr8: with a prepare thread (before), without it
+#                                             # and a decode thread (the node: frames located there), without
+#                                             # either (the replay); lite JPEG with and without; then
+#                                             # replay-frame-graph (the replay now has no prepare thread); then
+#                                             # profile (py-spy over the loop as it is now) (~6 min; carry .whl as
+#                                             # for next, py-spy's wheel too)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -387,10 +396,29 @@ frame_graph_memory() {  # the frame graphs in the network graph's pool: memory a
 }
 replay_frame_graph() {  # the replay CLI on CUDA with the frame graph (default) and without, FP32 and FP16
     local flags
+    mkdir -p /tmp/replays
     for flags in "" "--no-frame-graph" "--fp16" "--fp16 --no-frame-graph"; do
         # shellcheck disable=SC2086  # $flags: zero to two options
         step 60 "discene-replay on CUDA ${flags:-(defaults)}" python3 -m discene_ros.replay --device cuda $flags \
-            --out "/tmp/replay${flags// /}" --json "$out/replay_cuda${flags// /}.json" --renders 0 --no-progress
+            --out "/tmp/replay${flags// /}" --json "/tmp/replays/replay_cuda${flags// /}.json" --renders 0 --no-progress
+    done
+    tar czf "$out/replay_cuda.tgz" -C /tmp replays  # one file: at most 8 come back
+}
+prepare_thread_pairs() {  # session 31: no prepare thread on the launch-ahead loop, interleaved with one
+    local round variant pt ds
+    for round in 1 2; do
+        for variant in on:auto off:auto off:off; do  # before; the node (decode thread); the replay (one thread)
+            pt=${variant%:*} ds=${variant#*:}
+            step 80 "prepare thread $pt, decode stage $ds, CUDA graphs, lite + paper_student bgr8 (round $round)" \
+                python3 benchmarks/bench_frame_path.py --device cuda --configs lite paper_student --inputs bgr8 \
+                --frames 300 --prepare-thread "$pt" --decode-stage "$ds" \
+                --json "$out/prepare_thread_r$round.json" --append
+        done
+    done
+    for pt in on off; do
+        step 60 "prepare thread $pt, CUDA graphs, lite JPEG (decode thread)" python3 benchmarks/bench_frame_path.py \
+            --device cuda --configs lite --inputs jpeg --frames 300 --prepare-thread "$pt" \
+            --json "$out/prepare_thread_r2.json" --append  # one file fewer: at most 8 come back
     done
 }
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
@@ -423,6 +451,7 @@ frame-graph) tests 60; frame_graph_pairs; profile_loop ;;
 frame-graph-memory) tests 60; frame_graph_memory ;;
 replay-frame-graph) replay_frame_graph ;;
 next) tests 60; replay_frame_graph; frame_graph_memory; unfused_wait ;;
+prepare-thread) tests 60; prepare_thread_pairs; replay_frame_graph; profile_loop ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2

@@ -461,14 +461,62 @@ def test_launch_ahead_counts_every_frame_and_keeps_order():
     assert c["processed"] == len(finished) - 1  # 13 reached finish and failed there
 
 
+def test_launch_ahead_without_a_prepare_thread_prepares_on_the_finish_stage():
+    """``prepare_thread=False``: no ``frame_prepare`` thread; the finish stage's thread prepares frame 2 and
+    launches it behind frame 1 before finishing 1, a frame whose prepare fails is counted and reported while
+    frame 2 is on the device, and every frame is accounted for."""
+    dev = Device()
+    prepared_on, errors = [], []
+
+    def prepare(item: int, slot: int) -> int:
+        prepared_on.append(threading.current_thread().name)
+        if item == 3:
+            raise ValueError("bad image")
+        with dev.lock:
+            dev.events.append(("prepare", item))
+        return dev.prepare(item, slot)
+
+    runner = FrameRunner(prepare, dev.finish, slots=LAUNCH_AHEAD_SLOTS, launch=dev.launch, launched_done=dev.done,
+                         on_error=lambda item, exc: errors.append((item, str(exc))), prepare_thread=False)
+    try:
+        assert sorted(t.name for t in runner._threads) == ["frame_infer"]
+        runner.submit(1)
+        wait_until(lambda: ("launch", 1) in dev.events)
+        runner.submit(2)
+        wait_until(lambda: ("launch", 2) in dev.events)
+        assert dev.events == [("prepare", 1), ("launch", 1), ("prepare", 2), ("launch", 2)]
+        dev.complete(1)  # the finish stage collects frame 1 now
+        wait_until(lambda: ("finish", 1) in dev.events)
+        runner.submit(3)  # fails in prepare: counted, while frame 2 is still on the device
+        wait_until(lambda: errors)
+        dev.complete(2)
+        assert runner.wait_idle(5)
+        assert dev.events[4:] == [("finish", 1), ("finish", 2)]
+        assert errors == [(3, "bad image")] and set(prepared_on) == {"frame_infer"}
+        assert runner.counts() == {"submitted": 3, "processed": 2, "failed": 1, "dropped": 0}
+        assert not dev.slots and not dev.clash
+    finally:
+        runner.close()
+
+
+def test_only_a_launch_ahead_runner_goes_without_a_prepare_thread():
+    with pytest.raises(ValueError, match="prepare_thread=False needs a launch-ahead runner"):
+        FrameRunner(lambda i, s: i, lambda i, p: None, slots=4, prepare_thread=False)
+    with pytest.raises(ValueError, match="prepare_thread=False needs a launch-ahead runner"):
+        FrameRunner(lambda i, s: i, lambda i, p: None, slots=4, launch=lambda i, p: p, serial=True,
+                    prepare_thread=False)
+
+
 def test_launch_ahead_needs_a_fourth_slot():
     with pytest.raises(ValueError, match="needs 4 buffer slots"):
         FrameRunner(lambda i, s: i, lambda i, p: None, slots=3, launch=lambda i, p: p)
 
 
-def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lite_config):
+@pytest.mark.parametrize("prepare_thread", [True, False])
+def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lite_config, prepare_thread):
     """The node's and replay's loop (FrameLoop) takes the launch/collect path when the pipeline
-    offers it, and delivers the frames the plain path gives; a bad frame is skipped and counted."""
+    offers it, and delivers the frames the plain path gives, with a prepare thread or without (the finish
+    stage prepares); a bad frame is skipped and counted."""
     from rosbags.typesys import Stores, get_typestore
 
     from discene_ros import msg_encode
@@ -490,8 +538,10 @@ def test_node_frame_loop_uses_launch_ahead_with_a_fused_pipeline(lite_model, lit
     proc = FrameProcessor(fused, ProcessorSettings(use_fallback_pose=False))
     stats, delivered, skipped = FrameStats(), {}, []
     loop = FrameLoop(proc, stats, deliver=lambda f, result: delivered.setdefault(f.stamp_ns, result),
-                     on_skip=lambda f, reason, text: skipped.append(reason), lossless=True)
+                     on_skip=lambda f, reason, text: skipped.append(reason), lossless=True,
+                     prepare_thread=prepare_thread)
     assert loop.runner._launch is not None
+    assert ("frame_prepare" in {t.name for t in loop.runner._threads}) is prepare_thread
     for seed in (0, 1, 2):
         loop.submit(frame(seed, "bogus" if seed == 1 else "rgb8"))
     assert loop.wait_idle(20)

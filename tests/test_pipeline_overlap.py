@@ -103,13 +103,16 @@ def test_many_frames_every_one_accounted_for():
 @pytest.mark.parametrize("serial", [False, True])
 @pytest.mark.parametrize("lossless", [False, True])
 @pytest.mark.parametrize("with_decode", [False, True])
-@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("ahead", [False, True, "no_prepare_thread"])
 def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lossless, with_decode, ahead, serial):
     """Random short delays and a failure now and then in every stage: each frame is processed, failed
     or dropped exactly once (``on_drop``/``on_error`` see each one once), frames finish in order, no two
     frames share a buffer slot, and a lossless runner drops nothing. Launched frames (``ahead``) take a
-    random time on a pretend device, which the finish stage polls; ``finish`` reports its network done
-    half way (serial: the next frame's host work overlaps the rest)."""
+    random time on a pretend device, which the finish stage polls (``no_prepare_thread``: and prepares each
+    frame itself); ``finish`` reports its network done half way (serial: the next frame's host work overlaps
+    the rest)."""
+    if ahead == "no_prepare_thread" and serial:
+        pytest.skip("a serial runner keeps its prepare thread")
     rng_lock = threading.Lock()
     rng = np.random.default_rng(7)
     fails = {"decode": {11, 57}, "prepare": {23, 88}, "launch": {40}, "finish": {66}}
@@ -165,7 +168,7 @@ def test_every_mode_accounts_for_every_frame_under_random_delays_and_failures(lo
     extra = {"launch": launch, "launched_done": lambda handle: handle[1].is_set()} if ahead else {}
     runner = FrameRunner(prepare, finish, on_error=on_error, on_drop=on_drop, slots=4, lossless=lossless,
                          decode=(lambda item: stage("decode", item) or item) if with_decode else None,
-                         serial=serial, **extra)
+                         serial=serial, prepare_thread=ahead != "no_prepare_thread", **extra)
     try:
         for item in range(120):
             runner.submit(item)
@@ -324,7 +327,7 @@ def test_pre_and_post_processing_run_on_host_threads_without_touching_other_thre
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("ahead", [False, True, "no_prepare_thread"])
 @pytest.mark.parametrize("with_decode", [False, True])
 def test_a_lossless_runner_drops_no_frame_and_overlaps_its_stages(ahead, with_decode):
     """A feeder faster than every stage, the stages slow, the finish stage slower (then the prepare stage
@@ -359,7 +362,8 @@ def test_a_lossless_runner_drops_no_frame_and_overlaps_its_stages(ahead, with_de
         finished.append(item)
 
     extra = {"launch": lambda item, prepared: prepared} if ahead else {}
-    runner = FrameRunner(prepare, finish, slots=4, lossless=True, decode=decode if with_decode else None, **extra)
+    runner = FrameRunner(prepare, finish, slots=4, lossless=True, decode=decode if with_decode else None,
+                         prepare_thread=ahead != "no_prepare_thread", **extra)
     counts = run_frames(runner, n, timeout=10)  # each submit waits while the first stage has not taken the last
     assert counts == {"submitted": n, "processed": n, "failed": 0, "dropped": 0}
     assert finished == list(range(n))

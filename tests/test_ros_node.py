@@ -271,6 +271,34 @@ def test_raw_images_are_decoded_in_the_prepare_stage(ros, pipelining):
     assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
 
 
+def test_a_launch_ahead_loop_locates_on_the_decode_thread_and_prepares_before_each_launch(ros, lite_model,
+                                                                                           lite_config):
+    """A fused pipeline (the CUDA path's launch-ahead loop, here on the CPU) in a pipelined loop: no prepare
+    thread, the finish stage prepares each frame; raw images get a decode thread all the same, where TF and
+    the stamp pairing may wait without holding up the finish stage. Frames flow and are published."""
+    from export.backends.torch_backend import TorchBackend
+    from export.pipeline import OccupancyPipeline
+
+    fake, module = ros
+    fake.overrides.update(pipelining="on", world_frame="map")
+    backend = TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=True)
+    node = module.OccupancyNode(pipeline=OccupancyPipeline(backend, fuse=True))
+    assert {t.name for t in node.frames.runner._threads} == {"frame_decode", "frame_infer"}
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    assert "located and decoded on a thread of their own, prepared right before their launch" in ready
+    located: list[str] = []  # the thread each frame's stamp pairing ran on
+    match = node.partners.match
+    node.partners.match = lambda *a, **k: located.append(threading.current_thread().name) or match(*a, **k)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    for i in range(3):
+        stamp = 1_000 * MS + i * MS
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
+        assert wait_until(lambda n=i + 1: node.stats.processed + node.stats.dropped == n)
+    assert node.stats.processed == 3 and len(published(node, P.TOPIC_CLOUD)) == 3
+    assert located == ["frame_decode"] * 3
+
+
 def test_values_as_rcl_types_them_start_the_node(ros):
     """rcl types an unquoted ``-p``/YAML value by its spelling: ``pipelining:=on`` is a bool and
     ``floor_z:=0`` an integer, which statically typed string and float declarations refused."""

@@ -30,6 +30,8 @@ from discene_ros.processing import (
     fallback_camera_pose,
     frame_loop_mode,
     post_threads_for,
+    uses_decode_thread,
+    uses_prepare_thread,
 )
 from models.config import lite
 from models.geometry import place_grid
@@ -181,6 +183,20 @@ def test_slow_backend_drops_stale_frames_newest_wins():
     assert snap["dropped"] >= 10 and snap["processed"] == len(processed) == backend.calls
     assert snap["processed"] + snap["dropped"] == 30
     assert processed == sorted(processed) and processed[-1] == STAMP + 29  # the newest frame is processed
+
+
+@pytest.mark.parametrize("pipelined, launch_ahead, compressed, locates, prepare, decode", [
+    (True, True, False, True, False, True),     # the node on CUDA, raw images: TF may wait on the decode thread
+    (True, True, False, False, False, False),   # the replay on CUDA, raw images: one thread
+    (True, True, True, False, False, True),     # compressed: the decode thread overlaps the decode
+    (True, False, False, True, True, False),    # pipelined, not launch-ahead: the prepare stage decodes
+    (True, False, True, True, True, True),
+    (False, True, False, True, True, False),    # the network alone (serial): threads as before
+    (False, False, True, True, True, False),
+])
+def test_frame_loop_threads_rules(pipelined, launch_ahead, compressed, locates, prepare, decode):
+    assert uses_prepare_thread(pipelined, launch_ahead) is prepare
+    assert uses_decode_thread(compressed, pipelined, prepare, locates=locates) is decode
 
 
 @pytest.mark.parametrize("decode_thread", [True, False])
