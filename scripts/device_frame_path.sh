@@ -94,12 +94,15 @@
 #                                             # replay-frame-graph (the replay now has no prepare thread); then
 #                                             # profile (py-spy over the loop as it is now) (~6 min; carry .whl as
 #                                             # for next, py-spy's wheel too)
+#   bash scripts/device_frame_path.sh after-prepare-thread # each host step alone (issue10_call10_probe.py), a third
+#                                             # round of prepare-thread, frame-graph-memory, unfused-wait (~6 min;
+#                                             # carry .whl and .before as for next)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -404,9 +407,9 @@ replay_frame_graph() {  # the replay CLI on CUDA with the frame graph (default) 
     done
     tar czf "$out/replay_cuda.tgz" -C /tmp replays  # one file: at most 8 come back
 }
-prepare_thread_pairs() {  # session 31: no prepare thread on the launch-ahead loop, interleaved with one
-    local round variant pt ds
-    for round in 1 2; do
+prepare_thread_pairs() {  # [ROUND...] session 31: no prepare thread on the launch-ahead loop, interleaved
+    local round variant pt ds rounds=${*:-1 2}
+    for round in $rounds; do
         for variant in on:auto off:auto off:off; do  # before; the node (decode thread); the replay (one thread)
             pt=${variant%:*} ds=${variant#*:}
             step 80 "prepare thread $pt, decode stage $ds, CUDA graphs, lite + paper_student bgr8 (round $round)" \
@@ -415,11 +418,17 @@ prepare_thread_pairs() {  # session 31: no prepare thread on the launch-ahead lo
                 --json "$out/prepare_thread_r$round.json" --append
         done
     done
+}
+prepare_thread_jpeg() {
+    local pt
     for pt in on off; do
         step 60 "prepare thread $pt, CUDA graphs, lite JPEG (decode thread)" python3 benchmarks/bench_frame_path.py \
             --device cuda --configs lite --inputs jpeg --frames 300 --prepare-thread "$pt" \
             --json "$out/prepare_thread_r2.json" --append  # one file fewer: at most 8 come back
     done
+}
+host_steps_alone() {  # each host step of the frame alone, hot (the probe of call 10, this tree)
+    step 90 "each host step alone, lite, CUDA graph" python3 docs/results/device_runs/issue10_call10_probe.py cuda
 }
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
     step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
@@ -451,7 +460,8 @@ frame-graph) tests 60; frame_graph_pairs; profile_loop ;;
 frame-graph-memory) tests 60; frame_graph_memory ;;
 replay-frame-graph) replay_frame_graph ;;
 next) tests 60; replay_frame_graph; frame_graph_memory; unfused_wait ;;
-prepare-thread) tests 60; prepare_thread_pairs; replay_frame_graph; profile_loop ;;
+prepare-thread) tests 60; prepare_thread_pairs 1 2; prepare_thread_jpeg; replay_frame_graph; profile_loop ;;
+after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
     exit 2
