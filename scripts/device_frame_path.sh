@@ -97,12 +97,15 @@
 #   bash scripts/device_frame_path.sh after-prepare-thread # each host step alone (issue10_call10_probe.py), a third
 #                                             # round of prepare-thread, frame-graph-memory, unfused-wait (~6 min;
 #                                             # carry .whl and .before as for next)
+#   bash scripts/device_frame_path.sh unfused-wait-probe # the unfused path's sleeping wait against a spinning one
+#                                             # in this tree, interleaved, two rounds, paper_student and lite FP32
+#                                             # bgr8 (docs/results/device_runs/issue10_unfused_wait_probe.py; ~1.5 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -461,6 +464,8 @@ frame-graph-memory) tests 60; frame_graph_memory ;;
 replay-frame-graph) replay_frame_graph ;;
 next) tests 60; replay_frame_graph; frame_graph_memory; unfused_wait ;;
 prepare-thread) tests 60; prepare_thread_pairs 1 2; prepare_thread_jpeg; replay_frame_graph; profile_loop ;;
+unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this tree, interleaved" python3 \
+    docs/results/device_runs/issue10_unfused_wait_probe.py 2 --json "$out/unfused_wait_probe.json" ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
