@@ -449,9 +449,9 @@ class FrameRunner:
     That needs a fourth slot.
     ``prepare_thread=False`` (launch-ahead only): no ``frame_prepare`` thread; the finish stage prepares each
     frame it takes, right before launching it. Where ``prepare`` is a short host step (the fused CUDA path:
-    checks, ``grid2img``, a copy into pinned memory), a thread of its own costs more than it saves: each hand-off
-    and each GIL switch between two busy Python threads slowed every host step of the frame two- to fourfold
-    on the H200's host (docs/results/frame_path.md, session 31).
+    checks, ``grid2img``, a copy into pinned memory), a thread of its own costs more than it saves: without it
+    ``launch`` took half the host time on an H200, and the frame's host work 0.1-0.3 ms less
+    (docs/results/frame_path.md, session 31).
 
     ``serial``: the network runs alone. A stage takes a frame only while no frame waits after it and no
     stage after it works, the finish stage counting as working until its frame has left the network:
