@@ -392,7 +392,7 @@ def uses_prepare_thread(pipelined: bool, launch_ahead: bool) -> bool:
     """Whether the frame loop prepares frames on a ``frame_prepare`` thread of its own: everywhere but in a
     pipelined launch-ahead loop (the fused CUDA path). There preparing is a short host step (checks,
     ``grid2img``, the frame into pinned memory), and the finish stage does it right before launching the
-    frame: on an H200 ``launch`` then took half its host time, and lite's host work per frame 0.1-0.3 ms
+    frame: on an H200 ``launch`` then took half its host time, and lite's host work per frame up to 0.3 ms
     less (docs/results/frame_path.md, session 31)."""
     return not (pipelined and launch_ahead)
 

@@ -450,7 +450,7 @@ class FrameRunner:
     ``prepare_thread=False`` (launch-ahead only): no ``frame_prepare`` thread; the finish stage prepares each
     frame it takes, right before launching it. Where ``prepare`` is a short host step (the fused CUDA path:
     checks, ``grid2img``, a copy into pinned memory), a thread of its own costs more than it saves: without it
-    ``launch`` took half the host time on an H200, and the frame's host work 0.1-0.3 ms less
+    ``launch`` took half the host time on an H200, and the frame's host work up to 0.3 ms less (lite)
     (docs/results/frame_path.md, session 31).
 
     ``serial``: the network runs alone. A stage takes a frame only while no frame waits after it and no
