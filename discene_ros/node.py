@@ -174,11 +174,15 @@ class OccupancyNode(Node):
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
         prepare_thread = uses_prepare_thread(pipelined, bool(getattr(self.pipeline, "launch_ahead", False)))
         # locating a frame (pairing, TF) may wait: on the decode thread then, never on the finish stage's
-        decode_thread = uses_decode_thread(compressed, pipelined, prepare_thread, locates=True)
+        locates = self.cfg["sync_wait_s"] > 0 or self.cfg["tf_timeout_s"] > 0
+        decode_thread = uses_decode_thread(compressed, pipelined, prepare_thread, locates=locates)
         self.pipeline.post_threads = post_threads_for(pipelined, compressed)
         if decode_thread:
             loop_mode += (", compressed images decoded on a thread of their own" if prepare_thread else
                           ", frames located and decoded on a thread of their own, prepared right before their launch")
+        elif not prepare_thread:
+            loop_mode += (", each frame located, decoded and prepared right before its launch (sync_wait_s and "
+                          "tf_timeout_s are 0: locating never waits)")
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
                                 stopping=lambda: not self.context.ok(), pipelined=pipelined,

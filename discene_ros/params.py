@@ -85,11 +85,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("use_depth", False, "Subscribe to depth and feed it to the depth branch (needs a DiScene-dagger model)"),
     ParamSpec("sync_tolerance_s", 0.02, "Largest stamp difference between a colour image and its depth image / "
               "camera info, seconds (pairing by header stamp)", (0.0, 1.0)),
-    ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds",
-              (0.0, 2.0)),
+    ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds. "
+              "With tf_timeout_s also 0, locating a frame never waits, and on a GPU the frame loop takes raw images "
+              "on one thread (no decode thread): less host CPU per frame", (0.0, 2.0)),
     ParamSpec("world_frame", "odom", "Gravity-aligned frame (z up) of the grid and of all outputs"),
     ParamSpec("tf_timeout_s", 0.05, "How long to wait for the camera pose in TF at the image stamp (TF lagging "
-              "the image), seconds; a pose still missing then skips the frame", (0.0, 1.0)),
+              "the image), seconds; a pose still missing then skips the frame (0: see sync_wait_s)", (0.0, 1.0)),
     ParamSpec("use_fallback_pose", True, "When world_frame is not in TF at all, use a fallback camera pose (the "
               "mount base_frame -> camera from TF, else fallback_camera_height/pitch) instead of skipping the frame"),
     ParamSpec("base_frame", "base_link", "Robot frame on the floor whose static mount to the camera gives the "

@@ -299,6 +299,29 @@ def test_a_launch_ahead_loop_locates_on_the_decode_thread_and_prepares_before_ea
     assert located == ["frame_decode"] * 3
 
 
+def test_a_launch_ahead_loop_whose_locating_never_waits_runs_raw_images_on_one_thread(ros, lite_model, lite_config):
+    """``sync_wait_s`` and ``tf_timeout_s`` both 0: locating a frame never waits, so raw images need no decode
+    thread; the finish stage locates, decodes and prepares each frame, and frames flow."""
+    from export.backends.torch_backend import TorchBackend
+    from export.pipeline import OccupancyPipeline
+
+    fake, module = ros
+    fake.overrides.update(pipelining="on", world_frame="map", sync_wait_s=0.0, tf_timeout_s=0.0)
+    node = module.OccupancyNode(pipeline=OccupancyPipeline(TorchBackend(lite_model, lite_config, device="cpu",
+                                                                        cuda_graph=True), fuse=True))
+    assert {t.name for t in node.frames.runner._threads} == {"frame_infer"}
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    assert "each frame located, decoded and prepared right before its launch" in ready
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    for i in range(2):
+        stamp = 1_000 * MS + i * MS
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
+        assert wait_until(lambda n=i + 1: node.stats.processed + node.stats.dropped == n)
+    assert node.stats.processed == 2 and len(published(node, P.TOPIC_CLOUD)) == 2
+    assert len(fake.tf_lookups) == 2 and all(t.nanoseconds == 0 for _, _, _, t in fake.tf_lookups)  # no wait
+
+
 def test_values_as_rcl_types_them_start_the_node(ros):
     """rcl types an unquoted ``-p``/YAML value by its spelling: ``pipelining:=on`` is a bool and
     ``floor_z:=0`` an integer, which statically typed string and float declarations refused."""
