@@ -271,21 +271,26 @@ def test_raw_images_are_decoded_in_the_prepare_stage(ros, pipelining):
     assert "frame_decode" not in {t.name for t in node.frames.runner._threads}
 
 
-def test_a_launch_ahead_loop_locates_on_the_decode_thread_and_prepares_before_each_launch(ros, lite_model,
-                                                                                           lite_config):
+@pytest.mark.parametrize("waits", [True, False])
+def test_a_launch_ahead_loop_prepares_each_frame_before_its_launch(ros, lite_model, lite_config, waits):
     """A fused pipeline (the CUDA path's launch-ahead loop, here on the CPU) in a pipelined loop: no prepare
-    thread, the finish stage prepares each frame; raw images get a decode thread all the same, where TF and
-    the stamp pairing may wait without holding up the finish stage. Frames flow and are published."""
+    thread, the finish stage prepares each frame. Where locating a frame may wait (``sync_wait_s`` or
+    ``tf_timeout_s`` above 0), raw images get a decode thread all the same, where the stamp pairing and TF run
+    without holding up the finish stage; with both at 0 the finish stage locates and decodes too, without
+    waiting. Frames flow and are published."""
     from export.backends.torch_backend import TorchBackend
     from export.pipeline import OccupancyPipeline
 
     fake, module = ros
-    fake.overrides.update(pipelining="on", world_frame="map")
+    fake.overrides.update(pipelining="on", world_frame="map", **({} if waits else {"sync_wait_s": 0.0,
+                                                                                   "tf_timeout_s": 0.0}))
     backend = TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=True)
     node = module.OccupancyNode(pipeline=OccupancyPipeline(backend, fuse=True))
-    assert {t.name for t in node.frames.runner._threads} == {"frame_decode", "frame_infer"}
+    threads = {"frame_decode", "frame_infer"} if waits else {"frame_infer"}
+    assert {t.name for t in node.frames.runner._threads} == threads
     (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
-    assert "located and decoded on a thread of their own, prepared right before their launch" in ready
+    assert ("located and decoded on a thread of their own, prepared right before their launch" if waits else
+            "each frame located, decoded and prepared right before its launch") in ready
     located: list[str] = []  # the thread each frame's stamp pairing ran on
     match = node.partners.match
     node.partners.match = lambda *a, **k: located.append(threading.current_thread().name) or match(*a, **k)
@@ -296,30 +301,9 @@ def test_a_launch_ahead_loop_locates_on_the_decode_thread_and_prepares_before_ea
         node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
         assert wait_until(lambda n=i + 1: node.stats.processed + node.stats.dropped == n)
     assert node.stats.processed == 3 and len(published(node, P.TOPIC_CLOUD)) == 3
-    assert located == ["frame_decode"] * 3
-
-
-def test_a_launch_ahead_loop_whose_locating_never_waits_runs_raw_images_on_one_thread(ros, lite_model, lite_config):
-    """``sync_wait_s`` and ``tf_timeout_s`` both 0: locating a frame never waits, so raw images need no decode
-    thread; the finish stage locates, decodes and prepares each frame, and frames flow."""
-    from export.backends.torch_backend import TorchBackend
-    from export.pipeline import OccupancyPipeline
-
-    fake, module = ros
-    fake.overrides.update(pipelining="on", world_frame="map", sync_wait_s=0.0, tf_timeout_s=0.0)
-    node = module.OccupancyNode(pipeline=OccupancyPipeline(TorchBackend(lite_model, lite_config, device="cpu",
-                                                                        cuda_graph=True), fuse=True))
-    assert {t.name for t in node.frames.runner._threads} == {"frame_infer"}
-    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
-    assert "each frame located, decoded and prepared right before its launch" in ready
-    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
-    for i in range(2):
-        stamp = 1_000 * MS + i * MS
-        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
-        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
-        assert wait_until(lambda n=i + 1: node.stats.processed + node.stats.dropped == n)
-    assert node.stats.processed == 2 and len(published(node, P.TOPIC_CLOUD)) == 2
-    assert len(fake.tf_lookups) == 2 and all(t.nanoseconds == 0 for _, _, _, t in fake.tf_lookups)  # no wait
+    assert located == ["frame_decode" if waits else "frame_infer"] * 3
+    timeouts = {t.nanoseconds for _, _, _, t in fake.tf_lookups}
+    assert len(fake.tf_lookups) == 3 and timeouts == ({50_000_000} if waits else {0})
 
 
 def test_values_as_rcl_types_them_start_the_node(ros):
