@@ -97,6 +97,9 @@
 #   bash scripts/device_frame_path.sh after-prepare-thread # each host step alone (issue10_call10_probe.py), a third
 #                                             # round of prepare-thread, frame-graph-memory, unfused-wait (~6 min;
 #                                             # carry .whl and .before as for next)
+#   bash scripts/device_frame_path.sh camera-rate-prepare # lite FP32 bgr8 fed by a 30 Hz camera (newest frame wins),
+#                                             # the node's loop with the prepare thread and without: latency, process
+#                                             # CPU per frame (~1 min)
 #   bash scripts/device_frame_path.sh unfused-wait-probe # the unfused path's sleeping wait against a spinning one
 #                                             # in this tree, interleaved, two rounds, paper_student and lite FP32
 #                                             # bgr8 (docs/results/device_runs/issue10_unfused_wait_probe.py; ~1.5 min)
@@ -105,7 +108,7 @@
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -242,6 +245,14 @@ camera_rate() {  # the node's situation: a 30 Hz camera, newest frame wins; late
     step 60 "frame path, lite fp32, CUDA graphs, a 30 Hz camera" python3 benchmarks/bench_frame_path.py \
         --device cuda --configs lite --precisions fp32 --frames 300 --camera-hz 30 \
         --json "$out/frame_path_gpu.json" --append
+}
+camera_rate_prepare() {  # session 31: a 30 Hz camera into the node's loop, with the prepare thread and without
+    local pt
+    for pt in on auto; do
+        step 40 "frame path, lite fp32, CUDA graphs, a 30 Hz camera, prepare thread $pt" python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs lite --precisions fp32 --inputs bgr8 --frames 150 \
+            --camera-hz 30 --prepare-thread "$pt" --json "$out/camera_rate.json" --append
+    done
 }
 serial_rows() {  # pipelining off (the fused path launches no frame ahead: one at a time) against the rows above
     step 50 "frame path, lite fp32, CUDA graphs, pipelining off" python3 benchmarks/bench_frame_path.py \
@@ -464,6 +475,7 @@ frame-graph-memory) tests 60; frame_graph_memory ;;
 replay-frame-graph) replay_frame_graph ;;
 next) tests 60; replay_frame_graph; frame_graph_memory; unfused_wait ;;
 prepare-thread) tests 60; prepare_thread_pairs 1 2; prepare_thread_jpeg; replay_frame_graph; profile_loop ;;
+camera-rate-prepare) camera_rate_prepare ;;
 unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this tree, interleaved" python3 \
     docs/results/device_runs/issue10_unfused_wait_probe.py 2 --json "$out/unfused_wait_probe.json" ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
