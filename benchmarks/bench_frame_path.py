@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
                 # off only where the loop launches ahead (FrameRunner's rule); the row records what ran
-                prepare_thread = (uses_prepare_thread(pipelined, pipe.launch_ahead) if args.prepare_thread == "auto"
+                prepare_thread = (uses_prepare_thread(pipelined, pipe) if args.prepare_thread == "auto"
                                   else args.prepare_thread == "on" or not (pipelined and pipe.launch_ahead))
                 # one frame at a time (--host-overlap off) the kernel had both cores to itself for either input
                 compressed = kind == "jpeg" and args.host_overlap == "on"

@@ -172,7 +172,7 @@ class OccupancyNode(Node):
         self.create_timer(self.cfg["diagnostics_period_s"], self.diagnostics_timer_callback)
 
         pipelined, loop_mode = frame_loop_mode(self.cfg["pipelining"], self.pipeline)
-        prepare_thread = uses_prepare_thread(pipelined, bool(getattr(self.pipeline, "launch_ahead", False)))
+        prepare_thread = uses_prepare_thread(pipelined, self.pipeline)
         # locating a frame (pairing, TF) may wait: on the decode thread then, never on the finish stage's
         locates = self.cfg["sync_wait_s"] > 0 or self.cfg["tf_timeout_s"] > 0
         decode_thread = uses_decode_thread(compressed, pipelined, prepare_thread, locates=locates)

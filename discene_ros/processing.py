@@ -388,13 +388,13 @@ def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:
     return True, f"pipelined (pipelining auto: the network runs on {device})"
 
 
-def uses_prepare_thread(pipelined: bool, launch_ahead: bool) -> bool:
+def uses_prepare_thread(pipelined: bool, pipeline: Any) -> bool:
     """Whether the frame loop prepares frames on a ``frame_prepare`` thread of its own: everywhere but in a
-    pipelined launch-ahead loop (the fused CUDA path). There preparing is a short host step (checks,
+    pipelined loop of a launch-ahead ``pipeline`` (the fused CUDA path). There preparing is a short host step (checks,
     ``grid2img``, the frame into pinned memory), and the finish stage does it right before launching the
     frame: on an H200 ``launch`` then took half its host time, and lite's host work per frame up to 0.3 ms
     less (docs/results/frame_path.md, session 31)."""
-    return not (pipelined and launch_ahead)
+    return not (pipelined and getattr(pipeline, "launch_ahead", False))
 
 
 def uses_decode_thread(compressed: bool, pipelined: bool, prepare_thread: bool = True, locates: bool = False) -> bool:

@@ -541,7 +541,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
         # the bag reader pairs and locates each frame before the loop gets it: no stage waits for that
-        prepare_thread = uses_prepare_thread(pipelined, bool(getattr(pipeline, "launch_ahead", False)))
+        prepare_thread = uses_prepare_thread(pipelined, pipeline)
         if not prepare_thread:
             loop_mode += ", each frame prepared right before its launch"
         compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)

@@ -534,7 +534,7 @@ class FrameRunner:
                 if taken is None:
                     return
                 setattr(self, source, None)
-                item, payload = (taken, taken) if source == "_incoming" else taken[:2]
+                item, payload = self._item_payload(source, taken)
                 slot = self._free.pop() if stage == 1 else None
                 self._busy[stage] = True
                 self._cond.notify_all()  # the hand-off is free: the stage or submit before it may go on
@@ -544,6 +544,11 @@ class FrameRunner:
                 self._stage_failed(stage, item, slot, exc)
                 continue
             self._hand_over(stage, place, (item, result, slot))
+
+    @staticmethod
+    def _item_payload(source: str, taken: Any) -> tuple[Any, Any]:
+        """(item, payload) of what was taken from hand-off ``source``: a submitted item is its own payload."""
+        return (taken, taken) if source == "_incoming" else taken[:2]
 
     def _can_take(self, stage: int, source: Any) -> bool:
         """Stage ``stage`` (0 decode, 1 prepare) may take ``source`` (its hand-off's frame, None when empty):
@@ -577,15 +582,13 @@ class FrameRunner:
         for dropped in drops:
             self._dropped(dropped[0])
 
-    def _stage_failed(self, stage: int | None, item: Any, slot: int | None, exc: BaseException) -> None:
-        """Count a frame that failed in the decode or prepare stage, free its slot, report it (``stage`` None:
-        prepared by the finish stage, which goes on working)."""
+    def _stage_failed(self, stage: int, item: Any, slot: int | None, exc: BaseException) -> None:
+        """Count a frame that failed in the decode or prepare stage, free its slot, report it."""
         with self._cond:
             self.failed += 1
             if slot is not None:
                 self._free.append(slot)
-            if stage is not None:
-                self._busy[stage] = False
+            self._busy[stage] = False
             self._cond.notify_all()
         self._report(item, exc)
 
@@ -620,8 +623,7 @@ class FrameRunner:
                 self._busy[2] = self._network = True  # no ``network_done`` here: the device works ahead
                 if taken is not None:
                     if not self.prepare_thread:  # (item, payload, slot), as the prepare stage hands them over
-                        item, payload = (taken, taken) if source == "_incoming" else taken[:2]
-                        taken = (item, payload, self._free.pop())
+                        taken = (*self._item_payload(source, taken), self._free.pop())
                     self._cond.notify_all()  # the hand-off is free: the stage before it may go on
             launched = None if taken is None else self._launch_taken(*taken)
             if pending is not None and (launched is not None or taken is None or self._launched_done(pending[1])):
@@ -639,8 +641,8 @@ class FrameRunner:
         (item, launched, slot), or None when either step failed (counted and reported)."""
         try:
             prepared = payload if self.prepare_thread else self._prepare(payload, slot)
-        except BaseException as exc:  # bad input: counted as the prepare stage's failure
-            self._stage_failed(None, item, slot, exc)
+        except BaseException as exc:  # bad input: the prepare stage's failure (its busy flag: never set here)
+            self._stage_failed(1, item, slot, exc)
             return None
         try:
             return item, self._launch(item, prepared), slot

@@ -195,7 +195,7 @@ def test_slow_backend_drops_stale_frames_newest_wins():
     (False, False, True, True, True, False),
 ])
 def test_frame_loop_threads_rules(pipelined, launch_ahead, compressed, locates, prepare, decode):
-    assert uses_prepare_thread(pipelined, launch_ahead) is prepare
+    assert uses_prepare_thread(pipelined, SimpleNamespace(launch_ahead=launch_ahead)) is prepare
     assert uses_decode_thread(compressed, pipelined, prepare, locates=locates) is decode
 
 

@@ -9,9 +9,7 @@ saved (epoch, step) sees exactly the batches the uninterrupted run saw.
 """
 from __future__ import annotations
 
-import functools
 import multiprocessing
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +22,7 @@ from models.config import ModelConfig
 from models.preprocess import normalize_image, pixel_values
 
 from .augment import PhotometricDraws, photometric_distortion
-from .interrupt import training_worker_init
+from .interrupt import worker_init_for_this_process
 from .losses import class_frequencies_from_targets
 from .occscannet import OccScanNetDataset
 
@@ -181,4 +179,4 @@ def build_train_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: in
                  "multiprocessing_context": worker_context()}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_frames,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=functools.partial(training_worker_init, os.getpid()), **extra)
+                      worker_init_fn=worker_init_for_this_process(), **extra)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from models.postprocess import labels_batch
 
 from .data import build_dataset, collate_frames, prepare_inputs, worker_context
 from .distributed import autocast_dtype
-from .interrupt import training_worker_init
+from .interrupt import worker_init_for_this_process
 from .metrics import SSCMetrics
 from .occscannet import BadSampleError, OccScanNetDataset
 from .scene_format import SPLIT_FILES
@@ -71,7 +69,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     metrics = SSCMetrics(num_classes=model_cfg.num_classes + 1)
     loader = DataLoader(ScoredFrames(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_scored,  # Ctrl-C: the trainer's; a killed trainer ends them
-                        worker_init_fn=functools.partial(training_worker_init, os.getpid()),
+                        worker_init_fn=worker_init_for_this_process(),
                         multiprocessing_context=worker_context() if workers > 0 else None)
     dtype = autocast_dtype(amp, device)
     frames, skipped, start = 0, [], time.perf_counter()

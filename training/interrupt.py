@@ -10,6 +10,7 @@ terminal's Ctrl-C reaches every worker, and the agent then sends each the signal
 """
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -81,6 +82,12 @@ def training_worker_init(trainer_pid: int, worker_id: int) -> None:
     """``worker_init_fn`` of the training loader: ``ignore_interrupts``, and end with the training process."""
     ignore_interrupts(worker_id)
     exit_with(trainer_pid)
+
+
+def worker_init_for_this_process() -> Callable[[int], None]:
+    """The ``worker_init_fn`` of a loader made by this (the training) process: ``training_worker_init``
+    bound to its pid, so that the workers end with it."""
+    return functools.partial(training_worker_init, os.getpid())
 
 
 def exit_with(pid: int) -> None:
