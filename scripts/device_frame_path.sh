@@ -103,12 +103,18 @@
 #   bash scripts/device_frame_path.sh unfused-wait-probe # the unfused path's sleeping wait against a spinning one
 #                                             # in this tree, interleaved, two rounds, paper_student and lite FP32
 #                                             # bgr8 (docs/results/device_runs/issue10_unfused_wait_probe.py; ~1.5 min)
+#   bash scripts/device_frame_path.sh host-steps-sequence # session 32: lite's host steps in a one-thread loop's
+#                                             # order right after the device wait, and back to back
+#                                             # (bench_host_steps.py --fused), FP32 and FP16, interleaved with
+#                                             # the one-thread loop itself (bench_frame_path, prepare thread and
+#                                             # decode stage off), two rounds: the steps' own cost as the loop
+#                                             # meets them against what the loop adds (~3 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -444,6 +450,20 @@ prepare_thread_jpeg() {
 host_steps_alone() {  # each host step of the frame alone, hot (the probe of call 10, this tree)
     step 90 "each host step alone, lite, CUDA graph" python3 docs/results/device_runs/issue10_call10_probe.py cuda
 }
+host_steps_sequence() {  # session 32: the steps in sequence after the device wait, beside the one-thread loop
+    local round precision fp16
+    for round in 1 2; do
+        for precision in fp32 fp16; do
+            fp16=$([ "$precision" = fp16 ] && echo --fp16)
+            step 60 "host steps in sequence and back to back, lite $precision bgr8 (round $round)" python3 \
+                benchmarks/bench_host_steps.py --fused --device cuda $fp16 --calls 300 \
+                --json "$out/host_steps_${precision}_r$round.json"
+        done
+        step 60 "one-thread loop, lite bgr8 fp32 + fp16 (round $round)" python3 benchmarks/bench_frame_path.py \
+            --device cuda --configs lite --inputs bgr8 --frames 300 --prepare-thread off --decode-stage off \
+            --json "$out/host_steps_loop.json" --append
+    done
+}
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
     step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
         docs/results/device_runs/issue10_whole_frame_graph_probe.py --out "$out/whole_frame_graph.json"
@@ -478,6 +498,7 @@ prepare-thread) tests 60; prepare_thread_pairs 1 2; prepare_thread_jpeg; replay_
 camera-rate-prepare) camera_rate_prepare ;;
 unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this tree, interleaved" python3 \
     docs/results/device_runs/issue10_unfused_wait_probe.py 2 --json "$out/unfused_wait_probe.json" ;;
+host-steps-sequence) tests 60; host_steps_sequence ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2

@@ -87,3 +87,49 @@ def test_whole_frame_graph_probe_refuses_without_cuda(capsys):
         pytest.skip("CUDA is here: the probe would run")
     assert probe.main(["--configs", "lite"]) == 2
     assert "needs CUDA" in capsys.readouterr().err
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_steps_in_sequence_are_the_launch_ahead_frame_and_time_every_step(tmp_path):
+    """bench_host_steps --fused (device stage host-steps-sequence): its steps, in a one-thread loop's order, collect
+    the frame that FrameProcessor gives for the same message, and the run writes a time per step and condition."""
+    steps_bench = _load_benchmark("bench_host_steps")
+    from rosbags.typesys import Stores, get_typestore
+
+    from export.pipeline import OccupancyPipeline
+
+    factory = steps_bench.bench.TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
+    backend, _ = steps_bench.bench.make_backend("lite", "cpu", False, False, True)
+    pipe = OccupancyPipeline(backend, fuse=True)
+    host_steps, wait, state = steps_bench.fused_steps(pipe, factory)
+    assert list(host_steps) == ["postprocess", "output_check", "pointcloud2", "decode", "preprocess", "launch"]
+    image, info, pose = steps_bench.bench.camera_messages(factory, "bgr8")
+    reference = FrameProcessor(OccupancyPipeline(backend, fuse=False)).process(
+        steps_bench.FrameInput(image, info, cam_pose=pose)).occupancy
+    assert len(reference.voxel_labels) > 50
+    for step in host_steps.values():  # collects the frame fused_steps launched, launches the next
+        step()
+    assert (state["occupancy"].labels == reference.labels).all()
+    wait()
+    host_steps["postprocess"]()  # the frame the sequence launched
+    assert (state["occupancy"].labels == reference.labels).all()
+
+    out = tmp_path / "steps.json"
+    assert steps_bench.main(["--fused", "--calls", "2", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert "launch-ahead" in run["path"] and run["precision"] == "fp32" and run["input"] == "bgr8"
+    assert [r["step"] for r in run["rows"]] == list(host_steps)
+    assert all(r["sequence_ms"] > 0 and r["hot_ms"] > 0 for r in run["rows"])
+
+
+def test_host_steps_refuses_cuda_without_the_fused_path(capsys):
+    steps_bench = _load_benchmark("bench_host_steps")
+    with pytest.raises(SystemExit):
+        steps_bench.main(["--device", "cuda"])
+    assert "--device cuda needs --fused" in capsys.readouterr().err
