@@ -108,7 +108,9 @@
 #                                             # (bench_host_steps.py --fused), FP32 and FP16, interleaved with
 #                                             # the one-thread loop itself (bench_frame_path, prepare thread and
 #                                             # decode stage off), two rounds: the steps' own cost as the loop
-#                                             # meets them against what the loop adds (~3 min)
+#                                             # meets them against what the loop adds; then paper_student
+#                                             # compiled FP16 bgr8 in the node's loop of session 31 (its host
+#                                             # share was last measured with the prepare thread) (~4.5 min)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
@@ -498,7 +500,7 @@ prepare-thread) tests 60; prepare_thread_pairs 1 2; prepare_thread_jpeg; replay_
 camera-rate-prepare) camera_rate_prepare ;;
 unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this tree, interleaved" python3 \
     docs/results/device_runs/issue10_unfused_wait_probe.py 2 --json "$out/unfused_wait_probe.json" ;;
-host-steps-sequence) tests 60; host_steps_sequence ;;
+host-steps-sequence) tests 60; host_steps_sequence; compiled paper_student --precisions fp16 --inputs bgr8 ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
