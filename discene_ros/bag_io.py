@@ -26,7 +26,6 @@ import bisect
 import math
 import struct
 import zlib
-from collections import deque
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from .camera_pose import TransformNotReadyError
 from .errors import TransformError
 from .msg_decode import quaternion_to_matrix, stamp_to_ns, transform_to_matrix
 from .msg_encode import matrix_to_quaternion
+from .tf_links import link_path, only_invalid_link
 
 IMAGE_TOPIC = "/camera/color/image_raw"
 COMPRESSED_TOPIC = "/camera/color/image_raw/compressed"
@@ -492,30 +492,9 @@ class TfTree:
         (t0, m0), (t1, m1) = samples[i - 1], samples[i]
         return interpolate_transform(m0, m1, (stamp_ns - t0) / (t1 - t0))
 
-    def _path(self, target: str, source: str,
-              invalid: bool = False) -> list[tuple[tuple[str, str], bool]] | None:
-        """Links from ``source`` to ``target`` as ((parent, child), inverted) or None when not connected;
-        ``invalid``: the links with only invalid transforms count too."""
-        graph: dict[str, list[tuple[str, tuple[str, str], bool]]] = {}
-        for parent, child in list(self._static) + list(self._dynamic) + (list(self._invalid) if invalid else []):
-            graph.setdefault(child, []).append((parent, (parent, child), False))
-            graph.setdefault(parent, []).append((child, (parent, child), True))
-        prev: dict[str, tuple[str, tuple[str, str], bool]] = {}
-        queue, seen = deque([source]), {source}
-        while queue:
-            frame = queue.popleft()
-            if frame == target:
-                path = []
-                while frame != source:
-                    frame, key, inverted = prev[frame]
-                    path.append((key, inverted))
-                return path[::-1]
-            for nxt, key, inverted in graph.get(frame, []):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    prev[nxt] = (frame, key, inverted)
-                    queue.append(nxt)
-        return None
+    def _path(self, target: str, source: str) -> list[tuple[tuple[str, str], bool]] | None:
+        """Links from ``source`` to ``target`` as ((parent, child), inverted) or None when not connected."""
+        return link_path([*self._static, *self._dynamic], target, source)
 
     def lookup(self, target: str, source: str, stamp_ns: int | None = None) -> np.ndarray | None:
         """4x4 mapping ``source`` coordinates to ``target`` (camera->world for target=world) at ``stamp_ns``
@@ -536,15 +515,11 @@ class TfTree:
     def _check_invalid(self, target: str, source: str) -> None:
         """TransformError when ``target`` and ``source`` are joined only through links whose transforms
         were all invalid (the bag has the transform, unusable); nothing when they are not joined at all."""
-        if not self._invalid:
-            return
-        path = self._path(target, source, invalid=True)
-        bad = [key for key, _ in path or [] if key not in self._static and key not in self._dynamic]
-        if bad:
-            parent, child = bad[0]
+        found = only_invalid_link([*self._static, *self._dynamic], self._invalid, target, source)
+        if found is not None:
+            (parent, child), problem = found
             raise TransformError(f"TF {target} -> {source} is in the bag but invalid: every transform "
-                                 f"{parent} -> {child} so far was ({self._invalid[bad[0]]})")
-
+                                 f"{parent} -> {child} so far was ({problem})")
 
 def interpolate_transform(m0: np.ndarray, m1: np.ndarray, t: float) -> np.ndarray:
     """Rigid transform between ``m0`` (t=0) and ``m1`` (t=1): linear translation, slerp rotation."""

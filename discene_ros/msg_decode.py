@@ -513,17 +513,37 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
     return scale_intrinsic(k, (height, width), (img_h, img_w))
 
 
+def quaternion_problem(x: float, y: float, z: float, w: float) -> str | None:
+    """What makes a rotation quaternion unusable (non-finite, zero, or |q|^2 further than
+    :data:`QUATERNION_NORM2_TOL` from 1: tf2's rule), else None. On Python floats: the node checks every
+    transform on /tf with it."""
+    q = [float(x), float(y), float(z), float(w)]
+    if not all(map(math.isfinite, q)):
+        return f"rotation quaternion {q} is not finite"
+    norm2 = math.fsum(v * v for v in q)
+    if abs(norm2 - 1.0) > QUATERNION_NORM2_TOL:
+        return f"rotation quaternion {q} is " + ("zero" if norm2 < 1e-18 else f"not unit (|q|^2 = {norm2:.6g})")
+    return None
+
+
+def transform_problem(msg: Any) -> str | None:
+    """What makes a geometry_msgs/Transform(Stamped) unusable (:func:`transform_to_matrix` refuses it), else None."""
+    tf = msg.transform if hasattr(msg, "transform") else msg
+    t, r = tf.translation, tf.rotation
+    problem = quaternion_problem(r.x, r.y, r.z, r.w)
+    if problem is None and not all(map(math.isfinite, (t.x, t.y, t.z))):
+        problem = f"transform translation {[t.x, t.y, t.z]} is not finite"
+    return problem
+
+
 def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
     """Unit quaternion -> 3x3 rotation matrix; normalised here once |q|^2 is within
-    :data:`QUATERNION_NORM2_TOL` of 1 (tf2's rule), otherwise TransformError."""
+    :data:`QUATERNION_NORM2_TOL` of 1 (tf2's rule), otherwise TransformError (:func:`quaternion_problem`)."""
+    problem = quaternion_problem(x, y, z, w)
+    if problem is not None:
+        raise TransformError(problem)
     q = np.array([x, y, z, w], dtype=np.float64)
-    if not np.all(np.isfinite(q)):
-        raise TransformError(f"rotation quaternion {q.tolist()} is not finite")
-    norm2 = float(q @ q)
-    if abs(norm2 - 1.0) > QUATERNION_NORM2_TOL:
-        what = "zero" if norm2 < 1e-18 else f"not unit (|q|^2 = {norm2:.6g})"
-        raise TransformError(f"rotation quaternion {q.tolist()} is {what}")
-    x, y, z, w = q / math.sqrt(norm2)
+    x, y, z, w = q / math.sqrt(float(q @ q))
     return np.array([
         [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],

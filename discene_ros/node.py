@@ -27,7 +27,7 @@ import numpy as np
 
 from . import params as P
 from .camera_pose import TransformNotReadyError, orientation_problem, use_fallback
-from .errors import FrameError, StampError
+from .errors import FrameError, StampError, TransformError
 from .msg_decode import camera_frame_id, transform_to_matrix
 from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
@@ -49,6 +49,7 @@ from .processing import (
     uses_decode_thread,
     uses_prepare_thread,
 )
+from .tf_links import TransformWatch
 from .undistort import DISTORTION_MODELS, needs_undistortion
 
 try:  # ROS 2: optional (see the module docstring)
@@ -74,6 +75,24 @@ try:  # ROS 2: optional (see the module docstring)
 except ImportError as exc:  # the class below is then never instantiated
     Node = object
     ROS_IMPORT_ERROR = exc
+
+
+def watched_listener(buffer: Any, node: Any, watch: TransformWatch) -> Any:
+    """tf2_ros's TransformListener whose /tf and /tf_static callbacks show each TFMessage to ``watch`` before
+    tf2 stores its valid transforms (and drops the others) as usual. The listener binds ``self.callback`` and
+    ``self.static_callback`` to its subscriptions in ``__init__`` (tf2_ros_py, Humble to Rolling), so the
+    overrides are what the subscriptions call."""
+
+    class WatchedTransformListener(TransformListener):
+        def callback(self, data: Any) -> None:
+            watch.seen(data.transforms)
+            super().callback(data)
+
+        def static_callback(self, data: Any) -> None:
+            watch.seen(data.transforms)
+            super().static_callback(data)
+
+    return WatchedTransformListener(buffer, node)
 
 # Frames the frame loop may hold at once (waiting for each of its three stages and in it, one more
 # launched ahead), plus one being submitted and one being counted as dropped: ``in_flight`` beyond this
@@ -147,7 +166,8 @@ class OccupancyNode(Node):
         self.idle_throttle = WarnThrottle(NO_IMAGE_LOG_PERIOD_S)
 
         self.tf_buffer = Buffer()
-        self.tf_listener = TransformListener(self.tf_buffer, self)
+        self.tf_watch = TransformWatch()  # which links /tf has, valid or not: tf2 drops the invalid ones
+        self.tf_listener = watched_listener(self.tf_buffer, self, self.tf_watch)
         qos = sensor_qos()
         # image_transport's naming: a topic ending in /compressed carries CompressedImage, use_compressed or not
         image_topic = self.cfg["image_topic"].rstrip("/")
@@ -315,6 +335,7 @@ class OccupancyNode(Node):
         """
         world = self.cfg["world_frame"]
         if self.fallback_note is not None and not self.tf_buffer.can_transform(world, camera_frame, Time()):
+            self.refuse_invalid_chain(world, camera_frame)
             # known absent and still absent: no point waiting tf_timeout_s on every frame; but a mount that
             # reached TF after the first frames (robot_state_publisher starting late) replaces fixed parameters
             if not self.mount_found and self.tf_buffer.can_transform(self.cfg["base_frame"], camera_frame, Time()):
@@ -326,6 +347,7 @@ class OccupancyNode(Node):
             tf = self.tf_buffer.lookup_transform(world, camera_frame, Time(nanoseconds=stamp_ns),
                                                  timeout=Duration(seconds=self.cfg["tf_timeout_s"]))
         except (LookupException, ConnectivityException) as exc:
+            self.refuse_invalid_chain(world, camera_frame)
             self.note_fallback(camera_frame, f"TF: {exc}")
             return None
         except ExtrapolationException as exc:
@@ -337,6 +359,14 @@ class OccupancyNode(Node):
             self.get_logger().info(f"world frame '{world}' is in TF now: camera poses come from TF again")
             self.fallback_note, self.mount_found = None, False
         return transform_to_matrix(tf)
+
+    def refuse_invalid_chain(self, world: str, camera_frame: str) -> None:
+        """TransformError (the frame is skipped as bad_transform) when tf2 lacks ``world`` -> ``camera_frame`` only
+        because every transform of a link between them was invalid: published but unusable is not absent, so no
+        fallback pose (e.g. a localizer publishing NaN)."""
+        problem = self.tf_watch.invalid_chain(world, camera_frame)
+        if problem is not None:
+            raise TransformError(problem)
 
     def note_fallback(self, camera_frame: str, why: str) -> None:
         """World frame absent: take the fallback height and pitch from the camera mount, else the fixed

@@ -92,7 +92,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("tf_timeout_s", 0.05, "How long to wait for the camera pose in TF at the image stamp (TF lagging "
               "the image), seconds; a pose still missing then skips the frame (0: see sync_wait_s)", (0.0, 1.0)),
     ParamSpec("use_fallback_pose", True, "When world_frame is not in TF at all, use a fallback camera pose (the "
-              "mount base_frame -> camera from TF, else fallback_camera_height/pitch) instead of skipping the frame"),
+              "mount base_frame -> camera from TF, else fallback_camera_height/pitch) instead of skipping the frame; "
+              "a world frame TF publishes only as invalid transforms is not absent: its frames are skipped"),
     ParamSpec("base_frame", "base_link", "Robot frame on the floor whose static mount to the camera gives the "
               "fallback pose's height and pitch"),
     ParamSpec("fallback_camera_height", 1.0, "Fallback without a mount in TF: camera height above the floor, metres",

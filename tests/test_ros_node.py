@@ -23,6 +23,8 @@ import yaml
 from rosbags.typesys import Stores, get_typestore
 from test_ros_support import (
     RCLPY_PUBLISHER_METHODS,
+    TF2_LISTENER_METHODS,
+    TF2_LISTENER_PARAMETERS,
     BlockBackend,
     FakeRos,
     install_fake_rclpy,
@@ -45,6 +47,7 @@ F = TypestoreFactory(STORE)
 K = np.array([[100.0, 0, 64], [0, 100, 48], [0, 0, 1]])
 RGB = np.full((96, 128, 3), 90, np.uint8)
 MS = 1_000_000
+TF_TOPICS = {"/tf", "/tf_static"}  # the node's TF listener's subscriptions
 
 
 def _as_numpy_data(msg):
@@ -129,6 +132,8 @@ def test_parameters_qos_topics(ros):
     assert node.cfg["world_frame"] == "map"
     assert node.pipeline.config.score_threshold == 0.5  # negative default: the model's own threshold
     subs = {s.topic: s for s in node.subscriptions}
+    tf = {topic: subs.pop(topic) for topic in ("/tf", "/tf_static")}  # the TF listener's, as tf2_ros_py makes them
+    assert tf["/tf"].callback == node.tf_listener.callback and tf["/tf_static"].callback == node.tf_listener.static_callback
     assert set(subs) == {"/camera/color/image_raw", "/camera/color/camera_info"}  # no depth: use_depth false
     assert subs["/camera/color/image_raw"].msg_type.msgtype == "sensor_msgs/msg/Image"
     assert subs["/camera/color/image_raw"].callback == node.image_callback
@@ -161,7 +166,8 @@ def test_unknown_parameters_note():
 def test_camera_info_is_found_beside_the_image_topic_unless_given(ros):
     """image_transport's CameraSubscriber rule: a user who sets only image_topic gets its camera_info."""
     node = make_node(ros, image_topic="/front/color/image_raw", use_compressed=True, sync_wait_s=0.0)
-    assert {s.topic for s in node.subscriptions} == {"/front/color/image_raw/compressed", "/front/color/camera_info"}
+    assert {s.topic for s in node.subscriptions} - TF_TOPICS == {"/front/color/image_raw/compressed",
+                                                                 "/front/color/camera_info"}
     assert any("camera info /front/color/camera_info" in t for level, t in node.get_logger().records)
     node.image_callback(msg_encode.rgb_to_compressed(F, RGB, "cam", 5 * MS, "jpeg"))  # its camera info never came
     assert wait_until(lambda: node.stats.skipped["missing_camera_info"] == 1)
@@ -170,7 +176,7 @@ def test_camera_info_is_found_beside_the_image_topic_unless_given(ros):
     node.destroy_node()
     ros[0].overrides.clear()
     node = make_node(ros, image_topic="/front/color/image_raw", camera_info_topic="/calib/front")
-    assert {s.topic for s in node.subscriptions} == {"/front/color/image_raw", "/calib/front"}
+    assert {s.topic for s in node.subscriptions} - TF_TOPICS == {"/front/color/image_raw", "/calib/front"}
 
 
 def test_camera_info_topic_for_follows_image_transport():
@@ -448,6 +454,83 @@ def test_fake_publisher_has_only_rclpys_methods(ros):
     fake_publisher = type(node.publishers[0])
     methods = {name for name, value in vars(fake_publisher).items() if callable(value) and not name.startswith("_")}
     assert methods and methods <= RCLPY_PUBLISHER_METHODS
+
+
+def test_fake_transform_listener_is_tf2_ros_pys(ros):
+    import inspect
+
+    fake_listener = sys.modules["tf2_ros"].TransformListener
+    methods = {name for name, value in vars(fake_listener).items() if callable(value)}
+    assert "callback" in methods and methods <= TF2_LISTENER_METHODS
+    assert tuple(inspect.signature(fake_listener.__init__).parameters) == TF2_LISTENER_PARAMETERS
+
+
+def _tf_message(*links):
+    """TFMessage of (parent, child, 4x4 or None for an all-NaN transform, stamp_ns) links."""
+    transforms = []
+    for parent, child, pose, stamp in links:
+        tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4) if pose is None else pose, parent, child, stamp)
+        if pose is None:
+            for v in (tf.transform.translation, tf.transform.rotation):
+                for axis in ("x", "y", "z"):
+                    setattr(v, axis, float("nan"))
+            tf.transform.rotation.w = float("nan")
+        transforms.append(tf)
+    return F.new("tf2_msgs/msg/TFMessage", transforms=transforms)
+
+
+def _deliver_tf(node, topic, message):
+    (sub,) = [s for s in node.subscriptions if s.topic == topic]
+    sub.callback(message)
+
+
+@pytest.mark.parametrize("chain", ["world link", "middle link"])
+def test_a_world_frame_published_only_as_invalid_transforms_skips_frames_instead_of_the_fallback(ros, chain):
+    """tf2 drops a NaN transform with a log line, so a localizer that publishes only NaN leaves the world frame
+    absent from the Buffer: the node sees the TFMessages itself and skips the frames as bad_transform, where it
+    used to place them at the fallback pose. A valid transform of the link ends it."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", warn_throttle_s=60.0, tf_timeout_s=0.0)
+    _deliver_tf(node, "/tf_static", _tf_message(("base_link", "cam", _mount(0.6, 10.0), 0)))
+    if chain == "world link":  # map -> base_link only ever NaN
+        _deliver_tf(node, "/tf", _tf_message(("map", "base_link", None, 1 * MS)))
+    else:  # map -> odom fine, odom -> base_link only ever NaN
+        _deliver_tf(node, "/tf", _tf_message(("map", "odom", np.eye(4), 1 * MS), ("odom", "base_link", None, 1 * MS)))
+    error = "LookupException" if chain == "world link" else "ConnectivityException"
+    fake.transforms[("map", "cam")] = getattr(sys.modules["tf2_ros"], error)("not in tf2's Buffer")
+    assert all(authority == "default_authority" for _, authority, _ in fake.tf_set)
+    assert len(fake.tf_set) == (2 if chain == "world link" else 3)  # every transform still goes to tf2, which drops
+
+    def frame(i: int) -> None:
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", (10 + i) * MS))
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", (10 + i) * MS))
+
+    for i in range(2):
+        frame(i)
+        assert wait_until(lambda n=i + 1: node.stats.skipped["bad_transform"] == n)
+    assert node.stats.processed == 0 and node.fallback_note is None
+    assert not [t for level, t in node.get_logger().records if level == "error"]  # no fallback announced
+    warned = [t for level, t in node.get_logger().records if level == "warn" and "bad_transform" in t]
+    bad = "map -> base_link" if chain == "world link" else "odom -> base_link"
+    assert len(warned) == 1 and f"every transform {bad} so far was invalid" in warned[0] and "not finite" in warned[0]
+
+    fixed = ("map", "base_link") if chain == "world link" else ("odom", "base_link")
+    _deliver_tf(node, "/tf", _tf_message((*fixed, np.eye(4), 12 * MS)))
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, _mount(0.6, 10.0), "map", "cam", 0)
+    frame(2)
+    assert wait_until(lambda: node.stats.processed == 1)
+    assert node.stats.skipped["bad_transform"] == 2
+
+
+def test_an_absent_world_frame_still_gets_the_fallback_beside_invalid_links_elsewhere(ros):
+    """An invalid link that does not join the world frame and the camera changes nothing: fallback as before."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="odom", warn_throttle_s=60.0)
+    _deliver_tf(node, "/tf", _tf_message(("arm_base", "gripper", None, 1 * MS)))
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 10 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 10 * MS))
+    assert wait_until(lambda: node.stats.processed == 1)
+    assert node.fallback_note is not None and not node.stats.skipped
 
 
 def test_bad_frames_are_skipped_counted_and_throttled(ros):

@@ -145,6 +145,13 @@ RCLPY_PUBLISHER_METHODS = frozenset({"publish", "get_subscription_count", "topic
                                      "assert_liveliness", "wait_for_all_acked"})
 
 
+# tf2_ros_py's TransformListener (tf2_ros_py/tf2_ros/transform_listener.py of ros2/geometry2, the same on its humble,
+# jazzy and rolling branches), which ../shared/ros2-python does not carry: its methods, and its constructor's
+# parameters in order. The fake's must be these.
+TF2_LISTENER_METHODS = frozenset({"__init__", "__del__", "unregister", "callback", "static_callback"})
+TF2_LISTENER_PARAMETERS = ("self", "buffer", "node", "spin_thread", "qos", "static_qos", "tf_topic", "tf_static_topic")
+
+
 class FakeContext:
     def __init__(self) -> None:
         self._ok = False
@@ -175,6 +182,7 @@ class FakeRos:
         self.tf_lookups: list[tuple[str, str, int, Any]] = []
         self.tf_clears = 0
         self.tf_invalid_queries = 0  # can_transform calls with a frame id tf2 refuses
+        self.tf_set: list[tuple[Any, str, bool]] = []  # (transform, authority, static) the listener handed to tf2
         self.spin_raises: type[BaseException] = KeyboardInterrupt
         self.spin_hook: Any = None
 
@@ -456,6 +464,12 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def get_clock(self) -> Clock:
             return self._clock
 
+        def destroy_subscription(self, subscription: Subscription) -> bool:
+            if subscription not in self._subscriptions:
+                return False
+            self._subscriptions.remove(subscription)
+            return True
+
         def destroy_node(self) -> None:
             self.fake_destroyed = True
 
@@ -566,10 +580,41 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def clear(self) -> None:  # tf2.BufferCore.clear: drops the history, keeps static transforms
             ros.tf_clears += 1
 
+        def set_transform(self, transform: Any, authority: str) -> None:  # the listener's hand-over, recorded
+            ros.tf_set.append((transform, authority, False))
+
+        def set_transform_static(self, transform: Any, authority: str) -> None:
+            ros.tf_set.append((transform, authority, True))
+
+    class TransformListener:
+        """tf2_ros_py's TransformListener (transform_listener.py, the same on Humble, Jazzy and Rolling): the
+        constructor subscribes ``self.callback`` to /tf and ``self.static_callback`` to /tf_static, and each
+        callback hands every transform of the TFMessage to the buffer (which drops the invalid ones)."""
+
+        def __init__(self, buffer: Any, node: Any, *, spin_thread: bool = False, qos: Any = None,
+                     static_qos: Any = None, tf_topic: str = "/tf", tf_static_topic: str = "/tf_static") -> None:
+            self.buffer, self.node = buffer, node
+            tf_message = sys.modules["tf2_msgs.msg"].TFMessage
+            self.tf_sub = node.create_subscription(tf_message, tf_topic, self.callback, qos if qos is not None else 100)
+            self.tf_static_sub = node.create_subscription(tf_message, tf_static_topic, self.static_callback,
+                                                          static_qos if static_qos is not None else 100)
+
+        def unregister(self) -> None:
+            self.node.destroy_subscription(self.tf_sub)
+            self.node.destroy_subscription(self.tf_static_sub)
+
+        def callback(self, data: Any) -> None:
+            for transform in data.transforms:
+                self.buffer.set_transform(transform, "default_authority")
+
+        def static_callback(self, data: Any) -> None:
+            for transform in data.transforms:
+                self.buffer.set_transform_static(transform, "default_authority")
+
     tf2.TransformException, tf2.Buffer = TransformException, Buffer
     for name, cls in tf_errors.items():
         setattr(tf2, name, cls)
-    tf2.TransformListener = lambda buffer, node, **kw: types.SimpleNamespace(buffer=buffer, node=node)
+    tf2.TransformListener = TransformListener
 
     modules = {"rclpy": rclpy, "rclpy.node": node_mod, "rclpy.qos": qos_mod, "rclpy.time": time_mod,
                "rclpy.duration": dur_mod, "rclpy.executors": exec_mod, "rclpy.exceptions": exc,
