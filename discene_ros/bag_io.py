@@ -521,6 +521,7 @@ class TfTree:
             raise TransformError(f"TF {target} -> {source} is in the bag but invalid: every transform "
                                  f"{parent} -> {child} so far was ({problem})")
 
+
 def interpolate_transform(m0: np.ndarray, m1: np.ndarray, t: float) -> np.ndarray:
     """Rigid transform between ``m0`` (t=0) and ``m1`` (t=1): linear translation, slerp rotation."""
     q0 = np.array(matrix_to_quaternion(m0[:3, :3]))

@@ -94,6 +94,7 @@ def watched_listener(buffer: Any, node: Any, watch: TransformWatch) -> Any:
 
     return WatchedTransformListener(buffer, node)
 
+
 # Frames the frame loop may hold at once (waiting for each of its three stages and in it, one more
 # launched ahead), plus one being submitted and one being counted as dropped: ``in_flight`` beyond this
 # is a counting bug.
