@@ -384,7 +384,8 @@ class OccupancyNode(Node):
         self.mount_found = mount is not None
         self.fallback_note = use_fallback(self.processor, mount, self.cfg["world_frame"], camera_frame,
                                           self.cfg["base_frame"])
-        self.get_logger().error(f"{self.fallback_note} ({why})")
+        unusable_mount = None if mount is not None else self.tf_watch.invalid_chain(self.cfg["base_frame"], camera_frame)
+        self.get_logger().error(f"{self.fallback_note} ({why}{'; ' + unusable_mount if unusable_mount else ''})")
 
     def destroy_node(self) -> None:
         """Stop both frame stages (nothing is published from here on; frames in flight are counted as

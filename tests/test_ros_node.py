@@ -523,14 +523,19 @@ def test_a_world_frame_published_only_as_invalid_transforms_skips_frames_instead
 
 
 def test_an_absent_world_frame_still_gets_the_fallback_beside_invalid_links_elsewhere(ros):
-    """An invalid link that does not join the world frame and the camera changes nothing: fallback as before."""
+    """An invalid link that does not join the world frame and the camera changes nothing: fallback as before. A
+    camera mount published only as invalid transforms leaves the fixed height and pitch, and the log says why."""
     fake, _ = ros
     node = make_node(ros, world_frame="odom", warn_throttle_s=60.0)
     _deliver_tf(node, "/tf", _tf_message(("arm_base", "gripper", None, 1 * MS)))
+    _deliver_tf(node, "/tf_static", _tf_message(("base_link", "cam", None, 0)))
     node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 10 * MS))
     node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 10 * MS))
     assert wait_until(lambda: node.stats.processed == 1)
     assert node.fallback_note is not None and not node.stats.skipped
+    (error,) = [t for level, t in node.get_logger().records if level == "error"]
+    assert "fixed parameters" in error and "every transform base_link -> cam so far was invalid" in error
+    assert "gripper" not in error
 
 
 def test_bad_frames_are_skipped_counted_and_throttled(ros):
