@@ -19,8 +19,8 @@ tests, its ``launch`` then holding the network): ``sequence`` is one frame's ste
 frame loop runs them, right after waiting for the previous frame's device work (collect, output check,
 PointCloud2, then the next frame's decode, prepare and launch), without the loop's threads, hand-offs and
 polls; ``hot`` is each step back to back. Against the loop's stage times it splits what the loop costs into
-the steps' own cost as the loop meets them and what the loop adds (session 32: on the build machine a step
-runs about twice as long after 2 ms of anything else, a sleep or a spin, as back to back).
+the steps' own cost as the loop meets them and what the loop adds (session 32: on the build machine a small
+step runs about twice as long after 2 ms of anything else, a sleep or a spin, as back to back).
 """
 from __future__ import annotations
 
@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     factory = bench.TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
     if args.device == "cuda" and not args.fused:
         parser.error("--device cuda needs --fused (the CPU path's steps run on the CPU)")
+    if args.fp16 and args.device != "cuda":
+        parser.error("--fp16 needs --device cuda")
+    if args.gaps and args.fused:
+        parser.error("--gaps times the CPU path's steps; --fused has its own two conditions")
     backend, used = bench.make_backend("lite", args.device, args.fp16, False, True)
     backend.config.closing = True  # the node's default
     pipe = OccupancyPipeline(backend, fuse=True if args.fused else None)

@@ -128,8 +128,13 @@ def test_host_steps_in_sequence_are_the_launch_ahead_frame_and_time_every_step(t
     assert all(r["sequence_ms"] > 0 and r["hot_ms"] > 0 for r in run["rows"])
 
 
-def test_host_steps_refuses_cuda_without_the_fused_path(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "--device cuda needs --fused"),
+    (["--fused", "--fp16"], "--fp16 needs --device cuda"),
+    (["--fused", "--gaps"], "--gaps times the CPU path's steps"),
+])
+def test_host_steps_refuses_options_that_do_not_go_together(capsys, argv, message):
     steps_bench = _load_benchmark("bench_host_steps")
     with pytest.raises(SystemExit):
-        steps_bench.main(["--device", "cuda"])
-    assert "--device cuda needs --fused" in capsys.readouterr().err
+        steps_bench.main(argv)
+    assert message in capsys.readouterr().err
