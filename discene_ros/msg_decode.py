@@ -542,6 +542,11 @@ def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
     problem = quaternion_problem(x, y, z, w)
     if problem is not None:
         raise TransformError(problem)
+    return _rotation_matrix(x, y, z, w)
+
+
+def _rotation_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
+    """3x3 rotation of a quaternion that :func:`quaternion_problem` passed, normalised first."""
     q = np.array([x, y, z, w], dtype=np.float64)
     x, y, z, w = q / math.sqrt(float(q @ q))
     return np.array([
@@ -554,16 +559,17 @@ def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
 def transform_to_matrix(msg: Any) -> np.ndarray:
     """geometry_msgs/Transform or TransformStamped -> 4x4 (child -> parent, i.e. camera -> world).
 
-    Raises TransformError (a FrameError: the frame it belongs to is skipped) for a zero, non-finite or
-    non-unit quaternion or a non-finite translation.
+    Raises TransformError (a FrameError: the frame it belongs to is skipped) for what :func:`transform_problem`
+    finds: a zero, non-finite or non-unit quaternion or a non-finite translation.
     """
+    problem = transform_problem(msg)
+    if problem is not None:
+        raise TransformError(problem)
     tf = msg.transform if hasattr(msg, "transform") else msg
     t, r = tf.translation, tf.rotation
     out = np.eye(4)
-    out[:3, :3] = quaternion_to_matrix(r.x, r.y, r.z, r.w)
+    out[:3, :3] = _rotation_matrix(r.x, r.y, r.z, r.w)
     out[:3, 3] = [t.x, t.y, t.z]
-    if not np.all(np.isfinite(out)):
-        raise TransformError(f"transform translation {[t.x, t.y, t.z]} is not finite")
     return out
 
 

@@ -66,12 +66,13 @@ class TransformWatch:
 
     def seen(self, transforms: Iterable[Any]) -> None:
         """Note each TransformStamped's link as valid, or as invalid until a valid transform of it comes."""
+        found = []  # (link, problem), worked out before taking the lock once for the whole message
         for tf in transforms:
             link = (str(tf.header.frame_id).lstrip("/"), str(tf.child_frame_id).lstrip("/"))
-            if not link[0] or not link[1] or link[0] == link[1]:
-                continue  # tf2 drops these too; no chain between two named frames runs through them
-            problem = transform_problem(tf)
-            with self._lock:
+            if link[0] and link[1] and link[0] != link[1]:  # tf2 drops the others too; no chain runs through them
+                found.append((link, transform_problem(tf)))
+        with self._lock:
+            for link, problem in found:
                 if problem is None:
                     self._valid.add(link)
                     self._invalid.pop(link, None)
