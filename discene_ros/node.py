@@ -9,7 +9,8 @@ start of the prepare stage); the prepare stage (``frame_prepare``) preprocesses 
 (``frame_infer``) infers, post-processes and publishes, while the stages before it already work on
 the next frames. A frame replaced by a newer one before a stage took it is dropped and counted;
 diagnostics carry received, processed, skipped by reason, dropped and the frames in flight.
-Parameters are read once at start-up and declared read-only.
+Parameters are read once at start-up, stored as the node uses them (``pipelining:=on`` arrives as a
+bool and reads back as 'on') and then made read-only.
 
 ROS 2 is an optional dependency of this package (bag replay and training run without it), so the
 rclpy imports below are guarded; ``main`` (via ``entry.occupancy_node``) reports what is missing.
@@ -59,6 +60,7 @@ try:  # ROS 2: optional (see the module docstring)
     from rclpy.exceptions import ParameterException
     from rclpy.executors import ExternalShutdownException
     from rclpy.node import Node
+    from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
     from rclpy.time import Time
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -111,14 +113,15 @@ def sensor_qos() -> Any:
                       durability=DurabilityPolicy.VOLATILE)
 
 
-def parameter_descriptor(spec: P.ParamSpec) -> Any:
-    """Read-only descriptor with the description and range of one ``params.PARAMETERS`` row.
+def parameter_descriptor(spec: P.ParamSpec, read_only: bool = True) -> Any:
+    """Descriptor with the description and range of one ``params.PARAMETERS`` row.
 
-    Read-only: the node reads its parameters once, so ``ros2 param set`` must be refused rather
-    than reported as applied while changing nothing. Dynamically typed where ``spec.dynamic_typing``
-    says so (``params.validate`` then converts and checks the value).
+    Read-only in the end: the node reads its parameters once, so ``ros2 param set`` must be refused rather
+    than reported as applied while changing nothing (``OccupancyNode.settle_parameters`` locks them after
+    start-up). Dynamically typed where ``spec.dynamic_typing`` says so (``params.validate`` then converts
+    and checks the value).
     """
-    descriptor = ParameterDescriptor(description=spec.description, read_only=True,
+    descriptor = ParameterDescriptor(description=spec.description, read_only=read_only,
                                      dynamic_typing=spec.dynamic_typing)
     if spec.range is not None and spec.kind == "float":
         descriptor.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
@@ -135,9 +138,11 @@ class OccupancyNode(Node):
 
     def __init__(self, pipeline: Any = None, **kwargs: Any) -> None:
         super().__init__(P.NODE_NAME, **kwargs)
-        self.cfg = P.validate({spec.name: self.declare_parameter(spec.name, spec.default,
-                                                                 parameter_descriptor(spec)).value
-                               for spec in P.PARAMETERS})
+        declared = {spec.name: self.declare_parameter(spec.name, spec.default,
+                                                      parameter_descriptor(spec, read_only=False)).value
+                    for spec in P.PARAMETERS}
+        self.cfg = P.validate(declared)
+        self.settle_parameters(declared)
         self.factory = RclpyFactory()
         # post-processing only (same network and backend); a negative threshold keeps the model's
         postprocess = {"closing": self.cfg["closing"],
@@ -216,6 +221,21 @@ class OccupancyNode(Node):
             f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
             "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
         self.warn_unknown_parameters()
+
+    def settle_parameters(self, declared: dict[str, Any]) -> None:
+        """Store the values the node runs with where they differ from the declared ones, then make every
+        parameter read-only. rcl types an unquoted ``pipelining:=on`` as a bool and ``floor_z:=0`` as an
+        integer, and tf2 frame ids carry no leading "/": ``ros2 param get`` shows 'on', 0.0 and 'map', not
+        True, 0 and '/map'. Nothing spins the node yet, so no ``ros2 param set`` can come in between."""
+        changed = [Parameter(name, value=self.cfg[name]) for name, value in declared.items()
+                   if type(value) is not type(self.cfg[name]) or value != self.cfg[name]]
+        for param, result in zip(changed, self.set_parameters(changed), strict=True):
+            if not result.successful:
+                raise ValueError(f"parameter '{param.name}': cannot store {param.value!r}: {result.reason}")
+        for spec in P.PARAMETERS:
+            locked = parameter_descriptor(spec)
+            locked.type = self.describe_parameter(spec.name).type  # what declare_parameter typed it as
+            self.set_descriptor(spec.name, locked)
 
     def warn_unknown_parameters(self) -> None:
         """Parameter overrides (parameter files, ``-p``) of names this node never declared: rclpy drops them

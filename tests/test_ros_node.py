@@ -323,12 +323,26 @@ def test_values_as_rcl_types_them_start_the_node(ros):
     assert make_node(ros, pipelining=rcl_value("off")).cfg["pipelining"] == "off"
 
 
+def test_parameters_show_the_values_the_node_runs_with_and_stay_read_only(ros):
+    """``ros2 param get`` reads the stored parameter: 'on', not the bool rcl made of ``pipelining:=on``; 0.0,
+    not the integer of ``floor_z:=0``; the frame id tf2 is asked for, not '/map'. All read-only afterwards."""
+    fake, _ = ros
+    node = make_node(ros, pipelining=rcl_value("on"), floor_z=rcl_value("0"), world_frame="/map",
+                     score_threshold=0.3)
+    shown = {name: node.get_parameter(name).value for name in ("pipelining", "floor_z", "world_frame")}
+    assert shown == {"pipelining": "on", "floor_z": 0.0, "world_frame": "map"} and type(shown["floor_z"]) is float
+    assert sorted(name for name, _ in fake.parameter_events) == ["floor_z", "pipelining", "world_frame"]
+    assert node.get_parameter("score_threshold").value == 0.3  # as given: nothing to store
+    assert all(node.describe_parameter(spec.name).read_only for spec in P.PARAMETERS)
+    Parameter = sys.modules["rclpy.parameter"].Parameter
+    results = node.set_parameters([Parameter("pipelining", value="off"), Parameter("floor_z", value=1.0)])
+    assert [r.successful for r in results] == [False, False] and node.get_parameter("pipelining").value == "on"
+
+
 def test_parameter_set_at_runtime_is_refused_not_ignored(ros):
     """`ros2 param set` must not report success for a parameter the node reads only once."""
     node = make_node(ros)
-    fake_param = type("P", (), {})()
-    fake_param.name, fake_param.value = "world_frame", "map"
-    (result,) = node.set_parameters([fake_param])
+    (result,) = node.set_parameters([sys.modules["rclpy.parameter"].Parameter("world_frame", value="map")])
     assert not result.successful and "read-only" in result.reason
     assert node.cfg["world_frame"] == "odom"
 
@@ -1016,6 +1030,7 @@ def test_with_real_rclpy_where_installed():
             assert (rng.from_value, rng.to_value) == P.PARAMS_BY_NAME["score_threshold"].range
             (result,) = node.set_parameters([Parameter("world_frame", value="map")])
             assert not result.successful
+            assert node.get_parameter("pipelining").value == "auto" and node.describe_parameter("pipelining").read_only
         finally:
             node.destroy_node()
     finally:

@@ -152,6 +152,11 @@ TF2_LISTENER_METHODS = frozenset({"__init__", "__del__", "unregister", "callback
 TF2_LISTENER_PARAMETERS = ("self", "buffer", "node", "spin_thread", "qos", "static_qos", "tf_topic", "tf_static_topic")
 
 
+# rcl_interfaces/msg/ParameterType's numbers of the Python types the node's parameters take (rclpy's
+# Parameter.Type.from_parameter_value); the fake keeps a parameter's and a descriptor's type as these.
+PARAMETER_TYPES = {bool: 1, int: 2, float: 3, str: 4}
+
+
 class FakeContext:
     def __init__(self) -> None:
         self._ok = False
@@ -183,6 +188,7 @@ class FakeRos:
         self.tf_clears = 0
         self.tf_invalid_queries = 0  # can_transform calls with a frame id tf2 refuses
         self.tf_set: list[tuple[Any, str, bool]] = []  # (transform, authority, static) the listener handed to tf2
+        self.parameter_events: list[tuple[str, Any]] = []  # (name, value) of each parameter set after declaring
         self.spin_raises: type[BaseException] = KeyboardInterrupt
         self.spin_hook: Any = None
 
@@ -262,11 +268,16 @@ def _exceptions_module() -> types.ModuleType:
         def __init__(self, parameters: Any) -> None:
             ParameterException.__init__(self, "Invalid access to undeclared parameter(s)", parameters)
 
+    class ParameterImmutableException(ParameterException):
+        def __init__(self, parameters: Any) -> None:
+            ParameterException.__init__(self, "Attempted to modify read-only parameter", parameters)
+
     class NotInitializedException(Exception):
         pass
 
     for cls in (ParameterException, InvalidParameterTypeException, InvalidParameterValueException,
-                ParameterAlreadyDeclaredException, ParameterNotDeclaredException, NotInitializedException):
+                ParameterAlreadyDeclaredException, ParameterNotDeclaredException, ParameterImmutableException,
+                NotInitializedException):
         setattr(mod, cls.__name__, cls)
     return mod
 
@@ -319,8 +330,12 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             self.msg_type, self.topic, self.callback, self.qos = msg_type, topic, callback, qos
 
     class Parameter:
-        def __init__(self, name: str, value: Any) -> None:
+        """rclpy.parameter.Parameter's constructor: ``type_`` second, inferred from the value when None
+        (here as rcl_interfaces' ParameterType number, ``PARAMETER_TYPES``)."""
+
+        def __init__(self, name: str, type_: Any = None, value: Any = None) -> None:
             self.name, self.value = name, value
+            self.type_ = PARAMETER_TYPES.get(type(value), 0) if type_ is None else type_
 
     class SetParametersResult:
         def __init__(self, successful: bool, reason: str = "") -> None:
@@ -359,7 +374,7 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             with self.handle:  # as rclpy does: a subclass shadowing `handle` fails here
                 self._logger = Logger()
             # what rclpy reads from --params-file / -p for this node (declared or not), by name
-            self._parameter_overrides = {name: Parameter(name, value) for name, value in ros.overrides.items()}
+            self._parameter_overrides = {name: Parameter(name, value=value) for name, value in ros.overrides.items()}
             self._clock = Clock()
             self.declare_parameter("use_sim_time", False)  # as rclpy's TimeSource(node=self) does
             self.fake_destroyed = False
@@ -406,14 +421,16 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             given = value if ignore_override or name not in self._parameter_overrides else (
                 self._parameter_overrides[name].value)
             if type(given) is not type(value) and not getattr(descriptor, "dynamic_typing", False):
-                raise exc.InvalidParameterTypeException(Parameter(name, given), type(value).__name__.upper())
+                raise exc.InvalidParameterTypeException(Parameter(name, value=given), type(value).__name__.upper())
             ranges = {float: getattr(descriptor, "floating_point_range", []),
                       int: getattr(descriptor, "integer_range", [])}.get(type(given), [])
             for rng in ranges:
                 if not rng.from_value <= given <= rng.to_value:
                     raise exc.InvalidParameterValueException(
                         name, given, f"Parameter {name} out of range. Min: {rng.from_value}, Max: {rng.to_value}")
-            self._parameters[name] = Parameter(name, given)
+            self._parameters[name] = Parameter(name, value=given)
+            if descriptor is not None:  # rclpy types the descriptor by the default, or by the value if dynamic
+                descriptor.type = PARAMETER_TYPES[type(given if descriptor.dynamic_typing else value)]
             self._descriptors[name] = descriptor
             return self._parameters[name]
 
@@ -432,12 +449,43 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             """What `ros2 param set` ends in; a read-only parameter is refused like rclpy's _apply_descriptor."""
             results = []
             for param in parameter_list:
-                if self._descriptors[param.name].read_only:
-                    results.append(SetParametersResult(False, f"Trying to set a read-only parameter: {param.name}."))
-                else:
+                if not isinstance(param, Parameter):  # rclpy's _check_undeclared_parameters
+                    raise TypeError(f"parameter must be instance of type '{Parameter!r}'")
+                if param.name not in self._parameters:
+                    raise exc.ParameterNotDeclaredException([param.name])
+                results.append(self._apply_descriptor(param, self._descriptors[param.name], True))
+                if results[-1].successful:
                     self._parameters[param.name] = param
-                    results.append(SetParametersResult(True))
+                    ros.parameter_events.append((param.name, param.value))
             return results
+
+        def _apply_descriptor(self, param: Parameter, descriptor: Any = None,
+                              check_read_only: bool = True) -> SetParametersResult:
+            """rclpy's checks in order: read-only, then the type (a dynamic descriptor takes the value's)."""
+            descriptor = self.describe_parameter(param.name) if descriptor is None else descriptor
+            if check_read_only and descriptor.read_only:
+                return SetParametersResult(False, f"Trying to set a read-only parameter: {param.name}.")
+            if descriptor.dynamic_typing:
+                descriptor.type = param.type_
+            elif param.type_ != descriptor.type:
+                return SetParametersResult(False, f"Wrong parameter type, expected '{descriptor.type}' got "
+                                                  f"'{param.type_}'")
+            return SetParametersResult(True)
+
+        def set_descriptor(self, name: str, descriptor: Any, alternative_value: Any = None) -> Any:
+            """rclpy's: refused for an undeclared or read-only parameter; the current value must pass the new
+            descriptor (the fake takes no alternative value)."""
+            if name not in self._parameters:
+                raise exc.ParameterNotDeclaredException(name)
+            if self.describe_parameter(name).read_only:
+                raise exc.ParameterImmutableException(name)
+            assert alternative_value is None, "fake rclpy: set_descriptor's alternative_value is not faked"
+            result = self._apply_descriptor(self._parameters[name], descriptor, False)
+            if not result.successful:
+                raise exc.InvalidParameterValueException(name, self._parameters[name].value, result.reason)
+            descriptor.name = name
+            self._descriptors[name] = descriptor
+            return self._parameters[name].value
 
         def create_subscription(self, msg_type: Any, topic: str, callback: Any, qos_profile: Any, *,
                                 callback_group: Any = None, event_callbacks: Any = None,
@@ -616,7 +664,9 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         setattr(tf2, name, cls)
     tf2.TransformListener = TransformListener
 
-    modules = {"rclpy": rclpy, "rclpy.node": node_mod, "rclpy.qos": qos_mod, "rclpy.time": time_mod,
+    param_mod = types.ModuleType("rclpy.parameter")
+    param_mod.Parameter = Parameter
+    modules = {"rclpy": rclpy, "rclpy.node": node_mod, "rclpy.parameter": param_mod, "rclpy.qos": qos_mod, "rclpy.time": time_mod,
                "rclpy.duration": dur_mod, "rclpy.executors": exec_mod, "rclpy.exceptions": exc,
                "rcl_interfaces": types.ModuleType("rcl_interfaces"), "rcl_interfaces.msg": rcl_msg, "tf2_ros": tf2}
     for package in ("sensor_msgs", "geometry_msgs", "visualization_msgs", "diagnostic_msgs", "std_msgs",
