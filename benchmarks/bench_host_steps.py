@@ -21,6 +21,11 @@ PointCloud2, then the next frame's decode, prepare and launch), without the loop
 polls; ``hot`` is each step back to back. Against the loop's stage times it splits what the loop costs into
 the steps' own cost as the loop meets them and what the loop adds (session 32: on the build machine a small
 step runs about twice as long after 2 ms of anything else, a sleep or a spin, as back to back).
+
+Both modes also time ``rclpy_data``, a cost of the node's that the frame-path benchmark leaves out: rclpy's
+PointCloud2 takes its ``data`` as an ``array.array``, a copy of the rows (0.25 MB for lite's 10k voxels),
+where the benchmarks' rosbags message takes the numpy rows as they are. rclpy's conversion to the C message
+on publish and the middleware's send are not timed anywhere here (no ROS 2 on the build machine).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_frame_path as bench  # noqa: E402
 
+from discene_ros.msg_factory import RclpyFactory  # noqa: E402
 from discene_ros.processing import FrameInput, FrameProcessor, build_outputs, checked_cloud  # noqa: E402
 from export.host_threads import intra_op_threads  # noqa: E402
 from export.pipeline import OccupancyPipeline  # noqa: E402
@@ -71,7 +77,14 @@ def steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory) -> tuple[dic
         "postprocess": post,
         "output_check": lambda: checked_cloud(processed.occupancy),  # as FrameProcessor.complete: rows + check
         "pointcloud2": lambda: build_outputs(factory, processed, "odom", 0, markers=False),
+        "rclpy_data": lambda: rclpy_data(processed.cloud),
     }, lambda: pipe.backend.run(inputs)
+
+
+def rclpy_data(cloud: Any) -> Any:
+    """The node's PointCloud2 ``data`` from the frame's rows: rclpy's message takes ``array.array`` and so a copy
+    of them (``RclpyFactory.uint8_array``), where the benchmarks' rosbags message takes the numpy rows as they are."""
+    return RclpyFactory().uint8_array(cloud.points)
 
 
 def spin(seconds: float) -> None:
@@ -111,6 +124,9 @@ def fused_steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory, kind: 
         build_outputs(factory, dataclasses.replace(state["done"], occupancy=state["occupancy"], cloud=state["cloud"]),
                       "odom", 0, markers=False)
 
+    def rows_for_rclpy() -> None:
+        rclpy_data(state["cloud"])
+
     def decode() -> None:
         state["decoded"] = proc.decode_frame(frame)
 
@@ -119,8 +135,8 @@ def fused_steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory, kind: 
 
     prepare()
     launch()
-    return {"postprocess": collect, "output_check": output_check, "pointcloud2": pointcloud2, "decode": decode,
-            "preprocess": prepare, "launch": launch}, wait, state
+    return {"postprocess": collect, "output_check": output_check, "pointcloud2": pointcloud2,
+            "rclpy_data": rows_for_rclpy, "decode": decode, "preprocess": prepare, "launch": launch}, wait, state
 
 
 def time_fused(host_steps: dict[str, Callable[[], Any]], wait: Callable[[], None], calls: int,

@@ -108,7 +108,8 @@ def test_host_steps_in_sequence_are_the_launch_ahead_frame_and_time_every_step(t
     backend, _ = steps_bench.bench.make_backend("lite", "cpu", False, False, True)
     pipe = OccupancyPipeline(backend, fuse=True)
     host_steps, wait, state = steps_bench.fused_steps(pipe, factory)
-    assert list(host_steps) == ["postprocess", "output_check", "pointcloud2", "decode", "preprocess", "launch"]
+    assert list(host_steps) == ["postprocess", "output_check", "pointcloud2", "rclpy_data", "decode", "preprocess",
+                                "launch"]
     image, info, pose = steps_bench.bench.camera_messages(factory, "bgr8")
     reference = FrameProcessor(OccupancyPipeline(backend, fuse=False)).process(
         steps_bench.FrameInput(image, info, cam_pose=pose)).occupancy
@@ -116,6 +117,8 @@ def test_host_steps_in_sequence_are_the_launch_ahead_frame_and_time_every_step(t
     for step in host_steps.values():  # collects the frame fused_steps launched, launches the next
         step()
     assert (state["occupancy"].labels == reference.labels).all()
+    data = steps_bench.rclpy_data(state["cloud"])  # what the node's rclpy message carries: the rows, copied
+    assert data.typecode == "B" and data.tobytes() == state["cloud"].points.tobytes()
     wait()
     host_steps["postprocess"]()  # the frame the sequence launched
     assert (state["occupancy"].labels == reference.labels).all()
