@@ -1,8 +1,9 @@
 """Node parameters in one table: names, defaults, descriptions and ranges.
 
-``node.py`` declares them from this table (read-only ParameterDescriptor with description and
-range), ``occupancy.launch.py`` offers the common ones as launch arguments and
-``config/occupancy.yaml`` mirrors the defaults; tests keep all three in step. Adding a parameter
+``node.py`` declares them from this table (ParameterDescriptor with description and range, made
+read-only once the node has stored the values it runs with), ``occupancy.launch.py`` offers the
+common ones as launch arguments and ``config/occupancy.yaml`` mirrors the defaults; tests keep all
+three in step. Adding a parameter
 is one ``ParamSpec`` line here plus its line in the YAML.
 """
 from __future__ import annotations
