@@ -282,6 +282,17 @@ def _exceptions_module() -> types.ModuleType:
     return mod
 
 
+def out_of_range(name: str, value: Any, descriptor: Any) -> str:
+    """rclpy's range check of a value against its descriptor (a float range for a float, an integer range for an
+    integer, as ``_apply_descriptor``): the reason it fails, or "" when it passes."""
+    ranges = {float: getattr(descriptor, "floating_point_range", []),
+              int: getattr(descriptor, "integer_range", [])}.get(type(value), [])
+    for rng in ranges:
+        if not rng.from_value <= value <= rng.to_value:
+            return f"Parameter {name} out of range. Min: {rng.from_value}, Max: {rng.to_value}"
+    return ""
+
+
 def _not_faked(name: str, kind: str) -> Any:
     def fail(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"fake rclpy: Node.{name} is a real rclpy member that the fake does not implement")
@@ -422,12 +433,9 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
                 self._parameter_overrides[name].value)
             if type(given) is not type(value) and not getattr(descriptor, "dynamic_typing", False):
                 raise exc.InvalidParameterTypeException(Parameter(name, value=given), type(value).__name__.upper())
-            ranges = {float: getattr(descriptor, "floating_point_range", []),
-                      int: getattr(descriptor, "integer_range", [])}.get(type(given), [])
-            for rng in ranges:
-                if not rng.from_value <= given <= rng.to_value:
-                    raise exc.InvalidParameterValueException(
-                        name, given, f"Parameter {name} out of range. Min: {rng.from_value}, Max: {rng.to_value}")
+            outside = out_of_range(name, given, descriptor)
+            if outside:
+                raise exc.InvalidParameterValueException(name, given, outside)
             self._parameters[name] = Parameter(name, value=given)
             if descriptor is not None:  # rclpy types the descriptor by the default, or by the value if dynamic
                 descriptor.type = PARAMETER_TYPES[type(given if descriptor.dynamic_typing else value)]
@@ -470,7 +478,8 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
             elif param.type_ != descriptor.type:
                 return SetParametersResult(False, f"Wrong parameter type, expected '{descriptor.type}' got "
                                                   f"'{param.type_}'")
-            return SetParametersResult(True)
+            outside = out_of_range(param.name, param.value, descriptor)
+            return SetParametersResult(not outside, outside)
 
         def set_descriptor(self, name: str, descriptor: Any, alternative_value: Any = None) -> Any:
             """rclpy's: refused for an undeclared or read-only parameter; the current value must pass the new
