@@ -339,14 +339,17 @@ def test_parameters_show_the_values_the_node_runs_with_and_stay_read_only(ros):
     assert [r.successful for r in results] == [False, False] and node.get_parameter("pipelining").value == "on"
 
 
-def test_a_stored_value_rclpy_refuses_ends_in_cannot_start(ros, monkeypatch):
+def test_a_stored_value_rclpy_refuses_ends_in_cannot_start(ros, monkeypatch, capsys):
     """Should params.validate ever hand back a value outside the descriptor's range, rclpy refuses to store it:
     the node must say so, not start with a parameter that reads back other than it runs."""
     fake, module = ros
     validate = module.P.validate
     monkeypatch.setattr(module.P, "validate", lambda values: {**validate(values), "floor_z": 50.0})
-    with pytest.raises(ValueError, match=r"parameter 'floor_z': cannot store 50.0: .*out of range"):
-        make_node(ros)
+    monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    assert module.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("occupancy_node: cannot start:") and "Traceback" not in err
+    assert re.search(r"parameter 'floor_z': cannot store 50.0: .*out of range", err)
 
 
 def test_parameter_set_at_runtime_is_refused_not_ignored(ros):
