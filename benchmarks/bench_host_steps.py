@@ -81,10 +81,13 @@ def steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory) -> tuple[dic
     }, lambda: pipe.backend.run(inputs)
 
 
+RCLPY_FACTORY = RclpyFactory()  # the node's one factory (its message classes are only imported by msg_class)
+
+
 def rclpy_data(cloud: Any) -> Any:
     """The node's PointCloud2 ``data`` from the frame's rows: rclpy's message takes ``array.array`` and so a copy
     of them (``RclpyFactory.uint8_array``), where the benchmarks' rosbags message takes the numpy rows as they are."""
-    return RclpyFactory().uint8_array(cloud.points)
+    return RCLPY_FACTORY.uint8_array(cloud.points)
 
 
 def spin(seconds: float) -> None:

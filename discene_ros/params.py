@@ -3,8 +3,7 @@
 ``node.py`` declares them from this table (ParameterDescriptor with description and range, made
 read-only once the node has stored the values it runs with), ``occupancy.launch.py`` offers the
 common ones as launch arguments and ``config/occupancy.yaml`` mirrors the defaults; tests keep all
-three in step. Adding a parameter
-is one ``ParamSpec`` line here plus its line in the YAML.
+three in step. Adding a parameter is one ``ParamSpec`` line here plus its line in the YAML.
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ class TransformWatch:
         """Why ``target`` -> ``source`` is not in tf2 although TF has it: the chain joining them runs through a
         link with only invalid transforms so far. None when that is not so (the frames are really not joined)."""
         with self._lock:
-            found = only_invalid_link(self._valid, dict(self._invalid), target, source)
+            found = only_invalid_link(self._valid, self._invalid, target, source)
         if found is None:
             return None
         (parent, child), problem = found
