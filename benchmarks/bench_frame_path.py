@@ -72,7 +72,9 @@ where stages overlap; rows without it did not record it), "frame_graph" (fused r
 fused rows without it ran the two graphs), "cuda_peak_allocated_mb" (CUDA: torch's peak allocated memory since
 the row's config and precision were loaded, the rows before it of the same pipeline included), "cuda_reserved_mb"
 (CUDA: what torch's allocator holds from the driver after the row, captured graphs' pools included),
-"prepare_thread" (the loop prepared frames on a thread of its own; rows without it did), ...}]}.
+"prepare_thread" (the loop prepared frames on a thread of its own; rows without it did), "device_cloud" (fused rows:
+the device compacted the occupied voxels into the cloud's rows, ``--device-cloud on``, and ``postprocess`` is the
+host time from the copied rows to the frame; rows without it copied the grids), ...}]}.
 """
 from __future__ import annotations
 
@@ -330,7 +332,7 @@ def append_key(row: dict) -> tuple:
     device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
     kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch; rows without
     ``host_overlap`` took one frame at a time where serial; rows without ``frame_graph`` ran without it; rows
-    without ``prepare_thread`` had one."""
+    without ``prepare_thread`` had one; rows without ``device_cloud`` copied the grids."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -340,7 +342,7 @@ def append_key(row: dict) -> tuple:
             row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
             row.get("resize", "torch" if row.get("threads") is not None else None),
             bool(row.get("host_overlap", False)), bool(row.get("frame_graph", False)),
-            bool(row.get("prepare_thread", True)))
+            bool(row.get("prepare_thread", True)), bool(row.get("device_cloud", False)))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -364,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-graph", choices=("on", "off"), default="on",
                         help="fused CUDA rows: one graph per buffer slot for the whole frame (on), or the "
                              "preprocessing's and the network's graphs replayed apart (off)")
+    parser.add_argument("--device-cloud", choices=("on", "off"), default="off",
+                        help="fused rows: the device compacts the occupied voxels into the cloud's rows and only "
+                             "those come back (on), or the dense grids come back and the host scans them (off)")
     parser.add_argument("--tf32", action="store_true", help="TF32 convolutions/matmuls in FP32 (CUDA; default IEEE)")
     parser.add_argument("--tf32-convolutions", action="store_true",
                         help="TF32 convolutions, IEEE matmuls in FP32: PyTorch's default (CUDA; default IEEE)")
@@ -439,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                 backend.config.closing = args.closing == "on"
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            pipe = OccupancyPipeline(backend, frame_graphs=args.frame_graph == "on")
+            pipe = OccupancyPipeline(backend, frame_graphs=args.frame_graph == "on",
+                                     device_cloud=args.device_cloud == "on")
             pipe.preprocessor.native_resize = args.resize == "native"
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
@@ -471,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                        "post_threads": pipe.post_threads if not pipe.fused else None,
                        # as it ran: a failed capture falls back to the two graphs
                        "frame_graph": bool(pipe.fused and pipe.preprocessor.frame_graphs),
+                       "device_cloud": pipe.device_cloud is not None,
                        # the peak since this config and precision's pipeline was made (its graphs included)
                        "cuda_peak_allocated_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
                                                   else None),
@@ -483,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 s, c = row["stages_ms"], row["stages_cpu_ms"]
                 post = (row["postprocess_impl"] + (f" x{pipe.post_threads}" if row["post_threads"] else "")
                         + (", frame graph" if row["frame_graph"] else "")
+                        + (", device cloud" if row["device_cloud"] else "")
                         + (", no prepare thread" if not row["prepare_thread"] else "")
                         + (", decode thread" if row["decode_stage"] else ""))
                 between = ("" if row["between_networks_ms"] is None else f"between networks {row['between_networks_ms']:.2f} "

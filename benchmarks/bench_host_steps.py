@@ -21,6 +21,8 @@ PointCloud2, then the next frame's decode, prepare and launch), without the loop
 polls; ``hot`` is each step back to back. Against the loop's stage times it splits what the loop costs into
 the steps' own cost as the loop meets them and what the loop adds (session 32: on the build machine a small
 step runs about twice as long after 2 ms of anything else, a sleep or a spin, as back to back).
+``--device-cloud``: with the fused path's ``device_cloud``, ``postprocess`` reads the rows the device compacted
+instead of scanning the copied grids (on the CPU that compaction is part of ``launch``).
 
 Both modes also time ``rclpy_data``, a cost of the node's that the frame-path benchmark leaves out: rclpy's
 PointCloud2 takes its ``data`` as an ``array.array``, a copy of the rows (0.25 MB for lite's 10k voxels),
@@ -175,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="with --fused")
     parser.add_argument("--fp16", action="store_true", help="with --fused on CUDA")
     parser.add_argument("--input", default="bgr8", choices=["bgr8", "jpeg"], help="with --fused")
+    parser.add_argument("--device-cloud", action="store_true",
+                        help="with --fused: the device compacts the occupied voxels into the cloud's rows, and "
+                             "``postprocess`` reads those instead of scanning the grids")
     parser.add_argument("--gaps", action="store_true",
                         help="also after a 0.2 and a 2 ms sleep, and a 0.2 and a 2 ms spin (CPU path)")
     parser.add_argument("--json", default=None)
@@ -189,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fp16 needs --device cuda")
     if args.gaps and args.fused:
         parser.error("--gaps times the CPU path's steps; --fused has its own two conditions")
+    if args.device_cloud and not args.fused:
+        parser.error("--device-cloud needs --fused (the fused path's option)")
     backend, used = bench.make_backend("lite", args.device, args.fp16, False, True)
     backend.config.closing = True  # the node's default
-    pipe = OccupancyPipeline(backend, fuse=True if args.fused else None)
+    pipe = OccupancyPipeline(backend, fuse=True if args.fused else None, device_cloud=args.device_cloud)
     if args.fused:
         return fused_main(args, pipe, factory, used)
     host_steps, infer = steps(pipe, factory)
@@ -242,7 +249,8 @@ def fused_main(args: argparse.Namespace, pipe: OccupancyPipeline, factory: bench
         name = torch.cuda.get_device_name() if cuda else f"CPU {platform.processor() or platform.machine()}"
         Path(args.json).write_text(json.dumps({
             "device": name, "path": pipe.describe(), "weights": used, "precision": "fp16" if args.fp16 else "fp32",
-            "input": args.input, "calls": args.calls, "rows": rows}, indent=2) + "\n")
+            "input": args.input, "device_cloud": pipe.device_cloud is not None, "calls": args.calls,
+            "rows": rows}, indent=2) + "\n")
     pipe.close()
     return 0
 

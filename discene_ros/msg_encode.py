@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from models import native_postprocess
-from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_colors
+from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_rgb_bits
 from models.geometry import finite_origin
 
 from . import rvl
@@ -92,7 +92,7 @@ def pack_rgb(colors: np.ndarray) -> np.ndarray:
 
 
 # packed colour bits of every uint8 label: one table lookup per point instead of colour rows + packing
-_LABEL_RGB_BITS = pack_rgb(label_colors(np.arange(256, dtype=np.uint8))).view("<u4")
+_LABEL_RGB_BITS = label_rgb_bits()
 # PointField datatype constant names by numpy type code (the constants' values come from the factory's class)
 _POINTFIELD_NAMES = {"f4": "FLOAT32", "u1": "UINT8", "u4": "UINT32"}
 
@@ -156,7 +156,11 @@ def occupancy_points(frame: Any) -> np.ndarray:
 
 def occupancy_cloud(frame: Any) -> CloudRows:
     """``occupancy_points`` and, where the native kernel wrote the rows (one GIL-free C loop: 0.03 against
-    0.07 ms for 12k voxels), whether every coordinate and every score is finite."""
+    0.07 ms for 12k voxels), whether every coordinate and every score is finite. A frame whose rows came from
+    the device (``models.device_cloud.CloudFrame``: the same bytes) gives them as they are."""
+    words = getattr(frame, "cloud_words", None)
+    if words is not None:
+        return CloudRows(_as_points(words), *frame.cloud_finite)
     indices = np.asarray(frame.voxel_indices).reshape(-1, 3)
     origin = np.asarray(frame.voxel_origin, dtype=np.float64).reshape(3)
     size = frame.voxel_size

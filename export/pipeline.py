@@ -38,6 +38,7 @@ import torch
 
 from models import native_postprocess
 from models.config import POSTPROCESS_FIELDS, ModelConfig
+from models.device_cloud import CloudBuffers, DeviceCloud, read_frame
 from models.geometry import place_grid
 from models.postprocess import dense_occupancy, frame_from_dense, points_to_occupancy
 from models.preprocess import FrameTensors, TensorPreprocessor
@@ -85,6 +86,7 @@ class Launched:
     start: Any
     end: Any
     t_launch: float
+    cloud: CloudBuffers | None = None  # ``device_cloud``: the slot's rows, read instead of the grids
 
 
 @dataclass
@@ -98,6 +100,7 @@ class _ResultSet:
     start: Any
     end: Any
     copied: Any
+    cloud: CloudBuffers | None = None  # ``device_cloud``: the slot's compacted rows and their pinned heads
     used: bool = False
 
     def take(self, labels: torch.Tensor, best: torch.Tensor) -> None:
@@ -173,11 +176,15 @@ class OccupancyPipeline:
     network's own graph: they all run one after the other on one stream, and nothing they leave on the
     device is read after their replay (the grids go to pinned memory). Off, ``launch`` replays the
     preprocessing's and the network's graphs separately.
+    ``device_cloud`` (fused path; default off until a GPU run has measured it): the device compacts the occupied
+    voxels into PointCloud2 rows after the post-processing (``models.device_cloud``, in the frame graph where
+    there is one; without it as separate launches), and ``collect`` reads those rows instead of scanning the
+    grids, so the frame's cloud needs no pass on the host. The frames equal those of the grids.
     """
 
     def __init__(self, backend: Backend, config: ModelConfig | None = None, window: int = 100,
                  fuse: bool | None = None, host_threads: int | None = 1, post_threads: int = 1,
-                 frame_graphs: bool = True):
+                 frame_graphs: bool = True, device_cloud: bool = False):
         self.backend = backend
         self.host_threads = host_threads
         self.post_threads = post_threads
@@ -200,6 +207,7 @@ class OccupancyPipeline:
         self.preprocessor = TensorPreprocessor(self.config, backend.torch_device if self.tensor_path else "cpu",
                                                slots=slots)
         self.preprocessor.frame_graphs = self.preprocessor.frame_graphs and self.fused and bool(frame_graphs)
+        self.device_cloud = DeviceCloud(self.config, backend.torch_device) if self.fused and device_cloud else None
         # unfused CUDA: the prepare stage uploads on its own stream, overlapping the previous inference (fused:
         # the prepare stage only stages the frame on the host, and ``launch`` uploads it before the network)
         self.upload_stream = torch.cuda.Stream(backend.torch_device) if cuda and not self.fused else None
@@ -229,7 +237,9 @@ class OccupancyPipeline:
         native = (f"native kernel, {self.post_threads} thread{'s' if self.post_threads > 1 else ''}"
                   if native_postprocess.available() else
                   f"torch ops; native kernel {native_postprocess.unavailable_reason()}")
-        post = (f"fused with the network {where}, launch-ahead" if self.fused else
+        post = (f"fused with the network {where}, launch-ahead"
+                f"{', occupied voxels compacted into cloud rows on the device' if self.device_cloud else ''}"
+                if self.fused else
                 f"on the CPU ({native})" if on_cpu else "on the device")
         return f"{self.backend.describe()}; {pre}; post-processing {post}"
 
@@ -291,7 +301,7 @@ class OccupancyPipeline:
                 graph.replay()
                 out.copied.record(stream)
                 self.preprocessor.staging_done(slot, out.copied)
-                return Launched(prepared, out.labels, out.best, out.copied, out.start, out.copied, t0)
+                return Launched(prepared, out.labels, out.best, out.copied, out.start, out.copied, t0, out.cloud)
             # the frame's upload, resize and normalisation, straight into the network's static inputs: in
             # stream order before the network, so no copy and no second stream (one replay on CUDA; on the
             # CPU torch ops on the host threads, the network below on torch's own)
@@ -299,16 +309,24 @@ class OccupancyPipeline:
                 inputs = self.preprocessor.run(prepared.inputs, targets, stream)
             out.start.record(stream)
             labels, best = self.backend.run_fused(inputs, post)
-        out.end.record(stream)
-        out.take(labels, best)
+            out.end.record(stream)
+            self._results_back(out, labels, best)
         out.copied.record(stream)
-        return Launched(prepared, out.labels, out.best, out.copied, out.start, out.end, t0)
+        return Launched(prepared, out.labels, out.best, out.copied, out.start, out.end, t0, out.cloud)
+
+    def _results_back(self, out: _ResultSet, labels: torch.Tensor, best: torch.Tensor) -> None:
+        """Queue the copies of a frame's results into ``out``'s pinned buffers: the grids, or with ``device_cloud``
+        the compacted rows."""
+        if out.cloud is None:
+            out.take(labels, best)
+        else:
+            self.device_cloud(labels, best, out.cloud)
 
     def _frame_tail(self, post: Any, out: _ResultSet) -> Callable[[], None]:
         """The frame graph's work after the preprocessing: network + ``post`` on the fused graph's static
-        inputs, then the grids' copies into ``out`` (made when the slot's graph is captured)."""
+        inputs, then the results' copies into ``out`` (made when the slot's graph is captured)."""
         step = self.backend.fused_step(post)
-        return lambda: out.take(*step())
+        return lambda: self._results_back(out, *step())
 
     def _result_sets(self) -> list[_ResultSet]:
         """Per buffer slot, the pinned (labels, best) grids with their events, allocated on first use."""
@@ -318,7 +336,8 @@ class OccupancyPipeline:
             pin = dev.type == "cuda"
             self._results = [_ResultSet(torch.empty(shape, dtype=torch.uint8, pin_memory=pin),
                                         torch.empty(shape, dtype=torch.float32, pin_memory=pin),
-                                        _event(dev, True), _event(dev, True), _event(dev, True, blocking=True))
+                                        _event(dev, True), _event(dev, True), _event(dev, True, blocking=True),
+                                        self.device_cloud.buffers() if self.device_cloud is not None else None)
                              for _ in range(self.slots)]
         return self._results
 
@@ -327,8 +346,9 @@ class OccupancyPipeline:
         targets = self._targets.get(post)
         if targets is None:
             static = self.backend.fused_inputs(post)
+            origin = self.device_cloud.origin if self.device_cloud is not None else None
             targets = self._targets[post] = FrameTensors(static["image"], static["grid2img"], static.get("depth"),
-                                                         np.zeros(3))
+                                                         np.zeros(3), device_origin=origin)
         return targets
 
     def _post_fn(self) -> Any:
@@ -349,12 +369,15 @@ class OccupancyPipeline:
         """Fused path, finish stage (b): wait for the copy, then the host ``OccupancyFrame``. ``infer_ms``
         is GPU time (CUDA events): with the frame graph, of the frame's whole device work (upload,
         preprocessing, network, post-processing, copies back); without it, of the network's graph (network +
-        post-processing). ``postprocess_ms`` is the host time from the copied grids to the frame."""
+        post-processing). ``postprocess_ms`` is the host time from the copied grids (or rows) to the frame."""
         launched.copied.synchronize()
         t2 = time.perf_counter()
         prepared = launched.prepared
-        frame = frame_from_dense(launched.labels[0].numpy(), launched.best[0].numpy(),
-                                 prepared.inputs.voxel_origin, self.config)
+        if launched.cloud is not None:
+            frame = read_frame(launched.cloud, prepared.inputs.voxel_origin, self.config)
+        else:
+            frame = frame_from_dense(launched.labels[0].numpy(), launched.best[0].numpy(),
+                                     prepared.inputs.voxel_origin, self.config)
         t3 = time.perf_counter()
         pre = prepared.preprocess_ms
         self.last_timings = StageTimings(pre, launched.start.elapsed_time(launched.end), (t3 - t2) * 1e3,

@@ -184,6 +184,7 @@ class FrameTensors:
     depth: torch.Tensor | None
     voxel_origin: np.ndarray
     slot: int = 0
+    device_origin: torch.Tensor | None = None  # as a target: where the device work copies the staged origin (float64)
 
 
 @dataclass
@@ -204,6 +205,7 @@ class _Slot:
         self.host_rgb_np: np.ndarray | None = None  # numpy view of host_rgb, made once
         self.host_depth: torch.Tensor | None = None
         self.host_g2i: torch.Tensor | None = None
+        self.host_origin: torch.Tensor | None = None  # (3,) float64, staged with grid2img
         self.dev_rgb: torch.Tensor | None = None
         self.dev_depth: torch.Tensor | None = None
         self.image: torch.Tensor | None = None
@@ -212,6 +214,7 @@ class _Slot:
         self.uploaded: torch.cuda.Event | None = None  # host staging may be rewritten once this completed
         self.uploaded_lent = False  # ``uploaded`` is the frame graph's done event (``staging_done``), not the slot's
         self.g2i_np: np.ndarray | None = None  # numpy view of host_g2i[0]
+        self.origin_np: np.ndarray | None = None  # numpy view of host_origin
         self.bgr = False  # the staged bytes are in BGR order
         self.frame_rgb: torch.Tensor | None = None  # CPU: the frame's own bytes, viewed, until resized
         # (image shape, bgr, depth shape, output buffer[, frame key]) -> CUDA graph of the device work (and of
@@ -281,7 +284,8 @@ class TensorPreprocessor:
         with self._device_lock, torch.cuda.stream(self._staging_stream):
             yield
 
-    def _stage(self, slot: _Slot, image_rgb: np.ndarray, depth: np.ndarray | None, grid2img: np.ndarray) -> None:
+    def _stage(self, slot: _Slot, image_rgb: np.ndarray, depth: np.ndarray | None, grid2img: np.ndarray,
+               voxel_origin: np.ndarray) -> None:
         """Stage the frame in the slot's host buffers (reallocated only when the input size changes); on the
         CPU a writable frame is viewed where it is instead."""
         if slot.uploaded is not None and not slot.uploaded.query():  # query: no GIL round trip when done
@@ -304,8 +308,10 @@ class TensorPreprocessor:
         if slot.host_g2i is None:
             with self._allocating():
                 slot.host_g2i = self._empty_host((1, 4, 4), torch.float32)
-            slot.g2i_np = slot.host_g2i.numpy()[0]
+                slot.host_origin = self._empty_host((3,), torch.float64)
+            slot.g2i_np, slot.origin_np = slot.host_g2i.numpy()[0], slot.host_origin.numpy()
         slot.g2i_np[...] = grid2img
+        slot.origin_np[...] = voxel_origin
         if depth is not None:
             if slot.host_depth is None or tuple(slot.host_depth.shape) != depth.shape:
                 with self._allocating():
@@ -358,7 +364,7 @@ class TensorPreprocessor:
         k = scale_intrinsic(intrinsic[:3, :3], image_rgb.shape[:2], self.size_hw)
         g2i = grid_to_image_matrix(k, cam_pose, voxel_origin, self.config.voxel_size, self.grid_shape)
         index = slot % len(self.slots)
-        self._stage(self.slots[index], image_rgb, depth, g2i)
+        self._stage(self.slots[index], image_rgb, depth, g2i, voxel_origin)
         return StagedFrame(index, None if depth is None else tuple(depth.shape), voxel_origin)
 
     def run(self, staged: StagedFrame, out: FrameTensors | None = None, stream: Any = None) -> FrameTensors:
@@ -420,7 +426,8 @@ class TensorPreprocessor:
         s.uploaded, s.uploaded_lent = event, True
 
     def _device_work(self, s: _Slot, depth_hw: tuple[int, int] | None, out: FrameTensors) -> None:
-        """Uploads (CUDA) and resize / normalise / depth resize of slot ``s`` into ``out``'s tensors."""
+        """Uploads (CUDA) and resize / normalise / depth resize of slot ``s`` into ``out``'s tensors (and the grid
+        origin into ``out.device_origin`` where it is given)."""
         if self.pin:
             rgb = s.dev_rgb.copy_(s.host_rgb, non_blocking=True)
             out.grid2img.copy_(s.host_g2i, non_blocking=True)
@@ -430,6 +437,8 @@ class TensorPreprocessor:
             dep = s.host_depth
             if out.grid2img is not s.host_g2i:
                 out.grid2img.copy_(s.host_g2i)
+        if out.device_origin is not None:
+            out.device_origin.copy_(s.host_origin, non_blocking=self.pin)
         self._resize_normalise(rgb, s, out.image)
         s.frame_rgb = None  # the slot does not keep the frame's message alive
         if depth_hw is not None:
@@ -441,7 +450,7 @@ class TensorPreprocessor:
     def _graph(self, s: _Slot, depth_hw: tuple[int, int] | None, out: FrameTensors) -> Any:
         """The slot's captured device work for this input shape and these output tensors (captured on first
         use); None, with the preprocessor back on eager launches for good, if capture fails."""
-        key = (tuple(s.host_rgb.shape), s.bgr, depth_hw, out.image.data_ptr())
+        key = (tuple(s.host_rgb.shape), s.bgr, depth_hw, out.image.data_ptr(), out.device_origin is not None)
         graph = s.graphs.get(key)
         if graph is not None:
             return graph

@@ -111,12 +111,18 @@
 #                                             # meets them against what the loop adds; then paper_student
 #                                             # compiled FP16 bgr8 in the node's loop of session 31 (its host
 #                                             # share was last measured with the prepare thread) (~4.5 min)
+#   bash scripts/device_frame_path.sh device-cloud # session 34: tests (test_device_cloud.py with them); the
+#                                             # fused path with the occupied voxels compacted into the cloud's
+#                                             # rows on the device (--device-cloud on) against the grids (off),
+#                                             # interleaved: lite bgr8 FP32 + FP16 in the node's loop, two rounds;
+#                                             # lite's host steps in sequence, FP16, each way; paper_student bgr8
+#                                             # each way, one round (~7 min; carry .whl)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence|device-cloud"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -145,7 +151,8 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log its wall ti
 tests() {  # tests [SECONDS]
     step "${1:-90}" "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
         -p no:cacheprovider tests/test_preprocess_device.py tests/test_cuda_mem.py tests/test_backends.py \
-        tests/test_fused_postprocess.py -k "device or cuda or static or graph or fused or launch or dense"
+        tests/test_fused_postprocess.py tests/test_device_cloud.py \
+        -k "device or cuda or static or graph or fused or launch or dense"
 }
 graphs() {  # both configs, CUDA graphs (post-processing fused), fp32 + fp16, bgr8 + jpeg
     step 170 "frame path, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
@@ -466,6 +473,26 @@ host_steps_sequence() {  # session 32: the steps in sequence after the device wa
             --json "$out/host_steps_loop.json" --append
     done
 }
+device_cloud_pairs() {  # session 34: the device's cloud rows against the grids, interleaved
+    local round dc
+    for round in 1 2; do
+        for dc in off on; do
+            step 60 "device cloud $dc, lite bgr8 fp32 + fp16, the node's loop (round $round)" python3 \
+                benchmarks/bench_frame_path.py --device cuda --configs lite --inputs bgr8 --frames 300 \
+                --device-cloud $dc --json "$out/device_cloud_lite.json" --append
+        done
+    done
+    for dc in off on; do
+        step 60 "host steps in sequence and back to back, lite fp16 bgr8, device cloud $dc" python3 \
+            benchmarks/bench_host_steps.py --fused --device cuda --fp16 --calls 300 \
+            $([ "$dc" = on ] && echo --device-cloud) --json "$out/host_steps_fp16_cloud_$dc.json"
+    done
+    for dc in off on; do
+        step 80 "device cloud $dc, paper_student bgr8 fp32 + fp16, the node's loop" python3 \
+            benchmarks/bench_frame_path.py --device cuda --configs paper_student --inputs bgr8 --frames 300 \
+            --device-cloud $dc --json "$out/device_cloud_paper_student.json" --append
+    done
+}
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
     step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
         docs/results/device_runs/issue10_whole_frame_graph_probe.py --out "$out/whole_frame_graph.json"
@@ -501,6 +528,7 @@ camera-rate-prepare) camera_rate_prepare ;;
 unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this tree, interleaved" python3 \
     docs/results/device_runs/issue10_unfused_wait_probe.py 2 --json "$out/unfused_wait_probe.json" ;;
 host-steps-sequence) tests 60; host_steps_sequence; compiled paper_student --precisions fp16 --inputs bgr8 ;;
+device-cloud) tests 60; device_cloud_pairs ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2

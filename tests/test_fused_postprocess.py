@@ -287,7 +287,7 @@ def test_result_sets_wait_for_their_copy_on_a_sleeping_event(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
     pipe = object.__new__(OccupancyPipeline)
-    pipe._results = []
+    pipe._results, pipe.device_cloud = [], None
     pipe.slots = LAUNCH_AHEAD_SLOTS
     pipe.backend = type("B", (), {"torch_device": torch.device("cuda")})()
     pipe.config = type("C", (), {"grid_shape": (4, 4, 2)})()

@@ -1,0 +1,153 @@
+"""Occupied voxels compacted on the device into PointCloud2 rows (the fused path's ``device_cloud`` option).
+
+Without it the fused path copies each frame's dense (X,Y,Z) label and score grids to the host (0.65 MB for the
+60x60x36 grid). The frame loop then scans them for the occupied voxels (``frame_from_dense``) and writes their
+PointCloud2 rows (``msg_encode.occupancy_cloud``): two passes over memory the copy has just written, every frame.
+Here the device does both after the post-processing, with fixed shapes and no host sync, so that the work can be
+captured in the frame's CUDA graph:
+- a stable partition puts the occupied voxels first, in flat order (the order the host's scan finds them);
+- their rows (x, y, z float32, rgb, label, score: ``msg_encode.CLOUD_DTYPE``) are built with the native kernel's
+  float64 arithmetic, so they are the same bytes;
+- only a head of the rows, their flat ids and a summary (count, every centre finite, every score finite) are
+  copied to pinned memory. A frame with more occupied voxels than the head holds reads the rest from its buffer
+  slot's device rows, which no other slot's work writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import torch
+
+from .classes import label_rgb_bits
+from .config import ModelConfig
+from .postprocess import OccupancyFrame, voxel_grid_indices
+
+ROW_WORDS = 6  # x, y, z, rgb, label, score: 4 bytes each (msg_encode.CLOUD_DTYPE)
+HEAD_SHARE = 4  # the pinned head holds 1/HEAD_SHARE of the grid's voxels (lite's frames: about 1/10 occupied)
+
+
+class CloudBuffers:
+    """One buffer slot's rows and flat ids of all N voxels on the device (occupied first, ``DeviceCloud``), its
+    summary, and the pinned head of each that is copied back every frame."""
+
+    def __init__(self, voxels: int, head: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.rows = torch.empty((voxels, ROW_WORDS), dtype=torch.int32, device=device)
+        self.ids = torch.empty(voxels, dtype=torch.int32, device=device)
+        self.summary = torch.empty(3, dtype=torch.int32, device=device)  # count, centres finite, scores finite
+        self.host_rows = torch.empty((head, ROW_WORDS), dtype=torch.int32, pin_memory=pin)
+        self.host_ids = torch.empty(head, dtype=torch.int32, pin_memory=pin)
+        self.host_summary = torch.empty(3, dtype=torch.int32, pin_memory=pin)
+        self._rows_np, self._ids_np = self.host_rows.numpy().view("<f4"), self.host_ids.numpy()
+        self._summary_np = self.host_summary.numpy()
+        self._side = torch.cuda.Stream(device) if pin else None  # reads the rest of a frame beyond the head
+
+    @property
+    def head(self) -> int:
+        return len(self._ids_np)
+
+    def take(self) -> None:
+        """Queue the copies of the summary and the heads into pinned memory (stream order, no wait)."""
+        self.host_summary.copy_(self.summary, non_blocking=True)
+        self.host_rows.copy_(self.rows[:self.head], non_blocking=True)
+        self.host_ids.copy_(self.ids[:self.head], non_blocking=True)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool]]:
+        """After the copies are done: the frame's own (M,) int32 flat ids, (M, 6) float32 row words, and whether
+        every centre and every score is finite. Beyond the head, the rows come from the device (the slot's buffers
+        stay as they are until the slot is launched again)."""
+        count, xyz_finite, scores_finite = self._summary_np.tolist()
+        head = min(count, self.head)
+        words, ids = np.empty((count, ROW_WORDS), dtype="<f4"), np.empty(count, dtype=np.int32)
+        words[:head] = self._rows_np[:head]
+        ids[:head] = self._ids_np[:head]
+        if count > head:
+            with torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext():
+                words[head:] = self.rows[head:count].cpu().numpy().view("<f4")
+                ids[head:] = self.ids[head:count].cpu().numpy()
+        return ids, words, (bool(xyz_finite), bool(scores_finite))
+
+
+class DeviceCloud:
+    """The compaction of one grid on one device: its constants (voxel centres relative to the grid origin in
+    float64, the label colours, the voxel indices) and the device origin that each frame's staging writes."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.grid_shape = tuple(int(n) for n in config.grid_shape)
+        self.voxel_size = float(config.voxel_size)
+        self.voxels = int(np.prod(self.grid_shape))
+        index = np.indices(self.grid_shape).reshape(3, -1).T  # (N, 3) grid indices in flat order
+        # ``(index + 0.5) * size`` in float64, as the native kernel's rows before the origin is added
+        self.centres = torch.from_numpy((index + 0.5) * self.voxel_size).to(self.device)
+        self.rgb_bits = torch.from_numpy(label_rgb_bits().view("<i4")).to(self.device)
+        self.index = torch.arange(self.voxels, device=self.device)
+        self.index32 = self.index.to(torch.int32)
+        self.origin = torch.zeros(3, dtype=torch.float64, device=self.device)  # the frame's, staged with it
+
+    def buffers(self) -> CloudBuffers:
+        """A buffer slot's rows, ids and pinned heads for this grid."""
+        return CloudBuffers(self.voxels, -(-self.voxels // HEAD_SHARE), self.device)
+
+    def __call__(self, labels: torch.Tensor, best: torch.Tensor, out: CloudBuffers) -> None:
+        """(1,X,Y,Z) uint8 labels and float32 best scores (``dense_occupancy``) -> ``out``'s rows, ids and summary,
+        then their copies back queued."""
+        flat, scores = labels.reshape(-1), best.reshape(-1)
+        occupied = flat != 0
+        before = torch.cumsum(occupied, 0)  # (N,) int64: occupied voxels up to and including each one
+        count = before[-1]
+        # a permutation: occupied voxel v goes to row before[v] - 1, the others after them in their order
+        out.ids.index_copy_(0, torch.where(occupied, before - 1, count + self.index - before), self.index32)
+        label = flat.index_select(0, out.ids)
+        score = scores.index_select(0, out.ids)
+        xyz = (self.origin + self.centres.index_select(0, out.ids)).float()  # one float64 sum, rounded once
+        out.rows[:, :3].copy_(xyz.view(torch.int32))
+        out.rows[:, 3].copy_(self.rgb_bits.index_select(0, label.int()))
+        out.rows[:, 4].copy_(label)
+        out.rows[:, 5].copy_(score.view(torch.int32))
+        past = self.index >= count  # rows beyond the occupied ones are not published
+        xyz_finite = (torch.isfinite(xyz).all(dim=1) | past).all()
+        scores_finite = (torch.isfinite(score) | past).all()
+        out.summary.copy_(torch.stack([count, xyz_finite.long(), scores_finite.long()]))
+        out.take()
+
+
+class CloudFrame(OccupancyFrame):
+    """An OccupancyFrame read back from ``CloudBuffers``: its PointCloud2 rows (``cloud_words``) and whether their
+    centres and scores are finite come as they are published. The dense grid, grid indices, labels and scores are
+    made from the rows and the flat ids on first use (the node's cloud needs none of them)."""
+
+    def __init__(self, ids: np.ndarray, words: np.ndarray, finite: tuple[bool, bool], voxel_origin: np.ndarray,
+                 config: ModelConfig) -> None:
+        self.voxel_ids = ids               # (M,) int32 flat ids, ascending
+        self.cloud_words = words           # (M, 6) float32 words of msg_encode.CLOUD_DTYPE rows
+        self.cloud_finite = finite         # (every x, y, z finite, every score finite)
+        self.voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(3)
+        self.voxel_size = float(config.voxel_size)
+        self.grid_shape = tuple(int(n) for n in config.grid_shape)
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        dense = np.zeros(int(np.prod(self.grid_shape)), dtype=np.uint8)
+        dense[self.voxel_ids] = self.voxel_labels
+        return dense.reshape(self.grid_shape)
+
+    @functools.cached_property
+    def voxel_indices(self) -> np.ndarray:
+        return voxel_grid_indices(self.voxel_ids, self.grid_shape)
+
+    @functools.cached_property
+    def voxel_labels(self) -> np.ndarray:
+        return self.cloud_words.view("<u4")[:, 4].astype(np.uint8)
+
+    @functools.cached_property
+    def voxel_scores(self) -> np.ndarray:
+        return np.ascontiguousarray(self.cloud_words[:, 5])
+
+
+def read_frame(out: CloudBuffers, voxel_origin: np.ndarray, config: ModelConfig) -> CloudFrame:
+    """The host frame of a slot whose compaction and copies are done."""
+    ids, words, finite = out.read()
+    return CloudFrame(ids, words, finite, voxel_origin, config)
