@@ -24,14 +24,13 @@ import numpy as np
 
 from export.backends import create_backend
 from export.pipeline import PIPELINE_SLOTS, FrameRunner, OccupancyPipeline
+from models.geometry import centres_finite_in_float32
 
 from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
 from .params import DEFAULT_MODEL, PIPELINING_MODES
 from .undistort import Undistorter, needs_undistortion
 
-# a float64 of at least this magnitude rounds to inf in float32 (halfway past FLT_MAX, whose mantissa is odd)
-FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 CAMERA_CACHE_SIZE = 8  # calibrations and image sizes FrameProcessor keeps checked (one camera: one)
 
 
@@ -581,11 +580,8 @@ def nonfinite_centres(occ: Any) -> int:
     indices = np.asarray(occ.voxel_indices).reshape(-1, 3)
     if not len(indices):
         return 0
-    ends = (float(indices.min()), float(indices.max()))  # the lowest and the highest index
-    size = float(occ.voxel_size)
-    # on Python floats (this runs per frame): a float64 rounds to a finite float32 below FLOAT32_OVERFLOW
-    if all(abs(o + (e + 0.5) * size) < FLOAT32_OVERFLOW  # NaN compares False
-           for o in np.asarray(occ.voxel_origin, dtype=np.float64).reshape(-1).tolist() for e in ends):
+    lowest, highest = float(indices.min()), float(indices.max())  # over all three axes
+    if centres_finite_in_float32(occ.voxel_origin, float(occ.voxel_size), (lowest,) * 3, (highest,) * 3):
         return 0
     with np.errstate(over="ignore", invalid="ignore"):
         centers = np.asarray(occ.centers_world(), dtype=np.float64).astype(np.float32)

@@ -8,9 +8,10 @@ captured in the frame's CUDA graph:
 - a stable partition puts the occupied voxels first, in flat order (the order the host's scan finds them);
 - their rows (x, y, z float32, rgb, label, score: ``msg_encode.CLOUD_DTYPE``) are built with the native kernel's
   float64 arithmetic, so they are the same bytes;
-- only a head of the rows, their flat ids and a summary (count, every centre finite, every score finite) are
-  copied to pinned memory. A frame with more occupied voxels than the head holds reads the rest from its buffer
-  slot's device rows, which no other slot's work writes.
+- only a head of the rows, their flat ids and a summary (count, every score finite) are copied to pinned
+  memory. A frame with more occupied voxels than the head holds reads the rest from its buffer slot's device
+  rows, which no other slot's work writes.
+Whether every centre is finite in float32 the host tells from the grid's corners and the origin.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from .classes import label_rgb_bits
 from .config import ModelConfig
+from .geometry import centres_finite_in_float32
 from .postprocess import OccupancyFrame, voxel_grid_indices
 
 ROW_WORDS = 6  # x, y, z, rgb, label, score: 4 bytes each (msg_encode.CLOUD_DTYPE)
@@ -36,10 +38,10 @@ class CloudBuffers:
         pin = device.type == "cuda"
         self.rows = torch.empty((voxels, ROW_WORDS), dtype=torch.int32, device=device)
         self.ids = torch.empty(voxels, dtype=torch.int32, device=device)
-        self.summary = torch.empty(3, dtype=torch.int32, device=device)  # count, centres finite, scores finite
+        self.summary = torch.empty(2, dtype=torch.int32, device=device)  # count, every score finite
         self.host_rows = torch.empty((head, ROW_WORDS), dtype=torch.int32, pin_memory=pin)
         self.host_ids = torch.empty(head, dtype=torch.int32, pin_memory=pin)
-        self.host_summary = torch.empty(3, dtype=torch.int32, pin_memory=pin)
+        self.host_summary = torch.empty(2, dtype=torch.int32, pin_memory=pin)
         self._rows_np, self._ids_np = self.host_rows.numpy().view("<f4"), self.host_ids.numpy()
         self._summary_np = self.host_summary.numpy()
         self._side = torch.cuda.Stream(device) if pin else None  # reads the rest of a frame beyond the head
@@ -54,11 +56,11 @@ class CloudBuffers:
         self.host_rows.copy_(self.rows[:self.head], non_blocking=True)
         self.host_ids.copy_(self.ids[:self.head], non_blocking=True)
 
-    def read(self) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool]]:
+    def read(self) -> tuple[np.ndarray, np.ndarray, bool]:
         """After the copies are done: the frame's own (M,) int32 flat ids, (M, 6) float32 row words, and whether
-        every centre and every score is finite. Beyond the head, the rows come from the device (the slot's buffers
-        stay as they are until the slot is launched again)."""
-        count, xyz_finite, scores_finite = self._summary_np.tolist()
+        every score is finite. Beyond the head, the rows come from the device (the slot's buffers stay as they are
+        until the slot is launched again)."""
+        count, scores_finite = self._summary_np.tolist()
         head = min(count, self.head)
         words, ids = np.empty((count, ROW_WORDS), dtype="<f4"), np.empty(count, dtype=np.int32)
         words[:head] = self._rows_np[:head]
@@ -67,7 +69,7 @@ class CloudBuffers:
             with torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext():
                 words[head:] = self.rows[head:count].cpu().numpy().view("<f4")
                 ids[head:] = self.ids[head:count].cpu().numpy()
-        return ids, words, (bool(xyz_finite), bool(scores_finite))
+        return ids, words, bool(scores_finite)
 
 
 class DeviceCloud:
@@ -82,7 +84,9 @@ class DeviceCloud:
         index = np.indices(self.grid_shape).reshape(3, -1).T  # (N, 3) grid indices in flat order
         # ``(index + 0.5) * size`` in float64, as the native kernel's rows before the origin is added
         self.centres = torch.from_numpy((index + 0.5) * self.voxel_size).to(self.device)
-        self.rgb_bits = torch.from_numpy(label_rgb_bits().view("<i4")).to(self.device)
+        # per label its rgb and label words, side by side as in a row
+        labels = np.arange(256, dtype=np.int32)
+        self.label_words = torch.from_numpy(np.stack([label_rgb_bits().view("<i4"), labels], axis=1)).to(self.device)
         self.index = torch.arange(self.voxels, device=self.device)
         self.index32 = self.index.to(torch.int32)
         self.origin = torch.zeros(3, dtype=torch.float64, device=self.device)  # the frame's, staged with it
@@ -92,25 +96,21 @@ class DeviceCloud:
         return CloudBuffers(self.voxels, -(-self.voxels // HEAD_SHARE), self.device)
 
     def __call__(self, labels: torch.Tensor, best: torch.Tensor, out: CloudBuffers) -> None:
-        """(1,X,Y,Z) uint8 labels and float32 best scores (``dense_occupancy``) -> ``out``'s rows, ids and summary,
-        then their copies back queued."""
+        """(1,X,Y,Z) uint8 labels and float32 best scores, 0 where the label is (``dense_occupancy``) -> ``out``'s
+        rows, ids and summary, then their copies back queued. About twenty kernels over the N voxels."""
         flat, scores = labels.reshape(-1), best.reshape(-1)
         occupied = flat != 0
         before = torch.cumsum(occupied, 0)  # (N,) int64: occupied voxels up to and including each one
         count = before[-1]
         # a permutation: occupied voxel v goes to row before[v] - 1, the others after them in their order
-        out.ids.index_copy_(0, torch.where(occupied, before - 1, count + self.index - before), self.index32)
-        label = flat.index_select(0, out.ids)
-        score = scores.index_select(0, out.ids)
-        xyz = (self.origin + self.centres.index_select(0, out.ids)).float()  # one float64 sum, rounded once
-        out.rows[:, :3].copy_(xyz.view(torch.int32))
-        out.rows[:, 3].copy_(self.rgb_bits.index_select(0, label.int()))
-        out.rows[:, 4].copy_(label)
-        out.rows[:, 5].copy_(score.view(torch.int32))
-        past = self.index >= count  # rows beyond the occupied ones are not published
-        xyz_finite = (torch.isfinite(xyz).all(dim=1) | past).all()
-        scores_finite = (torch.isfinite(score) | past).all()
-        out.summary.copy_(torch.stack([count, xyz_finite.long(), scores_finite.long()]))
+        out.ids.index_copy_(0, torch.where(occupied, before - 1, (self.index - before) + count), self.index32)
+        words = out.rows.view(torch.float32)
+        # x, y, z: one float64 sum, rounded once to float32 by the copy, as the native kernel's rows
+        words[:, :3].copy_(self.centres.index_select(0, out.ids).add_(self.origin))
+        out.rows[:, 3:5].copy_(self.label_words.index_select(0, flat.index_select(0, out.ids).int()))
+        words[:, 5].copy_(scores.index_select(0, out.ids))
+        # the empty voxels' scores are 0: all finite exactly when the occupied ones' are
+        out.summary.copy_(torch.stack([count, torch.isfinite(scores).all().long()]))
         out.take()
 
 
@@ -119,14 +119,17 @@ class CloudFrame(OccupancyFrame):
     centres and scores are finite come as they are published. The dense grid, grid indices, labels and scores are
     made from the rows and the flat ids on first use (the node's cloud needs none of them)."""
 
-    def __init__(self, ids: np.ndarray, words: np.ndarray, finite: tuple[bool, bool], voxel_origin: np.ndarray,
+    def __init__(self, ids: np.ndarray, words: np.ndarray, scores_finite: bool, voxel_origin: np.ndarray,
                  config: ModelConfig) -> None:
         self.voxel_ids = ids               # (M,) int32 flat ids, ascending
         self.cloud_words = words           # (M, 6) float32 words of msg_encode.CLOUD_DTYPE rows
-        self.cloud_finite = finite         # (every x, y, z finite, every score finite)
         self.voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(3)
         self.voxel_size = float(config.voxel_size)
         self.grid_shape = tuple(int(n) for n in config.grid_shape)
+        # (every x, y, z finite, every score finite): the grid's corner centres decide the first (a frame whose
+        # occupied voxels are finite inside a grid that is not is counted voxel by voxel by the output check)
+        self.cloud_finite = (centres_finite_in_float32(self.voxel_origin, self.voxel_size, (0, 0, 0),
+                                                       [n - 1 for n in self.grid_shape]), scores_finite)
 
     @functools.cached_property
     def labels(self) -> np.ndarray:

@@ -11,6 +11,7 @@ Conventions (one place, used everywhere):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ GRID_EXTENT = tuple(n * VOXEL_SIZE for n in GRID_SHAPE)  # (4.8, 4.8, 2.88) metr
 # The grid is world-axis aligned; its bottom face lies at ``floor_z``; its x-y centre is
 # ``forward_distance`` metres in front of the camera along the horizontal viewing direction.
 DEFAULT_FORWARD_DISTANCE = 0.5 * GRID_EXTENT[0]
+
+# a float64 of at least this magnitude rounds to inf in float32 (halfway past FLT_MAX, whose mantissa is odd)
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 # torch.is_autocast_enabled(device_type) is torch 2.4's; before it, one query per device (JetPack 6.0 has 2.3)
 AUTOCAST_QUERY_BY_DEVICE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4)
@@ -53,6 +57,16 @@ def place_grid(
     centre_x = rows[0][3] + forward_distance * (fx / norm)
     centre_y = rows[1][3] + forward_distance * (fy / norm)
     return np.array([centre_x - grid_shape[0] * voxel_size / 2, centre_y - grid_shape[1] * voxel_size / 2, floor_z])
+
+
+def centres_finite_in_float32(voxel_origin: np.ndarray, voxel_size: float, lowest: Sequence[float],
+                              highest: Sequence[float]) -> bool:
+    """Whether every voxel centre ``origin + (index + 0.5) * size`` with per-axis indices from ``lowest`` to
+    ``highest`` is finite once rounded to float32. The centres along an axis are monotonic in the index, and so is
+    the rounding, so the two ends decide: six numbers instead of 3M, on Python floats (this runs per frame)."""
+    origin = np.asarray(voxel_origin, dtype=np.float64).reshape(3).tolist()
+    return all(abs(o + (e + 0.5) * voxel_size) < FLOAT32_OVERFLOW  # NaN compares False
+               for o, lo, hi in zip(origin, lowest, highest, strict=True) for e in (lo, hi))
 
 
 def finite_origin(voxel_origin: np.ndarray) -> np.ndarray:

@@ -169,6 +169,7 @@ def test_processor_publishes_the_device_rows(lite_config, monkeypatch):
     markers = [build_outputs(factory, p, "odom", 7)["markers"] for p in (ref, got)]
     assert [len(m.markers) for m in markers[1:]] == [len(markers[0].markers)]
     occ = got.occupancy
-    bad_origin = CloudFrame(occ.voxel_ids, occ.cloud_words, occ.cloud_finite, np.array([np.nan, 0.0, 0.0]), cfg)
+    bad_origin = CloudFrame(occ.voxel_ids, occ.cloud_words, occ.cloud_finite[1], np.array([np.nan, 0.0, 0.0]), cfg)
+    assert bad_origin.cloud_finite == (False, True)
     with pytest.raises(NonFiniteOutputError, match="1 grid origin"):
         checked_cloud(bad_origin)
