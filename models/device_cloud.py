@@ -27,7 +27,7 @@ from .geometry import centres_finite_in_float32
 from .postprocess import OccupancyFrame, voxel_grid_indices
 
 ROW_WORDS = 6  # x, y, z, rgb, label, score: 4 bytes each (msg_encode.CLOUD_DTYPE)
-HEAD_SHARE = 4  # the pinned head holds 1/HEAD_SHARE of the grid's voxels (lite's frames: about 1/10 occupied)
+HEAD_SHARE = 4  # the pinned head holds 1/HEAD_SHARE of the grid's voxels (the shipped lite's: about 1/13 occupied)
 
 
 class CloudBuffers:
@@ -115,9 +115,9 @@ class DeviceCloud:
 
 
 class CloudFrame(OccupancyFrame):
-    """An OccupancyFrame read back from ``CloudBuffers``: its PointCloud2 rows (``cloud_words``) and whether their
-    centres and scores are finite come as they are published. The dense grid, grid indices, labels and scores are
-    made from the rows and the flat ids on first use (the node's cloud needs none of them)."""
+    """An OccupancyFrame read back from ``CloudBuffers``: its PointCloud2 rows (``cloud_words``), as they are
+    published, and ``cloud_finite`` as ``msg_encode.CloudRows`` carries it. The dense grid, grid indices, labels
+    and scores are made from the rows and the flat ids on first use (the node's cloud needs none of them)."""
 
     def __init__(self, ids: np.ndarray, words: np.ndarray, scores_finite: bool, voxel_origin: np.ndarray,
                  config: ModelConfig) -> None:
