@@ -449,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.preprocessor.native_resize = args.resize == "native"
             for kind in args.inputs:
                 pipelined = frame_loop_mode(args.pipelining, pipe)[0]
-                # off only where the loop launches ahead (FrameRunner's rule); the row records what ran
-                prepare_thread = (uses_prepare_thread(pipelined, pipe) if args.prepare_thread == "auto"
-                                  else args.prepare_thread == "on" or not (pipelined and pipe.launch_ahead))
+                # off only where the loop launches ahead (FrameRunner's rule): "off" is the node's rule there too;
+                # the row records what ran
+                prepare_thread = uses_prepare_thread(pipelined, pipe) or args.prepare_thread == "on"
                 # one frame at a time (--host-overlap off) the kernel had both cores to itself for either input
                 compressed = kind == "jpeg" and args.host_overlap == "on"
                 pipe.post_threads = (post_threads_for(pipelined, compressed) if args.post_threads == "auto"

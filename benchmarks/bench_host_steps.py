@@ -119,7 +119,7 @@ def fused_steps(pipe: OccupancyPipeline, factory: bench.TypestoreFactory, kind: 
     def launch() -> None:
         state["launched"] = proc.launch(state["prepared"])
 
-    def collect() -> None:  # FrameProcessor.complete without the check: the grids into the frame
+    def collect() -> None:  # FrameProcessor.complete without the check: the copied grids (or rows) into the frame
         state["occupancy"] = pipe.collect(state["launched"].launched)
 
     def output_check() -> None:

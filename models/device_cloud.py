@@ -78,12 +78,11 @@ class DeviceCloud:
 
     def __init__(self, config: ModelConfig, device: torch.device | str) -> None:
         self.device = torch.device(device)
-        self.grid_shape = tuple(int(n) for n in config.grid_shape)
-        self.voxel_size = float(config.voxel_size)
-        self.voxels = int(np.prod(self.grid_shape))
-        index = np.indices(self.grid_shape).reshape(3, -1).T  # (N, 3) grid indices in flat order
+        grid_shape = tuple(int(n) for n in config.grid_shape)
+        self.voxels = int(np.prod(grid_shape))
+        index = np.indices(grid_shape).reshape(3, -1).T  # (N, 3) grid indices in flat order
         # ``(index + 0.5) * size`` in float64, as the native kernel's rows before the origin is added
-        self.centres = torch.from_numpy((index + 0.5) * self.voxel_size).to(self.device)
+        self.centres = torch.from_numpy((index + 0.5) * float(config.voxel_size)).to(self.device)
         # per label its rgb and label words, side by side as in a row
         labels = np.arange(256, dtype=np.int32)
         self.label_words = torch.from_numpy(np.stack([label_rgb_bits().view("<i4"), labels], axis=1)).to(self.device)
