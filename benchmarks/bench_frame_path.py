@@ -74,11 +74,20 @@ the row's config and precision were loaded, the rows before it of the same pipel
 (CUDA: what torch's allocator holds from the driver after the row, captured graphs' pools included),
 "prepare_thread" (the loop prepared frames on a thread of its own; rows without it did), "device_cloud" (fused rows:
 the device compacted the occupied voxels into the cloud's rows, ``--device-cloud on``, and ``postprocess`` is the
-host time from the copied rows to the frame; rows without it copied the grids), ...}]}.
+host time from the copied rows to the frame; rows without it copied the grids), "emulated_device_ms" (rows run
+with ``--emulate-device-ms X``: CPU, fused, on ``emulated_device.EmulatedDevice``; rows without it ran on a
+real device), ...}]}.
+
+``--emulate-device-ms X`` (CPU only) runs the fused launch-ahead path, frame graph on, against a stand-in device
+that takes X ms per frame and does nothing (``benchmarks/emulated_device.py``): the GPU path's host steps and
+frame loop at a GPU's pace on a machine without one (``--pipelining auto`` is the CUDA rule's, pipelined).
+Its rows are not GPU figures (no CUDA calls, no DMA, this machine's CPU); they compare host-side changes
+side by side. Such a run's ``device`` names the CPU and the emulation.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -119,6 +128,9 @@ from export.pipeline import FrameRunner, OccupancyPipeline  # noqa: E402
 from models import build_model, native_postprocess  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from models.config import load_config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from emulated_device import emulated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {"lite": ROOT / "discene_ros/data/lite_distilled.pt"}
@@ -332,7 +344,8 @@ def append_key(row: dict) -> tuple:
     device calls 11 and 12 and dropped, docs/results/frame_path.md); rows without ``post_threads`` ran the
     kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch; rows without
     ``host_overlap`` took one frame at a time where serial; rows without ``frame_graph`` ran without it; rows
-    without ``prepare_thread`` had one; rows without ``device_cloud`` copied the grids."""
+    without ``prepare_thread`` had one; rows without ``device_cloud`` copied the grids; rows without
+    ``emulated_device_ms`` ran on a real device."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -342,7 +355,7 @@ def append_key(row: dict) -> tuple:
             row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
             row.get("resize", "torch" if row.get("threads") is not None else None),
             bool(row.get("host_overlap", False)), bool(row.get("frame_graph", False)),
-            bool(row.get("prepare_thread", True)), bool(row.get("device_cloud", False)))
+            bool(row.get("prepare_thread", True)), bool(row.get("device_cloud", False)), row.get("emulated_device_ms"))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -405,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="post-processing closing: on (the node's default), off, or as the checkpoint says")
     parser.add_argument("--weights", nargs="+", default=[], metavar="CONFIG=CHECKPOINT",
                         help="checkpoint per config (default: the shipped lite; others random)")
+    parser.add_argument("--emulate-device-ms", type=float, default=None, metavar="MS",
+                        help="CPU: the fused path against a stand-in device of MS ms per frame (emulated_device.py)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--append", action="store_true", help="merge rows into an existing --json file")
     args = parser.parse_args(argv)
@@ -415,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         print("note: OMP_WAIT_POLICY=PASSIVE slows torch's multi-threaded inference (about 2x for lite on 2 cores); "
               "the node runs with the default policy", file=sys.stderr)
+    emulate = args.emulate_device_ms
+    if emulate is not None and (args.device != "cpu" or args.backend != "torch" or args.no_cuda_graph
+                                or args.frame_graph == "off" or not emulate > 0):
+        print("--emulate-device-ms: a positive time, with --device cpu, the torch backend and its frame graph",
+              file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: this torch has no usable CUDA", file=sys.stderr)
         return 2
@@ -445,10 +466,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             pipe = OccupancyPipeline(backend, frame_graphs=args.frame_graph == "on",
-                                     device_cloud=args.device_cloud == "on")
+                                     device_cloud=args.device_cloud == "on", fuse=True if emulate else None)
             pipe.preprocessor.native_resize = args.resize == "native"
+            emulation = contextlib.ExitStack()  # for the pipeline's life: its events and graphs are the emulation's
+            if emulate:
+                emulation.enter_context(emulated(pipe, emulate))
             for kind in args.inputs:
-                pipelined = frame_loop_mode(args.pipelining, pipe)[0]
+                # emulated: the CUDA rule (auto pipelines)
+                pipelined = frame_loop_mode("on" if emulate and args.pipelining == "auto" else args.pipelining, pipe)[0]
                 # off only where the loop launches ahead (FrameRunner's rule): "off" is the node's rule there too;
                 # the row records what ran
                 prepare_thread = uses_prepare_thread(pipelined, pipe) or args.prepare_thread == "on"
@@ -456,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                 compressed = kind == "jpeg" and args.host_overlap == "on"
                 pipe.post_threads = (post_threads_for(pipelined, compressed) if args.post_threads == "auto"
                                      else int(args.post_threads))
-                print(f"{name} {precision} {kind}: {pipe.describe()}; weights {used}", flush=True)
+                print(f"{name} {precision} {kind}: {pipe.describe()}; weights {used}"
+                      f"{f'; emulated device, {emulate} ms per frame' if emulate else ''}", flush=True)
                 row = run_row(pipe, factory, kind, args.frames, args.warmup, args.marker_period,
                               args.decode_stage == "on"
                               or (args.decode_stage == "auto"
@@ -478,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                        # as it ran: a failed capture falls back to the two graphs
                        "frame_graph": bool(pipe.fused and pipe.preprocessor.frame_graphs),
                        "device_cloud": pipe.device_cloud is not None,
+                       "emulated_device_ms": emulate,
                        # the peak since this config and precision's pipeline was made (its graphs included)
                        "cuda_peak_allocated_mb": (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
                                                   else None),
@@ -504,8 +531,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"launch {c['launch']:.2f} cloud {c['pointcloud2']:.2f}; process "
                       f"{row['process_cpu_ms_per_frame']:.2f} ms per frame)", flush=True)
             pipe.close()
+            emulation.close()
     exports.cleanup()
-    out = {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}
+    device = device_name(args.device) + (" with an emulated device (no GPU)" if emulate else "")
+    out = {"device": device, "torch": torch.__version__, "rows": rows}
     if args.json:
         path = Path(args.json)
         if args.append and path.is_file():
