@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,9 @@ class StageTimings:
     total_ms: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The fields by name: once per frame, so not ``dataclasses.asdict`` (which deep-copies each: 7 against
+        0.3 us)."""
+        return dict(vars(self))
 
 
 @dataclass
