@@ -72,6 +72,9 @@ where stages overlap; rows without it did not record it), "frame_graph" (fused r
 fused rows without it ran the two graphs), "cuda_peak_allocated_mb" (CUDA: torch's peak allocated memory since
 the row's config and precision were loaded, the rows before it of the same pipeline included), "cuda_reserved_mb"
 (CUDA: what torch's allocator holds from the driver after the row, captured graphs' pools included),
+"decode_on_thread" (rows with a decode stage: it decoded the image; false since session 35 for raw images without
+a prepare thread, whose decode stage only takes the frame, as the node's only locates it, and the finish stage
+decodes it: ``processing.decodes_on_decode_thread``; rows without it decoded there),
 "prepare_thread" (the loop prepared frames on a thread of its own; rows without it did), "device_cloud" (fused rows:
 the device compacted the occupied voxels into the cloud's rows, ``--device-cloud on``, and ``postprocess`` is the
 host time from the copied rows to the frame; rows without it copied the grids), "emulated_device_ms" (rows run
@@ -115,6 +118,7 @@ from discene_ros.processing import (  # noqa: E402
     FrameInput,
     FrameProcessor,
     build_outputs,
+    decodes_on_decode_thread,
     frame_loop_mode,
     freeze_startup_objects,
     post_threads_for,
@@ -216,9 +220,12 @@ def camera_messages(factory: TypestoreFactory, kind: str):
 
 def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frames: int, warmup: int,
             marker_period: int, decode_stage: bool = True, camera_hz: float | None = None,
-            serial: bool = False, overlap: bool = False, prepare_thread: bool = True) -> dict:
+            serial: bool = False, overlap: bool = False, prepare_thread: bool = True,
+            decode_on_thread: bool = True) -> dict:
     """One row: ``frames`` frames after ``warmup`` through the frame loop, lossless as fast as it goes, or
-    newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times."""
+    newest-frame-wins from a camera at ``camera_hz``; items are the frames' arrival times. ``decode_on_thread``
+    off: the decode stage only takes the frame (the node's locating, which this benchmark has none of) and
+    the stage after it decodes, as the node's ``FrameLoop(decode_on_thread=False)``."""
     image, info, pose = camera_messages(factory, kind)
     records: list[dict] = []
     markers_ms: list[float] = []
@@ -277,8 +284,14 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
 
     errors: list[BaseException] = []
     ahead = {"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])} if pipe.launch_ahead else {}
-    stages = ({"prepare": prepare, "decode": decode} if decode_stage
-              else {"prepare": lambda item, slot: prepare(decode(item), slot)})
+    def locate(item):  # where the frame's latency starts, as in ``decode``
+        return {"t_taken": time.perf_counter()}
+
+    if decode_stage and not decode_on_thread:
+        stages = {"decode": locate, "prepare": lambda taken, slot: prepare({**decode(None), **taken}, slot)}
+    else:
+        stages = ({"prepare": prepare, "decode": decode} if decode_stage
+                  else {"prepare": lambda item, slot: prepare(decode(item), slot)})
     freeze_startup_objects()  # as the node does after start-up
     runner = FrameRunner(finish=finish, on_error=lambda item, exc: errors.append(exc), slots=pipe.slots,
                          lossless=camera_hz is None, serial=serial, prepare_thread=prepare_thread, **stages, **ahead)
@@ -325,6 +338,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
         "process_cpu_ms_per_frame": process_cpu_ms,
         "frames": len(timed), "dropped": counts["dropped"], "decode_stage": decode_stage, "camera_hz": camera_hz,
         "serial": serial, "host_overlap": bool(serial and overlap), "prepare_thread": prepare_thread,
+        "decode_on_thread": bool(decode_stage and decode_on_thread),
         "voxels_median": int(np.median([r["voxels"] for r in timed])), "marker_period": marker_period,
     }
 
@@ -345,7 +359,7 @@ def append_key(row: dict) -> tuple:
     kernel on one thread (fused rows: none); CPU rows without ``resize`` resized with torch; rows without
     ``host_overlap`` took one frame at a time where serial; rows without ``frame_graph`` ran without it; rows
     without ``prepare_thread`` had one; rows without ``device_cloud`` copied the grids; rows without
-    ``emulated_device_ms`` ran on a real device."""
+    ``emulated_device_ms`` ran on a real device; rows without ``decode_on_thread`` decoded on their decode stage."""
     wait = row.get("launch_wait") or ("poll" if postprocess_impl(row) == "fused" else None)
     return (*(row.get(k) for k in ("config", "backend", "precision", "input", "closing")),
             bool(row.get("tf32", False)), bool(row.get("tf32_convolutions", row.get("tf32", False))),
@@ -355,7 +369,8 @@ def append_key(row: dict) -> tuple:
             row.get("post_threads", None if postprocess_impl(row) == "fused" else 1),
             row.get("resize", "torch" if row.get("threads") is not None else None),
             bool(row.get("host_overlap", False)), bool(row.get("frame_graph", False)),
-            bool(row.get("prepare_thread", True)), bool(row.get("device_cloud", False)), row.get("emulated_device_ms"))
+            bool(row.get("prepare_thread", True)), bool(row.get("device_cloud", False)), row.get("emulated_device_ms"),
+            bool(row.get("decode_on_thread", row.get("decode_stage", False))))
 
 
 def postprocess_impl(row: dict) -> str:
@@ -488,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                               or (args.decode_stage == "auto"
                                   and uses_decode_thread(kind == "jpeg", pipelined, prepare_thread, locates=True)),
                               args.camera_hz, serial=not pipelined, overlap=args.host_overlap == "on",
-                              prepare_thread=prepare_thread)
+                              prepare_thread=prepare_thread,
+                              decode_on_thread=decodes_on_decode_thread(kind == "jpeg", prepare_thread))
                 label = (f"torch {backend.mode}" + (" fused" if pipe.fused else "") if pipe.tensor_path
                          else f"onnxruntime {backend.device}")
                 row = {"config": name, "backend": label,
@@ -519,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                         + (", frame graph" if row["frame_graph"] else "")
                         + (", device cloud" if row["device_cloud"] else "")
                         + (", no prepare thread" if not row["prepare_thread"] else "")
-                        + (", decode thread" if row["decode_stage"] else ""))
+                        + (", decode thread" if row["decode_on_thread"] else
+                           ", a thread that takes frames, decoded by the next stage" if row["decode_stage"] else ""))
                 between = ("" if row["between_networks_ms"] is None else f"between networks {row['between_networks_ms']:.2f} "
                            f"({100 * row['between_networks_fraction_of_infer']:.1f} %)  ")
                 print(f"  {kind:5s} [{post} post] fps {row['fps']:7.2f}  infer {row['infer_ms']:8.2f}  overhead "

@@ -43,6 +43,7 @@ from .processing import (
     WarnThrottle,
     build_outputs,
     build_pipeline,
+    decodes_on_decode_thread,
     frame_loop_mode,
     freeze_startup_objects,
     post_threads_for,
@@ -202,17 +203,21 @@ class OccupancyNode(Node):
         # locating a frame (pairing, TF) may wait: on the decode thread then, never on the finish stage's
         locates = self.cfg["sync_wait_s"] > 0 or self.cfg["tf_timeout_s"] > 0
         decode_thread = uses_decode_thread(compressed, pipelined, prepare_thread, locates=locates)
+        decode_on_thread = decodes_on_decode_thread(compressed, prepare_thread)
         self.pipeline.post_threads = post_threads_for(pipelined, compressed)
         if decode_thread:
             loop_mode += (", compressed images decoded on a thread of their own" if prepare_thread else
-                          ", frames located and decoded on a thread of their own, prepared right before their launch")
+                          ", frames located and decoded on a thread of their own, prepared right before their launch"
+                          if decode_on_thread else
+                          ", frames located on a thread of their own, decoded and prepared right before their launch")
         elif not prepare_thread:
             loop_mode += (", each frame located, decoded and prepared right before its launch (sync_wait_s and "
                           "tf_timeout_s are 0: locating never waits)")
         self.frames = FrameLoop(self.processor, self.stats, deliver=self.publish_outputs,
                                 locate=self.locate_frame, on_skip=self.skip_frame,
                                 stopping=lambda: not self.context.ok(), pipelined=pipelined,
-                                decode_thread=decode_thread, prepare_thread=prepare_thread)
+                                decode_thread=decode_thread, prepare_thread=prepare_thread,
+                                decode_on_thread=decode_on_thread)
         describe = getattr(self.pipeline, "describe", self.pipeline.backend.describe)
         frozen = freeze_startup_objects()  # no full garbage collection pauses the frames for their sake
         self.get_logger().info(

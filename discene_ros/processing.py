@@ -408,6 +408,16 @@ def uses_decode_thread(compressed: bool, pipelined: bool, prepare_thread: bool =
     return bool(pipelined and (compressed or (locates and not prepare_thread)))
 
 
+def decodes_on_decode_thread(compressed: bool, prepare_thread: bool) -> bool:
+    """Whether a ``frame_decode`` thread also decodes, or only locates the frame, its decode then running with
+    the prepare step: it decodes compressed images (milliseconds, which the thread overlaps), and raw ones where
+    a prepare thread takes the frames from it. Where it is there only because locating may wait (raw images, no
+    prepare thread), it only locates: the raw image's decode (about 0.06 ms of Python) beside the finish stage's
+    preparing held each other up on the GIL. Lite bgr8 against an emulated 2.16 ms device, the node's loop:
+    0.47-0.60 against 0.64-0.69 ms of host work per frame (docs/results/frame_path.md, session 35)."""
+    return bool(compressed or prepare_thread)
+
+
 def post_threads_for(pipelined: bool, compressed: bool = False) -> int:
     """Threads of the CPU post-processing kernel: 1 in a pipelined loop, whose other stages use the cores
     meanwhile. Where the network runs alone, the next frame's decode and preprocessing run beside the
@@ -434,16 +444,18 @@ class FrameLoop:
     threads, the network alone (``FrameRunner(serial=True)``; see ``frame_loop_mode``): the next frame is
     decoded and prepared while this one is post-processed and delivered, never while it is inferred.
     ``decode_thread=False``: no ``frame_decode`` thread; the prepare stage locates and decodes the frame
-    first. ``prepare_thread=False`` (launch-ahead pipelines): no ``frame_prepare`` thread; the finish stage
-    prepares each frame right before launching it. The node and the replay choose with
-    ``uses_prepare_thread`` and ``uses_decode_thread``.
+    first. ``decode_on_thread=False`` (with a decode thread): that thread only locates the frame, and the
+    prepare stage decodes it. ``prepare_thread=False`` (launch-ahead pipelines): no ``frame_prepare`` thread;
+    the finish stage prepares each frame right before launching it. The node and the replay choose with
+    ``uses_prepare_thread``, ``uses_decode_thread`` and ``decodes_on_decode_thread``.
     """
 
     def __init__(self, processor: FrameProcessor, stats: FrameStats, deliver: Callable[[FrameInput, ProcessedFrame], None],
                  locate: Callable[[FrameInput], None] | None = None,
                  on_skip: Callable[[FrameInput, str, str], None] | None = None,
                  stopping: Callable[[], bool] = lambda: False, lossless: bool = False,
-                 pipelined: bool = True, decode_thread: bool = True, prepare_thread: bool = True) -> None:
+                 pipelined: bool = True, decode_thread: bool = True, prepare_thread: bool = True,
+                 decode_on_thread: bool = True) -> None:
         self.processor, self.stats = processor, stats
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
@@ -451,12 +463,15 @@ class FrameLoop:
         self.warm = False  # a frame has been processed (and what its compilation made frozen)
         ahead = bool(getattr(processor.pipeline, "launch_ahead", False))
         self.network_done: Callable[[], None] | None = None  # serial: the next frame's host work may start
+        decoded_before = decode_thread and decode_on_thread  # the decode stage hands on decoded frames
+        self.decode_thread = decode_thread  # it locates (and perhaps decodes) each frame first
         self.runner = FrameRunner(
-            processor.prepare_decoded if decode_thread else self.decode_and_prepare, self.finish_stage,
+            processor.prepare_decoded if decoded_before else self.decode_and_prepare, self.finish_stage,
             on_error=self.error_callback, on_drop=lambda frame: self.stats.on_dropped(),
             slots=getattr(processor.pipeline, "slots", PIPELINE_SLOTS),
             launch=(lambda frame, prepared: processor.launch(prepared)) if ahead else None,
-            launched_done=processor.launched_done, decode=self.decode_stage if decode_thread else None,
+            launched_done=processor.launched_done,
+            decode=(self.decode_stage if decode_on_thread else self.locate_stage) if decode_thread else None,
             lossless=lossless, serial=not pipelined, prepare_thread=prepare_thread)
         if not pipelined:
             self.network_done = self.runner.network_done
@@ -472,16 +487,22 @@ class FrameLoop:
         except RuntimeError:  # closed meanwhile (shutdown)
             self.stats.on_dropped()
 
-    def decode_stage(self, frame: FrameInput) -> DecodedFrame:
+    def locate_stage(self, frame: FrameInput) -> FrameInput:
+        """Where the loop takes a frame: its latency starts (lossless), and ``locate`` pairs it and finds its pose."""
         if self.lossless:
             frame.received_s = time.monotonic()  # taken now: the wait to get in is the feeder's
         if self.locate is not None:
             self.locate(frame)
-        return self.processor.decode_frame(frame)
+        return frame
+
+    def decode_stage(self, frame: FrameInput) -> DecodedFrame:
+        return self.processor.decode_frame(self.locate_stage(frame))
 
     def decode_and_prepare(self, frame: FrameInput, slot: int) -> PreparedFrame:
-        """The prepare stage without a decode thread: both stages' work on the calling thread."""
-        return self.processor.prepare_decoded(self.decode_stage(frame), slot)
+        """The prepare stage where no decode thread decoded the frame: it is decoded (and, without a decode thread,
+        located) on the calling thread."""
+        located = frame if self.decode_thread else self.locate_stage(frame)
+        return self.processor.prepare_decoded(self.processor.decode_frame(located), slot)
 
     def finish_stage(self, frame: FrameInput, prepared: PreparedFrame) -> None:
         result = self.processor.complete(prepared, self.network_done)

@@ -282,8 +282,8 @@ def test_a_launch_ahead_loop_prepares_each_frame_before_its_launch(ros, lite_mod
     """A fused pipeline (the CUDA path's launch-ahead loop, here on the CPU) in a pipelined loop: no prepare
     thread, the finish stage prepares each frame. Where locating a frame may wait (``sync_wait_s`` or
     ``tf_timeout_s`` above 0), raw images get a decode thread all the same, where the stamp pairing and TF run
-    without holding up the finish stage; with both at 0 the finish stage locates and decodes too, without
-    waiting. Frames flow and are published."""
+    without holding up the finish stage, which decodes them (``decodes_on_decode_thread``); with both at 0 the
+    finish stage locates them too, without waiting. Frames flow and are published."""
     from export.backends.torch_backend import TorchBackend
     from export.pipeline import OccupancyPipeline
 
@@ -295,11 +295,13 @@ def test_a_launch_ahead_loop_prepares_each_frame_before_its_launch(ros, lite_mod
     threads = {"frame_decode", "frame_infer"} if waits else {"frame_infer"}
     assert {t.name for t in node.frames.runner._threads} == threads
     (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
-    assert ("located and decoded on a thread of their own, prepared right before their launch" if waits else
+    assert ("frames located on a thread of their own, decoded and prepared right before their launch" if waits else
             "each frame located, decoded and prepared right before its launch") in ready
     located: list[str] = []  # the thread each frame's stamp pairing ran on
-    match = node.partners.match
+    decoded: list[str] = []  # and its decode
+    match, decode = node.partners.match, node.processor.decode_frame
     node.partners.match = lambda *a, **k: located.append(threading.current_thread().name) or match(*a, **k)
+    node.processor.decode_frame = lambda *a, **k: decoded.append(threading.current_thread().name) or decode(*a, **k)
     fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     for i in range(3):
         stamp = 1_000 * MS + i * MS
@@ -307,7 +309,7 @@ def test_a_launch_ahead_loop_prepares_each_frame_before_its_launch(ros, lite_mod
         node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
         assert wait_until(lambda n=i + 1: node.stats.processed + node.stats.dropped == n)
     assert node.stats.processed == 3 and len(published(node, P.TOPIC_CLOUD)) == 3
-    assert located == ["frame_decode" if waits else "frame_infer"] * 3
+    assert located == ["frame_decode" if waits else "frame_infer"] * 3 and decoded == ["frame_infer"] * 3
     timeouts = {t.nanoseconds for _, _, _, t in fake.tf_lookups}
     assert len(fake.tf_lookups) == 3 and timeouts == ({50_000_000} if waits else {0})
 

@@ -27,6 +27,7 @@ from discene_ros.processing import (
     ProcessorSettings,
     WarnThrottle,
     build_outputs,
+    decodes_on_decode_thread,
     fallback_camera_pose,
     frame_loop_mode,
     post_threads_for,
@@ -185,30 +186,35 @@ def test_slow_backend_drops_stale_frames_newest_wins():
     assert processed == sorted(processed) and processed[-1] == STAMP + 29  # the newest frame is processed
 
 
-@pytest.mark.parametrize("pipelined, launch_ahead, compressed, locates, prepare, decode", [
-    (True, True, False, True, False, True),     # the node on CUDA, raw images: TF may wait on the decode thread
-    (True, True, False, False, False, False),   # the replay on CUDA, raw images: one thread
-    (True, True, True, False, False, True),     # compressed: the decode thread overlaps the decode
-    (True, False, False, True, True, False),    # pipelined, not launch-ahead: the prepare stage decodes
-    (True, False, True, True, True, True),
-    (False, True, False, True, True, False),    # the network alone (serial): threads as before
-    (False, False, True, True, True, False),
+@pytest.mark.parametrize("pipelined, launch_ahead, compressed, locates, prepare, decode, decodes_there", [
+    # the node on CUDA, raw images: TF may wait on the decode thread, which leaves the decode to the finish stage
+    (True, True, False, True, False, True, False),
+    (True, True, False, False, False, False, False),  # the replay on CUDA, raw images: one thread
+    (True, True, True, False, False, True, True),     # compressed: the decode thread overlaps the decode
+    (True, False, False, True, True, False, True),    # pipelined, not launch-ahead: the prepare stage decodes
+    (True, False, True, True, True, True, True),
+    (False, True, False, True, True, False, True),    # the network alone (serial): threads as before
+    (False, False, True, True, True, False, True),
 ])
-def test_frame_loop_threads_rules(pipelined, launch_ahead, compressed, locates, prepare, decode):
+def test_frame_loop_threads_rules(pipelined, launch_ahead, compressed, locates, prepare, decode, decodes_there):
     assert uses_prepare_thread(pipelined, SimpleNamespace(launch_ahead=launch_ahead)) is prepare
     assert uses_decode_thread(compressed, pipelined, prepare, locates=locates) is decode
+    assert decodes_on_decode_thread(compressed, prepare) is decodes_there
 
 
-@pytest.mark.parametrize("decode_thread", [True, False])
-def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thread):
+@pytest.mark.parametrize("decode_thread, decode_on_thread", [(True, True), (True, False), (False, True)])
+def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thread, decode_on_thread):
     """``decode_thread``: a ``frame_decode`` thread, or none and the prepare stage locates and decodes;
-    either way every frame is located, decoded, processed in order, and a bad one skipped by reason."""
+    ``decode_on_thread`` off, that thread only locates and the prepare stage decodes. Either way every frame is
+    located, decoded, processed in order, and a bad one skipped by reason."""
     proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
-    stats, processed, located, skips = FrameStats(), [], [], []
+    stats, processed, located, skips, decoded = FrameStats(), [], [], [], []
+    decode = proc.decode_frame
+    proc.decode_frame = lambda frame: decoded.append(threading.current_thread().name) or decode(frame)
     loop = FrameLoop(proc, stats, deliver=lambda frame, result: processed.append(frame.stamp_ns),
                      locate=lambda frame: located.append(threading.current_thread().name),
                      on_skip=lambda frame, reason, text: skips.append(reason), lossless=True,
-                     decode_thread=decode_thread)
+                     decode_thread=decode_thread, decode_on_thread=decode_on_thread)
     names = {t.name for t in loop.runner._threads}
     assert ("frame_decode" in names) is decode_thread and {"frame_prepare", "frame_infer"} <= names
     for i in range(12):  # every other frame refused by the decode: more of them than buffer slots
@@ -218,6 +224,8 @@ def test_frame_loop_decodes_on_its_own_thread_or_in_the_prepare_stage(decode_thr
     loop.close()
     assert processed == [STAMP + i for i in range(1, 12, 2)] and skips == ["missing_tf"] * 6
     assert set(located) == {"frame_decode" if decode_thread else "frame_prepare"} and len(located) == 12
+    assert set(decoded) == {"frame_decode" if decode_thread and decode_on_thread else "frame_prepare"}
+    assert len(decoded) == 12
     snap = stats.snapshot()
     assert snap["received"] == 12 and snap["processed"] == 6 and snap["dropped"] == 0
 
