@@ -310,8 +310,16 @@ def test_a_launch_ahead_loop_prepares_each_frame_before_its_launch(ros, lite_mod
         assert wait_until(lambda n=i + 1: node.stats.processed + node.stats.dropped == n)
     assert node.stats.processed == 3 and len(published(node, P.TOPIC_CLOUD)) == 3
     assert located == ["frame_decode" if waits else "frame_infer"] * 3 and decoded == ["frame_infer"] * 3
+    bad = msg_encode.rgb_to_image(F, RGB, "cam", 1_000 * MS + 3 * MS)  # refused by the finish stage's decode
+    bad.encoding = "bayer_rggb8"
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 1_000 * MS + 3 * MS))
+    node.image_callback(bad)
+    assert wait_until(lambda: node.stats.skipped["unsupported_encoding"] == 1)
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 1_000 * MS + 4 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 1_000 * MS + 4 * MS))
+    assert wait_until(lambda: node.stats.processed == 4) and node.frames.alive()  # and the loop goes on
     timeouts = {t.nanoseconds for _, _, _, t in fake.tf_lookups}
-    assert len(fake.tf_lookups) == 3 and timeouts == ({50_000_000} if waits else {0})
+    assert len(fake.tf_lookups) == 5 and timeouts == ({50_000_000} if waits else {0})
 
 
 def test_values_as_rcl_types_them_start_the_node(ros):
