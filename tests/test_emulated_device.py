@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_modules import load
 from test_fused_postprocess import _sized_frame
 
 from export.backends.torch_backend import TorchBackend
 from export.pipeline import LAUNCH_AHEAD_SLOTS, OccupancyPipeline
 from models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-emu = _load("emulated_device")
+emu = load("emulated_device")
 
 
 class Clock:
@@ -128,7 +117,7 @@ def test_bench_frame_path_rows_on_the_emulated_device(tmp_path):
     """``--emulate-device-ms``: the fused launch-ahead rows of the CUDA rule (pipelined, no prepare thread, the
     node's decode thread), marked as emulated in the row and the file's device; refused off the CPU."""
     pytest.importorskip("rosbags")
-    bench = _load("bench_frame_path")
+    bench = load("bench_frame_path")
     path = tmp_path / "rows.json"
     args = ["--device", "cpu", "--configs", "lite", "--frames", "6", "--warmup", "2", "--inputs", "bgr8",
             "--threads", "1", "--marker-period", "1000", "--device-cloud", "on", "--json", str(path)]

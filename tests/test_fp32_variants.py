@@ -7,13 +7,13 @@ CPU, where the flags change nothing, so each variant agrees fully with the refer
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_modules import load
 
 import export.backends.torch_backend as torch_backend_module
 from export.fp16 import TORCH_VARIANTS, OwnThread, torch_variant_agreement
@@ -23,15 +23,8 @@ LITE = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
 SAMPLE = ROOT / "discene_ros" / "data" / "sample_dataset"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_frame_path")
-agreement = _load("fp16_agreement")
+bench = load("bench_frame_path")
+agreement = load("fp16_agreement")
 
 
 @pytest.fixture()
