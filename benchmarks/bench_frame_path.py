@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-stage", choices=("auto", "on", "off"), default="auto",
                         help="decode on a thread of its own: auto (the node's rule) for JPEG rows in a pipelined "
                              "loop only, on or off for every row (off: the loop before session 7)")
+    parser.add_argument("--decode-on-thread", choices=("auto", "on", "off"), default="auto",
+                        help="with a decode stage: whether it decodes or only takes the frame (auto: the node's rule, "
+                             "processing.decodes_on_decode_thread)")
     parser.add_argument("--prepare-thread", choices=("auto", "on", "off"), default="auto",
                         help="prepare on a thread of its own: auto (the node's rule) everywhere but in a "
                              "launch-ahead loop, whose finish stage prepares each frame before launching it")
@@ -504,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                                   and uses_decode_thread(kind == "jpeg", pipelined, prepare_thread, locates=True)),
                               args.camera_hz, serial=not pipelined, overlap=args.host_overlap == "on",
                               prepare_thread=prepare_thread,
-                              decode_on_thread=decodes_on_decode_thread(kind == "jpeg", prepare_thread))
+                              decode_on_thread=(args.decode_on_thread == "on" or (
+                                  args.decode_on_thread == "auto" and decodes_on_decode_thread(kind == "jpeg",
+                                                                                               prepare_thread))))
                 label = (f"torch {backend.mode}" + (" fused" if pipe.fused else "") if pipe.tensor_path
                          else f"onnxruntime {backend.device}")
                 row = {"config": name, "backend": label,

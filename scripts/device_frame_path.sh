@@ -117,12 +117,21 @@
 #                                             # interleaved: lite bgr8 FP32 + FP16 in the node's loop, two rounds;
 #                                             # lite's host steps in sequence, FP16, each way; paper_student bgr8
 #                                             # each way, one round (~7 min; carry .whl)
+#   bash scripts/device_frame_path.sh decode-thread # session 35: the node's loop with its decode thread
+#                                             # decoding raw images (as up to session 34) against only taking
+#                                             # them, the finish stage decoding (the node's rule since then),
+#                                             # interleaved, two rounds, lite bgr8 FP32 + FP16, device cloud off
+#                                             # and on (~2 min: call 18 ran lite + paper_student rows in 16-17 s
+#                                             # each; carry .whl)
+#   bash scripts/device_frame_path.sh cloud-and-decode # device-cloud, then decode-thread, in one call
+#                                             # (~5-6 min; the steps' own limits add up to more than a call's
+#                                             # 10 minutes, and the rows are appended as each step ends)
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence|device-cloud"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence|device-cloud|decode-thread|cloud-and-decode"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -493,6 +502,18 @@ device_cloud_pairs() {  # session 34: the device's cloud rows against the grids,
             --device-cloud $dc --json "$out/device_cloud_paper_student.json" --append
     done
 }
+decode_thread_pairs() {  # session 35: the decode thread decoding raw images against only taking them
+    local round dt dc
+    for round in 1 2; do
+        for dc in off on; do
+            for dt in on auto; do
+                step 60 "decode on the decode thread: $dt, device cloud $dc, lite bgr8 fp32 + fp16, the node's loop (round $round)" \
+                    python3 benchmarks/bench_frame_path.py --device cuda --configs lite --inputs bgr8 --frames 300 \
+                    --device-cloud $dc --decode-on-thread $dt --json "$out/decode_thread_r$round.json" --append
+            done
+        done
+    done
+}
 whole_frame_graph() {  # one graph per slot, not built: can the whole frame be captured, and its host time
     step 90 "whole-frame graph probe: capture, same grids, replay's host time against launch" python3 \
         docs/results/device_runs/issue10_whole_frame_graph_probe.py --out "$out/whole_frame_graph.json"
@@ -529,6 +550,8 @@ unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this
     docs/results/device_runs/issue10_unfused_wait_probe.py 2 --json "$out/unfused_wait_probe.json" ;;
 host-steps-sequence) tests 60; host_steps_sequence; compiled paper_student --precisions fp16 --inputs bgr8 ;;
 device-cloud) tests 60; device_cloud_pairs ;;
+decode-thread) decode_thread_pairs ;;
+cloud-and-decode) tests 60; device_cloud_pairs; decode_thread_pairs ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
     echo "unknown stage $stage ($stages)" >&2
