@@ -284,6 +284,7 @@ def run_row(pipe: OccupancyPipeline, factory: TypestoreFactory, kind: str, frame
 
     errors: list[BaseException] = []
     ahead = {"launch": launch, "launched_done": lambda p: processor.launched_done(p["prepared"])} if pipe.launch_ahead else {}
+
     def locate(item):  # where the frame's latency starts, as in ``decode``
         return {"t_taken": time.perf_counter()}
 

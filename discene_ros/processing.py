@@ -413,8 +413,8 @@ def decodes_on_decode_thread(compressed: bool, prepare_thread: bool) -> bool:
     the prepare step: it decodes compressed images (milliseconds, which the thread overlaps), and raw ones where
     a prepare thread takes the frames from it. Where it is there only because locating may wait (raw images, no
     prepare thread), it only locates: the raw image's decode (about 0.06 ms of Python) beside the finish stage's
-    preparing held each other up on the GIL. Lite bgr8 against an emulated 2.16 ms device, the node's loop:
-    0.47-0.60 against 0.64-0.69 ms of host work per frame (docs/results/frame_path.md, session 35)."""
+    preparing held each other up on the GIL. Lite bgr8 against an emulated device, the node's loop: 0.01-0.36 ms
+    less host work per frame in twelve of twelve interleaved pairs (docs/results/frame_path.md, session 35)."""
     return bool(compressed or prepare_thread)
 
 
