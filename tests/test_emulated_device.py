@@ -128,7 +128,7 @@ def test_bench_frame_path_rows_on_the_emulated_device(tmp_path):
     assert row["fused_postprocess"] and row["frame_graph"] and row["device_cloud"] and row["dropped"] == 0
     assert not row["prepare_thread"] and row["decode_stage"] and not row["serial"]
     assert row["decode_on_thread"] is False  # the node's rule for raw images: that thread only takes the frame
-    assert row["stages_ms"]["launch"] > 0 and row["infer_ms"] >= 2.5
+    assert row["stages_ms"]["launch"] > 0 and row["infer_ms"] >= 2.5 - 1e-6  # never under the device time
     key = bench.append_key(row)
     assert key != bench.append_key({**row, "emulated_device_ms": None})
     for bad in (["--device", "cuda"], ["--frame-graph", "off"], ["--no-cuda-graph"]):
