@@ -2,7 +2,11 @@
 with hostile frames mixed in, for a given time. Not collected by pytest (it takes minutes); run it after a
 change to the node, the frame loop or the decoders:
 
-    python tests/soak_node.py [--seconds 120] [--seed 0]
+    python tests/soak_node.py [--seconds 120] [--seed 0] [--launch-ahead]
+
+``--launch-ahead`` runs the GPU path's frame loop on this CPU instead: the fused pipeline (its launch holds the
+network here) in a pipelined loop, so no prepare thread, raw images located on a thread of their own and
+decoded by the finish stage, every hostile frame refused there.
 
 About 14 % of the frames are hostile: TF to the world frame disappearing and coming back, image stamps
 jumping back (a bag loop), NaN in K, half-size images with their own camera info, rgba8, camera info of
@@ -54,6 +58,16 @@ def camera_pose() -> np.ndarray:
     return pose
 
 
+def launch_ahead_pipeline() -> object:
+    """The shipped lite as the fused launch-ahead pipeline, on the CPU."""
+    from export.backends.torch_backend import TorchBackend
+    from export.pipeline import OccupancyPipeline
+    from models.checkpoint import load_model
+
+    model, cfg = load_model(str(Path(__file__).resolve().parents[1] / "discene_ros" / "data" / "lite_distilled.pt"))
+    return OccupancyPipeline(TorchBackend(model.eval(), cfg, device="cpu", cuda_graph=True), fuse=True)
+
+
 def hostile_frame(rng: np.random.Generator, fake: FakeRos, tf_ok: object, stamp: int, base: np.ndarray,
                   events: dict[str, int]) -> tuple[object, object, int]:
     """(image, camera info, stamp) of one frame, about 14 % of them hostile; TF is changed in ``fake``."""
@@ -96,13 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--launch-ahead", action="store_true",
+                        help="the GPU path's frame loop (fused pipeline, pipelined) on this CPU")
     args = parser.parse_args(argv)
     patch = pytest.MonkeyPatch()
     fake = FakeRos(STORE)
     install_fake_rclpy(patch, fake)
     module = importlib.reload(discene_ros.node)
     fake.overrides.update(world_frame="map", warn_throttle_s=5.0)
-    node = module.OccupancyNode()  # the shipped lite, torch on this machine's CPU
+    if args.launch_ahead:
+        fake.overrides.update(pipelining="on")
+        node = module.OccupancyNode(pipeline=launch_ahead_pipeline())
+        assert {t.name for t in node.frames.runner._threads} == {"frame_decode", "frame_infer"}
+    else:
+        node = module.OccupancyNode()  # the shipped lite, torch on this machine's CPU
     cloud_pub = next(p for p in node.publishers if p.topic == P.TOPIC_CLOUD)
     tf_ok = msg_encode.matrix_to_transform_stamped(F, camera_pose(), "map", "cam", 0)
     fake.transforms[("map", "cam")] = tf_ok
