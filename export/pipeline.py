@@ -39,7 +39,6 @@ import torch
 from models import native_postprocess
 from models.config import POSTPROCESS_FIELDS, ModelConfig
 from models.device_cloud import CloudBuffers, DeviceCloud, read_frame
-from models.geometry import place_grid
 from models.postprocess import dense_occupancy, frame_from_dense, points_to_occupancy
 from models.preprocess import FrameTensors, TensorPreprocessor
 
@@ -255,25 +254,22 @@ class OccupancyPipeline:
                 slot: int = 0) -> Prepared:
         """Prepare stage: checks, grid placement, preprocessing (and upload) into buffer ``slot``."""
         t0 = time.perf_counter()
-        if voxel_origin is None:
-            voxel_origin = place_grid(cam_pose, floor_z=floor_z, voxel_size=self.config.voxel_size,
-                                      grid_shape=tuple(self.config.grid_shape))
         event = None
         if self.fused:  # host half only: ``launch`` queues the device work, into the network's static inputs
             inputs = self.preprocessor.stage(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
-                                             slot=slot)
+                                             slot=slot, floor_z=floor_z)
         elif self.upload_stream is not None:  # CUDA: no CPU torch ops here, so no intra-op threads to set
             queued, event = self._queued[slot % len(self._queued)], self._ready[slot % len(self._ready)]
             queued.record(torch.cuda.current_stream(self.backend.torch_device))  # wait_stream, minus a new event
             self.upload_stream.wait_event(queued)
             with torch.cuda.stream(self.upload_stream):
                 inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
-                                           slot=slot)
+                                           slot=slot, floor_z=floor_z)
                 event.record()  # the slot's previous frame is done with both events: reusable
         else:
             with intra_op_threads(self.host_threads):
                 inputs = self.preprocessor(image_rgb, intrinsic, cam_pose, depth=depth, voxel_origin=voxel_origin,
-                                           slot=slot)
+                                           slot=slot, floor_z=floor_z)
         return Prepared(inputs, (time.perf_counter() - t0) * 1e3, event)
 
     def launch(self, prepared: Prepared) -> Launched:

@@ -48,10 +48,10 @@ def place_grid(
     """
     rows = _float_rows(cam_pose, 4, "cam_pose")
     fx, fy = rows[0][2], rows[1][2]
-    norm = math.hypot(fx, fy)
+    norm = math.sqrt(fx * fx + fy * fy)  # not hypot: C's differs from Python's in the last bit (native_postprocess)
     if norm < 1e-6:
         fx, fy = -rows[0][1], -rows[1][1]
-        norm = math.hypot(fx, fy)
+        norm = math.sqrt(fx * fx + fy * fy)
     if norm < 1e-6:
         fx, fy, norm = 1.0, 0.0, 1.0
     centre_x = rows[0][3] + forward_distance * (fx / norm)

@@ -3,9 +3,10 @@
 On a 2-core CPU the torch path spends most of its 3-4 ms per lite frame dispatching about sixty small
 ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. Four small
 helpers (``dense_voxels``, ``cloud_words``, ``normalise_image``, ``resize_normalise``) do the host side of
-every frame, GIL released. It is an optional extension built by ``pip install`` / ``colcon build``; where it is missing or
-stale (source changed, not rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and
-``models.postprocess`` and ``models.preprocess`` use torch ops. ``DISCENE_NATIVE_POSTPROCESS=0`` in the
+every frame, GIL released; two more (``rigid_pose``, ``grid_geometry``) its geometry. It is an optional
+extension built by ``pip install`` / ``colcon build``; where it is missing or stale (source changed, not
+rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and ``models.postprocess`` and
+``models.preprocess`` use torch ops (the geometry: Python floats). ``DISCENE_NATIVE_POSTPROCESS=0`` in the
 environment switches it off (to compare, or to rule it out).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 10  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 11  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -170,6 +171,38 @@ def resize_normalise(image: np.ndarray, out: np.ndarray, order: tuple[int, int, 
         return False
     return bool(_kernel.resize_normalise(image, out, image.shape[0], image.shape[1], out.shape[-2], out.shape[-1],
                                          order, scale, shift, int(threads)))
+
+
+def _float64(array: object, shape: tuple[int, ...]) -> bool:
+    """Whether ``array`` is a C-contiguous float64 ndarray of ``shape``: what the geometry kernels read as it is."""
+    return (isinstance(array, np.ndarray) and array.dtype == np.float64 and array.shape == shape
+            and array.flags.c_contiguous)
+
+
+def rigid_pose(pose: np.ndarray, tol: float, max_translation: float) -> bool:
+    """True when the 4x4 float64 ``pose`` passes ``msg_decode.check_pose`` (tolerance ``tol``, |t| up to
+    ``max_translation``), checked in C. False without the kernel, for other arrays, and for poses that fail or lie
+    too close to the translation limit: the caller's Python checks decide those, and say what is wrong."""
+    return _kernel is not None and _float64(pose, (4, 4)) and _kernel.rigid_pose(pose, tol, max_translation)
+
+
+def grid_geometry(intrinsic: np.ndarray, cam_pose: np.ndarray, image_hw: tuple[int, int], size_hw: tuple[int, int],
+                  voxel_size: float, grid_shape: tuple[int, int, int], voxel_origin: np.ndarray | None,
+                  floor_z: float, forward: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(grid2img 4x4, voxel_origin (3,)) float64 of one frame, as ``models.preprocess`` computes them in Python
+    (``place_grid`` with ``floor_z`` and ``forward`` where ``voxel_origin`` is None, ``scale_intrinsic`` from
+    ``image_hw`` to ``size_hw``, ``grid_to_image_matrix``), bit for bit, in one C call. None without the kernel,
+    for inputs other than a 3x3 and a 4x4 (and a (3,)) float64 array, and where the Python geometry decides (a
+    non-finite input, a projective or singular pose, a non-positive focal length)."""
+    place = voxel_origin is None
+    if (_kernel is None or not _float64(intrinsic, (3, 3)) or not _float64(cam_pose, (4, 4))
+            or not (place or _float64(voxel_origin, (3,)))):
+        return None
+    g2i, origin = np.empty((4, 4)), np.empty(3)
+    done = _kernel.grid_geometry(intrinsic, cam_pose, origin if place else voxel_origin, origin, g2i, place,
+                                 image_hw[0], image_hw[1], size_hw[0], size_hw[1], grid_shape, voxel_size, floor_z,
+                                 forward)
+    return (g2i, origin) if done else None
 
 
 def helper_counts() -> tuple[int, int] | None:
