@@ -38,8 +38,8 @@ import torch
 
 from models import native_postprocess
 from models.config import POSTPROCESS_FIELDS, ModelConfig
-from models.device_cloud import CloudBuffers, DeviceCloud, read_frame
-from models.postprocess import dense_occupancy, frame_from_dense, points_to_occupancy
+from models.device_cloud import CloudBuffers, DeviceCloud, cloud_frame_from_dense, read_frame
+from models.postprocess import dense_occupancy, points_to_occupancy
 from models.preprocess import FrameTensors, TensorPreprocessor
 
 from .backends.base import Backend
@@ -374,8 +374,8 @@ class OccupancyPipeline:
         if launched.cloud is not None:
             frame = read_frame(launched.cloud, prepared.inputs.voxel_origin, self.config)
         else:
-            frame = frame_from_dense(launched.labels[0].numpy(), launched.best[0].numpy(),
-                                     prepared.inputs.voxel_origin, self.config)
+            frame = cloud_frame_from_dense(launched.labels[0].numpy(), launched.best[0].numpy(),
+                                           prepared.inputs.voxel_origin, self.config)
         t3 = time.perf_counter()
         pre = prepared.preprocess_ms
         self.last_timings = StageTimings(pre, launched.start.elapsed_time(launched.end), (t3 - t2) * 1e3,

@@ -33,7 +33,7 @@
 #include <time.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 11
+#define ABI_VERSION 12
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -1200,6 +1200,69 @@ static void cloud_rows(const int32_t *index, const uint8_t *label, const float *
     *scores_finite = finite_score;
 }
 
+/* The PointCloud2 rows of a dense (nx, ny, nz) label grid's occupied voxels (label != 0) in flat-id order, with their
+ * flat ids: models/device_cloud.py's compaction on the host, for grids copied back from the device, in one pass
+ * instead of dense_voxels' lists and then cloud_rows. Each row as cloud_rows writes it, the score best[id]. Returns
+ * the number of rows, or -1 when more than capacity; sets whether every x, y and z of them is finite, and every
+ * score. */
+static int64_t grid_cloud(const uint8_t *restrict labels, const float *restrict best, const uint32_t *rgb_bits, int nx,
+                          int ny, int nz, const double origin[3], double size, int64_t capacity, int32_t *restrict out_id,
+                          uint32_t *restrict out_rows, int *xyz_finite, int *scores_finite) {
+    int64_t cells = (int64_t)nx * ny * nz, m = 0;
+    int finite = 1, finite_score = 1;
+    for (int64_t id = next_nonzero(labels, 0, cells); id < cells; id = next_nonzero(labels, id + 1, cells)) {
+        if (m == capacity) return -1;
+        int64_t column = id / nz;
+        const int64_t index[3] = {column / ny, column % ny, id % nz};
+        uint32_t *row = out_rows + 6 * m;
+        for (int a = 0; a < 3; a++) {
+            float c = (float)(origin[a] + ((double)index[a] + 0.5) * size);
+            finite &= fabsf(c) <= FLT_MAX;
+            memcpy(&row[a], &c, 4);
+        }
+        row[3] = rgb_bits[labels[id]];
+        row[4] = labels[id];
+        finite_score &= fabsf(best[id]) <= FLT_MAX;
+        memcpy(&row[5], &best[id], 4);
+        out_id[m++] = (int32_t)id;
+    }
+    *xyz_finite = finite;
+    *scores_finite = finite_score;
+    return m;
+}
+
+static PyObject *dense_cloud(PyObject *Py_UNUSED(self), PyObject *args) {
+    enum { LABELS, BEST, RGB, OUT_ID, OUT_ROWS, NUM_ARRAYS };
+    Py_buffer buf[NUM_ARRAYS];
+    int nx, ny, nz;
+    Py_ssize_t capacity;
+    double origin[3], size;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*iiindddd", &buf[LABELS], &buf[BEST], &buf[RGB], &buf[OUT_ID], &buf[OUT_ROWS],
+                          &nx, &ny, &nz, &capacity, &origin[0], &origin[1], &origin[2], &size))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t cells = (int64_t)nx * ny * nz;
+    if (nx < 1 || ny < 1 || nz < 1 || cells > INT32_MAX || capacity < 0 || capacity > PY_SSIZE_T_MAX / 24) {
+        PyErr_SetString(PyExc_ValueError, "dense_cloud: bad grid shape or capacity");
+        goto done;
+    }
+    if (!check_buffer(&buf[LABELS], "labels", 1, cells) || !check_buffer(&buf[BEST], "best", 4, cells) ||
+        !check_buffer(&buf[RGB], "rgb_bits", 4, 256) || !check_buffer(&buf[OUT_ID], "out_id", 4, capacity) ||
+        !check_buffer(&buf[OUT_ROWS], "out_rows", 4, capacity * 6))
+        goto done;
+    int64_t m;
+    int xyz_finite = 0, scores_finite = 0;
+    Py_BEGIN_ALLOW_THREADS
+    m = grid_cloud((const uint8_t *)buf[LABELS].buf, (const float *)buf[BEST].buf, (const uint32_t *)buf[RGB].buf, nx,
+                   ny, nz, origin, size, capacity, (int32_t *)buf[OUT_ID].buf, (uint32_t *)buf[OUT_ROWS].buf,
+                   &xyz_finite, &scores_finite);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(LNN)", (long long)m, PyBool_FromLong(xyz_finite), PyBool_FromLong(scores_finite));
+done:
+    for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
+    return result;
+}
+
 static PyObject *cloud_words(PyObject *Py_UNUSED(self), PyObject *args) {
     enum { INDEX, LABEL, SCORE, RGB, OUT, NUM_ARRAYS };
     Py_buffer buf[NUM_ARRAYS];
@@ -1782,6 +1845,10 @@ static PyMethodDef methods[] = {
      "cloud_words(index, label, score, rgb_bits, out, M, ox, oy, oz, size): M rows of six 4-byte words "
      "(x, y, z, rgb, label, score), centres origin + (index + 0.5) * size rounded to float32; returns "
      "(every x, y and z finite, every score finite)."},
+    {"dense_cloud", dense_cloud, METH_VARARGS,
+     "dense_cloud(labels, best, rgb_bits, out_id, out_rows, nx, ny, nz, capacity, ox, oy, oz, size) -> (M, every x, y "
+     "and z finite, every score finite): the occupied (label != 0) voxels of the grid in flat-id order as int32 ids and PointCloud2 rows "
+     "(cloud_words' layout, score best[id]); M -1 when more than capacity."},
     {"rigid_pose", rigid_pose, METH_VARARGS,
      "rigid_pose(pose, tol, max_translation) -> True when the row-major 4x4 float64 pose passes msg_decode.check_pose "
      "(False: not, or too close to the translation limit to tell; check it in Python)."},

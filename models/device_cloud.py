@@ -1,8 +1,9 @@
 """Occupied voxels compacted on the device into PointCloud2 rows (the fused path's ``device_cloud`` option).
 
 Without it the fused path copies each frame's dense (X,Y,Z) label and score grids to the host (0.65 MB for the
-60x60x36 grid). The frame loop then scans them for the occupied voxels (``frame_from_dense``) and writes their
-PointCloud2 rows (``msg_encode.occupancy_cloud``): two passes over memory the copy has just written, every frame.
+60x60x36 grid). The frame loop then scans them for the occupied voxels and writes their PointCloud2 rows
+(``cloud_frame_from_dense``: one pass of the native kernel, else ``frame_from_dense`` and then
+``msg_encode.occupancy_cloud``), over memory the copy has just written, every frame.
 Here the device does both after the post-processing, with fixed shapes and no host sync, so that the work can be
 captured in the frame's CUDA graph:
 - a stable partition puts the occupied voxels first, in flat order (the order the host's scan finds them);
@@ -21,10 +22,13 @@ import functools
 import numpy as np
 import torch
 
+from . import native_postprocess
 from .classes import label_rgb_bits
 from .config import ModelConfig
 from .geometry import centres_finite_in_float32
-from .postprocess import OccupancyFrame, voxel_grid_indices
+from .postprocess import OccupancyFrame, frame_from_dense, voxel_grid_indices
+
+LABEL_RGB_BITS = label_rgb_bits()  # (256,) uint32: each label's colour word in a row
 
 ROW_WORDS = 6  # x, y, z, rgb, label, score: 4 bytes each (msg_encode.CLOUD_DTYPE)
 HEAD_SHARE = 4  # the pinned head holds 1/HEAD_SHARE of the grid's voxels (the shipped lite's: about 1/13 occupied)
@@ -85,7 +89,7 @@ class DeviceCloud:
         self.centres = torch.from_numpy((index + 0.5) * float(config.voxel_size)).to(self.device)
         # per label its rgb and label words, side by side as in a row
         labels = np.arange(256, dtype=np.int32)
-        self.label_words = torch.from_numpy(np.stack([label_rgb_bits().view("<i4"), labels], axis=1)).to(self.device)
+        self.label_words = torch.from_numpy(np.stack([LABEL_RGB_BITS.view("<i4"), labels], axis=1)).to(self.device)
         self.index = torch.arange(self.voxels, device=self.device)
         self.index32 = self.index.to(torch.int32)
         self.origin = torch.zeros(3, dtype=torch.float64, device=self.device)  # the frame's, staged with it
@@ -119,16 +123,19 @@ class CloudFrame(OccupancyFrame):
     and scores are made from the rows and the flat ids on first use (the node's cloud needs none of them)."""
 
     def __init__(self, ids: np.ndarray, words: np.ndarray, scores_finite: bool, voxel_origin: np.ndarray,
-                 config: ModelConfig) -> None:
+                 config: ModelConfig, xyz_finite: bool | None = None) -> None:
         self.voxel_ids = ids               # (M,) int32 flat ids, ascending
         self.cloud_words = words           # (M, 6) float32 words of msg_encode.CLOUD_DTYPE rows
         self.voxel_origin = np.asarray(voxel_origin, dtype=np.float64).reshape(3)
         self.voxel_size = float(config.voxel_size)
         self.grid_shape = tuple(int(n) for n in config.grid_shape)
-        # (every x, y, z finite, every score finite): the grid's corner centres decide the first (a frame whose
-        # occupied voxels are finite inside a grid that is not is counted voxel by voxel by the output check)
-        self.cloud_finite = (centres_finite_in_float32(self.voxel_origin, self.voxel_size, (0, 0, 0),
-                                                       [n - 1 for n in self.grid_shape]), scores_finite)
+        # (every x, y, z finite, every score finite): where the rows' writer did not see the first (the device), the
+        # grid's corner centres decide it (a frame whose occupied voxels are finite inside a grid that is not is
+        # counted voxel by voxel by the output check)
+        if xyz_finite is None:
+            xyz_finite = centres_finite_in_float32(self.voxel_origin, self.voxel_size, (0, 0, 0),
+                                                   [n - 1 for n in self.grid_shape])
+        self.cloud_finite = (xyz_finite, scores_finite)
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
@@ -153,3 +160,15 @@ def read_frame(out: CloudBuffers, voxel_origin: np.ndarray, config: ModelConfig)
     """The host frame of a slot whose compaction and copies are done."""
     ids, words, finite = out.read()
     return CloudFrame(ids, words, finite, voxel_origin, config)
+
+
+def cloud_frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndarray,
+                           config: ModelConfig) -> OccupancyFrame:
+    """The host frame of one frame's (X,Y,Z) label and best-score grids copied back from the device: a ``CloudFrame``
+    of their occupied voxels' rows, as the device's compaction gives them, from one pass of the native kernel
+    (``native_postprocess.dense_cloud``); without the kernel ``postprocess.frame_from_dense``."""
+    found = native_postprocess.dense_cloud(labels, best, voxel_origin, config.voxel_size, LABEL_RGB_BITS)
+    if found is None:
+        return frame_from_dense(labels, best, voxel_origin, config)
+    ids, words, (xyz_finite, scores_finite) = found
+    return CloudFrame(ids, words, scores_finite, voxel_origin, config, xyz_finite)

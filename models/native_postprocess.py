@@ -1,9 +1,9 @@
 """The CPU post-processing kernel (``models/_occupancy_native.c``): ``occupied_labels`` in a few loops.
 
 On a 2-core CPU the torch path spends most of its 3-4 ms per lite frame dispatching about sixty small
-ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. Four small
-helpers (``dense_voxels``, ``cloud_words``, ``normalise_image``, ``resize_normalise``) do the host side of
-every frame, GIL released; two more (``rigid_pose``, ``grid_geometry``) its geometry. It is an optional
+ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. Five small
+helpers (``dense_voxels``, ``dense_cloud``, ``cloud_words``, ``normalise_image``, ``resize_normalise``) do the host
+side of every frame, GIL released; two more (``rigid_pose``, ``grid_geometry``) its geometry. It is an optional
 extension built by ``pip install`` / ``colcon build``; where it is missing or stale (source changed, not
 rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and ``models.postprocess`` and
 ``models.preprocess`` use torch ops (the geometry: Python floats). ``DISCENE_NATIVE_POSTPROCESS=0`` in the
@@ -20,7 +20,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 11  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 12  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -124,6 +124,26 @@ def dense_voxels(labels: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...]
     if _kernel.dense_voxels(labels, best, ids, out_labels, out_best, indices, *labels.shape, m) != m:
         raise RuntimeError("dense_voxels: the grid changed while it was read")  # another thread wrote it
     return ids, out_labels, out_best, indices
+
+
+def dense_cloud(labels: np.ndarray, best: np.ndarray, origin: np.ndarray, size: float,
+                rgb_bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool]] | None:
+    """The occupied voxels of one dense (X,Y,Z) uint8 label grid and its float32 best-score grid as (M,) int32 flat
+    ids and (M, 6) float32 PointCloud2 rows (``cloud_words``' layout and arithmetic, the score ``best[id]``), with
+    (every x, y and z finite, every score finite): ``dense_voxels`` and then ``cloud_words`` in one GIL-free pass.
+    None without the kernel."""
+    if _kernel is None or labels.ndim != 3 or best.shape != labels.shape:
+        return None
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    best = np.ascontiguousarray(best, dtype=np.float32)
+    m = int(np.count_nonzero(labels))  # exact-size outputs: no copy out of a grid-size buffer
+    ids, words = np.empty(m, np.int32), np.empty((m, 6), "<f4")
+    ox, oy, oz = np.asarray(origin, dtype=np.float64).reshape(3).tolist()
+    found, *finite = _kernel.dense_cloud(labels, best, _contiguous(rgb_bits, np.uint32), ids, words, *labels.shape, m,
+                                         ox, oy, oz, float(size))
+    if found != m:
+        raise RuntimeError("dense_cloud: the grid changed while it was read")  # another thread wrote it
+    return ids, words, tuple(finite)
 
 
 def cloud_words(indices: np.ndarray, labels: np.ndarray, scores: np.ndarray, rgb_bits: np.ndarray,

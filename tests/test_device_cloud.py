@@ -16,8 +16,15 @@ from discene_ros.errors import NonFiniteOutputError
 from discene_ros.processing import FrameProcessor, checked_cloud
 from export.backends.torch_backend import TorchBackend
 from export.pipeline import LAUNCH_AHEAD_SLOTS, OccupancyPipeline
-from models import build_model
-from models.device_cloud import CloudBuffers, CloudFrame, DeviceCloud, read_frame
+from models import build_model, native_postprocess
+from models.device_cloud import (
+    LABEL_RGB_BITS,
+    CloudBuffers,
+    CloudFrame,
+    DeviceCloud,
+    cloud_frame_from_dense,
+    read_frame,
+)
 from models.postprocess import dense_occupancy, frame_from_dense
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -96,6 +103,55 @@ def test_non_finite_rows_are_reported_as_the_host_reports_them(lite_config):
             assert "voxel centres" in messages[0]
 
 
+@pytest.mark.parametrize("closing", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 1.0])
+def test_host_compaction_of_copied_grids_is_the_frame_of_the_two_passes(lite_config, closing, threshold):
+    """Copied grids turned into rows on the host in one pass of the kernel (``dense_cloud``): the frame and the cloud
+    bytes of ``frame_from_dense`` and then ``occupancy_cloud``, for an empty grid too."""
+    assert native_postprocess.available(), native_postprocess.unavailable_reason()
+    cfg = dataclasses.replace(lite_config, closing=closing, score_threshold=threshold)
+    labels, best = dense_occupancy(*_query_sets(6, cfg), cfg)
+    origin = np.array([0.75, -1.5, -0.2])
+    ref = frame_from_dense(labels[0].numpy(), best[0].numpy(), origin, cfg)
+    got = cloud_frame_from_dense(labels[0].numpy(), best[0].numpy(), origin, cfg)
+    _same_frame(ref, got)
+    assert got.cloud_finite == (True, True) and (len(got.voxel_ids) > 100) == (threshold < 1.0)
+
+
+def test_host_compaction_reports_non_finite_rows_as_the_two_passes(lite_config):
+    cfg = dataclasses.replace(lite_config, score_threshold=0.0)
+    labels, best = dense_occupancy(*_query_sets(7, cfg), cfg)
+    best.view(-1)[torch.nonzero(labels.view(-1))[:2, 0]] = float("inf")
+    for origin in (np.array([1.0, 2.0, 3.0]), np.array([3.5e38, 0.0, -3.5e38])):
+        ref = frame_from_dense(labels[0].numpy(), best[0].numpy(), origin, cfg)
+        got = cloud_frame_from_dense(labels[0].numpy(), best[0].numpy(), origin, cfg)
+        _same_frame(ref, got)
+        assert got.cloud_finite == (bool(origin[0] < 1e38), False)
+
+
+def test_host_compaction_without_the_kernel_is_the_two_passes(lite_config, monkeypatch):
+    labels, best = dense_occupancy(*_query_sets(8, lite_config), lite_config)
+    monkeypatch.setattr(native_postprocess, "_kernel", None)
+    got = cloud_frame_from_dense(labels[0].numpy(), best[0].numpy(), np.zeros(3), lite_config)
+    assert not isinstance(got, CloudFrame) and len(got.voxel_labels) > 0
+
+
+def test_dense_cloud_checks_its_buffers_and_capacity():
+    kernel = native_postprocess._kernel
+    labels, best = np.zeros((4, 5, 6), np.uint8), np.zeros((4, 5, 6), np.float32)
+    labels[1, 2, 3] = labels[3, 4, 5] = 7
+    ids, rows = np.empty(2, np.int32), np.empty((2, 6), np.float32)
+    assert kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids, rows, 4, 5, 6, 2, 0.0, 0.0, 0.0, 0.1) == (2, True, True)
+    assert ids.tolist() == [1 * 30 + 2 * 6 + 3, 3 * 30 + 4 * 6 + 5]
+    assert kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids[:1], rows[:1], 4, 5, 6, 1, 0.0, 0.0, 0.0, 0.1)[0] == -1
+    with pytest.raises(ValueError, match="best: expected 480 bytes"):
+        kernel.dense_cloud(labels, best[:2], LABEL_RGB_BITS, ids, rows, 4, 5, 6, 2, 0.0, 0.0, 0.0, 0.1)
+    with pytest.raises(ValueError, match="out_rows: expected 48 bytes"):
+        kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids, rows[:1], 4, 5, 6, 2, 0.0, 0.0, 0.0, 0.1)
+    with pytest.raises(ValueError, match="bad grid shape"):
+        kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids, rows, 0, 5, 6, 2, 0.0, 0.0, 0.0, 0.1)
+
+
 def _pipelines(config, device, frame_graphs: bool, monkeypatch):
     """The fused pipeline with ``device_cloud`` and without (the grids), on one backend; on the CPU the frame graph
     is stood in for by a graph that runs its body at each replay."""
@@ -136,6 +192,7 @@ def test_fused_pipeline_with_device_rows_gives_the_frames_of_the_grids(lite_conf
             ref = grids.complete(grids.prepare(image, k, pose, voxel_origin=origin, slot=j % LAUNCH_AHEAD_SLOTS))
             got = rows.collect(handle)
             assert handle.cloud is not None and len(ref.voxel_labels) > 50
+            assert isinstance(ref, CloudFrame)  # the copied grids compacted on the host (``cloud_frame_from_dense``)
             if device == "cpu":
                 _same_frame(ref, got)
             else:  # CUDA: index_add_ sums with atomics in any order, so a voxel at a tie may flip
