@@ -35,7 +35,7 @@ setup(
     # The CPU post-processing kernel (models/native_postprocess.py). Optional: without a C compiler the
     # install still succeeds and post-processing runs as torch ops. -ffp-contract=off: no fused
     # multiply-adds, so that its float32 results are the torch path's bit for bit.
-    ext_modules=[Extension("models._occupancy_native", ["models/_occupancy_native.c"],
+    ext_modules=[Extension("models._occupancy_native", ["models/_occupancy_native.c"], libraries=["m"],
                            extra_compile_args=["-O3", "-ffp-contract=off", "-std=c11"], optional=True)],
     python_requires=">=3.10",
     # torch is deliberately not listed: install the CPU wheel (pip install torch==2.13.0) or the
