@@ -422,7 +422,8 @@ def check_intrinsics(k: np.ndarray, width: int, height: int) -> np.ndarray:
 def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
     """Raise PoseError unless ``pose`` is a rigid 4x4 transform: finite, bottom row [0 0 0 1], rotation
     orthonormal with det +1 (within :data:`ROTATION_TOL`), |translation| <= :data:`MAX_TRANSLATION_M`."""
-    if native_postprocess.rigid_pose(pose, ROTATION_TOL, MAX_TRANSLATION_M):  # in C: 2 against 15-30 us per frame
+    # the same verdict in C where the kernel is built: the decode stage 0.02 ms shorter per frame after a wait
+    if native_postprocess.rigid_pose(pose, ROTATION_TOL, MAX_TRANSLATION_M):
         return pose
     m = np.asarray(pose, dtype=np.float64)
     if m.shape != (4, 4):

@@ -9,8 +9,9 @@
  * core idle meanwhile (the CPU frame loop, one frame at a time) may ask for two threads: each long loop is
  * then split in halves between the calling thread and one persistent helper thread, still bit for bit.
  *
- * Three smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
- * grid (the fused CUDA path copies the grids to the host), cloud_words writes the PointCloud2 rows, and
+ * Four smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
+ * grid (the fused CUDA path copies the grids to the host), dense_cloud writes those cells' PointCloud2 rows in
+ * the same pass, cloud_words writes the rows of listed voxels, and
  * normalise_image turns the CPU preprocessing's resized uint8 planes into the network's input; all run
  * with the GIL released, beside the frame loop's other Python threads. Two short ones do the frame's
  * geometry (rigid_pose: the camera pose's checks; grid_geometry: the grid's placement and grid2img), the
