@@ -126,12 +126,20 @@
 #   bash scripts/device_frame_path.sh cloud-and-decode # device-cloud, then decode-thread, in one call
 #                                             # (~5-6 min; the steps' own limits add up to more than a call's
 #                                             # 10 minutes, and the rows are appended as each step ends)
+#   bash scripts/device_frame_path.sh session36 # tests (the geometry and host-compaction kernels bit for bit on
+#                                             # the device's build too); session 35's end (.before: b190996)
+#                                             # against this tree, interleaved, two rounds of lite CUDA graphs,
+#                                             # paper_student, lite at a 30 Hz camera (launch-fix's steps); then
+#                                             # device-cloud's pairs: the device's compaction against the host's
+#                                             # one pass now (~4 min, then up to 7 more; the call's limit may cut
+#                                             # the last steps). Before it: mkdir .before; git archive b190996
+#                                             # -- . ':!checkpoints' ':!docs' | tar -x -C .before; carry .whl, .before
 #
 # Carry .whl (rosbags and its needs, for the message factory) and .devdata (the shipped model's val
 # split, runs/synth_lite's 80 val frames). Every stage has its own time limit and a failed stage
 # does not stop the next; everything lands under $OUT (at most 8 files per call).
 set -uo pipefail
-stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence|device-cloud|decode-thread|cloud-and-decode"
+stages="bench|train|all|final|recheck|fp32|fp32-recheck|replay|profile|remeasure|profile-conv|decode-stage|trims|launch-path|launch-fix|unfused-wait|frame-graph|frame-graph-memory|replay-frame-graph|next|prepare-thread|after-prepare-thread|unfused-wait-probe|camera-rate-prepare|host-steps-sequence|device-cloud|decode-thread|cloud-and-decode|session36"
 stage=${1:?usage: $0 $stages}
 out=${OUT:-out/device}
 mkdir -p "$out"
@@ -160,8 +168,8 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log its wall ti
 tests() {  # tests [SECONDS]
     step "${1:-90}" "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
         -p no:cacheprovider tests/test_preprocess_device.py tests/test_cuda_mem.py tests/test_backends.py \
-        tests/test_fused_postprocess.py tests/test_device_cloud.py \
-        -k "device or cuda or static or graph or fused or launch or dense"
+        tests/test_fused_postprocess.py tests/test_device_cloud.py tests/test_native_geometry.py \
+        -k "device or cuda or static or graph or fused or launch or dense or compaction or geometry or rigid"
 }
 graphs() {  # both configs, CUDA graphs (post-processing fused), fp32 + fp16, bgr8 + jpeg
     step 170 "frame path, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
@@ -551,6 +559,7 @@ unfused-wait-probe) step 130 "unfused path: sleeping against spinning wait, this
 host-steps-sequence) tests 60; host_steps_sequence; compiled paper_student --precisions fp16 --inputs bgr8 ;;
 device-cloud) tests 60; device_cloud_pairs ;;
 decode-thread) decode_thread_pairs ;;
+session36) tests 60; launch_fix; device_cloud_pairs ;;
 cloud-and-decode) tests 60; device_cloud_pairs; decode_thread_pairs ;;
 after-prepare-thread) host_steps_alone; prepare_thread_pairs 3; frame_graph_memory; unfused_wait ;;
 *)
