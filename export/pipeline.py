@@ -103,7 +103,7 @@ class _ResultSet:
     copied: Any
     cloud: CloudBuffers | None = None  # ``device_cloud``: the slot's compacted rows and their pinned heads
     used: bool = False
-    # the frame's (X, Y, Z) grids as numpy views, made once: a tensor index and ``numpy()`` per frame cost 10-20 us
+    # the (X, Y, Z) grids as numpy views, made once: a tensor index and ``numpy()`` take 2.4 us a grid back to back
     grids: tuple[np.ndarray, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
