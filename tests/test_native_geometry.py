@@ -11,6 +11,8 @@ import pytest
 
 from discene_ros import msg_decode
 from discene_ros.errors import PoseError
+from export.backends.torch_backend import TorchBackend
+from export.pipeline import OccupancyPipeline
 from models import geometry, native_postprocess
 from models.preprocess import TensorPreprocessor, frame_geometry
 
@@ -239,3 +241,22 @@ def test_frame_geometry_without_the_kernel_is_the_python_module_path(monkeypatch
     rng = np.random.default_rng(7)
     frame_geometry((480, 640), _intrinsic(rng), _pose(rng), SIZE_HW, 0.08, GRID)
     assert called == [1]
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_pipeline_places_the_grid_on_floor_z_on_either_cpu_path(lite_model, lite_config, fuse):
+    """``OccupancyPipeline.prepare`` hands ``floor_z`` to the preprocessing, which places the grid (the unfused CPU
+    path and the fused one alike), and a given origin is kept as it is."""
+    backend = TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=True)
+    pipe = OccupancyPipeline(backend, fuse=True if fuse else None)
+    assert pipe.fused == fuse
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    pose, k = _pose(rng), _intrinsic(rng)
+    placed = pipe.prepare(image, k, pose, floor_z=-0.4).inputs.voxel_origin
+    want = geometry.place_grid(pose, floor_z=-0.4, voxel_size=lite_config.voxel_size,
+                               grid_shape=tuple(lite_config.grid_shape))
+    np.testing.assert_array_equal(placed, want)
+    given = np.array([1.5, -2.0, 0.3])
+    np.testing.assert_array_equal(pipe.prepare(image, k, pose, voxel_origin=given, floor_z=-0.4).inputs.voxel_origin,
+                                  given)
