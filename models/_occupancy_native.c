@@ -9,9 +9,9 @@
  * core idle meanwhile (the CPU frame loop, one frame at a time) may ask for two threads: each long loop is
  * then split in halves between the calling thread and one persistent helper thread, still bit for bit.
  *
- * Four smaller loops serve the frame's host side: dense_voxels lists the occupied cells of a dense label
- * grid (the fused CUDA path copies the grids to the host), dense_cloud writes those cells' PointCloud2 rows in
- * the same pass, cloud_words writes the rows of listed voxels, and
+ * Three smaller loops serve the frame's host side: dense_cloud lists the occupied cells of a dense label
+ * grid (the fused CUDA path copies the grids to the host) as their PointCloud2 rows, cloud_words writes the
+ * rows of listed voxels, and
  * normalise_image turns the CPU preprocessing's resized uint8 planes into the network's input; all run
  * with the GIL released, beside the frame loop's other Python threads. Two short ones do the frame's
  * geometry (rigid_pose: the camera pose's checks; grid_geometry: the grid's placement and grid2img), the
@@ -34,7 +34,7 @@
 #include <time.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 12
+#define ABI_VERSION 13
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -1125,57 +1125,6 @@ done:
     return result;
 }
 
-/* Occupied voxels of a dense (X,Y,Z) label grid in flat-id order: what models/postprocess.py's
- * frame_from_dense computes with flatnonzero, gathers and divmods, in one pass. */
-static int64_t grid_voxels(const uint8_t *restrict labels, const float *restrict best, int nx, int ny, int nz,
-                           int64_t capacity, int64_t *restrict out_id, uint8_t *restrict out_label, float *restrict out_best,
-                           int32_t *restrict out_index) {
-    int64_t cells = (int64_t)nx * ny * nz, m = 0;
-    for (int64_t id = next_nonzero(labels, 0, cells); id < cells; id = next_nonzero(labels, id + 1, cells)) {
-        if (m == capacity) return -1;
-        int64_t column = id / nz;
-        out_id[m] = id;
-        out_label[m] = labels[id];
-        out_best[m] = best[id];
-        out_index[3 * m] = (int32_t)(column / ny);
-        out_index[3 * m + 1] = (int32_t)(column % ny);
-        out_index[3 * m + 2] = (int32_t)(id % nz);
-        m++;
-    }
-    return m;
-}
-
-static PyObject *dense_voxels(PyObject *Py_UNUSED(self), PyObject *args) {
-    enum { LABELS, BEST, OUT_ID, OUT_LABEL, OUT_BEST, OUT_INDEX, NUM_ARRAYS };
-    Py_buffer buf[NUM_ARRAYS];
-    int nx, ny, nz;
-    Py_ssize_t capacity;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*w*w*iiin", &buf[LABELS], &buf[BEST], &buf[OUT_ID], &buf[OUT_LABEL],
-                          &buf[OUT_BEST], &buf[OUT_INDEX], &nx, &ny, &nz, &capacity))
-        return NULL;
-    PyObject *result = NULL;
-    int64_t cells = (int64_t)nx * ny * nz;
-    if (nx < 1 || ny < 1 || nz < 1 || capacity < 0 || capacity > PY_SSIZE_T_MAX / 12) {
-        PyErr_SetString(PyExc_ValueError, "dense_voxels: bad grid shape or capacity");
-        goto done;
-    }
-    if (!check_buffer(&buf[LABELS], "labels", 1, cells) || !check_buffer(&buf[BEST], "best", 4, cells) ||
-        !check_buffer(&buf[OUT_ID], "out_id", 8, capacity) || !check_buffer(&buf[OUT_LABEL], "out_label", 1, capacity) ||
-        !check_buffer(&buf[OUT_BEST], "out_best", 4, capacity) ||
-        !check_buffer(&buf[OUT_INDEX], "out_index", 4, capacity * 3))
-        goto done;
-    int64_t m;
-    Py_BEGIN_ALLOW_THREADS
-    m = grid_voxels((const uint8_t *)buf[LABELS].buf, (const float *)buf[BEST].buf, nx, ny, nz, capacity,
-                    (int64_t *)buf[OUT_ID].buf, (uint8_t *)buf[OUT_LABEL].buf, (float *)buf[OUT_BEST].buf,
-                    (int32_t *)buf[OUT_INDEX].buf);
-    Py_END_ALLOW_THREADS
-    result = PyLong_FromLongLong(m);
-done:
-    for (int i = 0; i < NUM_ARRAYS; i++) PyBuffer_Release(&buf[i]);
-    return result;
-}
-
 /* Voxel centres as rows of six 4-byte words (x, y, z float32; packed rgb; label as a uint32; score float32),
  * the layout of discene_ros/msg_encode.py's CLOUD_DTYPE. Each coordinate is the float64
  * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. Sets whether
@@ -1203,7 +1152,7 @@ static void cloud_rows(const int32_t *index, const uint8_t *label, const float *
 
 /* The PointCloud2 rows of a dense (nx, ny, nz) label grid's occupied voxels (label != 0) in flat-id order, with their
  * flat ids: models/device_cloud.py's compaction on the host, for grids copied back from the device, in one pass
- * instead of dense_voxels' lists and then cloud_rows. Each row as cloud_rows writes it, the score best[id]. Returns
+ * instead of postprocess.frame_from_dense's voxel lists and then cloud_rows. Each row as cloud_rows writes it, the score best[id]. Returns
  * the number of rows, or -1 when more than capacity; sets whether every x, y and z of them is finite, and every
  * score. */
 static int64_t grid_cloud(const uint8_t *restrict labels, const float *restrict best, const uint32_t *rgb_bits, int nx,
@@ -1827,10 +1776,6 @@ static PyMethodDef methods[] = {
      "nx, ny, nz, closing, ex, ey, ez, max_center_dist_sq, threshold, threads) -> number of occupied voxels "
      "written, or -1 when a kept point has a non-finite score (use the torch path). out_dense must be zero. "
      "threads 2: the loops split in halves with a helper thread (results unchanged, bit for bit)."},
-    {"dense_voxels", dense_voxels, METH_VARARGS,
-     "dense_voxels(labels, best, out_id, out_label, out_best, out_index, nx, ny, nz, capacity) -> number of "
-     "occupied (label != 0) voxels of the (nx, ny, nz) grid written, in flat-id order; -1 when more than "
-     "capacity."},
     {"normalise_image", normalise_image, METH_VARARGS,
      "normalise_image(planes, out, pixels, order, scale, shift): (3, h, w) uint8 -> (3, h, w) float32, "
      "plane c = planes[order[c]] * scale[c] + shift[c]."},

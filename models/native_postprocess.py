@@ -1,9 +1,9 @@
 """The CPU post-processing kernel (``models/_occupancy_native.c``): ``occupied_labels`` in a few loops.
 
 On a 2-core CPU the torch path spends most of its 3-4 ms per lite frame dispatching about sixty small
-ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. Five small
-helpers (``dense_voxels``, ``dense_cloud``, ``cloud_words``, ``normalise_image``, ``resize_normalise``) do the host
-side of every frame, GIL released; two more (``rigid_pose``, ``grid_geometry``) its geometry. It is an optional
+ops; the kernel gives the same voxels, labels and scores, bit for bit, in a fraction of that. Four small
+helpers (``dense_cloud``, ``cloud_words``, ``normalise_image``, ``resize_normalise``) do the host side of every
+frame, GIL released; two more (``rigid_pose``, ``grid_geometry``) its geometry. It is an optional
 extension built by ``pip install`` / ``colcon build``; where it is missing or stale (source changed, not
 rebuilt), ``available()`` is False, ``unavailable_reason()`` says why, and ``models.postprocess`` and
 ``models.preprocess`` use torch ops (the geometry: Python floats). ``DISCENE_NATIVE_POSTPROCESS=0`` in the
@@ -20,7 +20,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 12  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 13  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -110,28 +110,12 @@ def _outputs(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     return bufs
 
 
-def dense_voxels(labels: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, ...] | None:
-    """Occupied voxels of one dense (X,Y,Z) uint8 label grid and its float32 best-score grid, in flat-id
-    order, in one pass with the GIL released: ids (M,) int64, labels (M,) uint8, best (M,) float32,
-    indices (M, 3) int32, as ``postprocess.frame_from_dense`` finds them with numpy. None without the kernel."""
-    if _kernel is None or labels.ndim != 3 or best.shape != labels.shape:
-        return None
-    labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    best = np.ascontiguousarray(best, dtype=np.float32)
-    m = int(np.count_nonzero(labels))  # exact-size outputs: no copy out of a grid-size buffer
-    ids, out_labels, out_best = np.empty(m, np.int64), np.empty(m, np.uint8), np.empty(m, np.float32)
-    indices = np.empty((m, 3), np.int32)
-    if _kernel.dense_voxels(labels, best, ids, out_labels, out_best, indices, *labels.shape, m) != m:
-        raise RuntimeError("dense_voxels: the grid changed while it was read")  # another thread wrote it
-    return ids, out_labels, out_best, indices
-
-
 def dense_cloud(labels: np.ndarray, best: np.ndarray, origin: np.ndarray, size: float,
                 rgb_bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool]] | None:
     """The occupied voxels of one dense (X,Y,Z) uint8 label grid and its float32 best-score grid as (M,) int32 flat
     ids and (M, 6) float32 PointCloud2 rows (``cloud_words``' layout and arithmetic, the score ``best[id]``), with
-    (every x, y and z finite, every score finite): ``dense_voxels`` and then ``cloud_words`` in one GIL-free pass.
-    None without the kernel."""
+    (every x, y and z finite, every score finite): ``postprocess.frame_from_dense`` and then ``cloud_words`` in one
+    GIL-free pass. None without the kernel."""
     if _kernel is None or labels.ndim != 3 or best.shape != labels.shape:
         return None
     labels = np.ascontiguousarray(labels, dtype=np.uint8)

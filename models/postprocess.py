@@ -358,23 +358,19 @@ def voxel_grid_indices(ids: np.ndarray, grid_shape: tuple[int, int, int]) -> np.
 
 
 def frame_from_voxels(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, voxel_origin: np.ndarray,
-                      config: ModelConfig, dense: np.ndarray | None = None,
-                      indices: np.ndarray | None = None) -> OccupancyFrame:
+                      config: ModelConfig, dense: np.ndarray | None = None) -> OccupancyFrame:
     """OccupancyFrame from host arrays of occupied voxels: flat ids (sorted), labels 1..C, scores.
     ``dense``: the flat (X*Y*Z,) uint8 label grid of the same voxels when the caller has it (the frame
-    keeps it); else it is built from ``ids`` and ``labels``. ``indices``: their (M, 3) grid indices when
-    the caller has them; else computed from ``ids``."""
+    keeps it); else it is built from ``ids`` and ``labels``."""
     nx, ny, nz = (int(n) for n in config.grid_shape)
     if nx * ny * nz >= 2**24:
         raise ValueError(f"grid {config.grid_shape} has too many voxels for float32 voxel ids")
     if dense is None:
         dense = np.zeros(nx * ny * nz, dtype=np.uint8)
         dense[ids] = labels
-    if indices is None:
-        indices = voxel_grid_indices(ids, (nx, ny, nz))
     return OccupancyFrame(
         labels=dense.reshape(nx, ny, nz),
-        voxel_indices=indices,
+        voxel_indices=voxel_grid_indices(ids, (nx, ny, nz)),
         voxel_labels=np.asarray(labels, dtype=np.uint8),
         voxel_scores=np.asarray(scores, dtype=np.float32),
         voxel_origin=np.asarray(voxel_origin, dtype=np.float64).reshape(3),
@@ -416,13 +412,11 @@ def dense_occupancy(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
 
 def frame_from_dense(labels: np.ndarray, best: np.ndarray, voxel_origin: np.ndarray,
                      config: ModelConfig) -> OccupancyFrame:
-    """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores."""
+    """OccupancyFrame from one frame of ``dense_occupancy`` on the host: (X,Y,Z) labels and best scores, with numpy.
+    The fused path takes ``device_cloud.cloud_frame_from_dense`` (one pass of the native kernel), and this where the
+    kernel is not built."""
     flat = np.ascontiguousarray(labels, dtype=np.uint8).reshape(-1)
-    found = native_postprocess.dense_voxels(labels, best)  # one GIL-free pass: this function 0.07 ms, not 0.12-0.18
-    if found is not None:
-        ids, voxel_labels, scores, indices = found
-    else:
-        ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
-        voxel_labels, scores, indices = flat[ids], np.asarray(best, dtype=np.float32).reshape(-1)[ids], None
+    ids = np.flatnonzero(flat != 0)  # on a bool mask: numpy's fast path (0.03 ms here, 0.25 ms on the bytes)
+    scores = np.asarray(best, dtype=np.float32).reshape(-1)[ids]
     # the frame keeps a copy of the grid (the caller's buffer is reused): 4 us, against 35 us to rebuild it
-    return frame_from_voxels(ids, voxel_labels, scores, voxel_origin, config, dense=flat.copy(), indices=indices)
+    return frame_from_voxels(ids, flat[ids], scores, voxel_origin, config, dense=flat.copy())

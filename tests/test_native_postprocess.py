@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from discene_ros import msg_encode
 from export.backends.torch_backend import TorchBackend
 from export.pipeline import OccupancyPipeline
 from models import native_postprocess
 from models.checkpoint import load_model
+from models.device_cloud import CloudFrame, cloud_frame_from_dense
 from models.postprocess import frame_from_dense, labels_batch, occupied_labels, points_to_occupancy
 from training.data import build_dataset, collate_frames, prepare_inputs
 
@@ -241,44 +243,31 @@ def test_kernel_checks_its_buffers():
 
 @pytest.mark.parametrize("shape, density", [((60, 60, 36), 0.09), ((60, 60, 36), 0.0), ((7, 5, 3), 1.0),
                                             ((3, 1, 70), 0.3), ((1, 1, 1), 1.0), ((9, 11, 13), 0.02)])
-def test_frame_from_dense_kernel_equals_numpy(lite_config, shape, density, monkeypatch):
-    """The fused CUDA path's host step: the kernel's one pass over the grid against numpy's flatnonzero,
-    gathers and divmods, on random grids of every density (odd sizes: the eight-cell skip's tail) and on
-    clustered runs of occupied cells."""
+def test_dense_cloud_frame_equals_numpy(lite_config, shape, density):
+    """The fused CUDA path's host step: the kernel's one pass over the copied grids (``cloud_frame_from_dense``)
+    against numpy's flatnonzero, gathers and divmods (``frame_from_dense``) and the rows written from those, on
+    random grids of every density (odd sizes: the eight-cell skip's tail) and on clustered runs of occupied cells."""
     rng = np.random.default_rng(int(density * 100) + len(shape))
     labels = np.where(rng.random(shape) < density, rng.integers(1, 12, shape), 0).astype(np.uint8)
     labels.reshape(-1)[5:40] = 3  # a run across several eight-cell words
     best = np.where(labels > 0, rng.random(shape, dtype=np.float32), 0).astype(np.float32)
     config = dataclasses.replace(lite_config, grid_shape=list(shape))
-    native = frame_from_dense(labels, best, np.array([0.5, -1.0, 2.0]), config)
-    monkeypatch.setattr(native_postprocess, "_kernel", None)
-    assert native_postprocess.dense_voxels(labels, best) is None
+    native = cloud_frame_from_dense(labels, best, np.array([0.5, -1.0, 2.0]), config)
     reference = frame_from_dense(labels, best, np.array([0.5, -1.0, 2.0]), config)
+    assert isinstance(native, CloudFrame)
     for field in ("labels", "voxel_indices", "voxel_labels", "voxel_scores"):
         got, want = getattr(native, field), getattr(reference, field)
         assert got.dtype == want.dtype and got.shape == want.shape, field
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=field)
     assert native.labels is not labels and native.labels.base is not labels  # the frame keeps its own grid
+    rows, want_rows = msg_encode.occupancy_cloud(native), msg_encode.occupancy_cloud(reference)
+    assert rows.points.tobytes() == want_rows.points.tobytes()
+    assert (rows.xyz_finite, rows.scores_finite) == (want_rows.xyz_finite, want_rows.scores_finite)
 
 
-def test_dense_voxels_checks_its_buffers():
+def test_cloud_words_checks_its_buffers():
     from models import _occupancy_native as kernel
 
-    labels, best = np.zeros((2, 2, 2), np.uint8), np.zeros((2, 2, 2), np.float32)
-    labels[1, 0, 1] = 4
-    out = (np.empty(1, np.int64), np.empty(1, np.uint8), np.empty(1, np.float32), np.empty((1, 3), np.int32))
-    assert kernel.dense_voxels(labels, best, *out, 2, 2, 2, 1) == 1
-    assert out[0][0] == 5 and out[3].tolist() == [[1, 0, 1]]
-    labels[0, 0, 0] = 1
-    assert kernel.dense_voxels(labels, best, *out, 2, 2, 2, 1) == -1  # more occupied cells than room
-    with pytest.raises(ValueError, match="best"):
-        kernel.dense_voxels(labels, best[:1], *out, 2, 2, 2, 1)
-    with pytest.raises(ValueError, match="out_index"):
-        kernel.dense_voxels(labels, best, *out[:3], out[3][:, :2].copy(), 2, 2, 2, 1)
-    with pytest.raises(ValueError, match="bad grid shape"):
-        kernel.dense_voxels(labels, best, *out, 0, 2, 2, 1)
-    with pytest.raises(ValueError, match="capacity"):  # a count whose byte size would overflow
-        kernel.dense_voxels(labels, best, *out, 2, 2, 2, 2**62)
     rows = np.empty((1, 6), np.uint32)
     args = (np.zeros((1, 3), np.int32), np.ones(1, np.uint8), np.ones(1, np.float32), np.zeros(256, np.uint32), rows)
     assert kernel.cloud_words(*args, 1, 0.0, 0.0, 0.0, 0.08) == (True, True)  # (x, y, z finite; scores finite)
