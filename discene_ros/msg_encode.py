@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from models import native_postprocess
-from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, label_rgb_bits
+from models.classes import CLASS_COLORS, CLASS_NAMES, LABEL_RGB_BITS, NUM_CLASSES
 from models.geometry import finite_origin
 
 from . import rvl
@@ -91,8 +91,6 @@ def pack_rgb(colors: np.ndarray) -> np.ndarray:
     return packed.astype("<u4").view("<f4")
 
 
-# packed colour bits of every uint8 label: one table lookup per point instead of colour rows + packing
-_LABEL_RGB_BITS = label_rgb_bits()
 # PointField datatype constant names by numpy type code (the constants' values come from the factory's class)
 _POINTFIELD_NAMES = {"f4": "FLOAT32", "u1": "UINT8", "u4": "UINT32"}
 
@@ -112,7 +110,7 @@ def _fill_attributes(words: np.ndarray, labels: Any, scores: Any) -> None:
     if len(labels) != len(words) or len(scores) != len(words):
         raise ValueError(f"cloud inputs disagree: {len(words)} points, labels {labels.shape}, scores {scores.shape}")
     bits = words.view("<u4")
-    bits[:, 3] = _LABEL_RGB_BITS.take(labels)
+    bits[:, 3] = LABEL_RGB_BITS.take(labels)
     bits[:, 4] = labels
     words[:, 5] = scores
 
@@ -167,7 +165,7 @@ def occupancy_cloud(frame: Any) -> CloudRows:
     words = _cloud_words(len(indices))
     labels, scores = np.asarray(frame.voxel_labels).reshape(-1), np.asarray(frame.voxel_scores).reshape(-1)
     if len(labels) == len(scores) == len(words):
-        finite = native_postprocess.cloud_words(indices, labels, scores, _LABEL_RGB_BITS, origin, size,
+        finite = native_postprocess.cloud_words(indices, labels, scores, LABEL_RGB_BITS, origin, size,
                                                 words.view("<u4"))
         if finite is not None:
             return CloudRows(_as_points(words), *finite)

@@ -41,8 +41,13 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_rgb_bits() -> np.ndarray:
-    """(256,) uint32 ``r<<16 | g<<8 | b`` of every uint8 label's colour: the bits of a PointCloud2 ``rgb`` float
-    (the PCL/RViz convention), one table lookup per point."""
+def _label_rgb_bits() -> np.ndarray:
     c = label_colors(np.arange(256, dtype=np.uint8)).astype(np.uint32)
-    return ((c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]).astype("<u4")
+    bits = ((c[:, 0] << 16) | (c[:, 1] << 8) | c[:, 2]).astype("<u4")
+    bits.flags.writeable = False  # one table, shared by every cloud writer
+    return bits
+
+
+# (256,) uint32 ``r<<16 | g<<8 | b`` of every uint8 label's colour: the bits of a PointCloud2 ``rgb`` float (the
+# PCL/RViz convention), one table lookup per point
+LABEL_RGB_BITS = _label_rgb_bits()

@@ -23,12 +23,10 @@ import numpy as np
 import torch
 
 from . import native_postprocess
-from .classes import label_rgb_bits
+from .classes import LABEL_RGB_BITS
 from .config import ModelConfig
 from .geometry import centres_finite_in_float32
 from .postprocess import OccupancyFrame, frame_from_dense, voxel_grid_indices
-
-LABEL_RGB_BITS = label_rgb_bits()  # (256,) uint32: each label's colour word in a row
 
 ROW_WORDS = 6  # x, y, z, rgb, label, score: 4 bytes each (msg_encode.CLOUD_DTYPE)
 HEAD_SHARE = 4  # the pinned head holds 1/HEAD_SHARE of the grid's voxels (the shipped lite's: about 1/13 occupied)

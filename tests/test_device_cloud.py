@@ -17,8 +17,8 @@ from discene_ros.processing import FrameProcessor, checked_cloud
 from export.backends.torch_backend import TorchBackend
 from export.pipeline import LAUNCH_AHEAD_SLOTS, OccupancyPipeline
 from models import build_model, native_postprocess
+from models.classes import LABEL_RGB_BITS
 from models.device_cloud import (
-    LABEL_RGB_BITS,
     CloudBuffers,
     CloudFrame,
     DeviceCloud,
