@@ -105,12 +105,6 @@ def clean_depth(depth: np.ndarray) -> np.ndarray:
     return d
 
 
-def _check_inputs(image_rgb: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarray, depth: np.ndarray | None) -> None:
-    _check_image(image_rgb)
-    _check_camera(intrinsic, cam_pose)
-    _check_depth(depth)
-
-
 def _check_image(image_rgb: np.ndarray) -> None:
     if not isinstance(image_rgb, np.ndarray) or image_rgb.dtype != np.uint8:
         raise ValueError(f"image_rgb must be a uint8 numpy array, got {getattr(image_rgb, 'dtype', type(image_rgb))}")
@@ -129,14 +123,18 @@ def _check_camera(intrinsic: np.ndarray, cam_pose: np.ndarray) -> None:
         raise ValueError(f"cam_pose must be a finite 4x4 camera->world matrix, got shape {cam_pose.shape}")
 
 
-def _check_depth(depth: np.ndarray | None) -> None:
-    if depth is not None:
-        if depth.ndim == 3 and depth.shape[2] == 1:
-            depth = depth[..., 0]
-        if depth.ndim != 2:
-            raise ValueError(f"depth must be HxW metres, got shape {depth.shape}")
-        if not np.issubdtype(depth.dtype, np.floating):
-            raise ValueError(f"depth must be float metres, got dtype {depth.dtype} (convert 16-bit millimetres first)")
+def _checked_depth(depth: np.ndarray | None) -> np.ndarray | None:
+    """``depth`` as an HxW float array (an HxWx1 one without its channel axis); ValueError unless it is one."""
+    if depth is None:
+        return None
+    depth = np.asarray(depth)
+    if depth.ndim == 3 and depth.shape[2] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be HxW metres, got shape {depth.shape}")
+    if not np.issubdtype(depth.dtype, np.floating):
+        raise ValueError(f"depth must be float metres, got dtype {depth.dtype} (convert 16-bit millimetres first)")
+    return depth
 
 
 def _frame_origin(voxel_origin: np.ndarray | None, cam_pose: np.ndarray, voxel_size: float,
@@ -179,22 +177,16 @@ def preprocess(
     The grid is placed by ``geometry.place_grid`` when ``voxel_origin`` is None. Depth may have
     another resolution than the image (same field of view); it is resized nearest-neighbour.
     """
-    intrinsic = np.asarray(intrinsic, dtype=np.float64)
-    cam_pose = np.asarray(cam_pose, dtype=np.float64)
-    depth = None if depth is None else np.asarray(depth)
-    _check_inputs(image_rgb, intrinsic, cam_pose, depth)
+    _check_image(image_rgb)
     size_hw = (int(config.image_size[0]), int(config.image_size[1]))
-    grid_shape = tuple(int(n) for n in config.grid_shape)
-    voxel_origin = _frame_origin(voxel_origin, cam_pose, config.voxel_size, grid_shape)
-
-    k = scale_intrinsic(intrinsic[:3, :3], image_rgb.shape[:2], size_hw)
-    grid2img = grid_to_image_matrix(k, cam_pose, voxel_origin, config.voxel_size, grid_shape)
+    grid2img, voxel_origin = frame_geometry(image_rgb.shape[:2], intrinsic, cam_pose, size_hw, config.voxel_size,
+                                            tuple(int(n) for n in config.grid_shape), voxel_origin)
+    depth = _checked_depth(depth)
     rgb = resize_image(image_rgb, size_hw).astype(np.float32) / 255.0
     image = (rgb - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     depth_out = None
     if depth is not None:
-        depth2d = depth[..., 0] if depth.ndim == 3 else depth
-        depth_out = resize_depth(clean_depth(depth2d), size_hw)[None, None]
+        depth_out = resize_depth(clean_depth(depth), size_hw)[None, None]
     return NetworkInputs(
         image=np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32),
         grid2img=grid2img[None].astype(np.float32),
@@ -388,10 +380,7 @@ class TensorPreprocessor:
         _check_image(image_rgb)
         g2i, voxel_origin = frame_geometry(image_rgb.shape[:2], intrinsic, cam_pose, self.size_hw,
                                            self.config.voxel_size, self.grid_shape, voxel_origin, floor_z)
-        depth = None if depth is None else np.asarray(depth)
-        _check_depth(depth)
-        if depth is not None and depth.ndim == 3:
-            depth = depth[..., 0]
+        depth = _checked_depth(depth)
         index = slot % len(self.slots)
         self._stage(self.slots[index], image_rgb, depth, g2i, voxel_origin)
         return StagedFrame(index, None if depth is None else tuple(depth.shape), voxel_origin)
