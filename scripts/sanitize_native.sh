@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The native kernel (models/_occupancy_native.c) under AddressSanitizer and UndefinedBehaviorSanitizer: builds it
+# with -fsanitize=address,undefined into a copy of this tree and runs tests against that build, the sanitizers'
+# runtimes preloaded into Python. Any invalid read or write, use after free, signed overflow, misaligned or
+# out-of-bounds index in the kernel stops the run with the sanitizer's report (exit code != 0).
+#
+#   bash scripts/sanitize_native.sh                 # the kernel's own tests and the hostile-input ones (~80 s)
+#   bash scripts/sanitize_native.sh tests/          # the whole suite (~15 min on 2 cores)
+#   bash scripts/sanitize_native.sh tests/x.py -k y # any pytest arguments
+#
+# Leak detection is off: CPython and torch keep allocations until exit, which LeakSanitizer would report.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cc="${CC:-gcc}"
+top="$(mktemp -d)"
+trap 'rm -rf "$top"' EXIT
+work="$top/main"
+mkdir "$work"
+# the tree as the working copy has it (tracked and untracked files that git does not ignore), without builds
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$work"
+# tests that read ../shared (the paper, the real ROS 2 Python packages) find it beside the copy too
+if [ -e "$repo/../shared" ]; then ln -s "$(cd "$repo/../shared" && pwd)" "$top/shared"; fi
+include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+suffix="$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+"$cc" -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
+    -ffp-contract=off -std=c11 -Wall -I"$include" "$work/models/_occupancy_native.c" -lm \
+    -o "$work/models/_occupancy_native$suffix"
+runtimes="$("$cc" -print-file-name=libasan.so) $("$cc" -print-file-name=libubsan.so)"
+for lib in $runtimes; do
+    [ -e "$lib" ] || { echo "sanitize_native: $cc has no $(basename "$lib") (install its sanitizer runtimes)" >&2; exit 2; }
+done
+if ! nm -D --undefined-only "$work/models/_occupancy_native$suffix" | grep -q __asan_report_store; then
+    echo "sanitize_native: the build is not instrumented (no __asan_report_store calls)" >&2
+    exit 2
+fi
+if [ "$#" -eq 0 ]; then
+    set -- tests/test_native_postprocess.py tests/test_native_geometry.py tests/test_device_cloud.py \
+        tests/test_preprocess_device.py tests/test_fuzz_frames.py tests/test_bad_input.py
+fi
+echo "sanitize_native: $cc -fsanitize=address,undefined build of the kernel, tests: $*"
+cd "$work"
+# the copy's models/ comes first on sys.path (python -m puts the working directory there): check that it is the
+# sanitized build that loads, not an installed one
+LD_PRELOAD="$runtimes" ASAN_OPTIONS=detect_leaks=0 python -c "
+import models, models.native_postprocess as n, sys
+assert models.__file__.startswith('$work'), models.__file__
+sys.exit(0 if n.available() else 'sanitize_native: the sanitized kernel does not load: ' + str(n.unavailable_reason()))"
+# the reports go to files as well as to stderr: pytest captures a test's stderr, and an abort loses it
+status=0
+LD_PRELOAD="$runtimes" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$top/report" \
+    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$top/report" \
+    python -m pytest -q -p no:cacheprovider "$@" || status=$?
+for report in "$top"/report.*; do
+    [ -e "$report" ] || continue
+    echo "sanitize_native: report $(basename "$report"):" >&2
+    cat "$report" >&2
+    [ "$status" -ne 0 ] || status=1
+done
+exit "$status"

@@ -1,0 +1,40 @@
+"""The native kernel's own tests run against an AddressSanitizer + UndefinedBehaviorSanitizer build of it
+(``scripts/sanitize_native.sh``): the kernel reads robot input, so an invalid read or write, a signed overflow or
+a misaligned access in it fails the suite, not a robot."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# every entry point of the kernel: post-processing (closing, several threads, a late helper, NaN, empty input,
+# buffer checks), the cloud rows, the resize and normalisation, the frame's geometry; not the tests that time,
+# load the shipped model or build pipelines (they add minutes under the sanitizers, not kernel paths)
+SELECTION = ["tests/test_native_postprocess.py", "tests/test_native_geometry.py",
+             "-k", "not benchmark and not pipeline and not shipped and not environment and not stale"]
+
+
+def _sanitizer_runtimes_missing() -> str | None:
+    """Why the sanitized build cannot be made here, or None."""
+    if shutil.which("gcc") is None or shutil.which("nm") is None:
+        return "no gcc or nm"
+    for lib in ("libasan.so", "libubsan.so"):
+        found = subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+        if not Path(found).is_absolute():  # gcc echoes the bare name when it has no such runtime
+            return f"gcc has no {lib}"
+    if not (ROOT / ".git").exists():
+        return "not a git checkout (the script copies the tree with git ls-files)"
+    return None
+
+
+@pytest.mark.skipif(_sanitizer_runtimes_missing() is not None, reason=str(_sanitizer_runtimes_missing()))
+def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers():
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "sanitize_native.sh"), *SELECTION], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert "-fsanitize=address,undefined build of the kernel" in output
+    assert " passed" in output and " failed" not in output, output[-2000:]
