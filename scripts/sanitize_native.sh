@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The native kernel (models/_occupancy_native.c) under AddressSanitizer and UndefinedBehaviorSanitizer: builds it
-# with -fsanitize=address,undefined into a copy of this tree and runs tests against that build, the sanitizers'
-# runtimes preloaded into Python. Any invalid read or write, use after free, signed overflow, misaligned or
-# out-of-bounds index in the kernel stops the run with the sanitizer's report (exit code != 0).
+# The native kernel (models/_occupancy_native.c) under the sanitizers. First its helper thread's protocol under
+# ThreadSanitizer (a C program, tests/native/helper_race.c). Then the kernel built with -fsanitize=address,undefined
+# into a copy of this tree, and pytest run against that build, the sanitizers' runtimes preloaded into Python. A data
+# race, an invalid read or write, a use after free, a signed overflow, a misaligned or out-of-bounds index stops
+# the run with the sanitizer's report (exit code != 0).
 #
 #   bash scripts/sanitize_native.sh                 # the kernel's own tests and the hostile-input ones (~80 s)
 #   bash scripts/sanitize_native.sh tests/          # the whole suite (~15 min on 2 cores)
@@ -22,6 +23,22 @@ mkdir "$work"
 if [ -e "$repo/../shared" ]; then ln -s "$(cd "$repo/../shared" && pwd)" "$top/shared"; fi
 include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 suffix="$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+# ThreadSanitizer first, on the helper thread's protocol alone: it cannot be preloaded into an uninstrumented Python,
+# so tests/native/helper_race.c includes the kernel's source and is instrumented whole (it links libpython only for
+# the symbols of the Python API the source names)
+libdir="$(python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')"
+pylib="$(python -c 'import sysconfig; print(sysconfig.get_config_var("LDLIBRARY"))')"
+if [ ! -e "$("$cc" -print-file-name=libtsan.so)" ]; then
+    echo "sanitize_native: $cc has no libtsan.so: the helper thread's check is not run" >&2
+elif [ ! -e "$libdir/$pylib" ] || [ "${pylib##*.}" = a ]; then
+    echo "sanitize_native: no shared libpython ($libdir/$pylib): the helper thread's check is not run" >&2
+else
+    lib="${pylib#lib}"
+    "$cc" -O1 -g -fsanitize=thread -std=gnu11 -I"$include" -I"$work/models" "$work/tests/native/helper_race.c" \
+        -L"$libdir" -Wl,-rpath,"$libdir" -l"${lib%%.so*}" -lm -lpthread -o "$top/helper_race"
+    echo "sanitize_native: ThreadSanitizer on the helper thread's protocol (tests/native/helper_race.c)"
+    TSAN_OPTIONS="halt_on_error=1" "$top/helper_race"
+fi
 "$cc" -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
     -ffp-contract=off -std=c11 -Wall -I"$include" "$work/models/_occupancy_native.c" -lm \
     -o "$work/models/_occupancy_native$suffix"

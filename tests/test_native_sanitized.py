@@ -1,6 +1,7 @@
-"""The native kernel's own tests run against an AddressSanitizer + UndefinedBehaviorSanitizer build of it
-(``scripts/sanitize_native.sh``): the kernel reads robot input, so an invalid read or write, a signed overflow or
-a misaligned access in it fails the suite, not a robot."""
+"""The native kernel under the sanitizers (``scripts/sanitize_native.sh``): its helper thread's protocol under
+ThreadSanitizer (``tests/native/helper_race.c``), then its own tests against an AddressSanitizer +
+UndefinedBehaviorSanitizer build of it. The kernel reads robot input, so a data race, an invalid read or write, a
+signed overflow or a misaligned access in it fails the suite, not a robot."""
 from __future__ import annotations
 
 import shutil
@@ -37,4 +38,7 @@ def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers():
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     assert "-fsanitize=address,undefined build of the kernel" in output
+    tsan = subprocess.run(["gcc", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    if Path(tsan).is_absolute():
+        assert "ok: helper ran" in output, output[-3000:]
     assert " passed" in output and " failed" not in output, output[-2000:]
