@@ -34,7 +34,7 @@
 #include <time.h>
 
 /* Bumped whenever the call signature or the semantics change; the Python side checks it. */
-#define ABI_VERSION 13
+#define ABI_VERSION 14
 
 #define NONFINITE_SCORE (-1)
 #define OUT_OF_MEMORY (-2)
@@ -1061,13 +1061,31 @@ static int64_t frame_labels(const float *pts, const float *centres, const float 
     return m;
 }
 
+/* Whether ``b`` holds ``count`` items of ``itemsize`` bytes at an address aligned for them (a numpy view at an odd
+ * byte offset is not: the loops read it as float, int32 or double); raises ValueError if not. */
 static int check_buffer(const Py_buffer *b, const char *name, Py_ssize_t itemsize, Py_ssize_t count) {
+    if (count < 0 || count > PY_SSIZE_T_MAX / itemsize) { /* a size product that overflowed (items_of) */
+        PyErr_Format(PyExc_ValueError, "%s: expected more items than a buffer can hold", name);
+        return 0;
+    }
     if (b->len != itemsize * count) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd bytes (%zd items of %zd), got %zd", name,
                      itemsize * count, count, itemsize, b->len);
         return 0;
     }
+    if ((uintptr_t)b->buf % (uintptr_t)itemsize != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: not aligned to its %zd-byte items", name, itemsize);
+        return 0;
+    }
     return 1;
+}
+
+/* a * b * c * d for non-negative sizes, or -1 where the product does not fit (check_buffer then refuses it). */
+static Py_ssize_t items_of(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c, Py_ssize_t d) {
+    Py_ssize_t ab, abc, abcd;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc) || __builtin_mul_overflow(abc, d, &abcd))
+        return -1;
+    return abcd;
 }
 
 static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -1083,19 +1101,20 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
                           &threshold, &threads))
         return NULL;
     PyObject *result = NULL;
-    int64_t cells = (int64_t)p.nx * p.ny * p.nz;
+    const Py_ssize_t cells = items_of(p.nx, p.ny, p.nz, 1);
     if (nb < 0 || nq < 0 || nr < 0 || p.num_classes < 1 || p.num_classes > 255 || p.nx < 1 || p.ny < 1 ||
-        p.nz < 1) {
+        p.nz < 1 || cells < 0) {
         PyErr_SetString(PyExc_ValueError, "occupied_labels: bad sizes");
         goto done;
     }
-    if (!check_buffer(&buf[POINTS], "points", 4, nb * nq * nr * 3) ||
-        !check_buffer(&buf[CENTRES], "centres", 4, nb * nq * 3) ||
-        !check_buffer(&buf[SCORES], "scores", 4, nb * nq * nr * p.num_classes) ||
-        !check_buffer(&buf[OUT_ID], "out_id", 8, nb * cells) || !check_buffer(&buf[OUT_LABEL], "out_label", 1, nb * cells) ||
-        !check_buffer(&buf[OUT_BEST], "out_best", 4, nb * cells) ||
-        !check_buffer(&buf[OUT_INDEX], "out_index", 4, nb * cells * 3) ||
-        !check_buffer(&buf[OUT_DENSE], "out_dense", 1, nb * cells))
+    const Py_ssize_t voxels = items_of(nb, cells, 1, 1);
+    if (!check_buffer(&buf[POINTS], "points", 4, items_of(nb, nq, nr, 3)) ||
+        !check_buffer(&buf[CENTRES], "centres", 4, items_of(nb, nq, 3, 1)) ||
+        !check_buffer(&buf[SCORES], "scores", 4, items_of(nb, nq, nr, p.num_classes)) ||
+        !check_buffer(&buf[OUT_ID], "out_id", 8, voxels) || !check_buffer(&buf[OUT_LABEL], "out_label", 1, voxels) ||
+        !check_buffer(&buf[OUT_BEST], "out_best", 4, voxels) ||
+        !check_buffer(&buf[OUT_INDEX], "out_index", 4, items_of(voxels, 3, 1, 1)) ||
+        !check_buffer(&buf[OUT_DENSE], "out_dense", 1, voxels))
         goto done;
     /* the torch path's float32 constants: Python scalars meet float32 tensors as float32 */
     p.ex = (float)ex; p.ey = (float)ey; p.ez = (float)ez;

@@ -20,7 +20,7 @@ import torch
 
 from .config import ModelConfig
 
-ABI_VERSION = 13  # must match ABI_VERSION in _occupancy_native.c
+ABI_VERSION = 14  # must match ABI_VERSION in _occupancy_native.c
 
 try:
     from . import _occupancy_native as _kernel
@@ -118,8 +118,7 @@ def dense_cloud(labels: np.ndarray, best: np.ndarray, origin: np.ndarray, size: 
     GIL-free pass. None without the kernel."""
     if _kernel is None or labels.ndim != 3 or best.shape != labels.shape:
         return None
-    labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    best = np.ascontiguousarray(best, dtype=np.float32)
+    labels, best = _contiguous(labels, np.uint8), _contiguous(best, np.float32)
     m = int(np.count_nonzero(labels))  # exact-size outputs: no copy out of a grid-size buffer
     ids, words = np.empty(m, np.int32), np.empty((m, 6), "<f4")
     ox, oy, oz = np.asarray(origin, dtype=np.float64).reshape(3).tolist()
@@ -146,10 +145,11 @@ def cloud_words(indices: np.ndarray, labels: np.ndarray, scores: np.ndarray, rgb
 
 
 def _contiguous(array: np.ndarray, dtype: type) -> np.ndarray:
-    """``array`` itself when it already is C-contiguous ``dtype`` (the frame path's are: no numpy call)."""
-    if isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous:
+    """``array`` itself when it already is C-contiguous, aligned ``dtype`` (the frame path's are: no numpy call), else
+    such a copy."""
+    if isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous and array.flags.aligned:
         return array
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.require(array, dtype=dtype, requirements=("C", "A"))
 
 
 def normalise_image(planes: np.ndarray, out: np.ndarray, order: tuple[int, int, int],
@@ -178,9 +178,10 @@ def resize_normalise(image: np.ndarray, out: np.ndarray, order: tuple[int, int, 
 
 
 def _float64(array: object, shape: tuple[int, ...]) -> bool:
-    """Whether ``array`` is a C-contiguous float64 ndarray of ``shape``: what the geometry kernels read as it is."""
+    """Whether ``array`` is a C-contiguous, aligned float64 ndarray of ``shape``: what the geometry kernels read as
+    it is."""
     return (isinstance(array, np.ndarray) and array.dtype == np.float64 and array.shape == shape
-            and array.flags.c_contiguous)
+            and array.flags.c_contiguous and array.flags.aligned)
 
 
 def rigid_pose(pose: np.ndarray, tol: float, max_translation: float) -> bool:

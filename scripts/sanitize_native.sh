@@ -51,7 +51,8 @@ if ! nm -D --undefined-only "$work/models/_occupancy_native$suffix" | grep -q __
     exit 2
 fi
 if [ "$#" -eq 0 ]; then
-    set -- tests/test_native_postprocess.py tests/test_native_geometry.py tests/test_device_cloud.py \
+    set -- tests/test_native_postprocess.py tests/test_native_geometry.py tests/test_native_arguments.py \
+        tests/test_device_cloud.py \
         tests/test_preprocess_device.py tests/test_fuzz_frames.py tests/test_bad_input.py
 fi
 echo "sanitize_native: $cc -fsanitize=address,undefined build of the kernel, tests: $*"
@@ -62,15 +63,7 @@ LD_PRELOAD="$runtimes" ASAN_OPTIONS=detect_leaks=0 python -c "
 import models, models.native_postprocess as n, sys
 assert models.__file__.startswith('$work'), models.__file__
 sys.exit(0 if n.available() else 'sanitize_native: the sanitized kernel does not load: ' + str(n.unavailable_reason()))"
-# the reports go to files as well as to stderr: pytest captures a test's stderr, and an abort loses it
-status=0
-LD_PRELOAD="$runtimes" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$top/report" \
-    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$top/report" \
-    python -m pytest -q -p no:cacheprovider "$@" || status=$?
-for report in "$top"/report.*; do
-    [ -e "$report" ] || continue
-    echo "sanitize_native: report $(basename "$report"):" >&2
-    cat "$report" >&2
-    [ "$status" -ne 0 ] || status=1
-done
-exit "$status"
+# --capture=sys: pytest captures Python's output only, so that a sanitizer's report (written to file descriptor 2 by
+# the C runtime, right before it ends the process) is not lost in pytest's capture of that descriptor
+LD_PRELOAD="$runtimes" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    python -m pytest -q -p no:cacheprovider --capture=sys "$@"

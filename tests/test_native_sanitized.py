@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# every entry point of the kernel: post-processing (closing, several threads, a late helper, NaN, empty input,
-# buffer checks), the cloud rows, the resize and normalisation, the frame's geometry; not the tests that time,
-# load the shipped model or build pipelines (they add minutes under the sanitizers, not kernel paths)
-SELECTION = ["tests/test_native_postprocess.py", "tests/test_native_geometry.py",
+# every entry point of the kernel, with valid and hostile arguments: post-processing (closing, several threads, a
+# late helper, NaN, empty input, buffer checks), the cloud rows, the resize and normalisation, the frame's geometry;
+# not the tests that time, load the shipped model or build pipelines (minutes under the sanitizers, no kernel paths)
+SELECTION = ["tests/test_native_postprocess.py", "tests/test_native_geometry.py", "tests/test_native_arguments.py",
              "-k", "not benchmark and not pipeline and not shipped and not environment and not stale"]
 
 
