@@ -37,7 +37,7 @@ else
     "$cc" -O1 -g -fsanitize=thread -std=gnu11 -I"$include" -I"$work/models" "$work/tests/native/helper_race.c" \
         -L"$libdir" -Wl,-rpath,"$libdir" -l"${lib%%.so*}" -lm -lpthread -o "$top/helper_race"
     echo "sanitize_native: ThreadSanitizer on the helper thread's protocol (tests/native/helper_race.c)"
-    TSAN_OPTIONS="halt_on_error=1" "$top/helper_race"
+    env -u LD_PRELOAD TSAN_OPTIONS="halt_on_error=1" "$top/helper_race"
 fi
 "$cc" -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
     -ffp-contract=off -std=c11 -Wall -I"$include" "$work/models/_occupancy_native.c" -lm \
