@@ -169,7 +169,8 @@ tests() {  # tests [SECONDS]
     step "${1:-90}" "device-path tests (torch 2.11; the pinned-upload test runs only on CUDA)" python3 -m pytest -q \
         -p no:cacheprovider tests/test_preprocess_device.py tests/test_cuda_mem.py tests/test_backends.py \
         tests/test_fused_postprocess.py tests/test_device_cloud.py tests/test_native_geometry.py \
-        -k "device or cuda or static or graph or fused or launch or dense or compaction or geometry or rigid"
+        tests/test_native_arguments.py -k "device or cuda or static or graph or fused or launch or dense or compaction \
+        or geometry or rigid or checked or extreme or overflow or unaligned"
 }
 graphs() {  # both configs, CUDA graphs (post-processing fused), fp32 + fp16, bgr8 + jpeg
     step 170 "frame path, CUDA graphs" python3 benchmarks/bench_frame_path.py --device cuda \
