@@ -21,6 +21,7 @@ import torch
 from .config import ModelConfig
 
 ABI_VERSION = 14  # must match ABI_VERSION in _occupancy_native.c
+SWITCHED_OFF = "switched off by DISCENE_NATIVE_POSTPROCESS=0"
 
 try:
     from . import _occupancy_native as _kernel
@@ -29,7 +30,7 @@ except ImportError as exc:  # not built (no compiler when installed), or built f
 else:
     _REASON = None
     if os.environ.get("DISCENE_NATIVE_POSTPROCESS", "1") == "0":
-        _kernel, _REASON = None, "switched off by DISCENE_NATIVE_POSTPROCESS=0"
+        _kernel, _REASON = None, SWITCHED_OFF
     elif getattr(_kernel, "ABI_VERSION", None) != ABI_VERSION:
         _kernel, _REASON = None, (f"stale build (ABI {getattr(_kernel, 'ABI_VERSION', None)}, this code needs "
                                   f"{ABI_VERSION}); rebuild with pip install -e . / colcon build")
@@ -43,6 +44,11 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be used (None when it can)."""
     return _REASON
+
+
+def switched_off() -> bool:
+    """True when ``DISCENE_NATIVE_POSTPROCESS=0`` turned a built kernel off (not a missing or stale build)."""
+    return _REASON == SWITCHED_OFF
 
 
 class NativeVoxels(NamedTuple):

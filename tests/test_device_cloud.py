@@ -39,7 +39,8 @@ def _same_frame(ref, got) -> None:
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name  # NaN scores too
     want, have = msg_encode.occupancy_cloud(ref), msg_encode.occupancy_cloud(got)
     assert have.points.dtype == msg_encode.CLOUD_DTYPE and have.points.tobytes() == want.points.tobytes()
-    assert (have.xyz_finite, have.scores_finite) == (want.xyz_finite, want.scores_finite)
+    if want.xyz_finite is not None:  # numpy's rows (no kernel) leave it to the output check: None
+        assert (have.xyz_finite, have.scores_finite) == (want.xyz_finite, want.scores_finite)
 
 
 def _compacted(labels, best, origin, config, device, head=None) -> CloudFrame:
@@ -105,10 +106,9 @@ def test_non_finite_rows_are_reported_as_the_host_reports_them(lite_config):
 
 @pytest.mark.parametrize("closing", [True, False])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 1.0])
-def test_host_compaction_of_copied_grids_is_the_frame_of_the_two_passes(lite_config, closing, threshold):
+def test_host_compaction_of_copied_grids_is_the_frame_of_the_two_passes(lite_config, closing, threshold, native_kernel):
     """Copied grids turned into rows on the host in one pass of the kernel (``dense_cloud``): the frame and the cloud
     bytes of ``frame_from_dense`` and then ``occupancy_cloud``, for an empty grid too."""
-    assert native_postprocess.available(), native_postprocess.unavailable_reason()
     cfg = dataclasses.replace(lite_config, closing=closing, score_threshold=threshold)
     labels, best = dense_occupancy(*_query_sets(6, cfg), cfg)
     origin = np.array([0.75, -1.5, -0.2])
@@ -118,7 +118,7 @@ def test_host_compaction_of_copied_grids_is_the_frame_of_the_two_passes(lite_con
     assert got.cloud_finite == (True, True) and (len(got.voxel_ids) > 100) == (threshold < 1.0)
 
 
-def test_host_compaction_reports_non_finite_rows_as_the_two_passes(lite_config):
+def test_host_compaction_reports_non_finite_rows_as_the_two_passes(lite_config, native_kernel):
     cfg = dataclasses.replace(lite_config, score_threshold=0.0)
     labels, best = dense_occupancy(*_query_sets(7, cfg), cfg)
     best.view(-1)[torch.nonzero(labels.view(-1))[:2, 0]] = float("inf")
@@ -136,7 +136,7 @@ def test_host_compaction_without_the_kernel_is_the_two_passes(lite_config, monke
     assert not isinstance(got, CloudFrame) and len(got.voxel_labels) > 0
 
 
-def test_dense_cloud_checks_its_buffers_and_capacity():
+def test_dense_cloud_checks_its_buffers_and_capacity(native_kernel):
     kernel = native_postprocess._kernel
     labels, best = np.zeros((4, 5, 6), np.uint8), np.zeros((4, 5, 6), np.float32)
     labels[1, 2, 3] = labels[3, 4, 5] = 7
@@ -192,7 +192,8 @@ def test_fused_pipeline_with_device_rows_gives_the_frames_of_the_grids(lite_conf
             ref = grids.complete(grids.prepare(image, k, pose, voxel_origin=origin, slot=j % LAUNCH_AHEAD_SLOTS))
             got = rows.collect(handle)
             assert handle.cloud is not None and len(ref.voxel_labels) > 50
-            assert isinstance(ref, CloudFrame)  # the copied grids compacted on the host (``cloud_frame_from_dense``)
+            # the copied grids compacted on the host (``cloud_frame_from_dense``; without the kernel numpy's frame)
+            assert isinstance(ref, CloudFrame) == native_postprocess.available()
             if device == "cpu":
                 _same_frame(ref, got)
             else:  # CUDA: index_add_ sums with atomics in any order, so a voxel at a tie may flip

@@ -21,7 +21,7 @@ def cpu_path(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(native_postprocess, "_kernel", None)
     else:
-        assert native_postprocess.available(), native_postprocess.unavailable_reason()
+        request.getfixturevalue("native_kernel")
     return request.param
 
 

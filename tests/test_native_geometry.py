@@ -23,8 +23,8 @@ GRID = (60, 60, 36)
 
 
 @pytest.fixture(autouse=True)
-def kernel_built():
-    assert native_postprocess.available(), native_postprocess.unavailable_reason()
+def kernel_built(native_kernel):
+    """Every test here is of the kernel (conftest's ``native_kernel``: failed where it is not built)."""
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:

@@ -141,9 +141,8 @@ def test_cpu_reads_the_frame_in_place_or_copies_it_with_the_same_result(lite_con
 
 
 @pytest.mark.parametrize("bgr", [True, False])
-def test_cpu_normalisation_kernel_equals_the_torch_ops_bit_for_bit(lite_config, monkeypatch, bgr):
+def test_cpu_normalisation_kernel_equals_the_torch_ops_bit_for_bit(lite_config, monkeypatch, bgr, native_kernel):
     # the native one-pass normalisation (reorder, multiply, add) against torch's index_select, mul and add_
-    assert native_postprocess.available(), native_postprocess.unavailable_reason()
     k, pose = example_camera(lite_config)
     frame = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     view = frame[..., ::-1] if bgr else frame
@@ -159,11 +158,10 @@ def test_cpu_normalisation_kernel_equals_the_torch_ops_bit_for_bit(lite_config, 
 
 
 @pytest.mark.parametrize("bgr", [True, False])
-def test_cpu_native_resize_equals_the_torch_resize_bit_for_bit(lite_config, monkeypatch, bgr):
+def test_cpu_native_resize_equals_the_torch_resize_bit_for_bit(lite_config, monkeypatch, bgr, native_kernel):
     # the native kernel's resize + normalisation in one call against torch's uint8 antialiased resize and the
     # torch ops, for a camera frame and a JPEG decoded at half size; a row-padded frame (not contiguous) goes
     # to torch
-    assert native_postprocess.available(), native_postprocess.unavailable_reason()
     k, pose = example_camera(lite_config)
     calls = []
     real = native_postprocess.resize_normalise
@@ -181,7 +179,7 @@ def test_cpu_native_resize_equals_the_torch_resize_bit_for_bit(lite_config, monk
     assert not calls
 
 
-def test_resize_benchmark_compares_the_ways_on_equal_outputs(tmp_path):
+def test_resize_benchmark_compares_the_ways_on_equal_outputs(tmp_path, native_kernel):
     """bench_resize.py: torch's ops and the native call (one and two threads) on both frames, outputs checked
     equal before timing, and the two whole-frame preprocessings, a row each with its ratio to torch's resize in
     the same rounds."""

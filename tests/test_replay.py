@@ -20,6 +20,7 @@ from discene_ros.dataset_to_bag import main as to_bag_main
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import post_threads_for
 from discene_ros.replay import ReplaySettings
+from models import native_postprocess
 
 SUMMARY_KEYS = {"frames", "fps", "latency_ms", "iou", "miou", "per_class_iou", "skipped"}
 
@@ -108,7 +109,8 @@ def test_replay_with_oracle_backend_scores_perfect(dataset, bags, tmp_path, stor
     assert f"- frame path: {s['pipeline']}" in text
     # the network alone on the CPU: the kernel with its helper where there are two cores, for raw images
     threads = post_threads_for(False, compressed=storage == "sqlite3")  # the JPEG bag
-    assert f"post-processing on the CPU (native kernel, {threads} thread" in s["pipeline"]
+    post = f"native kernel, {threads} thread" if native_postprocess.available() else "torch ops; native kernel"
+    assert f"post-processing on the CPU ({post}" in s["pipeline"]
     assert len(list((tmp_path / "renders").glob("*.png"))) == 1
 
 

@@ -60,7 +60,9 @@ def test_colcon_build_installs_launch_config_rviz_node_and_data(tmp_path):
     src = tmp_path / "ws" / "src" / "discene_ros"
     _copy_package(src)
     ws = tmp_path / "ws"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMENT_", "COLCON_"))}
+    # (the kernel switch too: this tests what the build installs, on a suite run with the kernel off as well)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AMENT_", "COLCON_")) and k != "DISCENE_NATIVE_POSTPROCESS"}
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from colcon_core.command import main; sys.exit(main())",
          "--log-base", "log", "build", "--base-paths", "src", "--executor", "sequential",
