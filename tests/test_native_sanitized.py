@@ -33,7 +33,7 @@ def _sanitizer_runtimes_missing() -> str | None:
 
 
 @pytest.mark.skipif(_sanitizer_runtimes_missing() is not None, reason=str(_sanitizer_runtimes_missing()))
-def test_kernel_tests_pass_under_address_and_undefined_behaviour_sanitizers():
+def test_kernel_is_clean_under_thread_address_and_undefined_behaviour_sanitizers():
     # a clean environment for it (this suite may itself run under the sanitizers, sanitize_native.sh tests/, or
     # with the kernel switched off: the script tests the kernel all the same)
     env = {k: v for k, v in os.environ.items()
