@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#define ROUNDS 8000 /* per caller: about 1 s under TSan */
+
 typedef struct { int *data; int from, to, value; } Half;
 
 static void fill(void *arg) {
@@ -22,7 +24,7 @@ static void fill(void *arg) {
 static void *second_caller(void *unused) {
     (void)unused;
     int data[64];
-    for (int round = 0; round < 20000; round++) {
+    for (int round = 0; round < ROUNDS; round++) {
         Half halves[2] = {{data, 0, 32, round}, {data, 32, 64, round}};
         int split = helper_acquire();
         run_jobs(split, fill, halves, sizeof(Half));
@@ -38,7 +40,7 @@ int main(void) {
     pthread_t other;
     pthread_create(&other, NULL, second_caller, NULL);
     int data[1024];
-    for (int round = 0; round < 20000; round++) {
+    for (int round = 0; round < ROUNDS; round++) {
         Half halves[2] = {{data, 0, 512, round}, {data, 512, 1024, -round}};
         int split = helper_acquire();
         run_jobs(split, fill, halves, sizeof(Half));
@@ -46,7 +48,7 @@ int main(void) {
         if (split) helper_release();
         for (int i = 0; i < 1024; i++)
             if (data[i] != (i < 512 ? round : -round) + i) { printf("wrong value\n"); return 1; }
-        if (round % 2000 == 0) usleep(300); /* past SPIN_NS: the helper sleeps on its condition variable */
+        if (round % 1000 == 0) usleep(300); /* past SPIN_NS: the helper sleeps on its condition variable */
     }
     pthread_join(other, NULL);
     if (atomic_load(&helper.on_helper) == 0) { /* nothing ran on the helper: the run tested nothing */
