@@ -1144,26 +1144,32 @@ done:
     return result;
 }
 
-/* Voxel centres as rows of six 4-byte words (x, y, z float32; packed rgb; label as a uint32; score float32),
+/* A voxel's centre as a row of six 4-byte words (x, y, z float32; packed rgb; label as a uint32; score float32),
  * the layout of discene_ros/msg_encode.py's CLOUD_DTYPE. Each coordinate is the float64
- * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. Sets whether
- * every x, y and z is finite (PointCloud2's is_dense) and whether every score is, seen on the way: the
+ * origin + (index + 0.5) * size of OccupancyFrame.centers_world, rounded to float32 once. Clears ``finite`` unless
+ * its x, y and z are finite (PointCloud2's is_dense), ``finite_score`` unless its score is, seen on the way: the
  * node's output check reads them instead of passing over the frame again. */
+static inline void cloud_row(const int64_t index[3], uint8_t label, float score, const uint32_t *rgb_bits,
+                             const double origin[3], double size, uint32_t *row, int *finite, int *finite_score) {
+    for (int a = 0; a < 3; a++) {
+        float c = (float)(origin[a] + ((double)index[a] + 0.5) * size);
+        *finite &= fabsf(c) <= FLT_MAX; /* false for NaN and +-inf */
+        memcpy(&row[a], &c, 4);
+    }
+    row[3] = rgb_bits[label];
+    row[4] = label;
+    *finite_score &= fabsf(score) <= FLT_MAX;
+    memcpy(&row[5], &score, 4);
+}
+
+/* cloud_row for M listed voxels: (M, 3) grid indices, labels and scores. */
 static void cloud_rows(const int32_t *index, const uint8_t *label, const float *score, const uint32_t *rgb_bits,
                        const double origin[3], double size, int64_t m, uint32_t *out, int *xyz_finite,
                        int *scores_finite) {
     int finite = 1, finite_score = 1;
     for (int64_t i = 0; i < m; i++) {
-        uint32_t *row = out + 6 * i;
-        for (int a = 0; a < 3; a++) {
-            float c = (float)(origin[a] + ((double)index[3 * i + a] + 0.5) * size);
-            finite &= fabsf(c) <= FLT_MAX; /* false for NaN and +-inf */
-            memcpy(&row[a], &c, 4);
-        }
-        row[3] = rgb_bits[label[i]];
-        row[4] = label[i];
-        finite_score &= fabsf(score[i]) <= FLT_MAX;
-        memcpy(&row[5], &score[i], 4);
+        const int64_t at[3] = {index[3 * i], index[3 * i + 1], index[3 * i + 2]};
+        cloud_row(at, label[i], score[i], rgb_bits, origin, size, out + 6 * i, &finite, &finite_score);
     }
     *xyz_finite = finite;
     *scores_finite = finite_score;
@@ -1171,7 +1177,7 @@ static void cloud_rows(const int32_t *index, const uint8_t *label, const float *
 
 /* The PointCloud2 rows of a dense (nx, ny, nz) label grid's occupied voxels (label != 0) in flat-id order, with their
  * flat ids: models/device_cloud.py's compaction on the host, for grids copied back from the device, in one pass
- * instead of postprocess.frame_from_dense's voxel lists and then cloud_rows. Each row as cloud_rows writes it, the score best[id]. Returns
+ * instead of postprocess.frame_from_dense's voxel lists and then cloud_rows. Each row as cloud_row writes it, the score best[id]. Returns
  * the number of rows, or -1 when more than capacity; sets whether every x, y and z of them is finite, and every
  * score. */
 static int64_t grid_cloud(const uint8_t *restrict labels, const float *restrict best, const uint32_t *rgb_bits, int nx,
@@ -1183,16 +1189,7 @@ static int64_t grid_cloud(const uint8_t *restrict labels, const float *restrict 
         if (m == capacity) return -1;
         int64_t column = id / nz;
         const int64_t index[3] = {column / ny, column % ny, id % nz};
-        uint32_t *row = out_rows + 6 * m;
-        for (int a = 0; a < 3; a++) {
-            float c = (float)(origin[a] + ((double)index[a] + 0.5) * size);
-            finite &= fabsf(c) <= FLT_MAX;
-            memcpy(&row[a], &c, 4);
-        }
-        row[3] = rgb_bits[labels[id]];
-        row[4] = labels[id];
-        finite_score &= fabsf(best[id]) <= FLT_MAX;
-        memcpy(&row[5], &best[id], 4);
+        cloud_row(index, labels[id], best[id], rgb_bits, origin, size, out_rows + 6 * m, &finite, &finite_score);
         out_id[m++] = (int32_t)id;
     }
     *xyz_finite = finite;
@@ -1210,8 +1207,8 @@ static PyObject *dense_cloud(PyObject *Py_UNUSED(self), PyObject *args) {
                           &nx, &ny, &nz, &capacity, &origin[0], &origin[1], &origin[2], &size))
         return NULL;
     PyObject *result = NULL;
-    int64_t cells = (int64_t)nx * ny * nz;
-    if (nx < 1 || ny < 1 || nz < 1 || cells > INT32_MAX || capacity < 0 || capacity > PY_SSIZE_T_MAX / 24) {
+    const Py_ssize_t cells = items_of(nx, ny, nz, 1);
+    if (nx < 1 || ny < 1 || nz < 1 || cells < 0 || cells > INT32_MAX || capacity < 0 || capacity > PY_SSIZE_T_MAX / 24) {
         PyErr_SetString(PyExc_ValueError, "dense_cloud: bad grid shape or capacity");
         goto done;
     }

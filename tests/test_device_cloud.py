@@ -150,6 +150,9 @@ def test_dense_cloud_checks_its_buffers_and_capacity(native_kernel):
         kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids, rows[:1], 4, 5, 6, 2, 0.0, 0.0, 0.0, 0.1)
     with pytest.raises(ValueError, match="bad grid shape"):
         kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids, rows, 0, 5, 6, 2, 0.0, 0.0, 0.0, 0.1)
+    huge = (2**31 - 1,) * 3  # cells past 64 bits: refused before any buffer is sized from them
+    with pytest.raises(ValueError, match="bad grid shape"):
+        kernel.dense_cloud(labels, best, LABEL_RGB_BITS, ids, rows, *huge, 2, 0.0, 0.0, 0.0, 0.1)
 
 
 def _pipelines(config, device, frame_graphs: bool, monkeypatch):

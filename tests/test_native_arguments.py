@@ -134,14 +134,6 @@ def test_occupied_labels_size_products_that_overflow_are_refused(sizes):
         kernel.occupied_labels(*call.args[:12], *grid, *call.args[15:])
 
 
-def test_dense_cloud_capacity_below_the_occupied_count_is_reported_not_overrun():
-    call = next(c for c in CALLS if c.name == "dense_cloud")
-    labels = np.ones((2, 2, 2), np.uint8)
-    args = list(call.args)
-    args[0], args[3], args[4], args[8] = labels, np.empty(3, np.int32), np.empty((3, 6), np.float32), 3
-    assert kernel.dense_cloud(*args)[0] == -1
-
-
 def test_wrappers_copy_unaligned_arrays_instead_of_refusing_them():
     """The Python side hands the kernel aligned arrays: an unaligned one is copied (or, for the geometry, left to
     the Python floats), so the frame path never meets the kernel's alignment error."""
