@@ -64,8 +64,7 @@ def _resized(array: np.ndarray, items: int) -> np.ndarray:
 def _unaligned(array: np.ndarray) -> np.ndarray:
     """A C-contiguous copy of ``array`` one byte past an aligned address."""
     raw = np.zeros(array.nbytes + 1, np.uint8)
-    view = raw[1:].view(array.dtype) if array.dtype.itemsize == 1 else np.frombuffer(raw.data, array.dtype,
-                                                                                      array.size, 1)
+    view = np.frombuffer(raw.data, array.dtype, array.size, 1)
     view[...] = array.reshape(-1)
     return view.reshape(array.shape)
 
