@@ -44,7 +44,7 @@ def native_kernel() -> None:
     ``DISCENE_NATIVE_POSTPROCESS=0`` switches it off on purpose, so that the suite can be run as on a robot
     whose install had no C compiler (the torch ops and Python floats then run everything)."""
     if native_postprocess.switched_off():
-        pytest.skip("native kernel switched off by DISCENE_NATIVE_POSTPROCESS=0")
+        pytest.skip(f"native kernel {native_postprocess.SWITCHED_OFF}")
     assert native_postprocess.available(), native_postprocess.unavailable_reason()
 
 

@@ -22,9 +22,7 @@ SIZE_HW = (240, 320)
 GRID = (60, 60, 36)
 
 
-@pytest.fixture(autouse=True)
-def kernel_built(native_kernel):
-    """Every test here is of the kernel (conftest's ``native_kernel``: failed where it is not built)."""
+pytestmark = pytest.mark.usefixtures("native_kernel")  # every test here is of the kernel: failed where it is not built
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:

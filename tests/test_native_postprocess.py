@@ -30,9 +30,7 @@ LITE = ROOT / "discene_ros" / "data" / "lite_distilled.pt"
 SAMPLE = ROOT / "discene_ros" / "data" / "sample_dataset"
 
 
-@pytest.fixture(autouse=True)
-def kernel_built(native_kernel):
-    """Every test here is of the kernel (conftest's ``native_kernel``: failed where it is not built)."""
+pytestmark = pytest.mark.usefixtures("native_kernel")  # every test here is of the kernel: failed where it is not built
 
 
 def _case(seed: int, batch: int = 1, queries: int = 60, per_query: int = 16, classes: int = 11,
@@ -213,7 +211,7 @@ def test_kernel_runs_in_several_threads_at_once(lite_config):
 
 
 def test_kernel_checks_its_buffers():
-    from models import _occupancy_native as kernel  # the extension itself (kernel_built says it is there)
+    from models import _occupancy_native as kernel  # the extension itself (the module's native_kernel mark says it is there)
 
     points = np.zeros((1, 2, 3, 3), np.float32)
     centres = np.zeros((1, 2, 3), np.float32)
