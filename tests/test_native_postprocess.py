@@ -211,7 +211,7 @@ def test_kernel_runs_in_several_threads_at_once(lite_config):
 
 
 def test_kernel_checks_its_buffers():
-    from models import _occupancy_native as kernel  # the extension itself (the module's native_kernel mark says it is there)
+    from models import _occupancy_native as kernel  # the extension itself (built: the module's mark)
 
     points = np.zeros((1, 2, 3, 3), np.float32)
     centres = np.zeros((1, 2, 3), np.float32)
