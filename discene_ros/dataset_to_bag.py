@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
+from models.geometry import scale_intrinsic
+from models.preprocess import resize_depth, resize_image
+from training.occscannet import BadSampleError, OccScanNetDataset, find_image, read_image
+from training.scene_format import DEPTH_SCALE, SPLIT_FILES, read_split
 
 from . import bag_io, msg_encode
 from .msg_factory import TypestoreFactory
 
 
 def _sample_ids(root: Path, split: str) -> list[str]:
-    from training.scene_format import SPLIT_FILES, read_split
-
     if split != "all":
         return read_split(root, split)
     ids: list[str] = []
@@ -36,11 +40,6 @@ def _sample_ids(root: Path, split: str) -> list[str]:
 
 def _read_frame(dataset: Any, sample_id: str, resize_hw: tuple[int, int] | None) -> dict[str, Any]:
     """Raw frame of a sample: rgb, jpeg bytes (None after resizing), depth metres, K, pose, origin, target."""
-    from models.geometry import scale_intrinsic
-    from models.preprocess import resize_depth, resize_image
-    from training.occscannet import find_image, read_image
-    from training.scene_format import DEPTH_SCALE
-
     data = dataset.read_pickle(sample_id)
     target = dataset.read_target(sample_id, data)
     jpg = find_image(dataset.root, sample_id, data, "img")
@@ -98,10 +97,6 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
     """Convert a dataset to a bag; returns the number of frames written (at least 1: a dataset without a
     readable sample is a ValueError). A conversion that fails before writing a frame removes the bag folder
     it made."""
-    from tqdm import tqdm
-
-    from training.occscannet import BadSampleError, OccScanNetDataset
-
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {root} does not exist")
@@ -143,9 +138,6 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
 
 def _all_split_dataset(root: Path) -> Any:
     """A loader instance used only for its validated pkl/target readers (any split list works)."""
-    from training.occscannet import OccScanNetDataset
-    from training.scene_format import SPLIT_FILES
-
     split = next(s for s in SPLIT_FILES if (root / SPLIT_FILES[s]).is_file())
     return OccScanNetDataset(root, split=split)
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from models.checkpoint import atomic_write, check_output_file
+from models.classes import CLASS_NAMES
 
 from . import bag_io, msg_decode
 from .camera_pose import orientation_problem, use_fallback
@@ -301,8 +302,6 @@ class Evaluator:
         self.unknown_missing |= not gt.has_unknown
 
     def result(self) -> dict[str, Any]:
-        from models.classes import CLASS_NAMES
-
         stats = self.metrics.compute()
         per_class = [float(v) for v in stats["per_class_iou"]]  # index 0 = empty
         return {"iou": stats["iou"], "miou": stats["miou"], "precision": stats["precision"], "recall": stats["recall"],

@@ -25,13 +25,19 @@ import numpy as np
 import onnx
 import torch
 
-from models.checkpoint import check_output_file
+from models import build_model
+from models.checkpoint import check_output_file, load_model
 from models.classes import CLASS_NAMES
 from models.config import ModelConfig, load_config
 from models.geometry import place_grid
+from models.postprocess import points_to_occupancy
+from models.preprocess import NetworkInputs, preprocess
 from models.sampling import set_sampling_impl
 
 from .backends.base import input_names, input_shapes, output_shapes
+from .backends.ort_backend import OrtBackend
+from .backends.torch_backend import TorchBackend
+from .fp16 import KEEP_FP32_OPS, convert_file_to_fp16, fp16_onnx_agreement, torch_variant_agreement
 from .op_check import TRT_OPS_VERSION, check_model
 from .sidecar import (
     atomic_write_bytes,
@@ -63,8 +69,6 @@ def example_camera(config: ModelConfig, height: float = 1.4, pitch_deg: float = 
 
 def example_frame(config: ModelConfig, seed: int = PARITY_SEED):
     """Seeded realistic ``NetworkInputs``: smooth colour image, the example camera, floor-plane depth."""
-    from models.preprocess import preprocess
-
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, size=(15, 20, 3)).astype(np.float32)
     image = np.kron(coarse, np.ones((32, 32, 1), np.float32))  # 480x640 blocky scene-like image
@@ -90,8 +94,7 @@ def agreement_frames(config: ModelConfig, root: str | Path | None = SAMPLE_DATAS
     package (both splits, real images and poses) when it is readable, else seeded example frames."""
     if root is not None and Path(root).is_dir():
         try:
-            from models.preprocess import NetworkInputs
-            from training.occscannet import OccScanNetDataset
+            from training.occscannet import OccScanNetDataset  # the sample dataset's reader; example frames without it
 
             frames = []
             for split in ("val", "train"):
@@ -112,8 +115,6 @@ def agreement_frames(config: ModelConfig, root: str | Path | None = SAMPLE_DATAS
 def load_for_export(config: str | ModelConfig | None, checkpoint: str | Path | None) -> tuple[torch.nn.Module, ModelConfig]:
     """Model and config from a checkpoint, or the named config with seeded random weights (warned)."""
     if checkpoint is not None:
-        from models.checkpoint import load_model
-
         model, ckpt_config = load_model(str(checkpoint), map_location="cpu")
         if config is not None:
             wanted = config if isinstance(config, ModelConfig) else load_config(config)
@@ -127,8 +128,6 @@ def load_for_export(config: str | ModelConfig | None, checkpoint: str | Path | N
     msg = f"no checkpoint given: exporting '{cfg.name}' with RANDOM weights (seed 0); for tests and speed only"
     warnings.warn(msg, stacklevel=2)
     log.warning(msg)
-    from models import build_model
-
     torch.manual_seed(0)
     return build_model(cfg).eval(), cfg
 
@@ -161,11 +160,6 @@ def _simplify(path: Path) -> bool:
 
 def measure_parity(onnx_path: Path, model: torch.nn.Module, config: ModelConfig, frame: Any) -> dict[str, Any]:
     """onnxruntime CPU vs eager torch on ``frame``: max abs differences and voxel label agreement."""
-    from models.postprocess import points_to_occupancy
-
-    from .backends.ort_backend import OrtBackend
-    from .backends.torch_backend import TorchBackend
-
     ref = TorchBackend(model, config, device="cpu").infer(frame)
     ort_backend = OrtBackend(onnx_path, config, providers=["CPUExecutionProvider"])
     got = ort_backend.infer(frame)
@@ -293,8 +287,6 @@ def _sidecar(onnx_file: Path, cfg: ModelConfig, model: torch.nn.Module, checkpoi
 def export_fp16_companion(out: Path, sidecar: dict[str, Any], model: torch.nn.Module, cfg: ModelConfig,
                           frame: Any, parity: bool) -> Path:
     """``<stem>.fp16.onnx`` for TensorRT strongly typed builds, with its own sidecar and parity figures."""
-    from .fp16 import KEEP_FP32_OPS, convert_file_to_fp16, fp16_onnx_agreement, torch_variant_agreement
-
     # sampling-location arithmetic kept FP32: measured on the shipped lite and the sample dataset
     # (4 frames), occupied-voxel label agreement with FP32 96.5 % instead of 95.3 %
     final = fp16_path(out)

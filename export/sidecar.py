@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from models.checkpoint import atomic_write
 
 SIDECAR_SUFFIX = ".json"
@@ -64,8 +66,6 @@ def sha256_state_dict(state_dict: dict[str, Any]) -> str:
     Independent of how the weights were saved (file layout, pickle protocol), so the same weights
     give the same hash whether they came from a checkpoint or a freshly built model.
     """
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name]

@@ -32,6 +32,7 @@ from typing import Any
 import onnx
 
 from .backends.base import require
+from .fp16 import convert_file_to_fp16
 from .sidecar import atomic_write_bytes, read_sidecar, sha256_file, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
     strongly_typed = precision_plan(trt, fp16, strongly_typed)
     source = onnx_path
     if strongly_typed and fp16 and not _is_fp16_onnx(model):
-        from .fp16 import convert_file_to_fp16
-
         source = onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
         log.info("TensorRT %s: strongly typed FP16 needs an FP16 ONNX; writing %s", version, source)
         try:

@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from . import build_model
 from .config import ModelConfig
 
 
@@ -164,8 +165,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 def model_from_payload(payload: dict[str, Any], path: str | Path) -> tuple[nn.Module, ModelConfig]:
     """``load_model`` of a checkpoint already read (``load_checkpoint``), for callers that also want its other
     entries (e.g. ``trained_steps``) without reading the file twice; ``path`` names it in errors."""
-    from . import build_model
-
     try:
         config = ModelConfig.from_dict(payload["config"])
     except (TypeError, ValueError) as exc:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from . import native_postprocess
 from .config import ModelConfig
@@ -82,8 +83,6 @@ def pixel_values(image: torch.Tensor) -> torch.Tensor:
 
 def resize_image(image_rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Bilinear (antialiased) resize of a uint8 HxWx3 image with PIL."""
-    from PIL import Image
-
     h, w = size_hw
     if image_rgb.shape[:2] == (h, w):
         return image_rgb

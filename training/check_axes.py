@@ -15,19 +15,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from models.classes import label_colors
 from models.geometry import scale_intrinsic, voxel_centers
 
-from .scene_format import DEPTH_SCALE, LAYOUTS, STORED_LAYOUT, from_stored
+from .occscannet import find_image, read_image, read_pickle
+from .render import project_labels
+from .scene_format import DEPTH_SCALE, LAYOUTS, STORED_LAYOUT, from_stored, read_split
 
 IGNORED_LABELS = (1, 2)  # ceiling, floor: symmetric under a swap of the two horizontal axes
 
 
 def _window_min_max(depth: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel min / max of valid depth in a (2r+1)^2 window (inf / -inf where none is valid)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
     lo = np.where(depth > 0, depth, np.inf)
     hi = np.where(depth > 0, depth, -np.inf)
     size = 2 * radius + 1
@@ -76,8 +78,6 @@ def layout_scores(stored: np.ndarray, depth: np.ndarray, intrinsic: np.ndarray, 
 
 def load_raw(root: str | Path, sample_id: str) -> dict:
     """The pkl dict plus depth (H,W metres) and the 3x3 K scaled to the depth resolution."""
-    from .occscannet import find_image, read_image, read_pickle
-
     data = read_pickle(root, sample_id)
     with Image.open(find_image(root, sample_id, data, "img")) as im:
         rgb_hw = (im.height, im.width)
@@ -89,11 +89,6 @@ def load_raw(root: str | Path, sample_id: str) -> dict:
 
 def render_layouts(root: str | Path, sample_id: str, data: dict, out_path: Path) -> None:
     """PNG: the RGB image next to the grid projected into it with each candidate layout."""
-    from models.classes import label_colors
-
-    from .occscannet import find_image, read_image
-    from .render import project_labels
-
     rgb = read_image(sample_id, find_image(root, sample_id, data, "img"), "RGB")
     scale = 320 / rgb.shape[1]
     hw = (max(1, round(rgb.shape[0] * scale)), 320)
@@ -115,8 +110,6 @@ def check_dataset(root: str | Path, split: str = "val", n: int = 20, tol: float 
 
     With ``render_dir``, also writes one PNG per sample: image | grid projected as 'yxz' | as 'xyz'.
     """
-    from .scene_format import read_split
-
     ids = read_split(root, split)
     rng = np.random.default_rng(seed)
     chosen = [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]

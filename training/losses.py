@@ -295,7 +295,7 @@ class FusedSearch:
         """Past its recompile limit dynamo may run a function eagerly, which here would store the whole distance
         volume: make that an error, a compile failure, so the GEMM search takes over (torch 2.13 raises there
         for fullgraph functions anyway; this holds it on versions that do not)."""
-        import torch._dynamo
+        import torch._dynamo  # here, not at the top: a 1.6 s import that only the compiled search needs
 
         if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
             return contextlib.nullcontext()
@@ -344,7 +344,7 @@ def nearest_neighbours_kdtree(pred: torch.Tensor, sizes: Sequence[int], gt: torc
 
     One tree per scene's ground truth serves every segment; one tree per segment answers the GT side.
     """
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # scipy: the [train] extra
 
     b, p = pred.shape[:2]
     m = gt.shape[1]

@@ -40,8 +40,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from models.config import ModelConfig
 from models.geometry import GRID_SHAPE, scale_intrinsic
-from models.preprocess import preprocess
+from models.preprocess import preprocess, resize_image
 
 from .scene_format import DEPTH_SCALE, IMAGES, STORED_LAYOUT, UNKNOWN, from_stored, read_split, sample_paths
 
@@ -131,8 +132,6 @@ class OccScanNetDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"Occ-ScanNet root '{self.root}' does not exist")
         if config is None:
-            from models.config import ModelConfig
-
             config = ModelConfig(image_size=[int(image_size[0]), int(image_size[1])])
         self.config = config
         self.image_size = (int(config.image_size[0]), int(config.image_size[1]))
@@ -224,8 +223,6 @@ class OccScanNetDataset(Dataset):
             "sample_id": sample_id,
         }
         if self.return_rgb:
-            from models.preprocess import resize_image
-
             out["rgb"] = torch.from_numpy(np.array(resize_image(rgb, self.image_size), dtype=np.uint8))
         return out
 

@@ -6,13 +6,17 @@ depth, the ground truth and a prediction side by side with a class legend.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from models.classes import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES
-from models.geometry import VOXEL_SIZE
+from models.geometry import VOXEL_SIZE, voxel_centers
+
+from .occscannet import find_image, read_image, read_pickle
+from .scene_format import DEPTH_SCALE, STORED_LAYOUT, from_stored
 
 FACE_SHADE = (0.72, 0.86, 1.0)  # x faces, y faces, z faces (tops brightest)
 BACKGROUND = (255, 255, 255)
@@ -147,8 +151,6 @@ def project_labels(labels: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarr
     Voxel centres are projected with K (of an image of ``size_hw``) and splatted as squares of their
     projected size, z-buffered; comparing this with the RGB image shows the grid's axis convention.
     """
-    from models.geometry import voxel_centers
-
     labels = np.asarray(labels)
     h, w = size_hw
     occupied = (labels > 0) & (labels <= NUM_CLASSES) & ~np.isin(labels, hide)
@@ -262,9 +264,6 @@ def render_panel(rgb: np.ndarray, depth: np.ndarray | None, gt: np.ndarray | Non
 def render_sample(root: str | Path, sample_id: str, out_path: str | Path | None = None,
                   tile: tuple[int, int] = (400, 300)) -> Image.Image:
     """Panel (image, depth, ground truth) of one sample of an Occ-ScanNet-format dataset."""
-    from .occscannet import find_image, read_image, read_pickle
-    from .scene_format import DEPTH_SCALE, STORED_LAYOUT, from_stored
-
     data = read_pickle(root, sample_id)
     rgb = read_image(sample_id, find_image(root, sample_id, data, "img"), "RGB")
     depth = read_image(sample_id, find_image(root, sample_id, data, "depth_gt"), "I").astype(np.float32) / DEPTH_SCALE
@@ -273,8 +272,6 @@ def render_sample(root: str | Path, sample_id: str, out_path: str | Path | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Render image | depth | ground truth panels of dataset samples.")
     parser.add_argument("--root", required=True, help="Occ-ScanNet-format dataset root")
     parser.add_argument("--samples", nargs="+", required=True, help="sample ids <scene>/<frame>")

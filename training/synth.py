@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from models.checkpoint import atomic_write
 from models.geometry import place_grid
@@ -199,8 +200,6 @@ def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0,
         raise ValueError(f"jpeg quality must be 1..100, got {jpeg_quality}")
     root = Path(out)
     prepare_output(root, overwrite)
-    from tqdm import tqdm
-
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(str(root), seed, i, frames_per_scene, width, height, jpeg_quality) for i in range(scenes)]
     bar = tqdm(total=scenes * frames_per_scene, unit="frame", desc="discene-synth", disable=not progress)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from models.checkpoint import atomic_write, load_checkpoint
 from models.config import ModelConfig, load_config, reject_unknown_keys
 
 from .compiled import COMPILE_BACKENDS
@@ -106,8 +107,6 @@ class TrainConfig:
         if self.model_config().use_depth:
             return True
         if self.mode == "distill" and self.teacher_checkpoint:
-            from models.checkpoint import load_checkpoint
-
             return bool(load_checkpoint(self.teacher_checkpoint)["config"].get("use_depth", False))
         return False
 
@@ -165,8 +164,6 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML atomically (a crash never leaves half a file)."""
-        from models.checkpoint import atomic_write
-
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -472,7 +472,8 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard: the [train] extra
+
             self.writer = SummaryWriter(str(self.out_dir / "tb"))
         end = min(self.total_steps, stop_at_step) if stop_at_step is not None else self.total_steps
         bar = None
