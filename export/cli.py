@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    try:  # each command imports what it runs: --help and check need only onnx, not torch
         if args.command == "onnx":
             from .onnx_export import export_onnx
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-if TYPE_CHECKING:  # the graph pass needs only onnx; torch is imported by the agreement check's backends
+if TYPE_CHECKING:  # the graph pass needs only onnx: torch (sidecar, backends) is imported in the functions that use it
     import torch
 
 KEEP_FP32_OPS = frozenset({"LayerNormalization", "Softmax", "Einsum"})
