@@ -359,9 +359,11 @@ def test_fused_search_recompiled_too_often_hands_over_to_the_gemm_search(caplog)
     pred, gt = torch.rand(2, 40, 3, generator=g), torch.rand(2, 30, 3, generator=g)
     mask = torch.ones(2, 30, dtype=torch.bool)
     search = losses.FusedSearch()
+    # torch 2.6 renamed cache_size_limit to recompile_limit (the JetPack 6.0 torch, 2.3, has the old name)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(recompile_limit=1):
+        with torch._dynamo.config.patch(**{limit: 1}):
             assert search(pred, [10, 30], gt, mask) is not None
             assert search(pred[:1], [10, 30], gt[:1], mask[:1]) is None
     finally:
