@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -54,3 +55,27 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     command = ci[-1].strip()
     assert command in readme, f"README does not contain the CI test command: {command}"
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~ ]", req, maxsplit=1)[0].lower() for req in requirements}
+
+
+def _shell_array(script: str, name: str) -> list[str]:
+    body = re.search(rf"^{name}=\((.*?)\)", script, re.S | re.M)
+    assert body, f"no array {name} in the script"
+    return [item.strip('"') for item in body.group(1).split()]
+
+
+def test_distro_stacks_installs_setup_pys_dev_extra_on_every_stack():
+    """``scripts/distro_stacks.sh`` lists the dev tools apart from the stacks' pins (the dev extra's floors are above
+    the distros' releases); together they must stay setup.py's dev extra, and the pins must cover install_requires."""
+    kwargs = {k.arg: k.value for k in _setup_call().keywords}
+    dev = _requirement_names(ast.literal_eval(kwargs["extras_require"])["dev"])
+    required = _requirement_names(ast.literal_eval(kwargs["install_requires"]))
+    script = (ROOT / "scripts" / "distro_stacks.sh").read_text()
+    tools = _requirement_names(_shell_array(script, "dev_tools"))
+    for stack in ("humble", "jazzy"):
+        pins = _requirement_names(_shell_array(script, f"{stack}_pins"))
+        assert required <= pins, (stack, required - pins)
+        assert tools | (pins - required) == dev, (stack, dev ^ (tools | (pins - required)))
