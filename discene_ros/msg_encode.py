@@ -282,8 +282,8 @@ def _cached_points(factory: MessageFactory, flat_ids: np.ndarray, size: float, g
         cache = _MARKER_POINTS[key] = _PointCache(np.empty(cells, dtype=object), np.zeros(cells, dtype=bool))
     missing = flat_ids[~cache.made[flat_ids]]
     if len(missing):
-        centres = (np.stack(np.unravel_index(missing, grid_shape), axis=-1) + 0.5) * size  # grid-local metres
-        for n, (x, y, z) in zip(missing.tolist(), centres.tolist(), strict=True):
+        centers = (np.stack(np.unravel_index(missing, grid_shape), axis=-1) + 0.5) * size  # grid-local metres
+        for n, (x, y, z) in zip(missing.tolist(), centers.tolist(), strict=True):
             cache.points[n] = factory.new("geometry_msgs/msg/Point", x=x, y=y, z=z)
         cache.made[missing] = True
     return cache.points[flat_ids].tolist()

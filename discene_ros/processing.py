@@ -24,7 +24,7 @@ import numpy as np
 
 from export.backends import create_backend
 from export.pipeline import PIPELINE_SLOTS, FrameRunner, OccupancyPipeline
-from models.geometry import centres_finite_in_float32
+from models.geometry import centers_finite_in_float32
 
 from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
@@ -581,7 +581,7 @@ def check_outputs(occ: Any, cloud: msg_encode.CloudRows | None = None) -> None:
         return
     scores = np.asarray(occ.voxel_scores, dtype=np.float32)
     # one reduction: a float64 sum of float32 values cannot overflow, so it is finite exactly when they all are
-    bad = {"voxel centres": nonfinite_centres(occ),
+    bad = {"voxel centres": nonfinite_centers(occ),
            "scores": 0 if math.isfinite(scores.sum(dtype=np.float64)) else int(np.sum(~np.isfinite(scores))),
            "grid origin": sum(not math.isfinite(v) for v in origin)}
     bad = {k: v for k, v in bad.items() if v}
@@ -590,7 +590,7 @@ def check_outputs(occ: Any, cloud: msg_encode.CloudRows | None = None) -> None:
                                    + ", ".join(f"{n} {k}" for k, n in bad.items()))
 
 
-def nonfinite_centres(occ: Any) -> int:
+def nonfinite_centers(occ: Any) -> int:
     """How many of the frame's voxel centres are not finite in float32.
 
     A centre ``origin + (index + 0.5) * size`` is monotonic in the index along each axis, and so is the
@@ -602,7 +602,7 @@ def nonfinite_centres(occ: Any) -> int:
     if not len(indices):
         return 0
     lowest, highest = float(indices.min()), float(indices.max())  # over all three axes
-    if centres_finite_in_float32(occ.voxel_origin, float(occ.voxel_size), (lowest,) * 3, (highest,) * 3):
+    if centers_finite_in_float32(occ.voxel_origin, float(occ.voxel_size), (lowest,) * 3, (highest,) * 3):
         return 0
     with np.errstate(over="ignore", invalid="ignore"):
         centers = np.asarray(occ.centers_world(), dtype=np.float64).astype(np.float32)

@@ -82,10 +82,10 @@ static int64_t box_size(const Box *b, int a) { return (int64_t)b->hi[a] - b->lo[
  * threshold, or outside the grid; a NaN score drops the point, as torch's amax propagates NaN), or
  * KEPT_NONFINITE (kept with an infinite score, which the torch path handles). Each float32 step is the
  * torch path's, in its order. */
-static int point_voxel(const float *pt, const float *centre, const float *score, const Params *p, int v[3]) {
-    float dx = (pt[0] - centre[0]) * p->ex;
-    float dy = (pt[1] - centre[1]) * p->ey;
-    float dz = (pt[2] - centre[2]) * p->ez;
+static int point_voxel(const float *pt, const float *center, const float *score, const Params *p, int v[3]) {
+    float dx = (pt[0] - center[0]) * p->ex;
+    float dy = (pt[1] - center[1]) * p->ey;
+    float dz = (pt[2] - center[2]) * p->ez;
     float d2 = dx * dx + dy * dy;
     d2 = d2 + dz * dz;
     if (!(d2 <= p->max_center_dist_sq)) return DROPPED;
@@ -428,7 +428,7 @@ static void boxes_merge(Boxes *into, const Boxes *from, int C) {
 #define QUERY_CHUNK 8
 
 typedef struct {
-    const float *pts, *centres, *scores;
+    const float *pts, *centers, *scores;
     const Params *p;
     int64_t nq, nr;
     _Atomic int64_t *next; /* the first query no job has taken */
@@ -447,7 +447,7 @@ static void classify_points(void *arg) {
             for (int64_t r = 0; r < j->nr; r++) {
                 const int64_t i = q * j->nr + r;
                 int v[3];
-                const int state = point_voxel(j->pts + 3 * i, j->centres + 3 * q, j->scores + p->num_classes * i, p, v);
+                const int state = point_voxel(j->pts + 3 * i, j->centers + 3 * q, j->scores + p->num_classes * i, p, v);
                 if (state == KEPT_NONFINITE) {
                     j->nonfinite = 1;
                     return;
@@ -516,7 +516,7 @@ static void voxel_sums(void *arg) {
 /* Voxel means of the kept points: rows sorted by voxel, in ``s``'s ROW_CELL / ROW_VOXEL / MEAN buffers; with
  * ``boxes`` (the closing) also ROW_KEPT and the boxes. ``split``: the point and sum loops in halves, one on the
  * helper. Returns M, or a negative code. */
-static int64_t voxel_means(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
+static int64_t voxel_means(const float *pts, const float *centers, const float *scores, int64_t nq, int64_t nr,
                            const Params *p, Scratch *s, int split, Boxes *boxes) {
     const int C = p->num_classes;
     const int64_t n = nq * nr, cells = (int64_t)p->nx * p->ny * p->nz;
@@ -525,7 +525,7 @@ static int64_t voxel_means(const float *pts, const float *centres, const float *
     if (!cell || !mark) return OUT_OF_MEMORY;
     _Atomic int64_t next = 0;
     Classify halves[2];
-    for (int h = 0; h < 2; h++) halves[h] = (Classify){pts, centres, scores, p, nq, nr, &next, cell, 0, 0};
+    for (int h = 0; h < 2; h++) halves[h] = (Classify){pts, centers, scores, p, nq, nr, &next, cell, 0, 0};
     run_jobs(split, classify_points, halves, sizeof(Classify)); /* without the helper, halves[1] stays zero */
     if (halves[0].nonfinite || halves[1].nonfinite) return NONFINITE_SCORE;
     const int64_t kept = halves[0].kept + halves[1].kept;
@@ -1043,12 +1043,12 @@ static int64_t closing(int64_t m, const Params *p, Scratch *s, const Boxes *boxe
 }
 
 /* One frame: writes its occupied voxels (ids offset by ``id_base``). Returns their number or a code. */
-static int64_t frame_labels(const float *pts, const float *centres, const float *scores, int64_t nq, int64_t nr,
+static int64_t frame_labels(const float *pts, const float *centers, const float *scores, int64_t nq, int64_t nr,
                             const Params *p, int64_t id_base, const Outputs *out, int split) {
     Scratch *s = thread_scratch();
     if (!s) return OUT_OF_MEMORY;
     Boxes boxes;
-    int64_t m = voxel_means(pts, centres, scores, nq, nr, p, s, split, p->closing ? &boxes : NULL);
+    int64_t m = voxel_means(pts, centers, scores, nq, nr, p, s, split, p->closing ? &boxes : NULL);
     if (m <= 0) return m;
     if (p->closing) return closing(m, p, s, &boxes, id_base, out, split);
     const float *mean = s->b[MEAN].data;
@@ -1089,13 +1089,13 @@ static Py_ssize_t items_of(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c, Py_ssize_t 
 }
 
 static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
-    enum { POINTS, CENTRES, SCORES, OUT_ID, OUT_LABEL, OUT_BEST, OUT_INDEX, OUT_DENSE, NUM_ARRAYS };
+    enum { POINTS, CENTERS, SCORES, OUT_ID, OUT_LABEL, OUT_BEST, OUT_INDEX, OUT_DENSE, NUM_ARRAYS };
     Py_buffer buf[NUM_ARRAYS];
     Py_ssize_t nb, nq, nr;
     Params p;
     double ex, ey, ez, max_dist_sq, threshold;
     int threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*w*nnniiiipdddddi", &buf[POINTS], &buf[CENTRES], &buf[SCORES],
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*w*w*w*nnniiiipdddddi", &buf[POINTS], &buf[CENTERS], &buf[SCORES],
                           &buf[OUT_ID], &buf[OUT_LABEL], &buf[OUT_BEST], &buf[OUT_INDEX], &buf[OUT_DENSE], &nb, &nq,
                           &nr, &p.num_classes, &p.nx, &p.ny, &p.nz, &p.closing, &ex, &ey, &ez, &max_dist_sq,
                           &threshold, &threads))
@@ -1109,7 +1109,7 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     const Py_ssize_t voxels = items_of(nb, cells, 1, 1);
     if (!check_buffer(&buf[POINTS], "points", 4, items_of(nb, nq, nr, 3)) ||
-        !check_buffer(&buf[CENTRES], "centres", 4, items_of(nb, nq, 3, 1)) ||
+        !check_buffer(&buf[CENTERS], "centers", 4, items_of(nb, nq, 3, 1)) ||
         !check_buffer(&buf[SCORES], "scores", 4, items_of(nb, nq, nr, p.num_classes)) ||
         !check_buffer(&buf[OUT_ID], "out_id", 8, voxels) || !check_buffer(&buf[OUT_LABEL], "out_label", 1, voxels) ||
         !check_buffer(&buf[OUT_BEST], "out_best", 4, voxels) ||
@@ -1128,7 +1128,7 @@ static PyObject *occupied_labels(PyObject *Py_UNUSED(self), PyObject *args) {
                              (float *)buf[OUT_BEST].buf + total, (int32_t *)buf[OUT_INDEX].buf + 3 * total,
                              (uint8_t *)buf[OUT_DENSE].buf + b * cells};
         code = frame_labels((const float *)buf[POINTS].buf + b * nq * nr * 3,
-                            (const float *)buf[CENTRES].buf + b * nq * 3,
+                            (const float *)buf[CENTERS].buf + b * nq * 3,
                             (const float *)buf[SCORES].buf + b * nq * nr * p.num_classes, nq, nr, &p, b * cells, &out,
                             split);
         if (code >= 0) total += code;
@@ -1348,17 +1348,17 @@ static void axis_weights(int in, int out, double *memory, AxisWeights *a) {
     int32_t *first = (int32_t *)(memory + (int64_t)out * taps), *count = first + out;
     double largest = 0.0;
     for (int i = 0; i < out; i++) {
-        const double centre = scale * (i + 0.5);
-        int64_t lo = (int64_t)(centre - support + 0.5);
+        const double center = scale * (i + 0.5);
+        int64_t lo = (int64_t)(center - support + 0.5);
         if (lo < 0) lo = 0;
-        int64_t hi = (int64_t)(centre + support + 0.5);
+        int64_t hi = (int64_t)(center + support + 0.5);
         if (hi > in) hi = in;
         int64_t size = hi - lo;
         if (size < 0) size = 0;
         if (size > most) size = most;
         double *wi = w + (int64_t)i * taps, total = 0.0;
         for (int64_t j = 0; j < size; j++) {
-            wi[j] = triangle(((double)(j + lo) - centre + 0.5) * invscale);
+            wi[j] = triangle(((double)(j + lo) - center + 0.5) * invscale);
             total += wi[j];
         }
         for (int64_t j = 0; j < size; j++) {
@@ -1728,9 +1728,9 @@ static int frame_grid(const double k[9], const double m[16], const double *origi
             fy = 0.0;
             norm = 1.0;
         }
-        double centre_x = m[3] + p->forward * (fx / norm), centre_y = m[7] + p->forward * (fy / norm);
-        origin[0] = centre_x - (double)p->shape[0] * p->size / 2;
-        origin[1] = centre_y - (double)p->shape[1] * p->size / 2;
+        double center_x = m[3] + p->forward * (fx / norm), center_y = m[7] + p->forward * (fy / norm);
+        origin[0] = center_x - (double)p->shape[0] * p->size / 2;
+        origin[1] = center_y - (double)p->shape[1] * p->size / 2;
         origin[2] = p->floor_z;
     }
     if (!(isfinite(origin[0]) && isfinite(origin[1]) && isfinite(origin[2]))) return 0;
@@ -1788,7 +1788,7 @@ static PyObject *helper_counts(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ar
 
 static PyMethodDef methods[] = {
     {"occupied_labels", occupied_labels, METH_VARARGS,
-     "occupied_labels(points, centres, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
+     "occupied_labels(points, centers, scores, out_id, out_label, out_best, out_index, out_dense, B, Q, R, C, "
      "nx, ny, nz, closing, ex, ey, ez, max_center_dist_sq, threshold, threads) -> number of occupied voxels "
      "written, or -1 when a kept point has a non-finite score (use the torch path). out_dense must be zero. "
      "threads 2: the loops split in halves with a helper thread (results unchanged, bit for bit)."},

@@ -45,11 +45,11 @@ class DistanceBiasedAttention(nn.Module):
         self.register_buffer("extent", torch.tensor(grid_extent, dtype=torch.float32), persistent=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
         """x (B,N,D) queries, centres (B,N,3) normalised -> (B,N,D) attended values (no residual)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4).unbind(0)
-        metric = centres * self.extent.to(centres.dtype)
+        metric = centers * self.extent.to(centers.dtype)
         dist = (metric.unsqueeze(2) - metric.unsqueeze(1)).square().sum(-1).clamp_min(1e-12).sqrt()  # (B,N,N)
         tau = self.gen_tau(x).transpose(1, 2)  # (B,H,N): one temperature per head and attending query
         bias = -dist.unsqueeze(1).to(x.dtype) * tau.unsqueeze(-1)  # (B,H,N,N)
@@ -69,13 +69,13 @@ class PointSetSampling(AdaptiveSampling):
         with torch.no_grad():
             self.offsets.bias.uniform_(-SAMPLING_OFFSET_INIT, SAMPLING_OFFSET_INIT)
 
-    def point_scale(self, prev_points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    def point_scale(self, prev_points: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         """The unbiased std (B,N,3) of the previous points (B,N,R,3); 0 for a single point."""
         count = int(prev_points.shape[2])  # static per layer
         if count == 1:
-            return torch.zeros_like(centre)
+            return torch.zeros_like(center)
         # torch.std (unbiased), spelled out: the exported torch.std uses ReduceProd, which TensorRT lacks
-        return ((prev_points - centre.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
+        return ((prev_points - center.unsqueeze(2)).square().sum(dim=2) / (count - 1)).sqrt()
 
 
 def _mlp_head(embed_dims: int, out_dims: int, hidden_layers: int, layer_norm: bool) -> nn.Sequential:
@@ -127,18 +127,18 @@ class DecoderLayer(nn.Module):
         """query (B,N,D), prev_points (B,N,R_prev,3) -> query, points (B,N,R,3), logits (B,N,R,C)."""
         b, n = query.shape[:2]
         prev_points = prev_points.detach()
-        centre = prev_points.mean(dim=2)
+        center = prev_points.mean(dim=2)
         query = query + self.pos_encoder(prev_points.reshape(b, n, -1))
         if self.depth_branch is not None:
-            query = query + self.depth_branch(centre, grid2img, depth)
+            query = query + self.depth_branch(center, grid2img, depth)
         sampled = self.sampling(query, prev_points, features, grid2img, image_hw)
         query = self.norm_mix(query + self.mixing(sampled, query))
-        query = self.norm_attn(query + self.self_attn(query, centre))
+        query = self.norm_attn(query + self.self_attn(query, center))
         query = self.norm_ffn(query + self.ffn(query))
         logits = self.cls_head(query).reshape(b, n, self.out_points, self.num_classes)
         offsets = self.reg_head(query).reshape(b, n, self.out_points, 3)  # metres, before offset_scale
         extent = self.extent.to(offsets.dtype)
-        points = centre.unsqueeze(2) + self.offset_scale * offsets / extent
+        points = center.unsqueeze(2) + self.offset_scale * offsets / extent
         return query, points, logits
 
 

@@ -25,7 +25,7 @@ import torch
 from . import native_postprocess
 from .classes import LABEL_RGB_BITS
 from .config import ModelConfig
-from .geometry import centres_finite_in_float32
+from .geometry import centers_finite_in_float32
 from .postprocess import OccupancyFrame, frame_from_dense, voxel_grid_indices
 
 ROW_WORDS = 6  # x, y, z, rgb, label, score: 4 bytes each (msg_encode.CLOUD_DTYPE)
@@ -84,7 +84,7 @@ class DeviceCloud:
         self.voxels = int(np.prod(grid_shape))
         index = np.indices(grid_shape).reshape(3, -1).T  # (N, 3) grid indices in flat order
         # ``(index + 0.5) * size`` in float64, as the native kernel's rows before the origin is added
-        self.centres = torch.from_numpy((index + 0.5) * float(config.voxel_size)).to(self.device)
+        self.centers = torch.from_numpy((index + 0.5) * float(config.voxel_size)).to(self.device)
         # per label its rgb and label words, side by side as in a row
         labels = np.arange(256, dtype=np.int32)
         self.label_words = torch.from_numpy(np.stack([LABEL_RGB_BITS.view("<i4"), labels], axis=1)).to(self.device)
@@ -107,7 +107,7 @@ class DeviceCloud:
         out.ids.index_copy_(0, torch.where(occupied, before - 1, (self.index - before) + count), self.index32)
         words = out.rows.view(torch.float32)
         # x, y, z: one float64 sum, rounded once to float32 by the copy, as the native kernel's rows
-        words[:, :3].copy_(self.centres.index_select(0, out.ids).add_(self.origin))
+        words[:, :3].copy_(self.centers.index_select(0, out.ids).add_(self.origin))
         out.rows[:, 3:5].copy_(self.label_words.index_select(0, flat.index_select(0, out.ids).int()))
         words[:, 5].copy_(scores.index_select(0, out.ids))
         # the empty voxels' scores are 0: all finite exactly when the occupied ones' are
@@ -131,7 +131,7 @@ class CloudFrame(OccupancyFrame):
         # grid's corner centres decide it (a frame whose occupied voxels are finite inside a grid that is not is
         # counted voxel by voxel by the output check)
         if xyz_finite is None:
-            xyz_finite = centres_finite_in_float32(self.voxel_origin, self.voxel_size, (0, 0, 0),
+            xyz_finite = centers_finite_in_float32(self.voxel_origin, self.voxel_size, (0, 0, 0),
                                                    [n - 1 for n in self.grid_shape])
         self.cloud_finite = (xyz_finite, scores_finite)
 

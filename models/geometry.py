@@ -54,12 +54,12 @@ def place_grid(
         norm = math.sqrt(fx * fx + fy * fy)
     if norm < 1e-6:
         fx, fy, norm = 1.0, 0.0, 1.0
-    centre_x = rows[0][3] + forward_distance * (fx / norm)
-    centre_y = rows[1][3] + forward_distance * (fy / norm)
-    return np.array([centre_x - grid_shape[0] * voxel_size / 2, centre_y - grid_shape[1] * voxel_size / 2, floor_z])
+    center_x = rows[0][3] + forward_distance * (fx / norm)
+    center_y = rows[1][3] + forward_distance * (fy / norm)
+    return np.array([center_x - grid_shape[0] * voxel_size / 2, center_y - grid_shape[1] * voxel_size / 2, floor_z])
 
 
-def centres_finite_in_float32(voxel_origin: np.ndarray, voxel_size: float, lowest: Sequence[float],
+def centers_finite_in_float32(voxel_origin: np.ndarray, voxel_size: float, lowest: Sequence[float],
                               highest: Sequence[float]) -> bool:
     """Whether every voxel centre ``origin + (index + 0.5) * size`` with per-axis indices from ``lowest`` to
     ``highest`` is finite once rounded to float32. The centres along an axis are monotonic in the index, and so is

@@ -77,12 +77,12 @@ def occupied_labels(points: torch.Tensor, scores: torch.Tensor, config: ModelCon
         return None
     points, scores = _float32(points), _float32(scores)
     # the query centres by the very op of the torch path, so that the two agree bit for bit
-    centres = points.mean(dim=2).contiguous()
+    centers = points.mean(dim=2).contiguous()
     ids, labels, best, indices = (out[:nb * cells] for out in _outputs(nb * cells))
     dense = np.zeros((nb, nx, ny, nz), dtype=np.uint8)
     ex, ey, ez = (float(e) for e in config.grid_extent)
     count = _kernel.occupied_labels(
-        points.numpy(), centres.numpy(), scores.numpy(), ids, labels, best, indices, dense, nb, nq, nr, c,
+        points.numpy(), centers.numpy(), scores.numpy(), ids, labels, best, indices, dense, nb, nq, nr, c,
         nx, ny, nz, bool(config.closing), ex, ey, ez, float(config.max_center_dist) ** 2,
         float(config.score_threshold), int(threads))
     if count < 0:

@@ -105,14 +105,14 @@ class AdaptiveSampling(nn.Module):
         """(B,N,D), (B,N,R,3) -> sampling points (B,N,G,P,3) in normalised grid coordinates."""
         b, n = query.shape[:2]
         prev_points = prev_points.float()  # sampling locations stay float32 under FP16 autocast
-        centre = prev_points.mean(dim=2)  # (B, N, 3)
-        scale = self.point_scale(prev_points, centre)  # (B, N, 3)
+        center = prev_points.mean(dim=2)  # (B, N, 3)
+        scale = self.point_scale(prev_points, center)  # (B, N, 3)
         offsets = self.offsets(query).float().reshape(b, n, self.num_groups, self.num_points, 3)
-        return centre[:, :, None, None] + offsets * scale[:, :, None, None]
+        return center[:, :, None, None] + offsets * scale[:, :, None, None]
 
-    def point_scale(self, prev_points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    def point_scale(self, prev_points: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         """Per-axis spread (B,N,3) of the previous points (B,N,R,3) about their centre: the biased std, 0 for R = 1."""
-        return (prev_points - centre.unsqueeze(2)).square().mean(dim=2).sqrt()
+        return (prev_points - center.unsqueeze(2)).square().mean(dim=2).sqrt()
 
     def forward(
         self,

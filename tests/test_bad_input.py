@@ -33,7 +33,7 @@ from discene_ros.errors import (
     TransformError,
 )
 from discene_ros.msg_factory import TypestoreFactory
-from discene_ros.processing import FrameInput, FrameProcessor, check_outputs, checked_cloud, nonfinite_centres
+from discene_ros.processing import FrameInput, FrameProcessor, check_outputs, checked_cloud, nonfinite_centers
 from discene_ros.replay import ReplaySettings
 from models import build_model, native_postprocess
 from models.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_model, save_model
@@ -239,8 +239,8 @@ def test_the_checked_cloud_refuses_what_the_full_check_refuses(native, monkeypat
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-def test_nonfinite_centres_counts_as_the_full_check():
-    """The two-end shortcut of ``nonfinite_centres`` against every centre rounded to float32, including
+def test_nonfinite_centers_counts_as_the_full_check():
+    """The two-end shortcut of ``nonfinite_centers`` against every centre rounded to float32, including
     origins where only the far voxels overflow float32."""
     rng = np.random.default_rng(3)
     indices = rng.integers(0, 60, size=(500, 3)).astype(np.int32)
@@ -256,11 +256,11 @@ def test_nonfinite_centres_counts_as_the_full_check():
                          ((2.0**128 - 2.0**102 - 59.5e31, 0.0, 0.0), 1e31)]:
         occ.voxel_origin, occ.voxel_size = np.array(origin), size
         full = int(np.sum(~np.isfinite(occ.centers_world().astype(np.float32)).all(axis=-1)))
-        assert nonfinite_centres(occ) == full, (origin, size)
+        assert nonfinite_centers(occ) == full, (origin, size)
         partial += 0 < full < len(indices)
     assert partial == 3  # the float32-edge origins overflow some voxels, not all
     occ.voxel_indices = np.zeros((0, 3), np.int32)
-    assert nonfinite_centres(occ) == 0
+    assert nonfinite_centers(occ) == 0
 
 
 def test_is_dense_says_whether_the_cloud_is_finite():

@@ -26,8 +26,8 @@ ORIGIN = np.array([1.0, -2.0, 0.5])
 def _query_sets(seed: int, config, b: int = 1, q: int = 120, r: int = 16, spread: float = 0.03):
     """Clustered query point sets with skewed class scores; some points fall outside the grid."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(b, q, 1, 3, generator=g) * 1.1 - 0.05
-    points = centres + torch.randn(b, q, r, 3, generator=g) * spread
+    centers = torch.rand(b, q, 1, 3, generator=g) * 1.1 - 0.05
+    points = centers + torch.randn(b, q, r, 3, generator=g) * spread
     scores = torch.rand(b, q, r, config.num_classes, generator=g) ** 3
     return points, scores
 

@@ -58,7 +58,7 @@ def test_rare_classes_are_the_reference_list():
         rare_class_mask([0, 12])
 
 
-def test_ground_truth_from_voxels_centres_labels_and_padding():
+def test_ground_truth_from_voxels_centers_labels_and_padding():
     grid = torch.zeros(3, 4, 4, 4, dtype=torch.uint8)
     grid[0, 1, 2, 3] = 5
     grid[0, 0, 0, 0] = 255

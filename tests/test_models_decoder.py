@@ -42,8 +42,8 @@ def test_temperature_is_generated_per_query():
         attn.gen_tau.weight[:, 0] = 1e4
     x = torch.randn(1, 3, 8)
     x[0, 0, 0], x[0, 1, 0], x[0, 2, 0] = 1.0, 0.0, 1.0
-    centres = torch.tensor([[[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.9, 0.9, 0.9]]])
-    out = attn(x, centres)
+    centers = torch.tensor([[[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.9, 0.9, 0.9]]])
+    out = attn(x, centers)
     q, k, v = attn.qkv(x).reshape(1, 3, 3, 2, 4).permute(2, 0, 3, 1, 4)
     plain = (q @ k.transpose(-1, -2) / 2.0).softmax(-1) @ v  # head dim 4: scale 1/sqrt(4)
     plain = attn.out(plain.transpose(1, 2).reshape(1, 3, 8))

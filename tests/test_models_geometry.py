@@ -37,8 +37,8 @@ def test_grid_placement_rule():
     pose = _pose([1.0, 2.0, 1.5], yaw_deg=30.0, pitch_down_deg=20.0)
     assert np.isclose(np.linalg.det(pose[:3, :3]), 1.0)
     origin = geometry.place_grid(pose)
-    centre = np.array([1.0, 2.0]) + 2.4 * np.array([math.cos(math.radians(30)), math.sin(math.radians(30))])
-    np.testing.assert_allclose(origin, [centre[0] - 2.4, centre[1] - 2.4, 0.0], atol=1e-9)
+    center = np.array([1.0, 2.0]) + 2.4 * np.array([math.cos(math.radians(30)), math.sin(math.radians(30))])
+    np.testing.assert_allclose(origin, [center[0] - 2.4, center[1] - 2.4, 0.0], atol=1e-9)
     assert geometry.place_grid(pose, floor_z=-0.3)[2] == -0.3
     # looking straight down: the horizontal direction falls back to the image "up" direction
     down = _pose([0.0, 0.0, 2.0], yaw_deg=90.0, pitch_down_deg=90.0)
@@ -130,8 +130,8 @@ def test_grid_to_image_matrix_equals_the_numpy_product():
     for _ in range(200):
         pose = _pose(rng.uniform(-5, 5, 3), rng.uniform(0, 360), rng.uniform(-89, 89))
         forward = pose[:3, 2] * [1.0, 1.0, 0.0]
-        centre = pose[:2, 3] + 2.4 * forward[:2] / np.linalg.norm(forward)
-        np.testing.assert_allclose(geometry.place_grid(pose, floor_z=0.2), [*(centre - 2.4), 0.2], rtol=0, atol=1e-12)
+        center = pose[:2, 3] + 2.4 * forward[:2] / np.linalg.norm(forward)
+        np.testing.assert_allclose(geometry.place_grid(pose, floor_z=0.2), [*(center - 2.4), 0.2], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="finite 4x4"):
         geometry.place_grid(np.full((4, 4), np.nan))
 

@@ -118,7 +118,7 @@ def test_query_features_carry_gradient_to_earlier_layers_only_without_depth(lite
     assert model.backbone.conv1.weight.grad.abs().sum() > 0  # the image features still learn from every layer
 
 
-def test_single_point_has_zero_scale_and_sampling_points_sit_on_the_centre():
+def test_single_point_has_zero_scale_and_sampling_points_sit_on_the_center():
     sampler = AdaptiveSampling(embed_dims=8, num_groups=2, num_points=3, num_levels=2)
     query = torch.randn(1, 5, 8)
     prev = torch.rand(1, 5, 1, 3)
@@ -161,9 +161,9 @@ def test_distance_bias_with_large_temperature_attends_to_itself():
     with torch.no_grad():
         attn.gen_tau.bias.fill_(1e4)
     x = torch.randn(1, 3, 8)
-    centres = torch.tensor([[[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.9, 0.9, 0.9]]])
+    centers = torch.tensor([[[0.1, 0.1, 0.1], [0.5, 0.5, 0.5], [0.9, 0.9, 0.9]]])
     v = attn.qkv(x)[..., 16:]
-    torch.testing.assert_close(attn(x, centres), attn.out(v))
+    torch.testing.assert_close(attn(x, centers), attn.out(v))
 
 
 def test_lite_is_small(lite_model):

@@ -31,7 +31,7 @@ def open_config(lite_config):
     return dataclasses.replace(lite_config, closing=False)
 
 
-def _centre(i, j, k):
+def _center(i, j, k):
     """Normalised coordinates of the centre of voxel (i, j, k)."""
     return (np.array([i, j, k]) + 0.5) / SHAPE
 
@@ -42,7 +42,7 @@ def _empty(q, r, c=11):
 
 def test_voxel_score_is_the_mean_of_its_points_score_vectors(open_config):
     points, scores = _empty(2, 2)
-    points[:] = _centre(10, 20, 5)
+    points[:] = _center(10, 20, 5)
     scores[0, 0, [2, 4]] = [0.9, 0.2]
     scores[0, 1, [2, 4]] = [0.55, 0.8]
     scores[1, 0, [2, 4]] = [0.6, 0.1]
@@ -61,7 +61,7 @@ def test_voxel_score_is_the_mean_of_its_points_score_vectors(open_config):
 
 def test_score_threshold_drops_points_at_or_below_it(open_config):
     points, scores = _empty(1, 3)
-    points[0] = [_centre(1, 1, 1), _centre(2, 2, 2), _centre(3, 3, 3)]
+    points[0] = [_center(1, 1, 1), _center(2, 2, 2), _center(3, 3, 3)]
     scores[0, :, 0] = [0.5, 0.51, 0.2]
     scores[0, 2, 7] = 0.49
     frame = points_to_occupancy(points, scores, ORIGIN, open_config)
@@ -72,7 +72,7 @@ def test_score_threshold_drops_points_at_or_below_it(open_config):
     np.testing.assert_array_equal(points_to_occupancy(points, scores, ORIGIN, low).voxel_labels, [1, 1, 8])
 
 
-def test_points_far_from_their_query_centre_are_dropped(open_config):
+def test_points_far_from_their_query_center_are_dropped(open_config):
     # one query, 4 points: three at x = 0.1 m, one at x = 1.3 m (metric grid coordinates, y, z fixed)
     # centre x = 0.4 m: distances 0.3, 0.3, 0.3 and 0.9 m -> only the last exceeds 0.6 m
     points, scores = _empty(1, 4)
@@ -95,7 +95,7 @@ def test_points_far_from_their_query_centre_are_dropped(open_config):
 
 def test_points_outside_the_grid_are_ignored_and_inputs_accept_torch_and_batch_of_one(open_config):
     points, scores = _empty(3, 1)
-    points[:, 0] = [_centre(0, 0, 0), [1.0001, 0.5, 0.5], [0.5, -0.001, 0.5]]
+    points[:, 0] = [_center(0, 0, 0), [1.0001, 0.5, 0.5], [0.5, -0.001, 0.5]]
     scores[:, 0, 9] = 0.8
     frame = points_to_occupancy(torch.from_numpy(points)[None], torch.from_numpy(scores)[None], ORIGIN, open_config)
     np.testing.assert_array_equal(frame.voxel_indices, [[0, 0, 0]])
@@ -106,7 +106,7 @@ def test_closing_fills_a_one_voxel_hole(lite_config):
     ring = [(i, j, 10) for i in (4, 5, 6) for j in (4, 5, 6) if (i, j) != (5, 5)]
     ring += [(5, 5, 9), (5, 5, 11)]
     points, scores = _empty(len(ring), 1)
-    points[:, 0] = [_centre(*v) for v in ring]
+    points[:, 0] = [_center(*v) for v in ring]
     scores[:, 0, 2] = 0.9
     scores[:4, 0, 2] = 0.7
     plain = points_to_occupancy(points, scores, ORIGIN, dataclasses.replace(lite_config, closing=False))
@@ -150,7 +150,7 @@ def _dense_case(cells, num_classes=11):
     """Points at voxel centres, one point per query, with the given score vectors."""
     points, scores = _empty(len(cells), 1, num_classes)
     for q, (voxel, score) in enumerate(cells):
-        points[q, 0] = _centre(*voxel)
+        points[q, 0] = _center(*voxel)
         for cls, value in score.items():
             scores[q, 0, cls] = value
     return points, scores
@@ -221,7 +221,7 @@ def test_closing_drops_a_voxel_whose_mean_score_is_below_the_threshold(lite_conf
     # closing, as in the reference; without closing every voxel with a kept point stays.
     thr = lite_config.score_threshold
     points, scores = _empty(2, 1)
-    points[:, 0] = _centre(20, 20, 20)
+    points[:, 0] = _center(20, 20, 20)
     scores[0, 0, 1] = scores[1, 0, 3] = 2 * thr - 0.1
     scores[0, 0, 3] = scores[1, 0, 1] = 0.1  # each point passes the threshold with one class only
     assert scores.max(-1).min() > thr
@@ -369,8 +369,8 @@ def test_occupied_labels_are_argmax_and_max_of_occupied_voxels(lite_config, clos
     filled = 0
     for n in range(6):
         b = 1 + n % 2
-        centre = torch.rand(b, 40, 1, 3, generator=g) * 0.6 + 0.2
-        points = centre + torch.randn(b, 40, 64, 3, generator=g) * (0.02 + 0.01 * n)
+        center = torch.rand(b, 40, 1, 3, generator=g) * 0.6 + 0.2
+        points = center + torch.randn(b, 40, 64, 3, generator=g) * (0.02 + 0.01 * n)
         scores = torch.rand(b, 40, 64, 11, generator=g) ** (1 + n)
         scores[..., 2] *= 0.4  # a class never above the threshold: the closing leaves it out
         ids, mean = occupied_voxels(points, scores, cfg)
@@ -396,8 +396,8 @@ def test_voxel_means_equal_a_unique_based_reference(lite_config):
             points = points.clamp(0.0, 0.99)
         got_ids, got = occupied_voxels(points, scores, dataclasses.replace(cfg, max_center_dist=1e9 if n == 4 else 0.6))
         nx, ny, nz = cfg.grid_shape
-        centre_d = (points - points.mean(dim=2, keepdim=True)) * torch.tensor([nx, ny, nz]) * cfg.voxel_size
-        keep = (centre_d.norm(dim=-1) <= (1e9 if n == 4 else 0.6)) & (scores.max(dim=-1).values > 0.5)
+        center_d = (points - points.mean(dim=2, keepdim=True)) * torch.tensor([nx, ny, nz]) * cfg.voxel_size
+        keep = (center_d.norm(dim=-1) <= (1e9 if n == 4 else 0.6)) & (scores.max(dim=-1).values > 0.5)
         ijk = torch.floor(points * torch.tensor([nx, ny, nz])).long()
         keep &= ((ijk >= 0) & (ijk < torch.tensor([nx, ny, nz]))).all(dim=-1)
         linear = torch.arange(b).view(b, 1, 1) * (nx * ny * nz) + (ijk[..., 0] * ny + ijk[..., 1]) * nz + ijk[..., 2]

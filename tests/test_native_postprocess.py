@@ -37,8 +37,8 @@ def _case(seed: int, batch: int = 1, queries: int = 60, per_query: int = 16, cla
           spread: float = 0.04) -> tuple[torch.Tensor, torch.Tensor]:
     """Clustered point sets as the decoder makes them (some points outside the grid) and skewed scores."""
     rng = np.random.default_rng(seed)
-    centres = rng.uniform(0.0, 1.0, (batch, queries, 1, 3))
-    points = centres + rng.normal(0.0, spread, (batch, queries, per_query, 3))
+    centers = rng.uniform(0.0, 1.0, (batch, queries, 1, 3))
+    points = centers + rng.normal(0.0, spread, (batch, queries, per_query, 3))
     scores = rng.uniform(0.0, 1.0, (batch, queries, per_query, classes)) ** 3
     return torch.from_numpy(points.astype(np.float32)), torch.from_numpy(scores.astype(np.float32))
 
@@ -131,7 +131,7 @@ def test_kernel_equals_the_torch_path_in_a_batch(lite_config):
     assert torch.equal(with_kernel[1], torch.zeros_like(with_kernel[1]))
 
 
-def test_kernel_equals_the_torch_path_at_the_centre_distance_limit(lite_config):
+def test_kernel_equals_the_torch_path_at_the_center_distance_limit(lite_config):
     # many points at almost exactly the limit: the squared distance must be the torch path's float32 steps
     points, scores = _case(3, queries=200, spread=0.05)
     d = (points - points.mean(dim=2, keepdim=True)) * torch.tensor(lite_config.grid_extent, dtype=torch.float32)
@@ -214,28 +214,28 @@ def test_kernel_checks_its_buffers():
     from models import _occupancy_native as kernel  # the extension itself (built: the module's mark)
 
     points = np.zeros((1, 2, 3, 3), np.float32)
-    centres = np.zeros((1, 2, 3), np.float32)
+    centers = np.zeros((1, 2, 3), np.float32)
     scores = np.zeros((1, 2, 3, 4), np.float32)
     cells = 2 * 2 * 2
     out = (np.empty(cells, np.int64), np.empty(cells, np.uint8), np.empty(cells, np.float32),
            np.empty((cells, 3), np.int32), np.zeros(cells, np.uint8))
     args = (1, 2, 3, 4, 2, 2, 2, True, 1.0, 1.0, 1.0, 1.0, 0.5, 1)
-    assert kernel.occupied_labels(points, centres, scores, *out, *args) == 0
-    assert kernel.occupied_labels(points, centres, scores, *out, *args[:-1], 2) == 0
+    assert kernel.occupied_labels(points, centers, scores, *out, *args) == 0
+    assert kernel.occupied_labels(points, centers, scores, *out, *args[:-1], 2) == 0
     with pytest.raises(TypeError):  # the thread count is not optional
-        kernel.occupied_labels(points, centres, scores, *out, *args[:-1])
+        kernel.occupied_labels(points, centers, scores, *out, *args[:-1])
     with pytest.raises(ValueError, match="scores"):
-        kernel.occupied_labels(points, centres, np.ascontiguousarray(scores[..., :3]), *out, *args)
+        kernel.occupied_labels(points, centers, np.ascontiguousarray(scores[..., :3]), *out, *args)
     with pytest.raises(ValueError, match="contiguous"):
-        kernel.occupied_labels(points, centres, scores[:, ::-1], *out, *args)
+        kernel.occupied_labels(points, centers, scores[:, ::-1], *out, *args)
     with pytest.raises(ValueError, match="out_id"):
-        kernel.occupied_labels(points, centres, scores, out[0][:4], *out[1:], *args)
+        kernel.occupied_labels(points, centers, scores, out[0][:4], *out[1:], *args)
     with pytest.raises(ValueError, match="out_index"):
-        kernel.occupied_labels(points, centres, scores, *out[:3], out[3][:, :2].copy(), out[4], *args)
+        kernel.occupied_labels(points, centers, scores, *out[:3], out[3][:, :2].copy(), out[4], *args)
     with pytest.raises(ValueError, match="bad sizes"):
-        kernel.occupied_labels(points, centres, scores, *out, *args[:3], 300, *args[4:])
+        kernel.occupied_labels(points, centers, scores, *out, *args[:3], 300, *args[4:])
     with pytest.raises(TypeError):  # read-only outputs
-        kernel.occupied_labels(points, centres, scores, bytes(cells * 8), *out[1:], *args)
+        kernel.occupied_labels(points, centers, scores, bytes(cells * 8), *out[1:], *args)
 
 
 @pytest.mark.parametrize("shape, density", [((60, 60, 36), 0.09), ((60, 60, 36), 0.0), ((7, 5, 3), 1.0),

@@ -59,7 +59,7 @@ def test_colorize_depth_marks_invalid_black():
     assert (rgb[0, 0] == 0).all() and (rgb[1, 1] != rgb[0, 1]).any()
 
 
-def test_project_labels_puts_a_block_ahead_at_the_image_centre():
+def test_project_labels_puts_a_block_ahead_at_the_image_center():
     from training.render import project_labels
 
     pose = np.eye(4)

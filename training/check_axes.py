@@ -46,11 +46,11 @@ def depth_agreement(target_xyz: np.ndarray, depth: np.ndarray, intrinsic: np.nda
     ``intrinsic`` is the 3x3 K of the depth image; ``depth`` is (H, W) metres with 0 invalid.
     """
     occupied = (target_xyz > 0) & (target_xyz < 255) & ~np.isin(target_xyz, IGNORED_LABELS)
-    centres = voxel_centers(voxel_origin)[occupied]  # (M, 3) world
-    if len(centres) == 0:
+    centers = voxel_centers(voxel_origin)[occupied]  # (M, 3) world
+    if len(centers) == 0:
         return float("nan"), 0
     world_to_cam = np.linalg.inv(np.asarray(cam_pose, np.float64))
-    cam = centres @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+    cam = centers @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
     k = np.asarray(intrinsic, np.float64)[:3, :3]
     z = cam[:, 2]
     front = z > 0.1

@@ -239,9 +239,9 @@ def nearest_neighbours_padded(pred: torch.Tensor, sizes: Sequence[int], gt: torc
         return p2g, g2p
     with torch.autocast(pred.device.type, enabled=False):  # distances stay float32 under bf16/fp16 training
         pred = pred.detach().float()
-        centre = pred.mean(dim=(0, 1))
-        x = _augmented(pred - centre, "pred")  # (B,P,5)
-        g = _augmented(gt.detach().float() - centre, "gt")  # (B,M,5)
+        center = pred.mean(dim=(0, 1))
+        x = _augmented(pred - center, "pred")  # (B,P,5)
+        g = _augmented(gt.detach().float() - center, "gt")  # (B,M,5)
         g[..., 4].masked_fill_(~gt_mask, FAR_SQUARED)
         g = g.mT.contiguous()  # (B,5,M)
         rows = max(1, (max_elements or cdist_budget(pred.device)) // (b * m))
@@ -317,9 +317,9 @@ class FusedSearch:
             nearest_gt, nearest_pred = self._functions()
             with self._no_silent_eager(), torch.autocast(pred.device.type, enabled=False):  # float32 under autocast
                 pred = pred.detach().float()
-                centre = pred.mean(dim=(0, 1))
-                x = (pred - centre).contiguous()
-                g = (gt.detach().float() - centre).masked_fill(~gt_mask[..., None], FAR_COORDINATE).contiguous()
+                center = pred.mean(dim=(0, 1))
+                x = (pred - center).contiguous()
+                g = (gt.detach().float() - center).masked_fill(~gt_mask[..., None], FAR_COORDINATE).contiguous()
                 p2g = nearest_gt(x, g)
                 starts = np.cumsum([0, *sizes[:-1]]).tolist()
                 g2p = torch.stack([nearest_pred(x[:, lo:lo + size].contiguous(), g) + lo
@@ -408,7 +408,7 @@ class TaskLoss(torch.nn.Module):
         self.register_buffer("class_weights", weights, persistent=False)
         self.register_buffer("rare", rare_class_mask(self.config.rare_classes, num_classes), persistent=False)
         self.register_buffer("extent", extent, persistent=False)
-        self.register_buffer("centre_xy", extent[:2] / 2, persistent=False)
+        self.register_buffer("center_xy", extent[:2] / 2, persistent=False)
         self.diagonal_xy = float(extent[:2].norm())  # full x-y diagonal: distance weights run 1 .. 1.5
         self._segments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -428,7 +428,7 @@ class TaskLoss(torch.nn.Module):
 
     def distance_weight(self, points: torch.Tensor) -> torch.Tensor:
         """``1 + |xy - grid centre xy| / |grid diagonal in xy|`` of points (...,3) in metres: 1 .. 1.5."""
-        return 1.0 + (points[..., :2] - self.centre_xy).norm(dim=-1) / self.diagonal_xy
+        return 1.0 + (points[..., :2] - self.center_xy).norm(dim=-1) / self.diagonal_xy
 
     def segment_index(self, sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(row -> segment index (P,), segment sizes (S,)) cached per layout, built once on the device."""

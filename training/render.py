@@ -154,10 +154,10 @@ def project_labels(labels: np.ndarray, intrinsic: np.ndarray, cam_pose: np.ndarr
     labels = np.asarray(labels)
     h, w = size_hw
     occupied = (labels > 0) & (labels <= NUM_CLASSES) & ~np.isin(labels, hide)
-    centres = voxel_centers(voxel_origin, VOXEL_SIZE, labels.shape)[occupied]
+    centers = voxel_centers(voxel_origin, VOXEL_SIZE, labels.shape)[occupied]
     lab = labels[occupied]
     world_to_cam = np.linalg.inv(np.asarray(cam_pose, np.float64))
-    cam = centres @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
+    cam = centers @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
     k = np.asarray(intrinsic, np.float64)[:3, :3]
     front = cam[:, 2] > 0.05
     cam, lab = cam[front], lab[front]

@@ -173,9 +173,9 @@ def voxelize(room: Room, voxel_origin: np.ndarray, voxel_size: float = VOXEL_SIZ
              grid_shape: tuple[int, int, int] = GRID_SHAPE) -> np.ndarray:
     """Ground-truth labels (X,Y,Z) uint8 indexed (x, y, z): boxes by class (later boxes win), free space
     inside the room 0, everything outside the room's walls, floor and ceiling 255."""
-    centres = voxel_centers(voxel_origin, voxel_size, grid_shape).reshape(-1, 3)
+    centers = voxel_centers(voxel_origin, voxel_size, grid_shape).reshape(-1, 3)
     room_from_world = np.linalg.inv(room.room_to_world())
-    pts = centres @ room_from_world[:3, :3].T + room_from_world[:3, 3]
+    pts = centers @ room_from_world[:3, :3].T + room_from_world[:3, 3]
     lx, ly, h = room.size
     inside = (pts[:, 0] > 0) & (pts[:, 0] < lx) & (pts[:, 1] > 0) & (pts[:, 1] < ly) & (pts[:, 2] < h)
     labels = np.where(inside, 0, 255).astype(np.uint8)
