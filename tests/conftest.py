@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import models
-from discene_ros import msg_decode
+from discene_ros import msg_decode, processing
 from models import geometry, native_postprocess
 
 # Camera 1.5 m above the floor at the world origin, looking horizontally along world +y.
@@ -20,9 +21,15 @@ IMAGE_HW = (384, 512)
 
 
 @pytest.fixture(autouse=True)
-def unfreeze_objects():
+def unfreeze_objects(request, monkeypatch):
     """The node and the replay freeze their start-up objects out of the garbage collector
-    (``processing.freeze_startup_objects``); each test ends with them collectable again."""
+    (``processing.freeze_startup_objects``); each test ends with them collectable again. The full collection
+    before the freeze scans this whole test process (0.24 s a call, two per node): only tests marked
+    ``full_startup_collection`` run it; the others freeze without it, and the unfreeze below releases what
+    that froze."""
+    if request.node.get_closest_marker("full_startup_collection") is None:
+        monkeypatch.setattr(processing, "gc", SimpleNamespace(collect=lambda: 0, freeze=gc.freeze,
+                                                              get_freeze_count=gc.get_freeze_count))
     yield
     gc.unfreeze()
 

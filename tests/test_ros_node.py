@@ -257,6 +257,7 @@ def test_compressed_images_get_a_decode_thread_in_a_pipelined_loop(ros):
     assert "compressed images decoded on a thread of their own" in ready
 
 
+@pytest.mark.full_startup_collection
 def test_start_up_objects_are_frozen_out_of_the_garbage_collector(ros):
     """A full collection must not scan the model and the modules mid-run: the node freezes what start-up
     made (gc.freeze) and says how much; what the frame loop makes afterwards stays collectable."""

@@ -30,6 +30,7 @@ from discene_ros.processing import (
     decodes_on_decode_thread,
     fallback_camera_pose,
     frame_loop_mode,
+    freeze_startup_objects,
     post_threads_for,
     uses_decode_thread,
     uses_prepare_thread,
@@ -286,6 +287,7 @@ def test_a_cpu_frame_loop_prepares_the_next_frame_beside_the_post_processing_not
     assert pipelined or watch["clash"] == 0
 
 
+@pytest.mark.full_startup_collection
 def test_frame_loop_freezes_what_its_first_frame_made():
     """The first processed frame compiles and captures the network (torch.compile made 344k objects for
     lite): the loop then freezes everything alive out of the garbage collector, once; a refused frame
@@ -307,6 +309,26 @@ def test_frame_loop_freezes_what_its_first_frame_made():
     loop.submit(_frame(stamp=STAMP + 2))
     loop.close()
     assert gc.get_freeze_count() <= frozen  # not again: frozen objects only leave (freed), none are added
+
+
+@pytest.mark.full_startup_collection
+def test_start_up_garbage_is_collected_before_the_rest_is_frozen():
+    """Cyclic garbage left by start-up (a model load's temporaries) is freed, not frozen for the node's life."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    gc.unfreeze()
+    garbage, alive = Cycle(), Cycle()
+    garbage.me, alive.me = garbage, alive
+    gone = weakref.ref(garbage)
+    del garbage
+    assert gone() is not None  # only the cyclic collector frees it
+    frozen = freeze_startup_objects()
+    assert gone() is None and frozen == gc.get_freeze_count() > 0
+    assert not any(o is alive for o in gc.get_objects())  # frozen: out of what a full collection scans
 
 
 @pytest.mark.parametrize("device, on_gpu", [("cpu fp32", False), ("CPUExecutionProvider", False),
