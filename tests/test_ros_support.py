@@ -7,6 +7,7 @@ definitions from the rosbags typestore, so published messages can be CDR-seriali
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 import sys
@@ -114,6 +115,12 @@ def real_node_members() -> dict[str, dict[str, str]]:
     """{distro: {member: "property" | "method" | "attribute"}} of rclpy's real ``Node`` class, read with
     ``ast`` from ../shared/ros2-python/<distro>/rclpy/node.py (importing it needs the C extension);
     attributes are what ``Node.__init__`` and its methods assign on ``self``. Empty when absent."""
+    return {distro: dict(members) for distro, members in _parsed_node_members()}
+
+
+@functools.cache
+def _parsed_node_members() -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """``real_node_members`` as parsed once per test process (0.1 s a parse; every fake rclpy asks for it)."""
     out: dict[str, dict[str, str]] = {}
     for distro in DISTROS:
         path = ROS2_PYTHON / distro / "rclpy" / "node.py"
@@ -136,7 +143,7 @@ def real_node_members() -> dict[str, dict[str, str]]:
                 members.setdefault(name, "attribute")
         out[distro] = {(f"_Node{k}" if k.startswith("__") and not k.endswith("__") else k): v
                        for k, v in members.items()}
-    return out
+    return tuple((distro, tuple(members.items())) for distro, members in out.items())
 
 
 # The methods and properties of rclpy's ``Publisher`` (rclpy/rclpy/publisher.py of ros2/rclpy, the same on its
