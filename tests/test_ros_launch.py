@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,39 @@ STUBS = {  # what launch_ros imports at import time from rclpy and two interface
 }
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where the probe runs: ``base`` (the rclpy stub, the probes' logs), the package ``prefix``, and one
+    serving probe per distro (``tests/launch_probe.py --serve``), shared by the module's tests."""
+
+    base: Path
+    prefix: Path
+    probes: dict = field(default_factory=dict, compare=False)
+
+    def ask(self, distro: str, argv: list[str]) -> dict:
+        """One launch by the distro's probe: its reply, ``{"nodes": [...]}`` or ``{"error": traceback}``."""
+        probe = self.probes.get(distro)
+        if probe is None or probe.poll() is not None:
+            src = ROS2_PYTHON / distro
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([
+                str(src / "launch"), str(src / "launch_ros"), str(src / "ament_index_python"), str(self.base / "stub"),
+                str(ROOT)]))
+            log = open(self.base / f"probe_{distro}.log", "a")  # the probe's stderr, read back if it ends
+            probe = subprocess.Popen([sys.executable, str(ROOT / "tests" / "launch_probe.py"), "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                     cwd=self.base)
+            log.close()
+            self.probes[distro] = probe
+        shipped = self.prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
+        request = {"argv": argv, "env": {"AMENT_PREFIX_PATH": str(self.prefix), "INNER_LAUNCH": str(shipped)}}
+        probe.stdin.write(json.dumps(request) + "\n")
+        probe.stdin.flush()
+        line = probe.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {distro} launch probe ended: {(self.base / f'probe_{distro}.log').read_text()[-3000:]}")
+        return json.loads(line)
+
+
 @pytest.fixture(scope="module")
 def launch_env(tmp_path_factory):
     """Environment for the probe: a package prefix with this package's share files, the rclpy stub."""
@@ -70,25 +104,23 @@ def launch_env(tmp_path_factory):
         exe = prefix / "lib" / pkg / ("occupancy_node" if pkg == "discene_ros" else "rviz2")
         exe.write_text("#!/bin/sh\n")
         exe.chmod(0o755)
-    return base, prefix
+    env = LaunchEnv(base, prefix)
+    yield env
+    for probe in env.probes.values():
+        probe.stdin.close()
+        probe.wait(timeout=30)
 
 
-def run_launch(launch_env, distro: str, *args: str, launch_file: Path | None = None) -> dict:
+def run_launch(launch_env: LaunchEnv, distro: str, *args: str, launch_file: Path | None = None) -> dict:
     """{node name: {"namespace", "cmd": [...], "params": effective parameters or None, "remaps": {from: to}}}
     from the real launch
     code, for the shipped launch file or ``launch_file`` (which finds the shipped one in $INNER_LAUNCH)."""
-    base, prefix = launch_env
-    src = ROS2_PYTHON / distro
-    shipped = prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix), INNER_LAUNCH=str(shipped),
-               PYTHONPATH=os.pathsep.join([str(src / "launch"), str(src / "launch_ros"),
-                                           str(src / "ament_index_python"), str(base / "stub"), str(ROOT)]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "launch_probe.py"), str(launch_file or shipped), *args],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=base)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
+    shipped = launch_env.prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
+    reply = launch_env.ask(distro, [str(launch_file or shipped), *args])
+    if "error" in reply:
+        raise RuntimeError(reply["error"][-3000:])
     out = {}
-    for node in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for node in reply["nodes"]:
         out[node["name"]] = {"namespace": node["namespace"], "cmd": node["cmd"],
                              "params": effective_parameters(node["params"], node["name"], node["namespace"]),
                              "remaps": dict(node["remaps"]), "respawn": (node["respawn"], node["respawn_delay"])}
@@ -284,12 +316,11 @@ def test_respawn_is_off_unless_asked_for(launch_env, distro):
 def test_a_headless_robot_without_rviz2_launches_the_node(launch_env, distro, tmp_path):
     """package.xml does not depend on rviz2 (rosdep would put Qt on every robot): without it installed the
     node launches, and only rviz:=true fails, naming the package."""
-    base, prefix = launch_env
     headless = tmp_path / "prefix"
-    shutil.copytree(prefix, headless, symlinks=True)
+    shutil.copytree(launch_env.prefix, headless, symlinks=True)
     (headless / "share" / "ament_index" / "resource_index" / "packages" / "rviz2").unlink()
     shutil.rmtree(headless / "lib" / "rviz2")
-    env = (base, headless)
+    env = replace(launch_env, prefix=headless)
     assert set(run_launch(env, distro)) == {P.NODE_NAME}
     with pytest.raises(RuntimeError, match="rviz2"):
         run_launch(env, distro, "rviz:=true")
