@@ -387,15 +387,17 @@ def test_environment_switch_turns_the_kernel_off():
 
 
 def test_missing_or_stale_kernel_falls_back_with_its_reason():
-    code = ("import sys, types; sys.modules['models._occupancy_native'] = {module}; "
-            "from models import native_postprocess as n; print(n.available(), n.unavailable_reason())")
-    missing = subprocess.run([sys.executable, "-c", code.format(module="None")], cwd=ROOT, capture_output=True,
-                             text=True, check=True)
-    assert missing.stdout.startswith("False not built (")
-    stale = "types.SimpleNamespace(ABI_VERSION=0)"
-    old = subprocess.run([sys.executable, "-c", code.format(module=stale)], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
-    assert old.stdout.startswith(f"False stale build (ABI 0, this code needs {native_postprocess.ABI_VERSION})")
+    """In a fresh process (one for both cases: the wrapper is imported again under each stand-in build)."""
+    code = ("import importlib, sys, types\n"
+            "for build in (None, types.SimpleNamespace(ABI_VERSION=0)):\n"
+            "    sys.modules['models._occupancy_native'] = build\n"
+            "    sys.modules.pop('models.native_postprocess', None)\n"
+            "    n = importlib.import_module('models.native_postprocess')\n"
+            "    print(n.available(), n.unavailable_reason())\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    missing, stale = run.stdout.splitlines()
+    assert missing.startswith("False not built (")
+    assert stale.startswith(f"False stale build (ABI 0, this code needs {native_postprocess.ABI_VERSION})")
 
 
 def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
