@@ -379,25 +379,24 @@ def test_resize_normalise_leaves_what_it_does_not_take_to_torch():
                                                    (0.0,) * 3)
 
 
-def test_environment_switch_turns_the_kernel_off():
-    code = "from models import native_postprocess as n; print(n.available(), n.unavailable_reason())"
-    env = {**os.environ, "DISCENE_NATIVE_POSTPROCESS": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.startswith("False switched off by DISCENE_NATIVE_POSTPROCESS=0")
-
-
-def test_missing_or_stale_kernel_falls_back_with_its_reason():
-    """In a fresh process (one for both cases: the wrapper is imported again under each stand-in build)."""
-    code = ("import importlib, sys, types\n"
-            "for build in (None, types.SimpleNamespace(ABI_VERSION=0)):\n"
-            "    sys.modules['models._occupancy_native'] = build\n"
+def test_missing_stale_or_switched_off_kernel_falls_back_with_its_reason():
+    """In a fresh process (one for the three cases: the wrapper is imported again under each)."""
+    code = ("import importlib, os, sys, types\n"
+            "for build in (None, types.SimpleNamespace(ABI_VERSION=0), 'the real one, switched off'):\n"
+            "    if isinstance(build, str):\n"
+            "        del sys.modules['models._occupancy_native']\n"
+            "        os.environ['DISCENE_NATIVE_POSTPROCESS'] = '0'\n"
+            "    else:\n"
+            "        sys.modules['models._occupancy_native'] = build\n"
             "    sys.modules.pop('models.native_postprocess', None)\n"
             "    n = importlib.import_module('models.native_postprocess')\n"
             "    print(n.available(), n.unavailable_reason())\n")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    missing, stale = run.stdout.splitlines()
+    env = {k: v for k, v in os.environ.items() if k != "DISCENE_NATIVE_POSTPROCESS"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    missing, stale, switched_off = run.stdout.splitlines()
     assert missing.startswith("False not built (")
     assert stale.startswith(f"False stale build (ABI 0, this code needs {native_postprocess.ABI_VERSION})")
+    assert switched_off.startswith("False switched off by DISCENE_NATIVE_POSTPROCESS=0")
 
 
 def test_pipeline_says_which_cpu_post_processing_runs(lite_model, lite_config, monkeypatch):
