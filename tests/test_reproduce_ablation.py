@@ -140,7 +140,7 @@ def test_a_failing_row_is_listed_the_others_kept_and_nothing_published(in_proces
     root = in_process_rows
     out = tmp_path / "runs"
     code = ablation.main([*_small(root), "--out", str(out), "--teacher", str(root / "jobs1" / "teacher" / "final.pt"),
-                          "--jobs", "2", "--distill-set", "distill.no_such_key=1", "--publish"])
+                          "--jobs", "3", "--distill-set", "distill.no_such_key=1", "--publish"])  # one wave
     assert code == 1
     result = json.loads((out / "results" / "ablation.json").read_text())
     assert [(f["row"], f["seed"]) for f in result["failed"]] == [("distilled", 0)]
