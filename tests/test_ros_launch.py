@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,7 +73,12 @@ class LaunchEnv:
         request = {"argv": argv, "env": {"AMENT_PREFIX_PATH": str(self.prefix), "INNER_LAUNCH": str(shipped)}}
         probe.stdin.write(json.dumps(request) + "\n")
         probe.stdin.flush()
-        line = probe.stdout.readline()
+        watchdog = threading.Timer(120, probe.kill)  # a launch that hangs ends its probe, not the suite
+        watchdog.start()
+        try:
+            line = probe.stdout.readline()
+        finally:
+            watchdog.cancel()
         if not line:
             raise RuntimeError(f"the {distro} launch probe ended: {(self.base / f'probe_{distro}.log').read_text()[-3000:]}")
         return json.loads(line)
