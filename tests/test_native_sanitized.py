@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # late helper, NaN, empty input, buffer checks), the cloud rows, the resize and normalisation, the frame's geometry;
 # not the tests that time, load the shipped model or build pipelines (minutes under the sanitizers, no kernel paths)
 SELECTION = ["tests/test_native_postprocess.py", "tests/test_native_geometry.py", "tests/test_native_arguments.py",
-             "-k", "not benchmark and not pipeline and not shipped and not environment and not stale"]
+             "-k", "not benchmark and not pipeline and not shipped and not stale"]
 
 
 def _sanitizer_runtimes_missing() -> str | None:
