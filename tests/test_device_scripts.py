@@ -3,9 +3,11 @@ exists, each config override they set is a valid key, and the values read from o
 the next. A typo in one of them would cost a device session, which no CPU test would otherwise catch."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,38 +18,61 @@ from training.train_config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Stands in for the entry points: parses the command line with the script's own parser, logs the
-# options, writes what the device scripts read back from a benchmark's --json, and exits.
-HOOK = '''
-import argparse, json, os, runpy, sys
-original = argparse.ArgumentParser.parse_args
-def parse(self, args=None, namespace=None):
-    options = original(self, args, namespace)
-    with open(os.environ["PARSE_LOG"], "a") as log:
-        log.write(json.dumps({"prog": sys.argv[0], "options": vars(options)}, default=str) + "\\n")
-    out = getattr(options, "json", None)
-    if out and sys.argv[0].endswith("bench_task_loss.py"):
-        json.dump({"choice": "fused"}, open(out, "w"))
-    if out and sys.argv[0].endswith("bench_train_throughput.py"):
-        json.dump({"rows": [{"mode": "teacher", "compile": "none", "samples_per_s": 100.0},
-                            {"mode": "teacher", "compile": "inductor", "compiled": True, "samples_per_s": 150.0,
-                             "first_steps_s": 60.0}]}, open(out, "w"))
-    raise SystemExit(0)
-argparse.ArgumentParser.parse_args = parse
-if sys.argv[1] == "-m":
-    sys.argv = sys.argv[2:]
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-else:
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+# Stands in for the entry points while a script runs: logs each command line (with its working directory and
+# environment) and writes what the scripts read back from a benchmark's --json; Python starts without torch here,
+# and the commands are parsed afterwards, in the test's process (``parse_command``).
+LOGGER = '''
+import json, os, sys
+argv = sys.argv[1:]
+with open(os.environ["PARSE_LOG"], "a") as log:
+    log.write(json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}) + "\\n")
+out = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--json"), None)
+if out and argv[0].endswith("bench_task_loss.py"):
+    json.dump({"choice": "fused"}, open(out, "w"))
+if out and argv[0].endswith("bench_train_throughput.py"):
+    json.dump({"rows": [{"mode": "teacher", "compile": "none", "samples_per_s": 100.0},
+                        {"mode": "teacher", "compile": "inductor", "compiled": True, "samples_per_s": 150.0,
+                         "first_steps_s": 60.0}]}, open(out, "w"))
 '''
 
 SHIM = '''#!/bin/sh
 case "$1" in
-    benchmarks/*.py|-m) exec "{python}" "{hook}" "$@" ;;
+    benchmarks/*.py|-m) exec "{python}" "{logger}" "$@" ;;
 esac
 exec "{python}" "$@"
 '''
+
+
+class _Parsed(Exception):
+    """Raised by the patched ``parse_args``: the entry point parsed its command line; nothing else runs."""
+
+
+def parse_command(entry: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """One logged command parsed by its entry point's own parser, as it ran (working directory, environment):
+    {"prog": the script's path, "options": the parsed options}. A bad option fails here (argparse exits 2)."""
+    seen: dict = {}
+
+    def parse(self, args=None, namespace=None):
+        seen.update(prog=sys.argv[0], options=vars(original(self, args, namespace)))
+        raise _Parsed
+
+    original = argparse.ArgumentParser.parse_args
+    with monkeypatch.context() as m:
+        m.chdir(entry["cwd"])
+        for key in set(os.environ) - set(entry["env"]):
+            m.delenv(key)
+        for key, value in entry["env"].items():
+            m.setenv(key, value)
+        m.setattr(argparse.ArgumentParser, "parse_args", parse)
+        m.setattr(sys, "path", list(sys.path))  # the benchmarks put the checkout first on it
+        argv = entry["argv"]
+        m.setattr(sys, "argv", list(argv[1:] if argv[0] == "-m" else argv))
+        with pytest.raises(_Parsed):
+            if argv[0] == "-m":
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
+    return seen
 
 
 def checkout(tmp_path: Path) -> Path:
@@ -63,22 +88,23 @@ def checkout(tmp_path: Path) -> Path:
 
 def run_script(tmp_path: Path, script: str, env: dict[str, str],
                tree: Path | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    """``script`` in ``tree`` (default: a fresh ``checkout``) with ``python3`` parse-only; (its process, the
-    parsed commands)."""
+    """``script`` in ``tree`` (default: a fresh ``checkout``) with its Python entry points logged, not run; (its
+    process, each logged command as ``parse_command`` parses it)."""
     tree = tree or checkout(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (tmp_path / "hook.py").write_text(HOOK)
+    (tmp_path / "logger.py").write_text(LOGGER)
     shim = bin_dir / "python3"
-    shim.write_text(SHIM.format(python=sys.executable, hook=tmp_path / "hook.py"))
+    shim.write_text(SHIM.format(python=sys.executable, logger=tmp_path / "logger.py"))
     shim.chmod(0o755)
     log = tmp_path / "parsed.jsonl"
     log.unlink(missing_ok=True)
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PARSE_LOG": str(log),
                 "PYTHONPATH": str(ROOT), "OUT": str(tmp_path / "out"), **env}
     done = subprocess.run(["bash", script], cwd=tree, env=full_env, capture_output=True, text=True, timeout=300)
-    parsed = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    return done, parsed
+    entries = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    with pytest.MonkeyPatch.context() as m:
+        return done, [parse_command(entry, m) for entry in entries]
 
 
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "scripts").glob("*.sh")))
