@@ -69,6 +69,7 @@ def parse_command(entry: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
         m.setattr(sys, "argv", list(argv[1:] if argv[0] == "-m" else argv))
         with pytest.raises(_Parsed):
             if argv[0] == "-m":
+                m.delitem(sys.modules, argv[1], raising=False)  # as a fresh ``python -m`` finds it: not imported
                 runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
             else:
                 runpy.run_path(argv[0], run_name="__main__")
