@@ -55,6 +55,11 @@ class LaunchEnv:
     prefix: Path
     probes: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def shipped(self) -> Path:
+        """The installed launch file (what ``ros2 launch discene_ros occupancy.launch.py`` runs)."""
+        return self.prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
+
     def ask(self, distro: str, argv: list[str]) -> dict:
         """One launch by the distro's probe: its reply, ``{"nodes": [...]}`` or ``{"error": traceback}``."""
         probe = self.probes.get(distro)
@@ -69,8 +74,7 @@ class LaunchEnv:
                                      cwd=self.base)
             log.close()
             self.probes[distro] = probe
-        shipped = self.prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
-        request = {"argv": argv, "env": {"AMENT_PREFIX_PATH": str(self.prefix), "INNER_LAUNCH": str(shipped)}}
+        request = {"argv": argv, "env": {"AMENT_PREFIX_PATH": str(self.prefix), "INNER_LAUNCH": str(self.shipped)}}
         probe.stdin.write(json.dumps(request) + "\n")
         probe.stdin.flush()
         watchdog = threading.Timer(120, probe.kill)  # a launch that hangs ends its probe, not the suite
@@ -121,8 +125,7 @@ def run_launch(launch_env: LaunchEnv, distro: str, *args: str, launch_file: Path
     """{node name: {"namespace", "cmd": [...], "params": effective parameters or None, "remaps": {from: to}}}
     from the real launch
     code, for the shipped launch file or ``launch_file`` (which finds the shipped one in $INNER_LAUNCH)."""
-    shipped = launch_env.prefix / "share" / "discene_ros" / "launch" / "occupancy.launch.py"
-    reply = launch_env.ask(distro, [str(launch_file or shipped), *args])
+    reply = launch_env.ask(distro, [str(launch_file or launch_env.shipped), *args])
     if "error" in reply:
         raise RuntimeError(reply["error"][-3000:])
     out = {}

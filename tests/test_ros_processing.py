@@ -1,8 +1,10 @@
 """The node's ROS-free logic, for real: newest-frame slot, stats, throttling, fallback pose, bad frames."""
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -292,8 +294,6 @@ def test_frame_loop_freezes_what_its_first_frame_made():
     """The first processed frame compiles and captures the network (torch.compile made 344k objects for
     lite): the loop then freezes everything alive out of the garbage collector, once; a refused frame
     before it does not count."""
-    import gc
-
     gc.unfreeze()
     proc = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(use_fallback_pose=False))
     loop = FrameLoop(proc, FrameStats(), deliver=lambda frame, result: None, lossless=True)
@@ -314,9 +314,6 @@ def test_frame_loop_freezes_what_its_first_frame_made():
 @pytest.mark.full_startup_collection
 def test_start_up_garbage_is_collected_before_the_rest_is_frozen():
     """Cyclic garbage left by start-up (a model load's temporaries) is freed, not frozen for the node's life."""
-    import gc
-    import weakref
-
     class Cycle:
         pass
 
