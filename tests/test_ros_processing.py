@@ -318,12 +318,16 @@ def test_start_up_garbage_is_collected_before_the_rest_is_frozen():
         pass
 
     gc.unfreeze()
-    garbage, alive = Cycle(), Cycle()
-    garbage.me, alive.me = garbage, alive
-    gone = weakref.ref(garbage)
-    del garbage
-    assert gone() is not None  # only the cyclic collector frees it
-    frozen = freeze_startup_objects()
+    gc.disable()  # no automatic collection (another thread's allocations) frees the cycle before the freeze does
+    try:
+        garbage, alive = Cycle(), Cycle()
+        garbage.me, alive.me = garbage, alive
+        gone = weakref.ref(garbage)
+        del garbage
+        assert gone() is not None  # only the cyclic collector frees it
+        frozen = freeze_startup_objects()
+    finally:
+        gc.enable()
     assert gone() is None and frozen == gc.get_freeze_count() > 0
     assert not any(o is alive for o in gc.get_objects())  # frozen: out of what a full collection scans
 
