@@ -336,6 +336,8 @@ def compressed_depth_to_metres(msg: Any) -> np.ndarray:
         raw = rvl.decode(payload, MAX_IMAGE_PIXELS)
     else:
         raw = _decode_png16(_checked_png(payload, buf.size))
+    if not raw.any():  # before any float copy: a few RVL bytes may claim a large all-zero image
+        raise DepthError(f"compressedDepth image {raw.shape[1]}x{raw.shape[0]} has no valid pixel (all zero)")
     if encoding in ("16UC1", "mono16"):
         depth = _metres(raw)
     elif encoding == "32FC1":

@@ -233,9 +233,7 @@ def test_rvl_round_trips_and_refuses_damage():
         h, w = (int(v) for v in rng.integers(1, 40, 2))
         image = rng.integers(0, 65536, (h, w)).astype(np.uint16)
         image[rng.random((h, w)) < rng.uniform(0.0, 0.8)] = 0
-        payload = rvl.encode(image)
-        if image.size <= 5 * len(payload):  # denser claims the codec itself refuses as corrupt
-            np.testing.assert_array_equal(rvl.decode(payload, 10**6), image)
+        np.testing.assert_array_equal(rvl.decode(rvl.encode(image), 10**6), image)
     yy, xx = np.mgrid[0:48, 0:64]
     depth = (1500 + 800 * np.sin(xx / 5.0)).astype(np.uint16)
     depth[10:20, 30:40] = 0
@@ -248,6 +246,52 @@ def test_rvl_round_trips_and_refuses_damage():
     overrun = struct.pack("<II", 32, 48) + payload[8:]  # the same runs for an image of half the size
     with pytest.raises(DepthError, match="runs cover"):
         rvl.decode(overrun, 10**6)
+
+
+def _rvl_words(numbers: list[int]) -> bytes:
+    """RVL words of a list of numbers, coded by hand (3-bit groups, high nibble bit "more follows")."""
+    nibbles = []
+    for n in numbers:
+        while True:
+            nibbles.append((n & 7) | (8 if n >> 3 else 0))
+            n >>= 3
+            if not n:
+                break
+    nibbles += [0] * (-len(nibbles) % 8)
+    return b"".join(struct.pack("<I", sum(v << (28 - 4 * j) for j, v in enumerate(nibbles[i:i + 8])))
+                    for i in range(0, len(nibbles), 8))
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
+def test_rvl_sparse_depth_decodes(factory, encoding):
+    """Mostly invalid depth (10 % valid, far above the 5 pixels per byte the codec checks for 32FC1 only):
+    RVL codes each zero run in one number, and compressed_depth_image_transport decodes 16UC1 of any ratio."""
+    rng = np.random.default_rng(3)
+    depth = 1.2 + 0.002 * np.mgrid[0:120, 0:160][0] + 0.0005 * rng.normal(size=(120, 160))
+    depth[:108] = 0.0  # the upper 90 %: no return
+    coded = msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, encoding, codec="rvl")
+    assert depth.size > 8 * (len(coded.data) - 12)  # well above the codec's 32FC1 limit
+    png = msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, encoding)
+    back = msg_decode.depth_to_metres(coded)
+    np.testing.assert_array_equal(back, msg_decode.depth_to_metres(png))
+    assert (back[:108] == 0).all() and (back[108:] > 0).all()
+
+
+def test_rvl_tiny_payload_claiming_a_large_image_is_refused(factory):
+    """A few bytes claiming 4000x4000 pixels: refused when the runs do not cover them, before the output is
+    allocated; runs that do (one run of zeros) make an image without a valid pixel, refused before a float copy."""
+    size = struct.pack("<II", 4000, 4000)
+    with pytest.raises(DepthError, match="ends after 1000 of 16000000 pixels"):
+        rvl.decode(size + _rvl_words([1000, 0]), msg_decode.MAX_IMAGE_PIXELS)
+    with pytest.raises(DepthError, match="runs cover 17000000 pixels of a 16000000-pixel image"):
+        rvl.decode(size + _rvl_words([17_000_000, 0]), msg_decode.MAX_IMAGE_PIXELS)
+    empty = factory.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+                        format="16UC1; compressedDepth rvl",
+                        data=factory.uint8_array(bytes(12) + size + _rvl_words([16_000_000, 0])))
+    with pytest.raises(DepthError, match="4000x4000 has no valid pixel"):
+        msg_decode.depth_to_metres(empty)
+    with pytest.raises(DepthError, match="claims 0x4000 pixels"):
+        rvl.decode(struct.pack("<II", 0, 4000) + _rvl_words([0, 0]), msg_decode.MAX_IMAGE_PIXELS)
 
 
 @pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
