@@ -48,7 +48,8 @@ _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
 # Limits on what a frame may claim (see check_intrinsics / check_pose / compressed_to_rgb).
 MAX_IMAGE_PIXELS = 64_000_000    # a compressed header claiming more is refused before decoding (8K is 33 Mpx)
 JPEG_END = b"\xff\xd9"           # JPEG end-of-image marker; encoders may pad a few bytes after it
-END_SEARCH = 64                  # bytes at the end of a JPEG or PNG searched for its end marker
+JPEG_PADDING = (0x00, 0xFF)      # what hardware encoders fill a frame's DMA block with after EOI (skipped)
+END_SEARCH = 64                  # bytes at the end of a JPEG (before its padding) or PNG searched for its end marker
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first eight bytes
 PNG_END = b"IEND\xaeB`\x82"      # PNG's IEND chunk type and its CRC, the file's last eight bytes
 FOCAL_RANGE = (0.1, 50.0)        # focal length / image size along its axis: 157 deg .. 1.1 deg field of view
@@ -189,12 +190,13 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     is_png = bytes(buf[:8]) == PNG_SIGNATURE
     if not (is_jpeg or is_png):
         raise UnsupportedEncodingError(f"compressed image format {msg.format!r}: data is neither JPEG nor PNG")
-    tail = bytes(buf[-END_SEARCH:])
-    if is_jpeg and JPEG_END not in tail:
-        # a cut-off JPEG: PIL refuses it, but some cv2 versions decode the part they got and grey the rest
-        raise DecodeError(f"compressed {msg.format!r} image is truncated: no JPEG end-of-image marker in its "
-                          f"last {END_SEARCH} bytes ({buf.size} bytes)")
-    if is_png and PNG_END not in tail:  # cut off: said here, not in a libpng warning on stderr
+    if is_jpeg:
+        end = _jpeg_data_end(buf)
+        if JPEG_END not in bytes(buf[max(end - END_SEARCH, 0):end]):
+            # a cut-off JPEG: PIL refuses it, but some cv2 versions decode the part they got and grey the rest
+            raise DecodeError(f"compressed {msg.format!r} image is truncated: no JPEG end-of-image marker in its "
+                              f"last {END_SEARCH} bytes before any zero or 0xFF padding ({buf.size} bytes)")
+    if is_png and PNG_END not in bytes(buf[-END_SEARCH:]):  # cut off: said here, not in a libpng warning on stderr
         raise DecodeError(f"compressed {msg.format!r} image is truncated: no PNG IEND chunk in its last "
                           f"{END_SEARCH} bytes ({buf.size} bytes)")
     width, height = _compressed_size(msg, buf)
@@ -219,6 +221,19 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     except Exception as exc:  # noqa: BLE001 - any decoder failure (truncation, bombs, libjpeg errors) skips the frame
         raise DecodeError(f"could not decode the {msg.format!r} compressed image ({buf.size} bytes): "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _jpeg_data_end(buf: np.ndarray, block: int = 4096) -> int:
+    """Length of a JPEG without its trailing padding (0x00 and 0xFF bytes after EOI, as hardware encoders pad
+    frames; decoders stop at EOI), found block by block from the end so an unpadded frame costs one block."""
+    end = buf.size
+    while end > 0:
+        chunk = buf[max(end - block, 0):end]
+        data = np.flatnonzero((chunk != JPEG_PADDING[0]) & (chunk != JPEG_PADDING[1]))
+        if data.size:
+            return end - chunk.size + int(data[-1]) + 1
+        end -= chunk.size
+    return 0
 
 
 # JPEG frame-header (SOFn) markers: C0..CF except DHT (C4), JPG (C8) and DAC (CC)

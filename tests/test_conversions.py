@@ -130,6 +130,26 @@ def test_compressed_bad_inputs(factory, image_decoder):
         msg_decode.compressed_to_rgb(depth)
 
 
+@pytest.mark.parametrize("fill", [b"\x00", b"\xff"])
+def test_jpeg_padding_after_its_end_marker_is_ignored(factory, image_decoder, fill):
+    """Hardware encoders pad a frame to their DMA block after EOI; cv::imdecode (compressed_image_transport)
+    stops at EOI. A JPEG cut mid-scan is still refused, padded or not."""
+    good = bytes(msg_encode.rgb_to_compressed(factory, _rgb(48, 64, seed=2), "cam", STAMP, "jpeg").data)
+
+    def decode(data: bytes) -> np.ndarray:
+        return msg_decode.compressed_to_rgb(factory.new(
+            "sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+            format="rgb8; jpeg compressed bgr8", data=factory.uint8_array(data)))
+
+    expected = decode(good)
+    for pad in (100, 512, 5000):  # also more than one block of the padding search
+        np.testing.assert_array_equal(decode(good + fill * pad), expected)
+    cut = good[: len(good) // 2]  # mid-scan
+    for data in (cut, cut + fill * 512, cut + b"\x00" * 300 + b"\xff" * 300):
+        with pytest.raises(DecodeError, match="no JPEG end-of-image marker"):
+            decode(data)
+
+
 @pytest.mark.parametrize("bigendian", [False, True])
 def test_depth_16uc1_and_32fc1(factory, bigendian):
     mm = np.array([[0, 1000, 2500], [65535, 1, 3000]], dtype=np.uint16)
