@@ -52,6 +52,10 @@ JPEG_PADDING = (0x00, 0xFF)      # what hardware encoders fill a frame's DMA blo
 END_SEARCH = 64                  # bytes at the end of a JPEG (before its padding) or PNG searched for its end marker
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first eight bytes
 PNG_END = b"IEND\xaeB`\x82"      # PNG's IEND chunk type and its CRC, the file's last eight bytes
+# PIL's modes of a 16-bit grey PNG (compressed_image_transport's "mono16; png compressed"). cv2's IMREAD_COLOR keeps
+# the high byte of every 16-bit sample (libpng's strip_16: v >> 8; checked for all 65536 values with OpenCV 5.0);
+# the PIL fallback does the same for these (its 16-bit RGB, RGBA and grey+alpha modes already keep the high byte).
+PIL_GREY16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
 FOCAL_RANGE = (0.1, 50.0)        # focal length / image size along its axis: 157 deg .. 1.1 deg field of view
 PRINCIPAL_MARGIN = 0.25          # principal point may lie this fraction of the size outside the image
 MAX_SKEW_RATIO = 0.1             # |K[0,1]| / fx
@@ -177,7 +181,8 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     ``IMREAD_REDUCED_COLOR_r``, else PIL's ``draft``; the same libjpeg DCT scaling, the same pixels in
     tests/test_jpeg_reduced.py) as long as it stays at least this size; the returned image then has the
     reduced size and ``camera_info_to_k(info, rgb.shape[:2])`` scales K to it. EXIF orientation is
-    ignored by both decoders: CameraInfo describes the sensor's pixel layout. With cv2 the result is a
+    ignored by both decoders: CameraInfo describes the sensor's pixel layout. A 16-bit PNG keeps the high byte
+    of each sample with both (cv2's ``IMREAD_COLOR`` rule, :data:`PIL_GREY16_MODES`). With cv2 the result is a
     BGR buffer seen as RGB (a reversed-channel view), which the frame path copies as it is.
     """
     fmt = str(msg.format).lower()
@@ -215,6 +220,9 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
         with Image.open(io.BytesIO(buf.tobytes())) as img:
             if reduce > 1:
                 img.draft("RGB", (width // reduce, height // reduce))
+            if img.mode in PIL_GREY16_MODES:  # convert("RGB") would clip these at 255
+                grey = (np.asarray(img) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(img.convert("RGB"))
     except DecodeError:
         raise

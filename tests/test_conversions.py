@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -128,6 +129,32 @@ def test_compressed_bad_inputs(factory, image_decoder):
                         data=good.data)
     with pytest.raises(UnsupportedEncodingError, match="depth"):
         msg_decode.compressed_to_rgb(depth)
+
+
+def _png16(samples: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG of (H, W) or (H, W, C) uint16 ``samples`` written chunk by chunk (PIL writes no 16-bit
+    colour): colour type 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\x00" + samples[r].astype(">u2").tobytes() for r in range(h))
+    return (msg_decode.PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("color_type, channels", [(0, 1), (2, 3), (4, 2), (6, 4)], ids=["grey", "rgb", "la", "rgba"])
+def test_16bit_png_keeps_the_high_byte_with_either_decoder(factory, image_decoder, color_type, channels):
+    """compressed_image_transport's "mono16; png compressed": cv2's IMREAD_COLOR keeps each sample's high byte
+    (v >> 8) and drops alpha; the PIL fallback gives the same pixels (it clipped 16-bit grey at 255)."""
+    samples = np.random.default_rng(4).integers(0, 65536, (16, 16, channels)).astype(np.uint16)
+    samples[0, :4, 0] = [1000, 20000, 40000, 65535]
+    msg = factory.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+                      format="mono16; png compressed ",
+                      data=factory.uint8_array(_png16(samples.squeeze(-1) if channels == 1 else samples, color_type)))
+    colour = samples[..., :3] if channels >= 3 else np.repeat(samples[..., :1], 3, axis=-1)
+    out = msg_decode.compressed_to_rgb(msg)
+    np.testing.assert_array_equal(out, (colour >> 8).astype(np.uint8))
+    assert out[0, :4, 0].tolist() == [3, 78, 156, 255]
 
 
 @pytest.mark.parametrize("fill", [b"\x00", b"\xff"])
