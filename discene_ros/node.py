@@ -160,7 +160,8 @@ class OccupancyNode(Node):
             use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["sync_tolerance_s"],
             use_fallback_pose=self.cfg["use_fallback_pose"],
             fallback_camera_height=self.cfg["fallback_camera_height"],
-            fallback_camera_pitch_deg=self.cfg["fallback_camera_pitch_deg"], floor_z=self.cfg["floor_z"])
+            fallback_camera_pitch_deg=self.cfg["fallback_camera_pitch_deg"], floor_z=self.cfg["floor_z"],
+            check_depth_frame=self.cfg["check_depth_frame"])
         self.processor = FrameProcessor(self.pipeline, settings)
         self.stats = FrameStats()
         self.throttle = WarnThrottle(self.cfg["warn_throttle_s"])

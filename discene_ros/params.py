@@ -83,6 +83,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Depth aligned to the RGB image (16UC1 mm or 32FC1 m; a topic ending in /compressedDepth is read as "
               "image_transport's compressedDepth, png or rvl); used only when use_depth is true"),
     ParamSpec("use_depth", False, "Subscribe to depth and feed it to the depth branch (needs a DiScene-dagger model)"),
+    ParamSpec("check_depth_frame", True, "Skip a depth image whose header frame_id differs from the colour image's "
+              "(a leading '/' aside; an empty one is not checked): depth must be registered to the colour camera "
+              "(RealSense: align_depth.enable:=true, aligned_depth_to_color); false: trust depth_topic to be aligned"),
     ParamSpec("sync_tolerance_s", 0.02, "Largest stamp difference between a colour image and its depth image / "
               "camera info, seconds (pairing by header stamp)", (0.0, 1.0)),
     ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds. "

@@ -194,6 +194,7 @@ class ProcessorSettings:
     fallback_camera_pitch_deg: float = 15.0
     floor_z: float = 0.0
     reduced_jpeg_decode: bool = True     # decode JPEGs at 1/2..1/8 scale when still >= 1.25x the network input
+    check_depth_frame: bool = True       # refuse depth whose header frame differs from the colour image's
 
 
 @dataclass
@@ -307,6 +308,8 @@ class FrameProcessor:
         if offset > self.settings.depth_max_offset_s:
             raise DepthError(f"the depth image is {offset * 1e3:.0f} ms away from the colour image "
                              f"(limit {self.settings.depth_max_offset_s * 1e3:.0f} ms)")
+        if self.settings.check_depth_frame:
+            check_depth_frame(frame.image.header, frame.depth.header)
         depth = msg_decode.depth_to_metres(frame.depth)
         dh, dw = depth.shape
         if abs((dw / dh) / (image_hw[1] / image_hw[0]) - 1.0) > 0.01:
@@ -359,6 +362,19 @@ class FrameProcessor:
     def process(self, frame: FrameInput) -> ProcessedFrame:
         """Full frame on the calling thread: ``complete(prepare(frame))``."""
         return self.complete(self.prepare(frame))
+
+
+def check_depth_frame(image_header: Any, depth_header: Any) -> None:
+    """DepthError when the depth image names another frame than the colour image (a leading "/" aside; an empty
+    frame id on either side is not checked): depth in its own sensor's frame is not registered to the colour
+    pixels, and its aspect ratio alone may pass (RealSense colour 1280x720 beside depth 848x480)."""
+    image_frame = str(image_header.frame_id).lstrip("/")
+    depth_frame = str(depth_header.frame_id).lstrip("/")
+    if image_frame and depth_frame and image_frame != depth_frame:
+        raise DepthError(f"the depth image is in frame '{depth_frame}', the colour image in '{image_frame}': the depth "
+                         "must be registered to the colour camera (e.g. RealSense align_depth.enable:=true and its "
+                         "aligned_depth_to_color topic). The node parameter check_depth_frame:=false (replay: "
+                         "--no-check-depth-frame) turns this check off")
 
 
 @contextmanager

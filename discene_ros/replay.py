@@ -83,6 +83,7 @@ class ReplaySettings:
     info_topic: str | None = None
     depth_topic: str | None = None
     use_depth: bool | None = None       # None: when the model has a depth branch
+    check_depth_frame: bool = True      # the node's parameter: skip depth in another frame than the image
     world_frame: str = bag_io.WORLD_FRAME
     base_frame: str = "base_link"       # camera mount frame, for the fallback pose
     use_fallback_pose: bool = True      # False: skip frames without a TF pose
@@ -547,7 +548,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         pipeline.post_threads = post_threads_for(pipelined, compressed)
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
                                                                depth_max_offset_s=settings.sync_tolerance_s,
-                                                               use_fallback_pose=settings.use_fallback_pose))
+                                                               use_fallback_pose=settings.use_fallback_pose,
+                                                               check_depth_frame=settings.check_depth_frame))
         frames = BagFrames(reader, topic, info_topic, depth_topic, settings.world_frame, gt, processor,
                            settings.sync_tolerance_s, settings.sync_wait_s, settings.base_frame)
         factory = TypestoreFactory(bag_io.typestore())
@@ -696,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="pair depth with each image and feed it to the model (default: when the model has a "
                             "depth branch)")
     depth.add_argument("--no-depth", dest="use_depth", action="store_false", help="ignore depth topics")
+    parser.add_argument("--no-check-depth-frame", dest="check_depth_frame", action="store_false",
+                        help="use depth whose header frame_id differs from the colour image's (the node's "
+                             "check_depth_frame:=false); by default such depth is skipped as not registered")
     parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME,
                         help=f"TF frame the camera pose is looked up in and outputs are published in (default: {bag_io.WORLD_FRAME})")
     parser.add_argument("--base-frame", default="base_link",
@@ -759,7 +764,8 @@ def run_cli(args: argparse.Namespace) -> int:
             tf32=args.tf32,
             tf32_convolutions=args.tf32_convolutions,
             score_threshold=args.score_threshold, image_topic=args.image_topic, info_topic=args.camera_info_topic,
-            depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
+            depth_topic=args.depth_topic, use_depth=args.use_depth, check_depth_frame=args.check_depth_frame,
+            world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,
             sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait, realtime=args.realtime,
             pipelining=args.pipelining, max_frames=args.max_frames, storage=args.storage,

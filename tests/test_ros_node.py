@@ -607,6 +607,24 @@ def test_bad_frames_are_skipped_counted_and_throttled(ros):
     assert len(warnings) == 5
 
 
+@pytest.mark.parametrize("check", [True, False])
+def test_depth_in_another_frame_is_skipped_unless_check_depth_frame_is_off(ros, check):
+    fake, _ = ros
+    node = make_node(ros, BlockBackend(depth_config()), use_depth=True, world_frame="map", check_depth_frame=check)
+    assert node.processor.settings.check_depth_frame is check
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    stamp = 3_000 * MS
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.depth_callback(msg_encode.depth_to_image(F, np.full((96, 128), 2.0), "cam_depth_optical_frame", stamp))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
+    if check:
+        assert wait_until(lambda: node.stats.skipped["bad_depth"] == 1) and node.stats.processed == 0
+        warnings = [text for level, text in node.get_logger().records if level == "warn"]
+        assert any("registered to the colour camera" in w and "check_depth_frame:=false" in w for w in warnings)
+    else:
+        assert wait_until(lambda: node.stats.processed == 1) and not node.stats.skipped
+
+
 def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):
     """A driver publishes aligned depth after the colour image: the newest depth when the colour frame
     arrives is the previous one (67 ms old at 15 Hz). The frame must wait for its own."""

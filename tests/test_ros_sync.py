@@ -1,6 +1,7 @@
 """Pairing by stamp, TF at the image stamp, the mount fallback and undistortion (node and replay share them)."""
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -177,7 +178,7 @@ def test_coefficients_that_map_most_of_the_image_outside_are_refused_once():
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
 def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False,
-                mount_after=None, compressed_depth=None, image_frames=None):
+                mount_after=None, compressed_depth=None, image_frames=None, depth_frame="cam"):
     """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
     time), each with the colour image's header stamp, as RealSense + a SLAM node write them. The static
     camera mount comes first, or (``mount_after``) just before image ``mount_after``. ``image_frames``: the
@@ -198,10 +199,11 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
             if compressed_depth:  # as `ros2 bag record` of image_transport's compressedDepth topic
                 w.write(bag_io.DEPTH_TOPIC + "/compressedDepth",
-                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), "cam", t, codec=compressed_depth),
+                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), depth_frame, t,
+                                                             codec=compressed_depth),
                         t + depth_lag_ms * MS)
             else:
-                w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
+                w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), depth_frame, t),
                         t + depth_lag_ms * MS)
             if world:
                 w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
@@ -235,6 +237,22 @@ def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path, compressed_depth
     with pytest.raises(ValueError, match="no depth branch"):
         replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend()),
                       settings=ReplaySettings(use_depth=True, progress=False))
+
+
+def test_replay_skips_depth_in_another_frame_unless_told_not_to_check(tmp_path, capsys, monkeypatch):
+    cfg = BlockBackend().config
+    cfg.use_depth = True
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend(cfg)))
+    bag = _driver_bag(tmp_path / "unaligned", depth_frame="cam_depth_optical_frame")
+    args = ["--bag", str(bag), "--no-progress", "--world-frame", "odom"]
+    assert replay.main([*args, "--out", str(tmp_path / "checked")]) != 0
+    err = capsys.readouterr().err
+    assert "no frame was processed (bad_depth: 4)" in err
+    assert replay.main([*args, "--out", str(tmp_path / "trusted"), "--no-check-depth-frame",
+                        "--json", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"] == 4 and summary["skipped"] == 0
+    assert ReplaySettings().check_depth_frame
 
 
 def test_replay_without_world_frame_uses_the_mount_or_refuses(tmp_path, capsys, monkeypatch):
