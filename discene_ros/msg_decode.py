@@ -416,19 +416,20 @@ def _decode_png16(png: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- camera info and TF
-def check_intrinsics(k: np.ndarray, width: int, height: int) -> np.ndarray:
+def check_intrinsics(k: np.ndarray, width: int, height: int, name: str = "K") -> np.ndarray:
     """Raise CameraInfoError unless ``k`` is a pinhole K that makes sense for a ``width`` x ``height`` image.
 
     K[2] must be [0 0 1] and K[1,0] zero; fx/width and fy/height in :data:`FOCAL_RANGE` (fields of view
     between about 1 and 157 degrees); the principal point within :data:`PRINCIPAL_MARGIN` of the image;
-    |skew| at most :data:`MAX_SKEW_RATIO` * fx. Returns ``k`` as a (3, 3) float64 array.
+    |skew| at most :data:`MAX_SKEW_RATIO` * fx. Returns ``k`` as a (3, 3) float64 array. ``name``: what the
+    messages call the matrix (P's left 3x3 for a rectified image).
     """
     k = np.asarray(k, dtype=np.float64).reshape(3, 3)
     if not np.all(np.isfinite(k)):
-        raise CameraInfoError(f"K has non-finite values: {k.reshape(-1).tolist()}")
+        raise CameraInfoError(f"{name} has non-finite values: {k.reshape(-1).tolist()}")
     if abs(k[2, 2] - 1.0) > 1e-6 or abs(k[2, 0]) > 1e-9 or abs(k[2, 1]) > 1e-9 or abs(k[1, 0]) > 1e-9:
-        raise CameraInfoError(f"K is not a pinhole camera matrix: last row {k[2].tolist()} must be [0, 0, 1] "
-                              f"and K[1,0]={k[1, 0]} must be 0")
+        raise CameraInfoError(f"{name} is not a pinhole camera matrix: last row {k[2].tolist()} must be [0, 0, 1] "
+                              f"and {name}[1,0]={k[1, 0]} must be 0")
     fx, fy, skew, cx, cy = k[0, 0], k[1, 1], k[0, 1], k[0, 2], k[1, 2]
     if fx <= 0 or fy <= 0:
         raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={fx}, fy={fy} must be > 0")
@@ -472,17 +473,24 @@ def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
     return m
 
 
+def _matrix_field(msg: Any, name: str) -> Any:
+    """CameraInfo's ``k`` or ``p`` (ROS 2), else ``K`` or ``P`` (ROS 1 style); None when it has neither."""
+    return getattr(msg, name) if hasattr(msg, name) else getattr(msg, name.upper(), None)
+
+
 def camera_info_key(msg: Any) -> tuple:
-    """The fields of a CameraInfo that K and the undistortion depend on, as a hashable value: two messages
-    with equal keys give the same K (a camera publishes the same calibration with every image)."""
+    """The fields of a CameraInfo that K (or P, for rectified images) and the undistortion depend on, as a
+    hashable value: two messages with equal keys give the same intrinsics (a camera publishes the same
+    calibration with every image)."""
     def raw(values: Any) -> bytes:
         try:
             return memoryview(values).tobytes()  # numpy and array.array fields (rclpy): no conversion
         except TypeError:  # lists and tuples
             return np.asarray(values, dtype=np.float64).tobytes()
-    k = getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None)
-    return (raw(k), raw(getattr(msg, "d", ())), str(getattr(msg, "distortion_model", "")), int(msg.width),
-            int(msg.height), int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)), _roi(msg))
+    p = _matrix_field(msg, "p")
+    return (raw(_matrix_field(msg, "k")), raw(() if p is None else p), raw(getattr(msg, "d", ())),
+            str(getattr(msg, "distortion_model", "")), int(msg.width), int(msg.height),
+            int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)), _roi(msg))
 
 
 def _roi(msg: Any) -> tuple[int, int, int, int]:
@@ -494,27 +502,22 @@ def _roi(msg: Any) -> tuple[int, int, int, int]:
     return int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height)
 
 
-def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01) -> np.ndarray:
+def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01,
+                     rectified: bool = False) -> np.ndarray:
     """CameraInfo -> 3x3 K for an image of size ``image_hw`` (H, W), rescaled from the info resolution.
 
-    The region of interest and then binning are applied first (as image_geometry does: the principal
+    ``rectified``: the image is rectified (image_proc's ``image_rect``), whose intrinsics are P's left 3x3
+    (sensor_msgs/CameraInfo: it may differ from K, which describes the raw image); else K. The region of
+    interest and then binning are applied first, to P as to K (as image_geometry does: the principal
     point moves by the ROI's offset, the image is the ROI's size over the binning); a different aspect
-    ratio (beyond ``aspect_tol``) is a mismatch, not a resize. K is checked (:func:`check_intrinsics`)
-    against the info resolution when it has one.
+    ratio (beyond ``aspect_tol``) is a mismatch, not a resize. The matrix is checked
+    (:func:`check_intrinsics`) against the info resolution when it has one.
     """
-    k = np.asarray(getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None), dtype=np.float64)
-    if k.size != 9 or not np.all(np.isfinite(k)):
-        raise CameraInfoError(f"camera info K must hold 9 finite numbers, got {k.reshape(-1).tolist()}")
-    k = k.reshape(3, 3)
-    if not np.any(k):  # what camera drivers publish without a calibration file
-        raise CameraInfoError("camera info K is all zero: the camera is uncalibrated. Calibrate it (the "
-                              "camera_calibration package) and give its driver the calibration file")
-    if k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0")
+    k, name = _info_intrinsics(msg, rectified)
     bx, by = max(int(getattr(msg, "binning_x", 0)), 1), max(int(getattr(msg, "binning_y", 0)), 1)
     full_w, full_h = int(msg.width), int(msg.height)
     if full_w > 0 and full_h > 0:
-        check_intrinsics(k, full_w, full_h)
+        check_intrinsics(k, full_w, full_h, name)
     if image_hw is None:
         return k
     if full_w <= 0 or full_h <= 0:
@@ -540,6 +543,32 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
         raise CameraInfoError(
             f"image size {img_w}x{img_h} does not match camera info {width}x{height} (different aspect ratio)")
     return scale_intrinsic(k, (height, width), (img_h, img_w))
+
+
+def _info_intrinsics(msg: Any, rectified: bool) -> tuple[np.ndarray, str]:
+    """(3x3 intrinsics, what messages call them): K of a raw image, P's left 3x3 of a rectified one."""
+    if rectified:
+        p = np.asarray(_matrix_field(msg, "p"), dtype=np.float64)
+        if p.size != 12 or not np.all(np.isfinite(p)):
+            raise CameraInfoError(f"camera info P must hold 12 finite numbers, got {p.reshape(-1).tolist()}")
+        if not np.any(p):
+            raise CameraInfoError("camera info P is all zero, but the image is taken as rectified (its topic is an "
+                                  "image_rect one, or rectified:=true), whose intrinsics are P's: if the image is "
+                                  "raw, set the node parameter rectified:=false (replay: --rectified false); else "
+                                  "give the camera driver a calibration file with P (camera_calibration writes it)")
+        k, name = p.reshape(3, 4)[:, :3].copy(), "P[:3,:3]"
+    else:
+        k = np.asarray(_matrix_field(msg, "k"), dtype=np.float64)
+        if k.size != 9 or not np.all(np.isfinite(k)):
+            raise CameraInfoError(f"camera info K must hold 9 finite numbers, got {k.reshape(-1).tolist()}")
+        k, name = k.reshape(3, 3), "K"
+        if not np.any(k):  # what camera drivers publish without a calibration file
+            raise CameraInfoError("camera info K is all zero: the camera is uncalibrated. Calibrate it (the "
+                                  "camera_calibration package) and give its driver the calibration file")
+    if k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0 "
+                              f"(in {name})")
+    return k, name
 
 
 def quaternion_problem(x: float, y: float, z: float, w: float) -> str | None:

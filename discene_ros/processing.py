@@ -28,8 +28,8 @@ from models.geometry import centers_finite_in_float32
 
 from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
-from .params import DEFAULT_MODEL, PIPELINING_MODES
-from .undistort import Undistorter, needs_undistortion
+from .params import DEFAULT_MODEL, PIPELINING_MODES, RECTIFIED_MODES, rectified_topic
+from .undistort import DISTORTION_MODELS, Undistorter, needs_undistortion
 
 CAMERA_CACHE_SIZE = 8  # calibrations and image sizes FrameProcessor keeps checked (one camera: one)
 
@@ -195,6 +195,7 @@ class ProcessorSettings:
     floor_z: float = 0.0
     reduced_jpeg_decode: bool = True     # decode JPEGs at 1/2..1/8 scale when still >= 1.25x the network input
     check_depth_frame: bool = True       # refuse depth whose header frame differs from the colour image's
+    rectified: bool = False              # images are rectified: never undistorted, intrinsics from P (images_rectified)
 
 
 @dataclass
@@ -262,7 +263,7 @@ class FrameProcessor:
                              "and give a depth topic, or use an RGB-only model")
         self.fallback_pose = fallback_camera_pose(self.settings.fallback_camera_height,
                                                   self.settings.fallback_camera_pitch_deg, self.settings.floor_z)
-        self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps)
+        self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps), not rectified
         self._cameras: dict[tuple, tuple[np.ndarray, bool]] = {}  # see _camera
         self.decode_min_hw = (msg_decode.reduced_decode_size(pipeline.config.image_size)
                               if self.settings.reduced_jpeg_decode else None)
@@ -290,15 +291,17 @@ class FrameProcessor:
     def _camera(self, info: Any, image_hw: tuple[int, int]) -> tuple[np.ndarray, bool]:
         """(K for an image of ``image_hw``, read-only; whether the image needs undistorting), checked once per
         calibration and image size: each frame brings the same CameraInfo, and checking it took 0.14 ms
-        right after an inference (docs/results/frame_path.md, session 10)."""
+        right after an inference (docs/results/frame_path.md, session 10). A rectified image (``settings.rectified``)
+        is never undistorted again and takes P's intrinsics; a raw one K's."""
         key = (msg_decode.camera_info_key(info), tuple(image_hw))
         found = self._cameras.get(key)
         if found is None:  # a bad calibration raises here on every frame: it is never stored
-            k = msg_decode.camera_info_to_k(info, image_hw)
+            rectified = self.settings.rectified
+            k = msg_decode.camera_info_to_k(info, image_hw, rectified=rectified)
             k.flags.writeable = False  # shared by every frame of this calibration
             if len(self._cameras) >= CAMERA_CACHE_SIZE:  # a changing calibration must not grow it without bound
                 self._cameras.clear()
-            found = self._cameras[key] = (k, needs_undistortion(info))
+            found = self._cameras[key] = (k, not rectified and needs_undistortion(info))
         return found
 
     def _depth(self, frame: FrameInput, image_hw: tuple[int, int]) -> np.ndarray:
@@ -386,6 +389,25 @@ def frame_errors() -> Iterator[None]:
         raise
     except ValueError as exc:
         raise FrameError(f"pipeline rejected the frame: {exc}") from exc
+
+
+def images_rectified(rectified: str, image_topic: str) -> tuple[bool, str]:
+    """(rectified, what that means for the images) for the ``rectified`` parameter (auto, true, false) and the image
+    topic: auto = rectified where the topic's base name starts with image_rect (``params.rectified_topic``). A
+    rectified image (image_proc's image_rect, published beside the raw image's CameraInfo, whose D still holds the
+    lens's coefficients) is not undistorted again, and its intrinsics are P's (sensor_msgs/CameraInfo)."""
+    if rectified not in RECTIFIED_MODES:
+        raise ValueError(f"rectified must be auto, true or false, got {rectified!r}")
+    if rectified == "auto":
+        is_rectified = rectified_topic(image_topic)
+        why = f"rectified auto: {image_topic} is {'' if is_rectified else 'not '}an image_rect topic"
+    else:
+        is_rectified, why = rectified == "true", f"rectified {rectified}"
+    if is_rectified:
+        return True, f"rectified images ({why}): not undistorted, intrinsics from CameraInfo P"
+    return False, (f"raw images ({why}): undistorted here with K where their CameraInfo has non-zero "
+                   f"{'/'.join(DISTORTION_MODELS)} coefficients; other distortion models need rectified images "
+                   "(image_proc)")
 
 
 def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:

@@ -395,6 +395,43 @@ def test_camera_info_roi_moves_the_principal_point_instead_of_scaling(factory):
         msg_decode.camera_info_to_k(info, (240, 320))
 
 
+def test_rectified_images_take_their_intrinsics_from_p(factory):
+    """sensor_msgs/CameraInfo: a rectified image's intrinsics are P[:3,:3], which may differ from K (the raw image's);
+    the region of interest, binning and rescaling apply to P as to K (image_geometry), with the same checks."""
+    k = np.array([[420.0, 0, 320], [0, 420, 240], [0, 0, 1]])
+    info = msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", STAMP)
+    info.d = np.array([-0.28, 0.07, 0.0, 0.0, 0.0])
+    info.p = np.array([300.0, 0, 318, -30.0, 0, 330, 236, 0, 0, 0, 1, 0])  # Tx: a stereo pair's right camera
+    p3 = np.array([[300.0, 0, 318], [0, 330, 236], [0, 0, 1]])
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640)), k)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640), rectified=True), p3)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (240, 320), rectified=True),
+                               [[150, 0, 159], [0, 165, 118], [0, 0, 1]])
+    key = msg_decode.camera_info_key(info)
+    info.p = np.array([310.0, 0, 318, 0, 0, 330, 236, 0, 0, 0, 1, 0])
+    assert msg_decode.camera_info_key(info) != key  # a cached K of another P is not reused
+    info.p = np.array([300.0, 0, 318, 0, 0, 330, 236, 0, 0, 0, 1, 0])
+    info.roi.x_offset, info.roi.y_offset, info.roi.width, info.roi.height = 160, 100, 320, 240
+    info.binning_x = info.binning_y = 2  # the image is 160x120 of the ROI
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (120, 160), rectified=True),
+                               [[150, 0, 79], [0, 165, 68], [0, 0, 1]])
+    info.roi.x_offset = info.roi.y_offset = info.roi.width = info.roi.height = 0
+    info.binning_x = info.binning_y = 0
+    info.p = np.zeros(12)  # what a driver without P publishes
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640)), k)  # raw: K, P unused
+    with pytest.raises(CameraInfoError, match="P is all zero, but the image is taken as rectified.*rectified:=false"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+    info.p = np.array([300.0, 0, 318, 0, 0, 330, 236, 0, 0, 0, 0, 0])  # P[2,2] = 0
+    with pytest.raises(CameraInfoError, match=r"P\[:3,:3\] is not a pinhole camera matrix"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+    info.p = np.array([3.0, 0, 318, 0, 0, 3.3, 236, 0, 0, 0, 1, 0])
+    with pytest.raises(CameraInfoError, match="focal lengths fx=3, fy=3.3 are outside"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+    info.p = np.array([np.nan] * 12)
+    with pytest.raises(CameraInfoError, match="P must hold 12 finite numbers"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+
+
 def test_transform_round_trip(factory):
     rng = np.random.default_rng(3)
     for _ in range(5):
