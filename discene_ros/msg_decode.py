@@ -48,9 +48,14 @@ _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
 # Limits on what a frame may claim (see check_intrinsics / check_pose / compressed_to_rgb).
 MAX_IMAGE_PIXELS = 64_000_000    # a compressed header claiming more is refused before decoding (8K is 33 Mpx)
 JPEG_END = b"\xff\xd9"           # JPEG end-of-image marker; encoders may pad a few bytes after it
-END_SEARCH = 64                  # bytes at the end of a JPEG or PNG searched for its end marker
+JPEG_PADDING = (0x00, 0xFF)      # what hardware encoders fill a frame's DMA block with after EOI (skipped)
+END_SEARCH = 64                  # bytes at the end of a JPEG (before its padding) or PNG searched for its end marker
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG's first eight bytes
 PNG_END = b"IEND\xaeB`\x82"      # PNG's IEND chunk type and its CRC, the file's last eight bytes
+# PIL's modes of a 16-bit grey PNG (compressed_image_transport's "mono16; png compressed"). cv2's IMREAD_COLOR keeps
+# the high byte of every 16-bit sample (libpng's strip_16: v >> 8; checked for all 65536 values with OpenCV 5.0);
+# the PIL fallback does the same for these (its 16-bit RGB, RGBA and grey+alpha modes already keep the high byte).
+PIL_GREY16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
 FOCAL_RANGE = (0.1, 50.0)        # focal length / image size along its axis: 157 deg .. 1.1 deg field of view
 PRINCIPAL_MARGIN = 0.25          # principal point may lie this fraction of the size outside the image
 MAX_SKEW_RATIO = 0.1             # |K[0,1]| / fx
@@ -176,7 +181,8 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     ``IMREAD_REDUCED_COLOR_r``, else PIL's ``draft``; the same libjpeg DCT scaling, the same pixels in
     tests/test_jpeg_reduced.py) as long as it stays at least this size; the returned image then has the
     reduced size and ``camera_info_to_k(info, rgb.shape[:2])`` scales K to it. EXIF orientation is
-    ignored by both decoders: CameraInfo describes the sensor's pixel layout. With cv2 the result is a
+    ignored by both decoders: CameraInfo describes the sensor's pixel layout. A 16-bit PNG keeps the high byte
+    of each sample with both (cv2's ``IMREAD_COLOR`` rule, :data:`PIL_GREY16_MODES`). With cv2 the result is a
     BGR buffer seen as RGB (a reversed-channel view), which the frame path copies as it is.
     """
     fmt = str(msg.format).lower()
@@ -189,12 +195,13 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
     is_png = bytes(buf[:8]) == PNG_SIGNATURE
     if not (is_jpeg or is_png):
         raise UnsupportedEncodingError(f"compressed image format {msg.format!r}: data is neither JPEG nor PNG")
-    tail = bytes(buf[-END_SEARCH:])
-    if is_jpeg and JPEG_END not in tail:
-        # a cut-off JPEG: PIL refuses it, but some cv2 versions decode the part they got and grey the rest
-        raise DecodeError(f"compressed {msg.format!r} image is truncated: no JPEG end-of-image marker in its "
-                          f"last {END_SEARCH} bytes ({buf.size} bytes)")
-    if is_png and PNG_END not in tail:  # cut off: said here, not in a libpng warning on stderr
+    if is_jpeg:
+        end = _jpeg_data_end(buf)
+        if JPEG_END not in bytes(buf[max(end - END_SEARCH, 0):end]):
+            # a cut-off JPEG: PIL refuses it, but some cv2 versions decode the part they got and grey the rest
+            raise DecodeError(f"compressed {msg.format!r} image is truncated: no JPEG end-of-image marker in its "
+                              f"last {END_SEARCH} bytes before any zero or 0xFF padding ({buf.size} bytes)")
+    if is_png and PNG_END not in bytes(buf[-END_SEARCH:]):  # cut off: said here, not in a libpng warning on stderr
         raise DecodeError(f"compressed {msg.format!r} image is truncated: no PNG IEND chunk in its last "
                           f"{END_SEARCH} bytes ({buf.size} bytes)")
     width, height = _compressed_size(msg, buf)
@@ -213,12 +220,28 @@ def compressed_to_rgb(msg: Any, min_size_hw: tuple[int, int] | None = None) -> n
         with Image.open(io.BytesIO(buf.tobytes())) as img:
             if reduce > 1:
                 img.draft("RGB", (width // reduce, height // reduce))
+            if img.mode in PIL_GREY16_MODES:  # convert("RGB") would clip these at 255
+                grey = (np.asarray(img) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
             return np.asarray(img.convert("RGB"))
     except DecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure (truncation, bombs, libjpeg errors) skips the frame
         raise DecodeError(f"could not decode the {msg.format!r} compressed image ({buf.size} bytes): "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _jpeg_data_end(buf: np.ndarray, block: int = 4096) -> int:
+    """Length of a JPEG without its trailing padding (0x00 and 0xFF bytes after EOI, as hardware encoders pad
+    frames; decoders stop at EOI), found block by block from the end so an unpadded frame costs one block."""
+    end = buf.size
+    while end > 0:
+        chunk = buf[max(end - block, 0):end]
+        data = np.flatnonzero((chunk != JPEG_PADDING[0]) & (chunk != JPEG_PADDING[1]))
+        if data.size:
+            return end - chunk.size + int(data[-1]) + 1
+        end -= chunk.size
+    return 0
 
 
 # JPEG frame-header (SOFn) markers: C0..CF except DHT (C4), JPG (C8) and DAC (CC)
@@ -336,6 +359,8 @@ def compressed_depth_to_metres(msg: Any) -> np.ndarray:
         raw = rvl.decode(payload, MAX_IMAGE_PIXELS)
     else:
         raw = _decode_png16(_checked_png(payload, buf.size))
+    if not raw.any():  # before any float copy: a few RVL bytes may claim a large all-zero image
+        raise DepthError(f"compressedDepth image {raw.shape[1]}x{raw.shape[0]} has no valid pixel (all zero)")
     if encoding in ("16UC1", "mono16"):
         depth = _metres(raw)
     elif encoding == "32FC1":
@@ -391,19 +416,20 @@ def _decode_png16(png: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- camera info and TF
-def check_intrinsics(k: np.ndarray, width: int, height: int) -> np.ndarray:
+def check_intrinsics(k: np.ndarray, width: int, height: int, name: str = "K") -> np.ndarray:
     """Raise CameraInfoError unless ``k`` is a pinhole K that makes sense for a ``width`` x ``height`` image.
 
     K[2] must be [0 0 1] and K[1,0] zero; fx/width and fy/height in :data:`FOCAL_RANGE` (fields of view
     between about 1 and 157 degrees); the principal point within :data:`PRINCIPAL_MARGIN` of the image;
-    |skew| at most :data:`MAX_SKEW_RATIO` * fx. Returns ``k`` as a (3, 3) float64 array.
+    |skew| at most :data:`MAX_SKEW_RATIO` * fx. Returns ``k`` as a (3, 3) float64 array. ``name``: what the
+    messages call the matrix (P's left 3x3 for a rectified image).
     """
     k = np.asarray(k, dtype=np.float64).reshape(3, 3)
     if not np.all(np.isfinite(k)):
-        raise CameraInfoError(f"K has non-finite values: {k.reshape(-1).tolist()}")
+        raise CameraInfoError(f"{name} has non-finite values: {k.reshape(-1).tolist()}")
     if abs(k[2, 2] - 1.0) > 1e-6 or abs(k[2, 0]) > 1e-9 or abs(k[2, 1]) > 1e-9 or abs(k[1, 0]) > 1e-9:
-        raise CameraInfoError(f"K is not a pinhole camera matrix: last row {k[2].tolist()} must be [0, 0, 1] "
-                              f"and K[1,0]={k[1, 0]} must be 0")
+        raise CameraInfoError(f"{name} is not a pinhole camera matrix: last row {k[2].tolist()} must be [0, 0, 1] "
+                              f"and {name}[1,0]={k[1, 0]} must be 0")
     fx, fy, skew, cx, cy = k[0, 0], k[1, 1], k[0, 1], k[0, 2], k[1, 2]
     if fx <= 0 or fy <= 0:
         raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={fx}, fy={fy} must be > 0")
@@ -447,17 +473,24 @@ def check_pose(pose: np.ndarray, what: str = "camera pose") -> np.ndarray:
     return m
 
 
+def _matrix_field(msg: Any, name: str) -> Any:
+    """CameraInfo's ``k`` or ``p`` (ROS 2), else ``K`` or ``P`` (ROS 1 style); None when it has neither."""
+    return getattr(msg, name) if hasattr(msg, name) else getattr(msg, name.upper(), None)
+
+
 def camera_info_key(msg: Any) -> tuple:
-    """The fields of a CameraInfo that K and the undistortion depend on, as a hashable value: two messages
-    with equal keys give the same K (a camera publishes the same calibration with every image)."""
+    """The fields of a CameraInfo that K (or P, for rectified images) and the undistortion depend on, as a
+    hashable value: two messages with equal keys give the same intrinsics (a camera publishes the same
+    calibration with every image)."""
     def raw(values: Any) -> bytes:
         try:
             return memoryview(values).tobytes()  # numpy and array.array fields (rclpy): no conversion
         except TypeError:  # lists and tuples
             return np.asarray(values, dtype=np.float64).tobytes()
-    k = getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None)
-    return (raw(k), raw(getattr(msg, "d", ())), str(getattr(msg, "distortion_model", "")), int(msg.width),
-            int(msg.height), int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)), _roi(msg))
+    p = _matrix_field(msg, "p")
+    return (raw(_matrix_field(msg, "k")), raw(() if p is None else p), raw(getattr(msg, "d", ())),
+            str(getattr(msg, "distortion_model", "")), int(msg.width), int(msg.height),
+            int(getattr(msg, "binning_x", 0)), int(getattr(msg, "binning_y", 0)), _roi(msg))
 
 
 def _roi(msg: Any) -> tuple[int, int, int, int]:
@@ -469,27 +502,22 @@ def _roi(msg: Any) -> tuple[int, int, int, int]:
     return int(roi.x_offset), int(roi.y_offset), int(roi.width), int(roi.height)
 
 
-def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01) -> np.ndarray:
+def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_tol: float = 0.01,
+                     rectified: bool = False) -> np.ndarray:
     """CameraInfo -> 3x3 K for an image of size ``image_hw`` (H, W), rescaled from the info resolution.
 
-    The region of interest and then binning are applied first (as image_geometry does: the principal
+    ``rectified``: the image is rectified (image_proc's ``image_rect``), whose intrinsics are P's left 3x3
+    (sensor_msgs/CameraInfo: it may differ from K, which describes the raw image); else K. The region of
+    interest and then binning are applied first, to P as to K (as image_geometry does: the principal
     point moves by the ROI's offset, the image is the ROI's size over the binning); a different aspect
-    ratio (beyond ``aspect_tol``) is a mismatch, not a resize. K is checked (:func:`check_intrinsics`)
-    against the info resolution when it has one.
+    ratio (beyond ``aspect_tol``) is a mismatch, not a resize. The matrix is checked
+    (:func:`check_intrinsics`) against the info resolution when it has one.
     """
-    k = np.asarray(getattr(msg, "k", None) if hasattr(msg, "k") else getattr(msg, "K", None), dtype=np.float64)
-    if k.size != 9 or not np.all(np.isfinite(k)):
-        raise CameraInfoError(f"camera info K must hold 9 finite numbers, got {k.reshape(-1).tolist()}")
-    k = k.reshape(3, 3)
-    if not np.any(k):  # what camera drivers publish without a calibration file
-        raise CameraInfoError("camera info K is all zero: the camera is uncalibrated. Calibrate it (the "
-                              "camera_calibration package) and give its driver the calibration file")
-    if k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0")
+    k, name = _info_intrinsics(msg, rectified)
     bx, by = max(int(getattr(msg, "binning_x", 0)), 1), max(int(getattr(msg, "binning_y", 0)), 1)
     full_w, full_h = int(msg.width), int(msg.height)
     if full_w > 0 and full_h > 0:
-        check_intrinsics(k, full_w, full_h)
+        check_intrinsics(k, full_w, full_h, name)
     if image_hw is None:
         return k
     if full_w <= 0 or full_h <= 0:
@@ -515,6 +543,32 @@ def camera_info_to_k(msg: Any, image_hw: tuple[int, int] | None = None, aspect_t
         raise CameraInfoError(
             f"image size {img_w}x{img_h} does not match camera info {width}x{height} (different aspect ratio)")
     return scale_intrinsic(k, (height, width), (img_h, img_w))
+
+
+def _info_intrinsics(msg: Any, rectified: bool) -> tuple[np.ndarray, str]:
+    """(3x3 intrinsics, what messages call them): K of a raw image, P's left 3x3 of a rectified one."""
+    if rectified:
+        p = np.asarray(_matrix_field(msg, "p"), dtype=np.float64)
+        if p.size != 12 or not np.all(np.isfinite(p)):
+            raise CameraInfoError(f"camera info P must hold 12 finite numbers, got {p.reshape(-1).tolist()}")
+        if not np.any(p):
+            raise CameraInfoError("camera info P is all zero, but the image is taken as rectified (its topic is an "
+                                  "image_rect one, or rectified:=true), whose intrinsics are P's: if the image is "
+                                  "raw, set the node parameter rectified:=false (replay: --rectified false); else "
+                                  "give the camera driver a calibration file with P (camera_calibration writes it)")
+        k, name = p.reshape(3, 4)[:, :3].copy(), "P[:3,:3]"
+    else:
+        k = np.asarray(_matrix_field(msg, "k"), dtype=np.float64)
+        if k.size != 9 or not np.all(np.isfinite(k)):
+            raise CameraInfoError(f"camera info K must hold 9 finite numbers, got {k.reshape(-1).tolist()}")
+        k, name = k.reshape(3, 3), "K"
+        if not np.any(k):  # what camera drivers publish without a calibration file
+            raise CameraInfoError("camera info K is all zero: the camera is uncalibrated. Calibrate it (the "
+                                  "camera_calibration package) and give its driver the calibration file")
+    if k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise CameraInfoError(f"camera info is uncalibrated or invalid: fx={k[0, 0]}, fy={k[1, 1]} must be > 0 "
+                              f"(in {name})")
+    return k, name
 
 
 def quaternion_problem(x: float, y: float, z: float, w: float) -> str | None:

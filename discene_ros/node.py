@@ -46,13 +46,14 @@ from .processing import (
     decodes_on_decode_thread,
     frame_loop_mode,
     freeze_startup_objects,
+    images_rectified,
     post_threads_for,
     tune_postprocess,
     uses_decode_thread,
     uses_prepare_thread,
 )
 from .tf_links import TransformWatch
-from .undistort import DISTORTION_MODELS, needs_undistortion
+from .undistort import needs_undistortion
 
 try:  # ROS 2: optional (see the module docstring)
     import rclpy
@@ -156,11 +157,17 @@ class OccupancyNode(Node):
                                       frame_graph=self.cfg["frame_graph"])
         self.pipeline = tune_postprocess(pipeline, **postprocess)
         self.marker_schedule = EveryNth(self.cfg["marker_period"])
+        # image_transport's naming: a topic ending in /compressed carries CompressedImage, use_compressed or not
+        image_topic = self.cfg["image_topic"].rstrip("/")
+        compressed = self.cfg["use_compressed"] or image_topic.endswith("/compressed")
+        self.image_topic = P.base_image_topic(image_topic) + "/compressed" if compressed else self.cfg["image_topic"]
+        rectified, images_note = images_rectified(self.cfg["rectified"], self.image_topic)
         settings = ProcessorSettings(
             use_depth=self.cfg["use_depth"], depth_max_offset_s=self.cfg["sync_tolerance_s"],
             use_fallback_pose=self.cfg["use_fallback_pose"],
             fallback_camera_height=self.cfg["fallback_camera_height"],
-            fallback_camera_pitch_deg=self.cfg["fallback_camera_pitch_deg"], floor_z=self.cfg["floor_z"])
+            fallback_camera_pitch_deg=self.cfg["fallback_camera_pitch_deg"], floor_z=self.cfg["floor_z"],
+            check_depth_frame=self.cfg["check_depth_frame"], rectified=rectified)
         self.processor = FrameProcessor(self.pipeline, settings)
         self.stats = FrameStats()
         self.throttle = WarnThrottle(self.cfg["warn_throttle_s"])
@@ -176,10 +183,6 @@ class OccupancyNode(Node):
         self.tf_watch = TransformWatch()  # which links /tf has, valid or not: tf2 drops the invalid ones
         self.tf_listener = watched_listener(self.tf_buffer, self, self.tf_watch)
         qos = sensor_qos()
-        # image_transport's naming: a topic ending in /compressed carries CompressedImage, use_compressed or not
-        image_topic = self.cfg["image_topic"].rstrip("/")
-        compressed = self.cfg["use_compressed"] or image_topic.endswith("/compressed")
-        self.image_topic = P.base_image_topic(image_topic) + "/compressed" if compressed else self.cfg["image_topic"]
         # empty: beside the image topic, as image_transport's CameraSubscriber pairs them
         self.info_topic = self.cfg["camera_info_topic"] or P.camera_info_topic_for(self.image_topic)
         self.partners = FramePartners(self.cfg["sync_tolerance_s"], self.cfg["sync_wait_s"], self.cfg["use_depth"],
@@ -223,8 +226,7 @@ class OccupancyNode(Node):
         self.get_logger().info(
             f"occupancy node ready: {describe()}, frame loop {loop_mode}, {frozen} start-up objects frozen out of "
             f"the garbage collector, image {self.image_topic}, camera info {self.info_topic}, world frame "
-            f"'{self.cfg['world_frame']}'. Raw images with non-zero {'/'.join(DISTORTION_MODELS)} coefficients "
-            "in their CameraInfo are undistorted here; other distortion models need rectified images (image_proc)")
+            f"'{self.cfg['world_frame']}', {images_note}")
         self.warn_unknown_parameters()
 
     def settle_parameters(self, declared: dict[str, Any]) -> None:
@@ -347,7 +349,8 @@ class OccupancyNode(Node):
                                       "with --loop, or a simulator reset): TF history cleared, static transforms kept")
 
     def log_undistortion(self, info: Any) -> None:
-        if not self.undistortion_logged and needs_undistortion(info):
+        """Say once that raw images are undistorted (never for rectified ones, whose D is the raw lens's)."""
+        if not self.undistortion_logged and not self.processor.settings.rectified and needs_undistortion(info):
             self.undistortion_logged = True
             self.get_logger().info(f"camera info has {info.distortion_model} distortion {list(info.d)}: "
                                    "undistorting every image (maps computed once)")

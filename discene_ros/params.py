@@ -18,8 +18,10 @@ NODE_NAME = "discene_occupancy"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "lite_distilled.pt"
 PIPELINING_MODES = ("auto", "on", "off")  # the pipelining parameter (processing.frame_loop_mode)
-# rcl's YAML parser (``-p name:=value`` and parameter files), like PyYAML, reads an unquoted on/off as a bool
-BOOL_CHOICE_WORDS = {True: "on", False: "off"}
+RECTIFIED_MODES = ("auto", "true", "false")  # the rectified parameter (processing.images_rectified)
+# rcl's YAML parser (``-p name:=value`` and parameter files), like PyYAML, reads an unquoted on/off or
+# true/false as a bool: the words a bool stands for in a string parameter offering them
+BOOL_CHOICE_WORDS = ({True: "on", False: "off"}, {True: "true", False: "false"})
 
 # Output topics (relative to the node namespace; remap in the launch file if needed).
 TOPIC_CLOUD = "occupancy/points"
@@ -43,10 +45,9 @@ class ParamSpec:
     @property
     def dynamic_typing(self) -> bool:
         """Declared with dynamic typing, the type checked by ``validate`` instead of rclpy: rcl types an
-        unquoted value by its spelling, so ``floor_z:=0`` arrives as an integer and ``pipelining:=on`` as a
-        bool, which a statically typed declaration refuses."""
-        return self.kind == "float" or (self.choices is not None
-                                        and set(BOOL_CHOICE_WORDS.values()) <= set(self.choices))
+        unquoted value by its spelling, so ``floor_z:=0`` arrives as an integer and ``pipelining:=on`` or
+        ``rectified:=true`` as a bool, which a statically typed declaration refuses."""
+        return self.kind == "float" or (self.choices is not None and bool_choice(True, self.choices) is not None)
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -76,6 +77,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("use_compressed", False, "Subscribe to <image_topic>/compressed (sensor_msgs/CompressedImage, jpeg/png) "
               "instead of the raw image; compressed images are decoded on a thread of their own where the frame loop "
               "is pipelined"),
+    ParamSpec("rectified", "auto", "Whether the images are rectified: true = already undistorted (image_proc's "
+              "image_rect), so not undistorted again, intrinsics from CameraInfo P (which may differ from K); false = raw, "
+              "undistorted here with K when CameraInfo has non-zero coefficients; auto = true where the image topic's "
+              "name (before any /compressed) starts with image_rect (image_rect, image_rect_color, image_rect_raw)",
+              choices=RECTIFIED_MODES),
     ParamSpec("camera_info_topic", "", "CameraInfo of the RGB image (any resolution, K is rescaled); empty = the "
               "image topic's camera_info beside it, as image_transport's CameraSubscriber finds it "
               "(/camera/color/image_raw -> /camera/color/camera_info)"),
@@ -83,6 +89,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Depth aligned to the RGB image (16UC1 mm or 32FC1 m; a topic ending in /compressedDepth is read as "
               "image_transport's compressedDepth, png or rvl); used only when use_depth is true"),
     ParamSpec("use_depth", False, "Subscribe to depth and feed it to the depth branch (needs a DiScene-dagger model)"),
+    ParamSpec("check_depth_frame", True, "Skip a depth image whose header frame_id differs from the colour image's "
+              "(a leading '/' aside; an empty one is not checked): depth must be registered to the colour camera "
+              "(RealSense: align_depth.enable:=true, aligned_depth_to_color); false: trust depth_topic to be aligned"),
     ParamSpec("sync_tolerance_s", 0.02, "Largest stamp difference between a colour image and its depth image / "
               "camera info, seconds (pairing by header stamp)", (0.0, 1.0)),
     ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds. "
@@ -145,8 +154,8 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown parameter '{name}'; known: {sorted(PARAMS_BY_NAME)}")
         if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if spec.choices is not None and isinstance(value, bool) and BOOL_CHOICE_WORDS[value] in spec.choices:
-            value = BOOL_CHOICE_WORDS[value]
+        if spec.choices is not None and isinstance(value, bool) and bool_choice(value, spec.choices) is not None:
+            value = bool_choice(value, spec.choices)
         if type(value) is not type(spec.default):
             raise ValueError(f"parameter '{name}' must be {spec.kind}, got {value!r}")
         check_range(name, value)
@@ -156,6 +165,14 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     for name in TF_FRAME_PARAMETERS:
         out[name] = tf_frame(name, out[name])
     return out
+
+
+def bool_choice(value: bool, choices: tuple[str, ...]) -> str | None:
+    """The word among ``choices`` that a bool stands for (on/off, true/false), else None."""
+    for words in BOOL_CHOICE_WORDS:
+        if words[value] in choices:
+            return words[value]
+    return None
 
 
 def check_range(name: str, value: float) -> None:
@@ -168,6 +185,12 @@ def check_range(name: str, value: float) -> None:
 def base_image_topic(image_topic: str) -> str:
     """image_transport's base topic of an image topic: without a ``/compressed`` transport suffix."""
     return image_topic.rstrip("/").removesuffix("/compressed")
+
+
+def rectified_topic(image_topic: str) -> bool:
+    """Whether an image topic's name says its images are rectified: its base name (before any ``/compressed``)
+    starts with ``image_rect`` (image_proc's image_rect and image_rect_color, RealSense's image_rect_raw)."""
+    return base_image_topic(image_topic).rsplit("/", 1)[-1].startswith("image_rect")
 
 
 def camera_info_topic_for(image_topic: str) -> str:

@@ -28,8 +28,8 @@ from models.geometry import centers_finite_in_float32
 
 from . import msg_decode, msg_encode
 from .errors import DepthError, FrameError, MissingCameraInfoError, MissingTransformError, NonFiniteOutputError
-from .params import DEFAULT_MODEL, PIPELINING_MODES
-from .undistort import Undistorter, needs_undistortion
+from .params import DEFAULT_MODEL, PIPELINING_MODES, RECTIFIED_MODES, rectified_topic
+from .undistort import DISTORTION_MODELS, Undistorter, needs_undistortion
 
 CAMERA_CACHE_SIZE = 8  # calibrations and image sizes FrameProcessor keeps checked (one camera: one)
 
@@ -194,6 +194,8 @@ class ProcessorSettings:
     fallback_camera_pitch_deg: float = 15.0
     floor_z: float = 0.0
     reduced_jpeg_decode: bool = True     # decode JPEGs at 1/2..1/8 scale when still >= 1.25x the network input
+    check_depth_frame: bool = True       # refuse depth whose header frame differs from the colour image's
+    rectified: bool = False              # images are rectified: never undistorted, intrinsics from P (images_rectified)
 
 
 @dataclass
@@ -261,7 +263,7 @@ class FrameProcessor:
                              "and give a depth topic, or use an RGB-only model")
         self.fallback_pose = fallback_camera_pose(self.settings.fallback_camera_height,
                                                   self.settings.fallback_camera_pitch_deg, self.settings.floor_z)
-        self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps)
+        self.undistort = Undistorter()  # raw images with distortion coefficients -> pinhole (cached maps), not rectified
         self._cameras: dict[tuple, tuple[np.ndarray, bool]] = {}  # see _camera
         self.decode_min_hw = (msg_decode.reduced_decode_size(pipeline.config.image_size)
                               if self.settings.reduced_jpeg_decode else None)
@@ -289,15 +291,17 @@ class FrameProcessor:
     def _camera(self, info: Any, image_hw: tuple[int, int]) -> tuple[np.ndarray, bool]:
         """(K for an image of ``image_hw``, read-only; whether the image needs undistorting), checked once per
         calibration and image size: each frame brings the same CameraInfo, and checking it took 0.14 ms
-        right after an inference (docs/results/frame_path.md, session 10)."""
+        right after an inference (docs/results/frame_path.md, session 10). A rectified image (``settings.rectified``)
+        is never undistorted again and takes P's intrinsics; a raw one K's."""
         key = (msg_decode.camera_info_key(info), tuple(image_hw))
         found = self._cameras.get(key)
         if found is None:  # a bad calibration raises here on every frame: it is never stored
-            k = msg_decode.camera_info_to_k(info, image_hw)
+            rectified = self.settings.rectified
+            k = msg_decode.camera_info_to_k(info, image_hw, rectified=rectified)
             k.flags.writeable = False  # shared by every frame of this calibration
             if len(self._cameras) >= CAMERA_CACHE_SIZE:  # a changing calibration must not grow it without bound
                 self._cameras.clear()
-            found = self._cameras[key] = (k, needs_undistortion(info))
+            found = self._cameras[key] = (k, not rectified and needs_undistortion(info))
         return found
 
     def _depth(self, frame: FrameInput, image_hw: tuple[int, int]) -> np.ndarray:
@@ -307,6 +311,8 @@ class FrameProcessor:
         if offset > self.settings.depth_max_offset_s:
             raise DepthError(f"the depth image is {offset * 1e3:.0f} ms away from the colour image "
                              f"(limit {self.settings.depth_max_offset_s * 1e3:.0f} ms)")
+        if self.settings.check_depth_frame:
+            check_depth_frame(frame.image.header, frame.depth.header)
         depth = msg_decode.depth_to_metres(frame.depth)
         dh, dw = depth.shape
         if abs((dw / dh) / (image_hw[1] / image_hw[0]) - 1.0) > 0.01:
@@ -361,6 +367,19 @@ class FrameProcessor:
         return self.complete(self.prepare(frame))
 
 
+def check_depth_frame(image_header: Any, depth_header: Any) -> None:
+    """DepthError when the depth image names another frame than the colour image (a leading "/" aside; an empty
+    frame id on either side is not checked): depth in its own sensor's frame is not registered to the colour
+    pixels, and its aspect ratio alone may pass (RealSense colour 1280x720 beside depth 848x480)."""
+    image_frame = str(image_header.frame_id).lstrip("/")
+    depth_frame = str(depth_header.frame_id).lstrip("/")
+    if image_frame and depth_frame and image_frame != depth_frame:
+        raise DepthError(f"the depth image is in frame '{depth_frame}', the colour image in '{image_frame}': the depth "
+                         "must be registered to the colour camera (e.g. RealSense align_depth.enable:=true and its "
+                         "aligned_depth_to_color topic). The node parameter check_depth_frame:=false (replay: "
+                         "--no-check-depth-frame) turns this check off")
+
+
 @contextmanager
 def frame_errors() -> Iterator[None]:
     """Turn the ValueError a pipeline stage rejects malformed inputs with into a FrameError (skipped, counted)."""
@@ -370,6 +389,25 @@ def frame_errors() -> Iterator[None]:
         raise
     except ValueError as exc:
         raise FrameError(f"pipeline rejected the frame: {exc}") from exc
+
+
+def images_rectified(rectified: str, image_topic: str) -> tuple[bool, str]:
+    """(rectified, what that means for the images) for the ``rectified`` parameter (auto, true, false) and the image
+    topic: auto = rectified where the topic's base name starts with image_rect (``params.rectified_topic``). A
+    rectified image (image_proc's image_rect, published beside the raw image's CameraInfo, whose D still holds the
+    lens's coefficients) is not undistorted again, and its intrinsics are P's (sensor_msgs/CameraInfo)."""
+    if rectified not in RECTIFIED_MODES:
+        raise ValueError(f"rectified must be auto, true or false, got {rectified!r}")
+    if rectified == "auto":
+        is_rectified = rectified_topic(image_topic)
+        why = f"rectified auto: {image_topic} is {'' if is_rectified else 'not '}an image_rect topic"
+    else:
+        is_rectified, why = rectified == "true", f"rectified {rectified}"
+    if is_rectified:
+        return True, f"rectified images ({why}): not undistorted, intrinsics from CameraInfo P"
+    return False, (f"raw images ({why}): undistorted here with K where their CameraInfo has non-zero "
+                   f"{'/'.join(DISTORTION_MODELS)} coefficients; other distortion models need rectified images "
+                   "(image_proc)")
 
 
 def frame_loop_mode(pipelining: str, pipeline: Any) -> tuple[bool, str]:

@@ -34,7 +34,15 @@ from .camera_pose import orientation_problem, use_fallback
 from .errors import FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
-from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, camera_info_topic_for, check_range, tf_frame
+from .params import (
+    DATA_DIR,
+    PIPELINING_MODES,
+    RECTIFIED_MODES,
+    TF_FRAME_PARAMETERS,
+    camera_info_topic_for,
+    check_range,
+    tf_frame,
+)
 from .processing import (
     FrameInput,
     FrameLoop,
@@ -46,6 +54,7 @@ from .processing import (
     build_pipeline,
     frame_loop_mode,
     freeze_startup_objects,
+    images_rectified,
     latency_percentiles,
     post_threads_for,
     uses_decode_thread,
@@ -83,6 +92,8 @@ class ReplaySettings:
     info_topic: str | None = None
     depth_topic: str | None = None
     use_depth: bool | None = None       # None: when the model has a depth branch
+    check_depth_frame: bool = True      # the node's parameter: skip depth in another frame than the image
+    rectified: str = "auto"             # the node's parameter: auto, true or false (processing.images_rectified)
     world_frame: str = bag_io.WORLD_FRAME
     base_frame: str = "base_link"       # camera mount frame, for the fallback pose
     use_fallback_pose: bool = True      # False: skip frames without a TF pose
@@ -107,6 +118,8 @@ class ReplaySettings:
             check_range("score_threshold", self.score_threshold)
             if self.score_threshold < 0:
                 raise ValueError(f"score_threshold={self.score_threshold}: give 0 to 0.99, or none for the model's own")
+        if self.rectified not in RECTIFIED_MODES:
+            raise ValueError(f"rectified={self.rectified!r} is not one of {', '.join(RECTIFIED_MODES)}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames={self.max_frames}: give at least 1, or none for every frame")
         if self.n_renders < 0:
@@ -545,9 +558,12 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             loop_mode += ", each frame prepared right before its launch"
         compressed = any(c.topic == topic and c.msgtype == bag_io.IMAGE_TYPES[1] for c in reader.connections)
         pipeline.post_threads = post_threads_for(pipelined, compressed)
+        rectified, images_note = images_rectified(settings.rectified, topic)  # the node's rule, on the bag's topic
         processor = FrameProcessor(pipeline, ProcessorSettings(use_depth=use_depth,
                                                                depth_max_offset_s=settings.sync_tolerance_s,
-                                                               use_fallback_pose=settings.use_fallback_pose))
+                                                               use_fallback_pose=settings.use_fallback_pose,
+                                                               check_depth_frame=settings.check_depth_frame,
+                                                               rectified=rectified))
         frames = BagFrames(reader, topic, info_topic, depth_topic, settings.world_frame, gt, processor,
                            settings.sync_tolerance_s, settings.sync_wait_s, settings.base_frame)
         factory = TypestoreFactory(bag_io.typestore())
@@ -580,7 +596,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None and processed else None, topic, gt)
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
-                       info_topic=info_topic, other_image_topics=other_cameras(reader, topic))
+                       info_topic=info_topic, other_image_topics=other_cameras(reader, topic), rectified=rectified,
+                       images_note=images_note)
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         summary["camera_orientation_note"] = " ".join(n for n in frames.orientation_notes.values() if n) or None
         summary["bag_note"] = getattr(reader, "note", None)  # e.g. read without its metadata.yaml
@@ -642,7 +659,7 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
-            "other_image_topics": [], "bag_note": None, "error": error}
+            "other_image_topics": [], "rectified": None, "images_note": None, "bag_note": None, "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> Path | None:
@@ -688,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many colour images (default: all)")
     parser.add_argument("--image-topic", default=None, help="colour topic (default: auto-detect)")
     parser.add_argument("--camera-info-topic", default=None, help="CameraInfo topic (default: auto-detect)")
+    parser.add_argument("--rectified", choices=RECTIFIED_MODES, default="auto",
+                        help="the images are rectified (true: not undistorted, intrinsics from CameraInfo P) or raw "
+                             "(false: undistorted with K where CameraInfo has non-zero coefficients); auto, the node's "
+                             "default: rectified where the image topic's name starts with image_rect")
     parser.add_argument("--depth-topic", default=None,
                         help="aligned depth topic, a raw Image or image_transport's compressedDepth (default: "
                              "auto-detect, raw first)")
@@ -696,6 +717,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="pair depth with each image and feed it to the model (default: when the model has a "
                             "depth branch)")
     depth.add_argument("--no-depth", dest="use_depth", action="store_false", help="ignore depth topics")
+    parser.add_argument("--no-check-depth-frame", dest="check_depth_frame", action="store_false",
+                        help="use depth whose header frame_id differs from the colour image's (the node's "
+                             "check_depth_frame:=false); by default such depth is skipped as not registered")
     parser.add_argument("--world-frame", default=bag_io.WORLD_FRAME,
                         help=f"TF frame the camera pose is looked up in and outputs are published in (default: {bag_io.WORLD_FRAME})")
     parser.add_argument("--base-frame", default="base_link",
@@ -759,7 +783,9 @@ def run_cli(args: argparse.Namespace) -> int:
             tf32=args.tf32,
             tf32_convolutions=args.tf32_convolutions,
             score_threshold=args.score_threshold, image_topic=args.image_topic, info_topic=args.camera_info_topic,
-            depth_topic=args.depth_topic, use_depth=args.use_depth, world_frame=args.world_frame,
+            depth_topic=args.depth_topic, use_depth=args.use_depth, check_depth_frame=args.check_depth_frame,
+            rectified=args.rectified,
+            world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,
             sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait, realtime=args.realtime,
             pipelining=args.pipelining, max_frames=args.max_frames, storage=args.storage,

@@ -48,6 +48,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
         *([f"- frame path: {summary['pipeline']}"] if summary.get("pipeline") else []),
         f"- mode: {'recorded rate (--realtime, newest frame wins)' if summary.get('realtime') else 'full speed'}",
         *([f"- frame loop: {summary['frame_loop']}"] if summary.get("frame_loop") else []),
+        *([f"- images: {summary['images_note']}"] if summary.get("images_note") else []),
         f"- output bag: `{summary.get('output_bag') or 'none'}`", "",
     ]
     if summary.get("error"):

@@ -32,10 +32,12 @@ def decode(payload: bytes | np.ndarray, max_pixels: int) -> np.ndarray:
         raise DepthError(f"rvl depth image has only {buf.size} bytes, less than its size header")
     cols, rows = SIZE.unpack(buf[:SIZE.size].tobytes())
     pixels = cols * rows
-    # the codec itself refuses more than 5 pixels per byte (its best ratio is about 4): corrupt sizes
-    if pixels == 0 or pixels > max_pixels or pixels > 5 * buf.size:
-        raise DepthError(f"rvl depth image claims {cols}x{rows} pixels in {buf.size} bytes (the codec refuses more "
-                         f"than 5 pixels per byte as corrupt, and this reader more than {max_pixels} pixels)")
+    # No pixels-per-byte limit: compressed_depth_image_transport applies its 5 px/byte check to 32FC1 only, and
+    # RVL codes a run of zeros in one number, so sparse depth legitimately exceeds any ratio. A corrupt size is
+    # caught below: the runs must cover exactly the claimed pixels before the output is allocated.
+    if pixels == 0 or pixels > max_pixels:
+        raise DepthError(f"rvl depth image claims {cols}x{rows} pixels in {buf.size} bytes (this reader refuses an "
+                         f"empty image and more than {max_pixels} pixels): the data is corrupt or the image too large")
     words = np.frombuffer(buf[SIZE.size:].tobytes(), "<u4", count=(buf.size - SIZE.size) // 4)
     numbers = _numbers(words)
     heads = _run_heads(memoryview(numbers), pixels)
@@ -46,10 +48,13 @@ def decode(payload: bytes | np.ndarray, max_pixels: int) -> np.ndarray:
     zigzag = numbers[np.cumsum(inside[:-1]) > 0]
     deltas = (zigzag >> 1) ^ -(zigzag & 1)
     values = np.cumsum(deltas) & 0xFFFF  # unsigned short arithmetic, as the decoder's
+    # pixel index of each value: its run's first non-zero pixel plus its place in the run. Every array but
+    # ``out`` is as long as the payload's numbers, and np.zeros maps zero pages lazily, so a few bytes claiming
+    # a large, almost empty image cost little until its pixels are read.
+    first = np.cumsum(zeros + nonzeros) - nonzeros
+    before = np.cumsum(nonzeros) - nonzeros  # values of the runs before each
     out = np.zeros(pixels, np.uint16)
-    runs = np.empty(2 * zeros.size, np.int64)
-    runs[0::2], runs[1::2] = zeros, nonzeros
-    out[np.repeat(np.tile([False, True], zeros.size), runs)] = values
+    out[np.repeat(first - before, nonzeros) + np.arange(values.size)] = values
     return out.reshape(rows, cols)
 
 

@@ -4,7 +4,9 @@ The network assumes a pinhole camera. A raw ``image_raw`` with non-zero ``plumb_
 ``rational_polynomial`` or ``equidistant`` coefficients is remapped to the pinhole image with the
 same K (what ``image_proc`` calls ``image_rect`` with P = K): for every output pixel the forward
 distortion model gives the raw pixel to sample. The map depends only on the calibration and the
-image size, so it is computed once and reused. Images with zero coefficients pass through untouched.
+image size, so it is computed once and reused. Images with zero coefficients pass through untouched, and
+rectified ones (``processing.images_rectified``: image_proc's ``image_rect``, beside the raw image's CameraInfo
+and its non-zero D) never come here.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def distort_normalised(x: np.ndarray, y: np.ndarray, model: str, d: np.ndarray) 
         scale = np.where(r > 1e-12, theta_d / np.maximum(r, 1e-12), 1.0)
         return x * scale, y * scale
     raise CameraInfoError(f"distortion model {model!r} is not supported (supported: {', '.join(DISTORTION_MODELS)}); "
-                          "publish rectified images (image_proc) with zero distortion coefficients")
+                          "rectify the images with image_proc and read its image_rect topic (rectified:=auto or true)")
 
 
 def undistort_map(k: np.ndarray, model: str, d: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -130,6 +131,52 @@ def test_compressed_bad_inputs(factory, image_decoder):
         msg_decode.compressed_to_rgb(depth)
 
 
+def _png16(samples: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG of (H, W) or (H, W, C) uint16 ``samples`` written chunk by chunk (PIL writes no 16-bit
+    colour): colour type 0 grey, 2 RGB, 4 grey + alpha, 6 RGBA."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\x00" + samples[r].astype(">u2").tobytes() for r in range(h))
+    return (msg_decode.PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("color_type, channels", [(0, 1), (2, 3), (4, 2), (6, 4)], ids=["grey", "rgb", "la", "rgba"])
+def test_16bit_png_keeps_the_high_byte_with_either_decoder(factory, image_decoder, color_type, channels):
+    """compressed_image_transport's "mono16; png compressed": cv2's IMREAD_COLOR keeps each sample's high byte
+    (v >> 8) and drops alpha; the PIL fallback gives the same pixels (it clipped 16-bit grey at 255)."""
+    samples = np.random.default_rng(4).integers(0, 65536, (16, 16, channels)).astype(np.uint16)
+    samples[0, :4, 0] = [1000, 20000, 40000, 65535]
+    msg = factory.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+                      format="mono16; png compressed ",
+                      data=factory.uint8_array(_png16(samples.squeeze(-1) if channels == 1 else samples, color_type)))
+    colour = samples[..., :3] if channels >= 3 else np.repeat(samples[..., :1], 3, axis=-1)
+    out = msg_decode.compressed_to_rgb(msg)
+    np.testing.assert_array_equal(out, (colour >> 8).astype(np.uint8))
+    assert out[0, :4, 0].tolist() == [3, 78, 156, 255]
+
+
+@pytest.mark.parametrize("fill", [b"\x00", b"\xff"])
+def test_jpeg_padding_after_its_end_marker_is_ignored(factory, image_decoder, fill):
+    """Hardware encoders pad a frame to their DMA block after EOI; cv::imdecode (compressed_image_transport)
+    stops at EOI. A JPEG cut mid-scan is still refused, padded or not."""
+    good = bytes(msg_encode.rgb_to_compressed(factory, _rgb(48, 64, seed=2), "cam", STAMP, "jpeg").data)
+
+    def decode(data: bytes) -> np.ndarray:
+        return msg_decode.compressed_to_rgb(factory.new(
+            "sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+            format="rgb8; jpeg compressed bgr8", data=factory.uint8_array(data)))
+
+    expected = decode(good)
+    for pad in (100, 512, 5000):  # also more than one block of the padding search
+        np.testing.assert_array_equal(decode(good + fill * pad), expected)
+    cut = good[: len(good) // 2]  # mid-scan
+    for data in (cut, cut + fill * 512, cut + b"\x00" * 300 + b"\xff" * 300):
+        with pytest.raises(DecodeError, match="no JPEG end-of-image marker"):
+            decode(data)
+
+
 @pytest.mark.parametrize("bigendian", [False, True])
 def test_depth_16uc1_and_32fc1(factory, bigendian):
     mm = np.array([[0, 1000, 2500], [65535, 1, 3000]], dtype=np.uint16)
@@ -233,9 +280,7 @@ def test_rvl_round_trips_and_refuses_damage():
         h, w = (int(v) for v in rng.integers(1, 40, 2))
         image = rng.integers(0, 65536, (h, w)).astype(np.uint16)
         image[rng.random((h, w)) < rng.uniform(0.0, 0.8)] = 0
-        payload = rvl.encode(image)
-        if image.size <= 5 * len(payload):  # denser claims the codec itself refuses as corrupt
-            np.testing.assert_array_equal(rvl.decode(payload, 10**6), image)
+        np.testing.assert_array_equal(rvl.decode(rvl.encode(image), 10**6), image)
     yy, xx = np.mgrid[0:48, 0:64]
     depth = (1500 + 800 * np.sin(xx / 5.0)).astype(np.uint16)
     depth[10:20, 30:40] = 0
@@ -248,6 +293,52 @@ def test_rvl_round_trips_and_refuses_damage():
     overrun = struct.pack("<II", 32, 48) + payload[8:]  # the same runs for an image of half the size
     with pytest.raises(DepthError, match="runs cover"):
         rvl.decode(overrun, 10**6)
+
+
+def _rvl_words(numbers: list[int]) -> bytes:
+    """RVL words of a list of numbers, coded by hand (3-bit groups, high nibble bit "more follows")."""
+    nibbles = []
+    for n in numbers:
+        while True:
+            nibbles.append((n & 7) | (8 if n >> 3 else 0))
+            n >>= 3
+            if not n:
+                break
+    nibbles += [0] * (-len(nibbles) % 8)
+    return b"".join(struct.pack("<I", sum(v << (28 - 4 * j) for j, v in enumerate(nibbles[i:i + 8])))
+                    for i in range(0, len(nibbles), 8))
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
+def test_rvl_sparse_depth_decodes(factory, encoding):
+    """Mostly invalid depth (10 % valid, far above the 5 pixels per byte the codec checks for 32FC1 only):
+    RVL codes each zero run in one number, and compressed_depth_image_transport decodes 16UC1 of any ratio."""
+    rng = np.random.default_rng(3)
+    depth = 1.2 + 0.002 * np.mgrid[0:120, 0:160][0] + 0.0005 * rng.normal(size=(120, 160))
+    depth[:108] = 0.0  # the upper 90 %: no return
+    coded = msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, encoding, codec="rvl")
+    assert depth.size > 8 * (len(coded.data) - 12)  # well above the codec's 32FC1 limit
+    png = msg_encode.depth_to_compressed_depth(factory, depth, "cam", STAMP, encoding)
+    back = msg_decode.depth_to_metres(coded)
+    np.testing.assert_array_equal(back, msg_decode.depth_to_metres(png))
+    assert (back[:108] == 0).all() and (back[108:] > 0).all()
+
+
+def test_rvl_tiny_payload_claiming_a_large_image_is_refused(factory):
+    """A few bytes claiming 4000x4000 pixels: refused when the runs do not cover them, before the output is
+    allocated; runs that do (one run of zeros) make an image without a valid pixel, refused before a float copy."""
+    size = struct.pack("<II", 4000, 4000)
+    with pytest.raises(DepthError, match="ends after 1000 of 16000000 pixels"):
+        rvl.decode(size + _rvl_words([1000, 0]), msg_decode.MAX_IMAGE_PIXELS)
+    with pytest.raises(DepthError, match="runs cover 17000000 pixels of a 16000000-pixel image"):
+        rvl.decode(size + _rvl_words([17_000_000, 0]), msg_decode.MAX_IMAGE_PIXELS)
+    empty = factory.new("sensor_msgs/msg/CompressedImage", header=msg_encode.make_header(factory, STAMP, "cam"),
+                        format="16UC1; compressedDepth rvl",
+                        data=factory.uint8_array(bytes(12) + size + _rvl_words([16_000_000, 0])))
+    with pytest.raises(DepthError, match="4000x4000 has no valid pixel"):
+        msg_decode.depth_to_metres(empty)
+    with pytest.raises(DepthError, match="claims 0x4000 pixels"):
+        rvl.decode(struct.pack("<II", 0, 4000) + _rvl_words([0, 0]), msg_decode.MAX_IMAGE_PIXELS)
 
 
 @pytest.mark.parametrize("encoding", ["16UC1", "32FC1"])
@@ -302,6 +393,43 @@ def test_camera_info_roi_moves_the_principal_point_instead_of_scaling(factory):
     info.roi.x_offset, info.roi.width = 400, 320  # 400 + 320 > 640
     with pytest.raises(CameraInfoError, match="does not lie in"):
         msg_decode.camera_info_to_k(info, (240, 320))
+
+
+def test_rectified_images_take_their_intrinsics_from_p(factory):
+    """sensor_msgs/CameraInfo: a rectified image's intrinsics are P[:3,:3], which may differ from K (the raw image's);
+    the region of interest, binning and rescaling apply to P as to K (image_geometry), with the same checks."""
+    k = np.array([[420.0, 0, 320], [0, 420, 240], [0, 0, 1]])
+    info = msg_encode.k_to_camera_info(factory, k, 480, 640, "cam", STAMP)
+    info.d = np.array([-0.28, 0.07, 0.0, 0.0, 0.0])
+    info.p = np.array([300.0, 0, 318, -30.0, 0, 330, 236, 0, 0, 0, 1, 0])  # Tx: a stereo pair's right camera
+    p3 = np.array([[300.0, 0, 318], [0, 330, 236], [0, 0, 1]])
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640)), k)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640), rectified=True), p3)
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (240, 320), rectified=True),
+                               [[150, 0, 159], [0, 165, 118], [0, 0, 1]])
+    key = msg_decode.camera_info_key(info)
+    info.p = np.array([310.0, 0, 318, 0, 0, 330, 236, 0, 0, 0, 1, 0])
+    assert msg_decode.camera_info_key(info) != key  # a cached K of another P is not reused
+    info.p = np.array([300.0, 0, 318, 0, 0, 330, 236, 0, 0, 0, 1, 0])
+    info.roi.x_offset, info.roi.y_offset, info.roi.width, info.roi.height = 160, 100, 320, 240
+    info.binning_x = info.binning_y = 2  # the image is 160x120 of the ROI
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (120, 160), rectified=True),
+                               [[150, 0, 79], [0, 165, 68], [0, 0, 1]])
+    info.roi.x_offset = info.roi.y_offset = info.roi.width = info.roi.height = 0
+    info.binning_x = info.binning_y = 0
+    info.p = np.zeros(12)  # what a driver without P publishes
+    np.testing.assert_allclose(msg_decode.camera_info_to_k(info, (480, 640)), k)  # raw: K, P unused
+    with pytest.raises(CameraInfoError, match="P is all zero, but the image is taken as rectified.*rectified:=false"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+    info.p = np.array([300.0, 0, 318, 0, 0, 330, 236, 0, 0, 0, 0, 0])  # P[2,2] = 0
+    with pytest.raises(CameraInfoError, match=r"P\[:3,:3\] is not a pinhole camera matrix"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+    info.p = np.array([3.0, 0, 318, 0, 0, 3.3, 236, 0, 0, 0, 1, 0])
+    with pytest.raises(CameraInfoError, match="focal lengths fx=3, fy=3.3 are outside"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
+    info.p = np.array([np.nan] * 12)
+    with pytest.raises(CameraInfoError, match="P must hold 12 finite numbers"):
+        msg_decode.camera_info_to_k(info, (480, 640), rectified=True)
 
 
 def test_transform_round_trip(factory):

@@ -79,6 +79,9 @@ def test_dataset_bag_contents(dataset, bags):
     np.testing.assert_allclose(msg_decode.camera_info_to_k(first[bag_io.CAMERA_INFO_TOPIC], (48, 64)), k)
     assert msg_decode.image_to_rgb(first[bag_io.IMAGE_TOPIC]).shape == (48, 64, 3)
     assert msg_decode.depth_to_metres(first[bag_io.DEPTH_TOPIC]).max() > 0.3
+    # depth registered to the colour camera: the frame processor refuses depth in another frame
+    assert {first[t].header.frame_id for t in (bag_io.IMAGE_TOPIC, bag_io.DEPTH_TOPIC, bag_io.CAMERA_INFO_TOPIC)} == {
+        bag_io.CAMERA_FRAME}
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
@@ -293,9 +296,12 @@ def test_shipped_sample_bag_is_small_and_complete():
     reader = bag_io.open_reader(bag)
     try:
         topics = {c.topic: c.msgcount for c in reader.connections}
+        frames = {reader.deserialize(raw, conn.msgtype).header.frame_id for conn, _, raw in reader.messages()
+                  if conn.topic in (bag_io.COMPRESSED_TOPIC, bag_io.DEPTH_TOPIC, bag_io.CAMERA_INFO_TOPIC)}
     finally:
         reader.close()
     assert topics[bag_io.COMPRESSED_TOPIC] >= 2
+    assert frames == {bag_io.CAMERA_FRAME}  # depth registered to the colour camera
     for topic in (bag_io.CAMERA_INFO_TOPIC, bag_io.DEPTH_TOPIC, bag_io.TF_TOPIC, bag_io.GT_LABELS_TOPIC,
                   bag_io.GT_POSE_TOPIC, bag_io.GT_TOPIC):
         assert topics[topic] == topics[bag_io.COMPRESSED_TOPIC], topic

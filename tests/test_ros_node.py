@@ -39,7 +39,7 @@ from discene_ros import msg_decode, msg_encode
 from discene_ros import params as P
 from discene_ros.camera_pose import mount_height_pitch, orientation_problem
 from discene_ros.msg_factory import TypestoreFactory
-from discene_ros.processing import post_threads_for
+from discene_ros.processing import images_rectified, post_threads_for
 from models import native_postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,58 @@ def test_camera_info_topic_for_follows_image_transport():
              "color/image_raw": "color/camera_info", "image_raw": "camera_info", "/image": "/camera_info",
              "//a//b/image/": "/a/b/camera_info"}  # getCameraInfoTopic drops empty tokens
     assert {topic: P.camera_info_topic_for(topic) for topic in cases} == cases
+
+
+def test_rectified_auto_rule_reads_the_image_topic_name():
+    """image_proc's image_rect / image_rect_color, RealSense's image_rect_raw, and their /compressed transports."""
+    cases = {"/camera/image_rect": True, "/camera/image_rect_color": True, "/camera/infra1/image_rect_raw": True,
+             "/camera/image_rect/compressed": True, "/camera/image_rect_color/compressed/": True, "image_rect": True,
+             "/camera/color/image_raw": False, "/camera/color/image_raw/compressed": False,
+             "/image_rect/image_raw": False, "/camera/image": False, "/camera/rect_image": False}
+    assert {topic: P.rectified_topic(topic) for topic in cases} == cases
+    assert images_rectified("auto", "/camera/image_rect/compressed")[0]
+    assert images_rectified("false", "/camera/image_rect")[0] is False
+    assert images_rectified("true", "/camera/color/image_raw")[0] is True
+    with pytest.raises(ValueError, match="rectified must be auto, true or false"):
+        images_rectified("yes", "/camera/image_rect")
+
+
+def test_rectified_parameter_is_validated_and_takes_rcl_booleans():
+    assert P.validate({})["rectified"] == "auto" and P.PARAMS_BY_NAME["rectified"].dynamic_typing
+    assert P.validate({"rectified": rcl_value("true")})["rectified"] == "true"  # rcl makes a bool of it
+    assert P.validate({"rectified": rcl_value("false")})["rectified"] == "false"
+    assert P.validate({"pipelining": rcl_value("on")})["pipelining"] == "on"
+    with pytest.raises(ValueError, match="'rectified'='on' is not one of auto, true, false"):
+        P.validate({"rectified": "on"})
+    assert P.validate({"pipelining": rcl_value("true")})["pipelining"] == "on"  # rcl reads true and on alike
+
+
+@pytest.mark.parametrize("overrides, rectified, said", [
+    ({}, False, "raw images (rectified auto: /camera/color/image_raw is not an image_rect topic): undistorted here "
+                "with K where their CameraInfo has non-zero plumb_bob/rational_polynomial/equidistant coefficients"),
+    ({"image_topic": "/camera/image_rect", "use_compressed": True}, True,
+     "rectified images (rectified auto: /camera/image_rect/compressed is an image_rect topic): not undistorted, "
+     "intrinsics from CameraInfo P"),
+    ({"image_topic": "/camera/image_rect", "rectified": "false"}, False, "raw images (rectified false)"),
+    ({"rectified": True}, True, "rectified images (rectified true)")])
+def test_rectified_parameter_sets_the_processor_and_says_so(ros, overrides, rectified, said):
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", **overrides)
+    assert node.processor.settings.rectified is rectified
+    (ready,) = [text for level, text in node.get_logger().records if "occupancy node ready" in text]
+    assert said in ready
+    assert node.get_parameter("rectified").value in ("auto", "true", "false")
+    # a rectified image beside the raw calibration's CameraInfo: never undistorted, never logged as such
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    info = msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 10 * MS)
+    info.d = np.array([-0.1, 0.01, 0.0, 0.0, 0.0])
+    node.camera_info_callback(info)
+    node.image_callback(msg_encode.rgb_to_compressed(F, RGB, "cam", 10 * MS, "png") if node.image_topic.endswith(
+        "/compressed") else msg_encode.rgb_to_image(F, RGB, "cam", 10 * MS))
+    assert wait_until(lambda: node.stats.processed == 1) and not node.stats.skipped
+    assert node.processor.undistort.maps_built == (0 if rectified else 1)
+    logged = any("undistorting every image" in text for _, text in node.get_logger().records)
+    assert logged is not rectified
 
 
 @pytest.mark.parametrize("pipelining, serial, said", [
@@ -605,6 +657,24 @@ def test_bad_frames_are_skipped_counted_and_throttled(ros):
     warnings = [text for level, text in node.get_logger().records if level == "warn" and "skipped frame" in text]
     assert sum("missing_tf" in w for w in warnings) == 1  # throttled: 3 frames, one warning
     assert len(warnings) == 5
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_depth_in_another_frame_is_skipped_unless_check_depth_frame_is_off(ros, check):
+    fake, _ = ros
+    node = make_node(ros, BlockBackend(depth_config()), use_depth=True, world_frame="map", check_depth_frame=check)
+    assert node.processor.settings.check_depth_frame is check
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    stamp = 3_000 * MS
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    node.depth_callback(msg_encode.depth_to_image(F, np.full((96, 128), 2.0), "cam_depth_optical_frame", stamp))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", stamp))
+    if check:
+        assert wait_until(lambda: node.stats.skipped["bad_depth"] == 1) and node.stats.processed == 0
+        warnings = [text for level, text in node.get_logger().records if level == "warn"]
+        assert any("registered to the colour camera" in w and "check_depth_frame:=false" in w for w in warnings)
+    else:
+        assert wait_until(lambda: node.stats.processed == 1) and not node.stats.skipped
 
 
 def test_depth_published_after_its_colour_frame_is_paired_by_stamp(ros):

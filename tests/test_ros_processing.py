@@ -165,6 +165,27 @@ def test_processor_depth_rules():
     assert proc.process(_frame(depth=msg_encode.depth_to_image(F, partial, "cam", STAMP, "32FC1"))).occupancy is not None
 
 
+def test_depth_in_another_frame_than_the_image_is_refused_as_not_registered():
+    """RealSense's depth/image_rect_raw is in camera_depth_optical_frame, not registered to the colour pixels;
+    its aspect ratio may still pass (848x480 beside 1280x720). A leading "/" or an empty frame_id is no mismatch."""
+    cfg = lite()
+    cfg.use_depth = True
+    proc = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(use_depth=True))
+    unaligned = msg_encode.depth_to_image(F, np.full((96, 128), 2.0), "cam_depth", STAMP)
+    with pytest.raises(DepthError, match="in frame 'cam_depth', the colour image in 'cam': the depth must be "
+                                         "registered to the colour camera .*align_depth.enable:=true.*"
+                                         "check_depth_frame:=false"):
+        proc.decode_frame(_frame(depth=unaligned))
+    for depth_frame in ("/cam", ""):
+        depth = msg_encode.depth_to_image(F, np.full((96, 128), 2.0), depth_frame, STAMP)
+        assert proc.decode_frame(_frame(depth=depth)).depth.max() == pytest.approx(2.0)
+    nameless = _frame(depth=unaligned)
+    nameless.image.header.frame_id = ""  # not checked here (the node skips it as bad_frame_id before)
+    assert proc.decode_frame(nameless).depth is not None
+    trusting = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(use_depth=True, check_depth_frame=False))
+    assert trusting.decode_frame(_frame(depth=unaligned)).depth.max() == pytest.approx(2.0)
+
+
 def test_slow_backend_drops_stale_frames_newest_wins():
     """A producer at ~100 Hz against a 50 ms backend, through the node's frame loop: most frames are
     dropped, never queued; bad frames from any stage are skipped by reason; all are counted."""

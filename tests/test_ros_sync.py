@@ -1,6 +1,7 @@
 """Pairing by stamp, TF at the image stamp, the mount fallback and undistortion (node and replay share them)."""
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -14,6 +15,7 @@ from discene_ros.camera_pose import TransformNotReadyError, mount_fallback_pose,
 from discene_ros.errors import CameraInfoError, MissingCameraInfoError
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.pairing import DepthSyncError, FramePartners, StampedBuffer
+from discene_ros.params import camera_info_topic_for
 from discene_ros.replay import ReplaySettings
 from discene_ros.undistort import Undistorter, distort_normalised, undistort_map
 
@@ -177,7 +179,7 @@ def test_coefficients_that_map_most_of_the_image_outside_are_refused_once():
 
 # ----------------------------------------------------------------------------- replay: a driver's message order
 def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world="odom", static_mount=False,
-                mount_after=None, compressed_depth=None, image_frames=None):
+                mount_after=None, compressed_depth=None, image_frames=None, depth_frame="cam"):
     """Colour at 15 Hz; camera info a fraction of a ms later, aligned depth and TF tens of ms later (bag
     time), each with the colour image's header stamp, as RealSense + a SLAM node write them. The static
     camera mount comes first, or (``mount_after``) just before image ``mount_after``. ``image_frames``: the
@@ -198,10 +200,11 @@ def _driver_bag(path, n=4, depth_lag_ms=20, info_lag_ms=0.3, tf_lag_ms=30, world
             w.write(bag_io.CAMERA_INFO_TOPIC, _header_msg(t), t + int(info_lag_ms * MS))
             if compressed_depth:  # as `ros2 bag record` of image_transport's compressedDepth topic
                 w.write(bag_io.DEPTH_TOPIC + "/compressedDepth",
-                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), "cam", t, codec=compressed_depth),
+                        msg_encode.depth_to_compressed_depth(F, np.full((48, 64), 2.0), depth_frame, t,
+                                                             codec=compressed_depth),
                         t + depth_lag_ms * MS)
             else:
-                w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), "cam", t),
+                w.write(bag_io.DEPTH_TOPIC, msg_encode.depth_to_image(F, np.full((48, 64), 2.0, np.float32), depth_frame, t),
                         t + depth_lag_ms * MS)
             if world:
                 w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
@@ -235,6 +238,22 @@ def test_replay_pairs_late_depth_info_and_tf_by_stamp(tmp_path, compressed_depth
     with pytest.raises(ValueError, match="no depth branch"):
         replay.replay(bag, out=tmp_path / "out3", pipeline=pipeline_for(BlockBackend()),
                       settings=ReplaySettings(use_depth=True, progress=False))
+
+
+def test_replay_skips_depth_in_another_frame_unless_told_not_to_check(tmp_path, capsys, monkeypatch):
+    cfg = BlockBackend().config
+    cfg.use_depth = True
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend(cfg)))
+    bag = _driver_bag(tmp_path / "unaligned", depth_frame="cam_depth_optical_frame")
+    args = ["--bag", str(bag), "--no-progress", "--world-frame", "odom"]
+    assert replay.main([*args, "--out", str(tmp_path / "checked")]) != 0
+    err = capsys.readouterr().err
+    assert "no frame was processed (bad_depth: 4)" in err
+    assert replay.main([*args, "--out", str(tmp_path / "trusted"), "--no-check-depth-frame",
+                        "--json", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"] == 4 and summary["skipped"] == 0
+    assert ReplaySettings().check_depth_frame
 
 
 def test_replay_without_world_frame_uses_the_mount_or_refuses(tmp_path, capsys, monkeypatch):
@@ -296,3 +315,65 @@ def test_frame_processor_undistorts_raw_images_before_the_network():
     expected, _ = Undistorter()(info, ramp, K)
     np.testing.assert_array_equal(result.rgb, expected)
     assert not np.array_equal(result.rgb, ramp)
+
+
+def _rectify_calibration(info):
+    """The raw lens's D (non-zero, as image_proc leaves it on the CameraInfo beside image_rect) and a P != K."""
+    info.d = np.array([-0.2, 0.05, 0.001, 0.0, 0.0])
+    info.p = np.array([50.0, 0, 31, 0, 0, 52, 23, 0, 0, 0, 1, 0])
+    return info
+
+
+def test_rectified_images_are_not_undistorted_again_and_take_p():
+    from discene_ros.processing import FrameInput, FrameProcessor, ProcessorSettings
+
+    info = _rectify_calibration(msg_encode.k_to_camera_info(F, K, 48, 64, "cam", 0))
+    ramp = np.tile(np.arange(64, dtype=np.uint8), (48, 1))[..., None].repeat(3, axis=2)
+    frame = FrameInput(image=msg_encode.rgb_to_image(F, ramp, "cam", 0), camera_info=info, cam_pose=np.eye(4))
+    rectified = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(rectified=True))
+    decoded = rectified.decode_frame(frame)
+    np.testing.assert_array_equal(decoded.rgb, ramp)  # not remapped
+    np.testing.assert_allclose(decoded.k, [[50, 0, 31], [0, 52, 23], [0, 0, 1]])
+    assert rectified.undistort.maps_built == 0
+    raw = FrameProcessor(pipeline_for(BlockBackend()), ProcessorSettings(rectified=False))
+    decoded = raw.decode_frame(frame)
+    np.testing.assert_array_equal(decoded.rgb, Undistorter()(info, ramp, K)[0])
+    np.testing.assert_allclose(decoded.k, K)
+    info.p = np.zeros(12)
+    with pytest.raises(CameraInfoError, match="P is all zero.*rectified:=false"):
+        rectified.decode_frame(frame)
+    np.testing.assert_allclose(raw.decode_frame(frame).k, K)
+
+
+def _rect_bag(path, topic="/camera/color/image_rect", n=2):
+    """A bag of rectified images beside the raw calibration's CameraInfo (non-zero D, P != K), with TF."""
+    info_topic = camera_info_topic_for(topic)
+    with bag_io.BagWriter(path, "mcap", F.typestore) as w:
+        for i in range(n):
+            t = 10**18 + i * 66_666_667
+            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[
+                msg_encode.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", t)]), t)
+            w.write(info_topic, _rectify_calibration(msg_encode.k_to_camera_info(F, K, 48, 64, "cam", t)), t)
+            w.write(topic, msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t), t)
+    return path
+
+
+@pytest.mark.parametrize("option, rectified", [([], True), (["--rectified", "false"], False),
+                                               (["--rectified", "true"], True)])
+def test_replay_applies_the_rectified_rule_to_its_image_topic(tmp_path, monkeypatch, option, rectified):
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    bag = _rect_bag(tmp_path / "rect")
+    assert replay.main(["--bag", str(bag), "--out", str(tmp_path / "o"), "--no-progress", "--world-frame", "odom",
+                        "--json", str(tmp_path / "s.json"), *option]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["frames"] == 2 and summary["rectified"] is rectified
+    said = "rectified auto: /camera/color/image_rect is an image_rect topic" if not option else f"rectified {option[1]}"
+    assert said in summary["images_note"]
+    assert ("intrinsics from CameraInfo P" in summary["images_note"]) is rectified
+    assert "- images: " + summary["images_note"] in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_replay_rectified_setting_is_checked():
+    with pytest.raises(ValueError, match="rectified='yes' is not one of auto, true, false"):
+        ReplaySettings(rectified="yes")
+    assert ReplaySettings().rectified == "auto"
