@@ -449,21 +449,23 @@ class TfTree:
         self._invalid: dict[tuple[str, str], str] = {}  # (parent, child) -> what was wrong with its last transform
         self.history = history
 
-    def add_message(self, msg: Any, static: bool = False) -> None:
-        """Add every valid transform of a TFMessage; TransformError (after adding the others) for the
-        first invalid one, naming its link."""
-        first: TransformError | None = None
+    def add_message(self, msg: Any, static: bool = False) -> list[tuple[tuple[str, str], str]]:
+        """Add every valid transform of a TFMessage; returns the invalid ones it dropped, as (link, problem).
+
+        tf2's Buffer drops such a transform with a log line and keeps the link's valid ones, so a bad transform
+        on one link costs no frame by itself: ``lookup`` refuses only a chain with a link that never had a
+        valid transform (``_check_invalid``), as the node does."""
+        dropped = []
         for tf in msg.transforms:
             parent, child = tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/")
             try:
                 matrix = transform_to_matrix(tf)
             except TransformError as exc:
                 self._invalid[(parent, child)] = str(exc)
-                first = first or TransformError(f"TF {parent} -> {child} in the bag is invalid: {exc}")
+                dropped.append(((parent, child), str(exc)))
                 continue
             self.add(parent, child, matrix, None if static else stamp_to_ns(tf.header.stamp))
-        if first is not None:
-            raise first
+        return dropped
 
     def add(self, parent: str, child: str, child_to_parent: np.ndarray, stamp_ns: int | None = None) -> None:
         """A link; ``stamp_ns`` None = static (valid at every time)."""

@@ -51,6 +51,7 @@ from .processing import (
     uses_decode_thread,
     uses_prepare_thread,
 )
+from .report import invalid_transforms_note
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
 SKIP_HINT = "pass --no-fallback-pose"  # the replay's way to skip frames without a TF pose
@@ -163,7 +164,9 @@ class BagFrames:
     image waits (in bag time, at most ``wait_s``) until its partners within ``tolerance_s`` and a TF
     covering its stamp have been read, or a later message shows none will come (the node's rule,
     ``pairing.FramePartners``). Without ``world_frame`` in TF the mount ``base_frame`` -> camera sets
-    the processor's fallback pose. A read error ends the iteration and is kept in ``error``.
+    the processor's fallback pose. An invalid transform is dropped and counted (``invalid_transforms``), as
+    tf2 drops it: only a frame whose camera chain has a link with no valid transform is skipped. A read
+    error ends the iteration and is kept in ``error``.
     """
 
     def __init__(self, reader: Any, image_topic: str, info_topic: str | None, depth_topic: str | None,
@@ -182,7 +185,8 @@ class BagFrames:
         self.fallback_note: str | None = None
         self.orientation_notes: dict[str, str | None] = {}  # camera frame -> orientation_problem of its first TF pose
         self.mount_found = False  # the fallback pose comes from the camera mount in TF
-        self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
+        # invalid transforms TfTree dropped, as tf2 drops them: "parent -> child" -> {"count", "first"}
+        self.invalid_transforms: dict[str, dict[str, Any]] = {}
         self._settled_pose: tuple[Any, np.ndarray] | None = None  # (image, pose) found by the last _settled
         self.images = 0
         topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
@@ -250,9 +254,15 @@ class BagFrames:
         fallback = self.processor.fallback_pose if pose is None and self.processor is not None else None
         frame = FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose,
                            voxel_origin=None if gt is None else gt.voxel_origin,
-                           pose_error=error or self.tf_error or pose_error, fallback_pose=fallback)
-        self.tf_error = None
+                           pose_error=error or pose_error, fallback_pose=fallback)
         return frame, bag_t
+
+    def _note_invalid(self, dropped: list[tuple[tuple[str, str], str]], bag_t: int) -> None:
+        """Count the invalid transforms of one TF message by link, keeping the first problem of each."""
+        for (parent, child), problem in dropped:
+            seen = self.invalid_transforms.setdefault(f"{parent} -> {child}", {"count": 0, "first": None})
+            seen["count"] += 1
+            seen["first"] = seen["first"] or f"in the TF message at bag time {bag_t / 1e9:.3f} s: {problem}"
 
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
         pending: deque[tuple[Any, int]] = deque()
@@ -274,11 +284,8 @@ class BagFrames:
                 self.partners.info.add(msg)
             elif conn.topic == self.depth_topic:
                 self.partners.depth.add(msg)
-            else:
-                try:
-                    self.tf.add_message(msg, static=conn.topic == bag_io.TF_STATIC_TOPIC)
-                except FrameError as exc:
-                    self.tf_error = exc
+            else:  # an invalid transform is dropped, as tf2 does; a frame needing its link is skipped by lookup
+                self._note_invalid(self.tf.add_message(msg, static=conn.topic == bag_io.TF_STATIC_TOPIC), bag_t)
             while pending and self._settled(*pending[0], bag_t):
                 yield self._complete(*pending.popleft())
         while pending:
@@ -584,6 +591,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         summary["camera_orientation_note"] = " ".join(n for n in frames.orientation_notes.values() if n) or None
         summary["bag_note"] = getattr(reader, "note", None)  # e.g. read without its metadata.yaml
+        summary["invalid_transforms"] = frames.invalid_transforms or None
         result = ReplayResult(summary, rep.renders)
         if settings.report:
             result.report = write_outputs(out, summary, rep.renders, stage)
@@ -642,7 +650,7 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
-            "other_image_topics": [], "bag_note": None, "error": error}
+            "other_image_topics": [], "bag_note": None, "invalid_transforms": None, "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> Path | None:
@@ -802,6 +810,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for note in ("fallback_pose_note", "camera_orientation_note"):
         if s.get(note):
             print(f"discene-replay: WARNING: {s[note]}", file=sys.stderr)
+    if s.get("invalid_transforms"):
+        print(f"discene-replay: WARNING: {invalid_transforms_note(s['invalid_transforms'])}", file=sys.stderr)
     if s["frames"] == 0 and not s.get("interrupted"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped_by_reason"].items())) or "no colour image read"
         first = "".join(f"\nfirst {k}: {v}" for k, v in sorted(s["first_skip_by_reason"].items())

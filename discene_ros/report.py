@@ -24,6 +24,13 @@ def render_frames(out_dir: Path, renders: list[dict[str, Any]]) -> tuple[list[Pa
     return paths, None
 
 
+def invalid_transforms_note(invalid: dict[str, dict[str, Any]]) -> str:
+    """One line on the invalid TF transforms the replay dropped (as tf2 drops them), by link."""
+    links = "; ".join(f"{link}: {seen['count']}, first {seen['first']}" for link, seen in invalid.items())
+    return (f"{sum(seen['count'] for seen in invalid.values())} invalid TF transforms were dropped, as tf2 drops "
+            f"them (a frame is skipped only when its camera's chain has a link with no valid transform): {links}")
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
@@ -88,6 +95,8 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
                   "(their metrics are not meaningful).", ""]
     if summary.get("camera_orientation_note"):
         lines += [f"**Camera orientation:** {summary['camera_orientation_note']}", ""]
+    if summary.get("invalid_transforms"):
+        lines += [f"**TF:** {invalid_transforms_note(summary['invalid_transforms'])}", ""]
     stages = summary.get("stage_ms") or {}
     if stages:
         lines += ["| stage | p50 ms | mean ms |", "|---|---|---|"]

@@ -87,16 +87,19 @@ def _bag_with_bad_frames(path: Path) -> Path:
     return path
 
 
-def test_replay_skips_bomb_and_zero_quaternion_frames_and_exits_0(tmp_path, monkeypatch, capsys):
+def test_replay_skips_bomb_frame_drops_zero_quaternion_transform_and_exits_0(tmp_path, monkeypatch, capsys):
     bag = _bag_with_bad_frames(tmp_path / "bad_bag")
     monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
     rc = replay.main(["--bag", str(bag), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "s.json"),
                       "--no-progress", "--renders", "0"])
     s = json.loads((tmp_path / "s.json").read_text())
     assert rc == 0, capsys.readouterr().err
-    assert s["images"] == 4 and s["frames"] == 2 and s["error"] is None
-    assert s["skipped_by_reason"] == {"bad_image_size": 1, "bad_transform": 1}
-    assert s["fallback_pose_frames"] == 0  # the zero-quaternion frame did not silently get another pose
+    assert s["images"] == 4 and s["frames"] == 3 and s["error"] is None
+    assert s["skipped_by_reason"] == {"bad_image_size": 1}
+    # the zero quaternion is dropped, as tf2 drops it: its frame takes the pose interpolated from the
+    # transforms before and after it, as the node's lookup would, never the fallback pose
+    assert s["invalid_transforms"][f"world -> {bag_io.CAMERA_FRAME}"]["count"] == 1
+    assert s["fallback_pose_frames"] == 0
     assert s["first_frame_ms"] > 0 and s["fps_after_first_frame"] > 0  # warm-up reported apart (item 19)
     assert "one-off warm-up" in (tmp_path / "out" / "report.md").read_text()
 

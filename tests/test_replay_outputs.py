@@ -18,16 +18,19 @@ F = TypestoreFactory(bag_io.typestore())
 K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
 
 
-def _bag(path: Path, n: int = 2, encoding: str = "rgb8", tf_edit=None, storage: str = "mcap") -> Path:
+def _bag(path: Path, n: int = 2, encoding: str = "rgb8", tf_edit=None, storage: str = "mcap",
+         other_tf=None) -> Path:
     """n colour frames (+ camera info, TF world -> cam); ``encoding`` overrides the image's encoding
-    field, ``tf_edit(transform)`` edits each TF transform."""
+    field, ``tf_edit(transform)`` edits each TF transform, ``other_tf(stamp_ns)`` gives more transforms
+    for each TF message."""
     with bag_io.BagWriter(path, storage, F.typestore) as w:
         for i in range(n):
             t = 10**18 + i * 100_000_000
             tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "cam", t)
             if tf_edit is not None:
                 tf_edit(tf.transform)
-            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
+            transforms = [tf, *(other_tf(t) if other_tf is not None else [])]
+            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=transforms), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(F, K, 48, 64, "cam", t), t)
             image = msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t)
             image.encoding = encoding
@@ -148,12 +151,44 @@ def test_one_invalid_transform_does_not_drop_the_others_of_its_message():
     bad = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "base_link", 5)
     bad.transform.rotation.w = 0.0
     tree = bag_io.TfTree()
-    with pytest.raises(TransformError, match="TF world -> base_link in the bag is invalid"):
-        tree.add_message(F.new("tf2_msgs/msg/TFMessage", transforms=[bad, good]))
+    dropped = tree.add_message(F.new("tf2_msgs/msg/TFMessage", transforms=[bad, good]))
+    assert dropped == [(("world", "base_link"), "rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero")]
     np.testing.assert_array_equal(tree.lookup("base_link", "cam", 5), np.eye(4))
     with pytest.raises(TransformError, match="TF world -> cam is in the bag but invalid: every transform world -> base_link"):
         tree.lookup("world", "cam", 5)
     assert tree.lookup("map", "cam", 5) is None  # absent, not invalid: the fallback pose's case
+
+
+def _zero_quaternion(parent: str, child: str, stamp_ns: int):
+    tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), parent, child, stamp_ns)
+    tf.transform.rotation.w = 0.0
+    return tf
+
+
+def test_an_invalid_transform_off_the_camera_chain_is_dropped_and_counted_not_a_skip(tmp_path, block_model, capsys):
+    """tf2 drops an invalid transform and keeps the rest: a broken wheel odometry costs the camera no frame.
+    Before, any invalid transform skipped the next frame, so this bag lost every one of them."""
+    bag = _bag(tmp_path / "bag", n=3, other_tf=lambda t: [_zero_quaternion("odom", "wheel_left", t)])
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 3 and s["skipped"] == 0 and s["error"] is None
+    said = "in the TF message at bag time 1000000000.000 s: rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero"
+    assert s["invalid_transforms"] == {"odom -> wheel_left": {"count": 3, "first": said}}
+    err = capsys.readouterr().err
+    assert "WARNING: 3 invalid TF transforms were dropped, as tf2 drops them" in err and "odom -> wheel_left: 3" in err
+    assert "odom -> wheel_left: 3" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_invalid_transform_between_valid_ones_of_the_camera_chain_is_dropped_as_tf2_drops_it(tmp_path, block_model):
+    """The frame at the bad transform's stamp takes the pose interpolated from its link's valid transforms, as
+    the node's tf2 lookup does; a chain whose link never had a valid one is skipped (the test above)."""
+    bag = _bag(tmp_path / "bag", n=3, other_tf=lambda t: [
+        msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "odom", t) if t != 10**18 + 10**8
+        else _zero_quaternion("world", "odom", t)])
+    s = replay.replay(bag, tmp_path / "out", replay.ReplaySettings(progress=False, n_renders=0,
+                                                                   world_frame="odom")).summary
+    assert s["frames"] == 3 and s["skipped"] == 0 and s["fallback_pose_frames"] == 0
+    assert s["invalid_transforms"]["world -> odom"]["count"] == 1
 
 
 # ----------------------------------------------------------------------------- internal errors shown
