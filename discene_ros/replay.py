@@ -267,6 +267,7 @@ class BagFrames:
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
         pending: deque[tuple[Any, int]] = deque()
         messages = self.reader.messages(connections=self.connections)
+        gaps = 0
         while True:
             try:
                 item = next(messages, None)
@@ -277,6 +278,9 @@ class BagFrames:
             except Exception as exc:  # truncated chunk, bad CDR, sqlite errors ...
                 self.error = f"bag read failed after {self.images} images: {type(exc).__name__}: {exc}"
                 break
+            if getattr(self.reader, "gaps_crossed", 0) > gaps:  # past a damaged file of a split bag: no pose
+                gaps = self.reader.gaps_crossed                 # is interpolated across what it lost
+                self.tf.mark_gap()
             if conn.topic == self.image_topic:
                 self.images += 1
                 pending.append((msg, bag_t))
