@@ -3,15 +3,17 @@ arguments checked up front, invalid TF named, internal errors shown; discene-dat
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_fuzz_frames import _png_header_claiming
 from test_ros_support import BlockBackend, pipeline_for, wait_until
 
-from discene_ros import bag_io, msg_encode, replay
-from discene_ros.errors import TransformError
+from discene_ros import bag_io, msg_decode, msg_encode, replay
+from discene_ros.errors import CloudFormatError, TransformError
 from discene_ros.msg_factory import TypestoreFactory
 
 F = TypestoreFactory(bag_io.typestore())
@@ -246,3 +248,44 @@ def test_frames_in_flight_at_ctrl_c_are_unfinished_not_dropped(tmp_path, monkeyp
     assert (s["images"], s["frames"], s["dropped"], s["unfinished"], s["skipped"]) == (2, 1, 0, 1, 0)
     assert "(skipped 0, dropped 0, unfinished 1)" in capsys.readouterr().out
     assert "1 frames were in flight when the run was interrupted" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- bad ground truth costs its score only
+def _sample_with(path: Path, edit) -> Path:
+    """The shipped sample bag (4 frames with ground truth) rewritten with ``edit(topic, msg, index)`` applied
+    to each message (``index``: its number on its topic); None drops the message."""
+    reader = bag_io.open_reader(replay.SAMPLE_BAG)
+    counts: dict[str, int] = {}
+    try:
+        with bag_io.BagWriter(path, "mcap", F.typestore) as w:
+            for conn, t, raw in reader.messages():
+                counts[conn.topic] = counts.get(conn.topic, -1) + 1
+                msg = edit(conn.topic, reader.deserialize(raw, conn.msgtype), counts[conn.topic])
+                if msg is not None:
+                    w.write(conn.topic, msg, t)
+    finally:
+        reader.close()
+    return path
+
+
+def test_a_ground_truth_label_image_is_checked_before_it_is_decoded():
+    msg = msg_encode.label_grid_to_png(F, np.zeros((4, 3, 2), np.uint8), "world", 5)
+    assert msg_decode.png_to_label_grid(msg, (4, 3, 2)).shape == (4, 3, 2)
+    for data, said in ((_png_header_claiming(20000, 20000), "a header claiming 20000x20000, expected 6x4"),
+                       (_png_header_claiming(6, 4), "not a readable PNG"),  # the right size, no image data
+                       (b"GIF89a" + bytes(20), "not a PNG (26 bytes)")):
+        msg.data = np.frombuffer(data, np.uint8)
+        with pytest.raises(CloudFormatError, match=re.escape(said)):
+            msg_decode.png_to_label_grid(msg, (4, 3, 2))
+
+
+def test_a_ground_truth_png_bomb_costs_that_frames_score_only(tmp_path, block_model, capsys):
+    """Before, PIL's DecompressionBombError ended the replay with a traceback and no output at all."""
+    bag = _sample_with(tmp_path / "bag", lambda topic, msg, i: (
+        setattr(msg, "data", np.frombuffer(_png_header_claiming(20000, 20000), np.uint8)) or msg
+        if topic == bag_io.GT_LABELS_TOPIC and i == 1 else msg))
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 4 and s["evaluated_frames"] == 3 and s["iou"] is not None
+    assert "ground truth at 1700000000200000000 ns unusable" in s["error"] and "20000x20000" in s["error"]
+    assert "20000x20000" in capsys.readouterr().err and (tmp_path / "out" / "report.md").exists()
