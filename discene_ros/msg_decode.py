@@ -627,8 +627,13 @@ def cloud_to_label_grid(msg: Any, voxel_origin: np.ndarray, voxel_size: float,
     inside = np.all((idx >= 0) & (idx < shape), axis=1)
     if not np.all(inside):
         raise CloudFormatError(f"{int((~inside).sum())} of {len(idx)} cloud points lie outside the grid at {voxel_origin}")
+    labels = points["label"].astype(np.float64)
+    bad = (labels < 0) | (labels > 255) | (labels != np.round(labels))  # NaN too: the uint8 grid would wrap them
+    if bad.any():
+        raise CloudFormatError(f"{int(bad.sum())} cloud points have labels that are not whole numbers 0..255 "
+                               f"(label field {points['label'].dtype}, e.g. {labels[bad][0]})")
     grid = np.zeros(tuple(grid_shape), dtype=np.uint8)
-    grid[idx[:, 0], idx[:, 1], idx[:, 2]] = points["label"]
+    grid[idx[:, 0], idx[:, 1], idx[:, 2]] = labels
     return grid
 
 

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from models.checkpoint import atomic_write, check_output_file
-from models.classes import CLASS_NAMES
+from models.classes import CLASS_NAMES, NUM_CLASSES, UNKNOWN_LABEL
 
 from . import bag_io, msg_decode
 from .camera_pose import orientation_problem, use_fallback
-from .errors import FrameError
+from .errors import CloudFormatError, FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
 from .params import DATA_DIR, PIPELINING_MODES, TF_FRAME_PARAMETERS, camera_info_topic_for, check_range, tf_frame
@@ -122,9 +122,21 @@ class ReplayResult:
 
 
 # ----------------------------------------------------------------------------- reading the bag
+def check_labels(grid: np.ndarray, num_classes: int) -> np.ndarray:
+    """``grid`` when every label is 0 (empty), a class 1..``num_classes`` or 255 (unknown); else CloudFormatError,
+    so that the frame is not scored (SSCMetrics would refuse it only after the frame's outputs were made)."""
+    bad = (grid > num_classes) & (grid != UNKNOWN_LABEL)
+    if bad.any():
+        raise CloudFormatError(f"ground-truth labels {np.unique(grid[bad])[:5].tolist()} in {int(bad.sum())} voxels "
+                               f"are outside 0..{num_classes} and {UNKNOWN_LABEL}")
+    return grid
+
+
 def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size: float,
-                      errors: list[str]) -> dict[int, GroundTruthGrid]:
-    """Ground truth per header stamp (ns) from the labels/cloud + grid pose topics; empty when absent."""
+                      errors: list[str], num_classes: int = NUM_CLASSES) -> dict[int, GroundTruthGrid]:
+    """Ground truth per header stamp (ns) from the labels/cloud + grid pose topics; empty when absent.
+    A stamp whose ground truth is unusable (undecodable, another size, labels beyond ``num_classes``) is
+    left out and said in ``errors``: its frame is processed, not scored."""
     wanted = (bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC, bag_io.GT_POSE_TOPIC)
     conns = [c for c in reader.connections if c.topic in wanted]
     if not any(c.topic == bag_io.GT_POSE_TOPIC for c in conns):
@@ -148,10 +160,11 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
     for stamp, origin in origins.items():
         try:
             if stamp in labels:
-                out[stamp] = GroundTruthGrid(msg_decode.png_to_label_grid(labels[stamp], grid_shape), origin, True)
+                grid = msg_decode.png_to_label_grid(labels[stamp], grid_shape)
+                out[stamp] = GroundTruthGrid(check_labels(grid, num_classes), origin, True)
             elif stamp in clouds:
                 grid = msg_decode.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape)
-                out[stamp] = GroundTruthGrid(grid, origin, False)
+                out[stamp] = GroundTruthGrid(check_labels(grid, num_classes), origin, False)
         except FrameError as exc:
             errors.append(f"ground truth at {stamp} ns unusable: {exc}")
     return out
@@ -348,21 +361,28 @@ class Replayer:
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Queue a processed frame's messages for the output bag (``flush`` writes them); metrics, stage
-        timings and renders."""
+        timings and renders.
+
+        What can fail (building the messages, scoring) comes first and changes nothing, so a frame that fails
+        here (counted as skipped, internal_error) leaves no message in the output bag and nothing in the metrics."""
         msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
+        gt = self.ground_truth.get(frame.stamp_ns)
+        render = None
+        if len(self.renders) < self.n_renders:
+            render = {"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose,
+                      "pred": result.occupancy.labels.copy(), "gt": None if gt is None else gt.labels,
+                      "voxel_origin": result.occupancy.voxel_origin}
+        if gt is not None and self.evaluator is not None:
+            self.evaluator.add(result.occupancy.labels, gt)  # its last step; raises before counting anything
+        # from here on nothing fails: the frame is processed
         self.first_done = time.perf_counter() if self.first_done is None else self.first_done
         self.fallback_pose_frames += int(result.used_fallback_pose)
         for key, value in result.timings_ms.items():
             self.stage_ms.setdefault(key, []).append(value)
         self.outbox.put((bag_io.PRED_TOPIC, msgs["cloud"], frame.stamp_ns))
         self.outbox.put((bag_io.PRED_POSE_TOPIC, msgs["grid_pose"], frame.stamp_ns))
-        gt = self.ground_truth.get(frame.stamp_ns)
-        if gt is not None and self.evaluator is not None:
-            self.evaluator.add(result.occupancy.labels, gt)
-        if len(self.renders) < self.n_renders:
-            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose,
-                                 "pred": result.occupancy.labels.copy(), "gt": None if gt is None else gt.labels,
-                                 "voxel_origin": result.occupancy.voxel_origin})
+        if render is not None:
+            self.renders.append(render)
 
     def flush(self) -> None:
         """Write the messages of the frames delivered so far (on the writer's thread). A write that fails
@@ -547,7 +567,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             raise bag_io.BagError(f"bag {bag} has no depth image topic (an Image named '*depth*' or a compressedDepth "
                                   "CompressedImage); give --depth-topic")
         errors: list[str] = []
-        gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
+        gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors, config.num_classes)
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
         # the bag reader pairs and locates each frame before the loop gets it: no stage waits for that

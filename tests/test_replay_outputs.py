@@ -2,6 +2,7 @@
 arguments checked up front, invalid TF named, internal errors shown; discene-dataset-to-bag's checks."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -9,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_fuzz_frames import _png_header_claiming
 from test_ros_support import BlockBackend, pipeline_for, wait_until
 
 from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.errors import CloudFormatError, TransformError
 from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.processing import FrameInput, ProcessedFrame
+from models.postprocess import OccupancyFrame
 
 F = TypestoreFactory(bag_io.typestore())
 K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
@@ -289,3 +293,60 @@ def test_a_ground_truth_png_bomb_costs_that_frames_score_only(tmp_path, block_mo
     assert s["frames"] == 4 and s["evaluated_frames"] == 3 and s["iou"] is not None
     assert "ground truth at 1700000000200000000 ns unusable" in s["error"] and "20000x20000" in s["error"]
     assert "20000x20000" in capsys.readouterr().err and (tmp_path / "out" / "report.md").exists()
+
+
+def _labels_png(flat: np.ndarray) -> np.ndarray:
+    out = io.BytesIO()
+    Image.fromarray(flat).save(out, format="PNG")
+    return np.frombuffer(out.getvalue(), np.uint8).copy()
+
+
+def _with_label_12(topic, msg, i):
+    if topic == bag_io.GT_LABELS_TOPIC and i == 1:
+        flat = np.array(Image.open(io.BytesIO(bytes(msg.data))))
+        flat[0, 0] = 12
+        msg.data = _labels_png(flat)
+    return msg
+
+
+def test_ground_truth_labels_beyond_the_classes_cost_that_frames_score_only(tmp_path, block_model, capsys):
+    """Before, SSCMetrics refused label 12 after the frame's clouds were queued: the frame counted as skipped
+    (internal_error) while its cloud was in the output bag."""
+    bag = _sample_with(tmp_path / "bag", _with_label_12)
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 4 and s["skipped"] == 0 and s["evaluated_frames"] == 3
+    said = "ground truth at 1700000000200000000 ns unusable: ground-truth labels [12] in 1 voxels are outside 0..11 and 255"
+    assert said in s["error"] and said in capsys.readouterr().err
+    reader = bag_io.open_reader(s["output_bag"])
+    try:
+        assert sum(c.msgcount for c in reader.connections if c.topic == bag_io.PRED_TOPIC) == 4
+    finally:
+        reader.close()
+    cloud = msg_encode.occupancy_to_pointcloud2(F, OccupancyFrame(
+        np.zeros((2, 2, 2), np.uint8), np.array([[0, 0, 0]], np.int32), np.array([3], np.uint8),
+        np.ones(1, np.float32), np.zeros(3), 0.5), "world", 5)
+    assert msg_decode.cloud_to_label_grid(cloud, np.zeros(3), 0.5, (2, 2, 2))[0, 0, 0] == 3
+    label = next(f for f in cloud.fields if f.name == "label")
+    label.datatype = 4  # uint16: label 3 + 256 * the padding byte after it
+    data = np.array(cloud.data)
+    data[label.offset + 1] = 1
+    cloud.data = data
+    with pytest.raises(CloudFormatError, match=r"1 cloud points have labels that are not whole numbers 0..255 "
+                       r"\(label field uint16, e.g. 259.0\)"):  # the uint8 grid would have made it 3
+        msg_decode.cloud_to_label_grid(cloud, np.zeros(3), 0.5, (2, 2, 2))
+
+
+def test_a_frame_failing_in_record_leaves_nothing_in_the_output_bag_or_metrics():
+    """The outputs are queued only once nothing can fail: a frame counted as skipped has no cloud in the bag."""
+    stamp = 10**18
+    rep = replay.Replayer(None, None, F, "world", {stamp: replay.GroundTruthGrid(np.zeros((2, 2, 2), np.uint8),
+                                                                                np.zeros(3), True)},
+                          replay.Evaluator(11), n_renders=1)
+    occupancy = OccupancyFrame(np.zeros((60, 60, 36), np.uint8), np.zeros((0, 3), np.int32), np.zeros(0, np.uint8),
+                               np.zeros(0, np.float32), np.zeros(3), 0.08)
+    result = ProcessedFrame(occupancy, np.eye(4), False, np.zeros((4, 4, 3), np.uint8), {"total_ms": 1.0})
+    frame = FrameInput(image=msg_encode.rgb_to_image(F, np.zeros((4, 4, 3), np.uint8), "cam", stamp))
+    with pytest.raises(ValueError, match="differs from ground truth shape"):  # SSCMetrics: another grid
+        rep.record(frame, result)
+    assert rep.outbox.empty() and not rep.renders and not rep.stage_ms and rep.evaluator.frames == 0
