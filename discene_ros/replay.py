@@ -51,7 +51,7 @@ from .processing import (
     uses_decode_thread,
     uses_prepare_thread,
 )
-from .report import invalid_transforms_note
+from .report import ground_truth_line, invalid_transforms_note
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
 SKIP_HINT = "pass --no-fallback-pose"  # the replay's way to skip frames without a TF pose
@@ -357,6 +357,7 @@ class Replayer:
         self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
         self.outbox: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()  # (topic, message, stamp) to write
         self.interrupted = False  # Ctrl-C (or SIGTERM, via main) ended the run early; what was done is kept
+        self.first_unscored: int | None = None  # stamp (ns) of the first processed frame without ground truth
         self.unfinished = 0  # frames in flight when interrupted: FrameStats counts them dropped, replaced they were not
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
@@ -383,6 +384,8 @@ class Replayer:
         self.outbox.put((bag_io.PRED_POSE_TOPIC, msgs["grid_pose"], frame.stamp_ns))
         if render is not None:
             self.renders.append(render)
+        if gt is None and self.first_unscored is None:
+            self.first_unscored = frame.stamp_ns
 
     def flush(self) -> None:
         """Write the messages of the frames delivered so far (on the writer's thread). A write that fails
@@ -568,6 +571,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                                   "CompressedImage); give --depth-topic")
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors, config.num_classes)
+        gt_messages = ground_truth_messages(reader)
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
         # the bag reader pairs and locates each frame before the loop gets it: no stage waits for that
@@ -608,6 +612,9 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         errors += [e for e in (interrupted, frames.error, damage, rep.write_error) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
+        truth = ground_truth_status(gt_messages, gt, rep, evaluator)
+        if truth["status"] == "unmatched":  # an evaluation that scored nothing is incomplete (exit code 1)
+            errors.append(truth["note"])
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None and processed else None, topic, gt)
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
@@ -616,6 +623,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         summary["camera_orientation_note"] = " ".join(n for n in frames.orientation_notes.values() if n) or None
         summary["bag_note"] = getattr(reader, "note", None)  # e.g. read without its metadata.yaml
         summary["invalid_transforms"] = frames.invalid_transforms or None
+        summary["ground_truth"] = truth
         result = ReplayResult(summary, rep.renders)
         if settings.report:
             result.report = write_outputs(out, summary, rep.renders, stage)
@@ -631,6 +639,41 @@ def other_cameras(reader: Any, topic: str) -> list[str]:
     """Colour image topics of the bag other than ``topic`` and its own transports (``.../compressed``)."""
     return [name for name in bag_io.colour_image_topics(reader)
             if name != topic and not name.startswith(topic + "/") and not topic.startswith(name + "/")]
+
+
+def ground_truth_messages(reader: Any) -> int:
+    """Ground-truth grids in the bag: its grid pose messages, where a labels or cloud topic goes with them."""
+    topics = {c.topic for c in reader.connections}
+    if not topics & {bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC}:
+        return 0
+    return sum(c.msgcount for c in reader.connections if c.topic == bag_io.GT_POSE_TOPIC)
+
+
+def ground_truth_status(messages: int, gt: dict[int, GroundTruthGrid], rep: Replayer,
+                        evaluator: Evaluator | None) -> dict[str, Any]:
+    """Whether and how the run was scored, for the summary's ``ground_truth``: ``status`` none (no ground truth
+    in the bag), no_frame (no frame processed), unusable (none of it readable), unmatched (no processed frame
+    has ground truth at its stamp), else scored; ``note`` says it in a line (None when every frame was scored)."""
+    processed, scored = rep.stats.processed, 0 if evaluator is None else evaluator.frames
+    out = {"messages": messages, "usable": len(gt), "scored_frames": scored}
+    not_computed = "IoU/mIoU not computed"
+    if not messages:
+        return {**out, "status": "none", "note": f"no ground truth in the bag: {not_computed}"}
+    grids = f"the bag has {messages} ground-truth grids"
+    if not processed:
+        return {**out, "status": "no_frame", "note": f"no frame was processed: {not_computed} ({grids})"}
+    if not gt:
+        return {**out, "status": "unusable", "note": f"{grids}, none of them usable: {not_computed}"}
+    if not scored:
+        near = min(gt, key=lambda stamp: abs(stamp - rep.first_unscored))
+        return {**out, "status": "unmatched", "note": (
+            f"{grids} ({len(gt)} usable) but none of the {processed} processed frames has one at its stamp: ground "
+            "truth is matched to an image by header stamp, which must equal the image's exactly (the first "
+            f"image at {rep.first_unscored} ns, the nearest ground truth at {near} ns, "
+            f"{(near - rep.first_unscored) / 1e6:+.3f} ms from it): {not_computed}")}
+    unscored = processed - scored
+    return {**out, "status": "scored", "note": (f"{unscored} of the {processed} processed frames had no usable ground "
+                                                 "truth at their stamp (not scored)" if unscored else None)}
 
 
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
@@ -649,7 +692,7 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         "stage_ms": {k: latency_percentiles(v) for k, v in rep.stage_ms.items()},
         **metrics,
         "evaluated_frames": 0 if evaluator is None else evaluator.frames,
-        "unknown_voxels_known": bool(gt) and all(g.has_unknown for g in gt.values()),
+        "unknown_voxels_known": None if evaluator is None or not evaluator.frames else not evaluator.unknown_missing,
         "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "first_skip_by_reason": dict(rep.first_skips),
         "dropped": snap["dropped"] - rep.unfinished, "unfinished": rep.unfinished,
         "fallback_pose_frames": rep.fallback_pose_frames, "output_bag": None if out_bag is None else str(out_bag),
@@ -674,7 +717,8 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
-            "other_image_topics": [], "bag_note": None, "invalid_transforms": None, "error": error}
+            "other_image_topics": [], "bag_note": None, "invalid_transforms": None, "ground_truth": None,
+            "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> Path | None:
@@ -820,10 +864,12 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}{unfinished}), "
           f"{s['fps']:.2f} FPS{warm}, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
           f"[{s['backend']}; frame loop {s.get('frame_loop')}]")
+    truth = s["ground_truth"]
     if s["iou"] is not None:
-        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")
+        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames"
+              + (f" ({truth['note']})" if truth["note"] else ""))
     else:
-        print("no ground truth in the bag: IoU/mIoU not computed")
+        print(ground_truth_line(truth, "below"))
     no_bag = "none (--no-output-bag)" if not args.output_bag else "none (no frame was processed)"
     print(f"report: {report}\noutput bag: {s['output_bag'] or no_bag}")
     if s.get("other_image_topics") and args.image_topic is None:

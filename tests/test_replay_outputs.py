@@ -350,3 +350,36 @@ def test_a_frame_failing_in_record_leaves_nothing_in_the_output_bag_or_metrics()
     with pytest.raises(ValueError, match="differs from ground truth shape"):  # SSCMetrics: another grid
         rep.record(frame, result)
     assert rep.outbox.empty() and not rep.renders and not rep.stage_ms and rep.evaluator.frames == 0
+
+
+def _gt_offset_1ms(topic, msg, i):
+    if topic in (bag_io.GT_POSE_TOPIC, bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC):
+        msg.header.stamp.nanosec += 1_000_000
+    return msg
+
+
+@pytest.mark.parametrize(("edit", "rc", "status", "printed"), [
+    (lambda topic, msg, i: msg, 0, "scored", "IoU "),
+    (lambda topic, msg, i: None if topic == bag_io.GT_POSE_TOPIC and i == 2 else msg, 0, "scored",
+     "over 3 frames (1 of the 4 processed frames had no usable ground truth at their stamp (not scored))"),
+    (_gt_offset_1ms, 1, "unmatched", "IoU/mIoU not computed: no processed frame has ground truth at its stamp"),
+    (lambda topic, msg, i: None if topic == bag_io.CAMERA_INFO_TOPIC else msg, 3, "no_frame",
+     "No frame was processed: IoU/mIoU not computed (the bag has 4 ground-truth grids)"),
+    (lambda topic, msg, i: None if topic.startswith("/discene/") else msg, 0, "none",
+     "No ground truth in the bag: IoU/mIoU not computed"),
+])
+def test_the_replay_says_why_nothing_was_scored(tmp_path, block_model, capsys, edit, rc, status, printed):
+    """Ground truth is matched by header stamp: one stamped 1 ms off scored nothing, and the run said 'no ground
+    truth in the bag' and exited 0, as it did for a run that processed no frame of a bag with ground truth."""
+    bag = _sample_with(tmp_path / "bag", edit)
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == rc
+    s = json.loads(next(tmp_path.glob("s*.json")).read_text())
+    out, err = capsys.readouterr()
+    assert s["ground_truth"]["status"] == status and printed in out
+    assert ("no ground truth in the bag" in out.lower()) == (status == "none")
+    assert s["unknown_voxels_known"] is (True if status == "scored" else None)
+    if status == "unmatched":
+        said = ("the bag has 4 ground-truth grids (4 usable) but none of the 4 processed frames has one at its stamp: "
+                "ground truth is matched to an image by header stamp, which must equal the image's exactly (the first "
+                "image at 1700000000000000000 ns, the nearest ground truth at 1700000000001000000 ns, +1.000 ms from it)")
+        assert said in s["error"] and said in err and said in (tmp_path / "out" / "report.md").read_text()
