@@ -638,12 +638,18 @@ def cloud_to_label_grid(msg: Any, voxel_origin: np.ndarray, voxel_size: float,
 
 
 def png_to_label_grid(msg: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
-    """Inverse of :func:`discene_ros.msg_encode.label_grid_to_png` for a grid of ``grid_shape``.
+    """Inverse of :func:`discene_ros.msg_encode.label_grid_to_png` for a grid of ``grid_shape``
+    (:func:`png_bytes_to_label_grid` on the message's data)."""
+    return png_bytes_to_label_grid(msg.data, grid_shape)
+
+
+def png_bytes_to_label_grid(data: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
+    """The label grid of ``grid_shape`` in lossless mono8 PNG bytes (:func:`discene_ros.msg_encode.label_grid_png`).
 
     The size in the PNG header must be the grid's before anything is decoded (a corrupt or hostile header
     claiming gigapixels would otherwise be decoded, or end the replay in PIL's decompression-bomb error);
     any decoder failure is a CloudFormatError, so only that frame's ground truth is lost."""
-    buf = _byte_buffer(msg.data)
+    buf = _byte_buffer(data)
     x, y, z = (int(n) for n in grid_shape)
     if bytes(buf[:8]) != PNG_SIGNATURE:
         raise CloudFormatError(f"ground-truth label image is not a PNG ({buf.size} bytes)")

@@ -340,8 +340,8 @@ def test_ground_truth_labels_beyond_the_classes_cost_that_frames_score_only(tmp_
 def test_a_frame_failing_in_record_leaves_nothing_in_the_output_bag_or_metrics():
     """The outputs are queued only once nothing can fail: a frame counted as skipped has no cloud in the bag."""
     stamp = 10**18
-    rep = replay.Replayer(None, None, F, "world", {stamp: replay.GroundTruthGrid(np.zeros((2, 2, 2), np.uint8),
-                                                                                np.zeros(3), True)},
+    rep = replay.Replayer(None, None, F, "world", {stamp: replay.GroundTruthGrid.from_grid(np.zeros((2, 2, 2), np.uint8),
+                                                                                          np.zeros(3), True)},
                           replay.Evaluator(11), n_renders=1)
     occupancy = OccupancyFrame(np.zeros((60, 60, 36), np.uint8), np.zeros((0, 3), np.int32), np.zeros(0, np.uint8),
                                np.zeros(0, np.float32), np.zeros(3), 0.08)
@@ -383,3 +383,35 @@ def test_the_replay_says_why_nothing_was_scored(tmp_path, block_model, capsys, e
                 "ground truth is matched to an image by header stamp, which must equal the image's exactly (the first "
                 "image at 1700000000000000000 ns, the nearest ground truth at 1700000000001000000 ns, +1.000 ms from it)")
         assert said in s["error"] and said in err and said in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- ground truth kept small
+def _read_ground_truth(bag: Path) -> tuple[dict, list[str], list[str]]:
+    """read_ground_truth on ``bag``: (ground truth, errors, the types it deserialised)."""
+    reader = bag_io.open_reader(bag)
+    deserialize, types = reader.deserialize, []
+    reader.deserialize = lambda raw, msgtype: types.append(msgtype) or deserialize(raw, msgtype)
+    try:
+        return replay.read_ground_truth(reader, (60, 60, 36), 0.08, errors := []), errors, types
+    finally:
+        reader.close()
+
+
+def test_ground_truth_keeps_a_few_kb_per_frame_and_reads_clouds_only_where_labels_are_missing(tmp_path):
+    """Before, every 300 kB cloud was deserialised and kept to the end beside the label images, and all grids
+    (130 kB each) decoded at once: about 420 kB per frame at the peak, 8 GB for the val split's 19,764 frames."""
+    gt, errors, types = _read_ground_truth(replay.SAMPLE_BAG)
+    assert not errors and len(gt) == 4 and "sensor_msgs/msg/PointCloud2" not in types
+    for item in gt.values():
+        assert set(vars(item)) == {"png", "grid_shape", "voxel_origin", "has_unknown"} and item.has_unknown
+        assert isinstance(item.png, bytes) and len(item.png) < 2_000  # the labels topic's own PNG, kept as it is
+        assert item.label_grid().shape == (60, 60, 36) and (item.label_grid() == 255).any()
+    # the second frame's label image missing: its cloud alone is read in, kept as the PNG of its grid
+    bag = _sample_with(tmp_path / "bag", lambda topic, msg, i: None if topic == bag_io.GT_LABELS_TOPIC and i == 1
+                       else msg)
+    mixed, errors, types = _read_ground_truth(bag)
+    assert not errors and types.count("sensor_msgs/msg/PointCloud2") == 4  # each one read, one kept
+    (stamp,) = [s for s, item in mixed.items() if not item.has_unknown]
+    assert stamp == 1_700_000_000_200_000_000 and len(mixed[stamp].png) < 3_000
+    with_unknown = gt[stamp].label_grid()
+    np.testing.assert_array_equal(mixed[stamp].label_grid(), np.where(with_unknown == 255, 0, with_unknown))
