@@ -154,7 +154,7 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
     if not any(c.topic == bag_io.GT_POSE_TOPIC for c in reader.connections):
         return {}
     origins: dict[int, np.ndarray] = {}
-    labels: dict[int, bytes | FrameError] = {}  # the checked PNG, or why it is unusable
+    labels: dict[int, bytes | str] = {}  # the checked PNG, or why it is unusable
     for topic, msg in _ground_truth_messages(reader, (bag_io.GT_POSE_TOPIC, bag_io.GT_LABELS_TOPIC), errors):
         stamp = msg_decode.stamp_to_ns(msg.header.stamp)
         if topic == bag_io.GT_POSE_TOPIC:
@@ -164,9 +164,9 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
             check_labels(msg_decode.png_to_label_grid(msg, grid_shape), num_classes)
             labels[stamp] = np.asarray(msg.data, dtype=np.uint8).tobytes()
         except FrameError as exc:
-            labels[stamp] = exc
+            labels[stamp] = str(exc)
     # the cloud only where a stamp has no label image: read apart, one message at a time (300 kB each)
-    clouds: dict[int, GroundTruthGrid | FrameError] = {}
+    clouds: dict[int, GroundTruthGrid | str] = {}
     if any(stamp not in labels for stamp in origins):
         for _, msg in _ground_truth_messages(reader, (bag_io.GT_TOPIC,), errors):
             stamp = msg_decode.stamp_to_ns(msg.header.stamp)
@@ -175,17 +175,42 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
                     grid = msg_decode.cloud_to_label_grid(msg, origins[stamp], voxel_size, grid_shape)
                     clouds[stamp] = GroundTruthGrid.from_grid(check_labels(grid, num_classes), origins[stamp], False)
                 except FrameError as exc:
-                    clouds[stamp] = exc
+                    clouds[stamp] = str(exc)
     out = {}
+    unusable: dict[str, list[int]] = {}  # why -> the stamps
     for stamp, origin in origins.items():
         found = labels.get(stamp, clouds.get(stamp))
-        if isinstance(found, FrameError):
-            errors.append(f"ground truth at {stamp} ns unusable: {found}")
+        if isinstance(found, str):
+            unusable.setdefault(found, []).append(stamp)
         elif isinstance(found, bytes):
             out[stamp] = GroundTruthGrid(found, grid_shape, origin, True)
         elif found is not None:
             out[stamp] = found
+    errors += unusable_lines(unusable)
     return out
+
+
+UNUSABLE_REASONS_SHOWN = 5  # distinct reasons of unusable ground truth named in the summary's error
+UNUSABLE_STAMPS_SHOWN = 3   # stamps named for each
+
+
+def unusable_lines(unusable: dict[str, list[int]]) -> list[str]:
+    """The error entries for unusable ground truth (reason -> stamps): one per reason, with its count and first
+    stamps, for the first few reasons, then one for the rest, so that a long drive's error stays short."""
+    lines = []
+    for reason, stamps in list(unusable.items())[:UNUSABLE_REASONS_SHOWN]:
+        if len(stamps) == 1:
+            lines.append(f"ground truth at {stamps[0]} ns unusable: {reason}")
+            continue
+        first = ", ".join(str(stamp) for stamp in stamps[:UNUSABLE_STAMPS_SHOWN])
+        more = ", ..." if len(stamps) > UNUSABLE_STAMPS_SHOWN else ""
+        lines.append(f"ground truth at {len(stamps)} stamps unusable ({first}{more} ns): {reason}")
+    rest = list(unusable.values())[UNUSABLE_REASONS_SHOWN:]
+    if rest:
+        stamps = sum(map(len, rest))
+        lines.append(f"ground truth at {stamps} more stamp{'s' if stamps > 1 else ''} unusable for {len(rest)} "
+                     f"other reason{'s' if len(rest) > 1 else ''}")
+    return lines
 
 
 def _ground_truth_messages(reader: Any, topics: tuple[str, ...], errors: list[str]) -> Iterator[tuple[str, Any]]:

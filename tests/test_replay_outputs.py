@@ -415,3 +415,23 @@ def test_ground_truth_keeps_a_few_kb_per_frame_and_reads_clouds_only_where_label
     assert stamp == 1_700_000_000_200_000_000 and len(mixed[stamp].png) < 3_000
     with_unknown = gt[stamp].label_grid()
     np.testing.assert_array_equal(mixed[stamp].label_grid(), np.where(with_unknown == 255, 0, with_unknown))
+
+
+def test_unusable_ground_truth_is_said_once_per_reason(tmp_path):
+    """One error entry per unusable stamp made the summary's error as long as the drive."""
+    stamps = [10**18 + i * 10**8 for i in range(10)]
+    claims = [(20000, 20000)] * 4 + [(i, i) for i in range(1, 7)]  # one reason 4 times, then 6 more reasons
+    with bag_io.BagWriter(tmp_path / "bag", "mcap", F.typestore) as w:
+        for t, claim in zip(stamps, claims, strict=True):
+            w.write(bag_io.GT_POSE_TOPIC, msg_encode.grid_pose_msg(F, np.zeros(3), "world", t), t)
+            labels = msg_encode.label_grid_to_png(F, np.zeros((1, 1, 1), np.uint8), "world", t)
+            labels.data = np.frombuffer(_png_header_claiming(*claim), np.uint8)
+            w.write(bag_io.GT_LABELS_TOPIC, labels, t)
+    gt, errors, _ = _read_ground_truth(tmp_path / "bag")
+    assert not gt and len(errors) == 6
+    assert errors[0] == (f"ground truth at 4 stamps unusable ({stamps[0]}, {stamps[1]}, {stamps[2]}, ... ns): "
+                         "ground-truth label image has a header claiming 20000x20000, expected 2160x60 for a "
+                         "60x60x36 grid")
+    assert errors[1] == (f"ground truth at {stamps[4]} ns unusable: ground-truth label image has a header claiming "
+                         "1x1, expected 2160x60 for a 60x60x36 grid")
+    assert errors[5] == "ground truth at 2 more stamps unusable for 2 other reasons"
