@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import struct
 import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
+import yaml
 
 from .camera_pose import TransformNotReadyError
 from .errors import TransformError
@@ -128,7 +130,8 @@ def open_reader(path: str | Path) -> Any:
     """An opened reader on a ROS 2 bag directory (or a single .mcap / .db3 file).
 
     A rosbags AnyReader normally; an mcap bag that rosbags refuses (truncated: no summary or end magic) is
-    read sequentially up to the damage by :class:`McapPrefixReader`, whose ``damage`` says where it stopped.
+    read sequentially up to the damage by :class:`McapPrefixReader`, whose ``damage`` says where it stopped;
+    a split bag's files in the order of ``storage_files``, the intact files after a damaged one included.
     A folder whose metadata.yaml is missing or unreadable (left by a killed ``ros2 bag record``) is read
     from its one storage file; the reader's ``note`` then says so (``None`` otherwise).
     """
@@ -142,7 +145,7 @@ def open_reader(path: str | Path) -> Any:
     except Exception as exc:  # rosbags raises several reader errors, plus sqlite/mcap/yaml ones
         reason = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
         open_error = exc
-    files = sorted(f for f in path.iterdir() if f.suffix in STORAGE_SUFFIXES) if path.is_dir() else []
+    files = storage_files(path) if path.is_dir() else []
     metadata = path / "metadata.yaml"
     if len(files) == 1:  # the metadata may be what failed: read the storage file alone
         problem = "is missing" if not metadata.exists() else f"cannot be read ({reason})"
@@ -164,6 +167,30 @@ def open_reader(path: str | Path) -> Any:
             if "magic" in reason.lower() else "")
     raise BagError(f"cannot open bag {path}: {reason}. The bag is truncated or corrupt, or "
                    "not a ROS 2 bag directory (metadata.yaml + .mcap/.db3)" + hint) from open_error
+
+
+def storage_files(path: Path) -> list[Path]:
+    """The .mcap/.db3 files of a bag folder in recording order: as its metadata.yaml lists them (rosbag2's
+    ``relative_file_paths``) where it is readable, then any file it does not list, in natural order
+    (``rec_2`` before ``rec_10``, as ``ros2 bag record`` numbers its splits)."""
+    found = {f.name: f for f in path.iterdir() if f.suffix in STORAGE_SUFFIXES}
+    listed = [name for name in _metadata_file_names(path / "metadata.yaml") if name in found]
+    return [found[name] for name in listed] + [found[name] for name in sorted(set(found) - set(listed), key=natural_key)]
+
+
+def _metadata_file_names(metadata: Path) -> list[str]:
+    """The file names metadata.yaml lists (``relative_file_paths``, as rosbags reads them); [] when it is
+    missing or unreadable."""
+    try:
+        info = yaml.safe_load(metadata.read_text())["rosbag2_bagfile_information"]
+        return [PurePath(str(name)).name for name in info["relative_file_paths"]]
+    except Exception:  # noqa: BLE001 - missing, not YAML, or not a rosbag2 metadata file: natural order
+        return []
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key comparing the digit runs of ``name`` as numbers: ``rec_2`` before ``rec_10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _any_reader(path: Path, note: str | None) -> Any:
@@ -273,8 +300,12 @@ class McapPrefixReader:
 
     Same interface as the parts of rosbags' AnyReader the replay uses (``connections``, ``messages``,
     ``deserialize``, ``close``). Messages come in file order (rosbags and rosbag2 write them in time
-    order). ``damage`` describes where reading stopped, ``messages_found`` counts what precedes it.
-    An uncompressed chunk cut off in the middle still yields the complete messages it holds.
+    order; ``paths`` in recording order, see ``storage_files``). ``damage`` describes where reading stopped,
+    ``messages_found`` counts what was read. An uncompressed chunk cut off in the middle still yields the
+    complete messages it holds. A damaged file of a split bag ends the reading of that file only: the intact
+    files after it are read too (each file of a split bag is a whole mcap, with its own schemas and channels),
+    and ``gaps_crossed`` counts the damaged stretches the current ``messages`` iteration has passed, so that the
+    replay interpolates no TF across one (``TfTree.mark_gap``).
     """
 
     def __init__(self, paths: list[Path], open_error: str = "") -> None:
@@ -285,16 +316,29 @@ class McapPrefixReader:
         self.damage: str | None = None
         self.note: str | None = None  # as open_reader's AnyReader: nothing to add to the damage
         self.messages_found = 0
-        for _ in self._scan(count=True):
-            pass
+        self.gaps_crossed = 0
+        damages: list[tuple[int, str]] = []  # (file index, where and why it stopped) of each damaged file
+        read_after = 0  # messages of the files after the first damaged one
+        for _ in self._scan(count=True, damages=damages):
+            read_after += bool(damages)
         self.connections = list(self._conns.values())
-        if self.damage is None and open_error:
-            self.damage = open_error
-        if self.damage is not None:
-            self.damage = f"bag damaged, read sequentially up to the damage: {self.damage}"
+        texts = [text for _, text in damages] or ([open_error] if open_error else [])
+        if read_after:
+            first = damages[0][0]
+            after = len(self.paths) - 1 - first
+            texts.append(f"reading went on with the {after} file{'s' if after > 1 else ''} after "
+                         f"{self.paths[first].name} ({read_after} messages)")
+        if texts:
+            self.damage = f"bag damaged, read sequentially up to the damage: {'; '.join(texts)}"
 
-    def _scan(self, count: bool) -> Iterator[tuple[PrefixConnection, int, bytes]]:
+    def _scan(self, count: bool, damages: list[tuple[int, str]] | None = None,
+              ) -> Iterator[tuple[PrefixConnection, int, bytes]]:
+        """The messages of every file in turn; a damaged file ends at its damage (noted in ``damages``)."""
+        after_damage = False
         for file_no, path in enumerate(self.paths):
+            if after_damage:
+                self.gaps_crossed += 1
+                after_damage = False
             data = path.read_bytes()
             try:
                 if data[:8] != MCAP_MAGIC:
@@ -307,9 +351,9 @@ class McapPrefixReader:
                     else:
                         yield from self._record(file_no, opcode, content, count)
             except McapDamage as exc:
-                if count:
-                    self.damage = f"{exc} (after {self.messages_found} messages)"
-                return
+                after_damage = True
+                if damages is not None:
+                    damages.append((file_no, f"{exc} (after {self.messages_found} messages)"))
 
     def _chunk(self, file_no: int, content: bytes, where: str, count: bool) -> Iterator[tuple[PrefixConnection, int, bytes]]:
         cur = _Cursor(content, where)
@@ -372,6 +416,7 @@ class McapPrefixReader:
     def messages(self, connections: Collection[Any] = ()) -> Iterator[tuple[PrefixConnection, int, bytes]]:
         """(connection, log time ns, raw CDR) of the readable messages on ``connections`` (all if empty)."""
         wanted = {c.id for c in connections}
+        self.gaps_crossed = 0
         for conn, log_time, raw in self._scan(count=False):
             if not wanted or conn.id in wanted:
                 yield conn, log_time, raw
@@ -447,23 +492,26 @@ class TfTree:
         self._static: dict[tuple[str, str], np.ndarray] = {}   # (parent, child) -> child->parent 4x4
         self._dynamic: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}  # sorted by stamp
         self._invalid: dict[tuple[str, str], str] = {}  # (parent, child) -> what was wrong with its last transform
+        self._gaps: dict[tuple[str, str], set[int]] = {}  # moving link -> stamps after which the bag lost data
         self.history = history
 
-    def add_message(self, msg: Any, static: bool = False) -> None:
-        """Add every valid transform of a TFMessage; TransformError (after adding the others) for the
-        first invalid one, naming its link."""
-        first: TransformError | None = None
+    def add_message(self, msg: Any, static: bool = False) -> list[tuple[tuple[str, str], str]]:
+        """Add every valid transform of a TFMessage; returns the invalid ones it dropped, as (link, problem).
+
+        tf2's Buffer drops such a transform with a log line and keeps the link's valid ones, so a bad transform
+        on one link costs no frame by itself: ``lookup`` refuses only a chain with a link that never had a
+        valid transform (``_check_invalid``), as the node does."""
+        dropped = []
         for tf in msg.transforms:
             parent, child = tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/")
             try:
                 matrix = transform_to_matrix(tf)
             except TransformError as exc:
                 self._invalid[(parent, child)] = str(exc)
-                first = first or TransformError(f"TF {parent} -> {child} in the bag is invalid: {exc}")
+                dropped.append(((parent, child), str(exc)))
                 continue
             self.add(parent, child, matrix, None if static else stamp_to_ns(tf.header.stamp))
-        if first is not None:
-            raise first
+        return dropped
 
     def add(self, parent: str, child: str, child_to_parent: np.ndarray, stamp_ns: int | None = None) -> None:
         """A link; ``stamp_ns`` None = static (valid at every time)."""
@@ -474,6 +522,13 @@ class TfTree:
         samples = self._dynamic.setdefault((parent, child), [])
         samples.insert(bisect.bisect_right([t for t, _ in samples], stamp_ns), (int(stamp_ns), m))
         del samples[: max(len(samples) - self.history, 0)]
+
+    def mark_gap(self) -> None:
+        """The bag lost a stretch here (a damaged file of a split bag): no moving link is interpolated from its
+        newest transform so far to the next one, which would invent poses for the time in between."""
+        for key, samples in self._dynamic.items():
+            if samples:
+                self._gaps.setdefault(key, set()).add(samples[-1][0])
 
     def _link_at(self, key: tuple[str, str], stamp_ns: int | None) -> np.ndarray:
         if key in self._static:
@@ -490,6 +545,9 @@ class TfTree:
             raise TransformNotReadyError(
                 f"{key[0]} -> {key[1]} at {stamp_ns} ns is {side} transform in TF ({stamps[0]}..{stamps[-1]} ns)")
         (t0, m0), (t1, m1) = samples[i - 1], samples[i]
+        if t0 in self._gaps.get(key, ()):
+            raise TransformNotReadyError(f"{key[0]} -> {key[1]} at {stamp_ns} ns falls in a stretch the damaged bag "
+                                         f"lost: no transform between {t0} and {t1} ns")
         return interpolate_transform(m0, m1, (stamp_ns - t0) / (t1 - t0))
 
     def _path(self, target: str, source: str) -> list[tuple[tuple[str, str], bool]] | None:

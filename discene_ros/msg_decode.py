@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from models import native_postprocess
 from models.geometry import scale_intrinsic
@@ -681,19 +681,41 @@ def cloud_to_label_grid(msg: Any, voxel_origin: np.ndarray, voxel_size: float,
     inside = np.all((idx >= 0) & (idx < shape), axis=1)
     if not np.all(inside):
         raise CloudFormatError(f"{int((~inside).sum())} of {len(idx)} cloud points lie outside the grid at {voxel_origin}")
+    labels = points["label"].astype(np.float64)
+    bad = (labels < 0) | (labels > 255) | (labels != np.round(labels))  # NaN too: the uint8 grid would wrap them
+    if bad.any():
+        raise CloudFormatError(f"{int(bad.sum())} cloud points have labels that are not whole numbers 0..255 "
+                               f"(label field {points['label'].dtype}, e.g. {labels[bad][0]})")
     grid = np.zeros(tuple(grid_shape), dtype=np.uint8)
-    grid[idx[:, 0], idx[:, 1], idx[:, 2]] = points["label"]
+    grid[idx[:, 0], idx[:, 1], idx[:, 2]] = labels
     return grid
 
 
 def png_to_label_grid(msg: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
-    """Inverse of :func:`discene_ros.msg_encode.label_grid_to_png` for a grid of ``grid_shape``."""
-    try:
-        with Image.open(io.BytesIO(_byte_buffer(msg.data).tobytes())) as img:
-            flat = np.asarray(img)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise CloudFormatError(f"ground-truth label image is not a readable PNG: {exc}") from exc
+    """Inverse of :func:`discene_ros.msg_encode.label_grid_to_png` for a grid of ``grid_shape``
+    (:func:`png_bytes_to_label_grid` on the message's data)."""
+    return png_bytes_to_label_grid(msg.data, grid_shape)
+
+
+def png_bytes_to_label_grid(data: Any, grid_shape: tuple[int, int, int]) -> np.ndarray:
+    """The label grid of ``grid_shape`` in lossless mono8 PNG bytes (:func:`discene_ros.msg_encode.label_grid_png`).
+
+    The size in the PNG header must be the grid's before anything is decoded (a corrupt or hostile header
+    claiming gigapixels would otherwise be decoded, or end the replay in PIL's decompression-bomb error);
+    any decoder failure is a CloudFormatError, so only that frame's ground truth is lost."""
+    buf = _byte_buffer(data)
     x, y, z = (int(n) for n in grid_shape)
+    if bytes(buf[:8]) != PNG_SIGNATURE:
+        raise CloudFormatError(f"ground-truth label image is not a PNG ({buf.size} bytes)")
+    size = _png_header_size(memoryview(buf))
+    if size != (y * z, x):
+        claims = "no readable IHDR header" if size is None else f"a header claiming {size[0]}x{size[1]}"
+        raise CloudFormatError(f"ground-truth label image has {claims}, expected {y * z}x{x} for a {x}x{y}x{z} grid")
+    try:
+        with Image.open(io.BytesIO(buf.tobytes())) as img:
+            flat = np.asarray(img)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (truncation, bad zlib data) loses this frame's GT
+        raise CloudFormatError(f"ground-truth label image is not a readable PNG: {type(exc).__name__}: {exc}") from exc
     if flat.dtype != np.uint8 or flat.shape != (x, y * z):
         raise CloudFormatError(f"ground-truth label image is {flat.dtype} {flat.shape}, expected uint8 ({x}, {y * z}) "
                                f"for a {x}x{y}x{z} grid")

@@ -244,13 +244,18 @@ def label_grid_to_png(factory: MessageFactory, labels: np.ndarray, frame_id: str
     Pixel (row x, column y*Z + z) holds label (x, y, z), 255 unknown included: a few kB per frame,
     where a cloud of the unknown voxels would take megabytes.
     """
+    return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
+                       format="png", data=factory.uint8_array(label_grid_png(labels)))
+
+
+def label_grid_png(labels: np.ndarray) -> bytes:
+    """Dense (X, Y, Z) uint8 label grid -> the lossless mono8 PNG bytes of :func:`label_grid_to_png`."""
     grid = np.asarray(labels, dtype=np.uint8)
     if grid.ndim != 3:
         raise ValueError(f"label grid must be (X, Y, Z), got shape {grid.shape}")
     out = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(grid.reshape(grid.shape[0], -1))).save(out, format="PNG")
-    return factory.new("sensor_msgs/msg/CompressedImage", header=make_header(factory, stamp_ns, frame_id),
-                       format="png", data=factory.uint8_array(out.getvalue()))
+    return out.getvalue()
 
 
 # ----------------------------------------------------------------------------- RViz markers, pose, diagnostics

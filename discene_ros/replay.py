@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from models.checkpoint import atomic_write, check_output_file
-from models.classes import CLASS_NAMES
+from models.classes import CLASS_NAMES, NUM_CLASSES, UNKNOWN_LABEL
 
-from . import bag_io, msg_decode
+from . import bag_io, msg_decode, msg_encode
 from .camera_pose import orientation_problem, use_fallback
-from .errors import FrameError
+from .errors import CloudFormatError, FrameError
 from .msg_factory import TypestoreFactory
 from .pairing import FramePartners
 from .params import (
@@ -60,6 +60,7 @@ from .processing import (
     uses_decode_thread,
     uses_prepare_thread,
 )
+from .report import ground_truth_line, invalid_transforms_note
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
 SKIP_HINT = "pass --no-fallback-pose"  # the replay's way to skip frames without a TF pose
@@ -67,11 +68,25 @@ SKIP_HINT = "pass --no-fallback-pose"  # the replay's way to skip frames without
 
 @dataclass
 class GroundTruthGrid:
-    """A bag's ground truth for one frame: the label grid and where it lies (not training's point targets)."""
+    """A bag's ground truth for one frame: the label grid and where it lies (not training's point targets).
 
-    labels: np.ndarray          # (X, Y, Z) uint8, 255 unknown
+    Kept as the lossless PNG of the grid (a few kB; the grid takes 130 kB, the cloud message 300 kB), as the
+    labels topic carries it, and decoded when the frame is scored: a drive's ground truth is read before
+    the first frame and held to the end (19,764 frames on the Occ-ScanNet val split)."""
+
+    png: bytes                  # msg_encode.label_grid_png of the (X, Y, Z) uint8 grid, 255 unknown
+    grid_shape: tuple[int, int, int]
     voxel_origin: np.ndarray    # (3,)
     has_unknown: bool           # False when only the occupied-voxel cloud was available
+
+    @classmethod
+    def from_grid(cls, labels: np.ndarray, voxel_origin: np.ndarray, has_unknown: bool) -> GroundTruthGrid:
+        """Ground truth of a dense label grid, kept as its PNG."""
+        return cls(msg_encode.label_grid_png(labels), tuple(labels.shape), voxel_origin, has_unknown)
+
+    def label_grid(self) -> np.ndarray:
+        """The (X, Y, Z) uint8 label grid."""
+        return msg_decode.png_bytes_to_label_grid(self.png, self.grid_shape)
 
 
 @dataclass
@@ -134,39 +149,94 @@ class ReplayResult:
 
 
 # ----------------------------------------------------------------------------- reading the bag
+def check_labels(grid: np.ndarray, num_classes: int) -> np.ndarray:
+    """``grid`` when every label is 0 (empty), a class 1..``num_classes`` or 255 (unknown); else CloudFormatError,
+    so that the frame is not scored (SSCMetrics would refuse it only after the frame's outputs were made)."""
+    bad = (grid > num_classes) & (grid != UNKNOWN_LABEL)
+    if bad.any():
+        raise CloudFormatError(f"ground-truth labels {np.unique(grid[bad])[:5].tolist()} in {int(bad.sum())} voxels "
+                               f"are outside 0..{num_classes} and {UNKNOWN_LABEL}")
+    return grid
+
+
 def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size: float,
-                      errors: list[str]) -> dict[int, GroundTruthGrid]:
-    """Ground truth per header stamp (ns) from the labels/cloud + grid pose topics; empty when absent."""
-    wanted = (bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC, bag_io.GT_POSE_TOPIC)
-    conns = [c for c in reader.connections if c.topic in wanted]
-    if not any(c.topic == bag_io.GT_POSE_TOPIC for c in conns):
+                      errors: list[str], num_classes: int = NUM_CLASSES) -> dict[int, GroundTruthGrid]:
+    """Ground truth per header stamp (ns) from the labels/cloud + grid pose topics; empty when absent.
+    A stamp whose ground truth is unusable (undecodable, another size, labels beyond ``num_classes``) is
+    left out and said in ``errors``: its frame is processed, not scored."""
+    if not any(c.topic == bag_io.GT_POSE_TOPIC for c in reader.connections):
         return {}
     origins: dict[int, np.ndarray] = {}
-    labels: dict[int, Any] = {}
-    clouds: dict[int, Any] = {}
+    labels: dict[int, bytes | str] = {}  # the checked PNG, or why it is unusable
+    for topic, msg in _ground_truth_messages(reader, (bag_io.GT_POSE_TOPIC, bag_io.GT_LABELS_TOPIC), errors):
+        stamp = msg_decode.stamp_to_ns(msg.header.stamp)
+        if topic == bag_io.GT_POSE_TOPIC:
+            origins[stamp] = msg_decode.grid_origin_from_pose(msg)
+            continue
+        try:  # checked now, decoded again when scored: only the PNG's few kB are kept
+            check_labels(msg_decode.png_to_label_grid(msg, grid_shape), num_classes)
+            labels[stamp] = np.asarray(msg.data, dtype=np.uint8).tobytes()
+        except FrameError as exc:
+            labels[stamp] = str(exc)
+    # the cloud only where a stamp has no label image: read apart, one message at a time (300 kB each)
+    clouds: dict[int, GroundTruthGrid | str] = {}
+    if any(stamp not in labels for stamp in origins):
+        for _, msg in _ground_truth_messages(reader, (bag_io.GT_TOPIC,), errors):
+            stamp = msg_decode.stamp_to_ns(msg.header.stamp)
+            if stamp in origins and stamp not in labels:
+                try:
+                    grid = msg_decode.cloud_to_label_grid(msg, origins[stamp], voxel_size, grid_shape)
+                    clouds[stamp] = GroundTruthGrid.from_grid(check_labels(grid, num_classes), origins[stamp], False)
+                except FrameError as exc:
+                    clouds[stamp] = str(exc)
+    out = {}
+    unusable: dict[str, list[int]] = {}  # why -> the stamps
+    for stamp, origin in origins.items():
+        found = labels.get(stamp, clouds.get(stamp))
+        if isinstance(found, str):
+            unusable.setdefault(found, []).append(stamp)
+        elif isinstance(found, bytes):
+            out[stamp] = GroundTruthGrid(found, grid_shape, origin, True)
+        elif found is not None:
+            out[stamp] = found
+    errors += unusable_lines(unusable)
+    return out
+
+
+UNUSABLE_REASONS_SHOWN = 5  # distinct reasons of unusable ground truth named in the summary's error
+UNUSABLE_STAMPS_SHOWN = 3   # stamps named for each
+
+
+def unusable_lines(unusable: dict[str, list[int]]) -> list[str]:
+    """The error entries for unusable ground truth (reason -> stamps): one per reason, with its count and first
+    stamps, for the first few reasons, then one for the rest, so that a long drive's error stays short."""
+    lines = []
+    for reason, stamps in list(unusable.items())[:UNUSABLE_REASONS_SHOWN]:
+        if len(stamps) == 1:
+            lines.append(f"ground truth at {stamps[0]} ns unusable: {reason}")
+            continue
+        first = ", ".join(str(stamp) for stamp in stamps[:UNUSABLE_STAMPS_SHOWN])
+        more = ", ..." if len(stamps) > UNUSABLE_STAMPS_SHOWN else ""
+        lines.append(f"ground truth at {len(stamps)} stamps unusable ({first}{more} ns): {reason}")
+    rest = list(unusable.values())[UNUSABLE_REASONS_SHOWN:]
+    if rest:
+        stamps = sum(map(len, rest))
+        lines.append(f"ground truth at {stamps} more stamp{'s' if stamps > 1 else ''} unusable for {len(rest)} "
+                     f"other reason{'s' if len(rest) > 1 else ''}")
+    return lines
+
+
+def _ground_truth_messages(reader: Any, topics: tuple[str, ...], errors: list[str]) -> Iterator[tuple[str, Any]]:
+    """(topic, message) of the bag's messages on ``topics``; a read error ends them and is said in ``errors``
+    (a truncated or corrupt bag: what was read is kept)."""
+    conns = [c for c in reader.connections if c.topic in topics]
+    if not conns:
+        return
     try:
         for conn, _, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, conn.msgtype)
-            stamp = msg_decode.stamp_to_ns(msg.header.stamp)
-            if conn.topic == bag_io.GT_POSE_TOPIC:
-                origins[stamp] = msg_decode.grid_origin_from_pose(msg)
-            elif conn.topic == bag_io.GT_LABELS_TOPIC:
-                labels[stamp] = msg
-            else:
-                clouds[stamp] = msg
-    except Exception as exc:  # truncated/corrupt bag: keep what was read
+            yield conn.topic, reader.deserialize(raw, conn.msgtype)
+    except Exception as exc:  # noqa: BLE001 - rosbags, sqlite and mcap errors alike
         errors.append(f"reading ground truth stopped: {type(exc).__name__}: {exc}")
-    out = {}
-    for stamp, origin in origins.items():
-        try:
-            if stamp in labels:
-                out[stamp] = GroundTruthGrid(msg_decode.png_to_label_grid(labels[stamp], grid_shape), origin, True)
-            elif stamp in clouds:
-                grid = msg_decode.cloud_to_label_grid(clouds[stamp], origin, voxel_size, grid_shape)
-                out[stamp] = GroundTruthGrid(grid, origin, False)
-        except FrameError as exc:
-            errors.append(f"ground truth at {stamp} ns unusable: {exc}")
-    return out
 
 
 class BagFrames:
@@ -176,7 +246,9 @@ class BagFrames:
     image waits (in bag time, at most ``wait_s``) until its partners within ``tolerance_s`` and a TF
     covering its stamp have been read, or a later message shows none will come (the node's rule,
     ``pairing.FramePartners``). Without ``world_frame`` in TF the mount ``base_frame`` -> camera sets
-    the processor's fallback pose. A read error ends the iteration and is kept in ``error``.
+    the processor's fallback pose. An invalid transform is dropped and counted (``invalid_transforms``), as
+    tf2 drops it: only a frame whose camera chain has a link with no valid transform is skipped. A read
+    error ends the iteration and is kept in ``error``.
     """
 
     def __init__(self, reader: Any, image_topic: str, info_topic: str | None, depth_topic: str | None,
@@ -195,7 +267,8 @@ class BagFrames:
         self.fallback_note: str | None = None
         self.orientation_notes: dict[str, str | None] = {}  # camera frame -> orientation_problem of its first TF pose
         self.mount_found = False  # the fallback pose comes from the camera mount in TF
-        self.tf_error: FrameError | None = None  # invalid transform since the last frame: that frame is skipped
+        # invalid transforms TfTree dropped, as tf2 drops them: "parent -> child" -> {"count", "first"}
+        self.invalid_transforms: dict[str, dict[str, Any]] = {}
         self._settled_pose: tuple[Any, np.ndarray] | None = None  # (image, pose) found by the last _settled
         self.images = 0
         topics = {image_topic, info_topic, depth_topic, bag_io.TF_TOPIC, bag_io.TF_STATIC_TOPIC}
@@ -263,13 +336,20 @@ class BagFrames:
         fallback = self.processor.fallback_pose if pose is None and self.processor is not None else None
         frame = FrameInput(image=image, camera_info=info, depth=depth, cam_pose=pose,
                            voxel_origin=None if gt is None else gt.voxel_origin,
-                           pose_error=error or self.tf_error or pose_error, fallback_pose=fallback)
-        self.tf_error = None
+                           pose_error=error or pose_error, fallback_pose=fallback)
         return frame, bag_t
+
+    def _note_invalid(self, dropped: list[tuple[tuple[str, str], str]], bag_t: int) -> None:
+        """Count the invalid transforms of one TF message by link, keeping the first problem of each."""
+        for (parent, child), problem in dropped:
+            seen = self.invalid_transforms.setdefault(f"{parent} -> {child}", {"count": 0, "first": None})
+            seen["count"] += 1
+            seen["first"] = seen["first"] or f"in the TF message at bag time {bag_t / 1e9:.3f} s: {problem}"
 
     def __iter__(self) -> Iterator[tuple[FrameInput, int]]:
         pending: deque[tuple[Any, int]] = deque()
         messages = self.reader.messages(connections=self.connections)
+        gaps = 0
         while True:
             try:
                 item = next(messages, None)
@@ -280,6 +360,9 @@ class BagFrames:
             except Exception as exc:  # truncated chunk, bad CDR, sqlite errors ...
                 self.error = f"bag read failed after {self.images} images: {type(exc).__name__}: {exc}"
                 break
+            if getattr(self.reader, "gaps_crossed", 0) > gaps:  # past a damaged file of a split bag: no pose
+                gaps = self.reader.gaps_crossed                 # is interpolated across what it lost
+                self.tf.mark_gap()
             if conn.topic == self.image_topic:
                 self.images += 1
                 pending.append((msg, bag_t))
@@ -287,11 +370,8 @@ class BagFrames:
                 self.partners.info.add(msg)
             elif conn.topic == self.depth_topic:
                 self.partners.depth.add(msg)
-            else:
-                try:
-                    self.tf.add_message(msg, static=conn.topic == bag_io.TF_STATIC_TOPIC)
-                except FrameError as exc:
-                    self.tf_error = exc
+            else:  # an invalid transform is dropped, as tf2 does; a frame needing its link is skipped by lookup
+                self._note_invalid(self.tf.add_message(msg, static=conn.topic == bag_io.TF_STATIC_TOPIC), bag_t)
             while pending and self._settled(*pending[0], bag_t):
                 yield self._complete(*pending.popleft())
         while pending:
@@ -309,8 +389,9 @@ class Evaluator:
         self.frames = 0
         self.unknown_missing = False
 
-    def add(self, pred_labels: np.ndarray, gt: GroundTruthGrid) -> None:
-        self.metrics.add_batch(pred_labels, gt.labels)
+    def add(self, pred_labels: np.ndarray, gt_labels: np.ndarray, gt: GroundTruthGrid) -> None:
+        """Score one frame: ``gt_labels`` is ``gt``'s grid, decoded once by the caller."""
+        self.metrics.add_batch(pred_labels, gt_labels)
         self.frames += 1
         self.unknown_missing |= not gt.has_unknown
 
@@ -346,25 +427,36 @@ class Replayer:
         self.first_done: float | None = None  # perf_counter when the first frame was done (warm-up excluded after it)
         self.outbox: queue.SimpleQueue[tuple[str, Any, int]] = queue.SimpleQueue()  # (topic, message, stamp) to write
         self.interrupted = False  # Ctrl-C (or SIGTERM, via main) ended the run early; what was done is kept
+        self.first_unscored: int | None = None  # stamp (ns) of the first processed frame without ground truth
         self.unfinished = 0  # frames in flight when interrupted: FrameStats counts them dropped, replaced they were not
 
     def record(self, frame: FrameInput, result: ProcessedFrame) -> None:
         """Queue a processed frame's messages for the output bag (``flush`` writes them); metrics, stage
-        timings and renders."""
+        timings and renders.
+
+        What can fail (building the messages, scoring) comes first and changes nothing, so a frame that fails
+        here (counted as skipped, internal_error) leaves no message in the output bag and nothing in the metrics."""
         msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
+        gt = self.ground_truth.get(frame.stamp_ns)
+        gt_labels = None if gt is None else gt.label_grid()  # checked when read: decoded only now
+        render = None
+        if len(self.renders) < self.n_renders:
+            render = {"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose,
+                      "pred": result.occupancy.labels.copy(), "gt": gt_labels,
+                      "voxel_origin": result.occupancy.voxel_origin}
+        if gt is not None and self.evaluator is not None:
+            self.evaluator.add(result.occupancy.labels, gt_labels, gt)  # its last step; raises before counting
+        # from here on nothing fails: the frame is processed
         self.first_done = time.perf_counter() if self.first_done is None else self.first_done
         self.fallback_pose_frames += int(result.used_fallback_pose)
         for key, value in result.timings_ms.items():
             self.stage_ms.setdefault(key, []).append(value)
         self.outbox.put((bag_io.PRED_TOPIC, msgs["cloud"], frame.stamp_ns))
         self.outbox.put((bag_io.PRED_POSE_TOPIC, msgs["grid_pose"], frame.stamp_ns))
-        gt = self.ground_truth.get(frame.stamp_ns)
-        if gt is not None and self.evaluator is not None:
-            self.evaluator.add(result.occupancy.labels, gt)
-        if len(self.renders) < self.n_renders:
-            self.renders.append({"stamp_ns": frame.stamp_ns, "rgb": np.array(result.rgb), "cam_pose": result.cam_pose,
-                                 "pred": result.occupancy.labels.copy(), "gt": None if gt is None else gt.labels,
-                                 "voxel_origin": result.occupancy.voxel_origin})
+        if render is not None:
+            self.renders.append(render)
+        if gt is None and self.first_unscored is None:
+            self.first_unscored = frame.stamp_ns
 
     def flush(self) -> None:
         """Write the messages of the frames delivered so far (on the writer's thread). A write that fails
@@ -549,7 +641,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
             raise bag_io.BagError(f"bag {bag} has no depth image topic (an Image named '*depth*' or a compressedDepth "
                                   "CompressedImage); give --depth-topic")
         errors: list[str] = []
-        gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors)
+        gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors, config.num_classes)
+        gt_messages = ground_truth_messages(reader)
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
         # the bag reader pairs and locates each frame before the loop gets it: no stage waits for that
@@ -593,6 +686,9 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         errors += [e for e in (interrupted, frames.error, damage, rep.write_error) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
+        truth = ground_truth_status(gt_messages, gt, rep, evaluator)
+        if truth["status"] == "unmatched":  # an evaluation that scored nothing is incomplete (exit code 1)
+            errors.append(truth["note"])
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None and processed else None, topic, gt)
         summary.update(_warm_up(rep, end), frame_loop=loop_mode, pipelined=pipelined, interrupted=rep.interrupted,
@@ -601,6 +697,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         summary["fallback_pose_note"] = frames.fallback_note if rep.fallback_pose_frames else None
         summary["camera_orientation_note"] = " ".join(n for n in frames.orientation_notes.values() if n) or None
         summary["bag_note"] = getattr(reader, "note", None)  # e.g. read without its metadata.yaml
+        summary["invalid_transforms"] = frames.invalid_transforms or None
+        summary["ground_truth"] = truth
         result = ReplayResult(summary, rep.renders)
         if settings.report:
             result.report = write_outputs(out, summary, rep.renders, stage)
@@ -616,6 +714,41 @@ def other_cameras(reader: Any, topic: str) -> list[str]:
     """Colour image topics of the bag other than ``topic`` and its own transports (``.../compressed``)."""
     return [name for name in bag_io.colour_image_topics(reader)
             if name != topic and not name.startswith(topic + "/") and not topic.startswith(name + "/")]
+
+
+def ground_truth_messages(reader: Any) -> int:
+    """Ground-truth grids in the bag: its grid pose messages, where a labels or cloud topic goes with them."""
+    topics = {c.topic for c in reader.connections}
+    if not topics & {bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC}:
+        return 0
+    return sum(c.msgcount for c in reader.connections if c.topic == bag_io.GT_POSE_TOPIC)
+
+
+def ground_truth_status(messages: int, gt: dict[int, GroundTruthGrid], rep: Replayer,
+                        evaluator: Evaluator | None) -> dict[str, Any]:
+    """Whether and how the run was scored, for the summary's ``ground_truth``: ``status`` none (no ground truth
+    in the bag), no_frame (no frame processed), unusable (none of it readable), unmatched (no processed frame
+    has ground truth at its stamp), else scored; ``note`` says it in a line (None when every frame was scored)."""
+    processed, scored = rep.stats.processed, 0 if evaluator is None else evaluator.frames
+    out = {"messages": messages, "usable": len(gt), "scored_frames": scored}
+    not_computed = "IoU/mIoU not computed"
+    if not messages:
+        return {**out, "status": "none", "note": f"no ground truth in the bag: {not_computed}"}
+    grids = f"the bag has {messages} ground-truth grids"
+    if not processed:
+        return {**out, "status": "no_frame", "note": f"no frame was processed: {not_computed} ({grids})"}
+    if not gt:
+        return {**out, "status": "unusable", "note": f"{grids}, none of them usable: {not_computed}"}
+    if not scored:
+        near = min(gt, key=lambda stamp: abs(stamp - rep.first_unscored))
+        return {**out, "status": "unmatched", "note": (
+            f"{grids} ({len(gt)} usable) but none of the {processed} processed frames has one at its stamp: ground "
+            "truth is matched to an image by header stamp, which must equal the image's exactly (the first "
+            f"image at {rep.first_unscored} ns, the nearest ground truth at {near} ns, "
+            f"{(near - rep.first_unscored) / 1e6:+.3f} ms from it): {not_computed}")}
+    unscored = processed - scored
+    return {**out, "status": "scored", "note": (f"{unscored} of the {processed} processed frames had no usable ground "
+                                                 "truth at their stamp (not scored)" if unscored else None)}
 
 
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
@@ -634,7 +767,7 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         "stage_ms": {k: latency_percentiles(v) for k, v in rep.stage_ms.items()},
         **metrics,
         "evaluated_frames": 0 if evaluator is None else evaluator.frames,
-        "unknown_voxels_known": bool(gt) and all(g.has_unknown for g in gt.values()),
+        "unknown_voxels_known": None if evaluator is None or not evaluator.frames else not evaluator.unknown_missing,
         "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "first_skip_by_reason": dict(rep.first_skips),
         "dropped": snap["dropped"] - rep.unfinished, "unfinished": rep.unfinished,
         "fallback_pose_frames": rep.fallback_pose_frames, "output_bag": None if out_bag is None else str(out_bag),
@@ -659,7 +792,8 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
             "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
             "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
-            "other_image_topics": [], "rectified": None, "images_note": None, "bag_note": None, "error": error}
+            "other_image_topics": [], "rectified": None, "images_note": None, "bag_note": None,
+            "invalid_transforms": None, "ground_truth": None, "error": error}
 
 
 def _write_json(path: str | None, summary: dict[str, Any]) -> Path | None:
@@ -814,10 +948,12 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"frames {s['frames']}/{s['images']} (skipped {s['skipped']}, dropped {s['dropped']}{unfinished}), "
           f"{s['fps']:.2f} FPS{warm}, latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms p99 {lat['p99']:.1f} ms "
           f"[{s['backend']}; frame loop {s.get('frame_loop')}]")
+    truth = s["ground_truth"]
     if s["iou"] is not None:
-        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames")
+        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames"
+              + (f" ({truth['note']})" if truth["note"] else ""))
     else:
-        print("no ground truth in the bag: IoU/mIoU not computed")
+        print(ground_truth_line(truth, "below"))
     no_bag = "none (--no-output-bag)" if not args.output_bag else "none (no frame was processed)"
     print(f"report: {report}\noutput bag: {s['output_bag'] or no_bag}")
     if s.get("other_image_topics") and args.image_topic is None:
@@ -828,6 +964,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for note in ("fallback_pose_note", "camera_orientation_note"):
         if s.get(note):
             print(f"discene-replay: WARNING: {s[note]}", file=sys.stderr)
+    if s.get("invalid_transforms"):
+        print(f"discene-replay: WARNING: {invalid_transforms_note(s['invalid_transforms'])}", file=sys.stderr)
     if s["frames"] == 0 and not s.get("interrupted"):
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped_by_reason"].items())) or "no colour image read"
         first = "".join(f"\nfirst {k}: {v}" for k, v in sorted(s["first_skip_by_reason"].items())

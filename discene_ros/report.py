@@ -24,6 +24,23 @@ def render_frames(out_dir: Path, renders: list[dict[str, Any]]) -> tuple[list[Pa
     return paths, None
 
 
+def invalid_transforms_note(invalid: dict[str, dict[str, Any]]) -> str:
+    """One line on the invalid TF transforms the replay dropped (as tf2 drops them), by link."""
+    links = "; ".join(f"{link}: {seen['count']}, first {seen['first']}" for link, seen in invalid.items())
+    return (f"{sum(seen['count'] for seen in invalid.values())} invalid TF transforms were dropped, as tf2 drops "
+            f"them (a frame is skipped only when its camera's chain has a link with no valid transform): {links}")
+
+
+def ground_truth_line(truth: dict[str, Any] | None, error_where: str) -> str:
+    """Why IoU/mIoU were not computed, in a line (``truth``: the summary's ``ground_truth``); where the error
+    already says it at length (ground truth no frame matched), a short line pointing ``error_where``."""
+    if not truth:
+        return "No ground truth: IoU/mIoU not computed"
+    if truth["status"] == "unmatched":
+        return f"IoU/mIoU not computed: no processed frame has ground truth at its stamp (see {error_where})"
+    return truth["note"][0].upper() + truth["note"][1:]
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
@@ -89,6 +106,8 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
                   "(their metrics are not meaningful).", ""]
     if summary.get("camera_orientation_note"):
         lines += [f"**Camera orientation:** {summary['camera_orientation_note']}", ""]
+    if summary.get("invalid_transforms"):
+        lines += [f"**TF:** {invalid_transforms_note(summary['invalid_transforms'])}", ""]
     stages = summary.get("stage_ms") or {}
     if stages:
         lines += ["| stage | p50 ms | mean ms |", "|---|---|---|"]
@@ -97,12 +116,14 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     if not processed:
         lines += ["No frame was processed: no latency or occupancy metrics.", ""]
     elif summary.get("iou") is None:
-        lines += ["No ground truth in the bag: IoU/mIoU not computed.", ""]
+        lines += [f"{ground_truth_line(summary.get('ground_truth'), 'above')}.", ""]
     else:
         lines += [f"## Occupancy metrics ({summary.get('evaluated_frames', 0)} frames, SSCMetrics protocol)", "",
                   f"IoU **{_pct(summary['iou'])}**, mIoU **{_pct(summary['miou'])}**", ""]
         if not summary.get("unknown_voxels_known", True):
             lines += ["Note: the bag has no dense label topic, so unknown voxels counted as empty.", ""]
+        if (summary.get("ground_truth") or {}).get("note"):
+            lines += [f"Note: {summary['ground_truth']['note']}.", ""]
         per_class = summary.get("per_class_iou") or {}
         lines += ["| " + " | ".join(per_class) + " |", "|" + "---|" * len(per_class),
                   "| " + " | ".join(_pct(v) for v in per_class.values()) + " |", ""]

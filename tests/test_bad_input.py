@@ -87,16 +87,19 @@ def _bag_with_bad_frames(path: Path) -> Path:
     return path
 
 
-def test_replay_skips_bomb_and_zero_quaternion_frames_and_exits_0(tmp_path, monkeypatch, capsys):
+def test_replay_skips_bomb_frame_drops_zero_quaternion_transform_and_exits_0(tmp_path, monkeypatch, capsys):
     bag = _bag_with_bad_frames(tmp_path / "bad_bag")
     monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
     rc = replay.main(["--bag", str(bag), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "s.json"),
                       "--no-progress", "--renders", "0"])
     s = json.loads((tmp_path / "s.json").read_text())
     assert rc == 0, capsys.readouterr().err
-    assert s["images"] == 4 and s["frames"] == 2 and s["error"] is None
-    assert s["skipped_by_reason"] == {"bad_image_size": 1, "bad_transform": 1}
-    assert s["fallback_pose_frames"] == 0  # the zero-quaternion frame did not silently get another pose
+    assert s["images"] == 4 and s["frames"] == 3 and s["error"] is None
+    assert s["skipped_by_reason"] == {"bad_image_size": 1}
+    # the zero quaternion is dropped, as tf2 drops it: its frame takes the pose interpolated from the
+    # transforms before and after it, as the node's lookup would, never the fallback pose
+    assert s["invalid_transforms"][f"world -> {bag_io.CAMERA_FRAME}"]["count"] == 1
+    assert s["fallback_pose_frames"] == 0
     assert s["first_frame_ms"] > 0 and s["fps_after_first_frame"] > 0  # warm-up reported apart (item 19)
     assert "one-off warm-up" in (tmp_path / "out" / "report.md").read_text()
 
@@ -558,6 +561,65 @@ def test_truncated_lz4_bag_is_read_up_to_the_damage(tmp_path):
     s = replay.replay(bag, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
                       settings=ReplaySettings(n_renders=0, progress=False)).summary
     assert "lz4-compressed" in s["error"] and 1 <= s["frames"] < 4
+
+
+def _split_recording(root: Path, files: dict[str, list[tuple[int, bool]]]) -> Path:
+    """A killed, split ``ros2 bag record``: one mcap per name, no metadata.yaml; each file holds frames
+    (stamp, with_tf), each written image first, then its camera info, then its TF (as drivers publish)."""
+    root.mkdir()
+    rgb = np.full((48, 64, 3), 90, np.uint8)
+    for name, frames in files.items():
+        with bag_io.BagWriter(root / "part", "mcap", F.typestore) as w:
+            for t, with_tf in frames:
+                w.write(bag_io.COMPRESSED_TOPIC, msg_encode.rgb_to_compressed(F, rgb, bag_io.CAMERA_FRAME, t), t)
+                w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(F, K, 48, 64, bag_io.CAMERA_FRAME, t), t)
+                if with_tf:
+                    tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", bag_io.CAMERA_FRAME, t)
+                    w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
+        (mcap,) = (root / "part").glob("*.mcap")
+        mcap.rename(root / name)
+        shutil.rmtree(root / "part")
+    return root
+
+
+def test_split_bag_files_are_read_in_recording_order(tmp_path):
+    """rosbag2 numbers its splits rec_0 .. rec_11: as text rec_10 came before rec_2. metadata.yaml's order
+    wins where it is readable; files it does not list follow in natural order."""
+    for i in (10, 2, 0, 11, 1, 9):
+        (tmp_path / f"rec_{i}.mcap").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    assert [p.name for p in bag_io.storage_files(tmp_path)] == [f"rec_{i}.mcap" for i in (0, 1, 2, 9, 10, 11)]
+    info = {"rosbag2_bagfile_information": {"relative_file_paths": ["bag/rec_9.mcap", "rec_1.mcap", "gone.mcap"]}}
+    (tmp_path / "metadata.yaml").write_text(yaml.safe_dump(info))
+    assert [p.name for p in bag_io.storage_files(tmp_path)] == [f"rec_{i}.mcap" for i in (9, 1, 0, 2, 10, 11)]
+    (tmp_path / "metadata.yaml").write_text("rosbag2_bagfile_information: [broken")
+    assert [p.name for p in bag_io.storage_files(tmp_path)] == [f"rec_{i}.mcap" for i in (0, 1, 2, 9, 10, 11)]
+
+
+def test_a_damaged_file_of_a_split_bag_loses_only_its_own_frames(tmp_path):
+    """rec_10 is cut inside the TF of its second image: the files after it are read on. The frame whose TF was
+    lost, and one stamped after the gap before any TF after it, are skipped (tf_not_ready): never a pose
+    interpolated across the lost stretch. Before, rec_10 was read first (text order) and reading stopped there."""
+    step = 100_000_000
+    t = [1_700_000_000_000_000_000 + i * step for i in range(8)]
+    root = _split_recording(tmp_path / "rec", {
+        "rec_9.mcap": [(t[0], True), (t[1], True)],
+        "rec_10.mcap": [(t[2], True), (t[3], True)],
+        "rec_11.mcap": [(t[4] + step // 2, False), (t[5], True), (t[6], True)]})
+    damaged = root / "rec_10.mcap"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: data.rindex(b"world")])  # inside the second TF message
+    s = replay.replay(root, out=tmp_path / "out", pipeline=pipeline_for(BlockBackend()),
+                      settings=ReplaySettings(n_renders=0, progress=False)).summary
+    assert s["images"] == 7 and s["frames"] == 5 and s["skipped_by_reason"] == {"tf_not_ready": 2}
+    assert "rec_10.mcap chunk" in s["error"] and "reading went on with the 1 file after rec_10.mcap (8 messages)" in s["error"]
+    assert s["fallback_pose_frames"] == 0
+    reader = bag_io.open_reader(s["output_bag"])
+    try:
+        stamps = [stamp for conn, stamp, _ in reader.messages() if conn.topic == bag_io.PRED_TOPIC]
+    finally:
+        reader.close()
+    assert stamps == [t[0], t[1], t[2], t[5], t[6]]
 
 
 def test_a_chunk_that_fails_its_crc_ends_sequential_reading_there(tmp_path):

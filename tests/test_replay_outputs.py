@@ -2,32 +2,41 @@
 arguments checked up front, invalid TF named, internal errors shown; discene-dataset-to-bag's checks."""
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from test_fuzz_frames import _png_header_claiming
 from test_ros_support import BlockBackend, pipeline_for, wait_until
 
-from discene_ros import bag_io, msg_encode, replay
-from discene_ros.errors import TransformError
+from discene_ros import bag_io, msg_decode, msg_encode, replay
+from discene_ros.errors import CloudFormatError, TransformError
 from discene_ros.msg_factory import TypestoreFactory
+from discene_ros.processing import FrameInput, ProcessedFrame
+from models.postprocess import OccupancyFrame
 
 F = TypestoreFactory(bag_io.typestore())
 K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
 
 
-def _bag(path: Path, n: int = 2, encoding: str = "rgb8", tf_edit=None, storage: str = "mcap") -> Path:
+def _bag(path: Path, n: int = 2, encoding: str = "rgb8", tf_edit=None, storage: str = "mcap",
+         other_tf=None) -> Path:
     """n colour frames (+ camera info, TF world -> cam); ``encoding`` overrides the image's encoding
-    field, ``tf_edit(transform)`` edits each TF transform."""
+    field, ``tf_edit(transform)`` edits each TF transform, ``other_tf(stamp_ns)`` gives more transforms
+    for each TF message."""
     with bag_io.BagWriter(path, storage, F.typestore) as w:
         for i in range(n):
             t = 10**18 + i * 100_000_000
             tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "cam", t)
             if tf_edit is not None:
                 tf_edit(tf.transform)
-            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=[tf]), t)
+            transforms = [tf, *(other_tf(t) if other_tf is not None else [])]
+            w.write(bag_io.TF_TOPIC, F.new("tf2_msgs/msg/TFMessage", transforms=transforms), t)
             w.write(bag_io.CAMERA_INFO_TOPIC, msg_encode.k_to_camera_info(F, K, 48, 64, "cam", t), t)
             image = msg_encode.rgb_to_image(F, np.zeros((48, 64, 3), np.uint8), "cam", t)
             image.encoding = encoding
@@ -148,12 +157,44 @@ def test_one_invalid_transform_does_not_drop_the_others_of_its_message():
     bad = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "base_link", 5)
     bad.transform.rotation.w = 0.0
     tree = bag_io.TfTree()
-    with pytest.raises(TransformError, match="TF world -> base_link in the bag is invalid"):
-        tree.add_message(F.new("tf2_msgs/msg/TFMessage", transforms=[bad, good]))
+    dropped = tree.add_message(F.new("tf2_msgs/msg/TFMessage", transforms=[bad, good]))
+    assert dropped == [(("world", "base_link"), "rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero")]
     np.testing.assert_array_equal(tree.lookup("base_link", "cam", 5), np.eye(4))
     with pytest.raises(TransformError, match="TF world -> cam is in the bag but invalid: every transform world -> base_link"):
         tree.lookup("world", "cam", 5)
     assert tree.lookup("map", "cam", 5) is None  # absent, not invalid: the fallback pose's case
+
+
+def _zero_quaternion(parent: str, child: str, stamp_ns: int):
+    tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), parent, child, stamp_ns)
+    tf.transform.rotation.w = 0.0
+    return tf
+
+
+def test_an_invalid_transform_off_the_camera_chain_is_dropped_and_counted_not_a_skip(tmp_path, block_model, capsys):
+    """tf2 drops an invalid transform and keeps the rest: a broken wheel odometry costs the camera no frame.
+    Before, any invalid transform skipped the next frame, so this bag lost every one of them."""
+    bag = _bag(tmp_path / "bag", n=3, other_tf=lambda t: [_zero_quaternion("odom", "wheel_left", t)])
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 3 and s["skipped"] == 0 and s["error"] is None
+    said = "in the TF message at bag time 1000000000.000 s: rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero"
+    assert s["invalid_transforms"] == {"odom -> wheel_left": {"count": 3, "first": said}}
+    err = capsys.readouterr().err
+    assert "WARNING: 3 invalid TF transforms were dropped, as tf2 drops them" in err and "odom -> wheel_left: 3" in err
+    assert "odom -> wheel_left: 3" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_invalid_transform_between_valid_ones_of_the_camera_chain_is_dropped_as_tf2_drops_it(tmp_path, block_model):
+    """The frame at the bad transform's stamp takes the pose interpolated from its link's valid transforms, as
+    the node's tf2 lookup does; a chain whose link never had a valid one is skipped (the test above)."""
+    bag = _bag(tmp_path / "bag", n=3, other_tf=lambda t: [
+        msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "odom", t) if t != 10**18 + 10**8
+        else _zero_quaternion("world", "odom", t)])
+    s = replay.replay(bag, tmp_path / "out", replay.ReplaySettings(progress=False, n_renders=0,
+                                                                   world_frame="odom")).summary
+    assert s["frames"] == 3 and s["skipped"] == 0 and s["fallback_pose_frames"] == 0
+    assert s["invalid_transforms"]["world -> odom"]["count"] == 1
 
 
 # ----------------------------------------------------------------------------- internal errors shown
@@ -211,3 +252,186 @@ def test_frames_in_flight_at_ctrl_c_are_unfinished_not_dropped(tmp_path, monkeyp
     assert (s["images"], s["frames"], s["dropped"], s["unfinished"], s["skipped"]) == (2, 1, 0, 1, 0)
     assert "(skipped 0, dropped 0, unfinished 1)" in capsys.readouterr().out
     assert "1 frames were in flight when the run was interrupted" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- bad ground truth costs its score only
+def _sample_with(path: Path, edit) -> Path:
+    """The shipped sample bag (4 frames with ground truth) rewritten with ``edit(topic, msg, index)`` applied
+    to each message (``index``: its number on its topic); None drops the message."""
+    reader = bag_io.open_reader(replay.SAMPLE_BAG)
+    counts: dict[str, int] = {}
+    try:
+        with bag_io.BagWriter(path, "mcap", F.typestore) as w:
+            for conn, t, raw in reader.messages():
+                counts[conn.topic] = counts.get(conn.topic, -1) + 1
+                msg = edit(conn.topic, reader.deserialize(raw, conn.msgtype), counts[conn.topic])
+                if msg is not None:
+                    w.write(conn.topic, msg, t)
+    finally:
+        reader.close()
+    return path
+
+
+def test_a_ground_truth_label_image_is_checked_before_it_is_decoded():
+    msg = msg_encode.label_grid_to_png(F, np.zeros((4, 3, 2), np.uint8), "world", 5)
+    assert msg_decode.png_to_label_grid(msg, (4, 3, 2)).shape == (4, 3, 2)
+    for data, said in ((_png_header_claiming(20000, 20000), "a header claiming 20000x20000, expected 6x4"),
+                       (_png_header_claiming(6, 4), "not a readable PNG"),  # the right size, no image data
+                       (b"GIF89a" + bytes(20), "not a PNG (26 bytes)")):
+        msg.data = np.frombuffer(data, np.uint8)
+        with pytest.raises(CloudFormatError, match=re.escape(said)):
+            msg_decode.png_to_label_grid(msg, (4, 3, 2))
+
+
+def test_a_ground_truth_png_bomb_costs_that_frames_score_only(tmp_path, block_model, capsys):
+    """Before, PIL's DecompressionBombError ended the replay with a traceback and no output at all."""
+    bag = _sample_with(tmp_path / "bag", lambda topic, msg, i: (
+        setattr(msg, "data", np.frombuffer(_png_header_claiming(20000, 20000), np.uint8)) or msg
+        if topic == bag_io.GT_LABELS_TOPIC and i == 1 else msg))
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 4 and s["evaluated_frames"] == 3 and s["iou"] is not None
+    assert "ground truth at 1700000000200000000 ns unusable" in s["error"] and "20000x20000" in s["error"]
+    assert "20000x20000" in capsys.readouterr().err and (tmp_path / "out" / "report.md").exists()
+
+
+def _labels_png(flat: np.ndarray) -> np.ndarray:
+    out = io.BytesIO()
+    Image.fromarray(flat).save(out, format="PNG")
+    return np.frombuffer(out.getvalue(), np.uint8).copy()
+
+
+def _with_label_12(topic, msg, i):
+    if topic == bag_io.GT_LABELS_TOPIC and i == 1:
+        flat = np.array(Image.open(io.BytesIO(bytes(msg.data))))
+        flat[0, 0] = 12
+        msg.data = _labels_png(flat)
+    return msg
+
+
+def test_ground_truth_labels_beyond_the_classes_cost_that_frames_score_only(tmp_path, block_model, capsys):
+    """Before, SSCMetrics refused label 12 after the frame's clouds were queued: the frame counted as skipped
+    (internal_error) while its cloud was in the output bag."""
+    bag = _sample_with(tmp_path / "bag", _with_label_12)
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["frames"] == 4 and s["skipped"] == 0 and s["evaluated_frames"] == 3
+    said = "ground truth at 1700000000200000000 ns unusable: ground-truth labels [12] in 1 voxels are outside 0..11 and 255"
+    assert said in s["error"] and said in capsys.readouterr().err
+    reader = bag_io.open_reader(s["output_bag"])
+    try:
+        assert sum(c.msgcount for c in reader.connections if c.topic == bag_io.PRED_TOPIC) == 4
+    finally:
+        reader.close()
+    cloud = msg_encode.occupancy_to_pointcloud2(F, OccupancyFrame(
+        np.zeros((2, 2, 2), np.uint8), np.array([[0, 0, 0]], np.int32), np.array([3], np.uint8),
+        np.ones(1, np.float32), np.zeros(3), 0.5), "world", 5)
+    assert msg_decode.cloud_to_label_grid(cloud, np.zeros(3), 0.5, (2, 2, 2))[0, 0, 0] == 3
+    label = next(f for f in cloud.fields if f.name == "label")
+    label.datatype = 4  # uint16: label 3 + 256 * the padding byte after it
+    data = np.array(cloud.data)
+    data[label.offset + 1] = 1
+    cloud.data = data
+    with pytest.raises(CloudFormatError, match=r"1 cloud points have labels that are not whole numbers 0..255 "
+                       r"\(label field uint16, e.g. 259.0\)"):  # the uint8 grid would have made it 3
+        msg_decode.cloud_to_label_grid(cloud, np.zeros(3), 0.5, (2, 2, 2))
+
+
+def test_a_frame_failing_in_record_leaves_nothing_in_the_output_bag_or_metrics():
+    """The outputs are queued only once nothing can fail: a frame counted as skipped has no cloud in the bag."""
+    stamp = 10**18
+    rep = replay.Replayer(None, None, F, "world", {stamp: replay.GroundTruthGrid.from_grid(np.zeros((2, 2, 2), np.uint8),
+                                                                                          np.zeros(3), True)},
+                          replay.Evaluator(11), n_renders=1)
+    occupancy = OccupancyFrame(np.zeros((60, 60, 36), np.uint8), np.zeros((0, 3), np.int32), np.zeros(0, np.uint8),
+                               np.zeros(0, np.float32), np.zeros(3), 0.08)
+    result = ProcessedFrame(occupancy, np.eye(4), False, np.zeros((4, 4, 3), np.uint8), {"total_ms": 1.0})
+    frame = FrameInput(image=msg_encode.rgb_to_image(F, np.zeros((4, 4, 3), np.uint8), "cam", stamp))
+    with pytest.raises(ValueError, match="differs from ground truth shape"):  # SSCMetrics: another grid
+        rep.record(frame, result)
+    assert rep.outbox.empty() and not rep.renders and not rep.stage_ms and rep.evaluator.frames == 0
+
+
+def _gt_offset_1ms(topic, msg, i):
+    if topic in (bag_io.GT_POSE_TOPIC, bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC):
+        msg.header.stamp.nanosec += 1_000_000
+    return msg
+
+
+@pytest.mark.parametrize(("edit", "rc", "status", "printed"), [
+    (lambda topic, msg, i: msg, 0, "scored", "IoU "),
+    (lambda topic, msg, i: None if topic == bag_io.GT_POSE_TOPIC and i == 2 else msg, 0, "scored",
+     "over 3 frames (1 of the 4 processed frames had no usable ground truth at their stamp (not scored))"),
+    (_gt_offset_1ms, 1, "unmatched", "IoU/mIoU not computed: no processed frame has ground truth at its stamp"),
+    (lambda topic, msg, i: None if topic == bag_io.CAMERA_INFO_TOPIC else msg, 3, "no_frame",
+     "No frame was processed: IoU/mIoU not computed (the bag has 4 ground-truth grids)"),
+    (lambda topic, msg, i: None if topic.startswith("/discene/") else msg, 0, "none",
+     "No ground truth in the bag: IoU/mIoU not computed"),
+])
+def test_the_replay_says_why_nothing_was_scored(tmp_path, block_model, capsys, edit, rc, status, printed):
+    """Ground truth is matched by header stamp: one stamped 1 ms off scored nothing, and the run said 'no ground
+    truth in the bag' and exited 0, as it did for a run that processed no frame of a bag with ground truth."""
+    bag = _sample_with(tmp_path / "bag", edit)
+    assert _run(bag, tmp_path / "out", "--json", str(tmp_path / "s.json")) == rc
+    s = json.loads(next(tmp_path.glob("s*.json")).read_text())
+    out, err = capsys.readouterr()
+    assert s["ground_truth"]["status"] == status and printed in out
+    assert ("no ground truth in the bag" in out.lower()) == (status == "none")
+    assert s["unknown_voxels_known"] is (True if status == "scored" else None)
+    if status == "unmatched":
+        said = ("the bag has 4 ground-truth grids (4 usable) but none of the 4 processed frames has one at its stamp: "
+                "ground truth is matched to an image by header stamp, which must equal the image's exactly (the first "
+                "image at 1700000000000000000 ns, the nearest ground truth at 1700000000001000000 ns, +1.000 ms from it)")
+        assert said in s["error"] and said in err and said in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- ground truth kept small
+def _read_ground_truth(bag: Path) -> tuple[dict, list[str], list[str]]:
+    """read_ground_truth on ``bag``: (ground truth, errors, the types it deserialised)."""
+    reader = bag_io.open_reader(bag)
+    deserialize, types = reader.deserialize, []
+    reader.deserialize = lambda raw, msgtype: types.append(msgtype) or deserialize(raw, msgtype)
+    try:
+        return replay.read_ground_truth(reader, (60, 60, 36), 0.08, errors := []), errors, types
+    finally:
+        reader.close()
+
+
+def test_ground_truth_keeps_a_few_kb_per_frame_and_reads_clouds_only_where_labels_are_missing(tmp_path):
+    """Before, every 300 kB cloud was deserialised and kept to the end beside the label images, and all grids
+    (130 kB each) decoded at once: about 420 kB per frame at the peak, 8 GB for the val split's 19,764 frames."""
+    gt, errors, types = _read_ground_truth(replay.SAMPLE_BAG)
+    assert not errors and len(gt) == 4 and "sensor_msgs/msg/PointCloud2" not in types
+    for item in gt.values():
+        assert set(vars(item)) == {"png", "grid_shape", "voxel_origin", "has_unknown"} and item.has_unknown
+        assert isinstance(item.png, bytes) and len(item.png) < 2_000  # the labels topic's own PNG, kept as it is
+        assert item.label_grid().shape == (60, 60, 36) and (item.label_grid() == 255).any()
+    # the second frame's label image missing: its cloud alone is read in, kept as the PNG of its grid
+    bag = _sample_with(tmp_path / "bag", lambda topic, msg, i: None if topic == bag_io.GT_LABELS_TOPIC and i == 1
+                       else msg)
+    mixed, errors, types = _read_ground_truth(bag)
+    assert not errors and types.count("sensor_msgs/msg/PointCloud2") == 4  # each one read, one kept
+    (stamp,) = [s for s, item in mixed.items() if not item.has_unknown]
+    assert stamp == 1_700_000_000_200_000_000 and len(mixed[stamp].png) < 3_000
+    with_unknown = gt[stamp].label_grid()
+    np.testing.assert_array_equal(mixed[stamp].label_grid(), np.where(with_unknown == 255, 0, with_unknown))
+
+
+def test_unusable_ground_truth_is_said_once_per_reason(tmp_path):
+    """One error entry per unusable stamp made the summary's error as long as the drive."""
+    stamps = [10**18 + i * 10**8 for i in range(10)]
+    claims = [(20000, 20000)] * 4 + [(i, i) for i in range(1, 7)]  # one reason 4 times, then 6 more reasons
+    with bag_io.BagWriter(tmp_path / "bag", "mcap", F.typestore) as w:
+        for t, claim in zip(stamps, claims, strict=True):
+            w.write(bag_io.GT_POSE_TOPIC, msg_encode.grid_pose_msg(F, np.zeros(3), "world", t), t)
+            labels = msg_encode.label_grid_to_png(F, np.zeros((1, 1, 1), np.uint8), "world", t)
+            labels.data = np.frombuffer(_png_header_claiming(*claim), np.uint8)
+            w.write(bag_io.GT_LABELS_TOPIC, labels, t)
+    gt, errors, _ = _read_ground_truth(tmp_path / "bag")
+    assert not gt and len(errors) == 6
+    assert errors[0] == (f"ground truth at 4 stamps unusable ({stamps[0]}, {stamps[1]}, {stamps[2]}, ... ns): "
+                         "ground-truth label image has a header claiming 20000x20000, expected 2160x60 for a "
+                         "60x60x36 grid")
+    assert errors[1] == (f"ground truth at {stamps[4]} ns unusable: ground-truth label image has a header claiming "
+                         "1x1, expected 2160x60 for a 60x60x36 grid")
+    assert errors[5] == "ground truth at 2 more stamps unusable for 2 other reasons"
