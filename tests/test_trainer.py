@@ -156,6 +156,27 @@ def test_resume_accepts_other_post_processing_settings_but_not_another_network(d
         Trainer(other_net, train).resume(tmp_path / "last.pt")
 
 
+def test_resume_with_a_larger_budget_follows_the_new_schedule_from_the_saved_step(data_root, tmp_path, caplog):
+    """--steps 8 (and another lr) on a resume of a 4-step run: the cosine spans 8 steps at the new lr from
+    step 2 on, the moments come from the checkpoint; the old schedule would run steps 4..8 at min_lr."""
+    from training.trainer import WarmupCosine
+
+    cfg = tiny_config(data_root, tmp_path, max_steps=4)
+    Trainer(cfg, datasets(cfg)[0]).fit(stop_at_step=2)
+    longer = tiny_config(data_root, tmp_path, max_steps=8)
+    longer.optim.lr = 2 * cfg.optim.lr
+    resumed = Trainer(longer, datasets(longer)[0], resume=tmp_path / "last.pt")
+    factor = WarmupCosine(8, 1, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+    rest = next(g for g in resumed.optimizer.param_groups if g["name"] == "rest")
+    assert rest["lr"] == pytest.approx(longer.optim.lr * factor(2)) and resumed.scheduler.last_epoch == 2
+    assert all(s["step"] == 2 for s in resumed.optimizer.state.values())  # AdamW's moments: restored
+    assert "total 4 -> 8" in caplog.text and "it continues at step 2" in caplog.text
+    resumed.train_step(next(iter(resumed._loader())))
+    assert rest["lr"] == pytest.approx(longer.optim.lr * factor(3))
+    with pytest.raises(ValueError, match="budget of 1 steps is below the step 2"):
+        Trainer(tiny_config(data_root, tmp_path, max_steps=1), datasets(cfg)[0], resume=tmp_path / "last.pt")
+
+
 def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_them(data_root, tmp_path):
     """Weights only: the network starts as the checkpoint's, the optimiser, lr schedule and step fresh; every
     checkpoint the run saves carries the steps behind its weights, summed over generations."""

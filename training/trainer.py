@@ -185,10 +185,7 @@ class Trainer:
         self.optimizer = self._build_optimizer(module)
         self.steps_per_epoch = EpochBatchSampler(len(train_set), config.batch_size, self.world, self.rank).steps_per_epoch
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        o = config.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio,
-                                         self.steps_per_epoch, o.lr_by_epoch))
+        self.scheduler = self._build_scheduler()
         self._warn_coarse_schedule(self.scheduler.lr_lambdas[0])
         self.amp_dtype = autocast_dtype(config.amp, self.device, config.amp_on_cpu)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -280,6 +277,14 @@ class Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay, foreach=not fused, fused=fused)
 
+    def _build_scheduler(self, last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+        """The warm-up/cosine schedule of this run's config over ``total_steps``, at step ``last_epoch + 1``
+        (a resume: the optimiser's ``initial_lr`` must be this config's lr by then)."""
+        o = self.cfg.optim
+        schedule = WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio,
+                                self.steps_per_epoch, o.lr_by_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule, last_epoch=last_epoch)
+
     # ---- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -333,18 +338,38 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} cannot be resumed: it has no '{key}' (model-only checkpoint?)")
         if _network_fields(state.get("config")) != _network_fields(self.model_cfg.to_dict()):
             raise ValueError(f"checkpoint {path} was trained with another model config than '{self.model_cfg.name}'")
+        if self.total_steps < state["step"]:
+            raise ValueError(f"this run's budget of {self.total_steps} steps is below the step {state['step']} "
+                             f"checkpoint {path} is at (max_steps or epochs too small)")
         self.student.load_state_dict(state["model"])
         if self.distiller is not None:
             if state.get("distiller") is None:
                 raise ValueError(f"checkpoint {path} has no distiller state but this run distils")
             self.distiller.load_state_dict(state["distiller"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._restore_optimizer(state["optimizer"], state["scheduler"], path)
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best_miou = state.get("best_miou", -1.0)
         self.steps_before = int(state.get("steps_before", 0))
         set_rng_state(state["rng"])
+
+    def _restore_optimizer(self, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
+                           path: str | Path) -> None:
+        """The optimiser's moments and the schedule's position from a checkpoint; its settings (lr, weight
+        decay) and the schedule's shape (total steps, warm-up) from this run's config, which ``--steps`` and
+        ``--set`` may have changed since: the checkpoint's schedule would run the extra steps at min_lr."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        mine = {"base_lrs": list(self.scheduler.base_lrs), **vars(self.scheduler.lr_lambdas[0])}
+        self.optimizer.load_state_dict(optimizer_state)
+        for group, setting in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(setting)
+        self.scheduler = self._build_scheduler(last_epoch=scheduler_state["last_epoch"] - 1)
+        saved_schedule = (scheduler_state.get("lr_lambdas") or [None])[0] or {}
+        theirs = {"base_lrs": list(scheduler_state.get("base_lrs", [])), **saved_schedule}
+        differs = [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
+        if differs and self.is_main:
+            log.warning("resume from %s: the lr schedule follows this run's config, not the checkpoint's (%s); "
+                        "it continues at step %d", path, ", ".join(differs), scheduler_state["last_epoch"])
 
     # ---- one step
     def _teacher_outputs(self, inputs: dict[str, Any], step: int) -> tuple[dict | None, dict[str, Any]]:
