@@ -293,8 +293,11 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     assert all(p.grad is None for p in trainer.student.parameters())
 
 
-def test_non_finite_gradient_norm_stops_before_the_optimiser_step(data_root, tmp_path):
+@pytest.mark.parametrize("grad_clip", [35.0, 0.0])
+def test_non_finite_gradient_norm_stops_before_the_optimiser_step(data_root, tmp_path, grad_clip):
+    """Clipping on or off (optim.grad_clip 0): the gradient norm is checked at every step."""
     cfg = tiny_config(data_root, tmp_path, max_steps=6)
+    cfg.optim.grad_clip = grad_clip
     trainer = Trainer(cfg, datasets(cfg)[0])
     batches = iter(trainer._loader())
     trainer.train_step(next(batches))

@@ -438,9 +438,13 @@ class Trainer:
         logged = [torch.stack([v.detach().float() for v in terms.values()]), parts.detach(), loss.detach()[None]]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # the gradient norm of every step, clipped or not: a non-finite gradient must never reach AdamW
+        self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            logged.append(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip).float()[None])
+            grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        logged.append(grad_norm.float()[None])
         numbers = torch.cat(logged).tolist()
         n, w = len(terms), len(weighted)
         values = dict(zip(terms, numbers[:n], strict=True))
@@ -454,13 +458,12 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
                 f"checkpoint {self.out_dir / 'last.pt'} is kept")
-        if self.cfg.optim.grad_clip > 0:
-            values["grad_norm"] = numbers[-1]
-            if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {self.step + 1} (loss {values['loss']:.4g}); training stopped, "
-                    f"the last good checkpoint {self.out_dir / 'last.pt'} is kept")
+        values["grad_norm"] = numbers[-1]
+        if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():  # fp16's scaler skips the step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {self.step + 1} (loss {values['loss']:.4g}); training stopped, "
+                f"the last good checkpoint {self.out_dir / 'last.pt'} is kept")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
