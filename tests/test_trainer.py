@@ -351,6 +351,39 @@ def test_ddp_two_processes_gloo_keep_parameters_identical(data_root, tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # they did train
 
 
+def _ddp_failing_save_worker(rank, world, port, root, out):
+    """Trains under a 30 s process-group timeout and records the error ``fit`` ends with, if any."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    cfg = tiny_config(root, out, max_steps=4)
+    cfg.ckpt_every = 1  # last.pt at step 1
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    try:
+        trainer.fit()
+    except Exception as exc:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def test_ddp_rank_whose_checkpoint_write_fails_exits_with_its_own_error(data_root, tmp_path):
+    """Rank 0 cannot write last.pt (a folder is in its place) while rank 1 goes on to the next step: rank 0
+    must leave with that error at once (torchrun then ends the others), not wait in a barrier for rank 1
+    until the process group times out and report the timeout instead."""
+    (tmp_path / "last.pt").mkdir()
+    (tmp_path / "last.pt" / "not_a_checkpoint").write_text("x")
+    with pytest.raises(mp.ProcessRaisedException):
+        mp.spawn(_ddp_failing_save_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+    error = (tmp_path / "rank0.error").read_text()
+    assert error.startswith("IsADirectoryError") and "last.pt" in error, error
+
+
 def test_ctrl_c_stops_after_the_step_saves_last_and_resumes(data_root, tmp_path, monkeypatch, capsys):
     """SIGINT mid-run: the step finishes, last.pt is saved at it (not at the last ckpt_every), no final.pt,
     exit 130; --resume finishes the run."""

@@ -512,18 +512,21 @@ class Trainer:
                 self._train_steps(end, started, time_budget_s, stop, bar)
                 if self.step < end and any_rank(stop.requested, self.device):  # every rank, whichever got it
                     path = self.save("last.pt")
+                    barrier()  # no rank ends (and has torchrun stop the others) while rank 0 still writes
                     raise TrainingInterrupted(stop.signal_name or "a stop signal on another rank", self.step,
                                               self.total_steps, str(path))
                 if self.step >= self.total_steps:
                     self.evaluate_and_keep_best()
                 self.save("last.pt")
                 final = self.save_final()
+                # on success only: a rank that failed leaves at once with its own error (torchrun then ends the
+                # others), where a barrier would hold it, error unreported, until the process group timed out
+                barrier()
             finally:
                 if bar is not None:
                     bar.close()
                 if self.writer is not None:
                     self.writer.close()
-                barrier()
         return final
 
     def _train_steps(self, end: int, started: float, budget_s: float | None, stop: StopRequest, bar: Any) -> None:
