@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -339,16 +341,52 @@ def _ddp_worker(rank, world, port, root, out):
     trainer.fit()
     # parameters (not BatchNorm running statistics, which are per-rank buffers)
     state = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    for _ in range(rank + 1):  # the ranks' generators part ways (as data-dependent draws make them)
+        torch.rand(1), np.random.rand(), random.random()
+    trainer.save("last.pt")
+    saved = _draws()
+    _draws()
+    dist.barrier()  # rank 0 has written it
+    trainer.resume(os.path.join(out, "last.pt"))
+    torch.save({"params": state, "saved": saved, "resumed": _draws()}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_gloo_keep_parameters_identical(data_root, tmp_path):
+def _draws() -> list[float]:
+    return [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random()]
+
+
+def test_ddp_two_processes_gloo_keep_parameters_identical_and_each_rank_resumes_its_own_rng(data_root, tmp_path,
+                                                                                           caplog):
+    """Parameters equal on both ranks; last.pt holds each rank's RNG states and each rank gets its own back
+    (not rank 0's); a resume with another world size keeps its fresh seeding, with one log line."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    init = params(Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0]).student)
+    assert a["saved"] != b["saved"] and (a["resumed"], b["resumed"]) == (a["saved"], b["saved"])
+    a, b = a["params"], b["params"]
+    single = Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0])
+    init = params(single.student)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # they did train
+    seeded = torch.get_rng_state()
+    single.resume(tmp_path / "last.pt")
+    assert torch.equal(torch.get_rng_state(), seeded)
+    assert "RNG states of 2 process(es) and this run has 1: continuing with freshly seeded generators" in caplog.text
+
+
+def test_rng_states_of_another_device_or_fewer_gpus_are_left_out_never_a_crash():
+    """A checkpoint of older code holds every GPU's CUDA state; one saved on CUDA may be resumed on CPU."""
+    from training.distributed import rng_state, set_rng_state
+
+    cpu = rng_state(torch.device("cpu"))
+    draws = torch.rand(3)
+    older = {**cpu, "cuda": [torch.get_rng_state(), torch.get_rng_state()]}  # as get_rng_state_all: one per GPU
+    message = set_rng_state(older, 0, 1, torch.device("cuda", 2))
+    assert "CUDA RNG states of 2 GPU(s) and this run uses cuda:2" in message
+    assert torch.equal(torch.rand(3), draws)  # the CPU generators were restored all the same
+    assert "this run is on cpu" in set_rng_state({"ranks": [{**cpu, "cuda": torch.get_rng_state()}]}, 0, 1,
+                                                 torch.device("cpu"))
+    assert set_rng_state({"ranks": [cpu]}, 0, 1, torch.device("cpu")) is None
 
 
 def _ddp_failing_save_worker(rank, world, port, root, out):

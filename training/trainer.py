@@ -35,6 +35,7 @@ from .distributed import (
     any_rank,
     autocast_dtype,
     barrier,
+    gather_rng_states,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -286,7 +287,9 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule, last_epoch=last_epoch)
 
     # ---- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything ``resume`` restores; ``rng``: every rank's RNG states (``gather_rng_states``), else this
+        process's own."""
         return {
             "config": self.model_cfg.to_dict(),
             "model": self.student.state_dict(),
@@ -299,14 +302,16 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "best_miou": self.best_miou,
             "steps_before": self.steps_before,
-            "rng": rng_state(),
+            "rng": {"ranks": rng if rng is not None else [rng_state(self.device)]},
             "train_config": self.cfg.to_dict(),
         }
 
     def save(self, name: str) -> Path:
+        """Write checkpoint ``name`` (rank 0); every rank calls it, since it gathers every rank's RNG states."""
         path = self.out_dir / name
+        rng = gather_rng_states(self.device)
         if self.is_main:
-            save_checkpoint(path, self.state_dict())
+            save_checkpoint(path, self.state_dict(rng))
             self._claim_out_dir(path)
         return path
 
@@ -351,7 +356,9 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best_miou = state.get("best_miou", -1.0)
         self.steps_before = int(state.get("steps_before", 0))
-        set_rng_state(state["rng"])
+        skipped = set_rng_state(state["rng"], self.rank, self.world, self.device)
+        if skipped is not None and self.is_main:
+            log.warning("resume from %s: %s", path, skipped)
 
     def _restore_optimizer(self, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
                            path: str | Path) -> None:
@@ -575,17 +582,17 @@ class Trainer:
         """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU.
         In fp32 whatever the training's ``amp``: the reference validates in fp32, and so does discene-eval,
         whose numbers best.pt's choice should agree with."""
-        result = None
+        result, improved = None, False
         if self.is_main and self.val_set is not None and len(self.val_set) > 0:
             result = evaluate_model(self.student, self.val_set, self.model_cfg, self.device,
                                     batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp="none")
             if self.writer is not None:
                 self.writer.add_scalar("val/iou", result["iou"], self.step)
                 self.writer.add_scalar("val/miou", result["miou"], self.step)
-            if result["miou"] > self.best_miou:
-                self.best_miou = result["miou"]
-                self.save("best.pt")
-        barrier()
+            improved = result["miou"] > self.best_miou
+            self.best_miou = max(self.best_miou, result["miou"])
+        if any_rank(improved, self.device):  # every rank saves: the checkpoint gathers their RNG states
+            self.save("best.pt")
         return result
 
 
