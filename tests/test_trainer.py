@@ -179,6 +179,19 @@ def test_resume_with_a_larger_budget_follows_the_new_schedule_from_the_saved_ste
         Trainer(tiny_config(data_root, tmp_path, max_steps=1), datasets(cfg)[0], resume=tmp_path / "last.pt")
 
 
+def test_resume_with_fp16_from_a_run_without_it_starts_a_fresh_loss_scaler(data_root, tmp_path, caplog):
+    """amp none/bf16 checkpoints hold a disabled scaler's empty state, which an enabled scaler refuses. CPU
+    stand-in for the CUDA scaler that amp fp16 enables (GradScaler("cuda") disables itself without CUDA)."""
+    cfg = tiny_config(data_root, tmp_path)
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    trainer.save("last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    trainer.resume(tmp_path / "last.pt")
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**16
+    assert "no fp16 loss-scaler state" in caplog.text
+
+
 def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_them(data_root, tmp_path):
     """Weights only: the network starts as the checkpoint's, the optimiser, lr schedule and step fresh; every
     checkpoint the run saves carries the steps behind its weights, summed over generations."""

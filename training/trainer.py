@@ -352,7 +352,12 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} has no distiller state but this run distils")
             self.distiller.load_state_dict(state["distiller"])
         self._restore_optimizer(state["optimizer"], state["scheduler"], path)
-        self.scaler.load_state_dict(state["scaler"])
+        scaler = state.get("scaler") or {}  # a disabled scaler's state (amp none or bf16) is {}
+        if scaler or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler)
+        elif self.is_main:
+            log.warning("resume from %s: the checkpoint has no fp16 loss-scaler state (its run trained without "
+                        "amp fp16): the scaler starts afresh", path)
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.best_miou = state.get("best_miou", -1.0)
         self.steps_before = int(state.get("steps_before", 0))
