@@ -308,6 +308,23 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     assert all(p.grad is None for p in trainer.student.parameters())
 
 
+def test_a_failing_final_evaluation_keeps_the_last_step_in_last_pt(data_root, tmp_path):
+    """The end-of-run evaluation comes after last.pt is saved: a val split it cannot read loses no step
+    (final.pt, written when fit ends, is not)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    for name in (root / "val_subscenes.txt").read_text().split():
+        (root / name).write_bytes((root / name).read_bytes()[:100])  # truncated pickles
+    cfg = tiny_config(root, tmp_path / "run", max_steps=1)  # ckpt_every 2: no checkpoint inside the loop
+    train, val = datasets(cfg)
+    with pytest.raises(ValueError, match="no frame could be scored"):
+        Trainer(cfg, train, val).fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 1
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
 @pytest.mark.parametrize("grad_clip", [35.0, 0.0])
 def test_non_finite_gradient_norm_stops_before_the_optimiser_step(data_root, tmp_path, grad_clip):
     """Clipping on or off (optim.grad_clip 0): the gradient norm is checked at every step."""
@@ -335,6 +352,8 @@ def test_cli_trains_and_evaluates(data_root, tmp_path, capsys):
     assert train.main(["--config", str(tmp_path / "cfg.yaml"), "--set", "distill.prior=false"]) == 0
     for name in ("final.pt", "last.pt", "best.pt", "train_config.yaml"):
         assert (tmp_path / "run" / name).is_file(), name
+    last, best = (load_checkpoint(tmp_path / "run" / name) for name in ("last.pt", "best.pt"))
+    assert last["best_miou"] == best["best_miou"] >= 0  # saved again after the final evaluation found it
     assert list((tmp_path / "run" / "tb").glob("events.*"))
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "final.pt"), "--data", str(data_root),
                           "--json", str(tmp_path / "m.json")]) == 0

@@ -506,7 +506,8 @@ class Trainer:
         """Train until ``total_steps``, ``stop_at_step`` or ``time_budget_s`` seconds, whichever comes first.
 
         Stopping early (the end of a device call) leaves a resumable last.pt; the lr schedule still runs to
-        ``total_steps``. Returns the model-only final.pt. Ctrl-C or SIGTERM (``interrupt.StopRequest``)
+        ``total_steps``. At ``total_steps`` last.pt is saved, then the final evaluation runs (best.pt), then
+        final.pt is written. Returns the model-only final.pt. Ctrl-C or SIGTERM (``interrupt.StopRequest``)
         stops after the current step, saves last.pt and raises ``TrainingInterrupted``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -527,9 +528,12 @@ class Trainer:
                     barrier()  # no rank ends (and has torchrun stop the others) while rank 0 still writes
                     raise TrainingInterrupted(stop.signal_name or "a stop signal on another rank", self.step,
                                               self.total_steps, str(path))
+                self.save("last.pt")  # before the evaluation: one that fails or is interrupted loses no step
                 if self.step >= self.total_steps:
+                    best = self.best_miou
                     self.evaluate_and_keep_best()
-                self.save("last.pt")
+                    if any_rank(self.best_miou != best, self.device):  # a resume with more steps compares with it
+                        self.save("last.pt")
                 final = self.save_final()
                 # on success only: a rank that failed leaves at once with its own error (torchrun then ends the
                 # others), where a barrier would hold it, error unreported, until the process group timed out
