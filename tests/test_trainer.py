@@ -292,14 +292,18 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     def poisoned(self, outputs, gts):
         terms = original(self, outputs, gts)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] in (3, 4):  # the third step of the first run, the first of the second
             terms["focal_1"] = terms["focal_1"] * float("nan")
         return terms
 
     monkeypatch.setattr(TaskLoss, "forward", poisoned)
     trainer = Trainer(cfg, train)
-    with pytest.raises(NonFiniteLossError, match=r"step 3 .*focal_1=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*focal_1=nan.*the last good checkpoint .*last\.pt "
+                                                 r"\(step 2\) is kept"):
         trainer.fit()
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*no checkpoint of this run was written before it; "
+                                                 r".*last\.pt is an earlier run's"):
+        Trainer(cfg, train).fit()  # a run started over in that folder (what --overwrite does)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2 and trainer.step == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

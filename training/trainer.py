@@ -192,6 +192,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou = -1.0
+        self.last_saved: tuple[Path, int] | None = None  # (this run's latest last.pt, its step), for messages
         self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
         self.writer = None
         self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
@@ -313,6 +314,8 @@ class Trainer:
         if self.is_main:
             save_checkpoint(path, self.state_dict(rng))
             self._claim_out_dir(path)
+        if name == "last.pt":
+            self.last_saved = (path, self.step)
         return path
 
     def _claim_out_dir(self, written: Path) -> None:
@@ -359,6 +362,7 @@ class Trainer:
             log.warning("resume from %s: the checkpoint has no fp16 loss-scaler state (its run trained without "
                         "amp fp16): the scaler starts afresh", path)
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.last_saved = (Path(path), self.step)
         self.best_miou = state.get("best_miou", -1.0)
         self.steps_before = int(state.get("steps_before", 0))
         skipped = set_rng_state(state["rng"], self.rank, self.world, self.device)
@@ -468,19 +472,27 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
-                f"checkpoint {self.out_dir / 'last.pt'} is kept")
+                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, {self._kept()}")
         values["grad_norm"] = numbers[-1]
         if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():  # fp16's scaler skips the step
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"non-finite gradient norm at step {self.step + 1} (loss {values['loss']:.4g}); training stopped, "
-                f"the last good checkpoint {self.out_dir / 'last.pt'} is kept")
+                f"{self._kept()}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
         return values
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from: this run's last good checkpoint, or that it has none."""
+        if self.last_saved is not None:
+            path, step = self.last_saved
+            return f"the last good checkpoint {path} (step {step}) is kept"
+        earlier = self.out_dir / "last.pt"
+        note = f"; {earlier} is an earlier run's" if earlier.exists() else ""
+        return f"no checkpoint of this run was written before it{note}"
 
     # ---- loop
     def _loader(self) -> DataLoader:
