@@ -32,10 +32,30 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints and exports are ordinary shared files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        cause = _os_error_behind(exc) if isinstance(exc, Exception) else None
+        if cause is None or cause is exc:
+            raise
+        # torch.save turns a failed write (ENOSPC, EFBIG, EDQUOT) into RuntimeError("unexpected pos ..."): the
+        # OSError behind it is what callers catch (discene-train's clean stop on a full disk)
+        if cause.errno is None:
+            raise OSError(f"writing {path}: {cause}") from exc
+        raise OSError(cause.errno, cause.strerror, str(path)) from exc
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``'s cause/context chain (``exc`` itself included), or None: a write that
+    failed for want of space or quota, whatever error the writer turned it into."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def check_output_file(path: str | Path, what: str, inputs: dict[str, str | Path | None] | None = None) -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -156,6 +158,40 @@ def test_resume_accepts_other_post_processing_settings_but_not_another_network(d
         Trainer(other_net, train).resume(tmp_path / "last.pt")
 
 
+def test_resume_with_a_larger_budget_follows_the_new_schedule_from_the_saved_step(data_root, tmp_path, caplog):
+    """--steps 8 (and another lr) on a resume of a 4-step run: the cosine spans 8 steps at the new lr from
+    step 2 on, the moments come from the checkpoint; the old schedule would run steps 4..8 at min_lr."""
+    from training.trainer import WarmupCosine
+
+    cfg = tiny_config(data_root, tmp_path, max_steps=4)
+    Trainer(cfg, datasets(cfg)[0]).fit(stop_at_step=2)
+    longer = tiny_config(data_root, tmp_path, max_steps=8)
+    longer.optim.lr = 2 * cfg.optim.lr
+    resumed = Trainer(longer, datasets(longer)[0], resume=tmp_path / "last.pt")
+    factor = WarmupCosine(8, 1, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
+    rest = next(g for g in resumed.optimizer.param_groups if g["name"] == "rest")
+    assert rest["lr"] == pytest.approx(longer.optim.lr * factor(2)) and resumed.scheduler.last_epoch == 2
+    assert all(s["step"] == 2 for s in resumed.optimizer.state.values())  # AdamW's moments: restored
+    assert "total 4 -> 8" in caplog.text and "it continues at step 2" in caplog.text
+    resumed.train_step(next(iter(resumed._loader())))
+    assert rest["lr"] == pytest.approx(longer.optim.lr * factor(3))
+    with pytest.raises(ValueError, match="budget of 1 steps is below the step 2"):
+        Trainer(tiny_config(data_root, tmp_path, max_steps=1), datasets(cfg)[0], resume=tmp_path / "last.pt")
+
+
+def test_resume_with_fp16_from_a_run_without_it_starts_a_fresh_loss_scaler(data_root, tmp_path, caplog):
+    """amp none/bf16 checkpoints hold a disabled scaler's empty state, which an enabled scaler refuses. CPU
+    stand-in for the CUDA scaler that amp fp16 enables (GradScaler("cuda") disables itself without CUDA)."""
+    cfg = tiny_config(data_root, tmp_path)
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    trainer.save("last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    trainer.resume(tmp_path / "last.pt")
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 2.0**16
+    assert "no fp16 loss-scaler state" in caplog.text
+
+
 def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_them(data_root, tmp_path):
     """Weights only: the network starts as the checkpoint's, the optimiser, lr schedule and step fresh; every
     checkpoint the run saves carries the steps behind its weights, summed over generations."""
@@ -256,14 +292,18 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     def poisoned(self, outputs, gts):
         terms = original(self, outputs, gts)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] in (3, 4):  # the third step of the first run, the first of the second
             terms["focal_1"] = terms["focal_1"] * float("nan")
         return terms
 
     monkeypatch.setattr(TaskLoss, "forward", poisoned)
     trainer = Trainer(cfg, train)
-    with pytest.raises(NonFiniteLossError, match=r"step 3 .*focal_1=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*focal_1=nan.*the last good checkpoint .*last\.pt "
+                                                 r"\(step 2\) is kept"):
         trainer.fit()
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*no checkpoint of this run was written before it; "
+                                                 r".*last\.pt is an earlier run's"):
+        Trainer(cfg, train).fit()  # a run started over in that folder (what --overwrite does)
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2 and trainer.step == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -272,8 +312,28 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     assert all(p.grad is None for p in trainer.student.parameters())
 
 
-def test_non_finite_gradient_norm_stops_before_the_optimiser_step(data_root, tmp_path):
+def test_a_failing_final_evaluation_keeps_the_last_step_in_last_pt(data_root, tmp_path):
+    """The end-of-run evaluation comes after last.pt is saved: a val split it cannot read loses no step
+    (final.pt, written when fit ends, is not)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    for name in (root / "val_subscenes.txt").read_text().split():
+        (root / name).write_bytes((root / name).read_bytes()[:100])  # truncated pickles
+    cfg = tiny_config(root, tmp_path / "run", max_steps=1)  # ckpt_every 2: no checkpoint inside the loop
+    train, val = datasets(cfg)
+    with pytest.raises(ValueError, match="no frame could be scored"):
+        Trainer(cfg, train, val).fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 1
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+@pytest.mark.parametrize("grad_clip", [35.0, 0.0])
+def test_non_finite_gradient_norm_stops_before_the_optimiser_step(data_root, tmp_path, grad_clip):
+    """Clipping on or off (optim.grad_clip 0): the gradient norm is checked at every step."""
     cfg = tiny_config(data_root, tmp_path, max_steps=6)
+    cfg.optim.grad_clip = grad_clip
     trainer = Trainer(cfg, datasets(cfg)[0])
     batches = iter(trainer._loader())
     trainer.train_step(next(batches))
@@ -296,6 +356,8 @@ def test_cli_trains_and_evaluates(data_root, tmp_path, capsys):
     assert train.main(["--config", str(tmp_path / "cfg.yaml"), "--set", "distill.prior=false"]) == 0
     for name in ("final.pt", "last.pt", "best.pt", "train_config.yaml"):
         assert (tmp_path / "run" / name).is_file(), name
+    last, best = (load_checkpoint(tmp_path / "run" / name) for name in ("last.pt", "best.pt"))
+    assert last["best_miou"] == best["best_miou"] >= 0  # saved again after the final evaluation found it
     assert list((tmp_path / "run" / "tb").glob("events.*"))
     assert evaluate.main(["--checkpoint", str(tmp_path / "run" / "final.pt"), "--data", str(data_root),
                           "--json", str(tmp_path / "m.json")]) == 0
@@ -315,16 +377,85 @@ def _ddp_worker(rank, world, port, root, out):
     trainer.fit()
     # parameters (not BatchNorm running statistics, which are per-rank buffers)
     state = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
-    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    for _ in range(rank + 1):  # the ranks' generators part ways (as data-dependent draws make them)
+        torch.rand(1), np.random.rand(), random.random()
+    trainer.save("last.pt")
+    saved = _draws()
+    _draws()
+    dist.barrier()  # rank 0 has written it
+    trainer.resume(os.path.join(out, "last.pt"))
+    torch.save({"params": state, "saved": saved, "resumed": _draws()}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_gloo_keep_parameters_identical(data_root, tmp_path):
+def _draws() -> list[float]:
+    return [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random()]
+
+
+def test_ddp_two_processes_gloo_keep_parameters_identical_and_each_rank_resumes_its_own_rng(data_root, tmp_path,
+                                                                                           caplog):
+    """Parameters equal on both ranks; last.pt holds each rank's RNG states and each rank gets its own back
+    (not rank 0's); a resume with another world size keeps its fresh seeding, with one log line."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    init = params(Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0]).student)
+    assert a["saved"] != b["saved"] and (a["resumed"], b["resumed"]) == (a["saved"], b["saved"])
+    a, b = a["params"], b["params"]
+    single = Trainer(tiny_config(data_root, tmp_path / "x"), datasets(tiny_config(data_root, tmp_path))[0])
+    init = params(single.student)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert any(not torch.equal(a[k], init[k]) for k in a if a[k].is_floating_point())  # they did train
+    seeded = torch.get_rng_state()
+    single.resume(tmp_path / "last.pt")
+    assert torch.equal(torch.get_rng_state(), seeded)
+    assert "RNG states of 2 process(es) and this run has 1: continuing with freshly seeded generators" in caplog.text
+
+
+def test_rng_states_of_another_device_or_fewer_gpus_are_left_out_never_a_crash():
+    """A checkpoint of older code holds every GPU's CUDA state; one saved on CUDA may be resumed on CPU."""
+    from training.distributed import rng_state, set_rng_state
+
+    cpu = rng_state(torch.device("cpu"))
+    draws = torch.rand(3)
+    older = {**cpu, "cuda": [torch.get_rng_state(), torch.get_rng_state()]}  # as get_rng_state_all: one per GPU
+    message = set_rng_state(older, 0, 1, torch.device("cuda", 2))
+    assert "CUDA RNG states of 2 GPU(s) and this run uses cuda:2" in message
+    assert torch.equal(torch.rand(3), draws)  # the CPU generators were restored all the same
+    assert "this run is on cpu" in set_rng_state({"ranks": [{**cpu, "cuda": torch.get_rng_state()}]}, 0, 1,
+                                                 torch.device("cpu"))
+    assert set_rng_state({"ranks": [cpu]}, 0, 1, torch.device("cpu")) is None
+
+
+def _ddp_failing_save_worker(rank, world, port, root, out):
+    """Trains under a 30 s process-group timeout and records the error ``fit`` ends with, if any."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    cfg = tiny_config(root, out, max_steps=4)
+    cfg.ckpt_every = 1  # last.pt at step 1
+    trainer = Trainer(cfg, datasets(cfg)[0])
+    try:
+        trainer.fit()
+    except Exception as exc:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def test_ddp_rank_whose_checkpoint_write_fails_exits_with_its_own_error(data_root, tmp_path):
+    """Rank 0 cannot write last.pt (a folder is in its place) while rank 1 goes on to the next step: rank 0
+    must leave with that error at once (torchrun then ends the others), not wait in a barrier for rank 1
+    until the process group times out and report the timeout instead."""
+    (tmp_path / "last.pt").mkdir()
+    (tmp_path / "last.pt" / "not_a_checkpoint").write_text("x")
+    with pytest.raises(mp.ProcessRaisedException):
+        mp.spawn(_ddp_failing_save_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+    error = (tmp_path / "rank0.error").read_text()
+    assert error.startswith("IsADirectoryError") and "last.pt" in error, error
 
 
 def test_ctrl_c_stops_after_the_step_saves_last_and_resumes(data_root, tmp_path, monkeypatch, capsys):

@@ -90,25 +90,55 @@ def use_deterministic_algorithms(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain Python values, so checkpoints stay loadable with weights_only=True."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states: Python's, numpy's, torch's CPU generator and, on CUDA, the generator of its
+    own ``device`` (as tensors and plain Python values, so checkpoints stay loadable with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                    "has_gauss": int(has_gauss), "gauss": float(gauss)}
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved (the CUDA states only where CUDA is available)."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
+def gather_rng_states(device: torch.device) -> list[dict[str, Any]] | None:
+    """Every rank's ``rng_state``, in rank order, on rank 0 (None on the others); a collective under DDP, so
+    every rank calls it. The checkpoint's ``rng`` holds this list."""
+    own = rng_state(device)
+    if not is_distributed():
+        return [own]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(own, gathered, dst=0)
+    return gathered
+
+
+def set_rng_state(saved: dict[str, Any], rank: int, world: int, device: torch.device) -> str | None:
+    """Restore this rank's own RNG states from a checkpoint's ``rng`` (``{"ranks": [...]}``, or one process's
+    states as older checkpoints hold them). Returns None when all were restored, else what was left as
+    seeded and why (another world size, CUDA on one side only, fewer GPUs): the run continues either way."""
+    ranks = saved["ranks"] if "ranks" in saved else [saved]
+    if len(ranks) != world:
+        return (f"the checkpoint holds the RNG states of {len(ranks)} process(es) and this run has {world}: "
+                "continuing with freshly seeded generators")
+    own = ranks[rank]
+    torch.set_rng_state(own["torch"])
+    n = own["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(own["python"])
+    cuda = own.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every GPU the saving process saw, by device index
+        if device.type == "cuda" and device.index >= len(cuda):
+            return (f"the checkpoint holds CUDA RNG states of {len(cuda)} GPU(s) and this run uses {device}: "
+                    "continuing with its generator freshly seeded")
+        cuda = cuda[device.index] if device.type == "cuda" else (cuda or None)
+    if cuda is None and device.type == "cuda":
+        return f"the checkpoint holds no CUDA RNG state (saved on CPU): {device}'s generator stays freshly seeded"
+    if cuda is not None and device.type != "cuda":
+        return f"the checkpoint's CUDA RNG state is not restored: this run is on {device}"
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    return None
 
 
 def autocast_dtype(amp: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:

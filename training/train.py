@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes its first checkpoint)")
     parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
     parser.add_argument("--data", default=None, help="dataset root (overrides data.root)")
-    parser.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides epochs)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="total optimiser steps (overrides epochs); with --resume the lr schedule follows the new "
+                             "total from the checkpoint's step")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint (distill mode)")

@@ -58,7 +58,7 @@ class OptimConfig:
     min_lr_ratio: float = 1e-3           # lr factor the cosine heads for at the end of the run
     lr_by_epoch: bool = False            # true: the cosine stepped once per epoch, as the reference's runner does
                                          # (paper configs, 10 epochs); false: every step, for runs of few epochs
-    grad_clip: float = 35.0              # max gradient norm (0 disables)
+    grad_clip: float = 35.0              # max gradient norm (0: no clipping; its finiteness is still checked)
 
 
 @dataclass

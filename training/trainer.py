@@ -35,6 +35,7 @@ from .distributed import (
     any_rank,
     autocast_dtype,
     barrier,
+    gather_rng_states,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -185,15 +186,13 @@ class Trainer:
         self.optimizer = self._build_optimizer(module)
         self.steps_per_epoch = EpochBatchSampler(len(train_set), config.batch_size, self.world, self.rank).steps_per_epoch
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        o = config.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio,
-                                         self.steps_per_epoch, o.lr_by_epoch))
+        self.scheduler = self._build_scheduler()
         self._warn_coarse_schedule(self.scheduler.lr_lambdas[0])
         self.amp_dtype = autocast_dtype(config.amp, self.device, config.amp_on_cpu)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou = -1.0
+        self.last_saved: tuple[Path, int] | None = None  # (this run's latest last.pt, its step), for messages
         self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
         self.writer = None
         self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
@@ -280,8 +279,18 @@ class Trainer:
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(param_groups, lr=o.lr, weight_decay=o.weight_decay, foreach=not fused, fused=fused)
 
+    def _build_scheduler(self, last_epoch: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+        """The warm-up/cosine schedule of this run's config over ``total_steps``, at step ``last_epoch + 1``
+        (a resume: the optimiser's ``initial_lr`` must be this config's lr by then)."""
+        o = self.cfg.optim
+        schedule = WarmupCosine(self.total_steps, o.warmup_iters, o.warmup_ratio, o.min_lr_ratio,
+                                self.steps_per_epoch, o.lr_by_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule, last_epoch=last_epoch)
+
     # ---- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything ``resume`` restores; ``rng``: every rank's RNG states (``gather_rng_states``), else this
+        process's own."""
         return {
             "config": self.model_cfg.to_dict(),
             "model": self.student.state_dict(),
@@ -294,15 +303,19 @@ class Trainer:
             "epoch_step": self.epoch_step,
             "best_miou": self.best_miou,
             "steps_before": self.steps_before,
-            "rng": rng_state(),
+            "rng": {"ranks": rng if rng is not None else [rng_state(self.device)]},
             "train_config": self.cfg.to_dict(),
         }
 
     def save(self, name: str) -> Path:
+        """Write checkpoint ``name`` (rank 0); every rank calls it, since it gathers every rank's RNG states."""
         path = self.out_dir / name
+        rng = gather_rng_states(self.device)
         if self.is_main:
-            save_checkpoint(path, self.state_dict())
+            save_checkpoint(path, self.state_dict(rng))
             self._claim_out_dir(path)
+        if name == "last.pt":
+            self.last_saved = (path, self.step)
         return path
 
     def _claim_out_dir(self, written: Path) -> None:
@@ -333,18 +346,46 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} cannot be resumed: it has no '{key}' (model-only checkpoint?)")
         if _network_fields(state.get("config")) != _network_fields(self.model_cfg.to_dict()):
             raise ValueError(f"checkpoint {path} was trained with another model config than '{self.model_cfg.name}'")
+        if self.total_steps < state["step"]:
+            raise ValueError(f"this run's budget of {self.total_steps} steps is below the step {state['step']} "
+                             f"checkpoint {path} is at (max_steps or epochs too small)")
         self.student.load_state_dict(state["model"])
         if self.distiller is not None:
             if state.get("distiller") is None:
                 raise ValueError(f"checkpoint {path} has no distiller state but this run distils")
             self.distiller.load_state_dict(state["distiller"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._restore_optimizer(state["optimizer"], state["scheduler"], path)
+        scaler = state.get("scaler") or {}  # a disabled scaler's state (amp none or bf16) is {}
+        if scaler or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler)
+        elif self.is_main:
+            log.warning("resume from %s: the checkpoint has no fp16 loss-scaler state (its run trained without "
+                        "amp fp16): the scaler starts afresh", path)
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.last_saved = (Path(path), self.step)
         self.best_miou = state.get("best_miou", -1.0)
         self.steps_before = int(state.get("steps_before", 0))
-        set_rng_state(state["rng"])
+        skipped = set_rng_state(state["rng"], self.rank, self.world, self.device)
+        if skipped is not None and self.is_main:
+            log.warning("resume from %s: %s", path, skipped)
+
+    def _restore_optimizer(self, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
+                           path: str | Path) -> None:
+        """The optimiser's moments and the schedule's position from a checkpoint; its settings (lr, weight
+        decay) and the schedule's shape (total steps, warm-up) from this run's config, which ``--steps`` and
+        ``--set`` may have changed since: the checkpoint's schedule would run the extra steps at min_lr."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        mine = {"base_lrs": list(self.scheduler.base_lrs), **vars(self.scheduler.lr_lambdas[0])}
+        self.optimizer.load_state_dict(optimizer_state)
+        for group, setting in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(setting)
+        self.scheduler = self._build_scheduler(last_epoch=scheduler_state["last_epoch"] - 1)
+        saved_schedule = (scheduler_state.get("lr_lambdas") or [None])[0] or {}
+        theirs = {"base_lrs": list(scheduler_state.get("base_lrs", [])), **saved_schedule}
+        differs = [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
+        if differs and self.is_main:
+            log.warning("resume from %s: the lr schedule follows this run's config, not the checkpoint's (%s); "
+                        "it continues at step %d", path, ", ".join(differs), scheduler_state["last_epoch"])
 
     # ---- one step
     def _teacher_outputs(self, inputs: dict[str, Any], step: int) -> tuple[dict | None, dict[str, Any]]:
@@ -413,9 +454,13 @@ class Trainer:
         logged = [torch.stack([v.detach().float() for v in terms.values()]), parts.detach(), loss.detach()[None]]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # the gradient norm of every step, clipped or not: a non-finite gradient must never reach AdamW
+        self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            logged.append(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip).float()[None])
+            grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+        else:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        logged.append(grad_norm.float()[None])
         numbers = torch.cat(logged).tolist()
         n, w = len(terms), len(weighted)
         values = dict(zip(terms, numbers[:n], strict=True))
@@ -427,20 +472,27 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, the last good "
-                f"checkpoint {self.out_dir / 'last.pt'} is kept")
-        if self.cfg.optim.grad_clip > 0:
-            values["grad_norm"] = numbers[-1]
-            if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {self.step + 1} (loss {values['loss']:.4g}); training stopped, "
-                    f"the last good checkpoint {self.out_dir / 'last.pt'} is kept")
+                f"non-finite loss at step {self.step + 1} (terms: {shown}); training stopped, {self._kept()}")
+        values["grad_norm"] = numbers[-1]
+        if not math.isfinite(values["grad_norm"]) and not self.scaler.is_enabled():  # fp16's scaler skips the step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {self.step + 1} (loss {values['loss']:.4g}); training stopped, "
+                f"{self._kept()}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
         return values
+
+    def _kept(self) -> str:
+        """What a stopped run leaves to resume from: this run's last good checkpoint, or that it has none."""
+        if self.last_saved is not None:
+            path, step = self.last_saved
+            return f"the last good checkpoint {path} (step {step}) is kept"
+        earlier = self.out_dir / "last.pt"
+        note = f"; {earlier} is an earlier run's" if earlier.exists() else ""
+        return f"no checkpoint of this run was written before it{note}"
 
     # ---- loop
     def _loader(self) -> DataLoader:
@@ -466,7 +518,8 @@ class Trainer:
         """Train until ``total_steps``, ``stop_at_step`` or ``time_budget_s`` seconds, whichever comes first.
 
         Stopping early (the end of a device call) leaves a resumable last.pt; the lr schedule still runs to
-        ``total_steps``. Returns the model-only final.pt. Ctrl-C or SIGTERM (``interrupt.StopRequest``)
+        ``total_steps``. At ``total_steps`` last.pt is saved, then the final evaluation runs (best.pt), then
+        final.pt is written. Returns the model-only final.pt. Ctrl-C or SIGTERM (``interrupt.StopRequest``)
         stops after the current step, saves last.pt and raises ``TrainingInterrupted``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,18 +537,24 @@ class Trainer:
                 self._train_steps(end, started, time_budget_s, stop, bar)
                 if self.step < end and any_rank(stop.requested, self.device):  # every rank, whichever got it
                     path = self.save("last.pt")
+                    barrier()  # no rank ends (and has torchrun stop the others) while rank 0 still writes
                     raise TrainingInterrupted(stop.signal_name or "a stop signal on another rank", self.step,
                                               self.total_steps, str(path))
+                self.save("last.pt")  # before the evaluation: one that fails or is interrupted loses no step
                 if self.step >= self.total_steps:
+                    best = self.best_miou
                     self.evaluate_and_keep_best()
-                self.save("last.pt")
+                    if any_rank(self.best_miou != best, self.device):  # a resume with more steps compares with it
+                        self.save("last.pt")
                 final = self.save_final()
+                # on success only: a rank that failed leaves at once with its own error (torchrun then ends the
+                # others), where a barrier would hold it, error unreported, until the process group timed out
+                barrier()
             finally:
                 if bar is not None:
                     bar.close()
                 if self.writer is not None:
                     self.writer.close()
-                barrier()
         return final
 
     def _train_steps(self, end: int, started: float, budget_s: float | None, stop: StopRequest, bar: Any) -> None:
@@ -544,17 +603,17 @@ class Trainer:
         """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU.
         In fp32 whatever the training's ``amp``: the reference validates in fp32, and so does discene-eval,
         whose numbers best.pt's choice should agree with."""
-        result = None
+        result, improved = None, False
         if self.is_main and self.val_set is not None and len(self.val_set) > 0:
             result = evaluate_model(self.student, self.val_set, self.model_cfg, self.device,
                                     batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp="none")
             if self.writer is not None:
                 self.writer.add_scalar("val/iou", result["iou"], self.step)
                 self.writer.add_scalar("val/miou", result["miou"], self.step)
-            if result["miou"] > self.best_miou:
-                self.best_miou = result["miou"]
-                self.save("best.pt")
-        barrier()
+            improved = result["miou"] > self.best_miou
+            self.best_miou = max(self.best_miou, result["miou"])
+        if any_rank(improved, self.device):  # every rank saves: the checkpoint gathers their RNG states
+            self.save("best.pt")
         return result
 
 
