@@ -456,10 +456,9 @@ class Trainer:
         self.scaler.scale(loss).backward()
         # the gradient norm of every step, clipped or not: a non-finite gradient must never reach AdamW
         self.scaler.unscale_(self.optimizer)
-        if self.cfg.optim.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-        else:
-            grad_norm = nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+        # grad_clip 0: max_norm inf gives the norm and scales by 1 (torch < 2.6, JetPack 6's 2.3, has no get_total_norm)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         logged.append(grad_norm.float()[None])
         numbers = torch.cat(logged).tolist()
         n, w = len(terms), len(weighted)
