@@ -308,3 +308,23 @@ def test_depth_at_another_resolution_than_rgb(dataset_root, tmp_path):
     assert check_axes_main(["--root", str(root), "--split", "val", "--n", "2"]) == 0
     sample = OccScanNetDataset(root, "val", config=lite())[0]
     assert sample["depth"].shape == (1, 192, 256) and float(sample["depth"].max()) > 0.5
+
+
+def test_teacher_inputs_are_resized_as_inference_resizes_them():
+    """resize_inputs (the teacher's input when its size differs) gives the depth resize_depth gives the node,
+    and the image PIL's antialiased resize gives it, up to float rounding."""
+    from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_depth, resize_image
+    from training.data import resize_inputs
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    depth = rng.uniform(0.5, 4.0, size=(48, 64)).astype(np.float32)
+    depth[rng.random(depth.shape) < 0.3] = 0.0  # invalid pixels
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    image = torch.from_numpy(((rgb / 255.0 - mean) / std).astype(np.float32)).permute(2, 0, 1)[None]
+    inputs = {"image": image, "grid2img": torch.eye(4)[None], "depth": torch.from_numpy(depth)[None, None]}
+    for size in ([24, 32], [20, 26], [36, 48]):
+        out = resize_inputs(inputs, size)
+        np.testing.assert_array_equal(out["depth"][0, 0].numpy(), resize_depth(depth, tuple(size)))
+        pixels = (out["image"][0].permute(1, 2, 0).numpy() * std + mean) * 255.0
+        assert np.abs(pixels - resize_image(rgb, tuple(size)).astype(np.float32)).max() <= 1.5

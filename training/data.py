@@ -83,16 +83,19 @@ def prepare_inputs(batch: dict[str, torch.Tensor | None], device: torch.device, 
 
 
 def resize_inputs(inputs: dict[str, Any], size_hw: list[int]) -> dict[str, Any]:
-    """Inputs for a network of another input size: resized image/depth and grid2img with K scaled."""
+    """Inputs for a network of another input size (the teacher's): resized image/depth and grid2img with K
+    scaled, resized as inference resizes them (``models.preprocess``): the image antialiased, the depth
+    nearest-neighbour with pixel centres aligned (``resize_depth``), never blending valid with invalid depth."""
     h, w = inputs["image"].shape[-2:]
     if (h, w) == tuple(size_hw):
         return inputs
     scale = torch.diag(inputs["grid2img"].new_tensor([size_hw[1] / w, size_hw[0] / h, 1.0, 1.0]))
     out = dict(inputs)
-    out["image"] = F.interpolate(inputs["image"], size=tuple(size_hw), mode="bilinear", align_corners=False)
+    out["image"] = F.interpolate(inputs["image"], size=tuple(size_hw), mode="bilinear", align_corners=False,
+                                 antialias=True)
     out["grid2img"] = scale @ inputs["grid2img"]
     if inputs["depth"] is not None:
-        out["depth"] = F.interpolate(inputs["depth"], size=tuple(size_hw), mode="nearest")
+        out["depth"] = F.interpolate(inputs["depth"], size=tuple(size_hw), mode="nearest-exact")
     return out
 
 
