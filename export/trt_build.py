@@ -104,6 +104,27 @@ def _is_fp16_onnx(model: onnx.ModelProto) -> bool:
     return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
 
 
+def onnx_file_is_fp16(onnx_path: str | Path) -> bool:
+    """Whether the ONNX file holds FP16 weights (an engine built from it is FP16 whatever was requested).
+
+    False for a file that is missing or unreadable: building from it reports that on its own.
+    """
+    try:
+        return _is_fp16_onnx(onnx.load(str(onnx_path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - protobuf DecodeError, OSError: not this function's error to report
+        return False
+
+
+def fp16_of_onnx(onnx_path: str | Path, fp16: bool | None) -> bool | None:
+    """``fp16``, or True (logged once) when FP32 was requested of an FP16 ONNX: its engine can only be FP16,
+    and requiring FP32 of it would rebuild the engine at every start."""
+    if fp16 is False and onnx_file_is_fp16(onnx_path):
+        log.info("%s is an FP16 ONNX, so its TensorRT engine is FP16 (fp16=False does not apply to it)",
+                 Path(onnx_path).name)
+        return True
+    return fp16
+
+
 def has_fp16_builder_flag(trt: Any) -> bool:
     """``BuilderFlag.FP16`` exists (TensorRT 10.x; removed in 11 where networks are always strongly typed)."""
     return hasattr(trt.BuilderFlag, "FP16")

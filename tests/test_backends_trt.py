@@ -10,6 +10,7 @@ bound device buffers, so a wrong pointer gives a wrong result.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import numpy as np
@@ -24,6 +25,7 @@ from export import cli
 from export.backends import create_backend, output_shapes
 from export.backends.trt_backend import TensorRTBackend
 from export.cuda_mem import CudaPythonMemory
+from export.fp16 import convert_file_to_fp16
 from export.sidecar import read_sidecar, sha256_file, write_sidecar
 from export.trt_build import build_engine
 from models.config import lite
@@ -264,6 +266,18 @@ def test_precision_change_rebuilds(machine, onnx_file, tmp_path):
     backend.close()
     with pytest.raises(RuntimeError, match="engine precision is fp16, fp32 was requested"):
         TensorRTBackend(tmp_path / "model.engine", fp16=False, rebuild=False)
+
+
+def test_fp16_onnx_with_fp32_requested_builds_once_and_says_so(machine, onnx_file, tmp_path, lite_config, caplog):
+    half = convert_file_to_fp16(onnx_file, tmp_path / "half.onnx")
+    write_sidecar(half, {"config": lite_config.to_dict()})
+    for _ in range(2):  # two starts of a node with the default fp16=False
+        with caplog.at_level(logging.INFO, logger="export"):
+            create_backend("tensorrt", half, fp16=False).close()
+    assert len(machine.calls("build")) == 1 and read_sidecar(tmp_path / "half.engine")["precision"] == "fp16"
+    said = [r for r in caplog.records if "is an FP16 ONNX" in r.getMessage()]
+    assert len(said) == 2  # one line per start
+    TensorRTBackend(tmp_path / "half.engine", fp16=False, rebuild=False).close()  # the engine given directly
 
 
 def test_engine_replaced_without_its_sidecar_is_detected(machine, onnx_file, tmp_path):

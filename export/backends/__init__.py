@@ -98,28 +98,43 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
     from .trt_backend import TensorRTBackend
 
     if path.suffix == ".onnx":
-        path = _engine_for_onnx(path, fp16)
+        path, fp16 = _engine_for_onnx(path, fp16)
     return TensorRTBackend(path, config=config, fp16=fp16)
 
 
-def _engine_for_onnx(onnx_path: Path, fp16: bool) -> Path:
-    """``<name>.engine`` beside ``onnx_path``, (re)built unless it is current for this ONNX and precision.
-
-    Foreign engines (other GPU or TensorRT version) are rebuilt by the backend itself.
-    """
+def _engine_problems(engine: Path, onnx_path: Path, fp16: bool) -> list[str]:
+    """Reasons ``engine`` must be (re)built from ``onnx_path`` at precision ``fp16`` (empty list: current)."""
     from ..sidecar import read_sidecar
-    from ..trt_build import build_engine, engine_staleness
+    from ..trt_build import engine_staleness
+
+    if not engine.is_file():
+        return ["no engine built yet"]
+    sidecar = read_sidecar(engine)
+    if sidecar is None:
+        return ["its sidecar is missing"]
+    reasons = engine_staleness(engine, sidecar, fp16)
+    if sidecar.get("source_onnx") != onnx_path.name:
+        reasons.append(f"it was built from {sidecar.get('source_onnx')}, not {onnx_path.name}")
+    return reasons
+
+
+def _engine_for_onnx(onnx_path: Path, fp16: bool) -> tuple[Path, bool]:
+    """(``<name>.engine`` beside ``onnx_path``, its precision): (re)built unless current for this ONNX and precision.
+
+    An FP16 ONNX makes an FP16 engine whatever ``fp16`` says, so that is the precision required of it (read
+    from the ONNX only when the engine would otherwise be rebuilt). Foreign engines (other GPU or TensorRT
+    version) are rebuilt by the backend itself.
+    """
+    from ..trt_build import build_engine, fp16_of_onnx
 
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} not found")
     engine = onnx_path.with_suffix(".engine")
-    reasons = ["no engine built yet"]
-    if engine.is_file():
-        sidecar = read_sidecar(engine)
-        reasons = ["its sidecar is missing"] if sidecar is None else engine_staleness(engine, sidecar, fp16)
-        if sidecar is not None and sidecar.get("source_onnx") != onnx_path.name:
-            reasons.append(f"it was built from {sidecar.get('source_onnx')}, not {onnx_path.name}")
+    reasons = _engine_problems(engine, onnx_path, fp16)
+    if reasons and not fp16 and fp16_of_onnx(onnx_path, fp16):
+        fp16 = True
+        reasons = _engine_problems(engine, onnx_path, fp16)
     if reasons:
         log.info("building %s from %s: %s", engine, onnx_path, "; ".join(reasons))
         build_engine(onnx_path, engine, fp16=fp16, timing_cache=onnx_path.with_suffix(".timing.cache"))
-    return engine
+    return engine, fp16

@@ -20,7 +20,7 @@ from models.config import ModelConfig
 
 from ..cuda_mem import create_device_memory
 from ..sidecar import read_sidecar
-from ..trt_build import build_engine, engine_mismatches, engine_staleness, source_onnx_path
+from ..trt_build import build_engine, engine_mismatches, engine_staleness, fp16_of_onnx, source_onnx_path
 from .base import Backend, input_feed, input_shapes, output_shapes, require
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,14 @@ class TensorRTBackend(Backend):
     def _ensure_current(self, engine_path: Path, sidecar: dict[str, Any], rebuild: bool, workspace_mb: int | None,
                         fp16: bool | None) -> None:
         """Rebuild (or refuse) an engine that is foreign to this machine or stale against its ONNX."""
-        reasons = engine_mismatches(sidecar, self.trt.__version__, self.mem.gpu_info())
-        reasons += engine_staleness(engine_path, sidecar, fp16)
+        onnx_path = source_onnx_path(engine_path, sidecar)
+        mismatches = engine_mismatches(sidecar, self.trt.__version__, self.mem.gpu_info())
+        reasons = mismatches + engine_staleness(engine_path, sidecar, fp16)
+        if reasons and fp16 is False and sidecar.get("precision") == "fp16" and fp16_of_onnx(onnx_path, fp16):
+            fp16 = True  # built from an FP16 ONNX: FP16 is all it can be, rebuilding would not change that
+            reasons = mismatches + engine_staleness(engine_path, sidecar, fp16)
         if not reasons:
             return
-        onnx_path = source_onnx_path(engine_path, sidecar)
         what = f"engine {engine_path} cannot be used as it is: " + "; ".join(reasons)
         if not rebuild:
             raise RuntimeError(f"{what}. Rebuilding is disabled; build a new engine here with `discene-export trt`")
