@@ -12,11 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 
 import numpy as np
 import onnx
 import pytest
-from fake_tensorrt import CACHE_MAGIC, GPU, STREAM, VARIANTS, CudaRuntimeShim, DeviceHeap, make_fake_trt
+from fake_tensorrt import (
+    CACHE_MAGIC,
+    GPU,
+    STREAM,
+    VARIANTS,
+    CudaRuntimeShim,
+    DeviceHeap,
+    make_fake_pycuda_driver,
+    make_fake_trt,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 import export.backends.trt_backend as trt_backend_mod
@@ -24,7 +34,7 @@ import export.trt_build as trt_build_mod
 from export import cli
 from export.backends import create_backend, output_shapes
 from export.backends.trt_backend import TensorRTBackend
-from export.cuda_mem import CudaPythonMemory
+from export.cuda_mem import CudaPythonMemory, PyCudaMemory
 from export.fp16 import convert_file_to_fp16
 from export.sidecar import read_sidecar, sha256_file, write_sidecar
 from export.trt_build import build_engine
@@ -366,6 +376,43 @@ def test_backend_binds_every_tensor_and_runs_on_the_stream(machine, onnx_file, t
     np.testing.assert_allclose(out["scores"], 1 / (1 + np.exp(-frame.grid2img.sum())), rtol=1e-5)
     backend.close()
     assert machine.heap.allocs == {}  # every buffer freed
+
+
+def test_pycuda_memory_runs_in_the_primary_context_tensorrt_uses(machine, onnx_file, tmp_path, lite_config,
+                                                                 monkeypatch):
+    """TensorRT runs in the device's primary context: buffers or a stream from a pycuda context of its own
+    (``make_context``) are invalid handles there, and the fake's execute_async_v3 refuses them as a GPU would."""
+    drv = make_fake_pycuda_driver(machine.heap)
+    monkeypatch.setattr(trt_backend_mod, "create_device_memory", lambda prefer=None: PyCudaMemory(driver=drv))
+    build_engine(onnx_file, tmp_path / "model.engine")
+    backend = TensorRTBackend(tmp_path / "model.engine", memory="pycuda")
+    frame, result = _frame(lite_config), {}
+
+    def infer():  # on another thread, as the node's worker does
+        try:
+            result["out"] = backend.infer(frame)
+        except RuntimeError as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=infer)
+    worker.start()
+    worker.join()
+    assert "error" not in result, result.get("error")
+    np.testing.assert_allclose(result["out"]["points"], frame.image.mean(), rtol=1e-5)
+    backend.close()
+    assert drv.contexts == [] and drv.primary.detached and machine.heap.allocs == {}
+
+    drv.init()
+    private = drv.Device(0).make_context()  # what a context of pycuda's own gives TensorRT
+    context = machine.trt.Runtime(machine.trt.Logger()).deserialize_cuda_engine(
+        (tmp_path / "model.engine").read_bytes()).create_execution_context()
+    for name in ("image", "grid2img", "points", "scores"):
+        context.set_tensor_address(name, int(drv.mem_alloc(1 << 20)))
+        if name in ("image", "grid2img"):
+            context.set_input_shape(name, context.engine.get_tensor_shape(name))
+    assert context.execute_async_v3(drv.Stream().handle) is False
+    assert machine.calls("error")[-1][1].startswith("invalid resource handle")
+    private.detach()
 
 
 def test_wrong_frame_is_refused_before_any_copy(machine, onnx_file, tmp_path, lite_config):
