@@ -349,9 +349,10 @@ def test_tf32_modes_set_the_convolution_and_matmul_flags_in_every_forward(
     assert backend.fp32_math == math
 
 
-def _constant_onnx(path, config, image_hw=None, num_classes=None):
+def _constant_onnx(path, config, image_hw=None, num_classes=None, input_type=None, batch=1):
     """A graph with the export's input and output names whose outputs are constants, at ``config``'s shapes
-    unless ``image_hw`` / ``num_classes`` say otherwise; returns its sha256."""
+    unless ``image_hw`` / ``num_classes`` say otherwise, inputs of ``input_type`` (default float32) and
+    batch ``batch`` (a string: a symbolic dim); returns its sha256."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -362,8 +363,9 @@ def _constant_onnx(path, config, image_hw=None, num_classes=None):
     scores = (*shapes["scores"][:-1], num_classes or config.num_classes)
     nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.zeros(shape, np.float32)))
              for name, shape in (("points", shapes["points"]), ("scores", scores))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, h, w]),
-                                           helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
+    kind = input_type or TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", kind, [batch, 3, h, w]),
+                                           helper.make_tensor_value_info("grid2img", kind, [batch, 4, 4])],
                               [helper.make_tensor_value_info("points", TensorProto.FLOAT, list(shapes["points"])),
                                helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(scores))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -380,6 +382,26 @@ def test_onnx_whose_sidecar_config_disagrees_with_the_graph_is_refused_at_load(t
     sha = _constant_onnx(path, lite_config, **graph)
     write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
     with pytest.raises(ValueError, match=f"m.onnx: {says} for config 'lite' from its sidecar m.onnx.json"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+
+
+def test_onnx_with_another_input_size_behind_a_symbolic_batch_is_refused_at_load(tmp_path, lite_config):
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config, batch="N")})
+    assert create_backend("onnxruntime", path, providers=["cpu"]).infer(_frame(lite_config))  # symbolic batch: fine
+    sha = _constant_onnx(path, lite_config, image_hw=(96, 128), batch="N")
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
+    with pytest.raises(ValueError, match=r"m.onnx: 'image' is \['N', 3, 96, 128\] in the graph but \[1, 3, 192, 256\]"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+
+
+def test_onnx_whose_inputs_are_not_float32_is_refused_at_load(tmp_path, lite_config):
+    from onnx import TensorProto
+
+    path = tmp_path / "m.onnx"
+    sha = _constant_onnx(path, lite_config, input_type=TensorProto.FLOAT16)
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
+    with pytest.raises(ValueError, match=r"m.onnx: input 'image' is tensor\(float16\), the pipeline feeds float32"):
         create_backend("onnxruntime", path, providers=["cpu"])
 
 

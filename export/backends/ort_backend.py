@@ -18,6 +18,7 @@ from .base import Backend, input_feed, input_shapes, output_shapes, require
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+FLOAT_TENSOR = "tensor(float)"  # onnxruntime's name for float32, what input_feed hands over
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -36,9 +37,10 @@ def select_providers(requested: list[str] | tuple[str, ...] | None, available: l
 
 
 def check_graph_shapes(onnx_path: Path, session: Any, config: ModelConfig, config_source: str) -> None:
-    """ValueError, at load, when the graph's inputs or static input/output shapes are not those ``config``
-    (image_size, num_classes, use_depth, decoder sizes) gives: else every frame would fail."""
-    graph = {v.name: tuple(v.shape) for v in [*session.get_inputs(), *session.get_outputs()]}
+    """ValueError, at load, when the graph's input names and types or its input/output shapes are not those
+    ``config`` (image_size, num_classes, use_depth, decoder sizes) and the pipeline (float32) give: else every
+    frame would fail. Symbolic dims (a dynamic batch) match anything; every fixed one is compared."""
+    graph = {v.name: v.shape for v in [*session.get_inputs(), *session.get_outputs()]}
     wanted = {**input_shapes(config), **output_shapes(config)}
     h, w = config.image_size
     described = (f"config '{config.name}' from {config_source} (image_size {h}x{w}, num_classes "
@@ -46,9 +48,15 @@ def check_graph_shapes(onnx_path: Path, session: Any, config: ModelConfig, confi
     inputs = sorted(v.name for v in session.get_inputs())
     if inputs != sorted(input_shapes(config)):
         raise ValueError(f"{onnx_path} takes inputs {inputs}, but {described} gives {sorted(input_shapes(config))}")
+    for v in session.get_inputs():
+        if v.type != FLOAT_TENSOR:
+            raise ValueError(f"{onnx_path}: input '{v.name}' is {v.type}, the pipeline feeds float32 ({FLOAT_TENSOR}); "
+                             "re-export with discene-export onnx (float32 inputs, also for the FP16 model)")
     for name, shape in wanted.items():
         got = graph.get(name)
-        if got is not None and all(isinstance(d, int) for d in got) and got != shape:
+        if not got:  # no shape recorded: onnxruntime checks at run time
+            continue
+        if len(got) != len(shape) or any(isinstance(g, int) and g != d for g, d in zip(got, shape, strict=True)):
             raise ValueError(f"{onnx_path}: '{name}' is {list(got)} in the graph but {list(shape)} for {described}; "
                              "the model and its config do not belong together (re-export with discene-export onnx)")
 
