@@ -71,9 +71,9 @@ def machine(request, monkeypatch):
     return Machine(monkeypatch, request.param)
 
 
-def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None, weight=1.0):
-    w = numpy_helper.from_array(np.full((1, Q, R, 3), weight, np.float32), "w")
-    shape = numpy_helper.from_array(np.array([1, Q, R, 11], np.int64), "shape")
+def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None, weight=1.0, queries=Q, classes=11):
+    w = numpy_helper.from_array(np.full((1, queries, R, 3), weight, np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, queries, R, classes], np.int64), "shape")
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=1, name="mean"),
              helper.make_node("Mul", ["m", "w"], ["points"], name="mul"),
              helper.make_node("Softmax", ["grid2img"], ["sm"], axis=-1, name="attn_softmax"),
@@ -87,8 +87,8 @@ def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None,
         nodes, "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, *image_hw]),
          helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
-        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, Q, R, 3]),
-         helper.make_tensor_value_info("scores", out_type, [1, Q, R, 11])], [w, shape])
+        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, queries, R, 3]),
+         helper.make_tensor_value_info("scores", out_type, [1, queries, R, classes])], [w, shape])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -434,6 +434,17 @@ def test_engine_for_another_input_size_is_refused_by_set_input_shape(machine, tm
     _one_line(exc)
     assert ("set_input_shape", "image", (1, 3, 192, 256)) in machine.trt.log
     assert machine.heap.allocs == {}
+
+
+@pytest.mark.parametrize("graph, says", [({"queries": Q // 2}, rf"output 'points' is \[1, {Q // 2}, {R}, 3\]"),
+                                         ({"classes": 5}, rf"output 'scores' is \[1, {Q}, {R}, 5\]")])
+def test_engine_of_another_config_is_refused_at_load(machine, tmp_path, lite_config, graph, says):
+    path = _write_onnx(tmp_path / "model.onnx", lite_config, **graph)  # the ONNX of another model, lite's sidecar
+    with pytest.raises(ValueError, match=f"model.engine: {says} in the engine but .* for config 'lite' from its "
+                                         "sidecar model.engine.json") as exc:
+        create_backend("tensorrt", path)
+    _one_line(exc)
+    assert machine.heap.allocs == {} and not machine.calls("execute_async_v3")
 
 
 def test_output_without_numpy_dtype_is_a_clear_error(machine, tmp_path, lite_config):

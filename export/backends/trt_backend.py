@@ -26,11 +26,13 @@ from .base import Backend, input_feed, input_shapes, output_shapes, require
 log = logging.getLogger(__name__)
 
 
-def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | None, path: Path) -> ModelConfig:
+def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | None,
+                         path: Path) -> tuple[ModelConfig, str]:
+    """(the config to run the engine ``path`` with, where it came from): ``config``, else its sidecar's."""
     if config is not None:
-        return config
+        return config, "the given config"
     if sidecar and "config" in sidecar:
-        return ModelConfig.from_dict(sidecar["config"])
+        return ModelConfig.from_dict(sidecar["config"]), f"its sidecar {path.name}.json"
     raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
                      f"pass config=... or re-export with discene-export")
 
@@ -59,7 +61,8 @@ class TensorRTBackend(Backend):
               fp16: bool | None) -> None:
         trt = self.trt
         sidecar = read_sidecar(engine_path)
-        config = _config_from_sidecar(sidecar, config, engine_path)
+        config, self.config_source = _config_from_sidecar(sidecar, config, engine_path)
+        self.engine_path = engine_path
         super().__init__(config, f"cuda ({self.mem.gpu_info()['name']}, TensorRT {trt.__version__})")
         if sidecar is None:
             log.warning("%s has no sidecar: cannot check that it was built for this GPU and TensorRT", engine_path)
@@ -112,7 +115,8 @@ class TensorRTBackend(Backend):
         if sorted(self.inputs) != sorted(expected_in):
             raise ValueError(f"engine inputs {self.inputs} do not match config '{self.config.name}' "
                              f"(expected {sorted(expected_in)}); was it built from this model's ONNX?")
-        missing = set(output_shapes(self.config)) - set(self.outputs)
+        expected_out = output_shapes(self.config)
+        missing = set(expected_out) - set(self.outputs)
         if missing:
             raise ValueError(f"engine lacks outputs {sorted(missing)}; was it built from a discene-export ONNX?")
         for name in self.inputs:
@@ -120,11 +124,19 @@ class TensorRTBackend(Backend):
                 raise ValueError(f"engine rejects input '{name}' of shape {expected_in[name]} (engine shape "
                                  f"{tuple(engine.get_tensor_shape(name))}); was it built for config "
                                  f"'{self.config.name}' at input size {tuple(self.config.image_size)}?")
-        self.buffers = {}
-        for name in names:
-            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+        shapes = {name: tuple(int(d) for d in self.context.get_tensor_shape(name)) for name in names}
+        for name, shape in shapes.items():
             if any(d < 0 for d in shape):
                 raise ValueError(f"engine tensor '{name}' has unresolved shape {shape}")
+            if name in expected_out and shape != expected_out[name]:
+                c = self.config
+                raise ValueError(f"{self.engine_path}: output '{name}' is {list(shape)} in the engine but "
+                                 f"{list(expected_out[name])} for config '{c.name}' from {self.config_source} "
+                                 f"({c.decoder.num_queries} queries, {c.num_classes} classes); the engine and its "
+                                 "config do not belong together (rebuild it from this model's ONNX)")
+        self.buffers = {}
+        for name in names:
+            shape = shapes[name]
             trt_dtype = engine.get_tensor_dtype(name)
             try:
                 dtype = np.dtype(trt.nptype(trt_dtype))
