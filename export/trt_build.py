@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 STRONGLY_TYPED_SINCE = (10, 12)
 ENGINE_FORMAT = "discene-tensorrt-engine/1"
+# the types of the engine sidecar's fields that are read back (``read_sidecar(..., fields=...)``)
+ENGINE_SIDECAR_FIELDS = {"tensorrt_version": str, "gpu": dict, "source_onnx": str, "source_onnx_sha256": str,
+                         "precision": str, "workspace_mb": int, "engine_sha256": str, "config": dict}
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "EINSUM")  # trt.LayerType names kept in FP32 under FP16
 
 

@@ -149,6 +149,20 @@ def test_sidecar_roundtrip_and_corrupt_sidecar(tmp_path):
         read_sidecar(art)
 
 
+@pytest.mark.parametrize("change, says", [
+    ({"config": None}, r" has an invalid 'config': 'model' must be a mapping, got NoneType"),
+    ({"config": [1, 2]}, r" has an invalid 'config': 'model' must be a mapping, got list"),
+    ({"config": {"name": "lite", "num_classes": "11"}}, r" has an invalid 'config': .*'num_classes' must be an int"),
+    ({"onnx_sha256": 5}, r": 'onnx_sha256' must be a JSON string, got 5"),
+])
+def test_malformed_onnx_sidecar_is_a_value_error_naming_it(tmp_path, lite_config, change, says):
+    path = tmp_path / "m.onnx"
+    sha = _constant_onnx(path, lite_config)
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha, **change})
+    with pytest.raises(ValueError, match=f"sidecar {tmp_path / 'm.onnx.json'}{says}"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+
+
 def test_weights_hash_tracks_values_not_object_identity(lite_model):
     state = {k: v.clone() for k, v in lite_model.state_dict().items()}
     h = sha256_state_dict(state)

@@ -290,6 +290,22 @@ def test_fp16_onnx_with_fp32_requested_builds_once_and_says_so(machine, onnx_fil
     TensorRTBackend(tmp_path / "half.engine", fp16=False, rebuild=False).close()  # the engine given directly
 
 
+@pytest.mark.parametrize("change, says", [({"config": [1, 2]}, "'config' must be a JSON object, got \\[1, 2\\]"),
+                                          ({"config": {"num_classes": 11.0}}, "invalid 'config': .*'num_classes'"),
+                                          ({"engine_sha256": 5}, "'engine_sha256' must be a JSON string"),
+                                          ({"workspace_mb": "4096"}, "'workspace_mb' must be a JSON integer"),
+                                          ({"gpu": "Orin"}, "'gpu' must be a JSON object")])
+def test_malformed_engine_sidecar_is_a_value_error_naming_it(machine, onnx_file, tmp_path, change, says):
+    engine = tmp_path / "model.engine"
+    build_engine(onnx_file, engine)
+    write_sidecar(engine, dict(read_sidecar(engine), **change))
+    for make in (lambda: TensorRTBackend(engine), lambda: create_backend("tensorrt", onnx_file)):
+        with pytest.raises(ValueError, match=f"sidecar .*model.engine.json.*{says}") as exc:
+            make()
+        _one_line(exc)
+    assert machine.heap.allocs == {}
+
+
 def test_engine_replaced_without_its_sidecar_is_detected(machine, onnx_file, tmp_path):
     engine = tmp_path / "model.engine"
     build_engine(onnx_file, engine)

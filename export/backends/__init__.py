@@ -43,9 +43,9 @@ def _onnx_config(path: Path, config: ModelConfig | None) -> tuple[ModelConfig, s
     must describe this very file (its ``onnx_sha256``: an ONNX replaced without its sidecar is refused)."""
     if config is not None:
         return config, "the given config"
-    from ..sidecar import read_sidecar, sha256_file, sidecar_path
+    from ..sidecar import read_sidecar, sha256_file, sidecar_config, sidecar_path
 
-    sidecar = read_sidecar(path)
+    sidecar = read_sidecar(path, fields={"onnx_sha256": str})
     side = sidecar_path(path)
     if not sidecar or "config" not in sidecar:
         raise ValueError(f"no model config for {path}: its sidecar {side.name} is missing or has no 'config'; "
@@ -55,7 +55,7 @@ def _onnx_config(path: Path, config: ModelConfig | None) -> tuple[ModelConfig, s
         raise ValueError(f"{path} is not the ONNX its sidecar {side.name} describes (sha256 {actual[:12]}..., the "
                          f"sidecar records {recorded[:12]}...): the model was replaced without its sidecar; "
                          "re-export both with discene-export onnx")
-    return ModelConfig.from_dict(sidecar["config"]), f"its sidecar {side.name}"
+    return sidecar_config(sidecar, path), f"its sidecar {side.name}"
 
 
 def create_backend(name: str, model_path: str | Path | None, config: ModelConfig | None = None,
@@ -105,11 +105,11 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
 def _engine_problems(engine: Path, onnx_path: Path, fp16: bool) -> list[str]:
     """Reasons ``engine`` must be (re)built from ``onnx_path`` at precision ``fp16`` (empty list: current)."""
     from ..sidecar import read_sidecar
-    from ..trt_build import engine_staleness
+    from ..trt_build import ENGINE_SIDECAR_FIELDS, engine_staleness
 
     if not engine.is_file():
         return ["no engine built yet"]
-    sidecar = read_sidecar(engine)
+    sidecar = read_sidecar(engine, fields=ENGINE_SIDECAR_FIELDS)
     if sidecar is None:
         return ["its sidecar is missing"]
     reasons = engine_staleness(engine, sidecar, fp16)

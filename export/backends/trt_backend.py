@@ -19,8 +19,15 @@ import numpy as np
 from models.config import ModelConfig
 
 from ..cuda_mem import create_device_memory
-from ..sidecar import read_sidecar
-from ..trt_build import build_engine, engine_mismatches, engine_staleness, fp16_of_onnx, source_onnx_path
+from ..sidecar import read_sidecar, sidecar_config, sidecar_path
+from ..trt_build import (
+    ENGINE_SIDECAR_FIELDS,
+    build_engine,
+    engine_mismatches,
+    engine_staleness,
+    fp16_of_onnx,
+    source_onnx_path,
+)
 from .base import Backend, input_feed, input_shapes, output_shapes, require
 
 log = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | N
     if config is not None:
         return config, "the given config"
     if sidecar and "config" in sidecar:
-        return ModelConfig.from_dict(sidecar["config"]), f"its sidecar {path.name}.json"
+        return sidecar_config(sidecar, path), f"its sidecar {sidecar_path(path).name}"
     raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
                      f"pass config=... or re-export with discene-export")
 
@@ -60,7 +67,7 @@ class TensorRTBackend(Backend):
     def _open(self, engine_path: Path, config: ModelConfig | None, rebuild: bool, workspace_mb: int | None,
               fp16: bool | None) -> None:
         trt = self.trt
-        sidecar = read_sidecar(engine_path)
+        sidecar = read_sidecar(engine_path, fields=ENGINE_SIDECAR_FIELDS)
         config, self.config_source = _config_from_sidecar(sidecar, config, engine_path)
         self.engine_path = engine_path
         super().__init__(config, f"cuda ({self.mem.gpu_info()['name']}, TensorRT {trt.__version__})")
