@@ -233,6 +233,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} not found")
+    if engine_path.suffix.lower() == ".onnx" or engine_path.exists() and engine_path.samefile(onnx_path):
+        raise ValueError(f"refusing to write a TensorRT engine to {engine_path}: it would replace an ONNX model; "
+                         f"write it to {engine_path.with_suffix('.engine').name}")
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf DecodeError and friends

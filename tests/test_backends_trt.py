@@ -36,7 +36,7 @@ from export.backends import create_backend, output_shapes
 from export.backends.trt_backend import TensorRTBackend
 from export.cuda_mem import CudaPythonMemory, PyCudaMemory
 from export.fp16 import convert_file_to_fp16
-from export.sidecar import read_sidecar, sha256_file, write_sidecar
+from export.sidecar import read_sidecar, sha256_file, sidecar_path, write_sidecar
 from export.trt_build import build_engine
 from models.config import lite
 from models.preprocess import NetworkInputs
@@ -304,6 +304,22 @@ def test_malformed_engine_sidecar_is_a_value_error_naming_it(machine, onnx_file,
             make()
         _one_line(exc)
     assert machine.heap.allocs == {}
+
+
+def test_upper_case_onnx_suffix_is_an_onnx_and_no_engine_is_written_over_a_model(machine, onnx_file, tmp_path):
+    upper = tmp_path / "MODEL.ONNX"
+    upper.write_bytes(onnx_file.read_bytes())
+    sidecar_path(upper).write_bytes(sidecar_path(onnx_file).read_bytes())
+    before = upper.read_bytes()
+    create_backend("tensorrt", upper).close()
+    assert (tmp_path / "MODEL.engine").is_file() and read_sidecar(tmp_path / "MODEL.engine")["source_onnx"] == "MODEL.ONNX"
+    with pytest.raises(ValueError, match="MODEL.ONNX is an ONNX model, not an engine"):
+        TensorRTBackend(upper)  # its sidecar read as an engine's would have it rebuilt from model.onnx, over it
+    with pytest.raises(ValueError, match="refusing to write a TensorRT engine to .*MODEL.ONNX"):
+        build_engine(onnx_file, upper)
+    with pytest.raises(ValueError, match="refusing to write a TensorRT engine to .*model.onnx"):
+        build_engine(onnx_file, onnx_file)
+    assert upper.read_bytes() == before and len(machine.calls("build")) == 1
 
 
 def test_engine_replaced_without_its_sidecar_is_detected(machine, onnx_file, tmp_path):

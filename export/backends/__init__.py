@@ -97,7 +97,7 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
         return OrtBackend(path, onnx_config, providers=providers, fp16=fp16, config_source=source)
     from .trt_backend import TensorRTBackend
 
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":  # as _check_model_kind: MODEL.ONNX is an ONNX too, never an engine
         path, fp16 = _engine_for_onnx(path, fp16)
     return TensorRTBackend(path, config=config, fp16=fp16)
 

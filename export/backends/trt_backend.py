@@ -55,6 +55,9 @@ class TensorRTBackend(Backend):
         trt = require("tensorrt", "tensorrt", "the tensorrt backend")
         self.trt = trt
         engine_path = Path(engine_path)
+        if engine_path.suffix.lower() == ".onnx":  # read as an engine, its sidecar would make it "rebuilt" in place
+            raise ValueError(f"{engine_path.name} is an ONNX model, not an engine: give it to "
+                             "create_backend('tensorrt', ...), which builds the engine beside it")
         if not engine_path.is_file():
             raise FileNotFoundError(f"TensorRT engine {engine_path} not found (build it with `discene-export trt`)")
         self.mem = create_device_memory(memory)
