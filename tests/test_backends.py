@@ -77,6 +77,21 @@ def test_provider_selection_order_aliases_and_error():
         select_providers(["tensorrt"], ["CPUExecutionProvider"])
 
 
+def test_provider_log_names_requested_and_used_and_warns_for_a_missing_gpu_provider(tmp_path, lite_config, caplog):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider present: nothing is missing")
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    with caplog.at_level("INFO", logger="export.backends.ort_backend"):
+        create_backend("onnxruntime", path, providers=["cuda", "cpu"])
+        create_backend("onnxruntime", path, providers=["cpu"])
+    (warned, told) = [r for r in caplog.records if r.name == "export.backends.ort_backend"]
+    assert warned.levelname == "WARNING" and "requested providers ['CUDAExecutionProvider', 'CPUExecutionProvider'], " \
+        "using ['CPUExecutionProvider']: ['CUDAExecutionProvider'] not available" in warned.getMessage()
+    assert told.levelname == "INFO" and "requested providers ['CPUExecutionProvider'], using" in told.getMessage()
+
+
 def test_missing_onnxruntime_names_the_package(monkeypatch, tmp_path, lite_config):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
     (tmp_path / "m.onnx").write_bytes(b"x")

@@ -1,7 +1,8 @@
 """ONNX Runtime backend with a configurable execution-provider preference list.
 
 Providers are tried in the order given (default TensorRT EP, CUDA EP, CPU EP); the first one that this
-onnxruntime build offers is used and logged. Short aliases: ``tensorrt``, ``cuda``, ``cpu``.
+onnxruntime build offers is used. The log names the providers requested and those in use, at WARNING when
+a requested GPU provider is not in use. Short aliases: ``tensorrt``, ``cuda``, ``cpu``.
 """
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExe
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
+def requested_providers(requested: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The requested providers by their onnxruntime names (aliases resolved; None: the default list)."""
+    return [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or DEFAULT_PROVIDERS)]
+
+
 def select_providers(requested: list[str] | tuple[str, ...] | None, available: list[str]) -> list[str]:
     """Requested providers (aliases resolved) that this onnxruntime build offers, in the requested order.
 
     Raises ValueError when none of the requested providers is available.
     """
-    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or DEFAULT_PROVIDERS)]
+    wanted = requested_providers(requested)
     chosen = [p for p in wanted if p in available]
     if not chosen:
         raise ValueError(f"none of the requested onnxruntime providers {wanted} is available; this onnxruntime "
@@ -88,7 +94,7 @@ class OrtBackend(Backend):
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
             raise ValueError(f"onnxruntime could not load {onnx_path} (corrupt or not an ONNX model?): {exc}") from exc
         used = self.session.get_providers()
-        log.info("onnxruntime %s: using %s (requested %s)", ort.__version__, used[0], chosen)
+        self._log_providers(ort.__version__, requested_providers(providers), used)
         super().__init__(config, used[0])
         self.providers = used
         self._inputs = [i.name for i in self.session.get_inputs()]
@@ -97,6 +103,17 @@ class OrtBackend(Backend):
         if missing:
             raise ValueError(f"{onnx_path} lacks outputs {sorted(missing)}; was it exported by discene-export?")
         check_graph_shapes(onnx_path, self.session, config, config_source)
+
+    @staticmethod
+    def _log_providers(version: str, wanted: list[str], used: list[str]) -> None:
+        """One line naming the providers requested and those in use; WARNING when a requested GPU provider is not
+        in use (not offered by this onnxruntime, or failed to load): the model then runs slower than intended."""
+        missing = [p for p in wanted if p != "CPUExecutionProvider" and p not in used]
+        if missing:
+            log.warning("onnxruntime %s: requested providers %s, using %s: %s not available (GPU providers need the "
+                        "'onnxruntime-gpu' package and its CUDA/TensorRT libraries)", version, wanted, used, missing)
+        else:
+            log.info("onnxruntime %s: requested providers %s, using %s", version, wanted, used)
 
     @staticmethod
     def _provider_options(provider: str, onnx_path: Path, fp16: bool) -> dict[str, Any]:
