@@ -434,6 +434,26 @@ def test_onnx_whose_inputs_are_not_float32_is_refused_at_load(tmp_path, lite_con
         create_backend("onnxruntime", path, providers=["cpu"])
 
 
+def test_a_given_config_never_overrides_the_model_files_own_on_any_backend(tmp_path, lite_model, lite_config, caplog):
+    import dataclasses
+
+    from models.checkpoint import save_model
+
+    given = dataclasses.replace(lite_config, score_threshold=0.3)  # e.g. the named config, not the trained one
+    save_model(tmp_path / "m.pt", lite_model, lite_config)
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    with caplog.at_level("WARNING", logger="export.backends"):
+        backends = [create_backend("torch", tmp_path / "m.pt", config=given, device="cpu"),
+                    create_backend("onnxruntime", path, config=given, providers=["cpu"])]
+    assert [b.config.score_threshold for b in backends] == [lite_config.score_threshold] * 2
+    said = [r.getMessage() for r in caplog.records if "differs from" in r.getMessage()]
+    assert len(said) == 2 and all("in ['score_threshold']; using the model file's own" in m for m in said)
+    assert "the checkpoint m.pt" in said[0] and "its sidecar m.onnx.json" in said[1]
+    sidecar_path(path).unlink()  # no config of its own: the given one is what it runs with
+    assert create_backend("onnxruntime", path, config=given, providers=["cpu"]).config.score_threshold == 0.3
+
+
 def test_onnx_replaced_without_its_sidecar_is_refused(tmp_path, lite_config):
     path = tmp_path / "m.onnx"
     sha = _constant_onnx(path, lite_config)

@@ -9,6 +9,7 @@ bound device buffers, so a wrong pointer gives a wrong result.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -320,6 +321,24 @@ def test_upper_case_onnx_suffix_is_an_onnx_and_no_engine_is_written_over_a_model
     with pytest.raises(ValueError, match="refusing to write a TensorRT engine to .*model.onnx"):
         build_engine(onnx_file, onnx_file)
     assert upper.read_bytes() == before and len(machine.calls("build")) == 1
+
+
+def test_engine_runs_with_its_own_config_and_onnx_without_one_is_refused_before_building(
+        machine, tmp_path, lite_config, caplog):
+    path = tmp_path / "model.onnx"
+    onnx.save(_graph_model(), str(path))  # exported elsewhere, its sidecar left behind
+    with pytest.raises(ValueError, match="no model config for .*model.onnx: its sidecar model.onnx.json is missing"):
+        create_backend("tensorrt", path)
+    assert not machine.calls("build") and not (tmp_path / "model.engine").exists()
+    backend = create_backend("tensorrt", path, config=lite_config)  # a config given: built and run with it
+    assert len(machine.calls("build")) == 1 and backend.config == lite_config
+    backend.close()
+    _write_onnx(path, lite_config, weight=2.0)  # re-exported with its sidecar: rebuilt, config recorded
+    given = dataclasses.replace(lite_config, score_threshold=0.3)
+    with caplog.at_level("WARNING", logger="export.backends"):
+        backend = create_backend("tensorrt", path, config=given)
+    assert backend.config == lite_config and "its sidecar model.engine.json" in caplog.text
+    backend.close()
 
 
 def test_engine_replaced_without_its_sidecar_is_detected(machine, onnx_file, tmp_path):

@@ -34,7 +34,7 @@ from models.config import ModelConfig
 from models.device import resolve_device
 
 from ..wrapper import ExportWrapper
-from .base import Backend, input_feed, input_shapes
+from .base import Backend, input_feed, input_shapes, own_config
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,8 @@ class TorchBackend(Backend):
         from models.checkpoint import load_model
 
         model, ckpt_config = load_model(str(path), map_location="cpu")
-        if config is not None and config.to_dict() != ckpt_config.to_dict():
-            log.warning("config passed to the torch backend differs from the checkpoint's; using the checkpoint's")
-        return cls(model, ckpt_config, device=device, fp16=fp16, **options)
+        config = own_config(ckpt_config, config, f"the checkpoint {Path(path).name}")
+        return cls(model, config, device=device, fp16=fp16, **options)
 
     @property
     def fp32_math(self) -> str:

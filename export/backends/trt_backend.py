@@ -28,18 +28,20 @@ from ..trt_build import (
     fp16_of_onnx,
     source_onnx_path,
 )
-from .base import Backend, input_feed, input_shapes, output_shapes, require
+from .base import Backend, input_feed, input_shapes, output_shapes, own_config, require
 
 log = logging.getLogger(__name__)
 
 
 def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | None,
                          path: Path) -> tuple[ModelConfig, str]:
-    """(the config to run the engine ``path`` with, where it came from): ``config``, else its sidecar's."""
+    """(the config to run the engine ``path`` with, where it came from): its sidecar's (a different ``config``
+    is logged and not used, as on every backend), else ``config``."""
+    if sidecar and "config" in sidecar:
+        source = f"its sidecar {sidecar_path(path).name}"
+        return own_config(sidecar_config(sidecar, path), config, source), source
     if config is not None:
         return config, "the given config"
-    if sidecar and "config" in sidecar:
-        return sidecar_config(sidecar, path), f"its sidecar {sidecar_path(path).name}"
     raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
                      f"pass config=... or re-export with discene-export")
 
