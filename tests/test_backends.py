@@ -41,6 +41,14 @@ def test_torch_backend_contract(lite_model, lite_config):
     backend.close()
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", "mps", "cuda:-1", "CPU", ""])
+def test_a_device_string_of_another_form_is_a_value_error_with_the_accepted_forms(device):
+    from models.device import resolve_device
+
+    with pytest.raises(ValueError, match=r"use auto, cpu, cuda or cuda:N"):
+        resolve_device(device)
+
+
 def test_torch_backend_fp16_needs_cuda(lite_model, lite_config):
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         TorchBackend(lite_model, lite_config, device="cpu", fp16=True)
