@@ -462,6 +462,20 @@ def test_a_given_config_never_overrides_the_model_files_own_on_any_backend(tmp_p
     assert create_backend("onnxruntime", path, config=given, providers=["cpu"]).config.score_threshold == 0.3
 
 
+def test_infer_after_close_is_a_clear_error(tmp_path, lite_model, lite_config):
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    backends = [TorchBackend(lite_model, lite_config, device="cpu"),
+                TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=True),  # static buffers
+                create_backend("onnxruntime", path, providers=["cpu"])]
+    for backend in backends:
+        backend.infer(_frame(lite_config))
+        backend.close()
+        backend.close()  # twice is fine
+        with pytest.raises(RuntimeError, match=f"the {backend.name} backend was closed; create a new one"):
+            backend.infer(_frame(lite_config))
+
+
 def test_onnx_replaced_without_its_sidecar_is_refused(tmp_path, lite_config):
     path = tmp_path / "m.onnx"
     sha = _constant_onnx(path, lite_config)

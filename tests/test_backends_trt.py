@@ -466,6 +466,15 @@ def test_pycuda_memory_runs_in_the_primary_context_tensorrt_uses(machine, onnx_f
     private.detach()
 
 
+def test_infer_after_close_is_a_clear_error(machine, onnx_file, lite_config):
+    backend = create_backend("tensorrt", onnx_file)
+    backend.close()
+    with pytest.raises(RuntimeError, match="the tensorrt backend was closed; create a new one") as exc:
+        backend.infer(_frame(lite_config))
+    _one_line(exc)
+    assert not machine.calls("execute_async_v3")
+
+
 def test_wrong_frame_is_refused_before_any_copy(machine, onnx_file, tmp_path, lite_config):
     backend = create_backend("tensorrt", onnx_file)
     machine.heap.log.clear()

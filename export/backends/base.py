@@ -79,6 +79,7 @@ class Backend(ABC):
     """Runs the exported network on one frame. Subclasses set ``name`` and ``device``."""
 
     name: str = "base"
+    closed: bool = False
 
     def __init__(self, config: ModelConfig, device: str = "cpu"):
         self.config = config
@@ -89,8 +90,14 @@ class Backend(ABC):
         """``NetworkInputs`` -> {"points": (1,Q,R,3), "scores": (1,Q,R,C)} numpy float32 (scores after sigmoid)."""
 
     def close(self) -> None:
-        """Release sessions, engines and device memory. Safe to call twice."""
+        """Release sessions, engines and device memory. Safe to call twice; subclasses call this first."""
         self.closed = True
+
+    def require_open(self) -> None:
+        """RuntimeError once ``close`` was called: what the backend runs on is released (a clear error, not an
+        AttributeError or a silent eager fallback)."""
+        if self.closed:
+            raise RuntimeError(f"the {self.name} backend was closed; create a new one to infer again")
 
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.config.name})"

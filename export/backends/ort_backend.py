@@ -124,6 +124,7 @@ class OrtBackend(Backend):
         return {}
 
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        self.require_open()
         feed = input_feed(inputs, self.config)
         unknown = set(self._inputs) - set(feed)
         if unknown:
@@ -133,4 +134,5 @@ class OrtBackend(Backend):
         return self._check_outputs(dict(zip(self._outputs, values, strict=True)))
 
     def close(self) -> None:
+        super().close()
         self.session = None

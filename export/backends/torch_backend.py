@@ -227,6 +227,7 @@ class TorchBackend(Backend):
 
     def tensors(self, inputs: Any) -> dict[str, torch.Tensor]:
         """Input tensors on the device: ``FrameTensors`` pass through (checked), numpy is uploaded."""
+        self.require_open()
         shapes = self._input_shapes
         if all(isinstance(getattr(inputs, n, None), torch.Tensor) for n in shapes):
             out = {}
@@ -308,6 +309,7 @@ class TorchBackend(Backend):
 
     def _fused_runner(self, post: Any) -> StaticRunner:
         """The static runner of network + ``post`` (one per ``post`` object, made on first use)."""
+        self.require_open()
         if not self.can_fuse:
             raise RuntimeError(f"run_fused needs the static-buffer (cuda_graph) mode, this backend runs {self.mode}")
         runner = self._fused.get(post)
@@ -334,6 +336,7 @@ class TorchBackend(Backend):
         return self._check_outputs({"points": points.numpy(), "scores": scores.numpy()})
 
     def close(self) -> None:
+        super().close()
         self.runner = None
         self._fused.clear()
         if self.torch_device.type == "cuda":

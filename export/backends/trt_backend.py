@@ -163,6 +163,7 @@ class TensorRTBackend(Backend):
                 raise RuntimeError(f"TensorRT set_tensor_address failed for '{name}'")
 
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        self.require_open()
         feed = input_feed(inputs, self.config)  # names, shapes, float32: checked before any copy
         for name in self.inputs:
             buf = self.buffers[name]
@@ -177,6 +178,7 @@ class TensorRTBackend(Backend):
         return self._check_outputs(out)
 
     def close(self) -> None:
+        super().close()
         mem = getattr(self, "mem", None)
         if mem is None:
             return
