@@ -438,10 +438,13 @@ def main(args: list[str] | None = None) -> int:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ParameterException, FileNotFoundError, ValueError, ImportError) as exc:
+    except (ParameterException, FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
         if node is not None:  # configuration errors only count at start-up
             raise
-        print(f"occupancy_node: cannot start: {exc}", file=sys.stderr)
+        # RuntimeError: a backend that cannot be set up (no usable GPU, TensorRT build failed); its type is named,
+        # so a RuntimeError of another kind is not mistaken for a setting to change
+        kind = f"{type(exc).__name__}: " if isinstance(exc, RuntimeError) else ""
+        print(f"occupancy_node: cannot start: {kind}{exc}", file=sys.stderr)
         return 1
     finally:
         if node is not None:

@@ -53,7 +53,7 @@ def build_pipeline(model: str | Path | None = None, backend: str = "torch", devi
         hint = ("the shipped model discene_ros/data/lite_distilled.pt is missing from this install; give a model "
                 "path (a checkpoint .pt, .onnx or .engine)") if not model else "check the model path"
         raise FileNotFoundError(f"model file {path} not found: {hint}")
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         check_onnx_file(path)
     be = create_backend(backend, path, device=None if device in (None, "auto") else device, fp16=fp16,
                         compile=compile, cuda_graph=cuda_graph, tf32=tf32, tf32_convolutions=tf32_convolutions)

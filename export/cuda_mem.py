@@ -209,12 +209,14 @@ class CudaPythonMemory:
 
 
 class PyCudaMemory:
-    """Buffers from ``pycuda.driver.mem_alloc`` in a context of its own, usable from any thread.
+    """Buffers from ``pycuda.driver.mem_alloc`` in the device's primary context, usable from any thread.
 
-    The context is created with ``make_context`` (which makes it current on the creating thread),
-    popped right away and then pushed around every call, so the node's worker thread can use it;
-    ``close`` frees the buffers and ``detach``es the context. ``pycuda.driver.Error`` (which is not
-    a Python RuntimeError) is re-raised as RuntimeError.
+    The primary context is the one the CUDA runtime uses, so TensorRT, torch and cuda-python share it:
+    buffers and a stream from a context of pycuda's own (``make_context``) would be invalid handles to
+    TensorRT (TensorRT issue #1133). It is retained with ``Device.retain_primary_context`` (pycuda
+    >= 2020.1; not made current), pushed around every pycuda call, so the node's worker thread can
+    use it, and ``detach``ed (released) on ``close`` after the buffers are freed.
+    ``pycuda.driver.Error`` (which is not a Python RuntimeError) is re-raised as RuntimeError.
     """
 
     name = "pycuda"
@@ -227,7 +229,10 @@ class PyCudaMemory:
         try:
             self.cuda.init()
             self.dev = self.cuda.Device(device_index)
-            self.ctx = self.dev.make_context()
+            if not hasattr(self.dev, "retain_primary_context"):
+                raise RuntimeError("pycuda >= 2020.1 is needed (Device.retain_primary_context): pip install -U pycuda")
+            self.ctx = self.dev.retain_primary_context()
+            self.ctx.push()
             try:
                 self.stream = self.cuda.Stream()
                 flags = self.cuda.event_flags

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from models.checkpoint import atomic_write
+from models.config import ModelConfig
 
 SIDECAR_SUFFIX = ".json"
 
@@ -35,8 +36,13 @@ def write_sidecar(artefact: str | Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def read_sidecar(artefact: str | Path, required: bool = False) -> dict[str, Any] | None:
-    """The sidecar of ``artefact`` as a dict; None when absent (ValueError if ``required``)."""
+def read_sidecar(artefact: str | Path, required: bool = False,
+                 fields: dict[str, type] | None = None) -> dict[str, Any] | None:
+    """The sidecar of ``artefact`` as a dict; None when absent (ValueError if ``required``).
+
+    ``fields``: the type each of those keys must have where present (ValueError naming the sidecar otherwise:
+    a hand-edited or foreign sidecar must not end in a TypeError deep in the code that reads it).
+    """
     path = sidecar_path(artefact)
     if not path.is_file():
         if required:
@@ -48,7 +54,23 @@ def read_sidecar(artefact: str | Path, required: bool = False) -> dict[str, Any]
         raise ValueError(f"sidecar {path} is not valid JSON (corrupt or truncated): {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"sidecar {path} must hold a JSON object")
+    for key, kind in (fields or {}).items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+            raise ValueError(f"sidecar {path}: '{key}' must be a JSON {_JSON_NAMES.get(kind, kind.__name__)}, "
+                             f"got {json.dumps(value)[:60]}; re-export to write it again")
     return data
+
+
+_JSON_NAMES = {str: "string", int: "integer", dict: "object", list: "array", bool: "boolean"}
+
+
+def sidecar_config(sidecar: dict[str, Any], artefact: str | Path) -> ModelConfig:
+    """The model config recorded in the sidecar of ``artefact``; ValueError naming the sidecar when malformed."""
+    try:
+        return ModelConfig.from_dict(sidecar["config"])
+    except (TypeError, ValueError) as exc:  # TypeError: a value from_dict's type checks do not cover
+        raise ValueError(f"sidecar {sidecar_path(artefact)} has an invalid 'config': {exc}") from exc
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 STRONGLY_TYPED_SINCE = (10, 12)
 ENGINE_FORMAT = "discene-tensorrt-engine/1"
+# the types of the engine sidecar's fields that are read back (``read_sidecar(..., fields=...)``)
+ENGINE_SIDECAR_FIELDS = {"tensorrt_version": str, "gpu": dict, "source_onnx": str, "source_onnx_sha256": str,
+                         "precision": str, "workspace_mb": int, "engine_sha256": str, "config": dict}
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "EINSUM")  # trt.LayerType names kept in FP32 under FP16
 
 
@@ -102,6 +105,27 @@ def engine_staleness(engine_path: str | Path, sidecar: dict[str, Any], fp16: boo
 
 def _is_fp16_onnx(model: onnx.ModelProto) -> bool:
     return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
+def onnx_file_is_fp16(onnx_path: str | Path) -> bool:
+    """Whether the ONNX file holds FP16 weights (an engine built from it is FP16 whatever was requested).
+
+    False for a file that is missing or unreadable: building from it reports that on its own.
+    """
+    try:
+        return _is_fp16_onnx(onnx.load(str(onnx_path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - protobuf DecodeError, OSError: not this function's error to report
+        return False
+
+
+def fp16_of_onnx(onnx_path: str | Path, fp16: bool | None) -> bool | None:
+    """``fp16``, or True (logged once) when FP32 was requested of an FP16 ONNX: its engine can only be FP16,
+    and requiring FP32 of it would rebuild the engine at every start."""
+    if fp16 is False and onnx_file_is_fp16(onnx_path):
+        log.info("%s is an FP16 ONNX, so its TensorRT engine is FP16 (fp16=False does not apply to it)",
+                 Path(onnx_path).name)
+        return True
+    return fp16
 
 
 def has_fp16_builder_flag(trt: Any) -> bool:
@@ -209,6 +233,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} not found")
+    if engine_path.suffix.lower() == ".onnx" or engine_path.exists() and engine_path.samefile(onnx_path):
+        raise ValueError(f"refusing to write a TensorRT engine to {engine_path}: it would replace an ONNX model; "
+                         f"write it to {engine_path.with_suffix('.engine').name}")
     try:
         model = onnx.load(str(onnx_path))
     except Exception as exc:  # protobuf DecodeError and friends

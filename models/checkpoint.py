@@ -114,6 +114,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               "mapping of model settings (as written by save_model)")
     if not isinstance(payload["model"], dict):
         raise CheckpointError(f"checkpoint {path}: 'model' is a {type(payload['model']).__name__}, expected a state dict")
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in payload["model"].items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"checkpoint {path}: its state dict 'model' holds {len(not_tensors)} entries that are not "
+                              f"tensors, first {not_tensors[:3]}; it was not written by save_model")
     bad = [k for k, v in payload["model"].items()
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -190,6 +194,10 @@ def model_from_payload(payload: dict[str, Any], path: str | Path) -> tuple[nn.Mo
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {exc}") from exc
     config.backbone.pretrained = None  # the checkpoint's weights replace any ImageNet initialisation
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a config that validates but builds no model (or no memory)
+        raise CheckpointError(f"checkpoint {path}: its config '{config.name}' builds no model "
+                              f"({type(exc).__name__}: {exc})") from exc
     load_state_strict(model, payload["model"], f"checkpoint {path}")
     return model.eval(), config

@@ -110,9 +110,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a nested dict, rejecting unknown keys by name."""
-        data = dict(data)
-        reject_unknown_keys(cls, data, "model")
+        """Build from a nested dict, rejecting unknown keys and values of the wrong type by name.
+
+        ValueError for anything malformed (also a non-mapping): the dict comes from files (YAML, checkpoints,
+        sidecars), and a float query count or a string threshold would otherwise fail later, far from here.
+        """
+        data = dict(_checked(cls, data, "model"))
         backbone = BackboneConfig(**_checked(BackboneConfig, data.pop("backbone", {}), "backbone"))
         decoder = DecoderConfig(**_checked(DecoderConfig, data.pop("decoder", {}), "decoder"))
         return cls(backbone=backbone, decoder=decoder, **data).validate()
@@ -129,10 +132,36 @@ def reject_unknown_keys(cls: type, data: dict[str, Any], where: str) -> None:
         raise ValueError(f"unknown {where} config keys {unknown}; known keys: {sorted(known)}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+
+
+# what a value of each annotated field type may be (annotations are strings: ``from __future__ import annotations``)
+_TYPE_CHECKS = {
+    "int": ("an int", _is_int),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "list[int]": ("a list of ints", _is_int_list),
+}
+
+
 def _checked(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` once it is a mapping of ``cls``'s fields with values of their types; ValueError naming the first
+    that is not. Nested config fields (backbone, decoder) are checked by their own call."""
     if not isinstance(data, dict):
         raise ValueError(f"'{where}' must be a mapping, got {type(data).__name__}")
     reject_unknown_keys(cls, data, where)
+    for f in dataclasses.fields(cls):
+        if f.name in data and f.type in _TYPE_CHECKS:
+            kind, ok = _TYPE_CHECKS[f.type]
+            if not ok(data[f.name]):
+                raise ValueError(f"{where} config key '{f.name}' must be {kind}, got {data[f.name]!r}")
     return data
 
 

@@ -23,6 +23,13 @@ function to check its argument conventions) and ``FakePycudaDriver`` (pycuda's d
 per-thread context stacks, ``make_context``/``push``/``pop``/``detach``, the ``pycuda.driver.Error``
 hierarchy, ``memcpy_*_async`` copying the whole host buffer). Copies that run past an allocation
 raise ``DeviceOverrun``: on a GPU they would corrupt memory.
+
+CUDA contexts: the heap records which context owns each allocation and stream. cudart (cuda-python,
+torch, TensorRT itself) works in the device's primary context; pycuda's ``make_context`` makes a
+context of its own, ``Device.retain_primary_context`` retains the primary one. As on a GPU (pointers
+and streams are valid only in their own context: "invalid resource handle", TensorRT issue #1133),
+``execute_async_v3`` fails (returns False, error logged) when a bound buffer or the stream belongs to
+another context than the primary one TensorRT runs in.
 """
 from __future__ import annotations
 
@@ -41,6 +48,8 @@ CACHE_MAGIC = b"FAKE-TRT-CACHE:"
 GPU = {"name": "Fake Orin", "compute_capability": "8.7"}
 STREAM = 0xC0FFEE
 EVENT = 0xE7E47  # handles of the shim's events
+PYCUDA_STREAM = 0x5EA0000  # handles of the pycuda double's streams
+PRIMARY = "primary"  # the device's primary context (cudart's), as the heap records an owner
 
 
 class DeviceOverrun(AssertionError):
@@ -52,17 +61,28 @@ class DeviceHeap:
 
     def __init__(self):
         self.allocs: dict[int, np.ndarray] = {}
+        self.owner: dict[int, object] = {}  # allocation -> its CUDA context (PRIMARY or a pycuda Context)
+        self.stream_owner: dict[int, object] = {}  # stream handle -> its CUDA context
         self.next_ptr = 0x7F0000000000
         self.log: list[tuple] = []
 
-    def malloc(self, nbytes: int) -> int:
+    def malloc(self, nbytes: int, context: object = PRIMARY) -> int:
         ptr = self.next_ptr
         self.allocs[ptr] = np.zeros(int(nbytes), np.uint8)
+        self.owner[ptr] = context
         self.next_ptr += int(nbytes) + 4096
         return ptr
 
     def free(self, ptr: int) -> None:
         del self.allocs[int(ptr)]
+        del self.owner[int(ptr)]
+
+    def context_of(self, ptr: int) -> object:
+        """The context owning the allocation that holds ``ptr``; DeviceOverrun if none does."""
+        for base, arr in self.allocs.items():
+            if base <= ptr < base + max(arr.size, 1):
+                return self.owner[base]
+        raise DeviceOverrun(f"{ptr:#x} is not a device allocation")
 
     def region(self, ptr: int, nbytes: int) -> np.ndarray:
         """Bytes ``[ptr, ptr+nbytes)``; DeviceOverrun if they leave the allocation."""
@@ -419,6 +439,12 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
             inputs = {t[0] for t in self.engine.io if t[1] == TensorIOMode.INPUT}
             if set(self.addresses) != {t[0] for t in self.engine.io} or set(self.shapes) != inputs:
                 return False
+            foreign = [n for n, ptr in self.addresses.items() if trt.heap.context_of(ptr) != PRIMARY]
+            if trt.heap.stream_owner.get(stream_handle, PRIMARY) != PRIMARY:
+                foreign.append("the stream")
+            if foreign:  # TensorRT runs in the primary context: another context's handles are invalid there
+                trt.log.append(("error", f"invalid resource handle: {foreign} belong to another CUDA context"))
+                return False
             arrays = {n: trt.heap.view(self.addresses[n], nptype(dt), shape) for n, _, dt, shape in self.engine.io}
             if "points" in arrays:
                 arrays["points"][...] = arrays["image"].mean()
@@ -501,6 +527,7 @@ class CudaRuntimeShim:
             return err, None
         handle = STREAM + len(self.streams)
         self.streams.add(handle)
+        self.heap.stream_owner[handle] = PRIMARY
         return err, (self.real.cudaStream_t(handle) if self.real is not None else handle)
 
     def cudaMalloc(self, size):
@@ -581,7 +608,8 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
     drv = types.ModuleType("pycuda.driver")
     gpu = dict(gpu or GPU)
     local = threading.local()
-    drv.contexts: list = []
+    drv.contexts: list = []  # made by make_context
+    drv.primary = None  # the device's primary context, once retained
 
     class Error(Exception):
         pass
@@ -609,8 +637,12 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
         return stack()[-1]
 
     class Context:
-        def __init__(self):
-            self.refcount, self.detached = 1, False
+        def __init__(self, primary: bool = False):
+            self.refcount, self.detached, self.primary = 1, False, primary
+
+        @property
+        def owner(self):  # what the heap records for this context's allocations and streams
+            return PRIMARY if self.primary else self
 
         def push(self):
             if self.detached:
@@ -646,6 +678,14 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
             stack().append(ctx)
             return ctx
 
+        def retain_primary_context(self):
+            """The runtime API's context, reference counted; unlike make_context not made current."""
+            if drv.primary is None or drv.primary.detached:
+                drv.primary = Context(primary=True)
+            else:
+                drv.primary.refcount += 1
+            return drv.primary
+
         def name(self):
             return gpu["name"]
 
@@ -655,7 +695,7 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
     class DeviceAllocation:
         def __init__(self, nbytes):
             self.ctx = current()
-            self.ptr = heap.malloc(nbytes)
+            self.ptr = heap.malloc(nbytes, self.ctx.owner)
 
         def __int__(self):
             return self.ptr
@@ -669,7 +709,8 @@ def make_fake_pycuda_driver(heap: DeviceHeap, gpu: dict | None = None) -> types.
     class Stream:
         def __init__(self, flags=0):
             self.ctx = current()
-            self.handle = STREAM + len(drv.contexts)
+            self.handle = PYCUDA_STREAM + len(heap.stream_owner)
+            heap.stream_owner[self.handle] = self.ctx.owner
 
         def synchronize(self):
             if current() is not self.ctx:

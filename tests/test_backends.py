@@ -41,6 +41,14 @@ def test_torch_backend_contract(lite_model, lite_config):
     backend.close()
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", "mps", "cuda:-1", "CPU", ""])
+def test_a_device_string_of_another_form_is_a_value_error_with_the_accepted_forms(device):
+    from models.device import resolve_device
+
+    with pytest.raises(ValueError, match=r"use auto, cpu, cuda or cuda:N"):
+        resolve_device(device)
+
+
 def test_torch_backend_fp16_needs_cuda(lite_model, lite_config):
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         TorchBackend(lite_model, lite_config, device="cpu", fp16=True)
@@ -75,6 +83,21 @@ def test_provider_selection_order_aliases_and_error():
     assert select_providers(["tensorrt", "cpu"], available) == ["CPUExecutionProvider"]
     with pytest.raises(ValueError, match="onnxruntime-gpu"):
         select_providers(["tensorrt"], ["CPUExecutionProvider"])
+
+
+def test_provider_log_names_requested_and_used_and_warns_for_a_missing_gpu_provider(tmp_path, lite_config, caplog):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA provider present: nothing is missing")
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    with caplog.at_level("INFO", logger="export.backends.ort_backend"):
+        create_backend("onnxruntime", path, providers=["cuda", "cpu"])
+        create_backend("onnxruntime", path, providers=["cpu"])
+    (warned, told) = [r for r in caplog.records if r.name == "export.backends.ort_backend"]
+    assert warned.levelname == "WARNING" and "requested providers ['CUDAExecutionProvider', 'CPUExecutionProvider'], " \
+        "using ['CPUExecutionProvider']: ['CUDAExecutionProvider'] not available" in warned.getMessage()
+    assert told.levelname == "INFO" and "requested providers ['CPUExecutionProvider'], using" in told.getMessage()
 
 
 def test_missing_onnxruntime_names_the_package(monkeypatch, tmp_path, lite_config):
@@ -147,6 +170,20 @@ def test_sidecar_roundtrip_and_corrupt_sidecar(tmp_path):
     sidecar_path(art).write_text("{ truncated")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_sidecar(art)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"config": None}, r" has an invalid 'config': 'model' must be a mapping, got NoneType"),
+    ({"config": [1, 2]}, r" has an invalid 'config': 'model' must be a mapping, got list"),
+    ({"config": {"name": "lite", "num_classes": "11"}}, r" has an invalid 'config': .*'num_classes' must be an int"),
+    ({"onnx_sha256": 5}, r": 'onnx_sha256' must be a JSON string, got 5"),
+])
+def test_malformed_onnx_sidecar_is_a_value_error_naming_it(tmp_path, lite_config, change, says):
+    path = tmp_path / "m.onnx"
+    sha = _constant_onnx(path, lite_config)
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha, **change})
+    with pytest.raises(ValueError, match=f"sidecar {tmp_path / 'm.onnx.json'}{says}"):
+        create_backend("onnxruntime", path, providers=["cpu"])
 
 
 def test_weights_hash_tracks_values_not_object_identity(lite_model):
@@ -349,9 +386,10 @@ def test_tf32_modes_set_the_convolution_and_matmul_flags_in_every_forward(
     assert backend.fp32_math == math
 
 
-def _constant_onnx(path, config, image_hw=None, num_classes=None):
+def _constant_onnx(path, config, image_hw=None, num_classes=None, input_type=None, batch=1):
     """A graph with the export's input and output names whose outputs are constants, at ``config``'s shapes
-    unless ``image_hw`` / ``num_classes`` say otherwise; returns its sha256."""
+    unless ``image_hw`` / ``num_classes`` say otherwise, inputs of ``input_type`` (default float32) and
+    batch ``batch`` (a string: a symbolic dim); returns its sha256."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -362,8 +400,9 @@ def _constant_onnx(path, config, image_hw=None, num_classes=None):
     scores = (*shapes["scores"][:-1], num_classes or config.num_classes)
     nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.zeros(shape, np.float32)))
              for name, shape in (("points", shapes["points"]), ("scores", scores))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, h, w]),
-                                           helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
+    kind = input_type or TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", kind, [batch, 3, h, w]),
+                                           helper.make_tensor_value_info("grid2img", kind, [batch, 4, 4])],
                               [helper.make_tensor_value_info("points", TensorProto.FLOAT, list(shapes["points"])),
                                helper.make_tensor_value_info("scores", TensorProto.FLOAT, list(scores))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -381,6 +420,60 @@ def test_onnx_whose_sidecar_config_disagrees_with_the_graph_is_refused_at_load(t
     write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
     with pytest.raises(ValueError, match=f"m.onnx: {says} for config 'lite' from its sidecar m.onnx.json"):
         create_backend("onnxruntime", path, providers=["cpu"])
+
+
+def test_onnx_with_another_input_size_behind_a_symbolic_batch_is_refused_at_load(tmp_path, lite_config):
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config, batch="N")})
+    assert create_backend("onnxruntime", path, providers=["cpu"]).infer(_frame(lite_config))  # symbolic batch: fine
+    sha = _constant_onnx(path, lite_config, image_hw=(96, 128), batch="N")
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
+    with pytest.raises(ValueError, match=r"m.onnx: 'image' is \['N', 3, 96, 128\] in the graph but \[1, 3, 192, 256\]"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+
+
+def test_onnx_whose_inputs_are_not_float32_is_refused_at_load(tmp_path, lite_config):
+    from onnx import TensorProto
+
+    path = tmp_path / "m.onnx"
+    sha = _constant_onnx(path, lite_config, input_type=TensorProto.FLOAT16)
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": sha})
+    with pytest.raises(ValueError, match=r"m.onnx: input 'image' is tensor\(float16\), the pipeline feeds float32"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+
+
+def test_a_given_config_never_overrides_the_model_files_own_on_any_backend(tmp_path, lite_model, lite_config, caplog):
+    import dataclasses
+
+    from models.checkpoint import save_model
+
+    given = dataclasses.replace(lite_config, score_threshold=0.3)  # e.g. the named config, not the trained one
+    save_model(tmp_path / "m.pt", lite_model, lite_config)
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    with caplog.at_level("WARNING", logger="export.backends"):
+        backends = [create_backend("torch", tmp_path / "m.pt", config=given, device="cpu"),
+                    create_backend("onnxruntime", path, config=given, providers=["cpu"])]
+    assert [b.config.score_threshold for b in backends] == [lite_config.score_threshold] * 2
+    said = [r.getMessage() for r in caplog.records if "differs from" in r.getMessage()]
+    assert len(said) == 2 and all("in ['score_threshold']; using the model file's own" in m for m in said)
+    assert "the checkpoint m.pt" in said[0] and "its sidecar m.onnx.json" in said[1]
+    sidecar_path(path).unlink()  # no config of its own: the given one is what it runs with
+    assert create_backend("onnxruntime", path, config=given, providers=["cpu"]).config.score_threshold == 0.3
+
+
+def test_infer_after_close_is_a_clear_error(tmp_path, lite_model, lite_config):
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    backends = [TorchBackend(lite_model, lite_config, device="cpu"),
+                TorchBackend(lite_model, lite_config, device="cpu", cuda_graph=True),  # static buffers
+                create_backend("onnxruntime", path, providers=["cpu"])]
+    for backend in backends:
+        backend.infer(_frame(lite_config))
+        backend.close()
+        backend.close()  # twice is fine
+        with pytest.raises(RuntimeError, match=f"the {backend.name} backend was closed; create a new one"):
+            backend.infer(_frame(lite_config))
 
 
 def test_onnx_replaced_without_its_sidecar_is_refused(tmp_path, lite_config):

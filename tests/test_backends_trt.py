@@ -9,13 +9,25 @@ bound device buffers, so a wrong pointer gives a wrong result.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import sys
+import threading
 
 import numpy as np
 import onnx
 import pytest
-from fake_tensorrt import CACHE_MAGIC, GPU, STREAM, VARIANTS, CudaRuntimeShim, DeviceHeap, make_fake_trt
+from fake_tensorrt import (
+    CACHE_MAGIC,
+    GPU,
+    STREAM,
+    VARIANTS,
+    CudaRuntimeShim,
+    DeviceHeap,
+    make_fake_pycuda_driver,
+    make_fake_trt,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 import export.backends.trt_backend as trt_backend_mod
@@ -23,8 +35,9 @@ import export.trt_build as trt_build_mod
 from export import cli
 from export.backends import create_backend, output_shapes
 from export.backends.trt_backend import TensorRTBackend
-from export.cuda_mem import CudaPythonMemory
-from export.sidecar import read_sidecar, sha256_file, write_sidecar
+from export.cuda_mem import CudaPythonMemory, PyCudaMemory
+from export.fp16 import convert_file_to_fp16
+from export.sidecar import read_sidecar, sha256_file, sidecar_path, write_sidecar
 from export.trt_build import build_engine
 from models.config import lite
 from models.preprocess import NetworkInputs
@@ -59,9 +72,9 @@ def machine(request, monkeypatch):
     return Machine(monkeypatch, request.param)
 
 
-def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None, weight=1.0):
-    w = numpy_helper.from_array(np.full((1, Q, R, 3), weight, np.float32), "w")
-    shape = numpy_helper.from_array(np.array([1, Q, R, 11], np.int64), "shape")
+def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None, weight=1.0, queries=Q, classes=11):
+    w = numpy_helper.from_array(np.full((1, queries, R, 3), weight, np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, queries, R, classes], np.int64), "shape")
     nodes = [helper.make_node("ReduceMean", ["image"], ["m"], keepdims=1, name="mean"),
              helper.make_node("Mul", ["m", "w"], ["points"], name="mul"),
              helper.make_node("Softmax", ["grid2img"], ["sm"], axis=-1, name="attn_softmax"),
@@ -75,8 +88,8 @@ def _graph_model(out_type=TensorProto.FLOAT, image_hw=(192, 256), extra_op=None,
         nodes, "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, *image_hw]),
          helper.make_tensor_value_info("grid2img", TensorProto.FLOAT, [1, 4, 4])],
-        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, Q, R, 3]),
-         helper.make_tensor_value_info("scores", out_type, [1, Q, R, 11])], [w, shape])
+        [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1, queries, R, 3]),
+         helper.make_tensor_value_info("scores", out_type, [1, queries, R, classes])], [w, shape])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -266,6 +279,68 @@ def test_precision_change_rebuilds(machine, onnx_file, tmp_path):
         TensorRTBackend(tmp_path / "model.engine", fp16=False, rebuild=False)
 
 
+def test_fp16_onnx_with_fp32_requested_builds_once_and_says_so(machine, onnx_file, tmp_path, lite_config, caplog):
+    half = convert_file_to_fp16(onnx_file, tmp_path / "half.onnx")
+    write_sidecar(half, {"config": lite_config.to_dict()})
+    for _ in range(2):  # two starts of a node with the default fp16=False
+        with caplog.at_level(logging.INFO, logger="export"):
+            create_backend("tensorrt", half, fp16=False).close()
+    assert len(machine.calls("build")) == 1 and read_sidecar(tmp_path / "half.engine")["precision"] == "fp16"
+    said = [r for r in caplog.records if "is an FP16 ONNX" in r.getMessage()]
+    assert len(said) == 2  # one line per start
+    TensorRTBackend(tmp_path / "half.engine", fp16=False, rebuild=False).close()  # the engine given directly
+
+
+@pytest.mark.parametrize("change, says", [({"config": [1, 2]}, "'config' must be a JSON object, got \\[1, 2\\]"),
+                                          ({"config": {"num_classes": 11.0}}, "invalid 'config': .*'num_classes'"),
+                                          ({"engine_sha256": 5}, "'engine_sha256' must be a JSON string"),
+                                          ({"workspace_mb": "4096"}, "'workspace_mb' must be a JSON integer"),
+                                          ({"gpu": "Orin"}, "'gpu' must be a JSON object")])
+def test_malformed_engine_sidecar_is_a_value_error_naming_it(machine, onnx_file, tmp_path, change, says):
+    engine = tmp_path / "model.engine"
+    build_engine(onnx_file, engine)
+    write_sidecar(engine, dict(read_sidecar(engine), **change))
+    for make in (lambda: TensorRTBackend(engine), lambda: create_backend("tensorrt", onnx_file)):
+        with pytest.raises(ValueError, match=f"sidecar .*model.engine.json.*{says}") as exc:
+            make()
+        _one_line(exc)
+    assert machine.heap.allocs == {}
+
+
+def test_upper_case_onnx_suffix_is_an_onnx_and_no_engine_is_written_over_a_model(machine, onnx_file, tmp_path):
+    upper = tmp_path / "MODEL.ONNX"
+    upper.write_bytes(onnx_file.read_bytes())
+    sidecar_path(upper).write_bytes(sidecar_path(onnx_file).read_bytes())
+    before = upper.read_bytes()
+    create_backend("tensorrt", upper).close()
+    assert (tmp_path / "MODEL.engine").is_file() and read_sidecar(tmp_path / "MODEL.engine")["source_onnx"] == "MODEL.ONNX"
+    with pytest.raises(ValueError, match="MODEL.ONNX is an ONNX model, not an engine"):
+        TensorRTBackend(upper)  # its sidecar read as an engine's would have it rebuilt from model.onnx, over it
+    with pytest.raises(ValueError, match="refusing to write a TensorRT engine to .*MODEL.ONNX"):
+        build_engine(onnx_file, upper)
+    with pytest.raises(ValueError, match="refusing to write a TensorRT engine to .*model.onnx"):
+        build_engine(onnx_file, onnx_file)
+    assert upper.read_bytes() == before and len(machine.calls("build")) == 1
+
+
+def test_engine_runs_with_its_own_config_and_onnx_without_one_is_refused_before_building(
+        machine, tmp_path, lite_config, caplog):
+    path = tmp_path / "model.onnx"
+    onnx.save(_graph_model(), str(path))  # exported elsewhere, its sidecar left behind
+    with pytest.raises(ValueError, match="no model config for .*model.onnx: its sidecar model.onnx.json is missing"):
+        create_backend("tensorrt", path)
+    assert not machine.calls("build") and not (tmp_path / "model.engine").exists()
+    backend = create_backend("tensorrt", path, config=lite_config)  # a config given: built and run with it
+    assert len(machine.calls("build")) == 1 and backend.config == lite_config
+    backend.close()
+    _write_onnx(path, lite_config, weight=2.0)  # re-exported with its sidecar: rebuilt, config recorded
+    given = dataclasses.replace(lite_config, score_threshold=0.3)
+    with caplog.at_level("WARNING", logger="export.backends"):
+        backend = create_backend("tensorrt", path, config=given)
+    assert backend.config == lite_config and "its sidecar model.engine.json" in caplog.text
+    backend.close()
+
+
 def test_engine_replaced_without_its_sidecar_is_detected(machine, onnx_file, tmp_path):
     engine = tmp_path / "model.engine"
     build_engine(onnx_file, engine)
@@ -354,6 +429,52 @@ def test_backend_binds_every_tensor_and_runs_on_the_stream(machine, onnx_file, t
     assert machine.heap.allocs == {}  # every buffer freed
 
 
+def test_pycuda_memory_runs_in_the_primary_context_tensorrt_uses(machine, onnx_file, tmp_path, lite_config,
+                                                                 monkeypatch):
+    """TensorRT runs in the device's primary context: buffers or a stream from a pycuda context of its own
+    (``make_context``) are invalid handles there, and the fake's execute_async_v3 refuses them as a GPU would."""
+    drv = make_fake_pycuda_driver(machine.heap)
+    monkeypatch.setattr(trt_backend_mod, "create_device_memory", lambda prefer=None: PyCudaMemory(driver=drv))
+    build_engine(onnx_file, tmp_path / "model.engine")
+    backend = TensorRTBackend(tmp_path / "model.engine", memory="pycuda")
+    frame, result = _frame(lite_config), {}
+
+    def infer():  # on another thread, as the node's worker does
+        try:
+            result["out"] = backend.infer(frame)
+        except RuntimeError as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=infer)
+    worker.start()
+    worker.join()
+    assert "error" not in result, result.get("error")
+    np.testing.assert_allclose(result["out"]["points"], frame.image.mean(), rtol=1e-5)
+    backend.close()
+    assert drv.contexts == [] and drv.primary.detached and machine.heap.allocs == {}
+
+    drv.init()
+    private = drv.Device(0).make_context()  # what a context of pycuda's own gives TensorRT
+    context = machine.trt.Runtime(machine.trt.Logger()).deserialize_cuda_engine(
+        (tmp_path / "model.engine").read_bytes()).create_execution_context()
+    for name in ("image", "grid2img", "points", "scores"):
+        context.set_tensor_address(name, int(drv.mem_alloc(1 << 20)))
+        if name in ("image", "grid2img"):
+            context.set_input_shape(name, context.engine.get_tensor_shape(name))
+    assert context.execute_async_v3(drv.Stream().handle) is False
+    assert machine.calls("error")[-1][1].startswith("invalid resource handle")
+    private.detach()
+
+
+def test_infer_after_close_is_a_clear_error(machine, onnx_file, lite_config):
+    backend = create_backend("tensorrt", onnx_file)
+    backend.close()
+    with pytest.raises(RuntimeError, match="the tensorrt backend was closed; create a new one") as exc:
+        backend.infer(_frame(lite_config))
+    _one_line(exc)
+    assert not machine.calls("execute_async_v3")
+
+
 def test_wrong_frame_is_refused_before_any_copy(machine, onnx_file, tmp_path, lite_config):
     backend = create_backend("tensorrt", onnx_file)
     machine.heap.log.clear()
@@ -373,6 +494,17 @@ def test_engine_for_another_input_size_is_refused_by_set_input_shape(machine, tm
     _one_line(exc)
     assert ("set_input_shape", "image", (1, 3, 192, 256)) in machine.trt.log
     assert machine.heap.allocs == {}
+
+
+@pytest.mark.parametrize("graph, says", [({"queries": Q // 2}, rf"output 'points' is \[1, {Q // 2}, {R}, 3\]"),
+                                         ({"classes": 5}, rf"output 'scores' is \[1, {Q}, {R}, 5\]")])
+def test_engine_of_another_config_is_refused_at_load(machine, tmp_path, lite_config, graph, says):
+    path = _write_onnx(tmp_path / "model.onnx", lite_config, **graph)  # the ONNX of another model, lite's sidecar
+    with pytest.raises(ValueError, match=f"model.engine: {says} in the engine but .* for config 'lite' from its "
+                                         "sidecar model.engine.json") as exc:
+        create_backend("tensorrt", path)
+    _one_line(exc)
+    assert machine.heap.allocs == {} and not machine.calls("execute_async_v3")
 
 
 def test_output_without_numpy_dtype_is_a_clear_error(machine, tmp_path, lite_config):

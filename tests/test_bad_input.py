@@ -665,6 +665,10 @@ def test_garbage_onnx_is_named_as_such(tmp_path, capsys):
     onnx_file.write_bytes(np.random.default_rng(1).bytes(300))
     with pytest.raises(ValueError, match="not a readable ONNX model"):
         replay.build_pipeline(onnx_file, backend="onnxruntime")
+    upper = tmp_path / "MODEL.ONNX"  # the suffix in any case
+    upper.write_bytes(onnx_file.read_bytes())
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        replay.build_pipeline(upper, backend="onnxruntime")
     assert export_main(["check", "--onnx", str(onnx_file)]) == 2
     assert "cannot read" in capsys.readouterr().err
 

@@ -151,8 +151,8 @@ def test_pycuda_provider_works_from_another_thread_and_detaches():
         mem.upload(buf, np.zeros((3, 3), np.float32))  # pycuda would copy all 36 bytes into 16
     assert mem.gpu_info() == GPU
     mem.close()
-    (ctx,) = drv.contexts
-    assert ctx.detached and heap.allocs == {} and drv.context_stack() == []
+    assert drv.contexts == []  # no context of its own: the primary one, retained and released
+    assert drv.primary.detached and heap.allocs == {} and drv.context_stack() == []
     mem.close()  # twice is fine
 
 

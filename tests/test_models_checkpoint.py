@@ -81,3 +81,24 @@ def test_incomplete_or_mismatched_checkpoints_name_the_problem(tmp_path, tiny):
     save_checkpoint(path, {"config": bad_cfg, "model": model.state_dict()})
     with pytest.raises(CheckpointError, match="invalid config"):
         load_model(path)
+
+
+def test_hostile_entries_and_config_types_are_checkpoint_errors_naming_the_file(tmp_path, tiny):
+    model, cfg = tiny
+    path = tmp_path / "x.pt"
+    state = dict(model.state_dict())
+    first = next(iter(state))
+    save_checkpoint(path, {"config": cfg.to_dict(), "model": {**state, first: state[first].tolist()}})
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: .* 1 entries that are not tensors, first "
+                                              rf"\['{first} \(list\)'\]"):
+        load_model(path)
+    floats = cfg.to_dict()
+    floats["decoder"]["num_queries"] = 16.0  # a config written by JSON/YAML tooling
+    save_checkpoint(path, {"config": floats, "model": state})
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} has an invalid config: .*'num_queries' must be an int"):
+        load_model(path)
+    wide = cfg.to_dict()
+    wide["backbone"]["width_per_group"] = 128  # validates, but a basic-block ResNet has no wide variant
+    save_checkpoint(path, {"config": wide, "model": state})
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: its config 'tiny' builds no model \(ValueError: "):
+        load_model(path)

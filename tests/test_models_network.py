@@ -180,6 +180,14 @@ def test_lite_is_small(lite_model):
         ({"decoder": {"embed_dims": 66}}, "divisible"),
         ({"backbone": {"depth": 42}}, "backbone.depth"),
         ({"decoder": {"bogus": 1}}, "unknown decoder config keys"),
+        # wrong types, as a hand-edited file gives them: each named, not a TypeError deep in validate or torch
+        ({"decoder": {"num_queries": 240.0}}, "decoder config key 'num_queries' must be an int, got 240.0"),
+        ({"num_classes": "11"}, "'num_classes' must be an int, got '11'"),
+        ({"voxel_size": "0.08"}, "'voxel_size' must be a number"),
+        ({"use_depth": "false"}, "'use_depth' must be true or false"),
+        ({"image_size": [192.0, 256.0]}, "'image_size' must be a list of ints"),
+        ({"backbone": {"depth": True}}, "backbone config key 'depth' must be an int"),
+        ({"decoder": None}, "'decoder' must be a mapping, got NoneType"),
     ],
 )
 def test_bad_configs_are_rejected_with_clear_messages(lite_config, change, message):
@@ -191,6 +199,12 @@ def test_bad_configs_are_rejected_with_clear_messages(lite_config, change, messa
             data[key] = value
     with pytest.raises(ValueError, match=message):
         models.build_model(models.ModelConfig.from_dict(data))
+
+
+@pytest.mark.parametrize("data", [None, [1, 2], "lite"])
+def test_a_config_that_is_not_a_mapping_is_a_value_error(data):
+    with pytest.raises(ValueError, match="'model' must be a mapping"):
+        models.ModelConfig.from_dict(data)
 
 
 def test_unknown_config_name_and_basic_block_width_rejected(lite_config):

@@ -450,6 +450,32 @@ def test_bad_parameters_end_in_cannot_start_not_a_traceback(ros, overrides, text
     assert fake.calls == ["init", "try_shutdown"]
 
 
+def test_backend_that_cannot_be_set_up_is_one_line_naming_its_type(ros, tmp_path, capsys, monkeypatch):
+    """TensorRT without a usable GPU (a RuntimeError): one line, as a bad parameter; a programming error
+    (TypeError) keeps its traceback."""
+    from test_backends_trt import Machine, _write_onnx
+
+    from export.trt_build import build_engine
+    from models.config import lite
+
+    fake, module = ros
+    Machine(monkeypatch, "10.3")
+    build_engine(_write_onnx(tmp_path / "model.onnx", lite()), tmp_path / "model.engine")
+    Machine(monkeypatch, "10.3", no_cuda=True)
+    fake.overrides.update(backend="tensorrt", model_path=str(tmp_path / "model.engine"))
+    assert module.main([]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("occupancy_node: cannot start: RuntimeError: TensorRT 10.3.0.26 could not create a runtime")
+    assert len(err.splitlines()) == 1 and fake.calls == ["init", "try_shutdown"]
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(module, "build_pipeline", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        module.main([])
+
+
 def test_main_init_spin_destroy_shutdown(ros, monkeypatch):
     fake, module = ros
     monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))

@@ -6,7 +6,17 @@ from pathlib import Path
 
 from models.config import ModelConfig
 
-from .base import INPUT_NAMES, OUTPUT_NAMES, Backend, input_feed, input_names, input_shapes, output_shapes, require
+from .base import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    Backend,
+    input_feed,
+    input_names,
+    input_shapes,
+    output_shapes,
+    own_config,
+    require,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +49,16 @@ def _check_model_kind(key: str, path: Path) -> None:
 
 
 def _onnx_config(path: Path, config: ModelConfig | None) -> tuple[ModelConfig, str]:
-    """(the config to run ``path`` with, where it came from): ``config``, else the one in its sidecar, which
-    must describe this very file (its ``onnx_sha256``: an ONNX replaced without its sidecar is refused)."""
-    if config is not None:
-        return config, "the given config"
-    from ..sidecar import read_sidecar, sha256_file, sidecar_path
+    """(the config to run ``path`` with, where it came from): the one in its sidecar, which must describe this
+    very file (its ``onnx_sha256``: an ONNX replaced without its sidecar is refused); a different ``config``
+    is logged and not used (as the torch backend does with a checkpoint's). ``config`` when there is none."""
+    from ..sidecar import read_sidecar, sha256_file, sidecar_config, sidecar_path
 
-    sidecar = read_sidecar(path)
+    sidecar = read_sidecar(path, fields={"onnx_sha256": str})
     side = sidecar_path(path)
     if not sidecar or "config" not in sidecar:
+        if config is not None:
+            return config, "the given config"
         raise ValueError(f"no model config for {path}: its sidecar {side.name} is missing or has no 'config'; "
                          f"pass config=... or re-export with discene-export onnx")
     recorded = sidecar.get("onnx_sha256")
@@ -55,7 +66,7 @@ def _onnx_config(path: Path, config: ModelConfig | None) -> tuple[ModelConfig, s
         raise ValueError(f"{path} is not the ONNX its sidecar {side.name} describes (sha256 {actual[:12]}..., the "
                          f"sidecar records {recorded[:12]}...): the model was replaced without its sidecar; "
                          "re-export both with discene-export onnx")
-    return ModelConfig.from_dict(sidecar["config"]), f"its sidecar {side.name}"
+    return own_config(sidecar_config(sidecar, path), config, f"its sidecar {side.name}"), f"its sidecar {side.name}"
 
 
 def create_backend(name: str, model_path: str | Path | None, config: ModelConfig | None = None,
@@ -97,29 +108,47 @@ def create_backend(name: str, model_path: str | Path | None, config: ModelConfig
         return OrtBackend(path, onnx_config, providers=providers, fp16=fp16, config_source=source)
     from .trt_backend import TensorRTBackend
 
-    if path.suffix == ".onnx":
-        path = _engine_for_onnx(path, fp16)
+    if path.suffix.lower() == ".onnx":  # as _check_model_kind: MODEL.ONNX is an ONNX too, never an engine
+        path, fp16 = _engine_for_onnx(path, fp16, config)
     return TensorRTBackend(path, config=config, fp16=fp16)
 
 
-def _engine_for_onnx(onnx_path: Path, fp16: bool) -> Path:
-    """``<name>.engine`` beside ``onnx_path``, (re)built unless it is current for this ONNX and precision.
-
-    Foreign engines (other GPU or TensorRT version) are rebuilt by the backend itself.
-    """
+def _engine_problems(engine: Path, onnx_path: Path, fp16: bool) -> list[str]:
+    """Reasons ``engine`` must be (re)built from ``onnx_path`` at precision ``fp16`` (empty list: current)."""
     from ..sidecar import read_sidecar
-    from ..trt_build import build_engine, engine_staleness
+    from ..trt_build import ENGINE_SIDECAR_FIELDS, engine_staleness
+
+    if not engine.is_file():
+        return ["no engine built yet"]
+    sidecar = read_sidecar(engine, fields=ENGINE_SIDECAR_FIELDS)
+    if sidecar is None:
+        return ["its sidecar is missing"]
+    reasons = engine_staleness(engine, sidecar, fp16)
+    if sidecar.get("source_onnx") != onnx_path.name:
+        reasons.append(f"it was built from {sidecar.get('source_onnx')}, not {onnx_path.name}")
+    return reasons
+
+
+def _engine_for_onnx(onnx_path: Path, fp16: bool, config: ModelConfig | None = None) -> tuple[Path, bool]:
+    """(``<name>.engine`` beside ``onnx_path``, its precision): (re)built unless current for this ONNX and precision.
+
+    An FP16 ONNX makes an FP16 engine whatever ``fp16`` says, so that is the precision required of it (read
+    from the ONNX only when the engine would otherwise be rebuilt). Without ``config``, an ONNX whose sidecar
+    gives none (or describes another file) is refused before the build, which takes minutes: the engine
+    could not be run without one. Foreign engines (other GPU or TensorRT version) are rebuilt by the backend.
+    """
+    from ..trt_build import build_engine, fp16_of_onnx
 
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model {onnx_path} not found")
     engine = onnx_path.with_suffix(".engine")
-    reasons = ["no engine built yet"]
-    if engine.is_file():
-        sidecar = read_sidecar(engine)
-        reasons = ["its sidecar is missing"] if sidecar is None else engine_staleness(engine, sidecar, fp16)
-        if sidecar is not None and sidecar.get("source_onnx") != onnx_path.name:
-            reasons.append(f"it was built from {sidecar.get('source_onnx')}, not {onnx_path.name}")
+    reasons = _engine_problems(engine, onnx_path, fp16)
+    if reasons and not fp16 and fp16_of_onnx(onnx_path, fp16):
+        fp16 = True
+        reasons = _engine_problems(engine, onnx_path, fp16)
     if reasons:
+        if config is None:
+            _onnx_config(onnx_path, None)
         log.info("building %s from %s: %s", engine, onnx_path, "; ".join(reasons))
         build_engine(onnx_path, engine, fp16=fp16, timing_cache=onnx_path.with_suffix(".timing.cache"))
-    return engine
+    return engine, fp16

@@ -7,12 +7,15 @@ normalised grid coordinates and scores after the sigmoid (last decoder layer), s
 from __future__ import annotations
 
 import importlib
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
 from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("image", "grid2img", "depth")
 OUTPUT_NAMES = ("points", "scores")
@@ -25,6 +28,17 @@ def require(module: str, package: str, purpose: str) -> Any:
     except ImportError as exc:
         raise ImportError(f"{purpose} needs the Python package '{package}' (import {module} failed: {exc}); "
                           f"install it, e.g. `pip install {package}`") from exc
+
+
+def own_config(own: ModelConfig, given: ModelConfig | None, source: str) -> ModelConfig:
+    """``own``, the config the model file records (``source`` says where: a checkpoint, a sidecar); a different
+    ``given`` one is logged and not used, on every backend: the weights were trained and exported with ``own``."""
+    if given is not None and given.to_dict() != own.to_dict():
+        theirs, ours = given.to_dict(), own.to_dict()
+        keys = [k for k in ours if theirs.get(k) != ours[k]]
+        log.warning("the given config '%s' differs from %s ('%s') in %s; using the model file's own",
+                    given.name, source, own.name, keys)
+    return own
 
 
 def input_names(config: ModelConfig) -> list[str]:
@@ -65,6 +79,7 @@ class Backend(ABC):
     """Runs the exported network on one frame. Subclasses set ``name`` and ``device``."""
 
     name: str = "base"
+    closed: bool = False
 
     def __init__(self, config: ModelConfig, device: str = "cpu"):
         self.config = config
@@ -75,8 +90,14 @@ class Backend(ABC):
         """``NetworkInputs`` -> {"points": (1,Q,R,3), "scores": (1,Q,R,C)} numpy float32 (scores after sigmoid)."""
 
     def close(self) -> None:
-        """Release sessions, engines and device memory. Safe to call twice."""
+        """Release sessions, engines and device memory. Safe to call twice; subclasses call this first."""
         self.closed = True
+
+    def require_open(self) -> None:
+        """RuntimeError once ``close`` was called: what the backend runs on is released (a clear error, not an
+        AttributeError or a silent eager fallback)."""
+        if self.closed:
+            raise RuntimeError(f"the {self.name} backend was closed; create a new one to infer again")
 
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.config.name})"

@@ -1,7 +1,8 @@
 """ONNX Runtime backend with a configurable execution-provider preference list.
 
 Providers are tried in the order given (default TensorRT EP, CUDA EP, CPU EP); the first one that this
-onnxruntime build offers is used and logged. Short aliases: ``tensorrt``, ``cuda``, ``cpu``.
+onnxruntime build offers is used. The log names the providers requested and those in use, at WARNING when
+a requested GPU provider is not in use. Short aliases: ``tensorrt``, ``cuda``, ``cpu``.
 """
 from __future__ import annotations
 
@@ -18,8 +19,14 @@ from .base import Backend, input_feed, input_shapes, output_shapes, require
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+FLOAT_TENSOR = "tensor(float)"  # onnxruntime's name for float32, what input_feed hands over
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def requested_providers(requested: list[str] | tuple[str, ...] | None) -> list[str]:
+    """The requested providers by their onnxruntime names (aliases resolved; None: the default list)."""
+    return [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or DEFAULT_PROVIDERS)]
 
 
 def select_providers(requested: list[str] | tuple[str, ...] | None, available: list[str]) -> list[str]:
@@ -27,7 +34,7 @@ def select_providers(requested: list[str] | tuple[str, ...] | None, available: l
 
     Raises ValueError when none of the requested providers is available.
     """
-    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or DEFAULT_PROVIDERS)]
+    wanted = requested_providers(requested)
     chosen = [p for p in wanted if p in available]
     if not chosen:
         raise ValueError(f"none of the requested onnxruntime providers {wanted} is available; this onnxruntime "
@@ -36,9 +43,10 @@ def select_providers(requested: list[str] | tuple[str, ...] | None, available: l
 
 
 def check_graph_shapes(onnx_path: Path, session: Any, config: ModelConfig, config_source: str) -> None:
-    """ValueError, at load, when the graph's inputs or static input/output shapes are not those ``config``
-    (image_size, num_classes, use_depth, decoder sizes) gives: else every frame would fail."""
-    graph = {v.name: tuple(v.shape) for v in [*session.get_inputs(), *session.get_outputs()]}
+    """ValueError, at load, when the graph's input names and types or its input/output shapes are not those
+    ``config`` (image_size, num_classes, use_depth, decoder sizes) and the pipeline (float32) give: else every
+    frame would fail. Symbolic dims (a dynamic batch) match anything; every fixed one is compared."""
+    graph = {v.name: v.shape for v in [*session.get_inputs(), *session.get_outputs()]}
     wanted = {**input_shapes(config), **output_shapes(config)}
     h, w = config.image_size
     described = (f"config '{config.name}' from {config_source} (image_size {h}x{w}, num_classes "
@@ -46,9 +54,15 @@ def check_graph_shapes(onnx_path: Path, session: Any, config: ModelConfig, confi
     inputs = sorted(v.name for v in session.get_inputs())
     if inputs != sorted(input_shapes(config)):
         raise ValueError(f"{onnx_path} takes inputs {inputs}, but {described} gives {sorted(input_shapes(config))}")
+    for v in session.get_inputs():
+        if v.type != FLOAT_TENSOR:
+            raise ValueError(f"{onnx_path}: input '{v.name}' is {v.type}, the pipeline feeds float32 ({FLOAT_TENSOR}); "
+                             "re-export with discene-export onnx (float32 inputs, also for the FP16 model)")
     for name, shape in wanted.items():
         got = graph.get(name)
-        if got is not None and all(isinstance(d, int) for d in got) and got != shape:
+        if not got:  # no shape recorded: onnxruntime checks at run time
+            continue
+        if len(got) != len(shape) or any(isinstance(g, int) and g != d for g, d in zip(got, shape, strict=True)):
             raise ValueError(f"{onnx_path}: '{name}' is {list(got)} in the graph but {list(shape)} for {described}; "
                              "the model and its config do not belong together (re-export with discene-export onnx)")
 
@@ -80,7 +94,7 @@ class OrtBackend(Backend):
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
             raise ValueError(f"onnxruntime could not load {onnx_path} (corrupt or not an ONNX model?): {exc}") from exc
         used = self.session.get_providers()
-        log.info("onnxruntime %s: using %s (requested %s)", ort.__version__, used[0], chosen)
+        self._log_providers(ort.__version__, requested_providers(providers), used)
         super().__init__(config, used[0])
         self.providers = used
         self._inputs = [i.name for i in self.session.get_inputs()]
@@ -91,6 +105,17 @@ class OrtBackend(Backend):
         check_graph_shapes(onnx_path, self.session, config, config_source)
 
     @staticmethod
+    def _log_providers(version: str, wanted: list[str], used: list[str]) -> None:
+        """One line naming the providers requested and those in use; WARNING when a requested GPU provider is not
+        in use (not offered by this onnxruntime, or failed to load): the model then runs slower than intended."""
+        missing = [p for p in wanted if p != "CPUExecutionProvider" and p not in used]
+        if missing:
+            log.warning("onnxruntime %s: requested providers %s, using %s: %s not available (GPU providers need the "
+                        "'onnxruntime-gpu' package and its CUDA/TensorRT libraries)", version, wanted, used, missing)
+        else:
+            log.info("onnxruntime %s: requested providers %s, using %s", version, wanted, used)
+
+    @staticmethod
     def _provider_options(provider: str, onnx_path: Path, fp16: bool) -> dict[str, Any]:
         if provider == "TensorrtExecutionProvider":
             cache = onnx_path.parent / "ort_trt_cache"
@@ -99,6 +124,7 @@ class OrtBackend(Backend):
         return {}
 
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        self.require_open()
         feed = input_feed(inputs, self.config)
         unknown = set(self._inputs) - set(feed)
         if unknown:
@@ -108,4 +134,5 @@ class OrtBackend(Backend):
         return self._check_outputs(dict(zip(self._outputs, values, strict=True)))
 
     def close(self) -> None:
+        super().close()
         self.session = None

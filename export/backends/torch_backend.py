@@ -34,7 +34,7 @@ from models.config import ModelConfig
 from models.device import resolve_device
 
 from ..wrapper import ExportWrapper
-from .base import Backend, input_feed, input_shapes
+from .base import Backend, input_feed, input_shapes, own_config
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,8 @@ class TorchBackend(Backend):
         from models.checkpoint import load_model
 
         model, ckpt_config = load_model(str(path), map_location="cpu")
-        if config is not None and config.to_dict() != ckpt_config.to_dict():
-            log.warning("config passed to the torch backend differs from the checkpoint's; using the checkpoint's")
-        return cls(model, ckpt_config, device=device, fp16=fp16, **options)
+        config = own_config(ckpt_config, config, f"the checkpoint {Path(path).name}")
+        return cls(model, config, device=device, fp16=fp16, **options)
 
     @property
     def fp32_math(self) -> str:
@@ -228,6 +227,7 @@ class TorchBackend(Backend):
 
     def tensors(self, inputs: Any) -> dict[str, torch.Tensor]:
         """Input tensors on the device: ``FrameTensors`` pass through (checked), numpy is uploaded."""
+        self.require_open()
         shapes = self._input_shapes
         if all(isinstance(getattr(inputs, n, None), torch.Tensor) for n in shapes):
             out = {}
@@ -309,6 +309,7 @@ class TorchBackend(Backend):
 
     def _fused_runner(self, post: Any) -> StaticRunner:
         """The static runner of network + ``post`` (one per ``post`` object, made on first use)."""
+        self.require_open()
         if not self.can_fuse:
             raise RuntimeError(f"run_fused needs the static-buffer (cuda_graph) mode, this backend runs {self.mode}")
         runner = self._fused.get(post)
@@ -335,6 +336,7 @@ class TorchBackend(Backend):
         return self._check_outputs({"points": points.numpy(), "scores": scores.numpy()})
 
     def close(self) -> None:
+        super().close()
         self.runner = None
         self._fused.clear()
         if self.torch_device.type == "cuda":

@@ -19,18 +19,29 @@ import numpy as np
 from models.config import ModelConfig
 
 from ..cuda_mem import create_device_memory
-from ..sidecar import read_sidecar
-from ..trt_build import build_engine, engine_mismatches, engine_staleness, source_onnx_path
-from .base import Backend, input_feed, input_shapes, output_shapes, require
+from ..sidecar import read_sidecar, sidecar_config, sidecar_path
+from ..trt_build import (
+    ENGINE_SIDECAR_FIELDS,
+    build_engine,
+    engine_mismatches,
+    engine_staleness,
+    fp16_of_onnx,
+    source_onnx_path,
+)
+from .base import Backend, input_feed, input_shapes, output_shapes, own_config, require
 
 log = logging.getLogger(__name__)
 
 
-def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | None, path: Path) -> ModelConfig:
-    if config is not None:
-        return config
+def _config_from_sidecar(sidecar: dict[str, Any] | None, config: ModelConfig | None,
+                         path: Path) -> tuple[ModelConfig, str]:
+    """(the config to run the engine ``path`` with, where it came from): its sidecar's (a different ``config``
+    is logged and not used, as on every backend), else ``config``."""
     if sidecar and "config" in sidecar:
-        return ModelConfig.from_dict(sidecar["config"])
+        source = f"its sidecar {sidecar_path(path).name}"
+        return own_config(sidecar_config(sidecar, path), config, source), source
+    if config is not None:
+        return config, "the given config"
     raise ValueError(f"no model config for {path}: its sidecar {path.name}.json is missing or has no 'config'; "
                      f"pass config=... or re-export with discene-export")
 
@@ -46,6 +57,9 @@ class TensorRTBackend(Backend):
         trt = require("tensorrt", "tensorrt", "the tensorrt backend")
         self.trt = trt
         engine_path = Path(engine_path)
+        if engine_path.suffix.lower() == ".onnx":  # read as an engine, its sidecar would make it "rebuilt" in place
+            raise ValueError(f"{engine_path.name} is an ONNX model, not an engine: give it to "
+                             "create_backend('tensorrt', ...), which builds the engine beside it")
         if not engine_path.is_file():
             raise FileNotFoundError(f"TensorRT engine {engine_path} not found (build it with `discene-export trt`)")
         self.mem = create_device_memory(memory)
@@ -58,8 +72,9 @@ class TensorRTBackend(Backend):
     def _open(self, engine_path: Path, config: ModelConfig | None, rebuild: bool, workspace_mb: int | None,
               fp16: bool | None) -> None:
         trt = self.trt
-        sidecar = read_sidecar(engine_path)
-        config = _config_from_sidecar(sidecar, config, engine_path)
+        sidecar = read_sidecar(engine_path, fields=ENGINE_SIDECAR_FIELDS)
+        config, self.config_source = _config_from_sidecar(sidecar, config, engine_path)
+        self.engine_path = engine_path
         super().__init__(config, f"cuda ({self.mem.gpu_info()['name']}, TensorRT {trt.__version__})")
         if sidecar is None:
             log.warning("%s has no sidecar: cannot check that it was built for this GPU and TensorRT", engine_path)
@@ -83,11 +98,14 @@ class TensorRTBackend(Backend):
     def _ensure_current(self, engine_path: Path, sidecar: dict[str, Any], rebuild: bool, workspace_mb: int | None,
                         fp16: bool | None) -> None:
         """Rebuild (or refuse) an engine that is foreign to this machine or stale against its ONNX."""
-        reasons = engine_mismatches(sidecar, self.trt.__version__, self.mem.gpu_info())
-        reasons += engine_staleness(engine_path, sidecar, fp16)
+        onnx_path = source_onnx_path(engine_path, sidecar)
+        mismatches = engine_mismatches(sidecar, self.trt.__version__, self.mem.gpu_info())
+        reasons = mismatches + engine_staleness(engine_path, sidecar, fp16)
+        if reasons and fp16 is False and sidecar.get("precision") == "fp16" and fp16_of_onnx(onnx_path, fp16):
+            fp16 = True  # built from an FP16 ONNX: FP16 is all it can be, rebuilding would not change that
+            reasons = mismatches + engine_staleness(engine_path, sidecar, fp16)
         if not reasons:
             return
-        onnx_path = source_onnx_path(engine_path, sidecar)
         what = f"engine {engine_path} cannot be used as it is: " + "; ".join(reasons)
         if not rebuild:
             raise RuntimeError(f"{what}. Rebuilding is disabled; build a new engine here with `discene-export trt`")
@@ -109,7 +127,8 @@ class TensorRTBackend(Backend):
         if sorted(self.inputs) != sorted(expected_in):
             raise ValueError(f"engine inputs {self.inputs} do not match config '{self.config.name}' "
                              f"(expected {sorted(expected_in)}); was it built from this model's ONNX?")
-        missing = set(output_shapes(self.config)) - set(self.outputs)
+        expected_out = output_shapes(self.config)
+        missing = set(expected_out) - set(self.outputs)
         if missing:
             raise ValueError(f"engine lacks outputs {sorted(missing)}; was it built from a discene-export ONNX?")
         for name in self.inputs:
@@ -117,11 +136,19 @@ class TensorRTBackend(Backend):
                 raise ValueError(f"engine rejects input '{name}' of shape {expected_in[name]} (engine shape "
                                  f"{tuple(engine.get_tensor_shape(name))}); was it built for config "
                                  f"'{self.config.name}' at input size {tuple(self.config.image_size)}?")
-        self.buffers = {}
-        for name in names:
-            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+        shapes = {name: tuple(int(d) for d in self.context.get_tensor_shape(name)) for name in names}
+        for name, shape in shapes.items():
             if any(d < 0 for d in shape):
                 raise ValueError(f"engine tensor '{name}' has unresolved shape {shape}")
+            if name in expected_out and shape != expected_out[name]:
+                c = self.config
+                raise ValueError(f"{self.engine_path}: output '{name}' is {list(shape)} in the engine but "
+                                 f"{list(expected_out[name])} for config '{c.name}' from {self.config_source} "
+                                 f"({c.decoder.num_queries} queries, {c.num_classes} classes); the engine and its "
+                                 "config do not belong together (rebuild it from this model's ONNX)")
+        self.buffers = {}
+        for name in names:
+            shape = shapes[name]
             trt_dtype = engine.get_tensor_dtype(name)
             try:
                 dtype = np.dtype(trt.nptype(trt_dtype))
@@ -136,6 +163,7 @@ class TensorRTBackend(Backend):
                 raise RuntimeError(f"TensorRT set_tensor_address failed for '{name}'")
 
     def infer(self, inputs: Any) -> dict[str, np.ndarray]:
+        self.require_open()
         feed = input_feed(inputs, self.config)  # names, shapes, float32: checked before any copy
         for name in self.inputs:
             buf = self.buffers[name]
@@ -150,6 +178,7 @@ class TensorRTBackend(Backend):
         return self._check_outputs(out)
 
     def close(self) -> None:
+        super().close()
         mem = getattr(self, "mem", None)
         if mem is None:
             return
