@@ -29,7 +29,7 @@ import numpy as np
 from . import params as P
 from .camera_pose import TransformNotReadyError, orientation_problem, use_fallback
 from .errors import FrameError, StampError, TransformError
-from .msg_decode import camera_frame_id, transform_to_matrix
+from .msg_decode import camera_frame_id, check_pose, transform_to_matrix
 from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
 from .pairing import STAMP_JUMP_BACK_NS, FramePartners
@@ -404,7 +404,8 @@ class OccupancyNode(Node):
             return
         mount = None
         try:
-            mount = transform_to_matrix(self.tf_buffer.lookup_transform(self.cfg["base_frame"], camera_frame, Time()))
+            tf = self.tf_buffer.lookup_transform(self.cfg["base_frame"], camera_frame, Time())
+            mount = check_pose(transform_to_matrix(tf), "camera mount")  # tf2 keeps an infinite translation
         except (TransformException, FrameError):
             pass
         if mount is None and self.fallback_note is not None:

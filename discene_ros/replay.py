@@ -286,6 +286,8 @@ class BagFrames:
         if pose is None and self.processor is not None and not self.mount_found:
             try:  # a mount that reaches TF after the first images replaces the fixed parameters from then on
                 mount = self.tf.lookup(self.base_frame, camera)
+                if mount is not None:  # tf2 keeps an infinite translation: a mount that is no rigid pose is no mount
+                    msg_decode.check_pose(mount, "camera mount")
             except FrameError:
                 mount = None
             if self.fallback_note is None or mount is not None:

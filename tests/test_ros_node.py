@@ -836,6 +836,26 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     assert values["pose_source"] == "TF"
 
 
+def test_an_infinite_translation_that_tf2_keeps_is_a_bad_pose_and_no_mount(ros):
+    """tf2 checks translations for NaN only, so it hands out a transform with an infinite one: the camera pose
+    made from it is skipped as bad_pose (as the replay does), and a mount made from it is no mount."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", warn_throttle_s=60.0, fallback_camera_height=1.0)
+    far = np.eye(4)
+    far[0, 3] = np.inf
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, far, "map", "cam", 0)
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 10 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 10 * MS))
+    assert wait_until(lambda: node.stats.skipped["bad_pose"] == 1)
+    del fake.transforms[("map", "cam")]
+    fake.transforms[("base_link", "cam")] = msg_encode.matrix_to_transform_stamped(F, far, "base_link", "cam", 0)
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 11 * MS))
+    assert wait_until(lambda: node.stats.processed == 1)
+    assert mount_height_pitch(node.processor.fallback_pose)[0] == pytest.approx(1.0)  # the fixed parameters
+    errors = [text for level, text in node.get_logger().records if level == "error"]
+    assert len(errors) == 1 and "fixed parameters" in errors[0]
+
+
 def test_a_mount_that_reaches_tf_after_the_first_frames_replaces_the_fixed_fallback(ros):
     """At start-up the camera's first frames can come before robot_state_publisher's static mount: the
     fixed-parameter fallback must give way to the mount once TF has it, not stay for the whole run."""
