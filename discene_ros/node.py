@@ -107,6 +107,9 @@ MAX_IN_FLIGHT = 9
 # most every NO_IMAGE_LOG_PERIOD_S; a wrong topic name or a silent camera otherwise shows nowhere in the log.
 NO_IMAGE_WARN_S = 5.0
 NO_IMAGE_LOG_PERIOD_S = 30.0
+# destroy_node waits this long in all for the frame threads: ros2 launch sends SIGTERM 5 s after SIGINT
+# (sigterm_timeout) and SIGKILL 5 s later
+SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def sensor_qos() -> Any:
@@ -417,11 +420,17 @@ class OccupancyNode(Node):
         self.get_logger().error(f"{self.fallback_note} ({why}{'; ' + unusable_mount if unusable_mount else ''})")
 
     def destroy_node(self) -> None:
-        """Stop both frame stages (nothing is published from here on; frames in flight are counted as
-        dropped), join their threads, then destroy the rclpy node."""
-        if not self.frames.close(discard=True, timeout=5.0, wake=self.partners.close):
-            self.get_logger().warning("frame threads did not stop within 5 s")
-        self.pipeline.close()
+        """Stop the frame stages (nothing is published from here on; frames in flight are counted as
+        dropped), join their threads, close the pipeline unless a thread may still use it, then destroy the
+        rclpy node."""
+        self.frames.close(discard=True, timeout=SHUTDOWN_TIMEOUT_S, wake=self.partners.close)
+        running = self.frames.running_threads()
+        if not running:
+            self.pipeline.close()
+        else:  # closing it would free buffers (a TensorRT engine's) under a running inference
+            self.get_logger().warning(
+                f"frame threads did not stop within {SHUTDOWN_TIMEOUT_S:g} s: {', '.join(running)}; the pipeline "
+                "is left open until the process exits")
         super().destroy_node()
 
 

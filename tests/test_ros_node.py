@@ -964,6 +964,33 @@ class InfBackend(BlockBackend):
         return out
 
 
+def test_destroy_with_a_stuck_inference_names_the_thread_and_leaves_the_pipeline_open(ros, monkeypatch):
+    """A frame stuck in the network at shutdown: destroy_node waits SHUTDOWN_TIMEOUT_S for all frame threads
+    together, names the one still running, and does not close the pipeline under it (a TensorRT close frees the
+    buffers a running execute uses): that is left to the process exit. Stopped threads: the pipeline is closed."""
+    fake, module = ros
+    monkeypatch.setattr(module, "SHUTDOWN_TIMEOUT_S", 0.2)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    closed = []
+    for stuck in (True, False):
+        backend = InfBackend()
+        node = make_node(ros, backend, world_frame="map")
+        close = node.pipeline.close
+        node.pipeline.close = lambda close=close, stuck=stuck: closed.append(stuck) or close()
+        if stuck:
+            backend.gate.clear()
+            _frame(node, 10 * MS)
+            assert wait_until(lambda backend=backend: backend.calls == 1)  # in the network, held there
+        node.destroy_node()
+        warned = [t for level, t in node.get_logger().records if level == "warn" and "did not stop" in t]
+        assert warned == (["frame threads did not stop within 0.2 s: frame_infer; the pipeline is left open until "
+                           "the process exits"] if stuck else [])
+        assert node.fake_destroyed
+        backend.gate.set()
+        assert wait_until(lambda node=node: not node.frames.alive())
+    assert closed == [False]  # only the node whose threads stopped closed its pipeline
+
+
 def _diagnostics(node):
     node.diagnostics_timer_callback()
     status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
