@@ -59,8 +59,9 @@ try:  # ROS 2: optional (see the module docstring)
     import rclpy
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
     from rclpy.duration import Duration
-    from rclpy.exceptions import ParameterException
+    from rclpy.exceptions import NameValidationException, ParameterException
     from rclpy.executors import ExternalShutdownException
+    from rclpy.impl.implementation_singleton import rclpy_implementation
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -75,6 +76,8 @@ try:  # ROS 2: optional (see the module docstring)
         TransformListener,
     )
 
+    # rcl's errors (e.g. a malformed --ros-args rule) and ROS arguments rcl does not know, raised by rclpy.init
+    RCLError, UnknownROSArgsError = rclpy_implementation.RCLError, rclpy_implementation.UnknownROSArgsError
     ROS_IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # the class below is then never instantiated
     Node = object
@@ -434,6 +437,17 @@ class OccupancyNode(Node):
         super().destroy_node()
 
 
+def startup_error_text(exc: BaseException) -> str:
+    """The one line ``main`` prints for ``exc``: rclpy's name errors end in the name and a line with a caret under
+    its bad character (dropped), and its UnknownROSArgsError says only the arguments."""
+    if isinstance(exc, UnknownROSArgsError):
+        return f"unknown ROS arguments (after --ros-args): {exc}"
+    lines = str(exc).splitlines()
+    if isinstance(exc, NameValidationException):
+        lines = lines[:2]
+    return " ".join(line.strip() for line in lines)
+
+
 def main(args: list[str] | None = None) -> int:
     """``ros2 run discene_ros occupancy_node``: 1 when the node cannot start (a clear message, no traceback)."""
     if ROS_IMPORT_ERROR is not None:
@@ -441,17 +455,18 @@ def main(args: list[str] | None = None) -> int:
               "installation (e.g. /opt/ros/humble/setup.bash). Bag replay works without ROS: discene-replay",
               file=sys.stderr)
         return 1
-    rclpy.init(args=args)
     node = None
     try:
+        rclpy.init(args=args)
         node = OccupancyNode()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ParameterException, FileNotFoundError, ValueError, ImportError) as exc:
+    except (ParameterException, FileNotFoundError, ValueError, ImportError, NameValidationException, RCLError,
+            UnknownROSArgsError) as exc:
         if node is not None:  # configuration errors only count at start-up
             raise
-        print(f"occupancy_node: cannot start: {exc}", file=sys.stderr)
+        print(f"occupancy_node: cannot start: {startup_error_text(exc)}", file=sys.stderr)
         return 1
     finally:
         if node is not None:

@@ -450,6 +450,31 @@ def test_bad_parameters_end_in_cannot_start_not_a_traceback(ros, overrides, text
     assert fake.calls == ["init", "try_shutdown"]
 
 
+@pytest.mark.parametrize("args, overrides, said", [
+    ([], {"image_topic": "/camera/color/image raw"},
+     "cannot start: Invalid topic name: topic name must not contain characters other than alphanumerics, '_', '~', "
+     "'{', or '}': '/camera/color/image raw'\n"),  # rclpy's InvalidTopicNameException, its caret line dropped
+    ([], {"depth_topic": "/camera/2d/depth", "use_depth": True},
+     "cannot start: Invalid topic name: topic name token must not start with a number: '/camera/2d/depth'\n"),
+    (["--ros-args", "-p", "world_frame"], {},
+     "cannot start: failed to initialize rcl: Couldn't parse parameter override rule: '-p world_frame'"),
+    (["--ros-args", "--params-file"], {}, "cannot start: failed to initialize rcl: Couldn't parse trailing"),
+    (["--ros-args", "--log-levle", "debug"], {},
+     "cannot start: unknown ROS arguments (after --ros-args): ['--log-levle', 'debug']\n"),
+])
+def test_bad_topic_names_and_ros_args_end_in_cannot_start_not_a_traceback(ros, monkeypatch, capsys, args, overrides,
+                                                                          said):
+    """A malformed topic name (rclpy's InvalidTopicNameException) and bad --ros-args (rcl's errors from
+    rclpy.init) went out as tracebacks."""
+    fake, module = ros
+    fake.overrides.update(overrides)
+    monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    assert module.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("occupancy_node: cannot start:") and said in err and "Traceback" not in err
+    assert err.count("\n") == 1 and fake.calls[-1] == "try_shutdown"
+
+
 def test_main_init_spin_destroy_shutdown(ros, monkeypatch):
     fake, module = ros
     monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))

@@ -282,11 +282,87 @@ def _exceptions_module() -> types.ModuleType:
     class NotInitializedException(Exception):
         pass
 
+    class NameValidationException(Exception):
+        def __init__(self, name_type: str, name: str, error_msg: str, invalid_index: int, *args: Any) -> None:
+            Exception.__init__(self, f"Invalid {name_type}: {error_msg}:\n  '{name}'\n   {' ' * invalid_index}^")
+
+    class InvalidTopicNameException(NameValidationException):
+        def __init__(self, name: str, error_msg: str, invalid_index: int, *args: Any) -> None:
+            NameValidationException.__init__(self, "topic name", name, error_msg, invalid_index)
+
     for cls in (ParameterException, InvalidParameterTypeException, InvalidParameterValueException,
                 ParameterAlreadyDeclaredException, ParameterNotDeclaredException, ParameterImmutableException,
-                NotInitializedException):
+                NotInitializedException, NameValidationException, InvalidTopicNameException):
         setattr(mod, cls.__name__, cls)
     return mod
+
+
+def _implementation_module() -> types.ModuleType:
+    """rclpy.impl.implementation_singleton: the C extension's exceptions as rclpy's _rclpy_pybind11.cpp registers
+    them (RCLError and UnknownROSArgsError are RuntimeErrors)."""
+    mod = types.ModuleType("rclpy.impl.implementation_singleton")
+    rcl_error = type("RCLError", (RuntimeError,), {})
+    mod.rclpy_implementation = types.SimpleNamespace(
+        RCLError=rcl_error, RCLInvalidROSArgsError=type("RCLInvalidROSArgsError", (rcl_error,), {}),
+        UnknownROSArgsError=type("UnknownROSArgsError", (RuntimeError,), {}))
+    return mod
+
+
+# rcl's --ros-args flags (rcl/src/rcl/arguments.c): those taking a value, those taking none
+ROS_ARG_RULES = {"-r": "remap rule", "--remap": "remap rule", "-p": "parameter override rule",
+                 "--param": "parameter override rule", "--params-file": "file path", "--log-level": "log level",
+                 "--log-config-file": "file path", "-e": "enclave", "--enclave": "enclave"}
+ROS_ARG_FLAGS = ("--disable-rosout-logs", "--enable-rosout-logs", "--disable-stdout-logs", "--enable-stdout-logs",
+                 "--disable-external-lib-logs", "--enable-external-lib-logs")
+
+
+def ros_args_error(args: list[str] | None, implementation: Any) -> Exception | None:
+    """What rclpy.init raises for ``args``, for the common mistakes: a trailing flag without its value or a
+    remap / parameter rule without ``:=`` (rcl_init fails: RCLError with rcl's message), and flags rcl does
+    not know (rclpy's throw_if_unparsed_ros_args: UnknownROSArgsError, the repr of their list)."""
+    unknown, inside, i = [], False, 0
+    args = list(args or [])
+    while i < len(args):
+        arg = args[i]
+        if arg == "--ros-args":
+            inside = True
+        elif arg == "--" and inside:
+            inside = False
+        elif inside and arg in ROS_ARG_RULES:
+            if i + 1 == len(args):
+                return implementation.RCLError(f"failed to initialize rcl: Couldn't parse trailing {arg} flag. "
+                                               f"No {ROS_ARG_RULES[arg]} found.")
+            if arg in ("-r", "--remap", "-p", "--param") and ":=" not in args[i + 1]:
+                kind = "remap" if arg in ("-r", "--remap") else "parameter override"
+                return implementation.RCLError(f"failed to initialize rcl: Couldn't parse {kind} rule: "
+                                               f"'{arg} {args[i + 1]}'")  # rcl adds its lexer's error
+            i += 1
+        elif inside and arg not in ROS_ARG_FLAGS:
+            unknown.append(arg)
+        i += 1
+    return implementation.UnknownROSArgsError(repr(unknown)) if unknown else None
+
+
+def topic_name_problem(name: str) -> tuple[str, int] | None:
+    """rcl_validate_topic_name (rcl/src/rcl/validate_topic_name.c) for names without ``{}`` substitutions:
+    (rcl's message, index of the bad character), or None for a valid name."""
+    if not name:
+        return "topic name must not be empty string", 0
+    if name[0].isdigit():
+        return "topic name token must not start with a number", 0
+    if name.endswith("/"):
+        return "topic name must not end with a forward slash", len(name) - 1
+    for i, char in enumerate(name):
+        if char == "~" and i != 0:
+            return "topic name must not have tilde '~' unless it is the first character", i
+        if not (char.isascii() and (char.isalnum() or char in "_/~{}")):
+            return "topic name must not contain characters other than alphanumerics, '_', '~', '{', or '}'", i
+    for i in range(len(name) - 1):
+        if name[i] == "/" and name[i + 1].isdigit():
+            return "topic name token must not start with a number", i + 1
+        if i == 1 and name[0] == "~":
+            return "topic name must not have a tilde '~' that is not followed by a forward slash '/'", 1
+    return None
 
 
 def out_of_range(name: str, value: Any, descriptor: Any) -> str:
@@ -506,6 +582,7 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def create_subscription(self, msg_type: Any, topic: str, callback: Any, qos_profile: Any, *,
                                 callback_group: Any = None, event_callbacks: Any = None,
                                 qos_overriding_options: Any = None, raw: bool = False) -> Subscription:
+            self._validate_topic_or_service_name(topic)
             sub = Subscription(msg_type, topic, callback, qos_profile)
             self._subscriptions.append(sub)
             return sub
@@ -513,9 +590,15 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def create_publisher(self, msg_type: Any, topic: str, qos_profile: Any, *, callback_group: Any = None,
                              event_callbacks: Any = None, qos_overriding_options: Any = None,
                              publisher_class: Any = None) -> Publisher:
+            self._validate_topic_or_service_name(topic)
             pub = Publisher(self, msg_type, topic, qos_profile)
             self._publishers.append(pub)
             return pub
+
+        def _validate_topic_or_service_name(self, topic_or_service_name: str, *, is_service: bool = False) -> None:
+            """rclpy's check after rcl refused a name (create_subscription / create_publisher)."""
+            if (problem := topic_name_problem(topic_or_service_name)) is not None:
+                raise exc.InvalidTopicNameException(topic_or_service_name, *problem)
 
         def create_timer(self, timer_period_sec: float, callback: Any, callback_group: Any = None,
                          clock: Any = None) -> Any:
@@ -544,8 +627,12 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
 
     rclpy = types.ModuleType("rclpy")
 
+    implementation = _implementation_module()
+
     def init(args: Any = None) -> None:
         ros.calls.append("init")
+        if (error := ros_args_error(args, implementation.rclpy_implementation)) is not None:
+            raise error
         ros.context.init()
 
     def try_shutdown() -> None:
@@ -684,6 +771,7 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
     param_mod.Parameter = Parameter
     modules = {"rclpy": rclpy, "rclpy.node": node_mod, "rclpy.parameter": param_mod, "rclpy.qos": qos_mod, "rclpy.time": time_mod,
                "rclpy.duration": dur_mod, "rclpy.executors": exec_mod, "rclpy.exceptions": exc,
+               "rclpy.impl": types.ModuleType("rclpy.impl"), "rclpy.impl.implementation_singleton": implementation,
                "rcl_interfaces": types.ModuleType("rcl_interfaces"), "rcl_interfaces.msg": rcl_msg, "tf2_ros": tf2}
     for package in ("sensor_msgs", "geometry_msgs", "visualization_msgs", "diagnostic_msgs", "std_msgs",
                     "builtin_interfaces", "tf2_msgs"):
