@@ -7,6 +7,7 @@ shutdown fails as in rclpy. Published messages are serialised with the real Humb
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -55,6 +56,12 @@ def _as_numpy_data(msg):
     """rclpy keeps uint8[] as array.array('B'); the typestore serialiser wants numpy."""
     msg.data = np.frombuffer(msg.data, np.uint8)
     return msg
+
+
+def _as_integer_levels(diag):
+    """rclpy keeps a byte field as bytes of length 1 (and writes that byte); the typestore serialiser wants the
+    integer."""
+    return dataclasses.replace(diag, status=[dataclasses.replace(s, level=s.level[0]) for s in diag.status])
 
 
 @pytest.fixture()
@@ -542,7 +549,9 @@ def test_frames_flow_drop_and_publish(ros):
     values = {kv.key: kv.value for kv in diag.status[0].values}
     assert int(values["dropped"]) == node.stats.dropped and float(values["fps"]) > 0 and values["pose_source"] == "TF"
     assert diag.status[0].name == f"/{P.NODE_NAME}: occupancy"  # the node's full name: one status per camera
-    STORE.serialize_cdr(diag, diag.__msgtype__)
+    assert isinstance(diag.status[0].level, bytes) and diag.status[0].level == type(diag.status[0]).OK
+    back = STORE.deserialize_cdr(STORE.serialize_cdr(_as_integer_levels(diag), diag.__msgtype__), diag.__msgtype__)
+    assert back.status[0].level == 0 and back.status[0].name == diag.status[0].name
 
 
 def test_markers_are_built_only_while_something_subscribes(ros):
@@ -581,6 +590,21 @@ def test_fake_transform_listener_is_tf2_ros_pys(ros):
     methods = {name for name, value in vars(fake_listener).items() if callable(value)}
     assert "callback" in methods and methods <= TF2_LISTENER_METHODS
     assert tuple(inspect.signature(fake_listener.__init__).parameters) == TF2_LISTENER_PARAMETERS
+
+
+def test_fake_byte_fields_are_bytes_as_rosidl_generates_them(ros):
+    """rosidl_generator_py makes a byte constant bytes (DiagnosticStatus.WARN is b'\\x01') and its field's setter
+    takes bytes of length 1 only: the fake's ints let diagnostics code pass that compares levels with integers."""
+    status_cls = sys.modules["diagnostic_msgs.msg"].DiagnosticStatus
+    assert (status_cls.OK, status_cls.WARN, status_cls.ERROR, status_cls.STALE) == (b"\x00", b"\x01", b"\x02", b"\x03")
+    assert status_cls().level == b"\x00" and max(status_cls.OK, status_cls.WARN) == status_cls.WARN
+    node = make_node(ros)
+    array = sys.modules["diagnostic_msgs.msg"].DiagnosticArray(status=[status_cls(level=1)])
+    with pytest.raises(AssertionError, match="'level' field must be of type 'bytes'"):
+        node.diagnostics_pub.publish(array)
+    node.diagnostics_timer_callback()  # the node's own: no frame yet, WARN, as bytes
+    status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
+    assert status.level == status_cls.WARN
 
 
 def _tf_message(*links):
@@ -851,7 +875,7 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     node.diagnostics_timer_callback()
     status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
     values = {kv.key: kv.value for kv in status.values}
-    assert values["pose_source"].startswith("FALLBACK") and status.level >= 1
+    assert values["pose_source"].startswith("FALLBACK") and status.level == type(status).WARN == b"\x01"
     assert sum(lookup[:2] == ("odom", "cam") for lookup in fake.tf_lookups) == 1  # no tf_timeout_s wait per frame
     fake.transforms[("odom", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
     node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 20 * MS))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rosbags.interfaces import Nodetype
 
 from export.backends.base import Backend
 from export.pipeline import OccupancyPipeline
@@ -152,11 +153,12 @@ RCLPY_PUBLISHER_METHODS = frozenset({"publish", "get_subscription_count", "topic
                                      "assert_liveliness", "wait_for_all_acked"})
 
 
-# tf2_ros_py's TransformListener (tf2_ros_py/tf2_ros/transform_listener.py of ros2/geometry2, the same on its humble,
-# jazzy and rolling branches), which ../shared/ros2-python does not carry: its methods, and its constructor's
-# parameters in order. The fake's must be these.
+# tf2_ros_py's TransformListener (tf2_ros_py/tf2_ros/transform_listener.py of ros2/geometry2, the same file on its
+# humble and jazzy branches), which ../shared/ros2-python does not carry: its methods, and its constructor's
+# parameters in order. The fake's must be these. (Rolling adds tf_topic and tf_static_topic, geometry2 PR #709: a
+# node passing them would fail on Humble and Jazzy.)
 TF2_LISTENER_METHODS = frozenset({"__init__", "__del__", "unregister", "callback", "static_callback"})
-TF2_LISTENER_PARAMETERS = ("self", "buffer", "node", "spin_thread", "qos", "static_qos", "tf_topic", "tf_static_topic")
+TF2_LISTENER_PARAMETERS = ("self", "buffer", "node", "spin_thread", "qos", "static_qos")
 
 
 # rcl_interfaces/msg/ParameterType's numbers of the Python types the node's parameters take (rclpy's
@@ -228,6 +230,10 @@ def rcl_value(text: str) -> Any:
 
 
 def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
+    """``<package>.msg`` of the fake: each class is the typestore's (so messages serialise to CDR) with rclpy's
+    constants and defaults where they differ: rosidl_generator_py makes a byte (octet) constant and a byte
+    field's default ``bytes`` (constant_value_to_py: DiagnosticStatus.WARN is b'\\x01'), the typestore ints.
+    Fields left out get their ROS default, as rclpy's constructors give them."""
     from discene_ros.msg_factory import TypestoreFactory
 
     factory = TypestoreFactory(ros.typestore)
@@ -236,15 +242,57 @@ def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
         pkg, _, cls_name = name.split("/")
         if pkg != package:
             continue
-        consts = ros.typestore.fielddefs[name][0]
+        base = ros.typestore.types[name]
+        consts, fields = ros.typestore.fielddefs[name]
+        constants = {c[0]: bytes([c[2]]) if c[1] == "byte" else c[2] for c in consts}
+        byte_fields = [field for field, (nodetype, desc) in fields if nodetype == Nodetype.BASE and desc[0] == "byte"]
 
-        def new(cls: type, _msgtype: str = name, **kw: Any) -> Any:
-            return factory.new(_msgtype, **kw)
+        def __init__(self: Any, _msgtype: str = name, _base: type = base, _constants: dict = constants,
+                     _byte_fields: list = byte_fields, **kw: Any) -> None:
+            for key in (*_constants, "__msgtype__"):  # what dataclasses.replace passes on besides the fields
+                kw.pop(key, None)
+            for field in _byte_fields:
+                kw.setdefault(field, bytes([0]))
+            filled = factory.new(_msgtype, **kw)  # the typestore's defaults for the fields left out
+            _base.__init__(self, **{field: getattr(filled, field) for field, _ in ros.typestore.fielddefs[_msgtype][1]},
+                           **{key: value for key, value in _constants.items() if hasattr(filled, key)})
 
-        attrs: dict[str, Any] = {"__new__": new, "msgtype": name}
-        attrs.update({c[0]: c[2] for c in consts})
-        setattr(mod, cls_name, type(cls_name, (), attrs))
+        setattr(mod, cls_name, type(cls_name, (base,), {"__init__": __init__, "msgtype": name, **constants}))
     return mod
+
+
+def byte_field_problem(typestore: Any, msg: Any) -> str | None:
+    """The first byte field of ``msg`` (nested messages included) that rclpy's generated setter would refuse:
+    rosidl_generator_py takes only ``bytes`` of length 1 for a byte (octet) field, e.g. DiagnosticStatus.level."""
+    for name, (nodetype, desc) in typestore.fielddefs[msg.__msgtype__][1]:
+        value = getattr(msg, name)
+        if nodetype == Nodetype.BASE and desc[0] == "byte":
+            if not (isinstance(value, bytes) and len(value) == 1):
+                return (f"{msg.__msgtype__}.{name} = {value!r}: The '{name}' field must be of type 'bytes' or "
+                        "'ByteString' with length 1")
+            continue
+        nested = _nested_type(nodetype, desc)
+        if nested is not None and _has_byte_field(typestore, nested):
+            for item in [value] if nodetype == Nodetype.NAME else value:
+                if (problem := byte_field_problem(typestore, item)) is not None:
+                    return problem
+    return None
+
+
+def _nested_type(nodetype: Any, desc: Any) -> str | None:
+    """The message type of a field that holds messages (one, an array or a sequence), else None."""
+    if nodetype == Nodetype.NAME:
+        return desc
+    if nodetype in (Nodetype.ARRAY, Nodetype.SEQUENCE) and desc[0][0] == Nodetype.NAME:
+        return desc[0][1]
+    return None
+
+
+def _has_byte_field(typestore: Any, msgtype: str) -> bool:
+    """Whether ``msgtype`` has a byte field, itself or in a nested message (so a point cloud's are not walked)."""
+    return any((nodetype == Nodetype.BASE and desc[0] == "byte")
+               or ((nested := _nested_type(nodetype, desc)) is not None and _has_byte_field(typestore, nested))
+               for _, (nodetype, desc) in typestore.fielddefs[msgtype][1])
 
 
 def _exceptions_module() -> types.ModuleType:
@@ -414,6 +462,8 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def publish(self, msg: Any) -> None:
             if not self.node.context.ok():  # what rclpy's C layer raises after shutdown
                 raise RuntimeError("failed to publish: publisher's context is invalid")
+            problem = byte_field_problem(ros.typestore, msg)
+            assert problem is None, problem  # rclpy's setter raises this AssertionError when the field is set
             self.published.append(msg)
 
         def get_subscription_count(self) -> int:
@@ -743,12 +793,20 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         callback hands every transform of the TFMessage to the buffer (which drops the invalid ones)."""
 
         def __init__(self, buffer: Any, node: Any, *, spin_thread: bool = False, qos: Any = None,
-                     static_qos: Any = None, tf_topic: str = "/tf", tf_static_topic: str = "/tf_static") -> None:
+                     static_qos: Any = None) -> None:
+            assert not spin_thread, "fake tf2_ros: TransformListener(spin_thread=True) is not faked"
+            if qos is None:
+                qos = qos_mod.QoSProfile(depth=100, durability=qos_mod.DurabilityPolicy.VOLATILE,
+                                         history=qos_mod.HistoryPolicy.KEEP_LAST)
+            if static_qos is None:
+                static_qos = qos_mod.QoSProfile(depth=100, durability=qos_mod.DurabilityPolicy.TRANSIENT_LOCAL,
+                                                history=qos_mod.HistoryPolicy.KEEP_LAST)
             self.buffer, self.node = buffer, node
+            self.group = object()  # a ReentrantCallbackGroup in tf2_ros_py
             tf_message = sys.modules["tf2_msgs.msg"].TFMessage
-            self.tf_sub = node.create_subscription(tf_message, tf_topic, self.callback, qos if qos is not None else 100)
-            self.tf_static_sub = node.create_subscription(tf_message, tf_static_topic, self.static_callback,
-                                                          static_qos if static_qos is not None else 100)
+            self.tf_sub = node.create_subscription(tf_message, "/tf", self.callback, qos, callback_group=self.group)
+            self.tf_static_sub = node.create_subscription(tf_message, "/tf_static", self.static_callback, static_qos,
+                                                          callback_group=self.group)
 
         def unregister(self) -> None:
             self.node.destroy_subscription(self.tf_sub)
