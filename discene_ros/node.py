@@ -266,7 +266,7 @@ class OccupancyNode(Node):
         self.frames.submit(FrameInput(image=msg, received_s=self.last_image_s))
 
     def camera_info_callback(self, msg: Any) -> None:
-        self.partners.info.add(msg)
+        self.partners.add_info(msg)
 
     def depth_callback(self, msg: Any) -> None:
         self.partners.depth.add(msg)

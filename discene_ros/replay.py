@@ -305,7 +305,8 @@ class BagFrames:
             return True
         stamp = msg_decode.stamp_to_ns(image.header.stamp)
         tol = self.partners.tolerance_ns
-        if self.info_topic is not None and not self.partners.info.settled(stamp, tol):
+        info_settled = self.partners.calibration_steady() or self.partners.info.settled(stamp, tol)  # as the node
+        if self.info_topic is not None and not info_settled:
             return False
         if self.depth_topic is not None and not self.partners.depth.settled(stamp, tol):
             return False
@@ -369,7 +370,7 @@ class BagFrames:
                 self.images += 1
                 pending.append((msg, bag_t))
             elif conn.topic == self.info_topic:
-                self.partners.info.add(msg)
+                self.partners.add_info(msg)
             elif conn.topic == self.depth_topic:
                 self.partners.depth.add(msg)
             else:  # an invalid transform is dropped, as tf2 does; a frame needing its link is skipped by lookup

@@ -1097,6 +1097,23 @@ def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros, 
     assert len(published(node, P.TOPIC_CLOUD)) == clouds_before and stats.received == 42
 
 
+def test_camera_info_slower_than_the_images_is_not_waited_for_once_steady(ros):
+    """The node's camera info callback keeps track of the calibration, so that its frames do not wait sync_wait_s
+    each for a camera info that a 1 Hz CameraInfo publisher does not send (pairing.FramePartners.add_info)."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", sync_wait_s=2.0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    waits = []
+    lookup = node.partners.info.wait_nearest
+    node.partners.info.wait_nearest = lambda stamp, tol, timeout: (waits.append(timeout), lookup(stamp, tol, timeout))[1]
+    for stamp in (0, 1_000 * MS):
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    for i in range(3):
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", (1_033 + 33 * i) * MS))
+        assert wait_until(lambda i=i: node.stats.processed == i + 1)
+    assert waits == [0.0, 0.0, 0.0]
+
+
 def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):
     fake, _ = ros
     backend = InfBackend()
