@@ -37,7 +37,7 @@ import yaml
 
 from .camera_pose import TransformNotReadyError
 from .errors import TransformError
-from .msg_decode import quaternion_to_matrix, stamp_to_ns, transform_to_matrix
+from .msg_decode import quaternion_to_matrix, stamp_to_ns, transform_problem, transform_to_matrix
 from .msg_encode import matrix_to_quaternion
 from .tf_links import link_path, only_invalid_link
 
@@ -498,19 +498,19 @@ class TfTree:
     def add_message(self, msg: Any, static: bool = False) -> list[tuple[tuple[str, str], str]]:
         """Add every valid transform of a TFMessage; returns the invalid ones it dropped, as (link, problem).
 
-        tf2's Buffer drops such a transform with a log line and keeps the link's valid ones, so a bad transform
-        on one link costs no frame by itself: ``lookup`` refuses only a chain with a link that never had a
-        valid transform (``_check_invalid``), as the node does."""
+        Invalid is what tf2's Buffer drops (:func:`msg_decode.transform_problem`); any other transform is kept
+        as tf2 keeps it, its quaternion normalised. tf2 drops with a log line and keeps the link's valid ones, so
+        a bad transform on one link costs no frame by itself: ``lookup`` refuses only a chain with a link that
+        never had a valid transform (``_check_invalid``), as the node does."""
         dropped = []
         for tf in msg.transforms:
             parent, child = tf.header.frame_id.lstrip("/"), tf.child_frame_id.lstrip("/")
-            try:
-                matrix = transform_to_matrix(tf)
-            except TransformError as exc:
-                self._invalid[(parent, child)] = str(exc)
-                dropped.append(((parent, child), str(exc)))
+            problem = transform_problem(tf)
+            if problem is not None:
+                self._invalid[(parent, child)] = problem
+                dropped.append(((parent, child), problem))
                 continue
-            self.add(parent, child, matrix, None if static else stamp_to_ns(tf.header.stamp))
+            self.add(parent, child, transform_to_matrix(tf), None if static else stamp_to_ns(tf.header.stamp))
         return dropped
 
     def add(self, parent: str, child: str, child_to_parent: np.ndarray, stamp_ns: int | None = None) -> None:
@@ -565,9 +565,10 @@ class TfTree:
             self._check_invalid(target, source)
             return None
         out = np.eye(4)
-        for key, inverted in path:
-            m = self._link_at(key, stamp_ns)
-            out = (np.linalg.inv(m) if inverted else m) @ out
+        with np.errstate(invalid="ignore", over="ignore"):  # tf2 keeps an infinite translation: check_pose refuses
+            for key, inverted in path:
+                m = self._link_at(key, stamp_ns)
+                out = (np.linalg.inv(m) if inverted else m) @ out
         return out
 
     def _check_invalid(self, target: str, source: str) -> None:

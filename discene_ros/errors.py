@@ -41,7 +41,7 @@ class DepthError(FrameError):
 
 
 class TransformError(FrameError):
-    """Invalid transform message (non-finite, zero or non-unit quaternion)."""
+    """Invalid transform, one tf2 drops (a NaN, a zero or non-finite quaternion), or TF chain of only such ones."""
 
     reason = "bad_transform"
 

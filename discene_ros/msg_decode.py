@@ -61,7 +61,6 @@ PRINCIPAL_MARGIN = 0.25          # principal point may lie this fraction of the 
 MAX_SKEW_RATIO = 0.1             # |K[0,1]| / fx
 ROTATION_TOL = 1e-3              # max |R^T R - I| entry and |det R - 1| of a camera pose
 MAX_TRANSLATION_M = 1e5          # |t| of a camera pose; beyond it float32 voxel centres lose centimetres
-QUATERNION_NORM2_TOL = 0.01      # | |q|^2 - 1 | allowed in TF, the tolerance tf2's BufferCore uses
 
 # Reduced JPEG decoding (compressed_to_rgb's ``min_size_hw``): libjpeg scales by 1/2, 1/4 or 1/8 inside
 # the inverse DCT, about 2x faster for 640x480 -> 320x240 on the sample frames (less on noisy images,
@@ -572,31 +571,35 @@ def _info_intrinsics(msg: Any, rectified: bool) -> tuple[np.ndarray, str]:
 
 
 def quaternion_problem(x: float, y: float, z: float, w: float) -> str | None:
-    """What makes a rotation quaternion unusable (non-finite, zero, or |q|^2 further than
-    :data:`QUATERNION_NORM2_TOL` from 1: tf2's rule), else None. On Python floats: the node checks every
-    transform on /tf with it."""
+    """Why tf2 drops a rotation quaternion, else None. tf2 (Humble, Jazzy) turns it into a matrix that divides
+    by |q|^2 (Matrix3x3::setRotation), so any finite non-zero quaternion is normalised and used; a NaN or
+    infinite component, or |q|^2 zero or too small to divide by, makes that matrix NaN, which BufferCore drops
+    (TF_NAN_INPUT). On Python floats: the node checks every transform on /tf with it."""
     q = [float(x), float(y), float(z), float(w)]
     if not all(map(math.isfinite, q)):
         return f"rotation quaternion {q} is not finite"
-    norm2 = math.fsum(v * v for v in q)
-    if abs(norm2 - 1.0) > QUATERNION_NORM2_TOL:
-        return f"rotation quaternion {q} is " + ("zero" if norm2 < 1e-18 else f"not unit (|q|^2 = {norm2:.6g})")
+    norm2 = q[0] * q[0] + q[1] * q[1] + q[2] * q[2] + q[3] * q[3]  # in tf2's order (Quaternion::length2)
+    if norm2 == 0.0 or math.isinf(2.0 / norm2):
+        return f"rotation quaternion {q} is " + ("zero" if not any(q) else
+                                                  f"too small to normalise (|q|^2 = {norm2:.3g})")
     return None
 
 
 def transform_problem(msg: Any) -> str | None:
-    """What makes a geometry_msgs/Transform(Stamped) unusable (:func:`transform_to_matrix` refuses it), else None."""
+    """Why tf2 drops a geometry_msgs/Transform(Stamped) (BufferCore::setTransformImpl), else None: a quaternion
+    :func:`quaternion_problem` refuses, or a NaN translation. tf2 keeps an infinite translation; the camera pose
+    made from it is refused later (:func:`check_pose`)."""
     tf = msg.transform if hasattr(msg, "transform") else msg
     t, r = tf.translation, tf.rotation
     problem = quaternion_problem(r.x, r.y, r.z, r.w)
-    if problem is None and not all(map(math.isfinite, (t.x, t.y, t.z))):
-        problem = f"transform translation {[t.x, t.y, t.z]} is not finite"
+    if problem is None and any(map(math.isnan, (t.x, t.y, t.z))):
+        problem = f"transform translation {[t.x, t.y, t.z]} is NaN"
     return problem
 
 
 def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
-    """Unit quaternion -> 3x3 rotation matrix; normalised here once |q|^2 is within
-    :data:`QUATERNION_NORM2_TOL` of 1 (tf2's rule), otherwise TransformError (:func:`quaternion_problem`)."""
+    """Quaternion -> 3x3 rotation matrix, normalised as tf2 normalises it; TransformError for one tf2 drops
+    (:func:`quaternion_problem`)."""
     problem = quaternion_problem(x, y, z, w)
     if problem is not None:
         raise TransformError(problem)
@@ -604,29 +607,33 @@ def quaternion_to_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
 
 
 def _rotation_matrix(x: float, y: float, z: float, w: float) -> np.ndarray:
-    """3x3 rotation of a quaternion that :func:`quaternion_problem` passed, normalised first."""
-    q = np.array([x, y, z, w], dtype=np.float64)
-    x, y, z, w = q / math.sqrt(float(q @ q))
+    """3x3 rotation of a quaternion that :func:`quaternion_problem` passed: tf2's Matrix3x3::setRotation, whose
+    factor 2/|q|^2 normalises it (and makes the identity of a quaternion whose |q|^2 overflows, as in tf2)."""
+    x, y, z, w = float(x), float(y), float(z), float(w)
+    s = 2.0 / (x * x + y * y + z * z + w * w)
+    xs, ys, zs = x * s, y * s, z * s
+    wx, wy, wz = w * xs, w * ys, w * zs
+    xx, xy, xz = x * xs, x * ys, x * zs
+    yy, yz, zz = y * ys, y * zs, z * zs
     return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        [1.0 - (yy + zz), xy - wz, xz + wy],
+        [xy + wz, 1.0 - (xx + zz), yz - wx],
+        [xz - wy, yz + wx, 1.0 - (xx + yy)],
     ])
 
 
 def transform_to_matrix(msg: Any) -> np.ndarray:
-    """geometry_msgs/Transform or TransformStamped -> 4x4 (child -> parent, i.e. camera -> world).
+    """geometry_msgs/Transform or TransformStamped -> 4x4 (child -> parent, i.e. camera -> world), the rotation
+    normalised as tf2 normalises it and the translation as given.
 
-    Raises TransformError (a FrameError: the frame it belongs to is skipped) for what :func:`transform_problem`
-    finds: a zero, non-finite or non-unit quaternion or a non-finite translation.
+    Raises TransformError (a FrameError: the frame it belongs to is skipped) for a quaternion tf2 drops (zero or
+    non-finite). Whether tf2 keeps the transform at all is :func:`transform_problem`'s answer (a NaN translation
+    too); whether the pose is usable, :func:`check_pose`'s.
     """
-    problem = transform_problem(msg)
-    if problem is not None:
-        raise TransformError(problem)
     tf = msg.transform if hasattr(msg, "transform") else msg
     t, r = tf.translation, tf.rotation
     out = np.eye(4)
-    out[:3, :3] = _rotation_matrix(r.x, r.y, r.z, r.w)
+    out[:3, :3] = quaternion_to_matrix(r.x, r.y, r.z, r.w)
     out[:3, 3] = [t.x, t.y, t.z]
     return out
 

@@ -29,7 +29,7 @@ import numpy as np
 from . import params as P
 from .camera_pose import TransformNotReadyError, orientation_problem, use_fallback
 from .errors import FrameError, StampError, TransformError
-from .msg_decode import camera_frame_id, transform_to_matrix
+from .msg_decode import camera_frame_id, check_pose, transform_to_matrix
 from .msg_encode import stats_to_diagnostics
 from .msg_factory import EveryNth, RclpyFactory
 from .pairing import STAMP_JUMP_BACK_NS, FramePartners
@@ -59,8 +59,9 @@ try:  # ROS 2: optional (see the module docstring)
     import rclpy
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
     from rclpy.duration import Duration
-    from rclpy.exceptions import ParameterException
+    from rclpy.exceptions import NameValidationException, ParameterException
     from rclpy.executors import ExternalShutdownException
+    from rclpy.impl.implementation_singleton import rclpy_implementation
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -75,6 +76,8 @@ try:  # ROS 2: optional (see the module docstring)
         TransformListener,
     )
 
+    # rcl's errors (e.g. a malformed --ros-args rule) and ROS arguments rcl does not know, raised by rclpy.init
+    RCLError, UnknownROSArgsError = rclpy_implementation.RCLError, rclpy_implementation.UnknownROSArgsError
     ROS_IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # the class below is then never instantiated
     Node = object
@@ -107,6 +110,9 @@ MAX_IN_FLIGHT = 9
 # most every NO_IMAGE_LOG_PERIOD_S; a wrong topic name or a silent camera otherwise shows nowhere in the log.
 NO_IMAGE_WARN_S = 5.0
 NO_IMAGE_LOG_PERIOD_S = 30.0
+# destroy_node waits this long in all for the frame threads: ros2 launch sends SIGTERM 5 s after SIGINT
+# (sigterm_timeout) and SIGKILL 5 s later
+SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def sensor_qos() -> Any:
@@ -260,7 +266,7 @@ class OccupancyNode(Node):
         self.frames.submit(FrameInput(image=msg, received_s=self.last_image_s))
 
     def camera_info_callback(self, msg: Any) -> None:
-        self.partners.info.add(msg)
+        self.partners.add_info(msg)
 
     def depth_callback(self, msg: Any) -> None:
         self.partners.depth.add(msg)
@@ -404,7 +410,8 @@ class OccupancyNode(Node):
             return
         mount = None
         try:
-            mount = transform_to_matrix(self.tf_buffer.lookup_transform(self.cfg["base_frame"], camera_frame, Time()))
+            tf = self.tf_buffer.lookup_transform(self.cfg["base_frame"], camera_frame, Time())
+            mount = check_pose(transform_to_matrix(tf), "camera mount")  # tf2 keeps an infinite translation
         except (TransformException, FrameError):
             pass
         if mount is None and self.fallback_note is not None:
@@ -416,12 +423,32 @@ class OccupancyNode(Node):
         self.get_logger().error(f"{self.fallback_note} ({why}{'; ' + unusable_mount if unusable_mount else ''})")
 
     def destroy_node(self) -> None:
-        """Stop both frame stages (nothing is published from here on; frames in flight are counted as
-        dropped), join their threads, then destroy the rclpy node."""
-        if not self.frames.close(discard=True, timeout=5.0, wake=self.partners.close):
-            self.get_logger().warning("frame threads did not stop within 5 s")
-        self.pipeline.close()
+        """Stop the frame stages (nothing is published from here on; frames in flight are counted as
+        dropped), join their threads, close the pipeline unless a thread may still use it, then destroy the
+        rclpy node."""
+        self.frames.close(discard=True, timeout=SHUTDOWN_TIMEOUT_S, wake=self.partners.close)
+        running = self.frames.running_threads()
+        if not running:
+            self.pipeline.close()
+        else:  # closing it would free buffers (a TensorRT engine's) under a running inference
+            self.get_logger().warning(
+                f"frame threads did not stop within {SHUTDOWN_TIMEOUT_S:g} s: {', '.join(running)}; the pipeline "
+                "is left open until the process exits")
         super().destroy_node()
+
+
+def startup_error_text(exc: BaseException) -> str:
+    """The one line ``main`` prints for ``exc``: rclpy's name errors end in the name and a line with a caret under
+    its bad character (dropped), and its UnknownROSArgsError says only the arguments. Any other RuntimeError (a
+    backend that cannot be set up: no usable GPU, a failed TensorRT build; rcl's own errors are RuntimeErrors too)
+    is named by its type, so that it is not mistaken for a setting to change."""
+    if isinstance(exc, UnknownROSArgsError):
+        return f"unknown ROS arguments (after --ros-args): {exc}"
+    lines = str(exc).splitlines()
+    if isinstance(exc, NameValidationException):
+        lines = lines[:2]
+    kind = f"{type(exc).__name__}: " if isinstance(exc, RuntimeError) and not isinstance(exc, RCLError) else ""
+    return kind + " ".join(line.strip() for line in lines)
 
 
 def main(args: list[str] | None = None) -> int:
@@ -431,20 +458,17 @@ def main(args: list[str] | None = None) -> int:
               "installation (e.g. /opt/ros/humble/setup.bash). Bag replay works without ROS: discene-replay",
               file=sys.stderr)
         return 1
-    rclpy.init(args=args)
     node = None
     try:
+        rclpy.init(args=args)
         node = OccupancyNode()
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ParameterException, FileNotFoundError, ValueError, ImportError, RuntimeError) as exc:
+    except (ParameterException, FileNotFoundError, ValueError, ImportError, NameValidationException, RuntimeError) as exc:
         if node is not None:  # configuration errors only count at start-up
             raise
-        # RuntimeError: a backend that cannot be set up (no usable GPU, TensorRT build failed); its type is named,
-        # so a RuntimeError of another kind is not mistaken for a setting to change
-        kind = f"{type(exc).__name__}: " if isinstance(exc, RuntimeError) else ""
-        print(f"occupancy_node: cannot start: {kind}{exc}", file=sys.stderr)
+        print(f"occupancy_node: cannot start: {startup_error_text(exc)}", file=sys.stderr)
         return 1
     finally:
         if node is not None:

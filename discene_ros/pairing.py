@@ -3,7 +3,10 @@
 Drivers publish aligned depth and camera info *after* the colour image they belong to, so "the
 newest depth" is usually the previous frame's. Like message_filters' ApproximateTimeSynchronizer,
 a colour frame takes the partner whose stamp is nearest its own within a tolerance, waiting a
-bounded time for it to arrive; a partner newer than the window means none will come.
+bounded time for it to arrive; a partner newer than the window means none will come. Camera info is waited
+for only until its calibration has been the same twice in a row: from then on the newest is used at once,
+as it gives the same intrinsics, so a camera publishing CameraInfo less often than images does not hold
+every frame up for the whole wait.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from .errors import DepthError, MissingCameraInfoError
-from .msg_decode import stamp_to_ns
+from .msg_decode import camera_info_key, stamp_to_ns
 
 
 class DepthSyncError(DepthError):
@@ -25,6 +28,8 @@ class DepthSyncError(DepthError):
 # a stamp this much older than the one before it on the same topic: the time line restarted (a bag played
 # with --loop, a simulator reset), as tf2's 1 s jump threshold
 STAMP_JUMP_BACK_NS = 1_000_000_000
+# camera infos in a row with the same calibration after which an image no longer waits for its own
+STEADY_CALIBRATION_INFOS = 2
 
 
 class StampedBuffer:
@@ -93,6 +98,20 @@ class FramePartners:
         self.info_topic, self.depth_topic = info_topic, depth_topic  # named in the skip messages
         self.info = StampedBuffer(maxlen)
         self.depth = StampedBuffer(maxlen)
+        self._calibration: tuple | None = None  # camera_info_key of the newest camera info
+        self._same_calibration = 0  # camera infos in a row with that calibration
+
+    def add_info(self, msg: Any) -> None:
+        """A camera info message, its calibration compared with the previous one's (once per message, here
+        rather than per frame)."""
+        key = camera_info_key(msg)
+        self._same_calibration = self._same_calibration + 1 if key == self._calibration else 1
+        self._calibration = key
+        self.info.add(msg)
+
+    def calibration_steady(self) -> bool:
+        """True once the last STEADY_CALIBRATION_INFOS camera infos had the same calibration."""
+        return self._same_calibration >= STEADY_CALIBRATION_INFOS
 
     def close(self) -> None:
         self.info.close()
@@ -102,11 +121,14 @@ class FramePartners:
         """(camera info, depth or None) for a colour image stamped ``stamp_ns``.
 
         Camera info: nearest within the tolerance; when none is (drivers that stamp it on their own
-        clock), the newest one, since intrinsics do not change per frame. Depth: nearest within the
-        tolerance or DepthSyncError. Raises MissingCameraInfoError when no camera info came at all.
+        clock), the newest one, since intrinsics do not change per frame. It is waited for only while the
+        calibration is not steady (``calibration_steady``): a steady one gives the same intrinsics at once.
+        Depth: nearest within the tolerance or DepthSyncError. Raises MissingCameraInfoError when no camera
+        info came at all.
         """
         timeout = self.wait_s if wait else 0.0
-        info = self.info.wait_nearest(stamp_ns, self.tolerance_ns, timeout) or self.info.newest()
+        info_timeout = 0.0 if self.calibration_steady() else timeout
+        info = self.info.wait_nearest(stamp_ns, self.tolerance_ns, info_timeout) or self.info.newest()
         if info is None:
             raise MissingCameraInfoError(f"no CameraInfo received yet on {self.info_topic}" if self.info_topic else
                                          "no CameraInfo topic to pair the image with")

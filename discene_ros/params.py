@@ -94,7 +94,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "(RealSense: align_depth.enable:=true, aligned_depth_to_color); false: trust depth_topic to be aligned"),
     ParamSpec("sync_tolerance_s", 0.02, "Largest stamp difference between a colour image and its depth image / "
               "camera info, seconds (pairing by header stamp)", (0.0, 1.0)),
-    ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds. "
+    ParamSpec("sync_wait_s", 0.1, "How long a colour image waits for its depth image and camera info, seconds "
+              "(camera info only until two in a row had the same calibration: then the newest is used at once). "
               "With tf_timeout_s also 0, locating a frame never waits, and on a GPU the frame loop takes raw images "
               "on one thread (no decode thread): less host CPU per frame", (0.0, 2.0)),
     ParamSpec("world_frame", "odom", "Gravity-aligned frame (z up) of the grid and of all outputs"),

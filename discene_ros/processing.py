@@ -571,7 +571,7 @@ class FrameLoop:
         return self.runner.wait_idle(timeout)
 
     def close(self, discard: bool = False, timeout: float = 10.0, wake: Callable[[], None] | None = None) -> bool:
-        """Stop the stage threads (True when they ended in time). ``discard`` (shutdown): nothing more is
+        """Stop the stage threads (True when all ended within ``timeout``, one deadline for all). ``discard`` (shutdown): nothing more is
         delivered, waiting frames are dropped, then ``wake`` unblocks a stage waiting on input (the
         node's pairing wait); without it every submitted frame is finished first."""
         if discard:
@@ -586,6 +586,10 @@ class FrameLoop:
     def alive(self) -> bool:
         """True while a stage thread runs."""
         return self.runner.alive()
+
+    def running_threads(self) -> list[str]:
+        """Names of the stage threads still running."""
+        return self.runner.running_threads()
 
 
 def freeze_startup_objects() -> int:

@@ -286,6 +286,8 @@ class BagFrames:
         if pose is None and self.processor is not None and not self.mount_found:
             try:  # a mount that reaches TF after the first images replaces the fixed parameters from then on
                 mount = self.tf.lookup(self.base_frame, camera)
+                if mount is not None:  # tf2 keeps an infinite translation: a mount that is no rigid pose is no mount
+                    msg_decode.check_pose(mount, "camera mount")
             except FrameError:
                 mount = None
             if self.fallback_note is None or mount is not None:
@@ -303,7 +305,8 @@ class BagFrames:
             return True
         stamp = msg_decode.stamp_to_ns(image.header.stamp)
         tol = self.partners.tolerance_ns
-        if self.info_topic is not None and not self.partners.info.settled(stamp, tol):
+        info_settled = self.partners.calibration_steady() or self.partners.info.settled(stamp, tol)  # as the node
+        if self.info_topic is not None and not info_settled:
             return False
         if self.depth_topic is not None and not self.partners.depth.settled(stamp, tol):
             return False
@@ -367,7 +370,7 @@ class BagFrames:
                 self.images += 1
                 pending.append((msg, bag_t))
             elif conn.topic == self.info_topic:
-                self.partners.info.add(msg)
+                self.partners.add_info(msg)
             elif conn.topic == self.depth_topic:
                 self.partners.depth.add(msg)
             else:  # an invalid transform is dropped, as tf2 does; a frame needing its link is skipped by lookup

@@ -1,8 +1,9 @@
 """Which TF links join two frames, and whether only invalid transforms do: shared by the replay's ``TfTree``
 and the node's ``TransformWatch``.
 
-tf2's Buffer drops a transform with a NaN or a denormalised quaternion (BufferCore::setTransformImpl: a log line,
-nothing stored). A world frame that a broken localizer publishes only as NaN therefore looks absent from TF, and
+tf2's Buffer drops a transform with a NaN translation or a quaternion it cannot normalise: zero or with a NaN or
+infinite component (BufferCore::setTransformImpl, TF_NAN_INPUT: a log line, nothing stored); any other quaternion
+it normalises and keeps. A world frame that a broken localizer publishes only as NaN therefore looks absent from TF, and
 absent is when the camera pose falls back to the mount. Seen here, such a frame is in TF but unusable: its frames
 are skipped as ``bad_transform`` instead, as the replay does for a bag.
 """

@@ -718,7 +718,8 @@ class FrameRunner:
             return self._cond.wait_for(lambda: self._upstream_idle(2) and not self._busy[2], timeout)
 
     def close(self, timeout: float = 10.0, discard: bool = False) -> bool:
-        """Finish the frames already submitted, then stop the threads; True when all ended in time.
+        """Finish the frames already submitted, then stop the threads; True when all ended within ``timeout``
+        (one deadline for all of them; ``running_threads`` names those that did not).
 
         ``discard``: shutting down, finish only the frame in the finish stage; the frames waiting at the
         hand-offs and those being decoded or prepared are dropped.
@@ -742,13 +743,18 @@ class FrameRunner:
             self._cond.notify_all()
         for item in waiting:
             self._dropped(item)
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(deadline - time.monotonic(), 0.0))
         return not self.alive()
 
     def alive(self) -> bool:
         """True while a stage thread runs (False after ``close`` returned True)."""
         return any(t.is_alive() for t in self._threads)
+
+    def running_threads(self) -> list[str]:
+        """Names of the stage threads still running (``frame_decode``, ``frame_prepare``, ``frame_infer``)."""
+        return [t.name for t in self._threads if t.is_alive()]
 
     def counts(self) -> dict[str, int]:
         with self._cond:

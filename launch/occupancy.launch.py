@@ -7,23 +7,23 @@
 Parameters come from ``params_file`` (default: the shipped config/occupancy.yaml). The launch
 arguments below override single parameters, and only when given: an argument left out keeps the
 value of ``params_file`` (``ros2 launch`` refuses an empty value, ``name:=``, and an empty string from
-an including launch file counts as not given). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
-``world_frame`` as its fixed frame, its camera display (the occupancy over the image) follows the
-effective ``image_topic`` and camera info, and it
-runs in the node's namespace (included under ``PushRosNamespace``, one per camera). ``use_sim_time``
-goes to both.
+an including launch file counts as not given). A given argument wins over every entry of ``params_file``:
+it goes to the node in a parameter file of its own, under a node key that ``params_file`` lacks, which rcl
+applies last (discene_ros/launch_params.py). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the
+effective ``world_frame`` (the argument, else rclpy's reading of ``params_file`` for the node's full name,
+namespace included) as its fixed frame, its camera display (the occupancy over the image) follows the
+effective ``image_topic`` and camera info, and it runs in the node's namespace (included under
+``PushRosNamespace``, one per camera). ``use_sim_time`` goes to both.
 """
-from pathlib import Path
-
-import yaml
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
+from launch_ros.utilities import make_namespace_absolute, prefix_namespace
 
+from discene_ros.launch_params import full_name, node_parameters, read_entries, write_winning_file
 from discene_ros.params import NODE_NAME, PARAMS_BY_NAME, base_image_topic, camera_info_topic_for
 
 PACKAGE = "discene_ros"
@@ -48,8 +48,7 @@ def boolean(name: str, text: str) -> bool:
 
 
 def typed_value(name: str, text: str):
-    """A launch argument string as the node parameter's type; bool only as true/false. Strings stay
-    strings (launch_ros would otherwise read e.g. a topic "123" as YAML)."""
+    """A launch argument string as the node parameter's type; bool only as true/false."""
     kind = PARAMS_BY_NAME[name].kind
     if kind == "bool":
         return boolean(name, text)
@@ -57,29 +56,7 @@ def typed_value(name: str, text: str):
         return float(text)
     if kind == "int":
         return int(text)
-    return ParameterValue(text, value_type=str)
-
-
-def file_parameters(path: str) -> dict:
-    """ros__parameters of this node in a parameter file (wildcard entries first, then its own name); a file
-    that is missing or not a ROS 2 parameter file is named in the one line ``ros2 launch`` prints."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"params_file {path} does not exist")
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"params_file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
-    layout = "its top level must map node names to {ros__parameters: {name: value}}"
-    if not isinstance(data, dict):
-        raise ValueError(f"params_file {path} is not a ROS 2 parameter file: {layout}")
-    values = {}
-    for key in ("/**", NODE_NAME, "/" + NODE_NAME, "/**/" + NODE_NAME):
-        entry = data.get(key) or {}
-        parameters = entry.get("ros__parameters", {}) if isinstance(entry, dict) else None
-        if not isinstance(parameters, dict):
-            raise ValueError(f"params_file {path}: entry {key!r} is not a ROS 2 parameter entry: {layout}")
-        values.update(parameters)
-    return values
+    return text
 
 
 def start_nodes(context, *args, **kwargs):
@@ -88,7 +65,11 @@ def start_nodes(context, *args, **kwargs):
     given = {name: value for name in LAUNCH_PARAMETERS
              if (value := LaunchConfiguration(name).perform(context)) != NOT_GIVEN}
     overrides = {name: typed_value(name, value) for name, value in given.items()}
-    in_file = file_parameters(params_file)
+    # the node's full name: namespace "" below puts it in the namespace an including launch file pushed
+    namespace = make_namespace_absolute(prefix_namespace(context.launch_configurations.get("ros_namespace"), ""))
+    node_name = full_name(namespace, NODE_NAME)
+    entries = read_entries(params_file)
+    in_file = node_parameters(entries, node_name)  # what rclpy gives the node from params_file
 
     def effective(name: str):  # the value the node will run with
         return given.get(name, in_file.get(name, PARAMS_BY_NAME[name].default))
@@ -102,12 +83,12 @@ def start_nodes(context, *args, **kwargs):
     # with the node's camera info
     camera_topic = base_image_topic(effective("image_topic"))
     info_topic = effective("camera_info_topic") or camera_info_topic_for(camera_topic)
+    # the given arguments last, under a node key params_file lacks: rcl applies it after all of its keys
+    parameters = [params_file, write_winning_file(entries, node_name, overrides)] if overrides else [params_file]
     share = FindPackageShare(PACKAGE)
     return [
-        # namespace "": the name is then fully qualified, so launch_ros files the overrides under the
-        # node's own name, which rcl applies over /** entries and over earlier files (a given argument wins)
         Node(package=PACKAGE, executable="occupancy_node", name=NODE_NAME, namespace="", output="screen",
-             parameters=[params_file, overrides] if overrides else [params_file],
+             parameters=parameters,
              respawn=boolean("respawn", LaunchConfiguration("respawn").perform(context)),
              respawn_delay=RESPAWN_DELAY_S),
         Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -353,14 +354,56 @@ def test_non_rigid_poses_are_rejected(edit, match):
 
 
 # ----------------------------------------------------------------------------- 5: quaternions
+def tf2_stored_rotation(x: float, y: float, z: float, w: float) -> list[float] | None:
+    """What tf2's BufferCore (Humble, Jazzy) stores for a message quaternion, transcribed from geometry2:
+    setTransform builds a Transform, whose Matrix3x3::setRotation divides by |q|^2; setTransformImpl drops the
+    transform when getRotation() of that matrix has a NaN (TF_NAN_INPUT) or is further than 0.01 from unit
+    (TF_DENORMALIZED_QUATERNION). None = dropped."""
+    d = x * x + y * y + z * z + w * w
+    s = 2.0 / d if d != 0.0 else math.inf
+    xs, ys, zs = x * s, y * s, z * s
+    wx, wy, wz = w * xs, w * ys, w * zs
+    xx, xy, xz = x * xs, x * ys, x * zs
+    yy, yz, zz = y * ys, y * zs, z * zs
+    m = [[1.0 - (yy + zz), xy - wz, xz + wy], [xy + wz, 1.0 - (xx + zz), yz - wx], [xz - wy, yz + wx, 1.0 - (xx + yy)]]
+    trace, q = m[0][0] + m[1][1] + m[2][2], [0.0] * 4
+    if trace > 0.0:
+        r = math.sqrt(trace + 1.0)
+        q[3], r = r * 0.5, 0.5 / r
+        q[0], q[1], q[2] = (m[2][1] - m[1][2]) * r, (m[0][2] - m[2][0]) * r, (m[1][0] - m[0][1]) * r
+    else:
+        i = (2 if m[1][1] < m[2][2] else 1) if m[0][0] < m[1][1] else (2 if m[0][0] < m[2][2] else 0)
+        j, k = (i + 1) % 3, (i + 2) % 3
+        r = math.sqrt(m[i][i] - m[j][j] - m[k][k] + 1.0) if m[i][i] - m[j][j] - m[k][k] + 1.0 >= 0 else math.nan
+        q[i], r = r * 0.5, (0.5 / r if r else math.inf)
+        q[3], q[j], q[k] = (m[k][j] - m[j][k]) * r, (m[j][i] + m[i][j]) * r, (m[k][i] + m[i][k]) * r
+    if any(map(math.isnan, q)) or abs(sum(v * v for v in q) - 1.0) >= 0.01:
+        return None
+    return q
+
+
 def test_quaternions_follow_tf2s_normalisation_rule():
-    for q, ok in [((0, 0, 0, 0), False), ((0, 0, 0, 1.001), True), ((0, 0, 0, 1.1), False), ((0, 0, np.nan, 1), False),
-                  ((0, 0, 0, 0.996), True), ((0, 0, 0, 0.99), False)]:
-        if ok:
-            np.testing.assert_allclose(msg_decode.quaternion_to_matrix(*q), np.eye(3), atol=1e-12)
-        else:
+    """tf2 normalises any finite non-zero quaternion and drops only what its normalisation turns into NaN: the
+    project refused |q|^2 further than 0.01 from 1, frames tf2 gives the node with a pose."""
+    rng = np.random.default_rng(7)
+    cases = [(0, 0, 0, 0), (0, 0, 0, 1.001), (0, 0, 0, 1.1), (0, 0, 0, 2.0), (0, 0, 0.3, 1.2), (0, 0, 0, 0.5),
+             (0, 0, np.nan, 1), (0, 0, np.inf, 1), (-np.inf, 0, 0, 0), (1e-170, 0, 0, 0), (3e-150, 0, 0, 1e-150),
+             *(tuple(rng.normal(size=4) * scale) for scale in (1e-3, 0.5, 1.0, 7.0, 1e6))]
+    for q in cases:
+        stored = tf2_stored_rotation(*map(float, q))
+        if stored is None:
+            assert msg_decode.quaternion_problem(*q) is not None, q
             with pytest.raises(TransformError):
                 msg_decode.quaternion_to_matrix(*q)
+            continue
+        assert msg_decode.quaternion_problem(*q) is None, q
+        x, y, z, w = stored  # unit: the rotation tf2 gives the node
+        expected = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                             [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                             [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+        np.testing.assert_allclose(msg_decode.quaternion_to_matrix(*q), expected, atol=1e-12)
+    assert "is zero" in msg_decode.quaternion_problem(0.0, 0.0, 0.0, 0.0)
+    assert "not finite" in msg_decode.quaternion_problem(0.0, 0.0, np.inf, 1.0)
 
 
 # ----------------------------------------------------------------------------- 2, 6, 8: datasets

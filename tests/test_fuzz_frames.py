@@ -24,7 +24,7 @@ from rosbags.typesys import Stores, get_typestore
 from test_ros_support import BlockBackend, pipeline_for
 
 from discene_ros import msg_decode, msg_encode
-from discene_ros.errors import FrameError
+from discene_ros.errors import FrameError, TransformError
 from discene_ros.msg_factory import TypestoreFactory
 from discene_ros.processing import FrameInput, FrameProcessor, ProcessorSettings, build_outputs
 from models.config import lite
@@ -111,11 +111,11 @@ def _tf(q: tuple[float, float, float, float], t: tuple[float, float, float] = (0
 
 
 def _pose_from_tf(rng: np.random.Generator, tf: object) -> FrameInput:
-    """What the replay does with a TF message: a valid one gives the pose, a bad one skips the frame."""
-    try:
-        return _frame(rng, pose=msg_decode.transform_to_matrix(tf))
-    except FrameError as exc:
-        return _frame(rng, pose=None, pose_error=exc)
+    """What the replay does with a TF message: one tf2 keeps gives the pose, one it drops skips the frame."""
+    problem = msg_decode.transform_problem(tf)
+    if problem is not None:
+        return _frame(rng, pose=None, pose_error=TransformError(problem))
+    return _frame(rng, pose=msg_decode.transform_to_matrix(tf))
 
 
 # ----------------------------------------------------------------------------- categories
@@ -290,15 +290,17 @@ def poses(rng: np.random.Generator) -> Case:
 def tf(rng: np.random.Generator) -> Case:
     q = rng.normal(size=4)
     q = q / np.linalg.norm(q)
-    kind = int(rng.integers(5))
+    kind = int(rng.integers(6))
     if kind == 0:
         return _pose_from_tf(rng, _tf(tuple(q))), OK, False
-    if kind == 1:  # slightly off unit (|q|^2 = 1.004): tf2 accepts it, and so do we (normalised)
+    if kind == 1:  # slightly off unit (|q|^2 = 1.004): tf2 normalises it, and so do we
         return _pose_from_tf(rng, _tf(tuple(q * math.sqrt(1.004)))), OK, False
     if kind == 2:
         return _pose_from_tf(rng, _tf((0.0, 0.0, 0.0, 0.0))), "bad_transform", False
-    if kind == 3:
-        return _pose_from_tf(rng, _tf(tuple(q * rng.uniform(1.5, 10.0)))), "bad_transform", False
+    if kind == 3:  # far from unit: tf2 normalises any finite non-zero quaternion
+        return _pose_from_tf(rng, _tf(tuple(q * rng.choice([0.01, 0.5, 1.5, 10.0])))), OK, False
+    if kind == 4:  # tf2 keeps an infinite translation (it drops NaN only): the pose check refuses the pose
+        return _pose_from_tf(rng, _tf(tuple(q), (float("inf"), 0.0, 1.0))), "bad_pose", False
     bad = q.copy()
     bad[int(rng.integers(4))] = float(rng.choice([np.nan, np.inf]))
     if rng.random() < 0.5:

@@ -493,6 +493,30 @@ def test_with_a_decode_stage_the_newest_frame_wins_at_every_hand_off():
     assert not g.slot_clash
 
 
+def test_close_waits_one_deadline_for_all_threads_and_names_those_still_running():
+    """Three stage threads, the decode and finish stages stuck (and the prepare stage waiting for the decode
+    stage's frame): close's timeout is one deadline for all of them (each thread joined for what is left of
+    it; before, each for the whole timeout: three times it), and ``running_threads`` names those still running."""
+    g = Gate()
+    g.prepare_gate.set()
+    decode_gate = threading.Event()
+    runner = FrameRunner(g.prepare, g.finish, on_drop=g.drop,
+                         decode=lambda item: item if item == 0 else decode_gate.wait(5) and item)
+    runner.submit(0)
+    assert g.in_finish.acquire(timeout=5)        # 0 held in the finish stage
+    runner.submit(1)                             # 1 held in the decode stage
+    assert wait_until(lambda: runner.counts()["submitted"] == 2 and runner._busy[0])
+    asked: list[float] = []
+    for thread in runner._threads:
+        thread.join = lambda timeout=None, join=thread.join: (asked.append(timeout), join(timeout))[1]
+    assert runner.close(timeout=0.2, discard=True) is False
+    assert len(asked) == 3 and sum(asked) <= 0.2
+    assert runner.running_threads() == ["frame_decode", "frame_prepare", "frame_infer"]
+    decode_gate.set()
+    g.finish_gate.set()
+    assert runner.close(timeout=5) is True and runner.running_threads() == []
+
+
 def test_a_lossless_runner_closed_with_discard_drops_what_waits_and_refuses_a_blocked_submit():
     """Lossless, finish stage held: one frame waits for it, the next one waits for the decode stage (which
     takes no frame while one waits after it), and a feeder blocks in ``submit``; ``close(discard=True)``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -150,6 +151,37 @@ def test_a_bag_whose_camera_tf_is_all_invalid_skips_its_frames_and_says_why(tmp_
     assert "first bad_transform: frame at" in err and "TF world -> cam" in err and said in err
     assert "is not in TF" not in err
     assert "TF world -> cam" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_non_unit_quaternion_is_normalised_and_used_as_tf2_does(tmp_path, block_model):
+    """tf2 normalises any finite non-zero quaternion (Matrix3x3::setRotation divides by |q|^2), so the node gets
+    a pose from it: the replay did not, skipping every frame as bad_transform ("not unit")."""
+    bag = _bag(tmp_path / "bag", n=3, tf_edit=lambda t: setattr(t.rotation, "w", 2.0))
+    s = replay.replay(bag, tmp_path / "out", replay.ReplaySettings(progress=False, n_renders=0)).summary
+    assert s["frames"] == 3 and s["skipped"] == 0 and not s["invalid_transforms"]
+    tf = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "world", "cam", 5)
+    tf.transform.rotation.z, tf.transform.rotation.w = 0.3, 1.2
+    tree = bag_io.TfTree()
+    assert tree.add_message(F.new("tf2_msgs/msg/TFMessage", transforms=[tf])) == []
+    angle = 2 * math.atan2(0.3, 1.2)
+    np.testing.assert_allclose(tree.lookup("world", "cam", 5)[:3, :3], [[math.cos(angle), -math.sin(angle), 0],
+                                                                         [math.sin(angle), math.cos(angle), 0],
+                                                                         [0, 0, 1]], atol=1e-12)
+
+
+def test_an_infinite_translation_is_kept_as_tf2_keeps_it_and_its_pose_refused(tmp_path, block_model):
+    """tf2 checks a translation for NaN only: an infinite one is in the node's Buffer and the pose made from it is
+    skipped as bad_pose; the replay keeps the link too, so both skip the frame for the same reason."""
+    bag = _bag(tmp_path / "bag", n=2, tf_edit=lambda t: setattr(t.translation, "x", float("inf")))
+    s = replay.replay(bag, tmp_path / "out", replay.ReplaySettings(progress=False, n_renders=0)).summary
+    assert s["skipped_by_reason"] == {"bad_pose": 2} and not s["invalid_transforms"]
+    far = np.eye(4)
+    far[0, 3] = np.inf  # a camera mount made from it is no mount: the fixed fallback parameters, as in the node
+    bag = _bag(tmp_path / "mount", n=2, other_tf=lambda t: [
+        msg_encode.matrix_to_transform_stamped(F, far, "base_link", "cam", t)])
+    s = replay.replay(bag, tmp_path / "out2", replay.ReplaySettings(progress=False, n_renders=0,
+                                                                    world_frame="map")).summary
+    assert s["frames"] == 2 and s["fallback_pose_frames"] == 2 and "fixed parameters" in s["fallback_pose_note"]
 
 
 def test_one_invalid_transform_does_not_drop_the_others_of_its_message():

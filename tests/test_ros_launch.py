@@ -3,8 +3,7 @@
 The upstream Python packages are in ../shared/ros2-python (see its README); where that folder is
 absent the tests skip. The launch file is included as ``ros2 launch`` does, its Node actions
 expand their parameters, and the node's effective parameters are computed from the parameter
-files it would get with rcl's rule: files in order, later wins, entries for the node's own name
-over ``/**`` wildcards.
+files it would get with rcl's and rclpy's rule (``effective_parameters``).
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from discene_ros import launch_params
 from discene_ros import params as P
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,19 +137,33 @@ def run_launch(launch_env: LaunchEnv, distro: str, *args: str, launch_file: Path
 
 
 def effective_parameters(arguments: list | None, node_name: str, namespace: str = "/") -> dict | None:
-    """rcl's parameter overrides for a node from its ``--params-file`` arguments (in order)."""
+    """rclpy's parameter overrides for a node from its ``--params-file`` arguments (in order). rcl reads all
+    files into one table of node keys: a key seen before is reused, a new one appended (parse.c, find_node);
+    rclpy applies the keys in that order, later wins, each matched to the node's full name with ``/*`` one
+    name token and ``/**`` any (rclpy node.cpp, _populate_node_parameters_from_rcl_params)."""
     if arguments is None:
         return None
+    if not namespace.startswith("/"):  # launch_ros's "<node_namespace_unspecified>": the node's own, here "/"
+        namespace = "/"
     fqn = namespace.rstrip("/") + "/" + node_name
-    wildcard, own = {}, {}
+    table = {}
     for path, is_file in arguments:
         assert is_file, "the launch file passes parameters as files only"
         for key, entry in (yaml.safe_load(Path(path).read_text()) or {}).items():
-            mine = key == fqn or (namespace == "/" and key.lstrip("/") == node_name) or key == f"/**/{node_name}"
-            target = wildcard if key in ("/**", "/**/*") else own if mine else None
-            if target is not None:
-                target.update(entry["ros__parameters"])
-    return {**wildcard, **own}
+            table.setdefault(key, {}).update(entry["ros__parameters"])
+    out = {}
+    for key, parameters in table.items():
+        pattern = (key if key.startswith("/") else "/" + key).replace("/*", r"(/\w+)")
+        if re.fullmatch(pattern, fqn, re.ASCII):
+            out.update(parameters)
+    return out
+
+
+def params_file(path: Path, entries: dict) -> Path:
+    """A parameter file with these node entries in this order (safe_dump would sort the keys)."""
+    path.write_text(yaml.safe_dump({key: {"ros__parameters": values} for key, values in entries.items()},
+                                   sort_keys=False))
+    return path
 
 
 @pytest.mark.parametrize("distro", DISTROS)
@@ -228,6 +242,31 @@ def test_rviz_gets_the_effective_world_frame(launch_env, distro, tmp_path):
     assert cmd[cmd.index("-f") + 1] == "camera_init"
 
 
+@pytest.mark.parametrize("distro", DISTROS)
+@pytest.mark.parametrize("keys", [(f"/{P.NODE_NAME}", "/**"), (f"/**/{P.NODE_NAME}", f"/{P.NODE_NAME}", "/**")])
+def test_a_given_argument_wins_over_every_entry_of_the_params_file(launch_env, distro, tmp_path, keys):
+    """rcl reuses a node key it has seen: launch arguments filed under the node's own name, which the user's
+    file already has before its /**, were applied before /** and lost to it."""
+    mine = params_file(tmp_path / "mine.yaml", {key: {"world_frame": "map", "backend": "onnxruntime"} for key in keys})
+    nodes = run_launch(launch_env, distro, f"params_file:={mine}", "world_frame:=odom", "rviz:=true")
+    assert nodes[P.NODE_NAME]["params"] == {"world_frame": "odom", "backend": "onnxruntime"}
+    cmd = nodes["rviz2"]["cmd"]
+    assert cmd[cmd.index("-f") + 1] == "odom"
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_rviz_follows_the_params_file_entry_that_rclpy_applies_last(launch_env, distro, tmp_path):
+    """rclpy applies the keys in their order, so a /** after the node's own entry wins over it."""
+    mine = params_file(tmp_path / "mine.yaml", {
+        P.NODE_NAME: {"world_frame": "odom", "image_topic": "/usb_cam/image_raw"},
+        "/**": {"world_frame": "map"}})
+    nodes = run_launch(launch_env, distro, f"params_file:={mine}", "rviz:=true")
+    assert nodes[P.NODE_NAME]["params"] == {"world_frame": "map", "image_topic": "/usb_cam/image_raw"}
+    cmd = nodes["rviz2"]["cmd"]
+    assert cmd[cmd.index("-f") + 1] == "map"
+    assert set(nodes["rviz2"]["remaps"].values()) == {"/usb_cam/image_raw", "/usb_cam/camera_info"}
+
+
 NAMESPACED = """
 import os
 from launch import LaunchDescription
@@ -252,6 +291,42 @@ def test_a_namespace_pushed_by_an_including_launch_file_reaches_the_node(launch_
     assert node["namespace"] == "/front"
     assert node["params"] == {**P.defaults(), "world_frame": "odom"}
     assert not P.TOPIC_CLOUD.startswith("/") and not P.TOPIC_MARKERS.startswith("/")
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_rviz_under_a_namespace_follows_the_entries_for_that_namespace(launch_env, distro, tmp_path):
+    """Keys naming the namespaced node (/front/..., /*/...) apply to it; the root node's own key does not."""
+    mine = params_file(tmp_path / "mine.yaml", {
+        f"/front/{P.NODE_NAME}": {"world_frame": "map", "image_topic": "/front/image_raw"},
+        f"/*/{P.NODE_NAME}": {"camera_info_topic": "/front/calibration"},
+        f"/{P.NODE_NAME}": {"world_frame": "wrong", "image_topic": "/wrong/image_raw"}})
+    wrapper = tmp_path / "front.launch.py"
+    wrapper.write_text(NAMESPACED.replace('("world_frame", "odom")', f'("params_file", "{mine}"), ("rviz", "true")'))
+    nodes = run_launch(launch_env, distro, launch_file=wrapper)
+    assert nodes[P.NODE_NAME]["params"] == {"world_frame": "map", "image_topic": "/front/image_raw",
+                                            "camera_info_topic": "/front/calibration"}
+    cmd = nodes["rviz2"]["cmd"]
+    assert cmd[cmd.index("-f") + 1] == "map"
+    assert set(nodes["rviz2"]["remaps"].values()) == {"/front/image_raw", "/front/calibration"}
+    given = f'("params_file", "{mine}"), ("world_frame", "odom")'
+    wrapper.write_text(NAMESPACED.replace('("world_frame", "odom")', given))
+    assert run_launch(launch_env, distro, launch_file=wrapper)[P.NODE_NAME]["params"]["world_frame"] == "odom"
+
+
+def test_parameter_file_keys_as_rcl_joins_them_and_rclpy_matches_them(tmp_path):
+    """Nested node keys are joined with "/" and nested parameters with "." (rcl); /* is one token, /** any,
+    a key without a leading / is read with one (rclpy)."""
+    path = tmp_path / "nested.yaml"
+    path.write_text("front:\n  discene_occupancy:\n    ros__parameters:\n      qos: {depth: 1}\n"
+                    "/**:\n  ros__parameters: {a: 1}\n")
+    assert launch_params.read_entries(str(path)) == [("front/discene_occupancy", {"qos.depth": 1}), ("/**", {"a": 1})]
+    for key, root, front in (("/**", True, True), ("/*", True, False), ("discene_occupancy", True, False),
+                             ("/*/discene_occupancy", False, True), ("front/discene_occupancy", False, True),
+                             ("/**/discene_occupancy", True, True), ("/**/front/discene_occupancy", False, True)):
+        assert launch_params.key_matches(key, "/discene_occupancy") is root, key
+        assert launch_params.key_matches(key, "/front/discene_occupancy") is front, key
+    entries = [("/front/discene_occupancy", {}), ("/**/front/discene_occupancy", {})]
+    assert launch_params.winning_key(entries, "/front/discene_occupancy") == "/**/**/front/discene_occupancy"
 
 
 def resolve(topic: str, namespace: str) -> str:

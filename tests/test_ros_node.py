@@ -7,6 +7,7 @@ shutdown fails as in rclpy. Published messages are serialised with the real Humb
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -55,6 +56,12 @@ def _as_numpy_data(msg):
     """rclpy keeps uint8[] as array.array('B'); the typestore serialiser wants numpy."""
     msg.data = np.frombuffer(msg.data, np.uint8)
     return msg
+
+
+def _as_integer_levels(diag):
+    """rclpy keeps a byte field as bytes of length 1 (and writes that byte); the typestore serialiser wants the
+    integer."""
+    return dataclasses.replace(diag, status=[dataclasses.replace(s, level=s.level[0]) for s in diag.status])
 
 
 @pytest.fixture()
@@ -476,6 +483,31 @@ def test_backend_that_cannot_be_set_up_is_one_line_naming_its_type(ros, tmp_path
         module.main([])
 
 
+@pytest.mark.parametrize("args, overrides, said", [
+    ([], {"image_topic": "/camera/color/image raw"},
+     "cannot start: Invalid topic name: topic name must not contain characters other than alphanumerics, '_', '~', "
+     "'{', or '}': '/camera/color/image raw'\n"),  # rclpy's InvalidTopicNameException, its caret line dropped
+    ([], {"depth_topic": "/camera/2d/depth", "use_depth": True},
+     "cannot start: Invalid topic name: topic name token must not start with a number: '/camera/2d/depth'\n"),
+    (["--ros-args", "-p", "world_frame"], {},
+     "cannot start: failed to initialize rcl: Couldn't parse parameter override rule: '-p world_frame'"),
+    (["--ros-args", "--params-file"], {}, "cannot start: failed to initialize rcl: Couldn't parse trailing"),
+    (["--ros-args", "--log-levle", "debug"], {},
+     "cannot start: unknown ROS arguments (after --ros-args): ['--log-levle', 'debug']\n"),
+])
+def test_bad_topic_names_and_ros_args_end_in_cannot_start_not_a_traceback(ros, monkeypatch, capsys, args, overrides,
+                                                                          said):
+    """A malformed topic name (rclpy's InvalidTopicNameException) and bad --ros-args (rcl's errors from
+    rclpy.init) went out as tracebacks."""
+    fake, module = ros
+    fake.overrides.update(overrides)
+    monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
+    assert module.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("occupancy_node: cannot start:") and said in err and "Traceback" not in err
+    assert err.count("\n") == 1 and fake.calls[-1] == "try_shutdown"
+
+
 def test_main_init_spin_destroy_shutdown(ros, monkeypatch):
     fake, module = ros
     monkeypatch.setattr(module, "build_pipeline", lambda *a, **k: pipeline_for(BlockBackend()))
@@ -543,7 +575,9 @@ def test_frames_flow_drop_and_publish(ros):
     values = {kv.key: kv.value for kv in diag.status[0].values}
     assert int(values["dropped"]) == node.stats.dropped and float(values["fps"]) > 0 and values["pose_source"] == "TF"
     assert diag.status[0].name == f"/{P.NODE_NAME}: occupancy"  # the node's full name: one status per camera
-    STORE.serialize_cdr(diag, diag.__msgtype__)
+    assert isinstance(diag.status[0].level, bytes) and diag.status[0].level == type(diag.status[0]).OK
+    back = STORE.deserialize_cdr(STORE.serialize_cdr(_as_integer_levels(diag), diag.__msgtype__), diag.__msgtype__)
+    assert back.status[0].level == 0 and back.status[0].name == diag.status[0].name
 
 
 def test_markers_are_built_only_while_something_subscribes(ros):
@@ -582,6 +616,21 @@ def test_fake_transform_listener_is_tf2_ros_pys(ros):
     methods = {name for name, value in vars(fake_listener).items() if callable(value)}
     assert "callback" in methods and methods <= TF2_LISTENER_METHODS
     assert tuple(inspect.signature(fake_listener.__init__).parameters) == TF2_LISTENER_PARAMETERS
+
+
+def test_fake_byte_fields_are_bytes_as_rosidl_generates_them(ros):
+    """rosidl_generator_py makes a byte constant bytes (DiagnosticStatus.WARN is b'\\x01') and its field's setter
+    takes bytes of length 1 only: the fake's ints let diagnostics code pass that compares levels with integers."""
+    status_cls = sys.modules["diagnostic_msgs.msg"].DiagnosticStatus
+    assert (status_cls.OK, status_cls.WARN, status_cls.ERROR, status_cls.STALE) == (b"\x00", b"\x01", b"\x02", b"\x03")
+    assert status_cls().level == b"\x00" and max(status_cls.OK, status_cls.WARN) == status_cls.WARN
+    node = make_node(ros)
+    array = sys.modules["diagnostic_msgs.msg"].DiagnosticArray(status=[status_cls(level=1)])
+    with pytest.raises(AssertionError, match="'level' field must be of type 'bytes'"):
+        node.diagnostics_pub.publish(array)
+    node.diagnostics_timer_callback()  # the node's own: no frame yet, WARN, as bytes
+    status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
+    assert status.level == status_cls.WARN
 
 
 def _tf_message(*links):
@@ -852,7 +901,7 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     node.diagnostics_timer_callback()
     status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
     values = {kv.key: kv.value for kv in status.values}
-    assert values["pose_source"].startswith("FALLBACK") and status.level >= 1
+    assert values["pose_source"].startswith("FALLBACK") and status.level == type(status).WARN == b"\x01"
     assert sum(lookup[:2] == ("odom", "cam") for lookup in fake.tf_lookups) == 1  # no tf_timeout_s wait per frame
     fake.transforms[("odom", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "odom", "cam", 0)
     node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 20 * MS))
@@ -860,6 +909,26 @@ def test_absent_world_frame_uses_the_mounts_height_and_pitch_loudly_once(ros):
     node.diagnostics_timer_callback()
     values = {kv.key: kv.value for kv in published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0].values}
     assert values["pose_source"] == "TF"
+
+
+def test_an_infinite_translation_that_tf2_keeps_is_a_bad_pose_and_no_mount(ros):
+    """tf2 checks translations for NaN only, so it hands out a transform with an infinite one: the camera pose
+    made from it is skipped as bad_pose (as the replay does), and a mount made from it is no mount."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", warn_throttle_s=60.0, fallback_camera_height=1.0)
+    far = np.eye(4)
+    far[0, 3] = np.inf
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, far, "map", "cam", 0)
+    node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 10 * MS))
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 10 * MS))
+    assert wait_until(lambda: node.stats.skipped["bad_pose"] == 1)
+    del fake.transforms[("map", "cam")]
+    fake.transforms[("base_link", "cam")] = msg_encode.matrix_to_transform_stamped(F, far, "base_link", "cam", 0)
+    node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", 11 * MS))
+    assert wait_until(lambda: node.stats.processed == 1)
+    assert mount_height_pitch(node.processor.fallback_pose)[0] == pytest.approx(1.0)  # the fixed parameters
+    errors = [text for level, text in node.get_logger().records if level == "error"]
+    assert len(errors) == 1 and "fixed parameters" in errors[0]
 
 
 def test_a_mount_that_reaches_tf_after_the_first_frames_replaces_the_fixed_fallback(ros):
@@ -970,6 +1039,33 @@ class InfBackend(BlockBackend):
         return out
 
 
+def test_destroy_with_a_stuck_inference_names_the_thread_and_leaves_the_pipeline_open(ros, monkeypatch):
+    """A frame stuck in the network at shutdown: destroy_node waits SHUTDOWN_TIMEOUT_S for all frame threads
+    together, names the one still running, and does not close the pipeline under it (a TensorRT close frees the
+    buffers a running execute uses): that is left to the process exit. Stopped threads: the pipeline is closed."""
+    fake, module = ros
+    monkeypatch.setattr(module, "SHUTDOWN_TIMEOUT_S", 0.2)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    closed = []
+    for stuck in (True, False):
+        backend = InfBackend()
+        node = make_node(ros, backend, world_frame="map")
+        close = node.pipeline.close
+        node.pipeline.close = lambda close=close, stuck=stuck: closed.append(stuck) or close()
+        if stuck:
+            backend.gate.clear()
+            _frame(node, 10 * MS)
+            assert wait_until(lambda backend=backend: backend.calls == 1)  # in the network, held there
+        node.destroy_node()
+        warned = [t for level, t in node.get_logger().records if level == "warn" and "did not stop" in t]
+        assert warned == (["frame threads did not stop within 0.2 s: frame_infer; the pipeline is left open until "
+                           "the process exits"] if stuck else [])
+        assert node.fake_destroyed
+        backend.gate.set()
+        assert wait_until(lambda node=node: not node.frames.alive())
+    assert closed == [False]  # only the node whose threads stopped closed its pipeline
+
+
 def _diagnostics(node):
     node.diagnostics_timer_callback()
     status = published(node, P.TOPIC_DIAGNOSTICS)[-1].status[0]
@@ -1025,6 +1121,23 @@ def test_burst_two_stages_exact_counters_newest_last_nothing_after_destroy(ros, 
     _frame(node, 3_002 * MS)  # a late callback after destroy_node: ignored, no error, nothing published
     time.sleep(0.1)
     assert len(published(node, P.TOPIC_CLOUD)) == clouds_before and stats.received == 42
+
+
+def test_camera_info_slower_than_the_images_is_not_waited_for_once_steady(ros):
+    """The node's camera info callback keeps track of the calibration, so that its frames do not wait sync_wait_s
+    each for a camera info that a 1 Hz CameraInfo publisher does not send (pairing.FramePartners.add_info)."""
+    fake, _ = ros
+    node = make_node(ros, world_frame="map", sync_wait_s=2.0)
+    fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
+    waits = []
+    lookup = node.partners.info.wait_nearest
+    node.partners.info.wait_nearest = lambda stamp, tol, timeout: (waits.append(timeout), lookup(stamp, tol, timeout))[1]
+    for stamp in (0, 1_000 * MS):
+        node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", stamp))
+    for i in range(3):
+        node.image_callback(msg_encode.rgb_to_image(F, RGB, "cam", (1_033 + 33 * i) * MS))
+        assert wait_until(lambda i=i: node.stats.processed == i + 1)
+    assert waits == [0.0, 0.0, 0.0]
 
 
 def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rosbags.interfaces import Nodetype
 
 from export.backends.base import Backend
 from export.pipeline import OccupancyPipeline
@@ -152,11 +153,12 @@ RCLPY_PUBLISHER_METHODS = frozenset({"publish", "get_subscription_count", "topic
                                      "assert_liveliness", "wait_for_all_acked"})
 
 
-# tf2_ros_py's TransformListener (tf2_ros_py/tf2_ros/transform_listener.py of ros2/geometry2, the same on its humble,
-# jazzy and rolling branches), which ../shared/ros2-python does not carry: its methods, and its constructor's
-# parameters in order. The fake's must be these.
+# tf2_ros_py's TransformListener (tf2_ros_py/tf2_ros/transform_listener.py of ros2/geometry2, the same file on its
+# humble and jazzy branches), which ../shared/ros2-python does not carry: its methods, and its constructor's
+# parameters in order. The fake's must be these. (Rolling adds tf_topic and tf_static_topic, geometry2 PR #709: a
+# node passing them would fail on Humble and Jazzy.)
 TF2_LISTENER_METHODS = frozenset({"__init__", "__del__", "unregister", "callback", "static_callback"})
-TF2_LISTENER_PARAMETERS = ("self", "buffer", "node", "spin_thread", "qos", "static_qos", "tf_topic", "tf_static_topic")
+TF2_LISTENER_PARAMETERS = ("self", "buffer", "node", "spin_thread", "qos", "static_qos")
 
 
 # rcl_interfaces/msg/ParameterType's numbers of the Python types the node's parameters take (rclpy's
@@ -228,6 +230,10 @@ def rcl_value(text: str) -> Any:
 
 
 def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
+    """``<package>.msg`` of the fake: each class is the typestore's (so messages serialise to CDR) with rclpy's
+    constants and defaults where they differ: rosidl_generator_py makes a byte (octet) constant and a byte
+    field's default ``bytes`` (constant_value_to_py: DiagnosticStatus.WARN is b'\\x01'), the typestore ints.
+    Fields left out get their ROS default, as rclpy's constructors give them."""
     from discene_ros.msg_factory import TypestoreFactory
 
     factory = TypestoreFactory(ros.typestore)
@@ -236,15 +242,57 @@ def _msg_module(ros: FakeRos, package: str) -> types.ModuleType:
         pkg, _, cls_name = name.split("/")
         if pkg != package:
             continue
-        consts = ros.typestore.fielddefs[name][0]
+        base = ros.typestore.types[name]
+        consts, fields = ros.typestore.fielddefs[name]
+        constants = {c[0]: bytes([c[2]]) if c[1] == "byte" else c[2] for c in consts}
+        byte_fields = [field for field, (nodetype, desc) in fields if nodetype == Nodetype.BASE and desc[0] == "byte"]
 
-        def new(cls: type, _msgtype: str = name, **kw: Any) -> Any:
-            return factory.new(_msgtype, **kw)
+        def __init__(self: Any, _msgtype: str = name, _base: type = base, _constants: dict = constants,
+                     _byte_fields: list = byte_fields, **kw: Any) -> None:
+            for key in (*_constants, "__msgtype__"):  # what dataclasses.replace passes on besides the fields
+                kw.pop(key, None)
+            for field in _byte_fields:
+                kw.setdefault(field, bytes([0]))
+            filled = factory.new(_msgtype, **kw)  # the typestore's defaults for the fields left out
+            _base.__init__(self, **{field: getattr(filled, field) for field, _ in ros.typestore.fielddefs[_msgtype][1]},
+                           **{key: value for key, value in _constants.items() if hasattr(filled, key)})
 
-        attrs: dict[str, Any] = {"__new__": new, "msgtype": name}
-        attrs.update({c[0]: c[2] for c in consts})
-        setattr(mod, cls_name, type(cls_name, (), attrs))
+        setattr(mod, cls_name, type(cls_name, (base,), {"__init__": __init__, "msgtype": name, **constants}))
     return mod
+
+
+def byte_field_problem(typestore: Any, msg: Any) -> str | None:
+    """The first byte field of ``msg`` (nested messages included) that rclpy's generated setter would refuse:
+    rosidl_generator_py takes only ``bytes`` of length 1 for a byte (octet) field, e.g. DiagnosticStatus.level."""
+    for name, (nodetype, desc) in typestore.fielddefs[msg.__msgtype__][1]:
+        value = getattr(msg, name)
+        if nodetype == Nodetype.BASE and desc[0] == "byte":
+            if not (isinstance(value, bytes) and len(value) == 1):
+                return (f"{msg.__msgtype__}.{name} = {value!r}: The '{name}' field must be of type 'bytes' or "
+                        "'ByteString' with length 1")
+            continue
+        nested = _nested_type(nodetype, desc)
+        if nested is not None and _has_byte_field(typestore, nested):
+            for item in [value] if nodetype == Nodetype.NAME else value:
+                if (problem := byte_field_problem(typestore, item)) is not None:
+                    return problem
+    return None
+
+
+def _nested_type(nodetype: Any, desc: Any) -> str | None:
+    """The message type of a field that holds messages (one, an array or a sequence), else None."""
+    if nodetype == Nodetype.NAME:
+        return desc
+    if nodetype in (Nodetype.ARRAY, Nodetype.SEQUENCE) and desc[0][0] == Nodetype.NAME:
+        return desc[0][1]
+    return None
+
+
+def _has_byte_field(typestore: Any, msgtype: str) -> bool:
+    """Whether ``msgtype`` has a byte field, itself or in a nested message (so a point cloud's are not walked)."""
+    return any((nodetype == Nodetype.BASE and desc[0] == "byte")
+               or ((nested := _nested_type(nodetype, desc)) is not None and _has_byte_field(typestore, nested))
+               for _, (nodetype, desc) in typestore.fielddefs[msgtype][1])
 
 
 def _exceptions_module() -> types.ModuleType:
@@ -282,11 +330,87 @@ def _exceptions_module() -> types.ModuleType:
     class NotInitializedException(Exception):
         pass
 
+    class NameValidationException(Exception):
+        def __init__(self, name_type: str, name: str, error_msg: str, invalid_index: int, *args: Any) -> None:
+            Exception.__init__(self, f"Invalid {name_type}: {error_msg}:\n  '{name}'\n   {' ' * invalid_index}^")
+
+    class InvalidTopicNameException(NameValidationException):
+        def __init__(self, name: str, error_msg: str, invalid_index: int, *args: Any) -> None:
+            NameValidationException.__init__(self, "topic name", name, error_msg, invalid_index)
+
     for cls in (ParameterException, InvalidParameterTypeException, InvalidParameterValueException,
                 ParameterAlreadyDeclaredException, ParameterNotDeclaredException, ParameterImmutableException,
-                NotInitializedException):
+                NotInitializedException, NameValidationException, InvalidTopicNameException):
         setattr(mod, cls.__name__, cls)
     return mod
+
+
+def _implementation_module() -> types.ModuleType:
+    """rclpy.impl.implementation_singleton: the C extension's exceptions as rclpy's _rclpy_pybind11.cpp registers
+    them (RCLError and UnknownROSArgsError are RuntimeErrors)."""
+    mod = types.ModuleType("rclpy.impl.implementation_singleton")
+    rcl_error = type("RCLError", (RuntimeError,), {})
+    mod.rclpy_implementation = types.SimpleNamespace(
+        RCLError=rcl_error, RCLInvalidROSArgsError=type("RCLInvalidROSArgsError", (rcl_error,), {}),
+        UnknownROSArgsError=type("UnknownROSArgsError", (RuntimeError,), {}))
+    return mod
+
+
+# rcl's --ros-args flags (rcl/src/rcl/arguments.c): those taking a value, those taking none
+ROS_ARG_RULES = {"-r": "remap rule", "--remap": "remap rule", "-p": "parameter override rule",
+                 "--param": "parameter override rule", "--params-file": "file path", "--log-level": "log level",
+                 "--log-config-file": "file path", "-e": "enclave", "--enclave": "enclave"}
+ROS_ARG_FLAGS = ("--disable-rosout-logs", "--enable-rosout-logs", "--disable-stdout-logs", "--enable-stdout-logs",
+                 "--disable-external-lib-logs", "--enable-external-lib-logs")
+
+
+def ros_args_error(args: list[str] | None, implementation: Any) -> Exception | None:
+    """What rclpy.init raises for ``args``, for the common mistakes: a trailing flag without its value or a
+    remap / parameter rule without ``:=`` (rcl_init fails: RCLError with rcl's message), and flags rcl does
+    not know (rclpy's throw_if_unparsed_ros_args: UnknownROSArgsError, the repr of their list)."""
+    unknown, inside, i = [], False, 0
+    args = list(args or [])
+    while i < len(args):
+        arg = args[i]
+        if arg == "--ros-args":
+            inside = True
+        elif arg == "--" and inside:
+            inside = False
+        elif inside and arg in ROS_ARG_RULES:
+            if i + 1 == len(args):
+                return implementation.RCLError(f"failed to initialize rcl: Couldn't parse trailing {arg} flag. "
+                                               f"No {ROS_ARG_RULES[arg]} found.")
+            if arg in ("-r", "--remap", "-p", "--param") and ":=" not in args[i + 1]:
+                kind = "remap" if arg in ("-r", "--remap") else "parameter override"
+                return implementation.RCLError(f"failed to initialize rcl: Couldn't parse {kind} rule: "
+                                               f"'{arg} {args[i + 1]}'")  # rcl adds its lexer's error
+            i += 1
+        elif inside and arg not in ROS_ARG_FLAGS:
+            unknown.append(arg)
+        i += 1
+    return implementation.UnknownROSArgsError(repr(unknown)) if unknown else None
+
+
+def topic_name_problem(name: str) -> tuple[str, int] | None:
+    """rcl_validate_topic_name (rcl/src/rcl/validate_topic_name.c) for names without ``{}`` substitutions:
+    (rcl's message, index of the bad character), or None for a valid name."""
+    if not name:
+        return "topic name must not be empty string", 0
+    if name[0].isdigit():
+        return "topic name token must not start with a number", 0
+    if name.endswith("/"):
+        return "topic name must not end with a forward slash", len(name) - 1
+    for i, char in enumerate(name):
+        if char == "~" and i != 0:
+            return "topic name must not have tilde '~' unless it is the first character", i
+        if not (char.isascii() and (char.isalnum() or char in "_/~{}")):
+            return "topic name must not contain characters other than alphanumerics, '_', '~', '{', or '}'", i
+    for i in range(len(name) - 1):
+        if name[i] == "/" and name[i + 1].isdigit():
+            return "topic name token must not start with a number", i + 1
+        if i == 1 and name[0] == "~":
+            return "topic name must not have a tilde '~' that is not followed by a forward slash '/'", 1
+    return None
 
 
 def out_of_range(name: str, value: Any, descriptor: Any) -> str:
@@ -338,6 +462,8 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def publish(self, msg: Any) -> None:
             if not self.node.context.ok():  # what rclpy's C layer raises after shutdown
                 raise RuntimeError("failed to publish: publisher's context is invalid")
+            problem = byte_field_problem(ros.typestore, msg)
+            assert problem is None, problem  # rclpy's setter raises this AssertionError when the field is set
             self.published.append(msg)
 
         def get_subscription_count(self) -> int:
@@ -506,6 +632,7 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def create_subscription(self, msg_type: Any, topic: str, callback: Any, qos_profile: Any, *,
                                 callback_group: Any = None, event_callbacks: Any = None,
                                 qos_overriding_options: Any = None, raw: bool = False) -> Subscription:
+            self._validate_topic_or_service_name(topic)
             sub = Subscription(msg_type, topic, callback, qos_profile)
             self._subscriptions.append(sub)
             return sub
@@ -513,9 +640,15 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         def create_publisher(self, msg_type: Any, topic: str, qos_profile: Any, *, callback_group: Any = None,
                              event_callbacks: Any = None, qos_overriding_options: Any = None,
                              publisher_class: Any = None) -> Publisher:
+            self._validate_topic_or_service_name(topic)
             pub = Publisher(self, msg_type, topic, qos_profile)
             self._publishers.append(pub)
             return pub
+
+        def _validate_topic_or_service_name(self, topic_or_service_name: str, *, is_service: bool = False) -> None:
+            """rclpy's check after rcl refused a name (create_subscription / create_publisher)."""
+            if (problem := topic_name_problem(topic_or_service_name)) is not None:
+                raise exc.InvalidTopicNameException(topic_or_service_name, *problem)
 
         def create_timer(self, timer_period_sec: float, callback: Any, callback_group: Any = None,
                          clock: Any = None) -> Any:
@@ -544,8 +677,12 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
 
     rclpy = types.ModuleType("rclpy")
 
+    implementation = _implementation_module()
+
     def init(args: Any = None) -> None:
         ros.calls.append("init")
+        if (error := ros_args_error(args, implementation.rclpy_implementation)) is not None:
+            raise error
         ros.context.init()
 
     def try_shutdown() -> None:
@@ -656,12 +793,20 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
         callback hands every transform of the TFMessage to the buffer (which drops the invalid ones)."""
 
         def __init__(self, buffer: Any, node: Any, *, spin_thread: bool = False, qos: Any = None,
-                     static_qos: Any = None, tf_topic: str = "/tf", tf_static_topic: str = "/tf_static") -> None:
+                     static_qos: Any = None) -> None:
+            assert not spin_thread, "fake tf2_ros: TransformListener(spin_thread=True) is not faked"
+            if qos is None:
+                qos = qos_mod.QoSProfile(depth=100, durability=qos_mod.DurabilityPolicy.VOLATILE,
+                                         history=qos_mod.HistoryPolicy.KEEP_LAST)
+            if static_qos is None:
+                static_qos = qos_mod.QoSProfile(depth=100, durability=qos_mod.DurabilityPolicy.TRANSIENT_LOCAL,
+                                                history=qos_mod.HistoryPolicy.KEEP_LAST)
             self.buffer, self.node = buffer, node
+            self.group = object()  # a ReentrantCallbackGroup in tf2_ros_py
             tf_message = sys.modules["tf2_msgs.msg"].TFMessage
-            self.tf_sub = node.create_subscription(tf_message, tf_topic, self.callback, qos if qos is not None else 100)
-            self.tf_static_sub = node.create_subscription(tf_message, tf_static_topic, self.static_callback,
-                                                          static_qos if static_qos is not None else 100)
+            self.tf_sub = node.create_subscription(tf_message, "/tf", self.callback, qos, callback_group=self.group)
+            self.tf_static_sub = node.create_subscription(tf_message, "/tf_static", self.static_callback, static_qos,
+                                                          callback_group=self.group)
 
         def unregister(self) -> None:
             self.node.destroy_subscription(self.tf_sub)
@@ -684,6 +829,7 @@ def install_fake_rclpy(monkeypatch: Any, ros: FakeRos) -> None:
     param_mod.Parameter = Parameter
     modules = {"rclpy": rclpy, "rclpy.node": node_mod, "rclpy.parameter": param_mod, "rclpy.qos": qos_mod, "rclpy.time": time_mod,
                "rclpy.duration": dur_mod, "rclpy.executors": exec_mod, "rclpy.exceptions": exc,
+               "rclpy.impl": types.ModuleType("rclpy.impl"), "rclpy.impl.implementation_singleton": implementation,
                "rcl_interfaces": types.ModuleType("rcl_interfaces"), "rcl_interfaces.msg": rcl_msg, "tf2_ros": tf2}
     for package in ("sensor_msgs", "geometry_msgs", "visualization_msgs", "diagnostic_msgs", "std_msgs",
                     "builtin_interfaces", "tf2_msgs"):

@@ -84,6 +84,27 @@ def test_partners_camera_info_falls_back_to_the_newest_and_depth_is_strict():
     assert info is not None and depth is not None
 
 
+def test_camera_info_slower_than_the_images_holds_no_frame_up_once_its_calibration_is_steady():
+    """A camera publishing CameraInfo at 1 Hz: each image found no info within the tolerance and waited the whole
+    sync_wait_s for one (the node topped out at 1/sync_wait_s FPS). Once two infos in a row had the same
+    calibration, the newest one is used at once; a changed calibration is waited for again."""
+    partners = FramePartners(tolerance_s=0.005, wait_s=2.0, use_depth=False)
+    waits = []  # the timeouts the camera info lookup waited with
+    lookup = partners.info.wait_nearest
+    partners.info.wait_nearest = lambda stamp, tol, timeout: (waits.append(timeout), lookup(stamp, tol, timeout))[1]
+    partners.add_info(_header_msg(0))
+    partners.add_info(_header_msg(1_000 * MS))
+    for t in (1_033, 1_066, 1_100):
+        info, _ = partners.match(t * MS)
+        assert msg_decode.stamp_to_ns(info.header.stamp) == 1_000 * MS
+    assert waits == [0.0, 0.0, 0.0]
+    other = msg_encode.k_to_camera_info(F, K * [[0.5], [0.5], [1]], 24, 32, "cam", 2_000 * MS)  # binned 2x2
+    partners.add_info(other)
+    partners.add_info(_header_msg(2_100 * MS))  # past the next image's window: it is not waited for
+    info, _ = partners.match(2_033 * MS)
+    assert waits[-1] == 2.0 and msg_decode.stamp_to_ns(info.header.stamp) == 2_100 * MS
+
+
 # ----------------------------------------------------------------------------- TF at the image stamp
 def _rot_z(deg, t=(0.0, 0.0, 0.0)):
     a = math.radians(deg)
