@@ -29,7 +29,7 @@ from discene_ros.params import NODE_NAME, PARAMS_BY_NAME, base_image_topic, came
 PACKAGE = "discene_ros"
 # Node parameters offered as launch arguments (type, description and default come from discene_ros/params.py).
 LAUNCH_PARAMETERS = ("model_path", "backend", "device", "fp16", "cuda_graph", "compile", "tf32",
-                     "tf32_convolutions", "image_topic", "use_compressed", "camera_info_topic", "depth_topic",
+                     "tf32_convolutions", "image_topic", "rectified", "use_compressed", "camera_info_topic", "depth_topic",
                      "use_depth", "world_frame", "use_fallback_pose", "score_threshold", "pipelining")
 NOT_GIVEN = ""  # default of those arguments: keep the params_file value
 # The image topic of the Camera display in rviz/discene.rviz (the occupancy drawn over the image), and the

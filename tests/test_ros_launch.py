@@ -221,6 +221,14 @@ def test_speed_options_are_launch_arguments(launch_env, distro):
 
 
 @pytest.mark.parametrize("distro", DISTROS)
+def test_rectified_is_a_launch_argument_kept_as_its_word(launch_env, distro):
+    """rectified:=true reaches the node as the string parameter's word, not as the bool rcl would read."""
+    for word in P.RECTIFIED_MODES:
+        params = run_launch(launch_env, distro, f"rectified:={word}")[P.NODE_NAME]["params"]
+        assert params["rectified"] == word and P.validate({"rectified": params["rectified"]})["rectified"] == word
+
+
+@pytest.mark.parametrize("distro", DISTROS)
 def test_booleans_are_true_false_and_1_is_refused_clearly(launch_env, distro):
     params = run_launch(launch_env, distro, "use_fallback_pose:=false", "use_compressed:=True")[P.NODE_NAME]["params"]
     assert params["use_fallback_pose"] is False and params["use_compressed"] is True
