@@ -798,3 +798,18 @@ def test_options_named_in_the_issue_have_help_texts(capsys):
     with pytest.raises(SystemExit):
         replay.main(["--help"])
     assert "./discene_replay" in capsys.readouterr().out
+
+
+def test_write_failure_advice_says_free_space_only_when_space_ran_out(tmp_path):
+    """discene-train's exit-4 line: 'free space' for a full disk, quota or size limit; a folder where the
+    checkpoint goes (a real IsADirectoryError) is not a matter of space."""
+    import errno
+
+    from training.train import write_failure_advice
+
+    with pytest.raises(OSError) as folder:
+        (tmp_path / "last.pt").mkdir()
+        (tmp_path / "last.pt").write_bytes(b"x")
+    assert write_failure_advice(folder.value) == "fix what the error names"
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        assert write_failure_advice(OSError(code, "no room")) == "free space"

@@ -9,6 +9,7 @@ Warm start:      discene-train --config CFG --init runs/NAME/final.pt  (its weig
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -148,6 +149,13 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
 
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # out of disk, quota or file-size limit
+
+
+def write_failure_advice(exc: OSError) -> str:
+    """What to do about a failed write: free space where the disk, a quota or a size limit was hit; else fix
+    what the error names (a folder where a file goes, a read-only disk, a permission)."""
+    return "free space" if exc.errno in SPACE_ERRNOS else "fix what the error names"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         print("discene-train: interrupted at once; checkpoints written before it are intact (each is replaced "
               "atomically): continue with --resume <out_dir>/last.pt", file=sys.stderr)
         code = INTERRUPTED_EXIT
-    except OSError as exc:  # a full disk or quota while writing a checkpoint or log
+    except OSError as exc:  # a full disk or quota while writing a checkpoint or log, or another write failure
         print(f"discene-train: stopped: {exc}. Checkpoints written before it are intact (each is replaced "
-              "atomically): free space, then continue with --resume <out_dir>/last.pt", file=sys.stderr)
+              f"atomically): {write_failure_advice(exc)}, then continue with --resume <out_dir>/last.pt",
+              file=sys.stderr)
         code = 4
     finally:
         teardown_distributed()
