@@ -128,10 +128,11 @@ def set_rng_state(saved: dict[str, Any], rank: int, world: int, device: torch.de
     random.setstate(own["python"])
     cuda = own.get("cuda")
     if isinstance(cuda, (list, tuple)):  # older checkpoints: every GPU the saving process saw, by device index
-        if device.type == "cuda" and device.index >= len(cuda):
+        index = (torch.cuda.current_device() if device.index is None else device.index) if device.type == "cuda" else 0
+        if device.type == "cuda" and index >= len(cuda):
             return (f"the checkpoint holds CUDA RNG states of {len(cuda)} GPU(s) and this run uses {device}: "
                     "continuing with its generator freshly seeded")
-        cuda = cuda[device.index] if device.type == "cuda" else (cuda or None)
+        cuda = cuda[index] if device.type == "cuda" else (cuda or None)
     if cuda is None and device.type == "cuda":
         return f"the checkpoint holds no CUDA RNG state (saved on CPU): {device}'s generator stays freshly seeded"
     if cuda is not None and device.type != "cuda":
