@@ -118,8 +118,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not_tensors:
         raise CheckpointError(f"checkpoint {path}: its state dict 'model' holds {len(not_tensors)} entries that are not "
                               f"tensors, first {not_tensors[:3]}; it was not written by save_model")
-    bad = [k for k, v in payload["model"].items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in payload["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"checkpoint {path} has non-finite (NaN/inf) weights in {len(bad)} tensors, first "
                               f"{bad[:3]}: the run that wrote it diverged; use an earlier checkpoint")

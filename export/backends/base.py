@@ -33,8 +33,8 @@ def require(module: str, package: str, purpose: str) -> Any:
 def own_config(own: ModelConfig, given: ModelConfig | None, source: str) -> ModelConfig:
     """``own``, the config the model file records (``source`` says where: a checkpoint, a sidecar); a different
     ``given`` one is logged and not used, on every backend: the weights were trained and exported with ``own``."""
-    if given is not None and given.to_dict() != own.to_dict():
-        theirs, ours = given.to_dict(), own.to_dict()
+    theirs, ours = (None if given is None else given.to_dict()), own.to_dict()
+    if theirs is not None and theirs != ours:
         keys = [k for k in ours if theirs.get(k) != ours[k]]
         log.warning("the given config '%s' differs from %s ('%s') in %s; using the model file's own",
                     given.name, source, own.name, keys)
