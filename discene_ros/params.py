@@ -55,7 +55,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "empty = the shipped lite_distilled.pt"),
     ParamSpec("backend", "torch", "Inference backend: torch, onnxruntime or tensorrt"),
     ParamSpec("device", "auto", "torch device: auto, cpu or cuda[:N]"),
-    ParamSpec("fp16", False, "Half precision inference (CUDA torch autocast / FP16 engine)"),
+    ParamSpec("fp16", False, "Half precision inference (CUDA torch autocast / FP16 engine / onnxruntime's TensorRT provider; other "
+              "onnxruntime providers run the ONNX as exported, warned)"),
     ParamSpec("cuda_graph", True, "torch backend: static buffers, network and post-processing captured once per "
               "input shape as a CUDA graph and replayed per frame, next frame launched ahead (on the CPU: "
               "static-buffer eager replay)"),

@@ -100,6 +100,19 @@ def test_provider_log_names_requested_and_used_and_warns_for_a_missing_gpu_provi
     assert told.levelname == "INFO" and "requested providers ['CPUExecutionProvider'], using" in told.getMessage()
 
 
+def test_fp16_on_a_provider_that_ignores_it_is_warned(tmp_path, lite_config, caplog):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "m.onnx"
+    write_sidecar(path, {"config": lite_config.to_dict(), "onnx_sha256": _constant_onnx(path, lite_config)})
+    with caplog.at_level("WARNING", logger="export.backends.ort_backend"):
+        create_backend("onnxruntime", path, providers=["cpu"])
+        assert not caplog.records
+        create_backend("onnxruntime", path, providers=["cpu"], fp16=True)
+    (warned,) = caplog.records
+    assert "fp16=True is applied only by onnxruntime's TensorRT provider; on CPUExecutionProvider, m.onnx runs at " \
+        "the precision it was exported in" in warned.getMessage()
+
+
 def test_missing_onnxruntime_names_the_package(monkeypatch, tmp_path, lite_config):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
     (tmp_path / "m.onnx").write_bytes(b"x")

@@ -95,6 +95,10 @@ class OrtBackend(Backend):
             raise ValueError(f"onnxruntime could not load {onnx_path} (corrupt or not an ONNX model?): {exc}") from exc
         used = self.session.get_providers()
         self._log_providers(ort.__version__, requested_providers(providers), used)
+        if fp16 and used[0] != "TensorrtExecutionProvider":
+            log.warning("fp16=True is applied only by onnxruntime's TensorRT provider; on %s, %s runs at the precision "
+                        "it was exported in (an FP16 graph: discene-export onnx --fp16 writes <out>.fp16.onnx)",
+                        used[0], onnx_path.name)
         super().__init__(config, used[0])
         self.providers = used
         self._inputs = [i.name for i in self.session.get_inputs()]
