@@ -38,7 +38,29 @@ _COLOR_ENCODINGS: dict[str, tuple[int, slice]] = {
     "rgb8": (3, slice(None)), "bgr8": (3, slice(2, None, -1)), "rgba8": (4, slice(0, 3)),
     "bgra8": (4, slice(2, None, -1)), "mono8": (1, slice(None)),
 }
-SUPPORTED_IMAGE_ENCODINGS = tuple(_COLOR_ENCODINGS)
+# Encodings converted here to what cv_bridge's ``imgmsg_to_cv2(msg, "rgb8")`` gives (its Humble branch and its 2024
+# rolling branch, which Jazzy's comes from, share the table), so that a bag replays without ROS: the cvtColor code of its conversion table, then a 16-bit
+# image scaled to 8 bits as its convertTo(255/65535) scales it. cv2 does it; without cv2 numpy gives the same bytes
+# for YUV and 16-bit (tests/test_msg_decode_encodings.py). OpenCV has no nv24 (4:4:4) code: it is converted by
+# the rule of its 4:2:2 code, pixel by pixel. "uyvy"/"yuyv" are Jazzy's names for yuv422/yuv422_yuy2,
+# and nv21/nv24 (camera_ros) are decoded like the other YUV encodings; cv_bridge refuses all four.
+_YUV422_ORDERS = {"yuv422": "UYVY", "uyvy": "UYVY", "yuv422_yuy2": "YUY2", "yuyv": "YUY2"}  # a pixel pair's bytes
+_YUV_SEMIPLANAR = ("nv21", "nv24")  # a Y plane, then interleaved chroma: VU at 4:2:0 (nv21), UV at 4:4:4 (nv24)
+_BAYER_CODES = {  # cv_bridge's table. OpenCV's names take the second row's 2nd and 3rd pixels: RGGB is its BG
+    "bayer_rggb": "COLOR_BayerBG2RGB", "bayer_bggr": "COLOR_BayerRG2RGB",
+    "bayer_gbrg": "COLOR_BayerGR2RGB", "bayer_grbg": "COLOR_BayerGB2RGB",
+}
+_WIDE_CODES = {"rgb16": None, "bgr16": "COLOR_BGR2RGB", "rgba16": "COLOR_RGBA2RGB", "bgra16": "COLOR_BGRA2RGB",
+               "mono16": None}  # 16 bits per channel; the channels as their 8-bit namesakes' in _COLOR_ENCODINGS
+_CONVERTED_ENCODINGS = (*_WIDE_CODES, *_YUV422_ORDERS, *_YUV_SEMIPLANAR,
+                        *(f"{bayer}{bits}" for bits in (8, 16) for bayer in _BAYER_CODES))
+SUPPORTED_IMAGE_ENCODINGS = (*_COLOR_ENCODINGS, *_CONVERTED_ENCODINGS)
+NEEDS_OPENCV = tuple(e for e in _CONVERTED_ENCODINGS if e.startswith("bayer_"))  # demosaiced by cv2 only
+# OpenCV's YUV 4:2:x -> RGB (BT.601, limited range: R = 1.164 (Y - 16) + 1.596 (V - 128), ...) in fixed point: each
+# coefficient times 2^20, rounded; the numpy fallback computes it the same way (equal to cv2 for all 2^24 YUV).
+YUV_SHIFT = 20
+YUV_CY, YUV_CVR, YUV_CVG, YUV_CUG, YUV_CUB = (round(c * (1 << YUV_SHIFT)) for c in (1.164, 1.596, -0.813, -0.391, 2.018))
+WIDE_TO_8BIT = 255.0 / 65535.0  # cv_bridge's 16 -> 8 bit scale (convertTo, rounded to nearest)
 SUPPORTED_DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
 
 _POINTFIELD_TYPES = {  # sensor_msgs/PointField datatype constants
@@ -120,9 +142,12 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/Image -> (H, W, 3) uint8 RGB.
 
     rgb8/bgr8/rgba8/bgra8/mono8 are numpy views of the message buffer (no copy; mono8 is broadcast,
-    read-only); other encodings go through cv_bridge, imported lazily.
+    read-only); YUV, Bayer and 16-bit colour/grey are converted here as cv_bridge converts them
+    (:func:`converted_to_rgb`); other encodings go through cv_bridge, imported lazily.
     """
     encoding = str(msg.encoding).lower()
+    if encoding in _CONVERTED_ENCODINGS:
+        return converted_to_rgb(msg, encoding)
     if encoding not in _COLOR_ENCODINGS:
         return _cv_bridge_to_rgb(msg)
     channels, rgb = _COLOR_ENCODINGS[encoding]
@@ -132,13 +157,119 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     return pixels[..., rgb]
 
 
+def converted_to_rgb(msg: Any, encoding: str) -> np.ndarray:
+    """An Image in one of ``_CONVERTED_ENCODINGS`` (lower case) -> (H, W, 3) uint8 RGB, the bytes cv_bridge's
+    ``imgmsg_to_cv2(msg, "rgb8")`` gives. Preferred to cv_bridge where both exist: the same cv2 calls without
+    a CvBridge built per frame, and the same result on a robot as in a replay without ROS."""
+    cv2 = opencv()
+    if encoding in _WIDE_CODES:
+        return _wide_to_rgb(msg, encoding, cv2)
+    if encoding in _YUV422_ORDERS or encoding in _YUV_SEMIPLANAR:
+        return _yuv_to_rgb(msg, encoding, cv2)
+    bits = 16 if encoding.endswith("16") else 8
+    raw = _rows(msg, bits // 8)
+    if cv2 is None:
+        raise UnsupportedEncodingError(f"image encoding {msg.encoding!r} needs cv2 (pip: opencv-python-headless, "
+                                       "apt: python3-opencv) to demosaic; it is not installed")
+    code = getattr(cv2, _BAYER_CODES[encoding[: -len(str(bits))]])
+    if bits == 8:
+        return cv2.cvtColor(raw, code)
+    return cv2.convertScaleAbs(cv2.cvtColor(_native_u16(raw, msg), code), alpha=WIDE_TO_8BIT)
+
+
+def _native_u16(raw: np.ndarray, msg: Any) -> np.ndarray:
+    """(H, W * 2 * C) bytes of a 16-bit image -> (H, W * C) native-endian uint16, contiguous (cv2 takes no row
+    stride that is not a whole number of samples); bytes swapped where the message's order is not this machine's,
+    as cv_bridge swaps them."""
+    wide = np.ascontiguousarray(raw).view(">u2" if bool(msg.is_bigendian) else "<u2")
+    return wide.astype(np.uint16, copy=False)
+
+
+def _wide_to_rgb(msg: Any, encoding: str, cv2: Any | None) -> np.ndarray:
+    """rgb16/bgr16/rgba16/bgra16/mono16 -> 8-bit RGB: cv_bridge's channel conversion, then each value v scaled to
+    round(v * 255 / 65535) (cv2's convertTo; the numpy float32 product rounds the same for all 65536 values)."""
+    channels, rgb = _COLOR_ENCODINGS[encoding.replace("16", "8")]
+    height, width = int(msg.height), int(msg.width)
+    pixels = _native_u16(_rows(msg, 2 * channels), msg).reshape(height, width, channels)
+    if cv2 is not None:
+        code = _WIDE_CODES[encoding]
+        if channels == 1:
+            wide = pixels[..., 0]
+        else:
+            wide = pixels if code is None else cv2.cvtColor(pixels, getattr(cv2, code))
+        narrow = cv2.convertScaleAbs(wide, alpha=WIDE_TO_8BIT)  # = convertTo(CV_8U, scale) for unsigned input
+    else:
+        wide = pixels[..., 0] if channels == 1 else pixels[..., rgb]
+        narrow = np.rint(wide.astype(np.float32) * np.float32(WIDE_TO_8BIT)).astype(np.uint8)
+    if channels == 1:
+        return np.broadcast_to(narrow[..., None], (height, width, 3))
+    return narrow
+
+
+def _yuv_to_rgb(msg: Any, encoding: str, cv2: Any | None) -> np.ndarray:
+    """yuv422/uyvy, yuv422_yuy2/yuyv, nv21 or nv24 -> RGB. 4:2:2 and 4:2:0 need an even width (a pixel pair shares
+    its chroma), 4:2:0 an even height too. nv21 is a Y plane of ``height`` rows and a VU plane of height/2 rows,
+    both ``step`` bytes apart; nv24 a Y plane and a UV plane of ``height`` rows 2 * ``step`` apart (V4L2's
+    layout, as camera_ros publishes the buffer)."""
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if width <= 0 or height <= 0:
+        raise ImageSizeError(f"image has invalid size {width}x{height}")
+    if encoding != "nv24" and width % 2:
+        raise ImageSizeError(f"image width {width} is odd; {msg.encoding} stores pixels in pairs that share chroma")
+    if encoding == "nv21" and height % 2:
+        raise ImageSizeError(f"image height {height} is odd; nv21 (4:2:0) shares chroma between pairs of rows")
+    if encoding in _YUV422_ORDERS:
+        pairs = _rows(msg, 2).reshape(height, width // 2, 4)
+        if cv2 is not None:
+            code = getattr(cv2, f"COLOR_YUV2RGB_{_YUV422_ORDERS[encoding]}")
+            return cv2.cvtColor(pairs.reshape(height, width, 2), code)
+        y0, u, y1, v = (0, 1, 2, 3) if _YUV422_ORDERS[encoding] == "YUY2" else (1, 0, 3, 2)
+        luma = pairs[..., [y0, y1]].reshape(height, width)
+        return _yuv_numpy(luma, np.repeat(pairs[..., u], 2, axis=1), np.repeat(pairs[..., v], 2, axis=1))
+    # nv21: height/2 rows of V,U byte pairs, one pair per 2x2 pixels; nv24: height rows of U,V pairs, one per pixel
+    chroma_rows, chroma_step, chroma_width = (height // 2, step, width) if encoding == "nv21" else \
+        (height, 2 * step, 2 * width)
+    if step < width:
+        raise ImageSizeError(f"image step {step} is smaller than the width {width} of its Y plane ({msg.encoding})")
+    buf = _byte_buffer(msg.data)
+    needed = step * height + chroma_step * chroma_rows
+    if buf.size < needed:
+        raise ImageSizeError(f"image data has {buf.size} bytes, expected step*height + the chroma plane = "
+                             f"{step}*{height} + {chroma_step}*{chroma_rows} = {needed} ({msg.encoding})")
+    luma = buf[: step * height].reshape(height, step)[:, :width]
+    chroma = buf[step * height: needed].reshape(chroma_rows, chroma_step)[:, :chroma_width]
+    if encoding == "nv21":
+        if cv2 is not None:  # one (height * 3/2, width) image with the Y plane's row stride, as cv2 takes it
+            return cv2.cvtColor(buf[:needed].reshape(height * 3 // 2, step)[:, :width], cv2.COLOR_YUV2RGB_NV21)
+        v, u = (np.repeat(np.repeat(chroma[:, k::2], 2, axis=0), 2, axis=1) for k in (0, 1))
+        return _yuv_numpy(luma, u, v)
+    if cv2 is not None:  # OpenCV has no 4:4:4 code: each pixel as a YUYV pair (Y, U, Y, V) of its own, one kept
+        pairs = np.stack([luma, chroma[:, 0::2], luma, chroma[:, 1::2]], axis=-1)
+        return cv2.cvtColor(pairs.reshape(height, 2 * width, 2), cv2.COLOR_YUV2RGB_YUY2)[:, 0::2]
+    return _yuv_numpy(luma, chroma[:, 0::2], chroma[:, 1::2])
+
+
+def _yuv_numpy(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-pixel Y, U, V (uint8, equal shapes) -> RGB by OpenCV's fixed-point BT.601 limited-range rule (Y below
+    16 counts as 16; each channel rounded, then clipped to 0..255)."""
+    luma = np.maximum(y.astype(np.int32) - 16, 0) * YUV_CY + (1 << (YUV_SHIFT - 1))
+    u = u.astype(np.int32) - 128
+    v = v.astype(np.int32) - 128
+    rgb = np.empty((*y.shape, 3), np.uint8)
+    for channel, offset in enumerate((YUV_CVR * v, YUV_CVG * v + YUV_CUG * u, YUV_CUB * u)):
+        rgb[..., channel] = np.clip((luma + offset) >> YUV_SHIFT, 0, 255)
+    return rgb
+
+
 def _cv_bridge_to_rgb(msg: Any) -> np.ndarray:
+    """Any other encoding cv_bridge knows (e.g. 8UC3, 32FC1) -> RGB by cv_bridge, imported only when needed."""
     try:
         from cv_bridge import CvBridge
     except ImportError as exc:
         raise UnsupportedEncodingError(
             f"image encoding {msg.encoding!r} needs cv_bridge, which is not installed; without it the "
-            f"supported encodings are {', '.join(SUPPORTED_IMAGE_ENCODINGS)} and compressed jpeg/png") from exc
+            f"supported encodings are {', '.join(SUPPORTED_IMAGE_ENCODINGS)} ({', '.join(NEEDS_OPENCV)} with cv2) "
+            "and compressed jpeg/png") from exc
     try:
         rgb = CvBridge().imgmsg_to_cv2(msg, desired_encoding="rgb8")
     except Exception as exc:  # cv_bridge raises its own CvBridgeError and plain TypeErrors

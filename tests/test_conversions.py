@@ -73,7 +73,7 @@ def test_image_bad_inputs(factory):
     with pytest.raises(ImageSizeError, match="bytes"):
         msg_decode.image_to_rgb(msg)
     msg = msg_encode.rgb_to_image(factory, rgb, "cam", STAMP)
-    msg.encoding = "yuv422"  # no cv_bridge on this machine
+    msg.encoding = "8UC3"  # no cv_bridge on this machine
     with pytest.raises(UnsupportedEncodingError, match="cv_bridge"):
         msg_decode.image_to_rgb(msg)
     msg.width = 0

@@ -125,7 +125,7 @@ def encodings(rng: np.random.Generator) -> Case:
         encoding = str(rng.choice(["rgb8", "bgr8", "rgba8", "bgra8", "mono8"]))
         return _frame(rng, msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, encoding), (h, w)), OK, False
     image = msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
-    image.encoding = str(rng.choice(["yuv422", "bayer_rggb8", "16UC1", "32FC1", "", "RGB8 ", "jpeg"]))
+    image.encoding = str(rng.choice(["8UC3", "32FC3", "16UC1", "32FC1", "", "RGB8 ", "jpeg"]))  # none decodable without cv_bridge
     return _frame(rng, image, (h, w)), "unsupported_encoding", False
 
 
@@ -318,7 +318,7 @@ def mixtures(rng: np.random.Generator) -> Case:
     kind = int(rng.integers(4))
     if kind == 0:
         image = msg_encode.rgb_to_image(F, _rgb(h, w, rng), "cam", STAMP, "rgb8")
-        image.encoding = "yuv422"
+        image.encoding = "8UC3"  # needs cv_bridge, absent here
         return _frame(rng, image, (h, w), k=bad_k, pose=bad_pose), "unsupported_encoding", False
     if kind == 1:
         return _frame(rng, _compressed(b"\xff\xd8\xff" + rng.bytes(50)), (h, w), info=False), "decode_failed", False

@@ -61,7 +61,7 @@ def _run(bag: Path | str, out: Path, *extra: str) -> int:
 # ----------------------------------------------------------------------------- a failed run keeps the outputs
 def test_a_run_that_processes_no_frame_keeps_the_previous_outputs(tmp_path, block_model, capsys):
     good = _bag(tmp_path / "good")
-    yuv = _bag(tmp_path / "yuv", encoding="yuv422")
+    undecodable = _bag(tmp_path / "undecodable", encoding="8UC3")  # needs cv_bridge, absent here
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
     (unreadable / "metadata.yaml").write_text("not: [a bag")
@@ -71,7 +71,7 @@ def test_a_run_that_processes_no_frame_keeps_the_previous_outputs(tmp_path, bloc
     assert {Path("out/report.md"), Path("s.json")} <= set(before) and any(p.suffix == ".png" for p in before)
     assert any(p.suffix == ".mcap" and p.parts[1] == "occupancy_bag" for p in before)
     capsys.readouterr()
-    for bag, rc in ((tmp_path / "nonexistent", 2), (unreadable, 2), (yuv, 3)):
+    for bag, rc in ((tmp_path / "nonexistent", 2), (unreadable, 2), (undecodable, 3)):
         assert _run(bag, out, "--json", str(js)) == rc
         err = capsys.readouterr().err
         after = _files(tmp_path)
@@ -86,7 +86,7 @@ def test_a_run_that_processes_no_frame_keeps_the_previous_outputs(tmp_path, bloc
     assert not (out / "report.failed.md").exists() and not (tmp_path / "s.failed.json").exists()
     assert json.loads(js.read_text())["frames"] == 1
     # into an empty folder a failed run writes its report where a report goes, and no empty bag
-    assert _run(yuv, tmp_path / "fresh") == 3
+    assert _run(undecodable, tmp_path / "fresh") == 3
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["report.md"]
     assert "output bag: none (no frame was processed)" in capsys.readouterr().out
 
