@@ -39,9 +39,9 @@ _COLOR_ENCODINGS: dict[str, tuple[int, slice]] = {
     "bgra8": (4, slice(2, None, -1)), "mono8": (1, slice(None)),
 }
 # Encodings converted here to what cv_bridge's ``imgmsg_to_cv2(msg, "rgb8")`` gives (its Humble branch and its 2024
-# rolling branch, which Jazzy's comes from, share the table), so that a bag replays without ROS: the cvtColor code of its conversion table, then a 16-bit
-# image scaled to 8 bits as its convertTo(255/65535) scales it. cv2 does it; without cv2 numpy gives the same bytes
-# for YUV and 16-bit (tests/test_msg_decode_encodings.py). OpenCV has no nv24 (4:4:4) code: it is converted by
+# rolling branch, which Jazzy's comes from, share the table), so that a bag replays without ROS: the cvtColor code
+# of its conversion table, then a 16-bit image scaled to 8 bits as its convertTo(255/65535) scales it. cv2 does it;
+# without cv2 numpy gives the same bytes for YUV and 16-bit (tests/test_msg_decode_encodings.py). OpenCV has no nv24 (4:4:4) code: it is converted by
 # the rule of its 4:2:2 code, pixel by pixel. "uyvy"/"yuyv" are Jazzy's names for yuv422/yuv422_yuy2,
 # and nv21/nv24 (camera_ros) are decoded like the other YUV encodings; cv_bridge refuses all four.
 _YUV422_ORDERS = {"yuv422": "UYVY", "uyvy": "UYVY", "yuv422_yuy2": "YUY2", "yuyv": "YUY2"}  # a pixel pair's bytes
