@@ -412,8 +412,9 @@ def test_the_replay_says_why_nothing_was_scored(tmp_path, block_model, capsys, e
     assert s["unknown_voxels_known"] is (True if status == "scored" else None)
     if status == "unmatched":
         said = ("the bag has 4 ground-truth grids (4 usable) but none of the 4 processed frames has one at its stamp: "
-                "ground truth is matched to an image by header stamp, which must equal the image's exactly (the first "
-                "image at 1700000000000000000 ns, the nearest ground truth at 1700000000001000000 ns, +1.000 ms from it)")
+                "ground truth is matched to an image by header stamp, which must equal the image's exactly unless "
+                "--gt-stamp-tolerance allows an offset (the first image at 1700000000000000000 ns, the nearest ground truth "
+                "at 1700000000001000000 ns, +1.000 ms from it)")
         assert said in s["error"] and said in err and said in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -467,3 +468,51 @@ def test_unusable_ground_truth_is_said_once_per_reason(tmp_path):
     assert errors[1] == (f"ground truth at {stamps[4]} ns unusable: ground-truth label image has a header claiming "
                          "1x1, expected 2160x60 for a 60x60x36 grid")
     assert errors[5] == "ground truth at 2 more stamps unusable for 2 other reasons"
+
+
+# ----------------------------------------------------------------------------- ground truth stamped apart from its image
+def test_ground_truth_goes_to_the_nearest_image_within_the_tolerance_once():
+    """Each grid to one image at most: the nearest unused one within the tolerance (0: the image's own stamp)."""
+    grids = {stamp: replay.GroundTruthGrid.from_grid(np.full((2, 2, 2), i, np.uint8), np.zeros(3), True)
+             for i, stamp in enumerate((100, 110, 200))}
+    exact = replay.GroundTruthMatcher(grids)
+    assert exact.match(100) is grids[100] and exact.match(100) is None and exact.match(105) is None
+    near = replay.GroundTruthMatcher(grids, tolerance_ns=6)
+    assert near.match(104) is grids[100] and near.match(104) is grids[110]  # the nearer one was taken
+    assert near.match(110) is None and near.match(195) is grids[200] and near.unmatched() == 0
+    assert replay.GroundTruthMatcher(grids, tolerance_ns=6).unmatched() == 3
+
+
+def _gt_offset(ns):
+    def edit(topic, msg, i):
+        if topic in (bag_io.GT_POSE_TOPIC, bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC):
+            msg.header.stamp.nanosec += ns
+        return msg
+    return edit
+
+
+def test_ground_truth_stamped_off_its_image_is_scored_within_gt_stamp_tolerance(tmp_path, block_model, capsys):
+    """Ground truth published by another node, or whose stamps went through float seconds, is a little off
+    its image's stamp: matched only exactly, no frame of such a drive was scored."""
+    exact = tmp_path / "exact.json"
+    assert _run(replay.SAMPLE_BAG, tmp_path / "o0", "--json", str(exact)) == 0
+    bag = _sample_with(tmp_path / "bag", _gt_offset(3_000_000))  # 3 ms after each image
+    for tolerance, rc, scored in (("0.002", 1, 0), ("0.005", 0, 4)):
+        assert _run(bag, tmp_path / tolerance, "--json", str(tmp_path / f"{tolerance}.json"),
+                    "--gt-stamp-tolerance", tolerance) == rc
+        s = json.loads(next(tmp_path.glob(f"{tolerance}*.json")).read_text())
+        assert s["evaluated_frames"] == scored and s["ground_truth"]["unmatched_grids"] == 4 - scored
+        assert ("by header stamp, within 0.002 s of the image's (--gt-stamp-tolerance)" in (s["error"] or "")) == (
+            not scored)
+    assert s["iou"] == json.loads(exact.read_text())["iou"] and s["error"] is None
+    with pytest.raises(ValueError, match="gt_stamp_tolerance_s"):
+        replay.ReplaySettings(gt_stamp_tolerance_s=-0.001)
+
+
+def test_ground_truth_no_image_read_matched_is_counted(tmp_path, block_model, capsys):
+    """Ground truth after the last image read, or stamped apart from every image, was not counted anywhere."""
+    assert _run(replay.SAMPLE_BAG, tmp_path / "o", "--json", str(tmp_path / "s.json"), "--max-frames", "3") == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["evaluated_frames"] == 3 and s["ground_truth"]["unmatched_grids"] == 1
+    assert "1 of the 4 usable ground-truth grids matched no image read" in capsys.readouterr().out
+    assert "1 of the 4 usable ground-truth grids matched no image read" in (tmp_path / "o" / "report.md").read_text()
