@@ -420,23 +420,45 @@ class BagFrames:
 
 # ----------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Accumulates SSCMetrics (training.metrics, imported lazily) over the frames with ground truth."""
+    """Accumulates SSCMetrics (training.metrics, imported lazily) over the frames with ground truth, those placed
+    by the fallback camera pose apart: put where the camera was assumed to be, they score that guess, not the model."""
 
     def __init__(self, num_classes: int) -> None:
         from training.metrics import SSCMetrics
 
-        self.metrics = SSCMetrics(num_classes + 1)
-        self.frames = 0
+        self.metrics = SSCMetrics(num_classes + 1)      # the frames with a TF pose: the headline
+        self.all_metrics = SSCMetrics(num_classes + 1)  # every scored frame
+        self.frames = 0           # every scored frame
+        self.fallback_frames = 0  # of them, those on the fallback pose
         self.unknown_missing = False
 
-    def add(self, pred_labels: np.ndarray, gt_labels: np.ndarray, gt: GroundTruthGrid) -> None:
+    def add(self, pred_labels: np.ndarray, gt_labels: np.ndarray, gt: GroundTruthGrid,
+            fallback_pose: bool = False) -> None:
         """Score one frame: ``gt_labels`` is ``gt``'s grid, decoded once by the caller."""
-        self.metrics.add_batch(pred_labels, gt_labels)
+        self.all_metrics.add_batch(pred_labels, gt_labels)  # raises (another grid) before anything is counted
+        if not fallback_pose:
+            self.metrics.add_batch(pred_labels, gt_labels)
         self.frames += 1
+        self.fallback_frames += int(fallback_pose)
         self.unknown_missing |= not gt.has_unknown
 
     def result(self) -> dict[str, Any]:
-        stats = self.metrics.compute()
+        """The summary's metrics: IoU/mIoU over the frames with a TF pose (None without one), ``evaluated_frames``
+        their count, and ``all_frames`` over every scored frame where some were on the fallback pose (else None)."""
+        out: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None}
+        if self.frames > self.fallback_frames:
+            out = self._result(self.metrics)
+        out["evaluated_frames"] = self.frames - self.fallback_frames
+        out["all_frames"] = None
+        if self.fallback_frames:
+            every = self._result(self.all_metrics)
+            out["all_frames"] = {"frames": self.frames, "fallback_pose_frames": self.fallback_frames,
+                                 "iou": every["iou"], "miou": every["miou"]}
+        return out
+
+    @staticmethod
+    def _result(metrics: Any) -> dict[str, Any]:
+        stats = metrics.compute()
         per_class = [float(v) for v in stats["per_class_iou"]]  # index 0 = empty
         return {"iou": stats["iou"], "miou": stats["miou"], "precision": stats["precision"], "recall": stats["recall"],
                 "per_class_iou": {CLASS_NAMES[i]: per_class[i] for i in range(1, len(CLASS_NAMES))}}
@@ -486,7 +508,8 @@ class Replayer:
                       "pred": result.occupancy.labels.copy(), "gt": gt_labels,
                       "voxel_origin": result.occupancy.voxel_origin}
         if gt is not None and self.evaluator is not None:
-            self.evaluator.add(result.occupancy.labels, gt_labels, gt)  # its last step; raises before counting
+            self.evaluator.add(result.occupancy.labels, gt_labels, gt,  # its last step; raises before counting
+                               fallback_pose=result.used_fallback_pose)
         # from here on nothing fails: the frame is processed
         self.first_done = time.perf_counter() if self.first_done is None else self.first_done
         self.fallback_pose_frames += int(result.used_fallback_pose)
@@ -730,7 +753,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
         truth = ground_truth_status(gt_messages, matcher, rep, evaluator)
-        if truth["status"] == "unmatched":  # an evaluation that scored nothing is incomplete (exit code 1)
+        if truth["status"] in ("unmatched", "fallback_pose"):  # an evaluation that scored nothing is incomplete
             errors.append(truth["note"])
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None and processed else None, topic, gt)
@@ -771,8 +794,9 @@ def ground_truth_status(messages: int, matcher: GroundTruthMatcher, rep: Replaye
                         evaluator: Evaluator | None) -> dict[str, Any]:
     """Whether and how the run was scored, for the summary's ``ground_truth``: ``status`` none (no ground truth
     in the bag), no_frame (no frame processed), unusable (none of it readable), unmatched (no processed frame
-    has ground truth at its stamp), else scored; ``note`` says it in a line (None when every frame was scored
-    and every grid matched an image); ``unmatched_grids`` counts the usable grids no image read matched."""
+    has ground truth at its stamp), fallback_pose (every frame scored was on the fallback pose), else scored;
+    ``note`` says it in a line (None when every frame was scored on its TF pose and every grid matched an image);
+    ``unmatched_grids`` counts the usable grids no image read matched."""
     gt, processed, scored = matcher.grids, rep.stats.processed, 0 if evaluator is None else evaluator.frames
     out = {"messages": messages, "usable": len(gt), "scored_frames": scored, "unmatched_grids": matcher.unmatched()}
     not_computed = "IoU/mIoU not computed"
@@ -792,7 +816,16 @@ def ground_truth_status(messages: int, matcher: GroundTruthMatcher, rep: Replaye
             f"truth is matched to an image by header stamp, {tolerance} (the first "
             f"image at {rep.first_unscored} ns, the nearest ground truth at {near} ns, "
             f"{(near - rep.first_unscored) / 1e6:+.3f} ms from it): {not_computed}")}
+    every = evaluator.result()["all_frames"]
+    on_fallback = "" if every is None else f"IoU {100 * every['iou']:.2f} mIoU {100 * every['miou']:.2f}"
+    if scored == evaluator.fallback_frames:
+        return {**out, "status": "fallback_pose", "note": (
+            f"all {scored} scored frames used the fallback camera pose: {not_computed} (over them {on_fallback}: "
+            "a score of where the camera was assumed to be, not of the model)")}
     notes = []
+    if every is not None:
+        notes.append(f"{every['fallback_pose_frames']} of the {scored} scored frames used the fallback camera pose "
+                     f"and are left out of IoU/mIoU (all {scored}: {on_fallback})")
     if processed > scored:
         notes.append(f"{processed - scored} of the {processed} processed frames had no usable ground truth at their "
                      "stamp (not scored)")
@@ -805,7 +838,8 @@ def ground_truth_status(messages: int, matcher: GroundTruthMatcher, rep: Replaye
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
              errors: list[str], out_bag: Path | None, topic: str, gt: dict) -> dict[str, Any]:
     snap = rep.stats.snapshot()
-    metrics: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None}
+    metrics: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0,
+                               "all_frames": None}
     if evaluator is not None and evaluator.frames:
         metrics = evaluator.result()
     skipped = dict(snap["skipped"])
@@ -817,7 +851,6 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         "latency_ms": latency_percentiles(rep.stats.latencies_ms),
         "stage_ms": {k: latency_percentiles(v) for k, v in rep.stage_ms.items()},
         **metrics,
-        "evaluated_frames": 0 if evaluator is None else evaluator.frames,
         "unknown_voxels_known": None if evaluator is None or not evaluator.frames else not evaluator.unknown_missing,
         "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "first_skip_by_reason": dict(rep.first_skips),
         "dropped": snap["dropped"] - rep.unfinished, "unfinished": rep.unfinished,
@@ -840,7 +873,7 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
     """Summary of a replay that could not read a single frame."""
     return {"bag": str(bag), "image_topic": None, "model_config": None, "backend": None, "realtime": False,
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
-            "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
+            "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "all_frames": None, "skipped": 0,
             "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
             "other_image_topics": [], "rectified": None, "images_note": None, "bag_note": None,
@@ -1006,7 +1039,8 @@ def run_cli(args: argparse.Namespace) -> int:
           f"[{s['backend']}; frame loop {s.get('frame_loop')}]")
     truth = s["ground_truth"]
     if s["iou"] is not None:
-        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames"
+        on_tf = " with a TF pose" if s.get("all_frames") else ""
+        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames{on_tf}"
               + (f" ({truth['note']})" if truth["note"] else ""))
     else:
         print(ground_truth_line(truth, "below"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_fuzz_frames import _png_header_claiming
-from test_ros_support import BlockBackend, pipeline_for, wait_until
+from test_ros_support import BlockBackend, OracleBackend, pipeline_for, wait_until
 
 from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.errors import CloudFormatError, TransformError
@@ -516,3 +516,46 @@ def test_ground_truth_no_image_read_matched_is_counted(tmp_path, block_model, ca
     assert s["evaluated_frames"] == 3 and s["ground_truth"]["unmatched_grids"] == 1
     assert "1 of the 4 usable ground-truth grids matched no image read" in capsys.readouterr().out
     assert "1 of the 4 usable ground-truth grids matched no image read" in (tmp_path / "o" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- frames on the fallback pose scored apart
+def _unmounted_first_two(topic, msg, i):
+    """Images 0 and 1 (with their camera info and depth) in a camera frame TF does not have: the fallback pose."""
+    if topic in (bag_io.COMPRESSED_TOPIC, bag_io.CAMERA_INFO_TOPIC, bag_io.DEPTH_TOPIC) and i < 2:
+        msg.header.frame_id = "unmounted_cam"
+    return msg
+
+
+def test_frames_on_the_fallback_pose_are_left_out_of_the_headline_metrics(tmp_path, monkeypatch, capsys):
+    """A frame without a TF pose is placed where the camera was assumed to be: its score measures that guess, yet it
+    counted in the headline IoU/mIoU while the report called it not meaningful. Here the model is perfect on the
+    frames with a TF pose and predicts nothing on the two without."""
+    gt, errors, _ = _read_ground_truth(replay.SAMPLE_BAG)
+    first_two = sorted(gt)[:2]
+    grids = {tuple(np.round(item.voxel_origin, 6)): item.label_grid() * (stamp not in first_two)
+             for stamp, item in gt.items()}
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(OracleBackend(grids)))
+    bag = _sample_with(tmp_path / "bag", _unmounted_first_two)
+    assert _run(bag, tmp_path / "o", "--json", str(tmp_path / "s.json")) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    out = capsys.readouterr().out
+    assert s["fallback_pose_frames"] == 2 and s["evaluated_frames"] == 2 and s["ground_truth"]["scored_frames"] == 4
+    assert s["iou"] == pytest.approx(1.0) and "over 2 frames with a TF pose" in out
+    every = s["all_frames"]
+    assert every["frames"] == 4 and every["fallback_pose_frames"] == 2 and every["iou"] < 0.8
+    said = (f"2 of the 4 scored frames used the fallback camera pose and are left out of IoU/mIoU (all 4: IoU "
+            f"{100 * every['iou']:.2f} mIoU {100 * every['miou']:.2f})")
+    assert said in out and said in (tmp_path / "o" / "report.md").read_text()
+    assert not errors and "## Occupancy metrics (2 frames with a TF pose" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_run_scored_only_on_the_fallback_pose_has_no_headline_metrics(tmp_path, block_model, capsys):
+    """A world frame that is not in TF (odom given for world, say) put every frame on the fallback pose, and the run
+    printed their IoU/mIoU as the evaluation's."""
+    assert _run(replay.SAMPLE_BAG, tmp_path / "o", "--json", str(tmp_path / "s.json"), "--world-frame", "odom") == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    out = capsys.readouterr().out
+    assert s["fallback_pose_frames"] == 4 and s["iou"] is None and s["evaluated_frames"] == 0
+    assert s["ground_truth"]["status"] == "fallback_pose" and s["all_frames"]["frames"] == 4
+    said = "all 4 scored frames used the fallback camera pose: IoU/mIoU not computed (over them IoU "
+    assert "A" + said[1:] in out and said in s["error"] and said in (tmp_path / "o" / "report.md").read_text()
