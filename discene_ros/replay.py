@@ -10,6 +10,7 @@ with the shipped model.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import queue
@@ -64,6 +65,7 @@ from .report import ground_truth_line, invalid_transforms_note
 
 SAMPLE_BAG = DATA_DIR / "sample_bag"
 SKIP_HINT = "pass --no-fallback-pose"  # the replay's way to skip frames without a TF pose
+GT_STAMP_TOLERANCE_MAX_S = 1.0  # --gt-stamp-tolerance: matching, not interpolation; more is a mistake
 
 
 @dataclass
@@ -114,6 +116,7 @@ class ReplaySettings:
     use_fallback_pose: bool = True      # False: skip frames without a TF pose
     sync_tolerance_s: float = 0.02      # largest stamp difference of colour vs depth / camera info
     sync_wait_s: float = 0.5            # how long (bag time) an image waits for its partners and TF
+    gt_stamp_tolerance_s: float = 0.0   # largest stamp difference of ground truth vs its image; 0: exactly equal
     realtime: bool = False              # the recorded rate, newest frame wins; else every frame, full speed
     pipelining: str = "auto"            # the node's parameter: auto, on or off (processing.frame_loop_mode)
     max_frames: int | None = None       # stop after this many colour images
@@ -129,6 +132,9 @@ class ReplaySettings:
             setattr(self, name, tf_frame(name, getattr(self, name)))
         check_range("sync_tolerance_s", self.sync_tolerance_s)
         check_range("sync_wait_s", self.sync_wait_s)
+        if not 0.0 <= self.gt_stamp_tolerance_s <= GT_STAMP_TOLERANCE_MAX_S:  # NaN too
+            raise ValueError(f"gt_stamp_tolerance_s={self.gt_stamp_tolerance_s} is outside [0, "
+                             f"{GT_STAMP_TOLERANCE_MAX_S}] s")
         if self.score_threshold is not None:  # None: the model's own (the node's negative values)
             check_range("score_threshold", self.score_threshold)
             if self.score_threshold < 0:
@@ -226,6 +232,37 @@ def unusable_lines(unusable: dict[str, list[int]]) -> list[str]:
     return lines
 
 
+class GroundTruthMatcher:
+    """Gives each image the bag's ground truth nearest its header stamp within ``tolerance_ns`` (0: the same
+    stamp), each grid to one image at most, and keeps it by image stamp for scoring (``by_image``).
+
+    A separate node or an offline tool may stamp the ground truth a little apart from its image; a tolerance
+    under half the frame interval keeps the match unambiguous."""
+
+    def __init__(self, grids: dict[int, GroundTruthGrid], tolerance_ns: int = 0) -> None:
+        self.grids = grids
+        self.stamps = sorted(grids)
+        self.tolerance_ns = tolerance_ns
+        self.used: set[int] = set()  # stamps of the grids given to an image
+        self.by_image: dict[int, GroundTruthGrid] = {}  # image stamp -> its grid, taken by Replayer.record
+
+    def match(self, stamp: int) -> GroundTruthGrid | None:
+        """The unused grid nearest ``stamp`` within the tolerance (marked used, kept in ``by_image``), or None."""
+        start = bisect.bisect_left(self.stamps, stamp - self.tolerance_ns)
+        end = bisect.bisect_right(self.stamps, stamp + self.tolerance_ns)
+        free = [s for s in self.stamps[start:end] if s not in self.used]
+        if not free:
+            return None
+        nearest = min(free, key=lambda s: abs(s - stamp))
+        self.used.add(nearest)
+        self.by_image.setdefault(stamp, self.grids[nearest])  # an image stamp read twice keeps its first grid
+        return self.grids[nearest]
+
+    def unmatched(self) -> int:
+        """Grids no image read was given: stamped apart from every image, or after the last image read."""
+        return len(self.grids) - len(self.used)
+
+
 def _ground_truth_messages(reader: Any, topics: tuple[str, ...], errors: list[str]) -> Iterator[tuple[str, Any]]:
     """(topic, message) of the bag's messages on ``topics``; a read error ends them and is said in ``errors``
     (a truncated or corrupt bag: what was read is kept)."""
@@ -252,7 +289,7 @@ class BagFrames:
     """
 
     def __init__(self, reader: Any, image_topic: str, info_topic: str | None, depth_topic: str | None,
-                 world_frame: str, ground_truth: dict[int, GroundTruthGrid], processor: FrameProcessor | None = None,
+                 world_frame: str, ground_truth: GroundTruthMatcher, processor: FrameProcessor | None = None,
                  tolerance_s: float = 0.02, wait_s: float = 0.5, base_frame: str = "base_link") -> None:
         self.reader = reader
         self.image_topic, self.info_topic, self.depth_topic = image_topic, info_topic, depth_topic
@@ -326,7 +363,7 @@ class BagFrames:
 
     def _complete(self, image: Any, bag_t: int) -> tuple[FrameInput, int]:
         stamp = msg_decode.stamp_to_ns(image.header.stamp)
-        gt = self.ground_truth.get(stamp)
+        gt = self.ground_truth.match(stamp)
         error: FrameError | None = None
         info = depth = None
         try:
@@ -383,23 +420,45 @@ class BagFrames:
 
 # ----------------------------------------------------------------------------- evaluation
 class Evaluator:
-    """Accumulates SSCMetrics (training.metrics, imported lazily) over the frames with ground truth."""
+    """Accumulates SSCMetrics (training.metrics, imported lazily) over the frames with ground truth, those placed
+    by the fallback camera pose apart: put where the camera was assumed to be, they score that guess, not the model."""
 
     def __init__(self, num_classes: int) -> None:
         from training.metrics import SSCMetrics
 
-        self.metrics = SSCMetrics(num_classes + 1)
-        self.frames = 0
+        self.metrics = SSCMetrics(num_classes + 1)      # the frames with a TF pose: the headline
+        self.all_metrics = SSCMetrics(num_classes + 1)  # every scored frame
+        self.frames = 0           # every scored frame
+        self.fallback_frames = 0  # of them, those on the fallback pose
         self.unknown_missing = False
 
-    def add(self, pred_labels: np.ndarray, gt_labels: np.ndarray, gt: GroundTruthGrid) -> None:
+    def add(self, pred_labels: np.ndarray, gt_labels: np.ndarray, gt: GroundTruthGrid,
+            fallback_pose: bool = False) -> None:
         """Score one frame: ``gt_labels`` is ``gt``'s grid, decoded once by the caller."""
-        self.metrics.add_batch(pred_labels, gt_labels)
+        self.all_metrics.add_batch(pred_labels, gt_labels)  # raises (another grid) before anything is counted
+        if not fallback_pose:
+            self.metrics.add_batch(pred_labels, gt_labels)
         self.frames += 1
+        self.fallback_frames += int(fallback_pose)
         self.unknown_missing |= not gt.has_unknown
 
     def result(self) -> dict[str, Any]:
-        stats = self.metrics.compute()
+        """The summary's metrics: IoU/mIoU over the frames with a TF pose (None without one), ``evaluated_frames``
+        their count, and ``all_frames`` over every scored frame where some were on the fallback pose (else None)."""
+        out: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None}
+        if self.frames > self.fallback_frames:
+            out = self._result(self.metrics)
+        out["evaluated_frames"] = self.frames - self.fallback_frames
+        out["all_frames"] = None
+        if self.fallback_frames:
+            every = self._result(self.all_metrics)
+            out["all_frames"] = {"frames": self.frames, "fallback_pose_frames": self.fallback_frames,
+                                 "iou": every["iou"], "miou": every["miou"]}
+        return out
+
+    @staticmethod
+    def _result(metrics: Any) -> dict[str, Any]:
+        stats = metrics.compute()
         per_class = [float(v) for v in stats["per_class_iou"]]  # index 0 = empty
         return {"iou": stats["iou"], "miou": stats["miou"], "precision": stats["precision"], "recall": stats["recall"],
                 "per_class_iou": {CLASS_NAMES[i]: per_class[i] for i in range(1, len(CLASS_NAMES))}}
@@ -411,6 +470,7 @@ class Replayer:
 
     Frames are processed on the frame loop's threads; their output messages are written to the bag by
     the thread that opened the writer (``flush``), since a sqlite3 bag may only be used from that thread.
+    ``ground_truth`` holds each image's grid by image stamp, as ``GroundTruthMatcher.by_image``.
     """
 
     def __init__(self, processor: FrameProcessor, writer: Any, factory: TypestoreFactory, world_frame: str,
@@ -440,7 +500,7 @@ class Replayer:
         What can fail (building the messages, scoring) comes first and changes nothing, so a frame that fails
         here (counted as skipped, internal_error) leaves no message in the output bag and nothing in the metrics."""
         msgs = build_outputs(self.factory, result, self.world_frame, frame.stamp_ns, markers=False)
-        gt = self.ground_truth.get(frame.stamp_ns)
+        gt = self.ground_truth.pop(frame.stamp_ns, None)  # BagFrames's match: scored once
         gt_labels = None if gt is None else gt.label_grid()  # checked when read: decoded only now
         render = None
         if len(self.renders) < self.n_renders:
@@ -448,7 +508,8 @@ class Replayer:
                       "pred": result.occupancy.labels.copy(), "gt": gt_labels,
                       "voxel_origin": result.occupancy.voxel_origin}
         if gt is not None and self.evaluator is not None:
-            self.evaluator.add(result.occupancy.labels, gt_labels, gt)  # its last step; raises before counting
+            self.evaluator.add(result.occupancy.labels, gt_labels, gt,  # its last step; raises before counting
+                               fallback_pose=result.used_fallback_pose)
         # from here on nothing fails: the frame is processed
         self.first_done = time.perf_counter() if self.first_done is None else self.first_done
         self.fallback_pose_frames += int(result.used_fallback_pose)
@@ -646,6 +707,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         errors: list[str] = []
         gt = read_ground_truth(reader, tuple(config.grid_shape), config.voxel_size, errors, config.num_classes)
         gt_messages = ground_truth_messages(reader)
+        matcher = GroundTruthMatcher(gt, round(settings.gt_stamp_tolerance_s * 1e9))
         evaluator = Evaluator(config.num_classes) if gt else None
         pipelined, loop_mode = frame_loop_mode(settings.pipelining, pipeline)
         # the bag reader pairs and locates each frame before the loop gets it: no stage waits for that
@@ -660,7 +722,7 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
                                                                use_fallback_pose=settings.use_fallback_pose,
                                                                check_depth_frame=settings.check_depth_frame,
                                                                rectified=rectified))
-        frames = BagFrames(reader, topic, info_topic, depth_topic, settings.world_frame, gt, processor,
+        frames = BagFrames(reader, topic, info_topic, depth_topic, settings.world_frame, matcher, processor,
                            settings.sync_tolerance_s, settings.sync_wait_s, settings.base_frame)
         factory = TypestoreFactory(bag_io.typestore())
         total = sum(c.msgcount for c in reader.connections if c.topic == topic)
@@ -668,7 +730,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         start = time.perf_counter()
         writer = (bag_io.BagWriter(stage / "occupancy_bag", settings.storage, factory.typestore)
                   if settings.output_bag else None)
-        rep = Replayer(processor, writer, factory, settings.world_frame, gt, evaluator, settings.n_renders)
+        rep = Replayer(processor, writer, factory, settings.world_frame, matcher.by_image, evaluator,
+                       settings.n_renders)
         with contextlib.ExitStack() as stack:
             if writer is not None:
                 writer.open()
@@ -689,8 +752,8 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
         errors += [e for e in (interrupted, frames.error, damage, rep.write_error) if e]
         if rep.internal_errors:
             errors.append(f"{len(rep.internal_errors)} frames failed unexpectedly, first: {rep.internal_errors[0]}")
-        truth = ground_truth_status(gt_messages, gt, rep, evaluator)
-        if truth["status"] == "unmatched":  # an evaluation that scored nothing is incomplete (exit code 1)
+        truth = ground_truth_status(gt_messages, matcher, rep, evaluator)
+        if truth["status"] in ("unmatched", "fallback_pose"):  # an evaluation that scored nothing is incomplete
             errors.append(truth["note"])
         summary = _summary(bag, pipeline, rep, wall, settings.realtime, evaluator, errors,
                            out / "occupancy_bag" if writer is not None and processed else None, topic, gt)
@@ -727,13 +790,15 @@ def ground_truth_messages(reader: Any) -> int:
     return sum(c.msgcount for c in reader.connections if c.topic == bag_io.GT_POSE_TOPIC)
 
 
-def ground_truth_status(messages: int, gt: dict[int, GroundTruthGrid], rep: Replayer,
+def ground_truth_status(messages: int, matcher: GroundTruthMatcher, rep: Replayer,
                         evaluator: Evaluator | None) -> dict[str, Any]:
     """Whether and how the run was scored, for the summary's ``ground_truth``: ``status`` none (no ground truth
     in the bag), no_frame (no frame processed), unusable (none of it readable), unmatched (no processed frame
-    has ground truth at its stamp), else scored; ``note`` says it in a line (None when every frame was scored)."""
-    processed, scored = rep.stats.processed, 0 if evaluator is None else evaluator.frames
-    out = {"messages": messages, "usable": len(gt), "scored_frames": scored}
+    has ground truth at its stamp), fallback_pose (every frame scored was on the fallback pose), else scored;
+    ``note`` says it in a line (None when every frame was scored on its TF pose and every grid matched an image);
+    ``unmatched_grids`` counts the usable grids no image read matched."""
+    gt, processed, scored = matcher.grids, rep.stats.processed, 0 if evaluator is None else evaluator.frames
+    out = {"messages": messages, "usable": len(gt), "scored_frames": scored, "unmatched_grids": matcher.unmatched()}
     not_computed = "IoU/mIoU not computed"
     if not messages:
         return {**out, "status": "none", "note": f"no ground truth in the bag: {not_computed}"}
@@ -742,22 +807,39 @@ def ground_truth_status(messages: int, gt: dict[int, GroundTruthGrid], rep: Repl
         return {**out, "status": "no_frame", "note": f"no frame was processed: {not_computed} ({grids})"}
     if not gt:
         return {**out, "status": "unusable", "note": f"{grids}, none of them usable: {not_computed}"}
+    tolerance = (f"within {matcher.tolerance_ns / 1e9:g} s of the image's (--gt-stamp-tolerance)"
+                 if matcher.tolerance_ns else "which must equal the image's exactly unless --gt-stamp-tolerance allows an offset")
     if not scored:
         near = min(gt, key=lambda stamp: abs(stamp - rep.first_unscored))
         return {**out, "status": "unmatched", "note": (
             f"{grids} ({len(gt)} usable) but none of the {processed} processed frames has one at its stamp: ground "
-            "truth is matched to an image by header stamp, which must equal the image's exactly (the first "
+            f"truth is matched to an image by header stamp, {tolerance} (the first "
             f"image at {rep.first_unscored} ns, the nearest ground truth at {near} ns, "
             f"{(near - rep.first_unscored) / 1e6:+.3f} ms from it): {not_computed}")}
-    unscored = processed - scored
-    return {**out, "status": "scored", "note": (f"{unscored} of the {processed} processed frames had no usable ground "
-                                                 "truth at their stamp (not scored)" if unscored else None)}
+    every = evaluator.result()["all_frames"]
+    on_fallback = "" if every is None else f"IoU {100 * every['iou']:.2f} mIoU {100 * every['miou']:.2f}"
+    if scored == evaluator.fallback_frames:
+        return {**out, "status": "fallback_pose", "note": (
+            f"all {scored} scored frames used the fallback camera pose: {not_computed} (over them {on_fallback}: "
+            "a score of where the camera was assumed to be, not of the model)")}
+    notes = []
+    if every is not None:
+        notes.append(f"{every['fallback_pose_frames']} of the {scored} scored frames used the fallback camera pose "
+                     f"and are left out of IoU/mIoU (all {scored}: {on_fallback})")
+    if processed > scored:
+        notes.append(f"{processed - scored} of the {processed} processed frames had no usable ground truth at their "
+                     "stamp (not scored)")
+    if out["unmatched_grids"]:
+        notes.append(f"{out['unmatched_grids']} of the {len(gt)} usable ground-truth grids matched no image read "
+                     "(stamped apart from every image, or after the last one)")
+    return {**out, "status": "scored", "note": "; ".join(notes) or None}
 
 
 def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: bool, evaluator: Evaluator | None,
              errors: list[str], out_bag: Path | None, topic: str, gt: dict) -> dict[str, Any]:
     snap = rep.stats.snapshot()
-    metrics: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None}
+    metrics: dict[str, Any] = {"iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0,
+                               "all_frames": None}
     if evaluator is not None and evaluator.frames:
         metrics = evaluator.result()
     skipped = dict(snap["skipped"])
@@ -769,7 +851,6 @@ def _summary(bag: Path, pipeline: Any, rep: Replayer, wall: float, realtime: boo
         "latency_ms": latency_percentiles(rep.stats.latencies_ms),
         "stage_ms": {k: latency_percentiles(v) for k, v in rep.stage_ms.items()},
         **metrics,
-        "evaluated_frames": 0 if evaluator is None else evaluator.frames,
         "unknown_voxels_known": None if evaluator is None or not evaluator.frames else not evaluator.unknown_missing,
         "skipped": sum(skipped.values()), "skipped_by_reason": skipped, "first_skip_by_reason": dict(rep.first_skips),
         "dropped": snap["dropped"] - rep.unfinished, "unfinished": rep.unfinished,
@@ -792,7 +873,7 @@ def empty_summary(bag: str | Path, error: str) -> dict[str, Any]:
     """Summary of a replay that could not read a single frame."""
     return {"bag": str(bag), "image_topic": None, "model_config": None, "backend": None, "realtime": False,
             "images": 0, "frames": 0, "fps": 0.0, "latency_ms": latency_percentiles([]), "stage_ms": {},
-            "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "skipped": 0,
+            "iou": None, "miou": None, "per_class_iou": None, "evaluated_frames": 0, "all_frames": None, "skipped": 0,
             "skipped_by_reason": {}, "first_skip_by_reason": {}, "dropped": 0, "unfinished": 0, "fallback_pose_frames": 0, "output_bag": None,
             "first_frame_ms": None, "fps_after_first_frame": None, "interrupted": False, "info_topic": None,
             "other_image_topics": [], "rectified": None, "images_note": None, "bag_note": None,
@@ -867,6 +948,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest stamp difference of colour vs depth / camera info, s")
     parser.add_argument("--sync-wait", type=float, default=0.5,
                         help="how long (bag time, s) a colour image waits for its depth, camera info and TF")
+    parser.add_argument("--gt-stamp-tolerance", type=float, default=0.0,
+                        help="largest stamp difference of ground truth vs its image, s (default 0: equal stamps); "
+                             "each image is scored against the nearest unused grid within it: keep it under half "
+                             "the frame interval")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="occupancy score threshold (default: the model config's)")
     parser.add_argument("--renders", type=int, default=3, help="frames rendered into the report")
@@ -924,7 +1009,8 @@ def run_cli(args: argparse.Namespace) -> int:
             rectified=args.rectified,
             world_frame=args.world_frame,
             base_frame=args.base_frame, use_fallback_pose=not args.no_fallback_pose,
-            sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait, realtime=args.realtime,
+            sync_tolerance_s=args.sync_tolerance, sync_wait_s=args.sync_wait,
+            gt_stamp_tolerance_s=args.gt_stamp_tolerance, realtime=args.realtime,
             pipelining=args.pipelining, max_frames=args.max_frames, storage=args.storage,
             output_bag=args.output_bag, n_renders=args.renders,
             progress=not args.no_progress, report=True)
@@ -953,7 +1039,8 @@ def run_cli(args: argparse.Namespace) -> int:
           f"[{s['backend']}; frame loop {s.get('frame_loop')}]")
     truth = s["ground_truth"]
     if s["iou"] is not None:
-        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames"
+        on_tf = " with a TF pose" if s.get("all_frames") else ""
+        print(f"IoU {100 * s['iou']:.2f}  mIoU {100 * s['miou']:.2f}  over {s['evaluated_frames']} frames{on_tf}"
               + (f" ({truth['note']})" if truth["note"] else ""))
     else:
         print(ground_truth_line(truth, "below"))

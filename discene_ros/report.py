@@ -103,7 +103,7 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
                   *(["", "The first of each:", ""] if firsts else []), *(f"- {k}: {v}" for k, v in firsts.items()), ""]
     if summary.get("fallback_pose_frames"):
         lines += [f"{summary['fallback_pose_frames']} frames had no camera pose in TF and used the fallback pose "
-                  "(their metrics are not meaningful).", ""]
+                  "(IoU/mIoU leave them out: their score is of that guessed pose, not of the model).", ""]
     if summary.get("camera_orientation_note"):
         lines += [f"**Camera orientation:** {summary['camera_orientation_note']}", ""]
     if summary.get("invalid_transforms"):
@@ -118,7 +118,8 @@ def write_report(out_dir: str | Path, summary: dict[str, Any], renders: list[dic
     elif summary.get("iou") is None:
         lines += [f"{ground_truth_line(summary.get('ground_truth'), 'above')}.", ""]
     else:
-        lines += [f"## Occupancy metrics ({summary.get('evaluated_frames', 0)} frames, SSCMetrics protocol)", "",
+        on_tf = " with a TF pose" if summary.get("all_frames") else ""
+        lines += [f"## Occupancy metrics ({summary.get('evaluated_frames', 0)} frames{on_tf}, SSCMetrics protocol)", "",
                   f"IoU **{_pct(summary['iou'])}**, mIoU **{_pct(summary['miou'])}**", ""]
         if not summary.get("unknown_voxels_known", True):
             lines += ["Note: the bag has no dense label topic, so unknown voxels counted as empty.", ""]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_fuzz_frames import _png_header_claiming
-from test_ros_support import BlockBackend, pipeline_for, wait_until
+from test_ros_support import BlockBackend, OracleBackend, pipeline_for, wait_until
 
 from discene_ros import bag_io, msg_decode, msg_encode, replay
 from discene_ros.errors import CloudFormatError, TransformError
@@ -412,8 +412,9 @@ def test_the_replay_says_why_nothing_was_scored(tmp_path, block_model, capsys, e
     assert s["unknown_voxels_known"] is (True if status == "scored" else None)
     if status == "unmatched":
         said = ("the bag has 4 ground-truth grids (4 usable) but none of the 4 processed frames has one at its stamp: "
-                "ground truth is matched to an image by header stamp, which must equal the image's exactly (the first "
-                "image at 1700000000000000000 ns, the nearest ground truth at 1700000000001000000 ns, +1.000 ms from it)")
+                "ground truth is matched to an image by header stamp, which must equal the image's exactly unless "
+                "--gt-stamp-tolerance allows an offset (the first image at 1700000000000000000 ns, the nearest ground truth "
+                "at 1700000000001000000 ns, +1.000 ms from it)")
         assert said in s["error"] and said in err and said in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -467,3 +468,94 @@ def test_unusable_ground_truth_is_said_once_per_reason(tmp_path):
     assert errors[1] == (f"ground truth at {stamps[4]} ns unusable: ground-truth label image has a header claiming "
                          "1x1, expected 2160x60 for a 60x60x36 grid")
     assert errors[5] == "ground truth at 2 more stamps unusable for 2 other reasons"
+
+
+# ----------------------------------------------------------------------------- ground truth stamped apart from its image
+def test_ground_truth_goes_to_the_nearest_image_within_the_tolerance_once():
+    """Each grid to one image at most: the nearest unused one within the tolerance (0: the image's own stamp)."""
+    grids = {stamp: replay.GroundTruthGrid.from_grid(np.full((2, 2, 2), i, np.uint8), np.zeros(3), True)
+             for i, stamp in enumerate((100, 110, 200))}
+    exact = replay.GroundTruthMatcher(grids)
+    assert exact.match(100) is grids[100] and exact.match(100) is None and exact.match(105) is None
+    near = replay.GroundTruthMatcher(grids, tolerance_ns=6)
+    assert near.match(104) is grids[100] and near.match(104) is grids[110]  # the nearer one was taken
+    assert near.match(110) is None and near.match(195) is grids[200] and near.unmatched() == 0
+    assert replay.GroundTruthMatcher(grids, tolerance_ns=6).unmatched() == 3
+
+
+def _gt_offset(ns):
+    def edit(topic, msg, i):
+        if topic in (bag_io.GT_POSE_TOPIC, bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC):
+            msg.header.stamp.nanosec += ns
+        return msg
+    return edit
+
+
+def test_ground_truth_stamped_off_its_image_is_scored_within_gt_stamp_tolerance(tmp_path, block_model, capsys):
+    """Ground truth published by another node, or whose stamps went through float seconds, is a little off
+    its image's stamp: matched only exactly, no frame of such a drive was scored."""
+    exact = tmp_path / "exact.json"
+    assert _run(replay.SAMPLE_BAG, tmp_path / "o0", "--json", str(exact)) == 0
+    bag = _sample_with(tmp_path / "bag", _gt_offset(3_000_000))  # 3 ms after each image
+    for tolerance, rc, scored in (("0.002", 1, 0), ("0.005", 0, 4)):
+        assert _run(bag, tmp_path / tolerance, "--json", str(tmp_path / f"{tolerance}.json"),
+                    "--gt-stamp-tolerance", tolerance) == rc
+        s = json.loads(next(tmp_path.glob(f"{tolerance}*.json")).read_text())
+        assert s["evaluated_frames"] == scored and s["ground_truth"]["unmatched_grids"] == 4 - scored
+        assert ("by header stamp, within 0.002 s of the image's (--gt-stamp-tolerance)" in (s["error"] or "")) == (
+            not scored)
+    assert s["iou"] == json.loads(exact.read_text())["iou"] and s["error"] is None
+    with pytest.raises(ValueError, match="gt_stamp_tolerance_s"):
+        replay.ReplaySettings(gt_stamp_tolerance_s=-0.001)
+
+
+def test_ground_truth_no_image_read_matched_is_counted(tmp_path, block_model, capsys):
+    """Ground truth after the last image read, or stamped apart from every image, was not counted anywhere."""
+    assert _run(replay.SAMPLE_BAG, tmp_path / "o", "--json", str(tmp_path / "s.json"), "--max-frames", "3") == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["evaluated_frames"] == 3 and s["ground_truth"]["unmatched_grids"] == 1
+    assert "1 of the 4 usable ground-truth grids matched no image read" in capsys.readouterr().out
+    assert "1 of the 4 usable ground-truth grids matched no image read" in (tmp_path / "o" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- frames on the fallback pose scored apart
+def _unmounted_first_two(topic, msg, i):
+    """Images 0 and 1 (with their camera info and depth) in a camera frame TF does not have: the fallback pose."""
+    if topic in (bag_io.COMPRESSED_TOPIC, bag_io.CAMERA_INFO_TOPIC, bag_io.DEPTH_TOPIC) and i < 2:
+        msg.header.frame_id = "unmounted_cam"
+    return msg
+
+
+def test_frames_on_the_fallback_pose_are_left_out_of_the_headline_metrics(tmp_path, monkeypatch, capsys):
+    """A frame without a TF pose is placed where the camera was assumed to be: its score measures that guess, yet it
+    counted in the headline IoU/mIoU while the report called it not meaningful. Here the model is perfect on the
+    frames with a TF pose and predicts nothing on the two without."""
+    gt, errors, _ = _read_ground_truth(replay.SAMPLE_BAG)
+    first_two = sorted(gt)[:2]
+    grids = {tuple(np.round(item.voxel_origin, 6)): item.label_grid() * (stamp not in first_two)
+             for stamp, item in gt.items()}
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(OracleBackend(grids)))
+    bag = _sample_with(tmp_path / "bag", _unmounted_first_two)
+    assert _run(bag, tmp_path / "o", "--json", str(tmp_path / "s.json")) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    out = capsys.readouterr().out
+    assert s["fallback_pose_frames"] == 2 and s["evaluated_frames"] == 2 and s["ground_truth"]["scored_frames"] == 4
+    assert s["iou"] == pytest.approx(1.0) and "over 2 frames with a TF pose" in out
+    every = s["all_frames"]
+    assert every["frames"] == 4 and every["fallback_pose_frames"] == 2 and every["iou"] < 0.8
+    said = (f"2 of the 4 scored frames used the fallback camera pose and are left out of IoU/mIoU (all 4: IoU "
+            f"{100 * every['iou']:.2f} mIoU {100 * every['miou']:.2f})")
+    assert said in out and said in (tmp_path / "o" / "report.md").read_text()
+    assert not errors and "## Occupancy metrics (2 frames with a TF pose" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_run_scored_only_on_the_fallback_pose_has_no_headline_metrics(tmp_path, block_model, capsys):
+    """A world frame that is not in TF (odom given for world, say) put every frame on the fallback pose, and the run
+    printed their IoU/mIoU as the evaluation's."""
+    assert _run(replay.SAMPLE_BAG, tmp_path / "o", "--json", str(tmp_path / "s.json"), "--world-frame", "odom") == 1
+    s = json.loads((tmp_path / "s.json").read_text())
+    out = capsys.readouterr().out
+    assert s["fallback_pose_frames"] == 4 and s["iou"] is None and s["evaluated_frames"] == 0
+    assert s["ground_truth"]["status"] == "fallback_pose" and s["all_frames"]["frames"] == 4
+    said = "all 4 scored frames used the fallback camera pose: IoU/mIoU not computed (over them IoU "
+    assert "A" + said[1:] in out and said in s["error"] and said in (tmp_path / "o" / "report.md").read_text()
