@@ -32,6 +32,26 @@ def test_batch_order_matches_distributed_sampler_across_epochs(world):
             assert [next(endless) for _ in range(sampler.steps_per_epoch)] == expected
 
 
+@pytest.mark.parametrize(("old", "new", "steps"), [((1, 2), (3, 1), 2), ((3, 1), (2, 2), 2), ((2, 2), (1, 3), 2),
+                                                  ((1, 1), (4, 1), 12)])
+def test_a_position_in_another_batch_geometry_skips_no_frame_of_the_epoch(old, new, steps):
+    """(batch, processes) old -> new after ``steps`` steps: the ranks read each epoch's order from its front,
+    and the new geometry reads on from that frame, again reading fewer frames than one step takes."""
+    size, seed = 13, 4
+    read: list[int] = []
+    for rank in range(old[1]):
+        batches = iter(EpochBatchSampler(size, old[0], old[1], rank, seed))
+        read += [i for _ in range(steps) for i in next(batches)]
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert sorted(read) == sorted(order[:len(read)])
+    samplers = [EpochBatchSampler(size, new[0], new[1], rank, seed) for rank in range(new[1])]
+    epoch, step = samplers[0].position_after(0, len(read))
+    rest = [i for s in samplers for i in s.epoch_indices(0)[step * new[0]:]] if epoch == 0 else []
+    covered = order[:samplers[0].steps_per_epoch * new[0] * new[1]]
+    assert set(covered) <= set(read) | set(rest) and len(set(read) & set(rest)) < new[0] * new[1]
+    assert (epoch, step) == ((1, 0) if len(read) >= len(covered) else (0, len(read) // (new[0] * new[1])))
+
+
 def test_batch_order_started_mid_run_continues_the_full_order():
     full = iter(EpochBatchSampler(10, 3, seed=1))
     batches = [next(full) for _ in range(8)]  # 3 steps per epoch: epochs 0, 1 and part of 2

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 import models
-from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_model, trained_steps
-from training.data import build_dataset
+from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model, trained_steps
+from training.data import EpochBatchSampler, build_dataset
 from training.losses import TaskLoss
 from training.train_config import TrainConfig
 from training.trainer import NonFiniteLossError, Trainer
@@ -177,6 +177,63 @@ def test_resume_with_a_larger_budget_follows_the_new_schedule_from_the_saved_ste
     assert rest["lr"] == pytest.approx(longer.optim.lr * factor(3))
     with pytest.raises(ValueError, match="budget of 1 steps is below the step 2"):
         Trainer(tiny_config(data_root, tmp_path, max_steps=1), datasets(cfg)[0], resume=tmp_path / "last.pt")
+
+
+def _epoch_order(cfg, train, epoch: int = 0) -> list[int]:
+    """Every frame of the epoch in the order all ranks together read it, whatever the batch geometry."""
+    return EpochBatchSampler(len(train), 1, seed=cfg.seed).epoch_indices(epoch)
+
+
+def test_resume_with_another_batch_size_continues_at_the_first_frame_not_yet_read(data_root, tmp_path, caplog):
+    """3 steps of batch 1 read the epoch's first 3 of 4 frames; with batch 2 (2 steps an epoch) the run reads
+    frames 2-3 (frame 2 again: a partial batch is read again, never skipped), where the saved epoch_step 3 lies
+    outside the new epoch. Budget max_steps: the step stays 3, the optimiser steps taken."""
+    cfg = tiny_config(data_root, tmp_path, max_steps=8)
+    train, _ = datasets(cfg)
+    Trainer(cfg, train).fit(stop_at_step=3)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["epoch_step"], saved["batch_size"], saved["world"]) == (0, 3, 1, 1)
+    wider = tiny_config(data_root, tmp_path, max_steps=8, batch_size=2)
+    resumed = Trainer(wider, train, resume=tmp_path / "last.pt")
+    assert (resumed.step, resumed.epoch, resumed.epoch_step, resumed.scheduler.last_epoch) == (3, 0, 1, 3)
+    assert next(iter(resumed._loader().batch_sampler)) == _epoch_order(cfg, train)[2:4]
+    assert ("batch_size 1 x 1 process(es) -> 2 x 1: epoch 0, 3 frames in (step 3), continues at epoch 0 step 1 "
+            "(1 frames read again); the step count stays 3") in caplog.text
+
+
+def test_resume_with_another_batch_size_and_an_epochs_budget_counts_steps_of_the_new_size(data_root, tmp_path):
+    """Budget 2 epochs: 1 step of batch 2 read frames 0-1; with batch 1 the run continues at frame 2, and its
+    step (the cosine's position) becomes 2 of 8, the steps of batch 1 those frames fill, not 1 of 8."""
+    cfg = tiny_config(data_root, tmp_path, max_steps=None, epochs=2, batch_size=2)
+    train, _ = datasets(cfg)
+    Trainer(cfg, train).fit(stop_at_step=1)
+    narrow = tiny_config(data_root, tmp_path, max_steps=None, epochs=2, batch_size=1)
+    resumed = Trainer(narrow, train, resume=tmp_path / "last.pt")
+    assert (resumed.step, resumed.epoch, resumed.epoch_step) == (2, 0, 2)
+    assert (resumed.total_steps, resumed.scheduler.last_epoch) == (8, 2)
+    assert next(iter(resumed._loader().batch_sampler)) == _epoch_order(cfg, train)[2:3]
+
+
+def test_resume_from_a_checkpoint_without_its_batch_geometry(data_root, tmp_path):
+    """Checkpoints of older code hold no batch_size / world: their saved train config and per-rank RNG states
+    tell; where neither is there (older still) the geometry is taken as this run's, as before."""
+    cfg = tiny_config(data_root, tmp_path, max_steps=8, batch_size=2)
+    train, _ = datasets(cfg)
+    Trainer(cfg, train).fit(stop_at_step=1)  # epoch 0 step 1: frames 0-1 read
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["batch_size"], state["world"]
+    save_checkpoint(tmp_path / "old.pt", state)
+    order = _epoch_order(cfg, train)
+    narrow = tiny_config(data_root, tmp_path, max_steps=8, batch_size=1)
+    resumed = Trainer(narrow, train, resume=tmp_path / "old.pt")
+    assert (resumed.step, resumed.epoch, resumed.epoch_step) == (1, 0, 2)
+    assert next(iter(resumed._loader().batch_sampler)) == order[2:3]
+    del state["train_config"]
+    state["rng"] = state["rng"]["ranks"][0]  # one process's RNG states, as the oldest checkpoints hold them
+    save_checkpoint(tmp_path / "old.pt", state)
+    resumed = Trainer(cfg, train, resume=tmp_path / "old.pt")
+    assert (resumed.step, resumed.epoch, resumed.epoch_step) == (1, 0, 1)
+    assert next(iter(resumed._loader().batch_sampler)) == order[2:4]
 
 
 def test_resume_with_fp16_from_a_run_without_it_starts_a_fresh_loss_scaler(data_root, tmp_path, caplog):

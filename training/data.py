@@ -160,6 +160,14 @@ class EpochBatchSampler(Sampler[list[int]]):
                 yield indices[s * self.batch_size:(s + 1) * self.batch_size]
             epoch, step = epoch + 1, 0
 
+    def position_after(self, epoch: int, samples: int) -> tuple[int, int]:
+        """The (epoch, step) at which to continue after ``samples`` frames of ``epoch`` were taken, in any batch
+        size and number of processes: all ranks together take each epoch's one order from its front, so they
+        are its first ``samples`` frames. Rounded down: a partial batch is read again, never skipped; an epoch
+        this sampler has no whole batch left of continues at the next one."""
+        step = samples // (self.batch_size * self.num_replicas)
+        return (epoch, step) if step < self.steps_per_epoch else (epoch + 1, 0)
+
 
 def worker_context() -> multiprocessing.context.BaseContext | None:
     """Where loader workers start: a fork server (Python 3.14's default on Linux), a process with one thread

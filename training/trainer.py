@@ -55,6 +55,15 @@ COARSE_SCHEDULE_EPOCHS = 5  # lr_by_epoch over fewer epochs than this draws a wa
 log = logging.getLogger(__name__)
 
 
+def _saved_geometry(state: dict[str, Any], batch_size: int, world: int) -> tuple[int, int]:
+    """(batch_size, processes) of the run that wrote a checkpoint. Older checkpoints lack both fields: their
+    saved train config and their RNG states (one per rank) tell, else this run's (``batch_size``, ``world``)."""
+    saved = state.get("train_config") or {}
+    ranks = (state.get("rng") or {}).get("ranks")
+    batch = state.get("batch_size", saved.get("batch_size", batch_size))
+    return int(batch), int(state.get("world", len(ranks) if ranks else world))
+
+
 def _network_fields(config: dict | None) -> dict | None:
     """A model config without its post-processing settings: what must match for an exact resume."""
     return None if config is None else {k: v for k, v in config.items() if k not in POSTPROCESS_FIELDS}
@@ -301,6 +310,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
+            "batch_size": self.cfg.batch_size,  # the batch geometry epoch_step counts in (see _resume_position)
+            "world": self.world,
             "best_miou": self.best_miou,
             "steps_before": self.steps_before,
             "rng": {"ranks": rng if rng is not None else [rng_state(self.device)]},
@@ -346,22 +357,23 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} cannot be resumed: it has no '{key}' (model-only checkpoint?)")
         if _network_fields(state.get("config")) != _network_fields(self.model_cfg.to_dict()):
             raise ValueError(f"checkpoint {path} was trained with another model config than '{self.model_cfg.name}'")
-        if self.total_steps < state["step"]:
-            raise ValueError(f"this run's budget of {self.total_steps} steps is below the step {state['step']} "
+        step, self.epoch, self.epoch_step = self._resume_position(state, path)
+        if self.total_steps < step:
+            raise ValueError(f"this run's budget of {self.total_steps} steps is below the step {step} "
                              f"checkpoint {path} is at (max_steps or epochs too small)")
         self.student.load_state_dict(state["model"])
         if self.distiller is not None:
             if state.get("distiller") is None:
                 raise ValueError(f"checkpoint {path} has no distiller state but this run distils")
             self.distiller.load_state_dict(state["distiller"])
-        self._restore_optimizer(state["optimizer"], state["scheduler"], path)
+        self._restore_optimizer(state["optimizer"], state["scheduler"], step, path)
         scaler = state.get("scaler") or {}  # a disabled scaler's state (amp none or bf16) is {}
         if scaler or not self.scaler.is_enabled():
             self.scaler.load_state_dict(scaler)
         elif self.is_main:
             log.warning("resume from %s: the checkpoint has no fp16 loss-scaler state (its run trained without "
                         "amp fp16): the scaler starts afresh", path)
-        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.step = step
         self.last_saved = (Path(path), self.step)
         self.best_miou = state.get("best_miou", -1.0)
         self.steps_before = int(state.get("steps_before", 0))
@@ -369,7 +381,36 @@ class Trainer:
         if skipped is not None and self.is_main:
             log.warning("resume from %s: %s", path, skipped)
 
-    def _restore_optimizer(self, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any],
+    def _resume_position(self, state: dict[str, Any], path: str | Path) -> tuple[int, int, int]:
+        """(step, epoch, epoch_step) to continue at. A checkpoint's epoch_step counts batches of its own run's
+        batch_size x processes; under another geometry the run continues at the frame of the epoch it had reached
+        (``EpochBatchSampler.position_after``: a partial batch is read again). The step (the lr schedule's
+        position) stays the optimiser steps taken when ``max_steps`` is the budget, since it counts those; with an
+        ``epochs`` budget it becomes the steps of the new size that the frames read so far fill, so that the
+        schedule and the end of the run follow the data, as the budget does."""
+        step, epoch, epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
+        batch, world = _saved_geometry(state, self.cfg.batch_size, self.world)
+        if (batch, world) == (self.cfg.batch_size, self.world):
+            return step, epoch, epoch_step
+        consumed = epoch_step * batch * world
+        sampler = EpochBatchSampler(len(self.train_set), self.cfg.batch_size, self.world, self.rank)
+        new_epoch, new_step = sampler.position_after(epoch, consumed)
+        if self.cfg.max_steps is None:
+            data_step = new_epoch * sampler.steps_per_epoch + new_step
+            counted = (f"the step count {step} -> {data_step}, in steps of the new size (the budget is "
+                       f"{self.cfg.epochs} epochs)")
+            step = data_step
+        else:
+            counted = f"the step count stays {step} (max_steps counts optimiser steps)"
+        if self.is_main:
+            again = consumed - new_step * self.cfg.batch_size * self.world if new_epoch == epoch else 0
+            log.warning("resume from %s: batch_size %d x %d process(es) -> %d x %d: epoch %d, %d frames in (step "
+                        "%d), continues at epoch %d step %d%s; %s", path, batch, world, self.cfg.batch_size,
+                        self.world, epoch, consumed, epoch_step, new_epoch, new_step,
+                        f" ({again} frames read again)" if again else "", counted)
+        return step, new_epoch, new_step
+
+    def _restore_optimizer(self, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any], step: int,
                            path: str | Path) -> None:
         """The optimiser's moments and the schedule's position from a checkpoint; its settings (lr, weight
         decay) and the schedule's shape (total steps, warm-up) from this run's config, which ``--steps`` and
@@ -379,13 +420,13 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_state)
         for group, setting in zip(self.optimizer.param_groups, settings, strict=True):
             group.update(setting)
-        self.scheduler = self._build_scheduler(last_epoch=scheduler_state["last_epoch"] - 1)
+        self.scheduler = self._build_scheduler(last_epoch=step - 1)
         saved_schedule = (scheduler_state.get("lr_lambdas") or [None])[0] or {}
         theirs = {"base_lrs": list(scheduler_state.get("base_lrs", [])), **saved_schedule}
         differs = [f"{k} {theirs.get(k)} -> {v}" for k, v in mine.items() if theirs.get(k) != v]
         if differs and self.is_main:
             log.warning("resume from %s: the lr schedule follows this run's config, not the checkpoint's (%s); "
-                        "it continues at step %d", path, ", ".join(differs), scheduler_state["last_epoch"])
+                        "it continues at step %d", path, ", ".join(differs), step)
 
     # ---- one step
     def _teacher_outputs(self, inputs: dict[str, Any], step: int) -> tuple[dict | None, dict[str, Any]]:
