@@ -79,6 +79,7 @@ class OpReport:
     ops: dict[tuple[str, str], int]
     opset: int
     issues: list[OpIssue]
+    target: str = TRT_OPS_VERSION  # the TensorRT release checked against (TRT_OLDEST_SUPPORTED: --strict-jetpack)
 
     @property
     def unsupported_ops(self) -> list[str]:
@@ -91,7 +92,7 @@ class OpReport:
 
     def summary(self) -> str:
         lines = [f"opset {self.opset}; {sum(self.ops.values())} nodes, {len(self.ops)} op types "
-                 f"(checked against TensorRT {TRT_OPS_VERSION} ONNX parser list)"]
+                 f"(checked against TensorRT {self.target}'s ONNX parser list)"]
         for (domain, op), n in sorted(self.ops.items()):
             lines.append(f"  {domain or 'ai.onnx'}::{op} x{n}")
         for issue in self.issues:
@@ -247,8 +248,8 @@ def check_model(model: onnx.ModelProto | str | Path, allow_newer: bool = True) -
     ops: dict[tuple[str, str], int] = {}
     issues: list[OpIssue] = []
     lo, hi = TRT_OPSET_RANGE if allow_newer else TRT_OLDEST_OPSET_RANGE
+    target = TRT_OPS_VERSION if allow_newer else TRT_OLDEST_SUPPORTED
     if opset and not lo <= opset <= hi:
-        target = TRT_OPS_VERSION if allow_newer else TRT_OLDEST_SUPPORTED
         issues.append(OpIssue("", "<opset>", "", f"opset {opset} outside TensorRT {target}'s range {(lo, hi)}"))
     for node in _iter_nodes(model.graph):
         key = (node.domain, node.op_type)
@@ -267,4 +268,4 @@ def check_model(model: onnx.ModelProto | str | Path, allow_newer: bool = True) -
             issues += [OpIssue(node.domain, node.op_type, node.name, r)
                        for r in _node_constraints(node, consts, ranks, opset, allow_newer)]
     issues += _uint8_inside(model)
-    return OpReport(ops=ops, opset=opset, issues=issues)
+    return OpReport(ops=ops, opset=opset, issues=issues, target=target)

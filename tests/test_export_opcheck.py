@@ -104,6 +104,8 @@ def test_strict_jetpack_checks_against_tensorrt_10_3():
     relu21 = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [2])], [_vi("y", [2])], opset=21)
     assert check_model(relu21).ok  # 10.15: opset 9..24
     assert "TensorRT 10.3's range (9, 20)" in check_model(relu21, allow_newer=False).issues[0].reason
+    assert "checked against TensorRT 10.3's ONNX parser list" in check_model(relu21, allow_newer=False).summary()
+    assert "checked against TensorRT 10.15's ONNX parser list" in check_model(relu21).summary()
 
 
 def test_topk_runtime_k_and_sorted():
