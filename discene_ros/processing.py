@@ -498,6 +498,7 @@ class FrameLoop:
         self.deliver, self.locate, self.on_skip, self.stopping = deliver, locate, on_skip, stopping
         self.deliver_lock = threading.Lock()  # close() takes it: no delivery starts after close()
         self.closed, self.lossless = False, lossless
+        self.abandoned = 0  # frames an interrupt stopped on their way in (counted dropped; see submit)
         self.warm = False  # a frame has been processed (and what its compilation made frozen)
         ahead = bool(getattr(processor.pipeline, "launch_ahead", False))
         self.network_done: Callable[[], None] | None = None  # serial: the next frame's host work may start
@@ -516,14 +517,22 @@ class FrameLoop:
 
     def submit(self, frame: FrameInput) -> None:
         """Count ``frame`` as received and hand it to the decode stage (ignored once closed); lossless:
-        waits until that stage took the previous frame."""
+        waits until that stage took the previous frame. A frame that an interrupt (Ctrl-C) stops in that wait
+        never entered the loop: it is counted dropped, and in ``abandoned``, so that every received frame
+        ends in one count."""
         if self.closed:
             return
         self.stats.on_received()
+        entered = self.runner.submitted  # only this thread submits
         try:
             self.runner.submit(frame)
         except RuntimeError:  # closed meanwhile (shutdown)
             self.stats.on_dropped()
+        except BaseException:
+            if self.runner.submitted == entered:
+                self.stats.on_dropped()
+                self.abandoned += 1
+            raise
 
     def locate_stage(self, frame: FrameInput) -> FrameInput:
         """Where the loop takes a frame: its latency starts (lossless), and ``locate`` pairs it and finds its pose."""

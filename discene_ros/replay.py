@@ -576,7 +576,7 @@ class Replayer:
                 if max_frames is not None and self.stats.received >= max_frames:
                     break
         except KeyboardInterrupt:  # the user stops a long drive: keep what is done, abandon the frames in flight
-            dropped = self.stats.dropped
+            dropped = self.stats.dropped - loop.abandoned  # a frame stopped on its way in was in flight too
             loop.close(discard=True)
             self.unfinished = self.stats.dropped - dropped
             self.flush()

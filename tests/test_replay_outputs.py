@@ -7,6 +7,8 @@ import json
 import math
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +286,44 @@ def test_frames_in_flight_at_ctrl_c_are_unfinished_not_dropped(tmp_path, monkeyp
     assert (s["images"], s["frames"], s["dropped"], s["unfinished"], s["skipped"]) == (2, 1, 0, 1, 0)
     assert "(skipped 0, dropped 0, unfinished 1)" in capsys.readouterr().out
     assert "1 frames were in flight when the run was interrupted" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_frame_waiting_to_enter_the_loop_at_ctrl_c_is_unfinished(tmp_path, monkeypatch):
+    """Ctrl-C while the full-speed replay waits for the loop to take its next frame: that frame, counted as received,
+    must end in a count too (it was in none: images 4, frames 1, unfinished 2)."""
+    loops, main = [], threading.get_ident()
+    real_loop = replay.FrameLoop
+
+    def probe(*args, **kwargs):
+        loops.append(real_loop(*args, **kwargs))
+        return loops[-1]
+
+    class HeldBackend(BlockBackend):
+        def infer(self, inputs):  # the first frame infers until the loop closes: the frames behind it queue up
+            out = super().infer(inputs)
+            assert wait_until(lambda: loops[0].closed)
+            return out
+
+    backend = HeldBackend()
+
+    def interrupt_the_waiting_submit() -> None:  # the main thread is in submit once it counted a frame not taken
+        assert wait_until(lambda: loops and backend.calls == 1 and loops[0].runner._incoming is not None
+                          and loops[0].stats.received == loops[0].runner.submitted + 1)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    monkeypatch.setattr(replay, "FrameLoop", probe)
+    monkeypatch.setattr(replay, "build_pipeline", lambda *a, **k: pipeline_for(backend))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIG_IGN where the suite runs under nohup
+    interrupter = threading.Thread(target=interrupt_the_waiting_submit)
+    try:
+        interrupter.start()
+        code = _run(_bag(tmp_path / "bag", n=8), tmp_path / "out", "--json", str(tmp_path / "s.json"))
+        interrupter.join()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert code == 130 and s["images"] > s["frames"] + s["skipped"]
+    assert s["images"] == s["frames"] + s["skipped"] + s["dropped"] + s["unfinished"] and s["dropped"] == 0
 
 
 # ----------------------------------------------------------------------------- bad ground truth costs its score only
