@@ -205,6 +205,12 @@ def read_ground_truth(reader: Any, grid_shape: tuple[int, int, int], voxel_size:
             out[stamp] = GroundTruthGrid(found, grid_shape, origin, True)
         elif found is not None:
             out[stamp] = found
+        else:
+            unusable.setdefault(f"a grid pose ({bag_io.GT_POSE_TOPIC}) without labels ({bag_io.GT_LABELS_TOPIC}) "
+                                f"or a cloud ({bag_io.GT_TOPIC}) at its stamp", []).append(stamp)
+    for stamp in sorted(labels.keys() - origins.keys()):  # a grid's labels are placed by the pose of its stamp
+        unusable.setdefault(f"labels ({bag_io.GT_LABELS_TOPIC}) without a grid pose ({bag_io.GT_POSE_TOPIC}) at "
+                            "their stamp", []).append(stamp)
     errors += unusable_lines(unusable)
     return out
 

@@ -432,7 +432,9 @@ def _gt_offset_1ms(topic, msg, i):
 
 @pytest.mark.parametrize(("edit", "rc", "status", "printed"), [
     (lambda topic, msg, i: msg, 0, "scored", "IoU "),
-    (lambda topic, msg, i: None if topic == bag_io.GT_POSE_TOPIC and i == 2 else msg, 0, "scored",
+    (lambda topic, msg, i: None if topic == bag_io.GT_POSE_TOPIC and i == 2 else msg, 1, "scored",
+     "over 3 frames (1 of the 4 processed frames had no usable ground truth at their stamp (not scored))"),
+    (lambda topic, msg, i: None if topic in (bag_io.GT_LABELS_TOPIC, bag_io.GT_TOPIC) and i == 1 else msg, 1, "scored",
      "over 3 frames (1 of the 4 processed frames had no usable ground truth at their stamp (not scored))"),
     (_gt_offset_1ms, 1, "unmatched", "IoU/mIoU not computed: no processed frame has ground truth at its stamp"),
     (lambda topic, msg, i: None if topic == bag_io.CAMERA_INFO_TOPIC else msg, 3, "no_frame",
@@ -450,6 +452,11 @@ def test_the_replay_says_why_nothing_was_scored(tmp_path, block_model, capsys, e
     assert s["ground_truth"]["status"] == status and printed in out
     assert ("no ground truth in the bag" in out.lower()) == (status == "none")
     assert s["unknown_voxels_known"] is (True if status == "scored" else None)
+    if rc == 1 and status == "scored":  # labels without their grid pose, or a pose without labels: that grid is
+        said = ("labels (/discene/ground_truth/labels) without a grid pose (/discene/ground_truth/grid_pose) at their "
+                "stamp", "a grid pose (/discene/ground_truth/grid_pose) without labels (/discene/ground_truth/labels) "
+                "or a cloud (/discene/ground_truth/occupancy) at its stamp")  # unusable, and said so
+        assert any(f"unusable: {line}" in s["error"] and f"unusable: {line}" in err for line in said)
     if status == "unmatched":
         said = ("the bag has 4 ground-truth grids (4 usable) but none of the 4 processed frames has one at its stamp: "
                 "ground truth is matched to an image by header stamp, which must equal the image's exactly unless "
