@@ -247,6 +247,48 @@ def test_wrong_shapes_and_empty_targets_are_named(damaged_root):
         assert ids[3] in str(info.value)
 
 
+def _edited_pose(pose, change):
+    pose = np.array(pose, dtype=np.float64)
+    change(pose)
+    return pose
+
+
+def test_bad_geometry_and_depth_files_are_named_not_trained_on(damaged_root):
+    """Poses that are not rigid (scaled, projective, 1e39 m away), a grid the camera cannot see, a grid whose
+    projection overflows float32, an image that does not fit its K, and depth that is not 16-bit millimetres:
+    each was loaded before (silent garbage, or NaN losses that stopped training) and is now a named bad sample."""
+    root, ids = damaged_root
+    ds = OccScanNetDataset(root, "train", config=lite())
+    sample_id = ids[3]
+    pkl, jpg, png = sample_paths(root, sample_id)
+    with open(pkl, "rb") as f:
+        good = pickle.load(f)
+    pose = good["cam_pose"]
+    cases = [({"cam_pose": _edited_pose(pose, lambda p: p.__setitem__((slice(0, 3), slice(0, 3)), 3 * p[:3, :3]))},
+              "cam_pose is not a rotation"),
+             ({"cam_pose": _edited_pose(pose, lambda p: p.__setitem__((3, 0), 5.0))}, "cam_pose is projective"),
+             ({"cam_pose": _edited_pose(pose, lambda p: p.__setitem__((0, 3), 1e39))}, "cam_pose translation"),
+             ({"voxel_origin": np.array([1000.0, 1000.0, 1000.0])}, "the camera sees no voxel"),
+             ({"voxel_origin": np.array([1e39, 0.0, 0.0])}, "the grid-to-image matrix overflows float32")]
+    for change, needle in cases:
+        with open(pkl, "wb") as f:
+            pickle.dump({**good, **change}, f)
+        with pytest.raises(BadSampleError, match=f"sample {sample_id}: {needle}"):
+            ds.load(sample_id, allow_empty=True)  # evaluation reads it so too
+    with open(pkl, "wb") as f:
+        pickle.dump(good, f)
+    assert ds.load(sample_id)["sample_id"] == sample_id
+    rgb = jpg.read_bytes()
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(jpg, format="JPEG")
+    with pytest.raises(BadSampleError, match="image size 1x1"):
+        ds.load(sample_id)
+    jpg.write_bytes(rgb)
+    for depth in (Image.fromarray(np.full((H, W, 3), 200, np.uint8)), Image.fromarray(np.full((H, W), np.nan, np.float32))):
+        depth.save(png, format="TIFF" if depth.mode == "F" else "PNG")
+        with pytest.raises(BadSampleError, match=f"depth image {png} has PIL mode {depth.mode}"):
+            ds.load(sample_id)
+
+
 def test_rooms_cover_all_classes_and_yaws():
     from training.scene_layout import build_room
 

@@ -22,13 +22,17 @@ The ``.pkl`` files are read with :class:`SafeUnpickler`, which builds only plain
 strings and numpy arrays: a pickle that references anything else (e.g. ``os.system``) is refused
 before any of it runs.
 
-Bad samples (missing files, truncated or unsafe pkl, wrong shapes or dtypes, non-finite geometry,
-labels outside 0..11 and 255, all-unknown or empty targets) raise ``BadSampleError`` naming the sample id; with ``skip_bad=True`` they are logged, counted in
-``skipped`` and replaced by the next good sample, so a long run never crashes on one broken file.
+Bad samples (missing files, truncated or unsafe pkl, wrong shapes or dtypes, non-finite geometry, a
+pose that is not rigid or a K that does not fit its image (the node's ``check_pose`` and
+``check_intrinsics``), depth that is not a 16-bit single-channel image, a grid the camera does not see,
+labels outside 0..11 and 255, all-unknown or empty targets) raise ``BadSampleError`` naming the sample
+id; with ``skip_bad=True`` they are logged, counted in ``skipped`` and replaced by the next good sample,
+so a long run never crashes on one broken file.
 """
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
 import pickle
 import warnings
@@ -40,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from discene_ros.msg_decode import check_intrinsics, check_pose
 from models.config import ModelConfig
 from models.geometry import GRID_SHAPE, scale_intrinsic
 from models.preprocess import preprocess, resize_image
@@ -49,6 +54,8 @@ from .scene_format import DEPTH_SCALE, IMAGES, STORED_LAYOUT, UNKNOWN, from_stor
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("cam_pose", "intrinsic", "voxel_origin", "target_1_4")
 MAX_LABEL = 11
+DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL modes of single-channel 16-bit (or 32-bit) integer images
+MIN_VIEW_DEPTH = 1e-5  # metres in front of the camera a voxel centre must lie to count as seen (project_points' eps)
 
 
 class BadSampleError(RuntimeError):
@@ -206,9 +213,12 @@ class OccScanNetDataset(Dataset):
         cam_pose = np.asarray(data["cam_pose"], dtype=np.float64)
         origin = np.asarray(data["voxel_origin"], dtype=np.float64).reshape(3)
         try:
+            check_pose(cam_pose, "cam_pose")
+            check_intrinsics(intrinsic, rgb.shape[1], rgb.shape[0], "intrinsic")
             frame = preprocess(rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=origin)
-        except ValueError as exc:
+        except ValueError as exc:  # FrameError (pose, K) is a ValueError too
             raise BadSampleError(f"sample {sample_id}: {exc}") from exc
+        check_grid_in_view(sample_id, frame.grid2img[0], self.image_size, tuple(self.config.grid_shape))
         if self.unknown_as_empty:
             target = np.where(target == UNKNOWN, 0, target)
         out = {
@@ -277,12 +287,47 @@ def find_image(root: str | Path, sample_id: str, data: dict, key: str) -> Path:
 
 
 def read_image(sample_id: str, path: Path, mode: str) -> np.ndarray:
-    """Decode an image file to a numpy array in PIL mode ``mode`` ('RGB', or 'I' for 16-bit depth)."""
+    """Decode an image file to a numpy array in PIL mode ``mode`` ('RGB', or 'I' for 16-bit depth).
+
+    Depth must be a single-channel integer image (16-bit millimetres): an 8-bit, colour or float file
+    converts to 'I' without error but not to millimetres, so it is refused rather than read as wrong depth."""
     try:
         with Image.open(path) as im:
+            if mode == "I" and im.mode not in DEPTH_MODES:
+                raise BadSampleError(f"sample {sample_id}: depth image {path} has PIL mode {im.mode}, expected a "
+                                     "single-channel 16-bit image in millimetres")
             return np.asarray(im.convert(mode) if im.mode != mode else im.copy())
+    except BadSampleError:
+        raise
     except Exception as exc:
         raise BadSampleError(f"sample {sample_id}: cannot decode {path} ({type(exc).__name__}: {exc})") from exc
+
+
+@functools.lru_cache(maxsize=4)
+def _normalised_centres(grid_shape: tuple[int, int, int]) -> np.ndarray:
+    """(4, N) homogeneous voxel centres of a grid in the [0,1]^3 coordinates grid2img takes."""
+    axes = [(np.arange(n) + 0.5) / n for n in grid_shape]
+    xyz = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0).reshape(3, -1)
+    return np.concatenate([xyz, np.ones((1, xyz.shape[1]))]).astype(np.float32)
+
+
+def check_grid_in_view(sample_id: str, grid2img: np.ndarray, size_hw: tuple[int, int],
+                       grid_shape: tuple[int, int, int]) -> None:
+    """BadSampleError unless ``grid2img`` is finite in float32 and at least one voxel centre projects in front
+    of the camera inside the image: a grid the camera cannot see (wrong voxel_origin, a pose from another
+    frame) gives a network input with no image evidence and a loss or score that means nothing."""
+    if not np.all(np.isfinite(grid2img)):
+        raise BadSampleError(f"sample {sample_id}: the grid-to-image matrix overflows float32 (voxel_origin "
+                             "or cam_pose too large)")
+    uvz = grid2img.astype(np.float32) @ _normalised_centres(grid_shape)
+    z = uvz[2]
+    front = z > MIN_VIEW_DEPTH
+    u, v = uvz[0, front] / z[front], uvz[1, front] / z[front]
+    inside = (u >= 0) & (u < size_hw[1]) & (v >= 0) & (v < size_hw[0])
+    if not inside.any():
+        raise BadSampleError(f"sample {sample_id}: the camera sees no voxel of the grid ({int(front.sum())} of "
+                             f"{z.size} voxel centres in front of it, none inside the image): voxel_origin and "
+                             "cam_pose do not belong together")
 
 
 def collate_occscannet(batch: list[dict[str, Any]]) -> dict[str, Any]:
