@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -607,7 +608,7 @@ class Trainer:
         tick = time.perf_counter()
         try:
             while self.step < end:
-                values = self.train_step(next(batches))
+                values = self.train_step(self._next_batch(batches))
                 self._advance_position()
                 now = time.perf_counter()
                 self.step_seconds.append(now - tick)
@@ -626,6 +627,15 @@ class Trainer:
             shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
             if shutdown is not None:
                 shutdown()
+
+    def _next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch; ValueError naming the problem and the checkpoint kept when no frame is readable any
+        more (files removed under a running job), where a loader worker's error is a traceback of the worker."""
+        try:
+            return next(batches)
+        except BadSampleError as exc:
+            reason = str(exc).strip().splitlines()[-1]  # a worker's error: its traceback's last line
+            raise ValueError(f"training stopped before step {self.step + 1}: {reason}; {self._kept()}") from exc
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
         if not self.is_main:
