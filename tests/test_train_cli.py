@@ -81,6 +81,29 @@ def test_a_failing_run_stops_its_loader_workers_at_once(data_root, tmp_path):
     assert "Traceback" not in str(failed.value) and set(multiprocessing.active_children()) <= before
 
 
+def test_bad_training_frames_skipped_by_loader_workers_are_counted_by_the_trainer(data_root, tmp_path, caplog):
+    """Each worker skips a bad frame in its own copy of the dataset: the batch tells the trainer, which counts
+    each bad frame once, logs it and writes the count to TensorBoard (before, only the workers knew)."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    cfg = tiny_config(root, tmp_path / "run", max_steps=2)
+    cfg.data.workers = 2
+    train_set = build_dataset(str(root), "train", cfg.model_config())
+    trainer = Trainer(cfg, train_set)
+    bad = train_set.ids[1]
+    pkl = root / "gathered_data" / f"{bad}.pkl"
+    pkl.write_bytes(pkl.read_bytes()[:100])
+    batches = iter(trainer._loader())
+    try:
+        seen = [trainer._next_batch(batches) for _ in range(trainer.steps_per_epoch + 1)]
+    finally:
+        batches._shutdown_workers()
+    assert all("skipped" not in batch for batch in seen)
+    assert list(trainer.skipped_frames) == [bad] and "cannot read" in trainer.skipped_frames[bad]
+    logged = [r.getMessage() for r in caplog.records if "bad training frame skipped" in r.getMessage()]
+    assert len(logged) == 1 and bad in logged[0]
+
+
 def test_a_diverging_run_stops_with_the_documented_exit_code(data_root, tmp_path, capsys):
     cfg = config_file(data_root, tmp_path)
     assert train.main(["--config", cfg, "--steps", "4", "--set", "optim.lr=1e12", "--set", "optim.warmup_iters=0",

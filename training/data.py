@@ -24,7 +24,7 @@ from models.preprocess import normalize_image, pixel_values
 from .augment import PhotometricDraws, photometric_distortion
 from .interrupt import worker_init_for_this_process
 from .losses import class_frequencies_from_targets
-from .occscannet import OccScanNetDataset
+from .occscannet import OccScanNetDataset, skipped_in
 
 BATCH_KEYS = ("image", "grid2img", "depth", "target")
 
@@ -41,9 +41,10 @@ def build_dataset(root: str, split: str, model_cfg: ModelConfig, max_frames: int
                              load_depth=model_cfg.use_depth if load_depth is None else load_depth)
 
 
-def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None]:
-    """Stack the network inputs and targets of a list of frames (depth may be missing)."""
-    out: dict[str, torch.Tensor | None] = {}
+def collate_frames(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the network inputs and targets of a list of frames (depth may be missing); ``skipped`` (id ->
+    reason) holds the bad frames they replaced, when there are any."""
+    out: dict[str, Any] = {}
     for key in BATCH_KEYS:
         values = [item.get(key) for item in items]
         if all(v is None for v in values):
@@ -54,6 +55,9 @@ def collate_frames(items: list[dict[str, Any]]) -> dict[str, torch.Tensor | None
         out[key] = torch.stack([torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v for v in values])
     if out["image"] is None or out["grid2img"] is None or out["target"] is None:
         raise ValueError(f"frames must provide image, grid2img and target; got keys {sorted(items[0])}")
+    skipped = skipped_in(items)
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 

@@ -27,7 +27,8 @@ pose that is not rigid or a K that does not fit its image (the node's ``check_po
 ``check_intrinsics``), depth that is not a 16-bit single-channel image, a grid the camera does not see,
 labels outside 0..11 and 255, all-unknown or empty targets) raise ``BadSampleError`` naming the sample
 id; with ``skip_bad=True`` they are logged, counted in ``skipped`` and replaced by the next good sample,
-so a long run never crashes on one broken file.
+so a long run never crashes on one broken file. The replacing item carries them as ``skipped`` (id ->
+reason), so that the process that reads the batches counts what its loader workers skipped.
 """
 from __future__ import annotations
 
@@ -161,15 +162,20 @@ class OccScanNetDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not self.skip_bad:
             return self.load(self.ids[index])
+        replaced: dict[str, str] = {}  # found bad in this call: the item carries them to the training process
         for step in range(len(self.ids)):
             sample_id = self.ids[(index + step) % len(self.ids)]
             if sample_id in self.skipped:
                 continue
             try:
-                return self.load(sample_id)
+                item = self.load(sample_id)
             except BadSampleError as exc:
-                self.skipped[sample_id] = str(exc)
-                log.warning("skipping bad sample (%d skipped so far): %s", len(self.skipped), exc)
+                self.skipped[sample_id] = replaced[sample_id] = str(exc)
+                log.warning("skipping bad sample (%d skipped so far in this process): %s", len(self.skipped), exc)
+                continue
+            if replaced:
+                item["skipped"] = replaced
+            return item
         raise BadSampleError(f"all {len(self.ids)} samples of '{self.root}' are bad; first: "
                              f"{next(iter(self.skipped.values()), '?')}")
 
@@ -336,6 +342,16 @@ def collate_occscannet(batch: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("cannot collate an empty batch")
     out: dict[str, Any] = {}
     for key in batch[0]:
+        if key == "skipped":
+            continue
         values = [item[key] for item in batch]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    skipped = skipped_in(batch)
+    if skipped:
+        out["skipped"] = skipped
     return out
+
+
+def skipped_in(items: list[dict[str, Any]]) -> dict[str, str]:
+    """Bad samples (id -> reason) that the items of a batch replaced (``skip_bad``), for the consumer to count."""
+    return {sample_id: reason for item in items for sample_id, reason in item.get("skipped", {}).items()}

@@ -204,6 +204,7 @@ class Trainer:
         self.best_miou = -1.0
         self.last_saved: tuple[Path, int] | None = None  # (this run's latest last.pt, its step), for messages
         self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
+        self.skipped_frames: dict[str, str] = {}  # bad training frames this rank's loader skipped: id -> reason
         self.writer = None
         self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
         if resume is not None:
@@ -588,6 +589,10 @@ class Trainer:
                     if any_rank(self.best_miou != best, self.device):  # a resume with more steps compares with it
                         self.save("last.pt")
                 final = self.save_final()
+                if self.skipped_frames:
+                    first_id = next(iter(self.skipped_frames))
+                    log.warning("%d bad training frames were skipped on rank %d; first: %s", len(self.skipped_frames),
+                                self.rank, self.skipped_frames[first_id])
                 # on success only: a rank that failed leaves at once with its own error (torchrun then ends the
                 # others), where a barrier would hold it, error unreported, until the process group timed out
                 barrier()
@@ -632,10 +637,16 @@ class Trainer:
         """The next batch; ValueError naming the problem and the checkpoint kept when no frame is readable any
         more (files removed under a running job), where a loader worker's error is a traceback of the worker."""
         try:
-            return next(batches)
+            batch = next(batches)
         except BadSampleError as exc:
             reason = str(exc).strip().splitlines()[-1]  # a worker's error: its traceback's last line
             raise ValueError(f"training stopped before step {self.step + 1}: {reason}; {self._kept()}") from exc
+        for sample_id, reason in batch.pop("skipped", {}).items():
+            if sample_id not in self.skipped_frames:
+                self.skipped_frames[sample_id] = reason
+                log.warning("step %d: bad training frame skipped (%d so far on rank %d): %s", self.step + 1,
+                            len(self.skipped_frames), self.rank, reason)
+        return batch
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
         if not self.is_main:
@@ -648,6 +659,7 @@ class Trainer:
                 self.writer.add_scalar(f"loss/{key}" if key != "grad_norm" else "train/grad_norm", value, self.step)
             self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
             self.writer.add_scalar("train/samples_per_s", rate, self.step)
+            self.writer.add_scalar("train/skipped_frames", len(self.skipped_frames), self.step)
 
     def evaluate_and_keep_best(self) -> dict[str, Any] | None:
         """Rank 0 evaluates on the val set with SSCMetrics, logs, and writes best.pt on a new best mIoU.
