@@ -45,12 +45,15 @@ setup(
     install_requires=["numpy>=1.21", "pyyaml>=5.4", "pillow>=9.0", "tqdm>=4.57"],
     extras_require={
         "train": ["scipy>=1.10", "tensorboard>=2.14"],
-        "export": ["onnx>=1.16", "onnxruntime>=1.18"],
-        "ros": ["rosbags>=0.10"],
+        # onnxruntime 1.18.0 allows numpy 2 but does not import with it; 1.18.1 asks for numpy < 2, 1.19 runs on 2
+        "export": ["onnx>=1.16", "onnxruntime>=1.18.1"],
+        # rosbags 0.10.9: Writer's storage_plugin (mcap writing); 0.11: AnyReader on a lone .mcap / .db3 file,
+        # which replay reads a bag folder without usable metadata.yaml from (docs/results/distro_stacks.md)
+        "ros": ["rosbags>=0.11"],
         # colcon-* / catkin-pkg: tests build the package with colcon as on a robot; lark / osrf-pycommon:
         # what the real launch packages in ../shared/ros2-python import (tests load the launch file with them)
         "dev": ["pytest>=8.0", "ruff>=0.5", "scipy>=1.10", "tensorboard>=2.14", "onnx>=1.16",
-                "onnxruntime>=1.18", "rosbags>=0.10", "colcon-core>=0.15", "colcon-ros>=0.4",
+                "onnxruntime>=1.18.1", "rosbags>=0.11", "colcon-core>=0.15", "colcon-ros>=0.4",
                 "colcon-python-setup-py>=0.2.8", "colcon-recursive-crawl>=0.2.1", "catkin-pkg>=1.0",
                 "lark>=1.1", "osrf-pycommon>=2.0",
                 "cuda-bindings>=12.8",  # cuda-python runtime (8 MB wheel): tests probe its call conventions

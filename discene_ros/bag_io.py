@@ -23,6 +23,7 @@ missing from it count as empty. Replay output bags hold ``/discene/occupancy/poi
 from __future__ import annotations
 
 import bisect
+import importlib
 import math
 import re
 import struct
@@ -262,14 +263,21 @@ def _records(data: bytes, start: int, end: int, where: str) -> Iterator[tuple[in
         pos += 9 + length
 
 
-def _zstd() -> Any:
-    """The zstd module rosbags itself decompresses with: the standard library's from Python 3.14, else
-    ``backports.zstd`` (a dependency of rosbags)."""
-    try:
-        from compression import zstd
-    except ImportError:
-        from backports import zstd
-    return zstd
+ZSTD_MODULES = ("compression.zstd", "backports.zstd")  # what rosbags >= 0.11.7 decompresses with
+
+
+def _zstd_decompress(blob: bytes, size: int) -> bytes:
+    """``blob`` decompressed by the zstd module rosbags itself brings: the standard library's from Python 3.14,
+    ``backports.zstd`` before (rosbags >= 0.11.7), ``zstandard`` with older rosbags (setup.py allows 0.11.0)."""
+    for name in ZSTD_MODULES:
+        try:
+            zstd = importlib.import_module(name)
+        except ImportError:
+            continue
+        return zstd.decompress(blob)
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
 
 
 def _decompress(compression: str, blob: bytes, size: int, crc: int) -> bytes:
@@ -283,7 +291,7 @@ def _decompress(compression: str, blob: bytes, size: int, crc: int) -> bytes:
 
             records = lz4.frame.decompress(blob)
         else:
-            records = _zstd().decompress(blob) if compression == "zstd" else blob
+            records = _zstd_decompress(blob, size) if compression == "zstd" else blob
     except ImportError as exc:
         raise McapDamage(f"chunk compressed with {compression} needs the Python package for it ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - a corrupt compressed chunk

@@ -24,7 +24,7 @@ while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do stacks+=("$1"); shift; done
 [ "$#" -eq 0 ] && set -- tests -rs
 
 # the rest of the dev extra (setup.py), which the distros do not ship
-dev_tools=("pytest>=8.0" "ruff>=0.5" "tensorboard>=2.14" "rosbags>=0.10" "colcon-core>=0.15" "colcon-ros>=0.4"
+dev_tools=("pytest>=8.0" "ruff>=0.5" "tensorboard>=2.14" "rosbags>=0.11" "colcon-core>=0.15" "colcon-ros>=0.4"
            "colcon-python-setup-py>=0.2.8" "colcon-recursive-crawl>=0.2.1" "catkin-pkg>=1.0" "lark>=1.1"
            "osrf-pycommon>=2.0" "cuda-bindings>=12.8")
 humble_pins=(numpy==1.21.5 pillow==9.0.1 pyyaml==5.4.1 opencv-python-headless==4.5.4.60 tqdm==4.57.0 scipy==1.10.1

@@ -583,6 +583,19 @@ def test_truncated_zstd_bag_is_read_up_to_the_damage(tmp_path):
     assert 1 <= s["frames"] < 4 and s["skipped"] == 0
 
 
+def test_zstd_chunks_decompress_with_zstandard_where_rosbags_brings_that(monkeypatch):
+    """rosbags before 0.11.7 depends on zstandard, not backports.zstd: with it alone, the sequential reader
+    still reads zstd chunks (it refused them as needing a package)."""
+    zstandard = pytest.importorskip("zstandard")
+    records = bytes(range(256)) * 40
+    for name in ("compression.zstd", "backports.zstd"):  # neither the standard library's nor the backport
+        monkeypatch.setitem(sys.modules, name, None)
+    chunk = zstandard.ZstdCompressor().compress(records)
+    assert bag_io._decompress("zstd", chunk, len(records), zlib.crc32(records)) == records
+    with pytest.raises(bag_io.McapDamage, match="does not decompress"):
+        bag_io._decompress("zstd", chunk[:-8], len(records), 0)
+
+
 def test_truncated_lz4_bag_is_read_up_to_the_damage(tmp_path):
     """lz4 chunks (rosbags cannot write them): the sample's chunks recompressed by hand, then cut."""
     import lz4.frame
