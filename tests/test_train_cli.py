@@ -65,6 +65,19 @@ def test_no_readable_training_frame_is_one_error_line(data_root, tmp_path, capsy
     assert "no training frame is readable" in capsys.readouterr().err
 
 
+def test_an_unreadable_val_split_is_found_before_training_not_after(data_root, tmp_path, capsys):
+    """Every val frame unreadable: the run trained all its steps, then ended at its final evaluation (exit 2)
+    without final.pt. It is now said at the start, as for a missing split, and the run ends with final.pt."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_root, damaged)
+    for pkl in (damaged / "val_subscenes.txt").read_text().split():  # the split lists its frames' pickles
+        (damaged / pkl).write_bytes(b"not a pickle")
+    assert train.main(["--config", config_file(data_root, tmp_path), "--data", str(damaged)]) == 0
+    err = capsys.readouterr().err
+    assert "discene-train: no evaluation (no validation frame can be scored: all 2 are unreadable; first: " in err
+    assert {"final.pt", "last.pt"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+
 def test_a_failing_run_stops_its_loader_workers_at_once(data_root, tmp_path):
     """Not when the loader is collected: the exception's traceback holds it, and at exit multiprocessing would
     wait forever for workers that ignore its SIGTERM."""

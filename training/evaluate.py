@@ -48,6 +48,19 @@ class ScoredFrames(Dataset):
             return {"bad": str(exc), "sample_id": sample_id}
 
 
+def check_scorable(dataset: Dataset) -> None:
+    """ValueError unless at least one frame of ``dataset`` can be read for scoring: a run checks its val split
+    before training, not at its first evaluation (reads frames until one is readable, usually the first)."""
+    frames, first = ScoredFrames(dataset), None
+    for index in range(len(frames)):
+        item = frames[index]
+        if "bad" not in item:
+            return
+        first = first or item["bad"]
+    why = f"all {len(frames)} are unreadable; first: {first}" if len(frames) else "the split is empty"
+    raise ValueError(f"no validation frame can be scored: {why}")
+
+
 def collate_scored(items: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(the batch of the readable frames, or None; the unreadable ones' reasons)."""
     good = [item for item in items if "bad" not in item]

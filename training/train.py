@@ -17,6 +17,7 @@ from models.checkpoint import load_checkpoint
 
 from .data import build_dataset
 from .distributed import is_main_process, teardown_distributed
+from .evaluate import check_scorable
 from .interrupt import TrainingInterrupted
 from .train_config import TrainConfig, apply_overrides, load_train_config
 from .trainer import NonFiniteLossError, Trainer
@@ -141,6 +142,7 @@ def run(cfg: TrainConfig, resume: str | None = None, stop_at_step: int | None = 
                               load_depth=cfg.needs_depth())
     try:
         val_set = build_dataset(cfg.data.root, cfg.data.val_split, model_cfg, cfg.data.max_val_frames)
+        check_scorable(val_set)  # found now, not after the training it would otherwise end without final.pt
     except (ValueError, FileNotFoundError) as exc:
         print(f"discene-train: no evaluation ({exc})", file=sys.stderr)
         val_set = None
