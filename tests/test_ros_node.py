@@ -374,7 +374,7 @@ def test_a_launch_ahead_loop_prepares_each_frame_before_its_launch(ros, lite_mod
     assert node.stats.processed == 3 and len(published(node, P.TOPIC_CLOUD)) == 3
     assert located == ["frame_decode" if waits else "frame_infer"] * 3 and decoded == ["frame_infer"] * 3
     bad = msg_encode.rgb_to_image(F, RGB, "cam", 1_000 * MS + 3 * MS)  # refused by the finish stage's decode
-    bad.encoding = "bayer_rggb8"
+    bad.encoding = "8UC3"  # no colour encoding: cv_bridge only (not installed here)
     node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 1_000 * MS + 3 * MS))
     node.image_callback(bad)
     assert wait_until(lambda: node.stats.skipped["unsupported_encoding"] == 1)
@@ -717,7 +717,7 @@ def test_bad_frames_are_skipped_counted_and_throttled(ros):
         assert wait_until(lambda i=i: node.stats.skipped["missing_tf"] == i + 1)
     fake.transforms[("map", "cam")] = msg_encode.matrix_to_transform_stamped(F, np.eye(4), "map", "cam", 0)
     bad = msg_encode.rgb_to_image(F, RGB, "cam", 20)
-    bad.encoding = "bayer_rggb8"
+    bad.encoding = "8UC3"  # no colour encoding: cv_bridge only (not installed here)
     node.image_callback(bad)
     short = msg_encode.rgb_to_image(F, RGB, "cam", 21)
     short.data = short.data[:100]
@@ -1148,7 +1148,7 @@ def test_bad_frame_in_either_stage_is_skipped_by_reason(ros):
     _frame(node, 10 * MS)
     assert wait_until(lambda: node.stats.processed == 1)
     bad = msg_encode.rgb_to_image(F, RGB, "cam", 11 * MS)  # stage 1: decode refuses the encoding
-    bad.encoding = "bayer_rggb8"
+    bad.encoding = "8UC3"  # no colour encoding: cv_bridge only (not installed here)
     node.camera_info_callback(msg_encode.k_to_camera_info(F, K, 96, 128, "cam", 11 * MS))
     node.image_callback(bad)
     assert wait_until(lambda: node.stats.skipped["unsupported_encoding"] == 1)
