@@ -454,11 +454,12 @@ def _metres(millimetres: np.ndarray) -> np.ndarray:
     return millimetres.astype(np.float32) * np.float32(0.001)
 
 
-def depth_to_metres(msg: Any) -> np.ndarray:
+def depth_to_metres(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Depth Image (16UC1/mono16 in mm, 32FC1 in m), or image_transport's compressedDepth CompressedImage
-    (``compressed_depth_to_metres``) -> (H, W) float32 metres; NaN/inf/<=0 -> 0 (invalid)."""
+    (``compressed_depth_to_metres``) -> (H, W) float32 metres; NaN/inf/<=0 -> 0 (invalid). ``max_pixels`` bounds
+    the size a compressed image may claim before it is decoded (a raw one is as large as its data)."""
     if hasattr(msg, "format") and not hasattr(msg, "encoding"):
-        return compressed_depth_to_metres(msg)
+        return compressed_depth_to_metres(msg, max_pixels)
     encoding = str(msg.encoding)
     order = ">" if bool(msg.is_bigendian) else "<"
     if encoding in ("16UC1", "mono16"):
@@ -475,7 +476,7 @@ def depth_to_metres(msg: Any) -> np.ndarray:
     return depth
 
 
-def compressed_depth_to_metres(msg: Any) -> np.ndarray:
+def compressed_depth_to_metres(msg: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """compressedDepth CompressedImage -> (H, W) float32 metres, as compressed_depth_image_transport's codec
     decodes it: after the 12-byte ConfigHeader, 16-bit pixels as a PNG (``"16UC1; compressedDepth"``,
     ``"...; compressedDepth png"``) or RVL-coded (``"...; compressedDepth rvl"``, ``rvl.py``); for 16UC1
@@ -486,9 +487,9 @@ def compressed_depth_to_metres(msg: Any) -> np.ndarray:
     buf = _byte_buffer(msg.data)
     payload = buf[COMPRESSED_DEPTH_HEADER.size:]
     if codec == "rvl":
-        raw = rvl.decode(payload, MAX_IMAGE_PIXELS)
+        raw = rvl.decode(payload, max_pixels)
     else:
-        raw = _decode_png16(_checked_png(payload, buf.size))
+        raw = _decode_png16(_checked_png(payload, buf.size, max_pixels))
     if not raw.any():  # before any float copy: a few RVL bytes may claim a large all-zero image
         raise DepthError(f"compressedDepth image {raw.shape[1]}x{raw.shape[0]} has no valid pixel (all zero)")
     if encoding in ("16UC1", "mono16"):
@@ -515,16 +516,16 @@ def compressed_depth_codec(fmt: str, transport: str) -> str:
     return words[1] if len(words) == 2 else "png"
 
 
-def _checked_png(png: np.ndarray, total: int) -> np.ndarray:
+def _checked_png(png: np.ndarray, total: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """The PNG of a compressedDepth image, checked for its signature, end and size before decoding."""
     if bytes(png[:8]) != PNG_SIGNATURE:
         raise DepthError(f"compressedDepth image ({total} bytes) holds no PNG after its 12-byte header")
     if PNG_END not in bytes(png[-END_SEARCH:]):
         raise DepthError(f"compressedDepth image is truncated: no PNG IEND chunk ({total} bytes)")
     size = _png_header_size(memoryview(png))
-    if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
+    if size is None or size[0] * size[1] > max_pixels:
         raise DepthError(f"compressedDepth PNG header claims {size or 'no valid size'}; the limit is "
-                         f"{MAX_IMAGE_PIXELS} pixels")
+                         f"{max_pixels} pixels")
     return png
 
 

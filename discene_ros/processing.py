@@ -32,6 +32,11 @@ from .params import DEFAULT_MODEL, PIPELINING_MODES, RECTIFIED_MODES, rectified_
 from .undistort import DISTORTION_MODELS, Undistorter, needs_undistortion
 
 CAMERA_CACHE_SIZE = 8  # calibrations and image sizes FrameProcessor keeps checked (one camera: one)
+# A compressed depth image may claim at most this many times the colour image's pixels (4x its width and height:
+# a RealSense D400's largest depth mode, 1280x720, over its smallest colour mode, 320x180; aligned depth has the
+# colour size): a few corrupt RVL or PNG bytes claiming 64 Mpx are refused before decoding, not after hundreds of
+# MB. The aspect check in FrameProcessor._depth refuses the rest.
+DEPTH_PIXELS_PER_IMAGE_PIXEL = 16
 
 
 def build_pipeline(model: str | Path | None = None, backend: str = "torch", device: str | None = "auto",
@@ -313,7 +318,8 @@ class FrameProcessor:
                              f"(limit {self.settings.depth_max_offset_s * 1e3:.0f} ms)")
         if self.settings.check_depth_frame:
             check_depth_frame(frame.image.header, frame.depth.header)
-        depth = msg_decode.depth_to_metres(frame.depth)
+        limit = min(msg_decode.MAX_IMAGE_PIXELS, DEPTH_PIXELS_PER_IMAGE_PIXEL * image_hw[0] * image_hw[1])
+        depth = msg_decode.depth_to_metres(frame.depth, max_pixels=limit)
         dh, dw = depth.shape
         if abs((dw / dh) / (image_hw[1] / image_hw[0]) - 1.0) > 0.01:
             raise DepthError(f"depth {dw}x{dh} is not aligned with the colour image {image_hw[1]}x{image_hw[0]}")

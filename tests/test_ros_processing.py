@@ -186,6 +186,24 @@ def test_depth_in_another_frame_than_the_image_is_refused_as_not_registered():
     assert trusting.decode_frame(_frame(depth=unaligned)).depth.max() == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("codec", ["rvl", "png"])
+def test_compressed_depth_claiming_far_more_pixels_than_the_image_is_refused_before_decoding(codec):
+    """A few RVL bytes may claim a huge, nearly empty depth image of the colour image's aspect: it was decoded
+    (64 Mpx: about 300 MB) and used. Up to 16x the colour image's pixels (4x each side) is decoded."""
+    cfg = lite()
+    cfg.use_depth = True
+    proc = FrameProcessor(pipeline_for(BlockBackend(cfg)), ProcessorSettings(use_depth=True))
+
+    def sparse(height: int, width: int) -> object:
+        depth = np.zeros((height, width))
+        depth[height // 2, width // 2] = 2.0
+        return msg_encode.depth_to_compressed_depth(F, depth, "cam", STAMP, codec=codec)
+
+    assert proc.decode_frame(_frame(depth=sparse(96 * 4, 128 * 4))).depth.shape == (384, 512)
+    with pytest.raises(DepthError, match=f"{128 * 5}.{{1,2}}{96 * 5}.*{16 * 96 * 128} pixels"):
+        proc.decode_frame(_frame(depth=sparse(96 * 5, 128 * 5)))
+
+
 def test_slow_backend_drops_stale_frames_newest_wins():
     """A producer at ~100 Hz against a 50 ms backend, through the node's frame loop: most frames are
     dropped, never queued; bad frames from any stage are skipped by reason; all are counted."""
