@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--timing-cache", help="timing cache file, read if present and written back")
     t.add_argument("--strongly-typed", choices=["auto", "yes", "no"], default="auto",
                    help="auto: strongly typed FP16 from TensorRT 10.12 on, builder FP16 flag before")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bars for the build's phases (TensorRT's progress monitor; minutes on a Jetson)")
     return p
 
 
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                               "--timing-cache": args.timing_cache})
         strongly = {"auto": None, "yes": True, "no": False}[args.strongly_typed]
         side = build_engine(args.onnx, args.out, fp16=args.fp16, workspace_mb=args.workspace_mb,
-                            timing_cache=args.timing_cache, strongly_typed=strongly, verbose=args.verbose)
+                            timing_cache=args.timing_cache, strongly_typed=strongly, verbose=args.verbose,
+                            progress=not args.no_progress)
         print(f"wrote {args.out} (+ .json): TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "
               f"{side['precision']}")
         return 0

@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -221,13 +222,50 @@ def _write(path: Path, data: bytes, what: str) -> None:
         raise RuntimeError(f"could not write the {what} {path}: {exc}") from exc
 
 
+def progress_monitor(trt: Any) -> Any | None:
+    """A TensorRT ``IProgressMonitor`` showing each phase of an engine build as a tqdm bar (nested phases below
+    their parent): a build takes minutes on a Jetson. None where this TensorRT has no progress monitor.
+    TensorRT calls it from its own threads, hence the lock."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+    from tqdm import tqdm
+
+    class BuildProgress(base):
+        def __init__(self) -> None:
+            base.__init__(self)  # pybind11: the C++ side must be initialised by hand
+            self.bars: dict[str, Any] = {}
+            self.lock = threading.Lock()
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            with self.lock:
+                self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, position=len(self.bars),
+                                             leave=parent_phase is None, unit="step", dynamic_ncols=True)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with self.lock:
+                bar = self.bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)  # steps are numbered from 0
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self.lock:
+                bar = self.bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+
+    return BuildProgress()
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = False, workspace_mb: int = 4096,
                  timing_cache: str | Path | None = None, strongly_typed: bool | None = None,
-                 verbose: bool = False) -> dict[str, Any]:
+                 verbose: bool = False, progress: bool = False) -> dict[str, Any]:
     """Build ``engine_path`` from ``onnx_path``; returns the engine sidecar dict (also written to disk).
 
     ``strongly_typed=None`` follows the precision policy of this module. Nothing is written unless the
-    build succeeded; a failure leaves any previous engine, sidecar and timing cache untouched.
+    build succeeded; a failure leaves any previous engine, sidecar and timing cache untouched. ``progress``
+    shows the build's phases as progress bars (``progress_monitor``; the CLI's default).
     """
     trt = require("tensorrt", "tensorrt", "building a TensorRT engine")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -270,6 +308,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     cache_path = Path(timing_cache) if timing_cache else None
     cache = _attach_timing_cache(config, cache_path)
+    monitor = progress_monitor(trt) if progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     log.info("building TensorRT %s engine from %s (fp16=%s, strongly_typed=%s, workspace %d MiB, cache %s)",
              version, source, fp16, strongly_typed, workspace_mb, cache_path or "none")
     serialized = builder.build_serialized_network(network, config)

@@ -306,9 +306,38 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
         def serialize(self):
             return memoryview(CACHE_MAGIC + json.dumps([self.tag, self.entries]).encode())
 
+    class IProgressMonitor:
+        """pybind11 trampoline (pyCore.cpp: ``py::init<>()``, phase_start / step_complete / phase_finish): a
+        subclass that overrides ``__init__`` must call this one, or pybind11 refuses the instance."""
+
+        def __init__(self):
+            self._initialised = True
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::phaseStart"')
+
+        def step_complete(self, phase_name, step):
+            raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::stepComplete"')
+
+        def phase_finish(self, phase_name):
+            raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::phaseFinish"')
+
     class BuilderConfig:
         def __init__(self):
             self.flags, self.pool, self.cache = set(), {}, None
+            self._monitor = None
+
+        @property
+        def progress_monitor(self):
+            return self._monitor
+
+        @progress_monitor.setter
+        def progress_monitor(self, monitor):  # def_property(..., setProgressMonitor, keep_alive<1, 2>)
+            if monitor is not None and not isinstance(monitor, IProgressMonitor):
+                raise TypeError("(): incompatible function arguments: (arg0: tensorrt.IProgressMonitor)")
+            if monitor is not None and not getattr(monitor, "_initialised", False):
+                raise TypeError(f"{type(monitor).__name__}.__init__() must be called when overriding __init__")
+            self._monitor = monitor
 
         def set_memory_pool_limit(self, pool, pool_size):
             if not isinstance(pool, MemoryPoolType):
@@ -342,6 +371,23 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
         def get_timing_cache(self):
             return None if lose_timing_cache else self.cache
 
+    def _report_progress(monitor, network):
+        """Phases as TensorRT reports them: a top-level phase, a nested one per layer's tactics; False: cancelled."""
+        monitor.phase_start("Building engine", None, 2)
+        try:
+            if not monitor.step_complete("Building engine", 0):
+                return False
+            monitor.phase_start("Tactic selection", "Building engine", len(network.layers))
+            try:
+                for step in range(len(network.layers)):
+                    if not monitor.step_complete("Tactic selection", step):
+                        return False
+            finally:
+                monitor.phase_finish("Tactic selection")
+            return bool(monitor.step_complete("Building engine", 1))
+        finally:
+            monitor.phase_finish("Building engine")
+
     def no_device():
         if no_cuda:
             raise TypeError("pybind11::init(): factory function returned nullptr")
@@ -369,6 +415,9 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
             fp32_layers = sorted(layer.name for layer in network.layers
                                  if layer._precision == DataType.FLOAT
                                  and getattr(BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None) in config.flags)
+            if config.progress_monitor is not None and not _report_progress(config.progress_monitor, network):
+                trt.log.append(("error", "build cancelled by the progress monitor"))
+                return None
             if config.cache is not None:
                 config.cache.entries += len(network.layers)
             trt.log.append(("build", network.flags, sorted(f.name for f in config.flags),
@@ -471,7 +520,8 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
     for name, obj in dict(DataType=DataType, BuilderFlag=BuilderFlag, MemoryPoolType=MemoryPoolType,
                           NetworkDefinitionCreationFlag=NetworkDefinitionCreationFlag, TensorIOMode=TensorIOMode,
                           LayerType=LayerType, ErrorCode=ErrorCode, Logger=Logger, OnnxParser=OnnxParser,
-                          Builder=Builder, Runtime=Runtime, nptype=nptype, ParserError=ParserError).items():
+                          Builder=Builder, Runtime=Runtime, nptype=nptype, ParserError=ParserError,
+                          IProgressMonitor=IProgressMonitor).items():
         setattr(trt, name, obj)
     for alias, member in dict(float32="FLOAT", float16="HALF", bfloat16="BF16", int8="INT8", int32="INT32",
                               int64="INT64", bool="BOOL", uint8="UINT8", fp8="FP8", int4="INT4").items():

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 import threading
 
 import numpy as np
 import onnx
 import pytest
+import tqdm
 from fake_tensorrt import (
     CACHE_MAGIC,
     GPU,
@@ -521,6 +523,34 @@ def _cli_error(capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     return err[0]
+
+
+def test_cli_trt_shows_the_builds_phases_as_progress_bars(machine, monkeypatch, capsys, onnx_file, tmp_path):
+    """TensorRT's progress monitor (a build takes minutes on a Jetson): a bar per phase, nested ones below it
+    (and cleared when done), each run to its last step and closed; --no-progress attaches none."""
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    out = str(tmp_path / "m.engine")
+    assert cli.main(["trt", "--onnx", str(onnx_file), "--out", out]) == 0
+    layers = len(onnx.load(str(onnx_file)).graph.node)
+    assert [(b.desc, b.n, b.total, abs(b.pos), b.leave) for b in bars] == [
+        ("Building engine", 2, 2, 0, True), ("Tactic selection", layers, layers, 1, False)]
+    assert all(b.disable for b in bars)  # tqdm's close() sets it: every bar was closed
+    assert re.search(r"Building engine: 100%.*2/2", capsys.readouterr().err)
+    bars.clear()
+    assert cli.main(["trt", "--onnx", str(onnx_file), "--out", out, "--no-progress"]) == 0
+    assert not bars and "Building engine" not in capsys.readouterr().err
+    with pytest.raises(TypeError, match="must be called when overriding __init__"):
+        class Uninitialised(machine.trt.IProgressMonitor):
+            def __init__(self):
+                pass
+        machine.trt.Builder(machine.trt.Logger()).create_builder_config().progress_monitor = Uninitialised()
 
 
 def test_cli_trt_fails_with_one_line(monkeypatch, capsys, onnx_file, tmp_path, lite_config):
