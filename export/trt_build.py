@@ -308,9 +308,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     cache_path = Path(timing_cache) if timing_cache else None
     cache = _attach_timing_cache(config, cache_path)
-    monitor = progress_monitor(trt) if progress else None
+    monitor = progress_monitor(trt) if progress and hasattr(config, "progress_monitor") else None
     if monitor is not None:
-        config.progress_monitor = monitor
+        config.progress_monitor = monitor  # the config keeps it alive (keep_alive in the binding)
     log.info("building TensorRT %s engine from %s (fp16=%s, strongly_typed=%s, workspace %d MiB, cache %s)",
              version, source, fp16, strongly_typed, workspace_mb, cache_path or "none")
     serialized = builder.build_serialized_network(network, config)
