@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} (+ .json): TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "
               f"{side['precision']}")
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: each file is written atomically (trt: all of them after the build)
+        done = "nothing written" if args.command == "trt" else "no file is left partly written"
+        print(f"discene-export {args.command}: interrupted (Ctrl-C); {done}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ImportError, RuntimeError) as exc:  # OSError: a full disk, a read-only folder
         print(f"discene-export {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -22,11 +22,13 @@ Asking for the flag path where the flag does not exist (11.x) is refused with on
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,24 +238,35 @@ def progress_monitor(trt: Any) -> Any | None:
             base.__init__(self)  # pybind11: the C++ side must be initialised by hand
             self.bars: dict[str, Any] = {}
             self.lock = threading.Lock()
+            self.interrupted = False  # Ctrl-C came during a call: the build is cancelled, build_engine re-raises
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            with self.lock:
+            with self._interruptible():
                 self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, position=len(self.bars),
                                              leave=parent_phase is None, unit="step", dynamic_ncols=True)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            with self.lock:
+            with self._interruptible():
                 bar = self.bars.get(phase_name)
                 if bar is not None:
                     bar.update(step + 1 - bar.n)  # steps are numbered from 0
-            return True  # False would cancel the build
+            return not self.interrupted  # False cancels the build
 
         def phase_finish(self, phase_name: str) -> None:
-            with self.lock:
+            with self._interruptible():
                 bar = self.bars.pop(phase_name, None)
                 if bar is not None:
                     bar.close()
+
+        @contextlib.contextmanager
+        def _interruptible(self) -> Iterator[None]:
+            """The lock, and a KeyboardInterrupt (Python runs the SIGINT handler inside these calls) turned into
+            a cancelled build: the binding would print it and go on, or cancel with no word of why."""
+            try:
+                with self.lock:
+                    yield
+            except KeyboardInterrupt:
+                self.interrupted = True
 
     return BuildProgress()
 
@@ -314,6 +327,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, fp16: bool = Fa
     log.info("building TensorRT %s engine from %s (fp16=%s, strongly_typed=%s, workspace %d MiB, cache %s)",
              version, source, fp16, strongly_typed, workspace_mb, cache_path or "none")
     serialized = builder.build_serialized_network(network, config)
+    if monitor is not None and monitor.interrupted:
+        raise KeyboardInterrupt("TensorRT engine build cancelled")
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {source}; rerun with --verbose for the log")
     engine_bytes = bytes(memoryview(serialized))

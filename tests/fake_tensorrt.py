@@ -371,22 +371,31 @@ def make_fake_trt(version: str = "10.3", heap: DeviceHeap | None = None, gpu: di
         def get_timing_cache(self):
             return None if lose_timing_cache else self.cache
 
+    def _trampoline(monitor, method, *args):
+        """PyProgressMonitor (pyCore.cpp): an exception from the Python override (any, KeyboardInterrupt too) is
+        printed as "[ERROR] Exception caught in <method>()" and swallowed; step_complete then returns False."""
+        try:
+            return getattr(monitor, method)(*args)
+        except BaseException as exc:  # noqa: BLE001 - C++ catch (...) around PYBIND11_OVERLOAD_PURE_NAME
+            trt.log.append(("monitor_exception", method, type(exc).__name__))
+            return False
+
     def _report_progress(monitor, network):
         """Phases as TensorRT reports them: a top-level phase, a nested one per layer's tactics; False: cancelled."""
-        monitor.phase_start("Building engine", None, 2)
+        _trampoline(monitor, "phase_start", "Building engine", None, 2)
         try:
-            if not monitor.step_complete("Building engine", 0):
+            if not _trampoline(monitor, "step_complete", "Building engine", 0):
                 return False
-            monitor.phase_start("Tactic selection", "Building engine", len(network.layers))
+            _trampoline(monitor, "phase_start", "Tactic selection", "Building engine", len(network.layers))
             try:
                 for step in range(len(network.layers)):
-                    if not monitor.step_complete("Tactic selection", step):
+                    if not _trampoline(monitor, "step_complete", "Tactic selection", step):
                         return False
             finally:
-                monitor.phase_finish("Tactic selection")
-            return bool(monitor.step_complete("Building engine", 1))
+                _trampoline(monitor, "phase_finish", "Tactic selection")
+            return bool(_trampoline(monitor, "step_complete", "Building engine", 1))
         finally:
-            monitor.phase_finish("Building engine")
+            _trampoline(monitor, "phase_finish", "Building engine")
 
     def no_device():
         if no_cuda:

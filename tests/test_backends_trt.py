@@ -546,6 +546,29 @@ def test_cli_trt_shows_the_builds_phases_as_progress_bars(machine, monkeypatch, 
     bars.clear()
     assert cli.main(["trt", "--onnx", str(onnx_file), "--out", out, "--no-progress"]) == 0
     assert not bars and "Building engine" not in capsys.readouterr().err
+    assert not machine.calls("monitor_exception")  # the binding would have printed and swallowed them
+
+
+def test_ctrl_c_during_a_build_cancels_it_and_writes_nothing(machine, monkeypatch, capsys, onnx_file, tmp_path):
+    """Python runs the SIGINT handler inside the monitor's calls; TensorRT's binding catches what they raise and
+    prints it, so the build ran on (phase_start, phase_finish) or was cancelled without a word (step_complete)
+    and failed as 'TensorRT failed to build'. The monitor cancels the build and the command ends as Ctrl-C does."""
+
+    class CtrlCOnTheThirdStep(tqdm.tqdm):
+        def update(self, n=1):
+            if self.desc == "Tactic selection" and self.n == 2:
+                raise KeyboardInterrupt
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", CtrlCOnTheThirdStep)
+    out = tmp_path / "m.engine"
+    assert cli.main(["trt", "--onnx", str(onnx_file), "--out", str(out)]) == 130
+    assert "discene-export trt: interrupted (Ctrl-C); nothing written" in capsys.readouterr().err
+    assert not out.exists() and not sidecar_path(out).exists() and not machine.calls("monitor_exception")
+    assert ("error", "build cancelled by the progress monitor") in machine.trt.log
+
+
+def test_a_progress_monitor_must_initialise_its_binding(machine):
     with pytest.raises(TypeError, match="must be called when overriding __init__"):
         class Uninitialised(machine.trt.IProgressMonitor):
             def __init__(self):
