@@ -221,7 +221,8 @@ class OccScanNetDataset(Dataset):
         try:
             check_pose(cam_pose, "cam_pose")
             check_intrinsics(intrinsic, rgb.shape[1], rgb.shape[0], "intrinsic")
-            frame = preprocess(rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=origin)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is named by check_grid_in_view below
+                frame = preprocess(rgb, intrinsic, cam_pose, self.config, depth=depth, voxel_origin=origin)
         except ValueError as exc:  # FrameError (pose, K) is a ValueError too
             raise BadSampleError(f"sample {sample_id}: {exc}") from exc
         check_grid_in_view(sample_id, frame.grid2img[0], self.image_size, tuple(self.config.grid_shape))
