@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import copy
 import json
 import queue
 import shutil
@@ -432,8 +433,8 @@ class Evaluator:
     def __init__(self, num_classes: int) -> None:
         from training.metrics import SSCMetrics
 
-        self.metrics = SSCMetrics(num_classes + 1)      # the frames with a TF pose: the headline
-        self.all_metrics = SSCMetrics(num_classes + 1)  # every scored frame
+        self.metrics = SSCMetrics(num_classes + 1)           # the frames with a TF pose: the headline
+        self.fallback_metrics = SSCMetrics(num_classes + 1)  # the frames on the fallback pose
         self.frames = 0           # every scored frame
         self.fallback_frames = 0  # of them, those on the fallback pose
         self.unknown_missing = False
@@ -441,9 +442,8 @@ class Evaluator:
     def add(self, pred_labels: np.ndarray, gt_labels: np.ndarray, gt: GroundTruthGrid,
             fallback_pose: bool = False) -> None:
         """Score one frame: ``gt_labels`` is ``gt``'s grid, decoded once by the caller."""
-        self.all_metrics.add_batch(pred_labels, gt_labels)  # raises (another grid) before anything is counted
-        if not fallback_pose:
-            self.metrics.add_batch(pred_labels, gt_labels)
+        metrics = self.fallback_metrics if fallback_pose else self.metrics
+        metrics.add_batch(pred_labels, gt_labels)  # raises (another grid) before anything is counted
         self.frames += 1
         self.fallback_frames += int(fallback_pose)
         self.unknown_missing |= not gt.has_unknown
@@ -457,7 +457,9 @@ class Evaluator:
         out["evaluated_frames"] = self.frames - self.fallback_frames
         out["all_frames"] = None
         if self.fallback_frames:
-            every = self._result(self.all_metrics)
+            every_frame = copy.deepcopy(self.metrics)
+            every_frame.merge(self.fallback_metrics)
+            every = self._result(every_frame)
             out["all_frames"] = {"frames": self.frames, "fallback_pose_frames": self.fallback_frames,
                                  "iou": every["iou"], "miou": every["miou"]}
         return out
