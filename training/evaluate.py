@@ -57,8 +57,12 @@ def check_scorable(dataset: Dataset) -> None:
         if "bad" not in item:
             return
         first = first or item["bad"]
-    why = f"all {len(frames)} are unreadable; first: {first}" if len(frames) else "the split is empty"
-    raise ValueError(f"no validation frame can be scored: {why}")
+    raise ValueError(f"no validation frame can be scored: {_none_readable(len(frames), first)}")
+
+
+def _none_readable(unreadable: int, first: str | None) -> str:
+    """Why a split gave no frame to score: ``unreadable`` frames, ``first``'s reason; none at all."""
+    return f"all {unreadable} are unreadable; first: {first}" if unreadable else "the split is empty"
 
 
 def collate_scored(items: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -101,8 +105,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
     finally:
         model.train(was_training)
     if frames == 0:
-        why = f"all {len(skipped)} are unreadable; first: {skipped[0]['bad']}" if skipped else "the split is empty"
-        raise ValueError(f"no frame could be scored: {why}")
+        first = skipped[0]["bad"] if skipped else None
+        raise ValueError(f"no frame could be scored: {_none_readable(len(skipped), first)}")
     result = dict(metrics.compute())
     result.update(frames=frames, skipped_frames=len(skipped), seconds=time.perf_counter() - start,
                   skipped={item["sample_id"]: item["bad"] for item in skipped[:SKIPPED_SHOWN]})
