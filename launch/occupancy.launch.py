@@ -8,16 +8,19 @@ Parameters come from ``params_file`` (default: the shipped config/occupancy.yaml
 arguments below override single parameters, and only when given: an argument left out keeps the
 value of ``params_file`` (``ros2 launch`` refuses an empty value, ``name:=``, and an empty string from
 an including launch file counts as not given). A given argument wins over every entry of ``params_file``:
-it goes to the node in a parameter file of its own, under a node key that ``params_file`` lacks, which rcl
-applies last (discene_ros/launch_params.py). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the
-effective ``world_frame`` (the argument, else rclpy's reading of ``params_file`` for the node's full name,
+it goes to the node in a parameter file of its own (in the temporary directory, removed when the launch
+shuts down), under a node key that ``params_file`` lacks, which rcl applies last
+(discene_ros/launch_params.py). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective ``world_frame`` (the argument, else rclpy's reading of ``params_file`` for the node's full name,
 namespace included) as its fixed frame, its camera display (the occupancy over the image) follows the
 effective ``image_topic`` and camera info, and it runs in the node's namespace (included under
 ``PushRosNamespace``, one per camera). ``use_sim_time`` goes to both.
 """
+from pathlib import Path
+
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
 from launch.conditions import IfCondition
+from launch.event_handlers import OnShutdown
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
@@ -59,6 +62,11 @@ def typed_value(name: str, text: str):
     return text
 
 
+def remove_at_shutdown(path: str) -> RegisterEventHandler:
+    """Delete a parameter file this launch wrote when the launch ends (a respawned node reads it again)."""
+    return RegisterEventHandler(OnShutdown(on_shutdown=lambda event, context: Path(path).unlink(missing_ok=True)))
+
+
 def start_nodes(context, *args, **kwargs):
     """Node and RViz actions from the launch arguments the user actually gave."""
     params_file = LaunchConfiguration("params_file").perform(context)
@@ -84,11 +92,12 @@ def start_nodes(context, *args, **kwargs):
     camera_topic = base_image_topic(effective("image_topic"))
     info_topic = effective("camera_info_topic") or camera_info_topic_for(camera_topic)
     # the given arguments last, under a node key params_file lacks: rcl applies it after all of its keys
-    parameters = [params_file, write_winning_file(entries, node_name, overrides)] if overrides else [params_file]
+    written = [write_winning_file(entries, node_name, overrides)] if overrides else []
     share = FindPackageShare(PACKAGE)
     return [
+        *(remove_at_shutdown(path) for path in written),
         Node(package=PACKAGE, executable="occupancy_node", name=NODE_NAME, namespace="", output="screen",
-             parameters=parameters,
+             parameters=[params_file, *written],
              respawn=boolean("respawn", LaunchConfiguration("respawn").perform(context)),
              respawn_delay=RESPAWN_DELAY_S),
         Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",

@@ -4,7 +4,8 @@ to the point where processes would start; print what each Node action would run,
 Used by tests/test_ros_launch.py in a subprocess whose PYTHONPATH holds one distro's packages from
 ../shared/ros2-python plus a minimal rclpy stub (launch_ros imports a few rclpy names). Arguments:
 the launch file, then NAME:=VALUE launch arguments; or ``--serve``: one launch per line of standard input
-(``{"argv": [...], "env": {...}}``), each answered by one line (``{"nodes": [...]}`` or ``{"error": traceback}``),
+(``{"argv": [...], "env": {...}}``), each answered by one line (``{"nodes": [...], "kept_after_shutdown": [...]}``
+or ``{"error": traceback}``),
 so that a test module imports launch once per distro, not once per launch (0.6 s each).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import traceback
 
 from ament_index_python.packages import PackageNotFoundError
 from launch.actions import IncludeLaunchDescription
+from launch.events import Shutdown
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.utilities import perform_substitutions
 from launch.utilities.type_utils import perform_typed_substitution
@@ -39,13 +41,29 @@ def visit(entity, context, nodes):
             except Exception:  # ros_specific_arguments placeholders exist only while executing
                 cmd.append("<ros-specific>")
         nodes.append({"name": entity.node_name.rsplit("/", 1)[-1], "namespace": entity.expanded_node_namespace,
-                      "cmd": cmd, "params": entity._Node__expanded_parameter_arguments,
+                      "cmd": cmd, "params": parameter_files(entity._Node__expanded_parameter_arguments),
                       "remaps": entity.expanded_remapping_rules or [],
                       "respawn": perform_typed_substitution(context, entity._ExecuteLocal__respawn, bool),
                       "respawn_delay": entity._ExecuteLocal__respawn_delay})
         return
     for sub in entity.visit(context) or []:
         visit(sub, context, nodes)
+
+
+def parameter_files(arguments: list | None) -> list | None:
+    """The node's ``--params-file`` arguments as [path, is_file, text]: read now, while the launch runs."""
+    if arguments is None:
+        return None
+    return [[path, is_file, open(path).read() if is_file else None] for path, is_file in arguments]
+
+
+def shut_down(context: LaunchContext) -> None:
+    """What the launch's Shutdown event runs: the OnShutdown handlers registered by the launch file."""
+    event = Shutdown(reason="launch probe")
+    for handler in list(context._event_handlers):
+        if handler.matches(event):
+            for entity in handler.handle(event, context) or []:
+                visit(entity, context, [])
 
 
 def launch_arguments(argv: list[str]) -> list[tuple[str, str]]:
@@ -57,14 +75,17 @@ def launch_arguments(argv: list[str]) -> list[tuple[str, str]]:
     return [tuple(arg.split(":=", 1)) for arg in argv]
 
 
-def run(argv: list[str]) -> list[dict]:
-    """The Node actions of one ``ros2 launch FILE NAME:=VALUE ...``, in a fresh launch context."""
+def run(argv: list[str]) -> dict:
+    """The Node actions of one ``ros2 launch FILE NAME:=VALUE ...``, in a fresh launch context, and the
+    parameter files that are still there after the launch has shut down."""
     path, args = argv[0], launch_arguments(argv[1:])
     context = LaunchContext()
     include = IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments=args)
     nodes = []
     visit(include, context, nodes)
-    return nodes
+    shut_down(context)
+    files = {path for node in nodes for path, is_file, _ in node["params"] or [] if is_file}
+    return {"nodes": nodes, "kept_after_shutdown": sorted(f for f in files if os.path.exists(f))}
 
 
 def serve() -> None:
@@ -76,7 +97,7 @@ def serve() -> None:
         os.environ.update(request["env"])
         try:
             with contextlib.redirect_stdout(sys.stderr):  # what the launch prints stays out of the replies
-                reply = {"nodes": run(request["argv"])}
+                reply = run(request["argv"])
         except Exception:
             reply = {"error": traceback.format_exc()}
         replies.write(json.dumps(reply) + "\n")

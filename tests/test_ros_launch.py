@@ -67,7 +67,7 @@ class LaunchEnv:
             src = ROS2_PYTHON / distro
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([
                 str(src / "launch"), str(src / "launch_ros"), str(src / "ament_index_python"), str(self.base / "stub"),
-                str(ROOT)]))
+                str(ROOT)]), TMPDIR=str(self.base / "tmp"))  # launch_ros's own temporary files stay in here
             log = open(self.base / f"probe_{distro}.log", "a")  # the probe's stderr, read back if it ends
             probe = subprocess.Popen([sys.executable, str(ROOT / "tests" / "launch_probe.py"), "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
@@ -96,6 +96,7 @@ def launch_env(tmp_path_factory):
     pytest.importorskip("lark", reason="the real launch package imports lark (pip install -e '.[dev]')")
     pytest.importorskip("osrf_pycommon", reason="the real launch package imports osrf_pycommon")
     base = tmp_path_factory.mktemp("launch_env")
+    (base / "tmp").mkdir()
     for name, text in STUBS.items():
         (base / "stub" / name).parent.mkdir(parents=True, exist_ok=True)
         (base / "stub" / name).write_text(text)
@@ -147,9 +148,9 @@ def effective_parameters(arguments: list | None, node_name: str, namespace: str 
         namespace = "/"
     fqn = namespace.rstrip("/") + "/" + node_name
     table = {}
-    for path, is_file in arguments:
+    for _, is_file, text in arguments:
         assert is_file, "the launch file passes parameters as files only"
-        for key, entry in (yaml.safe_load(Path(path).read_text()) or {}).items():
+        for key, entry in (yaml.safe_load(text) or {}).items():
             table.setdefault(key, {}).update(entry["ros__parameters"])
     out = {}
     for key, parameters in table.items():
@@ -210,6 +211,18 @@ def test_an_empty_argument_is_refused_so_a_file_value_is_undone_by_naming_the_de
     including.write_text(NAMESPACED.replace('("world_frame", "odom")', f'("params_file", "{mine}"), ("camera_info_topic", "")'))
     assert run_launch(launch_env, distro, launch_file=including)[P.NODE_NAME]["params"] == {
         "camera_info_topic": "/other/camera_info"}
+
+
+@pytest.mark.parametrize("distro", DISTROS)
+def test_the_parameter_file_of_given_arguments_is_removed_when_the_launch_shuts_down(launch_env, distro, tmp_path):
+    """Each launch with an argument writes a parameter file; it lives as long as the launch (a respawned node
+    reads it again) and not longer, while the user's params_file is left alone."""
+    mine = params_file(tmp_path / "mine.yaml", {"discene_occupancy": {"world_frame": "map"}})
+    reply = launch_env.ask(distro, [str(launch_env.shipped), f"params_file:={mine}", "world_frame:=odom"])
+    node = next(node for node in reply["nodes"] if node["name"] == "discene_occupancy")
+    written = [path for path, _, _ in node["params"] if path != str(mine)]
+    assert len(written) == 1 and "odom" in node["params"][1][2]  # it was there while the launch ran
+    assert reply["kept_after_shutdown"] == [str(mine)]
 
 
 @pytest.mark.parametrize("distro", DISTROS)
