@@ -83,6 +83,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def step_seed(seed: int, stream: int, step: int, rank: int) -> int:
+    """The seed of one use (``stream``) of randomness at one step of one rank: numpy's SeedSequence of the four,
+    so that no two of them share a seed (a product ``seed * stream`` gives every stream the same at seed 0)."""
+    return int(np.random.SeedSequence([seed % 2**64, stream, step, rank]).generate_state(1, np.uint64)[0])
+
+
 def use_deterministic_algorithms(device: torch.device) -> None:
     """Bitwise-repeatable kernels (cuBLAS needs a fixed workspace for that on CUDA)."""
     if device.type == "cuda":

@@ -41,6 +41,7 @@ from .distributed import (
     seed_everything,
     set_rng_state,
     setup_distributed,
+    step_seed,
     use_deterministic_algorithms,
 )
 from .evaluate import evaluate_model
@@ -51,7 +52,7 @@ from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
-ANCHOR_STREAM, PHOTOMETRIC_STREAM = 1_000_003, 2_000_029  # seed multipliers of the per-step generators
+ANCHOR_STREAM, PHOTOMETRIC_STREAM = 1, 2  # the uses of the per-step generators (distributed.step_seed)
 COARSE_SCHEDULE_EPOCHS = 5  # lr_by_epoch over fewer epochs than this draws a warning
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class Trainer:
     def _step_generator(self, step: int, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator (on ``device``) for one use (``stream``) at one step of this rank, seeded from the run's
         seed: a resumed run draws what an uninterrupted one would."""
-        return torch.Generator(device=device).manual_seed(self.cfg.seed * stream + step * self.world + self.rank)
+        return torch.Generator(device=device).manual_seed(step_seed(self.cfg.seed, stream, step, self.rank))
 
     def _warn_coarse_schedule(self, schedule: WarmupCosine) -> None:
         """A cosine stepped per epoch over a few epochs keeps a high lr to the end (2 epochs: the second at
