@@ -95,7 +95,11 @@ class _Converter:
             if name != out.name:  # rename so that the graph output keeps its public name
                 self.rename_output(name, out.name)
             outputs.append(out)
-        new_graph = helper.make_graph(self.nodes, g.name, list(g.input), outputs, self.inits)
+        # an FP32-only weight (LayerNormalization's scale and bias) is read through its FP32 copy: its FP16
+        # version is left to no node, and onnxruntime would warn about each one it drops
+        used = {name for node in self.nodes for name in node.input} | {out.name for out in g.output}
+        inits = [init for init in self.inits if init.name in used]
+        new_graph = helper.make_graph(self.nodes, g.name, list(g.input), outputs, inits)
         new = helper.make_model(new_graph, opset_imports=list(self.model.opset_import),
                                 producer_name=self.model.producer_name + "+discene-fp16")
         new.ir_version = self.model.ir_version

@@ -166,6 +166,8 @@ def test_fp16_pass_keeps_io_and_layernorm_softmax_in_fp32_and_matches():
     assert h.graph.output[0].name == "y" and h.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     inits = {i.name: i.data_type for i in h.graph.initializer}
     assert inits["w"] == TensorProto.FLOAT16
+    read = {name for node in h.graph.node for name in node.input}
+    assert set(inits) <= read  # LayerNormalization reads scale/bias as FP32 copies: no FP16 ones left unread
     inferred = onnx.shape_inference.infer_shapes(h, strict_mode=True)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     types.update(inits)
