@@ -130,9 +130,23 @@ def test_fp16_companion(exported):
     m = onnx.load(str(path))
     assert side["precision"] == "fp16" and side["trt_unsupported_ops"] == []
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
+    read = {name for node in m.graph.node for name in node.input}
+    assert {i.name for i in m.graph.initializer} <= read  # no weight left unread (onnxruntime warns about each)
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in list(m.graph.input) + list(m.graph.output))
     assert side["parity"]["max_abs_diff_points"] < MAX_POINTS_DIFF_FP16
     assert side["parity"]["label_agreement"] >= MIN_LABEL_AGREEMENT_FP16
+
+
+def test_onnxruntimes_own_warnings_are_kept_except_for_an_fp16_graph_on_the_cpu(exported):
+    """onnxruntime's warnings (e.g. nodes its GPU provider leaves to the CPU) reach the user; only an FP16
+    graph on the CPU EP, where each FP16 node without a CPU kernel makes constant folding warn, is quiet."""
+    from export.backends.ort_backend import ORT_ERRORS, ORT_WARNINGS, OrtBackend
+
+    def severity(path):
+        return OrtBackend(path, exported["config"], providers=["cpu"]).session.get_session_options().log_severity_level
+
+    assert severity(exported["onnx"]) == ORT_WARNINGS
+    assert severity(exported["onnx"].with_name("lite.fp16.onnx")) == ORT_ERRORS
 
 
 def test_fp16_conversion_has_one_policy(exported, tmp_path):

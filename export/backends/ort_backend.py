@@ -14,6 +14,7 @@ import numpy as np
 
 from models.config import ModelConfig
 
+from ..sidecar import read_sidecar
 from .base import Backend, input_feed, input_shapes, output_shapes, require
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,20 @@ DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUE
 FLOAT_TENSOR = "tensor(float)"  # onnxruntime's name for float32, what input_feed hands over
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
                     "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+ORT_WARNINGS, ORT_ERRORS = 2, 3  # SessionOptions.log_severity_level: onnxruntime's default, errors only
+
+
+def _fp16_graph_on_cpu(onnx_path: Path, providers: list[str]) -> bool:
+    """An FP16 graph (its sidecar says so) on the CPU EP alone: there onnxruntime's constant folding warns
+    about each FP16 node without a CPU kernel, which says nothing; its other warnings stay on."""
+    if providers != ["CPUExecutionProvider"]:
+        return False
+    try:
+        return (read_sidecar(onnx_path) or {}).get("precision") == "fp16"
+    except ValueError:  # a corrupt sidecar is reported where the config is read from it
+        return False
 
 
 def requested_providers(requested: list[str] | tuple[str, ...] | None) -> list[str]:
@@ -82,7 +97,7 @@ class OrtBackend(Backend):
         chosen = select_providers(providers, ort.get_available_providers())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: FP16 graphs make the CPU EP warn about every fallback
+        options.log_severity_level = ORT_ERRORS if _fp16_graph_on_cpu(onnx_path, chosen) else ORT_WARNINGS
         if threads:
             options.intra_op_num_threads = threads
         # No busy-waiting between runs: on a robot the CPU is shared with ROS, the camera driver and
