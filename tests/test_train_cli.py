@@ -75,7 +75,8 @@ def test_an_unreadable_val_split_is_found_before_training_not_after(data_root, t
         (damaged / pkl).write_bytes(b"not a pickle")
     assert train.main(["--config", config_file(data_root, tmp_path), "--data", str(damaged)]) == 0
     err = capsys.readouterr().err
-    assert "discene-train: no evaluation (no validation frame can be scored: all 2 are unreadable; first: " in err
+    assert "discene-train: no evaluation (no validation frame can be scored: all 2 frames are bad; first: " in err
+    assert "cannot read" in err
     assert {"final.pt", "last.pt"} <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
