@@ -80,7 +80,7 @@ def profile_steps(trainer: Trainer, batches, steps: int, path: Path) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            trainer.train_step(next(batches))
+            trainer.train_step(trainer._next_batch(batches))
         _sync(trainer.device)
     table = prof.key_averages()
     device_key = "self_device_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
@@ -114,20 +114,20 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, profile_to: Path | None =
     batches = iter(trainer._loader())
     first = time.perf_counter()
     for _ in range(warmup):
-        trainer.train_step(next(batches))
+        trainer.train_step(trainer._next_batch(batches))
     _sync(trainer.device)
     first = time.perf_counter() - first
     waited, start = 0.0, time.perf_counter()
     for _ in range(steps):
         tick = time.perf_counter()
-        batch = next(batches)
+        batch = trainer._next_batch(batches)
         waited += time.perf_counter() - tick
         trainer.train_step(batch)
     _sync(trainer.device)
     elapsed = time.perf_counter() - start
     extra = {"compiled": trainer.module_calls.compiled}
     if count_ops and cfg.compile == "none":  # compiled graphs cannot run under a Python dispatch mode
-        batch = next(batches)
+        batch = trainer._next_batch(batches)
         with OpCounter() as counter:
             trainer.train_step(batch)
         extra["ops_per_step"] = counter.count

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.root, cfg.data.workers, cfg.data.frequency_frames = args.data, 0, 4
         train = build_dataset(args.data, "train", cfg.model_config())
         trainer = Trainer(cfg.validate(), train)
-        _, weighted = trainer.loss_terms(next(iter(trainer._loader())))
+        _, weighted = trainer.loss_terms(trainer._next_batch(iter(trainer._loader())))
         params = [p for p in trainer.student.parameters() if p.requires_grad]
         result = {}
         for name, keys in GROUPS.items():

@@ -438,10 +438,10 @@ def test_bad_sample_arrays_name_the_sample(sample_root, changes, match):
     assert ds[0]["sample_id"] != sample_id and sample_id in ds.skipped
 
 
-def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_unreadable(sample_root, capsys):
-    """As the reference's test phase: a frame with no occupied voxel is scored (false positives only), an
-    unreadable one is counted and named, and neither is replaced by its neighbour, which scored that
-    neighbour twice."""
+def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_bad_ones(sample_root, capsys):
+    """As the reference's test phase: a frame with no occupied voxel is scored (false positives only), a bad
+    one (here a non-finite pose) is counted and named, and neither is replaced by its neighbour, which scored
+    that neighbour twice."""
     from models.postprocess import labels_batch
     from training.data import collate_frames, prepare_inputs
     from training.metrics import SSCMetrics
@@ -473,7 +473,33 @@ def test_evaluation_scores_each_frame_once_empty_ones_included_and_counts_unread
     assert evaluate.main(["--checkpoint", str(sample_root / "m.pt"), "--data", str(sample_root),
                           "--split", str(sample_root / "all.txt")]) == 0
     out, err = capsys.readouterr()
-    assert "3 frames" in out and f"1 unreadable frames not scored; first: {bad_id}: sample {bad_id}" in err
+    assert "3 frames" in out and f"1 bad frames not scored; first: {bad_id}: sample {bad_id}: cam_pose" in err
+
+
+def test_evaluation_names_a_readable_frame_with_a_bad_pose_by_its_reason_not_unreadable(sample_root, tmp_path, capsys):
+    """A frame whose file reads fine but whose pose is a reflection is a bad frame, and says so: discene-eval's
+    line, its JSON and the val-split check before training give that reason; none calls it unreadable."""
+    cfg = lite()
+    cfg.image_size = [64, 96]
+    ids = OccScanNetDataset(sample_root, "val", config=cfg).ids
+    pose = np.asarray(safe_load_pickle(sample_paths(sample_root, ids[0])[0])["cam_pose"], dtype=np.float64)
+    mirrored = pose @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    for sample_id in ids:
+        data = safe_load_pickle(sample_paths(sample_root, sample_id)[0])
+        _write_pickle(sample_root, sample_id, dict(data, cam_pose=mirrored if sample_id == ids[0] else data["cam_pose"]))
+    save_model(tmp_path / "m.pt", build_model(cfg), cfg)
+    out_json = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "m.pt"), "--data", str(sample_root), "--split", "val",
+                          "--json", str(out_json)]) == 0
+    err = capsys.readouterr().err
+    reason = f"sample {ids[0]}: cam_pose is a reflection"
+    assert f"1 bad frames not scored; first: {ids[0]}: {reason}" in err and "unreadable" not in err
+    result = json.loads(out_json.read_text())
+    assert result["frames"] == 1 and result["skipped_frames"] == 1 and result["skipped"][ids[0]].startswith(reason)
+    _write_pickle(sample_root, ids[1], dict(safe_load_pickle(sample_paths(sample_root, ids[1])[0]), cam_pose=mirrored))
+    with pytest.raises(ValueError, match="no validation frame can be scored: all 2 frames are bad; first: ") as info:
+        evaluate.check_scorable(OccScanNetDataset(sample_root, "val", config=cfg, load_depth=False))
+    assert reason in str(info.value) and "unreadable" not in str(info.value)
 
 
 def _write_pickle(root: Path, sample_id: str, data: dict) -> None:

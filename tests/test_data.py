@@ -1,6 +1,7 @@
 """Synthetic generator, Occ-ScanNet loader, axis convention and bad samples (tiny images, 2 cores)."""
 from __future__ import annotations
 
+import logging
 import pickle
 import warnings
 
@@ -228,6 +229,26 @@ def test_skip_bad_returns_next_good_sample(damaged_root):
     ds2 = OccScanNetDataset(root, "train", config=lite(), skip_bad=True)
     with pytest.raises(BadSampleError, match="all 4 samples"):
         ds2[0]
+
+
+def test_skipped_samples_are_logged_here_unless_the_consumer_logs_them(damaged_root, caplog):
+    """Alone, the dataset logs each bad sample it skips. With ``log_skipped`` off (the Trainer, which logs the
+    ``skipped`` its batches carry) it logs none of those, but still the ones no item can carry: all bad."""
+    root, ids = damaged_root
+    caplog.set_level(logging.WARNING, logger="training.occscannet")
+    ds = OccScanNetDataset(root, "train", config=lite(), skip_bad=True)
+    assert sorted(ds[0]["skipped"]) == sorted(ids[:3])
+    assert [r.getMessage() for r in caplog.records] == [f"skipping bad sample ({n + 1} skipped so far in this "
+                                                        f"process): {ds.skipped[i]}" for n, i in enumerate(ids[:3])]
+    caplog.clear()
+    quiet = OccScanNetDataset(root, "train", config=lite(), skip_bad=True)
+    quiet.log_skipped = False
+    assert sorted(quiet[0]["skipped"]) == sorted(ids[:3]) and not caplog.records
+    sample_paths(root, ids[3])[2].unlink()  # the last good sample goes: the error item carries nothing
+    with pytest.raises(BadSampleError, match="all 4 samples"):
+        quiet[1]
+    assert [r.getMessage() for r in caplog.records] == [f"skipping bad sample (4 skipped so far in this process): "
+                                                        f"{quiet.skipped[ids[3]]}"]
 
 
 def test_wrong_shapes_and_empty_targets_are_named(damaged_root):

@@ -1,6 +1,7 @@
 """discene-train on bad input and unsafe requests: one clear line, the documented exit code, no run lost."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -74,7 +75,8 @@ def test_an_unreadable_val_split_is_found_before_training_not_after(data_root, t
         (damaged / pkl).write_bytes(b"not a pickle")
     assert train.main(["--config", config_file(data_root, tmp_path), "--data", str(damaged)]) == 0
     err = capsys.readouterr().err
-    assert "discene-train: no evaluation (no validation frame can be scored: all 2 are unreadable; first: " in err
+    assert "discene-train: no evaluation (no validation frame can be scored: all 2 frames are bad; first: " in err
+    assert "cannot read" in err
     assert {"final.pt", "last.pt"} <= {p.name for p in (tmp_path / "run").iterdir()}
 
 
@@ -94,27 +96,75 @@ def test_a_failing_run_stops_its_loader_workers_at_once(data_root, tmp_path):
     assert "Traceback" not in str(failed.value) and set(multiprocessing.active_children()) <= before
 
 
-def test_bad_training_frames_skipped_by_loader_workers_are_counted_by_the_trainer(data_root, tmp_path, caplog):
-    """Each worker skips a bad frame in its own copy of the dataset: the batch tells the trainer, which counts
-    each bad frame once, logs it and writes the count to TensorBoard (before, only the workers knew)."""
+def _damage(root: Path, sample_id: str) -> None:
+    pkl = root / "gathered_data" / f"{sample_id}.pkl"
+    pkl.write_bytes(pkl.read_bytes()[:100])
+
+
+def test_a_bad_training_frame_is_one_log_line_the_trainers(data_root, tmp_path, caplog):
+    """One process (workers 0): a frame skipped by the trainer's start-up read and one skipped at a step are each
+    counted and named once, by the trainer (the dataset named each too; and the first one, which stays skipped in
+    the dataset so that no batch names it, was not counted)."""
     root = tmp_path / "data"
     shutil.copytree(data_root, root)
     cfg = tiny_config(root, tmp_path / "run", max_steps=2)
-    cfg.data.workers = 2
     train_set = build_dataset(str(root), "train", cfg.model_config())
+    first, later = train_set.ids[0], train_set.ids[2]
+    _damage(root, first)
     trainer = Trainer(cfg, train_set)
-    bad = train_set.ids[1]
-    pkl = root / "gathered_data" / f"{bad}.pkl"
-    pkl.write_bytes(pkl.read_bytes()[:100])
+    _damage(root, later)
     batches = iter(trainer._loader())
-    try:
-        seen = [trainer._next_batch(batches) for _ in range(trainer.steps_per_epoch + 1)]
-    finally:
-        batches._shutdown_workers()
-    assert all("skipped" not in batch for batch in seen)
-    assert list(trainer.skipped_frames) == [bad] and "cannot read" in trainer.skipped_frames[bad]
-    logged = [r.getMessage() for r in caplog.records if "bad training frame skipped" in r.getMessage()]
-    assert len(logged) == 1 and bad in logged[0]
+    for _ in range(2 * trainer.steps_per_epoch):
+        trainer._next_batch(batches)
+    assert sorted(trainer.skipped_frames) == sorted([first, later])
+    for frame, count, when in ((first, 1, "before training"), (later, 2, "step ")):
+        lines = [r.getMessage() for r in caplog.records if frame in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(when), lines
+        assert f"bad training frame skipped ({count} so far on rank 0): sample {frame}: cannot read" in lines[0]
+
+
+WORKERS_RUN = """
+import json, sys
+from pathlib import Path
+from test_trainer import tiny_config
+from training.data import build_dataset
+from training.trainer import Trainer
+
+root = Path(sys.argv[1])
+cfg = tiny_config(root, sys.argv[2], max_steps=2)
+cfg.data.workers = 2
+train_set = build_dataset(str(root), "train", cfg.model_config())
+trainer = Trainer(cfg, train_set)
+bad = train_set.ids[1]
+pkl = root / "gathered_data" / f"{bad}.pkl"
+pkl.write_bytes(pkl.read_bytes()[:100])
+batches = iter(trainer._loader())
+try:
+    seen = [trainer._next_batch(batches) for _ in range(trainer.steps_per_epoch + 1)]
+finally:
+    batches._shutdown_workers()
+print(json.dumps({"bad": bad, "skipped_frames": trainer.skipped_frames, "left": [b for b in seen if "skipped" in b]}))
+"""
+
+
+def test_bad_training_frames_skipped_by_loader_workers_are_counted_and_logged_once_by_the_trainer(data_root, tmp_path):
+    """Each worker skips a bad frame in its own copy of the dataset: the batch tells the trainer, which counts
+    each bad frame once, logs it and writes the count to TensorBoard (before, only the workers knew). Its line
+    is the only one: each worker that met the frame logged one more. In a process of its own, whose stderr
+    holds the workers' lines too (two epochs, so that both workers may meet the frame)."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    run = subprocess.run([sys.executable, "-c", WORKERS_RUN, str(root), str(tmp_path / "run")], cwd=tests.parent,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    bad = result["bad"]
+    assert list(result["skipped_frames"]) == [bad] and "cannot read" in result["skipped_frames"][bad]
+    assert result["left"] == []
+    lines = [line for line in run.stderr.splitlines() if bad in line]
+    assert len(lines) == 1 and lines[0].startswith("step ") and "bad training frame skipped (1 so far" in lines[0], lines
 
 
 def test_a_diverging_run_stops_with_the_documented_exit_code(data_root, tmp_path, capsys):

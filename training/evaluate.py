@@ -24,13 +24,14 @@ from .metrics import SSCMetrics
 from .occscannet import BadSampleError, OccScanNetDataset
 from .scene_format import SPLIT_FILES
 
-SKIPPED_SHOWN = 20  # unreadable frames named in the result (all are counted)
+SKIPPED_SHOWN = 20  # bad frames (unreadable, or a wrong pose, K, grid...) named in the result (all are counted)
 
 
 class ScoredFrames(Dataset):
     """Every frame of a split once, for scoring as the reference's test phase reads them: a frame with no
-    occupied voxel is scored (it can only add false positives), and an unreadable one comes back as
-    ``{"bad": reason}`` to be counted, never replaced by the next frame (which would score that one twice)."""
+    occupied voxel is scored (it can only add false positives), and a bad one (BadSampleError: unreadable, or
+    its pose, K or grid is wrong) comes back as ``{"bad": reason}`` to be counted, never replaced by the next
+    frame (which would score that one twice)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -49,24 +50,24 @@ class ScoredFrames(Dataset):
 
 
 def check_scorable(dataset: Dataset) -> None:
-    """ValueError unless at least one frame of ``dataset`` can be read for scoring: a run checks its val split
-    before training, not at its first evaluation (reads frames until one is readable, usually the first)."""
+    """ValueError unless at least one frame of ``dataset`` can be scored: a run checks its val split before
+    training, not at its first evaluation (reads frames until one is good, usually the first)."""
     frames, first = ScoredFrames(dataset), None
     for index in range(len(frames)):
         item = frames[index]
         if "bad" not in item:
             return
         first = first or item["bad"]
-    raise ValueError(f"no validation frame can be scored: {_none_readable(len(frames), first)}")
+    raise ValueError(f"no validation frame can be scored: {_none_scorable(len(frames), first)}")
 
 
-def _none_readable(unreadable: int, first: str | None) -> str:
-    """Why a split gave no frame to score: ``unreadable`` frames, ``first``'s reason; none at all."""
-    return f"all {unreadable} are unreadable; first: {first}" if unreadable else "the split is empty"
+def _none_scorable(bad: int, first: str | None) -> str:
+    """Why a split gave no frame to score: ``bad`` frames, ``first``'s reason (what is wrong); none at all."""
+    return f"all {bad} frames are bad; first: {first}" if bad else "the split is empty"
 
 
 def collate_scored(items: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(the batch of the readable frames, or None; the unreadable ones' reasons)."""
+    """(the batch of the good frames, or None; the bad ones, with their reasons)."""
     good = [item for item in items if "bad" not in item]
     return (collate_frames(good) if good else None), [item for item in items if "bad" in item]
 
@@ -76,8 +77,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
                    batch_size: int = 1, workers: int = 0, amp: str = "none") -> dict[str, Any]:
     """Run the model on every frame, post-process the last layer to label grids, accumulate SSCMetrics.
 
-    Returns SSCMetrics.compute() plus ``frames`` (scored), ``skipped_frames`` (unreadable; the first
-    SKIPPED_SHOWN in ``skipped``, id -> reason) and ``seconds``. The model's train/eval mode is restored.
+    Returns SSCMetrics.compute() plus ``frames`` (scored), ``skipped_frames`` (bad frames not scored: unreadable,
+    or a wrong pose, K or grid; the first SKIPPED_SHOWN in ``skipped``, id -> reason) and ``seconds``. The model's train/eval mode is restored.
     Autocast only on CUDA (``amp``); CPU evaluation stays fp32.
     """
     device = torch.device(device)
@@ -106,7 +107,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Dataset, model_cfg: ModelCon
         model.train(was_training)
     if frames == 0:
         first = skipped[0]["bad"] if skipped else None
-        raise ValueError(f"no frame could be scored: {_none_readable(len(skipped), first)}")
+        raise ValueError(f"no frame could be scored: {_none_scorable(len(skipped), first)}")
     result = dict(metrics.compute())
     result.update(frames=frames, skipped_frames=len(skipped), seconds=time.perf_counter() - start,
                   skipped={item["sample_id"]: item["bad"] for item in skipped[:SKIPPED_SHOWN]})
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
           f"IoU {100 * result['iou']:.2f}  mIoU {100 * result['miou']:.2f}")
     if result["skipped_frames"]:
         first_id, reason = next(iter(result["skipped"].items()))
-        print(f"  {result['skipped_frames']} unreadable frames not scored; first: {first_id}: {reason}", file=sys.stderr)
+        print(f"  {result['skipped_frames']} bad frames not scored; first: {first_id}: {reason}", file=sys.stderr)
     per_class = result.get("per_class_iou")
     if per_class is not None:
         print("  " + "  ".join(f"{n} {100 * float(v):.1f}" for n, v in zip(CLASS_NAMES[1:], list(per_class)[1:], strict=False)))

@@ -28,7 +28,9 @@ pose that is not rigid or a K that does not fit its image (the node's ``check_po
 labels outside 0..11 and 255, all-unknown or empty targets) raise ``BadSampleError`` naming the sample
 id; with ``skip_bad=True`` they are logged, counted in ``skipped`` and replaced by the next good sample,
 so a long run never crashes on one broken file. The replacing item carries them as ``skipped`` (id ->
-reason), so that the process that reads the batches counts what its loader workers skipped.
+reason), so that the process that reads the batches counts what its loader workers skipped. A consumer
+that logs those itself (the Trainer) sets ``log_skipped = False``: one line per bad sample, not one more
+per loader worker; a sample no item can carry (every sample bad) is still logged here.
 """
 from __future__ import annotations
 
@@ -155,6 +157,7 @@ class OccScanNetDataset(Dataset):
         if not self.ids:
             raise ValueError(f"split '{split}' under '{self.root}' lists no samples")
         self.skipped: dict[str, str] = {}  # sample id -> reason (this process only)
+        self.log_skipped = True  # off where the consumer of the items' ``skipped`` logs them (the Trainer)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -171,11 +174,16 @@ class OccScanNetDataset(Dataset):
                 item = self.load(sample_id)
             except BadSampleError as exc:
                 self.skipped[sample_id] = replaced[sample_id] = str(exc)
-                log.warning("skipping bad sample (%d skipped so far in this process): %s", len(self.skipped), exc)
+                if self.log_skipped:
+                    _log_skip(len(self.skipped), exc)
                 continue
             if replaced:
                 item["skipped"] = replaced
             return item
+        if not self.log_skipped:  # no item carries these to the consumer: said here
+            before = len(self.skipped) - len(replaced)
+            for count, reason in enumerate(replaced.values(), before + 1):
+                _log_skip(count, reason)
         raise BadSampleError(f"all {len(self.ids)} samples of '{self.root}' are bad; first: "
                              f"{next(iter(self.skipped.values()), '?')}")
 
@@ -242,6 +250,10 @@ class OccScanNetDataset(Dataset):
         if self.return_rgb:
             out["rgb"] = torch.from_numpy(np.array(resize_image(rgb, self.image_size), dtype=np.uint8))
         return out
+
+
+def _log_skip(count: int, reason: Any) -> None:
+    log.warning("skipping bad sample (%d skipped so far in this process): %s", count, reason)
 
 
 def read_pickle(root: str | Path, sample_id: str) -> dict[str, Any]:

@@ -166,10 +166,15 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         if len(train_set) < self.world * config.batch_size:
             raise ValueError(f"training set has {len(train_set)} frames, fewer than one batch on each of {self.world} processes")
+        self.skipped_frames: dict[str, str] = {}  # bad training frames this rank's loader skipped: id -> reason
+        if hasattr(train_set, "log_skipped"):  # OccScanNetDataset: its batches name its bad frames; logged here once
+            train_set.log_skipped = False
         try:
-            train_set[0]  # skips bad frames; fails only when none is readable, which a loader worker says less clearly
+            first = train_set[0]  # skips bad frames; fails only when none is readable, which a loader worker says less clearly
         except BadSampleError as exc:
             raise ValueError(f"no training frame is readable: {exc}") from exc
+        # the frames skipped here stay skipped in the dataset (and the loader workers' copies of it): counted now
+        self._count_skipped(first.get("skipped", {}) if isinstance(first, dict) else {}, "before training")
         self.out_dir = Path(config.out_dir)
         self.replaces = list(replaces or [])
         self.claimed = False  # whether this run's train_config.yaml and first checkpoint are written
@@ -205,7 +210,6 @@ class Trainer:
         self.best_miou = -1.0
         self.last_saved: tuple[Path, int] | None = None  # (this run's latest last.pt, its step), for messages
         self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
-        self.skipped_frames: dict[str, str] = {}  # bad training frames this rank's loader skipped: id -> reason
         self.writer = None
         self._prior_init: torch.Tensor | None = None  # the frozen teacher's initial query positions (constant)
         if resume is not None:
@@ -642,12 +646,16 @@ class Trainer:
         except BadSampleError as exc:
             reason = str(exc).strip().splitlines()[-1]  # a worker's error: its traceback's last line
             raise ValueError(f"training stopped before step {self.step + 1}: {reason}; {self._kept()}") from exc
-        for sample_id, reason in batch.pop("skipped", {}).items():
+        self._count_skipped(batch.pop("skipped", {}), f"step {self.step + 1}")
+        return batch
+
+    def _count_skipped(self, skipped: dict[str, str], when: str) -> None:
+        """Count and log, once each, the bad frames (id -> reason) that the data loading skipped ``when``."""
+        for sample_id, reason in skipped.items():
             if sample_id not in self.skipped_frames:
                 self.skipped_frames[sample_id] = reason
-                log.warning("step %d: bad training frame skipped (%d so far on rank %d): %s", self.step + 1,
+                log.warning("%s: bad training frame skipped (%d so far on rank %d): %s", when,
                             len(self.skipped_frames), self.rank, reason)
-        return batch
 
     def _log(self, values: dict[str, float], rate: float, bar) -> None:
         if not self.is_main:
