@@ -502,6 +502,33 @@ def test_evaluation_names_a_readable_frame_with_a_bad_pose_by_its_reason_not_unr
     assert reason in str(info.value) and "unreadable" not in str(info.value)
 
 
+def test_bad_validation_frames_during_training_are_logged_once_not_at_every_evaluation(data_root, tmp_path, caplog):
+    """The trainer's evaluations count the val frames they cannot score (val/skipped_frames) and name them in
+    one line; later evaluations meet the same frames and say nothing more."""
+    from training.trainer import Trainer
+
+    root = tmp_path / "ds"
+    shutil.copytree(data_root, root)
+    cfg = tiny_config(root, tmp_path / "run", max_steps=3, eval_every=1)
+    model_cfg = cfg.model_config()
+    val = OccScanNetDataset(root, "val", config=model_cfg, load_depth=False)
+    bad_id = val.ids[0]
+    data = safe_load_pickle(sample_paths(root, bad_id)[0])
+    _write_pickle(root, bad_id, dict(data, cam_pose=np.asarray(data["cam_pose"]) @ np.diag([-1.0, 1.0, 1.0, 1.0])))
+    train_set = OccScanNetDataset(root, "train", config=model_cfg, load_depth=False)
+    trainer = Trainer(cfg, train_set, OccScanNetDataset(root, "val", config=model_cfg, load_depth=False))
+    evaluations = []
+    evaluate_and_keep_best = trainer.evaluate_and_keep_best
+    trainer.evaluate_and_keep_best = lambda: evaluations.append(evaluate_and_keep_best())
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        trainer.fit()
+    assert len(evaluations) >= 3 and all(result["skipped_frames"] == 1 for result in evaluations)
+    lines = [r.getMessage() for r in caplog.records if "validation:" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert lines[0].startswith(f"step 1: validation: 1 bad frames not scored; first: {bad_id}: sample {bad_id}: "
+                               "cam_pose is a reflection")
+
+
 def _write_pickle(root: Path, sample_id: str, data: dict) -> None:
     sample_paths(root, sample_id)[0].write_bytes(pickle.dumps(data, protocol=4))
 

@@ -208,6 +208,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_miou = -1.0
+        self.val_skipped: tuple[int, dict[str, str]] = (0, {})  # the last evaluation's bad frames: count, first ids
         self.last_saved: tuple[Path, int] | None = None  # (this run's latest last.pt, its step), for messages
         self.step_seconds: list[float] = []  # wall time of each step of this process, loader wait included
         self.writer = None
@@ -678,14 +679,26 @@ class Trainer:
         if self.is_main and self.val_set is not None and len(self.val_set) > 0:
             result = evaluate_model(self.student, self.val_set, self.model_cfg, self.device,
                                     batch_size=self.cfg.batch_size, workers=self.cfg.data.workers, amp="none")
+            self._log_bad_val_frames(result)
             if self.writer is not None:
                 self.writer.add_scalar("val/iou", result["iou"], self.step)
                 self.writer.add_scalar("val/miou", result["miou"], self.step)
+                self.writer.add_scalar("val/skipped_frames", result["skipped_frames"], self.step)
             improved = result["miou"] > self.best_miou
             self.best_miou = max(self.best_miou, result["miou"])
         if any_rank(improved, self.device):  # every rank saves: the checkpoint gathers their RNG states
             self.save("best.pt")
         return result
+
+    def _log_bad_val_frames(self, result: dict[str, Any]) -> None:
+        """One line for the validation frames an evaluation could not score, when they differ from the last
+        evaluation's: every evaluation meets the same ones, and they would repeat the line each time."""
+        skipped = (result["skipped_frames"], dict(result["skipped"]))
+        if skipped[0] and skipped != self.val_skipped:
+            first_id, reason = next(iter(skipped[1].items()))
+            log.warning("step %d: validation: %d bad frames not scored; first: %s: %s", self.step, skipped[0],
+                        first_id, reason)
+        self.val_skipped = skipped
 
 
 def _detach_float(value: Any) -> Any:
