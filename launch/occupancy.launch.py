@@ -40,6 +40,7 @@ NOT_GIVEN = ""  # default of those arguments: keep the params_file value
 # topics. The occupancy displays name relative topics, so a namespaced launch finds them.
 RVIZ_CAMERA_TOPIC = "/camera/color/image_raw"
 RVIZ_CAMERA_INFO_TOPIC = camera_info_topic_for(RVIZ_CAMERA_TOPIC)
+RVIZ_NODE = "rviz2"
 RESPAWN_DELAY_S = 2.0  # with respawn:=true, the node restarts this long after it ended
 
 
@@ -85,24 +86,26 @@ def start_nodes(context, *args, **kwargs):
     # use_sim_time is rclpy's own parameter: given, it goes to the node; given or in the file, to RViz too
     if (sim_time := LaunchConfiguration("use_sim_time").perform(context)) != NOT_GIVEN:
         overrides["use_sim_time"] = boolean("use_sim_time", sim_time)
-    rviz_parameters = ([{"use_sim_time": overrides.get("use_sim_time", in_file.get("use_sim_time"))}]
-                       if "use_sim_time" in overrides or "use_sim_time" in in_file else [])
+    rviz_parameters = ({"use_sim_time": overrides.get("use_sim_time", in_file.get("use_sim_time"))}
+                       if "use_sim_time" in overrides or "use_sim_time" in in_file else {})
     # RViz's camera display shows the image the node reads (the raw one where the node reads /compressed),
     # with the node's camera info
     camera_topic = base_image_topic(effective("image_topic"))
     info_topic = effective("camera_info_topic") or camera_info_topic_for(camera_topic)
     # the given arguments last, under a node key params_file lacks: rcl applies it after all of its keys
     written = [write_winning_file(entries, node_name, overrides)] if overrides else []
+    # RViz's in a file of ours too: launch_ros would write a dict to a temporary file it never removes
+    rviz_written = [write_winning_file([], full_name(namespace, RVIZ_NODE), rviz_parameters)] if rviz_parameters else []
     share = FindPackageShare(PACKAGE)
     return [
-        *(remove_at_shutdown(path) for path in written),
+        *(remove_at_shutdown(path) for path in written + rviz_written),
         Node(package=PACKAGE, executable="occupancy_node", name=NODE_NAME, namespace="", output="screen",
              parameters=[params_file, *written],
              respawn=boolean("respawn", LaunchConfiguration("respawn").perform(context)),
              respawn_delay=RESPAWN_DELAY_S),
-        Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
+        Node(package="rviz2", executable="rviz2", name=RVIZ_NODE, output="screen",
              arguments=["-d", PathJoinSubstitution([share, "rviz", "discene.rviz"]), "-f", effective("world_frame")],
-             parameters=rviz_parameters,
+             parameters=rviz_written,
              remappings=[(RVIZ_CAMERA_TOPIC, camera_topic), (RVIZ_CAMERA_INFO_TOPIC, info_topic)],
              condition=IfCondition(LaunchConfiguration("rviz"))),
     ]

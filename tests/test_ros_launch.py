@@ -215,14 +215,18 @@ def test_an_empty_argument_is_refused_so_a_file_value_is_undone_by_naming_the_de
 
 @pytest.mark.parametrize("distro", DISTROS)
 def test_the_parameter_file_of_given_arguments_is_removed_when_the_launch_shuts_down(launch_env, distro, tmp_path):
-    """Each launch with an argument writes a parameter file; it lives as long as the launch (a respawned node
-    reads it again) and not longer, while the user's params_file is left alone."""
+    """Each launch with an argument writes a parameter file (and one for RViz's use_sim_time); it lives as long
+    as the launch (a respawned node reads it again) and not longer, while the params_file is left alone."""
     mine = params_file(tmp_path / "mine.yaml", {"discene_occupancy": {"world_frame": "map"}})
     reply = launch_env.ask(distro, [str(launch_env.shipped), f"params_file:={mine}", "world_frame:=odom"])
     node = next(node for node in reply["nodes"] if node["name"] == "discene_occupancy")
     written = [path for path, _, _ in node["params"] if path != str(mine)]
     assert len(written) == 1 and "odom" in node["params"][1][2]  # it was there while the launch ran
     assert reply["kept_after_shutdown"] == [str(mine)]
+    reply = launch_env.ask(distro, [str(launch_env.shipped), "rviz:=true", "use_sim_time:=true"])
+    rviz = next(node for node in reply["nodes"] if node["name"] == "rviz2")
+    assert len(rviz["params"]) == 1 and "use_sim_time" in rviz["params"][0][2]  # RViz's file: removed as well
+    assert reply["kept_after_shutdown"] == [str(launch_env.shipped.parents[1] / "config" / "occupancy.yaml")]
 
 
 @pytest.mark.parametrize("distro", DISTROS)
