@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import models
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model, trained_steps
-from training.data import EpochBatchSampler, build_dataset
+from training.data import EpochBatchSampler, build_dataset, worker_context
 from training.losses import TaskLoss
 from training.train_config import TrainConfig
 from training.trainer import NonFiniteLossError, Trainer
@@ -445,6 +445,13 @@ def _ddp_worker(rank, world, port, root, out):
     dist.destroy_process_group()
 
 
+def _start_two_ranks(worker, *args) -> None:
+    """``mp.spawn`` of two ranks forked from the fork server the loader workers start from (torch and the training
+    modules imported there once), not two fresh interpreters that import them again (3 s each)."""
+    worker_context()  # what the fork server imports, where it is not running yet
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="forkserver")
+
+
 def _draws() -> list[float]:
     return [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random()]
 
@@ -453,7 +460,7 @@ def test_ddp_two_processes_gloo_keep_parameters_identical_and_each_rank_resumes_
                                                                                            caplog):
     """Parameters equal on both ranks; last.pt holds each rank's RNG states and each rank gets its own back
     (not rank 0's); a resume with another world size keeps its fresh seeding, with one log line."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+    _start_two_ranks(_ddp_worker, 2, _free_port(), str(data_root), str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a["saved"] != b["saved"] and (a["resumed"], b["resumed"]) == (a["saved"], b["saved"])
     a, b = a["params"], b["params"]
@@ -510,7 +517,7 @@ def test_ddp_rank_whose_checkpoint_write_fails_exits_with_its_own_error(data_roo
     (tmp_path / "last.pt").mkdir()
     (tmp_path / "last.pt" / "not_a_checkpoint").write_text("x")
     with pytest.raises(mp.ProcessRaisedException):
-        mp.spawn(_ddp_failing_save_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+        _start_two_ranks(_ddp_failing_save_worker, 2, _free_port(), str(data_root), str(tmp_path))
     error = (tmp_path / "rank0.error").read_text()
     assert error.startswith("IsADirectoryError") and "last.pt" in error, error
 
