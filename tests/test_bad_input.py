@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
+import resource
 import shutil
+import signal
 import struct
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -43,8 +45,10 @@ from models.checkpoint import CheckpointError, load_checkpoint, load_model, save
 from models.config import lite
 from models.postprocess import OccupancyFrame
 from training import evaluate, train
+from training.data import worker_context
 from training.occscannet import BadSampleError, OccScanNetDataset, read_pickle, safe_load_pickle
 from training.scene_format import sample_paths
+from training.trainer import Trainer
 
 F = TypestoreFactory(get_typestore(Stores.ROS2_HUMBLE))
 K = np.array([[60.0, 0, 32], [0, 60, 24], [0, 0, 1]])
@@ -809,41 +813,47 @@ def test_train_refuses_to_replace_a_run_and_resumes_from_the_checkpoints_own_con
     assert evaluate.main(["--checkpoint", final, "--data", str(data_root), "--score-threshold", "1.5"]) == 2
 
 
-# discene-train in a child process whose file-size limit drops to half a checkpoint once the first is written:
-# the next write fails part-way as on a full disk (EFBIG there, ENOSPC here; SIGXFSZ ignored so the write
-# returns the error), and torch.save reports it as RuntimeError("unexpected pos ...") over the OSError
-_FULL_AFTER_THE_FIRST_CHECKPOINT = """
-import resource, signal, sys
-from training import train
-from training.trainer import Trainer
+def _train_until_the_disk_is_full(config: str, stderr: str) -> None:
+    """discene-train in a child process whose file-size limit drops to half a checkpoint once the first is written:
+    the next write fails part-way as on a full disk (EFBIG there, ENOSPC here; SIGXFSZ ignored so the write returns
+    the error), and torch.save reports it as RuntimeError("unexpected pos ...") over the OSError. Its standard error
+    goes to the file ``stderr``."""
+    with open(stderr, "w") as err:
+        os.dup2(err.fileno(), 2)
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - descriptor 2, flushed when the process ends
+    torch.set_num_threads(1)
+    original, limited = Trainer.save, []
 
-original, limited = Trainer.save, []
+    def save(self, name):
+        path = original(self, name)
+        if not limited:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, resource.RLIM_INFINITY))
+            limited.append(path)
+        return path
 
-def save(self, name):
-    path = original(self, name)
-    if not limited:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, resource.RLIM_INFINITY))
-        limited.append(path)
-    return path
-
-Trainer.save = save
-sys.exit(train.main(sys.argv[1:]))
-"""
+    Trainer.save = save
+    sys.exit(train.main(["--config", config]))
 
 
 def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(data_root, tmp_path):
-    """A real failed write, not a faked OSError: exit code 4 and its one line, the checkpoint before it whole."""
+    """A real failed write, not a faked OSError: exit code 4 and its one line, the checkpoint before it whole. The
+    child comes from the loader workers' fork server (torch and the training modules imported there once): a fresh
+    interpreter spent 5 of the test's 8 s importing them."""
     cfg = tiny_config(data_root, tmp_path / "run", max_steps=2)
     cfg.ckpt_every = 1  # checkpoints at steps 1 and 2
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    done = subprocess.run([sys.executable, "-c", _FULL_AFTER_THE_FIRST_CHECKPOINT, "--config", str(tmp_path / "cfg.yaml")],
-                          capture_output=True, text=True, env=env, cwd=repo, timeout=300)
-    assert done.returncode == 4, done.stderr
-    assert "File too large" in done.stderr and "free space, then continue with --resume" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr, done.stderr
+    child = (worker_context() or multiprocessing.get_context("spawn")).Process(
+        target=_train_until_the_disk_is_full, args=(str(tmp_path / "cfg.yaml"), str(tmp_path / "stderr.txt")))
+    child.start()
+    child.join(300)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert child.exitcode == 4, stderr
+    assert "File too large" in stderr and "free space, then continue with --resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
     last = tmp_path / "run" / "last.pt"
     assert load_checkpoint(last)["step"] == 1  # the checkpoint before the failure, whole
     assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]

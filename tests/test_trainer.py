@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch.multiprocessing as mp
 
 import models
 from models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model, trained_steps
-from training.data import EpochBatchSampler, build_dataset
+from training.data import EpochBatchSampler, build_dataset, worker_context
 from training.losses import TaskLoss
 from training.train_config import TrainConfig
 from training.trainer import NonFiniteLossError, Trainer
@@ -115,12 +117,19 @@ def teacher_checkpoint(data_root, out):
     return Trainer(cfg, train).fit()
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher(data_root, tmp_path_factory) -> Path:
+    """final.pt of ``teacher_checkpoint``'s 2-step run, trained once for the tests here (read only: a test that
+    moves or changes it works on a copy)."""
+    return teacher_checkpoint(data_root, tmp_path_factory.mktemp("teacher"))
+
+
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_resume_continues_exactly_in_distill_mode(data_root, tmp_path, deterministic):
-    teacher = teacher_checkpoint(data_root, tmp_path / "teacher")
+def test_resume_continues_exactly_in_distill_mode(data_root, tmp_path, deterministic, tiny_teacher):
+    teacher = tiny_teacher
     exact = {"mode": "distill", "teacher_checkpoint": str(teacher), "max_steps": 5, "deterministic": True}
     cfg = tiny_config(data_root, tmp_path / "full", **exact)
     train, _ = datasets(cfg)
@@ -249,10 +258,10 @@ def test_resume_with_fp16_from_a_run_without_it_starts_a_fresh_loss_scaler(data_
     assert "no fp16 loss-scaler state" in caplog.text
 
 
-def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_them(data_root, tmp_path):
+def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_them(data_root, tmp_path, tiny_teacher):
     """Weights only: the network starts as the checkpoint's, the optimiser, lr schedule and step fresh; every
     checkpoint the run saves carries the steps behind its weights, summed over generations."""
-    first = teacher_checkpoint(data_root, tmp_path / "g1")  # 2 steps from scratch
+    first = tiny_teacher  # 2 steps from scratch
     cfg = tiny_config(data_root, tmp_path / "g2", mode="teacher", max_steps=3, init_checkpoint=str(first))
     trainer = Trainer(cfg, datasets(cfg)[0])
     saved = load_checkpoint(first)["model"]
@@ -269,8 +278,8 @@ def test_init_checkpoint_warm_starts_the_weights_and_counts_the_steps_behind_the
     assert trained_steps({"step": 7, "config": {}, "model": {}}) == 7  # a checkpoint of older code: no steps_before
 
 
-def test_resume_restores_its_own_weights_and_lineage_and_never_reloads_init(data_root, tmp_path):
-    init = teacher_checkpoint(data_root, tmp_path / "init")
+def test_resume_restores_its_own_weights_and_lineage_and_never_reloads_init(data_root, tmp_path, tiny_teacher):
+    init = Path(shutil.copy(tiny_teacher, tmp_path / "init.pt"))
     cfg = tiny_config(data_root, tmp_path / "run", mode="teacher", init_checkpoint=str(init))
     Trainer(cfg, datasets(cfg)[0]).fit(stop_at_step=2)
     last = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -445,6 +454,13 @@ def _ddp_worker(rank, world, port, root, out):
     dist.destroy_process_group()
 
 
+def _start_two_ranks(worker, *args) -> None:
+    """``mp.spawn`` of two ranks forked from the fork server the loader workers start from (torch and the training
+    modules imported there once), not two fresh interpreters that import them again (3 s each)."""
+    worker_context()  # what the fork server imports, where it is not running yet
+    mp.start_processes(worker, args=args, nprocs=2, join=True, start_method="forkserver")
+
+
 def _draws() -> list[float]:
     return [*torch.rand(2).tolist(), *np.random.rand(2).tolist(), random.random()]
 
@@ -453,7 +469,7 @@ def test_ddp_two_processes_gloo_keep_parameters_identical_and_each_rank_resumes_
                                                                                            caplog):
     """Parameters equal on both ranks; last.pt holds each rank's RNG states and each rank gets its own back
     (not rank 0's); a resume with another world size keeps its fresh seeding, with one log line."""
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+    _start_two_ranks(_ddp_worker, 2, _free_port(), str(data_root), str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert a["saved"] != b["saved"] and (a["resumed"], b["resumed"]) == (a["saved"], b["saved"])
     a, b = a["params"], b["params"]
@@ -523,7 +539,7 @@ def test_ddp_rank_whose_checkpoint_write_fails_exits_with_its_own_error(data_roo
     (tmp_path / "last.pt").mkdir()
     (tmp_path / "last.pt" / "not_a_checkpoint").write_text("x")
     with pytest.raises(mp.ProcessRaisedException):
-        mp.spawn(_ddp_failing_save_worker, args=(2, _free_port(), str(data_root), str(tmp_path)), nprocs=2, join=True)
+        _start_two_ranks(_ddp_failing_save_worker, 2, _free_port(), str(data_root), str(tmp_path))
     error = (tmp_path / "rank0.error").read_text()
     assert error.startswith("IsADirectoryError") and "last.pt" in error, error
 
