@@ -643,7 +643,10 @@ def _stop_training_run(command: list[str], cfg_path, run_dir, signal_to_group: b
     import subprocess
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    tmp = cfg_path.parent / "tmp"  # torchrun's agent leaves its torchelastic_* folders and error files in there
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__)),
+           "TMPDIR": str(tmp)}
     proc = subprocess.Popen([*command, "--config", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=env)
     try:
