@@ -532,10 +532,14 @@ def _ddp_failing_save_worker(rank, world, port, root, out):
         raise
 
 
-def test_ddp_rank_whose_checkpoint_write_fails_exits_with_its_own_error(data_root, tmp_path):
+def test_ddp_rank_whose_checkpoint_write_fails_exits_with_its_own_error(data_root, tmp_path, monkeypatch):
     """Rank 0 cannot write last.pt (a folder is in its place) while rank 1 goes on to the next step: rank 0
     must leave with that error at once (torchrun then ends the others), not wait in a barrier for rank 1
     until the process group times out and report the timeout instead."""
+    import tempfile
+
+    (tmp_path / "errors").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "errors"))  # where mp leaves the failed rank's error file
     (tmp_path / "last.pt").mkdir()
     (tmp_path / "last.pt" / "not_a_checkpoint").write_text("x")
     with pytest.raises(mp.ProcessRaisedException):
