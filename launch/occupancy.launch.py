@@ -10,10 +10,11 @@ value of ``params_file`` (``ros2 launch`` refuses an empty value, ``name:=``, an
 an including launch file counts as not given). A given argument wins over every entry of ``params_file``:
 it goes to the node in a parameter file of its own (in the temporary directory, removed when the launch
 shuts down), under a node key that ``params_file`` lacks, which rcl applies last
-(discene_ros/launch_params.py). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective ``world_frame`` (the argument, else rclpy's reading of ``params_file`` for the node's full name,
+(discene_ros/launch_params.py). Booleans are ``true`` / ``false`` (not 1 / 0). RViz gets the effective
+``world_frame`` (the argument, else rclpy's reading of ``params_file`` for the node's full name,
 namespace included) as its fixed frame, its camera display (the occupancy over the image) follows the
 effective ``image_topic`` and camera info, and it runs in the node's namespace (included under
-``PushRosNamespace``, one per camera). ``use_sim_time`` goes to both.
+``PushRosNamespace``, one per camera). ``use_sim_time`` goes to both (RViz's in a file removed likewise).
 """
 from pathlib import Path
 
