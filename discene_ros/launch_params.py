@@ -28,12 +28,14 @@ def full_name(namespace: str, name: str) -> str:
 def read_entries(path: str) -> list[tuple[str, dict[str, Any]]]:
     """(node key, parameters) of a parameter file in file order; nested node keys joined with ``/`` and
     nested parameters with ``.`` as rcl does. A missing or malformed file is named in one line."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"params_file {path} does not exist")
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"params_file {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, no read permission, a binary file
+        raise ValueError(f"params_file {path} cannot be read as text: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"params_file {path} is not a ROS 2 parameter file: {LAYOUT}")
     entries = []

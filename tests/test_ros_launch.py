@@ -441,12 +441,18 @@ def test_a_headless_robot_without_rviz2_launches_the_node(launch_env, distro, tm
 @pytest.mark.parametrize("text, said", [
     (None, "does not exist"), ("- a\n- b\n", "is not a ROS 2 parameter file"),
     ("a: [1, 2\n", "is not valid YAML: while parsing a flow sequence"),
-    ("/**:\n  ros__parameters: 5\n", "entry '/**' is not a ROS 2 parameter entry")])
+    ("/**:\n  ros__parameters: 5\n", "entry '/**' is not a ROS 2 parameter entry"),
+    (b"\x89PNG\r\n\x1a\n\xff", "cannot be read as text: 'utf-8' codec can't decode"),
+    ("folder", "cannot be read as text: [Errno 21] Is a directory")])
 def test_a_bad_params_file_is_named_in_one_line(launch_env, distro, tmp_path, text, said):
     """ros2 launch prints only the exception's message: before, a list at the top level read
-    "'list' object has no attribute 'get'"."""
+    "'list' object has no attribute 'get'", and a binary file a decoding error naming no file."""
     path = tmp_path / "mine.yaml"
-    if text is not None:
+    if text == "folder":
+        path.mkdir()
+    elif isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
         path.write_text(text)
     with pytest.raises(RuntimeError, match=re.escape(f"params_file {path}") + ".*" + re.escape(said)):
         run_launch(launch_env, distro, f"params_file:={path}")
