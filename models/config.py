@@ -194,18 +194,26 @@ def lite() -> ModelConfig:
 NAMED_CONFIGS = {"paper_student": paper_student, "paper_teacher": paper_teacher, "lite": lite}
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path``; ValueError naming ``what`` and the file when it is not readable YAML
+    text (invalid YAML, a folder, no permission, a binary file)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{what} {path} is not valid YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} cannot be read as text: {exc}") from exc
+
+
 def load_config(name_or_path: str | Path) -> ModelConfig:
     """A named config (``paper_student``, ``paper_teacher``, ``lite``) or a YAML file path."""
     key = str(name_or_path)
     if key in NAMED_CONFIGS:
         return NAMED_CONFIGS[key]()
     path = Path(key)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"unknown model config '{key}': not one of {sorted(NAMED_CONFIGS)} and no such YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"model config {path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, "model config")
     if not isinstance(data, dict):
         raise ValueError(f"model config {path} must hold a mapping at the top level")
     if "model" in data and isinstance(data["model"], dict):

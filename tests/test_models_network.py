@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -213,6 +214,27 @@ def test_unknown_config_name_and_basic_block_width_rejected(lite_config):
     cfg = dataclasses.replace(lite_config, backbone=dataclasses.replace(lite_config.backbone, width_per_group=128))
     with pytest.raises(ValueError, match="width_per_group must be 64"):
         models.build_model(cfg)
+
+
+@pytest.mark.parametrize("what", ["binary", "folder", "invalid"])
+def test_model_and_train_config_files_that_are_no_yaml_text_are_named_in_one_error(tmp_path, monkeypatch, what):
+    """A binary file gave a decoding error naming no file, a folder an IsADirectoryError (export, train CLIs)."""
+    from training.train_config import load_train_config
+
+    path = tmp_path / "my.yaml"
+    if what == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\xff" if what == "binary" else b"a: [1, 2\n")
+    said = {"binary": "cannot be read as text: 'utf-8' codec", "folder": "cannot be read as text: [Errno 21]",
+            "invalid": "is not valid YAML"}[what]
+    with pytest.raises(ValueError, match=re.escape(f"model config {path} {said}")):
+        models.load_config(path)
+    with pytest.raises(ValueError, match=re.escape(f"train config {path} {said}")):
+        load_train_config(path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lite_student").mkdir()  # a folder named as a packaged config does not hide it
+    assert load_train_config("lite_student").name == "lite_student"
 
 
 def test_image_and_grid2img_shapes_checked(lite_model, lite_config, lite_grid2img):

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from models.checkpoint import atomic_write, load_checkpoint
-from models.config import ModelConfig, load_config, reject_unknown_keys
+from models.config import ModelConfig, load_config, read_yaml, reject_unknown_keys
 
 from .compiled import COMPILE_BACKENDS
 from .distill import DistillConfig
@@ -238,13 +238,11 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     path = Path(path)
     if not path.is_file():
         packaged = Path(__file__).parent / "configs" / f"{path.name if path.suffix else path.name + '.yaml'}"
-        if not packaged.is_file():
+        if packaged.is_file():
+            path = packaged
+        elif not path.exists():
             raise ValueError(f"train config {path} not found (also looked for {packaged})")
-        path = packaged
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"train config {path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path, "train config") or {}
     if not isinstance(data, dict):
         raise ValueError(f"train config {path} must hold a mapping at the top level")
     return TrainConfig.from_dict(apply_overrides(data, overrides))
