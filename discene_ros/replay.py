@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from models.checkpoint import atomic_write, check_output_file
+from models.checkpoint import atomic_write, check_output_file, check_output_folder
 from models.classes import CLASS_NAMES, NUM_CLASSES, UNKNOWN_LABEL
 
 from . import bag_io, msg_decode, msg_encode
@@ -689,8 +689,13 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
     settings = settings if settings is not None else ReplaySettings()
     bag = Path(bag) if bag is not None else SAMPLE_BAG
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    reader = bag_io.open_reader(bag)
+    try:
+        reader = bag_io.open_reader(bag)
+    except Exception:
+        _remove_if_empty(out, made)
+        raise
     stage = Path(tempfile.mkdtemp(prefix=".discene_replay-", dir=out))
     try:
         if pipeline is None:
@@ -782,6 +787,13 @@ def replay(bag: str | Path | None = None, out: str | Path = "discene_replay", se
     finally:
         reader.close()
         shutil.rmtree(stage, ignore_errors=True)
+        _remove_if_empty(out, made)
+
+
+def _remove_if_empty(out: Path, made: bool) -> None:
+    """A replay that ends before it writes anything (an unreadable model, say) leaves no empty --out folder."""
+    if made and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def other_cameras(reader: Any, topic: str) -> list[str]:
@@ -1001,6 +1013,7 @@ def run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     bag = args.bag if args.bag is not None else str(SAMPLE_BAG)
     try:
+        check_output_folder(out, "--out")
         if args.json:
             check_output_file(args.json, "--json", {"--bag": bag, "--model": args.model})
     except ValueError as exc:

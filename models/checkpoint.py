@@ -81,6 +81,18 @@ def check_output_file(path: str | Path, what: str, inputs: dict[str, str | Path 
         raise ValueError(f"cannot write {what} {path}: folder {folder} is not writable ({exc.strerror})") from exc
 
 
+def check_output_folder(path: str | Path, what: str) -> None:
+    """ValueError, before any work, when folder ``path`` (described as ``what``) cannot be made or used because
+    it, or the nearest of its parents that exists, is a file."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        if folder == Path(path):
+            raise ValueError(f"{what} {path} is a file, not a folder")
+        raise ValueError(f"cannot make {what} {path}: {folder} is a file, not a folder")
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` with torch.save atomically (see atomic_write)."""
     atomic_write(path, lambda f: torch.save(payload, f))

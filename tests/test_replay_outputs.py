@@ -138,6 +138,20 @@ def test_an_unwritable_json_path_is_refused_before_any_work(tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_work_and_a_failed_start_leaves_no_folder(tmp_path, capsys):
+    """--out a file (or under one) said "[Errno 17] File exists"; a model that cannot be loaded left an empty
+    --out folder behind."""
+    (tmp_path / "file").write_text("")
+    for given, said in ((tmp_path / "file", f"--out {tmp_path / 'file'} is a file, not a folder"),
+                        (tmp_path / "file" / "sub", f"cannot make --out {tmp_path / 'file' / 'sub'}: "
+                                                    f"{tmp_path / 'file'} is a file, not a folder")):
+        assert replay.main(["--out", str(given), "--no-progress"]) == 2
+        assert capsys.readouterr().err == f"discene-replay: error: {said}\n"
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert replay.main(["--out", str(tmp_path / "out"), "--model", str(tmp_path / "bad.pt"), "--no-progress"]) == 2
+    assert "bad.pt is corrupt" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- an invalid TF is not an absent one
 @pytest.mark.parametrize(("edit", "said"), [
     (lambda t: setattr(t.rotation, "w", 0.0), "rotation quaternion [0.0, 0.0, 0.0, 0.0] is zero"),
