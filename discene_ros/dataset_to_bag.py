@@ -99,7 +99,8 @@ def dataset_to_bag(dataset_dir: str | Path, out: str | Path, storage: str = "mca
     it made."""
     root = Path(dataset_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset directory {root} does not exist")
+        raise FileNotFoundError(f"dataset directory {root} " + ("is a file, not a folder" if root.exists() else
+                                                                "does not exist"))
     if not (math.isfinite(rate_hz) and rate_hz > 0):
         raise ValueError(f"--rate must be a positive number of Hz, got {rate_hz}")
     if not math.isfinite(start_s):

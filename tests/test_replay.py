@@ -543,6 +543,16 @@ def test_replay_options_the_node_would_refuse_are_refused(tmp_path, capsys, flag
     assert said in capsys.readouterr().err
 
 
+def test_dataset_to_bag_names_a_missing_dataset_folder_and_a_file_given_as_one(tmp_path):
+    from discene_ros.dataset_to_bag import dataset_to_bag
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match="dataset directory .*missing does not exist"):
+        dataset_to_bag(tmp_path / "missing", tmp_path / "bag")
+    with pytest.raises(FileNotFoundError, match="dataset directory .*file is a file, not a folder"):
+        dataset_to_bag(tmp_path / "file", tmp_path / "bag")
+
+
 def test_bag_tools_say_how_to_install_rosbags_where_it_is_missing(tmp_path, monkeypatch, capsys):
     """rosdep installs no rosbags (it has no apt package), so a robot that built the package with colcon
     lacks it: both bag tools end in one line with the pip command, not a traceback."""
