@@ -29,6 +29,17 @@ def dataset_root(tmp_path_factory):
     return root
 
 
+def test_a_split_list_that_is_binary_or_has_a_bad_line_is_named(tmp_path):
+    """A binary --split gave a decoding error naming no file; a bad line did not say which list it is in."""
+    binary, bad = tmp_path / "binary.txt", tmp_path / "bad.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    bad.write_text("gathered_data/scene0000_00/00000.pkl\nnotes.txt\n")
+    with pytest.raises(ValueError, match=f"split list '{binary}' cannot be read as text: 'utf-8' codec"):
+        read_split(tmp_path, str(binary))
+    with pytest.raises(ValueError, match=f"split list '{bad}': split line 'notes.txt' is not a"):
+        read_split(tmp_path, str(bad))
+
+
 def test_format_matches_occscannet(dataset_root):
     train, val = read_split(dataset_root, "train"), read_split(dataset_root, "val")
     assert len(train) == 4 and len(val) == 2 and not set(train) & set(val)

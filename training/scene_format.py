@@ -100,7 +100,14 @@ def read_split(root: str | Path, split: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"split list '{path}' not found (expected {sorted(SPLIT_FILES.values())} "
                                 f"under the dataset root, or a path to a list file)")
-    return [parse_split_line(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:  # no read permission, a binary file
+        raise ValueError(f"split list '{path}' cannot be read as text: {exc}") from exc
+    try:
+        return [parse_split_line(line) for line in lines if line.strip()]
+    except ValueError as exc:
+        raise ValueError(f"split list '{path}': {exc}") from exc
 
 
 def write_pickle(path: Path, data: dict) -> None:
