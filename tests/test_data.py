@@ -30,7 +30,8 @@ def dataset_root(tmp_path_factory):
 
 
 def test_a_split_list_that_is_binary_or_has_a_bad_line_is_named(tmp_path):
-    """A binary --split gave a decoding error naming no file; a bad line did not say which list it is in."""
+    """A binary --split gave a decoding error naming no file; a bad line did not say which list it is in; a
+    folder was said not to be found."""
     binary, bad = tmp_path / "binary.txt", tmp_path / "bad.txt"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff")
     bad.write_text("gathered_data/scene0000_00/00000.pkl\nnotes.txt\n")
@@ -38,6 +39,8 @@ def test_a_split_list_that_is_binary_or_has_a_bad_line_is_named(tmp_path):
         read_split(tmp_path, str(binary))
     with pytest.raises(ValueError, match=f"split list '{bad}': split line 'notes.txt' is not a"):
         read_split(tmp_path, str(bad))
+    with pytest.raises(ValueError, match=f"split list '{tmp_path}' is a folder; give the list file"):
+        read_split(tmp_path, str(tmp_path))
 
 
 def test_format_matches_occscannet(dataset_root):

@@ -97,6 +97,8 @@ def parse_split_line(line: str) -> str:
 def read_split(root: str | Path, split: str) -> list[str]:
     """Sample ids of a split: 'train', 'val' (files under root) or a path to a list file."""
     path = Path(root) / SPLIT_FILES[split] if split in SPLIT_FILES else Path(split)
+    if path.is_dir():
+        raise ValueError(f"split list '{path}' is a folder; give the list file (e.g. {SPLIT_FILES['val']} in it)")
     if not path.is_file():
         raise FileNotFoundError(f"split list '{path}' not found (expected {sorted(SPLIT_FILES.values())} "
                                 f"under the dataset root, or a path to a list file)")
