@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from models.checkpoint import atomic_write
+from models.checkpoint import atomic_write, check_output_folder
 from models.geometry import place_grid
 
 from .scene_format import (
@@ -231,8 +231,7 @@ def _write_text(path: Path, text: str) -> None:
 def prepare_output(root: Path, overwrite: bool) -> None:
     """Check that ``root`` may receive a new dataset: absent, an empty folder, or (``overwrite``) an earlier
     discene-synth dataset, which is then removed. ValueError otherwise, before anything is written."""
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"--out {root} is a file, not a folder")
+    check_output_folder(root, "--out")
     if not root.is_dir() or not any(root.iterdir()):
         return
     entries = ", ".join(sorted(p.name for p in root.iterdir())[:5])

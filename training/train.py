@@ -13,7 +13,7 @@ import errno
 import sys
 from pathlib import Path
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import check_output_folder, load_checkpoint
 
 from .data import build_dataset
 from .distributed import is_main_process, teardown_distributed
@@ -96,10 +96,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("--config is required (or --resume runs/NAME/last.pt to continue a run)")
     else:
         cfg = load_train_config(args.config, _overrides(args))
-    folder = Path(cfg.out_dir)
-    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ValueError(f"output folder {cfg.out_dir}: {blocker} is a file, not a folder; choose another --out")
+    check_output_folder(cfg.out_dir, "output folder")
     if args.teacher and cfg.mode != "distill":
         raise ValueError(f"--teacher is only used by mode 'distill', and this run's mode is '{cfg.mode}' (add "
                          "--set mode=distill to distil, or leave --teacher out)")
