@@ -498,17 +498,21 @@ def test_rng_states_of_another_device_or_fewer_gpus_are_left_out_never_a_crash()
     assert set_rng_state({"ranks": [cpu]}, 0, 1, torch.device("cpu")) is None
 
 
-def test_each_use_step_and_rank_draws_from_its_own_seed_the_default_seed_0_included():
+def test_each_use_step_and_rank_draws_from_its_own_seed_the_default_seed_0_included(data_root, tmp_path):
     """The anchor sampling and the photometric distortion of a step must not draw the same numbers: a seed
-    ``seed * stream + ...`` gave both streams one seed at the default seed 0."""
+    ``seed * stream + ...`` gave both streams one seed at the default seed 0. The loader's per-epoch seed (the
+    epoch in the step's place) was ``seed * 7919 + epoch``: the epoch sampler's ``seed + epoch`` at seed 0."""
     from training.distributed import step_seed
-    from training.trainer import ANCHOR_STREAM, PHOTOMETRIC_STREAM
+    from training.trainer import ANCHOR_STREAM, LOADER_STREAM, PHOTOMETRIC_STREAM
 
-    keys = [(seed, stream, step, rank) for seed in (0, 1, 2, -1) for stream in (ANCHOR_STREAM, PHOTOMETRIC_STREAM)
+    streams = (ANCHOR_STREAM, PHOTOMETRIC_STREAM, LOADER_STREAM)
+    keys = [(seed, stream, step, rank) for seed in (0, 1, 2, -1) for stream in streams
             for step in range(64) for rank in range(4)]
     seeds = {step_seed(*key) for key in keys}
     assert len(seeds) == len(keys)
     assert step_seed(0, ANCHOR_STREAM, 5, 1) == step_seed(0, ANCHOR_STREAM, 5, 1)  # a resumed run draws the same
+    trainer = Trainer(tiny_config(data_root, tmp_path), datasets(tiny_config(data_root, tmp_path))[0])
+    assert trainer.cfg.seed == 0 and trainer._loader().generator.initial_seed() == step_seed(0, LOADER_STREAM, 0, 0)
 
 
 def _ddp_failing_save_worker(rank, world, port, root, out):

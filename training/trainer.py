@@ -52,7 +52,8 @@ from .tgi import freeze_teacher, teacher_context, teacher_guided_init
 from .train_config import TrainConfig
 
 TASK_PREFIXES = ("chamfer_", "focal_")  # task-loss terms; every other term is a distillation term
-ANCHOR_STREAM, PHOTOMETRIC_STREAM = 1, 2  # the uses of the per-step generators (distributed.step_seed)
+# the uses of randomness, each with its own seeds (distributed.step_seed): per step, and the loader's per epoch
+ANCHOR_STREAM, PHOTOMETRIC_STREAM, LOADER_STREAM = 1, 2, 3
 COARSE_SCHEDULE_EPOCHS = 5  # lr_by_epoch over fewer epochs than this draws a warning
 log = logging.getLogger(__name__)
 
@@ -549,7 +550,7 @@ class Trainer:
                                     start_epoch=self.epoch, start_step=self.epoch_step)
         data = self.cfg.data
         return build_train_loader(self.train_set, sampler, data.workers, data.pin_memory and self.device.type == "cuda",
-                                  data.prefetch_factor, self.cfg.seed * 7919 + self.epoch)
+                                  data.prefetch_factor, step_seed(self.cfg.seed, LOADER_STREAM, self.epoch, self.rank))
 
     def _advance_position(self) -> None:
         self.epoch_step += 1
