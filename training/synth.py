@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import shutil
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from models.checkpoint import atomic_write, check_output_folder
 from models.geometry import place_grid
 
+from .data import worker_context
 from .scene_format import (
     DEPTH_SCALE,
     GATHERED,
@@ -205,7 +206,9 @@ def generate(out: str | Path, scenes: int, frames_per_scene: int, seed: int = 0,
     bar = tqdm(total=scenes * frames_per_scene, unit="frame", desc="discene-synth", disable=not progress)
     ids_per_scene: dict[int, list[str]] = {}
     if workers > 1:
-        with Pool(workers) as pool:
+        # from the loader workers' fork server (device_run trains next, in this process): never a fork of this
+        # process while its other threads run
+        with (worker_context() or multiprocessing).Pool(workers) as pool:
             for i, ids in enumerate(pool.imap(generate_scene, jobs)):
                 ids_per_scene[i] = ids
                 bar.update(len(ids))
