@@ -53,22 +53,37 @@ def _copy_package(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def test_colcon_build_installs_launch_config_rviz_node_and_data(tmp_path):
+def _colcon_build(ws: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """``colcon build [options]`` of a copy of the package in ``ws/src``: the finished process and the environment
+    it ran in (no ROS environment, and the kernel switch unset: this tests what the build installs, on a suite run
+    with the kernel off as well)."""
     pytest.importorskip("colcon_core", reason="colcon is not installed (pip install -e '.[dev]')")
     pytest.importorskip("colcon_ros", reason="colcon-ros is not installed (pip install -e '.[dev]')")
     pytest.importorskip("colcon_python_setup_py", reason="colcon-python-setup-py is not installed")
-    src = tmp_path / "ws" / "src" / "discene_ros"
-    _copy_package(src)
-    ws = tmp_path / "ws"
-    # (the kernel switch too: this tests what the build installs, on a suite run with the kernel off as well)
+    _copy_package(ws / "src" / "discene_ros")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AMENT_", "COLCON_")) and k != "DISCENE_NATIVE_POSTPROCESS"}
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from colcon_core.command import main; sys.exit(main())",
          "--log-base", "log", "build", "--base-paths", "src", "--executor", "sequential",
-         "--event-handlers", "console_direct-"],
+         "--event-handlers", "console_direct-", *options],
         cwd=ws, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, env
+
+
+def _kernel_probe(path: Path, env: dict[str, str], cwd: Path) -> list[str]:
+    """What ``native_postprocess.available()`` says, and the module's file, with ``path`` on PYTHONPATH."""
+    probe = subprocess.run([sys.executable, "-c", "from models import native_postprocess as n; "
+                            "print(n.available(), n.__file__)"], cwd=cwd, capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": str(path)}, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    return probe.stdout.split()
+
+
+def test_colcon_build_installs_launch_config_rviz_node_and_data(tmp_path):
+    ws = tmp_path / "ws"
+    proc, env = _colcon_build(ws)
     prefix = ws / "install" / "discene_ros"
     share = prefix / "share" / "discene_ros"
     assert (prefix / "share" / "ament_index" / "resource_index" / "packages" / "discene_ros").is_file()
@@ -84,7 +99,23 @@ def test_colcon_build_installs_launch_config_rviz_node_and_data(tmp_path):
     assert (site / "discene_ros" / "node.py").is_file() and (site / "models" / "network.py").is_file()
     # the CPU post-processing kernel is compiled by the build (optional: a failure would only log)
     assert list((site / "models").glob("_occupancy_native*.so")), proc.stdout[-3000:]
-    probe = subprocess.run([sys.executable, "-c", "from models import native_postprocess as n; "
-                            "print(n.available(), n.__file__)"], cwd=tmp_path, capture_output=True, text=True,
-                           env={**env, "PYTHONPATH": str(site)}, timeout=120)
-    assert probe.stdout.split() == ["True", str(site / "models" / "native_postprocess.py")], probe.stderr[-2000:]
+    assert _kernel_probe(site, env, tmp_path) == ["True", str(site / "models" / "native_postprocess.py")]
+
+
+def test_colcon_symlink_install_runs_the_sources_with_the_kernel_built(tmp_path):
+    """``colcon build --symlink-install``, how many robot workspaces build: the launch file, parameters, RViz
+    config and node script are links to the sources (an edit needs no rebuild), the package is imported from the
+    build folder that colcon's develop hook puts on PYTHONPATH, and the kernel is built beside the sources."""
+    ws = tmp_path / "ws"
+    _, env = _colcon_build(ws, "--symlink-install")
+    src, share = ws / "src" / "discene_ros", ws / "install" / "discene_ros" / "share" / "discene_ros"
+    for rel in ("package.xml", "launch/occupancy.launch.py", "config/occupancy.yaml", "rviz/discene.rviz"):
+        assert (share / rel).resolve() == (src / rel).resolve(), rel
+    node = ws / "install" / "discene_ros" / "lib" / "discene_ros" / "occupancy_node"
+    assert node.resolve() == (src / "scripts" / "occupancy_node").resolve() and os.access(node, os.X_OK)
+    hook = ws / "build" / "discene_ros" / "share" / "discene_ros" / "hook" / "pythonpath_develop.dsv"
+    kind, variable, path = hook.read_text().strip().split(";")
+    assert (kind, variable) == ("prepend-non-duplicate", "PYTHONPATH")
+    available, module = _kernel_probe(Path(path), env, tmp_path)
+    assert available == "True" and Path(module).resolve() == (src / "models" / "native_postprocess.py").resolve()
+    assert list((src / "models").glob("_occupancy_native*.so"))
