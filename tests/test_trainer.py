@@ -511,8 +511,9 @@ def test_each_use_step_and_rank_draws_from_its_own_seed_the_default_seed_0_inclu
     seeds = {step_seed(*key) for key in keys}
     assert len(seeds) == len(keys)
     assert step_seed(0, ANCHOR_STREAM, 5, 1) == step_seed(0, ANCHOR_STREAM, 5, 1)  # a resumed run draws the same
-    trainer = Trainer(tiny_config(data_root, tmp_path), datasets(tiny_config(data_root, tmp_path))[0])
-    assert trainer.cfg.seed == 0 and trainer._loader().generator.initial_seed() == step_seed(0, LOADER_STREAM, 0, 0)
+    cfg = tiny_config(data_root, tmp_path)
+    loader = Trainer(cfg, datasets(cfg)[0])._loader()
+    assert cfg.seed == 0 and loader.generator.initial_seed() == step_seed(0, LOADER_STREAM, 0, 0)
 
 
 def _ddp_failing_save_worker(rank, world, port, root, out):
