@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import importlib
+import importlib.metadata
 import math
 import re
 import struct
@@ -66,16 +67,45 @@ class BagError(RuntimeError):
     """A bag that cannot be opened or read (missing, truncated, corrupt, no image topic)."""
 
 
+ROSBAGS_FLOOR = (0, 11)  # mcap writing came in 0.10.9, reading a bag folder's lone storage file in 0.11.0
+
+
+class RosbagsTooOld(ImportError):
+    """The installed rosbags is older than ``ROSBAGS_FLOOR``: it imports, then fails obscurely part-way."""
+
+
 def missing_package_note(exc: ImportError) -> str:
     """A bag tool's error line for ``exc``: for rosbags or tqdm, with the pip command, since rosdep does not
     install rosbags (no apt package), so a robot that built this package with colcon lacks it at first."""
+    if isinstance(exc, RosbagsTooOld):
+        return str(exc)
     if (exc.name or "").split(".")[0] in ("rosbags", "tqdm"):
-        return f"{exc}: the bag tools need the Python packages rosbags and tqdm: pip install rosbags tqdm"
+        return f"{exc}: the bag tools need the Python packages rosbags and tqdm: pip install 'rosbags>=0.11' tqdm"
     return str(exc)
+
+
+def installed_rosbags() -> str | None:
+    """The installed rosbags distribution's version, None where pip metadata has none."""
+    try:
+        return importlib.metadata.version("rosbags")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_rosbags() -> None:
+    """RosbagsTooOld for a rosbags below ``ROSBAGS_FLOOR`` (setup.py's ``ros`` extra asks for it; a robot's
+    earlier ``pip install rosbags`` may be older). No metadata: the imports decide."""
+    version = installed_rosbags()
+    numbers = re.match(r"(\d+)\.(\d+)", version or "")
+    if numbers and tuple(int(n) for n in numbers.groups()) < ROSBAGS_FLOOR:
+        floor = ".".join(map(str, ROSBAGS_FLOOR))
+        raise RosbagsTooOld(f"rosbags {version} is installed; the bag tools need rosbags >= {floor}: "
+                            f"pip install -U 'rosbags>={floor}'", name="rosbags")
 
 
 def typestore() -> Any:
     """The rosbags typestore used for writing (ROS 2 Humble definitions; identical for these types in Jazzy)."""
+    check_rosbags()
     from rosbags.typesys import Stores, get_typestore
 
     return get_typestore(Stores.ROS2_HUMBLE)
