@@ -68,6 +68,7 @@ class BagError(RuntimeError):
 
 
 ROSBAGS_FLOOR = (0, 11)  # mcap writing came in 0.10.9, reading a bag folder's lone storage file in 0.11.0
+ROSBAGS_REQUIREMENT = "rosbags>=" + ".".join(map(str, ROSBAGS_FLOOR))  # setup.py's ``ros`` extra
 
 
 class RosbagsTooOld(ImportError):
@@ -80,7 +81,7 @@ def missing_package_note(exc: ImportError) -> str:
     if isinstance(exc, RosbagsTooOld):
         return str(exc)
     if (exc.name or "").split(".")[0] in ("rosbags", "tqdm"):
-        return f"{exc}: the bag tools need the Python packages rosbags and tqdm: pip install 'rosbags>=0.11' tqdm"
+        return f"{exc}: the bag tools need the Python packages rosbags and tqdm: pip install '{ROSBAGS_REQUIREMENT}' tqdm"
     return str(exc)
 
 
@@ -98,9 +99,8 @@ def check_rosbags() -> None:
     version = installed_rosbags()
     numbers = re.match(r"(\d+)\.(\d+)", version or "")
     if numbers and tuple(int(n) for n in numbers.groups()) < ROSBAGS_FLOOR:
-        floor = ".".join(map(str, ROSBAGS_FLOOR))
-        raise RosbagsTooOld(f"rosbags {version} is installed; the bag tools need rosbags >= {floor}: "
-                            f"pip install -U 'rosbags>={floor}'", name="rosbags")
+        raise RosbagsTooOld(f"rosbags {version} is installed; the bag tools need {ROSBAGS_REQUIREMENT}: "
+                            f"pip install -U '{ROSBAGS_REQUIREMENT}'", name="rosbags")
 
 
 def typestore() -> Any:

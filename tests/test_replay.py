@@ -567,13 +567,13 @@ def test_bag_tools_say_how_to_install_rosbags_where_it_is_missing(tmp_path, monk
 
 @pytest.mark.parametrize("version", ["0.10.11", "0.9.23"])
 def test_bag_tools_say_to_upgrade_a_rosbags_older_than_0_11(tmp_path, monkeypatch, capsys, version):
-    """An older rosbags imports but fails later and obscurely: 0.10's lacks ``StoragePlugin`` (an ImportError whose
-    "pip install rosbags" advice changes nothing) and reads a lone .mcap file as metadata (UnicodeDecodeError;
-    docs/results/distro_stacks.md). The tools refuse it first, with the installed version and the upgrade."""
+    """An older rosbags imports but fails later and obscurely: 0.10.0's lacks ``StoragePlugin`` (an ImportError whose
+    "pip install rosbags" advice changes nothing), and no 0.10 release reads a damaged bag
+    (docs/results/distro_stacks.md). The tools refuse it first, with the installed version and the upgrade."""
     monkeypatch.setattr(bag_io, "installed_rosbags", lambda: version)
     assert replay.main(["--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"rosbags {version} is installed" in err and "pip install -U 'rosbags>=0.11'" in err
+    assert f"rosbags {version} is installed; the bag tools need rosbags>=0.11: pip install -U 'rosbags>=0.11'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
     sample = Path(replay.__file__).parent / "data" / "sample_dataset"
     assert to_bag_main(["--dataset", str(sample), "--out", str(tmp_path / "b")]) == 2
