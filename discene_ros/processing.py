@@ -156,22 +156,25 @@ class FrameStats:
 
 
 class WarnThrottle:
-    """Allows one message per key every ``period_s`` seconds, and counts what it suppressed."""
+    """Allows one message per key every ``period_s`` seconds, and counts what it suppressed. Thread-safe: the
+    frame loop's stages report skips from their own threads."""
 
     def __init__(self, period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.period_s = float(period_s)
         self._clock = clock
         self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
         self.suppressed: Counter[str] = Counter()
 
     def allow(self, key: str) -> bool:
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.period_s:
-            self.suppressed[key] += 1
-            return False
-        self._last[key] = now
-        return True
+        with self._lock:
+            now = self._clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self.period_s:
+                self.suppressed[key] += 1
+                return False
+            self._last[key] = now
+            return True
 
 
 def fallback_camera_pose(height: float, pitch_deg: float, floor_z: float = 0.0) -> np.ndarray:

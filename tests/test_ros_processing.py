@@ -73,6 +73,32 @@ def test_stats_and_throttle_with_fake_clock():
     assert throttle.allow("a") and throttle.suppressed["a"] == 1
 
 
+def test_throttle_lets_one_of_two_threads_through_when_both_find_the_key_expired():
+    """Skips are reported from the decode, prepare and finish threads: two of them asking about one reason at
+    once must not both log it. The first is held between its look at the key and its note of the time (a dict
+    that waits there for the second to finish), which only a lock keeps the second from using."""
+    first_looked, second_done = threading.Event(), threading.Event()
+
+    class HeldOnFirstLook(dict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            if threading.current_thread().name == "first":
+                first_looked.set()
+                second_done.wait(0.2)  # without a lock the second thread's whole call fits in here
+            return value
+
+    throttle, allowed = WarnThrottle(5.0, clock=lambda: 100.0), []
+    throttle._last = HeldOnFirstLook()
+    first = threading.Thread(target=lambda: allowed.append(throttle.allow("bad_image_size")), name="first")
+    first.start()
+    first_looked.wait()
+    second = threading.Thread(target=lambda: (allowed.append(throttle.allow("bad_image_size")), second_done.set()))
+    second.start()
+    first.join()
+    second.join()
+    assert sorted(allowed) == [False, True] and throttle.suppressed["bad_image_size"] == 1
+
+
 def test_fallback_pose_geometry():
     pose = fallback_camera_pose(1.2, 30.0, floor_z=0.5)
     rot = pose[:3, :3]
