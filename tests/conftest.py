@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import gc
+import os
+import threading
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,6 +45,30 @@ def restore_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+_FORKS: list[list[str]] | None = None  # thread names at each os.fork of this process, while a test records
+_FORK_HOOK = False  # whether the recorder is registered (registrations cannot be undone)
+
+
+def _record_fork() -> None:
+    if _FORKS is not None:
+        _FORKS.append(sorted(t.name for t in threading.enumerate()))
+
+
+@pytest.fixture()
+def forks_of_this_process() -> Iterator[list[list[str]]]:
+    """The threads running at each ``os.fork`` of this (the test) process while the test runs, one sorted list
+    of names a fork: for tests that workers start from a fork server, never as forks of a threaded process."""
+    global _FORKS, _FORK_HOOK
+    if not _FORK_HOOK:
+        os.register_at_fork(before=_record_fork)
+        _FORK_HOOK = True
+    _FORKS = forks = []
+    try:
+        yield forks
+    finally:
+        _FORKS = None
 
 
 @pytest.fixture()

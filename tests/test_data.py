@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import warnings
 
@@ -81,29 +80,14 @@ def test_generator_is_deterministic(tmp_path):
         assert np.array_equal(da[key], db[key]), key
 
 
-_FORKS: list[int] | None = None  # one entry per os.fork of this process while a test records
-
-
-def _record_fork() -> None:
-    if _FORKS is not None:
-        _FORKS.append(1)
-
-
-def test_output_does_not_depend_on_worker_count(tmp_path):
+def test_output_does_not_depend_on_worker_count(tmp_path, forks_of_this_process):
     """Also: the workers start from the fork server, never as forks of the generating process, whose other
     threads (tqdm's monitor, torch's pools; a device run's CUDA threads) may hold a lock at that moment
     (Python 3.12 warns that such a fork may deadlock the child)."""
-    global _FORKS
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
     generate(serial, scenes=2, frames_per_scene=1, seed=5, width=48, height=32, workers=1, progress=False)
-    os.register_at_fork(before=_record_fork)  # registrations cannot be undone: it records only inside this test
-    _FORKS = []
-    try:
-        generate(parallel, scenes=2, frames_per_scene=1, seed=5, width=48, height=32, workers=2, progress=False)
-        forks = _FORKS
-    finally:
-        _FORKS = None
-    assert forks == []
+    generate(parallel, scenes=2, frames_per_scene=1, seed=5, width=48, height=32, workers=2, progress=False)
+    assert forks_of_this_process == []
     files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
     assert len(files) == 9  # 2 x (pkl, jpg, png) + 2 split lists + meta
     for rel in files:

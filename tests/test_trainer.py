@@ -704,30 +704,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_FORKS: list[list[str]] | None = None  # thread names at each os.fork of this process, while a test records
-
-
-def _record_fork() -> None:
-    import threading
-
-    if _FORKS is not None:
-        _FORKS.append(sorted(t.name for t in threading.enumerate()))
-
-
-def test_loader_workers_never_fork_the_training_process(data_root, tmp_path):
+def test_loader_workers_never_fork_the_training_process(data_root, tmp_path, forks_of_this_process):
     """Training and evaluation workers start from the fork server: by the time the loaders start, the
     TensorBoard writer's thread runs (and later the queue feeders and the matching pool), and a fork then
     copies any lock they hold (the old code forked twice here, with other threads running)."""
-    global _FORKS
-    os.register_at_fork(before=_record_fork)  # registrations cannot be undone: it records only inside this test
     cfg = tiny_config(data_root, tmp_path, max_steps=2, eval_every=1)
     cfg.data.workers = 1
     train, val = datasets(cfg)
-    _FORKS = []
-    try:
-        Trainer(cfg, train, val).fit()
-        forks = _FORKS
-    finally:
-        _FORKS = None
-    assert forks == []
+    Trainer(cfg, train, val).fit()
+    assert forks_of_this_process == []
     assert (tmp_path / "best.pt").is_file()  # the evaluation ran, with its worker
