@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import weakref
@@ -384,6 +385,10 @@ def test_start_up_garbage_is_collected_before_the_rest_is_frozen():
 
     gc.unfreeze()
     gc.disable()  # no automatic collection (another thread's allocations) frees the cycle before the freeze does
+    switch = sys.getswitchinterval()
+    # nor does another thread (one an earlier test left) free a frozen object between the freeze and the count
+    # read here: it takes the GIL only when this thread waits, and this thread does not wait until then
+    sys.setswitchinterval(1000.0)
     try:
         garbage, alive = Cycle(), Cycle()
         garbage.me, alive.me = garbage, alive
@@ -391,9 +396,11 @@ def test_start_up_garbage_is_collected_before_the_rest_is_frozen():
         del garbage
         assert gone() is not None  # only the cyclic collector frees it
         frozen = freeze_startup_objects()
+        count = gc.get_freeze_count()
     finally:
+        sys.setswitchinterval(switch)
         gc.enable()
-    assert gone() is None and frozen == gc.get_freeze_count() > 0
+    assert gone() is None and frozen == count > 0
     assert not any(o is alive for o in gc.get_objects())  # frozen: out of what a full collection scans
 
 
